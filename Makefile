@@ -1,0 +1,37 @@
+# Quick start: `make demo` (the main job on the embedded data set) and `make test` (the whole suite).
+# Both use the active virtual environment, or create .venv when none is active.
+SHELL := /bin/bash
+ifdef VIRTUAL_ENV
+PYTHON := python
+else
+PYTHON := .venv/bin/python
+endif
+DEMO_OUT ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean
+
+.venv/bin/python:
+	python3 -m venv .venv
+
+# Reinstall only when the package metadata or the pins change.
+.install-stamp: setup.cfg pyproject.toml constraints.txt | $(if $(VIRTUAL_ENV),,.venv/bin/python)
+	$(PYTHON) -m pip install -q --upgrade pip
+	# torch first and pinned: an unpinned resolve would pull several GB of CUDA wheels.
+	$(PYTHON) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PYTHON) -m pip install -q -c constraints.txt -e '.[all]'
+	touch $@
+
+install: .install-stamp
+
+demo: install
+	$(PYTHON) -m dmhpc demo --out $(DEMO_OUT)
+
+test: install
+	$(PYTHON) -m pytest $(PYTEST_ARGS)
+
+bench: install
+	for b in bench/*.py; do echo "== $$b"; $(PYTHON) $$b || exit 1; done
+
+clean:
+	rm -rf runs .install-stamp .pytest_cache

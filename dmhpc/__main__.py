@@ -1,0 +1,3 @@
+from dmhpc.cli import main
+
+raise SystemExit(main())

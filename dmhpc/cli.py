@@ -1,0 +1,92 @@
+"""The one front door: `dmhpc COMMAND ...`.
+
+Each command lives in the module that owns its idea. That module defines
+`<command>_arguments(parser)` and `<command>_main(args) -> int`. Only the chosen
+command's module is imported, so `dmhpc --help` does not pay for torch or GalSim.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from dmhpc import __version__
+from dmhpc.errors import DmhpcError
+
+# name -> (module, one-line summary, example shown in `dmhpc NAME --help`)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "synth": (
+        "dmhpc.data.synth",
+        "render the embedded GalSim merger data set (pristine and noisy domains) as .npy files",
+        "dmhpc synth --out data/embedded --n-per-class 2000 --seed 0 --workers 2\n"
+        "  mpiexec -n 4 dmhpc synth --out data/embedded --n-per-class 2000 --seed 0",
+    ),
+    "prepare": (
+        "dmhpc.data.prepare",
+        "convert .npy images and labels to sharded, checksummed HDF5 (serial or under mpiexec)",
+        "dmhpc prepare --images X.npy --labels y.npy --objects o.npy --out data/pristine\n"
+        "  dmhpc prepare --data-config configs/data/embedded.yaml\n"
+        "  mpiexec -n 4 dmhpc prepare --data-config configs/data/deepmerge2-simsim.yaml --root /path/to/zenodo",
+    ),
+    "verify": (
+        "dmhpc.data.shards",
+        "recompute the checksums of a sharded data set; exit 1 naming every bad or missing shard",
+        "dmhpc verify data/embedded/shards/pristine",
+    ),
+    "info": (
+        "dmhpc.data.shards",
+        "print a summary of a sharded data set: counts per split and class, shape, statistics",
+        "dmhpc info data/embedded/shards/pristine",
+    ),
+    "demo": (
+        "dmhpc.demo",
+        "run the main job on the embedded data set from scratch",
+        "dmhpc demo --out runs/demo",
+    ),
+}
+
+
+def _command_module(name: str):
+    module_name = COMMANDS[name][0]
+    return importlib.import_module(module_name)
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dmhpc",
+        description="dmhpc: domain-adaptive deep learning on galaxy images.",
+        epilog="Run `dmhpc COMMAND --help` for a command's options and an example.",
+    )
+    parser.add_argument("--version", action="version", version=f"dmhpc {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, summary, example) in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=summary,
+            description=summary,
+            epilog="example:\n  " + example,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        if name == command:
+            getattr(_command_module(name), f"{name}_arguments")(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    try:
+        return int(getattr(_command_module(args.command), f"{args.command}_main")(args) or 0)
+    except DmhpcError as exc:
+        print(f"dmhpc {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"dmhpc {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
