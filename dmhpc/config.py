@@ -1,0 +1,577 @@
+"""Training configuration: frozen dataclasses with defaults, read from YAML plus dotted overrides.
+
+    cfg = load_config("configs/deepmerge-mmd-fisher-entropy.yaml", ["train.batch_size=64"])
+
+Every option is one dotted key (`train.batch_size`, `loss.mmd.unbiased`, ...). A config file holds
+any subset of the keys; the rest keep the defaults below. `base: other.yaml` (relative to the file)
+inherits another file first: mappings are merged key by key, everything else (lists included) is
+replaced. Overrides (`KEY=VALUE`, the value read as YAML so `64`, `true`, `null`, `[1, 2]` come out
+typed) are applied last.
+
+Validation happens here, before any process group starts: an unknown key, a wrong type or a bad
+value is a `DmhpcError` naming where the key was set and the problem, e.g.
+`configs/x.yaml: train.batch_size: expected a positive integer, got -3` or
+`command line: optim.lr: expected a number > 0, got "fast"`.
+
+Relative data and run paths are relative to the working directory, not to the config file.
+Sequences are stored as tuples so that a Config is immutable and comparable; use
+`dataclasses.replace` to derive a changed copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import re
+import signal
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import yaml
+
+from dmhpc.errors import DmhpcError
+
+MODEL_NAMES = ("deepmerge", "deepmerge2", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+SELECTION_CRITERIA = ("source-val-acc", "im", "snd", "dev", "oracle-target-acc")
+COMMAND_LINE = "command line"
+
+
+# --- value checks ----------------------------------------------------------------------------------
+
+class _Invalid(Exception):
+    """A value failed its check; the message says what was expected."""
+
+
+@dataclass(frozen=True)
+class _Check:
+    expected: str  # how a valid value looks, for the error message
+    convert: Callable[[Any], Any]  # returns the stored value; raises ValueError or TypeError if invalid
+
+    def __call__(self, value: Any) -> Any:
+        try:
+            return self.convert(value)
+        except (ValueError, TypeError):
+            raise _Invalid(f"expected {self.expected}, got {_show(value)}") from None
+
+
+def _show(value: Any) -> str:
+    try:
+        return json.dumps(value)  # YAML-like spelling: true, null, "text", [1, 2]
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _integer(minimum: int) -> _Check:
+    expected = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+
+    def convert(v):
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            raise ValueError
+        return v
+
+    return _Check(expected, convert)
+
+
+def _number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False) -> _Check:
+    if low is not None and high is not None:
+        expected = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        expected = f"a number {'>' if low_open else '>='} {low:g}"
+    else:
+        expected = "a number"
+
+    def convert(v):
+        if not _is_number(v):
+            raise ValueError
+        if low is not None and (v < low or (low_open and v == low)):
+            raise ValueError
+        if high is not None and (v > high or (high_open and v == high)):
+            raise ValueError
+        return float(v)
+
+    return _Check(expected, convert)
+
+
+def _optional(check: _Check) -> _Check:
+    return _Check(f"null or {check.expected}", lambda v: None if v is None else check.convert(v))
+
+
+def _boolean() -> _Check:
+    def convert(v):
+        if not isinstance(v, bool):
+            raise ValueError
+        return v
+
+    return _Check("true or false", convert)
+
+
+def _choice(*options: str) -> _Check:
+    def convert(v):
+        if v not in options:
+            raise ValueError
+        return v
+
+    return _Check("one of " + ", ".join(json.dumps(o) for o in options), convert)
+
+
+def _text() -> _Check:
+    def convert(v):
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError
+        return v
+
+    return _Check("a non-empty string (quote numbers)", convert)
+
+
+def _sigmas() -> _Check:
+    def convert(v):
+        if v in ("deepmerge", "median"):
+            return v
+        if not isinstance(v, list) or not v or not all(_is_number(s) and s > 0 for s in v):
+            raise ValueError
+        return tuple(float(s) for s in v)
+
+    return _Check('"deepmerge", "median" or a non-empty list of numbers > 0', convert)
+
+
+def _betas() -> _Check:
+    def convert(v):
+        if not isinstance(v, list) or len(v) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in v):
+            raise ValueError
+        return tuple(float(b) for b in v)
+
+    return _Check("a list of two numbers in [0, 1)", convert)
+
+
+# SIGKILL and SIGSTOP cannot be caught; SIGINT stays Ctrl-C (KeyboardInterrupt).
+_CATCHABLE = tuple(s.name for s in signal.Signals if s.name not in ("SIGKILL", "SIGSTOP", "SIGINT"))
+
+
+def _signal_names() -> _Check:
+    def convert(v):
+        if not isinstance(v, list) or not all(s in _CATCHABLE for s in v) or len(set(v)) != len(v):
+            raise ValueError
+        return tuple(v)
+
+    return _Check('a list of distinct catchable signal names, e.g. ["SIGTERM", "SIGUSR2"]', convert)
+
+
+def _key(default: Any, check: _Check) -> Any:
+    """A configuration key: its default and the check its configured values must pass."""
+    return field(default=default, metadata={"check": check})
+
+
+def _section(cls: type) -> Any:
+    return field(default_factory=cls)
+
+
+# --- the schema ------------------------------------------------------------------------------------
+# Defaults follow the original DeepMerge domain-adaptation code where it has one (optimizer,
+# schedule, batch size, loss weights inside each term); the adaptation terms themselves are off,
+# so a bare config trains DeepMerge II without adaptation.
+
+@dataclass(frozen=True)
+class RunConfig:
+    # Run directory: config.yaml, metrics.jsonl, checkpoints/last.pt and best.pt, eval/, plots/.
+    dir: str = _key("runs/default", _text())
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    # Source-domain data set directory (labelled; `dmhpc prepare` output with manifest.json).
+    source: str = _key("data/embedded/shards/pristine", _text())
+    # Target-domain data set directory (its labels are used only for evaluation).
+    target: str = _key("data/embedded/shards/noisy", _text())
+    # Input pipeline: "auto" picks the fastest that works here; the others force one.
+    loader: str = _key("auto", _choice("auto", "gpu-resident", "dali", "torch"))
+    # "per-domain": each domain with its own manifest statistics, as the original; "source": both
+    # domains with the source statistics.
+    normalize: str = _key("per-domain", _choice("per-domain", "source"))
+    # Random flips and 90-degree rotations of training images (the original used none).
+    augment: bool = _key(False, _boolean())
+    # Loader worker processes per rank (torch and DALI loaders).
+    num_workers: int = _key(2, _integer(0))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    # Registry name: "deepmerge" (DeepMerge I layout), "deepmerge2" (the PyTorch DeepMerge of the
+    # domain-adaptation paper), "resnet18" ... "resnet152" (ResNetFc with a 256-d bottleneck).
+    name: str = _key("deepmerge2", _choice(*MODEL_NAMES))
+    # ResNet stem: "original" (7x7 stride-2 conv + max-pool, as torchvision) or "small" (3x3 stride-1,
+    # no pool: keeps more of a 75x75 image). ResNet models only.
+    stem: str = _key("original", _choice("original", "small"))
+    # Dropout after each conv block of "deepmerge"; null = DeepMerge I's 0.5. "deepmerge" only:
+    # DeepMerge II and the ResNets have no dropout.
+    dropout: float | None = _key(None, _optional(_number(0.0, 1.0, high_open=True)))
+    # L2 penalty on the first two dense layers of "deepmerge", added to the loss; null = DeepMerge
+    # I's 1e-4. "deepmerge" only.
+    l2: float | None = _key(None, _optional(_number(0.0)))
+
+
+@dataclass(frozen=True)
+class MMDConfig:
+    # Gaussian kernel widths: "deepmerge" (the original's 19 variances 1e-6 ... 1e6), "median"
+    # (median heuristic per batch), or an explicit list of variances.
+    sigmas: str | tuple[float, ...] = _key("deepmerge", _sigmas())
+    # Unbiased U-statistic (diagonal excluded) instead of the original's biased V-statistic.
+    unbiased: bool = _key(False, _boolean())
+    # Lower bound applied to the MMD value; null (default) = none. The original clamped at 1e-4,
+    # which zeroes the gradient whenever the estimate falls below it.
+    clamp: float | None = _key(None, _optional(_number(0.0)))
+
+
+@dataclass(frozen=True)
+class FisherConfig:
+    # Weight of the Fisher loss in the total; 0 = off (no class centres).
+    weight: float = _key(0.0, _number(0.0))
+    # "tr": trace ratio intra/inter (the original default); "td": trace difference intra - inter.
+    form: str = _key("tr", _choice("tr", "td"))
+    # Weight of the intra-class (centre) term (original runs: 0.01).
+    intra_weight: float = _key(0.01, _number(0.0))
+    # Weight of the inter-class (centre spread) term (original runs: 1.0).
+    inter_weight: float = _key(1.0, _number(0.0))
+    # Intra-class distances summed over the batch ("sum", the original; scale grows with batch
+    # size) or averaged ("mean").
+    normalize: str = _key("sum", _choice("sum", "mean"))
+
+
+@dataclass(frozen=True)
+class GRLConfig:
+    # Gradient-reversal coefficient over training: "dann" ramps from 0 towards `high` as
+    # high * (2 / (1 + exp(-alpha * progress)) - 1) (Ganin et al.); "constant" keeps `high`
+    # throughout (the original DeepMerge: 1).
+    schedule: str = _key("dann", _choice("dann", "constant"))
+    # Steepness of the "dann" ramp (DANN paper: 10).
+    alpha: float = _key(10.0, _number(0.0, low_open=True))
+    # The coefficient under "constant", and the value the "dann" ramp approaches.
+    high: float = _key(1.0, _number(0.0))
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    # Domain-transfer term on the features: none, MMD, CORAL or adversarial (DANN discriminator).
+    transfer: str = _key("none", _choice("none", "mmd", "coral", "dann"))
+    # Weight of the transfer term (the original's trade_off: 1.0).
+    transfer_weight: float = _key(1.0, _number(0.0))
+    mmd: MMDConfig = _section(MMDConfig)
+    fisher: FisherConfig = _section(FisherConfig)
+    # Weight of entropy minimisation on the predictions (original runs: 0.05); 0 = off.
+    entropy_weight: float = _key(0.0, _number(0.0))
+    grl: GRLConfig = _section(GRLConfig)
+    # Batch-statistic losses (MMD, CORAL, Fisher) on the global batch gathered from all ranks
+    # ("global": the result does not depend on the number of ranks) or per rank ("local").
+    scope: str = _key("global", _choice("global", "local"))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    # Optimizer: Adam (the original), AdamW (decoupled weight decay) or SGD with Nesterov momentum.
+    name: str = _key("adam", _choice("adam", "adamw", "sgd"))
+    # Base learning rate (the original examples: 1e-3).
+    lr: float = _key(1e-3, _number(0.0, low_open=True))
+    # Weight decay (Adam: coupled L2, as the original).
+    weight_decay: float = _key(1e-4, _number(0.0))
+    # Adam/AdamW betas (the original: 0.7, 0.8).
+    betas: tuple[float, float] = _key((0.7, 0.8), _betas())
+    # SGD momentum (Nesterov when > 0).
+    momentum: float = _key(0.9, _number(0.0, 1.0, high_open=True))
+    # Learning-rate multiplier for the new heads: bottleneck, classifier, discriminator and Fisher
+    # centres (the original: 10).
+    head_lr_mult: float = _key(10.0, _number(0.0, low_open=True))
+    # Clip the global gradient norm to this value; null = no clipping.
+    grad_clip: float | None = _key(None, _optional(_number(0.0, low_open=True)))
+    # Learning-rate schedule: "constant"; "warmup-cosine" (linear warmup over warmup_steps, cosine
+    # decay to min_lr); "cyclic" (the original's triangle between lr/10 and lr, period
+    # 0.9 * cycle_epochs epochs); "inv" (lr * (1 + gamma * step) ** -power, every step).
+    schedule: str = _key("cyclic", _choice("constant", "warmup-cosine", "cyclic", "inv"))
+    # warmup-cosine: steps of linear warmup.
+    warmup_steps: int = _key(0, _integer(0))
+    # warmup-cosine: final learning rate (at most lr).
+    min_lr: float = _key(0.0, _number(0.0))
+    # cyclic: the original's cycle_length, in epochs.
+    cycle_epochs: float = _key(5.0, _number(0.0, low_open=True))
+    # inv: gamma and power (the original: 0.001 and 0.75).
+    gamma: float = _key(0.001, _number(0.0, low_open=True))
+    power: float = _key(0.75, _number(0.0, low_open=True))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # Epochs; an epoch is one pass over the source training split (the original: 200).
+    epochs: int = _key(200, _integer(1))
+    # Stop after this many optimizer steps when > 0 (0 = epochs decide).
+    max_steps: int = _key(0, _integer(0))
+    # Images per domain per rank in each step (the original: 128 source + 128 target).
+    batch_size: int = _key(128, _integer(1))
+    # Mixed precision: "none", "bf16" (autocast, no loss scaling) or "fp16" (autocast + GradScaler).
+    amp: str = _key("none", _choice("none", "bf16", "fp16"))
+    # NHWC memory format for convolutions (faster with tensor cores).
+    channels_last: bool = _key(False, _boolean())
+    # torch.compile the training step.
+    compile: bool = _key(False, _boolean())
+    # Evaluate on the validation splits (and maybe save best.pt) every this many epochs.
+    eval_every: int = _key(1, _integer(1))
+    # Write a step record to the metrics log every this many steps.
+    log_every: int = _key(50, _integer(1))
+    # Also save last.pt every this many steps (0 = only at the end of each epoch).
+    checkpoint_every: int = _key(0, _integer(0))
+    # Stop after this many evaluations without a better selection score (0 = off).
+    early_stopping: int = _key(0, _integer(0))
+    # Signals on which every rank finishes its step, saves last.pt and exits for requeue.
+    signals: tuple[str, ...] = _key(("SIGTERM", "SIGUSR1", "SIGUSR2"), _signal_names())
+
+
+@dataclass(frozen=True)
+class SelectConfig:
+    # Which evaluation picks best.pt: "source-val-acc" (the original); label-free validators on the
+    # target validation split: "im" (information maximization), "snd" (soft neighbourhood density),
+    # "dev" (deep embedded validation); "oracle-target-acc" uses target labels, and results
+    # selected with it are marked as oracle.
+    criterion: str = _key("source-val-acc", _choice(*SELECTION_CRITERIA))
+
+
+@dataclass(frozen=True)
+class Config:
+    # Seed of model initialisation, data order and augmentation.
+    seed: int = _key(0, _integer(0))
+    # Debug run: a few batches, autograd anomaly detection, fast feedback.
+    debug: bool = _key(False, _boolean())
+    run: RunConfig = _section(RunConfig)
+    data: DataConfig = _section(DataConfig)
+    model: ModelConfig = _section(ModelConfig)
+    loss: LossConfig = _section(LossConfig)
+    optim: OptimConfig = _section(OptimConfig)
+    train: TrainConfig = _section(TrainConfig)
+    select: SelectConfig = _section(SelectConfig)
+
+
+# --- YAML ------------------------------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that reads 1e-4 as a number (PyYAML's YAML 1.1 wants 1.0e-4) and rejects duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable key: the base class reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {_show(key)}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"invalid YAML: {problem}{where}"
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.exists():
+        raise DmhpcError(f"{path}: config file not found")
+    if path.is_dir():
+        raise DmhpcError(f"{path}: is a directory, not a config file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DmhpcError(f"{path}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise DmhpcError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise DmhpcError(f"{path}: {_yaml_error(exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DmhpcError(f"{path}: expected a mapping of configuration keys at the top level, "
+                         f"got {type(data).__name__}")
+    return data
+
+
+# --- merging with provenance -----------------------------------------------------------------------
+# `origin` maps each dotted key to the file (or "command line") that set it last, so errors found
+# after merging still name the right place.
+
+def _merge(dst: dict, src: Mapping, origin: dict, label: str, prefix: str = "") -> None:
+    for key, value in src.items():
+        dotted = f"{prefix}{key}"
+        origin[dotted] = label
+        if isinstance(value, Mapping) and isinstance(dst.get(key), dict):
+            _merge(dst[key], value, origin, label, dotted + ".")
+        elif isinstance(value, Mapping):
+            dst[key] = {}
+            _merge(dst[key], value, origin, label, dotted + ".")
+        else:
+            dst[key] = value
+
+
+def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict]:
+    resolved = path.resolve()
+    if resolved in chain:
+        names = " -> ".join(str(p) for p in (*chain, resolved))
+        raise DmhpcError(f"{path}: base: files inherit from each other in a cycle: {names}")
+    data = _read_yaml(path)
+    raw: dict = {}
+    origin: dict = {}
+    if "base" in data:
+        base = data.pop("base")
+        if not isinstance(base, str) or not base.strip():
+            raise DmhpcError(f"{path}: base: expected the path of another config file, got {_show(base)}")
+        base_path = Path(os.path.normpath(path.parent / base))
+        if not base_path.is_file():
+            raise DmhpcError(f"{path}: base: config file not found: {base_path}")
+        raw, origin = _read_with_bases(base_path, (*chain, resolved))
+    _merge(raw, data, origin, str(path))
+    return raw, origin
+
+
+_DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split `a.b.c=value` into the dotted key and the value read as YAML."""
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise DmhpcError(f"{COMMAND_LINE}: {text!r}: expected KEY=VALUE with a dotted key, e.g. train.batch_size=64")
+    if not _DOTTED.match(key):
+        raise DmhpcError(f"{COMMAND_LINE}: {key!r}: not a dotted key like train.batch_size")
+    try:
+        parsed = yaml.load(value, Loader=_Loader)
+    except yaml.YAMLError as exc:
+        raise DmhpcError(f"{COMMAND_LINE}: {key}: value {value!r} is {_yaml_error(exc)}") from None
+    return key, parsed
+
+
+# --- building and checking the dataclasses ---------------------------------------------------------
+
+def _section_type(f: dataclasses.Field) -> type | None:
+    factory = f.default_factory
+    return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
+
+
+def _build(cls: type, data: Any, origin: Mapping[str, str], default_label: str, prefix: str = "") -> Any:
+    where = lambda dotted: origin.get(dotted, default_label)  # noqa: E731
+    if data is None:  # a section whose keys are all commented out
+        data = {}
+    if not isinstance(data, dict):
+        section = prefix.rstrip(".")
+        raise DmhpcError(f"{where(section)}: {section}: expected a mapping of {section} keys, got {_show(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            dotted = f"{prefix}{key}"
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(fields)})"
+            raise DmhpcError(f"{where(dotted)}: {dotted}: unknown key{hint}")
+    values = {}
+    for name, f in fields.items():
+        if name not in data:
+            continue
+        dotted = f"{prefix}{name}"
+        section = _section_type(f)
+        if section is not None:
+            values[name] = _build(section, data[name], origin, default_label, dotted + ".")
+            continue
+        try:
+            values[name] = f.metadata["check"](data[name])
+        except _Invalid as exc:
+            raise DmhpcError(f"{where(dotted)}: {dotted}: {exc}") from None
+    return cls(**values)
+
+
+def _check_consistency(cfg: Config, origin: Mapping[str, str], default_label: str) -> None:
+    """Rules that involve more than one key; the message blames the key the user set."""
+    def fail(dotted: str, problem: str):
+        raise DmhpcError(f"{origin.get(dotted, default_label)}: {dotted}: {problem}")
+
+    name = cfg.model.name
+    if cfg.model.stem != "original" and not name.startswith("resnet"):
+        fail("model.stem", f"{_show(cfg.model.stem)} applies to ResNet models only, but model.name is {_show(name)}")
+    for key in ("dropout", "l2"):
+        if getattr(cfg.model, key) is not None and name != "deepmerge":
+            fail(f"model.{key}", f"applies to model \"deepmerge\" only, but model.name is {_show(name)}")
+    fisher = cfg.loss.fisher
+    if fisher.weight > 0 and fisher.form == "tr" and fisher.inter_weight == 0:
+        fail("loss.fisher.inter_weight", "must be > 0 with form \"tr\": the trace ratio divides by it")
+    if cfg.optim.schedule == "warmup-cosine" and cfg.optim.min_lr > cfg.optim.lr:
+        fail("optim.min_lr", f"{cfg.optim.min_lr:g} is above optim.lr {cfg.optim.lr:g}")
+
+
+def config_from_dict(data: Mapping, source: str = "<dict>") -> Config:
+    """Build and validate a Config from nested plain data (e.g. a checkpoint's "config" entry)."""
+    if not isinstance(data, Mapping):
+        raise DmhpcError(f"{source}: expected a mapping of configuration keys, got {type(data).__name__}")
+    raw: dict = {}
+    _merge(raw, data, {}, source)
+    cfg = _build(Config, raw, {}, source)
+    _check_consistency(cfg, {}, source)
+    return cfg
+
+
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
+    """Read a YAML config (following `base:`), apply `KEY=VALUE` overrides, and validate."""
+    raw, origin = _read_with_bases(Path(path), ())
+    for item in overrides:
+        key, value = parse_override(item)
+        nested: Any = value
+        for part in reversed(key.split(".")):
+            nested = {part: nested}
+        _merge(raw, nested, origin, COMMAND_LINE)
+    cfg = _build(Config, raw, origin, str(path))
+    _check_consistency(cfg, origin, str(path))
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Nested plain data (dicts, lists, str, int, float, bool, None): YAML-, JSON- and checkpoint-safe."""
+    def plain(value):
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved configuration as YAML (atomically); `load_config` reads it back equal."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "# resolved dmhpc configuration\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,270 @@
+"""One bootstrap for every launcher: torchrun, srun (one task per GPU), mpiexec, or a plain process.
+
+    dist = bootstrap()          # DistInfo(rank, local_rank, world_size, device, backend, launcher)
+    ...
+    shutdown()
+
+The launcher is recognised from its environment, first match wins:
+
+1. torchrun (or anything that exports its variables, e.g. submitit's TorchDistributedEnvironment):
+   RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT.
+2. A SLURM job step with several tasks (`srun -n N`): SLURM_PROCID, SLURM_LOCALID,
+   SLURM_STEP_NUM_TASKS. The step variables exist only inside `srun`, so the batch script of a job
+   with --ntasks=4 (where SLURM_NTASKS=4 and SLURM_PROCID=0) runs as a single process instead of
+   waiting forever for three ranks that never come. Master address: the first host of the step's
+   node list (`scontrol show hostnames`, or a built-in expansion of lists like `n[1-3,5]` when
+   scontrol is missing or fails); port 20000 + job id % 20000, so concurrent jobs differ.
+3. MPI (mpiexec/mpirun/PALS): OMPI_COMM_WORLD_*, PMI_RANK/PMI_SIZE, PMIX_RANK, PALS_RANKID.
+   mpi4py is imported only here (importing it initialises MPI); rank 0 broadcasts its host name
+   and a free port. An MPI launcher that started its proxies with srun leaves SLURM step variables
+   that describe the proxies, not the ranks: when an MPI world size disagrees with the step's task
+   count, MPI wins.
+4. Otherwise a single process, without a process group.
+
+MASTER_ADDR / MASTER_PORT, when set, override the derived address and port on paths 2 and 3.
+A world of one process never creates a process group. NCCL on GPUs, gloo on CPUs; each rank binds
+its own GPU (local rank), or GPU 0 when the scheduler shows each task only its own GPU.
+
+This module is the only place in dmhpc that reads the environment for distribution.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+from dataclasses import dataclass
+from itertools import product
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+
+from dmhpc.errors import DmhpcError
+
+SLURM_PORT_BASE = 20000
+_TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# (rank, world size, local rank) variables of the MPI launchers, most specific first.
+_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "PALS_RANKID")
+_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PALS_SIZE")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Where this process sits in the job, as the launcher's environment tells it."""
+
+    launcher: str  # "torchrun" | "slurm" | "mpi" | "single"
+    rank: int
+    local_rank: int
+    world_size: int  # 0 for "mpi" when no variable says it (mpi4py tells)
+    master_addr: str | None = None  # None: not needed (single) or found later (mpi)
+    master_port: int | None = None
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in the run, as the training code needs it."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None  # None when there is no process group (a single process)
+    launcher: str = "single"
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that logs and writes checkpoints."""
+        return self.rank == 0
+
+
+def _int(env: Mapping[str, str], name: str) -> int:
+    value = env[name]
+    try:
+        return int(value)
+    except ValueError:
+        raise DmhpcError(f"environment variable {name}: expected an integer, got {value!r}") from None
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Host names of a SLURM node list such as `n[1-3,5],gpu[01-02]-ib` (pure Python)."""
+    item_re = r"(?:[^,\[\]]|\[[^\[\]]*\])+"  # one host pattern: text and [ranges], no top-level comma
+    if not re.fullmatch(f"{item_re}(?:,{item_re})*", nodelist):
+        raise DmhpcError(f"SLURM node list {nodelist!r}: not a comma-separated list of host[ranges]")
+    hosts: list[str] = []
+    for item in re.findall(item_re, nodelist):
+        choices: list[list[str]] = []
+        for piece in re.split(r"(\[[^\]]*\])", item):
+            if not piece.startswith("["):
+                choices.append([piece])
+                continue
+            values: list[str] = []
+            for part in piece[1:-1].split(","):
+                m = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+                if not m:
+                    raise DmhpcError(f"SLURM node list {nodelist!r}: cannot read range {part!r}")
+                lo, hi = m.group(1), m.group(2) or m.group(1)
+                if int(hi) < int(lo):
+                    raise DmhpcError(f"SLURM node list {nodelist!r}: range {part!r} runs backwards")
+                values += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+            choices.append(values)
+        hosts += ["".join(parts) for parts in product(*choices)]
+    return hosts
+
+
+def first_host(nodelist: str, env: Mapping[str, str]) -> str:
+    """The first host of a SLURM node list: scontrol's expansion, or ours when scontrol is unusable."""
+    scontrol = shutil.which("scontrol", path=env.get("PATH", os.defpath))
+    if scontrol:
+        try:
+            out = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True,
+                                 text=True, timeout=20, check=True).stdout.split()
+            if out:
+                return out[0]
+        except (subprocess.SubprocessError, OSError):
+            pass  # e.g. inside a container without slurm.conf: scontrol exists but cannot run
+    return expand_nodelist(nodelist)[0]
+
+
+def _mpi_launch(env: Mapping[str, str]) -> Launch | None:
+    rank_var = next((v for v in _MPI_RANK_VARS if v in env), None)
+    if rank_var is None:
+        return None
+    size_var = next((v for v in _MPI_SIZE_VARS if v in env), None)
+    return Launch("mpi", _int(env, rank_var), 0, _int(env, size_var) if size_var else 0)
+
+
+def detect_launch(env: Mapping[str, str]) -> Launch:
+    """Rank, local rank, world size and rendezvous of this process, from a launcher's variables."""
+    if "RANK" in env:
+        missing = [v for v in _TORCHRUN_VARS if v not in env]
+        if missing:
+            raise DmhpcError(f"environment: RANK is set (torchrun-style launch) but {', '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} not")
+        launch = Launch("torchrun", _int(env, "RANK"), _int(env, "LOCAL_RANK"), _int(env, "WORLD_SIZE"),
+                        env["MASTER_ADDR"], _int(env, "MASTER_PORT"))
+    else:
+        mpi = _mpi_launch(env)
+        launch = _slurm_launch(env, mpi) or mpi or Launch("single", 0, 0, 1)
+    if launch.world_size and not 0 <= launch.rank < launch.world_size:
+        raise DmhpcError(f"environment: {launch.launcher} rank {launch.rank} is outside a world "
+                         f"of {launch.world_size} processes")
+    if launch.local_rank < 0:
+        raise DmhpcError(f"environment: {launch.launcher} local rank {launch.local_rank} is negative")
+    return launch
+
+
+def _slurm_launch(env: Mapping[str, str], mpi: Launch | None) -> Launch | None:
+    if "SLURM_STEP_NUM_TASKS" not in env or "SLURM_PROCID" not in env:
+        return None
+    tasks = _int(env, "SLURM_STEP_NUM_TASKS")
+    if tasks <= 1 or (mpi is not None and mpi.world_size and mpi.world_size != tasks):
+        return None
+    if "SLURM_LOCALID" not in env:
+        raise DmhpcError("environment: SLURM_PROCID is set but SLURM_LOCALID is not")
+    addr = env.get("MASTER_ADDR")
+    if addr is None:
+        nodelist = next((env[v] for v in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+                         if env.get(v)), None)
+        if nodelist is None:
+            raise DmhpcError("environment: a SLURM step with several tasks but no SLURM_STEP_NODELIST "
+                             "or SLURM_JOB_NODELIST to find the master node in")
+        addr = first_host(nodelist, env)
+    if "MASTER_PORT" in env:
+        port = _int(env, "MASTER_PORT")
+    else:
+        port = SLURM_PORT_BASE + _int(env, "SLURM_JOB_ID") % 20000 if "SLURM_JOB_ID" in env else 29500
+    return Launch("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID"), tasks, addr, port)
+
+
+def _mpi_rendezvous(launch: Launch, env: Mapping[str, str]) -> Launch:
+    """Rank, size and node-local rank from MPI itself; rank 0's host and a free port for everyone."""
+    from mpi4py import MPI  # initialises MPI: only on this path
+
+    comm = MPI.COMM_WORLD
+    rank, size = comm.Get_rank(), comm.Get_size()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
+    local_rank = node.Get_rank()
+    node.Free()
+    addr, port = None, None
+    if rank == 0 and size > 1:
+        addr = env.get("MASTER_ADDR") or socket.gethostname()
+        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port()
+    addr, port = comm.bcast((addr, port), root=0)
+    return Launch("mpi", rank, local_rank, size, addr, port)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _bind_device(local_rank: int) -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    count = torch.cuda.device_count()
+    # One visible GPU: the scheduler bound this task to it (srun --gpus-per-task=1, --gpu-bind).
+    index = 0 if count == 1 else local_rank
+    if index >= count:
+        raise DmhpcError(f"local rank {local_rank} has no GPU: this node shows {count} GPUs; "
+                         f"start at most one task per GPU")
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def bootstrap(backend: str | None = None) -> DistInfo:
+    """Join the run's process group (if there is more than one process) and bind this rank's device.
+
+    `backend` forces "nccl" or "gloo"; by default NCCL on GPUs and gloo on CPUs.
+    """
+    if is_distributed():
+        raise RuntimeError("bootstrap() called twice: the process group already exists")
+    env = os.environ
+    launch = detect_launch(env)
+    if launch.launcher == "mpi" and launch.world_size != 1:
+        launch = _mpi_rendezvous(launch, env)
+    device = _bind_device(launch.local_rank)
+    if launch.world_size == 1:
+        return DistInfo(0, launch.local_rank, 1, device, None, launch.launcher)
+    backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+    # torchrun's workers must use env:// so that they join its agent's store instead of opening one.
+    init_method = "env://" if launch.launcher == "torchrun" else f"tcp://{launch.master_addr}:{launch.master_port}"
+    dist.init_process_group(backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size,
+                            device_id=device if device.type == "cuda" else None)
+    return DistInfo(launch.rank, launch.local_rank, launch.world_size, device, backend, launch.launcher)
+
+
+def is_distributed() -> bool:
+    """True when a process group exists (several processes)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def collective_device() -> torch.device:
+    """Where tensors for collectives must live: the rank's GPU under NCCL, else the CPU."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def shutdown() -> None:
+    """Leave the process group; nothing to do in a single process."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank; nothing to do in a single process."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list:
+    """Every rank's `obj` (picklable), in rank order; `[obj]` in a single process."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

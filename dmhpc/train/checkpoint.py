@@ -1,0 +1,237 @@
+"""Checkpoints that survive a killed job, resume, and stopping cleanly on a signal.
+
+Layout of a run directory (written by rank 0 only):
+
+    RUN/checkpoints/last.pt    where training stands; `--resume auto` continues from it
+    RUN/checkpoints/best.pt    the weights the selection criterion picked
+
+Both are dicts of plain data, so that `torch.load(weights_only=True)` reads them without running
+any pickled code: tensors, dicts, lists, tuples, str, int, float, bool and None only (numpy arrays
+and scalars, dataclasses and other objects are refused at save time, not discovered at resume time).
+The training loop stores: "model" (state_dict of the unwrapped model: no DDP "module." prefix),
+"optimizer", "scaler" (GradScaler), "discriminator" and "fisher" (state_dicts, when present),
+"progress" (epoch, step within the epoch = loader position, global step, best score ...), "epoch",
+"step", "rng" (every rank's RNG states, `gather_rng_states`), "selection", and "config"
+(`dmhpc.config.config_to_dict`).
+
+Writes are atomic: a temporary file in the same directory, flushed and fsynced, then renamed over
+the target, so a job killed mid-write leaves the previous checkpoint intact.
+
+Signals: `StopRequest` catches the configured signals (SLURM sends SIGTERM at the time limit or on
+preemption, `--signal=USR2@90` gives warning ahead of it). The handler only records the signal;
+the loop polls `should_stop()` after each step, the ranks agree, all write the checkpoint and exit
+with REQUEUE_EXIT_CODE.
+
+REQUEUE_EXIT_CODE = 75 is EX_TEMPFAIL of sysexits.h, "temporary failure, the user is invited to
+retry": it differs from a failure (1), a usage error (2), the shell's 126/127 (cannot execute / not
+found) and 128+N (killed by signal N, 129-165 for the usual signals), so a launcher can requeue on
+exactly this code and report every other non-zero code as an error.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dmhpc.distributed import all_gather_object, collective_device, is_distributed
+from dmhpc.errors import DmhpcError
+
+REQUEUE_EXIT_CODE = 75
+CHECKPOINT_NAMES = ("last", "best")
+
+_PLAIN_LEAVES = (str, int, float, bool, type(None), torch.Tensor)
+
+
+def checkpoint_path(run_dir: str | os.PathLike, name: str) -> Path:
+    """RUN/checkpoints/NAME.pt for NAME in "last", "best"."""
+    if name not in CHECKPOINT_NAMES:
+        raise ValueError(f"checkpoint name must be one of {CHECKPOINT_NAMES}, got {name!r}")
+    return Path(run_dir) / "checkpoints" / f"{name}.pt"
+
+
+def _check_plain(value: Any, where: str) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"checkpoint state: {where}: key {k!r} is a {type(k).__name__}, not str or int")
+            _check_plain(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+    elif not isinstance(value, _PLAIN_LEAVES) or isinstance(value, np.generic):
+        raise TypeError(f"checkpoint state: {where or 'state'}: a {type(value).__module__}."
+                        f"{type(value).__name__} cannot be loaded with weights_only=True; store tensors, "
+                        f"lists or plain numbers instead")
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Write `state` to `path` atomically (temporary file, fsync, rename)."""
+    if not isinstance(state, dict):
+        raise TypeError(f"checkpoint state must be a dict, got {type(state).__name__}")
+    _check_plain(state, "")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # The rename is durable only once the directory entry is on disk too.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass  # some network file systems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Read a checkpoint on the CPU with weights_only=True; a missing or unreadable file is a DmhpcError."""
+    path = Path(path)
+    if not path.is_file():
+        raise DmhpcError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError ... for bad files
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DmhpcError(f"{path}: not a readable dmhpc checkpoint (truncated, corrupt, or holding "
+                         f"pickled objects): {reason}") from None
+    if not isinstance(state, dict):
+        raise DmhpcError(f"{path}: not a dmhpc checkpoint: holds a {type(state).__name__}, not a dict")
+    return state
+
+
+def find_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
+    """The checkpoint to resume from for `--resume auto|none|PATH`, or None to start fresh.
+
+    auto: RUN/checkpoints/last.pt if it exists (so a requeued job continues), else start fresh.
+    """
+    if resume == "none":
+        return None
+    if resume == "auto":
+        last = checkpoint_path(run_dir, "last")
+        return last if last.is_file() else None
+    path = Path(resume)
+    if not path.is_file():
+        raise DmhpcError(f"--resume {resume}: checkpoint not found (use auto, none or a checkpoint file)")
+    return path
+
+
+# --- random number generators ----------------------------------------------------------------------
+
+def capture_rng_state() -> dict:
+    """This process's RNG states (torch CPU, this rank's CUDA device, numpy global, python) as plain data."""
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"name": str(np_name), "keys": torch.from_numpy(np_keys.astype(np.int64)),
+                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "python": {"version": int(py_version), "state": torch.tensor(py_internal, dtype=torch.int64),
+                   "gauss_next": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict) -> None:
+    """Put back what `capture_rng_state` took. A CUDA state is skipped on a machine without CUDA."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def gather_rng_states() -> list[dict]:
+    """Every rank's RNG states in rank order, for one checkpoint. A collective: all ranks call it."""
+    return all_gather_object(capture_rng_state())
+
+
+def restore_rank_rng_state(states: list[dict], rank: int) -> bool:
+    """Restore this rank's entry of `gather_rng_states()`; False when the saved run had no such rank.
+
+    After a resume on more ranks than were saved, the new ranks keep their freshly seeded state:
+    the data shards change with the world size anyway, so the run is not bit-identical to an
+    uninterrupted one; on the same world size it is.
+    """
+    if rank >= len(states):
+        return False
+    restore_rng_state(states[rank])
+    return True
+
+
+# --- stopping on signals ---------------------------------------------------------------------------
+
+class StopRequest:
+    """Catches `signals` and tells the training loop, in agreement across ranks, when to stop.
+
+    Call `should_stop()` exactly once after every step on every rank. In a single process it is
+    True right after a signal. Under a process group each call starts an asynchronous MAX
+    all-reduce of the local flag and reads the one started by the previous call, so no call waits
+    for the GPU to finish the current step; every rank gets True at the same call, at most one
+    step after the first signal on any rank. Use as a context manager (or call `close()`) so the
+    previous handlers come back and no collective is left in flight.
+    """
+
+    def __init__(self, signals: Iterable[str]):
+        self.signal_name: str | None = None  # first signal this process received
+        self._pending: tuple[Any, torch.Tensor] | None = None
+        self._previous: dict[signal.Signals, Any] = {}
+        for name in signals:
+            signum = signal.Signals[name]
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        # Only a flag: I/O or collectives here could deadlock or run mid-step.
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+
+    def should_stop(self) -> bool:
+        """True when the loop should checkpoint and exit; the same answer on every rank."""
+        if not is_distributed():
+            return self.signal_name is not None
+        stop = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            stop = bool(flag.item())
+            self._pending = None
+        if stop:
+            return True
+        flag = torch.tensor([int(self.signal_name is not None)], dtype=torch.int32, device=collective_device())
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+        return False
+
+    def close(self) -> None:
+        """Finish the collective in flight and restore the previous signal handlers."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def __enter__(self) -> StopRequest:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

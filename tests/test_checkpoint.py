@@ -1,0 +1,316 @@
+"""Checkpoints (atomic, weights_only-safe, readable errors), RNG capture and restore, resume choice,
+and stopping on real signals: one process, and two ranks of which only one is signalled."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dmhpc.config import Config
+from dmhpc.errors import DmhpcError
+from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, StopRequest, capture_rng_state, checkpoint_path,
+                                    find_resume, gather_rng_states, load_checkpoint, restore_rank_rng_state,
+                                    restore_rng_state, save_checkpoint)
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+LAUNCH_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "PALS_", "MPI_LOCAL", "TORCHELASTIC_")
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_PREFIXES) and k not in LAUNCH_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return env
+
+
+def trained_state() -> dict:
+    """What the loop stores: a real model, optimizer after a step, scaler, progress, RNG, config."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(2))
+    model(torch.randn(2, 3, 8, 8))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.7, 0.8))
+    model(torch.randn(4, 3, 8, 8)).sum().backward()
+    opt.step()
+    from dmhpc.config import config_to_dict
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scaler": torch.amp.GradScaler("cpu", enabled=False).state_dict(),
+            "progress": {"epoch": 2, "step_in_epoch": 5, "step": 45, "best_score": -float("inf")},
+            "epoch": 2, "step": 45, "rng": gather_rng_states(), "config": config_to_dict(Config())}
+
+
+# --- save and load ---------------------------------------------------------------------------------
+
+def test_round_trip_with_weights_only(tmp_path):
+    state = trained_state()
+    path = checkpoint_path(tmp_path, "last")
+    save_checkpoint(path, state)
+    assert path == tmp_path / "checkpoints" / "last.pt"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temporary file left
+    loaded = torch.load(path, weights_only=True)  # what anybody can do with it
+    assert loaded["progress"] == state["progress"] and loaded["config"] == state["config"]
+    for key, value in state["model"].items():
+        assert torch.equal(loaded["model"][key], value)
+    again = load_checkpoint(path)
+    assert again["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    assert torch.equal(again["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
+
+
+def test_save_replaces_an_existing_checkpoint(tmp_path):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1})
+    save_checkpoint(path, {"step": 2})
+    assert load_checkpoint(path) == {"step": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+@pytest.mark.parametrize("state, where", [
+    ({"rng": {"numpy": np.zeros(3)}}, "rng.numpy: a numpy.ndarray"),
+    ({"metrics": [1.0, np.float64(0.5)]}, "metrics[1]: a numpy.float64"),
+    ({"config": Config()}, "config: a dmhpc.config.Config"),
+    ({"when": time}, "when: a builtins.module"),
+    ({"groups": {(1, 2): 3}}, "groups: key (1, 2)"),
+])
+def test_save_refuses_what_weights_only_cannot_load_and_keeps_the_old_file(tmp_path, state, where):
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"step": 1})
+    with pytest.raises(TypeError, match=re.escape(f"checkpoint state: {where}")):
+        save_checkpoint(path, state)
+    assert load_checkpoint(path) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(DmhpcError, match=f"^{tmp_path / 'none.pt'}: checkpoint not found$"):
+        load_checkpoint(tmp_path / "none.pt")
+    good = tmp_path / "good.pt"
+    save_checkpoint(good, trained_state())
+    data = good.read_bytes()
+    cases = {
+        "truncated.pt": data[: len(data) // 2],
+        "empty.pt": b"",
+        "garbage.pt": b"not a checkpoint at all" * 10,
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(DmhpcError) as info:
+            load_checkpoint(tmp_path / name)
+        assert str(info.value).startswith(f"{tmp_path / name}: not a readable dmhpc checkpoint"), name
+        assert "\n" not in str(info.value)
+    # a pickled object (e.g. the original DeepMerge's best_model.pth.tar) is refused, not executed
+    torch.save({"model": np.arange(3)}, tmp_path / "pickled.pt")
+    with pytest.raises(DmhpcError, match="pickled.pt: not a readable dmhpc checkpoint"):
+        load_checkpoint(tmp_path / "pickled.pt")
+    torch.save(torch.zeros(2), tmp_path / "tensor.pt")
+    with pytest.raises(DmhpcError, match="tensor.pt: not a dmhpc checkpoint: holds a Tensor"):
+        load_checkpoint(tmp_path / "tensor.pt")
+
+
+WRITER = textwrap.dedent("""
+    import sys, torch
+    from dmhpc.train.checkpoint import save_checkpoint
+    big = torch.randn(4_000_000)  # 16 MB: a kill lands mid-write most of the time
+    for i in range(10_000):
+        save_checkpoint(sys.argv[1], {"count": i, "weights": big})
+        print(i, flush=True)
+""")
+
+
+def test_a_process_killed_while_saving_leaves_a_whole_checkpoint(tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    path = tmp_path / "checkpoints" / "last.pt"
+    proc = subprocess.Popen([sys.executable, str(script), str(path)], env=clean_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, text=True)
+    for _ in range(3):  # let it finish a few checkpoints, then kill it somewhere in the next one
+        assert proc.stdout.readline(), "writer died"
+    time.sleep(0.01)
+    proc.kill()
+    proc.wait(timeout=30)
+    proc.stdout.close()
+    state = load_checkpoint(path)
+    assert state["count"] >= 2 and state["weights"].shape == (4_000_000,)
+
+
+# --- resume --------------------------------------------------------------------------------------------
+
+def test_find_resume(tmp_path):
+    assert find_resume(tmp_path, "none") is None
+    assert find_resume(tmp_path, "auto") is None  # nothing yet: start fresh
+    save_checkpoint(checkpoint_path(tmp_path, "last"), {"step": 3})
+    assert find_resume(tmp_path, "auto") == tmp_path / "checkpoints" / "last.pt"
+    assert find_resume(tmp_path, "none") is None
+    best = checkpoint_path(tmp_path, "best")
+    save_checkpoint(best, {"step": 1})
+    assert find_resume(tmp_path, str(best)) == best
+    with pytest.raises(DmhpcError, match="--resume .*missing.pt: checkpoint not found"):
+        find_resume(tmp_path, str(tmp_path / "missing.pt"))
+    with pytest.raises(DmhpcError, match="checkpoint not found"):
+        find_resume(tmp_path, str(tmp_path))  # a directory is not a checkpoint
+    with pytest.raises(ValueError):
+        checkpoint_path(tmp_path, "latest")
+
+
+# --- random number generators ------------------------------------------------------------------------
+
+def _draws():
+    return (torch.rand(4).tolist(), np.random.rand(4).tolist(), np.random.randn(1).tolist(),
+            [random.random() for _ in range(4)], random.gauss(0, 1))
+
+
+def test_rng_state_survives_a_checkpoint(tmp_path):
+    torch.manual_seed(1)
+    np.random.seed(1)
+    random.seed(1)
+    np.random.randn(1)  # leave numpy with a cached Gaussian
+    random.gauss(0, 1)
+    save_checkpoint(tmp_path / "c.pt", {"rng": capture_rng_state()})
+    expected = _draws()
+    assert _draws() != expected  # the generators really moved on
+    restore_rng_state(load_checkpoint(tmp_path / "c.pt")["rng"])
+    assert _draws() == expected
+
+
+def test_each_rank_gets_its_own_rng_state_back():
+    torch.manual_seed(7)
+    states = gather_rng_states()
+    assert len(states) == 1  # a single process
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    assert restore_rank_rng_state(states, 0) is True
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    assert restore_rank_rng_state(states, 1) is False  # a rank the saved run did not have
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+# --- signals -----------------------------------------------------------------------------------------
+
+def test_stop_request_in_process():
+    before = {s: signal.getsignal(s) for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)}
+    with StopRequest(["SIGUSR2", "SIGTERM"]) as stop:
+        assert signal.getsignal(signal.SIGUSR1) == before[signal.SIGUSR1]  # not asked for: untouched
+        assert not stop.should_stop() and stop.signal_name is None
+        os.kill(os.getpid(), signal.SIGUSR2)
+        time.sleep(0.01)
+        assert stop.should_stop() and stop.signal_name == "SIGUSR2"
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert stop.signal_name == "SIGUSR2"  # the first one is what stopped us
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_requeue_exit_code_is_not_a_failure_usage_or_shell_code():
+    assert REQUEUE_EXIT_CODE not in (0, 1, 2) and not 126 <= REQUEUE_EXIT_CODE <= 165
+    assert 0 < REQUEUE_EXIT_CODE < 126
+
+
+LOOP = textwrap.dedent("""
+    import json, os, sys, time
+    from pathlib import Path
+    import torch
+    from dmhpc.distributed import bootstrap, shutdown
+    from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, StopRequest, checkpoint_path, gather_rng_states,
+                                        save_checkpoint)
+
+    run, signals = Path(sys.argv[1]), sys.argv[2].split(",")
+    info = bootstrap()
+    torch.manual_seed(info.rank)
+    weights = torch.zeros(3)
+    with StopRequest(signals) as stop:
+        (run / f"pid{info.rank}").write_text(str(os.getpid()))
+        step = 0
+        while step < 2000:
+            weights += torch.randn(3)  # the "training step"
+            step += 1
+            time.sleep(0.005)
+            (run / f"progress{info.rank}.tmp").write_text(str(step))
+            os.replace(run / f"progress{info.rank}.tmp", run / f"progress{info.rank}")
+            if stop.should_stop():
+                break
+        else:
+            sys.exit(3)  # never told to stop
+    rng = gather_rng_states()
+    if info.is_main:
+        save_checkpoint(checkpoint_path(run, "last"),
+                        {"step": step, "weights": weights, "rng": rng, "signal": stop.signal_name})
+    (run / f"stopped{info.rank}.json").write_text(json.dumps(
+        {"step": step, "signal": stop.signal_name, "next": torch.randn(3).tolist()}))
+    shutdown()
+    sys.exit(REQUEUE_EXIT_CODE)
+""")
+
+
+def _wait_for_step(run: Path, rank: int, step: int, procs, timeout=120.0) -> None:
+    deadline = time.monotonic() + timeout
+    progress = run / f"progress{rank}"
+    while time.monotonic() < deadline:
+        if progress.exists() and int(progress.read_text() or 0) >= step:
+            return
+        for p in procs:
+            assert p.poll() is None, f"exited early with {p.returncode}: {p.communicate()[0]}"
+        time.sleep(0.05)
+    pytest.fail(f"rank {rank} did not reach step {step} in {timeout} s")
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR2"])
+def test_signal_mid_loop_checkpoints_and_exits_for_requeue(tmp_path, signame):
+    script = tmp_path / "loop.py"
+    script.write_text(LOOP)
+    signals = ",".join(Config().train.signals)  # the default list
+    proc = subprocess.Popen([sys.executable, str(script), str(tmp_path), signals], env=clean_env(), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(tmp_path, 0, 5, [proc])
+    os.kill(proc.pid, getattr(signal, signame))
+    output = proc.communicate(timeout=60)[0]
+    assert proc.returncode == REQUEUE_EXIT_CODE, output
+    stopped = json.loads((tmp_path / "stopped0.json").read_text())
+    state = load_checkpoint(checkpoint_path(tmp_path, "last"))
+    assert state["signal"] == stopped["signal"] == signame
+    assert state["step"] == stopped["step"] >= 5
+    # the checkpoint's RNG state continues exactly where the process left off
+    restore_rank_rng_state(state["rng"], 0)
+    assert torch.randn(3).tolist() == stopped["next"]
+
+
+LAUNCHERS = {
+    "torchrun": [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2"],
+    "mpiexec": [str(BIN / "mpiexec"), "-n", "2", sys.executable],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_one_signalled_rank_stops_both_at_the_same_step(tmp_path, launcher):
+    if not Path(LAUNCHERS[launcher][0]).exists():
+        pytest.skip(f"{launcher} not found in {BIN}")
+    script = tmp_path / "loop.py"
+    script.write_text(LOOP)
+    proc = subprocess.Popen([*LAUNCHERS[launcher], str(script), str(tmp_path), "SIGTERM,SIGUSR2"],
+                            env=clean_env(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_step(tmp_path, 1, 5, [proc])
+    os.kill(int((tmp_path / "pid1").read_text()), signal.SIGUSR2)  # rank 1 only
+    output = proc.communicate(timeout=120)[0]
+    stopped = [json.loads((tmp_path / f"stopped{r}.json").read_text()) for r in (0, 1)]
+    assert stopped[0]["step"] == stopped[1]["step"] >= 5, output
+    assert (stopped[0]["signal"], stopped[1]["signal"]) == (None, "SIGUSR2")
+    state = load_checkpoint(checkpoint_path(tmp_path, "last"))
+    assert state["step"] == stopped[0]["step"] and len(state["rng"]) == 2
+    if launcher == "mpiexec":
+        assert proc.returncode == REQUEUE_EXIT_CODE, output
+    else:
+        # torchrun reports any non-zero worker exit as its own exit code 1 (and names 75 in its log)
+        assert proc.returncode != 0 and "exitcode  : 75" in output, output

@@ -1,0 +1,285 @@
+"""Configuration schema: loading, base inheritance, overrides, validation errors, round trip."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dmhpc.config import (Config, config_from_dict, config_to_dict, load_config, parse_override,
+                          save_config)
+from dmhpc.errors import DmhpcError
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def error_of(path, overrides=()) -> str:
+    with pytest.raises(DmhpcError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message, "errors are one line"
+    return message
+
+
+# --- shipped configs -------------------------------------------------------------------------------
+
+def test_the_required_configs_are_shipped():
+    names = {p.stem for p in SHIPPED}
+    assert names >= {"deepmerge-noda", "deepmerge-mmd-fisher-entropy", "deepmerge-dann-fisher-entropy",
+                     "resnet18-mmd-fisher", "resnet18-dann", "deepmerge-coral", "tiny"}
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_validates_and_round_trips(path, tmp_path):
+    cfg = load_config(path)
+    assert cfg.run.dir.startswith("runs/")
+    assert cfg.data.source == "data/embedded/shards/pristine"
+    assert cfg.data.target == "data/embedded/shards/noisy"
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_shipped_configs_carry_the_original_weights():
+    cfg = load_config(ROOT / "configs" / "deepmerge-mmd-fisher-entropy.yaml")
+    assert (cfg.model.name, cfg.loss.transfer, cfg.loss.transfer_weight) == ("deepmerge2", "mmd", 1.0)
+    assert (cfg.loss.entropy_weight, cfg.loss.fisher.weight) == (0.05, 1.0)
+    assert (cfg.loss.fisher.inter_weight, cfg.loss.fisher.intra_weight) == (1.0, 0.01)
+    assert cfg.optim.betas == (0.7, 0.8) and cfg.optim.head_lr_mult == 10.0
+    dann = load_config(ROOT / "configs" / "deepmerge-dann-fisher-entropy.yaml")
+    assert dann.loss.transfer == "dann" and dann.loss.entropy_weight == 0.05
+    assert load_config(ROOT / "configs" / "deepmerge-noda.yaml").loss.transfer == "none"
+    assert load_config(ROOT / "configs" / "deepmerge-coral.yaml").loss.transfer == "coral"
+    assert load_config(ROOT / "configs" / "resnet18-dann.yaml").model.name == "resnet18"
+    tiny = load_config(ROOT / "configs" / "tiny.yaml")
+    assert tiny.train.epochs <= 2 and tiny.train.batch_size <= 16 and tiny.loss.transfer == "mmd"
+
+
+# --- defaults, base, overrides ---------------------------------------------------------------------
+
+def test_empty_file_gives_the_defaults(tmp_path):
+    assert load_config(write(tmp_path / "c.yaml", "")) == Config()
+    assert config_from_dict(config_to_dict(Config())) == Config()
+
+
+def test_base_is_relative_to_the_file_and_merges_deeply(tmp_path):
+    (tmp_path / "sub").mkdir()
+    write(tmp_path / "common.yaml", "seed: 5\ntrain: {epochs: 7, batch_size: 32}\nloss: {mmd: {unbiased: true}}\n")
+    child = write(tmp_path / "sub" / "child.yaml",
+                  "base: ../common.yaml\ntrain: {batch_size: 8}\nloss: {transfer: mmd}\n")
+    cfg = load_config(child)
+    assert (cfg.seed, cfg.train.epochs, cfg.train.batch_size) == (5, 7, 8)
+    assert cfg.loss.transfer == "mmd" and cfg.loss.mmd.unbiased is True
+
+
+def test_deepmerge_one_takes_dropout_and_l2_and_empty_sections_are_allowed(tmp_path):
+    cfg = load_config(write(tmp_path / "c.yaml", "model: {name: deepmerge, dropout: 0.5, l2: 1e-4}\nloss:\n"))
+    assert (cfg.model.dropout, cfg.model.l2, cfg.loss) == (0.5, 1e-4, Config().loss)
+
+
+def test_lists_are_replaced_not_merged(tmp_path):
+    write(tmp_path / "a.yaml", "train: {signals: [SIGTERM, SIGUSR1]}\n")
+    cfg = load_config(write(tmp_path / "b.yaml", "base: a.yaml\ntrain: {signals: [SIGUSR2]}\n"))
+    assert cfg.train.signals == ("SIGUSR2",)
+
+
+def test_overrides_are_typed_by_yaml(tmp_path):
+    path = write(tmp_path / "c.yaml", "train: {batch_size: 128}\n")
+    cfg = load_config(path, ["train.batch_size=64", "loss.mmd.unbiased=true", "data.source=/scratch/x y",
+                             "optim.lr=1e-4", "optim.grad_clip=5", "loss.mmd.sigmas=[1, 2.5]",
+                             "loss.mmd.clamp=null", "seed=3", "train.signals=[SIGUSR2]"])
+    assert cfg.train.batch_size == 64 and cfg.loss.mmd.unbiased is True
+    assert cfg.data.source == "/scratch/x y"
+    assert cfg.optim.lr == 1e-4 and cfg.optim.grad_clip == 5.0 and cfg.loss.mmd.sigmas == (1.0, 2.5)
+    assert cfg.loss.mmd.clamp is None and cfg.seed == 3 and cfg.train.signals == ("SIGUSR2",)
+    # later overrides win
+    assert load_config(path, ["train.epochs=3", "train.epochs=4"]).train.epochs == 4
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
+    # PyYAML alone reads 1e-4 as the string "1e-4"
+    cfg = load_config(write(tmp_path / "c.yaml", "optim: {lr: 1e-4, min_lr: 0}\n"))
+    assert cfg.optim.lr == 1e-4
+
+
+def test_config_is_frozen_and_replace_works():
+    cfg = Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 3
+    changed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=3))
+    assert changed.train.epochs == 3 and cfg.train.epochs == 200
+
+
+def test_save_writes_plain_yaml_that_round_trips(tmp_path):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["loss.mmd.sigmas=[1e-6, 0.5, 100]", "optim.grad_clip=1.5"])
+    save_config(cfg, tmp_path / "run" / "config.yaml")
+    data = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert data == config_to_dict(cfg) and "base" not in data
+    assert load_config(tmp_path / "run" / "config.yaml") == cfg
+    assert list(tmp_path.joinpath("run").iterdir()) == [tmp_path / "run" / "config.yaml"]  # no temp files
+
+
+# --- errors: each names the file (or command line), the key and the problem ------------------------
+
+@pytest.mark.parametrize("text, key, problem", [
+    ("bogus: 1\n", "bogus", "unknown key"),
+    ("train: {bogus: 1}\n", "train.bogus", "unknown key"),
+    ("loss: {mmd: {bogus: 1}}\n", "loss.mmd.bogus", "unknown key"),
+    ("loss: {fisher: {wieght: 1}}\n", "loss.fisher.wieght", "did you mean loss.fisher.weight"),
+    ("loss: {grl: {bogus: 1}}\n", "loss.grl.bogus", "unknown key"),
+    ("train: {batch_size: -3}\n", "train.batch_size", "expected a positive integer, got -3"),
+    ("train: {batch_size: 2.5}\n", "train.batch_size", "expected a positive integer, got 2.5"),
+    ("train: {epochs: true}\n", "train.epochs", "expected a positive integer, got true"),
+    ("train: {max_steps: -1}\n", "train.max_steps", "expected a non-negative integer"),
+    ("seed: abc\n", "seed", 'got "abc"'),
+    ("debug: yes please\n", "debug", "expected true or false"),
+    ("optim: {lr: 0}\n", "optim.lr", "expected a number > 0, got 0"),
+    ("optim: {lr: .nan}\n", "optim.lr", "expected a number > 0"),
+    ("optim: {lr: fast}\n", "optim.lr", 'got "fast"'),
+    ("optim: {betas: [0.9]}\n", "optim.betas", "a list of two numbers in [0, 1)"),
+    ("optim: {betas: [0.9, 1.0]}\n", "optim.betas", "a list of two numbers in [0, 1)"),
+    ("optim: {momentum: 1}\n", "optim.momentum", "in [0, 1)"),
+    ("optim: {grad_clip: 0}\n", "optim.grad_clip", "null or a number > 0"),
+    ("optim: {name: lamb}\n", "optim.name", 'one of "adam", "adamw", "sgd", got "lamb"'),
+    ("optim: {schedule: step}\n", "optim.schedule", 'got "step"'),
+    ("model: {name: vgg}\n", "model.name", '"resnet152", got "vgg"'),
+    ("model: {dropout: 1.0}\n", "model.dropout", "in [0, 1)"),
+    ("model: {stem: tiny}\n", "model.stem", 'got "tiny"'),
+    ("data: {loader: fast}\n", "data.loader", '"gpu-resident"'),
+    ("data: {normalize: target}\n", "data.normalize", 'got "target"'),
+    ("data: {source: 3}\n", "data.source", "non-empty string"),
+    ("data: {target: ''}\n", "data.target", "non-empty string"),
+    ("data: {num_workers: -1}\n", "data.num_workers", "non-negative integer"),
+    ("loss: {transfer: wasserstein}\n", "loss.transfer", 'got "wasserstein"'),
+    ("loss: {transfer_weight: -1}\n", "loss.transfer_weight", "a number >= 0"),
+    ("loss: {scope: world}\n", "loss.scope", 'got "world"'),
+    ("loss: {mmd: {sigmas: [1, -2]}}\n", "loss.mmd.sigmas", "list of numbers > 0"),
+    ("loss: {mmd: {sigmas: silverman}}\n", "loss.mmd.sigmas", '"median"'),
+    ("loss: {mmd: {sigmas: []}}\n", "loss.mmd.sigmas", "non-empty list"),
+    ("loss: {mmd: {clamp: -1}}\n", "loss.mmd.clamp", "null or a number >= 0"),
+    ("loss: {fisher: {form: tx}}\n", "loss.fisher.form", 'got "tx"'),
+    ("loss: {fisher: {normalize: max}}\n", "loss.fisher.normalize", 'got "max"'),
+    ("loss: {grl: {schedule: linear}}\n", "loss.grl.schedule", 'got "linear"'),
+    ("loss: {grl: {alpha: 0}}\n", "loss.grl.alpha", "a number > 0"),
+    ("train: {amp: fp8}\n", "train.amp", 'got "fp8"'),
+    ("train: {signals: [SIGKILL]}\n", "train.signals", "catchable signal names"),
+    ("train: {signals: [SIGTERM, SIGTERM]}\n", "train.signals", "distinct"),
+    ("train: {signals: SIGTERM}\n", "train.signals", 'got "SIGTERM"'),
+    ("select: {criterion: target-acc}\n", "select.criterion", '"oracle-target-acc"'),
+    ("run: {dir: null}\n", "run.dir", "got null"),
+    ("train: 5\n", "train", "expected a mapping of train keys, got 5"),
+    ("loss: {mmd: [1, 2]}\n", "loss.mmd", "expected a mapping of loss.mmd keys"),
+    # rules across keys
+    ("model: {name: deepmerge2, stem: small}\n", "model.stem", "ResNet models only"),
+    ("model: {name: resnet18, l2: 0.001}\n", "model.l2", 'model "deepmerge" only'),
+    ("model: {name: deepmerge2, dropout: 0.5}\n", "model.dropout", 'model "deepmerge" only'),
+    ("loss: {fisher: {weight: 1, form: tr, inter_weight: 0}}\n", "loss.fisher.inter_weight", "divides"),
+    ("optim: {schedule: warmup-cosine, lr: 0.001, min_lr: 0.01}\n", "optim.min_lr", "above optim.lr"),
+])
+def test_bad_values_name_file_key_and_problem(tmp_path, text, key, problem):
+    path = write(tmp_path / "bad.yaml", text)
+    message = error_of(path)
+    assert message.startswith(f"{path}: {key}: "), message
+    assert problem in message
+
+
+def test_error_names_the_file_that_set_the_key(tmp_path):
+    write(tmp_path / "parent.yaml", "train: {batch_size: -3}\nseed: 1\n")
+    child = write(tmp_path / "child.yaml", "base: parent.yaml\nseed: 2\n")
+    assert error_of(child).startswith(f"{tmp_path / 'parent.yaml'}: train.batch_size: ")
+    # fixing it in the child blames nobody; breaking it on the command line blames the command line
+    write(child, "base: parent.yaml\ntrain: {batch_size: 4}\n")
+    assert load_config(child).train.batch_size == 4
+    assert error_of(child, ["train.batch_size=0"]).startswith("command line: train.batch_size: ")
+
+
+@pytest.mark.parametrize("override, key, problem", [
+    ("train.batch_size=-3", "train.batch_size", "expected a positive integer, got -3"),
+    ("train.bogus=1", "train.bogus", "unknown key"),
+    ("trian.epochs=1", "trian", "did you mean train"),
+    ("base=other.yaml", "base", "unknown key"),
+    ("train=3", "train", "expected a mapping"),
+    ("train.batch_size.x=3", "train.batch_size", "expected a positive integer"),
+    ("optim.lr=fast", "optim.lr", 'got "fast"'),
+    ("loss.mmd.unbiased=maybe", "loss.mmd.unbiased", "true or false"),
+    ("optim.betas=[0.9, [", "optim.betas", "invalid YAML"),
+])
+def test_bad_overrides_name_the_command_line(tmp_path, override, key, problem):
+    message = error_of(write(tmp_path / "c.yaml", ""), [override])
+    assert message.startswith(f"command line: {key}: "), message
+    assert problem in message
+
+
+@pytest.mark.parametrize("override", ["train.batch_size", "=3", "train..epochs=3", "train epochs=3", "train.1x=3", " =1"])
+def test_bad_override_syntax(tmp_path, override):
+    message = error_of(write(tmp_path / "c.yaml", ""), [override])
+    assert message.startswith("command line: "), message
+    assert "dotted key" in message
+
+
+def test_parse_override_splits_at_the_first_equals_sign():
+    assert parse_override("data.source=/a=b") == ("data.source", "/a=b")
+    assert parse_override("optim.grad_clip=") == ("optim.grad_clip", None)
+
+
+def test_missing_file(tmp_path):
+    assert error_of(tmp_path / "nope.yaml") == f"{tmp_path / 'nope.yaml'}: config file not found"
+    assert "is a directory" in error_of(tmp_path)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("train: {batch_size: 3\n", "invalid YAML"),
+    ("train:\n  epochs: 1\n   batch_size: 2\n", "invalid YAML"),
+    ("seed: 1\nseed: 2\n", 'duplicate key "seed" (line 2'),
+    ("train: {epochs: 1, epochs: 2}\n", 'duplicate key "epochs"'),
+    ("- 1\n- 2\n", "expected a mapping of configuration keys at the top level, got list"),
+])
+def test_invalid_yaml_names_the_file(tmp_path, text, problem):
+    path = write(tmp_path / "bad.yaml", text)
+    message = error_of(path)
+    assert message.startswith(f"{path}: "), message
+    assert problem in message
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("base: missing.yaml\n", "base: config file not found: "),
+    ("base: 3\n", "base: expected the path of another config file, got 3"),
+    ("base: ''\n", "base: expected the path of another config file"),
+    ("base: self.yaml\n", "base: files inherit from each other in a cycle"),
+])
+def test_bad_base(tmp_path, text, problem):
+    path = write(tmp_path / "self.yaml", text)
+    message = error_of(path)
+    assert message.startswith(f"{path}: "), message
+    assert problem in message
+
+
+def test_base_cycle_through_two_files(tmp_path):
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    assert "cycle" in error_of(tmp_path / "a.yaml")
+
+
+def test_base_file_errors_name_the_base_file(tmp_path):
+    write(tmp_path / "parent.yaml", "train: {epochs: 1\n")
+    child = write(tmp_path / "child.yaml", "base: parent.yaml\n")
+    assert error_of(child).startswith(f"{tmp_path / 'parent.yaml'}: invalid YAML")
+    write(tmp_path / "parent.yaml", "base: child.yaml\n")
+    assert "cycle" in error_of(child)
+
+
+def test_base_only_at_the_top_level(tmp_path):
+    write(tmp_path / "a.yaml", "")
+    assert "train.base: unknown key" in error_of(write(tmp_path / "c.yaml", "train: {base: a.yaml}\n"))
+
+
+def test_config_from_dict_names_its_source():
+    with pytest.raises(DmhpcError, match=r"^run.pt config: train.epochs: expected a positive integer"):
+        config_from_dict({"train": {"epochs": 0}}, source="run.pt config")

@@ -1,0 +1,271 @@
+"""Bootstrap: launcher detection (pure logic on given environments) and real 2-process groups
+under torchrun, mpiexec and a SLURM-style step."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmhpc.distributed import (Launch, all_gather_object, barrier, bootstrap, collective_device, detect_launch,
+                               expand_nodelist, first_host, shutdown)
+from dmhpc.errors import DmhpcError
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+LAUNCH_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "PALS_", "MPI_LOCAL", "TORCHELASTIC_")
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+TORCHRUN = dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="4", MASTER_ADDR="node7", MASTER_PORT="29400")
+SLURM_STEP = dict(SLURM_JOB_ID="12345", SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_NTASKS="4",
+                  SLURM_STEP_NUM_TASKS="4", SLURM_STEP_NODELIST="gpu[03-04]", SLURM_JOB_NODELIST="gpu[01-04]",
+                  PATH="")  # PATH="": no scontrol, the built-in node-list expansion answers
+
+
+def clean_env(**extra) -> dict:
+    """This process's environment without any launcher's variables, plus `extra`."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(LAUNCH_PREFIXES) and k not in LAUNCH_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
+    return env
+
+
+# --- which launcher: pure logic --------------------------------------------------------------------
+
+def test_plain_process_is_single():
+    assert detect_launch({}) == Launch("single", 0, 0, 1)
+
+
+def test_torchrun_variables():
+    assert detect_launch(TORCHRUN) == Launch("torchrun", 1, 1, 4, "node7", 29400)
+
+
+def test_torchrun_wins_over_slurm_for_srun_torchrun():
+    assert detect_launch({**SLURM_STEP, **TORCHRUN}).launcher == "torchrun"
+
+
+def test_incomplete_or_bad_torchrun_variables_are_errors():
+    with pytest.raises(DmhpcError, match="RANK is set .* but MASTER_ADDR, MASTER_PORT are not"):
+        detect_launch({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(DmhpcError, match="environment variable WORLD_SIZE: expected an integer, got 'two'"):
+        detect_launch({**TORCHRUN, "WORLD_SIZE": "two"})
+    with pytest.raises(DmhpcError, match="rank 4 is outside a world of 4"):
+        detect_launch({**TORCHRUN, "RANK": "4"})
+
+
+def test_slurm_step_with_several_tasks():
+    assert detect_launch(SLURM_STEP) == Launch("slurm", 3, 1, 4, "gpu03", 20000 + 12345)
+    assert detect_launch({**SLURM_STEP, "SLURM_JOB_ID": "45678"}).master_port == 20000 + 5678
+
+
+def test_slurm_falls_back_to_the_job_node_list_and_honours_master_variables():
+    env = {k: v for k, v in SLURM_STEP.items() if k != "SLURM_STEP_NODELIST"}
+    assert detect_launch(env).master_addr == "gpu01"
+    launch = detect_launch({**SLURM_STEP, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "4242"})
+    assert (launch.launcher, launch.master_addr, launch.master_port) == ("slurm", "10.0.0.1", 4242)
+
+
+def test_slurm_batch_script_and_single_task_steps_are_single_processes():
+    # The batch shell of an --ntasks=4 job: SLURM_NTASKS=4 and SLURM_PROCID=0, but no step.
+    batch = {k: v for k, v in SLURM_STEP.items() if not k.startswith("SLURM_STEP_")}
+    assert detect_launch({**batch, "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}).launcher == "single"
+    assert detect_launch({**SLURM_STEP, "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0"}).launcher == "single"
+
+
+def test_slurm_step_errors():
+    with pytest.raises(DmhpcError, match="SLURM_LOCALID is not"):
+        detect_launch({k: v for k, v in SLURM_STEP.items() if k != "SLURM_LOCALID"})
+    with pytest.raises(DmhpcError, match="no SLURM_STEP_NODELIST or SLURM_JOB_NODELIST"):
+        detect_launch({k: v for k, v in SLURM_STEP.items() if "NODELIST" not in k})
+    with pytest.raises(DmhpcError, match="SLURM_PROCID: expected an integer"):
+        detect_launch({**SLURM_STEP, "SLURM_PROCID": ""})
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1"}, Launch("mpi", 1, 0, 2)),
+    ({"OMPI_COMM_WORLD_RANK": "3", "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_LOCAL_RANK": "3"},
+     Launch("mpi", 3, 0, 8)),
+    ({"PALS_RANKID": "5", "PALS_LOCAL_RANKID": "1"}, Launch("mpi", 5, 0, 0)),  # size: ask MPI
+    ({"PMIX_RANK": "0"}, Launch("mpi", 0, 0, 0)),
+])
+def test_mpi_variables(env, expected):
+    # local rank and (when missing) world size come from mpi4py at bootstrap
+    assert detect_launch(env) == expected
+
+
+def test_mpi_launched_through_srun_proxies_is_mpi():
+    # mpiexec under SLURM starts one proxy per node with srun: the step describes 2 proxies, not 8 ranks.
+    proxies = {**SLURM_STEP, "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1"}
+    assert detect_launch({**proxies, "PMI_RANK": "5", "PMI_SIZE": "8"}).launcher == "mpi"
+    # srun --mpi=pmix: both describe the same ranks, SLURM answers without MPI
+    assert detect_launch({**SLURM_STEP, "PMIX_RANK": "3", "OMPI_COMM_WORLD_SIZE": "4"}).launcher == "slurm"
+
+
+# --- node lists --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("n[1-3,5]", ["n1", "n2", "n3", "n5"]),
+    ("node001", ["node001"]),
+    ("a,b[08-10]", ["a", "b08", "b09", "b10"]),
+    ("gpu[1-2]-ib", ["gpu1-ib", "gpu2-ib"]),
+    ("r[1-2]n[1,3]", ["r1n1", "r1n3", "r2n1", "r2n3"]),
+    ("x[9-10]", ["x9", "x10"]),
+])
+def test_expand_nodelist(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("nodelist", ["", "n[1-3", "n]", "n[]", "n[a-b]", "n[3-1]", "a,,b"])
+def test_bad_nodelist(nodelist):
+    with pytest.raises(DmhpcError, match="SLURM node list"):
+        expand_nodelist(nodelist)
+
+
+def _executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_first_host_asks_scontrol_first_and_survives_a_broken_one(tmp_path):
+    # An scontrol that knows better than our expansion (what a site's real one does) ...
+    _executable(tmp_path / "scontrol", "#!/bin/sh\necho from-scontrol\necho other\n")
+    assert first_host("n[1-2]", {"PATH": str(tmp_path)}) == "from-scontrol"
+    # ... and one that cannot run here (no slurm.conf in a container): fall back to ours.
+    _executable(tmp_path / "scontrol", "#!/bin/sh\necho 'fatal: no configuration' >&2\nexit 1\n")
+    assert first_host("n[1-2]", {"PATH": str(tmp_path)}) == "n1"
+    assert first_host("n[7-8]", {"PATH": ""}) == "n7"
+
+
+# --- single process ----------------------------------------------------------------------------------
+
+def test_single_process_bootstrap_has_no_process_group(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith(LAUNCH_PREFIXES) or key in LAUNCH_VARS:
+            monkeypatch.delenv(key)
+    info = bootstrap()
+    assert (info.rank, info.local_rank, info.world_size, info.backend, info.launcher) == (0, 0, 1, None, "single")
+    assert info.is_main
+    assert info.device == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    assert not torch.distributed.is_initialized()
+    assert all_gather_object({"a": 1}) == [{"a": 1}]
+    assert collective_device() == torch.device("cpu")
+    barrier()
+    shutdown()
+
+
+def test_one_mpi_process_needs_no_mpi(monkeypatch):
+    for key in list(os.environ):
+        if key.startswith(LAUNCH_PREFIXES) or key in LAUNCH_VARS:
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("PMI_RANK", "0")
+    monkeypatch.setenv("PMI_SIZE", "1")
+    imported_before = "mpi4py.MPI" in sys.modules
+    info = bootstrap()
+    assert (info.world_size, info.backend, info.launcher) == (1, None, "mpi")
+    assert imported_before or "mpi4py.MPI" not in sys.modules
+
+
+def test_bootstrap_reports_bad_environment(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(DmhpcError, match="RANK is set"):
+        bootstrap()
+
+
+# --- real process groups -----------------------------------------------------------------------------
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    import torch
+    import torch.distributed as tdist
+    from dmhpc.distributed import all_gather_object, barrier, bootstrap, collective_device, shutdown
+
+    info = bootstrap()
+    total = torch.tensor([float(info.rank + 1)], device=collective_device())
+    tdist.all_reduce(total)
+    gathered = all_gather_object({"rank": info.rank})
+    barrier()
+    with open(f"{sys.argv[1]}/rank{info.rank}.json", "w") as f:
+        json.dump({"rank": info.rank, "local_rank": info.local_rank, "world": info.world_size,
+                   "backend": info.backend, "launcher": info.launcher, "device": str(info.device),
+                   "is_main": info.is_main, "sum": total.item(), "gathered": gathered,
+                   "group_world": tdist.get_world_size()}, f)
+    shutdown()
+""")
+
+
+def _run_two(tmp_path, argv_prefix, env_for_rank=None, timeout=180) -> list[dict]:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    out = tmp_path / "out"
+    out.mkdir()
+    if env_for_rank is None:
+        proc = subprocess.run([*argv_prefix, str(script), str(out)], env=clean_env(), cwd=ROOT,
+                              capture_output=True, text=True, timeout=timeout)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+    else:
+        procs = [subprocess.Popen([sys.executable, str(script), str(out)], env=env_for_rank(r), cwd=ROOT,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+        for p in procs:
+            output = p.communicate(timeout=timeout)[0]
+            assert p.returncode == 0, output
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def _check_group(results, launcher):
+    for r, res in enumerate(results):
+        assert res["rank"] == r and res["world"] == 2 and res["group_world"] == 2
+        assert res["launcher"] == launcher and res["backend"] == "gloo" and res["device"] == "cpu"
+        assert res["sum"] == 3.0  # 1 + 2: both ranks took part
+        assert res["gathered"] == [{"rank": 0}, {"rank": 1}]
+        assert res["is_main"] == (r == 0)
+
+
+@pytest.mark.skipif(not (BIN / "torchrun").exists(), reason=f"torchrun not found in {BIN}")
+def test_two_ranks_under_torchrun(tmp_path):
+    results = _run_two(tmp_path, [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2"])
+    _check_group(results, "torchrun")
+    assert [r["local_rank"] for r in results] == [0, 1]
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not (BIN / "mpiexec").exists(), reason=f"mpiexec not found in {BIN}")
+def test_two_ranks_under_mpiexec(tmp_path):
+    results = _run_two(tmp_path, [str(BIN / "mpiexec"), "-n", "2", sys.executable])
+    _check_group(results, "mpi")
+    assert sorted(r["local_rank"] for r in results) == [0, 1]
+
+
+def _free_slurm_port() -> int:
+    """A free port of the form 20000 + job id % 20000, the one a SLURM step derives."""
+    for i in range(20000):
+        port = 20000 + (os.getpid() + i) % 20000
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    pytest.skip("no free port in 20000-39999")
+
+
+def test_two_ranks_as_a_slurm_step(tmp_path):
+    # What srun -n 2 gives each task on one node; the port comes from the job id, as on a cluster.
+    port = _free_slurm_port()
+
+    def env(rank):
+        return clean_env(SLURM_JOB_ID=str(port - 20000), SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+                         SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NODELIST="localhost",
+                         PATH=str(BIN))
+    results = _run_two(tmp_path, None, env_for_rank=env)
+    _check_group(results, "slurm")
