@@ -1,0 +1,105 @@
+# shellcheck shell=bash disable=SC2034  # DMHPC_LAUNCH_CMD is this file's output
+# Launching Python on every node of a SLURM allocation, and the requeue protocol.
+# Sourced by slurm/train_ddp.sh and by the cluster tests (which launch a probe instead of the
+# trainer through these same functions); defines functions only.
+
+# The address of the allocation's first node: torchrun's rendezvous and MASTER_ADDR live there.
+# Never the login node and never localhost: each node would then form a world of its own.
+dmhpc_first_node_addr() {
+    local node addr
+    node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
+    # NodeAddr is how Slurm reaches the node: the node name on most sites, and the only address
+    # that works where NodeName is not a DNS name (several slurmd on one host, as in the tests).
+    addr=$(scontrol show node -o "$node" | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p')
+    echo "${addr:-$node}"
+}
+
+# One port per job, the same on every node and after a requeue; below the ephemeral range.
+dmhpc_rendezvous_port() {
+    echo $((29500 + SLURM_JOB_ID % 2000))
+}
+
+# Processes per node: NPROC_PER_NODE, else the GPUs Slurm gave the node, else the GPUs
+# nvidia-smi sees, else 1 (CPU-only nodes).
+dmhpc_nproc_per_node() {
+    local gpus
+    if [ -n "${NPROC_PER_NODE:-}" ]; then
+        echo "$NPROC_PER_NODE"
+    elif [ "${SLURM_GPUS_ON_NODE:-0}" -gt 0 ]; then
+        echo "$SLURM_GPUS_ON_NODE"
+    else
+        gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+        echo $((gpus > 0 ? gpus : 1))
+    fi
+}
+
+# Set the array DMHPC_LAUNCH_CMD to the srun line that runs `python "$@"` as the ranks of one
+# job on every node of the allocation:
+#   DMHPC_LAUNCH=torchrun (default): one srun task per node, each a torchrun starting
+#       nproc-per-node workers; c10d rendezvous on the first node, id = job id.
+#   DMHPC_LAUNCH=srun: one srun task per rank; the program reads SLURM_PROCID, SLURM_LOCALID,
+#       SLURM_STEP_NUM_TASKS and the MASTER_ADDR/MASTER_PORT exported here.
+dmhpc_launch_command() {
+    local python=${PYTHON:-python} nnodes=${SLURM_NNODES:-1} nproc cpus addr port
+    nproc=$(dmhpc_nproc_per_node)
+    # Every count is explicit: srun would otherwise take --ntasks from the allocation
+    # (SLURM_NTASKS, from sbatch --ntasks-per-node) and, since Slurm 22.05, one CPU per task
+    # (bound to it where task/affinity is on). The node's CPUs are shared out among its tasks.
+    cpus=${SLURM_CPUS_ON_NODE:-1}
+    addr=$(dmhpc_first_node_addr)
+    port=$(dmhpc_rendezvous_port)
+    # srun passes a signal to every process of the step. Each task starts with USR2 ignored:
+    # torchrun would die of it and orphan its workers, and a rank still importing torch would
+    # die too. The trainer installs its own USR2 handler, so the ranks still get it.
+    local ignore_usr2=(bash -c 'trap "" USR2; exec "$@"' dmhpc-task)
+    case ${DMHPC_LAUNCH:-torchrun} in
+    torchrun)
+        DMHPC_LAUNCH_CMD=(
+            srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1
+            "${ignore_usr2[@]}" "$python" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc"
+            --rdzv-backend=c10d --rdzv-endpoint="$addr:$port" --rdzv-id="$SLURM_JOB_ID"
+            "$@"
+        )
+        ;;
+    srun)
+        export MASTER_ADDR=$addr MASTER_PORT=$port
+        DMHPC_LAUNCH_CMD=(
+            srun --nodes="$nnodes" --ntasks=$((nnodes * nproc)) --ntasks-per-node="$nproc"
+            --cpus-per-task=$((cpus / nproc > 0 ? cpus / nproc : 1)) --kill-on-bad-exit=1
+            "${ignore_usr2[@]}" "$python" "$@"
+        )
+        ;;
+    *)
+        echo "dmhpc: DMHPC_LAUNCH must be torchrun or srun, not '$DMHPC_LAUNCH'" >&2
+        return 2
+        ;;
+    esac
+}
+
+# Run the launch command "$@" and return its exit status. On SIGUSR2 (sbatch
+# --signal=B:USR2@SECONDS before the time limit, or `scancel --signal=USR2 --batch JOB`), pass
+# the signal on to every rank through srun, wait for the ranks to checkpoint and exit, then
+# requeue the job: it restarts with the same job id, SLURM_RESTART_COUNT+1, and appends to the
+# same log (--open-mode=append). A run that ends on its own is never requeued.
+dmhpc_run_requeueable() {
+    local pid="" rc=0 signalled=0 job
+    trap 'signalled=1; echo "dmhpc: SIGUSR2: asking the ranks to checkpoint and stop" >&2; [ -z "$pid" ] || kill -USR2 "$pid"' USR2
+    "$@" &
+    pid=$!
+    # A trapped signal ends `wait` early; wait again until the launch has really exited.
+    while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
+    wait "$pid" || rc=$?
+    trap - USR2
+    if [ "$signalled" = 1 ] && [ "$rc" != 0 ]; then
+        # The trainer exits with REQUEUE_EXIT_CODE (75) once it has checkpointed, but torchrun
+        # reports any failed worker as 1 (or dies of srun's SIGTERM when another node's torchrun
+        # exited first), so the code only shows with DMHPC_LAUNCH=srun. Requeue on any failure
+        # after the signal: the next run resumes from the last checkpoint, which is also the
+        # right thing if the save itself failed.
+        job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
+        job=${job:-$SLURM_JOB_ID}
+        echo "dmhpc: ranks exited with $rc after SIGUSR2; requeueing job $job" >&2
+        scontrol requeue "$job" || return "$rc"
+    fi
+    return "$rc"
+}

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+#SBATCH --job-name=dmhpc-prepare
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=4
+#SBATCH --cpus-per-task=1
+#SBATCH --time=01:00:00
+#SBATCH --output=%x-%j.out
+#SBATCH --no-requeue
+#
+# Convert a data set to sharded HDF5 with one MPI rank per Slurm task, optionally rendering the
+# embedded GalSim data set first (also under MPI):
+#   sbatch [SBATCH FLAGS] slurm/prepare_mpi.sh DATA_CONFIG [--synth N_PER_CLASS] [--synth-seed S] [PREPARE OPTIONS]
+#   sbatch slurm/prepare_mpi.sh configs/data/embedded.yaml --synth 2000
+#   sbatch -N 2 --ntasks-per-node=16 slurm/prepare_mpi.sh configs/data/deepmerge2-simsim.yaml --root /path/to/zenodo
+# PREPARE OPTIONS go to `dmhpc prepare --data-config DATA_CONFIG` (--root DIR, --out DIR, ...).
+# --synth N runs `dmhpc synth --out ROOT --n-per-class N --seed S` first, ROOT being --root or the
+# config's root. PYTHON names the environment's interpreter (default: python on PATH).
+#
+# Ranks start with `srun --mpi=pmi2`, which MPICH (the mpich wheel included) and Intel MPI
+# speak; for Open MPI submit with SLURM_MPI_TYPE=pmix. Without an --mpi plugin every task
+# would be an MPI world of its own, converting the whole data set into the same files.
+set -euo pipefail
+
+usage="usage: sbatch [SBATCH FLAGS] slurm/prepare_mpi.sh DATA_CONFIG [--synth N_PER_CLASS] [--synth-seed S] [PREPARE OPTIONS]"
+[ -n "${SLURM_JOB_ID:-}" ] || { echo "prepare_mpi.sh: not in a SLURM job; $usage" >&2; exit 2; }
+[ $# -ge 1 ] || { echo "prepare_mpi.sh: $usage" >&2; exit 2; }
+config=$1
+shift
+[ -f "$config" ] || { echo "prepare_mpi.sh: error: data config '$config' not found (in $PWD)" >&2; exit 2; }
+python=${PYTHON:-python}
+command -v "$python" >/dev/null || { echo "prepare_mpi.sh: error: no '$python'; activate the environment before sbatch or set PYTHON" >&2; exit 2; }
+
+synth_n="" synth_seed=0 root="" prepare_args=()
+while [ $# -gt 0 ]; do
+    case $1 in
+    --synth) synth_n=${2:?--synth needs N_PER_CLASS}; shift 2 ;;
+    --synth-seed) synth_seed=${2:?--synth-seed needs S}; shift 2 ;;
+    --root) root=${2:?--root needs DIR}; prepare_args+=("$1" "$2"); shift 2 ;;
+    --root=*) root=${1#--root=}; prepare_args+=("$1"); shift ;;
+    *) prepare_args+=("$1"); shift ;;
+    esac
+done
+
+mpi_run=(srun --mpi="${SLURM_MPI_TYPE:-pmi2}" --kill-on-bad-exit=1 "$python" -m dmhpc)
+
+if [ -n "$synth_n" ]; then
+    if [ -z "$root" ]; then
+        root=$("$python" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["root"])' "$config")
+    fi
+    synth=("${mpi_run[@]}" synth --out "$root" --n-per-class "$synth_n" --seed "$synth_seed")
+    echo "prepare_mpi.sh: job $SLURM_JOB_ID, $SLURM_NTASKS ranks: $(printf '%q ' "${synth[@]}")"
+    "${synth[@]}"
+fi
+
+prepare=("${mpi_run[@]}" prepare --data-config "$config" "${prepare_args[@]}")
+echo "prepare_mpi.sh: job $SLURM_JOB_ID, $SLURM_NTASKS ranks: $(printf '%q ' "${prepare[@]}")"
+"${prepare[@]}"

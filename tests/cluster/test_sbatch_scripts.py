@@ -1,0 +1,106 @@
+"""slurm/train_ddp.sh and slurm/prepare_mpi.sh, submitted with sbatch to the two-node test cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+# What the jobs get on top of the submitting environment: this interpreter, one thread per rank.
+JOB_ENV = {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+
+
+def _importable(module: str) -> str | None:
+    """None if `module` imports, else why not (the modules these scripts run are written elsewhere)."""
+    try:
+        __import__(module)
+    except ImportError as exc:
+        return f"{module} is not importable yet ({exc})"
+    return None
+
+
+def test_train_ddp_refuses_a_missing_config_before_starting_anything(slurm_cluster, tmp_path):
+    job = slurm_cluster.wait(slurm_cluster.sbatch(
+        "--cpus-per-task=1", f"--output={tmp_path}/out", str(REPO / "slurm" / "train_ddp.sh"), "no/such.yaml",
+        cwd=tmp_path, env=JOB_ENV), timeout=60)
+    # Exit 2 with this message also shows that the spooled copy of the script found slurm/lib.sh.
+    assert (job.state, job.exit_code) == ("FAILED", 2), job
+    assert job.output.strip() == f"train_ddp.sh: error: config 'no/such.yaml' not found (in {tmp_path})", job
+
+
+def _tiny_domains(root: Path, n: int = 64) -> Path:
+    from dmhpc.data.shards import write_dataset
+
+    rng = np.random.default_rng(0)
+    for name, noise in (("pristine", 0.02), ("noisy", 0.3)):
+        labels = np.arange(n) % 2
+        images = rng.normal(0.0, noise, (n, 3, 75, 75)).astype(np.float32) + labels[:, None, None, None]
+        write_dataset(images, labels, None, root / name, shard_size=64, seed=0)
+    return root
+
+
+def test_train_ddp_trains_the_tiny_config_on_two_nodes(slurm_cluster, tmp_path):
+    reason = _importable("dmhpc.train.loop") or _importable("dmhpc.data.shards")
+    if reason:
+        pytest.skip(reason)
+    data = _tiny_domains(tmp_path / "data")
+    run = tmp_path / "run"
+    job = slurm_cluster.wait(slurm_cluster.sbatch(
+        "--nodes=2", "--cpus-per-task=2", f"--output={tmp_path}/out", "slurm/train_ddp.sh", "configs/tiny.yaml",
+        f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}", f"run.dir={run}", "train.epochs=1",
+        cwd=REPO, env=JOB_ENV), timeout=300)
+    assert (job.state, job.exit_code) == ("COMPLETED", 0), job
+    assert "torch.distributed.run --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d" in job.output, job
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "metrics.jsonl").is_file(), job
+
+
+def test_prepare_mpi_renders_and_converts_with_ranks_on_two_nodes(slurm_cluster, tmp_path):
+    reason = _importable("mpi4py") or _importable("dmhpc.data.synth") or _importable("dmhpc.data.prepare")
+    if reason:
+        pytest.skip(reason)
+    raw, shards = tmp_path / "raw", tmp_path / "shards"
+    job = slurm_cluster.wait(slurm_cluster.sbatch(
+        "--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/out", "slurm/prepare_mpi.sh",
+        "configs/data/embedded.yaml", "--synth", "4", "--root", str(raw), "--out", str(shards),
+        cwd=REPO, env=JOB_ENV), timeout=240)
+    assert (job.state, job.exit_code) == ("COMPLETED", 0), job
+    # One MPI world of 2 ranks reports once per domain; 2 worlds of 1 would each report.
+    assert job.output.count("pristine: 8 images") == 1 and job.output.count("noisy: 8 images") == 1, job
+    for domain in ("pristine", "noisy"):
+        verify = subprocess.run([sys.executable, "-m", "dmhpc", "verify", str(shards / domain)],
+                                capture_output=True, text=True, timeout=120)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def test_train_ddp_checkpoints_on_usr2_requeues_and_resumes(slurm_cluster, tmp_path):
+    reason = _importable("dmhpc.train.loop") or _importable("dmhpc.data.shards")
+    if reason:
+        pytest.skip(reason)
+    # 480 images, 70 % for training, 4 per rank and batch on 2 ranks: one epoch of 42 steps, so the
+    # signal, sent after the first step, lands well inside it.
+    data = _tiny_domains(tmp_path / "data", n=480)
+    run = tmp_path / "run"
+    job_id = slurm_cluster.sbatch(
+        "--nodes=2", "--cpus-per-task=2", f"--output={tmp_path}/out", "slurm/train_ddp.sh", "configs/tiny.yaml",
+        f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}", f"run.dir={run}", "train.epochs=1",
+        "train.batch_size=4", "train.log_every=1", cwd=REPO, env=JOB_ENV)
+    metrics = run / "metrics.jsonl"
+    slurm_cluster.wait_for(lambda: metrics.is_file() and '"kind": "step"' in metrics.read_text(),
+                           "training step", job_id, timeout=120)
+    slurm_cluster.run("scancel", "--signal=USR2", "--batch", job_id)
+    job = slurm_cluster.wait(job_id, timeout=300)
+    assert (job.state, job.exit_code, job.restarts) == ("COMPLETED", 0, 1), job
+    # Both ranks stopped with the trainer's requeue code (75), which torchrun saw, and the job
+    # requeued; the second run resumed where the first stopped and finished.
+    assert job.output.count("exitcode: 75") == 2 and "requeueing job" in job.output, job
+    assert "checkpoint written at step" in job.output and "resumed from" in job.output, job
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"kind": "step"' in line]
+    assert steps == list(range(1, 42 + 1)), steps
+    assert (run / "eval" / "metrics.json").is_file(), job
