@@ -1,0 +1,453 @@
+"""`dmhpc synth`: render the embedded GalSim merger data set, pristine and noisy, as .npy files.
+
+Object k (k = 0 .. 2N-1) is a merger when k is odd. Its images depend on (seed, k, knobs) only:
+it draws from its own generators, seeded by SeedSequence([seed, k]), and never from a shared
+stream. So the files are the same bytes whatever the number of --workers or MPI ranks, and the
+objects of `--n-per-class 10` are the first 20 of `--n-per-class 1000`.
+
+The noisy domain is the pristine image observed once more: sky plus Poisson noise at the surface
+brightness limit --sb-limit. The physics lives in dmhpc.data.scenes; docs/embedded-data.md
+describes it. Output files are written under temporary names and renamed into place, meta.json
+last: a directory without meta.json is incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from dmhpc import __version__
+from dmhpc.errors import DmhpcError
+
+IMAGE_FILES = ("pristine_X.npy", "noisy_X.npy")
+OUTPUT_FILES = IMAGE_FILES + ("pristine_y.npy", "noisy_y.npy", "objects.npy", "meta.json")
+CLASSES = {"0": "non-merger", "1": "merger"}
+# The 8 symmetries of the square pixel grid; view v is np.rot90(flipped if v >= 4, k=v % 4).
+VIEWS = ("identity", "rot90", "rot180", "rot270", "flip", "flip+rot90", "flip+rot180", "flip+rot270")
+CHUNK = 16  # objects per unit of work handed to a process or sent between ranks
+# Environment variables set by the launchers: MPICH/Intel MPI/srun --mpi=pmi2, Open MPI, PMIx.
+_MPI_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
+_TAG_HEAD, _TAG_DATA = 1, 2
+
+
+class Knobs(NamedTuple):
+    """Difficulty knobs: the domain gap (sb_limit) and how much the two classes overlap (the rest)."""
+
+    sb_limit: float = 25.0  # mag/arcsec^2; the noisy domain's 1-sigma sky noise per pixel
+    tidal_strength: float = 1.0  # multiplies the flux of every tidal feature
+    neighbour_fraction: float = 0.3  # fraction of non-mergers with an unrelated faint neighbour
+    minor_fraction: float = 0.3  # fraction of mergers that are minor (flux ratio 1:10 to 1:4)
+    triple_fraction: float = 0.15  # fraction of mergers with a third galaxy
+
+
+DEFAULT_KNOBS = Knobs()
+
+KNOB_FLAGS = {
+    "sb_limit": ("--sb-limit", "MAG", "surface-brightness limit of the noisy domain, mag/arcsec^2: "
+                 "its sky noise per pixel is one pixel's flux at this surface brightness"),
+    "tidal_strength": ("--tidal-strength", "X", "multiplies the flux of every tidal tail, plume and bridge"),
+    "neighbour_fraction": ("--neighbour-fraction", "F", "fraction of non-mergers with an unrelated faint neighbour"),
+    "minor_fraction": ("--minor-fraction", "F", "fraction of mergers that are minor (flux ratio 1:10 to 1:4)"),
+    "triple_fraction": ("--triple-fraction", "F", "fraction of mergers with a third galaxy"),
+}
+
+
+# ----------------------------------------------------------------------------- one object
+
+
+def render_object(seed: int, obj_id: int, knobs: Knobs) -> tuple[int, np.ndarray, np.ndarray]:
+    """Label (1 = merger), pristine image and noisy image ((3, 75, 75) float32) of object `obj_id`."""
+    from dmhpc.data import scenes
+
+    label = obj_id % 2
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence([seed, obj_id]).spawn(4)]
+    comps = (scenes.merger if label else scenes.non_merger)(streams[:3], knobs)
+    pristine = scenes.draw(comps)
+    return label, pristine, scenes.observe(pristine, streams[3], knobs.sb_limit)
+
+
+def _render_chunk(task: tuple[int, int, int, Knobs]) -> tuple[int, np.ndarray, np.ndarray]:
+    """Objects start .. start+count-1: (start, pristine, noisy), images stacked along the first axis."""
+    seed, start, count, knobs = task
+    pristine = np.empty((count, 3, 75, 75), dtype=np.float32)
+    noisy = np.empty_like(pristine)
+    for i in range(count):
+        _, pristine[i], noisy[i] = render_object(seed, start + i, knobs)
+    return start, pristine, noisy
+
+
+def _chunks(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
+    return [(s, min(size, hi - s)) for s in range(lo, hi, size)]
+
+
+# ----------------------------------------------------------------------------- output
+
+
+class _Staging:
+    """The output files under temporary names; renamed into place by commit(), removed on failure."""
+
+    def __init__(self, out: Path, n_objects: int, views: int):
+        self.out, self.views = out, views
+        self.partial = {name: out / f".{name}.partial" for name in OUTPUT_FILES}
+        self.renamed: list[Path] = []
+        shape = (n_objects * views, 3, 75, 75)
+        self.images = {
+            name: np.lib.format.open_memmap(self.partial[name], mode="w+", dtype=np.float32, shape=shape)
+            for name in IMAGE_FILES
+        }
+
+    def put(self, start: int, pristine: np.ndarray, noisy: np.ndarray) -> None:
+        """Write objects start.. (all their views) to their rows: row = object * views + view."""
+        rows = slice(start * self.views, (start + len(pristine)) * self.views)
+        for name, images in (("pristine_X.npy", pristine), ("noisy_X.npy", noisy)):
+            dest = self.images[name][rows].reshape(len(images), self.views, *images.shape[1:])
+            for v in range(self.views):
+                flipped = images[..., ::-1] if v >= 4 else images
+                dest[:, v] = np.rot90(flipped, k=v % 4, axes=(-2, -1))
+
+    def commit(self, labels: np.ndarray, objects: np.ndarray, meta: dict) -> None:
+        for images in self.images.values():
+            images.flush()
+        self.images.clear()
+        for name, array in (("pristine_y.npy", labels), ("noisy_y.npy", labels), ("objects.npy", objects)):
+            with open(self.partial[name], "wb") as f:  # np.save would append ".npy" to the name
+                np.save(f, array)
+        self.partial["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
+        # An older meta.json goes first, so a crash between renames leaves no complete-looking set.
+        (self.out / "meta.json").unlink(missing_ok=True)
+        for name in OUTPUT_FILES:
+            os.replace(self.partial[name], self.out / name)
+            self.renamed.append(self.out / name)
+
+    def discard(self) -> None:
+        self.images.clear()
+        for path in [*self.partial.values(), *self.renamed]:
+            path.unlink(missing_ok=True)
+
+
+def _claim_output(out: Path, overwrite: bool) -> bool:
+    """Check or create the output folder; True when this call created it."""
+    if out.exists():
+        if not out.is_dir():
+            raise DmhpcError(f"{out}: exists and is not a directory")
+        if not overwrite and any(out.iterdir()):
+            raise DmhpcError(f"{out}: not empty (pass --overwrite to replace the synth files in it)")
+        return False
+    try:
+        out.mkdir(parents=True)
+    except OSError as exc:
+        raise DmhpcError(f"{out}: cannot create directory ({exc.strerror})") from None
+    return True
+
+
+# ----------------------------------------------------------------------------- checks and meta
+
+
+def _check(n_per_class: int, seed: int, knobs: Knobs, workers: int) -> None:
+    def integer(flag, value, low):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+            raise DmhpcError(f"{flag}: must be an integer >= {low}, got {value!r}")
+
+    integer("--n-per-class", n_per_class, 1)
+    integer("--seed", seed, 0)
+    integer("--workers", workers, 1)
+    for key, value in knobs._asdict().items():
+        flag = KNOB_FLAGS[key][0]
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise DmhpcError(f"{flag}: must be a finite number, got {value!r}")
+        if key == "sb_limit" and not 18.0 <= value <= 35.0:
+            raise DmhpcError(f"{flag}: must be between 18 and 35 mag/arcsec^2, got {value}")
+        if key == "tidal_strength" and value < 0:
+            raise DmhpcError(f"{flag}: must be >= 0, got {value}")
+        if key.endswith("_fraction") and not 0.0 <= value <= 1.0:
+            raise DmhpcError(f"{flag}: must be between 0 and 1, got {value}")
+
+
+def _meta(n_per_class: int, seed: int, knobs: Knobs, views: tuple[str, ...]) -> dict:
+    import galsim
+
+    from dmhpc.data import scenes
+
+    n_objects = 2 * n_per_class
+    sigma = scenes.noise_sigma(knobs.sb_limit)
+    return {
+        "format": "dmhpc-synth",
+        "version": 1,
+        "seed": seed,
+        "n_per_class": n_per_class,
+        "augment": len(views) > 1,
+        "views": list(views),
+        "counts": {
+            "objects": n_objects,
+            "images": n_objects * len(views),
+            "per_class": {label: n_per_class * len(views) for label in CLASSES},
+        },
+        "classes": CLASSES,
+        "rows": "row = object * len(views) + view; object k is a merger (label 1) when k is odd",
+        "shape": [len(scenes.FILTERS), scenes.STAMP, scenes.STAMP],
+        "dtype": "float32",
+        "layout": "NCHW",
+        "pixel_scale_arcsec": scenes.PIXEL_SCALE,
+        "zero_point_ab": scenes.ZERO_POINT,
+        "image_unit": "10 nJy per pixel: flux = 10**(-0.4 * (AB magnitude - zero_point_ab))",
+        "filters": [
+            {
+                "name": f.name,
+                "instrument": f.instrument,
+                "wavelength_nm": f.wavelength_nm,
+                "psf": {
+                    "model": "Airy(wavelength, diameter, obscuration) convolved with Gaussian(blur)",
+                    "diameter_m": f.diameter_m,
+                    "obscuration": f.obscuration,
+                    "blur_sigma_arcsec": f.blur_arcsec,
+                    "fwhm_arcsec": round(scenes.psf_fwhm(i), 4),
+                },
+                "sky_mag_arcsec2": f.sky_mag_arcsec2,
+                "sky_per_pixel": scenes.sky_per_pixel(f),
+                "gain_counts_per_unit": scenes.gain(f, knobs.sb_limit),
+                "noise_sigma_per_pixel": sigma,
+            }
+            for i, f in enumerate(scenes.FILTERS)
+        ],
+        "noise": {
+            "sb_limit_mag_arcsec2": knobs.sb_limit,
+            "sigma_per_pixel": sigma,
+            "sigma_formula": "10**(-0.4 * (sb_limit - zero_point_ab)) * pixel_scale_arcsec**2",
+            "model": "noisy = Poisson(gain * (pristine + sky)) / gain - sky, gain = sky / sigma**2",
+        },
+        "knobs": knobs._asdict(),
+        "gsparams": {"folding_threshold": scenes.GSPARAMS.folding_threshold,
+                     "maxk_threshold": scenes.GSPARAMS.maxk_threshold},
+        "software": {"dmhpc": __version__, "galsim": galsim.__version__, "numpy": np.__version__},
+    }
+
+
+# ----------------------------------------------------------------------------- parallel rendering
+
+
+def _mpi_comm():
+    """COMM_WORLD when launched by mpiexec/srun with more than one rank, else None (mpi4py not imported)."""
+    launcher = next((v for v in _MPI_ENV if v in os.environ), None)
+    if launcher is None or (launcher != "PMIX_RANK" and os.environ[launcher] == "1"):
+        return None
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise DmhpcError(
+            f"launched under MPI ({launcher}={os.environ[launcher]}) but mpi4py is not installed;"
+            " install dmhpc[mpi] or run without mpiexec"
+        ) from None
+    return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
+
+
+def _progress(total: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="obj", desc="synth", disable=not sys.stderr.isatty())
+
+
+def _render_local(seed: int, knobs: Knobs, n_objects: int, workers: int, sink) -> None:
+    """Render every object here, in `workers` processes, handing each chunk to sink(start, pristine, noisy)."""
+    import contextlib
+    import multiprocessing
+
+    size = max(1, min(CHUNK, n_objects // (4 * workers)))
+    tasks = [(seed, start, count, knobs) for start, count in _chunks(0, n_objects, size)]
+    with _progress(n_objects) as bar, contextlib.ExitStack() as stack:
+        if workers == 1:
+            results = map(_render_chunk, tasks)
+        else:
+            # spawn: the same on Linux and macOS, and no fork of a process that may hold threads.
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
+            results = pool.imap_unordered(_render_chunk, tasks)
+        for start, pristine, noisy in results:
+            sink(start, pristine, noisy)
+            bar.update(len(pristine))
+
+
+def _render_mpi(comm, seed: int, knobs: Knobs, n_objects: int, sink) -> None:
+    """Rank r renders objects [r*n/K, (r+1)*n/K); rank 0 hands its own and everyone's chunks to sink."""
+    from mpi4py import MPI
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    lo, hi = rank * n_objects // size, (rank + 1) * n_objects // size
+    mine = _chunks(lo, hi, CHUNK)
+    if rank != 0:
+        pending = deque()
+        for start, count in mine:
+            _, pristine, noisy = _render_chunk((seed, start, count, knobs))
+            pending.append(([comm.isend((start, count), dest=0, tag=_TAG_HEAD),
+                             comm.Isend(pristine, dest=0, tag=_TAG_DATA),
+                             comm.Isend(noisy, dest=0, tag=_TAG_DATA)], pristine, noisy))
+            # Two chunks in flight: rendering goes on while rank 0 is busy, in bounded memory.
+            if len(pending) > 2:
+                MPI.Request.Waitall(pending.popleft()[0])
+        while pending:
+            MPI.Request.Waitall(pending.popleft()[0])
+        return
+
+    status = MPI.Status()
+
+    def receive(source: int) -> int:
+        start, count = comm.recv(source=source, tag=_TAG_HEAD)
+        pristine = np.empty((count, 3, 75, 75), dtype=np.float32)
+        noisy = np.empty_like(pristine)
+        comm.Recv(pristine, source=source, tag=_TAG_DATA)
+        comm.Recv(noisy, source=source, tag=_TAG_DATA)
+        sink(start, pristine, noisy)
+        return count
+
+    remote = n_objects - (hi - lo)
+    with _progress(n_objects) as bar:
+        for start, count in mine:
+            sink(*_render_chunk((seed, start, count, knobs)))
+            bar.update(count)
+            while remote and comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_HEAD, status=status):
+                got = receive(status.Get_source())
+                remote -= got
+                bar.update(got)
+        while remote:
+            comm.Probe(source=MPI.ANY_SOURCE, tag=_TAG_HEAD, status=status)
+            got = receive(status.Get_source())
+            remote -= got
+            bar.update(got)
+
+
+# ----------------------------------------------------------------------------- the library function
+
+
+def synthesize(
+    out_dir: str | os.PathLike,
+    n_per_class: int,
+    seed: int,
+    *,
+    sb_limit: float = DEFAULT_KNOBS.sb_limit,
+    tidal_strength: float = DEFAULT_KNOBS.tidal_strength,
+    neighbour_fraction: float = DEFAULT_KNOBS.neighbour_fraction,
+    minor_fraction: float = DEFAULT_KNOBS.minor_fraction,
+    triple_fraction: float = DEFAULT_KNOBS.triple_fraction,
+    augment: bool = False,
+    workers: int = 1,
+    overwrite: bool = False,
+) -> dict:
+    """Render 2 * n_per_class objects into `out_dir` and return the meta written to meta.json.
+
+    Writes pristine_X.npy and noisy_X.npy ((N, 3, 75, 75) float32, channels F814W, F356W, F160W),
+    pristine_y.npy and noisy_y.npy ((N,) int64, 1 = merger), objects.npy ((N,) int64) and meta.json.
+    With `augment` every object appears in the 8 flips/rotations of the pixel grid (N = 16 *
+    n_per_class), all sharing its object id. Refuses a non-empty `out_dir` unless `overwrite`, which
+    replaces only these files. Under mpiexec (detected from the environment) the ranks share the
+    objects and rank 0 writes; `workers` > 1 renders in that many processes instead. The bytes
+    written depend only on the arguments other than `workers` and `overwrite`.
+    """
+    knobs = Knobs(sb_limit, tidal_strength, neighbour_fraction, minor_fraction, triple_fraction)
+    _check(n_per_class, seed, knobs, workers)
+    comm = _mpi_comm()
+    if comm is not None and workers > 1:
+        raise DmhpcError(
+            f"--workers {workers}: under mpiexec every rank renders its share; use ranks or workers, not both"
+        )
+    rank = 0 if comm is None else comm.Get_rank()
+    out = Path(out_dir)
+    views = VIEWS if augment else VIEWS[:1]
+    n_objects = 2 * n_per_class
+
+    created, error = False, None
+    if rank == 0:
+        try:
+            created = _claim_output(out, overwrite)
+        except DmhpcError as exc:
+            error = str(exc)
+    if comm is not None:
+        error = comm.bcast(error, root=0)
+    if error is not None:
+        raise DmhpcError(error)
+
+    if rank != 0:
+        try:
+            _render_mpi(comm, seed, knobs, n_objects, sink=None)
+        except BaseException as exc:  # rank 0 would wait for this rank forever
+            print(f"dmhpc synth: rank {rank} failed: {exc!r}; aborting", file=sys.stderr, flush=True)
+            comm.Abort(1)
+        return _meta(n_per_class, seed, knobs, views)
+
+    staging = None
+    try:
+        meta = _meta(n_per_class, seed, knobs, views)
+        staging = _Staging(out, n_objects, len(views))
+        if comm is None:
+            _render_local(seed, knobs, n_objects, workers, staging.put)
+        else:
+            _render_mpi(comm, seed, knobs, n_objects, staging.put)
+        ids = np.arange(n_objects, dtype=np.int64)
+        objects = np.repeat(ids, len(views))
+        staging.commit(objects % 2, objects, meta)
+    except BaseException as exc:
+        if staging is not None:
+            staging.discard()
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        if comm is not None:  # the other ranks may be waiting on this one
+            print(f"dmhpc synth: rank 0 failed: {exc!r}; aborting", file=sys.stderr, flush=True)
+            comm.Abort(1)
+        if isinstance(exc, OSError):
+            raise DmhpcError(f"{exc.filename or out}: {exc.strerror or exc}") from None
+        raise
+    return meta
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def synth_arguments(parser) -> None:
+    parser.add_argument("--out", type=Path, required=True, metavar="DIR",
+                        help="output folder (created if missing; must be empty unless --overwrite)")
+    parser.add_argument("--n-per-class", type=int, default=2000, metavar="N",
+                        help="objects per class: N mergers and N non-mergers (default: 2000)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="the images are a function of the seed (default: 0)")
+    parser.add_argument("--workers", type=int, default=1, metavar="K",
+                        help="render in K processes (default: 1); the files do not depend on K")
+    parser.add_argument("--augment", action="store_true",
+                        help="store each object in all 8 flips and 90-degree rotations, sharing its object id")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the synth files of a non-empty --out (other files stay)")
+    knobs = parser.add_argument_group("difficulty knobs")
+    for key, (flag, metavar, help_text) in KNOB_FLAGS.items():
+        default = getattr(DEFAULT_KNOBS, key)
+        knobs.add_argument(flag, type=float, default=default, metavar=metavar,
+                           help=f"{help_text} (default: {default:g})")
+
+
+def synth_main(args) -> int:
+    t0 = time.perf_counter()
+    try:
+        meta = synthesize(
+            args.out, args.n_per_class, args.seed,
+            **{key: getattr(args, key) for key in Knobs._fields},
+            augment=args.augment, workers=args.workers, overwrite=args.overwrite,
+        )
+    except DmhpcError:
+        if _env_rank() != 0:
+            return 1  # rank 0 says it, once
+        raise
+    if _env_rank() == 0:
+        counts = meta["counts"]
+        print(f"dmhpc synth: {counts['images']} images per domain ({counts['objects']} objects, "
+              f"{len(meta['views'])} view(s) each) in {args.out} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _env_rank() -> int:
+    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0

@@ -1,0 +1,331 @@
+"""`dmhpc synth`: real GalSim renders, real files, real worker processes and real MPI ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dmhpc.data import synth
+from dmhpc.errors import DmhpcError
+
+N_PER_CLASS = 8
+SEED = 3
+MPI_LAUNCH_VARIABLES = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
+FILES = ("pristine_X.npy", "noisy_X.npy", "pristine_y.npy", "noisy_y.npy", "objects.npy", "meta.json")
+
+
+def _cli(*argv: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in MPI_LAUNCH_VARIABLES}
+    return subprocess.run([*launcher, sys.executable, "-m", "dmhpc", "synth", *argv],
+                          capture_output=True, text=True, env=env, timeout=300)
+
+
+def _same_files(a: Path, b: Path) -> None:
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for name in FILES:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def _load(d: Path) -> dict:
+    out = {name[:-4]: np.load(d / name) for name in FILES if name.endswith(".npy")}
+    out["meta"] = json.loads((d / "meta.json").read_text())
+    return out
+
+
+@pytest.fixture(scope="module")
+def serial(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "serial"
+    synth.synthesize(out, N_PER_CLASS, SEED)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(serial) -> dict:
+    return _load(serial)
+
+
+# ----------------------------------------------------------------------------- the files
+
+
+def test_files_shapes_dtypes_labels_objects(serial, data):
+    assert sorted(p.name for p in serial.iterdir()) == sorted(FILES)  # no temporary file left
+    n = 2 * N_PER_CLASS
+    for domain in ("pristine", "noisy"):
+        assert data[f"{domain}_X"].shape == (n, 3, 75, 75)
+        assert data[f"{domain}_X"].dtype == np.float32
+        assert np.isfinite(data[f"{domain}_X"]).all()
+        assert data[f"{domain}_y"].dtype == np.int64
+    np.testing.assert_array_equal(data["objects"], np.arange(n))
+    np.testing.assert_array_equal(data["pristine_y"], np.arange(n) % 2)
+    np.testing.assert_array_equal(data["noisy_y"], data["pristine_y"])
+    assert data["objects"].dtype == np.int64
+    assert np.bincount(data["pristine_y"]).tolist() == [N_PER_CLASS, N_PER_CLASS]
+
+
+def test_pixel_values_are_of_order_deepmerge(data):
+    pristine = data["pristine_X"]
+    means = pristine.mean(axis=(0, 2, 3))
+    assert ((means > 0.003) & (means < 0.5)).all(), means
+    # Bright, compact cores: peaks well above the mean in every image.
+    assert (pristine.max(axis=(1, 2, 3)) > 1.0).all()
+    # F814W sees rest-frame UV at z = 2: fainter than F356W (rest-frame near-IR) on average.
+    assert means[0] < means[1]
+
+
+def test_meta(data):
+    import galsim
+
+    from dmhpc.data import scenes
+
+    meta = data["meta"]
+    assert meta["seed"] == SEED and meta["n_per_class"] == N_PER_CLASS
+    assert meta["counts"] == {"objects": 16, "images": 16, "per_class": {"0": 8, "1": 8}}
+    assert [f["name"] for f in meta["filters"]] == ["F814W", "F356W", "F160W"]
+    fwhm = {f["name"]: f["psf"]["fwhm_arcsec"] for f in meta["filters"]}
+    assert 0.08 < fwhm["F814W"] < fwhm["F160W"] < 0.25  # same telescope: FWHM grows with wavelength
+    assert meta["knobs"] == {"sb_limit": 25.0, "tidal_strength": 1.0, "neighbour_fraction": 0.3,
+                             "minor_fraction": 0.3, "triple_fraction": 0.15}
+    sigma = 10 ** (-0.4 * (25.0 - meta["zero_point_ab"])) * meta["pixel_scale_arcsec"] ** 2
+    assert meta["noise"]["sigma_per_pixel"] == pytest.approx(sigma)
+    assert meta["noise"]["sigma_per_pixel"] == scenes.noise_sigma(25.0)
+    assert meta["software"]["galsim"] == galsim.__version__
+    assert meta["views"] == ["identity"] and meta["augment"] is False
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_gives_the_same_bytes(serial, tmp_path):
+    synth.synthesize(tmp_path / "again", N_PER_CLASS, SEED)
+    _same_files(serial, tmp_path / "again")
+
+
+def test_prefix_property(data, tmp_path):
+    """Objects depend on (seed, id) only: a smaller set is the first objects of a larger one."""
+    synth.synthesize(tmp_path / "small", 3, SEED)
+    small = _load(tmp_path / "small")
+    np.testing.assert_array_equal(small["pristine_X"], data["pristine_X"][:6])
+    np.testing.assert_array_equal(small["noisy_X"], data["noisy_X"][:6])
+
+
+def test_different_seed_gives_different_images(data, tmp_path):
+    synth.synthesize(tmp_path / "other", N_PER_CLASS, SEED + 1)
+    other = _load(tmp_path / "other")
+    for domain in ("pristine_X", "noisy_X"):
+        differs = [not np.array_equal(a, b) for a, b in zip(other[domain], data[domain])]
+        assert all(differs)
+
+
+def test_workers_give_the_same_bytes(serial, tmp_path):
+    out = tmp_path / "workers"
+    result = _cli("--out", str(out), "--n-per-class", str(N_PER_CLASS), "--seed", str(SEED), "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no progress bar when stderr is not a terminal
+    _same_files(serial, out)
+
+
+def _mpiexec() -> str | None:
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+@pytest.mark.mpi
+def test_mpi_ranks_give_the_same_bytes(serial, tmp_path):
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        pytest.skip("mpiexec not found next to the Python interpreter nor on PATH")
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed")
+    out = tmp_path / "mpi"
+    result = _cli("--out", str(out), "--n-per-class", str(N_PER_CLASS), "--seed", str(SEED),
+                  launcher=(mpiexec, "-n", "2"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("dmhpc synth:") == 1  # rank 0 reports, once
+    _same_files(serial, out)
+
+
+# ----------------------------------------------------------------------------- physics
+
+
+def test_noisy_is_pristine_plus_sky_and_poisson_noise(data):
+    meta = data["meta"]
+    residual = data["noisy_X"].astype(np.float64) - data["pristine_X"]
+    sigma = meta["noise"]["sigma_per_pixel"]
+    for c, f in enumerate(meta["filters"]):
+        pristine = data["pristine_X"][:, c].astype(np.float64)
+        r = residual[:, c]
+        # Sky-dominated pixels: the noise is the one set by the surface-brightness limit.
+        sky_only = pristine < 0.01 * sigma
+        assert sky_only.sum() > 10_000
+        assert r[sky_only].std() == pytest.approx(sigma, rel=0.03)
+        assert abs(r[sky_only].mean()) < 5 * sigma / np.sqrt(sky_only.sum())
+        # Everywhere: Poisson noise of source + sky, so brighter pixels are noisier.
+        z = r / np.sqrt((np.maximum(pristine, 0) + f["sky_per_pixel"]) / f["gain_counts_per_unit"])
+        assert z.std() == pytest.approx(1.0, rel=0.03)
+        bright = pristine > 10 * sigma
+        assert r[bright].std() > 1.5 * sigma
+
+
+def test_the_same_objects_in_both_domains(data):
+    """Each noisy image is its pristine twin observed: re-rendering an object gives both exactly."""
+    knobs = synth.Knobs()
+    for obj in (0, 5):
+        label, pristine, noisy = synth.render_object(SEED, obj, knobs)
+        assert label == obj % 2
+        np.testing.assert_array_equal(pristine, data["pristine_X"][obj])
+        np.testing.assert_array_equal(noisy, data["noisy_X"][obj])
+
+
+def _asymmetry(images: np.ndarray) -> np.ndarray:
+    """The CAS asymmetry about the stamp centre: sum|I - I rotated by 180 deg| / sum|I|."""
+    return np.abs(images - images[:, ::-1, ::-1]).sum(axis=(1, 2)) / np.abs(images).sum(axis=(1, 2))
+
+
+def test_mergers_are_more_asymmetric(data):
+    f160w = data["pristine_X"][:, 2]
+    a = _asymmetry(f160w)
+    y = data["pristine_y"]
+    assert a[y == 1].mean() > a[y == 0].mean() + 0.1
+
+
+def test_knobs_change_only_what_they_name(serial, data, tmp_path):
+    y = data["pristine_y"]
+    merger, single = y == 1, y == 0
+
+    synth.synthesize(tmp_path / "no-tides", N_PER_CLASS, SEED, tidal_strength=0.0)
+    no_tides = _load(tmp_path / "no-tides")
+    np.testing.assert_array_equal(no_tides["pristine_X"][single], data["pristine_X"][single])
+    features = data["pristine_X"][merger].astype(np.float64) - no_tides["pristine_X"][merger]
+    # Tidal features only add light (up to the ~1e-4 an FFT box of another size makes).
+    assert (features > -1e-3).all()
+    assert (features.max(axis=(1, 2, 3)) > 0.01).all()  # every merger has some
+    # The physics of the domain gap: at SB25, tidal features sit below the noise, cores far above.
+    sigma = data["meta"]["noise"]["sigma_per_pixel"]
+    in_features = features > 0.05 * features.max(axis=(1, 2, 3), keepdims=True)
+    assert np.median(features[in_features]) < sigma
+    assert np.median(data["pristine_X"].max(axis=(1, 2, 3))) > 10 * sigma
+
+    synth.synthesize(tmp_path / "alone", N_PER_CLASS, SEED, neighbour_fraction=0.0)
+    synth.synthesize(tmp_path / "crowded", N_PER_CLASS, SEED, neighbour_fraction=1.0)
+    alone, crowded = _load(tmp_path / "alone"), _load(tmp_path / "crowded")
+    np.testing.assert_array_equal(alone["pristine_X"][merger], data["pristine_X"][merger])
+    np.testing.assert_array_equal(crowded["pristine_X"][merger], data["pristine_X"][merger])
+    added = crowded["pristine_X"][single].astype(np.float64) - alone["pristine_X"][single]
+    assert (added > -1e-3).all() and (added.max(axis=(1, 2, 3)) > 0.1).all()  # a neighbour in every stamp
+
+    synth.synthesize(tmp_path / "shallow", N_PER_CLASS, SEED, sb_limit=23.0)
+    shallow = _load(tmp_path / "shallow")
+    np.testing.assert_array_equal(shallow["pristine_X"], data["pristine_X"])
+    sky = data["pristine_X"] < 1e-3
+    noise_23 = (shallow["noisy_X"][sky] - shallow["pristine_X"][sky]).std()
+    noise_25 = (data["noisy_X"][sky] - data["pristine_X"][sky]).std()
+    assert noise_23 / noise_25 == pytest.approx(10 ** 0.8, rel=0.03)  # a limit 2 mag brighter: 10**0.8 = 6.3 times the noise
+
+
+def test_augment_stores_the_8_flips_and_rotations(data, tmp_path):
+    meta = synth.synthesize(tmp_path / "aug", 2, SEED, augment=True)
+    aug = _load(tmp_path / "aug")
+    assert meta["counts"]["images"] == 32 and len(meta["views"]) == 8
+    assert aug["pristine_X"].shape == (32, 3, 75, 75)
+    np.testing.assert_array_equal(aug["objects"], np.repeat(np.arange(4), 8))
+    np.testing.assert_array_equal(aug["pristine_y"], np.repeat(np.arange(4) % 2, 8))
+    for domain in ("pristine_X", "noisy_X"):
+        for obj in range(4):
+            views = aug[domain][obj * 8:(obj + 1) * 8]
+            base = data[domain][obj]  # view 0 is the un-augmented image
+            expected = [np.rot90(base[..., ::-1] if v >= 4 else base, k=v % 4, axes=(1, 2)) for v in range(8)]
+            for v in range(8):
+                np.testing.assert_array_equal(views[v], expected[v])
+            flat = {views[v].tobytes() for v in range(8)}
+            assert len(flat) == 8  # eight different images of one object
+
+
+# ----------------------------------------------------------------------------- command line and errors
+
+
+def test_help_shows_an_example():
+    result = _cli("--help")
+    assert result.returncode == 0
+    assert "example:" in result.stdout and "dmhpc synth --out" in result.stdout
+    for flag in ("--sb-limit", "--tidal-strength", "--neighbour-fraction", "--minor-fraction", "--triple-fraction",
+                 "--workers", "--augment", "--overwrite"):
+        assert flag in result.stdout
+
+
+def _one_line_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("dmhpc synth: error: ")
+    for word in words:
+        assert word in lines[0]
+
+
+def test_refuses_a_non_empty_output_folder(tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = _cli("--out", str(out), "--n-per-class", "2")
+    _one_line_error(result, str(out), "not empty", "--overwrite")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--n-per-class", "0"], ["--n-per-class", "0"]),
+    (["--n-per-class", "-3"], ["--n-per-class", "-3"]),
+    (["--seed", "-1"], ["--seed"]),
+    (["--workers", "0"], ["--workers"]),
+    (["--neighbour-fraction", "1.5"], ["--neighbour-fraction", "between 0 and 1"]),
+    (["--sb-limit", "nan"], ["--sb-limit", "finite"]),
+    (["--tidal-strength", "-1"], ["--tidal-strength"]),
+])
+def test_bad_arguments_exit_1_and_write_nothing(tmp_path, argv, words):
+    out = tmp_path / "never"
+    _one_line_error(_cli("--out", str(out), *argv), *words)
+    assert not out.exists()
+
+
+def test_output_that_is_a_file(tmp_path):
+    out = tmp_path / "file"
+    out.write_text("x")
+    _one_line_error(_cli("--out", str(out), "--n-per-class", "1"), "not a directory")
+    assert out.read_text() == "x"
+
+
+def test_overwrite_replaces_only_synth_files(serial, tmp_path):
+    out = tmp_path / "re"
+    synth.synthesize(out, 1, SEED + 7)
+    (out / "shards").mkdir()  # what `dmhpc prepare` puts next to the .npy files
+    result = _cli("--out", str(out), "--n-per-class", str(N_PER_CLASS), "--seed", str(SEED), "--overwrite")
+    assert result.returncode == 0, result.stderr
+    assert (out / "shards").is_dir()
+    for name in FILES:
+        assert (out / name).read_bytes() == (serial / name).read_bytes(), name
+
+
+def test_a_failure_mid_run_leaves_nothing_behind(tmp_path, monkeypatch):
+    calls = []
+
+    def failing(seed, obj_id, knobs):
+        calls.append(obj_id)
+        if len(calls) > 3:
+            raise DmhpcError("disk on fire")
+        return 0, np.zeros((3, 75, 75), np.float32), np.zeros((3, 75, 75), np.float32)
+
+    monkeypatch.setattr(synth, "render_object", failing)
+    with pytest.raises(DmhpcError, match="disk on fire"):
+        synth.synthesize(tmp_path / "new", 4, SEED)
+    assert not (tmp_path / "new").exists()
+
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    calls.clear()
+    with pytest.raises(DmhpcError):
+        synth.synthesize(existing, 4, SEED)
+    assert list(existing.iterdir()) == []
