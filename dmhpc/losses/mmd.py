@@ -1,0 +1,196 @@
+"""Maximum mean discrepancy with a sum of Gaussian kernels (DeepMerge II's transfer loss).
+
+Kernel convention kept from the original: k(x, y) = sum over sigma of exp(-||x - y||^2 / (2 sigma)),
+so each sigma acts as a *variance* (the bandwidth is sqrt(sigma)).
+
+Numerics: squared distances come from the Gram matrix of the features centred on their common
+mean, with the squared norms read off the Gram diagonal. Centring removes the cancellation of
+||x||^2 + ||y||^2 - 2 x.y for features with large norms, and taking the norms from the same
+matmul makes every self-distance exactly zero, which the kernels with tiny sigma need (a
+separately computed norm leaves ~1e-3 on the diagonal and exp(-1e-3 / 2e-6) = 0 instead of 1:
+the 4-6 % float32 error of the textbook expansion). A custom backward keeps only the distance
+matrices, so memory does not grow with the number of kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dmhpc.errors import DmhpcError
+from dmhpc.losses.collective import all_gather_rows, is_global
+from dmhpc.losses.precision import full_precision, upcast
+
+DEEPMERGE_SIGMAS: tuple[float, ...] = (
+    1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1, 5, 10, 15, 20, 25, 30, 35, 100, 1e3, 1e4, 1e5, 1e6,
+)  # fmt: skip
+"""The original's 19 kernel variances (sigma enters as exp(-d^2 / (2 sigma)))."""
+
+MEDIAN_SCALES: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
+"""With sigmas="median": sigma = scale * (lower median of the pairwise squared distances)."""
+
+MAX_SAMPLES = 16384
+"""Default cap on the rows (source + target, all ranks) one MMD may hold; see docs/losses.md."""
+
+
+def mmd(
+    fs: torch.Tensor,
+    ft: torch.Tensor,
+    sigmas: Sequence[float] | str = DEEPMERGE_SIGMAS,
+    unbiased: bool = False,
+    scope: str = "global",
+    clamp: float | None = None,
+    max_samples: int = MAX_SAMPLES,
+) -> torch.Tensor:
+    """Squared MMD between source features `fs` (n, d) and target features `ft` (m, d).
+
+    sigmas: kernel variances (exp(-d^2 / (2 sigma))), default the original's 19; or "median":
+        sigma = MEDIAN_SCALES * lower median of all pairwise squared distances of the pooled
+        (global) batch, detached, so identical on every rank.
+    unbiased: False = V-statistic (means include the diagonal, >= 0, as the original);
+        True = U-statistic (diagonals dropped, n(n-1) and m(m-1) normalisers; can be negative).
+    scope: "global" = the MMD of the batch gathered from all ranks (exact under DDP, the same
+        value on every rank); "local" = this rank's batch only. Without torch.distributed both
+        are the local batch.
+    clamp: if set, return max(mmd, clamp) like the original (1e-4), which zeroes the gradient
+        whenever the estimate is below it; None (default) leaves the estimate alone.
+    max_samples: refuse (DmhpcError) a global batch of more rows than this, because memory grows
+        as the square of it.
+
+    Computes in float32 at least, outside autocast. Returns a 0-d tensor.
+    """
+    if fs.ndim != 2 or ft.ndim != 2 or fs.shape[1] != ft.shape[1]:
+        raise DmhpcError(
+            f"mmd: features must be (n, d) and (m, d) with the same d; got {tuple(fs.shape)} and {tuple(ft.shape)}"
+        )
+    coeffs = None if isinstance(sigmas, str) and sigmas == "median" else _kernel_coeffs(sigmas)
+    with full_precision(fs.device):
+        fs, ft = upcast(fs, ft)
+        if is_global(scope):
+            fs, ft = all_gather_rows(fs, ft)
+        n, m = fs.shape[0], ft.shape[0]
+        where = "the global batch (all ranks)" if is_global(scope) else "the batch"
+        if min(n, m) < (2 if unbiased else 1):
+            raise DmhpcError(
+                f"mmd: {where} has {n} source and {m} target rows; the "
+                f"{'unbiased' if unbiased else 'biased'} estimator needs at least {2 if unbiased else 1} of each"
+            )
+        if n + m > max_samples:
+            gib = 2.5 * (n + m) ** 2 * fs.element_size() / 2**30  # measured, see docs/losses.md
+            raise DmhpcError(
+                f"mmd: {where} has {n + m} rows (source + target) and max_samples is {max_samples}; "
+                f"its pairwise kernel matrices would need about {gib:.1f} GiB. Use scope='local' "
+                "(per-rank MMD), smaller per-rank batches, or a larger max_samples if the memory is there"
+            )
+        centre = torch.cat([fs, ft]).detach().mean(dim=0)
+        ys, yt = fs - centre, ft - centre
+        with torch.no_grad():
+            dss, dtt, dst = _squared_distances(ys, yt)
+            if coeffs is None:
+                coeffs = 1.0 / (2.0 * _median_sigmas(dss, dtt, dst))
+            else:
+                coeffs = coeffs.to(device=ys.device, dtype=ys.dtype)
+            if unbiased:
+                dss.fill_diagonal_(float("inf"))
+                dtt.fill_diagonal_(float("inf"))
+        value = _KernelMMD.apply(ys, yt, dss, dtt, dst, coeffs, unbiased)
+    if clamp is not None:
+        value = value.clamp_min(clamp)
+    return value
+
+
+def _kernel_coeffs(sigmas: Sequence[float] | str) -> torch.Tensor:
+    """1 / (2 sigma), validated in Python (no tensor-to-bool conversion for torch.compile to trip on)."""
+    try:
+        values = [float(s) for s in sigmas] if not isinstance(sigmas, str) else []
+    except (TypeError, ValueError):
+        values = []
+    if not values or not all(v > 0 for v in values):
+        raise DmhpcError(f"mmd: sigmas must be a non-empty list of positive numbers or 'median'; got {sigmas!r}")
+    return torch.tensor([1.0 / (2.0 * v) for v in values], dtype=torch.float64)
+
+
+def _squared_distances(ys: torch.Tensor, yt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    gss, gtt, gst = ys @ ys.T, yt @ yt.T, ys @ yt.T
+    ns, nt = gss.diagonal().clone(), gtt.diagonal().clone()
+    # In place on the Gram blocks (memory is the limit for a global batch). a + a - 2a is exactly
+    # 0 in floating point, so self-distances are exact zeros.
+    dss = gss.mul_(-2).add_(ns[:, None]).add_(ns[None, :]).clamp_min_(0)
+    dtt = gtt.mul_(-2).add_(nt[:, None]).add_(nt[None, :]).clamp_min_(0)
+    dst = gst.mul_(-2).add_(ns[:, None]).add_(nt[None, :]).clamp_min_(0)
+    return dss, dtt, dst
+
+
+def _median_sigmas(dss: torch.Tensor, dtt: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """MEDIAN_SCALES times the lower median of the squared distances over distinct pairs."""
+    upper_s = torch.ones_like(dss, dtype=torch.bool).triu_(1)
+    upper_t = torch.ones_like(dtt, dtype=torch.bool).triu_(1)
+    pairs = torch.cat([dss[upper_s], dtt[upper_t], dst.flatten()])
+    median = pairs.median()
+    scales = torch.tensor(MEDIAN_SCALES, dtype=dss.dtype, device=dss.device)
+    # All points identical: keep the kernels finite (every one is then 1 on every pair).
+    return (median * scales).clamp_min(torch.finfo(dss.dtype).tiny)
+
+
+def _block_weights(n: int, m: int, unbiased: bool) -> tuple[float, float, float]:
+    """Weights of sum(K_ss), sum(K_tt), sum(K_st) in the estimator (K_ts folded into K_st)."""
+    if unbiased:
+        return 1.0 / (n * (n - 1)), 1.0 / (m * (m - 1)), -2.0 / (n * m)
+    return 1.0 / n**2, 1.0 / m**2, -2.0 / (n * m)
+
+
+_CHUNK = 1 << 22
+"""Elements per (pairs x kernels) temporary; larger problems loop over groups of kernels."""
+
+
+def _kernel_terms(d: torch.Tensor, coeffs: torch.Tensor):
+    """Yield (exp(-c_k d_ij) over a group of kernels, as (..., k), and that group's c_k)."""
+    per = max(1, _CHUNK // max(1, d.numel()))
+    for i in range(0, coeffs.numel(), per):
+        c = coeffs[i : i + per]
+        yield torch.exp_(d.unsqueeze(-1) * -c), c
+
+
+def _kernel_sum(d: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """sum_ij sum_k exp(-c_k d_ij)."""
+    return sum(terms.sum() for terms, _ in _kernel_terms(d, coeffs))
+
+
+def _kernel_slope(d: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """d/dd_ij of sum_k exp(-c_k d_ij) = -sum_k c_k exp(-c_k d_ij)."""
+    return sum(terms @ -c for terms, c in _kernel_terms(d, coeffs))
+
+
+class _KernelMMD(torch.autograd.Function):
+    """The estimator from precomputed squared distances, with the gradient to the centred rows.
+
+    All kernels of a block are evaluated in one broadcast exp (a few large operations rather
+    than one small one per kernel). Only the distance blocks are kept for backward, where the
+    kernels are recomputed, instead of autograd's saved matrix per kernel. The unbiased
+    estimator arrives with +inf on the self-block diagonals, whose kernels are then 0.
+    """
+
+    @staticmethod
+    def forward(ctx, ys, yt, dss, dtt, dst, coeffs, unbiased):
+        wss, wtt, wst = _block_weights(ys.shape[0], yt.shape[0], unbiased)
+        value = wss * _kernel_sum(dss, coeffs) + wtt * _kernel_sum(dtt, coeffs) + wst * _kernel_sum(dst, coeffs)
+        ctx.save_for_backward(ys, yt, dss, dtt, dst, coeffs)
+        ctx.unbiased = unbiased
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        ys, yt, dss, dtt, dst, coeffs = ctx.saved_tensors
+        wss, wtt, wst = _block_weights(ys.shape[0], yt.shape[0], ctx.unbiased)
+        with full_precision(ys.device):
+            # d d_ij / d y_i = 2 (y_i - y_j); self blocks count each pair from both ends. Pairs at
+            # distance 0 (the diagonal, duplicates) contribute exactly 0, but their slope is huge
+            # for the tiny sigmas (sum 1/(2 sigma) ~ 5e5) and would leave rounding noise of that
+            # size in sum_j p_ij y_i - sum_j p_ij y_j, so they are dropped.
+            pss = _kernel_slope(dss, coeffs).mul_(4 * wss).masked_fill_(dss == 0, 0)
+            ptt = _kernel_slope(dtt, coeffs).mul_(4 * wtt).masked_fill_(dtt == 0, 0)
+            pst = _kernel_slope(dst, coeffs).mul_(2 * wst).masked_fill_(dst == 0, 0)
+            gs = (pss.sum(1) + pst.sum(1))[:, None] * ys - pss @ ys - pst @ yt
+            gt = (ptt.sum(1) + pst.sum(0))[:, None] * yt - ptt @ yt - pst.T @ ys
+        return grad * gs, grad * gt, None, None, None, None, None

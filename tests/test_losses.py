@@ -1,0 +1,384 @@
+"""Single-process tests of dmhpc.losses against independent float64 NumPy references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dmhpc.errors import DmhpcError
+from dmhpc.losses import (
+    DEEPMERGE_SIGMAS,
+    MEDIAN_SCALES,
+    FisherLoss,
+    GradientReversal,
+    coral,
+    dann_loss,
+    entropy,
+    grl_coefficient,
+    mmd,
+)
+
+# ---------------------------------------------------------------- references (NumPy, float64, loops)
+
+
+def ref_mmd(x: np.ndarray, y: np.ndarray, sigmas, unbiased: bool) -> float:
+    def sqdist(a, b):
+        return np.array([((row - b) ** 2).sum(axis=1) for row in a])
+
+    def kernel(d):
+        return sum(np.exp(-d / (2.0 * s)) for s in sigmas)
+
+    kxx, kyy, kxy = kernel(sqdist(x, x)), kernel(sqdist(y, y)), kernel(sqdist(x, y))
+    n, m = len(x), len(y)
+    if unbiased:
+        return (kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
+    return kxx.mean() + kyy.mean() - 2 * kxy.mean()
+
+
+def ref_median_sigmas(x: np.ndarray, y: np.ndarray) -> list[float]:
+    z = np.concatenate([x, y])
+    pairs = [((z[i] - z[j]) ** 2).sum() for i in range(len(z)) for j in range(i + 1, len(z))]
+    lower_median = np.sort(pairs)[(len(pairs) - 1) // 2]
+    return [float(lower_median * s) for s in MEDIAN_SCALES]
+
+
+def ref_coral(x: np.ndarray, y: np.ndarray) -> float:
+    d = x.shape[1]
+    return float(((np.cov(x, rowvar=False) - np.cov(y, rowvar=False)) ** 2).sum() / (4 * d * d))
+
+
+def ref_entropy(logits: np.ndarray) -> float:
+    total = 0.0
+    for row in logits:
+        logp = row - row.max() - math.log(np.exp(row - row.max()).sum())
+        total -= (np.exp(logp) * logp).sum()
+    return total / len(logits)
+
+
+def ref_dann(zs: np.ndarray, zt: np.ndarray) -> float:
+    # -log sigmoid(z) = softplus(-z); -log(1 - sigmoid(z)) = softplus(z)
+    softplus = lambda v: np.logaddexp(0.0, v)  # noqa: E731
+    return float((softplus(-zs).sum() + softplus(zt).sum()) / (len(zs) + len(zt)))
+
+
+def ref_fisher(x, labels, centres, form, wi, we, normalize):
+    intra = sum(((x[i] - centres[labels[i]]) ** 2).sum() for i in range(len(x)))
+    if normalize == "mean":
+        intra /= len(x)
+    mean_centre = centres.mean(axis=0)
+    inter = sum(((c - mean_centre) ** 2).sum() for c in centres)
+    loss = wi * intra / (we * inter) if form == "tr" else wi * intra - we * inter
+    return loss, intra, inter
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def realistic_features(seed: int = 0, n: int = 128, d: int = 2592) -> tuple[np.ndarray, np.ndarray]:
+    """ReLU-like non-negative features, norms ~15-70, a shared mean profile, target shifted."""
+    rng = np.random.default_rng(seed)
+    profile = rng.uniform(0.0, 1.0, d)
+    xs = np.maximum(profile + 0.5 * rng.standard_normal((n, d)), 0) * rng.uniform(0.5, 2.0, (n, 1))
+    xt = np.maximum(profile + 0.15 + 0.5 * rng.standard_normal((n, d)), 0) * rng.uniform(0.5, 2.0, (n, 1))
+    return xs, xt
+
+
+@pytest.fixture(scope="module")
+def realistic():
+    xs, xt = realistic_features()
+    norms = np.linalg.norm(xs, axis=1)
+    assert 10 < norms.min() and norms.max() < 100
+    return xs, xt
+
+
+def small(seed: int, n: int, d: int, scale: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (scale * torch.randn(n, d, generator=g, dtype=torch.float64)).requires_grad_()
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+# ---------------------------------------------------------------- MMD
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_mmd_matches_reference_float64_and_float32(realistic, unbiased):
+    xs, xt = realistic
+    expected = ref_mmd(xs, xt, DEEPMERGE_SIGMAS, unbiased)
+    assert expected > 1e-3  # the offset is visible, so a relative tolerance means something
+    got64 = mmd(torch.from_numpy(xs), torch.from_numpy(xt), unbiased=unbiased).item()
+    got32 = mmd(torch.from_numpy(xs).float(), torch.from_numpy(xt).float(), unbiased=unbiased).item()
+    assert rel(got64, expected) < 1e-6
+    assert rel(got32, expected) < 1e-3
+
+
+def test_mmd_textbook_expansion_would_fail_this_test(realistic):
+    """The test above can fail: ||x||^2 + ||y||^2 - 2 x.y in float32 misses it by percents."""
+    xs, xt = (torch.from_numpy(a).float() for a in realistic)
+    z = torch.cat([xs, xt])
+    sq = (z * z).sum(1)
+    d = (sq[:, None] + sq[None, :] - 2 * z @ z.T).clamp_min(0).double()
+    k = sum(torch.exp(-d / (2 * s)) for s in DEEPMERGE_SIGMAS)
+    n = len(xs)
+    naive = (k[:n, :n].mean() + k[n:, n:].mean() - 2 * k[:n, n:].mean()).item()
+    assert rel(naive, ref_mmd(*realistic, DEEPMERGE_SIGMAS, False)) > 1e-2
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_mmd_float32_gradient_matches_float64(realistic, unbiased):
+    grads = {}
+    for dtype in (torch.float64, torch.float32):
+        xs, xt = (torch.from_numpy(a).to(dtype).requires_grad_() for a in realistic)
+        mmd(xs, xt, unbiased=unbiased).backward()
+        grads[dtype] = torch.cat([xs.grad, xt.grad]).double()
+    g64, g32 = grads[torch.float64], grads[torch.float32]
+    assert g64.norm() > 0
+    assert ((g32 - g64).norm() / g64.norm()).item() < 1e-3
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+@pytest.mark.parametrize("sigmas", [DEEPMERGE_SIGMAS, (0.5, 2.0)])
+def test_mmd_small_reference_and_gradcheck(unbiased, sigmas):
+    xs, xt = small(1, 5, 3, scale=2.0), small(2, 4, 3, scale=2.0)
+    expected = ref_mmd(xs.detach().numpy(), xt.detach().numpy(), sigmas, unbiased)
+    assert rel(mmd(xs, xt, sigmas=sigmas, unbiased=unbiased).item(), expected) < 1e-10
+    assert torch.autograd.gradcheck(lambda a, b: mmd(a, b, sigmas=sigmas, unbiased=unbiased), (xs, xt))
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_mmd_median_bandwidth_is_the_detached_lower_median(unbiased):
+    xs, xt = small(3, 6, 4), small(4, 5, 4)
+    sigmas = ref_median_sigmas(xs.detach().numpy(), xt.detach().numpy())
+    median = mmd(xs, xt, sigmas="median", unbiased=unbiased)
+    (g_median_s, g_median_t) = torch.autograd.grad(median, (xs, xt))
+    fixed = mmd(xs, xt, sigmas=sigmas, unbiased=unbiased)
+    (g_fixed_s, g_fixed_t) = torch.autograd.grad(fixed, (xs, xt))
+    assert rel(median.item(), fixed.item()) < 1e-12
+    torch.testing.assert_close(g_median_s, g_fixed_s, rtol=1e-10, atol=0)
+    torch.testing.assert_close(g_median_t, g_fixed_t, rtol=1e-10, atol=0)
+
+
+def test_mmd_of_a_sample_with_itself_is_zero_and_not_clamped_by_default():
+    x = small(5, 8, 3)
+    assert abs(mmd(x, x.detach().clone()).item()) < 1e-12
+    y = (x.detach() + 1e-6).requires_grad_()
+    value = mmd(x, y)
+    assert 0 < value.item() < 1e-4
+    (g,) = torch.autograd.grad(value, x)
+    assert g.abs().max() > 0  # the original's clamp at 1e-4 would give exactly zero here
+
+
+def test_mmd_clamp_option_reproduces_the_original_floor():
+    x = small(5, 8, 3)
+    y = (x.detach() + 1e-6).requires_grad_()
+    value = mmd(x, y, clamp=1e-4)
+    assert value.item() == pytest.approx(1e-4)
+    (g,) = torch.autograd.grad(value, x)
+    assert g.abs().max() == 0
+
+
+def test_mmd_guards_its_memory_with_a_message_that_says_how_to_fix_it():
+    x, y = torch.randn(8, 3), torch.randn(8, 3)
+    with pytest.raises(DmhpcError, match="scope='local'") as err:
+        mmd(x, y, max_samples=15)
+    assert "16 rows" in str(err.value)
+    mmd(x, y, max_samples=16)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: mmd(torch.randn(4, 3), torch.randn(4, 2)), "same d"),
+        (lambda: mmd(torch.randn(4, 3), torch.randn(4, 3), sigmas="mean"), "median"),
+        (lambda: mmd(torch.randn(4, 3), torch.randn(4, 3), sigmas=[1.0, -1.0]), "positive"),
+        (lambda: mmd(torch.randn(1, 3), torch.randn(4, 3), unbiased=True), "at least 2"),
+        (lambda: mmd(torch.randn(4, 3), torch.randn(4, 3), scope="world"), "scope"),
+        (lambda: coral(torch.randn(1, 3), torch.randn(4, 3)), "at least 2"),
+        (lambda: entropy(torch.randn(4)), "logits"),
+        (lambda: dann_loss(torch.randn(4, 2), torch.randn(4)), r"\(N,\)"),
+        (lambda: FisherLoss(2, 3, form="tr", inter_weight=0.0), "inter_weight"),
+        (lambda: FisherLoss(2, 3, form="ratio"), "form"),
+        (lambda: FisherLoss(2, 3, normalize="max"), "normalize"),
+        (lambda: FisherLoss(2, 3)(torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), "feats"),
+        (lambda: grl_coefficient(1, 10, schedule="linear"), "schedule"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(call, match):
+    with pytest.raises(DmhpcError, match=match):
+        call()
+
+
+# ---------------------------------------------------------------- CORAL, entropy, DANN
+
+
+def test_coral_matches_reference(realistic):
+    xs, xt = realistic
+    expected = ref_coral(xs, xt)
+    assert rel(coral(torch.from_numpy(xs), torch.from_numpy(xt)).item(), expected) < 1e-6
+    assert rel(coral(torch.from_numpy(xs).float(), torch.from_numpy(xt).float()).item(), expected) < 1e-3
+
+
+def test_coral_gradcheck():
+    xs, xt = small(6, 6, 3, scale=3.0), small(7, 5, 3)
+    assert rel(coral(xs, xt).item(), ref_coral(xs.detach().numpy(), xt.detach().numpy())) < 1e-12
+    assert torch.autograd.gradcheck(coral, (xs, xt))
+
+
+def test_entropy_matches_reference_and_gradcheck():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((256, 2)) * 5 + 100  # large logits: no overflow, no masking
+    expected = ref_entropy(logits)
+    assert rel(entropy(torch.from_numpy(logits)).item(), expected) < 1e-10
+    assert rel(entropy(torch.from_numpy(logits).float()).item(), expected) < 1e-3
+    assert torch.autograd.gradcheck(entropy, (small(8, 6, 3),))
+
+
+def test_entropy_of_certain_predictions_is_zero_with_finite_gradient():
+    logits = torch.tensor([[200.0, -200.0], [-300.0, 300.0]], requires_grad=True)
+    value = entropy(logits)
+    value.backward()
+    assert value.item() == 0.0 and torch.isfinite(logits.grad).all()
+
+
+def test_dann_loss_matches_reference_and_gradcheck():
+    rng = np.random.default_rng(1)
+    zs, zt = rng.standard_normal(128) * 30, rng.standard_normal(100) * 30 - 5  # saturating logits
+    expected = ref_dann(zs, zt)
+    assert rel(dann_loss(torch.from_numpy(zs), torch.from_numpy(zt)).item(), expected) < 1e-10
+    got32 = dann_loss(torch.from_numpy(zs).float()[:, None], torch.from_numpy(zt).float()).item()
+    assert rel(got32, expected) < 1e-3
+    zs_small, zt_small = small(9, 5, 1), small(10, 3, 1)
+    assert torch.autograd.gradcheck(dann_loss, (zs_small, zt_small))
+
+
+# ---------------------------------------------------------------- Fisher
+
+
+@pytest.mark.parametrize("form", ["tr", "td"])
+@pytest.mark.parametrize("normalize", ["sum", "mean"])
+def test_fisher_matches_reference(realistic, form, normalize):
+    xs, _ = realistic
+    labels = np.random.default_rng(2).integers(0, 2, len(xs))
+    for dtype, tol in ((torch.float64, 1e-6), (torch.float32, 1e-3)):
+        loss_fn = FisherLoss(2, xs.shape[1], form=form, intra_weight=0.01, inter_weight=1.0, normalize=normalize).to(dtype)
+        expected = ref_fisher(xs, labels, loss_fn.centres.detach().double().numpy(), form, 0.01, 1.0, normalize)
+        got = loss_fn(torch.from_numpy(xs).to(dtype), torch.from_numpy(labels))
+        for g, e in zip(got, expected):
+            assert rel(g.item(), e) < tol
+
+
+@pytest.mark.parametrize("form", ["tr", "td"])
+@pytest.mark.parametrize("normalize", ["sum", "mean"])
+def test_fisher_gradcheck_features_and_centres(form, normalize):
+    loss_fn = FisherLoss(3, 4, form=form, intra_weight=0.5, inter_weight=2.0, normalize=normalize).double()
+    labels = torch.tensor([0, 2, 1, 2, 2, 0])
+    centres = loss_fn.centres.detach().clone().requires_grad_()
+
+    def loss(x, c):
+        return torch.func.functional_call(loss_fn, {"centres": c}, (x, labels))[0]
+
+    assert torch.autograd.gradcheck(loss, (small(11, 6, 4), centres))
+
+
+def test_fisher_centres_come_from_their_own_seeded_generator():
+    state = torch.get_rng_state()
+    a, b, c = FisherLoss(2, 16, seed=3), FisherLoss(2, 16, seed=3), FisherLoss(2, 16, seed=4)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG (and so the data split) is untouched
+    assert torch.equal(a.centres, b.centres) and not torch.equal(a.centres, c.centres)
+
+
+# ---------------------------------------------------------------- gradient reversal
+
+
+def test_grl_schedule_values_are_a_function_of_the_step():
+    assert grl_coefficient(0, 1000) == 0.0
+    assert grl_coefficient(1000, 1000) == pytest.approx(2 / (1 + math.exp(-10)) - 1)
+    assert 0.9999 < grl_coefficient(1000, 1000) < 1.0
+    assert grl_coefficient(500, 1000) == pytest.approx(2 / (1 + math.exp(-5)) - 1)
+    assert grl_coefficient(500, 1000, high=0.1) == pytest.approx(0.1 * (2 / (1 + math.exp(-5)) - 1))
+    assert grl_coefficient(250, 1000, alpha=4.0) == pytest.approx(2 / (1 + math.exp(-1)) - 1)
+    assert grl_coefficient(7, 1000) == grl_coefficient(7, 1000)  # no hidden counter
+    values = [grl_coefficient(s, 100) for s in range(101)]
+    assert values == sorted(values)
+    assert grl_coefficient(5, 100, schedule="constant") == 1.0
+    assert grl_coefficient(5, 100, schedule="constant", high=0.3) == 0.3
+
+
+def test_gradient_reversal_is_identity_forward_and_minus_lambda_backward():
+    x = small(12, 4, 3)
+    upstream = torch.randn(4, 3, dtype=torch.float64)
+    y = GradientReversal()(x, 0.7)
+    assert torch.equal(y, x)
+    y.backward(upstream)
+    torch.testing.assert_close(x.grad, -0.7 * upstream, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- precision and scope
+
+
+def test_losses_compute_in_float32_under_bf16_autocast_and_restore_matmul_precision():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8)
+    xs, xt = torch.randn(12, 16), torch.randn(10, 16) + 0.5
+    labels = torch.randint(0, 2, (12,))
+    fisher = FisherLoss(2, 8)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fs, ft = layer(xs), layer(xt)
+            assert fs.dtype == torch.bfloat16
+            values = {
+                "mmd": mmd(fs, ft),
+                "mmd_median": mmd(fs, ft, sigmas="median", unbiased=True),
+                "coral": coral(fs, ft),
+                "entropy": entropy(fs),
+                "dann": dann_loss(fs[:, 0], ft[:, 0]),
+                "fisher": fisher(fs, labels)[0],
+            }
+        assert torch.get_float32_matmul_precision() == "medium"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    fs32, ft32 = fs.float(), ft.float()  # the same bf16 values, upcast: the results must agree exactly
+    expected = {
+        "mmd": mmd(fs32, ft32),
+        "mmd_median": mmd(fs32, ft32, sigmas="median", unbiased=True),
+        "coral": coral(fs32, ft32),
+        "entropy": entropy(fs32),
+        "dann": dann_loss(fs32[:, 0], ft32[:, 0]),
+        "fisher": fisher(fs32, labels)[0],
+    }
+    for name, value in values.items():
+        assert value.dtype == torch.float32, name
+        assert value.item() == pytest.approx(expected[name].item(), rel=1e-6), name
+    sum(values.values()).backward()
+    assert torch.isfinite(layer.weight.grad).all()
+
+
+def test_global_scope_without_a_process_group_is_the_local_batch():
+    xs, xt = small(13, 6, 3), small(14, 5, 3)
+    assert mmd(xs, xt, scope="global").item() == mmd(xs, xt, scope="local").item()
+    assert coral(xs, xt, scope="global").item() == coral(xs, xt, scope="local").item()
+    assert entropy(xs, scope="global").item() == entropy(xs, scope="local").item()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_losses_stay_accurate_with_tf32_matmuls_enabled(realistic):
+    xs, xt = realistic
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")  # TF32, as many trainers set it for speed
+    try:
+        fs, ft = (torch.from_numpy(a).float().cuda() for a in realistic)
+        got_mmd = mmd(fs, ft).item()
+        got_coral = coral(fs, ft).item()
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert rel(got_mmd, ref_mmd(xs, xt, DEEPMERGE_SIGMAS, False)) < 1e-3
+    assert rel(got_coral, ref_coral(xs, xt)) < 1e-3
