@@ -43,12 +43,11 @@ import torch
 import torch.distributed as dist
 
 from dmhpc.errors import DmhpcError
+from dmhpc.mpi import RANK_VARS, SIZE_VARS
 
 SLURM_PORT_BASE = 20000
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # (rank, world size, local rank) variables of the MPI launchers, most specific first.
-_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "PALS_RANKID")
-_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PALS_SIZE")
 
 
 @dataclass(frozen=True)
@@ -129,10 +128,10 @@ def first_host(nodelist: str, env: Mapping[str, str]) -> str:
 
 
 def _mpi_launch(env: Mapping[str, str]) -> Launch | None:
-    rank_var = next((v for v in _MPI_RANK_VARS if v in env), None)
+    rank_var = next((v for v in RANK_VARS if v in env), None)
     if rank_var is None:
         return None
-    size_var = next((v for v in _MPI_SIZE_VARS if v in env), None)
+    size_var = next((v for v in SIZE_VARS if v in env), None)
     return Launch("mpi", _int(env, rank_var), 0, _int(env, size_var) if size_var else 0)
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from dmhpc import __version__
 from dmhpc.errors import DmhpcError
+from dmhpc.mpi import launched_rank, world_comm
 
 IMAGE_FILES = ("pristine_X.npy", "noisy_X.npy")
 OUTPUT_FILES = IMAGE_FILES + ("pristine_y.npy", "noisy_y.npy", "objects.npy", "meta.json")
@@ -34,7 +35,6 @@ CLASSES = {"0": "non-merger", "1": "merger"}
 VIEWS = ("identity", "rot90", "rot180", "rot270", "flip", "flip+rot90", "flip+rot180", "flip+rot270")
 CHUNK = 16  # objects per unit of work handed to a process or sent between ranks
 # Environment variables set by the launchers: MPICH/Intel MPI/srun --mpi=pmi2, Open MPI, PMIx.
-_MPI_ENV = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_RANK")
 _TAG_HEAD, _TAG_DATA = 1, 2
 
 
@@ -233,21 +233,6 @@ def _meta(n_per_class: int, seed: int, knobs: Knobs, views: tuple[str, ...]) -> 
 # ----------------------------------------------------------------------------- parallel rendering
 
 
-def _mpi_comm():
-    """COMM_WORLD when launched by mpiexec/srun with more than one rank, else None (mpi4py not imported)."""
-    launcher = next((v for v in _MPI_ENV if v in os.environ), None)
-    if launcher is None or (launcher != "PMIX_RANK" and os.environ[launcher] == "1"):
-        return None
-    try:
-        from mpi4py import MPI
-    except ImportError:
-        raise DmhpcError(
-            f"launched under MPI ({launcher}={os.environ[launcher]}) but mpi4py is not installed;"
-            " install dmhpc[mpi] or run without mpiexec"
-        ) from None
-    return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
-
-
 def _progress(total: int):
     from tqdm import tqdm
 
@@ -350,7 +335,7 @@ def synthesize(
     """
     knobs = Knobs(sb_limit, tidal_strength, neighbour_fraction, minor_fraction, triple_fraction)
     _check(n_per_class, seed, knobs, workers)
-    comm = _mpi_comm()
+    comm = world_comm()
     if comm is not None and workers > 1:
         raise DmhpcError(
             f"--workers {workers}: under mpiexec every rank renders its share; use ranks or workers, not both"
@@ -436,18 +421,11 @@ def synth_main(args) -> int:
             augment=args.augment, workers=args.workers, overwrite=args.overwrite,
         )
     except DmhpcError:
-        if _env_rank() != 0:
+        if launched_rank() != 0:
             return 1  # rank 0 says it, once
         raise
-    if _env_rank() == 0:
+    if launched_rank() == 0:
         counts = meta["counts"]
         print(f"dmhpc synth: {counts['images']} images per domain ({counts['objects']} objects, "
               f"{len(meta['views'])} view(s) each) in {args.out} ({time.perf_counter() - t0:.1f} s)")
-    return 0
-
-
-def _env_rank() -> int:
-    for var in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
-        if var in os.environ:
-            return int(os.environ[var])
     return 0

@@ -1,0 +1,700 @@
+"""The sharded data-set format (docs/data-format.md): write, read, verify, summarize.
+
+Writing is split into steps so that `dmhpc prepare` can divide the shards among MPI ranks and
+still produce the bytes of a serial run: `plan_dataset` (validate, draw the split), `write_shard`
+(one shard and its partial statistics, by whichever rank), `finish_dataset` (combine in shard
+order, write the manifest last). `write_dataset` runs them in one process.
+
+The commands `dmhpc verify` and `dmhpc info` live here too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import threading
+from concurrent.futures import ThreadPoolExecutor
+import json
+import os
+import re
+from pathlib import Path
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from dmhpc import __version__
+from dmhpc.errors import DmhpcError
+
+FORMAT = "dmhpc-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+PARTIAL = ".partial"  # suffix of a file being written; renamed when complete
+DTYPES = ("float32", "float16")
+
+# Files this format writes. A directory holding only these but no manifest is an unfinished
+# conversion that `prepare` may complete; anything else in it is someone else's.
+_OWN_FILE = re.compile(r"(shard-\d{5,}\.h5|manifest\.json)(\.partial)?")
+
+# A chunk of about 1 MiB of whole images: big enough that a batch read is a few large copies,
+# small enough that a short batch does not read much it does not need.
+_CHUNK_BYTES = 1 << 20
+# Rows gathered, converted and written at a time: bounds memory whatever the shard size.
+_BLOCK_BYTES = 16 << 20
+
+
+def shard_name(number: int) -> str:
+    """File name of shard `number` in a data-set directory."""
+    return f"shard-{number:05d}.h5"
+
+
+def file_sha256(path: str | os.PathLike, stop: threading.Event | None = None) -> str | None:
+    """Hex SHA-256 of a file's bytes, read in blocks; None if `stop` is set before the end."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            if stop is not None and stop.is_set():
+                return None
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def check_fractions(fractions) -> tuple[float, float, float]:
+    """Validate train/val/test fractions: three non-negative numbers, train > 0, summing to 1."""
+    try:
+        values = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError):
+        raise DmhpcError(f"fractions {fractions!r}: expected three numbers train,val,test") from None
+    if len(values) != 3 or not all(np.isfinite(values)):
+        raise DmhpcError(f"fractions {fractions!r}: expected three numbers train,val,test")
+    if min(values) < 0 or values[0] == 0 or abs(sum(values) - 1) > 1e-6:
+        raise DmhpcError(
+            f"fractions {','.join(f'{v:g}' for v in values)}: need train > 0, val and test >= 0, sum 1"
+        )
+    return values
+
+
+def check_images(images, name: str = "images") -> None:
+    """Validate an NCHW image array's shape and dtype (not its pixels: see `scan_pixels`)."""
+    if images.ndim != 4:
+        raise DmhpcError(f"{name}: {images.ndim} dimensions {tuple(images.shape)}; expected 4 (N, C, H, W)")
+    if images.shape[0] == 0:
+        raise DmhpcError(f"{name}: no images (shape {tuple(images.shape)})")
+    if 0 in images.shape:
+        raise DmhpcError(f"{name}: empty images (shape {tuple(images.shape)})")
+    if images.dtype not in (np.float16, np.float32, np.float64):
+        raise DmhpcError(f"{name}: dtype {images.dtype}; expected float16, float32 or float64")
+
+
+def _whole_numbers(values: np.ndarray, name: str, what: str) -> np.ndarray:
+    """`values` as int64, refusing fractions, NaN and non-numbers."""
+    if values.dtype == bool or np.issubdtype(values.dtype, np.integer):
+        return values.astype(np.int64)
+    if not np.issubdtype(values.dtype, np.floating):
+        raise DmhpcError(f"{name}: dtype {values.dtype}; expected integer {what}")
+    bad = np.flatnonzero(values != np.round(values))  # NaN compares unequal, so it is caught too
+    if bad.size:
+        raise DmhpcError(
+            f"{name}: {bad.size} {what} are not whole numbers (first at index {bad[0]}: {values[bad[0]]})"
+        )
+    return values.astype(np.int64)
+
+
+def check_labels(labels, count: int, num_classes: int = 2, name: str = "labels") -> np.ndarray:
+    """Validate class labels for `count` images; returns them as a 1-D int64 array."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.ndim != 1:
+        raise DmhpcError(f"{name}: shape {labels.shape}; expected one label per image (N,)")
+    if labels.shape[0] != count:
+        raise DmhpcError(f"{name}: {labels.shape[0]} labels for {count} images")
+    labels = _whole_numbers(labels, name, "labels")
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        classes = ", ".join(str(k) for k in range(num_classes)) if num_classes <= 5 else f"0, ..., {num_classes - 1}"
+        raise DmhpcError(
+            f"{name}: {bad.size} labels outside {{{classes}}} (first at index {bad[0]}: {labels[bad[0]]});"
+            " set the number of classes with --num-classes"
+        )
+    return labels
+
+
+def check_objects(objects, count: int, name: str = "objects") -> np.ndarray:
+    """Validate object ids for `count` images (None: each image its own object); returns int64."""
+    if objects is None:
+        return np.arange(count, dtype=np.int64)
+    objects = np.asarray(objects)
+    if objects.ndim != 1:
+        raise DmhpcError(f"{name}: shape {objects.shape}; expected one object id per image (N,)")
+    if objects.shape[0] != count:
+        raise DmhpcError(f"{name}: {objects.shape[0]} object ids for {count} images")
+    return _whole_numbers(objects, name, "object ids")
+
+
+def scan_pixels(images, start: int, stop: int) -> tuple[int, int, float]:
+    """Scan images[start:stop] in blocks: (count of NaN/Inf pixels, first image holding one or -1,
+    largest finite |pixel|). Blocks keep memory bounded for memory-mapped inputs."""
+    per_image = max(1, int(np.prod(images.shape[1:])) * images.dtype.itemsize)
+    step = max(1, _BLOCK_BYTES // per_image)
+    bad, first, largest = 0, -1, 0.0
+    for a in range(start, stop, step):
+        block = np.asarray(images[a : min(a + step, stop)])
+        high, low = float(block.max()), float(block.min())
+        if not (np.isfinite(high) and np.isfinite(low)):  # NaN and Inf show in max or min
+            finite = np.isfinite(block)
+            if first < 0:
+                first = a + int(np.flatnonzero(~finite.reshape(len(block), -1).all(axis=1))[0])
+            bad += finite.size - int(np.count_nonzero(finite))
+            block = block[finite]
+            high, low = (float(block.max()), float(block.min())) if block.size else (0.0, 0.0)
+        largest = max(largest, high, -low)
+    return bad, first, largest
+
+
+def check_pixels(bad: int, first: int, largest: float, dtype: str, name: str = "images") -> None:
+    """Refuse NaN/Inf pixels and pixels that would overflow the stored dtype (results of `scan_pixels`)."""
+    if bad:
+        raise DmhpcError(f"{name}: {bad} NaN or Inf pixels (first in image {first})")
+    limit = float(np.finfo(dtype).max)
+    if largest > limit:
+        raise DmhpcError(f"{name}: pixel values up to {largest:.4g} overflow {dtype} (max {limit:.4g})")
+
+
+# ----------------------------------------------------------------------------- the split
+
+
+def split_order(objects: np.ndarray, seed: int, fractions) -> dict[str, np.ndarray]:
+    """Global indices of each split, in row order, drawn by object id.
+
+    The unique object ids are permuted with `seed`; walking that order, an object goes to train
+    while train holds fewer images than its fraction of the total, then to val likewise, then to
+    test. So an object's images (augmented copies, views) never straddle two splits, and the split
+    depends only on (object ids, seed, fractions). Train rows are then shuffled with the same
+    generator; val and test rows stay in input order.
+    """
+    train_f, val_f, _ = check_fractions(fractions)
+    rng = np.random.default_rng(seed)
+    ids, inverse, sizes = np.unique(objects, return_inverse=True, return_counts=True)
+    perm = rng.permutation(len(ids))
+    before = np.cumsum(sizes[perm]) - sizes[perm]  # images already assigned when each object comes
+    n = len(objects)
+    cut_train = int(np.searchsorted(before, round(train_f * n), side="left"))
+    cut_val = max(cut_train, int(np.searchsorted(before, round((train_f + val_f) * n), side="left")))
+    split_of_id = np.empty(len(ids), dtype=np.int8)
+    split_of_id[perm[:cut_train]] = 0
+    split_of_id[perm[cut_train:cut_val]] = 1
+    split_of_id[perm[cut_val:]] = 2
+    split_of_image = split_of_id[inverse.reshape(-1)]
+    order = {name: np.flatnonzero(split_of_image == k) for k, name in enumerate(SPLITS)}
+    order["train"] = rng.permutation(order["train"])
+    return order
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Everything needed to write a data set's shards: the validated inputs and the row order."""
+
+    images: object  # (N, C, H, W) float array or memmap (or a transposed view of one)
+    labels: np.ndarray  # (N,) int64
+    objects: np.ndarray  # (N,) int64
+    order: dict  # split -> global indices in row order
+    shard_size: int
+    seed: int
+    fractions: tuple
+    dtype: str
+    num_classes: int
+
+    @property
+    def count(self) -> int:
+        return len(self.labels)
+
+    @property
+    def rows(self) -> np.ndarray:
+        """Global index of every row: train, then val, then test."""
+        return np.concatenate([self.order[s] for s in SPLITS])
+
+    @property
+    def num_shards(self) -> int:
+        return -(-self.count // self.shard_size)
+
+
+def plan_dataset(
+    images,
+    labels,
+    objects,
+    *,
+    shard_size: int = 4096,
+    seed: int = 0,
+    fractions=(0.7, 0.1, 0.2),
+    dtype: str = "float32",
+    num_classes: int = 2,
+    names: dict | None = None,
+) -> Plan:
+    """Validate the arrays and settings (all but the pixels: see `scan_pixels`) and draw the split.
+
+    `names` maps "images", "labels", "objects" to what error messages call them (file names).
+    """
+    names = {"images": "images", "labels": "labels", "objects": "objects", **(names or {})}
+    if dtype not in DTYPES:
+        raise DmhpcError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if int(shard_size) < 1:
+        raise DmhpcError(f"shard size {shard_size}: must be at least 1")
+    if int(num_classes) < 2:
+        raise DmhpcError(f"number of classes {num_classes}: must be at least 2")
+    fractions = check_fractions(fractions)
+    check_images(images, names["images"])
+    n = images.shape[0]
+    labels = check_labels(labels, n, num_classes, names["labels"])
+    objects = check_objects(objects, n, names["objects"])
+    order = split_order(objects, seed, fractions)
+    if len(order["train"]) == 0:
+        raise DmhpcError(f"{names['images']}: {n} images leave the training split empty")
+    return Plan(images, labels, objects, order, int(shard_size), int(seed), fractions, dtype, int(num_classes))
+
+
+def _combine(a, b):
+    """Chan et al.'s parallel update of (count, mean, M2) per channel, in float64."""
+    na, mean_a, m2_a = a
+    nb, mean_b, m2_b = b
+    if na == 0:
+        return b
+    if nb == 0:
+        return a
+    n = na + nb
+    delta = mean_b - mean_a
+    return n, mean_a + delta * (nb / n), m2_a + m2_b + delta * delta * (na * nb / n)
+
+
+def _block_stats(block: np.ndarray):
+    """(count, mean, M2) per channel of one block, summed in float64 without a float64 copy.
+
+    M2 = sum(x^2) - n mean^2 within a block (at most 16 MiB of pixels) loses about
+    2 log10(|mean| / std) of float64's 16 digits: plenty for normalizing. Blocks, then shards,
+    are combined with Chan's formula.
+    """
+    n = block.shape[0] * block.shape[2] * block.shape[3]
+    mean = np.add.reduce(block, axis=(0, 2, 3), dtype=np.float64) / n
+    squares = np.einsum("nchw,nchw->c", block, block, dtype=np.float64)
+    return n, mean, np.maximum(squares - n * mean * mean, 0.0)
+
+
+def write_shard(plan: Plan, out_dir: str | os.PathLike, number: int) -> tuple[dict, tuple]:
+    """Write shard `number` under a temporary name, checksum it, rename it into place.
+
+    Returns its manifest record and the (count, mean, M2) statistics of its training rows.
+    """
+    out_dir = Path(out_dir)
+    start = number * plan.shard_size
+    stop = min(start + plan.shard_size, plan.count)
+    index = plan.rows[start:stop]
+    n = stop - start
+    train_stop = min(max(len(plan.order["train"]) - start, 0), n)  # shard rows [0, train_stop) are train
+    shape = tuple(plan.images.shape[1:])
+    per_image = int(np.prod(shape)) * np.dtype(plan.dtype).itemsize
+    chunk = max(1, min(n, _CHUNK_BYTES // per_image))
+    step = chunk * max(1, _BLOCK_BYTES // (chunk * per_image))
+    stats = (0, np.zeros(shape[0]), np.zeros(shape[0]))
+    final = out_dir / shard_name(number)
+    partial = out_dir / (final.name + PARTIAL)
+    with h5py.File(partial, "w") as f:
+        images = f.create_dataset(
+            "images", shape=(n, *shape), dtype=plan.dtype, chunks=(chunk, *shape), track_times=False
+        )
+        buffer = np.empty((min(step, n), *shape), dtype=plan.dtype)
+        for a in range(0, n, step):
+            rows = index[a : a + step]
+            # Gather in increasing input order (sequential reads of a memmap), then put in row order.
+            ascending = np.argsort(rows, kind="stable")
+            block = buffer[: len(rows)]
+            block[ascending] = plan.images[rows[ascending]]
+            images[a : a + len(rows)] = block
+            k = min(train_stop - a, len(rows))
+            if k > 0:
+                stats = _combine(stats, _block_stats(block[:k]))
+        for key, values in (("labels", plan.labels[index]), ("objects", plan.objects[index]), ("index", index)):
+            f.create_dataset(key, data=values.astype(np.int64), track_times=False)
+    record = {"file": final.name, "count": n, "start": start, "sha256": file_sha256(partial)}
+    os.replace(partial, final)
+    return record, stats
+
+
+def write_shards(tasks: list, progress: bool = False) -> list:
+    """`write_shard(plan, out_dir, number)` for each task tuple, two at a time; results in task order.
+
+    numpy, hashlib and file I/O release the GIL, so one shard's checksum overlaps the next one's
+    conversion. Each shard's bytes do not depend on which thread wrote it. `progress` shows a
+    progress bar on a terminal.
+    """
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(write_shard, *task) for task in tasks]
+        try:
+            return [
+                f.result()
+                for f in tqdm(futures, desc="shards", unit="shard", disable=None if progress else True)
+            ]
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+
+
+def finish_dataset(
+    plan: Plan,
+    out_dir: str | os.PathLike,
+    results: list,
+    *,
+    inputs: list | None = None,
+    layout: str = "NCHW",
+) -> dict:
+    """Combine the shards' results (in shard order) into the manifest and write it, last."""
+    records = [r for r, _ in results]
+    stats = (0, 0.0, 0.0)
+    for _, partial in results:
+        stats = _combine(stats, partial)
+    n, mean, m2 = stats
+    starts = 0
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "count": plan.count,
+        "shape": [int(s) for s in plan.images.shape[1:]],
+        "dtype": plan.dtype,
+        "num_classes": plan.num_classes,
+        "seed": plan.seed,
+        "fractions": dict(zip(SPLITS, plan.fractions)),
+        "shards": records,
+        "rows": {},
+        "splits": {},
+        "counts": {},
+        "stats": {"mean": [float(v) for v in mean], "std": [float(v) for v in np.sqrt(m2 / n)]},
+        "inputs": list(inputs or []),
+        "layout": layout,
+        "created_by": f"dmhpc {__version__}",
+    }
+    for split in SPLITS:
+        indices = plan.order[split]
+        manifest["rows"][split] = [starts, starts + len(indices)]
+        manifest["splits"][split] = [int(i) for i in indices]
+        per_class = np.bincount(plan.labels[indices], minlength=plan.num_classes)
+        manifest["counts"][split] = {str(k): int(c) for k, c in enumerate(per_class)}
+        starts += len(indices)
+    write_manifest(out_dir, manifest)
+    return manifest
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
+    """Write manifest.json atomically: one top-level key per line, lists kept on one line."""
+    path = Path(out_dir) / MANIFEST
+    text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest.items()) + "\n}\n"
+    partial = path.with_name(path.name + PARTIAL)
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse an output directory holding a finished data set or foreign files, unless overwrite.
+
+    A directory holding only shards and temporary files of this format (an interrupted
+    conversion) is accepted: converting again finishes the job. Nothing is written here.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise DmhpcError(f"{out_dir}: exists and is not a directory")
+    if overwrite:
+        return
+    names = sorted(p.name for p in out_dir.iterdir())
+    if MANIFEST in names:
+        raise DmhpcError(f"{out_dir}: already holds a data set ({MANIFEST}); pass --overwrite to replace it")
+    foreign = [n for n in names if not _OWN_FILE.fullmatch(n)]
+    if foreign:
+        raise DmhpcError(
+            f"{out_dir}: exists and is not empty ({len(foreign)} other files, e.g. {foreign[0]});"
+            " pass --overwrite or choose another directory"
+        )
+
+
+def reset_output_dir(out_dir: str | os.PathLike) -> None:
+    """Create the output directory, or remove this format's files from it, manifest first.
+
+    Files this format did not write are never deleted.
+    """
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / MANIFEST).unlink(missing_ok=True)
+        for path in out_dir.iterdir():
+            if _OWN_FILE.fullmatch(path.name):
+                path.unlink()
+    except OSError as exc:
+        raise DmhpcError(f"{out_dir}: cannot prepare the output directory ({exc.strerror})") from None
+
+
+def write_dataset(
+    images,
+    labels,
+    objects,
+    out_dir: str | os.PathLike,
+    *,
+    shard_size: int = 4096,
+    seed: int = 0,
+    fractions=(0.7, 0.1, 0.2),
+    dtype: str = "float32",
+    num_classes: int = 2,
+    overwrite: bool = False,
+) -> dict:
+    """Write a sharded data set from NCHW arrays (in memory or memory-mapped); return the manifest.
+
+    `objects` None makes each image its own object. Raises DmhpcError on bad input before
+    anything is written. This is the writer `dmhpc prepare` uses, in one process.
+    """
+    plan = plan_dataset(
+        images, labels, objects, shard_size=shard_size, seed=seed, fractions=fractions,
+        dtype=dtype, num_classes=num_classes,
+    )
+    check_pixels(*scan_pixels(plan.images, 0, plan.count), dtype)
+    check_output_dir(out_dir, overwrite)
+    reset_output_dir(out_dir)
+    results = write_shards([(plan, out_dir, k) for k in range(plan.num_shards)])
+    return finish_dataset(plan, out_dir, results)
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What is wrong with a parsed manifest, or None."""
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    if m.get("format") != FORMAT:
+        return f"format {m.get('format')!r}; expected {FORMAT!r}"
+    if m.get("version") != VERSION:
+        return f"version {m.get('version')!r}; this dmhpc reads version {VERSION}"
+    types = {
+        "count": int, "shape": list, "dtype": str, "num_classes": int, "seed": int, "fractions": dict,
+        "shards": list, "rows": dict, "splits": dict, "counts": dict, "stats": dict, "inputs": list,
+        "layout": str, "created_by": str,
+    }
+    for key, kind in types.items():
+        if key not in m:
+            return f"missing key {key!r}"
+        if not isinstance(m[key], kind) or isinstance(m[key], bool):
+            return f"key {key!r}: expected {kind.__name__}"
+    if m["dtype"] not in DTYPES:
+        return f"dtype {m['dtype']!r}; expected one of {', '.join(DTYPES)}"
+    start = 0
+    for k, shard in enumerate(m["shards"]):
+        if not isinstance(shard, dict) or set(shard) != {"file", "count", "start", "sha256"}:
+            return f"shards[{k}]: expected keys file, count, start, sha256"
+        if shard["start"] != start or not isinstance(shard["count"], int) or shard["count"] < 1:
+            return f"shards[{k}] ({shard['file']}): start {shard['start']} and count do not follow on"
+        start += shard["count"]
+    if start != m["count"]:
+        return f"shards hold {start} rows; count is {m['count']}"
+    start = 0
+    for split in SPLITS:
+        rows = m["rows"].get(split)
+        if not (isinstance(rows, list) and len(rows) == 2 and rows[0] == start and rows[0] <= rows[1]):
+            return f"rows[{split!r}]: expected [start, stop) following on from {start}"
+        if not isinstance(m["splits"].get(split), list) or len(m["splits"][split]) != rows[1] - rows[0]:
+            return f"splits[{split!r}]: expected {rows[1] - rows[0]} global indices"
+        start = rows[1]
+    if start != m["count"]:
+        return f"rows cover {start} rows; count is {m['count']}"
+    channels = m["shape"][0] if m["shape"] else 0
+    if len(m["shape"]) != 3 or any(len(m["stats"].get(k, [])) != channels for k in ("mean", "std")):
+        return "shape must be [C, H, W] and stats hold C means and stds"
+    return None
+
+
+def load_manifest(directory: str | os.PathLike) -> dict:
+    """Read and validate DIR/manifest.json; DmhpcError naming the file if missing or invalid."""
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DmhpcError(f"{path}: missing; {directory} is not a finished dmhpc data set") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DmhpcError(f"{path}: not a valid manifest ({exc})") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DmhpcError(f"{path}: {problem}")
+    return manifest
+
+
+def split_rows(manifest: dict, split: str) -> tuple[int, int]:
+    """Half-open row range [start, stop) of `split` ("train", "val" or "test")."""
+    if split not in SPLITS:
+        raise DmhpcError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+    start, stop = manifest["rows"][split]
+    return int(start), int(stop)
+
+
+class RowReader:
+    """Reads rows of a data set by row range, across shards.
+
+    HDF5 files are opened on first read and kept open; none is open before that, and none is
+    carried by pickling, so a reader can be handed to forked or spawned worker processes (a
+    forked child that inherits open files reopens its own).
+    """
+
+    def __init__(self, directory: str | os.PathLike, manifest: dict | None = None):
+        self.directory = Path(directory)
+        self.manifest = load_manifest(directory) if manifest is None else manifest
+        shards = self.manifest["shards"]
+        self._starts = np.array([s["start"] for s in shards] + [self.manifest["count"]], dtype=np.int64)
+        self._files: dict[int, h5py.File] = {}
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return int(self.manifest["count"])
+
+    def _file(self, number: int) -> h5py.File:
+        if self._pid != os.getpid():  # forked after opening: the parent's handles are not ours
+            self._files, self._pid = {}, os.getpid()
+        f = self._files.get(number)
+        if f is None:
+            path = self.directory / self.manifest["shards"][number]["file"]
+            try:
+                f = self._files[number] = h5py.File(path, "r")
+            except OSError as exc:
+                raise DmhpcError(f"{path}: cannot open shard ({exc})") from None
+        return f
+
+    def read(self, start: int, stop: int) -> dict:
+        """Rows [start, stop) as numpy arrays: images (n, C, H, W), labels, objects, index (n,)."""
+        count = len(self)
+        if not 0 <= start <= stop <= count:
+            raise IndexError(f"rows [{start}, {stop}) outside [0, {count})")
+        n = stop - start
+        out = {
+            "images": np.empty((n, *self.manifest["shape"]), dtype=self.manifest["dtype"]),
+            "labels": np.empty(n, dtype=np.int64),
+            "objects": np.empty(n, dtype=np.int64),
+            "index": np.empty(n, dtype=np.int64),
+        }
+        first = int(np.searchsorted(self._starts, start, side="right")) - 1
+        row = start
+        for number in range(first, len(self._starts) - 1):
+            if row >= stop:
+                break
+            base = int(self._starts[number])
+            a, b = row - base, min(stop, int(self._starts[number + 1])) - base
+            f = self._file(number)
+            for key, array in out.items():
+                f[key].read_direct(array, np.s_[a:b], np.s_[row - start : row - start + b - a])
+            row = base + b
+        return out
+
+    def close(self) -> None:
+        """Close the open shard files; a later read opens them again."""
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def __enter__(self) -> "RowReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_files"] = {}
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+
+# ----------------------------------------------------------------------------- verify and info
+
+
+def verify_dataset(directory: str | os.PathLike) -> list[str]:
+    """Recompute every shard's SHA-256; returns one line per missing or bad shard (empty: all good)."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    problems = []
+    for shard in manifest["shards"]:
+        path = directory / shard["file"]
+        if not path.is_file():
+            problems.append(f"{shard['file']} missing")
+        elif file_sha256(path) != shard["sha256"]:
+            problems.append(f"{shard['file']} checksum mismatch")
+    return problems
+
+
+def verify_arguments(parser) -> None:
+    parser.add_argument("directory", help="data-set directory (holding manifest.json)")
+
+
+def verify_main(args) -> int:
+    manifest = load_manifest(args.directory)
+    problems = verify_dataset(args.directory)
+    shards = len(manifest["shards"])
+    if problems:
+        raise DmhpcError(f"{args.directory}: {len(problems)} of {shards} shards bad: {', '.join(problems)}")
+    print(f"{args.directory}: {shards} shards, {manifest['count']} rows, checksums OK")
+    return 0
+
+
+def summary(directory: str | os.PathLike) -> dict:
+    """The manifest without its per-row index lists, plus the directory and its shards' bytes."""
+    directory = Path(directory)
+    manifest = load_manifest(directory)
+    out = {"directory": str(directory)}
+    out.update((k, v) for k, v in manifest.items() if k != "splits")
+    files = [directory / s["file"] for s in manifest["shards"]]
+    out["bytes"] = sum(f.stat().st_size for f in files if f.is_file())
+    return out
+
+
+def info_arguments(parser) -> None:
+    parser.add_argument("directory", help="data-set directory (holding manifest.json)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+
+def info_main(args) -> int:
+    s = summary(args.directory)
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return 0
+    classes = range(s["num_classes"])
+    lines = [
+        f"data set    {s['directory']}",
+        f"images      {s['count']} x {'x'.join(map(str, s['shape']))} {s['dtype']} "
+        f"(input layout {s['layout']}), {s['num_classes']} classes",
+        f"shards      {len(s['shards'])} of up to {max(x['count'] for x in s['shards'])} rows, "
+        f"{s['bytes'] / 1e6:.1f} MB",
+        f"split       seed {s['seed']}, fractions "
+        + ", ".join(f"{k} {v:g}" for k, v in s["fractions"].items()),
+        "",
+        f"{'split':<8}{'rows':>20}{'images':>10}" + "".join(f"{'class ' + str(k):>10}" for k in classes),
+    ]
+    for split in SPLITS:
+        a, b = s["rows"][split]
+        lines.append(
+            f"{split:<8}{f'[{a}, {b})':>20}{b - a:>10}"
+            + "".join(f"{s['counts'][split].get(str(k), 0):>10}" for k in classes)
+        )
+    lines += [
+        "",
+        "train statistics per channel",
+        "  mean  " + " ".join(f"{v:.6g}" for v in s["stats"]["mean"]),
+        "  std   " + " ".join(f"{v:.6g}" for v in s["stats"]["std"]),
+    ]
+    if s["inputs"]:
+        lines += ["", "inputs"] + [f"  {i['role']:<8}{i['file']}\n          sha256 {i['sha256']}" for i in s["inputs"]]
+    lines.append(f"\ncreated by {s['created_by']}")
+    print("\n".join(lines))
+    return 0

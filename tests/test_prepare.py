@@ -1,0 +1,397 @@
+"""`dmhpc prepare` through the command line: files, layouts, data configs, MPI, bad input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dmhpc.cli import main
+from dmhpc.data import shards
+from dmhpc.data.shards import MANIFEST, SPLITS, RowReader, file_sha256, load_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+N = 48
+
+
+def save(directory: Path, name: str, array) -> str:
+    path = directory / name
+    np.save(path, array)
+    return str(path)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    """One domain's files: NCHW float32 images, labels, object ids (4 augmented copies each)."""
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(N, 3, 8, 8)).astype(np.float32)
+    return {
+        "images": save(tmp_path, "X.npy", images),
+        "labels": save(tmp_path, "y.npy", rng.integers(0, 2, N)),
+        "objects": save(tmp_path, "o.npy", rng.permutation(np.arange(N) // 4)),
+        "out": str(tmp_path / "ds"),
+    }
+
+
+def args(files: dict, *extra) -> list[str]:
+    out = ["prepare"]
+    for key in ("images", "labels", "objects", "out"):
+        if files.get(key) is not None:
+            out += [f"--{key}", files[key]]
+    return out + ["--shard-size", "10", *extra]
+
+
+def shard_bytes(directory) -> dict:
+    """Every file of a data set (manifest included) by name."""
+    return {p.name: p.read_bytes() for p in sorted(Path(directory).iterdir())}
+
+
+def read_all(directory) -> dict:
+    with RowReader(directory) as reader:
+        return reader.read(0, len(reader))
+
+
+def assert_fails(capsys, argv, *parts, out=None):
+    """The command exits 1 with one line on stderr holding every part, and writes no output."""
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("dmhpc prepare: error: ") and err.count("\n") == 1, err
+    for part in parts:
+        assert part in err, err
+    if out is not None:
+        assert not Path(out).exists()
+    return err
+
+
+def test_prepare_converts_and_records_inputs(inputs, capsys):
+    assert main(args(inputs)) == 0
+    assert "48 images (NCHW)" in capsys.readouterr().out
+    m = load_manifest(inputs["out"])
+    assert [(i["role"], i["file"]) for i in m["inputs"]] == [
+        (role, str(Path(inputs[role]).resolve())) for role in ("images", "labels", "objects")
+    ]
+    assert all(i["sha256"] == file_sha256(i["file"]) for i in m["inputs"])
+    assert m["layout"] == "NCHW" and len(m["shards"]) == 5
+    rows = read_all(inputs["out"])
+    images = np.load(inputs["images"])
+    np.testing.assert_array_equal(rows["images"], images[rows["index"]])
+    np.testing.assert_array_equal(rows["labels"], np.load(inputs["labels"])[rows["index"]])
+    objects = np.load(inputs["objects"])
+    np.testing.assert_array_equal(rows["objects"], objects[rows["index"]])
+    seen = [set(objects[m["splits"][s]]) for s in SPLITS]
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+    train = images[m["splits"]["train"]].astype(np.float64)
+    np.testing.assert_allclose(m["stats"]["std"], train.std(axis=(0, 2, 3)), rtol=1e-12)
+    assert main(["verify", inputs["out"]]) == 0
+
+
+def test_prepare_equals_write_dataset(inputs, tmp_path):
+    assert main(args(inputs, "--seed", "4", "--fractions", "0.5,0.25,0.25")) == 0
+    m = shards.write_dataset(
+        np.load(inputs["images"]), np.load(inputs["labels"]), np.load(inputs["objects"]),
+        tmp_path / "w", shard_size=10, seed=4, fractions=(0.5, 0.25, 0.25),
+    )
+    assert m["shards"] == load_manifest(inputs["out"])["shards"]
+
+
+def test_nhwc_detected_and_stored_as_nchw(inputs, tmp_path, capsys):
+    nhwc = np.load(inputs["images"]).transpose(0, 2, 3, 1).copy()
+    other = dict(inputs, images=save(tmp_path, "X_nhwc.npy", nhwc), out=str(tmp_path / "nhwc"))
+    assert main(args(inputs)) == 0 and main(args(other)) == 0
+    assert "48 images (NHWC)" in capsys.readouterr().out
+    assert load_manifest(other["out"])["layout"] == "NHWC"
+    a, b = shard_bytes(inputs["out"]), shard_bytes(other["out"])
+    assert a.pop(MANIFEST) != b.pop(MANIFEST)  # inputs and layout differ, the shards do not
+    assert a == b
+
+
+def test_ambiguous_layout_asks_for_layout(tmp_path, capsys):
+    files = {
+        "images": save(tmp_path, "X.npy", np.ones((10, 3, 3, 3), np.float32)),
+        "labels": save(tmp_path, "y.npy", np.zeros(10, int)),
+        "out": str(tmp_path / "ds"),
+    }
+    assert_fails(capsys, args(files), "X.npy: shape (10, 3, 3, 3) reads as NCHW or NHWC; pass --layout", out=files["out"])
+    assert main(args(files, "--layout", "NHWC")) == 0
+    assert load_manifest(files["out"])["layout"] == "NHWC"
+
+
+def test_float16_and_float64_inputs_and_float16_output(inputs, tmp_path):
+    images = np.load(inputs["images"])
+    for dtype in (np.float16, np.float64):
+        files = dict(inputs, images=save(tmp_path, f"X{dtype.__name__}.npy", images.astype(dtype)),
+                     out=str(tmp_path / dtype.__name__))
+        assert main(args(files)) == 0
+        rows = read_all(files["out"])
+        assert rows["images"].dtype == np.float32
+        np.testing.assert_array_equal(rows["images"], images.astype(dtype).astype(np.float32)[rows["index"]])
+    half = dict(inputs, out=str(tmp_path / "half"))
+    assert main(args(half, "--dtype", "float16")) == 0
+    rows = read_all(half["out"])
+    assert rows["images"].dtype == np.float16 and load_manifest(half["out"])["dtype"] == "float16"
+    np.testing.assert_array_equal(rows["images"], images.astype(np.float16)[rows["index"]])
+
+
+def write_config(tmp_path, text: str) -> str:
+    path = tmp_path / "data.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+TWO_DOMAINS = """
+root: {root}
+out: {out}
+domains:
+  pristine: {{images: pX.npy, labels: py.npy, objects: objects.npy}}
+  noisy: {{images: nX.npy, labels: ny.npy, objects: objects.npy}}
+"""
+
+
+@pytest.fixture
+def two_domains(tmp_path):
+    rng = np.random.default_rng(1)
+    root = tmp_path / "files"
+    root.mkdir()
+    pristine = rng.normal(size=(N, 2, 8, 8)).astype(np.float32)
+    save(root, "pX.npy", pristine)
+    save(root, "nX.npy", (pristine + rng.normal(scale=0.5, size=pristine.shape)).transpose(0, 2, 3, 1))
+    labels = rng.integers(0, 2, N)
+    save(root, "py.npy", labels)
+    save(root, "ny.npy", labels)
+    save(root, "objects.npy", rng.permutation(np.arange(N) // 2))
+    return root, write_config(tmp_path, TWO_DOMAINS.format(root=root, out=tmp_path / "out"))
+
+
+def test_data_config_two_domains_share_the_split(two_domains, tmp_path, capsys):
+    root, config = two_domains
+    assert main(["prepare", "--data-config", config, "--shard-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "pristine: 48 images (NCHW)" in out and "noisy: 48 images (NHWC)" in out
+    p, n = load_manifest(tmp_path / "out" / "pristine"), load_manifest(tmp_path / "out" / "noisy")
+    assert p["splits"] == n["splits"] and p["stats"] != n["stats"]
+    assert p["inputs"][2] == n["inputs"][2]  # the shared objects file
+    # --root and --out override the config's.
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    argv = ["prepare", "--data-config", config, "--root", str(moved), "--out", str(tmp_path / "o2")]
+    assert main(argv + ["--shard-size", "16"]) == 0
+    assert load_manifest(tmp_path / "o2" / "noisy")["inputs"][0]["file"] == str((moved / "nX.npy").resolve())
+    assert load_manifest(tmp_path / "o2" / "noisy")["splits"] == p["splits"]
+
+
+def test_shipped_configs_are_valid():
+    from dmhpc.data.prepare import load_data_config
+
+    expect = {
+        "embedded.yaml": ["pristine_X.npy", "noisy_X.npy"],
+        "deepmerge2-simsim.yaml": ["SimSim_SOURCE_X_Illustris2_pristine.npy", "SimSim_TARGET_X_Illustris2_noisy.npy"],
+        "deepmerge2-simreal.yaml": ["SimReal_SOURCE_X_Illustris0.npy", "SimReal_TARGET_X_postmergers_SDSS.npy"],
+        "deepmerge1.yaml": ["SB00_augmented_3FILT.npy", "SB25_augmented_3FILT.npy"],
+    }
+    for name, images in expect.items():
+        domains = load_data_config(REPO / "configs" / "data" / name)
+        assert [d["images"].name for d in domains] == images
+    embedded = load_data_config(REPO / "configs" / "data" / "embedded.yaml")
+    assert [(d["name"], str(d["out"])) for d in embedded] == [
+        ("pristine", "data/embedded/shards/pristine"), ("noisy", "data/embedded/shards/noisy")
+    ]
+    assert embedded[0]["objects"] == embedded[1]["objects"] == Path("data/embedded/objects.npy")
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("root: r\nout: o\ndomains: {a: {images: x, labels: y}}\nextra: 1\n", "unknown key 'extra'"),
+        ("root: r\ndomains: {a: {images: x, labels: y}}\n", "missing key 'out'"),
+        ("root: r\nout: o\ndomains: {a: {images: x}}\n", "missing key 'domains.a.labels'"),
+        ("root: r\nout: o\ndomains: {a: {images: x, labels: y, ids: z}}\n", "unknown key 'domains.a.ids'"),
+        ("root: r\nout: o\ndomains: []\n", "key 'domains' must map"),
+        ("root: [r\n", "not valid YAML"),
+    ],
+)
+def test_bad_data_config(tmp_path, capsys, text, message):
+    config = write_config(tmp_path, text)
+    assert_fails(capsys, ["prepare", "--data-config", config], f"{config}: {message}")
+
+
+def test_data_config_validates_every_domain_before_writing(two_domains, tmp_path, capsys):
+    root, config = two_domains
+    np.save(root / "ny.npy", np.zeros(N + 1, int))  # the second domain is bad
+    assert_fails(capsys, ["prepare", "--data-config", config], "ny.npy: 49 labels for 48 images", out=tmp_path / "out")
+
+
+def test_option_conflicts(inputs, tmp_path, capsys):
+    config = write_config(tmp_path, "root: r\nout: o\ndomains: {a: {images: x, labels: y}}\n")
+    assert_fails(capsys, ["prepare", "--data-config", config, "--images", inputs["images"]], "--images cannot be combined")
+    assert_fails(capsys, ["prepare", "--images", inputs["images"], "--out", inputs["out"]], "missing --labels")
+    assert_fails(capsys, args(inputs, "--fractions", "0.7,0.4,0.2"), "--fractions", out=inputs["out"])
+    assert_fails(capsys, args(inputs, "--root", "x"), "--root needs --data-config", out=inputs["out"])
+
+
+def test_interrupted_conversion_is_finished_by_running_again(inputs, tmp_path, monkeypatch, capsys):
+    reference = dict(inputs, out=str(tmp_path / "reference"))
+    assert main(args(reference)) == 0
+    real = shards.write_shard
+
+    def interrupted(plan, out_dir, number):
+        if number == 2:
+            (Path(out_dir) / (shards.shard_name(2) + shards.PARTIAL)).write_bytes(b"half a shard")
+            raise KeyboardInterrupt
+        return real(plan, out_dir, number)
+
+    monkeypatch.setattr(shards, "write_shard", interrupted)
+    assert main(args(inputs)) == 130
+    left = set(os.listdir(inputs["out"]))
+    assert MANIFEST not in left and {"shard-00000.h5", "shard-00001.h5", "shard-00002.h5.partial"} <= left
+    monkeypatch.setattr(shards, "write_shard", real)
+    assert main(args(inputs)) == 0  # no --overwrite needed
+    assert shard_bytes(inputs["out"]) == shard_bytes(reference["out"])
+
+
+def test_finished_or_foreign_directory_needs_overwrite(inputs, tmp_path, capsys):
+    assert main(args(inputs)) == 0
+    assert_fails(capsys, args(inputs), "already holds a data set", "--overwrite")
+    before = shard_bytes(inputs["out"])
+    assert main(args(inputs, "--overwrite")) == 0
+    assert shard_bytes(inputs["out"]) == before
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "README").write_text("x")
+    assert_fails(capsys, args(dict(inputs, out=str(foreign))), f"{foreign}: exists and is not empty")
+    assert os.listdir(foreign) == ["README"]
+
+
+def bad_case(tmp_path, case):
+    """Input files with one defect; returns (files, expected message parts)."""
+    rng = np.random.default_rng(2)
+    images = rng.normal(size=(12, 3, 8, 8)).astype(np.float32)
+    files = {"labels": save(tmp_path, "y.npy", rng.integers(0, 2, 12)), "out": str(tmp_path / "out" / "ds")}
+    if case == "missing":
+        return dict(files, images=str(tmp_path / "nope.npy")), ["nope.npy: no such file"]
+    if case == "not-npy":
+        (tmp_path / "X.npy").write_text("a,b,c\n1,2,3\n")
+        return dict(files, images=str(tmp_path / "X.npy")), ["X.npy: not a .npy file"]
+    if case == "npz":
+        np.savez(tmp_path / "X.npz", images=images)
+        return dict(files, images=str(tmp_path / "X.npz")), ["X.npz: not a .npy file"]
+    if case == "dims":
+        return dict(files, images=save(tmp_path, "X.npy", images[:, 0])), ["X.npy: 3 dimensions (12, 8, 8)"]
+    if case == "channels":
+        return dict(files, images=save(tmp_path, "X.npy", np.ones((12, 6, 8, 8), np.float32))), [
+            "X.npy: shape (12, 6, 8, 8) has no channel axis of 1 to 4"
+        ]
+    if case == "int-images":
+        return dict(files, images=save(tmp_path, "X.npy", images.astype(np.int16))), ["X.npy: dtype int16"]
+    if case == "fortran":
+        return dict(files, images=save(tmp_path, "XF.npy", np.asfortranarray(images))), ["XF.npy: Fortran-ordered"]
+    if case == "truncated":
+        path = save(tmp_path, "Xt.npy", images)
+        os.truncate(path, os.path.getsize(path) // 2)
+        return dict(files, images=path), ["Xt.npy: cannot read"]
+    files["images"] = save(tmp_path, "X.npy", images)
+    if case == "label-count":
+        return dict(files, labels=save(tmp_path, "y10.npy", np.zeros(10, int))), ["y10.npy: 10 labels for 12 images"]
+    if case == "label-range":
+        labels = np.zeros(12, int)
+        labels[[4, 9]] = [2, -1]
+        return dict(files, labels=save(tmp_path, "y2.npy", labels)), ["y2.npy: 2 labels outside {0, 1} (first at index 4: 2)"]
+    if case == "label-fraction":
+        return dict(files, labels=save(tmp_path, "yf.npy", np.full(12, 0.5))), ["yf.npy: 12 labels are not whole numbers"]
+    if case == "nan":
+        images[5, 1, 2, 2] = np.nan
+        images[9, 0, 0, 0] = np.nan
+        return dict(files, images=save(tmp_path, "Xn.npy", images)), ["Xn.npy: 2 NaN or Inf pixels (first in image 5)"]
+    if case == "inf":
+        images[7, 2, 0, 1] = -np.inf
+        return dict(files, images=save(tmp_path, "Xi.npy", images)), ["Xi.npy: 1 NaN or Inf pixels (first in image 7)"]
+    if case == "empty":
+        return dict(files, images=save(tmp_path, "X0.npy", images[:0]), labels=save(tmp_path, "y0.npy", np.zeros(0, int))), [
+            "X0.npy: no images"
+        ]
+    if case == "object-count":
+        return dict(files, objects=save(tmp_path, "o.npy", np.arange(11))), ["o.npy: 11 object ids for 12 images"]
+    if case == "out-not-empty":
+        Path(files["out"]).mkdir(parents=True)
+        (Path(files["out"]) / "data.csv").write_text("x")
+        return files, [f"{files['out']}: exists and is not empty"]
+    raise AssertionError(case)
+
+
+BAD_CASES = [
+    "missing", "not-npy", "npz", "fortran", "truncated", "dims", "channels", "int-images", "label-count", "label-range",
+    "label-fraction", "nan", "inf", "empty", "object-count", "out-not-empty",
+]
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_bad_input_one_line_error_and_nothing_written(tmp_path, capsys, case):
+    files, parts = bad_case(tmp_path, case)
+    assert_fails(capsys, args(files), *parts)
+    out = Path(files["out"])
+    if case == "out-not-empty":
+        assert os.listdir(out) == ["data.csv"]
+    else:
+        assert not out.parent.exists()
+
+
+def test_bad_input_in_a_real_process(tmp_path):
+    files, parts = bad_case(tmp_path, "label-count")
+    run = subprocess.run([sys.executable, "-m", "dmhpc", *args(files)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert run.stderr == f"dmhpc prepare: error: {files['labels']}: 10 labels for 12 images\n"
+    assert not Path(files["out"]).parent.exists()
+
+
+def find_mpiexec():
+    beside = Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+needs_mpi = pytest.mark.skipif(find_mpiexec() is None, reason="no mpiexec beside python or on PATH")
+
+
+def mpi_prepare(*argv, timeout=120):
+    command = [find_mpiexec(), "-n", "2", sys.executable, "-m", "dmhpc", "prepare", *argv]
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.mpi
+@needs_mpi
+def test_mpi_conversion_is_byte_identical_to_serial(two_domains, tmp_path):
+    _, config = two_domains
+    assert main(["prepare", "--data-config", config, "--shard-size", "7", "--out", str(tmp_path / "serial")]) == 0
+    run = mpi_prepare("--data-config", config, "--shard-size", "7", "--out", str(tmp_path / "mpi"))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.count("images") == 2  # rank 0 reports, once per domain
+    for domain in ("pristine", "noisy"):
+        serial, parallel = shard_bytes(tmp_path / "serial" / domain), shard_bytes(tmp_path / "mpi" / domain)
+        assert len(serial) == 8 and serial == parallel  # 7 shards (shared by 2 ranks) and the manifest
+
+
+@pytest.mark.mpi
+@needs_mpi
+def test_mpi_bad_input_fails_promptly_on_every_rank(tmp_path):
+    files, parts = bad_case(tmp_path, "nan")  # one NaN in each rank's half of the images
+    run = mpi_prepare(*args(files)[1:], timeout=60)
+    assert run.returncode != 0
+    assert run.stderr.count("error:") == 1 and parts[0] in run.stderr, run.stderr
+    assert not Path(files["out"]).parent.exists()
+
+
+def test_num_classes(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    files = {
+        "images": save(tmp_path, "X.npy", rng.normal(size=(30, 1, 4, 4)).astype(np.float32)),
+        "labels": save(tmp_path, "y3.npy", np.arange(30) % 3),
+        "out": str(tmp_path / "ds"),
+    }
+    assert_fails(capsys, args(files), "y3.npy: 10 labels outside {0, 1} (first at index 2: 2)", out=files["out"])
+    assert main(args(files, "--num-classes", "3")) == 0
+    m = load_manifest(files["out"])
+    assert m["num_classes"] == 3 and sum(m["counts"]["train"].values()) == 21
+    assert list(m["counts"]["test"]) == ["0", "1", "2"]

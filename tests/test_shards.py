@@ -1,0 +1,262 @@
+"""The sharded format: write_dataset, RowReader, load_manifest, split_rows, verify, info."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import pickle
+
+import numpy as np
+import pytest
+
+from dmhpc.cli import main
+from dmhpc.data.shards import (
+    MANIFEST,
+    SPLITS,
+    RowReader,
+    load_manifest,
+    shard_name,
+    split_rows,
+    write_dataset,
+)
+from dmhpc.errors import DmhpcError
+
+
+def make_arrays(n=60, channels=3, size=6, copies=3, seed=0, dtype=np.float32):
+    """Images whose pixels encode their index, labels, and object ids shared by `copies` images."""
+    rng = np.random.default_rng(seed)
+    images = rng.normal(1.0, 2.0, size=(n, channels, size, size)).astype(dtype)
+    labels = rng.integers(0, 2, n)
+    objects = rng.permutation(np.arange(n) // copies) + 1000  # copies of one object are scattered
+    return images, labels, objects
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    images, labels, objects = make_arrays()
+    manifest = write_dataset(images, labels, objects, tmp_path / "ds", shard_size=16, seed=3)
+    return tmp_path / "ds", manifest, (images, labels, objects)
+
+
+def read_all(directory):
+    with RowReader(directory) as reader:
+        return reader.read(0, len(reader))
+
+
+def test_round_trip_by_index(dataset):
+    directory, manifest, (images, labels, objects) = dataset
+    rows = read_all(directory)
+    assert sorted(rows["index"]) == list(range(len(images)))
+    np.testing.assert_array_equal(rows["images"], images[rows["index"]])
+    np.testing.assert_array_equal(rows["labels"], labels[rows["index"]])
+    np.testing.assert_array_equal(rows["objects"], objects[rows["index"]])
+    # A range spanning three shards equals the same slice of the whole.
+    with RowReader(directory) as reader:
+        part = reader.read(10, 40)
+    for key in rows:
+        np.testing.assert_array_equal(part[key], rows[key][10:40])
+    assert [s["count"] for s in manifest["shards"]] == [16, 16, 16, 12]
+    assert sorted(os.listdir(directory)) == [MANIFEST] + [shard_name(k) for k in range(4)]
+
+
+def test_manifest_keys_and_contract(dataset):
+    directory, manifest, (images, labels, _) = dataset
+    assert load_manifest(directory) == manifest
+    assert list(manifest) == [
+        "format", "version", "count", "shape", "dtype", "num_classes", "seed", "fractions", "shards",
+        "rows", "splits", "counts", "stats", "inputs", "layout", "created_by",
+    ]
+    assert manifest["format"] == "dmhpc-shards" and manifest["version"] == 1
+    assert manifest["count"] == 60 and manifest["shape"] == [3, 6, 6] and manifest["dtype"] == "float32"
+    assert manifest["fractions"] == {"train": 0.7, "val": 0.1, "test": 0.2}
+    rows = read_all(directory)
+    for split in SPLITS:
+        start, stop = split_rows(manifest, split)
+        assert manifest["splits"][split] == rows["index"][start:stop].tolist()
+        counts = np.bincount(labels[manifest["splits"][split]], minlength=2)
+        assert manifest["counts"][split] == {"0": int(counts[0]), "1": int(counts[1])}
+
+
+def test_stats_are_float64_stats_of_training_split(dataset):
+    directory, manifest, (images, _, _) = dataset
+    train = images[manifest["splits"]["train"]].astype(np.float64)
+    np.testing.assert_allclose(manifest["stats"]["mean"], train.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(manifest["stats"]["std"], train.std(axis=(0, 2, 3)), rtol=1e-12)
+    everything = images.astype(np.float64)
+    assert not np.allclose(manifest["stats"]["mean"], everything.mean(axis=(0, 2, 3)), rtol=1e-12)
+
+
+def test_splits_partition_indices_and_never_share_an_object(dataset):
+    _, manifest, (_, _, objects) = dataset
+    parts = [manifest["splits"][s] for s in SPLITS]
+    assert sorted(sum(parts, [])) == list(range(60))
+    ids = [set(objects[p]) for p in parts]
+    assert not ids[0] & ids[1] and not ids[0] & ids[2] and not ids[1] & ids[2]
+    # Every object has 3 images, so 0.7, 0.1, 0.2 of 60 images are met exactly.
+    assert [len(p) for p in parts] == [42, 6, 12]
+    # Train rows are shuffled; val and test are in input order.
+    assert parts[0] != sorted(parts[0])
+    assert parts[1] == sorted(parts[1]) and parts[2] == sorted(parts[2])
+
+
+def test_each_image_its_own_object_when_objects_is_none(tmp_path):
+    images, labels, _ = make_arrays(n=50)
+    manifest = write_dataset(images, labels, None, tmp_path / "ds", shard_size=64)
+    assert [len(manifest["splits"][s]) for s in SPLITS] == [35, 5, 10]
+    np.testing.assert_array_equal(read_all(tmp_path / "ds")["objects"], read_all(tmp_path / "ds")["index"])
+
+
+def test_same_seed_same_bytes_other_seed_other_split(tmp_path):
+    images, labels, objects = make_arrays()
+    a = write_dataset(images, labels, objects, tmp_path / "a", shard_size=16, seed=5)
+    b = write_dataset(images, labels, objects, tmp_path / "b", shard_size=16, seed=5)
+    for name in [MANIFEST] + [s["file"] for s in a["shards"]]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    c = write_dataset(images, labels, objects, tmp_path / "c", shard_size=16, seed=6)
+    assert c["splits"] != a["splits"]
+    assert [s["sha256"] for s in c["shards"]] != [s["sha256"] for s in a["shards"]]
+
+
+def test_float16_output_and_float64_input(tmp_path):
+    images, labels, objects = make_arrays(dtype=np.float64)
+    m = write_dataset(images, labels, objects, tmp_path / "h", dtype="float16", shard_size=16)
+    rows = read_all(tmp_path / "h")
+    assert m["dtype"] == "float16" and rows["images"].dtype == np.float16
+    np.testing.assert_array_equal(rows["images"], images[rows["index"]].astype(np.float16))
+    stored = images[m["splits"]["train"]].astype(np.float16).astype(np.float64)
+    np.testing.assert_allclose(m["stats"]["mean"], stored.mean(axis=(0, 2, 3)), rtol=1e-12)
+    m32 = write_dataset(images, labels, objects, tmp_path / "s", shard_size=16)
+    assert read_all(tmp_path / "s")["images"].dtype == np.float32 and m32["splits"] == m["splits"]
+
+
+def test_float16_overflow_is_refused(tmp_path):
+    images, labels, objects = make_arrays()
+    images[7, 1, 2, 3] = 1e6
+    with pytest.raises(DmhpcError, match="overflow float16"):
+        write_dataset(images, labels, objects, tmp_path / "h", dtype="float16")
+    assert not (tmp_path / "h").exists()
+
+
+@pytest.mark.parametrize("value, what", [(np.nan, "NaN or Inf"), (np.inf, "NaN or Inf")])
+def test_bad_pixels_write_nothing(tmp_path, value, what):
+    images, labels, objects = make_arrays()
+    images[11, 0, 0, 0] = value
+    images[30, 2, 1, 1] = value
+    with pytest.raises(DmhpcError, match=rf"images: 2 {what} pixels \(first in image 11\)"):
+        write_dataset(images, labels, objects, tmp_path / "ds")
+    assert not (tmp_path / "ds").exists()
+
+
+def test_output_directory_rules(tmp_path, dataset):
+    directory, manifest, (images, labels, objects) = dataset
+    with pytest.raises(DmhpcError, match="already holds a data set"):
+        write_dataset(images, labels, objects, directory)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(DmhpcError, match=r"other: exists and is not empty .*notes\.txt"):
+        write_dataset(images, labels, objects, tmp_path / "other")
+    # --overwrite replaces the data set but never deletes files dmhpc did not write.
+    write_dataset(images, labels, objects, tmp_path / "other", overwrite=True, shard_size=16)
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+    new = write_dataset(images, labels, objects, directory, overwrite=True, shard_size=100)
+    assert sorted(os.listdir(directory)) == [MANIFEST, "shard-00000.h5"] and new["count"] == 60
+
+
+def test_reader_opens_lazily_pickles_and_reopens(dataset):
+    directory, manifest, _ = dataset
+    reader = RowReader(directory, manifest)
+    assert reader._files == {}
+    first = reader.read(0, 20)
+    assert reader._files  # open now
+    clone = pickle.loads(pickle.dumps(reader))
+    assert clone._files == {}
+    np.testing.assert_array_equal(clone.read(0, 20)["images"], first["images"])
+    reader.close()
+    clone.close()
+    assert reader._files == {}
+    np.testing.assert_array_equal(reader.read(0, 20)["index"], first["index"])
+    reader.close()
+    with pytest.raises(IndexError):
+        reader.read(50, 61)
+    assert reader.read(5, 5)["images"].shape == (0, 3, 6, 6)
+
+
+def _worker_sum(reader, start, stop, queue):
+    queue.put(float(reader.read(start, stop)["images"].astype(np.float64).sum()))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_reader_in_worker_processes(dataset, method):
+    directory, _, _ = dataset
+    reader = RowReader(directory)
+    expected = float(reader.read(3, 50)["images"].astype(np.float64).sum())  # parent has files open
+    ctx = multiprocessing.get_context(method)
+    queue = ctx.Queue()
+    worker = ctx.Process(target=_worker_sum, args=(reader, 3, 50, queue))
+    worker.start()
+    got = queue.get(timeout=60)
+    worker.join(timeout=60)
+    assert worker.exitcode == 0 and got == expected
+    reader.close()
+
+
+def test_split_rows_and_bad_split(dataset):
+    _, manifest, _ = dataset
+    n_train = len(manifest["splits"]["train"])
+    assert split_rows(manifest, "train") == (0, n_train)
+    assert split_rows(manifest, "test")[1] == 60
+    with pytest.raises(DmhpcError, match="unknown split 'validation'"):
+        split_rows(manifest, "validation")
+
+
+def test_load_manifest_errors_name_the_file(tmp_path, dataset):
+    directory, manifest, _ = dataset
+    with pytest.raises(DmhpcError, match=rf"{tmp_path / 'nowhere' / MANIFEST}: missing"):
+        load_manifest(tmp_path / "nowhere")
+    path = directory / MANIFEST
+    path.write_text("{not json")
+    with pytest.raises(DmhpcError, match=rf"{path}: not a valid manifest"):
+        load_manifest(directory)
+    broken = dict(manifest)
+    del broken["stats"]
+    path.write_text(json.dumps(broken))
+    with pytest.raises(DmhpcError, match=rf"{path}: missing key 'stats'"):
+        load_manifest(directory)
+    rows = {s: list(r) for s, r in manifest["rows"].items()}
+    rows["val"][0] += 1  # a gap between train and val
+    broken = dict(manifest, rows=rows)
+    path.write_text(json.dumps(broken))
+    with pytest.raises(DmhpcError, match=r"rows\['val'\]"):
+        load_manifest(directory)
+
+
+def test_verify_good_corrupted_and_missing_shards(dataset, capsys):
+    directory, _, _ = dataset
+    assert main(["verify", str(directory)]) == 0
+    assert "4 shards, 60 rows, checksums OK" in capsys.readouterr().out
+    shard = directory / shard_name(1)
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    (directory / shard_name(3)).unlink()
+    assert main(["verify", str(directory)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "2 of 4 shards bad: shard-00001.h5 checksum mismatch, shard-00003.h5 missing" in err
+    (directory / MANIFEST).unlink()
+    assert main(["verify", str(directory)]) == 1
+    assert f"{directory / MANIFEST}: missing" in capsys.readouterr().err
+
+
+def test_info_text_and_json(dataset, capsys):
+    directory, manifest, _ = dataset
+    assert main(["info", str(directory)]) == 0
+    out = capsys.readouterr().out
+    assert "60 x 3x6x6 float32" in out and "4 of up to 16 rows" in out
+    a, b = manifest["rows"]["val"]
+    assert f"[{a}, {b})" in out
+    assert main(["info", str(directory), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["counts"] == manifest["counts"] and "splits" not in summary
+    assert summary["bytes"] == sum((directory / s["file"]).stat().st_size for s in manifest["shards"])
