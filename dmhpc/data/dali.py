@@ -1,0 +1,168 @@
+"""The `dali` training loader: a DALI pipeline fed by a parallel external source reading HDF5 shards.
+
+DALI has no HDF5 reader, so each domain's rows come from a batch-mode parallel external source
+whose callback reads one contiguous block of rows per step through a `RowReader` (shard files are
+opened lazily inside each worker process, never across a fork). Flips, transposes and
+normalization run in the pipeline, on the GPU when there is one.
+
+The callbacks are module-level and picklable so that workers can be spawned: on a CUDA device
+the workers are always spawned, because the trainer has touched CUDA (process group, model)
+before the first epoch and DALI refuses to fork after that. Spawned workers re-import the main
+module, so a script of your own that trains on a GPU with this loader must do so under
+`if __name__ == "__main__":`. (`python -m dmhpc.train` and the `dmhpc` command are safe:
+multiprocessing never re-runs a package's `__main__`, and the console script is guarded.)
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+
+import torch
+from nvidia.dali import fn, pipeline_def, types
+from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+from dmhpc.data.loaders import ignore_checkpoint_signals
+from dmhpc.data.shards import RowReader
+
+
+class BlockSource:
+    """Batch-mode callback: the rows one domain contributes to each DALI iteration.
+
+    The pipeline is built to start at (`first_epoch`, `first_step`); DALI epoch k is then the
+    user's epoch `first_epoch + k`, from `first_step` for k = 0 and from step 0 after that. The
+    callback returns (images, labels), plus the dihedral codes when augmenting. The codes come
+    from the stream, keyed by (seed, epoch, step, rank), not from DALI's random operators, whose
+    state depends on how many iterations ran since the pipeline was built: that would break
+    exact resume.
+    """
+
+    def __init__(self, directory, manifest, stream, steps, first_epoch, first_step, augment, square):
+        self.reader = RowReader(directory, manifest)
+        self.stream, self.steps = stream, steps
+        self.first_epoch, self.first_step = first_epoch, first_step
+        self.augment, self.square = augment, square
+        self._in_worker = False
+
+    def __call__(self, info):
+        if not self._in_worker:  # the first call in each (forked or spawned) worker process
+            ignore_checkpoint_signals()
+            self._in_worker = True
+        epoch = self.first_epoch + info.epoch_idx
+        step = info.iteration + (self.first_step if info.epoch_idx == 0 else 0)
+        if step >= self.steps:
+            raise StopIteration
+        start, stop = self.stream.block(epoch, step)
+        batch = self.reader.read(start, stop)
+        if self.augment:
+            return batch["images"], batch["labels"], self.stream.codes(epoch, step, self.square)
+        return batch["images"], batch["labels"]
+
+
+def _domain(source: BlockSource, mean, std, augment: bool, square: bool, on_gpu: bool):
+    """One domain's branch of the pipeline: read, (flip, transpose,) normalize."""
+    outputs = 3 if augment else 2
+    images, labels, *codes = fn.external_source(
+        source=source, num_outputs=outputs, batch=True, batch_info=True, parallel=True,
+        layout=["CHW", "", ""][:outputs],
+    )
+    if on_gpu:
+        images, labels = images.gpu(), labels.gpu()
+    # The same dihedral code as the torch loaders: bit 0 flips W, bit 1 flips H, bit 2 transposes,
+    # in that order. The W flip is fused into the normalization.
+    images = fn.crop_mirror_normalize(
+        images, mean=mean, std=std, mirror=codes[0] % 2 if augment else 0, dtype=types.FLOAT,
+        output_layout="CHW",
+    )
+    if augment:
+        codes = codes[0]
+        images = fn.flip(images, horizontal=0, vertical=(codes // 2) % 2)
+        if square:
+            # A per-sample conditional: DALI has no per-sample transpose argument.
+            if codes >= 4:
+                images = fn.transpose(images, perm=[0, 2, 1], transpose_layout=False)
+    return images, labels
+
+
+@pipeline_def(enable_conditionals=True)
+def _pipeline(source, target, stats, augment, square, on_gpu):
+    xs, ys = _domain(source, *stats[0], augment, square, on_gpu)
+    xt, yt = _domain(target, *stats[1], augment, square, on_gpu)
+    return xs, ys, xt, yt
+
+
+class DaliBatches:
+    """Runs the pipeline for `TrainLoader.epoch`; rebuilt only when asked for an unexpected position.
+
+    After a complete epoch the pipeline is reset at once, so it reads the next epoch's first
+    batches while the trainer evaluates. A caller that stops early or jumps elsewhere gets a new
+    pipeline (and new workers) starting exactly where it asks.
+    """
+
+    def __init__(self, domains, device: torch.device, augment: bool, num_workers: int):
+        self.domains, self.device, self.augment = domains, device, augment
+        self.num_workers = max(1, num_workers)  # a parallel external source needs at least one worker
+        self._iter = None
+        self._next = None  # (epoch, step) the running pipeline delivers next
+
+    def _build(self, epoch: int, step: int) -> None:
+        self.close()
+        source, target = self.domains
+        shape = source.manifest["shape"]
+        square = shape[1] == shape[2]
+        steps = source.stream.steps
+        callbacks = [
+            BlockSource(d.directory, d.manifest, d.stream, steps, epoch, step, self.augment, square)
+            for d in self.domains
+        ]
+        on_gpu = self.device.type == "cuda"
+        spawn = on_gpu or torch.cuda.is_initialized()
+        pipe = _pipeline(
+            *callbacks,
+            [(list(d.mean), list(d.std)) for d in self.domains],
+            self.augment,
+            square,
+            on_gpu,
+            batch_size=source.stream.batch_size,
+            num_threads=max(1, min(4, len(os.sched_getaffinity(0)))),
+            device_id=(self.device.index if self.device.index is not None else torch.cuda.current_device())
+            if on_gpu
+            else None,
+            py_num_workers=self.num_workers,
+            py_start_method="spawn" if spawn else "fork",
+            prefetch_queue_depth=2,
+        )
+        self._iter = DALIGenericIterator(
+            [pipe], ["xs", "ys", "xt", "yt"], auto_reset=False, prepare_first_batch=False
+        )
+        self._next = (epoch, step)
+
+    def batches(self, epoch: int, start_step: int):
+        """Yield (xs, ys, xt, yt) for steps start_step.. of `epoch`."""
+        steps = self.domains[0].stream.steps
+        if start_step >= steps:
+            return
+        if self._next != (epoch, start_step):
+            self._build(epoch, start_step)
+        it, self._next = self._iter, None  # while being read, the pipeline's position is unknown
+        done = False
+        try:
+            for out in it:
+                data = out[0]
+                yield data["xs"], data["ys"], data["xt"], data["yt"]
+            done = True
+        finally:
+            if it is self._iter:  # not replaced by a later call
+                if done:
+                    it.reset()  # starts reading the next epoch now
+                    self._next = (epoch + 1, 0)
+                else:
+                    self.close()
+
+    def close(self) -> None:
+        """Stop the pipeline and its worker processes."""
+        if self._iter is not None:
+            # DALI has no public close: the workers stop when the pipeline is garbage-collected.
+            self._iter = None
+            gc.collect()
+        self._next = None

@@ -1,0 +1,498 @@
+"""The training and evaluation loaders on real sharded HDF5 data sets, real DALI CPU pipelines and
+real DataLoader worker processes.
+
+Every image's pixels average to a known number (its global index, plus 1000 for the target), and
+that average survives flips and rotations: so from a normalized, augmented batch the tests recover
+which rows it holds, then compare pixel by pixel with the stored images.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from dmhpc.data.loaders import dali_available, dihedral, domain_stats, eval_batches, make_train_loader
+from dmhpc.data.shards import load_manifest, split_rows, write_dataset
+from dmhpc.errors import DmhpcError
+
+SHAPE = (3, 8, 8)
+TARGET_OFFSET = 1000
+BATCH, WORLD, SEED = 8, 2, 3
+
+needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not importable")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# (kind, num_workers): every loader kind, the torch one in-process and with worker processes.
+CONFIGS = [
+    pytest.param("gpu-resident", 0, id="gpu-resident"),
+    pytest.param("dali", 1, id="dali", marks=needs_dali),
+    pytest.param("torch", 0, id="torch-0"),
+    pytest.param("torch", 2, id="torch-2"),
+]
+# The same, as single values for parametrized fixtures.
+FIXTURE_CONFIGS = [pytest.param(tuple(p.values), id=p.id, marks=p.marks) for p in CONFIGS]
+
+
+def _images(n: int, offset: int, shape=SHAPE, seed: int = 0) -> np.ndarray:
+    """Image i: `offset + i` plus zero-mean noise, so its pixel mean names it in any orientation."""
+    noise = np.random.default_rng(seed).uniform(-0.3, 0.3, (n, *shape))
+    noise -= noise.mean(axis=(1, 2, 3), keepdims=True)
+    return ((offset + np.arange(n))[:, None, None, None] + noise).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Source (240 images: 168 training rows) and target (200: 140) data sets in 64-row shards."""
+    root = tmp_path_factory.mktemp("loaders")
+    out = {}
+    for name, n, offset in (("source", 240, 0), ("target", 200, TARGET_OFFSET)):
+        images = _images(n, offset)
+        manifest = write_dataset(images, np.arange(n) % 2, None, root / name, shard_size=64)
+        out[name] = {"dir": root / name, "images": images, "labels": np.arange(n) % 2, "manifest": manifest}
+    return out
+
+
+def _loader(data, kind, workers, *, rank=0, world=WORLD, augment=False, normalize="per-domain", **kw):
+    return make_train_loader(
+        kind, data["source"]["dir"], data["target"]["dir"], batch_size=kw.pop("batch_size", BATCH), rank=rank,
+        world_size=world, seed=kw.pop("seed", SEED), device=kw.pop("device", "cpu"), augment=augment,
+        normalize=normalize, num_workers=workers, **kw,
+    )
+
+
+def _epoch(loader, epoch, start_step=0, stop_after=None):
+    """The batches of one epoch, as CPU tensors (kept as yielded: a loader reusing buffers fails)."""
+    out = []
+    for batch in loader.epoch(epoch, start_step):
+        out.append(tuple(t.cpu() for t in batch))
+        if len(out) == stop_after:
+            break
+    return out
+
+
+def _stats(domain):
+    s = domain["manifest"]["stats"]
+    return np.array(s["mean"])[None, :, None, None], np.array(s["std"])[None, :, None, None]
+
+
+def _unnormalize(x, stats):
+    mean, std = stats
+    return x.double().numpy() * std + mean
+
+
+def _ids(x, stats, offset=0):
+    """Global indices of the images of a normalized batch (pixel means are orientation-free)."""
+    return np.rint(_unnormalize(x, stats).mean(axis=(1, 2, 3))).astype(np.int64) - offset
+
+
+def _train_index(domain) -> set:
+    return set(domain["manifest"]["splits"]["train"])
+
+
+def _symmetries(image: np.ndarray) -> list[np.ndarray]:
+    """The 8 flips and 90-degree rotations of a (C, H, W) image, written out independently."""
+    out = []
+    for k in range(4):
+        r = np.rot90(image, k, axes=(1, 2))
+        out += [r, r[:, :, ::-1]]
+    return out
+
+
+def _children() -> set[str]:
+    pids = set()
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as f:
+                pids.update(f.read().split())
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
+    return pids
+
+
+def _children_left(allowed: set[str], timeout: float = 10.0) -> set[str]:
+    """Child processes beyond `allowed` once they had `timeout` seconds to exit (and be reaped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        multiprocessing.active_children()  # reaps workers that have exited
+        left = _children() - allowed
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.05)
+
+
+# ----------------------------------------------------------------------------- shared helpers
+
+
+def test_dihedral_gives_all_eight_symmetries_per_sample():
+    image = np.random.default_rng(1).normal(size=SHAPE).astype(np.float32)
+    out = dihedral(torch.from_numpy(np.stack([image] * 8)), torch.arange(8, dtype=torch.uint8)).numpy()
+    expected = _symmetries(image)
+    matched = {next(k for k, e in enumerate(expected) if np.array_equal(o, e)) for o in out}
+    assert matched == set(range(8))
+
+
+def test_dihedral_flips_only_when_not_square():
+    image = np.random.default_rng(2).normal(size=(2, 4, 6)).astype(np.float32)
+    out = dihedral(torch.from_numpy(np.stack([image] * 4)), torch.arange(4, dtype=torch.uint8)).numpy()
+    for o, e in zip(out, [image, image[:, :, ::-1], image[:, ::-1, :], image[:, ::-1, ::-1]]):
+        np.testing.assert_array_equal(o, e)
+
+
+def test_domain_stats(data):
+    s, t = data["source"]["manifest"]["stats"], data["target"]["manifest"]["stats"]
+    got = domain_stats(data["source"]["dir"], data["target"]["dir"], "per-domain")
+    assert got == ((s["mean"], s["std"]), (t["mean"], t["std"]))
+    got = domain_stats(data["source"]["dir"], data["target"]["dir"], "source")
+    assert got == ((s["mean"], s["std"]), (s["mean"], s["std"]))
+    with pytest.raises(DmhpcError, match="data.normalize"):
+        domain_stats(data["source"]["dir"], data["target"]["dir"], "global")
+
+
+# ----------------------------------------------------------------------------- every kind
+
+
+@pytest.fixture(scope="module", params=FIXTURE_CONFIGS)
+def plain(request, data):
+    """Two epochs of both ranks without augmentation, and one epoch again: (kind, {rank: ...})."""
+    kind, workers = request.param
+    runs = {}
+    for rank in range(WORLD):
+        loader = _loader(data, kind, workers, rank=rank)
+        try:
+            runs[rank] = {"len": len(loader), "kind": loader.kind, 0: _epoch(loader, 0), 1: _epoch(loader, 1),
+                          "again": _epoch(loader, 0)}
+        finally:
+            loader.close()
+    return kind, runs
+
+
+def test_same_steps_on_every_rank(plain, data):
+    _, runs = plain
+    steps = 168 // (BATCH * WORLD)
+    for rank in range(WORLD):
+        assert runs[rank]["len"] == steps
+        assert len(runs[rank][0]) == len(runs[rank][1]) == steps
+        for xs, ys, xt, yt in runs[rank][0]:
+            assert xs.shape == xt.shape == (BATCH, *SHAPE) and xs.dtype == torch.float32
+            assert ys.shape == yt.shape == (BATCH,) and ys.dtype == torch.int64
+
+
+def test_epoch_covers_disjoint_rows_of_the_training_split(plain, data):
+    kind, runs = plain
+    src = data["source"]
+    for epoch in (0, 1):
+        ids = np.concatenate([_ids(b[0], _stats(src)) for r in range(WORLD) for b in runs[r][epoch]])
+        assert len(ids) == len(set(ids)) == (168 // (BATCH * WORLD)) * BATCH * WORLD
+        assert set(ids) <= _train_index(src)
+        # Each step's global batch is split between ranks, not repeated.
+        for step in range(len(runs[0][epoch])):
+            parts = [set(_ids(runs[r][epoch][step][0], _stats(src))) for r in range(WORLD)]
+            assert not parts[0] & parts[1]
+
+
+def test_labels_follow_their_images(plain, data):
+    _, runs = plain
+    for xs, ys, xt, yt in runs[0][0]:
+        np.testing.assert_array_equal(ys.numpy(), data["source"]["labels"][_ids(xs, _stats(data["source"]))])
+        ids = _ids(xt, _stats(data["target"]), TARGET_OFFSET)
+        np.testing.assert_array_equal(yt.numpy(), data["target"]["labels"][ids])
+
+
+def test_epochs_are_shuffled_differently_and_repeatable(plain, data):
+    _, runs = plain
+    stats = _stats(data["source"])
+    order = {e: np.concatenate([_ids(b[0], stats) for b in runs[0][e]]) for e in (0, 1)}
+    assert not np.array_equal(order[0], order[1])
+    for a, b in zip(runs[0][0], runs[0]["again"], strict=True):
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+def test_normalized_with_each_domains_manifest_stats(plain, data):
+    _, runs = plain
+    for domain, x_at, offset in (("source", 0, 0), ("target", 2, TARGET_OFFSET)):
+        d = data[domain]
+        for batch in runs[1][0][:3]:
+            ids = _ids(batch[x_at], _stats(d), offset)
+            mean, std = _stats(d)
+            expected = (d["images"][ids].astype(np.float64) - mean) / std
+            np.testing.assert_allclose(batch[x_at].numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_target_batches_come_from_the_target_training_split(plain, data):
+    _, runs = plain
+    tgt = data["target"]
+    ids = [set(_ids(b[2], _stats(tgt), TARGET_OFFSET)) for r in range(WORLD) for b in runs[r][0]]
+    assert set().union(*ids) <= _train_index(tgt)
+    # 10 source steps, 8 target steps per pass: the target wraps around within the epoch.
+    steps = 140 // (BATCH * WORLD)
+    first_pass = set().union(*[set(_ids(b[2], _stats(tgt), TARGET_OFFSET))
+                               for r in range(WORLD) for b in runs[r][0][:steps]])
+    assert len(first_pass) == steps * BATCH * WORLD
+
+
+@pytest.fixture(scope="module", params=FIXTURE_CONFIGS)
+def augmented(request, data):
+    """Rank 0 with augmentation: a whole epoch, the same again, its tail from step 4, and epoch 0
+    read again after stopping early at step 2."""
+    kind, workers = request.param
+    rng_before = torch.get_rng_state(), np.random.get_state()[1].copy()
+    loader = _loader(data, kind, workers, augment=True)
+    try:
+        full = _epoch(loader, 0)
+        again = _epoch(loader, 0)
+        tail = _epoch(loader, 0, start_step=4)
+        head = _epoch(loader, 0, stop_after=2)
+        after_stop = _epoch(loader, 0, start_step=2)
+        empty = _epoch(loader, 0, start_step=len(loader))
+    finally:
+        loader.close()
+    rng_after = torch.get_rng_state(), np.random.get_state()[1]
+    untouched = torch.equal(rng_before[0], rng_after[0]) and np.array_equal(rng_before[1], rng_after[1])
+    return kind, {"full": full, "again": again, "tail": tail, "head": head, "after_stop": after_stop,
+                  "empty": empty, "global rng untouched": untouched}
+
+
+def _assert_same(batches_a, batches_b):
+    assert len(batches_a) == len(batches_b)
+    for a, b in zip(batches_a, batches_b):
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v, rtol=0, atol=0)
+
+
+def test_start_step_yields_the_tail_of_the_epoch(augmented):
+    _, run = augmented
+    _assert_same(run["again"], run["full"])
+    _assert_same(run["tail"], run["full"][4:])
+    _assert_same(run["head"], run["full"][:2])
+    _assert_same(run["after_stop"], run["full"][2:])
+    assert run["empty"] == []
+    assert run["global rng untouched"]
+
+
+def test_augmentation_applies_only_flips_and_rotations(augmented, data):
+    _, run = augmented
+    codes = []
+    for domain, x_at, offset in (("source", 0, 0), ("target", 2, TARGET_OFFSET)):
+        d = data[domain]
+        for batch in run["full"]:
+            x = _unnormalize(batch[x_at], _stats(d))
+            for image, i in zip(x, _ids(batch[x_at], _stats(d), offset)):
+                matches = [k for k, s in enumerate(_symmetries(d["images"][i].astype(np.float64)))
+                           if np.allclose(image, s, atol=1e-3)]
+                assert len(matches) == 1, f"{domain} image {i} is no flip or rotation of the stored one"
+                codes.append(matches[0])
+    assert len(set(codes)) == 8  # all symmetries occur, the identity is not the only one
+
+
+@needs_dali
+def test_dali_and_torch_loaders_give_the_same_batches(data):
+    # Both read the same blocks and draw the same codes; only the normalization arithmetic differs.
+    batches = {}
+    for kind, workers in (("dali", 1), ("torch", 0)):
+        loader = _loader(data, kind, workers, augment=True, rank=1)
+        try:
+            batches[kind] = _epoch(loader, 1)
+        finally:
+            loader.close()
+    for a, b in zip(batches["dali"], batches["torch"], strict=True):
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,workers", CONFIGS)
+def test_normalize_source_uses_source_stats_for_both(data, kind, workers):
+    loader = _loader(data, kind, workers, world=1, normalize="source")
+    try:
+        xs, ys, xt, yt = _epoch(loader, 0, stop_after=1)[0]
+    finally:
+        loader.close()
+    src, tgt = data["source"], data["target"]
+    ids = _ids(xt, _stats(src), TARGET_OFFSET)
+    mean, std = _stats(src)
+    np.testing.assert_allclose(xt.numpy(), (tgt["images"][ids] - mean) / std, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind,workers", CONFIGS)
+def test_subset_uses_the_first_training_rows(data, kind, workers):
+    loader = _loader(data, kind, workers, subset=64)
+    try:
+        assert len(loader) == 64 // (BATCH * WORLD)
+        batches = _epoch(loader, 0)
+    finally:
+        loader.close()
+    for domain, x_at, offset in (("source", 0, 0), ("target", 2, TARGET_OFFSET)):
+        first = set(data[domain]["manifest"]["splits"]["train"][:64])
+        ids = set(np.concatenate([_ids(b[x_at], _stats(data[domain]), offset) for b in batches]))
+        assert ids <= first
+
+
+@pytest.mark.parametrize(
+    "kind,workers",
+    [pytest.param("dali", 2, id="dali", marks=needs_dali), pytest.param("torch", 2, id="torch-2")],
+)
+def test_close_stops_the_worker_processes(data, kind, workers):
+    before = _children()
+    loader = _loader(data, kind, workers)
+    _epoch(loader, 0, stop_after=3)
+    suspended = loader.epoch(1)
+    next(suspended)  # an epoch left mid-way still holds the pipeline or the loader's iterator
+    assert _children() - before, "expected worker processes while reading"
+    loader.close()
+    assert not _children_left(before)
+
+
+@pytest.mark.parametrize("kind,workers", CONFIGS)
+def test_float16_data_sets(tmp_path, kind, workers):
+    images = {}
+    for name, offset in (("source", 0), ("target", TARGET_OFFSET)):
+        images[name] = _images(60, offset, seed=5)
+        write_dataset(images[name], np.arange(60) % 2, None, tmp_path / name, dtype="float16")
+    loader = make_train_loader(kind, tmp_path / "source", tmp_path / "target", batch_size=8, rank=0,
+                               world_size=1, seed=0, device="cpu", num_workers=workers)
+    try:
+        batches = _epoch(loader, 0)
+    finally:
+        loader.close()
+    assert len(batches) == 42 // 8
+    for name, x_at, offset in (("source", 0, 0), ("target", 2, TARGET_OFFSET)):
+        stats = _stats({"manifest": load_manifest(tmp_path / name)})
+        for batch in batches:
+            assert batch[x_at].dtype == torch.float32
+            x = _unnormalize(batch[x_at], stats)
+            for image, i in zip(x, _ids(batch[x_at], stats, offset)):
+                stored = images[name][i].astype(np.float16).astype(np.float64)
+                assert any(np.allclose(image, s, atol=1e-3) for s in _symmetries(stored))
+
+
+@needs_dali
+def test_dali_with_spawned_workers(data, monkeypatch):
+    """The start method used on GPUs (CUDA already initialized), run on the CPU: the callbacks
+    must pickle, and the workers open the shards themselves."""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    batches = {}
+    for kind, workers in (("dali", 1), ("torch", 0)):
+        loader = _loader(data, kind, workers, augment=True)
+        try:
+            batches[kind] = _epoch(loader, 2, start_step=7)
+        finally:
+            loader.close()
+    assert len(batches["dali"]) == 3
+    for a, b in zip(batches["dali"], batches["torch"], strict=True):
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- choice and errors
+
+
+def test_auto_on_cpu_is_resident_and_says_why(data):
+    loader = _loader(data, "auto", 0)
+    try:
+        assert loader.kind == "gpu-resident"
+        assert "host memory" in loader.reason
+    finally:
+        loader.close()
+
+
+def test_split_too_small_for_one_global_batch(data):
+    with pytest.raises(DmhpcError, match=str(data["source"]["dir"]) + r".*168 training rows.*global batch"):
+        _loader(data, "gpu-resident", 0, batch_size=100)
+    with pytest.raises(DmhpcError, match=r"16 training rows \(subset 16\)"):
+        _loader(data, "torch", 0, subset=16, world=4)
+
+
+def test_target_too_small_names_the_target(data):
+    # 140 target rows, 168 source rows: a global batch of 150 fits only the source.
+    with pytest.raises(DmhpcError, match=str(data["target"]["dir"]) + r".*140 training rows"):
+        _loader(data, "gpu-resident", 0, batch_size=150, world=1)
+
+
+def test_different_image_shapes(data, tmp_path):
+    other = tmp_path / "other"
+    write_dataset(_images(60, 0, shape=(3, 8, 6)), np.arange(60) % 2, None, other)
+    with pytest.raises(DmhpcError, match="image shapes differ"):
+        make_train_loader("gpu-resident", data["source"]["dir"], other, batch_size=4, rank=0, world_size=1,
+                          seed=0, device="cpu")
+
+
+def test_start_step_past_the_epoch(data):
+    loader = _loader(data, "gpu-resident", 0)
+    try:
+        with pytest.raises(DmhpcError, match="epoch 0, step 11"):
+            loader.epoch(0, start_step=len(loader) + 1)
+    finally:
+        loader.close()
+
+
+def test_unknown_kind(data):
+    with pytest.raises(DmhpcError, match="data.loader 'webdataset'"):
+        _loader(data, "webdataset", 0)
+
+
+def test_dali_requested_but_not_importable(data, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # makes `import nvidia.dali` fail
+    with pytest.raises(DmhpcError, match="dali.*not importable"):
+        _loader(data, "dali", 1)
+
+
+def test_bad_normalize(data):
+    with pytest.raises(DmhpcError, match="data.normalize"):
+        _loader(data, "gpu-resident", 0, normalize="global")
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def test_eval_batches_cover_the_split_once_in_order(data):
+    src = data["source"]
+    stats = domain_stats(src["dir"], data["target"]["dir"], "per-domain")[0]
+    start, stop = split_rows(load_manifest(src["dir"]), "val")
+    parts = []
+    for rank in range(3):
+        indices = []
+        for x, y, index in eval_batches(src["dir"], "val", batch_size=5, rank=rank, world_size=3,
+                                        device="cpu", mean=stats[0], std=stats[1]):
+            assert len(index) <= 5
+            mean, std = _stats(src)
+            np.testing.assert_allclose(x.numpy(), (src["images"][index] - mean) / std, rtol=1e-5, atol=1e-5)
+            np.testing.assert_array_equal(y.numpy(), src["labels"][index])
+            indices.append(index)
+        parts.append(np.concatenate(indices))
+    assert sorted(len(p) for p in parts)[-1] - sorted(len(p) for p in parts)[0] <= 1
+    np.testing.assert_array_equal(np.concatenate(parts), src["manifest"]["splits"]["val"])
+    assert sum(len(p) for p in parts) == stop - start
+
+
+# ----------------------------------------------------------------------------- on a GPU
+
+
+@needs_cuda
+@pytest.mark.parametrize("kind,workers", CONFIGS)
+def test_cuda_batches_equal_cpu_batches(data, kind, workers):
+    batches = {}
+    for device in ("cpu", "cuda:0"):
+        loader = _loader(data, kind, workers, augment=True, device=device)
+        try:
+            batches[device] = [tuple(t for t in b) for b in loader.epoch(0)]
+        finally:
+            loader.close()
+    for a, b in zip(batches["cpu"], batches["cuda:0"], strict=True):
+        for u, v in zip(a, b):
+            assert v.device.type == "cuda"
+            torch.testing.assert_close(u, v.cpu(), rtol=1e-5, atol=1e-5)
+
+
+@needs_cuda
+def test_auto_on_cuda_keeps_a_small_data_set_resident(data):
+    loader = _loader(data, "auto", 0, device="cuda:0")
+    try:
+        assert loader.kind == "gpu-resident" and "free on cuda:0" in loader.reason
+    finally:
+        loader.close()
