@@ -39,6 +39,18 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "print a summary of a sharded data set: counts per split and class, shape, statistics",
         "dmhpc info data/embedded/shards/pristine",
     ),
+    "train": (
+        "dmhpc.train.loop",
+        "train a model with domain adaptation (single process, torchrun, srun or mpiexec)",
+        "dmhpc train --config configs/deepmerge-mmd-fisher-entropy.yaml train.epochs=20 seed=1\n"
+        "  torchrun --nproc_per_node=4 -m dmhpc.train --config configs/resnet18-dann.yaml --resume auto\n"
+        "  torchrun --standalone --nproc_per_node=1 -m dmhpc.train --config configs/tiny.yaml debug=true",
+    ),
+    "eval": (
+        "dmhpc.evaluate",
+        "evaluate a run's selected checkpoint: metrics JSON and ROC, confusion, curve and latent-space plots",
+        "dmhpc eval --run runs/deepmerge-mmd-fisher-entropy --split test",
+    ),
     "demo": (
         "dmhpc.demo",
         "run the main job on the embedded data set from scratch",

@@ -24,8 +24,10 @@ with REQUEUE_EXIT_CODE.
 
 REQUEUE_EXIT_CODE = 75 is EX_TEMPFAIL of sysexits.h, "temporary failure, the user is invited to
 retry": it differs from a failure (1), a usage error (2), the shell's 126/127 (cannot execute / not
-found) and 128+N (killed by signal N, 129-165 for the usual signals), so a launcher can requeue on
-exactly this code and report every other non-zero code as an error.
+found) and 128+N (killed by signal N, 129-165 for the usual signals), so a launcher that sees the
+trainer's own exit code (srun or mpiexec starting one process per rank) can requeue on exactly this
+code. torchrun reports any failed worker as 1, so slurm/train_ddp.sh requeues a torchrun step on the
+signal it forwarded instead.
 """
 
 from __future__ import annotations

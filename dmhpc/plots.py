@@ -1,0 +1,122 @@
+"""PNG figures of a run: ROC curves, confusion matrices, training curves, latent-space embedding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+DOMAIN_COLOURS = {"source": "tab:blue", "target": "tab:orange"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: clusters have no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def roc_curves(predictions: dict, path: Path, title: str) -> Path:
+    """ROC curve of each domain; `predictions[domain] = (labels, prob)`."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for domain, (labels, prob) in predictions.items():
+        if len(np.unique(labels)) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(labels, prob[:, 1])
+        auc = roc_auc_score(labels, prob[:, 1])
+        ax.plot(fpr, tpr, color=DOMAIN_COLOURS.get(domain), label=f"{domain} (AUC {auc:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="lower right")
+    return _save(fig, path)
+
+
+def confusion_matrices(metrics: dict, path: Path, title: str) -> Path:
+    """One confusion matrix per domain; `metrics[domain]["confusion"]` as [[TN, FP], [FN, TP]]."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4), squeeze=False)
+    for ax, (domain, m) in zip(axes[0], metrics.items()):
+        cm = np.asarray(m["confusion"])
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            ax.text(j, i, str(v), ha="center", va="center", color="black")
+        ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["non-merger", "merger"],
+               yticklabels=["non-merger", "merger"], xlabel="predicted", ylabel="true",
+               title=f"{domain}: accuracy {m['accuracy']:.3f}")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def training_curves(records: list[dict], path: Path) -> Path:
+    """Loss terms and validation accuracy per epoch, from metrics.jsonl records."""
+    plt = _pyplot()
+    epochs = [r for r in records if r.get("kind") == "epoch"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    if epochs:
+        x = [r["epoch"] for r in epochs]
+        for term in epochs[-1].get("loss", {}):
+            ax_loss.plot(x, [r["loss"].get(term, np.nan) for r in epochs], label=term)
+        for domain in ("source", "target"):
+            for split, style in (("train", "--"), ("val", "-")):
+                ys = [r.get(domain, {}).get(split, {}).get("accuracy", np.nan) for r in epochs]
+                ax_acc.plot(x, ys, style, color=DOMAIN_COLOURS[domain], label=f"{domain} {split}")
+    ax_loss.set(xlabel="epoch", ylabel="loss (epoch mean)", title="loss terms")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        if ax.lines:
+            ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def latent_embedding(features: dict, path: Path, title: str, method: str = "tsne", seed: int = 0,
+                     max_points: int = 2000) -> Path:
+    """2-D embedding of the DA features, source against target, coloured by class.
+
+    `features[domain] = (feats, labels)`. Source is drawn with circles, target with crosses;
+    overlapping clouds of the same colour mean the domains are aligned class by class.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE, Isomap
+
+    plt = _pyplot()
+    rng = np.random.default_rng(seed)
+    chunks, labels, domains = [], [], []
+    for domain, (f, y) in features.items():
+        keep = rng.permutation(len(f))[:max_points]
+        chunks.append(np.asarray(f, dtype=np.float32)[keep])
+        labels.append(np.asarray(y)[keep])
+        domains += [domain] * len(keep)
+    x = np.concatenate(chunks)
+    y = np.concatenate(labels)
+    domains = np.asarray(domains)
+    # PCA first: cheap denoising, and t-SNE/Isomap on 2592-d features would be slow.
+    x = PCA(n_components=min(50, x.shape[1], len(x)), random_state=seed).fit_transform(x)
+    if method == "tsne":
+        emb = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(x) - 1) / 3), random_state=seed).fit_transform(x)
+    elif method == "isomap":
+        emb = Isomap(n_components=2).fit_transform(x)
+    else:
+        emb = x[:, :2]
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for domain, marker in (("source", "o"), ("target", "x")):
+        for cls, colour, name in ((0, "tab:blue", "non-merger"), (1, "tab:red", "merger")):
+            sel = (domains == domain) & (y == cls)
+            ax.scatter(emb[sel, 0], emb[sel, 1], s=6, marker=marker, c=colour, alpha=0.5,
+                       label=f"{domain} {name}")
+    ax.set(title=f"{title} ({method})", xticks=[], yticks=[])
+    ax.legend(fontsize=8, markerscale=2)
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path

@@ -1,0 +1,160 @@
+"""Classification metrics, label-free model-selection validators, and the run's metric log.
+
+Metrics come from scikit-learn on predictions gathered from every rank, so a number never
+depends on how the batch was split across GPUs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+
+def classification_metrics(labels: np.ndarray, prob: np.ndarray) -> dict:
+    """Accuracy, precision, recall, F1, ROC AUC, Brier score and confusion matrix.
+
+    `prob` is (n, 2) class probabilities; class 1 (merger) is the positive class.
+    ROC AUC is NaN when only one class is present.
+    """
+    from sklearn import metrics as skm
+
+    labels = np.asarray(labels).astype(np.int64)
+    p1 = np.asarray(prob, dtype=np.float64)[:, 1]
+    pred = (p1 >= 0.5).astype(np.int64)
+    both = len(np.unique(labels)) == 2
+    return {
+        "n": int(len(labels)),
+        "accuracy": float(skm.accuracy_score(labels, pred)),
+        "precision": float(skm.precision_score(labels, pred, zero_division=0)),
+        "recall": float(skm.recall_score(labels, pred, zero_division=0)),
+        "f1": float(skm.f1_score(labels, pred, zero_division=0)),
+        "roc_auc": float(skm.roc_auc_score(labels, p1)) if both else math.nan,
+        "brier": float(skm.brier_score_loss(labels, p1)) if len(labels) else math.nan,
+        "confusion": skm.confusion_matrix(labels, pred, labels=[0, 1]).tolist(),
+    }
+
+
+def information_maximization(prob: np.ndarray) -> float:
+    """IM validator: entropy of the mean prediction minus the mean per-sample entropy (higher is better).
+
+    Rewards confident predictions that still use every class (Shi & Sha 2012; Musgrave et al. 2022).
+    """
+    p = np.clip(np.asarray(prob, dtype=np.float64), 1e-12, 1.0)
+    mean = p.mean(axis=0)
+    return float(-(mean * np.log(mean)).sum() + (p * np.log(p)).sum(axis=1).mean())
+
+
+def soft_neighborhood_density(prob: np.ndarray, temperature: float = 0.05) -> float:
+    """SND validator (Saito et al. 2021): entropy of the soft neighbourhood of each target sample.
+
+    Higher is better: predictions of nearby samples agree (dense clusters in prediction space).
+    """
+    p = np.asarray(prob, dtype=np.float64)
+    p = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+    sim = p @ p.T
+    np.fill_diagonal(sim, -np.inf)
+    logits = sim / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    w = np.exp(logits)
+    w /= w.sum(axis=1, keepdims=True)
+    return float(-(w * np.log(np.clip(w, 1e-12, 1.0))).sum(axis=1).mean())
+
+
+def deep_embedded_validation(source: dict, target: dict, seed: int = 0) -> float:
+    """DEV validator (You et al. 2019), negated so that higher is better.
+
+    A domain classifier on the features gives density ratios w = p(target|x)/p(source|x) for
+    source validation samples; the target risk is estimated as the w-weighted source validation
+    loss, with the control variate of the paper to reduce its variance.
+    `source` and `target` hold `features`, and source also `labels` and `prob`.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    fs, ft = np.asarray(source["features"], np.float64), np.asarray(target["features"], np.float64)
+    x = StandardScaler().fit_transform(np.concatenate([fs, ft]))
+    domain = np.r_[np.zeros(len(fs)), np.ones(len(ft))]
+    clf = LogisticRegression(max_iter=1000, random_state=seed).fit(x, domain)
+    p = np.clip(clf.predict_proba(x[: len(fs)])[:, 1], 1e-6, 1 - 1e-6)
+    w = p / (1 - p) * len(fs) / len(ft)
+    prob = np.clip(np.asarray(source["prob"], np.float64), 1e-12, 1.0)
+    loss = -np.log(prob[np.arange(len(fs)), np.asarray(source["labels"])])
+    weighted = w * loss
+    var = np.var(w, ddof=1)
+    eta = -np.cov(weighted, w, ddof=1)[0, 1] / var if var > 0 else 0.0
+    return -float(weighted.mean() + eta * w.mean() - eta)
+
+
+# criterion -> whether it reads target labels (an oracle)
+CRITERIA = {"source-val-acc": False, "im": False, "snd": False, "dev": False, "oracle-target-acc": True}
+
+
+def selection_score(criterion: str, val: dict) -> float:
+    """The model-selection value (higher is better) from both domains' validation predictions.
+
+    `val[domain]` holds `labels` and `prob` (and `features` for DEV). Only the oracle reads the
+    target labels.
+    """
+    s, t = val["source"], val["target"]
+    if criterion == "source-val-acc":
+        return classification_metrics(s["labels"], s["prob"])["accuracy"]
+    if criterion == "oracle-target-acc":
+        return classification_metrics(t["labels"], t["prob"])["accuracy"]
+    if criterion == "im":
+        return information_maximization(t["prob"])
+    if criterion == "snd":
+        return soft_neighborhood_density(t["prob"])
+    if criterion == "dev":
+        return deep_embedded_validation(s, t)
+    raise ValueError(f"unknown selection criterion {criterion!r}")
+
+
+class MetricLog:
+    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard.
+
+    Only rank 0 creates one; other ranks pass None around instead.
+    """
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+
+    def write(self, record: dict, step: int) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record, default=_json_default) + "\n")
+        for key, value in _flatten(record):
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                self.tb.add_scalar(key, value, step)
+        self.tb.flush()
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _flatten(record: dict, prefix: str = ""):
+    for key, value in record.items():
+        name = f"{prefix}/{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            yield from _flatten(value, name)
+        else:
+            yield name, value
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")

@@ -1,0 +1,235 @@
+"""End-to-end tests of the trainer: real data sets, real processes, real signals, real torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dmhpc.cli import main
+from dmhpc.data.shards import write_dataset
+from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def _domain(rng, n, noise):
+    """75x75 three-band images whose class shows as a second blob; `noise` separates the domains."""
+    yy, xx = np.mgrid[:75, :75]
+    labels = np.arange(n) % 2
+    images = np.zeros((n, 3, 75, 75), np.float32)
+    for i, y in enumerate(labels):
+        blob = np.exp(-((yy - 37) ** 2 + (xx - 37) ** 2) / 40.0)
+        if y:
+            blob = blob + 0.6 * np.exp(-((yy - 30) ** 2 + (xx - 48) ** 2) / 20.0)
+        images[i] = blob * np.array([1.0, 0.8, 0.6])[:, None, None]
+    images += noise * rng.standard_normal(images.shape).astype(np.float32)
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for name, noise in (("pristine", 0.02), ("noisy", 0.3)):
+        images, labels = _domain(rng, 160, noise)
+        write_dataset(images, labels, None, root / name, shard_size=64, seed=0)
+    return root
+
+
+def _overrides(data, run_dir, *extra):
+    return [f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}", f"run.dir={run_dir}", *extra]
+
+
+def _weights(run_dir, name="last"):
+    return torch.load(Path(run_dir) / "checkpoints" / f"{name}.pt", weights_only=True)["model"]
+
+
+def _env():
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env.pop("RANK", None)
+    return env
+
+
+def test_single_process_run_directory(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=2")]) == 0
+    for rel in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt", "eval/metrics.json"):
+        assert (run / rel).exists(), rel
+    assert {p.name for p in (run / "plots").glob("*.png")} >= {
+        "roc_test.png", "confusion_test.png", "training_curves.png", "latent_test.png"}
+    epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in epochs if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [0, 1]
+    last = epochs[-1]
+    for domain in ("source", "target"):
+        for split in ("train", "val"):
+            assert set(last[domain][split]) >= {"accuracy", "precision", "recall", "f1", "roc_auc", "brier", "confusion"}
+    assert last["images_per_s"] > 0 and last["step_time_s"] > 0
+    result = json.loads((run / "eval" / "metrics.json").read_text())
+    assert result["oracle"] is False and result["checkpoint"]["criterion"] == "source-val-acc"
+    assert "| run |" in capsys.readouterr().out
+
+
+def test_da_terms_are_logged(data, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), *_overrides(
+        data, run, "train.epochs=1", "loss.transfer=dann", "loss.fisher.weight=1.0", "loss.entropy_weight=0.05")]) == 0
+    record = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert set(record["loss"]) >= {"classifier", "transfer", "fisher", "fisher_intra", "fisher_inter", "entropy", "total"}
+    assert 0.0 <= record["discriminator_accuracy"] <= 1.0
+
+
+def test_bad_config_fails_before_training(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"base: {TINY}\ntrain:\n  batch_size: -4\n")
+    assert main(["train", "--config", str(bad)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "train.batch_size" in err and "bad.yaml" in err
+    assert main(["train", "--config", str(TINY), "train.no_such_key=3"]) == 1
+    assert "train.no_such_key" in capsys.readouterr().err
+
+
+def _start(args, log):
+    return subprocess.Popen([sys.executable, "-m", "dmhpc.train", *args], cwd=ROOT, env=_env(),
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def _wait_for_steps(run_dir, n, proc, timeout=120):
+    path = Path(run_dir) / "metrics.jsonl"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.exists() and sum('"kind": "step"' in l for l in path.read_text().splitlines()) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"trainer ended early with {proc.returncode}")
+        time.sleep(0.05)
+    raise AssertionError("trainer made no progress")
+
+
+def test_signal_checkpoints_requeue_code_and_resume_is_bit_identical(data, tmp_path):
+    common = ["--config", str(TINY)]
+    steps = ["train.epochs=4", "train.log_every=1", "model.name=deepmerge"]  # dropout: RNG state matters
+    # All three runs are subprocesses with the same environment: a different thread count changes
+    # the order of float reductions, and bit-identity is promised for the same machine set-up.
+    straight = tmp_path / "straight"
+    assert subprocess.run([sys.executable, "-m", "dmhpc.train", *common, *_overrides(data, straight, *steps)],
+                          cwd=ROOT, env=_env(), capture_output=True).returncode == 0
+
+    stopped = tmp_path / "stopped"
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = _start([*common, *_overrides(data, stopped, *steps)], log)
+        _wait_for_steps(stopped, 3, proc)
+        proc.send_signal(signal.SIGUSR2)
+        assert proc.wait(timeout=120) == REQUEUE_EXIT_CODE, (tmp_path / "log.txt").read_text()
+    assert "SIGUSR2" in (tmp_path / "log.txt").read_text()
+    ckpt = torch.load(stopped / "checkpoints" / "last.pt", weights_only=True)
+    total = json.loads((straight / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+    assert 3 <= ckpt["step"] < total  # stopped mid-run, after the step that saw the signal
+
+    resumed = subprocess.run([sys.executable, "-m", "dmhpc.train", *common, "--resume", "auto",
+                              *_overrides(data, stopped, *steps)], cwd=ROOT, env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    a, b = _weights(straight), _weights(stopped)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_signal_to_every_process_of_the_step_still_checkpoints(data, tmp_path, loader):
+    """srun and scancel signal every process of a job step, loader workers included."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    run = tmp_path / "run"
+    args = ["--config", str(TINY), *_overrides(data, run, "train.epochs=20", "train.log_every=1",
+                                               f"data.loader={loader}", "data.num_workers=2")]
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "dmhpc.train", *args], cwd=ROOT, env=_env(),
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        _wait_for_steps(run, 2, proc)
+        os.killpg(proc.pid, signal.SIGUSR2)
+        assert proc.wait(timeout=120) == REQUEUE_EXIT_CODE, (tmp_path / "log.txt").read_text()[-3000:]
+    assert (run / "checkpoints" / "last.pt").exists()
+
+
+def test_resume_after_a_stop_on_the_last_step_of_an_epoch(data, tmp_path):
+    run = tmp_path / "run"
+    args = ["--config", str(TINY), *_overrides(data, run, "train.epochs=30", "train.batch_size=64", "train.log_every=1")]
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = _start(args, log)  # 112 training rows / 64: one step per epoch, so every stop ends an epoch
+        _wait_for_steps(run, 2, proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == REQUEUE_EXIT_CODE, (tmp_path / "log.txt").read_text()
+    resumed = subprocess.run([sys.executable, "-m", "dmhpc.train", *args], cwd=ROOT, env=_env(),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    epochs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in epochs if r["kind"] == "epoch"] == list(range(30))
+
+
+def test_torchrun_two_ranks(data, tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "dmhpc.train", "--config", str(TINY),
+         *_overrides(data, run, "train.epochs=2", "loss.transfer=mmd", "loss.fisher.weight=1.0")],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world 2" in proc.stdout
+    assert json.loads((run / "eval" / "metrics.json").read_text())["source"]["n"] > 0
+
+
+def test_torchrun_restarts_a_crashed_rank_from_the_checkpoint(data, tmp_path):
+    run = tmp_path / "run"
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen(
+            [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--max-restarts=1", "-m", "dmhpc.train",
+             "--config", str(TINY), *_overrides(data, run, "train.epochs=6", "train.log_every=1")],
+            cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while not (run / "checkpoints" / "last.pt").exists():
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "log.txt").read_text()
+            time.sleep(0.05)
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert workers, "no worker processes found"
+        os.kill(int(workers[0]), signal.SIGKILL)
+        assert proc.wait(timeout=300) == 0, (tmp_path / "log.txt").read_text()[-4000:]
+    assert "resumed from" in (tmp_path / "log.txt").read_text()
+
+
+def test_dali_loader_trains(data, tmp_path):
+    pytest.importorskip("nvidia.dali")
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1", "data.loader=dali")]) == 0
+    assert (run / "eval" / "metrics.json").exists()
+
+
+def test_bf16_autocast_channels_last(data, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), *_overrides(
+        data, run, "train.epochs=1", "train.amp=bf16", "train.channels_last=true", "loss.transfer=mmd")]) == 0
+
+
+def test_debug_mode(data, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1", "debug=true")]) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_resident_training_on_cuda(data, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), *_overrides(
+        data, run, "train.epochs=1", "data.loader=gpu-resident", "train.amp=bf16")]) == 0
