@@ -392,7 +392,7 @@ def _yaml_error(exc: yaml.YAMLError) -> str:
     return f"invalid YAML: {problem}{where}"
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
     if not path.exists():
         raise DmhpcError(f"{path}: config file not found")
     if path.is_dir():
@@ -437,7 +437,7 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict]:
     if resolved in chain:
         names = " -> ".join(str(p) for p in (*chain, resolved))
         raise DmhpcError(f"{path}: base: files inherit from each other in a cycle: {names}")
-    data = _read_yaml(path)
+    data = read_yaml(path)
     raw: dict = {}
     origin: dict = {}
     if "base" in data:

@@ -113,6 +113,32 @@ def latent_embedding(features: dict, path: Path, title: str, method: str = "tsne
     return _save(fig, path)
 
 
+def scaling_curves(rows: list[dict], path: Path, unit: str) -> Path:
+    """Throughput per GPU and efficiency over the number of GPUs: one line per model, mode and
+    GPUs per node, so that more nodes extend each line."""
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in sorted({(r["model"], r["mode"], r["gpus_per_node"]) for r in rows}):
+        group = sorted((r for r in rows if (r["model"], r["mode"], r["gpus_per_node"]) == key),
+                       key=lambda r: r["gpus"])
+        gpus = [r["gpus"] for r in group]
+        style = "-o" if key[1] == "weak" else "--s"
+        label = f"{key[0]} {key[1]}, {key[2]}/node"
+        left.plot(gpus, [r["images_per_s_per_gpu"] for r in group], style, label=label)
+        right.plot(gpus, [r["efficiency"] for r in group], style, label=label)
+    right.axhline(1.0, color="grey", linestyle=":", linewidth=1)
+    units = f"{unit}s" if unit == "GPU" else "CPU processes"
+    left.set(xlabel=units, ylabel=f"images/s per {unit}", title=f"throughput per {unit}")
+    right.set(xlabel=units, ylabel="efficiency", title="scaling efficiency", ylim=(0, None))
+    ticks = sorted({r["gpus"] for r in rows})
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -66,11 +66,15 @@ def _train(cfg, resume: str, dist) -> int:
 
     # --- set-up -------------------------------------------------------------------------------
     subset = DEBUG_BATCHES * cfg.train.batch_size * dist.world_size if cfg.debug else None
+    t_setup = time.perf_counter()
     loader = make_train_loader(
         cfg.data.loader, cfg.data.source, cfg.data.target, batch_size=cfg.train.batch_size,
         rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, device=dist.device,
         augment=cfg.data.augment, normalize=cfg.data.normalize, num_workers=cfg.data.num_workers,
         subset=subset)
+    # Data staging (reading the data into device memory, or starting reader processes): the
+    # slowest rank's time, which scaling studies report beside the throughput.
+    loader_setup_s = max(all_gather_object(time.perf_counter() - t_setup))
     model = DomainAdaptation(cfg, seed=cfg.seed).to(dist.device)
     if cfg.train.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -113,6 +117,8 @@ def _train(cfg, resume: str, dist) -> int:
             print(f"dmhpc train: resumed from {path} at epoch {prog.epoch}, step {prog.step}", flush=True)
     if log is not None:
         _truncate_log(run_dir, prog.step)  # a fresh start or a resume: no records from the future
+        log.write({"kind": "setup", "step": prog.step, "world_size": dist.world_size, "loader": loader.kind,
+                   "loader_setup_s": loader_setup_s}, prog.step)
 
     def checkpoint(name: str, selection: dict | None = None) -> None:
         rng = gather_rng_states()  # a collective: every rank calls it

@@ -86,11 +86,17 @@ def test_train_ddp_checkpoints_on_usr2_requeues_and_resumes(slurm_cluster, tmp_p
     # 480 images, 70 % for training, 4 per rank and batch on 2 ranks: one epoch of 42 steps, so the
     # signal, sent after the first step, lands well inside it.
     data = _tiny_domains(tmp_path / "data", n=480)
-    run = tmp_path / "run"
-    job_id = slurm_cluster.sbatch(
-        "--nodes=2", "--cpus-per-task=2", f"--output={tmp_path}/out", "slurm/train_ddp.sh", "configs/tiny.yaml",
-        f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}", f"run.dir={run}", "train.epochs=1",
-        "train.batch_size=4", "train.log_every=1", cwd=REPO, env=JOB_ENV)
+    run, reference = tmp_path / "run", tmp_path / "reference"
+
+    def submit(run_dir, output):
+        # One CPU per node each, so that the uninterrupted reference runs alongside.
+        return slurm_cluster.sbatch(
+            "--nodes=2", "--cpus-per-task=1", f"--output={output}", "slurm/train_ddp.sh", "configs/tiny.yaml",
+            f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}", f"run.dir={run_dir}",
+            "train.epochs=1", "train.batch_size=4", "train.log_every=1", cwd=REPO, env=JOB_ENV)
+
+    reference_id = submit(reference, tmp_path / "reference.out")
+    job_id = submit(run, tmp_path / "out")
     metrics = run / "metrics.jsonl"
     slurm_cluster.wait_for(lambda: metrics.is_file() and '"kind": "step"' in metrics.read_text(),
                            "training step", job_id, timeout=120)
@@ -104,3 +110,14 @@ def test_train_ddp_checkpoints_on_usr2_requeues_and_resumes(slurm_cluster, tmp_p
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"kind": "step"' in line]
     assert steps == list(range(1, 42 + 1)), steps
     assert (run / "eval" / "metrics.json").is_file(), job
+    # The requeued run ends with exactly the weights of the uninterrupted one (same world size,
+    # same threads: JOB_ENV's OMP_NUM_THREADS=1 in both).
+    ref = slurm_cluster.wait(reference_id, timeout=300)
+    assert (ref.state, ref.exit_code, ref.restarts) == ("COMPLETED", 0, 0), ref
+    import torch
+
+    a = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

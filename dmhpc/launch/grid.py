@@ -1,0 +1,263 @@
+"""Grids of training runs: the grid file, its points and run directories, and the launch.
+
+    python launch/grid.py configs/grid/mmd-fisher-weights.yaml [--no-wait]
+    dmhpc.launch.launch_grid("configs/grid/mmd-fisher-weights.yaml")   # or a dict of the same keys
+
+A grid file (every key; docs/cluster.md has the reference):
+
+    base: ../deepmerge-mmd-fisher-entropy.yaml  # training config, relative to the grid file
+    out: runs/grid/mmd-fisher                   # run directories + leaderboard, relative to the cwd
+    executor: slurm                             # slurm | local | debug
+    overrides: {train.epochs: 50}               # the same for every point (not in the names)
+    grid:                                       # cartesian product of these values
+      loss.transfer_weight: [0.5, 1.0]
+      seed: [0, 1]
+    random:                                     # n seeded samples, each crossed with every grid point
+      n: 4
+      seed: 0
+      space:
+        optim.lr: {low: 1.0e-4, high: 1.0e-2, log: true}   # uniform (log-uniform), 4 digits
+        loss.entropy_weight: [0.0, 0.05, 0.1]               # one of these
+    slurm: {nodes: 1, gpus_per_node: 1, cpus_per_task: 8, time: "04:00:00", partition: gpu}
+
+Every point is run directory OUT/<name>, the name made of its grid and random values
+(`loss.transfer_weight=0.5,seed=0`). Every point's configuration is validated before anything is
+submitted; all problems are reported together. A second launch skips finished points (their
+eval/metrics.json exists), resumes the others from their last checkpoint, and refuses a run
+directory that holds a run of another configuration.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from dmhpc.errors import DmhpcError
+from dmhpc.launch.leaderboard import write_leaderboard
+from dmhpc.launch.spec import (Point, Problems, boolean, check_existing_runs, check_point_problems, choice,
+                               dotted_keys, integer, number, point_problem, read_launch_file, resolve_point, show,
+                               take, text, unknown_keys)
+from dmhpc.launch.submit import EXECUTORS, Resources, TrainTask, launch_points, preempt_signal, read_resources
+
+GRID_KEYS = ("base", "out", "executor", "overrides", "grid", "random", "slurm")
+RANDOM_KEYS = ("n", "seed", "space")
+RANGE_KEYS = ("low", "high", "log")
+# Keys the launcher sets for every point, and why.
+LAUNCHER_KEYS = {"run.dir": "OUT/<point name>", "train.signals": "[submitit's preemption signal]"}
+NAME_LIMIT = 120
+
+
+@dataclass(frozen=True)
+class Range:
+    """A continuous random choice: uniform in [low, high], or log-uniform."""
+
+    low: float
+    high: float
+    log: bool = False
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A checked grid file: where it came from, where runs go, how they are submitted, its points."""
+
+    source: str
+    out: Path
+    executor: str
+    resources: Resources
+    points: tuple[Point, ...]
+
+
+# --- expansion -------------------------------------------------------------------------------------
+
+def _draw(dimension: list | Range, rng: random.Random) -> Any:
+    u = rng.random()  # random() is the one stream Python keeps stable across versions
+    if isinstance(dimension, list):
+        return dimension[min(int(u * len(dimension)), len(dimension) - 1)]
+    if dimension.log:
+        value = math.exp(math.log(dimension.low) + u * (math.log(dimension.high) - math.log(dimension.low)))
+    else:
+        value = dimension.low + u * (dimension.high - dimension.low)
+    return float(f"{value:.4g}")  # the value trained with is the value in the name
+
+
+def sample_space(space: Mapping[str, list | Range], n: int, seed: int) -> list[dict]:
+    """n distinct seeded samples of `space` (dotted key -> list of choices or Range)."""
+    rng = random.Random(seed)
+    samples: list[dict] = []
+    seen: set[str] = set()
+    for _ in range(100 * n):
+        if len(samples) == n:
+            break
+        sample = {key: _draw(space[key], rng) for key in sorted(space)}
+        text_ = json.dumps(sample, sort_keys=True)
+        if text_ not in seen:
+            seen.add(text_)
+            samples.append(sample)
+    if len(samples) < n:
+        raise DmhpcError(f"random.n: {n} distinct samples asked for, the space gave only {len(samples)}")
+    return samples
+
+
+def expand(grid: Mapping[str, list], samples: list[dict] | None = None) -> list[dict]:
+    """The points' values: the cartesian product of `grid`, each crossed with every random sample."""
+    keys = sorted(grid)
+    points = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    if samples:
+        points = [{**p, **s} for p in points for s in samples]
+    return points
+
+
+def _value_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def point_name(values: Mapping[str, Any]) -> str:
+    """`key=value,key=value` in key order: stable, and safe as one directory name.
+
+    Characters other than letters, digits and ._=,+- become "_"; then, or when the name is long,
+    a hash of the exact values keeps different points apart.
+    """
+    raw = ",".join(f"{k}={_value_text(v)}" for k, v in sorted(values.items()))
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", raw)
+    if safe != raw or len(safe) > NAME_LIMIT:
+        safe = f"{safe[:NAME_LIMIT - 9]}-{hashlib.sha1(raw.encode()).hexdigest()[:8]}"
+    return safe
+
+
+# --- reading and checking --------------------------------------------------------------------------
+
+def _read_grid(problems: Problems, data: Any) -> dict[str, list]:
+    grid = dotted_keys(problems, data, "grid", LAUNCHER_KEYS)
+    for key, values in list(grid.items()):
+        if not isinstance(values, list) or not values:
+            problems.add(f"grid.{key}", f"expected a non-empty list of values, got {show(values)}")
+            del grid[key]
+        elif len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+            problems.add(f"grid.{key}", f"a value is repeated in {show(values)}")
+            del grid[key]
+    return grid
+
+
+def _read_random(problems: Problems, data: Any) -> tuple[dict, int, int]:
+    """(space, n, seed) of the `random` section; an empty space when absent or bad."""
+    if data is None:
+        return {}, 0, 0
+    if not isinstance(data, Mapping):
+        problems.add("random", f"expected a mapping with n, seed and space, got {show(data)}")
+        return {}, 0, 0
+    unknown_keys(problems, data, RANDOM_KEYS, "random.")
+    n = take(problems, data, "n", integer(1), prefix="random.")
+    seed = take(problems, data, "seed", integer(0), 0, "random.")
+    if "space" not in data:
+        problems.add("random.space", "missing (required)")
+    elif not data["space"]:
+        problems.add("random.space", "empty: give at least one dotted key with choices or a range")
+    space = dotted_keys(problems, data.get("space"), "random.space", LAUNCHER_KEYS)
+    for key, dim in list(space.items()):
+        where = f"random.space.{key}"
+        if isinstance(dim, list) and dim:
+            continue
+        if isinstance(dim, Mapping):
+            unknown_keys(problems, dim, RANGE_KEYS, where + ".")
+            low = take(problems, dim, "low", number, prefix=where + ".")
+            high = take(problems, dim, "high", number, prefix=where + ".")
+            log = take(problems, dim, "log", boolean, False, where + ".")
+            if low is not None and high is not None:
+                if not low < high:
+                    problems.add(where, f"low must be below high, got low {low:g}, high {high:g}")
+                elif log and low <= 0:
+                    problems.add(where, f"log: true needs low > 0, got {low:g}")
+                else:
+                    space[key] = Range(low, high, log)
+                    continue
+        else:
+            problems.add(where, f"expected a non-empty list of choices or {{low, high, log}}, got {show(dim)}")
+        del space[key]
+    return space, n or 0, seed
+
+
+def load_grid(spec: str | Path | Mapping) -> Grid:
+    """Read and check a grid file (or dict) and every point it expands to; raise all problems at once."""
+    data, source, here = read_launch_file(spec)
+    problems = Problems(source)
+    unknown_keys(problems, data, GRID_KEYS)
+    base_text = take(problems, data, "base", text)
+    out_text = take(problems, data, "out", text)
+    executor = take(problems, data, "executor", choice(*EXECUTORS), "slurm")
+    overrides = dotted_keys(problems, data.get("overrides"), "overrides", LAUNCHER_KEYS)
+    grid = _read_grid(problems, data.get("grid"))
+    space, n, seed = _read_random(problems, data.get("random"))
+    resources = read_resources(problems, data.get("slurm"), shape=True, executor=executor)
+    if "grid" in data and not data["grid"]:
+        problems.add("grid", "empty: give at least one dotted key with a list of values "
+                     "(or leave grid out and use random)")
+    if "grid" not in data and "random" not in data:
+        problems.add("grid", "missing: give a grid of values, a random section, or both")
+    for key in sorted((set(grid) & set(space)) | (set(overrides) & (set(grid) | set(space)))):
+        problems.add(key, "set in more than one of overrides, grid and random.space")
+    base = None
+    if base_text is not None:
+        base = (here / base_text) if not Path(base_text).is_absolute() else Path(base_text)
+        if not base.is_file():
+            problems.add("base", f"config file not found: {base}")
+            base = None
+    if base is not None and not problems.lines:
+        try:
+            resolve_point(base, overrides)
+        except DmhpcError as exc:
+            problems.add("overrides", point_problem(exc))
+    if problems.lines:  # the points would repeat these problems
+        problems.raise_if_any()
+
+    out = Path(out_text).resolve()
+    try:
+        samples = sample_space(space, n, seed) if space else None
+    except DmhpcError as exc:
+        problems.add(None, str(exc))
+        problems.raise_if_any()
+    points, failures, names = [], {}, {}
+    for values in expand(grid, samples):
+        name = point_name(values)
+        if name in names:
+            problems.add(f"point {name}", f"two points share this name: {show(names[name])} and {show(values)}")
+            continue
+        names[name] = values
+        run_dir = out / name
+        try:
+            cfg = resolve_point(base, {**overrides, **values, "run.dir": str(run_dir),
+                                       "train.signals": [preempt_signal()]})
+        except DmhpcError as exc:
+            failures[name] = point_problem(exc)
+            continue
+        points.append(Point(name, dict(values), run_dir, cfg))
+    check_point_problems(problems, failures)
+    check_existing_runs(problems, points)
+    problems.raise_if_any()
+    return Grid(source, out, executor, resources, tuple(points))
+
+
+def launch_grid(spec: str | Path | Mapping, wait: bool = True) -> list[dict]:
+    """Check the grid, submit its unfinished points as one job array, wait, write the leaderboard.
+
+    Returns the leaderboard rows (see `dmhpc.launch.leaderboard`). With wait=False (slurm only) the
+    leaderboard shows the state at submission; launching again later skips what finished and
+    waits for what is still queued. Failed points are raised as one DmhpcError after the
+    leaderboard is written.
+    """
+    g = load_grid(spec)
+    failures = launch_points(list(g.points), {p.name: g.resources for p in g.points}, kind=g.executor,
+                             folder=g.out / "submitit", job_name=f"dmhpc-{g.out.name}", task=TrainTask(),
+                             wait=wait)
+    rows = write_leaderboard(g.out, g.points, failed=failures)
+    print(f"dmhpc launch: leaderboard in {g.out / 'leaderboard.md'} and leaderboard.csv", flush=True)
+    if failures:
+        raise DmhpcError("\n".join([f"{g.source}: {len(failures)} point(s) failed:",
+                                    *(f"point {name}: {why}" for name, why in failures.items())]))
+    return rows

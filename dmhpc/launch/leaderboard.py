@@ -1,0 +1,136 @@
+"""The leaderboard of a grid: OUT/leaderboard.csv and OUT/leaderboard.md, read from the run directories.
+
+Runs are ranked by the score of their selected checkpoint (`select.criterion`, higher is better),
+as the trainer recorded it in RUN/eval/metrics.json ("checkpoint"; the same as best.pt's
+"selection"). Every criterion but "oracle-target-acc" is computed without target labels, so the
+ranking is a choice a user could make without them. Target-domain test metrics are shown beside
+it for reporting only: choosing a run by them uses the labels domain adaptation assumes unknown.
+Runs selected with the oracle are marked. Scores of different criteria are not comparable: a grid
+over `select.criterion` is ranked within each criterion.
+
+Unfinished points follow the finished ones, with the score of their best checkpoint so far.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Mapping
+
+from dmhpc.launch.spec import Point
+from dmhpc.train.metrics import CRITERIA
+
+METRICS = ("accuracy", "roc_auc", "f1", "brier")
+REPORT_ONLY = "_reporting_only"  # suffix of the target columns in the CSV
+
+
+def _score(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def _best_so_far(run_dir: Path) -> dict:
+    best = run_dir / "checkpoints" / "best.pt"
+    if not best.is_file():
+        return {}
+    import torch
+
+    try:
+        state = torch.load(best, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # written at this moment, or damaged: the row just has no score yet
+        return {}
+    return {**state.get("selection", {}), "epoch": state.get("epoch")}
+
+
+def point_row(point: Point, failed: str | None = None) -> dict:
+    """One leaderboard row: the point's values, status, selection and test metrics."""
+    row: dict = {"point": point.name, **{k: v for k, v in sorted(point.values.items())}}
+    path = point.run_dir / "eval" / "metrics.json"
+    if path.is_file():
+        result = json.loads(path.read_text())
+        selected = result.get("checkpoint", {})
+        row.update(status="finished", criterion=selected.get("criterion"), score=_score(selected.get("score")),
+                   oracle=bool(result.get("oracle")), epoch=selected.get("epoch"))
+        for domain in ("source", "target"):
+            for m in METRICS:
+                row[f"{domain}_{m}"] = _score(result.get(domain, {}).get(m))
+    else:
+        selected = _best_so_far(point.run_dir)
+        status = "failed" if failed else ("unfinished" if (point.run_dir / "checkpoints").is_dir() else "not started")
+        criterion = selected.get("criterion", point.config.select.criterion)
+        row.update(status=status, criterion=criterion, score=_score(selected.get("score")),
+                   oracle=CRITERIA.get(criterion, False), epoch=selected.get("epoch"))
+    row["run_dir"] = str(point.run_dir)
+    return row
+
+
+STATUS_ORDER = ("finished", "unfinished", "failed", "not started")
+
+
+def _order(row: dict):
+    score = row["score"]
+    return (STATUS_ORDER.index(row["status"]), row["criterion"] or "", math.isnan(score),
+            0.0 if math.isnan(score) else -score, row["point"])
+
+
+def leaderboard_rows(points: Iterable[Point], failed: Mapping[str, str] | None = None) -> list[dict]:
+    """Rows in rank order; finished rows get a rank (1 = best) within their criterion."""
+    failed = failed or {}
+    rows = sorted((point_row(p, failed.get(p.name)) for p in points), key=_order)
+    counters: dict[str, int] = {}
+    for row in rows:
+        if row["status"] == "finished" and not math.isnan(row["score"]):
+            counters[row["criterion"]] = counters.get(row["criterion"], 0) + 1
+            row["rank"] = counters[row["criterion"]]
+        else:
+            row["rank"] = None
+    return rows
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def write_leaderboard(out: Path, points: Iterable[Point], failed: Mapping[str, str] | None = None) -> list[dict]:
+    """Write OUT/leaderboard.csv and OUT/leaderboard.md; return the rows."""
+    points = list(points)
+    rows = leaderboard_rows(points, failed)
+    keys = sorted({k for p in points for k in p.values})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    columns = ["rank", "point", "status", "criterion", "score", "oracle", "epoch", *keys,
+               *(f"source_{m}" for m in METRICS), *(f"target_{m}{REPORT_ONLY}" for m in METRICS), "run_dir"]
+    with (out / "leaderboard.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        for row in rows:
+            record = {c: row.get(c) for c in columns}
+            record.update({f"target_{m}{REPORT_ONLY}": row.get(f"target_{m}") for m in METRICS})
+            writer.writerow({c: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
+                             for c, v in record.items()})
+
+    criteria = sorted({r["criterion"] for r in rows if r["criterion"]})
+    lines = [f"# Leaderboard: {out}", "",
+             f"Ranked by the selection score of each run's selected checkpoint ({', '.join(criteria)}; higher "
+             "is better), measured on validation data without target labels unless the row is marked "
+             "oracle.",
+             "Target-domain test metrics (†) are for reporting only: choosing a run by them uses the target "
+             "labels that domain adaptation assumes unknown."]
+    if len(criteria) > 1:
+        lines.append("Scores of different criteria are not comparable: runs are ranked within each criterion.")
+    lines += ["", "| rank | point | criterion | score | epoch | source acc | source AUC | target acc † "
+              "| target AUC † | target F1 † | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        criterion = (r["criterion"] or "") + (" (oracle)" if r["oracle"] else "")
+        lines.append(f"| {_fmt(r['rank'])} | {r['point']} | {criterion} | {_fmt(r['score'])} | {_fmt(r['epoch'])} "
+                     f"| {_fmt(r.get('source_accuracy'), 3)} | {_fmt(r.get('source_roc_auc'), 3)} "
+                     f"| {_fmt(r.get('target_accuracy'), 3)} | {_fmt(r.get('target_roc_auc'), 3)} "
+                     f"| {_fmt(r.get('target_f1'), 3)} | {r['status']} |")
+    (out / "leaderboard.md").write_text("\n".join(lines) + "\n")
+    return rows

@@ -1,0 +1,277 @@
+"""Scaling studies: training throughput over ResNet depth, GPUs and nodes, weak and strong scaling.
+
+    python launch/scaling.py configs/scaling/resnet.yaml [--no-wait]
+    dmhpc.launch.launch_scaling("configs/scaling/resnet.yaml")    # or a dict of the same keys
+
+A study file (every key; docs/cluster.md has the reference):
+
+    base: ../resnet18-mmd-fisher.yaml   # training config, relative to the study file
+    out: runs/scaling/resnet            # run directories, table and plot; relative to the cwd
+    executor: slurm                     # slurm | local | debug
+    models: [resnet18, resnet34, resnet50]
+    nodes: [1, 2, 4]
+    gpus_per_node: [1, 2, 4]            # ranks per node, one per GPU
+    device: gpu                         # cpu: ranks are CPU processes and no GPU is asked for
+    weak: {batch_per_gpu: 64}           # fixed per-GPU batch (per domain, as train.batch_size)
+    strong: {global_batch: 256}         # fixed global batch, split over the GPUs
+    epochs: 3                           # short runs; the first epoch is warm-up, not measured
+    max_steps: 0                        # cap on the steps of each run (0: none)
+    overrides: {data.num_workers: 4}    # the same for every point
+    slurm: {partition: gpu, cpus_per_task: 8, time: 30, exclusive: true}
+
+Each point (model x weak/strong x nodes x gpus_per_node) is a short training run. Throughput is
+read from the trainer's epoch records (`step_time_s`, measured before the epoch's evaluation)
+over every epoch after the first; with a single epoch it includes the warm-up and the table says
+so. Images are counted as the trainer counts them: source and target images of every rank
+(2 x global batch per step). With N GPUs and the study's smallest N0 as reference:
+
+    speedup    S = X(N) / X(N0)            X = images/s of the whole job
+    efficiency E = S * N0 / N
+
+Weak scaling (fixed per-GPU batch): E = X(N) / (N X(1)) for N0 = 1, the per-GPU throughput kept.
+Strong scaling (fixed global batch G): a step is the same work at every N, X = 2G / T(N), so
+S = T(N0) / T(N) and E = T(1) / (N T(N)) for N0 = 1.
+
+Data staging (the `staging_s` column): the slowest rank's loader set-up time, which the trainer
+records in its first "setup" record of metrics.jsonl. For the gpu-resident loader that is reading
+both training splits into device memory; the torch and DALI loaders read during the steps, so
+their reading is in the throughput instead.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Mapping
+
+from dmhpc.config import MODEL_NAMES
+from dmhpc.errors import DmhpcError
+from dmhpc.launch.spec import (Point, Problems, check_existing_runs, check_point_problems, choice, dotted_keys,
+                               integer, integer_list, point_problem, read_launch_file, resolve_point, show, take,
+                               text, unknown_keys)
+from dmhpc.launch.submit import (EXECUTORS, TrainTask, check_executor_shape, launch_points, preempt_signal,
+                                 read_resources)
+
+STUDY_KEYS = ("base", "out", "executor", "models", "nodes", "gpus_per_node", "device", "weak", "strong",
+              "epochs", "max_steps", "overrides", "slurm")
+# Keys the study sets for each point, and why.
+STUDY_OWNED = {"model.name": "models", "train.batch_size": "weak.batch_per_gpu or strong.global_batch",
+               "train.epochs": "epochs", "train.max_steps": "max_steps",
+               "train.eval_every": "epochs (evaluation only after the last)", "run.dir": "OUT/<point name>",
+               "train.signals": "[submitit's preemption signal]"}
+MODES = ("weak", "strong")
+COLUMNS = ("model", "mode", "nodes", "gpus_per_node", "gpus", "batch_per_gpu", "global_batch", "step_time_s",
+           "images_per_s", "images_per_s_per_gpu", "speedup", "efficiency", "staging_s", "loader",
+           "warmup_excluded", "status", "point", "run_dir")
+
+
+@dataclass(frozen=True)
+class Study:
+    """A checked study file and its points (point.values: model, mode, nodes, gpus_per_node, batch)."""
+
+    source: str
+    out: Path
+    executor: str
+    device: str      # "gpu" or "cpu"
+    resources: dict  # point name -> Resources
+    points: tuple[Point, ...]
+
+
+# --- reading and checking --------------------------------------------------------------------------
+
+def _mode_batch(problems: Problems, data: Mapping, mode: str) -> int | None:
+    key = {"weak": "batch_per_gpu", "strong": "global_batch"}[mode]
+    section = data.get(mode)
+    if section is None:
+        return None
+    if not isinstance(section, Mapping):
+        problems.add(mode, f"expected a mapping with {key}, got {show(section)}")
+        return None
+    unknown_keys(problems, section, (key,), f"{mode}.")
+    return take(problems, section, key, integer(1), prefix=f"{mode}.")
+
+
+def load_study(spec: str | Path | Mapping) -> Study:
+    """Read and check a study file (or dict) and every point; raise all problems at once."""
+    data, source, here = read_launch_file(spec)
+    problems = Problems(source)
+    unknown_keys(problems, data, STUDY_KEYS)
+    base_text = take(problems, data, "base", text)
+    out_text = take(problems, data, "out", text)
+    executor = take(problems, data, "executor", choice(*EXECUTORS), "slurm")
+    models = take(problems, data, "models", _models)
+    nodes = take(problems, data, "nodes", integer_list, (1,))
+    gpn = take(problems, data, "gpus_per_node", integer_list, (1,))
+    device = take(problems, data, "device", choice("gpu", "cpu"), "gpu")
+    batches = {mode: _mode_batch(problems, data, mode) for mode in MODES}
+    if all(b is None for b in batches.values()) and "weak" not in data and "strong" not in data:
+        problems.add("weak", "give weak (batch_per_gpu), strong (global_batch) or both")
+    epochs = take(problems, data, "epochs", integer(1), 3)
+    max_steps = take(problems, data, "max_steps", integer(0), 0)
+    overrides = dotted_keys(problems, data.get("overrides"), "overrides", STUDY_OWNED)
+    site = read_resources(problems, data.get("slurm"), shape=False, executor=executor)
+    if nodes and gpn:  # the largest job must fit the executor
+        check_executor_shape(problems, executor, replace(site, nodes=max(nodes), tasks_per_node=max(gpn)))
+    base = None
+    if base_text is not None:
+        base = (here / base_text) if not Path(base_text).is_absolute() else Path(base_text)
+        if not base.is_file():
+            problems.add("base", f"config file not found: {base}")
+            base = None
+    if problems.lines:
+        problems.raise_if_any()
+
+    out = Path(out_text).resolve()
+    points, resources, failures = [], {}, {}
+    for model in models:
+        for mode in MODES:
+            if batches[mode] is None:
+                continue
+            for n in nodes:
+                for g in gpn:
+                    gpus = n * g
+                    name = f"{model}-{mode}-{n}x{g}"
+                    if mode == "weak":
+                        batch = batches[mode]
+                    elif batches[mode] % gpus:
+                        failures[name] = (f"strong.global_batch {batches[mode]} does not split evenly over "
+                                          f"{gpus} GPUs")
+                        continue
+                    else:
+                        batch = batches[mode] // gpus
+                    run_dir = out / name
+                    try:
+                        cfg = resolve_point(base, {
+                            **overrides, "model.name": model, "train.batch_size": batch, "train.epochs": epochs,
+                            "train.max_steps": max_steps, "train.eval_every": epochs, "run.dir": str(run_dir),
+                            "train.signals": [preempt_signal()]})
+                    except DmhpcError as exc:
+                        failures[name] = point_problem(exc)
+                        continue
+                    res = replace(site, nodes=n, tasks_per_node=g, gpus_per_node=g if device == "gpu" else 0)
+                    values = {"model": model, "mode": mode, "nodes": n, "gpus_per_node": g, "batch_per_gpu": batch}
+                    points.append(Point(name, values, run_dir, cfg))
+                    resources[name] = res
+    check_point_problems(problems, failures)
+    check_existing_runs(problems, points)
+    problems.raise_if_any()
+    return Study(source, out, executor, device, resources, tuple(points))
+
+
+def _models(v) -> tuple[str, ...]:
+    if not isinstance(v, list) or not v or not all(m in MODEL_NAMES for m in v) or len(set(v)) != len(v):
+        raise ValueError(f"a non-empty list of distinct model names ({', '.join(MODEL_NAMES)})")
+    return tuple(v)
+
+
+# --- measuring ------------------------------------------------------------------------------------
+
+def steady_step_time(records: list[dict]) -> tuple[float, bool]:
+    """(mean step time in seconds over the epochs after the first, whether the first was excluded).
+
+    With one epoch record its time is used, warm-up included. Epochs are weighted by their steps.
+    """
+    epochs = [r for r in records if r.get("kind") == "epoch" and r.get("step_time_s")]
+    if not epochs:
+        return math.nan, False
+    steps = [r["step"] - prev for prev, r in zip([0] + [e["step"] for e in epochs], epochs)]
+    use = range(1, len(epochs)) if len(epochs) > 1 else range(1)
+    total = sum(steps[i] for i in use)
+    if total <= 0:
+        return math.nan, len(epochs) > 1
+    return sum(steps[i] * epochs[i]["step_time_s"] for i in use) / total, len(epochs) > 1
+
+
+def staging_seconds(records: list[dict]) -> tuple[float, str]:
+    """(slowest rank's loader set-up time, loader kind) from the run's first start."""
+    setup = next((r for r in records if r.get("kind") == "setup"), None)
+    return (setup["loader_setup_s"], setup["loader"]) if setup else (math.nan, "")
+
+
+def measure(point: Point) -> dict:
+    """The point's row without speedup and efficiency (NaN where the run has not finished)."""
+    from dmhpc.train.metrics import read_log
+
+    v = point.values
+    gpus = v["nodes"] * v["gpus_per_node"]
+    records = read_log(point.run_dir)
+    step_time, warmup_excluded = steady_step_time(records)
+    staging, loader = staging_seconds(records)
+    global_batch = v["batch_per_gpu"] * gpus
+    images = 2 * global_batch / step_time  # NaN when not measured
+    return {"model": v["model"], "mode": v["mode"], "nodes": v["nodes"], "gpus_per_node": v["gpus_per_node"],
+            "gpus": gpus, "batch_per_gpu": v["batch_per_gpu"], "global_batch": global_batch,
+            "step_time_s": step_time, "images_per_s": images, "images_per_s_per_gpu": images / gpus,
+            "staging_s": staging, "loader": loader, "warmup_excluded": warmup_excluded,
+            "status": "finished" if point.finished else "not finished", "point": point.name,
+            "run_dir": str(point.run_dir)}
+
+
+def scaling_table(rows: list[dict]) -> list[dict]:
+    """Add speedup and efficiency to measured rows, against the fewest GPUs of the same model and mode."""
+    out = [dict(r) for r in rows]
+    for key in {(r["model"], r["mode"]) for r in out}:
+        group = [r for r in out if (r["model"], r["mode"]) == key]
+        measured = [r for r in group if not math.isnan(r["images_per_s"])]
+        base = min(measured, key=lambda r: (r["gpus"], r["nodes"])) if measured else None
+        for r in group:
+            if base is None or math.isnan(r["images_per_s"]):
+                r["speedup"] = r["efficiency"] = math.nan
+            else:
+                r["speedup"] = r["images_per_s"] / base["images_per_s"]
+                r["efficiency"] = r["speedup"] * base["gpus"] / r["gpus"]
+    order = {m: i for i, m in enumerate(MODEL_NAMES)}
+    return sorted(out, key=lambda r: (order.get(r["model"], 99), MODES.index(r["mode"]), r["gpus"], r["nodes"]))
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def write_scaling(out: Path, rows: list[dict], device: str) -> None:
+    """OUT/scaling.csv, OUT/scaling.md and OUT/scaling.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "scaling.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({c: ("" if isinstance(r[c], float) and math.isnan(r[c]) else r[c]) for c in COLUMNS})
+    unit = "GPU" if device == "gpu" else "CPU process"
+    lines = [f"# Scaling: {out}", "",
+             f"Images/s count source and target images (2 x global batch per step). A \"GPU\" is a {unit}. "
+             "Speedup and efficiency are against the fewest GPUs of the same model and mode: "
+             "efficiency = speedup x N0 / N (weak: per-GPU throughput kept; strong: T(N0) N0 / (T(N) N)). "
+             "Staging: the slowest rank's loader set-up, not in the throughput. Warm-up: the first epoch "
+             "is excluded where the run had more than one.", "",
+             "| model | mode | nodes | GPUs/node | GPUs | batch/GPU | global batch | step s | images/s "
+             "| images/s/GPU | speedup | efficiency | staging s | warm-up excluded |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r[c]) for c in (
+            "model", "mode", "nodes", "gpus_per_node", "gpus", "batch_per_gpu", "global_batch", "step_time_s",
+            "images_per_s", "images_per_s_per_gpu", "speedup", "efficiency", "staging_s", "warmup_excluded")) + " |")
+    (out / "scaling.md").write_text("\n".join(lines) + "\n")
+    from dmhpc.plots import scaling_curves
+
+    scaling_curves(rows, out / "scaling.png", unit)
+
+
+def launch_scaling(spec: str | Path | Mapping, wait: bool = True) -> list[dict]:
+    """Check the study, submit its unfinished points, wait, write the table (CSV, Markdown) and plot."""
+    study = load_study(spec)
+    failures = launch_points(list(study.points), study.resources, kind=study.executor,
+                             folder=study.out / "submitit", job_name=f"dmhpc-{study.out.name}",
+                             task=TrainTask(), wait=wait)
+    rows = scaling_table([measure(p) for p in study.points])
+    write_scaling(study.out, rows, study.device)
+    print(f"dmhpc launch: scaling table in {study.out / 'scaling.md'}, scaling.csv and scaling.png", flush=True)
+    if failures:
+        raise DmhpcError("\n".join([f"{study.source}: {len(failures)} point(s) failed:",
+                                    *(f"point {name}: {why}" for name, why in failures.items())]))
+    return rows

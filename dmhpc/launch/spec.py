@@ -1,0 +1,250 @@
+"""Reading launch files (grid and scaling study): every problem is collected before one error is raised.
+
+A launch file is checked as a whole before anything is submitted: its own keys and types, then
+the training configuration of every point it expands to. `Problems` gathers one line per problem,
+each naming the file and the key (or the point), and raises them together as one `DmhpcError`.
+
+A `Point` is one training run of a launch: a name, its run directory and its validated
+configuration. `resolve_point` builds it from a base config and dotted overrides, exactly as
+`dmhpc train --config BASE KEY=VALUE ...` would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from dmhpc.config import COMMAND_LINE, Config, read_yaml, config_to_dict, load_config
+from dmhpc.errors import DmhpcError
+
+REQUIRED = object()  # marks a key without a default
+
+
+class Problems:
+    """Problems found in one launch file; `raise_if_any` reports all of them, one line each."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.lines: list[str] = []
+
+    def add(self, key: str | None, problem: str) -> None:
+        self.lines.append(f"{self.source}: {key}: {problem}" if key else f"{self.source}: {problem}")
+
+    def raise_if_any(self) -> None:
+        if len(self.lines) == 1:
+            raise DmhpcError(self.lines[0])
+        if self.lines:
+            head = f"{self.source}: {len(self.lines)} problems, nothing submitted:"
+            raise DmhpcError("\n".join([head, *self.lines]))
+
+
+def show(value: Any) -> str:
+    """A value as YAML-like text for messages: true, null, "text", [1, 2]."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+# --- typed keys ------------------------------------------------------------------------------------
+# Each check returns the stored value or raises ValueError with what was expected.
+
+def _fail(expected: str):
+    raise ValueError(expected)
+
+
+def integer(minimum: int) -> Callable[[Any], int]:
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+            _fail({0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}"))
+        return v
+    return check
+
+
+def number(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
+        _fail("a number")
+    return float(v)
+
+
+def positive_number(v: Any) -> float:
+    if number(v) <= 0:
+        _fail("a number > 0")
+    return float(v)
+
+
+def boolean(v: Any) -> bool:
+    if not isinstance(v, bool):
+        _fail("true or false")
+    return v
+
+
+def text(v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        _fail("a non-empty string")
+    return v
+
+
+def optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    def wrapped(v):
+        if v is None:
+            return None
+        try:
+            return check(v)
+        except ValueError as exc:
+            _fail(f"null or {exc}")
+    return wrapped
+
+
+def choice(*options: str) -> Callable[[Any], str]:
+    def check(v):
+        if v not in options:
+            _fail("one of " + ", ".join(options))
+        return v
+    return check
+
+
+def mapping(v: Any) -> dict:
+    if not isinstance(v, Mapping):
+        _fail("a mapping")
+    return dict(v)
+
+
+def text_list(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
+        _fail("a list of strings")
+    return tuple(v)
+
+
+def integer_list(v: Any) -> tuple[int, ...]:
+    if not isinstance(v, list) or not v or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 1
+                                                   for i in v):
+        _fail("a non-empty list of positive integers")
+    if len(set(v)) != len(v):
+        _fail("a list without repeated values")
+    return tuple(v)
+
+
+def take(problems: Problems, data: Mapping, key: str, check: Callable[[Any], Any], default: Any = REQUIRED,
+         prefix: str = "") -> Any:
+    """data[key] passed through `check`; a missing or bad value is recorded and `default` returned."""
+    dotted = prefix + key
+    if key not in data or (data[key] is None and default is not REQUIRED and default is not None):
+        if default is REQUIRED:
+            problems.add(dotted, "missing (required)")
+            return None
+        return default
+    try:
+        return check(data[key])
+    except ValueError as exc:
+        problems.add(dotted, f"expected {exc}, got {show(data[key])}")
+        return None if default is REQUIRED else default
+
+
+def unknown_keys(problems: Problems, data: Mapping, known: tuple[str, ...], prefix: str = "") -> None:
+    """Record every key of `data` that is not in `known`."""
+    for key in data:
+        if key not in known:
+            problems.add(f"{prefix}{key}", f"unknown key (known: {', '.join(known)})")
+
+
+def dotted_keys(problems: Problems, data: Any, where: str, reserved: Mapping[str, str]) -> dict:
+    """A mapping of dotted configuration keys to values; `reserved` keys (-> what sets them) refused."""
+    if data is None:
+        return {}
+    if not isinstance(data, Mapping):
+        problems.add(where, f"expected a mapping of dotted configuration keys, got {show(data)}")
+        return {}
+    good = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            problems.add(where, f"key {show(key)} is not a dotted configuration key")
+        elif key in reserved:
+            problems.add(f"{where}.{key}", f"set by the launcher for every point: {reserved[key]}")
+        else:
+            good[key] = value
+    return good
+
+
+def read_launch_file(spec: str | os.PathLike | Mapping) -> tuple[dict, str, Path]:
+    """(data, source for messages, directory that relative `base` paths start from)."""
+    if isinstance(spec, Mapping):
+        return dict(spec), "<launch dict>", Path.cwd()
+    path = Path(spec)
+    return read_yaml(path), str(path), path.parent
+
+
+# --- points ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Point:
+    """One training run of a launch."""
+
+    name: str                 # unique in the launch and safe as a directory name
+    values: dict              # what distinguishes this point: key -> value (grid keys, or the study's)
+    run_dir: Path             # absolute
+    config: Config            # validated; its run.dir is run_dir
+
+    @property
+    def finished(self) -> bool:
+        """The trainer wrote the test metrics of the selected checkpoint: nothing left to run."""
+        return (self.run_dir / "eval" / "metrics.json").is_file()
+
+
+def override_text(key: str, value: Any) -> str:
+    """KEY=VALUE as `load_config` reads it (JSON is valid YAML and keeps the value's type)."""
+    return f"{key}={json.dumps(value)}"
+
+
+def resolve_point(base: Path, overrides: Mapping[str, Any]) -> Config:
+    """The configuration of BASE with dotted overrides applied, validated as the trainer would."""
+    return load_config(base, [override_text(k, v) for k, v in overrides.items()])
+
+
+def point_problem(exc: DmhpcError) -> str:
+    """A config error of a point without load_config's "command line: " (the point's overrides)."""
+    message = str(exc)
+    prefix = f"{COMMAND_LINE}: "
+    return message[len(prefix):] if message.startswith(prefix) else message
+
+
+def check_point_problems(problems: Problems, failures: Mapping[str, str]) -> None:
+    """One line per distinct problem, naming every point that has it."""
+    by_message: dict[str, list[str]] = {}
+    for name, message in failures.items():
+        by_message.setdefault(message, []).append(name)
+    for message, names in by_message.items():
+        label = f"point {names[0]}" if len(names) == 1 else f"points {', '.join(names)}"
+        problems.add(label, message)
+
+
+def changed_keys(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested configuration dicts."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            keys.append(f"{prefix}{key}")
+    return keys
+
+
+def check_existing_runs(problems: Problems, points: list[Point]) -> None:
+    """A run directory that already holds a run of another configuration would be resumed wrongly."""
+    for p in points:
+        saved = p.run_dir / "config.yaml"
+        if not saved.is_file():
+            continue
+        try:
+            old = config_to_dict(load_config(saved))
+        except DmhpcError as exc:
+            problems.add(f"point {p.name}", f"{saved}: cannot read the existing run's configuration: {exc}")
+            continue
+        diff = changed_keys(old, config_to_dict(p.config))
+        if diff:
+            problems.add(f"point {p.name}", f"{p.run_dir} holds a run of another configuration "
+                         f"(differs in {', '.join(diff)}): move it away or choose another out")

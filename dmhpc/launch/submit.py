@@ -1,0 +1,305 @@
+"""Running launch points as submitit jobs: executors, the checkpointable trainer, waiting, re-attaching.
+
+Every point is one job of `nodes x tasks_per_node` tasks, one task per rank (per GPU where there
+are GPUs); the points of one launch that share their resources are one job array
+(`executor.map_array`, at most `array_parallelism` running at once). Executors:
+
+    slurm   sbatch through submitit (needs a shared file system for OUT)
+    local   subprocesses on this machine (one node; jobs end with the launcher, so it waits)
+    debug   in this process, one task, one point after the other (breakpoints work)
+
+Signals, and which handler wins. submitit installs its handler for its preemption signal
+(SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise) when the job process starts; the trainer
+replaces it with its own `StopRequest` handler while the training loop runs and puts it back
+afterwards. So a signal during training makes every rank finish its step, write last.pt and
+return REQUEUE_EXIT_CODE; `TrainTask` then raises the signal again on rank 0, where submitit's
+restored handler calls `checkpoint()` (the same call again, as a DelayedSubmission), requeues the
+job and exits; the other ranks exit without a result file, which would otherwise pass for the
+result of the requeued run. Outside the loop (start-up, final evaluation) submitit's handler acts
+directly. The next start resumes from last.pt (`resume="auto"`). Launch points are trained with
+`train.signals` = [that signal] only: submitit ignores SIGTERM (it comes first on preemption, and
+alone on `scancel`), and a stop on SIGTERM must not requeue a job the user cancelled.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import submitit
+
+from dmhpc.config import config_to_dict
+from dmhpc.errors import DmhpcError
+from dmhpc.launch.spec import (Point, Problems, boolean, integer, mapping, optional, positive_number, show, take,
+                               text, text_list, unknown_keys)
+
+EXECUTORS = ("slurm", "local", "debug")
+JOBS_FILE = "jobs.json"  # OUT/submitit/jobs.json: point name -> Slurm job id, to find jobs still queued
+
+# Keys of a launch file's `slurm` section that a site may need, beyond the job's shape.
+SITE_KEYS = ("partition", "account", "qos", "constraint", "cpus_per_task", "mem_gb", "time", "exclusive",
+             "array_parallelism", "signal_delay_s", "max_num_timeout", "setup", "additional_parameters")
+SHAPE_KEYS = ("nodes", "gpus_per_node", "tasks_per_node")
+
+
+def preempt_signal() -> str:
+    """The signal submitit's jobs get ahead of a time limit or preemption, e.g. "SIGUSR2"."""
+    return "SIG" + submitit.JobEnvironment.USR_SIG
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What each job of a launch asks for, and how submitit treats it."""
+
+    nodes: int = 1
+    gpus_per_node: int = 0        # 0: CPU ranks
+    tasks_per_node: int = 1       # ranks per node: one per GPU where there are GPUs
+    cpus_per_task: int | None = None
+    mem_gb: float | None = None
+    time_min: int = 60
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    exclusive: bool = False
+    array_parallelism: int = 256
+    signal_delay_s: int = 90
+    max_num_timeout: int = 3
+    setup: tuple[str, ...] = ()
+    additional_parameters: tuple[tuple[str, Any], ...] = field(default=())
+
+    @property
+    def ranks(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+def slurm_minutes(value: Any) -> int:
+    """Minutes of a Slurm time limit: an integer, or "MM", "MM:SS", "HH:MM:SS", "D-HH[:MM[:SS]]"."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    expected = 'minutes (an integer) or a Slurm time such as "02:00:00" or "1-12:00:00"'
+    if not isinstance(value, str):
+        raise ValueError(expected)
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
+    if not m:
+        raise ValueError(expected)
+    days, a, b, c = m.groups()
+    parts = [int(x) for x in (a, b, c) if x is not None]
+    if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
+        h, mi, s = (parts + [0, 0])[:3]
+        seconds = int(days) * 86400 + h * 3600 + mi * 60 + s
+    elif len(parts) == 3:
+        seconds = parts[0] * 3600 + parts[1] * 60 + parts[2]
+    elif len(parts) == 2:
+        seconds = parts[0] * 60 + parts[1]
+    else:
+        seconds = parts[0] * 60
+    if seconds <= 0:
+        raise ValueError(expected)
+    return -(-seconds // 60)
+
+
+def read_resources(problems: Problems, data: Any, *, shape: bool, executor: str) -> Resources:
+    """The `slurm` section of a launch file. `shape`: it also says nodes, GPUs and tasks per node."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        problems.add("slurm", f"expected a mapping, got {show(data)}")
+        return Resources()
+    unknown_keys(problems, data, SITE_KEYS + SHAPE_KEYS, "slurm.")
+    if not shape:
+        for key in SHAPE_KEYS:
+            if key in data:
+                problems.add(f"slurm.{key}", "set by the study's nodes and gpus_per_node lists, not here")
+    p = "slurm."
+    get = lambda key, check, default: take(problems, data, key, check, default, p)  # noqa: E731
+    kw: dict[str, Any] = {}
+    for key in ("partition", "account", "qos", "constraint"):
+        kw[key] = get(key, optional(text), None)
+    kw["cpus_per_task"] = get("cpus_per_task", optional(integer(1)), None)
+    kw["mem_gb"] = get("mem_gb", optional(positive_number), None)
+    kw["time_min"] = get("time", slurm_minutes, 60)
+    kw["exclusive"] = get("exclusive", boolean, False)
+    kw["array_parallelism"] = get("array_parallelism", integer(1), 256)
+    kw["signal_delay_s"] = get("signal_delay_s", integer(0), 90)
+    kw["max_num_timeout"] = get("max_num_timeout", integer(0), 3)
+    kw["setup"] = get("setup", text_list, ())
+    extra = get("additional_parameters", mapping, {})
+    kw["additional_parameters"] = tuple(sorted(extra.items()))
+    if shape:
+        kw["nodes"] = get("nodes", integer(1), 1)
+        gpus = kw["gpus_per_node"] = get("gpus_per_node", integer(0), 0)
+        tasks = get("tasks_per_node", optional(integer(1)), None)
+        if gpus and tasks is not None and tasks != gpus:
+            problems.add("slurm.tasks_per_node", f"one task per GPU: leave it out or make it {gpus} "
+                         f"(gpus_per_node), got {tasks}")
+        kw["tasks_per_node"] = gpus or tasks or 1
+    res = Resources(**kw)
+    check_executor_shape(problems, executor, res)
+    return res
+
+
+def check_executor_shape(problems: Problems, executor: str, res: Resources) -> None:
+    if executor == "local" and res.nodes > 1:
+        problems.add("executor", f"local runs on this machine only: one node, got {res.nodes} nodes")
+    if executor == "debug" and res.ranks > 1:
+        problems.add("executor", f"debug runs one task in this process, got {res.nodes} node(s) x "
+                     f"{res.tasks_per_node} task(s); use local or slurm for several ranks")
+
+
+def make_executor(kind: str, folder: Path, res: Resources, name: str) -> submitit.AutoExecutor:
+    """A submitit executor for `kind` ("slurm", "local" or "debug") asking for `res` per job."""
+    executor = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_max_num_timeout=res.max_num_timeout,
+                                     local_max_num_timeout=res.max_num_timeout)
+    params: dict[str, Any] = dict(
+        name=name, timeout_min=res.time_min, nodes=res.nodes, tasks_per_node=res.tasks_per_node,
+        cpus_per_task=res.cpus_per_task, mem_gb=res.mem_gb, stderr_to_stdout=True,
+        # --gpus-per-node=0 is refused by sites without GPU resources: ask only for GPUs wanted.
+        gpus_per_node=res.gpus_per_node or None,
+    )
+    if kind == "slurm":
+        params.update(
+            slurm_partition=res.partition, slurm_account=res.account, slurm_qos=res.qos,
+            slurm_constraint=res.constraint, slurm_exclusive=res.exclusive or None,
+            slurm_setup=list(res.setup) or None,
+            slurm_additional_parameters=dict(res.additional_parameters) or None,
+            slurm_array_parallelism=res.array_parallelism, slurm_signal_delay_s=res.signal_delay_s)
+    executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    return executor
+
+
+# --- the job ---------------------------------------------------------------------------------------
+
+def _node_address(node: str) -> str:
+    """How Slurm reaches `node` (NodeAddr): its name on most sites, an address where the node name is
+    not a host name (several slurmd on one machine, as in tests/cluster)."""
+    try:
+        out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return node
+    m = re.search(r"\bNodeAddr=(\S+)", out)
+    return m.group(1) if m else node
+
+
+class TrainTask(submitit.helpers.Checkpointable):
+    """`dmhpc.train.loop.train` as a submitit job: each task of the job is one rank.
+
+    Called with the point's resolved configuration (a dict: what was validated at submission is
+    what runs, even if the config files change meanwhile). The inherited `checkpoint()` resubmits
+    the same call; the requeued job resumes from RUN/checkpoints/last.pt. Returns this rank's
+    {"rank", "exit_code"}.
+    """
+
+    def __call__(self, config: dict) -> dict:
+        from dmhpc.config import config_from_dict
+        from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE
+        from dmhpc.train.loop import train
+
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            # The trainer's bootstrap reads torchrun's variables first; submitit provides them.
+            # Device binding stays with dmhpc.distributed (local rank, or the one GPU Slurm shows).
+            dist_env = submitit.helpers.TorchDistributedEnvironment()
+            if env.cluster == "slurm":
+                dist_env.master_addr = _node_address(dist_env.master_addr)
+            dist_env.export(set_cuda_visible_devices=False, overwrite=True)
+        cfg = config_from_dict(config, source=f"submitted configuration of {config['run']['dir']}")
+        code = train(cfg, resume="auto")
+        # Only where submitit handles the signal (slurm, local): the debug executor runs in the
+        # caller's process and installs no handler.
+        if code == REQUEUE_EXIT_CODE and env.cluster != "debug":
+            if env.global_rank == 0:
+                # submitit's handler: checkpoint(), requeue, exit; it does not return.
+                signal.raise_signal(signal.Signals[preempt_signal()])
+            # No result file from this run: it would be taken for the result of the requeued one.
+            sys.exit(code)
+        return {"rank": env.global_rank, "exit_code": code}
+
+
+# --- submitting, re-attaching and waiting ----------------------------------------------------------
+
+def _queued_slurm_jobs() -> set[str]:
+    """Ids of every job Slurm still has (pending, running, requeued), array tasks as ARRAY_TASK."""
+    try:
+        proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise DmhpcError(f"squeue: cannot list queued jobs to avoid submitting a point twice: {exc}") from None
+    if proc.returncode != 0:
+        raise DmhpcError(f"squeue: cannot list queued jobs to avoid submitting a point twice: "
+                         f"{proc.stderr.strip()}")
+    return set(proc.stdout.split())
+
+
+def _read_jobs(folder: Path) -> dict:
+    path = folder / JOBS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def submit_points(points: list[Point], resources: Mapping[str, Resources], *, kind: str, folder: Path,
+                  job_name: str, task: TrainTask) -> dict[str, submitit.Job]:
+    """Submit the unfinished points, one job array per distinct Resources; {point name: job}.
+
+    Finished points are skipped. A point whose Slurm job from an earlier launch into the same
+    folder is still queued or running is not submitted again: its job is re-attached instead.
+    """
+    if kind not in EXECUTORS:
+        raise DmhpcError(f"executor {kind!r}: expected one of {', '.join(EXECUTORS)}")
+    folder.mkdir(parents=True, exist_ok=True)
+    recorded = _read_jobs(folder) if kind == "slurm" else {}
+    queued = _queued_slurm_jobs() if recorded else set()
+    jobs: dict[str, submitit.Job] = {}
+    groups: dict[Resources, list[Point]] = defaultdict(list)
+    finished = 0
+    for p in points:
+        if p.finished:
+            finished += 1
+        elif p.name in recorded and recorded[p.name]["job_id"] in queued:
+            entry = recorded[p.name]
+            jobs[p.name] = submitit.SlurmJob(folder=folder, job_id=entry["job_id"], tasks=range(entry["tasks"]))
+        else:
+            groups[resources[p.name]].append(p)
+    attached = len(jobs)
+    for res, group in groups.items():
+        executor = make_executor(kind, folder, res, job_name)
+        submitted = executor.map_array(task, [config_to_dict(p.config) for p in group])
+        for p, job in zip(group, submitted):
+            jobs[p.name] = job
+            recorded[p.name] = {"job_id": job.job_id, "tasks": res.ranks}
+        ids = submitted[0].job_id.split("_")[0] if kind == "slurm" else ", ".join(j.job_id for j in submitted)
+        print(f"dmhpc launch: {kind} job{' array' if kind == 'slurm' else 's'} {ids}: {len(group)} point(s), "
+              f"{res.nodes} node(s) x {res.tasks_per_node} task(s) each", flush=True)
+    if kind == "slurm":
+        (folder / JOBS_FILE).write_text(json.dumps(recorded, indent=1) + "\n")
+    print(f"dmhpc launch: {len(points)} point(s): {finished} finished, {attached} still queued, "
+          f"{len(jobs) - attached} submitted; logs in {folder}", flush=True)
+    return jobs
+
+
+def launch_points(points: list[Point], resources: Mapping[str, Resources], *, kind: str, folder: Path,
+                  job_name: str, task: TrainTask, wait: bool = True) -> dict[str, str]:
+    """`submit_points`, then (with wait) `wait_for` them: {point name: why its job failed}."""
+    if not wait and kind != "slurm":
+        raise DmhpcError(f"executor {kind}: its jobs end with the launcher, so the launcher must wait for them")
+    jobs = submit_points(points, resources, kind=kind, folder=folder, job_name=job_name, task=task)
+    return wait_for(jobs) if wait else {}
+
+
+def wait_for(jobs: Mapping[str, submitit.Job]) -> dict[str, str]:
+    """Wait for every job; {point name: why it failed} for those that did."""
+    failures = {}
+    for name, job in jobs.items():
+        try:
+            job.results()
+        except Exception as exc:  # submitit's FailedJobError / UncompletedJobError carry the job's traceback
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            log = (job.task(0) if job.num_tasks > 1 else job).paths.stdout  # rank 0's
+            failures[name] = f"job {job.job_id} failed: {lines[-1] if lines else type(exc).__name__} (log: {log})"
+    return failures

@@ -1,0 +1,158 @@
+"""Grid and scaling launches through submitit's SLURM executor on the two-node test cluster.
+
+Real sbatch job arrays written by submitit, real multi-task jobs whose ranks find each other
+through TorchDistributedEnvironment, a real USR2 from `job._interrupt()`, a real requeue.
+The cluster has no accounting, so submitit cannot ask sacct for job states: the tests wait for
+the result files (job.done()) with a deadline and report the cluster's diagnostics on timeout.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dmhpc.launch.grid import load_grid
+from dmhpc.launch.leaderboard import write_leaderboard
+from dmhpc.launch.scaling import load_study, measure, scaling_table, write_scaling
+from dmhpc.launch.submit import TrainTask, submit_points, wait_for
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "configs" / "tiny.yaml"
+
+
+def _tiny_domains(root: Path, n: int) -> Path:
+    from dmhpc.data.shards import write_dataset
+
+    rng = np.random.default_rng(0)
+    for name, noise in (("pristine", 0.02), ("noisy", 0.3)):
+        labels = np.arange(n) % 2
+        images = rng.normal(0.0, noise, (n, 3, 75, 75)).astype(np.float32) + labels[:, None, None, None]
+        write_dataset(images, labels, None, root / name, shard_size=64, seed=0)
+    return root
+
+
+@pytest.fixture
+def job_env(monkeypatch):
+    """What the jobs inherit from this process (sbatch exports it): one thread per rank."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+
+
+def _wait_done(cluster, jobs: dict, timeout: float) -> None:
+    """Wait until every job wrote its results; on timeout fail with the cluster's diagnostics."""
+    deadline = time.monotonic() + timeout
+    while not all(job.done() for job in jobs.values()):
+        if time.monotonic() > deadline:
+            pending = [job.job_id for job in jobs.values() if not job.done()]
+            logs = "\n".join(f"--- {p}:\n{p.read_text()[-3000:]}" for job in jobs.values()
+                             for p in sorted(job.paths.folder.glob(f"{job.job_id}_*_log.out")))
+            report = cluster.diagnostics(pending[0])
+            for job_id in pending:
+                cluster.run("scancel", job_id)
+            pytest.fail(f"jobs {pending} not done after {timeout:.0f} s\n{logs}\n{report}", pytrace=False)
+        time.sleep(1)
+
+
+def _submit(launch, task=None):
+    resources = launch.resources if isinstance(launch.resources, dict) else {p.name: launch.resources
+                                                                              for p in launch.points}
+    return submit_points(list(launch.points), resources, kind="slurm", folder=launch.out / "submitit",
+                         job_name="dmhpc-test", task=task or TrainTask())
+
+
+def test_grid_runs_as_a_slurm_job_array_of_ddp_jobs_and_fills_the_leaderboard(slurm_cluster, tmp_path, job_env):
+    data = _tiny_domains(tmp_path / "data", 64)
+    grid = load_grid({
+        "base": str(TINY), "out": str(tmp_path / "grid"), "executor": "slurm",
+        "overrides": {"data.source": str(data / "pristine"), "data.target": str(data / "noisy"),
+                      "train.epochs": 1, "train.batch_size": 4},
+        "grid": {"optim.lr": [1e-3, 3e-4]},
+        # Each point: one node, two ranks (CPU processes); the two points fill both nodes at once.
+        "slurm": {"nodes": 1, "tasks_per_node": 2, "cpus_per_task": 1, "time": 10, "array_parallelism": 2}})
+    jobs = _submit(grid)
+    assert len({job.job_id.split("_")[0] for job in jobs.values()}) == 1  # one array
+    # Launching again while they are queued or running submits nothing: it re-attaches to them.
+    again = _submit(grid)
+    assert {n: j.job_id for n, j in again.items()} == {n: j.job_id for n, j in jobs.items()}
+    assert len(list(grid.out.glob("submitit/*_submission.sh"))) == 1
+    _wait_done(slurm_cluster, jobs, timeout=300)
+    assert wait_for(jobs) == {}
+    for job in jobs.values():
+        assert sorted(r["rank"] for r in job.results()) == [0, 1]
+        log = job.task(0).paths.stdout.read_text()
+        assert "world 2 on cpu" in log, log
+    rows = write_leaderboard(grid.out, grid.points)
+    assert [r["status"] for r in rows] == ["finished", "finished"] and [r["rank"] for r in rows] == [1, 2]
+    with (grid.out / "leaderboard.csv").open() as f:
+        assert {r["point"] for r in csv.DictReader(f)} == {"optim.lr=0.001", "optim.lr=0.0003"}
+    script = next(grid.out.glob("submitit/*_submission.sh")).read_text()
+    assert "#SBATCH --array=0-1%2" in script and "#SBATCH --ntasks-per-node=2" in script, script
+
+
+def test_interrupted_job_requeues_resumes_and_ends_with_the_uninterrupted_weights(slurm_cluster, tmp_path,
+                                                                                   job_env):
+    # 480 images, 70 % for training, 4 per rank and step on 2 ranks: one epoch of 42 steps, so the
+    # signal, sent after the first step, lands well inside it.
+    data = _tiny_domains(tmp_path / "data", 480)
+    spec = {"base": str(TINY), "executor": "slurm", "grid": {"seed": [3]},
+            "overrides": {"data.source": str(data / "pristine"), "data.target": str(data / "noisy"),
+                          "train.epochs": 1, "train.batch_size": 4, "train.log_every": 1},
+            # Two nodes, one rank each: the ranks meet at the first node's address.
+            "slurm": {"nodes": 2, "tasks_per_node": 1, "cpus_per_task": 1, "time": 10}}
+    reference = load_grid({**spec, "out": str(tmp_path / "reference")})
+    interrupted = load_grid({**spec, "out": str(tmp_path / "interrupted")})
+    jobs = {"reference": _submit(reference)["seed=3"], "interrupted": _submit(interrupted)["seed=3"]}
+    job = jobs["interrupted"]
+    run = interrupted.points[0].run_dir
+    metrics = run / "metrics.jsonl"
+    slurm_cluster.wait_for(lambda: metrics.is_file() and '"kind": "step"' in metrics.read_text(),
+                           "training step", job.job_id, timeout=180)
+    job._interrupt()  # what submitit's own tests do: scancel --signal SIGTERM, then USR2
+    _wait_done(slurm_cluster, jobs, timeout=400)
+    assert wait_for(jobs) == {}
+
+    record = slurm_cluster.wait(job.job_id, timeout=60)  # the results are written before the job ends
+    assert (record.state, record.restarts) == ("COMPLETED", 1), record
+    log = job.task(0).paths.stdout.read_text()
+    # The trainer's handler had the signal during training; submitit's took over on rank 0.
+    assert "SIGUSR2: checkpoint written at step" in log and "Requeued job" in log, log
+    assert "resumed from" in log and "Bypassing signal SIGTERM" in log, log
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"kind": "step"' in line]
+    assert steps == list(range(1, 43)), steps
+    assert slurm_cluster.job(jobs["reference"].job_id).restarts == 0
+    a = torch.load(reference.points[0].run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_scaling_study_one_versus_two_nodes(slurm_cluster, tmp_path, job_env):
+    data = _tiny_domains(tmp_path / "data", 64)
+    study = load_study({
+        "base": str(TINY), "out": str(tmp_path / "scaling"), "executor": "slurm", "models": ["deepmerge2"],
+        "nodes": [1, 2], "gpus_per_node": [1], "device": "cpu", "weak": {"batch_per_gpu": 4}, "epochs": 2,
+        "overrides": {"data.source": str(data / "pristine"), "data.target": str(data / "noisy")},
+        "slurm": {"cpus_per_task": 1, "time": 10}})
+    jobs = _submit(study, TrainTask())
+    _wait_done(slurm_cluster, jobs, timeout=300)
+    assert wait_for(jobs) == {}
+    rows = scaling_table([measure(p) for p in study.points])
+    write_scaling(study.out, rows, study.device)
+    assert [(r["nodes"], r["gpus"], r["global_batch"], r["status"]) for r in rows] == [
+        (1, 1, 4, "finished"), (2, 2, 8, "finished")]
+    one, two = rows
+    assert one["speedup"] == 1.0 and one["efficiency"] == 1.0
+    assert two["speedup"] == pytest.approx(two["images_per_s"] / one["images_per_s"])
+    assert two["efficiency"] == pytest.approx(two["speedup"] / 2)
+    assert all(r["warmup_excluded"] and r["staging_s"] > 0 and r["images_per_s"] > 0 for r in rows), rows
+    with (study.out / "scaling.csv").open() as f:
+        assert len(list(csv.DictReader(f))) == 2
+    assert (study.out / "scaling.png").stat().st_size > 0

@@ -1,0 +1,345 @@
+"""Grid and scaling launches without a cluster: expansion, validation, leaderboard, scaling arithmetic,
+and real trainer runs through submitit's local and debug executors on tiny data.
+
+The SLURM executor is tested on the two-node test cluster in tests/cluster/test_launch_cluster.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from dmhpc.errors import DmhpcError
+from dmhpc.launch import (expand, launch_scaling, load_grid, load_study, point_name, sample_space, scaling_table,
+                          steady_step_time, write_leaderboard)
+from dmhpc.launch.grid import Range
+from dmhpc.launch.submit import Resources, make_executor, slurm_minutes
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A pristine/noisy pair of 64 images each: 44 training rows, 11 steps of 4 per epoch."""
+    from dmhpc.data.shards import write_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    rng = np.random.default_rng(0)
+    for name, noise in (("pristine", 0.02), ("noisy", 0.3)):
+        labels = np.arange(64) % 2
+        images = rng.normal(0.0, noise, (64, 3, 75, 75)).astype(np.float32) + labels[:, None, None, None]
+        write_dataset(images, labels, None, root / name, shard_size=64, seed=0)
+    return root
+
+
+def _tiny_overrides(data, **extra):
+    return {"data.source": str(data / "pristine"), "data.target": str(data / "noisy"), "train.epochs": 1,
+            "train.batch_size": 4, **extra}
+
+
+# --- expansion and names ---------------------------------------------------------------------------
+
+def test_grid_is_the_cartesian_product_in_key_order():
+    points = expand({"seed": [0, 1], "loss.transfer_weight": [0.5, 1.0, 2.0]})
+    assert len(points) == 6
+    assert points[0] == {"loss.transfer_weight": 0.5, "seed": 0}
+    assert points[-1] == {"loss.transfer_weight": 2.0, "seed": 1}
+    assert len({point_name(p) for p in points}) == 6
+    assert point_name(points[0]) == "loss.transfer_weight=0.5,seed=0"
+    # The name does not depend on the order the keys were written in.
+    assert point_name({"seed": 0, "loss.transfer_weight": 0.5}) == point_name(points[0])
+
+
+def test_random_samples_are_seeded_distinct_in_range_and_crossed_with_the_grid():
+    space = {"optim.lr": Range(1e-4, 1e-2, log=True), "loss.entropy_weight": [0.0, 0.05, 0.1]}
+    a, b = sample_space(space, 6, seed=3), sample_space(space, 6, seed=3)
+    assert a == b and a != sample_space(space, 6, seed=4)
+    assert len({json.dumps(s, sort_keys=True) for s in a}) == 6
+    for s in a:
+        assert 1e-4 <= s["optim.lr"] <= 1e-2 and float(f"{s['optim.lr']:.4g}") == s["optim.lr"]
+        assert s["loss.entropy_weight"] in (0.0, 0.05, 0.1)
+    # Log-uniform: about as many samples below 1e-3 (the geometric middle) as above.
+    many = [s["optim.lr"] for s in sample_space({"optim.lr": Range(1e-4, 1e-2, log=True)}, 400, seed=0)]
+    assert 150 < sum(v < 1e-3 for v in many) < 250
+    crossed = expand({"seed": [1, 2]}, a)
+    assert len(crossed) == 12 and crossed[0] == {**a[0], "seed": 1} and crossed[6] == {**a[0], "seed": 2}
+    with pytest.raises(DmhpcError, match="3 distinct samples asked for, the space gave only 2"):
+        sample_space({"seed": [0, 1]}, 3, seed=0)
+
+
+def test_point_names_are_filesystem_safe_and_keep_points_apart():
+    a = point_name({"data.source": "/scratch/a b/pristine"})
+    b = point_name({"data.source": "/scratch/a_b/pristine"})
+    assert a != b and "/" not in a and " " not in a
+    long = point_name({"loss.mmd.sigmas": list(range(60))})
+    assert len(long) <= 120 and long != point_name({"loss.mmd.sigmas": list(range(61))})
+    assert point_name({"optim.lr": 1e-05, "debug": True}) == "debug=true,optim.lr=1e-05"
+
+
+def test_slurm_time_formats():
+    assert [slurm_minutes(v) for v in (30, "30", "90:30", "02:00:00", "1-12", "1-00:00:30")] == \
+        [30, 30, 91, 120, 2160, 1441]
+    for bad in ("2h", 0, "00:00:00", True, 1.5):
+        with pytest.raises(ValueError):
+            slurm_minutes(bad)
+
+
+# --- validation ------------------------------------------------------------------------------------
+
+def test_every_problem_of_a_grid_file_is_reported_before_anything_runs(tmp_path):
+    grid_file = tmp_path / "bad.yaml"
+    grid_file.write_text(yaml.safe_dump({
+        "base": str(TINY), "out": str(tmp_path / "out"), "executor": "cloud", "colour": "blue",
+        "grid": {"seed": [0, 1], "run.dir": ["x"], "optim.lr": 0.1},
+        "slurm": {"nodes": 0, "gpus_per_node": 2, "tasks_per_node": 3, "queue": "long", "time": "2h"}}))
+    with pytest.raises(DmhpcError) as err:
+        load_grid(grid_file)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{grid_file}: 8 problems, nothing submitted:", lines
+    for fragment in ("colour: unknown key", "executor: expected one of slurm, local, debug, got \"cloud\"",
+                     "grid.run.dir: set by the launcher", "grid.optim.lr: expected a non-empty list",
+                     "slurm.queue: unknown key", "slurm.nodes: expected a positive integer, got 0",
+                     "slurm.tasks_per_node: one task per GPU", "slurm.time: expected minutes"):
+        assert sum(fragment in line for line in lines[1:]) == 1, (fragment, lines)
+    assert all(line.startswith(f"{grid_file}: ") for line in lines)
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_grid_names_the_file_and_key(tmp_path):
+    for grid in ({}, None):
+        with pytest.raises(DmhpcError, match=r"g\.yaml: grid: empty"):
+            (tmp_path / "g.yaml").write_text(yaml.safe_dump({"base": str(TINY), "out": "x", "grid": grid}))
+            load_grid(tmp_path / "g.yaml")
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump({"base": str(TINY), "out": "x"}))
+    with pytest.raises(DmhpcError, match=r"g\.yaml: grid: missing"):
+        load_grid(tmp_path / "g.yaml")
+
+
+def test_every_bad_point_is_reported_with_the_schema_message(tmp_path):
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local",
+            "grid": {"optim.lr": [1e-3, -1.0, "fast"], "train.batch_size": [8, 0]}}
+    with pytest.raises(DmhpcError) as err:
+        load_grid(spec)
+    lines = str(err.value).splitlines()
+    # 5 of the 6 points are bad: one line per distinct problem, naming every point that has it.
+    assert lines == [
+        "<launch dict>: 3 problems, nothing submitted:",
+        "<launch dict>: point optim.lr=0.001,train.batch_size=0: train.batch_size: expected a positive integer, got 0",
+        "<launch dict>: points optim.lr=-1.0,train.batch_size=8, optim.lr=-1.0,train.batch_size=0: optim.lr: "
+        "expected a number > 0, got -1.0",
+        "<launch dict>: points optim.lr=fast,train.batch_size=8, optim.lr=fast,train.batch_size=0: optim.lr: "
+        "expected a number > 0, got \"fast\""]
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DmhpcError, match=r"overrides: optim\.lrr: unknown key \(did you mean optim\.lr\?\)"):
+        load_grid({**spec, "grid": {"seed": [0, 1]}, "overrides": {"optim.lrr": 1.0}})
+
+
+def test_executor_shapes_are_checked():
+    spec = {"base": str(TINY), "out": "runs/x", "grid": {"seed": [0]}}
+    with pytest.raises(DmhpcError, match="local runs on this machine only: one node, got 2 nodes"):
+        load_grid({**spec, "executor": "local", "slurm": {"nodes": 2}})
+    with pytest.raises(DmhpcError, match="debug runs one task in this process"):
+        load_grid({**spec, "executor": "debug", "slurm": {"tasks_per_node": 2}})
+
+
+def test_a_run_directory_of_another_configuration_is_refused(tmp_path):
+    spec = {"base": str(TINY), "out": str(tmp_path), "executor": "local", "grid": {"seed": [0]}}
+    point = load_grid(spec).points[0]
+    from dmhpc.config import save_config
+
+    save_config(point.config, point.run_dir / "config.yaml")
+    assert load_grid(spec).points[0].config == point.config  # the same configuration: resumable
+    with pytest.raises(DmhpcError, match=r"seed=0: .* holds a run of another configuration \(differs in "
+                                         r"train\.epochs\)"):
+        load_grid({**spec, "overrides": {"train.epochs": 7}})
+
+
+def test_sbatch_options_for_a_site(tmp_path):
+    """What a site changes in the slurm section reaches the sbatch script submitit writes."""
+    res = Resources(nodes=2, gpus_per_node=4, tasks_per_node=4, cpus_per_task=8, mem_gb=64, time_min=90,
+                    partition="gpu", account="astro42", qos="normal", constraint="a100", exclusive=True,
+                    setup=("module load cuda",), additional_parameters=(("mail-type", "END"),))
+    ex = make_executor("slurm", tmp_path, res, "dmhpc-test")
+    script = ex._executor._make_submission_file_text("python -m x", "uid")
+    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--mem=64GB",
+                 "--time=90", "--partition=gpu", "--account=astro42", "--qos=normal", "--constraint=a100",
+                 "--exclusive", "--mail-type=END", "--signal=USR2@90", "--open-mode=append"):
+        assert f"#SBATCH {line}\n" in script, (line, script)
+    assert "module load cuda" in script
+    cpu = make_executor("slurm", tmp_path, Resources(tasks_per_node=2), "dmhpc-test")
+    assert "gpus-per-node" not in cpu._executor._make_submission_file_text("python -m x", "uid")
+
+
+def test_shipped_launch_files_are_valid():
+    for path in sorted((ROOT / "configs" / "grid").glob("*.yaml")):
+        assert load_grid(path).points, path
+    for path in sorted((ROOT / "configs" / "scaling").glob("*.yaml")):
+        assert load_study(path).points, path
+
+
+# --- leaderboard -----------------------------------------------------------------------------------
+
+def _finished(point, score, target_acc, criterion="source-val-acc", oracle=False):
+    metrics = {m: 0.5 for m in ("accuracy", "precision", "recall", "f1", "roc_auc", "brier")}
+    result = {"split": "test", "checkpoint": {"name": "best", "epoch": 3, "step": 30, "criterion": criterion,
+                                               "score": score},
+              "oracle": oracle, "source": {**metrics, "accuracy": 0.9}, "target": {**metrics, "accuracy": target_acc}}
+    (point.run_dir / "eval").mkdir(parents=True)
+    (point.run_dir / "eval" / "metrics.json").write_text(json.dumps(result))
+
+
+def test_leaderboard_ranks_by_selection_score_and_marks_oracle_and_unfinished(tmp_path):
+    spec = {"base": str(TINY), "out": str(tmp_path), "executor": "local",
+            "grid": {"seed": [0, 1, 2, 3, 4], "select.criterion": ["source-val-acc", "oracle-target-acc"]}}
+    points = {p.name: p for p in load_grid(spec).points}
+    name = lambda seed, c="source-val-acc": f"seed={seed},select.criterion={c}"  # noqa: E731
+    _finished(points[name(0)], 0.80, 0.95)   # best target accuracy, but not the best selection score
+    _finished(points[name(1)], 0.90, 0.60)
+    _finished(points[name(2)], 0.85, 0.70)
+    _finished(points[name(0, "oracle-target-acc")], 0.99, 0.99, "oracle-target-acc", oracle=True)
+    unfinished = points[name(3)].run_dir / "checkpoints"
+    unfinished.mkdir(parents=True)
+    torch.save({"model": {}, "epoch": 1, "selection": {"criterion": "source-val-acc", "score": 0.97}},
+               unfinished / "best.pt")
+    rows = write_leaderboard(tmp_path, points.values(), failed={name(4): "job 7 failed"})
+
+    assert [(r["point"], r["rank"], r["status"]) for r in rows[:5]] == [
+        (name(0, "oracle-target-acc"), 1, "finished"),
+        (name(1), 1, "finished"), (name(2), 2, "finished"), (name(0), 3, "finished"),
+        (name(3), None, "unfinished")]
+    assert rows[4]["score"] == 0.97 and rows[4]["epoch"] == 1
+    assert {r["status"] for r in rows[5:]} == {"failed", "not started"}
+    with (tmp_path / "leaderboard.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["point"] for r in table] == [r["point"] for r in rows]
+    assert table[1]["score"] == "0.9" and table[1]["target_accuracy_reporting_only"] == "0.6"
+    assert table[0]["oracle"] == "True" and table[1]["oracle"] == "False"
+    assert table[1]["seed"] == "1" and table[1]["select.criterion"] == "source-val-acc"
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "target acc †" in md and "for reporting only" in md and "ranked within each criterion" in md
+    assert f"| 1 | {name(1)} | source-val-acc | 0.9000 | 3 | 0.900 | 0.500 | 0.600 |" in md
+    assert f"| 1 | {name(0, 'oracle-target-acc')} | oracle-target-acc (oracle) | 0.9900 |" in md
+
+
+# --- real runs -------------------------------------------------------------------------------------
+
+def test_two_point_grid_through_the_local_executor_then_skip_and_resume(data, tmp_path, monkeypatch):
+    """launch/grid.py runs the real trainer in submitit's local executor, fills the leaderboard;
+    a second launch skips the finished point and resumes the one whose evaluation is missing."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "out"
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({
+        "base": str(TINY), "out": str(out), "executor": "local", "overrides": _tiny_overrides(data),
+        "grid": {"optim.lr": [1e-3, 1e-4]}, "slurm": {"time": 10}}))
+    cmd = [sys.executable, str(ROOT / "launch" / "grid.py"), str(grid_file)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "2 point(s): 0 finished, 0 still queued, 2 submitted" in first.stdout, first.stdout
+    with (out / "leaderboard.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["point"] for r in rows} == {"optim.lr=0.001", "optim.lr=0.0001"}
+    assert all(r["status"] == "finished" and r["rank"] and r["criterion"] == "source-val-acc" for r in rows), rows
+    for r in rows:
+        result = json.loads((Path(r["run_dir"]) / "eval" / "metrics.json").read_text())
+        assert float(r["score"]) == result["checkpoint"]["score"]
+        assert float(r["target_accuracy_reporting_only"]) == result["target"]["accuracy"]
+    assert [float(r["score"]) for r in rows] == sorted((float(r["score"]) for r in rows), reverse=True)
+    config = yaml.safe_load((out / "optim.lr=0.0001" / "config.yaml").read_text())
+    assert config["optim"]["lr"] == 1e-4 and config["train"]["signals"] == ["SIGUSR2"]
+
+    (out / "optim.lr=0.0001" / "eval" / "metrics.json").unlink()
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "2 point(s): 1 finished, 0 still queued, 1 submitted" in second.stdout, second.stdout
+    logs = "".join(p.read_text() for p in (out / "submitit").glob("*_log.out"))
+    assert logs.count("resumed from") == 1, logs
+    assert (out / "optim.lr=0.0001" / "eval" / "metrics.json").is_file()
+
+
+def test_scaling_study_through_the_debug_executor(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "scaling"
+    rows = launch_scaling({
+        "base": str(TINY), "out": str(out), "executor": "debug", "models": ["deepmerge2"], "nodes": [1],
+        "gpus_per_node": [1], "device": "cpu", "weak": {"batch_per_gpu": 4}, "epochs": 2,
+        "overrides": {k: v for k, v in _tiny_overrides(data).items() if not k.startswith("train.")}})
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["model"], r["mode"], r["gpus"], r["global_batch"]) == ("deepmerge2", "weak", 1, 4)
+    assert r["status"] == "finished"
+    assert r["warmup_excluded"] is True and r["speedup"] == 1.0 and r["efficiency"] == 1.0
+    epochs = [json.loads(line) for line in (out / "deepmerge2-weak-1x1" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for e in epochs if e["kind"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    assert r["step_time_s"] == pytest.approx(epochs[1]["step_time_s"])  # the first epoch is warm-up
+    assert r["images_per_s"] == pytest.approx(epochs[1]["images_per_s"], rel=1e-6)
+    assert r["staging_s"] > 0 and r["loader"] == "gpu-resident"
+    assert (out / "scaling.png").stat().st_size > 0 and "| deepmerge2 | weak | 1 |" in (out / "scaling.md").read_text()
+
+
+# --- scaling arithmetic ----------------------------------------------------------------------------
+
+def test_steady_step_time_excludes_the_first_epoch_and_weights_by_steps():
+    records = [{"kind": "step", "step": 1}, {"kind": "epoch", "step": 10, "step_time_s": 5.0},
+               {"kind": "epoch", "step": 20, "step_time_s": 1.0}, {"kind": "epoch", "step": 25, "step_time_s": 2.5}]
+    assert steady_step_time(records) == (pytest.approx((10 * 1.0 + 5 * 2.5) / 15), True)
+    assert steady_step_time(records[:2]) == (5.0, False)
+    t, excluded = steady_step_time([])
+    assert math.isnan(t) and not excluded
+
+
+def _row(model, mode, nodes, gpn, images):
+    return {"model": model, "mode": mode, "nodes": nodes, "gpus_per_node": gpn, "gpus": nodes * gpn,
+            "images_per_s": images}
+
+
+def test_scaling_table_speedup_and_efficiency():
+    rows = scaling_table([
+        # weak: per-GPU throughput 100 -> 90 -> 80: efficiency X(N) / (N X(1))
+        _row("resnet18", "weak", 1, 1, 100.0), _row("resnet18", "weak", 1, 2, 180.0),
+        _row("resnet18", "weak", 2, 2, 320.0),
+        # strong at global batch G: T(1) = 1.0 s, T(2) = 0.6 s -> X = 2G/T; S = T(1)/T(2), E = S/2
+        _row("resnet18", "strong", 1, 1, 2 * 64 / 1.0), _row("resnet18", "strong", 2, 1, 2 * 64 / 0.6),
+        # baseline = the fewest GPUs measured (2 here): efficiency relative to it
+        _row("resnet50", "weak", 1, 2, 50.0), _row("resnet50", "weak", 2, 2, 90.0),
+        _row("resnet50", "weak", 4, 2, math.nan),
+    ])
+    by = {(r["model"], r["mode"], r["gpus"]): r for r in rows}
+    assert by["resnet18", "weak", 2]["speedup"] == pytest.approx(1.8)
+    assert by["resnet18", "weak", 2]["efficiency"] == pytest.approx(0.9)
+    assert by["resnet18", "weak", 4]["efficiency"] == pytest.approx(0.8)
+    assert by["resnet18", "strong", 2]["speedup"] == pytest.approx(1.0 / 0.6)
+    assert by["resnet18", "strong", 2]["efficiency"] == pytest.approx(1.0 / (2 * 0.6))
+    assert by["resnet50", "weak", 2]["efficiency"] == 1.0
+    assert by["resnet50", "weak", 4]["speedup"] == pytest.approx(1.8)
+    assert by["resnet50", "weak", 4]["efficiency"] == pytest.approx(0.9)
+    assert math.isnan(by["resnet50", "weak", 8]["efficiency"])
+    assert [(r["model"], r["mode"], r["gpus"]) for r in rows][:3] == [
+        ("resnet18", "weak", 1), ("resnet18", "weak", 2), ("resnet18", "weak", 4)]
+
+
+def test_scaling_study_problems_are_all_reported(tmp_path):
+    with pytest.raises(DmhpcError) as err:
+        load_study({"base": str(TINY), "out": str(tmp_path), "executor": "local", "models": ["resnet18", "vgg"],
+                    "nodes": [1], "gpus_per_node": [1, 3], "strong": {"global_batch": 8},
+                    "overrides": {"train.batch_size": 4}, "slurm": {"nodes": 2}})
+    lines = str(err.value).splitlines()
+    assert lines[0] == "<launch dict>: 3 problems, nothing submitted:", lines
+    assert "models: expected a non-empty list of distinct model names" in lines[1]
+    assert "overrides.train.batch_size: set by the launcher for every point: weak.batch_per_gpu" in lines[2]
+    assert "slurm.nodes: set by the study's nodes and gpus_per_node lists" in lines[3]
+    with pytest.raises(DmhpcError, match=r"point resnet18-strong-1x3: strong.global_batch 8 does not split evenly "
+                                         r"over 3 GPUs"):
+        load_study({"base": str(TINY), "out": str(tmp_path), "executor": "local", "models": ["resnet18"],
+                    "nodes": [1], "gpus_per_node": [1, 3], "strong": {"global_batch": 8}})
