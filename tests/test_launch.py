@@ -13,7 +13,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -29,17 +28,9 @@ TINY = ROOT / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(make_domains):
     """A pristine/noisy pair of 64 images each: 44 training rows, 11 steps of 4 per epoch."""
-    from dmhpc.data.shards import write_dataset
-
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    for name, noise in (("pristine", 0.02), ("noisy", 0.3)):
-        labels = np.arange(64) % 2
-        images = rng.normal(0.0, noise, (64, 3, 75, 75)).astype(np.float32) + labels[:, None, None, None]
-        write_dataset(images, labels, None, root / name, shard_size=64, seed=0)
-    return root
+    return make_domains(64)
 
 
 def _tiny_overrides(data, **extra):

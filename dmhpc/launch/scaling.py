@@ -41,9 +41,7 @@ their reading is in the throughput instead.
 from __future__ import annotations
 
 import csv
-import json
 import math
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping

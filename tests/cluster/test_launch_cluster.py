@@ -13,7 +13,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -26,17 +25,6 @@ pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = REPO / "configs" / "tiny.yaml"
-
-
-def _tiny_domains(root: Path, n: int) -> Path:
-    from dmhpc.data.shards import write_dataset
-
-    rng = np.random.default_rng(0)
-    for name, noise in (("pristine", 0.02), ("noisy", 0.3)):
-        labels = np.arange(n) % 2
-        images = rng.normal(0.0, noise, (n, 3, 75, 75)).astype(np.float32) + labels[:, None, None, None]
-        write_dataset(images, labels, None, root / name, shard_size=64, seed=0)
-    return root
 
 
 @pytest.fixture
@@ -67,8 +55,8 @@ def _submit(launch, task=None):
                          job_name="dmhpc-test", task=task or TrainTask())
 
 
-def test_grid_runs_as_a_slurm_job_array_of_ddp_jobs_and_fills_the_leaderboard(slurm_cluster, tmp_path, job_env):
-    data = _tiny_domains(tmp_path / "data", 64)
+def test_grid_runs_as_a_slurm_job_array_of_ddp_jobs_and_fills_the_leaderboard(slurm_cluster, tmp_path, job_env, make_domains):
+    data = make_domains(64)
     grid = load_grid({
         "base": str(TINY), "out": str(tmp_path / "grid"), "executor": "slurm",
         "overrides": {"data.source": str(data / "pristine"), "data.target": str(data / "noisy"),
@@ -97,10 +85,10 @@ def test_grid_runs_as_a_slurm_job_array_of_ddp_jobs_and_fills_the_leaderboard(sl
 
 
 def test_interrupted_job_requeues_resumes_and_ends_with_the_uninterrupted_weights(slurm_cluster, tmp_path,
-                                                                                   job_env):
+                                                                                   job_env, make_domains):
     # 480 images, 70 % for training, 4 per rank and step on 2 ranks: one epoch of 42 steps, so the
     # signal, sent after the first step, lands well inside it.
-    data = _tiny_domains(tmp_path / "data", 480)
+    data = make_domains(480)
     spec = {"base": str(TINY), "executor": "slurm", "grid": {"seed": [3]},
             "overrides": {"data.source": str(data / "pristine"), "data.target": str(data / "noisy"),
                           "train.epochs": 1, "train.batch_size": 4, "train.log_every": 1},
@@ -134,8 +122,8 @@ def test_interrupted_job_requeues_resumes_and_ends_with_the_uninterrupted_weight
         assert torch.equal(a[key], b[key]), key
 
 
-def test_scaling_study_one_versus_two_nodes(slurm_cluster, tmp_path, job_env):
-    data = _tiny_domains(tmp_path / "data", 64)
+def test_scaling_study_one_versus_two_nodes(slurm_cluster, tmp_path, job_env, make_domains):
+    data = make_domains(64)
     study = load_study({
         "base": str(TINY), "out": str(tmp_path / "scaling"), "executor": "slurm", "models": ["deepmerge2"],
         "nodes": [1, 2], "gpus_per_node": [1], "device": "cpu", "weak": {"batch_per_gpu": 4}, "epochs": 2,

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 pytestmark = pytest.mark.cluster
@@ -15,15 +14,6 @@ pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[2]
 # What the jobs get on top of the submitting environment: this interpreter, one thread per rank.
 JOB_ENV = {"PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-
-
-def _importable(module: str) -> str | None:
-    """None if `module` imports, else why not (the modules these scripts run are written elsewhere)."""
-    try:
-        __import__(module)
-    except ImportError as exc:
-        return f"{module} is not importable yet ({exc})"
-    return None
 
 
 def test_train_ddp_refuses_a_missing_config_before_starting_anything(slurm_cluster, tmp_path):
@@ -35,22 +25,8 @@ def test_train_ddp_refuses_a_missing_config_before_starting_anything(slurm_clust
     assert job.output.strip() == f"train_ddp.sh: error: config 'no/such.yaml' not found (in {tmp_path})", job
 
 
-def _tiny_domains(root: Path, n: int = 64) -> Path:
-    from dmhpc.data.shards import write_dataset
-
-    rng = np.random.default_rng(0)
-    for name, noise in (("pristine", 0.02), ("noisy", 0.3)):
-        labels = np.arange(n) % 2
-        images = rng.normal(0.0, noise, (n, 3, 75, 75)).astype(np.float32) + labels[:, None, None, None]
-        write_dataset(images, labels, None, root / name, shard_size=64, seed=0)
-    return root
-
-
-def test_train_ddp_trains_the_tiny_config_on_two_nodes(slurm_cluster, tmp_path):
-    reason = _importable("dmhpc.train.loop") or _importable("dmhpc.data.shards")
-    if reason:
-        pytest.skip(reason)
-    data = _tiny_domains(tmp_path / "data")
+def test_train_ddp_trains_the_tiny_config_on_two_nodes(slurm_cluster, tmp_path, make_domains):
+    data = make_domains(64)
     run = tmp_path / "run"
     job = slurm_cluster.wait(slurm_cluster.sbatch(
         "--nodes=2", "--cpus-per-task=2", f"--output={tmp_path}/out", "slurm/train_ddp.sh", "configs/tiny.yaml",
@@ -62,9 +38,7 @@ def test_train_ddp_trains_the_tiny_config_on_two_nodes(slurm_cluster, tmp_path):
 
 
 def test_prepare_mpi_renders_and_converts_with_ranks_on_two_nodes(slurm_cluster, tmp_path):
-    reason = _importable("mpi4py") or _importable("dmhpc.data.synth") or _importable("dmhpc.data.prepare")
-    if reason:
-        pytest.skip(reason)
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install dmhpc[mpi])")
     raw, shards = tmp_path / "raw", tmp_path / "shards"
     job = slurm_cluster.wait(slurm_cluster.sbatch(
         "--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/out", "slurm/prepare_mpi.sh",
@@ -79,13 +53,10 @@ def test_prepare_mpi_renders_and_converts_with_ranks_on_two_nodes(slurm_cluster,
         assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
-def test_train_ddp_checkpoints_on_usr2_requeues_and_resumes(slurm_cluster, tmp_path):
-    reason = _importable("dmhpc.train.loop") or _importable("dmhpc.data.shards")
-    if reason:
-        pytest.skip(reason)
+def test_train_ddp_checkpoints_on_usr2_requeues_and_resumes(slurm_cluster, tmp_path, make_domains):
     # 480 images, 70 % for training, 4 per rank and batch on 2 ranks: one epoch of 42 steps, so the
     # signal, sent after the first step, lands well inside it.
-    data = _tiny_domains(tmp_path / "data", n=480)
+    data = make_domains(480)
     run, reference = tmp_path / "run", tmp_path / "reference"
 
     def submit(run_dir, output):
