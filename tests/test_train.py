@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -80,15 +81,35 @@ def test_single_process_run_directory(data, tmp_path, capsys):
     result = json.loads((run / "eval" / "metrics.json").read_text())
     assert result["oracle"] is False and result["checkpoint"]["criterion"] == "source-val-acc"
     assert "| run |" in capsys.readouterr().out
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+
+    # dmhpc eval on its own: another split, another checkpoint
+    assert main(["eval", "--run", str(run), "--split", "val", "--checkpoint", "last"]) == 0
+    result = json.loads((run / "eval" / "metrics.json").read_text())
+    assert result["split"] == "val" and result["checkpoint"]["name"] == "last"
+    assert (run / "plots" / "roc_val.png").exists()
+    assert main(["eval", "--run", str(tmp_path / "nowhere")]) == 1
+    assert "config.yaml" in capsys.readouterr().err
 
 
 def test_da_terms_are_logged(data, tmp_path):
     run = tmp_path / "run"
     assert main(["train", "--config", str(TINY), *_overrides(
-        data, run, "train.epochs=1", "loss.transfer=dann", "loss.fisher.weight=1.0", "loss.entropy_weight=0.05")]) == 0
+        data, run, "train.epochs=1", "loss.transfer=dann", "loss.fisher.weight=1.0", "loss.entropy_weight=0.05",
+        "optim.grad_clip=1.0", "select.criterion=dev")]) == 0
     record = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
     assert set(record["loss"]) >= {"classifier", "transfer", "fisher", "fisher_intra", "fisher_inter", "entropy", "total"}
     assert 0.0 <= record["discriminator_accuracy"] <= 1.0
+    assert record["selection"]["criterion"] == "dev" and math.isfinite(record["selection"]["score"])
+
+
+def test_early_stopping_on_the_selection_score(data, tmp_path):
+    run = tmp_path / "run"
+    # A learning rate too small to change the validation accuracy: the first evaluation stays best.
+    assert main(["train", "--config", str(TINY), *_overrides(
+        data, run, "train.epochs=20", "train.early_stopping=2", "optim.lr=1e-12")]) == 0
+    epochs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in l]
+    assert len(epochs) == 3
 
 
 def test_bad_config_fails_before_training(tmp_path, capsys):
@@ -191,6 +212,19 @@ def test_torchrun_two_ranks(data, tmp_path):
     assert json.loads((run / "eval" / "metrics.json").read_text())["source"]["n"] > 0
 
 
+def test_mpiexec_two_ranks(data, tmp_path):
+    mpiexec = BIN / "mpiexec"
+    if not mpiexec.exists():
+        pytest.skip("mpiexec is not installed (pip install dmhpc[mpi])")
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [str(mpiexec), "-n", "2", sys.executable, "-m", "dmhpc.train", "--config", str(TINY),
+         *_overrides(data, run, "train.epochs=1", "loss.transfer=coral")],
+        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "world 2" in proc.stdout and (run / "eval" / "metrics.json").exists()
+
+
 def test_torchrun_restarts_a_crashed_rank_from_the_checkpoint(data, tmp_path):
     run = tmp_path / "run"
     with open(tmp_path / "log.txt", "w") as log:
@@ -216,10 +250,13 @@ def test_dali_loader_trains(data, tmp_path):
     assert (run / "eval" / "metrics.json").exists()
 
 
-def test_bf16_autocast_channels_last(data, tmp_path):
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_autocast_channels_last(data, tmp_path, amp):
     run = tmp_path / "run"
     assert main(["train", "--config", str(TINY), *_overrides(
-        data, run, "train.epochs=1", "train.amp=bf16", "train.channels_last=true", "loss.transfer=mmd")]) == 0
+        data, run, "train.epochs=1", f"train.amp={amp}", "train.channels_last=true", "loss.transfer=mmd")]) == 0
+    record = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in l][-1]
+    assert math.isfinite(record["loss"]["total"])
 
 
 def test_debug_mode(data, tmp_path):

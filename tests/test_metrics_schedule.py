@@ -1,0 +1,93 @@
+"""Metrics, label-free validators and learning-rate schedules against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dmhpc.train.metrics import (classification_metrics, deep_embedded_validation, information_maximization,
+                                 selection_score, soft_neighborhood_density)
+from dmhpc.train.schedule import lr_factor
+
+
+def test_classification_metrics_by_hand():
+    labels = np.array([1, 1, 0, 0, 1])
+    p1 = np.array([0.9, 0.4, 0.2, 0.6, 0.7])
+    m = classification_metrics(labels, np.stack([1 - p1, p1], 1))
+    # predictions 1 0 0 1 1: TP 2, FN 1, TN 1, FP 1
+    assert m["confusion"] == [[1, 1], [1, 2]]
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["precision"] == pytest.approx(2 / 3) and m["recall"] == pytest.approx(2 / 3)
+    assert m["f1"] == pytest.approx(2 / 3)
+    assert m["brier"] == pytest.approx(np.mean((p1 - labels) ** 2))
+    assert m["roc_auc"] == pytest.approx(5 / 6)  # 5 of 6 positive/negative pairs ordered right
+    assert math.isnan(classification_metrics(np.ones(3, int), np.full((3, 2), 0.5))["roc_auc"])
+
+
+def test_information_maximization_rewards_confident_balanced_predictions():
+    confident_balanced = np.array([[0.99, 0.01], [0.01, 0.99]] * 10)
+    uncertain = np.full((20, 2), 0.5)
+    collapsed = np.array([[0.99, 0.01]] * 20)
+    assert information_maximization(confident_balanced) > information_maximization(uncertain)
+    assert information_maximization(confident_balanced) > information_maximization(collapsed)
+    assert information_maximization(confident_balanced) == pytest.approx(math.log(2) - 0.056, abs=1e-3)
+
+
+def test_soft_neighborhood_density_prefers_clustered_predictions():
+    rng = np.random.default_rng(0)
+    clustered = np.repeat(np.array([[0.95, 0.05], [0.05, 0.95]]), 30, axis=0)
+    spread = rng.dirichlet([1, 1], size=60)
+    assert soft_neighborhood_density(clustered) > soft_neighborhood_density(spread)
+
+
+def test_deep_embedded_validation_weights_source_samples_like_the_target():
+    """DEV estimates the target risk: it grows when the source samples that look like target are wrong."""
+    rng = np.random.default_rng(0)
+    fs = rng.normal(0, 1, (200, 4))
+    ft = rng.normal(0, 1, (200, 4)) + np.array([1.5, 0, 0, 0])
+    labels = (fs[:, 1] > 0).astype(int)
+    right = np.where(labels[:, None] == np.arange(2), 0.9, 0.1)
+    wrong_near_target = right.copy()
+    near = fs[:, 0] > 0.75
+    wrong_near_target[near] = right[near][:, ::-1]
+    good = deep_embedded_validation({"features": fs, "labels": labels, "prob": right}, {"features": ft})
+    bad = deep_embedded_validation({"features": fs, "labels": labels, "prob": wrong_near_target}, {"features": ft})
+    assert math.isfinite(good) and good > bad
+
+
+def test_selection_uses_target_labels_only_for_the_oracle():
+    s = {"labels": np.array([0, 1]), "prob": np.array([[0.9, 0.1], [0.2, 0.8]])}
+    t = {"labels": np.array([1, 1]), "prob": np.array([[0.9, 0.1], [0.9, 0.1]])}
+    assert selection_score("source-val-acc", {"source": s, "target": t}) == 1.0
+    assert selection_score("oracle-target-acc", {"source": s, "target": t}) == 0.0
+    t_relabelled = dict(t, labels=np.array([0, 0]))
+    for criterion in ("im", "snd"):
+        assert selection_score(criterion, {"source": s, "target": t}) == \
+            selection_score(criterion, {"source": s, "target": t_relabelled})
+
+
+def _f(step, schedule, **kw):
+    return lr_factor(step, schedule=schedule, total_steps=100, steps_per_epoch=10, lr=1e-3, **kw)
+
+
+def test_warmup_cosine():
+    assert _f(0, "warmup-cosine", warmup_steps=10) == pytest.approx(0.1)
+    assert _f(9, "warmup-cosine", warmup_steps=10) == pytest.approx(1.0)
+    assert _f(55, "warmup-cosine", warmup_steps=10) == pytest.approx(0.5)
+    assert _f(100, "warmup-cosine", warmup_steps=10, min_lr=1e-4) == pytest.approx(0.1)
+
+
+def test_cyclic_is_the_originals_triangle_between_lr_over_10_and_lr():
+    # period 0.9 * cycle_epochs * steps_per_epoch = 18 steps
+    values = [_f(s, "cyclic", cycle_epochs=2) for s in range(37)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0) and values[18] == pytest.approx(0.1)
+    assert values[:18] == pytest.approx(values[18:36])
+    assert min(values) >= 0.1 - 1e-12 and max(values) <= 1.0 + 1e-12
+
+
+def test_inv_and_constant():
+    assert _f(0, "inv") == 1.0
+    assert _f(1000, "inv", gamma=0.001, power=0.75) == pytest.approx(2 ** -0.75)
+    assert _f(77, "constant") == 1.0
