@@ -38,7 +38,7 @@ def measure(data: Path, model: str, batch: int, amp: str, channels_last: bool, l
     cfg = load_config(ROOT / "configs" / CONFIGS[model])
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=model))
     loader = make_train_loader(loader_kind, data / "source", data / "target", batch_size=batch, rank=0, world_size=1,
-                               seed=0, device=device, augment=True, num_workers=2)
+                               seed=0, device=device, augment=cfg.data.augment, num_workers=2)
     net = DomainAdaptation(cfg, seed=0).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)

@@ -6,8 +6,9 @@ CE + MMD (19 kernels) + Fisher (trace ratio) + entropy, Adam with betas (0.7, 0.
 The original step is reproduced with its costs (see shared/reference/original-deepmerge.md):
 a fresh DataLoader iterator with one worker process per domain per step, the MMD through an
 (n, d, m) difference tensor, the Fisher intra term gathered in a Python loop, entropy masked.
-dmhpc's step is the trainer's own: device-resident loader (host memory here) and
-`dmhpc.train.objective.DomainAdaptation` from configs/deepmerge-mmd-fisher-entropy.yaml.
+dmhpc's step is the trainer's own, timed by bench/throughput.py's `measure`: device-resident loader
+(host memory here; no augmentation, as the config and the original) and `dmhpc.train.objective.DomainAdaptation` from
+configs/deepmerge-mmd-fisher-entropy.yaml.
 
     python bench/train_step.py [--steps 20]
 """
@@ -24,11 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dmhpc.config import load_config
-from dmhpc.data.loaders import make_train_loader
 from dmhpc.data.shards import write_dataset
-from dmhpc.models import DeepMerge2, param_groups
-from dmhpc.train.objective import DomainAdaptation
+from dmhpc.models import DeepMerge2
+from throughput import measure  # bench/ is on sys.path when this script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = 128
@@ -94,41 +93,6 @@ def time_original(xs_all, ys_all, xt_all, yt_all, steps):
     return _time(step, steps)
 
 
-def time_dmhpc(source_dir, target_dir, steps, amp="none", channels_last=False):
-    cfg = load_config(ROOT / "configs" / "deepmerge-mmd-fisher-entropy.yaml")
-    loader = make_train_loader("gpu-resident", source_dir, target_dir, batch_size=BATCH, rank=0, world_size=1,
-                               seed=0, device="cpu", augment=False)
-    model = DomainAdaptation(cfg, seed=0)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp == "bf16")
-    opt = torch.optim.Adam(param_groups(model.backbone, fisher=model.fisher), lr=1e-3, betas=(0.7, 0.8))
-    batches = iter(())
-    epoch = 0
-
-    def step():
-        nonlocal batches, epoch
-        try:
-            xs, ys, xt, _ = next(batches)
-        except StopIteration:
-            batches = iter(loader.epoch(epoch))
-            epoch += 1
-            xs, ys, xt, _ = next(batches)
-        if channels_last:
-            xs = xs.contiguous(memory_format=torch.channels_last)
-            xt = xt.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            loss, _, _ = model(xs, ys, xt, 1.0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    try:
-        return _time(step, steps)
-    finally:
-        loader.close()
-
-
 def _time(step, steps, warmup=2):
     for _ in range(warmup):
         step()
@@ -155,7 +119,9 @@ def main() -> None:
             "fp32 channels_last": {"channels_last": True},
             "bf16 autocast, channels_last": {"amp": "bf16", "channels_last": True},
         }
-        t_new = {name: time_dmhpc(Path(tmp) / "source", Path(tmp) / "target", args.steps, **kw)
+        t_new = {name: 2 * BATCH / measure(Path(tmp), "deepmerge2", BATCH, kw.get("amp", "none"),
+                                           kw.get("channels_last", False), "gpu-resident", torch.device("cpu"),
+                                           args.steps, warmup=2)
                  for name, kw in variants.items()}
     t_old = time_original(*(torch.from_numpy(a) for a in (x["source"], y["source"], x["target"], y["target"])),
                           steps=args.steps)
