@@ -229,11 +229,42 @@ def bootstrap(backend: str | None = None) -> DistInfo:
     if launch.world_size == 1:
         return DistInfo(0, launch.local_rank, 1, device, None, launch.launcher)
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-    # torchrun's workers must use env:// so that they join its agent's store instead of opening one.
-    init_method = "env://" if launch.launcher == "torchrun" else f"tcp://{launch.master_addr}:{launch.master_port}"
-    dist.init_process_group(backend, init_method=init_method, rank=launch.rank, world_size=launch.world_size,
-                            device_id=device if device.type == "cuda" else None)
+    store = _torchrun_attempt_store(launch, env) if launch.launcher == "torchrun" else None
+    if store is not None:
+        rendezvous: dict[str, Any] = {"store": store}
+    elif launch.launcher == "torchrun":
+        rendezvous = {"init_method": "env://"}  # a fresh store per attempt, hosted by rank 0
+    else:
+        rendezvous = {"init_method": f"tcp://{launch.master_addr}:{launch.master_port}"}
+    dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
+                            device_id=device if device.type == "cuda" else None, **rendezvous)
     return DistInfo(launch.rank, launch.local_rank, launch.world_size, device, backend, launch.launcher)
+
+
+def _torchrun_attempt_store(launch: Launch, env: Mapping[str, str]) -> dist.Store | None:
+    """The store of this torchrun attempt, when torchrun's agent shares one store between attempts.
+
+    torchrun's agent keeps its TCPStore for the whole job (TORCHELASTIC_USE_AGENT_STORE=True, the
+    default since torch 2.4), so after `--max-restarts` restarts the workers, the keys the previous
+    workers wrote to build their process group are still there, and a new rank can read a dead
+    rank's address: gloo's connectFullMesh then fails or hangs (pytorch/pytorch#135712). Every
+    attempt gets its own key prefix from TORCHELASTIC_RESTART_COUNT. That count is kept by each
+    agent, so it names the attempt only when one agent runs every worker; with several agents the
+    shared store cannot be made safe from here, and restarts are refused up front.
+    None: torchrun does not share its store (env:// then gives each attempt a new one).
+    """
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agents = _int(env, "GROUP_WORLD_SIZE") if "GROUP_WORLD_SIZE" in env else 1
+    if agents > 1:
+        if env.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0":
+            raise DmhpcError(
+                f"environment: torchrun --max-restarts across {agents} nodes shares one rendezvous store "
+                f"between attempts, so a restart can join a stale process group (pytorch/pytorch#135712); "
+                f"export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
+        return None
+    store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=False)
+    return dist.PrefixStore(f"dmhpc/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def is_distributed() -> bool:

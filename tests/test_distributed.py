@@ -182,6 +182,18 @@ def test_bootstrap_reports_bad_environment(monkeypatch):
         bootstrap()
 
 
+def test_torchrun_restarts_across_nodes_on_a_shared_store_are_refused(monkeypatch):
+    """Each agent counts its own restarts, so per-attempt prefixes cannot be agreed across nodes."""
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "GROUP_WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1", "TORCHELASTIC_USE_AGENT_STORE": "True",
+           "TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_RESTART_COUNT": "0"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(DmhpcError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        bootstrap()
+    assert not torch.distributed.is_initialized()
+
+
 # --- real process groups -----------------------------------------------------------------------------
 
 WORKER = textwrap.dedent("""
