@@ -284,6 +284,20 @@ def test_autocast_channels_last(data, tmp_path, amp):
     assert math.isfinite(record["loss"]["total"])
 
 
+def test_compiled_step_matches_the_eager_step(data, tmp_path):
+    """train.compile=true: the compiled step computes the same losses, and checkpoints keep eager keys."""
+    def first_step(run):
+        assert main(["train", "--config", str(TINY), *_overrides(
+            data, run, "train.max_steps=2", "train.log_every=1", f"train.compile={run.name == 'compiled'}")]) == 0
+        return next(json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in l)
+
+    eager, compiled = first_step(tmp_path / "eager"), first_step(tmp_path / "compiled")
+    assert eager["loss"].keys() == compiled["loss"].keys()
+    for term, value in eager["loss"].items():
+        assert math.isclose(compiled["loss"][term], value, rel_tol=1e-4), term
+    assert _weights(tmp_path / "eager").keys() == _weights(tmp_path / "compiled").keys()
+
+
 def test_debug_mode(data, tmp_path):
     run = tmp_path / "run"
     assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1", "debug=true")]) == 0
