@@ -19,7 +19,7 @@ import yaml
 
 from dmhpc.errors import DmhpcError
 from dmhpc.launch import (expand, launch_scaling, load_grid, load_study, point_name, sample_space, scaling_table,
-                          steady_step_time, write_leaderboard)
+                          steady_step_time, summary_rows, write_leaderboard, write_summary)
 from dmhpc.launch.grid import Range
 from dmhpc.launch.submit import Resources, make_executor, slurm_minutes
 
@@ -135,6 +135,100 @@ def test_every_bad_point_is_reported_with_the_schema_message(tmp_path):
         load_grid({**spec, "grid": {"seed": [0, 1]}, "overrides": {"optim.lrr": 1.0}})
 
 
+# --- studies: methods x grid ---------------------------------------------------------------------
+
+def _study(tmp_path, **extra):
+    return {"out": str(tmp_path / "out"), "executor": "local", "overrides": {"train.epochs": 3},
+            "methods": {"plain": {"base": str(TINY)},
+                        "mmd": {"base": str(TINY), "overrides": {"loss.transfer": "mmd", "train.epochs": 5}},
+                        "oracle": {"base": str(TINY), "overrides": {"select.criterion": "oracle-target-acc"}}},
+            "gap": {"from": "plain", "to": "oracle"}, "grid": {"seed": [1, 2]}, **extra}
+
+
+def test_a_study_is_every_method_crossed_with_the_grid(tmp_path):
+    g = load_grid(_study(tmp_path))
+    assert [p.name for p in g.points] == ["plain/seed=1", "plain/seed=2", "mmd/seed=1", "mmd/seed=2",
+                                          "oracle/seed=1", "oracle/seed=2"]
+    by_name = {p.name: p for p in g.points}
+    assert by_name["mmd/seed=2"].run_dir == (tmp_path / "out" / "mmd" / "seed=2").resolve()
+    assert by_name["mmd/seed=2"].values == {"method": "mmd", "seed": 2}
+    cfg = by_name["mmd/seed=2"].config
+    assert (cfg.loss.transfer, cfg.train.epochs, cfg.seed) == ("mmd", 5, 2)  # the method's overrides win
+    assert by_name["plain/seed=1"].config.train.epochs == 3
+    assert by_name["oracle/seed=1"].config.select.criterion == "oracle-target-acc"
+    assert g.gap == ("plain", "oracle")
+
+
+def test_every_problem_of_a_study_file_is_reported(tmp_path):
+    spec = _study(tmp_path, base=str(TINY), gap={"from": "plain", "to": "nothing", "by": 1})
+    spec["methods"] = {**spec["methods"], "bad name": {"base": str(TINY)}, "lost": {"base": "missing.yaml"},
+                       "clash": {"base": str(TINY), "overrides": {"seed": 4}, "colour": 1}}
+    with pytest.raises(DmhpcError) as err:
+        load_grid(spec)
+    lines = str(err.value).splitlines()
+    for fragment in ("give either base (one training config) or methods (a study), not both",
+                     'methods."bad name": a method name is a directory name',
+                     "methods.lost.base: config file not found", "methods.clash.colour: unknown key",
+                     "methods.clash.overrides.seed: also a grid or random.space key",
+                     'gap.to: "nothing" is not one of the methods', "gap.by: unknown key"):
+        assert sum(fragment in line for line in lines) == 1, (fragment, lines)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DmhpcError, match="<launch dict>: methods.mmd: loss.transfer: expected one of"):
+        load_grid(_study(tmp_path, methods={"mmd": {"base": str(TINY), "overrides": {"loss.transfer": "mmmd"}}},
+                         gap=None))
+    with pytest.raises(DmhpcError, match="gap: needs methods"):
+        load_grid({"base": str(TINY), "out": "x", "grid": {"seed": [1]}, "gap": {"from": "a", "to": "b"}})
+    with pytest.raises(DmhpcError, match="not both|not neither"):
+        load_grid({"out": "x", "grid": {"seed": [1]}})
+
+
+def test_summary_is_mean_and_spread_over_seeds_with_the_gap_closed(tmp_path):
+    spec = _study(tmp_path, grid={"seed": [1, 2, 3], "model.name": ["deepmerge", "deepmerge2"]})
+    points = {p.name: p for p in load_grid(spec).points}
+    target = {"plain": (0.50, 0.52, 0.54), "mmd": (0.60, 0.70, 0.80), "oracle": (0.80, 0.80, 0.80)}
+    for method, accs in target.items():
+        for seed, acc in zip((1, 2, 3), accs):
+            if (method, seed) != ("mmd", 3):  # one run of mmd not finished
+                _finished(points[f"{method}/model.name=deepmerge,seed={seed}"], 0.5, acc)
+    rows = write_summary(tmp_path, points.values(), gap=("plain", "oracle"))
+    assert [(r["method"], r["model.name"], r["finished"], r["runs"]) for r in rows] == [
+        ("plain", "deepmerge", 3, 3), ("plain", "deepmerge2", 0, 3), ("mmd", "deepmerge", 2, 3),
+        ("mmd", "deepmerge2", 0, 3), ("oracle", "deepmerge", 3, 3), ("oracle", "deepmerge2", 0, 3)]
+    plain, mmd, oracle = rows[0], rows[2], rows[4]
+    assert plain["target_accuracy_mean"] == pytest.approx(0.52)
+    assert plain["target_accuracy_std"] == pytest.approx(0.02)  # sample standard deviation
+    assert mmd["seeds"] == [1, 2] and mmd["target_accuracy_per_seed"] == [0.60, 0.70]
+    assert mmd["gap_closed"] == pytest.approx((0.65 - 0.52) / (0.80 - 0.52))
+    assert (plain["gap_closed"], oracle["gap_closed"]) == (0.0, 1.0)
+    assert math.isnan(oracle["target_accuracy_std"]) is False and oracle["target_accuracy_std"] == 0.0
+    assert math.isnan(rows[1]["gap_closed"]) and math.isnan(rows[1]["target_accuracy_mean"])
+    md = (tmp_path / "summary.md").read_text()
+    assert "| mmd | deepmerge | 2/3 | 0.900 ± 0.000 |" in md
+    assert "0.650 ± 0.071 |" in md and "| 46% | 0.600 (seed 1), 0.700 (seed 2) |" in md
+    with (tmp_path / "summary.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert table[2]["seeds"] == "1 2" and float(table[2]["gap_closed"]) == pytest.approx(0.4643, abs=1e-4)
+    # The same points without seeds to average over get no summary.
+    assert write_summary(tmp_path / "none", [p for p in points.values() if p.values["seed"] == 1][:0]) == []
+
+
+def test_summary_marks_oracle_selection_and_runs_trained_on_the_target(tmp_path):
+    spec = _study(tmp_path)
+    spec["methods"]["oracle"]["overrides"]["data.source"] = spec["methods"]["oracle"]["overrides"].get(
+        "data.target", str(ROOT / "configs"))  # any path: only compared with data.target
+    spec["overrides"]["data.target"] = spec["methods"]["oracle"]["overrides"]["data.source"]
+    points = list(load_grid(spec).points)
+    for p in points:
+        _finished(p, 0.5, 0.7, criterion=p.config.select.criterion, oracle=p.values["method"] == "oracle")
+    rows = summary_rows(points, gap=("plain", "oracle"))
+    assert [(r["oracle"], r["trained_on_target"]) for r in rows] == [(False, False), (False, False), (True, True)]
+    write_summary(tmp_path, points, gap=("plain", "oracle"))
+    md = (tmp_path / "summary.md").read_text()
+    assert "| oracle (oracle selection, trained on target) | 2/2 |  |  | 0.700 ± 0.000 |" in md
+    assert "| plain | 2/2 | 0.900 ± 0.000 |" in md
+    assert math.isnan(rows[0]["gap_closed"])  # oracle and baseline tie: no gap to close
+
+
 def test_executor_shapes_are_checked():
     spec = {"base": str(TINY), "out": "runs/x", "grid": {"seed": [0]}}
     with pytest.raises(DmhpcError, match="local runs on this machine only: one node, got 2 nodes"):
@@ -172,7 +266,7 @@ def test_sbatch_options_for_a_site(tmp_path):
 
 
 def test_shipped_launch_files_are_valid():
-    for path in sorted((ROOT / "configs" / "grid").glob("*.yaml")):
+    for path in sorted([*(ROOT / "configs" / "grid").glob("*.yaml"), *(ROOT / "configs" / "study").glob("*.yaml")]):
         assert load_grid(path).points, path
     for path in sorted((ROOT / "configs" / "scaling").glob("*.yaml")):
         assert load_study(path).points, path
@@ -256,6 +350,33 @@ def test_two_point_grid_through_the_local_executor_then_skip_and_resume(data, tm
     logs = "".join(p.read_text() for p in (out / "submitit").glob("*_log.out"))
     assert logs.count("resumed from") == 1, logs
     assert (out / "optim.lr=0.0001" / "eval" / "metrics.json").is_file()
+
+
+def test_a_study_through_the_local_executor_runs_array_parallelism_points_at_a_time(data, tmp_path, monkeypatch,
+                                                                                     capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    from dmhpc.launch import launch_grid
+
+    out = tmp_path / "out"
+    launch_grid({"out": str(out), "executor": "local", "overrides": _tiny_overrides(data),
+                 "methods": {"noda": {"base": str(ROOT / "configs" / "deepmerge-noda.yaml")},
+                             "mmd": {"base": str(TINY), "overrides": {"loss.fisher.weight": 0.0}}},
+                 "gap": {"from": "noda", "to": "mmd"}, "grid": {"seed": [1, 2]},
+                 "slurm": {"time": 10, "array_parallelism": 2}})
+    assert "0 of 4 point(s) finished; running the other 4, 2 at a time" in capsys.readouterr().out
+    first = [out / "noda" / "seed=1", out / "noda" / "seed=2"]
+    second = [out / "mmd" / "seed=1", out / "mmd" / "seed=2"]
+    # The second pair started (wrote its config) after the first pair had finished (written its test metrics).
+    assert min((r / "config.yaml").stat().st_mtime for r in second) >= \
+        max((r / "eval" / "metrics.json").stat().st_mtime for r in first)
+    with (out / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["finished"], r["seeds"]) for r in rows] == [("noda", "2", "1 2"), ("mmd", "2", "1 2")]
+    noda_acc = json.loads((first[0] / "eval" / "metrics.json").read_text())["target"]["accuracy"]
+    assert float(rows[0]["target_accuracy_per_seed"].split()[0]) == noda_acc
+    tie = rows[0]["target_accuracy_mean"] == rows[1]["target_accuracy_mean"]  # tiny data: both may say "merger"
+    assert [r["gap_closed"] for r in rows] == (["", ""] if tie else ["0.0", "1.0"])
+    assert "| method | runs |" in (out / "summary.md").read_text()
 
 
 def test_scaling_study_through_the_debug_executor(data, tmp_path, monkeypatch):

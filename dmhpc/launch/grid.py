@@ -20,11 +20,22 @@ A grid file (every key; docs/cluster.md has the reference):
         loss.entropy_weight: [0.0, 0.05, 0.1]               # one of these
     slurm: {nodes: 1, gpus_per_node: 1, cpus_per_task: 8, time: "04:00:00", partition: gpu}
 
-Every point is run directory OUT/<name>, the name made of its grid and random values
-(`loss.transfer_weight=0.5,seed=0`). Every point's configuration is validated before anything is
-submitted; all problems are reported together. A second launch skips finished points (their
-eval/metrics.json exists), resumes the others from their last checkpoint, and refuses a run
-directory that holds a run of another configuration.
+A study compares methods over the same grid: `methods` instead of `base`, each method a base
+config with its own overrides (on top of the file's), and optionally the two methods between
+which `gap` measures how much of the target-accuracy gap every method closes:
+
+    methods:
+      noda: {base: ../deepmerge-noda.yaml}
+      mmd: {base: ../deepmerge-mmd-fisher-entropy.yaml, overrides: {loss.entropy_weight: 0.0}}
+      oracle: {base: ../deepmerge-oracle.yaml}
+    gap: {from: noda, to: oracle}
+
+Every point is run directory OUT/<name> (OUT/<method>/<name> in a study), the name made of its
+grid and random values (`loss.transfer_weight=0.5,seed=0`). Every point's configuration is
+validated before anything is submitted; all problems are reported together. A second launch skips
+finished points (their eval/metrics.json exists), resumes the others from their last checkpoint,
+and refuses a run directory that holds a run of another configuration. Besides the leaderboard,
+a grid over `seed` gets OUT/summary.md: mean ± std over seeds (dmhpc.launch.summary).
 """
 
 from __future__ import annotations
@@ -41,12 +52,16 @@ from typing import Any, Mapping
 
 from dmhpc.errors import DmhpcError
 from dmhpc.launch.leaderboard import write_leaderboard
+from dmhpc.launch.summary import write_summary
 from dmhpc.launch.spec import (Point, Problems, boolean, check_existing_runs, check_point_problems, choice,
                                dotted_keys, integer, number, point_problem, read_launch_file, resolve_point, show,
                                take, text, unknown_keys)
 from dmhpc.launch.submit import EXECUTORS, Resources, TrainTask, launch_points, preempt_signal, read_resources
 
-GRID_KEYS = ("base", "out", "executor", "overrides", "grid", "random", "slurm")
+GRID_KEYS = ("base", "methods", "gap", "out", "executor", "overrides", "grid", "random", "slurm")
+METHOD_KEYS = ("base", "overrides")
+GAP_KEYS = ("from", "to")
+METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 RANDOM_KEYS = ("n", "seed", "space")
 RANGE_KEYS = ("low", "high", "log")
 # Keys the launcher sets for every point, and why.
@@ -72,6 +87,7 @@ class Grid:
     executor: str
     resources: Resources
     points: tuple[Point, ...]
+    gap: tuple[str, str] | None = None  # (from, to) methods of a study's "gap closed"
 
 
 # --- expansion -------------------------------------------------------------------------------------
@@ -183,12 +199,64 @@ def _read_random(problems: Problems, data: Any) -> tuple[dict, int, int]:
     return space, n or 0, seed
 
 
+def _base_path(problems: Problems, key: str, value: str | None, here: Path) -> Path | None:
+    if value is None:
+        return None
+    base = Path(value) if Path(value).is_absolute() else here / value
+    if not base.is_file():
+        problems.add(key, f"config file not found: {base}")
+        return None
+    return base
+
+
+def _read_methods(problems: Problems, data: Any, here: Path) -> dict[str, tuple[Path | None, dict]]:
+    """method name -> (base config, the method's own overrides)."""
+    if not isinstance(data, Mapping) or not data:
+        problems.add("methods", f"expected a mapping of method name -> {{base, overrides}}, got {show(data)}")
+        return {}
+    methods = {}
+    for name, spec in data.items():
+        where = f"methods.{name}"
+        if not isinstance(name, str) or not METHOD_NAME.fullmatch(name):
+            problems.add(f"methods.{show(name)}", "a method name is a directory name: letters, digits and ._+- "
+                         "(not starting with a punctuation mark)")
+            continue
+        if not isinstance(spec, Mapping):
+            problems.add(where, f"expected a mapping with base and overrides, got {show(spec)}")
+            continue
+        unknown_keys(problems, spec, METHOD_KEYS, where + ".")
+        base = _base_path(problems, where + ".base", take(problems, spec, "base", text, prefix=where + "."), here)
+        methods[name] = (base, dotted_keys(problems, spec.get("overrides"), where + ".overrides", LAUNCHER_KEYS))
+    return methods
+
+
+def _read_gap(problems: Problems, data: Any, methods: Mapping) -> tuple[str, str] | None:
+    if data is None:
+        return None
+    if not methods:
+        problems.add("gap", "needs methods: it names the two methods whose target accuracies span the gap")
+        return None
+    if not isinstance(data, Mapping):
+        problems.add("gap", f"expected {{from: METHOD, to: METHOD}}, got {show(data)}")
+        return None
+    unknown_keys(problems, data, GAP_KEYS, "gap.")
+    ends = [take(problems, data, key, text, prefix="gap.") for key in GAP_KEYS]
+    for key, name in zip(GAP_KEYS, ends):
+        if name is not None and name not in methods:
+            problems.add(f"gap.{key}", f"{show(name)} is not one of the methods ({', '.join(methods)})")
+    if None in ends or any(name not in methods for name in ends):
+        return None
+    if ends[0] == ends[1]:
+        problems.add("gap", f"from and to are the same method ({ends[0]})")
+        return None
+    return ends[0], ends[1]
+
+
 def load_grid(spec: str | Path | Mapping) -> Grid:
     """Read and check a grid file (or dict) and every point it expands to; raise all problems at once."""
     data, source, here = read_launch_file(spec)
     problems = Problems(source)
     unknown_keys(problems, data, GRID_KEYS)
-    base_text = take(problems, data, "base", text)
     out_text = take(problems, data, "out", text)
     executor = take(problems, data, "executor", choice(*EXECUTORS), "slurm")
     overrides = dotted_keys(problems, data.get("overrides"), "overrides", LAUNCHER_KEYS)
@@ -202,17 +270,26 @@ def load_grid(spec: str | Path | Mapping) -> Grid:
         problems.add("grid", "missing: give a grid of values, a random section, or both")
     for key in sorted((set(grid) & set(space)) | (set(overrides) & (set(grid) | set(space)))):
         problems.add(key, "set in more than one of overrides, grid and random.space")
-    base = None
-    if base_text is not None:
-        base = (here / base_text) if not Path(base_text).is_absolute() else Path(base_text)
-        if not base.is_file():
-            problems.add("base", f"config file not found: {base}")
-            base = None
-    if base is not None and not problems.lines:
-        try:
-            resolve_point(base, overrides)
-        except DmhpcError as exc:
-            problems.add("overrides", point_problem(exc))
+
+    # What each method trains: {None: ...} for a plain grid.
+    bases: dict[str | None, tuple[Path | None, dict]] = {}
+    if ("base" in data) == ("methods" in data):
+        problems.add(None, "give either base (one training config) or methods (a study), not "
+                     + ("both" if "base" in data else "neither"))
+    if "methods" in data:
+        for name, (base, own) in _read_methods(problems, data["methods"], here).items():
+            for key in sorted(set(own) & (set(grid) | set(space))):
+                problems.add(f"methods.{name}.overrides.{key}", "also a grid or random.space key")
+            bases[name] = (base, {**overrides, **own})
+    elif "base" in data:
+        bases[None] = (_base_path(problems, "base", take(problems, data, "base", text), here), overrides)
+    gap = _read_gap(problems, data.get("gap"), bases if "methods" in data else {})
+    if not problems.lines:
+        for name, (base, merged) in bases.items():
+            try:
+                resolve_point(base, merged)
+            except DmhpcError as exc:
+                problems.add("overrides" if name is None else f"methods.{name}", point_problem(exc))
     if problems.lines:  # the points would repeat these problems
         problems.raise_if_any()
 
@@ -223,24 +300,28 @@ def load_grid(spec: str | Path | Mapping) -> Grid:
         problems.add(None, str(exc))
         problems.raise_if_any()
     points, failures, names = [], {}, {}
-    for values in expand(grid, samples):
-        name = point_name(values)
-        if name in names:
-            problems.add(f"point {name}", f"two points share this name: {show(names[name])} and {show(values)}")
-            continue
-        names[name] = values
-        run_dir = out / name
-        try:
-            cfg = resolve_point(base, {**overrides, **values, "run.dir": str(run_dir),
-                                       "train.signals": [preempt_signal()]})
-        except DmhpcError as exc:
-            failures[name] = point_problem(exc)
-            continue
-        points.append(Point(name, dict(values), run_dir, cfg))
+    for method, (base, merged) in bases.items():
+        for values in expand(grid, samples):
+            name = point_name(values)
+            if name in names:
+                problems.add(f"point {name}", f"two points share this name: {show(names[name])} and {show(values)}")
+                continue
+            names[name] = values
+            run_dir = out / name if method is None else out / method / name
+            if method is not None:
+                name, values = f"{method}/{name}", {"method": method, **values}
+            try:
+                cfg = resolve_point(base, {**merged, **{k: v for k, v in values.items() if k != "method"},
+                                           "run.dir": str(run_dir), "train.signals": [preempt_signal()]})
+            except DmhpcError as exc:
+                failures[name] = point_problem(exc)
+                continue
+            points.append(Point(name, dict(values), run_dir, cfg))
+        names.clear()
     check_point_problems(problems, failures)
     check_existing_runs(problems, points)
     problems.raise_if_any()
-    return Grid(source, out, executor, resources, tuple(points))
+    return Grid(source, out, executor, resources, tuple(points), gap)
 
 
 def launch_grid(spec: str | Path | Mapping, wait: bool = True) -> list[dict]:
@@ -257,6 +338,8 @@ def launch_grid(spec: str | Path | Mapping, wait: bool = True) -> list[dict]:
                              wait=wait)
     rows = write_leaderboard(g.out, g.points, failed=failures)
     print(f"dmhpc launch: leaderboard in {g.out / 'leaderboard.md'} and leaderboard.csv", flush=True)
+    if write_summary(g.out, g.points, gap=g.gap):
+        print(f"dmhpc launch: mean ± std over seeds in {g.out / 'summary.md'} and summary.csv", flush=True)
     if failures:
         raise DmhpcError("\n".join([f"{g.source}: {len(failures)} point(s) failed:",
                                     *(f"point {name}: {why}" for name, why in failures.items())]))

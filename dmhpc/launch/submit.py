@@ -2,7 +2,8 @@
 
 Every point is one job of `nodes x tasks_per_node` tasks, one task per rank (per GPU where there
 are GPUs); the points of one launch that share their resources are one job array
-(`executor.map_array`, at most `array_parallelism` running at once). Executors:
+(`executor.map_array`, at most `array_parallelism` running at once, on a cluster or on this
+machine). Executors:
 
     slurm   sbatch through submitit (needs a shared file system for OUT)
     local   subprocesses on this machine (one node; jobs end with the launcher, so it waits)
@@ -288,7 +289,18 @@ def launch_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     """`submit_points`, then (with wait) `wait_for` them: {point name: why its job failed}."""
     if not wait and kind != "slurm":
         raise DmhpcError(f"executor {kind}: its jobs end with the launcher, so the launcher must wait for them")
-    jobs = submit_points(points, resources, kind=kind, folder=folder, job_name=job_name, task=task)
+    submit = dict(resources=resources, kind=kind, folder=folder, job_name=job_name, task=task)
+    todo = [p for p in points if not p.finished]
+    at_once = min((resources[p.name].array_parallelism for p in todo), default=1)
+    if kind == "local" and len(todo) > at_once:
+        # submitit's local executor starts every job at once: array_parallelism bounds them here.
+        print(f"dmhpc launch: {len(points) - len(todo)} of {len(points)} point(s) finished; running the "
+              f"other {len(todo)}, {at_once} at a time", flush=True)
+        failures: dict[str, str] = {}
+        for i in range(0, len(todo), at_once):
+            failures.update(wait_for(submit_points(todo[i:i + at_once], **submit)))
+        return failures
+    jobs = submit_points(points, **submit)
     return wait_for(jobs) if wait else {}
 
 

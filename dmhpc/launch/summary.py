@@ -1,0 +1,127 @@
+"""Mean ± standard deviation over seeds of a grid's finished runs: OUT/summary.csv and OUT/summary.md.
+
+Runs whose values differ only in `seed` form a group (in a study the method is one of the values),
+kept in launch order. Each group gets the mean and sample standard deviation of the test metrics
+of its finished runs, and the target accuracy of each seed. A study with `gap: {from: A, to: B}`
+also gets "gap closed": (target acc − A's) / (B's − A's) on the means, A and B taken from the
+groups with the same other values (the same model, say). Test metrics of both domains are read
+from RUN/eval/metrics.json; none of them chose a checkpoint unless the run is marked oracle.
+
+A run trained on the target domain (data.source = data.target, as a target oracle is) has no
+separate source domain: its "source" columns are target-domain figures and the table says so.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Iterable
+
+from dmhpc.launch.spec import Point
+
+DOMAINS = ("source", "target")
+METRICS = ("accuracy", "roc_auc", "f1", "brier")
+MD_COLUMNS = (("source", "accuracy", "source acc"), ("source", "roc_auc", "source AUC"),
+              ("target", "accuracy", "target acc"), ("target", "roc_auc", "target AUC"),
+              ("target", "f1", "target F1"), ("target", "brier", "target Brier"))
+
+
+def _group_key(point: Point) -> tuple:
+    return tuple((k, json.dumps(v)) for k, v in point.values.items() if k != "seed")
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    if not values:
+        return math.nan, math.nan
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+
+
+def summary_rows(points: Iterable[Point], gap: tuple[str, str] | None = None) -> list[dict]:
+    """One row per group of runs that differ only in seed; see the module docstring."""
+    groups: dict[tuple, list[Point]] = {}
+    for p in points:
+        groups.setdefault(_group_key(p), []).append(p)
+    rows = []
+    for members in groups.values():
+        results = [(p.values.get("seed"), json.loads((p.run_dir / "eval" / "metrics.json").read_text()))
+                   for p in members if p.finished]
+        row: dict = {k: v for k, v in members[0].values.items() if k != "seed"}
+        row.update(runs=len(members), finished=len(results), seeds=[seed for seed, _ in results],
+                   oracle=any(r.get("oracle") for _, r in results),
+                   trained_on_target=members[0].config.data.source == members[0].config.data.target)
+        for domain in DOMAINS:
+            for m in METRICS:
+                values = [r[domain][m] for _, r in results if isinstance(r.get(domain, {}).get(m), (int, float))]
+                row[f"{domain}_{m}_mean"], row[f"{domain}_{m}_std"] = _mean_std(values)
+        row["target_accuracy_per_seed"] = [r["target"]["accuracy"] for _, r in results]
+        rows.append(row)
+    if gap:
+        # A method's row is measured against the gap's ends with the same other values.
+        others = [tuple((k, v) for k, v in key if k != "method") for key in groups]
+        means = {(row["method"], other): row["target_accuracy_mean"] for row, other in zip(rows, others)}
+        for row, other in zip(rows, others):
+            low, high = means.get((gap[0], other), math.nan), means.get((gap[1], other), math.nan)
+            span = high - low
+            row["gap_closed"] = (row["target_accuracy_mean"] - low) / span if span and not math.isnan(span) \
+                else math.nan
+    return rows
+
+
+def _cell(mean: float, std: float) -> str:
+    if math.isnan(mean):
+        return ""
+    return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | None = None) -> list[dict]:
+    """Write OUT/summary.csv and OUT/summary.md when the runs vary in seed; return the rows ([] if not)."""
+    points = list(points)
+    if not any("seed" in p.values for p in points):
+        return []
+    rows = summary_rows(points, gap)
+    keys = [k for k in points[0].values if k != "seed"]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    columns = [*keys, "runs", "finished", "seeds", "oracle", "trained_on_target",
+               *(f"{d}_{m}_{s}" for d in DOMAINS for m in METRICS for s in ("mean", "std")),
+               "target_accuracy_per_seed", *(["gap_closed"] if gap else [])]
+    with (out / "summary.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: ("" if isinstance(row[c], float) and math.isnan(row[c])
+                                 else " ".join(map(str, row[c])) if isinstance(row[c], list) else row[c])
+                             for c in columns})
+
+    lines = [f"# Summary over seeds: {out}", "",
+             "Mean ± sample standard deviation of the test metrics over the finished runs of each row "
+             "(seeds listed last). Every checkpoint was chosen without target labels unless the row says "
+             "oracle; target metrics are reported, never used for selection."]
+    if gap:
+        lines.append(f"Gap closed: (target acc − {gap[0]}) / ({gap[1]} − {gap[0]}), on the means.")
+    if any(r["trained_on_target"] for r in rows):
+        lines.append("Rows marked (trained on target) have no separate source domain: their source columns "
+                     "are left empty.")
+    header = [*keys, "runs", *(label for _, _, label in MD_COLUMNS), *(["gap closed"] if gap else []),
+              "target acc per seed"]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        names = [str(r[k]) for k in keys]
+        marks = [m for m, on in (("oracle selection", r["oracle"]), ("trained on target", r["trained_on_target"]))
+                 if on]
+        if marks:
+            names[0] += f" ({', '.join(marks)})"
+        cells = [*names, f"{r['finished']}/{r['runs']}"]
+        for domain, m, _ in MD_COLUMNS:
+            skip = domain == "source" and r["trained_on_target"]
+            cells.append("" if skip else _cell(r[f"{domain}_{m}_mean"], r[f"{domain}_{m}_std"]))
+        if gap:
+            cells.append("" if math.isnan(r["gap_closed"]) else f"{r['gap_closed']:.0%}")
+        cells.append(", ".join(f"{a:.3f} (seed {s})" for s, a in zip(r["seeds"], r["target_accuracy_per_seed"])))
+        lines.append("| " + " | ".join(cells) + " |")
+    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    return rows
