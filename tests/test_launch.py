@@ -200,7 +200,7 @@ def test_summary_is_mean_and_spread_over_seeds_with_the_gap_closed(tmp_path):
     assert mmd["seeds"] == [1, 2] and mmd["target_accuracy_per_seed"] == [0.60, 0.70]
     assert mmd["gap_closed"] == pytest.approx((0.65 - 0.52) / (0.80 - 0.52))
     assert (plain["gap_closed"], oracle["gap_closed"]) == (0.0, 1.0)
-    assert math.isnan(oracle["target_accuracy_std"]) is False and oracle["target_accuracy_std"] == 0.0
+    assert oracle["target_accuracy_std"] == 0.0
     assert math.isnan(rows[1]["gap_closed"]) and math.isnan(rows[1]["target_accuracy_mean"])
     md = (tmp_path / "summary.md").read_text()
     assert "| mmd | deepmerge | 2/3 | 0.900 ± 0.000 |" in md
@@ -208,15 +208,15 @@ def test_summary_is_mean_and_spread_over_seeds_with_the_gap_closed(tmp_path):
     with (tmp_path / "summary.csv").open() as f:
         table = list(csv.DictReader(f))
     assert table[2]["seeds"] == "1 2" and float(table[2]["gap_closed"]) == pytest.approx(0.4643, abs=1e-4)
-    # The same points without seeds to average over get no summary.
-    assert write_summary(tmp_path / "none", [p for p in points.values() if p.values["seed"] == 1][:0]) == []
+    # A grid that does not vary the seed has nothing to average over: no summary.
+    unseeded = load_grid({"base": str(TINY), "out": str(tmp_path / "unseeded"), "grid": {"optim.lr": [1e-3]}})
+    assert write_summary(unseeded.out, unseeded.points) == [] and not (unseeded.out / "summary.md").exists()
 
 
 def test_summary_marks_oracle_selection_and_runs_trained_on_the_target(tmp_path):
     spec = _study(tmp_path)
-    spec["methods"]["oracle"]["overrides"]["data.source"] = spec["methods"]["oracle"]["overrides"].get(
-        "data.target", str(ROOT / "configs"))  # any path: only compared with data.target
-    spec["overrides"]["data.target"] = spec["methods"]["oracle"]["overrides"]["data.source"]
+    spec["overrides"].update({"data.source": "pristine", "data.target": "noisy"})  # paths are only compared
+    spec["methods"]["oracle"]["overrides"]["data.source"] = "noisy"
     points = list(load_grid(spec).points)
     for p in points:
         _finished(p, 0.5, 0.7, criterion=p.config.select.criterion, oracle=p.values["method"] == "oracle")

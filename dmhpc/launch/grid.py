@@ -299,25 +299,27 @@ def load_grid(spec: str | Path | Mapping) -> Grid:
     except DmhpcError as exc:
         problems.add(None, str(exc))
         problems.raise_if_any()
-    points, failures, names = [], {}, {}
+    named: dict[str, dict] = {}  # the grid's points, the same for every method
+    for values in expand(grid, samples):
+        name = point_name(values)
+        if name in named:
+            problems.add(f"point {name}", f"two points share this name: {show(named[name])} and {show(values)}")
+        else:
+            named[name] = values
+    points, failures = [], {}
     for method, (base, merged) in bases.items():
-        for values in expand(grid, samples):
-            name = point_name(values)
-            if name in names:
-                problems.add(f"point {name}", f"two points share this name: {show(names[name])} and {show(values)}")
-                continue
-            names[name] = values
+        for name, values in named.items():
             run_dir = out / name if method is None else out / method / name
-            if method is not None:
-                name, values = f"{method}/{name}", {"method": method, **values}
             try:
-                cfg = resolve_point(base, {**merged, **{k: v for k, v in values.items() if k != "method"},
-                                           "run.dir": str(run_dir), "train.signals": [preempt_signal()]})
+                cfg = resolve_point(base, {**merged, **values, "run.dir": str(run_dir),
+                                           "train.signals": [preempt_signal()]})
             except DmhpcError as exc:
-                failures[name] = point_problem(exc)
+                failures[name if method is None else f"{method}/{name}"] = point_problem(exc)
                 continue
-            points.append(Point(name, dict(values), run_dir, cfg))
-        names.clear()
+            if method is None:
+                points.append(Point(name, dict(values), run_dir, cfg))
+            else:
+                points.append(Point(f"{method}/{name}", {"method": method, **values}, run_dir, cfg))
     check_point_problems(problems, failures)
     check_existing_runs(problems, points)
     problems.raise_if_any()
