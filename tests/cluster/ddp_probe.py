@@ -34,6 +34,13 @@ def on_usr2(signum, frame):
     got_signal = True
 
 
+def _publish(path: Path, text: str) -> None:
+    # The test polls for these files while the job runs: a rename never shows a half-written one.
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def main() -> int:
     signal.signal(signal.SIGUSR2, on_usr2)  # first, as the trainer must: USR2 may come any time
     out = Path(sys.argv[1])
@@ -51,7 +58,7 @@ def main() -> int:
         "node_id": int(env["SLURM_NODEID"]), "node": env["SLURMD_NODENAME"], "run": run,
         "launched_by_torchrun": "TORCHELASTIC_RUN_ID" in env, "host": socket.gethostname(),
     }
-    (out / f"rank{rank}-run{run}.json").write_text(json.dumps(record))
+    _publish(out / f"rank{rank}-run{run}.json", json.dumps(record))
     code = 0
     if until_signal and run == 0:
         deadline = time.monotonic() + WAIT_FOR_SIGNAL_S
@@ -62,7 +69,7 @@ def main() -> int:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         code = EXIT_ON_SIGNAL if flag.item() == 1.0 else 1
         time.sleep(CHECKPOINT_S)
-        (out / f"rank{rank}-run{run}.signal").write_text(str(code))
+        _publish(out / f"rank{rank}-run{run}.signal", str(code))
     dist.destroy_process_group()
     return code
 
