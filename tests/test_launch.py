@@ -116,6 +116,17 @@ def test_empty_grid_names_the_file_and_key(tmp_path):
         load_grid(tmp_path / "g.yaml")
 
 
+def test_report_on_a_bad_grid_file_fails_with_the_file_and_key_and_writes_nothing(tmp_path):
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(yaml.safe_dump({"base": str(TINY), "out": str(tmp_path / "out"), "grid": {"seed": 1}}))
+    result = subprocess.run([sys.executable, str(ROOT / "launch" / "grid.py"), str(grid_file), "--report"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.splitlines()[-1] == \
+        f"launch/grid.py: error: {grid_file}: grid.seed: expected a non-empty list of values, got 1", result.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_every_bad_point_is_reported_with_the_schema_message(tmp_path):
     spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local",
             "grid": {"optim.lr": [1e-3, -1.0, "fast"], "train.batch_size": [8, 0]}}
@@ -344,6 +355,18 @@ def test_two_point_grid_through_the_local_executor_then_skip_and_resume(data, tm
     assert config["optim"]["lr"] == 1e-4 and config["train"]["signals"] == ["SIGUSR2"]
 
     (out / "optim.lr=0.0001" / "eval" / "metrics.json").unlink()
+    logs_before = sorted((out / "submitit").glob("*_log.out"))
+    report = subprocess.run(cmd + ["--report"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert "1 of 2 point(s) finished; nothing launched" in report.stdout, report.stdout
+    with (out / "leaderboard.csv").open() as f:
+        status = {r["point"]: r["status"] for r in csv.DictReader(f)}
+    assert status == {"optim.lr=0.001": "finished", "optim.lr=0.0001": "unfinished"}
+    assert sorted((out / "submitit").glob("*_log.out")) == logs_before
+    assert not (out / "optim.lr=0.0001" / "eval" / "metrics.json").exists()
+    both = subprocess.run(cmd + ["--report", "--no-wait"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr, both.stderr
+
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
     assert "2 point(s): 1 finished, 0 still queued, 1 submitted" in second.stdout, second.stdout

@@ -1,7 +1,8 @@
 """Grids of training runs: the grid file, its points and run directories, and the launch.
 
-    python launch/grid.py configs/grid/mmd-fisher-weights.yaml [--no-wait]
+    python launch/grid.py configs/grid/mmd-fisher-weights.yaml [--no-wait | --report]
     dmhpc.launch.launch_grid("configs/grid/mmd-fisher-weights.yaml")   # or a dict of the same keys
+    dmhpc.launch.report_grid("configs/grid/mmd-fisher-weights.yaml")   # the tables only
 
 A grid file (every key; docs/cluster.md has the reference):
 
@@ -326,6 +327,14 @@ def load_grid(spec: str | Path | Mapping) -> Grid:
     return Grid(source, out, executor, resources, tuple(points), gap)
 
 
+def _write_tables(g: Grid, failures: Mapping[str, str]) -> list[dict]:
+    rows = write_leaderboard(g.out, g.points, failed=failures)
+    print(f"dmhpc launch: leaderboard in {g.out / 'leaderboard.md'} and leaderboard.csv", flush=True)
+    if write_summary(g.out, g.points, gap=g.gap):
+        print(f"dmhpc launch: mean ± std over seeds in {g.out / 'summary.md'} and summary.csv", flush=True)
+    return rows
+
+
 def launch_grid(spec: str | Path | Mapping, wait: bool = True) -> list[dict]:
     """Check the grid, submit its unfinished points as one job array, wait, write the leaderboard.
 
@@ -338,11 +347,20 @@ def launch_grid(spec: str | Path | Mapping, wait: bool = True) -> list[dict]:
     failures = launch_points(list(g.points), {p.name: g.resources for p in g.points}, kind=g.executor,
                              folder=g.out / "submitit", job_name=f"dmhpc-{g.out.name}", task=TrainTask(),
                              wait=wait)
-    rows = write_leaderboard(g.out, g.points, failed=failures)
-    print(f"dmhpc launch: leaderboard in {g.out / 'leaderboard.md'} and leaderboard.csv", flush=True)
-    if write_summary(g.out, g.points, gap=g.gap):
-        print(f"dmhpc launch: mean ± std over seeds in {g.out / 'summary.md'} and summary.csv", flush=True)
+    rows = _write_tables(g, failures)
     if failures:
         raise DmhpcError("\n".join([f"{g.source}: {len(failures)} point(s) failed:",
                                     *(f"point {name}: {why}" for name, why in failures.items())]))
     return rows
+
+
+def report_grid(spec: str | Path | Mapping) -> list[dict]:
+    """Write the leaderboard and summary from what the run directories hold now; launch nothing.
+
+    For a study whose jobs are still running, or one that was launched in parts: the tables
+    cover every point of the file, unfinished ones marked as such.
+    """
+    g = load_grid(spec)
+    finished = sum(p.finished for p in g.points)
+    print(f"dmhpc launch: {finished} of {len(g.points)} point(s) finished; nothing launched", flush=True)
+    return _write_tables(g, {})
