@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from dmhpc.errors import DmhpcError
 from dmhpc.launch import (expand, launch_scaling, load_grid, load_study, point_name, sample_space, scaling_table,
                           steady_step_time, summary_rows, write_leaderboard, write_summary)
 from dmhpc.launch.grid import Range
-from dmhpc.launch.submit import Resources, make_executor, slurm_minutes
+from dmhpc.launch.submit import Resources, local_threads, make_executor, slurm_minutes
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -248,6 +249,14 @@ def test_executor_shapes_are_checked():
         load_grid({**spec, "executor": "debug", "slurm": {"tasks_per_node": 2}})
 
 
+def test_local_ranks_running_at_once_share_the_cores_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert [local_threads(n) for n in (1, 2, 3, 8, 20)] == [None, 4, 2, 1, 1]
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")
+    assert local_threads(3) is None
+
+
 def test_a_run_directory_of_another_configuration_is_refused(tmp_path):
     spec = {"base": str(TINY), "out": str(tmp_path), "executor": "local", "grid": {"seed": [0]}}
     point = load_grid(spec).points[0]
@@ -377,7 +386,7 @@ def test_two_point_grid_through_the_local_executor_then_skip_and_resume(data, tm
 
 def test_a_study_through_the_local_executor_runs_array_parallelism_points_at_a_time(data, tmp_path, monkeypatch,
                                                                                      capsys):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the launcher divides the cores between the jobs
     from dmhpc.launch import launch_grid
 
     out = tmp_path / "out"
@@ -386,12 +395,18 @@ def test_a_study_through_the_local_executor_runs_array_parallelism_points_at_a_t
                              "mmd": {"base": str(TINY), "overrides": {"loss.fisher.weight": 0.0}}},
                  "gap": {"from": "noda", "to": "mmd"}, "grid": {"seed": [1, 2]},
                  "slurm": {"time": 10, "array_parallelism": 2}})
-    assert "0 of 4 point(s) finished; running the other 4, 2 at a time" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "0 of 4 point(s) finished; running the other 4, 2 at a time" in printed
+    threads = local_threads(2)
+    assert printed.count(f"{threads} CPU thread(s) per rank (OMP_NUM_THREADS)") == 2, printed
     first = [out / "noda" / "seed=1", out / "noda" / "seed=2"]
     second = [out / "mmd" / "seed=1", out / "mmd" / "seed=2"]
     # The second pair started (wrote its config) after the first pair had finished (written its test metrics).
     assert min((r / "config.yaml").stat().st_mtime for r in second) >= \
         max((r / "eval" / "metrics.json").stat().st_mtime for r in first)
+    for run in first + second:
+        setup = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        assert setup["kind"] == "setup" and setup["cpu_threads"] == threads, setup
     with (out / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["method"], r["finished"], r["seeds"]) for r in rows] == [("noda", "2", "1 2"), ("mmd", "2", "1 2")]

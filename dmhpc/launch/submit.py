@@ -25,6 +25,7 @@ alone on `scancel`), and a stop on SIGTERM must not requeue a job the user cance
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
@@ -155,8 +156,23 @@ def check_executor_shape(problems: Problems, executor: str, res: Resources) -> N
                      f"{res.tasks_per_node} task(s); use local or slurm for several ranks")
 
 
-def make_executor(kind: str, folder: Path, res: Resources, name: str) -> submitit.AutoExecutor:
-    """A submitit executor for `kind` ("slurm", "local" or "debug") asking for `res` per job."""
+def local_threads(ranks_at_once: int) -> int | None:
+    """CPU threads per rank when `ranks_at_once` local ranks share this machine; None: leave torch's default.
+
+    Each torch process otherwise starts one thread per core: three ResNet18 runs at once on two
+    cores trained 3.5x slower in total than one after the other (docs/benchmarks.md). As torchrun
+    does, an OMP_NUM_THREADS the user set wins.
+    """
+    if ranks_at_once <= 1 or "OMP_NUM_THREADS" in os.environ:
+        return None
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // ranks_at_once)
+
+
+def make_executor(kind: str, folder: Path, res: Resources, name: str,
+                  threads: int | None = None) -> submitit.AutoExecutor:
+    """A submitit executor for `kind` ("slurm", "local" or "debug") asking for `res` per job;
+    `threads`: local only, the OMP_NUM_THREADS of its ranks (see `local_threads`)."""
     executor = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_max_num_timeout=res.max_num_timeout,
                                      local_max_num_timeout=res.max_num_timeout)
     params: dict[str, Any] = dict(
@@ -172,6 +188,8 @@ def make_executor(kind: str, folder: Path, res: Resources, name: str) -> submiti
             slurm_setup=list(res.setup) or None,
             slurm_additional_parameters=dict(res.additional_parameters) or None,
             slurm_array_parallelism=res.array_parallelism, slurm_signal_delay_s=res.signal_delay_s)
+    if kind == "local" and threads:
+        params.update(local_setup=[f"export OMP_NUM_THREADS={threads}"])
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
     return executor
 
@@ -268,8 +286,13 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
         else:
             groups[resources[p.name]].append(p)
     attached = len(jobs)
+    # Local jobs all start at once (launch_points hands over at most array_parallelism of them).
+    threads = local_threads(sum(len(g) * res.ranks for res, g in groups.items())) if kind == "local" else None
+    if threads:
+        print(f"dmhpc launch: {threads} CPU thread(s) per rank (OMP_NUM_THREADS) for the jobs running at once "
+              f"here; set OMP_NUM_THREADS to choose", flush=True)
     for res, group in groups.items():
-        executor = make_executor(kind, folder, res, job_name)
+        executor = make_executor(kind, folder, res, job_name, threads)
         submitted = executor.map_array(task, [config_to_dict(p.config) for p in group])
         for p, job in zip(group, submitted):
             jobs[p.name] = job

@@ -118,7 +118,7 @@ def _train(cfg, resume: str, dist) -> int:
     if log is not None:
         _truncate_log(run_dir, prog.step)  # a fresh start or a resume: no records from the future
         log.write({"kind": "setup", "step": prog.step, "world_size": dist.world_size, "loader": loader.kind,
-                   "loader_setup_s": loader_setup_s}, prog.step)
+                   "loader_setup_s": loader_setup_s, "cpu_threads": torch.get_num_threads()}, prog.step)
 
     def checkpoint(name: str, selection: dict | None = None) -> None:
         rng = gather_rng_states()  # a collective: every rank calls it
