@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ TINY = ROOT / "configs" / "tiny.yaml"
 
 @pytest.fixture(scope="module")
 def data(make_domains):
-    """A pristine/noisy pair of 64 images each: 44 training rows, 11 steps of 4 per epoch."""
+    """A pristine/noisy pair of 64 images each: 45 training rows, 11 steps of 4 per epoch."""
     return make_domains(64)
 
 
@@ -382,6 +383,28 @@ def test_two_point_grid_through_the_local_executor_then_skip_and_resume(data, tm
     logs = "".join(p.read_text() for p in (out / "submitit").glob("*_log.out"))
     assert logs.count("resumed from") == 1, logs
     assert (out / "optim.lr=0.0001" / "eval" / "metrics.json").is_file()
+
+
+def test_a_failed_point_is_named_with_the_reason_from_its_job_and_marked_on_the_leaderboard(data, tmp_path,
+                                                                                            monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "out"
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({
+        "base": str(TINY), "out": str(out), "executor": "local",
+        "overrides": _tiny_overrides(data, **{"train.batch_size": 64}), "grid": {"seed": [1]}, "slurm": {"time": 10}}))
+    result = subprocess.run([sys.executable, str(ROOT / "launch" / "grid.py"), str(grid_file)],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[-2:-1] == [f"launch/grid.py: error: {grid_file}: 1 point(s) failed:"], result.stderr
+    log = next((out / "submitit").glob("*_0_log.out"))
+    assert re.fullmatch(
+        rf"point seed=1: job \d+ failed: dmhpc\.errors\.DmhpcError: {re.escape(str(data))}/pristine: "
+        rf"45 training rows, fewer than one global batch \(1 ranks x 64\) \(log: {re.escape(str(log))}\)",
+        lines[-1]), lines[-1]
+    with (out / "leaderboard.csv").open() as f:
+        assert [(r["point"], r["status"]) for r in csv.DictReader(f)] == [("seed=1", "failed")]
 
 
 def test_a_study_through_the_local_executor_runs_array_parallelism_points_at_a_time(data, tmp_path, monkeypatch,

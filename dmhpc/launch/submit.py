@@ -43,6 +43,7 @@ from dmhpc.launch.spec import (Point, Problems, boolean, integer, mapping, optio
                                text, text_list, unknown_keys)
 
 EXECUTORS = ("slurm", "local", "debug")
+TRACE_RULE = "----------------------\n"  # around the job's traceback in submitit's FailedJobError
 JOBS_FILE = "jobs.json"  # OUT/submitit/jobs.json: point name -> Slurm job id, to find jobs still queued
 
 # Keys of a launch file's `slurm` section that a site may need, beyond the job's shape.
@@ -333,8 +334,16 @@ def wait_for(jobs: Mapping[str, submitit.Job]) -> dict[str, str]:
     for name, job in jobs.items():
         try:
             job.results()
-        except Exception as exc:  # submitit's FailedJobError / UncompletedJobError carry the job's traceback
-            lines = [line for line in str(exc).splitlines() if line.strip()]
+        except Exception as exc:  # submitit's FailedJobError / UncompletedJobError
             log = (job.task(0) if job.num_tasks > 1 else job).paths.stdout  # rank 0's
-            failures[name] = f"job {job.job_id} failed: {lines[-1] if lines else type(exc).__name__} (log: {log})"
+            failures[name] = f"job {job.job_id} failed: {_why(exc)} (log: {log})"
     return failures
+
+
+def _why(exc: Exception) -> str:
+    """The line that says why a job failed: the last of the job's traceback where submitit gives one."""
+    text = str(exc)
+    parts = text.split(TRACE_RULE)
+    # FailedJobError: "...with trace:\n<rule>\n<traceback>\n<rule>\nYou can check full logs ... paths: ..."
+    lines = [line.strip() for line in (parts[1] if len(parts) >= 3 else text).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
