@@ -161,8 +161,9 @@ def local_threads(ranks_at_once: int) -> int | None:
     """CPU threads per rank when `ranks_at_once` local ranks share this machine; None: leave torch's default.
 
     Each torch process otherwise starts one thread per core: three ResNet18 runs at once on two
-    cores trained 3.5x slower in total than one after the other (docs/benchmarks.md). As torchrun
-    does, an OMP_NUM_THREADS the user set wins.
+    cores, two threads each, did 3.6x less work per second in all than one alone, and three with a
+    thread each as much as one alone (docs/benchmarks.md). As with torchrun, an OMP_NUM_THREADS the
+    user set wins.
     """
     if ranks_at_once <= 1 or "OMP_NUM_THREADS" in os.environ:
         return None
