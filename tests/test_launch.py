@@ -237,7 +237,9 @@ def test_summary_marks_oracle_selection_and_runs_trained_on_the_target(tmp_path)
     assert [(r["oracle"], r["trained_on_target"]) for r in rows] == [(False, False), (False, False), (True, True)]
     write_summary(tmp_path, points, gap=("plain", "oracle"))
     md = (tmp_path / "summary.md").read_text()
-    assert "| oracle (oracle selection, trained on target) | 2/2 |  |  | 0.700 ± 0.000 |" in md
+    assert "| oracle (oracle selection, trained on target) | 2/2 |  |  |  |  | 0.700 ± 0.000 |" in md
+    assert "| plain | 2/2 | 0.900 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.700 ± 0.000 |" in md
+    assert "| source acc | source AUC | source F1 | source Brier | target acc | target AUC | target F1 |" in md
     assert "| plain | 2/2 | 0.900 ± 0.000 |" in md
     assert math.isnan(rows[0]["gap_closed"])  # oracle and baseline tie: no gap to close
 

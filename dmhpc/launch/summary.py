@@ -24,9 +24,8 @@ from dmhpc.launch.spec import Point
 
 DOMAINS = ("source", "target")
 METRICS = ("accuracy", "roc_auc", "f1", "brier")
-MD_COLUMNS = (("source", "accuracy", "source acc"), ("source", "roc_auc", "source AUC"),
-              ("target", "accuracy", "target acc"), ("target", "roc_auc", "target AUC"),
-              ("target", "f1", "target F1"), ("target", "brier", "target Brier"))
+LABELS = {"accuracy": "acc", "roc_auc": "AUC", "f1": "F1", "brier": "Brier"}
+MD_COLUMNS = tuple((d, m, f"{d} {LABELS[m]}") for d in DOMAINS for m in METRICS)
 
 
 def _group_key(point: Point) -> tuple:
