@@ -30,8 +30,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "  mpiexec -n 4 dmhpc prepare --data-config configs/data/deepmerge2-simsim.yaml --root /path/to/zenodo",
     ),
     "verify": (
-        "dmhpc.data.shards",
-        "recompute the checksums of a sharded data set; exit 1 naming every bad or missing shard",
+        "dmhpc.data.check",
+        "check a sharded data set: manifest, split lists, shard structure and checksums; exit 1 naming each problem",
         "dmhpc verify data/embedded/shards/pristine",
     ),
     "info": (

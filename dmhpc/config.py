@@ -27,7 +27,6 @@ import math
 import os
 import re
 import signal
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -35,10 +34,12 @@ from typing import Any, Callable, Iterable, Mapping
 import yaml
 
 from dmhpc.errors import DmhpcError
+from dmhpc.files import atomic_write
 
 MODEL_NAMES = ("deepmerge", "deepmerge2", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 SELECTION_CRITERIA = ("source-val-acc", "im", "snd", "dev", "oracle-target-acc")
 COMMAND_LINE = "command line"
+SEED_MAX = 2**32 - 1
 
 
 # --- value checks ----------------------------------------------------------------------------------
@@ -56,10 +57,11 @@ class _Check:
         try:
             return self.convert(value)
         except (ValueError, TypeError):
-            raise _Invalid(f"expected {self.expected}, got {_show(value)}") from None
+            raise _Invalid(f"expected {self.expected}, got {show(value)}") from None
 
 
-def _show(value: Any) -> str:
+def show(value: Any) -> str:
+    """A value as YAML-like text for messages: true, null, "text", [1, 2]."""
     try:
         return json.dumps(value)  # YAML-like spelling: true, null, "text", [1, 2]
     except (TypeError, ValueError):
@@ -70,11 +72,13 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _integer(minimum: int) -> _Check:
+def _integer(minimum: int, maximum: int | None = None) -> _Check:
     expected = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+    if maximum is not None:
+        expected = f"an integer from {minimum} to {maximum}"
 
     def convert(v):
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum or (maximum is not None and v > maximum):
             raise ValueError
         return v
 
@@ -201,6 +205,11 @@ class DataConfig:
     augment: bool = _key(False, _boolean())
     # Loader worker processes per rank (torch and DALI loaders).
     num_workers: int = _key(2, _integer(0))
+    # What the trainer checks of both data sets before the first step: "checksums" (every shard's
+    # SHA-256 against the manifest, shared among the ranks, plus everything "structure" checks) or
+    # "structure" (manifest, split lists, each shard's datasets, shapes, dtypes and labels; for a
+    # data set already checked with `dmhpc verify`). See docs/training.md for what each costs.
+    verify: str = _key("checksums", _choice("checksums", "structure"))
 
 
 @dataclass(frozen=True)
@@ -343,8 +352,9 @@ class SelectConfig:
 
 @dataclass(frozen=True)
 class Config:
-    # Seed of model initialisation, data order and augmentation.
-    seed: int = _key(0, _integer(0))
+    # Seed of model initialisation, data order and augmentation (numpy and scikit-learn take seeds
+    # below 2**32).
+    seed: int = _key(0, _integer(0, SEED_MAX))
     # Debug run: a few batches, autograd anomaly detection, fast feedback.
     debug: bool = _key(False, _boolean())
     run: RunConfig = _section(RunConfig)
@@ -373,7 +383,7 @@ class _Loader(yaml.SafeLoader):
                 continue  # unhashable key: the base class reports it
             if duplicate:
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {_show(key)}", key_node.start_mark)
+                    None, None, f"duplicate key {show(key)}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep)
 
@@ -443,7 +453,7 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict]:
     if "base" in data:
         base = data.pop("base")
         if not isinstance(base, str) or not base.strip():
-            raise DmhpcError(f"{path}: base: expected the path of another config file, got {_show(base)}")
+            raise DmhpcError(f"{path}: base: expected the path of another config file, got {show(base)}")
         base_path = Path(os.path.normpath(path.parent / base))
         if not base_path.is_file():
             raise DmhpcError(f"{path}: base: config file not found: {base_path}")
@@ -483,7 +493,7 @@ def _build(cls: type, data: Any, origin: Mapping[str, str], default_label: str, 
         data = {}
     if not isinstance(data, dict):
         section = prefix.rstrip(".")
-        raise DmhpcError(f"{where(section)}: {section}: expected a mapping of {section} keys, got {_show(data)}")
+        raise DmhpcError(f"{where(section)}: {section}: expected a mapping of {section} keys, got {show(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in data:
         if key not in fields:
@@ -514,10 +524,10 @@ def _check_consistency(cfg: Config, origin: Mapping[str, str], default_label: st
 
     name = cfg.model.name
     if cfg.model.stem != "original" and not name.startswith("resnet"):
-        fail("model.stem", f"{_show(cfg.model.stem)} applies to ResNet models only, but model.name is {_show(name)}")
+        fail("model.stem", f"{show(cfg.model.stem)} applies to ResNet models only, but model.name is {show(name)}")
     for key in ("dropout", "l2"):
         if getattr(cfg.model, key) is not None and name != "deepmerge":
-            fail(f"model.{key}", f"applies to model \"deepmerge\" only, but model.name is {_show(name)}")
+            fail(f"model.{key}", f"applies to model \"deepmerge\" only, but model.name is {show(name)}")
     fisher = cfg.loss.fisher
     if fisher.weight > 0 and fisher.form == "tr" and fisher.inter_weight == 0:
         fail("loss.fisher.inter_weight", "must be > 0 with form \"tr\": the trace ratio divides by it")
@@ -564,14 +574,16 @@ def config_to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved configuration as YAML (atomically); `load_config` reads it back equal."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = "# resolved dmhpc configuration\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, "# resolved dmhpc configuration\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def changed_keys(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested configuration dicts (lists and tuples alike)."""
+    keys = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            keys += changed_keys(a, b, f"{prefix}{key}.")
+        elif (list(a) if isinstance(a, tuple) else a) != (list(b) if isinstance(b, tuple) else b):
+            keys.append(f"{prefix}{key}")
+    return keys

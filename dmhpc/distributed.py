@@ -37,7 +37,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from itertools import product
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -298,3 +298,46 @@ def all_gather_object(obj: Any) -> list:
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_reduce_min(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise minimum over ranks of a small tensor, returned on the CPU."""
+    if not is_distributed():
+        return values.cpu()
+    out = values.to(collective_device())
+    dist.all_reduce(out, op=dist.ReduceOp.MIN)
+    return out.cpu()
+
+
+def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
+    """The element-wise mean over ranks of a small tensor, returned on the CPU."""
+    if not is_distributed():
+        return values.cpu()
+    out = values.to(collective_device())
+    dist.all_reduce(out)
+    return (out / dist.get_world_size()).cpu()
+
+
+def agree(step: Callable[[], Any], *, main_only: bool = False, gather: bool = False) -> Any:
+    """Run `step()` (on rank 0 only with main_only) and hand rank 0's result to every rank, or with
+    gather every rank's result, in rank order.
+
+    A DmhpcError on any rank is raised on every rank, with the lowest rank's message, so no rank
+    goes on to a collective that the others will never reach.
+    """
+    result, error = None, None
+    if not main_only or not is_distributed() or dist.get_rank() == 0:
+        try:
+            result = step()
+        except DmhpcError as exc:
+            if not is_distributed():
+                raise
+            error = str(exc)
+    if not is_distributed():
+        return [result] if gather else result
+    send = result if gather or dist.get_rank() == 0 else None
+    gathered = all_gather_object((send, error))
+    errors = [e for _, e in gathered if e is not None]
+    if errors:
+        raise DmhpcError(errors[0])
+    return [r for r, _ in gathered] if gather else gathered[0][0]

@@ -1,13 +1,19 @@
-"""Predictions over a split from every rank, and `dmhpc eval`: metrics JSON and plots of a run."""
+"""Predictions over a split from every rank, and `dmhpc eval`: one result file and plots per evaluation."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from dmhpc.errors import DmhpcError
+from dmhpc import plots as P
+from dmhpc.data.loaders import domain_stats, eval_batches
+from dmhpc.distributed import all_gather_object, bootstrap, shutdown
+from dmhpc.run import RunDir, evaluation_tag
+from dmhpc.train.checkpoint import load_checkpoint
+from dmhpc.train.metrics import CRITERIA, classification_metrics
+from dmhpc.train.objective import build_backbone
 
 DOMAINS = ("source", "target")
 
@@ -19,10 +25,6 @@ def predict(model, directory, split: str, *, batch_size: int, dist, mean, std,
     Returns numpy arrays `labels`, `prob` (n, classes), `index` and optionally `features`, in split
     order. The model is put in eval mode and left there.
     """
-    import torch
-
-    from dmhpc.data.loaders import eval_batches
-
     model.eval()
     labels, probs, indices, feats = [], [], [], []
     with torch.no_grad():
@@ -43,8 +45,6 @@ def predict(model, directory, split: str, *, batch_size: int, dist, mean, std,
         local["features"] = _cat(feats, np.float32, (0, 0))
     if dist.world_size == 1:
         return local
-    from dmhpc.distributed import all_gather_object
-
     parts = all_gather_object(local)  # rank order = split order: each rank holds a contiguous part
     return {key: np.concatenate([p[key] for p in parts if len(p[key])] or [local[key]]) for key in local}
 
@@ -53,18 +53,15 @@ def _cat(chunks, dtype, empty_shape):
     return np.concatenate(chunks).astype(dtype, copy=False) if chunks else np.zeros(empty_shape, dtype)
 
 
-def evaluate_model(model, cfg, dist, *, split: str, run_dir: Path, checkpoint_info: dict,
-                   plots: bool = True) -> dict:
-    """Metrics of both domains on `split`, written to RUN/eval/metrics.json with plots (rank 0).
+def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str, stats: dict,
+                 plots: bool = True) -> dict:
+    """Metrics of both domains of the run's data on `split`, written by rank 0 to the run's own file
+    for (checkpoint, split), with plots named alike, never over another evaluation's.
 
-    `checkpoint_info` says which checkpoint the model holds (name, epoch, selection criterion and
-    score) and is copied into the JSON, so a reader can tell oracle-selected results apart.
+    `checkpoint` says which checkpoint the model holds (name, epoch, step, selection criterion and
+    score) and is copied into the result, so a reader can tell oracle-selected results apart.
+    `stats[domain]` is the (mean, std) the domain is normalized with.
     """
-    from dmhpc import plots as P
-    from dmhpc.data.loaders import domain_stats
-    from dmhpc.train.metrics import CRITERIA, classification_metrics, read_log
-
-    stats = dict(zip(DOMAINS, domain_stats(cfg.data.source, cfg.data.target, cfg.data.normalize)))
     dirs = {"source": cfg.data.source, "target": cfg.data.target}
     preds = {
         d: predict(model, dirs[d], split, batch_size=2 * cfg.train.batch_size, dist=dist,
@@ -73,56 +70,52 @@ def evaluate_model(model, cfg, dist, *, split: str, run_dir: Path, checkpoint_in
     }
     result = {
         "split": split,
-        "checkpoint": checkpoint_info,
-        "oracle": CRITERIA.get(checkpoint_info.get("criterion"), False),
+        "checkpoint": checkpoint,
+        "oracle": CRITERIA.get(checkpoint.get("criterion"), False),
+        "data": {d: str(dirs[d]) for d in DOMAINS},
         **{d: classification_metrics(preds[d]["labels"], preds[d]["prob"]) for d in DOMAINS},
     }
     if not dist.is_main:
         return result
-    out = Path(run_dir)
-    (out / "eval").mkdir(parents=True, exist_ok=True)
-    (out / "eval" / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    run.write_result(result, checkpoint["name"], split)
     if plots:
-        tag = f"{split}" + (" (oracle selection)" if result["oracle"] else "")
+        tag = evaluation_tag(checkpoint["name"], split)
+        title = f"{run.path.name}: {checkpoint['name']} checkpoint, {split} split" + (
+            " (oracle selection)" if result["oracle"] else "")
         P.roc_curves({d: (preds[d]["labels"], preds[d]["prob"]) for d in DOMAINS},
-                     out / "plots" / f"roc_{split}.png", f"ROC, {tag}")
-        P.confusion_matrices({d: result[d] for d in DOMAINS}, out / "plots" / f"confusion_{split}.png",
-                             f"confusion, {tag}")
-        P.training_curves(read_log(out), out / "plots" / "training_curves.png")
+                     run.plot_path(f"roc_{tag}"), f"ROC, {title}")
+        P.confusion_matrices({d: result[d] for d in DOMAINS}, run.plot_path(f"confusion_{tag}"),
+                             f"confusion, {title}")
+        P.training_curves(run.read_log(), run.plot_path("training_curves"))
         P.latent_embedding({d: (preds[d]["features"], preds[d]["labels"]) for d in DOMAINS},
-                           out / "plots" / f"latent_{split}.png", f"DA features, {tag}", seed=cfg.seed,
+                           run.plot_path(f"latent_{tag}"), f"DA features, {title}", seed=cfg.seed,
                            max_points=1000)
     return result
 
 
 def eval_arguments(parser) -> None:
     parser.add_argument("--run", required=True, type=Path, help="run directory (holds config.yaml and checkpoints/)")
-    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="default: test")
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"],
-                        help="which checkpoint of the run to evaluate")
+                        help="which checkpoint of the run to evaluate (default: best)")
 
 
 def eval_main(args) -> int:
-    from dmhpc.config import load_config
-    from dmhpc.distributed import bootstrap, shutdown
-    from dmhpc.train.checkpoint import load_checkpoint
-    from dmhpc.train.objective import build_backbone
-
-    config_path = args.run / "config.yaml"
-    if not config_path.exists():
-        raise DmhpcError(f"{config_path}: no such file (is {args.run} a dmhpc run directory?)")
-    cfg = load_config(config_path)
-    ckpt = load_checkpoint(args.run / "checkpoints" / f"{args.checkpoint}.pt")
+    run = RunDir(args.run)
+    cfg = run.config()
+    ckpt = load_checkpoint(run.checkpoint(args.checkpoint))
     dist = bootstrap()
     try:
         model = build_backbone(cfg).to(dist.device)
         model.load_state_dict(ckpt["model"])
         info = {"name": args.checkpoint, **{k: ckpt[k] for k in ("epoch", "step") if k in ckpt},
                 **ckpt.get("selection", {})}
-        result = evaluate_model(model, cfg, dist, split=args.split, run_dir=args.run, checkpoint_info=info)
+        stats = dict(zip(DOMAINS, domain_stats(cfg.data.source, cfg.data.target, cfg.data.normalize)))
+        result = evaluate_run(model, cfg, dist, run, checkpoint=info, split=args.split, stats=stats)
         if dist.is_main:
-            print(format_table({args.run.name: result}))
-            print(f"wrote {args.run / 'eval' / 'metrics.json'} and {args.run / 'plots'}/*.png")
+            print(format_table({f"{args.run.name} ({args.checkpoint}, {args.split})": result}))
+            print(f"wrote {run.result_path(args.checkpoint, args.split)} and "
+                  f"{run.plot_path(f'*_{evaluation_tag(args.checkpoint, args.split)}')}")
     finally:
         shutdown()
     return 0

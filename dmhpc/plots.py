@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dmhpc.files import atomic_write
+
 DOMAIN_COLOURS = {"source": "tab:blue", "target": "tab:orange"}
 
 
@@ -140,9 +142,10 @@ def scaling_curves(rows: list[dict], path: Path, unit: str) -> Path:
 
 
 def _save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
+    try:
+        atomic_write(path, writer=lambda f: fig.savefig(f, dpi=110, format=Path(path).suffix.lstrip(".") or "png"),
+                     durable=False)
+    finally:
+        _pyplot().close(fig)
+    return Path(path)

@@ -23,3 +23,26 @@ def make_domains(tmp_path_factory):
         return root
 
     return make
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """Factory: `small_disk(mb)` mounts a tmpfs of `mb` MiB and returns its path: a real full disk
+    (ENOSPC from the kernel). Needs root (CI runs as root); skips where mounting is not allowed."""
+    import subprocess
+
+    mounted = []
+
+    def make(mb: int):
+        where = tmp_path / f"disk{len(mounted)}"
+        where.mkdir()
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mb}m", "tmpfs", str(where)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip() or proc.returncode}")
+        mounted.append(where)
+        return where
+
+    yield make
+    for where in mounted:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)

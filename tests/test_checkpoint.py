@@ -20,9 +20,9 @@ import torch
 
 from dmhpc.config import Config
 from dmhpc.errors import DmhpcError
-from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, StopRequest, capture_rng_state, checkpoint_path,
-                                    find_resume, gather_rng_states, load_checkpoint, restore_rank_rng_state,
-                                    restore_rng_state, save_checkpoint)
+from dmhpc.run import RunDir
+from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, StopRequest, capture_rng_state, gather_rng_states,
+                                    load_checkpoint, restore_rank_rng_state, restore_rng_state, save_checkpoint)
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -56,7 +56,7 @@ def trained_state() -> dict:
 
 def test_round_trip_with_weights_only(tmp_path):
     state = trained_state()
-    path = checkpoint_path(tmp_path, "last")
+    path = RunDir(tmp_path).checkpoint("last")
     save_checkpoint(path, state)
     assert path == tmp_path / "checkpoints" / "last.pt"
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.pt"]  # no temporary file left
@@ -145,23 +145,15 @@ def test_a_process_killed_while_saving_leaves_a_whole_checkpoint(tmp_path):
     assert state["count"] >= 2 and state["weights"].shape == (4_000_000,)
 
 
-# --- resume --------------------------------------------------------------------------------------------
-
-def test_find_resume(tmp_path):
-    assert find_resume(tmp_path, "none") is None
-    assert find_resume(tmp_path, "auto") is None  # nothing yet: start fresh
-    save_checkpoint(checkpoint_path(tmp_path, "last"), {"step": 3})
-    assert find_resume(tmp_path, "auto") == tmp_path / "checkpoints" / "last.pt"
-    assert find_resume(tmp_path, "none") is None
-    best = checkpoint_path(tmp_path, "best")
-    save_checkpoint(best, {"step": 1})
-    assert find_resume(tmp_path, str(best)) == best
-    with pytest.raises(DmhpcError, match="--resume .*missing.pt: checkpoint not found"):
-        find_resume(tmp_path, str(tmp_path / "missing.pt"))
-    with pytest.raises(DmhpcError, match="checkpoint not found"):
-        find_resume(tmp_path, str(tmp_path))  # a directory is not a checkpoint
-    with pytest.raises(ValueError):
-        checkpoint_path(tmp_path, "latest")
+def test_a_full_disk_is_one_line_and_the_old_checkpoint_survives(small_disk):
+    path = small_disk(4) / "checkpoints" / "last.pt"
+    save_checkpoint(path, {"step": 1, "weights": torch.zeros(250_000)})  # 1 MB
+    with pytest.raises(DmhpcError) as info:
+        save_checkpoint(path, {"step": 2, "weights": torch.zeros(1_000_000)})  # 4 MB: does not fit beside it
+    message = str(info.value)
+    assert message.startswith(f"{path}: cannot write: No space left on device") and "\n" not in message
+    assert load_checkpoint(path)["step"] == 1
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temporary file left
 
 
 # --- random number generators ------------------------------------------------------------------------
@@ -224,8 +216,7 @@ LOOP = textwrap.dedent("""
     from pathlib import Path
     import torch
     from dmhpc.distributed import bootstrap, shutdown
-    from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, StopRequest, checkpoint_path, gather_rng_states,
-                                        save_checkpoint)
+    from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, StopRequest, gather_rng_states, save_checkpoint
 
     run, signals = Path(sys.argv[1]), sys.argv[2].split(",")
     info = bootstrap()
@@ -246,7 +237,7 @@ LOOP = textwrap.dedent("""
             sys.exit(3)  # never told to stop
     rng = gather_rng_states()
     if info.is_main:
-        save_checkpoint(checkpoint_path(run, "last"),
+        save_checkpoint(run / "checkpoints" / "last.pt",
                         {"step": step, "weights": weights, "rng": rng, "signal": stop.signal_name})
     (run / f"stopped{info.rank}.json").write_text(json.dumps(
         {"step": step, "signal": stop.signal_name, "next": torch.randn(3).tolist()}))
@@ -279,7 +270,7 @@ def test_signal_mid_loop_checkpoints_and_exits_for_requeue(tmp_path, signame):
     output = proc.communicate(timeout=60)[0]
     assert proc.returncode == REQUEUE_EXIT_CODE, output
     stopped = json.loads((tmp_path / "stopped0.json").read_text())
-    state = load_checkpoint(checkpoint_path(tmp_path, "last"))
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert state["signal"] == stopped["signal"] == signame
     assert state["step"] == stopped["step"] >= 5
     # the checkpoint's RNG state continues exactly where the process left off
@@ -307,7 +298,7 @@ def test_one_signalled_rank_stops_both_at_the_same_step(tmp_path, launcher):
     stopped = [json.loads((tmp_path / f"stopped{r}.json").read_text()) for r in (0, 1)]
     assert stopped[0]["step"] == stopped[1]["step"] >= 5, output
     assert (stopped[0]["signal"], stopped[1]["signal"]) == (None, "SIGUSR2")
-    state = load_checkpoint(checkpoint_path(tmp_path, "last"))
+    state = load_checkpoint(tmp_path / "checkpoints" / "last.pt")
     assert state["step"] == stopped[0]["step"] and len(state["rng"]) == 2
     if launcher == "mpiexec":
         assert proc.returncode == REQUEUE_EXIT_CODE, output

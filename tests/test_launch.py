@@ -261,15 +261,24 @@ def test_local_ranks_running_at_once_share_the_cores_unless_the_user_chose(monke
 
 
 def test_a_run_directory_of_another_configuration_is_refused(tmp_path):
+    """The trainer's own resume rule (RunDir), applied before anything is submitted."""
     spec = {"base": str(TINY), "out": str(tmp_path), "executor": "local", "grid": {"seed": [0]}}
     point = load_grid(spec).points[0]
     from dmhpc.config import save_config
+    from dmhpc.train.checkpoint import save_checkpoint
 
     save_config(point.config, point.run_dir / "config.yaml")
+    save_checkpoint(point.run.checkpoint("last"), {"step": 1})
     assert load_grid(spec).points[0].config == point.config  # the same configuration: resumable
-    with pytest.raises(DmhpcError, match=r"seed=0: .* holds a run of another configuration \(differs in "
-                                         r"train\.epochs\)"):
-        load_grid({**spec, "overrides": {"train.epochs": 7}})
+    assert load_grid({**spec, "overrides": {"train.epochs": 7}})  # a longer run resumes too
+    with pytest.raises(DmhpcError, match=r"seed=0: .*config.yaml: the run was trained with another configuration: "
+                                         r"optim\.lr 0\.001 -> 0\.5"):
+        load_grid({**spec, "overrides": {"optim.lr": 0.5}})
+    other = tmp_path / "other"
+    (other / "seed=0").mkdir(parents=True)
+    (other / "seed=0" / "notes.txt").write_text("mine")
+    with pytest.raises(DmhpcError, match=r"seed=0: run.dir .*: exists and is not a dmhpc run \(it holds 'notes.txt'\)"):
+        load_grid({**spec, "out": str(other)})
 
 
 def test_sbatch_options_for_a_site(tmp_path):
@@ -303,7 +312,7 @@ def _finished(point, score, target_acc, criterion="source-val-acc", oracle=False
                                                "score": score},
               "oracle": oracle, "source": {**metrics, "accuracy": 0.9}, "target": {**metrics, "accuracy": target_acc}}
     (point.run_dir / "eval").mkdir(parents=True)
-    (point.run_dir / "eval" / "metrics.json").write_text(json.dumps(result))
+    (point.run_dir / "eval" / "best_test.json").write_text(json.dumps(result))
 
 
 def test_leaderboard_ranks_by_selection_score_and_marks_oracle_and_unfinished(tmp_path):
@@ -359,14 +368,14 @@ def test_two_point_grid_through_the_local_executor_then_skip_and_resume(data, tm
     assert {r["point"] for r in rows} == {"optim.lr=0.001", "optim.lr=0.0001"}
     assert all(r["status"] == "finished" and r["rank"] and r["criterion"] == "source-val-acc" for r in rows), rows
     for r in rows:
-        result = json.loads((Path(r["run_dir"]) / "eval" / "metrics.json").read_text())
+        result = json.loads((Path(r["run_dir"]) / "eval" / "best_test.json").read_text())
         assert float(r["score"]) == result["checkpoint"]["score"]
         assert float(r["target_accuracy_reporting_only"]) == result["target"]["accuracy"]
     assert [float(r["score"]) for r in rows] == sorted((float(r["score"]) for r in rows), reverse=True)
     config = yaml.safe_load((out / "optim.lr=0.0001" / "config.yaml").read_text())
     assert config["optim"]["lr"] == 1e-4 and config["train"]["signals"] == ["SIGUSR2"]
 
-    (out / "optim.lr=0.0001" / "eval" / "metrics.json").unlink()
+    (out / "optim.lr=0.0001" / "eval" / "best_test.json").unlink()
     logs_before = sorted((out / "submitit").glob("*_log.out"))
     report = subprocess.run(cmd + ["--report"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert report.returncode == 0, report.stdout + report.stderr
@@ -375,7 +384,7 @@ def test_two_point_grid_through_the_local_executor_then_skip_and_resume(data, tm
         status = {r["point"]: r["status"] for r in csv.DictReader(f)}
     assert status == {"optim.lr=0.001": "finished", "optim.lr=0.0001": "unfinished"}
     assert sorted((out / "submitit").glob("*_log.out")) == logs_before
-    assert not (out / "optim.lr=0.0001" / "eval" / "metrics.json").exists()
+    assert not (out / "optim.lr=0.0001" / "eval" / "best_test.json").exists()
     both = subprocess.run(cmd + ["--report", "--no-wait"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert both.returncode == 2 and "not allowed with argument" in both.stderr, both.stderr
 
@@ -384,7 +393,7 @@ def test_two_point_grid_through_the_local_executor_then_skip_and_resume(data, tm
     assert "2 point(s): 1 finished, 0 still queued, 1 submitted" in second.stdout, second.stdout
     logs = "".join(p.read_text() for p in (out / "submitit").glob("*_log.out"))
     assert logs.count("resumed from") == 1, logs
-    assert (out / "optim.lr=0.0001" / "eval" / "metrics.json").is_file()
+    assert (out / "optim.lr=0.0001" / "eval" / "best_test.json").is_file()
 
 
 def test_a_failed_point_is_named_with_the_reason_from_its_job_and_marked_on_the_leaderboard(data, tmp_path,
@@ -428,14 +437,14 @@ def test_a_study_through_the_local_executor_runs_array_parallelism_points_at_a_t
     second = [out / "mmd" / "seed=1", out / "mmd" / "seed=2"]
     # The second pair started (wrote its config) after the first pair had finished (written its test metrics).
     assert min((r / "config.yaml").stat().st_mtime for r in second) >= \
-        max((r / "eval" / "metrics.json").stat().st_mtime for r in first)
+        max((r / "eval" / "best_test.json").stat().st_mtime for r in first)
     for run in first + second:
         setup = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
         assert setup["kind"] == "setup" and setup["cpu_threads"] == threads, setup
     with (out / "summary.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [(r["method"], r["finished"], r["seeds"]) for r in rows] == [("noda", "2", "1 2"), ("mmd", "2", "1 2")]
-    noda_acc = json.loads((first[0] / "eval" / "metrics.json").read_text())["target"]["accuracy"]
+    noda_acc = json.loads((first[0] / "eval" / "best_test.json").read_text())["target"]["accuracy"]
     assert float(rows[0]["target_accuracy_per_seed"].split()[0]) == noda_acc
     tie = rows[0]["target_accuracy_mean"] == rows[1]["target_accuracy_mean"]  # tiny data: both may say "merger"
     assert [r["gap_closed"] for r in rows] == (["", ""] if tie else ["0.0", "1.0"])

@@ -240,17 +240,31 @@ def test_interrupted_conversion_is_finished_by_running_again(inputs, tmp_path, m
 
     def interrupted(plan, out_dir, number):
         if number == 2:
-            (Path(out_dir) / (shards.shard_name(2) + shards.PARTIAL)).write_bytes(b"half a shard")
+            (Path(out_dir) / f".{shards.shard_name(2)}.abcd1234.tmp").write_bytes(b"half a shard")
             raise KeyboardInterrupt
         return real(plan, out_dir, number)
 
     monkeypatch.setattr(shards, "write_shard", interrupted)
     assert main(args(inputs)) == 130
     left = set(os.listdir(inputs["out"]))
-    assert MANIFEST not in left and {"shard-00000.h5", "shard-00001.h5", "shard-00002.h5.partial"} <= left
+    assert MANIFEST not in left and {"shard-00000.h5", "shard-00001.h5", ".shard-00002.h5.abcd1234.tmp"} <= left
     monkeypatch.setattr(shards, "write_shard", real)
     assert main(args(inputs)) == 0  # no --overwrite needed
     assert shard_bytes(inputs["out"]) == shard_bytes(reference["out"])
+
+
+def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, small_disk):
+    """It used to be an h5py traceback, then a segmentation fault (HDF5 after a failed write)."""
+    rng = np.random.default_rng(0)
+    files = {"images": save(tmp_path, "X.npy", rng.normal(size=(200, 3, 40, 40)).astype(np.float32)),
+             "labels": save(tmp_path, "y.npy", np.arange(200) % 2),
+             "out": str(small_disk(2) / "ds")}  # 3.8 MB of shards on a 2 MB disk
+    proc = subprocess.run([sys.executable, "-m", "dmhpc", *args(files)], cwd=Path(__file__).parent.parent,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    assert "cannot write: No space left on device" in proc.stderr and "shard-000" in proc.stderr
+    assert not Path(files["out"]).exists()  # nothing partial: no shard, no temporary file, no directory
 
 
 def test_finished_or_foreign_directory_needs_overwrite(inputs, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""The sharded format: write_dataset, RowReader, load_manifest, split_rows, verify, info."""
+"""The sharded format: write_dataset, RowReader, load_manifest, split_rows, info (verify: test_check.py)."""
 
 from __future__ import annotations
 
@@ -229,24 +229,6 @@ def test_load_manifest_errors_name_the_file(tmp_path, dataset):
     path.write_text(json.dumps(broken))
     with pytest.raises(DmhpcError, match=r"rows\['val'\]"):
         load_manifest(directory)
-
-
-def test_verify_good_corrupted_and_missing_shards(dataset, capsys):
-    directory, _, _ = dataset
-    assert main(["verify", str(directory)]) == 0
-    assert "4 shards, 60 rows, checksums OK" in capsys.readouterr().out
-    shard = directory / shard_name(1)
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    (directory / shard_name(3)).unlink()
-    assert main(["verify", str(directory)]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1
-    assert "2 of 4 shards bad: shard-00001.h5 checksum mismatch, shard-00003.h5 missing" in err
-    (directory / MANIFEST).unlink()
-    assert main(["verify", str(directory)]) == 1
-    assert f"{directory / MANIFEST}: missing" in capsys.readouterr().err
 
 
 def test_info_text_and_json(dataset, capsys):

@@ -66,10 +66,11 @@ def _env():
 def test_single_process_run_directory(data, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=2")]) == 0
-    for rel in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt", "eval/metrics.json"):
+    for rel in ("config.yaml", "run.json", "metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt",
+                "eval/best_test.json"):
         assert (run / rel).exists(), rel
     assert {p.name for p in (run / "plots").glob("*.png")} >= {
-        "roc_test.png", "confusion_test.png", "training_curves.png", "latent_test.png"}
+        "roc_best_test.png", "confusion_best_test.png", "training_curves.png", "latent_best_test.png"}
     epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in epochs if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [0, 1]
@@ -78,18 +79,24 @@ def test_single_process_run_directory(data, tmp_path, capsys):
         for split in ("train", "val"):
             assert set(last[domain][split]) >= {"accuracy", "precision", "recall", "f1", "roc_auc", "brier", "confusion"}
     assert last["images_per_s"] > 0 and last["step_time_s"] > 0
-    result = json.loads((run / "eval" / "metrics.json").read_text())
-    assert result["oracle"] is False and result["checkpoint"]["criterion"] == "source-val-acc"
+    test = json.loads((run / "eval" / "best_test.json").read_text())
+    assert test["oracle"] is False and test["checkpoint"]["criterion"] == "source-val-acc" and test["split"] == "test"
     assert "| run |" in capsys.readouterr().out
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert {p.name for p in run.iterdir()} <= {".lock", "config.yaml", "run.json", "metrics.jsonl", "checkpoints",
+                                                "eval", "plots", "tensorboard"}
 
-    # dmhpc eval on its own: another split, another checkpoint
+    # dmhpc eval on its own: another split and checkpoint get their own file; the test result stays
+    test_bytes = (run / "eval" / "best_test.json").read_bytes()
     assert main(["eval", "--run", str(run), "--split", "val", "--checkpoint", "last"]) == 0
-    result = json.loads((run / "eval" / "metrics.json").read_text())
-    assert result["split"] == "val" and result["checkpoint"]["name"] == "last"
-    assert (run / "plots" / "roc_val.png").exists()
+    out = capsys.readouterr().out
+    assert "(last, val)" in out
+    val = json.loads((run / "eval" / "last_val.json").read_text())
+    assert val["split"] == "val" and val["checkpoint"]["name"] == "last"
+    assert (run / "eval" / "best_test.json").read_bytes() == test_bytes
+    assert (run / "plots" / "roc_last_val.png").exists() and (run / "plots" / "roc_best_test.png").exists()
     assert main(["eval", "--run", str(tmp_path / "nowhere")]) == 1
-    assert "config.yaml" in capsys.readouterr().err
+    assert "no such run directory" in capsys.readouterr().err
 
 
 def test_da_terms_are_logged(data, tmp_path):
@@ -209,7 +216,7 @@ def test_torchrun_two_ranks(data, tmp_path):
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world 2" in proc.stdout
-    assert json.loads((run / "eval" / "metrics.json").read_text())["source"]["n"] > 0
+    assert json.loads((run / "eval" / "best_test.json").read_text())["source"]["n"] > 0
 
 
 def test_mpiexec_two_ranks(data, tmp_path):
@@ -222,7 +229,7 @@ def test_mpiexec_two_ranks(data, tmp_path):
          *_overrides(data, run, "train.epochs=1", "loss.transfer=coral")],
         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "world 2" in proc.stdout and (run / "eval" / "metrics.json").exists()
+    assert "world 2" in proc.stdout and (run / "eval" / "best_test.json").exists()
 
 
 def _crash_a_rank_under_torchrun(data, run, log_path):
@@ -272,7 +279,7 @@ def test_dali_loader_trains(data, tmp_path):
     pytest.importorskip("nvidia.dali")
     run = tmp_path / "run"
     assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1", "data.loader=dali")]) == 0
-    assert (run / "eval" / "metrics.json").exists()
+    assert (run / "eval" / "best_test.json").exists()
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])

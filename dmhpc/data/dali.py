@@ -22,7 +22,6 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-from dmhpc.data.loaders import ignore_checkpoint_signals
 from dmhpc.data.shards import RowReader
 
 
@@ -37,16 +36,23 @@ class BlockSource:
     exact resume.
     """
 
-    def __init__(self, directory, manifest, stream, steps, first_epoch, first_step, augment, square):
+    def __init__(self, directory, manifest, stream, steps, first_epoch, first_step, augment, square, ignore):
         self.reader = RowReader(directory, manifest)
+        self.ignore = ignore
         self.stream, self.steps = stream, steps
         self.first_epoch, self.first_step = first_epoch, first_step
         self.augment, self.square = augment, square
         self._in_worker = False
 
+    def __setstate__(self, state):
+        # Unpickled in a spawned worker: ignore the stop signals from its first moment, not its first batch.
+        self.__dict__.update(state)
+        self.ignore()
+        self._in_worker = True
+
     def __call__(self, info):
         if not self._in_worker:  # the first call in each (forked or spawned) worker process
-            ignore_checkpoint_signals()
+            self.ignore()
             self._in_worker = True
         epoch = self.first_epoch + info.epoch_idx
         step = info.iteration + (self.first_step if info.epoch_idx == 0 else 0)
@@ -99,8 +105,8 @@ class DaliBatches:
     pipeline (and new workers) starting exactly where it asks.
     """
 
-    def __init__(self, domains, device: torch.device, augment: bool, num_workers: int):
-        self.domains, self.device, self.augment = domains, device, augment
+    def __init__(self, domains, device: torch.device, augment: bool, num_workers: int, ignore):
+        self.domains, self.device, self.augment, self.ignore = domains, device, augment, ignore
         self.num_workers = max(1, num_workers)  # a parallel external source needs at least one worker
         self._iter = None
         self._next = None  # (epoch, step) the running pipeline delivers next
@@ -112,7 +118,7 @@ class DaliBatches:
         square = shape[1] == shape[2]
         steps = source.stream.steps
         callbacks = [
-            BlockSource(d.directory, d.manifest, d.stream, steps, epoch, step, self.augment, square)
+            BlockSource(d.directory, d.manifest, d.stream, steps, epoch, step, self.augment, square, self.ignore)
             for d in self.domains
         ]
         on_gpu = self.device.type == "cuda"

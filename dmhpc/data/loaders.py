@@ -222,6 +222,11 @@ class TrainLoader:
     def __len__(self) -> int:
         return self._domains[SOURCE].stream.steps
 
+    @property
+    def stats(self) -> dict[str, tuple[list, list]]:
+        """{"source": (mean, std), "target": (mean, std)}: the per-channel normalization in use."""
+        return {name: (d.mean, d.std) for name, d in zip(("source", "target"), self._domains)}
+
     def epoch(self, epoch: int, start_step: int = 0):
         """Iterator of (xs, ys, xt, yt) on the device for steps start_step, ..., len(self) - 1.
 
@@ -304,21 +309,30 @@ class _EpochPlan(torch.utils.data.Sampler):
         return len(self.blocks)
 
 
-def ignore_checkpoint_signals(*_) -> None:
-    """Make this (worker) process ignore SIGUSR1 and SIGUSR2, the launchers' "checkpoint now" signals.
+@dataclasses.dataclass(frozen=True)
+class IgnoreSignals:
+    """A worker's start-up: ignore the trainer's stop signals (picklable, for spawned workers too).
 
-    srun and scancel signal every process of a job step; a worker killed by SIGUSR2's default
-    action would crash the trainer instead of letting it finish the step and checkpoint. The
-    trainer stops its workers itself.
+    srun, scancel and a kill of the process group signal every process of a job step, loader
+    workers included. A worker ended by the signal's default action (or by torch's own SIGTERM
+    handler, which re-raises it) would make the trainer fail with "DataLoader worker exited
+    unexpectedly" instead of finishing its step and checkpointing. The trainer ends its workers
+    itself when the loader closes; a worker whose trainer died notices and exits (torch's and
+    DALI's workers both watch their parent).
     """
-    for sig in (signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_IGN)
+
+    signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+
+    def __call__(self, *_) -> None:
+        for name in self.signals:
+            signal.signal(signal.Signals[name], signal.SIG_IGN)
 
 
 class _TorchBlocks:
     """`torch`: a DataLoader over block pairs, read by `num_workers` persistent worker processes."""
 
-    def __init__(self, domains: list[_Domain], device: torch.device, augment: bool, num_workers: int):
+    def __init__(self, domains: list[_Domain], device: torch.device, augment: bool, num_workers: int,
+                 ignore: IgnoreSignals):
         self.device, self.augment = device, augment
         self.streams = [d.stream for d in domains]
         self.square = domains[SOURCE].manifest["shape"][1] == domains[SOURCE].manifest["shape"][2]
@@ -329,7 +343,7 @@ class _TorchBlocks:
             self.dataset, batch_size=None, sampler=self.plan, num_workers=num_workers,
             persistent_workers=num_workers > 0, pin_memory=device.type == "cuda",
             generator=torch.Generator(),  # its per-pass worker seed would otherwise advance the global RNG
-            worker_init_fn=ignore_checkpoint_signals,
+            worker_init_fn=ignore,
         )
 
     def batches(self, epoch: int, start_step: int):
@@ -389,10 +403,12 @@ def make_train_loader(
     normalize: str = "per-domain",
     num_workers: int = 2,
     subset: int | None = None,
+    stop_signals: tuple[str, ...] = IgnoreSignals.signals,
 ) -> TrainLoader:
     """The training loader of one rank: `kind` is "auto", "gpu-resident", "dali" or "torch".
 
     `batch_size` is per rank. `subset` keeps only the first N training rows of each domain.
+    `stop_signals` are the trainer's stop signals (train.signals): worker processes ignore them.
     `num_workers` are the reading processes of `dali` (at least 1) and `torch` (0: read in this
     process). `auto` keeps the data resident when both training splits fit comfortably in
     device memory (always, on a CPU device), else uses DALI if importable, else torch.
@@ -436,14 +452,15 @@ def make_train_loader(
         stream = Stream(start, rows, batch_size, world_size, rank, seed, domain)
         domains.append(_Domain(directory, manifest, stream, mean, std))
     kind, reason = _choose(kind, device, domains)
+    ignore = IgnoreSignals(tuple(stop_signals))
     if kind == "gpu-resident":
         backend = _Resident(domains, device, augment)
     elif kind == "torch":
-        backend = _TorchBlocks(domains, device, augment, num_workers)
+        backend = _TorchBlocks(domains, device, augment, num_workers, ignore)
     else:
         from dmhpc.data.dali import DaliBatches
 
-        backend = DaliBatches(domains, device, augment, num_workers)
+        backend = DaliBatches(domains, device, augment, num_workers, ignore)
     return TrainLoader(kind, reason, domains, backend)
 
 

@@ -300,6 +300,7 @@ def _prepare(args, comm) -> None:
 
         # Validated: now write. Rank 0 clears the directories, then the shards of all domains are
         # dealt round-robin to the ranks; rank 0 writes each manifest from everyone's results.
+        created = [not d["out"].exists() for d in domains]
         _agree(comm, lambda: [shards.reset_output_dir(d["out"]) for d in domains] if rank == 0 else None)
         tasks = [(k, s) for k, d in enumerate(domains) for s in range(d["plan"].num_shards)]
         mine = tasks[rank::size]
@@ -314,8 +315,14 @@ def _prepare(args, comm) -> None:
             return dict(zip(mine, written))
 
         results = {}
-        for done in _allgather(comm, _agree(comm, write)):
-            results.update(done)
+        try:
+            for done in _allgather(comm, _agree(comm, write)):
+                results.update(done)
+        except DmhpcError:
+            if rank == 0:
+                for d, made in zip(domains, created):
+                    shards.remove_dataset_files(d["out"], remove_dir=made)
+            raise
         digests = {}
         for done in _allgather(comm, _agree(comm, input_digests)):
             digests.update(done)
@@ -338,7 +345,14 @@ def _prepare(args, comm) -> None:
             )
         return manifests
 
-    manifests = _agree(comm, lambda: finish() if rank == 0 else None)
+    try:
+        manifests = _agree(comm, lambda: finish() if rank == 0 else None)
+    except DmhpcError:
+        # A write failed (a full disk, say): leave no shard of this conversion behind.
+        if rank == 0:
+            for d, made in zip(domains, created):
+                shards.remove_dataset_files(d["out"], remove_dir=made)
+        raise
     if rank == 0:
         for d, m in zip(domains, manifests):
             split = ", ".join(f"{s} {b - a}" for s, (a, b) in m["rows"].items())

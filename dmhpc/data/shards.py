@@ -5,7 +5,7 @@ still produce the bytes of a serial run: `plan_dataset` (validate, draw the spli
 (one shard and its partial statistics, by whichever rank), `finish_dataset` (combine in shard
 order, write the manifest last). `write_dataset` runs them in one process.
 
-The commands `dmhpc verify` and `dmhpc info` live here too.
+The command `dmhpc info` lives here too; `dmhpc verify` is dmhpc/data/check.py.
 """
 
 from __future__ import annotations
@@ -25,17 +25,18 @@ from tqdm import tqdm
 
 from dmhpc import __version__
 from dmhpc.errors import DmhpcError
+from dmhpc.files import atomic_write, is_temporary
 
 FORMAT = "dmhpc-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
-PARTIAL = ".partial"  # suffix of a file being written; renamed when complete
 DTYPES = ("float32", "float16")
 
 # Files this format writes. A directory holding only these but no manifest is an unfinished
 # conversion that `prepare` may complete; anything else in it is someone else's.
-_OWN_FILE = re.compile(r"(shard-\d{5,}\.h5|manifest\.json)(\.partial)?")
+_OWN_FILE = re.compile(r"shard-\d{5,}\.h5|manifest\.json")
+_SHARD_FILE = re.compile(r"shard-\d{5,}\.h5")
 
 # A chunk of about 1 MiB of whole images: big enough that a batch read is a few large copies,
 # small enough that a short batch does not read much it does not need.
@@ -303,8 +304,13 @@ def write_shard(plan: Plan, out_dir: str | os.PathLike, number: int) -> tuple[di
     step = chunk * max(1, _BLOCK_BYTES // (chunk * per_image))
     stats = (0, np.zeros(shape[0]), np.zeros(shape[0]))
     final = out_dir / shard_name(number)
-    partial = out_dir / (final.name + PARTIAL)
-    with h5py.File(partial, "w") as f:
+    # The shard is built in memory (HDF5's core driver) and written out by plain Python: HDF5 left
+    # to write a file itself is in an unrecoverable state after a failed write (a full disk ends
+    # the process in a segmentation fault), while a failed Python write is one clean OSError.
+    # Memory: about twice the shard's size. Not fsynced: after a machine crash a damaged shard
+    # fails its checksum, which verify and the trainer check.
+    with h5py.File(f"{final}.{os.getpid()}", "w", driver="core", backing_store=False,
+                   block_size=max(1 << 20, min(n * per_image // 8, 64 << 20))) as f:
         images = f.create_dataset(
             "images", shape=(n, *shape), dtype=plan.dtype, chunks=(chunk, *shape), track_times=False
         )
@@ -319,10 +325,13 @@ def write_shard(plan: Plan, out_dir: str | os.PathLike, number: int) -> tuple[di
             k = min(train_stop - a, len(rows))
             if k > 0:
                 stats = _combine(stats, _block_stats(block[:k]))
+        del buffer
         for key, values in (("labels", plan.labels[index]), ("objects", plan.objects[index]), ("index", index)):
             f.create_dataset(key, data=values.astype(np.int64), track_times=False)
-    record = {"file": final.name, "count": n, "start": start, "sha256": file_sha256(partial)}
-    os.replace(partial, final)
+        f.flush()
+        image = f.id.get_file_image()
+    atomic_write(final, image, durable=False)
+    record = {"file": final.name, "count": n, "start": start, "sha256": hashlib.sha256(image).hexdigest()}
     return record, stats
 
 
@@ -392,11 +401,8 @@ def finish_dataset(
 
 def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
     """Write manifest.json atomically: one top-level key per line, lists kept on one line."""
-    path = Path(out_dir) / MANIFEST
     text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest.items()) + "\n}\n"
-    partial = path.with_name(path.name + PARTIAL)
-    partial.write_text(text)
-    os.replace(partial, path)
+    atomic_write(Path(out_dir) / MANIFEST, text)
 
 
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
@@ -415,12 +421,28 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Non
     names = sorted(p.name for p in out_dir.iterdir())
     if MANIFEST in names:
         raise DmhpcError(f"{out_dir}: already holds a data set ({MANIFEST}); pass --overwrite to replace it")
-    foreign = [n for n in names if not _OWN_FILE.fullmatch(n)]
+    foreign = [n for n in names if not (_OWN_FILE.fullmatch(n) or is_temporary(n))]
     if foreign:
         raise DmhpcError(
             f"{out_dir}: exists and is not empty ({len(foreign)} other files, e.g. {foreign[0]});"
             " pass --overwrite or choose another directory"
         )
+
+
+def remove_dataset_files(out_dir: str | os.PathLike, remove_dir: bool = False) -> None:
+    """Delete this format's files from a directory (manifest first); the directory too if asked and empty.
+
+    What a failed conversion leaves behind goes; files dmhpc did not write stay.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    for path in out_dir.iterdir():
+        if _OWN_FILE.fullmatch(path.name) or is_temporary(path.name):
+            path.unlink(missing_ok=True)
+    if remove_dir and not any(out_dir.iterdir()):
+        out_dir.rmdir()
 
 
 def reset_output_dir(out_dir: str | os.PathLike) -> None:
@@ -431,10 +453,7 @@ def reset_output_dir(out_dir: str | os.PathLike) -> None:
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / MANIFEST).unlink(missing_ok=True)
-        for path in out_dir.iterdir():
-            if _OWN_FILE.fullmatch(path.name):
-                path.unlink()
+        remove_dataset_files(out_dir)
     except OSError as exc:
         raise DmhpcError(f"{out_dir}: cannot prepare the output directory ({exc.strerror})") from None
 
@@ -463,16 +482,33 @@ def write_dataset(
     )
     check_pixels(*scan_pixels(plan.images, 0, plan.count), dtype)
     check_output_dir(out_dir, overwrite)
+    created = not Path(out_dir).exists()
     reset_output_dir(out_dir)
-    results = write_shards([(plan, out_dir, k) for k in range(plan.num_shards)])
-    return finish_dataset(plan, out_dir, results)
+    try:
+        results = write_shards([(plan, out_dir, k) for k in range(plan.num_shards)])
+        return finish_dataset(plan, out_dir, results)
+    except DmhpcError:
+        remove_dataset_files(out_dir, remove_dir=created)  # a failed write leaves nothing behind
+        raise
 
 
 # ----------------------------------------------------------------------------- reading
 
 
-def _manifest_problem(m: dict) -> str | None:
-    """What is wrong with a parsed manifest, or None."""
+def _is_int(v, minimum: int | None = None) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and (minimum is None or v >= minimum)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
+
+
+def _manifest_problem(m) -> str | None:
+    """What is wrong with a parsed manifest (the first thing found), or None.
+
+    Every field is checked for its type and range, so a hand-edited manifest is one line naming
+    the field, never a TypeError or IndexError later.
+    """
     if not isinstance(m, dict):
         return "not a JSON object"
     if m.get("format") != FORMAT:
@@ -488,32 +524,56 @@ def _manifest_problem(m: dict) -> str | None:
         if key not in m:
             return f"missing key {key!r}"
         if not isinstance(m[key], kind) or isinstance(m[key], bool):
-            return f"key {key!r}: expected {kind.__name__}"
+            return f"key {key!r}: expected {'an integer' if kind is int else 'a ' + kind.__name__}"
+    if m["count"] < 1:
+        return f"count {m['count']}: expected at least 1"
+    if m["num_classes"] < 2:
+        return f"num_classes {m['num_classes']}: expected at least 2"
+    if len(m["shape"]) != 3 or not all(_is_int(v, 1) for v in m["shape"]):
+        return f"shape {m['shape']!r}: expected [C, H, W], three positive integers"
     if m["dtype"] not in DTYPES:
         return f"dtype {m['dtype']!r}; expected one of {', '.join(DTYPES)}"
     start = 0
     for k, shard in enumerate(m["shards"]):
         if not isinstance(shard, dict) or set(shard) != {"file", "count", "start", "sha256"}:
             return f"shards[{k}]: expected keys file, count, start, sha256"
-        if shard["start"] != start or not isinstance(shard["count"], int) or shard["count"] < 1:
-            return f"shards[{k}] ({shard['file']}): start {shard['start']} and count do not follow on"
+        if not isinstance(shard["file"], str) or not _SHARD_FILE.fullmatch(shard["file"]):
+            return f"shards[{k}].file {shard['file']!r}: expected a shard file name like {shard_name(k)!r}"
+        if not isinstance(shard["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", shard["sha256"]):
+            return f"shards[{k}].sha256: expected 64 hexadecimal digits"
+        if not _is_int(shard["count"], 1) or not _is_int(shard["start"]) or shard["start"] != start:
+            return f"shards[{k}] ({shard['file']}): start {shard['start']!r} and count {shard['count']!r} do not follow on"
         start += shard["count"]
     if start != m["count"]:
         return f"shards hold {start} rows; count is {m['count']}"
     start = 0
     for split in SPLITS:
         rows = m["rows"].get(split)
-        if not (isinstance(rows, list) and len(rows) == 2 and rows[0] == start and rows[0] <= rows[1]):
+        if not (isinstance(rows, list) and len(rows) == 2 and all(_is_int(v) for v in rows)
+                and rows[0] == start and rows[0] <= rows[1]):
             return f"rows[{split!r}]: expected [start, stop) following on from {start}"
-        if not isinstance(m["splits"].get(split), list) or len(m["splits"][split]) != rows[1] - rows[0]:
+        indices = m["splits"].get(split)
+        if not isinstance(indices, list) or len(indices) != rows[1] - rows[0]:
             return f"splits[{split!r}]: expected {rows[1] - rows[0]} global indices"
+        if not all(_is_int(i) for i in indices):
+            return f"splits[{split!r}]: expected integers"
+        counts = m["counts"].get(split)
+        if not isinstance(counts, dict) or not all(isinstance(k, str) and _is_int(v, 0) for k, v in counts.items()):
+            return f"counts[{split!r}]: expected a mapping of class -> number of images"
         start = rows[1]
     if start != m["count"]:
         return f"rows cover {start} rows; count is {m['count']}"
-    channels = m["shape"][0] if m["shape"] else 0
-    if len(m["shape"]) != 3 or any(len(m["stats"].get(k, [])) != channels for k in ("mean", "std")):
-        return "shape must be [C, H, W] and stats hold C means and stds"
+    channels = m["shape"][0]
+    for key in ("mean", "std"):
+        values = m["stats"].get(key)
+        if not isinstance(values, list) or len(values) != channels or not all(_is_number(v) for v in values):
+            return f"stats.{key}: expected {channels} numbers, one per channel"
     return None
+
+
+def fingerprint(manifest: dict) -> str:
+    """SHA-256 of the manifest's content: the same for a copy of the data set moved elsewhere."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
 
 
 def load_manifest(directory: str | os.PathLike) -> dict:
@@ -617,35 +677,7 @@ class RowReader:
         self._pid = os.getpid()
 
 
-# ----------------------------------------------------------------------------- verify and info
-
-
-def verify_dataset(directory: str | os.PathLike) -> list[str]:
-    """Recompute every shard's SHA-256; returns one line per missing or bad shard (empty: all good)."""
-    directory = Path(directory)
-    manifest = load_manifest(directory)
-    problems = []
-    for shard in manifest["shards"]:
-        path = directory / shard["file"]
-        if not path.is_file():
-            problems.append(f"{shard['file']} missing")
-        elif file_sha256(path) != shard["sha256"]:
-            problems.append(f"{shard['file']} checksum mismatch")
-    return problems
-
-
-def verify_arguments(parser) -> None:
-    parser.add_argument("directory", help="data-set directory (holding manifest.json)")
-
-
-def verify_main(args) -> int:
-    manifest = load_manifest(args.directory)
-    problems = verify_dataset(args.directory)
-    shards = len(manifest["shards"])
-    if problems:
-        raise DmhpcError(f"{args.directory}: {len(problems)} of {shards} shards bad: {', '.join(problems)}")
-    print(f"{args.directory}: {shards} shards, {manifest['count']} rows, checksums OK")
-    return 0
+# ----------------------------------------------------------------------------- info
 
 
 def summary(directory: str | os.PathLike) -> dict:

@@ -51,11 +51,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from dmhpc.config import show
 from dmhpc.errors import DmhpcError
 from dmhpc.launch.leaderboard import write_leaderboard
 from dmhpc.launch.summary import write_summary
 from dmhpc.launch.spec import (Point, Problems, boolean, check_existing_runs, check_point_problems, choice,
-                               dotted_keys, integer, number, point_problem, read_launch_file, resolve_point, show,
+                               dotted_keys, integer, number, point_problem, read_launch_file, resolve_point,
                                take, text, unknown_keys)
 from dmhpc.launch.submit import EXECUTORS, Resources, TrainTask, launch_points, preempt_signal, read_resources
 

@@ -1,7 +1,7 @@
 """The leaderboard of a grid: OUT/leaderboard.csv and OUT/leaderboard.md, read from the run directories.
 
 Runs are ranked by the score of their selected checkpoint (`select.criterion`, higher is better),
-as the trainer recorded it in RUN/eval/metrics.json ("checkpoint"; the same as best.pt's
+as the trainer recorded it with the test result of the selected checkpoint ("checkpoint"; the same as best.pt's
 "selection"). Every criterion but "oracle-target-acc" is computed without target labels, so the
 ranking is a choice a user could make without them. Target-domain test metrics are shown beside
 it for reporting only: choosing a run by them uses the labels domain adaptation assumes unknown.
@@ -14,12 +14,12 @@ Unfinished points follow the finished ones, with the score of their best checkpo
 from __future__ import annotations
 
 import csv
-import json
 import math
 from pathlib import Path
 from typing import Iterable, Mapping
 
 from dmhpc.launch.spec import Point
+from dmhpc.run import RunDir
 from dmhpc.train.metrics import CRITERIA
 
 METRICS = ("accuracy", "roc_auc", "f1", "brier")
@@ -30,11 +30,11 @@ def _score(value) -> float:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
-def _best_so_far(run_dir: Path) -> dict:
-    best = run_dir / "checkpoints" / "best.pt"
+def _best_so_far(run: RunDir) -> dict:
+    best = run.checkpoint("best")
     if not best.is_file():
         return {}
-    import torch
+    import torch  # only for the score of an unfinished run's best checkpoint, memory-mapped
 
     try:
         state = torch.load(best, map_location="cpu", weights_only=True, mmap=True)
@@ -46,9 +46,8 @@ def _best_so_far(run_dir: Path) -> dict:
 def point_row(point: Point, failed: str | None = None) -> dict:
     """One leaderboard row: the point's values, status, selection and test metrics."""
     row: dict = {"point": point.name, **{k: v for k, v in sorted(point.values.items())}}
-    path = point.run_dir / "eval" / "metrics.json"
-    if path.is_file():
-        result = json.loads(path.read_text())
+    result = point.run.read_result("best", "test")
+    if result is not None:
         selected = result.get("checkpoint", {})
         row.update(status="finished", criterion=selected.get("criterion"), score=_score(selected.get("score")),
                    oracle=bool(result.get("oracle")), epoch=selected.get("epoch"))
@@ -56,8 +55,8 @@ def point_row(point: Point, failed: str | None = None) -> dict:
             for m in METRICS:
                 row[f"{domain}_{m}"] = _score(result.get(domain, {}).get(m))
     else:
-        selected = _best_so_far(point.run_dir)
-        status = "failed" if failed else ("unfinished" if (point.run_dir / "checkpoints").is_dir() else "not started")
+        selected = _best_so_far(point.run)
+        status = "failed" if failed else ("unfinished" if point.run.checkpoint_dir.is_dir() else "not started")
         criterion = selected.get("criterion", point.config.select.criterion)
         row.update(status=status, criterion=criterion, score=_score(selected.get("score")),
                    oracle=CRITERIA.get(criterion, False), epoch=selected.get("epoch"))

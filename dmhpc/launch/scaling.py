@@ -46,10 +46,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
-from dmhpc.config import MODEL_NAMES
+from dmhpc.config import MODEL_NAMES, show
 from dmhpc.errors import DmhpcError
 from dmhpc.launch.spec import (Point, Problems, check_existing_runs, check_point_problems, choice, dotted_keys,
-                               integer, integer_list, point_problem, read_launch_file, resolve_point, show, take,
+                               integer, integer_list, point_problem, read_launch_file, resolve_point, take,
                                text, unknown_keys)
 from dmhpc.launch.submit import (EXECUTORS, TrainTask, check_executor_shape, launch_points, preempt_signal,
                                  read_resources)
@@ -192,11 +192,9 @@ def staging_seconds(records: list[dict]) -> tuple[float, str]:
 
 def measure(point: Point) -> dict:
     """The point's row without speedup and efficiency (NaN where the run has not finished)."""
-    from dmhpc.train.metrics import read_log
-
     v = point.values
     gpus = v["nodes"] * v["gpus_per_node"]
-    records = read_log(point.run_dir)
+    records = point.run.read_log()
     step_time, warmup_excluded = steady_step_time(records)
     staging, loader = staging_seconds(records)
     global_batch = v["batch_per_gpu"] * gpus

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from dmhpc.config import COMMAND_LINE, Config, read_yaml, config_to_dict, load_config
+from dmhpc.config import COMMAND_LINE, Config, load_config, read_yaml, show
 from dmhpc.errors import DmhpcError
+from dmhpc.run import RunDir
 
 REQUIRED = object()  # marks a key without a default
 
@@ -39,14 +40,6 @@ class Problems:
         if self.lines:
             head = f"{self.source}: {len(self.lines)} problems, nothing submitted:"
             raise DmhpcError("\n".join([head, *self.lines]))
-
-
-def show(value: Any) -> str:
-    """A value as YAML-like text for messages: true, null, "text", [1, 2]."""
-    try:
-        return json.dumps(value)
-    except (TypeError, ValueError):
-        return repr(value)
 
 
 # --- typed keys ------------------------------------------------------------------------------------
@@ -189,9 +182,13 @@ class Point:
     config: Config            # validated; its run.dir is run_dir
 
     @property
+    def run(self) -> RunDir:
+        return RunDir(self.run_dir)
+
+    @property
     def finished(self) -> bool:
         """The trainer wrote the test metrics of the selected checkpoint: nothing left to run."""
-        return (self.run_dir / "eval" / "metrics.json").is_file()
+        return self.run.finished
 
 
 def override_text(key: str, value: Any) -> str:
@@ -221,30 +218,11 @@ def check_point_problems(problems: Problems, failures: Mapping[str, str]) -> Non
         problems.add(label, message)
 
 
-def changed_keys(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested configuration dicts."""
-    keys = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, Mapping) and isinstance(b, Mapping):
-            keys += changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            keys.append(f"{prefix}{key}")
-    return keys
-
-
 def check_existing_runs(problems: Problems, points: list[Point]) -> None:
-    """A run directory that already holds a run of another configuration would be resumed wrongly."""
+    """A run directory that is not a run, or holds a run of another configuration, would be refused
+    by the trainer after the job started: refuse it before anything is submitted."""
     for p in points:
-        saved = p.run_dir / "config.yaml"
-        if not saved.is_file():
-            continue
         try:
-            old = config_to_dict(load_config(saved))
+            p.run.check_relaunch(p.config)
         except DmhpcError as exc:
-            problems.add(f"point {p.name}", f"{saved}: cannot read the existing run's configuration: {exc}")
-            continue
-        diff = changed_keys(old, config_to_dict(p.config))
-        if diff:
-            problems.add(f"point {p.name}", f"{p.run_dir} holds a run of another configuration "
-                         f"(differs in {', '.join(diff)}): move it away or choose another out")
+            problems.add(f"point {p.name}", f"{exc}")

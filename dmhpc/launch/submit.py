@@ -37,9 +37,9 @@ from typing import Any, Mapping
 
 import submitit
 
-from dmhpc.config import config_to_dict
+from dmhpc.config import config_to_dict, show
 from dmhpc.errors import DmhpcError
-from dmhpc.launch.spec import (Point, Problems, boolean, integer, mapping, optional, positive_number, show, take,
+from dmhpc.launch.spec import (Point, Problems, boolean, integer, mapping, optional, positive_number, take,
                                text, text_list, unknown_keys)
 
 EXECUTORS = ("slurm", "local", "debug")

@@ -5,7 +5,8 @@ kept in launch order. Each group gets the mean and sample standard deviation of 
 of its finished runs, and the target accuracy of each seed. A study with `gap: {from: A, to: B}`
 also gets "gap closed": (target acc − A's) / (B's − A's) on the means, A and B taken from the
 groups with the same other values (the same model, say). Test metrics of both domains are read
-from RUN/eval/metrics.json; none of them chose a checkpoint unless the run is marked oracle.
+with the test result of each run's selected checkpoint; none of them chose a checkpoint unless the
+run is marked oracle.
 
 A run trained on the target domain (data.source = data.target, as a target oracle is) has no
 separate source domain: its "source" columns are target-domain figures and the table says so.
@@ -45,8 +46,8 @@ def summary_rows(points: Iterable[Point], gap: tuple[str, str] | None = None) ->
         groups.setdefault(_group_key(p), []).append(p)
     rows = []
     for members in groups.values():
-        results = [(p.values.get("seed"), json.loads((p.run_dir / "eval" / "metrics.json").read_text()))
-                   for p in members if p.finished]
+        results = [(p.values.get("seed"), result) for p in members
+                   if (result := p.run.read_result("best", "test")) is not None]
         row: dict = {k: v for k, v in members[0].values.items() if k != "seed"}
         row.update(runs=len(members), finished=len(results), seeds=[seed for seed, _ in results],
                    oracle=any(r.get("oracle") for _, r in results),

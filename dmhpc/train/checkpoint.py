@@ -1,21 +1,13 @@
-"""Checkpoints that survive a killed job, resume, and stopping cleanly on a signal.
+"""Checkpoint files, RNG states, and stopping cleanly on a signal.
 
-Layout of a run directory (written by rank 0 only):
+Checkpoints are dicts of plain data (what `TrainState.state_dict` returns, plus "selection" and
+"config"), so that `torch.load(weights_only=True)` reads them without running any pickled code:
+tensors, dicts, lists, tuples, str, int, float, bool and None only (numpy arrays and scalars,
+dataclasses and other objects are refused at save time, not discovered at resume time). Where
+they live is the run directory's business (dmhpc/run.py).
 
-    RUN/checkpoints/last.pt    where training stands; `--resume auto` continues from it
-    RUN/checkpoints/best.pt    the weights the selection criterion picked
-
-Both are dicts of plain data, so that `torch.load(weights_only=True)` reads them without running
-any pickled code: tensors, dicts, lists, tuples, str, int, float, bool and None only (numpy arrays
-and scalars, dataclasses and other objects are refused at save time, not discovered at resume time).
-The training loop stores: "model" (state_dict of the unwrapped model: no DDP "module." prefix),
-"optimizer", "scaler" (GradScaler), "discriminator" and "fisher" (state_dicts, when present),
-"progress" (epoch, step within the epoch = loader position, global step, best score ...), "epoch",
-"step", "rng" (every rank's RNG states, `gather_rng_states`), "selection", and "config"
-(`dmhpc.config.config_to_dict`).
-
-Writes are atomic: a temporary file in the same directory, flushed and fsynced, then renamed over
-the target, so a job killed mid-write leaves the previous checkpoint intact.
+Writes are atomic (dmhpc/files.py): a job killed mid-write, or a full disk, leaves the previous
+checkpoint intact.
 
 Signals: `StopRequest` catches the configured signals (SLURM sends SIGTERM at the time limit or on
 preemption, `--signal=USR2@90` gives warning ahead of it). The handler only records the signal;
@@ -35,7 +27,6 @@ from __future__ import annotations
 import os
 import random
 import signal
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -45,18 +36,11 @@ import torch.distributed as dist
 
 from dmhpc.distributed import all_gather_object, collective_device, is_distributed
 from dmhpc.errors import DmhpcError
+from dmhpc.files import atomic_write
 
 REQUEUE_EXIT_CODE = 75
-CHECKPOINT_NAMES = ("last", "best")
 
 _PLAIN_LEAVES = (str, int, float, bool, type(None), torch.Tensor)
-
-
-def checkpoint_path(run_dir: str | os.PathLike, name: str) -> Path:
-    """RUN/checkpoints/NAME.pt for NAME in "last", "best"."""
-    if name not in CHECKPOINT_NAMES:
-        raise ValueError(f"checkpoint name must be one of {CHECKPOINT_NAMES}, got {name!r}")
-    return Path(run_dir) / "checkpoints" / f"{name}.pt"
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -75,30 +59,11 @@ def _check_plain(value: Any, where: str) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Write `state` to `path` atomically (temporary file, fsync, rename)."""
+    """Write `state` to `path` atomically; a failed write is a DmhpcError and the old file stays."""
     if not isinstance(state, dict):
         raise TypeError(f"checkpoint state must be a dict, got {type(state).__name__}")
     _check_plain(state, "")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # The rename is durable only once the directory entry is on disk too.
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass  # some network file systems refuse fsync on directories; the rename is still atomic
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, writer=lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
@@ -115,22 +80,6 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(state, dict):
         raise DmhpcError(f"{path}: not a dmhpc checkpoint: holds a {type(state).__name__}, not a dict")
     return state
-
-
-def find_resume(run_dir: str | os.PathLike, resume: str) -> Path | None:
-    """The checkpoint to resume from for `--resume auto|none|PATH`, or None to start fresh.
-
-    auto: RUN/checkpoints/last.pt if it exists (so a requeued job continues), else start fresh.
-    """
-    if resume == "none":
-        return None
-    if resume == "auto":
-        last = checkpoint_path(run_dir, "last")
-        return last if last.is_file() else None
-    path = Path(resume)
-    if not path.is_file():
-        raise DmhpcError(f"--resume {resume}: checkpoint not found (use auto, none or a checkpoint file)")
-    return path
 
 
 # --- random number generators ----------------------------------------------------------------------

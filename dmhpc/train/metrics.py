@@ -6,9 +6,7 @@ depends on how the batch was split across GPUs.
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import numpy as np
 
@@ -113,20 +111,20 @@ def selection_score(criterion: str, val: dict) -> float:
 
 
 class MetricLog:
-    """Appends one JSON object per record to metrics.jsonl and mirrors scalars to TensorBoard.
+    """The run's log (RUN/metrics.jsonl, through `RunDir`) mirrored to TensorBoard; rank 0 only.
 
-    Only rank 0 creates one; other ranks pass None around instead.
+    `purge_step`: a resumed run drops TensorBoard events after the step it resumes from, as the
+    log itself is cut back there, so no curve shows a step twice.
     """
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run, purge_step: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self.run = run
+        self.tb = SummaryWriter(str(run.tensorboard_dir), purge_step=purge_step or None)
 
     def write(self, record: dict, step: int) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+        self.run.append_log(record, default=_json_default)
         for key, value in _flatten(record):
             if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
                 self.tb.add_scalar(key, value, step)
@@ -134,13 +132,6 @@ class MetricLog:
 
     def close(self) -> None:
         self.tb.close()
-
-
-def read_log(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def _flatten(record: dict, prefix: str = ""):

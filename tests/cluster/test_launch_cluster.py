@@ -125,7 +125,7 @@ def test_the_shipped_study_runs_by_the_readme_commands_submit_then_collect(slurm
         (m, model, "1", "1") for m in ("noda", "mmd-fisher-entropy", "oracle") for model in ("deepmerge2", "resnet18")]
     for r in rows:
         run = out / r["method"] / f"model.name={r['model.name']},seed=1"
-        result = json.loads((run / "eval" / "metrics.json").read_text())
+        result = json.loads((run / "eval" / "best_test.json").read_text())
         assert float(r["target_accuracy_per_seed"]) == result["target"]["accuracy"]
         assert yaml.safe_load((run / "config.yaml").read_text())["model"]["name"] == r["model.name"]
     summary = (out / "summary.md").read_text()

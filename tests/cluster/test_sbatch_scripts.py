@@ -80,7 +80,7 @@ def test_train_ddp_checkpoints_on_usr2_requeues_and_resumes(slurm_cluster, tmp_p
     assert "checkpoint written at step" in job.output and "resumed from" in job.output, job
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"kind": "step"' in line]
     assert steps == list(range(1, 42 + 1)), steps
-    assert (run / "eval" / "metrics.json").is_file(), job
+    assert (run / "eval" / "best_test.json").is_file(), job
     # The requeued run ends with exactly the weights of the uninterrupted one (same world size,
     # same threads: JOB_ENV's OMP_NUM_THREADS=1 in both).
     ref = slurm_cluster.wait(reference_id, timeout=300)

@@ -1,0 +1,174 @@
+"""What `dmhpc verify` and the trainer check of a sharded data set, and what it costs.
+
+Three levels, each including the ones before:
+
+- manifest: manifest.json parses and every field has its type (`shards.load_manifest`); the split
+  lists are a partition of the rows (every global index once, none out of range).
+- structure: each shard opens as HDF5 with `images` (n, C, H, W) of the manifest's dtype and
+  `labels`, `objects`, `index` (n,) integers; labels lie in the classes and match the manifest's
+  counts; `index` holds the manifest's split lists in row order; no object is in two splits.
+  Reads 24 bytes per row plus HDF5 metadata: milliseconds per shard.
+- checksums: every shard's SHA-256 against the manifest. Reads every byte, so it costs what the
+  disk (or the page cache) delivers: docs/training.md has the measured figure.
+
+The work divides over ranks (shard k is checked by rank k mod world size) and over a few threads
+per rank (hashing and HDF5 reads release the GIL); `combine` puts the parts together.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from dmhpc.data.shards import SPLITS, file_sha256, load_manifest
+from dmhpc.errors import DmhpcError
+
+LEVELS = ("structure", "checksums")
+_THREADS = 4  # per rank: enough to keep a parallel file system busy, few enough to share a node
+
+
+def split_problem(manifest: dict) -> str | None:
+    """What is wrong with the manifest's split lists, or None: they must partition range(count)."""
+    count = manifest["count"]
+    parts = {s: np.asarray(manifest["splits"][s], dtype=np.int64) for s in SPLITS}
+    for split, idx in parts.items():
+        bad = idx[(idx < 0) | (idx >= count)]
+        if bad.size:
+            return f"splits[{split!r}]: index {int(bad[0])} outside [0, {count})"
+        values, repeats = np.unique(idx, return_counts=True)
+        if (repeats > 1).any():
+            return f"splits[{split!r}]: index {int(values[repeats > 1][0])} appears twice"
+    for i, a in enumerate(SPLITS):
+        for b in SPLITS[i + 1:]:
+            both = np.intersect1d(parts[a], parts[b])
+            if both.size:
+                return f"splits: index {int(both[0])} is in both {a} and {b}"
+    return None
+
+
+def _split_of_rows(manifest: dict) -> np.ndarray:
+    """Split number (0 train, 1 val, 2 test) of every row."""
+    out = np.empty(manifest["count"], dtype=np.int8)
+    for k, split in enumerate(SPLITS):
+        start, stop = manifest["rows"][split]
+        out[start:stop] = k
+    return out
+
+
+def _check_shard(directory: Path, manifest: dict, number: int, checksums: bool):
+    """(problems, {split: object ids}, {split: class counts}) of one shard."""
+    shard = manifest["shards"][number]
+    name, n, start = shard["file"], shard["count"], shard["start"]
+    path = directory / name
+    empty = {s: np.zeros(0, np.int64) for s in SPLITS}
+    if not path.is_file():
+        return [f"{name} missing"], empty, {}
+    try:
+        with h5py.File(path, "r") as f:
+            missing = [k for k in ("images", "labels", "objects", "index") if k not in f]
+            if missing:
+                return [f"{name} has no dataset {missing[0]!r}"], empty, {}
+            images = f["images"]
+            expected = (n, *manifest["shape"])
+            if images.shape != expected or images.dtype != np.dtype(manifest["dtype"]):
+                return [f"{name}: images {images.dtype} {images.shape}, manifest says {manifest['dtype']} "
+                        f"{expected}"], empty, {}
+            columns = {}
+            for key in ("labels", "objects", "index"):
+                d = f[key]
+                if d.shape != (n,) or d.dtype.kind not in "iu":
+                    return [f"{name}: {key} {d.dtype} {d.shape}, expected integers ({n},)"], empty, {}
+                columns[key] = d[()].astype(np.int64)
+    except OSError as exc:
+        return [f"{name} is not a readable HDF5 file ({exc})"], empty, {}
+    labels = columns["labels"]
+    bad = np.flatnonzero((labels < 0) | (labels >= manifest["num_classes"]))
+    if bad.size:
+        return [f"{name}: label {int(labels[bad[0]])} at row {start + int(bad[0])} is outside the "
+                f"{manifest['num_classes']} classes"], empty, {}
+    expected_index = np.concatenate([np.asarray(manifest["splits"][s], np.int64) for s in SPLITS])[start:start + n]
+    wrong = np.flatnonzero(columns["index"] != expected_index)
+    if wrong.size:
+        return [f"{name}: row {start + int(wrong[0])} holds input {int(columns['index'][wrong[0]])}, the manifest's "
+                f"split lists say {int(expected_index[wrong[0]])}"], empty, {}
+    splits = _split_of_rows(manifest)[start:start + n]
+    objects = {s: np.unique(columns["objects"][splits == k]) for k, s in enumerate(SPLITS)}
+    classes = {s: np.bincount(labels[splits == k], minlength=manifest["num_classes"]) for k, s in enumerate(SPLITS)}
+    problems = []
+    if checksums and file_sha256(path) != shard["sha256"]:
+        problems.append(f"{name} checksum mismatch")
+    return problems, objects, classes
+
+
+def check_part(directory: str | os.PathLike, *, checksums: bool, rank: int = 0, world_size: int = 1,
+               manifest: dict | None = None) -> dict:
+    """This rank's share of the checks: {"problems": [...], "objects": {split: ids}, "classes": ...}."""
+    directory = Path(directory)
+    manifest = load_manifest(directory) if manifest is None else manifest
+    numbers = range(rank, len(manifest["shards"]), world_size)
+    threads = max(1, min(_THREADS, len(os.sched_getaffinity(0)), len(numbers)))
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(lambda k: _check_shard(directory, manifest, k, checksums), numbers))
+    part = {"problems": [], "objects": {s: [] for s in SPLITS},
+            "classes": {s: np.zeros(manifest["num_classes"], np.int64) for s in SPLITS}}
+    for problems, objects, classes in results:
+        part["problems"] += problems
+        for s in SPLITS:
+            part["objects"][s].append(objects[s])
+            if s in classes:
+                part["classes"][s] += classes[s]
+    return part
+
+
+def combine(manifest: dict, parts: list[dict]) -> list[str]:
+    """Every problem of the data set, from all ranks' parts (in rank order)."""
+    problems = [p for part in parts for p in part["problems"]]
+    if problems:
+        return problems  # the counts below would only repeat them
+    for split in SPLITS:
+        counts = sum(part["classes"][split] for part in parts)
+        stated = [manifest["counts"][split].get(str(k), 0) for k in range(manifest["num_classes"])]
+        if list(counts) != stated:
+            problems.append(f"{split} split holds {list(map(int, counts))} images per class, the manifest "
+                            f"says {stated}")
+    objects = {s: np.unique(np.concatenate([o for part in parts for o in part["objects"][s]] or [[]]))
+               for s in SPLITS}
+    for i, a in enumerate(SPLITS):
+        for b in SPLITS[i + 1:]:
+            both = np.intersect1d(objects[a], objects[b])
+            if both.size:
+                problems.append(f"{both.size} objects are in both the {a} and {b} splits (e.g. object "
+                                f"{int(both[0])}): their images would be tested on what was trained on")
+    return problems
+
+
+def verify_dataset(directory: str | os.PathLike, checksums: bool = True) -> list[str]:
+    """Every problem of a data set in one process (empty: all good); a bad manifest raises."""
+    manifest = load_manifest(directory)
+    problem = split_problem(manifest)
+    if problem:
+        return [problem]
+    return combine(manifest, [check_part(directory, checksums=checksums, manifest=manifest)])
+
+
+def verify_arguments(parser) -> None:
+    parser.add_argument("directory", help="data-set directory (holding manifest.json)")
+    parser.add_argument("--structure-only", action="store_true",
+                        help="check the manifest, split lists and each shard's datasets and labels, "
+                             "not the checksums (what data.verify=structure does in the trainer)")
+
+
+def verify_main(args) -> int:
+    manifest = load_manifest(args.directory)
+    problems = verify_dataset(args.directory, checksums=not args.structure_only)
+    shards = len(manifest["shards"])
+    if problems:
+        raise DmhpcError(f"{args.directory}: {len(problems)} problem{'s' if len(problems) > 1 else ''}: "
+                         f"{'; '.join(problems)}")
+    what = "structure OK (checksums not checked)" if args.structure_only else "structure and checksums OK"
+    print(f"{args.directory}: {shards} shards, {manifest['count']} rows, {what}")
+    return 0

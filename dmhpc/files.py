@@ -1,0 +1,156 @@
+"""Atomic file writes for the whole project, and one-line errors when a write fails.
+
+    atomic_write(path, text_or_bytes)            # a small file in one go
+    atomic_write(path, writer=lambda f: ...)     # a binary writer callback (torch.save, np.save, ...)
+    with atomic_path(path) as tmp: h5py.File(tmp, "w")   # for libraries that open files by name
+
+Every write goes to a temporary file in the target's directory (`.NAME.XXXXXXXX.tmp`), is flushed
+and fsynced, then renamed over the target, and the directory entry is fsynced too. So a reader sees
+the old file or the new one, never half of one, and a process killed mid-write leaves the old file
+intact plus at most one orphan temporary file, which `remove_orphans` recognises by its name.
+
+A failed write (a full disk, a quota, a file-size limit, a read-only file system) removes its
+temporary file and raises `DmhpcError` naming the file and the reason, with "nothing written":
+the target is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator
+
+from dmhpc.errors import DmhpcError
+
+TEMP_SUFFIX = ".tmp"
+# `.NAME.XXXXXXXX.tmp`: tempfile's random part is 8 characters of [a-z0-9_].
+_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def is_temporary(name: str) -> bool:
+    """Whether a file name is one of `atomic_write`'s temporary files."""
+    return bool(_TEMP_NAME.fullmatch(name))
+
+
+def write_error(path: str | os.PathLike, exc: OSError) -> DmhpcError:
+    """The one-line error of a failed write; the disk-full family says so plainly."""
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        reason = f"{reason} (disk full or over quota)"
+    elif exc.errno == errno.EFBIG:
+        reason = f"{reason} (file size limit)"
+    return DmhpcError(f"{path}: cannot write: {reason}; nothing written")
+
+
+def _os_error(exc: BaseException) -> OSError | None:
+    """The OSError behind a failed write, also when a library raised its own error while handling
+    it (torch.save turns a full disk into a RuntimeError about its zip writer)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
+
+
+def _file_mode() -> int:
+    """0o666 less the umask: what open() would give a new file (mkstemp's 0o600 would hide results
+    from the rest of a project group on a shared file system)."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)  # no /proc: read it by setting it, and put it back at once
+        os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some network file systems refuse fsync on directories; the rename is still atomic
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block ends without error, rename it over `path`.
+
+    For writers that open a file by name (h5py, matplotlib). The block must close its file. On any
+    error the temporary file is removed; an OSError becomes a one-line DmhpcError.
+    """
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+        os.fchmod(fd, _file_mode())
+        os.close(fd)
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        cause = _os_error(exc)
+        if cause is not None:
+            raise write_error(path, cause) from None
+        raise
+    if durable:
+        _fsync_dir(path.parent)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes | None = None, *,
+                 writer: Callable[[BinaryIO], None] | None = None, durable: bool = True) -> Path:
+    """Write `data` (text is UTF-8) or whatever `writer(file)` writes to `path`, atomically."""
+    if (data is None) == (writer is None):
+        raise TypeError("atomic_write takes data or writer, not both or neither")
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    path = Path(path)
+    with atomic_path(path, durable=False) as tmp:
+        with open(tmp, "wb") as f:
+            if writer is not None:
+                writer(f)
+            else:
+                f.write(payload)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+    if durable:
+        _fsync_dir(path.parent)
+    return path
+
+
+def remove_orphans(directory: str | os.PathLike) -> tuple[int, int]:
+    """Delete the temporary files that killed writes left in `directory` (not below it).
+
+    Returns (files, bytes) removed. Only names `atomic_write` makes are touched. Call it only
+    where no other process can be writing (under the run's lock, say).
+    """
+    files = size = 0
+    directory = Path(directory)
+    if not directory.is_dir():
+        return 0, 0
+    for entry in os.scandir(directory):
+        if entry.is_file(follow_symlinks=False) and is_temporary(entry.name):
+            try:
+                n = entry.stat().st_size
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            files, size = files + 1, size + n
+    return files, size

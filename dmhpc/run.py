@@ -1,0 +1,375 @@
+"""The run directory: its layout, its lock, its log, the configuration check on resume, its results.
+
+Every other module asks `RunDir` for a path; nothing else spells the layout out:
+
+    RUN/config.yaml               the resolved configuration (`dmhpc eval` and resumes read it)
+    RUN/run.json                  marks a dmhpc run: format, version, the data sets it trained on
+    RUN/metrics.jsonl             the log: one JSON record per line
+    RUN/tensorboard/              the same scalars for TensorBoard
+    RUN/checkpoints/last.pt       where training stands
+    RUN/checkpoints/best.pt       the checkpoint the selection criterion chose
+    RUN/eval/CKPT_SPLIT.json      one file per evaluation: checkpoint, split (and data set, see
+                                  `evaluation_tag`), never overwriting another's
+    RUN/plots/*.png
+    RUN/.lock                     held by the trainer's rank 0 for the life of the run
+
+A trainer starts in two steps, both on rank 0. `claim` takes the lock (a second trainer on the
+directory is refused), refuses a directory that is not a dmhpc run, decides what to resume from and
+checks the new configuration against the run's own, writing nothing. `start` then removes orphan
+temporary files of killed writes, writes config.yaml and run.json, and cuts the log back to the
+step it resumes from. The lock is an OS-level `flock`: the kernel drops it when its process dies,
+so a requeued job is never blocked by a lock of a killed one.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from dmhpc import __version__
+from dmhpc.config import Config, changed_keys, config_to_dict, load_config, save_config, show
+from dmhpc.errors import DmhpcError
+from dmhpc.files import atomic_write, is_temporary, remove_orphans
+
+FORMAT = "dmhpc-run"
+VERSION = 1
+CONFIG, RECORD, LOG, LOCK = "config.yaml", "run.json", "metrics.jsonl", ".lock"
+CHECKPOINTS, EVAL, PLOTS, TENSORBOARD = "checkpoints", "eval", "plots", "tensorboard"
+CHECKPOINT_NAMES = ("last", "best")
+# What a run directory may hold; `start --overwrite` removes exactly these.
+OWN_NAMES = (CONFIG, RECORD, LOG, LOCK, CHECKPOINTS, EVAL, PLOTS, TENSORBOARD)
+LEGACY_RESULT = "metrics.json"  # eval/metrics.json of dmhpc before one file per evaluation
+
+# Keys that may differ on resume, and why: how long and how often, how data are read, where the run
+# lives. The world size may change too (it is not a configuration key). Everything else decides
+# what is trained; a difference there is refused. Data paths may change when the data set they
+# name is the same one (see `claim`).
+RESUMABLE = {
+    "train.epochs": "length", "train.max_steps": "length", "train.early_stopping": "length",
+    "train.eval_every": "cadence", "train.log_every": "cadence", "train.checkpoint_every": "cadence",
+    "train.signals": "how a stop is asked for", "data.loader": "loader", "data.num_workers": "loader",
+    "data.verify": "start-up checks", "run.dir": "where the run lives",
+}
+DATA_KEYS = ("data.source", "data.target")
+_TAG_SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+
+
+def evaluation_tag(checkpoint: str, split: str, data: str | None = None) -> str:
+    """`best_test`, or `best_test_on-NAME` for an evaluation on another data set than the run's."""
+    tag = f"{checkpoint}_{split}"
+    return tag if data is None else f"{tag}_on-{_TAG_SAFE.sub('_', data).strip('_') or 'data'}"
+
+
+@dataclass
+class Claim:
+    """What `RunDir.claim` decided: the checkpoint to resume from and what changed since the run's config."""
+
+    resume_from: Path | None
+    changed: dict = field(default_factory=dict)  # dotted key -> [old, new], accepted on resume
+    existed: bool = False  # the directory held a run already
+
+
+class RunDir:
+    """One run directory. Paths and readers work on any rank; `claim`/`start` only on rank 0."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._lock_fd: int | None = None
+        self._created = False
+
+    # --- the layout -------------------------------------------------------------------------------
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG
+
+    @property
+    def record_path(self) -> Path:
+        return self.path / RECORD
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / LOG
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / TENSORBOARD
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / CHECKPOINTS
+
+    def checkpoint(self, name: str) -> Path:
+        """RUN/checkpoints/NAME.pt for NAME in "last", "best"."""
+        if name not in CHECKPOINT_NAMES:
+            raise DmhpcError(f"checkpoint {name!r}: expected one of {', '.join(CHECKPOINT_NAMES)}")
+        return self.checkpoint_dir / f"{name}.pt"
+
+    def result_path(self, checkpoint: str, split: str, data: str | None = None) -> Path:
+        """RUN/eval/<evaluation_tag>.json: one file per (checkpoint, split, data set)."""
+        return self.path / EVAL / f"{evaluation_tag(checkpoint, split, data)}.json"
+
+    def plot_path(self, name: str) -> Path:
+        return self.path / PLOTS / f"{name}.png"
+
+    def plot_files(self) -> list[Path]:
+        return sorted((self.path / PLOTS).glob("*.png"))
+
+    # --- what the directory is --------------------------------------------------------------------
+    def holds_run(self) -> bool:
+        """A config.yaml is there: some dmhpc trainer started here (valid or not: see `config`)."""
+        return self.config_path.is_file()
+
+    def config(self) -> Config:
+        """The run's own configuration; DmhpcError when the directory is not a dmhpc run."""
+        if not self.path.is_dir():
+            raise DmhpcError(f"{self.path}: no such run directory")
+        if not self.config_path.is_file():
+            raise DmhpcError(f"{self.config_path}: no such file ({self.path} is not a dmhpc run directory)")
+        try:
+            return load_config(self.config_path)
+        except DmhpcError as exc:
+            raise DmhpcError(f"{self.path} is not a dmhpc run: {exc}") from None
+
+    def read_result(self, checkpoint: str = "best", split: str = "test", data: str | None = None) -> dict | None:
+        """The stored evaluation, or None. A run of older dmhpc kept one eval/metrics.json: it counts
+        only for the (checkpoint, split) it says it holds."""
+        path = self.result_path(checkpoint, split, data)
+        if not path.is_file() and data is None:
+            legacy = self.path / EVAL / LEGACY_RESULT
+            if legacy.is_file():
+                old = _read_json(legacy)
+                if old.get("split") == split and old.get("checkpoint", {}).get("name", "best") == checkpoint:
+                    return old
+            return None
+        return _read_json(path) if path.is_file() else None
+
+    def write_result(self, result: dict, checkpoint: str, split: str, data: str | None = None) -> Path:
+        return atomic_write(self.result_path(checkpoint, split, data), json.dumps(result, indent=2) + "\n")
+
+    def has_results(self) -> bool:
+        """A checkpoint or an evaluation is there: something a fresh start would throw away."""
+        return any(self.checkpoint(n).is_file() for n in CHECKPOINT_NAMES) or any((self.path / EVAL).glob("*.json"))
+
+    @property
+    def finished(self) -> bool:
+        """The trainer wrote the test metrics of the selected checkpoint: nothing left to run."""
+        return self.read_result("best", "test") is not None
+
+    # --- the log ----------------------------------------------------------------------------------
+    def read_log(self) -> list[dict]:
+        """Every record of metrics.jsonl. A torn last line (a kill mid-append) is dropped; a bad line
+        before it is an error naming the line."""
+        if not self.log_path.is_file():
+            return []
+        lines = self.log_path.read_text(encoding="utf-8", errors="replace").split("\n")
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if all(not rest.strip() for rest in lines[number:]):
+                    break  # the torn tail of an interrupted append
+                raise DmhpcError(f"{self.log_path}: line {number} is not a JSON record") from None
+            if not isinstance(record, dict):
+                raise DmhpcError(f"{self.log_path}: line {number} is not a JSON object")
+            records.append(record)
+        return records
+
+    def append_log(self, record: dict, default=None) -> None:
+        """One record, one line, one write: an interrupted append tears at most that line."""
+        line = json.dumps(record, default=default) + "\n"
+        try:
+            with self.log_path.open("a", encoding="utf-8") as f:
+                f.write(line)
+        except OSError as exc:
+            raise DmhpcError(f"{self.log_path}: cannot append: {exc.strerror}") from None
+
+    def truncate_log(self, step: int) -> int:
+        """Keep the records up to `step` (what a resumed run has not redone); returns how many went."""
+        records = self.read_log()
+        kept = [r for r in records if isinstance(r.get("step", 0), int) and r.get("step", 0) <= step]
+        text = "".join(json.dumps(r) + "\n" for r in kept)
+        if not self.log_path.exists() or self.log_path.read_text(encoding="utf-8", errors="replace") != text:
+            atomic_write(self.log_path, text)
+        return len(records) - len(kept)
+
+    # --- the trainer's claim ----------------------------------------------------------------------
+    def claim(self, cfg: Config, resume: str, overwrite: bool = False,
+              data_ids: Mapping[str, str] | None = None) -> Claim:
+        """Lock the directory for this trainer and decide how it starts; writes nothing but the lock.
+
+        resume: "auto" (last.pt if there is one), "none" (a new run; an existing one only with
+        overwrite), or a checkpoint path. data_ids maps "data.source"/"data.target" to the
+        fingerprint of the data set named there (`dmhpc.data.shards.fingerprint`).
+        """
+        self._check_owner()
+        self._lock()
+        existed = self.holds_run()
+        if resume == "none":
+            if existed and not overwrite:
+                raise DmhpcError(f"{self.path}: already holds a run; --resume auto continues it, "
+                                 f"--resume none --overwrite replaces it")
+            return Claim(None, existed=existed)
+        if resume == "auto":
+            last = self.checkpoint("last")
+            resume_from = last if last.is_file() else None
+            if resume_from is None and self.has_results():
+                raise DmhpcError(f"{self.path}: holds results ({CHECKPOINTS}/, {EVAL}/) but no {last.name} to "
+                                 f"resume from; --resume none --overwrite replaces the run")
+        else:
+            resume_from = Path(resume)
+            if not resume_from.is_file():
+                raise DmhpcError(f"--resume {resume}: checkpoint not found (use auto, none or a checkpoint file)")
+        if resume_from is None:
+            return Claim(None, existed=existed)  # nothing trained yet: a fresh start
+        old, where = self._reference_config(resume_from)
+        changed = self._check_changes(old, config_to_dict(cfg), where, data_ids or {})
+        return Claim(resume_from, changed, existed)
+
+    def check_relaunch(self, cfg: Config) -> None:
+        """What `claim(cfg, "auto")` would refuse, checked from outside (a launcher about to submit
+        the run again), without the lock: a foreign directory, or a changed configuration."""
+        self._check_owner()
+        if self.checkpoint("last").is_file() and self.config_path.is_file():
+            self._check_changes(config_to_dict(self.config()), config_to_dict(cfg), str(self.config_path), {})
+
+    def _check_owner(self) -> None:
+        """Refuse a path that is not a directory, or a directory holding something other than a run."""
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise DmhpcError(f"run.dir {p}: exists and is not a directory")
+        if not p.exists():
+            return
+        names = sorted(n for n in os.listdir(p) if not is_temporary(n))
+        foreign = [n for n in names if n not in OWN_NAMES]
+        if foreign or (names and not self.holds_run() and set(names) - {LOCK}):
+            example = (foreign or names)[0]
+            raise DmhpcError(f"run.dir {p}: exists and is not a dmhpc run (it holds {example!r}"
+                             f"{f' and {len(names) - 1} more' if len(names) > 1 else ''}); choose a new or "
+                             f"empty directory")
+        if self.holds_run():
+            self.config()  # a foreign or damaged config.yaml is refused here, never overwritten
+
+    def _lock(self) -> None:
+        try:
+            if not self.path.exists():
+                self.path.mkdir(parents=True)
+                self._created = True
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise DmhpcError(f"run.dir {self.path}: cannot create: {exc.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise DmhpcError(f"run.dir {self.path}: in use by another trainer ({holder}); wait for it "
+                                 f"to end or choose another run.dir") from None
+            # File systems without locks (some Lustre mounts): go on, but say what is not guarded.
+            print(f"dmhpc: warning: {self.path / LOCK}: the file system refuses locks ({exc.strerror}); "
+                  f"a second trainer on this run directory would not be detected", flush=True)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _reference_config(self, resume_from: Path) -> tuple[dict, str]:
+        """The configuration the run trained with so far: config.yaml, else the checkpoint's own."""
+        if self.config_path.is_file() and resume_from.parent == self.checkpoint_dir:
+            return config_to_dict(self.config()), str(self.config_path)
+        import torch  # only to read the "config" entry of a checkpoint from elsewhere, memory-mapped
+
+        try:
+            state = torch.load(resume_from, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DmhpcError(f"{resume_from}: not a readable dmhpc checkpoint: {reason}") from None
+        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+            raise DmhpcError(f"{resume_from}: not a dmhpc checkpoint (no \"config\" entry)")
+        return state["config"], str(resume_from)
+
+    def _check_changes(self, old: dict, new: dict, where: str, data_ids: Mapping[str, str]) -> dict:
+        record = _read_json(self.record_path) if self.record_path.is_file() else {}
+        saved_ids = {f"data.{k}": v.get("fingerprint") for k, v in record.get("data", {}).items()
+                     if isinstance(v, dict)}
+        changed, refused = {}, []
+        for key in changed_keys(old, new):
+            a, b = _dotted(old, key), _dotted(new, key)
+            same_data = key in DATA_KEYS and saved_ids.get(key) and saved_ids.get(key) == data_ids.get(key)
+            if key in RESUMABLE or same_data:
+                changed[key] = [a, b]
+            else:
+                refused.append(f"{key} {show(a)} -> {show(b)}")
+        if refused:
+            raise DmhpcError(f"{where}: the run was trained with another configuration: {'; '.join(refused)} "
+                             f"(only its length, cadence, loader and location may change on resume, see "
+                             f"docs/training.md; start a new run.dir, or --resume none --overwrite)")
+        return changed
+
+    def start(self, cfg: Config, claim: Claim, data: Mapping[str, Mapping[str, Any]], step: int) -> dict:
+        """Write the run's identity now that every start-up check passed; returns what was cleaned up.
+
+        Removes the orphan temporary files of killed writes, the old run's files when it is being
+        replaced, writes config.yaml and run.json, and cuts the log back to `step`.
+        """
+        if claim.resume_from is None and claim.existed:
+            for name in OWN_NAMES:
+                if name != LOCK:
+                    target = self.path / name
+                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        files = size = 0
+        for directory in (self.path, self.checkpoint_dir, self.path / EVAL, self.path / PLOTS):
+            n, b = remove_orphans(directory)
+            files, size = files + n, size + b
+        save_config(cfg, self.config_path)
+        atomic_write(self.record_path, json.dumps({
+            "format": FORMAT, "version": VERSION, "created_by": f"dmhpc {__version__}",
+            "data": {k: dict(v) for k, v in data.items()}}, indent=2) + "\n")
+        dropped = self.truncate_log(step)
+        return {"orphans_removed": files, "orphan_bytes": size, "log_records_dropped": dropped}
+
+    def release(self) -> None:
+        """Give the lock back; a directory this claim created and nothing else filled goes too."""
+        if self._lock_fd is None:
+            return
+        os.close(self._lock_fd)
+        self._lock_fd = None
+        if self._created and os.listdir(self.path) == [LOCK]:
+            (self.path / LOCK).unlink(missing_ok=True)
+            self.path.rmdir()
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DmhpcError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise DmhpcError(f"{path}: expected a JSON object")
+    return value
+
+
+def _dotted(data: Mapping, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(data, Mapping):
+            return None
+        data = data.get(part)
+    return data

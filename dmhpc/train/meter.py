@@ -1,0 +1,93 @@
+"""One epoch's bookkeeping on the device, and the guard against a diverged run (non-finite loss or weights)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from dmhpc.distributed import all_gather_object, all_reduce_mean, all_reduce_min
+from dmhpc.errors import DmhpcError
+from dmhpc.train.metrics import classification_metrics
+
+_NONE = 2**62  # "no non-finite value yet": above any step, so a MIN over ranks finds the first
+
+
+class EpochMeter:
+    """One epoch's bookkeeping, kept on the device: loss sums, predictions, discriminator outputs,
+    and the first step at which each loss term was not finite.
+
+    `add` queues device work only; `check_finite` and `summary` are collectives that every rank
+    calls at the same step, and the only places that wait for the device.
+    """
+
+    def __init__(self, device, watch_loss: bool = True):
+        self.device, self.watch_loss = device, watch_loss
+        self.names: list[str] = []
+        self.sums = None
+        self.first_bad = None  # per term: the first step (as counted after it) with a non-finite value
+        self.steps = 0
+        self.preds: dict[str, list] = {"source": [], "target": []}
+        self.domain_logits: list = []
+
+    def add(self, step: int, terms: dict, outputs: dict, ys, yt) -> None:
+        """Record optimizer step number `step` (counted after it: 1 for the first)."""
+        if not self.names:
+            self.names = sorted(terms)
+            self.first_bad = torch.full((len(self.names),), _NONE, dtype=torch.int64, device=self.device)
+        vec = torch.stack([terms[k].float() for k in self.names])
+        self.sums = vec if self.sums is None else self.sums + vec
+        if self.watch_loss:
+            bad = ~torch.isfinite(vec) & (self.first_bad == _NONE)
+            self.first_bad = torch.where(bad, step, self.first_bad)
+        self.steps += 1
+        prob = torch.softmax(outputs["logits"].float(), dim=1)
+        self.preds["source"].append((ys, prob[: len(ys)]))
+        self.preds["target"].append((yt, prob[len(ys):]))
+        if "domain_logits" in outputs:
+            self.domain_logits.append(outputs["domain_logits"])
+
+    def check_finite(self, state, dist, step: int) -> None:
+        """Raise DmhpcError on every rank if a loss term or a weight of any rank is not finite.
+
+        Called before every checkpoint and every logged step, so a non-finite state is never
+        written and a diverged run stops within train.log_every steps of the first bad one.
+        """
+        weights = state.nonfinite_tensors()
+        first = self.first_bad if self.first_bad is not None else torch.zeros(0, dtype=torch.int64)
+        local = torch.cat([first.cpu(), torch.tensor([-1 if weights else 0])])
+        agreed = all_reduce_min(local).tolist()
+        bad_steps, weights_bad = agreed[:-1], agreed[-1] < 0
+        hint = "lower optim.lr or set optim.grad_clip; the last good checkpoint is kept"
+        if any(s != _NONE for s in bad_steps):
+            at = min(s for s in bad_steps if s != _NONE)
+            names = [n for n, s in zip(self.names, bad_steps) if s == at]
+            raise DmhpcError(f"step {at}: loss term{'s' if len(names) > 1 else ''} {', '.join(names)} not "
+                             f"finite (NaN or Inf); training stopped at step {step} without writing it ({hint})")
+        if weights_bad:
+            what = f"{len(weights)} tensors, e.g. {weights[0]}" if weights else "on another rank"
+            raise DmhpcError(f"step {step}: non-finite weights ({what}); training stopped without writing "
+                             f"them ({hint})")
+
+    def summary(self, dist) -> dict:
+        """Loss means over steps and ranks, train metrics per domain, discriminator accuracy."""
+        record: dict = {"loss": {}}
+        if self.sums is not None:
+            means = all_reduce_mean(self.sums.double()) / max(self.steps, 1)
+            record["loss"] = dict(zip(self.names, means.tolist()))
+        for domain, pairs in self.preds.items():
+            labels = torch.cat([y for y, _ in pairs]).cpu().numpy() if pairs else np.zeros(0, np.int64)
+            prob = torch.cat([p for _, p in pairs]).cpu().numpy() if pairs else np.zeros((0, 2), np.float32)
+            parts = all_gather_object((labels, prob))
+            labels = np.concatenate([p[0] for p in parts])
+            prob = np.concatenate([p[1] for p in parts])
+            # Empty when a resume lands on the end of an epoch: nothing left to train in it.
+            record[domain] = {"train": classification_metrics(labels, prob)} if len(labels) else {}
+        if self.domain_logits:
+            correct = total = 0
+            for d in self.domain_logits:  # source first in each batch
+                half = d.shape[0] // 2
+                correct += int((d[:half] > 0).sum()) + int((d[half:] <= 0).sum())
+                total += d.shape[0]
+            parts = all_gather_object((correct, total))
+            record["discriminator_accuracy"] = sum(p[0] for p in parts) / max(sum(p[1] for p in parts), 1)
+        return record

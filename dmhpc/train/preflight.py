@@ -1,0 +1,98 @@
+"""Refuse at start what could only fail later: the trainer's checks before its first step.
+
+Each is a one-line DmhpcError on every rank, naming the key or the data set and the problem:
+
+- the data sets: their manifests, split lists and shards (dmhpc/data/check.py; with
+  data.verify=checksums every shard's SHA-256 too, the shards shared among the ranks);
+- what training needs of them: non-empty validation and test splits (checkpoints are chosen on
+  validation data and the chosen one is tested), at most as many classes as the model has, a
+  source training split with more than one class, source and target images of one shape;
+- the model takes the images: one forward pass of a zero batch of the data's shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dmhpc.data.check import check_part, combine, split_problem
+from dmhpc.data.shards import SPLITS, fingerprint, load_manifest
+from dmhpc.distributed import agree
+from dmhpc.errors import DmhpcError
+from dmhpc.train.objective import NUM_CLASSES
+
+ROLES = ("source", "target")
+
+
+def load_manifests(cfg) -> dict[str, dict]:
+    """{"source": manifest, "target": manifest}, the same on every rank (rank 0 reads them)."""
+    def read():
+        out = {}
+        for role in ROLES:
+            directory = getattr(cfg.data, role)
+            try:
+                out[role] = load_manifest(directory)
+            except DmhpcError as exc:
+                raise DmhpcError(f"data.{role}: {exc}") from None
+        return out
+
+    return agree(read, main_only=True)
+
+
+def data_identity(cfg, manifests: dict) -> dict:
+    """What run.json records of each data set: its path and fingerprint (see RunDir.claim)."""
+    return {role: {"path": str(getattr(cfg.data, role)), "fingerprint": fingerprint(manifests[role])}
+            for role in ROLES}
+
+
+def check_data(cfg, manifests: dict, dist) -> None:
+    """Everything about the two data sets that would otherwise fail mid-run or train on nonsense."""
+    checksums = cfg.data.verify == "checksums"
+    dirs = {role: getattr(cfg.data, role) for role in ROLES}
+    for role in ROLES:
+        if role == "target" and dirs["target"] == dirs["source"]:
+            break  # a target oracle trains on one data set: check it once
+        where, m = f"data.{role} {dirs[role]}", manifests[role]
+        problem = split_problem(m)
+        if problem:
+            raise DmhpcError(f"{where}: manifest.json: {problem}")
+        parts = agree(lambda: check_part(dirs[role], checksums=checksums, rank=dist.rank,
+                                         world_size=dist.world_size, manifest=m), gather=True)
+        problems = combine(m, parts)
+        if problems:
+            raise DmhpcError(f"{where}: {len(problems)} problem{'s' if len(problems) > 1 else ''}: "
+                             f"{'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''} "
+                             f"(`dmhpc verify {dirs[role]}` lists them)")
+    for role in ROLES:
+        where, m = f"data.{role} {dirs[role]}", manifests[role]
+        for split in SPLITS:
+            start, stop = m["rows"][split]
+            if stop == start:
+                why = {"train": "nothing to train on", "val": "checkpoints are chosen on it",
+                       "test": "the chosen checkpoint is tested on it"}[split]
+                raise DmhpcError(f"{where}: the {split} split is empty ({why}); prepare it with "
+                                 f"--fractions giving {split} a share")
+        if m["num_classes"] > NUM_CLASSES:
+            raise DmhpcError(f"{where}: {m['num_classes']} classes; the models here tell {NUM_CLASSES} apart "
+                             f"(merger or not)")
+    present = [k for k, c in manifests["source"]["counts"]["train"].items() if c > 0]
+    if len(present) < 2:
+        raise DmhpcError(f"data.source {dirs['source']}: the training split holds class {present[0] if present else '-'} "
+                         f"only; a classifier needs examples of both classes")
+    if manifests["source"]["shape"] != manifests["target"]["shape"]:
+        raise DmhpcError(f"data.target {dirs['target']}: images {manifests['target']['shape']} differ in shape "
+                         f"from the source's {manifests['source']['shape']}")
+
+
+def check_model_input(cfg, backbone: torch.nn.Module, shape: list[int], device: torch.device) -> None:
+    """One forward pass of two zero images of `shape` in eval mode: no weights, statistics or RNG change."""
+    was_training = backbone.training
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            backbone(torch.zeros((2, *shape), device=device))
+    except RuntimeError as exc:
+        reason = (str(exc).strip().splitlines() or ["shape mismatch"])[0]
+        raise DmhpcError(f"data.source {cfg.data.source}: images {'x'.join(map(str, shape))} do not fit "
+                         f"model.name {cfg.model.name}: {reason}") from None
+    finally:
+        backbone.train(was_training)

@@ -1,0 +1,106 @@
+"""The training state: everything a checkpoint holds, saved and loaded as one thing.
+
+`TrainState` bundles the model's parts (the classifier, and the domain discriminator and Fisher
+centres when configured), the optimizer, the gradient scaler, the progress (epoch, the step
+within it, which is the loader's position, the global step, the best selection score) and every
+rank's RNG states. `state_dict()` / `load_state_dict()` are the only places a checkpoint is put
+together and taken apart. The dict holds plain data only (see dmhpc/train/checkpoint.py):
+
+    model          the classifier's state_dict (no DDP "module." prefix): what `dmhpc eval` loads
+    discriminator, fisher   their state_dicts, when present
+    optimizer, scaler       state_dicts
+    progress       Progress as a dict
+    rng            every rank's RNG states, in rank order
+    epoch, step    copies of the progress, for readers that want only these
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from dmhpc.models import param_groups
+from dmhpc.train.checkpoint import gather_rng_states, restore_rank_rng_state
+from dmhpc.train.objective import DomainAdaptation
+
+
+@dataclass
+class Progress:
+    """Where the run stands."""
+
+    epoch: int = 0            # current epoch
+    step_in_epoch: int = 0    # next step to run within it: the loader's position
+    step: int = 0             # global optimizer steps taken
+    best_score: float = -math.inf
+    evals_since_best: int = 0
+
+
+def _optimizer(o, groups):
+    if o.name == "sgd":
+        return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0,
+                               weight_decay=o.weight_decay)
+    cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+    return cls(groups, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+
+
+class TrainState:
+    """The model (backbone + DA heads), optimizer, grad scaler and progress of one rank."""
+
+    PARTS = ("discriminator", "fisher")  # optional modules of DomainAdaptation, saved when present
+
+    def __init__(self, model: DomainAdaptation, optimizer: torch.optim.Optimizer,
+                 scaler: torch.amp.GradScaler, progress: Progress | None = None):
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.progress = progress or Progress()
+
+    @classmethod
+    def build(cls, cfg, device: torch.device) -> TrainState:
+        """A fresh state as `cfg` says: weights seeded by cfg.seed, heads at optim.head_lr_mult."""
+        model = DomainAdaptation(cfg, seed=cfg.seed).to(device)
+        if cfg.train.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        mult = cfg.optim.head_lr_mult
+        groups = param_groups(model.backbone, discriminator=model.discriminator, fisher=model.fisher,
+                              head_lr_mult=mult, discriminator_lr_mult=mult, fisher_lr_mult=mult)
+        scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+        return cls(model, _optimizer(cfg.optim, groups), scaler)
+
+    def state_dict(self) -> dict:
+        """The checkpoint's content. A collective: every rank calls it (it gathers the RNG states)."""
+        state = {
+            "model": self.model.backbone.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "progress": asdict(self.progress),
+            "rng": gather_rng_states(),
+            "epoch": self.progress.epoch,
+            "step": self.progress.step,
+        }
+        for part in self.PARTS:
+            if getattr(self.model, part) is not None:
+                state[part] = getattr(self.model, part).state_dict()
+        return state
+
+    def load_state_dict(self, state: dict, rank: int) -> None:
+        """Continue from `state`; this rank's RNG states come back when the saved run had this rank."""
+        self.model.backbone.load_state_dict(state["model"])
+        for part in self.PARTS:
+            if getattr(self.model, part) is not None:
+                getattr(self.model, part).load_state_dict(state[part])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        known = {f.name for f in fields(Progress)}  # older checkpoints also kept best_epoch
+        self.progress = Progress(**{k: v for k, v in state["progress"].items() if k in known})
+        restore_rank_rng_state(state["rng"], rank)
+
+    def nonfinite_tensors(self) -> list[str]:
+        """Names of the model's floating-point parameters and buffers holding NaN or Inf.
+
+        One host synchronisation in all (a stacked check), however many tensors there are.
+        """
+        named = [(n, t) for n, t in self.model.state_dict().items() if t.is_floating_point()]
+        if not named or bool(torch.stack([torch.isfinite(t).all() for _, t in named]).all()):
+            return []
+        return [n for n, t in named if not bool(torch.isfinite(t).all())]

@@ -1,0 +1,75 @@
+"""One training step, the one the trainer and every benchmark call.
+
+    step = TrainStep(cfg, state, dist, total_steps=..., steps_per_epoch=...)
+    terms, outputs = step(state.progress.step, (xs, ys, xt, yt))
+
+A step sets each parameter group's learning rate and the gradient-reversal coefficient from the
+global step (pure functions of it, so every rank and a resumed run agree), runs the objective on
+the source and target batch under autocast, and takes one optimizer step through the gradient
+scaler (a no-op unless train.amp is fp16), clipping the gradient norm if asked. It returns the
+loss terms and outputs detached and on the device: nothing here waits for the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from dmhpc.losses import grl_coefficient
+from dmhpc.train.schedule import lr_factor
+
+
+def autocast(amp: str, device: torch.device):
+    """The autocast context of train.amp ("none", "bf16" or "fp16")."""
+    if amp == "none":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+class TrainStep:
+    """The configured optimizer step over one (xs, ys, xt, yt) batch; see the module docstring."""
+
+    def __init__(self, cfg, state, dist, *, total_steps: int, steps_per_epoch: int):
+        self.cfg, self.state = cfg, state
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        model = state.model
+        if dist.world_size > 1:
+            model = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        self.forward = torch.compile(model) if cfg.train.compile else model
+        self.autocast = autocast(cfg.train.amp, dist.device)
+        self._lr = None  # the scale last applied: groups are updated only when it changes
+
+    def lr_scale(self, step: int) -> float:
+        o = self.cfg.optim
+        return lr_factor(step, schedule=o.schedule, total_steps=self.total_steps,
+                         steps_per_epoch=self.steps_per_epoch, lr=o.lr, warmup_steps=o.warmup_steps,
+                         min_lr=o.min_lr, cycle_epochs=o.cycle_epochs, gamma=o.gamma, power=o.power)
+
+    def grl(self, step: int) -> float:
+        g = self.cfg.loss.grl
+        return grl_coefficient(step, self.total_steps, schedule=g.schedule, alpha=g.alpha, high=g.high)
+
+    def __call__(self, step: int, batch) -> tuple[dict, dict]:
+        """Optimizer step number `step` (0-based, global) on `batch`; returns (terms, outputs)."""
+        xs, ys, xt, _ = batch
+        state, cfg = self.state, self.cfg
+        scale = self.lr_scale(step)
+        if scale != self._lr:
+            for group in state.optimizer.param_groups:
+                group["lr"] = cfg.optim.lr * group["lr_mult"] * scale
+            self._lr = scale
+        if cfg.train.channels_last:
+            xs = xs.contiguous(memory_format=torch.channels_last)
+            xt = xt.contiguous(memory_format=torch.channels_last)
+        with self.autocast:
+            loss, terms, outputs = self.forward(xs, ys, xt, self.grl(step))
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(loss).backward()
+        if cfg.optim.grad_clip:
+            state.scaler.unscale_(state.optimizer)
+            torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.optim.grad_clip)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        return terms, outputs

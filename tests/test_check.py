@@ -1,0 +1,168 @@
+"""What `dmhpc verify` and the trainer check of a data set: manifest fields, split lists, shard
+structure, labels, objects and checksums. Every damaged data set is a real file edited as a user
+or a failing disk would; each problem is one line naming the file or field."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from dmhpc.cli import main
+from dmhpc.data.check import verify_dataset
+from dmhpc.data.shards import MANIFEST, file_sha256, load_manifest, shard_name, write_dataset
+from dmhpc.errors import DmhpcError
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    rng = np.random.default_rng(0)
+    n = 60
+    images = rng.normal(1.0, 2.0, size=(n, 3, 6, 6)).astype(np.float32)
+    labels = np.arange(n) % 2
+    objects = rng.permutation(np.arange(n) // 3) + 1000  # three images per object
+    write_dataset(images, labels, objects, tmp_path / "ds", shard_size=16, seed=3)
+    return tmp_path / "ds"
+
+
+def edit_manifest(directory, **changes):
+    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest.update(changes)
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+    return manifest
+
+
+def reseal(directory, number):
+    """Record a shard's new checksum in the manifest, as a tool that rewrote the shard would."""
+    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest["shards"][number]["sha256"] = file_sha256(directory / shard_name(number))
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+
+
+def test_a_good_data_set_passes_every_level(dataset, capsys):
+    assert verify_dataset(dataset) == [] and verify_dataset(dataset, checksums=False) == []
+    assert main(["verify", str(dataset)]) == 0
+    assert "4 shards, 60 rows, structure and checksums OK" in capsys.readouterr().out
+
+
+def test_flipped_signs_are_a_checksum_mismatch_only(dataset, capsys):
+    with h5py.File(dataset / shard_name(1), "r+") as f:  # a valid HDF5 file, valid structure
+        f["images"][:5] = -f["images"][:5]
+    assert verify_dataset(dataset) == ["shard-00001.h5 checksum mismatch"]
+    assert verify_dataset(dataset, checksums=False) == []  # what data.verify=structure skips
+    (dataset / shard_name(3)).unlink()
+    assert main(["verify", str(dataset)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "2 problems: shard-00001.h5 checksum mismatch; shard-00003.h5 missing" in err
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda s: s["val"].__setitem__(0, 60), "splits['val']: index 60 outside [0, 60)"),
+    (lambda s: s["test"].__setitem__(0, -1), "splits['test']: index -1 outside [0, 60)"),
+    (lambda s: s["train"].__setitem__(1, s["train"][0]), "appears twice"),
+    (lambda s: s["val"].__setitem__(0, s["train"][0]), "is in both train and val"),
+])
+def test_split_lists_must_partition_the_rows(dataset, edit, problem):
+    manifest = load_manifest(dataset)
+    edit(manifest["splits"])
+    edit_manifest(dataset, splits=manifest["splits"])
+    assert problem in verify_dataset(dataset)[0]
+
+
+def test_rows_must_hold_what_the_split_lists_say(dataset):
+    manifest = load_manifest(dataset)
+    splits = manifest["splits"]
+    splits["train"][0], splits["val"][0] = splits["val"][0], splits["train"][0]  # a val image trained on
+    edit_manifest(dataset, splits=splits)
+    problems = verify_dataset(dataset)
+    assert problems[0].startswith("shard-00000.h5: row 0 holds input") and "split lists say" in problems[0]
+    assert len(problems) == 2  # and the val row, in another shard
+
+
+def test_an_object_in_two_splits_is_refused(dataset):
+    with h5py.File(dataset / shard_name(3), "r+") as f:  # the test rows: give one the id of a training object
+        train_object = int(h5py.File(dataset / shard_name(0), "r")["objects"][0])
+        f["objects"][-1] = train_object
+    reseal(dataset, 3)
+    (problem,) = verify_dataset(dataset)
+    assert "1 objects are in both the train and test splits" in problem and str(train_object) in problem
+
+
+@pytest.mark.parametrize("replace, problem", [
+    (lambda f, n: f.create_dataset("images", data=np.zeros((n, 1, 6, 6), np.float32)), "images float32 (16, 1, 6, 6), manifest says float32 (16, 3, 6, 6)"),
+    (lambda f, n: f.create_dataset("images", data=np.zeros((n, 3, 6, 6), np.float64)), "images float64"),
+    (lambda f, n: None, "has no dataset 'images'"),
+])
+def test_a_shard_replaced_by_another_hdf5_file(dataset, replace, problem):
+    path = dataset / shard_name(2)
+    with h5py.File(path, "r") as old:
+        columns = {k: old[k][()] for k in ("labels", "objects", "index")}
+    path.unlink()
+    with h5py.File(path, "w") as f:
+        replace(f, 16)
+        for key, values in columns.items():
+            f.create_dataset(key, data=values)
+    reseal(dataset, 2)
+    (found,) = verify_dataset(dataset)
+    assert found.startswith("shard-00002.h5") and problem in found
+
+
+def test_labels_outside_the_classes_and_a_shard_that_is_not_hdf5(dataset):
+    with h5py.File(dataset / shard_name(0), "r+") as f:
+        f["labels"][3] = 7
+    reseal(dataset, 0)
+    assert verify_dataset(dataset) == ["shard-00000.h5: label 7 at row 3 is outside the 2 classes"]
+    (dataset / shard_name(1)).write_bytes(b"not hdf5" * 100)
+    reseal(dataset, 1)
+    assert "shard-00001.h5 is not a readable HDF5 file" in verify_dataset(dataset)[1]
+
+
+def test_label_counts_must_match_the_manifest(dataset):
+    with h5py.File(dataset / shard_name(0), "r+") as f:
+        f["labels"][0] = 1 - f["labels"][0]
+    reseal(dataset, 0)
+    (problem,) = verify_dataset(dataset)
+    assert problem.startswith("train split holds") and "the manifest says" in problem
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("count", "60", "key 'count': expected an integer"),
+    ("count", 0, "count 0: expected at least 1"),
+    ("shape", ["3", 6, 6], "shape ['3', 6, 6]: expected [C, H, W]"),
+    ("num_classes", 1.5, "key 'num_classes': expected an integer"),
+    ("dtype", "int8", "dtype 'int8'"),
+    ("stats", {"mean": ["a", 1, 1], "std": [1, 1, 1]}, "stats.mean: expected 3 numbers"),
+    ("splits", None, "key 'splits': expected a dict"),
+    ("counts", {"train": [], "val": {}, "test": {}}, "counts['train']: expected a mapping"),
+])
+def test_hand_edited_manifest_fields_are_one_line_errors(dataset, field, value, problem):
+    edit_manifest(dataset, **{field: value})
+    with pytest.raises(DmhpcError) as info:
+        load_manifest(dataset)
+    assert problem in str(info.value) and "\n" not in str(info.value) and MANIFEST in str(info.value)
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("file", "../../etc/passwd", "expected a shard file name"),
+    ("sha256", 12, "sha256: expected 64 hexadecimal digits"),
+    ("count", "16", "do not follow on"),
+])
+def test_hand_edited_shard_records(dataset, key, value, problem):
+    manifest = load_manifest(dataset)
+    manifest["shards"][0][key] = value
+    edit_manifest(dataset, shards=manifest["shards"])
+    with pytest.raises(DmhpcError, match="shards\\[0\\]"):
+        load_manifest(dataset)
+    with pytest.raises(DmhpcError) as info:
+        load_manifest(dataset)
+    assert problem in str(info.value)
+
+
+def test_splits_of_strings(dataset):
+    manifest = load_manifest(dataset)
+    manifest["splits"]["train"][0] = "7"
+    edit_manifest(dataset, splits=manifest["splits"])
+    with pytest.raises(DmhpcError, match=r"splits\['train'\]: expected integers"):
+        load_manifest(dataset)
