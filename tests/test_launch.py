@@ -527,3 +527,21 @@ def test_scaling_study_problems_are_all_reported(tmp_path):
                                          r"over 3 GPUs"):
         load_study({"base": str(TINY), "out": str(tmp_path), "executor": "local", "models": ["resnet18"],
                     "nodes": [1], "gpus_per_node": [1, 3], "strong": {"global_batch": 8}})
+
+
+@pytest.mark.parametrize("place, value", [
+    ("slurm", {"partition": "gpu\n#SBATCH --account=someone-else"}),
+    ("slurm", {"setup": ["module load cuda", "echo hi\rrm -rf ~"]}),
+    ("slurm", {"additional_parameters": {"comment": "a\tb"}}),
+    ("out", "runs/x\ny"),
+])
+def test_control_characters_in_launch_strings_are_refused(tmp_path, place, value):
+    """They used to reach the generated batch script as lines of their own."""
+    spec = {"base": str(TINY), "out": str(tmp_path), "executor": "slurm", "grid": {"seed": [0]}, place: value}
+    with pytest.raises(DmhpcError, match=r"<launch dict>: .*holds a control character") as info:
+        load_grid(spec)
+    assert place in str(info.value)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(DmhpcError, match=rf"{path}: .*holds a control character"):
+        load_grid(path)

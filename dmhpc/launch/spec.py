@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -163,11 +164,42 @@ def dotted_keys(problems: Problems, data: Any, where: str, reserved: Mapping[str
 
 
 def read_launch_file(spec: str | os.PathLike | Mapping) -> tuple[dict, str, Path]:
-    """(data, source for messages, directory that relative `base` paths start from)."""
+    """(data, source for messages, directory that relative `base` paths start from).
+
+    A string holding a newline or another control character is refused wherever it is in the file:
+    values end up in generated batch scripts (`#SBATCH --partition=...`, setup lines), where a
+    newline would become a line of its own.
+    """
     if isinstance(spec, Mapping):
-        return dict(spec), "<launch dict>", Path.cwd()
-    path = Path(spec)
-    return read_yaml(path), str(path), path.parent
+        data, source, here = dict(spec), "<launch dict>", Path.cwd()
+    else:
+        path = Path(spec)
+        data, source, here = read_yaml(path), str(path), path.parent
+    problems = Problems(source)
+    for where, value in _strings(data):
+        if _CONTROL.search(value):
+            problems.add(where or None, f"{show(value)} holds a control character (a newline, tab, ...); "
+                                        f"launch values go into batch scripts line by line")
+    problems.raise_if_any()
+    return data, source, here
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _strings(value: Any, where: str = ""):
+    """(dotted place, string) for every key and value that is a string, at any depth."""
+    if isinstance(value, str):
+        yield where, value
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            place = f"{where}.{key}" if where else str(key)
+            if isinstance(key, str):
+                yield (where or "the file"), key
+            yield from _strings(item, place)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from _strings(item, f"{where}[{i}]")
 
 
 # --- points ----------------------------------------------------------------------------------------

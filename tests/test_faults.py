@@ -1,0 +1,286 @@
+"""The trainer under faults, end to end: shared and reused run directories, kills, torn logs,
+changed configurations, divergence, damaged or unusable data, full disks, and stop signals sent to
+every process of the job. Real data sets, real processes, real signals, a real (tmpfs) full disk.
+
+Each case ends as correct behaviour or as one line on stderr naming the file, key or step, a
+non-zero exit, and nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from dmhpc.data.shards import shard_name, write_dataset
+from dmhpc.run import RunDir
+from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def data(make_domains):
+    return make_domains(64)  # 45 training rows: 2 steps of 16 per epoch
+
+
+def env() -> dict:
+    out = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out["OMP_NUM_THREADS"] = "1"
+    return out
+
+
+def train_args(data, run, *extra, source=None, target=None):
+    return ["--config", str(TINY), f"data.source={source or data / 'pristine'}",
+            f"data.target={target or data / 'noisy'}", f"run.dir={run}", *extra]
+
+
+def train(data, run, *extra, timeout=300, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dmhpc.train", *train_args(data, run, *extra, **kw)], cwd=ROOT,
+                          env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def start(data, run, *extra, log, **popen) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dmhpc.train", *train_args(data, run, *extra)], cwd=ROOT,
+                            env=env(), stdout=log, stderr=subprocess.STDOUT, **popen)
+
+
+def wait_for_steps(run: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if RunDir(run).log_path.exists() and sum(r.get("kind") == "step" for r in RunDir(run).read_log()) >= n:
+            return
+        assert proc.poll() is None, f"trainer ended early with {proc.returncode}"
+        time.sleep(0.05)
+    raise AssertionError("trainer made no progress")
+
+
+def one_line_error(proc, *parts) -> str:
+    err = proc.stderr.strip()
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(err.splitlines()) == 1 and err.startswith("dmhpc train: error: "), err[-3000:]
+    for part in parts:
+        assert part in err, err
+    return err
+
+
+# --- the run directory --------------------------------------------------------------------------
+
+def test_a_second_trainer_is_refused_and_a_killed_ones_run_resumes(data, tmp_path):
+    """Both used to exit 0 with interleaved epochs and best.pt and last.pt from different seeds."""
+    run = tmp_path / "run"
+    with open(tmp_path / "a.log", "w") as log:
+        first = start(data, run, "train.epochs=40", "train.log_every=1", log=log)
+        try:
+            wait_for_steps(run, 2, first)
+            second = train(data, run, "train.epochs=40", "seed=7")
+            one_line_error(second, f"run.dir {run}: in use by another trainer (pid {first.pid} on ")
+            assert first.poll() is None  # the first goes on, untouched
+            wait_for_steps(run, 4, first)
+        finally:
+            first.kill()  # SIGKILL: no handler runs, the lock file stays, the kernel drops the lock
+            first.wait()
+    # What a killed job leaves at worst: a torn last log line and a half-written checkpoint.
+    with RunDir(run).log_path.open("a") as f:
+        f.write('{"kind": "step", "step": 99, "loss": {"tot')
+    orphan = RunDir(run).checkpoint_dir / ".last.pt.x1y2z3w4.tmp"
+    orphan.write_bytes(b"\0" * 100_000)
+    resumed = train(data, run, "train.epochs=6", "train.log_every=1")  # a requeue may shorten the run
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and not orphan.exists()
+    records = RunDir(run).read_log()
+    setups = [r for r in records if r["kind"] == "setup"]
+    assert setups[-1]["orphans_removed"] == 1 and setups[-1]["changed"] == {"train.epochs": [40, 6]}
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == list(range(6))  # no epoch twice
+    steps = [r["step"] for r in records if r["kind"] == "step"]
+    assert steps == sorted(set(steps)) == list(range(1, 13))
+
+
+def test_a_changed_configuration_is_refused_before_anything_is_written(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert train(data, run, "train.epochs=1").returncode == 0
+    def files():  # all but the lock, whose holder note each start rewrites
+        return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    before = files()
+    for change, part in (("model.name=deepmerge", 'model.name "deepmerge2" -> "deepmerge"'),
+                         ("train.batch_size=8", "train.batch_size 16 -> 8"), ("seed=3", "seed 1 -> 3"),
+                         ("train.amp=bf16", 'train.amp "none" -> "bf16"')):
+        one_line_error(train(data, run, "train.epochs=2", change), f"{run / 'config.yaml'}: the run was trained "
+                       f"with another configuration: {part}")
+    assert files() == before
+    from dmhpc.cli import main
+
+    assert main(["eval", "--run", str(run)]) == 0  # the run is still whole
+
+
+def test_resume_none_on_an_existing_run_needs_overwrite(data, tmp_path):
+    run = tmp_path / "run"
+    assert train(data, run, "train.epochs=1").returncode == 0
+    one_line_error(train(data, run, "train.epochs=1", "--resume", "none"), "already holds a run")
+    replaced = train(data, run, "train.epochs=1", "seed=4", "--resume", "none", "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert RunDir(run).config().seed == 4
+
+
+def test_run_dir_that_is_not_a_run(data, tmp_path):
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("chapters: 5\n")
+    one_line_error(train(data, mine, "train.epochs=1"), "thesis is not a dmhpc run")
+    assert os.listdir(mine) == ["config.yaml"] and (mine / "config.yaml").read_text() == "chapters: 5\n"
+
+
+# --- divergence -----------------------------------------------------------------------------------
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(data, tmp_path):
+    """SGD at lr 100 used to write 174,421 non-finite weights into last.pt, then crash in scikit-learn."""
+    run = tmp_path / "run"
+    args = ("optim.name=sgd", "optim.lr=100", "train.checkpoint_every=1", "train.epochs=5")
+    err = one_line_error(train(data, run, *args), "error: step ")
+    assert "non-finite weights" in err or "not finite (NaN or Inf)" in err
+    assert "the last good checkpoint is kept" in err
+    last = load_checkpoint(RunDir(run).checkpoint("last"))
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+    assert not list(RunDir(run).checkpoint_dir.glob(".*.tmp"))
+    again = train(data, run, *args)  # a resume meets the same divergence, and says so the same way
+    assert one_line_error(again).split(": error: ")[1] == err.split(": error: ")[1]
+
+
+def test_a_nonfinite_loss_term_is_named_with_its_step():
+    from dmhpc.distributed import DistInfo
+    from dmhpc.errors import DmhpcError
+    from dmhpc.train.meter import EpochMeter
+
+    class State:
+        def nonfinite_tensors(self):
+            return []
+
+    meter = EpochMeter(torch.device("cpu"))
+    logits = torch.zeros(4, 2)
+    y = torch.zeros(2, dtype=torch.long)
+    for step, transfer in ((1, 0.5), (2, float("nan")), (3, float("inf"))):
+        terms = {"classifier": torch.tensor(0.7), "transfer": torch.tensor(transfer), "total": torch.tensor(transfer)}
+        meter.add(step, terms, {"logits": logits}, y, y)
+    dist = DistInfo(0, 0, 1, torch.device("cpu"), None)
+    with pytest.raises(DmhpcError, match=r"^step 2: loss terms total, transfer not finite \(NaN or Inf\); "
+                                         r"training stopped at step 3 without writing it"):
+        meter.check_finite(State(), dist, 3)
+
+
+# --- data the trainer can trust ----------------------------------------------------------------
+
+def copy_dataset(src: Path, dst: Path) -> Path:
+    dst.mkdir(parents=True)
+    for p in src.iterdir():
+        (dst / p.name).write_bytes(p.read_bytes())
+    return dst
+
+
+def test_a_damaged_shard_is_refused_unless_checksums_are_skipped(data, tmp_path):
+    """100,000 sign-flipped floats in a shard used to train silently."""
+    damaged = copy_dataset(data / "pristine", tmp_path / "pristine")
+    with h5py.File(damaged / shard_name(0), "r+") as f:
+        f["images"][:8] = -f["images"][:8]  # 8 x 3 x 75 x 75 = 135,000 floats
+    run = tmp_path / "run"
+    one_line_error(train(data, run, "train.epochs=1", source=damaged),
+                   f"data.source {damaged}: 1 problem: shard-00000.h5 checksum mismatch", "dmhpc verify")
+    assert not run.exists()  # refused before anything was written
+    ok = train(data, run, "train.epochs=1", "data.verify=structure", source=damaged)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+def test_manifest_split_lists_are_checked(data, tmp_path):
+    edited = copy_dataset(data / "noisy", tmp_path / "noisy")
+    manifest = json.loads((edited / "manifest.json").read_text())
+    manifest["splits"]["val"][0] = manifest["splits"]["train"][0]  # a training image also validated on
+    (edited / "manifest.json").write_text(json.dumps(manifest))
+    one_line_error(train(data, tmp_path / "run", "train.epochs=1", target=edited),
+                   f"data.target {edited}: manifest.json: splits: index", "is in both train and val")
+
+
+def write(root: Path, name: str, images, labels, **kw) -> Path:
+    write_dataset(images.astype(np.float32), labels, None, root / name, shard_size=64, **kw)
+    return root / name
+
+
+@pytest.mark.parametrize("case", ["empty val", "empty test", "16x16", "3 classes", "one class"])
+def test_what_would_fail_later_is_refused_at_start(data, tmp_path, case):
+    rng = np.random.default_rng(0)
+    n = 64
+    images, labels = rng.normal(size=(n, 3, 75, 75)), np.arange(n) % 2
+    if case == "empty val":
+        src = write(tmp_path, "d", images, labels, fractions=(0.8, 0.0, 0.2))
+        expected = "the val split is empty (checkpoints are chosen on it)"
+    elif case == "empty test":
+        src = write(tmp_path, "d", images, labels, fractions=(0.8, 0.2, 0.0))
+        expected = "the test split is empty"
+    elif case == "16x16":
+        src = write(tmp_path, "d", rng.normal(size=(n, 3, 16, 16)), labels)
+        expected = "images 3x16x16 do not fit model.name deepmerge2"
+    elif case == "3 classes":
+        src = write(tmp_path, "d", images, np.arange(n) % 3, num_classes=3)
+        expected = "3 classes; the models here tell 2 apart"
+    else:
+        src = write(tmp_path, "d", images, np.zeros(n, int))
+        expected = "the training split holds class 0 only"
+    run = tmp_path / "run"
+    target = src if case == "16x16" else None
+    one_line_error(train(data, run, "train.epochs=1", source=src, target=target), expected)
+    assert not run.exists()
+
+
+def test_a_seed_beyond_numpy_is_a_config_error(data, tmp_path):
+    one_line_error(train(data, tmp_path / "run", "seed=4294967296"),
+                   "command line: seed: expected an integer from 0 to 4294967295, got 4294967296")
+
+
+# --- a full disk ----------------------------------------------------------------------------------
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_the_last_checkpoint_survives(data, small_disk):
+    run = small_disk(5) / "run"  # checkpoints of the tiny model are 2.2 MB: a third (the temporary file) does not fit
+    proc = train(data, run, "train.epochs=4")
+    err = one_line_error(proc, "cannot write: No space left on device")
+    assert "; nothing written" in err
+    assert load_checkpoint(RunDir(run).checkpoint("last"))["step"] == 2  # epoch 0's, whole
+    assert not [p for p in run.rglob(".*.tmp")]
+
+
+# --- preemption: every stop signal, to the trainer or to its whole process group ------------------
+
+@pytest.mark.parametrize("loader, signame, target", [
+    *[(loader, sig, "group") for loader in ("torch", "dali", "gpu-resident") for sig in ("SIGTERM", "SIGUSR1", "SIGUSR2")],
+    *[(loader, "SIGTERM", "main") for loader in ("torch", "dali", "gpu-resident")],
+])
+def test_every_stop_signal_checkpoints_and_requeues(data, tmp_path, loader, signame, target):
+    """SIGTERM to the group used to kill the torch loader's workers: 'DataLoader worker exited
+    unexpectedly', no checkpoint."""
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    run = tmp_path / "run"
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = start(data, run, "train.epochs=200", "train.log_every=1", f"data.loader={loader}",
+                     "data.num_workers=2", log=log, start_new_session=True)
+        try:
+            wait_for_steps(run, 2, proc)
+            sig = getattr(signal, signame)
+            os.killpg(proc.pid, sig) if target == "group" else os.kill(proc.pid, sig)
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    output = (tmp_path / "log.txt").read_text()
+    assert code == REQUEUE_EXIT_CODE, output[-3000:]
+    assert f"{signame}: checkpoint written at step" in output
+    assert load_checkpoint(RunDir(run).checkpoint("last"))["step"] >= 2

@@ -1,0 +1,277 @@
+"""The run directory (dmhpc/run.py) and atomic writes (dmhpc/files.py): who may use a directory,
+what may change on resume, the lock, the log, results per evaluation. Real files, real processes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from dmhpc.config import Config, load_config, save_config
+from dmhpc.errors import DmhpcError
+from dmhpc.files import atomic_write, is_temporary, remove_orphans
+from dmhpc.run import RunDir, evaluation_tag
+from dmhpc.train.checkpoint import save_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cfg_for(run_dir, **train) -> Config:
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"run.dir={run_dir}"])
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train)) if train else cfg
+
+
+def started(tmp_path, name="run", checkpoint=True, **train) -> tuple[RunDir, Config]:
+    """A run directory as a trainer leaves it: config.yaml, run.json, a log, maybe last.pt."""
+    run = RunDir(tmp_path / name)
+    cfg = cfg_for(run.path, **train)
+    claim = run.claim(cfg, "auto")
+    run.start(cfg, claim, {"source": {"path": "s", "fingerprint": "S"}, "target": {"path": "t", "fingerprint": "T"}}, 0)
+    run.release()
+    if checkpoint:
+        save_checkpoint(run.checkpoint("last"), {"step": 3})
+    return run, cfg
+
+
+# --- atomic writes --------------------------------------------------------------------------------
+
+def test_atomic_write_leaves_the_old_file_on_any_failure(tmp_path):
+    path = tmp_path / "out.json"
+    atomic_write(path, "old")
+
+    def broken(f):
+        f.write(b"half")
+        raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, writer=broken)
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["out.json"]
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # readable like any file, not 0600
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_orphans_of_killed_writes_are_recognised_and_removed(tmp_path):
+    (tmp_path / ".last.pt.k2j4_9ab.tmp").write_bytes(b"x" * 1000)
+    (tmp_path / "notes.tmp").write_text("not ours")
+    (tmp_path / "last.pt").write_text("keep")
+    assert is_temporary(".last.pt.k2j4_9ab.tmp") and not is_temporary("notes.tmp")
+    assert remove_orphans(tmp_path) == (1, 1000)
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "notes.tmp"]
+
+
+def test_a_full_disk_is_one_line(small_disk):
+    disk = small_disk(1)
+    with pytest.raises(DmhpcError) as info:
+        atomic_write(disk / "big.bin", b"x" * (2 << 20))
+    assert str(info.value) == (f"{disk / 'big.bin'}: cannot write: No space left on device (disk full or over "
+                               f"quota); nothing written")
+    assert os.listdir(disk) == []
+
+
+# --- who owns a directory -------------------------------------------------------------------------
+
+def test_a_directory_that_is_not_a_run_is_refused_and_left_alone(tmp_path):
+    foreign = tmp_path / "analysis"
+    foreign.mkdir()
+    (foreign / "config.yaml").write_text("learning_rate: 3\n")  # somebody else's config
+    with pytest.raises(DmhpcError, match=r"analysis is not a dmhpc run: .*config.yaml: learning_rate: unknown key"):
+        RunDir(foreign).claim(cfg_for(foreign), "auto")
+    assert sorted(os.listdir(foreign)) == ["config.yaml"]  # no lock, no checkpoints/, nothing rewritten
+    assert (foreign / "config.yaml").read_text() == "learning_rate: 3\n"
+    with pytest.raises(DmhpcError, match=r"run.dir /: exists and is not a dmhpc run \(it holds"):
+        RunDir("/").claim(cfg_for("/"), "auto")
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(DmhpcError, match="exists and is not a directory"):
+        RunDir(afile).claim(cfg_for(afile), "auto")
+
+
+def test_an_empty_directory_is_taken_and_a_new_one_made_and_cleaned_if_unused(tmp_path):
+    (tmp_path / "empty").mkdir()
+    run = RunDir(tmp_path / "empty")
+    assert run.claim(cfg_for(run.path), "auto").resume_from is None
+    run.release()
+    fresh = RunDir(tmp_path / "a" / "b")
+    fresh.claim(cfg_for(fresh.path), "auto")
+    assert (fresh.path / ".lock").exists()
+    fresh.release()  # a start-up check failed before anything was written: no directory left behind
+    assert not fresh.path.exists() and (tmp_path / "empty").is_dir()
+
+
+def test_resume_none_on_an_existing_run_needs_overwrite(tmp_path):
+    run, cfg = started(tmp_path)
+    run.write_result({"split": "test"}, "best", "test")
+    with pytest.raises(DmhpcError, match=r"already holds a run; --resume auto continues it, --resume none "
+                                         r"--overwrite replaces it"):
+        run.claim(cfg, "none")
+    run.release()
+    claim = run.claim(cfg, "none", overwrite=True)
+    run.start(cfg, claim, {}, 0)
+    run.release()
+    assert not run.checkpoint("last").exists() and run.read_result() is None and run.read_log() == []
+
+
+def test_auto_without_last_but_with_results_is_refused(tmp_path):
+    run, cfg = started(tmp_path, checkpoint=False)
+    save_checkpoint(run.checkpoint("best"), {"step": 3})
+    with pytest.raises(DmhpcError, match="holds results .* but no last.pt to resume from"):
+        run.claim(cfg, "auto")
+
+
+# --- what may change on resume --------------------------------------------------------------------
+
+def test_a_changed_configuration_is_refused_naming_keys_and_values(tmp_path):
+    run, cfg = started(tmp_path)
+    before = run.config_path.read_bytes()
+    new = dataclasses.replace(cfg, seed=5, train=dataclasses.replace(cfg.train, batch_size=8),
+                              data=dataclasses.replace(cfg.data, source="/elsewhere"))
+    with pytest.raises(DmhpcError) as info:
+        run.claim(new, "auto")
+    message = str(info.value)
+    assert message.startswith(f"{run.config_path}: the run was trained with another configuration: ")
+    for part in ('data.source "data/embedded/shards/pristine" -> "/elsewhere"', "seed 1 -> 5",
+                 "train.batch_size 16 -> 8"):
+        assert part in message
+    assert "\n" not in message and run.config_path.read_bytes() == before
+
+
+@pytest.mark.parametrize("key, value", [("model.name", "resnet18"), ("loss.transfer", "coral"),
+                                        ("optim.name", "sgd"), ("train.amp", "bf16"), ("data.normalize", "source")])
+def test_what_is_trained_may_not_change(tmp_path, key, value):
+    run, cfg = started(tmp_path)
+    section, name = key.split(".")
+    new = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section), **{name: value})})
+    with pytest.raises(DmhpcError, match=f"{key.replace('.', '[.]')} "):
+        run.claim(new, "auto")
+
+
+def test_length_cadence_loader_and_location_may_change_and_are_reported(tmp_path):
+    run, cfg = started(tmp_path)
+    new = dataclasses.replace(
+        cfg, train=dataclasses.replace(cfg.train, epochs=9, log_every=1, checkpoint_every=5, early_stopping=3),
+        data=dataclasses.replace(cfg.data, loader="torch", num_workers=4, verify="structure"),
+        run=dataclasses.replace(cfg.run, dir="/moved/here"))
+    claim = run.claim(new, "auto")
+    assert claim.resume_from == run.checkpoint("last")
+    assert claim.changed == {"train.epochs": [2, 9], "train.log_every": [5, 1], "train.checkpoint_every": [0, 5],
+                             "train.early_stopping": [0, 3], "data.loader": ["auto", "torch"],
+                             "data.num_workers": [0, 4], "data.verify": ["checksums", "structure"],
+                             "run.dir": [str(run.path), "/moved/here"]}
+
+
+def test_a_moved_data_set_is_accepted_only_when_it_is_the_same_data(tmp_path):
+    run, cfg = started(tmp_path)
+    moved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="/scratch/pristine"))
+    claim = run.claim(moved, "auto", data_ids={"data.source": "S", "data.target": "T"})
+    assert claim.changed == {"data.source": ["data/embedded/shards/pristine", "/scratch/pristine"]}
+    run.release()
+    with pytest.raises(DmhpcError, match="data.source"):
+        run.claim(moved, "auto", data_ids={"data.source": "other data", "data.target": "T"})
+
+
+def test_resume_from_another_checkpoint_compares_with_its_own_config(tmp_path):
+    run, cfg = started(tmp_path)
+    elsewhere = tmp_path / "pretrained.pt"
+    from dmhpc.config import config_to_dict
+
+    save_checkpoint(elsewhere, {"config": config_to_dict(dataclasses.replace(cfg, seed=9))})
+    with pytest.raises(DmhpcError, match=rf"{elsewhere}: the run was trained with another configuration: seed 9 -> 1"):
+        run.claim(cfg, str(elsewhere))
+    run.release()
+    with pytest.raises(DmhpcError, match="--resume .*missing.pt: checkpoint not found"):
+        run.claim(cfg, str(tmp_path / "missing.pt"))
+
+
+# --- the lock -------------------------------------------------------------------------------------
+
+HOLDER = textwrap.dedent("""
+    import sys, time
+    from dmhpc.config import load_config
+    from dmhpc.run import RunDir
+    run = RunDir(sys.argv[1])
+    run.claim(load_config(sys.argv[2], [f"run.dir={sys.argv[1]}"]), "auto")
+    print("claimed", flush=True)
+    time.sleep(600)
+""")
+
+
+def test_a_second_trainer_is_refused_and_a_dead_ones_lock_does_not_block(tmp_path):
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    run = RunDir(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, str(script), str(run.path), str(ROOT / "configs" / "tiny.yaml")],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "claimed"
+        with pytest.raises(DmhpcError, match=rf"run.dir {run.path}: in use by another trainer \(pid {proc.pid} on "):
+            run.claim(cfg_for(run.path), "auto")
+    finally:
+        proc.send_signal(signal.SIGKILL)  # as a node failure or an OOM kill would
+        proc.wait()
+        proc.stdout.close()
+    run.claim(cfg_for(run.path), "auto")  # the kernel dropped the dead process's lock
+    run.release()
+
+
+# --- the log and the results ----------------------------------------------------------------------
+
+def test_a_torn_last_line_is_dropped_and_a_bad_middle_line_is_named(tmp_path):
+    run = RunDir(tmp_path)
+    for step in (1, 2, 3):
+        run.append_log({"kind": "step", "step": step})
+    with run.log_path.open("a") as f:
+        f.write('{"kind": "step", "st')  # a kill mid-append
+    assert [r["step"] for r in run.read_log()] == [1, 2, 3]
+    assert run.truncate_log(2) == 1
+    assert run.log_path.read_text() == '{"kind": "step", "step": 1}\n{"kind": "step", "step": 2}\n'
+    run.log_path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
+    with pytest.raises(DmhpcError, match="metrics.jsonl: line 2 is not a JSON record"):
+        run.read_log()
+
+
+def test_each_evaluation_has_its_own_file(tmp_path):
+    run = RunDir(tmp_path)
+    run.write_result({"split": "test", "who": 1}, "best", "test")
+    run.write_result({"split": "val", "who": 2}, "best", "val")
+    run.write_result({"split": "test", "who": 3}, "last", "test")
+    run.write_result({"split": "test", "who": 4}, "best", "test", data="survey/DR10 cutouts")
+    assert [run.read_result(*key)["who"] for key in (("best", "test"), ("best", "val"), ("last", "test"))] == [1, 2, 3]
+    assert run.read_result("best", "test", "survey/DR10 cutouts")["who"] == 4
+    assert evaluation_tag("best", "test", "survey/DR10 cutouts") == "best_test_on-survey_DR10_cutouts"
+    assert run.finished
+
+
+def test_a_result_of_older_dmhpc_counts_only_for_what_it_holds(tmp_path):
+    run = RunDir(tmp_path)
+    (tmp_path / "eval").mkdir()
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps({"split": "val", "checkpoint": {"name": "best"}}))
+    assert run.read_result("best", "test") is None and not run.finished  # validation numbers are not test numbers
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps({"split": "test", "checkpoint": {"name": "best"}}))
+    assert run.read_result("best", "test")["split"] == "test" and run.finished
+
+
+def test_start_removes_orphans_and_writes_the_identity(tmp_path):
+    run, cfg = started(tmp_path)
+    orphan = run.checkpoint_dir / ".last.pt.ab12cd34.tmp"
+    orphan.write_bytes(b"x" * 4096)
+    (run.path / ".config.yaml.zz99yy88.tmp").write_text("half")
+    claim = run.claim(cfg, "auto")
+    cleaned = run.start(cfg, claim, {"source": {"path": "s", "fingerprint": "S"}}, 3)
+    run.release()
+    assert cleaned["orphans_removed"] == 2 and cleaned["orphan_bytes"] == 4100
+    assert not orphan.exists() and run.checkpoint("last").exists()
+    record = json.loads(run.record_path.read_text())
+    assert record["format"] == "dmhpc-run" and record["data"]["source"]["fingerprint"] == "S"
