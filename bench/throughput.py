@@ -3,18 +3,16 @@
     python bench/throughput.py                                   # on a GPU: the full grid
     python bench/throughput.py --device cpu --models deepmerge2 --batches 16 --loaders gpu-resident --steps 3
 
-Each row builds the trainer's loader (`dmhpc.data.loaders.make_train_loader`) and objective
-(`DomainAdaptation`, MMD + Fisher + entropy as configs/deepmerge-mmd-fisher-entropy.yaml, or DANN
-for ResNets as configs/resnet18-dann.yaml) and times optimizer steps after a warm-up, with the
-device synchronised. Images/s counts source and target images. The data are random 3x75x75 images
+Each row builds the trainer's own parts from the shipped config (MMD + Fisher + entropy as
+configs/deepmerge-mmd-fisher-entropy.yaml, or DANN for ResNets as configs/resnet18-dann.yaml): its
+loader, `TrainState` (model, optimizer, grad scaler), `TrainStep` and `EpochMeter`, and times the
+steps after a warm-up, with the device synchronised. Images/s counts source and target images. The data are random 3x75x75 images
 written once as sharded HDF5 in a temporary directory.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import dataclasses
 import itertools
 import tempfile
 import time
@@ -26,43 +24,66 @@ import torch
 from dmhpc.config import load_config
 from dmhpc.data.loaders import make_train_loader
 from dmhpc.data.shards import write_dataset
-from dmhpc.models import param_groups
-from dmhpc.train.objective import DomainAdaptation
+from dmhpc.distributed import DistInfo
+from dmhpc.train.meter import EpochMeter
+from dmhpc.train.state import TrainState
+from dmhpc.train.step import TrainStep
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"deepmerge2": "deepmerge-mmd-fisher-entropy.yaml", "resnet18": "resnet18-dann.yaml"}
 
 
-def measure(data: Path, model: str, batch: int, amp: str, channels_last: bool, loader_kind: str, device,
-            steps: int, warmup: int) -> float:
-    cfg = load_config(ROOT / "configs" / CONFIGS[model])
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name=model))
-    loader = make_train_loader(loader_kind, data / "source", data / "target", batch_size=batch, rank=0, world_size=1,
-                               seed=0, device=device, augment=cfg.data.augment, num_workers=2)
-    net = DomainAdaptation(cfg, seed=0).to(device)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(param_groups(net.backbone, discriminator=net.discriminator, fisher=net.fisher), lr=1e-4)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if amp == "bf16" else contextlib.nullcontext()
+def trainer_parts(data: Path, model: str, batch: int, amp: str, channels_last: bool, loader_kind: str, device,
+                  augment: bool | None = None):
+    """The trainer's own loader, TrainState, TrainStep and EpochMeter for one configuration."""
+    overrides = [f"model.name={model}", f"train.batch_size={batch}", f"train.amp={amp}",
+                 f"train.channels_last={str(channels_last).lower()}", f"data.loader={loader_kind}",
+                 f"data.source={data / 'source'}", f"data.target={data / 'target'}", "data.num_workers=2"]
+    if augment is not None:
+        overrides.append(f"data.augment={str(augment).lower()}")
+    cfg = load_config(ROOT / "configs" / CONFIGS[model], overrides)
+    dist = DistInfo(0, 0, 1, device, None)
+    loader = make_train_loader(cfg.data.loader, cfg.data.source, cfg.data.target, batch_size=batch, rank=0,
+                               world_size=1, seed=cfg.seed, device=device, augment=cfg.data.augment,
+                               normalize=cfg.data.normalize, num_workers=cfg.data.num_workers,
+                               channels_last=cfg.train.channels_last)
+    torch.manual_seed(cfg.seed)
+    state = TrainState.build(cfg, device)
+    step = TrainStep(cfg, state, dist, total_steps=10**9, steps_per_epoch=len(loader))
+    return cfg, loader, state, step
+
+
+def trainer_stepper(data: Path, model: str, batch: int, amp: str, channels_last: bool, loader_kind: str, device,
+                    augment: bool | None = None):
+    """(one, close): `one()` runs one training step as the loop does, end to end: the loader's next
+    batch, `TrainStep`, and `EpochMeter`'s per-step bookkeeping."""
+    cfg, loader, state, step = trainer_parts(data, model, batch, amp, channels_last, loader_kind, device, augment)
+    meter = EpochMeter(device, watch_loss=amp != "fp16")
     batches = (b for epoch in itertools.count() for b in loader.epoch(epoch))
+    counter = itertools.count()
+
+    def one() -> None:
+        i, b = next(counter), next(batches)
+        terms, outputs = step(i, b)
+        meter.add(i + 1, terms, outputs, b[1], b[3])
+
+    return one, loader.close
+
+
+def measure(data: Path, model: str, batch: int, amp: str, channels_last: bool, loader_kind: str, device,
+            steps: int, warmup: int, augment: bool | None = None) -> float:
+    """Images/s (source + target) of the trainer's step, end to end (see `trainer_stepper`)."""
+    one, close = trainer_stepper(data, model, batch, amp, channels_last, loader_kind, device, augment)
     try:
         for i in range(warmup + steps):
             if i == warmup:
                 _sync(device)
                 t0 = time.perf_counter()
-            xs, ys, xt, _ = next(batches)
-            if channels_last:
-                xs = xs.contiguous(memory_format=torch.channels_last)
-                xt = xt.contiguous(memory_format=torch.channels_last)
-            with autocast:
-                loss, _, _ = net(xs, ys, xt, 0.5)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            one()
         _sync(device)
         return 2 * batch * steps / (time.perf_counter() - t0)
     finally:
-        loader.close()
+        close()
 
 
 def _sync(device) -> None:

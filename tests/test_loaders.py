@@ -307,6 +307,23 @@ def test_dali_and_torch_loaders_give_the_same_batches(data):
 
 
 @pytest.mark.parametrize("kind,workers", CONFIGS)
+def test_channels_last_batches_come_in_that_layout_with_the_same_values(data, kind, workers):
+    """The loader writes the layout while normalizing: no copy per step in the trainer."""
+    plain_loader = _loader(data, kind, workers, augment=True)
+    nhwc_loader = _loader(data, kind, workers, augment=True, channels_last=True)
+    try:
+        plain, nhwc = _epoch(plain_loader, 1, stop_after=3), _epoch(nhwc_loader, 1, stop_after=3)
+    finally:
+        plain_loader.close()
+        nhwc_loader.close()
+    for batch in nhwc:
+        assert batch[0].is_contiguous(memory_format=torch.channels_last)
+        assert batch[2].is_contiguous(memory_format=torch.channels_last)
+    assert not plain[0][0].is_contiguous(memory_format=torch.channels_last)
+    _assert_same(plain, nhwc)
+
+
+@pytest.mark.parametrize("kind,workers", CONFIGS)
 def test_normalize_source_uses_source_stats_for_both(data, kind, workers):
     loader = _loader(data, kind, workers, world=1, normalize="source")
     try:

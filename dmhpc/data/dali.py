@@ -105,8 +105,9 @@ class DaliBatches:
     pipeline (and new workers) starting exactly where it asks.
     """
 
-    def __init__(self, domains, device: torch.device, augment: bool, num_workers: int, ignore):
+    def __init__(self, domains, device: torch.device, augment: bool, num_workers: int, ignore, memory_format):
         self.domains, self.device, self.augment, self.ignore = domains, device, augment, ignore
+        self.memory_format = memory_format
         self.num_workers = max(1, num_workers)  # a parallel external source needs at least one worker
         self._iter = None
         self._next = None  # (epoch, step) the running pipeline delivers next
@@ -155,7 +156,9 @@ class DaliBatches:
         try:
             for out in it:
                 data = out[0]
-                yield data["xs"], data["ys"], data["xt"], data["yt"]
+                fmt = self.memory_format
+                yield (data["xs"].contiguous(memory_format=fmt), data["ys"], data["xt"].contiguous(memory_format=fmt),
+                       data["yt"])
             done = True
         finally:
             if it is self._iter:  # not replaced by a later call

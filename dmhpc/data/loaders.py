@@ -148,11 +148,17 @@ def _channel_stats(mean, std, device: torch.device) -> tuple[torch.Tensor, torch
     )
 
 
-def _finish(images: torch.Tensor, codes: torch.Tensor | None, scale, shift) -> torch.Tensor:
-    """The float32 normalized batch, turned by `codes` when augmenting: the on-device end of a batch."""
+def _finish(images: torch.Tensor, codes: torch.Tensor | None, scale, shift,
+            memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """The float32 normalized batch, turned by `codes` when augmenting: the on-device end of a batch.
+
+    Normalizing writes the batch in `memory_format`, so a channels_last model gets its layout in
+    the same pass instead of a copy per step.
+    """
     if codes is not None:
         images = dihedral(images, codes)
-    return torch.addcmul(shift, images.float(), scale)
+    out = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=memory_format)
+    return torch.addcmul(shift, images.float(), scale, out=out)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -253,8 +259,8 @@ class TrainLoader:
 class _Resident:
     """`gpu-resident`: the rows in use of both domains held on the device."""
 
-    def __init__(self, domains: list[_Domain], device: torch.device, augment: bool):
-        self.device, self.augment = device, augment
+    def __init__(self, domains: list[_Domain], device: torch.device, augment: bool, memory_format):
+        self.device, self.augment, self.memory_format = device, augment, memory_format
         self.square = domains[SOURCE].manifest["shape"][1] == domains[SOURCE].manifest["shape"][2]
         self.parts = []
         for d in domains:
@@ -270,7 +276,7 @@ class _Resident:
             for stream, images, labels, scale, shift in self.parts:
                 rows = torch.from_numpy(stream.samples(epoch, step)).to(self.device, non_blocking=True)
                 codes = _codes(stream, epoch, step, self.square, self.device) if self.augment else None
-                out += [_finish(images.index_select(0, rows), codes, scale, shift),
+                out += [_finish(images.index_select(0, rows), codes, scale, shift, self.memory_format),
                         labels.index_select(0, rows)]
             yield tuple(out)
 
@@ -332,8 +338,8 @@ class _TorchBlocks:
     """`torch`: a DataLoader over block pairs, read by `num_workers` persistent worker processes."""
 
     def __init__(self, domains: list[_Domain], device: torch.device, augment: bool, num_workers: int,
-                 ignore: IgnoreSignals):
-        self.device, self.augment = device, augment
+                 ignore: IgnoreSignals, memory_format):
+        self.device, self.augment, self.memory_format = device, augment, memory_format
         self.streams = [d.stream for d in domains]
         self.square = domains[SOURCE].manifest["shape"][1] == domains[SOURCE].manifest["shape"][2]
         self.stats = [_channel_stats(d.mean, d.std, device) for d in domains]
@@ -355,7 +361,7 @@ class _TorchBlocks:
                 images = rows[2 * d].to(self.device, non_blocking=True)
                 codes = _codes(stream, epoch, step, self.square, self.device) if self.augment else None
                 labels = rows[2 * d + 1].to(self.device, non_blocking=True)
-                out += [_finish(images, codes, *self.stats[d]), labels]
+                out += [_finish(images, codes, *self.stats[d], self.memory_format), labels]
             yield tuple(out)
 
     def close(self) -> None:
@@ -404,11 +410,13 @@ def make_train_loader(
     num_workers: int = 2,
     subset: int | None = None,
     stop_signals: tuple[str, ...] = IgnoreSignals.signals,
+    channels_last: bool = False,
 ) -> TrainLoader:
     """The training loader of one rank: `kind` is "auto", "gpu-resident", "dali" or "torch".
 
     `batch_size` is per rank. `subset` keeps only the first N training rows of each domain.
     `stop_signals` are the trainer's stop signals (train.signals): worker processes ignore them.
+    `channels_last`: images come in that memory format (train.channels_last), at no extra copy.
     `num_workers` are the reading processes of `dali` (at least 1) and `torch` (0: read in this
     process). `auto` keeps the data resident when both training splits fit comfortably in
     device memory (always, on a CPU device), else uses DALI if importable, else torch.
@@ -453,14 +461,15 @@ def make_train_loader(
         domains.append(_Domain(directory, manifest, stream, mean, std))
     kind, reason = _choose(kind, device, domains)
     ignore = IgnoreSignals(tuple(stop_signals))
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     if kind == "gpu-resident":
-        backend = _Resident(domains, device, augment)
+        backend = _Resident(domains, device, augment, fmt)
     elif kind == "torch":
-        backend = _TorchBlocks(domains, device, augment, num_workers, ignore)
+        backend = _TorchBlocks(domains, device, augment, num_workers, ignore, fmt)
     else:
         from dmhpc.data.dali import DaliBatches
 
-        backend = DaliBatches(domains, device, augment, num_workers, ignore)
+        backend = DaliBatches(domains, device, augment, num_workers, ignore, fmt)
     return TrainLoader(kind, reason, domains, backend)
 
 

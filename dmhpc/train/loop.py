@@ -69,7 +69,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
         cfg.data.loader, cfg.data.source, cfg.data.target, batch_size=cfg.train.batch_size,
         rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, device=dist.device,
         augment=cfg.data.augment, normalize=cfg.data.normalize, num_workers=cfg.data.num_workers,
-        subset=subset, stop_signals=cfg.train.signals)
+        subset=subset, stop_signals=cfg.train.signals, channels_last=cfg.train.channels_last)
     # The slowest rank's data staging time, which scaling studies report beside the throughput.
     loader_setup_s = max(all_gather_object(time.perf_counter() - t_setup))
     steps_per_epoch = len(loader)
