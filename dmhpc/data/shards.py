@@ -11,6 +11,7 @@ The command `dmhpc info` lives here too; `dmhpc verify` is dmhpc/data/check.py.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from dmhpc import __version__
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_write, is_temporary
+from dmhpc.files import atomic_path, atomic_write, is_temporary
 
 FORMAT = "dmhpc-shards"
 VERSION = 1
@@ -287,6 +288,21 @@ def _block_stats(block: np.ndarray):
     return n, mean, np.maximum(squares - n * mean * mean, 0.0)
 
 
+def _reserve(f: h5py.File, data_bytes: int) -> None:
+    """Allocate the disk space a new HDF5 file will need (its data plus 1% and 1 MiB for metadata).
+
+    A full disk or a quota raises OSError here, while the file is still tiny and HDF5 closes it
+    cleanly. File systems without fallocate get glibc's emulation; where even that is refused the
+    shard is written without a reserve.
+    """
+    try:
+        os.posix_fallocate(f.id.get_vfd_handle(), 0, int(data_bytes * 1.01) + (1 << 20))
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return
+        raise
+
+
 def write_shard(plan: Plan, out_dir: str | os.PathLike, number: int) -> tuple[dict, tuple]:
     """Write shard `number` under a temporary name, checksum it, rename it into place.
 
@@ -304,34 +320,34 @@ def write_shard(plan: Plan, out_dir: str | os.PathLike, number: int) -> tuple[di
     step = chunk * max(1, _BLOCK_BYTES // (chunk * per_image))
     stats = (0, np.zeros(shape[0]), np.zeros(shape[0]))
     final = out_dir / shard_name(number)
-    # The shard is built in memory (HDF5's core driver) and written out by plain Python: HDF5 left
-    # to write a file itself is in an unrecoverable state after a failed write (a full disk ends
-    # the process in a segmentation fault), while a failed Python write is one clean OSError.
-    # Memory: about twice the shard's size. Not fsynced: after a machine crash a damaged shard
+    # HDF5 that meets a failed write (a full disk, a quota) is left in a state that ends the process
+    # in a segmentation fault. So the shard's space is reserved first (posix_fallocate: a full disk
+    # is then one clean OSError before HDF5 writes anything large), the data written into it, and
+    # the file cut back to what HDF5 used. Not fsynced: after a machine crash a damaged shard
     # fails its checksum, which verify and the trainer check.
-    with h5py.File(f"{final}.{os.getpid()}", "w", driver="core", backing_store=False,
-                   block_size=max(1 << 20, min(n * per_image // 8, 64 << 20))) as f:
-        images = f.create_dataset(
-            "images", shape=(n, *shape), dtype=plan.dtype, chunks=(chunk, *shape), track_times=False
-        )
-        buffer = np.empty((min(step, n), *shape), dtype=plan.dtype)
-        for a in range(0, n, step):
-            rows = index[a : a + step]
-            # Gather in increasing input order (sequential reads of a memmap), then put in row order.
-            ascending = np.argsort(rows, kind="stable")
-            block = buffer[: len(rows)]
-            block[ascending] = plan.images[rows[ascending]]
-            images[a : a + len(rows)] = block
-            k = min(train_stop - a, len(rows))
-            if k > 0:
-                stats = _combine(stats, _block_stats(block[:k]))
-        del buffer
-        for key, values in (("labels", plan.labels[index]), ("objects", plan.objects[index]), ("index", index)):
-            f.create_dataset(key, data=values.astype(np.int64), track_times=False)
-        f.flush()
-        image = f.id.get_file_image()
-    atomic_write(final, image, durable=False)
-    record = {"file": final.name, "count": n, "start": start, "sha256": hashlib.sha256(image).hexdigest()}
+    with atomic_path(final, durable=False) as partial:
+        with h5py.File(partial, "w") as f:
+            _reserve(f, n * (per_image + 3 * 8) + 64 * (-(-n // chunk)))
+            images = f.create_dataset(
+                "images", shape=(n, *shape), dtype=plan.dtype, chunks=(chunk, *shape), track_times=False
+            )
+            buffer = np.empty((min(step, n), *shape), dtype=plan.dtype)
+            for a in range(0, n, step):
+                rows = index[a : a + step]
+                # Gather in increasing input order (sequential reads of a memmap), then put in row order.
+                ascending = np.argsort(rows, kind="stable")
+                block = buffer[: len(rows)]
+                block[ascending] = plan.images[rows[ascending]]
+                images[a : a + len(rows)] = block
+                k = min(train_stop - a, len(rows))
+                if k > 0:
+                    stats = _combine(stats, _block_stats(block[:k]))
+            for key, values in (("labels", plan.labels[index]), ("objects", plan.objects[index]), ("index", index)):
+                f.create_dataset(key, data=values.astype(np.int64), track_times=False)
+            f.flush()
+            used = f.id.get_filesize()  # HDF5's end of file: what it wrote, without the reserve
+        os.truncate(partial, used)
+        record = {"file": final.name, "count": n, "start": start, "sha256": file_sha256(partial)}
     return record, stats
 
 
