@@ -14,7 +14,6 @@ what the launcher avoids. Prints each run's CPU threads and images/s after its f
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -25,6 +24,7 @@ import numpy as np
 
 from dmhpc.data.shards import write_dataset
 from dmhpc.launch import launch_grid
+from dmhpc.run import RunDir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -62,7 +62,7 @@ def main() -> None:
         print("|---|---:|---|---:|")
         total = 0.0
         for run in sorted(out.glob("seed=*")):
-            records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+            records = RunDir(run).read_log()
             threads = next(r["cpu_threads"] for r in records if r["kind"] == "setup")
             rates = [r["images_per_s"] for r in records if r["kind"] == "epoch" and r["epoch"] > 0]
             mean = statistics.fmean(rates)

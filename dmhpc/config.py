@@ -186,7 +186,7 @@ def _section(cls: type) -> Any:
 
 @dataclass(frozen=True)
 class RunConfig:
-    # Run directory: config.yaml, metrics.jsonl, checkpoints/last.pt and best.pt, eval/, plots/.
+    # Run directory (its layout: dmhpc/run.py).
     dir: str = _key("runs/default", _text())
 
 

@@ -318,15 +318,9 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return (out / dist.get_world_size()).cpu()
 
 
-def agree(step: Callable[[], Any], *, main_only: bool = False, gather: bool = False) -> Any:
-    """Run `step()` (on rank 0 only with main_only) and hand rank 0's result to every rank, or with
-    gather every rank's result, in rank order.
-
-    A DmhpcError on any rank is raised on every rank, with the lowest rank's message, so no rank
-    goes on to a collective that the others will never reach.
-    """
+def _run_agreed(step: Callable[[], Any], runs: bool, share: str) -> Any:
     result, error = None, None
-    if not main_only or not is_distributed() or dist.get_rank() == 0:
+    if runs:
         try:
             result = step()
         except DmhpcError as exc:
@@ -334,10 +328,28 @@ def agree(step: Callable[[], Any], *, main_only: bool = False, gather: bool = Fa
                 raise
             error = str(exc)
     if not is_distributed():
-        return [result] if gather else result
-    send = result if gather or dist.get_rank() == 0 else None
-    gathered = all_gather_object((send, error))
+        return [result] if share == "all" else result
+    sent = result if share == "all" or (share == "main" and dist.get_rank() == 0) else None
+    gathered = all_gather_object((sent, error))
     errors = [e for _, e in gathered if e is not None]
     if errors:
         raise DmhpcError(errors[0])
-    return [r for r, _ in gathered] if gather else gathered[0][0]
+    return {"all": [r for r, _ in gathered], "main": gathered[0][0], "own": result}[share]
+
+
+def agree(step: Callable[[], Any]) -> Any:
+    """Run `step()` on every rank and return this rank's result; a DmhpcError on any rank is raised
+    on every rank, with the lowest rank's message, so no rank goes on to a collective that the
+    others will never reach. Only errors travel between ranks."""
+    return _run_agreed(step, True, "own")
+
+
+def on_main(step: Callable[[], Any]) -> Any:
+    """Run `step()` on rank 0 only and hand its result (small, picklable) to every rank; its
+    DmhpcError is raised on every rank."""
+    return _run_agreed(step, not is_distributed() or dist.get_rank() == 0, "main")
+
+
+def gather(step: Callable[[], Any]) -> list:
+    """Run `step()` on every rank; every rank gets all results in rank order (or the first error)."""
+    return _run_agreed(step, True, "all")

@@ -82,13 +82,9 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; when the block ends without error, rename it over `path`.
-
-    For writers that open a file by name (h5py, matplotlib). The block must close its file. On any
-    error the temporary file is removed; an OSError becomes a one-line DmhpcError.
-    """
+def temporary_path(path: str | os.PathLike) -> Path:
+    """A new empty file beside `path` under a temporary name (`.NAME.XXXXXXXX.tmp`), for a write
+    that `commit` puts in place; for files committed together (see dmhpc/data/synth.py)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +93,18 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Pa
         os.close(fd)
     except OSError as exc:
         raise write_error(path, exc) from None
-    tmp = Path(tmp_name)
+    return Path(tmp_name)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; when the block ends without error, rename it over `path`.
+
+    For writers that open a file by name (h5py, matplotlib). The block must close its file. On any
+    error the temporary file is removed; an OSError becomes a one-line DmhpcError.
+    """
+    path = Path(path)
+    tmp = temporary_path(path)
     try:
         yield tmp
         if durable:

@@ -284,3 +284,18 @@ def test_every_stop_signal_checkpoints_and_requeues(data, tmp_path, loader, sign
     assert code == REQUEUE_EXIT_CODE, output[-3000:]
     assert f"{signame}: checkpoint written at step" in output
     assert load_checkpoint(RunDir(run).checkpoint("last"))["step"] >= 2
+
+
+def test_a_refusal_under_two_ranks_stops_both_without_a_hang(data, tmp_path):
+    """The shards are checked half by each rank; the problem found on one is raised on both."""
+    damaged = copy_dataset(data / "pristine", tmp_path / "pristine")
+    with h5py.File(damaged / shard_name(0), "r+") as f:
+        f["images"][:2] = -f["images"][:2]
+    proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
+                           "-m", "dmhpc.train", *train_args(data, tmp_path / "run", "train.epochs=1", source=damaged)],
+                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0
+    # One line from each rank (written at the same moment, they may share a line of the stream).
+    assert proc.stderr.count("dmhpc train: error: ") == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("1 problem: shard-00000.h5 checksum mismatch") == 2, proc.stderr[-3000:]
+    assert not (tmp_path / "run").exists()

@@ -26,6 +26,7 @@ import numpy as np
 
 from dmhpc import __version__
 from dmhpc.errors import DmhpcError
+from dmhpc.files import temporary_path
 from dmhpc.mpi import launched_rank, world_comm
 
 IMAGE_FILES = ("pristine_X.npy", "noisy_X.npy")
@@ -96,7 +97,7 @@ class _Staging:
 
     def __init__(self, out: Path, n_objects: int, views: int):
         self.out, self.views = out, views
-        self.partial = {name: out / f".{name}.partial" for name in OUTPUT_FILES}
+        self.partial = {name: temporary_path(out / name) for name in OUTPUT_FILES}
         self.renamed: list[Path] = []
         shape = (n_objects * views, 3, 75, 75)
         self.images = {

@@ -20,7 +20,7 @@ import torch
 
 from dmhpc.config import config_to_dict, load_config
 from dmhpc.data.loaders import make_train_loader
-from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, shutdown
+from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.evaluate import evaluate_run, format_table, predict
 from dmhpc.run import RunDir
@@ -49,16 +49,16 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     # --- claim the run directory and check everything before anything is written ------------------
     manifests = preflight.load_manifests(cfg)
     data_ids = preflight.data_identity(cfg, manifests)
-    claim = agree(lambda: run.claim(cfg, resume, overwrite, {f"data.{k}": v["fingerprint"]
-                                                             for k, v in data_ids.items()}), main_only=True)
+    claim = on_main(lambda: run.claim(cfg, resume, overwrite, {f"data.{k}": v["fingerprint"]
+                                                               for k, v in data_ids.items()}))
     preflight.check_data(cfg, manifests, dist)
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank; data order comes from the loader
     state = TrainState.build(cfg, dist.device)
-    preflight.check_model_input(cfg, state.model.backbone, manifests["source"]["shape"], dist.device)
+    agree(lambda: preflight.check_model_input(cfg, state.model.backbone, manifests["source"]["shape"], dist.device))
     if claim.resume_from is not None:
-        state.load_state_dict(load_checkpoint(claim.resume_from), dist.rank)
+        agree(lambda: state.load_state_dict(load_checkpoint(claim.resume_from), dist.rank))
     prog = state.progress
-    cleaned = agree(lambda: run.start(cfg, claim, data_ids, prog.step), main_only=True)
+    cleaned = on_main(lambda: run.start(cfg, claim, data_ids, prog.step))
     if cfg.debug:
         torch.autograd.set_detect_anomaly(True)
 

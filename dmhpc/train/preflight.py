@@ -16,7 +16,7 @@ import torch
 
 from dmhpc.data.check import check_part, combine, split_problem
 from dmhpc.data.shards import SPLITS, fingerprint, load_manifest
-from dmhpc.distributed import agree
+from dmhpc.distributed import agree, gather
 from dmhpc.errors import DmhpcError
 from dmhpc.train.objective import NUM_CLASSES
 
@@ -24,7 +24,7 @@ ROLES = ("source", "target")
 
 
 def load_manifests(cfg) -> dict[str, dict]:
-    """{"source": manifest, "target": manifest}, the same on every rank (rank 0 reads them)."""
+    """{"source": manifest, "target": manifest}, each rank reading its own (they can be large)."""
     def read():
         out = {}
         for role in ROLES:
@@ -35,7 +35,7 @@ def load_manifests(cfg) -> dict[str, dict]:
                 raise DmhpcError(f"data.{role}: {exc}") from None
         return out
 
-    return agree(read, main_only=True)
+    return agree(read)
 
 
 def data_identity(cfg, manifests: dict) -> dict:
@@ -55,8 +55,8 @@ def check_data(cfg, manifests: dict, dist) -> None:
         problem = split_problem(m)
         if problem:
             raise DmhpcError(f"{where}: manifest.json: {problem}")
-        parts = agree(lambda: check_part(dirs[role], checksums=checksums, rank=dist.rank,
-                                         world_size=dist.world_size, manifest=m), gather=True)
+        parts = gather(lambda: check_part(dirs[role], checksums=checksums, rank=dist.rank,
+                                          world_size=dist.world_size, manifest=m))
         problems = combine(m, parts)
         if problems:
             raise DmhpcError(f"{where}: {len(problems)} problem{'s' if len(problems) > 1 else ''}: "
