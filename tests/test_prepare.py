@@ -195,12 +195,12 @@ def test_shipped_configs_are_valid():
     }
     for name, images in expect.items():
         domains = load_data_config(REPO / "configs" / "data" / name)
-        assert [d["images"].name for d in domains] == images
+        assert [d.images.name for d in domains] == images
     embedded = load_data_config(REPO / "configs" / "data" / "embedded.yaml")
-    assert [(d["name"], str(d["out"])) for d in embedded] == [
+    assert [(d.name, str(d.out)) for d in embedded] == [
         ("pristine", "data/embedded/shards/pristine"), ("noisy", "data/embedded/shards/noisy")
     ]
-    assert embedded[0]["objects"] == embedded[1]["objects"] == Path("data/embedded/objects.npy")
+    assert embedded[0].objects == embedded[1].objects == Path("data/embedded/objects.npy")
 
 
 @pytest.mark.parametrize(
@@ -208,7 +208,7 @@ def test_shipped_configs_are_valid():
     [
         ("root: r\nout: o\ndomains: {a: {images: x, labels: y}}\nextra: 1\n", "unknown key 'extra'"),
         ("root: r\ndomains: {a: {images: x, labels: y}}\n", "missing key 'out'"),
-        ("root: r\nout: o\ndomains: {a: {images: x}}\n", "missing key 'domains.a.labels'"),
+        ("root: r\nout: o\ndomains: {a: {labels: y}}\n", "missing key 'domains.a.images' (or a catalog of cutouts)"),
         ("root: r\nout: o\ndomains: {a: {images: x, labels: y, ids: z}}\n", "unknown key 'domains.a.ids'"),
         ("root: r\nout: o\ndomains: []\n", "key 'domains' must map"),
         ("root: [r\n", "not valid YAML"),
@@ -228,7 +228,8 @@ def test_data_config_validates_every_domain_before_writing(two_domains, tmp_path
 def test_option_conflicts(inputs, tmp_path, capsys):
     config = write_config(tmp_path, "root: r\nout: o\ndomains: {a: {images: x, labels: y}}\n")
     assert_fails(capsys, ["prepare", "--data-config", config, "--images", inputs["images"]], "--images cannot be combined")
-    assert_fails(capsys, ["prepare", "--images", inputs["images"], "--out", inputs["out"]], "missing --labels")
+    assert_fails(capsys, ["prepare", "--out", inputs["out"]], "missing --images or --catalog")
+    assert_fails(capsys, ["prepare", "--images", inputs["images"]], "missing --out")
     assert_fails(capsys, args(inputs, "--fractions", "0.7,0.4,0.2"), "--fractions", out=inputs["out"])
     assert_fails(capsys, args(inputs, "--root", "x"), "--root needs --data-config", out=inputs["out"])
 
@@ -409,3 +410,168 @@ def test_num_classes(tmp_path, capsys):
     m = load_manifest(files["out"])
     assert m["num_classes"] == 3 and sum(m["counts"]["train"].values()) == 21
     assert list(m["counts"]["test"]) == ["0", "1", "2"]
+
+
+# --- survey inputs: unlabelled sets, FITS, catalogs, duplicates, data-config spelling -------------
+
+def test_without_labels_the_data_set_is_unlabelled(inputs, capsys):
+    unlabelled = dict(inputs, labels=None)
+    assert main(args(unlabelled)) == 0
+    assert "unlabelled" in capsys.readouterr().out
+    manifest = load_manifest(inputs["out"])
+    assert manifest["labelled"] is False and manifest["counts"] == {"train": {}, "val": {}, "test": {}}
+    assert set(read_all(inputs["out"])["labels"]) == {-1}
+    # splits are still drawn by object: the 4 copies of an object share a split
+    objects = read_all(inputs["out"])["objects"]
+    splits = {s: set(objects[a:b]) for s, (a, b) in manifest["rows"].items()}
+    assert not (splits["train"] & splits["val"]) and not (splits["train"] & splits["test"])
+    assert main(["verify", inputs["out"]]) == 0
+    assert main(["info", inputs["out"]]) == 0
+    assert "unlabelled" in capsys.readouterr().out
+
+
+def fits_cube(path: Path, images: np.ndarray) -> str:
+    from astropy.io import fits
+
+    fits.PrimaryHDU().writeto(path)  # an empty primary HDU, as many survey tools write
+    fits.append(path, images.astype(">f4"))  # FITS is big-endian
+    return str(path)
+
+
+def test_a_fits_cube_converts_like_the_same_npy(inputs, tmp_path):
+    images = np.load(inputs["images"])
+    fits_files = dict(inputs, images=fits_cube(tmp_path / "cube.fits", images), out=str(tmp_path / "from-fits"))
+    assert main(args(fits_files)) == 0
+    assert main(args(inputs)) == 0
+    a, b = read_all(fits_files["out"]), read_all(inputs["out"])
+    for key in ("images", "labels", "objects", "index"):
+        np.testing.assert_array_equal(a[key], b[key])
+
+
+def cutouts(tmp_path: Path, images: np.ndarray, per_filter: bool) -> list[str]:
+    """One FITS file per object: one (C, H, W) HDU, or one (H, W) HDU per filter."""
+    from astropy.io import fits
+
+    folder = tmp_path / "cutouts"
+    folder.mkdir()
+    names = []
+    for i, image in enumerate(images):
+        name = f"J{1000 + i:05d}.fits"
+        if per_filter:
+            fits.HDUList([fits.PrimaryHDU()] + [fits.ImageHDU(band, name=f) for band, f in zip(image, "gri")]).writeto(
+                folder / name)
+        else:
+            fits.PrimaryHDU(image).writeto(folder / name)
+        names.append(name)
+    return names
+
+
+@pytest.mark.parametrize("table_format, per_filter", [("csv", True), ("fits", False), ("ecsv", True)])
+def test_a_catalog_of_cutouts(tmp_path, capsys, table_format, per_filter):
+    from astropy.table import Table
+
+    rng = np.random.default_rng(4)
+    images = rng.normal(size=(20, 3, 8, 8)).astype(np.float32)
+    names = cutouts(tmp_path, images, per_filter)
+    ids = [n[:-5] for n in names]
+    table = Table({"objid": ids, "merger": np.arange(20) % 2, "path": [f"cutouts/{n}" for n in names]})
+    catalog = tmp_path / f"catalog.{table_format}"
+    table.write(catalog)
+    out = tmp_path / "ds"
+    assert main(["prepare", "--catalog", str(catalog), "--id-column", "objid", "--label-column", "merger",
+                 "--file-column", "path", "--out", str(out), "--shard-size", "8"]) == 0
+    rows = read_all(out)
+    np.testing.assert_array_equal(rows["images"], images[rows["index"]])
+    np.testing.assert_array_equal(rows["labels"], (np.arange(20) % 2)[rows["index"]])
+    with RowReader(out) as reader:
+        assert reader.read_ids(0, 20) == [ids[i] for i in rows["index"]]
+    manifest = load_manifest(out)
+    assert manifest["ids"] is True and [i["role"] for i in manifest["inputs"]] == ["catalog", "cutouts"]
+    # without a file column, ID.fits in --cutouts; without a label column, unlabelled
+    Table({"objid": ids}).write(tmp_path / "ids.csv")
+    assert main(["prepare", "--catalog", str(tmp_path / "ids.csv"), "--id-column", "objid", "--cutouts",
+                 str(tmp_path / "cutouts"), "--out", str(tmp_path / "unlabelled")]) == 0
+    assert load_manifest(tmp_path / "unlabelled")["labelled"] is False
+
+
+def test_catalog_problems_are_one_line(tmp_path, capsys):
+    from astropy.table import Table
+
+    images = np.zeros((4, 3, 8, 8), np.float32)
+    names = cutouts(tmp_path, images, per_filter=False)
+    Table({"id": [n[:-5] for n in names], "file": [f"cutouts/{n}" for n in names]}).write(tmp_path / "c.csv")
+    base = ["prepare", "--catalog", str(tmp_path / "c.csv"), "--file-column", "file", "--out", str(tmp_path / "o")]
+    assert_fails(capsys, [*base, "--label-column", "class"], "c.csv: no label column 'class' (columns: id, file)")
+    assert_fails(capsys, [*base, "--id-column", "name"], "no id column 'name'")
+    (tmp_path / "cutouts" / names[2]).unlink()
+    assert_fails(capsys, base, f"{names[2]}: no such cutout file")
+    from astropy.io import fits
+
+    fits.PrimaryHDU(np.zeros((3, 9, 9), np.float32)).writeto(tmp_path / "cutouts" / names[2])
+    assert_fails(capsys, base, f"{names[2]}: cutout of shape (3, 9, 9); the first one ({names[0]}) is (3, 8, 8)")
+
+
+def test_nan_padded_cutouts_are_refused_unless_filled(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    images = rng.normal(size=(12, 3, 8, 8)).astype(np.float32)
+    images[3, :, :2, :] = np.nan  # the edge of the survey footprint
+    files = {"images": fits_cube(tmp_path / "cube.fits", images), "out": str(tmp_path / "ds")}
+    assert_fails(capsys, args(files), "cube.fits: 48 NaN or Inf pixels (first in image 3)", "--nan-fill 0")
+    assert main(args(files, "--nan-fill", "0")) == 0
+    rows = read_all(files["out"])
+    k = list(rows["index"]).index(3)
+    assert np.all(rows["images"][k][:, :2, :] == 0) and np.isfinite(rows["images"]).all()
+
+
+def augmented_copies(n_objects: int, seed: int = 0) -> np.ndarray:
+    """Each object as the DeepMerge files hold mergers: itself, rotated 90 and 180 degrees, flipped."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(n_objects, 3, 8, 8)).astype(np.float32)
+    copies = [base, np.rot90(base, 1, axes=(2, 3)), np.rot90(base, 2, axes=(2, 3)), base[..., ::-1]]
+    images = np.concatenate([np.ascontiguousarray(c) for c in copies])
+    return images[rng.permutation(len(images))]  # scattered, as in the files
+
+
+def test_augmented_copies_are_reported_and_grouped_into_one_split(tmp_path, capsys):
+    images = augmented_copies(10)
+    files = {"images": save(tmp_path, "X.npy", images), "labels": save(tmp_path, "y.npy", np.arange(40) % 2),
+             "out": str(tmp_path / "ds")}
+    assert main(args(files)) == 0
+    err = capsys.readouterr().err
+    assert "30 images are flips or rotations of 10 others" in err and "--group-duplicates" in err
+    files["out"] = str(tmp_path / "grouped")
+    assert main(args(files, "--group-duplicates")) == 0
+    assert "warning" not in capsys.readouterr().err
+    manifest = load_manifest(files["out"])
+    assert sum(manifest["objects"].values()) == 10  # 40 images, 10 objects
+    rows = read_all(files["out"])
+    split_of = {}
+    for split, (a, b) in manifest["rows"].items():
+        for i in rows["index"][a:b]:
+            split_of[i] = split
+    from dmhpc.data.duplicates import canonical_hash
+
+    by_object = {}
+    for i in range(40):
+        by_object.setdefault(canonical_hash(images[i]), set()).add(split_of[i])
+    assert all(len(s) == 1 for s in by_object.values())  # every object's copies in one split
+    assert main(["info", files["out"]]) == 0
+    assert "objects" in capsys.readouterr().out
+
+
+def test_data_config_spelling_and_overrides(tmp_path, capsys):
+    rng = np.random.default_rng(6)
+    root = tmp_path / "zenodo"
+    root.mkdir()
+    save(root, "SimReal_TARGET_x_postmergers_SDSS.npy", rng.normal(size=(12, 3, 8, 8)).astype(np.float32))
+    save(root, "y.npy", np.arange(12) % 2)
+    config = write_config(tmp_path, f"root: {root}\nout: {tmp_path / 'out'}\n"
+                                     "domains: {sdss: {images: SimReal_TARGET_X_postmergers_SDSS.npy, labels: y.npy}}\n")
+    assert main(["prepare", "--data-config", config]) == 0
+    assert "using SimReal_TARGET_x_postmergers_SDSS.npy, which differs in letter case only" in capsys.readouterr().err
+    save(root, "other.npy", rng.normal(size=(12, 3, 8, 8)).astype(np.float32))
+    assert main(["prepare", "--data-config", config, "--set", "domains.sdss.images=other.npy",
+                 "--set", f"out={tmp_path / 'out2'}"]) == 0
+    assert load_manifest(tmp_path / "out2" / "sdss")["inputs"][0]["file"].endswith("other.npy")
+    assert_fails(capsys, ["prepare", "--data-config", config, "--set", "domains.nope.images=x"],
+                 "--set domains.nope.images: domains.nope is not a mapping")

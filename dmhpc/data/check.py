@@ -24,7 +24,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from dmhpc.data.shards import SPLITS, file_sha256, load_manifest
+from dmhpc.data.shards import SPLITS, UNLABELLED, file_sha256, is_labelled, load_manifest
 from dmhpc.errors import DmhpcError
 
 LEVELS = ("structure", "checksums")
@@ -86,10 +86,14 @@ def _check_shard(directory: Path, manifest: dict, number: int, checksums: bool):
     except OSError as exc:
         return [f"{name} is not a readable HDF5 file ({exc})"], empty, {}
     labels = columns["labels"]
-    bad = np.flatnonzero((labels < 0) | (labels >= manifest["num_classes"]))
+    if is_labelled(manifest):
+        bad = np.flatnonzero((labels < 0) | (labels >= manifest["num_classes"]))
+        outside = f"outside the {manifest['num_classes']} classes"
+    else:
+        bad = np.flatnonzero(labels != UNLABELLED)
+        outside = f"in an unlabelled data set (expected {UNLABELLED})"
     if bad.size:
-        return [f"{name}: label {int(labels[bad[0]])} at row {start + int(bad[0])} is outside the "
-                f"{manifest['num_classes']} classes"], empty, {}
+        return [f"{name}: label {int(labels[bad[0]])} at row {start + int(bad[0])} is {outside}"], empty, {}
     expected_index = np.concatenate([np.asarray(manifest["splits"][s], np.int64) for s in SPLITS])[start:start + n]
     wrong = np.flatnonzero(columns["index"] != expected_index)
     if wrong.size:
@@ -97,7 +101,8 @@ def _check_shard(directory: Path, manifest: dict, number: int, checksums: bool):
                 f"split lists say {int(expected_index[wrong[0]])}"], empty, {}
     splits = _split_of_rows(manifest)[start:start + n]
     objects = {s: np.unique(columns["objects"][splits == k]) for k, s in enumerate(SPLITS)}
-    classes = {s: np.bincount(labels[splits == k], minlength=manifest["num_classes"]) for k, s in enumerate(SPLITS)}
+    classes = {s: np.bincount(labels[splits == k], minlength=manifest["num_classes"]) for k, s in enumerate(SPLITS)
+               if is_labelled(manifest)}
     problems = []
     if checksums and file_sha256(path) != shard["sha256"]:
         problems.append(f"{name} checksum mismatch")
@@ -129,7 +134,7 @@ def combine(manifest: dict, parts: list[dict]) -> list[str]:
     problems = [p for part in parts for p in part["problems"]]
     if problems:
         return problems  # the counts below would only repeat them
-    for split in SPLITS:
+    for split in SPLITS if is_labelled(manifest) else ():
         counts = sum(part["classes"][split] for part in parts)
         stated = [manifest["counts"][split].get(str(k), 0) for k in range(manifest["num_classes"])]
         if list(counts) != stated:

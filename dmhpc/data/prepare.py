@@ -1,102 +1,89 @@
-"""`dmhpc prepare`: convert .npy images and labels to sharded HDF5 data sets (docs/data-format.md).
+"""`dmhpc prepare`: convert images (and labels, if any) to sharded HDF5 data sets (docs/data-format.md).
 
-One domain from --images/--labels[/--objects], or every domain a data config names (each to
-OUT/<domain>/). Inputs are memory-mapped and converted a block of rows at a time, so files larger
-than memory convert in bounded memory. Under `mpiexec -n K` the checks and shards are divided
-among the ranks; the bytes written are those of a serial run.
+One domain from --images [--labels] [--objects] or from a --catalog of FITS cutouts, or every
+domain a data config names (each to OUT/<domain>/). Inputs are read a block of rows at a time
+(.npy memory-mapped, FITS through astropy: dmhpc/data/inputs.py), so files larger than memory
+convert in bounded memory. Without labels the data set is unlabelled (a survey to adapt to or to
+predict on). Without object ids, images that are exact flips or rotations of each other (the
+augmented copies in the DeepMerge files) are counted and reported, or grouped into objects with
+--group-duplicates, so that no object straddles two splits (dmhpc/data/duplicates.py). Under
+`mpiexec -n K` the checks and shards are divided among the ranks; the bytes written are those of
+a serial run.
 
 Every input is validated, on every rank, before anything is written: a bad input leaves no output
 directory and no partial file. Ranks agree on each step's outcome before the next, so an error on
 one rank stops them all instead of leaving the others waiting.
+
+The Python API is `prepare(domains, options)` with `DomainSpec`s and `Options`, values only.
 """
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from dmhpc.data import shards
+from dmhpc.config import parse_override
+from dmhpc.data import duplicates, shards
+from dmhpc.data.inputs import (LAYOUTS, ArrayRows, Cutouts, open_images, open_npy, read_catalog,
+                               resolve_spelling)
 from dmhpc.errors import DmhpcError
 from dmhpc.mpi import world_comm
 
-LAYOUTS = ("NCHW", "NHWC")
 CONFIG_KEYS = ("root", "out", "domains")
-DOMAIN_KEYS = ("images", "labels", "objects")  # objects optional
+# A domain is made of images (.npy or FITS cube) or a catalog of cutouts, plus what they need.
+DOMAIN_KEYS = ("images", "labels", "objects", "catalog", "id_column", "label_column", "file_column", "cutouts")
+PATH_KEYS = ("images", "labels", "objects", "catalog", "cutouts")
 _DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
-# Environment variables set by the launchers: MPICH/Intel MPI/srun --mpi=pmi2, Open MPI, PMIx.
 
 
-# ----------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class Options:
+    """How every domain is converted (the command line's options, as values)."""
+
+    shard_size: int = 4096
+    seed: int = 0
+    fractions: tuple = (0.7, 0.1, 0.2)
+    layout: str | None = None
+    dtype: str = "float32"
+    num_classes: int = 2
+    overwrite: bool = False
+    group_duplicates: bool = False
+    nan_fill: float | None = None
 
 
-def open_npy(path: str | os.PathLike) -> np.ndarray:
-    """Memory-map a .npy file; DmhpcError naming the file if it is missing or not a usable .npy."""
-    name = str(path)
-    p = Path(path)
-    if not p.exists():
-        raise DmhpcError(f"{name}: no such file")
-    if not p.is_file():
-        raise DmhpcError(f"{name}: not a file")
-    try:
-        with open(p, "rb") as f:
-            magic = f.read(len(np.lib.format.MAGIC_PREFIX))
-    except OSError as exc:
-        raise DmhpcError(f"{name}: cannot read ({exc.strerror})") from None
-    if magic != np.lib.format.MAGIC_PREFIX:
-        raise DmhpcError(f"{name}: not a .npy file")
-    try:
-        array = np.load(p, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:  # truncated, or Python objects that cannot be mapped
-        raise DmhpcError(f"{name}: cannot read ({exc})") from None
-    if array.ndim > 1 and not array.flags.c_contiguous:
-        # Gathering rows from a column-major memmap reads the whole file for every block.
-        raise DmhpcError(f"{name}: Fortran-ordered array; save it with np.save(path, np.ascontiguousarray(a))")
-    return array
+@dataclass(frozen=True)
+class DomainSpec:
+    """One domain's inputs and output directory."""
+
+    name: str
+    out: Path
+    images: Path | None = None
+    labels: Path | None = None
+    objects: Path | None = None
+    catalog: Path | None = None
+    id_column: str = "id"
+    label_column: str | None = None
+    file_column: str | None = None
+    cutouts: Path | None = None
 
 
-def detect_layout(shape: tuple, layout: str | None, name: str) -> str:
-    """NCHW or NHWC for an image array of `shape`: `layout` if given, else detected.
-
-    Detected when exactly one reading has 1 to 4 channels and square images.
-    """
-    if len(shape) != 4:
-        raise DmhpcError(
-            f"{name}: {len(shape)} dimensions {tuple(shape)}; expected 4: (N, C, H, W) or (N, H, W, C)"
-        )
-    _, a, b, c = shape
-    if layout is not None:
-        channels = a if layout == "NCHW" else c
-        if not 1 <= channels <= 4:
-            raise DmhpcError(
-                f"{name}: {channels} channels in layout {layout} (shape {tuple(shape)}); expected 1 to 4"
-            )
-        return layout
-    nchw = 1 <= a <= 4 and b == c
-    nhwc = 1 <= c <= 4 and a == b
-    if nchw and nhwc:
-        raise DmhpcError(f"{name}: shape {tuple(shape)} reads as NCHW or NHWC; pass --layout")
-    if not (nchw or nhwc):
-        raise DmhpcError(
-            f"{name}: shape {tuple(shape)} has no channel axis of 1 to 4 beside square images;"
-            " expected (N, C, H, W) or (N, H, W, C), or pass --layout"
-        )
-    return "NCHW" if nchw else "NHWC"
+# ----------------------------------------------------------------------------- data configs
 
 
-def load_data_config(path: str | os.PathLike, root: str | None = None, out: str | None = None) -> list[dict]:
-    """Domains named by a data config: [{name, images, labels, objects or None, out}].
+def load_data_config(path, root: str | None = None, out: str | None = None, sets=()) -> list[DomainSpec]:
+    """Domains named by a data config, with `KEY=VALUE` overrides (`domains.sdss.images=...`).
 
     File paths are relative to `root` (the config's, or the one given); `root` and `out` are
     relative to the working directory. Unknown or missing keys raise DmhpcError naming the key
-    and the config file.
+    and the config file (or the command line, for an override).
     """
     name = str(path)
     try:
@@ -109,6 +96,17 @@ def load_data_config(path: str | os.PathLike, root: str | None = None, out: str 
         config = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise DmhpcError(f"{name}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if not isinstance(config, dict):
+        raise DmhpcError(f"{name}: the config must be a mapping of {', '.join(CONFIG_KEYS)}")
+    for item in sets:
+        key, value = parse_override(item)
+        node, parts = config, key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise DmhpcError(f"command line: --set {key}: {'.'.join(parts[:parts.index(part) + 1])} is not a "
+                                 f"mapping in {name}")
+            node = node[part]
+        node[parts[-1]] = value
 
     def mapping(value, where, keys, required):
         if not isinstance(value, dict):
@@ -119,8 +117,10 @@ def load_data_config(path: str | os.PathLike, root: str | None = None, out: str 
         for key in required:
             if key not in value:
                 raise DmhpcError(f"{name}: missing key {where_key(where, key)!r}")
-            if not isinstance(value[key], str) and key != "domains":
-                raise DmhpcError(f"{name}: key {where_key(where, key)!r} must be a path")
+        for key, v in value.items():
+            if key != "domains" and not isinstance(v, str):
+                raise DmhpcError(f"{name}: key {where_key(where, key)!r} must be a "
+                                 f"{'path' if key in PATH_KEYS + ('root', 'out') else 'column name'}")
 
     def where_key(where, key):
         return key if where == "the config" else f"{where}.{key}"
@@ -135,33 +135,78 @@ def load_data_config(path: str | os.PathLike, root: str | None = None, out: str 
     for domain, files in domains.items():
         if not isinstance(domain, str) or not _DOMAIN_NAME.fullmatch(domain):
             raise DmhpcError(f"{name}: domain name {domain!r}: use letters, digits, '_', '-', '.'")
-        mapping(files, f"domains.{domain}", DOMAIN_KEYS, ("images", "labels"))
-        if "objects" in files and not isinstance(files["objects"], str):
-            raise DmhpcError(f"{name}: key 'domains.{domain}.objects' must be a path")
-        result.append(
-            {
-                "name": domain,
-                **{k: (root_dir / files[k] if k in files else None) for k in DOMAIN_KEYS},
-                "out": out_dir / domain,
-            }
-        )
+        mapping(files, f"domains.{domain}", DOMAIN_KEYS, ())
+        if "images" not in files and "catalog" not in files:
+            raise DmhpcError(f"{name}: missing key 'domains.{domain}.images' (or a catalog of cutouts)")
+        result.append(DomainSpec(
+            name=domain, out=out_dir / domain,
+            **{k: (root_dir / v if k in PATH_KEYS else v) for k, v in files.items()}))
     return result
 
 
-def _open_domain(domain: dict, args, fractions: tuple) -> dict:
-    """Open and check one domain's inputs (all but the pixels) and draw its split."""
-    raw = open_npy(domain["images"])
-    labels = open_npy(domain["labels"])
-    objects = open_npy(domain["objects"]) if domain["objects"] is not None else None
-    names = {k: str(domain[k]) for k in DOMAIN_KEYS}
-    layout = detect_layout(raw.shape, args.layout, names["images"])
-    images = raw if layout == "NCHW" else raw.transpose(0, 3, 1, 2)
+# ----------------------------------------------------------------------------- opening a domain
+
+
+def _path(p: Path | None) -> Path | None:
+    """The input file, or the one whose name differs in letter case only (with a note)."""
+    if p is None:
+        return None
+    found, note = resolve_spelling(p)
+    if note:
+        print(f"dmhpc prepare: note: {note}", file=sys.stderr, flush=True)
+    return found
+
+
+def _open_domain(spec: DomainSpec, options: Options) -> dict:
+    """Open one domain's inputs and check them (all but the pixels). Objects are drawn later."""
+    images_path, catalog_path = _path(spec.images), _path(spec.catalog)
+    catalog = None
+    if catalog_path is not None:
+        catalog = read_catalog(catalog_path, id_column=spec.id_column, label_column=spec.label_column,
+                               file_column=spec.file_column, cutouts=_path(spec.cutouts))
+    if images_path is not None:
+        images = open_images(images_path, options.layout, options.nan_fill)
+        if catalog is not None and len(catalog.ids) != len(images):
+            raise DmhpcError(f"{catalog.path}: {len(catalog.ids)} rows for the {len(images)} images of {images_path}")
+    elif catalog is not None and catalog.files is not None:
+        images = Cutouts(catalog.files, options.nan_fill)
+    else:
+        raise DmhpcError(f"{spec.name}: give images (.npy or a FITS cube), or a catalog with a file column or a "
+                         f"cutouts folder")
+    if spec.labels is not None and catalog is not None and catalog.labels is not None:
+        raise DmhpcError(f"{spec.name}: labels from both {spec.labels} and the catalog's {spec.label_column!r} column")
+    labels = open_npy(_path(spec.labels)) if spec.labels is not None else (catalog.labels if catalog else None)
+    objects = open_npy(_path(spec.objects)) if spec.objects is not None else None
+    if objects is None and catalog is not None:
+        objects = np.unique(np.array(catalog.ids), return_inverse=True)[1].astype(np.int64)
+    names = {"images": str(images_path or catalog_path),
+             "labels": str(spec.labels) if spec.labels is not None else f"{catalog_path}:{spec.label_column}",
+             "objects": str(spec.objects)}
+    layout = images.layout if isinstance(images, ArrayRows) else "NCHW"
+    inputs = [(role, p) for role, p in (("images", images_path), ("catalog", catalog_path),
+                                        ("labels", _path(spec.labels)), ("objects", _path(spec.objects)))
+              if p is not None]
+    return {"spec": spec, "name": spec.name, "out": spec.out, "images": images, "labels": labels,
+            "objects": objects, "ids": catalog.ids if catalog is not None else None, "layout": layout,
+            "names": names, "inputs": inputs, "cutouts": isinstance(images, Cutouts)}
+
+
+def _plan_domain(d: dict, options: Options, signatures: np.ndarray | None) -> dict:
+    """Group duplicates (when asked), draw the split, check the output directory."""
+    objects, copies = d["objects"], (0, 0)
+    if objects is None:
+        grouped = duplicates.group(d["images"], signatures)
+        copies = duplicates.count_copies(grouped)
+        if options.group_duplicates:
+            objects = grouped
+    elif options.group_duplicates:
+        raise DmhpcError(f"{d['name']}: --group-duplicates derives object ids; this domain has them already")
     plan = shards.plan_dataset(
-        images, labels, objects, shard_size=args.shard_size, seed=args.seed, fractions=fractions,
-        dtype=args.dtype, num_classes=args.num_classes, names=names,
-    )
-    shards.check_output_dir(domain["out"], args.overwrite)
-    return {**domain, "raw": raw, "layout": layout, "plan": plan}
+        d["images"], d["labels"], objects, shard_size=options.shard_size, seed=options.seed,
+        fractions=options.fractions, dtype=options.dtype, num_classes=options.num_classes, names=d["names"],
+        ids=d["ids"])
+    shards.check_output_dir(d["out"], options.overwrite)
+    return {**d, "plan": plan, "copies": copies}
 
 
 # ----------------------------------------------------------------------------- MPI
@@ -195,65 +240,48 @@ def _allgather(comm, value) -> list:
     return [value] if comm is None else comm.allgather(value)
 
 
-# ----------------------------------------------------------------------------- the command
+# ----------------------------------------------------------------------------- the conversion
 
 
-def _parse_fractions(text: str) -> tuple:
-    try:
-        return shards.check_fractions(text.split(","))
-    except DmhpcError as exc:
-        raise DmhpcError(f"--fractions {exc}") from None
+def _scan_source(d: dict):
+    """What the pixel scan reads: the raw array (its own dtype, so an overflow is told apart from
+    an Inf) unless NaN are filled while reading."""
+    images = d["images"]
+    return images.array if isinstance(images, ArrayRows) and images.nan_fill is None else images
 
 
-def _domains(args) -> list[dict]:
-    if args.data_config is not None:
-        given = [f"--{k}" for k in DOMAIN_KEYS if getattr(args, k) is not None]
-        if given:
-            raise DmhpcError(f"{', '.join(given)} cannot be combined with --data-config (it names the files)")
-        return load_data_config(args.data_config, args.root, args.out)
-    if args.root is not None:
-        raise DmhpcError("--root needs --data-config")
-    missing = [f"--{k}" for k in ("images", "labels", "out") if getattr(args, k) is None]
-    if missing:
-        raise DmhpcError(f"missing {', '.join(missing)} (or give --data-config)")
-    return [
-        {
-            "name": Path(args.out).name,
-            "images": Path(args.images),
-            "labels": Path(args.labels),
-            "objects": Path(args.objects) if args.objects is not None else None,
-            "out": Path(args.out),
-        }
-    ]
-
-
-def _scan_pixels(domains: list[dict], rank: int, size: int) -> list:
-    """This rank's share of the pixel checks: `scan_pixels` of its slice of each domain's images."""
+def _scan(domains: list[dict], rank: int, size: int, want_signatures: list[bool]) -> list:
+    """This rank's share of the pixel checks (and of the duplicate signatures, where wanted)."""
     found = []
-    for d in domains:
-        n = d["raw"].shape[0]
+    for d, want in zip(domains, want_signatures):
+        n = len(d["images"])
+        a, b = n * rank // size, n * (rank + 1) // size
         try:
-            found.append(shards.scan_pixels(d["raw"], n * rank // size, n * (rank + 1) // size))
+            pixels = shards.scan_pixels(_scan_source(d), a, b)
+            sigs = duplicates.signatures(d["images"], a, b) if want else None
         except OSError as exc:
-            raise DmhpcError(f"{d['images']}: cannot read ({exc})") from None
+            raise DmhpcError(f"{d['names']['images']}: cannot read ({exc})") from None
+        found.append((pixels, sigs))
     return found
 
 
 def _check_pixels(domains: list[dict], scans: list[list], dtype: str) -> None:
     """Combine every rank's pixel scans; the same outcome on every rank."""
     for k, d in enumerate(domains):
-        parts = [scan[k] for scan in scans]
+        parts = [scan[k][0] for scan in scans]
         firsts = [first for _, first, _ in parts if first >= 0]
-        shards.check_pixels(
-            sum(bad for bad, _, _ in parts), min(firsts, default=-1), max(big for _, _, big in parts),
-            dtype, str(d["images"]),
-        )
+        hint = "" if d["images"].__class__ is not ArrayRows or d["images"].nan_fill is not None else \
+            " (survey cutouts padded with NaN: --nan-fill 0)"
+        try:
+            shards.check_pixels(sum(bad for bad, _, _ in parts), min(firsts, default=-1),
+                                max(big for _, _, big in parts), dtype, d["names"]["images"])
+        except DmhpcError as exc:
+            raise DmhpcError(f"{exc}{hint if 'NaN' in str(exc) else ''}") from None
 
 
 def _input_files(domains: list[dict]) -> list[Path]:
     """Every distinct input file (a file shared by domains is read once), in a fixed order."""
-    files = [d[k].resolve() for d in domains for k in DOMAIN_KEYS if d[k] is not None]
-    return list(dict.fromkeys(files))
+    return list(dict.fromkeys(p.resolve() for d in domains for _, p in d["inputs"]))
 
 
 def _hash_in_background(paths: list[Path], stop: threading.Event):
@@ -281,34 +309,41 @@ def _hash_in_background(paths: list[Path], stop: threading.Event):
     return result
 
 
-def _prepare(args, comm) -> None:
+def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict]:
+    """Convert each domain; returns the manifests (on rank 0; None elsewhere). Python API of the command."""
     rank, size = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
-
-    def open_all():
-        fractions = _parse_fractions(args.fractions)
-        return [_open_domain(d, args, fractions) for d in _domains(args)]
-
-    domains = _agree(comm, open_all)
+    shards.check_fractions(options.fractions)
+    opened = _agree(comm, lambda: [_open_domain(spec, options) for spec in domains])
     # The input checksums are only needed for the manifests: compute them (each file on one
     # rank) while the pixels are checked and the shards written.
     stop = threading.Event()
-    files = _input_files(domains)
+    files = _input_files(opened)
     input_digests = _hash_in_background([p for j, p in enumerate(files) if j % size == rank], stop)
     try:
-        scans = _allgather(comm, _agree(comm, lambda: _scan_pixels(domains, rank, size)))
-        _check_pixels(domains, scans, args.dtype)
+        want = [d["objects"] is None for d in opened]
+        scans = _allgather(comm, _agree(comm, lambda: _scan(opened, rank, size, want)))
+        _check_pixels(opened, scans, options.dtype)
+        sigs = [np.concatenate([scan[k][1] for scan in scans]) if want[k] else None for k in range(len(opened))]
+        planned = _agree(comm, lambda: [_plan_domain(d, options, s) for d, s in zip(opened, sigs)])
+        if rank == 0:
+            for d in planned:
+                n, objects = d["copies"]
+                if n and not options.group_duplicates:
+                    print(f"dmhpc prepare: warning: {d['name']}: {n} images are flips or rotations of {objects} "
+                          f"others and have no object ids, so copies of one object can land in different "
+                          f"splits; --group-duplicates makes each group one object", file=sys.stderr, flush=True)
 
         # Validated: now write. Rank 0 clears the directories, then the shards of all domains are
         # dealt round-robin to the ranks; rank 0 writes each manifest from everyone's results.
-        created = [not d["out"].exists() for d in domains]
-        _agree(comm, lambda: [shards.reset_output_dir(d["out"]) for d in domains] if rank == 0 else None)
-        tasks = [(k, s) for k, d in enumerate(domains) for s in range(d["plan"].num_shards)]
+        created = [not d["out"].exists() for d in planned]
+        _agree(comm, lambda: [shards.reset_output_dir(d["out"]) for d in planned] if rank == 0 else None)
+        tasks = [(k, s) for k, d in enumerate(planned) for s in range(d["plan"].num_shards)]
         mine = tasks[rank::size]
 
         def write():
             try:
                 written = shards.write_shards(
-                    [(domains[k]["plan"], domains[k]["out"], s) for k, s in mine], progress=rank == 0
+                    [(planned[k]["plan"], planned[k]["out"], s) for k, s in mine], progress=rank == 0
                 )
             except OSError as exc:
                 raise DmhpcError(f"{exc.filename or 'output'}: cannot write ({exc.strerror})") from None
@@ -320,7 +355,7 @@ def _prepare(args, comm) -> None:
                 results.update(done)
         except DmhpcError:
             if rank == 0:
-                for d, made in zip(domains, created):
+                for d, made in zip(planned, created):
                     shards.remove_dataset_files(d["out"], remove_dir=made)
             raise
         digests = {}
@@ -331,12 +366,11 @@ def _prepare(args, comm) -> None:
 
     def finish():
         manifests = []
-        for k, d in enumerate(domains):
-            inputs = [
-                {"role": role, "file": str(d[role].resolve()), "sha256": digests[d[role].resolve()]}
-                for role in DOMAIN_KEYS
-                if d[role] is not None
-            ]
+        for k, d in enumerate(planned):
+            inputs = [{"role": role, "file": str(p.resolve()), "sha256": digests[p.resolve()]} for role, p in d["inputs"]]
+            if d["cutouts"]:
+                inputs.append({"role": "cutouts", "file": str(d["images"].files[0].parent.resolve()),
+                               "count": len(d["images"])})
             manifests.append(
                 shards.finish_dataset(
                     d["plan"], d["out"], [results[k, s] for s in range(d["plan"].num_shards)],
@@ -350,29 +384,74 @@ def _prepare(args, comm) -> None:
     except DmhpcError:
         # A write failed (a full disk, say): leave no shard of this conversion behind.
         if rank == 0:
-            for d, made in zip(domains, created):
+            for d, made in zip(planned, created):
                 shards.remove_dataset_files(d["out"], remove_dir=made)
         raise
     if rank == 0:
-        for d, m in zip(domains, manifests):
+        for d, m in zip(planned, manifests):
             split = ", ".join(f"{s} {b - a}" for s, (a, b) in m["rows"].items())
-            shards_written = len(m["shards"])
-            print(f"{d['name']}: {m['count']} images ({d['layout']}) -> {d['out']}/ ({shards_written} shards; {split})")
+            what = "" if m["labelled"] else ", unlabelled"
+            print(f"{d['name']}: {m['count']} images ({d['layout']}{what}) -> {d['out']}/ "
+                  f"({len(m['shards'])} shards; {split})")
+    return manifests
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def _parse_fractions(text: str) -> tuple:
+    try:
+        return shards.check_fractions(text.split(","))
+    except DmhpcError as exc:
+        raise DmhpcError(f"--fractions {exc}") from None
+
+
+def _domains(args) -> list[DomainSpec]:
+    one = {k: getattr(args, k) for k in ("images", "labels", "objects", "catalog", "cutouts")}
+    if args.data_config is not None:
+        given = [f"--{k}" for k, v in one.items() if v is not None]
+        if given:
+            raise DmhpcError(f"{', '.join(given)} cannot be combined with --data-config (it names the files)")
+        return load_data_config(args.data_config, args.root, args.out, args.set)
+    if args.root is not None:
+        raise DmhpcError("--root needs --data-config")
+    if args.set:
+        raise DmhpcError("--set needs --data-config (it changes the config's entries)")
+    if args.images is None and args.catalog is None:
+        raise DmhpcError("missing --images or --catalog (or give --data-config)")
+    if args.out is None:
+        raise DmhpcError("missing --out")
+    return [DomainSpec(name=Path(args.out).name, out=Path(args.out), id_column=args.id_column,
+                       label_column=args.label_column, file_column=args.file_column,
+                       **{k: (Path(v) if v is not None else None) for k, v in one.items()})]
 
 
 def prepare_arguments(parser) -> None:
     one = parser.add_argument_group("one domain")
-    one.add_argument("--images", metavar="X.npy", help="images .npy, (N, C, H, W) or (N, H, W, C), float16/32/64")
-    one.add_argument("--labels", metavar="Y.npy", help="labels .npy, (N,) whole numbers 0 to K-1 (K: --num-classes)")
+    one.add_argument("--images", metavar="X.npy|X.fits",
+                     help="images: .npy (N, C, H, W) or (N, H, W, C), float16/32/64, or a FITS cube (N, C, H, W)")
+    one.add_argument("--labels", metavar="Y.npy",
+                     help="labels .npy, (N,) whole numbers 0 to K-1 (K: --num-classes); without labels (and "
+                          "without --label-column) the data set is unlabelled")
     one.add_argument(
         "--objects",
         metavar="O.npy",
         help="object ids .npy, (N,): images of one object (augmented copies, views) share an id and "
-        "land in one split; default: each image its own object",
+        "land in one split; default: the catalog's ids, else each image its own object",
     )
+    cat = parser.add_argument_group("a catalog (CSV, ECSV, FITS or Parquet table)")
+    cat.add_argument("--catalog", metavar="TABLE", help="one row per image: ids (and labels, cutout files); "
+                     "with --images its rows are the images' rows, else each row names a FITS cutout")
+    cat.add_argument("--id-column", default="id", metavar="NAME", help="object id column (default: id)")
+    cat.add_argument("--label-column", metavar="NAME", help="class label column (default: none, unlabelled)")
+    cat.add_argument("--file-column", metavar="NAME", help="cutout file column (default: ID.fits in --cutouts)")
+    cat.add_argument("--cutouts", metavar="DIR", help="folder of the cutout files (default: the catalog's folder)")
     many = parser.add_argument_group("domains named by a data config")
     many.add_argument("--data-config", metavar="YAML", help="YAML naming each domain's files (configs/data/*.yaml)")
     many.add_argument("--root", metavar="DIR", help="directory holding the config's files (default: the config's root)")
+    many.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override an entry of the data config, e.g. "
+                           "domains.sdss.images=SimReal_TARGET_x_postmergers_SDSS.npy (repeatable)")
     parser.add_argument(
         "--out", metavar="DIR", help="output data-set directory (with --data-config: the parent of one directory per domain)"
     )
@@ -389,6 +468,12 @@ def prepare_arguments(parser) -> None:
         "--dtype", choices=shards.DTYPES, default="float32", help="stored pixel type (default float32)"
     )
     parser.add_argument("--num-classes", type=int, default=2, metavar="K", help="number of classes (default 2)")
+    parser.add_argument("--group-duplicates", action="store_true",
+                        help="without object ids: make images that are exact flips or 90-degree rotations of "
+                             "each other one object, so they share a split")
+    parser.add_argument("--nan-fill", type=float, metavar="VALUE",
+                        help="replace NaN pixels (survey cutouts padded at the footprint's edge) by VALUE; "
+                             "default: refuse them")
     parser.add_argument(
         "--overwrite", action="store_true",
         help="replace an existing data set; files dmhpc did not write are left in place",
@@ -398,7 +483,10 @@ def prepare_arguments(parser) -> None:
 def prepare_main(args) -> int:
     comm = world_comm()
     try:
-        _prepare(args, comm)
+        options = Options(shard_size=args.shard_size, seed=args.seed, fractions=_parse_fractions(args.fractions),
+                          layout=args.layout, dtype=args.dtype, num_classes=args.num_classes,
+                          overwrite=args.overwrite, group_duplicates=args.group_duplicates, nan_fill=args.nan_fill)
+        prepare(_agree(comm, lambda: _domains(args)), options, comm)
     except DmhpcError:
         # Every rank holds the same message; one line from rank 0 is enough.
         if comm is None or comm.Get_rank() == 0:

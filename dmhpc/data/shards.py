@@ -31,6 +31,7 @@ from dmhpc.files import atomic_path, atomic_write, is_temporary
 FORMAT = "dmhpc-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
+UNLABELLED = -1  # the label of every image of an unlabelled data set
 SPLITS = ("train", "val", "test")
 DTYPES = ("float32", "float16")
 
@@ -88,7 +89,7 @@ def check_images(images, name: str = "images") -> None:
         raise DmhpcError(f"{name}: no images (shape {tuple(images.shape)})")
     if 0 in images.shape:
         raise DmhpcError(f"{name}: empty images (shape {tuple(images.shape)})")
-    if images.dtype not in (np.float16, np.float32, np.float64):
+    if images.dtype.kind != "f" or images.dtype.itemsize not in (2, 4, 8):  # FITS data are big-endian
         raise DmhpcError(f"{name}: dtype {images.dtype}; expected float16, float32 or float64")
 
 
@@ -205,7 +206,7 @@ class Plan:
     """Everything needed to write a data set's shards: the validated inputs and the row order."""
 
     images: object  # (N, C, H, W) float array or memmap (or a transposed view of one)
-    labels: np.ndarray  # (N,) int64
+    labels: np.ndarray  # (N,) int64; UNLABELLED (-1) everywhere in an unlabelled data set
     objects: np.ndarray  # (N,) int64
     order: dict  # split -> global indices in row order
     shard_size: int
@@ -213,6 +214,11 @@ class Plan:
     fractions: tuple
     dtype: str
     num_classes: int
+    ids: np.ndarray | None = None  # (N,) bytes: catalog ids, kept in the shards for catalogs
+
+    @property
+    def labelled(self) -> bool:
+        return bool(len(self.labels)) and bool(self.labels[0] != UNLABELLED)
 
     @property
     def count(self) -> int:
@@ -239,10 +245,13 @@ def plan_dataset(
     dtype: str = "float32",
     num_classes: int = 2,
     names: dict | None = None,
+    ids=None,
 ) -> Plan:
     """Validate the arrays and settings (all but the pixels: see `scan_pixels`) and draw the split.
 
-    `names` maps "images", "labels", "objects" to what error messages call them (file names).
+    `labels` None makes an unlabelled data set (labels stored as UNLABELLED). `ids`: one catalog id
+    (str) per image, stored in the shards. `names` maps "images", "labels", "objects" to what error
+    messages call them (file names).
     """
     names = {"images": "images", "labels": "labels", "objects": "objects", **(names or {})}
     if dtype not in DTYPES:
@@ -254,12 +263,16 @@ def plan_dataset(
     fractions = check_fractions(fractions)
     check_images(images, names["images"])
     n = images.shape[0]
-    labels = check_labels(labels, n, num_classes, names["labels"])
+    labels = np.full(n, UNLABELLED, np.int64) if labels is None else check_labels(labels, n, num_classes, names["labels"])
     objects = check_objects(objects, n, names["objects"])
+    if ids is not None:
+        ids = np.array([str(i).encode() for i in ids], dtype=bytes)
+        if ids.shape != (n,):
+            raise DmhpcError(f"{names['images']}: {len(ids)} ids for {n} images")
     order = split_order(objects, seed, fractions)
     if len(order["train"]) == 0:
         raise DmhpcError(f"{names['images']}: {n} images leave the training split empty")
-    return Plan(images, labels, objects, order, int(shard_size), int(seed), fractions, dtype, int(num_classes))
+    return Plan(images, labels, objects, order, int(shard_size), int(seed), fractions, dtype, int(num_classes), ids)
 
 
 def _combine(a, b):
@@ -327,7 +340,8 @@ def write_shard(plan: Plan, out_dir: str | os.PathLike, number: int) -> tuple[di
     # fails its checksum, which verify and the trainer check.
     with atomic_path(final, durable=False) as partial:
         with h5py.File(partial, "w") as f:
-            _reserve(f, n * (per_image + 3 * 8) + 64 * (-(-n // chunk)))
+            ids_bytes = 0 if plan.ids is None else n * plan.ids.dtype.itemsize
+            _reserve(f, n * (per_image + 3 * 8) + ids_bytes + 64 * (-(-n // chunk)))
             images = f.create_dataset(
                 "images", shape=(n, *shape), dtype=plan.dtype, chunks=(chunk, *shape), track_times=False
             )
@@ -344,6 +358,8 @@ def write_shard(plan: Plan, out_dir: str | os.PathLike, number: int) -> tuple[di
                     stats = _combine(stats, _block_stats(block[:k]))
             for key, values in (("labels", plan.labels[index]), ("objects", plan.objects[index]), ("index", index)):
                 f.create_dataset(key, data=values.astype(np.int64), track_times=False)
+            if plan.ids is not None:
+                f.create_dataset("ids", data=plan.ids[index], track_times=False)
             f.flush()
             used = f.id.get_filesize()  # HDF5's end of file: what it wrote, without the reserve
         os.truncate(partial, used)
@@ -403,13 +419,20 @@ def finish_dataset(
         "inputs": list(inputs or []),
         "layout": layout,
         "created_by": f"dmhpc {__version__}",
+        "labelled": plan.labelled,
+        "ids": plan.ids is not None,
+        "objects": {},
     }
     for split in SPLITS:
         indices = plan.order[split]
         manifest["rows"][split] = [starts, starts + len(indices)]
         manifest["splits"][split] = [int(i) for i in indices]
-        per_class = np.bincount(plan.labels[indices], minlength=plan.num_classes)
-        manifest["counts"][split] = {str(k): int(c) for k, c in enumerate(per_class)}
+        if plan.labelled:
+            per_class = np.bincount(plan.labels[indices], minlength=plan.num_classes)
+            manifest["counts"][split] = {str(k): int(c) for k, c in enumerate(per_class)}
+        else:
+            manifest["counts"][split] = {}
+        manifest["objects"][split] = int(len(np.unique(plan.objects[indices])))
         starts += len(indices)
     write_manifest(out_dir, manifest)
     return manifest
@@ -579,6 +602,9 @@ def _manifest_problem(m) -> str | None:
         start = rows[1]
     if start != m["count"]:
         return f"rows cover {start} rows; count is {m['count']}"
+    for key, kind in (("labelled", bool), ("ids", bool), ("objects", dict)):  # added later: optional
+        if key in m and not isinstance(m[key], kind):
+            return f"key {key!r}: expected {'true or false' if kind is bool else 'a mapping of split -> objects'}"
     channels = m["shape"][0]
     for key in ("mean", "std"):
         values = m["stats"].get(key)
@@ -671,6 +697,22 @@ class RowReader:
             row = base + b
         return out
 
+    def read_ids(self, start: int, stop: int) -> list[str] | None:
+        """The catalog ids of rows [start, stop), or None when the data set keeps none."""
+        if not self.manifest.get("ids", False):
+            return None
+        parts = []
+        first = int(np.searchsorted(self._starts, start, side="right")) - 1
+        row = start
+        for number in range(first, len(self._starts) - 1):
+            if row >= stop:
+                break
+            base = int(self._starts[number])
+            a, b = row - base, min(stop, int(self._starts[number + 1])) - base
+            parts += [v.decode() for v in self._file(number)["ids"][a:b]]
+            row = base + b
+        return parts
+
     def close(self) -> None:
         """Close the open shard files; a later read opens them again."""
         for f in self._files.values():
@@ -717,22 +759,26 @@ def info_main(args) -> int:
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
-    classes = range(s["num_classes"])
+    labelled = is_labelled(s)
+    classes = range(s["num_classes"]) if labelled else range(0)
+    objects = s.get("objects", {})
     lines = [
         f"data set    {s['directory']}",
         f"images      {s['count']} x {'x'.join(map(str, s['shape']))} {s['dtype']} "
-        f"(input layout {s['layout']}), {s['num_classes']} classes",
+        f"(input layout {s['layout']}), "
+        + (f"{s['num_classes']} classes" if labelled else "unlabelled")
+        + (", catalog ids kept" if s.get("ids") else ""),
         f"shards      {len(s['shards'])} of up to {max(x['count'] for x in s['shards'])} rows, "
         f"{s['bytes'] / 1e6:.1f} MB",
         f"split       seed {s['seed']}, fractions "
         + ", ".join(f"{k} {v:g}" for k, v in s["fractions"].items()),
         "",
-        f"{'split':<8}{'rows':>20}{'images':>10}" + "".join(f"{'class ' + str(k):>10}" for k in classes),
+        f"{'split':<8}{'rows':>20}{'images':>10}{'objects':>10}" + "".join(f"{'class ' + str(k):>10}" for k in classes),
     ]
     for split in SPLITS:
         a, b = s["rows"][split]
         lines.append(
-            f"{split:<8}{f'[{a}, {b})':>20}{b - a:>10}"
+            f"{split:<8}{f'[{a}, {b})':>20}{b - a:>10}{objects.get(split, '-'):>10}"
             + "".join(f"{s['counts'][split].get(str(k), 0):>10}" for k in classes)
         )
     lines += [
@@ -746,3 +792,8 @@ def info_main(args) -> int:
     lines.append(f"\ncreated by {s['created_by']}")
     print("\n".join(lines))
     return 0
+
+
+def is_labelled(manifest: dict) -> bool:
+    """Whether a data set has labels (manifests of dmhpc before unlabelled data sets always did)."""
+    return manifest.get("labelled", True)

@@ -1,0 +1,75 @@
+"""Images that are exact flips or 90-degree rotations of each other: the augmented copies of one object.
+
+The DeepMerge files hold augmented copies of each merger (flips, rotations) and no object ids, so a
+split drawn image by image puts copies of one galaxy in training and in test. Two passes find them:
+
+1. a signature per image, invariant under the 8 symmetries of the square (4 flips when H != W):
+   the sum, modulo 2**64, of a mixing function of every pixel's bit pattern. Integer addition is
+   exact and order-free, so a flipped or rotated copy has the very same signature; distinct images
+   share one with probability about 2**-64 per pair. One cheap pass, a block of rows at a time.
+2. within each group of equal signatures, the exact test: the canonical hash of an image is the
+   smallest BLAKE2 digest of its symmetric versions, so two images with equal canonical hashes are
+   exact symmetric copies. Only images whose signature is shared are hashed this way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio: spreads nearby bit patterns apart
+_BLOCK_BYTES = 16 << 20
+
+
+def signatures(images, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """(stop - start,) uint64 signatures of images[start:stop], equal for symmetric copies."""
+    stop = len(images) if stop is None else stop
+    per_image = int(np.prod(images.shape[1:])) * 4
+    step = max(1, _BLOCK_BYTES // per_image)
+    out = np.empty(stop - start, np.uint64)
+    with np.errstate(over="ignore"):
+        for a in range(start, stop, step):
+            block = np.ascontiguousarray(images[a:min(a + step, stop)], dtype=np.float32)
+            bits = block.view(np.uint32).reshape(len(block), -1).astype(np.uint64)
+            bits *= _MIX
+            bits ^= bits >> np.uint64(29)
+            bits *= _MIX
+            out[a - start:a - start + len(block)] = bits.sum(axis=1, dtype=np.uint64)
+    return out
+
+
+def _versions(image: np.ndarray):
+    """The symmetric versions of one (C, H, W) image: 8 when square, else the 4 flips."""
+    square = image.shape[-1] == image.shape[-2]
+    for code in range(8 if square else 4):
+        v = image[..., ::-1] if code & 1 else image
+        v = v[..., ::-1, :] if code & 2 else v
+        yield np.ascontiguousarray(v.swapaxes(-1, -2) if code & 4 else v)
+
+
+def canonical_hash(image: np.ndarray) -> bytes:
+    """The smallest digest over the image's symmetric versions: equal exactly for symmetric copies."""
+    image = np.asarray(image, dtype=np.float32)
+    return min(hashlib.blake2b(v.tobytes(), digest_size=16).digest() for v in _versions(image))
+
+
+def group(images, sigs: np.ndarray) -> np.ndarray:
+    """(N,) int64 object ids: each image gets the index of the first image it is a symmetric copy of."""
+    objects = np.arange(len(sigs), dtype=np.int64)
+    values, inverse, counts = np.unique(sigs, return_inverse=True, return_counts=True)
+    shared = np.flatnonzero(counts[inverse] > 1)
+    if not len(shared):
+        return objects
+    first_of: dict[bytes, int] = {}
+    order = shared[np.argsort(inverse[shared], kind="stable")]  # grouped by signature, index order within
+    images_of = images[order]  # only the candidates are read again
+    for i, image in zip(order, images_of):
+        objects[i] = first_of.setdefault(sigs[i].tobytes() + canonical_hash(image), int(i))
+    return objects
+
+
+def count_copies(objects: np.ndarray) -> tuple[int, int]:
+    """(images that copy another one, distinct objects those belong to) for object ids from `group`."""
+    copies = objects != np.arange(len(objects))
+    return int(copies.sum()), int(len(np.unique(objects[copies])))

@@ -1,0 +1,285 @@
+"""The images users have, opened as one array-like of (N, C, H, W) float32 rows, never read whole.
+
+- `.npy` files (memory-mapped; NCHW or NHWC),
+- FITS cubes: one file whose first image HDU is (N, C, H, W) (or (N, H, W) for one filter),
+- FITS cutouts: one file per object, listed by a catalog table (CSV, ECSV, FITS, Parquet) with an
+  id column, an optional label column and an optional file column (without one, the file of id X
+  is CUTOUTS/X.fits). A cutout holds one (C, H, W) image HDU or one (H, W) HDU per filter.
+
+FITS is read with astropy (`astropy.io.fits`, memory-mapped; big-endian data converted to native
+float32 row by row) and catalogs with `astropy.table`. NaN pixels (survey cutouts are often
+NaN-padded at the edges of the footprint) are refused downstream unless a fill value is given
+(`nan_fill`), which replaces them as rows are read.
+
+Every reader is an `ImageArray`: `shape`, `dtype` (float32) and `__getitem__` with an integer, a
+slice or an array of indices, returning a numpy array. So `dmhpc prepare` and `dmhpc predict` read
+a block of rows at a time whatever the source.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from dmhpc.errors import DmhpcError
+
+LAYOUTS = ("NCHW", "NHWC")
+FITS_SUFFIXES = (".fits", ".fit", ".fts")
+CATALOG_FORMATS = {".csv": "ascii.csv", ".ecsv": "ascii.ecsv", ".fits": "fits", ".fit": "fits",
+                   ".parquet": "parquet", ".h5": "hdf5", ".hdf5": "hdf5"}
+
+
+class ImageArray:
+    """(N, C, H, W) float32 rows read on demand; see the module docstring."""
+
+    shape: tuple
+    dtype = np.dtype(np.float32)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def ndim(self) -> int:
+        return 4
+
+    def _rows(self, index: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            index = np.arange(*key.indices(len(self)))
+        elif isinstance(key, (int, np.integer)):
+            return self[np.array([key])][0]
+        else:
+            index = np.asarray(key, dtype=np.int64)
+        return self._rows(index)
+
+
+class ArrayRows(ImageArray):
+    """Rows of an in-memory or memory-mapped array (any float dtype or byte order), as native
+    float32 in NCHW, NaN replaced by `nan_fill` when given."""
+
+    def __init__(self, array, layout: str = "NCHW", nan_fill: float | None = None, keep=None):
+        self.array, self.layout, self.nan_fill = array, layout, nan_fill
+        self._keep = keep  # an open file the array maps, kept open as long as we are
+        n, a, b, c = array.shape
+        self.shape = (n, a, b, c) if layout == "NCHW" else (n, c, a, b)
+        self.dtype = array.dtype  # what the source holds (refused if not floating point); rows come as float32
+
+    def _rows(self, index: np.ndarray) -> np.ndarray:
+        block = np.asarray(self.array[index])
+        if self.layout == "NHWC":
+            block = block.transpose(0, 3, 1, 2)
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        if self.nan_fill is not None:
+            np.nan_to_num(block, copy=False, nan=self.nan_fill)
+        return block
+
+
+def _fits_error(path, exc: Exception) -> DmhpcError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return DmhpcError(f"{path}: not a readable FITS file ({reason})")
+
+
+def open_fits_cube(path: str | os.PathLike, nan_fill: float | None = None) -> ArrayRows:
+    """The first image HDU of a FITS file as (N, C, H, W) rows ((N, H, W): one filter)."""
+    from astropy.io import fits  # astropy is heavy: only when FITS is used
+
+    try:
+        hdul = fits.open(path, memmap=True)
+    except FileNotFoundError:
+        raise DmhpcError(f"{path}: no such file") from None
+    except Exception as exc:
+        raise _fits_error(path, exc) from None
+    for hdu in hdul:
+        data = hdu.data if hdu.is_image else None
+        if data is None:
+            continue
+        if data.ndim == 3:
+            data = data[:, None]
+        if data.ndim != 4:
+            raise DmhpcError(f"{path}: HDU {hdu.name or 0} holds a {data.ndim}-d image {data.shape}; "
+                             f"expected a cube (N, C, H, W) or (N, H, W)")
+        if data.dtype.kind != "f":
+            raise DmhpcError(f"{path}: pixels of dtype {data.dtype}; expected floating point")
+        return ArrayRows(data, "NCHW", nan_fill, keep=hdul)
+    raise DmhpcError(f"{path}: no image HDU with data")
+
+
+def read_cutout(path: Path) -> np.ndarray:
+    """One cutout file as (C, H, W) float32: one (C, H, W) HDU, or one (H, W) HDU per filter."""
+    from astropy.io import fits
+
+    try:
+        with fits.open(path, memmap=False) as hdul:
+            planes = [hdu.data for hdu in hdul if hdu.is_image and hdu.data is not None]
+            if len(planes) == 1 and planes[0].ndim == 3:
+                image = planes[0]
+            elif planes and all(p.ndim == 2 for p in planes):
+                if len({p.shape for p in planes}) > 1:
+                    raise DmhpcError(f"{path}: filters of different shapes {[p.shape for p in planes]}")
+                image = np.stack(planes)
+            else:
+                raise DmhpcError(f"{path}: expected one (C, H, W) image HDU or one (H, W) HDU per filter, found "
+                                 f"{[p.shape for p in planes] or 'no image data'}")
+            return image.astype(np.float32)
+    except FileNotFoundError:
+        raise DmhpcError(f"{path}: no such cutout file") from None
+    except DmhpcError:
+        raise
+    except Exception as exc:
+        raise _fits_error(path, exc) from None
+
+
+class Cutouts(ImageArray):
+    """One FITS file per row; every cutout must have the first one's shape."""
+
+    def __init__(self, files: list[Path], nan_fill: float | None = None):
+        if not files:
+            raise DmhpcError("the catalog lists no cutouts")
+        self.files, self.nan_fill = files, nan_fill
+        first = read_cutout(files[0])
+        self.shape = (len(files), *first.shape)
+
+    def _rows(self, index: np.ndarray) -> np.ndarray:
+        out = np.empty((len(index), *self.shape[1:]), np.float32)
+        for k, i in enumerate(index):
+            image = read_cutout(self.files[i])
+            if image.shape != self.shape[1:]:
+                raise DmhpcError(f"{self.files[i]}: cutout of shape {image.shape}; the first one "
+                                 f"({self.files[0].name}) is {self.shape[1:]}")
+            out[k] = image
+        if self.nan_fill is not None:
+            np.nan_to_num(out, copy=False, nan=self.nan_fill)
+        return out
+
+
+@dataclass
+class Catalog:
+    """What a catalog table says of each row: id, label (or None), cutout file (or None)."""
+
+    path: Path
+    ids: list[str]
+    labels: np.ndarray | None
+    files: list[Path] | None
+
+
+def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column: str | None = None,
+                 file_column: str | None = None, cutouts: str | os.PathLike | None = None) -> Catalog:
+    """Read a catalog with astropy.table. Cutout files are relative to `cutouts` (default: the
+    catalog's folder); without a file column, the file of id X is X.fits there."""
+    from astropy.table import Table
+
+    path = Path(path)
+    fmt = CATALOG_FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise DmhpcError(f"{path}: unknown catalog format; expected one of {', '.join(CATALOG_FORMATS)}")
+    if not path.is_file():
+        raise DmhpcError(f"{path}: no such catalog")
+    try:
+        table = Table.read(path, format=fmt)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DmhpcError(f"{path}: cannot read the catalog ({reason})") from None
+    for role, column in (("id", id_column), ("label", label_column), ("file", file_column)):
+        if column is not None and column not in table.colnames:
+            raise DmhpcError(f"{path}: no {role} column {column!r} (columns: {', '.join(table.colnames)})")
+    if len(table) == 0:
+        raise DmhpcError(f"{path}: the catalog has no rows")
+    ids = [str(v).strip() for v in table[id_column]]
+    labels = None
+    if label_column is not None:
+        labels = np.asarray(table[label_column])
+        if np.ma.is_masked(table[label_column]):
+            raise DmhpcError(f"{path}: column {label_column!r} has empty labels")
+    folder = Path(cutouts) if cutouts is not None else path.parent
+    files = None
+    if file_column is not None:
+        files = [folder / str(v).strip() for v in table[file_column]]
+    elif cutouts is not None:
+        files = [folder / f"{i}.fits" for i in ids]
+    return Catalog(path, ids, labels, files)
+
+
+def open_npy(path: str | os.PathLike) -> np.ndarray:
+    """Memory-map a .npy file; DmhpcError naming the file if it is missing or not a usable .npy."""
+    name = str(path)
+    p = Path(path)
+    if not p.exists():
+        raise DmhpcError(f"{name}: no such file{_spelling_hint(p)}")
+    if not p.is_file():
+        raise DmhpcError(f"{name}: not a file")
+    try:
+        with open(p, "rb") as f:
+            magic = f.read(len(np.lib.format.MAGIC_PREFIX))
+    except OSError as exc:
+        raise DmhpcError(f"{name}: cannot read ({exc.strerror})") from None
+    if magic != np.lib.format.MAGIC_PREFIX:
+        raise DmhpcError(f"{name}: not a .npy file")
+    try:
+        array = np.load(p, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as exc:  # truncated, or Python objects that cannot be mapped
+        raise DmhpcError(f"{name}: cannot read ({exc})") from None
+    if array.ndim > 1 and not array.flags.c_contiguous:
+        # Gathering rows from a column-major memmap reads the whole file for every block.
+        raise DmhpcError(f"{name}: Fortran-ordered array; save it with np.save(path, np.ascontiguousarray(a))")
+    return array
+
+
+def resolve_spelling(path: Path) -> tuple[Path, str | None]:
+    """`path`, or the one file in its folder whose name differs only in letter case (copies of the
+    DeepMerge files spell `_X_` as `_x_`), with a note saying so."""
+    if path.exists() or not path.parent.is_dir():
+        return path, None
+    matches = [p for p in path.parent.iterdir() if p.name.lower() == path.name.lower()]
+    if len(matches) == 1:
+        return matches[0], f"{path.name} not found; using {matches[0].name}, which differs in letter case only"
+    return path, None
+
+
+def _spelling_hint(path: Path) -> str:
+    if not path.parent.is_dir():
+        return ""
+    close = [p.name for p in path.parent.iterdir() if p.name.lower() == path.name.lower()]
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def detect_layout(shape: tuple, layout: str | None, name: str) -> str:
+    """NCHW or NHWC for an image array of `shape`: `layout` if given, else detected.
+
+    Detected when exactly one reading has 1 to 4 channels and square images.
+    """
+    if len(shape) != 4:
+        raise DmhpcError(
+            f"{name}: {len(shape)} dimensions {tuple(shape)}; expected 4: (N, C, H, W) or (N, H, W, C)"
+        )
+    _, a, b, c = shape
+    if layout is not None:
+        channels = a if layout == "NCHW" else c
+        if not 1 <= channels <= 4:
+            raise DmhpcError(
+                f"{name}: {channels} channels in layout {layout} (shape {tuple(shape)}); expected 1 to 4"
+            )
+        return layout
+    nchw = 1 <= a <= 4 and b == c
+    nhwc = 1 <= c <= 4 and a == b
+    if nchw and nhwc:
+        raise DmhpcError(f"{name}: shape {tuple(shape)} reads as NCHW or NHWC; pass --layout")
+    if not (nchw or nhwc):
+        raise DmhpcError(
+            f"{name}: shape {tuple(shape)} has no channel axis of 1 to 4 beside square images;"
+            " expected (N, C, H, W) or (N, H, W, C), or pass --layout"
+        )
+    return "NCHW" if nchw else "NHWC"
+
+
+def open_images(path: str | os.PathLike, layout: str | None = None, nan_fill: float | None = None) -> ArrayRows:
+    """A .npy array or a FITS cube as rows; the layout of a .npy is detected unless given."""
+    path = Path(path)
+    if path.suffix.lower() in FITS_SUFFIXES:
+        return open_fits_cube(path, nan_fill)
+    raw = open_npy(path)
+    return ArrayRows(raw, detect_layout(raw.shape, layout, str(path)), nan_fill)
