@@ -52,6 +52,14 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "evaluate a run's selected checkpoint: metrics JSON and ROC, confusion, curve and latent-space plots",
         "dmhpc eval --run runs/deepmerge-mmd-fisher-entropy --split test",
     ),
+    "predict": (
+        "dmhpc.infer.predict",
+        "a merger probability per image as a catalog (Parquet, FITS, CSV, ECSV, HDF5): streamed, any number "
+        "of ranks, resumable",
+        "dmhpc predict --run runs/demo/deepmerge-mmd-fisher-entropy --data data/embedded/shards/noisy --out noisy.parquet\n"
+        "  torchrun --nproc_per_node=4 -m dmhpc predict --run-dir RUN --catalog survey.csv --file-column file "
+        "--out candidates.fits --tta",
+    ),
     "demo": (
         "dmhpc.demo",
         "run the main job on the embedded data set from scratch",

@@ -10,9 +10,10 @@ import torch
 from dmhpc import plots as P
 from dmhpc.data.loaders import domain_stats, eval_batches
 from dmhpc.distributed import all_gather_object, bootstrap, shutdown
+from dmhpc.errors import DmhpcError
 from dmhpc.run import RunDir, evaluation_tag
 from dmhpc.train.checkpoint import load_checkpoint
-from dmhpc.train.metrics import CRITERIA, classification_metrics
+from dmhpc.train.metrics import CRITERIA, domain_metrics
 from dmhpc.train.objective import build_backbone
 
 DOMAINS = ("source", "target")
@@ -54,15 +55,17 @@ def _cat(chunks, dtype, empty_shape):
 
 
 def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str, stats: dict,
-                 plots: bool = True) -> dict:
-    """Metrics of both domains of the run's data on `split`, written by rank 0 to the run's own file
-    for (checkpoint, split), with plots named alike, never over another evaluation's.
+                 data: dict | None = None, data_name: str | None = None, plots: bool = True) -> dict:
+    """Metrics of both domains on `split`, written by rank 0 to the run's own file for (checkpoint,
+    split, data set), with plots named alike, never over another evaluation's.
 
-    `checkpoint` says which checkpoint the model holds (name, epoch, step, selection criterion and
-    score) and is copied into the result, so a reader can tell oracle-selected results apart.
-    `stats[domain]` is the (mean, std) the domain is normalized with.
+    `data` maps "source" and "target" to data-set directories (default: the run's own; then
+    `data_name` None); `stats[domain]` is the (mean, std) each is normalized with. `checkpoint` says
+    which checkpoint the model holds (name, epoch, step, selection criterion and score) and is copied
+    into the result, so a reader can tell oracle-selected results apart. A domain without labels
+    gets the label-free metrics only.
     """
-    dirs = {"source": cfg.data.source, "target": cfg.data.target}
+    dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
     preds = {
         d: predict(model, dirs[d], split, batch_size=2 * cfg.train.batch_size, dist=dist,
                    mean=stats[d][0], std=stats[d][1], with_features=plots)
@@ -73,14 +76,15 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
         "checkpoint": checkpoint,
         "oracle": CRITERIA.get(checkpoint.get("criterion"), False),
         "data": {d: str(dirs[d]) for d in DOMAINS},
-        **{d: classification_metrics(preds[d]["labels"], preds[d]["prob"]) for d in DOMAINS},
+        **{d: domain_metrics(preds[d]["labels"], preds[d]["prob"]) for d in DOMAINS},
     }
     if not dist.is_main:
         return result
-    run.write_result(result, checkpoint["name"], split)
+    run.write_result(result, checkpoint["name"], split, data_name)
     if plots:
-        tag = evaluation_tag(checkpoint["name"], split)
-        title = f"{run.path.name}: {checkpoint['name']} checkpoint, {split} split" + (
+        tag = evaluation_tag(checkpoint["name"], split, data_name)
+        on = f" on {data_name}" if data_name else ""
+        title = f"{run.path.name}: {checkpoint['name']} checkpoint, {split} split{on}" + (
             " (oracle selection)" if result["oracle"] else "")
         P.roc_curves({d: (preds[d]["labels"], preds[d]["prob"]) for d in DOMAINS},
                      run.plot_path(f"roc_{tag}"), f"ROC, {title}")
@@ -98,11 +102,24 @@ def eval_arguments(parser) -> None:
     parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="default: test")
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"],
                         help="which checkpoint of the run to evaluate (default: best)")
+    parser.add_argument("--target", type=Path, metavar="DIR",
+                        help="evaluate on this prepared data set as the target domain (labelled or not) "
+                             "instead of the run's; default: the run's own data")
+    parser.add_argument("--source", type=Path, metavar="DIR",
+                        help="with --target: this data set as the source domain (default: the run's source)")
 
 
 def eval_main(args) -> int:
     run = RunDir(args.run)
     cfg = run.config()
+    if args.source is not None and args.target is None:
+        raise DmhpcError("--source needs --target (evaluating on the run's own target with another source "
+                         "is not a data set of its own)")
+    data, data_name = None, None
+    if args.target is not None:
+        data = {"source": args.source or Path(cfg.data.source), "target": args.target}
+        data_name = "+".join(p.resolve().name for p in ((args.source,) if args.source else ()) + (args.target,))
+    dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
     ckpt = load_checkpoint(run.checkpoint(args.checkpoint))
     dist = bootstrap()
     try:
@@ -110,22 +127,31 @@ def eval_main(args) -> int:
         model.load_state_dict(ckpt["model"])
         info = {"name": args.checkpoint, **{k: ckpt[k] for k in ("epoch", "step") if k in ckpt},
                 **ckpt.get("selection", {})}
-        stats = dict(zip(DOMAINS, domain_stats(cfg.data.source, cfg.data.target, cfg.data.normalize)))
-        result = evaluate_run(model, cfg, dist, run, checkpoint=info, split=args.split, stats=stats)
+        # Normalization as the run trained: per domain, each data set with its own statistics.
+        stats = dict(zip(DOMAINS, domain_stats(dirs["source"], dirs["target"], cfg.data.normalize)))
+        result = evaluate_run(model, cfg, dist, run, checkpoint=info, split=args.split, stats=stats, data=data,
+                              data_name=data_name)
         if dist.is_main:
-            print(format_table({f"{args.run.name} ({args.checkpoint}, {args.split})": result}))
-            print(f"wrote {run.result_path(args.checkpoint, args.split)} and "
-                  f"{run.plot_path(f'*_{evaluation_tag(args.checkpoint, args.split)}')}")
+            label = f"{args.run.name} ({args.checkpoint}, {args.split}{', ' + data_name if data_name else ''})"
+            print(format_table({label: result}))
+            print(f"wrote {run.result_path(args.checkpoint, args.split, data_name)} and "
+                  f"{run.plot_path(f'*_{evaluation_tag(args.checkpoint, args.split, data_name)}')}")
     finally:
         shutdown()
     return 0
 
 
 def format_table(results: dict) -> str:
-    """A Markdown table of source and target accuracy and AUC, one row per run."""
+    """A Markdown table of source and target accuracy and AUC, one row per run (an unlabelled
+    domain shows its predicted merger fraction instead)."""
     rows = ["| run | source acc | source AUC | target acc | target AUC |", "|---|---|---|---|---|"]
+
+    def cells(m: dict) -> str:
+        if m.get("labelled", True) is False:
+            return f"unlabelled: {m['merger_fraction']:.3f} predicted mergers | -"
+        return f"{m['accuracy']:.3f} | {m['roc_auc']:.3f}"
+
     for name, r in results.items():
         mark = " (oracle)" if r.get("oracle") else ""
-        rows.append(f"| {name}{mark} | {r['source']['accuracy']:.3f} | {r['source']['roc_auc']:.3f} "
-                    f"| {r['target']['accuracy']:.3f} | {r['target']['roc_auc']:.3f} |")
+        rows.append(f"| {name}{mark} | {cells(r['source'])} | {cells(r['target'])} |")
     return "\n".join(rows)

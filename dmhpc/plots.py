@@ -39,7 +39,9 @@ def roc_curves(predictions: dict, path: Path, title: str) -> Path:
 
 
 def confusion_matrices(metrics: dict, path: Path, title: str) -> Path:
-    """One confusion matrix per domain; `metrics[domain]["confusion"]` as [[TN, FP], [FN, TP]]."""
+    """One confusion matrix per domain; `metrics[domain]["confusion"]` as [[TN, FP], [FN, TP]].
+    Domains without labels (no "confusion") are left out."""
+    metrics = {d: m for d, m in metrics.items() if "confusion" in m}
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4), squeeze=False)
     for ax, (domain, m) in zip(axes[0], metrics.items()):
@@ -106,8 +108,10 @@ def latent_embedding(features: dict, path: Path, title: str, method: str = "tsne
         emb = x[:, :2]
     fig, ax = plt.subplots(figsize=(6, 6))
     for domain, marker in (("source", "o"), ("target", "x")):
-        for cls, colour, name in ((0, "tab:blue", "non-merger"), (1, "tab:red", "merger")):
+        for cls, colour, name in ((0, "tab:blue", "non-merger"), (1, "tab:red", "merger"), (-1, "tab:grey", "unlabelled")):
             sel = (domains == domain) & (y == cls)
+            if not sel.any():
+                continue
             ax.scatter(emb[sel, 0], emb[sel, 1], s=6, marker=marker, c=colour, alpha=0.5,
                        label=f"{domain} {name}")
     ax.set(title=f"{title} ({method})", xticks=[], yticks=[])

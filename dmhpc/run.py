@@ -155,6 +155,21 @@ class RunDir:
     def write_result(self, result: dict, checkpoint: str, split: str, data: str | None = None) -> Path:
         return atomic_write(self.result_path(checkpoint, split, data), json.dumps(result, indent=2) + "\n")
 
+    def data_record(self, role: str) -> dict:
+        """What run.json says of the run's `role` ("source" or "target") data set: path, fingerprint,
+        image shape, and the per-channel mean and std it was normalized with."""
+        record = _read_json(self.record_path) if self.record_path.is_file() else {}
+        entry = record.get("data", {}).get(role, {})
+        if not all(k in entry for k in ("mean", "std", "shape")):
+            raise DmhpcError(f"{self.record_path}: no {role} data set recorded with its normalization (a run of "
+                             f"an older dmhpc, or one that has not started)")
+        return entry
+
+    def normalization(self, role: str) -> tuple[list[float], list[float]]:
+        """(mean, std) per channel the run normalized `role` with."""
+        entry = self.data_record(role)
+        return [float(v) for v in entry["mean"]], [float(v) for v in entry["std"]]
+
     def has_results(self) -> bool:
         """A checkpoint or an evaluation is there: something a fresh start would throw away."""
         return any(self.checkpoint(n).is_file() for n in CHECKPOINT_NAMES) or any((self.path / EVAL).glob("*.json"))

@@ -148,6 +148,17 @@ def _channel_stats(mean, std, device: torch.device) -> tuple[torch.Tensor, torch
     )
 
 
+class Normalizer:
+    """Per-channel (x - mean) / std of an image batch on `device`, as float32 (what every loader does)."""
+
+    def __init__(self, mean, std, device):
+        self.scale, self.shift = _channel_stats(mean, std, torch.device(device))
+
+    def __call__(self, images: torch.Tensor, codes: torch.Tensor | None = None) -> torch.Tensor:
+        """`images` on the device, turned by the dihedral `codes` first when given."""
+        return _finish(images, codes, self.scale, self.shift)
+
+
 def _finish(images: torch.Tensor, codes: torch.Tensor | None, scale, shift,
             memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
     """The float32 normalized batch, turned by `codes` when augmenting: the on-device end of a batch.
@@ -180,7 +191,8 @@ def _manifest_stats(directory, manifest: dict) -> tuple[list[float], list[float]
     return [float(v) for v in mean], [float(v) for v in std]
 
 
-def _stats(source_dir, source: dict, target_dir, target: dict, normalize: str):
+def normalization(source_dir, source: dict, target_dir, target: dict, normalize: str):
+    """((mean_s, std_s), (mean_t, std_t)) from the two manifests, as `normalize` says (see `domain_stats`)."""
     s = _manifest_stats(source_dir, source)
     return s, (s if normalize == "source" else _manifest_stats(target_dir, target))
 
@@ -192,7 +204,7 @@ def domain_stats(source_dir, target_dir, normalize: str):
     `"source"`: the source's for both. Pass the pair of a domain to `eval_batches`.
     """
     _check_normalize(normalize)
-    return _stats(source_dir, load_manifest(source_dir), target_dir, load_manifest(target_dir), normalize)
+    return normalization(source_dir, load_manifest(source_dir), target_dir, load_manifest(target_dir), normalize)
 
 
 # ----------------------------------------------------------------------------- the loaders
@@ -446,7 +458,7 @@ def make_train_loader(
             f"{dirs[SOURCE]} and {dirs[TARGET]}: image shapes differ "
             f"({manifests[SOURCE]['shape']} and {manifests[TARGET]['shape']})"
         )
-    stats = _stats(dirs[SOURCE], manifests[SOURCE], dirs[TARGET], manifests[TARGET], normalize)
+    stats = normalization(dirs[SOURCE], manifests[SOURCE], dirs[TARGET], manifests[TARGET], normalize)
     domains = []
     for domain, (directory, manifest, (mean, std)) in enumerate(zip(dirs, manifests, stats)):
         start, stop = split_rows(manifest, "train")

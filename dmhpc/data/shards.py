@@ -316,6 +316,18 @@ def _reserve(f: h5py.File, data_bytes: int) -> None:
         raise
 
 
+def pixel_statistics(images) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation over every row of an (N, C, H, W) array-like, read a
+    block of rows at a time (the same float64 arithmetic as a manifest's training statistics)."""
+    per_image = max(1, int(np.prod(images.shape[1:])) * 4)
+    step = max(1, _BLOCK_BYTES // per_image)
+    stats = (0, np.zeros(images.shape[1]), np.zeros(images.shape[1]))
+    for a in range(0, len(images), step):
+        stats = _combine(stats, _block_stats(np.ascontiguousarray(images[a:a + step], dtype=np.float32)))
+    n, mean, m2 = stats
+    return [float(v) for v in mean], [float(v) for v in np.sqrt(m2 / max(n, 1))]
+
+
 def write_shard(plan: Plan, out_dir: str | os.PathLike, number: int) -> tuple[dict, tuple]:
     """Write shard `number` under a temporary name, checksum it, rename it into place.
 

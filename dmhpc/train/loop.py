@@ -27,7 +27,7 @@ from dmhpc.run import RunDir
 from dmhpc.train import preflight
 from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, StopRequest, load_checkpoint, save_checkpoint
 from dmhpc.train.meter import EpochMeter
-from dmhpc.train.metrics import MetricLog, classification_metrics, selection_score
+from dmhpc.train.metrics import MetricLog, domain_metrics, selection_score
 from dmhpc.train.state import TrainState
 from dmhpc.train.step import TrainStep
 
@@ -141,7 +141,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                                       dist=dist, mean=stats[d][0], std=stats[d][1], with_features=criterion == "dev")
                            for d in dirs}
                     for d in dirs:
-                        record[d]["val"] = classification_metrics(val[d]["labels"], val[d]["prob"])
+                        record[d]["val"] = domain_metrics(val[d]["labels"], val[d]["prob"])
                     score = selection_score(criterion, val)
                     record["selection"] = {"criterion": criterion, "score": score}
                     if score > prog.best_score:
@@ -183,9 +183,11 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
 
 
 def _epoch_line(r: dict, criterion: str) -> str:
-    val = {d: r[d].get("val", {}).get("accuracy", math.nan) for d in ("source", "target")}
+    val = {d: r[d].get("val", {}) for d in ("source", "target")}
+    target = (f"target {val['target'].get('accuracy', math.nan):.3f}" if val["target"].get("labelled", True)
+              else f"target (unlabelled) merger fraction {val['target'].get('merger_fraction', math.nan):.3f}")
     return (f"epoch {r['epoch']} step {r['step']}: loss {r['loss'].get('total', math.nan):.4f} | val acc "
-            f"source {val['source']:.3f} target {val['target']:.3f} | {criterion} "
+            f"source {val['source'].get('accuracy', math.nan):.3f} {target} | {criterion} "
             f"{r.get('selection', {}).get('score', math.nan):.4f} | {r['images_per_s']:.0f} img/s")
 
 

@@ -7,7 +7,7 @@ import torch
 
 from dmhpc.distributed import all_gather_object, all_reduce_mean, all_reduce_min
 from dmhpc.errors import DmhpcError
-from dmhpc.train.metrics import classification_metrics
+from dmhpc.train.metrics import domain_metrics
 
 _NONE = 2**62  # "no non-finite value yet": above any step, so a MIN over ranks finds the first
 
@@ -81,7 +81,7 @@ class EpochMeter:
             labels = np.concatenate([p[0] for p in parts])
             prob = np.concatenate([p[1] for p in parts])
             # Empty when a resume lands on the end of an epoch: nothing left to train in it.
-            record[domain] = {"train": classification_metrics(labels, prob)} if len(labels) else {}
+            record[domain] = {"train": domain_metrics(labels, prob)} if len(labels) else {}
         if self.domain_logits:
             correct = total = 0
             for d in self.domain_logits:  # source first in each batch

@@ -35,6 +35,34 @@ def classification_metrics(labels: np.ndarray, prob: np.ndarray) -> dict:
     }
 
 
+def prediction_metrics(prob: np.ndarray) -> dict:
+    """What predictions say without labels: the predicted merger fraction, the mean merger
+    probability, the mean prediction entropy (nats) and the IM validator."""
+    p = np.asarray(prob, dtype=np.float64)
+    if not len(p):
+        return {"n": 0}
+    q = np.clip(p, 1e-12, 1.0)
+    return {
+        "n": int(len(p)),
+        "merger_fraction": float((p[:, 1] >= 0.5).mean()),
+        "mean_p_merger": float(p[:, 1].mean()),
+        "mean_entropy": float(-(q * np.log(q)).sum(axis=1).mean()),
+        "im": information_maximization(p),
+    }
+
+
+def domain_metrics(labels: np.ndarray, prob: np.ndarray) -> dict:
+    """Label-free metrics of the predictions, and the classification metrics when the domain has
+    labels (an unlabelled data set stores -1 for every label)."""
+    labels = np.asarray(labels)
+    out = prediction_metrics(prob)
+    if len(labels) and (labels >= 0).all():
+        out.update(classification_metrics(labels, prob))
+    else:
+        out["labelled"] = False
+    return out
+
+
 def information_maximization(prob: np.ndarray) -> float:
     """IM validator: entropy of the mean prediction minus the mean per-sample entropy (higher is better).
 

@@ -4,7 +4,8 @@ Each is a one-line DmhpcError on every rank, naming the key or the data set and 
 
 - the data sets: their manifests, split lists and shards (dmhpc/data/check.py; with
   data.verify=checksums every shard's SHA-256 too, the shards shared among the ranks);
-- what training needs of them: non-empty validation and test splits (checkpoints are chosen on
+- what training needs of them: a labelled source (an unlabelled target is fine, with a label-free
+  selection criterion), non-empty validation and test splits (checkpoints are chosen on
   validation data and the chosen one is tested), at most as many classes as the model has, a
   source training split with more than one class, source and target images of one shape;
 - the model takes the images: one forward pass of a zero batch of the data's shape.
@@ -15,9 +16,11 @@ from __future__ import annotations
 import torch
 
 from dmhpc.data.check import check_part, combine, split_problem
-from dmhpc.data.shards import SPLITS, fingerprint, load_manifest
+from dmhpc.data.loaders import normalization
+from dmhpc.data.shards import SPLITS, fingerprint, is_labelled, load_manifest
 from dmhpc.distributed import agree, gather
 from dmhpc.errors import DmhpcError
+from dmhpc.train.metrics import CRITERIA
 from dmhpc.train.objective import NUM_CLASSES
 
 ROLES = ("source", "target")
@@ -39,9 +42,13 @@ def load_manifests(cfg) -> dict[str, dict]:
 
 
 def data_identity(cfg, manifests: dict) -> dict:
-    """What run.json records of each data set: its path and fingerprint (see RunDir.claim)."""
-    return {role: {"path": str(getattr(cfg.data, role)), "fingerprint": fingerprint(manifests[role])}
-            for role in ROLES}
+    """What run.json records of each data set: its path and fingerprint (see RunDir.claim), and the
+    per-channel mean and std it is normalized with, which `dmhpc predict` and `export` reuse."""
+    stats = normalization(cfg.data.source, manifests["source"], cfg.data.target, manifests["target"],
+                          cfg.data.normalize)
+    return {role: {"path": str(getattr(cfg.data, role)), "fingerprint": fingerprint(manifests[role]),
+                   "shape": manifests[role]["shape"], "mean": mean, "std": std}
+            for role, (mean, std) in zip(ROLES, stats)}
 
 
 def check_data(cfg, manifests: dict, dist) -> None:
@@ -62,6 +69,12 @@ def check_data(cfg, manifests: dict, dist) -> None:
             raise DmhpcError(f"{where}: {len(problems)} problem{'s' if len(problems) > 1 else ''}: "
                              f"{'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''} "
                              f"(`dmhpc verify {dirs[role]}` lists them)")
+    if not is_labelled(manifests["source"]):
+        raise DmhpcError(f"data.source {dirs['source']}: an unlabelled data set; the source domain is what the "
+                         f"classifier learns from and needs labels (an unlabelled survey is a target)")
+    if not is_labelled(manifests["target"]) and CRITERIA.get(cfg.select.criterion, False):
+        raise DmhpcError(f"select.criterion: {cfg.select.criterion} reads target labels, and data.target "
+                         f"{dirs['target']} is unlabelled; choose a label-free criterion (source-val-acc, im, snd, dev)")
     for role in ROLES:
         where, m = f"data.{role} {dirs[role]}", manifests[role]
         for split in SPLITS:

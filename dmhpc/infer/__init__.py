@@ -1,0 +1,1 @@
+"""From a trained run to its users: `dmhpc predict` (a merger catalog), `explain`, `export`."""

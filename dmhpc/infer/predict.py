@@ -1,0 +1,295 @@
+"""`dmhpc predict`: a merger probability for every image, as a catalog, streamed across ranks and resumable.
+
+    dmhpc predict --run RUN [--checkpoint best|last] (--data DIR | --images FILE | --catalog TABLE) --out CATALOG
+    torchrun --nproc_per_node=4 -m dmhpc predict --run-dir RUN ...   (srun and mpiexec alike; slurm/predict.sh)
+
+The images are cut into parts of --part-size rows (in the source's storage order); part k is
+computed by rank k mod world size, a batch at a time, and written atomically to
+CATALOG.parts/part-K.npz. Nothing else is held: memory stays bounded whatever the survey's size.
+A rerun skips the parts already written, so a preempted job resumes where it stopped: on a stop
+signal every rank finishes the part it is computing and exits with the requeue code. When every
+part is there, rank 0 merges them, sorted back into input order, into one catalog (an astropy
+Table: the format follows the extension: .parquet, .fits, .csv, .ecsv, .h5/.hdf5) with the run,
+checkpoint, data set and dmhpc version in its metadata (for plain CSV, which has no place for
+it, in CATALOG.json beside it), and removes the parts. The catalog
+itself (about 30 bytes a row) is assembled in memory on rank 0; the images never are.
+
+Batches start at part boundaries and have the same rows whatever the number of ranks, so one
+rank and many give the same catalog, bit for bit on CPU, and a killed and rerun job gives the
+catalog of an uninterrupted one.
+
+Normalization: `--normalize target` (default) applies the per-channel statistics the run
+normalized its target domain with during training (recorded in RUN/run.json), so a new survey is
+seen exactly as the run's target images were; `--normalize own` uses the new images' own
+statistics (a prepared set's training statistics, else one extra pass over the images), which
+is what per-domain normalization means for a survey whose flux scale differs from the target's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmhpc import __version__
+from dmhpc.config import show
+from dmhpc.data.loaders import Normalizer
+from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, on_main, shutdown
+from dmhpc.errors import DmhpcError
+from dmhpc.files import atomic_path, atomic_write
+from dmhpc.infer.sources import Source, open_source
+from dmhpc.run import RunDir
+from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, StopRequest, load_checkpoint
+from dmhpc.train.objective import build_backbone
+from dmhpc.train.step import autocast
+
+FORMATS = {".parquet": "parquet", ".fits": "fits", ".csv": "ascii.csv", ".ecsv": "ascii.ecsv",
+           ".h5": "hdf5", ".hdf5": "hdf5"}
+SPEC = "predict.json"
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+
+
+def catalog_format(out: Path) -> str:
+    fmt = FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise DmhpcError(f"--out {out}: the extension names the catalog format: one of {', '.join(FORMATS)}")
+    return fmt
+
+
+class Model:
+    """A run's classifier for inference: input normalization, forward, merger probability."""
+
+    def __init__(self, run: RunDir, checkpoint: str, device: torch.device, amp: str = "none"):
+        self.cfg = run.config()
+        state = load_checkpoint(run.checkpoint(checkpoint))
+        self.checkpoint = {"name": checkpoint, "epoch": state.get("epoch"), "step": state.get("step"),
+                           **state.get("selection", {})}
+        self.net = build_backbone(self.cfg).to(device).eval()
+        self.net.load_state_dict(state["model"])
+        if self.cfg.train.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self.device, self.amp = device, amp
+
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, classes) float32 class probabilities of a normalized batch on the device."""
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.amp, self.device):
+            _, logits = self.net(x)
+        return torch.softmax(logits.float(), dim=1)
+
+
+def _part_rows(count: int, part_size: int, k: int) -> tuple[int, int]:
+    return k * part_size, min((k + 1) * part_size, count)
+
+
+def _part_path(parts: Path, k: int) -> Path:
+    return parts / f"part-{k:06d}.npz"
+
+
+def _part_done(path: Path, rows: int) -> bool:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return len(z["index"]) == rows
+    except Exception:  # missing, or not a whole part: compute it (again)
+        return False
+
+
+def _compute_part(model: Model, source: Source, normalize: Normalizer, start: int, stop: int, batch: int,
+                  tta: bool, pool: ThreadPoolExecutor) -> dict:
+    """The part's columns: p_merger (and p_merger_std with TTA) plus the source's columns."""
+    out: dict[str, list] = {}
+    starts = list(range(start, stop, batch))
+    pending = pool.submit(source.read, starts[0], min(starts[0] + batch, stop))
+    for i, a in enumerate(starts):
+        images, columns = pending.result()
+        if i + 1 < len(starts):  # read the next batch while this one computes
+            pending = pool.submit(source.read, starts[i + 1], min(starts[i + 1] + batch, stop))
+        x = torch.from_numpy(images).to(model.device, non_blocking=True)
+        if tta:
+            square = x.shape[-1] == x.shape[-2]
+            p = torch.stack([model.probabilities(normalize(x, torch.full((len(x),), c, dtype=torch.uint8,
+                                                                         device=model.device)))[:, 1]
+                             for c in range(8 if square else 4)])
+            columns["p_merger"] = p.mean(0).cpu().numpy()
+            columns["p_merger_std"] = p.std(0, unbiased=False).cpu().numpy()
+        else:
+            columns["p_merger"] = model.probabilities(normalize(x))[:, 1].cpu().numpy()
+        for key, value in columns.items():
+            out.setdefault(key, []).append(np.asarray(value))
+    return {key: np.concatenate(values) for key, values in out.items()}
+
+
+def _spec(run: RunDir, model: Model, source: Source, options: dict) -> dict:
+    return {"run": str(run.path.resolve()), "checkpoint": model.checkpoint, "source": source.describe,
+            "count": source.count, **options}
+
+
+def _claim_parts(out: Path, parts: Path, spec: dict, overwrite: bool) -> None:
+    """Rank 0: refuse a finished catalog (unless overwrite) and parts of another prediction."""
+    if out.exists() and not overwrite:
+        raise DmhpcError(f"--out {out}: exists; --overwrite replaces it")
+    saved = parts / SPEC
+    if saved.is_file():
+        try:
+            old = json.loads(saved.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old != json.loads(json.dumps(spec)):
+            if not overwrite:
+                differs = sorted(k for k in set(spec) | set(old or {}) if (old or {}).get(k) != spec.get(k))
+                raise DmhpcError(f"{parts}: holds parts of another prediction (differs in {', '.join(differs)}); "
+                                 f"--overwrite starts again")
+            shutil.rmtree(parts)
+    elif parts.exists() and any(parts.iterdir()):
+        raise DmhpcError(f"{parts}: exists and is not a dmhpc prediction's parts; remove it or choose another --out")
+    parts.mkdir(parents=True, exist_ok=True)
+    if not saved.is_file():
+        atomic_write(saved, json.dumps(spec, indent=2) + "\n")
+
+
+def _merge(out: Path, parts: Path, n_parts: int, meta: dict) -> int:
+    """Rank 0: the parts, back in input order, as one catalog; returns its rows."""
+    from astropy.table import Table  # astropy only where a catalog is written
+
+    columns: dict[str, list] = {}
+    for k in range(n_parts):
+        with np.load(_part_path(parts, k), allow_pickle=False) as z:
+            for key in z.files:
+                columns.setdefault(key, []).append(z[key])
+    data = {key: np.concatenate(values) for key, values in columns.items()}
+    order = np.argsort(data["index"], kind="stable")
+    table = Table()
+    for key in ("id", "index", "p_merger", "p_merger_std", "label", "object", "split"):
+        if key in data:
+            table[key] = data[key][order]
+    table["merger"] = (table["p_merger"] >= 0.5).astype(np.int8)
+    if "split" in table.colnames:
+        table["split"] = np.array(["train", "val", "test"])[table["split"]]
+    table["p_merger"].description = "merger probability" + (" (mean over the 8 dihedral transforms)"
+                                                            if "p_merger_std" in table.colnames else "")
+    fmt = catalog_format(out)
+    table.meta.update(meta)
+    if fmt == "ascii.csv":  # plain CSV has no place for metadata (ECSV does): a JSON file beside it
+        atomic_write(f"{out}.json", json.dumps(meta, indent=2) + "\n")
+    kwargs = {"path": "catalog", "serialize_meta": True} if fmt == "hdf5" else {}
+    with atomic_path(out) as tmp:
+        table.write(tmp, format=fmt, overwrite=True, **kwargs)
+    shutil.rmtree(parts)
+    return len(table)
+
+
+def predict(run_dir, out, *, data=None, images=None, catalog=None, id_column="id", label_column=None,
+            file_column=None, cutouts=None, checkpoint="best", tta=False, normalize="target", part_size=4096,
+            batch_size=256, amp="none", overwrite=False, nan_fill=None, signals=STOP_SIGNALS) -> int:
+    """Write the catalog; returns the exit code (0, or REQUEUE_EXIT_CODE after a stop signal)."""
+    out = Path(out)
+    catalog_format(out)
+    if part_size < 1 or batch_size < 1 or part_size % batch_size:
+        raise DmhpcError(f"--part-size {part_size} must be a positive multiple of --batch-size {batch_size}, so "
+                         f"batches (and so results) do not depend on how parts are shared out")
+    run = RunDir(run_dir)
+    dist = bootstrap()
+    source = None
+    try:
+        model = agree(lambda: Model(run, checkpoint, dist.device, amp))
+        source = agree(lambda: open_source(data=data, images=images, catalog=catalog, id_column=id_column,
+                                           label_column=label_column, file_column=file_column, cutouts=cutouts,
+                                           nan_fill=nan_fill))
+        trained = tuple(agree(lambda: run.data_record("source"))["shape"])
+        if source.shape != trained:
+            raise DmhpcError(f"{source.path}: images of shape {source.shape}; the run trained on {trained}")
+        if normalize == "target":
+            mean, std = agree(lambda: run.normalization("target"))
+        elif normalize == "own":
+            mean, std = on_main(source.own_stats)
+        else:
+            raise DmhpcError(f"--normalize {normalize!r}: expected target or own")
+        norm = Normalizer(mean, std, dist.device)
+        options = {"tta": tta, "normalize": normalize, "mean": mean, "std": std, "part_size": part_size,
+                   "batch_size": batch_size, "amp": amp}
+        parts = Path(f"{out}.parts")
+        on_main(lambda: _claim_parts(out, parts, _spec(run, model, source, options), overwrite))
+        n_parts = -(-source.count // part_size)
+        todo = [k for k in range(dist.rank, n_parts, dist.world_size)
+                if not _part_done(_part_path(parts, k), _part_rows(source.count, part_size, k)[1] - k * part_size)]
+        remaining = sum(all_gather_object(len(todo)))
+        if dist.is_main:
+            print(f"dmhpc predict: {source.count} images of {source.path} in {n_parts} parts ({n_parts - remaining} "
+                  f"done before); world {dist.world_size} on {dist.device}; {checkpoint} checkpoint of {run.path}",
+                  flush=True)
+        t0, done = time.perf_counter(), 0
+        with StopRequest(signals) as stop, ThreadPoolExecutor(1) as pool:
+            for k in todo:
+                start, stop_row = _part_rows(source.count, part_size, k)
+                columns = _compute_part(model, source, norm, start, stop_row, batch_size, tta, pool)
+                atomic_write(_part_path(parts, k), writer=lambda f: np.savez(f, **columns), durable=False)
+                done += stop_row - start
+                if stop.signal_name is not None:  # the part in hand is written: stop here
+                    break
+        stopped = any(all_gather_object(stop.signal_name is not None))
+        rate = sum(all_gather_object(done)) / max(time.perf_counter() - t0, 1e-9)
+        if stopped:
+            if dist.is_main:
+                print(f"dmhpc predict: stopped by a signal; finished parts are kept in {parts}; exiting with "
+                      f"{REQUEUE_EXIT_CODE} so the launcher requeues (a rerun resumes)", flush=True)
+            return REQUEUE_EXIT_CODE
+        # Keys of at most 8 characters: they are FITS header keywords too.
+        meta = {"DMHPC": __version__, "RUN": str(run.path.resolve()), "CKPT": checkpoint,
+                "CKPTSTEP": model.checkpoint.get("step", -1), "SELECT": str(model.checkpoint.get("criterion")),
+                "SOURCE": source.kind, "DATA": str(source.path.resolve()),
+                "DATASHA": source.describe.get("fingerprint", ""), "NORM": normalize, "MEAN": show(mean),
+                "STD": show(std), "TTA": tta}
+        rows = on_main(lambda: _merge(out, parts, n_parts, meta))
+        if dist.is_main:
+            print(f"dmhpc predict: wrote {out} ({rows} rows; {rate:.0f} images/s over {dist.world_size} rank(s))",
+                  flush=True)
+        barrier()
+        return 0
+    finally:
+        if source is not None:
+            source.close()
+        shutdown()
+
+
+def predict_arguments(parser) -> None:
+    # --run-dir too: under torchrun, --run is an ambiguous abbreviation of torchrun's own --run-path.
+    parser.add_argument("--run", "--run-dir", dest="run", required=True, type=Path,
+                        help="run directory (write --run-dir under torchrun)")
+    parser.add_argument("--checkpoint", default="best", choices=["best", "last"], help="default: best")
+    parser.add_argument("--data", type=Path, metavar="DIR", help="a prepared data set (every split)")
+    parser.add_argument("--images", type=Path, metavar="FILE", help="a .npy array or FITS cube (N, C, H, W)")
+    parser.add_argument("--catalog", type=Path, metavar="TABLE",
+                        help="a catalog (CSV, ECSV, FITS, Parquet) of FITS cutouts, or of the --images rows")
+    parser.add_argument("--id-column", default="id", metavar="NAME", help="catalog id column (default: id)")
+    parser.add_argument("--label-column", metavar="NAME", help="catalog label column, copied to the output")
+    parser.add_argument("--file-column", metavar="NAME", help="catalog cutout file column")
+    parser.add_argument("--cutouts", type=Path, metavar="DIR", help="folder of the cutouts (default: the catalog's)")
+    parser.add_argument("--out", required=True, type=Path,
+                        help="the catalog to write: .parquet, .fits, .csv, .ecsv or .h5 (by extension)")
+    parser.add_argument("--tta", action="store_true",
+                        help="average over the 8 flips and 90-degree rotations; adds p_merger_std (8x the work)")
+    parser.add_argument("--normalize", default="target", choices=["target", "own"],
+                        help="target (default): the statistics the run normalized its target domain with; "
+                             "own: these images' own statistics")
+    parser.add_argument("--part-size", type=int, default=4096, metavar="N",
+                        help="images per part, the unit of resumption (default 4096)")
+    parser.add_argument("--batch-size", type=int, default=256, metavar="N", help="default 256")
+    parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast (default none)")
+    parser.add_argument("--nan-fill", type=float, metavar="VALUE", help="replace NaN pixels by VALUE")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing catalog")
+
+
+def predict_main(args) -> int:
+    return predict(args.run, args.out, data=args.data, images=args.images, catalog=args.catalog,
+                   id_column=args.id_column, label_column=args.label_column, file_column=args.file_column,
+                   cutouts=args.cutouts, checkpoint=args.checkpoint, tta=args.tta, normalize=args.normalize,
+                   part_size=args.part_size, batch_size=args.batch_size, amp=args.amp, overwrite=args.overwrite,
+                   nan_fill=args.nan_fill)

@@ -1,0 +1,100 @@
+"""Images to run a trained model on, in input order, read a block of rows at a time.
+
+    --data DIR        a prepared data set (dmhpc prepare), every split; "input order" is the
+                      order of the arrays it was prepared from (the `index` column)
+    --images FILE     a .npy array or a FITS cube
+    --catalog TABLE   a catalog of FITS cutouts (id column, optional label and file columns)
+
+A `Source` reads rows [start, stop) of its own storage order with the columns a catalog reports
+for them: `index` (the input position), `id`, and `label`, `object`, `split` where known.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from dmhpc.data.inputs import Cutouts, open_images, read_catalog
+from dmhpc.data.shards import SPLITS, RowReader, fingerprint, is_labelled, load_manifest, pixel_statistics
+from dmhpc.errors import DmhpcError
+
+
+@dataclass
+class Source:
+    kind: str                  # "data", "images" or "catalog"
+    path: Path
+    shape: tuple               # (C, H, W)
+    count: int
+    labelled: bool
+    describe: dict = field(default_factory=dict)  # provenance for the catalog's metadata
+    _reader: object = None     # RowReader or ImageArray
+    _ids: list | None = None
+    _labels: np.ndarray | None = None
+    _manifest: dict | None = None
+
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, dict]:
+        """(images (n, C, H, W) float32, columns) of rows [start, stop) in storage order."""
+        if self.kind == "data":
+            rows = self._reader.read(start, stop)
+            split = np.searchsorted([self._manifest["rows"][s][1] for s in SPLITS], np.arange(start, stop),
+                                    side="right").astype(np.int8)
+            columns = {"index": rows["index"], "object": rows["objects"], "split": split}
+            ids = self._reader.read_ids(start, stop)
+            columns["id"] = np.array(ids) if ids is not None else rows["index"]
+            if self.labelled:
+                columns["label"] = rows["labels"]
+            return rows["images"].astype(np.float32, copy=False), columns
+        index = np.arange(start, stop, dtype=np.int64)
+        columns = {"index": index, "id": np.array(self._ids[start:stop]) if self._ids is not None else index}
+        if self._labels is not None:
+            columns["label"] = np.asarray(self._labels[start:stop]).astype(np.int64)
+        return self._reader[start:stop], columns
+
+    def own_stats(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of these images: a prepared set's training statistics, else one
+        pass over every row."""
+        if self.kind == "data":
+            return [float(v) for v in self._manifest["stats"]["mean"]], [float(v) for v in self._manifest["stats"]["std"]]
+        return pixel_statistics(self._reader)
+
+    def close(self) -> None:
+        if self.kind == "data":
+            self._reader.close()
+
+
+def open_source(*, data: str | os.PathLike | None = None, images: str | os.PathLike | None = None,
+                catalog: str | os.PathLike | None = None, id_column: str = "id", label_column: str | None = None,
+                file_column: str | None = None, cutouts: str | os.PathLike | None = None,
+                nan_fill: float | None = None) -> Source:
+    """The one source given (see the module docstring); `catalog` with `images` gives their ids and labels."""
+    if (data is not None) + (images is not None or catalog is not None) != 1:
+        raise DmhpcError("give one of --data DIR, --images FILE or --catalog TABLE (--catalog may go with --images)")
+    if data is not None:
+        manifest = load_manifest(data)
+        return Source("data", Path(data), tuple(manifest["shape"]), manifest["count"], is_labelled(manifest),
+                      {"data": str(Path(data).resolve()), "fingerprint": fingerprint(manifest)},
+                      RowReader(data, manifest), _manifest=manifest)
+    cat = None
+    if catalog is not None:
+        cat = read_catalog(catalog, id_column=id_column, label_column=label_column, file_column=file_column,
+                           cutouts=cutouts)
+    if images is not None:
+        array = open_images(images, nan_fill=nan_fill)
+        if cat is not None and len(cat.ids) != len(array):
+            raise DmhpcError(f"{catalog}: {len(cat.ids)} rows for the {len(array)} images of {images}")
+        where = {"images": str(Path(images).resolve())}
+    elif cat.files is not None:
+        array = Cutouts(cat.files, nan_fill)
+        where = {}
+    else:
+        raise DmhpcError(f"{catalog}: name each row's cutout with --file-column, or the folder of ID.fits files "
+                         f"with --cutouts")
+    if cat is not None:
+        where["catalog"] = str(Path(catalog).resolve())
+    labels = cat.labels if cat is not None else None
+    return Source("catalog" if cat is not None and images is None else "images", Path(images or catalog),
+                  tuple(array.shape[1:]), len(array), labels is not None, where, array,
+                  cat.ids if cat is not None else None, labels)

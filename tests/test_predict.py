@@ -1,0 +1,259 @@
+"""`dmhpc predict`: the catalog equals the model's forward pass, in input order, in every format; the
+same with 2 ranks as with 1; a killed or signalled job resumes to the same catalog. Real runs,
+real FITS and Parquet files (astropy), real torchrun and mpiexec ranks, real signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dmhpc.cli import main
+from dmhpc.data.shards import RowReader, load_manifest, write_dataset
+from dmhpc.run import RunDir
+from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, load_checkpoint
+from dmhpc.train.objective import build_backbone
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def env() -> dict:
+    out = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    out["OMP_NUM_THREADS"] = "1"
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(make_domains, tmp_path_factory):
+    """A run trained one epoch on a 64-image pair, and a 200-image unlabelled 'survey'."""
+    data = make_domains(64)
+    run = tmp_path_factory.mktemp("predict") / "run"
+    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
+                 f"run.dir={run}", "train.epochs=1"]) == 0
+    rng = np.random.default_rng(7)
+    survey = rng.normal(0.5, 0.4, (200, 3, 75, 75)).astype(np.float32)
+    np.save(data / "survey.npy", survey)
+    return {"run": run, "data": data, "survey": data / "survey.npy", "images": survey}
+
+
+def read(path: Path):
+    from astropy.table import Table
+
+    # format= always: without it astropy hands pyarrow a Python file object, and pyarrow 26 can
+    # then abort the interpreter at exit (a background read holding a Python buffer).
+    fmt = {".parquet": "parquet", ".h5": "hdf5"}.get(path.suffix)
+    kwargs = {"path": "catalog"} if fmt == "hdf5" else {}
+    return Table.read(path, format=fmt, **kwargs) if fmt else Table.read(path)
+
+
+def expected_probabilities(run: Path, images: np.ndarray, mean, std, batch: int) -> np.ndarray:
+    """The model's forward pass on the same normalized batches, by hand."""
+    cfg = RunDir(run).config()
+    net = build_backbone(cfg).eval()
+    net.load_state_dict(load_checkpoint(RunDir(run).checkpoint("best"))["model"])
+    m = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)
+    scale, shift = (1 / s).float(), (-m / s).float()
+    out = []
+    with torch.no_grad():
+        for a in range(0, len(images), batch):
+            x = torch.addcmul(shift, torch.from_numpy(images[a:a + batch]), scale)
+            out.append(torch.softmax(net(x)[1].float(), dim=1)[:, 1].numpy())
+    return np.concatenate(out)
+
+
+def test_the_catalog_is_the_forward_pass_in_input_order(trained, tmp_path, capsys):
+    out = tmp_path / "survey.parquet"
+    assert main(["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--out", str(out),
+                 "--part-size", "64", "--batch-size", "32"]) == 0
+    table = read(out)
+    mean, std = RunDir(trained["run"]).normalization("target")
+    expected = expected_probabilities(trained["run"], trained["images"], mean, std, 32)
+    assert list(table["index"]) == list(range(200)) and list(table["id"]) == list(range(200))
+    np.testing.assert_array_equal(np.asarray(table["p_merger"]), expected)  # bit for bit on CPU
+    np.testing.assert_array_equal(np.asarray(table["merger"]), (expected >= 0.5).astype(np.int8))
+    assert table.meta["CKPT"] == "best" and table.meta["RUN"] == str(trained["run"].resolve())
+    assert table.meta["NORM"] == "target" and table.meta["DMHPC"]
+    assert not Path(f"{out}.parts").exists()  # merged, then removed
+    # a finished catalog is never replaced silently
+    assert main(["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--out", str(out)]) == 1
+    assert "exists; --overwrite replaces it" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ext", [".fits", ".csv", ".ecsv", ".h5"])
+def test_every_catalog_format(trained, tmp_path, ext):
+    data = trained["data"] / "noisy"
+    out = tmp_path / f"noisy{ext}"
+    assert main(["predict", "--run", str(trained["run"]), "--data", str(data), "--out", str(out),
+                 "--part-size", "32", "--batch-size", "16"]) == 0
+    table = read(out)
+    manifest = load_manifest(data)
+    assert len(table) == manifest["count"] and list(table["index"]) == list(range(manifest["count"]))
+    with RowReader(data) as reader:
+        rows = reader.read(0, manifest["count"])
+    labels = np.empty(manifest["count"], np.int64)
+    labels[rows["index"]] = rows["labels"]
+    np.testing.assert_array_equal(np.asarray(table["label"]), labels)
+    assert set(table["split"]) == {"train", "val", "test"}
+    if ext == ".csv":
+        import json
+
+        assert json.loads(Path(f"{out}.json").read_text())["CKPT"] == "best"  # plain CSV: provenance beside it
+    else:
+        assert table.meta["CKPT"] == "best" and table.meta["SOURCE"] == "data"
+
+
+def test_tta_and_own_normalization(trained, tmp_path):
+    out = tmp_path / "tta.ecsv"
+    assert main(["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--out", str(out),
+                 "--tta", "--normalize", "own", "--part-size", "64", "--batch-size", "32"]) == 0
+    table = read(out)
+    images = trained["images"]
+    mean = images.mean(axis=(0, 2, 3), dtype=np.float64)
+    std = images.std(axis=(0, 2, 3), dtype=np.float64)
+    np.testing.assert_allclose(eval(table.meta["MEAN"]), mean, rtol=1e-9)
+    versions = []
+    for k in range(4):
+        for flip in (False, True):
+            turned = np.rot90(images, k, axes=(2, 3))
+            turned = turned[..., ::-1] if flip else turned
+            versions.append(expected_probabilities(trained["run"], np.ascontiguousarray(turned),
+                                                   eval(table.meta["MEAN"]), eval(table.meta["STD"]), 32))
+    versions = np.stack(versions)
+    np.testing.assert_allclose(np.asarray(table["p_merger"]), versions.mean(0), rtol=0, atol=2e-6)
+    np.testing.assert_allclose(np.asarray(table["p_merger_std"]), versions.std(0), rtol=0, atol=2e-6)
+
+
+def test_a_catalog_of_fits_cutouts(trained, tmp_path):
+    from astropy.io import fits
+    from astropy.table import Table
+
+    folder = tmp_path / "cutouts"
+    folder.mkdir()
+    ids = [f"SDSS-{i:04d}" for i in range(20)]
+    for i, name in enumerate(ids):
+        fits.HDUList([fits.PrimaryHDU()] + [fits.ImageHDU(band.astype(">f4")) for band in trained["images"][i]]).writeto(
+            folder / f"{name}.fits")
+    Table({"objid": ids}).write(tmp_path / "survey.csv")
+    out = tmp_path / "candidates.fits"
+    assert main(["predict", "--run", str(trained["run"]), "--catalog", str(tmp_path / "survey.csv"), "--id-column",
+                 "objid", "--cutouts", str(folder), "--out", str(out), "--part-size", "64", "--batch-size", "32"]) == 0
+    table = read(out)
+    assert list(table["id"]) == ids
+    mean, std = RunDir(trained["run"]).normalization("target")
+    np.testing.assert_array_equal(np.asarray(table["p_merger"]),
+                                  expected_probabilities(trained["run"], trained["images"][:20], mean, std, 32))
+
+
+def _predict_cmd(trained, out, *extra):
+    return ["-m", "dmhpc", "predict", "--run-dir", str(trained["run"]), "--images", str(trained["survey"]),
+            "--out", str(out), "--part-size", "32", "--batch-size", "16", *extra]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])
+def test_two_ranks_give_the_catalog_of_one(trained, tmp_path, launcher):
+    one = tmp_path / "one.parquet"
+    assert subprocess.run([sys.executable, *_predict_cmd(trained, one)], cwd=ROOT, env=env(),
+                          capture_output=True, timeout=300).returncode == 0
+    two = tmp_path / "two.parquet"
+    if launcher == "torchrun":
+        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", *_predict_cmd(trained, two)]
+    else:
+        if not (BIN / "mpiexec").exists():
+            pytest.skip("mpiexec is not installed (pip install dmhpc[mpi])")
+        cmd = [str(BIN / "mpiexec"), "-n", "2", sys.executable, *_predict_cmd(trained, two)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "world 2" in proc.stdout
+    a, b = read(one), read(two)
+    for column in a.colnames:
+        np.testing.assert_array_equal(np.asarray(a[column]), np.asarray(b[column]))
+
+
+def _parts(out: Path) -> list[Path]:
+    return sorted(Path(f"{out}.parts").glob("part-*.npz"))
+
+
+def _start_and_wait_for_parts(trained, out, n, log, *extra):
+    proc = subprocess.Popen([sys.executable, *_predict_cmd(trained, out, *extra)], cwd=ROOT, env=env(), stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.time() + 120
+    while len(_parts(out)) < n:
+        assert proc.poll() is None and time.time() < deadline, f"predict ended early with {proc.returncode}"
+        time.sleep(0.02)
+    return proc
+
+
+def test_killed_and_rerun_gives_the_uninterrupted_catalog(trained, tmp_path):
+    straight = tmp_path / "straight.parquet"
+    assert subprocess.run([sys.executable, *_predict_cmd(trained, straight, "--tta")], cwd=ROOT, env=env(),
+                          capture_output=True, timeout=300).returncode == 0
+    out = tmp_path / "killed.parquet"
+    with open(tmp_path / "log", "w") as log:
+        proc = _start_and_wait_for_parts(trained, out, 2, log, "--tta")
+        os.killpg(proc.pid, signal.SIGKILL)  # no handler runs: what a node failure leaves
+        proc.wait()
+    done = len(_parts(out))
+    assert 2 <= done < 7 and not out.exists()
+    rerun = subprocess.run([sys.executable, *_predict_cmd(trained, out, "--tta")], cwd=ROOT, env=env(),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"({done} done before)" in rerun.stdout
+    a, b = read(straight), read(out)
+    for column in a.colnames:
+        np.testing.assert_array_equal(np.asarray(a[column]), np.asarray(b[column]))
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR2"])
+def test_a_stop_signal_finishes_the_part_and_exits_for_requeue(trained, tmp_path, signame):
+    out = tmp_path / "stopped.fits"
+    with open(tmp_path / "log", "w") as log:
+        proc = _start_and_wait_for_parts(trained, out, 1, log, "--tta")
+        os.killpg(proc.pid, getattr(signal, signame))
+        assert proc.wait(timeout=120) == REQUEUE_EXIT_CODE, (tmp_path / "log").read_text()[-2000:]
+    assert "finished parts are kept" in (tmp_path / "log").read_text()
+    assert 1 <= len(_parts(out)) < 7 and not out.exists()
+    rerun = subprocess.run([sys.executable, *_predict_cmd(trained, out, "--tta")], cwd=ROOT, env=env(),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and len(read(out)) == 200, rerun.stderr[-2000:]
+
+
+def test_parts_of_another_prediction_are_not_mixed_in(trained, tmp_path, capsys):
+    out = tmp_path / "mixed.parquet"
+    with open(tmp_path / "log", "w") as log:
+        proc = _start_and_wait_for_parts(trained, out, 1, log)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    argv = ["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--out", str(out),
+            "--part-size", "32", "--batch-size", "16", "--tta"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "holds parts of another prediction (differs in tta)" in err and "--overwrite" in err
+    assert main([*argv, "--overwrite"]) == 0 and "p_merger_std" in read(out).colnames
+
+
+def test_bad_requests_are_one_line(trained, tmp_path, capsys):
+    run = str(trained["run"])
+    cases = [
+        (["--images", str(trained["survey"]), "--out", str(tmp_path / "x.txt")], "the extension names the catalog format"),
+        (["--out", str(tmp_path / "x.csv")], "give one of --data DIR, --images FILE or --catalog TABLE"),
+        (["--images", str(trained["survey"]), "--out", str(tmp_path / "x.csv"), "--part-size", "100"],
+         "--part-size 100 must be a positive multiple of --batch-size 256"),
+    ]
+    small = np.zeros((4, 3, 32, 32), np.float32)
+    np.save(tmp_path / "small.npy", small)
+    cases.append((["--images", str(tmp_path / "small.npy"), "--out", str(tmp_path / "y.csv")],
+                  "images of shape (3, 32, 32); the run trained on (3, 75, 75)"))
+    for argv, message in cases:
+        assert main(["predict", "--run", run, *argv]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
