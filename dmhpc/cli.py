@@ -60,6 +60,18 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "  torchrun --nproc_per_node=4 -m dmhpc predict --run-dir RUN --catalog survey.csv --file-column file "
         "--out candidates.fits --tta",
     ),
+    "explain": (
+        "dmhpc.infer.explain",
+        "what the network looks at: Grad-CAM and integrated gradients (captum) over RGB composites, one PNG "
+        "grid per domain and class",
+        "dmhpc explain --run runs/demo/deepmerge-mmd-fisher-entropy --out runs/demo/explain\n"
+        "  dmhpc explain --run RUN --catalog candidates.fits --n 12 --out explain/",
+    ),
+    "export": (
+        "dmhpc.infer.export",
+        "hand the model on: ONNX, TorchScript or safetensors with the normalization built in, and a model card",
+        "dmhpc export --run runs/demo/deepmerge-mmd-fisher-entropy --format onnx --out merger.onnx",
+    ),
     "demo": (
         "dmhpc.demo",
         "run the main job on the embedded data set from scratch",

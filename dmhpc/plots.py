@@ -9,6 +9,7 @@ import numpy as np
 from dmhpc.files import atomic_write
 
 DOMAIN_COLOURS = {"source": "tab:blue", "target": "tab:orange"}
+CLASS_NAMES = {0: "non-merger", 1: "merger"}
 
 
 def _pyplot():
@@ -142,6 +143,38 @@ def scaling_curves(rows: list[dict], path: Path, unit: str) -> Path:
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
         ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def rgb_composite(image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) asinh-stretched colour image of a (C, H, W) galaxy: last filter red, first blue."""
+    from astropy.visualization import make_lupton_rgb
+
+    channels = [image[min(k, len(image) - 1)] for k in (2, 1, 0)] if len(image) >= 3 else [image[0]] * 3
+    low = float(np.percentile(image, 1))
+    span = max(float(np.percentile(image, 99.5)) - low, 1e-12)
+    return make_lupton_rgb(*[c - low for c in channels], minimum=0.0, stretch=span / 4, Q=8)
+
+
+def attribution_grid(images, cams, igs, probs, labels, title: str, path: Path) -> Path:
+    """One row per galaxy: its RGB composite, Grad-CAM over it, integrated gradients over it;
+    the merger probability and the label (if any) in the first panel's title."""
+    plt = _pyplot()
+    n = len(images)
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.6 * n), squeeze=False)
+    for row, (image, cam, ig, p, y) in enumerate(zip(images, cams, igs, probs, labels)):
+        rgb = rgb_composite(image)
+        truth = f", label {CLASS_NAMES.get(int(y), 'unknown')}" if y is not None and y >= 0 else ", unlabelled"
+        panels = ((rgb, None, f"p(merger) {p:.2f}{truth}"), (rgb, cam, "Grad-CAM (merger)"),
+                  (rgb, ig, "integrated gradients"))
+        for ax, (base, overlay, name) in zip(axes[row], panels):
+            ax.imshow(base, origin="lower")
+            if overlay is not None:
+                ax.imshow(overlay, origin="lower", cmap="inferno", alpha=0.55)
+            ax.set_title(name, fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
 

@@ -52,6 +52,7 @@ from dmhpc.train.step import autocast
 FORMATS = {".parquet": "parquet", ".fits": "fits", ".csv": "ascii.csv", ".ecsv": "ascii.ecsv",
            ".h5": "hdf5", ".hdf5": "hdf5"}
 SPEC = "predict.json"
+PATHS = ("data", "images", "catalog", "cutouts")
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
 
@@ -200,9 +201,12 @@ def predict(run_dir, out, *, data=None, images=None, catalog=None, id_column="id
     source = None
     try:
         model = agree(lambda: Model(run, checkpoint, dist.device, amp))
-        source = agree(lambda: open_source(data=data, images=images, catalog=catalog, id_column=id_column,
-                                           label_column=label_column, file_column=file_column, cutouts=cutouts,
-                                           nan_fill=nan_fill))
+        # How to open the source again (dmhpc explain --catalog reads the candidates' images back).
+        source_args = {k: (str(Path(v).resolve()) if isinstance(v, (str, os.PathLike)) and k in PATHS else v)
+                       for k, v in dict(data=data, images=images, catalog=catalog, id_column=id_column,
+                                        label_column=label_column, file_column=file_column, cutouts=cutouts,
+                                        nan_fill=nan_fill).items()}
+        source = agree(lambda: open_source(**source_args))
         trained = tuple(agree(lambda: run.data_record("source"))["shape"])
         if source.shape != trained:
             raise DmhpcError(f"{source.path}: images of shape {source.shape}; the run trained on {trained}")
@@ -246,7 +250,7 @@ def predict(run_dir, out, *, data=None, images=None, catalog=None, id_column="id
                 "CKPTSTEP": model.checkpoint.get("step", -1), "SELECT": str(model.checkpoint.get("criterion")),
                 "SOURCE": source.kind, "DATA": str(source.path.resolve()),
                 "DATASHA": source.describe.get("fingerprint", ""), "NORM": normalize, "MEAN": show(mean),
-                "STD": show(std), "TTA": tta}
+                "STD": show(std), "TTA": tta, "SRCARGS": json.dumps(source_args)}
         rows = on_main(lambda: _merge(out, parts, n_parts, meta))
         if dist.is_main:
             print(f"dmhpc predict: wrote {out} ({rows} rows; {rate:.0f} images/s over {dist.world_size} rank(s))",

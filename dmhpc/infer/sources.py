@@ -53,6 +53,19 @@ class Source:
             columns["label"] = np.asarray(self._labels[start:stop]).astype(np.int64)
         return self._reader[start:stop], columns
 
+    def read_inputs(self, indices) -> np.ndarray:
+        """Images (n, C, H, W) float32 of the given input positions (the catalog's `index`), in that order."""
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.kind != "data":
+            order = np.argsort(indices)
+            out = np.empty((len(indices), *self.shape), np.float32)
+            out[order] = self._reader[indices[order]]
+            return out
+        rows = np.empty(self.count, np.int64)  # input position -> storage row
+        rows[np.concatenate([np.asarray(self._manifest["splits"][s], np.int64) for s in SPLITS])] = np.arange(self.count)
+        return np.concatenate([self._reader.read(int(r), int(r) + 1)["images"] for r in rows[indices]]).astype(
+            np.float32)
+
     def own_stats(self) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of these images: a prepared set's training statistics, else one
         pass over every row."""

@@ -66,6 +66,10 @@ class DeepMerge(nn.Module):
         """Parameters that get the head learning-rate multiplier: none (trained from scratch, lr x1)."""
         return []
 
+    def last_conv_block(self) -> nn.Module:
+        """The last convolutional block, whose output Grad-CAM weighs (dmhpc explain)."""
+        return self.conv[-1]
+
 
 class DeepMerge2(nn.Module):
     """The PyTorch DeepMerge of DeepMerge II (Ciprijanovic et al. 2021), section B.1.
@@ -96,3 +100,7 @@ class DeepMerge2(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         """Parameters that get the head learning-rate multiplier: none (the original used lr x1)."""
         return []
+
+    def last_conv_block(self) -> nn.Module:
+        """The last convolutional block, whose output Grad-CAM weighs (dmhpc explain)."""
+        return self.conv[-1]

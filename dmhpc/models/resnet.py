@@ -128,6 +128,10 @@ class ResNet(nn.Module):
         """The bottleneck and classifier, which get the head learning-rate multiplier (x10 originally)."""
         return [*self.bottleneck.parameters(), *self.classifier.parameters()]
 
+    def last_conv_block(self) -> nn.Module:
+        """The last residual block (before the average pooling), whose output Grad-CAM weighs."""
+        return self.trunk[-3]
+
 
 LAYOUTS: dict[str, tuple[type[BasicBlock] | type[Bottleneck], tuple[int, int, int, int]]] = {
     "resnet18": (BasicBlock, (2, 2, 2, 2)),

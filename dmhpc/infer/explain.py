@@ -1,0 +1,180 @@
+"""`dmhpc explain`: what the network looks at, as pictures an astronomer reads.
+
+    dmhpc explain --run RUN [--checkpoint best] [--data DIR | --catalog CATALOG] [--n N] --out DIR
+
+Two attributions from captum, both for the merger class (what makes an image look like a merger
+to the network, whatever its label):
+
+- Grad-CAM on the last convolutional block (`LayerGradCam`, ReLU of the gradient-weighted
+  activations), upsampled bilinearly to the image: coarse by construction, the block's own
+  resolution (9x9 for DeepMerge and DeepMerge II, 3x3 for ResNets with the original stem on
+  75x75 images, 10x10 with the small stem). It says which region of the image the decision
+  depends on, not which pixels.
+- Integrated gradients (`IntegratedGradients`, 32 steps) per pixel and filter, from a baseline of
+  zeros, which after per-channel normalization is the mean image of the training data: the
+  attribution is relative to an average galaxy, not to an empty sky. Shown as the absolute sum
+  over the filters.
+
+Sampled images (by default the run's own source and target test splits; `--data DIR` a prepared
+data set; `--catalog CATALOG` the top merger candidates of a `dmhpc predict` catalog, read back
+from its source) are drawn as RGB composites of the three filters with an asinh stretch (Lupton et
+al. 2004, `astropy.visualization.make_lupton_rgb`; last filter red, first blue), each attribution
+beside them, the merger probability and the true label (if any) in each panel's title. One PNG
+grid per domain and class (true class where there are labels, predicted class otherwise).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dmhpc.data.loaders import Normalizer
+from dmhpc.data.shards import RowReader, is_labelled, load_manifest, split_rows
+from dmhpc.distributed import bootstrap, shutdown
+from dmhpc.errors import DmhpcError
+from dmhpc.files import atomic_write
+from dmhpc.infer.predict import Model
+from dmhpc.infer.sources import open_source
+from dmhpc.plots import CLASS_NAMES, attribution_grid
+from dmhpc.run import RunDir
+
+MERGER = 1
+
+
+def _captum():
+    try:
+        from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
+    except ImportError:
+        raise DmhpcError("dmhpc explain needs captum: pip install dmhpc[explain]") from None
+    return IntegratedGradients, LayerAttribution, LayerGradCam
+
+
+def attributions(model: Model, x: torch.Tensor, ig_steps: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """(Grad-CAM upsampled to the image (n, H, W), integrated gradients |sum over filters| (n, H, W))
+    for the merger class of a normalized batch `x`."""
+    IntegratedGradients, LayerAttribution, LayerGradCam = _captum()
+    net = model.net
+
+    def logits(inputs):
+        return net(inputs)[1]
+
+    x = x.detach().requires_grad_(True)
+    cam = LayerGradCam(logits, net.last_conv_block()).attribute(x, target=MERGER, relu_attributions=True)
+    cam = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")
+    ig = IntegratedGradients(logits).attribute(x, baselines=torch.zeros_like(x), target=MERGER, n_steps=ig_steps,
+                                               internal_batch_size=max(1, len(x)))
+    return cam[:, 0].detach().cpu().numpy(), ig.abs().sum(1).detach().cpu().numpy()
+
+
+def _samples(reader_images, labels, probs, n: int, seed: int) -> dict[int, np.ndarray]:
+    """Up to n row positions per class: true class when labelled, predicted class otherwise."""
+    rng = np.random.default_rng(seed)
+    classes = labels if labels is not None and (labels >= 0).all() else (probs >= 0.5).astype(int)
+    return {c: np.sort(rng.permutation(np.flatnonzero(classes == c))[:n]) for c in (0, 1)}
+
+
+def _explain_domain(model: Model, norm: Normalizer, images: np.ndarray, labels, name: str, run: RunDir,
+                    checkpoint: str, out: Path, n: int, seed: int, data_label: str) -> list[Path]:
+    x = norm(torch.from_numpy(images).to(model.device))
+    probs = model.probabilities(x)[:, 1].cpu().numpy()
+    written = []
+    kind = "true" if labels is not None and (labels >= 0).all() else "predicted"
+    for cls, rows in _samples(images, labels, probs, n, seed).items():
+        if not len(rows):
+            print(f"dmhpc explain: {name}: no {kind} {CLASS_NAMES[cls]}s among the {len(images)} images drawn; "
+                  f"no grid for them", flush=True)
+            continue
+        cams, igs = attributions(model, x[rows])
+        title = (f"{run.path.name}, {checkpoint} checkpoint: {name} ({data_label}), {kind} "
+                 f"{CLASS_NAMES[cls]}s; attributions for the merger class")
+        written.append(attribution_grid(images[rows], cams, igs, probs[rows],
+                             labels[rows] if labels is not None else [None] * len(rows), title,
+                             out / f"{name}_{CLASS_NAMES[cls]}.png"))
+    return written
+
+
+def _test_split(directory: Path, limit: int, seed: int):
+    manifest = load_manifest(directory)
+    start, stop = split_rows(manifest, "test")
+    if stop == start:
+        start, stop = 0, manifest["count"]
+    rows = np.sort(np.random.default_rng(seed).permutation(np.arange(start, stop))[:limit])
+    with RowReader(directory, manifest) as reader:
+        parts = [reader.read(int(r), int(r) + 1) for r in rows]
+    images = np.concatenate([p["images"] for p in parts]).astype(np.float32)
+    labels = np.concatenate([p["labels"] for p in parts]) if is_labelled(manifest) else None
+    return images, labels
+
+
+def explain(run_dir, out, *, checkpoint: str = "best", data=None, catalog=None, n: int = 6, seed: int = 0,
+            pool: int = 200) -> list[Path]:
+    """Write the PNG grids; returns their paths. `pool` images per domain are scored to find the samples."""
+    _captum()
+    run, out = RunDir(run_dir), Path(out)
+    dist = bootstrap()
+    try:
+        model = Model(run, checkpoint, dist.device)
+        written = []
+        if catalog is not None:
+            from astropy.table import Table
+
+            fmt = {".parquet": "parquet", ".h5": "hdf5", ".hdf5": "hdf5"}.get(Path(catalog).suffix.lower())
+            table = Table.read(catalog, format=fmt, **({"path": "catalog"} if fmt == "hdf5" else {})) if fmt \
+                else Table.read(catalog)
+            if "p_merger" not in table.colnames or "SRCARGS" not in table.meta:
+                raise DmhpcError(f"{catalog}: not a catalog written by dmhpc predict (no p_merger column or SRCARGS)")
+            top = np.argsort(-np.asarray(table["p_merger"]), kind="stable")[:n]
+            source = open_source(**json.loads(table.meta["SRCARGS"]))
+            images = source.read_inputs(np.asarray(table["index"])[top])
+            norm = Normalizer(json.loads(table.meta["MEAN"]), json.loads(table.meta["STD"]), dist.device)
+            x = norm(torch.from_numpy(images).to(model.device))
+            probs = model.probabilities(x)[:, 1].cpu().numpy()
+            cams, igs = attributions(model, x)
+            labels = np.asarray(table["label"])[top] if "label" in table.colnames else [None] * len(top)
+            title = f"{run.path.name}, {checkpoint} checkpoint: top {len(top)} merger candidates of {Path(catalog).name}"
+            written.append(attribution_grid(images, cams, igs, probs, labels, title, out / "top_candidates.png"))
+            source.close()
+        else:
+            domains = {"data": Path(data)} if data is not None else {"source": Path(model.cfg.data.source),
+                                                                      "target": Path(model.cfg.data.target)}
+            for name, directory in domains.items():
+                role = "target" if name in ("data", "target") else "source"
+                norm = Normalizer(*run.normalization(role), dist.device)
+                images, labels = _test_split(directory, pool, seed)
+                written += _explain_domain(model, norm, images, labels, name, run, checkpoint, out, n, seed,
+                                           directory.name)
+        if dist.is_main:
+            atomic_write(out / "explain.json", json.dumps({
+                "run": str(run.path.resolve()), "checkpoint": model.checkpoint, "target_class": "merger",
+                "grad_cam_layer": type(model.net.last_conv_block()).__name__, "ig_baseline": "zeros (the mean image)",
+                "files": [p.name for p in written]}, indent=2) + "\n")
+            for p in written:
+                print(f"wrote {p}")
+        return written
+    finally:
+        shutdown()
+
+
+def explain_arguments(parser) -> None:
+    parser.add_argument("--run", required=True, type=Path, help="run directory")
+    parser.add_argument("--checkpoint", default="best", choices=["best", "last"], help="default: best")
+    parser.add_argument("--data", type=Path, metavar="DIR",
+                        help="a prepared data set (its test split, else all of it) instead of the run's source and target")
+    parser.add_argument("--catalog", type=Path, metavar="CATALOG",
+                        help="a dmhpc predict catalog: explain its top merger candidates")
+    parser.add_argument("--n", type=int, default=6, help="images per domain and class (default 6)")
+    parser.add_argument("--seed", type=int, default=0, help="which images are drawn (default 0)")
+    parser.add_argument("--out", required=True, type=Path, help="folder for the PNG grids")
+
+
+def explain_main(args) -> int:
+    if args.data is not None and args.catalog is not None:
+        raise DmhpcError("give --data or --catalog, not both")
+    if args.n < 1:
+        raise DmhpcError(f"--n {args.n}: must be at least 1")
+    explain(args.run, args.out, checkpoint=args.checkpoint, data=args.data, catalog=args.catalog, n=args.n,
+            seed=args.seed)
+    return 0

@@ -1,0 +1,216 @@
+"""`dmhpc export`: the trained classifier as a file other tools load, with a model card beside it.
+
+    dmhpc export --run RUN [--checkpoint best] --format onnx|torchscript|safetensors --out FILE
+
+What is exported takes raw images and gives merger probabilities: (N, C, H, W) float32 in, the
+per-channel normalization the run used for its target domain built in, softmax of the logits,
+(N,) float32 p(merger) out. The batch dimension is dynamic.
+
+- onnx: `torch.onnx.export(..., dynamo=True)`; checked after export with onnxruntime against torch
+  on a random batch (the largest difference is printed and stored in the card).
+- torchscript: `torch.jit.trace` (maintenance mode upstream, kept for C++ users).
+- safetensors: the weights and the normalization as tensors, no pickled code; rebuilding the
+  network needs dmhpc (`dmhpc.infer.export.load_safetensors`), whose architecture name and
+  options are in the file's metadata.
+
+The card, FILE.card.md and FILE.card.json: the data sets with their fingerprints (SHA-256 of the
+manifest, which lists every shard's SHA-256), the configuration, the selection criterion and the
+checkpoint it chose, the test metrics per domain, the input and output, and the dmhpc version.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dmhpc import __version__
+from dmhpc.config import config_from_dict, config_to_dict
+from dmhpc.distributed import bootstrap, shutdown
+from dmhpc.errors import DmhpcError
+from dmhpc.files import atomic_path, atomic_write
+from dmhpc.run import RunDir
+from dmhpc.train.checkpoint import load_checkpoint
+from dmhpc.train.objective import build_backbone
+
+FORMATS = ("onnx", "torchscript", "safetensors")
+ONNX_TOLERANCE = 1e-5
+
+
+class MergerProbability(nn.Module):
+    """Raw (N, C, H, W) images -> p(merger) (N,): normalization, the classifier, softmax."""
+
+    def __init__(self, net: nn.Module, mean, std):
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        _, logits = self.net((image - self.mean) / self.std)
+        return torch.softmax(logits.float(), dim=1)[:, 1]
+
+
+def build(run: RunDir, checkpoint: str = "best") -> tuple[MergerProbability, dict, list]:
+    """The exportable module (eval mode, CPU), the checkpoint it holds, and the input shape (C, H, W)."""
+    cfg = run.config()
+    state = load_checkpoint(run.checkpoint(checkpoint))
+    net = build_backbone(cfg)
+    net.load_state_dict(state["model"])
+    mean, std = run.normalization("target")
+    model = MergerProbability(net, mean, std).eval()
+    info = {"name": checkpoint, "epoch": state.get("epoch"), "step": state.get("step"), **state.get("selection", {})}
+    return model, info, list(run.data_record("source")["shape"])
+
+
+def _onnx(model: MergerProbability, example: torch.Tensor, out: Path) -> float:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise DmhpcError("--format onnx needs onnx, onnxscript and onnxruntime: pip install dmhpc[export]") from None
+    batch = torch.export.Dim("batch", min=1)
+    try:
+        program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["p_merger"],
+                                    dynamic_shapes={"image": {0: batch}}, dynamo=True)
+    except ImportError:
+        raise DmhpcError("--format onnx needs onnx and onnxscript: pip install dmhpc[export]") from None
+    with atomic_path(out) as tmp:
+        program.save(str(tmp))
+    check = torch.randn(5, *example.shape[1:]) * 2 + 1
+    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"image": check.numpy()})
+    with torch.no_grad():
+        want = model(check).numpy()
+    return float(np.abs(got - want).max())
+
+
+def _torchscript(model: MergerProbability, example: torch.Tensor, out: Path) -> None:
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example)
+    with atomic_path(out) as tmp:
+        traced.save(str(tmp))
+
+
+def _safetensors(model: MergerProbability, cfg_dict: dict, out: Path) -> None:
+    from safetensors.torch import save
+
+    metadata = {"format": "pt", "dmhpc": __version__, "model": json.dumps(cfg_dict["model"]),
+                "input": "raw images (N, C, H, W) float32; normalization in the tensors mean and std",
+                "output": "p(merger) = softmax(net((image - mean) / std))[:, 1]"}
+    tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    atomic_write(out, save(tensors, metadata=metadata))
+
+
+def load_safetensors(path) -> MergerProbability:
+    """Rebuild an exported classifier from its safetensors file (needs dmhpc, not the run)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    cfg = config_from_dict({"model": json.loads(meta["model"])}, str(path))
+    model = MergerProbability(build_backbone(cfg), tensors["mean"].flatten().tolist(), tensors["std"].flatten().tolist())
+    model.load_state_dict(tensors)
+    return model.eval()
+
+
+def model_card(run: RunDir, info: dict, shape: list, fmt: str, out: Path, onnx_max_diff: float | None) -> dict:
+    cfg = run.config()
+    result = run.read_result("best", "test") if info["name"] == "best" else None
+    card = {
+        "model": {"file": out.name, "format": fmt, "architecture": cfg.model.name, "dmhpc": __version__},
+        "input": {"shape": ["N", *shape], "dtype": "float32", "normalization": "built in",
+                  "mean": run.normalization("target")[0], "std": run.normalization("target")[1]},
+        "output": {"shape": ["N"], "meaning": "probability that the galaxy is a merger (class 1)"},
+        "data": {role: {k: run.data_record(role).get(k) for k in ("path", "fingerprint", "shape")}
+                 for role in ("source", "target")},
+        "checkpoint": info,
+        "selection": {"criterion": info.get("criterion"), "score": info.get("score")},
+        "test_metrics": {d: {k: v for k, v in result[d].items() if k != "confusion"} for d in ("source", "target")}
+        if result else None,
+        "config": config_to_dict(cfg),
+        "run": str(run.path.resolve()),
+    }
+    if onnx_max_diff is not None:
+        card["model"]["onnxruntime_max_abs_difference"] = onnx_max_diff
+    return card
+
+
+def _card_markdown(card: dict) -> str:
+    m, i = card["model"], card["input"]
+    lines = [f"# Model card: {m['file']}", "",
+             f"A {m['architecture']} merger classifier trained by dmhpc {m['dmhpc']}, exported as {m['format']}.", "",
+             "## Input and output", "",
+             f"- input: raw images {tuple(i['shape'])}, float32; the per-channel normalization is built in "
+             f"(mean {', '.join(f'{v:.6g}' for v in i['mean'])}; std {', '.join(f'{v:.6g}' for v in i['std'])}: "
+             f"the statistics the run normalized its target domain with)",
+             f"- output: {card['output']['meaning']}, shape (N,)", "",
+             "## Training data", ""]
+    for role, d in card["data"].items():
+        lines.append(f"- {role}: `{d['path']}`, images {tuple(d['shape'])}, manifest SHA-256 `{d['fingerprint']}`")
+    c, sel = card["checkpoint"], card["selection"]
+    lines += ["", "## Selection", "",
+              f"Checkpoint `{c['name']}` (epoch {c.get('epoch')}, step {c.get('step')}), chosen by "
+              f"`{sel['criterion']}` (score {sel['score']})" +
+              (" using target labels (an oracle: not a choice a user without them could make)"
+               if sel["criterion"] == "oracle-target-acc" else ", without target labels") + ".", ""]
+    if card["test_metrics"]:
+        lines += ["## Test metrics", "", "| domain | accuracy | ROC AUC | F1 | Brier | merger fraction |", "|---|---|---|---|---|---|"]
+        for d, t in card["test_metrics"].items():
+            cells = [t.get(k) for k in ("accuracy", "roc_auc", "f1", "brier", "merger_fraction")]
+            lines.append(f"| {d} | " + " | ".join("" if v is None else f"{v:.3f}" for v in cells) + " |")
+        lines.append("")
+    if "onnxruntime_max_abs_difference" in m:
+        lines += [f"onnxruntime against torch on a random batch: largest difference "
+                  f"{m['onnxruntime_max_abs_difference']:.2e}.", ""]
+    lines += ["The full configuration and the run directory are in the JSON card beside this file.", ""]
+    return "\n".join(lines)
+
+
+def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool = False) -> dict:
+    """Export and write the card; returns the card."""
+    if fmt not in FORMATS:
+        raise DmhpcError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DmhpcError(f"--out {out}: exists; --overwrite replaces it")
+    run = RunDir(run_dir)
+    model, info, shape = build(run, checkpoint)
+    example = torch.zeros(2, *shape)
+    onnx_diff = None
+    if fmt == "onnx":
+        onnx_diff = _onnx(model, example, out)
+        if onnx_diff > ONNX_TOLERANCE:
+            raise DmhpcError(f"{out}: onnxruntime differs from torch by {onnx_diff:.2e} (more than {ONNX_TOLERANCE:g})")
+    elif fmt == "torchscript":
+        _torchscript(model, example, out)
+    else:
+        _safetensors(model, config_to_dict(run.config()), out)
+    card = model_card(run, info, shape, fmt, out, onnx_diff)
+    atomic_write(Path(f"{out}.card.json"), json.dumps(card, indent=2) + "\n")
+    atomic_write(Path(f"{out}.card.md"), _card_markdown(card))
+    return card
+
+
+def export_arguments(parser) -> None:
+    parser.add_argument("--run", required=True, type=Path, help="run directory")
+    parser.add_argument("--checkpoint", default="best", choices=["best", "last"], help="default: best")
+    parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
+    parser.add_argument("--out", required=True, type=Path, help="the file to write (the card goes beside it)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
+
+
+def export_main(args) -> int:
+    dist = bootstrap()  # one process is enough; under a launcher, rank 0 writes
+    try:
+        if dist.is_main:
+            card = export(args.run, args.out, fmt=args.fmt, checkpoint=args.checkpoint, overwrite=args.overwrite)
+            extra = (f"; onnxruntime agrees within {card['model']['onnxruntime_max_abs_difference']:.1e}"
+                     if args.fmt == "onnx" else "")
+            print(f"wrote {args.out} and its card {args.out}.card.md / .card.json{extra}")
+    finally:
+        shutdown()
+    return 0

@@ -1,0 +1,161 @@
+"""Unlabelled targets through training and evaluation, `dmhpc eval` on other data sets,
+`dmhpc explain` (captum) and `dmhpc export` (ONNX checked with onnxruntime, TorchScript, safetensors)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from dmhpc.cli import main
+from dmhpc.data.shards import write_dataset
+from dmhpc.run import RunDir
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="module")
+def survey(make_domains, tmp_path_factory):
+    """The tiny labelled pair and an unlabelled 'survey' of the noisy domain's kind."""
+    data = make_domains(64)
+    rng = np.random.default_rng(3)
+    labels = np.arange(64) % 2  # known here, not stored: the survey is unlabelled
+    images = rng.normal(0.0, 0.3, (64, 3, 75, 75)).astype(np.float32) + labels[:, None, None, None]
+    write_dataset(images, None, None, data / "survey", shard_size=32, seed=0)
+    return data
+
+
+def overrides(data, run, target="noisy", *extra):
+    return [f"data.source={data / 'pristine'}", f"data.target={data / target}", f"run.dir={run}", "train.epochs=1",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def run_on_survey(survey, tmp_path_factory):
+    run = tmp_path_factory.mktemp("infer") / "run"
+    assert main(["train", "--config", str(TINY), *overrides(survey, run, "survey", "select.criterion=im")]) == 0
+    return run
+
+
+def test_an_unlabelled_target_trains_with_label_free_metrics(run_on_survey, capsys):
+    records = RunDir(run_on_survey).read_log()
+    epoch = [r for r in records if r["kind"] == "epoch"][-1]
+    target = epoch["target"]["val"]
+    assert target["labelled"] is False and "accuracy" not in target
+    assert 0 <= target["merger_fraction"] <= 1 and target["mean_entropy"] >= 0 and "im" in target
+    assert "accuracy" in epoch["source"]["val"] and epoch["selection"]["criterion"] == "im"
+    result = RunDir(run_on_survey).read_result()
+    assert result["target"]["labelled"] is False and result["source"]["accuracy"] >= 0
+
+
+def test_unlabelled_sources_and_oracle_selection_are_refused(survey, tmp_path, capsys):
+    assert main(["train", "--config", str(TINY), *overrides(survey, tmp_path / "a", "survey",
+                                                             "select.criterion=oracle-target-acc")]) == 1
+    assert "reads target labels, and data.target" in capsys.readouterr().err
+    assert main(["train", "--config", str(TINY), f"data.source={survey / 'survey'}", f"data.target={survey / 'noisy'}",
+                 f"run.dir={tmp_path / 'b'}"]) == 1
+    assert "an unlabelled data set; the source domain" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_eval_on_another_data_set_writes_its_own_file(survey, run_on_survey, capsys):
+    run = RunDir(run_on_survey)
+    before = run.result_path("best", "test").read_bytes()
+    assert main(["eval", "--run", str(run_on_survey), "--target", str(survey / "noisy")]) == 0
+    labelled = run.read_result("best", "test", "noisy")
+    assert labelled["target"]["n"] > 0 and "accuracy" in labelled["target"] and labelled["data"]["target"].endswith("noisy")
+    assert main(["eval", "--run", str(run_on_survey), "--source", str(survey / "noisy"), "--target",
+                 str(survey / "survey"), "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "unlabelled" in out
+    assert run.read_result("best", "val", "noisy+survey")["target"]["labelled"] is False
+    assert run.result_path("best", "test").read_bytes() == before  # nothing overwritten
+    assert main(["eval", "--run", str(run_on_survey), "--source", str(survey / "noisy")]) == 1
+
+
+def test_explain_draws_a_grid_per_domain_and_class(survey, run_on_survey, tmp_path):
+    pytest.importorskip("captum")
+    out = tmp_path / "explain"
+    assert main(["explain", "--run", str(run_on_survey), "--n", "3", "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.glob("*.png"))
+    # the labelled source by true class; the unlabelled survey by predicted class (a model trained
+    # for one epoch may predict one class only: then that grid alone)
+    assert names[:2] == ["source_merger.png", "source_non-merger.png"]
+    assert set(names[2:]) <= {"target_merger.png", "target_non-merger.png"} and len(names) >= 3
+    record = json.loads((out / "explain.json").read_text())
+    assert record["target_class"] == "merger" and record["files"] == [n for n in record["files"] if n in names]
+    from matplotlib.image import imread
+
+    assert imread(out / "source_merger.png").shape[0] > 500  # three rows of panels
+
+
+def test_gradcam_and_integrated_gradients_are_captums_on_the_last_block(run_on_survey):
+    captum = pytest.importorskip("captum.attr")
+    from dmhpc.infer.explain import attributions
+    from dmhpc.infer.predict import Model
+
+    model = Model(RunDir(run_on_survey), "best", torch.device("cpu"))
+    x = torch.randn(2, 3, 75, 75)
+    cam, ig = attributions(model, x, ig_steps=8)
+    assert cam.shape == ig.shape == (2, 75, 75) and (cam >= 0).all() and (ig >= 0).all()
+    net = model.net
+
+    def logits(inputs):
+        return net(inputs)[1]
+
+    ref = captum.IntegratedGradients(logits).attribute(x, baselines=torch.zeros_like(x), target=1, n_steps=8)
+    np.testing.assert_allclose(ig, ref.abs().sum(1).detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_explain_the_top_candidates_of_a_catalog(survey, run_on_survey, tmp_path):
+    pytest.importorskip("captum")
+    catalog = tmp_path / "survey.fits"
+    assert main(["predict", "--run", str(run_on_survey), "--data", str(survey / "survey"), "--out", str(catalog)]) == 0
+    assert main(["explain", "--run", str(run_on_survey), "--catalog", str(catalog), "--n", "4",
+                 "--out", str(tmp_path / "explain")]) == 0
+    assert (tmp_path / "explain" / "top_candidates.png").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
+def test_export_with_normalization_built_in_and_a_card(survey, run_on_survey, tmp_path, fmt):
+    if fmt == "onnx":
+        pytest.importorskip("onnxruntime")
+        pytest.importorskip("onnxscript")
+    out = tmp_path / f"merger.{fmt}"
+    assert main(["export", "--run", str(run_on_survey), "--format", fmt, "--out", str(out)]) == 0
+    from dmhpc.infer.export import build, load_safetensors
+
+    reference, _, _ = build(RunDir(run_on_survey))
+    raw = torch.rand(7, 3, 75, 75) * 3 - 0.5  # raw pixels: the export normalizes them itself
+    with torch.no_grad():
+        want = reference(raw).numpy()
+    if fmt == "onnx":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {"image": raw.numpy()})
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    elif fmt == "torchscript":
+        got = torch.jit.load(str(out))(raw).detach().numpy()
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    else:
+        with torch.no_grad():
+            got = load_safetensors(out)(raw).numpy()
+        np.testing.assert_array_equal(got, want)
+    # the same as `dmhpc predict` on the same images
+    np.save(tmp_path / "raw.npy", raw.numpy())
+    assert main(["predict", "--run", str(run_on_survey), "--images", str(tmp_path / "raw.npy"),
+                 "--out", str(tmp_path / "raw.ecsv")]) == 0
+    from astropy.table import Table
+
+    np.testing.assert_allclose(np.asarray(Table.read(tmp_path / "raw.ecsv")["p_merger"]), want, rtol=0, atol=1e-6)
+    card = json.loads(Path(f"{out}.card.json").read_text())
+    assert card["model"]["format"] == fmt and card["selection"]["criterion"] == "im"
+    assert card["data"]["target"]["fingerprint"] and card["test_metrics"]["source"]["accuracy"] >= 0
+    assert card["config"]["model"]["name"] == "deepmerge2" and card["model"]["dmhpc"]
+    assert "## Test metrics" in Path(f"{out}.card.md").read_text()
+    assert main(["export", "--run", str(run_on_survey), "--format", fmt, "--out", str(out)]) == 1  # no overwrite
