@@ -1,7 +1,8 @@
 """`dmhpc demo` (what `make demo` runs): the main job on the embedded data set, from nothing.
 
 synth -> prepare -> verify -> info -> train DeepMerge without adaptation and with
-MMD + Fisher + entropy -> evaluate both on the test split -> a table and the paths of the plots.
+MMD + Fisher + entropy -> evaluate both on the test split -> a merger catalog of the noisy test
+images and an explanation grid from the adapted model -> a table and the paths of the plots.
 Every step is the same command a user would type, so the demo is also a smoke test of the CLI.
 """
 
@@ -60,6 +61,14 @@ def demo_main(args) -> int:
                                 f"run.dir={run_dir}", f"train.epochs={args.epochs}", f"seed={args.seed}"])
         results[name] = RunDir(run_dir).read_result("best", "test")
 
+    # The last mile: the adapted model's merger catalog of the noisy test images, and what it looks at.
+    adapted = out / Path(RUNS["MMD + Fisher + entropy"]).stem
+    catalog = out / "noisy_test_catalog.ecsv"
+    step("merger catalog of the noisy test images", ["predict", "--run", str(adapted), "--data", str(shards / "noisy"),
+                                                      "--split", "test", "--out", str(catalog), "--overwrite"])
+    explained = out / "explain"
+    step("what the network looks at", ["explain", "--run", str(adapted), "--n", "4", "--out", str(explained)])
+
     print(f"\n== DeepMerge on the embedded set: test split, source = pristine, target = noisy "
           f"({time.perf_counter() - t0:.0f} s)\n")
     print(format_table(results))
@@ -67,4 +76,8 @@ def demo_main(args) -> int:
     for config in RUNS.values():
         for png in RunDir(out / Path(config).stem).plot_files():
             print(f"  {png}")
+    print(f"\nmerger catalog of the noisy test images (MMD + Fisher + entropy): {catalog}")
+    print("explanations (Grad-CAM, integrated gradients):")
+    for png in sorted(explained.glob("*.png")):
+        print(f"  {png}")
     return 0

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from astropy.table import Table
+
 from dmhpc.run import RunDir
 from dmhpc.cli import COMMANDS, main
 
@@ -55,5 +57,8 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path, capsys):
         result = RunDir(out / run).read_result("best", "test")
         assert result["source"]["n"] == result["target"]["n"] > 0
         assert str(out / run / "plots" / "roc_best_test.png") in printed
-    # A second `make demo` replaces the demo's own runs instead of refusing them.
+    assert len(Table.read(out / "noisy_test_catalog.ecsv")) == result["target"]["n"]
+    assert (out / "explain" / "target_merger.png").is_file() or (out / "explain" / "target_non-merger.png").is_file()
+    assert str(out / "noisy_test_catalog.ecsv") in printed
+    # A second `make demo` replaces the demo's own runs and catalog instead of refusing them.
     assert main(["demo", "--out", str(out), "--n-per-class", "100", "--epochs", "1"]) == 0

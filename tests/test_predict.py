@@ -257,3 +257,13 @@ def test_bad_requests_are_one_line(trained, tmp_path, capsys):
         assert main(["predict", "--run", run, *argv]) == 1
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_one_split_of_a_prepared_set(trained, tmp_path):
+    data = trained["data"] / "noisy"
+    out = tmp_path / "test.ecsv"
+    assert main(["predict", "--run", str(trained["run"]), "--data", str(data), "--split", "test", "--out", str(out)]) == 0
+    table = read(out)
+    manifest = load_manifest(data)
+    assert set(table["split"]) == {"test"} and sorted(table["index"]) == sorted(manifest["splits"]["test"])
+    assert table.meta["SRCARGS"] and '"split": "test"' in table.meta["SRCARGS"]

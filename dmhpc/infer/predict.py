@@ -187,7 +187,7 @@ def _merge(out: Path, parts: Path, n_parts: int, meta: dict) -> int:
     return len(table)
 
 
-def predict(run_dir, out, *, data=None, images=None, catalog=None, id_column="id", label_column=None,
+def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, id_column="id", label_column=None,
             file_column=None, cutouts=None, checkpoint="best", tta=False, normalize="target", part_size=4096,
             batch_size=256, amp="none", overwrite=False, nan_fill=None, signals=STOP_SIGNALS) -> int:
     """Write the catalog; returns the exit code (0, or REQUEUE_EXIT_CODE after a stop signal)."""
@@ -203,7 +203,7 @@ def predict(run_dir, out, *, data=None, images=None, catalog=None, id_column="id
         model = agree(lambda: Model(run, checkpoint, dist.device, amp))
         # How to open the source again (dmhpc explain --catalog reads the candidates' images back).
         source_args = {k: (str(Path(v).resolve()) if isinstance(v, (str, os.PathLike)) and k in PATHS else v)
-                       for k, v in dict(data=data, images=images, catalog=catalog, id_column=id_column,
+                       for k, v in dict(data=data, split=split, images=images, catalog=catalog, id_column=id_column,
                                         label_column=label_column, file_column=file_column, cutouts=cutouts,
                                         nan_fill=nan_fill).items()}
         source = agree(lambda: open_source(**source_args))
@@ -268,7 +268,8 @@ def predict_arguments(parser) -> None:
     parser.add_argument("--run", "--run-dir", dest="run", required=True, type=Path,
                         help="run directory (write --run-dir under torchrun)")
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"], help="default: best")
-    parser.add_argument("--data", type=Path, metavar="DIR", help="a prepared data set (every split)")
+    parser.add_argument("--data", type=Path, metavar="DIR", help="a prepared data set (every split, or --split)")
+    parser.add_argument("--split", choices=["train", "val", "test"], help="with --data: this split only")
     parser.add_argument("--images", type=Path, metavar="FILE", help="a .npy array or FITS cube (N, C, H, W)")
     parser.add_argument("--catalog", type=Path, metavar="TABLE",
                         help="a catalog (CSV, ECSV, FITS, Parquet) of FITS cutouts, or of the --images rows")
@@ -292,7 +293,7 @@ def predict_arguments(parser) -> None:
 
 
 def predict_main(args) -> int:
-    return predict(args.run, args.out, data=args.data, images=args.images, catalog=args.catalog,
+    return predict(args.run, args.out, data=args.data, split=args.split, images=args.images, catalog=args.catalog,
                    id_column=args.id_column, label_column=args.label_column, file_column=args.file_column,
                    cutouts=args.cutouts, checkpoint=args.checkpoint, tta=args.tta, normalize=args.normalize,
                    part_size=args.part_size, batch_size=args.batch_size, amp=args.amp, overwrite=args.overwrite,

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from dmhpc.data.inputs import Cutouts, open_images, read_catalog
-from dmhpc.data.shards import SPLITS, RowReader, fingerprint, is_labelled, load_manifest, pixel_statistics
+from dmhpc.data.shards import (SPLITS, RowReader, fingerprint, is_labelled, load_manifest, pixel_statistics,
+                               split_rows)
 from dmhpc.errors import DmhpcError
 
 
@@ -34,10 +35,12 @@ class Source:
     _ids: list | None = None
     _labels: np.ndarray | None = None
     _manifest: dict | None = None
+    _first: int = 0            # a prepared set's first row in use (one split: its first row)
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, dict]:
         """(images (n, C, H, W) float32, columns) of rows [start, stop) in storage order."""
         if self.kind == "data":
+            start, stop = start + self._first, stop + self._first
             rows = self._reader.read(start, stop)
             split = np.searchsorted([self._manifest["rows"][s][1] for s in SPLITS], np.arange(start, stop),
                                     side="right").astype(np.int8)
@@ -61,8 +64,9 @@ class Source:
             out = np.empty((len(indices), *self.shape), np.float32)
             out[order] = self._reader[indices[order]]
             return out
-        rows = np.empty(self.count, np.int64)  # input position -> storage row
-        rows[np.concatenate([np.asarray(self._manifest["splits"][s], np.int64) for s in SPLITS])] = np.arange(self.count)
+        total = self._manifest["count"]
+        rows = np.empty(total, np.int64)  # input position -> storage row
+        rows[np.concatenate([np.asarray(self._manifest["splits"][s], np.int64) for s in SPLITS])] = np.arange(total)
         return np.concatenate([self._reader.read(int(r), int(r) + 1)["images"] for r in rows[indices]]).astype(
             np.float32)
 
@@ -78,18 +82,25 @@ class Source:
             self._reader.close()
 
 
-def open_source(*, data: str | os.PathLike | None = None, images: str | os.PathLike | None = None,
-                catalog: str | os.PathLike | None = None, id_column: str = "id", label_column: str | None = None,
-                file_column: str | None = None, cutouts: str | os.PathLike | None = None,
-                nan_fill: float | None = None) -> Source:
-    """The one source given (see the module docstring); `catalog` with `images` gives their ids and labels."""
+def open_source(*, data: str | os.PathLike | None = None, split: str | None = None,
+                images: str | os.PathLike | None = None, catalog: str | os.PathLike | None = None,
+                id_column: str = "id", label_column: str | None = None, file_column: str | None = None,
+                cutouts: str | os.PathLike | None = None, nan_fill: float | None = None) -> Source:
+    """The one source given (see the module docstring); `catalog` with `images` gives their ids and
+    labels; `split` keeps one split of a prepared data set."""
     if (data is not None) + (images is not None or catalog is not None) != 1:
         raise DmhpcError("give one of --data DIR, --images FILE or --catalog TABLE (--catalog may go with --images)")
+    if split is not None and data is None:
+        raise DmhpcError("--split needs --data (only a prepared data set has splits)")
     if data is not None:
         manifest = load_manifest(data)
-        return Source("data", Path(data), tuple(manifest["shape"]), manifest["count"], is_labelled(manifest),
-                      {"data": str(Path(data).resolve()), "fingerprint": fingerprint(manifest)},
-                      RowReader(data, manifest), _manifest=manifest)
+        first, stop = split_rows(manifest, split) if split is not None else (0, manifest["count"])
+        if stop == first:
+            raise DmhpcError(f"{data}: the {split} split is empty")
+        return Source("data", Path(data), tuple(manifest["shape"]), stop - first, is_labelled(manifest),
+                      {"data": str(Path(data).resolve()), "fingerprint": fingerprint(manifest),
+                       **({"split": split} if split else {})},
+                      RowReader(data, manifest), _manifest=manifest, _first=first)
     cat = None
     if catalog is not None:
         cat = read_catalog(catalog, id_column=id_column, label_column=label_column, file_column=file_column,
