@@ -1,8 +1,9 @@
-"""slurm/train_ddp.sh and slurm/prepare_mpi.sh, submitted with sbatch to the two-node test cluster."""
+"""slurm/train_ddp.sh, slurm/prepare_mpi.sh and slurm/predict.sh, submitted with sbatch to the two-node test cluster."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,39 @@ def test_train_ddp_checkpoints_on_usr2_requeues_and_resumes(slurm_cluster, tmp_p
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_predict_on_two_nodes_requeues_on_usr2_and_ends_with_the_catalog_of_one_process(
+        slurm_cluster, tmp_path, make_domains):
+    """slurm/predict.sh: a torchrun per node, parts per rank; the time-limit signal stops every rank
+    after its part, the job requeues, the next start skips the finished parts and merges."""
+    import numpy as np
+
+    data = make_domains(64)
+    run = tmp_path / "run"
+    trained = subprocess.run([sys.executable, "-m", "dmhpc", "train", "--config", "configs/tiny.yaml",
+                              f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}", f"run.dir={run}",
+                              "train.epochs=1"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    survey = np.random.default_rng(0).normal(size=(600, 3, 75, 75)).astype(np.float32)
+    np.save(tmp_path / "survey.npy", survey)
+    options = ["--images", str(tmp_path / "survey.npy"), "--part-size", "16", "--batch-size", "8", "--tta"]
+    single = tmp_path / "single.parquet"
+    local = subprocess.run([sys.executable, "-m", "dmhpc", "predict", "--run", str(run), *options, "--out", str(single)],
+                           cwd=REPO, env={**os.environ, **JOB_ENV}, capture_output=True, text=True,
+                           timeout=600)
+    assert local.returncode == 0, local.stderr[-2000:]
+    out = tmp_path / "catalog.parquet"
+    job_id = slurm_cluster.sbatch("--nodes=2", "--cpus-per-task=1", f"--output={tmp_path}/out", "slurm/predict.sh",
+                                  str(run), *options, "--out", str(out), cwd=REPO, env=JOB_ENV)
+    parts = Path(f"{out}.parts")
+    slurm_cluster.wait_for(lambda: len(list(parts.glob("part-*.npz"))) >= 2, "two parts", job_id, timeout=180)
+    slurm_cluster.run("scancel", "--signal=USR2", "--batch", job_id)
+    job = slurm_cluster.wait(job_id, timeout=600)
+    assert (job.state, job.exit_code, job.restarts) == ("COMPLETED", 0, 1), job
+    assert "requeueing job" in job.output and "done before" in job.output and "world 2" in job.output, job
+    from astropy.table import Table
+
+    a, b = Table.read(single, format="parquet"), Table.read(out, format="parquet")
+    for column in a.colnames:
+        assert np.array_equal(np.asarray(a[column]), np.asarray(b[column])), column
