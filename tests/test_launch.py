@@ -545,3 +545,20 @@ def test_control_characters_in_launch_strings_are_refused(tmp_path, place, value
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(DmhpcError, match=rf"{path}: .*holds a control character"):
         load_grid(path)
+
+
+def test_a_study_gap_on_an_unlabelled_target_is_refused(data, tmp_path):
+    """The gap closed is measured in target accuracy, which an unlabelled survey does not have."""
+    import numpy as np
+
+    from dmhpc.data.shards import write_dataset
+
+    write_dataset(np.random.default_rng(0).normal(size=(64, 3, 75, 75)).astype(np.float32), None, None,
+                  tmp_path / "survey", shard_size=64)
+    spec = {"methods": {"noda": {"base": str(TINY)}, "mmd": {"base": str(TINY), "overrides": {"loss.transfer": "mmd"}}},
+            "gap": {"from": "noda", "to": "mmd"}, "out": str(tmp_path / "out"), "executor": "local",
+            "grid": {"seed": [0]}, "overrides": _tiny_overrides(data, **{"data.target": str(tmp_path / "survey")})}
+    with pytest.raises(DmhpcError, match=r"gap: measures target accuracy, and data.target .*survey is unlabelled"):
+        load_grid(spec)
+    spec["overrides"]["data.target"] = str(data / "noisy")
+    assert load_grid(spec).gap == ("noda", "mmd")

@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dmhpc.config import show
+from dmhpc.data.shards import is_labelled, load_manifest
 from dmhpc.errors import DmhpcError
 from dmhpc.launch.leaderboard import write_leaderboard
 from dmhpc.launch.summary import write_summary
@@ -324,8 +325,23 @@ def load_grid(spec: str | Path | Mapping) -> Grid:
                 points.append(Point(f"{method}/{name}", {"method": method, **values}, run_dir, cfg))
     check_point_problems(problems, failures)
     check_existing_runs(problems, points)
+    if gap:
+        _check_gap_targets(problems, points)
     problems.raise_if_any()
     return Grid(source, out, executor, resources, tuple(points), gap)
+
+
+def _check_gap_targets(problems: Problems, points) -> None:
+    """The gap is measured in target accuracy: refuse targets without labels (where the data set
+    exists already; one prepared later is checked by the trainer's own start-up checks)."""
+    for target in sorted({str(p.config.data.target) for p in points}):
+        try:
+            labelled = is_labelled(load_manifest(target))
+        except DmhpcError:
+            continue
+        if not labelled:
+            problems.add("gap", f"measures target accuracy, and data.target {target} is unlabelled; report a "
+                         f"study on an unlabelled survey without gap")
 
 
 def _write_tables(g: Grid, failures: Mapping[str, str]) -> list[dict]:
