@@ -65,8 +65,9 @@ def test_manifest_keys_and_contract(dataset):
     assert load_manifest(directory) == manifest
     assert list(manifest) == [
         "format", "version", "count", "shape", "dtype", "num_classes", "seed", "fractions", "shards",
-        "rows", "splits", "counts", "stats", "inputs", "layout", "created_by",
+        "rows", "splits", "counts", "stats", "inputs", "layout", "created_by", "labelled", "ids", "objects",
     ]
+    assert manifest["labelled"] is True and manifest["ids"] is False
     assert manifest["format"] == "dmhpc-shards" and manifest["version"] == 1
     assert manifest["count"] == 60 and manifest["shape"] == [3, 6, 6] and manifest["dtype"] == "float32"
     assert manifest["fractions"] == {"train": 0.7, "val": 0.1, "test": 0.2}
@@ -76,6 +77,7 @@ def test_manifest_keys_and_contract(dataset):
         assert manifest["splits"][split] == rows["index"][start:stop].tolist()
         counts = np.bincount(labels[manifest["splits"][split]], minlength=2)
         assert manifest["counts"][split] == {"0": int(counts[0]), "1": int(counts[1])}
+        assert manifest["objects"][split] == len(set(rows["objects"][start:stop]))
 
 
 def test_stats_are_float64_stats_of_training_split(dataset):
