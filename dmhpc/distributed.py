@@ -23,7 +23,10 @@ The launcher is recognised from its environment, first match wins:
 
 MASTER_ADDR / MASTER_PORT, when set, override the derived address and port on paths 2 and 3.
 A world of one process never creates a process group. NCCL on GPUs, gloo on CPUs; each rank binds
-its own GPU (local rank), or GPU 0 when the scheduler shows each task only its own GPU.
+its own GPU (`gpu_index`): the local rank's when the node's ranks see at least as many GPUs, GPU 0
+when the node runs one rank or the scheduler gave each task its own GPU (SLURM_GPUS_PER_TASK=1, or
+DMHPC_GPU_PER_RANK=1 for a launcher of your own), and otherwise a one-line error: two ranks on one
+GPU are refused by NCCL at the first collective.
 
 This module is the only place in dmhpc that reads the environment for distribution.
 """
@@ -60,6 +63,7 @@ class Launch:
     world_size: int  # 0 for "mpi" when no variable says it (mpi4py tells)
     master_addr: str | None = None  # None: not needed (single) or found later (mpi)
     master_port: int | None = None
+    local_world_size: int = 0  # ranks on this node; 0 when the launcher does not say
 
 
 @dataclass(frozen=True)
@@ -143,7 +147,8 @@ def detect_launch(env: Mapping[str, str]) -> Launch:
             raise DmhpcError(f"environment: RANK is set (torchrun-style launch) but {', '.join(missing)} "
                              f"{'is' if len(missing) == 1 else 'are'} not")
         launch = Launch("torchrun", _int(env, "RANK"), _int(env, "LOCAL_RANK"), _int(env, "WORLD_SIZE"),
-                        env["MASTER_ADDR"], _int(env, "MASTER_PORT"))
+                        env["MASTER_ADDR"], _int(env, "MASTER_PORT"),
+                        _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else 0)
     else:
         mpi = _mpi_launch(env)
         launch = _slurm_launch(env, mpi) or mpi or Launch("single", 0, 0, 1)
@@ -175,7 +180,22 @@ def _slurm_launch(env: Mapping[str, str], mpi: Launch | None) -> Launch | None:
         port = _int(env, "MASTER_PORT")
     else:
         port = SLURM_PORT_BASE + _int(env, "SLURM_JOB_ID") % 20000 if "SLURM_JOB_ID" in env else 29500
-    return Launch("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID"), tasks, addr, port)
+    return Launch("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID"), tasks, addr, port,
+                  _slurm_tasks_on_node(env))
+
+
+def _slurm_tasks_on_node(env: Mapping[str, str]) -> int:
+    """This node's task count from SLURM_STEP_TASKS_PER_NODE ("4(x2),1") and SLURM_NODEID; 0 if unknown."""
+    spec, node = env.get("SLURM_STEP_TASKS_PER_NODE"), env.get("SLURM_NODEID")
+    if not spec or node is None or not node.isdigit():
+        return 0
+    counts = []
+    for item in spec.split(","):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", item.strip())
+        if not m:
+            return 0
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    return counts[int(node)] if int(node) < len(counts) else 0
 
 
 def _mpi_rendezvous(launch: Launch, env: Mapping[str, str]) -> Launch:
@@ -185,14 +205,14 @@ def _mpi_rendezvous(launch: Launch, env: Mapping[str, str]) -> Launch:
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
-    local_rank = node.Get_rank()
+    local_rank, local_size = node.Get_rank(), node.Get_size()
     node.Free()
     addr, port = None, None
     if rank == 0 and size > 1:
         addr = env.get("MASTER_ADDR") or socket.gethostname()
         port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port()
     addr, port = comm.bcast((addr, port), root=0)
-    return Launch("mpi", rank, local_rank, size, addr, port)
+    return Launch("mpi", rank, local_rank, size, addr, port, local_size)
 
 
 def _free_port() -> int:
@@ -201,15 +221,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _bind_device(local_rank: int) -> torch.device:
+def gpu_index(local_rank: int, local_world_size: int, visible: int, isolated: bool) -> int:
+    """The GPU (among the `visible` ones) this rank binds, or a DmhpcError when ranks would share one.
+
+    - the launcher gave each task its own GPU (`isolated`: srun --gpus-per-task=1): GPU 0;
+    - one rank on the node: GPU 0;
+    - at least as many GPUs as ranks on the node: the local rank's;
+    - otherwise two ranks would share a GPU (NCCL refuses: "Duplicate GPU detected"): refused,
+      with how to launch instead. `local_world_size` 0 (unknown) counts as local_rank + 1.
+    """
+    if isolated or visible < 1:
+        return 0
+    ranks = max(local_world_size, local_rank + 1)
+    if ranks == 1:
+        return 0
+    if visible >= ranks:
+        return local_rank
+    shared = ", ".join(f"local ranks {', '.join(str(r) for r in range(g, ranks, visible))} on GPU {g}"
+                       for g in range(visible) if len(range(g, ranks, visible)) > 1)
+    raise DmhpcError(f"{ranks} ranks on this node but each process sees {visible} GPU{'s' if visible > 1 else ''}: "
+                     f"{shared} would share it; start one rank per GPU (torchrun --nproc_per_node={visible}, or "
+                     f"srun --ntasks-per-node={visible} --gpus-per-task=1), or hide the GPUs (CUDA_VISIBLE_DEVICES=) "
+                     f"to run the ranks on the CPU")
+
+
+def _bind_device(launch: Launch, env: Mapping[str, str]) -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    count = torch.cuda.device_count()
-    # One visible GPU: the scheduler bound this task to it (srun --gpus-per-task=1, --gpu-bind).
-    index = 0 if count == 1 else local_rank
-    if index >= count:
-        raise DmhpcError(f"local rank {local_rank} has no GPU: this node shows {count} GPUs; "
-                         f"start at most one task per GPU")
+    # The scheduler bound each task to its own GPU (srun --gpus-per-task=1), or the user says so.
+    isolated = env.get("SLURM_GPUS_PER_TASK") == "1" or env.get("DMHPC_GPU_PER_RANK") == "1"
+    index = gpu_index(launch.local_rank, launch.local_world_size, torch.cuda.device_count(), isolated)
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
@@ -225,7 +266,7 @@ def bootstrap(backend: str | None = None) -> DistInfo:
     launch = detect_launch(env)
     if launch.launcher == "mpi" and launch.world_size != 1:
         launch = _mpi_rendezvous(launch, env)
-    device = _bind_device(launch.local_rank)
+    device = _bind_device(launch, env)
     if launch.world_size == 1:
         return DistInfo(0, launch.local_rank, 1, device, None, launch.launcher)
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")

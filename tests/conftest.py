@@ -1,9 +1,32 @@
-"""Fixtures shared across the suite."""
+"""What the suite shares: paths, a clean environment for child processes, data-set fixtures.
+
+Test modules import the constants and `clean_env` (`from conftest import ROOT, clean_env`; pytest
+puts this folder on sys.path) and use the fixtures by name.
+"""
 
 from __future__ import annotations
 
+import os
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+BIN = Path(sys.executable).parent  # this interpreter's scripts: torchrun, mpiexec, dmhpc
+TINY = ROOT / "configs" / "tiny.yaml"
+LAUNCH_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "PALS_", "MPI_LOCAL", "TORCHELASTIC_")
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def clean_env(**extra) -> dict:
+    """This process's environment for a child: no launcher's variables (the child decides its own
+    rank), one thread per process (several ranks share 2 cores), no GPU (multi-rank tests run CPU
+    ranks: ranks sharing one GPU are refused; the GPU tests are marked `gpu`), plus `extra`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_PREFIXES) and k not in LAUNCH_VARS}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", **extra)
+    return env
 
 
 @pytest.fixture(scope="session")

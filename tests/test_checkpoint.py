@@ -18,22 +18,13 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import BIN, ROOT, clean_env
 from dmhpc.config import Config
 from dmhpc.errors import DmhpcError
 from dmhpc.run import RunDir
 from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, StopRequest, capture_rng_state, gather_rng_states,
                                     load_checkpoint, restore_rank_rng_state, restore_rng_state, save_checkpoint)
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-LAUNCH_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "PALS_", "MPI_LOCAL", "TORCHELASTIC_")
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
-
-
-def clean_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_PREFIXES) and k not in LAUNCH_VARS}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return env
 
 
 def trained_state() -> dict:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,10 +10,10 @@ import pytest
 
 from astropy.table import Table
 
+from conftest import ROOT
 from dmhpc.run import RunDir
 from dmhpc.cli import COMMANDS, main
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

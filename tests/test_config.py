@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import ROOT
 from dmhpc.config import (Config, config_from_dict, config_to_dict, load_config, parse_override,
                           save_config)
 from dmhpc.errors import DmhpcError
 
-ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
 
 

@@ -15,27 +15,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import BIN, LAUNCH_PREFIXES, LAUNCH_VARS, ROOT, clean_env
 from dmhpc.distributed import (Launch, all_gather_object, barrier, bootstrap, collective_device, detect_launch,
                                expand_nodelist, first_host, shutdown)
 from dmhpc.errors import DmhpcError
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-LAUNCH_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "PALS_", "MPI_LOCAL", "TORCHELASTIC_")
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 TORCHRUN = dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="4", MASTER_ADDR="node7", MASTER_PORT="29400")
 SLURM_STEP = dict(SLURM_JOB_ID="12345", SLURM_PROCID="3", SLURM_LOCALID="1", SLURM_NTASKS="4",
                   SLURM_STEP_NUM_TASKS="4", SLURM_STEP_NODELIST="gpu[03-04]", SLURM_JOB_NODELIST="gpu[01-04]",
                   PATH="")  # PATH="": no scontrol, the built-in node-list expansion answers
-
-
-def clean_env(**extra) -> dict:
-    """This process's environment without any launcher's variables, plus `extra`."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(LAUNCH_PREFIXES) and k not in LAUNCH_VARS}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **extra)
-    return env
 
 
 # --- which launcher: pure logic --------------------------------------------------------------------
@@ -281,3 +270,42 @@ def test_two_ranks_as_a_slurm_step(tmp_path):
                          PATH=str(BIN))
     results = _run_two(tmp_path, None, env_for_rank=env)
     _check_group(results, "slurm")
+
+
+@pytest.mark.parametrize("local_rank, local_world, visible, isolated, expected", [
+    (0, 1, 1, False, 0),      # one rank, one GPU
+    (0, 1, 4, False, 0),      # one rank on a 4-GPU node
+    (2, 4, 4, False, 2),      # one rank per GPU
+    (1, 2, 8, False, 1),      # fewer ranks than GPUs
+    (3, 4, 1, True, 0),       # srun --gpus-per-task=1: each task sees its own GPU as GPU 0
+    (1, 0, 2, False, 1),      # the launcher does not say how many ranks: at least local_rank + 1
+])
+def test_gpu_binding_decision_table(local_rank, local_world, visible, isolated, expected):
+    from dmhpc.distributed import gpu_index
+
+    assert gpu_index(local_rank, local_world, visible, isolated) == expected
+
+
+@pytest.mark.parametrize("local_rank, local_world, visible, message", [
+    (1, 2, 1, "2 ranks on this node but each process sees 1 GPU: local ranks 0, 1 on GPU 0 would share it"),
+    (0, 4, 2, "local ranks 0, 2 on GPU 0, local ranks 1, 3 on GPU 1 would share it"),
+    (1, 0, 1, "2 ranks on this node"),  # unknown local world, but rank 1 with one GPU shares GPU 0 with rank 0
+])
+def test_ranks_sharing_a_gpu_are_refused_with_how_to_launch(local_rank, local_world, visible, message):
+    from dmhpc.distributed import gpu_index
+
+    with pytest.raises(DmhpcError) as info:
+        gpu_index(local_rank, local_world, visible, isolated=False)
+    text = str(info.value)
+    assert message in text and "torchrun --nproc_per_node=" in text and "--gpus-per-task=1" in text
+    assert "\n" not in text
+
+
+def test_local_world_size_from_each_launcher():
+    torchrun = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "a", "MASTER_PORT": "1",
+                "LOCAL_WORLD_SIZE": "2"}
+    assert detect_launch(torchrun).local_world_size == 2
+    slurm = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "7", "SLURM_NODEID": "2",
+             "SLURM_STEP_TASKS_PER_NODE": "2(x2),3", "SLURM_STEP_NODELIST": "n1", "MASTER_ADDR": "n1"}
+    assert detect_launch(slurm).local_world_size == 3
+    assert detect_launch({**slurm, "SLURM_STEP_TASKS_PER_NODE": "weird"}).local_world_size == 0

@@ -21,12 +21,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import ROOT, TINY, clean_env
 from dmhpc.data.shards import shard_name, write_dataset
 from dmhpc.run import RunDir
 from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, load_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +33,6 @@ def data(make_domains):
     return make_domains(64)  # 45 training rows: 2 steps of 16 per epoch
 
 
-def env() -> dict:
-    out = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    out["OMP_NUM_THREADS"] = "1"
-    return out
 
 
 def train_args(data, run, *extra, source=None, target=None):
@@ -47,12 +42,12 @@ def train_args(data, run, *extra, source=None, target=None):
 
 def train(data, run, *extra, timeout=300, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "dmhpc.train", *train_args(data, run, *extra, **kw)], cwd=ROOT,
-                          env=env(), capture_output=True, text=True, timeout=timeout)
+                          env=clean_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def start(data, run, *extra, log, **popen) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "dmhpc.train", *train_args(data, run, *extra)], cwd=ROOT,
-                            env=env(), stdout=log, stderr=subprocess.STDOUT, **popen)
+                            env=clean_env(), stdout=log, stderr=subprocess.STDOUT, **popen)
 
 
 def wait_for_steps(run: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -293,7 +288,7 @@ def test_a_refusal_under_two_ranks_stops_both_without_a_hang(data, tmp_path):
         f["images"][:2] = -f["images"][:2]
     proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
                            "-m", "dmhpc.train", *train_args(data, tmp_path / "run", "train.epochs=1", source=damaged)],
-                          cwd=ROOT, env=env(), capture_output=True, text=True, timeout=180)
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode != 0
     # One line from each rank (written at the same moment, they may share a line of the stream).
     assert proc.stderr.count("dmhpc train: error: ") == 2, proc.stderr[-3000:]

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY
 from dmhpc.cli import main
 from dmhpc.data.shards import write_dataset
 from dmhpc.run import RunDir
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")

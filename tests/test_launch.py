@@ -19,14 +19,13 @@ import pytest
 import torch
 import yaml
 
+from conftest import ROOT, TINY
 from dmhpc.errors import DmhpcError
 from dmhpc.launch import (expand, launch_scaling, load_grid, load_study, point_name, sample_space, scaling_table,
                           steady_step_time, summary_rows, write_leaderboard, write_summary)
 from dmhpc.launch.grid import Range
 from dmhpc.launch.submit import Resources, local_threads, make_executor, slurm_minutes
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ROOT / "configs" / "tiny.yaml"
 
 
 @pytest.fixture(scope="module")

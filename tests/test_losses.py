@@ -382,3 +382,41 @@ def test_cuda_losses_stay_accurate_with_tf32_matmuls_enabled(realistic):
         torch.set_float32_matmul_precision(previous)
     assert rel(got_mmd, ref_mmd(xs, xt, DEEPMERGE_SIGMAS, False)) < 1e-3
     assert rel(got_coral, ref_coral(xs, xt)) < 1e-3
+
+
+PRECISION_PROBE = """
+import sys, torch
+from dmhpc.losses import mmd, coral
+api = sys.argv[1]
+x, y = torch.randn(32, 8, generator=torch.Generator().manual_seed(0)), torch.randn(32, 8, generator=torch.Generator().manual_seed(1)) + 1
+reference = mmd(x, y).item(), coral(x, y).item()
+if api == "legacy":
+    torch.set_float32_matmul_precision("high")
+else:
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+values = mmd(x, y).item(), coral(x, y).item()
+assert values == reference, (values, reference)  # IEEE float32 inside the losses, whatever was asked outside
+if api == "legacy":
+    assert torch.get_float32_matmul_precision() == "high"  # the caller's setting, restored
+else:
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.mkldnn.matmul.fp32_precision == "bf16"
+    try:
+        torch.get_float32_matmul_precision()
+    except RuntimeError:
+        pass  # still the new API alone: the losses did not mix the two in
+    else:
+        raise AssertionError("the legacy setting was written")
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("api", ["legacy", "new"])
+def test_losses_compute_in_ieee_float32_under_either_tf32_api(api):
+    """Setting TF32 the current way (fp32_precision) used to make every loss raise 'mix of the
+    legacy and new APIs'. A fresh process each: the setting is global."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", PRECISION_PROBE, api], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
-from dmhpc.mpi import RANK_VARS, SIZE_VARS, launched_rank
+from conftest import clean_env
+from dmhpc.mpi import RANK_VARS, launched_rank
 
 CODE = "import sys; from dmhpc.mpi import world_comm; assert world_comm() is None; assert 'mpi4py' not in sys.modules"
 
 
-def _clean_env():
-    return {k: v for k, v in os.environ.items() if k not in RANK_VARS + SIZE_VARS}
-
-
 def test_no_launch_and_a_one_rank_launch_never_import_mpi4py():
-    subprocess.run([sys.executable, "-c", CODE], check=True, env=_clean_env(), timeout=60)
-    subprocess.run([sys.executable, "-c", CODE], check=True, env=dict(_clean_env(), PMI_SIZE="1", PMI_RANK="0"),
+    subprocess.run([sys.executable, "-c", CODE], check=True, env=clean_env(), timeout=60)
+    subprocess.run([sys.executable, "-c", CODE], check=True, env=clean_env(PMI_SIZE="1", PMI_RANK="0"),
                    timeout=60)
 
 

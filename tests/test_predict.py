@@ -15,21 +15,15 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import BIN, ROOT, TINY, clean_env
 from dmhpc.cli import main
-from dmhpc.data.shards import RowReader, load_manifest, write_dataset
+from dmhpc.data.shards import RowReader, load_manifest
 from dmhpc.run import RunDir
 from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, load_checkpoint
 from dmhpc.train.objective import build_backbone
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-TINY = ROOT / "configs" / "tiny.yaml"
 
 
-def env() -> dict:
-    out = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    out["OMP_NUM_THREADS"] = "1"
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +112,8 @@ def test_tta_and_own_normalization(trained, tmp_path):
                  "--tta", "--normalize", "own", "--part-size", "64", "--batch-size", "32"]) == 0
     table = read(out)
     images = trained["images"]
-    mean = images.mean(axis=(0, 2, 3), dtype=np.float64)
-    std = images.std(axis=(0, 2, 3), dtype=np.float64)
-    np.testing.assert_allclose(eval(table.meta["MEAN"]), mean, rtol=1e-9)
+    np.testing.assert_allclose(eval(table.meta["MEAN"]), images.mean(axis=(0, 2, 3), dtype=np.float64), rtol=1e-9)
+    np.testing.assert_allclose(eval(table.meta["STD"]), images.std(axis=(0, 2, 3), dtype=np.float64), rtol=1e-9)
     versions = []
     for k in range(4):
         for flip in (False, True):
@@ -162,7 +155,7 @@ def _predict_cmd(trained, out, *extra):
 @pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])
 def test_two_ranks_give_the_catalog_of_one(trained, tmp_path, launcher):
     one = tmp_path / "one.parquet"
-    assert subprocess.run([sys.executable, *_predict_cmd(trained, one)], cwd=ROOT, env=env(),
+    assert subprocess.run([sys.executable, *_predict_cmd(trained, one)], cwd=ROOT, env=clean_env(),
                           capture_output=True, timeout=300).returncode == 0
     two = tmp_path / "two.parquet"
     if launcher == "torchrun":
@@ -171,7 +164,7 @@ def test_two_ranks_give_the_catalog_of_one(trained, tmp_path, launcher):
         if not (BIN / "mpiexec").exists():
             pytest.skip("mpiexec is not installed (pip install dmhpc[mpi])")
         cmd = [str(BIN / "mpiexec"), "-n", "2", sys.executable, *_predict_cmd(trained, two)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "world 2" in proc.stdout
     a, b = read(one), read(two)
@@ -184,7 +177,7 @@ def _parts(out: Path) -> list[Path]:
 
 
 def _start_and_wait_for_parts(trained, out, n, log, *extra):
-    proc = subprocess.Popen([sys.executable, *_predict_cmd(trained, out, *extra)], cwd=ROOT, env=env(), stdout=log,
+    proc = subprocess.Popen([sys.executable, *_predict_cmd(trained, out, *extra)], cwd=ROOT, env=clean_env(), stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.time() + 120
     while len(_parts(out)) < n:
@@ -195,7 +188,7 @@ def _start_and_wait_for_parts(trained, out, n, log, *extra):
 
 def test_killed_and_rerun_gives_the_uninterrupted_catalog(trained, tmp_path):
     straight = tmp_path / "straight.parquet"
-    assert subprocess.run([sys.executable, *_predict_cmd(trained, straight, "--tta")], cwd=ROOT, env=env(),
+    assert subprocess.run([sys.executable, *_predict_cmd(trained, straight, "--tta")], cwd=ROOT, env=clean_env(),
                           capture_output=True, timeout=300).returncode == 0
     out = tmp_path / "killed.parquet"
     with open(tmp_path / "log", "w") as log:
@@ -204,7 +197,7 @@ def test_killed_and_rerun_gives_the_uninterrupted_catalog(trained, tmp_path):
         proc.wait()
     done = len(_parts(out))
     assert 2 <= done < 7 and not out.exists()
-    rerun = subprocess.run([sys.executable, *_predict_cmd(trained, out, "--tta")], cwd=ROOT, env=env(),
+    rerun = subprocess.run([sys.executable, *_predict_cmd(trained, out, "--tta")], cwd=ROOT, env=clean_env(),
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert f"({done} done before)" in rerun.stdout
@@ -222,7 +215,7 @@ def test_a_stop_signal_finishes_the_part_and_exits_for_requeue(trained, tmp_path
         assert proc.wait(timeout=120) == REQUEUE_EXIT_CODE, (tmp_path / "log").read_text()[-2000:]
     assert "finished parts are kept" in (tmp_path / "log").read_text()
     assert 1 <= len(_parts(out)) < 7 and not out.exists()
-    rerun = subprocess.run([sys.executable, *_predict_cmd(trained, out, "--tta")], cwd=ROOT, env=env(),
+    rerun = subprocess.run([sys.executable, *_predict_cmd(trained, out, "--tta")], cwd=ROOT, env=clean_env(),
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0 and len(read(out)) == 200, rerun.stderr[-2000:]
 

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from dmhpc.cli import main
 from dmhpc.data import shards
 from dmhpc.data.shards import MANIFEST, SPLITS, RowReader, file_sha256, load_manifest
 
-REPO = Path(__file__).resolve().parents[1]
 N = 48
 
 
@@ -194,9 +194,9 @@ def test_shipped_configs_are_valid():
         "deepmerge1.yaml": ["SB00_augmented_3FILT.npy", "SB25_augmented_3FILT.npy"],
     }
     for name, images in expect.items():
-        domains = load_data_config(REPO / "configs" / "data" / name)
+        domains = load_data_config(ROOT / "configs" / "data" / name)
         assert [d.images.name for d in domains] == images
-    embedded = load_data_config(REPO / "configs" / "data" / "embedded.yaml")
+    embedded = load_data_config(ROOT / "configs" / "data" / "embedded.yaml")
     assert [(d.name, str(d.out)) for d in embedded] == [
         ("pristine", "data/embedded/shards/pristine"), ("noisy", "data/embedded/shards/noisy")
     ]

@@ -10,18 +10,16 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
-from pathlib import Path
 
 import pytest
 
-from dmhpc.config import Config, load_config, save_config
+from conftest import ROOT
+from dmhpc.config import Config, load_config
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, is_temporary, remove_orphans
 from dmhpc.run import RunDir, evaluation_tag
 from dmhpc.train.checkpoint import save_checkpoint
 
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def cfg_for(run_dir, **train) -> Config:

@@ -15,13 +15,11 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import BIN, ROOT, TINY, clean_env
 from dmhpc.cli import main
 from dmhpc.data.shards import write_dataset
 from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE
 
-ROOT = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
-TINY = ROOT / "configs" / "tiny.yaml"
 
 
 def _domain(rng, n, noise):
@@ -56,11 +54,6 @@ def _weights(run_dir, name="last"):
     return torch.load(Path(run_dir) / "checkpoints" / f"{name}.pt", weights_only=True)["model"]
 
 
-def _env():
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop("RANK", None)
-    return env
 
 
 def test_single_process_run_directory(data, tmp_path, capsys):
@@ -130,7 +123,7 @@ def test_bad_config_fails_before_training(tmp_path, capsys):
 
 
 def _start(args, log):
-    return subprocess.Popen([sys.executable, "-m", "dmhpc.train", *args], cwd=ROOT, env=_env(),
+    return subprocess.Popen([sys.executable, "-m", "dmhpc.train", *args], cwd=ROOT, env=clean_env(),
                             stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -153,7 +146,7 @@ def test_signal_checkpoints_requeue_code_and_resume_is_bit_identical(data, tmp_p
     # the order of float reductions, and bit-identity is promised for the same machine set-up.
     straight = tmp_path / "straight"
     assert subprocess.run([sys.executable, "-m", "dmhpc.train", *common, *_overrides(data, straight, *steps)],
-                          cwd=ROOT, env=_env(), capture_output=True).returncode == 0
+                          cwd=ROOT, env=clean_env(), capture_output=True).returncode == 0
 
     stopped = tmp_path / "stopped"
     with open(tmp_path / "log.txt", "w") as log:
@@ -167,7 +160,7 @@ def test_signal_checkpoints_requeue_code_and_resume_is_bit_identical(data, tmp_p
     assert 3 <= ckpt["step"] < total  # stopped mid-run, after the step that saw the signal
 
     resumed = subprocess.run([sys.executable, "-m", "dmhpc.train", *common, "--resume", "auto",
-                              *_overrides(data, stopped, *steps)], cwd=ROOT, env=_env(), capture_output=True, text=True)
+                              *_overrides(data, stopped, *steps)], cwd=ROOT, env=clean_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
     a, b = _weights(straight), _weights(stopped)
@@ -185,7 +178,7 @@ def test_signal_to_every_process_of_the_step_still_checkpoints(data, tmp_path, l
     args = ["--config", str(TINY), *_overrides(data, run, "train.epochs=20", "train.log_every=1",
                                                f"data.loader={loader}", "data.num_workers=2")]
     with open(tmp_path / "log.txt", "w") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "dmhpc.train", *args], cwd=ROOT, env=_env(),
+        proc = subprocess.Popen([sys.executable, "-m", "dmhpc.train", *args], cwd=ROOT, env=clean_env(),
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         _wait_for_steps(run, 2, proc)
         os.killpg(proc.pid, signal.SIGUSR2)
@@ -201,7 +194,7 @@ def test_resume_after_a_stop_on_the_last_step_of_an_epoch(data, tmp_path):
         _wait_for_steps(run, 2, proc)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == REQUEUE_EXIT_CODE, (tmp_path / "log.txt").read_text()
-    resumed = subprocess.run([sys.executable, "-m", "dmhpc.train", *args], cwd=ROOT, env=_env(),
+    resumed = subprocess.run([sys.executable, "-m", "dmhpc.train", *args], cwd=ROOT, env=clean_env(),
                              capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     epochs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
@@ -213,7 +206,7 @@ def test_torchrun_two_ranks(data, tmp_path):
     proc = subprocess.run(
         [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "dmhpc.train", "--config", str(TINY),
          *_overrides(data, run, "train.epochs=2", "loss.transfer=mmd", "loss.fisher.weight=1.0")],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world 2" in proc.stdout
     assert json.loads((run / "eval" / "best_test.json").read_text())["source"]["n"] > 0
@@ -227,7 +220,7 @@ def test_mpiexec_two_ranks(data, tmp_path):
     proc = subprocess.run(
         [str(mpiexec), "-n", "2", sys.executable, "-m", "dmhpc.train", "--config", str(TINY),
          *_overrides(data, run, "train.epochs=1", "loss.transfer=coral")],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world 2" in proc.stdout and (run / "eval" / "best_test.json").exists()
 
@@ -239,7 +232,7 @@ def _crash_a_rank_under_torchrun(data, run, log_path):
         proc = subprocess.Popen(
             [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--max-restarts=1", "-m", "dmhpc.train",
              "--config", str(TINY), *_overrides(data, run, "train.epochs=6", "train.log_every=1")],
-            cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            cwd=ROOT, env=clean_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.time() + 120
             while not (run / "checkpoints" / "last.pt").exists():
@@ -268,7 +261,7 @@ def test_torchrun_restarts_a_crashed_rank_from_the_checkpoint(data, tmp_path):
     proc = subprocess.run(
         [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "dmhpc.train", "--config", str(TINY),
          *_overrides(data, straight, "train.epochs=6", "train.log_every=1")],
-        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     a, b = _weights(straight), _weights(run)
     for k in a:

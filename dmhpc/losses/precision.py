@@ -19,18 +19,40 @@ def upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(t.to(dtype) for t in tensors)
 
 
+def _matmul_backends() -> list:
+    """The per-backend matmul precision settings of PyTorch's newer API (fp32_precision)."""
+    backends = [getattr(torch.backends, "cuda", None), getattr(torch.backends, "mkldnn", None)]
+    return [b.matmul for b in backends if b is not None and hasattr(getattr(b, "matmul", None), "fp32_precision")]
+
+
 @contextlib.contextmanager
 def full_precision(device: torch.device) -> Iterator[None]:
     """Disable autocast on `device` and use IEEE float32 matmuls (no TF32/bf16 shortcuts).
 
     TF32 keeps 10 mantissa bits, which is enough to spoil a Gram-matrix distance or a covariance
     difference at the 1e-3 level, so the losses switch it off around their own matmuls and restore
-    the caller's setting afterwards.
+    the caller's setting afterwards, through whichever of PyTorch's two APIs the caller used: the
+    legacy `torch.set_float32_matmul_precision`, or the per-backend
+    `torch.backends.cuda.matmul.fp32_precision` (PyTorch refuses to read the legacy setting once
+    the new one was written, and mixing them is an error).
     """
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
+    try:
+        previous = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the per-backend API is in use: touch only that one
+        saved = {b: b.fp32_precision for b in _matmul_backends()}
+        for backend in saved:
+            backend.fp32_precision = "ieee"
+
+        def restore():
+            for backend, value in saved.items():
+                backend.fp32_precision = value
+    else:
+        torch.set_float32_matmul_precision("highest")
+
+        def restore():
+            torch.set_float32_matmul_precision(previous)
     try:
         with torch.autocast(device_type=device.type, enabled=False):
             yield
     finally:
-        torch.set_float32_matmul_precision(previous)
+        restore()
