@@ -326,6 +326,12 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a GPU's); nothing to wait for on a CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def barrier() -> None:
     """Wait for every rank; nothing to do in a single process."""
     if is_distributed():

@@ -309,3 +309,71 @@ def test_gpu_resident_training_on_cuda(data, tmp_path):
     run = tmp_path / "run"
     assert main(["train", "--config", str(TINY), *_overrides(
         data, run, "train.epochs=1", "data.loader=gpu-resident", "train.amp=bf16")]) == 0
+
+
+SYNC_PROBE = """
+import json, sys, torch
+from pathlib import Path
+from dmhpc.config import load_config
+from dmhpc.data.loaders import make_train_loader
+from dmhpc.distributed import bootstrap, shutdown
+from dmhpc.losses.collective import stable_rows
+from dmhpc.train.checkpoint import StopRequest
+from dmhpc.train.meter import EpochMeter
+from dmhpc.train.state import TrainState
+from dmhpc.train.step import TrainStep
+
+DMHPC = str(Path("dmhpc").resolve())
+calls = []
+
+def counting(name, original):
+    def wrapper(self, *args, **kwargs):
+        caller = sys._getframe(1).f_code.co_filename
+        if caller.startswith(DMHPC):
+            calls.append(f"{name} in {caller}:{sys._getframe(1).f_lineno}")
+        return original(self, *args, **kwargs)
+    return wrapper
+
+for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__"):
+    setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+
+cfg = load_config(sys.argv[1], sys.argv[3:])
+dist = bootstrap()
+loader = make_train_loader(cfg.data.loader, cfg.data.source, cfg.data.target, batch_size=cfg.train.batch_size,
+                           rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, device=dist.device,
+                           augment=cfg.data.augment, normalize=cfg.data.normalize, num_workers=0)
+state = TrainState.build(cfg, dist.device)
+step = TrainStep(cfg, state, dist, total_steps=100, steps_per_epoch=len(loader))
+meter = EpochMeter(dist.device)
+counts = []
+with StopRequest(cfg.train.signals) as stop, stable_rows():
+    batches = iter(loader.epoch(0))
+    for i in range(8):
+        before = len(calls)
+        batch = next(batches)
+        terms, outputs = step(i, batch)        # what the loop does for every step that is not
+        meter.add(i + 1, terms, outputs, batch[1], batch[3])  # a log, checkpoint or epoch boundary
+        stop.should_stop()
+        counts.append(len(calls) - before)
+loader.close()
+Path(sys.argv[2] + f".{dist.rank}").write_text(json.dumps({"counts": counts, "calls": calls}))
+shutdown()
+"""
+
+
+def test_no_host_synchronisation_inside_the_step(data, tmp_path):
+    """The stop-flag poll (.item()) and the row-count exchange of every global loss (.tolist()) used
+    to wait for the device every step: 9 and 20 calls in 10 steps on 2 ranks."""
+    script = tmp_path / "probe.py"
+    script.write_text(SYNC_PROBE)
+    out = tmp_path / "counts"
+    overrides = [f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}", "train.batch_size=4",
+                 "loss.transfer=mmd", "loss.fisher.weight=1.0", "loss.entropy_weight=0.05", "data.loader=gpu-resident"]
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), str(TINY),
+                           str(out), *overrides], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for rank in (0, 1):
+        result = json.loads(Path(f"{out}.{rank}").read_text())
+        counts = result["counts"]
+        assert counts[0] > 0, result  # the counter sees dmhpc's calls: the first step exchanges the row counts
+        assert counts[1:] == [0] * 7, result["calls"]

@@ -11,12 +11,32 @@ one's own slice (a common snippet) silently divides the loss weight by W.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
 from dmhpc.errors import DmhpcError
 
 SCOPES = ("global", "local")
+
+# Row counts of every rank, by this rank's counts, while the caller promises they do not change
+# (`stable_rows`): exchanging them takes a host synchronisation, once instead of every step.
+_stable: dict | None = None
+
+
+@contextlib.contextmanager
+def stable_rows():
+    """Within this block each rank passes the same row counts to every gather as it did to the first
+    (the trainer's fixed per-rank batches), so the counts are exchanged on the first call only and
+    no later call waits for the device. A rank whose counts changed inside the block would wait for
+    an exchange the others skip: only promise what holds."""
+    global _stable
+    previous, _stable = _stable, {}
+    try:
+        yield
+    finally:
+        _stable = previous
 
 
 def is_global(scope: str) -> bool:
@@ -37,11 +57,16 @@ class _AllGatherRows(torch.autograd.Function):
     def forward(ctx, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
         world, rank = dist.get_world_size(), dist.get_rank()
         lead = tensors[0]
-        counts = torch.tensor([t.shape[0] for t in tensors], dtype=torch.int64, device=lead.device)
-        all_counts = [torch.empty_like(counts) for _ in range(world)]
-        dist.all_gather(all_counts, counts)
-        # rows[r][k]: rows of tensor k on rank r; one host sync, needed to size the buffers.
-        rows = [c.tolist() for c in all_counts]
+        local = tuple(t.shape[0] for t in tensors)
+        rows = _stable.get(local) if _stable is not None else None
+        if rows is None:
+            counts = torch.tensor(local, dtype=torch.int64, device=lead.device)
+            all_counts = [torch.empty_like(counts) for _ in range(world)]
+            dist.all_gather(all_counts, counts)
+            # rows[r][k]: rows of tensor k on rank r; a host sync, needed to size the buffers.
+            rows = [c.tolist() for c in all_counts]
+            if _stable is not None:
+                _stable[local] = rows
         packed = torch.cat([t.contiguous() for t in tensors])
         longest = max(sum(r) for r in rows)
         padded = packed.new_zeros((longest, *lead.shape[1:]))

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dmhpc.distributed import all_gather_object, collective_device, is_distributed
+from dmhpc.distributed import all_gather_object, is_distributed
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write
 
@@ -137,15 +137,20 @@ class StopRequest:
 
     Call `should_stop()` exactly once after every step on every rank. In a single process it is
     True right after a signal. Under a process group each call starts an asynchronous MAX
-    all-reduce of the local flag and reads the one started by the previous call, so no call waits
-    for the GPU to finish the current step; every rank gets True at the same call, at most one
-    step after the first signal on any rank. Use as a context manager (or call `close()`) so the
-    previous handlers come back and no collective is left in flight.
+    all-reduce of the local flag and reads the one started by the previous call; every rank gets
+    True at the same call, at most one step after the first signal on any rank. The flag lives in
+    host memory and travels over a gloo group (the default group when it is gloo, a gloo group of
+    the same ranks under NCCL), and is read from its numpy buffer: the poll never waits for the
+    GPU. Use as a context manager (or call `close()`) so the previous handlers come back and no
+    collective is left in flight.
     """
 
     def __init__(self, signals: Iterable[str]):
         self.signal_name: str | None = None  # first signal this process received
-        self._pending: tuple[Any, torch.Tensor] | None = None
+        self._pending: tuple[Any, np.ndarray] | None = None
+        self._group = None
+        if is_distributed():  # a collective: every rank constructs its StopRequest at the same point
+            self._group = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
         self._previous: dict[signal.Signals, Any] = {}
         for name in signals:
             signum = signal.Signals[name]
@@ -163,13 +168,14 @@ class StopRequest:
         stop = False
         if self._pending is not None:
             work, flag = self._pending
-            work.wait()
-            stop = bool(flag.item())
+            work.wait()  # a gloo all-reduce of one int, started a step ago: on the host only
+            stop = bool(flag[0])
             self._pending = None
         if stop:
             return True
-        flag = torch.tensor([int(self.signal_name is not None)], dtype=torch.int32, device=collective_device())
-        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True), flag)
+        flag = np.array([int(self.signal_name is not None)], dtype=np.int32)
+        work = dist.all_reduce(torch.from_numpy(flag), op=dist.ReduceOp.MAX, group=self._group, async_op=True)
+        self._pending = (work, flag)
         return False
 
     def close(self) -> None:

@@ -20,9 +20,10 @@ import torch
 
 from dmhpc.config import config_to_dict, load_config
 from dmhpc.data.loaders import make_train_loader
-from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, on_main, shutdown
+from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, on_main, shutdown, synchronize
 from dmhpc.errors import DmhpcError
 from dmhpc.evaluate import evaluate_run, format_table, predict
+from dmhpc.losses.collective import stable_rows
 from dmhpc.run import RunDir
 from dmhpc.train import preflight
 from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, StopRequest, load_checkpoint, save_checkpoint
@@ -103,7 +104,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     # --- the epoch loop -----------------------------------------------------------------------------
     criterion, stopped = cfg.select.criterion, False
     try:
-        with StopRequest(cfg.train.signals) as stop:
+        # The batches' row counts never change: the global-scope losses exchange them once.
+        with StopRequest(cfg.train.signals) as stop, stable_rows():
             while not stopped and prog.step < total_steps and prog.epoch < cfg.train.epochs:
                 state.model.train()
                 meter = EpochMeter(dist.device, watch_loss=cfg.train.amp != "fp16")
@@ -130,6 +132,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                     break
 
                 # --- epoch record, evaluation, selection, checkpoint --------------------------------
+                synchronize(dist.device)  # the epoch's time includes its last queued kernels
                 elapsed = time.perf_counter() - t_epoch
                 meter.check_finite(state, dist, prog.step)
                 record = {"kind": "epoch", "epoch": prog.epoch, "step": prog.step, **meter.summary(dist),
