@@ -329,6 +329,10 @@ class TrainConfig:
     channels_last: bool = _key(False, _boolean())
     # torch.compile the training step.
     compile: bool = _key(False, _boolean())
+    # Deterministic GPU kernels (torch.use_deterministic_algorithms, cuDNN deterministic and not
+    # benchmarking, a fixed cuBLAS workspace): a resumed run ends bit-identical to an
+    # uninterrupted one on GPU too, at a cost in speed (docs/training.md). CPU runs are anyway.
+    deterministic: bool = _key(False, _boolean())
     # Evaluate on the validation splits (and maybe save best.pt) every this many epochs.
     eval_every: int = _key(1, _integer(1))
     # Write a step record to the metrics log every this many steps.

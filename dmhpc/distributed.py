@@ -76,6 +76,8 @@ class DistInfo:
     device: torch.device
     backend: str | None  # None when there is no process group (a single process)
     launcher: str = "single"
+    local_world_size: int = 1  # ranks on this node (at least this rank's local rank + 1 when unknown)
+    cpus: int = 1  # CPUs this rank may use (see `cpus_per_rank`)
 
     @property
     def is_main(self) -> bool:
@@ -221,6 +223,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def cpus_per_rank(launcher: str, local_world_size: int) -> int:
+    """The CPUs this rank may use: its affinity mask, shared with the node's other ranks where they
+    all inherit one mask (torchrun's workers, mpiexec without binding); an srun task's mask is its
+    own (--cpus-per-task, bound by Slurm's task affinity)."""
+    mask = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    shared = launcher in ("torchrun", "mpi")
+    return max(1, mask // max(1, local_world_size) if shared else mask)
+
+
 def gpu_index(local_rank: int, local_world_size: int, visible: int, isolated: bool) -> int:
     """The GPU (among the `visible` ones) this rank binds, or a DmhpcError when ranks would share one.
 
@@ -268,7 +279,7 @@ def bootstrap(backend: str | None = None) -> DistInfo:
         launch = _mpi_rendezvous(launch, env)
     device = _bind_device(launch, env)
     if launch.world_size == 1:
-        return DistInfo(0, launch.local_rank, 1, device, None, launch.launcher)
+        return DistInfo(0, launch.local_rank, 1, device, None, launch.launcher, 1, cpus_per_rank(launch.launcher, 1))
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     store = _torchrun_attempt_store(launch, env) if launch.launcher == "torchrun" else None
     if store is not None:
@@ -279,7 +290,9 @@ def bootstrap(backend: str | None = None) -> DistInfo:
         rendezvous = {"init_method": f"tcp://{launch.master_addr}:{launch.master_port}"}
     dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
                             device_id=device if device.type == "cuda" else None, **rendezvous)
-    return DistInfo(launch.rank, launch.local_rank, launch.world_size, device, backend, launch.launcher)
+    local = max(launch.local_world_size, launch.local_rank + 1)
+    return DistInfo(launch.rank, launch.local_rank, launch.world_size, device, backend, launch.launcher, local,
+                    cpus_per_rank(launch.launcher, local))
 
 
 def _torchrun_attempt_store(launch: Launch, env: Mapping[str, str]) -> dist.Store | None:

@@ -58,6 +58,7 @@ RESUMABLE = {
     "train.eval_every": "cadence", "train.log_every": "cadence", "train.checkpoint_every": "cadence",
     "train.signals": "how a stop is asked for", "data.loader": "loader", "data.num_workers": "loader",
     "data.verify": "start-up checks", "run.dir": "where the run lives",
+    "train.deterministic": "how exactly kernels repeat, not what is trained",
 }
 DATA_KEYS = ("data.source", "data.target")
 _TAG_SAFE = re.compile(r"[^A-Za-z0-9._+-]+")

@@ -1,7 +1,8 @@
 """What the suite shares: paths, a clean environment for child processes, data-set fixtures.
 
-Test modules import the constants and `clean_env` (`from conftest import ROOT, clean_env`; pytest
-puts this folder on sys.path) and use the fixtures by name.
+Test modules import the constants and `clean_env` (`from tests.conftest import ROOT, clean_env`:
+tests/ is a package, so this conftest is never confused with tests/cluster's) and use the fixtures
+by name.
 """
 
 from __future__ import annotations
@@ -18,6 +19,18 @@ BIN = Path(sys.executable).parent  # this interpreter's scripts: torchrun, mpiex
 TINY = ROOT / "configs" / "tiny.yaml"
 LAUNCH_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "PALS_", "MPI_LOCAL", "TORCHELASTIC_")
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+
+
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.gpu` is all a CUDA test needs: without a CUDA device it is skipped, saying why."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 
 def clean_env(**extra) -> dict:

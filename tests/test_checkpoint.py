@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, ROOT, clean_env
+from tests.conftest import BIN, ROOT, clean_env
 from dmhpc.config import Config
 from dmhpc.errors import DmhpcError
 from dmhpc.run import RunDir

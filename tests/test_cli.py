@@ -10,7 +10,7 @@ import pytest
 
 from astropy.table import Table
 
-from conftest import ROOT
+from tests.conftest import ROOT
 from dmhpc.run import RunDir
 from dmhpc.cli import COMMANDS, main
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT
+from tests.conftest import ROOT
 from dmhpc.config import (Config, config_from_dict, config_to_dict, load_config, parse_override,
                           save_config)
 from dmhpc.errors import DmhpcError

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import BIN, LAUNCH_PREFIXES, LAUNCH_VARS, ROOT, clean_env
+from tests.conftest import BIN, LAUNCH_PREFIXES, LAUNCH_VARS, ROOT, clean_env
 from dmhpc.distributed import (Launch, all_gather_object, barrier, bootstrap, collective_device, detect_launch,
                                expand_nodelist, first_host, shutdown)
 from dmhpc.errors import DmhpcError
@@ -309,3 +309,13 @@ def test_local_world_size_from_each_launcher():
              "SLURM_STEP_TASKS_PER_NODE": "2(x2),3", "SLURM_STEP_NODELIST": "n1", "MASTER_ADDR": "n1"}
     assert detect_launch(slurm).local_world_size == 3
     assert detect_launch({**slurm, "SLURM_STEP_TASKS_PER_NODE": "weird"}).local_world_size == 0
+
+
+def test_cpus_per_rank_shares_an_inherited_mask_but_not_an_srun_tasks_own():
+    from dmhpc.distributed import cpus_per_rank
+
+    mask = len(os.sched_getaffinity(0))
+    assert cpus_per_rank("single", 1) == mask
+    assert cpus_per_rank("slurm", 4) == mask  # srun gave each task its own CPUs
+    assert cpus_per_rank("torchrun", 2) == max(1, mask // 2)  # torchrun's workers share one mask
+    assert cpus_per_rank("mpi", 64) == 1

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY, clean_env
+from tests.conftest import ROOT, TINY, clean_env
 from dmhpc.data.shards import shard_name, write_dataset
 from dmhpc.run import RunDir
 from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, load_checkpoint

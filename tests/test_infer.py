@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY
+from tests.conftest import TINY
 from dmhpc.cli import main
 from dmhpc.data.shards import write_dataset
 from dmhpc.run import RunDir

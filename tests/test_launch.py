@@ -19,7 +19,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY
 from dmhpc.errors import DmhpcError
 from dmhpc.launch import (expand, launch_scaling, load_grid, load_study, point_name, sample_space, scaling_table,
                           steady_step_time, summary_rows, write_leaderboard, write_summary)

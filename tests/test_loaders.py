@@ -26,7 +26,6 @@ TARGET_OFFSET = 1000
 BATCH, WORLD, SEED = 8, 2, 3
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not importable")
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 # (kind, num_workers): every loader kind, the torch one in-process and with worker processes.
 CONFIGS = [
@@ -413,7 +412,7 @@ def test_auto_on_cpu_is_resident_and_says_why(data):
     loader = _loader(data, "auto", 0)
     try:
         assert loader.kind == "gpu-resident"
-        assert "host memory" in loader.reason
+        assert "host memory" in loader.reason and "fit in a quarter" in loader.reason
     finally:
         loader.close()
 
@@ -454,9 +453,74 @@ def test_unknown_kind(data):
 
 
 def test_dali_requested_but_not_importable(data, monkeypatch):
+    from dmhpc.data.loaders import dali_runs
+
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # makes `import nvidia.dali` fail
-    with pytest.raises(DmhpcError, match="dali.*not importable"):
-        _loader(data, "dali", 1)
+    dali_runs.cache_clear()
+    try:
+        with pytest.raises(DmhpcError, match="dali.*not importable"):
+            _loader(data, "dali", 1)
+    finally:
+        dali_runs.cache_clear()
+
+
+def test_auto_streams_what_does_not_fit_in_host_memory(data, monkeypatch):
+    """On a CPU, `auto` used to keep the data resident whatever its size: the kernel then killed the run."""
+    import dmhpc.data.loaders as loaders
+
+    need = (168 + 140) * 3 * 8 * 8 * 4  # both training splits, float32
+    monkeypatch.setattr(loaders, "host_memory_available", lambda: 4 * need * 3 - 1)  # 3 ranks on the node
+    loader = _loader(data, "auto", 0, local_ranks=3)
+    try:
+        assert loader.kind in ("dali", "torch") and "exceed a quarter" in loader.reason
+        assert "each of the node's 3 rank(s)" in loader.reason
+    finally:
+        loader.close()
+    monkeypatch.setattr(loaders, "host_memory_available", lambda: 4 * need * 3)
+    loader = _loader(data, "auto", 0, local_ranks=3)
+    try:
+        assert loader.kind == "gpu-resident" and "fit in a quarter" in loader.reason
+    finally:
+        loader.close()
+    monkeypatch.setattr(loaders, "host_memory_available", lambda: 0)
+    monkeypatch.setattr(loaders, "dali_runs", lambda device: "DALI cannot run on cpu: driver too old")
+    loader = _loader(data, "auto", 0)
+    try:
+        assert loader.kind == "torch" and "DALI cannot run on cpu: driver too old" in loader.reason
+    finally:
+        loader.close()
+
+
+CHOICE_PROBE = """
+import json, sys
+import dmhpc.data.loaders as loaders
+from dmhpc.distributed import bootstrap, shutdown
+dist = bootstrap()
+if dist.rank == 1:  # this rank's node has little memory left: the ranks must still agree
+    loaders.host_memory_available = lambda: 1
+kind, why = loaders.choose_kind("auto", dist.device, 10**6, dist.local_world_size)
+open(sys.argv[1] + f".{dist.rank}", "w").write(json.dumps([kind, why]))
+shutdown()
+"""
+
+
+def test_every_rank_chooses_the_same_loader(tmp_path):
+    """Ranks that chose their loader from their own free memory could disagree, and the loaders
+    shuffle differently: rows would be duplicated or skipped across ranks."""
+    import json
+    import subprocess
+
+    from tests.conftest import BIN, ROOT, clean_env
+
+    script = tmp_path / "probe.py"
+    script.write_text(CHOICE_PROBE)
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script),
+                           str(tmp_path / "choice")], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    choices = [json.loads((tmp_path / f"choice.{r}").read_text()) for r in (0, 1)]
+    assert choices[0] == choices[1] and choices[0][0] in ("dali", "torch"), choices
+    assert "2 rank(s)" in choices[0][1]
 
 
 def test_bad_normalize(data):
@@ -490,7 +554,7 @@ def test_eval_batches_cover_the_split_once_in_order(data):
 # ----------------------------------------------------------------------------- on a GPU
 
 
-@needs_cuda
+@pytest.mark.gpu
 @pytest.mark.parametrize("kind,workers", CONFIGS)
 def test_cuda_batches_equal_cpu_batches(data, kind, workers):
     batches = {}
@@ -506,7 +570,7 @@ def test_cuda_batches_equal_cpu_batches(data, kind, workers):
             torch.testing.assert_close(u, v.cpu(), rtol=1e-5, atol=1e-5)
 
 
-@needs_cuda
+@pytest.mark.gpu
 def test_auto_on_cuda_keeps_a_small_data_set_resident(data):
     loader = _loader(data, "auto", 0, device="cuda:0")
     try:

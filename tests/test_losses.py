@@ -368,7 +368,6 @@ def test_global_scope_without_a_process_group_is_the_local_batch():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_losses_stay_accurate_with_tf32_matmuls_enabled(realistic):
     xs, xt = realistic
     previous = torch.get_float32_matmul_precision()

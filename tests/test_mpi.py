@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from conftest import clean_env
+from tests.conftest import clean_env
 from dmhpc.mpi import RANK_VARS, launched_rank
 
 CODE = "import sys; from dmhpc.mpi import world_comm; assert world_comm() is None; assert 'mpi4py' not in sys.modules"

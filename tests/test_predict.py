@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BIN, ROOT, TINY, clean_env
+from tests.conftest import BIN, ROOT, TINY, clean_env
 from dmhpc.cli import main
 from dmhpc.data.shards import RowReader, load_manifest
 from dmhpc.run import RunDir

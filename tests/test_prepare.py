@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from tests.conftest import ROOT
 from dmhpc.cli import main
 from dmhpc.data import shards
 from dmhpc.data.shards import MANIFEST, SPLITS, RowReader, file_sha256, load_manifest

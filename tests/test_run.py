@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from conftest import ROOT
+from tests.conftest import ROOT
 from dmhpc.config import Config, load_config
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, is_temporary, remove_orphans

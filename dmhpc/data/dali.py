@@ -16,7 +16,6 @@ multiprocessing never re-runs a package's `__main__`, and the console script is 
 from __future__ import annotations
 
 import gc
-import os
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
@@ -105,8 +104,10 @@ class DaliBatches:
     pipeline (and new workers) starting exactly where it asks.
     """
 
-    def __init__(self, domains, device: torch.device, augment: bool, num_workers: int, ignore, memory_format):
+    def __init__(self, domains, device: torch.device, augment: bool, num_workers: int, ignore, memory_format,
+                 cpus: int):
         self.domains, self.device, self.augment, self.ignore = domains, device, augment, ignore
+        self.cpus = cpus  # this rank's share of the node's CPUs: DALI's threads come out of it
         self.memory_format = memory_format
         self.num_workers = max(1, num_workers)  # a parallel external source needs at least one worker
         self._iter = None
@@ -131,7 +132,7 @@ class DaliBatches:
             square,
             on_gpu,
             batch_size=source.stream.batch_size,
-            num_threads=max(1, min(4, len(os.sched_getaffinity(0)))),
+            num_threads=max(1, min(4, self.cpus)),
             device_id=(self.device.index if self.device.index is not None else torch.cuda.current_device())
             if on_gpu
             else None,

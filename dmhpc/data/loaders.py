@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import os
 import signal
 import weakref
 from pathlib import Path
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 
 from dmhpc.data.shards import RowReader, load_manifest, split_rows
+from dmhpc.distributed import all_reduce_min
 from dmhpc.errors import DmhpcError
 
 KINDS = ("gpu-resident", "dali", "torch")
@@ -56,6 +58,8 @@ _ORDER, _AUGMENT = 0, 1
 # `auto` keeps the data on the GPU when both training splits take at most this share of the
 # free device memory: the rest is for the model, activations and the allocator's slack.
 _RESIDENT_SHARE = 0.25
+# Rows read at a time into resident memory: bounds the host memory a rank needs while staging.
+_STAGING_BYTES = 64 << 20
 
 
 def _rng(*key: int) -> np.random.Generator:
@@ -280,10 +284,17 @@ class _Resident:
         self.square = domains[SOURCE].manifest["shape"][1] == domains[SOURCE].manifest["shape"][2]
         self.parts = []
         for d in domains:
+            shape, stored = d.manifest["shape"], torch.float16 if d.manifest["dtype"] == "float16" else torch.float32
+            images = torch.empty((d.stream.rows, *shape), dtype=stored, device=device)  # float16 stays half
+            labels = torch.empty(d.stream.rows, dtype=torch.int64, device=device)
+            # Staged a block at a time: host memory holds one block per rank, not the whole split.
+            block = max(1, _STAGING_BYTES // (int(np.prod(shape)) * images.element_size()))
             with RowReader(d.directory, d.manifest) as reader:
-                rows = reader.read(d.stream.start, d.stream.start + d.stream.rows)
-            images = torch.from_numpy(rows["images"]).to(device)  # stored dtype: float16 stays half
-            labels = torch.from_numpy(rows["labels"]).to(device)
+                for a in range(0, d.stream.rows, block):
+                    b = min(a + block, d.stream.rows)
+                    rows = reader.read(d.stream.start + a, d.stream.start + b)
+                    images[a:b].copy_(torch.from_numpy(rows["images"]))
+                    labels[a:b].copy_(torch.from_numpy(rows["labels"]))
             self.parts.append((d.stream, images, labels, *_channel_stats(d.mean, d.std, device)))
 
     def batches(self, epoch: int, start_step: int):
@@ -388,7 +399,7 @@ class _TorchBlocks:
 
 
 def dali_available() -> bool:
-    """Whether NVIDIA DALI can be imported here."""
+    """Whether NVIDIA DALI can be imported here (see `dali_runs` for whether it works)."""
     try:
         import nvidia.dali  # noqa: F401
     except ImportError:
@@ -396,19 +407,84 @@ def dali_available() -> bool:
     return True
 
 
-def _choose(kind: str, device: torch.device, domains: list[_Domain]) -> tuple[str, str]:
+@functools.lru_cache(maxsize=4)
+def dali_runs(device: torch.device) -> str | None:
+    """None when a DALI pipeline builds and runs on `device`; else why not, in a few words.
+
+    Importable is not enough: the pinned CUDA 13 build needs a recent driver, and fails only when a
+    pipeline is built.
+    """
+    if not dali_available():
+        return "DALI is not importable"
+    try:
+        from nvidia.dali import fn, pipeline_def
+
+        on_gpu = device.type == "cuda"
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=(device.index or 0) if on_gpu else None)
+        def probe():
+            x = fn.random.uniform(shape=[1])
+            return x.gpu() if on_gpu else x
+
+        pipe = probe()
+        pipe.build()
+        pipe.run()
+        del pipe
+    except Exception as exc:  # any failure means "not here": say which
+        return f"DALI cannot run on {device}: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]}"
+    return None
+
+
+def host_memory_available() -> int:
+    """Bytes this process may still use: MemAvailable, or less under a cgroup memory limit (SLURM
+    jobs and containers run under one)."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit = open(limit_file).read().strip()
+            usage = int(open(usage_file).read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 2**60:
+            room = max(int(limit) - usage, 0)
+            available = room if available is None else min(available, room)
+    return available if available is not None else 2**62
+
+
+def choose_kind(kind: str, device: torch.device, need: int, local_ranks: int = 1) -> tuple[str, str]:
+    """(loader kind, why) for `data.loader`, the same on every rank.
+
+    `auto` keeps both training splits resident when they take at most a quarter of the memory the
+    ranks can count on (free GPU memory; on a CPU, the memory available to the process shared by
+    the node's `local_ranks` ranks, each of which holds its own copy), else streams them with
+    DALI where a DALI pipeline actually runs, else with torch. The budget is the smallest over
+    the ranks, and DALI counts only if it runs on every rank: ranks that chose differently would
+    shuffle differently and duplicate or skip rows.
+    """
     if kind != "auto":
         return kind, f"data.loader is {kind}"
-    need = f"both training splits ({sum(d.nbytes for d in domains) / 2**30:.2f} GiB)"
-    if device.type != "cuda":
-        return "gpu-resident", f"device {device} is host memory: {need} kept resident"
-    free = torch.cuda.mem_get_info(device)[0]
-    if sum(d.nbytes for d in domains) <= _RESIDENT_SHARE * free:
-        return "gpu-resident", f"{need} fit in a quarter of the {free / 2**30:.1f} GiB free on {device}"
-    why = f"{need} exceed a quarter of the {free / 2**30:.1f} GiB free on {device}"
-    if dali_available():
-        return "dali", why + "; DALI is importable"
-    return "torch", why + "; DALI is not importable"
+    on_gpu = device.type == "cuda"
+    budget = torch.cuda.mem_get_info(device)[0] if on_gpu else host_memory_available() // max(1, local_ranks)
+    dali_problem = dali_runs(device)
+    budget, dali_ok = (int(v) for v in all_reduce_min(torch.tensor([budget, int(dali_problem is None)],
+                                                                   dtype=torch.int64)).tolist())
+    gib = f"both training splits ({need / 2**30:.2f} GiB)"
+    where = (f"the {budget / 2**30:.1f} GiB free on {device}" if on_gpu else
+             f"the {budget / 2**30:.1f} GiB of host memory each of the node's {max(1, local_ranks)} rank(s) "
+             f"can count on") + " (the least over ranks)"
+    if need <= _RESIDENT_SHARE * budget:
+        return "gpu-resident", f"{gib} fit in a quarter of {where}"
+    why = f"{gib} exceed a quarter of {where}"
+    if dali_ok:
+        return "dali", why + "; DALI runs here"
+    return "torch", why + f"; {dali_problem or 'DALI cannot run on another rank'}"
 
 
 def make_train_loader(
@@ -427,12 +503,16 @@ def make_train_loader(
     subset: int | None = None,
     stop_signals: tuple[str, ...] = IgnoreSignals.signals,
     channels_last: bool = False,
+    local_ranks: int = 1,
+    cpus: int | None = None,
 ) -> TrainLoader:
     """The training loader of one rank: `kind` is "auto", "gpu-resident", "dali" or "torch".
 
     `batch_size` is per rank. `subset` keeps only the first N training rows of each domain.
     `stop_signals` are the trainer's stop signals (train.signals): worker processes ignore them.
     `channels_last`: images come in that memory format (train.channels_last), at no extra copy.
+    `local_ranks`: ranks on this node, which share its host memory (see `choose_kind`). `cpus`:
+    this rank's CPUs (default: its affinity mask); DALI runs min(4, cpus) threads.
     `num_workers` are the reading processes of `dali` (at least 1) and `torch` (0: read in this
     process). `auto` keeps the data resident when both training splits fit comfortably in
     device memory (always, on a CPU device), else uses DALI if importable, else torch.
@@ -443,10 +523,9 @@ def make_train_loader(
     device = torch.device(device)
     if kind not in ("auto", *KINDS):
         raise DmhpcError(f"data.loader {kind!r}: expected one of auto, {', '.join(KINDS)}")
-    if kind == "dali" and not dali_available():
-        raise DmhpcError(
-            "data.loader dali: nvidia.dali is not importable; install dmhpc[dali] or choose torch"
-        )
+    if kind == "dali" and dali_runs(device) is not None:
+        raise DmhpcError(f"data.loader dali: {dali_runs(device)}; install dmhpc[dali] (and a driver it runs "
+                         f"with) or choose torch")
     _check_normalize(normalize)
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or seed < 0:
         raise DmhpcError(
@@ -475,8 +554,9 @@ def make_train_loader(
             )
         stream = Stream(start, rows, batch_size, world_size, rank, seed, domain)
         domains.append(_Domain(directory, manifest, stream, mean, std))
-    kind, reason = _choose(kind, device, domains)
+    kind, reason = choose_kind(kind, device, sum(d.nbytes for d in domains), local_ranks)
     ignore = IgnoreSignals(tuple(stop_signals))
+    cpus = cpus or len(os.sched_getaffinity(0))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     if kind == "gpu-resident":
         backend = _Resident(domains, device, augment, fmt)
@@ -485,7 +565,7 @@ def make_train_loader(
     else:
         from dmhpc.data.dali import DaliBatches
 
-        backend = DaliBatches(domains, device, augment, num_workers, ignore, fmt)
+        backend = DaliBatches(domains, device, augment, num_workers, ignore, fmt, cpus)
     return TrainLoader(kind, reason, domains, backend)
 
 

@@ -80,6 +80,14 @@ def _stem(in_channels: int, stem: str) -> nn.Sequential:
     raise DmhpcError(f"resnet stem: {stem!r} is not one of {', '.join(STEMS)}")
 
 
+class GlobalAveragePool(nn.Module):
+    """The mean over each feature map: AdaptiveAvgPool2d(1), whose backward on CUDA has no
+    deterministic implementation (train.deterministic would refuse it), without that problem."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
 class ResNet(nn.Module):
     """ResNet trunk + bottleneck + classifier; forward returns (bottleneck features, logits)."""
 
@@ -101,7 +109,7 @@ class ResNet(nn.Module):
             for j in range(blocks):
                 stages.append(block(cin, width, stride if j == 0 else 1))
                 cin = width * block.expansion
-        stages += [nn.AdaptiveAvgPool2d(1), nn.Flatten(1)]
+        stages += [GlobalAveragePool(), nn.Flatten(1)]
         self.trunk = nn.Sequential(*stages)
         self.bottleneck = nn.Linear(cin, bottleneck_dim)
         self.classifier = nn.Linear(bottleneck_dim, num_classes)

@@ -30,13 +30,14 @@ from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, StopRequest, load_checkpoi
 from dmhpc.train.meter import EpochMeter
 from dmhpc.train.metrics import MetricLog, domain_metrics, selection_score
 from dmhpc.train.state import TrainState
-from dmhpc.train.step import TrainStep
+from dmhpc.train.step import TrainStep, set_determinism
 
 DEBUG_BATCHES = 8  # debug=true trains on this many global batches per domain
 
 
 def train(cfg, resume: str = "auto", overwrite: bool = False) -> int:
     """Train as configured; returns the process exit code (0, or REQUEUE_EXIT_CODE on a signal)."""
+    set_determinism(cfg.train.deterministic)
     dist = bootstrap()
     run = RunDir(cfg.run.dir)
     try:
@@ -70,7 +71,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
         cfg.data.loader, cfg.data.source, cfg.data.target, batch_size=cfg.train.batch_size,
         rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, device=dist.device,
         augment=cfg.data.augment, normalize=cfg.data.normalize, num_workers=cfg.data.num_workers,
-        subset=subset, stop_signals=cfg.train.signals, channels_last=cfg.train.channels_last)
+        subset=subset, stop_signals=cfg.train.signals, channels_last=cfg.train.channels_last,
+        local_ranks=dist.local_world_size, cpus=dist.cpus)
     # The slowest rank's data staging time, which scaling studies report beside the throughput.
     loader_setup_s = max(all_gather_object(time.perf_counter() - t_setup))
     steps_per_epoch = len(loader)
@@ -89,7 +91,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
             print(f"dmhpc train: resumed from {claim.resume_from} at epoch {prog.epoch}, step {prog.step}{changed}",
                   flush=True)
         log.write({"kind": "setup", "step": prog.step, "world_size": dist.world_size, "loader": loader.kind,
-                   "loader_setup_s": loader_setup_s, "cpu_threads": torch.get_num_threads(),
+                   "loader_setup_s": loader_setup_s, "cpu_threads": torch.get_num_threads(), "cpus": dist.cpus,
                    "resumed_from": str(claim.resume_from) if claim.resume_from else None,
                    "changed": claim.changed, **cleaned}, prog.step)
 

@@ -13,11 +13,22 @@ loss terms and outputs detached and on the device: nothing here waits for the de
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
 from dmhpc.losses import grl_coefficient
 from dmhpc.train.schedule import lr_factor
+
+
+def set_determinism(on: bool) -> None:
+    """Deterministic kernels, as train.deterministic asks; before the first cuBLAS call."""
+    if on:
+        # cuBLAS needs a fixed workspace to be deterministic; it reads this when its handle is made.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = False
 
 
 def autocast(amp: str, device: torch.device):
