@@ -96,9 +96,12 @@ def test_a_second_trainer_is_refused_and_a_killed_ones_run_resumes(data, tmp_pat
     records = RunDir(run).read_log()
     setups = [r for r in records if r["kind"] == "setup"]
     assert setups[-1]["orphans_removed"] == 1 and setups[-1]["changed"] == {"train.epochs": [40, 6]}
-    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == list(range(6))  # no epoch twice
+    # Every epoch once, in order (the killed trainer may have got past epoch 6 already: then the
+    # shortened run has nothing left to do), and every step once.
+    epochs = [r["epoch"] for r in records if r["kind"] == "epoch"]
+    assert epochs == list(range(len(epochs))) and len(epochs) >= 6
     steps = [r["step"] for r in records if r["kind"] == "step"]
-    assert steps == sorted(set(steps)) == list(range(1, 13))
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 12
 
 
 def test_a_changed_configuration_is_refused_before_anything_is_written(data, tmp_path, capsys):
