@@ -1,0 +1,106 @@
+"""Evaluation (dmhpc/evaluate.py) with known answers: each domain normalized with its own
+statistics, the whole split evaluated under two ranks, and the trainer's validation equal to
+`dmhpc eval` of the same checkpoint."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import numpy as np
+import torch
+from torch import nn
+
+from dmhpc.cli import main
+from dmhpc.config import load_config
+from dmhpc.data.shards import load_manifest, split_rows, write_dataset
+from dmhpc.distributed import DistInfo
+from dmhpc.evaluate import evaluate_run, predict
+from dmhpc.run import RunDir
+from tests.conftest import BIN, ROOT, TINY, clean_env
+
+CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
+
+
+class CentredIsMerger(nn.Module):
+    """Says "merger" exactly when the normalized image averages near zero: right only if each domain
+    is normalized with its own statistics."""
+
+    def forward(self, x):
+        m = x.mean(dim=(1, 2, 3))
+        logits = torch.stack([m.abs() - 0.5, 0.5 - m.abs()], dim=1)
+        return m[:, None], logits
+
+
+def constant_domains(root):
+    """Source pixels 10 (+-0.1), target pixels -10 (+-0.1), every image a merger."""
+    rng = np.random.default_rng(0)
+    dirs = {}
+    for name, level in (("source", 10.0), ("target", -10.0)):
+        images = (level + rng.uniform(-0.1, 0.1, (40, 3, 8, 8))).astype(np.float32)
+        write_dataset(images, np.ones(40, int), None, root / name, shard_size=16)
+        dirs[name] = root / name
+    return dirs
+
+
+def test_each_domain_is_evaluated_with_its_own_statistics(tmp_path):
+    """Source and target statistics swapped in evaluation used to pass every test."""
+    dirs = constant_domains(tmp_path)
+    stats = {d: (load_manifest(dirs[d])["stats"]["mean"], load_manifest(dirs[d])["stats"]["std"]) for d in dirs}
+    cfg = load_config(TINY, [f"data.source={dirs['source']}", f"data.target={dirs['target']}"])
+    run = RunDir(tmp_path / "run")
+    result = evaluate_run(CentredIsMerger(), cfg, CPU, run, checkpoint={"name": "best"}, split="test", stats=stats,
+                          plots=False)
+    assert result["source"]["accuracy"] == result["target"]["accuracy"] == 1.0
+    assert result["source"]["n"] == result["target"]["n"] == 8  # the whole test split of each
+    swapped = {"source": stats["target"], "target": stats["source"]}
+    wrong = evaluate_run(CentredIsMerger(), cfg, CPU, run, checkpoint={"name": "best"}, split="test", stats=swapped,
+                         plots=False)
+    assert wrong["source"]["accuracy"] == wrong["target"]["accuracy"] == 0.0
+
+
+PROBE = """
+import json, sys, torch
+from dmhpc.distributed import bootstrap, shutdown
+from dmhpc.evaluate import predict
+from tests.test_evaluate import CentredIsMerger
+dist = bootstrap()
+out = predict(CentredIsMerger(), sys.argv[1], "train", batch_size=7, dist=dist, mean=[10.0] * 3, std=[1.0] * 3)
+if dist.rank == 1:  # every rank holds the whole split
+    json.dump({k: v.tolist() for k, v in out.items()}, open(sys.argv[2], "w"))
+shutdown()
+"""
+
+
+def test_two_ranks_evaluate_the_whole_split_in_order(tmp_path):
+    """Skipping the all-gather under two ranks used to pass every test."""
+    dirs = constant_domains(tmp_path)
+    one = predict(CentredIsMerger(), dirs["source"], "train", batch_size=7, dist=CPU, mean=[10.0] * 3, std=[1.0] * 3)
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script),
+                           str(dirs["source"]), str(tmp_path / "two.json")], cwd=ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    start, stop = split_rows(load_manifest(dirs["source"]), "train")
+    assert len(two["index"]) == stop - start == len(one["index"])
+    for key in ("index", "labels", "prob"):
+        np.testing.assert_array_equal(np.asarray(two[key]), one[key])
+
+
+def test_the_trainers_validation_equals_dmhpc_eval_of_the_same_checkpoint(make_domains, tmp_path):
+    """Both paths normalize each domain with its own statistics: a swap in either shows as a mismatch
+    (the two domains' statistics differ)."""
+    data = make_domains(64)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
+                 f"run.dir={run}", "train.epochs=1"]) == 0
+    epoch = [r for r in RunDir(run).read_log() if r["kind"] == "epoch"][-1]
+    assert main(["eval", "--run", str(run), "--checkpoint", "last", "--split", "val"]) == 0
+    result = RunDir(run).read_result("last", "val")
+    for domain in ("source", "target"):
+        for metric in ("accuracy", "roc_auc", "brier", "mean_p_merger", "confusion"):
+            assert result[domain][metric] == epoch[domain]["val"][metric], (domain, metric)
+    assert load_manifest(data / "pristine")["stats"] != load_manifest(data / "noisy")["stats"]
+

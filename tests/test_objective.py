@@ -1,0 +1,120 @@
+"""The domain-adaptation objective (dmhpc/train/objective.py) and the training step (step.py) on
+their own: the total is the weighted sum of every term, computed independently here, and the step
+really runs under the AMP and compile settings it is given."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dmhpc.config import load_config
+from dmhpc.distributed import DistInfo
+from dmhpc.losses import DEEPMERGE_SIGMAS, coral, dann_loss, entropy, mmd
+from dmhpc.train.objective import DomainAdaptation
+from dmhpc.train.state import TrainState
+from dmhpc.train.step import TrainStep
+from tests.conftest import TINY
+
+CPU = DistInfo(0, 0, 1, torch.device("cpu"), None)
+
+
+def config(**loss):
+    cfg = load_config(TINY)
+    fisher = dict(weight=loss.pop("fisher_weight", 0.0), intra_weight=0.01, inter_weight=1.0)
+    return dataclasses.replace(cfg, loss=dataclasses.replace(
+        cfg.loss, fisher=dataclasses.replace(cfg.loss.fisher, **fisher), **loss))
+
+
+def batch(seed=0, n=6):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(n, 3, 75, 75, generator=g), torch.arange(n) % 2,
+            torch.randn(n, 3, 75, 75, generator=g) * 1.5 + 0.3, torch.arange(n) % 2)
+
+
+@pytest.mark.parametrize("transfer", ["mmd", "coral", "dann"])
+def test_the_total_is_the_weighted_sum_of_independently_computed_terms(transfer):
+    """A transfer term multiplied by zero in the total used to pass every test."""
+    cfg = config(transfer=transfer, transfer_weight=0.7, entropy_weight=0.3, fisher_weight=0.002)
+    torch.manual_seed(0)
+    model = DomainAdaptation(cfg, seed=0).eval()  # eval: the same BatchNorm statistics in both passes
+    xs, ys, xt, _ = batch()
+    grl = 0.4
+    total, terms, _ = model(xs, ys, xt, grl)
+
+    feats, logits = model.backbone(torch.cat([xs, xt]))
+    fs, ft = feats[:6], feats[6:]
+    expected = {"classifier": F.cross_entropy(logits[:6], ys)}
+    if transfer == "mmd":
+        expected["transfer"] = mmd(fs, ft, sigmas=DEEPMERGE_SIGMAS)
+    elif transfer == "coral":
+        expected["transfer"] = coral(fs, ft)
+    else:
+        d = model.discriminator(feats, grl)
+        expected["transfer"] = dann_loss(d[:6], d[6:])
+    centres = model.fisher.centres
+    intra = (fs - centres[ys]).square().sum()
+    inter = (centres - centres.mean(0)).square().sum()
+    expected["fisher"] = 0.01 * intra / (1.0 * inter)
+    expected["entropy"] = entropy(logits)
+    want = (expected["classifier"] + 0.7 * expected["transfer"] + 0.002 * expected["fisher"]
+            + 0.3 * expected["entropy"])
+    for name, value in expected.items():
+        torch.testing.assert_close(terms[name], value.detach(), rtol=1e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(total, want, rtol=1e-5, atol=1e-6)
+    # and the gradient reaches the backbone through every term
+    total.backward()
+    grad = torch.cat([p.grad.flatten() for p in model.backbone.parameters() if p.grad is not None])
+    model.zero_grad()
+    want.backward()
+    expected_grad = torch.cat([p.grad.flatten() for p in model.backbone.parameters() if p.grad is not None])
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_a_zero_weight_leaves_a_term_out_of_the_total():
+    cfg = config(transfer="mmd", transfer_weight=0.0, entropy_weight=0.0)
+    model = DomainAdaptation(cfg, seed=0).eval()
+    xs, ys, xt, _ = batch()
+    total, terms, _ = model(xs, ys, xt, 0.0)
+    assert terms["transfer"] > 0 and "entropy" not in terms and "fisher" not in terms
+    torch.testing.assert_close(total, terms["classifier"])
+
+
+def _matmul_dtypes(cfg) -> set:
+    """The dtypes the backbone's convolutions and linear layers computed in during one step."""
+    torch.manual_seed(0)
+    state = TrainState.build(cfg, torch.device("cpu"))
+    seen = set()
+    hooks = [m.register_forward_hook(lambda mod, args, out: seen.add(out.dtype))
+             for m in state.model.backbone.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    step = TrainStep(cfg, state, CPU, total_steps=10, steps_per_epoch=5)
+    step(0, batch())
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_the_step_runs_under_the_amp_it_is_given():
+    """train.amp ignored by the step used to pass every test."""
+    cfg = config(transfer="mmd")
+    assert _matmul_dtypes(cfg) == {torch.float32}
+    bf16 = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp="bf16"))
+    assert _matmul_dtypes(bf16) == {torch.bfloat16}
+
+
+def test_the_step_is_compiled_when_asked():
+    """train.compile ignored by the step used to pass every test."""
+    import torch._dynamo
+
+    cfg = config(transfer="mmd")
+    compiled = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=True))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    state = TrainState.build(compiled, torch.device("cpu"))
+    step = TrainStep(compiled, state, CPU, total_steps=10, steps_per_epoch=5)
+    step(0, batch(n=4))
+    assert sum(torch._dynamo.utils.counters["frames"].values()) > 0  # dynamo traced the step's forward
+    eager = TrainStep(cfg, TrainState.build(cfg, torch.device("cpu")), CPU, total_steps=10, steps_per_epoch=5)
+    assert eager.forward is eager.state.model  # and an eager step is the plain module
