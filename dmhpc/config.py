@@ -35,9 +35,8 @@ import yaml
 
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write
+from dmhpc.names import CRITERIA, MODEL_NAMES
 
-MODEL_NAMES = ("deepmerge", "deepmerge2", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
-SELECTION_CRITERIA = ("source-val-acc", "im", "snd", "dev", "oracle-target-acc")
 COMMAND_LINE = "command line"
 SEED_MAX = 2**32 - 1
 
@@ -351,7 +350,7 @@ class SelectConfig:
     # target validation split: "im" (information maximization), "snd" (soft neighbourhood density),
     # "dev" (deep embedded validation); "oracle-target-acc" uses target labels, and results
     # selected with it are marked as oracle.
-    criterion: str = _key("source-val-acc", _choice(*SELECTION_CRITERIA))
+    criterion: str = _key("source-val-acc", _choice(*CRITERIA))
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ from dmhpc.distributed import all_gather_object, bootstrap, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.run import RunDir, evaluation_tag
 from dmhpc.train.checkpoint import load_checkpoint
-from dmhpc.train.metrics import CRITERIA, domain_metrics
+from dmhpc.names import CRITERIA, DOMAINS
+from dmhpc.train.metrics import domain_metrics
 from dmhpc.train.objective import build_backbone
 
-DOMAINS = ("source", "target")
 
 
 def predict(model, directory, split: str, *, batch_size: int, dist, mean, std,

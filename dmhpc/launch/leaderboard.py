@@ -20,9 +20,8 @@ from typing import Iterable, Mapping
 
 from dmhpc.launch.spec import Point
 from dmhpc.run import RunDir
-from dmhpc.train.metrics import CRITERIA
+from dmhpc.names import CRITERIA, REPORTED_METRICS
 
-METRICS = ("accuracy", "roc_auc", "f1", "brier")
 REPORT_ONLY = "_reporting_only"  # suffix of the target columns in the CSV
 
 
@@ -52,7 +51,7 @@ def point_row(point: Point, failed: str | None = None) -> dict:
         row.update(status="finished", criterion=selected.get("criterion"), score=_score(selected.get("score")),
                    oracle=bool(result.get("oracle")), epoch=selected.get("epoch"))
         for domain in ("source", "target"):
-            for m in METRICS:
+            for m in REPORTED_METRICS:
                 row[f"{domain}_{m}"] = _score(result.get(domain, {}).get(m))
     else:
         selected = _best_so_far(point.run)
@@ -104,13 +103,13 @@ def write_leaderboard(out: Path, points: Iterable[Point], failed: Mapping[str, s
     out.mkdir(parents=True, exist_ok=True)
 
     columns = ["rank", "point", "status", "criterion", "score", "oracle", "epoch", *keys,
-               *(f"source_{m}" for m in METRICS), *(f"target_{m}{REPORT_ONLY}" for m in METRICS), "run_dir"]
+               *(f"source_{m}" for m in REPORTED_METRICS), *(f"target_{m}{REPORT_ONLY}" for m in REPORTED_METRICS), "run_dir"]
     with (out / "leaderboard.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         for row in rows:
             record = {c: row.get(c) for c in columns}
-            record.update({f"target_{m}{REPORT_ONLY}": row.get(f"target_{m}") for m in METRICS})
+            record.update({f"target_{m}{REPORT_ONLY}": row.get(f"target_{m}") for m in REPORTED_METRICS})
             writer.writerow({c: ("" if v is None or (isinstance(v, float) and math.isnan(v)) else v)
                              for c, v in record.items()})
 

@@ -46,7 +46,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
-from dmhpc.config import MODEL_NAMES, show
+from dmhpc.config import show
+from dmhpc.names import MODEL_NAMES
 from dmhpc.errors import DmhpcError
 from dmhpc.launch.spec import (Point, Problems, check_existing_runs, check_point_problems, choice, dotted_keys,
                                integer, integer_list, point_problem, read_launch_file, resolve_point, take,

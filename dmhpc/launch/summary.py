@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Iterable
 
 from dmhpc.launch.spec import Point
+from dmhpc.names import DOMAINS, REPORTED_METRICS
 
-DOMAINS = ("source", "target")
-METRICS = ("accuracy", "roc_auc", "f1", "brier")
 LABELS = {"accuracy": "acc", "roc_auc": "AUC", "f1": "F1", "brier": "Brier"}
-MD_COLUMNS = tuple((d, m, f"{d} {LABELS[m]}") for d in DOMAINS for m in METRICS)
+MD_COLUMNS = tuple((d, m, f"{d} {LABELS[m]}") for d in DOMAINS for m in REPORTED_METRICS)
 
 
 def _group_key(point: Point) -> tuple:
@@ -53,7 +52,7 @@ def summary_rows(points: Iterable[Point], gap: tuple[str, str] | None = None) ->
                    oracle=any(r.get("oracle") for _, r in results),
                    trained_on_target=members[0].config.data.source == members[0].config.data.target)
         for domain in DOMAINS:
-            for m in METRICS:
+            for m in REPORTED_METRICS:
                 values = [r[domain][m] for _, r in results if isinstance(r.get(domain, {}).get(m), (int, float))]
                 row[f"{domain}_{m}_mean"], row[f"{domain}_{m}_std"] = _mean_std(values)
         row["target_accuracy_per_seed"] = [r["target"]["accuracy"] for _, r in results]
@@ -87,7 +86,7 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
     out.mkdir(parents=True, exist_ok=True)
 
     columns = [*keys, "runs", "finished", "seeds", "oracle", "trained_on_target",
-               *(f"{d}_{m}_{s}" for d in DOMAINS for m in METRICS for s in ("mean", "std")),
+               *(f"{d}_{m}_{s}" for d in DOMAINS for m in REPORTED_METRICS for s in ("mean", "std")),
                "target_accuracy_per_seed", *(["gap_closed"] if gap else [])]
     with (out / "summary.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, columns)

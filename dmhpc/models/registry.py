@@ -9,6 +9,7 @@ from collections.abc import Callable
 from torch import nn
 
 from dmhpc.errors import DmhpcError
+from dmhpc.names import MODEL_NAMES
 from dmhpc.models.deepmerge import DeepMerge, DeepMerge2
 from dmhpc.models.resnet import LAYOUTS, resnet
 
@@ -17,6 +18,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "deepmerge2": DeepMerge2,
     **{name: functools.partial(resnet, name) for name in LAYOUTS},
 }
+assert tuple(MODELS) == MODEL_NAMES, "dmhpc/names.py lists the models a configuration may name"
 
 
 def build_model(name: str, **options) -> nn.Module:

@@ -114,8 +114,6 @@ def deep_embedded_validation(source: dict, target: dict, seed: int = 0) -> float
     return -float(weighted.mean() + eta * w.mean() - eta)
 
 
-# criterion -> whether it reads target labels (an oracle)
-CRITERIA = {"source-val-acc": False, "im": False, "snd": False, "dev": False, "oracle-target-acc": True}
 
 
 def selection_score(criterion: str, val: dict) -> float:

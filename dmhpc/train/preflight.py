@@ -20,17 +20,16 @@ from dmhpc.data.loaders import normalization
 from dmhpc.data.shards import SPLITS, fingerprint, is_labelled, load_manifest
 from dmhpc.distributed import agree, gather
 from dmhpc.errors import DmhpcError
-from dmhpc.train.metrics import CRITERIA
+from dmhpc.names import CRITERIA, DOMAINS
 from dmhpc.train.objective import NUM_CLASSES
 
-ROLES = ("source", "target")
 
 
 def load_manifests(cfg) -> dict[str, dict]:
     """{"source": manifest, "target": manifest}, each rank reading its own (they can be large)."""
     def read():
         out = {}
-        for role in ROLES:
+        for role in DOMAINS:
             directory = getattr(cfg.data, role)
             try:
                 out[role] = load_manifest(directory)
@@ -48,14 +47,14 @@ def data_identity(cfg, manifests: dict) -> dict:
                           cfg.data.normalize)
     return {role: {"path": str(getattr(cfg.data, role)), "fingerprint": fingerprint(manifests[role]),
                    "shape": manifests[role]["shape"], "mean": mean, "std": std}
-            for role, (mean, std) in zip(ROLES, stats)}
+            for role, (mean, std) in zip(DOMAINS, stats)}
 
 
 def check_data(cfg, manifests: dict, dist) -> None:
     """Everything about the two data sets that would otherwise fail mid-run or train on nonsense."""
     checksums = cfg.data.verify == "checksums"
-    dirs = {role: getattr(cfg.data, role) for role in ROLES}
-    for role in ROLES:
+    dirs = {role: getattr(cfg.data, role) for role in DOMAINS}
+    for role in DOMAINS:
         if role == "target" and dirs["target"] == dirs["source"]:
             break  # a target oracle trains on one data set: check it once
         where, m = f"data.{role} {dirs[role]}", manifests[role]
@@ -75,7 +74,7 @@ def check_data(cfg, manifests: dict, dist) -> None:
     if not is_labelled(manifests["target"]) and CRITERIA.get(cfg.select.criterion, False):
         raise DmhpcError(f"select.criterion: {cfg.select.criterion} reads target labels, and data.target "
                          f"{dirs['target']} is unlabelled; choose a label-free criterion (source-val-acc, im, snd, dev)")
-    for role in ROLES:
+    for role in DOMAINS:
         where, m = f"data.{role} {dirs[role]}", manifests[role]
         for split in SPLITS:
             start, stop = m["rows"][split]

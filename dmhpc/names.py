@@ -1,0 +1,19 @@
+"""Names used across dmhpc, each with one home: models, selection criteria, domains, reported metrics.
+
+Torch-free, so that configuration checks and launchers can read them without importing a model.
+"""
+
+from __future__ import annotations
+
+# Every model `model.name` may name; dmhpc/models/registry.py builds exactly these.
+MODEL_NAMES = ("deepmerge", "deepmerge2", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+# Model-selection criteria, and whether each reads target labels (an oracle, marked as such in
+# every output; refused on an unlabelled target).
+CRITERIA = {"source-val-acc": False, "im": False, "snd": False, "dev": False, "oracle-target-acc": True}
+
+# The two domains of a run, in the order every pair of them is written.
+DOMAINS = ("source", "target")
+
+# The test metrics leaderboards and study summaries report per domain.
+REPORTED_METRICS = ("accuracy", "roc_auc", "f1", "brier")
