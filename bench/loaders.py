@@ -46,7 +46,7 @@ def make_data(root: Path, n: int) -> tuple[Path, Path]:
 
 def loader_for(kind, dirs, args, device):
     return make_train_loader(kind, *dirs, batch_size=args.batch_size, rank=0, world_size=1, seed=0,
-                             device=device, num_workers=args.workers)
+                             device=device, augment=True, num_workers=args.workers)
 
 
 def throughput(kind: str, dirs, args) -> dict:

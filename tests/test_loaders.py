@@ -370,7 +370,7 @@ def test_float16_data_sets(tmp_path, kind, workers):
     for name, offset in (("source", 0), ("target", TARGET_OFFSET)):
         images[name] = _images(60, offset, seed=5)
         write_dataset(images[name], np.arange(60) % 2, None, tmp_path / name, dtype="float16")
-    loader = make_train_loader(kind, tmp_path / "source", tmp_path / "target", batch_size=8, rank=0,
+    loader = make_train_loader(kind, tmp_path / "source", tmp_path / "target", batch_size=8, rank=0, augment=False,
                                world_size=1, seed=0, device="cpu", num_workers=workers)
     try:
         batches = _epoch(loader, 0)
@@ -434,7 +434,7 @@ def test_different_image_shapes(data, tmp_path):
     other = tmp_path / "other"
     write_dataset(_images(60, 0, shape=(3, 8, 6)), np.arange(60) % 2, None, other)
     with pytest.raises(DmhpcError, match="image shapes differ"):
-        make_train_loader("gpu-resident", data["source"]["dir"], other, batch_size=4, rank=0, world_size=1,
+        make_train_loader("gpu-resident", data["source"]["dir"], other, batch_size=4, rank=0, world_size=1, augment=False,
                           seed=0, device="cpu")
 
 

@@ -201,10 +201,10 @@ def test_mmd_guards_its_memory_with_a_message_that_says_how_to_fix_it():
         (lambda: coral(torch.randn(1, 3), torch.randn(4, 3)), "at least 2"),
         (lambda: entropy(torch.randn(4)), "logits"),
         (lambda: dann_loss(torch.randn(4, 2), torch.randn(4)), r"\(N,\)"),
-        (lambda: FisherLoss(2, 3, form="tr", inter_weight=0.0), "inter_weight"),
-        (lambda: FisherLoss(2, 3, form="ratio"), "form"),
-        (lambda: FisherLoss(2, 3, normalize="max"), "normalize"),
-        (lambda: FisherLoss(2, 3)(torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), "feats"),
+        (lambda: FisherLoss(2, 3, form="tr", intra_weight=1.0, inter_weight=0.0), "inter_weight"),
+        (lambda: FisherLoss(2, 3, form="ratio", intra_weight=1.0, inter_weight=1.0), "form"),
+        (lambda: FisherLoss(2, 3, normalize="max", intra_weight=1.0, inter_weight=1.0), "normalize"),
+        (lambda: FisherLoss(2, 3, intra_weight=1.0, inter_weight=1.0)(torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), "feats"),
         (lambda: grl_coefficient(1, 10, schedule="linear"), "schedule"),
     ],
 )
@@ -287,7 +287,7 @@ def test_fisher_gradcheck_features_and_centres(form, normalize):
 
 def test_fisher_centres_come_from_their_own_seeded_generator():
     state = torch.get_rng_state()
-    a, b, c = FisherLoss(2, 16, seed=3), FisherLoss(2, 16, seed=3), FisherLoss(2, 16, seed=4)
+    a, b, c = (FisherLoss(2, 16, intra_weight=1.0, inter_weight=1.0, seed=s) for s in (3, 3, 4))
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG (and so the data split) is untouched
     assert torch.equal(a.centres, b.centres) and not torch.equal(a.centres, c.centres)
 
@@ -326,7 +326,7 @@ def test_losses_compute_in_float32_under_bf16_autocast_and_restore_matmul_precis
     layer = torch.nn.Linear(16, 8)
     xs, xt = torch.randn(12, 16), torch.randn(10, 16) + 0.5
     labels = torch.randint(0, 2, (12,))
-    fisher = FisherLoss(2, 8)
+    fisher = FisherLoss(2, 8, intra_weight=1.0, inter_weight=1.0)
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
     try:

@@ -69,7 +69,11 @@ def test_selection_uses_target_labels_only_for_the_oracle():
 
 
 def _f(step, schedule, **kw):
-    return lr_factor(step, schedule=schedule, total_steps=100, steps_per_epoch=10, lr=1e-3, **kw)
+    from dmhpc.config import OptimConfig
+
+    optim = OptimConfig(schedule=schedule, lr=1e-3, **{k: float(v) if isinstance(v, int) and k != "warmup_steps" else v
+                                                     for k, v in kw.items()})
+    return lr_factor(step, optim, total_steps=100, steps_per_epoch=10)
 
 
 def test_warmup_cosine():

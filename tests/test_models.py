@@ -175,7 +175,7 @@ def test_build_model_errors_name_the_problem():
 
 
 def test_param_groups_cover_every_parameter_once_with_their_multipliers():
-    model, disc, fisher = build_model("resnet18"), DomainDiscriminator(256), FisherLoss(2, 256)
+    model, disc, fisher = build_model("resnet18"), DomainDiscriminator(256), FisherLoss(2, 256, intra_weight=0.01, inter_weight=1.0)
     groups = param_groups(model, discriminator=disc, fisher=fisher, head_lr_mult=10.0, discriminator_lr_mult=0.1)
     assert [(g["name"], g["lr_mult"]) for g in groups] == [
         ("trunk", 1.0),

@@ -497,7 +497,7 @@ def make_train_loader(
     world_size: int,
     seed: int,
     device,
-    augment: bool = True,
+    augment: bool,
     normalize: str = "per-domain",
     num_workers: int = 2,
     subset: int | None = None,

@@ -9,17 +9,20 @@ from __future__ import annotations
 import math
 
 
-def lr_factor(step: int, *, schedule: str, total_steps: int, steps_per_epoch: int, lr: float,
-              warmup_steps: int = 0, min_lr: float = 0.0, cycle_epochs: float = 2.0,
-              gamma: float = 0.001, power: float = 0.75) -> float:
-    """Multiplier of the base learning rate at `step` (0-based).
+def lr_factor(step: int, optim, *, total_steps: int, steps_per_epoch: int) -> float:
+    """Multiplier of the base learning rate at `step` (0-based), as the `optim` section says.
 
     - constant: 1.
     - warmup-cosine: linear warmup over `warmup_steps`, then cosine decay to `min_lr`.
     - cyclic: the original DeepMerge "one-cycle", which is in fact a repeating triangle between
       lr/10 and lr with a period of 0.9 * cycle_epochs epochs (kept, minus its broken branches).
     - inv: (1 + gamma * step) ** -power, the original's default, here applied every step.
+
+    It takes the configuration section itself, so no default here can differ from the config's.
     """
+    schedule, lr = optim.schedule, optim.lr
+    warmup_steps, min_lr, cycle_epochs = optim.warmup_steps, optim.min_lr, optim.cycle_epochs
+    gamma, power = optim.gamma, optim.power
     if schedule == "constant":
         return 1.0
     if schedule == "warmup-cosine":

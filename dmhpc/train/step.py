@@ -53,10 +53,7 @@ class TrainStep:
         self._lr = None  # the scale last applied: groups are updated only when it changes
 
     def lr_scale(self, step: int) -> float:
-        o = self.cfg.optim
-        return lr_factor(step, schedule=o.schedule, total_steps=self.total_steps,
-                         steps_per_epoch=self.steps_per_epoch, lr=o.lr, warmup_steps=o.warmup_steps,
-                         min_lr=o.min_lr, cycle_epochs=o.cycle_epochs, gamma=o.gamma, power=o.power)
+        return lr_factor(step, self.cfg.optim, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
 
     def grl(self, step: int) -> float:
         g = self.cfg.loss.grl
