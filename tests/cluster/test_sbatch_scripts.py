@@ -75,9 +75,12 @@ def test_train_ddp_checkpoints_on_usr2_requeues_and_resumes(slurm_cluster, tmp_p
     slurm_cluster.run("scancel", "--signal=USR2", "--batch", job_id)
     job = slurm_cluster.wait(job_id, timeout=300)
     assert (job.state, job.exit_code, job.restarts) == ("COMPLETED", 0, 1), job
-    # Both ranks stopped with the trainer's requeue code (75), which torchrun saw, and the job
-    # requeued; the second run resumed where the first stopped and finished.
-    assert job.output.count("exitcode: 75") == 2 and "requeueing job" in job.output, job
+    # The ranks stopped with the trainer's requeue code (75), which torchrun saw, and the job
+    # requeued; the second run resumed where the first stopped and finished. (Usually both nodes'
+    # torchrun report the 75; when the first node's agent, which hosts the rendezvous store, exits
+    # before the second has collected its worker, the second reports the lost store instead: seen
+    # once in CI under load. The checkpoint, the requeue and the weights below are what matter.)
+    assert job.output.count("exitcode: 75") >= 1 and "requeueing job" in job.output, job
     assert "checkpoint written at step" in job.output and "resumed from" in job.output, job
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"kind": "step"' in line]
     assert steps == list(range(1, 42 + 1)), steps
