@@ -72,6 +72,18 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "hand the model on: ONNX, TorchScript or safetensors with the normalization built in, and a model card",
         "dmhpc export --run runs/demo/deepmerge-mmd-fisher-entropy --format onnx --out merger.onnx",
     ),
+    "grid": (
+        "dmhpc.launch.grid",
+        "run a grid or a study of training runs (SLURM job array, or here) and write its leaderboard and summary",
+        "dmhpc grid configs/study/deepmerge2.yaml --no-wait            # on a cluster: submit; again later: the tables\n"
+        "  dmhpc grid configs/study/deepmerge2-laptop.yaml --executor local\n"
+        "  dmhpc grid configs/study/deepmerge2.yaml --report",
+    ),
+    "scaling": (
+        "dmhpc.launch.scaling",
+        "run a scaling study (ResNet depth x GPUs x nodes, weak and strong) and write its table and plot",
+        "dmhpc scaling configs/scaling/resnet.yaml",
+    ),
     "demo": (
         "dmhpc.demo",
         "run the main job on the embedded data set from scratch",

@@ -124,7 +124,7 @@ def test_report_on_a_bad_grid_file_fails_with_the_file_and_key_and_writes_nothin
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 1, result.stdout + result.stderr
     assert result.stderr.splitlines()[-1] == \
-        f"launch/grid.py: error: {grid_file}: grid.seed: expected a non-empty list of values, got 1", result.stderr
+        f"dmhpc grid: error: {grid_file}: grid.seed: expected a non-empty list of values, got 1", result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -407,7 +407,7 @@ def test_a_failed_point_is_named_with_the_reason_from_its_job_and_marked_on_the_
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 1, result.stdout + result.stderr
     lines = result.stderr.splitlines()
-    assert lines[-2:-1] == [f"launch/grid.py: error: {grid_file}: 1 point(s) failed:"], result.stderr
+    assert lines[-2:-1] == [f"dmhpc grid: error: {grid_file}: 1 point(s) failed:"], result.stderr
     log = next((out / "submitit").glob("*_0_log.out"))
     assert re.fullmatch(
         rf"point seed=1: job \d+ failed: dmhpc\.errors\.DmhpcError: {re.escape(str(data))}/pristine: "
@@ -561,3 +561,22 @@ def test_a_study_gap_on_an_unlabelled_target_is_refused(data, tmp_path):
         load_grid(spec)
     spec["overrides"]["data.target"] = str(data / "noisy")
     assert load_grid(spec).gap == ("noda", "mmd")
+
+
+def test_one_front_door_for_grids_and_a_one_line_error_without_slurm(data, tmp_path, monkeypatch, capsys):
+    """A grid asking for SLURM where there is none used to end in a 20-line traceback
+    ('Could not detect "srun"'); --executor local runs the same file here."""
+    from dmhpc.cli import main
+
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "slurm", "grid": {"seed": [0]},
+            "overrides": _tiny_overrides(data)}
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(spec))
+    monkeypatch.setenv("PATH", "/nonexistent")  # no sbatch
+    assert main(["grid", str(grid_file)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ("dmhpc grid: error: executor slurm: no SLURM here (sbatch is not on PATH); to run the "
+                           "points on this machine, give --executor local (or executor: local in the file)")
+    assert load_grid(grid_file, executor="local").executor == "local"
+    assert main(["grid", str(grid_file), "--report"]) == 0
+    assert "0 of 1 point(s) finished" in capsys.readouterr().out

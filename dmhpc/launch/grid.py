@@ -255,13 +255,16 @@ def _read_gap(problems: Problems, data: Any, methods: Mapping) -> tuple[str, str
     return ends[0], ends[1]
 
 
-def load_grid(spec: str | Path | Mapping) -> Grid:
-    """Read and check a grid file (or dict) and every point it expands to; raise all problems at once."""
+def load_grid(spec: str | Path | Mapping, executor: str | None = None) -> Grid:
+    """Read and check a grid file (or dict) and every point it expands to; raise all problems at once.
+
+    `executor` replaces the file's (`dmhpc grid FILE --executor local` runs a cluster's grid here).
+    """
     data, source, here = read_launch_file(spec)
     problems = Problems(source)
     unknown_keys(problems, data, GRID_KEYS)
     out_text = take(problems, data, "out", text)
-    executor = take(problems, data, "executor", choice(*EXECUTORS), "slurm")
+    executor = executor or take(problems, data, "executor", choice(*EXECUTORS), "slurm")
     overrides = dotted_keys(problems, data.get("overrides"), "overrides", LAUNCHER_KEYS)
     grid = _read_grid(problems, data.get("grid"))
     space, n, seed = _read_random(problems, data.get("random"))
@@ -352,7 +355,7 @@ def _write_tables(g: Grid, failures: Mapping[str, str]) -> list[dict]:
     return rows
 
 
-def launch_grid(spec: str | Path | Mapping, wait: bool = True) -> list[dict]:
+def launch_grid(spec: str | Path | Mapping, wait: bool = True, executor: str | None = None) -> list[dict]:
     """Check the grid, submit its unfinished points as one job array, wait, write the leaderboard.
 
     Returns the leaderboard rows (see `dmhpc.launch.leaderboard`). With wait=False (slurm only) the
@@ -360,7 +363,7 @@ def launch_grid(spec: str | Path | Mapping, wait: bool = True) -> list[dict]:
     waits for what is still queued. Failed points are raised as one DmhpcError after the
     leaderboard is written.
     """
-    g = load_grid(spec)
+    g = load_grid(spec, executor)
     failures = launch_points(list(g.points), {p.name: g.resources for p in g.points}, kind=g.executor,
                              folder=g.out / "submitit", job_name=f"dmhpc-{g.out.name}", task=TrainTask(),
                              wait=wait)
@@ -381,3 +384,23 @@ def report_grid(spec: str | Path | Mapping) -> list[dict]:
     finished = sum(p.finished for p in g.points)
     print(f"dmhpc launch: {finished} of {len(g.points)} point(s) finished; nothing launched", flush=True)
     return _write_tables(g, {})
+
+
+def grid_arguments(parser) -> None:
+    parser.add_argument("file", type=Path, help="grid or study file (YAML)")
+    parser.add_argument("--executor", choices=EXECUTORS,
+                        help="run the points with this executor instead of the file's: slurm (sbatch), local "
+                             "(processes on this machine) or debug (in this process, one after the other)")
+    when = parser.add_mutually_exclusive_group()
+    when.add_argument("--no-wait", action="store_true",
+                      help="slurm: return after submitting; run again later to collect the leaderboard")
+    when.add_argument("--report", action="store_true",
+                      help="write the leaderboard and summary from the run directories as they are; launch nothing")
+
+
+def grid_main(args) -> int:
+    if args.report:
+        report_grid(args.file)
+    else:
+        launch_grid(args.file, wait=not args.no_wait, executor=args.executor)
+    return 0

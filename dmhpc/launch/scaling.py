@@ -94,14 +94,15 @@ def _mode_batch(problems: Problems, data: Mapping, mode: str) -> int | None:
     return take(problems, section, key, integer(1), prefix=f"{mode}.")
 
 
-def load_study(spec: str | Path | Mapping) -> Study:
-    """Read and check a study file (or dict) and every point; raise all problems at once."""
+def load_study(spec: str | Path | Mapping, executor: str | None = None) -> Study:
+    """Read and check a study file (or dict) and every point; raise all problems at once.
+    `executor` replaces the file's."""
     data, source, here = read_launch_file(spec)
     problems = Problems(source)
     unknown_keys(problems, data, STUDY_KEYS)
     base_text = take(problems, data, "base", text)
     out_text = take(problems, data, "out", text)
-    executor = take(problems, data, "executor", choice(*EXECUTORS), "slurm")
+    executor = executor or take(problems, data, "executor", choice(*EXECUTORS), "slurm")
     models = take(problems, data, "models", _models)
     nodes = take(problems, data, "nodes", integer_list, (1,))
     gpn = take(problems, data, "gpus_per_node", integer_list, (1,))
@@ -259,9 +260,9 @@ def write_scaling(out: Path, rows: list[dict], device: str) -> None:
     scaling_curves(rows, out / "scaling.png", unit)
 
 
-def launch_scaling(spec: str | Path | Mapping, wait: bool = True) -> list[dict]:
+def launch_scaling(spec: str | Path | Mapping, wait: bool = True, executor: str | None = None) -> list[dict]:
     """Check the study, submit its unfinished points, wait, write the table (CSV, Markdown) and plot."""
-    study = load_study(spec)
+    study = load_study(spec, executor)
     failures = launch_points(list(study.points), study.resources, kind=study.executor,
                              folder=study.out / "submitit", job_name=f"dmhpc-{study.out.name}",
                              task=TrainTask(), wait=wait)
@@ -272,3 +273,15 @@ def launch_scaling(spec: str | Path | Mapping, wait: bool = True) -> list[dict]:
         raise DmhpcError("\n".join([f"{study.source}: {len(failures)} point(s) failed:",
                                     *(f"point {name}: {why}" for name, why in failures.items())]))
     return rows
+
+
+def scaling_arguments(parser) -> None:
+    parser.add_argument("file", type=Path, help="scaling study file (YAML)")
+    parser.add_argument("--executor", choices=EXECUTORS, help="run the points with this executor instead of the file's")
+    parser.add_argument("--no-wait", action="store_true",
+                        help="slurm: return after submitting; run again later to write the table")
+
+
+def scaling_main(args) -> int:
+    launch_scaling(args.file, wait=not args.no_wait, executor=args.executor)
+    return 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -314,6 +315,9 @@ def launch_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     """`submit_points`, then (with wait) `wait_for` them: {point name: why its job failed}."""
     if not wait and kind != "slurm":
         raise DmhpcError(f"executor {kind}: its jobs end with the launcher, so the launcher must wait for them")
+    if kind == "slurm" and shutil.which("sbatch") is None:
+        raise DmhpcError("executor slurm: no SLURM here (sbatch is not on PATH); to run the points on this machine, "
+                         "give --executor local (or executor: local in the file)")
     submit = dict(resources=resources, kind=kind, folder=folder, job_name=job_name, task=task)
     todo = [p for p in points if not p.finished]
     at_once = min((resources[p.name].array_parallelism for p in todo), default=1)
