@@ -92,6 +92,18 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The example epilog as written, and each option's default in its help where it has one and
+    the help does not say it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.default not in (None, False, argparse.SUPPRESS, [], ()) and "default" not in text
+                and action.option_strings):
+            text += " (default: %(default)s)"
+        return text
+
+
 def _command_module(name: str):
     module_name = COMMANDS[name][0]
     return importlib.import_module(module_name)
@@ -111,7 +123,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
             help=summary,
             description=summary,
             epilog="example:\n  " + example,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=_HelpFormatter,
         )
         if name == command:
             getattr(_command_module(name), f"{name}_arguments")(p)

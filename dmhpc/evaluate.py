@@ -84,13 +84,17 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
     if plots:
         tag = evaluation_tag(checkpoint["name"], split, data_name)
         on = f" on {data_name}" if data_name else ""
-        title = f"{run.path.name}: {checkpoint['name']} checkpoint, {split} split{on}" + (
-            " (oracle selection)" if result["oracle"] else "")
+        title = (f"{run.path.name}: {checkpoint['name']} checkpoint (epoch {checkpoint.get('epoch')}), {split} split "
+                 f"of {Path(dirs['source']).name} / {Path(dirs['target']).name}{on}"
+                 + (" (oracle selection)" if result["oracle"] else ""))
         P.roc_curves({d: (preds[d]["labels"], preds[d]["prob"]) for d in DOMAINS},
                      run.plot_path(f"roc_{tag}"), f"ROC, {title}")
         P.confusion_matrices({d: result[d] for d in DOMAINS}, run.plot_path(f"confusion_{tag}"),
                              f"confusion, {title}")
-        P.training_curves(run.read_log(), run.plot_path("training_curves"))
+        P.training_curves(run.read_log(), run.plot_path("training_curves"),
+                          f"{run.path.name}: training; source {Path(dirs['source']).name}, target "
+                          f"{Path(dirs['target']).name}; selected: {checkpoint['name']} checkpoint "
+                          f"(epoch {checkpoint.get('epoch')})")
         P.latent_embedding({d: (preds[d]["features"], preds[d]["labels"]) for d in DOMAINS},
                            run.plot_path(f"latent_{tag}"), f"DA features, {title}", seed=cfg.seed,
                            max_points=1000)

@@ -57,24 +57,40 @@ def confusion_matrices(metrics: dict, path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
-def training_curves(records: list[dict], path: Path) -> Path:
-    """Loss terms and validation accuracy per epoch, from metrics.jsonl records."""
+def training_curves(records: list[dict], path: Path, title: str = "") -> Path:
+    """Loss terms (log scale: the unweighted Fisher term is around 1e5, the others around 1) and
+    accuracy per epoch, from metrics.jsonl records; an unlabelled domain shows its predicted
+    merger fraction instead of an accuracy."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     epochs = [r for r in records if r.get("kind") == "epoch"]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    any_unlabelled = False
     if epochs:
         x = [r["epoch"] for r in epochs]
         for term in epochs[-1].get("loss", {}):
-            ax_loss.plot(x, [r["loss"].get(term, np.nan) for r in epochs], label=term)
+            values = np.array([r["loss"].get(term, np.nan) for r in epochs], dtype=float)
+            # |value|: entropy and a trace difference can go negative; the log axis shows magnitudes
+            ax_loss.plot(x, np.abs(values), marker=".", label=term + (" (|value|)" if (values < 0).any() else ""))
         for domain in ("source", "target"):
             for split, style in (("train", "--"), ("val", "-")):
-                ys = [r.get(domain, {}).get(split, {}).get("accuracy", np.nan) for r in epochs]
-                ax_acc.plot(x, ys, style, color=DOMAIN_COLOURS[domain], label=f"{domain} {split}")
-    ax_loss.set(xlabel="epoch", ylabel="loss (epoch mean)", title="loss terms")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy", ylim=(0, 1))
+                metrics = [r.get(domain, {}).get(split, {}) for r in epochs]
+                unlabelled = any(m.get("labelled") is False for m in metrics)
+                any_unlabelled |= unlabelled
+                key = "merger_fraction" if unlabelled else "accuracy"
+                ys = [m.get(key, np.nan) for m in metrics]
+                ax_acc.plot(x, ys, style, marker="o" if domain == "source" else "x", color=DOMAIN_COLOURS[domain],
+                            label=f"{domain} {split}" + (" (predicted merger fraction)" if unlabelled else ""))
+    ax_loss.set(xlabel="epoch", ylabel="loss (epoch mean)", title="loss terms", yscale="log")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy" + (" / predicted merger fraction" if any_unlabelled else ""),
+               title="accuracy", ylim=(0, 1))
     for ax in (ax_loss, ax_acc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.lines:
             ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 

@@ -75,7 +75,20 @@ def test_single_process_run_directory(data, tmp_path, capsys):
     test = json.loads((run / "eval" / "best_test.json").read_text())
     assert test["oracle"] is False and test["checkpoint"]["criterion"] == "source-val-acc" and test["split"] == "test"
     assert "| run |" in capsys.readouterr().out
-    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    assert last["lr"] > 0 and last["grl"] >= 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    hparams, scalars = set(), set()
+    for events in (run / "tensorboard").glob("events.out.tfevents.*"):
+        board = EventAccumulator(str(events))
+        board.Reload()
+        try:
+            hparams |= set(board.PluginTagToContent("hparams"))
+        except KeyError:  # a file without HParams summaries
+            pass
+        scalars |= set(board.Tags()["scalars"])
+    assert "_hparams_/session_start_info" in hparams  # the run's config and test result in the HParams view
+    assert {"lr", "hparam/test_source_accuracy"} <= scalars
     assert {p.name for p in run.iterdir()} <= {".lock", "config.yaml", "run.json", "metrics.jsonl", "checkpoints",
                                                 "eval", "plots", "tensorboard"}
 

@@ -239,14 +239,20 @@ class TrainLoader:
     loader kind in use and `reason` says in one line why it was chosen.
     """
 
-    def __init__(self, kind: str, reason: str, domains: list[_Domain], backend):
-        self.kind, self.reason = kind, reason
+    def __init__(self, kind: str, reason: str, domains: list[_Domain], backend, device: torch.device):
+        self.kind, self.reason, self._device = kind, reason, device
         self._domains = domains
         self._backend = backend
         self._epochs = weakref.WeakSet()  # epoch iterators not yet finished or collected
 
     def __len__(self) -> int:
         return self._domains[SOURCE].stream.steps
+
+    @property
+    def description(self) -> str:
+        """The kind and why, as the trainer's start line shows it ("resident" in host memory on a CPU)."""
+        kind = "resident in host memory" if self.kind == "gpu-resident" and self._device.type != "cuda" else self.kind
+        return f"{kind} ({self.reason})"
 
     @property
     def stats(self) -> dict[str, tuple[list, list]]:
@@ -566,7 +572,7 @@ def make_train_loader(
         from dmhpc.data.dali import DaliBatches
 
         backend = DaliBatches(domains, device, augment, num_workers, ignore, fmt, cpus)
-    return TrainLoader(kind, reason, domains, backend)
+    return TrainLoader(kind, reason, domains, backend, device)
 
 
 # ----------------------------------------------------------------------------- evaluation

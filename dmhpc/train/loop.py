@@ -28,7 +28,7 @@ from dmhpc.run import RunDir
 from dmhpc.train import preflight
 from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, StopRequest, load_checkpoint, save_checkpoint
 from dmhpc.train.meter import EpochMeter
-from dmhpc.train.metrics import MetricLog, domain_metrics, selection_score
+from dmhpc.train.metrics import MetricLog, domain_metrics, progress_bar, selection_score
 from dmhpc.train.state import TrainState
 from dmhpc.train.step import TrainStep, set_determinism
 
@@ -84,8 +84,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
 
     log = MetricLog(run, purge_step=prog.step) if dist.is_main else None
     if log is not None:
-        print(f"dmhpc train: {run.path} | world {dist.world_size} on {dist.device} | loader {loader.kind} "
-              f"({loader.reason}) | {steps_per_epoch} steps/epoch, {total_steps} steps", flush=True)
+        print(f"dmhpc train: {run.path} | world {dist.world_size} on {dist.device} | loader {loader.description} "
+              f"| {steps_per_epoch} steps/epoch, {total_steps} steps", flush=True)
         if claim.resume_from is not None:
             changed = "".join(f"; {k} {v[0]} -> {v[1]}" for k, v in claim.changed.items())
             print(f"dmhpc train: resumed from {claim.resume_from} at epoch {prog.epoch}, step {prog.step}{changed}",
@@ -112,17 +112,21 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                 state.model.train()
                 meter = EpochMeter(dist.device, watch_loss=cfg.train.amp != "fp16")
                 t_epoch = time.perf_counter()
+                bar = progress_bar(steps_per_epoch - prog.step_in_epoch, f"epoch {prog.epoch}", dist.is_main)
                 for batch in loader.epoch(prog.epoch, start_step=prog.step_in_epoch):
                     terms, outputs = step(prog.step, batch)
                     prog.step += 1
                     prog.step_in_epoch += 1
                     meter.add(prog.step, terms, outputs, batch[1], batch[3])
+                    bar.update(1)
                     if prog.step % cfg.train.log_every == 0:
                         meter.check_finite(state, dist, prog.step)
                         if log is not None:
+                            losses = {k: float(v) for k, v in terms.items()}
                             log.write({"kind": "step", "step": prog.step, "epoch": prog.epoch,
                                        "lr_scale": step.lr_scale(prog.step - 1), "grl": step.grl(prog.step - 1),
-                                       "loss": {k: float(v) for k, v in terms.items()}}, prog.step)
+                                       "loss": losses}, prog.step)
+                            bar.set_postfix(loss=f"{losses['total']:.4g}", refresh=False)
                     if stop.should_stop():  # the same answer on every rank, so all stop after this step
                         stopped = True
                         break
@@ -130,6 +134,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                         checkpoint("last", meter)
                     if prog.step >= total_steps:
                         break
+                bar.close()
                 if stopped:
                     break
 
@@ -138,6 +143,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                 elapsed = time.perf_counter() - t_epoch
                 meter.check_finite(state, dist, prog.step)
                 record = {"kind": "epoch", "epoch": prog.epoch, "step": prog.step, **meter.summary(dist),
+                          "lr": cfg.optim.lr * step.lr_scale(prog.step - 1), "grl": step.grl(prog.step - 1),
                           "images_per_s": 2 * meter.steps * cfg.train.batch_size * dist.world_size / max(elapsed, 1e-9),
                           "step_time_s": elapsed / max(meter.steps, 1)}
                 epoch_done = prog.step_in_epoch >= steps_per_epoch
@@ -184,6 +190,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     result = evaluate_run(state.model.backbone, cfg, dist, run, checkpoint=info, split="test", stats=stats)
     if dist.is_main:
         print(format_table({run.path.name: result}), flush=True)
+        with MetricLog(run, purge_step=None) as tb:
+            tb.hparams(cfg, info, result)
     return 0
 
 

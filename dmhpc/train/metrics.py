@@ -156,8 +156,43 @@ class MetricLog:
                 self.tb.add_scalar(key, value, step)
         self.tb.flush()
 
+    def hparams(self, cfg, checkpoint: dict, result: dict) -> None:
+        """The run's configuration and outcome in TensorBoard's HParams view, to compare a grid's runs."""
+        from torch.utils.tensorboard.summary import hparams as hparams_summary
+
+        from dmhpc.config import config_to_dict
+
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                for k, v in _flatten(config_to_dict(cfg)) if not k.startswith(("run", "train/signals"))}
+        outcome = {"hparam/selection_score": checkpoint.get("score", math.nan)}
+        for domain in ("source", "target"):
+            for metric in ("accuracy", "roc_auc"):
+                if metric in result.get(domain, {}):
+                    outcome[f"hparam/test_{domain}_{metric}"] = result[domain][metric]
+        # add_hparams would open a second writer in a subdirectory; write its three summaries into this one.
+        writer = self.tb._get_file_writer()
+        for summary in hparams_summary(flat, outcome):
+            writer.add_summary(summary)
+        for key, value in outcome.items():
+            self.tb.add_scalar(key, value)
+        self.tb.flush()
+
     def close(self) -> None:
         self.tb.close()
+
+    def __enter__(self) -> "MetricLog":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def progress_bar(total: int, what: str, show: bool):
+    """A tqdm bar (steps, rate, ETA) on rank 0 when stderr is a terminal; silent otherwise."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=what, unit="step", leave=False, dynamic_ncols=True,
+                disable=not show or None)
 
 
 def _flatten(record: dict, prefix: str = ""):
