@@ -26,9 +26,9 @@ TARGET_S = 120.0
 def per_object(n: int) -> None:
     """Milliseconds per object in this process, after GalSim's tables are warm."""
     from dmhpc.data import scenes
-    from dmhpc.data.synth import Knobs, render_object
+    from dmhpc.data.synth import render_object
 
-    knobs = Knobs()
+    knobs = scenes.Knobs()
     for obj in range(40):  # warm-up: Sersic tables and PSFs
         render_object(1, obj, knobs)
     for label, name in ((0, "non-merger"), (1, "merger")):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dmhpc.data import synth
+from dmhpc.data import scenes, synth
 from dmhpc.errors import DmhpcError
 
 N_PER_CLASS = 8
@@ -174,7 +174,7 @@ def test_noisy_is_pristine_plus_sky_and_poisson_noise(data):
 
 def test_the_same_objects_in_both_domains(data):
     """Each noisy image is its pristine twin observed: re-rendering an object gives both exactly."""
-    knobs = synth.Knobs()
+    knobs = scenes.Knobs()
     for obj in (0, 5):
         label, pristine, noisy = synth.render_object(SEED, obj, knobs)
         assert label == obj % 2

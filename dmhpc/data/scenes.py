@@ -13,18 +13,28 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import galsim
 import numpy as np
-
-if TYPE_CHECKING:
-    from dmhpc.data.synth import Knobs
 
 STAMP = 75  # pixels on a side
 PIXEL_SCALE = 0.06  # arcsec per pixel; 75 pixels = 4.5" = 38 kpc at z = 2
 ZERO_POINT = 28.9  # AB magnitude of one image unit: 1 unit = 10 nJy (28.9 = 31.4 - 2.5)
 REFERENCE_MAG = 23.25  # F160W magnitude at which the size relations below are quoted
+
+
+class Knobs(NamedTuple):
+    """Difficulty knobs: the domain gap (sb_limit) and how much the two classes overlap (the rest)."""
+
+    sb_limit: float = 25.0  # mag/arcsec^2; the noisy domain's 1-sigma sky noise per pixel
+    tidal_strength: float = 1.0  # multiplies the flux of every tidal feature
+    neighbour_fraction: float = 0.3  # fraction of non-mergers with an unrelated faint neighbour
+    minor_fraction: float = 0.3  # fraction of mergers that are minor (flux ratio 1:10 to 1:4)
+    triple_fraction: float = 0.15  # fraction of mergers with a third galaxy
+
+
+DEFAULT_KNOBS = Knobs()
 
 
 class Filter(NamedTuple):

@@ -20,11 +20,13 @@ import sys
 import time
 from collections import deque
 from pathlib import Path
-from typing import NamedTuple
 
+import galsim
 import numpy as np
 
 from dmhpc import __version__
+from dmhpc.data import scenes
+from dmhpc.data.scenes import DEFAULT_KNOBS, Knobs
 from dmhpc.errors import DmhpcError
 from dmhpc.files import temporary_path
 from dmhpc.mpi import launched_rank, world_comm
@@ -35,21 +37,9 @@ CLASSES = {"0": "non-merger", "1": "merger"}
 # The 8 symmetries of the square pixel grid; view v is np.rot90(flipped if v >= 4, k=v % 4).
 VIEWS = ("identity", "rot90", "rot180", "rot270", "flip", "flip+rot90", "flip+rot180", "flip+rot270")
 CHUNK = 16  # objects per unit of work handed to a process or sent between ranks
-# Environment variables set by the launchers: MPICH/Intel MPI/srun --mpi=pmi2, Open MPI, PMIx.
 _TAG_HEAD, _TAG_DATA = 1, 2
 
 
-class Knobs(NamedTuple):
-    """Difficulty knobs: the domain gap (sb_limit) and how much the two classes overlap (the rest)."""
-
-    sb_limit: float = 25.0  # mag/arcsec^2; the noisy domain's 1-sigma sky noise per pixel
-    tidal_strength: float = 1.0  # multiplies the flux of every tidal feature
-    neighbour_fraction: float = 0.3  # fraction of non-mergers with an unrelated faint neighbour
-    minor_fraction: float = 0.3  # fraction of mergers that are minor (flux ratio 1:10 to 1:4)
-    triple_fraction: float = 0.15  # fraction of mergers with a third galaxy
-
-
-DEFAULT_KNOBS = Knobs()
 
 KNOB_FLAGS = {
     "sb_limit": ("--sb-limit", "MAG", "surface-brightness limit of the noisy domain, mag/arcsec^2: "
@@ -66,8 +56,7 @@ KNOB_FLAGS = {
 
 def render_object(seed: int, obj_id: int, knobs: Knobs) -> tuple[int, np.ndarray, np.ndarray]:
     """Label (1 = merger), pristine image and noisy image ((3, 75, 75) float32) of object `obj_id`."""
-    from dmhpc.data import scenes
-
+    
     label = obj_id % 2
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence([seed, obj_id]).spawn(4)]
     comps = (scenes.merger if label else scenes.non_merger)(streams[:3], knobs)
@@ -173,10 +162,7 @@ def _check(n_per_class: int, seed: int, knobs: Knobs, workers: int) -> None:
 
 
 def _meta(n_per_class: int, seed: int, knobs: Knobs, views: tuple[str, ...]) -> dict:
-    import galsim
-
-    from dmhpc.data import scenes
-
+    
     n_objects = 2 * n_per_class
     sigma = scenes.noise_sigma(knobs.sb_limit)
     return {
