@@ -22,17 +22,17 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
-import math
 import os
 import re
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
+from dmhpc.checks import (Check, Invalid, boolean, choice, integer, is_number, number, optional, parse_yaml,
+                          read_yaml, show, text, yaml_error)
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write
 from dmhpc.names import CRITERIA, MODEL_NAMES
@@ -41,135 +41,42 @@ COMMAND_LINE = "command line"
 SEED_MAX = 2**32 - 1
 
 
-# --- value checks ----------------------------------------------------------------------------------
+# --- value checks particular to the config (the common ones: dmhpc.checks) -------------------------
 
-class _Invalid(Exception):
-    """A value failed its check; the message says what was expected."""
-
-
-@dataclass(frozen=True)
-class _Check:
-    expected: str  # how a valid value looks, for the error message
-    convert: Callable[[Any], Any]  # returns the stored value; raises ValueError or TypeError if invalid
-
-    def __call__(self, value: Any) -> Any:
-        try:
-            return self.convert(value)
-        except (ValueError, TypeError):
-            raise _Invalid(f"expected {self.expected}, got {show(value)}") from None
-
-
-def show(value: Any) -> str:
-    """A value as YAML-like text for messages: true, null, "text", [1, 2]."""
-    try:
-        return json.dumps(value)  # YAML-like spelling: true, null, "text", [1, 2]
-    except (TypeError, ValueError):
-        return repr(value)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _integer(minimum: int, maximum: int | None = None) -> _Check:
-    expected = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
-    if maximum is not None:
-        expected = f"an integer from {minimum} to {maximum}"
-
-    def convert(v):
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum or (maximum is not None and v > maximum):
-            raise ValueError
-        return v
-
-    return _Check(expected, convert)
-
-
-def _number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
-            high_open: bool = False) -> _Check:
-    if low is not None and high is not None:
-        expected = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-    elif low is not None:
-        expected = f"a number {'>' if low_open else '>='} {low:g}"
-    else:
-        expected = "a number"
-
-    def convert(v):
-        if not _is_number(v):
-            raise ValueError
-        if low is not None and (v < low or (low_open and v == low)):
-            raise ValueError
-        if high is not None and (v > high or (high_open and v == high)):
-            raise ValueError
-        return float(v)
-
-    return _Check(expected, convert)
-
-
-def _optional(check: _Check) -> _Check:
-    return _Check(f"null or {check.expected}", lambda v: None if v is None else check.convert(v))
-
-
-def _boolean() -> _Check:
-    def convert(v):
-        if not isinstance(v, bool):
-            raise ValueError
-        return v
-
-    return _Check("true or false", convert)
-
-
-def _choice(*options: str) -> _Check:
-    def convert(v):
-        if v not in options:
-            raise ValueError
-        return v
-
-    return _Check("one of " + ", ".join(json.dumps(o) for o in options), convert)
-
-
-def _text() -> _Check:
-    def convert(v):
-        if not isinstance(v, str) or not v.strip():
-            raise ValueError
-        return v
-
-    return _Check("a non-empty string (quote numbers)", convert)
-
-
-def _sigmas() -> _Check:
+def _sigmas() -> Check:
     def convert(v):
         if v in ("deepmerge", "median"):
             return v
-        if not isinstance(v, list) or not v or not all(_is_number(s) and s > 0 for s in v):
+        if not isinstance(v, list) or not v or not all(is_number(s) and s > 0 for s in v):
             raise ValueError
         return tuple(float(s) for s in v)
 
-    return _Check('"deepmerge", "median" or a non-empty list of numbers > 0', convert)
+    return Check('"deepmerge", "median" or a non-empty list of numbers > 0', convert)
 
 
-def _betas() -> _Check:
+def _betas() -> Check:
     def convert(v):
-        if not isinstance(v, list) or len(v) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in v):
+        if not isinstance(v, list) or len(v) != 2 or not all(is_number(b) and 0 <= b < 1 for b in v):
             raise ValueError
         return tuple(float(b) for b in v)
 
-    return _Check("a list of two numbers in [0, 1)", convert)
+    return Check("a list of two numbers in [0, 1)", convert)
 
 
 # SIGKILL and SIGSTOP cannot be caught; SIGINT stays Ctrl-C (KeyboardInterrupt).
 _CATCHABLE = tuple(s.name for s in signal.Signals if s.name not in ("SIGKILL", "SIGSTOP", "SIGINT"))
 
 
-def _signal_names() -> _Check:
+def _signal_names() -> Check:
     def convert(v):
         if not isinstance(v, list) or not all(s in _CATCHABLE for s in v) or len(set(v)) != len(v):
             raise ValueError
         return tuple(v)
 
-    return _Check('a list of distinct catchable signal names, e.g. ["SIGTERM", "SIGUSR2"]', convert)
+    return Check('a list of distinct catchable signal names, e.g. ["SIGTERM", "SIGUSR2"]', convert)
 
 
-def _key(default: Any, check: _Check) -> Any:
+def _key(default: Any, check: Check) -> Any:
     """A configuration key: its default and the check its configured values must pass."""
     return field(default=default, metadata={"check": check})
 
@@ -186,45 +93,45 @@ def _section(cls: type) -> Any:
 @dataclass(frozen=True)
 class RunConfig:
     # Run directory (its layout: dmhpc/run.py).
-    dir: str = _key("runs/default", _text())
+    dir: str = _key("runs/default", text())
 
 
 @dataclass(frozen=True)
 class DataConfig:
     # Source-domain data set directory (labelled; `dmhpc prepare` output with manifest.json).
-    source: str = _key("data/embedded/shards/pristine", _text())
+    source: str = _key("data/embedded/shards/pristine", text())
     # Target-domain data set directory (its labels are used only for evaluation).
-    target: str = _key("data/embedded/shards/noisy", _text())
+    target: str = _key("data/embedded/shards/noisy", text())
     # Input pipeline: "auto" picks the fastest that works here; the others force one.
-    loader: str = _key("auto", _choice("auto", "gpu-resident", "dali", "torch"))
+    loader: str = _key("auto", choice("auto", "gpu-resident", "dali", "torch"))
     # "per-domain": each domain with its own manifest statistics, as the original; "source": both
     # domains with the source statistics.
-    normalize: str = _key("per-domain", _choice("per-domain", "source"))
+    normalize: str = _key("per-domain", choice("per-domain", "source"))
     # Random flips and 90-degree rotations of training images (the original used none).
-    augment: bool = _key(False, _boolean())
+    augment: bool = _key(False, boolean())
     # Loader worker processes per rank (torch and DALI loaders).
-    num_workers: int = _key(2, _integer(0))
+    num_workers: int = _key(2, integer(0))
     # What the trainer checks of both data sets before the first step: "checksums" (every shard's
     # SHA-256 against the manifest, shared among the ranks, plus everything "structure" checks) or
     # "structure" (manifest, split lists, each shard's datasets, shapes, dtypes and labels; for a
     # data set already checked with `dmhpc verify`). See docs/training.md for what each costs.
-    verify: str = _key("checksums", _choice("checksums", "structure"))
+    verify: str = _key("checksums", choice("checksums", "structure"))
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     # Registry name: "deepmerge" (DeepMerge I layout), "deepmerge2" (the PyTorch DeepMerge of the
     # domain-adaptation paper), "resnet18" ... "resnet152" (ResNetFc with a 256-d bottleneck).
-    name: str = _key("deepmerge2", _choice(*MODEL_NAMES))
+    name: str = _key("deepmerge2", choice(*MODEL_NAMES))
     # ResNet stem: "original" (7x7 stride-2 conv + max-pool, as torchvision) or "small" (3x3 stride-1,
     # no pool: keeps more of a 75x75 image). ResNet models only.
-    stem: str = _key("original", _choice("original", "small"))
+    stem: str = _key("original", choice("original", "small"))
     # Dropout after each conv block of "deepmerge"; null = DeepMerge I's 0.5. "deepmerge" only:
     # DeepMerge II and the ResNets have no dropout.
-    dropout: float | None = _key(None, _optional(_number(0.0, 1.0, high_open=True)))
+    dropout: float | None = _key(None, optional(number(0.0, 1.0, high_open=True)))
     # L2 penalty on the first two dense layers of "deepmerge", added to the loss; null = DeepMerge
     # I's 1e-4. "deepmerge" only.
-    l2: float | None = _key(None, _optional(_number(0.0)))
+    l2: float | None = _key(None, optional(number(0.0)))
 
 
 @dataclass(frozen=True)
@@ -233,25 +140,25 @@ class MMDConfig:
     # (median heuristic per batch), or an explicit list of variances.
     sigmas: str | tuple[float, ...] = _key("deepmerge", _sigmas())
     # Unbiased U-statistic (diagonal excluded) instead of the original's biased V-statistic.
-    unbiased: bool = _key(False, _boolean())
+    unbiased: bool = _key(False, boolean())
     # Lower bound applied to the MMD value; null (default) = none. The original clamped at 1e-4,
     # which zeroes the gradient whenever the estimate falls below it.
-    clamp: float | None = _key(None, _optional(_number(0.0)))
+    clamp: float | None = _key(None, optional(number(0.0)))
 
 
 @dataclass(frozen=True)
 class FisherConfig:
     # Weight of the Fisher loss in the total; 0 = off (no class centres).
-    weight: float = _key(0.0, _number(0.0))
+    weight: float = _key(0.0, number(0.0))
     # "tr": trace ratio intra/inter (the original default); "td": trace difference intra - inter.
-    form: str = _key("tr", _choice("tr", "td"))
+    form: str = _key("tr", choice("tr", "td"))
     # Weight of the intra-class (centre) term (original runs: 0.01).
-    intra_weight: float = _key(0.01, _number(0.0))
+    intra_weight: float = _key(0.01, number(0.0))
     # Weight of the inter-class (centre spread) term (original runs: 1.0).
-    inter_weight: float = _key(1.0, _number(0.0))
+    inter_weight: float = _key(1.0, number(0.0))
     # Intra-class distances summed over the batch ("sum", the original; scale grows with batch
     # size) or averaged ("mean").
-    normalize: str = _key("sum", _choice("sum", "mean"))
+    normalize: str = _key("sum", choice("sum", "mean"))
 
 
 @dataclass(frozen=True)
@@ -259,87 +166,87 @@ class GRLConfig:
     # Gradient-reversal coefficient over training: "dann" ramps from 0 towards `high` as
     # high * (2 / (1 + exp(-alpha * progress)) - 1) (Ganin et al.); "constant" keeps `high`
     # throughout (the original DeepMerge: 1).
-    schedule: str = _key("dann", _choice("dann", "constant"))
+    schedule: str = _key("dann", choice("dann", "constant"))
     # Steepness of the "dann" ramp (DANN paper: 10).
-    alpha: float = _key(10.0, _number(0.0, low_open=True))
+    alpha: float = _key(10.0, number(0.0, low_open=True))
     # The coefficient under "constant", and the value the "dann" ramp approaches.
-    high: float = _key(1.0, _number(0.0))
+    high: float = _key(1.0, number(0.0))
 
 
 @dataclass(frozen=True)
 class LossConfig:
     # Domain-transfer term on the features: none, MMD, CORAL or adversarial (DANN discriminator).
-    transfer: str = _key("none", _choice("none", "mmd", "coral", "dann"))
+    transfer: str = _key("none", choice("none", "mmd", "coral", "dann"))
     # Weight of the transfer term (the original's trade_off: 1.0).
-    transfer_weight: float = _key(1.0, _number(0.0))
+    transfer_weight: float = _key(1.0, number(0.0))
     mmd: MMDConfig = _section(MMDConfig)
     fisher: FisherConfig = _section(FisherConfig)
     # Weight of entropy minimisation on the predictions (original runs: 0.05); 0 = off.
-    entropy_weight: float = _key(0.0, _number(0.0))
+    entropy_weight: float = _key(0.0, number(0.0))
     grl: GRLConfig = _section(GRLConfig)
     # Batch-statistic losses (MMD, CORAL, Fisher) on the global batch gathered from all ranks
     # ("global": the result does not depend on the number of ranks) or per rank ("local").
-    scope: str = _key("global", _choice("global", "local"))
+    scope: str = _key("global", choice("global", "local"))
 
 
 @dataclass(frozen=True)
 class OptimConfig:
     # Optimizer: Adam (the original), AdamW (decoupled weight decay) or SGD with Nesterov momentum.
-    name: str = _key("adam", _choice("adam", "adamw", "sgd"))
+    name: str = _key("adam", choice("adam", "adamw", "sgd"))
     # Base learning rate (the original examples: 1e-3).
-    lr: float = _key(1e-3, _number(0.0, low_open=True))
+    lr: float = _key(1e-3, number(0.0, low_open=True))
     # Weight decay (Adam: coupled L2, as the original).
-    weight_decay: float = _key(1e-4, _number(0.0))
+    weight_decay: float = _key(1e-4, number(0.0))
     # Adam/AdamW betas (the original: 0.7, 0.8).
     betas: tuple[float, float] = _key((0.7, 0.8), _betas())
     # SGD momentum (Nesterov when > 0).
-    momentum: float = _key(0.9, _number(0.0, 1.0, high_open=True))
+    momentum: float = _key(0.9, number(0.0, 1.0, high_open=True))
     # Learning-rate multiplier for the new heads: bottleneck, classifier, discriminator and Fisher
     # centres (the original: 10).
-    head_lr_mult: float = _key(10.0, _number(0.0, low_open=True))
+    head_lr_mult: float = _key(10.0, number(0.0, low_open=True))
     # Clip the global gradient norm to this value; null = no clipping.
-    grad_clip: float | None = _key(None, _optional(_number(0.0, low_open=True)))
+    grad_clip: float | None = _key(None, optional(number(0.0, low_open=True)))
     # Learning-rate schedule: "constant"; "warmup-cosine" (linear warmup over warmup_steps, cosine
     # decay to min_lr); "cyclic" (the original's triangle between lr/10 and lr, period
     # 0.9 * cycle_epochs epochs); "inv" (lr * (1 + gamma * step) ** -power, every step).
-    schedule: str = _key("cyclic", _choice("constant", "warmup-cosine", "cyclic", "inv"))
+    schedule: str = _key("cyclic", choice("constant", "warmup-cosine", "cyclic", "inv"))
     # warmup-cosine: steps of linear warmup.
-    warmup_steps: int = _key(0, _integer(0))
+    warmup_steps: int = _key(0, integer(0))
     # warmup-cosine: final learning rate (at most lr).
-    min_lr: float = _key(0.0, _number(0.0))
+    min_lr: float = _key(0.0, number(0.0))
     # cyclic: the original's cycle_length, in epochs.
-    cycle_epochs: float = _key(5.0, _number(0.0, low_open=True))
+    cycle_epochs: float = _key(5.0, number(0.0, low_open=True))
     # inv: gamma and power (the original: 0.001 and 0.75).
-    gamma: float = _key(0.001, _number(0.0, low_open=True))
-    power: float = _key(0.75, _number(0.0, low_open=True))
+    gamma: float = _key(0.001, number(0.0, low_open=True))
+    power: float = _key(0.75, number(0.0, low_open=True))
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # Epochs; an epoch is one pass over the source training split (the original: 200).
-    epochs: int = _key(200, _integer(1))
+    epochs: int = _key(200, integer(1))
     # Stop after this many optimizer steps when > 0 (0 = epochs decide).
-    max_steps: int = _key(0, _integer(0))
+    max_steps: int = _key(0, integer(0))
     # Images per domain per rank in each step (the original: 128 source + 128 target).
-    batch_size: int = _key(128, _integer(1))
+    batch_size: int = _key(128, integer(1))
     # Mixed precision: "none", "bf16" (autocast, no loss scaling) or "fp16" (autocast + GradScaler).
-    amp: str = _key("none", _choice("none", "bf16", "fp16"))
+    amp: str = _key("none", choice("none", "bf16", "fp16"))
     # NHWC memory format for convolutions (faster with tensor cores).
-    channels_last: bool = _key(False, _boolean())
+    channels_last: bool = _key(False, boolean())
     # torch.compile the training step.
-    compile: bool = _key(False, _boolean())
+    compile: bool = _key(False, boolean())
     # Deterministic GPU kernels (torch.use_deterministic_algorithms, cuDNN deterministic and not
     # benchmarking, a fixed cuBLAS workspace): a resumed run ends bit-identical to an
     # uninterrupted one on GPU too, at a cost in speed (docs/training.md). CPU runs are anyway.
-    deterministic: bool = _key(False, _boolean())
+    deterministic: bool = _key(False, boolean())
     # Evaluate on the validation splits (and maybe save best.pt) every this many epochs.
-    eval_every: int = _key(1, _integer(1))
+    eval_every: int = _key(1, integer(1))
     # Write a step record to the metrics log every this many steps.
-    log_every: int = _key(50, _integer(1))
+    log_every: int = _key(50, integer(1))
     # Also save last.pt every this many steps (0 = only at the end of each epoch).
-    checkpoint_every: int = _key(0, _integer(0))
+    checkpoint_every: int = _key(0, integer(0))
     # Stop after this many evaluations without a better selection score (0 = off).
-    early_stopping: int = _key(0, _integer(0))
+    early_stopping: int = _key(0, integer(0))
     # Signals on which every rank finishes its step, saves last.pt and exits for requeue.
     signals: tuple[str, ...] = _key(("SIGTERM", "SIGUSR1", "SIGUSR2"), _signal_names())
 
@@ -350,16 +257,16 @@ class SelectConfig:
     # target validation split: "im" (information maximization), "snd" (soft neighbourhood density),
     # "dev" (deep embedded validation); "oracle-target-acc" uses target labels, and results
     # selected with it are marked as oracle.
-    criterion: str = _key("source-val-acc", _choice(*CRITERIA))
+    criterion: str = _key("source-val-acc", choice(*CRITERIA))
 
 
 @dataclass(frozen=True)
 class Config:
     # Seed of model initialisation, data order and augmentation (numpy and scikit-learn take seeds
     # below 2**32).
-    seed: int = _key(0, _integer(0, SEED_MAX))
+    seed: int = _key(0, integer(0, SEED_MAX))
     # Debug run: a few batches, autograd anomaly detection, fast feedback.
-    debug: bool = _key(False, _boolean())
+    debug: bool = _key(False, boolean())
     run: RunConfig = _section(RunConfig)
     data: DataConfig = _section(DataConfig)
     model: ModelConfig = _section(ModelConfig)
@@ -367,65 +274,6 @@ class Config:
     optim: OptimConfig = _section(OptimConfig)
     train: TrainConfig = _section(TrainConfig)
     select: SelectConfig = _section(SelectConfig)
-
-
-# --- YAML ------------------------------------------------------------------------------------------
-
-class _Loader(yaml.SafeLoader):
-    """Safe YAML that reads 1e-4 as a number (PyYAML's YAML 1.1 wants 1.0e-4) and rejects duplicate keys."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-            except TypeError:
-                continue  # unhashable key: the base class reports it
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {show(key)}", key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
-def _yaml_error(exc: yaml.YAMLError) -> str:
-    mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-    return f"invalid YAML: {problem}{where}"
-
-
-def read_yaml(path: Path) -> dict:
-    if not path.exists():
-        raise DmhpcError(f"{path}: config file not found")
-    if path.is_dir():
-        raise DmhpcError(f"{path}: is a directory, not a config file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DmhpcError(f"{path}: not a UTF-8 text file") from None
-    except OSError as exc:
-        raise DmhpcError(f"{path}: cannot read: {exc.strerror}") from None
-    try:
-        data = yaml.load(text, Loader=_Loader)
-    except yaml.YAMLError as exc:
-        raise DmhpcError(f"{path}: {_yaml_error(exc)}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise DmhpcError(f"{path}: expected a mapping of configuration keys at the top level, "
-                         f"got {type(data).__name__}")
-    return data
 
 
 # --- merging with provenance -----------------------------------------------------------------------
@@ -477,9 +325,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not _DOTTED.match(key):
         raise DmhpcError(f"{COMMAND_LINE}: {key!r}: not a dotted key like train.batch_size")
     try:
-        parsed = yaml.load(value, Loader=_Loader)
+        parsed = parse_yaml(value)
     except yaml.YAMLError as exc:
-        raise DmhpcError(f"{COMMAND_LINE}: {key}: value {value!r} is {_yaml_error(exc)}") from None
+        raise DmhpcError(f"{COMMAND_LINE}: {key}: value {value!r} is {yaml_error(exc)}") from None
     return key, parsed
 
 
@@ -515,7 +363,7 @@ def _build(cls: type, data: Any, origin: Mapping[str, str], default_label: str, 
             continue
         try:
             values[name] = f.metadata["check"](data[name])
-        except _Invalid as exc:
+        except Invalid as exc:
             raise DmhpcError(f"{where(dotted)}: {dotted}: {exc}") from None
     return cls(**values)
 

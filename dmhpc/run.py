@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dmhpc import __version__
-from dmhpc.config import Config, changed_keys, config_to_dict, load_config, save_config, show
+from dmhpc.checks import show
+from dmhpc.config import Config, changed_keys, config_to_dict, load_config, save_config
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, is_temporary, remove_orphans
 

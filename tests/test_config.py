@@ -241,7 +241,7 @@ def test_missing_file(tmp_path):
     ("train:\n  epochs: 1\n   batch_size: 2\n", "invalid YAML"),
     ("seed: 1\nseed: 2\n", 'duplicate key "seed" (line 2'),
     ("train: {epochs: 1, epochs: 2}\n", 'duplicate key "epochs"'),
-    ("- 1\n- 2\n", "expected a mapping of configuration keys at the top level, got list"),
+    ("- 1\n- 2\n", "expected a mapping of keys at the top level, got list"),
 ])
 def test_invalid_yaml_names_the_file(tmp_path, text, problem):
     path = write(tmp_path / "bad.yaml", text)

@@ -98,7 +98,7 @@ def test_every_problem_of_a_grid_file_is_reported_before_anything_runs(tmp_path)
         load_grid(grid_file)
     lines = str(err.value).splitlines()
     assert lines[0] == f"{grid_file}: 8 problems, nothing submitted:", lines
-    for fragment in ("colour: unknown key", "executor: expected one of slurm, local, debug, got \"cloud\"",
+    for fragment in ("colour: unknown key", 'executor: expected one of "slurm", "local", "debug", got "cloud"',
                      "grid.run.dir: set by the launcher", "grid.optim.lr: expected a non-empty list",
                      "slurm.queue: unknown key", "slurm.nodes: expected a positive integer, got 0",
                      "slurm.tasks_per_node: one task per GPU", "slurm.time: expected minutes"):

@@ -14,6 +14,7 @@ import pytest
 from tests.conftest import ROOT
 from dmhpc.cli import main
 from dmhpc.data import shards
+from dmhpc.data.prepare import DOMAIN_KEYS
 from dmhpc.data.shards import MANIFEST, SPLITS, RowReader, file_sha256, load_manifest
 
 N = 48
@@ -206,17 +207,32 @@ def test_shipped_configs_are_valid():
 @pytest.mark.parametrize(
     "text, message",
     [
-        ("root: r\nout: o\ndomains: {a: {images: x, labels: y}}\nextra: 1\n", "unknown key 'extra'"),
-        ("root: r\ndomains: {a: {images: x, labels: y}}\n", "missing key 'out'"),
-        ("root: r\nout: o\ndomains: {a: {labels: y}}\n", "missing key 'domains.a.images' (or a catalog of cutouts)"),
-        ("root: r\nout: o\ndomains: {a: {images: x, labels: y, ids: z}}\n", "unknown key 'domains.a.ids'"),
-        ("root: r\nout: o\ndomains: []\n", "key 'domains' must map"),
-        ("root: [r\n", "not valid YAML"),
+        ("root: r\nout: o\ndomains: {a: {images: x, labels: y}}\nextra: 1\n", "extra: unknown key (known: root, "),
+        ("root: r\ndomains: {a: {images: x, labels: y}}\n", "out: missing (required)"),
+        ("root: r\nout: o\ndomains: {a: {labels: y}}\n", "domains.a.images: missing (required, or a catalog of cutouts)"),
+        ("root: r\nout: o\ndomains: {a: {images: x, labels: y, ids: z}}\n", "domains.a.ids: unknown key"),
+        ("root: r\nout: o\ndomains: {a: {images: 3}}\n", "domains.a.images: expected a non-empty string"),
+        ("root: r\nout: o\ndomains: []\n", "domains: expected a non-empty mapping of each domain's name"),
+        ("root: r\nout: o\ndomains: {a: {images: x}, a: {images: y}}\n", "invalid YAML: duplicate key \"a\""),
+        ("root: [r\n", "invalid YAML"),
     ],
 )
 def test_bad_data_config(tmp_path, capsys, text, message):
     config = write_config(tmp_path, text)
     assert_fails(capsys, ["prepare", "--data-config", config], f"{config}: {message}")
+
+
+def test_every_problem_of_a_data_config_at_once(tmp_path, capsys):
+    config = write_config(tmp_path, "out: o\ndomains: {a: {images: x, ids: z}}\n")
+    assert main(["prepare", "--data-config", config]) == 1
+    assert capsys.readouterr().err.splitlines()[1:] == [
+        f"{config}: root: missing (required)",
+        f"{config}: domains.a.ids: unknown key (known: {', '.join(DOMAIN_KEYS)})"]
+    # --root on the command line stands in for the file's root: what is left is the image file itself
+    config = write_config(tmp_path, "out: o\ndomains: {a: {images: x.npy}}\n")
+    assert main(["prepare", "--data-config", config, "--root", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "missing" not in err and "x.npy" in err, err
 
 
 def test_data_config_validates_every_domain_before_writing(two_domains, tmp_path, capsys):

@@ -277,12 +277,13 @@ def test_refuses_a_non_empty_output_folder(tmp_path):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--n-per-class", "0"], ["--n-per-class", "0"]),
+    (["--n-per-class", "0"], ["--n-per-class: expected a positive integer, got 0"]),
     (["--n-per-class", "-3"], ["--n-per-class", "-3"]),
     (["--seed", "-1"], ["--seed"]),
     (["--workers", "0"], ["--workers"]),
-    (["--neighbour-fraction", "1.5"], ["--neighbour-fraction", "between 0 and 1"]),
-    (["--sb-limit", "nan"], ["--sb-limit", "finite"]),
+    (["--neighbour-fraction", "1.5"], ["--neighbour-fraction: expected a number in [0, 1], got 1.5"]),
+    (["--sb-limit", "nan"], ["--sb-limit: expected a number in [18, 35] mag/arcsec^2, got NaN"]),
+    (["--sb-limit", "40"], ["--sb-limit: expected a number in [18, 35] mag/arcsec^2, got 40.0"]),
     (["--tidal-strength", "-1"], ["--tidal-strength"]),
 ])
 def test_bad_arguments_exit_1_and_write_nothing(tmp_path, argv, words):

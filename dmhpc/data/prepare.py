@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
+from dmhpc.checks import REQUIRED, Problems, mapping, read_yaml, show, take, text, unknown_keys
 from dmhpc.config import parse_override
 from dmhpc.data import duplicates, shards
 from dmhpc.data.inputs import (LAYOUTS, ArrayRows, Cutouts, open_images, open_npy, read_catalog,
@@ -42,6 +42,7 @@ CONFIG_KEYS = ("root", "out", "domains")
 DOMAIN_KEYS = ("images", "labels", "objects", "catalog", "id_column", "label_column", "file_column", "cutouts")
 PATH_KEYS = ("images", "labels", "objects", "catalog", "cutouts")
 _DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+DOMAINS = mapping("a non-empty mapping of each domain's name to its files", empty=False)
 
 
 @dataclass(frozen=True)
@@ -86,18 +87,7 @@ def load_data_config(path, root: str | None = None, out: str | None = None, sets
     and the config file (or the command line, for an override).
     """
     name = str(path)
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        raise DmhpcError(f"{name}: no such data config") from None
-    except OSError as exc:
-        raise DmhpcError(f"{name}: cannot read ({exc.strerror})") from None
-    try:
-        config = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise DmhpcError(f"{name}: not valid YAML ({' '.join(str(exc).split())})") from None
-    if not isinstance(config, dict):
-        raise DmhpcError(f"{name}: the config must be a mapping of {', '.join(CONFIG_KEYS)}")
+    config = read_yaml(Path(path), "data config")
     for item in sets:
         key, value = parse_override(item)
         node, parts = config, key.split(".")
@@ -108,40 +98,30 @@ def load_data_config(path, root: str | None = None, out: str | None = None, sets
             node = node[part]
         node[parts[-1]] = value
 
-    def mapping(value, where, keys, required):
-        if not isinstance(value, dict):
-            raise DmhpcError(f"{name}: {where} must be a mapping of {', '.join(keys)}")
-        for key in value:
-            if key not in keys:
-                raise DmhpcError(f"{name}: unknown key {where_key(where, key)!r} (expected {', '.join(keys)})")
-        for key in required:
-            if key not in value:
-                raise DmhpcError(f"{name}: missing key {where_key(where, key)!r}")
-        for key, v in value.items():
-            if key != "domains" and not isinstance(v, str):
-                raise DmhpcError(f"{name}: key {where_key(where, key)!r} must be a "
-                                 f"{'path' if key in PATH_KEYS + ('root', 'out') else 'column name'}")
-
-    def where_key(where, key):
-        return key if where == "the config" else f"{where}.{key}"
-
-    mapping(config, "the config", CONFIG_KEYS, CONFIG_KEYS)
-    domains = config["domains"]
-    if not isinstance(domains, dict) or not domains:
-        raise DmhpcError(f"{name}: key 'domains' must map each domain's name to its files")
-    root_dir = Path(root if root is not None else config["root"])
-    out_dir = Path(out if out is not None else config["out"])
+    problems = Problems(name, "nothing written")
+    unknown_keys(problems, config, CONFIG_KEYS)
+    root_text = take(problems, config, "root", text(), REQUIRED if root is None else None)
+    out_text = take(problems, config, "out", text(), REQUIRED if out is None else None)
+    domains = take(problems, config, "domains", DOMAINS)
     result = []
-    for domain, files in domains.items():
+    for domain, files in (domains or {}).items():
+        where = f"domains.{domain}"
         if not isinstance(domain, str) or not _DOMAIN_NAME.fullmatch(domain):
-            raise DmhpcError(f"{name}: domain name {domain!r}: use letters, digits, '_', '-', '.'")
-        mapping(files, f"domains.{domain}", DOMAIN_KEYS, ())
+            problems.add(where, "a domain name is made of letters, digits, '_', '-' and '.'")
+        if not isinstance(files, dict):
+            problems.add(where, f"expected a mapping of {', '.join(DOMAIN_KEYS)}, got {show(files)}")
+            continue
+        unknown_keys(problems, files, DOMAIN_KEYS, where + ".")
         if "images" not in files and "catalog" not in files:
-            raise DmhpcError(f"{name}: missing key 'domains.{domain}.images' (or a catalog of cutouts)")
-        result.append(DomainSpec(
-            name=domain, out=out_dir / domain,
-            **{k: (root_dir / v if k in PATH_KEYS else v) for k, v in files.items()}))
-    return result
+            problems.add(f"{where}.images", "missing (required, or a catalog of cutouts)")
+        values = {key: take(problems, files, key, text(), None, where + ".") for key in DOMAIN_KEYS if key in files}
+        result.append((domain, values))
+    problems.raise_if_any()
+    root_dir = Path(root if root is not None else root_text)
+    out_dir = Path(out if out is not None else out_text)
+    return [DomainSpec(name=domain, out=out_dir / domain,
+                       **{k: (root_dir / v if k in PATH_KEYS else v) for k, v in values.items() if v is not None})
+            for domain, values in result]
 
 
 # ----------------------------------------------------------------------------- opening a domain

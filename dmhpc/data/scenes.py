@@ -18,6 +18,8 @@ from typing import NamedTuple
 import galsim
 import numpy as np
 
+from dmhpc.checks import number
+
 STAMP = 75  # pixels on a side
 PIXEL_SCALE = 0.06  # arcsec per pixel; 75 pixels = 4.5" = 38 kpc at z = 2
 ZERO_POINT = 28.9  # AB magnitude of one image unit: 1 unit = 10 nJy (28.9 = 31.4 - 2.5)
@@ -35,6 +37,15 @@ class Knobs(NamedTuple):
 
 
 DEFAULT_KNOBS = Knobs()
+# The range over which the model above is meant: brighter skies than 18 or fainter than 35
+# mag/arcsec^2 leave the regime the noise model and the PSF sizes were set for.
+KNOB_CHECKS = {
+    "sb_limit": number(18.0, 35.0, unit="mag/arcsec^2"),
+    "tidal_strength": number(0.0),
+    "neighbour_fraction": number(0.0, 1.0),
+    "minor_fraction": number(0.0, 1.0),
+    "triple_fraction": number(0.0, 1.0),
+}
 
 
 class Filter(NamedTuple):

@@ -14,7 +14,6 @@ last: a directory without meta.json is incomplete.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -25,8 +24,9 @@ import galsim
 import numpy as np
 
 from dmhpc import __version__
+from dmhpc.checks import Invalid, integer
 from dmhpc.data import scenes
-from dmhpc.data.scenes import DEFAULT_KNOBS, Knobs
+from dmhpc.data.scenes import DEFAULT_KNOBS, KNOB_CHECKS, Knobs
 from dmhpc.errors import DmhpcError
 from dmhpc.files import temporary_path
 from dmhpc.mpi import launched_rank, world_comm
@@ -142,23 +142,14 @@ def _claim_output(out: Path, overwrite: bool) -> bool:
 
 
 def _check(n_per_class: int, seed: int, knobs: Knobs, workers: int) -> None:
-    def integer(flag, value, low):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise DmhpcError(f"{flag}: must be an integer >= {low}, got {value!r}")
-
-    integer("--n-per-class", n_per_class, 1)
-    integer("--seed", seed, 0)
-    integer("--workers", workers, 1)
-    for key, value in knobs._asdict().items():
-        flag = KNOB_FLAGS[key][0]
-        if not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise DmhpcError(f"{flag}: must be a finite number, got {value!r}")
-        if key == "sb_limit" and not 18.0 <= value <= 35.0:
-            raise DmhpcError(f"{flag}: must be between 18 and 35 mag/arcsec^2, got {value}")
-        if key == "tidal_strength" and value < 0:
-            raise DmhpcError(f"{flag}: must be >= 0, got {value}")
-        if key.endswith("_fraction") and not 0.0 <= value <= 1.0:
-            raise DmhpcError(f"{flag}: must be between 0 and 1, got {value}")
+    values = [("--n-per-class", n_per_class, integer(1)), ("--seed", seed, integer(0)),
+              ("--workers", workers, integer(1))]
+    values += [(KNOB_FLAGS[key][0], value, KNOB_CHECKS[key]) for key, value in knobs._asdict().items()]
+    for flag, value, check in values:
+        try:
+            check(value)
+        except Invalid as exc:
+            raise DmhpcError(f"{flag}: {exc}") from None
 
 
 def _meta(n_per_class: int, seed: int, knobs: Knobs, views: tuple[str, ...]) -> dict:

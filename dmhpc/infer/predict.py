@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from dmhpc import __version__
-from dmhpc.config import show
+from dmhpc.checks import show
 from dmhpc.data.loaders import Normalizer
 from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, on_main, shutdown
 from dmhpc.errors import DmhpcError

@@ -51,14 +51,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from dmhpc.config import show
 from dmhpc.data.shards import is_labelled, load_manifest
 from dmhpc.errors import DmhpcError
 from dmhpc.launch.leaderboard import write_leaderboard
 from dmhpc.launch.summary import write_summary
-from dmhpc.launch.spec import (Point, Problems, boolean, check_existing_runs, check_point_problems, choice,
-                               dotted_keys, integer, number, point_problem, read_launch_file, resolve_point,
-                               take, text, unknown_keys)
+from dmhpc.checks import Problems, boolean, choice, integer, number, show, take, text, unknown_keys
+from dmhpc.launch.spec import (Point, check_existing_runs, check_point_problems, dotted_keys, point_problem,
+                               read_launch_file, resolve_point)
 from dmhpc.launch.submit import EXECUTORS, Resources, TrainTask, launch_points, preempt_signal, read_resources
 
 GRID_KEYS = ("base", "methods", "gap", "out", "executor", "overrides", "grid", "random", "slurm")
@@ -185,9 +184,9 @@ def _read_random(problems: Problems, data: Any) -> tuple[dict, int, int]:
             continue
         if isinstance(dim, Mapping):
             unknown_keys(problems, dim, RANGE_KEYS, where + ".")
-            low = take(problems, dim, "low", number, prefix=where + ".")
-            high = take(problems, dim, "high", number, prefix=where + ".")
-            log = take(problems, dim, "log", boolean, False, where + ".")
+            low = take(problems, dim, "low", number(), prefix=where + ".")
+            high = take(problems, dim, "high", number(), prefix=where + ".")
+            log = take(problems, dim, "log", boolean(), False, where + ".")
             if low is not None and high is not None:
                 if not low < high:
                     problems.add(where, f"low must be below high, got low {low:g}, high {high:g}")
@@ -228,7 +227,7 @@ def _read_methods(problems: Problems, data: Any, here: Path) -> dict[str, tuple[
             problems.add(where, f"expected a mapping with base and overrides, got {show(spec)}")
             continue
         unknown_keys(problems, spec, METHOD_KEYS, where + ".")
-        base = _base_path(problems, where + ".base", take(problems, spec, "base", text, prefix=where + "."), here)
+        base = _base_path(problems, where + ".base", take(problems, spec, "base", text(), prefix=where + "."), here)
         methods[name] = (base, dotted_keys(problems, spec.get("overrides"), where + ".overrides", LAUNCHER_KEYS))
     return methods
 
@@ -243,7 +242,7 @@ def _read_gap(problems: Problems, data: Any, methods: Mapping) -> tuple[str, str
         problems.add("gap", f"expected {{from: METHOD, to: METHOD}}, got {show(data)}")
         return None
     unknown_keys(problems, data, GAP_KEYS, "gap.")
-    ends = [take(problems, data, key, text, prefix="gap.") for key in GAP_KEYS]
+    ends = [take(problems, data, key, text(), prefix="gap.") for key in GAP_KEYS]
     for key, name in zip(GAP_KEYS, ends):
         if name is not None and name not in methods:
             problems.add(f"gap.{key}", f"{show(name)} is not one of the methods ({', '.join(methods)})")
@@ -263,7 +262,7 @@ def load_grid(spec: str | Path | Mapping, executor: str | None = None) -> Grid:
     data, source, here = read_launch_file(spec)
     problems = Problems(source)
     unknown_keys(problems, data, GRID_KEYS)
-    out_text = take(problems, data, "out", text)
+    out_text = take(problems, data, "out", text())
     executor = executor or take(problems, data, "executor", choice(*EXECUTORS), "slurm")
     overrides = dotted_keys(problems, data.get("overrides"), "overrides", LAUNCHER_KEYS)
     grid = _read_grid(problems, data.get("grid"))
@@ -288,7 +287,7 @@ def load_grid(spec: str | Path | Mapping, executor: str | None = None) -> Grid:
                 problems.add(f"methods.{name}.overrides.{key}", "also a grid or random.space key")
             bases[name] = (base, {**overrides, **own})
     elif "base" in data:
-        bases[None] = (_base_path(problems, "base", take(problems, data, "base", text), here), overrides)
+        bases[None] = (_base_path(problems, "base", take(problems, data, "base", text()), here), overrides)
     gap = _read_gap(problems, data.get("gap"), bases if "methods" in data else {})
     if not problems.lines:
         for name, (base, merged) in bases.items():

@@ -46,12 +46,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
-from dmhpc.config import show
 from dmhpc.names import MODEL_NAMES
 from dmhpc.errors import DmhpcError
-from dmhpc.launch.spec import (Point, Problems, check_existing_runs, check_point_problems, choice, dotted_keys,
-                               integer, integer_list, point_problem, read_launch_file, resolve_point, take,
-                               text, unknown_keys)
+from dmhpc.checks import Problems, choice, distinct_list, integer, show, take, text, unknown_keys
+from dmhpc.launch.spec import (Point, check_existing_runs, check_point_problems, dotted_keys, point_problem,
+                               read_launch_file, resolve_point)
 from dmhpc.launch.submit import (EXECUTORS, TrainTask, check_executor_shape, launch_points, preempt_signal,
                                  read_resources)
 
@@ -63,6 +62,8 @@ STUDY_OWNED = {"model.name": "models", "train.batch_size": "weak.batch_per_gpu o
                "train.eval_every": "epochs (evaluation only after the last)", "run.dir": "OUT/<point name>",
                "train.signals": "[submitit's preemption signal]"}
 MODES = ("weak", "strong")
+MODELS = distinct_list(choice(*MODEL_NAMES), what=f"a non-empty list of distinct model names ({', '.join(MODEL_NAMES)})")
+COUNTS = distinct_list(integer(1), what="a non-empty list of distinct positive integers")
 COLUMNS = ("model", "mode", "nodes", "gpus_per_node", "gpus", "batch_per_gpu", "global_batch", "step_time_s",
            "images_per_s", "images_per_s_per_gpu", "speedup", "efficiency", "staging_s", "loader",
            "warmup_excluded", "status", "point", "run_dir")
@@ -100,12 +101,12 @@ def load_study(spec: str | Path | Mapping, executor: str | None = None) -> Study
     data, source, here = read_launch_file(spec)
     problems = Problems(source)
     unknown_keys(problems, data, STUDY_KEYS)
-    base_text = take(problems, data, "base", text)
-    out_text = take(problems, data, "out", text)
+    base_text = take(problems, data, "base", text())
+    out_text = take(problems, data, "out", text())
     executor = executor or take(problems, data, "executor", choice(*EXECUTORS), "slurm")
-    models = take(problems, data, "models", _models)
-    nodes = take(problems, data, "nodes", integer_list, (1,))
-    gpn = take(problems, data, "gpus_per_node", integer_list, (1,))
+    models = take(problems, data, "models", MODELS)
+    nodes = take(problems, data, "nodes", COUNTS, (1,))
+    gpn = take(problems, data, "gpus_per_node", COUNTS, (1,))
     device = take(problems, data, "device", choice("gpu", "cpu"), "gpu")
     batches = {mode: _mode_batch(problems, data, mode) for mode in MODES}
     if all(b is None for b in batches.values()) and "weak" not in data and "strong" not in data:
@@ -160,12 +161,6 @@ def load_study(spec: str | Path | Mapping, executor: str | None = None) -> Study
     check_existing_runs(problems, points)
     problems.raise_if_any()
     return Study(source, out, executor, device, resources, tuple(points))
-
-
-def _models(v) -> tuple[str, ...]:
-    if not isinstance(v, list) or not v or not all(m in MODEL_NAMES for m in v) or len(set(v)) != len(v):
-        raise ValueError(f"a non-empty list of distinct model names ({', '.join(MODEL_NAMES)})")
-    return tuple(v)
 
 
 # --- measuring ------------------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """Reading launch files (grid and scaling study): every problem is collected before one error is raised.
 
 A launch file is checked as a whole before anything is submitted: its own keys and types, then
-the training configuration of every point it expands to. `Problems` gathers one line per problem,
-each naming the file and the key (or the point), and raises them together as one `DmhpcError`.
+the training configuration of every point it expands to. `dmhpc.checks.Problems` gathers one line
+per problem, each naming the file and the key (or the point), and raises them together as one
+`DmhpcError`.
 
 A `Point` is one training run of a launch: a name, its run directory and its validated
 configuration. `resolve_point` builds it from a base config and dotted overrides, exactly as
@@ -16,133 +17,12 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
-from dmhpc.config import COMMAND_LINE, Config, load_config, read_yaml, show
+from dmhpc.checks import Problems, read_yaml, show
+from dmhpc.config import COMMAND_LINE, Config, load_config
 from dmhpc.errors import DmhpcError
 from dmhpc.run import RunDir
-
-REQUIRED = object()  # marks a key without a default
-
-
-class Problems:
-    """Problems found in one launch file; `raise_if_any` reports all of them, one line each."""
-
-    def __init__(self, source: str):
-        self.source = source
-        self.lines: list[str] = []
-
-    def add(self, key: str | None, problem: str) -> None:
-        self.lines.append(f"{self.source}: {key}: {problem}" if key else f"{self.source}: {problem}")
-
-    def raise_if_any(self) -> None:
-        if len(self.lines) == 1:
-            raise DmhpcError(self.lines[0])
-        if self.lines:
-            head = f"{self.source}: {len(self.lines)} problems, nothing submitted:"
-            raise DmhpcError("\n".join([head, *self.lines]))
-
-
-# --- typed keys ------------------------------------------------------------------------------------
-# Each check returns the stored value or raises ValueError with what was expected.
-
-def _fail(expected: str):
-    raise ValueError(expected)
-
-
-def integer(minimum: int) -> Callable[[Any], int]:
-    def check(v):
-        if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-            _fail({0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}"))
-        return v
-    return check
-
-
-def number(v: Any) -> float:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v or v in (float("inf"), float("-inf")):
-        _fail("a number")
-    return float(v)
-
-
-def positive_number(v: Any) -> float:
-    if number(v) <= 0:
-        _fail("a number > 0")
-    return float(v)
-
-
-def boolean(v: Any) -> bool:
-    if not isinstance(v, bool):
-        _fail("true or false")
-    return v
-
-
-def text(v: Any) -> str:
-    if not isinstance(v, str) or not v.strip():
-        _fail("a non-empty string")
-    return v
-
-
-def optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    def wrapped(v):
-        if v is None:
-            return None
-        try:
-            return check(v)
-        except ValueError as exc:
-            _fail(f"null or {exc}")
-    return wrapped
-
-
-def choice(*options: str) -> Callable[[Any], str]:
-    def check(v):
-        if v not in options:
-            _fail("one of " + ", ".join(options))
-        return v
-    return check
-
-
-def mapping(v: Any) -> dict:
-    if not isinstance(v, Mapping):
-        _fail("a mapping")
-    return dict(v)
-
-
-def text_list(v: Any) -> tuple[str, ...]:
-    if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-        _fail("a list of strings")
-    return tuple(v)
-
-
-def integer_list(v: Any) -> tuple[int, ...]:
-    if not isinstance(v, list) or not v or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 1
-                                                   for i in v):
-        _fail("a non-empty list of positive integers")
-    if len(set(v)) != len(v):
-        _fail("a list without repeated values")
-    return tuple(v)
-
-
-def take(problems: Problems, data: Mapping, key: str, check: Callable[[Any], Any], default: Any = REQUIRED,
-         prefix: str = "") -> Any:
-    """data[key] passed through `check`; a missing or bad value is recorded and `default` returned."""
-    dotted = prefix + key
-    if key not in data or (data[key] is None and default is not REQUIRED and default is not None):
-        if default is REQUIRED:
-            problems.add(dotted, "missing (required)")
-            return None
-        return default
-    try:
-        return check(data[key])
-    except ValueError as exc:
-        problems.add(dotted, f"expected {exc}, got {show(data[key])}")
-        return None if default is REQUIRED else default
-
-
-def unknown_keys(problems: Problems, data: Mapping, known: tuple[str, ...], prefix: str = "") -> None:
-    """Record every key of `data` that is not in `known`."""
-    for key in data:
-        if key not in known:
-            problems.add(f"{prefix}{key}", f"unknown key (known: {', '.join(known)})")
 
 
 def dotted_keys(problems: Problems, data: Any, where: str, reserved: Mapping[str, str]) -> dict:
@@ -174,7 +54,7 @@ def read_launch_file(spec: str | os.PathLike | Mapping) -> tuple[dict, str, Path
         data, source, here = dict(spec), "<launch dict>", Path.cwd()
     else:
         path = Path(spec)
-        data, source, here = read_yaml(path), str(path), path.parent
+        data, source, here = read_yaml(path, "launch file"), str(path), path.parent
     problems = Problems(source)
     for where, value in _strings(data):
         if _CONTROL.search(value):

@@ -38,10 +38,10 @@ from typing import Any, Mapping
 
 import submitit
 
-from dmhpc.config import config_to_dict, show
+from dmhpc.checks import Check, Problems, boolean, integer, mapping, number, optional, show, take, text, text_list, unknown_keys
+from dmhpc.config import config_to_dict
 from dmhpc.errors import DmhpcError
-from dmhpc.launch.spec import (Point, Problems, boolean, integer, mapping, optional, positive_number, take,
-                               text, text_list, unknown_keys)
+from dmhpc.launch.spec import Point
 
 EXECUTORS = ("slurm", "local", "debug")
 TRACE_RULE = "----------------------\n"  # around the job's traceback in submitit's FailedJobError
@@ -84,16 +84,12 @@ class Resources:
         return self.nodes * self.tasks_per_node
 
 
-def slurm_minutes(value: Any) -> int:
-    """Minutes of a Slurm time limit: an integer, or "MM", "MM:SS", "HH:MM:SS", "D-HH[:MM[:SS]]"."""
+def _minutes(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
-    expected = 'minutes (an integer) or a Slurm time such as "02:00:00" or "1-12:00:00"'
-    if not isinstance(value, str):
-        raise ValueError(expected)
-    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
+    m = isinstance(value, str) and re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", value.strip())
     if not m:
-        raise ValueError(expected)
+        raise ValueError
     days, a, b, c = m.groups()
     parts = [int(x) for x in (a, b, c) if x is not None]
     if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
@@ -106,8 +102,12 @@ def slurm_minutes(value: Any) -> int:
     else:
         seconds = parts[0] * 60
     if seconds <= 0:
-        raise ValueError(expected)
+        raise ValueError
     return -(-seconds // 60)
+
+
+# Minutes of a Slurm time limit: an integer, or "MM", "MM:SS", "HH:MM:SS", "D-HH[:MM[:SS]]".
+slurm_minutes = Check('minutes (an integer) or a Slurm time such as "02:00:00" or "1-12:00:00"', _minutes)
 
 
 def read_resources(problems: Problems, data: Any, *, shape: bool, executor: str) -> Resources:
@@ -126,16 +126,16 @@ def read_resources(problems: Problems, data: Any, *, shape: bool, executor: str)
     get = lambda key, check, default: take(problems, data, key, check, default, p)  # noqa: E731
     kw: dict[str, Any] = {}
     for key in ("partition", "account", "qos", "constraint"):
-        kw[key] = get(key, optional(text), None)
+        kw[key] = get(key, optional(text()), None)
     kw["cpus_per_task"] = get("cpus_per_task", optional(integer(1)), None)
-    kw["mem_gb"] = get("mem_gb", optional(positive_number), None)
+    kw["mem_gb"] = get("mem_gb", optional(number(0, low_open=True)), None)
     kw["time_min"] = get("time", slurm_minutes, 60)
-    kw["exclusive"] = get("exclusive", boolean, False)
+    kw["exclusive"] = get("exclusive", boolean(), False)
     kw["array_parallelism"] = get("array_parallelism", integer(1), 256)
     kw["signal_delay_s"] = get("signal_delay_s", integer(0), 90)
     kw["max_num_timeout"] = get("max_num_timeout", integer(0), 3)
-    kw["setup"] = get("setup", text_list, ())
-    extra = get("additional_parameters", mapping, {})
+    kw["setup"] = get("setup", text_list(), ())
+    extra = get("additional_parameters", mapping(), {})
     kw["additional_parameters"] = tuple(sorted(extra.items()))
     if shape:
         kw["nodes"] = get("nodes", integer(1), 1)
@@ -347,8 +347,8 @@ def wait_for(jobs: Mapping[str, submitit.Job]) -> dict[str, str]:
 
 def _why(exc: Exception) -> str:
     """The line that says why a job failed: the last of the job's traceback where submitit gives one."""
-    text = str(exc)
-    parts = text.split(TRACE_RULE)
+    message = str(exc)
+    parts = message.split(TRACE_RULE)
     # FailedJobError: "...with trace:\n<rule>\n<traceback>\n<rule>\nYou can check full logs ... paths: ..."
-    lines = [line.strip() for line in (parts[1] if len(parts) >= 3 else text).splitlines() if line.strip()]
+    lines = [line.strip() for line in (parts[1] if len(parts) >= 3 else message).splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__

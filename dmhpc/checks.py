@@ -1,0 +1,257 @@
+"""Reading YAML and checking values: the one toolkit behind the training config, launch files,
+data configs and the synth knobs.
+
+A `Check` knows how a valid value looks (`expected`, for messages) and converts a value to what is
+stored, or raises `Invalid("expected a positive integer, got -3")`. The callers put the file (or
+"command line", or the flag) and the key in front, so every problem is one line:
+`configs/x.yaml: train.batch_size: expected a positive integer, got -3`.
+
+`read_yaml` reads a file strictly: duplicate keys are refused and `1e-4` is a number (PyYAML's
+YAML 1.1 wants `1.0e-4`). `Problems` gathers the problems of a whole file to report them at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+
+from dmhpc.errors import DmhpcError
+
+REQUIRED = object()  # marks a key without a default
+
+
+def show(value: Any) -> str:
+    """A value as YAML-like text for messages: true, null, "text", [1, 2]."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+
+
+# --- value checks ----------------------------------------------------------------------------------
+
+class Invalid(ValueError):
+    """A value failed its check; the message says what was expected and what was given."""
+
+
+@dataclass(frozen=True)
+class Check:
+    expected: str  # how a valid value looks, for the error message
+    convert: Callable[[Any], Any]  # returns the stored value; raises ValueError or TypeError if invalid
+
+    def __call__(self, value: Any) -> Any:
+        try:
+            return self.convert(value)
+        except (ValueError, TypeError):
+            raise Invalid(f"expected {self.expected}, got {show(value)}") from None
+
+
+def is_number(v: Any) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _accept(condition: bool) -> None:
+    if not condition:
+        raise ValueError
+
+
+def integer(minimum: int, maximum: int | None = None) -> Check:
+    expected = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+    if maximum is not None:
+        expected = f"an integer from {minimum} to {maximum}"
+
+    def convert(v):
+        _accept(isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+                and (maximum is None or v <= maximum))
+        return v
+
+    return Check(expected, convert)
+
+
+def number(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False, unit: str = "") -> Check:
+    """A finite number, within [low, high] (an end open when asked), stored as a float."""
+    if low is not None and high is not None:
+        expected = f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+    elif low is not None:
+        expected = f"a number {'>' if low_open else '>='} {low:g}"
+    else:
+        expected = "a number"
+    expected += f" {unit}" if unit else ""
+
+    def convert(v):
+        _accept(is_number(v))
+        _accept(low is None or (v > low if low_open else v >= low))
+        _accept(high is None or (v < high if high_open else v <= high))
+        return float(v)
+
+    return Check(expected, convert)
+
+
+def optional(check: Check) -> Check:
+    return Check(f"null or {check.expected}", lambda v: None if v is None else check.convert(v))
+
+
+def boolean() -> Check:
+    def convert(v):
+        _accept(isinstance(v, bool))
+        return v
+
+    return Check("true or false", convert)
+
+
+def choice(*options: str) -> Check:
+    def convert(v):
+        _accept(isinstance(v, str) and v in options)
+        return v
+
+    return Check("one of " + ", ".join(json.dumps(o) for o in options), convert)
+
+
+def text() -> Check:
+    def convert(v):
+        _accept(isinstance(v, str) and bool(v.strip()))
+        return v
+
+    return Check("a non-empty string (quote numbers)", convert)
+
+
+def mapping(expected: str = "a mapping", *, empty: bool = True) -> Check:
+    def convert(v):
+        _accept(isinstance(v, Mapping) and (empty or bool(v)))
+        return dict(v)
+
+    return Check(expected, convert)
+
+
+def text_list() -> Check:
+    def convert(v):
+        _accept(isinstance(v, list) and all(isinstance(s, str) for s in v))
+        return tuple(v)
+
+    return Check("a list of strings", convert)
+
+
+def distinct_list(of: Check, *, what: str | None = None) -> Check:
+    """A non-empty list of distinct values, each passing `of`; stored as a tuple."""
+    def convert(v):
+        _accept(isinstance(v, list) and bool(v) and len(set(map(show, v))) == len(v))
+        return tuple(of.convert(item) for item in v)
+
+    return Check(what or f"a non-empty list of distinct values, each {of.expected}", convert)
+
+
+# --- YAML ------------------------------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML that reads 1e-4 as a number and rejects duplicate keys."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable key: the base class reports it
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {show(key)}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_error(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"invalid YAML: {problem}{where}"
+
+
+def parse_yaml(text: str) -> Any:
+    """One YAML value (e.g. the right-hand side of KEY=VALUE); raises yaml.YAMLError."""
+    return yaml.load(text, Loader=_Loader)
+
+
+def read_yaml(path: Path, what: str = "config file") -> dict:
+    """The mapping at the top of a YAML file; every problem is a one-line DmhpcError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise DmhpcError(f"{path}: {what} not found")
+    if path.is_dir():
+        raise DmhpcError(f"{path}: is a directory, not a {what}")
+    try:
+        text_ = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DmhpcError(f"{path}: not a UTF-8 text file") from None
+    except OSError as exc:
+        raise DmhpcError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = parse_yaml(text_)
+    except yaml.YAMLError as exc:
+        raise DmhpcError(f"{path}: {yaml_error(exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DmhpcError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
+    return data
+
+
+# --- a file's problems, all at once ----------------------------------------------------------------
+
+class Problems:
+    """Problems found in one file; `raise_if_any` reports all of them, one line each."""
+
+    def __init__(self, source: str, consequence: str = "nothing submitted"):
+        self.source = source
+        self.consequence = consequence
+        self.lines: list[str] = []
+
+    def add(self, key: str | None, problem: str) -> None:
+        self.lines.append(f"{self.source}: {key}: {problem}" if key else f"{self.source}: {problem}")
+
+    def raise_if_any(self) -> None:
+        if len(self.lines) == 1:
+            raise DmhpcError(self.lines[0])
+        if self.lines:
+            head = f"{self.source}: {len(self.lines)} problems, {self.consequence}:"
+            raise DmhpcError("\n".join([head, *self.lines]))
+
+
+def take(problems: Problems, data: Mapping, key: str, check: Check, default: Any = REQUIRED,
+         prefix: str = "") -> Any:
+    """data[key] passed through `check`; a missing or bad value is recorded and `default` returned."""
+    dotted = prefix + key
+    if key not in data or (data[key] is None and default is not REQUIRED and default is not None):
+        if default is REQUIRED:
+            problems.add(dotted, "missing (required)")
+            return None
+        return default
+    try:
+        return check(data[key])
+    except Invalid as exc:
+        problems.add(dotted, str(exc))
+        return None if default is REQUIRED else default
+
+
+def unknown_keys(problems: Problems, data: Mapping, known: tuple[str, ...], prefix: str = "") -> None:
+    """Record every key of `data` that is not in `known`."""
+    for key in data:
+        if key not in known:
+            problems.add(f"{prefix}{key}", f"unknown key (known: {', '.join(known)})")
