@@ -11,9 +11,8 @@ The launcher is recognised from its environment, first match wins:
 2. A SLURM job step with several tasks (`srun -n N`): SLURM_PROCID, SLURM_LOCALID,
    SLURM_STEP_NUM_TASKS. The step variables exist only inside `srun`, so the batch script of a job
    with --ntasks=4 (where SLURM_NTASKS=4 and SLURM_PROCID=0) runs as a single process instead of
-   waiting forever for three ranks that never come. Master address: the first host of the step's
-   node list (`scontrol show hostnames`, or a built-in expansion of lists like `n[1-3,5]` when
-   scontrol is missing or fails); port 20000 + job id % 20000, so concurrent jobs differ.
+   waiting forever for three ranks that never come. Master address and port: the job's rendezvous
+   (dmhpc/rendezvous.py, the rule slurm/lib.sh and the submitit jobs use too).
 3. MPI (mpiexec/mpirun/PALS): OMPI_COMM_WORLD_*, PMI_RANK/PMI_SIZE, PMIX_RANK, PALS_RANKID.
    mpi4py is imported only here (importing it initialises MPI); rank 0 broadcasts its host name
    and a free port. An MPI launcher that started its proxies with srun leaves SLURM step variables
@@ -28,27 +27,25 @@ when the node runs one rank or the scheduler gave each task its own GPU (SLURM_G
 DMHPC_GPU_PER_RANK=1 for a launcher of your own), and otherwise a one-line error: two ranks on one
 GPU are refused by NCCL at the first collective.
 
-This module is the only place in dmhpc that reads the environment for distribution.
+Together with dmhpc/mpi.py (the MPI launchers' variables) and dmhpc/rendezvous.py (the SLURM
+rendezvous), this is the only place in dmhpc that reads the environment for distribution.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
-import subprocess
 from dataclasses import dataclass
-from itertools import product
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
 
 from dmhpc.errors import DmhpcError
-from dmhpc.mpi import RANK_VARS, SIZE_VARS
+from dmhpc.mpi import env_int, launched
+from dmhpc.rendezvous import slurm_rendezvous
 
-SLURM_PORT_BASE = 20000
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # (rank, world size, local rank) variables of the MPI launchers, most specific first.
 
@@ -85,60 +82,9 @@ class DistInfo:
         return self.rank == 0
 
 
-def _int(env: Mapping[str, str], name: str) -> int:
-    value = env[name]
-    try:
-        return int(value)
-    except ValueError:
-        raise DmhpcError(f"environment variable {name}: expected an integer, got {value!r}") from None
-
-
-def expand_nodelist(nodelist: str) -> list[str]:
-    """Host names of a SLURM node list such as `n[1-3,5],gpu[01-02]-ib` (pure Python)."""
-    item_re = r"(?:[^,\[\]]|\[[^\[\]]*\])+"  # one host pattern: text and [ranges], no top-level comma
-    if not re.fullmatch(f"{item_re}(?:,{item_re})*", nodelist):
-        raise DmhpcError(f"SLURM node list {nodelist!r}: not a comma-separated list of host[ranges]")
-    hosts: list[str] = []
-    for item in re.findall(item_re, nodelist):
-        choices: list[list[str]] = []
-        for piece in re.split(r"(\[[^\]]*\])", item):
-            if not piece.startswith("["):
-                choices.append([piece])
-                continue
-            values: list[str] = []
-            for part in piece[1:-1].split(","):
-                m = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
-                if not m:
-                    raise DmhpcError(f"SLURM node list {nodelist!r}: cannot read range {part!r}")
-                lo, hi = m.group(1), m.group(2) or m.group(1)
-                if int(hi) < int(lo):
-                    raise DmhpcError(f"SLURM node list {nodelist!r}: range {part!r} runs backwards")
-                values += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
-            choices.append(values)
-        hosts += ["".join(parts) for parts in product(*choices)]
-    return hosts
-
-
-def first_host(nodelist: str, env: Mapping[str, str]) -> str:
-    """The first host of a SLURM node list: scontrol's expansion, or ours when scontrol is unusable."""
-    scontrol = shutil.which("scontrol", path=env.get("PATH", os.defpath))
-    if scontrol:
-        try:
-            out = subprocess.run([scontrol, "show", "hostnames", nodelist], capture_output=True,
-                                 text=True, timeout=20, check=True).stdout.split()
-            if out:
-                return out[0]
-        except (subprocess.SubprocessError, OSError):
-            pass  # e.g. inside a container without slurm.conf: scontrol exists but cannot run
-    return expand_nodelist(nodelist)[0]
-
-
 def _mpi_launch(env: Mapping[str, str]) -> Launch | None:
-    rank_var = next((v for v in RANK_VARS if v in env), None)
-    if rank_var is None:
-        return None
-    size_var = next((v for v in SIZE_VARS if v in env), None)
-    return Launch("mpi", _int(env, rank_var), 0, _int(env, size_var) if size_var else 0)
+    mpi = launched(env)
+    return Launch("mpi", mpi.rank, 0, mpi.size) if mpi else None
 
 
 def detect_launch(env: Mapping[str, str]) -> Launch:
@@ -148,9 +94,9 @@ def detect_launch(env: Mapping[str, str]) -> Launch:
         if missing:
             raise DmhpcError(f"environment: RANK is set (torchrun-style launch) but {', '.join(missing)} "
                              f"{'is' if len(missing) == 1 else 'are'} not")
-        launch = Launch("torchrun", _int(env, "RANK"), _int(env, "LOCAL_RANK"), _int(env, "WORLD_SIZE"),
-                        env["MASTER_ADDR"], _int(env, "MASTER_PORT"),
-                        _int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else 0)
+        launch = Launch("torchrun", env_int(env, "RANK"), env_int(env, "LOCAL_RANK"), env_int(env, "WORLD_SIZE"),
+                        env["MASTER_ADDR"], env_int(env, "MASTER_PORT"),
+                        env_int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else 0)
     else:
         mpi = _mpi_launch(env)
         launch = _slurm_launch(env, mpi) or mpi or Launch("single", 0, 0, 1)
@@ -165,24 +111,13 @@ def detect_launch(env: Mapping[str, str]) -> Launch:
 def _slurm_launch(env: Mapping[str, str], mpi: Launch | None) -> Launch | None:
     if "SLURM_STEP_NUM_TASKS" not in env or "SLURM_PROCID" not in env:
         return None
-    tasks = _int(env, "SLURM_STEP_NUM_TASKS")
+    tasks = env_int(env, "SLURM_STEP_NUM_TASKS")
     if tasks <= 1 or (mpi is not None and mpi.world_size and mpi.world_size != tasks):
         return None
     if "SLURM_LOCALID" not in env:
         raise DmhpcError("environment: SLURM_PROCID is set but SLURM_LOCALID is not")
-    addr = env.get("MASTER_ADDR")
-    if addr is None:
-        nodelist = next((env[v] for v in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
-                         if env.get(v)), None)
-        if nodelist is None:
-            raise DmhpcError("environment: a SLURM step with several tasks but no SLURM_STEP_NODELIST "
-                             "or SLURM_JOB_NODELIST to find the master node in")
-        addr = first_host(nodelist, env)
-    if "MASTER_PORT" in env:
-        port = _int(env, "MASTER_PORT")
-    else:
-        port = SLURM_PORT_BASE + _int(env, "SLURM_JOB_ID") % 20000 if "SLURM_JOB_ID" in env else 29500
-    return Launch("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_LOCALID"), tasks, addr, port,
+    addr, port = slurm_rendezvous(env)
+    return Launch("slurm", env_int(env, "SLURM_PROCID"), env_int(env, "SLURM_LOCALID"), tasks, addr, port,
                   _slurm_tasks_on_node(env))
 
 
@@ -309,7 +244,7 @@ def _torchrun_attempt_store(launch: Launch, env: Mapping[str, str]) -> dist.Stor
     """
     if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
-    agents = _int(env, "GROUP_WORLD_SIZE") if "GROUP_WORLD_SIZE" in env else 1
+    agents = env_int(env, "GROUP_WORLD_SIZE") if "GROUP_WORLD_SIZE" in env else 1
     if agents > 1:
         if env.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0":
             raise DmhpcError(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import NamedTuple
 
 from dmhpc.errors import DmhpcError
 
@@ -16,25 +17,47 @@ RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "PALS_RANKID")
 SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PALS_SIZE")
 
 
-def launched_rank(env: Mapping[str, str] = os.environ) -> int:
-    """This process's rank as the MPI launcher set it (0 when not launched by one)."""
-    var = next((v for v in RANK_VARS if v in env), None)
-    return int(env[var]) if var else 0
+class Launched(NamedTuple):
+    """What an MPI launcher told this process."""
+
+    variable: str  # the rank variable it set, for messages
+    rank: int
+    size: int  # 0 where the launcher does not say (PALS, PMIx): ask MPI
 
 
-def world_comm(env: Mapping[str, str] = os.environ):
-    """MPI.COMM_WORLD when an MPI launcher started this process with more than one rank, else None."""
+def launched(env: Mapping[str, str] = os.environ) -> Launched | None:
+    """The rank and size an MPI launcher set, or None when no MPI launcher started this process."""
     rank_var = next((v for v in RANK_VARS if v in env), None)
     if rank_var is None:
         return None
     size_var = next((v for v in SIZE_VARS if v in env), None)
-    if size_var is not None and env[size_var] == "1":
+    return Launched(rank_var, env_int(env, rank_var), env_int(env, size_var) if size_var else 0)
+
+
+def env_int(env: Mapping[str, str], name: str) -> int:
+    """An integer launcher variable; a one-line error naming it when it is not one."""
+    try:
+        return int(env[name])
+    except ValueError:
+        raise DmhpcError(f"environment variable {name}: expected an integer, got {env[name]!r}") from None
+
+
+def launched_rank(env: Mapping[str, str] = os.environ) -> int:
+    """This process's rank as the MPI launcher set it (0 when not launched by one)."""
+    mpi = launched(env)
+    return mpi.rank if mpi else 0
+
+
+def world_comm(env: Mapping[str, str] = os.environ):
+    """MPI.COMM_WORLD when an MPI launcher started this process with more than one rank, else None."""
+    mpi = launched(env)
+    if mpi is None or mpi.size == 1:
         return None
     try:
         from mpi4py import MPI
     except ImportError:
         raise DmhpcError(
-            f"launched under MPI ({rank_var}={env[rank_var]}) but mpi4py is not installed;"
+            f"launched under MPI ({mpi.variable}={env[mpi.variable]}) but mpi4py is not installed;"
             " install dmhpc[mpi] or run without mpiexec"
         ) from None
     return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None

@@ -3,20 +3,13 @@
 # Sourced by slurm/train_ddp.sh and by the cluster tests (which launch a probe instead of the
 # trainer through these same functions); defines functions only.
 
-# The address of the allocation's first node: torchrun's rendezvous and MASTER_ADDR live there.
-# Never the login node and never localhost: each node would then form a world of its own.
-dmhpc_first_node_addr() {
-    local node addr
-    node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)
-    # NodeAddr is how Slurm reaches the node: the node name on most sites, and the only address
-    # that works where NodeName is not a DNS name (several slurmd on one host, as in the tests).
-    addr=$(scontrol show node -o "$node" | sed -n 's/.* NodeAddr=\([^ ]*\).*/\1/p')
-    echo "${addr:-$node}"
-}
-
-# One port per job, the same on every node and after a requeue; below the ephemeral range.
-dmhpc_rendezvous_port() {
-    echo $((29500 + SLURM_JOB_ID % 2000))
+# Set DMHPC_RDZV_ADDR and DMHPC_RDZV_PORT to where this job's ranks meet: the rule of
+# dmhpc/rendezvous.py (first node's address, 29500 + job id % 2000), which the trainer's bootstrap
+# and the submitit jobs follow too. It needs only the standard library and dmhpc, not torch.
+dmhpc_rendezvous() {
+    local out
+    out=$("${PYTHON:-python}" -m dmhpc.rendezvous) || return 1
+    read -r DMHPC_RDZV_ADDR DMHPC_RDZV_PORT <<<"$out"
 }
 
 # Processes per node: NPROC_PER_NODE, else the GPUs Slurm gave the node, else the GPUs
@@ -40,14 +33,13 @@ dmhpc_nproc_per_node() {
 #   DMHPC_LAUNCH=srun: one srun task per rank; the program reads SLURM_PROCID, SLURM_LOCALID,
 #       SLURM_STEP_NUM_TASKS and the MASTER_ADDR/MASTER_PORT exported here.
 dmhpc_launch_command() {
-    local python=${PYTHON:-python} nnodes=${SLURM_NNODES:-1} nproc cpus addr port
+    local python=${PYTHON:-python} nnodes=${SLURM_NNODES:-1} nproc cpus DMHPC_RDZV_ADDR DMHPC_RDZV_PORT
     nproc=$(dmhpc_nproc_per_node)
     # Every count is explicit: srun would otherwise take --ntasks from the allocation
     # (SLURM_NTASKS, from sbatch --ntasks-per-node) and, since Slurm 22.05, one CPU per task
     # (bound to it where task/affinity is on). The node's CPUs are shared out among its tasks.
     cpus=${SLURM_CPUS_ON_NODE:-1}
-    addr=$(dmhpc_first_node_addr)
-    port=$(dmhpc_rendezvous_port)
+    dmhpc_rendezvous || return 1
     # srun passes a signal to every process of the step. Each task starts with USR2 ignored:
     # torchrun would die of it and orphan its workers, and a rank still importing torch would
     # die too. The trainer installs its own USR2 handler, so the ranks still get it.
@@ -57,12 +49,12 @@ dmhpc_launch_command() {
         DMHPC_LAUNCH_CMD=(
             srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1
             "${ignore_usr2[@]}" "$python" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc"
-            --rdzv-backend=c10d --rdzv-endpoint="$addr:$port" --rdzv-id="$SLURM_JOB_ID"
+            --rdzv-backend=c10d --rdzv-endpoint="$DMHPC_RDZV_ADDR:$DMHPC_RDZV_PORT" --rdzv-id="$SLURM_JOB_ID"
             "$@"
         )
         ;;
     srun)
-        export MASTER_ADDR=$addr MASTER_PORT=$port
+        export MASTER_ADDR=$DMHPC_RDZV_ADDR MASTER_PORT=$DMHPC_RDZV_PORT
         DMHPC_LAUNCH_CMD=(
             srun --nodes="$nnodes" --ntasks=$((nnodes * nproc)) --ntasks-per-node="$nproc"
             --cpus-per-task=$((cpus / nproc > 0 ? cpus / nproc : 1)) --kill-on-bad-exit=1

@@ -39,7 +39,7 @@ shift
 command -v "${PYTHON:-python}" >/dev/null || { echo "predict.sh: error: no '${PYTHON:-python}'; activate the environment before sbatch or set PYTHON" >&2; exit 2; }
 
 # --run-dir: under torchrun, --run would be taken for an abbreviation of torchrun's --run-path.
-dmhpc_launch_command -m dmhpc predict --run-dir "$run" "$@"
+dmhpc_launch_command -m dmhpc predict --run-dir "$run" "$@" || exit 2
 echo "predict.sh: job $SLURM_JOB_ID run ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST: $(printf '%q ' "${DMHPC_LAUNCH_CMD[@]}")"
 rc=0
 dmhpc_run_requeueable "${DMHPC_LAUNCH_CMD[@]}" || rc=$?

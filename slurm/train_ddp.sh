@@ -47,7 +47,7 @@ shift
 [ -f "$config" ] || { echo "train_ddp.sh: error: config '$config' not found (in $PWD)" >&2; exit 2; }
 command -v "${PYTHON:-python}" >/dev/null || { echo "train_ddp.sh: error: no '${PYTHON:-python}'; activate the environment before sbatch or set PYTHON" >&2; exit 2; }
 
-dmhpc_launch_command -m dmhpc.train --config "$config" --resume auto "$@"
+dmhpc_launch_command -m dmhpc.train --config "$config" --resume auto "$@" || exit 2
 echo "train_ddp.sh: job $SLURM_JOB_ID run ${SLURM_RESTART_COUNT:-0} on $SLURM_JOB_NODELIST: $(printf '%q ' "${DMHPC_LAUNCH_CMD[@]}")"
 rc=0
 dmhpc_run_requeueable "${DMHPC_LAUNCH_CMD[@]}" || rc=$?

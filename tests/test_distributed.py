@@ -17,8 +17,9 @@ import torch
 
 from tests.conftest import BIN, LAUNCH_PREFIXES, LAUNCH_VARS, ROOT, clean_env
 from dmhpc.distributed import (Launch, all_gather_object, barrier, bootstrap, collective_device, detect_launch,
-                               expand_nodelist, first_host, shutdown)
+                               shutdown)
 from dmhpc.errors import DmhpcError
+from dmhpc.rendezvous import expand_nodelist, first_host, node_address
 
 
 TORCHRUN = dict(RANK="1", LOCAL_RANK="1", WORLD_SIZE="4", MASTER_ADDR="node7", MASTER_PORT="29400")
@@ -51,8 +52,8 @@ def test_incomplete_or_bad_torchrun_variables_are_errors():
 
 
 def test_slurm_step_with_several_tasks():
-    assert detect_launch(SLURM_STEP) == Launch("slurm", 3, 1, 4, "gpu03", 20000 + 12345)
-    assert detect_launch({**SLURM_STEP, "SLURM_JOB_ID": "45678"}).master_port == 20000 + 5678
+    assert detect_launch(SLURM_STEP) == Launch("slurm", 3, 1, 4, "gpu03", 29500 + 345)
+    assert detect_launch({**SLURM_STEP, "SLURM_JOB_ID": "45678"}).master_port == 29500 + 1678
 
 
 def test_slurm_falls_back_to_the_job_node_list_and_honours_master_variables():
@@ -132,6 +133,36 @@ def test_first_host_asks_scontrol_first_and_survives_a_broken_one(tmp_path):
     _executable(tmp_path / "scontrol", "#!/bin/sh\necho 'fatal: no configuration' >&2\nexit 1\n")
     assert first_host("n[1-2]", {"PATH": str(tmp_path)}) == "n1"
     assert first_host("n[7-8]", {"PATH": ""}) == "n7"
+
+
+def test_a_node_name_that_does_not_resolve_is_reached_at_its_node_addr(tmp_path):
+    assert node_address("localhost", {"PATH": ""}) == "localhost"  # resolves: slurmctld is not asked
+    _executable(tmp_path / "scontrol", "#!/bin/sh\necho 'NodeName=n1 Arch=x86_64 NodeAddr=10.1.2.3 NodeHostName=h1'\n")
+    assert node_address("n1", {"PATH": str(tmp_path)}) == "10.1.2.3"
+    assert node_address("n1", {"PATH": ""}) == "n1"  # nothing better to offer
+
+
+def test_every_launch_path_meets_at_the_same_rendezvous(tmp_path):
+    """slurm/lib.sh (torchrun's endpoint, srun mode's MASTER_*), the bootstrap of an srun task and
+    submitit's jobs (which call the same function as the bootstrap) agree on address and port."""
+    _executable(tmp_path / "scontrol", "#!/bin/sh\n[ \"$2\" = hostnames ] && echo n1 && echo n2 && exit 0\n"
+                                       "echo 'NodeName=n1 NodeAddr=10.1.2.3'\n")
+    job = {"SLURM_JOB_ID": "77777", "SLURM_JOB_NODELIST": "n[1-2]", "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    out = subprocess.run(["bash", "-c", f"source {ROOT}/slurm/lib.sh && dmhpc_rendezvous && "
+                                        "echo $DMHPC_RDZV_ADDR $DMHPC_RDZV_PORT"],
+                         env={**clean_env(), **job, "PYTHON": sys.executable}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["10.1.2.3", str(29500 + 77777 % 2000)]
+    step = {**job, "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_STEP_NUM_TASKS": "2",
+            "SLURM_STEP_NODELIST": "n[1-2]"}
+    launch = detect_launch(step)
+    assert (launch.master_addr, launch.master_port) == ("10.1.2.3", 29500 + 77777 % 2000)
+    # no node list: one line, non-zero exit, so the batch script stops before srun
+    out = subprocess.run([sys.executable, "-m", "dmhpc.rendezvous"], env={**clean_env(), "SLURM_JOB_ID": "1"},
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "SLURM_JOB_NODELIST" in out.stderr
+    with pytest.raises(DmhpcError, match="MASTER_PORT: expected a port number, got 'x'"):
+        detect_launch({**step, "MASTER_PORT": "x"})
 
 
 # --- single process ----------------------------------------------------------------------------------

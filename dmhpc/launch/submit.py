@@ -42,6 +42,7 @@ from dmhpc.checks import Check, Problems, boolean, integer, mapping, number, opt
 from dmhpc.config import config_to_dict
 from dmhpc.errors import DmhpcError
 from dmhpc.launch.spec import Point
+from dmhpc.rendezvous import slurm_rendezvous
 
 EXECUTORS = ("slurm", "local", "debug")
 TRACE_RULE = "----------------------\n"  # around the job's traceback in submitit's FailedJobError
@@ -199,18 +200,6 @@ def make_executor(kind: str, folder: Path, res: Resources, name: str,
 
 # --- the job ---------------------------------------------------------------------------------------
 
-def _node_address(node: str) -> str:
-    """How Slurm reaches `node` (NodeAddr): its name on most sites, an address where the node name is
-    not a host name (several slurmd on one machine, as in tests/cluster)."""
-    try:
-        out = subprocess.run(["scontrol", "show", "node", "-o", node], capture_output=True, text=True,
-                             timeout=30, check=True).stdout
-    except (OSError, subprocess.SubprocessError):
-        return node
-    m = re.search(r"\bNodeAddr=(\S+)", out)
-    return m.group(1) if m else node
-
-
 class TrainTask(submitit.helpers.Checkpointable):
     """`dmhpc.train.loop.train` as a submitit job: each task of the job is one rank.
 
@@ -230,8 +219,8 @@ class TrainTask(submitit.helpers.Checkpointable):
             # The trainer's bootstrap reads torchrun's variables first; submitit provides them.
             # Device binding stays with dmhpc.distributed (local rank, or the one GPU Slurm shows).
             dist_env = submitit.helpers.TorchDistributedEnvironment()
-            if env.cluster == "slurm":
-                dist_env.master_addr = _node_address(dist_env.master_addr)
+            if env.cluster == "slurm":  # the rendezvous every dmhpc job on SLURM uses
+                dist_env.master_addr, dist_env.master_port = slurm_rendezvous(os.environ)
             dist_env.export(set_cuda_visible_devices=False, overwrite=True)
         cfg = config_from_dict(config, source=f"submitted configuration of {config['run']['dir']}")
         code = train(cfg, resume="auto")

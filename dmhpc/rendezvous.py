@@ -1,0 +1,126 @@
+"""Where the ranks of a SLURM job meet: one rule for every way dmhpc starts them.
+
+The trainer's bootstrap (srun tasks), the submitit jobs of `dmhpc grid` and `dmhpc scaling`, and
+slurm/lib.sh (torchrun's rendezvous endpoint, through `python -m dmhpc.rendezvous`) all use it:
+
+- address: the first node of the job's node list, as other nodes reach it: its name where the name
+  resolves (most sites), else its NodeAddr from `scontrol show node` (sites, and tests/cluster,
+  whose node names are not host names). Asking slurmctld only then keeps a job of thousands of
+  tasks from sending it thousands of requests at once;
+- port: 29500 + job id % 2000: the same on every node and after a requeue, different for jobs
+  running side by side on one node (unless their ids are a multiple of 2000 apart), and below
+  Linux's ephemeral range (32768 and up), so no outgoing connection holds it.
+
+MASTER_ADDR and MASTER_PORT, when set, win over both. This module imports no torch: the batch
+script runs it before anything else.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+from itertools import product
+from typing import Mapping
+
+from dmhpc.errors import DmhpcError
+
+PORT_BASE = 29500
+PORT_SPAN = 2000
+
+
+def expand_nodelist(nodelist: str) -> list[str]:
+    """Host names of a SLURM node list such as `n[1-3,5],gpu[01-02]-ib` (pure Python)."""
+    item_re = r"(?:[^,\[\]]|\[[^\[\]]*\])+"  # one host pattern: text and [ranges], no top-level comma
+    if not re.fullmatch(f"{item_re}(?:,{item_re})*", nodelist):
+        raise DmhpcError(f"SLURM node list {nodelist!r}: not a comma-separated list of host[ranges]")
+    hosts: list[str] = []
+    for item in re.findall(item_re, nodelist):
+        choices: list[list[str]] = []
+        for piece in re.split(r"(\[[^\]]*\])", item):
+            if not piece.startswith("["):
+                choices.append([piece])
+                continue
+            values: list[str] = []
+            for part in piece[1:-1].split(","):
+                m = re.fullmatch(r"(\d+)(?:-(\d+))?", part.strip())
+                if not m:
+                    raise DmhpcError(f"SLURM node list {nodelist!r}: cannot read range {part!r}")
+                lo, hi = m.group(1), m.group(2) or m.group(1)
+                if int(hi) < int(lo):
+                    raise DmhpcError(f"SLURM node list {nodelist!r}: range {part!r} runs backwards")
+                values += [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+            choices.append(values)
+        hosts += ["".join(parts) for parts in product(*choices)]
+    return hosts
+
+
+def _scontrol(env: Mapping[str, str], *args: str) -> str | None:
+    """scontrol's output, or None where it is missing or cannot run (a container without slurm.conf)."""
+    scontrol = shutil.which("scontrol", path=env.get("PATH", os.defpath))
+    if not scontrol:
+        return None
+    try:
+        return subprocess.run([scontrol, *args], capture_output=True, text=True, timeout=30, check=True).stdout
+    except (subprocess.SubprocessError, OSError):
+        return None
+
+
+def first_host(nodelist: str, env: Mapping[str, str]) -> str:
+    """The first host of a SLURM node list: scontrol's expansion, or ours when scontrol is unusable."""
+    out = (_scontrol(env, "show", "hostnames", nodelist) or "").split()
+    return out[0] if out else expand_nodelist(nodelist)[0]
+
+
+def node_address(node: str, env: Mapping[str, str]) -> str:
+    """How the other nodes reach `node`: its name where it resolves, else Slurm's NodeAddr for it."""
+    try:
+        socket.getaddrinfo(node, None)
+        return node
+    except (socket.gaierror, UnicodeError):
+        pass
+    m = re.search(r"\bNodeAddr=(\S+)", _scontrol(env, "show", "node", "-o", node) or "")
+    return m.group(1) if m else node
+
+
+def slurm_port(env: Mapping[str, str]) -> int:
+    job = env.get("SLURM_JOB_ID", "")
+    if not job.isdigit():
+        return PORT_BASE
+    return PORT_BASE + int(job) % PORT_SPAN
+
+
+def slurm_rendezvous(env: Mapping[str, str]) -> tuple[str, int]:
+    """(address, port) where the ranks of this SLURM job meet; MASTER_ADDR/MASTER_PORT win."""
+    addr = env.get("MASTER_ADDR")
+    if not addr:
+        nodelist = next((env[v] for v in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+                         if env.get(v)), None)
+        if nodelist is None:
+            raise DmhpcError("environment: no SLURM_STEP_NODELIST or SLURM_JOB_NODELIST to find the "
+                             "job's first node in")
+        addr = node_address(first_host(nodelist, env), env)
+    port = env.get("MASTER_PORT")
+    if port is None:
+        return addr, slurm_port(env)
+    if not port.strip().isdigit() or not 0 < int(port) < 65536:
+        raise DmhpcError(f"environment variable MASTER_PORT: expected a port number, got {port!r}")
+    return addr, int(port)
+
+
+def main() -> int:
+    """Print `ADDRESS PORT` for this job (slurm/lib.sh reads it)."""
+    try:
+        addr, port = slurm_rendezvous(os.environ)
+    except DmhpcError as exc:
+        print(f"dmhpc rendezvous: error: {exc}", file=sys.stderr)
+        return 1
+    print(addr, port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
