@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from dmhpc import plots as P
-from dmhpc.data.loaders import domain_stats, eval_batches
+from dmhpc.data.batches import domain_stats
+from dmhpc.data.loaders import eval_batches
 from dmhpc.distributed import all_gather_object, bootstrap, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.run import RunDir, evaluation_tag

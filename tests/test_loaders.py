@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from dmhpc.data.loaders import dali_available, dihedral, domain_stats, eval_batches, make_train_loader
+from dmhpc.data.batches import dihedral, domain_stats
+from dmhpc.data.loaders import dali_available, eval_batches, make_train_loader
 from dmhpc.data.shards import load_manifest, split_rows, write_dataset
 from dmhpc.errors import DmhpcError
 

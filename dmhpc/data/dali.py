@@ -21,6 +21,7 @@ import torch
 from nvidia.dali import fn, pipeline_def, types
 from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
+from dmhpc.data.batches import Domain, IgnoreSignals
 from dmhpc.data.shards import RowReader
 
 
@@ -104,8 +105,8 @@ class DaliBatches:
     pipeline (and new workers) starting exactly where it asks.
     """
 
-    def __init__(self, domains, device: torch.device, augment: bool, num_workers: int, ignore, memory_format,
-                 cpus: int):
+    def __init__(self, domains: list[Domain], device: torch.device, augment: bool, num_workers: int,
+                 ignore: IgnoreSignals, memory_format, cpus: int):
         self.domains, self.device, self.augment, self.ignore = domains, device, augment, ignore
         self.cpus = cpus  # this rank's share of the node's CPUs: DALI's threads come out of it
         self.memory_format = memory_format

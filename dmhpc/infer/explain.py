@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dmhpc.data.loaders import Normalizer
+from dmhpc.data.batches import Normalizer
 from dmhpc.data.shards import RowReader, is_labelled, load_manifest, split_rows
 from dmhpc.distributed import bootstrap, shutdown
 from dmhpc.errors import DmhpcError

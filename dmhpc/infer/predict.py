@@ -39,7 +39,7 @@ import torch
 
 from dmhpc import __version__
 from dmhpc.checks import show
-from dmhpc.data.loaders import Normalizer
+from dmhpc.data.batches import Normalizer
 from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write

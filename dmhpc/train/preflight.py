@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from dmhpc.data.check import check_part, combine, split_problem
-from dmhpc.data.loaders import normalization
+from dmhpc.data.batches import normalization
 from dmhpc.data.shards import SPLITS, fingerprint, is_labelled, load_manifest
 from dmhpc.distributed import agree, gather
 from dmhpc.errors import DmhpcError

@@ -1,0 +1,76 @@
+"""The `torch` loader kind: a DataLoader whose worker processes read one block of consecutive rows
+per domain and step; the batch is flipped, rotated and normalized on the device, by the same code
+as `gpu-resident`."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from dmhpc.data.batches import SOURCE, Domain, IgnoreSignals, channel_stats, device_codes, finish
+from dmhpc.data.shards import RowReader
+
+
+class _BlockReader(torch.utils.data.Dataset):
+    """Reads one step's pair of row blocks; its keys are ((source range), (target range))."""
+
+    def __init__(self, domains: list[Domain]):
+        self.readers = [RowReader(d.directory, d.manifest) for d in domains]  # opened in each worker
+
+    def __getitem__(self, blocks):
+        out = []
+        for reader, (start, stop) in zip(self.readers, blocks):
+            rows = reader.read(start, stop)
+            out += [torch.from_numpy(rows["images"]), torch.from_numpy(rows["labels"])]
+        return out
+
+
+class _EpochPlan(torch.utils.data.Sampler):
+    """The block pairs of the epoch being read, set before each pass (sampled in the main process)."""
+
+    def __init__(self):
+        self.blocks = []
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+
+class TorchBlocks:
+    """`torch`: a DataLoader over block pairs, read by `num_workers` persistent worker processes."""
+
+    def __init__(self, domains: list[Domain], device: torch.device, augment: bool, num_workers: int,
+                 ignore: IgnoreSignals, memory_format):
+        self.device, self.augment, self.memory_format = device, augment, memory_format
+        self.streams = [d.stream for d in domains]
+        self.square = domains[SOURCE].manifest["shape"][1] == domains[SOURCE].manifest["shape"][2]
+        self.stats = [channel_stats(d.mean, d.std, device) for d in domains]
+        self.dataset = _BlockReader(domains)
+        self.plan = _EpochPlan()
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=None, sampler=self.plan, num_workers=num_workers,
+            persistent_workers=num_workers > 0, pin_memory=device.type == "cuda",
+            generator=torch.Generator(),  # its per-pass worker seed would otherwise advance the global RNG
+            worker_init_fn=ignore,
+        )
+
+    def batches(self, epoch: int, start_step: int):
+        steps = range(start_step, self.streams[SOURCE].steps)
+        self.plan.blocks = [tuple(s.block(epoch, k) for s in self.streams) for k in steps]
+        for step, rows in zip(steps, self.loader):
+            out = []
+            for d, stream in enumerate(self.streams):
+                images = rows[2 * d].to(self.device, non_blocking=True)
+                codes = device_codes(stream, epoch, step, self.square, self.device) if self.augment else None
+                labels = rows[2 * d + 1].to(self.device, non_blocking=True)
+                out += [finish(images, codes, *self.stats[d], self.memory_format), labels]
+            yield tuple(out)
+
+    def close(self) -> None:
+        self.loader = None  # its persistent workers stop when it is collected
+        gc.collect()
+        for reader in self.dataset.readers:
+            reader.close()
