@@ -48,7 +48,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
         "  torchrun --standalone --nproc_per_node=1 -m dmhpc.train --config configs/tiny.yaml debug=true",
     ),
     "eval": (
-        "dmhpc.evaluate",
+        "dmhpc.train.evaluate",
         "evaluate a run's selected checkpoint: metrics JSON and ROC, confusion, curve and latent-space plots",
         "dmhpc eval --run runs/deepmerge-mmd-fisher-entropy --split test",
     ),

@@ -30,7 +30,7 @@ def demo_arguments(parser) -> None:
 
 def demo_main(args) -> int:
     from dmhpc.cli import main as dmhpc
-    from dmhpc.evaluate import format_table
+    from dmhpc.train.evaluate import format_table
 
     root = Path(__file__).resolve().parent.parent
     out = args.out.resolve()

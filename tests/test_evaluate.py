@@ -1,4 +1,4 @@
-"""Evaluation (dmhpc/evaluate.py) with known answers: each domain normalized with its own
+"""Evaluation (dmhpc/train/evaluate.py) with known answers: each domain normalized with its own
 statistics, the whole split evaluated under two ranks, and the trainer's validation equal to
 `dmhpc eval` of the same checkpoint."""
 
@@ -15,7 +15,7 @@ from dmhpc.cli import main
 from dmhpc.config import load_config
 from dmhpc.data.shards import load_manifest, split_rows, write_dataset
 from dmhpc.distributed import DistInfo
-from dmhpc.evaluate import evaluate_run, predict
+from dmhpc.train.evaluate import evaluate_run, predict
 from dmhpc.run import RunDir
 from tests.conftest import BIN, ROOT, TINY, clean_env
 
@@ -62,7 +62,7 @@ def test_each_domain_is_evaluated_with_its_own_statistics(tmp_path):
 PROBE = """
 import json, sys, torch
 from dmhpc.distributed import bootstrap, shutdown
-from dmhpc.evaluate import predict
+from dmhpc.train.evaluate import predict
 from tests.test_evaluate import CentredIsMerger
 dist = bootstrap()
 out = predict(CentredIsMerger(), sys.argv[1], "train", batch_size=7, dist=dist, mean=[10.0] * 3, std=[1.0] * 3)

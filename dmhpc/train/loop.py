@@ -7,7 +7,7 @@ Read top to bottom: claim the run directory, refuse at start what would fail lat
 loader and the training state, resume, then the epoch loop (step, log, evaluate, select,
 checkpoint) and the test of the selected checkpoint. The parts live in their own modules:
 RunDir (dmhpc/run.py), the start-up checks (preflight.py), TrainState (state.py), TrainStep
-(step.py), EpochMeter (meter.py), evaluation (dmhpc/evaluate.py).
+(step.py), EpochMeter (meter.py), evaluation (evaluate.py).
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from dmhpc.config import config_to_dict, load_config
 from dmhpc.data.loaders import make_train_loader
 from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, on_main, shutdown, synchronize
 from dmhpc.errors import DmhpcError
-from dmhpc.evaluate import evaluate_run, format_table, predict
 from dmhpc.losses.collective import stable_rows
 from dmhpc.run import RunDir
 from dmhpc.train import preflight
 from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, StopRequest, load_checkpoint, save_checkpoint
+from dmhpc.train.evaluate import evaluate_run, format_table, predict
 from dmhpc.train.meter import EpochMeter
 from dmhpc.train.metrics import MetricLog, domain_metrics, progress_bar, selection_score
 from dmhpc.train.state import TrainState

@@ -1,4 +1,5 @@
-"""Predictions over a split from every rank, and `dmhpc eval`: one result file and plots per evaluation."""
+"""Evaluation: predictions over a split from every rank, the metrics of both domains, and `dmhpc eval`
+(one result file and plots per checkpoint, split and data set)."""
 
 from __future__ import annotations
 
@@ -13,11 +14,10 @@ from dmhpc.data.loaders import eval_batches
 from dmhpc.distributed import all_gather_object, bootstrap, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.run import RunDir, evaluation_tag
-from dmhpc.train.checkpoint import load_checkpoint
 from dmhpc.names import CRITERIA, DOMAINS
+from dmhpc.train.checkpoint import load_checkpoint
 from dmhpc.train.metrics import domain_metrics
 from dmhpc.train.objective import build_backbone
-
 
 
 def predict(model, directory, split: str, *, batch_size: int, dist, mean, std,
@@ -114,35 +114,44 @@ def eval_arguments(parser) -> None:
                         help="with --target: this data set as the source domain (default: the run's source)")
 
 
-def eval_main(args) -> int:
-    run = RunDir(args.run)
+def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=None, target=None) -> dict:
+    """Evaluate a run's checkpoint on a split, as `dmhpc eval` does: writes the result file and
+    plots (rank 0), prints the table, returns the result. `target` (and optionally `source`):
+    another prepared data set instead of the run's own."""
+    run = RunDir(run_dir)
     cfg = run.config()
-    if args.source is not None and args.target is None:
+    source, target = (Path(source) if source is not None else None), (Path(target) if target is not None else None)
+    if source is not None and target is None:
         raise DmhpcError("--source needs --target (evaluating on the run's own target with another source "
                          "is not a data set of its own)")
     data, data_name = None, None
-    if args.target is not None:
-        data = {"source": args.source or Path(cfg.data.source), "target": args.target}
-        data_name = "+".join(p.resolve().name for p in ((args.source,) if args.source else ()) + (args.target,))
+    if target is not None:
+        data = {"source": source or Path(cfg.data.source), "target": target}
+        data_name = "+".join(p.resolve().name for p in ((source,) if source else ()) + (target,))
     dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
-    ckpt = load_checkpoint(run.checkpoint(args.checkpoint))
+    ckpt = load_checkpoint(run.checkpoint(checkpoint))
     dist = bootstrap()
     try:
         model = build_backbone(cfg).to(dist.device)
         model.load_state_dict(ckpt["model"])
-        info = {"name": args.checkpoint, **{k: ckpt[k] for k in ("epoch", "step") if k in ckpt},
+        info = {"name": checkpoint, **{k: ckpt[k] for k in ("epoch", "step") if k in ckpt},
                 **ckpt.get("selection", {})}
         # Normalization as the run trained: per domain, each data set with its own statistics.
         stats = dict(zip(DOMAINS, domain_stats(dirs["source"], dirs["target"], cfg.data.normalize)))
-        result = evaluate_run(model, cfg, dist, run, checkpoint=info, split=args.split, stats=stats, data=data,
+        result = evaluate_run(model, cfg, dist, run, checkpoint=info, split=split, stats=stats, data=data,
                               data_name=data_name)
         if dist.is_main:
-            label = f"{args.run.name} ({args.checkpoint}, {args.split}{', ' + data_name if data_name else ''})"
+            label = f"{run.path.name} ({checkpoint}, {split}{', ' + data_name if data_name else ''})"
             print(format_table({label: result}))
-            print(f"wrote {run.result_path(args.checkpoint, args.split, data_name)} and "
-                  f"{run.plot_path(f'*_{evaluation_tag(args.checkpoint, args.split, data_name)}')}")
+            print(f"wrote {run.result_path(checkpoint, split, data_name)} and "
+                  f"{run.plot_path(f'*_{evaluation_tag(checkpoint, split, data_name)}')}")
     finally:
         shutdown()
+    return result
+
+
+def eval_main(args) -> int:
+    evaluate(args.run, checkpoint=args.checkpoint, split=args.split, source=args.source, target=args.target)
     return 0
 
 
