@@ -1,91 +1,175 @@
 """The one front door: `dmhpc COMMAND ...`.
 
-Each command lives in the module that owns its idea. That module defines
-`<command>_arguments(parser)` and `<command>_main(args) -> int`. Only the chosen
+Each command lives in the module that owns its idea, as `<command>_arguments(parser)` and
+`<command>_main(args) -> int`; `COMMANDS` below names both for every command. Only the chosen
 command's module is imported, so `dmhpc --help` does not pay for torch or GalSim.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
+import functools
 import os
 import sys
+from typing import Callable, NamedTuple
 
 from dmhpc import __version__
 from dmhpc.errors import DmhpcError
 
-# name -> (module, one-line summary, example shown in `dmhpc NAME --help`)
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "synth": (
-        "dmhpc.data.synth",
+
+class Command(NamedTuple):
+    """One command: how to load its two functions, and its help."""
+
+    load: Callable[[], tuple[Callable, Callable]]  # -> (add_arguments(parser), main(args) -> int)
+    summary: str  # one line, in `dmhpc --help`
+    example: str  # shown in `dmhpc NAME --help`
+
+
+# Each command's functions, imported only when it runs: `dmhpc --help` does not pay for torch or GalSim.
+def _synth():
+    from dmhpc.data.synth import synth_arguments, synth_main
+
+    return synth_arguments, synth_main
+
+
+def _prepare():
+    from dmhpc.data.prepare import prepare_arguments, prepare_main
+
+    return prepare_arguments, prepare_main
+
+
+def _verify():
+    from dmhpc.data.check import verify_arguments, verify_main
+
+    return verify_arguments, verify_main
+
+
+def _info():
+    from dmhpc.data.shards import info_arguments, info_main
+
+    return info_arguments, info_main
+
+
+def _train():
+    from dmhpc.train.loop import train_arguments, train_main
+
+    return train_arguments, train_main
+
+
+def _eval():
+    from dmhpc.train.evaluate import eval_arguments, eval_main
+
+    return eval_arguments, eval_main
+
+
+def _predict():
+    from dmhpc.infer.predict import predict_arguments, predict_main
+
+    return predict_arguments, predict_main
+
+
+def _explain():
+    from dmhpc.infer.explain import explain_arguments, explain_main
+
+    return explain_arguments, explain_main
+
+
+def _export():
+    from dmhpc.infer.export import export_arguments, export_main
+
+    return export_arguments, export_main
+
+
+def _grid():
+    from dmhpc.launch.grid import grid_arguments, grid_main
+
+    return grid_arguments, grid_main
+
+
+def _scaling():
+    from dmhpc.launch.scaling import scaling_arguments, scaling_main
+
+    return scaling_arguments, scaling_main
+
+
+def _demo():
+    from dmhpc.demo import demo_arguments, demo_main
+
+    # The demo runs other commands through this front door; it is handed `main` instead of
+    # importing this module, which sits above it.
+    return demo_arguments, functools.partial(demo_main, run_command=main)
+
+
+COMMANDS: dict[str, Command] = {
+    "synth": Command(
+        _synth,
         "render the embedded GalSim merger data set (pristine and noisy domains) as .npy files",
         "dmhpc synth --out data/embedded --n-per-class 2000 --seed 0 --workers 2\n"
         "  mpiexec -n 4 dmhpc synth --out data/embedded --n-per-class 2000 --seed 0",
     ),
-    "prepare": (
-        "dmhpc.data.prepare",
+    "prepare": Command(
+        _prepare,
         "convert .npy images and labels to sharded, checksummed HDF5 (serial or under mpiexec)",
         "dmhpc prepare --images X.npy --labels y.npy --objects o.npy --out data/pristine\n"
         "  dmhpc prepare --data-config configs/data/embedded.yaml\n"
         "  mpiexec -n 4 dmhpc prepare --data-config configs/data/deepmerge2-simsim.yaml --root /path/to/zenodo",
     ),
-    "verify": (
-        "dmhpc.data.check",
+    "verify": Command(
+        _verify,
         "check a sharded data set: manifest, split lists, shard structure and checksums; exit 1 naming each problem",
         "dmhpc verify data/embedded/shards/pristine",
     ),
-    "info": (
-        "dmhpc.data.shards",
+    "info": Command(
+        _info,
         "print a summary of a sharded data set: counts per split and class, shape, statistics",
         "dmhpc info data/embedded/shards/pristine",
     ),
-    "train": (
-        "dmhpc.train.loop",
+    "train": Command(
+        _train,
         "train a model with domain adaptation (single process, torchrun, srun or mpiexec)",
         "dmhpc train --config configs/deepmerge-mmd-fisher-entropy.yaml train.epochs=20 seed=1\n"
         "  torchrun --nproc_per_node=4 -m dmhpc.train --config configs/resnet18-dann.yaml --resume auto\n"
         "  torchrun --standalone --nproc_per_node=1 -m dmhpc.train --config configs/tiny.yaml debug=true",
     ),
-    "eval": (
-        "dmhpc.train.evaluate",
+    "eval": Command(
+        _eval,
         "evaluate a run's selected checkpoint: metrics JSON and ROC, confusion, curve and latent-space plots",
         "dmhpc eval --run runs/deepmerge-mmd-fisher-entropy --split test",
     ),
-    "predict": (
-        "dmhpc.infer.predict",
+    "predict": Command(
+        _predict,
         "a merger probability per image as a catalog (Parquet, FITS, CSV, ECSV, HDF5): streamed, any number "
         "of ranks, resumable",
         "dmhpc predict --run runs/demo/deepmerge-mmd-fisher-entropy --data data/embedded/shards/noisy --out noisy.parquet\n"
         "  torchrun --nproc_per_node=4 -m dmhpc predict --run-dir RUN --catalog survey.csv --file-column file "
         "--out candidates.fits --tta",
     ),
-    "explain": (
-        "dmhpc.infer.explain",
+    "explain": Command(
+        _explain,
         "what the network looks at: Grad-CAM and integrated gradients (captum) over RGB composites, one PNG "
         "grid per domain and class",
         "dmhpc explain --run runs/demo/deepmerge-mmd-fisher-entropy --out runs/demo/explain\n"
         "  dmhpc explain --run RUN --catalog candidates.fits --n 12 --out explain/",
     ),
-    "export": (
-        "dmhpc.infer.export",
+    "export": Command(
+        _export,
         "hand the model on: ONNX, TorchScript or safetensors with the normalization built in, and a model card",
         "dmhpc export --run runs/demo/deepmerge-mmd-fisher-entropy --format onnx --out merger.onnx",
     ),
-    "grid": (
-        "dmhpc.launch.grid",
+    "grid": Command(
+        _grid,
         "run a grid or a study of training runs (SLURM job array, or here) and write its leaderboard and summary",
         "dmhpc grid configs/study/deepmerge2.yaml --no-wait            # on a cluster: submit; again later: the tables\n"
         "  dmhpc grid configs/study/deepmerge2-laptop.yaml --executor local\n"
         "  dmhpc grid configs/study/deepmerge2.yaml --report",
     ),
-    "scaling": (
-        "dmhpc.launch.scaling",
+    "scaling": Command(
+        _scaling,
         "run a scaling study (ResNet depth x GPUs x nodes, weak and strong) and write its table and plot",
         "dmhpc scaling configs/scaling/resnet.yaml",
     ),
-    "demo": (
-        "dmhpc.demo",
+    "demo": Command(
+        _demo,
         "run the main job on the embedded data set from scratch",
         "dmhpc demo --out runs/demo",
     ),
@@ -104,11 +188,6 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def _command_module(name: str):
-    module_name = COMMANDS[name][0]
-    return importlib.import_module(module_name)
-
-
 def build_parser(command: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dmhpc",
@@ -117,7 +196,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dmhpc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (_, summary, example) in COMMANDS.items():
+    for name, (load, summary, example) in COMMANDS.items():
         p = sub.add_parser(
             name,
             help=summary,
@@ -126,7 +205,8 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
             formatter_class=_HelpFormatter,
         )
         if name == command:
-            getattr(_command_module(name), f"{name}_arguments")(p)
+            add_arguments, _ = load()
+            add_arguments(p)
     return parser
 
 
@@ -136,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(command if command in COMMANDS else None)
     args = parser.parse_args(argv)
     try:
-        return int(getattr(_command_module(args.command), f"{args.command}_main")(args) or 0)
+        _, command_main = COMMANDS[args.command].load()
+        return int(command_main(args) or 0)
     except DmhpcError as exc:
         print(f"dmhpc {args.command}: error: {exc}", file=sys.stderr)
         return 1

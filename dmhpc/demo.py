@@ -13,6 +13,7 @@ from pathlib import Path
 
 from dmhpc.errors import DmhpcError
 from dmhpc.run import RunDir
+from dmhpc.train.evaluate import format_table
 
 RUNS = {
     "no adaptation": "configs/deepmerge-noda.yaml",
@@ -28,10 +29,8 @@ def demo_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def demo_main(args) -> int:
-    from dmhpc.cli import main as dmhpc
-    from dmhpc.train.evaluate import format_table
-
+def demo_main(args, run_command) -> int:
+    """`run_command(argv) -> int` runs one dmhpc command line (the CLI's `main`)."""
     root = Path(__file__).resolve().parent.parent
     out = args.out.resolve()
     raw, shards = out / "data", out / "shards"
@@ -39,7 +38,7 @@ def demo_main(args) -> int:
 
     def step(title: str, argv: list[str]) -> None:
         print(f"\n== {title}: dmhpc {' '.join(argv)}", flush=True)
-        if dmhpc(argv) != 0:
+        if run_command(argv) != 0:
             raise DmhpcError(f"demo step failed: dmhpc {' '.join(argv)}")
 
     if not (raw / "meta.json").exists():
