@@ -47,7 +47,6 @@ from dmhpc.mpi import env_int, launched
 from dmhpc.rendezvous import slurm_rendezvous
 
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-# (rank, world size, local rank) variables of the MPI launchers, most specific first.
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ class DomainAdaptation(nn.Module):
     def __init__(self, cfg, seed: int):
         super().__init__()
         loss = cfg.loss
-        self.cfg = loss
+        self.loss_cfg = loss  # the config's loss section: `loss.transfer` below reads as the dotted key
         self.backbone = build_backbone(cfg)
         feat_dim = self.backbone.feature_dim
         self.discriminator = DomainDiscriminator(feat_dim) if loss.transfer == "dann" else None
@@ -52,30 +52,30 @@ class DomainAdaptation(nn.Module):
         # One pass over source and target together, as the original: BatchNorm sees both domains.
         feats, logits = self.backbone(torch.cat([xs, xt]))
         fs, ft = feats[:n], feats[n:]
-        cfg = self.cfg
+        loss = self.loss_cfg
         terms = {"classifier": F.cross_entropy(logits[:n].float(), ys)}
         total = terms["classifier"]
         outputs = {"logits": logits.detach()}
 
-        if cfg.transfer == "mmd":
-            terms["transfer"] = mmd(fs, ft, sigmas=self.sigmas, unbiased=cfg.mmd.unbiased,
-                                    scope=cfg.scope, clamp=cfg.mmd.clamp)
-        elif cfg.transfer == "coral":
-            terms["transfer"] = coral(fs, ft, scope=cfg.scope)
-        elif cfg.transfer == "dann":
+        if loss.transfer == "mmd":
+            terms["transfer"] = mmd(fs, ft, sigmas=self.sigmas, unbiased=loss.mmd.unbiased,
+                                    scope=loss.scope, clamp=loss.mmd.clamp)
+        elif loss.transfer == "coral":
+            terms["transfer"] = coral(fs, ft, scope=loss.scope)
+        elif loss.transfer == "dann":
             domain_logits = self.discriminator(feats, grl_coeff)
-            terms["transfer"] = dann_loss(domain_logits[:n], domain_logits[n:], scope=cfg.scope)
+            terms["transfer"] = dann_loss(domain_logits[:n], domain_logits[n:], scope=loss.scope)
             outputs["domain_logits"] = domain_logits.detach()
         if "transfer" in terms:
-            total = total + cfg.transfer_weight * terms["transfer"]
+            total = total + loss.transfer_weight * terms["transfer"]
 
         if self.fisher is not None:
             terms["fisher"], terms["fisher_intra"], terms["fisher_inter"] = self.fisher(fs, ys)
-            total = total + cfg.fisher.weight * terms["fisher"]
-        if cfg.entropy_weight > 0:
+            total = total + loss.fisher.weight * terms["fisher"]
+        if loss.entropy_weight > 0:
             # Over both domains, as the original's entropy minimization.
-            terms["entropy"] = entropy(logits, scope=cfg.scope)
-            total = total + cfg.entropy_weight * terms["entropy"]
+            terms["entropy"] = entropy(logits, scope=loss.scope)
+            total = total + loss.entropy_weight * terms["entropy"]
 
         penalty = self.backbone.regularization()  # DeepMerge I's dense-layer L2; zero for the others
         total = total + penalty
