@@ -21,7 +21,6 @@ from dmhpc.data.shards import write_dataset
 from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE
 
 
-
 def _domain(rng, n, noise):
     """75x75 three-band images whose class shows as a second blob; `noise` separates the domains."""
     yy, xx = np.mgrid[:75, :75]
@@ -103,6 +102,49 @@ def test_single_process_run_directory(data, tmp_path, capsys):
     assert (run / "plots" / "roc_last_val.png").exists() and (run / "plots" / "roc_best_test.png").exists()
     assert main(["eval", "--run", str(tmp_path / "nowhere")]) == 1
     assert "no such run directory" in capsys.readouterr().err
+
+
+def _on_a_terminal(argv: list[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, what a terminal on stderr showed) of `dmhpc ARGV` run in a subprocess."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a new pty is 0 columns wide
+    proc = subprocess.Popen([BIN / "dmhpc", *argv], stdout=subprocess.PIPE, stderr=slave, env=clean_env(),
+                            text=True)
+    os.close(slave)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: every writer closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    out = proc.communicate()[0]
+    os.close(master)
+    return proc.returncode, out, shown.decode(errors="replace")
+
+
+def test_progress_bars_on_a_terminal_and_none_in_logs(data, tmp_path):
+    run = tmp_path / "run"
+    code, out, shown = _on_a_terminal(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1")])
+    assert code == 0, shown
+    assert "epoch 0:" in shown and ("step/s" in shown or "s/step" in shown), shown  # rate and ETA
+    assert "test pristine:" in shown and "img" in shown, shown  # the final evaluation
+    assert "\r" not in out  # stdout (the job log) gets lines only
+    code, out, shown = _on_a_terminal(["predict", "--run", str(run), "--data", str(data / "noisy"),
+                                       "--out", str(tmp_path / "cat.csv"), "--part-size", "32",
+                                       "--batch-size", "16"])
+    assert code == 0 and "predict:" in shown and "/160 [" in shown and "img/s" in shown, shown
+    # the same commands without a terminal: no bar anywhere (captured by the other tests' capsys too)
+    proc = subprocess.run([BIN / "dmhpc", "predict", "--run", str(run), "--data", str(data / "noisy"),
+                           "--out", str(tmp_path / "cat2.csv")], capture_output=True, text=True, env=clean_env())
+    assert proc.returncode == 0 and "\r" not in proc.stderr + proc.stdout and "img/s" not in proc.stderr
 
 
 def test_da_terms_are_logged(data, tmp_path):

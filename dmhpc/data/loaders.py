@@ -275,12 +275,17 @@ def eval_batches(directory, split: str, *, batch_size: int, rank: int, world_siz
             " 0 <= rank < world size"
         )
     manifest = load_manifest(directory)
-    start, stop = split_rows(manifest, split)
-    n = stop - start
-    first, last = start + n * rank // world_size, start + n * (rank + 1) // world_size
+    first, last = eval_rows(manifest, split, rank, world_size)
     device = torch.device(device)
     stats = channel_stats(mean, std, device)
     return _eval_iter(RowReader(directory, manifest), first, last, batch_size, device, stats)
+
+
+def eval_rows(manifest: dict, split: str, rank: int, world_size: int) -> tuple[int, int]:
+    """Rows [first, last) of `split` that `rank` evaluates: consecutive parts, in rank order."""
+    start, stop = split_rows(manifest, split)
+    n = stop - start
+    return start + n * rank // world_size, start + n * (rank + 1) // world_size
 
 
 def _eval_iter(reader: RowReader, first: int, last: int, batch_size: int, device: torch.device, stats):

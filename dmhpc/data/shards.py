@@ -22,11 +22,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from tqdm import tqdm
 
 from dmhpc import __version__
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write, is_temporary
+from dmhpc.progress import progress_bar
 
 FORMAT = "dmhpc-shards"
 VERSION = 1
@@ -389,10 +389,12 @@ def write_shards(tasks: list, progress: bool = False) -> list:
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = [pool.submit(write_shard, *task) for task in tasks]
         try:
-            return [
-                f.result()
-                for f in tqdm(futures, desc="shards", unit="shard", disable=None if progress else True)
-            ]
+            results = []
+            with progress_bar(len(futures), "shards", unit="shard", show=progress, leave=True) as bar:
+                for f in futures:
+                    results.append(f.result())
+                    bar.update(1)
+            return results
         except BaseException:
             for f in futures:
                 f.cancel()

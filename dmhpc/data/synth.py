@@ -30,6 +30,7 @@ from dmhpc.data.scenes import DEFAULT_KNOBS, KNOB_CHECKS, Knobs
 from dmhpc.errors import DmhpcError
 from dmhpc.files import temporary_path
 from dmhpc.mpi import launched_rank, world_comm
+from dmhpc.progress import progress_bar
 
 IMAGE_FILES = ("pristine_X.npy", "noisy_X.npy")
 OUTPUT_FILES = IMAGE_FILES + ("pristine_y.npy", "noisy_y.npy", "objects.npy", "meta.json")
@@ -211,12 +212,6 @@ def _meta(n_per_class: int, seed: int, knobs: Knobs, views: tuple[str, ...]) -> 
 # ----------------------------------------------------------------------------- parallel rendering
 
 
-def _progress(total: int):
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="obj", desc="synth", disable=not sys.stderr.isatty())
-
-
 def _render_local(seed: int, knobs: Knobs, n_objects: int, workers: int, sink) -> None:
     """Render every object here, in `workers` processes, handing each chunk to sink(start, pristine, noisy)."""
     import contextlib
@@ -224,7 +219,7 @@ def _render_local(seed: int, knobs: Knobs, n_objects: int, workers: int, sink) -
 
     size = max(1, min(CHUNK, n_objects // (4 * workers)))
     tasks = [(seed, start, count, knobs) for start, count in _chunks(0, n_objects, size)]
-    with _progress(n_objects) as bar, contextlib.ExitStack() as stack:
+    with progress_bar(n_objects, "synth", unit="obj", leave=True) as bar, contextlib.ExitStack() as stack:
         if workers == 1:
             results = map(_render_chunk, tasks)
         else:
@@ -269,7 +264,7 @@ def _render_mpi(comm, seed: int, knobs: Knobs, n_objects: int, sink) -> None:
         return count
 
     remote = n_objects - (hi - lo)
-    with _progress(n_objects) as bar:
+    with progress_bar(n_objects, "synth", unit="obj", leave=True) as bar:
         for start, count in mine:
             sink(*_render_chunk((seed, start, count, knobs)))
             bar.update(count)

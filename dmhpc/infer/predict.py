@@ -43,6 +43,7 @@ from dmhpc.data.batches import Normalizer
 from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write
+from dmhpc.progress import progress_bar
 from dmhpc.infer.sources import Source, open_source
 from dmhpc.run import RunDir
 from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, StopRequest, load_checkpoint
@@ -234,12 +235,15 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                   f"done before); world {dist.world_size} on {dist.device}; {checkpoint} checkpoint of {run.path}",
                   flush=True)
         t0, done = time.perf_counter(), 0
-        with StopRequest(signals) as stop, ThreadPoolExecutor(1) as pool:
+        mine = sum(b - a for a, b in (_part_rows(source.count, part_size, k) for k in todo))
+        with StopRequest(signals) as stop, ThreadPoolExecutor(1) as pool, \
+                progress_bar(mine, "predict", unit="img", show=dist.is_main) as bar:
             for k in todo:
                 start, stop_row = _part_rows(source.count, part_size, k)
                 columns = _compute_part(model, source, norm, start, stop_row, batch_size, tta, pool)
                 atomic_write(_part_path(parts, k), writer=lambda f: np.savez(f, **columns), durable=False)
                 done += stop_row - start
+                bar.update(stop_row - start)
                 if stop.signal_name is not None:  # the part in hand is written: stop here
                     break
         stopped = any(all_gather_object(stop.signal_name is not None))

@@ -10,11 +10,13 @@ import torch
 
 from dmhpc import plots as P
 from dmhpc.data.batches import domain_stats
-from dmhpc.data.loaders import eval_batches
+from dmhpc.data.loaders import eval_batches, eval_rows
+from dmhpc.data.shards import load_manifest
 from dmhpc.distributed import all_gather_object, bootstrap, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.run import RunDir, evaluation_tag
 from dmhpc.names import CRITERIA, DOMAINS
+from dmhpc.progress import progress_bar
 from dmhpc.train.checkpoint import load_checkpoint
 from dmhpc.train.metrics import domain_metrics
 from dmhpc.train.objective import build_backbone
@@ -29,9 +31,12 @@ def predict(model, directory, split: str, *, batch_size: int, dist, mean, std,
     """
     model.eval()
     labels, probs, indices, feats = [], [], [], []
-    with torch.no_grad():
+    first, last = eval_rows(load_manifest(directory), split, dist.rank, dist.world_size)
+    with torch.no_grad(), progress_bar(last - first, f"{split} {Path(directory).name}", unit="img",
+                                       show=dist.is_main) as bar:
         for x, y, idx in eval_batches(directory, split, batch_size=batch_size, rank=dist.rank,
                                       world_size=dist.world_size, device=dist.device, mean=mean, std=std):
+            bar.update(len(y))
             f, logits = model(x)
             probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
             labels.append(y.cpu().numpy())

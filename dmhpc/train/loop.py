@@ -23,12 +23,13 @@ from dmhpc.data.loaders import make_train_loader
 from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, on_main, shutdown, synchronize
 from dmhpc.errors import DmhpcError
 from dmhpc.losses.collective import stable_rows
+from dmhpc.progress import progress_bar
 from dmhpc.run import RunDir
 from dmhpc.train import preflight
 from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, StopRequest, load_checkpoint, save_checkpoint
 from dmhpc.train.evaluate import evaluate_run, format_table, predict
 from dmhpc.train.meter import EpochMeter
-from dmhpc.train.metrics import MetricLog, domain_metrics, progress_bar, selection_score
+from dmhpc.train.metrics import MetricLog, domain_metrics, selection_score
 from dmhpc.train.state import TrainState
 from dmhpc.train.step import TrainStep, set_determinism
 
@@ -112,7 +113,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                 state.model.train()
                 meter = EpochMeter(dist.device, watch_loss=cfg.train.amp != "fp16")
                 t_epoch = time.perf_counter()
-                bar = progress_bar(steps_per_epoch - prog.step_in_epoch, f"epoch {prog.epoch}", dist.is_main)
+                bar = progress_bar(steps_per_epoch - prog.step_in_epoch, f"epoch {prog.epoch}", show=dist.is_main)
                 for batch in loader.epoch(prog.epoch, start_step=prog.step_in_epoch):
                     terms, outputs = step(prog.step, batch)
                     prog.step += 1

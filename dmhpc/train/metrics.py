@@ -187,14 +187,6 @@ class MetricLog:
         self.close()
 
 
-def progress_bar(total: int, what: str, show: bool):
-    """A tqdm bar (steps, rate, ETA) on rank 0 when stderr is a terminal; silent otherwise."""
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=what, unit="step", leave=False, dynamic_ncols=True,
-                disable=not show or None)
-
-
 def _flatten(record: dict, prefix: str = ""):
     for key, value in record.items():
         name = f"{prefix}/{key}" if prefix else str(key)
