@@ -82,3 +82,18 @@ def small_disk(tmp_path):
     yield make
     for where in mounted:
         subprocess.run(["umount", "-l", str(where)], capture_output=True)
+
+
+def tiny_overrides(data, **extra) -> dict:
+    """Dotted overrides that train the tiny config for one epoch on the pair of data sets in `data`."""
+    return {"data.source": str(data / "pristine"), "data.target": str(data / "noisy"), "train.epochs": 1,
+            "train.batch_size": 4, **extra}
+
+
+def study_spec(tmp_path, **extra) -> dict:
+    """A study launch dict: three methods on the tiny config (plain, MMD, oracle) crossed with two seeds."""
+    return {"out": str(tmp_path / "out"), "executor": "local", "overrides": {"train.epochs": 3},
+            "methods": {"plain": {"base": str(TINY)},
+                        "mmd": {"base": str(TINY), "overrides": {"loss.transfer": "mmd", "train.epochs": 5}},
+                        "oracle": {"base": str(TINY), "overrides": {"select.criterion": "oracle-target-acc"}}},
+            "gap": {"from": "plain", "to": "oracle"}, "grid": {"seed": [1, 2]}, **extra}

@@ -1,0 +1,75 @@
+"""The one toolkit for YAML and values (dmhpc/checks.py): each check's message, the strict YAML
+reader, and a file's problems reported together."""
+
+from __future__ import annotations
+
+import pytest
+
+from dmhpc.checks import (Invalid, Problems, boolean, choice, distinct_list, integer, mapping, number, optional,
+                          read_yaml, show, take, text, unknown_keys)
+from dmhpc.errors import DmhpcError
+
+
+@pytest.mark.parametrize("check, value, message", [
+    (integer(1), 0, "expected a positive integer, got 0"),
+    (integer(1), True, "expected a positive integer, got true"),  # a bool is not an integer
+    (integer(0, 9), 10, "expected an integer from 0 to 9, got 10"),
+    (number(0, low_open=True), 0, "expected a number > 0, got 0"),
+    (number(18, 35, unit="mag"), float("nan"), "expected a number in [18, 35] mag, got NaN"),
+    (number(), "1e-3", 'expected a number, got "1e-3"'),
+    (optional(text()), "  ", 'expected null or a non-empty string (quote numbers), got "  "'),
+    (boolean(), "yes", 'expected true or false, got "yes"'),
+    (choice("a", "b"), ["a"], 'expected one of "a", "b", got ["a"]'),
+    (mapping("a non-empty mapping", empty=False), {}, "expected a non-empty mapping, got {}"),
+    (distinct_list(integer(1)), [1, 1], "each a positive integer, got [1, 1]"),
+    (distinct_list(integer(1)), [1, 0], "each a positive integer, got [1, 0]"),
+])
+def test_each_check_says_what_it_expected_and_what_it_got(check, value, message):
+    with pytest.raises(Invalid) as info:
+        check(value)
+    assert message in str(info.value)
+
+
+def test_checks_return_the_stored_value():
+    assert number()(3) == 3.0 and isinstance(number()(3), float)
+    assert distinct_list(integer(1))([2, 1]) == (2, 1)
+    assert optional(integer(0))(None) is None
+    assert mapping()({"a": 1}) == {"a": 1}
+
+
+@pytest.mark.parametrize("text_, problem", [
+    ("a: 1\na: 2\n", 'invalid YAML: duplicate key "a" (line 2, column 1)'),
+    ("a: [1\n", "invalid YAML: "),
+    ("- 1\n", "expected a mapping of keys at the top level, got list"),
+])
+def test_read_yaml_is_strict_and_names_the_file(tmp_path, text_, problem):
+    path = tmp_path / "x.yaml"
+    path.write_text(text_)
+    with pytest.raises(DmhpcError) as info:
+        read_yaml(path, "data config")
+    assert str(info.value).startswith(f"{path}: ") and problem in str(info.value)
+
+
+def test_read_yaml_reads_exponents_as_numbers_and_names_a_missing_file(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("lr: 1e-4\n")
+    assert read_yaml(path) == {"lr": 1e-4}
+    with pytest.raises(DmhpcError, match=r"nope.yaml: data config not found"):
+        read_yaml(tmp_path / "nope.yaml", "data config")
+
+
+def test_problems_are_reported_together_one_line_each():
+    problems = Problems("f.yaml", "nothing written")
+    data = {"n": 0, "extra": 1}
+    assert take(problems, data, "n", integer(1), 5) == 5  # recorded, and the default stands in
+    assert take(problems, data, "name", text()) is None
+    unknown_keys(problems, data, ("n", "name"))
+    with pytest.raises(DmhpcError) as info:
+        problems.raise_if_any()
+    assert str(info.value).splitlines() == [
+        "f.yaml: 3 problems, nothing written:",
+        "f.yaml: n: expected a positive integer, got 0",
+        "f.yaml: name: missing (required)",
+        "f.yaml: extra: unknown key (known: n, name)",
+    ]
+    assert show({"a": [1, None]}) == '{"a": [1, null]}'

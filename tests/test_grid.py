@@ -1,0 +1,306 @@
+"""Grids and studies (dmhpc/launch/grid.py): expansion, point names, validation of the whole file,
+methods x grid, and real trainer runs through submitit's local executor on tiny data.
+
+The SLURM executor is tested on the two-node test cluster in tests/cluster/test_launch_cluster.py.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, TINY, study_spec, tiny_overrides
+from dmhpc.errors import DmhpcError
+from dmhpc.launch import expand, load_grid, load_study, point_name, sample_space
+from dmhpc.launch.grid import Range
+from dmhpc.launch.submit import local_threads
+
+
+@pytest.fixture(scope="module")
+def data(make_domains):
+    """A pristine/noisy pair of 64 images each: 45 training rows, 11 steps of 4 per epoch."""
+    return make_domains(64)
+
+
+def test_grid_is_the_cartesian_product_in_key_order():
+    points = expand({"seed": [0, 1], "loss.transfer_weight": [0.5, 1.0, 2.0]})
+    assert len(points) == 6
+    assert points[0] == {"loss.transfer_weight": 0.5, "seed": 0}
+    assert points[-1] == {"loss.transfer_weight": 2.0, "seed": 1}
+    assert len({point_name(p) for p in points}) == 6
+    assert point_name(points[0]) == "loss.transfer_weight=0.5,seed=0"
+    # The name does not depend on the order the keys were written in.
+    assert point_name({"seed": 0, "loss.transfer_weight": 0.5}) == point_name(points[0])
+
+
+def test_random_samples_are_seeded_distinct_in_range_and_crossed_with_the_grid():
+    space = {"optim.lr": Range(1e-4, 1e-2, log=True), "loss.entropy_weight": [0.0, 0.05, 0.1]}
+    a, b = sample_space(space, 6, seed=3), sample_space(space, 6, seed=3)
+    assert a == b and a != sample_space(space, 6, seed=4)
+    assert len({json.dumps(s, sort_keys=True) for s in a}) == 6
+    for s in a:
+        assert 1e-4 <= s["optim.lr"] <= 1e-2 and float(f"{s['optim.lr']:.4g}") == s["optim.lr"]
+        assert s["loss.entropy_weight"] in (0.0, 0.05, 0.1)
+    # Log-uniform: about as many samples below 1e-3 (the geometric middle) as above.
+    many = [s["optim.lr"] for s in sample_space({"optim.lr": Range(1e-4, 1e-2, log=True)}, 400, seed=0)]
+    assert 150 < sum(v < 1e-3 for v in many) < 250
+    crossed = expand({"seed": [1, 2]}, a)
+    assert len(crossed) == 12 and crossed[0] == {**a[0], "seed": 1} and crossed[6] == {**a[0], "seed": 2}
+    with pytest.raises(DmhpcError, match="3 distinct samples asked for, the space gave only 2"):
+        sample_space({"seed": [0, 1]}, 3, seed=0)
+
+
+def test_point_names_are_filesystem_safe_and_keep_points_apart():
+    a = point_name({"data.source": "/scratch/a b/pristine"})
+    b = point_name({"data.source": "/scratch/a_b/pristine"})
+    assert a != b and "/" not in a and " " not in a
+    long = point_name({"loss.mmd.sigmas": list(range(60))})
+    assert len(long) <= 120 and long != point_name({"loss.mmd.sigmas": list(range(61))})
+    assert point_name({"optim.lr": 1e-05, "debug": True}) == "debug=true,optim.lr=1e-05"
+
+
+def test_every_problem_of_a_grid_file_is_reported_before_anything_runs(tmp_path):
+    grid_file = tmp_path / "bad.yaml"
+    grid_file.write_text(yaml.safe_dump({
+        "base": str(TINY), "out": str(tmp_path / "out"), "executor": "cloud", "colour": "blue",
+        "grid": {"seed": [0, 1], "run.dir": ["x"], "optim.lr": 0.1},
+        "slurm": {"nodes": 0, "gpus_per_node": 2, "tasks_per_node": 3, "queue": "long", "time": "2h"}}))
+    with pytest.raises(DmhpcError) as err:
+        load_grid(grid_file)
+    lines = str(err.value).splitlines()
+    assert lines[0] == f"{grid_file}: 8 problems, nothing submitted:", lines
+    for fragment in ("colour: unknown key", 'executor: expected one of "slurm", "local", "debug", got "cloud"',
+                     "grid.run.dir: set by the launcher", "grid.optim.lr: expected a non-empty list",
+                     "slurm.queue: unknown key", "slurm.nodes: expected a positive integer, got 0",
+                     "slurm.tasks_per_node: one task per GPU", "slurm.time: expected minutes"):
+        assert sum(fragment in line for line in lines[1:]) == 1, (fragment, lines)
+    assert all(line.startswith(f"{grid_file}: ") for line in lines)
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_grid_names_the_file_and_key(tmp_path):
+    for grid in ({}, None):
+        with pytest.raises(DmhpcError, match=r"g\.yaml: grid: empty"):
+            (tmp_path / "g.yaml").write_text(yaml.safe_dump({"base": str(TINY), "out": "x", "grid": grid}))
+            load_grid(tmp_path / "g.yaml")
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump({"base": str(TINY), "out": "x"}))
+    with pytest.raises(DmhpcError, match=r"g\.yaml: grid: missing"):
+        load_grid(tmp_path / "g.yaml")
+
+
+def test_report_on_a_bad_grid_file_fails_with_the_file_and_key_and_writes_nothing(tmp_path):
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(yaml.safe_dump({"base": str(TINY), "out": str(tmp_path / "out"), "grid": {"seed": 1}}))
+    result = subprocess.run([sys.executable, str(ROOT / "launch" / "grid.py"), str(grid_file), "--report"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr.splitlines()[-1] == \
+        f"dmhpc grid: error: {grid_file}: grid.seed: expected a non-empty list of values, got 1", result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_bad_point_is_reported_with_the_schema_message(tmp_path):
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local",
+            "grid": {"optim.lr": [1e-3, -1.0, "fast"], "train.batch_size": [8, 0]}}
+    with pytest.raises(DmhpcError) as err:
+        load_grid(spec)
+    lines = str(err.value).splitlines()
+    # 5 of the 6 points are bad: one line per distinct problem, naming every point that has it.
+    assert lines == [
+        "<launch dict>: 3 problems, nothing submitted:",
+        "<launch dict>: point optim.lr=0.001,train.batch_size=0: train.batch_size: expected a positive integer, got 0",
+        "<launch dict>: points optim.lr=-1.0,train.batch_size=8, optim.lr=-1.0,train.batch_size=0: optim.lr: "
+        "expected a number > 0, got -1.0",
+        "<launch dict>: points optim.lr=fast,train.batch_size=8, optim.lr=fast,train.batch_size=0: optim.lr: "
+        "expected a number > 0, got \"fast\""]
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DmhpcError, match=r"overrides: optim\.lrr: unknown key \(did you mean optim\.lr\?\)"):
+        load_grid({**spec, "grid": {"seed": [0, 1]}, "overrides": {"optim.lrr": 1.0}})
+
+
+def test_a_study_is_every_method_crossed_with_the_grid(tmp_path):
+    g = load_grid(study_spec(tmp_path))
+    assert [p.name for p in g.points] == ["plain/seed=1", "plain/seed=2", "mmd/seed=1", "mmd/seed=2",
+                                          "oracle/seed=1", "oracle/seed=2"]
+    by_name = {p.name: p for p in g.points}
+    assert by_name["mmd/seed=2"].run_dir == (tmp_path / "out" / "mmd" / "seed=2").resolve()
+    assert by_name["mmd/seed=2"].values == {"method": "mmd", "seed": 2}
+    cfg = by_name["mmd/seed=2"].config
+    assert (cfg.loss.transfer, cfg.train.epochs, cfg.seed) == ("mmd", 5, 2)  # the method's overrides win
+    assert by_name["plain/seed=1"].config.train.epochs == 3
+    assert by_name["oracle/seed=1"].config.select.criterion == "oracle-target-acc"
+    assert g.gap == ("plain", "oracle")
+
+
+def test_every_problem_of_a_study_file_is_reported(tmp_path):
+    spec = study_spec(tmp_path, base=str(TINY), gap={"from": "plain", "to": "nothing", "by": 1})
+    spec["methods"] = {**spec["methods"], "bad name": {"base": str(TINY)}, "lost": {"base": "missing.yaml"},
+                       "clash": {"base": str(TINY), "overrides": {"seed": 4}, "colour": 1}}
+    with pytest.raises(DmhpcError) as err:
+        load_grid(spec)
+    lines = str(err.value).splitlines()
+    for fragment in ("give either base (one training config) or methods (a study), not both",
+                     'methods."bad name": a method name is a directory name',
+                     "methods.lost.base: config file not found", "methods.clash.colour: unknown key",
+                     "methods.clash.overrides.seed: also a grid or random.space key",
+                     'gap.to: "nothing" is not one of the methods', "gap.by: unknown key"):
+        assert sum(fragment in line for line in lines) == 1, (fragment, lines)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(DmhpcError, match="<launch dict>: methods.mmd: loss.transfer: expected one of"):
+        load_grid(study_spec(tmp_path, methods={"mmd": {"base": str(TINY), "overrides": {"loss.transfer": "mmmd"}}},
+                         gap=None))
+    with pytest.raises(DmhpcError, match="gap: needs methods"):
+        load_grid({"base": str(TINY), "out": "x", "grid": {"seed": [1]}, "gap": {"from": "a", "to": "b"}})
+    with pytest.raises(DmhpcError, match="not both|not neither"):
+        load_grid({"out": "x", "grid": {"seed": [1]}})
+
+
+def test_two_point_grid_through_the_local_executor_then_skip_and_resume(data, tmp_path, monkeypatch):
+    """launch/grid.py runs the real trainer in submitit's local executor, fills the leaderboard;
+    a second launch skips the finished point and resumes the one whose evaluation is missing."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "out"
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({
+        "base": str(TINY), "out": str(out), "executor": "local", "overrides": tiny_overrides(data),
+        "grid": {"optim.lr": [1e-3, 1e-4]}, "slurm": {"time": 10}}))
+    cmd = [sys.executable, str(ROOT / "launch" / "grid.py"), str(grid_file)]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "2 point(s): 0 finished, 0 still queued, 2 submitted" in first.stdout, first.stdout
+    with (out / "leaderboard.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert {r["point"] for r in rows} == {"optim.lr=0.001", "optim.lr=0.0001"}
+    assert all(r["status"] == "finished" and r["rank"] and r["criterion"] == "source-val-acc" for r in rows), rows
+    for r in rows:
+        result = json.loads((Path(r["run_dir"]) / "eval" / "best_test.json").read_text())
+        assert float(r["score"]) == result["checkpoint"]["score"]
+        assert float(r["target_accuracy_reporting_only"]) == result["target"]["accuracy"]
+    assert [float(r["score"]) for r in rows] == sorted((float(r["score"]) for r in rows), reverse=True)
+    config = yaml.safe_load((out / "optim.lr=0.0001" / "config.yaml").read_text())
+    assert config["optim"]["lr"] == 1e-4 and config["train"]["signals"] == ["SIGUSR2"]
+
+    (out / "optim.lr=0.0001" / "eval" / "best_test.json").unlink()
+    logs_before = sorted((out / "submitit").glob("*_log.out"))
+    report = subprocess.run(cmd + ["--report"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert report.returncode == 0, report.stdout + report.stderr
+    assert "1 of 2 point(s) finished; nothing launched" in report.stdout, report.stdout
+    with (out / "leaderboard.csv").open() as f:
+        status = {r["point"]: r["status"] for r in csv.DictReader(f)}
+    assert status == {"optim.lr=0.001": "finished", "optim.lr=0.0001": "unfinished"}
+    assert sorted((out / "submitit").glob("*_log.out")) == logs_before
+    assert not (out / "optim.lr=0.0001" / "eval" / "best_test.json").exists()
+    both = subprocess.run(cmd + ["--report", "--no-wait"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr, both.stderr
+
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "2 point(s): 1 finished, 0 still queued, 1 submitted" in second.stdout, second.stdout
+    logs = "".join(p.read_text() for p in (out / "submitit").glob("*_log.out"))
+    assert logs.count("resumed from") == 1, logs
+    assert (out / "optim.lr=0.0001" / "eval" / "best_test.json").is_file()
+
+
+def test_a_failed_point_is_named_with_the_reason_from_its_job_and_marked_on_the_leaderboard(data, tmp_path,
+                                                                                            monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "out"
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({
+        "base": str(TINY), "out": str(out), "executor": "local",
+        "overrides": tiny_overrides(data, **{"train.batch_size": 64}), "grid": {"seed": [1]}, "slurm": {"time": 10}}))
+    result = subprocess.run([sys.executable, str(ROOT / "launch" / "grid.py"), str(grid_file)],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[-2:-1] == [f"dmhpc grid: error: {grid_file}: 1 point(s) failed:"], result.stderr
+    log = next((out / "submitit").glob("*_0_log.out"))
+    assert re.fullmatch(
+        rf"point seed=1: job \d+ failed: dmhpc\.errors\.DmhpcError: {re.escape(str(data))}/pristine: "
+        rf"45 training rows, fewer than one global batch \(1 ranks x 64\) \(log: {re.escape(str(log))}\)",
+        lines[-1]), lines[-1]
+    with (out / "leaderboard.csv").open() as f:
+        assert [(r["point"], r["status"]) for r in csv.DictReader(f)] == [("seed=1", "failed")]
+
+
+def test_a_study_through_the_local_executor_runs_array_parallelism_points_at_a_time(data, tmp_path, monkeypatch,
+                                                                                     capsys):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the launcher divides the cores between the jobs
+    from dmhpc.launch import launch_grid
+
+    out = tmp_path / "out"
+    launch_grid({"out": str(out), "executor": "local", "overrides": tiny_overrides(data),
+                 "methods": {"noda": {"base": str(ROOT / "configs" / "deepmerge-noda.yaml")},
+                             "mmd": {"base": str(TINY), "overrides": {"loss.fisher.weight": 0.0}}},
+                 "gap": {"from": "noda", "to": "mmd"}, "grid": {"seed": [1, 2]},
+                 "slurm": {"time": 10, "array_parallelism": 2}})
+    printed = capsys.readouterr().out
+    assert "0 of 4 point(s) finished; running the other 4, 2 at a time" in printed
+    threads = local_threads(2)
+    assert printed.count(f"{threads} CPU thread(s) per rank (OMP_NUM_THREADS)") == 2, printed
+    first = [out / "noda" / "seed=1", out / "noda" / "seed=2"]
+    second = [out / "mmd" / "seed=1", out / "mmd" / "seed=2"]
+    # The second pair started (wrote its config) after the first pair had finished (written its test metrics).
+    assert min((r / "config.yaml").stat().st_mtime for r in second) >= \
+        max((r / "eval" / "best_test.json").stat().st_mtime for r in first)
+    for run in first + second:
+        setup = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+        assert setup["kind"] == "setup" and setup["cpu_threads"] == threads, setup
+    with (out / "summary.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["finished"], r["seeds"]) for r in rows] == [("noda", "2", "1 2"), ("mmd", "2", "1 2")]
+    noda_acc = json.loads((first[0] / "eval" / "best_test.json").read_text())["target"]["accuracy"]
+    assert float(rows[0]["target_accuracy_per_seed"].split()[0]) == noda_acc
+    tie = rows[0]["target_accuracy_mean"] == rows[1]["target_accuracy_mean"]  # tiny data: both may say "merger"
+    assert [r["gap_closed"] for r in rows] == (["", ""] if tie else ["0.0", "1.0"])
+    assert "| method | runs |" in (out / "summary.md").read_text()
+
+
+def test_a_study_gap_on_an_unlabelled_target_is_refused(data, tmp_path):
+    """The gap closed is measured in target accuracy, which an unlabelled survey does not have."""
+    import numpy as np
+
+    from dmhpc.data.shards import write_dataset
+
+    write_dataset(np.random.default_rng(0).normal(size=(64, 3, 75, 75)).astype(np.float32), None, None,
+                  tmp_path / "survey", shard_size=64)
+    spec = {"methods": {"noda": {"base": str(TINY)}, "mmd": {"base": str(TINY), "overrides": {"loss.transfer": "mmd"}}},
+            "gap": {"from": "noda", "to": "mmd"}, "out": str(tmp_path / "out"), "executor": "local",
+            "grid": {"seed": [0]}, "overrides": tiny_overrides(data, **{"data.target": str(tmp_path / "survey")})}
+    with pytest.raises(DmhpcError, match=r"gap: measures target accuracy, and data.target .*survey is unlabelled"):
+        load_grid(spec)
+    spec["overrides"]["data.target"] = str(data / "noisy")
+    assert load_grid(spec).gap == ("noda", "mmd")
+
+
+def test_one_front_door_for_grids_and_a_one_line_error_without_slurm(data, tmp_path, monkeypatch, capsys):
+    """A grid asking for SLURM where there is none used to end in a 20-line traceback
+    ('Could not detect "srun"'); --executor local runs the same file here."""
+    from dmhpc.cli import main
+
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "slurm", "grid": {"seed": [0]},
+            "overrides": tiny_overrides(data)}
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(spec))
+    monkeypatch.setenv("PATH", "/nonexistent")  # no sbatch
+    assert main(["grid", str(grid_file)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == ("dmhpc grid: error: executor slurm: no SLURM here (sbatch is not on PATH); to run the "
+                           "points on this machine, give --executor local (or executor: local in the file)")
+    assert load_grid(grid_file, executor="local").executor == "local"
+    assert main(["grid", str(grid_file), "--report"]) == 0
+    assert "0 of 1 point(s) finished" in capsys.readouterr().out
+
+
+def test_shipped_launch_files_are_valid():
+    for path in sorted([*(ROOT / "configs" / "grid").glob("*.yaml"), *(ROOT / "configs" / "study").glob("*.yaml")]):
+        assert load_grid(path).points, path
+    for path in sorted((ROOT / "configs" / "scaling").glob("*.yaml")):
+        assert load_study(path).points, path

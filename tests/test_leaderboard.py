@@ -1,0 +1,105 @@
+"""The tables of a grid or study: the leaderboard (dmhpc/launch/leaderboard.py) and the per-method
+summary over seeds with the gap closed (dmhpc/launch/summary.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from tests.conftest import TINY, study_spec
+from dmhpc.launch import load_grid, summary_rows, write_leaderboard, write_summary
+
+
+def _finished(point, score, target_acc, criterion="source-val-acc", oracle=False):
+    metrics = {m: 0.5 for m in ("accuracy", "precision", "recall", "f1", "roc_auc", "brier")}
+    result = {"split": "test", "checkpoint": {"name": "best", "epoch": 3, "step": 30, "criterion": criterion,
+                                               "score": score},
+              "oracle": oracle, "source": {**metrics, "accuracy": 0.9}, "target": {**metrics, "accuracy": target_acc}}
+    (point.run_dir / "eval").mkdir(parents=True)
+    (point.run_dir / "eval" / "best_test.json").write_text(json.dumps(result))
+
+
+def test_leaderboard_ranks_by_selection_score_and_marks_oracle_and_unfinished(tmp_path):
+    spec = {"base": str(TINY), "out": str(tmp_path), "executor": "local",
+            "grid": {"seed": [0, 1, 2, 3, 4], "select.criterion": ["source-val-acc", "oracle-target-acc"]}}
+    points = {p.name: p for p in load_grid(spec).points}
+    name = lambda seed, c="source-val-acc": f"seed={seed},select.criterion={c}"  # noqa: E731
+    _finished(points[name(0)], 0.80, 0.95)   # best target accuracy, but not the best selection score
+    _finished(points[name(1)], 0.90, 0.60)
+    _finished(points[name(2)], 0.85, 0.70)
+    _finished(points[name(0, "oracle-target-acc")], 0.99, 0.99, "oracle-target-acc", oracle=True)
+    unfinished = points[name(3)].run_dir / "checkpoints"
+    unfinished.mkdir(parents=True)
+    torch.save({"model": {}, "epoch": 1, "selection": {"criterion": "source-val-acc", "score": 0.97}},
+               unfinished / "best.pt")
+    rows = write_leaderboard(tmp_path, points.values(), failed={name(4): "job 7 failed"})
+
+    assert [(r["point"], r["rank"], r["status"]) for r in rows[:5]] == [
+        (name(0, "oracle-target-acc"), 1, "finished"),
+        (name(1), 1, "finished"), (name(2), 2, "finished"), (name(0), 3, "finished"),
+        (name(3), None, "unfinished")]
+    assert rows[4]["score"] == 0.97 and rows[4]["epoch"] == 1
+    assert {r["status"] for r in rows[5:]} == {"failed", "not started"}
+    with (tmp_path / "leaderboard.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["point"] for r in table] == [r["point"] for r in rows]
+    assert table[1]["score"] == "0.9" and table[1]["target_accuracy_reporting_only"] == "0.6"
+    assert table[0]["oracle"] == "True" and table[1]["oracle"] == "False"
+    assert table[1]["seed"] == "1" and table[1]["select.criterion"] == "source-val-acc"
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "target acc †" in md and "for reporting only" in md and "ranked within each criterion" in md
+    assert f"| 1 | {name(1)} | source-val-acc | 0.9000 | 3 | 0.900 | 0.500 | 0.600 |" in md
+    assert f"| 1 | {name(0, 'oracle-target-acc')} | oracle-target-acc (oracle) | 0.9900 |" in md
+
+
+def test_summary_is_mean_and_spread_over_seeds_with_the_gap_closed(tmp_path):
+    spec = study_spec(tmp_path, grid={"seed": [1, 2, 3], "model.name": ["deepmerge", "deepmerge2"]})
+    points = {p.name: p for p in load_grid(spec).points}
+    target = {"plain": (0.50, 0.52, 0.54), "mmd": (0.60, 0.70, 0.80), "oracle": (0.80, 0.80, 0.80)}
+    for method, accs in target.items():
+        for seed, acc in zip((1, 2, 3), accs):
+            if (method, seed) != ("mmd", 3):  # one run of mmd not finished
+                _finished(points[f"{method}/model.name=deepmerge,seed={seed}"], 0.5, acc)
+    rows = write_summary(tmp_path, points.values(), gap=("plain", "oracle"))
+    assert [(r["method"], r["model.name"], r["finished"], r["runs"]) for r in rows] == [
+        ("plain", "deepmerge", 3, 3), ("plain", "deepmerge2", 0, 3), ("mmd", "deepmerge", 2, 3),
+        ("mmd", "deepmerge2", 0, 3), ("oracle", "deepmerge", 3, 3), ("oracle", "deepmerge2", 0, 3)]
+    plain, mmd, oracle = rows[0], rows[2], rows[4]
+    assert plain["target_accuracy_mean"] == pytest.approx(0.52)
+    assert plain["target_accuracy_std"] == pytest.approx(0.02)  # sample standard deviation
+    assert mmd["seeds"] == [1, 2] and mmd["target_accuracy_per_seed"] == [0.60, 0.70]
+    assert mmd["gap_closed"] == pytest.approx((0.65 - 0.52) / (0.80 - 0.52))
+    assert (plain["gap_closed"], oracle["gap_closed"]) == (0.0, 1.0)
+    assert oracle["target_accuracy_std"] == 0.0
+    assert math.isnan(rows[1]["gap_closed"]) and math.isnan(rows[1]["target_accuracy_mean"])
+    md = (tmp_path / "summary.md").read_text()
+    assert "| mmd | deepmerge | 2/3 | 0.900 ± 0.000 |" in md
+    assert "0.650 ± 0.071 |" in md and "| 46% | 0.600 (seed 1), 0.700 (seed 2) |" in md
+    with (tmp_path / "summary.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert table[2]["seeds"] == "1 2" and float(table[2]["gap_closed"]) == pytest.approx(0.4643, abs=1e-4)
+    # A grid that does not vary the seed has nothing to average over: no summary.
+    unseeded = load_grid({"base": str(TINY), "out": str(tmp_path / "unseeded"), "grid": {"optim.lr": [1e-3]}})
+    assert write_summary(unseeded.out, unseeded.points) == [] and not (unseeded.out / "summary.md").exists()
+
+
+def test_summary_marks_oracle_selection_and_runs_trained_on_the_target(tmp_path):
+    spec = study_spec(tmp_path)
+    spec["overrides"].update({"data.source": "pristine", "data.target": "noisy"})  # paths are only compared
+    spec["methods"]["oracle"]["overrides"]["data.source"] = "noisy"
+    points = list(load_grid(spec).points)
+    for p in points:
+        _finished(p, 0.5, 0.7, criterion=p.config.select.criterion, oracle=p.values["method"] == "oracle")
+    rows = summary_rows(points, gap=("plain", "oracle"))
+    assert [(r["oracle"], r["trained_on_target"]) for r in rows] == [(False, False), (False, False), (True, True)]
+    write_summary(tmp_path, points, gap=("plain", "oracle"))
+    md = (tmp_path / "summary.md").read_text()
+    assert "| oracle (oracle selection, trained on target) | 2/2 |  |  |  |  | 0.700 ± 0.000 |" in md
+    assert "| plain | 2/2 | 0.900 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.500 ± 0.000 | 0.700 ± 0.000 |" in md
+    assert "| source acc | source AUC | source F1 | source Brier | target acc | target AUC | target F1 |" in md
+    assert "| plain | 2/2 | 0.900 ± 0.000 |" in md
+    assert math.isnan(rows[0]["gap_closed"])  # oracle and baseline tie: no gap to close

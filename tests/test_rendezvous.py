@@ -1,0 +1,83 @@
+"""Where the ranks of a SLURM job meet (dmhpc/rendezvous.py): node lists, the first node's address,
+and the same address and port from slurm/lib.sh, an srun task's bootstrap and submitit's jobs."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, clean_env
+from dmhpc.distributed import detect_launch
+from dmhpc.errors import DmhpcError
+from dmhpc.rendezvous import expand_nodelist, first_host, node_address
+
+
+# --- node lists --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("nodelist, hosts", [
+    ("n[1-3,5]", ["n1", "n2", "n3", "n5"]),
+    ("node001", ["node001"]),
+    ("a,b[08-10]", ["a", "b08", "b09", "b10"]),
+    ("gpu[1-2]-ib", ["gpu1-ib", "gpu2-ib"]),
+    ("r[1-2]n[1,3]", ["r1n1", "r1n3", "r2n1", "r2n3"]),
+    ("x[9-10]", ["x9", "x10"]),
+])
+def test_expand_nodelist(nodelist, hosts):
+    assert expand_nodelist(nodelist) == hosts
+
+
+@pytest.mark.parametrize("nodelist", ["", "n[1-3", "n]", "n[]", "n[a-b]", "n[3-1]", "a,,b"])
+def test_bad_nodelist(nodelist):
+    with pytest.raises(DmhpcError, match="SLURM node list"):
+        expand_nodelist(nodelist)
+
+
+def _executable(path: Path, text: str) -> Path:
+    path.write_text(text)
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def test_first_host_asks_scontrol_first_and_survives_a_broken_one(tmp_path):
+    # An scontrol that knows better than our expansion (what a site's real one does) ...
+    _executable(tmp_path / "scontrol", "#!/bin/sh\necho from-scontrol\necho other\n")
+    assert first_host("n[1-2]", {"PATH": str(tmp_path)}) == "from-scontrol"
+    # ... and one that cannot run here (no slurm.conf in a container): fall back to ours.
+    _executable(tmp_path / "scontrol", "#!/bin/sh\necho 'fatal: no configuration' >&2\nexit 1\n")
+    assert first_host("n[1-2]", {"PATH": str(tmp_path)}) == "n1"
+    assert first_host("n[7-8]", {"PATH": ""}) == "n7"
+
+
+def test_a_node_name_that_does_not_resolve_is_reached_at_its_node_addr(tmp_path):
+    assert node_address("localhost", {"PATH": ""}) == "localhost"  # resolves: slurmctld is not asked
+    _executable(tmp_path / "scontrol", "#!/bin/sh\necho 'NodeName=n1 Arch=x86_64 NodeAddr=10.1.2.3 NodeHostName=h1'\n")
+    assert node_address("n1", {"PATH": str(tmp_path)}) == "10.1.2.3"
+    assert node_address("n1", {"PATH": ""}) == "n1"  # nothing better to offer
+
+
+def test_every_launch_path_meets_at_the_same_rendezvous(tmp_path):
+    """slurm/lib.sh (torchrun's endpoint, srun mode's MASTER_*), the bootstrap of an srun task and
+    submitit's jobs (which call the same function as the bootstrap) agree on address and port."""
+    _executable(tmp_path / "scontrol", "#!/bin/sh\n[ \"$2\" = hostnames ] && echo n1 && echo n2 && exit 0\n"
+                                       "echo 'NodeName=n1 NodeAddr=10.1.2.3'\n")
+    job = {"SLURM_JOB_ID": "77777", "SLURM_JOB_NODELIST": "n[1-2]", "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    out = subprocess.run(["bash", "-c", f"source {ROOT}/slurm/lib.sh && dmhpc_rendezvous && "
+                                        "echo $DMHPC_RDZV_ADDR $DMHPC_RDZV_PORT"],
+                         env={**clean_env(), **job, "PYTHON": sys.executable}, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["10.1.2.3", str(29500 + 77777 % 2000)]
+    step = {**job, "SLURM_PROCID": "1", "SLURM_LOCALID": "0", "SLURM_STEP_NUM_TASKS": "2",
+            "SLURM_STEP_NODELIST": "n[1-2]"}
+    launch = detect_launch(step)
+    assert (launch.master_addr, launch.master_port) == ("10.1.2.3", 29500 + 77777 % 2000)
+    # no node list: one line, non-zero exit, so the batch script stops before srun
+    out = subprocess.run([sys.executable, "-m", "dmhpc.rendezvous"], env={**clean_env(), "SLURM_JOB_ID": "1"},
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "SLURM_JOB_NODELIST" in out.stderr
+    with pytest.raises(DmhpcError, match="MASTER_PORT: expected a port number, got 'x'"):
+        detect_launch({**step, "MASTER_PORT": "x"})

@@ -1,0 +1,95 @@
+"""Scaling studies (dmhpc/launch/scaling.py): validation, step-time and efficiency arithmetic, and a
+real study through submitit's debug executor."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.conftest import TINY, tiny_overrides
+from dmhpc.errors import DmhpcError
+from dmhpc.launch import launch_scaling, load_study, scaling_table, steady_step_time
+
+
+@pytest.fixture(scope="module")
+def data(make_domains):
+    """A pristine/noisy pair of 64 images each: 45 training rows, 11 steps of 4 per epoch."""
+    return make_domains(64)
+
+
+def test_scaling_study_problems_are_all_reported(tmp_path):
+    with pytest.raises(DmhpcError) as err:
+        load_study({"base": str(TINY), "out": str(tmp_path), "executor": "local", "models": ["resnet18", "vgg"],
+                    "nodes": [1], "gpus_per_node": [1, 3], "strong": {"global_batch": 8},
+                    "overrides": {"train.batch_size": 4}, "slurm": {"nodes": 2}})
+    lines = str(err.value).splitlines()
+    assert lines[0] == "<launch dict>: 3 problems, nothing submitted:", lines
+    assert "models: expected a non-empty list of distinct model names" in lines[1]
+    assert "overrides.train.batch_size: set by the launcher for every point: weak.batch_per_gpu" in lines[2]
+    assert "slurm.nodes: set by the study's nodes and gpus_per_node lists" in lines[3]
+    with pytest.raises(DmhpcError, match=r"point resnet18-strong-1x3: strong.global_batch 8 does not split evenly "
+                                         r"over 3 GPUs"):
+        load_study({"base": str(TINY), "out": str(tmp_path), "executor": "local", "models": ["resnet18"],
+                    "nodes": [1], "gpus_per_node": [1, 3], "strong": {"global_batch": 8}})
+
+
+def test_steady_step_time_excludes_the_first_epoch_and_weights_by_steps():
+    records = [{"kind": "step", "step": 1}, {"kind": "epoch", "step": 10, "step_time_s": 5.0},
+               {"kind": "epoch", "step": 20, "step_time_s": 1.0}, {"kind": "epoch", "step": 25, "step_time_s": 2.5}]
+    assert steady_step_time(records) == (pytest.approx((10 * 1.0 + 5 * 2.5) / 15), True)
+    assert steady_step_time(records[:2]) == (5.0, False)
+    t, excluded = steady_step_time([])
+    assert math.isnan(t) and not excluded
+
+
+def _row(model, mode, nodes, gpn, images):
+    return {"model": model, "mode": mode, "nodes": nodes, "gpus_per_node": gpn, "gpus": nodes * gpn,
+            "images_per_s": images}
+
+
+def test_scaling_table_speedup_and_efficiency():
+    rows = scaling_table([
+        # weak: per-GPU throughput 100 -> 90 -> 80: efficiency X(N) / (N X(1))
+        _row("resnet18", "weak", 1, 1, 100.0), _row("resnet18", "weak", 1, 2, 180.0),
+        _row("resnet18", "weak", 2, 2, 320.0),
+        # strong at global batch G: T(1) = 1.0 s, T(2) = 0.6 s -> X = 2G/T; S = T(1)/T(2), E = S/2
+        _row("resnet18", "strong", 1, 1, 2 * 64 / 1.0), _row("resnet18", "strong", 2, 1, 2 * 64 / 0.6),
+        # baseline = the fewest GPUs measured (2 here): efficiency relative to it
+        _row("resnet50", "weak", 1, 2, 50.0), _row("resnet50", "weak", 2, 2, 90.0),
+        _row("resnet50", "weak", 4, 2, math.nan),
+    ])
+    by = {(r["model"], r["mode"], r["gpus"]): r for r in rows}
+    assert by["resnet18", "weak", 2]["speedup"] == pytest.approx(1.8)
+    assert by["resnet18", "weak", 2]["efficiency"] == pytest.approx(0.9)
+    assert by["resnet18", "weak", 4]["efficiency"] == pytest.approx(0.8)
+    assert by["resnet18", "strong", 2]["speedup"] == pytest.approx(1.0 / 0.6)
+    assert by["resnet18", "strong", 2]["efficiency"] == pytest.approx(1.0 / (2 * 0.6))
+    assert by["resnet50", "weak", 2]["efficiency"] == 1.0
+    assert by["resnet50", "weak", 4]["speedup"] == pytest.approx(1.8)
+    assert by["resnet50", "weak", 4]["efficiency"] == pytest.approx(0.9)
+    assert math.isnan(by["resnet50", "weak", 8]["efficiency"])
+    assert [(r["model"], r["mode"], r["gpus"]) for r in rows][:3] == [
+        ("resnet18", "weak", 1), ("resnet18", "weak", 2), ("resnet18", "weak", 4)]
+
+
+def test_scaling_study_through_the_debug_executor(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    out = tmp_path / "scaling"
+    rows = launch_scaling({
+        "base": str(TINY), "out": str(out), "executor": "debug", "models": ["deepmerge2"], "nodes": [1],
+        "gpus_per_node": [1], "device": "cpu", "weak": {"batch_per_gpu": 4}, "epochs": 2,
+        "overrides": {k: v for k, v in tiny_overrides(data).items() if not k.startswith("train.")}})
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["model"], r["mode"], r["gpus"], r["global_batch"]) == ("deepmerge2", "weak", 1, 4)
+    assert r["status"] == "finished"
+    assert r["warmup_excluded"] is True and r["speedup"] == 1.0 and r["efficiency"] == 1.0
+    epochs = [json.loads(line) for line in (out / "deepmerge2-weak-1x1" / "metrics.jsonl").read_text().splitlines()]
+    epochs = [e for e in epochs if e["kind"] == "epoch"]
+    assert [e["epoch"] for e in epochs] == [0, 1]
+    assert r["step_time_s"] == pytest.approx(epochs[1]["step_time_s"])  # the first epoch is warm-up
+    assert r["images_per_s"] == pytest.approx(epochs[1]["images_per_s"], rel=1e-6)
+    assert r["staging_s"] > 0 and r["loader"] == "gpu-resident"
+    assert (out / "scaling.png").stat().st_size > 0 and "| deepmerge2 | weak | 1 |" in (out / "scaling.md").read_text()

@@ -1,0 +1,36 @@
+"""Learning-rate schedules (dmhpc/train/schedule.py) against hand-computed values."""
+
+from __future__ import annotations
+
+import pytest
+
+from dmhpc.train.schedule import lr_factor
+
+
+def _f(step, schedule, **kw):
+    from dmhpc.config import OptimConfig
+
+    optim = OptimConfig(schedule=schedule, lr=1e-3, **{k: float(v) if isinstance(v, int) and k != "warmup_steps" else v
+                                                     for k, v in kw.items()})
+    return lr_factor(step, optim, total_steps=100, steps_per_epoch=10)
+
+
+def test_warmup_cosine():
+    assert _f(0, "warmup-cosine", warmup_steps=10) == pytest.approx(0.1)
+    assert _f(9, "warmup-cosine", warmup_steps=10) == pytest.approx(1.0)
+    assert _f(55, "warmup-cosine", warmup_steps=10) == pytest.approx(0.5)
+    assert _f(100, "warmup-cosine", warmup_steps=10, min_lr=1e-4) == pytest.approx(0.1)
+
+
+def test_cyclic_is_the_originals_triangle_between_lr_over_10_and_lr():
+    # period 0.9 * cycle_epochs * steps_per_epoch = 18 steps
+    values = [_f(s, "cyclic", cycle_epochs=2) for s in range(37)]
+    assert values[0] == pytest.approx(0.1) and values[9] == pytest.approx(1.0) and values[18] == pytest.approx(0.1)
+    assert values[:18] == pytest.approx(values[18:36])
+    assert min(values) >= 0.1 - 1e-12 and max(values) <= 1.0 + 1e-12
+
+
+def test_inv_and_constant():
+    assert _f(0, "inv") == 1.0
+    assert _f(1000, "inv", gamma=0.001, power=0.75) == pytest.approx(2 ** -0.75)
+    assert _f(77, "constant") == 1.0

@@ -1,0 +1,51 @@
+"""Launch files as a whole (dmhpc/launch/spec.py): strings that would become lines of a batch
+script, and run directories that belong to another configuration."""
+
+from __future__ import annotations
+
+
+import pytest
+import yaml
+
+from tests.conftest import TINY
+from dmhpc.errors import DmhpcError
+from dmhpc.launch import load_grid
+
+
+@pytest.mark.parametrize("place, value", [
+    ("slurm", {"partition": "gpu\n#SBATCH --account=someone-else"}),
+    ("slurm", {"setup": ["module load cuda", "echo hi\rrm -rf ~"]}),
+    ("slurm", {"additional_parameters": {"comment": "a\tb"}}),
+    ("out", "runs/x\ny"),
+])
+def test_control_characters_in_launch_strings_are_refused(tmp_path, place, value):
+    """They used to reach the generated batch script as lines of their own."""
+    spec = {"base": str(TINY), "out": str(tmp_path), "executor": "slurm", "grid": {"seed": [0]}, place: value}
+    with pytest.raises(DmhpcError, match=r"<launch dict>: .*holds a control character") as info:
+        load_grid(spec)
+    assert place in str(info.value)
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    with pytest.raises(DmhpcError, match=rf"{path}: .*holds a control character"):
+        load_grid(path)
+
+
+def test_a_run_directory_of_another_configuration_is_refused(tmp_path):
+    """The trainer's own resume rule (RunDir), applied before anything is submitted."""
+    spec = {"base": str(TINY), "out": str(tmp_path), "executor": "local", "grid": {"seed": [0]}}
+    point = load_grid(spec).points[0]
+    from dmhpc.config import save_config
+    from dmhpc.train.checkpoint import save_checkpoint
+
+    save_config(point.config, point.run_dir / "config.yaml")
+    save_checkpoint(point.run.checkpoint("last"), {"step": 1})
+    assert load_grid(spec).points[0].config == point.config  # the same configuration: resumable
+    assert load_grid({**spec, "overrides": {"train.epochs": 7}})  # a longer run resumes too
+    with pytest.raises(DmhpcError, match=r"seed=0: .*config.yaml: the run was trained with another configuration: "
+                                         r"optim\.lr 0\.001 -> 0\.5"):
+        load_grid({**spec, "overrides": {"optim.lr": 0.5}})
+    other = tmp_path / "other"
+    (other / "seed=0").mkdir(parents=True)
+    (other / "seed=0" / "notes.txt").write_text("mine")
+    with pytest.raises(DmhpcError, match=r"seed=0: run.dir .*: exists and is not a dmhpc run \(it holds 'notes.txt'\)"):
+        load_grid({**spec, "out": str(other)})
