@@ -135,6 +135,7 @@ def test_progress_bars_on_a_terminal_and_none_in_logs(data, tmp_path):
     code, out, shown = _on_a_terminal(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1")])
     assert code == 0, shown
     assert "epoch 0:" in shown and ("step/s" in shown or "s/step" in shown), shown  # rate and ETA
+    assert "img_s=" in shown and "loss=" in shown, shown
     assert "test pristine:" in shown and "img" in shown, shown  # the final evaluation
     assert "\r" not in out  # stdout (the job log) gets lines only
     code, out, shown = _on_a_terminal(["predict", "--run", str(run), "--data", str(data / "noisy"),

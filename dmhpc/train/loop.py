@@ -127,7 +127,10 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                             log.write({"kind": "step", "step": prog.step, "epoch": prog.epoch,
                                        "lr_scale": step.lr_scale(prog.step - 1), "grl": step.grl(prog.step - 1),
                                        "loss": losses}, prog.step)
-                            bar.set_postfix(loss=f"{losses['total']:.4g}", refresh=False)
+                            if not bar.disable:  # on a terminal: the images/s of the whole job, and the loss
+                                rate = bar.format_dict["rate"] or 0.0
+                                bar.set_postfix(loss=f"{losses['total']:.4g}", refresh=False,
+                                                img_s=f"{rate * 2 * cfg.train.batch_size * dist.world_size:.0f}")
                     if stop.should_stop():  # the same answer on every rank, so all stop after this step
                         stopped = True
                         break
