@@ -255,9 +255,14 @@ class TrainConfig:
 class SelectConfig:
     # Which evaluation picks best.pt: "source-val-acc" (the original); label-free validators on the
     # target validation split: "im" (information maximization), "snd" (soft neighbourhood density),
-    # "dev" (deep embedded validation); "oracle-target-acc" uses target labels, and results
-    # selected with it are marked as oracle.
+    # "dev" (deep embedded validation), "bnm" (batch nuclear norm), "entropy" (minus the mean
+    # prediction entropy); "oracle-target-acc" uses target labels, and results selected with it are
+    # marked as oracle.
     criterion: str = _key("source-val-acc", choice(*CRITERIA))
+    # Also score every label-free criterion at each evaluation, and evaluate the target's test split
+    # beside them (for reporting only: nothing is chosen with it): what a study's validator table
+    # compares with the oracle (dmhpc/launch/validators.py). Costs a test pass per evaluation.
+    all_validators: bool = _key(False, boolean())
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,10 @@ MODEL_NAMES = ("deepmerge", "deepmerge2", "resnet18", "resnet34", "resnet50", "r
 
 # Model-selection criteria, and whether each reads target labels (an oracle, marked as such in
 # every output; refused on an unlabelled target).
-CRITERIA = {"source-val-acc": False, "im": False, "snd": False, "dev": False, "oracle-target-acc": True}
+CRITERIA = {"source-val-acc": False, "im": False, "snd": False, "dev": False, "bnm": False, "entropy": False,
+            "oracle-target-acc": True}
+# The criteria that read no target label: what a study's validator table compares with the oracle.
+LABEL_FREE = tuple(name for name, oracle in CRITERIA.items() if not oracle)
 
 # The two domains of a run, in the order every pair of them is written.
 DOMAINS = ("source", "target")

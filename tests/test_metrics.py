@@ -7,8 +7,10 @@ import math
 import numpy as np
 import pytest
 
-from dmhpc.train.metrics import (classification_metrics, deep_embedded_validation, information_maximization,
-                                 selection_score, soft_neighborhood_density)
+from dmhpc.names import LABEL_FREE
+from dmhpc.train.metrics import (batch_nuclear_norm, classification_metrics, deep_embedded_validation,
+                                 information_maximization, negative_entropy, selection_score,
+                                 soft_neighborhood_density, validator_scores)
 
 
 def test_classification_metrics_by_hand():
@@ -62,6 +64,28 @@ def test_selection_uses_target_labels_only_for_the_oracle():
     assert selection_score("source-val-acc", {"source": s, "target": t}) == 1.0
     assert selection_score("oracle-target-acc", {"source": s, "target": t}) == 0.0
     t_relabelled = dict(t, labels=np.array([0, 0]))
-    for criterion in ("im", "snd"):
+    for criterion in ("im", "snd", "bnm", "entropy"):
         assert selection_score(criterion, {"source": s, "target": t}) == \
             selection_score(criterion, {"source": s, "target": t_relabelled})
+
+
+def test_every_label_free_validator_is_scored_and_none_reads_target_labels():
+    rng = np.random.default_rng(1)
+    s = {"labels": np.arange(40) % 2, "prob": rng.dirichlet([1, 1], 40), "features": rng.normal(size=(40, 3))}
+    t = {"labels": np.arange(40) % 2, "prob": rng.dirichlet([1, 1], 40), "features": rng.normal(size=(40, 3))}
+    scores = validator_scores({"source": s, "target": t})
+    assert set(scores) == set(LABEL_FREE) == {"source-val-acc", "im", "snd", "dev", "bnm", "entropy"}
+    flipped = validator_scores({"source": s, "target": dict(t, labels=1 - t["labels"])})
+    assert scores == flipped
+
+
+def test_batch_nuclear_norm_and_entropy_by_hand():
+    confident_balanced = np.array([[1.0, 0.0], [0.0, 1.0]] * 8)
+    collapsed = np.array([[1.0, 0.0]] * 16)
+    uncertain = np.full((16, 2), 0.5)
+    # singular values sqrt(8), sqrt(8) -> 2 sqrt(8) / sqrt(16) = sqrt(2); one of sqrt(16) -> 1; one of sqrt(8) -> 1/sqrt(2)
+    assert batch_nuclear_norm(confident_balanced) == pytest.approx(math.sqrt(2))
+    assert batch_nuclear_norm(collapsed) == pytest.approx(1.0)
+    assert batch_nuclear_norm(uncertain) == pytest.approx(1 / math.sqrt(2))
+    assert negative_entropy(uncertain) == pytest.approx(-math.log(2))
+    assert negative_entropy(collapsed) == pytest.approx(0.0, abs=1e-9)

@@ -148,6 +148,19 @@ def test_progress_bars_on_a_terminal_and_none_in_logs(data, tmp_path):
     assert proc.returncode == 0 and "\r" not in proc.stderr + proc.stdout and "img/s" not in proc.stderr
 
 
+def test_all_validators_are_scored_each_evaluation_beside_the_target_test_accuracy(data, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=2",
+                                                            "select.all_validators=true")]) == 0
+    epochs = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "epoch"]
+    assert len(epochs) == 2
+    for r in epochs:
+        assert set(r["validators"]) == {"source-val-acc", "im", "snd", "dev", "bnm", "entropy"}
+        assert all(math.isfinite(v) for v in r["validators"].values())
+        assert r["validators"]["source-val-acc"] == r["selection"]["score"] == r["source"]["val"]["accuracy"]
+        assert r["target"]["test"]["n"] == 160 - 112 - 16 and 0 <= r["target"]["test"]["accuracy"] <= 1
+
+
 def test_da_terms_are_logged(data, tmp_path):
     run = tmp_path / "run"
     assert main(["train", "--config", str(TINY), *_overrides(

@@ -55,6 +55,7 @@ from dmhpc.data.shards import is_labelled, load_manifest
 from dmhpc.errors import DmhpcError
 from dmhpc.launch.leaderboard import write_leaderboard
 from dmhpc.launch.summary import write_summary
+from dmhpc.launch.validators import write_validators
 from dmhpc.checks import Problems, boolean, choice, integer, number, show, take, text, unknown_keys
 from dmhpc.launch.spec import (Point, check_existing_runs, check_point_problems, dotted_keys, point_problem,
                                read_launch_file, resolve_point)
@@ -351,6 +352,9 @@ def _write_tables(g: Grid, failures: Mapping[str, str]) -> list[dict]:
     print(f"dmhpc launch: leaderboard in {g.out / 'leaderboard.md'} and leaderboard.csv", flush=True)
     if write_summary(g.out, g.points, gap=g.gap):
         print(f"dmhpc launch: mean ± std over seeds in {g.out / 'summary.md'} and summary.csv", flush=True)
+    if write_validators(g.out, g.points):
+        print(f"dmhpc launch: label-free selection against the oracle in {g.out / 'validators.md'} and "
+              f"validators.csv", flush=True)
     return rows
 
 

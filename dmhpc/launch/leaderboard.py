@@ -18,6 +18,7 @@ import math
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from dmhpc.files import atomic_path, atomic_write
 from dmhpc.launch.spec import Point
 from dmhpc.run import RunDir
 from dmhpc.names import CRITERIA, REPORTED_METRICS
@@ -104,7 +105,7 @@ def write_leaderboard(out: Path, points: Iterable[Point], failed: Mapping[str, s
 
     columns = ["rank", "point", "status", "criterion", "score", "oracle", "epoch", *keys,
                *(f"source_{m}" for m in REPORTED_METRICS), *(f"target_{m}{REPORT_ONLY}" for m in REPORTED_METRICS), "run_dir"]
-    with (out / "leaderboard.csv").open("w", newline="") as f:
+    with atomic_path(out / "leaderboard.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         for row in rows:
@@ -130,5 +131,5 @@ def write_leaderboard(out: Path, points: Iterable[Point], failed: Mapping[str, s
                      f"| {_fmt(r.get('source_accuracy'), 3)} | {_fmt(r.get('source_roc_auc'), 3)} "
                      f"| {_fmt(r.get('target_accuracy'), 3)} | {_fmt(r.get('target_roc_auc'), 3)} "
                      f"| {_fmt(r.get('target_f1'), 3)} | {r['status']} |")
-    (out / "leaderboard.md").write_text("\n".join(lines) + "\n")
+    atomic_write(out / "leaderboard.md", "\n".join(lines) + "\n")
     return rows

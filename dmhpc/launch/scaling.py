@@ -46,6 +46,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
+from dmhpc.files import atomic_path, atomic_write
 from dmhpc.names import MODEL_NAMES
 from dmhpc.errors import DmhpcError
 from dmhpc.checks import Problems, choice, distinct_list, integer, show, take, text, unknown_keys
@@ -230,7 +231,7 @@ def _fmt(value) -> str:
 def write_scaling(out: Path, rows: list[dict], device: str) -> None:
     """OUT/scaling.csv, OUT/scaling.md and OUT/scaling.png."""
     out.mkdir(parents=True, exist_ok=True)
-    with (out / "scaling.csv").open("w", newline="") as f:
+    with atomic_path(out / "scaling.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, COLUMNS)
         writer.writeheader()
         for r in rows:
@@ -249,7 +250,7 @@ def write_scaling(out: Path, rows: list[dict], device: str) -> None:
         lines.append("| " + " | ".join(_fmt(r[c]) for c in (
             "model", "mode", "nodes", "gpus_per_node", "gpus", "batch_per_gpu", "global_batch", "step_time_s",
             "images_per_s", "images_per_s_per_gpu", "speedup", "efficiency", "staging_s", "warmup_excluded")) + " |")
-    (out / "scaling.md").write_text("\n".join(lines) + "\n")
+    atomic_write(out / "scaling.md", "\n".join(lines) + "\n")
     from dmhpc.plots import scaling_curves
 
     scaling_curves(rows, out / "scaling.png", unit)

@@ -38,9 +38,11 @@ from typing import Any, Mapping
 
 import submitit
 
-from dmhpc.checks import Check, Problems, boolean, integer, mapping, number, optional, show, take, text, text_list, unknown_keys
+from dmhpc.checks import (Check, Problems, boolean, integer, mapping, number, optional, show, take, text, text_list,
+                          unknown_keys)
 from dmhpc.config import config_to_dict
 from dmhpc.errors import DmhpcError
+from dmhpc.files import atomic_write
 from dmhpc.launch.spec import Point
 from dmhpc.rendezvous import slurm_rendezvous
 
@@ -293,7 +295,7 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
         print(f"dmhpc launch: {kind} job{' array' if kind == 'slurm' else 's'} {ids}: {len(group)} point(s), "
               f"{res.nodes} node(s) x {res.tasks_per_node} task(s) each", flush=True)
     if kind == "slurm":
-        (folder / JOBS_FILE).write_text(json.dumps(recorded, indent=1) + "\n")
+        atomic_write(folder / JOBS_FILE, json.dumps(recorded, indent=1) + "\n")
     print(f"dmhpc launch: {len(points)} point(s): {finished} finished, {attached} still queued, "
           f"{len(jobs) - attached} submitted; logs in {folder}", flush=True)
     return jobs

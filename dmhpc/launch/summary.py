@@ -21,6 +21,7 @@ import statistics
 from pathlib import Path
 from typing import Iterable
 
+from dmhpc.files import atomic_path, atomic_write
 from dmhpc.launch.spec import Point
 from dmhpc.names import DOMAINS, REPORTED_METRICS
 
@@ -88,7 +89,7 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
     columns = [*keys, "runs", "finished", "seeds", "oracle", "trained_on_target",
                *(f"{d}_{m}_{s}" for d in DOMAINS for m in REPORTED_METRICS for s in ("mean", "std")),
                "target_accuracy_per_seed", *(["gap_closed"] if gap else [])]
-    with (out / "summary.csv").open("w", newline="") as f:
+    with atomic_path(out / "summary.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         for row in rows:
@@ -122,5 +123,5 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
             cells.append("" if math.isnan(r["gap_closed"]) else f"{r['gap_closed']:.0%}")
         cells.append(", ".join(f"{a:.3f} (seed {s})" for s, a in zip(r["seeds"], r["target_accuracy_per_seed"])))
         lines.append("| " + " | ".join(cells) + " |")
-    (out / "summary.md").write_text("\n".join(lines) + "\n")
+    atomic_write(out / "summary.md", "\n".join(lines) + "\n")
     return rows

@@ -29,7 +29,7 @@ from dmhpc.train import preflight
 from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, StopRequest, load_checkpoint, save_checkpoint
 from dmhpc.train.evaluate import evaluate_run, format_table, predict
 from dmhpc.train.meter import EpochMeter
-from dmhpc.train.metrics import MetricLog, domain_metrics, selection_score
+from dmhpc.train.metrics import MetricLog, domain_metrics, selection_score, validator_scores
 from dmhpc.train.state import TrainState
 from dmhpc.train.step import TrainStep, set_determinism
 
@@ -106,6 +106,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
 
     # --- the epoch loop -----------------------------------------------------------------------------
     criterion, stopped = cfg.select.criterion, False
+    with_features = criterion == "dev" or cfg.select.all_validators
     try:
         # The batches' row counts never change: the global-scope losses exchange them once.
         with StopRequest(cfg.train.signals) as stop, stable_rows():
@@ -153,12 +154,18 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                 epoch_done = prog.step_in_epoch >= steps_per_epoch
                 if prog.step >= total_steps or (epoch_done and (prog.epoch + 1) % cfg.train.eval_every == 0):
                     val = {d: predict(state.model.backbone, dirs[d], "val", batch_size=2 * cfg.train.batch_size,
-                                      dist=dist, mean=stats[d][0], std=stats[d][1], with_features=criterion == "dev")
+                                      dist=dist, mean=stats[d][0], std=stats[d][1], with_features=with_features)
                            for d in dirs}
                     for d in dirs:
                         record[d]["val"] = domain_metrics(val[d]["labels"], val[d]["prob"])
                     score = selection_score(criterion, val)
                     record["selection"] = {"criterion": criterion, "score": score}
+                    if cfg.select.all_validators:  # for the study's validator table; chooses nothing
+                        record["validators"] = validator_scores(val)
+                        test = predict(state.model.backbone, dirs["target"], "test", dist=dist,
+                                       batch_size=2 * cfg.train.batch_size, mean=stats["target"][0],
+                                       std=stats["target"][1])
+                        record["target"]["test"] = domain_metrics(test["labels"], test["prob"])
                     if score > prog.best_score:
                         prog.best_score, prog.evals_since_best = score, 0
                         checkpoint("best", meter, {"criterion": criterion, "score": score, "epoch": prog.epoch})

@@ -10,6 +10,8 @@ import math
 
 import numpy as np
 
+from dmhpc.names import LABEL_FREE
+
 
 def classification_metrics(labels: np.ndarray, prob: np.ndarray) -> dict:
     """Accuracy, precision, recall, F1, ROC AUC, Brier score and confusion matrix.
@@ -89,6 +91,21 @@ def soft_neighborhood_density(prob: np.ndarray, temperature: float = 0.05) -> fl
     return float(-(w * np.log(np.clip(w, 1e-12, 1.0))).sum(axis=1).mean())
 
 
+def batch_nuclear_norm(prob: np.ndarray) -> float:
+    """BNM validator (Cui et al. 2020; Musgrave et al. 2022): the nuclear norm of the (n, classes)
+    prediction matrix over sqrt(n) (its largest value, sqrt(min(n, classes)), for confident predictions
+    spread evenly over the classes). Higher is better: confident and diverse at once."""
+    p = np.asarray(prob, dtype=np.float64)
+    return float(np.linalg.norm(p, "nuc") / math.sqrt(max(len(p), 1)))
+
+
+def negative_entropy(prob: np.ndarray) -> float:
+    """ENT validator: minus the mean prediction entropy (nats). Higher is better: confident target
+    predictions; blind to a collapse onto one class, which IM and BNM penalise."""
+    q = np.clip(np.asarray(prob, dtype=np.float64), 1e-12, 1.0)
+    return float((q * np.log(q)).sum(axis=1).mean())
+
+
 def deep_embedded_validation(source: dict, target: dict, seed: int = 0) -> float:
     """DEV validator (You et al. 2019), negated so that higher is better.
 
@@ -133,7 +150,16 @@ def selection_score(criterion: str, val: dict) -> float:
         return soft_neighborhood_density(t["prob"])
     if criterion == "dev":
         return deep_embedded_validation(s, t)
+    if criterion == "bnm":
+        return batch_nuclear_norm(t["prob"])
+    if criterion == "entropy":
+        return negative_entropy(t["prob"])
     raise ValueError(f"unknown selection criterion {criterion!r}")
+
+
+def validator_scores(val: dict) -> dict[str, float]:
+    """Every label-free criterion's score on the same validation predictions (features included)."""
+    return {name: selection_score(name, val) for name in LABEL_FREE}
 
 
 class MetricLog:

@@ -1,0 +1,162 @@
+"""How well label-free model selection does on a study: OUT/validators.csv and OUT/validators.md.
+
+On a real survey there are no target labels to choose a checkpoint with, so a study checks the
+label-free criteria where it can: runs trained with `select.all_validators: true` score every
+label-free criterion (dmhpc.names.LABEL_FREE) at every evaluation and record the target's test
+accuracy beside them, for reporting only. For each domain pair (data.source -> data.target) and
+criterion, the table gives, over the runs not trained on the target:
+
+- checkpoint: the target test accuracy of the epoch the criterion picks in each run, the same for
+  the oracle's pick (the highest target *validation* accuracy), and the loss in points (oracle
+  minus criterion), averaged over runs;
+- method: among the methods of one setting (the same seed and other values), the run whose picked
+  checkpoint scores highest, its target test accuracy against the oracle's choice of run, and the
+  loss in points, averaged over settings; the method picked most often;
+- the Spearman rank correlation of the criterion with target test accuracy over every checkpoint
+  of every run, and its mean within a run.
+
+Musgrave, Belongie & Lim (arXiv:2111.15672, 2208.07360): validators often track target accuracy
+poorly, and the choice of validator moves results more than the choice of method; report both views.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+from dmhpc.files import atomic_path, atomic_write
+from dmhpc.launch.spec import Point
+from dmhpc.names import LABEL_FREE
+
+ORACLE = "oracle (target val acc)"
+COLUMNS = ("pair", "criterion", "runs", "checkpoints", "checkpoint_target_acc", "checkpoint_oracle_acc",
+           "checkpoint_loss_points", "method_target_acc", "method_oracle_acc", "method_loss_points",
+           "method_picked", "spearman_all", "spearman_within_run")
+
+
+def _checkpoints(point: Point) -> list[dict]:
+    """The run's evaluations that scored every validator: {criterion: score, ..., ORACLE, "test"}."""
+    out = []
+    for r in point.run.read_log():
+        if r.get("kind") != "epoch" or "validators" not in r:
+            continue
+        test = r.get("target", {}).get("test", {}).get("accuracy")
+        oracle = r.get("target", {}).get("val", {}).get("accuracy")
+        if not isinstance(test, (int, float)) or not isinstance(oracle, (int, float)):
+            continue  # an unlabelled target: nothing to check the validators against
+        out.append({**r["validators"], ORACLE: oracle, "test": test, "epoch": r["epoch"]})
+    return out
+
+
+def _pick(checkpoints: list[dict], criterion: str) -> dict | None:
+    """The checkpoint with the highest finite score (the first of equals: the trainer keeps the first)."""
+    scored = [c for c in checkpoints if isinstance(c.get(criterion), (int, float)) and math.isfinite(c[criterion])]
+    return max(scored, key=lambda c: c[criterion]) if scored else None
+
+
+def _spearman(x: list[float], y: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return math.nan
+    return float(spearmanr(x, y).statistic)
+
+
+def _mean(values: list[float]) -> float:
+    values = [v for v in values if not math.isnan(v)]
+    return statistics.fmean(values) if values else math.nan
+
+
+def validator_rows(points: Iterable[Point]) -> list[dict]:
+    """One row per (domain pair, criterion); see the module docstring. [] when no run scored validators."""
+    runs: dict[str, list[tuple[Point, list[dict]]]] = {}
+    for p in points:
+        if p.config.data.source == p.config.data.target:
+            continue  # a target oracle has no source domain to adapt from
+        checkpoints = _checkpoints(p)
+        if checkpoints:
+            pair = f"{Path(p.config.data.source).name} -> {Path(p.config.data.target).name}"
+            runs.setdefault(pair, []).append((p, checkpoints))
+    rows = []
+    for pair, members in runs.items():
+        settings: dict[tuple, list[tuple[Point, list[dict]]]] = {}
+        for p, checkpoints in members:
+            key = tuple((k, str(v)) for k, v in p.values.items() if k != "method")
+            settings.setdefault(key, []).append((p, checkpoints))
+        for criterion in (*LABEL_FREE, ORACLE):
+            chosen, oracle_chosen, within = [], [], []
+            xs, ys = [], []
+            for _, checkpoints in members:
+                pick, best = _pick(checkpoints, criterion), _pick(checkpoints, ORACLE)
+                if pick is not None and best is not None:
+                    chosen.append(pick["test"])
+                    oracle_chosen.append(best["test"])
+                scored = [c for c in checkpoints if math.isfinite(c.get(criterion, math.nan))]
+                xs += [c[criterion] for c in scored]
+                ys += [c["test"] for c in scored]
+                within.append(_spearman([c[criterion] for c in scored], [c["test"] for c in scored]))
+            method_acc, method_oracle, picked = [], [], Counter()
+            for setting in settings.values():
+                if len(setting) < 2:
+                    continue  # one method: nothing to choose between
+                picks = [(p, _pick(c, criterion), _pick(c, ORACLE)) for p, c in setting]
+                picks = [(p, a, b) for p, a, b in picks if a is not None and b is not None]
+                if not picks:
+                    continue
+                p_c, a_c, _ = max(picks, key=lambda t: t[1][criterion])
+                _, _, b_o = max(picks, key=lambda t: t[2][ORACLE])
+                method_acc.append(a_c["test"])
+                method_oracle.append(b_o["test"])
+                picked[str(p_c.values.get("method", p_c.name))] += 1
+            row = {
+                "pair": pair, "criterion": criterion, "runs": len(members),
+                "checkpoints": len(xs),
+                "checkpoint_target_acc": _mean(chosen), "checkpoint_oracle_acc": _mean(oracle_chosen),
+                "method_target_acc": _mean(method_acc), "method_oracle_acc": _mean(method_oracle),
+                "method_picked": ", ".join(f"{m} ({n})" for m, n in picked.most_common()),
+                "spearman_all": _spearman(xs, ys), "spearman_within_run": _mean(within),
+            }
+            row["checkpoint_loss_points"] = 100 * (row["checkpoint_oracle_acc"] - row["checkpoint_target_acc"])
+            row["method_loss_points"] = 100 * (row["method_oracle_acc"] - row["method_target_acc"])
+            rows.append(row)
+    return rows
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def write_validators(out: Path, points: Iterable[Point]) -> list[dict]:
+    """Write OUT/validators.csv and OUT/validators.md when any run scored every validator."""
+    rows = validator_rows(points)
+    if not rows:
+        return []
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(out / "validators.csv") as tmp, tmp.open("w", newline="") as f:
+        writer = csv.DictWriter(f, COLUMNS)
+        writer.writeheader()
+        writer.writerows({c: _fmt(r[c], 6) for c in COLUMNS} for r in rows)
+    lines = [f"# Label-free selection against the oracle: {out}", "",
+             "Target test accuracy of the checkpoint each criterion picks in each run (mean over runs), of the "
+             "run it picks among the methods of one seed (mean over seeds), and the oracle's picks (highest "
+             "target validation accuracy); loss = oracle − criterion, in points. ρ: Spearman rank "
+             "correlation of the criterion with target test accuracy over all checkpoints, and its mean "
+             "within a run. Target labels were used for this table only, never to train or choose.", ""]
+    header = ["pair", "criterion", "runs", "checkpoints", "checkpoint: target acc", "oracle", "loss (pts)",
+              "method: target acc", "oracle", "loss (pts)", "methods picked", "ρ all", "ρ within run"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["pair"], r["criterion"], str(r["runs"]), str(r["checkpoints"]), _fmt(r["checkpoint_target_acc"]),
+            _fmt(r["checkpoint_oracle_acc"]), _fmt(r["checkpoint_loss_points"], 1), _fmt(r["method_target_acc"]),
+            _fmt(r["method_oracle_acc"]), _fmt(r["method_loss_points"], 1), r["method_picked"],
+            _fmt(r["spearman_all"], 2), _fmt(r["spearman_within_run"], 2)]) + " |")
+    atomic_write(out / "validators.md", "\n".join(lines) + "\n")
+    return rows

@@ -1,0 +1,64 @@
+"""The validator table of a study (dmhpc/launch/validators.py) on hand-made run logs with known answers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.conftest import TINY
+from dmhpc.launch import load_grid, write_validators
+from dmhpc.names import LABEL_FREE
+
+
+def _log(point, source_acc, im, target_val, target_test):
+    """A run's metrics.jsonl: one evaluation per epoch with every validator scored."""
+    point.run_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for epoch, (s, i, v, t) in enumerate(zip(source_acc, im, target_val, target_test)):
+        validators = {name: 0.5 for name in LABEL_FREE} | {"source-val-acc": s, "im": i}
+        records.append({"kind": "epoch", "epoch": epoch, "validators": validators,
+                        "source": {"val": {"accuracy": s}},
+                        "target": {"val": {"accuracy": v}, "test": {"accuracy": t}}})
+    (point.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_each_criterion_against_the_oracle_by_checkpoint_by_method_and_by_rank(tmp_path):
+    spec = {"out": str(tmp_path / "out"), "executor": "local", "grid": {"seed": [1]},
+            "methods": {"plain": {"base": str(TINY)},
+                        "mmd": {"base": str(TINY), "overrides": {"loss.transfer": "mmd"}},
+                        "oracle": {"base": str(TINY), "overrides": {"data.source": "data/embedded/shards/noisy"}}}}
+    points = {p.values["method"]: p for p in load_grid(spec).points}
+    _log(points["plain"], [0.9, 0.8, 0.7], [0.1, 0.2, 0.3], [0.5, 0.6, 0.7], [0.55, 0.65, 0.75])
+    _log(points["mmd"], [0.6, 0.7, 0.65], [0.35, 0.2, 0.1], [0.8, 0.7, 0.6], [0.8, 0.7, 0.6])
+    _log(points["oracle"], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [0.9, 0.9, 0.9], [0.9, 0.9, 0.9])  # trained on target
+    rows = {r["criterion"]: r for r in write_validators(tmp_path / "out", points.values())}
+    assert set(rows) == {*LABEL_FREE, "oracle (target val acc)"}
+
+    src = rows["source-val-acc"]
+    assert src["pair"] == "pristine -> noisy" and src["runs"] == 2 and src["checkpoints"] == 6
+    # plain picks epoch 0 (test 0.55), mmd epoch 1 (0.70); the oracle epochs 2 (0.75) and 0 (0.80)
+    assert src["checkpoint_target_acc"] == pytest.approx(0.625)
+    assert src["checkpoint_oracle_acc"] == pytest.approx(0.775)
+    assert src["checkpoint_loss_points"] == pytest.approx(15.0)
+    # between methods: source accuracy prefers plain (0.9 > 0.7) at 0.55; the oracle mmd at 0.80
+    assert (src["method_target_acc"], src["method_oracle_acc"]) == pytest.approx((0.55, 0.80))
+    assert src["method_loss_points"] == pytest.approx(25.0) and src["method_picked"] == "plain (1)"
+    assert src["spearman_within_run"] == pytest.approx((-1.0 + -0.5) / 2)
+
+    im = rows["im"]  # IM tracks target accuracy here: no loss either way
+    assert im["checkpoint_loss_points"] == pytest.approx(0.0) and im["method_loss_points"] == pytest.approx(0.0)
+    assert im["method_picked"] == "mmd (1)" and im["spearman_within_run"] == pytest.approx(1.0)
+    assert rows["oracle (target val acc)"]["checkpoint_loss_points"] == pytest.approx(0.0)
+    assert math.isnan(rows["snd"]["spearman_all"])  # a constant score ranks nothing
+
+    md = (tmp_path / "out" / "validators.md").read_text()
+    assert "| pristine -> noisy | source-val-acc | 2 | 6 | 0.625 | 0.775 | 15.0 | 0.550 | 0.800 | 25.0 | plain (1) |" in md
+    assert (tmp_path / "out" / "validators.csv").read_text().startswith("pair,criterion,runs,")
+
+
+def test_no_table_without_runs_that_scored_every_validator(tmp_path):
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "grid": {"seed": [1, 2]}}
+    assert write_validators(tmp_path / "out", load_grid(spec).points) == []
+    assert not (tmp_path / "out" / "validators.md").exists()
