@@ -130,7 +130,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                                        "loss": losses}, prog.step)
                             if not bar.disable:  # on a terminal: the images/s of the whole job, and the loss
                                 rate = bar.format_dict["rate"] or 0.0
-                                bar.set_postfix(loss=f"{losses['total']:.4g}", refresh=False,
+                                # drawn now, once per log_every steps: a short epoch may end before tqdm's next redraw
+                                bar.set_postfix(loss=f"{losses['total']:.4g}",
                                                 img_s=f"{rate * 2 * cfg.train.batch_size * dist.world_size:.0f}")
                     if stop.should_stop():  # the same answer on every rank, so all stop after this step
                         stopped = True
