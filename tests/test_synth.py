@@ -330,3 +330,66 @@ def test_a_failure_mid_run_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(DmhpcError):
         synth.synthesize(existing, 4, SEED)
     assert list(existing.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- the survey-like domain
+
+SURVEY_FILES = ("survey_X.npy", "survey_y.npy", "survey_objects.npy")
+
+
+@pytest.fixture(scope="module")
+def with_survey(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "survey"
+    synth.synthesize(out, N_PER_CLASS, SEED, survey=True)
+    return out
+
+
+def test_the_survey_domain_is_other_galaxies_and_leaves_the_pair_unchanged(serial, with_survey):
+    for name in FILES[:-1]:  # the simulated pair: the same bytes with or without --survey
+        assert (serial / name).read_bytes() == (with_survey / name).read_bytes(), name
+    images, labels = np.load(with_survey / "survey_X.npy"), np.load(with_survey / "survey_y.npy")
+    objects = np.load(with_survey / "survey_objects.npy")
+    n = 2 * N_PER_CLASS
+    assert images.shape == (n, 3, 75, 75) and images.dtype == np.float32 and np.isfinite(images).all()
+    assert set(np.unique(labels)) <= {0, 1} and labels.dtype == np.int64
+    assert list(objects) == list(range(n, 2 * n))  # no id shared with the simulated objects
+    meta = json.loads((with_survey / "meta.json").read_text())["survey"]
+    assert [f["name"] for f in meta["filters"]] == ["g", "r", "i"] and meta["zero_point_ab"] == 27.0
+    # not the pristine images blurred: another galaxy at another place, in other units
+    pristine = np.load(with_survey / "pristine_X.npy")
+    assert not any(np.corrcoef(images[k, 2].ravel(), pristine[k, 2].ravel())[0, 1] > 0.9 for k in range(n))
+
+
+def test_survey_population_and_observation_differ_as_documented():
+    labels = [scenes.survey_label(np.random.default_rng(s)) for s in np.random.SeedSequence(1).spawn(4000)]
+    assert np.mean(labels) == pytest.approx(0.3, abs=0.03)  # not the simulation's 50/50
+    # a red bulge (F814W - F160W = 2.3) is fainter in g than in i; a blue disk (0.8) less so
+    bulge = scenes.survey_fluxes(np.array([10 ** (-0.4 * 2.3), 1.0, 1.0]), 0.0)
+    disk = scenes.survey_fluxes(np.array([10 ** (-0.4 * 0.8), 1.0, 1.0]), 0.0)
+    assert bulge[0] / bulge[2] < disk[0] / disk[2] < 1.0
+    # counts (zero point 27) instead of 10 nJy (28.9): a source of the same magnitude reads 5.75x less
+    flat = scenes.survey_fluxes(np.array([1.0, 1.0, 1.0]), 0.0)
+    assert flat[2] == pytest.approx(10 ** (-0.4 * 1.9) * (770 / 814) ** 0.0, rel=1e-6)
+    rng = np.random.default_rng(0)
+    blank = scenes.observe_survey(np.zeros((3, scenes.SURVEY_NATIVE, scenes.SURVEY_NATIVE), np.float32), rng)
+    sigma = scenes.survey_noise_sigma()
+    # resampling correlates the noise and lowers its per-pixel spread, never raises it
+    assert 0.4 * sigma < blank.std() < sigma
+
+
+def test_workers_and_ranks_give_the_same_survey_bytes(with_survey, tmp_path):
+    out = tmp_path / "workers"
+    result = _cli("--out", str(out), "--n-per-class", str(N_PER_CLASS), "--seed", str(SEED), "--survey",
+                  "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    for name in (*FILES, *SURVEY_FILES):
+        assert (out / name).read_bytes() == (with_survey / name).read_bytes(), name
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        return
+    out = tmp_path / "mpi"
+    result = _cli("--out", str(out), "--n-per-class", str(N_PER_CLASS), "--seed", str(SEED), "--survey",
+                  launcher=(mpiexec, "-n", "2"))
+    assert result.returncode == 0, result.stderr
+    for name in (*FILES, *SURVEY_FILES):
+        assert (out / name).read_bytes() == (with_survey / name).read_bytes(), name

@@ -332,3 +332,100 @@ def observe(pristine: np.ndarray, rng: np.random.Generator, sb_limit: float) -> 
         mean = g * (np.maximum(pristine[i].astype(np.float64), 0.0) + sky)
         out[i] = rng.poisson(mean) / g - sky
     return out
+
+
+# ----------------------------------------------------------------------------- a survey-like target
+# The same kind of scenes seen as a ground-based imaging survey would see them, and drawn from a
+# shifted population, so that both the observation and the galaxies differ (as simulation -> SDSS
+# does in DeepMerge II). docs/embedded-data.md, "The survey-like domain", gives the reasons for the
+# numbers and how this differs from SDSS.
+
+
+class SurveyFilter(NamedTuple):
+    name: str
+    wavelength_nm: float
+    seeing_fwhm_arcsec: float  # atmospheric seeing, a Moffat profile; worse in the blue
+    sky_mag_arcsec2: float  # a dark-time ground-based sky, far brighter than from space
+
+
+SURVEY_FILTERS = (
+    SurveyFilter("g", 477.0, 0.80, 22.0),
+    SurveyFilter("r", 623.0, 0.72, 21.1),
+    SurveyFilter("i", 770.0, 0.65, 20.3),
+)
+SURVEY_PIXEL_SCALE = 0.168  # arcsec per native pixel, 2.8x the simulation's
+SURVEY_NATIVE = 36  # native pixels on a side: a 6.05" cutout, resampled to STAMP x STAMP
+SURVEY_ZERO_POINT = 27.0  # AB magnitude of one survey image unit (one count of a coadd)
+SURVEY_SB_LIMIT = 27.0  # surface brightness of the 1-sigma sky noise per native pixel (as noise_sigma)
+MOFFAT_BETA = 3.5
+# Sim bands whose fluxes set each component's spectrum: f_nu ~ lambda^alpha between F814W and F160W,
+# extended to g, r and i (blueward of F814W an extrapolation: red bulges fade fast in g).
+_SED_BANDS = (814.0, 1600.0)
+
+
+class Population(NamedTuple):
+    """How the survey's galaxies differ from the simulation's (besides how they are observed)."""
+
+    scale: tuple[float, float] = (1.25, 1.75)  # angular dilation of the scene: a lower redshift
+    brighter_mag: tuple[float, float] = (0.5, 1.5)  # and so brighter
+    merger_fraction: float = 0.3  # a survey is mostly non-mergers, the simulated set 50/50
+    minor_fraction: float = 0.5  # more minor mergers (flux ratio 1:10 to 1:4) among them
+    neighbour_fraction: float = 0.5  # more unrelated projected neighbours in a wide field
+
+
+SURVEY_POPULATION = Population()
+
+
+def survey_fluxes(sim_fluxes: np.ndarray, brighter_mag: float) -> np.ndarray:
+    """A component's (F814W, F356W, F160W) fluxes in simulation units -> (g, r, i) in survey units."""
+    f814, f160 = max(float(sim_fluxes[0]), 1e-30), max(float(sim_fluxes[2]), 1e-30)
+    alpha = math.log(f814 / f160) / math.log(_SED_BANDS[0] / _SED_BANDS[1])
+    units = 10.0 ** (-0.4 * (ZERO_POINT - SURVEY_ZERO_POINT - brighter_mag))
+    return np.array([f814 * (f.wavelength_nm / _SED_BANDS[0]) ** alpha * units for f in SURVEY_FILTERS])
+
+
+def survey_label(rng: np.random.Generator, population: Population = SURVEY_POPULATION) -> int:
+    return int(rng.uniform() < population.merger_fraction)
+
+
+def survey_knobs(knobs: Knobs, population: Population = SURVEY_POPULATION) -> Knobs:
+    """The simulation's knobs with the survey population's fractions (the tidal strength stays)."""
+    return knobs._replace(minor_fraction=population.minor_fraction, neighbour_fraction=population.neighbour_fraction)
+
+
+def draw_survey(comps: list[Component], rng: np.random.Generator,
+                population: Population = SURVEY_POPULATION) -> np.ndarray:
+    """The noiseless survey image at native resolution, (3, SURVEY_NATIVE, SURVEY_NATIVE) float32."""
+    scale = rng.uniform(*population.scale)
+    brighter = rng.uniform(*population.brighter_mag)
+    fluxes = [survey_fluxes(f, brighter) for _, f in comps]
+    out = np.empty((len(SURVEY_FILTERS), SURVEY_NATIVE, SURVEY_NATIVE), dtype=np.float32)
+    for i, f in enumerate(SURVEY_FILTERS):
+        scene = galsim.Add([prof * float(fl[i]) for (prof, _), fl in zip(comps, fluxes)]).dilate(scale)
+        psf = galsim.Moffat(beta=MOFFAT_BETA, fwhm=f.seeing_fwhm_arcsec, gsparams=GSPARAMS)
+        galsim.Convolve(scene, psf).drawImage(image=galsim.ImageF(out[i], scale=SURVEY_PIXEL_SCALE))
+    return out
+
+
+def survey_sky_per_pixel(f: SurveyFilter) -> float:
+    return 10.0 ** (-0.4 * (f.sky_mag_arcsec2 - SURVEY_ZERO_POINT)) * SURVEY_PIXEL_SCALE**2
+
+
+def survey_noise_sigma() -> float:
+    return 10.0 ** (-0.4 * (SURVEY_SB_LIMIT - SURVEY_ZERO_POINT)) * SURVEY_PIXEL_SCALE**2
+
+
+def observe_survey(native: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Sky and Poisson noise on the native pixels, sky subtracted, then resampled (cubic) to the
+    network's STAMP x STAMP: the noise is drawn where the detector has its pixels, so resampling
+    correlates it, as in a survey's resampled cutouts."""
+    from scipy.ndimage import zoom
+
+    sigma = survey_noise_sigma()
+    out = np.empty((len(SURVEY_FILTERS), STAMP, STAMP), dtype=np.float32)
+    for i, f in enumerate(SURVEY_FILTERS):
+        sky = survey_sky_per_pixel(f)
+        g = sky / sigma**2
+        noisy = rng.poisson(g * (np.maximum(native[i].astype(np.float64), 0.0) + sky)) / g - sky
+        out[i] = zoom(noisy, STAMP / SURVEY_NATIVE, order=3, mode="nearest", grid_mode=True)
+    return out

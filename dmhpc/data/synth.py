@@ -34,6 +34,8 @@ from dmhpc.progress import progress_bar
 
 IMAGE_FILES = ("pristine_X.npy", "noisy_X.npy")
 OUTPUT_FILES = IMAGE_FILES + ("pristine_y.npy", "noisy_y.npy", "objects.npy", "meta.json")
+SURVEY_FILES = ("survey_X.npy", "survey_y.npy", "survey_objects.npy")
+SURVEY_STREAM = 2  # in the survey objects' seed sequences: [seed, SURVEY_STREAM, k] never equals [seed, k]
 CLASSES = {"0": "non-merger", "1": "merger"}
 # The 8 symmetries of the square pixel grid; view v is np.rot90(flipped if v >= 4, k=v % 4).
 VIEWS = ("identity", "rot90", "rot180", "rot270", "flip", "flip+rot90", "flip+rot180", "flip+rot270")
@@ -57,7 +59,6 @@ KNOB_FLAGS = {
 
 def render_object(seed: int, obj_id: int, knobs: Knobs) -> tuple[int, np.ndarray, np.ndarray]:
     """Label (1 = merger), pristine image and noisy image ((3, 75, 75) float32) of object `obj_id`."""
-    
     label = obj_id % 2
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence([seed, obj_id]).spawn(4)]
     comps = (scenes.merger if label else scenes.non_merger)(streams[:3], knobs)
@@ -65,14 +66,28 @@ def render_object(seed: int, obj_id: int, knobs: Knobs) -> tuple[int, np.ndarray
     return label, pristine, scenes.observe(pristine, streams[3], knobs.sb_limit)
 
 
-def _render_chunk(task: tuple[int, int, int, Knobs]) -> tuple[int, np.ndarray, np.ndarray]:
-    """Objects start .. start+count-1: (start, pristine, noisy), images stacked along the first axis."""
-    seed, start, count, knobs = task
-    pristine = np.empty((count, 3, 75, 75), dtype=np.float32)
-    noisy = np.empty_like(pristine)
+def render_survey_object(seed: int, k: int, knobs: Knobs) -> tuple[int, np.ndarray]:
+    """Label and (3, 75, 75) float32 image (g, r, i) of survey object k: another galaxy than the
+    simulation's object k, from the survey population, observed as the survey does."""
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence([seed, SURVEY_STREAM, k]).spawn(6)]
+    label = scenes.survey_label(streams[4])
+    comps = (scenes.merger if label else scenes.non_merger)(streams[:3], scenes.survey_knobs(knobs))
+    return label, scenes.observe_survey(scenes.draw_survey(comps, streams[5]), streams[3])
+
+
+def _render_chunk(task: tuple[int, int, int, Knobs, bool]) -> tuple[int, dict[str, np.ndarray]]:
+    """Objects start .. start+count-1: (start, {file name: rows}), images stacked along the first axis;
+    with the survey, its images and labels too."""
+    seed, start, count, knobs, survey = task
+    arrays = {name: np.empty((count, 3, 75, 75), dtype=np.float32) for name in IMAGE_FILES}
+    if survey:
+        arrays["survey_X.npy"] = np.empty((count, 3, 75, 75), dtype=np.float32)
+        arrays["survey_y.npy"] = np.empty(count, dtype=np.int64)
     for i in range(count):
-        _, pristine[i], noisy[i] = render_object(seed, start + i, knobs)
-    return start, pristine, noisy
+        _, arrays["pristine_X.npy"][i], arrays["noisy_X.npy"][i] = render_object(seed, start + i, knobs)
+        if survey:
+            arrays["survey_y.npy"][i], arrays["survey_X.npy"][i] = render_survey_object(seed, start + i, knobs)
+    return start, arrays
 
 
 def _chunks(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
@@ -85,36 +100,48 @@ def _chunks(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
 class _Staging:
     """The output files under temporary names; renamed into place by commit(), removed on failure."""
 
-    def __init__(self, out: Path, n_objects: int, views: int):
+    def __init__(self, out: Path, n_objects: int, views: int, survey: bool):
         self.out, self.views = out, views
-        self.partial = {name: temporary_path(out / name) for name in OUTPUT_FILES}
+        self.files = OUTPUT_FILES + (SURVEY_FILES if survey else ())
+        self.partial = {name: temporary_path(out / name) for name in self.files}
         self.renamed: list[Path] = []
         shape = (n_objects * views, 3, 75, 75)
         self.images = {
             name: np.lib.format.open_memmap(self.partial[name], mode="w+", dtype=np.float32, shape=shape)
-            for name in IMAGE_FILES
+            for name in IMAGE_FILES + (("survey_X.npy",) if survey else ())
         }
+        self.survey_labels = np.zeros(n_objects, dtype=np.int64) if survey else None
 
-    def put(self, start: int, pristine: np.ndarray, noisy: np.ndarray) -> None:
+    def put(self, start: int, arrays: dict[str, np.ndarray]) -> None:
         """Write objects start.. (all their views) to their rows: row = object * views + view."""
-        rows = slice(start * self.views, (start + len(pristine)) * self.views)
-        for name, images in (("pristine_X.npy", pristine), ("noisy_X.npy", noisy)):
-            dest = self.images[name][rows].reshape(len(images), self.views, *images.shape[1:])
+        count = len(arrays["pristine_X.npy"])
+        rows = slice(start * self.views, (start + count) * self.views)
+        for name, dest_file in self.images.items():
+            images = arrays[name]
+            dest = dest_file[rows].reshape(count, self.views, *images.shape[1:])
             for v in range(self.views):
                 flipped = images[..., ::-1] if v >= 4 else images
                 dest[:, v] = np.rot90(flipped, k=v % 4, axes=(-2, -1))
+        if self.survey_labels is not None:
+            self.survey_labels[start:start + count] = arrays["survey_y.npy"]
 
     def commit(self, labels: np.ndarray, objects: np.ndarray, meta: dict) -> None:
         for images in self.images.values():
             images.flush()
         self.images.clear()
-        for name, array in (("pristine_y.npy", labels), ("noisy_y.npy", labels), ("objects.npy", objects)):
+        arrays = {"pristine_y.npy": labels, "noisy_y.npy": labels, "objects.npy": objects}
+        if self.survey_labels is not None:
+            # Survey objects are other galaxies: ids after the simulation's, each in all its views.
+            views = len(objects) // len(self.survey_labels)
+            arrays["survey_y.npy"] = np.repeat(self.survey_labels, views)
+            arrays["survey_objects.npy"] = objects + len(self.survey_labels)
+        for name, array in arrays.items():
             with open(self.partial[name], "wb") as f:  # np.save would append ".npy" to the name
                 np.save(f, array)
         self.partial["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
         # An older meta.json goes first, so a crash between renames leaves no complete-looking set.
         (self.out / "meta.json").unlink(missing_ok=True)
-        for name in OUTPUT_FILES:
+        for name in self.files:
             os.replace(self.partial[name], self.out / name)
             self.renamed.append(self.out / name)
 
@@ -153,8 +180,7 @@ def _check(n_per_class: int, seed: int, knobs: Knobs, workers: int) -> None:
             raise DmhpcError(f"{flag}: {exc}") from None
 
 
-def _meta(n_per_class: int, seed: int, knobs: Knobs, views: tuple[str, ...]) -> dict:
-    
+def _meta(n_per_class: int, seed: int, knobs: Knobs, views: tuple[str, ...], survey: bool) -> dict:
     n_objects = 2 * n_per_class
     sigma = scenes.noise_sigma(knobs.sb_limit)
     return {
@@ -206,19 +232,42 @@ def _meta(n_per_class: int, seed: int, knobs: Knobs, views: tuple[str, ...]) -> 
         "gsparams": {"folding_threshold": scenes.GSPARAMS.folding_threshold,
                      "maxk_threshold": scenes.GSPARAMS.maxk_threshold},
         "software": {"dmhpc": __version__, "galsim": galsim.__version__, "numpy": np.__version__},
+        **({"survey": _survey_meta(n_objects, len(views), knobs)} if survey else {}),
+    }
+
+
+def _survey_meta(n_objects: int, views: int, knobs: Knobs) -> dict:
+    pop = scenes.SURVEY_POPULATION
+    return {
+        "files": list(SURVEY_FILES),
+        "objects": f"{n_objects} other galaxies, ids {n_objects} to {2 * n_objects - 1}, {views} view(s) each",
+        "labels": f"1 = merger, drawn per object with probability {pop.merger_fraction}",
+        "filters": [{"name": f.name, "wavelength_nm": f.wavelength_nm, "seeing_fwhm_arcsec": f.seeing_fwhm_arcsec,
+                     "psf": f"Moffat(beta={scenes.MOFFAT_BETA})", "sky_mag_arcsec2": f.sky_mag_arcsec2,
+                     "sky_per_pixel": scenes.survey_sky_per_pixel(f)} for f in scenes.SURVEY_FILTERS],
+        "native_pixel_scale_arcsec": scenes.SURVEY_PIXEL_SCALE,
+        "native_pixels": scenes.SURVEY_NATIVE,
+        "resampled_to": [scenes.STAMP, scenes.STAMP],
+        "resampling": "cubic spline (scipy.ndimage.zoom, order 3) after the noise: the noise is correlated",
+        "zero_point_ab": scenes.SURVEY_ZERO_POINT,
+        "image_unit": "one count per native pixel: flux = 10**(-0.4 * (AB magnitude - zero_point_ab))",
+        "noise": {"sb_limit_mag_arcsec2": scenes.SURVEY_SB_LIMIT, "sigma_per_native_pixel": scenes.survey_noise_sigma()},
+        "spectrum": "each component's f_nu ~ lambda^alpha through its F814W and F160W fluxes",
+        "population": {**pop._asdict(), "tidal_strength": knobs.tidal_strength,
+                       "triple_fraction": knobs.triple_fraction},
     }
 
 
 # ----------------------------------------------------------------------------- parallel rendering
 
 
-def _render_local(seed: int, knobs: Knobs, n_objects: int, workers: int, sink) -> None:
-    """Render every object here, in `workers` processes, handing each chunk to sink(start, pristine, noisy)."""
+def _render_local(seed: int, knobs: Knobs, survey: bool, n_objects: int, workers: int, sink) -> None:
+    """Render every object here, in `workers` processes, handing each chunk to sink(start, arrays)."""
     import contextlib
     import multiprocessing
 
     size = max(1, min(CHUNK, n_objects // (4 * workers)))
-    tasks = [(seed, start, count, knobs) for start, count in _chunks(0, n_objects, size)]
+    tasks = [(seed, start, count, knobs, survey) for start, count in _chunks(0, n_objects, size)]
     with progress_bar(n_objects, "synth", unit="obj", leave=True) as bar, contextlib.ExitStack() as stack:
         if workers == 1:
             results = map(_render_chunk, tasks)
@@ -226,12 +275,12 @@ def _render_local(seed: int, knobs: Knobs, n_objects: int, workers: int, sink) -
             # spawn: the same on Linux and macOS, and no fork of a process that may hold threads.
             pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
             results = pool.imap_unordered(_render_chunk, tasks)
-        for start, pristine, noisy in results:
-            sink(start, pristine, noisy)
-            bar.update(len(pristine))
+        for start, arrays in results:
+            sink(start, arrays)
+            bar.update(len(arrays["pristine_X.npy"]))
 
 
-def _render_mpi(comm, seed: int, knobs: Knobs, n_objects: int, sink) -> None:
+def _render_mpi(comm, seed: int, knobs: Knobs, survey: bool, n_objects: int, sink) -> None:
     """Rank r renders objects [r*n/K, (r+1)*n/K); rank 0 hands its own and everyone's chunks to sink."""
     from mpi4py import MPI
 
@@ -241,10 +290,10 @@ def _render_mpi(comm, seed: int, knobs: Knobs, n_objects: int, sink) -> None:
     if rank != 0:
         pending = deque()
         for start, count in mine:
-            _, pristine, noisy = _render_chunk((seed, start, count, knobs))
-            pending.append(([comm.isend((start, count), dest=0, tag=_TAG_HEAD),
-                             comm.Isend(pristine, dest=0, tag=_TAG_DATA),
-                             comm.Isend(noisy, dest=0, tag=_TAG_DATA)], pristine, noisy))
+            _, arrays = _render_chunk((seed, start, count, knobs, survey))
+            # Sent in the order of their names; the receiver allocates the same arrays in that order.
+            sends = [comm.Isend(arrays[name], dest=0, tag=_TAG_DATA) for name in sorted(arrays)]
+            pending.append(([comm.isend((start, count), dest=0, tag=_TAG_HEAD), *sends], arrays))
             # Two chunks in flight: rendering goes on while rank 0 is busy, in bounded memory.
             if len(pending) > 2:
                 MPI.Request.Waitall(pending.popleft()[0])
@@ -256,17 +305,19 @@ def _render_mpi(comm, seed: int, knobs: Knobs, n_objects: int, sink) -> None:
 
     def receive(source: int) -> int:
         start, count = comm.recv(source=source, tag=_TAG_HEAD)
-        pristine = np.empty((count, 3, 75, 75), dtype=np.float32)
-        noisy = np.empty_like(pristine)
-        comm.Recv(pristine, source=source, tag=_TAG_DATA)
-        comm.Recv(noisy, source=source, tag=_TAG_DATA)
-        sink(start, pristine, noisy)
+        arrays = {name: np.empty((count, 3, 75, 75), dtype=np.float32)
+                  for name in IMAGE_FILES + (("survey_X.npy",) if survey else ())}
+        if survey:
+            arrays["survey_y.npy"] = np.empty(count, dtype=np.int64)
+        for name in sorted(arrays):
+            comm.Recv(arrays[name], source=source, tag=_TAG_DATA)
+        sink(start, arrays)
         return count
 
     remote = n_objects - (hi - lo)
     with progress_bar(n_objects, "synth", unit="obj", leave=True) as bar:
         for start, count in mine:
-            sink(*_render_chunk((seed, start, count, knobs)))
+            sink(*_render_chunk((seed, start, count, knobs, survey)))
             bar.update(count)
             while remote and comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG_HEAD, status=status):
                 got = receive(status.Get_source())
@@ -293,6 +344,7 @@ def synthesize(
     minor_fraction: float = DEFAULT_KNOBS.minor_fraction,
     triple_fraction: float = DEFAULT_KNOBS.triple_fraction,
     augment: bool = False,
+    survey: bool = False,
     workers: int = 1,
     overwrite: bool = False,
 ) -> dict:
@@ -302,7 +354,8 @@ def synthesize(
     pristine_y.npy and noisy_y.npy ((N,) int64, 1 = merger), objects.npy ((N,) int64) and meta.json.
     With `augment` every object appears in the 8 flips/rotations of the pixel grid (N = 16 *
     n_per_class), all sharing its object id. Refuses a non-empty `out_dir` unless `overwrite`, which
-    replaces only these files. Under mpiexec (detected from the environment) the ranks share the
+    replaces only these files. `survey` also renders a survey-like target of as many other objects
+    (survey_X.npy in g, r, i; survey_y.npy; survey_objects.npy; see dmhpc.data.scenes). Under mpiexec (detected from the environment) the ranks share the
     objects and rank 0 writes; `workers` > 1 renders in that many processes instead. The bytes
     written depend only on the arguments other than `workers` and `overwrite`.
     """
@@ -331,20 +384,20 @@ def synthesize(
 
     if rank != 0:
         try:
-            _render_mpi(comm, seed, knobs, n_objects, sink=None)
+            _render_mpi(comm, seed, knobs, survey, n_objects, sink=None)
         except BaseException as exc:  # rank 0 would wait for this rank forever
             print(f"dmhpc synth: rank {rank} failed: {exc!r}; aborting", file=sys.stderr, flush=True)
             comm.Abort(1)
-        return _meta(n_per_class, seed, knobs, views)
+        return _meta(n_per_class, seed, knobs, views, survey)
 
     staging = None
     try:
-        meta = _meta(n_per_class, seed, knobs, views)
-        staging = _Staging(out, n_objects, len(views))
+        meta = _meta(n_per_class, seed, knobs, views, survey)
+        staging = _Staging(out, n_objects, len(views), survey)
         if comm is None:
-            _render_local(seed, knobs, n_objects, workers, staging.put)
+            _render_local(seed, knobs, survey, n_objects, workers, staging.put)
         else:
-            _render_mpi(comm, seed, knobs, n_objects, staging.put)
+            _render_mpi(comm, seed, knobs, survey, n_objects, staging.put)
         ids = np.arange(n_objects, dtype=np.int64)
         objects = np.repeat(ids, len(views))
         staging.commit(objects % 2, objects, meta)
@@ -376,6 +429,10 @@ def synth_arguments(parser) -> None:
                         help="render in K processes (default: 1); the files do not depend on K")
     parser.add_argument("--augment", action="store_true",
                         help="store each object in all 8 flips and 90-degree rotations, sharing its object id")
+    parser.add_argument("--survey", action="store_true",
+                        help="also render a survey-like target: other galaxies seen from the ground (g, r, i; "
+                             "seeing; 0.168\" pixels resampled; bright sky; counts), 30%% mergers "
+                             "(survey_X.npy, survey_y.npy, survey_objects.npy)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the synth files of a non-empty --out (other files stay)")
     knobs = parser.add_argument_group("difficulty knobs")
@@ -391,7 +448,7 @@ def synth_main(args) -> int:
         meta = synthesize(
             args.out, args.n_per_class, args.seed,
             **{key: getattr(args, key) for key in Knobs._fields},
-            augment=args.augment, workers=args.workers, overwrite=args.overwrite,
+            augment=args.augment, survey=args.survey, workers=args.workers, overwrite=args.overwrite,
         )
     except DmhpcError:
         if launched_rank() != 0:
