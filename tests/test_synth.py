@@ -17,6 +17,7 @@ from dmhpc.errors import DmhpcError
 
 N_PER_CLASS = 8
 SEED = 3
+ROOT = Path(__file__).resolve().parents[1]
 MPI_LAUNCH_VARIABLES = ("PMI_SIZE", "PMI_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 FILES = ("pristine_X.npy", "noisy_X.npy", "pristine_y.npy", "noisy_y.npy", "objects.npy", "meta.json")
 
@@ -362,7 +363,8 @@ def test_the_survey_domain_is_other_galaxies_and_leaves_the_pair_unchanged(seria
 
 def test_survey_population_and_observation_differ_as_documented():
     labels = [scenes.survey_label(np.random.default_rng(s)) for s in np.random.SeedSequence(1).spawn(4000)]
-    assert np.mean(labels) == pytest.approx(0.3, abs=0.03)  # not the simulation's 50/50
+    fraction = scenes.SURVEY_POPULATION.merger_fraction
+    assert fraction != 0.5 and np.mean(labels) == pytest.approx(fraction, abs=0.03)  # not the simulation's 50/50
     # a red bulge (F814W - F160W = 2.3) is fainter in g than in i; a blue disk (0.8) less so
     bulge = scenes.survey_fluxes(np.array([10 ** (-0.4 * 2.3), 1.0, 1.0]), 0.0)
     disk = scenes.survey_fluxes(np.array([10 ** (-0.4 * 0.8), 1.0, 1.0]), 0.0)
@@ -393,3 +395,20 @@ def test_workers_and_ranks_give_the_same_survey_bytes(with_survey, tmp_path):
     assert result.returncode == 0, result.stderr
     for name in (*FILES, *SURVEY_FILES):
         assert (out / name).read_bytes() == (with_survey / name).read_bytes(), name
+
+
+def test_the_shipped_survey_data_config_prepares_beside_the_pair(with_survey, tmp_path):
+    """synth --survey, then prepare with both shipped data configs into one folder: three domains,
+    the survey split by its own objects, none of which is a simulated one."""
+    from dmhpc.cli import main
+    from dmhpc.data.shards import RowReader
+
+    root, out = str(with_survey), str(tmp_path / "shards")
+    for name in ("embedded.yaml", "embedded-survey.yaml"):
+        config = str(ROOT / "configs" / "data" / name)
+        assert main(["prepare", "--data-config", config, "--root", root, "--out", out, "--shard-size", "8"]) == 0
+    assert sorted(p.name for p in Path(out).iterdir()) == ["noisy", "pristine", "survey"]
+    survey, pristine = (RowReader(Path(out) / name) for name in ("survey", "pristine"))
+    assert len(survey) == len(np.load(with_survey / "survey_y.npy"))
+    survey_objects = set(survey.read(0, len(survey))["objects"].tolist())
+    assert survey_objects and not survey_objects & set(pristine.read(0, len(pristine))["objects"].tolist())

@@ -354,9 +354,9 @@ SURVEY_FILTERS = (
     SurveyFilter("i", 770.0, 0.65, 20.3),
 )
 SURVEY_PIXEL_SCALE = 0.168  # arcsec per native pixel, 2.8x the simulation's
-SURVEY_NATIVE = 36  # native pixels on a side: a 6.05" cutout, resampled to STAMP x STAMP
+SURVEY_NATIVE = 64  # native pixels on a side: a 10.75" cutout, resampled to STAMP x STAMP
 SURVEY_ZERO_POINT = 27.0  # AB magnitude of one survey image unit (one count of a coadd)
-SURVEY_SB_LIMIT = 27.0  # surface brightness of the 1-sigma sky noise per native pixel (as noise_sigma)
+SURVEY_SB_LIMIT = 28.0  # surface brightness of the 1-sigma sky noise per native pixel (as noise_sigma)
 MOFFAT_BETA = 3.5
 # Sim bands whose fluxes set each component's spectrum: f_nu ~ lambda^alpha between F814W and F160W,
 # extended to g, r and i (blueward of F814W an extrapolation: red bulges fade fast in g).
@@ -366,11 +366,11 @@ _SED_BANDS = (814.0, 1600.0)
 class Population(NamedTuple):
     """How the survey's galaxies differ from the simulation's (besides how they are observed)."""
 
-    scale: tuple[float, float] = (1.25, 1.75)  # angular dilation of the scene: a lower redshift
-    brighter_mag: tuple[float, float] = (0.5, 1.5)  # and so brighter
-    merger_fraction: float = 0.3  # a survey is mostly non-mergers, the simulated set 50/50
-    minor_fraction: float = 0.5  # more minor mergers (flux ratio 1:10 to 1:4) among them
-    neighbour_fraction: float = 0.5  # more unrelated projected neighbours in a wide field
+    scale: tuple[float, float] = (2.0, 3.0)  # angular dilation of the scene: a lower redshift
+    brighter_mag: tuple[float, float] = (2.0, 3.0)  # and so brighter
+    merger_fraction: float = 0.6  # a sample selected for merger candidates; the simulated set is 50/50
+    minor_fraction: float = 0.4  # more minor mergers (flux ratio 1:10 to 1:4) among them
+    neighbour_fraction: float = 0.4  # more unrelated projected neighbours in a wide field
 
 
 SURVEY_POPULATION = Population()
