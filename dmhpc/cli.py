@@ -86,6 +86,12 @@ def _grid():
     return grid_arguments, grid_main
 
 
+def _tune():
+    from dmhpc.launch.tune import tune_arguments, tune_main
+
+    return tune_arguments, tune_main
+
+
 def _scaling():
     from dmhpc.launch.scaling import scaling_arguments, scaling_main
 
@@ -162,6 +168,13 @@ COMMANDS: dict[str, Command] = {
         "dmhpc grid configs/study/deepmerge2.yaml --no-wait            # on a cluster: submit; again later: the tables\n"
         "  dmhpc grid configs/study/deepmerge2-laptop.yaml --executor local\n"
         "  dmhpc grid configs/study/deepmerge2.yaml --report",
+    ),
+    "tune": Command(
+        _tune,
+        "search hyperparameters with Optuna (TPE, median pruning) by a label-free criterion; trials run "
+        "as training jobs (SLURM or here)",
+        "dmhpc tune configs/tune/mmd-fisher-entropy-laptop.yaml\n"
+        "  dmhpc tune configs/tune/mmd-fisher-entropy.yaml --executor slurm      # on a cluster",
     ),
     "scaling": Command(
         _scaling,

@@ -19,7 +19,7 @@ import yaml
 from tests.conftest import ROOT, TINY, study_spec, tiny_overrides
 from dmhpc.errors import DmhpcError
 from dmhpc.launch import expand, load_grid, load_study, point_name, sample_space
-from dmhpc.launch.grid import Range
+from dmhpc.launch.spec import Range
 from dmhpc.launch.submit import local_threads
 
 

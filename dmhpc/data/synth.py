@@ -431,7 +431,7 @@ def synth_arguments(parser) -> None:
                         help="store each object in all 8 flips and 90-degree rotations, sharing its object id")
     parser.add_argument("--survey", action="store_true",
                         help="also render a survey-like target: other galaxies seen from the ground (g, r, i; "
-                             "seeing; 0.168\" pixels resampled; bright sky; counts), 30%% mergers "
+                             "seeing; 0.168\" pixels resampled; bright sky; counts), 60%% mergers "
                              "(survey_X.npy, survey_y.npy, survey_objects.npy)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace the synth files of a non-empty --out (other files stay)")

@@ -41,7 +41,6 @@ a grid over `seed` gets OUT/summary.md: mean ± std over seeds (dmhpc.launch.sum
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import math
@@ -56,8 +55,9 @@ from dmhpc.errors import DmhpcError
 from dmhpc.launch.leaderboard import write_leaderboard
 from dmhpc.launch.summary import write_summary
 from dmhpc.launch.validators import write_validators
-from dmhpc.checks import Problems, boolean, choice, integer, number, show, take, text, unknown_keys
-from dmhpc.launch.spec import (Point, check_existing_runs, check_point_problems, dotted_keys, point_problem,
+from dmhpc.checks import Problems, choice, integer, show, take, text, unknown_keys
+from dmhpc.launch.spec import (Point, Range, base_path, check_existing_runs, check_point_problems, dotted_keys,
+                               point_name, point_problem, read_space,
                                read_launch_file, resolve_point)
 from dmhpc.launch.submit import EXECUTORS, Resources, TrainTask, launch_points, preempt_signal, read_resources
 
@@ -66,19 +66,8 @@ METHOD_KEYS = ("base", "overrides")
 GAP_KEYS = ("from", "to")
 METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 RANDOM_KEYS = ("n", "seed", "space")
-RANGE_KEYS = ("low", "high", "log")
 # Keys the launcher sets for every point, and why.
 LAUNCHER_KEYS = {"run.dir": "OUT/<point name>", "train.signals": "[submitit's preemption signal]"}
-NAME_LIMIT = 120
-
-
-@dataclass(frozen=True)
-class Range:
-    """A continuous random choice: uniform in [low, high], or log-uniform."""
-
-    low: float
-    high: float
-    log: bool = False
 
 
 @dataclass(frozen=True)
@@ -133,23 +122,6 @@ def expand(grid: Mapping[str, list], samples: list[dict] | None = None) -> list[
     return points
 
 
-def _value_text(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value)
-
-
-def point_name(values: Mapping[str, Any]) -> str:
-    """`key=value,key=value` in key order: stable, and safe as one directory name.
-
-    Characters other than letters, digits and ._=,+- become "_"; then, or when the name is long,
-    a hash of the exact values keeps different points apart.
-    """
-    raw = ",".join(f"{k}={_value_text(v)}" for k, v in sorted(values.items()))
-    safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", raw)
-    if safe != raw or len(safe) > NAME_LIMIT:
-        safe = f"{safe[:NAME_LIMIT - 9]}-{hashlib.sha1(raw.encode()).hexdigest()[:8]}"
-    return safe
-
-
 # --- reading and checking --------------------------------------------------------------------------
 
 def _read_grid(problems: Problems, data: Any) -> dict[str, list]:
@@ -178,38 +150,8 @@ def _read_random(problems: Problems, data: Any) -> tuple[dict, int, int]:
         problems.add("random.space", "missing (required)")
     elif not data["space"]:
         problems.add("random.space", "empty: give at least one dotted key with choices or a range")
-    space = dotted_keys(problems, data.get("space"), "random.space", LAUNCHER_KEYS)
-    for key, dim in list(space.items()):
-        where = f"random.space.{key}"
-        if isinstance(dim, list) and dim:
-            continue
-        if isinstance(dim, Mapping):
-            unknown_keys(problems, dim, RANGE_KEYS, where + ".")
-            low = take(problems, dim, "low", number(), prefix=where + ".")
-            high = take(problems, dim, "high", number(), prefix=where + ".")
-            log = take(problems, dim, "log", boolean(), False, where + ".")
-            if low is not None and high is not None:
-                if not low < high:
-                    problems.add(where, f"low must be below high, got low {low:g}, high {high:g}")
-                elif log and low <= 0:
-                    problems.add(where, f"log: true needs low > 0, got {low:g}")
-                else:
-                    space[key] = Range(low, high, log)
-                    continue
-        else:
-            problems.add(where, f"expected a non-empty list of choices or {{low, high, log}}, got {show(dim)}")
-        del space[key]
+    space = read_space(problems, data.get("space"), "random.space", LAUNCHER_KEYS)
     return space, n or 0, seed
-
-
-def _base_path(problems: Problems, key: str, value: str | None, here: Path) -> Path | None:
-    if value is None:
-        return None
-    base = Path(value) if Path(value).is_absolute() else here / value
-    if not base.is_file():
-        problems.add(key, f"config file not found: {base}")
-        return None
-    return base
 
 
 def _read_methods(problems: Problems, data: Any, here: Path) -> dict[str, tuple[Path | None, dict]]:
@@ -228,7 +170,7 @@ def _read_methods(problems: Problems, data: Any, here: Path) -> dict[str, tuple[
             problems.add(where, f"expected a mapping with base and overrides, got {show(spec)}")
             continue
         unknown_keys(problems, spec, METHOD_KEYS, where + ".")
-        base = _base_path(problems, where + ".base", take(problems, spec, "base", text(), prefix=where + "."), here)
+        base = base_path(problems, where + ".base", take(problems, spec, "base", text(), prefix=where + "."), here)
         methods[name] = (base, dotted_keys(problems, spec.get("overrides"), where + ".overrides", LAUNCHER_KEYS))
     return methods
 
@@ -288,7 +230,7 @@ def load_grid(spec: str | Path | Mapping, executor: str | None = None) -> Grid:
                 problems.add(f"methods.{name}.overrides.{key}", "also a grid or random.space key")
             bases[name] = (base, {**overrides, **own})
     elif "base" in data:
-        bases[None] = (_base_path(problems, "base", take(problems, data, "base", text()), here), overrides)
+        bases[None] = (base_path(problems, "base", take(problems, data, "base", text()), here), overrides)
     gap = _read_gap(problems, data.get("gap"), bases if "methods" in data else {})
     if not problems.lines:
         for name, (base, merged) in bases.items():

@@ -12,6 +12,7 @@ configuration. `resolve_point` builds it from a base config and dotted overrides
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from dmhpc.checks import Problems, read_yaml, show
+from dmhpc.checks import Problems, boolean, number, read_yaml, show, take, unknown_keys
 from dmhpc.config import COMMAND_LINE, Config, load_config
 from dmhpc.errors import DmhpcError
 from dmhpc.run import RunDir
@@ -80,6 +81,75 @@ def _strings(value: Any, where: str = ""):
     elif isinstance(value, (list, tuple)):
         for i, item in enumerate(value):
             yield from _strings(item, f"{where}[{i}]")
+
+
+# --- search spaces and point names (grids and tuning) -------------------------------------------
+
+RANGE_KEYS = ("low", "high", "log")
+NAME_LIMIT = 120
+
+
+@dataclass(frozen=True)
+class Range:
+    """A continuous random choice: uniform in [low, high], or log-uniform."""
+
+    low: float
+    high: float
+    log: bool = False
+
+
+def read_space(problems: Problems, data: Any, where: str, reserved: Mapping[str, str]) -> dict[str, list | Range]:
+    """A search space: dotted key -> a non-empty list of choices, or {low, high, log} (a Range)."""
+    space = dotted_keys(problems, data, where, reserved)
+    for key, dim in list(space.items()):
+        place = f"{where}.{key}"
+        if isinstance(dim, list) and dim:
+            continue
+        if isinstance(dim, Mapping):
+            unknown_keys(problems, dim, RANGE_KEYS, place + ".")
+            low = take(problems, dim, "low", number(), prefix=place + ".")
+            high = take(problems, dim, "high", number(), prefix=place + ".")
+            log = take(problems, dim, "log", boolean(), False, place + ".")
+            if low is not None and high is not None:
+                if not low < high:
+                    problems.add(place, f"low must be below high, got low {low:g}, high {high:g}")
+                elif log and low <= 0:
+                    problems.add(place, f"log: true needs low > 0, got {low:g}")
+                else:
+                    space[key] = Range(low, high, log)
+                    continue
+        else:
+            problems.add(place, f"expected a non-empty list of choices or {{low, high, log}}, got {show(dim)}")
+        del space[key]
+    return space
+
+
+def _value_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def point_name(values: Mapping[str, Any]) -> str:
+    """`key=value,key=value` in key order: stable, and safe as one directory name.
+
+    Characters other than letters, digits and ._=,+- become "_"; then, or when the name is long,
+    a hash of the exact values keeps different points apart.
+    """
+    raw = ",".join(f"{k}={_value_text(v)}" for k, v in sorted(values.items()))
+    safe = re.sub(r"[^A-Za-z0-9._=,+-]", "_", raw)
+    if safe != raw or len(safe) > NAME_LIMIT:
+        safe = f"{safe[:NAME_LIMIT - 9]}-{hashlib.sha1(raw.encode()).hexdigest()[:8]}"
+    return safe
+
+
+def base_path(problems: Problems, key: str, value: str | None, here: Path) -> Path | None:
+    """A launch file's training config (`base`), relative to the launch file; None when missing."""
+    if value is None:
+        return None
+    base = Path(value) if Path(value).is_absolute() else here / value
+    if not base.is_file():
+        problems.add(key, f"config file not found: {base}")
+        return None
+    return base
 
 
 # --- points ----------------------------------------------------------------------------------------

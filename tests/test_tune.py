@@ -1,0 +1,150 @@
+"""Label-free tuning (dmhpc/launch/tune.py): the tune file, a real Optuna study of real trainer runs
+through submitit's local executor, pruning, relaunch after a killed tuner, and the guards."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT, TINY, clean_env, tiny_overrides
+from dmhpc.errors import DmhpcError
+from dmhpc.launch import load_tune, tune
+from dmhpc.launch.tune import JOURNAL, LOCK, _lock, _open_study
+
+optuna = pytest.importorskip("optuna")
+
+
+@pytest.fixture(scope="module")
+def data(make_domains):
+    return make_domains(64)
+
+
+def spec(data, tmp_path, **extra) -> dict:
+    """Two trials of the tiny config, one choice of learning rate each, objective IM."""
+    return {"base": str(TINY), "out": str(tmp_path / "tune"), "executor": "local", "objective": "im",
+            "trials": 2, "parallel": 2, "seed": 0, "pruner": None,
+            "overrides": tiny_overrides(data, **{"train.epochs": 2}),
+            "space": {"optim.lr": [0.001, 0.003]}, **extra}
+
+
+def test_every_problem_of_a_tune_file_at_once(tmp_path):
+    bad = {"base": "nope.yaml", "out": str(tmp_path), "objective": "oracle-target-acc", "trials": 0,
+           "executor": "debug", "parallel": 2, "space": {"optim.lr": {"low": 1.0, "high": 0.1},
+                                                          "select.criterion": ["im"]},
+           "overrides": {"run.dir": "x"}, "enqueue": [{"optim.lr": 5.0}], "pruner": {"warmup": 1}, "extra": 1}
+    with pytest.raises(DmhpcError) as err:
+        load_tune(bad)
+    message = str(err.value)
+    for line in ("extra: unknown key", "base: config file not found", "objective: oracle-target-acc reads target "
+                 "labels", "trials: expected a positive integer, got 0", "space.optim.lr: low must be below high",
+                 "space.select.criterion: set by the launcher for every point: the objective",
+                 "overrides.run.dir: set by the launcher", "pruner.warmup: unknown key",
+                 "parallel: the debug executor runs one trial at a time"):
+        assert line in message, (line, message)
+    assert "enqueue[0]" not in message  # its only key is the refused optim.lr: said once
+
+
+def test_the_space_is_checked_against_the_trainer_config_before_anything_runs(data, tmp_path):
+    with pytest.raises(DmhpcError, match=r"space.model.name: \"vgg\": .*model.name"):
+        load_tune(spec(data, tmp_path, space={"model.name": ["deepmerge2", "vgg"]}))
+    with pytest.raises(DmhpcError, match=r"space: at .*optim.lr"):
+        load_tune(spec(data, tmp_path, space={"optim.lr": {"low": -1.0, "high": 0.1}}))
+    with pytest.raises(DmhpcError, match=r"enqueue\[0\].optim.lr: 0.5 is not one of the choices"):
+        load_tune(spec(data, tmp_path, enqueue=[{"optim.lr": 0.5}]))
+    with pytest.raises(DmhpcError, match=r"enqueue\[0\].optim.lr: missing"):
+        load_tune(spec(data, tmp_path, space={"optim.lr": [0.001], "seed": [1, 2]}, enqueue=[{"seed": 1}]))
+    assert not (tmp_path / "tune").exists()
+
+
+def test_a_search_runs_trials_by_the_objective_records_target_metrics_and_resumes(data, tmp_path):
+    best = tune(spec(data, tmp_path, enqueue=[{"optim.lr": 0.003}]), poll_s=0.2)
+    out = tmp_path / "tune"
+    study = optuna.load_study(study_name="dmhpc-tune", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / JOURNAL))))
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert trials[0].params == {"optim.lr": "0.003"}  # the enqueued trial first
+    for t in trials:
+        run = out / f"optim.lr={json.loads(t.params['optim.lr'])}"
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert config["select"]["criterion"] == "im" and config["optim"]["lr"] == json.loads(t.params["optim.lr"])
+        result = json.loads((run / "eval" / "best_test.json").read_text())
+        assert t.value == result["checkpoint"]["score"]  # the value: the objective of the selected checkpoint
+        assert t.user_attrs["target_test_accuracy"] == result["target"]["accuracy"]  # beside it, for reports
+        assert sorted(t.intermediate_values) == [0, 1]  # every evaluation was reported
+    assert best["value"] == max(t.value for t in trials) and best["run_dir"].startswith(str(out))
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert [r["state"] for r in rows] == ["complete", "complete"] and rows[0]["value"] == str(best["value"])
+    table = (out / "trials.md").read_text()
+    assert "Maximizing im" in table and "target acc †" in table and "never reads them" in table
+    # A relaunch with a bigger budget runs only the missing trial (the enqueued values are not run again).
+    tune(spec(data, tmp_path, trials=3, space={"optim.lr": [0.001, 0.003]}), poll_s=0.2)
+    assert [t.state.name for t in study.get_trials()] == ["COMPLETE"] * 3
+    # Another objective or space is another study: refused, nothing run.
+    with pytest.raises(DmhpcError, match=r"study.journal: holds a study of another tune file \(objective changed"):
+        tune(spec(data, tmp_path, trials=4, objective="snd"), poll_s=0.2)
+    assert len(study.get_trials()) == 3
+
+
+def test_a_trial_left_running_by_a_killed_tuner_runs_again_in_its_directory(data, tmp_path):
+    t = load_tune(spec(data, tmp_path, trials=1, parallel=1))
+    lock = _lock(t.out)
+    study = _open_study(t)
+    trial = study.ask({"optim.lr": optuna.distributions.CategoricalDistribution(["0.001", "0.003"])})
+    lock.close()  # the tuner died here: its trial is RUNNING in the journal
+    lr = json.loads(trial.params["optim.lr"])
+    best = tune(spec(data, tmp_path, trials=1, parallel=1), poll_s=0.2)
+    states = [(tr.number, tr.state.name) for tr in study.get_trials()]
+    assert states == [(0, "FAIL"), (1, "COMPLETE")]  # the stale one does not count against the budget
+    assert best["values"] == {"optim.lr": lr} and best["number"] == 1
+
+
+def test_a_second_tuner_on_the_same_out_is_refused(data, tmp_path):
+    t = load_tune(spec(data, tmp_path))
+    held = _lock(t.out)
+    try:
+        with pytest.raises(DmhpcError, match=rf"{LOCK}: a tuner is already running this study \(pid {os.getpid()}"):
+            tune(spec(data, tmp_path), poll_s=0.2)
+    finally:
+        held.close()
+    assert not (t.out / JOURNAL).exists()
+
+
+def test_a_trial_below_the_median_is_pruned_and_its_job_stopped(data, tmp_path):
+    """The first trial trains; the second cannot learn (lr 1e-12: IM stays near 0, its initial value)
+    and is stopped at its first evaluation past the warm-up, long before its 40 epochs end."""
+    s = spec(data, tmp_path, trials=2, parallel=1, pruner={"startup_trials": 1, "warmup_epochs": 0},
+             space={"optim.lr": [0.01, 1.0e-12], "train.epochs": [8, 40]},
+             enqueue=[{"optim.lr": 0.01, "train.epochs": 8}, {"optim.lr": 1.0e-12, "train.epochs": 40}])
+    del s["overrides"]["train.epochs"]
+    tune(s, poll_s=0.1)
+    out = tmp_path / "tune"
+    study = optuna.load_study(study_name="dmhpc-tune", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / JOURNAL))))
+    first, second = study.get_trials()
+    assert first.state.name == "COMPLETE" and second.state.name == "PRUNED"
+    pruned_run = out / "optim.lr=1e-12,train.epochs=40"
+    assert max(second.intermediate_values) < 39 and not (pruned_run / "eval" / "best_test.json").exists()
+    assert "pruned after epoch" in (out / "trials.md").read_text()
+
+
+def test_the_command_line_and_the_shipped_tune_files(data, tmp_path):
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(spec(data, tmp_path, trials=1, parallel=1)))
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "tune.py"), str(path)], capture_output=True,
+                          text=True, env=clean_env(), cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "dmhpc tune: best trial 0:" in proc.stdout
+    path.write_text(yaml.safe_dump({**spec(data, tmp_path), "objective": "oracle-target-acc"}))
+    proc = subprocess.run([sys.executable, "-m", "dmhpc", "tune", str(path)], capture_output=True, text=True,
+                          env=clean_env(), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and f"{path}: objective: oracle-target-acc reads target labels" in proc.stderr
+    for shipped in sorted((ROOT / "configs" / "tune").glob("*.yaml")):
+        t = load_tune(shipped)
+        assert t.objective and t.space, shipped
