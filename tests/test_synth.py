@@ -412,3 +412,13 @@ def test_the_shipped_survey_data_config_prepares_beside_the_pair(with_survey, tm
     assert len(survey) == len(np.load(with_survey / "survey_y.npy"))
     survey_objects = set(survey.read(0, len(survey))["objects"].tolist())
     assert survey_objects and not survey_objects & set(pristine.read(0, len(pristine))["objects"].tolist())
+
+
+def test_overwrite_without_survey_removes_an_older_survey(with_survey, tmp_path):
+    out = tmp_path / "set"
+    shutil.copytree(with_survey, out)
+    (out / "notes.txt").write_text("mine")
+    synth.synthesize(out, 2, SEED, overwrite=True)
+    assert not any((out / name).exists() for name in SURVEY_FILES)  # the new meta.json has no survey
+    assert "survey" not in json.loads((out / "meta.json").read_text()) and (out / "notes.txt").exists()
+    assert len(np.load(out / "pristine_y.npy")) == 4

@@ -141,6 +141,9 @@ class _Staging:
         self.partial["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
         # An older meta.json goes first, so a crash between renames leaves no complete-looking set.
         (self.out / "meta.json").unlink(missing_ok=True)
+        if self.survey_labels is None:  # an older set's survey files: the new meta.json does not describe them
+            for name in SURVEY_FILES:
+                (self.out / name).unlink(missing_ok=True)
         for name in self.files:
             os.replace(self.partial[name], self.out / name)
             self.renamed.append(self.out / name)
