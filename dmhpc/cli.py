@@ -173,8 +173,8 @@ COMMANDS: dict[str, Command] = {
         _tune,
         "search hyperparameters with Optuna (TPE, median pruning) by a label-free criterion; trials run "
         "as training jobs (SLURM or here)",
-        "dmhpc tune configs/tune/mmd-fisher-entropy-laptop.yaml\n"
-        "  dmhpc tune configs/tune/mmd-fisher-entropy.yaml --executor slurm      # on a cluster",
+        "dmhpc tune configs/tune/coral-fisher-entropy-laptop.yaml\n"
+        "  dmhpc tune configs/tune/coral-fisher-entropy-laptop.yaml --executor slurm      # trials as SLURM jobs",
     ),
     "scaling": Command(
         _scaling,

@@ -1,7 +1,7 @@
 """`dmhpc tune`, for those who start Python scripts: the same command, the same options.
 
-    python launch/tune.py configs/tune/mmd-fisher-entropy-laptop.yaml                  # here, 2 at a time
-    python launch/tune.py configs/tune/mmd-fisher-entropy.yaml --executor slurm        # trials as SLURM jobs
+    python launch/tune.py configs/tune/coral-fisher-entropy-laptop.yaml                 # here, 2 at a time
+    python launch/tune.py configs/tune/coral-fisher-entropy-laptop.yaml --executor slurm  # trials as SLURM jobs
 
 From Python: `dmhpc.launch.tune(FILE)`. The tune file format: dmhpc/launch/tune.py and docs/cluster.md.
 """

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -23,6 +24,11 @@ optuna = pytest.importorskip("optuna")
 @pytest.fixture(scope="module")
 def data(make_domains):
     return make_domains(64)
+
+
+def _study(out):
+    return optuna.load_study(study_name="dmhpc-tune", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(out / JOURNAL))))
 
 
 def spec(data, tmp_path, **extra) -> dict:
@@ -65,8 +71,7 @@ def test_the_space_is_checked_against_the_trainer_config_before_anything_runs(da
 def test_a_search_runs_trials_by_the_objective_records_target_metrics_and_resumes(data, tmp_path):
     best = tune(spec(data, tmp_path, enqueue=[{"optim.lr": 0.003}]), poll_s=0.2)
     out = tmp_path / "tune"
-    study = optuna.load_study(study_name="dmhpc-tune", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(out / JOURNAL))))
+    study = _study(out)
     trials = study.get_trials()
     assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
     assert trials[0].params == {"optim.lr": "0.003"}  # the enqueued trial first
@@ -86,9 +91,14 @@ def test_a_search_runs_trials_by_the_objective_records_target_metrics_and_resume
     # A relaunch with a bigger budget runs only the missing trial (the enqueued values are not run again).
     tune(spec(data, tmp_path, trials=3, space={"optim.lr": [0.001, 0.003]}), poll_s=0.2)
     assert [t.state.name for t in study.get_trials()] == ["COMPLETE"] * 3
-    # Another objective or space is another study: refused, nothing run.
-    with pytest.raises(DmhpcError, match=r"study.journal: holds a study of another tune file \(objective changed"):
-        tune(spec(data, tmp_path, trials=4, objective="snd"), poll_s=0.2)
+    # Another objective, training configuration or space is another study: refused, nothing run.
+    base = tmp_path / "base.yaml"
+    base.write_text(f"base: {TINY}\noptim:\n  weight_decay: 0.002\n")  # an edit of the config trained
+    for change, what in [({"objective": "snd"}, "objective"), ({"base": str(base)}, "config"),
+                         ({"overrides": tiny_overrides(data, **{"train.epochs": 3})}, "config"),
+                         ({"space": {"optim.lr": [0.001, 0.003, 0.01]}}, "space")]:
+        with pytest.raises(DmhpcError, match=rf"study.journal: holds a study of another tune file \({what} changed"):
+            tune({**spec(data, tmp_path, trials=4), **change}, poll_s=0.2)
     assert len(study.get_trials()) == 3
 
 
@@ -103,6 +113,7 @@ def test_a_trial_left_running_by_a_killed_tuner_runs_again_in_its_directory(data
     states = [(tr.number, tr.state.name) for tr in study.get_trials()]
     assert states == [(0, "FAIL"), (1, "COMPLETE")]  # the stale one does not count against the budget
     assert best["values"] == {"optim.lr": lr} and best["number"] == 1
+    assert "left running by a tuner that was killed; run again as trial 1" in (t.out / "trials.md").read_text()
 
 
 def test_a_second_tuner_on_the_same_out_is_refused(data, tmp_path):
@@ -118,20 +129,51 @@ def test_a_second_tuner_on_the_same_out_is_refused(data, tmp_path):
 
 def test_a_trial_below_the_median_is_pruned_and_its_job_stopped(data, tmp_path):
     """The first trial trains; the second cannot learn (lr 1e-12: IM stays near 0, its initial value)
-    and is stopped at its first evaluation past the warm-up, long before its 40 epochs end."""
+    and is stopped at an evaluation past the warm-up, long before its 40 epochs end."""
     s = spec(data, tmp_path, trials=2, parallel=1, pruner={"startup_trials": 1, "warmup_epochs": 0},
-             space={"optim.lr": [0.01, 1.0e-12], "train.epochs": [8, 40]},
-             enqueue=[{"optim.lr": 0.01, "train.epochs": 8}, {"optim.lr": 1.0e-12, "train.epochs": 40}])
-    del s["overrides"]["train.epochs"]
+             overrides=tiny_overrides(data, **{"train.epochs": 40}), space={"optim.lr": [0.01, 1.0e-12]},
+             enqueue=[{"optim.lr": 0.01}, {"optim.lr": 1.0e-12}])
     tune(s, poll_s=0.1)
     out = tmp_path / "tune"
-    study = optuna.load_study(study_name="dmhpc-tune", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(out / JOURNAL))))
-    first, second = study.get_trials()
+    first, second = _study(out).get_trials()
     assert first.state.name == "COMPLETE" and second.state.name == "PRUNED"
-    pruned_run = out / "optim.lr=1e-12,train.epochs=40"
-    assert max(second.intermediate_values) < 39 and not (pruned_run / "eval" / "best_test.json").exists()
+    assert max(second.intermediate_values) < 39 and not (out / "optim.lr=1e-12" / "eval" / "best_test.json").exists()
+    rows = list(csv.DictReader((out / "trials.csv").open()))
+    assert [r["state"] for r in rows] == ["complete", "pruned"]  # a pruned trial never ranks above a complete one
     assert "pruned after epoch" in (out / "trials.md").read_text()
+
+
+def test_equal_values_share_a_job_or_reuse_a_finished_run_and_debug_runs_in_process(data, tmp_path):
+    s = spec(data, tmp_path, space={"optim.lr": [0.003]})  # every trial gets the same values
+    tune(s, poll_s=0.2)
+    study = _study(tmp_path / "tune")
+    a, b = study.get_trials()
+    assert a.state.name == b.state.name == "COMPLETE" and a.value == b.value
+    assert a.user_attrs["job_id"] and "job_id" not in b.user_attrs  # one training run for both
+    tune({**s, "trials": 3, "executor": "debug", "parallel": 1}, poll_s=0.2)
+    c = study.get_trials()[2]
+    assert c.state.name == "COMPLETE" and c.value == a.value and "job_id" not in c.user_attrs  # the finished run
+    fresh = spec(data, tmp_path / "debug", trials=1, parallel=1, executor="debug")
+    best = tune(fresh, poll_s=0.2)  # the debug executor: in this process, no polling, no pruning
+    assert best["number"] == 0 and (Path(best["run_dir"]) / "eval" / "best_test.json").exists()
+    assert Path(best["run_dir"]).parent == tmp_path / "debug" / "tune"
+
+
+def test_three_failures_in_a_row_stop_the_search_and_each_is_recorded(data, tmp_path):
+    s = spec(data, tmp_path, trials=6, parallel=1,
+             overrides={**tiny_overrides(data), "data.source": str(tmp_path / "missing")})
+    with pytest.raises(DmhpcError, match="3 trials failed in a row; search stopped"):
+        tune(s, poll_s=0.2)
+    rows = list(csv.DictReader((tmp_path / "tune" / "trials.csv").open()))
+    assert [r["state"] for r in rows] == ["fail"] * 3 and all("missing" in r["failure"] for r in rows)
+
+
+def test_a_torn_journal_is_refused_with_its_name(data, tmp_path):
+    (tmp_path / "tune").mkdir()
+    journal = tmp_path / "tune" / JOURNAL
+    journal.write_text('{"op_code": 0, "worker_id": "x"}\n{"op_code": 5, "wor')
+    with pytest.raises(DmhpcError, match=rf"{journal}: its last record is incomplete"):
+        tune(spec(data, tmp_path), poll_s=0.2)
 
 
 def test_the_command_line_and_the_shipped_tune_files(data, tmp_path):

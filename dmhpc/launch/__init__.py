@@ -6,7 +6,7 @@
                                                           # and OUT/validators.{csv,md} (select.all_validators)
     report_grid("configs/study/deepmerge2.yaml")          # the same tables from the runs so far; no launch
     launch_scaling("configs/scaling/resnet.yaml")         # OUT/scaling.{csv,md,png}
-    tune("configs/tune/mmd-fisher-entropy-laptop.yaml")   # OUT/study.journal, OUT/trials.{csv,md}
+    tune("configs/tune/coral-fisher-entropy-laptop.yaml")   # OUT/study.journal, OUT/trials.{csv,md}
 
 The same from the shell: `python launch/grid.py FILE`, `python launch/scaling.py FILE` and
 `python launch/tune.py FILE` (or `dmhpc grid|scaling|tune FILE`).

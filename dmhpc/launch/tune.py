@@ -1,7 +1,7 @@
 """Label-free hyperparameter search: Optuna's TPE sampler and median pruner over training runs.
 
-    dmhpc tune configs/tune/mmd-fisher-entropy-laptop.yaml
-    dmhpc.launch.tune("configs/tune/mmd-fisher-entropy-laptop.yaml")   # or a dict of the same keys
+    dmhpc tune configs/tune/coral-fisher-entropy-laptop.yaml
+    dmhpc.launch.tune("configs/tune/coral-fisher-entropy-laptop.yaml")   # or a dict of the same keys
 
 A tune file (every key; docs/cluster.md has the reference):
 
@@ -32,17 +32,24 @@ The study lives in OUT/study.journal, an Optuna journal file (no database server
 put OUT on the shared file system). The tuner holds OUT/tune.lock while it runs: a second tuner of
 the same OUT is refused. Relaunching continues the study up to `trials`: a trial left running by
 a tuner that was killed is run again with the same values in the same run directory, which
-resumes from its last checkpoint. Changing `objective`, `base`, `overrides` or `space` since the
-study began is refused (`trials`, `parallel`, `executor` and `slurm` may change).
+resumes from its last checkpoint (its SLURM job, if it had one, is cancelled first). Changing the
+objective, the training configuration (base with overrides, resolved) or the space since the study
+began is refused (`trials`, `parallel`, `executor` and `slurm` may change).
 
 Pruning: the tuner reads each running trial's metrics log and reports the best objective score
 so far at every evaluation; the median pruner stops a trial whose best score is below the median
 of earlier trials at the same epoch (its job is cancelled; the run directory stays, unfinished).
+Past the last epoch any earlier trial reached there is no median, so no pruning; the debug
+executor, which runs a trial to its end before the tuner reads it, never prunes.
+
+A trial fails (and the search goes on) when its job fails, its values give an invalid config, or
+its run directory holds another run; three failures in a row stop the search.
 """
 
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import math
 import os
@@ -97,11 +104,16 @@ class Tune:
     resources: Resources
 
     def identity(self) -> dict:
-        """What the study's trials depend on, comparable across launches."""
+        """What the study's trials depend on, comparable across launches: the objective, the space,
+        and the training configuration every trial starts from (base + overrides, resolved, so an
+        edit of the base file or of a file it inherits from counts; the path to it does not)."""
         space = {k: (v if isinstance(v, list) else {"low": v.low, "high": v.high, "log": v.log})
                  for k, v in self.space.items()}
-        return json.loads(json.dumps({"objective": self.objective, "base": str(self.base.resolve()),
-                                      "overrides": self.overrides, "space": space}, sort_keys=True))
+        config = config_to_dict(resolve_point(self.base, self.overrides))
+        config["run"].pop("dir", None)  # set per trial
+        config["select"].pop("criterion", None)  # the objective's
+        return json.loads(json.dumps({"objective": self.objective, "config": config, "space": space},
+                                     sort_keys=True))
 
     def point(self, values: Mapping[str, Any]):
         """(run directory, validated config dict) of the trial with these values."""
@@ -144,7 +156,7 @@ def _read_enqueue(problems: Problems, data: Any, space: Mapping[str, list | Rang
                 continue
             if dim is None:
                 problems.add(f"{where}.{key}", f"not a key of space ({', '.join(sorted(space))})")
-            elif isinstance(dim, list) and value not in dim:
+            elif isinstance(dim, list) and not any(type(c) is type(value) and c == value for c in dim):
                 problems.add(f"{where}.{key}", f"{show(value)} is not one of the choices {show(dim)}")
             elif isinstance(dim, Range) and not (isinstance(value, (int, float)) and not isinstance(value, bool)
                                                  and dim.low <= value <= dim.high):
@@ -207,8 +219,11 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
 
 def _lock(out: Path):
     """An OS lock on OUT/tune.lock for the tuner's lifetime; released when the process dies."""
-    out.mkdir(parents=True, exist_ok=True)
-    handle = open(out / LOCK, "a+")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        handle = open(out / LOCK, "a+")
+    except OSError as exc:
+        raise DmhpcError(f"{out}: cannot create the tuner's folder or lock: {exc.strerror}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -217,6 +232,9 @@ def _lock(out: Path):
         handle.close()
         raise DmhpcError(f"{out / LOCK}: a tuner is already running this study ({holder}); "
                          f"wait for it or use another out") from None
+    except OSError as exc:  # file systems without locks (some Lustre mounts): say what is not guarded
+        print(f"dmhpc tune: warning: {out / LOCK}: the file system refuses locks ({exc.strerror}); a second "
+              f"tuner of this study would not be detected", flush=True)
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
@@ -225,18 +243,31 @@ def _lock(out: Path):
 
 
 def _open_study(t: Tune):
+    """The study of OUT/study.journal (created on the first launch), checked against the file."""
     import optuna
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
+    journal = t.out / JOURNAL
+    # A record cut short (a kill or a full disk mid-write, a hand edit) would make Optuna append the
+    # next one to the fragment and fail later on every launch: refuse it now, naming the file.
+    if journal.exists() and journal.stat().st_size:
+        with journal.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                raise DmhpcError(f"{journal}: its last record is incomplete (the tuner was killed while writing, "
+                                 f"or the disk filled); remove the last line to continue the study")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = JournalStorage(JournalFileBackend(str(t.out / JOURNAL)))
     sampler = optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=t.startup_trials)
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=t.pruner["startup_trials"],
                                           n_warmup_steps=t.pruner["warmup_epochs"])
               if t.pruner is not None else optuna.pruners.NopPruner())
-    study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name="dmhpc-tune",
-                                direction="maximize", load_if_exists=True)
+    try:
+        study = optuna.create_study(storage=JournalStorage(JournalFileBackend(str(journal))), sampler=sampler,
+                                    pruner=pruner, study_name="dmhpc-tune", direction="maximize",
+                                    load_if_exists=True)
+    except (ValueError, KeyError, AttributeError) as exc:  # json.JSONDecodeError is a ValueError
+        raise DmhpcError(f"{journal}: not a readable Optuna journal ({type(exc).__name__}: {exc})") from None
     identity = t.identity()
     before = study.user_attrs.get("identity")
     if before is None:  # a new study
@@ -245,9 +276,9 @@ def _open_study(t: Tune):
             study.enqueue_trial({k: (json.dumps(v) if isinstance(t.space[k], list) else v)
                                  for k, v in values.items()})
     elif before != identity:
-        changed = [k for k in STUDY_IDENTITY if before.get(k) != identity.get(k)]
-        raise DmhpcError(f"{t.out / JOURNAL}: holds a study of another tune file ({', '.join(changed)} changed "
-                         f"since it began); use another out, or restore the file")
+        changed = [k for k in ("objective", "config", "space") if before.get(k) != identity.get(k)]
+        raise DmhpcError(f"{journal}: holds a study of another tune file ({', '.join(changed)} changed since it "
+                         f"began); use another out, or restore the file")
     return study
 
 
@@ -265,18 +296,32 @@ def _values(params: Mapping[str, Any], space: Mapping[str, list | Range]) -> dic
             for k in sorted(space)}
 
 
-def _requeue_stale(study, t: Tune) -> int:
-    """Trials a killed tuner left running: failed, and the same values queued again (same run
-    directory, so the new trial resumes from its last checkpoint). Returns how many."""
+def _cancel_slurm_job(job_id: str) -> None:
+    """Cancel a job of an earlier tuner and wait until SLURM lists it no more (its trainer holds the
+    run directory until then)."""
+    try:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=60)
+        for _ in range(60):
+            queued = subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True, timeout=60)
+            if queued.returncode != 0 or not queued.stdout.strip():
+                return
+            time.sleep(5)
+    except (OSError, subprocess.SubprocessError) as exc:
+        print(f"dmhpc tune: warning: cannot cancel SLURM job {job_id} of an earlier tuner ({exc}); its trial's "
+              f"rerun may find the run directory in use", flush=True)
+
+
+def _requeue_stale(study) -> int:
+    """Trials a killed tuner left running: the same values queued again (same run directory, so the
+    new trial resumes from its last checkpoint), then the old trial failed. Returns how many."""
     from optuna.trial import TrialState
 
     stale = [tr for tr in study.get_trials(deepcopy=False) if tr.state == TrialState.RUNNING]
     for tr in stale:
-        job = tr.user_attrs.get("job_id")
-        if job and t.executor == "slurm":  # it may still run in that directory: its rerun takes over
-            subprocess.run(["scancel", str(job)], capture_output=True, timeout=60)
+        if tr.user_attrs.get("executor") == "slurm" and tr.user_attrs.get("job_id"):
+            _cancel_slurm_job(str(tr.user_attrs["job_id"]))
+        study.enqueue_trial(tr.params, user_attrs={"rerun_of": tr.number})  # first: a crash here loses nothing
         study.tell(tr.number, state=TrialState.FAIL)
-        study.enqueue_trial(tr.params, user_attrs={"rerun_of": tr.number})
     return len(stale)
 
 
@@ -307,20 +352,29 @@ def _report(r: _Running) -> None:
             r.reported = epoch
 
 
-def _finish(study, r: _Running) -> str:
-    """Tell the study how a finished job did: 'complete' or 'fail'."""
+def _fail(study, trial, why: str) -> str:
     from optuna.trial import TrialState
 
-    failed = wait_for({str(r.trial.number): r.job}) if r.job is not None else {}  # a debug job runs here
-    _report(r)  # every evaluation, for the pruner's medians at each epoch
-    result = r.run.read_result("best", "test")
+    trial.set_user_attr("failure", why)
+    study.tell(trial, state=TrialState.FAIL)
+    print(f"dmhpc tune: trial {trial.number} failed: {why}", flush=True)
+    return "fail"
+
+
+def _finish(study, r: _Running, objective: str) -> str:
+    """Tell the study how a finished job did: 'complete' or 'fail'."""
+    try:
+        failed = wait_for({str(r.trial.number): r.job}) if r.job is not None else {}  # a debug job runs here
+        _report(r)  # every evaluation, for the pruner's medians at each epoch
+        result = r.run.read_result("best", "test")
+    except DmhpcError as exc:  # a damaged log or result file
+        return _fail(study, r.trial, str(exc))
     if failed or result is None:
-        why = failed.get(str(r.trial.number), "the run wrote no test result")
-        r.trial.set_user_attr("failure", why)
-        study.tell(r.trial, state=TrialState.FAIL)
-        print(f"dmhpc tune: trial {r.trial.number} failed: {why}", flush=True)
-        return "fail"
-    checkpoint = result["checkpoint"]
+        return _fail(study, r.trial, failed.get(str(r.trial.number), "the run wrote no test result"))
+    checkpoint = result.get("checkpoint", {})
+    if checkpoint.get("criterion") != objective or not isinstance(checkpoint.get("score"), (int, float)):
+        return _fail(study, r.trial, f"{r.run.path}: its checkpoint was selected by {checkpoint.get('criterion')}, "
+                                     f"not by the objective {objective}")
     for domain in ("source", "target"):  # for reporting only; the search never reads them
         for metric in ("accuracy", "roc_auc"):
             value = result.get(domain, {}).get(metric)
@@ -328,8 +382,8 @@ def _finish(study, r: _Running) -> str:
                 r.trial.set_user_attr(f"{domain}_test_{metric}", value)
     r.trial.set_user_attr("epoch", checkpoint.get("epoch"))
     study.tell(r.trial, float(checkpoint["score"]))
-    print(f"dmhpc tune: trial {r.trial.number} {r.run.path.name}: {checkpoint['criterion']} "
-          f"{float(checkpoint['score']):.4f} (epoch {checkpoint.get('epoch')})", flush=True)
+    print(f"dmhpc tune: trial {r.trial.number} {r.run.path.name}: {objective} {float(checkpoint['score']):.4f} "
+          f"(epoch {checkpoint.get('epoch')})", flush=True)
     return "complete"
 
 
@@ -343,95 +397,131 @@ def _counted(study) -> int:
                or (tr.state == TrialState.FAIL and tr.number not in rerun) for tr in trials)
 
 
+class _Search:
+    """One launch of the tuner: starts trials, reads the running ones, stops the bad ones."""
+
+    def __init__(self, t: Tune, study, poll_s: float):
+        self.t, self.study, self.poll_s = t, study, poll_s
+        self.distributions = _distributions(t.space)
+        self.folder = t.out / "submitit"
+        threads = local_threads(t.parallel * t.resources.ranks) if t.executor == "local" else None
+        self.submitter = make_executor(t.executor, self.folder, t.resources, f"dmhpc-tune-{t.out.name}", threads)
+        self.running: list[_Running] = []
+        self.failures_in_a_row = 0
+
+    def outcome(self, what: str) -> None:
+        self.failures_in_a_row = self.failures_in_a_row + 1 if what == "fail" else 0
+
+    def start(self) -> None:
+        """Ask the sampler for one trial and start it (or attach it to what already has its values)."""
+        t, study = self.t, self.study
+        trial = study.ask(self.distributions)
+        try:
+            values = _values(trial.params, t.space)
+            trial.set_user_attr(ATTR_VALUES, values)
+            run_dir, cfg = t.point(values)
+            trial.set_user_attr(ATTR_RUN, str(run_dir))
+            same = next((r for r in self.running if r.run.path == run_dir), None)
+            if same is not None:  # values a running trial has: share its job, its result, its fate
+                print(f"dmhpc tune: trial {trial.number} {run_dir.name}: the values of running trial "
+                      f"{same.trial.number}; sharing its job", flush=True)
+                self.running.append(_Running(trial, same.run, same.job))
+                return
+            run = RunDir(run_dir)
+            run.check_relaunch(cfg)  # a directory holding another run would fail the job
+            if run.finished:  # values an earlier trial trained with: its result
+                self.outcome(_finish(study, _Running(trial, run, None), t.objective))
+                return
+        except DmhpcError as exc:
+            self.outcome(_fail(study, trial, str(exc)))
+            return
+        job = self.submitter.submit(TrainTask(), config_to_dict(cfg))
+        trial.set_user_attr("job_id", job.job_id)
+        trial.set_user_attr("executor", t.executor)
+        print(f"dmhpc tune: trial {trial.number} {run_dir.name}: job {job.job_id}", flush=True)
+        self.running.append(_Running(trial, run, job))
+
+    def poll(self) -> None:
+        """Finish the trials whose job ended; prune the running ones the pruner rejects."""
+        from optuna.trial import TrialState
+
+        for r in list(self.running):
+            if r not in self.running:  # pruned with the trial whose job it shares
+                continue
+            # A debug job runs when its result is asked for, so it is only ever read finished.
+            if self.t.executor == "debug" or r.job.done():
+                self.running.remove(r)
+                self.outcome(_finish(self.study, r, self.t.objective))
+                continue
+            try:
+                _report(r)
+            except DmhpcError as exc:  # a damaged log: this trial's fault, not the search's
+                why = str(exc)
+                self.stop(r.job, lambda o: _fail(self.study, o.trial, why))
+                self.outcome("fail")
+                continue
+            if r.trial.should_prune():
+                epoch = r.reported
+
+                def prune(o: _Running) -> None:
+                    self.study.tell(o.trial, state=TrialState.PRUNED)
+                    print(f"dmhpc tune: trial {o.trial.number} pruned after epoch {epoch}", flush=True)
+                self.stop(r.job, prune)
+
+    def stop(self, job, tell) -> None:
+        """Tell every trial of `job` (several share one job when their values are equal), then cancel it."""
+        for o in [o for o in self.running if o.job is job]:
+            tell(o)
+            self.running.remove(o)
+        if job is not None:
+            job.cancel(check=False)  # it may have ended meanwhile
+
+    def run(self) -> None:
+        t = self.t
+        started = _counted(self.study)
+        print(f"dmhpc tune: {t.source}: {started} of {t.trials} trial(s) done; maximizing {t.objective}; "
+              f"{t.parallel} at a time ({t.executor}); study in {t.out / JOURNAL}", flush=True)
+        while self.running or started < t.trials:
+            while len(self.running) < t.parallel and started < t.trials and self.failures_in_a_row < FAILURES_IN_A_ROW:
+                self.start()
+                started += 1
+            if self.failures_in_a_row >= FAILURES_IN_A_ROW:
+                for job in {id(r.job): r.job for r in self.running}.values():
+                    self.stop(job, lambda o: _fail(self.study, o.trial, "stopped: the search stopped"))
+                raise DmhpcError(f"{t.source}: {self.failures_in_a_row} trials failed in a row; search stopped "
+                                 f"(each failure is in {t.out / (TABLE + '.md')}, the jobs' logs in {self.folder})")
+            if self.running and t.executor != "debug":
+                time.sleep(self.poll_s)
+            self.poll()
+
+
 def tune(spec: str | Path | Mapping, executor: str | None = None, poll_s: float = 10.0) -> dict:
     """Run the search to `trials` finished trials; write OUT/trials.{md,csv}; return the best trial
     as {"number", "value", "values", "run_dir", "user_attrs"} (None values when nothing completed).
 
     `executor` replaces the file's. `poll_s`: how often running trials are read for pruning.
     """
-    try:
-        from optuna.trial import TrialState
-    except ImportError:
-        raise DmhpcError("dmhpc tune needs optuna: pip install dmhpc[tune]") from None
+    if importlib.util.find_spec("optuna") is None:
+        raise DmhpcError("dmhpc tune needs optuna: pip install dmhpc[tune]")
 
     t = load_tune(spec, executor)
     lock = _lock(t.out)
+    study = None
     try:
         study = _open_study(t)
-        stale = _requeue_stale(study, t)
+        stale = _requeue_stale(study)
         if stale:
             print(f"dmhpc tune: {stale} trial(s) left running by an earlier tuner: run again, resuming "
                   f"their run directories", flush=True)
-        distributions = _distributions(t.space)
-        folder = t.out / "submitit"
-        threads = local_threads(t.parallel * t.resources.ranks) if t.executor == "local" else None
-        submitter = make_executor(t.executor, folder, t.resources, f"dmhpc-tune-{t.out.name}", threads)
-        running: list[_Running] = []
-        started = _counted(study)
-        failures_in_a_row = 0
-        print(f"dmhpc tune: {t.source}: {started} of {t.trials} trial(s) done; maximizing {t.objective}; "
-              f"{t.parallel} at a time ({t.executor}); study in {t.out / JOURNAL}", flush=True)
-        while running or started < t.trials:
-            while len(running) < t.parallel and started < t.trials:
-                trial = study.ask(distributions)
-                values = _values(trial.params, t.space)
-                run_dir, cfg = t.point(values)
-                trial.set_user_attr(ATTR_VALUES, values)
-                trial.set_user_attr(ATTR_RUN, str(run_dir))
-                started += 1
-                same = next((r for r in running if r.run.path == run_dir), None)
-                if same is not None:  # values a running trial has: share its job, its result, its fate
-                    print(f"dmhpc tune: trial {trial.number} {run_dir.name}: the values of running trial "
-                          f"{same.trial.number}; sharing its job", flush=True)
-                    running.append(_Running(trial, same.run, same.job))
-                    continue
-                if RunDir(run_dir).finished:  # values an earlier trial trained with: its result
-                    outcome = _finish(study, _Running(trial, RunDir(run_dir), None))
-                    failures_in_a_row = failures_in_a_row + 1 if outcome == "fail" else 0
-                    continue
-                try:  # a directory holding a run of another configuration would fail the job
-                    RunDir(run_dir).check_relaunch(cfg)
-                except DmhpcError as exc:
-                    trial.set_user_attr("failure", str(exc))
-                    study.tell(trial, state=TrialState.FAIL)
-                    print(f"dmhpc tune: trial {trial.number} failed: {exc}", flush=True)
-                    failures_in_a_row += 1
-                    continue
-                job = submitter.submit(TrainTask(), config_to_dict(cfg))
-                trial.set_user_attr("job_id", job.job_id)
-                print(f"dmhpc tune: trial {trial.number} {run_dir.name}: job {job.job_id}", flush=True)
-                running.append(_Running(trial, RunDir(run_dir), job))
-            if failures_in_a_row < FAILURES_IN_A_ROW and t.executor != "debug":
-                time.sleep(poll_s)
-            for r in list(running):
-                if r not in running:  # pruned with the trial whose job it shares
-                    continue
-                # A debug job runs when its result is asked for, so it is only ever read finished.
-                if t.executor == "debug" or r.job.done():
-                    outcome = _finish(study, r)
-                    running.remove(r)
-                    failures_in_a_row = failures_in_a_row + 1 if outcome == "fail" else 0
-                    continue
-                _report(r)
-                if r.trial.should_prune():
-                    for other in [o for o in running if o.job is r.job]:  # and the trials sharing its job
-                        study.tell(other.trial, state=TrialState.PRUNED)
-                        print(f"dmhpc tune: trial {other.trial.number} pruned after epoch {r.reported}", flush=True)
-                        running.remove(other)
-                    r.job.cancel()
-            if failures_in_a_row >= FAILURES_IN_A_ROW:
-                for r in running:
-                    r.job.cancel()
-                    study.tell(r.trial, state=TrialState.FAIL)
-                raise DmhpcError(f"{t.source}: {failures_in_a_row} trials failed in a row; stopping the search "
-                                 f"(each failure is in {t.out / (TABLE + '.md')} and the jobs' logs in {folder})")
+        _Search(t, study, poll_s).run()
         return best_trial(study)
     finally:
-        try:
-            if "study" in locals():
+        if study is not None:
+            try:
                 write_trials(t.out, study, t.objective)
-        finally:
-            lock.close()
+            except (OSError, DmhpcError) as exc:  # never hide why the search ended
+                print(f"dmhpc tune: warning: cannot write {t.out / (TABLE + '.md')}: {exc}", flush=True)
+        lock.close()
 
 
 def best_trial(study) -> dict:
@@ -446,9 +536,14 @@ def best_trial(study) -> dict:
 
 
 def trial_rows(study) -> list[dict]:
+    """One row per trial: state, values, objective, target metrics (reporting only), why it failed."""
+    trials = study.get_trials(deepcopy=False)
+    rerun_as = {tr.user_attrs["rerun_of"]: tr.number for tr in trials if "rerun_of" in tr.user_attrs}
     rows = []
-    for tr in study.get_trials(deepcopy=False):
-        a = tr.user_attrs
+    for tr in trials:
+        a = dict(tr.user_attrs)
+        if tr.number in rerun_as:
+            a["failure"] = f"left running by a tuner that was killed; run again as trial {rerun_as[tr.number]}"
         rows.append({"trial": tr.number, "state": tr.state.name.lower(), "value": tr.value,
                      "epoch": a.get("epoch"), **{f"{k}": v for k, v in (a.get(ATTR_VALUES) or {}).items()},
                      "target_test_accuracy": a.get("target_test_accuracy"),
@@ -465,7 +560,9 @@ def write_trials(out: Path, study, objective: str) -> None:
     import csv
     import io
 
-    rows = sorted(trial_rows(study), key=lambda r: (r["value"] is None, -(r["value"] or 0.0), r["trial"]))
+    # Complete trials first, best first: a pruned trial's value is only its last intermediate one.
+    rows = sorted(trial_rows(study), key=lambda r: (r["state"] != "complete", r["value"] is None,
+                                                    -(r["value"] or 0.0), r["trial"]))
     if not rows:
         return
     keys = list(dict.fromkeys(k for r in rows for k in r))
