@@ -187,6 +187,11 @@ def test_the_command_line_and_the_shipped_tune_files(data, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "dmhpc", "tune", str(path)], capture_output=True, text=True,
                           env=clean_env(), cwd=tmp_path, timeout=120)
     assert proc.returncode == 1 and f"{path}: objective: oracle-target-acc reads target labels" in proc.stderr
+    path.write_text(yaml.safe_dump({**spec(data, tmp_path / "slurm"), "executor": "slurm"}))
+    proc = subprocess.run([sys.executable, "-m", "dmhpc", "tune", str(path)], capture_output=True, text=True,
+                          env={**clean_env(), "PATH": "/nonexistent"}, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and "executor slurm: no SLURM here (sbatch is not on PATH)" in proc.stderr
+    assert not (tmp_path / "slurm").exists()  # refused before anything was created
     for shipped in sorted((ROOT / "configs" / "tune").glob("*.yaml")):
         t = load_tune(shipped)
         assert t.objective and t.space, shipped

@@ -301,14 +301,19 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     return jobs
 
 
+def check_executor_here(kind: str) -> None:
+    """The slurm executor needs SLURM on this machine: a one-line error that says what to do instead."""
+    if kind == "slurm" and shutil.which("sbatch") is None:
+        raise DmhpcError("executor slurm: no SLURM here (sbatch is not on PATH); to run the points on this machine, "
+                         "give --executor local (or executor: local in the file)")
+
+
 def launch_points(points: list[Point], resources: Mapping[str, Resources], *, kind: str, folder: Path,
                   job_name: str, task: TrainTask, wait: bool = True) -> dict[str, str]:
     """`submit_points`, then (with wait) `wait_for` them: {point name: why its job failed}."""
     if not wait and kind != "slurm":
         raise DmhpcError(f"executor {kind}: its jobs end with the launcher, so the launcher must wait for them")
-    if kind == "slurm" and shutil.which("sbatch") is None:
-        raise DmhpcError("executor slurm: no SLURM here (sbatch is not on PATH); to run the points on this machine, "
-                         "give --executor local (or executor: local in the file)")
+    check_executor_here(kind)
     submit = dict(resources=resources, kind=kind, folder=folder, job_name=job_name, task=task)
     todo = [p for p in points if not p.finished]
     at_once = min((resources[p.name].array_parallelism for p in todo), default=1)

@@ -65,8 +65,8 @@ from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write
 from dmhpc.launch.spec import (Range, base_path, dotted_keys, point_name, point_problem,
                                read_launch_file, read_space, resolve_point)
-from dmhpc.launch.submit import (EXECUTORS, Resources, TrainTask, local_threads, make_executor, preempt_signal,
-                                 read_resources, wait_for)
+from dmhpc.launch.submit import (EXECUTORS, Resources, TrainTask, check_executor_here, local_threads, make_executor,
+                                 preempt_signal, read_resources, wait_for)
 from dmhpc.names import CRITERIA, LABEL_FREE
 from dmhpc.run import RunDir
 
@@ -505,6 +505,7 @@ def tune(spec: str | Path | Mapping, executor: str | None = None, poll_s: float 
         raise DmhpcError("dmhpc tune needs optuna: pip install dmhpc[tune]")
 
     t = load_tune(spec, executor)
+    check_executor_here(t.executor)
     lock = _lock(t.out)
     study = None
     try:

@@ -192,3 +192,25 @@ def test_scaling_study_one_versus_two_nodes(slurm_cluster, tmp_path, job_env, ma
     with (study.out / "scaling.csv").open() as f:
         assert len(list(csv.DictReader(f))) == 2
     assert (study.out / "scaling.png").stat().st_size > 0
+
+
+def test_a_tune_runs_its_trials_as_slurm_jobs(slurm_cluster, tmp_path, job_env, make_domains):
+    """dmhpc tune through the SLURM executor: each trial a job, two at once, the study in a journal."""
+    import optuna
+
+    from dmhpc.launch.tune import JOURNAL, tune
+
+    data = make_domains(64)
+    best = tune({"base": str(TINY), "out": str(tmp_path / "tune"), "executor": "slurm", "objective": "im",
+                 "trials": 2, "parallel": 2, "pruner": None, "space": {"optim.lr": [1e-3, 3e-4]},
+                 "enqueue": [{"optim.lr": 1e-3}, {"optim.lr": 3e-4}],
+                 "overrides": {"data.source": str(data / "pristine"), "data.target": str(data / "noisy"),
+                               "train.epochs": 1, "train.batch_size": 4},
+                 "slurm": {"cpus_per_task": 1, "time": 10}}, poll_s=1.0)
+    study = optuna.load_study(study_name="dmhpc-tune", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "tune" / JOURNAL))))
+    trials = study.get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE"]
+    assert all(t.user_attrs["executor"] == "slurm" for t in trials)
+    assert len({t.user_attrs["job_id"] for t in trials}) == 2  # one SLURM job per trial
+    assert best["value"] == max(t.value for t in trials)
