@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,13 @@ def _pyplot():
     return plt
 
 
+def wrap_title(text: str, width: int) -> str:
+    """A title in lines of at most `width` characters: run, data and checkpoint names are long, and a
+    one-line title runs off the figure. At 10 points about 11 characters fit in an inch."""
+    return "\n".join(textwrap.fill(line, width, break_long_words=True, break_on_hyphens=False)
+                     for line in text.splitlines() or [""])
+
+
 def roc_curves(predictions: dict, path: Path, title: str) -> Path:
     """ROC curve of each domain; `predictions[domain] = (labels, prob)`."""
     from sklearn.metrics import roc_auc_score, roc_curve
@@ -34,7 +42,8 @@ def roc_curves(predictions: dict, path: Path, title: str) -> Path:
         auc = roc_auc_score(labels, prob[:, 1])
         ax.plot(fpr, tpr, color=DOMAIN_COLOURS.get(domain), label=f"{domain} (AUC {auc:.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1))
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1))
+    ax.set_title(wrap_title(title, 48), fontsize=10)
     ax.legend(loc="lower right")
     return _save(fig, path)
 
@@ -53,7 +62,7 @@ def confusion_matrices(metrics: dict, path: Path, title: str) -> Path:
         ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["non-merger", "merger"],
                yticklabels=["non-merger", "merger"], xlabel="predicted", ylabel="true",
                title=f"{domain}: accuracy {m['accuracy']:.3f}")
-    fig.suptitle(title)
+    fig.suptitle(wrap_title(title, int(11 * fig.get_figwidth())), fontsize=10)
     return _save(fig, path)
 
 
@@ -90,7 +99,7 @@ def training_curves(records: list[dict], path: Path, title: str = "") -> Path:
         if ax.lines:
             ax.legend(fontsize=8)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(wrap_title(title, 115), fontsize=10)
     return _save(fig, path)
 
 
@@ -131,7 +140,8 @@ def latent_embedding(features: dict, path: Path, title: str, method: str = "tsne
                 continue
             ax.scatter(emb[sel, 0], emb[sel, 1], s=6, marker=marker, c=colour, alpha=0.5,
                        label=f"{domain} {name}")
-    ax.set(title=f"{title} ({method})", xticks=[], yticks=[])
+    ax.set(xticks=[], yticks=[])
+    ax.set_title(wrap_title(f"{title} ({method})", 58), fontsize=10)
     ax.legend(fontsize=8, markerscale=2)
     return _save(fig, path)
 
@@ -190,7 +200,7 @@ def attribution_grid(images, cams, igs, probs, labels, title: str, path: Path) -
             ax.set_title(name, fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(wrap_title(title, 90), fontsize=9)
     return _save(fig, path)
 
 
