@@ -3,14 +3,19 @@ sbatch options a site sets, and the threads of local ranks."""
 
 from __future__ import annotations
 
+import fcntl
 import os
+import time
 
 import pytest
 
-from tests.conftest import TINY
+from tests.conftest import TINY, tiny_overrides
+from dmhpc.config import config_to_dict
 from dmhpc.errors import DmhpcError
 from dmhpc.launch import load_grid
-from dmhpc.launch.submit import Resources, local_threads, make_executor, slurm_minutes
+from dmhpc.launch.spec import resolve_point
+from dmhpc.launch.submit import (Resources, TrainTask, local_thread_env, local_threads, make_executor, preempt_signal,
+                                 slurm_minutes)
 
 
 def test_slurm_time_formats():
@@ -51,3 +56,42 @@ def test_sbatch_options_for_a_site(tmp_path):
     assert "module load cuda" in script
     cpu = make_executor("slurm", tmp_path, Resources(tasks_per_node=2), "dmhpc-test")
     assert "gpus-per-node" not in cpu._executor._make_submission_file_text("python -m x", "uid")
+
+
+def _held(lock) -> bool:
+    """Whether a process holds the run directory's lock (a trainer is still running in it)."""
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(f, fcntl.LOCK_UN)
+        return False
+
+
+def test_a_cancelled_local_job_stops_training_with_threads_set(make_domains, tmp_path, monkeypatch):
+    """Local jobs that share the cores get OMP_NUM_THREADS; cancelling one (a pruned trial) must stop
+    its trainer. With the threads set by a setup line, the cancel stopped a shell and the training
+    went on."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    data = make_domains(64)
+    run = tmp_path / "run"
+    cfg = resolve_point(TINY, {**tiny_overrides(data, **{"train.epochs": 200}), "run.dir": str(run),
+                               "train.signals": [preempt_signal()]})
+    executor = make_executor("local", tmp_path / "submitit", Resources(time_min=10), "dmhpc-test")
+    with local_thread_env(2):
+        job = executor.submit(TrainTask(), config_to_dict(cfg))
+    assert "OMP_NUM_THREADS" not in os.environ  # only the job got it
+    deadline = time.monotonic() + 120
+    while not (run / "metrics.jsonl").exists() or "epoch" not in (run / "metrics.jsonl").read_text():
+        assert time.monotonic() < deadline and not job.done(), "the job never trained"
+        time.sleep(0.2)
+    assert '"cpu_threads": 2' in (run / "metrics.jsonl").read_text()
+    job.cancel(check=False)
+    deadline = time.monotonic() + 30
+    while _held(run / ".lock"):
+        assert time.monotonic() < deadline, "the trainer still runs after the job was cancelled"
+        time.sleep(0.2)
+    size = (run / "metrics.jsonl").stat().st_size
+    time.sleep(2)
+    assert (run / "metrics.jsonl").stat().st_size == size

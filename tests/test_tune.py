@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -195,3 +197,31 @@ def test_the_command_line_and_the_shipped_tune_files(data, tmp_path):
     for shipped in sorted((ROOT / "configs" / "tune").glob("*.yaml")):
         t = load_tune(shipped)
         assert t.objective and t.space, shipped
+
+
+def test_sigterm_ends_the_tuner_and_its_local_trials_and_a_relaunch_takes_them_up(data, tmp_path):
+    from tests.test_submit import _held
+
+    s = spec(data, tmp_path, trials=2, parallel=2, space={"optim.lr": [0.001, 0.003]},
+             enqueue=[{"optim.lr": 0.001}, {"optim.lr": 0.003}],
+             overrides=tiny_overrides(data, **{"train.epochs": 300}))
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(s))
+    env = {k: v for k, v in clean_env().items() if k != "OMP_NUM_THREADS"}  # two trials share the cores
+    proc = subprocess.Popen([sys.executable, "-m", "dmhpc", "tune", str(path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    runs = [tmp_path / "tune" / "optim.lr=0.001", tmp_path / "tune" / "optim.lr=0.003"]
+    deadline = time.monotonic() + 180
+    while not all((r / "metrics.jsonl").exists() and '"epoch"' in (r / "metrics.jsonl").read_text() for r in runs):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "dmhpc tune: interrupted" in err, (out, err)
+    assert "| trial | state |" in (tmp_path / "tune" / "trials.md").read_text()  # written on the way out
+    deadline = time.monotonic() + 30
+    while any(_held(r / ".lock") for r in runs):  # the trials' trainers ended with the tuner
+        assert time.monotonic() < deadline, "a trial still trains after the tuner ended"
+        time.sleep(0.2)
+    assert [t.state.name for t in _study(tmp_path / "tune").get_trials()] == ["RUNNING", "RUNNING"]
+    assert not _held(tmp_path / "tune" / LOCK)

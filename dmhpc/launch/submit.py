@@ -24,6 +24,7 @@ alone on `scancel`), and a stop on SIGTERM must not requeue a job the user cance
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -175,10 +176,8 @@ def local_threads(ranks_at_once: int) -> int | None:
     return max(1, cpus // ranks_at_once)
 
 
-def make_executor(kind: str, folder: Path, res: Resources, name: str,
-                  threads: int | None = None) -> submitit.AutoExecutor:
-    """A submitit executor for `kind` ("slurm", "local" or "debug") asking for `res` per job;
-    `threads`: local only, the OMP_NUM_THREADS of its ranks (see `local_threads`)."""
+def make_executor(kind: str, folder: Path, res: Resources, name: str) -> submitit.AutoExecutor:
+    """A submitit executor for `kind` ("slurm", "local" or "debug") asking for `res` per job."""
     executor = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_max_num_timeout=res.max_num_timeout,
                                      local_max_num_timeout=res.max_num_timeout)
     params: dict[str, Any] = dict(
@@ -194,10 +193,28 @@ def make_executor(kind: str, folder: Path, res: Resources, name: str,
             slurm_setup=list(res.setup) or None,
             slurm_additional_parameters=dict(res.additional_parameters) or None,
             slurm_array_parallelism=res.array_parallelism, slurm_signal_delay_s=res.signal_delay_s)
-    if kind == "local" and threads:
-        params.update(local_setup=[f"export OMP_NUM_THREADS={threads}"])
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
     return executor
+
+
+@contextlib.contextmanager
+def local_thread_env(threads: int | None):
+    """OMP_NUM_THREADS for the local jobs submitted inside the block (see `local_threads`): they
+    inherit this process's environment. Not a submitit setup line: that puts a shell between the
+    job handle and submitit's job controller, and cancelling the job (a pruned trial) then stops
+    the shell while the training goes on."""
+    if not threads:
+        yield
+        return
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
 
 
 # --- the job ---------------------------------------------------------------------------------------
@@ -286,8 +303,9 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
         print(f"dmhpc launch: {threads} CPU thread(s) per rank (OMP_NUM_THREADS) for the jobs running at once "
               f"here; set OMP_NUM_THREADS to choose", flush=True)
     for res, group in groups.items():
-        executor = make_executor(kind, folder, res, job_name, threads)
-        submitted = executor.map_array(task, [config_to_dict(p.config) for p in group])
+        executor = make_executor(kind, folder, res, job_name)
+        with local_thread_env(threads):
+            submitted = executor.map_array(task, [config_to_dict(p.config) for p in group])
         for p, job in zip(group, submitted):
             jobs[p.name] = job
             recorded[p.name] = {"job_id": job.job_id, "tasks": res.ranks}

@@ -48,12 +48,15 @@ its run directory holds another run; three failures in a row stop the search.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.util
 import json
 import math
 import os
+import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,8 +68,8 @@ from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write
 from dmhpc.launch.spec import (Range, base_path, dotted_keys, point_name, point_problem,
                                read_launch_file, read_space, resolve_point)
-from dmhpc.launch.submit import (EXECUTORS, Resources, TrainTask, check_executor_here, local_threads, make_executor,
-                                 preempt_signal, read_resources, wait_for)
+from dmhpc.launch.submit import (EXECUTORS, Resources, TrainTask, check_executor_here, local_thread_env,
+                                 local_threads, make_executor, preempt_signal, read_resources, wait_for)
 from dmhpc.names import CRITERIA, LABEL_FREE
 from dmhpc.run import RunDir
 
@@ -404,8 +407,8 @@ class _Search:
         self.t, self.study, self.poll_s = t, study, poll_s
         self.distributions = _distributions(t.space)
         self.folder = t.out / "submitit"
-        threads = local_threads(t.parallel * t.resources.ranks) if t.executor == "local" else None
-        self.submitter = make_executor(t.executor, self.folder, t.resources, f"dmhpc-tune-{t.out.name}", threads)
+        self.threads = local_threads(t.parallel * t.resources.ranks) if t.executor == "local" else None
+        self.submitter = make_executor(t.executor, self.folder, t.resources, f"dmhpc-tune-{t.out.name}")
         self.running: list[_Running] = []
         self.failures_in_a_row = 0
 
@@ -435,7 +438,8 @@ class _Search:
         except DmhpcError as exc:
             self.outcome(_fail(study, trial, str(exc)))
             return
-        job = self.submitter.submit(TrainTask(), config_to_dict(cfg))
+        with local_thread_env(self.threads):
+            job = self.submitter.submit(TrainTask(), config_to_dict(cfg))
         trial.set_user_attr("job_id", job.job_id)
         trial.set_user_attr("executor", t.executor)
         print(f"dmhpc tune: trial {trial.number} {run_dir.name}: job {job.job_id}", flush=True)
@@ -476,6 +480,13 @@ class _Search:
         if job is not None:
             job.cancel(check=False)  # it may have ended meanwhile
 
+    def abandon(self) -> None:
+        """The tuner is ending early (Ctrl-C, SIGTERM, an error): local jobs end with it; SLURM jobs
+        go on, and the next launch cancels and reruns their trials (still RUNNING in the journal)."""
+        if self.t.executor == "local":
+            for job in {id(r.job): r.job for r in self.running if r.job is not None}.values():
+                job.cancel(check=False)
+
     def run(self) -> None:
         t = self.t
         started = _counted(self.study)
@@ -493,6 +504,23 @@ class _Search:
             if self.running and t.executor != "debug":
                 time.sleep(self.poll_s)
             self.poll()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (scancel of the tuner's own job, a shutdown) ends the tuner as Ctrl-C does: its local
+    jobs stopped, trials.md written, the lock released."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def tune(spec: str | Path | Mapping, executor: str | None = None, poll_s: float = 10.0) -> dict:
@@ -514,7 +542,13 @@ def tune(spec: str | Path | Mapping, executor: str | None = None, poll_s: float 
         if stale:
             print(f"dmhpc tune: {stale} trial(s) left running by an earlier tuner: run again, resuming "
                   f"their run directories", flush=True)
-        _Search(t, study, poll_s).run()
+        search = _Search(t, study, poll_s)
+        try:
+            with _sigterm_as_interrupt():
+                search.run()
+        except BaseException:
+            search.abandon()
+            raise
         return best_trial(study)
     finally:
         if study is not None:
