@@ -225,3 +225,12 @@ def test_sigterm_ends_the_tuner_and_its_local_trials_and_a_relaunch_takes_them_u
         time.sleep(0.2)
     assert [t.state.name for t in _study(tmp_path / "tune").get_trials()] == ["RUNNING", "RUNNING"]
     assert not _held(tmp_path / "tune" / LOCK)
+
+
+def test_a_relaunch_proposes_new_values_not_the_first_launchs_again(data, tmp_path):
+    s = spec(data, tmp_path, trials=1, parallel=1, executor="debug",
+             space={"optim.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}})
+    tune(s)
+    tune({**s, "trials": 2})  # the sampler is still in its random start-up phase
+    first, second = _study(tmp_path / "tune").get_trials()
+    assert second.state.name == "COMPLETE" and second.params != first.params

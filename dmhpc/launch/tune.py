@@ -261,16 +261,18 @@ def _open_study(t: Tune):
                 raise DmhpcError(f"{journal}: its last record is incomplete (the tuner was killed while writing, "
                                  f"or the disk filled); remove the last line to continue the study")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    sampler = optuna.samplers.TPESampler(seed=t.seed, n_startup_trials=t.startup_trials)
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=t.pruner["startup_trials"],
                                           n_warmup_steps=t.pruner["warmup_epochs"])
               if t.pruner is not None else optuna.pruners.NopPruner())
     try:
-        study = optuna.create_study(storage=JournalStorage(JournalFileBackend(str(journal))), sampler=sampler,
-                                    pruner=pruner, study_name="dmhpc-tune", direction="maximize",
-                                    load_if_exists=True)
+        study = optuna.create_study(storage=JournalStorage(JournalFileBackend(str(journal))), pruner=pruner,
+                                    study_name="dmhpc-tune", direction="maximize", load_if_exists=True)
+        launched = len(study.get_trials(deepcopy=False))
     except (ValueError, KeyError, AttributeError) as exc:  # json.JSONDecodeError is a ValueError
         raise DmhpcError(f"{journal}: not a readable Optuna journal ({type(exc).__name__}: {exc})") from None
+    # Seeded by the file's seed and the trials so far: the same seed on every launch would propose
+    # the first launch's random start-up values again, and a relaunch would repeat trials.
+    study.sampler = optuna.samplers.TPESampler(seed=t.seed + launched, n_startup_trials=t.startup_trials)
     identity = t.identity()
     before = study.user_attrs.get("identity")
     if before is None:  # a new study
