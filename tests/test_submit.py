@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import time
 
 import pytest
@@ -14,7 +15,7 @@ from dmhpc.config import config_to_dict
 from dmhpc.errors import DmhpcError
 from dmhpc.launch import load_grid
 from dmhpc.launch.spec import resolve_point
-from dmhpc.launch.submit import (Resources, TrainTask, local_thread_env, local_threads, make_executor, preempt_signal,
+from dmhpc.launch.submit import (Resources, TrainTask, local_job_env, local_threads, make_executor, preempt_signal,
                                  slurm_minutes)
 
 
@@ -69,19 +70,28 @@ def _held(lock) -> bool:
         return False
 
 
-def test_a_cancelled_local_job_stops_training_with_threads_set(make_domains, tmp_path, monkeypatch):
+@pytest.fixture
+def in_the_background():
+    """SIGINT ignored, as in a launcher started with `&` or nohup from a script."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_a_cancelled_local_job_stops_training_with_threads_set(make_domains, tmp_path, monkeypatch, in_the_background):
     """Local jobs that share the cores get OMP_NUM_THREADS; cancelling one (a pruned trial) must stop
-    its trainer. With the threads set by a setup line, the cancel stopped a shell and the training
-    went on."""
+    its trainer, also when the launcher runs in the background. With the threads set by a setup
+    line, the cancel stopped a shell and the training went on; with SIGINT ignored by the launcher,
+    its jobs ignored the cancel."""
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     data = make_domains(64)
     run = tmp_path / "run"
     cfg = resolve_point(TINY, {**tiny_overrides(data, **{"train.epochs": 200}), "run.dir": str(run),
                                "train.signals": [preempt_signal()]})
     executor = make_executor("local", tmp_path / "submitit", Resources(time_min=10), "dmhpc-test")
-    with local_thread_env(2):
+    with local_job_env(2):
         job = executor.submit(TrainTask(), config_to_dict(cfg))
-    assert "OMP_NUM_THREADS" not in os.environ  # only the job got it
+    assert "OMP_NUM_THREADS" not in os.environ and signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # restored
     deadline = time.monotonic() + 120
     while not (run / "metrics.jsonl").exists() or "epoch" not in (run / "metrics.jsonl").read_text():
         assert time.monotonic() < deadline and not job.done(), "the job never trained"

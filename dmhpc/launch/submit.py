@@ -32,6 +32,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,23 +199,34 @@ def make_executor(kind: str, folder: Path, res: Resources, name: str) -> submiti
 
 
 @contextlib.contextmanager
-def local_thread_env(threads: int | None):
-    """OMP_NUM_THREADS for the local jobs submitted inside the block (see `local_threads`): they
-    inherit this process's environment. Not a submitit setup line: that puts a shell between the
-    job handle and submitit's job controller, and cancelling the job (a pruned trial) then stops
-    the shell while the training goes on."""
-    if not threads:
-        yield
-        return
+def local_job_env(threads: int | None):
+    """What the local jobs submitted inside the block start with (they inherit this process's
+    environment and signal dispositions):
+
+    - OMP_NUM_THREADS = `threads` (see `local_threads`), through the environment rather than a
+      submitit setup line: that line puts a shell between the job handle and submitit's job
+      controller, and cancelling the job (a pruned trial) then stops the shell while the training
+      goes on;
+    - SIGINT not ignored: a launcher started in the background (`cmd &`, nohup) ignores SIGINT, its
+      jobs would inherit that, and submitit cancels a local job with SIGINT.
+    """
     before = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = str(threads)
+    if threads:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    restore_sigint = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # Any handler here is the default in a child after exec; an ignored signal stays ignored.
+        restore_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = before
+        if restore_sigint is not None:
+            signal.signal(signal.SIGINT, restore_sigint)
+        if threads:
+            if before is None:
+                os.environ.pop("OMP_NUM_THREADS", None)
+            else:
+                os.environ["OMP_NUM_THREADS"] = before
 
 
 # --- the job ---------------------------------------------------------------------------------------
@@ -304,7 +316,7 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
               f"here; set OMP_NUM_THREADS to choose", flush=True)
     for res, group in groups.items():
         executor = make_executor(kind, folder, res, job_name)
-        with local_thread_env(threads):
+        with local_job_env(threads):
             submitted = executor.map_array(task, [config_to_dict(p.config) for p in group])
         for p, job in zip(group, submitted):
             jobs[p.name] = job

@@ -68,7 +68,7 @@ from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write
 from dmhpc.launch.spec import (Range, base_path, dotted_keys, point_name, point_problem,
                                read_launch_file, read_space, resolve_point)
-from dmhpc.launch.submit import (EXECUTORS, Resources, TrainTask, check_executor_here, local_thread_env,
+from dmhpc.launch.submit import (EXECUTORS, Resources, TrainTask, check_executor_here, local_job_env,
                                  local_threads, make_executor, preempt_signal, read_resources, wait_for)
 from dmhpc.names import CRITERIA, LABEL_FREE
 from dmhpc.run import RunDir
@@ -440,7 +440,7 @@ class _Search:
         except DmhpcError as exc:
             self.outcome(_fail(study, trial, str(exc)))
             return
-        with local_thread_env(self.threads):
+        with local_job_env(self.threads):
             job = self.submitter.submit(TrainTask(), config_to_dict(cfg))
         trial.set_user_attr("job_id", job.job_id)
         trial.set_user_attr("executor", t.executor)
