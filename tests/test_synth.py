@@ -356,9 +356,12 @@ def test_the_survey_domain_is_other_galaxies_and_leaves_the_pair_unchanged(seria
     assert list(objects) == list(range(n, 2 * n))  # no id shared with the simulated objects
     meta = json.loads((with_survey / "meta.json").read_text())["survey"]
     assert [f["name"] for f in meta["filters"]] == ["g", "r", "i"] and meta["zero_point_ab"] == 27.0
-    # not the pristine images blurred: another galaxy at another place, in other units
+    # Not the pristine images re-observed: survey image k looks no more like pristine image k than
+    # like any other (centred galaxies all correlate somewhat; the same scene would stand out).
     pristine = np.load(with_survey / "pristine_X.npy")
-    assert not any(np.corrcoef(images[k, 2].ravel(), pristine[k, 2].ravel())[0, 1] > 0.9 for k in range(n))
+    c = np.corrcoef(images[:, 2].reshape(n, -1), pristine[:, 2].reshape(n, -1))[:n, n:]
+    same, other = np.diag(c).mean(), c[~np.eye(n, dtype=bool)].mean()
+    assert same < other + 0.05, (same, other)
 
 
 def test_survey_population_and_observation_differ_as_documented():
