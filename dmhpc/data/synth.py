@@ -254,7 +254,8 @@ def _survey_meta(n_objects: int, views: int, knobs: Knobs) -> dict:
         "resampling": "cubic spline (scipy.ndimage.zoom, order 3) after the noise: the noise is correlated",
         "zero_point_ab": scenes.SURVEY_ZERO_POINT,
         "image_unit": "one count per native pixel: flux = 10**(-0.4 * (AB magnitude - zero_point_ab))",
-        "noise": {"sb_limit_mag_arcsec2": scenes.SURVEY_SB_LIMIT, "sigma_per_native_pixel": scenes.survey_noise_sigma()},
+        "noise": {"sb_limit_mag_arcsec2": scenes.SURVEY_SB_LIMIT,
+                  "sigma_per_native_pixel": scenes.survey_noise_sigma()},
         "spectrum": "each component's f_nu ~ lambda^alpha through its F814W and F160W fluxes",
         "population": {**pop._asdict(), "tidal_strength": knobs.tidal_strength,
                        "triple_fraction": knobs.triple_fraction},
@@ -358,8 +359,8 @@ def synthesize(
     With `augment` every object appears in the 8 flips/rotations of the pixel grid (N = 16 *
     n_per_class), all sharing its object id. Refuses a non-empty `out_dir` unless `overwrite`, which
     replaces only these files. `survey` also renders a survey-like target of as many other objects
-    (survey_X.npy in g, r, i; survey_y.npy; survey_objects.npy; see dmhpc.data.scenes). Under mpiexec (detected from the environment) the ranks share the
-    objects and rank 0 writes; `workers` > 1 renders in that many processes instead. The bytes
+    (survey_X.npy in g, r, i; survey_y.npy; survey_objects.npy; see dmhpc.data.scenes). Under
+    mpiexec (detected from the environment) the ranks share the objects and rank 0 writes; `workers` > 1 renders in that many processes instead. The bytes
     written depend only on the arguments other than `workers` and `overwrite`.
     """
     knobs = Knobs(sb_limit, tidal_strength, neighbour_fraction, minor_fraction, triple_fraction)

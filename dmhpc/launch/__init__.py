@@ -14,7 +14,8 @@ The same from the shell: `python launch/grid.py FILE`, `python launch/scaling.py
 Modules: `spec` (reading launch files, points), `grid` (grid files and their expansion),
 `submit` (submitit executors, the checkpointable trainer job, waiting), `leaderboard`,
 `summary` (mean ± std over seeds, gap closed), `validators` (label-free selection against the
-oracle), `scaling`, `tune` (Optuna search by a label-free criterion). docs/cluster.md, "Python launches (submitit)", documents the file formats.
+oracle), `scaling`, `tune` (Optuna search by a label-free criterion). docs/cluster.md,
+"Python launches (submitit)", documents the file formats.
 """
 
 from dmhpc.launch.grid import expand, launch_grid, load_grid, point_name, report_grid, sample_space

@@ -495,7 +495,8 @@ class _Search:
         print(f"dmhpc tune: {t.source}: {started} of {t.trials} trial(s) done; maximizing {t.objective}; "
               f"{t.parallel} at a time ({t.executor}); study in {t.out / JOURNAL}", flush=True)
         while self.running or started < t.trials:
-            while len(self.running) < t.parallel and started < t.trials and self.failures_in_a_row < FAILURES_IN_A_ROW:
+            while (len(self.running) < t.parallel and started < t.trials
+                   and self.failures_in_a_row < FAILURES_IN_A_ROW):
                 self.start()
                 started += 1
             if self.failures_in_a_row >= FAILURES_IN_A_ROW:
