@@ -9,14 +9,16 @@ from __future__ import annotations
 import csv
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT, TINY, study_spec, tiny_overrides
+from tests.conftest import ROOT, TINY, clean_env, study_spec, tiny_overrides
 from dmhpc.errors import DmhpcError
 from dmhpc.launch import expand, load_grid, load_study, point_name, sample_space
 from dmhpc.launch.spec import Range
@@ -174,7 +176,7 @@ def test_two_point_grid_through_the_local_executor_then_skip_and_resume(data, tm
     cmd = [sys.executable, str(ROOT / "launch" / "grid.py"), str(grid_file)]
     first = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "2 point(s): 0 finished, 0 still queued, 2 submitted" in first.stdout, first.stdout
+    assert "0 of 2 point(s) finished; running the other 2" in first.stdout, first.stdout
     with (out / "leaderboard.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert {r["point"] for r in rows} == {"optim.lr=0.001", "optim.lr=0.0001"}
@@ -202,7 +204,7 @@ def test_two_point_grid_through_the_local_executor_then_skip_and_resume(data, tm
 
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr
-    assert "2 point(s): 1 finished, 0 still queued, 1 submitted" in second.stdout, second.stdout
+    assert "1 of 2 point(s) finished; running the other 1" in second.stdout, second.stdout
     logs = "".join(p.read_text() for p in (out / "submitit").glob("*_log.out"))
     assert logs.count("resumed from") == 1, logs
     assert (out / "optim.lr=0.0001" / "eval" / "best_test.json").is_file()
@@ -230,6 +232,39 @@ def test_a_failed_point_is_named_with_the_reason_from_its_job_and_marked_on_the_
         assert [(r["point"], r["status"]) for r in csv.DictReader(f)] == [("seed=1", "failed")]
 
 
+def test_local_points_start_as_others_end_and_sigterm_to_the_launcher_cancels_them(data, tmp_path):
+    """Two at a time: the third point starts when the short second one ends, while the first still
+    trains (a launcher that waited for both left a core idle). SIGTERM to the launcher (kill,
+    scancel of its job) ends it as Ctrl-C does, its trainers with it: they were left training on,
+    beside the next launch of the same study."""
+    from tests.test_submit import _held
+
+    out = tmp_path / "out"
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({
+        "base": str(TINY), "out": str(out), "executor": "local",
+        "overrides": {k: v for k, v in tiny_overrides(data).items() if k != "train.epochs"},
+        "grid": {"seed": [1, 2], "train.epochs": [1000, 1]}, "slurm": {"time": 10, "array_parallelism": 2}}))
+    proc = subprocess.Popen([sys.executable, "-m", "dmhpc", "grid", str(grid_file)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=tmp_path)
+    long_runs = [out / "seed=1,train.epochs=1000", out / "seed=2,train.epochs=1000"]
+    deadline = time.monotonic() + 180
+    while not all((r / "metrics.jsonl").exists() and '"epoch"' in (r / "metrics.jsonl").read_text()
+                  for r in long_runs):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    assert (out / "seed=1,train.epochs=1" / "eval" / "best_test.json").is_file()
+    assert not (long_runs[0] / "eval" / "best_test.json").exists()  # the first still trains
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "dmhpc grid: interrupted" in stderr, (stdout, stderr)
+    deadline = time.monotonic() + 30
+    while any(_held(r / ".lock") for r in long_runs):
+        assert time.monotonic() < deadline, "a point still trains after its launcher ended"
+        time.sleep(0.2)
+    assert not (out / "seed=2,train.epochs=1").exists()  # never started
+
+
 def test_a_study_through_the_local_executor_runs_array_parallelism_points_at_a_time(data, tmp_path, monkeypatch,
                                                                                      capsys):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the launcher divides the cores between the jobs
@@ -244,12 +279,14 @@ def test_a_study_through_the_local_executor_runs_array_parallelism_points_at_a_t
     printed = capsys.readouterr().out
     assert "0 of 4 point(s) finished; running the other 4, 2 at a time" in printed
     threads = local_threads(2)
-    assert printed.count(f"{threads} CPU thread(s) per rank (OMP_NUM_THREADS)") == 2, printed
+    assert printed.count(f"{threads} CPU thread(s) per rank (OMP_NUM_THREADS)") == 1, printed
     first = [out / "noda" / "seed=1", out / "noda" / "seed=2"]
     second = [out / "mmd" / "seed=1", out / "mmd" / "seed=2"]
-    # The second pair started (wrote its config) after the first pair had finished (written its test metrics).
-    assert min((r / "config.yaml").stat().st_mtime for r in second) >= \
-        max((r / "eval" / "best_test.json").stat().st_mtime for r in first)
+    # Never more than two at once: when a run started (wrote its config), at most one other was
+    # running (had started and not yet written its test metrics).
+    spans = [((r / "config.yaml").stat().st_mtime, (r / "eval" / "best_test.json").stat().st_mtime)
+             for r in first + second]
+    assert all(sum(a <= start < b for a, b in spans) <= 2 for start, _ in spans), spans
     for run in first + second:
         setup = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
         assert setup["kind"] == "setup" and setup["cpu_threads"] == threads, setup

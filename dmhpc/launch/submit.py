@@ -6,7 +6,8 @@ are GPUs); the points of one launch that share their resources are one job array
 machine). Executors:
 
     slurm   sbatch through submitit (needs a shared file system for OUT)
-    local   subprocesses on this machine (one node; jobs end with the launcher, so it waits)
+    local   subprocesses on this machine (one node; jobs end with the launcher, so it waits;
+            at most array_parallelism at once)
     debug   in this process, one task, one point after the other (breakpoints work)
 
 Signals, and which handler wins. submitit installs its handler for its preemption signal
@@ -33,6 +34,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,6 +231,23 @@ def local_job_env(threads: int | None):
                 os.environ["OMP_NUM_THREADS"] = before
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM (scancel of a launcher's own job, `kill`, a shutdown) ends a launcher as Ctrl-C does,
+    so that its local jobs are cancelled and its tables written rather than left behind."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 # --- the job ---------------------------------------------------------------------------------------
 
 class TrainTask(submitit.helpers.Checkpointable):
@@ -309,7 +328,7 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
         else:
             groups[resources[p.name]].append(p)
     attached = len(jobs)
-    # Local jobs all start at once (launch_points hands over at most array_parallelism of them).
+    # Local jobs submitted here all start at once and share the cores.
     threads = local_threads(sum(len(g) * res.ranks for res, g in groups.items())) if kind == "local" else None
     if threads:
         print(f"dmhpc launch: {threads} CPU thread(s) per rank (OMP_NUM_THREADS) for the jobs running at once "
@@ -340,23 +359,57 @@ def check_executor_here(kind: str) -> None:
 
 def launch_points(points: list[Point], resources: Mapping[str, Resources], *, kind: str, folder: Path,
                   job_name: str, task: TrainTask, wait: bool = True) -> dict[str, str]:
-    """`submit_points`, then (with wait) `wait_for` them: {point name: why its job failed}."""
+    """Run the points' jobs: local ones here (`_launch_local`), others by `submit_points` and (with
+    wait) `wait_for`; {point name: why its job failed}."""
     if not wait and kind != "slurm":
         raise DmhpcError(f"executor {kind}: its jobs end with the launcher, so the launcher must wait for them")
     check_executor_here(kind)
-    submit = dict(resources=resources, kind=kind, folder=folder, job_name=job_name, task=task)
+    if kind == "local":
+        return _launch_local(points, resources, folder=folder, job_name=job_name, task=task)
+    jobs = submit_points(points, resources, kind=kind, folder=folder, job_name=job_name, task=task)
+    return wait_for(jobs) if wait else {}
+
+
+def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, folder: Path, job_name: str,
+                  task: TrainTask, poll_s: float = 1.0) -> dict[str, str]:
+    """Run the unfinished points here, at most `array_parallelism` at once, the next one starting as
+    soon as one ends (submitit's local executor would start every job at once, and runs of one
+    study differ in length: waiting for a whole batch left cores idle). The jobs end with the
+    launcher: Ctrl-C or SIGTERM cancels the running ones, which resume from their last checkpoint
+    at the next launch, instead of leaving them to train on beside it."""
     todo = [p for p in points if not p.finished]
     at_once = min((resources[p.name].array_parallelism for p in todo), default=1)
-    if kind == "local" and len(todo) > at_once:
-        # submitit's local executor starts every job at once: array_parallelism bounds them here.
-        print(f"dmhpc launch: {len(points) - len(todo)} of {len(points)} point(s) finished; running the "
-              f"other {len(todo)}, {at_once} at a time", flush=True)
-        failures: dict[str, str] = {}
-        for i in range(0, len(todo), at_once):
-            failures.update(wait_for(submit_points(todo[i:i + at_once], **submit)))
-        return failures
-    jobs = submit_points(points, **submit)
-    return wait_for(jobs) if wait else {}
+    ranks = max((resources[p.name].ranks for p in todo), default=1)
+    print(f"dmhpc launch: {len(points) - len(todo)} of {len(points)} point(s) finished; running the "
+          f"other {len(todo)}, {at_once} at a time; logs in {folder}", flush=True)
+    threads = local_threads(min(at_once, len(todo)) * ranks)
+    if threads:
+        print(f"dmhpc launch: {threads} CPU thread(s) per rank (OMP_NUM_THREADS) for the jobs running at once "
+              f"here; set OMP_NUM_THREADS to choose", flush=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    failures: dict[str, str] = {}
+    running: dict[str, submitit.Job] = {}
+    try:
+        with sigterm_as_interrupt():
+            while todo or running:
+                while todo and len(running) < at_once:
+                    p = todo.pop(0)
+                    with local_job_env(threads):
+                        job = make_executor("local", folder, resources[p.name], job_name).submit(
+                            task, config_to_dict(p.config))
+                    running[p.name] = job
+                    print(f"dmhpc launch: point {p.name}: local job {job.job_id}", flush=True)
+                ended = {name: job for name, job in running.items() if job.done()}
+                for name in ended:
+                    del running[name]
+                failures.update(wait_for(ended))
+                if not ended:
+                    time.sleep(poll_s)
+    except BaseException:
+        for job in running.values():
+            job.cancel(check=False)  # it may have ended meanwhile
+        raise
+    return failures
 
 
 def wait_for(jobs: Mapping[str, submitit.Job]) -> dict[str, str]:

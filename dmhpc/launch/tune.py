@@ -48,15 +48,12 @@ its run directory holds another run; three failures in a row stop the search.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import importlib.util
 import json
 import math
 import os
-import signal
 import subprocess
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +66,8 @@ from dmhpc.files import atomic_write
 from dmhpc.launch.spec import (Range, base_path, dotted_keys, point_name, point_problem,
                                read_launch_file, read_space, resolve_point)
 from dmhpc.launch.submit import (EXECUTORS, Resources, TrainTask, check_executor_here, local_job_env,
-                                 local_threads, make_executor, preempt_signal, read_resources, wait_for)
+                                 local_threads, make_executor, preempt_signal, read_resources,
+                                 sigterm_as_interrupt, wait_for)
 from dmhpc.names import CRITERIA, LABEL_FREE
 from dmhpc.run import RunDir
 
@@ -509,23 +507,6 @@ class _Search:
             self.poll()
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (scancel of the tuner's own job, a shutdown) ends the tuner as Ctrl-C does: its local
-    jobs stopped, trials.md written, the lock released."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def tune(spec: str | Path | Mapping, executor: str | None = None, poll_s: float = 10.0) -> dict:
     """Run the search to `trials` finished trials; write OUT/trials.{md,csv}; return the best trial
     as {"number", "value", "values", "run_dir", "user_attrs"} (None values when nothing completed).
@@ -547,7 +528,7 @@ def tune(spec: str | Path | Mapping, executor: str | None = None, poll_s: float 
                   f"their run directories", flush=True)
         search = _Search(t, study, poll_s)
         try:
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 search.run()
         except BaseException:
             search.abandon()
