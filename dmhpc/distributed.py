@@ -169,13 +169,13 @@ def cpus_per_rank(launcher: str, local_world_size: int) -> int:
 def gpu_index(local_rank: int, local_world_size: int, visible: int, isolated: bool) -> int:
     """The GPU (among the `visible` ones) this rank binds, or a DmhpcError when ranks would share one.
 
-    - the launcher gave each task its own GPU (`isolated`: srun --gpus-per-task=1): GPU 0;
+    - the launcher gave this process a GPU of its own (`isolated`, see `own_gpu`) and it sees one: GPU 0;
     - one rank on the node: GPU 0;
     - at least as many GPUs as ranks on the node: the local rank's;
     - otherwise two ranks would share a GPU (NCCL refuses: "Duplicate GPU detected"): refused,
       with how to launch instead. `local_world_size` 0 (unknown) counts as local_rank + 1.
     """
-    if isolated or visible < 1:
+    if visible < 1 or (isolated and visible == 1):
         return 0
     ranks = max(local_world_size, local_rank + 1)
     if ranks == 1:
@@ -186,16 +186,28 @@ def gpu_index(local_rank: int, local_world_size: int, visible: int, isolated: bo
                        for g in range(visible) if len(range(g, ranks, visible)) > 1)
     raise DmhpcError(f"{ranks} ranks on this node but each process sees {visible} GPU{'s' if visible > 1 else ''}: "
                      f"{shared} would share it; start one rank per GPU (torchrun --nproc_per_node={visible}, or "
-                     f"srun --ntasks-per-node={visible} --gpus-per-task=1), or hide the GPUs (CUDA_VISIBLE_DEVICES=) "
-                     f"to run the ranks on the CPU")
+                     f"srun --ntasks-per-node={ranks} --gpus-per-task=1, as DMHPC_LAUNCH=srun sbatch "
+                     f"--gpus-per-task=1 slurm/train_ddp.sh does), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run "
+                     f"the ranks on the CPU")
+
+
+def own_gpu(launch: Launch, env: Mapping[str, str]) -> bool:
+    """Whether the launcher gave this process a GPU of its own: the user says so
+    (DMHPC_GPU_PER_RANK=1), or Slurm gave each task one GPU (--gpus-per-task=1, or "a100:1") and
+    each rank is a Slurm task of its own (srun, submitit). Not for torchrun's workers inside one
+    task, nor for a batch script's processes: they share the task's GPUs."""
+    if env.get("DMHPC_GPU_PER_RANK") == "1":
+        return True
+    if env.get("SLURM_GPUS_PER_TASK", "").rsplit(":", 1)[-1] != "1" or "SLURM_LOCALID" not in env:
+        return False
+    ranks_here = max(launch.local_world_size, launch.local_rank + 1)
+    return env_int(env, "SLURM_LOCALID") == launch.local_rank and _slurm_tasks_on_node(env) == ranks_here
 
 
 def _bind_device(launch: Launch, env: Mapping[str, str]) -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
-    # The scheduler bound each task to its own GPU (srun --gpus-per-task=1), or the user says so.
-    isolated = env.get("SLURM_GPUS_PER_TASK") == "1" or env.get("DMHPC_GPU_PER_RANK") == "1"
-    index = gpu_index(launch.local_rank, launch.local_world_size, torch.cuda.device_count(), isolated)
+    index = gpu_index(launch.local_rank, launch.local_world_size, torch.cuda.device_count(), own_gpu(launch, env))
     torch.cuda.set_device(index)
     return torch.device("cuda", index)
 

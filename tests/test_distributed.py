@@ -240,6 +240,7 @@ def test_two_ranks_as_a_slurm_step(tmp_path):
     (2, 4, 4, False, 2),      # one rank per GPU
     (1, 2, 8, False, 1),      # fewer ranks than GPUs
     (3, 4, 1, True, 0),       # srun --gpus-per-task=1: each task sees its own GPU as GPU 0
+    (3, 4, 4, True, 3),       # --gpus-per-task=1 where the site does not hide the others: its own by rank
     (1, 0, 2, False, 1),      # the launcher does not say how many ranks: at least local_rank + 1
 ])
 def test_gpu_binding_decision_table(local_rank, local_world, visible, isolated, expected):
@@ -261,6 +262,43 @@ def test_ranks_sharing_a_gpu_are_refused_with_how_to_launch(local_rank, local_wo
     text = str(info.value)
     assert message in text and "torchrun --nproc_per_node=" in text and "--gpus-per-task=1" in text
     assert "\n" not in text
+
+
+@pytest.mark.parametrize("case, env, own", [
+    # srun --ntasks-per-node=4 --gpus-per-task=1: each rank is a task with its GPU.
+    ("srun tasks", {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NODEID": "1",
+                    "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_STEP_NODELIST": "n[1-2]", "MASTER_ADDR": "n1",
+                    "SLURM_GPUS_PER_TASK": "1"}, True),
+    ("typed gres", {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "8", "SLURM_NODEID": "1",
+                    "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_STEP_NODELIST": "n[1-2]", "MASTER_ADDR": "n1",
+                    "SLURM_GPUS_PER_TASK": "a100:1"}, True),
+    # submitit's tasks carry torchrun's variables, and are still one Slurm task per rank.
+    ("submitit tasks", {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4",
+                        "MASTER_ADDR": "a", "MASTER_PORT": "1", "SLURM_LOCALID": "1", "SLURM_NODEID": "0",
+                        "SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_GPUS_PER_TASK": "1"}, True),
+    # train_ddp.sh's torchrun mode under --gpus-per-task=1: 4 workers inside one task share its GPU.
+    ("torchrun in one task", {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4",
+                              "MASTER_ADDR": "a", "MASTER_PORT": "1", "SLURM_LOCALID": "0", "SLURM_NODEID": "0",
+                              "SLURM_STEP_TASKS_PER_NODE": "1", "SLURM_GPUS_PER_TASK": "1"}, False),
+    # torchrun in the batch script itself (no srun): no step, the job's GPUs are shared.
+    ("torchrun in the batch step", {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4",
+                                    "MASTER_ADDR": "a", "MASTER_PORT": "1", "SLURM_GPUS_PER_TASK": "1"}, False),
+    ("two GPUs per task", {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "8",
+                           "SLURM_NODEID": "1", "SLURM_STEP_TASKS_PER_NODE": "4(x2)", "SLURM_STEP_NODELIST": "n1",
+                           "MASTER_ADDR": "n1", "SLURM_GPUS_PER_TASK": "2"}, False),
+    ("the user says so", {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4",
+                          "MASTER_ADDR": "a", "MASTER_PORT": "1", "DMHPC_GPU_PER_RANK": "1"}, True),
+])
+def test_a_gpu_of_its_own_only_where_each_rank_is_a_task_with_one(case, env, own):
+    """SLURM_GPUS_PER_TASK=1 reaches torchrun's workers too: taken alone, it bound every worker of a
+    task to GPU 0, and NCCL refuses ranks that share a GPU."""
+    from dmhpc.distributed import gpu_index, own_gpu
+
+    launch = detect_launch(env)
+    assert own_gpu(launch, env) is own, case
+    if not own:  # each worker sees the task's one GPU: refused at start, not by NCCL later
+        with pytest.raises(DmhpcError, match="4 ranks on this node but each process sees 1 GPU"):
+            gpu_index(launch.local_rank, launch.local_world_size, 1, own_gpu(launch, env))
 
 
 def test_local_world_size_from_each_launcher():
