@@ -492,6 +492,46 @@ def test_auto_streams_what_does_not_fit_in_host_memory(data, monkeypatch):
         loader.close()
 
 
+def _tree(root: Path, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("case, cgroup, files, room", [
+    # Slurm (cgroup v2): the job's limit is on the job's cgroup, not on the root nor the task's.
+    ("slurm v2", "0::/system.slice/slurmstepd.scope/job_7/step_0/user/task_0",
+     {"fs/system.slice/slurmstepd.scope/job_7/memory.max": f"{8 * GIB}\n",
+      "fs/system.slice/slurmstepd.scope/job_7/memory.current": f"{3 * GIB}\n",
+      "fs/system.slice/slurmstepd.scope/job_7/step_0/user/task_0/memory.max": "max\n",
+      "fs/system.slice/slurmstepd.scope/job_7/step_0/user/task_0/memory.current": f"{GIB}\n"}, 5 * GIB),
+    # Slurm (cgroup v1): the same in the memory hierarchy; a tighter step limit below it wins.
+    ("slurm v1", "5:cpuacct,cpu:/slurm/uid_0/job_9\n4:memory:/slurm/uid_0/job_9/step_0\n0::/",
+     {"fs/memory/slurm/uid_0/job_9/memory.limit_in_bytes": f"{8 * GIB}\n",
+      "fs/memory/slurm/uid_0/job_9/memory.usage_in_bytes": f"{2 * GIB}\n",
+      "fs/memory/slurm/uid_0/job_9/step_0/memory.limit_in_bytes": f"{4 * GIB}\n",
+      "fs/memory/slurm/uid_0/job_9/step_0/memory.usage_in_bytes": f"{GIB}\n",
+      "fs/memory/memory.limit_in_bytes": "9223372036854771712\n",
+      "fs/memory/memory.usage_in_bytes": f"{50 * GIB}\n"}, 3 * GIB),
+    # A container: its own cgroup is the root of the mount, whatever path the host gives.
+    ("container", "0::/../../kubepods/pod1/abc",
+     {"fs/memory.max": f"{2 * GIB}\n", "fs/memory.current": f"{GIB // 2}\n"}, GIB + GIB // 2),
+    ("no limit", "0::/user.slice", {"fs/user.slice/memory.max": "max\n", "fs/user.slice/memory.current": "5\n"},
+     64 * GIB),
+])
+def test_host_memory_counts_the_limit_of_the_processs_own_cgroup(tmp_path, case, cgroup, files, room):
+    """Under Slurm the job's memory limit is on the job's cgroup: reading only the root of the
+    cgroup file system saw no limit, kept the data resident and the job was killed for memory."""
+    from dmhpc.data.loaders import host_memory_available
+
+    _tree(tmp_path, {"proc/meminfo": f"MemTotal: {128 * 2**20} kB\nMemAvailable: {64 * 2**20} kB\n",
+                     "proc/self/cgroup": cgroup + "\n", **files})
+    assert host_memory_available(str(tmp_path / "proc"), str(tmp_path / "fs")) == room, case
+
+
 CHOICE_PROBE = """
 import json, sys
 import dmhpc.data.loaders as loaders

@@ -123,27 +123,57 @@ def dali_runs(device: torch.device) -> str | None:
     return None
 
 
-def host_memory_available() -> int:
-    """Bytes this process may still use: MemAvailable, or less under a cgroup memory limit (SLURM
-    jobs and containers run under one)."""
+def host_memory_available(proc: str = "/proc", cgroup_fs: str = "/sys/fs/cgroup") -> int:
+    """Bytes this process may still use: MemAvailable, or less under a cgroup memory limit.
+
+    The limit is read in this process's own cgroup and every one above it (/proc/self/cgroup; v2
+    memory.max, v1 memory.limit_in_bytes): Slurm sets a job's limit on the job's cgroup, below the
+    root, where a container's limit sits at the root of its namespace. The tightest room wins.
+    """
     available = None
     try:
-        with open("/proc/meminfo") as f:
+        with open(f"{proc}/meminfo") as f:
             available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
     except (OSError, StopIteration, ValueError):
         pass
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
-        try:
-            limit = open(limit_file).read().strip()
-            usage = int(open(usage_file).read().strip())
-        except (OSError, ValueError):
-            continue
-        if limit.isdigit() and int(limit) < 2**60:
-            room = max(int(limit) - usage, 0)
-            available = room if available is None else min(available, room)
+    for room in _cgroup_rooms(proc, cgroup_fs):
+        available = room if available is None else min(available, room)
     return available if available is not None else 2**62
+
+
+def _cgroup_rooms(proc: str, cgroup_fs: str) -> list[int]:
+    """limit - usage of every memory cgroup from this process's up to the root that has a limit."""
+    try:
+        lines = Path(f"{proc}/self/cgroup").read_text().splitlines()
+    except OSError:
+        lines = []
+    own = {}  # cgroup version -> this process's path in that hierarchy
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        if controllers == "":
+            own["v2"] = path
+        elif "memory" in controllers.split(","):
+            own["v1"] = path
+    rooms = []
+    for version, base, limit_name, usage_name in (
+            ("v2", Path(cgroup_fs), "memory.max", "memory.current"),
+            ("v1", Path(cgroup_fs) / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes")):
+        path = own.get(version, "/").strip("/")
+        # Outside a cgroup namespace the path is the host's; inside one (a container) it may not exist
+        # under this mount, whose root is then the process's own cgroup.
+        inside = path and ".." not in path.split("/") and (base / path).is_dir()
+        here = base / path if inside else base
+        for directory in [here, *here.parents]:
+            try:
+                limit = (directory / limit_name).read_text().strip()
+                usage = int((directory / usage_name).read_text().strip())
+            except (OSError, ValueError):
+                limit = ""
+            if limit.isdigit() and int(limit) < 2**60:
+                rooms.append(max(int(limit) - usage, 0))
+            if directory == base:
+                break
+    return rooms
 
 
 def choose_kind(kind: str, device: torch.device, need: int, local_ranks: int = 1) -> tuple[str, str]:
