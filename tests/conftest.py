@@ -33,6 +33,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_gpu(request, monkeypatch):
+    """A test not marked `gpu` runs on the CPU on a GPU machine too (its child processes get
+    CUDA_VISIBLE_DEVICES= from `clean_env`): `-m gpu` then selects every test that uses CUDA, and
+    `-m "not gpu"` none. In-process trainers, predictors and exports chose cuda:0 there."""
+    if "gpu" not in request.keywords:
+        import torch
+
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 def clean_env(**extra) -> dict:
     """This process's environment for a child: no launcher's variables (the child decides its own
     rank), one thread per process (several ranks share 2 cores), no GPU (multi-rank tests run CPU

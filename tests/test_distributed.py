@@ -319,3 +319,11 @@ def test_cpus_per_rank_shares_an_inherited_mask_but_not_an_srun_tasks_own():
     assert cpus_per_rank("slurm", 4) == mask  # srun gave each task its own CPUs
     assert cpus_per_rank("torchrun", 2) == max(1, mask // 2)  # torchrun's workers share one mask
     assert cpus_per_rank("mpi", 64) == 1
+
+
+def test_a_test_not_marked_gpu_sees_no_gpu():
+    """On a GPU machine too (tests/conftest.py): `-m gpu` must select every test that uses CUDA."""
+    from dmhpc.distributed import _bind_device
+
+    assert not torch.cuda.is_available()
+    assert _bind_device(detect_launch({}), {}).type == "cpu"

@@ -137,5 +137,5 @@ def per_sample_mean(total: torch.Tensor, count: int, scope: str) -> torch.Tensor
         if count == 0:
             raise DmhpcError("a per-sample mean needs at least one sample; the batch is empty")
         return total / count
-    stats = all_reduce_sum(torch.stack([total, total.new_tensor(float(count))]))
+    stats = all_reduce_sum(torch.stack([total, total.new_full((), float(count))]))  # no copy from the host
     return stats[0] / stats[1]

@@ -41,7 +41,7 @@ def _covariance(x: torch.Tensor, glob: bool) -> torch.Tensor:
     # large means. The mean needs no gradient: the scatter's derivative with respect to it is
     # -2 sum_i (x_i - mean) = 0.
     with torch.no_grad():
-        stats = torch.cat([x.sum(dim=0), x.new_tensor([x.shape[0]])])
+        stats = torch.cat([x.sum(dim=0), x.new_full((1,), x.shape[0])])  # no copy from the host
         if glob:
             torch.distributed.all_reduce(stats)
         mean, count = stats[:-1] / stats[-1], stats[-1]

@@ -73,7 +73,7 @@ class FisherLoss(nn.Module):
             feats, centres = upcast(feats, self.centres)
             diff = feats - centres[labels]
             intra = diff.square().sum()
-            count = intra.new_tensor(float(feats.shape[0]))
+            count = intra.new_full((), float(feats.shape[0]))  # a fill on the device, not a copy from the host
             if is_global(self.scope):
                 intra, count = all_reduce_sum(torch.stack([intra, count])).unbind()
             if self.normalize == "mean":

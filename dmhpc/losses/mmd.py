@@ -14,6 +14,7 @@ matrices, so memory does not grow with the number of kernels.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -91,7 +92,7 @@ def mmd(
             if coeffs is None:
                 coeffs = 1.0 / (2.0 * _median_sigmas(dss, dtt, dst))
             else:
-                coeffs = coeffs.to(device=ys.device, dtype=ys.dtype)
+                coeffs = device_constants(coeffs, ys.device, ys.dtype)
             if unbiased:
                 dss.fill_diagonal_(float("inf"))
                 dtt.fill_diagonal_(float("inf"))
@@ -101,7 +102,7 @@ def mmd(
     return value
 
 
-def _kernel_coeffs(sigmas: Sequence[float] | str) -> torch.Tensor:
+def _kernel_coeffs(sigmas: Sequence[float] | str) -> tuple[float, ...]:
     """1 / (2 sigma), validated in Python (no tensor-to-bool conversion for torch.compile to trip on)."""
     try:
         values = [float(s) for s in sigmas] if not isinstance(sigmas, str) else []
@@ -109,7 +110,15 @@ def _kernel_coeffs(sigmas: Sequence[float] | str) -> torch.Tensor:
         values = []
     if not values or not all(v > 0 for v in values):
         raise DmhpcError(f"mmd: sigmas must be a non-empty list of positive numbers or 'median'; got {sigmas!r}")
-    return torch.tensor([1.0 / (2.0 * v) for v in values], dtype=torch.float64)
+    return tuple(1.0 / (2.0 * v) for v in values)
+
+
+@functools.lru_cache(maxsize=64)
+def device_constants(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """`values` as a tensor on `device`, made once: a tensor built from host values is a host-to-device
+    copy, which waits for the GPU to finish its queued work; once per step it would serialise the
+    host and the device. Never written to."""
+    return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _squared_distances(ys: torch.Tensor, yt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,7 +138,7 @@ def _median_sigmas(dss: torch.Tensor, dtt: torch.Tensor, dst: torch.Tensor) -> t
     upper_t = torch.ones_like(dtt, dtype=torch.bool).triu_(1)
     pairs = torch.cat([dss[upper_s], dtt[upper_t], dst.flatten()])
     median = pairs.median()
-    scales = torch.tensor(MEDIAN_SCALES, dtype=dss.dtype, device=dss.device)
+    scales = device_constants(MEDIAN_SCALES, dss.device, dss.dtype)
     # All points identical: keep the kernels finite (every one is then 1 on every pair).
     return (median * scales).clamp_min(torch.finfo(dss.dtype).tiny)
 
