@@ -536,11 +536,20 @@ CHOICE_PROBE = """
 import json, sys
 import dmhpc.data.loaders as loaders
 from dmhpc.distributed import bootstrap, shutdown
+from dmhpc.errors import DmhpcError
 dist = bootstrap()
 if dist.rank == 1:  # this rank's node has little memory left: the ranks must still agree
     loaders.host_memory_available = lambda: 1
 kind, why = loaders.choose_kind("auto", dist.device, 10**6, dist.local_world_size)
-open(sys.argv[1] + f".{dist.rank}", "w").write(json.dumps([kind, why]))
+# DALI runs on rank 0 only: streaming, both ranks take torch; asked for, both refuse it.
+loaders.host_memory_available = lambda: 1
+loaders.dali_runs = lambda device: None if dist.rank == 0 else "DALI cannot run on cpu: driver too old"
+streamed = loaders.choose_kind("auto", dist.device, 10**6, dist.local_world_size)[0]
+try:
+    asked = loaders.choose_kind("dali", dist.device, 10**6, dist.local_world_size)[0]
+except DmhpcError as exc:
+    asked = str(exc)
+open(sys.argv[1] + f".{dist.rank}", "w").write(json.dumps([kind, why, streamed, asked]))
 shutdown()
 """
 
@@ -560,8 +569,14 @@ def test_every_rank_chooses_the_same_loader(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     choices = [json.loads((tmp_path / f"choice.{r}").read_text()) for r in (0, 1)]
-    assert choices[0] == choices[1] and choices[0][0] in ("dali", "torch"), choices
+    assert choices[0][:3] == choices[1][:3] and choices[0][0] in ("dali", "torch"), choices
     assert "2 rank(s)" in choices[0][1]
+    assert choices[0][2] == "torch"  # DALI must run on every rank to be chosen
+    # Asked for where one rank cannot run it: refused on both (a rank stopping alone left the other
+    # waiting in the next collective), each saying what it knows.
+    assert choices[0][3] == ("data.loader dali: DALI cannot run on another rank (its log says why); install "
+                             "dmhpc[dali] (and a driver it runs with) or choose torch"), choices
+    assert choices[1][3].startswith("data.loader dali: DALI cannot run on cpu: driver too old;"), choices
 
 
 def test_bad_normalize(data):

@@ -184,8 +184,14 @@ def choose_kind(kind: str, device: torch.device, need: int, local_ranks: int = 1
     the node's `local_ranks` ranks, each of which holds its own copy), else streams them with
     DALI where a DALI pipeline actually runs, else with torch. The budget is the smallest over
     the ranks, and DALI counts only if it runs on every rank: ranks that chose differently would
-    shuffle differently and duplicate or skip rows.
+    shuffle differently and duplicate or skip rows. `dali` asked for is refused on every rank when
+    it cannot run on one: a rank that stopped alone would leave the others waiting for it.
     """
+    if kind == "dali":
+        problem = dali_runs(device)
+        if not int(all_reduce_min(torch.tensor([int(problem is None)], dtype=torch.int64))[0]):
+            raise DmhpcError(f"data.loader dali: {problem or 'DALI cannot run on another rank (its log says why)'}; "
+                             f"install dmhpc[dali] (and a driver it runs with) or choose torch")
     if kind != "auto":
         return kind, f"data.loader is {kind}"
     on_gpu = device.type == "cuda"
@@ -232,8 +238,7 @@ def make_train_loader(
     `local_ranks`: ranks on this node, which share its host memory (see `choose_kind`). `cpus`:
     this rank's CPUs (default: its affinity mask); DALI runs min(4, cpus) threads.
     `num_workers` are the reading processes of `dali` (at least 1) and `torch` (0: read in this
-    process). `auto` keeps the data resident when both training splits fit comfortably in
-    device memory (always, on a CPU device), else uses DALI if importable, else torch.
+    process). `auto` and `dali` are decided by `choose_kind`, the same on every rank.
 
     On a GPU, `dali` spawns its workers (see dmhpc/data/dali.py), so it may be created after the
     process group; `torch` forks its workers, which never touch CUDA.
@@ -241,9 +246,6 @@ def make_train_loader(
     device = torch.device(device)
     if kind not in ("auto", *KINDS):
         raise DmhpcError(f"data.loader {kind!r}: expected one of auto, {', '.join(KINDS)}")
-    if kind == "dali" and dali_runs(device) is not None:
-        raise DmhpcError(f"data.loader dali: {dali_runs(device)}; install dmhpc[dali] (and a driver it runs "
-                         f"with) or choose torch")
     check_normalize(normalize)
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or seed < 0:
         raise DmhpcError(
