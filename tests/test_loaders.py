@@ -308,11 +308,15 @@ def test_dali_and_torch_loaders_give_the_same_batches(data):
 
 @pytest.mark.parametrize("kind,workers", CONFIGS)
 def test_channels_last_batches_come_in_that_layout_with_the_same_values(data, kind, workers):
-    """The loader writes the layout while normalizing: no copy per step in the trainer."""
+    """The loader writes the layout while normalizing: no copy per step in the trainer (DALI's
+    pipeline writes HWC, viewed as NCHW; it wrote CHW and the loader copied it)."""
     plain_loader = _loader(data, kind, workers, augment=True)
     nhwc_loader = _loader(data, kind, workers, augment=True, channels_last=True)
     try:
         plain, nhwc = _epoch(plain_loader, 1, stop_after=3), _epoch(nhwc_loader, 1, stop_after=3)
+        if kind == "dali":
+            xs, _, xt, _ = next(iter(nhwc_loader.epoch(2)))
+            assert xs._base is not None and xt._base is not None  # views of the pipeline's output
     finally:
         plain_loader.close()
         nhwc_loader.close()

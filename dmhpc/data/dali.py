@@ -65,8 +65,10 @@ class BlockSource:
         return batch["images"], batch["labels"]
 
 
-def _domain(source: BlockSource, mean, std, augment: bool, square: bool, on_gpu: bool):
-    """One domain's branch of the pipeline: read, (flip, transpose,) normalize."""
+def _domain(source: BlockSource, mean, std, augment: bool, square: bool, on_gpu: bool, channels_last: bool):
+    """One domain's branch of the pipeline: read, (flip, transpose,) normalize; CHW out, or HWC for
+    channels_last, which the trainer then views as NCHW without a copy."""
+    layout = "HWC" if channels_last else "CHW"
     outputs = 3 if augment else 2
     images, labels, *codes = fn.external_source(
         source=source, num_outputs=outputs, batch=True, batch_info=True, parallel=True,
@@ -78,7 +80,7 @@ def _domain(source: BlockSource, mean, std, augment: bool, square: bool, on_gpu:
     # in that order. The W flip is fused into the normalization.
     images = fn.crop_mirror_normalize(
         images, mean=mean, std=std, mirror=codes[0] % 2 if augment else 0, dtype=types.FLOAT,
-        output_layout="CHW",
+        output_layout=layout,
     )
     if augment:
         codes = codes[0]
@@ -86,14 +88,15 @@ def _domain(source: BlockSource, mean, std, augment: bool, square: bool, on_gpu:
         if square:
             # A per-sample conditional: DALI has no per-sample transpose argument.
             if codes >= 4:
-                images = fn.transpose(images, perm=[0, 2, 1], transpose_layout=False)
+                images = fn.transpose(images, perm=[1, 0, 2] if channels_last else [0, 2, 1],
+                                      transpose_layout=False)
     return images, labels
 
 
 @pipeline_def(enable_conditionals=True)
-def _pipeline(source, target, stats, augment, square, on_gpu):
-    xs, ys = _domain(source, *stats[0], augment, square, on_gpu)
-    xt, yt = _domain(target, *stats[1], augment, square, on_gpu)
+def _pipeline(source, target, stats, augment, square, on_gpu, channels_last):
+    xs, ys = _domain(source, *stats[0], augment, square, on_gpu, channels_last)
+    xt, yt = _domain(target, *stats[1], augment, square, on_gpu, channels_last)
     return xs, ys, xt, yt
 
 
@@ -132,6 +135,7 @@ class DaliBatches:
             self.augment,
             square,
             on_gpu,
+            self.memory_format == torch.channels_last,
             batch_size=source.stream.batch_size,
             num_threads=max(1, min(4, self.cpus)),
             device_id=(self.device.index if self.device.index is not None else torch.cuda.current_device())
@@ -156,11 +160,11 @@ class DaliBatches:
         it, self._next = self._iter, None  # while being read, the pipeline's position is unknown
         done = False
         try:
+            nhwc = self.memory_format == torch.channels_last
             for out in it:
                 data = out[0]
-                fmt = self.memory_format
-                yield (data["xs"].contiguous(memory_format=fmt), data["ys"], data["xt"].contiguous(memory_format=fmt),
-                       data["yt"])
+                xs, xt = (data[k].permute(0, 3, 1, 2) if nhwc else data[k] for k in ("xs", "xt"))
+                yield xs, data["ys"], xt, data["yt"]
             done = True
         finally:
             if it is self._iter:  # not replaced by a later call
