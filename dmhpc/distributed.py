@@ -60,6 +60,7 @@ class Launch:
     master_addr: str | None = None  # None: not needed (single) or found later (mpi)
     master_port: int | None = None
     local_world_size: int = 0  # ranks on this node; 0 when the launcher does not say
+    cpu_sharers: int = 0  # ranks of this node whose CPU masks overlap this one's (MPI finds out); 0: unknown
 
 
 @dataclass(frozen=True)
@@ -142,13 +143,21 @@ def _mpi_rendezvous(launch: Launch, env: Mapping[str, str]) -> Launch:
     rank, size = comm.Get_rank(), comm.Get_size()
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_size = node.Get_rank(), node.Get_size()
+    # mpiexec binds each rank to its own CPUs or lets them all share one mask, by its options.
+    sharers = ranks_sharing_cpus(node.allgather(sorted(os.sched_getaffinity(0))), local_rank)
     node.Free()
     addr, port = None, None
     if rank == 0 and size > 1:
         addr = env.get("MASTER_ADDR") or socket.gethostname()
         port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port()
     addr, port = comm.bcast((addr, port), root=0)
-    return Launch("mpi", rank, local_rank, size, addr, port, local_size)
+    return Launch("mpi", rank, local_rank, size, addr, port, local_size, sharers)
+
+
+def ranks_sharing_cpus(masks: list, index: int) -> int:
+    """How many of the node's ranks (their CPU masks) use a CPU of rank `index`'s, itself included."""
+    mine = set(masks[index])
+    return sum(1 for mask in masks if mine & set(mask))
 
 
 def _free_port() -> int:
@@ -157,11 +166,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpus_per_rank(launcher: str, local_world_size: int) -> int:
-    """The CPUs this rank may use: its affinity mask, shared with the node's other ranks where they
-    all inherit one mask (torchrun's workers, mpiexec without binding); an srun task's mask is its
-    own (--cpus-per-task, bound by Slurm's task affinity)."""
+def cpus_per_rank(launcher: str, local_world_size: int, sharers: int = 0) -> int:
+    """The CPUs this rank may use: its affinity mask, divided among the `sharers` ranks whose masks
+    overlap it where that is known (MPI: mpiexec binds ranks or not, by its options), else shared
+    with the node's other ranks where they all inherit one (torchrun's workers); an srun task's
+    mask is its own (--cpus-per-task, bound by Slurm's task affinity)."""
     mask = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if sharers:
+        return max(1, mask // sharers)
     shared = launcher in ("torchrun", "mpi")
     return max(1, mask // max(1, local_world_size) if shared else mask)
 
@@ -238,7 +250,7 @@ def bootstrap(backend: str | None = None) -> DistInfo:
                             device_id=device if device.type == "cuda" else None, **rendezvous)
     local = max(launch.local_world_size, launch.local_rank + 1)
     return DistInfo(launch.rank, launch.local_rank, launch.world_size, device, backend, launch.launcher, local,
-                    cpus_per_rank(launch.launcher, local))
+                    cpus_per_rank(launch.launcher, local, launch.cpu_sharers))
 
 
 def _torchrun_attempt_store(launch: Launch, env: Mapping[str, str]) -> dist.Store | None:

@@ -319,6 +319,20 @@ def test_cpus_per_rank_shares_an_inherited_mask_but_not_an_srun_tasks_own():
     assert cpus_per_rank("slurm", 4) == mask  # srun gave each task its own CPUs
     assert cpus_per_rank("torchrun", 2) == max(1, mask // 2)  # torchrun's workers share one mask
     assert cpus_per_rank("mpi", 64) == 1
+    assert cpus_per_rank("mpi", 2, sharers=1) == mask  # mpiexec bound the rank to its own CPUs
+
+
+def test_ranks_sharing_cpus_from_the_nodes_masks():
+    """mpiexec with binding gives each rank its own CPUs: dividing its mask again among the node's
+    ranks left each with a fraction of what it had."""
+    from dmhpc.distributed import ranks_sharing_cpus
+
+    bound = [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert [ranks_sharing_cpus(bound, i) for i in range(4)] == [1, 1, 1, 1]
+    inherited = [list(range(8))] * 4
+    assert [ranks_sharing_cpus(inherited, i) for i in range(4)] == [4, 4, 4, 4]
+    mixed = [[0, 1, 2, 3], [0, 1, 2, 3], [4, 5, 6, 7]]
+    assert [ranks_sharing_cpus(mixed, i) for i in range(3)] == [2, 2, 1]
 
 
 def test_a_test_not_marked_gpu_sees_no_gpu():

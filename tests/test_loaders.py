@@ -62,7 +62,7 @@ def _loader(data, kind, workers, *, rank=0, world=WORLD, augment=False, normaliz
     return make_train_loader(
         kind, data["source"]["dir"], data["target"]["dir"], batch_size=kw.pop("batch_size", BATCH), rank=rank,
         world_size=world, seed=kw.pop("seed", SEED), device=kw.pop("device", "cpu"), augment=augment,
-        normalize=normalize, num_workers=workers, **kw,
+        normalize=normalize, num_workers=workers, cpus=kw.pop("cpus", 3), **kw,  # 3 CPUs: 2 readers kept
     )
 
 
@@ -581,6 +581,22 @@ def test_every_rank_chooses_the_same_loader(tmp_path):
     assert choices[0][3] == ("data.loader dali: DALI cannot run on another rank (its log says why); install "
                              "dmhpc[dali] (and a driver it runs with) or choose torch"), choices
     assert choices[1][3].startswith("data.loader dali: DALI cannot run on cpu: driver too old;"), choices
+
+
+@pytest.mark.parametrize("kind, asked, cpus, given", [("torch", 4, 2, 1), ("torch", 2, 1, 0), ("torch", 2, 3, 2),
+                                                     pytest.param("dali", 2, 1, 1, marks=needs_dali)])
+def test_readers_are_bounded_by_the_ranks_cpus(data, kind, asked, cpus, given):
+    """data.num_workers reader processes on a rank given fewer CPUs only took turns with the
+    training process: at most cpus - 1 (DALI's parallel source needs one), said in the start line."""
+    loader = _loader(data, kind, asked, cpus=cpus)
+    try:
+        note = f"{given} of data.num_workers={asked} reader(s), for this rank's {cpus} CPU(s)"
+        assert (note in loader.reason) == (given < asked), loader.reason
+        workers = loader._backend.num_workers if kind == "dali" else loader._backend.loader.num_workers
+        assert workers == given
+        assert len(_epoch(loader, 0, stop_after=2)) == 2
+    finally:
+        loader.close()
 
 
 def test_bad_normalize(data):

@@ -236,9 +236,9 @@ def make_train_loader(
     `stop_signals` are the trainer's stop signals (train.signals): worker processes ignore them.
     `channels_last`: images come in that memory format (train.channels_last), at no extra copy.
     `local_ranks`: ranks on this node, which share its host memory (see `choose_kind`). `cpus`:
-    this rank's CPUs (default: its affinity mask); DALI runs min(4, cpus) threads.
-    `num_workers` are the reading processes of `dali` (at least 1) and `torch` (0: read in this
-    process). `auto` and `dali` are decided by `choose_kind`, the same on every rank.
+    this rank's CPUs (default: its affinity mask); DALI runs min(4, cpus) threads. `num_workers`
+    are the reading processes of `dali` (at least 1) and `torch` (0: read in this process), at most
+    `cpus` - 1. `auto` and `dali` are decided by `choose_kind`, the same on every rank.
 
     On a GPU, `dali` spawns its workers (see dmhpc/data/dali.py), so it may be created after the
     process group; `torch` forks its workers, which never touch CUDA.
@@ -277,6 +277,12 @@ def make_train_loader(
     kind, reason = choose_kind(kind, device, sum(d.nbytes for d in domains), local_ranks)
     ignore = IgnoreSignals(tuple(stop_signals))
     cpus = cpus or len(os.sched_getaffinity(0))
+    if kind in ("torch", "dali") and num_workers > cpus - 1:
+        # Readers beyond the rank's CPUs only take turns with the training process; DALI needs one.
+        given = max(1 if kind == "dali" else 0, cpus - 1)
+        if given < num_workers:
+            reason += f"; {given} of data.num_workers={num_workers} reader(s), for this rank's {cpus} CPU(s)"
+            num_workers = given
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     backend: Batches
     if kind == "gpu-resident":

@@ -13,6 +13,7 @@ RunDir (dmhpc/run.py), the start-up checks (preflight.py), TrainState (state.py)
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 
@@ -40,6 +41,8 @@ def train(cfg, resume: str = "auto", overwrite: bool = False) -> int:
     """Train as configured; returns the process exit code (0, or REQUEUE_EXIT_CODE on a signal)."""
     set_determinism(cfg.train.deterministic)
     dist = bootstrap()
+    if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets 1; mpiexec and srun ranks would take every core
+        torch.set_num_threads(dist.cpus)
     run = RunDir(cfg.run.dir)
     try:
         return _train(cfg, resume, overwrite, dist, run)
