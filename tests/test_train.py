@@ -536,6 +536,22 @@ def test_the_step_never_waits_for_the_gpu(data, tmp_path):
     assert proc.stdout.count("never waited") == 3, proc.stdout
 
 
+def test_deterministic_training_turns_the_kernels_on_and_runs(data, tmp_path, monkeypatch):
+    """train.deterministic=true sets what it promises (docs/training.md), and every op of a step
+    has a deterministic kernel: PyTorch raises at the first op without one, so a run that finishes
+    is the check (DANN's discriminator, the Fisher centres' indexed update, entropy)."""
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        assert main(["train", "--config", str(TINY), *_overrides(
+            data, tmp_path / "run", "train.epochs=1", "train.deterministic=true", "loss.transfer=dann",
+            "loss.fisher.weight=1.0", "loss.entropy_weight=0.05")]) == 0
+        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
+        assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_resume_on_cuda_is_exact_with_deterministic_kernels(data, tmp_path, deterministic):
