@@ -274,7 +274,7 @@ def test_torchrun_two_ranks(data, tmp_path):
     run = tmp_path / "run"
     proc = subprocess.run(
         [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "dmhpc.train", "--config", str(TINY),
-         *_overrides(data, run, "train.epochs=2", f"loss.transfer={transfer}", "loss.fisher.weight=1.0")],
+         *_overrides(data, run, "train.epochs=2", "loss.transfer=mmd", "loss.fisher.weight=1.0")],
         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world 2" in proc.stdout
