@@ -469,6 +469,18 @@ def test_dali_requested_but_not_importable(data, monkeypatch):
         dali_runs.cache_clear()
 
 
+@needs_dali
+def test_dali_counts_as_available_only_where_a_pipeline_runs():
+    """The pinned DALI imports on any machine; building a pipeline is what fails without a driver.
+    Here for real: a CPU pipeline runs, a GPU one on a machine without CUDA does not."""
+    from dmhpc.data.loaders import dali_runs
+
+    assert dali_runs(torch.device("cpu")) is None
+    if not torch.cuda.is_available():
+        why = dali_runs(torch.device("cuda", 0))
+        assert why.startswith("DALI cannot run on cuda:0: ") and "\n" not in why, why
+
+
 def test_auto_streams_what_does_not_fit_in_host_memory(data, monkeypatch):
     """On a CPU, `auto` used to keep the data resident whatever its size: the kernel then killed the run."""
     import dmhpc.data.loaders as loaders
