@@ -200,6 +200,12 @@ def make_executor(kind: str, folder: Path, res: Resources, name: str) -> submiti
     return executor
 
 
+def _say_threads(threads: int | None) -> None:
+    if threads:
+        print(f"dmhpc launch: {threads} CPU thread(s) per rank (OMP_NUM_THREADS) for the jobs running at once "
+              f"here; set OMP_NUM_THREADS to choose", flush=True)
+
+
 @contextlib.contextmanager
 def local_job_env(threads: int | None):
     """What the local jobs submitted inside the block start with (they inherit this process's
@@ -330,9 +336,7 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     attached = len(jobs)
     # Local jobs submitted here all start at once and share the cores.
     threads = local_threads(sum(len(g) * res.ranks for res, g in groups.items())) if kind == "local" else None
-    if threads:
-        print(f"dmhpc launch: {threads} CPU thread(s) per rank (OMP_NUM_THREADS) for the jobs running at once "
-              f"here; set OMP_NUM_THREADS to choose", flush=True)
+    _say_threads(threads)
     for res, group in groups.items():
         executor = make_executor(kind, folder, res, job_name)
         with local_job_env(threads):
@@ -383,9 +387,7 @@ def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, fo
     print(f"dmhpc launch: {len(points) - len(todo)} of {len(points)} point(s) finished; running the "
           f"other {len(todo)}, {at_once} at a time; logs in {folder}", flush=True)
     threads = local_threads(min(at_once, len(todo)) * ranks)
-    if threads:
-        print(f"dmhpc launch: {threads} CPU thread(s) per rank (OMP_NUM_THREADS) for the jobs running at once "
-              f"here; set OMP_NUM_THREADS to choose", flush=True)
+    _say_threads(threads)
     folder.mkdir(parents=True, exist_ok=True)
     failures: dict[str, str] = {}
     running: dict[str, submitit.Job] = {}
