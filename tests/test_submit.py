@@ -55,6 +55,8 @@ def test_sbatch_options_for_a_site(tmp_path):
                  "--exclusive", "--mail-type=END", "--signal=USR2@90", "--open-mode=append"):
         assert f"#SBATCH {line}\n" in script, (line, script)
     assert "module load cuda" in script
+    # srun (Slurm >= 22.05) does not take --cpus-per-task from the job: the tasks would get 1 CPU each.
+    assert "srun --unbuffered" in script and "--cpus-per-task=8 " in script.split("srun --unbuffered", 1)[1]
     cpu = make_executor("slurm", tmp_path, Resources(tasks_per_node=2), "dmhpc-test")
     assert "gpus-per-node" not in cpu._executor._make_submission_file_text("python -m x", "uid")
 

@@ -195,7 +195,10 @@ def make_executor(kind: str, folder: Path, res: Resources, name: str) -> submiti
             slurm_constraint=res.constraint, slurm_exclusive=res.exclusive or None,
             slurm_setup=list(res.setup) or None,
             slurm_additional_parameters=dict(res.additional_parameters) or None,
-            slurm_array_parallelism=res.array_parallelism, slurm_signal_delay_s=res.signal_delay_s)
+            slurm_array_parallelism=res.array_parallelism, slurm_signal_delay_s=res.signal_delay_s,
+            # From Slurm 22.05 srun no longer takes --cpus-per-task from the job: said again, or
+            # each task (rank) gets one CPU for its loader workers and threads.
+            slurm_srun_args=[f"--cpus-per-task={res.cpus_per_task}"] if res.cpus_per_task else None)
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
     return executor
 
