@@ -397,19 +397,6 @@ DMHPC = str(Path("dmhpc").resolve())
 calls = []
 
 def counting(name, original):
-    def wrapper(self, *args, **kwargs):
-        caller = sys._getframe(1).f_code.co_filename
-        if caller.startswith(DMHPC):
-            calls.append(f"{name} in {caller}:{sys._getframe(1).f_lineno}")
-        return original(self, *args, **kwargs)
-    return wrapper
-
-for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "new_tensor"):
-    setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
-
-# A tensor built from host values, or moved to the device without non_blocking, is a copy that
-# waits for the GPU's queue: on a CPU run it costs nothing, so count where it would happen.
-def from_host(name, original):
     def wrapper(*args, **kwargs):
         caller = sys._getframe(1).f_code.co_filename
         if caller.startswith(DMHPC):
@@ -417,8 +404,13 @@ def from_host(name, original):
         return original(*args, **kwargs)
     return wrapper
 
-torch.tensor = from_host("torch.tensor", torch.tensor)
-torch.as_tensor = from_host("torch.as_tensor", torch.as_tensor)
+for name in ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float__", "new_tensor"):
+    setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+
+# A tensor built from host values, or moved to the device without non_blocking, is a copy that
+# waits for the GPU's queue: on a CPU run it costs nothing, so count where it would happen.
+torch.tensor = counting("torch.tensor", torch.tensor)
+torch.as_tensor = counting("torch.as_tensor", torch.as_tensor)
 to = torch.Tensor.to
 
 def counting_to(self, *args, **kwargs):
