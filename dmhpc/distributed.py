@@ -210,7 +210,14 @@ def own_gpu(launch: Launch, env: Mapping[str, str]) -> bool:
     task, nor for a batch script's processes: they share the task's GPUs."""
     if env.get("DMHPC_GPU_PER_RANK") == "1":
         return True
-    if env.get("SLURM_GPUS_PER_TASK", "").rsplit(":", 1)[-1] != "1" or "SLURM_LOCALID" not in env:
+    return env.get("SLURM_GPUS_PER_TASK", "").rsplit(":", 1)[-1] == "1" and rank_is_slurm_task(launch, env)
+
+
+def rank_is_slurm_task(launch: Launch, env: Mapping[str, str]) -> bool:
+    """Whether each rank on this node is a Slurm task of its own (srun's ranks, submitit's, which
+    carry torchrun's variables too), with its own GPUs and CPUs where the site binds them; not
+    torchrun's workers inside one task, nor a batch script's processes."""
+    if "SLURM_LOCALID" not in env:
         return False
     ranks_here = max(launch.local_world_size, launch.local_rank + 1)
     return env_int(env, "SLURM_LOCALID") == launch.local_rank and _slurm_tasks_on_node(env) == ranks_here
@@ -249,8 +256,9 @@ def bootstrap(backend: str | None = None) -> DistInfo:
     dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
                             device_id=device if device.type == "cuda" else None, **rendezvous)
     local = max(launch.local_world_size, launch.local_rank + 1)
-    return DistInfo(launch.rank, launch.local_rank, launch.world_size, device, backend, launch.launcher, local,
-                    cpus_per_rank(launch.launcher, local, launch.cpu_sharers))
+    # submitit's ranks look like torchrun's but are Slurm tasks, each with its own --cpus-per-task.
+    cpus = cpus_per_rank("slurm" if rank_is_slurm_task(launch, env) else launch.launcher, local, launch.cpu_sharers)
+    return DistInfo(launch.rank, launch.local_rank, launch.world_size, device, backend, launch.launcher, local, cpus)
 
 
 def _torchrun_attempt_store(launch: Launch, env: Mapping[str, str]) -> dist.Store | None:

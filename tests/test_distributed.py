@@ -301,6 +301,20 @@ def test_a_gpu_of_its_own_only_where_each_rank_is_a_task_with_one(case, env, own
             gpu_index(launch.local_rank, launch.local_world_size, 1, own_gpu(launch, env))
 
 
+def test_submitits_ranks_keep_their_own_cpus():
+    """submitit's ranks carry torchrun's variables but are Slurm tasks, each with its own
+    --cpus-per-task: dividing their mask among the node's ranks left each a quarter of it."""
+    from dmhpc.distributed import rank_is_slurm_task
+
+    submitit = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "a",
+                "MASTER_PORT": "1", "SLURM_LOCALID": "1", "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": "4"}
+    assert rank_is_slurm_task(detect_launch(submitit), submitit)
+    one_task = {**submitit, "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "1"}  # torchrun inside one task
+    assert not rank_is_slurm_task(detect_launch(one_task), one_task)
+    plain = {k: v for k, v in submitit.items() if not k.startswith("SLURM_")}  # torchrun outside Slurm
+    assert not rank_is_slurm_task(detect_launch(plain), plain)
+
+
 def test_local_world_size_from_each_launcher():
     torchrun = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "a", "MASTER_PORT": "1",
                 "LOCAL_WORLD_SIZE": "2"}

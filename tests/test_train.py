@@ -532,7 +532,9 @@ def test_deterministic_training_turns_the_kernels_on_and_runs(data, tmp_path, mo
     """train.deterministic=true sets what it promises (docs/training.md), and every op of a step
     has a deterministic kernel: PyTorch raises at the first op without one, so a run that finishes
     is the check (DANN's discriminator, the Fisher centres' indexed update, entropy)."""
-    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # recorded, so that the end of the test removes it
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    threads = torch.get_num_threads()
     try:
         assert main(["train", "--config", str(TINY), *_overrides(
             data, tmp_path / "run", "train.epochs=1", "train.deterministic=true", "loss.transfer=dann",
@@ -542,6 +544,7 @@ def test_deterministic_training_turns_the_kernels_on_and_runs(data, tmp_path, mo
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.gpu

@@ -242,8 +242,8 @@ def local_job_env(threads: int | None):
 
 @contextlib.contextmanager
 def sigterm_as_interrupt():
-    """SIGTERM (scancel of a launcher's own job, `kill`, a shutdown) ends a launcher as Ctrl-C does,
-    so that its local jobs are cancelled and its tables written rather than left behind."""
+    """SIGTERM (scancel of a launcher's own job, `kill`, a shutdown) ends a launcher as Ctrl-C does
+    (exit 130), so that its local jobs are cancelled rather than left training behind it."""
     def interrupt(signum, frame):
         raise KeyboardInterrupt(f"signal {signum}")
 

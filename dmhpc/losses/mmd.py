@@ -117,8 +117,10 @@ def _kernel_coeffs(sigmas: Sequence[float] | str) -> tuple[float, ...]:
 def device_constants(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """`values` as a tensor on `device`, made once: a tensor built from host values is a host-to-device
     copy, which waits for the GPU to finish its queued work; once per step it would serialise the
-    host and the device. Never written to."""
-    return torch.tensor(values, dtype=dtype, device=device)
+    host and the device. Never written to; a plain tensor even when first asked for under
+    inference_mode (an inference tensor cannot be saved for a later backward)."""
+    with torch.inference_mode(False):
+        return torch.tensor(values, dtype=dtype, device=device)
 
 
 def _squared_distances(ys: torch.Tensor, yt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
