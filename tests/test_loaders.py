@@ -521,7 +521,9 @@ GIB = 2**30
     # Slurm (cgroup v2): the job's limit is on the job's cgroup, not on the root nor the task's.
     ("slurm v2", "0::/system.slice/slurmstepd.scope/job_7/step_0/user/task_0",
      {"fs/system.slice/slurmstepd.scope/job_7/memory.max": f"{8 * GIB}\n",
-      "fs/system.slice/slurmstepd.scope/job_7/memory.current": f"{3 * GIB}\n",
+      "fs/system.slice/slurmstepd.scope/job_7/memory.current": f"{4 * GIB}\n",
+      # a GiB of it is page cache the kernel gives back under pressure: room, not use
+      "fs/system.slice/slurmstepd.scope/job_7/memory.stat": f"anon {3 * GIB}\ninactive_file {GIB}\n",
       "fs/system.slice/slurmstepd.scope/job_7/step_0/user/task_0/memory.max": "max\n",
       "fs/system.slice/slurmstepd.scope/job_7/step_0/user/task_0/memory.current": f"{GIB}\n"}, 5 * GIB),
     # Slurm (cgroup v1): the same in the memory hierarchy; a tighter step limit below it wins.
@@ -529,7 +531,8 @@ GIB = 2**30
      {"fs/memory/slurm/uid_0/job_9/memory.limit_in_bytes": f"{8 * GIB}\n",
       "fs/memory/slurm/uid_0/job_9/memory.usage_in_bytes": f"{2 * GIB}\n",
       "fs/memory/slurm/uid_0/job_9/step_0/memory.limit_in_bytes": f"{4 * GIB}\n",
-      "fs/memory/slurm/uid_0/job_9/step_0/memory.usage_in_bytes": f"{GIB}\n",
+      "fs/memory/slurm/uid_0/job_9/step_0/memory.usage_in_bytes": f"{2 * GIB}\n",
+      "fs/memory/slurm/uid_0/job_9/step_0/memory.stat": f"cache {GIB}\ntotal_inactive_file {GIB}\n",
       "fs/memory/memory.limit_in_bytes": "9223372036854771712\n",
       "fs/memory/memory.usage_in_bytes": f"{50 * GIB}\n"}, 3 * GIB),
     # A container: its own cgroup is the root of the mount, whatever path the host gives.

@@ -155,9 +155,10 @@ def _cgroup_rooms(proc: str, cgroup_fs: str) -> list[int]:
         elif "memory" in controllers.split(","):
             own["v1"] = path
     rooms = []
-    for version, base, limit_name, usage_name in (
-            ("v2", Path(cgroup_fs), "memory.max", "memory.current"),
-            ("v1", Path(cgroup_fs) / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes")):
+    for version, base, limit_name, usage_name, cache_name in (
+            ("v2", Path(cgroup_fs), "memory.max", "memory.current", "inactive_file"),
+            ("v1", Path(cgroup_fs) / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
+             "total_inactive_file")):
         path = own.get(version, "/").strip("/")
         # Outside a cgroup namespace the path is the host's; inside one (a container) it may not exist
         # under this mount, whose root is then the process's own cgroup.
@@ -166,7 +167,7 @@ def _cgroup_rooms(proc: str, cgroup_fs: str) -> list[int]:
         for directory in [here, *here.parents]:
             try:
                 limit = (directory / limit_name).read_text().strip()
-                usage = int((directory / usage_name).read_text().strip())
+                usage = int((directory / usage_name).read_text().strip()) - _stat(directory, cache_name)
             except (OSError, ValueError):
                 limit = ""
             if limit.isdigit() and int(limit) < 2**60:
@@ -174,6 +175,20 @@ def _cgroup_rooms(proc: str, cgroup_fs: str) -> list[int]:
             if directory == base:
                 break
     return rooms
+
+
+def _stat(directory: Path, name: str) -> int:
+    """A counter of the cgroup's memory.stat, 0 where absent. The usage counts the page cache, and
+    the inactive part of it is given back under pressure: it is room (as the kubelet's "working
+    set" counts it), or a job that has just read its data would see none left."""
+    try:
+        for line in (directory / "memory.stat").read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == name:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def choose_kind(kind: str, device: torch.device, need: int, local_ranks: int = 1) -> tuple[str, str]:
