@@ -381,16 +381,12 @@ def test_gpu_resident_training_on_cuda(data, tmp_path):
         data, run, "train.epochs=1", "data.loader=gpu-resident", "train.amp=bf16")]) == 0
 
 
+# The probes wrap the trainer's own step and run the real `dmhpc train`: what is counted between two
+# steps is everything the loop does per step (the next batch, the meter, the stop poll).
 SYNC_PROBE = """
 import json, os, sys, torch
 from pathlib import Path
-from dmhpc.config import load_config
-from dmhpc.data.loaders import make_train_loader
-from dmhpc.distributed import bootstrap, shutdown
-from dmhpc.losses.collective import stable_rows
-from dmhpc.train.checkpoint import StopRequest
-from dmhpc.train.meter import EpochMeter
-from dmhpc.train.state import TrainState
+from dmhpc.cli import main
 from dmhpc.train.step import TrainStep
 
 DMHPC = str(Path("dmhpc").resolve())
@@ -422,110 +418,93 @@ def counting_to(self, *args, **kwargs):
 
 torch.Tensor.to = counting_to
 
-def steps(transfer):
-    cfg = load_config(sys.argv[1], [*sys.argv[3:], f"loss.transfer={transfer}"])
-    loader = make_train_loader(cfg.data.loader, cfg.data.source, cfg.data.target, batch_size=cfg.train.batch_size,
-                               rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, device=dist.device,
-                               augment=cfg.data.augment, normalize=cfg.data.normalize, num_workers=0)
-    state = TrainState.build(cfg, dist.device)
-    step = TrainStep(cfg, state, dist, total_steps=100, steps_per_epoch=len(loader))
-    meter = EpochMeter(dist.device)
-    counts, first = [], len(calls)
-    with StopRequest(cfg.train.signals) as stop, stable_rows():
-        batches = iter(loader.epoch(0))
-        for i in range(8):
-            before = len(calls)
-            batch = next(batches)
-            terms, outputs = step(i, batch)        # what the loop does for every step that is not
-            meter.add(i + 1, terms, outputs, batch[1], batch[3])  # a log, checkpoint or epoch boundary
-            stop.should_stop()
-            counts.append(len(calls) - before)
-    loader.close()
-    return {"counts": counts, "calls": calls[first:]}
+entries = []  # (global step, steps per epoch, calls so far) at the start of every step
+step_call = TrainStep.__call__
 
+def counted_step(self, step, batch):
+    entries.append((step, self.steps_per_epoch, len(calls)))
+    return step_call(self, step, batch)
 
-dist = bootstrap()
-results = {transfer: steps(transfer) for transfer in ("mmd", "coral", "dann")}
-Path(sys.argv[2] + f".{dist.rank}").write_text(json.dumps(results))
-shutdown()
+TrainStep.__call__ = counted_step
+rc = main(["train", "--config", sys.argv[1], *sys.argv[3:]])
+Path(sys.argv[2] + "." + os.environ["RANK"]).write_text(json.dumps({"entries": entries, "calls": calls}))
 # The counts are written. This probe (not the trainer) sometimes aborted in the interpreter's
 # final teardown, after everything above had returned ("terminate called without an active
 # exception", no Python frame left; about 1 run in 10 on 2 busy cores): leave without it.
-os._exit(0)
+os._exit(rc)
 """
 
 
-def test_no_host_synchronisation_inside_the_step(data, tmp_path):
+@pytest.mark.parametrize("transfer", ["mmd", "coral", "dann"])
+def test_no_host_synchronisation_inside_the_step(data, tmp_path, transfer):
     """The stop-flag poll (.item()) and the row-count exchange of every global loss (.tolist()) used
     to wait for the device every step: 9 and 20 calls in 10 steps on 2 ranks; so did the losses'
     constants built on the host every step (MMD's kernel coefficients, the per-sample counts).
-    MMD, CORAL and DANN, each with Fisher and entropy, in one pair of ranks."""
+    Each transfer loss with Fisher and entropy, in the real trainer on two ranks: between two steps
+    of an epoch nothing waits, except after the first (MMD's row counts are exchanged once)."""
     script = tmp_path / "probe.py"
     script.write_text(SYNC_PROBE)
     out = tmp_path / "counts"
-    overrides = [f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}", "train.batch_size=4",
-                 "loss.fisher.weight=1.0", "loss.entropy_weight=0.05", "data.loader=gpu-resident"]
+    overrides = [*_overrides(data, tmp_path / "run", f"loss.transfer={transfer}"), "train.batch_size=4",
+                 "train.epochs=2", "train.log_every=1000", "train.checkpoint_every=0", "loss.fisher.weight=1.0",
+                 "loss.entropy_weight=0.05", "data.loader=gpu-resident"]
     proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), str(TINY),
                            str(out), *overrides], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     for rank in (0, 1):
-        results = json.loads(Path(f"{out}.{rank}").read_text())
-        assert results["mmd"]["counts"][0] > 0, results  # the counter sees dmhpc's calls: the first step
-        for transfer, result in results.items():        # exchanges the row counts, once
-            assert result["counts"][1:] == [0] * 7, (transfer, result["calls"])
+        result = json.loads(Path(f"{out}.{rank}").read_text())
+        entries, calls = result["entries"], result["calls"]
+        per_epoch = entries[0][1]
+        assert len(entries) == 2 * per_epoch > 4, entries
+        between = {step: calls[count:later] for (step, _, count), (_, _, later) in zip(entries, entries[1:])}
+        assert between[per_epoch - 1], between  # the counter sees dmhpc's calls: the epoch's end waits
+        waits = {step: waits for step, waits in between.items() if waits and step not in (0, per_epoch - 1)}
+        assert not waits, f"rank {rank}, after steps {sorted(waits)}: {next(iter(waits.values()))}"
 
 
 GPU_SYNC_PROBE = """
-import sys, torch
-from dmhpc.config import load_config
-from dmhpc.data.loaders import make_train_loader
-from dmhpc.distributed import bootstrap, shutdown
-from dmhpc.losses.collective import stable_rows
-from dmhpc.train.checkpoint import StopRequest
-from dmhpc.train.meter import EpochMeter
-from dmhpc.train.state import TrainState
+import os, sys, torch
+from dmhpc.cli import main
 from dmhpc.train.step import TrainStep
 
-dist = bootstrap()
-assert dist.device.type == "cuda", dist.device
-for transfer in ("mmd", "coral", "dann"):
-    cfg = load_config(sys.argv[1], [*sys.argv[2:], f"loss.transfer={transfer}"])
-    loader = make_train_loader(cfg.data.loader, cfg.data.source, cfg.data.target, batch_size=cfg.train.batch_size,
-                               rank=0, world_size=1, seed=cfg.seed, device=dist.device, augment=cfg.data.augment,
-                               normalize=cfg.data.normalize, num_workers=0, channels_last=cfg.train.channels_last)
-    state = TrainState.build(cfg, dist.device)
-    step = TrainStep(cfg, state, dist, total_steps=100, steps_per_epoch=len(loader))
-    meter = EpochMeter(dist.device)
-    with StopRequest(cfg.train.signals) as stop, stable_rows():
-        batches = iter(loader.epoch(0))
-        for i in range(8):
-            if i == 2:  # the first steps make what is made once (constants, optimizer state)
-                torch.cuda.set_sync_debug_mode("error")
-            batch = next(batches)
-            terms, outputs = step(i, batch)
-            meter.add(i + 1, terms, outputs, batch[1], batch[3])
-            stop.should_stop()
-        torch.cuda.set_sync_debug_mode(0)
-    loader.close()
-    print(transfer, "steps 2-7 never waited for the GPU", flush=True)
-shutdown()
+step_call = TrainStep.__call__
+guarded = [0]
+
+def guarded_step(self, step, batch):
+    in_epoch = step % self.steps_per_epoch
+    if in_epoch == 2:  # the first steps make what is made once (constants, optimizer state)
+        torch.cuda.set_sync_debug_mode("error")
+    out = step_call(self, step, batch)
+    if in_epoch >= 2:
+        guarded[0] += 1
+    if in_epoch == self.steps_per_epoch - 1 or step == self.total_steps - 1:
+        torch.cuda.set_sync_debug_mode(0)  # the epoch's end evaluates: that waits, once an epoch
+    return out
+
+TrainStep.__call__ = guarded_step
+rc = main(["train", "--config", sys.argv[1], *sys.argv[2:]])
+print(f"{guarded[0]} steps never waited for the GPU", flush=True)
+os._exit(rc)
 """
 
 
 @pytest.mark.gpu
-def test_the_step_never_waits_for_the_gpu(data, tmp_path):
+@pytest.mark.parametrize("transfer", ["mmd", "coral", "dann"])
+def test_the_step_never_waits_for_the_gpu(data, tmp_path, transfer):
     """What the CPU count cannot see: a synchronisation inside PyTorch (a blocking copy from the
-    host, a read of a device value) raises under torch.cuda.set_sync_debug_mode("error")."""
+    host, a read of a device value) raises under torch.cuda.set_sync_debug_mode("error"), here
+    switched on from the third step of each epoch of the real trainer to the epoch's last."""
     script = tmp_path / "probe.py"
     script.write_text(GPU_SYNC_PROBE)
     env = {k: v for k, v in clean_env().items() if k != "CUDA_VISIBLE_DEVICES"}  # this test is about the GPU
-    overrides = [f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}", "train.batch_size=4",
-                 "loss.fisher.weight=1.0", "loss.entropy_weight=0.05", "data.loader=gpu-resident",
-                 "train.amp=bf16", "train.channels_last=true"]
+    overrides = [*_overrides(data, tmp_path / "run", f"loss.transfer={transfer}"), "train.batch_size=4",
+                 "train.epochs=2", "train.log_every=1000", "train.checkpoint_every=0", "loss.fisher.weight=1.0",
+                 "loss.entropy_weight=0.05", "data.loader=gpu-resident", "train.amp=bf16", "train.channels_last=true"]
     proc = subprocess.run([sys.executable, str(script), str(TINY), *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("never waited") == 3, proc.stdout
+    assert "dmhpc train: " in proc.stdout and int(proc.stdout.split(" steps never waited")[0].split()[-1]) > 20, \
+        proc.stdout
 
 
 def test_deterministic_training_turns_the_kernels_on_and_runs(data, tmp_path, monkeypatch):
