@@ -15,8 +15,10 @@ from dmhpc.config import config_to_dict
 from dmhpc.errors import DmhpcError
 from dmhpc.launch import load_grid
 from dmhpc.launch.spec import resolve_point
-from dmhpc.launch.submit import (Resources, TrainTask, local_job_env, local_threads, make_executor, preempt_signal,
-                                 slurm_minutes)
+from dmhpc.launch import submit
+from dmhpc.launch.spec import Point
+from dmhpc.launch.submit import (Resources, TrainTask, local_threads, make_executor, preempt_signal, sigterm_as_interrupt,
+                                 slurm_minutes, submission)
 
 
 def test_slurm_time_formats():
@@ -91,7 +93,7 @@ def test_a_cancelled_local_job_stops_training_with_threads_set(make_domains, tmp
     cfg = resolve_point(TINY, {**tiny_overrides(data, **{"train.epochs": 200}), "run.dir": str(run),
                                "train.signals": [preempt_signal()]})
     executor = make_executor("local", tmp_path / "submitit", Resources(time_min=10), "dmhpc-test")
-    with local_job_env(2):
+    with submission(2):
         job = executor.submit(TrainTask(), config_to_dict(cfg))
     assert "OMP_NUM_THREADS" not in os.environ and signal.getsignal(signal.SIGINT) == signal.SIG_IGN  # restored
     deadline = time.monotonic() + 120
@@ -107,3 +109,55 @@ def test_a_cancelled_local_job_stops_training_with_threads_set(make_domains, tmp
     size = (run / "metrics.jsonl").stat().st_size
     time.sleep(2)
     assert (run / "metrics.jsonl").stat().st_size == size
+
+
+def test_a_signal_inside_a_submission_takes_effect_at_its_end(in_the_background):
+    """The launcher records a job only after submitit started it: a SIGTERM or Ctrl-C between the
+    two stopped the launcher with the job unrecorded, so nothing cancelled it (a grid's local job
+    trained on behind the launcher) or re-attached it. Held to the block's end: an ignored SIGINT
+    stays ignored; SIGTERM under sigterm_as_interrupt is the launcher's KeyboardInterrupt."""
+    recorded = []
+    with submission(None):
+        os.kill(os.getpid(), signal.SIGINT)
+        recorded.append("job")
+    assert recorded == ["job"] and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        with submission(None):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # the handler would have run here
+            recorded.append("job")
+    assert recorded == ["job", "job"]
+
+
+def _sleeping_job() -> None:
+    time.sleep(120)
+
+
+def test_sigterm_as_a_local_job_starts_cancels_it(tmp_path, monkeypatch):
+    """The end-to-end case: SIGTERM reaches the grid launcher just after submitit started a point's
+    job. The launcher must stop and cancel that job, which otherwise trains on unseen."""
+    started = []
+
+    class SignalledExecutor:
+        def __init__(self, executor):
+            self.executor = executor
+
+        def submit(self, *args):
+            job = self.executor.submit(*args)
+            started.append(job)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)  # the handler would have run here
+            return job
+
+    make = submit.make_executor
+    monkeypatch.setattr(submit, "make_executor", lambda *args: SignalledExecutor(make(*args)))
+    cfg = resolve_point(TINY, {"run.dir": str(tmp_path / "run")})
+    point = Point("p", {}, tmp_path / "run", cfg)
+    with pytest.raises(KeyboardInterrupt):
+        submit._launch_local([point], {"p": Resources(time_min=5)}, folder=tmp_path / "submitit",
+                             job_name="dmhpc-test", task=lambda config: _sleeping_job())
+    assert len(started) == 1
+    deadline = time.monotonic() + 30
+    while not started[0].done():
+        assert time.monotonic() < deadline, "the job started as the launcher stopped still runs"
+        time.sleep(0.2)

@@ -210,34 +210,40 @@ def _say_threads(threads: int | None) -> None:
 
 
 @contextlib.contextmanager
-def local_job_env(threads: int | None):
-    """What the local jobs submitted inside the block start with (they inherit this process's
-    environment and signal dispositions):
+def submission(threads: int | None):
+    """The block that submits jobs and records them.
 
-    - OMP_NUM_THREADS = `threads` (see `local_threads`), through the environment rather than a
-      submitit setup line: that line puts a shell between the job handle and submitit's job
-      controller, and cancelling the job (a pruned trial) then stops the shell while the training
-      goes on;
-    - SIGINT not ignored: a launcher started in the background (`cmd &`, nohup) ignores SIGINT, its
-      jobs would inherit that, and submitit cancels a local job with SIGINT.
+    - SIGINT and SIGTERM arriving inside it take effect when it ends: a job started in the block is
+      recorded (so cancelled by the launcher's Ctrl-C/SIGTERM handling, or re-attached by the next
+      launch) before the launcher stops, never left training unrecorded behind it.
+    - Local jobs start with OMP_NUM_THREADS = `threads` (see `local_threads`), through the
+      environment rather than a submitit setup line: that line puts a shell between the job handle
+      and submitit's job controller, and cancelling the job (a pruned trial) then stops the shell
+      while the training goes on.
+    - Local jobs start with SIGINT not ignored (the handler held here is the default in a child
+      after exec; an ignored signal stays ignored): a launcher started in the background (`cmd &`,
+      nohup) ignores SIGINT, and submitit cancels a local job with SIGINT.
     """
     before = os.environ.get("OMP_NUM_THREADS")
     if threads:
         os.environ["OMP_NUM_THREADS"] = str(threads)
-    restore_sigint = None
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-        # Any handler here is the default in a child after exec; an ignored signal stays ignored.
-        restore_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+    held: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        if restore_sigint is not None:
-            signal.signal(signal.SIGINT, restore_sigint)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         if threads:
             if before is None:
                 os.environ.pop("OMP_NUM_THREADS", None)
             else:
                 os.environ["OMP_NUM_THREADS"] = before
+        if held:
+            signal.raise_signal(held[0])  # as it would have been handled in the block (ignored stays ignored)
 
 
 @contextlib.contextmanager
@@ -340,18 +346,18 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     # Local jobs submitted here all start at once and share the cores.
     threads = local_threads(sum(len(g) * res.ranks for res, g in groups.items())) if kind == "local" else None
     _say_threads(threads)
-    for res, group in groups.items():
-        executor = make_executor(kind, folder, res, job_name)
-        with local_job_env(threads):
+    with submission(threads):  # every job submitted is in the jobs file before an interrupt stops this
+        for res, group in groups.items():
+            executor = make_executor(kind, folder, res, job_name)
             submitted = executor.map_array(task, [config_to_dict(p.config) for p in group])
-        for p, job in zip(group, submitted):
-            jobs[p.name] = job
-            recorded[p.name] = {"job_id": job.job_id, "tasks": res.ranks}
-        ids = submitted[0].job_id.split("_")[0] if kind == "slurm" else ", ".join(j.job_id for j in submitted)
-        print(f"dmhpc launch: {kind} job{' array' if kind == 'slurm' else 's'} {ids}: {len(group)} point(s), "
-              f"{res.nodes} node(s) x {res.tasks_per_node} task(s) each", flush=True)
-    if kind == "slurm":
-        atomic_write(folder / JOBS_FILE, json.dumps(recorded, indent=1) + "\n")
+            for p, job in zip(group, submitted):
+                jobs[p.name] = job
+                recorded[p.name] = {"job_id": job.job_id, "tasks": res.ranks}
+            ids = submitted[0].job_id.split("_")[0] if kind == "slurm" else ", ".join(j.job_id for j in submitted)
+            print(f"dmhpc launch: {kind} job{' array' if kind == 'slurm' else 's'} {ids}: {len(group)} point(s), "
+                  f"{res.nodes} node(s) x {res.tasks_per_node} task(s) each", flush=True)
+        if kind == "slurm":
+            atomic_write(folder / JOBS_FILE, json.dumps(recorded, indent=1) + "\n")
     print(f"dmhpc launch: {len(points)} point(s): {finished} finished, {attached} still queued, "
           f"{len(jobs) - attached} submitted; logs in {folder}", flush=True)
     return jobs
@@ -399,10 +405,10 @@ def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, fo
             while todo or running:
                 while todo and len(running) < at_once:
                     p = todo.pop(0)
-                    with local_job_env(threads):
-                        job = make_executor("local", folder, resources[p.name], job_name).submit(
+                    with submission(threads):
+                        running[p.name] = make_executor("local", folder, resources[p.name], job_name).submit(
                             task, config_to_dict(p.config))
-                    running[p.name] = job
+                    job = running[p.name]
                     print(f"dmhpc launch: point {p.name}: local job {job.job_id}", flush=True)
                 ended = {name: job for name, job in running.items() if job.done()}
                 for name in ended:

@@ -65,9 +65,9 @@ from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write
 from dmhpc.launch.spec import (Range, base_path, dotted_keys, point_name, point_problem,
                                read_launch_file, read_space, resolve_point)
-from dmhpc.launch.submit import (EXECUTORS, Resources, TrainTask, check_executor_here, local_job_env,
+from dmhpc.launch.submit import (EXECUTORS, Resources, TrainTask, check_executor_here,
                                  local_threads, make_executor, preempt_signal, read_resources,
-                                 sigterm_as_interrupt, wait_for)
+                                 sigterm_as_interrupt, submission, wait_for)
 from dmhpc.names import CRITERIA, LABEL_FREE
 from dmhpc.run import RunDir
 
@@ -438,12 +438,12 @@ class _Search:
         except DmhpcError as exc:
             self.outcome(_fail(study, trial, str(exc)))
             return
-        with local_job_env(self.threads):
+        with submission(self.threads):
             job = self.submitter.submit(TrainTask(), config_to_dict(cfg))
-        trial.set_user_attr("job_id", job.job_id)
-        trial.set_user_attr("executor", t.executor)
+            self.running.append(_Running(trial, run, job))
+            trial.set_user_attr("job_id", job.job_id)
+            trial.set_user_attr("executor", t.executor)
         print(f"dmhpc tune: trial {trial.number} {run_dir.name}: job {job.job_id}", flush=True)
-        self.running.append(_Running(trial, run, job))
 
     def poll(self) -> None:
         """Finish the trials whose job ended; prune the running ones the pruner rejects."""
