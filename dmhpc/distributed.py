@@ -37,6 +37,7 @@ import os
 import re
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Callable, Mapping
 
 import torch
@@ -47,6 +48,11 @@ from dmhpc.mpi import env_int, launched
 from dmhpc.rendezvous import slurm_rendezvous
 
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# How long a rank waits in a collective before the job fails: gloo's default, for NCCL too (its own
+# is 10 minutes). Rank 0 works alone while the others wait where one file is written (a survey's
+# catalog merged from its parts, a checkpoint on a slow file system); a GPU job must not be stopped
+# by the watchdog where the same job on CPU ranks goes through.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -253,7 +259,7 @@ def bootstrap(backend: str | None = None) -> DistInfo:
         rendezvous = {"init_method": "env://"}  # a fresh store per attempt, hosted by rank 0
     else:
         rendezvous = {"init_method": f"tcp://{launch.master_addr}:{launch.master_port}"}
-    dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size,
+    dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, timeout=COLLECTIVE_TIMEOUT,
                             device_id=device if device.type == "cuda" else None, **rendezvous)
     local = max(launch.local_world_size, launch.local_rank + 1)
     # submitit's ranks look like torchrun's but are Slurm tasks, each with its own --cpus-per-task.

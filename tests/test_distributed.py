@@ -9,13 +9,14 @@ import socket
 import subprocess
 import sys
 import textwrap
+from datetime import timedelta
 
 import pytest
 import torch
 
 from tests.conftest import BIN, LAUNCH_PREFIXES, LAUNCH_VARS, ROOT, clean_env
-from dmhpc.distributed import (Launch, all_gather_object, barrier, bootstrap, collective_device, detect_launch,
-                               shutdown)
+from dmhpc.distributed import (COLLECTIVE_TIMEOUT, Launch, all_gather_object, barrier, bootstrap, collective_device,
+                               detect_launch, shutdown)
 from dmhpc.errors import DmhpcError
 
 
@@ -162,7 +163,9 @@ WORKER = textwrap.dedent("""
         json.dump({"rank": info.rank, "local_rank": info.local_rank, "world": info.world_size,
                    "backend": info.backend, "launcher": info.launcher, "device": str(info.device),
                    "is_main": info.is_main, "sum": total.item(), "gathered": gathered,
-                   "group_world": tdist.get_world_size()}, f)
+                   "group_world": tdist.get_world_size(),
+                   "timeout_s": tdist.group.WORLD._get_backend(collective_device()).options._timeout.total_seconds()},
+                  f)
     shutdown()
 """)
 
@@ -192,6 +195,7 @@ def _check_group(results, launcher):
         assert res["sum"] == 3.0  # 1 + 2: both ranks took part
         assert res["gathered"] == [{"rank": 0}, {"rank": 1}]
         assert res["is_main"] == (r == 0)
+        assert res["timeout_s"] == COLLECTIVE_TIMEOUT.total_seconds()
 
 
 @pytest.mark.skipif(not (BIN / "torchrun").exists(), reason=f"torchrun not found in {BIN}")
@@ -355,3 +359,21 @@ def test_a_test_not_marked_gpu_sees_no_gpu():
 
     assert not torch.cuda.is_available()
     assert _bind_device(detect_launch({}), {}).type == "cpu"
+
+
+def test_every_backend_waits_as_long_as_gloo(monkeypatch):
+    """NCCL's own timeout is 10 minutes against gloo's 30: a multi-GPU `dmhpc predict` whose rank 0
+    merged a survey's catalog for longer was stopped by NCCL's watchdog while the same job on CPU
+    ranks went through. The backend is chosen by the device: the group's arguments are checked."""
+    for key in list(os.environ):
+        if key.startswith(LAUNCH_PREFIXES) or key in LAUNCH_VARS:
+            monkeypatch.delenv(key)
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(key, value)
+    asked = {}
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, **kwargs: asked.update(kwargs))
+    for backend in ("nccl", "gloo"):
+        asked.clear()
+        bootstrap(backend)
+        assert asked["timeout"] == COLLECTIVE_TIMEOUT >= timedelta(minutes=30), backend

@@ -152,24 +152,62 @@ def _predict_cmd(trained, out, *extra):
             "--out", str(out), "--part-size", "32", "--batch-size", "16", *extra]
 
 
-@pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])
-def test_two_ranks_give_the_catalog_of_one(trained, tmp_path, launcher):
+@pytest.mark.parametrize("launcher, normalize", [("torchrun", "own"), ("mpiexec", "target")])
+def test_two_ranks_give_the_catalog_of_one(trained, tmp_path, launcher, normalize):
     one = tmp_path / "one.parquet"
-    assert subprocess.run([sys.executable, *_predict_cmd(trained, one)], cwd=ROOT, env=clean_env(),
-                          capture_output=True, timeout=300).returncode == 0
+    assert subprocess.run([sys.executable, *_predict_cmd(trained, one, "--normalize", normalize)], cwd=ROOT,
+                          env=clean_env(), capture_output=True, timeout=300).returncode == 0
     two = tmp_path / "two.parquet"
     if launcher == "torchrun":
-        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", *_predict_cmd(trained, two)]
+        cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2",
+               *_predict_cmd(trained, two, "--normalize", normalize)]
     else:
         if not (BIN / "mpiexec").exists():
             pytest.skip("mpiexec is not installed (pip install dmhpc[mpi])")
-        cmd = [str(BIN / "mpiexec"), "-n", "2", sys.executable, *_predict_cmd(trained, two)]
+        cmd = [str(BIN / "mpiexec"), "-n", "2", sys.executable, *_predict_cmd(trained, two, "--normalize", normalize)]
     proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "world 2" in proc.stdout
     a, b = read(one), read(two)
+    assert (a.meta["MEAN"], a.meta["STD"]) == (b.meta["MEAN"], b.meta["STD"])
     for column in a.colnames:
         np.testing.assert_array_equal(np.asarray(a[column]), np.asarray(b[column]))
+
+
+class _RowsRead:
+    """An (N, C, H, W) array that records which rows were read."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.rows = array, array.shape, set()
+
+    def __len__(self):
+        return len(self.array)
+
+    def __getitem__(self, rows):
+        self.rows.update(range(*rows.indices(len(self.array))))
+        return self.array[rows]
+
+
+def test_own_statistics_shared_by_ranks_are_the_bits_of_one_pass(monkeypatch):
+    """`--normalize own` on several ranks: each reads only its share of the blocks (rank 0 alone
+    read everything while the others waited, long enough on a survey for NCCL's 10-minute watchdog
+    to stop the job), and the statistics are the same bits on any number of ranks."""
+    from dmhpc.data import shards
+
+    monkeypatch.setattr(shards, "_BLOCK_BYTES", 7 * 3 * 75 * 75 * 4)  # 7 rows a block: 29 blocks of 200 rows
+    images = np.random.default_rng(3).normal(0.5, 0.4, (200, 3, 75, 75)).astype(np.float32)
+    one = shards.pixel_statistics(images)
+    np.testing.assert_allclose(one[0], images.mean(axis=(0, 2, 3), dtype=np.float64), rtol=1e-12)
+    np.testing.assert_allclose(one[1], images.std(axis=(0, 2, 3), dtype=np.float64), rtol=1e-9)
+    for world in (2, 3, 5):
+        shares, read = {}, []
+        for rank in range(world):
+            reader = _RowsRead(images)
+            shares.update(shards.pixel_moments(reader, rank, world))
+            read.append(reader.rows)
+        assert shards.statistics_of(shares, 3) == one
+        assert all(len(r) <= -(-29 // world) * 7 for r in read) and set().union(*read) == set(range(200))
+        assert not set.intersection(*read)
 
 
 def _parts(out: Path) -> list[Path]:

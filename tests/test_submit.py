@@ -17,8 +17,8 @@ from dmhpc.launch import load_grid
 from dmhpc.launch.spec import resolve_point
 from dmhpc.launch import submit
 from dmhpc.launch.spec import Point
-from dmhpc.launch.submit import (Resources, TrainTask, local_threads, make_executor, preempt_signal, sigterm_as_interrupt,
-                                 slurm_minutes, submission)
+from dmhpc.launch.submit import (Resources, TrainTask, local_threads, make_executor, preempt_signal,
+                                 sigterm_as_interrupt, slurm_minutes, submission)
 
 
 def test_slurm_time_formats():

@@ -19,6 +19,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Mapping
 
 import h5py
 import numpy as np
@@ -316,16 +317,30 @@ def _reserve(f: h5py.File, data_bytes: int) -> None:
         raise
 
 
+def pixel_moments(images, rank: int = 0, world_size: int = 1) -> dict[int, tuple]:
+    """{block: (count, mean, M2) per channel} for blocks rank, rank + world_size, ... of an (N, C, H, W)
+    array-like. Blocks are a fixed number of rows set by the image shape alone, so that
+    `statistics_of` combines the same blocks in the same order (to the same bits) on any number of
+    ranks, each of which read only its share."""
+    per_image = max(1, int(np.prod(images.shape[1:])) * 4)
+    step = max(1, _BLOCK_BYTES // per_image)
+    return {k: _block_stats(np.ascontiguousarray(images[a:a + step], dtype=np.float32))
+            for k, a in enumerate(range(0, len(images), step)) if k % world_size == rank}
+
+
+def statistics_of(moments: Mapping[int, tuple], channels: int) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation from every block's `pixel_moments`."""
+    stats = (0, np.zeros(channels), np.zeros(channels))
+    for k in sorted(moments):
+        stats = _combine(stats, moments[k])
+    n, mean, m2 = stats
+    return [float(v) for v in mean], [float(v) for v in np.sqrt(m2 / max(n, 1))]
+
+
 def pixel_statistics(images) -> tuple[list[float], list[float]]:
     """Per-channel mean and standard deviation over every row of an (N, C, H, W) array-like, read a
     block of rows at a time (the same float64 arithmetic as a manifest's training statistics)."""
-    per_image = max(1, int(np.prod(images.shape[1:])) * 4)
-    step = max(1, _BLOCK_BYTES // per_image)
-    stats = (0, np.zeros(images.shape[1]), np.zeros(images.shape[1]))
-    for a in range(0, len(images), step):
-        stats = _combine(stats, _block_stats(np.ascontiguousarray(images[a:a + step], dtype=np.float32)))
-    n, mean, m2 = stats
-    return [float(v) for v in mean], [float(v) for v in np.sqrt(m2 / max(n, 1))]
+    return statistics_of(pixel_moments(images), images.shape[1])
 
 
 def write_shard(plan: Plan, out_dir: str | os.PathLike, number: int) -> tuple[dict, tuple]:

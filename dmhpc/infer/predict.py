@@ -40,7 +40,7 @@ import torch
 from dmhpc import __version__
 from dmhpc.checks import show
 from dmhpc.data.batches import Normalizer
-from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, on_main, shutdown
+from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, gather, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write
 from dmhpc.progress import progress_bar
@@ -218,7 +218,8 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         if normalize == "target":
             mean, std = agree(lambda: run.normalization("target"))
         elif normalize == "own":
-            mean, std = on_main(source.own_stats)
+            # Every rank reads a share: rank 0 alone, on a large survey, could outlast the others' wait.
+            mean, std = source.own_stats(dist.rank, dist.world_size, gather)
         else:
             raise DmhpcError(f"--normalize {normalize!r}: expected target or own")
         norm = Normalizer(mean, std, dist.device)

@@ -14,12 +14,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
 from dmhpc.data.inputs import Cutouts, open_images, read_catalog
-from dmhpc.data.shards import (SPLITS, RowReader, fingerprint, is_labelled, load_manifest, pixel_statistics,
-                               split_rows)
+from dmhpc.data.shards import (SPLITS, RowReader, fingerprint, is_labelled, load_manifest, pixel_moments,
+                               split_rows, statistics_of)
 from dmhpc.errors import DmhpcError
 
 
@@ -70,12 +71,16 @@ class Source:
         return np.concatenate([self._reader.read(int(r), int(r) + 1)["images"] for r in rows[indices]]).astype(
             np.float32)
 
-    def own_stats(self) -> tuple[list[float], list[float]]:
+    def own_stats(self, rank: int = 0, world_size: int = 1,
+                  gather: Callable[[Callable[[], Any]], list] = lambda step: [step()]) -> tuple[list, list]:
         """Per-channel mean and std of these images: a prepared set's training statistics, else one
-        pass over every row."""
+        pass over every row, each of `world_size` ranks reading its share; `gather(step)` runs `step`
+        on every rank and returns all results (dmhpc.distributed.gather). The same bits on any
+        number of ranks (see `pixel_moments`)."""
         if self.kind == "data":
             return [float(v) for v in self._manifest["stats"]["mean"]], [float(v) for v in self._manifest["stats"]["std"]]
-        return pixel_statistics(self._reader)
+        shares = gather(lambda: pixel_moments(self._reader, rank, world_size))
+        return statistics_of({k: v for share in shares for k, v in share.items()}, self.shape[0])
 
     def close(self) -> None:
         if self.kind == "data":
