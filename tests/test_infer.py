@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -158,3 +159,38 @@ def test_export_with_normalization_built_in_and_a_card(survey, run_on_survey, tm
     assert card["config"]["model"]["name"] == "deepmerge2" and card["model"]["dmhpc"]
     assert "## Test metrics" in Path(f"{out}.card.md").read_text()
     assert main(["export", "--run", str(run_on_survey), "--format", fmt, "--out", str(out)]) == 1  # no overwrite
+
+
+@pytest.mark.gpu
+def test_the_last_mile_on_a_gpu(survey, tmp_path, capsys):
+    """Train, then predict (bf16 autocast and TTA too), explain (captum) and export, each on CUDA:
+    what a user runs on a GPU node after training there. The catalog's probabilities are the
+    checkpoint's forward pass on the CPU, within TF32's precision (cuDNN's default for convolutions)."""
+    pytest.importorskip("astropy")  # catalogs are written with astropy
+    from astropy.table import Table
+    from dmhpc.infer.predict import Model
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), *overrides(survey, run, "survey", "select.criterion=im")]) == 0
+    assert "on cuda:0" in capsys.readouterr().out
+    images = np.random.default_rng(5).normal(0.3, 0.5, (96, 3, 75, 75)).astype(np.float32)
+    np.save(tmp_path / "survey.npy", images)
+    catalogs = {}
+    for name, extra in (("fp32", []), ("bf16-tta", ["--amp", "bf16", "--tta"])):
+        catalogs[name] = tmp_path / f"{name}.fits"
+        assert main(["predict", "--run", str(run), "--images", str(tmp_path / "survey.npy"), "--out",
+                     str(catalogs[name]), "--batch-size", "32", "--part-size", "64", *extra]) == 0
+        assert "on cuda:0" in capsys.readouterr().out
+    fp32, bf16 = (Table.read(catalogs[k]) for k in ("fp32", "bf16-tta"))
+    model = Model(RunDir(run), "best", torch.device("cpu"))
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in RunDir(run).normalization("target"))
+    with torch.no_grad():
+        want = torch.softmax(model.net((torch.from_numpy(images) - mean) / std)[1].float(), dim=1)[:, 1].numpy()
+    np.testing.assert_allclose(np.asarray(fp32["p_merger"]), want, atol=5e-3)
+    assert np.isfinite(np.asarray(bf16["p_merger"])).all() and np.isfinite(np.asarray(bf16["p_merger_std"])).all()
+    np.testing.assert_allclose(np.asarray(bf16["p_merger"]), np.asarray(fp32["p_merger"]), atol=0.05)
+    if importlib.util.find_spec("captum") is not None:
+        assert main(["explain", "--run", str(run), "--catalog", str(catalogs["fp32"]), "--n", "4",
+                     "--out", str(tmp_path / "explain")]) == 0
+        assert (tmp_path / "explain" / "top_candidates.png").is_file()
+    assert main(["export", "--run", str(run), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")]) == 0

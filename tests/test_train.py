@@ -294,6 +294,28 @@ def test_mpiexec_two_ranks(data, tmp_path):
     assert "world 2" in proc.stdout and (run / "eval" / "best_test.json").exists()
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("launcher", ["torchrun", "mpiexec"])
+def test_two_ranks_with_every_gpu_visible(data, tmp_path, launcher):
+    """Two ranks on a node whose processes see every GPU: with one GPU they would both bind it and
+    NCCL fail at init ("Duplicate GPU detected") or hang; they stop at once with the one-line error
+    that says how to launch, before anything is written. With two GPUs or more, they train."""
+    if launcher == "mpiexec" and not (BIN / "mpiexec").exists():
+        pytest.skip("mpiexec is not installed (pip install dmhpc[mpi])")
+    run = tmp_path / "run"
+    prefix = ([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m"] if launcher == "torchrun" else
+              [str(BIN / "mpiexec"), "-n", "2", sys.executable, "-m"])
+    env = {k: v for k, v in clean_env().items() if k != "CUDA_VISIBLE_DEVICES"}  # this test is about the GPU
+    proc = subprocess.run([*prefix, "dmhpc.train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    if torch.cuda.device_count() == 1:
+        assert proc.returncode != 0 and "would share it; start one rank per GPU" in proc.stdout + proc.stderr, \
+            proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert not run.exists()
+    else:
+        assert proc.returncode == 0 and "world 2 on cuda" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+
+
 def _crash_a_rank_under_torchrun(data, run, log_path):
     """torchrun with one restart; SIGKILL a worker once a checkpoint exists. Returns the exit code,
     or None if the job hung (its processes are then killed)."""
