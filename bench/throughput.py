@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from dmhpc.config import load_config
-from dmhpc.data.loaders import make_train_loader
+from dmhpc.data.loaders import dali_runs, make_train_loader
 from dmhpc.data.shards import write_dataset
 from dmhpc.distributed import DistInfo
 from dmhpc.train.meter import EpochMeter
@@ -105,7 +105,8 @@ def main() -> None:
     device = torch.device(args.device)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    print(f"device {name}, torch {torch.__version__}, {args.steps} timed steps after {args.warmup} warm-up")
+    print(f"device {name}, torch {torch.__version__}, {args.steps} timed steps after {args.warmup} warm-up, "
+          f"{args.images} images per domain", flush=True)
     print("| model | batch/domain | amp | channels_last | loader | images/s |")
     print("|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
@@ -114,10 +115,24 @@ def main() -> None:
         for domain in ("source", "target"):
             images = rng.standard_normal((args.images, 3, 75, 75), dtype=np.float32)
             write_dataset(images, np.arange(args.images) % 2, None, data / domain, shard_size=2048)
+        loaders = []
+        for kind in args.loaders:  # a loader that cannot run here is said once, not failed on every row
+            problem = dali_runs(device) if kind == "dali" else None
+            if problem:
+                print(f"(loader dali left out: {problem})", flush=True)
+            else:
+                loaders.append(kind)
         for model, batch, amp, cl, kind in itertools.product(args.models, args.batches, args.amp, (False, True),
-                                                              args.loaders):
-            rate = measure(data, model, batch, amp, cl, kind, device, args.steps, args.warmup)
-            print(f"| {model} | {batch} | {amp} | {'on' if cl else 'off'} | {kind} | {rate:,.0f} |", flush=True)
+                                                              loaders):
+            row = f"| {model} | {batch} | {amp} | {'on' if cl else 'off'} | {kind} |"
+            try:
+                rate = measure(data, model, batch, amp, cl, kind, device, args.steps, args.warmup)
+            except Exception as exc:  # one failing row (out of memory, say) leaves the rest of the grid to run
+                print(f"{row} failed: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]} |", flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            print(f"{row} {rate:,.0f} |", flush=True)
 
 
 if __name__ == "__main__":

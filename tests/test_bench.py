@@ -1,0 +1,41 @@
+"""The benchmark scripts and the GPU checklist still run: they are what the first GPU machine
+executes, in minutes that cannot be spent finding a broken flag. On the CPU, small."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.conftest import ROOT, clean_env
+
+
+def _run(cmd, **env):
+    return subprocess.run(cmd, cwd=ROOT, env=clean_env(**env), capture_output=True, text=True, timeout=300)
+
+
+def test_the_gpu_checklist_says_what_the_machine_has_and_stops_without_a_gpu(tmp_path):
+    proc = _run(["bash", "bench/gpu_checklist.sh"], OUT=str(tmp_path))
+    assert proc.returncode == 3 and "no CUDA device here" in proc.stderr, proc.stdout + proc.stderr
+    log = (tmp_path / "1-machine.log").read_text()
+    assert "available False" in log and "torch 2." in log and "h5py: present" in log
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1-machine.log"]  # nothing else ran
+    proc = _run(["bash", "bench/gpu_checklist.sh", "tests", "bogus"], OUT=str(tmp_path))
+    assert proc.returncode == 2 and "unknown step bogus" in proc.stderr
+    assert "2-gpu-tests: exit 0" in proc.stdout and "skipped" in (tmp_path / "2-gpu-tests.log").read_text()
+
+
+def test_a_failing_row_of_the_throughput_grid_leaves_the_others_measured():
+    proc = _run([sys.executable, "bench/throughput.py", "--device", "cpu", "--models", "deepmerge2", "--batches",
+                 "1000", "8", "--amp", "none", "--loaders", "gpu-resident", "--steps", "1", "--warmup", "1",
+                 "--images", "128"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| deepmerge2")]
+    assert len(rows) == 4 and all("fewer than one global batch" in r for r in rows[:2]), proc.stdout
+    assert all(r.split("|")[-2].strip().replace(",", "").isdigit() for r in rows[2:]), proc.stdout
+
+
+def test_the_loader_benchmark_measures_every_kind():
+    proc = _run([sys.executable, "bench/loaders.py", "--images", "256", "--epochs", "2", "--batch-size", "32",
+                 "--kinds", "gpu-resident,torch"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [line.split()[0] for line in proc.stdout.splitlines()[-2:]] == ["gpu-resident", "torch"], proc.stdout
