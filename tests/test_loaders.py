@@ -668,3 +668,35 @@ def test_auto_on_cuda_keeps_a_small_data_set_resident(data):
         assert loader.kind == "gpu-resident" and "free on cuda:0" in loader.reason
     finally:
         loader.close()
+
+
+def test_read_ahead_keeps_the_order_and_closing_waits_for_the_read_in_flight():
+    """Evaluation and `dmhpc predict` on a GPU read the next batch while the device works; the
+    reader is closed after the iterator, which must not leave a read running on a closed file."""
+    import threading
+    import time
+
+    from dmhpc.data.batches import read_ahead
+
+    spans = [(0, 4), (4, 8), (8, 10)]
+    events, readers = [], set()
+
+    def read(a, b):
+        readers.add(threading.current_thread().name)
+        events.append(("start", a))
+        time.sleep(0.05)
+        events.append(("end", a))
+        return a, b
+
+    assert list(read_ahead(read, spans, ahead=False)) == spans and readers == {threading.current_thread().name}
+    assert list(read_ahead(read, spans, ahead=True)) == spans and len(readers) == 2
+    events.clear()
+    batches = read_ahead(read, spans, ahead=True)
+    assert next(batches) == (0, 4)
+    deadline = time.monotonic() + 5
+    while ("start", 4) not in events:  # the next batch is read while the caller works on this one
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    batches.close()
+    assert events[-1] == ("end", 4) and ("start", 8) not in events
+    assert list(read_ahead(read, [], ahead=True)) == []

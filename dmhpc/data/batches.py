@@ -27,8 +27,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Any, Callable, Iterable, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -249,3 +250,22 @@ class Batches(Protocol):
 
     def close(self) -> None:
         """Release workers, pipelines, open files and device memory."""
+
+
+def read_ahead(read: Callable[[int, int], Any], spans: Iterable[tuple[int, int]], ahead: bool) -> Iterator[Any]:
+    """`read(a, b)` for each (a, b) of `spans`, in order. With `ahead` the next span is read in a
+    thread while the caller works on this one: on a GPU, reading then overlaps the device's work;
+    on a CPU the thread would only take cores from the model's own threads (measured: 0.87 of the
+    bare forward rate with it, see docs/benchmarks.md). Close the iterator before what `read` reads
+    from: closing waits for a read in flight."""
+    spans = list(spans)
+    if not ahead:
+        for a, b in spans:
+            yield read(a, b)
+        return
+    with ThreadPoolExecutor(1) as pool:
+        pending = pool.submit(read, *spans[0]) if spans else None
+        for i in range(len(spans)):
+            result = pending.result()
+            pending = pool.submit(read, *spans[i + 1]) if i + 1 < len(spans) else None
+            yield result

@@ -15,6 +15,7 @@ shuffling, augmentation, normalization) is described and implemented in dmhpc/da
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import weakref
@@ -23,7 +24,7 @@ from pathlib import Path
 import torch
 
 from dmhpc.data.batches import (SOURCE, TARGET, Batches, Domain, IgnoreSignals, Stream, channel_stats,
-                                check_normalize, finish, normalization)
+                                check_normalize, finish, normalization, read_ahead)
 from dmhpc.data.resident import ResidentBatches
 from dmhpc.data.shards import RowReader, load_manifest, split_rows
 from dmhpc.data.torch_blocks import TorchBlocks
@@ -342,10 +343,11 @@ def eval_rows(manifest: dict, split: str, rank: int, world_size: int) -> tuple[i
 
 
 def _eval_iter(reader: RowReader, first: int, last: int, batch_size: int, device: torch.device, stats):
+    spans = [(a, min(a + batch_size, last)) for a in range(first, last, batch_size)]
     try:
-        for a in range(first, last, batch_size):
-            rows = reader.read(a, min(a + batch_size, last))
-            x = torch.from_numpy(rows["images"]).to(device)
-            yield finish(x, None, *stats), torch.from_numpy(rows["labels"]).to(device), rows["index"]
+        with contextlib.closing(read_ahead(reader.read, spans, ahead=device.type == "cuda")) as batches:
+            for rows in batches:
+                x = torch.from_numpy(rows["images"]).to(device, non_blocking=True)
+                yield finish(x, None, *stats), torch.from_numpy(rows["labels"]).to(device), rows["index"]
     finally:
         reader.close()

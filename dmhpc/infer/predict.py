@@ -27,11 +27,11 @@ is what per-domain normalization means for a survey whose flux scale differs fro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +39,7 @@ import torch
 
 from dmhpc import __version__
 from dmhpc.checks import show
-from dmhpc.data.batches import Normalizer
+from dmhpc.data.batches import Normalizer, read_ahead
 from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, gather, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write
@@ -105,32 +105,30 @@ def _part_done(path: Path, rows: int) -> bool:
 
 
 def _compute_part(model: Model, source: Source, normalize: Normalizer, start: int, stop: int, batch: int,
-                  tta: bool, pool: ThreadPoolExecutor) -> dict:
+                  tta: bool) -> dict:
     """The part's columns: p_merger (and p_merger_std with TTA) plus the source's columns."""
     out: dict[str, list] = {}
-    starts = list(range(start, stop, batch))
-    # On a GPU the next batch is read while this one computes; on a CPU the reading thread would
-    # only take cores from the model's own threads (measured: 0.87 of the bare forward rate with
-    # it, see docs/benchmarks.md).
-    ahead = model.device.type == "cuda"
-    pending = pool.submit(source.read, starts[0], min(starts[0] + batch, stop)) if ahead else None
-    for i, a in enumerate(starts):
-        images, columns = pending.result() if ahead else source.read(a, min(a + batch, stop))
-        if ahead and i + 1 < len(starts):
-            pending = pool.submit(source.read, starts[i + 1], min(starts[i + 1] + batch, stop))
-        x = torch.from_numpy(images).to(model.device, non_blocking=True)
-        if tta:
-            square = x.shape[-1] == x.shape[-2]
-            p = torch.stack([model.probabilities(normalize(x, torch.full((len(x),), c, dtype=torch.uint8,
-                                                                         device=model.device)))[:, 1]
-                             for c in range(8 if square else 4)])
-            columns["p_merger"] = p.mean(0).cpu().numpy()
-            columns["p_merger_std"] = p.std(0, unbiased=False).cpu().numpy()
-        else:  # the batch is ours (read for this step): normalize it where it is
-            columns["p_merger"] = model.probabilities(normalize.in_place(x))[:, 1].cpu().numpy()
-        for key, value in columns.items():
-            out.setdefault(key, []).append(np.asarray(value))
+    spans = [(a, min(a + batch, stop)) for a in range(start, stop, batch)]
+    with contextlib.closing(read_ahead(source.read, spans, ahead=model.device.type == "cuda")) as batches:
+        for images, columns in batches:
+            for key, value in _batch_columns(model, normalize, images, columns, tta).items():
+                out.setdefault(key, []).append(np.asarray(value))
     return {key: np.concatenate(values) for key, values in out.items()}
+
+
+def _batch_columns(model: Model, normalize: Normalizer, images: np.ndarray, columns: dict, tta: bool) -> dict:
+    """One batch's source columns with p_merger (and p_merger_std) added."""
+    x = torch.from_numpy(images).to(model.device, non_blocking=True)
+    if tta:
+        square = x.shape[-1] == x.shape[-2]
+        p = torch.stack([model.probabilities(normalize(x, torch.full((len(x),), c, dtype=torch.uint8,
+                                                                     device=model.device)))[:, 1]
+                         for c in range(8 if square else 4)])
+        columns["p_merger"] = p.mean(0).cpu().numpy()
+        columns["p_merger_std"] = p.std(0, unbiased=False).cpu().numpy()
+    else:  # the batch is ours (read for this step): normalize it where it is
+        columns["p_merger"] = model.probabilities(normalize.in_place(x))[:, 1].cpu().numpy()
+    return columns
 
 
 def _spec(run: RunDir, model: Model, source: Source, options: dict) -> dict:
@@ -237,11 +235,10 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                   flush=True)
         t0, done = time.perf_counter(), 0
         mine = sum(b - a for a, b in (_part_rows(source.count, part_size, k) for k in todo))
-        with StopRequest(signals) as stop, ThreadPoolExecutor(1) as pool, \
-                progress_bar(mine, "predict", unit="img", show=dist.is_main) as bar:
+        with StopRequest(signals) as stop, progress_bar(mine, "predict", unit="img", show=dist.is_main) as bar:
             for k in todo:
                 start, stop_row = _part_rows(source.count, part_size, k)
-                columns = _compute_part(model, source, norm, start, stop_row, batch_size, tta, pool)
+                columns = _compute_part(model, source, norm, start, stop_row, batch_size, tta)
                 atomic_write(_part_path(parts, k), writer=lambda f: np.savez(f, **columns), durable=False)
                 done += stop_row - start
                 bar.update(stop_row - start)
