@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checklist (docs/benchmarks.md, "The GPU checklist"): what no CI machine can run, in one
-# command of at most 9 minutes and a half on a machine with a CUDA GPU.
+# command of at most 9 minutes on a machine with a CUDA GPU.
 #
-#   bash bench/gpu_checklist.sh [STEP...]     # steps: machine tests overhead throughput (default: all)
+#   bash bench/gpu_checklist.sh [STEP...]     # steps: machine tests overhead throughput kernels (default: all)
 #
 # Each step runs under its own time limit (a hang costs that step, not the rest) and writes its log
 # to $OUT (default: gpu-checklist/) as it goes, so a command stopped from outside still leaves what
@@ -56,24 +56,27 @@ EOF
 }
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(machine tests overhead throughput)
+[ ${#steps[@]} -gt 0 ] || steps=(machine tests overhead throughput kernels)
 for s in "${steps[@]}"; do
     case $s in
         machine)
             export -f machine; export py
-            step 1-machine 60 bash -c machine
+            step 1-machine 45 bash -c machine
             if [ $? -eq 3 ]; then echo "no CUDA device here: the rest of the checklist needs one" >&2; exit 3; fi ;;
         tests)  # every CUDA test, including the two-rank launch with every GPU visible
-            step 2-gpu-tests 270 "$py" -m pytest -q -rs -m gpu --continue-on-collection-errors -p no:cacheprovider \
+            step 2-gpu-tests 240 "$py" -m pytest -v -rs -m gpu --continue-on-collection-errors -p no:cacheprovider \
                 --timeout 150 tests ;;
         overhead)
             step 3-loader-overhead 75 "$py" bench/loaders.py --gpu-overhead --images 2048 --epochs 3 ;;
         throughput)
-            step 4-throughput 140 "$py" bench/throughput.py --models deepmerge2 resnet18 --batches 128 512 \
+            step 4-throughput 120 "$py" bench/throughput.py --models deepmerge2 resnet18 --batches 128 512 \
                 --amp none bf16 --loaders gpu-resident dali --steps 10 --warmup 3 --images 2048 ;;
-        *) echo "unknown step $s: expected machine, tests, overhead or throughput" >&2; exit 2 ;;
+        kernels)  # what train.deterministic costs, and what cuDNN's autotuning would give
+            step 5-kernels 60 "$py" bench/throughput.py --models deepmerge2 resnet18 --batches 512 --amp bf16 \
+                --loaders gpu-resident --kernels default deterministic autotuned --steps 10 --warmup 3 --images 2048 ;;
+        *) echo "unknown step $s: expected machine, tests, overhead, throughput or kernels" >&2; exit 2 ;;
     esac
 done
 tail -n 5 "$out"/2-gpu-tests.log "$out"/3-loader-overhead.log 2>/dev/null
-tail -n 40 "$out"/4-throughput.log 2>/dev/null
+tail -n 40 "$out"/4-throughput.log "$out"/5-kernels.log 2>/dev/null
 exit 0

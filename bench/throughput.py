@@ -27,7 +27,7 @@ from dmhpc.data.shards import write_dataset
 from dmhpc.distributed import DistInfo
 from dmhpc.train.meter import EpochMeter
 from dmhpc.train.state import TrainState
-from dmhpc.train.step import TrainStep
+from dmhpc.train.step import TrainStep, set_determinism
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"deepmerge2": "deepmerge-mmd-fisher-entropy.yaml", "resnet18": "resnet18-dann.yaml"}
@@ -70,6 +70,14 @@ def trainer_stepper(data: Path, model: str, batch: int, amp: str, channels_last:
     return one, loader.close
 
 
+def set_kernels(kernels: str) -> None:
+    """"default": what the trainer runs (cuDNN's heuristics); "deterministic": train.deterministic=true;
+    "autotuned": cuDNN times the candidate algorithms of each new shape (torch.backends.cudnn.benchmark),
+    which the trainer does not do: measured to decide whether it should."""
+    set_determinism(kernels == "deterministic")
+    torch.backends.cudnn.benchmark = kernels == "autotuned"
+
+
 def measure(data: Path, model: str, batch: int, amp: str, channels_last: bool, loader_kind: str, device,
             steps: int, warmup: int, augment: bool | None = None) -> float:
     """Images/s (source + target) of the trainer's step, end to end (see `trainer_stepper`)."""
@@ -98,6 +106,8 @@ def main() -> None:
     parser.add_argument("--batches", nargs="+", type=int, default=[64, 128, 256], help="per domain")
     parser.add_argument("--amp", nargs="+", default=["none", "bf16"], choices=["none", "bf16"])
     parser.add_argument("--loaders", nargs="+", default=["gpu-resident", "dali", "torch"])
+    parser.add_argument("--kernels", nargs="+", default=["default"], choices=["default", "deterministic", "autotuned"],
+                        help="see set_kernels")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--images", type=int, default=4096, help="images per domain")
@@ -107,8 +117,8 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {name}, torch {torch.__version__}, {args.steps} timed steps after {args.warmup} warm-up, "
           f"{args.images} images per domain", flush=True)
-    print("| model | batch/domain | amp | channels_last | loader | images/s |")
-    print("|---|---|---|---|---|---|")
+    print("| model | batch/domain | amp | channels_last | loader | kernels | images/s |")
+    print("|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
@@ -122,9 +132,10 @@ def main() -> None:
                 print(f"(loader dali left out: {problem})", flush=True)
             else:
                 loaders.append(kind)
-        for model, batch, amp, cl, kind in itertools.product(args.models, args.batches, args.amp, (False, True),
-                                                              loaders):
-            row = f"| {model} | {batch} | {amp} | {'on' if cl else 'off'} | {kind} |"
+        for model, batch, amp, cl, kind, kernels in itertools.product(args.models, args.batches, args.amp,
+                                                                       (False, True), loaders, args.kernels):
+            row = f"| {model} | {batch} | {amp} | {'on' if cl else 'off'} | {kind} | {kernels} |"
+            set_kernels(kernels)
             try:
                 rate = measure(data, model, batch, amp, cl, kind, device, args.steps, args.warmup)
             except Exception as exc:  # one failing row (out of memory, say) leaves the rest of the grid to run
