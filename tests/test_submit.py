@@ -127,6 +127,24 @@ def test_a_signal_inside_a_submission_takes_effect_at_its_end(in_the_background)
             time.sleep(0.1)  # the handler would have run here
             recorded.append("job")
     assert recorded == ["job", "job"]
+    # An ignored SIGINT is not held, nor counted as the first of two.
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        with submission(None):
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            recorded.append("after both")
+    assert recorded[-1] == "after both"
+    # A second signal takes effect at once: the way out of a submission that hangs.
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt():
+        with submission(None):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            recorded.append("held")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+            recorded.append("never")
+    assert recorded[-1] == "held" and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 
 
 def _sleeping_job() -> None:
@@ -161,3 +179,30 @@ def test_sigterm_as_a_local_job_starts_cancels_it(tmp_path, monkeypatch):
     while not started[0].done():
         assert time.monotonic() < deadline, "the job started as the launcher stopped still runs"
         time.sleep(0.2)
+
+
+def test_ctrl_c_while_submitting_stops_after_the_job_array_in_hand(tmp_path, monkeypatch):
+    """Points of different resources go in as one job array each: Ctrl-C during the first stops
+    the launch once that array is recorded, and submits no other."""
+    arrays = []
+
+    class SignalledExecutor:
+        def __init__(self, executor):
+            self.executor = executor
+
+        def map_array(self, *args):
+            arrays.append(args)
+            jobs = self.executor.map_array(*args)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.1)  # the handler would have run here
+            return jobs
+
+    make = submit.make_executor
+    monkeypatch.setattr(submit, "make_executor", lambda *args: SignalledExecutor(make(*args)))
+    points = [Point(name, {}, tmp_path / name, resolve_point(TINY, {"run.dir": str(tmp_path / name)}))
+              for name in ("a", "b")]
+    resources = {"a": Resources(time_min=5), "b": Resources(time_min=10)}
+    with pytest.raises(KeyboardInterrupt):
+        submit.submit_points(points, resources, kind="debug", folder=tmp_path / "submitit", job_name="dmhpc-test",
+                             task=TrainTask())
+    assert len(arrays) == 1

@@ -215,7 +215,8 @@ def submission(threads: int | None):
 
     - SIGINT and SIGTERM arriving inside it take effect when it ends: a job started in the block is
       recorded (so cancelled by the launcher's Ctrl-C/SIGTERM handling, or re-attached by the next
-      launch) before the launcher stops, never left training unrecorded behind it.
+      launch) before the launcher stops, never left training unrecorded behind it. A second signal
+      takes effect at once: a way out of a submission that hangs (sbatch on a stuck controller).
     - Local jobs start with OMP_NUM_THREADS = `threads` (see `local_threads`), through the
       environment rather than a submitit setup line: that line puts a shell between the job handle
       and submitit's job controller, and cancelling the job (a pruned trial) then stops the shell
@@ -225,25 +226,42 @@ def submission(threads: int | None):
       nohup) ignores SIGINT, and submitit cancels a local job with SIGINT.
     """
     before = os.environ.get("OMP_NUM_THREADS")
-    if threads:
-        os.environ["OMP_NUM_THREADS"] = str(threads)
     held: list[int] = []
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {s: signal.signal(s, lambda signum, frame: held.append(signum))
-                    for s in (signal.SIGINT, signal.SIGTERM)}
+    previous: dict = {}
+
+    def release() -> None:
+        """Back to the handlers from before, then the first signal held (one: a second
+        KeyboardInterrupt would break into the launcher's cancelling of its jobs)."""
+        handlers = dict(previous)
+        while previous:
+            s, handler = previous.popitem()
+            signal.signal(s, handler)
+        first = held[:1]
+        held.clear()
+        if first and handlers:
+            signal.raise_signal(first[0])
+
+    def hold(signum, frame) -> None:
+        if previous.get(signum) is signal.SIG_IGN:
+            return
+        held.append(signum)
+        if len(held) > 1:  # asked twice: handled now as it would be outside the block
+            release()
+
     try:
+        if threads:
+            os.environ["OMP_NUM_THREADS"] = str(threads)
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                previous[s] = signal.signal(s, hold)
         yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         if threads:
             if before is None:
                 os.environ.pop("OMP_NUM_THREADS", None)
             else:
                 os.environ["OMP_NUM_THREADS"] = before
-        if held:
-            signal.raise_signal(held[0])  # as it would have been handled in the block (ignored stays ignored)
+        release()
 
 
 @contextlib.contextmanager
@@ -346,18 +364,18 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     # Local jobs submitted here all start at once and share the cores.
     threads = local_threads(sum(len(g) * res.ranks for res, g in groups.items())) if kind == "local" else None
     _say_threads(threads)
-    with submission(threads):  # every job submitted is in the jobs file before an interrupt stops this
-        for res, group in groups.items():
-            executor = make_executor(kind, folder, res, job_name)
-            submitted = executor.map_array(task, [config_to_dict(p.config) for p in group])
+    for res, group in groups.items():
+        with submission(threads):  # every job submitted is in the jobs file before an interrupt stops this
+            submitted = make_executor(kind, folder, res, job_name).map_array(
+                task, [config_to_dict(p.config) for p in group])
             for p, job in zip(group, submitted):
                 jobs[p.name] = job
                 recorded[p.name] = {"job_id": job.job_id, "tasks": res.ranks}
-            ids = submitted[0].job_id.split("_")[0] if kind == "slurm" else ", ".join(j.job_id for j in submitted)
-            print(f"dmhpc launch: {kind} job{' array' if kind == 'slurm' else 's'} {ids}: {len(group)} point(s), "
-                  f"{res.nodes} node(s) x {res.tasks_per_node} task(s) each", flush=True)
-        if kind == "slurm":
-            atomic_write(folder / JOBS_FILE, json.dumps(recorded, indent=1) + "\n")
+            if kind == "slurm":
+                atomic_write(folder / JOBS_FILE, json.dumps(recorded, indent=1) + "\n")
+        ids = submitted[0].job_id.split("_")[0] if kind == "slurm" else ", ".join(j.job_id for j in submitted)
+        print(f"dmhpc launch: {kind} job{' array' if kind == 'slurm' else 's'} {ids}: {len(group)} point(s), "
+              f"{res.nodes} node(s) x {res.tasks_per_node} task(s) each", flush=True)
     print(f"dmhpc launch: {len(points)} point(s): {finished} finished, {attached} still queued, "
           f"{len(jobs) - attached} submitted; logs in {folder}", flush=True)
     return jobs
