@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, clean_env
 from dmhpc.cli import main
 from dmhpc.data import shards
 from dmhpc.data.prepare import DOMAIN_KEYS
@@ -537,6 +537,19 @@ def test_nan_padded_cutouts_are_refused_unless_filled(tmp_path, capsys):
     rows = read_all(files["out"])
     k = list(rows["index"]).index(3)
     assert np.all(rows["images"][k][:, :2, :] == 0) and np.isfinite(rows["images"]).all()
+
+
+def test_a_fits_cube_cut_short_is_one_line(tmp_path):
+    """A cube whose copy stopped halfway: astropy maps it and fails with a TypeError on the data (a
+    traceback, before); the one line says why, in astropy's words. In a fresh process: astropy's
+    first import installs its own warning printer, which printed the reason apart."""
+    cube = fits_cube(tmp_path / "cube.fits", np.zeros((40, 3, 8, 8), np.float32))
+    os.truncate(cube, os.path.getsize(cube) // 2)
+    proc = subprocess.run([sys.executable, "-m", "dmhpc", "prepare", "--images", cube, "--out", str(tmp_path / "ds")],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "cube.fits: not a readable FITS file (File may have been truncated" in proc.stderr
+    assert not (tmp_path / "ds").exists()
 
 
 def augmented_copies(n_objects: int, seed: int = 0) -> np.ndarray:

@@ -19,6 +19,7 @@ a block of rows at a time whatever the source.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +87,27 @@ def _fits_error(path, exc: Exception) -> DmhpcError:
 
 def open_fits_cube(path: str | os.PathLike, nan_fill: float | None = None) -> ArrayRows:
     """The first image HDU of a FITS file as (N, C, H, W) rows ((N, H, W): one filter)."""
-    from astropy.io import fits  # astropy is heavy: only when FITS is used
+    from astropy.io import fits  # noqa: F401  heavy, so only when FITS is used; imported before the
+    # recording below, as astropy installs its own warning printer when first imported.
+    try:
+        with warnings.catch_warnings(record=True) as said:
+            warnings.simplefilter("always")
+            rows = _open_fits_cube(path, nan_fill)
+    except _Unreadable as exc:
+        # A file cut short (a copy that stopped) fails only when its data is mapped, with a cryptic
+        # TypeError; astropy's warning at opening says what happened: that is the reason given.
+        raise _fits_error(path, Exception(str(said[0].message)) if said else exc.__cause__) from None
+    for w in said:  # said as they would have been, outside the recording
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return rows
+
+
+class _Unreadable(Exception):
+    pass
+
+
+def _open_fits_cube(path: str | os.PathLike, nan_fill: float | None) -> ArrayRows:
+    from astropy.io import fits
 
     try:
         hdul = fits.open(path, memmap=True)
@@ -95,7 +116,11 @@ def open_fits_cube(path: str | os.PathLike, nan_fill: float | None = None) -> Ar
     except Exception as exc:
         raise _fits_error(path, exc) from None
     for hdu in hdul:
-        data = hdu.data if hdu.is_image else None
+        try:
+            data = hdu.data if hdu.is_image else None
+        except Exception as exc:
+            hdul.close()
+            raise _Unreadable() from exc
         if data is None:
             continue
         if data.ndim == 3:

@@ -79,7 +79,13 @@ class Source:
         number of ranks (see `pixel_moments`)."""
         if self.kind == "data":
             return [float(v) for v in self._manifest["stats"]["mean"]], [float(v) for v in self._manifest["stats"]["std"]]
-        shares = gather(lambda: pixel_moments(self._reader, rank, world_size))
+        def share() -> dict:
+            try:
+                return pixel_moments(self._reader, rank, world_size)
+            except (OSError, ValueError) as exc:  # said on every rank: the others wait for this one's share
+                raise DmhpcError(f"{self.path}: cannot read the images for their statistics: {exc}") from None
+
+        shares = gather(share)
         return statistics_of({k: v for share in shares for k, v in share.items()}, self.shape[0])
 
     def close(self) -> None:
