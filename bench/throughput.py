@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -112,6 +113,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--images", type=int, default=4096, help="images per domain")
     args = parser.parse_args()
+    if "deterministic" in args.kernels:
+        if len(args.kernels) > 1:  # the others would run with its cuBLAS workspace, or it with theirs
+            parser.error("--kernels deterministic runs alone: cuBLAS reads CUBLAS_WORKSPACE_CONFIG once per process")
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call, as the trainer
     device = torch.device(args.device)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"

@@ -49,7 +49,9 @@ def clean_env(**extra) -> dict:
     rank), one thread per process (several ranks share 2 cores), no GPU (multi-rank tests run CPU
     ranks: ranks sharing one GPU are refused; the GPU tests are marked `gpu`), plus `extra`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCH_PREFIXES) and k not in LAUNCH_VARS}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), CUDA_VISIBLE_DEVICES="", **extra)
+    # The checkout first; what the caller's PYTHONPATH adds (the GPU checklist's offline wheels) after it.
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=path, CUDA_VISIBLE_DEVICES="", **extra)
     return env
 
 
