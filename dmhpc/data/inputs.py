@@ -96,7 +96,8 @@ def open_fits_cube(path: str | os.PathLike, nan_fill: float | None = None) -> Ar
     except _Unreadable as exc:
         # A file cut short (a copy that stopped) fails only when its data is mapped, with a cryptic
         # TypeError; astropy's warning at opening says what happened: that is the reason given.
-        raise _fits_error(path, Exception(str(said[0].message)) if said else exc.__cause__) from None
+        cut = [str(w.message) for w in said if "truncated" in str(w.message)]
+        raise _fits_error(path, Exception(cut[0]) if cut else exc.__cause__) from None
     for w in said:  # said as they would have been, outside the recording
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     return rows
