@@ -79,6 +79,7 @@ class Source:
         number of ranks (see `pixel_moments`)."""
         if self.kind == "data":
             return [float(v) for v in self._manifest["stats"]["mean"]], [float(v) for v in self._manifest["stats"]["std"]]
+
         def share() -> dict:
             try:
                 return pixel_moments(self._reader, rank, world_size)
@@ -86,7 +87,7 @@ class Source:
                 raise DmhpcError(f"{self.path}: cannot read the images for their statistics: {exc}") from None
 
         shares = gather(share)
-        return statistics_of({k: v for share in shares for k, v in share.items()}, self.shape[0])
+        return statistics_of({k: v for part in shares for k, v in part.items()}, self.shape[0])
 
     def close(self) -> None:
         if self.kind == "data":
