@@ -11,7 +11,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
+import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -673,9 +675,6 @@ def test_auto_on_cuda_keeps_a_small_data_set_resident(data):
 def test_read_ahead_keeps_the_order_and_closing_waits_for_the_read_in_flight():
     """Evaluation and `dmhpc predict` on a GPU read the next batch while the device works; the
     reader is closed after the iterator, which must not leave a read running on a closed file."""
-    import threading
-    import time
-
     from dmhpc.data.batches import read_ahead
 
     spans = [(0, 4), (4, 8), (8, 10)]
