@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -537,6 +538,30 @@ def test_nan_padded_cutouts_are_refused_unless_filled(tmp_path, capsys):
     rows = read_all(files["out"])
     k = list(rows["index"]).index(3)
     assert np.all(rows["images"][k][:, :2, :] == 0) and np.isfinite(rows["images"]).all()
+
+
+@pytest.mark.parametrize("source", ["npy", "npy-float64", "cutouts"])
+def test_nan_fill_replaces_nan_only(tmp_path, capsys, source):
+    """An Inf (or a float64 pixel beyond float32) is still refused with --nan-fill: numpy's
+    nan_to_num turned it into 3.4e38, stored without a word, with statistics of ~1e35."""
+    images = np.random.default_rng(6).normal(size=(12, 3, 8, 8))
+    images[2, 0, 0, 0] = np.nan
+    images[6, 1, 3, 3] = 1e40 if source == "npy-float64" else -np.inf
+    out = str(tmp_path / "ds")
+    if source == "cutouts":
+        from astropy.table import Table
+
+        names = cutouts(tmp_path, images.astype(np.float32), per_filter=False)
+        Table({"id": [n[:-5] for n in names], "file": [f"cutouts/{n}" for n in names]}).write(tmp_path / "c.csv")
+        argv, name = ["prepare", "--catalog", str(tmp_path / "c.csv"), "--file-column", "file", "--out", out], "c.csv"
+    else:
+        dtype = np.float64 if source == "npy-float64" else np.float32
+        argv, name = args({"images": save(tmp_path, "X.npy", images.astype(dtype)), "out": out}), "X.npy"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the float64 -> float32 cast of a cutout
+        expected = "overflow float32" if source == "npy-float64" else "1 NaN or Inf pixels (first in image 6)"
+        assert_fails(capsys, [*argv, "--nan-fill", "0"], name, expected, "--nan-fill replaces NaN only"
+                     if source != "npy-float64" else "", out=out)
 
 
 def test_a_fits_cube_cut_short_is_one_line(tmp_path):

@@ -75,9 +75,16 @@ class ArrayRows(ImageArray):
         if self.layout == "NHWC":
             block = block.transpose(0, 3, 1, 2)
         block = np.ascontiguousarray(block, dtype=np.float32)
-        if self.nan_fill is not None:
-            np.nan_to_num(block, copy=False, nan=self.nan_fill)
-        return block
+        return fill_nan(block, self.nan_fill)
+
+
+def fill_nan(block: np.ndarray, value: float | None) -> np.ndarray:
+    """`block` with its NaN replaced by `value` (None: left as they are). NaN only: an Inf is a
+    broken pixel (or a float64 value beyond float32), still refused downstream; numpy's
+    nan_to_num would turn it into float32's largest value and wreck the statistics."""
+    if value is not None:
+        np.copyto(block, np.float32(value), where=np.isnan(block))
+    return block
 
 
 def _fits_error(path, exc: Exception) -> DmhpcError:
@@ -178,9 +185,7 @@ class Cutouts(ImageArray):
                 raise DmhpcError(f"{self.files[i]}: cutout of shape {image.shape}; the first one "
                                  f"({self.files[0].name}) is {self.shape[1:]}")
             out[k] = image
-        if self.nan_fill is not None:
-            np.nan_to_num(out, copy=False, nan=self.nan_fill)
-        return out
+        return fill_nan(out, self.nan_fill)
 
 
 @dataclass

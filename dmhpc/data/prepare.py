@@ -225,9 +225,9 @@ def _allgather(comm, value) -> list:
 
 def _scan_source(d: dict):
     """What the pixel scan reads: the raw array (its own dtype, so an overflow is told apart from
-    an Inf) unless NaN are filled while reading."""
+    an Inf) where there is one, else the rows as read (cutouts: NaN filled already)."""
     images = d["images"]
-    return images.array if isinstance(images, ArrayRows) and images.nan_fill is None else images
+    return images.array if isinstance(images, ArrayRows) else images
 
 
 def _scan(domains: list[dict], rank: int, size: int, want_signatures: list[bool]) -> list:
@@ -237,7 +237,7 @@ def _scan(domains: list[dict], rank: int, size: int, want_signatures: list[bool]
         n = len(d["images"])
         a, b = n * rank // size, n * (rank + 1) // size
         try:
-            pixels = shards.scan_pixels(_scan_source(d), a, b)
+            pixels = shards.scan_pixels(_scan_source(d), a, b, nan_ok=d["images"].nan_fill is not None)
             sigs = duplicates.signatures(d["images"], a, b) if want else None
         except OSError as exc:
             raise DmhpcError(f"{d['names']['images']}: cannot read ({exc})") from None
@@ -250,7 +250,7 @@ def _check_pixels(domains: list[dict], scans: list[list], dtype: str) -> None:
     for k, d in enumerate(domains):
         parts = [scan[k][0] for scan in scans]
         firsts = [first for _, first, _ in parts if first >= 0]
-        hint = "" if d["images"].__class__ is not ArrayRows or d["images"].nan_fill is not None else \
+        hint = " (--nan-fill replaces NaN only)" if d["images"].nan_fill is not None else \
             " (survey cutouts padded with NaN: --nan-fill 0)"
         try:
             shards.check_pixels(sum(bad for bad, _, _ in parts), min(firsts, default=-1),

@@ -140,9 +140,10 @@ def check_objects(objects, count: int, name: str = "objects") -> np.ndarray:
     return _whole_numbers(objects, name, "object ids")
 
 
-def scan_pixels(images, start: int, stop: int) -> tuple[int, int, float]:
+def scan_pixels(images, start: int, stop: int, nan_ok: bool = False) -> tuple[int, int, float]:
     """Scan images[start:stop] in blocks: (count of NaN/Inf pixels, first image holding one or -1,
-    largest finite |pixel|). Blocks keep memory bounded for memory-mapped inputs."""
+    largest finite |pixel|); with `nan_ok` (NaN filled as rows are read), Inf pixels only. Blocks
+    keep memory bounded for memory-mapped inputs."""
     per_image = max(1, int(np.prod(images.shape[1:])) * images.dtype.itemsize)
     step = max(1, _BLOCK_BYTES // per_image)
     bad, first, largest = 0, -1, 0.0
@@ -151,9 +152,10 @@ def scan_pixels(images, start: int, stop: int) -> tuple[int, int, float]:
         high, low = float(block.max()), float(block.min())
         if not (np.isfinite(high) and np.isfinite(low)):  # NaN and Inf show in max or min
             finite = np.isfinite(block)
-            if first < 0:
-                first = a + int(np.flatnonzero(~finite.reshape(len(block), -1).all(axis=1))[0])
-            bad += finite.size - int(np.count_nonzero(finite))
+            broken = ~(finite | np.isnan(block)) if nan_ok else ~finite
+            if first < 0 and broken.any():
+                first = a + int(np.flatnonzero(broken.reshape(len(block), -1).any(axis=1))[0])
+            bad += int(np.count_nonzero(broken))
             block = block[finite]
             high, low = (float(block.max()), float(block.min())) if block.size else (0.0, 0.0)
         largest = max(largest, high, -low)
