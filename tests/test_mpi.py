@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.conftest import clean_env
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT, clean_env
 from dmhpc.mpi import RANK_VARS, launched_rank
 
 CODE = "import sys; from dmhpc.mpi import world_comm; assert world_comm() is None; assert 'mpi4py' not in sys.modules"
@@ -15,6 +18,25 @@ def test_no_launch_and_a_one_rank_launch_never_import_mpi4py():
     subprocess.run([sys.executable, "-c", CODE], check=True, env=clean_env(), timeout=60)
     subprocess.run([sys.executable, "-c", CODE], check=True, env=clean_env(PMI_SIZE="1", PMI_RANK="0"),
                    timeout=60)
+
+
+def test_a_launcher_mpi_does_not_hear_is_one_line(tmp_path):
+    """Ranks 0 and 1 of 2 by the launcher's word, but MPI (no process manager to ask) makes each a
+    world of its own: srun with the wrong --mpi plugin. Each ran the whole conversion into the same
+    folder, deleting the other's shards; now each stops before reading anything."""
+    pytest.importorskip("mpi4py")
+    data = tmp_path / "X.npy"
+    np.save(data, np.zeros((8, 3, 4, 4), np.float32))
+    for rank in (0, 1):
+        proc = subprocess.run([sys.executable, "-m", "dmhpc", "prepare", "--images", str(data), "--out",
+                               str(tmp_path / "ds")], env=clean_env(PMI_RANK=str(rank), PMI_SIZE="2"),
+                              cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 1, proc.stderr
+        assert proc.stderr == (f"dmhpc prepare: error: launched as rank {rank} of 2 (PMI_RANK) but MPI sees a "
+                               f"world of one process: the launcher and this MPI library do not share a process "
+                               f"manager (under srun: --mpi=pmi2 for MPICH and Intel MPI, --mpi=pmix for Open "
+                               f"MPI)\n")
+    assert not (tmp_path / "ds").exists()
 
 
 def test_launched_rank_reads_every_launcher():
