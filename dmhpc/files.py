@@ -1,4 +1,5 @@
-"""Atomic file writes for the whole project, and one-line errors when a write fails.
+"""Atomic file writes for the whole project, one-line errors when a write fails, and the lock that
+keeps two writers out of one folder (`locked_directory`).
 
     atomic_write(path, text_or_bytes)            # a small file in one go
     atomic_write(path, writer=lambda f: ...)     # a binary writer callback (torch.save, np.save, ...)
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import re
 import tempfile
@@ -161,3 +163,27 @@ def remove_orphans(directory: str | os.PathLike) -> tuple[int, int]:
                 continue
             files, size = files + 1, size + n
     return files, size
+
+
+@contextlib.contextmanager
+def locked_directory(directory: Path, user: str) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` itself (an existing folder; no file is left in it) for
+    the block: a second `user` on it stops with a one-line error. The kernel drops the lock when its
+    process dies, so a killed job never blocks the next one. Where the file system refuses locks
+    on folders (some NFS and Lustre mounts), a warning, and the block runs unguarded."""
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:
+        raise DmhpcError(f"{directory}: cannot open: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise DmhpcError(f"{directory}: in use by another {user}; wait for it to end or choose "
+                                 f"another folder") from None
+            print(f"dmhpc: warning: {directory}: the file system refuses locks ({exc.strerror}); a second "
+                  f"{user} on it would not be detected", flush=True)
+        yield
+    finally:
+        os.close(fd)

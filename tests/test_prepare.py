@@ -271,6 +271,33 @@ def test_interrupted_conversion_is_finished_by_running_again(inputs, tmp_path, m
     assert shard_bytes(inputs["out"]) == shard_bytes(reference["out"])
 
 
+def test_two_conversions_into_one_folder(inputs, tmp_path, monkeypatch, capsys):
+    """A second prepare into a folder another one is writing stops in one line and touches nothing
+    (it deleted the first one's shards, and the first then wrote a manifest of missing shards). One
+    that finds, under the lock, a data set finished since its first look leaves it alone."""
+    from dmhpc.data import prepare as prepare_module
+    from dmhpc.files import locked_directory
+
+    out = Path(inputs["out"])
+    out.mkdir()
+    (out / "shard-00000.h5").write_bytes(b"the other conversion's shard")
+    with locked_directory(out, "dmhpc prepare"):
+        assert_fails(capsys, args(inputs), f"{out}: in use by another dmhpc prepare; wait for it to end")
+    assert os.listdir(out) == ["shard-00000.h5"]
+    out.joinpath("shard-00000.h5").unlink()
+
+    real = prepare_module._plan_domain
+
+    def finished_meanwhile(d, options, signatures):
+        planned = real(d, options, signatures)
+        (out / MANIFEST).write_text("{}")  # the other conversion's last write
+        return planned
+
+    monkeypatch.setattr(prepare_module, "_plan_domain", finished_meanwhile)
+    assert_fails(capsys, args(inputs), "already holds a data set")
+    assert os.listdir(out) == [MANIFEST] and (out / MANIFEST).read_text() == "{}"
+
+
 def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, small_disk):
     """It used to be an h5py traceback, then a segmentation fault (HDF5 after a failed write)."""
     rng = np.random.default_rng(0)

@@ -19,6 +19,7 @@ The Python API is `prepare(domains, options)` with `DomainSpec`s and `Options`, 
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import threading
@@ -35,6 +36,7 @@ from dmhpc.data import duplicates, shards
 from dmhpc.data.inputs import (LAYOUTS, ArrayRows, Cutouts, open_images, open_npy, read_catalog,
                                resolve_spelling)
 from dmhpc.errors import DmhpcError
+from dmhpc.files import locked_directory
 from dmhpc.mpi import world_comm
 
 CONFIG_KEYS = ("root", "out", "domains")
@@ -292,88 +294,112 @@ def _hash_in_background(paths: list[Path], stop: threading.Event):
 def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict]:
     """Convert each domain; returns the manifests (on rank 0; None elsewhere). Python API of the command."""
     rank, size = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
-    shards.check_fractions(options.fractions)
-    opened = _agree(comm, lambda: [_open_domain(spec, options) for spec in domains])
-    # The input checksums are only needed for the manifests: compute them (each file on one
-    # rank) while the pixels are checked and the shards written.
-    stop = threading.Event()
-    files = _input_files(opened)
-    input_digests = _hash_in_background([p for j, p in enumerate(files) if j % size == rank], stop)
-    try:
-        want = [d["objects"] is None for d in opened]
-        scans = _allgather(comm, _agree(comm, lambda: _scan(opened, rank, size, want)))
-        _check_pixels(opened, scans, options.dtype)
-        sigs = [np.concatenate([scan[k][1] for scan in scans]) if want[k] else None for k in range(len(opened))]
-        planned = _agree(comm, lambda: [_plan_domain(d, options, s) for d, s in zip(opened, sigs)])
-        if rank == 0:
-            for d in planned:
-                n, objects = d["copies"]
-                if n and not options.group_duplicates:
-                    print(f"dmhpc prepare: warning: {d['name']}: {n} images are flips or rotations of {objects} "
-                          f"others and have no object ids, so copies of one object can land in different "
-                          f"splits; --group-duplicates makes each group one object", file=sys.stderr, flush=True)
-
-        # Validated: now write. Rank 0 clears the directories, then the shards of all domains are
-        # dealt round-robin to the ranks; rank 0 writes each manifest from everyone's results.
-        created = [not d["out"].exists() for d in planned]
-        _agree(comm, lambda: [shards.reset_output_dir(d["out"]) for d in planned] if rank == 0 else None)
-        tasks = [(k, s) for k, d in enumerate(planned) for s in range(d["plan"].num_shards)]
-        mine = tasks[rank::size]
-
-        def write():
-            try:
-                written = shards.write_shards(
-                    [(planned[k]["plan"], planned[k]["out"], s) for k, s in mine], progress=rank == 0
-                )
-            except OSError as exc:
-                raise DmhpcError(f"{exc.filename or 'output'}: cannot write ({exc.strerror})") from None
-            return dict(zip(mine, written))
-
-        results = {}
+    with contextlib.ExitStack() as held:  # rank 0's locks on the output folders
+        shards.check_fractions(options.fractions)
+        opened = _agree(comm, lambda: [_open_domain(spec, options) for spec in domains])
+        # The input checksums are only needed for the manifests: compute them (each file on one
+        # rank) while the pixels are checked and the shards written.
+        stop = threading.Event()
+        files = _input_files(opened)
+        input_digests = _hash_in_background([p for j, p in enumerate(files) if j % size == rank], stop)
         try:
-            for done in _allgather(comm, _agree(comm, write)):
-                results.update(done)
+            want = [d["objects"] is None for d in opened]
+            scans = _allgather(comm, _agree(comm, lambda: _scan(opened, rank, size, want)))
+            _check_pixels(opened, scans, options.dtype)
+            sigs = [np.concatenate([scan[k][1] for scan in scans]) if want[k] else None for k in range(len(opened))]
+            planned = _agree(comm, lambda: [_plan_domain(d, options, s) for d, s in zip(opened, sigs)])
+            if rank == 0:
+                for d in planned:
+                    n, objects = d["copies"]
+                    if n and not options.group_duplicates:
+                        print(f"dmhpc prepare: warning: {d['name']}: {n} images are flips or rotations of {objects} "
+                              f"others and have no object ids, so copies of one object can land in different "
+                              f"splits; --group-duplicates makes each group one object", file=sys.stderr, flush=True)
+
+            # Validated: now write. Rank 0 clears the directories, then the shards of all domains are
+            # dealt round-robin to the ranks; rank 0 writes each manifest from everyone's results.
+            created = [not d["out"].exists() for d in planned]
+            _agree(comm, lambda: _claim_outputs(planned, created, options.overwrite, held) if rank == 0 else None)
+            tasks = [(k, s) for k, d in enumerate(planned) for s in range(d["plan"].num_shards)]
+            mine = tasks[rank::size]
+
+            def write():
+                try:
+                    written = shards.write_shards(
+                        [(planned[k]["plan"], planned[k]["out"], s) for k, s in mine], progress=rank == 0
+                    )
+                except OSError as exc:
+                    raise DmhpcError(f"{exc.filename or 'output'}: cannot write ({exc.strerror})") from None
+                return dict(zip(mine, written))
+
+            results = {}
+            try:
+                for done in _allgather(comm, _agree(comm, write)):
+                    results.update(done)
+            except DmhpcError:
+                if rank == 0:
+                    for d, made in zip(planned, created):
+                        shards.remove_dataset_files(d["out"], remove_dir=made)
+                raise
+            digests = {}
+            for done in _allgather(comm, _agree(comm, input_digests)):
+                digests.update(done)
+        finally:
+            stop.set()
+
+        def finish():
+            manifests = []
+            for k, d in enumerate(planned):
+                inputs = [{"role": role, "file": str(p.resolve()), "sha256": digests[p.resolve()]} for role, p in d["inputs"]]
+                if d["cutouts"]:
+                    inputs.append({"role": "cutouts", "file": str(d["images"].files[0].parent.resolve()),
+                                   "count": len(d["images"])})
+                manifests.append(
+                    shards.finish_dataset(
+                        d["plan"], d["out"], [results[k, s] for s in range(d["plan"].num_shards)],
+                        inputs=inputs, layout=d["layout"],
+                    )
+                )
+            return manifests
+
+        try:
+            manifests = _agree(comm, lambda: finish() if rank == 0 else None)
         except DmhpcError:
+            # A write failed (a full disk, say): leave no shard of this conversion behind.
             if rank == 0:
                 for d, made in zip(planned, created):
                     shards.remove_dataset_files(d["out"], remove_dir=made)
             raise
-        digests = {}
-        for done in _allgather(comm, _agree(comm, input_digests)):
-            digests.update(done)
-    finally:
-        stop.set()
-
-    def finish():
-        manifests = []
-        for k, d in enumerate(planned):
-            inputs = [{"role": role, "file": str(p.resolve()), "sha256": digests[p.resolve()]} for role, p in d["inputs"]]
-            if d["cutouts"]:
-                inputs.append({"role": "cutouts", "file": str(d["images"].files[0].parent.resolve()),
-                               "count": len(d["images"])})
-            manifests.append(
-                shards.finish_dataset(
-                    d["plan"], d["out"], [results[k, s] for s in range(d["plan"].num_shards)],
-                    inputs=inputs, layout=d["layout"],
-                )
-            )
+        if rank == 0:
+            for d, m in zip(planned, manifests):
+                split = ", ".join(f"{s} {b - a}" for s, (a, b) in m["rows"].items())
+                what = "" if m["labelled"] else ", unlabelled"
+                print(f"{d['name']}: {m['count']} images ({d['layout']}{what}) -> {d['out']}/ "
+                      f"({len(m['shards'])} shards; {split})")
         return manifests
 
+
+def _claim_outputs(planned: list[dict], created: list[bool], overwrite: bool, held: contextlib.ExitStack) -> None:
+    """Rank 0: lock each output folder for this conversion (a second `prepare` into it stops with a
+    one-line error), check it again under the lock (another conversion may have finished into it
+    since the first check: its data set is never replaced unasked), and clear it."""
+    locked = []
     try:
-        manifests = _agree(comm, lambda: finish() if rank == 0 else None)
+        for d in planned:
+            try:
+                d["out"].mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DmhpcError(f"{d['out']}: cannot create: {exc.strerror}") from None
+            held.enter_context(locked_directory(d["out"], "dmhpc prepare"))
+            locked.append(d)
+            shards.check_output_dir(d["out"], overwrite)
     except DmhpcError:
-        # A write failed (a full disk, say): leave no shard of this conversion behind.
-        if rank == 0:
-            for d, made in zip(planned, created):
-                shards.remove_dataset_files(d["out"], remove_dir=made)
+        for d, made in zip(locked, created):
+            if made and not any(d["out"].iterdir()):
+                d["out"].rmdir()
         raise
-    if rank == 0:
-        for d, m in zip(planned, manifests):
-            split = ", ".join(f"{s} {b - a}" for s, (a, b) in m["rows"].items())
-            what = "" if m["labelled"] else ", unlabelled"
-            print(f"{d['name']}: {m['count']} images ({d['layout']}{what}) -> {d['out']}/ "
-                  f"({len(m['shards'])} shards; {split})")
-    return manifests
+    for d in planned:
+        shards.reset_output_dir(d["out"])
 
 
 # ----------------------------------------------------------------------------- the command
