@@ -103,3 +103,40 @@ def test_summary_marks_oracle_selection_and_runs_trained_on_the_target(tmp_path)
     assert "| source acc | source AUC | source F1 | source Brier | target acc | target AUC | target F1 |" in md
     assert "| plain | 2/2 | 0.900 ± 0.000 |" in md
     assert math.isnan(rows[0]["gap_closed"])  # oracle and baseline tie: no gap to close
+
+
+def test_tables_of_a_grid_on_an_unlabelled_target_leave_its_accuracy_empty(make_domains, tmp_path, capsys):
+    """A survey has no labels: its test result holds the merger fraction and IM, no accuracy. The
+    summary read r["target"]["accuracy"]: after the whole grid trained, `dmhpc grid` ended in a
+    KeyError, summary.md was never written, and every relaunch or --report crashed the same way."""
+    import numpy as np
+
+    from dmhpc.data.shards import write_dataset
+    from dmhpc.launch import launch_grid, report_grid
+
+    data = make_domains(64)
+    survey = tmp_path / "survey"
+    write_dataset(np.random.default_rng(1).normal(size=(64, 3, 75, 75)).astype(np.float32), None, None, survey,
+                  shard_size=64)
+    out = tmp_path / "out"
+    spec = {"base": str(TINY), "out": str(out), "executor": "debug", "grid": {"seed": [0, 1]},
+            "overrides": {"data.source": str(data / "pristine"), "data.target": str(survey), "train.epochs": 1,
+                          "train.batch_size": 4, "select.criterion": "im", "select.all_validators": True}}
+    launch_grid(spec)
+    for seed in (0, 1):
+        result = json.loads((out / f"seed={seed}" / "eval" / "best_test.json").read_text())
+        assert result["target"]["labelled"] is False and "accuracy" not in result["target"]
+    assert "mean ± std over seeds" in capsys.readouterr().out
+    md = (out / "summary.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| 2/2 |"))
+    assert row.endswith("|  |  |  |  |  |"), row  # target acc, AUC, F1, Brier and per seed: empty
+    with (out / "summary.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert table[0]["seeds"] == "0 1" and table[0]["target_accuracy_mean"] == ""
+    assert table[0]["target_accuracy_per_seed"] == ""
+    with (out / "leaderboard.csv").open() as f:
+        board = list(csv.DictReader(f))
+    assert [r["status"] for r in board] == ["finished", "finished"]
+    assert all(r["criterion"] == "im" and r["target_accuracy_reporting_only"] == "" for r in board)
+    assert not (out / "validators.md").exists()  # nothing to check the validators against
+    assert len(report_grid(spec)) == 2

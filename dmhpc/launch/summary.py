@@ -10,6 +10,8 @@ run is marked oracle.
 
 A run trained on the target domain (data.source = data.target, as a target oracle is) has no
 separate source domain: its "source" columns are target-domain figures and the table says so.
+An unlabelled target (a survey) has no target accuracy, AUC, F1 or Brier score: those cells stay
+empty.
 """
 
 from __future__ import annotations
@@ -31,6 +33,23 @@ MD_COLUMNS = tuple((d, m, f"{d} {LABELS[m]}") for d in DOMAINS for m in REPORTED
 
 def _group_key(point: Point) -> tuple:
     return tuple((k, json.dumps(v)) for k, v in point.values.items() if k != "seed")
+
+
+def _score(value) -> float:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
+
+def _per_seed(row: dict) -> str:
+    """Markdown: each seed's target accuracy; the seeds without one (an unlabelled target) left out."""
+    return ", ".join(f"{a:.3f} (seed {s})" for s, a in zip(row["seeds"], row["target_accuracy_per_seed"])
+                     if not math.isnan(a))
+
+
+def _csv_list(values: list) -> str:
+    """A list as one CSV cell, space-separated; a NaN among numbers is "n/a", so the entries stay
+    aligned with the seeds column; all NaN (an unlabelled target) is an empty cell."""
+    nan = [isinstance(v, float) and math.isnan(v) for v in values]
+    return "" if values and all(nan) else " ".join("n/a" if n else str(v) for v, n in zip(values, nan))
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -56,7 +75,8 @@ def summary_rows(points: Iterable[Point], gap: tuple[str, str] | None = None) ->
             for m in REPORTED_METRICS:
                 values = [r[domain][m] for _, r in results if isinstance(r.get(domain, {}).get(m), (int, float))]
                 row[f"{domain}_{m}_mean"], row[f"{domain}_{m}_std"] = _mean_std(values)
-        row["target_accuracy_per_seed"] = [r["target"]["accuracy"] for _, r in results]
+        # NaN where a result has no target accuracy: an unlabelled target (a survey) has none.
+        row["target_accuracy_per_seed"] = [_score(r.get("target", {}).get("accuracy")) for _, r in results]
         rows.append(row)
     if gap:
         # A method's row is measured against the gap's ends with the same other values.
@@ -94,7 +114,7 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
         writer.writeheader()
         for row in rows:
             writer.writerow({c: ("" if isinstance(row[c], float) and math.isnan(row[c])
-                                 else " ".join(map(str, row[c])) if isinstance(row[c], list) else row[c])
+                                 else _csv_list(row[c]) if isinstance(row[c], list) else row[c])
                              for c in columns})
 
     lines = [f"# Summary over seeds: {out}", "",
@@ -121,7 +141,7 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
             cells.append("" if skip else _cell(r[f"{domain}_{m}_mean"], r[f"{domain}_{m}_std"]))
         if gap:
             cells.append("" if math.isnan(r["gap_closed"]) else f"{r['gap_closed']:.0%}")
-        cells.append(", ".join(f"{a:.3f} (seed {s})" for s, a in zip(r["seeds"], r["target_accuracy_per_seed"])))
+        cells.append(_per_seed(r))
         lines.append("| " + " | ".join(cells) + " |")
     atomic_write(out / "summary.md", "\n".join(lines) + "\n")
     return rows
