@@ -9,6 +9,7 @@ import signal
 import time
 
 import pytest
+import yaml
 
 from tests.conftest import TINY, tiny_overrides
 from dmhpc.config import config_to_dict
@@ -61,6 +62,33 @@ def test_sbatch_options_for_a_site(tmp_path):
     assert "srun --unbuffered" in script and "--cpus-per-task=8 " in script.split("srun --unbuffered", 1)[1]
     cpu = make_executor("slurm", tmp_path, Resources(tasks_per_node=2), "dmhpc-test")
     assert "gpus-per-node" not in cpu._executor._make_submission_file_text("python -m x", "uid")
+
+
+def refuse_sbatch(tmp_path, monkeypatch) -> None:
+    """An sbatch first on PATH that refuses every job, as a site's sbatch refuses an unknown partition."""
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "sbatch").write_text('#!/bin/sh\necho "sbatch: error: invalid partition specified: gpuu" >&2\n'
+                                 'echo "sbatch: error: Invalid partition name specified" >&2\nexit 1\n')
+    (fake / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_a_refused_sbatch_is_one_line_naming_sbatchs_reason(tmp_path, monkeypatch, capsys):
+    """sbatch refusing the job array (a wrong partition, account or QOS, a controller out of reach)
+    ended `dmhpc grid` in submitit's 40-line FailedJobError traceback, after sbatch's own lines."""
+    from dmhpc.cli import main
+
+    refuse_sbatch(tmp_path, monkeypatch)
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({"base": str(TINY), "out": str(tmp_path / "out"), "executor": "slurm",
+                                         "grid": {"seed": [0, 1]}, "slurm": {"partition": "gpuu"}}))
+    assert main(["grid", str(grid_file)]) == 1
+    err = capsys.readouterr().err
+    assert err == ("dmhpc grid: error: sbatch refused the job array of 2 point(s): sbatch: error: Invalid "
+                   "partition name specified\n"), err
+    assert not (tmp_path / "out" / "submitit" / "jobs.json").exists()
+    assert not (tmp_path / "out" / "leaderboard.md").exists()
 
 
 def _held(lock) -> bool:

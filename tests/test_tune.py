@@ -234,3 +234,23 @@ def test_a_relaunch_proposes_new_values_not_the_first_launchs_again(data, tmp_pa
     tune({**s, "trials": 2})  # the sampler is still in its random start-up phase
     first, second = _study(tmp_path / "tune").get_trials()
     assert second.state.name == "COMPLETE" and second.params != first.params
+
+
+def test_a_refused_sbatch_fails_its_trial_and_stops_with_one_line(data, tmp_path, monkeypatch, capsys):
+    """sbatch refusing a trial's job ended the tuner in submitit's FailedJobError traceback with the
+    asked trial left RUNNING in the journal: the next launch took it for a killed tuner's and
+    looked for its SLURM job."""
+    from dmhpc.cli import main
+    from tests.test_submit import refuse_sbatch
+
+    refuse_sbatch(tmp_path, monkeypatch)
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump({**spec(data, tmp_path), "executor": "slurm", "slurm": {"partition": "gpuu"}}))
+    assert main(["tune", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err == ("dmhpc tune: error: sbatch refused the job of trial 0: sbatch: error: Invalid partition name "
+                   "specified\n"), err
+    trials = _study(tmp_path / "tune").get_trials()
+    assert [t.state.name for t in trials] == ["FAIL"]
+    assert "Invalid partition name specified" in trials[0].user_attrs["failure"]
+    assert "Invalid partition name specified" in (tmp_path / "tune" / "trials.md").read_text()

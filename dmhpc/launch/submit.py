@@ -26,6 +26,7 @@ alone on `scancel`), and a stop on SIGTERM must not requeue a job the user cance
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -281,6 +282,28 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+@contextlib.contextmanager
+def sbatch_refusal(what: str):
+    """sbatch refusing a submission (a partition, account or QOS the site does not have, a controller
+    out of reach) as one DmhpcError with sbatch's last line, instead of submitit's FailedJobError and
+    its traceback. submitit also prints sbatch's stderr itself: held here, and dropped only when it
+    is the refusal this error repeats."""
+    held = io.StringIO()
+    refused = False
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as exc:
+        refused = True
+        said = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else str(exc)
+        said = said.decode(errors="replace") if isinstance(said, bytes) else (said or "")
+        lines = [line.strip() for line in said.splitlines() if line.strip()]
+        raise DmhpcError(f"sbatch refused {what}: {lines[-1] if lines else type(exc).__name__}") from None
+    finally:
+        if not refused:
+            sys.stderr.write(held.getvalue())
+
+
 # --- the job ---------------------------------------------------------------------------------------
 
 class TrainTask(submitit.helpers.Checkpointable):
@@ -366,8 +389,9 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     _say_threads(threads)
     for res, group in groups.items():
         with submission(threads):  # every job submitted is in the jobs file before an interrupt stops this
-            submitted = make_executor(kind, folder, res, job_name).map_array(
-                task, [config_to_dict(p.config) for p in group])
+            with sbatch_refusal(f"the job array of {len(group)} point(s)"):
+                submitted = make_executor(kind, folder, res, job_name).map_array(
+                    task, [config_to_dict(p.config) for p in group])
             for p, job in zip(group, submitted):
                 jobs[p.name] = job
                 recorded[p.name] = {"job_id": job.job_id, "tasks": res.ranks}

@@ -67,7 +67,7 @@ from dmhpc.launch.spec import (Range, base_path, dotted_keys, point_name, point_
                                read_launch_file, read_space, resolve_point)
 from dmhpc.launch.submit import (EXECUTORS, Resources, TrainTask, check_executor_here,
                                  local_threads, make_executor, preempt_signal, read_resources,
-                                 sigterm_as_interrupt, submission, wait_for)
+                                 sbatch_refusal, sigterm_as_interrupt, submission, wait_for)
 from dmhpc.names import CRITERIA, LABEL_FREE
 from dmhpc.run import RunDir
 
@@ -438,11 +438,18 @@ class _Search:
         except DmhpcError as exc:
             self.outcome(_fail(study, trial, str(exc)))
             return
-        with submission(self.threads):
-            job = self.submitter.submit(TrainTask(), config_to_dict(cfg))
-            self.running.append(_Running(trial, run, job))
-            trial.set_user_attr("job_id", job.job_id)
-            trial.set_user_attr("executor", t.executor)
+        try:
+            with submission(self.threads):
+                with sbatch_refusal(f"the job of trial {trial.number}"):
+                    job = self.submitter.submit(TrainTask(), config_to_dict(cfg))
+                self.running.append(_Running(trial, run, job))
+                trial.set_user_attr("job_id", job.job_id)
+                trial.set_user_attr("executor", t.executor)
+        except DmhpcError as exc:
+            # Told before the search stops: a trial left RUNNING would be taken for one of a killed
+            # tuner and rerun (its SLURM job looked for) at every launch.
+            _fail(study, trial, str(exc))
+            raise
         print(f"dmhpc tune: trial {trial.number} {run_dir.name}: job {job.job_id}", flush=True)
 
     def poll(self) -> None:
