@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -275,6 +276,42 @@ def test_refuses_a_non_empty_output_folder(tmp_path):
     result = _cli("--out", str(out), "--n-per-class", "2")
     _one_line_error(result, str(out), "not empty", "--overwrite")
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def _killed_render(out: Path, *argv: str) -> None:
+    """Start a render big enough to outlast the checks, wait for its staged files, kill it (SIGTERM)."""
+    env = {k: v for k, v in os.environ.items() if k not in MPI_LAUNCH_VARIABLES}
+    proc = subprocess.Popen([sys.executable, "-m", "dmhpc", "synth", "--out", str(out), "--n-per-class", "5000",
+                             *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob(".pristine_X.npy.*.tmp")):
+            assert proc.poll() is None and time.monotonic() < deadline, "the render did not start"
+            time.sleep(0.1)
+        # A second render into the folder meanwhile stops at the first one's lock and touches nothing.
+        staged = sorted(p.name for p in out.iterdir())
+        _one_line_error(_cli("--out", str(out), "--n-per-class", "2"), str(out), "in use by another dmhpc synth")
+        assert sorted(p.name for p in out.iterdir()) == staged
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_a_killed_render_is_finished_by_running_again(serial, tmp_path):
+    out = tmp_path / "killed"
+    _killed_render(out)
+    assert any(p.stat().st_size > 0 for p in out.glob(".*.tmp"))  # full-size orphans, no meta.json
+    result = _cli("--out", str(out), "--n-per-class", str(N_PER_CLASS), "--seed", str(SEED))
+    assert result.returncode == 0, result.stderr
+    _same_files(out, serial)  # and no orphan left beside them
+
+    # A finished render is never replaced unasked; --overwrite clears a killed run's orphans too.
+    _one_line_error(_cli("--out", str(out), "--n-per-class", "2"), str(out), "finished render", "--overwrite")
+    _killed_render(out, "--overwrite")
+    assert list(out.glob(".*.tmp"))
+    result = _cli("--out", str(out), "--n-per-class", str(N_PER_CLASS), "--seed", str(SEED), "--overwrite")
+    assert result.returncode == 0, result.stderr
+    _same_files(out, serial)
 
 
 @pytest.mark.parametrize("argv, words", [

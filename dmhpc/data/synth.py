@@ -13,6 +13,7 @@ last: a directory without meta.json is incomplete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -28,7 +29,7 @@ from dmhpc.checks import Invalid, integer
 from dmhpc.data import scenes
 from dmhpc.data.scenes import DEFAULT_KNOBS, KNOB_CHECKS, Knobs
 from dmhpc.errors import DmhpcError
-from dmhpc.files import temporary_path
+from dmhpc.files import is_temporary, locked_directory, remove_orphans, temporary_path
 from dmhpc.mpi import launched_rank, world_comm
 from dmhpc.progress import progress_bar
 
@@ -154,19 +155,39 @@ class _Staging:
             path.unlink(missing_ok=True)
 
 
-def _claim_output(out: Path, overwrite: bool) -> bool:
-    """Check or create the output folder; True when this call created it."""
-    if out.exists():
-        if not out.is_dir():
-            raise DmhpcError(f"{out}: exists and is not a directory")
-        if not overwrite and any(out.iterdir()):
-            raise DmhpcError(f"{out}: not empty (pass --overwrite to replace the synth files in it)")
-        return False
+def _claim_output(out: Path, overwrite: bool, held: contextlib.ExitStack) -> bool:
+    """Create or check the output folder and lock it for this render (held until `held` closes);
+    True when this call created it.
+
+    A folder holding only synth's files and temporary files, without meta.json, is a render that
+    was killed: it is rendered again without --overwrite. Its orphan temporary files (full-size
+    images, each killed run leaves a set) are removed under the lock, where no other synth can be
+    writing them."""
+    if out.exists() and not out.is_dir():
+        raise DmhpcError(f"{out}: exists and is not a directory")
+    created = not out.exists()
     try:
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DmhpcError(f"{out}: cannot create directory ({exc.strerror})") from None
-    return True
+    try:
+        held.enter_context(locked_directory(out, "dmhpc synth"))
+        if not overwrite:
+            names = sorted(p.name for p in out.iterdir())
+            if "meta.json" in names:
+                raise DmhpcError(f"{out}: holds a finished render (meta.json); pass --overwrite to replace "
+                                 f"the synth files in it")
+            foreign = [n for n in names if n not in OUTPUT_FILES + SURVEY_FILES and not is_temporary(n)]
+            if foreign:
+                raise DmhpcError(f"{out}: not empty (holds {foreign[0]}); pass --overwrite to replace the "
+                                 f"synth files in it")
+        remove_orphans(out)
+    except BaseException:
+        held.close()
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    return created
 
 
 # ----------------------------------------------------------------------------- checks and meta
@@ -267,7 +288,6 @@ def _survey_meta(n_objects: int, views: int, knobs: Knobs) -> dict:
 
 def _render_local(seed: int, knobs: Knobs, survey: bool, n_objects: int, workers: int, sink) -> None:
     """Render every object here, in `workers` processes, handing each chunk to sink(start, arrays)."""
-    import contextlib
     import multiprocessing
 
     size = max(1, min(CHUNK, n_objects // (4 * workers)))
@@ -357,9 +377,10 @@ def synthesize(
     Writes pristine_X.npy and noisy_X.npy ((N, 3, 75, 75) float32, channels F814W, F356W, F160W),
     pristine_y.npy and noisy_y.npy ((N,) int64, 1 = merger), objects.npy ((N,) int64) and meta.json.
     With `augment` every object appears in the 8 flips/rotations of the pixel grid (N = 16 *
-    n_per_class), all sharing its object id. Refuses a non-empty `out_dir` unless `overwrite`, which
-    replaces only these files. `survey` also renders a survey-like target of as many other objects
-    (survey_X.npy in g, r, i; survey_y.npy; survey_objects.npy; see dmhpc.data.scenes). Under
+    n_per_class), all sharing its object id. Refuses a folder holding a finished render (meta.json)
+    or other files unless `overwrite`, which replaces only these files; a killed render (only these
+    files and temporary ones) is rendered again. `survey` also renders a survey-like target of as
+    many other objects (survey_X.npy in g, r, i; survey_y.npy; survey_objects.npy; see dmhpc.data.scenes). Under
     mpiexec (detected from the environment) the ranks share the objects and rank 0 writes; `workers` > 1 renders in that many processes instead. The bytes
     written depend only on the arguments other than `workers` and `overwrite`.
     """
@@ -373,19 +394,27 @@ def synthesize(
     rank = 0 if comm is None else comm.Get_rank()
     out = Path(out_dir)
     views = VIEWS if augment else VIEWS[:1]
-    n_objects = 2 * n_per_class
 
     created, error = False, None
+    held = contextlib.ExitStack()
     if rank == 0:
         try:
-            created = _claim_output(out, overwrite)
+            created = _claim_output(out, overwrite, held)
         except DmhpcError as exc:
             error = str(exc)
     if comm is not None:
         error = comm.bcast(error, root=0)
     if error is not None:
         raise DmhpcError(error)
+    with held:  # rank 0 holds the folder's lock until its files are in place or gone
+        return _render(out, n_per_class, seed, knobs, views, survey, workers, comm, created)
 
+
+def _render(out: Path, n_per_class: int, seed: int, knobs: Knobs, views: tuple[str, ...], survey: bool,
+            workers: int, comm, created: bool) -> dict:
+    """Render into the claimed folder `out` (rank 0 writes; other ranks send their objects)."""
+    rank = 0 if comm is None else comm.Get_rank()
+    n_objects = 2 * n_per_class
     if rank != 0:
         try:
             _render_mpi(comm, seed, knobs, survey, n_objects, sink=None)
@@ -424,7 +453,8 @@ def synthesize(
 
 def synth_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, required=True, metavar="DIR",
-                        help="output folder (created if missing; must be empty unless --overwrite)")
+                        help="output folder (created if missing; must be empty, or hold an unfinished render, "
+                             "unless --overwrite)")
     parser.add_argument("--n-per-class", type=int, default=2000, metavar="N",
                         help="objects per class: N mergers and N non-mergers (default: 2000)")
     parser.add_argument("--seed", type=int, default=0, metavar="S",
