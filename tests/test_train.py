@@ -238,6 +238,73 @@ def test_signal_checkpoints_requeue_code_and_resume_is_bit_identical(data, tmp_p
         assert torch.equal(a[k], b[k]), k
 
 
+def _epoch_records(run_dir) -> list[dict]:
+    return [r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "epoch"]
+
+
+def test_a_stop_in_the_last_step_still_evaluates_the_last_epoch(data, tmp_path, monkeypatch):
+    """A signal during the run's last step: it checkpointed at the last step and the resumed run,
+    with no step left, tested a best.pt that never saw the last epoch's evaluation."""
+    from dmhpc.train.step import TrainStep
+
+    def args(run):
+        return ["train", "--config", str(TINY), *_overrides(data, run, "select.criterion=im", "train.log_every=1")]
+
+    assert main(args(tmp_path / "straight")) == 0
+    real = TrainStep.__call__
+
+    def signalled(self, step, batch):
+        out = real(self, step, batch)
+        if step == self.total_steps - 1:
+            os.kill(os.getpid(), signal.SIGTERM)  # the time limit, arriving in the last step
+        return out
+
+    monkeypatch.setattr(TrainStep, "__call__", signalled)
+    assert main(args(tmp_path / "stopped")) == REQUEUE_EXIT_CODE
+    monkeypatch.undo()
+    assert main(args(tmp_path / "stopped")) == 0
+    straight, stopped = _epoch_records(tmp_path / "straight"), _epoch_records(tmp_path / "stopped")
+    # Two runs in one process agree to rounding only (the bit-identical resume is tested across
+    # processes above); what matters here is which epochs were evaluated and which one was chosen.
+    assert [r["step"] for r in stopped] == [r["step"] for r in straight] == [7, 14]
+    assert [r["selection"]["score"] for r in stopped] == pytest.approx(
+        [r["selection"]["score"] for r in straight], rel=1e-3)
+    test = [json.loads((tmp_path / r / "eval" / "best_test.json").read_text())["checkpoint"]
+            for r in ("straight", "stopped")]
+    assert test[0]["epoch"] == test[1]["epoch"] == 1 and test[0]["step"] == test[1]["step"] == 14
+
+
+def test_a_kill_after_an_epoch_checkpoint_keeps_its_record(data, tmp_path, monkeypatch):
+    """The epoch record is written before the epoch's last.pt: killed between the two, the record
+    was lost for good (the resumed run starts after that epoch). And TensorBoard keeps the step it
+    resumes from (it hid every event at that step, the epoch record's among them)."""
+    from dmhpc.train import loop
+
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=3")]
+    real, saved = loop.save_checkpoint, []
+
+    def killed_after_the_second(path, content):
+        real(path, content)
+        saved.append(Path(path).name)
+        if saved.count("last.pt") == 2:
+            raise KeyboardInterrupt  # the job killed right after the write
+
+    monkeypatch.setattr(loop, "save_checkpoint", killed_after_the_second)
+    assert main(argv) == 130
+    monkeypatch.undo()
+    assert [r["epoch"] for r in _epoch_records(run)] == [0, 1]
+    assert main(argv) == 0
+    records = _epoch_records(run)
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(run / "tensorboard"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("source/val/accuracy")] == [r["step"] for r in records]
+
+
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 def test_signal_to_every_process_of_the_step_still_checkpoints(data, tmp_path, loader):
     """srun and scancel signal every process of a job step, loader workers included."""

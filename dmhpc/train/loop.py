@@ -86,7 +86,9 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     step = TrainStep(cfg, state, dist, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     dirs, stats = {"source": cfg.data.source, "target": cfg.data.target}, loader.stats
 
-    log = MetricLog(run, purge_step=prog.step) if dist.is_main else None
+    # TensorBoard hides events at or after purge_step; the log keeps the records of the step resumed from.
+    purge_step = prog.step + 1 if claim.resume_from is not None else None
+    log = MetricLog(run, purge_step=purge_step) if dist.is_main else None
     if log is not None:
         print(f"dmhpc train: {run.path} | world {dist.world_size} on {dist.device} | loader {loader.description} "
               f"| {steps_per_epoch} steps/epoch, {total_steps} steps", flush=True)
@@ -118,6 +120,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                 meter = EpochMeter(dist.device, watch_loss=cfg.train.amp != "fp16")
                 t_epoch = time.perf_counter()
                 bar = progress_bar(steps_per_epoch - prog.step_in_epoch, f"epoch {prog.epoch}", show=dist.is_main)
+                at_end = False  # the epoch's (or the run's) last step is done
                 for batch in loader.epoch(prog.epoch, start_step=prog.step_in_epoch):
                     terms, outputs = step(prog.step, batch)
                     prog.step += 1
@@ -136,15 +139,22 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                                 # drawn now, once per log_every steps: a short epoch may end before tqdm's next redraw
                                 bar.set_postfix(loss=f"{losses['total']:.4g}",
                                                 img_s=f"{rate * 2 * cfg.train.batch_size * dist.world_size:.0f}")
+                    at_end = prog.step >= total_steps or prog.step_in_epoch >= steps_per_epoch
                     if stop.should_stop():  # the same answer on every rank, so all stop after this step
                         stopped = True
-                        break
-                    if cfg.train.checkpoint_every and prog.step % cfg.train.checkpoint_every == 0:
+                        if not at_end:
+                            break
+                        # At an epoch's end the epoch is finished first (evaluated, selected, logged):
+                        # the resumed run would start the next one and never evaluate this one.
+                    elif cfg.train.checkpoint_every and prog.step % cfg.train.checkpoint_every == 0 and not at_end:
+                        # (at the end, the epoch's own checkpoint follows its record: one that came
+                        # before it would resume into an epoch with no step left, logged twice)
                         checkpoint("last", meter)
                     if prog.step >= total_steps:
                         break
                 bar.close()
-                if stopped:
+                if stopped and not at_end:
+                    checkpoint("last", meter)
                     break
 
                 # --- epoch record, evaluation, selection, checkpoint --------------------------------
@@ -177,17 +187,17 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                         prog.evals_since_best += 1
                 if epoch_done:
                     prog.epoch, prog.step_in_epoch = prog.epoch + 1, 0
-                checkpoint("last", meter)
+                # The record first: a kill between the two loses it with the epoch (the resume drops
+                # records after its checkpoint and does the epoch again), never alone.
                 if log is not None:
                     log.write(record, prog.step)
                     print(_epoch_line(record, criterion), flush=True)
+                checkpoint("last", meter)
                 if cfg.train.early_stopping and prog.evals_since_best >= cfg.train.early_stopping:
                     if dist.is_main:
                         print(f"dmhpc train: early stop: {criterion} has not improved for "
                               f"{prog.evals_since_best} evaluations", flush=True)
                     break
-            if stopped:
-                checkpoint("last", meter)
     finally:
         loader.close()  # its worker processes end with the loop, whatever ended it
         if log is not None:

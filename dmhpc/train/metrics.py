@@ -165,15 +165,16 @@ def validator_scores(val: dict) -> dict[str, float]:
 class MetricLog:
     """The run's log (RUN/metrics.jsonl, through `RunDir`) mirrored to TensorBoard; rank 0 only.
 
-    `purge_step`: a resumed run drops TensorBoard events after the step it resumes from, as the
-    log itself is cut back there, so no curve shows a step twice.
+    `purge_step`: the first step whose earlier events TensorBoard hides. A resumed run gives the
+    step after the one it resumes from, as the log itself is cut back there, so no curve shows a
+    step twice and none loses the resumed step.
     """
 
-    def __init__(self, run, purge_step: int = 0):
+    def __init__(self, run, purge_step: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.run = run
-        self.tb = SummaryWriter(str(run.tensorboard_dir), purge_step=purge_step or None)
+        self.tb = SummaryWriter(str(run.tensorboard_dir), purge_step=purge_step)
 
     def write(self, record: dict, step: int) -> None:
         self.run.append_log(record, default=_json_default)
