@@ -210,6 +210,40 @@ def test_two_point_grid_through_the_local_executor_then_skip_and_resume(data, tm
     assert (out / "optim.lr=0.0001" / "eval" / "best_test.json").is_file()
 
 
+def test_a_finished_point_asked_to_train_longer_resumes_instead_of_passing_for_the_longer_run(data, tmp_path,
+                                                                                               capsys):
+    """The trainer accepts a longer run as a resume (train.epochs, max_steps, early_stopping), but
+    the launcher skipped every point with a test result: raising train.epochs reported the old,
+    shorter runs as the new grid's results."""
+    from dmhpc.launch import launch_grid, report_grid
+
+    out = tmp_path / "out"
+    spec = {"base": str(TINY), "out": str(out), "executor": "debug", "overrides": tiny_overrides(data),
+            "grid": {"seed": [1]}}
+    run = out / "seed=1"
+    launch_grid(spec)
+    assert json.loads((run / "eval" / "best_test.json").read_text())["checkpoint"]["epoch"] == 0
+    capsys.readouterr()
+
+    longer = {**spec, "overrides": tiny_overrides(data, **{"train.epochs": 2})}
+    assert report_grid(longer)[0]["status"] == "unfinished"  # its result is of the shorter run
+    assert "0 of 1 point(s) finished" in capsys.readouterr().out
+    launch_grid(longer)
+    printed = capsys.readouterr().out
+    assert "1 point(s): 0 finished, 0 still queued, 1 submitted" in printed, printed
+    assert "resumed from" in printed and "train.epochs 1 -> 2" in printed, printed
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 2
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()
+              if json.loads(line)["kind"] == "epoch"]
+    assert epochs == [0, 1]
+    launch_grid(longer)
+    assert "1 point(s): 1 finished, 0 still queued, 0 submitted" in capsys.readouterr().out
+    other = lambda **keys: load_grid({**longer, "overrides": tiny_overrides(data, **{"train.epochs": 2, **keys})})  # noqa: E731
+    assert other(**{"train.log_every": 2}).points[0].finished  # another cadence is no reason to train again
+    assert not other(**{"train.early_stopping": 3}).points[0].finished
+    assert not other(**{"train.max_steps": 15}).points[0].finished
+
+
 def test_a_failed_point_is_named_with_the_reason_from_its_job_and_marked_on_the_leaderboard(data, tmp_path,
                                                                                             monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")

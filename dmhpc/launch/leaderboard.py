@@ -46,7 +46,8 @@ def _best_so_far(run: RunDir) -> dict:
 def point_row(point: Point, failed: str | None = None) -> dict:
     """One leaderboard row: the point's values, status, selection and test metrics."""
     row: dict = {"point": point.name, **{k: v for k, v in sorted(point.values.items())}}
-    result = point.run.read_result("best", "test")
+    # A result of a run that trained to another length than the point asks is no result of the point.
+    result = point.run.read_result("best", "test") if point.finished else None
     if result is not None:
         selected = result.get("checkpoint", {})
         row.update(status="finished", criterion=selected.get("criterion"), score=_score(selected.get("score")),

@@ -21,9 +21,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dmhpc.checks import Problems, boolean, number, read_yaml, show, take, unknown_keys
-from dmhpc.config import COMMAND_LINE, Config, load_config
+from dmhpc.config import COMMAND_LINE, Config, changed_keys, config_to_dict, load_config
 from dmhpc.errors import DmhpcError
-from dmhpc.run import RunDir
+from dmhpc.run import RESUMABLE, RunDir
+
+# How long a run trains: the trainer resumes a run whose length changed (dmhpc.run.RESUMABLE), so a
+# launcher must not count a run that finished at another length as done.
+LENGTH_KEYS = frozenset(key for key, why in RESUMABLE.items() if why == "length")
 
 
 def dotted_keys(problems: Problems, data: Any, where: str, reserved: Mapping[str, str]) -> dict:
@@ -169,8 +173,19 @@ class Point:
 
     @property
     def finished(self) -> bool:
-        """The trainer wrote the test metrics of the selected checkpoint: nothing left to run."""
-        return self.run.finished
+        """Nothing left to run: see `finished_as`."""
+        return finished_as(self.run, self.config)
+
+
+def finished_as(run: RunDir, cfg: Config) -> bool:
+    """The trainer wrote the test metrics of the run's selected checkpoint, and trained as long as
+    `cfg` asks (the same train.epochs, max_steps and early_stopping): a run asked to train longer
+    or shorter is resumed from its last.pt, and its old result is not the new run's."""
+    if not run.finished:
+        return False
+    if not run.holds_run():  # refused as a foreign directory before any launch (check_existing_runs)
+        return True
+    return not LENGTH_KEYS & set(changed_keys(config_to_dict(run.config()), config_to_dict(cfg)))
 
 
 def override_text(key: str, value: Any) -> str:

@@ -66,7 +66,7 @@ def summary_rows(points: Iterable[Point], gap: tuple[str, str] | None = None) ->
     rows = []
     for members in groups.values():
         results = [(p.values.get("seed"), result) for p in members
-                   if (result := p.run.read_result("best", "test")) is not None]
+                   if p.finished and (result := p.run.read_result("best", "test")) is not None]
         row: dict = {k: v for k, v in members[0].values.items() if k != "seed"}
         row.update(runs=len(members), finished=len(results), seeds=[seed for seed, _ in results],
                    oracle=any(r.get("oracle") for _, r in results),

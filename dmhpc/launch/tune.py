@@ -63,7 +63,7 @@ from dmhpc.checks import Problems, choice, integer, show, take, text, unknown_ke
 from dmhpc.config import config_to_dict
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write
-from dmhpc.launch.spec import (Range, base_path, dotted_keys, point_name, point_problem,
+from dmhpc.launch.spec import (Range, base_path, dotted_keys, finished_as, point_name, point_problem,
                                read_launch_file, read_space, resolve_point)
 from dmhpc.launch.submit import (EXECUTORS, Resources, TrainTask, check_executor_here,
                                  local_threads, make_executor, preempt_signal, read_resources,
@@ -432,7 +432,7 @@ class _Search:
                 return
             run = RunDir(run_dir)
             run.check_relaunch(cfg)  # a directory holding another run would fail the job
-            if run.finished:  # values an earlier trial trained with: its result
+            if finished_as(run, cfg):  # values an earlier trial trained with: its result
                 self.outcome(_finish(study, _Running(trial, run, None), t.objective))
                 return
         except DmhpcError as exc:
