@@ -329,6 +329,11 @@ class RunDir:
                 changed[key] = [a, b]
             else:
                 refused.append(f"{key} {show(a)} -> {show(b)}")
+        for key in DATA_KEYS:  # the same path may now hold another data set (prepared again, replaced)
+            was, now = saved_ids.get(key), data_ids.get(key)
+            if key not in changed and was and now and was != now and _dotted(old, key) == _dotted(new, key):
+                refused.append(f"{key} {show(_dotted(new, key))} holds another data set than the run trained on "
+                               f"(manifest fingerprint {was[:12]} -> {now[:12]})")
         if refused:
             raise DmhpcError(f"{where}: the run was trained with another configuration: {'; '.join(refused)} "
                              f"(only its length, cadence, loader and location may change on resume, see "

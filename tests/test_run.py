@@ -180,6 +180,19 @@ def test_a_moved_data_set_is_accepted_only_when_it_is_the_same_data(tmp_path):
         run.claim(moved, "auto", data_ids={"data.source": "other data", "data.target": "T"})
 
 
+def test_another_data_set_at_the_same_path_is_refused(tmp_path):
+    """A data set prepared again (or replaced) under the path the run trained on: accepted, and
+    run.json rewritten with the new fingerprint, losing what the run trained on."""
+    run, cfg = started(tmp_path)
+    record = run.record_path.read_bytes()
+    with pytest.raises(DmhpcError, match=r"data.target \"data/embedded/shards/noisy\" holds another data set than the "
+                                         r"run trained on \(manifest fingerprint T -> U\)"):
+        run.claim(cfg, "auto", data_ids={"data.source": "S", "data.target": "U"})
+    run.release()
+    assert run.record_path.read_bytes() == record
+    assert run.claim(cfg, "auto", data_ids={"data.source": "S", "data.target": "T"}).changed == {}
+
+
 def test_resume_from_another_checkpoint_compares_with_its_own_config(tmp_path):
     run, cfg = started(tmp_path)
     elsewhere = tmp_path / "pretrained.pt"
