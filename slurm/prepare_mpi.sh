@@ -14,7 +14,10 @@
 #   sbatch -N 2 --ntasks-per-node=16 slurm/prepare_mpi.sh configs/data/deepmerge2-simsim.yaml --root /path/to/zenodo
 # PREPARE OPTIONS go to `dmhpc prepare --data-config DATA_CONFIG` (--root DIR, --out DIR, ...).
 # --synth N runs `dmhpc synth --out ROOT --n-per-class N --seed S` first, ROOT being --root or the
-# config's root. PYTHON names the environment's interpreter (default: python on PATH).
+# config's root. The job can be submitted again after any earlier run (finished, killed, timed out):
+# a finished render of the same N and S in ROOT (its meta.json) is kept, an unfinished one is
+# rendered again; a finished render of other settings is an error unless --overwrite, which then
+# goes to synth too. PYTHON names the environment's interpreter (default: python on PATH).
 #
 # Ranks start with `srun --mpi=pmi2`, which MPICH (the mpich wheel included) and Intel MPI
 # speak; for Open MPI submit with SLURM_MPI_TYPE=pmix. Without an --mpi plugin every task
@@ -30,13 +33,14 @@ shift
 python=${PYTHON:-python}
 command -v "$python" >/dev/null || { echo "prepare_mpi.sh: error: no '$python'; activate the environment before sbatch or set PYTHON" >&2; exit 2; }
 
-synth_n="" synth_seed=0 root="" prepare_args=()
+synth_n="" synth_seed=0 root="" overwrite="" prepare_args=()
 while [ $# -gt 0 ]; do
     case $1 in
     --synth) synth_n=${2:?--synth needs N_PER_CLASS}; shift 2 ;;
     --synth-seed) synth_seed=${2:?--synth-seed needs S}; shift 2 ;;
     --root) root=${2:?--root needs DIR}; prepare_args+=("$1" "$2"); shift 2 ;;
     --root=*) root=${1#--root=}; prepare_args+=("$1"); shift ;;
+    --overwrite) overwrite=--overwrite; prepare_args+=("$1"); shift ;;
     *) prepare_args+=("$1"); shift ;;
     esac
 done
@@ -47,9 +51,36 @@ if [ -n "$synth_n" ]; then
     if [ -z "$root" ]; then
         root=$("$python" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["root"])' "$config")
     fi
-    synth=("${mpi_run[@]}" synth --out "$root" --n-per-class "$synth_n" --seed "$synth_seed")
-    echo "prepare_mpi.sh: job $SLURM_JOB_ID, $SLURM_NTASKS ranks: $(printf '%q ' "${synth[@]}")"
-    "${synth[@]}"
+    # The settings of the finished render in root, as synth flags (empty: none finished there). Knobs
+    # and --augment count: a render with other ones holds other images under the same N and seed.
+    rendered=$("$python" - "$root" <<'PY'
+import json, sys
+from dmhpc.data.synth import DEFAULT_KNOBS, KNOB_FLAGS
+try:
+    with open(f"{sys.argv[1]}/meta.json") as f:
+        meta = json.load(f)
+    flags = f"--n-per-class {meta['n_per_class']} --seed {meta['seed']}" + " --augment" * bool(meta["augment"])
+    flags += "".join(f" {KNOB_FLAGS[k][0]} {v:g}" for k, v in meta["knobs"].items() if v != getattr(DEFAULT_KNOBS, k))
+except FileNotFoundError:
+    sys.exit()
+except Exception:
+    flags = "unreadable settings"
+print(flags)
+PY
+)
+    wanted="--n-per-class $synth_n --seed $synth_seed"
+    if [ "$rendered" = "$wanted" ]; then
+        echo "prepare_mpi.sh: $root already holds the render $wanted (meta.json); not rendering it again"
+    else
+        if [ -n "$rendered" ] && [ -z "$overwrite" ]; then
+            echo "prepare_mpi.sh: error: $root holds a finished render of other settings ($rendered, from its" \
+                 "meta.json) than --synth asks ($wanted); pass --overwrite to replace it, or choose another --root" >&2
+            exit 2
+        fi
+        synth=("${mpi_run[@]}" synth --out "$root" --n-per-class "$synth_n" --seed "$synth_seed" ${overwrite:+"$overwrite"})
+        echo "prepare_mpi.sh: job $SLURM_JOB_ID, $SLURM_NTASKS ranks: $(printf '%q ' "${synth[@]}")"
+        "${synth[@]}"
+    fi
 fi
 
 prepare=("${mpi_run[@]}" prepare --data-config "$config" "${prepare_args[@]}")

@@ -54,6 +54,47 @@ def test_prepare_mpi_renders_and_converts_with_ranks_on_two_nodes(slurm_cluster,
         assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
+def test_prepare_mpi_with_synth_can_be_submitted_again(slurm_cluster, tmp_path):
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install dmhpc[mpi])")
+    raw, shards = tmp_path / "raw", tmp_path / "shards"
+
+    def submit(n, *extra, name):
+        return slurm_cluster.sbatch(
+            "--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/{name}", "slurm/prepare_mpi.sh",
+            "configs/data/embedded.yaml", "--synth", str(n), "--root", str(raw), "--out", str(shards), *extra,
+            cwd=REPO, env=JOB_ENV)
+
+    # A job cancelled while synth renders leaves its staged files: the next job finishes the render.
+    job_id = submit(5000, name="cancelled")
+    slurm_cluster.wait_for(lambda: bool(list(raw.glob(".pristine_X.npy.*.tmp"))), "staged synth files", job_id)
+    slurm_cluster.run("scancel", job_id)
+    assert slurm_cluster.wait(job_id, timeout=60).state == "CANCELLED"
+    job = slurm_cluster.wait(submit(4, name="finished"), timeout=240)
+    assert (job.state, job.exit_code) == ("COMPLETED", 0), job
+    assert "dmhpc synth: 8 images" in job.output and "pristine: 8 images" in job.output, job
+    assert not list(raw.glob(".*.tmp")), job
+    meta = (raw / "meta.json").read_bytes()
+
+    # The same render again is kept (prepare's --overwrite replaces the finished data sets).
+    job = slurm_cluster.wait(submit(4, "--overwrite", name="same"), timeout=240)
+    assert (job.state, job.exit_code) == ("COMPLETED", 0), job
+    assert "already holds the render --n-per-class 4 --seed 0" in job.output and "dmhpc synth:" not in job.output, job
+    assert (raw / "meta.json").read_bytes() == meta
+
+    # Another render into a finished root is refused before anything runs, unless --overwrite.
+    job = slurm_cluster.wait(submit(2, name="other"), timeout=120)
+    assert (job.state, job.exit_code) == ("FAILED", 2), job
+    assert job.output.strip() == (
+        f"prepare_mpi.sh: error: {raw} holds a finished render of other settings (--n-per-class 4 --seed 0, from "
+        f"its meta.json) than --synth asks (--n-per-class 2 --seed 0); pass --overwrite to replace it, or choose "
+        f"another --root"), job
+    assert (raw / "meta.json").read_bytes() == meta
+    job = slurm_cluster.wait(submit(2, "--overwrite", name="replaced"), timeout=240)
+    assert (job.state, job.exit_code) == ("COMPLETED", 0), job
+    assert "dmhpc synth: 4 images" in job.output and "pristine: 4 images" in job.output, job
+    assert json.loads((raw / "meta.json").read_text())["n_per_class"] == 2
+
+
 def test_train_ddp_checkpoints_on_usr2_requeues_and_resumes(slurm_cluster, tmp_path, make_domains):
     # 480 images, 70 % for training, 4 per rank and batch on 2 ranks: one epoch of 42 steps, so the
     # signal, sent after the first step, lands well inside it.
