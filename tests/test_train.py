@@ -17,7 +17,9 @@ import torch
 
 from tests.conftest import BIN, ROOT, TINY, clean_env
 from dmhpc.cli import main
+from dmhpc.config import load_config
 from dmhpc.data.shards import write_dataset
+from dmhpc.errors import DmhpcError
 from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE
 
 
@@ -305,6 +307,48 @@ def test_a_kill_after_an_epoch_checkpoint_keeps_its_record(data, tmp_path, monke
     assert [e.step for e in board.Scalars("source/val/accuracy")] == [r["step"] for r in records]
 
 
+def test_a_run_stopped_mid_epoch_resumes_with_that_epochs_loader(data, tmp_path, monkeypatch, capsys):
+    """The rest of an epoch in another loader's order (or counted in another world size's steps)
+    repeats some rows and skips others: data.loader auto follows the epoch's kind, another kind or
+    world size is refused before anything is written."""
+    from dmhpc.train.preflight import loader_kind
+    from dmhpc.train.state import Progress
+    from dmhpc.train.step import TrainStep
+
+    run = tmp_path / "run"
+
+    def argv(*extra):
+        return ["train", "--config", str(TINY), *_overrides(data, run, *extra)]
+
+    real = TrainStep.__call__
+
+    def signalled(self, step, batch):
+        out = real(self, step, batch)
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(TrainStep, "__call__", signalled)
+    assert main(argv()) == REQUEUE_EXIT_CODE
+    monkeypatch.undo()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"}
+    capsys.readouterr()
+    assert main(argv("data.loader=torch")) == 1
+    assert capsys.readouterr().err == ("dmhpc train: error: data.loader torch: the run stopped at step 3 of epoch 0 "
+                                       "with data.loader gpu-resident; resume it with that loader or auto (the "
+                                       "loader may change at an epoch's end)\n")
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"} == before
+    assert main(argv()) == 0
+    assert "the epoch resumed in its middle began with it" in capsys.readouterr().out
+
+    cfg = load_config(TINY)
+    stopped = Progress(epoch=1, step_in_epoch=3, world_size=4, loader="dali")
+    with pytest.raises(DmhpcError, match="world size 2: the run stopped at step 3 of epoch 1 with 4 ranks"):
+        loader_kind(cfg, stopped, 2)
+    assert loader_kind(cfg, stopped, 4) == "dali"
+    assert loader_kind(cfg, Progress(epoch=2, world_size=4, loader="dali"), 2) == "auto"  # an epoch's start
+
+
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 def test_signal_to_every_process_of_the_step_still_checkpoints(data, tmp_path, loader):
     """srun and scancel signal every process of a job step, loader workers included."""
@@ -476,6 +520,7 @@ SYNC_PROBE = """
 import json, os, sys, torch
 from pathlib import Path
 from dmhpc.cli import main
+from dmhpc.config import load_config
 from dmhpc.train.step import TrainStep
 
 DMHPC = str(Path("dmhpc").resolve())
@@ -554,6 +599,7 @@ def test_no_host_synchronisation_inside_the_step(data, tmp_path, transfer):
 GPU_SYNC_PROBE = """
 import os, sys, torch
 from dmhpc.cli import main
+from dmhpc.config import load_config
 from dmhpc.train.step import TrainStep
 
 step_call = TrainStep.__call__

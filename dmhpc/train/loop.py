@@ -64,6 +64,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     if claim.resume_from is not None:
         agree(lambda: state.load_state_dict(load_checkpoint(claim.resume_from), dist.rank))
     prog = state.progress
+    kind = preflight.loader_kind(cfg, prog, dist.world_size)
     cleaned = on_main(lambda: run.start(cfg, claim, data_ids, prog.step))
     if cfg.debug:
         torch.autograd.set_detect_anomaly(True)
@@ -72,11 +73,14 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     subset = DEBUG_BATCHES * cfg.train.batch_size * dist.world_size if cfg.debug else None
     t_setup = time.perf_counter()
     loader = make_train_loader(
-        cfg.data.loader, cfg.data.source, cfg.data.target, batch_size=cfg.train.batch_size,
+        kind, cfg.data.source, cfg.data.target, batch_size=cfg.train.batch_size,
         rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, device=dist.device,
         augment=cfg.data.augment, normalize=cfg.data.normalize, num_workers=cfg.data.num_workers,
         subset=subset, stop_signals=cfg.train.signals, channels_last=cfg.train.channels_last,
         local_ranks=dist.local_world_size, cpus=dist.cpus)
+    if kind != cfg.data.loader:
+        loader.reason = f"the epoch resumed in its middle began with it; data.loader is {cfg.data.loader}"
+    prog.world_size, prog.loader = dist.world_size, loader.kind
     # The slowest rank's data staging time, which scaling studies report beside the throughput.
     loader_setup_s = max(all_gather_object(time.perf_counter() - t_setup))
     steps_per_epoch = len(loader)

@@ -8,7 +8,9 @@ Each is a one-line DmhpcError on every rank, naming the key or the data set and 
   selection criterion), non-empty validation and test splits (checkpoints are chosen on
   validation data and the chosen one is tested), at most as many classes as the model has, a
   source training split with more than one class, source and target images of one shape;
-- the model takes the images: one forward pass of a zero batch of the data's shape.
+- the model takes the images: one forward pass of a zero batch of the data's shape;
+- a run resumed in the middle of an epoch keeps the world size and loader kind that epoch began
+  with (the order of its rows depends on both).
 """
 
 from __future__ import annotations
@@ -108,3 +110,20 @@ def check_model_input(cfg, backbone: torch.nn.Module, shape: list[int], device: 
                          f"model.name {cfg.model.name}: {reason}") from None
     finally:
         backbone.train(was_training)
+
+
+def loader_kind(cfg, progress, world_size: int) -> str:
+    """The data.loader to build. A run stopped in the middle of an epoch resumes it with that
+    epoch's world size and loader kind: the rest of its rows in another order would repeat some
+    rows and skip others. `auto` follows the epoch's kind (it may now choose another one); a
+    different kind asked for, or another world size, is a one-line error."""
+    if progress.step_in_epoch == 0 or not progress.loader:  # an epoch's start (or an older checkpoint)
+        return cfg.data.loader
+    where = f"the run stopped at step {progress.step_in_epoch} of epoch {progress.epoch}"
+    if progress.world_size != world_size:
+        raise DmhpcError(f"world size {world_size}: {where} with {progress.world_size} ranks; resume it with "
+                         f"{progress.world_size} ranks (the world size may change at an epoch's end)")
+    if cfg.data.loader not in ("auto", progress.loader):
+        raise DmhpcError(f"data.loader {cfg.data.loader}: {where} with data.loader {progress.loader}; resume it "
+                         f"with that loader or auto (the loader may change at an epoch's end)")
+    return progress.loader

@@ -35,6 +35,9 @@ class Progress:
     step: int = 0             # global optimizer steps taken
     best_score: float = -math.inf
     evals_since_best: int = 0
+    # What step_in_epoch counts in: the order of an epoch's rows depends on both.
+    world_size: int = 0
+    loader: str = ""
 
 
 def _optimizer(o, groups):
