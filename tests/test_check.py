@@ -136,6 +136,12 @@ def test_label_counts_must_match_the_manifest(dataset):
     ("stats", {"mean": ["a", 1, 1], "std": [1, 1, 1]}, "stats.mean: expected 3 numbers"),
     ("splits", None, "key 'splits': expected a dict"),
     ("counts", {"train": [], "val": {}, "test": {}}, "counts['train']: expected a mapping"),
+    ("fractions", {"train": "x", "val": 0.1, "test": 0.2}, "fractions: expected a number for each of train, val, test"),
+    ("fractions", {"train": 0.7, "val": 0.3}, "fractions: expected a number for each of train, val, test"),
+    ("inputs", ["a"], "inputs[0]: expected keys role and file"),
+    ("inputs", [{"x": 1}], "inputs[0]: expected keys role and file"),
+    ("inputs", [{"role": "images", "file": "/X.npy", "sha256": "?"}], "inputs[0].sha256: expected 64 hexadecimal"),
+    ("inputs", [{"role": "cutouts", "file": "/c", "count": -1}], "inputs[0].count -1: expected a number of files"),
 ])
 def test_hand_edited_manifest_fields_are_one_line_errors(dataset, field, value, problem):
     edit_manifest(dataset, **{field: value})
@@ -166,3 +172,30 @@ def test_splits_of_strings(dataset):
     edit_manifest(dataset, splits=manifest["splits"])
     with pytest.raises(DmhpcError, match=r"splits\['train'\]: expected integers"):
         load_manifest(dataset)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("fractions", {"train": "x", "val": 0.1, "test": 0.2}),
+    ("inputs", [{"x": 1}]),
+    ("inputs", ["a"]),
+])
+def test_info_and_verify_refuse_a_bad_manifest_in_one_line(dataset, capsys, field, value):
+    edit_manifest(dataset, **{field: value})
+    for command in ("info", "verify"):
+        assert main([command, str(dataset)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"dmhpc {command}: error: {dataset / MANIFEST}: {field}") and err.count("\n") == 1, err
+
+
+def test_a_manifest_that_keeps_ids_needs_them_in_every_shard(dataset):
+    edit_manifest(dataset, ids=True)
+    assert verify_dataset(dataset, checksums=False) == [
+        f"{shard_name(k)} has no dataset 'ids' (the manifest keeps ids)" for k in range(4)]
+    for k in range(4):
+        with h5py.File(dataset / shard_name(k), "r+") as f:
+            f.create_dataset("ids", data=np.array([b"J%05d" % i for i in f["index"][()]]))
+    assert verify_dataset(dataset, checksums=False) == []
+    with h5py.File(dataset / shard_name(2), "r+") as f:
+        del f["ids"]
+        f.create_dataset("ids", data=np.zeros(3, np.int64))
+    assert verify_dataset(dataset, checksums=False) == ["shard-00002.h5: ids int64 (3,), expected bytes (16,)"]

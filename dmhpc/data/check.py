@@ -5,8 +5,9 @@ Three levels, each including the ones before:
 - manifest: manifest.json parses and every field has its type (`shards.load_manifest`); the split
   lists are a partition of the rows (every global index once, none out of range).
 - structure: each shard opens as HDF5 with `images` (n, C, H, W) of the manifest's dtype and
-  `labels`, `objects`, `index` (n,) integers; labels lie in the classes and match the manifest's
-  counts; `index` holds the manifest's split lists in row order; no object is in two splits.
+  `labels`, `objects`, `index` (n,) integers, and `ids` (n,) bytes when the manifest keeps ids;
+  labels lie in the classes and match the manifest's counts; `index` holds the manifest's split
+  lists in row order; no object is in two splits.
   Reads 24 bytes per row plus HDF5 metadata: milliseconds per shard.
 - checksums: every shard's SHA-256 against the manifest. Reads every byte, so it costs what the
   disk (or the page cache) delivers: docs/training.md has the measured figure.
@@ -83,6 +84,13 @@ def _check_shard(directory: Path, manifest: dict, number: int, checksums: bool):
                 if d.shape != (n,) or d.dtype.kind not in "iu":
                     return [f"{name}: {key} {d.dtype} {d.shape}, expected integers ({n},)"], empty, {}
                 columns[key] = d[()].astype(np.int64)
+            # `predict` reads the ids into its catalog: a data set that says it keeps them must hold them.
+            if manifest.get("ids", False):
+                d = f.get("ids")
+                if not isinstance(d, h5py.Dataset):
+                    return [f"{name} has no dataset 'ids' (the manifest keeps ids)"], empty, {}
+                if d.shape != (n,) or d.dtype.kind != "S":
+                    return [f"{name}: ids {d.dtype} {d.shape}, expected bytes ({n},)"], empty, {}
     except OSError as exc:
         return [f"{name} is not a readable HDF5 file ({exc})"], empty, {}
     labels = columns["labels"]

@@ -641,6 +641,17 @@ def _manifest_problem(m) -> str | None:
         values = m["stats"].get(key)
         if not isinstance(values, list) or len(values) != channels or not all(_is_number(v) for v in values):
             return f"stats.{key}: expected {channels} numbers, one per channel"
+    if set(m["fractions"]) != set(SPLITS) or not all(_is_number(v) for v in m["fractions"].values()):
+        return f"fractions: expected a number for each of {', '.join(SPLITS)}"
+    for k, entry in enumerate(m["inputs"]):
+        if (not isinstance(entry, dict) or not {"role", "file"} <= set(entry) <= {"role", "file", "sha256", "count"}
+                or not all(isinstance(entry[key], str) for key in ("role", "file"))):
+            return f"inputs[{k}]: expected keys role and file (strings), and optionally sha256 and count"
+        if "sha256" in entry and not (isinstance(entry["sha256"], str)
+                                      and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
+            return f"inputs[{k}].sha256: expected 64 hexadecimal digits"
+        if "count" in entry and not _is_int(entry["count"], 0):
+            return f"inputs[{k}].count {entry['count']!r}: expected a number of files"
     return None
 
 
