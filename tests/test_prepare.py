@@ -531,6 +531,9 @@ def test_a_catalog_of_cutouts(tmp_path, capsys, table_format, per_filter):
         assert reader.read_ids(0, 20) == [ids[i] for i in rows["index"]]
     manifest = load_manifest(out)
     assert manifest["ids"] is True and [i["role"] for i in manifest["inputs"]] == ["catalog", "cutouts"]
+    capsys.readouterr()
+    assert main(["info", str(out)]) == 0  # the cutouts entry has a count and no sha256
+    assert f"cutouts {tmp_path / 'cutouts'}\n          20 files" in capsys.readouterr().out
     # without a file column, ID.fits in --cutouts; without a label column, unlabelled
     Table({"objid": ids}).write(tmp_path / "ids.csv")
     assert main(["prepare", "--catalog", str(tmp_path / "ids.csv"), "--id-column", "objid", "--cutouts",

@@ -830,7 +830,13 @@ def info_main(args) -> int:
         "  std   " + " ".join(f"{v:.6g}" for v in s["stats"]["std"]),
     ]
     if s["inputs"]:
-        lines += ["", "inputs"] + [f"  {i['role']:<8}{i['file']}\n          sha256 {i['sha256']}" for i in s["inputs"]]
+        lines += ["", "inputs"]
+        for i in s["inputs"]:
+            lines.append(f"  {i['role']:<8}{i['file']}")
+            if "sha256" in i:
+                lines.append(f"          sha256 {i['sha256']}")
+            if "count" in i:  # a folder of cutouts: no checksum of its own, the shards' cover its bytes
+                lines.append(f"          {i['count']} files")
     lines.append(f"\ncreated by {s['created_by']}")
     print("\n".join(lines))
     return 0
