@@ -442,6 +442,19 @@ def test_mpi_bad_input_fails_promptly_on_every_rank(tmp_path):
     assert not Path(files["out"]).parent.exists()
 
 
+def test_a_negative_seed_is_one_line(inputs, capsys):
+    assert_fails(capsys, args(inputs, "--seed", "-1"), "seed -1: expected an integer >= 0", out=inputs["out"])
+
+
+@pytest.mark.mpi
+@needs_mpi
+def test_a_negative_seed_is_one_line_under_mpi(inputs):
+    run = mpi_prepare(*args(inputs, "--seed", "-1")[1:], timeout=60)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr == "dmhpc prepare: error: seed -1: expected an integer >= 0\n"
+    assert not Path(inputs["out"]).exists()
+
+
 def test_num_classes(tmp_path, capsys):
     rng = np.random.default_rng(3)
     files = {

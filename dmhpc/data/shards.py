@@ -263,6 +263,9 @@ def plan_dataset(
         raise DmhpcError(f"shard size {shard_size}: must be at least 1")
     if int(num_classes) < 2:
         raise DmhpcError(f"number of classes {num_classes}: must be at least 2")
+    # numpy's generators take no negative seed; said here, before any rank draws the split.
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise DmhpcError(f"seed {seed}: expected an integer >= 0")
     fractions = check_fractions(fractions)
     check_images(images, names["images"])
     n = images.shape[0]
