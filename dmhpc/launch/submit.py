@@ -54,6 +54,7 @@ from dmhpc.rendezvous import slurm_rendezvous
 EXECUTORS = ("slurm", "local", "debug")
 TRACE_RULE = "----------------------\n"  # around the job's traceback in submitit's FailedJobError
 JOBS_FILE = "jobs.json"  # OUT/submitit/jobs.json: point name -> Slurm job id, to find jobs still queued
+CONTROLLERS_LOG = "local_controllers.log"  # OUT/submitit/: what submitit's local job controllers say
 
 # Keys of a launch file's `slurm` section that a site may need, beyond the job's shape.
 SITE_KEYS = ("partition", "account", "qos", "constraint", "cpus_per_task", "mem_gb", "time", "exclusive",
@@ -211,7 +212,7 @@ def _say_threads(threads: int | None) -> None:
 
 
 @contextlib.contextmanager
-def submission(threads: int | None):
+def submission(threads: int | None, controllers_log: Path | None = None):
     """The block that submits jobs and records them.
 
     - SIGINT and SIGTERM arriving inside it take effect when it ends: a job started in the block is
@@ -225,6 +226,10 @@ def submission(threads: int | None):
     - Local jobs start with SIGINT not ignored (the handler held here is the default in a child
       after exec; an ignored signal stays ignored): a launcher started in the background (`cmd &`,
       nohup) ignores SIGINT, and submitit cancels a local job with SIGINT.
+    - Local jobs start with their stderr on `controllers_log` (where given): submitit's job
+      controller inherits the launcher's, and a cancelled one (Ctrl-C reaches it too) prints a
+      KeyboardInterrupt traceback there, after the launcher's one line. The jobs' own output goes to
+      their logs either way.
     """
     before = os.environ.get("OMP_NUM_THREADS")
     held: list[int] = []
@@ -255,7 +260,8 @@ def submission(threads: int | None):
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 previous[s] = signal.signal(s, hold)
-        yield
+        with _stderr_to(controllers_log):
+            yield
     finally:
         if threads:
             if before is None:
@@ -263,6 +269,28 @@ def submission(threads: int | None):
             else:
                 os.environ["OMP_NUM_THREADS"] = before
         release()
+
+
+@contextlib.contextmanager
+def _stderr_to(log: Path | None):
+    """File descriptor 2, which child processes started in the block inherit, on `log` (appended)."""
+    if log is None:
+        yield
+        return
+    sys.stderr.flush()
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    except OSError as exc:
+        raise DmhpcError(f"{log}: cannot create the job controllers' log: {exc.strerror}") from None
+    saved = os.dup(2)
+    try:
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -388,7 +416,8 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     threads = local_threads(sum(len(g) * res.ranks for res, g in groups.items())) if kind == "local" else None
     _say_threads(threads)
     for res, group in groups.items():
-        with submission(threads):  # every job submitted is in the jobs file before an interrupt stops this
+        log = folder / CONTROLLERS_LOG if kind == "local" else None
+        with submission(threads, log):  # every job submitted is in the jobs file before an interrupt stops this
             with sbatch_refusal(f"the job array of {len(group)} point(s)"):
                 submitted = make_executor(kind, folder, res, job_name).map_array(
                     task, [config_to_dict(p.config) for p in group])
@@ -447,7 +476,7 @@ def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, fo
             while todo or running:
                 while todo and len(running) < at_once:
                     p = todo.pop(0)
-                    with submission(threads):
+                    with submission(threads, folder / CONTROLLERS_LOG):
                         running[p.name] = make_executor("local", folder, resources[p.name], job_name).submit(
                             task, config_to_dict(p.config))
                     job = running[p.name]

@@ -65,7 +65,7 @@ from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write
 from dmhpc.launch.spec import (Range, base_path, dotted_keys, finished_as, point_name, point_problem,
                                read_launch_file, read_space, resolve_point)
-from dmhpc.launch.submit import (EXECUTORS, Resources, TrainTask, check_executor_here,
+from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, Resources, TrainTask, check_executor_here,
                                  local_threads, make_executor, preempt_signal, read_resources,
                                  sbatch_refusal, sigterm_as_interrupt, submission, wait_for)
 from dmhpc.names import CRITERIA, LABEL_FREE
@@ -439,7 +439,8 @@ class _Search:
             self.outcome(_fail(study, trial, str(exc)))
             return
         try:
-            with submission(self.threads):
+            log = self.folder / CONTROLLERS_LOG if t.executor == "local" else None
+            with submission(self.threads, log):
                 with sbatch_refusal(f"the job of trial {trial.number}"):
                     job = self.submitter.submit(TrainTask(), config_to_dict(cfg))
                 self.running.append(_Running(trial, run, job))
