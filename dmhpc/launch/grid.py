@@ -34,8 +34,9 @@ which `gap` measures how much of the target-accuracy gap every method closes:
 Every point is run directory OUT/<name> (OUT/<method>/<name> in a study), the name made of its
 grid and random values (`loss.transfer_weight=0.5,seed=0`). Every point's configuration is
 validated before anything is submitted; all problems are reported together. A second launch skips
-finished points (their eval/metrics.json exists), resumes the others from their last checkpoint,
-and refuses a run directory that holds a run of another configuration. Besides the leaderboard,
+finished points (their eval/best_test.json exists and their run trained as long as the point asks:
+spec.finished_as), resumes the others from their last checkpoint, and refuses a run directory that
+holds a run of another configuration. Besides the leaderboard,
 a grid over `seed` gets OUT/summary.md: mean ± std over seeds (dmhpc.launch.summary).
 """
 
