@@ -571,6 +571,15 @@ def test_catalog_problems_are_one_line(tmp_path, capsys):
     assert_fails(capsys, base, f"{names[2]}: cutout of shape (3, 9, 9); the first one ({names[0]}) is (3, 8, 8)")
 
 
+@pytest.mark.parametrize("cell", ["", "  "])
+def test_an_empty_file_cell_is_one_line(tmp_path, capsys, cell):
+    names = cutouts(tmp_path, np.zeros((3, 3, 8, 8), np.float32), per_filter=False)
+    (tmp_path / "c.csv").write_text(f"id,file,merger\ng94,cutouts/{names[0]},0\ng95,{cell},0\ng96,,1\n")
+    out = tmp_path / "o"
+    assert_fails(capsys, ["prepare", "--catalog", str(tmp_path / "c.csv"), "--file-column", "file", "--out", str(out)],
+                 f"{tmp_path / 'c.csv'}: column 'file' has 2 empty file cell(s), the first in row 2 (id g95)", out=out)
+
+
 def test_nan_padded_cutouts_are_refused_unless_filled(tmp_path, capsys):
     rng = np.random.default_rng(5)
     images = rng.normal(size=(12, 3, 8, 8)).astype(np.float32)

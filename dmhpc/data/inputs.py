@@ -229,7 +229,15 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
     folder = Path(cutouts) if cutouts is not None else path.parent
     files = None
     if file_column is not None:
-        files = [folder / str(v).strip() for v in table[file_column]]
+        # An empty cell reads as masked (str "--") or as blanks; either would name a file that is not
+        # the one meant, or the cutouts folder itself.
+        names = [str(v).strip() for v in table[file_column]]
+        masked = np.ma.getmaskarray(table[file_column])
+        empty = [k for k, name in enumerate(names) if masked[k] or not name]
+        if empty:
+            raise DmhpcError(f"{path}: column {file_column!r} has {len(empty)} empty file cell(s), the first in "
+                             f"row {empty[0] + 1} (id {ids[empty[0]]})")
+        files = [folder / name for name in names]
     elif cutouts is not None:
         files = [folder / f"{i}.fits" for i in ids]
     return Catalog(path, ids, labels, files)
