@@ -178,8 +178,11 @@ class RunDir:
 
     @property
     def finished(self) -> bool:
-        """The trainer wrote the test metrics of the selected checkpoint: nothing left to run."""
-        return self.read_result("best", "test") is not None
+        """The trainer wrote the test metrics of the selected checkpoint: nothing left to run. Only
+        the trainer's own ("final"; older dmhpc wrote no such flag): `dmhpc eval` of the best
+        checkpoint mid-run writes the same file, and made an unfinished run look finished."""
+        result = self.read_result("best", "test")
+        return result is not None and result.get("final", True) is True
 
     # --- the log ----------------------------------------------------------------------------------
     def read_log(self) -> list[dict]:

@@ -104,3 +104,34 @@ def test_the_trainers_validation_equals_dmhpc_eval_of_the_same_checkpoint(make_d
             assert result[domain][metric] == epoch[domain]["val"][metric], (domain, metric)
     assert load_manifest(data / "pristine")["stats"] != load_manifest(data / "noisy")["stats"]
 
+
+
+def test_dmhpc_eval_never_finishes_a_run_nor_replaces_another_data_sets_result(make_domains, tmp_path, capsys):
+    """`dmhpc eval` with its defaults (best, test) wrote the file the trainer writes at its end,
+    and an unfinished run then looked finished to every launcher. And two targets in folders of
+    one name shared a result file: the second evaluation replaced the first."""
+    import shutil
+
+    data = make_domains(64)
+    run = RunDir(tmp_path / "run")
+    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
+                 f"run.dir={run.path}", "train.epochs=1"]) == 0
+    assert run.finished and run.read_result()["final"] is True
+    assert main(["eval", "--run", str(run.path)]) == 0  # the trainer's result again: the run stays finished
+    assert run.finished
+    run.result_path("best", "test").unlink()  # as if the trainer had not reached its test yet
+    assert main(["eval", "--run", str(run.path)]) == 0
+    assert run.read_result()["final"] is False and not run.finished
+
+    other = tmp_path / "other" / "noisy"
+    shutil.copytree(data / "noisy", other)
+    assert main(["eval", "--run", str(run.path), "--target", str(data / "noisy")]) == 0
+    first = run.result_path("best", "test", "noisy").read_bytes()
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run.path), "--target", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "best_test_on-noisy.json: holds the evaluation on" in err, err
+    assert run.result_path("best", "test", "noisy").read_bytes() == first
+    (tmp_path / "noisy-copy").symlink_to(other)
+    assert main(["eval", "--run", str(run.path), "--target", str(tmp_path / "noisy-copy")]) == 0
+    assert run.read_result("best", "test", "noisy-copy")["data"]["target"] == str(tmp_path / "noisy-copy")

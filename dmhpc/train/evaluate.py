@@ -61,7 +61,8 @@ def _cat(chunks, dtype, empty_shape):
 
 
 def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str, stats: dict,
-                 data: dict | None = None, data_name: str | None = None, plots: bool = True) -> dict:
+                 data: dict | None = None, data_name: str | None = None, plots: bool = True,
+                 final: bool = False) -> dict:
     """Metrics of both domains on `split`, written by rank 0 to the run's own file for (checkpoint,
     split, data set), with plots named alike, never over another evaluation's.
 
@@ -69,7 +70,8 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
     `data_name` None); `stats[domain]` is the (mean, std) each is normalized with. `checkpoint` says
     which checkpoint the model holds (name, epoch, step, selection criterion and score) and is copied
     into the result, so a reader can tell oracle-selected results apart. A domain without labels
-    gets the label-free metrics only.
+    gets the label-free metrics only. `final`: the trainer's test of its selected checkpoint, which
+    marks the run finished (`RunDir.finished`).
     """
     dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
     preds = {
@@ -82,6 +84,7 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
         "checkpoint": checkpoint,
         "oracle": CRITERIA.get(checkpoint.get("criterion"), False),
         "data": {d: str(dirs[d]) for d in DOMAINS},
+        "final": final,
         **{d: domain_metrics(preds[d]["labels"], preds[d]["prob"]) for d in DOMAINS},
     }
     if not dist.is_main:
@@ -132,7 +135,10 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
     data, data_name = None, None
     if target is not None:
         data = {"source": source or Path(cfg.data.source), "target": target}
-        data_name = "+".join(p.resolve().name for p in ((source,) if source else ()) + (target,))
+        data_name = "+".join(p.name or p.resolve().name for p in ((source,) if source else ()) + (target,))
+        _check_other_data(run.read_result(checkpoint, split, data_name), data, run.result_path(checkpoint, split, data_name))
+    # The best checkpoint's test on the run's own data, once the run finished: the trainer's result again.
+    final = data is None and (checkpoint, split) == ("best", "test") and run.finished
     dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
     ckpt = load_checkpoint(run.checkpoint(checkpoint))
     dist = bootstrap()
@@ -144,7 +150,7 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
         # Normalization as the run trained: per domain, each data set with its own statistics.
         stats = dict(zip(DOMAINS, domain_stats(dirs["source"], dirs["target"], cfg.data.normalize)))
         result = evaluate_run(model, cfg, dist, run, checkpoint=info, split=split, stats=stats, data=data,
-                              data_name=data_name)
+                              data_name=data_name, final=final)
         if dist.is_main:
             label = f"{run.path.name} ({checkpoint}, {split}{', ' + data_name if data_name else ''})"
             print(format_table({label: result}))
@@ -153,6 +159,18 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
     finally:
         shutdown()
     return result
+
+
+def _check_other_data(old: dict | None, data: dict, path: Path) -> None:
+    """Refuse to replace an evaluation on other data sets whose folders have the same names as
+    these (the file is named after the folders): one evaluation never overwrites another."""
+    if old is None:
+        return
+    before = {d: Path(old.get("data", {}).get(d, "")).resolve() for d in DOMAINS}
+    if before != {d: Path(data[d]).resolve() for d in DOMAINS}:
+        raise DmhpcError(f"{path}: holds the evaluation on {old.get('data', {}).get('target')} (source "
+                         f"{old.get('data', {}).get('source')}), data sets of the same folder names; give these "
+                         f"under other names (a symbolic link named otherwise will do)")
 
 
 def eval_main(args) -> int:

@@ -216,7 +216,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     best = load_checkpoint(run.checkpoint("best"))
     state.model.backbone.load_state_dict(best["model"])
     info = {"name": "best", "epoch": best["epoch"], "step": best["step"], **best["selection"]}
-    result = evaluate_run(state.model.backbone, cfg, dist, run, checkpoint=info, split="test", stats=stats)
+    result = evaluate_run(state.model.backbone, cfg, dist, run, checkpoint=info, split="test", stats=stats,
+                          final=True)
     if dist.is_main:
         print(format_table({run.path.name: result}), flush=True)
         with MetricLog(run, purge_step=None) as tb:
