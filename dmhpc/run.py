@@ -77,7 +77,7 @@ class Claim:
 
     resume_from: Path | None
     changed: dict = field(default_factory=dict)  # dotted key -> [old, new], accepted on resume
-    existed: bool = False  # the directory held a run already
+    replaces: bool = False  # the directory holds a run that this start replaces
 
 
 class RunDir:
@@ -240,7 +240,7 @@ class RunDir:
             if existed and not overwrite:
                 raise DmhpcError(f"{self.path}: already holds a run; --resume auto continues it, "
                                  f"--resume none --overwrite replaces it")
-            return Claim(None, existed=existed)
+            return Claim(None, replaces=existed)
         if resume == "auto":
             last = self.checkpoint("last")
             resume_from = last if last.is_file() else None
@@ -251,11 +251,19 @@ class RunDir:
             resume_from = Path(resume)
             if not resume_from.is_file():
                 raise DmhpcError(f"--resume {resume}: checkpoint not found (use auto, none or a checkpoint file)")
+            if existed and not self._own(resume_from) and not overwrite:
+                # Its best.pt, eval/ and log would be taken for the new run's.
+                raise DmhpcError(f"{self.path}: already holds a run; a checkpoint from elsewhere (--resume {resume}) "
+                                 f"starts a run in a new run.dir, or replaces this one with --overwrite")
         if resume_from is None:
-            return Claim(None, existed=existed)  # nothing trained yet: a fresh start
+            return Claim(None, replaces=existed)  # nothing trained yet: a fresh start
         old, where = self._reference_config(resume_from)
         changed = self._check_changes(old, config_to_dict(cfg), where, data_ids or {})
-        return Claim(resume_from, changed, existed)
+        return Claim(resume_from, changed, replaces=existed and not self._own(resume_from))
+
+    def _own(self, checkpoint: Path) -> bool:
+        """`checkpoint` is one of this run's own."""
+        return checkpoint.resolve().parent == self.checkpoint_dir.resolve()
 
     def check_relaunch(self, cfg: Config) -> None:
         """What `claim(cfg, "auto")` would refuse, checked from outside (a launcher about to submit
@@ -307,7 +315,7 @@ class RunDir:
 
     def _reference_config(self, resume_from: Path) -> tuple[dict, str]:
         """The configuration the run trained with so far: config.yaml, else the checkpoint's own."""
-        if self.config_path.is_file() and resume_from.parent == self.checkpoint_dir:
+        if self.config_path.is_file() and self._own(resume_from):
             return config_to_dict(self.config()), str(self.config_path)
         import torch  # only to read the "config" entry of a checkpoint from elsewhere, memory-mapped
 
@@ -349,7 +357,7 @@ class RunDir:
         Removes the orphan temporary files of killed writes, the old run's files when it is being
         replaced, writes config.yaml and run.json, and cuts the log back to `step`.
         """
-        if claim.resume_from is None and claim.existed:
+        if claim.replaces:
             for name in OWN_NAMES:
                 if name != LOCK:
                     target = self.path / name

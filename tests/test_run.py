@@ -200,10 +200,38 @@ def test_resume_from_another_checkpoint_compares_with_its_own_config(tmp_path):
 
     save_checkpoint(elsewhere, {"config": config_to_dict(dataclasses.replace(cfg, seed=9))})
     with pytest.raises(DmhpcError, match=rf"{elsewhere}: the run was trained with another configuration: seed 9 -> 1"):
-        run.claim(cfg, str(elsewhere))
+        run.claim(cfg, str(elsewhere), overwrite=True)
     run.release()
     with pytest.raises(DmhpcError, match="--resume .*missing.pt: checkpoint not found"):
         run.claim(cfg, str(tmp_path / "missing.pt"))
+
+
+def test_a_checkpoint_from_elsewhere_never_joins_another_run(tmp_path):
+    """--resume PATH into a run.dir holding another run kept that run's best.pt, eval/ and log
+    beside the new run's config: its test result was reported as the new run's."""
+    from dmhpc.config import config_to_dict
+
+    run, cfg = started(tmp_path)
+    save_checkpoint(run.checkpoint("best"), {"step": 2})
+    (run.path / "eval").mkdir()
+    (run.path / "eval" / "best_test.json").write_text("{}")
+    elsewhere = tmp_path / "other" / "checkpoints" / "last.pt"
+    save_checkpoint(elsewhere, {"config": config_to_dict(cfg)})
+    with pytest.raises(DmhpcError, match=rf"{run.path}: already holds a run; a checkpoint from elsewhere \(--resume "
+                                         rf"{elsewhere}\) starts a run in a new run.dir, or replaces this one with "
+                                         rf"--overwrite"):
+        run.claim(cfg, str(elsewhere))
+    assert run.checkpoint("best").is_file() and (run.path / "eval" / "best_test.json").is_file()
+    run.release()
+    claim = run.claim(cfg, str(elsewhere), overwrite=True)
+    assert claim.resume_from == elsewhere and claim.replaces
+    run.start(cfg, claim, {}, 0)
+    assert not run.checkpoint("best").exists() and not (run.path / "eval").exists()
+    assert elsewhere.is_file() and run.config_path.is_file()
+    run.release()
+    # the run's own checkpoints (best.pt included) resume it, as before
+    save_checkpoint(run.checkpoint("best"), {"step": 2})
+    assert not run.claim(cfg, str(run.checkpoint("best"))).replaces
 
 
 # --- the lock -------------------------------------------------------------------------------------

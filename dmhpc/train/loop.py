@@ -240,14 +240,14 @@ def train_arguments(parser) -> None:
                         help="auto (default): continue from the run's last checkpoint if it has one; none: a "
                              "new run (an existing one only with --overwrite); or a checkpoint path")
     parser.add_argument("--overwrite", action="store_true",
-                        help="with --resume none: replace the run already in run.dir (its checkpoints, "
-                             "log and results)")
+                        help="with --resume none or a checkpoint from elsewhere: replace the run already in "
+                             "run.dir (its checkpoints, log and results)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                         help="dotted overrides, e.g. train.epochs=5 data.source=/scratch/pristine")
 
 
 def train_main(args) -> int:
     cfg = load_config(args.config, args.overrides)  # errors here come before any process group starts
-    if args.overwrite and args.resume != "none":
-        raise DmhpcError("--overwrite replaces a run: give it with --resume none")
+    if args.overwrite and args.resume == "auto":
+        raise DmhpcError("--overwrite replaces a run: give it with --resume none (or a checkpoint from elsewhere)")
     return train(cfg, resume=args.resume, overwrite=args.overwrite)
