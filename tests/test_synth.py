@@ -454,6 +454,18 @@ def test_the_shipped_survey_data_config_prepares_beside_the_pair(with_survey, tm
     assert survey_objects and not survey_objects & set(pristine.read(0, len(pristine))["objects"].tolist())
 
 
+def test_meta_json_is_renamed_into_place_last(tmp_path, monkeypatch):
+    renamed = []
+
+    def replace(src, dst):  # the real rename, recorded: a kill after any of them leaves no meta.json early
+        os.rename(src, dst)
+        renamed.append(Path(dst).name)
+
+    monkeypatch.setattr(synth.os, "replace", replace)
+    synth.synthesize(tmp_path / "s", 1, SEED, survey=True)
+    assert sorted(renamed) == sorted(FILES + SURVEY_FILES) and renamed[-1] == "meta.json"
+
+
 def test_overwrite_without_survey_removes_an_older_survey(with_survey, tmp_path):
     out = tmp_path / "set"
     shutil.copytree(with_survey, out)

@@ -103,7 +103,9 @@ class _Staging:
 
     def __init__(self, out: Path, n_objects: int, views: int, survey: bool):
         self.out, self.views = out, views
-        self.files = OUTPUT_FILES + (SURVEY_FILES if survey else ())
+        # meta.json last: it says the render is finished, the survey files included.
+        images_and_labels = tuple(n for n in OUTPUT_FILES if n != "meta.json")
+        self.files = images_and_labels + (SURVEY_FILES if survey else ()) + ("meta.json",)
         self.partial = {name: temporary_path(out / name) for name in self.files}
         self.renamed: list[Path] = []
         shape = (n_objects * views, 3, 75, 75)
