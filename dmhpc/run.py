@@ -244,7 +244,7 @@ class RunDir:
         if resume == "auto":
             last = self.checkpoint("last")
             resume_from = last if last.is_file() else None
-            if resume_from is None and self.has_results():
+            if resume_from is None and self.has_results() and not self._killed_before_its_first_last():
                 raise DmhpcError(f"{self.path}: holds results ({CHECKPOINTS}/, {EVAL}/) but no {last.name} to "
                                  f"resume from; --resume none --overwrite replaces the run")
         else:
@@ -260,6 +260,12 @@ class RunDir:
         old, where = self._reference_config(resume_from)
         changed = self._check_changes(old, config_to_dict(cfg), where, data_ids or {})
         return Claim(resume_from, changed, replaces=existed and not self._own(resume_from))
+
+    def _killed_before_its_first_last(self) -> bool:
+        """The first epoch's end writes best.pt, its record, then last.pt: a run killed in between
+        has nothing a fresh start would lose but that epoch (and its requeued job must not stop)."""
+        epochs = [r for r in self.read_log() if r.get("kind") == "epoch"]
+        return not any((self.path / EVAL).glob("*.json")) and len(epochs) <= 1
 
     def _own(self, checkpoint: Path) -> bool:
         """`checkpoint` is one of this run's own."""

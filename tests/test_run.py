@@ -123,8 +123,21 @@ def test_resume_none_on_an_existing_run_needs_overwrite(tmp_path):
 
 
 def test_auto_without_last_but_with_results_is_refused(tmp_path):
+    """Refused when more than the first epoch would be lost; a run killed between its first best.pt
+    and its first last.pt (its requeued job stopped there) starts again."""
     run, cfg = started(tmp_path, checkpoint=False)
     save_checkpoint(run.checkpoint("best"), {"step": 3})
+    run.append_log({"kind": "epoch", "epoch": 0, "step": 3})
+    claim = run.claim(cfg, "auto")
+    assert claim.resume_from is None and claim.replaces
+    run.release()
+    run.append_log({"kind": "epoch", "epoch": 1, "step": 6})
+    with pytest.raises(DmhpcError, match="holds results .* but no last.pt to resume from"):
+        run.claim(cfg, "auto")
+    run.release()
+    run.truncate_log(3)
+    (run.path / "eval").mkdir()
+    (run.path / "eval" / "best_val.json").write_text("{}")  # a dmhpc eval of it: kept
     with pytest.raises(DmhpcError, match="holds results .* but no last.pt to resume from"):
         run.claim(cfg, "auto")
 
