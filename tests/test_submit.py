@@ -91,6 +91,30 @@ def test_a_refused_sbatch_is_one_line_naming_sbatchs_reason(tmp_path, monkeypatc
     assert not (tmp_path / "out" / "leaderboard.md").exists()
 
 
+def test_a_second_launcher_into_the_same_out_is_refused_in_one_line(tmp_path, capsys):
+    """Two launchers of one OUT both found the points unfinished and ran each twice: local jobs met in
+    the run directory, where one failed as "in use by another trainer"; SLURM jobs went in twice."""
+    from dmhpc.cli import main
+
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({"base": str(TINY), "out": str(tmp_path / "out"), "executor": "debug",
+                                         "grid": {"seed": [0]}, "overrides": {"data.source": "missing"}}))
+    lock = tmp_path / "out" / "submitit" / "launch.lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "a+") as first:  # the first launcher's lock, as it holds it while it runs
+        fcntl.flock(first, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        first.write("pid 12345 on node7\n")
+        first.flush()
+        assert main(["grid", str(grid_file)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"dmhpc grid: error: {lock}: another launcher is running points into this out (pid 12345 on "
+                   f"node7); wait for it or use another out\n"), err
+    assert not (tmp_path / "out" / "seed=0").exists() and not (tmp_path / "out" / "leaderboard.md").exists()
+    # The lock went with its holder: this launch runs its point (which fails: no data).
+    assert main(["grid", str(grid_file), "--executor", "local"]) == 1
+    assert "point seed=0: job" in capsys.readouterr().err and not _held(lock)
+
+
 def _held(lock) -> bool:
     """Whether a process holds the run directory's lock (a trainer is still running in it)."""
     with open(lock, "a+") as f:

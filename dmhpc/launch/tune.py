@@ -48,7 +48,6 @@ its run directory holds another run; three failures in a row stop the search.
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import json
 import math
@@ -66,7 +65,7 @@ from dmhpc.files import atomic_write
 from dmhpc.launch.spec import (Range, base_path, dotted_keys, finished_as, point_name, point_problem,
                                read_launch_file, read_space, resolve_point)
 from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, Resources, TrainTask, check_executor_here,
-                                 local_threads, make_executor, preempt_signal, read_resources,
+                                 hold_lock, local_threads, make_executor, preempt_signal, read_resources,
                                  sbatch_refusal, sigterm_as_interrupt, submission, wait_for)
 from dmhpc.names import CRITERIA, LABEL_FREE
 from dmhpc.run import RunDir
@@ -220,27 +219,7 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
 
 def _lock(out: Path):
     """An OS lock on OUT/tune.lock for the tuner's lifetime; released when the process dies."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        handle = open(out / LOCK, "a+")
-    except OSError as exc:
-        raise DmhpcError(f"{out}: cannot create the tuner's folder or lock: {exc.strerror}") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise DmhpcError(f"{out / LOCK}: a tuner is already running this study ({holder}); "
-                         f"wait for it or use another out") from None
-    except OSError as exc:  # file systems without locks (some Lustre mounts): say what is not guarded
-        print(f"dmhpc tune: warning: {out / LOCK}: the file system refuses locks ({exc.strerror}); a second "
-              f"tuner of this study would not be detected", flush=True)
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-    handle.flush()
-    return handle
+    return hold_lock(out / LOCK, "a tuner is already running this study", "tuner of this study")
 
 
 def _open_study(t: Tune):
