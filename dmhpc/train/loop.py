@@ -21,7 +21,7 @@ import torch
 
 from dmhpc.config import config_to_dict, load_config
 from dmhpc.data.loaders import make_train_loader
-from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, on_main, shutdown, synchronize
+from dmhpc.distributed import agree, all_gather_object, bootstrap, on_main, shutdown, synchronize
 from dmhpc.errors import DmhpcError
 from dmhpc.losses.collective import stable_rows
 from dmhpc.progress import progress_bar
@@ -93,7 +93,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     # TensorBoard hides events at or after purge_step; the log keeps the records of the step resumed from.
     purge_step = prog.step + 1 if claim.resume_from is not None else None
     log = MetricLog(run, purge_step=purge_step) if dist.is_main else None
-    if log is not None:
+
+    def announce() -> None:  # rank 0's; its error (a full disk) reaches every rank
         print(f"dmhpc train: {run.path} | world {dist.world_size} on {dist.device} | loader {loader.description} "
               f"| {steps_per_epoch} steps/epoch, {total_steps} steps", flush=True)
         if claim.resume_from is not None:
@@ -105,13 +106,18 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                    "resumed_from": str(claim.resume_from) if claim.resume_from else None,
                    "changed": claim.changed, **cleaned}, prog.step)
 
+    on_main(announce)
+
     def checkpoint(name: str, meter: EpochMeter, selection: dict | None = None) -> None:
         meter.check_finite(state, dist, prog.step)  # never write a diverged state
         content = state.state_dict()  # a collective: every rank calls it
-        if dist.is_main:
-            content.update(selection=selection or {}, config=config_to_dict(cfg))
+        content.update(selection=selection or {}, config=config_to_dict(cfg))
+        # Every rank waits for rank 0's write (nobody exits, ending the job step, while it writes)
+        # and gets its error (a full disk) as its own one line, not a broken collective later.
+        def write() -> None:
             save_checkpoint(run.checkpoint(name), content)
-        barrier()  # nobody exits (and so ends the job step) while rank 0 is still writing
+
+        on_main(write)
 
     # --- the epoch loop -----------------------------------------------------------------------------
     criterion, stopped = cfg.select.criterion, False
@@ -193,9 +199,11 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                     prog.epoch, prog.step_in_epoch = prog.epoch + 1, 0
                 # The record first: a kill between the two loses it with the epoch (the resume drops
                 # records after its checkpoint and does the epoch again), never alone.
-                if log is not None:
+                def write_record() -> None:  # rank 0's; its error reaches every rank
                     log.write(record, prog.step)
                     print(_epoch_line(record, criterion), flush=True)
+
+                on_main(write_record)
                 checkpoint("last", meter)
                 if cfg.train.early_stopping and prog.evals_since_best >= cfg.train.early_stopping:
                     if dist.is_main:
