@@ -238,10 +238,11 @@ def test_a_finished_point_asked_to_train_longer_resumes_instead_of_passing_for_t
     assert epochs == [0, 1]
     launch_grid(longer)
     assert "1 point(s): 1 finished, 0 still queued, 0 submitted" in capsys.readouterr().out
-    other = lambda **keys: load_grid({**longer, "overrides": tiny_overrides(data, **{"train.epochs": 2, **keys})})  # noqa: E731
-    assert other(**{"train.log_every": 2}).points[0].finished  # another cadence is no reason to train again
-    assert not other(**{"train.early_stopping": 3}).points[0].finished
-    assert not other(**{"train.max_steps": 15}).points[0].finished
+    def finished(**keys) -> bool:
+        return load_grid({**longer, "overrides": tiny_overrides(data, **{"train.epochs": 2, **keys})}).points[0].finished
+
+    assert finished(**{"train.log_every": 2})  # another cadence is no reason to train again
+    assert not finished(**{"train.early_stopping": 3}) and not finished(**{"train.max_steps": 15})
 
 
 def test_a_failed_point_is_named_with_the_reason_from_its_job_and_marked_on_the_leaderboard(data, tmp_path,
