@@ -349,6 +349,31 @@ def test_a_run_stopped_mid_epoch_resumes_with_that_epochs_loader(data, tmp_path,
     assert loader_kind(cfg, Progress(epoch=2, world_size=4, loader="dali"), 2) == "auto"  # an epoch's start
 
 
+def test_a_hand_edited_checkpoint_is_one_line(data, tmp_path, capsys):
+    """An entry deleted or a tensor of another shape: KeyError and RuntimeError tracebacks (resume,
+    eval, predict, export), now one line naming the file and what does not fit."""
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1")]
+    assert main(argv) == 0
+    last, best = run / "checkpoints" / "last.pt", run / "checkpoints" / "best.pt"
+    state = torch.load(last, weights_only=True)
+    del state["scaler"]
+    torch.save(state, last)
+    capsys.readouterr()
+    assert main([*argv, "train.epochs=2"]) == 1
+    assert capsys.readouterr().err == f"dmhpc train: error: {last}: no 'scaler' entry (an edited checkpoint, or not one of dmhpc)\n"
+    state = torch.load(best, weights_only=True)
+    name = next(k for k, v in state["model"].items() if v.ndim == 4)
+    state["model"][name] = state["model"][name][:, :1]
+    torch.save(state, best)
+    for command in (["eval", "--run", str(run)], ["export", "--run", str(run), "--format", "safetensors",
+                                                      "--out", str(tmp_path / "m.safetensors")]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"{best}: does not fit this run's model (Error(s) in loading state_dict" in err
+        assert f"size mismatch for {name}" in err, err
+
+
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 def test_signal_to_every_process_of_the_step_still_checkpoints(data, tmp_path, loader):
     """srun and scancel signal every process of a job step, loader workers included."""

@@ -33,7 +33,7 @@ from dmhpc.distributed import bootstrap, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write
 from dmhpc.run import RunDir
-from dmhpc.train.checkpoint import load_checkpoint
+from dmhpc.train.checkpoint import load_checkpoint, load_weights
 from dmhpc.train.objective import build_backbone
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -59,7 +59,7 @@ def build(run: RunDir, checkpoint: str = "best") -> tuple[MergerProbability, dic
     cfg = run.config()
     state = load_checkpoint(run.checkpoint(checkpoint))
     net = build_backbone(cfg)
-    net.load_state_dict(state["model"])
+    load_weights(net, state, run.checkpoint(checkpoint))
     mean, std = run.normalization("target")
     model = MergerProbability(net, mean, std).eval()
     info = {"name": checkpoint, "epoch": state.get("epoch"), "step": state.get("step"), **state.get("selection", {})}

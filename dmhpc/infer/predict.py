@@ -46,7 +46,7 @@ from dmhpc.files import atomic_path, atomic_write
 from dmhpc.progress import progress_bar
 from dmhpc.infer.sources import Source, open_source
 from dmhpc.run import RunDir
-from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, StopRequest, load_checkpoint
+from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, StopRequest, load_checkpoint, load_weights
 from dmhpc.train.objective import build_backbone
 from dmhpc.train.step import autocast
 
@@ -73,7 +73,7 @@ class Model:
         self.checkpoint = {"name": checkpoint, "epoch": state.get("epoch"), "step": state.get("step"),
                            **state.get("selection", {})}
         self.net = build_backbone(self.cfg).to(device).eval()
-        self.net.load_state_dict(state["model"])
+        load_weights(self.net, state, run.checkpoint(checkpoint))
         if self.cfg.train.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.device, self.amp = device, amp

@@ -82,6 +82,26 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
+def unfit(path: str | os.PathLike, exc: Exception) -> DmhpcError:
+    """The one-line error of a checkpoint whose content does not fit what loads it (hand-edited, of
+    an older format, or another model's): torch's KeyError or multi-line RuntimeError, named."""
+    if isinstance(exc, KeyError):
+        return DmhpcError(f"{path}: no {exc.args[0]!r} entry (an edited checkpoint, or not one of dmhpc)")
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return DmhpcError(f"{path}: does not fit this run's model ({reason[:300]})")
+
+
+UNFIT = (KeyError, RuntimeError, ValueError, TypeError)  # what load_state_dict raises for content that does not fit
+
+
+def load_weights(module: torch.nn.Module, checkpoint: dict, path: str | os.PathLike, key: str = "model") -> None:
+    """Put checkpoint[key] into `module`; what does not fit is one line naming the file."""
+    try:
+        module.load_state_dict(checkpoint[key])
+    except UNFIT as exc:
+        raise unfit(path, exc) from None
+
+
 # --- random number generators ----------------------------------------------------------------------
 
 def capture_rng_state() -> dict:

@@ -17,7 +17,7 @@ from dmhpc.errors import DmhpcError
 from dmhpc.run import RunDir, evaluation_tag
 from dmhpc.names import CRITERIA, DOMAINS
 from dmhpc.progress import progress_bar
-from dmhpc.train.checkpoint import load_checkpoint
+from dmhpc.train.checkpoint import load_checkpoint, load_weights
 from dmhpc.train.metrics import domain_metrics
 from dmhpc.train.objective import build_backbone
 
@@ -144,7 +144,7 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
     dist = bootstrap()
     try:
         model = build_backbone(cfg).to(dist.device)
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt, run.checkpoint(checkpoint))
         info = {"name": checkpoint, **{k: ckpt[k] for k in ("epoch", "step") if k in ckpt},
                 **ckpt.get("selection", {})}
         # Normalization as the run trained: per domain, each data set with its own statistics.

@@ -27,7 +27,8 @@ from dmhpc.losses.collective import stable_rows
 from dmhpc.progress import progress_bar
 from dmhpc.run import RunDir
 from dmhpc.train import preflight
-from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, StopRequest, load_checkpoint, save_checkpoint
+from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, UNFIT, StopRequest, load_checkpoint, load_weights,
+                                   save_checkpoint, unfit)
 from dmhpc.train.evaluate import evaluate_run, format_table, predict
 from dmhpc.train.meter import EpochMeter
 from dmhpc.train.metrics import MetricLog, domain_metrics, selection_score, validator_scores
@@ -62,7 +63,13 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     state = TrainState.build(cfg, dist.device)
     agree(lambda: preflight.check_model_input(cfg, state.model.backbone, manifests["source"]["shape"], dist.device))
     if claim.resume_from is not None:
-        agree(lambda: state.load_state_dict(load_checkpoint(claim.resume_from), dist.rank))
+        def resume() -> None:
+            try:
+                state.load_state_dict(load_checkpoint(claim.resume_from), dist.rank)
+            except UNFIT as exc:
+                raise unfit(claim.resume_from, exc) from None
+
+        agree(resume)
     prog = state.progress
     kind = preflight.loader_kind(cfg, prog, dist.world_size)
     cleaned = on_main(lambda: run.start(cfg, claim, data_ids, prog.step))
@@ -222,7 +229,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
 
     # --- test the selected checkpoint ---------------------------------------------------------------
     best = load_checkpoint(run.checkpoint("best"))
-    state.model.backbone.load_state_dict(best["model"])
+    load_weights(state.model.backbone, best, run.checkpoint("best"))
     info = {"name": "best", "epoch": best["epoch"], "step": best["step"], **best["selection"]}
     result = evaluate_run(state.model.backbone, cfg, dist, run, checkpoint=info, split="test", stats=stats,
                           final=True)
