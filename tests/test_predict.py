@@ -298,3 +298,44 @@ def test_one_split_of_a_prepared_set(trained, tmp_path):
     manifest = load_manifest(data)
     assert set(table["split"]) == {"test"} and sorted(table["index"]) == sorted(manifest["splits"]["test"])
     assert table.meta["SRCARGS"] and '"split": "test"' in table.meta["SRCARGS"]
+
+
+def test_non_finite_pixels_and_a_flat_filter_are_refused_in_one_line(trained, tmp_path, capsys):
+    """A NaN pixel made a NaN probability, counted as a non-merger (exit 0); a constant filter under
+    --normalize own made every probability NaN. Both are one line now, and no catalog is written."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    run = str(trained["run"])
+    nan = trained["images"][:40].copy()
+    nan[37, 1, :5] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    inf = trained["images"][:40].copy()
+    inf[38, 0, 3, 3] = np.inf
+    np.save(tmp_path / "inf.npy", inf)
+    flat = trained["images"][:40].copy()
+    flat[:, 2] = 1.0
+    np.save(tmp_path / "flat.npy", flat)
+    folder = tmp_path / "cutouts"
+    folder.mkdir()
+    for i in range(40):
+        fits.PrimaryHDU(nan[i].astype(">f4")).writeto(folder / f"G{i}.fits")
+    Table({"objid": [f"G{i}" for i in range(40)]}).write(tmp_path / "survey.csv")
+    cases = [
+        (["--images", str(tmp_path / "nan.npy")], f"{tmp_path / 'nan.npy'}: NaN pixels in image 37; --nan-fill 0"),
+        (["--images", str(tmp_path / "inf.npy"), "--nan-fill", "0"], "Inf pixels in image 38; --nan-fill replaces NaN only"),
+        (["--catalog", str(tmp_path / "survey.csv"), "--id-column", "objid", "--cutouts", str(folder)],
+         f"{folder / 'G37.fits'}: NaN pixels in this cutout (id G37); --nan-fill 0"),
+        (["--images", str(tmp_path / "flat.npy"), "--normalize", "own"],
+         "channel 2 has standard deviation 0.0 in these images; cannot normalize with --normalize own"),
+        (["--images", str(tmp_path / "nan.npy"), "--normalize", "own"], "standard deviation nan"),
+    ]
+    for k, (argv, message) in enumerate(cases):
+        out = tmp_path / f"c{k}.csv"
+        assert main(["predict", "--run", run, *argv, "--out", str(out), "--part-size", "32", "--batch-size", "16"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+    out = tmp_path / "filled.csv"
+    assert main(["predict", "--run", run, "--images", str(tmp_path / "nan.npy"), "--nan-fill", "0", "--out", str(out)]) == 0
+    assert np.isfinite(np.asarray(read(out)["p_merger"])).all()

@@ -233,18 +233,26 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
             print(f"dmhpc predict: {source.count} images of {source.path} in {n_parts} parts ({n_parts - remaining} "
                   f"done before); world {dist.world_size} on {dist.device}; {checkpoint} checkpoint of {run.path}",
                   flush=True)
-        t0, done = time.perf_counter(), 0
+        t0, done, error = time.perf_counter(), 0, None
         mine = sum(b - a for a, b in (_part_rows(source.count, part_size, k) for k in todo))
         with StopRequest(signals) as stop, progress_bar(mine, "predict", unit="img", show=dist.is_main) as bar:
             for k in todo:
                 start, stop_row = _part_rows(source.count, part_size, k)
-                columns = _compute_part(model, source, norm, start, stop_row, batch_size, tta)
+                try:
+                    columns = _compute_part(model, source, norm, start, stop_row, batch_size, tta)
+                except DmhpcError as exc:  # a bad image: carried to the gather below, so no rank waits there alone
+                    error = str(exc)
+                    break
                 atomic_write(_part_path(parts, k), writer=lambda f: np.savez(f, **columns), durable=False)
                 done += stop_row - start
                 bar.update(stop_row - start)
                 if stop.signal_name is not None:  # the part in hand is written: stop here
                     break
-        stopped = any(all_gather_object(stop.signal_name is not None))
+        ended = all_gather_object((stop.signal_name is not None, error))
+        errors = [e for _, e in ended if e is not None]
+        if errors:
+            raise DmhpcError(errors[0])
+        stopped = any(s for s, _ in ended)
         rate = sum(all_gather_object(done)) / max(time.perf_counter() - t0, 1e-9)
         if stopped:
             if dist.is_main:
