@@ -339,3 +339,42 @@ def test_non_finite_pixels_and_a_flat_filter_are_refused_in_one_line(trained, tm
     out = tmp_path / "filled.csv"
     assert main(["predict", "--run", run, "--images", str(tmp_path / "nan.npy"), "--nan-fill", "0", "--out", str(out)]) == 0
     assert np.isfinite(np.asarray(read(out)["p_merger"])).all()
+
+
+def test_parts_from_other_inputs_a_retrained_checkpoint_or_other_source_options_are_not_reused(trained, tmp_path, capsys):
+    """The parts' spec held the file paths, and the checkpoint by name and step only: parts of a
+    rewritten images file, of a run retrained with --overwrite, or with another --id-column or
+    --nan-fill were merged into the new catalog without a word."""
+    import shutil
+
+    from astropy.table import Table
+
+    run, images = tmp_path / "run", tmp_path / "survey.npy"
+    shutil.copytree(trained["run"], run)
+    np.save(images, trained["images"])
+    Table({"objid": [f"A{i}" for i in range(200)], "name": [f"NGC{i}" for i in range(200)]}).write(tmp_path / "c.csv")
+    out = tmp_path / "resumed.parquet"
+    source = ["--catalog", str(tmp_path / "c.csv"), "--id-column", "objid"]
+    with open(tmp_path / "log", "w") as log:
+        proc = _start_and_wait_for_parts({**trained, "run": run, "survey": images}, out, 1, log, *source)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    argv = ["predict", "--run", str(run), "--images", str(images), "--out", str(out), "--part-size", "32",
+            "--batch-size", "16"]
+
+    def refused(extra, differs):
+        assert main([*argv, *extra]) == 1
+        err = capsys.readouterr().err
+        assert "holds parts of another prediction" in err and differs in err and len(err.splitlines()) == 1, err
+
+    refused([*source[:-1], "name"], "(differs in id_column);")
+    refused([*source, "--nan-fill", "0"], "(differs in nan_fill);")
+    state = load_checkpoint(run / "checkpoints" / "best.pt")
+    next(iter(state["model"].values())).add_(1.0)
+    torch.save(state, run / "checkpoints" / "tmp.pt")
+    os.replace(run / "checkpoints" / "tmp.pt", run / "checkpoints" / "best.pt")  # as a retrain with --overwrite does
+    refused(source, "(differs in checkpoint_file (mtime_ns")
+    np.save(images, trained["images"][::-1])  # the survey file regenerated: same count, other images
+    refused(source, "), input_files (images));")
+    assert main([*argv, *source, "--overwrite"]) == 0
+    assert list(read(out)["id"][:2]) == ["A0", "A1"]

@@ -44,7 +44,7 @@ from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, gath
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write
 from dmhpc.progress import progress_bar
-from dmhpc.infer.sources import Source, open_source
+from dmhpc.infer.sources import Source, file_identity, open_source
 from dmhpc.run import RunDir
 from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, StopRequest, load_checkpoint, load_weights
 from dmhpc.train.objective import build_backbone
@@ -69,6 +69,8 @@ class Model:
 
     def __init__(self, run: RunDir, checkpoint: str, device: torch.device, amp: str = "none"):
         self.cfg = run.config()
+        # Name, epoch and step alone are the same for a run retrained with --overwrite.
+        self.identity = file_identity(run.checkpoint(checkpoint))
         state = load_checkpoint(run.checkpoint(checkpoint))
         self.checkpoint = {"name": checkpoint, "epoch": state.get("epoch"), "step": state.get("step"),
                            **state.get("selection", {})}
@@ -131,9 +133,25 @@ def _batch_columns(model: Model, normalize: Normalizer, images: np.ndarray, colu
     return columns
 
 
-def _spec(run: RunDir, model: Model, source: Source, options: dict) -> dict:
-    return {"run": str(run.path.resolve()), "checkpoint": model.checkpoint, "source": source.describe,
-            "count": source.count, **options}
+def _spec(run: RunDir, model: Model, source: Source, source_args: dict, options: dict) -> dict:
+    """Everything a part's numbers depend on: the checkpoint's and the inputs' files as they are now
+    (a prepared set's fingerprint covers its shards' contents), every source argument, the options."""
+    return {"run": str(run.path.resolve()), "checkpoint": model.checkpoint, "checkpoint_file": model.identity,
+            "source": source.describe, "input_files": source.identity, **source_args, "count": source.count,
+            **options}
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    """The keys in which two specs differ, with the inner keys of dicts: 'checkpoint_file (mtime_ns, size)'."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            key += f" ({', '.join(sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)))})"
+        out.append(key)
+    return out
 
 
 def _claim_parts(out: Path, parts: Path, spec: dict, overwrite: bool) -> None:
@@ -148,7 +166,7 @@ def _claim_parts(out: Path, parts: Path, spec: dict, overwrite: bool) -> None:
             old = None
         if old != json.loads(json.dumps(spec)):
             if not overwrite:
-                differs = sorted(k for k in set(spec) | set(old or {}) if (old or {}).get(k) != spec.get(k))
+                differs = _differences(old if isinstance(old, dict) else {}, json.loads(json.dumps(spec)))
                 raise DmhpcError(f"{parts}: holds parts of another prediction (differs in {', '.join(differs)}); "
                                  f"--overwrite starts again")
             shutil.rmtree(parts)
@@ -210,6 +228,12 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                                         label_column=label_column, file_column=file_column, cutouts=cutouts,
                                         nan_fill=nan_fill).items()}
         source = agree(lambda: open_source(**source_args))
+        # Each rank loaded its own copies: a checkpoint or input replaced meanwhile (a run still
+        # training writes last.pt every epoch) would give parts of two models in one catalog.
+        seen = json.dumps([model.checkpoint, model.identity, source.identity, source.describe], sort_keys=True)
+        if len(set(all_gather_object(seen))) > 1:
+            raise DmhpcError(f"{run.checkpoint(checkpoint)} or {source.path}: replaced while the ranks were "
+                             f"reading it (a run still training?); start again")
         trained = tuple(agree(lambda: run.data_record("source"))["shape"])
         if source.shape != trained:
             raise DmhpcError(f"{source.path}: images of shape {source.shape}; the run trained on {trained}")
@@ -224,7 +248,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         options = {"tta": tta, "normalize": normalize, "mean": mean, "std": std, "part_size": part_size,
                    "batch_size": batch_size, "amp": amp}
         parts = Path(f"{out}.parts")
-        on_main(lambda: _claim_parts(out, parts, _spec(run, model, source, options), overwrite))
+        on_main(lambda: _claim_parts(out, parts, _spec(run, model, source, source_args, options), overwrite))
         n_parts = -(-source.count // part_size)
         todo = [k for k in range(dist.rank, n_parts, dist.world_size)
                 if not _part_done(_part_path(parts, k), _part_rows(source.count, part_size, k)[1] - k * part_size)]

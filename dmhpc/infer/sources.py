@@ -32,6 +32,7 @@ class Source:
     count: int
     labelled: bool
     describe: dict = field(default_factory=dict)  # provenance for the catalog's metadata
+    identity: dict = field(default_factory=dict)  # {role: file_identity}: what a resumed prediction must still read
     _reader: object = None     # RowReader or ImageArray
     _ids: list | None = None
     _labels: np.ndarray | None = None
@@ -125,6 +126,17 @@ class Source:
             self._reader.close()
 
 
+def file_identity(path: str | os.PathLike) -> dict | None:
+    """Size and modification time (ns) of a file, None if it cannot be read (its opener says why).
+    Taken before the file is opened: a file replaced in between then differs from what was recorded
+    at the next start, so its parts are refused, never reused with contents they were not made from."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
 def open_source(*, data: str | os.PathLike | None = None, split: str | None = None,
                 images: str | os.PathLike | None = None, catalog: str | os.PathLike | None = None,
                 id_column: str = "id", label_column: str | None = None, file_column: str | None = None,
@@ -143,7 +155,9 @@ def open_source(*, data: str | os.PathLike | None = None, split: str | None = No
         return Source("data", Path(data), tuple(manifest["shape"]), stop - first, is_labelled(manifest),
                       {"data": str(Path(data).resolve()), "fingerprint": fingerprint(manifest),
                        **({"split": split} if split else {})},
-                      RowReader(data, manifest), _manifest=manifest, _first=first)
+                      _reader=RowReader(data, manifest), _manifest=manifest, _first=first)
+    identity = {role: file_identity(path) for role, path in (("images", images), ("catalog", catalog))
+                if path is not None}
     cat = None
     if catalog is not None:
         cat = read_catalog(catalog, id_column=id_column, label_column=label_column, file_column=file_column,
@@ -163,5 +177,5 @@ def open_source(*, data: str | os.PathLike | None = None, split: str | None = No
         where["catalog"] = str(Path(catalog).resolve())
     labels = cat.labels if cat is not None else None
     return Source("catalog" if cat is not None and images is None else "images", Path(images or catalog),
-                  tuple(array.shape[1:]), len(array), labels is not None, where, array,
+                  tuple(array.shape[1:]), len(array), labels is not None, where, identity, array,
                   cat.ids if cat is not None else None, labels)
