@@ -1,5 +1,6 @@
-"""Atomic file writes for the whole project, one-line errors when a write fails, and the lock that
-keeps two writers out of one folder (`locked_directory`).
+"""Atomic file writes for the whole project, one-line errors when a write fails, and the locks that
+keep two writers apart: `hold_lock` (a lock file saying who holds it: run directories, launchers,
+tuners) and `locked_directory` (the folder itself, for folders that hold nothing but their data).
 
     atomic_write(path, text_or_bytes)            # a small file in one go
     atomic_write(path, writer=lambda f: ...)     # a binary writer callback (torch.save, np.save, ...)
@@ -22,9 +23,11 @@ import errno
 import fcntl
 import os
 import re
+import socket
 import tempfile
+import time
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator
+from typing import IO, BinaryIO, Callable, Iterator
 
 from dmhpc.errors import DmhpcError
 
@@ -187,3 +190,31 @@ def locked_directory(directory: Path, user: str) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def hold_lock(path: Path, refusal: str, second: str) -> IO:
+    """An OS lock (flock) on the file `path` (created, with its folder) until the returned file is
+    closed; it says who holds it. The kernel drops the lock when its process dies, so a killed job
+    never blocks the next. Refused while another process holds it: `refusal` with "{holder}" filled
+    in ("pid N on HOST since ..."). `second` names what a second holder would be, for the warning
+    where the file system refuses locks (some Lustre mounts), and the caller goes on unguarded."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(path, "a+")
+    except OSError as exc:
+        raise DmhpcError(f"{path}: cannot create the folder or the lock: {exc.strerror}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise DmhpcError(refusal.replace("{holder}", holder)) from None
+        print(f"dmhpc: warning: {path}: the file system refuses locks ({exc.strerror}); a second {second} "
+              f"would not be detected", flush=True)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    handle.flush()
+    return handle

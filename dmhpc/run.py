@@ -23,23 +23,19 @@ so a requeued job is never blocked by a lock of a killed one.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
 import os
 import re
 import shutil
-import socket
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import IO, Any, Mapping
 
 from dmhpc import __version__
 from dmhpc.checks import show
 from dmhpc.config import Config, changed_keys, config_to_dict, load_config, save_config
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_write, is_temporary, remove_orphans
+from dmhpc.files import atomic_write, hold_lock, is_temporary, remove_orphans
 
 FORMAT = "dmhpc-run"
 VERSION = 1
@@ -85,7 +81,7 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        self._lock_fd: int | None = None
+        self._lock_file: IO | None = None
         self._created = False
 
     # --- the layout -------------------------------------------------------------------------------
@@ -300,24 +296,11 @@ class RunDir:
             if not self.path.exists():
                 self.path.mkdir(parents=True)
                 self._created = True
-            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise DmhpcError(f"run.dir {self.path}: cannot create: {exc.strerror}") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
-                os.close(fd)
-                raise DmhpcError(f"run.dir {self.path}: in use by another trainer ({holder}); wait for it "
-                                 f"to end or choose another run.dir") from None
-            # File systems without locks (some Lustre mounts): go on, but say what is not guarded.
-            print(f"dmhpc: warning: {self.path / LOCK}: the file system refuses locks ({exc.strerror}); "
-                  f"a second trainer on this run directory would not be detected", flush=True)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
-        self._lock_fd = fd
+        self._lock_file = hold_lock(self.path / LOCK, f"run.dir {self.path}: in use by another trainer ({{holder}}); "
+                                                      f"wait for it to end or choose another run.dir",
+                                    "trainer on this run directory")
 
     def _reference_config(self, resume_from: Path) -> tuple[dict, str]:
         """The configuration the run trained with so far: config.yaml, else the checkpoint's own."""
@@ -381,10 +364,10 @@ class RunDir:
 
     def release(self) -> None:
         """Give the lock back; a directory this claim created and nothing else filled goes too."""
-        if self._lock_fd is None:
+        if self._lock_file is None:
             return
-        os.close(self._lock_fd)
-        self._lock_fd = None
+        self._lock_file.close()
+        self._lock_file = None
         if self._created and os.listdir(self.path) == [LOCK]:
             (self.path / LOCK).unlink(missing_ok=True)
             self.path.rmdir()

@@ -26,7 +26,6 @@ alone on `scancel`), and a stop on SIGTERM must not requeue a job the user cance
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import io
 import json
 import os
@@ -48,7 +47,7 @@ from dmhpc.checks import (Check, Problems, boolean, integer, mapping, number, op
                           unknown_keys)
 from dmhpc.config import config_to_dict
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_write
+from dmhpc.files import atomic_write, hold_lock
 from dmhpc.launch.spec import Point
 from dmhpc.rendezvous import slurm_rendezvous
 
@@ -334,33 +333,6 @@ def sbatch_refusal(what: str):
             sys.stderr.write(held.getvalue())
 
 
-def hold_lock(path: Path, busy: str, second: str):
-    """An OS lock (flock) on `path` until the returned file is closed; the kernel drops it when the
-    process dies, so a killed launcher never blocks the next. Refused while another process holds
-    it: "PATH: <busy> (pid N on HOST); ...". `second` names what a second holder would be, for the
-    warning where the file system has no locks."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")
-    except OSError as exc:
-        raise DmhpcError(f"{path}: cannot create the folder or the lock: {exc.strerror}") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise DmhpcError(f"{path}: {busy} ({holder}); wait for it or use another out") from None
-    except OSError as exc:  # file systems without locks (some Lustre mounts): say what is not guarded
-        print(f"dmhpc: warning: {path}: the file system refuses locks ({exc.strerror}); a second {second} "
-              f"would not be detected", flush=True)
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-    handle.flush()
-    return handle
-
-
 # --- the job ---------------------------------------------------------------------------------------
 
 class TrainTask(submitit.helpers.Checkpointable):
@@ -480,7 +452,9 @@ def launch_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     # Two launchers of one OUT would both find a point unfinished and run it twice: local jobs meet
     # in its run directory, where one fails as "in use"; SLURM jobs go in twice, before either is in
     # jobs.json.
-    with hold_lock(folder / LAUNCH_LOCK, "another launcher is running points into this out", "launcher"):
+    lock = folder / LAUNCH_LOCK
+    with hold_lock(lock, f"{lock}: another launcher is running points into this out ({{holder}}); wait for it or "
+                         f"use another out", "launcher"):
         if kind == "local":
             return _launch_local(points, resources, folder=folder, job_name=job_name, task=task)
         jobs = submit_points(points, resources, kind=kind, folder=folder, job_name=job_name, task=task)

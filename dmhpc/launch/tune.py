@@ -61,11 +61,11 @@ from typing import Any, Mapping
 from dmhpc.checks import Problems, choice, integer, show, take, text, unknown_keys
 from dmhpc.config import config_to_dict
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_write
+from dmhpc.files import atomic_write, hold_lock
 from dmhpc.launch.spec import (Range, base_path, dotted_keys, finished_as, point_name, point_problem,
                                read_launch_file, read_space, resolve_point)
 from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, Resources, TrainTask, check_executor_here,
-                                 hold_lock, local_threads, make_executor, preempt_signal, read_resources,
+                                 local_threads, make_executor, preempt_signal, read_resources,
                                  sbatch_refusal, sigterm_as_interrupt, submission, wait_for)
 from dmhpc.names import CRITERIA, LABEL_FREE
 from dmhpc.run import RunDir
@@ -219,7 +219,8 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
 
 def _lock(out: Path):
     """An OS lock on OUT/tune.lock for the tuner's lifetime; released when the process dies."""
-    return hold_lock(out / LOCK, "a tuner is already running this study", "tuner of this study")
+    return hold_lock(out / LOCK, f"{out / LOCK}: a tuner is already running this study ({{holder}}); wait for it or "
+                                 f"use another out", "tuner of this study")
 
 
 def _open_study(t: Tune):
