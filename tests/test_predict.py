@@ -378,3 +378,26 @@ def test_parts_from_other_inputs_a_retrained_checkpoint_or_other_source_options_
     refused(source, "), input_files (images));")
     assert main([*argv, *source, "--overwrite"]) == 0
     assert list(read(out)["id"][:2]) == ["A0", "A1"]
+
+
+def test_a_second_predict_on_the_same_catalog_is_refused_and_a_catalog_written_meanwhile_is_kept(trained, tmp_path,
+                                                                                                capsys):
+    """Two predicts on one --out both computed into CATALOG.parts: the first to merge removed the
+    parts under the other (a FileNotFoundError traceback), or the second silently replaced the
+    first's catalog (`out` was only looked at on start)."""
+    survey = tmp_path / "survey.npy"
+    np.save(survey, np.concatenate([trained["images"]] * 4))  # 800 images: long enough to meet it running
+    out = tmp_path / "shared.parquet"
+    with open(tmp_path / "log", "w") as log:
+        first = _start_and_wait_for_parts({**trained, "survey": survey}, out, 1, log, "--tta")
+        for extra in ([], ["--overwrite"]):
+            assert main(["predict", "--run", str(trained["run"]), "--images", str(survey), "--out", str(out),
+                         "--part-size", "32", "--batch-size", "16", "--tta", *extra]) == 1
+            err = capsys.readouterr().err
+            assert f"{out}.parts: in use by another dmhpc predict" in err and len(err.splitlines()) == 1, err
+        out.write_text("a catalog another job wrote meanwhile\n")
+        assert first.wait(timeout=300) == 1
+    log = (tmp_path / "log").read_text()
+    assert f"--out {out}: exists (written since this prediction started); --overwrite replaces it" in log, log
+    assert "Traceback" not in log and out.read_text() == "a catalog another job wrote meanwhile\n"
+    assert len(_parts(out)) == 25  # kept: a rerun with --overwrite merges them

@@ -42,7 +42,7 @@ from dmhpc.checks import show
 from dmhpc.data.batches import Normalizer, read_ahead
 from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, gather, on_main, shutdown
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_path, atomic_write
+from dmhpc.files import atomic_path, atomic_write, locked_directory
 from dmhpc.progress import progress_bar
 from dmhpc.infer.sources import Source, file_identity, open_source
 from dmhpc.run import RunDir
@@ -154,10 +154,14 @@ def _differences(old: dict, new: dict) -> list[str]:
     return out
 
 
-def _claim_parts(out: Path, parts: Path, spec: dict, overwrite: bool) -> None:
-    """Rank 0: refuse a finished catalog (unless overwrite) and parts of another prediction."""
+def _claim_parts(out: Path, parts: Path, spec: dict, overwrite: bool, held: contextlib.ExitStack) -> None:
+    """Rank 0: refuse a finished catalog (unless overwrite) and parts of another prediction; lock the
+    parts folder into `held` until the merge, so a second predict on the same --out stops in one line
+    instead of merging (or removing) this one's parts."""
     if out.exists() and not overwrite:
         raise DmhpcError(f"--out {out}: exists; --overwrite replaces it")
+    parts.mkdir(parents=True, exist_ok=True)
+    held.enter_context(locked_directory(parts, "dmhpc predict"))
     saved = parts / SPEC
     if saved.is_file():
         try:
@@ -169,18 +173,23 @@ def _claim_parts(out: Path, parts: Path, spec: dict, overwrite: bool) -> None:
                 differs = _differences(old if isinstance(old, dict) else {}, json.loads(json.dumps(spec)))
                 raise DmhpcError(f"{parts}: holds parts of another prediction (differs in {', '.join(differs)}); "
                                  f"--overwrite starts again")
-            shutil.rmtree(parts)
-    elif parts.exists() and any(parts.iterdir()):
+            for entry in parts.iterdir():  # emptied, not removed: the lock is on the folder itself
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+    elif any(parts.iterdir()):
         raise DmhpcError(f"{parts}: exists and is not a dmhpc prediction's parts; remove it or choose another --out")
-    parts.mkdir(parents=True, exist_ok=True)
     if not saved.is_file():
         atomic_write(saved, json.dumps(spec, indent=2) + "\n")
 
 
-def _merge(out: Path, parts: Path, n_parts: int, meta: dict) -> int:
+def _merge(out: Path, parts: Path, n_parts: int, meta: dict, overwrite: bool) -> int:
     """Rank 0: the parts, back in input order, as one catalog; returns its rows."""
     from astropy.table import Table  # astropy only where a catalog is written
 
+    if out.exists() and not overwrite:  # another predict may have finished it since the start
+        raise DmhpcError(f"--out {out}: exists (written since this prediction started); --overwrite replaces it")
     columns: dict[str, list] = {}
     for k in range(n_parts):
         with np.load(_part_path(parts, k), allow_pickle=False) as z:
@@ -219,7 +228,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                          f"batches (and so results) do not depend on how parts are shared out")
     run = RunDir(run_dir)
     dist = bootstrap()
-    source = None
+    source, held = None, contextlib.ExitStack()
     try:
         model = agree(lambda: Model(run, checkpoint, dist.device, amp))
         # How to open the source again (dmhpc explain --catalog reads the candidates' images back).
@@ -248,7 +257,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         options = {"tta": tta, "normalize": normalize, "mean": mean, "std": std, "part_size": part_size,
                    "batch_size": batch_size, "amp": amp}
         parts = Path(f"{out}.parts")
-        on_main(lambda: _claim_parts(out, parts, _spec(run, model, source, source_args, options), overwrite))
+        on_main(lambda: _claim_parts(out, parts, _spec(run, model, source, source_args, options), overwrite, held))
         n_parts = -(-source.count // part_size)
         todo = [k for k in range(dist.rank, n_parts, dist.world_size)
                 if not _part_done(_part_path(parts, k), _part_rows(source.count, part_size, k)[1] - k * part_size)]
@@ -289,13 +298,14 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                 "SOURCE": source.kind, "DATA": str(source.path.resolve()),
                 "DATASHA": source.describe.get("fingerprint", ""), "NORM": normalize, "MEAN": show(mean),
                 "STD": show(std), "TTA": tta, "SRCARGS": json.dumps(source_args)}
-        rows = on_main(lambda: _merge(out, parts, n_parts, meta))
+        rows = on_main(lambda: _merge(out, parts, n_parts, meta, overwrite))
         if dist.is_main:
             print(f"dmhpc predict: wrote {out} ({rows} rows; {rate:.0f} images/s over {dist.world_size} rank(s))",
                   flush=True)
         barrier()
         return 0
     finally:
+        held.close()
         if source is not None:
             source.close()
         shutdown()
