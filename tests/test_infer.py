@@ -161,6 +161,38 @@ def test_export_with_normalization_built_in_and_a_card(survey, run_on_survey, tm
     assert main(["export", "--run", str(run_on_survey), "--format", fmt, "--out", str(out)]) == 1  # no overwrite
 
 
+def test_the_card_reports_the_test_of_the_exported_checkpoint_only(survey, tmp_path, monkeypatch, capsys):
+    """The card took eval/best_test.json whatever checkpoint it came from: a run trained on since
+    showed an earlier checkpoint's test metrics under the new one's name. And an ONNX file that
+    failed its onnxruntime check stayed behind, without a card."""
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(TINY), *overrides(survey, run)]
+    assert main(argv) == 0
+    assert main(["eval", "--run", str(run), "--checkpoint", "last"]) == 0
+    out = tmp_path / "last.safetensors"
+    assert main(["export", "--run", str(run), "--checkpoint", "last", "--format", "safetensors", "--out", str(out)]) == 0
+    card = json.loads(Path(f"{out}.card.json").read_text())
+    assert card["test_metrics"]["source"]["accuracy"] >= 0
+    steps = card["checkpoint"]["step"]
+    assert "the run's latest, not chosen by any criterion" in Path(f"{out}.card.md").read_text()
+    assert main([*argv, "train.epochs=2"]) == 0  # last.pt moves on; eval/last_test.json stays behind
+    assert main(["export", "--run", str(run), "--checkpoint", "last", "--format", "safetensors", "--out", str(out),
+                 "--overwrite"]) == 0
+    card = json.loads(Path(f"{out}.card.json").read_text())
+    assert card["checkpoint"]["step"] == 2 * steps and card["test_metrics"] is None
+    assert "Not evaluated on the test split" in Path(f"{out}.card.md").read_text()
+
+    if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
+        from dmhpc.infer import export
+
+        monkeypatch.setattr(export, "ONNX_TOLERANCE", -1.0)  # any difference is too much
+        capsys.readouterr()
+        onnx = tmp_path / "m.onnx"
+        assert main(["export", "--run", str(run), "--format", "onnx", "--out", str(onnx)]) == 1
+        assert "onnxruntime differs from torch by" in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".m.onnx", "m.onnx"))) == []
+
+
 @pytest.mark.gpu
 def test_the_last_mile_on_a_gpu(survey, tmp_path, capsys):
     """Train, then predict (bf16 autocast and TTA too), explain (captum) and export, each on CUDA:

@@ -77,14 +77,18 @@ def _onnx(model: MergerProbability, example: torch.Tensor, out: Path) -> float:
                                     dynamic_shapes={"image": {0: batch}}, dynamo=True)
     except ImportError:
         raise DmhpcError("--format onnx needs onnx and onnxscript: pip install dmhpc[export]") from None
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp:  # checked before it takes its name: a file that fails is never left
         program.save(str(tmp))
-    check = torch.randn(5, *example.shape[1:]) * 2 + 1
-    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"image": check.numpy()})
-    with torch.no_grad():
-        want = model(check).numpy()
-    return float(np.abs(got - want).max())
+        check = torch.randn(5, *example.shape[1:]) * 2 + 1
+        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        (got,) = session.run(None, {"image": check.numpy()})
+        with torch.no_grad():
+            want = model(check).numpy()
+        difference = float(np.abs(got - want).max())
+        if not difference <= ONNX_TOLERANCE:
+            raise DmhpcError(f"{out}: onnxruntime differs from torch by {difference:.2e} (more than "
+                             f"{ONNX_TOLERANCE:g}); nothing written")
+    return difference
 
 
 def _torchscript(model: MergerProbability, example: torch.Tensor, out: Path) -> None:
@@ -119,7 +123,10 @@ def load_safetensors(path) -> MergerProbability:
 
 def model_card(run: RunDir, info: dict, shape: list, fmt: str, out: Path, onnx_max_diff: float | None) -> dict:
     cfg = run.config()
-    result = run.read_result("best", "test") if info["name"] == "best" else None
+    result = run.read_result(info["name"], "test")
+    if result is not None and {k: result.get("checkpoint", {}).get(k) for k in ("epoch", "step")} != \
+            {k: info.get(k) for k in ("epoch", "step")}:
+        result = None  # the test of an earlier checkpoint of that name (the run trained on since)
     card = {
         "model": {"file": out.name, "format": fmt, "architecture": cfg.model.name, "dmhpc": __version__},
         "input": {"shape": ["N", *shape], "dtype": "float32", "normalization": "built in",
@@ -152,12 +159,19 @@ def _card_markdown(card: dict) -> str:
     for role, d in card["data"].items():
         lines.append(f"- {role}: `{d['path']}`, images {tuple(d['shape'])}, manifest SHA-256 `{d['fingerprint']}`")
     c, sel = card["checkpoint"], card["selection"]
-    lines += ["", "## Selection", "",
-              f"Checkpoint `{c['name']}` (epoch {c.get('epoch')}, step {c.get('step')}), chosen by "
-              f"`{sel['criterion']}` (score {sel['score']})" +
-              (" using target labels (an oracle: not a choice a user without them could make)"
-               if sel["criterion"] == "oracle-target-acc" else ", without target labels") + ".", ""]
-    if card["test_metrics"]:
+    lines += ["", "## Selection", ""]
+    if sel["criterion"] is None:
+        lines += [f"Checkpoint `{c['name']}` (epoch {c.get('epoch')}, step {c.get('step')}): the run's latest, "
+                  f"not chosen by any criterion.", ""]
+    else:
+        lines += [f"Checkpoint `{c['name']}` (epoch {c.get('epoch')}, step {c.get('step')}), chosen by "
+                  f"`{sel['criterion']}` (score {sel['score']})" +
+                  (" using target labels (an oracle: not a choice a user without them could make)"
+                   if sel["criterion"] == "oracle-target-acc" else ", without target labels") + ".", ""]
+    if not card["test_metrics"]:
+        lines += ["## Test metrics", "", f"Not evaluated on the test split: `dmhpc eval --run {card['run']} "
+                  f"--checkpoint {c['name']}` evaluates it, and a new export puts the result here.", ""]
+    else:
         lines += ["## Test metrics", "", "| domain | accuracy | ROC AUC | F1 | Brier | merger fraction |", "|---|---|---|---|---|---|"]
         for d, t in card["test_metrics"].items():
             cells = [t.get(k) for k in ("accuracy", "roc_auc", "f1", "brier", "merger_fraction")]
@@ -183,8 +197,6 @@ def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool 
     onnx_diff = None
     if fmt == "onnx":
         onnx_diff = _onnx(model, example, out)
-        if onnx_diff > ONNX_TOLERANCE:
-            raise DmhpcError(f"{out}: onnxruntime differs from torch by {onnx_diff:.2e} (more than {ONNX_TOLERANCE:g})")
     elif fmt == "torchscript":
         _torchscript(model, example, out)
     else:
