@@ -323,7 +323,8 @@ def test_non_finite_pixels_and_a_flat_filter_are_refused_in_one_line(trained, tm
     Table({"objid": [f"G{i}" for i in range(40)]}).write(tmp_path / "survey.csv")
     cases = [
         (["--images", str(tmp_path / "nan.npy")], f"{tmp_path / 'nan.npy'}: NaN pixels in image 37; --nan-fill 0"),
-        (["--images", str(tmp_path / "inf.npy"), "--nan-fill", "0"], "Inf pixels in image 38; --nan-fill replaces NaN only"),
+        (["--images", str(tmp_path / "inf.npy"), "--nan-fill", "0"],
+         "Inf pixels in image 38; --nan-fill replaces NaN only"),
         (["--catalog", str(tmp_path / "survey.csv"), "--id-column", "objid", "--cutouts", str(folder)],
          f"{folder / 'G37.fits'}: NaN pixels in this cutout (id G37); --nan-fill 0"),
         (["--images", str(tmp_path / "flat.npy"), "--normalize", "own"],
@@ -337,11 +338,13 @@ def test_non_finite_pixels_and_a_flat_filter_are_refused_in_one_line(trained, tm
         assert message in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
     out = tmp_path / "filled.csv"
-    assert main(["predict", "--run", run, "--images", str(tmp_path / "nan.npy"), "--nan-fill", "0", "--out", str(out)]) == 0
+    assert main(["predict", "--run", run, "--images", str(tmp_path / "nan.npy"), "--nan-fill", "0",
+                 "--out", str(out)]) == 0
     assert np.isfinite(np.asarray(read(out)["p_merger"])).all()
 
 
-def test_parts_from_other_inputs_a_retrained_checkpoint_or_other_source_options_are_not_reused(trained, tmp_path, capsys):
+def test_parts_from_other_inputs_a_retrained_checkpoint_or_other_source_options_are_not_reused(trained, tmp_path,
+                                                                                              capsys):
     """The parts' spec held the file paths, and the checkpoint by name and step only: parts of a
     rewritten images file, of a run retrained with --overwrite, or with another --id-column or
     --nan-fill were merged into the new catalog without a word."""
@@ -401,3 +404,49 @@ def test_a_second_predict_on_the_same_catalog_is_refused_and_a_catalog_written_m
     assert f"--out {out}: exists (written since this prediction started); --overwrite replaces it" in log, log
     assert "Traceback" not in log and out.read_text() == "a catalog another job wrote meanwhile\n"
     assert len(_parts(out)) == 25  # kept: a rerun with --overwrite merges them
+
+
+def _save_part(path: Path, columns: dict) -> None:
+    """Replace a part file at once, as an editor or another job would (np.savez adds .npz to a bare name)."""
+    np.savez(path.with_suffix(".tmp.npz"), **columns)
+    os.replace(path.with_suffix(".tmp.npz"), path)
+
+
+def test_parts_of_the_right_length_but_other_contents_are_computed_again(trained, tmp_path):
+    """A part was taken as done when its `index` had the right length: one with another part's rows
+    gave a catalog with rows twice and others missing, one without a column an IndexError."""
+    straight = tmp_path / "straight.parquet"
+    argv = ["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--part-size", "32",
+            "--batch-size", "16", "--tta", "--out"]
+    assert main([*argv, str(straight)]) == 0
+    out = tmp_path / "edited.parquet"
+    with open(tmp_path / "log", "w") as log:
+        proc = _start_and_wait_for_parts(trained, out, 2, log, "--tta")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    parts = _parts(out)
+    first, second = dict(np.load(parts[0])), dict(np.load(parts[1]))
+    del first["p_merger_std"]
+    _save_part(parts[0], first)
+    _save_part(parts[1], {**second, "index": second["index"] - 32})  # part 0's rows again
+    assert main([*argv, str(out)]) == 0
+    a, b = read(straight), read(out)
+    assert list(b["index"]) == list(range(200))
+    for column in a.colnames:
+        np.testing.assert_array_equal(np.asarray(a[column]), np.asarray(b[column]))
+
+
+def test_a_part_replaced_while_the_prediction_runs_is_refused_at_the_merge(trained, tmp_path):
+    survey = tmp_path / "survey.npy"
+    np.save(survey, np.concatenate([trained["images"]] * 4))
+    out = tmp_path / "replaced.parquet"
+    with open(tmp_path / "log", "w") as log:
+        proc = _start_and_wait_for_parts({**trained, "survey": survey}, out, 2, log, "--tta")
+        part = Path(f"{out}.parts") / "part-000000.npz"
+        columns = dict(np.load(part))
+        _save_part(part, {**columns, "index": columns["index"] + 32})  # part 1's rows twice, part 0's none
+        assert proc.wait(timeout=300) == 1
+    log = (tmp_path / "log").read_text()
+    assert (f"{part}: not a part of this prediction: rows other than its 32 rows (from input position 0); remove it "
+            f"and run again") in log, log
+    assert "Traceback" not in log and not out.exists()

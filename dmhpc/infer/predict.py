@@ -98,12 +98,31 @@ def _part_path(parts: Path, k: int) -> Path:
     return parts / f"part-{k:06d}.npz"
 
 
-def _part_done(path: Path, rows: int) -> bool:
+def _part_problem(columns, index: np.ndarray, names: set) -> str | None:
+    """What makes a part's columns not those of its rows (input positions `index`), or None. A part
+    of the right length is not enough: an edited or foreign file would put rows twice into the
+    catalog, leave others out, or break the merge."""
+    if set(columns) != names:
+        return f"columns {', '.join(sorted(columns))}; expected {', '.join(sorted(names))}"
+    if any(len(columns[key]) != len(index) for key in names):
+        return f"columns of other lengths than its {len(index)} rows"
+    if not np.array_equal(columns["index"], index):
+        return f"rows other than its {len(index)} rows (from input position {index[0]})"
+    if not all(np.isfinite(columns[key]).all() for key in ("p_merger", "p_merger_std") if key in names):
+        return "non-finite merger probabilities"
+    return None
+
+
+def _part_done(path: Path, index: np.ndarray, names: set) -> bool:
     try:
         with np.load(path, allow_pickle=False) as z:
-            return len(z["index"]) == rows
+            return _part_problem({key: z[key] for key in z.files}, index, names) is None
     except Exception:  # missing, or not a whole part: compute it (again)
         return False
+
+
+def _part_names(source: Source, tta: bool) -> set:
+    return {*source.columns, "p_merger", *(("p_merger_std",) if tta else ())}
 
 
 def _compute_part(model: Model, source: Source, normalize: Normalizer, start: int, stop: int, batch: int,
@@ -184,17 +203,27 @@ def _claim_parts(out: Path, parts: Path, spec: dict, overwrite: bool, held: cont
         atomic_write(saved, json.dumps(spec, indent=2) + "\n")
 
 
-def _merge(out: Path, parts: Path, n_parts: int, meta: dict, overwrite: bool) -> int:
+def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, meta: dict, overwrite: bool) -> int:
     """Rank 0: the parts, back in input order, as one catalog; returns its rows."""
     from astropy.table import Table  # astropy only where a catalog is written
 
     if out.exists() and not overwrite:  # another predict may have finished it since the start
         raise DmhpcError(f"--out {out}: exists (written since this prediction started); --overwrite replaces it")
     columns: dict[str, list] = {}
-    for k in range(n_parts):
-        with np.load(_part_path(parts, k), allow_pickle=False) as z:
-            for key in z.files:
-                columns.setdefault(key, []).append(z[key])
+    names = _part_names(source, tta)
+    for k in range(-(-source.count // part_size)):
+        path = _part_path(parts, k)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                part = {key: z[key] for key in z.files}
+        except Exception as exc:  # removed or replaced since the ranks checked it
+            raise DmhpcError(f"{path}: cannot read the part ({type(exc).__name__}: {exc}); run again to compute "
+                             f"it") from None
+        problem = _part_problem(part, source.positions(*_part_rows(source.count, part_size, k)), names)
+        if problem is not None:
+            raise DmhpcError(f"{path}: not a part of this prediction: {problem}; remove it and run again")
+        for key, value in part.items():
+            columns.setdefault(key, []).append(value)
     data = {key: np.concatenate(values) for key, values in columns.items()}
     order = np.argsort(data["index"], kind="stable")
     table = Table()
@@ -259,8 +288,9 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         parts = Path(f"{out}.parts")
         on_main(lambda: _claim_parts(out, parts, _spec(run, model, source, source_args, options), overwrite, held))
         n_parts = -(-source.count // part_size)
-        todo = [k for k in range(dist.rank, n_parts, dist.world_size)
-                if not _part_done(_part_path(parts, k), _part_rows(source.count, part_size, k)[1] - k * part_size)]
+        names = _part_names(source, tta)
+        todo = [k for k in range(dist.rank, n_parts, dist.world_size) if not _part_done(
+            _part_path(parts, k), source.positions(*_part_rows(source.count, part_size, k)), names)]
         remaining = sum(all_gather_object(len(todo)))
         if dist.is_main:
             print(f"dmhpc predict: {source.count} images of {source.path} in {n_parts} parts ({n_parts - remaining} "
@@ -298,7 +328,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                 "SOURCE": source.kind, "DATA": str(source.path.resolve()),
                 "DATASHA": source.describe.get("fingerprint", ""), "NORM": normalize, "MEAN": show(mean),
                 "STD": show(std), "TTA": tta, "SRCARGS": json.dumps(source_args)}
-        rows = on_main(lambda: _merge(out, parts, n_parts, meta, overwrite))
+        rows = on_main(lambda: _merge(out, parts, source, part_size, tta, meta, overwrite))
         if dist.is_main:
             print(f"dmhpc predict: wrote {out} ({rows} rows; {rate:.0f} images/s over {dist.world_size} rank(s))",
                   flush=True)

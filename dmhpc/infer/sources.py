@@ -38,6 +38,21 @@ class Source:
     _labels: np.ndarray | None = None
     _manifest: dict | None = None
     _first: int = 0            # a prepared set's first row in use (one split: its first row)
+    _positions: np.ndarray | None = None  # a prepared set's input position of each storage row
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The names of the columns `read` gives."""
+        names = ("index", "id", *(("object", "split") if self.kind == "data" else ()))
+        return names + (("label",) if self.labelled else ())
+
+    def positions(self, start: int, stop: int) -> np.ndarray:
+        """The input positions (the `index` column) of rows [start, stop), without reading them."""
+        if self.kind != "data":
+            return np.arange(start, stop, dtype=np.int64)
+        if self._positions is None:  # storage holds the splits one after the other (see read_inputs)
+            self._positions = np.concatenate([np.asarray(self._manifest["splits"][s], np.int64) for s in SPLITS])
+        return self._positions[self._first + start:self._first + stop]
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, dict]:
         """(images (n, C, H, W) float32, columns) of rows [start, stop) in storage order."""
