@@ -88,9 +88,17 @@ def test_explain_draws_a_grid_per_domain_and_class(survey, run_on_survey, tmp_pa
     assert set(names[2:]) <= {"target_merger.png", "target_non-merger.png"} and len(names) >= 3
     record = json.loads((out / "explain.json").read_text())
     assert record["target_class"] == "merger" and record["files"] == [n for n in record["files"] if n in names]
+    assert record["data"] == {"source": str((survey / "pristine").resolve()), "target": str((survey / "survey").resolve())}
     from matplotlib.image import imread
 
     assert imread(out / "source_merger.png").shape[0] > 500  # three rows of panels
+    # Another explanation into the same folder silently replaced these grids (explain.json alike).
+    again = ["explain", "--run", str(run_on_survey), "--n", "3", "--data", str(survey / "noisy"), "--out", str(out)]
+    assert main(again) == 1
+    assert sorted(p.name for p in out.glob("*.png")) == names
+    assert main([*again, "--overwrite"]) == 0
+    assert {p.name for p in out.glob("*.png")} == {"data_merger.png", "data_non-merger.png"}  # none of the old ones
+    assert json.loads((out / "explain.json").read_text())["data"] == {"data": str((survey / "noisy").resolve())}
 
 
 def test_gradcam_and_integrated_gradients_are_captums_on_the_last_block(run_on_survey):
@@ -111,9 +119,12 @@ def test_gradcam_and_integrated_gradients_are_captums_on_the_last_block(run_on_s
     np.testing.assert_allclose(ig, ref.abs().sum(1).detach().numpy(), rtol=1e-5, atol=1e-7)
 
 
-def test_explain_the_top_candidates_of_a_catalog(survey, run_on_survey, tmp_path):
+@pytest.mark.parametrize("fmt", ["fits", "csv"])
+def test_explain_the_top_candidates_of_a_catalog(survey, run_on_survey, tmp_path, fmt):
+    """Every format predict writes (a plain CSV keeps its provenance in CATALOG.json beside it,
+    which explain did not read: 'not a catalog written by dmhpc predict')."""
     pytest.importorskip("captum")
-    catalog = tmp_path / "survey.fits"
+    catalog = tmp_path / f"survey.{fmt}"
     assert main(["predict", "--run", str(run_on_survey), "--data", str(survey / "survey"), "--out", str(catalog)]) == 0
     assert main(["explain", "--run", str(run_on_survey), "--catalog", str(catalog), "--n", "4",
                  "--out", str(tmp_path / "explain")]) == 0

@@ -1,6 +1,6 @@
 """`dmhpc explain`: what the network looks at, as pictures an astronomer reads.
 
-    dmhpc explain --run RUN [--checkpoint best] [--data DIR | --catalog CATALOG] [--n N] --out DIR
+    dmhpc explain --run RUN [--checkpoint best] [--data DIR | --catalog CATALOG] [--n N] --out DIR [--overwrite]
 
 Two attributions from captum, both for the merger class (what makes an image look like a merger
 to the network, whatever its label):
@@ -33,7 +33,7 @@ import torch
 
 from dmhpc.data.batches import Normalizer
 from dmhpc.data.shards import RowReader, is_labelled, load_manifest, split_rows
-from dmhpc.distributed import bootstrap, shutdown
+from dmhpc.distributed import bootstrap, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write
 from dmhpc.infer.predict import Model
@@ -109,21 +109,56 @@ def _test_split(directory: Path, limit: int, seed: int):
     return images, labels
 
 
+def _read_catalog(catalog: Path):
+    """A `dmhpc predict` catalog as an astropy Table with its provenance in `meta` (plain CSV keeps
+    it in CATALOG.json beside the file)."""
+    from astropy.table import Table
+
+    fmt = {".parquet": "parquet", ".h5": "hdf5", ".hdf5": "hdf5"}.get(catalog.suffix.lower())
+    try:
+        table = Table.read(catalog, format=fmt, **({"path": "catalog"} if fmt == "hdf5" else {})) if fmt \
+            else Table.read(catalog)
+        beside = Path(f"{catalog}.json")
+        if catalog.suffix.lower() == ".csv" and beside.is_file():
+            table.meta.update(json.loads(beside.read_text()))
+    except FileNotFoundError:
+        raise DmhpcError(f"{catalog}: no such catalog") from None
+    except (OSError, ValueError) as exc:
+        raise DmhpcError(f"{catalog}: not a readable catalog ({' '.join(str(exc).split())[:200]})") from None
+    return table
+
+
+def _claim_out(out: Path, overwrite: bool) -> None:
+    """Refuse a folder holding another explanation (its explain.json) unless `overwrite`, which
+    removes that explanation's grids first: none of them may pass for the new one's."""
+    record = out / "explain.json"
+    if not record.is_file():
+        return
+    if not overwrite:
+        raise DmhpcError(f"--out {out}: holds an explanation already ({record.name}); --overwrite replaces it, "
+                         f"or choose another folder")
+    try:
+        files = json.loads(record.read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        files = []
+    record.unlink()
+    for name in files:
+        if isinstance(name, str) and Path(name).name == name:  # a bare file name, never a path elsewhere
+            (out / name).unlink(missing_ok=True)
+
+
 def explain(run_dir, out, *, checkpoint: str = "best", data=None, catalog=None, n: int = 6, seed: int = 0,
-            pool: int = 200) -> list[Path]:
+            pool: int = 200, overwrite: bool = False) -> list[Path]:
     """Write the PNG grids; returns their paths. `pool` images per domain are scored to find the samples."""
     _captum()
     run, out = RunDir(run_dir), Path(out)
     dist = bootstrap()
     try:
         model = Model(run, checkpoint, dist.device)
+        on_main(lambda: _claim_out(out, overwrite))
         written = []
         if catalog is not None:
-            from astropy.table import Table
-
-            fmt = {".parquet": "parquet", ".h5": "hdf5", ".hdf5": "hdf5"}.get(Path(catalog).suffix.lower())
-            table = Table.read(catalog, format=fmt, **({"path": "catalog"} if fmt == "hdf5" else {})) if fmt \
-                else Table.read(catalog)
+            table = _read_catalog(Path(catalog))
             if "p_merger" not in table.colnames or "SRCARGS" not in table.meta:
                 raise DmhpcError(f"{catalog}: not a catalog written by dmhpc predict (no p_merger column or SRCARGS)")
             top = np.argsort(-np.asarray(table["p_merger"]), kind="stable")[:n]
@@ -137,9 +172,11 @@ def explain(run_dir, out, *, checkpoint: str = "best", data=None, catalog=None, 
             title = f"{run.path.name}, {checkpoint} checkpoint: top {len(top)} merger candidates of {Path(catalog).name}"
             written.append(attribution_grid(images, cams, igs, probs, labels, title, out / "top_candidates.png"))
             source.close()
+            explained = {"catalog": str(Path(catalog).resolve())}
         else:
             domains = {"data": Path(data)} if data is not None else {"source": Path(model.cfg.data.source),
                                                                       "target": Path(model.cfg.data.target)}
+            explained = {name: str(directory.resolve()) for name, directory in domains.items()}
             for name, directory in domains.items():
                 role = "target" if name in ("data", "target") else "source"
                 norm = Normalizer(*run.normalization(role), dist.device)
@@ -148,7 +185,8 @@ def explain(run_dir, out, *, checkpoint: str = "best", data=None, catalog=None, 
                                            directory.name)
         if dist.is_main:
             atomic_write(out / "explain.json", json.dumps({
-                "run": str(run.path.resolve()), "checkpoint": model.checkpoint, "target_class": "merger",
+                "run": str(run.path.resolve()), "checkpoint": model.checkpoint, "data": explained, "seed": seed,
+                "target_class": "merger",
                 "grad_cam_layer": type(model.net.last_conv_block()).__name__, "ig_baseline": "zeros (the mean image)",
                 "files": [p.name for p in written]}, indent=2) + "\n")
             for p in written:
@@ -168,6 +206,7 @@ def explain_arguments(parser) -> None:
     parser.add_argument("--n", type=int, default=6, help="images per domain and class (default 6)")
     parser.add_argument("--seed", type=int, default=0, help="which images are drawn (default 0)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNG grids")
+    parser.add_argument("--overwrite", action="store_true", help="replace the explanation already in --out")
 
 
 def explain_main(args) -> int:
@@ -176,5 +215,5 @@ def explain_main(args) -> int:
     if args.n < 1:
         raise DmhpcError(f"--n {args.n}: must be at least 1")
     explain(args.run, args.out, checkpoint=args.checkpoint, data=args.data, catalog=args.catalog, n=args.n,
-            seed=args.seed)
+            seed=args.seed, overwrite=args.overwrite)
     return 0
