@@ -665,6 +665,29 @@ def test_augmented_copies_are_reported_and_grouped_into_one_split(tmp_path, caps
     assert "objects" in capsys.readouterr().out
 
 
+def test_copies_are_found_reading_a_block_of_rows_at_a_time(tmp_path, monkeypatch):
+    """In the DeepMerge files nearly every image has copies: the exact test read all of them at
+    once, the whole input in memory (on every rank under MPI)."""
+    from dmhpc.data import duplicates
+    from dmhpc.data.inputs import ArrayRows
+
+    images = augmented_copies(60)  # 240 images of 3x8x8 float32: 768 bytes each
+    reads = []
+
+    class Recorded(ArrayRows):
+        def _rows(self, index):
+            reads.append(len(index))
+            return super()._rows(index)
+
+    monkeypatch.setattr(duplicates, "_BLOCK_BYTES", 50 * 768)  # blocks of 50 images
+    rows = Recorded(images)
+    objects = duplicates.group(rows, duplicates.signatures(rows))
+    assert duplicates.count_copies(objects) == (180, 60)
+    assert max(reads) == 50 and sum(reads) == 240 * 2  # the signatures' pass, then the candidates'
+    canonical = [duplicates.canonical_hash(image) for image in images]
+    assert all(canonical[objects[i]] == canonical[i] and objects[i] <= i for i in range(240))
+
+
 def test_data_config_spelling_and_overrides(tmp_path, capsys):
     rng = np.random.default_rng(6)
     root = tmp_path / "zenodo"

@@ -63,9 +63,13 @@ def group(images, sigs: np.ndarray) -> np.ndarray:
         return objects
     first_of: dict[bytes, int] = {}
     order = shared[np.argsort(inverse[shared], kind="stable")]  # grouped by signature, index order within
-    images_of = images[order]  # only the candidates are read again
-    for i, image in zip(order, images_of):
-        objects[i] = first_of.setdefault(sigs[i].tobytes() + canonical_hash(image), int(i))
+    # Only the candidates are read again, a block at a time: in the DeepMerge files nearly every
+    # image has copies, and all of them at once is the whole input, on every rank.
+    step = max(1, _BLOCK_BYTES // (int(np.prod(images.shape[1:])) * 4))
+    for a in range(0, len(order), step):
+        block = order[a:a + step]
+        for i, image in zip(block, images[block]):
+            objects[i] = first_of.setdefault(sigs[i].tobytes() + canonical_hash(image), int(i))
     return objects
 
 
