@@ -450,3 +450,23 @@ def test_a_part_replaced_while_the_prediction_runs_is_refused_at_the_merge(train
     assert (f"{part}: not a part of this prediction: rows other than its 32 rows (from input position 0); remove it "
             f"and run again") in log, log
     assert "Traceback" not in log and not out.exists()
+
+
+def test_a_label_column_that_is_not_whole_numbers_is_one_line_before_any_part(trained, tmp_path, capsys):
+    """Labels such as merger/nonmerger were a ValueError traceback at the first batch, after the
+    parts folder was made; 0.5 was written as 0."""
+    from astropy.table import Table
+
+    Table({"id": [f"A{i}" for i in range(200)], "kind": ["merger", "nonmerger"] * 100, "p": [0.0, 0.5] * 100,
+           "flag": [1.0, 0.0] * 100}).write(tmp_path / "c.ecsv")
+    base = ["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--catalog",
+            str(tmp_path / "c.ecsv")]
+    for column, shown in (("kind", "'merger' (row 1)"), ("p", "0.5 (row 2)")):
+        out = tmp_path / f"{column}.csv"
+        assert main([*base, "--label-column", column, "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'c.ecsv'}: label column {column!r} holds {shown}; expected whole numbers" in err, err
+        assert len(err.splitlines()) == 1 and not out.exists() and not Path(f"{out}.parts").exists()
+    out = tmp_path / "flag.csv"
+    assert main([*base, "--label-column", "flag", "--out", str(out)]) == 0
+    assert list(read(out)["label"][:2]) == [1, 0]

@@ -70,7 +70,7 @@ class Source:
         index = np.arange(start, stop, dtype=np.int64)
         columns = {"index": index, "id": np.array(self._ids[start:stop]) if self._ids is not None else index}
         if self._labels is not None:
-            columns["label"] = np.asarray(self._labels[start:stop]).astype(np.int64)
+            columns["label"] = self._labels[start:stop]
         return self._finite(self._reader[start:stop], columns), columns
 
     def _finite(self, images: np.ndarray, columns: dict) -> np.ndarray:
@@ -152,6 +152,22 @@ def file_identity(path: str | os.PathLike) -> dict | None:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def _integer_labels(catalog, column: str, labels: np.ndarray) -> np.ndarray:
+    """The label column as int64, refused when it is not whole numbers: checked on opening, so that it
+    is said before a parts folder is made, not as a traceback at the first batch."""
+    labels = np.asarray(labels)
+    if labels.dtype == bool or np.issubdtype(labels.dtype, np.integer):
+        return labels.astype(np.int64)
+    if np.issubdtype(labels.dtype, np.floating):
+        bad = np.flatnonzero(labels != np.round(labels))  # NaN compares unequal, so it is caught too
+        if not bad.size:
+            return labels.astype(np.int64)
+    else:
+        bad = [0]
+    raise DmhpcError(f"{catalog}: label column {column!r} holds {labels[bad[0]].item()!r} (row {bad[0] + 1}); expected "
+                     f"whole numbers (1 merger, 0 not)")
+
+
 def open_source(*, data: str | os.PathLike | None = None, split: str | None = None,
                 images: str | os.PathLike | None = None, catalog: str | os.PathLike | None = None,
                 id_column: str = "id", label_column: str | None = None, file_column: str | None = None,
@@ -190,7 +206,7 @@ def open_source(*, data: str | os.PathLike | None = None, split: str | None = No
                          f"with --cutouts")
     if cat is not None:
         where["catalog"] = str(Path(catalog).resolve())
-    labels = cat.labels if cat is not None else None
+    labels = _integer_labels(catalog, label_column, cat.labels) if cat is not None and cat.labels is not None else None
     return Source("catalog" if cat is not None and images is None else "images", Path(images or catalog),
                   tuple(array.shape[1:]), len(array), labels is not None, where, identity, array,
                   cat.ids if cat is not None else None, labels)
