@@ -91,6 +91,34 @@ def test_a_refused_sbatch_is_one_line_naming_sbatchs_reason(tmp_path, monkeypatc
     assert not (tmp_path / "out" / "leaderboard.md").exists()
 
 
+def test_a_queued_job_of_another_configuration_is_never_taken_for_the_point(tmp_path, monkeypatch, capsys):
+    """A relaunch re-attaches to the points' jobs still queued; a job submitted before the launch file
+    changed runs the configuration pickled then, and its results passed for the new file's."""
+    from dmhpc.cli import main
+
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "sbatch").write_text('#!/bin/sh\necho "Submitted batch job 1234"\n')
+    (fake / "squeue").write_text('#!/bin/sh\necho 1234_0\necho 1234_1\n')  # both still queued
+    for tool in fake.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    grid = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "slurm", "grid": {"seed": [0, 1]},
+            "overrides": {"optim.lr": 0.05}}
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(grid))
+    assert main(["grid", str(grid_file), "--no-wait"]) == 0
+    assert "2 point(s): 0 finished, 0 still queued, 2 submitted" in capsys.readouterr().out
+    assert main(["grid", str(grid_file), "--no-wait"]) == 0
+    assert "2 point(s): 0 finished, 2 still queued, 0 submitted" in capsys.readouterr().out
+    grid["overrides"]["optim.lr"] = 0.001  # the point names stay: seed=0, seed=1
+    grid_file.write_text(yaml.safe_dump(grid))
+    assert main(["grid", str(grid_file), "--no-wait"]) == 1
+    assert capsys.readouterr().err == (
+        "dmhpc grid: error: point seed=0: its Slurm job 1234_0, still queued or running, was submitted with another "
+        "configuration (the launch file changed since); scancel 1234_0 and launch again, or restore the file\n")
+
+
 def test_a_second_launcher_into_the_same_out_is_refused_in_one_line(tmp_path, capsys):
     """Two launchers of one OUT both found the points unfinished and ran each twice: local jobs met in
     the run directory, where one failed as "in use by another trainer"; SLURM jobs went in twice."""

@@ -26,6 +26,7 @@ alone on `scancel`), and a stop on SIGTERM must not requeue a job the user cance
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -384,6 +385,12 @@ def _queued_slurm_jobs() -> set[str]:
     return set(proc.stdout.split())
 
 
+def _config_id(point: Point) -> str:
+    """A short hash of the point's resolved configuration: what its job runs."""
+    text = json.dumps(config_to_dict(point.config), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def _read_jobs(folder: Path) -> dict:
     path = folder / JOBS_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -409,6 +416,11 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
             finished += 1
         elif p.name in recorded and recorded[p.name]["job_id"] in queued:
             entry = recorded[p.name]
+            if entry.get("config", _config_id(p)) != _config_id(p):  # (older jobs files kept none)
+                # The queued job runs the configuration pickled when it was submitted.
+                raise DmhpcError(f"point {p.name}: its Slurm job {entry['job_id']}, still queued or running, was "
+                                 f"submitted with another configuration (the launch file changed since); scancel "
+                                 f"{entry['job_id']} and launch again, or restore the file")
             jobs[p.name] = submitit.SlurmJob(folder=folder, job_id=entry["job_id"], tasks=range(entry["tasks"]))
         else:
             groups[resources[p.name]].append(p)
@@ -424,7 +436,7 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
                     task, [config_to_dict(p.config) for p in group])
             for p, job in zip(group, submitted):
                 jobs[p.name] = job
-                recorded[p.name] = {"job_id": job.job_id, "tasks": res.ranks}
+                recorded[p.name] = {"job_id": job.job_id, "tasks": res.ranks, "config": _config_id(p)}
             if kind == "slurm":
                 atomic_write(folder / JOBS_FILE, json.dumps(recorded, indent=1) + "\n")
         ids = submitted[0].job_id.split("_")[0] if kind == "slurm" else ", ".join(j.job_id for j in submitted)
