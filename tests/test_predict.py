@@ -98,6 +98,8 @@ def test_every_catalog_format(trained, tmp_path, ext):
     labels[rows["index"]] = rows["labels"]
     np.testing.assert_array_equal(np.asarray(table["label"]), labels)
     assert set(table["split"]) == {"train", "val", "test"}
+    merger = np.asarray(table["merger"])  # an integer in every format (int8 came back from FITS as bool)
+    assert merger.dtype.kind in "iu" and list(merger) == list((np.asarray(table["p_merger"]) >= 0.5).astype(int))
     if ext == ".csv":
         import json
 

@@ -230,7 +230,8 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
     for key in ("id", "index", "p_merger", "p_merger_std", "label", "object", "split"):
         if key in data:
             table[key] = data[key][order]
-    table["merger"] = (table["p_merger"] >= 0.5).astype(np.int8)
+    # uint8, not int8: astropy writes an int8 column to FITS as a logical one, which reads back as bool.
+    table["merger"] = (table["p_merger"] >= 0.5).astype(np.uint8)
     if "split" in table.colnames:
         table["split"] = np.array(["train", "val", "test"])[table["split"]]
     table["p_merger"].description = "merger probability" + (" (mean over the 8 dihedral transforms)"
