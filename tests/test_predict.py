@@ -286,6 +286,16 @@ def test_bad_requests_are_one_line(trained, tmp_path, capsys):
     np.save(tmp_path / "small.npy", small)
     cases.append((["--images", str(tmp_path / "small.npy"), "--out", str(tmp_path / "y.csv")],
                   "images of shape (3, 32, 32); the run trained on (3, 75, 75)"))
+    # Where the parts folder cannot be made: a FileNotFoundError (or NotADirectoryError) traceback.
+    (tmp_path / "a-file").write_text("")
+    for out, reason in (("/proc/x.csv", "No such file or directory"),
+                        (tmp_path / "a-file" / "x.csv", "Not a directory")):
+        cases.append((["--images", str(trained["survey"]), "--out", str(out)],
+                      f"--out {out}: cannot create x.csv.parts beside it: {reason}; nothing written"))
+    if os.geteuid() != 0:  # root writes into read-only folders anyway
+        (tmp_path / "read-only").mkdir(mode=0o555)
+        cases.append((["--images", str(trained["survey"]), "--out", str(tmp_path / "read-only" / "x.csv")],
+                      "cannot create x.csv.parts beside it: Permission denied"))
     for argv, message in cases:
         assert main(["predict", "--run", run, *argv]) == 1
         err = capsys.readouterr().err

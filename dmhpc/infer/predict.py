@@ -179,7 +179,11 @@ def _claim_parts(out: Path, parts: Path, spec: dict, overwrite: bool, held: cont
     instead of merging (or removing) this one's parts."""
     if out.exists() and not overwrite:
         raise DmhpcError(f"--out {out}: exists; --overwrite replaces it")
-    parts.mkdir(parents=True, exist_ok=True)
+    try:
+        parts.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only folder, /proc, a file where a folder should be
+        raise DmhpcError(f"--out {out}: cannot create {parts.name} beside it: {exc.strerror}; "
+                         f"nothing written") from None
     held.enter_context(locked_directory(parts, "dmhpc predict"))
     saved = parts / SPEC
     if saved.is_file():
