@@ -221,8 +221,8 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
             with np.load(path, allow_pickle=False) as z:
                 part = {key: z[key] for key in z.files}
         except Exception as exc:  # removed or replaced since the ranks checked it
-            raise DmhpcError(f"{path}: cannot read the part ({type(exc).__name__}: {exc}); run again to compute "
-                             f"it") from None
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise DmhpcError(f"{path}: cannot read the part ({reason}); run again to compute it") from None
         problem = _part_problem(part, source.positions(*_part_rows(source.count, part_size, k)), names)
         if problem is not None:
             raise DmhpcError(f"{path}: not a part of this prediction: {problem}; remove it and run again")
