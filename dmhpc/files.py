@@ -1,6 +1,6 @@
 """Atomic file writes for the whole project, one-line errors when a write fails, and the locks that
 keep two writers apart: `hold_lock` (a lock file saying who holds it: run directories, launchers,
-tuners) and `locked_directory` (the folder itself, for folders that hold nothing but their data).
+tuners) and `locked_directory` (a folder that holds nothing but its data: the lock file beside it).
 
     atomic_write(path, text_or_bytes)            # a small file in one go
     atomic_write(path, writer=lambda f: ...)     # a binary writer callback (torch.save, np.save, ...)
@@ -170,26 +170,19 @@ def remove_orphans(directory: str | os.PathLike) -> tuple[int, int]:
 
 @contextlib.contextmanager
 def locked_directory(directory: Path, user: str) -> Iterator[None]:
-    """Hold an exclusive lock on `directory` itself (an existing folder; no file is left in it) for
-    the block: a second `user` on it stops with a one-line error. The kernel drops the lock when its
-    process dies, so a killed job never blocks the next one. Where the file system refuses locks
-    on folders (some NFS and Lustre mounts), a warning, and the block runs unguarded."""
+    """Hold an exclusive lock for `directory` for the block: a second `user` on it stops with a
+    one-line error naming the holder. The lock file lies beside the folder (`.NAME.lock`, removed at
+    the block's end; a killed process leaves it, harmless), so the folder holds nothing but its
+    data; a lock on the folder itself would be local to one node on NFS, and two jobs on two nodes
+    would both get it."""
+    path = directory.parent / f".{directory.name}.lock"
+    handle = hold_lock(path, f"{directory}: in use by another {user} ({{holder}}); wait for it to end or choose "
+                             f"another folder", user)
     try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as exc:
-        raise DmhpcError(f"{directory}: cannot open: {exc.strerror}") from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise DmhpcError(f"{directory}: in use by another {user}; wait for it to end or choose "
-                                 f"another folder") from None
-            print(f"dmhpc: warning: {directory}: the file system refuses locks ({exc.strerror}); a second "
-                  f"{user} on it would not be detected", flush=True)
         yield
     finally:
-        os.close(fd)
+        path.unlink(missing_ok=True)  # before the lock goes: see hold_lock's check of the inode
+        handle.close()
 
 
 def hold_lock(path: Path, refusal: str, second: str) -> IO:
@@ -198,21 +191,31 @@ def hold_lock(path: Path, refusal: str, second: str) -> IO:
     never blocks the next. Refused while another process holds it: `refusal` with "{holder}" filled
     in ("pid N on HOST since ..."). `second` names what a second holder would be, for the warning
     where the file system refuses locks (some Lustre mounts), and the caller goes on unguarded."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "a+")
-    except OSError as exc:
-        raise DmhpcError(f"{path}: cannot create the folder or the lock: {exc.strerror}") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            handle.close()
-            raise DmhpcError(refusal.replace("{holder}", holder)) from None
-        print(f"dmhpc: warning: {path}: the file system refuses locks ({exc.strerror}); a second {second} "
-              f"would not be detected", flush=True)
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+")
+        except OSError as exc:
+            raise DmhpcError(f"{path}: cannot create the folder or the lock: {exc.strerror}") from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                handle.seek(0)
+                holder = handle.read().strip() or "another process"
+                handle.close()
+                raise DmhpcError(refusal.replace("{holder}", holder)) from None
+            print(f"dmhpc: warning: {path}: the file system refuses locks ({exc.strerror}); a second {second} "
+                  f"would not be detected", flush=True)
+            break
+        # A holder that removes its lock file on release (locked_directory) may have done so between
+        # our open and our lock: then this lock is on a file nobody else will open; take the new one.
+        try:
+            if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
     handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

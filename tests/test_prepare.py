@@ -282,7 +282,8 @@ def test_two_conversions_into_one_folder(inputs, tmp_path, monkeypatch, capsys):
     out.mkdir()
     (out / "shard-00000.h5").write_bytes(b"the other conversion's shard")
     with locked_directory(out, "dmhpc prepare"):
-        assert_fails(capsys, args(inputs), f"{out}: in use by another dmhpc prepare; wait for it to end")
+        assert_fails(capsys, args(inputs), f"{out}: in use by another dmhpc prepare (pid {os.getpid()} on ",
+                     "); wait for it to end")
     assert os.listdir(out) == ["shard-00000.h5"]
     out.joinpath("shard-00000.h5").unlink()
 
