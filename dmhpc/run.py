@@ -240,6 +240,10 @@ class RunDir:
         if resume == "auto":
             last = self.checkpoint("last")
             resume_from = last if last.is_file() else None
+            origin = self._started_from() if resume_from is None else None
+            if origin is not None:  # a fresh start would throw the checkpoint it began from away
+                raise DmhpcError(f"{self.path}: began from {origin} and has no {last.name} of its own yet; "
+                                 f"--resume {origin} starts it again")
             if resume_from is None and self.has_results() and not self._killed_before_its_first_last():
                 raise DmhpcError(f"{self.path}: holds results ({CHECKPOINTS}/, {EVAL}/) but no {last.name} to "
                                  f"resume from; --resume none --overwrite replaces the run")
@@ -254,7 +258,9 @@ class RunDir:
         if resume_from is None:
             return Claim(None, replaces=existed)  # nothing trained yet: a fresh start
         old, where = self._reference_config(resume_from)
-        changed = self._check_changes(old, config_to_dict(cfg), where, data_ids or {})
+        # run.json's fingerprints are of the data this run trained on, not a foreign checkpoint's.
+        changed = self._check_changes(old, config_to_dict(cfg), where,
+                                      (data_ids or {}) if self._own(resume_from) else {})
         return Claim(resume_from, changed, replaces=existed and not self._own(resume_from))
 
     def _killed_before_its_first_last(self) -> bool:
@@ -262,6 +268,12 @@ class RunDir:
         has nothing a fresh start would lose but that epoch (and its requeued job must not stop)."""
         epochs = [r for r in self.read_log() if r.get("kind") == "epoch"]
         return not any((self.path / EVAL).glob("*.json")) and len(epochs) <= 1
+
+    def _started_from(self) -> str | None:
+        """The checkpoint from elsewhere this run began from (its first setup record), if any."""
+        setups = [r for r in self.read_log() if r.get("kind") == "setup"]
+        origin = setups[0].get("resumed_from") if setups else None
+        return origin if origin and not self._own(Path(origin)) else None
 
     def _own(self, checkpoint: Path) -> bool:
         """`checkpoint` is one of this run's own."""
@@ -355,6 +367,12 @@ class RunDir:
         for directory in (self.path, self.checkpoint_dir, self.path / EVAL, self.path / PLOTS):
             n, b = remove_orphans(directory)
             files, size = files + n, size + b
+        final = self.read_result("best", "test")
+        if claim.resume_from is not None and final and final.get("final", True) and \
+                any(RESUMABLE.get(key) == "length" for key in claim.changed):
+            # A finished run asked to train longer: its test result is the shorter run's, and the
+            # run is unfinished again until the trainer tests the new selection.
+            self.write_result({**final, "final": False}, "best", "test")
         save_config(cfg, self.config_path)
         atomic_write(self.record_path, json.dumps({
             "format": FORMAT, "version": VERSION, "created_by": f"dmhpc {__version__}",

@@ -183,6 +183,22 @@ def test_length_cadence_loader_and_location_may_change_and_are_reported(tmp_path
                              "run.dir": [str(run.path), "/moved/here"]}
 
 
+def test_a_finished_run_asked_to_train_longer_is_unfinished_until_its_new_test(tmp_path):
+    """Its old test result stayed final: until the longer run ended (or after it was killed), the
+    launchers took the shorter run's result for the longer one's."""
+    run, cfg = started(tmp_path)
+    run.write_result({"final": True, "source": {"accuracy": 0.5}}, "best", "test")
+    assert run.finished
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=9))
+    run.start(longer, run.claim(longer, "auto"), {}, 3)
+    run.release()
+    assert not run.finished and run.read_result() == {"final": False, "source": {"accuracy": 0.5}}
+    run.write_result({"final": True}, "best", "test")
+    cadence = dataclasses.replace(longer, train=dataclasses.replace(longer.train, log_every=1))
+    run.start(cadence, run.claim(cadence, "auto"), {}, 3)  # another cadence: still the same run's result
+    assert run.finished
+
+
 def test_a_moved_data_set_is_accepted_only_when_it_is_the_same_data(tmp_path):
     run, cfg = started(tmp_path)
     moved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="/scratch/pristine"))
@@ -245,6 +261,19 @@ def test_a_checkpoint_from_elsewhere_never_joins_another_run(tmp_path):
     # the run's own checkpoints (best.pt included) resume it, as before
     save_checkpoint(run.checkpoint("best"), {"step": 2})
     assert not run.claim(cfg, str(run.checkpoint("best"))).replaces
+    run.release()
+    # The replaced run's data fingerprints say nothing of what the foreign checkpoint trained on.
+    claim = run.claim(cfg, str(elsewhere), overwrite=True, data_ids={"data.source": "X", "data.target": "Y"})
+    assert claim.replaces and claim.changed == {}
+    run.release()
+    # A run that began from it and was killed before a last.pt of its own: a plain requeue would
+    # have started it again from random weights.
+    run.start(cfg, claim, {}, 0)
+    run.append_log({"kind": "setup", "step": 0, "resumed_from": str(elsewhere)})
+    run.release()
+    with pytest.raises(DmhpcError, match=rf"began from {elsewhere} and has no last.pt of its own yet; --resume "
+                                         rf"{elsewhere} starts it again"):
+        run.claim(cfg, "auto")
 
 
 # --- the lock -------------------------------------------------------------------------------------
