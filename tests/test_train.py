@@ -181,6 +181,12 @@ def test_early_stopping_on_the_selection_score(data, tmp_path):
         data, run, "train.epochs=20", "train.early_stopping=2", "optim.lr=1e-12")]) == 0
     epochs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in l]
     assert len(epochs) == 3
+    # Resumed (a requeue after a stop in that epoch's last step, or asked for more epochs), it stays
+    # stopped: it trained one more epoch, which could become the best.
+    assert main(["train", "--config", str(TINY), *_overrides(
+        data, run, "train.epochs=30", "train.early_stopping=2", "optim.lr=1e-12")]) == 0
+    assert [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()
+            if '"kind": "epoch"' in l] == epochs
 
 
 def test_bad_config_fails_before_training(tmp_path, capsys):
@@ -297,6 +303,10 @@ def test_a_kill_after_an_epoch_checkpoint_keeps_its_record(data, tmp_path, monke
     assert main(argv) == 130
     monkeypatch.undo()
     assert [r["epoch"] for r in _epoch_records(run)] == [0, 1]
+    # TensorBoard reads event files in name order: the time in whole seconds, then (within one
+    # process, as here) a counter that sorts as text ("10" before "9"). A second apart, they sort
+    # as they were written, which its purge of a resumed run's steps relies on.
+    time.sleep(1.1)
     assert main(argv) == 0
     records = _epoch_records(run)
     assert [r["epoch"] for r in records] == [0, 1, 2]

@@ -129,10 +129,14 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     # --- the epoch loop -----------------------------------------------------------------------------
     criterion, stopped = cfg.select.criterion, False
     with_features = criterion == "dev" or cfg.select.all_validators
+
+    def early_stopped() -> bool:  # also on resume: a run that stopped early is not trained on
+        return bool(cfg.train.early_stopping) and prog.evals_since_best >= cfg.train.early_stopping
+
     try:
         # The batches' row counts never change: the global-scope losses exchange them once.
         with StopRequest(cfg.train.signals) as stop, stable_rows():
-            while not stopped and prog.step < total_steps and prog.epoch < cfg.train.epochs:
+            while not stopped and prog.step < total_steps and prog.epoch < cfg.train.epochs and not early_stopped():
                 state.model.train()
                 meter = EpochMeter(dist.device, watch_loss=cfg.train.amp != "fp16")
                 t_epoch = time.perf_counter()
@@ -212,11 +216,9 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
 
                 on_main(write_record)
                 checkpoint("last", meter)
-                if cfg.train.early_stopping and prog.evals_since_best >= cfg.train.early_stopping:
-                    if dist.is_main:
-                        print(f"dmhpc train: early stop: {criterion} has not improved for "
-                              f"{prog.evals_since_best} evaluations", flush=True)
-                    break
+                if early_stopped() and dist.is_main:
+                    print(f"dmhpc train: early stop: {criterion} has not improved for "
+                          f"{prog.evals_since_best} evaluations", flush=True)
     finally:
         loader.close()  # its worker processes end with the loop, whatever ended it
         if log is not None:
