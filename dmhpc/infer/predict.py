@@ -39,6 +39,7 @@ import torch
 
 from dmhpc import __version__
 from dmhpc.checks import show
+from dmhpc.config import changed_keys
 from dmhpc.data.batches import Normalizer, read_ahead
 from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, gather, on_main, shutdown
 from dmhpc.errors import DmhpcError
@@ -160,19 +161,6 @@ def _spec(run: RunDir, model: Model, source: Source, source_args: dict, options:
             **options}
 
 
-def _differences(old: dict, new: dict) -> list[str]:
-    """The keys in which two specs differ, with the inner keys of dicts: 'checkpoint_file (mtime_ns, size)'."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if a == b:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            key += f" ({', '.join(sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)))})"
-        out.append(key)
-    return out
-
-
 def _claim_parts(out: Path, parts: Path, spec: dict, overwrite: bool, held: contextlib.ExitStack) -> None:
     """Rank 0: refuse a finished catalog (unless overwrite) and parts of another prediction; lock the
     parts folder into `held` until the merge, so a second predict on the same --out stops in one line
@@ -192,11 +180,13 @@ def _claim_parts(out: Path, parts: Path, spec: dict, overwrite: bool, held: cont
         except (OSError, json.JSONDecodeError):
             old = None
         if old != json.loads(json.dumps(spec)):
-            if not overwrite:
-                differs = _differences(old if isinstance(old, dict) else {}, json.loads(json.dumps(spec)))
+            # Without a part computed there is nothing to lose (a run that stopped at its first
+            # bad image, rerun with --nan-fill as told): the new spec replaces the old one.
+            if not overwrite and any(parts.glob("part-*.npz")):
+                differs = changed_keys(old if isinstance(old, dict) else {}, json.loads(json.dumps(spec)))
                 raise DmhpcError(f"{parts}: holds parts of another prediction (differs in {', '.join(differs)}); "
                                  f"--overwrite starts again")
-            for entry in parts.iterdir():  # emptied, not removed: the lock is on the folder itself
+            for entry in parts.iterdir():  # emptied: the folder itself stays
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
                 else:
@@ -308,10 +298,10 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                 start, stop_row = _part_rows(source.count, part_size, k)
                 try:
                     columns = _compute_part(model, source, norm, start, stop_row, batch_size, tta)
-                except DmhpcError as exc:  # a bad image: carried to the gather below, so no rank waits there alone
-                    error = str(exc)
+                    atomic_write(_part_path(parts, k), writer=lambda f: np.savez(f, **columns), durable=False)
+                except DmhpcError as exc:  # a bad image, a full disk: carried to the gather below, so no
+                    error = str(exc)       # rank waits there alone
                     break
-                atomic_write(_part_path(parts, k), writer=lambda f: np.savez(f, **columns), durable=False)
                 done += stop_row - start
                 bar.update(stop_row - start)
                 if stop.signal_name is not None:  # the part in hand is written: stop here
