@@ -96,6 +96,10 @@ def test_explain_draws_a_grid_per_domain_and_class(survey, run_on_survey, tmp_pa
     again = ["explain", "--run", str(run_on_survey), "--n", "3", "--data", str(survey / "noisy"), "--out", str(out)]
     assert main(again) == 1
     assert sorted(p.name for p in out.glob("*.png")) == names
+    typo = ["explain", "--run", str(run_on_survey), "--catalog", str(survey / "typo.fits"), "--out", str(out),
+            "--overwrite"]
+    assert main(typo) == 1  # inputs are read before the old explanation goes
+    assert sorted(p.name for p in out.glob("*.png")) == names and (out / "explain.json").is_file()
     assert main([*again, "--overwrite"]) == 0
     assert {p.name for p in out.glob("*.png")} == {"data_merger.png", "data_non-merger.png"}  # none of the old ones
     assert json.loads((out / "explain.json").read_text())["data"] == {"data": str((survey / "noisy").resolve())}

@@ -36,7 +36,7 @@ from dmhpc.data.shards import RowReader, is_labelled, load_manifest, split_rows
 from dmhpc.distributed import bootstrap, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write
-from dmhpc.infer.predict import Model
+from dmhpc.infer.predict import FORMATS, Model
 from dmhpc.infer.sources import open_source
 from dmhpc.plots import CLASS_NAMES, attribution_grid
 from dmhpc.run import RunDir
@@ -114,12 +114,14 @@ def _read_catalog(catalog: Path):
     it in CATALOG.json beside the file)."""
     from astropy.table import Table
 
-    fmt = {".parquet": "parquet", ".h5": "hdf5", ".hdf5": "hdf5"}.get(catalog.suffix.lower())
+    fmt = FORMATS.get(catalog.suffix.lower())
+    if fmt is None:
+        raise DmhpcError(f"{catalog}: not a catalog dmhpc predict writes (its extension is one of "
+                         f"{', '.join(FORMATS)})")
     try:
-        table = Table.read(catalog, format=fmt, **({"path": "catalog"} if fmt == "hdf5" else {})) if fmt \
-            else Table.read(catalog)
+        table = Table.read(catalog, format=fmt, **({"path": "catalog"} if fmt == "hdf5" else {}))
         beside = Path(f"{catalog}.json")
-        if catalog.suffix.lower() == ".csv" and beside.is_file():
+        if fmt == "ascii.csv" and beside.is_file():
             table.meta.update(json.loads(beside.read_text()))
     except FileNotFoundError:
         raise DmhpcError(f"{catalog}: no such catalog") from None
@@ -155,7 +157,10 @@ def explain(run_dir, out, *, checkpoint: str = "best", data=None, catalog=None, 
     dist = bootstrap()
     try:
         model = Model(run, checkpoint, dist.device)
-        on_main(lambda: _claim_out(out, overwrite))
+
+        def claim_out() -> None:  # once the inputs are read: a typo in them must not cost the old grids
+            on_main(lambda: _claim_out(out, overwrite))
+
         written = []
         if catalog is not None:
             table = _read_catalog(Path(catalog))
@@ -164,6 +169,7 @@ def explain(run_dir, out, *, checkpoint: str = "best", data=None, catalog=None, 
             top = np.argsort(-np.asarray(table["p_merger"]), kind="stable")[:n]
             source = open_source(**json.loads(table.meta["SRCARGS"]))
             images = source.read_inputs(np.asarray(table["index"])[top])
+            claim_out()
             norm = Normalizer(json.loads(table.meta["MEAN"]), json.loads(table.meta["STD"]), dist.device)
             x = norm(torch.from_numpy(images).to(model.device))
             probs = model.probabilities(x)[:, 1].cpu().numpy()
@@ -177,10 +183,12 @@ def explain(run_dir, out, *, checkpoint: str = "best", data=None, catalog=None, 
             domains = {"data": Path(data)} if data is not None else {"source": Path(model.cfg.data.source),
                                                                       "target": Path(model.cfg.data.target)}
             explained = {name: str(directory.resolve()) for name, directory in domains.items()}
+            drawn = {name: _test_split(directory, pool, seed) for name, directory in domains.items()}
+            claim_out()
             for name, directory in domains.items():
                 role = "target" if name in ("data", "target") else "source"
                 norm = Normalizer(*run.normalization(role), dist.device)
-                images, labels = _test_split(directory, pool, seed)
+                images, labels = drawn[name]
                 written += _explain_domain(model, norm, images, labels, name, run, checkpoint, out, n, seed,
                                            directory.name)
         if dist.is_main:
