@@ -106,7 +106,8 @@ def test_the_trainers_validation_equals_dmhpc_eval_of_the_same_checkpoint(make_d
 
 
 
-def test_dmhpc_eval_never_finishes_a_run_nor_replaces_another_data_sets_result(make_domains, tmp_path, capsys):
+def test_dmhpc_eval_never_finishes_a_run_nor_replaces_another_data_sets_result(make_domains, tmp_path, capsys,
+                                                                                   monkeypatch):
     """`dmhpc eval` with its defaults (best, test) wrote the file the trainer writes at its end,
     and an unfinished run then looked finished to every launcher. And two targets in folders of
     one name shared a result file: the second evaluation replaced the first."""
@@ -133,5 +134,8 @@ def test_dmhpc_eval_never_finishes_a_run_nor_replaces_another_data_sets_result(m
     assert err.count("\n") == 1 and "best_test_on-noisy.json: holds the evaluation on" in err, err
     assert run.result_path("best", "test", "noisy").read_bytes() == first
     (tmp_path / "noisy-copy").symlink_to(other)
-    assert main(["eval", "--run", str(run.path), "--target", str(tmp_path / "noisy-copy")]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--run", str(run.path), "--target", "noisy-copy"]) == 0
     assert run.read_result("best", "test", "noisy-copy")["data"]["target"] == str(tmp_path / "noisy-copy")
+    monkeypatch.chdir(other.parent)  # the same data set named from another working folder: the same evaluation
+    assert main(["eval", "--run", str(run.path), "--target", "../noisy-copy"]) == 0

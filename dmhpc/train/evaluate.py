@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,7 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
         "split": split,
         "checkpoint": checkpoint,
         "oracle": CRITERIA.get(checkpoint.get("criterion"), False),
-        "data": {d: str(dirs[d]) for d in DOMAINS},
+        "data": {d: os.path.abspath(dirs[d]) for d in DOMAINS},  # absolute: the same from any working folder
         "final": final,
         **{d: domain_metrics(preds[d]["labels"], preds[d]["prob"]) for d in DOMAINS},
     }
