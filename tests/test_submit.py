@@ -85,8 +85,8 @@ def test_a_refused_sbatch_is_one_line_naming_sbatchs_reason(tmp_path, monkeypatc
                                          "grid": {"seed": [0, 1]}, "slurm": {"partition": "gpuu"}}))
     assert main(["grid", str(grid_file)]) == 1
     err = capsys.readouterr().err
-    assert err == ("dmhpc grid: error: sbatch refused the job array of 2 point(s): sbatch: error: Invalid "
-                   "partition name specified\n"), err
+    assert err == ("dmhpc grid: error: sbatch refused the job array of 2 point(s): sbatch: error: invalid partition "
+                   "specified: gpuu; sbatch: error: Invalid partition name specified\n"), err
     assert not (tmp_path / "out" / "submitit" / "jobs.json").exists()
     assert not (tmp_path / "out" / "leaderboard.md").exists()
 

@@ -248,8 +248,8 @@ def test_a_refused_sbatch_fails_its_trial_and_stops_with_one_line(data, tmp_path
     path.write_text(yaml.safe_dump({**spec(data, tmp_path), "executor": "slurm", "slurm": {"partition": "gpuu"}}))
     assert main(["tune", str(path)]) == 1
     err = capsys.readouterr().err
-    assert err == ("dmhpc tune: error: sbatch refused the job of trial 0: sbatch: error: Invalid partition name "
-                   "specified\n"), err
+    assert err == ("dmhpc tune: error: sbatch refused the job of trial 0: sbatch: error: invalid partition "
+                   "specified: gpuu; sbatch: error: Invalid partition name specified\n"), err
     trials = _study(tmp_path / "tune").get_trials()
     assert [t.state.name for t in trials] == ["FAIL"]
     assert "Invalid partition name specified" in trials[0].user_attrs["failure"]

@@ -315,9 +315,9 @@ def sigterm_as_interrupt():
 @contextlib.contextmanager
 def sbatch_refusal(what: str):
     """sbatch refusing a submission (a partition, account or QOS the site does not have, a controller
-    out of reach) as one DmhpcError with sbatch's last line, instead of submitit's FailedJobError and
-    its traceback. submitit also prints sbatch's stderr itself: held here, and dropped only when it
-    is the refusal this error repeats."""
+    out of reach) as one DmhpcError with sbatch's error lines (the first often names the bad value),
+    instead of submitit's FailedJobError and its traceback. submitit also prints sbatch's stderr
+    itself: held here, and dropped when the submission was refused (the error repeats it)."""
     held = io.StringIO()
     refused = False
     try:
@@ -328,7 +328,8 @@ def sbatch_refusal(what: str):
         said = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else str(exc)
         said = said.decode(errors="replace") if isinstance(said, bytes) else (said or "")
         lines = [line.strip() for line in said.splitlines() if line.strip()]
-        raise DmhpcError(f"sbatch refused {what}: {lines[-1] if lines else type(exc).__name__}") from None
+        errors = [line for line in lines if "error" in line.lower()] or lines[-1:] or [type(exc).__name__]
+        raise DmhpcError(f"sbatch refused {what}: {'; '.join(dict.fromkeys(errors))}") from None
     finally:
         if not refused:
             sys.stderr.write(held.getvalue())
