@@ -26,7 +26,8 @@ from dmhpc.names import CRITERIA, REPORTED_METRICS
 REPORT_ONLY = "_reporting_only"  # suffix of the target columns in the CSV
 
 
-def _score(value) -> float:
+def number(value) -> float:
+    """A result's number, NaN where there is none (an unlabelled domain's accuracy, a missing score)."""
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
@@ -50,16 +51,16 @@ def point_row(point: Point, failed: str | None = None) -> dict:
     result = point.run.read_result("best", "test") if point.finished else None
     if result is not None:
         selected = result.get("checkpoint", {})
-        row.update(status="finished", criterion=selected.get("criterion"), score=_score(selected.get("score")),
+        row.update(status="finished", criterion=selected.get("criterion"), score=number(selected.get("score")),
                    oracle=bool(result.get("oracle")), epoch=selected.get("epoch"))
         for domain in ("source", "target"):
             for m in REPORTED_METRICS:
-                row[f"{domain}_{m}"] = _score(result.get(domain, {}).get(m))
+                row[f"{domain}_{m}"] = number(result.get(domain, {}).get(m))
     else:
         selected = _best_so_far(point.run)
         status = "failed" if failed else ("unfinished" if point.run.checkpoint_dir.is_dir() else "not started")
         criterion = selected.get("criterion", point.config.select.criterion)
-        row.update(status=status, criterion=criterion, score=_score(selected.get("score")),
+        row.update(status=status, criterion=criterion, score=number(selected.get("score")),
                    oracle=CRITERIA.get(criterion, False), epoch=selected.get("epoch"))
     row["run_dir"] = str(point.run_dir)
     return row

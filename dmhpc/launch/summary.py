@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterable
 
 from dmhpc.files import atomic_path, atomic_write
+from dmhpc.launch.leaderboard import number
 from dmhpc.launch.spec import Point
 from dmhpc.names import DOMAINS, REPORTED_METRICS
 
@@ -33,10 +34,6 @@ MD_COLUMNS = tuple((d, m, f"{d} {LABELS[m]}") for d in DOMAINS for m in REPORTED
 
 def _group_key(point: Point) -> tuple:
     return tuple((k, json.dumps(v)) for k, v in point.values.items() if k != "seed")
-
-
-def _score(value) -> float:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
 
 
 def _per_seed(row: dict) -> str:
@@ -76,7 +73,7 @@ def summary_rows(points: Iterable[Point], gap: tuple[str, str] | None = None) ->
                 values = [r[domain][m] for _, r in results if isinstance(r.get(domain, {}).get(m), (int, float))]
                 row[f"{domain}_{m}_mean"], row[f"{domain}_{m}_std"] = _mean_std(values)
         # NaN where a result has no target accuracy: an unlabelled target (a survey) has none.
-        row["target_accuracy_per_seed"] = [_score(r.get("target", {}).get("accuracy")) for _, r in results]
+        row["target_accuracy_per_seed"] = [number(r.get("target", {}).get("accuracy")) for _, r in results]
         rows.append(row)
     if gap:
         # A method's row is measured against the gap's ends with the same other values.
