@@ -57,6 +57,8 @@ RESUMABLE = {
     "data.verify": "start-up checks", "run.dir": "where the run lives",
     "train.deterministic": "how exactly kernels repeat, not what is trained",
 }
+# How long a run trains: a finished run whose length changes is resumed, and unfinished again.
+LENGTH_KEYS = frozenset(key for key, why in RESUMABLE.items() if why == "length")
 DATA_KEYS = ("data.source", "data.target")
 _TAG_SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
@@ -369,7 +371,7 @@ class RunDir:
             files, size = files + n, size + b
         final = self.read_result("best", "test")
         if claim.resume_from is not None and final and final.get("final", True) and \
-                any(RESUMABLE.get(key) == "length" for key in claim.changed):
+                LENGTH_KEYS & set(claim.changed):
             # A finished run asked to train longer: its test result is the shorter run's, and the
             # run is unfinished again until the trainer tests the new selection.
             self.write_result({**final, "final": False}, "best", "test")

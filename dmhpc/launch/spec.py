@@ -23,11 +23,7 @@ from typing import Any, Mapping
 from dmhpc.checks import Problems, boolean, number, read_yaml, show, take, unknown_keys
 from dmhpc.config import COMMAND_LINE, Config, changed_keys, config_to_dict, load_config
 from dmhpc.errors import DmhpcError
-from dmhpc.run import RESUMABLE, RunDir
-
-# How long a run trains: the trainer resumes a run whose length changed (dmhpc.run.RESUMABLE), so a
-# launcher must not count a run that finished at another length as done.
-LENGTH_KEYS = frozenset(key for key, why in RESUMABLE.items() if why == "length")
+from dmhpc.run import LENGTH_KEYS, RunDir
 
 
 def dotted_keys(problems: Problems, data: Any, where: str, reserved: Mapping[str, str]) -> dict:
