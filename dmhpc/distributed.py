@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from dmhpc.errors import DmhpcError
-from dmhpc.mpi import env_int, launched
+from dmhpc.mpi import env_int, import_mpi, launched
 from dmhpc.rendezvous import slurm_rendezvous
 
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -143,7 +143,7 @@ def _slurm_tasks_on_node(env: Mapping[str, str]) -> int:
 
 def _mpi_rendezvous(launch: Launch, env: Mapping[str, str]) -> Launch:
     """Rank, size and node-local rank from MPI itself; rank 0's host and a free port for everyone."""
-    from mpi4py import MPI  # initialises MPI: only on this path
+    MPI = import_mpi()  # initialises MPI: only on this path
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()

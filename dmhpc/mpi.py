@@ -48,13 +48,37 @@ def launched_rank(env: Mapping[str, str] = os.environ) -> int:
     return mpi.rank if mpi else 0
 
 
+# Slurm's pmi2 plugin takes each PMI-1 request (MPICH's wire protocol) from a single read of at
+# most 1024 bytes (src/plugins/mpi/pmi2/pmi1.c). MPICH's UCX netmod publishes a ~4.5 kB address in
+# segments whose put requests come to 700-890 bytes, and now and then over 1024 (the address holds
+# bytes that change from run to run): the request is cut and every rank hangs in MPI_Init. The
+# OFI netmod's address is 16 bytes; dmhpc's MPI traffic is a few small collectives, so the
+# netmod's bandwidth does not matter. A netmod the user chose is kept.
+SLURM_PMI2_DEFAULTS = {"MPIR_CVAR_CH4_NETMOD": "ofi"}
+
+
+def library_defaults(env: Mapping[str, str]) -> dict[str, str]:
+    """MPI library settings this launch needs that env does not set already."""
+    if env.get("SLURM_MPI_TYPE") != "pmi2" or "PMI_FD" not in env:
+        return {}
+    return {name: value for name, value in SLURM_PMI2_DEFAULTS.items() if name not in env}
+
+
+def import_mpi():
+    """mpi4py's MPI module, imported (which initialises MPI) with the settings this launch needs."""
+    os.environ.update(library_defaults(os.environ))
+    from mpi4py import MPI
+
+    return MPI
+
+
 def world_comm(env: Mapping[str, str] = os.environ):
     """MPI.COMM_WORLD when an MPI launcher started this process with more than one rank, else None."""
     mpi = launched(env)
     if mpi is None or mpi.size == 1:
         return None
     try:
-        from mpi4py import MPI
+        MPI = import_mpi()
     except ImportError:
         raise DmhpcError(
             f"launched under MPI ({mpi.variable}={env[mpi.variable]}) but mpi4py is not installed;"

@@ -20,8 +20,9 @@
 # goes to synth too. PYTHON names the environment's interpreter (default: python on PATH).
 #
 # Ranks start with `srun --mpi=pmi2`, which MPICH (the mpich wheel included) and Intel MPI
-# speak; for Open MPI submit with SLURM_MPI_TYPE=pmix. Without an --mpi plugin every task
-# would be an MPI world of its own, converting the whole data set into the same files.
+# speak (dmhpc picks MPICH's OFI netmod there: docs/cluster.md); for Open MPI submit with
+# SLURM_MPI_TYPE=pmix. Without an --mpi plugin every task would be an MPI world of its own,
+# converting the whole data set into the same files.
 set -euo pipefail
 
 usage="usage: sbatch [SBATCH FLAGS] slurm/prepare_mpi.sh DATA_CONFIG [--synth N_PER_CLASS] [--synth-seed S] [PREPARE OPTIONS]"

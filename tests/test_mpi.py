@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import ROOT, clean_env
-from dmhpc.mpi import RANK_VARS, launched_rank
+from dmhpc.mpi import RANK_VARS, launched_rank, library_defaults
 
 CODE = "import sys; from dmhpc.mpi import world_comm; assert world_comm() is None; assert 'mpi4py' not in sys.modules"
 
@@ -43,3 +43,19 @@ def test_launched_rank_reads_every_launcher():
     assert launched_rank({}) == 0
     for var in RANK_VARS:
         assert launched_rank({var: "3"}) == 3
+
+
+SRUN_PMI2 = {"SLURM_MPI_TYPE": "pmi2", "PMI_FD": "11", "PMI_RANK": "0", "PMI_SIZE": "4"}
+
+
+@pytest.mark.parametrize("env, defaults", [
+    # Slurm's pmi2 plugin cuts PMI-1 requests at 1024 bytes: OFI's short address (see
+    # tests/cluster's pmi2 test for the values themselves).
+    (SRUN_PMI2, {"MPIR_CVAR_CH4_NETMOD": "ofi"}),
+    ({**SRUN_PMI2, "MPIR_CVAR_CH4_NETMOD": "ucx"}, {}),  # the user's choice stands
+    ({"PMI_FD": "5", "PMI_RANK": "0", "PMI_SIZE": "4"}, {}),  # hydra's server reads whole lines
+    ({"SLURM_MPI_TYPE": "pmix", "PMIX_RANK": "0"}, {}),
+    ({"SLURM_MPI_TYPE": "pmi2"}, {}),  # a batch script, not a step's task
+])
+def test_library_defaults_only_under_slurms_pmi2_plugin(env, defaults):
+    assert library_defaults(env) == defaults
