@@ -62,7 +62,8 @@ write_conf() {
     mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024 / 2)}' /proc/meminfo)
     sed -e "s|@HOST@|$(hostname -s)|g" -e "s|@STATE@|$STATE|g" \
         -e "s|@CTLD_PORT@|$base|" -e "s|@PORT_N1@|$((base + 1))|" -e "s|@PORT_N2@|$((base + 2))|" \
-        -e "s|@CPUS@|$cpus|g" -e "s|@MEM_MB@|$mem_mb|g" "$HERE/slurm.conf.in" >"$CONF"
+        -e "s|@CPUS@|$cpus|g" -e "s|@MEM_MB@|$mem_mb|g" \
+        -e "s|@FIRST_JOB_ID@|$(($(date +%s) % 60000000 + 1000))|" "$HERE/slurm.conf.in" >"$CONF"
 }
 
 # Ports are chosen when nothing runs: a restart after a reboot may find them taken.

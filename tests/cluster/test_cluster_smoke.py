@@ -135,6 +135,33 @@ def test_srun_pmi2_makes_one_mpi_world_across_nodes_with_short_pmi_values(slurm_
     assert max(map(len, values)) <= 256, sorted(values, key=len)[-1]
 
 
+def _fnv1a(text: str) -> int:
+    h = 2166136261
+    for byte in text.encode():
+        h = ((h ^ byte) * 16777619) & 0xFFFFFFFF
+    return h
+
+
+def test_segments_left_by_an_earlier_clusters_killed_ranks_do_not_block_mpi(slurm_cluster):
+    """A killed MPICH rank leaves /dev/shm/mpich_shm_<FNV-1a of its step id "J.S">_<n>; a step of
+    a later cluster that counted job ids from 1 again found it and hung in MPI_Init (the second
+    `make test` on a machine). Here: the segments of steps 1.0-400.0 of such an earlier cluster."""
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install dmhpc[mpi])")
+    shm = Path("/dev/shm")
+    stale = [shm / f"mpich_shm_{_fnv1a(f'{job}.0'):x}_{n}" for job in range(1, 401) for n in (0, 1)]
+    made = [path for path in stale if not path.exists()]
+    try:
+        for path in made:
+            path.touch()
+        code = "from dmhpc.mpi import world_comm; c = world_comm(); print(c.allreduce(1))"
+        out = slurm_cluster.run("srun", "--mpi=pmi2", "-N", "2", "--ntasks-per-node=2", sys.executable, "-c",
+                                code, timeout=60)
+        assert out.split() == ["4"] * 4, out
+    finally:
+        for path in made:
+            path.unlink(missing_ok=True)
+
+
 def test_srun_torchrun_c10d_allreduce_across_two_nodes(slurm_cluster, tmp_path):
     job_id, out = _launch_probe(slurm_cluster, tmp_path)
     job = slurm_cluster.wait(job_id, timeout=180)
