@@ -14,10 +14,11 @@
 #   sbatch -N 2 --ntasks-per-node=16 slurm/prepare_mpi.sh configs/data/deepmerge2-simsim.yaml --root /path/to/zenodo
 # PREPARE OPTIONS go to `dmhpc prepare --data-config DATA_CONFIG` (--root DIR, --out DIR, ...).
 # --synth N runs `dmhpc synth --out ROOT --n-per-class N --seed S` first, ROOT being --root or the
-# config's root. The job can be submitted again after any earlier run (finished, killed, timed out):
-# a finished render of the same N and S in ROOT (its meta.json) is kept, an unfinished one is
-# rendered again; a finished render of other settings is an error unless --overwrite, which then
-# goes to synth too. PYTHON names the environment's interpreter (default: python on PATH).
+# config's root, with --survey when the config reads the survey files. The job can be submitted
+# again after any earlier run (finished, killed, timed out): a finished render of the same N and S
+# in ROOT (its meta.json; one with the survey also serves a config without) is kept, an unfinished
+# one is rendered again; a finished render of other settings is an error unless --overwrite,
+# which then goes to synth too. PYTHON names the environment's interpreter (default: python on PATH).
 #
 # Ranks start with `srun --mpi=pmi2`, which MPICH (the mpich wheel included) and Intel MPI
 # speak (dmhpc picks MPICH's OFI netmod there: docs/cluster.md); for Open MPI submit with
@@ -52,6 +53,14 @@ if [ -n "$synth_n" ]; then
     if [ -z "$root" ]; then
         root=$("$python" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["root"])' "$config")
     fi
+    # A config that reads the survey files (configs/data/embedded-survey.yaml) needs them rendered.
+    survey=$("$python" - "$config" <<'PY'
+import sys, yaml
+from dmhpc.data.synth import SURVEY_FILES
+domains = yaml.safe_load(open(sys.argv[1]))["domains"].values()
+print("--survey" if any(name in SURVEY_FILES for domain in domains for name in domain.values()) else "")
+PY
+)
     # The settings of the finished render in root, as synth flags (empty: none finished there). Knobs
     # and --augment count: a render with other ones holds other images under the same N and seed.
     rendered=$("$python" - "$root" <<'PY'
@@ -61,6 +70,7 @@ try:
     with open(f"{sys.argv[1]}/meta.json") as f:
         meta = json.load(f)
     flags = f"--n-per-class {meta['n_per_class']} --seed {meta['seed']}" + " --augment" * bool(meta["augment"])
+    flags += " --survey" * ("survey" in meta)
     flags += "".join(f" {KNOB_FLAGS[k][0]} {v:g}" for k, v in meta["knobs"].items() if v != getattr(DEFAULT_KNOBS, k))
 except FileNotFoundError:
     sys.exit()
@@ -69,16 +79,18 @@ except Exception:
 print(flags)
 PY
 )
-    wanted="--n-per-class $synth_n --seed $synth_seed"
-    if [ "$rendered" = "$wanted" ]; then
-        echo "prepare_mpi.sh: $root already holds the render $wanted (meta.json); not rendering it again"
+    wanted="--n-per-class $synth_n --seed $synth_seed${survey:+ $survey}"
+    # A render with the survey holds everything one without it does.
+    if [ "$rendered" = "$wanted" ] || [ "$rendered" = "$wanted --survey" ]; then
+        echo "prepare_mpi.sh: $root already holds the render $rendered (meta.json); not rendering it again"
     else
         if [ -n "$rendered" ] && [ -z "$overwrite" ]; then
             echo "prepare_mpi.sh: error: $root holds a finished render of other settings ($rendered, from its" \
                  "meta.json) than --synth asks ($wanted); pass --overwrite to replace it, or choose another --root" >&2
             exit 2
         fi
-        synth=("${mpi_run[@]}" synth --out "$root" --n-per-class "$synth_n" --seed "$synth_seed" ${overwrite:+"$overwrite"})
+        synth=("${mpi_run[@]}" synth --out "$root" --n-per-class "$synth_n" --seed "$synth_seed" ${survey:+"$survey"}
+               ${overwrite:+"$overwrite"})
         echo "prepare_mpi.sh: job $SLURM_JOB_ID, $SLURM_NTASKS ranks: $(printf '%q ' "${synth[@]}")"
         "${synth[@]}"
     fi

@@ -54,6 +54,26 @@ def test_prepare_mpi_renders_and_converts_with_ranks_on_two_nodes(slurm_cluster,
         assert verify.returncode == 0, verify.stdout + verify.stderr
 
 
+def test_prepare_mpi_renders_the_survey_a_survey_config_reads(slurm_cluster, tmp_path):
+    """The survey config reads survey_X.npy, which synth writes only with --survey (the job rendered
+    without it and prepare failed on the missing file); that render also serves embedded.yaml."""
+    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install dmhpc[mpi])")
+    raw, shards = tmp_path / "raw", tmp_path / "shards"
+
+    def submit(config, name):
+        return slurm_cluster.sbatch(
+            "--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/{name}", "slurm/prepare_mpi.sh", config,
+            "--synth", "4", "--root", str(raw), "--out", str(shards), cwd=REPO, env=JOB_ENV)
+
+    job = slurm_cluster.wait(submit("configs/data/embedded-survey.yaml", "survey"), timeout=240)
+    assert (job.state, job.exit_code) == ("COMPLETED", 0), job
+    assert "--n-per-class 4 --seed 0 --survey" in job.output and "survey: 8 images" in job.output, job
+    job = slurm_cluster.wait(submit("configs/data/embedded.yaml", "pristine"), timeout=240)
+    assert (job.state, job.exit_code) == ("COMPLETED", 0), job
+    assert "already holds the render --n-per-class 4 --seed 0 --survey" in job.output, job
+    assert "dmhpc synth:" not in job.output and "pristine: 8 images" in job.output, job
+
+
 def test_prepare_mpi_with_synth_can_be_submitted_again(slurm_cluster, tmp_path):
     pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install dmhpc[mpi])")
     raw, shards = tmp_path / "raw", tmp_path / "shards"
