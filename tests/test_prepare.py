@@ -581,6 +581,16 @@ def test_an_empty_file_cell_is_one_line(tmp_path, capsys, cell):
                  f"{tmp_path / 'c.csv'}: column 'file' has 2 empty file cell(s), the first in row 2 (id g95)", out=out)
 
 
+@pytest.mark.parametrize("cell", ["", "  "])
+def test_an_empty_id_cell_is_one_line(tmp_path, capsys, cell):
+    """Empty ids read as "--" (masked) or "": the rows became one object of that name."""
+    names = cutouts(tmp_path, np.zeros((3, 3, 8, 8), np.float32), per_filter=False)
+    (tmp_path / "c.csv").write_text(f"id,file\ng94,cutouts/{names[0]}\n{cell},cutouts/{names[1]}\n,cutouts/{names[2]}\n")
+    out = tmp_path / "o"
+    assert_fails(capsys, ["prepare", "--catalog", str(tmp_path / "c.csv"), "--file-column", "file", "--out", str(out)],
+                 f"{tmp_path / 'c.csv'}: column 'id' has 2 empty id cell(s), the first in row 2", out=out)
+
+
 def test_nan_padded_cutouts_are_refused_unless_filled(tmp_path, capsys):
     rng = np.random.default_rng(5)
     images = rng.normal(size=(12, 3, 8, 8)).astype(np.float32)

@@ -220,7 +220,7 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
             raise DmhpcError(f"{path}: no {role} column {column!r} (columns: {', '.join(table.colnames)})")
     if len(table) == 0:
         raise DmhpcError(f"{path}: the catalog has no rows")
-    ids = [str(v).strip() for v in table[id_column]]
+    ids = _cells(path, table, id_column, "id")
     labels = None
     if label_column is not None:
         labels = np.asarray(table[label_column])
@@ -229,18 +229,24 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
     folder = Path(cutouts) if cutouts is not None else path.parent
     files = None
     if file_column is not None:
-        # An empty cell reads as masked (str "--") or as blanks; either would name a file that is not
-        # the one meant, or the cutouts folder itself.
-        names = [str(v).strip() for v in table[file_column]]
-        masked = np.ma.getmaskarray(table[file_column])
-        empty = [k for k, name in enumerate(names) if masked[k] or not name]
-        if empty:
-            raise DmhpcError(f"{path}: column {file_column!r} has {len(empty)} empty file cell(s), the first in "
-                             f"row {empty[0] + 1} (id {ids[empty[0]]})")
-        files = [folder / name for name in names]
+        files = [folder / name for name in _cells(path, table, file_column, "file", ids)]
     elif cutouts is not None:
         files = [folder / f"{i}.fits" for i in ids]
     return Catalog(path, ids, labels, files)
+
+
+def _cells(path: Path, table, column: str, role: str, ids: list[str] | None = None) -> list[str]:
+    """A column's cells as stripped strings; a one-line error for empty ones. An empty cell reads as
+    masked (str "--") or as blanks: as an id it would merge unrelated rows into one object (or
+    name a row "--"); as a file, name another file or the cutouts folder itself."""
+    cells = [str(v).strip() for v in table[column]]
+    masked = np.ma.getmaskarray(table[column])
+    empty = [k for k, cell in enumerate(cells) if masked[k] or not cell]
+    if empty:
+        where = f" (id {ids[empty[0]]})" if ids else ""
+        raise DmhpcError(f"{path}: column {column!r} has {len(empty)} empty {role} cell(s), the first in "
+                         f"row {empty[0] + 1}{where}")
+    return cells
 
 
 def open_npy(path: str | os.PathLike) -> np.ndarray:
