@@ -50,17 +50,28 @@ done
 mpi_run=(srun --mpi="${SLURM_MPI_TYPE:-pmi2}" --kill-on-bad-exit=1 "$python" -m dmhpc)
 
 if [ -n "$synth_n" ]; then
-    if [ -z "$root" ]; then
-        root=$("$python" -c 'import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))["root"])' "$config")
-    fi
-    # A config that reads the survey files (configs/data/embedded-survey.yaml) needs them rendered.
-    survey=$("$python" - "$config" <<'PY'
-import sys, yaml
+    # The config as prepare reads it (its problems are prepare's one line, before anything runs):
+    # the render's folder, and --survey when a domain reads the survey files (embedded-survey.yaml).
+    settings=$("$python" - "$config" "$root" <<'PY'
+import sys
+from pathlib import Path
+from dmhpc.checks import read_yaml
+from dmhpc.data.prepare import load_data_config
 from dmhpc.data.synth import SURVEY_FILES
-domains = yaml.safe_load(open(sys.argv[1]))["domains"].values()
-print("--survey" if any(name in SURVEY_FILES for domain in domains for name in domain.values()) else "")
+from dmhpc.errors import DmhpcError
+config, root = sys.argv[1], sys.argv[2] or None
+try:
+    domains = load_data_config(config, root=root, out=".")
+except DmhpcError as exc:
+    print(f"prepare_mpi.sh: error: {exc}", file=sys.stderr)
+    sys.exit(2)
+print("--survey" if any(d.images is not None and d.images.name in SURVEY_FILES for d in domains) else "-")
+print(root or read_yaml(Path(config), "data config")["root"])
 PY
 )
+    survey=${settings%%$'\n'*}
+    [ "$survey" = "-" ] && survey=""
+    root=${settings#*$'\n'}
     # The settings of the finished render in root, as synth flags (empty: none finished there). Knobs
     # and --augment count: a render with other ones holds other images under the same N and seed.
     rendered=$("$python" - "$root" <<'PY'

@@ -73,6 +73,14 @@ def test_prepare_mpi_renders_the_survey_a_survey_config_reads(slurm_cluster, tmp
     assert "already holds the render --n-per-class 4 --seed 0 --survey" in job.output, job
     assert "dmhpc synth:" not in job.output and "pristine: 8 images" in job.output, job
 
+    # A config prepare would refuse is its one line before anything runs (it was a traceback).
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("root: raw\nout: shards\ndomains:\n  survey: {imagez: survey_X.npy}\n")
+    job = slurm_cluster.wait(submit(str(bad), "bad"), timeout=120)
+    assert (job.state, job.exit_code) == ("FAILED", 2), job
+    assert job.output.startswith(f"prepare_mpi.sh: error: {bad}: 2 problems, nothing written:\n"
+                                 f"{bad}: domains.survey.imagez: unknown key"), job
+
 
 def test_prepare_mpi_with_synth_can_be_submitted_again(slurm_cluster, tmp_path):
     pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install dmhpc[mpi])")
