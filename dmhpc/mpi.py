@@ -50,8 +50,8 @@ def launched_rank(env: Mapping[str, str] = os.environ) -> int:
 
 # Slurm's pmi2 plugin takes each PMI-1 request (MPICH's wire protocol) from a single read of at
 # most 1024 bytes (src/plugins/mpi/pmi2/pmi1.c). MPICH's UCX netmod publishes a ~4.5 kB address in
-# segments whose put requests come to 700-890 bytes, and now and then over 1024 (the address holds
-# bytes that change from run to run): the request is cut and every rank hangs in MPI_Init. The
+# segments whose put requests mostly come to 750-1000 bytes, and now and then over 1024 (the address
+# holds bytes that change from run to run): the request is cut and every rank hangs in MPI_Init. The
 # OFI netmod's address is 16 bytes; dmhpc's MPI traffic is a few small collectives, so the
 # netmod's bandwidth does not matter. A netmod the user chose is kept.
 SLURM_PMI2_DEFAULTS = {"MPIR_CVAR_CH4_NETMOD": "ofi"}
