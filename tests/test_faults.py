@@ -254,6 +254,37 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_the_last_checkpoint_sur
     assert not [p for p in run.rglob(".*.tmp")]
 
 
+def test_a_full_disk_while_logging_a_step_under_two_ranks_is_every_ranks_one_line(data, small_disk, tmp_path):
+    """Rank 0's step records were written outside the ranks' agreement: on a full disk rank 0 ended
+    with its line while rank 1 waited in the next collective and died in a gloo traceback."""
+    disk = small_disk(8)
+    run = disk / "run"
+    # batch 1 per rank: 22 steps per epoch, a record after each, no checkpoint before the epoch's end
+    args = train_args(data, run, "train.epochs=50", "train.batch_size=1", "train.log_every=1")
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
+                                 "-m", "dmhpc.train", *args], cwd=ROOT, env=clean_env(), stdout=subprocess.DEVNULL,
+                                stderr=log)
+        try:
+            wait_for_steps(run, 2, proc)
+            with open(disk / "filler", "wb") as filler:  # what another job's output does to a shared disk
+                with pytest.raises(OSError, match="No space left"):
+                    while True:
+                        filler.write(b"\0" * 65536)
+                        filler.flush()
+            code = proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    err = (tmp_path / "log.txt").read_text()
+    # The ranks' tracebacks come as "[rankN]: ..." lines; torchrun's own report of the failed ranks
+    # follows the ranks' lines whatever they said. TensorBoard's writer thread fails first here.
+    assert code != 0 and "[rank" not in err and "Exception in thread" not in err, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("dmhpc train: error: ")]
+    assert len(lines) == 2 and all("No space left on device" in line for line in lines), err[-3000:]
+
+
 # --- preemption: every stop signal, to the trainer or to its whole process group ------------------
 
 @pytest.mark.parametrize("loader, signame, target", [

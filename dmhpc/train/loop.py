@@ -126,6 +126,16 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
 
         on_main(write)
 
+    def log_step(terms: dict, bar) -> None:  # rank 0's; its error (a full disk) reaches every rank
+        losses = {k: float(v) for k, v in terms.items()}
+        log.write({"kind": "step", "step": prog.step, "epoch": prog.epoch, "lr_scale": step.lr_scale(prog.step - 1),
+                   "grl": step.grl(prog.step - 1), "loss": losses}, prog.step)
+        if not bar.disable:  # on a terminal: the images/s of the whole job, and the loss
+            rate = bar.format_dict["rate"] or 0.0
+            # drawn now, once per log_every steps: a short epoch may end before tqdm's next redraw
+            bar.set_postfix(loss=f"{losses['total']:.4g}",
+                            img_s=f"{rate * 2 * cfg.train.batch_size * dist.world_size:.0f}")
+
     # --- the epoch loop -----------------------------------------------------------------------------
     criterion, stopped = cfg.select.criterion, False
     with_features = criterion == "dev" or cfg.select.all_validators
@@ -150,16 +160,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                     bar.update(1)
                     if prog.step % cfg.train.log_every == 0:
                         meter.check_finite(state, dist, prog.step)
-                        if log is not None:
-                            losses = {k: float(v) for k, v in terms.items()}
-                            log.write({"kind": "step", "step": prog.step, "epoch": prog.epoch,
-                                       "lr_scale": step.lr_scale(prog.step - 1), "grl": step.grl(prog.step - 1),
-                                       "loss": losses}, prog.step)
-                            if not bar.disable:  # on a terminal: the images/s of the whole job, and the loss
-                                rate = bar.format_dict["rate"] or 0.0
-                                # drawn now, once per log_every steps: a short epoch may end before tqdm's next redraw
-                                bar.set_postfix(loss=f"{losses['total']:.4g}",
-                                                img_s=f"{rate * 2 * cfg.train.batch_size * dist.world_size:.0f}")
+                        on_main(lambda: log_step(terms, bar))
                     at_end = prog.step >= total_steps or prog.step_in_epoch >= steps_per_epoch
                     if stop.should_stop():  # the same answer on every rank, so all stop after this step
                         stopped = True

@@ -6,10 +6,13 @@ depends on how the batch was split across GPUs.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 
 import numpy as np
 
+from dmhpc.errors import DmhpcError
 from dmhpc.names import LABEL_FREE
 
 
@@ -175,13 +178,24 @@ class MetricLog:
 
         self.run = run
         self.tb = SummaryWriter(str(run.tensorboard_dir), purge_step=purge_step)
+        threading.excepthook = _quiet_event_writer
 
     def write(self, record: dict, step: int) -> None:
         self.run.append_log(record, default=_json_default)
-        for key, value in _flatten(record):
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                self.tb.add_scalar(key, value, step)
-        self.tb.flush()
+        with self._writing():
+            for key, value in _flatten(record):
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+                    self.tb.add_scalar(key, value, step)
+            self.tb.flush()
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """TensorBoard writes its events in a thread; its error (a full disk) comes out of the next
+        call here, as the one line naming the folder."""
+        try:
+            yield
+        except OSError as exc:
+            raise DmhpcError(f"{self.run.tensorboard_dir}: cannot write: {exc.strerror or exc}") from None
 
     def hparams(self, cfg, checkpoint: dict, result: dict) -> None:
         """The run's configuration and outcome in TensorBoard's HParams view, to compare a grid's runs."""
@@ -197,21 +211,33 @@ class MetricLog:
                 if metric in result.get(domain, {}):
                     outcome[f"hparam/test_{domain}_{metric}"] = result[domain][metric]
         # add_hparams would open a second writer in a subdirectory; write its three summaries into this one.
-        writer = self.tb._get_file_writer()
-        for summary in hparams_summary(flat, outcome):
-            writer.add_summary(summary)
-        for key, value in outcome.items():
-            self.tb.add_scalar(key, value)
-        self.tb.flush()
+        with self._writing():
+            writer = self.tb._get_file_writer()
+            for summary in hparams_summary(flat, outcome):
+                writer.add_summary(summary)
+            for key, value in outcome.items():
+                self.tb.add_scalar(key, value)
+            self.tb.flush()
 
     def close(self) -> None:
-        self.tb.close()
+        with self._writing():
+            self.tb.close()
 
     def __enter__(self) -> "MetricLog":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+_thread_excepthook = threading.excepthook
+
+
+def _quiet_event_writer(args) -> None:
+    """TensorBoard's writer thread dies on its error, which the next flush raises again in the
+    trainer's thread and MetricLog reports in one line; the thread's own traceback is not printed."""
+    if type(args.thread).__name__ != "_AsyncWriterThread":
+        _thread_excepthook(args)
 
 
 def _flatten(record: dict, prefix: str = ""):
