@@ -178,7 +178,7 @@ class MetricLog:
 
         self.run = run
         self.tb = SummaryWriter(str(run.tensorboard_dir), purge_step=purge_step)
-        threading.excepthook = _quiet_event_writer
+        _quiet_event_writer()
 
     def write(self, record: dict, step: int) -> None:
         self.run.append_log(record, default=_json_default)
@@ -230,14 +230,20 @@ class MetricLog:
         self.close()
 
 
-_thread_excepthook = threading.excepthook
-
-
-def _quiet_event_writer(args) -> None:
+def _quiet_event_writer() -> None:
     """TensorBoard's writer thread dies on its error, which the next flush raises again in the
-    trainer's thread and MetricLog reports in one line; the thread's own traceback is not printed."""
-    if type(args.thread).__name__ != "_AsyncWriterThread":
-        _thread_excepthook(args)
+    trainer's thread and MetricLog reports in one line; the thread's own traceback is not printed.
+    Other threads' errors go to the hook in place before."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_event_writer", False):
+        return
+
+    def hook(args) -> None:
+        if type(args.thread).__name__ != "_AsyncWriterThread":
+            previous(args)
+
+    hook.quiets_event_writer = True
+    threading.excepthook = hook
 
 
 def _flatten(record: dict, prefix: str = ""):
