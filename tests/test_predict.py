@@ -149,6 +149,41 @@ def test_a_catalog_of_fits_cutouts(trained, tmp_path):
                                   expected_probabilities(trained["run"], trained["images"][:20], mean, std, 32))
 
 
+def test_a_cutout_rewritten_in_place_has_its_part_computed_again(trained, tmp_path, capsys):
+    """Parts were reused whatever their cutout files held since: a rerun after a fix to one file
+    kept the old probabilities of every other file rewritten meanwhile."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    folder = tmp_path / "cutouts"
+    folder.mkdir()
+    images = trained["images"][:20].copy()
+    names = [f"g{i:02d}" for i in range(20)]
+
+    def write(i: int, image: np.ndarray) -> None:
+        fits.PrimaryHDU(image.astype(">f4")).writeto(folder / f"{names[i]}.fits", overwrite=True)
+
+    for i in range(20):
+        write(i, images[i])
+    bad = images[17].copy()
+    bad[0, 0, 0] = np.nan
+    write(17, bad)  # the third part fails: the first two are kept
+    Table({"id": names}).write(tmp_path / "survey.csv")
+    out = tmp_path / "candidates.fits"
+    cmd = ["predict", "--run", str(trained["run"]), "--catalog", str(tmp_path / "survey.csv"), "--cutouts", str(folder),
+           "--out", str(out), "--part-size", "8", "--batch-size", "8"]
+    assert main(cmd) == 1 and "g17.fits: NaN pixels in this cutout" in capsys.readouterr().err
+    assert len(list((tmp_path / "candidates.fits.parts").glob("part-*.npz"))) == 2
+    write(17, images[17])
+    images[2] = images[2][:, ::-1].copy()  # a cutout of the first part, made again (flipped) meanwhile
+    write(2, images[2])
+    assert main(cmd) == 0
+    assert "in 3 parts (1 done before)" in capsys.readouterr().out
+    mean, std = RunDir(trained["run"]).normalization("target")
+    np.testing.assert_array_equal(np.asarray(read(out)["p_merger"]),
+                                  expected_probabilities(trained["run"], images, mean, std, 8))
+
+
 def _predict_cmd(trained, out, *extra):
     return ["-m", "dmhpc", "predict", "--run-dir", str(trained["run"]), "--images", str(trained["survey"]),
             "--out", str(out), "--part-size", "32", "--batch-size", "16", *extra]

@@ -114,10 +114,16 @@ def _part_problem(columns, index: np.ndarray, names: set) -> str | None:
     return None
 
 
-def _part_done(path: Path, index: np.ndarray, names: set) -> bool:
+# A part's entry beside its columns: Source.cutout_files of its rows when it was computed.
+PART_INPUTS = "_cutout_files"
+
+
+def _part_done(path: Path, index: np.ndarray, names: set, inputs: str) -> bool:
     try:
         with np.load(path, allow_pickle=False) as z:
-            return _part_problem({key: z[key] for key in z.files}, index, names) is None
+            if str(z[PART_INPUTS]) != inputs:
+                return False
+            return _part_problem({key: z[key] for key in z.files if key != PART_INPUTS}, index, names) is None
     except Exception:  # missing, or not a whole part: compute it (again)
         return False
 
@@ -209,7 +215,7 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
         path = _part_path(parts, k)
         try:
             with np.load(path, allow_pickle=False) as z:
-                part = {key: z[key] for key in z.files}
+                part = {key: z[key] for key in z.files if key != PART_INPUTS}
         except Exception as exc:  # removed or replaced since the ranks checked it
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise DmhpcError(f"{path}: cannot read the part ({reason}); run again to compute it") from None
@@ -284,8 +290,12 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         on_main(lambda: _claim_parts(out, parts, _spec(run, model, source, source_args, options), overwrite, held))
         n_parts = -(-source.count // part_size)
         names = _part_names(source, tta)
-        todo = [k for k in range(dist.rank, n_parts, dist.world_size) if not _part_done(
-            _part_path(parts, k), source.positions(*_part_rows(source.count, part_size, k)), names)]
+
+        def done_before(k: int) -> bool:
+            rows = _part_rows(source.count, part_size, k)
+            return _part_done(_part_path(parts, k), source.positions(*rows), names, source.cutout_files(*rows))
+
+        todo = [k for k in range(dist.rank, n_parts, dist.world_size) if not done_before(k)]
         remaining = sum(all_gather_object(len(todo)))
         if dist.is_main:
             print(f"dmhpc predict: {source.count} images of {source.path} in {n_parts} parts ({n_parts - remaining} "
@@ -297,7 +307,9 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
             for k in todo:
                 start, stop_row = _part_rows(source.count, part_size, k)
                 try:
+                    inputs = source.cutout_files(start, stop_row)
                     columns = _compute_part(model, source, norm, start, stop_row, batch_size, tta)
+                    columns[PART_INPUTS] = inputs
                     atomic_write(_part_path(parts, k), writer=lambda f: np.savez(f, **columns), durable=False)
                 except DmhpcError as exc:  # a bad image, a full disk: carried to the gather below, so no
                     error = str(exc)       # rank waits there alone

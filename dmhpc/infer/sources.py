@@ -11,6 +11,8 @@ for them: `index` (the input position), `id`, and `label`, `object`, `split` whe
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +55,18 @@ class Source:
         if self._positions is None:  # storage holds the splits one after the other (see read_inputs)
             self._positions = np.concatenate([np.asarray(self._manifest["splits"][s], np.int64) for s in SPLITS])
         return self._positions[self._first + start:self._first + stop]
+
+    def cutout_files(self, start: int, stop: int) -> str:
+        """For a catalog of cutout files: a digest of the name, size and modification time of the
+        files of rows [start, stop), which a part records and a rerun checks before reusing it (a
+        cutout rewritten in place has its part computed again); the survey's other inputs are in
+        `identity`. Taken before the files are read, like `file_identity`. "" for other sources."""
+        if not isinstance(self._reader, Cutouts):
+            return ""
+        digest = hashlib.sha256()
+        for path in self._reader.files[start:stop]:
+            digest.update(json.dumps([str(path), file_identity(path)]).encode())
+        return digest.hexdigest()
 
     def read(self, start: int, stop: int) -> tuple[np.ndarray, dict]:
         """(images (n, C, H, W) float32, columns) of rows [start, stop) in storage order."""
