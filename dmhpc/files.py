@@ -185,12 +185,13 @@ def locked_directory(directory: Path, user: str) -> Iterator[None]:
         handle.close()
 
 
-def hold_lock(path: Path, refusal: str, second: str) -> IO:
+def hold_lock(path: Path, refusal: str, second: str, wait: bool = False) -> IO:
     """An OS lock (flock) on the file `path` (created, with its folder) until the returned file is
     closed; it says who holds it. The kernel drops the lock when its process dies, so a killed job
     never blocks the next. Refused while another process holds it: `refusal` with "{holder}" filled
-    in ("pid N on HOST since ..."). `second` names what a second holder would be, for the warning
-    where the file system refuses locks (some Lustre mounts), and the caller goes on unguarded."""
+    in ("pid N on HOST since ..."); with `wait`, taken when the holder lets go instead. `second`
+    names what a second holder would be, for the warning where the file system refuses locks (some
+    Lustre mounts), and the caller goes on unguarded."""
     while True:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -198,7 +199,7 @@ def hold_lock(path: Path, refusal: str, second: str) -> IO:
         except OSError as exc:
             raise DmhpcError(f"{path}: cannot create the folder or the lock: {exc.strerror}") from None
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 handle.seek(0)

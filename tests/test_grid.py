@@ -377,3 +377,24 @@ def test_shipped_launch_files_are_valid():
         assert load_grid(path).points, path
     for path in sorted((ROOT / "configs" / "scaling").glob("*.yaml")):
         assert load_study(path).points, path
+
+
+def test_a_report_waits_for_tables_being_written_and_reads_the_runs_after(tmp_path):
+    """A report that read the run directories before a launcher's last point finished, and wrote
+    after the launcher's final tables, replaced them with its older ones. Here this test holds the
+    tables' lock as a launcher writing its tables does: the report waits, then reads and writes."""
+    import fcntl
+
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "grid": {"seed": [1]}}
+    (tmp_path / "g.yaml").write_text(yaml.safe_dump(spec))
+    lock = tmp_path / "out" / "submitit" / "tables.lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        report = subprocess.Popen([sys.executable, str(ROOT / "launch" / "grid.py"), str(tmp_path / "g.yaml"),
+                                   "--report"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        time.sleep(3)  # time to read the runs and write, had it not waited
+        assert report.poll() is None and not (tmp_path / "out" / "leaderboard.md").exists()
+    out, err = report.communicate(timeout=120)
+    assert report.returncode == 0, out + err
+    assert (tmp_path / "out" / "leaderboard.md").exists()

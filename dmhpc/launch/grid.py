@@ -53,6 +53,7 @@ from typing import Any, Mapping
 
 from dmhpc.data.shards import is_labelled, load_manifest
 from dmhpc.errors import DmhpcError
+from dmhpc.files import hold_lock
 from dmhpc.launch.leaderboard import write_leaderboard
 from dmhpc.launch.summary import write_summary
 from dmhpc.launch.validators import write_validators
@@ -290,14 +291,22 @@ def _check_gap_targets(problems: Problems, points) -> None:
                          f"study on an unlabelled survey without gap")
 
 
+TABLES_LOCK = "tables.lock"  # OUT/submitit/tables.lock, held while the tables are written
+
+
 def _write_tables(g: Grid, failures: Mapping[str, str]) -> list[dict]:
-    rows = write_leaderboard(g.out, g.points, failed=failures)
-    print(f"dmhpc launch: leaderboard in {g.out / 'leaderboard.md'} and leaderboard.csv", flush=True)
-    if write_summary(g.out, g.points, gap=g.gap):
-        print(f"dmhpc launch: mean ± std over seeds in {g.out / 'summary.md'} and summary.csv", flush=True)
-    if write_validators(g.out, g.points):
-        print(f"dmhpc launch: label-free selection against the oracle in {g.out / 'validators.md'} and "
-              f"validators.csv", flush=True)
+    # A --report and a launcher's end may write the tables at once; one after the other, each reading
+    # the run directories while it holds the lock, the last tables written are the newest (a report
+    # that read before the launcher's last point finished replaced its final tables).
+    lock = g.out / "submitit" / TABLES_LOCK
+    with hold_lock(lock, "", "writer of this grid's tables", wait=True):
+        rows = write_leaderboard(g.out, g.points, failed=failures)
+        print(f"dmhpc launch: leaderboard in {g.out / 'leaderboard.md'} and leaderboard.csv", flush=True)
+        if write_summary(g.out, g.points, gap=g.gap):
+            print(f"dmhpc launch: mean ± std over seeds in {g.out / 'summary.md'} and summary.csv", flush=True)
+        if write_validators(g.out, g.points):
+            print(f"dmhpc launch: label-free selection against the oracle in {g.out / 'validators.md'} and "
+                  f"validators.csv", flush=True)
     return rows
 
 
