@@ -52,14 +52,17 @@ def launched_rank(env: Mapping[str, str] = os.environ) -> int:
 # most 1024 bytes (src/plugins/mpi/pmi2/pmi1.c). MPICH's UCX netmod publishes a ~4.5 kB address in
 # segments whose put requests mostly come to 750-1000 bytes, and now and then over 1024 (the address
 # holds bytes that change from run to run): the request is cut and every rank hangs in MPI_Init. The
-# OFI netmod's address is 16 bytes; dmhpc's MPI traffic is a few small collectives, so the
-# netmod's bandwidth does not matter. A netmod the user chose is kept.
+# OFI netmod's address is 16 bytes. dmhpc's MPI traffic is prepare's small collectives and synth's
+# rendered images to rank 0, which writes them to disk too (OFI against UCX there is not measured
+# between real nodes). A netmod the user chose is kept; an MPICH built with UCX only ignores it.
 SLURM_PMI2_DEFAULTS = {"MPIR_CVAR_CH4_NETMOD": "ofi"}
 
 
 def library_defaults(env: Mapping[str, str]) -> dict[str, str]:
-    """MPI library settings this launch needs that env does not set already."""
-    if env.get("SLURM_MPI_TYPE") != "pmi2" or "PMI_FD" not in env:
+    """MPI library settings this launch needs that env does not set already: under Slurm's pmi2
+    plugin (it sets PMI_JOBID), not under hydra (MPI_LOCALNRANKS), whose server reads whole lines
+    even where its proxies inherited SLURM_MPI_TYPE from srun."""
+    if env.get("SLURM_MPI_TYPE") != "pmi2" or "PMI_JOBID" not in env or "MPI_LOCALNRANKS" in env:
         return {}
     return {name: value for name, value in SLURM_PMI2_DEFAULTS.items() if name not in env}
 

@@ -45,7 +45,10 @@ def test_launched_rank_reads_every_launcher():
         assert launched_rank({var: "3"}) == 3
 
 
-SRUN_PMI2 = {"SLURM_MPI_TYPE": "pmi2", "PMI_FD": "11", "PMI_RANK": "0", "PMI_SIZE": "4"}
+SRUN_PMI2 = {"SLURM_MPI_TYPE": "pmi2", "PMI_FD": "11", "PMI_JOBID": "32.0", "PMI_RANK": "0", "PMI_SIZE": "4"}
+# hydra's proxies started by srun inside an allocation whose MpiDefault is pmi2
+HYDRA_UNDER_SRUN = {"SLURM_MPI_TYPE": "pmi2", "PMI_FD": "9", "PMI_RANK": "0", "PMI_SIZE": "4", "MPI_LOCALNRANKS": "2",
+                    "MPI_LOCALRANKID": "0", "PMI_HOSTNAME": "n1"}
 
 
 @pytest.mark.parametrize("env, defaults", [
@@ -54,6 +57,7 @@ SRUN_PMI2 = {"SLURM_MPI_TYPE": "pmi2", "PMI_FD": "11", "PMI_RANK": "0", "PMI_SIZ
     (SRUN_PMI2, {"MPIR_CVAR_CH4_NETMOD": "ofi"}),
     ({**SRUN_PMI2, "MPIR_CVAR_CH4_NETMOD": "ucx"}, {}),  # the user's choice stands
     ({"PMI_FD": "5", "PMI_RANK": "0", "PMI_SIZE": "4"}, {}),  # hydra's server reads whole lines
+    (HYDRA_UNDER_SRUN, {}),
     ({"SLURM_MPI_TYPE": "pmix", "PMIX_RANK": "0"}, {}),
     ({"SLURM_MPI_TYPE": "pmi2"}, {}),  # a batch script, not a step's task
 ])

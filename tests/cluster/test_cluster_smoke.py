@@ -118,7 +118,7 @@ def test_srun_pmi2_makes_one_mpi_world_across_nodes_with_short_pmi_values(slurm_
 
     Slurm's pmi2 plugin reads each of MPICH's PMI-1 requests in one read of at most 1024 bytes.
     MPICH's UCX netmod published 700-1000-character address segments, and a request cut at 1024
-    bytes hung every rank in MPI_Init (1 job in ~10 on the CI machine). slurmstepd's debug2 log
+    bytes hung every rank in MPI_Init (in about one CI run in ten). slurmstepd's debug2 log
     (srun --slurmd-debug) shows every value it hands out; UCX's are all far above the bound here.
     """
     pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install dmhpc[mpi])")
