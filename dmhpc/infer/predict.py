@@ -121,7 +121,8 @@ PART_INPUTS = "_cutout_files"
 def _part_done(path: Path, index: np.ndarray, names: set, inputs: str) -> bool:
     try:
         with np.load(path, allow_pickle=False) as z:
-            if str(z[PART_INPUTS]) != inputs:
+            # A part written before cutouts were recorded stands for inputs without cutout files.
+            if (str(z[PART_INPUTS]) if PART_INPUTS in z.files else "") != inputs:
                 return False
             return _part_problem({key: z[key] for key in z.files if key != PART_INPUTS}, index, names) is None
     except Exception:  # missing, or not a whole part: compute it (again)
