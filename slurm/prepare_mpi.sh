@@ -14,11 +14,12 @@
 #   sbatch -N 2 --ntasks-per-node=16 slurm/prepare_mpi.sh configs/data/deepmerge2-simsim.yaml --root /path/to/zenodo
 # PREPARE OPTIONS go to `dmhpc prepare --data-config DATA_CONFIG` (--root DIR, --out DIR, ...).
 # --synth N runs `dmhpc synth --out ROOT --n-per-class N --seed S` first, ROOT being --root or the
-# config's root, with --survey when the config reads the survey files. The job can be submitted
-# again after any earlier run (finished, killed, timed out): a finished render of the same N and S
-# in ROOT (its meta.json; one with the survey also serves a config without) is kept, an unfinished
-# one is rendered again; a finished render of other settings is an error unless --overwrite,
-# which then goes to synth too. PYTHON names the environment's interpreter (default: python on PATH).
+# config's root, with --survey when the config reads the survey files (both after any --set). The
+# job can be submitted again after any earlier run (finished, killed, timed out): a finished render
+# of the same N and S in ROOT (its meta.json; one with the survey also serves a config without) is
+# kept, an unfinished one is rendered again; a finished render of other settings is an error unless
+# --overwrite, which then goes to synth too. PYTHON names the environment's interpreter (default:
+# python on PATH).
 #
 # Ranks start with `srun --mpi=pmi2`, which MPICH (the mpich wheel included) and Intel MPI
 # speak (dmhpc picks MPICH's OFI netmod there: docs/cluster.md); for Open MPI submit with
@@ -35,7 +36,7 @@ shift
 python=${PYTHON:-python}
 command -v "$python" >/dev/null || { echo "prepare_mpi.sh: error: no '$python'; activate the environment before sbatch or set PYTHON" >&2; exit 2; }
 
-synth_n="" synth_seed=0 root="" overwrite="" prepare_args=()
+synth_n="" synth_seed=0 root="" overwrite="" sets=() prepare_args=()
 while [ $# -gt 0 ]; do
     case $1 in
     --synth) synth_n=${2:?--synth needs N_PER_CLASS}; shift 2 ;;
@@ -43,6 +44,8 @@ while [ $# -gt 0 ]; do
     --root) root=${2:?--root needs DIR}; prepare_args+=("$1" "$2"); shift 2 ;;
     --root=*) root=${1#--root=}; prepare_args+=("$1"); shift ;;
     --overwrite) overwrite=--overwrite; prepare_args+=("$1"); shift ;;
+    --set) sets+=("${2:?--set needs KEY=VALUE}"); prepare_args+=("$1" "$2"); shift 2 ;;
+    --set=*) sets+=("${1#--set=}"); prepare_args+=("$1"); shift ;;
     *) prepare_args+=("$1"); shift ;;
     esac
 done
@@ -50,23 +53,23 @@ done
 mpi_run=(srun --mpi="${SLURM_MPI_TYPE:-pmi2}" --kill-on-bad-exit=1 "$python" -m dmhpc)
 
 if [ -n "$synth_n" ]; then
-    # The config as prepare reads it (its problems are prepare's one line, before anything runs):
-    # the render's folder, and --survey when a domain reads the survey files (embedded-survey.yaml).
-    settings=$("$python" - "$config" "$root" <<'PY'
+    # The config as prepare reads it, --set included (its problems are prepare's one line, before
+    # anything runs): the render's folder, and --survey when a domain reads the survey files
+    # (configs/data/embedded-survey.yaml).
+    settings=$("$python" - "$config" "$root" "${sets[@]}" <<'PY'
 import sys
-from pathlib import Path
-from dmhpc.checks import read_yaml
-from dmhpc.data.prepare import load_data_config
+from dmhpc.data.prepare import load_data_config, read_data_config
 from dmhpc.data.synth import SURVEY_FILES
 from dmhpc.errors import DmhpcError
-config, root = sys.argv[1], sys.argv[2] or None
+config, root, sets = sys.argv[1], sys.argv[2] or None, sys.argv[3:]
 try:
-    domains = load_data_config(config, root=root, out=".")
+    domains = load_data_config(config, root=root, out=".", sets=sets)
 except DmhpcError as exc:
     print(f"prepare_mpi.sh: error: {exc}", file=sys.stderr)
     sys.exit(2)
-print("--survey" if any(d.images is not None and d.images.name in SURVEY_FILES for d in domains) else "-")
-print(root or read_yaml(Path(config), "data config")["root"])
+files = [f for d in domains for f in (d.images, d.labels, d.objects) if f is not None]
+print("--survey" if any(f.name in SURVEY_FILES for f in files) else "-")
+print(root or read_data_config(config, sets)["root"])
 PY
 )
     survey=${settings%%$'\n'*}

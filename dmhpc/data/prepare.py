@@ -81,13 +81,9 @@ class DomainSpec:
 # ----------------------------------------------------------------------------- data configs
 
 
-def load_data_config(path, root: str | None = None, out: str | None = None, sets=()) -> list[DomainSpec]:
-    """Domains named by a data config, with `KEY=VALUE` overrides (`domains.sdss.images=...`).
-
-    File paths are relative to `root` (the config's, or the one given); `root` and `out` are
-    relative to the working directory. Unknown or missing keys raise DmhpcError naming the key
-    and the config file (or the command line, for an override).
-    """
+def read_data_config(path, sets=()) -> dict:
+    """A data config's mapping with its `KEY=VALUE` overrides applied, not yet checked (see
+    `load_data_config`)."""
     name = str(path)
     config = read_yaml(Path(path), "data config")
     for item in sets:
@@ -99,7 +95,18 @@ def load_data_config(path, root: str | None = None, out: str | None = None, sets
                                  f"mapping in {name}")
             node = node[part]
         node[parts[-1]] = value
+    return config
 
+
+def load_data_config(path, root: str | None = None, out: str | None = None, sets=()) -> list[DomainSpec]:
+    """Domains named by a data config, with `KEY=VALUE` overrides (`domains.sdss.images=...`).
+
+    File paths are relative to `root` (the config's, or the one given); `root` and `out` are
+    relative to the working directory. Unknown or missing keys raise DmhpcError naming the key
+    and the config file (or the command line, for an override).
+    """
+    name = str(path)
+    config = read_data_config(path, sets)
     problems = Problems(name, "nothing written")
     unknown_keys(problems, config, CONFIG_KEYS)
     root_text = take(problems, config, "root", text(), REQUIRED if root is None else None)

@@ -73,6 +73,16 @@ def test_prepare_mpi_renders_the_survey_a_survey_config_reads(slurm_cluster, tmp
     assert "already holds the render --n-per-class 4 --seed 0 --survey" in job.output, job
     assert "dmhpc synth:" not in job.output and "pristine: 8 images" in job.output, job
 
+    # --set counts as prepare counts it: the noisy domain read from the survey's files needs them.
+    overrides = [f"--set=domains.noisy.{key}=survey_{name}.npy" for key, name in
+                 (("images", "X"), ("labels", "y"), ("objects", "objects"))]
+    job = slurm_cluster.wait(slurm_cluster.sbatch(
+        "--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/set", "slurm/prepare_mpi.sh",
+        "configs/data/embedded.yaml", "--synth", "4", "--root", str(tmp_path / "raw2"), "--out",
+        str(tmp_path / "shards2"), *overrides, cwd=REPO, env=JOB_ENV), timeout=240)
+    assert (job.state, job.exit_code) == ("COMPLETED", 0), job
+    assert "--seed 0 --survey" in job.output and "noisy: 8 images" in job.output, job
+
     # A config prepare would refuse is its one line before anything runs (it was a traceback).
     bad = tmp_path / "bad.yaml"
     bad.write_text("root: raw\nout: shards\ndomains:\n  survey: {imagez: survey_X.npy}\n")
