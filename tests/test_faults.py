@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -283,6 +284,21 @@ def test_a_full_disk_while_logging_a_step_under_two_ranks_is_every_ranks_one_lin
     assert code != 0 and "[rank" not in err and "Exception in thread" not in err, err[-3000:]
     lines = [line for line in err.splitlines() if line.startswith("dmhpc train: error: ")]
     assert len(lines) == 2 and all("No space left on device" in line for line in lines), err[-3000:]
+
+
+def test_an_events_folder_that_cannot_be_opened_is_every_ranks_one_line(data, tmp_path):
+    """Rank 0 opened TensorBoard's writer on its own: its OSError was a traceback, and rank 1 died
+    in a gloo traceback at the next collective. Here the folder is a file (a hand-edited run)."""
+    run = tmp_path / "run"
+    assert train(data, run, "train.epochs=1").returncode == 0
+    shutil.rmtree(run / "tensorboard")
+    (run / "tensorboard").write_text("not a folder")
+    proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
+                           "-m", "dmhpc.train", *train_args(data, run, "train.epochs=2")],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode != 0 and "[rank" not in proc.stderr, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("dmhpc train: error: ")]
+    assert lines == [f"dmhpc train: error: {run / 'tensorboard'}: cannot write: File exists"] * 2, proc.stderr[-3000:]
 
 
 # --- preemption: every stop signal, to the trainer or to its whole process group ------------------

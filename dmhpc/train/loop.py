@@ -99,7 +99,13 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
 
     # TensorBoard hides events at or after purge_step; the log keeps the records of the step resumed from.
     purge_step = prog.step + 1 if claim.resume_from is not None else None
-    log = MetricLog(run, purge_step=purge_step) if dist.is_main else None
+    log = None
+
+    def open_log() -> None:  # rank 0's; its error (a full disk) reaches every rank
+        nonlocal log
+        log = MetricLog(run, purge_step=purge_step)
+
+    on_main(open_log)
 
     def announce() -> None:  # rank 0's; its error (a full disk) reaches every rank
         print(f"dmhpc train: {run.path} | world {dist.world_size} on {dist.device} | loader {loader.description} "

@@ -177,7 +177,8 @@ class MetricLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self.run = run
-        self.tb = SummaryWriter(str(run.tensorboard_dir), purge_step=purge_step)
+        with self._writing():
+            self.tb = SummaryWriter(str(run.tensorboard_dir), purge_step=purge_step)
         _quiet_event_writer()
 
     def write(self, record: dict, step: int) -> None:
