@@ -573,22 +573,19 @@ def test_catalog_problems_are_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("cell", ["", "  "])
-def test_an_empty_file_cell_is_one_line(tmp_path, capsys, cell):
+@pytest.mark.parametrize("column", ["id", "file"])
+def test_an_empty_id_or_file_cell_is_one_line(tmp_path, capsys, column, cell):
+    """Empty cells read as "--" (masked) or blanks: as ids, the rows became one object of that name;
+    as files, they named a file "--" or the cutouts folder itself."""
     names = cutouts(tmp_path, np.zeros((3, 3, 8, 8), np.float32), per_filter=False)
-    (tmp_path / "c.csv").write_text(f"id,file,merger\ng94,cutouts/{names[0]},0\ng95,{cell},0\ng96,,1\n")
+    rows = [{"id": f"g9{4 + k}", "file": f"cutouts/{name}"} for k, name in enumerate(names)]
+    rows[1][column], rows[2][column] = cell, ""
+    (tmp_path / "c.csv").write_text("id,file\n" + "".join(f"{r['id']},{r['file']}\n" for r in rows))
     out = tmp_path / "o"
+    which = " (id g95)" if column == "file" else ""
     assert_fails(capsys, ["prepare", "--catalog", str(tmp_path / "c.csv"), "--file-column", "file", "--out", str(out)],
-                 f"{tmp_path / 'c.csv'}: column 'file' has 2 empty file cell(s), the first in row 2 (id g95)", out=out)
-
-
-@pytest.mark.parametrize("cell", ["", "  "])
-def test_an_empty_id_cell_is_one_line(tmp_path, capsys, cell):
-    """Empty ids read as "--" (masked) or "": the rows became one object of that name."""
-    names = cutouts(tmp_path, np.zeros((3, 3, 8, 8), np.float32), per_filter=False)
-    (tmp_path / "c.csv").write_text(f"id,file\ng94,cutouts/{names[0]}\n{cell},cutouts/{names[1]}\n,cutouts/{names[2]}\n")
-    out = tmp_path / "o"
-    assert_fails(capsys, ["prepare", "--catalog", str(tmp_path / "c.csv"), "--file-column", "file", "--out", str(out)],
-                 f"{tmp_path / 'c.csv'}: column 'id' has 2 empty id cell(s), the first in row 2", out=out)
+                 f"{tmp_path / 'c.csv'}: column '{column}' has 2 empty {column} cell(s), the first in row 2{which}",
+                 out=out)
 
 
 def test_nan_padded_cutouts_are_refused_unless_filled(tmp_path, capsys):
