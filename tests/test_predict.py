@@ -563,3 +563,14 @@ def test_a_label_column_that_is_not_whole_numbers_is_one_line_before_any_part(tr
     out = tmp_path / "flag.csv"
     assert main([*base, "--label-column", "flag", "--out", str(out)]) == 0
     assert list(read(out)["label"][:2]) == [1, 0]
+
+
+def test_an_input_without_images_is_one_line_before_any_part(trained, tmp_path, capsys):
+    """0 images ran to the merge and ended in a KeyError traceback, leaving CATALOG.parts behind."""
+    empty = tmp_path / "empty.npy"
+    np.save(empty, np.zeros((0, 3, 75, 75), np.float32))
+    out = tmp_path / "empty.parquet"
+    assert main(["predict", "--run", str(trained["run"]), "--images", str(empty), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{empty}: the input has no images" in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not Path(f"{out}.parts").exists()

@@ -196,7 +196,7 @@ def open_source(*, data: str | os.PathLike | None = None, split: str | None = No
         manifest = load_manifest(data)
         first, stop = split_rows(manifest, split) if split is not None else (0, manifest["count"])
         if stop == first:
-            raise DmhpcError(f"{data}: the {split} split is empty")
+            raise DmhpcError(f"{data}: the {split} split is empty" if split else f"{data}: the input has no images")
         return Source("data", Path(data), tuple(manifest["shape"]), stop - first, is_labelled(manifest),
                       {"data": str(Path(data).resolve()), "fingerprint": fingerprint(manifest),
                        **({"split": split} if split else {})},
@@ -221,6 +221,8 @@ def open_source(*, data: str | os.PathLike | None = None, split: str | None = No
     if cat is not None:
         where["catalog"] = str(Path(catalog).resolve())
     labels = _integer_labels(catalog, label_column, cat.labels) if cat is not None and cat.labels is not None else None
+    if not len(array):  # refused here, before a parts folder is made: the merge of no parts has no columns
+        raise DmhpcError(f"{images or catalog}: the input has no images; nothing to predict")
     return Source("catalog" if cat is not None and images is None else "images", Path(images or catalog),
                   tuple(array.shape[1:]), len(array), labels is not None, where, identity, array,
                   cat.ids if cat is not None else None, labels)
