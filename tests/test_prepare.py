@@ -555,6 +555,26 @@ def test_a_catalog_of_cutouts(tmp_path, capsys, table_format, per_filter):
     assert load_manifest(tmp_path / "unlabelled")["labelled"] is False
 
 
+@pytest.mark.parametrize("file_column", [None, "file"])
+def test_catalog_ids_keep_their_leading_zeros(tmp_path, capsys, file_column):
+    """astropy guessed the CSV's ids were numbers: 007 looked for 7.fits, or was stored as "7"."""
+    from astropy.io import fits
+
+    images = np.random.default_rng(8).normal(size=(2, 3, 8, 8)).astype(np.float32)
+    ids = ["007", "0123"]
+    for i, image in zip(ids, images):
+        fits.PrimaryHDU(image).writeto(tmp_path / f"{i}.fits")
+    (tmp_path / "c.csv").write_text("id,file\n" + "".join(f"{i},{i}.fits\n" for i in ids))
+    out = tmp_path / "ds"
+    where = ["--file-column", file_column] if file_column else ["--cutouts", str(tmp_path)]
+    assert main(["prepare", "--catalog", str(tmp_path / "c.csv"), *where, "--out", str(out),
+                 "--fractions", "0.5,0,0.5"]) == 0
+    rows = read_all(out)
+    np.testing.assert_array_equal(rows["images"], images[rows["index"]])
+    with RowReader(out) as reader:
+        assert reader.read_ids(0, 2) == [ids[i] for i in rows["index"]]
+
+
 def test_catalog_problems_are_one_line(tmp_path, capsys):
     from astropy.table import Table
 

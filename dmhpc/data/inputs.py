@@ -202,6 +202,7 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
                  file_column: str | None = None, cutouts: str | os.PathLike | None = None) -> Catalog:
     """Read a catalog with astropy.table. Cutout files are relative to `cutouts` (default: the
     catalog's folder); without a file column, the file of id X is X.fits there."""
+    from astropy.io import ascii
     from astropy.table import Table
 
     path = Path(path)
@@ -210,8 +211,11 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
         raise DmhpcError(f"{path}: unknown catalog format; expected one of {', '.join(CATALOG_FORMATS)}")
     if not path.is_file():
         raise DmhpcError(f"{path}: no such catalog")
+    # A CSV carries no types: astropy would guess the ids 007 and 0123 are the numbers 7 and 123,
+    # which name other cutout files (7.fits) and store other ids. Typed formats keep theirs.
+    text_columns = {column: [ascii.convert_numpy(str)] for column in (id_column, file_column) if column is not None}
     try:
-        table = Table.read(path, format=fmt)
+        table = Table.read(path, format=fmt, **({"converters": text_columns} if fmt == "ascii.csv" else {}))
     except Exception as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DmhpcError(f"{path}: cannot read the catalog ({reason})") from None
