@@ -78,8 +78,17 @@ dmhpc_run_requeueable() {
     trap 'signalled=1; echo "dmhpc: SIGUSR2: asking the ranks to checkpoint and stop" >&2; [ -z "$pid" ] || kill -USR2 "$pid"' USR2
     "$@" &
     pid=$!
-    # A trapped signal ends `wait` early; wait again until the launch has really exited.
-    while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
+    # A trapped signal ends `wait` early; wait again until the launch has really exited. After
+    # the signal, say it again every RESEND seconds: a rank still starting (importing, staging
+    # data) ignores USR2 until the program installs its handler, and would train on to the time
+    # limit, never requeued. The handlers only set a flag, so a repeat changes nothing.
+    local resend=10 waited=0
+    while kill -0 "$pid" 2>/dev/null; do
+        if [ "$signalled" = 0 ]; then wait "$pid" || true; continue; fi
+        sleep 1
+        waited=$((waited + 1))
+        if [ $((waited % resend)) = 0 ]; then kill -USR2 "$pid" 2>/dev/null || true; fi
+    done
     wait "$pid" || rc=$?
     trap - USR2
     if [ "$signalled" = 1 ] && [ "$rc" != 0 ]; then

@@ -202,6 +202,49 @@ def test_requeue_exit_code_is_not_a_failure_usage_or_shell_code():
     assert 0 < REQUEUE_EXIT_CODE < 126
 
 
+
+STARTING_RANK = textwrap.dedent("""
+    import signal, sys, time
+    from pathlib import Path
+    out = Path(sys.argv[1])
+    (out / "started").touch()
+    time.sleep(3)  # still importing and staging data: USR2 is ignored, as lib.sh starts every task
+    got = []
+    signal.signal(signal.SIGUSR2, lambda signum, frame: got.append(signum))
+    for _ in range(300):  # train on; a real run would reach the time limit
+        if got:
+            (out / "signalled").touch()
+            sys.exit(75)
+        time.sleep(0.1)
+""")
+
+
+def test_requeueable_launch_repeats_usr2_until_a_starting_rank_takes_it(tmp_path):
+    """slurm/lib.sh: USR2 reaching the job while its ranks still start (their USR2 ignored until the
+    trainer installs its handler) is said again until they take it; the ranks checkpoint and stop,
+    and the job is requeued. Said once, it was lost and the job ran to its time limit."""
+    (tmp_path / "rank.py").write_text(STARTING_RANK)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**clean_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "5"}
+    task = f"""bash -c 'trap "" USR2; exec "$@"' task {sys.executable} {tmp_path}/rank.py {tmp_path}"""
+    proc = subprocess.Popen(["bash", "-c", f"source {ROOT}/slurm/lib.sh && dmhpc_run_requeueable {task}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR2)  # to the batch shell, as --signal=B:USR2 does
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert (tmp_path / "signalled").exists(), out
+    assert proc.returncode == 75, out
+    assert (tmp_path / "scontrol").read_text().split() == ["requeue", "5"], out
+
+
 LOOP = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
