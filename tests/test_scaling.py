@@ -3,6 +3,7 @@ real study through submitit's debug executor."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 
@@ -11,6 +12,7 @@ import pytest
 from tests.conftest import TINY, tiny_overrides
 from dmhpc.errors import DmhpcError
 from dmhpc.launch import launch_scaling, load_study, scaling_table, steady_step_time
+from dmhpc.launch.scaling import write_scaling
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +46,9 @@ def test_steady_step_time_excludes_the_first_epoch_and_weights_by_steps():
     assert math.isnan(t) and not excluded
 
 
-def _row(model, mode, nodes, gpn, images):
+def _row(model, mode, nodes, gpn, images, status="finished"):
     return {"model": model, "mode": mode, "nodes": nodes, "gpus_per_node": gpn, "gpus": nodes * gpn,
-            "images_per_s": images}
+            "images_per_s": images, "status": status}
 
 
 def test_scaling_table_speedup_and_efficiency():
@@ -56,7 +58,7 @@ def test_scaling_table_speedup_and_efficiency():
         _row("resnet18", "weak", 2, 2, 320.0),
         # strong at global batch G: T(1) = 1.0 s, T(2) = 0.6 s -> X = 2G/T; S = T(1)/T(2), E = S/2
         _row("resnet18", "strong", 1, 1, 2 * 64 / 1.0), _row("resnet18", "strong", 2, 1, 2 * 64 / 0.6),
-        # baseline = the fewest GPUs measured (2 here): efficiency relative to it
+        # baseline = the study's fewest GPUs (2 here): efficiency relative to it
         _row("resnet50", "weak", 1, 2, 50.0), _row("resnet50", "weak", 2, 2, 90.0),
         _row("resnet50", "weak", 4, 2, math.nan),
     ])
@@ -72,6 +74,37 @@ def test_scaling_table_speedup_and_efficiency():
     assert math.isnan(by["resnet50", "weak", 8]["efficiency"])
     assert [(r["model"], r["mode"], r["gpus"]) for r in rows][:3] == [
         ("resnet18", "weak", 1), ("resnet18", "weak", 2), ("resnet18", "weak", 4)]
+
+
+def test_scaling_table_uses_only_finished_points_against_the_smallest_n(tmp_path):
+    # The reviewer's case: the 1-GPU point was killed after its warm-up epoch (a slow, measured
+    # throughput) and gave the finished 2-GPU point a speedup of 5.
+    rows = scaling_table([
+        _row("resnet18", "weak", 1, 1, 20.0, "not finished"), _row("resnet18", "weak", 1, 2, 100.0),
+        _row("resnet18", "weak", 1, 4, 180.0),
+        # strong: the finished 1 GPU is the baseline; the unfinished 2 GPUs get none
+        _row("resnet18", "strong", 1, 1, 100.0), _row("resnet18", "strong", 1, 2, 500.0, "not finished"),
+        _row("resnet18", "strong", 1, 4, 300.0),
+    ])
+    by = {(r["mode"], r["gpus"]): r for r in rows}
+    for gpus in (1, 2, 4):  # no baseline: not the 2-GPU point instead
+        assert math.isnan(by["weak", gpus]["speedup"]) and math.isnan(by["weak", gpus]["efficiency"])
+        assert by["weak", gpus]["baseline_gpus"] == 1
+    assert math.isnan(by["strong", 2]["speedup"]) and math.isnan(by["strong", 2]["efficiency"])
+    assert by["strong", 4]["speedup"] == pytest.approx(3.0) and by["strong", 4]["efficiency"] == pytest.approx(0.75)
+    for r in rows:
+        r.update({"batch_per_gpu": 4, "global_batch": 4 * r["gpus"], "step_time_s": 1.0,
+                  "images_per_s_per_gpu": r["images_per_s"] / r["gpus"], "staging_s": 0.1, "loader": "torch",
+                  "warmup_excluded": True, "point": "p", "run_dir": "d"})
+    write_scaling(tmp_path, rows, "gpu")
+    md = (tmp_path / "scaling.md").read_text()
+    assert "| speedup | efficiency | baseline N0 | staging s | warm-up excluded | status |" in md
+    assert "| resnet18 | weak | 1 | 1 | 1 | 4 | 4 | 1 | 20 | 20 |  |  | 1 | 0.1 | True | not finished |" in md
+    assert "| resnet18 | strong | 1 | 4 | 4 | 4 | 16 | 1 | 300 | 75 | 3 | 0.75 | 1 | 0.1 | True | finished |" in md
+    with (tmp_path / "scaling.csv").open() as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [(r["gpus"], r["speedup"], r["baseline_gpus"], r["status"]) for r in csv_rows][:2] == [
+        ("1", "", "1", "not finished"), ("2", "", "1", "finished")]
 
 
 def test_scaling_study_through_the_debug_executor(data, tmp_path, monkeypatch):

@@ -66,7 +66,7 @@ MODES = ("weak", "strong")
 MODELS = distinct_list(choice(*MODEL_NAMES), what=f"a non-empty list of distinct model names ({', '.join(MODEL_NAMES)})")
 COUNTS = distinct_list(integer(1), what="a non-empty list of distinct positive integers")
 COLUMNS = ("model", "mode", "nodes", "gpus_per_node", "gpus", "batch_per_gpu", "global_batch", "step_time_s",
-           "images_per_s", "images_per_s_per_gpu", "speedup", "efficiency", "staging_s", "loader",
+           "images_per_s", "images_per_s_per_gpu", "speedup", "efficiency", "baseline_gpus", "staging_s", "loader",
            "warmup_excluded", "status", "point", "run_dir")
 
 
@@ -206,14 +206,17 @@ def measure(point: Point) -> dict:
 
 
 def scaling_table(rows: list[dict]) -> list[dict]:
-    """Add speedup and efficiency to measured rows, against the fewest GPUs of the same model and mode."""
+    """Add speedup and efficiency against the smallest N of the same model and mode (baseline_gpus).
+
+    Only finished points count: an unfinished or failed run's log may hold only its warm-up epoch,
+    and a baseline taken from whichever smaller N happened to finish is not the study's N0."""
     out = [dict(r) for r in rows]
     for key in {(r["model"], r["mode"]) for r in out}:
         group = [r for r in out if (r["model"], r["mode"]) == key]
-        measured = [r for r in group if not math.isnan(r["images_per_s"])]
-        base = min(measured, key=lambda r: (r["gpus"], r["nodes"])) if measured else None
+        base = min(group, key=lambda r: (r["gpus"], r["nodes"]))
         for r in group:
-            if base is None or math.isnan(r["images_per_s"]):
+            r["baseline_gpus"] = base["gpus"]
+            if base["status"] != "finished" or r["status"] != "finished":
                 r["speedup"] = r["efficiency"] = math.nan
             else:
                 r["speedup"] = r["images_per_s"] / base["images_per_s"]
@@ -239,17 +242,20 @@ def write_scaling(out: Path, rows: list[dict], device: str) -> None:
     unit = "GPU" if device == "gpu" else "CPU process"
     lines = [f"# Scaling: {out}", "",
              f"Images/s count source and target images (2 x global batch per step). A \"GPU\" is a {unit}. "
-             "Speedup and efficiency are against the fewest GPUs of the same model and mode: "
-             "efficiency = speedup x N0 / N (weak: per-GPU throughput kept; strong: T(N0) N0 / (T(N) N)). "
+             "Speedup and efficiency are against the smallest N of the same model and mode (N0, the "
+             "baseline column), from finished points only (blank when the point or its baseline is not "
+             "finished): efficiency = speedup x N0 / N (weak: per-GPU throughput kept; strong: "
+             "T(N0) N0 / (T(N) N)). "
              "Staging: the slowest rank's loader set-up, not in the throughput. Warm-up: the first epoch "
              "is excluded where the run had more than one.", "",
              "| model | mode | nodes | GPUs/node | GPUs | batch/GPU | global batch | step s | images/s "
-             "| images/s/GPU | speedup | efficiency | staging s | warm-up excluded |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| images/s/GPU | speedup | efficiency | baseline N0 | staging s | warm-up excluded | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append("| " + " | ".join(_fmt(r[c]) for c in (
             "model", "mode", "nodes", "gpus_per_node", "gpus", "batch_per_gpu", "global_batch", "step_time_s",
-            "images_per_s", "images_per_s_per_gpu", "speedup", "efficiency", "staging_s", "warmup_excluded")) + " |")
+            "images_per_s", "images_per_s_per_gpu", "speedup", "efficiency", "baseline_gpus", "staging_s",
+            "warmup_excluded", "status")) + " |")
     atomic_write(out / "scaling.md", "\n".join(lines) + "\n")
     from dmhpc.plots import scaling_curves
 
