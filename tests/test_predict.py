@@ -574,3 +574,18 @@ def test_an_input_without_images_is_one_line_before_any_part(trained, tmp_path, 
     err = capsys.readouterr().err
     assert f"{empty}: the input has no images" in err and len(err.splitlines()) == 1, err
     assert not out.exists() and not Path(f"{out}.parts").exists()
+
+
+def test_a_pixel_that_overflows_once_normalized_is_one_line_before_its_part(trained, tmp_path, capsys):
+    """A finite pixel near 3e38 is infinite after normalization: its NaN probability was written into
+    the part, and the merge then refused that part on every rerun."""
+    huge = trained["images"][:40].copy()
+    huge[37, 0, 10, 10] = 3e38
+    np.save(tmp_path / "huge.npy", huge)
+    out = tmp_path / "huge.csv"
+    assert main(["predict", "--run", str(trained["run"]), "--images", str(tmp_path / "huge.npy"), "--out", str(out),
+                 "--part-size", "32", "--batch-size", "16"]) == 1
+    err = capsys.readouterr().err
+    best = RunDir(trained["run"]).checkpoint("best")
+    assert f"{best}: non-finite merger probability for image 37 (id 37)" in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and [p.name for p in _parts(out)] == ["part-000000.npz"]

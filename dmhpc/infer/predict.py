@@ -71,7 +71,8 @@ class Model:
     def __init__(self, run: RunDir, checkpoint: str, device: torch.device, amp: str = "none"):
         self.cfg = run.config()
         # Name, epoch and step alone are the same for a run retrained with --overwrite.
-        self.identity = file_identity(run.checkpoint(checkpoint))
+        self.path = run.checkpoint(checkpoint)
+        self.identity = file_identity(self.path)
         state = load_checkpoint(run.checkpoint(checkpoint))
         self.checkpoint = {"name": checkpoint, "epoch": state.get("epoch"), "step": state.get("step"),
                            **state.get("selection", {})}
@@ -157,7 +158,22 @@ def _batch_columns(model: Model, normalize: Normalizer, images: np.ndarray, colu
         columns["p_merger_std"] = p.std(0, unbiased=False).cpu().numpy()
     else:  # the batch is ours (read for this step): normalize it where it is
         columns["p_merger"] = model.probabilities(normalize.in_place(x))[:, 1].cpu().numpy()
+    _finite_probabilities(model, columns)
     return columns
+
+
+def _finite_probabilities(model: Model, columns: dict) -> None:
+    """Refuse a batch with a non-finite probability before its part is written: the merge would only
+    refuse the part, and a rerun compute it again. Finite pixels can still get there (one near 3e38
+    overflows float32 when normalized), and so can NaN weights. The values are on the host already."""
+    bad = ~np.isfinite(columns["p_merger"])
+    if "p_merger_std" in columns:
+        bad |= ~np.isfinite(columns["p_merger_std"])
+    if bad.any():
+        k = int(np.flatnonzero(bad)[0])
+        raise DmhpcError(f"{model.path}: non-finite merger probability for image {int(columns['index'][k])} "
+                         f"(id {columns['id'][k]}): a pixel too large for float32 once normalized, or NaN "
+                         f"weights in this checkpoint")
 
 
 def _spec(run: RunDir, model: Model, source: Source, source_args: dict, options: dict) -> dict:
