@@ -644,6 +644,14 @@ def test_nan_fill_replaces_nan_only(tmp_path, capsys, source):
                      if source != "npy-float64" else "", out=out)
 
 
+@pytest.mark.parametrize("fill, dtype", [("nan", "float32"), ("inf", "float32"), ("-1e39", "float32"),
+                                         ("1e6", "float16")])
+def test_a_nan_fill_the_stored_type_cannot_hold_is_refused(inputs, capsys, fill, dtype):
+    """It was stored: the manifest's statistics said NaN or Infinity, and load_manifest refused it."""
+    assert_fails(capsys, args(inputs, f"--nan-fill={fill}", "--dtype", dtype), f"--nan-fill {float(fill):g}: ",
+                 f"finite value that {dtype} can hold", out=inputs["out"])
+
+
 def test_a_fits_cube_cut_short_is_one_line(tmp_path):
     """A cube whose copy stopped halfway: astropy maps it and fails with a TypeError on the data (a
     traceback, before); the one line says why, in astropy's words. In a fresh process: astropy's
