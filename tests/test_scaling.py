@@ -126,3 +126,14 @@ def test_scaling_study_through_the_debug_executor(data, tmp_path, monkeypatch):
     assert r["images_per_s"] == pytest.approx(epochs[1]["images_per_s"], rel=1e-6)
     assert r["staging_s"] > 0 and r["loader"] == "gpu-resident"
     assert (out / "scaling.png").stat().st_size > 0 and "| deepmerge2 | weak | 1 |" in (out / "scaling.md").read_text()
+
+
+def test_a_local_scaling_study_runs_its_points_one_at_a_time(tmp_path, capsys):
+    """Local points running together shared the machine's cores, and their efficiency measured that."""
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "models": ["deepmerge2"],
+            "nodes": [1], "gpus_per_node": [1, 2], "device": "cpu", "weak": {"batch_per_gpu": 4},
+            "overrides": {"data.source": "missing"}, "slurm": {"array_parallelism": 4}}
+    with pytest.raises(DmhpcError, match="2 point\\(s\\) failed"):  # no data: each fails as it starts
+        launch_scaling(spec)
+    assert ("running the other 2, 1 at a time (a scaling study: points together would share the cores and skew "
+            "the timings)") in capsys.readouterr().out

@@ -63,6 +63,9 @@ STUDY_OWNED = {"model.name": "models", "train.batch_size": "weak.batch_per_gpu o
                "train.eval_every": "epochs (evaluation only after the last)", "run.dir": "OUT/<point name>",
                "train.signals": "[submitit's preemption signal]"}
 MODES = ("weak", "strong")
+# Local points running together would share this machine's cores, and their timings would measure
+# the sharing, not the scaling.
+LOCAL_ONE_AT_A_TIME = " (a scaling study: points together would share the cores and skew the timings)"
 MODELS = distinct_list(choice(*MODEL_NAMES), what=f"a non-empty list of distinct model names ({', '.join(MODEL_NAMES)})")
 COUNTS = distinct_list(integer(1), what="a non-empty list of distinct positive integers")
 COLUMNS = ("model", "mode", "nodes", "gpus_per_node", "gpus", "batch_per_gpu", "global_batch", "step_time_s",
@@ -154,7 +157,8 @@ def load_study(spec: str | Path | Mapping, executor: str | None = None) -> Study
                     except DmhpcError as exc:
                         failures[name] = point_problem(exc)
                         continue
-                    res = replace(site, nodes=n, tasks_per_node=g, gpus_per_node=g if device == "gpu" else 0)
+                    res = replace(site, nodes=n, tasks_per_node=g, gpus_per_node=g if device == "gpu" else 0,
+                                  array_parallelism=1 if executor == "local" else site.array_parallelism)
                     values = {"model": model, "mode": mode, "nodes": n, "gpus_per_node": g, "batch_per_gpu": batch}
                     points.append(Point(name, values, run_dir, cfg))
                     resources[name] = res
@@ -267,7 +271,7 @@ def launch_scaling(spec: str | Path | Mapping, wait: bool = True, executor: str 
     study = load_study(spec, executor)
     failures = launch_points(list(study.points), study.resources, kind=study.executor,
                              folder=study.out / "submitit", job_name=f"dmhpc-{study.out.name}",
-                             task=TrainTask(), wait=wait)
+                             task=TrainTask(), wait=wait, at_once_why=LOCAL_ONE_AT_A_TIME)
     rows = scaling_table([measure(p) for p in study.points])
     write_scaling(study.out, rows, study.device)
     print(f"dmhpc launch: scaling table in {study.out / 'scaling.md'}, scaling.csv and scaling.png", flush=True)

@@ -456,9 +456,10 @@ def check_executor_here(kind: str) -> None:
 
 
 def launch_points(points: list[Point], resources: Mapping[str, Resources], *, kind: str, folder: Path,
-                  job_name: str, task: TrainTask, wait: bool = True) -> dict[str, str]:
-    """Run the points' jobs: local ones here (`_launch_local`), others by `submit_points` and (with
-    wait) `wait_for`; {point name: why its job failed}."""
+                  job_name: str, task: TrainTask, wait: bool = True, at_once_why: str = "") -> dict[str, str]:
+    """Run the points' jobs: local ones here (`_launch_local`; `at_once_why` follows "N at a time" in
+    its start line), others by `submit_points` and (with wait) `wait_for`; {point name: why its job
+    failed}."""
     if not wait and kind != "slurm":
         raise DmhpcError(f"executor {kind}: its jobs end with the launcher, so the launcher must wait for them")
     check_executor_here(kind)
@@ -469,13 +470,14 @@ def launch_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     with hold_lock(lock, f"{lock}: another launcher is running points into this out ({{holder}}); wait for it or "
                          f"use another out", "launcher"):
         if kind == "local":
-            return _launch_local(points, resources, folder=folder, job_name=job_name, task=task)
+            return _launch_local(points, resources, folder=folder, job_name=job_name, task=task,
+                                 at_once_why=at_once_why)
         jobs = submit_points(points, resources, kind=kind, folder=folder, job_name=job_name, task=task)
         return wait_for(jobs) if wait else {}
 
 
 def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, folder: Path, job_name: str,
-                  task: TrainTask, poll_s: float = 1.0) -> dict[str, str]:
+                  task: TrainTask, poll_s: float = 1.0, at_once_why: str = "") -> dict[str, str]:
     """Run the unfinished points here, at most `array_parallelism` at once, the next one starting as
     soon as one ends (submitit's local executor would start every job at once, and runs of one
     study differ in length: waiting for a whole batch left cores idle). The jobs end with the
@@ -485,7 +487,7 @@ def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, fo
     at_once = min((resources[p.name].array_parallelism for p in todo), default=1)
     ranks = max((resources[p.name].ranks for p in todo), default=1)
     print(f"dmhpc launch: {len(points) - len(todo)} of {len(points)} point(s) finished; running the "
-          f"other {len(todo)}, {at_once} at a time; logs in {folder}", flush=True)
+          f"other {len(todo)}, {at_once} at a time{at_once_why}; logs in {folder}", flush=True)
     threads = local_threads(min(at_once, len(todo)) * ranks)
     _say_threads(threads)
     folder.mkdir(parents=True, exist_ok=True)
