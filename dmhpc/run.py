@@ -281,12 +281,14 @@ class RunDir:
         """`checkpoint` is one of this run's own."""
         return checkpoint.resolve().parent == self.checkpoint_dir.resolve()
 
-    def check_relaunch(self, cfg: Config) -> None:
-        """What `claim(cfg, "auto")` would refuse, checked from outside (a launcher about to submit
-        the run again), without the lock: a foreign directory, or a changed configuration."""
+    def check_relaunch(self, cfg: Config, data_ids: Mapping[str, str]) -> None:
+        """What `claim(cfg, "auto", data_ids=...)` would refuse, checked from outside (a launcher about
+        to submit the run again), without the lock: a foreign directory, a changed configuration, or
+        data that changed under the run's paths. `data_ids` as for `claim`, of the data sets that
+        exist now."""
         self._check_owner()
         if self.checkpoint("last").is_file() and self.config_path.is_file():
-            self._check_changes(config_to_dict(self.config()), config_to_dict(cfg), str(self.config_path), {})
+            self._check_changes(config_to_dict(self.config()), config_to_dict(cfg), str(self.config_path), data_ids)
 
     def _check_owner(self) -> None:
         """Refuse a path that is not a directory, or a directory holding something other than a run."""

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -243,6 +244,35 @@ def test_a_finished_point_asked_to_train_longer_resumes_instead_of_passing_for_t
 
     assert finished(**{"train.log_every": 2})  # another cadence is no reason to train again
     assert not finished(**{"train.early_stopping": 3}) and not finished(**{"train.max_steps": 15})
+
+
+
+def test_a_relaunch_compares_data_by_content_as_the_trainer_does(data, tmp_path, capsys):
+    """The launcher compared data paths only: a copy of the data at a new path was refused (the
+    trainer resumes on it), and data prepared again at the same path passed, so the old run's
+    result counted as the point's (a grid mixing data versions) or its job failed after the queue."""
+    import shutil
+
+    from dmhpc.data.shards import write_dataset
+    from dmhpc.launch import launch_grid
+
+    shutil.copytree(data, tmp_path / "a")
+    out = tmp_path / "out"
+    spec = {"base": str(TINY), "out": str(out), "executor": "debug",
+            "overrides": tiny_overrides(tmp_path / "a"), "grid": {"seed": [1]}}
+    launch_grid(spec)
+    capsys.readouterr()
+
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # the same data sets at a new path
+    moved = load_grid({**spec, "overrides": tiny_overrides(tmp_path / "b")})
+    assert moved.points[0].finished
+
+    shutil.rmtree(tmp_path / "a" / "noisy")  # prepared again in place, other splits
+    rng = np.random.default_rng(1)
+    write_dataset(rng.normal(0, 0.3, (64, 3, 75, 75)).astype(np.float32), np.arange(64) % 2, None,
+                  tmp_path / "a" / "noisy", shard_size=64, seed=1)
+    with pytest.raises(DmhpcError, match=r"point seed=1: .*data.target .*noisy.* holds another data set"):
+        load_grid(spec)
 
 
 def test_a_failed_point_is_named_with_the_reason_from_its_job_and_marked_on_the_leaderboard(data, tmp_path,

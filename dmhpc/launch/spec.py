@@ -22,7 +22,9 @@ from typing import Any, Mapping
 
 from dmhpc.checks import Problems, boolean, number, read_yaml, show, take, unknown_keys
 from dmhpc.config import COMMAND_LINE, Config, changed_keys, config_to_dict, load_config
+from dmhpc.data.shards import fingerprint, load_manifest
 from dmhpc.errors import DmhpcError
+from dmhpc.names import DOMAINS
 from dmhpc.run import LENGTH_KEYS, RunDir
 
 
@@ -211,11 +213,31 @@ def check_point_problems(problems: Problems, failures: Mapping[str, str]) -> Non
         problems.add(label, message)
 
 
+def data_ids(cfg: Config, cache: dict | None = None) -> dict[str, str]:
+    """The manifest fingerprints of the run's data sets that exist now, as the trainer compares them
+    on resume ({"data.source": ..., "data.target": ...}); one prepared later is the trainer's to check.
+    `cache` (path -> fingerprint) reads each data set once for the points that share it."""
+    cache = {} if cache is None else cache
+    ids = {}
+    for role in DOMAINS:
+        path = str(getattr(cfg.data, role))
+        if path not in cache:
+            try:
+                cache[path] = fingerprint(load_manifest(path))
+            except DmhpcError:
+                cache[path] = None
+        if cache[path] is not None:
+            ids[f"data.{role}"] = cache[path]
+    return ids
+
+
 def check_existing_runs(problems: Problems, points: list[Point]) -> None:
-    """A run directory that is not a run, or holds a run of another configuration, would be refused
-    by the trainer after the job started: refuse it before anything is submitted."""
+    """A run directory that is not a run, or holds a run of another configuration or of data that
+    changed since, would be refused by the trainer after the job started: refuse it before anything
+    is submitted (and before its old result counts as the point's)."""
+    cache: dict = {}
     for p in points:
         try:
-            p.run.check_relaunch(p.config)
+            p.run.check_relaunch(p.config, data_ids(p.config, cache))
         except DmhpcError as exc:
             problems.add(f"point {p.name}", f"{exc}")

@@ -62,7 +62,7 @@ from dmhpc.checks import Problems, choice, integer, show, take, text, unknown_ke
 from dmhpc.config import config_to_dict
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, hold_lock
-from dmhpc.launch.spec import (Range, base_path, dotted_keys, finished_as, point_name, point_problem,
+from dmhpc.launch.spec import (Range, base_path, data_ids, dotted_keys, finished_as, point_name, point_problem,
                                read_launch_file, read_space, resolve_point)
 from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, Resources, TrainTask, check_executor_here,
                                  local_threads, make_executor, preempt_signal, read_resources,
@@ -411,7 +411,7 @@ class _Search:
                 self.running.append(_Running(trial, same.run, same.job))
                 return
             run = RunDir(run_dir)
-            run.check_relaunch(cfg)  # a directory holding another run would fail the job
+            run.check_relaunch(cfg, data_ids(cfg))  # a directory holding another run would fail the job
             if finished_as(run, cfg):  # values an earlier trial trained with: its result
                 self.outcome(_finish(study, _Running(trial, run, None), t.objective))
                 return
