@@ -119,6 +119,42 @@ def test_a_queued_job_of_another_configuration_is_never_taken_for_the_point(tmp_
         "configuration (the launch file changed since); scancel 1234_0 and launch again, or restore the file\n")
 
 
+@pytest.mark.parametrize("damage, problem", [
+    (lambda text: text.replace("}\n}", "},\n}"), "not valid JSON (Expecting property name enclosed in double quotes"),
+    (lambda text: text.replace(' "tasks": 1,\n', "", 1), "point seed=0: tasks must be the job's number of tasks, a "
+                                                         "positive integer, got nothing"),
+    (lambda text: text.replace('"1234_1"', "1234"), 'point seed=1: job_id must be a Slurm job id in quotes, such as '
+                                                    '"1234_0", got 1234'),
+], ids=["trailing-comma", "no-tasks", "numeric-job-id"])
+def test_a_damaged_jobs_file_is_one_line_and_submits_nothing(tmp_path, monkeypatch, capsys, damage, problem):
+    """A hand-edited OUT/submitit/jobs.json ended the launch in a JSONDecodeError or KeyError traceback,
+    or (a job id as a number, never in squeue's list) submitted the point again beside its queued job."""
+    from dmhpc.cli import main
+
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    submitted = tmp_path / "sbatch-calls"
+    (fake / "sbatch").write_text(f'#!/bin/sh\necho x >> {submitted}\necho "Submitted batch job 1234"\n')
+    (fake / "squeue").write_text('#!/bin/sh\necho 1234_0\necho 1234_1\n')  # both still queued
+    for tool in fake.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({"base": str(TINY), "out": str(tmp_path / "out"), "executor": "slurm",
+                                         "grid": {"seed": [0, 1]}}))
+    assert main(["grid", str(grid_file), "--no-wait"]) == 0
+    jobs = tmp_path / "out" / "submitit" / "jobs.json"
+    text = jobs.read_text()
+    jobs.write_text(damage(text))
+    assert jobs.read_text() != text
+    capsys.readouterr()
+    assert main(["grid", str(grid_file), "--no-wait"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"dmhpc grid: error: {jobs}: {problem}") and err.count("\n") == 1, err
+    assert err.endswith("; repair it, or remove it (points whose jobs are still queued are then submitted again)\n")
+    assert submitted.read_text() == "x\n"  # the first launch's array only
+
+
 def test_a_second_launcher_into_the_same_out_is_refused_in_one_line(tmp_path, capsys):
     """Two launchers of one OUT both found the points unfinished and ran each twice: local jobs met in
     the run directory, where one failed as "in use by another trainer"; SLURM jobs went in twice."""

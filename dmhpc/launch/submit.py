@@ -393,8 +393,38 @@ def _config_id(point: Point) -> str:
 
 
 def _read_jobs(folder: Path) -> dict:
+    """{point name: {"job_id", "tasks", "config"}} of the jobs submitted into this folder. A damaged
+    file is an error: a traceback otherwise, or a job id never found in squeue, so its point was
+    submitted a second time beside its queued job."""
     path = folder / JOBS_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+
+    def damaged(what: str) -> DmhpcError:
+        return DmhpcError(f"{path}: {what}; repair it, or remove it (points whose jobs are still queued are then "
+                          f"submitted again)")
+
+    try:
+        jobs = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise damaged(f"not valid JSON ({exc})") from None
+    if not isinstance(jobs, dict):
+        raise damaged(f"expected an object of point name -> job, got {show(jobs)}")
+    for name, entry in jobs.items():
+        if not isinstance(entry, dict):
+            raise damaged(f"point {name}: expected an object with job_id and tasks, got {show(entry)}")
+
+        def got(key: str) -> str:
+            return show(entry[key]) if key in entry else "nothing"
+
+        job_id, tasks = entry.get("job_id"), entry.get("tasks")
+        if not isinstance(job_id, str) or not job_id:
+            raise damaged(f"point {name}: job_id must be a Slurm job id in quotes, such as \"1234_0\", got {got('job_id')}")
+        if type(tasks) is not int or tasks < 1:
+            raise damaged(f"point {name}: tasks must be the job's number of tasks, a positive integer, got {got('tasks')}")
+        if not isinstance(entry.get("config", ""), str):
+            raise damaged(f"point {name}: config must be the hash of its configuration (text), got {got('config')}")
+    return jobs
 
 
 def submit_points(points: list[Point], resources: Mapping[str, Resources], *, kind: str, folder: Path,
