@@ -135,6 +135,36 @@ def test_explain_the_top_candidates_of_a_catalog(survey, run_on_survey, tmp_path
     assert (tmp_path / "explain" / "top_candidates.png").is_file()
 
 
+def test_explain_a_catalog_with_the_model_that_predicted_it(survey, run_on_survey, tmp_path, capsys):
+    """explain --catalog took the catalog's top rows but explained (and titled with the probability of)
+    whatever --run and --checkpoint said, best by default: another model's view of the candidates."""
+    pytest.importorskip("captum")
+    from astropy.table import Table
+
+    catalog = tmp_path / "last.ecsv"
+    assert main(["predict", "--run", str(run_on_survey), "--data", str(survey / "survey"), "--checkpoint", "last",
+                 "--out", str(catalog)]) == 0
+    (tmp_path / "link").symlink_to(run_on_survey)  # the same run by another path
+    out = tmp_path / "explain"
+    assert main(["explain", "--run", str(tmp_path / "link"), "--catalog", str(catalog), "--n", "2",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "explain.json").read_text())["checkpoint"]["name"] == "last"  # the catalog's own
+    import shutil
+
+    shutil.copytree(run_on_survey, tmp_path / "copy")
+    table = Table.read(catalog)
+    table.meta["CKPTSTEP"] += 1
+    table.write(tmp_path / "later.ecsv")
+    for run, cat, message in (
+            (tmp_path / "copy", catalog, f"--run {tmp_path / 'copy'}: {catalog} was predicted by the run "
+                                         f"{run_on_survey.resolve()}; explain it with that run"),
+            (run_on_survey, tmp_path / "later.ecsv", f"was predicted at step {table.meta['CKPTSTEP']}")):
+        assert main(["explain", "--run", str(run), "--catalog", str(cat), "--out", str(tmp_path / "refused")]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "refused").exists()
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
 def test_export_with_normalization_built_in_and_a_card(survey, run_on_survey, tmp_path, fmt):
     if fmt == "onnx":

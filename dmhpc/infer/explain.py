@@ -149,33 +149,57 @@ def _claim_out(out: Path, overwrite: bool) -> None:
             (out / name).unlink(missing_ok=True)
 
 
-def explain(run_dir, out, *, checkpoint: str = "best", data=None, catalog=None, n: int = 6, seed: int = 0,
+def _catalog_model(catalog: Path, table, run: RunDir, checkpoint: str | None, device) -> Model:
+    """The model that wrote `catalog`: its checkpoint unless another is named, refused when it is not
+    the catalog's run or step, since the grids are titled with the catalog's probabilities."""
+    if str(run.path.resolve()) != str(Path(table.meta["RUN"]).resolve()):
+        raise DmhpcError(f"--run {run.path}: {catalog} was predicted by the run {table.meta['RUN']}; explain it "
+                         f"with that run")
+    model = Model(run, checkpoint or str(table.meta["CKPT"]), device)
+    step = model.checkpoint.get("step", -1)
+    if str(step) != str(table.meta["CKPTSTEP"]):  # an int, or a numpy int read back from FITS
+        raise DmhpcError(f"--checkpoint {checkpoint or table.meta['CKPT']}: {model.path} is at step {step}; {catalog} "
+                         f"was predicted at step {table.meta['CKPTSTEP']} (a checkpoint written since?)")
+    return model
+
+
+def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=None, n: int = 6, seed: int = 0,
             pool: int = 200, overwrite: bool = False) -> list[Path]:
-    """Write the PNG grids; returns their paths. `pool` images per domain are scored to find the samples."""
+    """Write the PNG grids; returns their paths. `pool` images per domain are scored to find the samples.
+    `checkpoint`: by default a catalog's own, else best."""
     _captum()
     run, out = RunDir(run_dir), Path(out)
     dist = bootstrap()
     try:
-        model = Model(run, checkpoint, dist.device)
+        table = None
+        if catalog is not None:
+            table = _read_catalog(Path(catalog))
+            if "p_merger" not in table.colnames or not {"SRCARGS", "RUN", "CKPT", "CKPTSTEP"} <= set(table.meta):
+                raise DmhpcError(f"{catalog}: not a catalog written by dmhpc predict (no p_merger column, or no "
+                                 f"SRCARGS, RUN, CKPT or CKPTSTEP)")
+            model = _catalog_model(Path(catalog), table, run, checkpoint, dist.device)
+        else:
+            model = Model(run, checkpoint or "best", dist.device)
+        checkpoint = model.checkpoint["name"]
 
         def claim_out() -> None:  # once the inputs are read: a typo in them must not cost the old grids
             on_main(lambda: _claim_out(out, overwrite))
 
         written = []
         if catalog is not None:
-            table = _read_catalog(Path(catalog))
-            if "p_merger" not in table.colnames or "SRCARGS" not in table.meta:
-                raise DmhpcError(f"{catalog}: not a catalog written by dmhpc predict (no p_merger column or SRCARGS)")
             top = np.argsort(-np.asarray(table["p_merger"]), kind="stable")[:n]
             source = open_source(**json.loads(table.meta["SRCARGS"]))
             images = source.read_inputs(np.asarray(table["index"])[top])
             claim_out()
             norm = Normalizer(json.loads(table.meta["MEAN"]), json.loads(table.meta["STD"]), dist.device)
             x = norm(torch.from_numpy(images).to(model.device))
-            probs = model.probabilities(x)[:, 1].cpu().numpy()
+            # The catalog's own numbers: with TTA the mean over the transforms, not this one forward pass.
+            probs = np.asarray(table["p_merger"])[top]
             cams, igs = attributions(model, x)
             labels = np.asarray(table["label"])[top] if "label" in table.colnames else [None] * len(top)
-            title = f"{run.path.name}, {checkpoint} checkpoint: top {len(top)} merger candidates of {Path(catalog).name}"
+            tta = " (p_merger: the catalog's TTA mean)" if str(table.meta.get("TTA")) == "True" else ""
+            title = (f"{run.path.name}, {checkpoint} checkpoint: top {len(top)} merger candidates of "
+                     f"{Path(catalog).name}{tta}")
             written.append(attribution_grid(images, cams, igs, probs, labels, title, out / "top_candidates.png"))
             source.close()
             explained = {"catalog": str(Path(catalog).resolve())}
@@ -206,7 +230,8 @@ def explain(run_dir, out, *, checkpoint: str = "best", data=None, catalog=None, 
 
 def explain_arguments(parser) -> None:
     parser.add_argument("--run", required=True, type=Path, help="run directory")
-    parser.add_argument("--checkpoint", default="best", choices=["best", "last"], help="default: best")
+    parser.add_argument("--checkpoint", choices=["best", "last"],
+                        help="default: the --catalog's own, else best")
     parser.add_argument("--data", type=Path, metavar="DIR",
                         help="a prepared data set (its test split, else all of it) instead of the run's source and target")
     parser.add_argument("--catalog", type=Path, metavar="CATALOG",
