@@ -192,6 +192,7 @@ def hold_lock(path: Path, refusal: str, second: str, wait: bool = False) -> IO:
     in ("pid N on HOST since ..."); with `wait`, taken when the holder lets go instead. `second`
     names what a second holder would be, for the warning where the file system refuses locks (some
     Lustre mounts), and the caller goes on unguarded."""
+    made = [folder for folder in path.parents if not folder.exists()]  # nearest first
     while True:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,8 +218,17 @@ def hold_lock(path: Path, refusal: str, second: str, wait: bool = False) -> IO:
         except FileNotFoundError:
             pass
         handle.close()
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    handle.flush()
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+    except OSError as exc:  # a full disk: the empty file and folders made here would outlive the error
+        path.unlink(missing_ok=True)  # before the lock goes, as in locked_directory
+        with contextlib.suppress(OSError):
+            handle.close()  # flushes the line again, which fails again
+        with contextlib.suppress(OSError):
+            for folder in made:
+                folder.rmdir()
+        raise write_error(path, exc) from None
     return handle

@@ -313,6 +313,20 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, small_disk):
     assert not Path(files["out"]).exists()  # nothing partial: no shard, no temporary file, no directory
 
 
+def test_a_disk_too_full_for_the_lock_line_is_one_line_and_leaves_nothing(inputs, capsys, small_disk):
+    """The holder line of the output folder's lock was the one write that raised a traceback, and
+    left the empty lock file and the new output folder behind."""
+    disk = small_disk(1)
+    with open(disk / "filler", "wb") as f, pytest.raises(OSError, match="No space left"):
+        while True:
+            f.write(b"x" * 65536)
+            f.flush()
+    out = disk / "ds"
+    assert_fails(capsys, args({**inputs, "out": str(out)}),
+                 f"{disk / '.ds.lock'}: cannot write: No space left on device (disk full or over quota)")
+    assert os.listdir(disk) == ["filler"]
+
+
 def test_finished_or_foreign_directory_needs_overwrite(inputs, tmp_path, capsys):
     assert main(args(inputs)) == 0
     assert_fails(capsys, args(inputs), "already holds a data set", "--overwrite")

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import ROOT
 from dmhpc.config import Config, load_config
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_write, is_temporary, remove_orphans
+from dmhpc.files import atomic_write, hold_lock, is_temporary, remove_orphans
 from dmhpc.run import RunDir, evaluation_tag
 from dmhpc.train.checkpoint import save_checkpoint
 
@@ -77,6 +77,20 @@ def test_a_full_disk_is_one_line(small_disk):
     assert str(info.value) == (f"{disk / 'big.bin'}: cannot write: No space left on device (disk full or over "
                                f"quota); nothing written")
     assert os.listdir(disk) == []
+
+
+def test_a_lock_on_a_full_disk_is_one_line_and_leaves_nothing(small_disk):
+    """The holder line did not fit: a raw OSError, and the empty lock file and its new folders stayed."""
+    disk = small_disk(1)
+    with open(disk / "filler", "wb") as f, pytest.raises(OSError, match="No space left"):
+        while True:
+            f.write(b"x" * 65536)
+            f.flush()
+    lock = disk / "runs" / "a" / ".lock"
+    with pytest.raises(DmhpcError) as info:
+        hold_lock(lock, "in use ({holder})", "trainer")
+    assert str(info.value) == f"{lock}: cannot write: No space left on device (disk full or over quota); nothing written"
+    assert os.listdir(disk) == ["filler"]
 
 
 # --- who owns a directory -------------------------------------------------------------------------

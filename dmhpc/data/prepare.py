@@ -406,16 +406,18 @@ def _claim_outputs(planned: list[dict], created: list[bool], overwrite: bool, he
     locked = []
     try:
         for d in planned:
+            # The lock file lies beside the folder: lock first, so a folder made here is never left
+            # behind by a lock that failed (a full disk), nor one another conversion has locked.
+            held.enter_context(locked_directory(d["out"], "dmhpc prepare"))
+            locked.append(d)
             try:
                 d["out"].mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise DmhpcError(f"{d['out']}: cannot create: {exc.strerror}") from None
-            held.enter_context(locked_directory(d["out"], "dmhpc prepare"))
-            locked.append(d)
             shards.check_output_dir(d["out"], overwrite)
     except DmhpcError:
         for d, made in zip(locked, created):
-            if made and not any(d["out"].iterdir()):
+            if made and d["out"].is_dir() and not any(d["out"].iterdir()):
                 d["out"].rmdir()
         raise
     for d in planned:
