@@ -37,6 +37,25 @@ def test_scaling_study_problems_are_all_reported(tmp_path):
                     "nodes": [1], "gpus_per_node": [1, 3], "strong": {"global_batch": 8}})
 
 
+def test_a_null_mode_is_an_error_not_a_mode_left_out(tmp_path):
+    """weak: or strong: with its only line commented out is null: it dropped that mode, and both null
+    gave a study of zero points and an empty table."""
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(f"base: {TINY}\nout: {tmp_path / 'out'}\nexecutor: local\nmodels: [resnet18]\n"
+                          "weak:\n  # batch_per_gpu: 64\nstrong: {global_batch: 8}\n")
+    with pytest.raises(DmhpcError) as err:
+        load_study(study_file)
+    assert str(err.value) == (f"{study_file}: weak: expected a mapping with batch_per_gpu, got null; remove the key "
+                              f"to leave weak scaling out")
+    study_file.write_text(study_file.read_text().replace("strong: {global_batch: 8}", "strong:"))
+    with pytest.raises(DmhpcError) as err:
+        load_study(study_file)
+    assert str(err.value).splitlines()[1:] == [
+        f"{study_file}: weak: expected a mapping with batch_per_gpu, got null; remove the key to leave weak scaling out",
+        f"{study_file}: strong: expected a mapping with global_batch, got null; remove the key to leave strong "
+        f"scaling out"]
+
+
 def test_steady_step_time_excludes_the_first_epoch_and_weights_by_steps():
     records = [{"kind": "step", "step": 1}, {"kind": "epoch", "step": 10, "step_time_s": 5.0},
                {"kind": "epoch", "step": 20, "step_time_s": 1.0}, {"kind": "epoch", "step": 25, "step_time_s": 2.5}]

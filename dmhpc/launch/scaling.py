@@ -89,11 +89,13 @@ class Study:
 
 def _mode_batch(problems: Problems, data: Mapping, mode: str) -> int | None:
     key = {"weak": "batch_per_gpu", "strong": "global_batch"}[mode]
-    section = data.get(mode)
-    if section is None:
+    if mode not in data:
         return None
+    section = data[mode]
+    # A present key that is null (its only line commented out) dropped the mode without a word.
     if not isinstance(section, Mapping):
-        problems.add(mode, f"expected a mapping with {key}, got {show(section)}")
+        problems.add(mode, f"expected a mapping with {key}, got {show(section)}; remove the key to leave "
+                           f"{mode} scaling out")
         return None
     unknown_keys(problems, section, (key,), f"{mode}.")
     return take(problems, section, key, integer(1), prefix=f"{mode}.")
