@@ -175,7 +175,10 @@ def locked_directory(directory: Path, user: str) -> Iterator[None]:
     the block's end; a killed process leaves it, harmless), so the folder holds nothing but its
     data; a lock on the folder itself would be local to one node on NFS, and two jobs on two nodes
     would both get it."""
-    path = directory.parent / f".{directory.name}.lock"
+    # Keyed by the folder itself, not its spelling: a symlink to it must meet the same lock, and
+    # "." must not put the lock inside the folder.
+    resolved = directory.resolve()
+    path = resolved.parent / f".{resolved.name}.lock"
     handle = hold_lock(path, f"{directory}: in use by another {user} ({{holder}}); wait for it to end or choose "
                              f"another folder", user)
     try:

@@ -299,6 +299,31 @@ def test_two_conversions_into_one_folder(inputs, tmp_path, monkeypatch, capsys):
     assert os.listdir(out) == [MANIFEST] and (out / MANIFEST).read_text() == "{}"
 
 
+def test_a_symlink_to_a_folder_being_written_meets_its_lock(inputs, tmp_path, capsys):
+    """The lock was keyed by the spelling: through a symlink, a second conversion got a lock of its
+    own and deleted the first one's shards."""
+    from dmhpc.files import locked_directory
+
+    out = Path(inputs["out"])
+    out.mkdir()
+    (out / "shard-00000.h5").write_bytes(b"the other conversion's shard")
+    (tmp_path / "link").symlink_to(out)
+    with locked_directory(out, "dmhpc prepare"):
+        assert_fails(capsys, args({**inputs, "out": str(tmp_path / "link")}), "in use by another dmhpc prepare")
+    assert os.listdir(out) == ["shard-00000.h5"]
+
+
+def test_out_dot_keeps_the_lock_beside_the_folder(inputs, monkeypatch):
+    """`--out .` put its lock "..lock" inside the folder, then refused the folder as not empty."""
+    out = Path(inputs["out"])
+    out.mkdir()
+    monkeypatch.chdir(out)
+    assert main(args({**inputs, "out": "."})) == 0
+    assert MANIFEST in os.listdir(out) and not [name for name in os.listdir(out) if name.endswith(".lock")]
+    rows = read_all(out)
+    np.testing.assert_array_equal(rows["images"], np.load(inputs["images"])[rows["index"]])
+
+
 def test_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, small_disk):
     """It used to be an h5py traceback, then a segmentation fault (HDF5 after a failed write)."""
     rng = np.random.default_rng(0)
