@@ -50,7 +50,10 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-mpi_run=(srun --mpi="${SLURM_MPI_TYPE:-pmi2}" --kill-on-bad-exit=1 "$python" -m dmhpc)
+# srun takes the tasks from the allocation but, since Slurm 22.05, not --cpus-per-task: each rank
+# would get one CPU (bound to it where task/affinity is on) whatever the job asked for.
+mpi_run=(srun --mpi="${SLURM_MPI_TYPE:-pmi2}" --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1
+         "$python" -m dmhpc)
 
 if [ -n "$synth_n" ]; then
     # The config as prepare reads it, --set included (its problems are prepare's one line, before

@@ -6,7 +6,10 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -62,6 +65,24 @@ def test_sbatch_options_for_a_site(tmp_path):
     assert "srun --unbuffered" in script and "--cpus-per-task=8 " in script.split("srun --unbuffered", 1)[1]
     cpu = make_executor("slurm", tmp_path, Resources(tasks_per_node=2), "dmhpc-test")
     assert "gpus-per-node" not in cpu._executor._make_submission_file_text("python -m x", "uid")
+
+
+def test_prepare_mpi_gives_srun_the_jobs_cpus_per_task(tmp_path):
+    """srun (Slurm >= 22.05) does not take --cpus-per-task from the job: slurm/prepare_mpi.sh's ranks
+    got one CPU each, whatever sbatch --cpus-per-task asked for."""
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    calls = tmp_path / "srun-calls"
+    (fake / "srun").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (fake / "srun").chmod(0o755)
+    env = {**{k: v for k, v in os.environ.items() if k != "SLURM_MPI_TYPE"}, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}",
+           "SLURM_JOB_ID": "77", "SLURM_NTASKS": "4", "SLURM_CPUS_PER_TASK": "6", "PYTHON": sys.executable}
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(["bash", "slurm/prepare_mpi.sh", "configs/data/embedded.yaml", "--out", str(tmp_path)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert calls.read_text() == (f"--mpi=pmi2 --cpus-per-task=6 --kill-on-bad-exit=1 {sys.executable} -m dmhpc prepare "
+                                 f"--data-config configs/data/embedded.yaml --out {tmp_path}\n")
 
 
 def refuse_sbatch(tmp_path, monkeypatch) -> None:
