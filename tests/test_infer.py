@@ -165,6 +165,18 @@ def test_explain_a_catalog_with_the_model_that_predicted_it(survey, run_on_surve
         assert not (tmp_path / "refused").exists()
 
 
+def test_explain_data_of_another_shape_is_one_line(survey, run_on_survey, tmp_path, capsys):
+    """A prepared set of 32x32 images was a RuntimeError traceback from the network."""
+    pytest.importorskip("captum")
+    small = tmp_path / "small"
+    write_dataset(np.zeros((8, 3, 32, 32), np.float32), None, None, small, shard_size=8, seed=0)
+    out = tmp_path / "explain"
+    assert main(["explain", "--run", str(run_on_survey), "--data", str(small), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{small}: images of shape (3, 32, 32); the run trained on (3, 75, 75)" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
 def test_export_with_normalization_built_in_and_a_card(survey, run_on_survey, tmp_path, fmt):
     if fmt == "onnx":

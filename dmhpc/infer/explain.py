@@ -36,7 +36,7 @@ from dmhpc.data.shards import RowReader, is_labelled, load_manifest, split_rows
 from dmhpc.distributed import bootstrap, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write
-from dmhpc.infer.predict import FORMATS, Model
+from dmhpc.infer.predict import FORMATS, Model, check_shape
 from dmhpc.infer.sources import open_source
 from dmhpc.plots import CLASS_NAMES, attribution_grid
 from dmhpc.run import RunDir
@@ -207,6 +207,8 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             domains = {"data": Path(data)} if data is not None else {"source": Path(model.cfg.data.source),
                                                                       "target": Path(model.cfg.data.target)}
             explained = {name: str(directory.resolve()) for name, directory in domains.items()}
+            if data is not None:
+                check_shape(data, load_manifest(data)["shape"], run.data_record("source")["shape"])
             drawn = {name: _test_split(directory, pool, seed) for name, directory in domains.items()}
             claim_out()
             for name, directory in domains.items():

@@ -65,6 +65,13 @@ def catalog_format(out: Path) -> str:
     return fmt
 
 
+def check_shape(path, shape, trained) -> None:
+    """Refuse images of another (C, H, W) than the run trained on: the network fails on them with a
+    RuntimeError traceback deep in its layers, after the work before it."""
+    if tuple(shape) != tuple(trained):
+        raise DmhpcError(f"{path}: images of shape {tuple(shape)}; the run trained on {tuple(trained)}")
+
+
 class Model:
     """A run's classifier for inference: input normalization, forward, merger probability."""
 
@@ -290,9 +297,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         if len(set(all_gather_object(seen))) > 1:
             raise DmhpcError(f"{run.checkpoint(checkpoint)} or {source.path}: replaced while the ranks were "
                              f"reading it (a run still training?); start again")
-        trained = tuple(agree(lambda: run.data_record("source"))["shape"])
-        if source.shape != trained:
-            raise DmhpcError(f"{source.path}: images of shape {source.shape}; the run trained on {trained}")
+        check_shape(source.path, source.shape, agree(lambda: run.data_record("source"))["shape"])
         if normalize == "target":
             mean, std = agree(lambda: run.normalization("target"))
         elif normalize == "own":
