@@ -352,6 +352,21 @@ def test_a_disk_too_full_for_the_lock_line_is_one_line_and_leaves_nothing(inputs
     assert os.listdir(disk) == ["filler"]
 
 
+def test_an_input_unreadable_while_checksummed_leaves_nothing(inputs, monkeypatch, capsys):
+    """The checksums are gathered after the shards are written; a read error there left them behind."""
+    import errno
+
+    real = shards.file_sha256
+
+    def images_unreadable(path, *rest, **named):
+        if Path(path).name == "X.npy":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real(path, *rest, **named)
+
+    monkeypatch.setattr(shards, "file_sha256", images_unreadable)
+    assert_fails(capsys, args(inputs), "X.npy: cannot read (Input/output error)", out=inputs["out"])
+
+
 def test_finished_or_foreign_directory_needs_overwrite(inputs, tmp_path, capsys):
     assert main(args(inputs)) == 0
     assert_fails(capsys, args(inputs), "already holds a data set", "--overwrite")

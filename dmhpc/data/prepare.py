@@ -340,18 +340,18 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
                     raise DmhpcError(f"{exc.filename or 'output'}: cannot write ({exc.strerror})") from None
                 return dict(zip(mine, written))
 
-            results = {}
+            results, digests = {}, {}
             try:
                 for done in _allgather(comm, _agree(comm, write)):
                     results.update(done)
+                # An input unreadable now (the checksums run beside the writes) fails the data set too.
+                for done in _allgather(comm, _agree(comm, input_digests)):
+                    digests.update(done)
             except DmhpcError:
                 if rank == 0:
                     for d, made in zip(planned, created):
                         shards.remove_dataset_files(d["out"], remove_dir=made)
                 raise
-            digests = {}
-            for done in _allgather(comm, _agree(comm, input_digests)):
-                digests.update(done)
         finally:
             stop.set()
 
