@@ -589,3 +589,23 @@ def test_a_pixel_that_overflows_once_normalized_is_one_line_before_its_part(trai
     best = RunDir(trained["run"]).checkpoint("best")
     assert f"{best}: non-finite merger probability for image 37 (id 37)" in err and len(err.splitlines()) == 1, err
     assert not out.exists() and [p.name for p in _parts(out)] == ["part-000000.npz"]
+
+
+def test_a_fits_catalog_of_non_ascii_ids_is_one_line_before_any_image(trained, tmp_path, capsys):
+    """FITS holds ASCII only: a non-ASCII id was a UnicodeEncodeError traceback at the merge, after
+    the whole survey was computed. Other formats keep such ids."""
+    from astropy.table import Table
+
+    ids = [f"NGC {i}" for i in range(200)]
+    ids[150] = "Abell 1689 – arc"
+    Table({"id": ids}).write(tmp_path / "c.ecsv")
+    argv = ["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--catalog",
+            str(tmp_path / "c.ecsv"), "--part-size", "32", "--batch-size", "16", "--out"]
+    out = tmp_path / "c.fits"
+    assert main([*argv, str(out)]) == 1
+    err = capsys.readouterr().err
+    assert (f"--out {out}: FITS holds ASCII only and the id 'Abell 1689 – arc' of image 150 is not; write .parquet, "
+            f".ecsv or .h5 instead") in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not Path(f"{out}.parts").exists()
+    assert main([*argv, str(tmp_path / "c.parquet")]) == 0
+    assert read(tmp_path / "c.parquet")["id"][150] == "Abell 1689 – arc"

@@ -191,6 +191,19 @@ def _spec(run: RunDir, model: Model, source: Source, source_args: dict, options:
             **options}
 
 
+def _check_ascii(out: Path, source: Source, meta: dict) -> None:
+    """FITS holds ASCII only: a non-ASCII id failed the write after the whole survey was computed, and a
+    non-ASCII header value (a run or data path) was dropped from the header. Said before any image is."""
+    instead = "write .parquet, .ecsv or .h5 instead"
+    for key, value in meta.items():
+        if not str(value).isascii():
+            raise DmhpcError(f"--out {out}: FITS holds ASCII only and {key} {value} is not; {instead}")
+    bad = source.first_non_ascii_id()
+    if bad is not None:
+        raise DmhpcError(f"--out {out}: FITS holds ASCII only and the id {bad[1]!r} of image {bad[0]} is not; "
+                         f"{instead}")
+
+
 def _claim_parts(out: Path, parts: Path, spec: dict, overwrite: bool, held: contextlib.ExitStack) -> None:
     """Rank 0: refuse a finished catalog (unless overwrite) and parts of another prediction; lock the
     parts folder into `held` until the merge, so a second predict on the same --out stops in one line
@@ -262,11 +275,18 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
                                                             if "p_merger_std" in table.colnames else "")
     fmt = catalog_format(out)
     table.meta.update(meta)
-    if fmt == "ascii.csv":  # plain CSV has no place for metadata (ECSV does): a JSON file beside it
-        atomic_write(f"{out}.json", json.dumps(meta, indent=2) + "\n")
     kwargs = {"path": "catalog", "serialize_meta": True} if fmt == "hdf5" else {}
-    with atomic_path(out) as tmp:
-        table.write(tmp, format=fmt, overwrite=True, **kwargs)
+    kept = f"the parts are kept in {parts}; a rerun merges them"
+    try:
+        with atomic_path(out) as tmp:
+            table.write(tmp, format=fmt, overwrite=True, **kwargs)
+            if fmt == "ascii.csv":  # plain CSV has no place for metadata (ECSV does): a JSON file beside it
+                atomic_write(f"{out}.json", json.dumps(meta, indent=2) + "\n")
+    except DmhpcError as exc:  # an OSError, said by atomic_path
+        raise DmhpcError(f"{exc}; {kept}") from None
+    except Exception as exc:  # whatever astropy or its writers raise: the survey's parts must not be lost
+        reason = " ".join(str(exc).split())[:200]
+        raise DmhpcError(f"--out {out}: cannot write the catalog ({type(exc).__name__}: {reason}); {kept}") from None
     shutil.rmtree(parts)
     return len(table)
 
@@ -308,6 +328,14 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         norm = Normalizer(mean, std, dist.device)
         options = {"tta": tta, "normalize": normalize, "mean": mean, "std": std, "part_size": part_size,
                    "batch_size": batch_size, "amp": amp}
+        # Keys of at most 8 characters: they are FITS header keywords too.
+        meta = {"DMHPC": __version__, "RUN": str(run.path.resolve()), "CKPT": checkpoint,
+                "CKPTSTEP": model.checkpoint.get("step", -1), "SELECT": str(model.checkpoint.get("criterion")),
+                "SOURCE": source.kind, "DATA": str(source.path.resolve()),
+                "DATASHA": source.describe.get("fingerprint", ""), "NORM": normalize, "MEAN": show(mean),
+                "STD": show(std), "TTA": tta, "SRCARGS": json.dumps(source_args)}
+        if catalog_format(out) == "fits":
+            on_main(lambda: _check_ascii(out, source, meta))
         parts = Path(f"{out}.parts")
         on_main(lambda: _claim_parts(out, parts, _spec(run, model, source, source_args, options), overwrite, held))
         n_parts = -(-source.count // part_size)
@@ -351,12 +379,6 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                 print(f"dmhpc predict: stopped by a signal; finished parts are kept in {parts}; exiting with "
                       f"{REQUEUE_EXIT_CODE} so the launcher requeues (a rerun resumes)", flush=True)
             return REQUEUE_EXIT_CODE
-        # Keys of at most 8 characters: they are FITS header keywords too.
-        meta = {"DMHPC": __version__, "RUN": str(run.path.resolve()), "CKPT": checkpoint,
-                "CKPTSTEP": model.checkpoint.get("step", -1), "SELECT": str(model.checkpoint.get("criterion")),
-                "SOURCE": source.kind, "DATA": str(source.path.resolve()),
-                "DATASHA": source.describe.get("fingerprint", ""), "NORM": normalize, "MEAN": show(mean),
-                "STD": show(std), "TTA": tta, "SRCARGS": json.dumps(source_args)}
         rows = on_main(lambda: _merge(out, parts, source, part_size, tta, meta, overwrite))
         if dist.is_main:
             print(f"dmhpc predict: wrote {out} ({rows} rows; {rate:.0f} images/s over {dist.world_size} rank(s))",

@@ -68,6 +68,21 @@ class Source:
             digest.update(json.dumps([str(path), file_identity(path)]).encode())
         return digest.hexdigest()
 
+    def first_non_ascii_id(self, block: int = 65536) -> tuple[int, str] | None:
+        """(input position, id) of the first id that is not ASCII, or None; reads ids only, a block at a time."""
+        if self.kind != "data":
+            ids = self._ids or []
+            k = next((k for k, v in enumerate(ids) if not str(v).isascii()), None)
+            return None if k is None else (k, str(ids[k]))
+        for start in range(0, self.count, block):
+            ids = self._reader.read_ids(self._first + start, self._first + min(start + block, self.count))
+            if ids is None:  # a prepared set without ids: its ids are the input positions
+                return None
+            k = next((k for k, v in enumerate(ids) if not v.isascii()), None)
+            if k is not None:
+                return int(self.positions(start + k, start + k + 1)[0]), ids[k]
+        return None
+
     def read(self, start: int, stop: int) -> tuple[np.ndarray, dict]:
         """(images (n, C, H, W) float32, columns) of rows [start, stop) in storage order."""
         if self.kind == "data":
