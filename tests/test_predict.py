@@ -609,3 +609,11 @@ def test_a_fits_catalog_of_non_ascii_ids_is_one_line_before_any_image(trained, t
     assert not out.exists() and not Path(f"{out}.parts").exists()
     assert main([*argv, str(tmp_path / "c.parquet")]) == 0
     assert read(tmp_path / "c.parquet")["id"][150] == "Abell 1689 – arc"
+    # A non-ASCII path in the header (DATA here) was dropped from it without a word.
+    survey = tmp_path / "relevé.npy"
+    np.save(survey, trained["images"][:32])
+    out = tmp_path / "r.fits"
+    assert main(["predict", "--run", str(trained["run"]), "--images", str(survey), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {out}: FITS holds ASCII only and DATA {survey} is not" in err and len(err.splitlines()) == 1, err
+    assert not out.exists() and not Path(f"{out}.parts").exists()
