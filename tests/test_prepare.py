@@ -646,6 +646,18 @@ def test_catalog_problems_are_one_line(tmp_path, capsys):
     assert_fails(capsys, base, f"{names[2]}: cutout of shape (3, 9, 9); the first one ({names[0]}) is (3, 8, 8)")
 
 
+def test_ids_name_cutouts_only_in_a_cutouts_folder_given(tmp_path, capsys):
+    """What --cutouts's help says: without a file column, ID.fits files are looked for only in the
+    --cutouts folder, not beside the catalog (its help promised that default, the code never did)."""
+    from astropy.io import fits
+
+    fits.PrimaryHDU(np.zeros((3, 8, 8), np.float32)).writeto(tmp_path / "g1.fits")
+    (tmp_path / "c.csv").write_text("id\ng1\n")
+    out = tmp_path / "ds"
+    assert_fails(capsys, ["prepare", "--catalog", str(tmp_path / "c.csv"), "--out", str(out)],
+                 "a catalog with a file column or a cutouts folder", out=out)
+
+
 @pytest.mark.parametrize("cell", ["", "  "])
 @pytest.mark.parametrize("column", ["id", "file"])
 def test_an_empty_id_or_file_cell_is_one_line(tmp_path, capsys, column, cell):

@@ -200,8 +200,9 @@ class Catalog:
 
 def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column: str | None = None,
                  file_column: str | None = None, cutouts: str | os.PathLike | None = None) -> Catalog:
-    """Read a catalog with astropy.table. Cutout files are relative to `cutouts` (default: the
-    catalog's folder); without a file column, the file of id X is X.fits there."""
+    """Read a catalog with astropy.table. A file column's names are relative to `cutouts` (default:
+    the catalog's folder); without one, the file of id X is X.fits in `cutouts`, and without
+    `cutouts` either the rows name no files (`files` is None)."""
     from astropy.io import ascii
     from astropy.table import Table
 
