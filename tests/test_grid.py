@@ -295,6 +295,17 @@ def test_a_failed_point_is_named_with_the_reason_from_its_job_and_marked_on_the_
         lines[-1]), lines[-1]
     with (out / "leaderboard.csv").open() as f:
         assert [(r["point"], r["status"]) for r in csv.DictReader(f)] == [("seed=1", "failed")]
+    # A report from the run directories alone showed the failed point as unfinished, like a running one.
+    report = subprocess.run([sys.executable, str(ROOT / "launch" / "grid.py"), str(grid_file), "--report"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert report.returncode == 0, report.stdout + report.stderr
+    with (out / "leaderboard.csv").open() as f:
+        assert [(r["point"], r["status"]) for r in csv.DictReader(f)] == [("seed=1", "failed")]
+    (out / "submitit" / "failures.json").write_text('{"seed=1": ')  # hand-edited, cut short
+    report = subprocess.run([sys.executable, str(ROOT / "launch" / "grid.py"), str(grid_file), "--report"],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert report.returncode == 1 and report.stderr.count("\n") == 1, report.stderr
+    assert "failures.json: not readable JSON" in report.stderr, report.stderr
 
 
 def test_local_points_start_as_others_end_and_sigterm_to_the_launcher_cancels_them(data, tmp_path):

@@ -53,7 +53,7 @@ from typing import Any, Mapping
 
 from dmhpc.data.shards import is_labelled, load_manifest
 from dmhpc.errors import DmhpcError
-from dmhpc.files import hold_lock
+from dmhpc.files import atomic_write, hold_lock
 from dmhpc.launch.leaderboard import write_leaderboard
 from dmhpc.launch.summary import write_summary
 from dmhpc.launch.validators import write_validators
@@ -292,6 +292,7 @@ def _check_gap_targets(problems: Problems, points) -> None:
 
 
 TABLES_LOCK = "tables.lock"  # OUT/submitit/tables.lock, held while the tables are written
+FAILURES = "failures.json"  # OUT/submitit/failures.json: the last launch's failed points and why
 
 
 def _write_tables(g: Grid, failures: Mapping[str, str]) -> list[dict]:
@@ -319,9 +320,13 @@ def launch_grid(spec: str | Path | Mapping, wait: bool = True, executor: str | N
     leaderboard is written.
     """
     g = load_grid(spec, executor)
+    # What failed before is submitted again now: until this launch says otherwise, nothing failed.
+    (g.out / "submitit" / FAILURES).unlink(missing_ok=True)
     failures = launch_points(list(g.points), {p.name: g.resources for p in g.points}, kind=g.executor,
                              folder=g.out / "submitit", job_name=f"dmhpc-{g.out.name}", task=TrainTask(),
                              wait=wait)
+    if failures:  # for a later --report, which cannot tell a failed job from a running one
+        atomic_write(g.out / "submitit" / FAILURES, json.dumps(failures, indent=1))
     rows = _write_tables(g, failures)
     if failures:
         raise DmhpcError("\n".join([f"{g.source}: {len(failures)} point(s) failed:",
@@ -338,7 +343,22 @@ def report_grid(spec: str | Path | Mapping) -> list[dict]:
     g = load_grid(spec)
     finished = sum(p.finished for p in g.points)
     print(f"dmhpc launch: {finished} of {len(g.points)} point(s) finished; nothing launched", flush=True)
-    return _write_tables(g, {})
+    return _write_tables(g, _read_failures(g.out / "submitit" / FAILURES))
+
+
+def _read_failures(path: Path) -> dict[str, str]:
+    """{point: why} of the last launch's failed points ({} when none failed or it still runs)."""
+    if not path.is_file():
+        return {}
+    try:
+        failures = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DmhpcError(f"{path}: not readable JSON ({exc}); remove it (failed points then show as unfinished)") \
+            from None
+    if not isinstance(failures, dict) or not all(isinstance(v, str) for v in failures.values()):
+        raise DmhpcError(f"{path}: expected an object of point name -> reason; remove it (failed points then show "
+                         f"as unfinished)")
+    return failures
 
 
 def grid_arguments(parser) -> None:
