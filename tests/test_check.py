@@ -94,6 +94,7 @@ def test_an_object_in_two_splits_is_refused(dataset):
     (lambda f, n: f.create_dataset("images", data=np.zeros((n, 1, 6, 6), np.float32)), "images float32 (16, 1, 6, 6), manifest says float32 (16, 3, 6, 6)"),
     (lambda f, n: f.create_dataset("images", data=np.zeros((n, 3, 6, 6), np.float64)), "images float64"),
     (lambda f, n: None, "has no dataset 'images'"),
+    (lambda f, n: f.create_group("images"), "has no dataset 'images'"),  # an AttributeError traceback
 ])
 def test_a_shard_replaced_by_another_hdf5_file(dataset, replace, problem):
     path = dataset / shard_name(2)
@@ -142,6 +143,12 @@ def test_label_counts_must_match_the_manifest(dataset):
     ("inputs", [{"x": 1}], "inputs[0]: expected keys role and file"),
     ("inputs", [{"role": "images", "file": "/X.npy", "sha256": "?"}], "inputs[0].sha256: expected 64 hexadecimal"),
     ("inputs", [{"role": "cutouts", "file": "/c", "count": -1}], "inputs[0].count -1: expected a number of files"),
+    # a count of a class beyond num_classes passed verify; a huge num_classes ran out of memory
+    ("counts", {"train": {"0": 1, "1": 2, "7": 3}, "val": {"0": 1, "1": 1}, "test": {"0": 1, "1": 1}},
+     "counts['train']: expected one number for each of the 2 classes"),
+    ("num_classes", 10**12, "counts['train']: expected one number for each of the 1000000000000 classes"),
+    ("objects", {"train": None, "val": 1, "test": 1}, "objects: expected a number of objects for each of"),
+    ("objects", {"train": 1}, "objects: expected a number of objects for each of"),
 ])
 def test_hand_edited_manifest_fields_are_one_line_errors(dataset, field, value, problem):
     edit_manifest(dataset, **{field: value})
@@ -166,9 +173,10 @@ def test_hand_edited_shard_records(dataset, key, value, problem):
     assert problem in str(info.value)
 
 
-def test_splits_of_strings(dataset):
+@pytest.mark.parametrize("index", ["7", 10**30])  # 10**30: an OverflowError traceback in verify
+def test_splits_of_strings_or_beyond_64_bits(dataset, index):
     manifest = load_manifest(dataset)
-    manifest["splits"]["train"][0] = "7"
+    manifest["splits"]["train"][0] = index
     edit_manifest(dataset, splits=manifest["splits"])
     with pytest.raises(DmhpcError, match=r"splits\['train'\]: expected integers"):
         load_manifest(dataset)

@@ -73,7 +73,7 @@ def _check_shard(directory: Path, manifest: dict, number: int, checksums: bool, 
         return [f"{name} missing"], empty, {}
     try:
         with h5py.File(path, "r") as f:
-            missing = [k for k in ("images", "labels", "objects", "index") if k not in f]
+            missing = [k for k in ("images", "labels", "objects", "index") if not isinstance(f.get(k), h5py.Dataset)]
             if missing:
                 return [f"{name} has no dataset {missing[0]!r}"], empty, {}
             images = f["images"]

@@ -619,6 +619,9 @@ def _manifest_problem(m) -> str | None:
         start += shard["count"]
     if start != m["count"]:
         return f"shards hold {start} rows; count is {m['count']}"
+    for key, kind in (("labelled", bool), ("ids", bool), ("objects", dict)):  # added later: optional
+        if key in m and not isinstance(m[key], kind):
+            return f"key {key!r}: expected {'true or false' if kind is bool else 'a mapping of split -> objects'}"
     start = 0
     for split in SPLITS:
         rows = m["rows"].get(split)
@@ -628,17 +631,21 @@ def _manifest_problem(m) -> str | None:
         indices = m["splits"].get(split)
         if not isinstance(indices, list) or len(indices) != rows[1] - rows[0]:
             return f"splits[{split!r}]: expected {rows[1] - rows[0]} global indices"
-        if not all(_is_int(i) for i in indices):
+        if not all(_is_int(i) and abs(i) < 2**63 for i in indices):  # the range is split_problem's (check.py)
             return f"splits[{split!r}]: expected integers"
         counts = m["counts"].get(split)
         if not isinstance(counts, dict) or not all(isinstance(k, str) and _is_int(v, 0) for k, v in counts.items()):
             return f"counts[{split!r}]: expected a mapping of class -> number of images"
+        classes = m["num_classes"] if m.get("labelled", True) else 0
+        # The length first: a hand-edited num_classes may be huge.
+        if len(counts) != classes or not all(str(k) in counts for k in range(classes)):
+            return (f"counts[{split!r}]: expected one number for each of the {classes} classes"
+                    if classes else f"counts[{split!r}]: expected none in an unlabelled data set")
         start = rows[1]
     if start != m["count"]:
         return f"rows cover {start} rows; count is {m['count']}"
-    for key, kind in (("labelled", bool), ("ids", bool), ("objects", dict)):  # added later: optional
-        if key in m and not isinstance(m[key], kind):
-            return f"key {key!r}: expected {'true or false' if kind is bool else 'a mapping of split -> objects'}"
+    if "objects" in m and (set(m["objects"]) != set(SPLITS) or not all(_is_int(v, 0) for v in m["objects"].values())):
+        return f"objects: expected a number of objects for each of {', '.join(SPLITS)}"
     channels = m["shape"][0]
     for key in ("mean", "std"):
         values = m["stats"].get(key)
