@@ -149,6 +149,30 @@ def test_a_catalog_of_fits_cutouts(trained, tmp_path):
                                   expected_probabilities(trained["run"], trained["images"][:20], mean, std, 32))
 
 
+
+@pytest.mark.parametrize("ext", [".fits", ".parquet", ".ecsv"])
+def test_integer_catalog_ids_stay_integers_so_the_catalog_joins_back(trained, tmp_path, ext):
+    """Ids of a typed integer column (Gaia source_id style, beyond 2**53) came out as text: a join of
+    the survey and the predicted catalog by id failed on the types."""
+    from astropy.io import fits
+    from astropy.table import Table, join
+
+    folder = tmp_path / "cutouts"
+    folder.mkdir()
+    ids = np.array([4295806720 * 10**8 + i for i in range(6)], dtype=np.int64)
+    for i in range(6):
+        fits.PrimaryHDU(trained["images"][i].astype(">f4")).writeto(folder / f"g{i}.fits")
+    survey = Table({"source_id": ids, "file": [f"g{i}.fits" for i in range(6)]})
+    survey.write(tmp_path / f"survey{ext}")
+    out = tmp_path / f"candidates{ext}"
+    assert main(["predict", "--run", str(trained["run"]), "--catalog", str(tmp_path / f"survey{ext}"), "--id-column",
+                 "source_id", "--file-column", "file", "--cutouts", str(folder), "--out", str(out)]) == 0
+    table = read(out)
+    assert table["id"].dtype.kind == "i" and list(table["id"]) == list(ids)
+    table.rename_column("id", "source_id")
+    assert len(join(survey, table, keys="source_id")) == 6
+
+
 def test_a_cutout_rewritten_in_place_has_its_part_computed_again(trained, tmp_path, capsys):
     """Parts were reused whatever their cutout files held since: a rerun after a fix to one file
     kept the old probabilities of every other file rewritten meanwhile."""

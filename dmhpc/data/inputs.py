@@ -196,6 +196,7 @@ class Catalog:
     ids: list[str]
     labels: np.ndarray | None
     files: list[Path] | None
+    id_dtype: str | None = None  # "i8", "u4"...: a typed id column's integers, which a catalog written keeps
 
 
 def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column: str | None = None,
@@ -237,7 +238,8 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
         files = [folder / name for name in _cells(path, table, file_column, "file", ids)]
     elif cutouts is not None:
         files = [folder / f"{i}.fits" for i in ids]
-    return Catalog(path, ids, labels, files)
+    kind = table[id_column].dtype
+    return Catalog(path, ids, labels, files, f"{kind.kind}{kind.itemsize}" if kind.kind in "iu" else None)
 
 
 def _cells(path: Path, table, column: str, role: str, ids: list[str] | None = None) -> list[str]:

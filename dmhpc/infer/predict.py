@@ -267,6 +267,8 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
     for key in ("id", "index", "p_merger", "p_merger_std", "label", "object", "split"):
         if key in data:
             table[key] = data[key][order]
+    if source.id_dtype:  # the parts hold ids as text; a survey's integer ids must join back as integers
+        table["id"] = table["id"].astype(source.id_dtype)
     # uint8, not int8: astropy writes an int8 column to FITS as a logical one, which reads back as bool.
     table["merger"] = (table["p_merger"] >= 0.5).astype(np.uint8)
     if "split" in table.colnames:
@@ -405,7 +407,8 @@ def predict_arguments(parser) -> None:
     parser.add_argument("--id-column", default="id", metavar="NAME", help="catalog id column (default: id)")
     parser.add_argument("--label-column", metavar="NAME", help="catalog label column, copied to the output")
     parser.add_argument("--file-column", metavar="NAME", help="catalog cutout file column")
-    parser.add_argument("--cutouts", type=Path, metavar="DIR", help="folder of the cutouts (default: the catalog's)")
+    parser.add_argument("--cutouts", type=Path, metavar="DIR", help="folder of the cutout files; with --file-column, default the catalog's folder; "
+                        "without it, needed (each row's file is ID.fits there)")
     parser.add_argument("--out", required=True, type=Path,
                         help="the catalog to write: .parquet, .fits, .csv, .ecsv or .h5 (by extension)")
     parser.add_argument("--tta", action="store_true",

@@ -41,6 +41,7 @@ class Source:
     _manifest: dict | None = None
     _first: int = 0            # a prepared set's first row in use (one split: its first row)
     _positions: np.ndarray | None = None  # a prepared set's input position of each storage row
+    id_dtype: str | None = None  # a catalog's integer ids: the catalog written keeps them integers (joins by id)
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -240,4 +241,4 @@ def open_source(*, data: str | os.PathLike | None = None, split: str | None = No
         raise DmhpcError(f"{images or catalog}: the input has no images; nothing to predict")
     return Source("catalog" if cat is not None and images is None else "images", Path(images or catalog),
                   tuple(array.shape[1:]), len(array), labels is not None, where, identity, array,
-                  cat.ids if cat is not None else None, labels)
+                  cat.ids if cat is not None else None, labels, id_dtype=cat.id_dtype if cat is not None else None)
