@@ -560,6 +560,25 @@ def test_a_fits_cube_converts_like_the_same_npy(inputs, tmp_path):
         np.testing.assert_array_equal(a[key], b[key])
 
 
+
+@pytest.mark.parametrize("one_filter", [False, True])
+def test_a_scaled_integer_fits_cube_converts_to_its_scaled_values(inputs, tmp_path, one_filter):
+    """A cube of 16-bit integers with BSCALE/BZERO (a common survey format) was refused as "not a
+    readable FITS file ... Set memmap=False", which no user can do."""
+    from astropy.io import fits
+
+    rng = np.random.default_rng(1)
+    raw = rng.integers(-30000, 30000, (N, 1 if one_filter else 3, 8, 8)).astype(np.int16)
+    hdu = fits.PrimaryHDU(raw[:, 0] if one_filter else raw)
+    hdu.header["BSCALE"], hdu.header["BZERO"] = 0.001, 5.0
+    hdu.writeto(tmp_path / "scaled.fits")
+    files = dict(inputs, images=str(tmp_path / "scaled.fits"))
+    assert main(args(files)) == 0
+    got = read_all(files["out"])
+    expected = (raw.astype(np.float32) * np.float32(0.001) + np.float32(5.0))[got["index"]]
+    np.testing.assert_allclose(got["images"], expected, rtol=1e-6)
+
+
 def cutouts(tmp_path: Path, images: np.ndarray, per_filter: bool) -> list[str]:
     """One FITS file per object: one (C, H, W) HDU, or one (H, W) HDU per filter."""
     from astropy.io import fits

@@ -123,9 +123,15 @@ def _open_fits_cube(path: str | os.PathLike, nan_fill: float | None) -> ArrayRow
         raise DmhpcError(f"{path}: no such file") from None
     except Exception as exc:
         raise _fits_error(path, exc) from None
-    for hdu in hdul:
+    for number, hdu in enumerate(hdul):
         try:
-            data = hdu.data if hdu.is_image else None
+            if hdu.is_image and hdu.header.get("NAXIS", 0) and _scaled(hdu.header):
+                hdul.close()  # astropy maps no scaled integers: read through its lazy section, unmapped
+                hdul = fits.open(path, memmap=False)
+                hdu = hdul[number]
+                data = _SectionRows(hdu.section, tuple(hdu.shape))
+            else:
+                data = hdu.data if hdu.is_image else None
         except Exception as exc:
             hdul.close()
             raise _Unreadable() from exc
@@ -140,6 +146,30 @@ def _open_fits_cube(path: str | os.PathLike, nan_fill: float | None) -> ArrayRow
             raise DmhpcError(f"{path}: pixels of dtype {data.dtype}; expected floating point")
         return ArrayRows(data, "NCHW", nan_fill, keep=hdul)
     raise DmhpcError(f"{path}: no image HDU with data")
+
+
+def _scaled(header) -> bool:
+    """Integers with a scale, offset or blank value (BSCALE, BZERO, BLANK), such as unsigned 16-bit."""
+    return header.get("BITPIX", -32) > 0 and (header.get("BSCALE", 1) != 1 or header.get("BZERO", 0) != 0
+                                               or "BLANK" in header)
+
+
+class _SectionRows:
+    """Rows of a FITS image section (read from the file when asked for, scaled by astropy) as an
+    (N, C, H, W) array; each run of consecutive rows asked for is one read."""
+
+    def __init__(self, section, shape: tuple):
+        self.section = section
+        self._one_filter = len(shape) == 3  # (N, H, W)
+        self.shape = (shape[0], 1, *shape[1:]) if self._one_filter else shape
+        self.ndim = len(self.shape)
+        self.dtype = section[0:1].dtype  # BSCALE makes floats; BZERO alone (unsigned integers) stays integers
+
+    def __getitem__(self, index):
+        index = np.arange(self.shape[0])[index] if isinstance(index, slice) else np.asarray(index)
+        runs = np.split(index, np.flatnonzero(np.diff(index) != 1) + 1)
+        block = np.concatenate([self.section[int(r[0]):int(r[-1]) + 1] for r in runs if r.size])
+        return block[:, None] if self._one_filter else block
 
 
 def read_cutout(path: Path) -> np.ndarray:
