@@ -355,6 +355,30 @@ def test_a_stop_signal_finishes_the_part_and_exits_for_requeue(trained, tmp_path
     assert rerun.returncode == 0 and len(read(out)) == 200, rerun.stderr[-2000:]
 
 
+
+def test_a_stop_signal_during_the_last_part_still_writes_the_catalog(trained, tmp_path):
+    """Every part written when the signal is seen: the catalog is merged now, not after a requeue
+    that would wait in the queue again only to merge."""
+    out = tmp_path / "last.parquet"
+    cmd = [sys.executable, "-m", "dmhpc", "predict", "--run-dir", str(trained["run"]), "--images",
+           str(trained["survey"]), "--out", str(out), "--part-size", "256", "--batch-size", "4", "--tta"]
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=clean_env(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        deadline = time.time() + 120
+        while "done before" not in (tmp_path / "log").read_text():  # printed as the only part starts
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "log").read_text()
+            time.sleep(0.01)
+        time.sleep(0.05)
+        # Held while the signal is sent, so it arrives inside the part, not after it (a slow machine).
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert not out.exists() and not _parts(out), "the part ended before the signal: make it longer"
+        os.kill(proc.pid, signal.SIGTERM)
+        os.kill(proc.pid, signal.SIGCONT)
+        assert proc.wait(timeout=120) == 0, (tmp_path / "log").read_text()[-2000:]
+    assert len(read(out)) == 200 and not _parts(out)
+
+
 def test_parts_of_another_prediction_are_not_mixed_in(trained, tmp_path, capsys):
     out = tmp_path / "mixed.parquet"
     with open(tmp_path / "log", "w") as log:

@@ -353,7 +353,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
             print(f"dmhpc predict: {source.count} images of {source.path} in {n_parts} parts ({n_parts - remaining} "
                   f"done before); world {dist.world_size} on {dist.device}; {checkpoint} checkpoint of {run.path}",
                   flush=True)
-        t0, done, error = time.perf_counter(), 0, None
+        t0, done, error, written = time.perf_counter(), 0, None, 0
         mine = sum(b - a for a, b in (_part_rows(source.count, part_size, k) for k in todo))
         with StopRequest(signals) as stop, progress_bar(mine, "predict", unit="img", show=dist.is_main) as bar:
             for k in todo:
@@ -367,14 +367,17 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                     error = str(exc)       # rank waits there alone
                     break
                 done += stop_row - start
+                written += 1
                 bar.update(stop_row - start)
                 if stop.signal_name is not None:  # the part in hand is written: stop here
                     break
-        ended = all_gather_object((stop.signal_name is not None, error))
-        errors = [e for _, e in ended if e is not None]
+        ended = all_gather_object((stop.signal_name is not None, error, len(todo) - written))
+        errors = [e for _, e, _ in ended if e is not None]
         if errors:
             raise DmhpcError(errors[0])
-        stopped = any(s for s, _ in ended)
+        # A signal during the last parts: every part is written, so the catalog is merged now (a
+        # requeue only to merge would wait in the queue again).
+        stopped = any(s for s, _, _ in ended) and sum(left for _, _, left in ended) > 0
         rate = sum(all_gather_object(done)) / max(time.perf_counter() - t0, 1e-9)
         if stopped:
             if dist.is_main:
