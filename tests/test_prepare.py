@@ -786,6 +786,29 @@ def test_augmented_copies_are_reported_and_grouped_into_one_split(tmp_path, caps
     assert "objects" in capsys.readouterr().out
 
 
+
+def test_grouped_domains_of_paired_rows_share_their_objects_and_split(tmp_path):
+    """DeepMerge's noisy set: each augmented copy of the pristine set got its own noise, so it has no
+    exact copies. Grouped apart, its objects and split differed from the pristine set's: noisy test
+    images had their noise-free twins in the pristine training set."""
+    rng = np.random.default_rng(3)
+    pristine = augmented_copies(25)
+    root = tmp_path / "files"
+    root.mkdir()
+    save(root, "pX.npy", pristine)
+    save(root, "nX.npy", pristine + rng.normal(scale=0.1, size=pristine.shape).astype(np.float32))
+    save(root, "y.npy", np.arange(100) % 2)
+    config = write_config(tmp_path, f"""root: {root}
+out: {tmp_path / "out"}
+domains:
+  pristine: {{images: pX.npy, labels: y.npy}}
+  noisy: {{images: nX.npy, labels: y.npy}}
+""")
+    assert main(["prepare", "--data-config", config, "--group-duplicates", "--shard-size", "16"]) == 0
+    p, n = load_manifest(tmp_path / "out" / "pristine"), load_manifest(tmp_path / "out" / "noisy")
+    assert p["splits"] == n["splits"] and sum(n["objects"].values()) == 25
+
+
 def test_copies_are_found_reading_a_block_of_rows_at_a_time(tmp_path, monkeypatch):
     """In the DeepMerge files nearly every image has copies: the exact test read all of them at
     once, the whole input in memory (on every rank under MPI)."""

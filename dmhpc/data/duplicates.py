@@ -77,3 +77,21 @@ def count_copies(objects: np.ndarray) -> tuple[int, int]:
     """(images that copy another one, distinct objects those belong to) for object ids from `group`."""
     copies = objects != np.arange(len(objects))
     return int(copies.sum()), int(len(np.unique(objects[copies])))
+
+
+def join_groupings(groupings: list[np.ndarray]) -> np.ndarray:
+    """Object ids from several groupings of paired rows (row i is the same object in each: pristine
+    and noisy views of one simulation): rows that are copies in any grouping are one object in all.
+    A noisy domain whose copies got their own noise has no exact copies to find; the pristine
+    domain's groups then hold for it too. Ids are each group's first row, as `group` gives them."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(groupings[0])
+    rows = np.tile(np.arange(n), len(groupings))
+    graph = coo_matrix((np.ones(len(rows), np.int8), (rows, np.concatenate(groupings))), shape=(n, n))
+    _, component = connected_components(graph, directed=False)
+    first = np.full(component.max() + 1, n, np.int64)
+    np.minimum.at(first, component, np.arange(n))
+    return first[component]
+

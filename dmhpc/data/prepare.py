@@ -180,16 +180,34 @@ def _open_domain(spec: DomainSpec, options: Options) -> dict:
             "names": names, "inputs": inputs, "cutouts": isinstance(images, Cutouts)}
 
 
-def _plan_domain(d: dict, options: Options, signatures: np.ndarray | None) -> dict:
-    """Group duplicates (when asked), draw the split, check the output directory."""
+def _group_domains(domains: list[dict], options: Options, signatures: list) -> list[np.ndarray | None]:
+    """Each domain's duplicate groups (None where it has object ids). With --group-duplicates, domains
+    of as many images are taken as the same objects row by row (DeepMerge's pristine and noisy) and
+    share one grouping: grouped apart, noise added to each copy hid the noisy domain's copies, its
+    objects differed from the pristine domain's, and so did its split: twins across the split."""
+    groups = [duplicates.group(d["images"], s) if d["objects"] is None else None
+              for d, s in zip(domains, signatures)]
+    if not options.group_duplicates:
+        return groups
+    for d, g in zip(domains, groups):
+        if g is None:
+            raise DmhpcError(f"{d['name']}: --group-duplicates derives object ids; this domain has them already")
+    for count in sorted({len(g) for g in groups}):
+        paired = [k for k, g in enumerate(groups) if len(g) == count]
+        if len(paired) > 1:
+            joined = duplicates.join_groupings([groups[k] for k in paired])
+            for k in paired:
+                groups[k] = joined
+    return groups
+
+
+def _plan_domain(d: dict, options: Options, grouped: np.ndarray | None) -> dict:
+    """Draw the split (objects: the duplicate groups when asked), check the output directory."""
     objects, copies = d["objects"], (0, 0)
     if objects is None:
-        grouped = duplicates.group(d["images"], signatures)
         copies = duplicates.count_copies(grouped)
         if options.group_duplicates:
             objects = grouped
-    elif options.group_duplicates:
-        raise DmhpcError(f"{d['name']}: --group-duplicates derives object ids; this domain has them already")
     plan = shards.plan_dataset(
         d["images"], d["labels"], objects, shard_size=options.shard_size, seed=options.seed,
         fractions=options.fractions, dtype=options.dtype, num_classes=options.num_classes, names=d["names"],
@@ -315,7 +333,8 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
             scans = _allgather(comm, _agree(comm, lambda: _scan(opened, rank, size, want)))
             _check_pixels(opened, scans, options.dtype)
             sigs = [np.concatenate([scan[k][1] for scan in scans]) if want[k] else None for k in range(len(opened))]
-            planned = _agree(comm, lambda: [_plan_domain(d, options, s) for d, s in zip(opened, sigs)])
+            planned = _agree(comm, lambda: [_plan_domain(d, options, g)
+                                            for d, g in zip(opened, _group_domains(opened, options, sigs))])
             if rank == 0:
                 for d in planned:
                     n, objects = d["copies"]
@@ -499,7 +518,8 @@ def prepare_arguments(parser) -> None:
     parser.add_argument("--num-classes", type=int, default=2, metavar="K", help="number of classes (default 2)")
     parser.add_argument("--group-duplicates", action="store_true",
                         help="without object ids: make images that are exact flips or 90-degree rotations of "
-                             "each other one object, so they share a split")
+                             "each other one object, so they share a split; domains of a data config with as many "
+                             "images are grouped together, row by row")
     parser.add_argument("--nan-fill", type=float, metavar="VALUE",
                         help="replace NaN pixels (survey cutouts padded at the footprint's edge) by VALUE; "
                              "default: refuse them")
