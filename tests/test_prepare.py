@@ -15,8 +15,10 @@ import pytest
 from tests.conftest import ROOT, clean_env
 from dmhpc.cli import main
 from dmhpc.data import shards
+from dmhpc.data.inputs import open_images
 from dmhpc.data.prepare import DOMAIN_KEYS
 from dmhpc.data.shards import MANIFEST, SPLITS, RowReader, file_sha256, load_manifest
+from dmhpc.errors import DmhpcError
 
 N = 48
 
@@ -562,21 +564,28 @@ def test_a_fits_cube_converts_like_the_same_npy(inputs, tmp_path):
 
 
 @pytest.mark.parametrize("one_filter", [False, True])
-def test_a_scaled_integer_fits_cube_converts_to_its_scaled_values(inputs, tmp_path, one_filter):
+def test_a_scaled_integer_fits_cube_converts_to_its_scaled_values(tmp_path, one_filter):
     """A cube of 16-bit integers with BSCALE/BZERO (a common survey format) was refused as "not a
     readable FITS file ... Set memmap=False", which no user can do."""
     from astropy.io import fits
 
     rng = np.random.default_rng(1)
-    raw = rng.integers(-30000, 30000, (N, 1 if one_filter else 3, 8, 8)).astype(np.int16)
+    raw = rng.integers(-30000, 30000, (2000, 1 if one_filter else 3, 8, 8)).astype(np.int16)
     hdu = fits.PrimaryHDU(raw[:, 0] if one_filter else raw)
     hdu.header["BSCALE"], hdu.header["BZERO"] = 0.001, 5.0
     hdu.writeto(tmp_path / "scaled.fits")
-    files = dict(inputs, images=str(tmp_path / "scaled.fits"))
-    assert main(args(files)) == 0
+    files = {"images": str(tmp_path / "scaled.fits"), "labels": save(tmp_path, "y.npy", np.arange(2000) % 2),
+             "out": str(tmp_path / "ds")}
+    # Shards of 10 rows: the writer threads read the one file at once (unlocked, they mixed up rows).
+    assert main(args(files, "--shard-size", "10")) == 0
     got = read_all(files["out"])
     expected = (raw.astype(np.float32) * np.float32(0.001) + np.float32(5.0))[got["index"]]
     np.testing.assert_allclose(got["images"], expected, rtol=1e-6)
+    # Cut short (a copy that stopped): one line at opening, as an unscaled cube, not a traceback later.
+    data = (tmp_path / "scaled.fits").read_bytes()
+    (tmp_path / "cut.fits").write_bytes(data[:len(data) // 2])
+    with pytest.raises(DmhpcError, match="cut.fits: not a readable FITS file"):
+        open_images(tmp_path / "cut.fits")
 
 
 def cutouts(tmp_path: Path, images: np.ndarray, per_filter: bool) -> list[str]:

@@ -19,6 +19,7 @@ a block of rows at a time whatever the source.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,15 +161,20 @@ class _SectionRows:
 
     def __init__(self, section, shape: tuple):
         self.section = section
+        self._lock = threading.Lock()  # every read is a seek and a read on one file: prepare's writers share it
         self._one_filter = len(shape) == 3  # (N, H, W)
         self.shape = (shape[0], 1, *shape[1:]) if self._one_filter else shape
         self.ndim = len(self.shape)
-        self.dtype = section[0:1].dtype  # BSCALE makes floats; BZERO alone (unsigned integers) stays integers
+        # The last row now: a file cut short is refused at opening, not partway through a conversion.
+        last = self[np.array([shape[0] - 1])] if shape[0] else self.section[0:0]
+        self.dtype = last.dtype  # BSCALE gives floats; BZERO alone, integers
 
     def __getitem__(self, index):
         index = np.arange(self.shape[0])[index] if isinstance(index, slice) else np.asarray(index)
-        runs = np.split(index, np.flatnonzero(np.diff(index) != 1) + 1)
-        block = np.concatenate([self.section[int(r[0]):int(r[-1]) + 1] for r in runs if r.size])
+        runs = [r for r in np.split(index, np.flatnonzero(np.diff(index) != 1) + 1) if r.size]
+        with self._lock:
+            blocks = [self.section[int(r[0]):int(r[-1]) + 1] for r in runs]
+        block = np.concatenate(blocks) if blocks else self.section[0:0]
         return block[:, None] if self._one_filter else block
 
 
