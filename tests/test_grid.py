@@ -301,6 +301,12 @@ def test_a_failed_point_is_named_with_the_reason_from_its_job_and_marked_on_the_
     assert report.returncode == 0, report.stdout + report.stderr
     with (out / "leaderboard.csv").open() as f:
         assert [(r["point"], r["status"]) for r in csv.DictReader(f)] == [("seed=1", "failed")]
+    # Another part of the study into the same OUT keeps this point's failure (it was deleted whole).
+    part = tmp_path / "part.yaml"
+    part.write_text(grid_file.read_text().replace("- 1", "- 2"))
+    assert subprocess.run([sys.executable, str(ROOT / "launch" / "grid.py"), str(part)], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path).returncode == 1
+    assert set(json.loads((out / "submitit" / "failures.json").read_text())) == {"seed=1", "seed=2"}
     (out / "submitit" / "failures.json").write_text('{"seed=1": ')  # hand-edited, cut short
     report = subprocess.run([sys.executable, str(ROOT / "launch" / "grid.py"), str(grid_file), "--report"],
                             capture_output=True, text=True, timeout=300, cwd=tmp_path)

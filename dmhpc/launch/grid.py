@@ -320,13 +320,10 @@ def launch_grid(spec: str | Path | Mapping, wait: bool = True, executor: str | N
     leaderboard is written.
     """
     g = load_grid(spec, executor)
-    # What failed before is submitted again now: until this launch says otherwise, nothing failed.
-    (g.out / "submitit" / FAILURES).unlink(missing_ok=True)
     failures = launch_points(list(g.points), {p.name: g.resources for p in g.points}, kind=g.executor,
                              folder=g.out / "submitit", job_name=f"dmhpc-{g.out.name}", task=TrainTask(),
                              wait=wait)
-    if failures:  # for a later --report, which cannot tell a failed job from a running one
-        atomic_write(g.out / "submitit" / FAILURES, json.dumps(failures, indent=1))
+    _record_failures(g, failures)
     rows = _write_tables(g, failures)
     if failures:
         raise DmhpcError("\n".join([f"{g.source}: {len(failures)} point(s) failed:",
@@ -344,6 +341,22 @@ def report_grid(spec: str | Path | Mapping) -> list[dict]:
     finished = sum(p.finished for p in g.points)
     print(f"dmhpc launch: {finished} of {len(g.points)} point(s) finished; nothing launched", flush=True)
     return _write_tables(g, _read_failures(g.out / "submitit" / FAILURES))
+
+
+def _record_failures(g: Grid, failures: Mapping[str, str]) -> None:
+    """For a later --report, which cannot tell a failed job from a running one: this launch's failed
+    points, with those of points of the same OUT that it did not launch (a part of a study)."""
+    path = g.out / "submitit" / FAILURES
+    try:
+        earlier = _read_failures(path)
+    except DmhpcError:  # damaged: replaced by what this launch knows
+        earlier = {}
+    ours = {p.name for p in g.points}
+    kept = {**{k: v for k, v in earlier.items() if k not in ours}, **failures}
+    if kept:
+        atomic_write(path, json.dumps(kept, indent=1))
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _read_failures(path: Path) -> dict[str, str]:
