@@ -796,7 +796,7 @@ def test_augmented_copies_are_reported_and_grouped_into_one_split(tmp_path, caps
 
 
 
-def test_grouped_domains_of_paired_rows_share_their_objects_and_split(tmp_path):
+def test_grouped_domains_of_paired_rows_share_their_objects_and_split(tmp_path, capsys):
     """DeepMerge's noisy set: each augmented copy of the pristine set got its own noise, so it has no
     exact copies. Grouped apart, its objects and split differed from the pristine set's: noisy test
     images had their noise-free twins in the pristine training set."""
@@ -814,6 +814,7 @@ domains:
   noisy: {{images: nX.npy, labels: y.npy}}
 """)
     assert main(["prepare", "--data-config", config, "--group-duplicates", "--shard-size", "16"]) == 0
+    assert "pristine and noisy: as many images each, taken as the same objects row by row" in capsys.readouterr().out
     p, n = load_manifest(tmp_path / "out" / "pristine"), load_manifest(tmp_path / "out" / "noisy")
     assert p["splits"] == n["splits"] and sum(n["objects"].values()) == 25
 

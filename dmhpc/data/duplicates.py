@@ -94,4 +94,3 @@ def join_groupings(groupings: list[np.ndarray]) -> np.ndarray:
     first = np.full(component.max() + 1, n, np.int64)
     np.minimum.at(first, component, np.arange(n))
     return first[component]
-

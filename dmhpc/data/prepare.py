@@ -180,25 +180,28 @@ def _open_domain(spec: DomainSpec, options: Options) -> dict:
             "names": names, "inputs": inputs, "cutouts": isinstance(images, Cutouts)}
 
 
-def _group_domains(domains: list[dict], options: Options, signatures: list) -> list[np.ndarray | None]:
-    """Each domain's duplicate groups (None where it has object ids). With --group-duplicates, domains
+def _group_domains(domains: list[dict], options: Options, signatures: list) -> tuple[list, list[list[str]]]:
+    """Each domain's duplicate groups (None where it has object ids), and the names of the domains
+    grouped together. With --group-duplicates, domains
     of as many images are taken as the same objects row by row (DeepMerge's pristine and noisy) and
     share one grouping: grouped apart, noise added to each copy hid the noisy domain's copies, its
     objects differed from the pristine domain's, and so did its split: twins across the split."""
     groups = [duplicates.group(d["images"], s) if d["objects"] is None else None
               for d, s in zip(domains, signatures)]
     if not options.group_duplicates:
-        return groups
+        return groups, []
     for d, g in zip(domains, groups):
         if g is None:
             raise DmhpcError(f"{d['name']}: --group-duplicates derives object ids; this domain has them already")
+    together = []
     for count in sorted({len(g) for g in groups}):
         paired = [k for k, g in enumerate(groups) if len(g) == count]
         if len(paired) > 1:
             joined = duplicates.join_groupings([groups[k] for k in paired])
             for k in paired:
                 groups[k] = joined
-    return groups
+            together.append([domains[k]["name"] for k in paired])
+    return groups, together
 
 
 def _plan_domain(d: dict, options: Options, grouped: np.ndarray | None) -> dict:
@@ -333,8 +336,12 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
             scans = _allgather(comm, _agree(comm, lambda: _scan(opened, rank, size, want)))
             _check_pixels(opened, scans, options.dtype)
             sigs = [np.concatenate([scan[k][1] for scan in scans]) if want[k] else None for k in range(len(opened))]
-            planned = _agree(comm, lambda: [_plan_domain(d, options, g)
-                                            for d, g in zip(opened, _group_domains(opened, options, sigs))])
+            grouped, together = _agree(comm, lambda: _group_domains(opened, options, sigs))
+            if rank == 0:
+                for names in together:
+                    print(f"dmhpc prepare: {' and '.join(names)}: as many images each, taken as the same objects "
+                          f"row by row: copies found in any are one object in all", flush=True)
+            planned = _agree(comm, lambda: [_plan_domain(d, options, g) for d, g in zip(opened, grouped)])
             if rank == 0:
                 for d in planned:
                     n, objects = d["copies"]
