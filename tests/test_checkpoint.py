@@ -26,7 +26,6 @@ from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, StopRequest, capture_rng_
                                     load_checkpoint, restore_rank_rng_state, restore_rng_state, save_checkpoint)
 
 
-
 def trained_state() -> dict:
     """What the loop stores: a real model, optimizer after a step, scaler, progress, RNG, config."""
     torch.manual_seed(0)

@@ -15,7 +15,6 @@ from dmhpc.run import RunDir
 from dmhpc.cli import COMMANDS, main
 
 
-
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_every_command_has_help_with_an_example(command, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -105,7 +105,6 @@ def test_the_trainers_validation_equals_dmhpc_eval_of_the_same_checkpoint(make_d
     assert load_manifest(data / "pristine")["stats"] != load_manifest(data / "noisy")["stats"]
 
 
-
 def test_dmhpc_eval_never_finishes_a_run_nor_replaces_another_data_sets_result(make_domains, tmp_path, capsys,
                                                                                    monkeypatch):
     """`dmhpc eval` with its defaults (best, test) wrote the file the trainer writes at its end,

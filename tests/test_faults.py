@@ -28,12 +28,9 @@ from dmhpc.run import RunDir
 from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, load_checkpoint
 
 
-
 @pytest.fixture(scope="module")
 def data(make_domains):
     return make_domains(64)  # 45 training rows: 2 steps of 16 per epoch
-
-
 
 
 def train_args(data, run, *extra, source=None, target=None):

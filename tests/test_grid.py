@@ -246,7 +246,6 @@ def test_a_finished_point_asked_to_train_longer_resumes_instead_of_passing_for_t
     assert not finished(**{"train.early_stopping": 3}) and not finished(**{"train.max_steps": 15})
 
 
-
 def test_a_relaunch_compares_data_by_content_as_the_trainer_does(data, tmp_path, capsys):
     """The launcher compared data paths only: a copy of the data at a new path was refused (the
     trainer resumes on it), and data prepared again at the same path passed, so the old run's

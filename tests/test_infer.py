@@ -17,7 +17,6 @@ from dmhpc.run import RunDir
 from pathlib import Path
 
 
-
 @pytest.fixture(scope="module")
 def survey(make_domains, tmp_path_factory):
     """The tiny labelled pair and an unlabelled 'survey' of the noisy domain's kind."""

@@ -23,9 +23,6 @@ from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, load_checkpoint
 from dmhpc.train.objective import build_backbone
 
 
-
-
-
 @pytest.fixture(scope="module")
 def trained(make_domains, tmp_path_factory):
     """A run trained one epoch on a 64-image pair, and a 200-image unlabelled 'survey'."""
@@ -147,7 +144,6 @@ def test_a_catalog_of_fits_cutouts(trained, tmp_path):
     mean, std = RunDir(trained["run"]).normalization("target")
     np.testing.assert_array_equal(np.asarray(table["p_merger"]),
                                   expected_probabilities(trained["run"], trained["images"][:20], mean, std, 32))
-
 
 
 @pytest.mark.parametrize("ext", [".fits", ".parquet", ".ecsv"])
@@ -355,7 +351,6 @@ def test_a_stop_signal_finishes_the_part_and_exits_for_requeue(trained, tmp_path
     assert rerun.returncode == 0 and len(read(out)) == 200, rerun.stderr[-2000:]
 
 
-
 def test_a_stop_signal_during_the_last_part_still_writes_the_catalog(trained, tmp_path):
     """Every part written when the signal is seen: the catalog is merged now, not after a requeue
     that would wait in the queue again only to merge."""
@@ -369,7 +364,7 @@ def test_a_stop_signal_during_the_last_part_still_writes_the_catalog(trained, tm
         while "done before" not in (tmp_path / "log").read_text():  # printed as the only part starts
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "log").read_text()
             time.sleep(0.01)
-        time.sleep(0.05)
+        time.sleep(0.05)  # the part takes about a second here (one CPU thread, batches of 4, 8 transforms)
         # Held while the signal is sent, so it arrives inside the part, not after it (a slow machine).
         os.kill(proc.pid, signal.SIGSTOP)
         assert not out.exists() and not _parts(out), "the part ended before the signal: make it longer"

@@ -562,7 +562,6 @@ def test_a_fits_cube_converts_like_the_same_npy(inputs, tmp_path):
         np.testing.assert_array_equal(a[key], b[key])
 
 
-
 @pytest.mark.parametrize("one_filter", [False, True])
 def test_a_scaled_integer_fits_cube_converts_to_its_scaled_values(tmp_path, one_filter):
     """A cube of 16-bit integers with BSCALE/BZERO (a common survey format) was refused as "not a
@@ -793,7 +792,6 @@ def test_augmented_copies_are_reported_and_grouped_into_one_split(tmp_path, caps
     assert all(len(s) == 1 for s in by_object.values())  # every object's copies in one split
     assert main(["info", files["out"]]) == 0
     assert "objects" in capsys.readouterr().out
-
 
 
 def test_grouped_domains_of_paired_rows_share_their_objects_and_split(tmp_path, capsys):

@@ -21,7 +21,6 @@ from dmhpc.run import RunDir, evaluation_tag
 from dmhpc.train.checkpoint import save_checkpoint
 
 
-
 def cfg_for(run_dir, **train) -> Config:
     cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"run.dir={run_dir}"])
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **train)) if train else cfg

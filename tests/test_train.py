@@ -55,8 +55,6 @@ def _weights(run_dir, name="last"):
     return torch.load(Path(run_dir) / "checkpoints" / f"{name}.pt", weights_only=True)["model"]
 
 
-
-
 def test_single_process_run_directory(data, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=2")]) == 0

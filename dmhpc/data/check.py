@@ -149,7 +149,7 @@ def combine(manifest: dict, parts: list[dict]) -> list[str]:
         return problems  # the counts below would only repeat them
     for split in SPLITS if is_labelled(manifest) else ():
         counts = sum(part["classes"][split] for part in parts)
-        stated = [manifest["counts"][split].get(str(k), 0) for k in range(manifest["num_classes"])]
+        stated = [manifest["counts"][split][str(k)] for k in range(manifest["num_classes"])]
         if list(counts) != stated:
             problems.append(f"{split} split holds {list(map(int, counts))} images per class, the manifest "
                             f"says {stated}")

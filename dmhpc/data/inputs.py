@@ -235,6 +235,11 @@ class Catalog:
     id_dtype: str | None = None  # "i8", "u4"...: a typed id column's integers, which a catalog written keeps
 
 
+CUTOUTS_HELP = ("folder of the cutout files; with --file-column, default the catalog's folder; without it, needed "
+                "(each row's file is ID.fits there)")
+"""The --cutouts option of every command that reads a catalog (read_catalog's rule)."""
+
+
 def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column: str | None = None,
                  file_column: str | None = None, cutouts: str | os.PathLike | None = None) -> Catalog:
     """Read a catalog with astropy.table. A file column's names are relative to `cutouts` (default:

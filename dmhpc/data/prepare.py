@@ -33,7 +33,7 @@ import numpy as np
 from dmhpc.checks import REQUIRED, Problems, mapping, read_yaml, show, take, text, unknown_keys
 from dmhpc.config import parse_override
 from dmhpc.data import duplicates, shards
-from dmhpc.data.inputs import (LAYOUTS, ArrayRows, Cutouts, open_images, open_npy, read_catalog,
+from dmhpc.data.inputs import (CUTOUTS_HELP, LAYOUTS, ArrayRows, Cutouts, open_images, open_npy, read_catalog,
                                resolve_spelling)
 from dmhpc.errors import DmhpcError
 from dmhpc.files import locked_directory
@@ -499,8 +499,7 @@ def prepare_arguments(parser) -> None:
     cat.add_argument("--id-column", default="id", metavar="NAME", help="object id column (default: id)")
     cat.add_argument("--label-column", metavar="NAME", help="class label column (default: none, unlabelled)")
     cat.add_argument("--file-column", metavar="NAME", help="cutout file column (default: ID.fits in --cutouts)")
-    cat.add_argument("--cutouts", metavar="DIR", help="folder of the cutout files; with --file-column, default the "
-                     "catalog's folder; without it, needed (each row's file is ID.fits there)")
+    cat.add_argument("--cutouts", metavar="DIR", help=CUTOUTS_HELP)
     many = parser.add_argument_group("domains named by a data config")
     many.add_argument("--data-config", metavar="YAML", help="YAML naming each domain's files (configs/data/*.yaml)")
     many.add_argument("--root", metavar="DIR", help="directory holding the config's files (default: the config's root)")

@@ -41,6 +41,7 @@ from dmhpc import __version__
 from dmhpc.checks import show
 from dmhpc.config import changed_keys
 from dmhpc.data.batches import Normalizer, read_ahead
+from dmhpc.data.inputs import CUTOUTS_HELP
 from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, gather, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write, locked_directory
@@ -410,8 +411,7 @@ def predict_arguments(parser) -> None:
     parser.add_argument("--id-column", default="id", metavar="NAME", help="catalog id column (default: id)")
     parser.add_argument("--label-column", metavar="NAME", help="catalog label column, copied to the output")
     parser.add_argument("--file-column", metavar="NAME", help="catalog cutout file column")
-    parser.add_argument("--cutouts", type=Path, metavar="DIR", help="folder of the cutout files; with --file-column, default the catalog's folder; "
-                        "without it, needed (each row's file is ID.fits there)")
+    parser.add_argument("--cutouts", type=Path, metavar="DIR", help=CUTOUTS_HELP)
     parser.add_argument("--out", required=True, type=Path,
                         help="the catalog to write: .parquet, .fits, .csv, .ecsv or .h5 (by extension)")
     parser.add_argument("--tta", action="store_true",

@@ -406,6 +406,8 @@ def _read_jobs(folder: Path) -> dict:
 
     try:
         jobs = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise DmhpcError(f"{path}: cannot read ({exc.strerror})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise damaged(f"not valid JSON ({exc})") from None
     if not isinstance(jobs, dict):
