@@ -182,10 +182,10 @@ def _open_domain(spec: DomainSpec, options: Options) -> dict:
 
 def _group_domains(domains: list[dict], options: Options, signatures: list) -> tuple[list, list[list[str]]]:
     """Each domain's duplicate groups (None where it has object ids), and the names of the domains
-    grouped together. With --group-duplicates, domains
-    of as many images are taken as the same objects row by row (DeepMerge's pristine and noisy) and
-    share one grouping: grouped apart, noise added to each copy hid the noisy domain's copies, its
-    objects differed from the pristine domain's, and so did its split: twins across the split."""
+    grouped together. With --group-duplicates, domains of as many images are taken as the same
+    objects row by row (DeepMerge's pristine and noisy) and share one grouping: grouped apart, noise
+    added to each copy hid the noisy domain's copies, so its objects and split differed from the
+    pristine domain's: twins on both sides of the split."""
     groups = [duplicates.group(d["images"], s) if d["objects"] is None else None
               for d, s in zip(domains, signatures)]
     if not options.group_duplicates:

@@ -292,7 +292,7 @@ def _check_gap_targets(problems: Problems, points) -> None:
 
 
 TABLES_LOCK = "tables.lock"  # OUT/submitit/tables.lock, held while the tables are written
-FAILURES = "failures.json"  # OUT/submitit/failures.json: the last launch's failed points and why
+FAILURES = "failures.json"  # OUT/submitit/failures.json: failed points and why, until a launch runs them again
 
 
 def _write_tables(g: Grid, failures: Mapping[str, str]) -> list[dict]:
@@ -360,7 +360,7 @@ def _record_failures(g: Grid, failures: Mapping[str, str]) -> None:
 
 
 def _read_failures(path: Path) -> dict[str, str]:
-    """{point: why} of the last launch's failed points ({} when none failed or it still runs)."""
+    """{point: why} of the points whose last launch failed them (see `_record_failures`)."""
     if not path.is_file():
         return {}
     try:
