@@ -8,6 +8,7 @@ Every step is the same command a user would type, so the demo is also a smoke te
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -41,10 +42,15 @@ def demo_main(args, run_command) -> int:
         if run_command(argv) != 0:
             raise DmhpcError(f"demo step failed: dmhpc {' '.join(argv)}")
 
-    if not (raw / "meta.json").exists():
+    # A render of other arguments is replaced, and the shards follow every render: a second demo with
+    # another --n-per-class or --seed never trains on the first one's data.
+    rendered = _rendered(raw / "meta.json")
+    asked = {"n_per_class": args.n_per_class, "seed": args.seed}
+    if rendered != asked:
         step("render the embedded data set", ["synth", "--out", str(raw), "--n-per-class", str(args.n_per_class),
-                                               "--seed", str(args.seed), "--workers", str(args.workers)])
-    if not all((shards / d / "manifest.json").exists() for d in ("pristine", "noisy")):
+                                               "--seed", str(args.seed), "--workers", str(args.workers)]
+             + (["--overwrite"] if rendered is not None else []))
+    if rendered != asked or not all((shards / d / "manifest.json").exists() for d in ("pristine", "noisy")):
         step("convert to sharded HDF5", ["prepare", "--data-config", str(root / "configs/data/embedded.yaml"),
                                          "--root", str(raw), "--out", str(shards), "--overwrite"])
     for domain in ("pristine", "noisy"):
@@ -81,3 +87,14 @@ def demo_main(args, run_command) -> int:
     for png in sorted(explained.glob("*.png")):
         print(f"  {png}")
     return 0
+
+
+def _rendered(meta: Path) -> dict | None:
+    """The arguments of the finished render in the demo's data folder; None when there is none."""
+    try:
+        record = json.loads(meta.read_text())
+        return {k: record[k] for k in ("n_per_class", "seed")}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}  # unreadable or hand-edited: rendered again

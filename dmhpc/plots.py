@@ -69,15 +69,16 @@ def confusion_matrices(metrics: dict, path: Path, title: str) -> Path:
 def training_curves(records: list[dict], path: Path, title: str = "") -> Path:
     """Loss terms (log scale: the unweighted Fisher term is around 1e5, the others around 1) and
     accuracy per epoch, from metrics.jsonl records; an unlabelled domain shows its predicted
-    merger fraction instead of an accuracy."""
+    merger fraction instead of an accuracy. A dotted line marks the epoch of the best checkpoint
+    (the first epoch of the highest selection score, as the trainer keeps it)."""
     from matplotlib.ticker import MaxNLocator
 
     plt = _pyplot()
     epochs = [r for r in records if r.get("kind") == "epoch"]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
     any_unlabelled = False
+    x = [r["epoch"] for r in epochs]
     if epochs:
-        x = [r["epoch"] for r in epochs]
         for term in epochs[-1].get("loss", {}):
             values = np.array([r["loss"].get(term, np.nan) for r in epochs], dtype=float)
             # |value|: entropy and a trace difference can go negative; the log axis shows magnitudes
@@ -94,8 +95,19 @@ def training_curves(records: list[dict], path: Path, title: str = "") -> Path:
     ax_loss.set(xlabel="epoch", ylabel="loss (epoch mean)", title="loss terms", yscale="log")
     ax_acc.set(xlabel="epoch", ylabel="accuracy" + (" / predicted merger fraction" if any_unlabelled else ""),
                title="accuracy", ylim=(0, 1))
+    scored = [(r["selection"]["score"], -r["epoch"]) for r in epochs
+              if isinstance(r.get("selection", {}).get("score"), (int, float))
+              and np.isfinite(r["selection"]["score"])]  # a NaN score is never selected
+    if scored:
+        best = -max(scored)[1]
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(best, color="grey", linestyle=":", linewidth=1,
+                       label=f"best checkpoint ({epochs[-1]['selection'].get('criterion', 'selection')})")
     for ax in (ax_loss, ax_acc):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if 0 < len(x) <= 12:  # a few epochs: one tick each (a locator puts fractions around a lone epoch)
+            ax.set_xticks(x)
+        else:
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.lines:
             ax.legend(fontsize=8)
     if title:

@@ -69,6 +69,13 @@ def evaluation_tag(checkpoint: str, split: str, data: str | None = None) -> str:
     return tag if data is None else f"{tag}_on-{_TAG_SAFE.sub('_', data).strip('_') or 'data'}"
 
 
+def check_shape(path, shape, trained) -> None:
+    """Refuse images of another (C, H, W) than the run trained on: the network fails on them with a
+    RuntimeError traceback deep in its layers, after the work before it."""
+    if tuple(shape) != tuple(trained):
+        raise DmhpcError(f"{path}: images of shape {tuple(shape)}; the run trained on {tuple(trained)}")
+
+
 @dataclass
 class Claim:
     """What `RunDir.claim` decided: the checkpoint to resume from and what changed since the run's config."""

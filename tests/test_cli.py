@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 from astropy.table import Table
 
 from tests.conftest import ROOT
+from dmhpc.data.shards import load_manifest
 from dmhpc.run import RunDir
 from dmhpc.cli import COMMANDS, main
 
@@ -60,3 +62,9 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path, capsys):
     assert str(out / "noisy_test_catalog.ecsv") in printed
     # A second `make demo` replaces the demo's own runs and catalog instead of refusing them.
     assert main(["demo", "--out", str(out), "--n-per-class", "100", "--epochs", "1"]) == 0
+    assert "render the embedded data set" not in capsys.readouterr().out  # the same render is kept
+    # Another --n-per-class renders and prepares again: the runs never train on the first render.
+    assert main(["demo", "--out", str(out), "--n-per-class", "120", "--epochs", "1"]) == 0
+    assert json.loads((out / "data" / "meta.json").read_text())["n_per_class"] == 120
+    assert load_manifest(out / "shards" / "noisy")["count"] == 240
+    assert RunDir(out / "deepmerge-noda").read_result("best", "test")["target"]["n"] > result["target"]["n"]

@@ -138,3 +138,46 @@ def test_dmhpc_eval_never_finishes_a_run_nor_replaces_another_data_sets_result(m
     assert run.read_result("best", "test", "noisy-copy")["data"]["target"] == str(tmp_path / "noisy-copy")
     monkeypatch.chdir(other.parent)  # the same data set named from another working folder: the same evaluation
     assert main(["eval", "--run", str(run.path), "--target", "../noisy-copy"]) == 0
+
+
+def test_dmhpc_eval_refuses_data_the_run_cannot_take_and_draws_what_the_data_allow(make_domains, tmp_path, capsys):
+    """Images of another shape failed deep in the network with a traceback; two unlabelled data sets
+    failed drawing an empty confusion figure after writing the result; the run's own data prepared
+    again since it trained were evaluated as if they were the run's; and the training curves took
+    the title of whichever evaluation ran last."""
+    data = make_domains(64)
+    run = RunDir(tmp_path / "run")
+    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
+                 f"run.dir={run.path}", "train.epochs=1"]) == 0
+    rng = np.random.default_rng(1)
+    write_dataset(rng.normal(size=(64, 1, 75, 75)).astype(np.float32), np.arange(64) % 2, None, tmp_path / "mono")
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run.path), "--target", str(tmp_path / "mono")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mono: images of shape (1, 75, 75); the run trained on (3, 75, 75)" in err, err
+    assert not run.result_path("best", "test", "mono").exists()
+
+    curves = run.plot_path("training_curves").read_bytes()
+    survey = tmp_path / "survey"
+    write_dataset(rng.normal(size=(64, 3, 75, 75)).astype(np.float32), None, None, survey)
+    assert main(["eval", "--run", str(run.path), "--source", str(survey), "--target", str(survey)]) == 0
+    result = run.read_result("best", "test", "survey+survey")
+    assert result["source"]["labelled"] is False and result["target"]["labelled"] is False
+    tag = "best_test_on-survey+survey"
+    assert run.plot_path(f"latent_{tag}").is_file()
+    assert not run.plot_path(f"roc_{tag}").exists() and not run.plot_path(f"confusion_{tag}").exists()
+    assert run.plot_path("training_curves").read_bytes() == curves  # the run's figure, not this evaluation's
+
+    # The checkpoint is named by the epoch of its weights, as metrics.jsonl numbers it, best and last alike.
+    assert main(["eval", "--run", str(run.path), "--checkpoint", "last", "--split", "val"]) == 0
+    logged = [r["epoch"] for r in run.read_log() if r["kind"] == "epoch"]
+    assert run.read_result("last", "val")["checkpoint"]["epoch"] == run.read_result()["checkpoint"]["epoch"] == logged[-1]
+
+    write_dataset(rng.normal(size=(64, 3, 75, 75)).astype(np.float32), np.arange(64) % 2, None, data / "noisy",
+                  overwrite=True)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run.path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"data.target {data / 'noisy'}: prepared again since the run trained" in err, err
+    assert run.read_result()["final"] is True  # the trainer's result stands
+    assert main(["eval", "--run", str(run.path), "--target", str(data / "noisy")]) == 0

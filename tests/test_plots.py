@@ -48,3 +48,22 @@ def test_long_titles_are_wrapped_inside_the_figure(drawn, tmp_path):
     for fig in drawn:
         _inside(fig)
     assert all(len(line) <= 58 for line in plots.wrap_title(LONG, 58).splitlines())
+
+
+def test_training_curves_mark_the_best_epoch_on_whole_epoch_ticks(drawn, tmp_path):
+    """One epoch had ticks at -0.04 ... 0.04; the figure now marks the best checkpoint's epoch (the
+    first of the highest score, as the trainer keeps it; a NaN score is never selected)."""
+    def record(epoch, score):
+        metrics = {"train": {"accuracy": 0.5}, "val": {"accuracy": 0.6}}
+        return {"kind": "epoch", "epoch": epoch, "loss": {"total": 1.0, "mmd": 0.1}, "source": metrics,
+                "target": metrics, "selection": {"criterion": "source_val_accuracy", "score": score}}
+
+    plots.training_curves([record(0, 0.5)], tmp_path / "one.png", "one epoch")
+    plots.training_curves([record(e, s) for e, s in enumerate([0.5, 0.7, float("nan"), 0.7, 0.6])],
+                          tmp_path / "five.png", "five epochs")
+    for fig, ticks, best in zip(drawn, ([0], [0, 1, 2, 3, 4]), (0, 1)):
+        for ax in fig.axes:
+            assert list(ax.get_xticks()) == ticks
+            marks = [line for line in ax.lines if line.get_linestyle() == ":"]
+            assert [list(m.get_xdata()) for m in marks] == [[best, best]]
+            assert "best checkpoint (source_val_accuracy)" in [t.get_text() for t in ax.get_legend().get_texts()]

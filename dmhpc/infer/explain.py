@@ -36,10 +36,10 @@ from dmhpc.data.shards import RowReader, is_labelled, load_manifest, split_rows
 from dmhpc.distributed import bootstrap, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write
-from dmhpc.infer.predict import FORMATS, Model, check_shape
+from dmhpc.infer.predict import FORMATS, Model
 from dmhpc.infer.sources import open_source
 from dmhpc.plots import CLASS_NAMES, attribution_grid
-from dmhpc.run import RunDir
+from dmhpc.run import RunDir, check_shape
 
 MERGER = 1
 

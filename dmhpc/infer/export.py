@@ -33,7 +33,7 @@ from dmhpc.distributed import bootstrap, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write
 from dmhpc.run import RunDir
-from dmhpc.train.checkpoint import load_checkpoint, load_weights
+from dmhpc.train.checkpoint import checkpoint_info, load_checkpoint, load_weights
 from dmhpc.train.objective import build_backbone
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -62,7 +62,7 @@ def build(run: RunDir, checkpoint: str = "best") -> tuple[MergerProbability, dic
     load_weights(net, state, run.checkpoint(checkpoint))
     mean, std = run.normalization("target")
     model = MergerProbability(net, mean, std).eval()
-    info = {"name": checkpoint, "epoch": state.get("epoch"), "step": state.get("step"), **state.get("selection", {})}
+    info = checkpoint_info(checkpoint, state)
     return model, info, list(run.data_record("source")["shape"])
 
 
@@ -124,8 +124,7 @@ def load_safetensors(path) -> MergerProbability:
 def model_card(run: RunDir, info: dict, shape: list, fmt: str, out: Path, onnx_max_diff: float | None) -> dict:
     cfg = run.config()
     result = run.read_result(info["name"], "test")
-    if result is not None and {k: result.get("checkpoint", {}).get(k) for k in ("epoch", "step")} != \
-            {k: info.get(k) for k in ("epoch", "step")}:
+    if result is not None and result.get("checkpoint", {}).get("step") != info.get("step"):
         result = None  # the test of an earlier checkpoint of that name (the run trained on since)
     card = {
         "model": {"file": out.name, "format": fmt, "architecture": cfg.model.name, "dmhpc": __version__},

@@ -47,8 +47,8 @@ from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write, locked_directory
 from dmhpc.progress import progress_bar
 from dmhpc.infer.sources import Source, file_identity, open_source
-from dmhpc.run import RunDir
-from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, StopRequest, load_checkpoint, load_weights
+from dmhpc.run import RunDir, check_shape
+from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, StopRequest, checkpoint_info, load_checkpoint, load_weights
 from dmhpc.train.objective import build_backbone
 from dmhpc.train.step import autocast
 
@@ -66,13 +66,6 @@ def catalog_format(out: Path) -> str:
     return fmt
 
 
-def check_shape(path, shape, trained) -> None:
-    """Refuse images of another (C, H, W) than the run trained on: the network fails on them with a
-    RuntimeError traceback deep in its layers, after the work before it."""
-    if tuple(shape) != tuple(trained):
-        raise DmhpcError(f"{path}: images of shape {tuple(shape)}; the run trained on {tuple(trained)}")
-
-
 class Model:
     """A run's classifier for inference: input normalization, forward, merger probability."""
 
@@ -82,8 +75,7 @@ class Model:
         self.path = run.checkpoint(checkpoint)
         self.identity = file_identity(self.path)
         state = load_checkpoint(run.checkpoint(checkpoint))
-        self.checkpoint = {"name": checkpoint, "epoch": state.get("epoch"), "step": state.get("step"),
-                           **state.get("selection", {})}
+        self.checkpoint = checkpoint_info(checkpoint, state)
         self.net = build_backbone(self.cfg).to(device).eval()
         load_weights(self.net, state, run.checkpoint(checkpoint))
         if self.cfg.train.channels_last:

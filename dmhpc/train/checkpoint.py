@@ -82,6 +82,16 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     return state
 
 
+def checkpoint_info(name: str, state: dict) -> dict:
+    """What a checkpoint holds, for result files, model cards and titles: its name, step, selection,
+    and the epoch of its weights, numbered as metrics.jsonl numbers epochs (from 0). The progress
+    says where a resume starts, which for a checkpoint written at an epoch's end is the next epoch."""
+    epoch = state.get("epoch")
+    if isinstance(epoch, int) and epoch > 0 and state.get("progress", {}).get("step_in_epoch") == 0:
+        epoch -= 1
+    return {"name": name, "epoch": epoch, "step": state.get("step"), **state.get("selection", {})}
+
+
 def unfit(path: str | os.PathLike, exc: Exception) -> DmhpcError:
     """The one-line error of a checkpoint whose content does not fit what loads it (hand-edited, of
     an older format, or another model's): torch's KeyError or multi-line RuntimeError, named."""

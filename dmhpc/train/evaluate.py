@@ -12,13 +12,13 @@ import torch
 from dmhpc import plots as P
 from dmhpc.data.batches import domain_stats
 from dmhpc.data.loaders import eval_batches, eval_rows
-from dmhpc.data.shards import load_manifest
+from dmhpc.data.shards import fingerprint, load_manifest
 from dmhpc.distributed import all_gather_object, bootstrap, shutdown
 from dmhpc.errors import DmhpcError
-from dmhpc.run import RunDir, evaluation_tag
+from dmhpc.run import RunDir, check_shape, evaluation_tag
 from dmhpc.names import CRITERIA, DOMAINS
 from dmhpc.progress import progress_bar
-from dmhpc.train.checkpoint import load_checkpoint, load_weights
+from dmhpc.train.checkpoint import checkpoint_info, load_checkpoint, load_weights
 from dmhpc.train.metrics import domain_metrics
 from dmhpc.train.objective import build_backbone
 
@@ -97,14 +97,17 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
         title = (f"{run.path.name}: {checkpoint['name']} checkpoint (epoch {checkpoint.get('epoch')}), {split} split "
                  f"of {Path(dirs['source']).name} / {Path(dirs['target']).name}{on}"
                  + (" (oracle selection)" if result["oracle"] else ""))
-        P.roc_curves({d: (preds[d]["labels"], preds[d]["prob"]) for d in DOMAINS},
-                     run.plot_path(f"roc_{tag}"), f"ROC, {title}")
-        P.confusion_matrices({d: result[d] for d in DOMAINS}, run.plot_path(f"confusion_{tag}"),
-                             f"confusion, {title}")
-        P.training_curves(run.read_log(), run.plot_path("training_curves"),
-                          f"{run.path.name}: training; source {Path(dirs['source']).name}, target "
-                          f"{Path(dirs['target']).name}; selected: {checkpoint['name']} checkpoint "
-                          f"(epoch {checkpoint.get('epoch')})")
+        # A ROC curve needs both classes, a confusion matrix labels: unlabelled data sets get neither.
+        if any(len(np.unique(preds[d]["labels"])) == 2 for d in DOMAINS):
+            P.roc_curves({d: (preds[d]["labels"], preds[d]["prob"]) for d in DOMAINS},
+                         run.plot_path(f"roc_{tag}"), f"ROC, {title}")
+        if any("confusion" in result[d] for d in DOMAINS):
+            P.confusion_matrices({d: result[d] for d in DOMAINS}, run.plot_path(f"confusion_{tag}"),
+                                 f"confusion, {title}")
+        if data is None:  # the training's own figure, titled with its own data; other data sets leave it
+            P.training_curves(run.read_log(), run.plot_path("training_curves"),
+                              f"{run.path.name}: training; source {Path(cfg.data.source).name}, target "
+                              f"{Path(cfg.data.target).name}; selection by {cfg.select.criterion}")
         P.latent_embedding({d: (preds[d]["features"], preds[d]["labels"]) for d in DOMAINS},
                            run.plot_path(f"latent_{tag}"), f"DA features, {title}", seed=cfg.seed,
                            max_points=1000)
@@ -141,13 +144,13 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
     # The best checkpoint's test on the run's own data, once the run finished: the trainer's result again.
     final = data is None and (checkpoint, split) == ("best", "test") and run.finished
     dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
+    _check_data(run, dirs, own=data is None)
     ckpt = load_checkpoint(run.checkpoint(checkpoint))
     dist = bootstrap()
     try:
         model = build_backbone(cfg).to(dist.device)
         load_weights(model, ckpt, run.checkpoint(checkpoint))
-        info = {"name": checkpoint, **{k: ckpt[k] for k in ("epoch", "step") if k in ckpt},
-                **ckpt.get("selection", {})}
+        info = checkpoint_info(checkpoint, ckpt)
         # Normalization as the run trained: per domain, each data set with its own statistics.
         stats = dict(zip(DOMAINS, domain_stats(dirs["source"], dirs["target"], cfg.data.normalize)))
         result = evaluate_run(model, cfg, dist, run, checkpoint=info, split=split, stats=stats, data=data,
@@ -160,6 +163,18 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
     finally:
         shutdown()
     return result
+
+
+def _check_data(run: RunDir, dirs: dict, own: bool) -> None:
+    """Refuse images the run's network cannot take, and the run's own data sets prepared again since
+    it trained (their test split may hold rows it trained on, and its result file would say otherwise)."""
+    for role in DOMAINS:
+        manifest = load_manifest(dirs[role])
+        check_shape(dirs[role], manifest["shape"], run.data_record("source")["shape"])
+        was, now = run.data_record(role).get("fingerprint"), fingerprint(manifest)
+        if own and was and now != was:
+            raise DmhpcError(f"data.{role} {dirs[role]}: prepared again since the run trained on it (manifest "
+                             f"fingerprint {was[:12]} -> {now[:12]}); evaluate it as other data with --target")
 
 
 def _check_other_data(old: dict | None, data: dict, path: Path) -> None:
