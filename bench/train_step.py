@@ -114,7 +114,7 @@ def bare_stepper(x: torch.Tensor, y: torch.Tensor, amp: str, channels_last: bool
     """One step of the bare model: DeepMerge II, CE on all 256 images, Adam, nothing else."""
     cfg = load_config(ROOT / "configs" / "deepmerge-mmd-fisher-entropy.yaml")
     torch.manual_seed(0)
-    net = build_backbone(cfg)
+    net = build_backbone(cfg, x.shape[1])
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)

@@ -282,3 +282,28 @@ def test_the_last_mile_on_a_gpu(survey, tmp_path, capsys):
                      "--out", str(tmp_path / "explain")]) == 0
         assert (tmp_path / "explain" / "top_candidates.png").is_file()
     assert main(["export", "--run", str(run), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")]) == 0
+
+
+def test_single_channel_images_train_evaluate_predict_and_export(tmp_path, capsys):
+    """The network always took 3 channels: single-filter data (1 channel, as FITS cutouts of one
+    band give) could never be trained. Its channels come from the data, and every later step
+    (eval, predict, export and loading the export) rebuilds the network for them."""
+    rng = np.random.default_rng(0)
+    for name in ("pristine", "noisy"):
+        write_dataset(rng.normal(size=(60, 1, 8, 8)).astype("f4"), np.arange(60) % 2, None, tmp_path / name)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), *overrides(tmp_path, run, "noisy", "model.name=resnet18",
+                                                              "model.stem=small", "train.batch_size=4")]) == 0
+    assert main(["eval", "--run", str(run), "--checkpoint", "last"]) == 0
+    raw = rng.normal(size=(5, 1, 8, 8)).astype("f4")
+    np.save(tmp_path / "raw.npy", raw)
+    assert main(["predict", "--run", str(run), "--images", str(tmp_path / "raw.npy"),
+                 "--out", str(tmp_path / "raw.ecsv")]) == 0
+    out = tmp_path / "merger.safetensors"
+    assert main(["export", "--run", str(run), "--format", "safetensors", "--out", str(out)]) == 0
+    from astropy.table import Table
+    from dmhpc.infer.export import load_safetensors
+
+    with torch.no_grad():
+        got = load_safetensors(out)(torch.from_numpy(raw)).numpy()
+    np.testing.assert_allclose(np.asarray(Table.read(tmp_path / "raw.ecsv")["p_merger"]), got, rtol=0, atol=1e-6)

@@ -49,7 +49,7 @@ def read(path: Path):
 def expected_probabilities(run: Path, images: np.ndarray, mean, std, batch: int) -> np.ndarray:
     """The model's forward pass on the same normalized batches, by hand."""
     cfg = RunDir(run).config()
-    net = build_backbone(cfg).eval()
+    net = build_backbone(cfg, images.shape[1]).eval()
     net.load_state_dict(load_checkpoint(RunDir(run).checkpoint("best"))["model"])
     m = torch.tensor(mean, dtype=torch.float64).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float64).view(1, -1, 1, 1)

@@ -58,12 +58,13 @@ def build(run: RunDir, checkpoint: str = "best") -> tuple[MergerProbability, dic
     """The exportable module (eval mode, CPU), the checkpoint it holds, and the input shape (C, H, W)."""
     cfg = run.config()
     state = load_checkpoint(run.checkpoint(checkpoint))
-    net = build_backbone(cfg)
+    shape = list(run.data_record("source")["shape"])
+    net = build_backbone(cfg, shape[0])
     load_weights(net, state, run.checkpoint(checkpoint))
     mean, std = run.normalization("target")
     model = MergerProbability(net, mean, std).eval()
     info = checkpoint_info(checkpoint, state)
-    return model, info, list(run.data_record("source")["shape"])
+    return model, info, shape
 
 
 def _onnx(model: MergerProbability, example: torch.Tensor, out: Path) -> float:
@@ -116,7 +117,9 @@ def load_safetensors(path) -> MergerProbability:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     cfg = config_from_dict({"model": json.loads(meta["model"])}, str(path))
-    model = MergerProbability(build_backbone(cfg), tensors["mean"].flatten().tolist(), tensors["std"].flatten().tolist())
+    mean, std = tensors["mean"].flatten().tolist(), tensors["std"].flatten().tolist()
+    # The normalization is per input channel: its length is the channels the network was built for.
+    model = MergerProbability(build_backbone(cfg, len(mean)), mean, std)
     model.load_state_dict(tensors)
     return model.eval()
 

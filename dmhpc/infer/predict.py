@@ -76,7 +76,7 @@ class Model:
         self.identity = file_identity(self.path)
         state = load_checkpoint(run.checkpoint(checkpoint))
         self.checkpoint = checkpoint_info(checkpoint, state)
-        self.net = build_backbone(self.cfg).to(device).eval()
+        self.net = build_backbone(self.cfg, run.data_record("source")["shape"][0]).to(device).eval()
         load_weights(self.net, state, run.checkpoint(checkpoint))
         if self.cfg.train.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)

@@ -148,7 +148,7 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
     ckpt = load_checkpoint(run.checkpoint(checkpoint))
     dist = bootstrap()
     try:
-        model = build_backbone(cfg).to(dist.device)
+        model = build_backbone(cfg, run.data_record("source")["shape"][0]).to(dist.device)
         load_weights(model, ckpt, run.checkpoint(checkpoint))
         info = checkpoint_info(checkpoint, ckpt)
         # Normalization as the run trained: per domain, each data set with its own statistics.

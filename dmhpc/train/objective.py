@@ -11,16 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmhpc.data.shards import load_manifest
+from dmhpc.errors import DmhpcError
 from dmhpc.losses import DEEPMERGE_SIGMAS, FisherLoss, coral, dann_loss, entropy, mmd
 from dmhpc.models import DomainDiscriminator, build_model
 
 NUM_CLASSES = 2
 
 
-def build_backbone(cfg) -> nn.Module:
-    """The classifier named by the configuration; forward returns (features, logits)."""
+def build_backbone(cfg, in_channels: int) -> nn.Module:
+    """The classifier named by the configuration for images of `in_channels` channels (the data's,
+    not the config's: a single-filter survey has 1); forward returns (features, logits)."""
     m = cfg.model
-    options = {"num_classes": NUM_CLASSES}
+    options = {"num_classes": NUM_CLASSES, "in_channels": in_channels}
     if m.name.startswith("resnet"):
         options["stem"] = m.stem
     elif m.name == "deepmerge":
@@ -28,14 +31,23 @@ def build_backbone(cfg) -> nn.Module:
     return build_model(m.name, **options)
 
 
+def source_channels(cfg) -> int:
+    """The channels of the source images (its manifest's shape[0]), which the network is built for."""
+    try:
+        return int(load_manifest(cfg.data.source)["shape"][0])
+    except DmhpcError as exc:
+        raise DmhpcError(f"data.source: {exc}") from None
+
+
 class DomainAdaptation(nn.Module):
     """Backbone + the transfer, Fisher and entropy terms of DeepMerge II, as configured."""
 
-    def __init__(self, cfg, seed: int):
+    def __init__(self, cfg, seed: int, in_channels: int | None = None):
+        """`in_channels` None: the source data set's (read from its manifest)."""
         super().__init__()
         loss = cfg.loss
         self.loss_cfg = loss  # the config's loss section: `loss.transfer` below reads as the dotted key
-        self.backbone = build_backbone(cfg)
+        self.backbone = build_backbone(cfg, source_channels(cfg) if in_channels is None else in_channels)
         feat_dim = self.backbone.feature_dim
         self.discriminator = DomainDiscriminator(feat_dim) if loss.transfer == "dann" else None
         self.fisher = None
