@@ -144,6 +144,10 @@ class MMDConfig:
     # Lower bound applied to the MMD value; null (default) = none. The original clamped at 1e-4,
     # which zeroes the gradient whenever the estimate falls below it.
     clamp: float | None = _key(None, optional(number(0.0)))
+    # Most rows (source + target, all ranks under loss.scope=global) one MMD may hold: its pairwise
+    # matrices take about 2.5 * rows^2 * 4 bytes (16384: 2.5 GiB; docs/losses.md). The trainer
+    # refuses a batch of more at start; raise it where the device has the memory.
+    max_samples: int = _key(16384, integer(2))
 
 
 @dataclass(frozen=True)

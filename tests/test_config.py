@@ -166,6 +166,8 @@ def test_save_writes_plain_yaml_that_round_trips(tmp_path):
     ("loss: {mmd: {sigmas: silverman}}\n", "loss.mmd.sigmas", '"median"'),
     ("loss: {mmd: {sigmas: []}}\n", "loss.mmd.sigmas", "non-empty list"),
     ("loss: {mmd: {clamp: -1}}\n", "loss.mmd.clamp", "null or a number >= 0"),
+    ("loss: {mmd: {max_samples: 1}}\n", "loss.mmd.max_samples", "an integer >= 2, got 1"),
+    ("loss: {mmd: {max_samples: 1.5e4}}\n", "loss.mmd.max_samples", "an integer >= 2"),
     ("loss: {fisher: {form: tx}}\n", "loss.fisher.form", 'got "tx"'),
     ("loss: {fisher: {normalize: max}}\n", "loss.fisher.normalize", 'got "max"'),
     ("loss: {grl: {schedule: linear}}\n", "loss.grl.schedule", 'got "linear"'),
@@ -285,3 +287,11 @@ def test_base_only_at_the_top_level(tmp_path):
 def test_config_from_dict_names_its_source():
     with pytest.raises(DmhpcError, match=r"^run.pt config: train.epochs: expected a positive integer"):
         config_from_dict({"train": {"epochs": 0}}, source="run.pt config")
+
+
+def test_the_mmd_sample_cap_is_a_key_whose_default_is_the_losses(tmp_path):
+    """mmd's error told users to raise max_samples, which no key could do."""
+    from dmhpc.losses.mmd import MAX_SAMPLES
+
+    assert load_config(write(tmp_path / "c.yaml", "")).loss.mmd.max_samples == MAX_SAMPLES == 16384
+    assert load_config(write(tmp_path / "c.yaml", ""), ["loss.mmd.max_samples=65536"]).loss.mmd.max_samples == 65536

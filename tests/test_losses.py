@@ -438,3 +438,55 @@ def test_losses_compute_in_ieee_float32_under_either_tf32_api(api, device):
     proc = subprocess.run([sys.executable, "-c", PRECISION_PROBE, api, device], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- the trainer refuses them at start
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["loss.transfer=coral", "train.batch_size=1"],
+     "loss.transfer: coral needs at least 2 source and 2 target rows per batch; 1 rank x train.batch_size 1 gives 1"),
+    (["loss.transfer=mmd", "loss.mmd.unbiased=true", "train.batch_size=1"],
+     "loss.transfer: unbiased mmd needs at least 2 source and 2 target rows per batch"),
+    (["loss.transfer=mmd", "loss.mmd.max_samples=7"],
+     "loss.mmd.max_samples: 1 rank x train.batch_size 4 gives 8 rows (source + target) to the MMD, more than 7"),
+])
+def test_a_batch_the_transfer_loss_cannot_take_is_refused_before_anything_is_written(
+        make_domains, tmp_path, capsys, overrides, message):
+    """The losses refused these only at the first step, after the run directory was written."""
+    from dmhpc.cli import main
+    from tests.conftest import TINY, tiny_overrides
+
+    data, run = make_domains(64), tmp_path / "run"
+    argv = [f"{k}={v}" for k, v in tiny_overrides(data, **{"run.dir": str(run)}).items()]
+    assert main(["train", "--config", str(TINY), *argv, *overrides]) == 1
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not run.exists()
+
+
+def test_the_mmd_sample_cap_counts_every_ranks_rows_under_the_global_scope():
+    from dmhpc.config import load_config
+    from dmhpc.train.preflight import check_batch_rows
+    from tests.conftest import TINY
+
+    cfg = load_config(TINY, ["loss.transfer=mmd", "train.batch_size=64", "loss.mmd.max_samples=1024"])
+    check_batch_rows(cfg, world_size=8)  # 8 x (64 + 64) = 1024 rows: at the cap
+    with pytest.raises(DmhpcError, match=r"^loss.mmd.max_samples: 16 ranks x train.batch_size 64 gives 2048 rows"):
+        check_batch_rows(cfg, world_size=16)
+    local = load_config(TINY, ["loss.transfer=mmd", "train.batch_size=64", "loss.mmd.max_samples=1024",
+                               "loss.scope=local"])
+    check_batch_rows(local, world_size=16)  # each rank's MMD holds its own 128 rows
+    check_batch_rows(load_config(TINY, ["loss.transfer=coral", "train.batch_size=1"]), world_size=2)
+
+
+def test_the_objective_gives_the_mmd_its_configured_sample_cap():
+    from dmhpc.config import load_config
+    from dmhpc.train.objective import DomainAdaptation
+    from tests.conftest import TINY
+
+    cfg = load_config(TINY, ["loss.transfer=mmd", "loss.mmd.max_samples=7"])
+    model = DomainAdaptation(cfg, seed=0, in_channels=3)
+    x = torch.randn(4, 3, 75, 75)
+    with pytest.raises(DmhpcError, match="has 8 rows .* max_samples is 7"):
+        model(x, torch.arange(4) % 2, x, 0.0)

@@ -8,6 +8,9 @@ from dmhpc.errors import DmhpcError
 from dmhpc.losses.collective import all_reduce_sum, is_global
 from dmhpc.losses.precision import full_precision, upcast
 
+MIN_ROWS = 2
+"""Rows of each domain the covariances need, in the batch they are taken of (they divide by n - 1)."""
+
 
 def coral(fs: torch.Tensor, ft: torch.Tensor, scope: str = "global") -> torch.Tensor:
     """||C_s - C_t||_F^2 / (4 d^2) with unbiased (1/(n-1)) covariances, as in Deep CORAL.
@@ -22,8 +25,8 @@ def coral(fs: torch.Tensor, ft: torch.Tensor, scope: str = "global") -> torch.Te
             f"coral: features must be (n, d) and (m, d) with the same d; got {tuple(fs.shape)} and {tuple(ft.shape)}"
         )
     glob = is_global(scope)
-    # With W > 1 ranks of >= 1 row each the global batch has >= 2 rows.
-    least = 1 if glob else 2
+    # With W > 1 ranks of >= 1 row each the global batch has >= MIN_ROWS rows.
+    least = 1 if glob else MIN_ROWS
     if fs.shape[0] < least or ft.shape[0] < least:
         raise DmhpcError(
             f"coral: needs at least {least} source and {least} target rows per batch; "

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from dmhpc.config import MMDConfig
 from dmhpc.errors import DmhpcError
 from dmhpc.losses.collective import all_gather_rows, is_global
 from dmhpc.losses.precision import full_precision, upcast
@@ -32,8 +33,19 @@ DEEPMERGE_SIGMAS: tuple[float, ...] = (
 MEDIAN_SCALES: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
 """With sigmas="median": sigma = scale * (lower median of the pairwise squared distances)."""
 
-MAX_SAMPLES = 16384
-"""Default cap on the rows (source + target, all ranks) one MMD may hold; see docs/losses.md."""
+MAX_SAMPLES: int = MMDConfig.max_samples
+"""Default cap on the rows (source + target, all ranks) one MMD may hold: loss.mmd.max_samples's."""
+
+
+def memory_gib(rows: int, element_size: int = 4) -> float:
+    """GiB the MMD of `rows` rows (source + target) holds at its peak: 2.5 rows^2 elements, as
+    measured by bench/mmd.py (docs/losses.md)."""
+    return 2.5 * rows**2 * element_size / 2**30
+
+
+def min_rows(unbiased: bool) -> int:
+    """Rows of each domain the estimator needs (the unbiased one drops the self-pairs)."""
+    return 2 if unbiased else 1
 
 
 def mmd(
@@ -73,17 +85,17 @@ def mmd(
             fs, ft = all_gather_rows(fs, ft)
         n, m = fs.shape[0], ft.shape[0]
         where = "the global batch (all ranks)" if is_global(scope) else "the batch"
-        if min(n, m) < (2 if unbiased else 1):
+        if min(n, m) < min_rows(unbiased):
             raise DmhpcError(
                 f"mmd: {where} has {n} source and {m} target rows; the "
-                f"{'unbiased' if unbiased else 'biased'} estimator needs at least {2 if unbiased else 1} of each"
+                f"{'unbiased' if unbiased else 'biased'} estimator needs at least {min_rows(unbiased)} of each"
             )
         if n + m > max_samples:
-            gib = 2.5 * (n + m) ** 2 * fs.element_size() / 2**30  # measured, see docs/losses.md
             raise DmhpcError(
                 f"mmd: {where} has {n + m} rows (source + target) and max_samples is {max_samples}; "
-                f"its pairwise kernel matrices would need about {gib:.1f} GiB. Use scope='local' "
-                "(per-rank MMD), smaller per-rank batches, or a larger max_samples if the memory is there"
+                f"its pairwise kernel matrices would need about {memory_gib(n + m, fs.element_size()):.1f} GiB. "
+                "Use scope='local' (per-rank MMD), smaller per-rank batches, or a larger max_samples "
+                "(loss.mmd.max_samples) if the memory is there"
             )
         centre = torch.cat([fs, ft]).detach().mean(dim=0)
         ys, yt = fs - centre, ft - centre

@@ -71,7 +71,7 @@ class DomainAdaptation(nn.Module):
 
         if loss.transfer == "mmd":
             terms["transfer"] = mmd(fs, ft, sigmas=self.sigmas, unbiased=loss.mmd.unbiased,
-                                    scope=loss.scope, clamp=loss.mmd.clamp)
+                                    scope=loss.scope, clamp=loss.mmd.clamp, max_samples=loss.mmd.max_samples)
         elif loss.transfer == "coral":
             terms["transfer"] = coral(fs, ft, scope=loss.scope)
         elif loss.transfer == "dann":

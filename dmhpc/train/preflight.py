@@ -9,6 +9,8 @@ Each is a one-line DmhpcError on every rank, naming the key or the data set and 
   validation data and the chosen one is tested), at most as many classes as the model has, a
   source training split with more than one class, source and target images of one shape;
 - the model takes the images: one forward pass of a zero batch of the data's shape;
+- the transfer loss gets what it needs of a batch: enough rows per domain (CORAL, the unbiased
+  MMD) and, for MMD, no more rows than loss.mmd.max_samples (checked with the data sets);
 - a run resumed in the middle of an epoch keeps the world size and loader kind that epoch began
   with (the order of its rows depends on both).
 """
@@ -22,6 +24,8 @@ from dmhpc.data.batches import normalization
 from dmhpc.data.shards import SPLITS, fingerprint, is_labelled, load_manifest
 from dmhpc.distributed import agree, gather
 from dmhpc.errors import DmhpcError
+from dmhpc.losses.coral import MIN_ROWS as CORAL_MIN_ROWS
+from dmhpc.losses.mmd import memory_gib, min_rows as mmd_min_rows
 from dmhpc.names import CRITERIA, DOMAINS
 from dmhpc.train.objective import NUM_CLASSES
 
@@ -53,7 +57,9 @@ def data_identity(cfg, manifests: dict) -> dict:
 
 
 def check_data(cfg, manifests: dict, dist) -> None:
-    """Everything about the two data sets that would otherwise fail mid-run or train on nonsense."""
+    """Everything about the two data sets that would otherwise fail mid-run or train on nonsense,
+    and what the transfer loss needs of their batches."""
+    check_batch_rows(cfg, dist.world_size)
     checksums = cfg.data.verify == "checksums"
     dirs = {role: getattr(cfg.data, role) for role in DOMAINS}
     for role in DOMAINS:
@@ -95,6 +101,25 @@ def check_data(cfg, manifests: dict, dist) -> None:
     if manifests["source"]["shape"] != manifests["target"]["shape"]:
         raise DmhpcError(f"data.target {dirs['target']}: images {manifests['target']['shape']} differ in shape "
                          f"from the source's {manifests['source']['shape']}")
+
+
+def check_batch_rows(cfg, world_size: int) -> None:
+    """The rows of each domain the transfer loss sees per step (all ranks' under loss.scope=global)
+    against what it needs: the loss refuses them only at the first step, after the run started."""
+    loss, batch = cfg.loss, cfg.train.batch_size
+    rows = batch * (world_size if loss.scope == "global" else 1)
+    where = (f"{world_size} rank{'s' if world_size > 1 else ''} x train.batch_size {batch}"
+             if loss.scope == "global" else f"train.batch_size {batch} (loss.scope=local)")
+    least = {"coral": CORAL_MIN_ROWS, "mmd": mmd_min_rows(loss.mmd.unbiased)}.get(loss.transfer, 1)
+    if rows < least:
+        what = "unbiased mmd" if loss.transfer == "mmd" else loss.transfer
+        raise DmhpcError(f"loss.transfer: {what} needs at least {least} source and {least} target rows per batch; "
+                         f"{where} gives {rows} of each")
+    if loss.transfer == "mmd" and 2 * rows > loss.mmd.max_samples:
+        raise DmhpcError(f"loss.mmd.max_samples: {where} gives {2 * rows} rows (source + target) to the MMD, more "
+                         f"than {loss.mmd.max_samples}; they would need about {memory_gib(2 * rows):.1f} GiB. Use "
+                         f"loss.scope=local, a smaller train.batch_size, or a larger loss.mmd.max_samples if the "
+                         f"memory is there")
 
 
 def check_model_input(cfg, backbone: torch.nn.Module, shape: list[int], device: torch.device) -> None:
