@@ -23,6 +23,7 @@ so a requeued job is never blocked by a lock of a killed one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -33,9 +34,9 @@ from typing import IO, Any, Mapping
 
 from dmhpc import __version__
 from dmhpc.checks import show
-from dmhpc.config import Config, changed_keys, config_to_dict, load_config, save_config
+from dmhpc.config import Config, changed_keys, config_from_dict, config_to_dict, load_config, save_config
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_write, hold_lock, is_temporary, remove_orphans
+from dmhpc.files import atomic_path, atomic_write, hold_lock, is_temporary, remove_orphans
 
 FORMAT = "dmhpc-run"
 VERSION = 1
@@ -83,6 +84,7 @@ class Claim:
     resume_from: Path | None
     changed: dict = field(default_factory=dict)  # dotted key -> [old, new], accepted on resume
     replaces: bool = False  # the directory holds a run that this start replaces
+    own: bool = True  # resume_from is one of this run's checkpoints (not a checkpoint from elsewhere)
 
 
 class RunDir:
@@ -91,7 +93,7 @@ class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._lock_file: IO | None = None
-        self._created = False
+        self._made: list[Path] = []  # folders the claim created, nearest first
 
     # --- the layout -------------------------------------------------------------------------------
     @property
@@ -165,12 +167,18 @@ class RunDir:
     def data_record(self, role: str) -> dict:
         """What run.json says of the run's `role` ("source" or "target") data set: path, fingerprint,
         image shape, and the per-channel mean and std it was normalized with."""
-        record = _read_json(self.record_path) if self.record_path.is_file() else {}
-        entry = record.get("data", {}).get(role, {})
+        entry = self._recorded_data().get(role, {})
         if not all(k in entry for k in ("mean", "std", "shape")):
             raise DmhpcError(f"{self.record_path}: no {role} data set recorded with its normalization (a run of "
                              f"an older dmhpc, or one that has not started)")
         return entry
+
+    def _recorded_data(self) -> dict:
+        """run.json's data sets by role ({} before the run started); a hand-edited file is one line."""
+        data = _read_json(self.record_path).get("data", {}) if self.record_path.is_file() else {}
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise DmhpcError(f"{self.record_path}: data: expected a mapping of role to data set")
+        return data
 
     def normalization(self, role: str) -> tuple[list[float], list[float]]:
         """(mean, std) per channel the run normalized `role` with."""
@@ -270,7 +278,8 @@ class RunDir:
         # run.json's fingerprints are of the data this run trained on, not a foreign checkpoint's.
         changed = self._check_changes(old, config_to_dict(cfg), where,
                                       (data_ids or {}) if self._own(resume_from) else {})
-        return Claim(resume_from, changed, replaces=existed and not self._own(resume_from))
+        own = self._own(resume_from)
+        return Claim(resume_from, changed, replaces=existed and not own, own=own)
 
     def _killed_before_its_first_last(self) -> bool:
         """The first epoch's end writes best.pt, its record, then last.pt: a run killed in between
@@ -317,8 +326,8 @@ class RunDir:
     def _lock(self) -> None:
         try:
             if not self.path.exists():
+                self._made = [f for f in (self.path, *self.path.parents) if not f.exists()]
                 self.path.mkdir(parents=True)
-                self._created = True
         except OSError as exc:
             raise DmhpcError(f"run.dir {self.path}: cannot create: {exc.strerror}") from None
         self._lock_file = hold_lock(self.path / LOCK, f"run.dir {self.path}: in use by another trainer ({{holder}}); "
@@ -338,12 +347,12 @@ class RunDir:
             raise DmhpcError(f"{resume_from}: not a readable dmhpc checkpoint: {reason}") from None
         if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
             raise DmhpcError(f"{resume_from}: not a dmhpc checkpoint (no \"config\" entry)")
-        return state["config"], str(resume_from)
+        # Through the schema, as config.yaml is read: keys added since it was written take their
+        # defaults instead of differing from the new config's.
+        return config_to_dict(config_from_dict(state["config"], f"{resume_from}: config")), str(resume_from)
 
     def _check_changes(self, old: dict, new: dict, where: str, data_ids: Mapping[str, str]) -> dict:
-        record = _read_json(self.record_path) if self.record_path.is_file() else {}
-        saved_ids = {f"data.{k}": v.get("fingerprint") for k, v in record.get("data", {}).items()
-                     if isinstance(v, dict)}
+        saved_ids = {f"data.{k}": v.get("fingerprint") for k, v in self._recorded_data().items()}
         changed, refused = {}, []
         for key in changed_keys(old, new):
             a, b = _dotted(old, key), _dotted(new, key)
@@ -378,11 +387,19 @@ class RunDir:
         for directory in (self.path, self.checkpoint_dir, self.path / EVAL, self.path / PLOTS):
             n, b = remove_orphans(directory)
             files, size = files + n, size + b
+        last = self.checkpoint("last")
+        rewound = claim.resume_from is not None and claim.own and claim.resume_from.resolve() != last.resolve()
+        if rewound:
+            # Back to an earlier checkpoint of its own (best.pt): it becomes the run's last, so a kill
+            # before the next checkpoint resumes from it again, not from the abandoned later one whose
+            # log records are cut below.
+            with atomic_path(last) as tmp:
+                shutil.copyfile(claim.resume_from, tmp)
         final = self.read_result("best", "test")
         if claim.resume_from is not None and final and final.get("final", True) and \
-                LENGTH_KEYS & set(claim.changed):
-            # A finished run asked to train longer: its test result is the shorter run's, and the
-            # run is unfinished again until the trainer tests the new selection.
+                (rewound or LENGTH_KEYS & set(claim.changed)):
+            # A finished run asked to train longer (or again from an earlier checkpoint): its test
+            # result is the other run's, and the run is unfinished until the trainer tests its selection.
             self.write_result({**final, "final": False}, "best", "test")
         save_config(cfg, self.config_path)
         atomic_write(self.record_path, json.dumps({
@@ -392,14 +409,16 @@ class RunDir:
         return {"orphans_removed": files, "orphan_bytes": size, "log_records_dropped": dropped}
 
     def release(self) -> None:
-        """Give the lock back; a directory this claim created and nothing else filled goes too."""
+        """Give the lock back; the folders this claim created and nothing else filled go too."""
         if self._lock_file is None:
             return
         self._lock_file.close()
         self._lock_file = None
-        if self._created and os.listdir(self.path) == [LOCK]:
+        if self._made and os.listdir(self.path) == [LOCK]:
             (self.path / LOCK).unlink(missing_ok=True)
-            self.path.rmdir()
+            with contextlib.suppress(OSError):  # a parent another process filled meanwhile stays
+                for folder in self._made:
+                    folder.rmdir()
 
     def __enter__(self) -> RunDir:
         return self

@@ -14,11 +14,11 @@ import textwrap
 import pytest
 
 from tests.conftest import ROOT
-from dmhpc.config import Config, load_config
+from dmhpc.config import Config, config_to_dict, load_config
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, hold_lock, is_temporary, remove_orphans
 from dmhpc.run import RunDir, evaluation_tag
-from dmhpc.train.checkpoint import save_checkpoint
+from dmhpc.train.checkpoint import load_checkpoint, save_checkpoint
 
 
 def cfg_for(run_dir, **train) -> Config:
@@ -369,3 +369,59 @@ def test_start_removes_orphans_and_writes_the_identity(tmp_path):
     assert not orphan.exists() and run.checkpoint("last").exists()
     record = json.loads(run.record_path.read_text())
     assert record["format"] == "dmhpc-run" and record["data"]["source"]["fingerprint"] == "S"
+
+
+def test_resuming_an_earlier_checkpoint_of_its_own_makes_it_the_last_and_the_result_unfinished(tmp_path):
+    """From its own best.pt, the log was cut back to best's step while the later last.pt stayed: a
+    kill before the next checkpoint resumed from that abandoned last.pt, its records lost for good.
+    And a finished run's result still said final while the run trained again."""
+    run, cfg = started(tmp_path)
+    save_checkpoint(run.checkpoint("best"), {"step": 2})
+    run.write_result({"final": True, "split": "test"}, "best", "test")
+    claim = run.claim(cfg, str(run.checkpoint("best")))
+    run.start(cfg, claim, {}, 2)
+    run.release()
+    assert run.checkpoint("last").read_bytes() == run.checkpoint("best").read_bytes()
+    assert run.read_result()["final"] is False and not run.finished
+    # from its own last.pt, nothing is rewound
+    run.write_result({"final": True, "split": "test"}, "best", "test")
+    save_checkpoint(run.checkpoint("last"), {"step": 4})
+    run.start(cfg, run.claim(cfg, "auto"), {}, 4)
+    run.release()
+    assert torch_step(run.checkpoint("last")) == 4 and run.read_result()["final"] is True
+
+
+def torch_step(path) -> int:
+    return load_checkpoint(path)["step"]
+
+
+def test_a_checkpoint_of_an_older_dmhpc_resumes_with_the_keys_added_since(tmp_path):
+    """Its config was compared raw: keys added since (select.all_validators, train.deterministic)
+    read as null -> false, and the checkpoint was refused."""
+    cfg = cfg_for(tmp_path / "new")
+    old = config_to_dict(cfg)
+    del old["select"]["all_validators"], old["train"]["deterministic"]
+    elsewhere = tmp_path / "old" / "last.pt"
+    save_checkpoint(elsewhere, {"config": old})
+    run = RunDir(tmp_path / "new")
+    claim = run.claim(cfg, str(elsewhere))
+    assert claim.changed == {} and not claim.own
+    run.release()
+
+
+def test_a_hand_edited_run_json_is_one_line(tmp_path):
+    run, cfg = started(tmp_path)
+    run.record_path.write_text('{"format": "dmhpc-run", "data": []}')
+    with pytest.raises(DmhpcError, match=rf"^{run.record_path}: data: expected a mapping of role to data set$"):
+        run.claim(cfg, "auto", data_ids={"data.source": "S", "data.target": "T"})
+    run.release()
+    with pytest.raises(DmhpcError, match="data: expected a mapping"):
+        run.data_record("source")
+
+
+def test_a_refused_start_leaves_no_folder_it_created(tmp_path):
+    """Only the run directory itself went; the parents made for it stayed behind."""
+    run = RunDir(tmp_path / "nest" / "a" / "b")
+    run.claim(cfg_for(run.path), "auto")
+    run.release()
+    assert list(tmp_path.iterdir()) == []

@@ -754,3 +754,65 @@ def test_resume_on_cuda_is_exact_with_deterministic_kernels(data, tmp_path, dete
             assert torch.equal(a[k], b[k]), k
         else:
             torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+
+
+def _epochs(run) -> list[dict]:
+    return [json.loads(l) for l in (Path(run) / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in l]
+
+
+def test_a_world_size_changed_at_an_epochs_end_trains_every_epoch(data, tmp_path):
+    """The run's length and schedules counted the steps taken, in the first world's steps: two ranks
+    resuming a one-rank run (7 steps an epoch; theirs 3) ended it after 2 more steps, with exit 0
+    and a final result, epochs early."""
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1")]) == 0
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "dmhpc.train", "--config", str(TINY),
+         *_overrides(data, run, "train.epochs=3")], cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [(r["epoch"], r["steps"]) for r in _epochs(run)] == [(0, 7), (1, 3), (2, 3)]
+    assert json.loads((run / "eval" / "best_test.json").read_text())["final"] is True
+
+
+def test_a_new_run_from_another_runs_checkpoint_selects_among_its_own_epochs(data, tmp_path):
+    """It kept the other run's best score: never beaten, no best.pt was written, and the finished
+    training failed at its test, again on every requeue."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["train", "--config", str(TINY), *_overrides(data, first, "train.epochs=1")]) == 0
+    state = torch.load(first / "checkpoints" / "last.pt", weights_only=True)
+    state["progress"]["best_score"] = 1e9  # a score no epoch of the new run reaches
+    torch.save(state, first / "checkpoints" / "last.pt")
+    assert main(["train", "--config", str(TINY), *_overrides(data, second, "train.epochs=2"),
+                 "--resume", str(first / "checkpoints" / "last.pt")]) == 0
+    assert (second / "checkpoints" / "best.pt").is_file()
+    assert json.loads((second / "eval" / "best_test.json").read_text())["checkpoint"]["epoch"] == 1
+
+
+def test_resuming_its_own_best_checkpoint_starts_the_next_epoch(data, tmp_path, capsys):
+    """best.pt was written before the epoch rolled over: resumed, it ran an empty epoch (a second
+    record of the same epoch with a NaN loss, one more evaluation without improvement)."""
+    run = tmp_path / "run"
+    # A learning rate too small to change the validation accuracy: the first evaluation stays best.
+    assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=3", "optim.lr=1e-12")]) == 0
+    assert json.loads((run / "eval" / "best_test.json").read_text())["checkpoint"]["epoch"] == 0
+    assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=3", "optim.lr=1e-12"),
+                 "--resume", str(run / "checkpoints" / "best.pt")]) == 0
+    assert [r["epoch"] for r in _epochs(run)] == [0, 1, 2]
+    assert all(math.isfinite(r["loss"]["total"]) for r in _epochs(run))
+    # Shorter than what it trained is refused: config.yaml would say fewer epochs than its log holds.
+    capsys.readouterr()
+    assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=2", "optim.lr=1e-12")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.epochs 2: the run has trained 3 epochs already; give at least 3" in err
+    assert load_config(run / "config.yaml").train.epochs == 3
+
+
+def test_a_nan_under_debug_is_one_line(data, tmp_path, capsys):
+    """debug=true's anomaly detection raised its RuntimeError in backward: a traceback instead of the
+    divergence's one line."""
+    capsys.readouterr()
+    assert main(["train", "--config", str(TINY), *_overrides(data, tmp_path / "run", "debug=true",
+                                                              "optim.lr=1e30")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "returned nan values" in err and "anomaly detection" in err, err

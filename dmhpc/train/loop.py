@@ -71,6 +71,11 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
 
         agree(resume)
     prog = state.progress
+    if claim.resume_from is not None and not claim.own:
+        # A new run from another's checkpoint selects among its own epochs: the other run's best
+        # score, never beaten, would leave this one without a best.pt to test.
+        prog.best_score, prog.evals_since_best = float("-inf"), 0
+    _check_length(cfg, prog)
     kind = preflight.loader_kind(cfg, prog, dist.world_size)
     cleaned = on_main(lambda: run.start(cfg, claim, data_ids, prog.step))
     if cfg.debug:
@@ -94,6 +99,12 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     total_steps = cfg.train.epochs * steps_per_epoch
     if cfg.train.max_steps:
         total_steps = min(total_steps, cfg.train.max_steps)
+
+    def at() -> int:
+        """Where the run is in this world's steps: what the schedules and the run's length count.
+        prog.step counts the steps taken, in the steps of each world size the run had; after a world
+        size changed at an epoch's end, it would end the run epochs early (more ranks) or late."""
+        return prog.epoch * steps_per_epoch + prog.step_in_epoch
     step = TrainStep(cfg, state, dist, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     dirs, stats = {"source": cfg.data.source, "target": cfg.data.target}, loader.stats
 
@@ -121,10 +132,13 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
 
     on_main(announce)
 
-    def checkpoint(name: str, meter: EpochMeter, selection: dict | None = None) -> None:
+    def checkpoint(name: str, meter: EpochMeter, selection: dict | None = None, epoch_done: bool = False) -> None:
         meter.check_finite(state, dist, prog.step)  # never write a diverged state
         content = state.state_dict()  # a collective: every rank calls it
         content.update(selection=selection or {}, config=config_to_dict(cfg))
+        if epoch_done:  # written before the epoch rolls over; resumed from, it starts the next epoch
+            content.update(epoch=prog.epoch + 1, progress={**content["progress"], "epoch": prog.epoch + 1,
+                                                           "step_in_epoch": 0})
         # Every rank waits for rank 0's write (nobody exits, ending the job step, while it writes)
         # and gets its error (a full disk) as its own one line, not a broken collective later.
         def write() -> None:
@@ -134,8 +148,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
 
     def log_step(terms: dict, bar) -> None:  # rank 0's; its error (a full disk) reaches every rank
         losses = {k: float(v) for k, v in terms.items()}
-        log.write({"kind": "step", "step": prog.step, "epoch": prog.epoch, "lr_scale": step.lr_scale(prog.step - 1),
-                   "grl": step.grl(prog.step - 1), "loss": losses}, prog.step)
+        log.write({"kind": "step", "step": prog.step, "epoch": prog.epoch, "lr_scale": step.lr_scale(at() - 1),
+                   "grl": step.grl(at() - 1), "loss": losses}, prog.step)
         if not bar.disable:  # on a terminal: the images/s of the whole job, and the loss
             rate = bar.format_dict["rate"] or 0.0
             # drawn now, once per log_every steps: a short epoch may end before tqdm's next redraw
@@ -152,14 +166,21 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     try:
         # The batches' row counts never change: the global-scope losses exchange them once.
         with StopRequest(cfg.train.signals) as stop, stable_rows():
-            while not stopped and prog.step < total_steps and prog.epoch < cfg.train.epochs and not early_stopped():
+            while not stopped and at() < total_steps and prog.epoch < cfg.train.epochs and not early_stopped():
                 state.model.train()
                 meter = EpochMeter(dist.device, watch_loss=cfg.train.amp != "fp16")
                 t_epoch = time.perf_counter()
                 bar = progress_bar(steps_per_epoch - prog.step_in_epoch, f"epoch {prog.epoch}", show=dist.is_main)
                 at_end = False  # the epoch's (or the run's) last step is done
                 for batch in loader.epoch(prog.epoch, start_step=prog.step_in_epoch):
-                    terms, outputs = step(prog.step, batch)
+                    try:
+                        terms, outputs = step(at(), batch)
+                    except RuntimeError as exc:  # debug's anomaly detection meets the first NaN in backward
+                        if not (cfg.debug and "returned nan values" in str(exc)):
+                            raise
+                        raise DmhpcError(f"step {prog.step + 1}: {str(exc).splitlines()[0]} (debug=true's anomaly "
+                                         f"detection); training stopped without writing it (lower optim.lr or "
+                                         f"set optim.grad_clip; the last good checkpoint is kept)") from None
                     prog.step += 1
                     prog.step_in_epoch += 1
                     meter.add(prog.step, terms, outputs, batch[1], batch[3])
@@ -167,7 +188,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                     if prog.step % cfg.train.log_every == 0:
                         meter.check_finite(state, dist, prog.step)
                         on_main(lambda: log_step(terms, bar))
-                    at_end = prog.step >= total_steps or prog.step_in_epoch >= steps_per_epoch
+                    at_end = at() >= total_steps or prog.step_in_epoch >= steps_per_epoch
                     if stop.should_stop():  # the same answer on every rank, so all stop after this step
                         stopped = True
                         if not at_end:
@@ -178,7 +199,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                         # (at the end, the epoch's own checkpoint follows its record: one that came
                         # before it would resume into an epoch with no step left, logged twice)
                         checkpoint("last", meter)
-                    if prog.step >= total_steps:
+                    if at() >= total_steps:
                         break
                 bar.close()
                 if stopped and not at_end:
@@ -189,12 +210,15 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                 synchronize(dist.device)  # the epoch's time includes its last queued kernels
                 elapsed = time.perf_counter() - t_epoch
                 meter.check_finite(state, dist, prog.step)
-                record = {"kind": "epoch", "epoch": prog.epoch, "step": prog.step, **meter.summary(dist),
-                          "lr": cfg.optim.lr * step.lr_scale(prog.step - 1), "grl": step.grl(prog.step - 1),
+                # "steps": what the train loss and metrics average over; fewer than the epoch's after
+                # a resume in its middle (the steps before the stop are in no record).
+                record = {"kind": "epoch", "epoch": prog.epoch, "step": prog.step, "steps": meter.steps,
+                          **meter.summary(dist),
+                          "lr": cfg.optim.lr * step.lr_scale(at() - 1), "grl": step.grl(at() - 1),
                           "images_per_s": 2 * meter.steps * cfg.train.batch_size * dist.world_size / max(elapsed, 1e-9),
                           "step_time_s": elapsed / max(meter.steps, 1)}
                 epoch_done = prog.step_in_epoch >= steps_per_epoch
-                if prog.step >= total_steps or (epoch_done and (prog.epoch + 1) % cfg.train.eval_every == 0):
+                if at() >= total_steps or (epoch_done and (prog.epoch + 1) % cfg.train.eval_every == 0):
                     val = {d: predict(state.model.backbone, dirs[d], "val", batch_size=2 * cfg.train.batch_size,
                                       dist=dist, mean=stats[d][0], std=stats[d][1], with_features=with_features)
                            for d in dirs}
@@ -210,7 +234,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                         record["target"]["test"] = domain_metrics(test["labels"], test["prob"])
                     if score > prog.best_score:
                         prog.best_score, prog.evals_since_best = score, 0
-                        checkpoint("best", meter, {"criterion": criterion, "score": score, "epoch": prog.epoch})
+                        checkpoint("best", meter, {"criterion": criterion, "score": score, "epoch": prog.epoch},
+                                   epoch_done=epoch_done)
                     else:
                         prog.evals_since_best += 1
                 if epoch_done:
@@ -247,6 +272,18 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
         with MetricLog(run, purge_step=None) as tb:
             tb.hparams(cfg, info, result)
     return 0
+
+
+def _check_length(cfg, prog) -> None:
+    """Refuse a length shorter than what the run trained already: its config.yaml would say fewer
+    epochs than its log and checkpoints hold (and leaderboards read the config)."""
+    trained = prog.epoch + (prog.step_in_epoch > 0)
+    if trained > cfg.train.epochs:
+        raise DmhpcError(f"train.epochs {cfg.train.epochs}: the run has trained {trained} epochs already; "
+                         f"give at least {trained}, or start a new run.dir")
+    if cfg.train.max_steps and prog.step > cfg.train.max_steps:
+        raise DmhpcError(f"train.max_steps {cfg.train.max_steps}: the run has taken {prog.step} steps already; "
+                         f"give at least {prog.step}, or start a new run.dir")
 
 
 def _epoch_line(r: dict, criterion: str) -> str:
