@@ -172,14 +172,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpus_per_rank(launcher: str, local_world_size: int, sharers: int = 0) -> int:
+def cpus_per_rank(launcher: str, local_world_size: int, sharers: int = 0, task_cpus: int = 0) -> int:
     """The CPUs this rank may use: its affinity mask, divided among the `sharers` ranks whose masks
     overlap it where that is known (MPI: mpiexec binds ranks or not, by its options), else shared
-    with the node's other ranks where they all inherit one (torchrun's workers); an srun task's
-    mask is its own (--cpus-per-task, bound by Slurm's task affinity)."""
+    with the node's other ranks where they all inherit one (torchrun's workers). An srun task's
+    mask is its own where Slurm binds tasks; a site without task binding gives every task the whole
+    step's mask, so the task's --cpus-per-task (`task_cpus`, 0 when not given) caps it."""
     mask = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if sharers:
         return max(1, mask // sharers)
+    if launcher == "slurm":
+        return max(1, min(mask, task_cpus) if task_cpus > 0 else mask)
     shared = launcher in ("torchrun", "mpi")
     return max(1, mask // max(1, local_world_size) if shared else mask)
 
@@ -205,7 +208,7 @@ def gpu_index(local_rank: int, local_world_size: int, visible: int, isolated: bo
     raise DmhpcError(f"{ranks} ranks on this node but each process sees {visible} GPU{'s' if visible > 1 else ''}: "
                      f"{shared} would share it; start one rank per GPU (torchrun --nproc_per_node={visible}, or "
                      f"srun --ntasks-per-node={ranks} --gpus-per-task=1, as DMHPC_LAUNCH=srun sbatch "
-                     f"--gpus-per-task=1 slurm/train_ddp.sh does), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run "
+                     f"--ntasks-per-node={ranks} --gpus-per-task=1 slurm/train_ddp.sh does), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run "
                      f"the ranks on the CPU")
 
 
@@ -263,7 +266,9 @@ def bootstrap(backend: str | None = None) -> DistInfo:
                             device_id=device if device.type == "cuda" else None, **rendezvous)
     local = max(launch.local_world_size, launch.local_rank + 1)
     # submitit's ranks look like torchrun's but are Slurm tasks, each with its own --cpus-per-task.
-    cpus = cpus_per_rank("slurm" if rank_is_slurm_task(launch, env) else launch.launcher, local, launch.cpu_sharers)
+    srun_task = rank_is_slurm_task(launch, env)
+    cpus = cpus_per_rank("slurm" if srun_task else launch.launcher, local, launch.cpu_sharers,
+                         env_int(env, "SLURM_CPUS_PER_TASK") if srun_task and "SLURM_CPUS_PER_TASK" in env else 0)
     return DistInfo(launch.rank, launch.local_rank, launch.world_size, device, backend, launch.launcher, local, cpus)
 
 

@@ -22,7 +22,7 @@ class Launched(NamedTuple):
 
     variable: str  # the rank variable it set, for messages
     rank: int
-    size: int  # 0 where the launcher does not say (PALS, PMIx): ask MPI
+    size: int  # 0 where the launcher does not say (PALS, PMIx outside Slurm): ask MPI
 
 
 def launched(env: Mapping[str, str] = os.environ) -> Launched | None:
@@ -31,7 +31,13 @@ def launched(env: Mapping[str, str] = os.environ) -> Launched | None:
     if rank_var is None:
         return None
     size_var = next((v for v in SIZE_VARS if v in env), None)
-    return Launched(rank_var, env_int(env, rank_var), env_int(env, size_var) if size_var else 0)
+    size = env_int(env, size_var) if size_var else 0
+    if not size and "SLURM_STEP_NUM_TASKS" in env:
+        # Slurm's pmix plugin sets PMIX_RANK in every task, even a lone one (a submitit job, `srun
+        # --pty`), but no size: the step's tasks are the world. Asking MPI instead would start it,
+        # and an MPI of another process manager aborts in MPI_Init.
+        size = env_int(env, "SLURM_STEP_NUM_TASKS")
+    return Launched(rank_var, env_int(env, rank_var), size)
 
 
 def env_int(env: Mapping[str, str], name: str) -> int:

@@ -40,3 +40,13 @@ def test_the_loader_benchmark_measures_every_kind():
                  "--kinds", "gpu-resident,torch"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [line.split()[0] for line in proc.stdout.splitlines()[-2:]] == ["gpu-resident", "torch"], proc.stdout
+
+
+def test_the_training_step_benchmark_times_the_original_beside_the_trainer():
+    """The original was timed alone after the others, and its speed-up divided figures of two
+    moments: it is a stepper of the fp32 round now, and only that row has a speed-up."""
+    proc = _run([sys.executable, "bench/train_step.py", "--images", "300", "--rounds", "1", "--block", "1"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [line for line in proc.stdout.splitlines() if line.startswith(("original", "dmhpc"))]
+    assert [r.split()[0] for r in rows] == ["original", "dmhpc", "dmhpc", "dmhpc"], proc.stdout
+    assert ["speed-up over the original" in r for r in rows[1:]] == [True, False, False], proc.stdout

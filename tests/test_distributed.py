@@ -335,6 +335,9 @@ def test_cpus_per_rank_shares_an_inherited_mask_but_not_an_srun_tasks_own():
     mask = len(os.sched_getaffinity(0))
     assert cpus_per_rank("single", 1) == mask
     assert cpus_per_rank("slurm", 4) == mask  # srun gave each task its own CPUs
+    # A site without task binding gives each task the step's whole mask: --cpus-per-task caps it.
+    assert cpus_per_rank("slurm", 4, task_cpus=1) == 1
+    assert cpus_per_rank("slurm", 4, task_cpus=10 * mask) == mask
     assert cpus_per_rank("torchrun", 2) == max(1, mask // 2)  # torchrun's workers share one mask
     assert cpus_per_rank("mpi", 64) == 1
     assert cpus_per_rank("mpi", 2, sharers=1) == mask  # mpiexec bound the rank to its own CPUs

@@ -20,6 +20,21 @@ def test_no_launch_and_a_one_rank_launch_never_import_mpi4py():
                    timeout=60)
 
 
+PMIX_ONE_TASK = {"PMIX_RANK": "0", "PMIX_NAMESPACE": "slurm.pmix.9.0", "SLURM_STEP_NUM_TASKS": "1",
+                 "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "9", "SLURM_STEP_NODELIST": "n1"}
+
+
+def test_a_lone_task_of_slurms_pmix_plugin_is_a_single_process():
+    """Slurm's pmix plugin says a rank but no size: a lone task (a submitit job, `srun --pty`) was
+    taken for an MPI launch, and MPICH aborted in MPI_Init ("unsupported PMI version PMIx")."""
+    from dmhpc.distributed import detect_launch
+
+    subprocess.run([sys.executable, "-c", CODE], check=True, env=clean_env(**PMIX_ONE_TASK), timeout=60)
+    assert detect_launch(PMIX_ONE_TASK).world_size == 1
+    assert detect_launch({**PMIX_ONE_TASK, "PMIX_RANK": "1", "SLURM_PROCID": "1",
+                          "SLURM_STEP_NUM_TASKS": "2"}).world_size == 2
+
+
 def test_a_launcher_mpi_does_not_hear_is_one_line(tmp_path):
     """Ranks 0 and 1 of 2 by the launcher's word, but MPI (no process manager to ask) makes each a
     world of its own: srun with the wrong --mpi plugin. Each ran the whole conversion into the same
