@@ -150,13 +150,22 @@ def test_explain_a_catalog_with_the_model_that_predicted_it(survey, run_on_surve
     assert json.loads((out / "explain.json").read_text())["checkpoint"]["name"] == "last"  # the catalog's own
     import shutil
 
-    shutil.copytree(run_on_survey, tmp_path / "copy")
+    shutil.copytree(run_on_survey, tmp_path / "copy")  # a moved or copied run is the same model
+    assert main(["explain", "--run", str(tmp_path / "copy"), "--catalog", str(catalog), "--n", "2",
+                 "--out", str(tmp_path / "explain-copy")]) == 0
     table = Table.read(catalog)
+    table.meta["CKPTSHA"] = "0" * 64  # as if the checkpoint had been written again since
+    table.write(tmp_path / "rewritten.ecsv")
+    del table.meta["CKPTSHA"]  # a catalog of an older dmhpc: the run's path and the step are compared
+    table.write(tmp_path / "older.ecsv")
     table.meta["CKPTSTEP"] += 1
     table.write(tmp_path / "later.ecsv")
     for run, cat, message in (
-            (tmp_path / "copy", catalog, f"--run {tmp_path / 'copy'}: {catalog} was predicted by the run "
-                                         f"{run_on_survey.resolve()}; explain it with that run"),
+            (run_on_survey, tmp_path / "rewritten.ecsv", f"checkpoints/last.pt is not the checkpoint "
+                                                         f"{tmp_path / 'rewritten.ecsv'} was predicted with"),
+            (tmp_path / "copy", tmp_path / "older.ecsv", f"--run {tmp_path / 'copy'}: {tmp_path / 'older.ecsv'} was "
+                                                         f"predicted by the run {run_on_survey.resolve()}; explain it "
+                                                         f"with that run"),
             (run_on_survey, tmp_path / "later.ecsv", f"was predicted at step {table.meta['CKPTSTEP']}")):
         assert main(["explain", "--run", str(run), "--catalog", str(cat), "--out", str(tmp_path / "refused")]) == 1
         err = capsys.readouterr().err

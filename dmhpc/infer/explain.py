@@ -151,13 +151,21 @@ def _claim_out(out: Path, overwrite: bool) -> None:
 
 def _catalog_model(catalog: Path, table, run: RunDir, checkpoint: str | None, device) -> Model:
     """The model that wrote `catalog`: its checkpoint unless another is named, refused when it is not
-    the catalog's run or step, since the grids are titled with the catalog's probabilities."""
-    if str(run.path.resolve()) != str(Path(table.meta["RUN"]).resolve()):
+    the one the catalog records, since the grids are titled with the catalog's probabilities.
+
+    A catalog that records its checkpoint's SHA-256 is compared by it, so a moved or copied run is
+    the same model; an older one by its run's path and checkpoint step."""
+    sha = str(table.meta.get("CKPTSHA", ""))
+    if not sha and str(run.path.resolve()) != str(Path(table.meta["RUN"]).resolve()):
         raise DmhpcError(f"--run {run.path}: {catalog} was predicted by the run {table.meta['RUN']}; explain it "
                          f"with that run")
     model = Model(run, checkpoint or str(table.meta["CKPT"]), device)
+    if sha and model.sha256 != sha:
+        raise DmhpcError(f"--run {run.path}, --checkpoint {checkpoint or table.meta['CKPT']}: {model.path} is not the "
+                         f"checkpoint {catalog} was predicted with (its SHA-256 differs: another run, or a checkpoint "
+                         f"written since)")
     step = model.checkpoint.get("step", -1)
-    if str(step) != str(table.meta["CKPTSTEP"]):  # an int, or a numpy int read back from FITS
+    if not sha and str(step) != str(table.meta["CKPTSTEP"]):  # an int, or a numpy int read back from FITS
         raise DmhpcError(f"--checkpoint {checkpoint or table.meta['CKPT']}: {model.path} is at step {step}; {catalog} "
                          f"was predicted at step {table.meta['CKPTSTEP']} (a checkpoint written since?)")
     return model

@@ -28,6 +28,7 @@ is what per-domain normalization means for a survey whose flux scale differs fro
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -42,6 +43,7 @@ from dmhpc.checks import show
 from dmhpc.config import changed_keys
 from dmhpc.data.batches import Normalizer, read_ahead
 from dmhpc.data.inputs import CUTOUTS_HELP
+from dmhpc.data.shards import file_sha256
 from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, gather, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write, locked_directory
@@ -81,6 +83,12 @@ class Model:
         if self.cfg.train.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.device, self.amp = device, amp
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The checkpoint file's SHA-256: what a catalog records of its model, which a moved or
+        copied run still has (its path and a retrained run's step say less)."""
+        return file_sha256(self.path)
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
@@ -325,7 +333,8 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                    "batch_size": batch_size, "amp": amp}
         # Keys of at most 8 characters: they are FITS header keywords too.
         meta = {"DMHPC": __version__, "RUN": str(run.path.resolve()), "CKPT": checkpoint,
-                "CKPTSTEP": model.checkpoint.get("step", -1), "SELECT": str(model.checkpoint.get("criterion")),
+                "CKPTSTEP": model.checkpoint.get("step", -1), "CKPTSHA": on_main(lambda: model.sha256),
+                "SELECT": str(model.checkpoint.get("criterion")),
                 "SOURCE": source.kind, "DATA": str(source.path.resolve()),
                 "DATASHA": source.describe.get("fingerprint", ""), "NORM": normalize, "MEAN": show(mean),
                 "STD": show(std), "TTA": tta, "SRCARGS": json.dumps(source_args)}
