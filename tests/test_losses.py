@@ -292,6 +292,20 @@ def test_fisher_centres_come_from_their_own_seeded_generator():
     assert torch.equal(a.centres, b.centres) and not torch.equal(a.centres, c.centres)
 
 
+@pytest.mark.parametrize("labels, message", [
+    (torch.tensor([0.0, 1.0, 1.0]), "fisher labels: dtype torch.float32; expected integer class numbers"),
+    (torch.tensor([1, 0, 1], dtype=torch.uint8), "fisher labels: dtype torch.uint8"),
+    (torch.tensor([0, 2, 1]), "fisher labels: a label outside 0 ... 1"),
+    (torch.tensor([0, -1, 1], dtype=torch.int32), "fisher labels: a label outside 0 ... 1"),
+])
+def test_fisher_refuses_labels_that_are_not_class_numbers_in_one_line(labels, message):
+    """Float labels gave an IndexError traceback; out-of-range ones another (or a wrong row)."""
+    loss = FisherLoss(2, 4, intra_weight=1.0, inter_weight=1.0)
+    with pytest.raises(DmhpcError, match=f"^{message}"):
+        loss(torch.randn(3, 4), labels)
+    loss(torch.randn(3, 4), torch.tensor([0, 1, 1], dtype=torch.int32))  # int32 is taken
+
+
 # ---------------------------------------------------------------- gradient reversal
 
 

@@ -11,6 +11,7 @@ from dmhpc.losses.precision import full_precision, upcast
 
 FORMS = ("tr", "td")
 NORMALIZE = ("sum", "mean")
+LABEL_DTYPES = (torch.int64, torch.int32)  # what indexing takes as class numbers (uint8 would be a mask)
 
 
 class FisherLoss(nn.Module):
@@ -69,6 +70,7 @@ class FisherLoss(nn.Module):
                 f"fisher: expects feats (N, {self.centres.shape[1]}) and labels (N,); "
                 f"got {tuple(feats.shape)} and {tuple(labels.shape)}"
             )
+        self._check_labels(labels)
         with full_precision(feats.device):
             feats, centres = upcast(feats, self.centres)
             diff = feats - centres[labels]
@@ -83,3 +85,16 @@ class FisherLoss(nn.Module):
             loss = a / b if self.form == "tr" else a - b
         return loss, intra, inter
 
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        """Integer labels in [0, num_classes), without waiting for the device: the range is a
+        device-side assertion (raised at once on the CPU; on a GPU it fails the next synchronising
+        call). The trainer's labels come checked from the shards (dmhpc.data.shards.check_labels)."""
+        if labels.dtype not in LABEL_DTYPES:
+            raise DmhpcError(f"fisher labels: dtype {labels.dtype}; expected integer class numbers "
+                             f"(torch.int64 or torch.int32)")
+        k = self.centres.shape[0]
+        message = f"fisher labels: a label outside 0 ... {k - 1} (one per class centre)"
+        try:
+            torch._assert_async(((labels >= 0) & (labels < k)).all(), message)
+        except RuntimeError:  # the CPU's assertion, raised here
+            raise DmhpcError(message) from None
