@@ -699,3 +699,24 @@ def test_read_ahead_keeps_the_order_and_closing_waits_for_the_read_in_flight():
     batches.close()
     assert events[-1] == ("end", 4) and ("start", 8) not in events
     assert list(read_ahead(read, [], ahead=True)) == []
+
+
+@pytest.mark.parametrize("kind, workers", [pytest.param("dali", 1, id="dali", marks=needs_dali),
+                                           pytest.param("torch", 2, id="torch-2")])
+def test_a_read_failure_in_a_worker_is_the_workers_one_line(tmp_path, kind, workers):
+    """torch's workers handed back a DmhpcError holding their whole traceback (17 lines), DALI's a
+    plain Exception, which the command line does not catch."""
+    for name, offset in (("source", 0), ("target", TARGET_OFFSET)):
+        write_dataset(_images(96, offset), np.arange(96) % 2, None, tmp_path / name, shard_size=16)
+    data = {role: {"dir": tmp_path / role} for role in ("source", "target")}
+    loader = _loader(data, kind, workers, world=1, batch_size=4)
+    shard = sorted((tmp_path / "source").glob("shard-*.h5"))[2]
+    shard.rename(tmp_path / "moved.h5")
+    try:
+        with pytest.raises(DmhpcError) as info:
+            _epoch(loader, 0)
+    finally:
+        loader.close()
+    message = str(info.value)
+    assert message.startswith(f"{shard}: cannot open shard (") and "\n" not in message, message
+    assert "Traceback" in str(info.value.__cause__)  # the worker's traceback is kept, as the cause

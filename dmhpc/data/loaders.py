@@ -76,7 +76,7 @@ class TrainLoader:
                 f"epoch {epoch}, step {start_step}: an epoch has steps 0 to {len(self)} here"
                 " (resuming with another batch size, world size or data set?)"
             )
-        batches = self._backend.batches(epoch, start_step)
+        batches = _one_line_failures(self._backend.batches(epoch, start_step))
         self._epochs.add(batches)
         return batches
 
@@ -85,6 +85,30 @@ class TrainLoader:
         for batches in list(self._epochs):
             batches.close()  # a suspended epoch holds the pipeline or DataLoader iterator alive
         self._backend.close()
+
+
+_TRACEBACK = "Traceback (most recent call last):"
+
+
+def _one_line_failures(batches):
+    """`batches`, with a failure in a reader worker as one line. Workers hand their error back as the
+    text of their whole traceback (torch: in an exception of the same type; DALI: in a plain
+    Exception); re-raised here as a DmhpcError with the worker's own message, chained to that."""
+    try:
+        yield from batches  # closing this generator closes `batches` (its workers and pipeline)
+    except Exception as exc:
+        if _TRACEBACK not in str(exc):
+            raise
+        raise DmhpcError(_last_error_line(str(exc))) from exc
+
+
+def _last_error_line(traceback_text: str) -> str:
+    """The error line a traceback ends with ("module.Type: message"): dmhpc's own messages name the
+    file and the problem already; another error keeps its type."""
+    lines = traceback_text.rstrip().splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith(" ")]  # File ... lines, code, ^^^
+    line = lines[frames[-1] + 1] if frames and frames[-1] + 1 < len(lines) else lines[-1]
+    return line.removeprefix(f"{DmhpcError.__module__}.{DmhpcError.__qualname__}: ")
 
 
 def dali_available() -> bool:
