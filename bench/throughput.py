@@ -24,7 +24,7 @@ import torch
 
 from dmhpc.config import load_config
 from dmhpc.data.loaders import dali_runs, make_train_loader
-from dmhpc.data.shards import write_dataset
+from dmhpc.data.shards import load_manifest, write_dataset
 from dmhpc.distributed import DistInfo
 from dmhpc.train.meter import EpochMeter
 from dmhpc.train.state import TrainState
@@ -49,7 +49,7 @@ def trainer_parts(data: Path, model: str, batch: int, amp: str, channels_last: b
                                normalize=cfg.data.normalize, num_workers=cfg.data.num_workers,
                                channels_last=cfg.train.channels_last)
     torch.manual_seed(cfg.seed)
-    state = TrainState.build(cfg, device)
+    state = TrainState.build(cfg, device, load_manifest(cfg.data.source)["shape"][0])
     step = TrainStep(cfg, state, dist, total_steps=10**9, steps_per_epoch=len(loader))
     return cfg, loader, state, step
 

@@ -39,7 +39,7 @@ def test_the_total_is_the_weighted_sum_of_independently_computed_terms(transfer)
     """A transfer term multiplied by zero in the total used to pass every test."""
     cfg = config(transfer=transfer, transfer_weight=0.7, entropy_weight=0.3, fisher_weight=0.002)
     torch.manual_seed(0)
-    model = DomainAdaptation(cfg, seed=0).eval()  # eval: the same BatchNorm statistics in both passes
+    model = DomainAdaptation(cfg, seed=0, in_channels=3).eval()  # eval: the same BatchNorm statistics in both passes
     xs, ys, xt, _ = batch()
     grl = 0.4
     total, terms, _ = model(xs, ys, xt, grl)
@@ -75,7 +75,7 @@ def test_the_total_is_the_weighted_sum_of_independently_computed_terms(transfer)
 
 def test_a_zero_weight_leaves_a_term_out_of_the_total():
     cfg = config(transfer="mmd", transfer_weight=0.0, entropy_weight=0.0)
-    model = DomainAdaptation(cfg, seed=0).eval()
+    model = DomainAdaptation(cfg, seed=0, in_channels=3).eval()
     xs, ys, xt, _ = batch()
     total, terms, _ = model(xs, ys, xt, 0.0)
     assert terms["transfer"] > 0 and "entropy" not in terms and "fisher" not in terms
@@ -85,7 +85,7 @@ def test_a_zero_weight_leaves_a_term_out_of_the_total():
 def _matmul_dtypes(cfg) -> set:
     """The dtypes the backbone's convolutions and linear layers computed in during one step."""
     torch.manual_seed(0)
-    state = TrainState.build(cfg, torch.device("cpu"))
+    state = TrainState.build(cfg, torch.device("cpu"), 3)
     seen = set()
     hooks = [m.register_forward_hook(lambda mod, args, out: seen.add(out.dtype))
              for m in state.model.backbone.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
@@ -112,9 +112,9 @@ def test_the_step_is_compiled_when_asked():
     compiled = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, compile=True))
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    state = TrainState.build(compiled, torch.device("cpu"))
+    state = TrainState.build(compiled, torch.device("cpu"), 3)
     step = TrainStep(compiled, state, CPU, total_steps=10, steps_per_epoch=5)
     step(0, batch(n=4))
     assert sum(torch._dynamo.utils.counters["frames"].values()) > 0  # dynamo traced the step's forward
-    eager = TrainStep(cfg, TrainState.build(cfg, torch.device("cpu")), CPU, total_steps=10, steps_per_epoch=5)
+    eager = TrainStep(cfg, TrainState.build(cfg, torch.device("cpu"), 3), CPU, total_steps=10, steps_per_epoch=5)
     assert eager.forward is eager.state.model  # and an eager step is the plain module

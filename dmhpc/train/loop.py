@@ -60,7 +60,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                                                                for k, v in data_ids.items()}))
     preflight.check_data(cfg, manifests, dist)
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank; data order comes from the loader
-    state = TrainState.build(cfg, dist.device)
+    state = TrainState.build(cfg, dist.device, manifests["source"]["shape"][0])
     agree(lambda: preflight.check_model_input(cfg, state.model.backbone, manifests["source"]["shape"], dist.device))
     if claim.resume_from is not None:
         def resume() -> None:

@@ -11,8 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dmhpc.data.shards import load_manifest
-from dmhpc.errors import DmhpcError
 from dmhpc.losses import DEEPMERGE_SIGMAS, FisherLoss, coral, dann_loss, entropy, mmd
 from dmhpc.models import DomainDiscriminator, build_model
 
@@ -31,23 +29,15 @@ def build_backbone(cfg, in_channels: int) -> nn.Module:
     return build_model(m.name, **options)
 
 
-def source_channels(cfg) -> int:
-    """The channels of the source images (its manifest's shape[0]), which the network is built for."""
-    try:
-        return int(load_manifest(cfg.data.source)["shape"][0])
-    except DmhpcError as exc:
-        raise DmhpcError(f"data.source: {exc}") from None
-
-
 class DomainAdaptation(nn.Module):
     """Backbone + the transfer, Fisher and entropy terms of DeepMerge II, as configured."""
 
-    def __init__(self, cfg, seed: int, in_channels: int | None = None):
-        """`in_channels` None: the source data set's (read from its manifest)."""
+    def __init__(self, cfg, seed: int, in_channels: int):
+        """`in_channels`: the data's image channels."""
         super().__init__()
         loss = cfg.loss
         self.loss_cfg = loss  # the config's loss section: `loss.transfer` below reads as the dotted key
-        self.backbone = build_backbone(cfg, source_channels(cfg) if in_channels is None else in_channels)
+        self.backbone = build_backbone(cfg, in_channels)
         feat_dim = self.backbone.feature_dim
         self.discriminator = DomainDiscriminator(feat_dim) if loss.transfer == "dann" else None
         self.fisher = None

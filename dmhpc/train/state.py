@@ -59,9 +59,10 @@ class TrainState:
         self.progress = progress or Progress()
 
     @classmethod
-    def build(cls, cfg, device: torch.device) -> TrainState:
-        """A fresh state as `cfg` says: weights seeded by cfg.seed, heads at optim.head_lr_mult."""
-        model = DomainAdaptation(cfg, seed=cfg.seed).to(device)
+    def build(cls, cfg, device: torch.device, in_channels: int) -> TrainState:
+        """A fresh state as `cfg` says for images of `in_channels` channels: weights seeded by
+        cfg.seed, heads at optim.head_lr_mult."""
+        model = DomainAdaptation(cfg, seed=cfg.seed, in_channels=in_channels).to(device)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
         mult = cfg.optim.head_lr_mult
