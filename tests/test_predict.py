@@ -4,7 +4,9 @@ real FITS and Parquet files (astropy), real torchrun and mpiexec ranks, real sig
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,8 +100,6 @@ def test_every_catalog_format(trained, tmp_path, ext):
     merger = np.asarray(table["merger"])  # an integer in every format (int8 came back from FITS as bool)
     assert merger.dtype.kind in "iu" and list(merger) == list((np.asarray(table["p_merger"]) >= 0.5).astype(int))
     if ext == ".csv":
-        import json
-
         assert json.loads(Path(f"{out}.json").read_text())["CKPT"] == "best"  # plain CSV: provenance beside it
     else:
         assert table.meta["CKPT"] == "best" and table.meta["SOURCE"] == "data"
@@ -484,8 +484,6 @@ def test_parts_from_other_inputs_a_retrained_checkpoint_or_other_source_options_
     """The parts' spec held the file paths, and the checkpoint by name and step only: parts of a
     rewritten images file, of a run retrained with --overwrite, or with another --id-column or
     --nan-fill were merged into the new catalog without a word."""
-    import shutil
-
     from astropy.table import Table
 
     run, images = tmp_path / "run", tmp_path / "survey.npy"
@@ -660,3 +658,36 @@ def test_a_fits_catalog_of_non_ascii_ids_is_one_line_before_any_image(trained, t
     err = capsys.readouterr().err
     assert f"--out {out}: FITS holds ASCII only and DATA {survey} is not" in err and len(err.splitlines()) == 1, err
     assert not out.exists() and not Path(f"{out}.parts").exists()
+
+
+def test_a_requeued_prediction_reuses_its_own_statistics(trained, tmp_path, monkeypatch):
+    """--normalize own read every image of the survey again on each restart, before the first part,
+    to compute the statistics it had already computed; kept in the parts folder now, for the same
+    inputs only."""
+    from dmhpc.infer.sources import Source
+
+    straight = tmp_path / "straight.ecsv"
+    assert main(_predict_cmd(trained, straight, "--normalize", "own")[2:]) == 0
+    out = tmp_path / "stopped.ecsv"
+    with open(tmp_path / "log", "w") as log:
+        proc = _start_and_wait_for_parts(trained, out, 2, log, "--normalize", "own")
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    saved = json.loads((Path(f"{out}.parts") / "own_stats.json").read_text())
+    passes = []
+    real = Source.own_stats
+    monkeypatch.setattr(Source, "own_stats", lambda self, *a, **k: passes.append(1) or real(self, *a, **k))
+    # Statistics of other inputs, or hand-edited: computed again (the same, so the parts are reused).
+    for n, edit in enumerate(({"inputs": "another survey"}, {"std": [0.0, 1.0, 1.0]}, {"mean": "x"})):
+        probe = tmp_path / f"probe{n}.ecsv"
+        shutil.copytree(f"{out}.parts", f"{probe}.parts")
+        Path(f"{probe}.parts", "own_stats.json").write_text(json.dumps({**saved, **edit}))
+        assert main(_predict_cmd(trained, probe, "--normalize", "own")[2:]) == 0
+        assert len(passes) == 1
+        passes.clear()
+    assert main(_predict_cmd(trained, out, "--normalize", "own")[2:]) == 0
+    assert passes == []  # the stopped prediction's statistics, not a second pass
+    for b in (read(out), read(tmp_path / "probe0.ecsv")):
+        a = read(straight)
+        np.testing.assert_array_equal(np.asarray(a["p_merger"]), np.asarray(b["p_merger"]))
+        assert a.meta["MEAN"] == b.meta["MEAN"] and a.meta["STD"] == b.meta["STD"]

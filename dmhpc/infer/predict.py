@@ -57,6 +57,7 @@ from dmhpc.train.step import autocast
 FORMATS = {".parquet": "parquet", ".fits": "fits", ".csv": "ascii.csv", ".ecsv": "ascii.ecsv",
            ".h5": "hdf5", ".hdf5": "hdf5"}
 SPEC = "predict.json"
+OWN_STATS = "own_stats.json"  # --normalize own's statistics in the parts folder, with the inputs they are of
 PATHS = ("data", "images", "catalog", "cutouts")
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
@@ -205,6 +206,33 @@ def _check_ascii(out: Path, source: Source, meta: dict) -> None:
                          f"{instead}")
 
 
+def _inputs_of(source: Source) -> str | None:
+    """What --normalize own's statistics are of: every input file's size and modification time (each
+    cutout's too); None for a prepared data set, whose statistics its manifest holds."""
+    if source.kind == "data":
+        return None
+    return json.dumps([source.identity, source.describe, source.cutout_files(0, source.count)], sort_keys=True)
+
+
+def _saved_stats(parts: Path, inputs: str | None, channels: int) -> tuple[list, list] | None:
+    """The statistics a stopped prediction of the same inputs computed (a requeued survey job would
+    read every image again for them), or None. Read before the parts folder is locked: it is
+    written whole (atomically), and only reused when it names these very inputs and holds what
+    the pass would give (a positive, finite std per channel)."""
+    if inputs is None:
+        return None
+    try:
+        saved = json.loads((parts / OWN_STATS).read_text())
+        mean, std = saved["mean"], saved["std"]
+        numbers = [float(v) for v in mean + std if not isinstance(v, bool)]
+        if saved["inputs"] != inputs or len(mean) != channels or len(std) != channels or len(numbers) != 2 * channels \
+                or not all(np.isfinite(numbers)) or min(std) <= 0:
+            return None
+        return mean, std
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, or damaged: computed again
+        return None
+
+
 def _claim_parts(out: Path, parts: Path, spec: dict, overwrite: bool, held: contextlib.ExitStack) -> None:
     """Rank 0: refuse a finished catalog (unless overwrite) and parts of another prediction; lock the
     parts folder into `held` until the merge, so a second predict on the same --out stops in one line
@@ -324,8 +352,10 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         if normalize == "target":
             mean, std = agree(lambda: run.normalization("target"))
         elif normalize == "own":
+            inputs = on_main(lambda: _inputs_of(source))
+            saved = on_main(lambda: _saved_stats(Path(f"{out}.parts"), inputs, source.shape[0]))
             # Every rank reads a share: rank 0 alone, on a large survey, could outlast the others' wait.
-            mean, std = source.own_stats(dist.rank, dist.world_size, gather)
+            mean, std = saved or source.own_stats(dist.rank, dist.world_size, gather)
         else:
             raise DmhpcError(f"--normalize {normalize!r}: expected target or own")
         norm = Normalizer(mean, std, dist.device)
@@ -342,6 +372,8 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
             on_main(lambda: _check_ascii(out, source, meta))
         parts = Path(f"{out}.parts")
         on_main(lambda: _claim_parts(out, parts, _spec(run, model, source, source_args, options), overwrite, held))
+        if normalize == "own" and source.kind != "data":
+            on_main(lambda: atomic_write(parts / OWN_STATS, json.dumps({"inputs": inputs, "mean": mean, "std": std})))
         n_parts = -(-source.count // part_size)
         names = _part_names(source, tta)
 
