@@ -95,14 +95,13 @@ def training_curves(records: list[dict], path: Path, title: str = "") -> Path:
     ax_loss.set(xlabel="epoch", ylabel="loss (epoch mean)", title="loss terms", yscale="log")
     ax_acc.set(xlabel="epoch", ylabel="accuracy" + (" / predicted merger fraction" if any_unlabelled else ""),
                title="accuracy", ylim=(0, 1))
-    scored = [(r["selection"]["score"], -r["epoch"]) for r in epochs
-              if isinstance(r.get("selection", {}).get("score"), (int, float))
-              and np.isfinite(r["selection"]["score"])]  # a NaN score is never selected
+    # Epochs not evaluated (train.eval_every > 1) have no selection; a NaN score is never selected.
+    scored = [(r["selection"]["score"], -r["epoch"], r["selection"].get("criterion", "selection")) for r in epochs
+              if isinstance(r.get("selection", {}).get("score"), (int, float)) and np.isfinite(r["selection"]["score"])]
     if scored:
-        best = -max(scored)[1]
+        _, best, criterion = max(scored, key=lambda s: s[:2])
         for ax in (ax_loss, ax_acc):
-            ax.axvline(best, color="grey", linestyle=":", linewidth=1,
-                       label=f"best checkpoint ({epochs[-1]['selection'].get('criterion', 'selection')})")
+            ax.axvline(-best, color="grey", linestyle=":", linewidth=1, label=f"best checkpoint ({criterion})")
     for ax in (ax_loss, ax_acc):
         if 0 < len(x) <= 12:  # a few epochs: one tick each (a locator puts fractions around a lone epoch)
             ax.set_xticks(x)

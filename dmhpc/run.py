@@ -57,6 +57,7 @@ RESUMABLE = {
     "train.signals": "how a stop is asked for", "data.loader": "loader", "data.num_workers": "loader",
     "data.verify": "start-up checks", "run.dir": "where the run lives",
     "train.deterministic": "how exactly kernels repeat, not what is trained",
+    "loss.mmd.max_samples": "a memory cap (a world size grown at an epoch's end may need it raised)",
 }
 # How long a run trains: a finished run whose length changes is resumed, and unfinished again.
 LENGTH_KEYS = frozenset(key for key, why in RESUMABLE.items() if why == "length")
@@ -167,13 +168,13 @@ class RunDir:
     def data_record(self, role: str) -> dict:
         """What run.json says of the run's `role` ("source" or "target") data set: path, fingerprint,
         image shape, and the per-channel mean and std it was normalized with."""
-        entry = self._recorded_data().get(role, {})
+        entry = self.recorded_data().get(role, {})
         if not all(k in entry for k in ("mean", "std", "shape")):
             raise DmhpcError(f"{self.record_path}: no {role} data set recorded with its normalization (a run of "
                              f"an older dmhpc, or one that has not started)")
         return entry
 
-    def _recorded_data(self) -> dict:
+    def recorded_data(self) -> dict:
         """run.json's data sets by role ({} before the run started); a hand-edited file is one line."""
         data = _read_json(self.record_path).get("data", {}) if self.record_path.is_file() else {}
         if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
@@ -352,7 +353,7 @@ class RunDir:
         return config_to_dict(config_from_dict(state["config"], f"{resume_from}: config")), str(resume_from)
 
     def _check_changes(self, old: dict, new: dict, where: str, data_ids: Mapping[str, str]) -> dict:
-        saved_ids = {f"data.{k}": v.get("fingerprint") for k, v in self._recorded_data().items()}
+        saved_ids = {f"data.{k}": v.get("fingerprint") for k, v in self.recorded_data().items()}
         changed, refused = {}, []
         for key in changed_keys(old, new):
             a, b = _dotted(old, key), _dotted(new, key)

@@ -173,6 +173,12 @@ def test_dmhpc_eval_refuses_data_the_run_cannot_take_and_draws_what_the_data_all
     logged = [r["epoch"] for r in run.read_log() if r["kind"] == "epoch"]
     assert run.read_result("last", "val")["checkpoint"]["epoch"] == run.read_result()["checkpoint"]["epoch"] == logged[-1]
 
+    # A run of older dmhpc, whose run.json records neither shapes nor fingerprints, is still evaluated.
+    record = json.loads(run.record_path.read_text())
+    run.record_path.write_text(json.dumps({**record, "data": {d: {"path": v["path"]} for d, v in record["data"].items()}}))
+    assert main(["eval", "--run", str(run.path), "--split", "val"]) == 0
+    run.record_path.write_text(json.dumps(record))
+
     write_dataset(rng.normal(size=(64, 3, 75, 75)).astype(np.float32), np.arange(64) % 2, None, data / "noisy",
                   overwrite=True)
     capsys.readouterr()

@@ -34,8 +34,9 @@ def test_leaderboard_ranks_by_selection_score_and_marks_oracle_and_unfinished(tm
     _finished(points[name(0, "oracle-target-acc")], 0.99, 0.99, "oracle-target-acc", oracle=True)
     unfinished = points[name(3)].run_dir / "checkpoints"
     unfinished.mkdir(parents=True)
-    torch.save({"model": {}, "epoch": 1, "selection": {"criterion": "source-val-acc", "score": 0.97}},
-               unfinished / "best.pt")
+    # As the trainer writes it since its progress rolls over: it resumes at epoch 2, its weights are epoch 1's.
+    torch.save({"model": {}, "epoch": 2, "progress": {"epoch": 2, "step_in_epoch": 0},
+                "selection": {"criterion": "source-val-acc", "score": 0.97, "epoch": 1}}, unfinished / "best.pt")
     rows = write_leaderboard(tmp_path, points.values(), failed={name(4): "job 7 failed"})
 
     assert [(r["point"], r["rank"], r["status"]) for r in rows[:5]] == [

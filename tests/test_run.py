@@ -425,3 +425,14 @@ def test_a_refused_start_leaves_no_folder_it_created(tmp_path):
     run.claim(cfg_for(run.path), "auto")
     run.release()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_mmd_memory_cap_may_change_on_resume(tmp_path):
+    """A world grown at an epoch's end may need loss.mmd.max_samples raised; that was refused as
+    another configuration, so the run could go on with neither."""
+    run, cfg = started(tmp_path)
+    raised = dataclasses.replace(cfg, loss=dataclasses.replace(
+        cfg.loss, mmd=dataclasses.replace(cfg.loss.mmd, max_samples=2 * cfg.loss.mmd.max_samples)))
+    claim = run.claim(raised, "auto", data_ids={"data.source": "S", "data.target": "T"})
+    assert list(claim.changed) == ["loss.mmd.max_samples"]
+    run.release()

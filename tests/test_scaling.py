@@ -61,6 +61,9 @@ def test_steady_step_time_excludes_the_first_epoch_and_weights_by_steps():
                {"kind": "epoch", "step": 20, "step_time_s": 1.0}, {"kind": "epoch", "step": 25, "step_time_s": 2.5}]
     assert steady_step_time(records) == (pytest.approx((10 * 1.0 + 5 * 2.5) / 15), True)
     assert steady_step_time(records[:2]) == (5.0, False)
+    # Resumed in its middle, the second epoch's time is of the 4 steps since the resume, not 10.
+    records[2]["steps"] = 4
+    assert steady_step_time(records) == (pytest.approx((4 * 1.0 + 5 * 2.5) / 9), True)
     t, excluded = steady_step_time([])
     assert math.isnan(t) and not excluded
 

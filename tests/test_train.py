@@ -773,9 +773,16 @@ def test_a_world_size_changed_at_an_epochs_end_trains_every_epoch(data, tmp_path
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert [(r["epoch"], r["steps"]) for r in _epochs(run)] == [(0, 7), (1, 3), (2, 3)]
     assert json.loads((run / "eval" / "best_test.json").read_text())["final"] is True
+    # train.max_steps counts this world's steps too: 9 is where the run is (13 steps taken), not less.
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "dmhpc.train", "--config", str(TINY),
+         *_overrides(data, run, "train.epochs=3", "train.max_steps=9")], cwd=ROOT, env=clean_env(),
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert len(_epochs(run)) == 3
 
 
-def test_a_new_run_from_another_runs_checkpoint_selects_among_its_own_epochs(data, tmp_path):
+def test_a_new_run_from_another_runs_checkpoint_selects_among_its_own_epochs(data, tmp_path, capsys):
     """It kept the other run's best score: never beaten, no best.pt was written, and the finished
     training failed at its test, again on every requeue."""
     first, second = tmp_path / "first", tmp_path / "second"
@@ -787,6 +794,13 @@ def test_a_new_run_from_another_runs_checkpoint_selects_among_its_own_epochs(dat
                  "--resume", str(first / "checkpoints" / "last.pt")]) == 0
     assert (second / "checkpoints" / "best.pt").is_file()
     assert json.loads((second / "eval" / "best_test.json").read_text())["checkpoint"]["epoch"] == 1
+    # Nothing left to train: refused before anything is written (it ended without a best.pt of its own).
+    capsys.readouterr()
+    assert main(["train", "--config", str(TINY), *_overrides(data, tmp_path / "third", "train.epochs=1"),
+                 "--resume", str(first / "checkpoints" / "last.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "trained 1 epochs (7 steps) already; a new run from it needs more" in err, err
+    assert not (tmp_path / "third").exists()
 
 
 def test_resuming_its_own_best_checkpoint_starts_the_next_epoch(data, tmp_path, capsys):
@@ -800,6 +814,13 @@ def test_resuming_its_own_best_checkpoint_starts_the_next_epoch(data, tmp_path, 
                  "--resume", str(run / "checkpoints" / "best.pt")]) == 0
     assert [r["epoch"] for r in _epochs(run)] == [0, 1, 2]
     assert all(math.isfinite(r["loss"]["total"]) for r in _epochs(run))
+    # A best.pt as dmhpc wrote it before: its progress still in the epoch it finished.
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)
+    best["progress"].update(epoch=0, step_in_epoch=7)
+    torch.save(best, run / "checkpoints" / "best.pt")
+    assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=3", "optim.lr=1e-12"),
+                 "--resume", str(run / "checkpoints" / "best.pt")]) == 0
+    assert [r["epoch"] for r in _epochs(run)] == [0, 1, 2]
     # Shorter than what it trained is refused: config.yaml would say fewer epochs than its log holds.
     capsys.readouterr()
     assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=2", "optim.lr=1e-12")]) == 1

@@ -37,11 +37,13 @@ def _best_so_far(run: RunDir) -> dict:
         return {}
     import torch  # only for the score of an unfinished run's best checkpoint, memory-mapped
 
+    from dmhpc.train.checkpoint import checkpoint_info
+
     try:
         state = torch.load(best, map_location="cpu", weights_only=True, mmap=True)
     except Exception:  # written at this moment, or damaged: the row just has no score yet
         return {}
-    return {**state.get("selection", {}), "epoch": state.get("epoch")}
+    return checkpoint_info("best", state)
 
 
 def point_row(point: Point, failed: str | None = None) -> dict:

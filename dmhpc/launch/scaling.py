@@ -175,12 +175,14 @@ def load_study(spec: str | Path | Mapping, executor: str | None = None) -> Study
 def steady_step_time(records: list[dict]) -> tuple[float, bool]:
     """(mean step time in seconds over the epochs after the first, whether the first was excluded).
 
-    With one epoch record its time is used, warm-up included. Epochs are weighted by their steps.
+    With one epoch record its time is used, warm-up included. Epochs are weighted by the steps their
+    time averages over (after a resume in an epoch's middle, those since the resume).
     """
     epochs = [r for r in records if r.get("kind") == "epoch" and r.get("step_time_s")]
     if not epochs:
         return math.nan, False
-    steps = [r["step"] - prev for prev, r in zip([0] + [e["step"] for e in epochs], epochs)]
+    # Records of dmhpc before "steps" was logged: the steps since the previous record.
+    steps = [r.get("steps", r["step"] - prev) for prev, r in zip([0] + [e["step"] for e in epochs], epochs)]
     use = range(1, len(epochs)) if len(epochs) > 1 else range(1)
     total = sum(steps[i] for i in use)
     if total <= 0:

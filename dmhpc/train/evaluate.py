@@ -144,11 +144,11 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
     # The best checkpoint's test on the run's own data, once the run finished: the trainer's result again.
     final = data is None and (checkpoint, split) == ("best", "test") and run.finished
     dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
-    _check_data(run, dirs, own=data is None)
+    shape = _check_data(run, cfg, dirs, own=data is None)
     ckpt = load_checkpoint(run.checkpoint(checkpoint))
     dist = bootstrap()
     try:
-        model = build_backbone(cfg, run.data_record("source")["shape"][0]).to(dist.device)
+        model = build_backbone(cfg, shape[0]).to(dist.device)
         load_weights(model, ckpt, run.checkpoint(checkpoint))
         info = checkpoint_info(checkpoint, ckpt)
         # Normalization as the run trained: per domain, each data set with its own statistics.
@@ -165,16 +165,21 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
     return result
 
 
-def _check_data(run: RunDir, dirs: dict, own: bool) -> None:
-    """Refuse images the run's network cannot take, and the run's own data sets prepared again since
-    it trained (their test split may hold rows it trained on, and its result file would say otherwise)."""
+def _check_data(run: RunDir, cfg, dirs: dict, own: bool) -> list:
+    """The image shape the run trained on; refuses images its network cannot take, and the run's own
+    data sets prepared again since it trained (their test split may hold rows it trained on, and its
+    result file would say otherwise). A run of older dmhpc, whose run.json records no shape or
+    fingerprint, is checked against its source data set as it is now."""
+    recorded = run.recorded_data()
+    trained = recorded.get("source", {}).get("shape") or load_manifest(cfg.data.source)["shape"]
     for role in DOMAINS:
         manifest = load_manifest(dirs[role])
-        check_shape(dirs[role], manifest["shape"], run.data_record("source")["shape"])
-        was, now = run.data_record(role).get("fingerprint"), fingerprint(manifest)
+        check_shape(dirs[role], manifest["shape"], trained)
+        was, now = recorded.get(role, {}).get("fingerprint"), fingerprint(manifest)
         if own and was and now != was:
             raise DmhpcError(f"data.{role} {dirs[role]}: prepared again since the run trained on it (manifest "
                              f"fingerprint {was[:12]} -> {now[:12]}); evaluate it as other data with --target")
+    return trained
 
 
 def _check_other_data(old: dict | None, data: dict, path: Path) -> None:

@@ -75,13 +75,11 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
         # A new run from another's checkpoint selects among its own epochs: the other run's best
         # score, never beaten, would leave this one without a best.pt to test.
         prog.best_score, prog.evals_since_best = float("-inf"), 0
-    _check_length(cfg, prog)
     kind = preflight.loader_kind(cfg, prog, dist.world_size)
-    cleaned = on_main(lambda: run.start(cfg, claim, data_ids, prog.step))
     if cfg.debug:
         torch.autograd.set_detect_anomaly(True)
 
-    # --- data and the step ------------------------------------------------------------------------
+    # --- data, the run's length, and only then the run's files ------------------------------------
     subset = DEBUG_BATCHES * cfg.train.batch_size * dist.world_size if cfg.debug else None
     t_setup = time.perf_counter()
     loader = make_train_loader(
@@ -90,21 +88,31 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
         augment=cfg.data.augment, normalize=cfg.data.normalize, num_workers=cfg.data.num_workers,
         subset=subset, stop_signals=cfg.train.signals, channels_last=cfg.train.channels_last,
         local_ranks=dist.local_world_size, cpus=dist.cpus)
-    if kind != cfg.data.loader:
-        loader.reason = f"the epoch resumed in its middle began with it; data.loader is {cfg.data.loader}"
-    prog.world_size, prog.loader = dist.world_size, loader.kind
-    # The slowest rank's data staging time, which scaling studies report beside the throughput.
-    loader_setup_s = max(all_gather_object(time.perf_counter() - t_setup))
-    steps_per_epoch = len(loader)
-    total_steps = cfg.train.epochs * steps_per_epoch
-    if cfg.train.max_steps:
-        total_steps = min(total_steps, cfg.train.max_steps)
 
     def at() -> int:
         """Where the run is in this world's steps: what the schedules and the run's length count.
         prog.step counts the steps taken, in the steps of each world size the run had; after a world
         size changed at an epoch's end, it would end the run epochs early (more ranks) or late."""
         return prog.epoch * steps_per_epoch + prog.step_in_epoch
+
+    try:
+        if kind != cfg.data.loader:
+            loader.reason = f"the epoch resumed in its middle began with it; data.loader is {cfg.data.loader}"
+        prog.world_size, prog.loader = dist.world_size, loader.kind
+        # The slowest rank's data staging time, which scaling studies report beside the throughput.
+        loader_setup_s = max(all_gather_object(time.perf_counter() - t_setup))
+        steps_per_epoch = len(loader)
+        if prog.step_in_epoch >= steps_per_epoch:
+            # A best.pt written before its epoch rolled over (dmhpc before 2026-12-01): that epoch is done.
+            prog.epoch, prog.step_in_epoch = prog.epoch + 1, 0
+        total_steps = cfg.train.epochs * steps_per_epoch
+        if cfg.train.max_steps:
+            total_steps = min(total_steps, cfg.train.max_steps)
+        _check_length(cfg, prog, at(), total_steps, None if claim.own else claim.resume_from)
+        cleaned = on_main(lambda: run.start(cfg, claim, data_ids, prog.step))
+    except BaseException:
+        loader.close()  # its workers and pipelines end with the refused start
+        raise
     step = TrainStep(cfg, state, dist, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
     dirs, stats = {"source": cfg.data.source, "target": cfg.data.target}, loader.stats
 
@@ -274,16 +282,21 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     return 0
 
 
-def _check_length(cfg, prog) -> None:
-    """Refuse a length shorter than what the run trained already: its config.yaml would say fewer
-    epochs than its log and checkpoints hold (and leaderboards read the config)."""
+def _check_length(cfg, prog, position: int, total_steps: int, elsewhere) -> None:
+    """Refuse a length shorter than what the run trained already (its config.yaml would say fewer
+    epochs or steps than its log and checkpoints hold, and leaderboards read the config), and a new
+    run from the checkpoint `elsewhere` (None: the run's own) that leaves it nothing to train: it
+    would end with no best.pt of its own to test. `position`: the steps done, in this world's steps."""
     trained = prog.epoch + (prog.step_in_epoch > 0)
+    if elsewhere is not None and position >= total_steps:
+        raise DmhpcError(f"--resume {elsewhere}: trained {trained} epochs ({position} steps) already; a new run from "
+                         f"it needs more to train: raise train.epochs (or train.max_steps)")
     if trained > cfg.train.epochs:
         raise DmhpcError(f"train.epochs {cfg.train.epochs}: the run has trained {trained} epochs already; "
                          f"give at least {trained}, or start a new run.dir")
-    if cfg.train.max_steps and prog.step > cfg.train.max_steps:
-        raise DmhpcError(f"train.max_steps {cfg.train.max_steps}: the run has taken {prog.step} steps already; "
-                         f"give at least {prog.step}, or start a new run.dir")
+    if cfg.train.max_steps and position > cfg.train.max_steps:
+        raise DmhpcError(f"train.max_steps {cfg.train.max_steps}: the run is at step {position} already (in this "
+                         f"world size's steps); give at least {position}, or start a new run.dir")
 
 
 def _epoch_line(r: dict, criterion: str) -> str:
