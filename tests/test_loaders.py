@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.conftest import BIN, ROOT, clean_env
 from dmhpc.data.batches import dihedral, domain_stats
 from dmhpc.data.loaders import dali_available, eval_batches, make_train_loader
 from dmhpc.data.shards import load_manifest, split_rows, write_dataset
@@ -579,9 +581,6 @@ def test_every_rank_chooses_the_same_loader(tmp_path):
     """Ranks that chose their loader from their own free memory could disagree, and the loaders
     shuffle differently: rows would be duplicated or skipped across ranks."""
     import json
-    import subprocess
-
-    from tests.conftest import BIN, ROOT, clean_env
 
     script = tmp_path / "probe.py"
     script.write_text(CHOICE_PROBE)
@@ -720,3 +719,34 @@ def test_a_read_failure_in_a_worker_is_the_workers_one_line(tmp_path, kind, work
     message = str(info.value)
     assert message.startswith(f"{shard}: cannot open shard (") and "\n" not in message, message
     assert "Traceback" in str(info.value.__cause__)  # the worker's traceback is kept, as the cause
+
+
+EXITS_AFTER_A_WORKER_ERROR = """
+import sys
+from pathlib import Path
+from dmhpc.data.loaders import make_train_loader
+from dmhpc.errors import DmhpcError
+
+root = Path(sys.argv[1])
+loader = make_train_loader("torch", root / "source", root / "target", batch_size=4, rank=0, world_size=1, seed=0,
+                           device="cpu", augment=False, normalize="per-domain", num_workers=2, cpus=3)
+sorted((root / "source").glob("shard-*.h5"))[2].rename(root / "moved.h5")
+try:
+    for _ in loader.epoch(0):
+        pass
+except DmhpcError as exc:
+    kept = exc  # as the command line holds it while it prints: its traceback holds the workers' iterator
+    loader.close()
+    print(kept)
+"""
+
+
+def test_a_process_whose_loader_worker_failed_exits(tmp_path):
+    """The workers ignore SIGTERM (a stop signal reaches every process of a job step); after a
+    worker's error its iterator stayed referenced, so closing the loader left them running and
+    multiprocessing's exit handler, which terminates and then joins them, waited forever."""
+    for name, offset in (("source", 0), ("target", TARGET_OFFSET)):
+        write_dataset(_images(96, offset), np.arange(96) % 2, None, tmp_path / name, shard_size=16)
+    proc = subprocess.run([sys.executable, "-c", EXITS_AFTER_A_WORKER_ERROR, str(tmp_path)], cwd=ROOT,
+                          env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "cannot open shard" in proc.stdout, proc.stderr[-2000:]

@@ -70,7 +70,13 @@ class TorchBlocks:
             yield tuple(out)
 
     def close(self) -> None:
-        self.loader = None  # its persistent workers stop when it is collected
+        loader, self.loader = self.loader, None
+        iterator = getattr(loader, "_iterator", None)  # the persistent workers' iterator, once an epoch began
+        if iterator is not None:
+            # Stopped now, not when collected: after a worker's error its traceback still holds the
+            # iterator, and the workers ignore SIGTERM (IgnoreSignals), so multiprocessing's exit
+            # handler, which terminates and then joins them, waited for them forever.
+            iterator._shutdown_workers()
         gc.collect()
         for reader in self.dataset.readers:
             reader.close()
