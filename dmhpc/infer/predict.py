@@ -214,13 +214,16 @@ def _inputs_of(source: Source) -> str | None:
     return json.dumps([source.identity, source.describe, source.cutout_files(0, source.count)], sort_keys=True)
 
 
-def _saved_stats(parts: Path, inputs: str | None, channels: int) -> tuple[list, list] | None:
-    """The statistics a stopped prediction of the same inputs computed (a requeued survey job would
-    read every image again for them), or None. Read before the parts folder is locked: it is
-    written whole (atomically), and only reused when it names these very inputs and holds what
-    the pass would give (a positive, finite std per channel)."""
-    if inputs is None:
-        return None
+def _saved_stats(parts: Path, source: Source) -> tuple[str | None, tuple[list, list] | None]:
+    """(`_inputs_of(source)`, the statistics a stopped prediction of the same inputs computed, or
+    None): a requeued survey job would read every image again for them. Read before the parts
+    folder is locked: it is written whole (atomically), and only reused when it names these very
+    inputs and holds what the pass would give (a positive, finite std per channel)."""
+    inputs, channels = _inputs_of(source), source.shape[0]
+    return inputs, _read_stats(parts, inputs, channels) if inputs is not None else None
+
+
+def _read_stats(parts: Path, inputs: str, channels: int) -> tuple[list, list] | None:
     try:
         saved = json.loads((parts / OWN_STATS).read_text())
         mean, std = saved["mean"], saved["std"]
@@ -352,8 +355,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         if normalize == "target":
             mean, std = agree(lambda: run.normalization("target"))
         elif normalize == "own":
-            inputs = on_main(lambda: _inputs_of(source))
-            saved = on_main(lambda: _saved_stats(Path(f"{out}.parts"), inputs, source.shape[0]))
+            inputs, saved = on_main(lambda: _saved_stats(Path(f"{out}.parts"), source))
             # Every rank reads a share: rank 0 alone, on a large survey, could outlast the others' wait.
             mean, std = saved or source.own_stats(dist.rank, dist.world_size, gather)
         else:
@@ -372,7 +374,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
             on_main(lambda: _check_ascii(out, source, meta))
         parts = Path(f"{out}.parts")
         on_main(lambda: _claim_parts(out, parts, _spec(run, model, source, source_args, options), overwrite, held))
-        if normalize == "own" and source.kind != "data":
+        if normalize == "own" and inputs is not None:
             on_main(lambda: atomic_write(parts / OWN_STATS, json.dumps({"inputs": inputs, "mean": mean, "std": std})))
         n_parts = -(-source.count // part_size)
         names = _part_names(source, tta)
