@@ -293,6 +293,8 @@ def _merge(dst: dict, src: Mapping, origin: dict, label: str, prefix: str = "") 
     for key, value in src.items():
         dotted = f"{prefix}{key}"
         origin[dotted] = label
+        if value is None and isinstance(dst.get(key), dict):
+            continue  # a section whose keys are all commented out changes nothing it inherits
         if isinstance(value, Mapping) and isinstance(dst.get(key), dict):
             _merge(dst[key], value, origin, label, dotted + ".")
         elif isinstance(value, Mapping):

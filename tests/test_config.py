@@ -81,6 +81,14 @@ def test_base_is_relative_to_the_file_and_merges_deeply(tmp_path):
     assert cfg.loss.transfer == "mmd" and cfg.loss.mmd.unbiased is True
 
 
+def test_an_empty_section_or_a_null_override_keeps_what_the_base_set(tmp_path):
+    write(tmp_path / "base.yaml", "train: {batch_size: 16}\nloss: {mmd: {unbiased: true}}\n")
+    child = write(tmp_path / "child.yaml", "base: base.yaml\nloss:\n  mmd:\n    # unbiased: false\ntrain:\n")
+    cfg = load_config(child)
+    assert (cfg.train.batch_size, cfg.loss.mmd.unbiased) == (16, True)
+    assert load_config(tmp_path / "base.yaml", ["train=null"]).train.batch_size == 16
+
+
 def test_deepmerge_one_takes_dropout_and_l2_and_empty_sections_are_allowed(tmp_path):
     cfg = load_config(write(tmp_path / "c.yaml", "model: {name: deepmerge, dropout: 0.5, l2: 1e-4}\nloss:\n"))
     assert (cfg.model.dropout, cfg.model.l2, cfg.loss) == (0.5, 1e-4, Config().loss)
