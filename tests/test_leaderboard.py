@@ -106,6 +106,15 @@ def test_summary_marks_oracle_selection_and_runs_trained_on_the_target(tmp_path)
     assert math.isnan(rows[0]["gap_closed"])  # oracle and baseline tie: no gap to close
 
 
+def test_a_seed_only_grid_marks_its_oracle_row_on_the_run_count(tmp_path):
+    grid = load_grid({"base": str(TINY), "out": str(tmp_path / "g"), "grid": {"seed": [1, 2]},
+                      "overrides": {"select.criterion": "oracle-target-acc"}})
+    for p in grid.points:
+        _finished(p, 0.5, 0.7, criterion="oracle-target-acc", oracle=True)
+    write_summary(grid.out, grid.points)
+    assert "| 2/2 (oracle selection) | 0.900 ± 0.000 |" in (grid.out / "summary.md").read_text()
+
+
 def test_tables_of_a_grid_on_an_unlabelled_target_leave_its_accuracy_empty(make_domains, tmp_path, capsys):
     """A survey has no labels: its test result holds the merger fraction and IM, no accuracy. The
     summary read r["target"]["accuracy"]: after the whole grid trained, `dmhpc grid` ended in a

@@ -130,9 +130,13 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
         names = [str(r[k]) for k in keys]
         marks = [m for m, on in (("oracle selection", r["oracle"]), ("trained on target", r["trained_on_target"]))
                  if on]
-        if marks:
+        runs = f"{r['finished']}/{r['runs']}"
+        # A seed-only grid has no key column: the marks go with the run count.
+        if marks and names:
             names[0] += f" ({', '.join(marks)})"
-        cells = [*names, f"{r['finished']}/{r['runs']}"]
+        elif marks:
+            runs += f" ({', '.join(marks)})"
+        cells = [*names, runs]
         for domain, m, _ in MD_COLUMNS:
             skip = domain == "source" and r["trained_on_target"]
             cells.append("" if skip else _cell(r[f"{domain}_{m}_mean"], r[f"{domain}_{m}_std"]))
