@@ -30,6 +30,14 @@ def test_control_characters_in_launch_strings_are_refused(tmp_path, place, value
         load_grid(path)
 
 
+def test_an_sbatch_parameter_that_is_not_a_scalar_is_one_line(tmp_path):
+    """A list reached submission and failed there as a TypeError (unhashable), after loading passed."""
+    spec = {"base": str(TINY), "out": str(tmp_path), "executor": "slurm", "grid": {"seed": [0]},
+            "slurm": {"additional_parameters": {"mail-type": ["END", "FAIL"]}}}
+    with pytest.raises(DmhpcError, match=r"slurm\.additional_parameters\.mail-type: expected a string or number"):
+        load_grid(spec)
+
+
 def test_a_run_directory_of_another_configuration_is_refused(tmp_path):
     """The trainer's own resume rule (RunDir), applied before anything is submitted."""
     spec = {"base": str(TINY), "out": str(tmp_path), "executor": "local", "grid": {"seed": [0]}}

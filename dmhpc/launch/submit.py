@@ -147,7 +147,11 @@ def read_resources(problems: Problems, data: Any, *, shape: bool, executor: str)
     kw["max_num_timeout"] = get("max_num_timeout", integer(0), 3)
     kw["setup"] = get("setup", text_list(), ())
     extra = get("additional_parameters", mapping(), {})
-    kw["additional_parameters"] = tuple(sorted(extra.items()))
+    # Each becomes one `#SBATCH --key=value` line (and part of a hashable key): a scalar only.
+    scalar = {k: v for k, v in extra.items() if isinstance(v, (str, int, float))}
+    for key in extra.keys() - scalar.keys():
+        problems.add(f"slurm.additional_parameters.{key}", f"expected a string or number, got {show(extra[key])}")
+    kw["additional_parameters"] = tuple(sorted(scalar.items()))
     if shape:
         kw["nodes"] = get("nodes", integer(1), 1)
         gpus = kw["gpus_per_node"] = get("gpus_per_node", integer(0), 0)
