@@ -636,16 +636,18 @@ def test_a_catalog_of_cutouts(tmp_path, capsys, table_format, per_filter):
     assert load_manifest(tmp_path / "unlabelled")["labelled"] is False
 
 
-@pytest.mark.parametrize("file_column", [None, "file"])
-def test_catalog_ids_keep_their_leading_zeros(tmp_path, capsys, file_column):
-    """astropy guessed the CSV's ids were numbers: 007 looked for 7.fits, or was stored as "7"."""
+@pytest.mark.parametrize("file_column, bom", [(None, False), ("file", False), (None, True)])
+def test_catalog_ids_keep_their_leading_zeros(tmp_path, capsys, file_column, bom):
+    """astropy guessed the CSV's ids were numbers: 007 looked for 7.fits, or was stored as "7".
+    A spreadsheet's "CSV UTF-8" (a byte-order mark first) named its id column "\ufeffid"."""
     from astropy.io import fits
 
     images = np.random.default_rng(8).normal(size=(2, 3, 8, 8)).astype(np.float32)
     ids = ["007", "0123"]
     for i, image in zip(ids, images):
         fits.PrimaryHDU(image).writeto(tmp_path / f"{i}.fits")
-    (tmp_path / "c.csv").write_text("id,file\n" + "".join(f"{i},{i}.fits\n" for i in ids))
+    (tmp_path / "c.csv").write_text(("\ufeff" if bom else "") + "id,file\n" + "".join(f"{i},{i}.fits\n" for i in ids),
+                                    encoding="utf-8")
     out = tmp_path / "ds"
     where = ["--file-column", file_column] if file_column else ["--cutouts", str(tmp_path)]
     assert main(["prepare", "--catalog", str(tmp_path / "c.csv"), *where, "--out", str(out),

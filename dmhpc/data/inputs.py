@@ -258,7 +258,10 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
     # which name other cutout files (7.fits) and store other ids. Typed formats keep theirs.
     text_columns = {column: [ascii.convert_numpy(str)] for column in (id_column, file_column) if column is not None}
     try:
-        table = Table.read(path, format=fmt, **({"converters": text_columns} if fmt == "ascii.csv" else {}))
+        # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which would
+        # otherwise become part of the first column's name.
+        csv_options = {"converters": text_columns, "encoding": "utf-8-sig"}
+        table = Table.read(path, format=fmt, **(csv_options if fmt == "ascii.csv" else {}))
     except Exception as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DmhpcError(f"{path}: cannot read the catalog ({reason})") from None
