@@ -149,8 +149,9 @@ def read_resources(problems: Problems, data: Any, *, shape: bool, executor: str)
     extra = get("additional_parameters", mapping(), {})
     # Each becomes one `#SBATCH --key=value` line (and part of a hashable key): a scalar only.
     scalar = {k: v for k, v in extra.items() if isinstance(v, (str, int, float))}
-    for key in extra.keys() - scalar.keys():
-        problems.add(f"slurm.additional_parameters.{key}", f"expected a string or number, got {show(extra[key])}")
+    for key, value in extra.items():
+        if key not in scalar:
+            problems.add(f"slurm.additional_parameters.{key}", f"expected a string or number, got {show(value)}")
     kw["additional_parameters"] = tuple(sorted(scalar.items()))
     if shape:
         kw["nodes"] = get("nodes", integer(1), 1)
