@@ -170,11 +170,15 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+class _Dumper(yaml.SafeDumper):
+    """Safe YAML output that `_Loader` reads back equal: a string like "2e3" is quoted."""
+
+
+# The dumper quotes a string only when its own resolvers would read it as something else, so it
+# needs the loader's float rule too, or "2e3" is written bare and read back as 2000.0.
+_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789"))
 
 
 def yaml_error(exc: yaml.YAMLError) -> str:
@@ -187,6 +191,11 @@ def yaml_error(exc: yaml.YAMLError) -> str:
 def parse_yaml(text: str) -> Any:
     """One YAML value (e.g. the right-hand side of KEY=VALUE); raises yaml.YAMLError."""
     return yaml.load(text, Loader=_Loader)
+
+
+def dump_yaml(data: Any) -> str:
+    """YAML text for plain data (keys in their order) that `parse_yaml` reads back equal."""
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False)
 
 
 def read_yaml(path: Path, what: str = "config file") -> dict:

@@ -31,8 +31,8 @@ from typing import Any, Iterable, Mapping
 
 import yaml
 
-from dmhpc.checks import (Check, Invalid, boolean, choice, integer, is_number, number, optional, parse_yaml,
-                          read_yaml, show, text, yaml_error)
+from dmhpc.checks import (Check, Invalid, boolean, choice, dump_yaml, integer, is_number, number, optional,
+                          parse_yaml, read_yaml, show, text, yaml_error)
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write
 from dmhpc.names import CRITERIA, MODEL_NAMES
@@ -436,7 +436,7 @@ def config_to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved configuration as YAML (atomically); `load_config` reads it back equal."""
-    atomic_write(path, "# resolved dmhpc configuration\n" + yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    atomic_write(path, "# resolved dmhpc configuration\n" + dump_yaml(config_to_dict(cfg)))
 
 
 def changed_keys(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:

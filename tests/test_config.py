@@ -136,6 +136,14 @@ def test_save_writes_plain_yaml_that_round_trips(tmp_path):
     assert list(tmp_path.joinpath("run").iterdir()) == [tmp_path / "run" / "config.yaml"]  # no temp files
 
 
+def test_save_quotes_strings_the_loader_would_read_as_numbers(tmp_path):
+    # The loader reads 2e3 as a number (PyYAML alone wants 2.0e+3), so the saved text must quote it.
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ['run.dir="2e3"', 'data.source="-1E-4"'])
+    assert (cfg.run.dir, cfg.data.source) == ("2e3", "-1E-4")
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
 # --- errors: each names the file (or command line), the key and the problem ------------------------
 
 @pytest.mark.parametrize("text, key, problem", [
