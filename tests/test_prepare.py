@@ -403,6 +403,16 @@ def bad_case(tmp_path, case):
         ]
     if case == "int-images":
         return dict(files, images=save(tmp_path, "X.npy", images.astype(np.int16))), ["X.npy: dtype int16"]
+    # Strings, records and images without pixels reached the pixel scan, which raised a traceback.
+    if case == "str-images":
+        return dict(files, images=save(tmp_path, "X.npy", images.astype(str))), ["X.npy: dtype <U"]
+    if case == "structured-images":
+        records = np.zeros((12, 3, 8, 8), [("flux", "f4"), ("err", "f4")])
+        return dict(files, images=save(tmp_path, "X.npy", records)), ["X.npy: dtype [('flux', '<f4'), ('err', '<f4')]"]
+    if case == "zero-size-images":
+        return dict(files, images=save(tmp_path, "X.npy", images[:, :, :0, :0])), [
+            "X.npy: empty images (shape (12, 3, 0, 0))"
+        ]
     if case == "fortran":
         return dict(files, images=save(tmp_path, "XF.npy", np.asfortranarray(images))), ["XF.npy: Fortran-ordered"]
     if case == "truncated":
@@ -439,7 +449,8 @@ def bad_case(tmp_path, case):
 
 
 BAD_CASES = [
-    "missing", "not-npy", "npz", "fortran", "truncated", "dims", "channels", "int-images", "label-count", "label-range",
+    "missing", "not-npy", "npz", "fortran", "truncated", "dims", "channels", "int-images", "str-images",
+    "structured-images", "zero-size-images", "label-count", "label-range",
     "label-fraction", "nan", "inf", "empty", "object-count", "out-not-empty",
 ]
 

@@ -171,6 +171,9 @@ def _open_domain(spec: DomainSpec, options: Options) -> dict:
     names = {"images": str(images_path or catalog_path),
              "labels": str(spec.labels) if spec.labels is not None else f"{catalog_path}:{spec.label_column}",
              "objects": str(spec.objects)}
+    # Now, not in plan_dataset: the pixel scan comes first, and strings, a structured dtype or
+    # images of no pixels made it a traceback.
+    shards.check_images(images, names["images"])
     layout = images.layout if isinstance(images, ArrayRows) else "NCHW"
     inputs = [(role, p) for role, p in (("images", images_path), ("catalog", catalog_path),
                                         ("labels", _path(spec.labels)), ("objects", _path(spec.objects)))
