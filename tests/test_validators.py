@@ -62,3 +62,22 @@ def test_no_table_without_runs_that_scored_every_validator(tmp_path):
     spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "grid": {"seed": [1, 2]}}
     assert write_validators(tmp_path / "out", load_grid(spec).points) == []
     assert not (tmp_path / "out" / "validators.md").exists()
+
+
+def test_pairs_whose_data_folders_share_a_name_are_separate_rows(tmp_path):
+    # Two pristine data sets from different surveys: one row each, labelled apart; the same data
+    # set written two ways is still one pair.
+    spec = {"out": str(tmp_path / "out"), "executor": "local", "grid": {"seed": [1]},
+            "methods": {name: {"base": str(TINY), "overrides": {"data.source": source}} for name, source in [
+                ("a", str(tmp_path / "a" / "pristine")), ("a-again", f"{tmp_path}/b/../a/pristine"),
+                ("b", str(tmp_path / "b" / "pristine"))]}}
+    points = {p.values["method"]: p for p in load_grid(spec).points}
+    _log(points["a"], [0.9, 0.8, 0.7], [0.1, 0.2, 0.3], [0.5, 0.6, 0.7], [0.55, 0.65, 0.75])
+    _log(points["a-again"], [0.6, 0.7, 0.65], [0.35, 0.2, 0.1], [0.8, 0.7, 0.6], [0.8, 0.7, 0.6])
+    _log(points["b"], [0.1, 0.2, 0.3], [0.1, 0.2, 0.3], [0.9, 0.9, 0.9], [0.9, 0.9, 0.9])
+    rows = {r["pair"]: r for r in write_validators(tmp_path / "out", points.values())
+            if r["criterion"] == "source-val-acc"}
+    assert set(rows) == {"a/pristine -> noisy", "b/pristine -> noisy"}
+    assert rows["a/pristine -> noisy"]["runs"] == 2 and rows["b/pristine -> noisy"]["runs"] == 1
+    assert rows["b/pristine -> noisy"]["checkpoint_target_acc"] == pytest.approx(0.9)
+    assert "| b/pristine -> noisy | source-val-acc | 1 | 3 |" in (tmp_path / "out" / "validators.md").read_text()

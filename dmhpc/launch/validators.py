@@ -71,18 +71,36 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
+def _short_names(paths: Iterable[Path]) -> dict[Path, str]:
+    """Each distinct path as its shortest tail that no other path shares: the folder name unless two
+    data sets share it (a/pristine and b/pristine)."""
+    paths = set(paths)
+    names = {}
+    for path in paths:
+        for depth in range(1, len(path.parts) + 1):
+            tail = path.parts[-depth:]
+            if all(other.parts[-depth:] != tail for other in paths - {path}):
+                break
+        names[path] = str(Path(*tail))
+    return names
+
+
 def validator_rows(points: Iterable[Point]) -> list[dict]:
     """One row per (domain pair, criterion); see the module docstring. [] when no run scored validators."""
-    runs: dict[str, list[tuple[Point, list[dict]]]] = {}
+    # Keyed by the resolved data paths: different data sets in folders of the same name are
+    # different pairs, and one data set written two ways ("data/x", "./data/x") is one.
+    runs: dict[tuple[Path, Path], list[tuple[Point, list[dict]]]] = {}
     for p in points:
         if p.config.data.source == p.config.data.target:
             continue  # a target oracle has no source domain to adapt from
         checkpoints = _checkpoints(p)
         if checkpoints:
-            pair = f"{Path(p.config.data.source).name} -> {Path(p.config.data.target).name}"
+            pair = (Path(p.config.data.source).resolve(), Path(p.config.data.target).resolve())
             runs.setdefault(pair, []).append((p, checkpoints))
+    names = _short_names(path for pair in runs for path in pair)
     rows = []
-    for pair, members in runs.items():
+    for (source, target), members in runs.items():
+        pair = f"{names[source]} -> {names[target]}"
         settings: dict[tuple, list[tuple[Point, list[dict]]]] = {}
         for p, checkpoints in members:
             key = tuple((k, str(v)) for k, v in p.values.items() if k != "method")
