@@ -11,11 +11,12 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test bench clean
 
-.venv/bin/python:
-	python3 -m venv .venv
+# pip is the last thing venv installs: a venv interrupted while being made has none, and is made again.
+.venv/bin/pip:
+	python3 -m venv --clear .venv
 
 # Reinstall only when the package metadata or the pins change.
-.install-stamp: setup.cfg pyproject.toml constraints.txt | $(if $(VIRTUAL_ENV),,.venv/bin/python)
+.install-stamp: setup.cfg pyproject.toml constraints.txt | $(if $(VIRTUAL_ENV),,.venv/bin/pip)
 	$(PYTHON) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned resolve would pull several GB of CUDA wheels.
 	$(PYTHON) -m pip install -q -c constraints.txt torch==2.13.0
