@@ -714,6 +714,26 @@ def test_an_empty_id_or_file_cell_is_one_line(tmp_path, capsys, column, cell):
                  out=out)
 
 
+@pytest.mark.parametrize("column, where", [("id", "file-column"), ("id", "cutouts"), ("id", "images"),
+                                           ("file", "file-column")])
+def test_an_id_or_file_in_two_rows_is_one_line(tmp_path, capsys, column, where):
+    """A repeated id (or file) converted one image twice, possibly with two labels."""
+    names = cutouts(tmp_path, np.random.default_rng(3).normal(size=(4, 3, 8, 8)).astype(np.float32), per_filter=False)
+    rows = [[name[:-5], k % 2, f"cutouts/{name}"] for k, name in enumerate(names)]
+    if column == "id":
+        rows[3][0] = rows[1][0]
+        repeated = f"id '{rows[1][0]}' of column 'id'"
+    else:
+        rows[3][2] = f"./cutouts/../cutouts/{names[1]}"  # spelt otherwise, the same file
+        repeated = f"file 'cutouts/{names[1]}' of column 'file'"
+    (tmp_path / "c.csv").write_text("id,label,file\n" + "".join(f"{i},{y},{f}\n" for i, y, f in rows))
+    out = tmp_path / "o"
+    argv = ["prepare", "--catalog", str(tmp_path / "c.csv"), "--label-column", "label", "--out", str(out)]
+    argv += {"file-column": ["--file-column", "file"], "cutouts": ["--cutouts", str(tmp_path / "cutouts")],
+             "images": ["--images", save(tmp_path, "X.npy", np.zeros((4, 3, 8, 8), np.float32))]}[where]
+    assert_fails(capsys, argv, f"{tmp_path / 'c.csv'}: {repeated} is in rows 2, 4", out=out)
+
+
 def test_nan_padded_cutouts_are_refused_unless_filled(tmp_path, capsys):
     rng = np.random.default_rng(5)
     images = rng.normal(size=(12, 3, 8, 8)).astype(np.float32)

@@ -271,6 +271,7 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
     if len(table) == 0:
         raise DmhpcError(f"{path}: the catalog has no rows")
     ids = _cells(path, table, id_column, "id")
+    _refuse_repeats(path, ids, id_column, "id", "its own id")
     labels = None
     if label_column is not None:
         labels = np.asarray(table[label_column])
@@ -279,7 +280,11 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
     folder = Path(cutouts) if cutouts is not None else path.parent
     files = None
     if file_column is not None:
-        files = [folder / name for name in _cells(path, table, file_column, "file", ids)]
+        names = _cells(path, table, file_column, "file", ids)
+        # Spelt apart, one file: "a.fits" and "./a.fits" are the same image.
+        _refuse_repeats(path, [os.path.normpath(name) for name in names], file_column, "file", "its own cutout file",
+                        names)
+        files = [folder / name for name in names]
     elif cutouts is not None:
         files = [folder / f"{i}.fits" for i in ids]
     kind = table[id_column].dtype
@@ -298,6 +303,25 @@ def _cells(path: Path, table, column: str, role: str, ids: list[str] | None = No
         raise DmhpcError(f"{path}: column {column!r} has {len(empty)} empty {role} cell(s), the first in "
                          f"row {empty[0] + 1}{where}")
     return cells
+
+
+def _refuse_repeats(path: Path, keys: list[str], column: str, role: str, wanted: str,
+                    cells: list[str] | None = None) -> None:
+    """A one-line error for the first value of a column found in more than one row. A repeated id
+    or file was one image converted twice, possibly with two different labels, and an id that no
+    longer names one row of the catalog `predict` writes."""
+    first, repeated = {}, None
+    for k, key in enumerate(keys):
+        if key in first:
+            repeated = key
+            break
+        first[key] = k
+    if repeated is None:
+        return
+    rows = [k + 1 for k, key in enumerate(keys) if key == repeated]
+    shown = ", ".join(map(str, rows[:5])) + (f" (and {len(rows) - 5} more)" if len(rows) > 5 else "")
+    value = (cells or keys)[rows[0] - 1]
+    raise DmhpcError(f"{path}: {role} {value!r} of column {column!r} is in rows {shown}; each row must have {wanted}")
 
 
 def open_npy(path: str | os.PathLike) -> np.ndarray:
