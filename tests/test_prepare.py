@@ -218,6 +218,9 @@ def test_shipped_configs_are_valid():
         ("root: r\nout: o\ndomains: []\n", "domains: expected a non-empty mapping of each domain's name"),
         ("root: r\nout: o\ndomains: {a: {images: x}, a: {images: y}}\n", "invalid YAML: duplicate key \"a\""),
         ("root: [r\n", "invalid YAML"),
+        # read from a catalog only: without one they were ignored and an unlabelled set written
+        ("root: r\nout: o\ndomains: {a: {images: x, label_column: merger}}\n",
+         "domains.a.label_column: read from a catalog only, and domains.a has no catalog"),
     ],
 )
 def test_bad_data_config(tmp_path, capsys, text, message):
@@ -251,6 +254,14 @@ def test_option_conflicts(inputs, tmp_path, capsys):
     assert_fails(capsys, ["prepare", "--images", inputs["images"]], "missing --out")
     assert_fails(capsys, args(inputs, "--fractions", "0.7,0.4,0.2"), "--fractions", out=inputs["out"])
     assert_fails(capsys, args(inputs, "--root", "x"), "--root needs --data-config", out=inputs["out"])
+    # Catalog options without a catalog were ignored: an unlabelled data set was written.
+    no_labels = dict(inputs, labels=None)
+    assert_fails(capsys, args(no_labels, "--label-column", "merger"),
+                 "--label-column reads a catalog only: give --catalog, or the labels with --labels", out=inputs["out"])
+    assert_fails(capsys, args(no_labels, "--id-column", "objid", "--file-column", "f", "--cutouts", "c"),
+                 "--id-column, --file-column, --cutouts read a catalog only: give --catalog", out=inputs["out"])
+    assert_fails(capsys, ["prepare", "--data-config", config, "--label-column", "merger"],
+                 "--label-column cannot be combined with --data-config")
 
 
 def test_interrupted_conversion_is_finished_by_running_again(inputs, tmp_path, monkeypatch, capsys):

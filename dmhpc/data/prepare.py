@@ -43,6 +43,8 @@ CONFIG_KEYS = ("root", "out", "domains")
 # A domain is made of images (.npy or FITS cube) or a catalog of cutouts, plus what they need.
 DOMAIN_KEYS = ("images", "labels", "objects", "catalog", "id_column", "label_column", "file_column", "cutouts")
 PATH_KEYS = ("images", "labels", "objects", "catalog", "cutouts")
+# Read from a catalog only: given without one, they were ignored and an unlabelled set written.
+CATALOG_KEYS = ("id_column", "label_column", "file_column", "cutouts")
 _DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 DOMAINS = mapping("a non-empty mapping of each domain's name to its files", empty=False)
 
@@ -123,6 +125,9 @@ def load_data_config(path, root: str | None = None, out: str | None = None, sets
         unknown_keys(problems, files, DOMAIN_KEYS, where + ".")
         if "images" not in files and "catalog" not in files:
             problems.add(f"{where}.images", "missing (required, or a catalog of cutouts)")
+        elif "catalog" not in files:
+            for key in (k for k in CATALOG_KEYS if k in files):
+                problems.add(f"{where}.{key}", f"read from a catalog only, and {where} has no catalog")
         values = {key: take(problems, files, key, text(), None, where + ".") for key in DOMAIN_KEYS if key in files}
         result.append((domain, values))
     problems.raise_if_any()
@@ -465,8 +470,9 @@ def _parse_fractions(text: str) -> tuple:
 
 def _domains(args) -> list[DomainSpec]:
     one = {k: getattr(args, k) for k in ("images", "labels", "objects", "catalog", "cutouts")}
+    options = {f"--{k.replace('_', '-')}": getattr(args, k) for k in (*one, "id_column", "label_column", "file_column")}
     if args.data_config is not None:
-        given = [f"--{k}" for k, v in one.items() if v is not None]
+        given = [k for k, v in options.items() if v is not None]
         if given:
             raise DmhpcError(f"{', '.join(given)} cannot be combined with --data-config (it names the files)")
         return load_data_config(args.data_config, args.root, args.out, args.set)
@@ -476,9 +482,15 @@ def _domains(args) -> list[DomainSpec]:
         raise DmhpcError("--set needs --data-config (it changes the config's entries)")
     if args.images is None and args.catalog is None:
         raise DmhpcError("missing --images or --catalog (or give --data-config)")
+    if args.catalog is None:
+        given = [f"--{k.replace('_', '-')}" for k in CATALOG_KEYS if getattr(args, k) is not None]
+        if given:
+            raise DmhpcError(f"{', '.join(given)} read{'s' if len(given) == 1 else ''} a catalog only: give --catalog"
+                             + (", or the labels with --labels" if args.label_column is not None else ""))
     if args.out is None:
         raise DmhpcError("missing --out")
-    return [DomainSpec(name=Path(args.out).name, out=Path(args.out), id_column=args.id_column,
+    return [DomainSpec(name=Path(args.out).name, out=Path(args.out),
+                       id_column=args.id_column if args.id_column is not None else "id",
                        label_column=args.label_column, file_column=args.file_column,
                        **{k: (Path(v) if v is not None else None) for k, v in one.items()})]
 
@@ -499,7 +511,7 @@ def prepare_arguments(parser) -> None:
     cat = parser.add_argument_group("a catalog (CSV, ECSV, FITS or Parquet table)")
     cat.add_argument("--catalog", metavar="TABLE", help="one row per image: ids (and labels, cutout files); "
                      "with --images its rows are the images' rows, else each row names a FITS cutout")
-    cat.add_argument("--id-column", default="id", metavar="NAME", help="object id column (default: id)")
+    cat.add_argument("--id-column", metavar="NAME", help="object id column (default: id)")
     cat.add_argument("--label-column", metavar="NAME", help="class label column (default: none, unlabelled)")
     cat.add_argument("--file-column", metavar="NAME", help="cutout file column (default: ID.fits in --cutouts)")
     cat.add_argument("--cutouts", metavar="DIR", help=CUTOUTS_HELP)
