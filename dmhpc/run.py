@@ -301,10 +301,15 @@ class RunDir:
     def check_relaunch(self, cfg: Config, data_ids: Mapping[str, str]) -> None:
         """What `claim(cfg, "auto", data_ids=...)` would refuse, checked from outside (a launcher about
         to submit the run again), without the lock: a foreign directory, a changed configuration, or
-        data that changed under the run's paths. `data_ids` as for `claim`, of the data sets that
-        exist now."""
+        data that changed under the run's paths; for a run with results but no last.pt, a change its
+        results would not be of. `data_ids` as for `claim`, of the data sets that exist now."""
         self._check_owner()
-        if self.checkpoint("last").is_file() and self.config_path.is_file():
+        if not self.config_path.is_file():
+            return
+        last = self.checkpoint("last")
+        if last.is_file() or (self.has_results() and not self._killed_before_its_first_last()):
+            # Without last.pt too: a finished run's old results would count for a changed
+            # configuration, and nothing else compares them.
             self._check_changes(config_to_dict(self.config()), config_to_dict(cfg), str(self.config_path), data_ids)
 
     def _check_owner(self) -> None:

@@ -212,6 +212,22 @@ def test_a_finished_run_asked_to_train_longer_is_unfinished_until_its_new_test(t
     assert run.finished
 
 
+def test_a_relaunch_compares_the_config_of_a_run_with_results_but_no_last(tmp_path):
+    """Its last.pt removed (to save space), a finished run's old result was taken for any new
+    configuration: nothing was compared without last.pt."""
+    run, cfg = started(tmp_path, checkpoint=False)
+    save_checkpoint(run.checkpoint("best"), {"step": 3})
+    run.write_result({"final": True}, "best", "test")
+    run.check_relaunch(cfg, {})
+    run.check_relaunch(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, log_every=1)), {})  # cadence
+    new = dataclasses.replace(cfg, seed=5, optim=dataclasses.replace(cfg.optim, lr=0.5))
+    with pytest.raises(DmhpcError) as info:
+        run.check_relaunch(new, {})
+    message = str(info.value)
+    assert message.startswith(f"{run.config_path}: the run was trained with another configuration: ")
+    assert "optim.lr 0.001 -> 0.5" in message and "seed 1 -> 5" in message and "\n" not in message
+
+
 def test_a_moved_data_set_is_accepted_only_when_it_is_the_same_data(tmp_path):
     run, cfg = started(tmp_path)
     moved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="/scratch/pristine"))

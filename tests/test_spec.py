@@ -57,3 +57,20 @@ def test_a_run_directory_of_another_configuration_is_refused(tmp_path):
     (other / "seed=0" / "notes.txt").write_text("mine")
     with pytest.raises(DmhpcError, match=r"seed=0: run.dir .*: exists and is not a dmhpc run \(it holds 'notes.txt'\)"):
         load_grid({**spec, "out": str(other)})
+
+
+def test_a_finished_run_without_last_is_not_taken_for_another_configuration(tmp_path):
+    """Without checkpoints/last.pt nothing was compared: a relaunch with another optim.lr skipped the
+    point as finished, its old result standing for the new configuration."""
+    spec = {"base": str(TINY), "out": str(tmp_path), "executor": "local", "grid": {"seed": [0]}}
+    point = load_grid(spec).points[0]
+    from dmhpc.config import save_config
+    from dmhpc.train.checkpoint import save_checkpoint
+
+    save_config(point.config, point.run_dir / "config.yaml")
+    save_checkpoint(point.run.checkpoint("best"), {"step": 1})
+    point.run.write_result({"final": True}, "best", "test")
+    assert load_grid(spec).points[0].finished
+    with pytest.raises(DmhpcError, match=r"seed=0: .*config.yaml: the run was trained with another configuration: "
+                                         r"optim\.lr 0\.001 -> 0\.5"):
+        load_grid({**spec, "overrides": {"optim.lr": 0.5}})
