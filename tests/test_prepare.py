@@ -584,6 +584,33 @@ def test_a_fits_cube_converts_like_the_same_npy(inputs, tmp_path):
         np.testing.assert_array_equal(a[key], b[key])
 
 
+@pytest.mark.parametrize("layout", [None, "NHWC"])
+@pytest.mark.parametrize("source", ["cube", "cutouts"])
+def test_fits_images_in_hwc_convert_like_the_same_npy(tmp_path, capsys, source, layout):
+    """FITS took no --layout nor its checks: HWC 12x12x3 images were stored as 12 channels of 12x3."""
+    from astropy.io import fits
+
+    images = np.random.default_rng(6).normal(size=(10, 3, 12, 12)).astype(np.float32)
+    hwc = images.transpose(0, 2, 3, 1)
+    if source == "cube":
+        where = ["--images", fits_cube(tmp_path / "cube.fits", hwc)]
+    else:
+        for i, image in enumerate(hwc):
+            fits.PrimaryHDU(image).writeto(tmp_path / f"g{i}.fits")
+        (tmp_path / "c.csv").write_text("id\n" + "".join(f"g{i}\n" for i in range(10)))
+        where = ["--catalog", str(tmp_path / "c.csv"), "--cutouts", str(tmp_path)]
+    given = ["--layout", layout] if layout else []
+    out = tmp_path / "ds"
+    assert main(["prepare", *where, *given, "--out", str(out)]) == 0
+    assert "10 images (NHWC, unlabelled)" in capsys.readouterr().out
+    rows = read_all(out)
+    np.testing.assert_array_equal(rows["images"], images[rows["index"]])
+    assert load_manifest(out)["layout"] == "NHWC"
+    first = tmp_path / ("cube.fits" if source == "cube" else "g0.fits")
+    assert_fails(capsys, ["prepare", *where, "--layout", "NCHW", "--out", str(tmp_path / "o")],
+                 f"{first}: 12 channels in layout NCHW", out=tmp_path / "o")
+
+
 @pytest.mark.parametrize("one_filter", [False, True])
 def test_a_scaled_integer_fits_cube_converts_to_its_scaled_values(tmp_path, one_filter):
     """A cube of 16-bit integers with BSCALE/BZERO (a common survey format) was refused as "not a

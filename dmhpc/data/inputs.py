@@ -1,10 +1,16 @@
 """The images users have, opened as one array-like of (N, C, H, W) float32 rows, never read whole.
 
 - `.npy` files (memory-mapped; NCHW or NHWC),
-- FITS cubes: one file whose first image HDU is (N, C, H, W) (or (N, H, W) for one filter),
+- FITS cubes: one file whose first image HDU is (N, C, H, W) or (N, H, W, C) (or (N, H, W) for
+  one filter),
 - FITS cutouts: one file per object, listed by a catalog table (CSV, ECSV, FITS, Parquet) with an
   id column, an optional label column and an optional file column (without one, the file of id X
-  is CUTOUTS/X.fits). A cutout holds one (C, H, W) image HDU or one (H, W) HDU per filter.
+  is CUTOUTS/X.fits). A cutout holds one (C, H, W) or (H, W, C) image HDU or one (H, W) HDU per
+  filter.
+
+The layout of a .npy array, a cube and a cutout's one HDU is detected from the shape, or given,
+with the same checks (`detect_layout`); one HDU per filter, or a one-filter cube, has no channel
+axis to place.
 
 FITS is read with astropy (`astropy.io.fits`, memory-mapped; big-endian data converted to native
 float32 row by row) and catalogs with `astropy.table`. NaN pixels (survey cutouts are often
@@ -93,14 +99,15 @@ def _fits_error(path, exc: Exception) -> DmhpcError:
     return DmhpcError(f"{path}: not a readable FITS file ({reason})")
 
 
-def open_fits_cube(path: str | os.PathLike, nan_fill: float | None = None) -> ArrayRows:
-    """The first image HDU of a FITS file as (N, C, H, W) rows ((N, H, W): one filter)."""
+def open_fits_cube(path: str | os.PathLike, nan_fill: float | None = None, layout: str | None = None) -> ArrayRows:
+    """The first image HDU of a FITS file as (N, C, H, W) rows: (N, C, H, W) or (N, H, W, C), detected
+    unless `layout` is given, or (N, H, W) for one filter."""
     from astropy.io import fits  # noqa: F401  heavy, so only when FITS is used; imported before the
     # recording below, as astropy installs its own warning printer when first imported.
     try:
         with warnings.catch_warnings(record=True) as said:
             warnings.simplefilter("always")
-            rows = _open_fits_cube(path, nan_fill)
+            rows = _open_fits_cube(path, nan_fill, layout)
     except _Unreadable as exc:
         # A file cut short (a copy that stopped) fails only when its data is mapped, with a cryptic
         # TypeError; astropy's warning at opening says what happened: that is the reason given.
@@ -115,7 +122,7 @@ class _Unreadable(Exception):
     pass
 
 
-def _open_fits_cube(path: str | os.PathLike, nan_fill: float | None) -> ArrayRows:
+def _open_fits_cube(path: str | os.PathLike, nan_fill: float | None, layout: str | None) -> ArrayRows:
     from astropy.io import fits
 
     try:
@@ -138,14 +145,21 @@ def _open_fits_cube(path: str | os.PathLike, nan_fill: float | None) -> ArrayRow
             raise _Unreadable() from exc
         if data is None:
             continue
+        one_filter = len(hdu.shape) == 3  # _SectionRows adds the axis itself
         if data.ndim == 3:
             data = data[:, None]
-        if data.ndim != 4:
-            raise DmhpcError(f"{path}: HDU {hdu.name or 0} holds a {data.ndim}-d image {data.shape}; "
-                             f"expected a cube (N, C, H, W) or (N, H, W)")
-        if data.dtype.kind != "f":
-            raise DmhpcError(f"{path}: pixels of dtype {data.dtype}; expected floating point")
-        return ArrayRows(data, "NCHW", nan_fill, keep=hdul)
+        try:
+            if data.ndim != 4:
+                raise DmhpcError(f"{path}: HDU {hdu.name or 0} holds a {data.ndim}-d image {data.shape}; "
+                                 f"expected a cube (N, C, H, W), (N, H, W, C) or (N, H, W)")
+            if data.dtype.kind != "f":
+                raise DmhpcError(f"{path}: pixels of dtype {data.dtype}; expected floating point")
+            # A cube's layout as a .npy array's: an HWC cube was read as W channels of H x C pixels.
+            found = "NCHW" if one_filter else detect_layout(data.shape, layout, str(path))
+        except DmhpcError:
+            hdul.close()
+            raise
+        return ArrayRows(data, found, nan_fill, keep=hdul)
     raise DmhpcError(f"{path}: no image HDU with data")
 
 
@@ -178,23 +192,29 @@ class _SectionRows:
         return block[:, None] if self._one_filter else block
 
 
-def read_cutout(path: Path) -> np.ndarray:
-    """One cutout file as (C, H, W) float32: one (C, H, W) HDU, or one (H, W) HDU per filter."""
+def read_cutout(path: Path, layout: str = "NCHW") -> np.ndarray:
+    """One cutout file as (C, H, W) float32: one HDU in `layout` ((C, H, W), or (H, W, C) for
+    NHWC), or one (H, W) HDU per filter."""
+    image, cube = _read_cutout(path)
+    return image.transpose(2, 0, 1) if cube and layout == "NHWC" else image
+
+
+def _read_cutout(path: Path) -> tuple[np.ndarray, bool]:
+    """A cutout's pixels as float32, as its file holds them, and whether they were one 3-d HDU (whose
+    layout is to be placed) rather than one (H, W) HDU per filter, stacked (C, H, W)."""
     from astropy.io import fits
 
     try:
         with fits.open(path, memmap=False) as hdul:
             planes = [hdu.data for hdu in hdul if hdu.is_image and hdu.data is not None]
             if len(planes) == 1 and planes[0].ndim == 3:
-                image = planes[0]
-            elif planes and all(p.ndim == 2 for p in planes):
+                return planes[0].astype(np.float32), True
+            if planes and all(p.ndim == 2 for p in planes):
                 if len({p.shape for p in planes}) > 1:
                     raise DmhpcError(f"{path}: filters of different shapes {[p.shape for p in planes]}")
-                image = np.stack(planes)
-            else:
-                raise DmhpcError(f"{path}: expected one (C, H, W) image HDU or one (H, W) HDU per filter, found "
-                                 f"{[p.shape for p in planes] or 'no image data'}")
-            return image.astype(np.float32)
+                return np.stack(planes).astype(np.float32), False
+            raise DmhpcError(f"{path}: expected one (C, H, W) or (H, W, C) image HDU or one (H, W) HDU per filter, "
+                             f"found {[p.shape for p in planes] or 'no image data'}")
     except FileNotFoundError:
         raise DmhpcError(f"{path}: no such cutout file") from None
     except DmhpcError:
@@ -204,19 +224,22 @@ def read_cutout(path: Path) -> np.ndarray:
 
 
 class Cutouts(ImageArray):
-    """One FITS file per row; every cutout must have the first one's shape."""
+    """One FITS file per row; every cutout must have the first one's shape. The layout of a cutout's
+    one HDU is the first one's, detected as a .npy array's unless given; one HDU per filter is NCHW."""
 
-    def __init__(self, files: list[Path], nan_fill: float | None = None):
+    def __init__(self, files: list[Path], nan_fill: float | None = None, layout: str | None = None):
         if not files:
             raise DmhpcError("the catalog lists no cutouts")
         self.files, self.nan_fill = files, nan_fill
-        first = read_cutout(files[0])
-        self.shape = (len(files), *first.shape)
+        first, cube = _read_cutout(files[0])
+        self.layout = detect_layout((len(files), *first.shape), layout if cube else "NCHW", str(files[0]))
+        self._cube_layout = self.layout if cube else (layout or "NCHW")  # of later files holding one HDU
+        self.shape = (len(files), *(first.transpose(2, 0, 1) if self.layout == "NHWC" else first).shape)
 
     def _rows(self, index: np.ndarray) -> np.ndarray:
         out = np.empty((len(index), *self.shape[1:]), np.float32)
         for k, i in enumerate(index):
-            image = read_cutout(self.files[i])
+            image = read_cutout(self.files[i], self._cube_layout)
             if image.shape != self.shape[1:]:
                 raise DmhpcError(f"{self.files[i]}: cutout of shape {image.shape}; the first one "
                                  f"({self.files[0].name}) is {self.shape[1:]}")
@@ -397,9 +420,9 @@ def detect_layout(shape: tuple, layout: str | None, name: str) -> str:
 
 
 def open_images(path: str | os.PathLike, layout: str | None = None, nan_fill: float | None = None) -> ArrayRows:
-    """A .npy array or a FITS cube as rows; the layout of a .npy is detected unless given."""
+    """A .npy array or a FITS cube as rows; the layout is detected unless given."""
     path = Path(path)
     if path.suffix.lower() in FITS_SUFFIXES:
-        return open_fits_cube(path, nan_fill)
+        return open_fits_cube(path, nan_fill, layout)
     raw = open_npy(path)
     return ArrayRows(raw, detect_layout(raw.shape, layout, str(path)), nan_fill)

@@ -163,7 +163,7 @@ def _open_domain(spec: DomainSpec, options: Options) -> dict:
         if catalog is not None and len(catalog.ids) != len(images):
             raise DmhpcError(f"{catalog.path}: {len(catalog.ids)} rows for the {len(images)} images of {images_path}")
     elif catalog is not None and catalog.files is not None:
-        images = Cutouts(catalog.files, options.nan_fill)
+        images = Cutouts(catalog.files, options.nan_fill, options.layout)
     else:
         raise DmhpcError(f"{spec.name}: give images (.npy or a FITS cube), or a catalog with a file column or a "
                          f"cutouts folder")
@@ -179,7 +179,7 @@ def _open_domain(spec: DomainSpec, options: Options) -> dict:
     # Now, not in plan_dataset: the pixel scan comes first, and strings, a structured dtype or
     # images of no pixels made it a traceback.
     shards.check_images(images, names["images"])
-    layout = images.layout if isinstance(images, ArrayRows) else "NCHW"
+    layout = images.layout
     inputs = [(role, p) for role, p in (("images", images_path), ("catalog", catalog_path),
                                         ("labels", _path(spec.labels)), ("objects", _path(spec.objects)))
               if p is not None]
@@ -498,7 +498,7 @@ def _domains(args) -> list[DomainSpec]:
 def prepare_arguments(parser) -> None:
     one = parser.add_argument_group("one domain")
     one.add_argument("--images", metavar="X.npy|X.fits",
-                     help="images: .npy (N, C, H, W) or (N, H, W, C), float16/32/64, or a FITS cube (N, C, H, W)")
+                     help="images: .npy (N, C, H, W) or (N, H, W, C), float16/32/64, or a FITS cube of either layout")
     one.add_argument("--labels", metavar="Y.npy",
                      help="labels .npy, (N,) whole numbers 0 to K-1 (K: --num-classes); without labels (and "
                           "without --label-column) the data set is unlabelled")
