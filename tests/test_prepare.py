@@ -724,6 +724,22 @@ def test_catalog_problems_are_one_line(tmp_path, capsys):
     assert_fails(capsys, base, f"{names[2]}: cutout of shape (3, 9, 9); the first one ({names[0]}) is (3, 8, 8)")
 
 
+@pytest.mark.parametrize("mask_in", ["first", "later"])
+def test_an_integer_mask_hdu_among_filters_is_one_line(tmp_path, capsys, mask_in):
+    """A cutout's integer MASK extension was stacked as one more filter."""
+    from astropy.io import fits
+
+    names = cutouts(tmp_path, np.random.default_rng(7).normal(size=(4, 3, 8, 8)).astype(np.float32), per_filter=True)
+    name = names[0 if mask_in == "first" else 3]
+    fits.append(tmp_path / "cutouts" / name, np.zeros((8, 8), np.int32), fits.Header([("EXTNAME", "MASK")]))
+    (tmp_path / "c.csv").write_text("id\n" + "".join(f"{n[:-5]}\n" for n in names))
+    out = tmp_path / "o"
+    assert_fails(capsys, ["prepare", "--catalog", str(tmp_path / "c.csv"), "--cutouts", str(tmp_path / "cutouts"),
+                          "--out", str(out)],
+                 f"{tmp_path / 'cutouts' / name}: HDU 4 (MASK) holds int32 integers beside floating-point filters",
+                 out=out)
+
+
 def test_ids_name_cutouts_only_in_a_cutouts_folder_given(tmp_path, capsys):
     """What --cutouts's help says: without a file column, ID.fits files are looked for only in the
     --cutouts folder, not beside the catalog (its help promised that default, the code never did)."""

@@ -206,7 +206,17 @@ def _read_cutout(path: Path) -> tuple[np.ndarray, bool]:
 
     try:
         with fits.open(path, memmap=False) as hdul:
-            planes = [hdu.data for hdu in hdul if hdu.is_image and hdu.data is not None]
+            found = [(k, hdu) for k, hdu in enumerate(hdul) if hdu.is_image and hdu.data is not None]
+            planes = [hdu.data for _, hdu in found]
+            # Every image HDU is a filter: an integer plane among floating-point ones is a mask or a
+            # flag map (HSC's MASK), which was stacked as one more filter. Refused, not skipped: which
+            # planes are filters is the user's to say, by the files they give.
+            if any(p.dtype.kind == "f" for p in planes):
+                for k, hdu in found:
+                    if hdu.data.dtype.kind != "f":
+                        raise DmhpcError(f"{path}: HDU {k}{f' ({hdu.name})' if hdu.name else ''} holds "
+                                         f"{hdu.data.dtype.name} integers beside floating-point filters (a mask?); "
+                                         f"every image HDU of a cutout is taken as a filter")
             if len(planes) == 1 and planes[0].ndim == 3:
                 return planes[0].astype(np.float32), True
             if planes and all(p.ndim == 2 for p in planes):
