@@ -299,18 +299,34 @@ class RunDir:
         return checkpoint.resolve().parent == self.checkpoint_dir.resolve()
 
     def check_relaunch(self, cfg: Config, data_ids: Mapping[str, str]) -> None:
-        """What `claim(cfg, "auto", data_ids=...)` would refuse, checked from outside (a launcher about
-        to submit the run again), without the lock: a foreign directory, a changed configuration, or
-        data that changed under the run's paths; for a run with results but no last.pt, a change its
-        results would not be of. `data_ids` as for `claim`, of the data sets that exist now."""
+        """What `claim(cfg, "auto", data_ids=...)` and the trainer's start would refuse, checked from
+        outside (a launcher about to submit the run again), without the lock: a foreign directory, a
+        changed configuration, data that changed under the run's paths, fewer epochs than last.pt has
+        trained, and results without a last.pt to resume from. `data_ids` as for `claim`, of the data
+        sets that exist now."""
         self._check_owner()
         if not self.config_path.is_file():
             return
         last = self.checkpoint("last")
-        if last.is_file() or (self.has_results() and not self._killed_before_its_first_last()):
+        if last.is_file():
+            self._check_changes(config_to_dict(self.config()), config_to_dict(cfg), str(self.config_path), data_ids)
+            progress = _load_state(last).get("progress")
+            if isinstance(progress, Mapping):  # checkpoints of dmhpc's own tests may hold none
+                try:
+                    check_epochs(cfg.train.epochs, progress.get("epoch", 0), progress.get("step_in_epoch", 0))
+                except DmhpcError as exc:
+                    raise DmhpcError(f"{self.path}: {exc}") from None
+        elif self.has_results() and not self._killed_before_its_first_last():
             # Without last.pt too: a finished run's old results would count for a changed
             # configuration, and nothing else compares them.
-            self._check_changes(config_to_dict(self.config()), config_to_dict(cfg), str(self.config_path), data_ids)
+            changed = self._check_changes(config_to_dict(self.config()), config_to_dict(cfg), str(self.config_path),
+                                          data_ids)
+            if not self.finished or LENGTH_KEYS & set(changed):
+                # It would be submitted, and its trainer would refuse it (see `claim`).
+                why = "is unfinished" if not self.finished else "is asked to train for another length"
+                raise DmhpcError(f"{self.path}: holds results ({CHECKPOINTS}/, {EVAL}/) but no {last.name} to "
+                                 f"resume from, and {why}; restore its {last.name}, or remove the directory "
+                                 f"to train it again")
 
     def _check_owner(self) -> None:
         """Refuse a path that is not a directory, or a directory holding something other than a run."""
@@ -344,14 +360,8 @@ class RunDir:
         """The configuration the run trained with so far: config.yaml, else the checkpoint's own."""
         if self.config_path.is_file() and self._own(resume_from):
             return config_to_dict(self.config()), str(self.config_path)
-        import torch  # only to read the "config" entry of a checkpoint from elsewhere, memory-mapped
-
-        try:
-            state = torch.load(resume_from, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as exc:
-            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise DmhpcError(f"{resume_from}: not a readable dmhpc checkpoint: {reason}") from None
-        if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        state = _load_state(resume_from)
+        if not isinstance(state.get("config"), dict):
             raise DmhpcError(f"{resume_from}: not a dmhpc checkpoint (no \"config\" entry)")
         # Through the schema, as config.yaml is read: keys added since it was written take their
         # defaults instead of differing from the new config's.
@@ -431,6 +441,31 @@ class RunDir:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def check_epochs(epochs: int, epoch: int, step_in_epoch: int) -> None:
+    """Refuse train.epochs below the epochs a run has trained (`epoch` and `step_in_epoch` of its
+    checkpoint's progress; an epoch begun counts): its config.yaml would say fewer epochs than its
+    log and checkpoints hold, and leaderboards read the config. The trainer's rule on resume, which
+    a launcher applies before submitting."""
+    trained = epoch + (step_in_epoch > 0)
+    if trained > epochs:
+        raise DmhpcError(f"train.epochs {epochs}: the run has trained {trained} epochs already; "
+                         f"give at least {trained}, or start a new run.dir")
+
+
+def _load_state(path: Path) -> dict:
+    """A checkpoint's content, memory-mapped on the CPU: only its config or progress is read here."""
+    import torch  # not at import: the launchers that call this for one entry need no torch otherwise
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise DmhpcError(f"{path}: not a readable dmhpc checkpoint: {reason}") from None
+    if not isinstance(state, dict):
+        raise DmhpcError(f"{path}: not a dmhpc checkpoint (it holds a {type(state).__name__}, not a mapping)")
+    return state
 
 
 def _read_json(path: Path) -> dict:

@@ -228,6 +228,37 @@ def test_a_relaunch_compares_the_config_of_a_run_with_results_but_no_last(tmp_pa
     assert "optim.lr 0.001 -> 0.5" in message and "seed 1 -> 5" in message and "\n" not in message
 
 
+def test_a_relaunch_refuses_fewer_epochs_than_last_has_trained(tmp_path):
+    """Refused only by the trainer, after the job was submitted and had waited in the queue."""
+    run, cfg = started(tmp_path, epochs=9)
+    save_checkpoint(run.checkpoint("last"), {"step": 30, "progress": {"epoch": 5, "step_in_epoch": 0, "step": 30}})
+    for epochs in (5, 9, 20):
+        run.check_relaunch(cfg_for(run.path, epochs=epochs), {})
+    with pytest.raises(DmhpcError, match=rf"^{run.path}: train.epochs 4: the run has trained 5 epochs already; give "
+                                         r"at least 5, or start a new run.dir$"):
+        run.check_relaunch(cfg_for(run.path, epochs=4), {})
+    save_checkpoint(run.checkpoint("last"), {"step": 33, "progress": {"epoch": 5, "step_in_epoch": 3, "step": 33}})
+    with pytest.raises(DmhpcError, match="train.epochs 5: the run has trained 6 epochs already"):  # one begun counts
+        run.check_relaunch(cfg_for(run.path, epochs=5), {})
+
+
+def test_a_relaunch_refuses_what_the_trainer_refuses_of_results_without_last(tmp_path):
+    """An unfinished run (or a finished one asked for another length) with results but no last.pt
+    would be submitted, and its trainer would refuse to start it."""
+    run, cfg = started(tmp_path, checkpoint=False)
+    save_checkpoint(run.checkpoint("best"), {"step": 3})
+    run.append_log({"kind": "epoch", "epoch": 0, "step": 3})
+    run.check_relaunch(cfg, {})  # killed before its first last.pt: the trainer starts it again
+    run.append_log({"kind": "epoch", "epoch": 1, "step": 6})
+    with pytest.raises(DmhpcError, match=rf"^{run.path}: holds results \(checkpoints/, eval/\) but no last.pt to resume "
+                                         r"from, and is unfinished; restore its last.pt, or remove the directory"):
+        run.check_relaunch(cfg, {})
+    run.write_result({"final": True}, "best", "test")
+    run.check_relaunch(cfg, {})  # finished: nothing to submit
+    with pytest.raises(DmhpcError, match="but no last.pt to resume from, and is asked to train for another length"):
+        run.check_relaunch(cfg_for(run.path, epochs=9), {})
+
+
 def test_a_moved_data_set_is_accepted_only_when_it_is_the_same_data(tmp_path):
     run, cfg = started(tmp_path)
     moved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="/scratch/pristine"))

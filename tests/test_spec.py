@@ -74,3 +74,18 @@ def test_a_finished_run_without_last_is_not_taken_for_another_configuration(tmp_
     with pytest.raises(DmhpcError, match=r"seed=0: .*config.yaml: the run was trained with another configuration: "
                                          r"optim\.lr 0\.001 -> 0\.5"):
         load_grid({**spec, "overrides": {"optim.lr": 0.5}})
+
+
+def test_fewer_epochs_than_a_run_has_trained_are_refused_before_submitting(tmp_path):
+    """docs/cluster.md: refused before anything is submitted; the trainer refused it after the job started."""
+    spec = {"base": str(TINY), "out": str(tmp_path), "executor": "local", "grid": {"seed": [0]},
+            "overrides": {"train.epochs": 6}}
+    point = load_grid(spec).points[0]
+    from dmhpc.config import save_config
+    from dmhpc.train.checkpoint import save_checkpoint
+
+    save_config(point.config, point.run_dir / "config.yaml")
+    save_checkpoint(point.run.checkpoint("last"), {"step": 9, "progress": {"epoch": 3, "step_in_epoch": 0, "step": 9}})
+    assert load_grid({**spec, "overrides": {"train.epochs": 3}})
+    with pytest.raises(DmhpcError, match=r"seed=0: .*seed=0: train\.epochs 2: the run has trained 3 epochs already"):
+        load_grid({**spec, "overrides": {"train.epochs": 2}})
