@@ -244,3 +244,74 @@ def test_info_text_and_json(dataset, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["counts"] == manifest["counts"] and "splits" not in summary
     assert summary["bytes"] == sum((directory / s["file"]).stat().st_size for s in manifest["shards"])
+
+
+def _edit(manifest, key, change):
+    edited = json.loads(json.dumps(manifest))
+    change(edited[key])
+    return edited
+
+
+def _set(key, value):
+    return lambda m: dict(json.loads(json.dumps(m)), **{key: value})
+
+
+def _add_image(counts):
+    counts["train"]["0"] += 1
+
+
+def _more_objects_than_rows(objects):
+    objects["val"] = 1000
+
+
+def _no_val_objects(objects):
+    objects["val"] = 0
+
+
+def _negative_std(stats):
+    stats["std"][1] = -1.0
+
+
+# The manifest of `dataset` (60 rows, fractions 0.7/0.1/0.2) with one hand-edited field that is
+# inconsistent with the rest: each passed `dmhpc verify`.
+INCONSISTENT = [
+    (_set("seed", -1), "seed -1: expected an integer >= 0"),
+    (_set("layout", "CHW"), "layout 'CHW': expected one of NCHW, NHWC"),
+    (_set("fractions", {"train": 0.7, "val": 0.4, "test": 0.2}), "fractions 0.7,0.4,0.2: need train > 0, val and test"),
+    (_set("fractions", {"train": 1.2, "val": -0.4, "test": 0.2}), "fractions 1.2,-0.4,0.2: need train > 0"),
+    (_set("fractions", {"train": 0.95, "val": 0.05, "test": 0.0}), "fraction 0.95 of 60 draws at least 57"),
+    (_set("fractions", {"train": 0.7, "val": 0.3, "test": 0.0}),
+     "train and val hold 48 rows; fractions 0.7 and 0.3 of 60 draw at least 60"),
+    (_set("fractions", {"train": 0.7, "val": 0.0, "test": 0.3}), "rows['val']: 6 rows; its fraction is 0"),
+    (lambda m: _edit(m, "counts", _add_image), "counts['train']: "),
+    (lambda m: _edit(m, "objects", _more_objects_than_rows), "objects['val'] 1000: expected 1 to 6 for the 6 rows"),
+    (lambda m: _edit(m, "objects", _no_val_objects), "objects['val'] 0: expected 1 to 6 for the 6 rows"),
+    (lambda m: _edit(m, "stats", _negative_std), "stats.std"),
+]
+
+
+@pytest.mark.parametrize("edit, problem", INCONSISTENT)
+def test_an_inconsistent_hand_edited_manifest_is_refused(dataset, capsys, edit, problem):
+    directory, manifest, _ = dataset
+    assert [manifest["rows"][s][1] - manifest["rows"][s][0] for s in SPLITS] == [42, 6, 12]  # what the edits assume
+    (directory / MANIFEST).write_text(json.dumps(edit(manifest)))
+    with pytest.raises(DmhpcError) as info:
+        load_manifest(directory)
+    assert str(info.value).startswith(f"{directory / MANIFEST}: ") and problem in str(info.value), str(info.value)
+    assert main(["verify", str(directory)]) == 1
+    err = capsys.readouterr().err
+    assert problem in err and err.count("\n") == 1, err
+
+
+def test_every_split_the_writer_draws_passes_the_manifest_checks(tmp_path):
+    """The checks of what the fractions imply hold for any objects, seed and fractions the writer takes."""
+    rng = np.random.default_rng(11)
+    for k, fractions in enumerate([(0.7, 0.1, 0.2), (0.5, 0.0, 0.5), (1.0, 0.0, 0.0), (0.34, 0.33, 0.33),
+                                   (0.8, 0.2, 0.0), (0.2, 0.75, 0.05)]):
+        for seed in range(4):
+            n = int(rng.integers(5, 60))
+            objects = np.repeat(np.arange(n), rng.integers(1, 6, n))[:n]  # objects of 1 to 5 images
+            images = rng.normal(size=(n, 1, 4, 4)).astype(np.float32)
+            out = tmp_path / f"{k}-{seed}"
+            write_dataset(images, rng.integers(0, 2, n), objects, out, shard_size=8, seed=seed, fractions=fractions)
+            load_manifest(out)

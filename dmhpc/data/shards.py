@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 
 from dmhpc import __version__
+from dmhpc.data.inputs import LAYOUTS
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write, is_temporary
 from dmhpc.progress import progress_bar
@@ -606,6 +607,10 @@ def _manifest_problem(m) -> str | None:
         return f"shape {m['shape']!r}: expected [C, H, W], three positive integers"
     if m["dtype"] not in DTYPES:
         return f"dtype {m['dtype']!r}; expected one of {', '.join(DTYPES)}"
+    if m["seed"] < 0:  # numpy's generators take none: prepare refuses it
+        return f"seed {m['seed']}: expected an integer >= 0"
+    if m["layout"] not in LAYOUTS:
+        return f"layout {m['layout']!r}: expected one of {', '.join(LAYOUTS)}"
     start = 0
     for k, shard in enumerate(m["shards"]):
         if not isinstance(shard, dict) or set(shard) != {"file", "count", "start", "sha256"}:
@@ -641,18 +646,42 @@ def _manifest_problem(m) -> str | None:
         if len(counts) != classes or not all(str(k) in counts for k in range(classes)):
             return (f"counts[{split!r}]: expected one number for each of the {classes} classes"
                     if classes else f"counts[{split!r}]: expected none in an unlabelled data set")
+        if classes and sum(counts.values()) != rows[1] - rows[0]:
+            return f"counts[{split!r}]: {sum(counts.values())} images in all for the {rows[1] - rows[0]} rows of the split"
         start = rows[1]
     if start != m["count"]:
         return f"rows cover {start} rows; count is {m['count']}"
     if "objects" in m and (set(m["objects"]) != set(SPLITS) or not all(_is_int(v, 0) for v in m["objects"].values())):
         return f"objects: expected a number of objects for each of {', '.join(SPLITS)}"
+    sizes = {split: m["rows"][split][1] - m["rows"][split][0] for split in SPLITS}
+    for split in SPLITS if "objects" in m else ():
+        objects, n = m["objects"][split], sizes[split]
+        if objects > n or (objects == 0) != (n == 0):  # every object has an image in its split
+            return f"objects[{split!r}] {objects}: expected {f'1 to {n}' if n else 0} for the {n} rows of the split"
     channels = m["shape"][0]
     for key in ("mean", "std"):
         values = m["stats"].get(key)
         if not isinstance(values, list) or len(values) != channels or not all(_is_number(v) for v in values):
             return f"stats.{key}: expected {channels} numbers, one per channel"
+    if any(v < 0 for v in m["stats"]["std"]):
+        return f"stats.std {m['stats']['std']!r}: expected no negative standard deviation"
     if set(m["fractions"]) != set(SPLITS) or not all(_is_number(v) for v in m["fractions"].values()):
         return f"fractions: expected a number for each of {', '.join(SPLITS)}"
+    try:
+        train_f, val_f, _ = check_fractions([m["fractions"][split] for split in SPLITS])
+    except DmhpcError as exc:
+        return str(exc)
+    # What split_order's draw guarantees, whatever the objects: train takes objects until it holds
+    # round(f_train * N) images, val until both hold round((f_train + f_val) * N).
+    n, least = m["count"], {"train": round(train_f * m["count"]), "val": round((train_f + val_f) * m["count"])}
+    if sizes["train"] == 0 or sizes["train"] < least["train"]:
+        return (f"rows['train']: {sizes['train']} rows; fraction {train_f:g} of {n} draws at least "
+                f"{max(least['train'], 1)}")
+    if sizes["train"] + sizes["val"] < least["val"]:
+        return (f"rows: train and val hold {sizes['train'] + sizes['val']} rows; fractions {train_f:g} and "
+                f"{val_f:g} of {n} draw at least {least['val']}")
+    if val_f == 0 and sizes["val"]:
+        return f"rows['val']: {sizes['val']} rows; its fraction is 0"
     for k, entry in enumerate(m["inputs"]):
         if (not isinstance(entry, dict) or not {"role", "file"} <= set(entry) <= {"role", "file", "sha256", "count"}
                 or not all(isinstance(entry[key], str) for key in ("role", "file"))):
