@@ -179,6 +179,7 @@ def locked_directory(directory: Path, user: str) -> Iterator[None]:
     # "." must not put the lock inside the folder.
     resolved = directory.resolve()
     path = resolved.parent / f".{resolved.name}.lock"
+    made = [folder for folder in path.parents if not folder.exists()]  # nearest first, as hold_lock makes them
     handle = hold_lock(path, f"{directory}: in use by another {user} ({{holder}}); wait for it to end or choose "
                              f"another folder", user)
     try:
@@ -186,6 +187,14 @@ def locked_directory(directory: Path, user: str) -> Iterator[None]:
     finally:
         path.unlink(missing_ok=True)  # before the lock goes: see hold_lock's check of the inode
         handle.close()
+        # A block that failed (bad input) would leave the empty folders made for the lock behind.
+        # Only empty ones go: after success the folder itself is in them, and another writer may
+        # have put something there meanwhile.
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def hold_lock(path: Path, refusal: str, second: str, wait: bool = False) -> IO:

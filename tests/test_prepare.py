@@ -380,6 +380,28 @@ def test_an_input_unreadable_while_checksummed_leaves_nothing(inputs, monkeypatc
     assert_fails(capsys, args(inputs), "X.npy: cannot read (Input/output error)", out=inputs["out"])
 
 
+def test_a_failure_under_the_lock_removes_the_folders_made_for_it(inputs, tmp_path, monkeypatch, capsys):
+    """The lock beside the output folder made its missing parents; a conversion that failed after
+    taking it (an input unreadable while checksummed) left them behind, empty."""
+    import errno
+
+    real = shards.file_sha256
+
+    def images_unreadable(path, *rest, **named):
+        if Path(path).name == "X.npy":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real(path, *rest, **named)
+
+    monkeypatch.setattr(shards, "file_sha256", images_unreadable)
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "new" / "deeper" / "ds"
+    assert_fails(capsys, args(dict(inputs, out=str(out))), "X.npy: cannot read (Input/output error)")
+    assert os.listdir(tmp_path / "kept") == []  # made here: gone; there before: kept
+    monkeypatch.setattr(shards, "file_sha256", real)
+    assert main(args(dict(inputs, out=str(out)))) == 0
+    assert MANIFEST in os.listdir(out)
+
+
 def test_finished_or_foreign_directory_needs_overwrite(inputs, tmp_path, capsys):
     assert main(args(inputs)) == 0
     assert_fails(capsys, args(inputs), "already holds a data set", "--overwrite")
