@@ -21,8 +21,8 @@ from dmhpc.launch import load_grid
 from dmhpc.launch.spec import resolve_point
 from dmhpc.launch import submit
 from dmhpc.launch.spec import Point
-from dmhpc.launch.submit import (Resources, TrainTask, local_threads, make_executor, preempt_signal,
-                                 sigterm_as_interrupt, slurm_minutes, submission)
+from dmhpc.launch.submit import (Resources, TrainTask, local_gpus, local_threads, make_executor, pick_gpus,
+                                 preempt_signal, sigterm_as_interrupt, slurm_minutes, submission)
 
 
 def test_slurm_time_formats():
@@ -47,6 +47,50 @@ def test_local_ranks_running_at_once_share_the_cores_unless_the_user_chose(monke
     assert [local_threads(n) for n in (1, 2, 3, 8, 20)] == [None, 4, 2, 1, 1]
     monkeypatch.setenv("OMP_NUM_THREADS", "6")
     assert local_threads(3) is None
+
+
+@pytest.mark.parametrize("gpus, running, wanted, expected", [
+    ((0, 1, 2, 3), [], 1, (0,)),
+    ((0, 1, 2, 3), [(0,), (1,)], 1, (2,)),              # jobs running at once: a GPU each
+    ((0, 1, 2, 3), [(0,), (2,)], 2, (1, 3)),
+    ((0, 1, 2, 3), [(1,)], 1, (0,)),                    # one freed by a job that ended is taken again
+    ((0, 1), [(0,), (1,)], 1, (0,)),                    # more jobs than GPUs: shared evenly, never all on 0
+    ((0, 1), [(0,), (1,), (0,)], 1, (1,)),
+    ((2, 5), [(2,)], 1, (5,)),                          # the launcher's CUDA_VISIBLE_DEVICES
+    ((0, 1), [], 0, None),                              # CPU ranks
+    ((), [], 1, None),                                  # no GPU known: submitit's default
+    (None, [], 1, None),
+    ((0,), [], 2, None),                                # fewer than the job wants: submitit's default
+])
+def test_local_jobs_running_at_once_get_gpus_of_their_own(gpus, running, wanted, expected):
+    """Every local job got GPU 0 (submitit's default): jobs running together shared it while the
+    others idled."""
+    assert pick_gpus(gpus, running, wanted) == expected
+
+
+def test_the_gpus_local_jobs_may_use_follow_the_launchers_cuda_visible_devices(monkeypatch):
+    for visible, expected in (("2,5", (2, 5)), ("3", (3,)), ("", ()), ("GPU-8f3a,GPU-19bc", None)):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert local_gpus() == expected, visible
+
+
+def _note_gpus(config: dict) -> None:
+    run = Path(config["run"]["dir"])
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "gpus").write_text(os.environ["CUDA_VISIBLE_DEVICES"])
+    time.sleep(3)  # both points run at once
+
+
+def test_local_points_running_at_once_run_on_gpus_of_their_own(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    points = [Point(name, {}, tmp_path / name, resolve_point(TINY, {"run.dir": str(tmp_path / name)}))
+              for name in ("a", "b")]
+    res = Resources(gpus_per_node=1, array_parallelism=2, time_min=5)
+    assert submit._launch_local(points, {"a": res, "b": res}, folder=tmp_path / "submitit", job_name="dmhpc-test",
+                                task=_note_gpus, poll_s=0.2) == {}
+    assert sorted((tmp_path / name / "gpus").read_text() for name in ("a", "b")) == ["2", "5"]
+    out = capsys.readouterr().out
+    assert "point a: local job" in out and "on GPU(s) 2" in out and "on GPU(s) 5" in out
 
 
 def test_sbatch_options_for_a_site(tmp_path):

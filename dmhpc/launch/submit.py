@@ -188,6 +188,48 @@ def local_threads(ranks_at_once: int) -> int | None:
     return max(1, cpus // ranks_at_once)
 
 
+def local_gpus() -> tuple[int, ...] | None:
+    """The GPUs local jobs may use, as the indices submitit's local executor puts in a job's
+    CUDA_VISIBLE_DEVICES: the launcher's own CUDA_VISIBLE_DEVICES where it lists indices, else those
+    `nvidia-smi -L` lists. None where that cannot be told (UUIDs, no nvidia-smi): submitit's default."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        items = [v.strip() for v in visible.split(",") if v.strip()]
+        return tuple(int(v) for v in items) if all(v.isdigit() for v in items) else None
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if listed.returncode != 0:
+        return None
+    return tuple(range(sum(line.startswith("GPU ") for line in listed.stdout.splitlines())))
+
+
+def pick_gpus(gpus: tuple[int, ...] | None, running: list[tuple[int, ...]], wanted: int) -> tuple[int, ...] | None:
+    """The GPUs of `gpus` for a local job that wants `wanted`, beside running jobs that hold
+    `running`: those the fewest of them use (the first of equals), so jobs running together get
+    GPUs of their own while there are enough. None leaves submitit's default (GPUs 0 to wanted-1):
+    no GPU wanted, or too few to choose among."""
+    if not wanted or not gpus or wanted > len(gpus):
+        return None
+    use = {g: 0 for g in gpus}
+    for held in running:
+        for g in held:
+            if g in use:
+                use[g] += 1
+    chosen = set(sorted(gpus, key=use.__getitem__)[:wanted])
+    return tuple(g for g in gpus if g in chosen)
+
+
+def use_gpus(executor: submitit.AutoExecutor, gpus: tuple[int, ...] | None) -> None:
+    """Give the local executor's next jobs `gpus` (see `pick_gpus`); it gave every job GPU 0 (to
+    gpus_per_node - 1), so jobs running at once shared one GPU while others idled."""
+    if gpus is not None:
+        # AutoExecutor refuses local_visible_gpus (LocalExecutor lists only "setup" as its own
+        # parameter); the local executor inside takes it.
+        executor._executor.update_parameters(visible_gpus=gpus)
+
+
 def make_executor(kind: str, folder: Path, res: Resources, name: str) -> submitit.AutoExecutor:
     """A submitit executor for `kind` ("slurm", "local" or "debug") asking for `res` per job."""
     executor = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_max_num_timeout=res.max_num_timeout,
@@ -530,19 +572,24 @@ def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, fo
     folder.mkdir(parents=True, exist_ok=True)
     failures: dict[str, str] = {}
     running: dict[str, submitit.Job] = {}
+    gpus, held = local_gpus(), {}  # held: point name -> the GPUs its running job was given
     try:
         with sigterm_as_interrupt():
             while todo or running:
                 while todo and len(running) < at_once:
                     p = todo.pop(0)
+                    executor = make_executor("local", folder, resources[p.name], job_name)
+                    held[p.name] = pick_gpus(gpus, list(filter(None, held.values())), resources[p.name].gpus_per_node)
+                    use_gpus(executor, held[p.name])
                     with submission(threads, folder / CONTROLLERS_LOG):
-                        running[p.name] = make_executor("local", folder, resources[p.name], job_name).submit(
-                            task, config_to_dict(p.config))
+                        running[p.name] = executor.submit(task, config_to_dict(p.config))
                     job = running[p.name]
-                    print(f"dmhpc launch: point {p.name}: local job {job.job_id}", flush=True)
+                    on = f" on GPU(s) {', '.join(map(str, held[p.name]))}" if held[p.name] else ""
+                    print(f"dmhpc launch: point {p.name}: local job {job.job_id}{on}", flush=True)
                 ended = {name: job for name, job in running.items() if job.done()}
                 for name in ended:
                     del running[name]
+                    del held[name]
                 failures.update(wait_for(ended))
                 if not ended:
                     time.sleep(poll_s)

@@ -64,9 +64,9 @@ from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, hold_lock
 from dmhpc.launch.spec import (Range, base_path, data_ids, dotted_keys, finished_as, point_name, point_problem,
                                read_launch_file, read_space, resolve_point)
-from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, Resources, TrainTask, check_executor_here,
-                                 local_threads, make_executor, preempt_signal, read_resources,
-                                 sbatch_refusal, sigterm_as_interrupt, submission, wait_for)
+from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, Resources, TrainTask, check_executor_here, local_gpus,
+                                 local_threads, make_executor, pick_gpus, preempt_signal, read_resources,
+                                 sbatch_refusal, sigterm_as_interrupt, submission, use_gpus, wait_for)
 from dmhpc.names import CRITERIA, LABEL_FREE
 from dmhpc.run import RunDir
 
@@ -325,6 +325,7 @@ class _Running:
     run: RunDir
     job: Any  # submitit.Job; None for values whose run had finished already
     reported: int = -1  # last epoch reported to the pruner
+    gpus: tuple[int, ...] | None = None  # what a local job was given (None: submitit's default)
 
 
 def _report(r: _Running) -> None:
@@ -389,6 +390,7 @@ class _Search:
         self.folder = t.out / "submitit"
         self.threads = local_threads(t.parallel * t.resources.ranks) if t.executor == "local" else None
         self.submitter = make_executor(t.executor, self.folder, t.resources, f"dmhpc-tune-{t.out.name}")
+        self.gpus = local_gpus() if t.executor == "local" else None
         self.running: list[_Running] = []
         self.failures_in_a_row = 0
 
@@ -408,7 +410,7 @@ class _Search:
             if same is not None:  # values a running trial has: share its job, its result, its fate
                 print(f"dmhpc tune: trial {trial.number} {run_dir.name}: the values of running trial "
                       f"{same.trial.number}; sharing its job", flush=True)
-                self.running.append(_Running(trial, same.run, same.job))
+                self.running.append(_Running(trial, same.run, same.job, gpus=same.gpus))
                 return
             run = RunDir(run_dir)
             run.check_relaunch(cfg, data_ids(cfg))  # a directory holding another run would fail the job
@@ -418,12 +420,15 @@ class _Search:
         except DmhpcError as exc:
             self.outcome(_fail(study, trial, str(exc)))
             return
+        held = {id(r.job): r.gpus for r in self.running if r.job is not None and r.gpus}
+        gpus = pick_gpus(self.gpus, list(held.values()), t.resources.gpus_per_node)
+        use_gpus(self.submitter, gpus)
         try:
             log = self.folder / CONTROLLERS_LOG if t.executor == "local" else None
             with submission(self.threads, log):
                 with sbatch_refusal(f"the job of trial {trial.number}"):
                     job = self.submitter.submit(TrainTask(), config_to_dict(cfg))
-                self.running.append(_Running(trial, run, job))
+                self.running.append(_Running(trial, run, job, gpus=gpus))
                 trial.set_user_attr("job_id", job.job_id)
                 trial.set_user_attr("executor", t.executor)
         except DmhpcError as exc:
