@@ -173,6 +173,31 @@ def test_explain_a_catalog_with_the_model_that_predicted_it(survey, run_on_surve
         assert not (tmp_path / "refused").exists()
 
 
+def test_explain_a_catalog_whose_images_changed_since_is_one_line(run_on_survey, tmp_path, capsys):
+    """explain --catalog read the candidates back from the catalog's source without checking it was
+    still what was predicted: a rewritten images file showed other galaxies under the catalog's
+    probabilities, and a shorter one was an IndexError traceback."""
+    pytest.importorskip("captum")
+    from astropy.table import Table
+
+    images = np.random.default_rng(5).normal(0.5, 0.3, (40, 3, 75, 75)).astype(np.float32)
+    survey, catalog = tmp_path / "survey.npy", tmp_path / "c.ecsv"
+    np.save(survey, images)
+    assert main(["predict", "--run", str(run_on_survey), "--images", str(survey), "--out", str(catalog)]) == 0
+    table = Table.read(catalog)
+    del table.meta["INPUTSHA"]  # a catalog of an older dmhpc: the positions are still checked
+    table["p_merger"][39] = 1.0  # the top candidate: the last image
+    table.write(tmp_path / "older.ecsv")
+    np.save(survey, images[:30])
+    for cat, message in ((catalog, f"{catalog}: its inputs ({survey}) changed since it was predicted"),
+                         (tmp_path / "older.ecsv", f"{survey}: no image at input position 39 (it holds 30)")):
+        assert main(["explain", "--run", str(run_on_survey), "--catalog", str(cat), "--n", "2",
+                     "--out", str(tmp_path / "explain")]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "explain").exists()
+
+
 def test_explain_data_of_another_shape_is_one_line(survey, run_on_survey, tmp_path, capsys):
     """A prepared set of 32x32 images was a RuntimeError traceback from the network."""
     pytest.importorskip("captum")

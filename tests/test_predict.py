@@ -323,15 +323,15 @@ def test_killed_and_rerun_gives_the_uninterrupted_catalog(trained, tmp_path):
         proc.wait()
     done = len(_parts(out))
     assert 2 <= done < 7 and not out.exists()
-    # The first part as the version before cutout files were recorded wrote it: still reused.
+    # A part whose entries no longer match its checksum is computed again, never merged.
     first = sorted(_parts(out))[0]
     with np.load(first) as z:
-        old = {key: z[key] for key in z.files if key != "_cutout_files"}
-    np.savez(first, **old)
+        edited = {key: z[key] for key in z.files if key != "_cutout_files"}
+    np.savez(first, **edited)
     rerun = subprocess.run([sys.executable, *_predict_cmd(trained, out, "--tta")], cwd=ROOT, env=clean_env(),
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    assert f"({done} done before)" in rerun.stdout
+    assert f"({done - 1} done before)" in rerun.stdout
     a, b = read(straight), read(out)
     for column in a.colnames:
         np.testing.assert_array_equal(np.asarray(a[column]), np.asarray(b[column]))
@@ -505,12 +505,12 @@ def test_parts_from_other_inputs_a_retrained_checkpoint_or_other_source_options_
         assert "holds parts of another prediction" in err and differs in err and len(err.splitlines()) == 1, err
 
     refused([*source[:-1], "name"], "(differs in id_column);")
-    refused([*source, "--nan-fill", "0"], "(differs in nan_fill);")
+    refused([*source, "--nan-fill", "0", "--part-size", "64"], "nan_fill, part_size);")
     state = load_checkpoint(run / "checkpoints" / "best.pt")
     next(iter(state["model"].values())).add_(1.0)
     torch.save(state, run / "checkpoints" / "tmp.pt")
     os.replace(run / "checkpoints" / "tmp.pt", run / "checkpoints" / "best.pt")  # as a retrain with --overwrite does
-    refused(source, "(differs in checkpoint_file.mtime_ns")
+    refused(source, "(differs in checkpoint_sha256)")
     np.save(images, trained["images"][::-1])  # the survey file regenerated: same count, other images
     refused(source, "input_files.images.")
     assert main([*argv, *source, "--overwrite"]) == 0
@@ -546,24 +546,33 @@ def _save_part(path: Path, columns: dict) -> None:
     os.replace(path.with_suffix(".tmp.npz"), path)
 
 
-def test_parts_of_the_right_length_but_other_contents_are_computed_again(trained, tmp_path):
+def test_parts_of_the_right_length_but_other_contents_are_computed_again(trained, tmp_path, capsys):
     """A part was taken as done when its `index` had the right length: one with another part's rows
-    gave a catalog with rows twice and others missing, one without a column an IndexError."""
+    gave a catalog with rows twice and others missing, one without a column an IndexError. Parts
+    carry a checksum now; one whose numbers cannot be probabilities is not reused even with a
+    matching checksum (a writer's bug, not an edit)."""
+    from dmhpc.infer.predict import PART_CHECKSUM, _part_checksum, _spec_digest
+
     straight = tmp_path / "straight.parquet"
     argv = ["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--part-size", "32",
             "--batch-size", "16", "--tta", "--out"]
     assert main([*argv, str(straight)]) == 0
     out = tmp_path / "edited.parquet"
     with open(tmp_path / "log", "w") as log:
-        proc = _start_and_wait_for_parts(trained, out, 2, log, "--tta")
+        proc = _start_and_wait_for_parts(trained, out, 3, log, "--tta")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     parts = _parts(out)
-    first, second = dict(np.load(parts[0])), dict(np.load(parts[1]))
+    first, second, third = dict(np.load(parts[0])), dict(np.load(parts[1])), dict(np.load(parts[2]))
     del first["p_merger_std"]
-    _save_part(parts[0], first)
+    _save_part(parts[0], {**first, "id": first["id"] + 1000})  # other ids too
     _save_part(parts[1], {**second, "index": second["index"] - 32})  # part 0's rows again
+    spec = json.loads((Path(f"{out}.parts") / "predict.json").read_text())
+    third["p_merger"] = third["p_merger"] * 0 + 7.5
+    _save_part(parts[2], {**third, PART_CHECKSUM: _part_checksum(third, _spec_digest(spec))})
+    capsys.readouterr()
     assert main([*argv, str(out)]) == 0
+    assert f"({len(parts) - 3} done before)" in capsys.readouterr().out
     a, b = read(straight), read(out)
     assert list(b["index"]) == list(range(200))
     for column in a.colnames:
@@ -581,8 +590,8 @@ def test_a_part_replaced_while_the_prediction_runs_is_refused_at_the_merge(train
         _save_part(part, {**columns, "index": columns["index"] + 32})  # part 1's rows twice, part 0's none
         assert proc.wait(timeout=300) == 1
     log = (tmp_path / "log").read_text()
-    assert (f"{part}: not a part of this prediction: rows other than its 32 rows (from input position 0); remove it "
-            f"and run again") in log, log
+    assert (f"{part}: not a part of this prediction: its checksum does not match its contents and this prediction "
+            f"(edited, or another prediction's); remove it and run again") in log, log
     assert "Traceback" not in log and not out.exists()
 
 
@@ -691,3 +700,86 @@ def test_a_requeued_prediction_reuses_its_own_statistics(trained, tmp_path, monk
         a = read(straight)
         np.testing.assert_array_equal(np.asarray(a["p_merger"]), np.asarray(b["p_merger"]))
         assert a.meta["MEAN"] == b.meta["MEAN"] and a.meta["STD"] == b.meta["STD"]
+
+
+def test_the_recorded_checkpoint_hash_is_of_the_bytes_loaded(trained, tmp_path):
+    """CKPTSHA was hashed when the catalog's metadata was built, after the --normalize own pass: a
+    checkpoint written meanwhile (a run still training rewrites last.pt each epoch) was named for a
+    catalog it did not compute."""
+    from dmhpc.data.shards import file_sha256
+    from dmhpc.infer.predict import Model
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    path = run / "checkpoints" / "best.pt"
+    loaded = file_sha256(path)
+    model = Model(RunDir(run), "best", torch.device("cpu"))
+    state = load_checkpoint(path)
+    next(iter(state["model"].values())).add_(1.0)
+    torch.save(state, path)
+    assert model.sha256 == loaded != file_sha256(path)
+
+
+def test_a_prepared_set_damaged_or_replaced_in_place_is_refused(trained, tmp_path, capsys):
+    """predict read a prepared set's shards without checking them: a damaged shard gave a catalog of
+    other pixels, and parts computed before a shard was replaced in place were merged with the new
+    ones (the manifest, hence the fingerprint, unchanged)."""
+    from dmhpc.data.shards import write_dataset
+
+    images = np.concatenate([trained["images"]] * 4)  # 800 images: long enough to stop it after a part
+    data, other = tmp_path / "survey", tmp_path / "other"
+    write_dataset(images, None, None, data, shard_size=400, seed=0)
+    write_dataset(images[::-1].copy(), None, None, other, shard_size=400, seed=0)
+    out = tmp_path / "survey.parquet"
+    argv = ["-m", "dmhpc", "predict", "--run-dir", str(trained["run"]), "--data", str(data), "--out", str(out),
+            "--part-size", "32", "--batch-size", "16", "--tta", "--verify", "structure"]
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=clean_env(), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + 120
+        while not _parts(out):
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "log").read_text()
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    shutil.copyfile(other / "shard-00000.h5", data / "shard-00000.h5")  # same layout, other images
+    assert main(argv[2:]) == 1
+    err = capsys.readouterr().err
+    assert "holds parts of another prediction (differs in input_files.shard-00000.h5" in err, err
+    assert len(err.splitlines()) == 1 and not out.exists()
+    assert main(argv[2:-2]) == 1  # with the default --verify checksums: refused before anything else
+    err = capsys.readouterr().err
+    assert f"--data {data}: 1 problem: shard-00000.h5 checksum mismatch (`dmhpc verify {data}` lists them)" in err, err
+    assert len(err.splitlines()) == 1 and not out.exists()
+
+
+def test_a_rerun_with_nan_fill_after_a_nan_stop_keeps_the_parts_written(trained, tmp_path, capsys):
+    """Stopped at a NaN pixel after some parts were written, the rerun with --nan-fill that the error
+    asks for was refused as "parts of another prediction (differs in nan_fill)". Those parts hold
+    finite images only, so they are kept; a fill that differs from one parts were made with is not."""
+    images = trained["images"].copy()
+    images[150, 0, 10, 10] = np.nan  # in part 4 of 7
+    np.save(tmp_path / "nan.npy", images)
+    argv = ["predict", "--run", str(trained["run"]), "--part-size", "32", "--batch-size", "16", "--out"]
+    out = tmp_path / "nan.parquet"
+    nan = [str(out), "--images", str(tmp_path / "nan.npy")]
+    assert main([*argv, *nan]) == 1
+    assert "NaN pixels in image 150; --nan-fill 0" in capsys.readouterr().err
+    assert len(_parts(out)) == 4
+    assert main([*argv, *nan, "--nan-fill", "0"]) == 0
+    assert "(4 done before)" in capsys.readouterr().out
+    filled = images.copy()
+    filled[150, 0, 10, 10] = 0.0
+    mean, std = RunDir(trained["run"]).normalization("target")
+    np.testing.assert_array_equal(np.asarray(read(out)["p_merger"]),
+                                  expected_probabilities(trained["run"], filled, mean, std, 16))
+    images[170, 1, 5, 5] = np.inf  # --nan-fill stops at it, in part 5, with parts 0-4 written with the fill
+    np.save(tmp_path / "inf.npy", images)
+    out = tmp_path / "inf.parquet"
+    inf = [str(out), "--images", str(tmp_path / "inf.npy")]
+    assert main([*argv, *inf, "--nan-fill", "0"]) == 1
+    assert "Inf pixels in image 170" in capsys.readouterr().err and len(_parts(out)) == 5
+    for fill in ([], ["--nan-fill", "1"]):  # parts made with a fill are not those of another fill, or of none
+        assert main([*argv, *inf, *fill]) == 1
+        err = capsys.readouterr().err
+        assert "holds parts of another prediction (differs in nan_fill)" in err and len(err.splitlines()) == 1, err

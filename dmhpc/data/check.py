@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, Callable
 
 import h5py
 import numpy as np
@@ -162,6 +163,23 @@ def combine(manifest: dict, parts: list[dict]) -> list[str]:
                 problems.append(f"{both.size} objects are in both the {a} and {b} splits (e.g. object "
                                 f"{int(both[0])}): their images would be tested on what was trained on")
     return problems
+
+
+def check_dataset(where: str, directory: str | os.PathLike, manifest: dict, *, checksums: bool, rank: int = 0,
+                  world_size: int = 1, gather: Callable[[Callable[[], Any]], list] = lambda step: [step()]) -> None:
+    """One DmhpcError starting with `where` that names the data set's first problems, or nothing.
+    Shard k is checked by rank k mod `world_size`; `gather(step)` runs `step` on every rank and
+    returns all results (dmhpc.distributed.gather), so every rank raises the same line."""
+    problem = split_problem(manifest)
+    if problem:
+        raise DmhpcError(f"{where}: manifest.json: {problem}")
+    parts = gather(lambda: check_part(directory, checksums=checksums, rank=rank, world_size=world_size,
+                                      manifest=manifest))
+    problems = combine(manifest, parts)
+    if problems:
+        raise DmhpcError(f"{where}: {len(problems)} problem{'s' if len(problems) > 1 else ''}: "
+                         f"{'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''} "
+                         f"(`dmhpc verify {directory}` lists them)")
 
 
 def verify_dataset(directory: str | os.PathLike, checksums: bool = True) -> list[str]:

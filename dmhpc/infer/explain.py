@@ -197,6 +197,12 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
         if catalog is not None:
             top = np.argsort(-np.asarray(table["p_merger"]), kind="stable")[:n]
             source = open_source(**json.loads(table.meta["SRCARGS"]))
+            # The grids show the catalog's probabilities beside images read back now: they must be
+            # the images those are of (a catalog of an older dmhpc has no INPUTSHA to compare).
+            now = source.digest()
+            if str(table.meta.get("INPUTSHA", now)) != now:
+                raise DmhpcError(f"{catalog}: its inputs ({source.path}) changed since it was predicted (another "
+                                 f"size or modification time, or a data set prepared again); predict again")
             images = source.read_inputs(np.asarray(table["index"])[top])
             claim_out()
             norm = Normalizer(json.loads(table.meta["MEAN"]), json.loads(table.meta["STD"]), dist.device)

@@ -28,7 +28,7 @@ is what per-domain normalization means for a survey whose flux scale differs fro
 from __future__ import annotations
 
 import contextlib
-import functools
+import hashlib
 import json
 import os
 import shutil
@@ -43,14 +43,14 @@ from dmhpc.checks import show
 from dmhpc.config import changed_keys
 from dmhpc.data.batches import Normalizer, read_ahead
 from dmhpc.data.inputs import CUTOUTS_HELP
-from dmhpc.data.shards import file_sha256
 from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, gather, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write, locked_directory
 from dmhpc.progress import progress_bar
 from dmhpc.infer.sources import Source, file_identity, open_source
 from dmhpc.run import RunDir, check_shape
-from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, StopRequest, checkpoint_info, load_checkpoint, load_weights
+from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, StopRequest, checkpoint_info, load_checkpoint_sha256,
+                                   load_weights)
 from dmhpc.train.objective import build_backbone
 from dmhpc.train.step import autocast
 
@@ -77,19 +77,15 @@ class Model:
         # Name, epoch and step alone are the same for a run retrained with --overwrite.
         self.path = run.checkpoint(checkpoint)
         self.identity = file_identity(self.path)
-        state = load_checkpoint(run.checkpoint(checkpoint))
+        # The catalog records the SHA-256 of what was loaded, a moved or copied run keeps it (its path and
+        # a retrained run's step say less).
+        state, self.sha256 = load_checkpoint_sha256(self.path)
         self.checkpoint = checkpoint_info(checkpoint, state)
         self.net = build_backbone(self.cfg, run.data_record("source")["shape"][0]).to(device).eval()
         load_weights(self.net, state, run.checkpoint(checkpoint))
         if self.cfg.train.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.device, self.amp = device, amp
-
-    @functools.cached_property
-    def sha256(self) -> str:
-        """The checkpoint file's SHA-256: what a catalog records of its model, which a moved or
-        copied run still has (its path and a retrained run's step say less)."""
-        return file_sha256(self.path)
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
@@ -119,24 +115,56 @@ def _part_problem(columns, index: np.ndarray, names: set) -> str | None:
         return f"columns of other lengths than its {len(index)} rows"
     if not np.array_equal(columns["index"], index):
         return f"rows other than its {len(index)} rows (from input position {index[0]})"
-    if not all(np.isfinite(columns[key]).all() for key in ("p_merger", "p_merger_std") if key in names):
-        return "non-finite merger probabilities"
+    # A probability is in [0, 1], and the spread of values in [0, 1] at most 0.5 (NaN fails both).
+    for key, top in (("p_merger", 1.0), ("p_merger_std", 0.5)):
+        if key in names and not ((columns[key] >= 0) & (columns[key] <= top)).all():
+            return f"{key} values outside [0, {top:g}]"
     return None
 
 
-# A part's entry beside its columns: Source.cutout_files of its rows when it was computed.
-PART_INPUTS = "_cutout_files"
+# A part's entries beside its columns: Source.cutout_files of its rows when it was computed, and
+# the part's checksum (see _part_checksum).
+PART_INPUTS, PART_CHECKSUM = "_cutout_files", "_checksum"
 
 
-def _part_done(path: Path, index: np.ndarray, names: set, inputs: str) -> bool:
+def _spec_digest(spec: dict) -> str:
+    """What a part's checksum says it was computed for: the prediction's spec but nan_fill, which
+    changes no part that was written (a part is only written when its images are finite)."""
+    text = json.dumps({key: value for key, value in spec.items() if key != "nan_fill"}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _part_checksum(entries: dict, spec_digest: str) -> str:
+    """SHA-256 of a part's entries (names, types, shapes, bytes) and of the prediction it belongs to:
+    a part edited by hand, or copied from another prediction's folder, is computed again (on resume)
+    or refused (at the merge) instead of being merged with numbers it does not hold."""
+    digest = hashlib.sha256(spec_digest.encode())
+    for key in sorted(entries):
+        if key != PART_CHECKSUM:
+            value = np.ascontiguousarray(entries[key])
+            digest.update(json.dumps([key, value.dtype.str, value.shape]).encode())
+            digest.update(value.tobytes())
+    return digest.hexdigest()
+
+
+def _read_part(path: Path, spec_digest: str) -> tuple[dict, str] | str:
+    """(the part's columns, its cutout-files entry), or why it is not a whole part of this prediction.
+    Missing or unreadable files raise (np.load's own errors)."""
+    with np.load(path, allow_pickle=False) as z:
+        entries = {key: z[key] for key in z.files}
+    if PART_CHECKSUM not in entries or str(entries[PART_CHECKSUM]) != _part_checksum(entries, spec_digest):
+        return "its checksum does not match its contents and this prediction (edited, or another prediction's)"
+    # A part written before cutouts were recorded stands for inputs without cutout files.
+    inputs = str(entries.get(PART_INPUTS, ""))
+    return {key: value for key, value in entries.items() if key not in (PART_INPUTS, PART_CHECKSUM)}, inputs
+
+
+def _part_done(path: Path, index: np.ndarray, names: set, inputs: str, spec_digest: str) -> bool:
     try:
-        with np.load(path, allow_pickle=False) as z:
-            # A part written before cutouts were recorded stands for inputs without cutout files.
-            if (str(z[PART_INPUTS]) if PART_INPUTS in z.files else "") != inputs:
-                return False
-            return _part_problem({key: z[key] for key in z.files if key != PART_INPUTS}, index, names) is None
+        part = _read_part(path, spec_digest)
     except Exception:  # missing, or not a whole part: compute it (again)
         return False
+    return not isinstance(part, str) and part[1] == inputs and _part_problem(part[0], index, names) is None
 
 
 def _part_names(source: Source, tta: bool) -> set:
@@ -188,7 +216,7 @@ def _finite_probabilities(model: Model, columns: dict) -> None:
 def _spec(run: RunDir, model: Model, source: Source, source_args: dict, options: dict) -> dict:
     """Everything a part's numbers depend on: the checkpoint's and the inputs' files as they are now
     (a prepared set's fingerprint covers its shards' contents), every source argument, the options."""
-    return {"run": str(run.path.resolve()), "checkpoint": model.checkpoint, "checkpoint_file": model.identity,
+    return {"run": str(run.path.resolve()), "checkpoint": model.checkpoint, "checkpoint_sha256": model.sha256,
             "source": source.describe, "input_files": source.identity, **source_args, "count": source.count,
             **options}
 
@@ -207,11 +235,9 @@ def _check_ascii(out: Path, source: Source, meta: dict) -> None:
 
 
 def _inputs_of(source: Source) -> str | None:
-    """What --normalize own's statistics are of: every input file's size and modification time (each
-    cutout's too); None for a prepared data set, whose statistics its manifest holds."""
-    if source.kind == "data":
-        return None
-    return json.dumps([source.identity, source.describe, source.cutout_files(0, source.count)], sort_keys=True)
+    """What --normalize own's statistics are of (`Source.digest`); None for a prepared data set,
+    whose statistics its manifest holds."""
+    return None if source.kind == "data" else source.digest()
 
 
 def _saved_stats(parts: Path, source: Source) -> tuple[str | None, tuple[list, list] | None]:
@@ -254,11 +280,16 @@ def _claim_parts(out: Path, parts: Path, spec: dict, overwrite: bool, held: cont
             old = json.loads(saved.read_text())
         except (OSError, json.JSONDecodeError):
             old = None
-        if old != json.loads(json.dumps(spec)):
-            # Without a part computed there is nothing to lose (a run that stopped at its first
-            # bad image, rerun with --nan-fill as told): the new spec replaces the old one.
+        new = json.loads(json.dumps(spec))
+        differs = changed_keys(old if isinstance(old, dict) else {}, new)
+        # A prediction stopped at a NaN pixel, rerun with --nan-fill as told: its parts hold finite
+        # images only, which the fill does not change; they are kept under the new spec.
+        filled = differs == ["nan_fill"] and old["nan_fill"] is None
+        if old != new and filled:
+            atomic_write(saved, json.dumps(spec, indent=2) + "\n")
+        elif old != new:
+            # Without a part computed there is nothing to lose: the new spec replaces the old one.
             if not overwrite and any(parts.glob("part-*.npz")):
-                differs = changed_keys(old if isinstance(old, dict) else {}, json.loads(json.dumps(spec)))
                 raise DmhpcError(f"{parts}: holds parts of another prediction (differs in {', '.join(differs)}); "
                                  f"--overwrite starts again")
             for entry in parts.iterdir():  # emptied: the folder itself stays
@@ -272,7 +303,8 @@ def _claim_parts(out: Path, parts: Path, spec: dict, overwrite: bool, held: cont
         atomic_write(saved, json.dumps(spec, indent=2) + "\n")
 
 
-def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, meta: dict, overwrite: bool) -> int:
+def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, meta: dict, overwrite: bool,
+           spec_digest: str) -> int:
     """Rank 0: the parts, back in input order, as one catalog; returns its rows."""
     from astropy.table import Table  # astropy only where a catalog is written
 
@@ -283,12 +315,13 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
     for k in range(-(-source.count // part_size)):
         path = _part_path(parts, k)
         try:
-            with np.load(path, allow_pickle=False) as z:
-                part = {key: z[key] for key in z.files if key != PART_INPUTS}
+            read = _read_part(path, spec_digest)
         except Exception as exc:  # removed or replaced since the ranks checked it
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise DmhpcError(f"{path}: cannot read the part ({reason}); run again to compute it") from None
-        problem = _part_problem(part, source.positions(*_part_rows(source.count, part_size, k)), names)
+        part = None if isinstance(read, str) else read[0]
+        problem = read if part is None else _part_problem(part, source.positions(*_part_rows(source.count, part_size,
+                                                                                               k)), names)
         if problem is not None:
             raise DmhpcError(f"{path}: not a part of this prediction: {problem}; remove it and run again")
         for key, value in part.items():
@@ -327,7 +360,8 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
 
 def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, id_column="id", label_column=None,
             file_column=None, cutouts=None, checkpoint="best", tta=False, normalize="target", part_size=4096,
-            batch_size=256, amp="none", overwrite=False, nan_fill=None, signals=STOP_SIGNALS) -> int:
+            batch_size=256, amp="none", overwrite=False, nan_fill=None, verify="checksums",
+            signals=STOP_SIGNALS) -> int:
     """Write the catalog; returns the exit code (0, or REQUEUE_EXIT_CODE after a stop signal)."""
     out = Path(out)
     catalog_format(out)
@@ -347,11 +381,12 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         source = agree(lambda: open_source(**source_args))
         # Each rank loaded its own copies: a checkpoint or input replaced meanwhile (a run still
         # training writes last.pt every epoch) would give parts of two models in one catalog.
-        seen = json.dumps([model.checkpoint, model.identity, source.identity, source.describe], sort_keys=True)
+        seen = json.dumps([model.checkpoint, model.sha256, source.identity, source.describe], sort_keys=True)
         if len(set(all_gather_object(seen))) > 1:
             raise DmhpcError(f"{run.checkpoint(checkpoint)} or {source.path}: replaced while the ranks were "
                              f"reading it (a run still training?); start again")
         check_shape(source.path, source.shape, agree(lambda: run.data_record("source"))["shape"])
+        source.check(verify == "checksums", dist.rank, dist.world_size, gather)
         if normalize == "target":
             mean, std = agree(lambda: run.normalization("target"))
         elif normalize == "own":
@@ -365,15 +400,18 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                    "batch_size": batch_size, "amp": amp}
         # Keys of at most 8 characters: they are FITS header keywords too.
         meta = {"DMHPC": __version__, "RUN": str(run.path.resolve()), "CKPT": checkpoint,
-                "CKPTSTEP": model.checkpoint.get("step", -1), "CKPTSHA": on_main(lambda: model.sha256),
+                "CKPTSTEP": model.checkpoint.get("step", -1), "CKPTSHA": model.sha256,
                 "SELECT": str(model.checkpoint.get("criterion")),
                 "SOURCE": source.kind, "DATA": str(source.path.resolve()),
-                "DATASHA": source.describe.get("fingerprint", ""), "NORM": normalize, "MEAN": show(mean),
+                "DATASHA": source.describe.get("fingerprint", ""), "INPUTSHA": on_main(source.digest),
+                "NORM": normalize, "MEAN": show(mean),
                 "STD": show(std), "TTA": tta, "SRCARGS": json.dumps(source_args)}
         if catalog_format(out) == "fits":
             on_main(lambda: _check_ascii(out, source, meta))
         parts = Path(f"{out}.parts")
-        on_main(lambda: _claim_parts(out, parts, _spec(run, model, source, source_args, options), overwrite, held))
+        spec = _spec(run, model, source, source_args, options)
+        spec_digest = _spec_digest(spec)
+        on_main(lambda: _claim_parts(out, parts, spec, overwrite, held))
         if normalize == "own" and inputs is not None:
             on_main(lambda: atomic_write(parts / OWN_STATS, json.dumps({"inputs": inputs, "mean": mean, "std": std})))
         n_parts = -(-source.count // part_size)
@@ -381,7 +419,8 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
 
         def done_before(k: int) -> bool:
             rows = _part_rows(source.count, part_size, k)
-            return _part_done(_part_path(parts, k), source.positions(*rows), names, source.cutout_files(*rows))
+            return _part_done(_part_path(parts, k), source.positions(*rows), names, source.cutout_files(*rows),
+                              spec_digest)
 
         todo = [k for k in range(dist.rank, n_parts, dist.world_size) if not done_before(k)]
         remaining = sum(all_gather_object(len(todo)))
@@ -398,6 +437,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                     inputs = source.cutout_files(start, stop_row)
                     columns = _compute_part(model, source, norm, start, stop_row, batch_size, tta)
                     columns[PART_INPUTS] = inputs
+                    columns[PART_CHECKSUM] = _part_checksum(columns, spec_digest)
                     atomic_write(_part_path(parts, k), writer=lambda f: np.savez(f, **columns), durable=False)
                 except DmhpcError as exc:  # a bad image, a full disk: carried to the gather below, so no
                     error = str(exc)       # rank waits there alone
@@ -420,7 +460,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                 print(f"dmhpc predict: stopped by a signal; finished parts are kept in {parts}; exiting with "
                       f"{REQUEUE_EXIT_CODE} so the launcher requeues (a rerun resumes)", flush=True)
             return REQUEUE_EXIT_CODE
-        rows = on_main(lambda: _merge(out, parts, source, part_size, tta, meta, overwrite))
+        rows = on_main(lambda: _merge(out, parts, source, part_size, tta, meta, overwrite, spec_digest))
         if dist.is_main:
             print(f"dmhpc predict: wrote {out} ({rows} rows; {rate:.0f} images/s over {dist.world_size} rank(s))",
                   flush=True)
@@ -459,6 +499,9 @@ def predict_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, metavar="N", help="default 256")
     parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast (default none)")
     parser.add_argument("--nan-fill", type=float, metavar="VALUE", help="replace NaN pixels by VALUE")
+    parser.add_argument("--verify", default="checksums", choices=["checksums", "structure"],
+                        help="with --data: check every shard's SHA-256 (default; reads the data set once more, "
+                             "shared among the ranks) or its structure only, as the trainer's data.verify")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing catalog")
 
 
@@ -467,4 +510,4 @@ def predict_main(args) -> int:
                    id_column=args.id_column, label_column=args.label_column, file_column=args.file_column,
                    cutouts=args.cutouts, checkpoint=args.checkpoint, tta=args.tta, normalize=args.normalize,
                    part_size=args.part_size, batch_size=args.batch_size, amp=args.amp, overwrite=args.overwrite,
-                   nan_fill=args.nan_fill)
+                   nan_fill=args.nan_fill, verify=args.verify)

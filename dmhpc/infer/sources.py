@@ -20,8 +20,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from dmhpc.data.check import check_dataset
 from dmhpc.data.inputs import Cutouts, open_images, read_catalog
-from dmhpc.data.shards import (SPLITS, RowReader, fingerprint, is_labelled, load_manifest, pixel_moments,
+from dmhpc.data.shards import (MANIFEST, SPLITS, RowReader, fingerprint, is_labelled, load_manifest, pixel_moments,
                                split_rows, statistics_of)
 from dmhpc.errors import DmhpcError
 
@@ -68,6 +69,14 @@ class Source:
         for path in self._reader.files[start:stop]:
             digest.update(json.dumps([str(path), file_identity(path)]).encode())
         return digest.hexdigest()
+
+    def digest(self) -> str:
+        """SHA-256 of what the rows are read from, as it is now: every input file's size and
+        modification time (each shard's and cutout's too), the paths and a prepared set's
+        fingerprint. A catalog records it (INPUTSHA) so that `dmhpc explain` can tell that the images
+        it reads back are still those the probabilities are of."""
+        text = json.dumps([self.identity, self.describe, self.cutout_files(0, self.count)], sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def first_non_ascii_id(self, block: int = 65536) -> tuple[int, str] | None:
         """(input position, id) of the first id that is not ASCII, or None; reads ids only, a block at a time."""
@@ -125,16 +134,28 @@ class Source:
     def read_inputs(self, indices) -> np.ndarray:
         """Images (n, C, H, W) float32 of the given input positions (the catalog's `index`), in that order."""
         indices = np.asarray(indices, dtype=np.int64)
+        total = self._manifest["count"] if self.kind == "data" else self.count
+        outside = indices[(indices < 0) | (indices >= total)]
+        if outside.size:
+            raise DmhpcError(f"{self.path}: no image at input position {int(outside[0])} (it holds {total})")
         if self.kind != "data":
             order = np.argsort(indices)
             out = np.empty((len(indices), *self.shape), np.float32)
             out[order] = self._reader[indices[order]]
             return out
-        total = self._manifest["count"]
         rows = np.empty(total, np.int64)  # input position -> storage row
         rows[np.concatenate([np.asarray(self._manifest["splits"][s], np.int64) for s in SPLITS])] = np.arange(total)
         return np.concatenate([self._reader.read(int(r), int(r) + 1)["images"] for r in rows[indices]]).astype(
             np.float32)
+
+    def check(self, checksums: bool, rank: int = 0, world_size: int = 1,
+              gather: Callable[[Callable[[], Any]], list] = lambda step: [step()]) -> None:
+        """A prepared set's shards checked as the trainer checks them (dmhpc.data.check), shared out
+        among the ranks: a shard replaced or damaged since it was prepared would otherwise give a
+        catalog of other images without a word. Other sources have no checksums to compare."""
+        if self.kind == "data":
+            check_dataset(f"--data {self.path}", self.path, self._manifest, checksums=checksums, rank=rank,
+                          world_size=world_size, gather=gather)
 
     def own_stats(self, rank: int = 0, world_size: int = 1,
                   gather: Callable[[Callable[[], Any]], list] = lambda step: [step()]) -> tuple[list, list]:
@@ -209,13 +230,17 @@ def open_source(*, data: str | os.PathLike | None = None, split: str | None = No
     if split is not None and data is None:
         raise DmhpcError("--split needs --data (only a prepared data set has splits)")
     if data is not None:
+        # Taken before the manifest is read, like file_identity: a data set prepared again in place
+        # (--overwrite) since a part was written changes them, and its parts are refused.
+        identity = {name: file_identity(Path(data) / name) for name in sorted(os.listdir(data))
+                    if name == MANIFEST or name.endswith(".h5")} if Path(data).is_dir() else {}
         manifest = load_manifest(data)
         first, stop = split_rows(manifest, split) if split is not None else (0, manifest["count"])
         if stop == first:
             raise DmhpcError(f"{data}: the {split} split is empty" if split else f"{data}: the input has no images")
         return Source("data", Path(data), tuple(manifest["shape"]), stop - first, is_labelled(manifest),
                       {"data": str(Path(data).resolve()), "fingerprint": fingerprint(manifest),
-                       **({"split": split} if split else {})},
+                       **({"split": split} if split else {})}, identity,
                       _reader=RowReader(data, manifest), _manifest=manifest, _first=first)
     identity = {role: file_identity(path) for role, path in (("images", images), ("catalog", catalog))
                 if path is not None}

@@ -24,6 +24,8 @@ signal it forwarded instead.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import random
 import signal
@@ -68,11 +70,28 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint on the CPU with weights_only=True; a missing or unreadable file is a DmhpcError."""
+    return _load(Path(path), path)
+
+
+def load_checkpoint_sha256(path: str | os.PathLike) -> tuple[dict, str]:
+    """(`load_checkpoint(path)`, the SHA-256 of the very bytes it was loaded from): hashing the file
+    apart, before or after, could name a checkpoint written in between (a run still training
+    rewrites last.pt every epoch)."""
     path = Path(path)
     if not path.is_file():
         raise DmhpcError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DmhpcError(f"{path}: cannot read the checkpoint: {exc.strerror}") from None
+    return _load(path, io.BytesIO(data)), hashlib.sha256(data).hexdigest()
+
+
+def _load(path: Path, source) -> dict:
+    if not path.is_file():
+        raise DmhpcError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError ... for bad files
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DmhpcError(f"{path}: not a readable dmhpc checkpoint (truncated, corrupt, or holding "

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from dmhpc.data.check import check_part, combine, split_problem
+from dmhpc.data.check import check_dataset
 from dmhpc.data.batches import normalization
 from dmhpc.data.shards import SPLITS, fingerprint, is_labelled, load_manifest
 from dmhpc.distributed import agree, gather
@@ -65,17 +65,8 @@ def check_data(cfg, manifests: dict, dist) -> None:
     for role in DOMAINS:
         if role == "target" and dirs["target"] == dirs["source"]:
             break  # a target oracle trains on one data set: check it once
-        where, m = f"data.{role} {dirs[role]}", manifests[role]
-        problem = split_problem(m)
-        if problem:
-            raise DmhpcError(f"{where}: manifest.json: {problem}")
-        parts = gather(lambda: check_part(dirs[role], checksums=checksums, rank=dist.rank,
-                                          world_size=dist.world_size, manifest=m))
-        problems = combine(m, parts)
-        if problems:
-            raise DmhpcError(f"{where}: {len(problems)} problem{'s' if len(problems) > 1 else ''}: "
-                             f"{'; '.join(problems[:3])}{' ...' if len(problems) > 3 else ''} "
-                             f"(`dmhpc verify {dirs[role]}` lists them)")
+        check_dataset(f"data.{role} {dirs[role]}", dirs[role], manifests[role], checksums=checksums,
+                      rank=dist.rank, world_size=dist.world_size, gather=gather)
     if not is_labelled(manifests["source"]):
         raise DmhpcError(f"data.source {dirs['source']}: an unlabelled data set; the source domain is what the "
                          f"classifier learns from and needs labels (an unlabelled survey is a target)")
