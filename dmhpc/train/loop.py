@@ -25,7 +25,7 @@ from dmhpc.distributed import agree, all_gather_object, bootstrap, on_main, shut
 from dmhpc.errors import DmhpcError
 from dmhpc.losses.collective import stable_rows
 from dmhpc.progress import progress_bar
-from dmhpc.run import RunDir
+from dmhpc.run import RunDir, check_epochs
 from dmhpc.train import preflight
 from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, UNFIT, StopRequest, load_checkpoint, load_weights,
                                    save_checkpoint, unfit)
@@ -291,9 +291,7 @@ def _check_length(cfg, prog, position: int, total_steps: int, elsewhere) -> None
     if elsewhere is not None and position >= total_steps:
         raise DmhpcError(f"--resume {elsewhere}: trained {trained} epochs ({position} steps) already; a new run from "
                          f"it needs more to train: raise train.epochs (or train.max_steps)")
-    if trained > cfg.train.epochs:
-        raise DmhpcError(f"train.epochs {cfg.train.epochs}: the run has trained {trained} epochs already; "
-                         f"give at least {trained}, or start a new run.dir")
+    check_epochs(cfg.train.epochs, prog.epoch, prog.step_in_epoch)
     if cfg.train.max_steps and position > cfg.train.max_steps:
         raise DmhpcError(f"train.max_steps {cfg.train.max_steps}: the run is at step {position} already (in this "
                          f"world size's steps); give at least {position}, or start a new run.dir")
