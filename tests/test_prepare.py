@@ -365,8 +365,9 @@ def test_a_disk_too_full_for_the_lock_line_is_one_line_and_leaves_nothing(inputs
     assert os.listdir(disk) == ["filler"]
 
 
-def test_an_input_unreadable_while_checksummed_leaves_nothing(inputs, monkeypatch, capsys):
-    """The checksums are gathered after the shards are written; a read error there left them behind."""
+def _images_unreadable_when_checksummed(monkeypatch):
+    """X.npy fails with EIO when its checksum is taken, after the shards are written; returns the
+    real file_sha256."""
     import errno
 
     real = shards.file_sha256
@@ -377,22 +378,19 @@ def test_an_input_unreadable_while_checksummed_leaves_nothing(inputs, monkeypatc
         return real(path, *rest, **named)
 
     monkeypatch.setattr(shards, "file_sha256", images_unreadable)
+    return real
+
+
+def test_an_input_unreadable_while_checksummed_leaves_nothing(inputs, monkeypatch, capsys):
+    """The checksums are gathered after the shards are written; a read error there left them behind."""
+    _images_unreadable_when_checksummed(monkeypatch)
     assert_fails(capsys, args(inputs), "X.npy: cannot read (Input/output error)", out=inputs["out"])
 
 
 def test_a_failure_under_the_lock_removes_the_folders_made_for_it(inputs, tmp_path, monkeypatch, capsys):
     """The lock beside the output folder made its missing parents; a conversion that failed after
     taking it (an input unreadable while checksummed) left them behind, empty."""
-    import errno
-
-    real = shards.file_sha256
-
-    def images_unreadable(path, *rest, **named):
-        if Path(path).name == "X.npy":
-            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
-        return real(path, *rest, **named)
-
-    monkeypatch.setattr(shards, "file_sha256", images_unreadable)
+    real = _images_unreadable_when_checksummed(monkeypatch)
     (tmp_path / "kept").mkdir()
     out = tmp_path / "kept" / "new" / "deeper" / "ds"
     assert_fails(capsys, args(dict(inputs, out=str(out))), "X.npy: cannot read (Input/output error)")
