@@ -179,17 +179,17 @@ def locked_directory(directory: Path, user: str) -> Iterator[None]:
     # "." must not put the lock inside the folder.
     resolved = directory.resolve()
     path = resolved.parent / f".{resolved.name}.lock"
-    made = [folder for folder in path.parents if not folder.exists()]  # nearest first, as hold_lock makes them
+    made: list[Path] = []
     handle = hold_lock(path, f"{directory}: in use by another {user} ({{holder}}); wait for it to end or choose "
-                             f"another folder", user)
+                             f"another folder", user, made=made)
     try:
         yield
     finally:
         path.unlink(missing_ok=True)  # before the lock goes: see hold_lock's check of the inode
         handle.close()
         # A block that failed (bad input) would leave the empty folders made for the lock behind.
-        # Only empty ones go: after success the folder itself is in them, and another writer may
-        # have put something there meanwhile.
+        # Only those this process made, and only empty: after success the folder itself is in
+        # them, and another writer may have put its own lock there meanwhile.
         for folder in made:
             try:
                 folder.rmdir()
@@ -197,18 +197,43 @@ def locked_directory(directory: Path, user: str) -> Iterator[None]:
                 break
 
 
-def hold_lock(path: Path, refusal: str, second: str, wait: bool = False) -> IO:
+def make_folders(folder: Path) -> list[Path]:
+    """Make `folder` and its missing parents; returns those this call made, nearest first. One at
+    a time, so that a folder another process makes meanwhile is never counted as ours (and never
+    removed by us). An OSError other than "exists" is raised."""
+    missing = []
+    while not folder.exists():
+        missing.append(folder)
+        folder = folder.parent
+    made = []
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        made.append(folder)
+    return made[::-1]
+
+
+def hold_lock(path: Path, refusal: str, second: str, wait: bool = False, made: list[Path] | None = None) -> IO:
     """An OS lock (flock) on the file `path` (created, with its folder) until the returned file is
     closed; it says who holds it. The kernel drops the lock when its process dies, so a killed job
     never blocks the next. Refused while another process holds it: `refusal` with "{holder}" filled
     in ("pid N on HOST since ..."); with `wait`, taken when the holder lets go instead. `second`
     names what a second holder would be, for the warning where the file system refuses locks (some
-    Lustre mounts), and the caller goes on unguarded."""
-    made = [folder for folder in path.parents if not folder.exists()]  # nearest first
-    while True:
+    Lustre mounts), and the caller goes on unguarded. `made` gets the folders made for the lock
+    file (nearest first), for the caller to remove when they are empty at its end."""
+    made = [] if made is None else made
+    for attempt in range(100):
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            made[:0] = make_folders(path.parent)
             handle = open(path, "a+")
+        except FileNotFoundError:
+            # Another holder's release removed the empty folder it had made, between our making
+            # sure of it and our open: make it again.
+            if attempt < 99:
+                continue
+            raise DmhpcError(f"{path}: cannot create the folder or the lock: its folder keeps vanishing") from None
         except OSError as exc:
             raise DmhpcError(f"{path}: cannot create the folder or the lock: {exc.strerror}") from None
         try:

@@ -400,6 +400,34 @@ def test_a_failure_under_the_lock_removes_the_folders_made_for_it(inputs, tmp_pa
     assert MANIFEST in os.listdir(out)
 
 
+def test_a_lock_whose_folder_another_release_removed_meanwhile_is_taken(tmp_path, monkeypatch):
+    """Two prepares into sibling folders under a new parent: the first to end removed the parent it
+    had made, empty, while the second was between making sure of it and opening its lock file there
+    ("cannot create the folder or the lock"). The second makes it again; and a folder another
+    process made is never counted as made here, so never removed at release."""
+    from dmhpc import files
+
+    parent = tmp_path / "new"
+    real = files.make_folders
+    calls = []
+
+    def released_meanwhile(folder):
+        made = real(folder)
+        if not calls:  # the other holder's release runs now: its empty folder goes
+            parent.rmdir()
+        calls.append(made)
+        return made
+
+    monkeypatch.setattr(files, "make_folders", released_meanwhile)
+    with files.locked_directory(parent / "b", "dmhpc prepare"):
+        assert (parent / ".b.lock").is_file()
+    assert len(calls) == 2 and not parent.exists()  # made again, by this process: removed at release
+    monkeypatch.setattr(files, "make_folders", lambda folder: (folder.mkdir(), [])[1])  # made by another process
+    with files.locked_directory(parent / "b", "dmhpc prepare"):
+        pass
+    assert parent.is_dir()
+
+
 def test_finished_or_foreign_directory_needs_overwrite(inputs, tmp_path, capsys):
     assert main(args(inputs)) == 0
     assert_fails(capsys, args(inputs), "already holds a data set", "--overwrite")
