@@ -315,3 +315,8 @@ def test_every_split_the_writer_draws_passes_the_manifest_checks(tmp_path):
             out = tmp_path / f"{k}-{seed}"
             write_dataset(images, rng.integers(0, 2, n), objects, out, shard_size=8, seed=seed, fractions=fractions)
             load_manifest(out)
+    # Fractions summing to 1 + 1e-6 (allowed) on 600,000 rows: round((f_train + f_val) * N) is N + 1.
+    n = 600_000
+    write_dataset(np.zeros((n, 1, 1, 1), np.float16), np.arange(n) % 2, None, tmp_path / "large", shard_size=n,
+                  dtype="float16", fractions=(0.6, 0.4000009, 0.0))
+    load_manifest(tmp_path / "large")

@@ -673,7 +673,9 @@ def _manifest_problem(m) -> str | None:
         return str(exc)
     # What split_order's draw guarantees, whatever the objects: train takes objects until it holds
     # round(f_train * N) images, val until both hold round((f_train + f_val) * N).
-    n, least = m["count"], {"train": round(train_f * m["count"]), "val": round((train_f + val_f) * m["count"])}
+    # (Fractions may sum to 1 + 1e-6: on N of 500,000 and more, the round can pass N, which no set holds.)
+    n = m["count"]
+    least = {"train": min(round(train_f * n), n), "val": min(round((train_f + val_f) * n), n)}
     if sizes["train"] == 0 or sizes["train"] < least["train"]:
         return (f"rows['train']: {sizes['train']} rows; fraction {train_f:g} of {n} draws at least "
                 f"{max(least['train'], 1)}")
