@@ -834,6 +834,10 @@ def test_an_id_or_file_in_two_rows_is_one_line(tmp_path, capsys, column, where):
     argv += {"file-column": ["--file-column", "file"], "cutouts": ["--cutouts", str(tmp_path / "cutouts")],
              "images": ["--images", save(tmp_path, "X.npy", np.zeros((4, 3, 8, 8), np.float32))]}[where]
     assert_fails(capsys, argv, f"{tmp_path / 'c.csv'}: {repeated} is in rows 2, 4", out=out)
+    if column == "file":  # and by its absolute path
+        rows[3][2] = str(tmp_path / "cutouts" / names[1])
+        (tmp_path / "c.csv").write_text("id,label,file\n" + "".join(f"{i},{y},{f}\n" for i, y, f in rows))
+        assert_fails(capsys, argv, f"{tmp_path / 'c.csv'}: {repeated} is in rows 2, 4", out=out)
 
 
 def test_nan_padded_cutouts_are_refused_unless_filled(tmp_path, capsys):

@@ -314,10 +314,10 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
     files = None
     if file_column is not None:
         names = _cells(path, table, file_column, "file", ids)
-        # Spelt apart, one file: "a.fits" and "./a.fits" are the same image.
-        _refuse_repeats(path, [os.path.normpath(name) for name in names], file_column, "file", "its own cutout file",
-                        names)
         files = [folder / name for name in names]
+        # Spelt apart, one file: "a.fits", "./a.fits" and its absolute path are the same image.
+        _refuse_repeats(path, [os.path.abspath(file) for file in files], file_column, "file", "its own cutout file",
+                        names)
     elif cutouts is not None:
         files = [folder / f"{i}.fits" for i in ids]
     kind = table[id_column].dtype
