@@ -783,3 +783,48 @@ def test_a_rerun_with_nan_fill_after_a_nan_stop_keeps_the_parts_written(trained,
         assert main([*argv, *inf, *fill]) == 1
         err = capsys.readouterr().err
         assert "holds parts of another prediction (differs in nan_fill)" in err and len(err.splitlines()) == 1, err
+
+
+def test_a_hand_edited_spec_and_parts_of_an_older_dmhpc(trained, tmp_path, capsys):
+    """A predict.json without its nan_fill key was a KeyError traceback on the rerun with --nan-fill;
+    parts of a dmhpc before part checksums (its spec named the checkpoint file by size and time)
+    were refused as "another prediction" although none of them can be reused: computed again."""
+    images = trained["images"].copy()
+    images[150, 0, 10, 10] = np.nan
+    np.save(tmp_path / "nan.npy", images)
+    out = tmp_path / "nan.parquet"
+    argv = ["predict", "--run", str(trained["run"]), "--images", str(tmp_path / "nan.npy"), "--part-size", "32",
+            "--batch-size", "16", "--out", str(out)]
+    assert main(argv) == 1 and len(_parts(out)) == 4
+    capsys.readouterr()
+    spec_file = Path(f"{out}.parts") / "predict.json"
+    spec = json.loads(spec_file.read_text())
+    spec_file.write_text(json.dumps({k: v for k, v in spec.items() if k != "nan_fill"}))
+    assert main([*argv, "--nan-fill", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "holds parts of another prediction (differs in nan_fill)" in err and len(err.splitlines()) == 1, err
+    older = {k: v for k, v in spec.items() if k != "checkpoint_sha256"}
+    spec_file.write_text(json.dumps({**older, "checkpoint_file": {"size": 1, "mtime_ns": 2}}))
+    assert main([*argv, "--nan-fill", "0"]) == 0
+    assert "parts of an older dmhpc, without checksums; computing them again" in capsys.readouterr().out
+    assert len(read(out)) == 200
+
+
+def test_layout_and_verify_go_with_the_sources_they_concern(trained, tmp_path, capsys):
+    """predict had no --layout: an input whose shape does not tell its layout was refused with
+    "pass --layout"; --verify with --images was silently ignored."""
+    np.save(tmp_path / "hwc.npy", trained["images"].transpose(0, 2, 3, 1).copy())
+    base = ["predict", "--run", str(trained["run"]), "--part-size", "256", "--out"]
+    assert main([*base, str(tmp_path / "a.parquet"), "--images", str(trained["survey"])]) == 0
+    assert main([*base, str(tmp_path / "b.parquet"), "--images", str(tmp_path / "hwc.npy"), "--layout", "NHWC"]) == 0
+    np.testing.assert_array_equal(np.asarray(read(tmp_path / "a.parquet")["p_merger"]),
+                                  np.asarray(read(tmp_path / "b.parquet")["p_merger"]))
+    capsys.readouterr()
+    for extra, message in (
+            (["--images", str(tmp_path / "hwc.npy"), "--layout", "NCHW"], "75 channels in layout NCHW"),
+            (["--data", str(trained["data"] / "noisy"), "--layout", "NHWC"], "--layout goes with --images or --catalog"),
+            (["--images", str(trained["survey"]), "--verify", "structure"], "--verify structure goes with --data")):
+        assert main([*base, str(tmp_path / "c.parquet"), *extra]) == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "c.parquet").exists()

@@ -659,6 +659,28 @@ def test_fits_images_in_hwc_convert_like_the_same_npy(tmp_path, capsys, source, 
                  f"{first}: 12 channels in layout NCHW", out=tmp_path / "o")
 
 
+@pytest.mark.parametrize("source", ["cube", "cutouts", "npy"])
+def test_non_square_images_take_the_one_reading_with_a_channel_axis(tmp_path, capsys, source):
+    """Layout detection asked for square images: (N, 3, 16, 20) was refused ("pass --layout"), though
+    only NCHW gives it 1 to 4 channels, and FITS cubes and cutouts of that shape had converted."""
+    from astropy.io import fits
+
+    images = np.random.default_rng(8).normal(size=(6, 3, 16, 20)).astype(np.float32)
+    if source == "cube":
+        where = ["--images", fits_cube(tmp_path / "cube.fits", images)]
+    elif source == "npy":
+        where = ["--images", save(tmp_path, "X.npy", images.transpose(0, 2, 3, 1).copy())]
+    else:
+        for i, image in enumerate(images):
+            fits.PrimaryHDU(image).writeto(tmp_path / f"g{i}.fits")
+        (tmp_path / "c.csv").write_text("id\n" + "".join(f"g{i}\n" for i in range(6)))
+        where = ["--catalog", str(tmp_path / "c.csv"), "--cutouts", str(tmp_path)]
+    assert main(["prepare", *where, "--out", str(tmp_path / "ds")]) == 0
+    assert f"6 images ({'NHWC' if source == 'npy' else 'NCHW'}, unlabelled)" in capsys.readouterr().out
+    rows = read_all(tmp_path / "ds")
+    np.testing.assert_array_equal(rows["images"], images[rows["index"]])
+
+
 @pytest.mark.parametrize("one_filter", [False, True])
 def test_a_scaled_integer_fits_cube_converts_to_its_scaled_values(tmp_path, one_filter):
     """A cube of 16-bit integers with BSCALE/BZERO (a common survey format) was refused as "not a

@@ -403,7 +403,8 @@ def _spelling_hint(path: Path) -> str:
 def detect_layout(shape: tuple, layout: str | None, name: str) -> str:
     """NCHW or NHWC for an image array of `shape`: `layout` if given, else detected.
 
-    Detected when exactly one reading has 1 to 4 channels and square images.
+    Detected when exactly one reading has 1 to 4 channels and square images; where neither has
+    square images, when exactly one has 1 to 4 channels (a (N, 3, 16, 20) cube has no other reading).
     """
     if len(shape) != 4:
         raise DmhpcError(
@@ -419,6 +420,8 @@ def detect_layout(shape: tuple, layout: str | None, name: str) -> str:
         return layout
     nchw = 1 <= a <= 4 and b == c
     nhwc = 1 <= c <= 4 and a == b
+    if not (nchw or nhwc):
+        nchw, nhwc = 1 <= a <= 4, 1 <= c <= 4
     if nchw and nhwc:
         raise DmhpcError(f"{name}: shape {tuple(shape)} reads as NCHW or NHWC; pass --layout")
     if not (nchw or nhwc):

@@ -280,16 +280,23 @@ def _claim_parts(out: Path, parts: Path, spec: dict, overwrite: bool, held: cont
             old = json.loads(saved.read_text())
         except (OSError, json.JSONDecodeError):
             old = None
+        old = old if isinstance(old, dict) else {}
         new = json.loads(json.dumps(spec))
-        differs = changed_keys(old if isinstance(old, dict) else {}, new)
+        differs = changed_keys(old, new)
         # A prediction stopped at a NaN pixel, rerun with --nan-fill as told: its parts hold finite
         # images only, which the fill does not change; they are kept under the new spec.
-        filled = differs == ["nan_fill"] and old["nan_fill"] is None
+        filled = differs == ["nan_fill"] and "nan_fill" in old and old["nan_fill"] is None
+        # Parts of a dmhpc before part checksums (its spec named the checkpoint by size and time):
+        # never reused, so nothing is lost by computing them again.
+        older = "checkpoint_file" in old and "checkpoint_sha256" not in old
         if old != new and filled:
             atomic_write(saved, json.dumps(spec, indent=2) + "\n")
         elif old != new:
+            if older:
+                print(f"dmhpc predict: {parts}: parts of an older dmhpc, without checksums; computing them again",
+                      flush=True)
             # Without a part computed there is nothing to lose: the new spec replaces the old one.
-            if not overwrite and any(parts.glob("part-*.npz")):
+            if not overwrite and not older and any(parts.glob("part-*.npz")):
                 raise DmhpcError(f"{parts}: holds parts of another prediction (differs in {', '.join(differs)}); "
                                  f"--overwrite starts again")
             for entry in parts.iterdir():  # emptied: the folder itself stays
@@ -359,8 +366,8 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
 
 
 def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, id_column="id", label_column=None,
-            file_column=None, cutouts=None, checkpoint="best", tta=False, normalize="target", part_size=4096,
-            batch_size=256, amp="none", overwrite=False, nan_fill=None, verify="checksums",
+            file_column=None, cutouts=None, layout=None, checkpoint="best", tta=False, normalize="target",
+            part_size=4096, batch_size=256, amp="none", overwrite=False, nan_fill=None, verify=None,
             signals=STOP_SIGNALS) -> int:
     """Write the catalog; returns the exit code (0, or REQUEUE_EXIT_CODE after a stop signal)."""
     out = Path(out)
@@ -368,6 +375,8 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
     if part_size < 1 or batch_size < 1 or part_size % batch_size:
         raise DmhpcError(f"--part-size {part_size} must be a positive multiple of --batch-size {batch_size}, so "
                          f"batches (and so results) do not depend on how parts are shared out")
+    if verify is not None and data is None:
+        raise DmhpcError(f"--verify {verify} goes with --data: only a prepared data set has checksums to verify")
     run = RunDir(run_dir)
     dist = bootstrap()
     source, held = None, contextlib.ExitStack()
@@ -377,7 +386,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         source_args = {k: (str(Path(v).resolve()) if isinstance(v, (str, os.PathLike)) and k in PATHS else v)
                        for k, v in dict(data=data, split=split, images=images, catalog=catalog, id_column=id_column,
                                         label_column=label_column, file_column=file_column, cutouts=cutouts,
-                                        nan_fill=nan_fill).items()}
+                                        nan_fill=nan_fill, layout=layout).items()}
         source = agree(lambda: open_source(**source_args))
         # Each rank loaded its own copies: a checkpoint or input replaced meanwhile (a run still
         # training writes last.pt every epoch) would give parts of two models in one catalog.
@@ -386,7 +395,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
             raise DmhpcError(f"{run.checkpoint(checkpoint)} or {source.path}: replaced while the ranks were "
                              f"reading it (a run still training?); start again")
         check_shape(source.path, source.shape, agree(lambda: run.data_record("source"))["shape"])
-        source.check(verify == "checksums", dist.rank, dist.world_size, gather)
+        source.check(verify != "structure", dist.rank, dist.world_size, gather)
         if normalize == "target":
             mean, std = agree(lambda: run.normalization("target"))
         elif normalize == "own":
@@ -487,6 +496,8 @@ def predict_arguments(parser) -> None:
     parser.add_argument("--label-column", metavar="NAME", help="catalog label column, copied to the output")
     parser.add_argument("--file-column", metavar="NAME", help="catalog cutout file column")
     parser.add_argument("--cutouts", type=Path, metavar="DIR", help=CUTOUTS_HELP)
+    parser.add_argument("--layout", choices=["NCHW", "NHWC"],
+                        help="of --images or of the cutouts, where their shape does not tell (as in prepare)")
     parser.add_argument("--out", required=True, type=Path,
                         help="the catalog to write: .parquet, .fits, .csv, .ecsv or .h5 (by extension)")
     parser.add_argument("--tta", action="store_true",
@@ -499,15 +510,15 @@ def predict_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, metavar="N", help="default 256")
     parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast (default none)")
     parser.add_argument("--nan-fill", type=float, metavar="VALUE", help="replace NaN pixels by VALUE")
-    parser.add_argument("--verify", default="checksums", choices=["checksums", "structure"],
-                        help="with --data: check every shard's SHA-256 (default; reads the data set once more, "
-                             "shared among the ranks) or its structure only, as the trainer's data.verify")
+    parser.add_argument("--verify", choices=["checksums", "structure"],
+                        help="with --data: check every shard's SHA-256 (checksums, the default; reads the data set "
+                             "once more, shared among the ranks) or its structure only, as the trainer's data.verify")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing catalog")
 
 
 def predict_main(args) -> int:
     return predict(args.run, args.out, data=args.data, split=args.split, images=args.images, catalog=args.catalog,
                    id_column=args.id_column, label_column=args.label_column, file_column=args.file_column,
-                   cutouts=args.cutouts, checkpoint=args.checkpoint, tta=args.tta, normalize=args.normalize,
+                   cutouts=args.cutouts, layout=args.layout, checkpoint=args.checkpoint, tta=args.tta, normalize=args.normalize,
                    part_size=args.part_size, batch_size=args.batch_size, amp=args.amp, overwrite=args.overwrite,
                    nan_fill=args.nan_fill, verify=args.verify)

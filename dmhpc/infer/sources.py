@@ -222,13 +222,16 @@ def _integer_labels(catalog, column: str, labels: np.ndarray) -> np.ndarray:
 def open_source(*, data: str | os.PathLike | None = None, split: str | None = None,
                 images: str | os.PathLike | None = None, catalog: str | os.PathLike | None = None,
                 id_column: str = "id", label_column: str | None = None, file_column: str | None = None,
-                cutouts: str | os.PathLike | None = None, nan_fill: float | None = None) -> Source:
+                cutouts: str | os.PathLike | None = None, nan_fill: float | None = None,
+                layout: str | None = None) -> Source:
     """The one source given (see the module docstring); `catalog` with `images` gives their ids and
     labels; `split` keeps one split of a prepared data set."""
     if (data is not None) + (images is not None or catalog is not None) != 1:
         raise DmhpcError("give one of --data DIR, --images FILE or --catalog TABLE (--catalog may go with --images)")
     if split is not None and data is None:
         raise DmhpcError("--split needs --data (only a prepared data set has splits)")
+    if layout is not None and data is not None:
+        raise DmhpcError("--layout goes with --images or --catalog (a prepared data set's shards hold NCHW)")
     if data is not None:
         # Taken before the manifest is read, like file_identity: a data set prepared again in place
         # (--overwrite) since a part was written changes them, and its parts are refused.
@@ -249,12 +252,12 @@ def open_source(*, data: str | os.PathLike | None = None, split: str | None = No
         cat = read_catalog(catalog, id_column=id_column, label_column=label_column, file_column=file_column,
                            cutouts=cutouts)
     if images is not None:
-        array = open_images(images, nan_fill=nan_fill)
+        array = open_images(images, layout=layout, nan_fill=nan_fill)
         if cat is not None and len(cat.ids) != len(array):
             raise DmhpcError(f"{catalog}: {len(cat.ids)} rows for the {len(array)} images of {images}")
         where = {"images": str(Path(images).resolve())}
     elif cat.files is not None:
-        array = Cutouts(cat.files, nan_fill)
+        array = Cutouts(cat.files, nan_fill, layout)
         where = {}
     else:
         raise DmhpcError(f"{catalog}: name each row's cutout with --file-column, or the folder of ID.fits files "
