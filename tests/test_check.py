@@ -86,7 +86,7 @@ def test_an_object_in_two_splits_is_refused(dataset):
         train_object = int(h5py.File(dataset / shard_name(0), "r")["objects"][0])
         f["objects"][-1] = train_object
     reseal(dataset, 3)
-    (problem,) = verify_dataset(dataset)
+    problem = verify_dataset(dataset)[-1]  # after the test split's object count (one fewer or more)
     assert "1 objects are in both the train and test splits" in problem and str(train_object) in problem
 
 
@@ -126,6 +126,15 @@ def test_label_counts_must_match_the_manifest(dataset):
     reseal(dataset, 0)
     (problem,) = verify_dataset(dataset)
     assert problem.startswith("train split holds") and "the manifest says" in problem
+
+
+def test_object_counts_must_match_the_manifest(dataset):
+    """`dmhpc info` shows the manifest's objects per split; a count edited within what the manifest
+    alone allows passed verify."""
+    manifest = json.loads((dataset / MANIFEST).read_text())
+    test = manifest["objects"]["test"]
+    edit_manifest(dataset, objects={**manifest["objects"], "test": test - 1})
+    assert verify_dataset(dataset) == [f"test split holds {test} objects, the manifest says {test - 1}"]
 
 
 @pytest.mark.parametrize("field, value, problem", [

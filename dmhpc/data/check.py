@@ -156,6 +156,10 @@ def combine(manifest: dict, parts: list[dict]) -> list[str]:
                             f"says {stated}")
     objects = {s: np.unique(np.concatenate([o for part in parts for o in part["objects"][s]] or [[]]))
                for s in SPLITS}
+    for split in SPLITS if "objects" in manifest else ():  # what `dmhpc info` shows
+        if len(objects[split]) != manifest["objects"][split]:
+            problems.append(f"{split} split holds {len(objects[split])} objects, the manifest says "
+                            f"{manifest['objects'][split]}")
     for i, a in enumerate(SPLITS):
         for b in SPLITS[i + 1:]:
             both = np.intersect1d(objects[a], objects[b])
