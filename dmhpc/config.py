@@ -117,6 +117,11 @@ class DataConfig:
     # data set already checked with `dmhpc verify`). See docs/training.md for what each costs.
     verify: str = _key("checksums", choice("checksums", "structure"))
 
+    def trains_on_target(self) -> bool:
+        """Source and target are one data set (a target oracle); compared as resolved paths, so
+        that data/x and ./data/x are one."""
+        return os.path.realpath(self.source) == os.path.realpath(self.target)
+
 
 @dataclass(frozen=True)
 class ModelConfig:

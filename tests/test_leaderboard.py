@@ -91,7 +91,7 @@ def test_summary_is_mean_and_spread_over_seeds_with_the_gap_closed(tmp_path):
 def test_summary_marks_oracle_selection_and_runs_trained_on_the_target(tmp_path):
     spec = study_spec(tmp_path)
     spec["overrides"].update({"data.source": "pristine", "data.target": "noisy"})  # paths are only compared
-    spec["methods"]["oracle"]["overrides"]["data.source"] = "noisy"
+    spec["methods"]["oracle"]["overrides"]["data.source"] = "./noisy"  # spelt otherwise, the same folder
     points = list(load_grid(spec).points)
     for p in points:
         _finished(p, 0.5, 0.7, criterion=p.config.select.criterion, oracle=p.values["method"] == "oracle")

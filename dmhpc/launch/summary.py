@@ -67,7 +67,7 @@ def summary_rows(points: Iterable[Point], gap: tuple[str, str] | None = None) ->
         row: dict = {k: v for k, v in members[0].values.items() if k != "seed"}
         row.update(runs=len(members), finished=len(results), seeds=[seed for seed, _ in results],
                    oracle=any(r.get("oracle") for _, r in results),
-                   trained_on_target=members[0].config.data.source == members[0].config.data.target)
+                   trained_on_target=members[0].config.data.trains_on_target())
         for domain in DOMAINS:
             for m in REPORTED_METRICS:
                 values = [r[domain][m] for _, r in results if isinstance(r.get(domain, {}).get(m), (int, float))]

@@ -91,7 +91,7 @@ def validator_rows(points: Iterable[Point]) -> list[dict]:
     # different pairs, and one data set written two ways ("data/x", "./data/x") is one.
     runs: dict[tuple[Path, Path], list[tuple[Point, list[dict]]]] = {}
     for p in points:
-        if p.config.data.source == p.config.data.target:
+        if p.config.data.trains_on_target():
             continue  # a target oracle has no source domain to adapt from
         checkpoints = _checkpoints(p)
         if checkpoints:

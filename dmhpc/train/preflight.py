@@ -63,7 +63,7 @@ def check_data(cfg, manifests: dict, dist) -> None:
     checksums = cfg.data.verify == "checksums"
     dirs = {role: getattr(cfg.data, role) for role in DOMAINS}
     for role in DOMAINS:
-        if role == "target" and dirs["target"] == dirs["source"]:
+        if role == "target" and cfg.data.trains_on_target():
             break  # a target oracle trains on one data set: check it once
         check_dataset(f"data.{role} {dirs[role]}", dirs[role], manifests[role], checksums=checksums,
                       rank=dist.rank, world_size=dist.world_size, gather=gather)
