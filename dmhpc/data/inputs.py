@@ -160,6 +160,7 @@ def _open_fits_cube(path: str | os.PathLike, nan_fill: float | None, layout: str
             hdul.close()
             raise
         return ArrayRows(data, found, nan_fill, keep=hdul)
+    hdul.close()
     raise DmhpcError(f"{path}: no image HDU with data")
 
 
