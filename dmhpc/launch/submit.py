@@ -572,7 +572,9 @@ def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, fo
     folder.mkdir(parents=True, exist_ok=True)
     failures: dict[str, str] = {}
     running: dict[str, submitit.Job] = {}
-    gpus, held = local_gpus(), {}  # held: point name -> the GPUs its running job was given
+    # held: point name -> the GPUs its running job was given. nvidia-smi only where a point wants GPUs.
+    gpus = local_gpus() if any(resources[p.name].gpus_per_node for p in todo) else None
+    held = {}
     try:
         with sigterm_as_interrupt():
             while todo or running:
