@@ -154,6 +154,8 @@ def test_a_refused_sbatch_is_one_line_naming_sbatchs_reason(tmp_path, monkeypatc
                    "specified: gpuu; sbatch: error: Invalid partition name specified\n"), err
     assert not (tmp_path / "out" / "submitit" / "jobs.json").exists()
     assert not (tmp_path / "out" / "leaderboard.md").exists()
+    # The pickled calls and sbatch script submitit wrote for the refused jobs were left behind.
+    assert os.listdir(tmp_path / "out" / "submitit") == ["launch.lock"]
 
 
 def test_a_queued_job_of_another_configuration_is_never_taken_for_the_point(tmp_path, monkeypatch, capsys):

@@ -254,3 +254,4 @@ def test_a_refused_sbatch_fails_its_trial_and_stops_with_one_line(data, tmp_path
     assert [t.state.name for t in trials] == ["FAIL"]
     assert "Invalid partition name specified" in trials[0].user_attrs["failure"]
     assert "Invalid partition name specified" in (tmp_path / "tune" / "trials.md").read_text()
+    assert not [name for name in os.listdir(tmp_path / "tune" / "submitit") if name.endswith((".pkl", ".sh"))]

@@ -359,14 +359,20 @@ def sigterm_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+_SUBMISSION_FILE = re.compile(r"[0-9a-f]{32}\.pkl|\.submission_file_[0-9a-f]{32}\.sh")
+
+
 @contextlib.contextmanager
-def sbatch_refusal(what: str):
+def sbatch_refusal(what: str, folder: Path):
     """sbatch refusing a submission (a partition, account or QOS the site does not have, a controller
     out of reach) as one DmhpcError with sbatch's error lines (the first often names the bad value),
     instead of submitit's FailedJobError and its traceback. submitit also prints sbatch's stderr
-    itself: held here, and dropped when the submission was refused (the error repeats it)."""
+    itself: held here, and dropped when the submission was refused (the error repeats it). The
+    files submitit wrote into `folder` for the refused jobs (pickled calls, the sbatch script) are
+    removed: no job will ever read them."""
     held = io.StringIO()
     refused = False
+    before = set(os.listdir(folder)) if folder.is_dir() else set()
     try:
         with contextlib.redirect_stderr(held):
             yield
@@ -376,6 +382,10 @@ def sbatch_refusal(what: str):
         said = said.decode(errors="replace") if isinstance(said, bytes) else (said or "")
         lines = [line.strip() for line in said.splitlines() if line.strip()]
         errors = [line for line in lines if "error" in line.lower()] or lines[-1:] or [type(exc).__name__]
+        for name in set(os.listdir(folder)) - before if folder.is_dir() else ():
+            # Only what submitit writes to submit (a running job writes its logs and results here too).
+            if _SUBMISSION_FILE.fullmatch(name):
+                (folder / name).unlink(missing_ok=True)
         raise DmhpcError(f"sbatch refused {what}: {'; '.join(dict.fromkeys(errors))}") from None
     finally:
         if not refused:
@@ -511,7 +521,7 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     for res, group in groups.items():
         log = folder / CONTROLLERS_LOG if kind == "local" else None
         with submission(threads, log):  # every job submitted is in the jobs file before an interrupt stops this
-            with sbatch_refusal(f"the job array of {len(group)} point(s)"):
+            with sbatch_refusal(f"the job array of {len(group)} point(s)", folder):
                 submitted = make_executor(kind, folder, res, job_name).map_array(
                     task, [config_to_dict(p.config) for p in group])
             for p, job in zip(group, submitted):

@@ -426,7 +426,7 @@ class _Search:
         try:
             log = self.folder / CONTROLLERS_LOG if t.executor == "local" else None
             with submission(self.threads, log):
-                with sbatch_refusal(f"the job of trial {trial.number}"):
+                with sbatch_refusal(f"the job of trial {trial.number}", self.folder):
                     job = self.submitter.submit(TrainTask(), config_to_dict(cfg))
                 self.running.append(_Running(trial, run, job, gpus=gpus))
                 trial.set_user_attr("job_id", job.job_id)
