@@ -66,6 +66,11 @@ def test_steady_step_time_excludes_the_first_epoch_and_weights_by_steps():
     assert steady_step_time(records) == (pytest.approx((4 * 1.0 + 5 * 2.5) / 9), True)
     t, excluded = steady_step_time([])
     assert math.isnan(t) and not excluded
+    # A point requeued after its first epoch: the epoch it resumed in is the new start's warm-up.
+    resumed = [{"kind": "setup", "step": 0}, records[1], {"kind": "setup", "step": 10},
+               {**records[2], "steps": 10, "step_time_s": 4.0}, records[3]]
+    assert steady_step_time(resumed) == (2.5, True)
+    assert steady_step_time(resumed[:4]) == (pytest.approx((10 * 5.0 + 10 * 4.0) / 20), False)
 
 
 def _row(model, mode, nodes, gpn, images, status="finished"):

@@ -173,21 +173,28 @@ def load_study(spec: str | Path | Mapping, executor: str | None = None) -> Study
 # --- measuring ------------------------------------------------------------------------------------
 
 def steady_step_time(records: list[dict]) -> tuple[float, bool]:
-    """(mean step time in seconds over the epochs after the first, whether the first was excluded).
+    """(mean step time in seconds over the epochs warmed up, whether warm-up was excluded).
 
-    With one epoch record its time is used, warm-up included. Epochs are weighted by the steps their
-    time averages over (after a resume in an epoch's middle, those since the resume).
+    The first epoch after each start of the trainer (a "setup" record; the log's beginning for logs
+    without them) is warm-up: allocations, autotuning, compilation and cold caches fall in it, after
+    a resume (a requeued point) as after the first start. Without an epoch left, every epoch's time
+    is used, warm-up included. Epochs are weighted by the steps their time averages over (after a
+    resume in an epoch's middle, those since the resume).
     """
-    epochs = [r for r in records if r.get("kind") == "epoch" and r.get("step_time_s")]
-    if not epochs:
-        return math.nan, False
-    # Records of dmhpc before "steps" was logged: the steps since the previous record.
-    steps = [r.get("steps", r["step"] - prev) for prev, r in zip([0] + [e["step"] for e in epochs], epochs)]
-    use = range(1, len(epochs)) if len(epochs) > 1 else range(1)
-    total = sum(steps[i] for i in use)
+    epochs, cold, previous = [], True, 0
+    for r in records:
+        if r.get("kind") == "setup":
+            cold = True
+        elif r.get("kind") == "epoch" and r.get("step_time_s"):
+            # Records of dmhpc before "steps" was logged: the steps since the previous record.
+            epochs.append((r.get("steps", r["step"] - previous), r["step_time_s"], cold))
+            previous, cold = r["step"], False
+    warm = [(steps, t) for steps, t, cold in epochs if not cold]
+    use = warm or [(steps, t) for steps, t, _ in epochs]
+    total = sum(steps for steps, _ in use)
     if total <= 0:
-        return math.nan, len(epochs) > 1
-    return sum(steps[i] * epochs[i]["step_time_s"] for i in use) / total, len(epochs) > 1
+        return math.nan, bool(warm)
+    return sum(steps * t for steps, t in use) / total, bool(warm)
 
 
 def staging_seconds(records: list[dict]) -> tuple[float, str]:
