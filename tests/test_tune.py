@@ -63,6 +63,12 @@ def test_the_space_is_checked_against_the_trainer_config_before_anything_runs(da
         load_tune(spec(data, tmp_path, space={"model.name": ["deepmerge2", "vgg"]}))
     with pytest.raises(DmhpcError, match=r"space: at .*optim.lr"):
         load_tune(spec(data, tmp_path, space={"optim.lr": {"low": -1.0, "high": 0.1}}))
+    # Each choice is checked on its own: the range's problem was blamed on every valid choice too.
+    with pytest.raises(DmhpcError) as refused:
+        load_tune(spec(data, tmp_path, space={"optim.lr": {"low": -1.0, "high": 0.1}, "optim.weight_decay": [-1.0, 0.0]}))
+    lines = str(refused.value).splitlines()
+    assert len(lines) == 3 and "space: at" in lines[1] and "optim.lr: expected a number > 0" in lines[1], lines
+    assert "space.optim.weight_decay: -1.0: optim.weight_decay:" in lines[2], lines
     with pytest.raises(DmhpcError, match=r"enqueue\[0\].optim.lr: 0.5 is not one of the choices"):
         load_tune(spec(data, tmp_path, enqueue=[{"optim.lr": 0.5}]))
     with pytest.raises(DmhpcError, match=r"enqueue\[0\].optim.lr: missing"):

@@ -205,10 +205,12 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
             t.point(corner)
         except DmhpcError as exc:
             problems.add("space", f"at {show(corner)}: {point_problem(exc)}")
+    # Each listed choice alone on the base config: beside other keys at a corner, a problem of
+    # theirs was blamed on every choice (the corners above report it).
     for key, dim in space.items():
         for value in (dim if isinstance(dim, list) else []):
             try:
-                t.point({**{k: (v[0] if isinstance(v, list) else v.low) for k, v in space.items()}, key: value})
+                t.point({key: value})
             except DmhpcError as exc:
                 problems.add(f"space.{key}", f"{show(value)}: {point_problem(exc)}")
     problems.raise_if_any()

@@ -26,7 +26,7 @@ from dmhpc.distributed import agree, gather
 from dmhpc.errors import DmhpcError
 from dmhpc.losses.coral import MIN_ROWS as CORAL_MIN_ROWS
 from dmhpc.losses.mmd import memory_gib, min_rows as mmd_min_rows
-from dmhpc.names import CRITERIA, DOMAINS
+from dmhpc.names import CRITERIA, DOMAINS, LABEL_FREE
 from dmhpc.train.objective import NUM_CLASSES
 
 
@@ -72,7 +72,7 @@ def check_data(cfg, manifests: dict, dist) -> None:
                          f"classifier learns from and needs labels (an unlabelled survey is a target)")
     if not is_labelled(manifests["target"]) and CRITERIA.get(cfg.select.criterion, False):
         raise DmhpcError(f"select.criterion: {cfg.select.criterion} reads target labels, and data.target "
-                         f"{dirs['target']} is unlabelled; choose a label-free criterion (source-val-acc, im, snd, dev)")
+                         f"{dirs['target']} is unlabelled; choose a label-free criterion ({', '.join(LABEL_FREE)})")
     for role in DOMAINS:
         where, m = f"data.{role} {dirs[role]}", manifests[role]
         for split in SPLITS:
