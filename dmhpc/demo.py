@@ -9,9 +9,12 @@ Every step is the same command a user would type, so the demo is also a smoke te
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
+from dmhpc.config import load_config
+from dmhpc.data.prepare import Options
 from dmhpc.errors import DmhpcError
 from dmhpc.run import RunDir
 from dmhpc.train.evaluate import format_table
@@ -24,10 +27,12 @@ RUNS = {
 
 def demo_arguments(parser) -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the data and the runs")
-    parser.add_argument("--n-per-class", type=int, default=1000, help="objects per class in the embedded set")
+    parser.add_argument("--n-per-class", type=int, default=1000,
+                        help="objects per class in the embedded set (default 1000; at least enough for one "
+                             "training batch: 92 with the shipped configs' batch of 128)")
     parser.add_argument("--epochs", type=int, default=15, help="training epochs of each run")
     parser.add_argument("--workers", type=int, default=2, help="processes for rendering")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="of the render, the split and the runs (default 0)")
 
 
 def demo_main(args, run_command) -> int:
@@ -36,6 +41,7 @@ def demo_main(args, run_command) -> int:
     out = args.out.resolve()
     raw, shards = out / "data", out / "shards"
     t0 = time.perf_counter()
+    _check_size(root, args.n_per_class)
 
     def step(title: str, argv: list[str]) -> None:
         print(f"\n== {title}: dmhpc {' '.join(argv)}", flush=True)
@@ -87,6 +93,17 @@ def demo_main(args, run_command) -> int:
     for png in sorted(explained.glob("*.png")):
         print(f"  {png}")
     return 0
+
+
+def _check_size(root: Path, n_per_class: int) -> None:
+    """Refuse, before minutes of rendering, a set whose training split holds less than one batch:
+    the runs would be refused at their start. One image per object, split with prepare's fractions."""
+    batch = max(load_config(root / config).train.batch_size for config in RUNS.values())
+    rows = round(Options().fractions[0] * 2 * n_per_class)
+    if rows < batch:
+        least = math.ceil(batch / (2 * Options().fractions[0]))
+        raise DmhpcError(f"--n-per-class {n_per_class}: about {rows} training images per domain, fewer than one "
+                         f"batch of {batch}; give at least {least}")
 
 
 def _rendered(meta: Path) -> dict | None:

@@ -48,6 +48,15 @@ def test_console_script_reports_errors_in_one_line(tmp_path):
     assert proc.stderr.startswith("dmhpc verify: error: ") and len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_a_demo_too_small_for_one_batch_is_refused_before_rendering(tmp_path, capsys):
+    """--n-per-class 30 rendered and prepared the set, then every run was refused at its start."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--n-per-class", "30"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("dmhpc demo: error: --n-per-class 30: about 42 training images per domain, fewer than one batch "
+                   "of 128; give at least 92\n"), err
+    assert not (tmp_path / "demo").exists()
+
+
 def test_demo_runs_the_main_job_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--n-per-class", "100", "--epochs", "1"]) == 0

@@ -489,7 +489,8 @@ def predict_arguments(parser) -> None:
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"], help="default: best")
     parser.add_argument("--data", type=Path, metavar="DIR", help="a prepared data set (every split, or --split)")
     parser.add_argument("--split", choices=["train", "val", "test"], help="with --data: this split only")
-    parser.add_argument("--images", type=Path, metavar="FILE", help="a .npy array or FITS cube (N, C, H, W)")
+    parser.add_argument("--images", type=Path, metavar="FILE",
+                        help="a .npy array or FITS cube, (N, C, H, W) or (N, H, W, C) (see --layout)")
     parser.add_argument("--catalog", type=Path, metavar="TABLE",
                         help="a catalog (CSV, ECSV, FITS, Parquet) of FITS cutouts, or of the --images rows")
     parser.add_argument("--id-column", default="id", metavar="NAME", help="catalog id column (default: id)")
@@ -499,14 +500,14 @@ def predict_arguments(parser) -> None:
     parser.add_argument("--layout", choices=["NCHW", "NHWC"],
                         help="of --images or of the cutouts, where their shape does not tell (as in prepare)")
     parser.add_argument("--out", required=True, type=Path,
-                        help="the catalog to write: .parquet, .fits, .csv, .ecsv or .h5 (by extension)")
+                        help="the catalog to write: .parquet, .fits, .csv, .ecsv, .h5 or .hdf5 (by extension)")
     parser.add_argument("--tta", action="store_true",
                         help="average over the 8 flips and 90-degree rotations; adds p_merger_std (8x the work)")
     parser.add_argument("--normalize", default="target", choices=["target", "own"],
                         help="target (default): the statistics the run normalized its target domain with; "
                              "own: these images' own statistics")
     parser.add_argument("--part-size", type=int, default=4096, metavar="N",
-                        help="images per part, the unit of resumption (default 4096)")
+                        help="images per part, the unit of resumption (default 4096); a multiple of --batch-size")
     parser.add_argument("--batch-size", type=int, default=256, metavar="N", help="default 256")
     parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast (default none)")
     parser.add_argument("--nan-fill", type=float, metavar="VALUE", help="replace NaN pixels by VALUE")
