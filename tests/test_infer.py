@@ -248,6 +248,11 @@ def test_export_with_normalization_built_in_and_a_card(survey, run_on_survey, tm
     assert card["data"]["target"]["fingerprint"] and card["test_metrics"]["source"]["accuracy"] >= 0
     assert card["config"]["model"]["name"] == "deepmerge2" and card["model"]["dmhpc"]
     assert "## Test metrics" in Path(f"{out}.card.md").read_text()
+    # What a receiver checks the file, and the run its checkpoint, against.
+    from dmhpc.data.shards import file_sha256
+
+    assert card["model"]["sha256"] == file_sha256(out) and card["model"]["sha256"] in Path(f"{out}.card.md").read_text()
+    assert card["checkpoint"]["sha256"] == file_sha256(RunDir(run_on_survey).checkpoint("best"))
     assert main(["export", "--run", str(run_on_survey), "--format", fmt, "--out", str(out)]) == 1  # no overwrite
 
 
@@ -275,12 +280,18 @@ def test_the_card_reports_the_test_of_the_exported_checkpoint_only(survey, tmp_p
     if importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnxscript"):
         from dmhpc.infer import export
 
+        onnx = tmp_path / "m.onnx"
+        assert main(["export", "--run", str(run), "--format", "onnx", "--out", str(onnx)]) == 0
+        exported = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("m.onnx")}
         monkeypatch.setattr(export, "ONNX_TOLERANCE", -1.0)  # any difference is too much
         capsys.readouterr()
-        onnx = tmp_path / "m.onnx"
-        assert main(["export", "--run", str(run), "--format", "onnx", "--out", str(onnx)]) == 1
-        assert "onnxruntime differs from torch by" in capsys.readouterr().err
-        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".m.onnx", "m.onnx"))) == []
+        for argv in (["--out", str(tmp_path / "n.onnx")], ["--out", str(onnx), "--overwrite"]):
+            assert main(["export", "--run", str(run), "--format", "onnx", *argv]) == 1
+            assert "onnxruntime differs from torch by" in capsys.readouterr().err
+        # Nothing of the failed exports; the one replaced in vain stands with its own cards.
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".m.onnx", ".n.onnx", "n.onnx"))) == []
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("m.onnx")} == exported
+        assert len(exported) == 3
 
 
 @pytest.mark.gpu

@@ -33,7 +33,8 @@ from dmhpc.distributed import bootstrap, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write
 from dmhpc.run import RunDir
-from dmhpc.train.checkpoint import checkpoint_info, load_checkpoint, load_weights
+from dmhpc.data.shards import file_sha256
+from dmhpc.train.checkpoint import checkpoint_info, load_checkpoint_sha256, load_weights
 from dmhpc.train.objective import build_backbone
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -57,17 +58,18 @@ class MergerProbability(nn.Module):
 def build(run: RunDir, checkpoint: str = "best") -> tuple[MergerProbability, dict, list]:
     """The exportable module (eval mode, CPU), the checkpoint it holds, and the input shape (C, H, W)."""
     cfg = run.config()
-    state = load_checkpoint(run.checkpoint(checkpoint))
+    state, sha256 = load_checkpoint_sha256(run.checkpoint(checkpoint))
     shape = list(run.data_record("source")["shape"])
     net = build_backbone(cfg, shape[0])
     load_weights(net, state, run.checkpoint(checkpoint))
     mean, std = run.normalization("target")
     model = MergerProbability(net, mean, std).eval()
-    info = checkpoint_info(checkpoint, state)
+    info = {**checkpoint_info(checkpoint, state), "sha256": sha256}
     return model, info, shape
 
 
-def _onnx(model: MergerProbability, example: torch.Tensor, out: Path) -> float:
+def _onnx(model: MergerProbability, example: torch.Tensor, out: Path, tmp: Path) -> float:
+    """Write the ONNX program to `tmp` and check it with onnxruntime; the largest difference."""
     try:
         import onnxruntime
     except ImportError:
@@ -78,35 +80,33 @@ def _onnx(model: MergerProbability, example: torch.Tensor, out: Path) -> float:
                                     dynamic_shapes={"image": {0: batch}}, dynamo=True)
     except ImportError:
         raise DmhpcError("--format onnx needs onnx and onnxscript: pip install dmhpc[export]") from None
-    with atomic_path(out) as tmp:  # checked before it takes its name: a file that fails is never left
-        program.save(str(tmp))
-        check = torch.randn(5, *example.shape[1:]) * 2 + 1
-        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        (got,) = session.run(None, {"image": check.numpy()})
-        with torch.no_grad():
-            want = model(check).numpy()
-        difference = float(np.abs(got - want).max())
-        if not difference <= ONNX_TOLERANCE:
-            raise DmhpcError(f"{out}: onnxruntime differs from torch by {difference:.2e} (more than "
-                             f"{ONNX_TOLERANCE:g}); nothing written")
+    program.save(str(tmp))  # checked before it takes its name: a file that fails is never left
+    check = torch.randn(5, *example.shape[1:]) * 2 + 1
+    session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {"image": check.numpy()})
+    with torch.no_grad():
+        want = model(check).numpy()
+    difference = float(np.abs(got - want).max())
+    if not difference <= ONNX_TOLERANCE:
+        raise DmhpcError(f"{out}: onnxruntime differs from torch by {difference:.2e} (more than "
+                         f"{ONNX_TOLERANCE:g}); nothing written")
     return difference
 
 
-def _torchscript(model: MergerProbability, example: torch.Tensor, out: Path) -> None:
+def _torchscript(model: MergerProbability, example: torch.Tensor, tmp: Path) -> None:
     with torch.no_grad():
         traced = torch.jit.trace(model, example)
-    with atomic_path(out) as tmp:
-        traced.save(str(tmp))
+    traced.save(str(tmp))
 
 
-def _safetensors(model: MergerProbability, cfg_dict: dict, out: Path) -> None:
+def _safetensors(model: MergerProbability, cfg_dict: dict, tmp: Path) -> None:
     from safetensors.torch import save
 
     metadata = {"format": "pt", "dmhpc": __version__, "model": json.dumps(cfg_dict["model"]),
                 "input": "raw images (N, C, H, W) float32; normalization in the tensors mean and std",
                 "output": "p(merger) = softmax(net((image - mean) / std))[:, 1]"}
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    atomic_write(out, save(tensors, metadata=metadata))
+    tmp.write_bytes(save(tensors, metadata=metadata))
 
 
 def load_safetensors(path) -> MergerProbability:
@@ -152,6 +152,8 @@ def _card_markdown(card: dict) -> str:
     m, i = card["model"], card["input"]
     lines = [f"# Model card: {m['file']}", "",
              f"A {m['architecture']} merger classifier trained by dmhpc {m['dmhpc']}, exported as {m['format']}.", "",
+             f"SHA-256 of `{m['file']}`: `{m['sha256']}`; of the checkpoint it holds: "
+             f"`{card['checkpoint']['sha256']}`.", "",
              "## Input and output", "",
              f"- input: raw images {tuple(i['shape'])}, float32; the per-channel normalization is built in "
              f"(mean {', '.join(f'{v:.6g}' for v in i['mean'])}; std {', '.join(f'{v:.6g}' for v in i['std'])}: "
@@ -196,14 +198,21 @@ def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool 
     run = RunDir(run_dir)
     model, info, shape = build(run, checkpoint)
     example = torch.zeros(2, *shape)
-    onnx_diff = None
-    if fmt == "onnx":
-        onnx_diff = _onnx(model, example, out)
-    elif fmt == "torchscript":
-        _torchscript(model, example, out)
-    else:
-        _safetensors(model, config_to_dict(run.config()), out)
+    onnx_diff, cards = None, (Path(f"{out}.card.json"), Path(f"{out}.card.md"))
+    with atomic_path(out) as tmp:
+        if fmt == "onnx":
+            onnx_diff = _onnx(model, example, out, tmp)
+        elif fmt == "torchscript":
+            _torchscript(model, example, tmp)
+        else:
+            _safetensors(model, config_to_dict(run.config()), tmp)
+        sha256 = file_sha256(tmp)
+        # The old file's cards go just before the new file takes its name: killed in between, a file
+        # stands without a card, never beside the card of the file it replaced.
+        for card_file in cards:
+            card_file.unlink(missing_ok=True)
     card = model_card(run, info, shape, fmt, out, onnx_diff)
+    card["model"]["sha256"] = sha256  # what a receiver checks the file against
     atomic_write(Path(f"{out}.card.json"), json.dumps(card, indent=2) + "\n")
     atomic_write(Path(f"{out}.card.md"), _card_markdown(card))
     return card
