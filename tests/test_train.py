@@ -844,3 +844,27 @@ def test_a_nan_under_debug_is_one_line(data, tmp_path, capsys):
                                                               "optim.lr=1e30")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "returned nan values" in err and "anomaly detection" in err, err
+
+
+def test_a_selection_score_that_is_not_finite_is_one_line(data, tmp_path, monkeypatch, capsys):
+    """SND of one target validation image is NaN, and NaN is never above the best score: the run
+    trained to its end without a best.pt, then every resume and eval failed ("best.pt: checkpoint
+    not found"). SND on such a split is refused at start; any non-finite score stops the run."""
+    rng = np.random.default_rng(1)
+    images, labels = _domain(rng, 40, 0.3)
+    write_dataset(images, labels, None, tmp_path / "one-val", shard_size=64, seed=0, fractions=(0.85, 0.025, 0.125))
+    run = tmp_path / "snd"
+    argv = ["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={tmp_path / 'one-val'}",
+            f"run.dir={run}", "train.epochs=1", "select.criterion=snd"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert (f"select.criterion: snd compares each target validation image with the others, and data.target "
+            f"{tmp_path / 'one-val'} has 1 in its val split; it needs at least 2") in err, err
+    assert len(err.splitlines()) == 1 and not (run / "checkpoints").exists()
+    from dmhpc.train import loop
+
+    monkeypatch.setattr(loop, "selection_score", lambda criterion, val: float("nan"))
+    assert main(["train", "--config", str(TINY), *_overrides(data, tmp_path / "nan", "train.epochs=1")]) == 1
+    err = capsys.readouterr().err
+    assert "select.criterion source-val-acc: its score is nan at epoch 0 (on the validation splits); no checkpoint " \
+           "can be chosen by it" in err and len(err.splitlines()) == 1, err

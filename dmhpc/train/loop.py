@@ -233,6 +233,9 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                     for d in dirs:
                         record[d]["val"] = domain_metrics(val[d]["labels"], val[d]["prob"])
                     score = selection_score(criterion, val)
+                    if not math.isfinite(score):  # never > best: the run would end without a best.pt
+                        raise DmhpcError(f"select.criterion {criterion}: its score is {score} at epoch {prog.epoch} "
+                                         f"(on the validation splits); no checkpoint can be chosen by it")
                     record["selection"] = {"criterion": criterion, "score": score}
                     if cfg.select.all_validators:  # for the study's validator table; chooses nothing
                         record["validators"] = validator_scores(val)

@@ -78,6 +78,9 @@ def information_maximization(prob: np.ndarray) -> float:
     return float(-(mean * np.log(mean)).sum() + (p * np.log(p)).sum(axis=1).mean())
 
 
+SND_MIN_ROWS = 2  # each sample's neighbourhood is the other samples: one alone has none (NaN)
+
+
 def soft_neighborhood_density(prob: np.ndarray, temperature: float = 0.05) -> float:
     """SND validator (Saito et al. 2021): entropy of the soft neighbourhood of each target sample.
 

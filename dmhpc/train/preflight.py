@@ -27,6 +27,7 @@ from dmhpc.errors import DmhpcError
 from dmhpc.losses.coral import MIN_ROWS as CORAL_MIN_ROWS
 from dmhpc.losses.mmd import memory_gib, min_rows as mmd_min_rows
 from dmhpc.names import CRITERIA, DOMAINS, LABEL_FREE
+from dmhpc.train.metrics import SND_MIN_ROWS
 from dmhpc.train.objective import NUM_CLASSES
 
 
@@ -85,6 +86,11 @@ def check_data(cfg, manifests: dict, dist) -> None:
         if m["num_classes"] > NUM_CLASSES:
             raise DmhpcError(f"{where}: {m['num_classes']} classes; the models here tell {NUM_CLASSES} apart "
                              f"(merger or not)")
+    val_rows = manifests["target"]["rows"]["val"][1] - manifests["target"]["rows"]["val"][0]
+    if cfg.select.criterion == "snd" and val_rows < SND_MIN_ROWS:
+        raise DmhpcError(f"select.criterion: snd compares each target validation image with the others, and data.target "
+                         f"{dirs['target']} has {val_rows} in its val split; it needs at least {SND_MIN_ROWS} "
+                         f"(prepare it with a larger val fraction, or choose another criterion)")
     present = [k for k, c in manifests["source"]["counts"]["train"].items() if c > 0]
     if len(present) < 2:
         raise DmhpcError(f"data.source {dirs['source']}: the training split holds class {present[0] if present else '-'} "
