@@ -187,3 +187,94 @@ def test_dmhpc_eval_refuses_data_the_run_cannot_take_and_draws_what_the_data_all
     assert err.count("\n") == 1 and f"data.target {data / 'noisy'}: prepared again since the run trained" in err, err
     assert run.read_result()["final"] is True  # the trainer's result stands
     assert main(["eval", "--run", str(run.path), "--target", str(data / "noisy")]) == 0
+
+
+SLOW_EVAL = """
+import sys, time
+from pathlib import Path
+import dmhpc.train.evaluate as E
+orig = E.evaluate_run
+def slow(*a, **k):  # holds the evaluation open until the test has tried the run beside it
+    Path(sys.argv[1]).write_text("evaluating")
+    while not Path(sys.argv[2]).exists():
+        time.sleep(0.05)
+    return orig(*a, **k)
+E.evaluate_run = slow
+from dmhpc.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+HOLD_LIKE_A_TRAINER = """
+import sys, time
+from pathlib import Path
+from dmhpc.run import RunDir
+run = RunDir(sys.argv[1])
+run.claim(run.config(), "auto")
+Path(sys.argv[2]).write_text("claimed")
+while not Path(sys.argv[3]).exists():
+    time.sleep(0.05)
+"""
+
+
+def _wait_for(path, proc):
+    import time
+
+    for _ in range(1200):
+        if path.exists():
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never came")
+
+
+def test_dmhpc_eval_holds_the_run_directory_against_the_trainer_and_other_evaluations(make_domains, tmp_path, capsys):
+    """Without the run's lock two evaluations on one run both wrote (one result lost, plots mixed),
+    an evaluation beside the trainer replaced the trainer's final best_test.json with a stale one,
+    and a trainer starting up removed a running evaluation's temporary files."""
+    import pytest
+
+    from dmhpc.errors import DmhpcError
+
+    data = make_domains(64)
+    run = RunDir(tmp_path / "run")
+    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
+                 f"run.dir={run.path}", "train.epochs=1"]) == 0
+    final = run.result_path("best", "test").read_bytes()
+
+    # An evaluation running: a trainer and a second evaluation are refused, in one line each.
+    script, started, go = tmp_path / "slow.py", tmp_path / "started", tmp_path / "go"
+    script.write_text(SLOW_EVAL)
+    proc = subprocess.Popen([str(BIN / "python"), str(script), str(started), str(go), "eval", "--run", str(run.path),
+                             "--target", str(data / "noisy")], cwd=ROOT, env=clean_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(started, proc)
+        with pytest.raises(DmhpcError, match="in use by another trainer"):
+            RunDir(run.path).claim(run.config(), "auto")
+        capsys.readouterr()
+        assert main(["eval", "--run", str(run.path)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "in use by another dmhpc eval or trainer (pid" in err, err
+    finally:
+        go.write_text("go")
+        out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert run.read_result("best", "test", "noisy")["data"]["target"] == str(data / "noisy")
+    assert run.result_path("best", "test").read_bytes() == final
+
+    # A trainer holding the run: the evaluation is refused and leaves its results alone.
+    script, claimed, done = tmp_path / "hold.py", tmp_path / "claimed", tmp_path / "done"
+    script.write_text(HOLD_LIKE_A_TRAINER)
+    proc = subprocess.Popen([str(BIN / "python"), str(script), str(run.path), str(claimed), str(done)], cwd=ROOT,
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(claimed, proc)
+        capsys.readouterr()
+        assert main(["eval", "--run", str(run.path)]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and f"run.dir {run.path}: in use by another dmhpc eval or trainer" in err, err
+    finally:
+        done.write_text("done")
+        proc.communicate(timeout=300)
+    assert run.result_path("best", "test").read_bytes() == final and run.finished
+    assert main(["eval", "--run", str(run.path)]) == 0  # the lock went with its holder

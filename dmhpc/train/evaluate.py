@@ -13,9 +13,10 @@ from dmhpc import plots as P
 from dmhpc.data.batches import domain_stats
 from dmhpc.data.loaders import eval_batches, eval_rows
 from dmhpc.data.shards import fingerprint, load_manifest
-from dmhpc.distributed import all_gather_object, bootstrap, shutdown
+from dmhpc.distributed import all_gather_object, bootstrap, on_main, shutdown
 from dmhpc.errors import DmhpcError
-from dmhpc.run import RunDir, check_shape, evaluation_tag
+from dmhpc.files import hold_lock
+from dmhpc.run import LOCK, RunDir, check_shape, evaluation_tag
 from dmhpc.names import CRITERIA, DOMAINS
 from dmhpc.progress import progress_bar
 from dmhpc.train.checkpoint import checkpoint_info, load_checkpoint, load_weights
@@ -140,14 +141,25 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
     if target is not None:
         data = {"source": source or Path(cfg.data.source), "target": target}
         data_name = "+".join(p.name or p.resolve().name for p in ((source,) if source else ()) + (target,))
-        _check_other_data(run.read_result(checkpoint, split, data_name), data, run.result_path(checkpoint, split, data_name))
-    # The best checkpoint's test on the run's own data, once the run finished: the trainer's result again.
-    final = data is None and (checkpoint, split) == ("best", "test") and run.finished
-    dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
-    shape = _check_data(run, cfg, dirs, own=data is None)
-    ckpt = load_checkpoint(run.checkpoint(checkpoint))
     dist = bootstrap()
+    held = []
     try:
+        # The run directory's own lock, the one its trainer holds, taken by the rank that writes, for
+        # the whole evaluation: without it two evaluations (of data sets of one folder name) both
+        # passed the check below and one result was lost, an evaluation beside the trainer replaced
+        # its final best_test.json with one of an older best.pt, and a trainer starting up removed
+        # the evaluation's temporary files as orphans of killed writes.
+        on_main(lambda: held.append(hold_lock(
+            run.path / LOCK, f"run.dir {run.path}: in use by another dmhpc eval or trainer ({{holder}}); wait for "
+                             f"it to end", "dmhpc eval or trainer on this run directory")))
+        if data is not None:
+            _check_other_data(run.read_result(checkpoint, split, data_name), data,
+                              run.result_path(checkpoint, split, data_name))
+        # The best checkpoint's test on the run's own data, once the run finished: the trainer's result again.
+        final = data is None and (checkpoint, split) == ("best", "test") and run.finished
+        dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
+        shape = _check_data(run, cfg, dirs, own=data is None)
+        ckpt = load_checkpoint(run.checkpoint(checkpoint))
         model = build_backbone(cfg, shape[0]).to(dist.device)
         load_weights(model, ckpt, run.checkpoint(checkpoint))
         info = checkpoint_info(checkpoint, ckpt)
@@ -161,6 +173,8 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
             print(f"wrote {run.result_path(checkpoint, split, data_name)} and "
                   f"{run.plot_path(f'*_{evaluation_tag(checkpoint, split, data_name)}')}")
     finally:
+        for handle in held:
+            handle.close()
         shutdown()
     return result
 
