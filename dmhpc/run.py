@@ -309,7 +309,8 @@ class RunDir:
             return
         last = self.checkpoint("last")
         if last.is_file():
-            self._check_changes(config_to_dict(self.config()), config_to_dict(cfg), str(self.config_path), data_ids)
+            old, where = self._reference_config(last)
+            self._check_changes(old, config_to_dict(cfg), where, data_ids)
             progress = _load_state(last).get("progress")
             if isinstance(progress, Mapping):  # checkpoints of dmhpc's own tests may hold none
                 try:
@@ -357,10 +358,12 @@ class RunDir:
                                     "trainer on this run directory")
 
     def _reference_config(self, resume_from: Path) -> tuple[dict, str]:
-        """The configuration the run trained with so far: config.yaml, else the checkpoint's own."""
-        if self.config_path.is_file() and self._own(resume_from):
-            return config_to_dict(self.config()), str(self.config_path)
+        """The configuration the run trained with so far: the checkpoint's own, which config.yaml
+        (a text file) may have been edited away from by hand; config.yaml for a checkpoint of this
+        run without one."""
         state = _load_state(resume_from)
+        if not isinstance(state.get("config"), dict) and self.config_path.is_file() and self._own(resume_from):
+            return config_to_dict(self.config()), str(self.config_path)
         if not isinstance(state.get("config"), dict):
             raise DmhpcError(f"{resume_from}: not a dmhpc checkpoint (no \"config\" entry)")
         # Through the schema, as config.yaml is read: keys added since it was written take their

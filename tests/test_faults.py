@@ -119,12 +119,19 @@ def test_a_changed_configuration_is_refused_before_anything_is_written(data, tmp
     for change, part in (("model.name=deepmerge", 'model.name "deepmerge2" -> "deepmerge"'),
                          ("train.batch_size=8", "train.batch_size 16 -> 8"), ("seed=3", "seed 1 -> 3"),
                          ("train.amp=bf16", 'train.amp "none" -> "bf16"')):
-        one_line_error(train(data, run, "train.epochs=2", change), f"{run / 'config.yaml'}: the run was trained "
+        one_line_error(train(data, run, "train.epochs=2", change), f"{run / 'checkpoints' / 'last.pt'}: the run was trained "
                        f"with another configuration: {part}")
     assert files() == before
     from dmhpc.cli import main
 
     assert main(["eval", "--run", str(run)]) == 0  # the run is still whole
+    # config.yaml edited by hand to the new value: the checkpoint still says what it was trained with.
+    text = (run / "config.yaml").read_text()
+    assert "  lr: 0.001\n" in text
+    (run / "config.yaml").write_text(text.replace("  lr: 0.001\n", "  lr: 0.002\n"))
+    one_line_error(train(data, run, "train.epochs=2", "optim.lr=0.002"),
+                   f"{run / 'checkpoints' / 'last.pt'}: the run was trained with another configuration: optim.lr "
+                   f"0.001 -> 0.002")
 
 
 def test_resume_none_on_an_existing_run_needs_overwrite(data, tmp_path):
