@@ -278,3 +278,34 @@ def test_dmhpc_eval_holds_the_run_directory_against_the_trainer_and_other_evalua
         proc.communicate(timeout=300)
     assert run.result_path("best", "test").read_bytes() == final and run.finished
     assert main(["eval", "--run", str(run.path)]) == 0  # the lock went with its holder
+
+
+def test_dmhpc_eval_checks_the_shards_as_the_trainer_does(make_domains, tmp_path, capsys):
+    """eval read the shards unchecked: a corrupted shard gave a new result from damaged pixels."""
+    import shutil
+
+    import h5py
+
+    from dmhpc.data.shards import shard_name
+
+    data = make_domains(64)
+    run = RunDir(tmp_path / "run")
+    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
+                 f"run.dir={run.path}", "train.epochs=1"]) == 0
+    assert run.config().data.verify == "checksums"
+    other = tmp_path / "other"
+    shutil.copytree(data / "noisy", other)
+    for directory in (data / "noisy", other):
+        with h5py.File(directory / shard_name(0), "r+") as f:  # valid HDF5, valid structure, other pixels
+            f["images"][:5] = -f["images"][:5]
+    final = run.result_path("best", "test").read_bytes()
+    plots = {p: p.read_bytes() for p in run.plot_files()}
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run.path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"data.target {data / 'noisy'}: 1 problem: shard-00000.h5 checksum mismatch" in err, err
+    assert main(["eval", "--run", str(run.path), "--target", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--target {other}: 1 problem: shard-00000.h5 checksum mismatch" in err, err
+    assert run.result_path("best", "test").read_bytes() == final and not run.result_path("best", "test", "other").exists()
+    assert {p: p.read_bytes() for p in run.plot_files()} == plots

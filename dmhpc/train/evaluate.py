@@ -11,9 +11,10 @@ import torch
 
 from dmhpc import plots as P
 from dmhpc.data.batches import domain_stats
+from dmhpc.data.check import check_dataset
 from dmhpc.data.loaders import eval_batches, eval_rows
 from dmhpc.data.shards import fingerprint, load_manifest
-from dmhpc.distributed import all_gather_object, bootstrap, on_main, shutdown
+from dmhpc.distributed import all_gather_object, bootstrap, gather, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import hold_lock
 from dmhpc.run import LOCK, RunDir, check_shape, evaluation_tag
@@ -158,7 +159,9 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
         # The best checkpoint's test on the run's own data, once the run finished: the trainer's result again.
         final = data is None and (checkpoint, split) == ("best", "test") and run.finished
         dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
-        shape = _check_data(run, cfg, dirs, own=data is None)
+        shape = _check_data(run, cfg, dirs, own=data is None, dist=dist,
+                            names={"source": "--source" if source else "data.source",
+                                   "target": "--target" if target else "data.target"})
         ckpt = load_checkpoint(run.checkpoint(checkpoint))
         model = build_backbone(cfg, shape[0]).to(dist.device)
         load_weights(model, ckpt, run.checkpoint(checkpoint))
@@ -179,20 +182,30 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
     return result
 
 
-def _check_data(run: RunDir, cfg, dirs: dict, own: bool) -> list:
-    """The image shape the run trained on; refuses images its network cannot take, and the run's own
+def _check_data(run: RunDir, cfg, dirs: dict, own: bool, dist, names: dict) -> list:
+    """The image shape the run trained on; refuses images its network cannot take, the run's own
     data sets prepared again since it trained (their test split may hold rows it trained on, and its
-    result file would say otherwise). A run of older dmhpc, whose run.json records no shape or
-    fingerprint, is checked against its source data set as it is now."""
+    result file would say otherwise), and data sets whose shards fail the run's data.verify check.
+    A run of older dmhpc, whose run.json records no shape or fingerprint, is checked against its
+    source data set as it is now. `names[role]`: how the user named the data set (data.target, --target)."""
     recorded = run.recorded_data()
     trained = recorded.get("source", {}).get("shape") or load_manifest(cfg.data.source)["shape"]
+    manifests = {}
     for role in DOMAINS:
-        manifest = load_manifest(dirs[role])
+        manifest = manifests[role] = load_manifest(dirs[role])
         check_shape(dirs[role], manifest["shape"], trained)
         was, now = recorded.get(role, {}).get("fingerprint"), fingerprint(manifest)
         if own and was and now != was:
             raise DmhpcError(f"data.{role} {dirs[role]}: prepared again since the run trained on it (manifest "
                              f"fingerprint {was[:12]} -> {now[:12]}); evaluate it as other data with --target")
+    # The shards as the trainer checks them, at the run's data.verify level: a corrupted shard was
+    # evaluated from its damaged pixels into a new result file.
+    for role in DOMAINS:
+        if role == "target" and Path(dirs["target"]).resolve() == Path(dirs["source"]).resolve():
+            break  # one data set in both roles: checked once
+        check_dataset(f"{names[role]} {dirs[role]}", dirs[role], manifests[role],
+                      checksums=cfg.data.verify == "checksums", rank=dist.rank, world_size=dist.world_size,
+                      gather=gather)
     return trained
 
 
