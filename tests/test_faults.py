@@ -188,6 +188,40 @@ def test_a_nonfinite_loss_term_is_named_with_its_step():
         meter.check_finite(State(), dist, 3)
 
 
+def test_a_loss_that_stays_nan_under_fp16_is_named_with_its_step():
+    """Under fp16 a non-finite loss is the gradient scaler's to skip, so it was never reported: a loss
+    NaN from step 3 on skipped every later step, and the run "finished" (exit 0) untrained. A few
+    skips in a row are the scaler finding its scale; 16 in a row stop the run."""
+    from dmhpc.distributed import DistInfo
+    from dmhpc.errors import DmhpcError
+    from dmhpc.train.meter import FP16_SKIPPED_IN_A_ROW, EpochMeter
+
+    class State:
+        def nonfinite_tensors(self):
+            return []
+
+    dist = DistInfo(0, 0, 1, torch.device("cpu"), None)
+    logits, y = torch.zeros(4, 2), torch.zeros(2, dtype=torch.long)
+
+    def add(meter, step, value):
+        meter.add(step, {"total": torch.tensor(value)}, {"logits": logits}, y, y)
+
+    meter = EpochMeter(torch.device("cpu"), watch_loss=False)
+    for step in range(1, FP16_SKIPPED_IN_A_ROW):  # 15 overflows, then a good step: the scaler's business
+        add(meter, step, float("inf"))
+    add(meter, FP16_SKIPPED_IN_A_ROW, 0.5)
+    meter.check_finite(State(), dist, FP16_SKIPPED_IN_A_ROW)
+    for step in range(17, 27):
+        add(meter, step, float("nan"))
+    meter = EpochMeter(torch.device("cpu"), watch_loss=False, streak=meter.streak)  # the next epoch
+    for step in range(27, 40):
+        add(meter, step, float("nan"))
+    with pytest.raises(DmhpcError, match=r"^step 32: the loss was not finite \(NaN or Inf\) for 16 steps in a row "
+                                         r"under train.amp=fp16, each skipped by the gradient scaler; training "
+                                         r"stopped at step 39 without writing it"):
+        meter.check_finite(State(), dist, 39)
+
+
 # --- data the trainer can trust ----------------------------------------------------------------
 
 def copy_dataset(src: Path, dst: Path) -> Path:

@@ -171,12 +171,14 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     def early_stopped() -> bool:  # also on resume: a run that stopped early is not trained on
         return bool(cfg.train.early_stopping) and prog.evals_since_best >= cfg.train.early_stopping
 
+    meter = None
     try:
         # The batches' row counts never change: the global-scope losses exchange them once.
         with StopRequest(cfg.train.signals) as stop, stable_rows():
             while not stopped and at() < total_steps and prog.epoch < cfg.train.epochs and not early_stopped():
                 state.model.train()
-                meter = EpochMeter(dist.device, watch_loss=cfg.train.amp != "fp16")
+                meter = EpochMeter(dist.device, watch_loss=cfg.train.amp != "fp16",
+                                   streak=meter.streak if meter is not None else None)
                 t_epoch = time.perf_counter()
                 bar = progress_bar(steps_per_epoch - prog.step_in_epoch, f"epoch {prog.epoch}", show=dist.is_main)
                 at_end = False  # the epoch's (or the run's) last step is done

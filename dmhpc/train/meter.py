@@ -10,6 +10,10 @@ from dmhpc.errors import DmhpcError
 from dmhpc.train.metrics import domain_metrics
 
 _NONE = 2**62  # "no non-finite value yet": above any step, so a MIN over ranks finds the first
+# Under fp16 the gradient scaler skips a step whose loss overflowed and halves its scale: a few in a
+# row happen while it finds its scale. This many in a row is a loss that stays NaN whatever the
+# scale (2**16 halved 16 times is 1), a run that skips every step and "finishes" untrained.
+FP16_SKIPPED_IN_A_ROW = 16
 
 
 class EpochMeter:
@@ -20,11 +24,16 @@ class EpochMeter:
     calls at the same step, and the only places that wait for the device.
     """
 
-    def __init__(self, device, watch_loss: bool = True):
+    def __init__(self, device, watch_loss: bool = True, streak: torch.Tensor | None = None):
         self.device, self.watch_loss = device, watch_loss
         self.names: list[str] = []
         self.sums = None
         self.first_bad = None  # per term: the first step (as counted after it) with a non-finite value
+        # Where non-finite losses are expected (fp16): the current streak of them (carried over from
+        # the previous epoch's meter: short epochs would never see a long one), and the first step
+        # that ended a streak of FP16_SKIPPED_IN_A_ROW.
+        self.streak = torch.zeros((), dtype=torch.int64, device=device) if streak is None else streak
+        self.first_stuck = torch.full((), _NONE, dtype=torch.int64, device=device)
         self.steps = 0
         self.preds: dict[str, list] = {"source": [], "target": []}
         self.domain_logits: list = []
@@ -39,6 +48,10 @@ class EpochMeter:
         if self.watch_loss:
             bad = ~torch.isfinite(vec) & (self.first_bad == _NONE)
             self.first_bad = torch.where(bad, step, self.first_bad)
+        else:
+            self.streak = torch.where(torch.isfinite(vec).all(), 0, self.streak + 1)
+            stuck = (self.streak >= FP16_SKIPPED_IN_A_ROW) & (self.first_stuck == _NONE)
+            self.first_stuck = torch.where(stuck, step, self.first_stuck)
         self.steps += 1
         prob = torch.softmax(outputs["logits"].float(), dim=1)
         self.preds["source"].append((ys, prob[: len(ys)]))
@@ -54,10 +67,14 @@ class EpochMeter:
         """
         weights = state.nonfinite_tensors()
         first = self.first_bad if self.first_bad is not None else torch.zeros(0, dtype=torch.int64)
-        local = torch.cat([first.cpu(), torch.tensor([-1 if weights else 0])])
+        local = torch.cat([first.cpu(), self.first_stuck.cpu().view(1), torch.tensor([-1 if weights else 0])])
         agreed = all_reduce_min(local).tolist()
-        bad_steps, weights_bad = agreed[:-1], agreed[-1] < 0
+        bad_steps, stuck, weights_bad = agreed[:-2], agreed[-2], agreed[-1] < 0
         hint = "lower optim.lr or set optim.grad_clip; the last good checkpoint is kept"
+        if stuck != _NONE:
+            raise DmhpcError(f"step {stuck}: the loss was not finite (NaN or Inf) for {FP16_SKIPPED_IN_A_ROW} steps "
+                             f"in a row under train.amp=fp16, each skipped by the gradient scaler; training stopped "
+                             f"at step {step} without writing it ({hint}, or train.amp=bf16)")
         if any(s != _NONE for s in bad_steps):
             at = min(s for s in bad_steps if s != _NONE)
             names = [n for n, s in zip(self.names, bad_steps) if s == at]
