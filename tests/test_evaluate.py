@@ -309,3 +309,23 @@ def test_dmhpc_eval_checks_the_shards_as_the_trainer_does(make_domains, tmp_path
     assert err.count("\n") == 1 and f"--target {other}: 1 problem: shard-00000.h5 checksum mismatch" in err, err
     assert run.result_path("best", "test").read_bytes() == final and not run.result_path("best", "test", "other").exists()
     assert {p: p.read_bytes() for p in run.plot_files()} == plots
+
+
+def test_dmhpc_eval_refuses_an_empty_split_before_writing(make_domains, tmp_path, capsys):
+    """A data set prepared without a test share failed with a ValueError traceback after writing."""
+    data = make_domains(64)
+    run = RunDir(tmp_path / "run")
+    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
+                 f"run.dir={run.path}", "train.epochs=1"]) == 0
+    rng = np.random.default_rng(2)
+    labels = np.arange(64) % 2
+    images = rng.normal(0.0, 0.3, (64, 3, 75, 75)).astype(np.float32) + labels[:, None, None, None]
+    write_dataset(images, labels, None, tmp_path / "notest", shard_size=64, seed=0, fractions=(0.8, 0.2, 0.0))
+    plots = {p: p.read_bytes() for p in run.plot_files()}
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run.path), "--target", str(tmp_path / "notest")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--target {tmp_path / 'notest'}: the test split is empty" in err, err
+    assert not run.result_path("best", "test", "notest").exists()
+    assert {p: p.read_bytes() for p in run.plot_files()} == plots
+    assert main(["eval", "--run", str(run.path), "--target", str(tmp_path / "notest"), "--split", "val"]) == 0

@@ -159,7 +159,7 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
         # The best checkpoint's test on the run's own data, once the run finished: the trainer's result again.
         final = data is None and (checkpoint, split) == ("best", "test") and run.finished
         dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
-        shape = _check_data(run, cfg, dirs, own=data is None, dist=dist,
+        shape = _check_data(run, cfg, dirs, own=data is None, split=split, dist=dist,
                             names={"source": "--source" if source else "data.source",
                                    "target": "--target" if target else "data.target"})
         ckpt = load_checkpoint(run.checkpoint(checkpoint))
@@ -182,10 +182,11 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
     return result
 
 
-def _check_data(run: RunDir, cfg, dirs: dict, own: bool, dist, names: dict) -> list:
+def _check_data(run: RunDir, cfg, dirs: dict, own: bool, split: str, dist, names: dict) -> list:
     """The image shape the run trained on; refuses images its network cannot take, the run's own
     data sets prepared again since it trained (their test split may hold rows it trained on, and its
-    result file would say otherwise), and data sets whose shards fail the run's data.verify check.
+    result file would say otherwise), an empty `split`, and data sets whose shards fail the run's
+    data.verify check.
     A run of older dmhpc, whose run.json records no shape or fingerprint, is checked against its
     source data set as it is now. `names[role]`: how the user named the data set (data.target, --target)."""
     recorded = run.recorded_data()
@@ -198,6 +199,10 @@ def _check_data(run: RunDir, cfg, dirs: dict, own: bool, dist, names: dict) -> l
         if own and was and now != was:
             raise DmhpcError(f"data.{role} {dirs[role]}: prepared again since the run trained on it (manifest "
                              f"fingerprint {was[:12]} -> {now[:12]}); evaluate it as other data with --target")
+        start, stop = manifest["rows"][split]
+        if stop == start:  # failed drawing the features with a ValueError traceback, after the result was written
+            raise DmhpcError(f"{names[role]} {dirs[role]}: the {split} split is empty; nothing to evaluate "
+                             f"(choose another --split, or prepare it with --fractions giving {split} a share)")
     # The shards as the trainer checks them, at the run's data.verify level: a corrupted shard was
     # evaluated from its damaged pixels into a new result file.
     for role in DOMAINS:
