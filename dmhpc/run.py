@@ -398,10 +398,11 @@ class RunDir:
         replaced, writes config.yaml and run.json, and cuts the log back to `step`.
         """
         if claim.replaces:
-            for name in OWN_NAMES:
-                if name != LOCK:
-                    target = self.path / name
-                    shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+            # config.yaml last: it is what makes the folder a run, and a replacement killed midway
+            # must leave one that --overwrite (or a resume) still accepts, not "not a dmhpc run".
+            for name in sorted(set(OWN_NAMES) - {LOCK}, key=lambda name: name == CONFIG):
+                target = self.path / name
+                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         files = size = 0
         for directory in (self.path, self.checkpoint_dir, self.path / EVAL, self.path / PLOTS):
             n, b = remove_orphans(directory)

@@ -155,6 +155,31 @@ def test_auto_without_last_but_with_results_is_refused(tmp_path):
         run.claim(cfg, "auto")
 
 
+def test_a_replacement_killed_midway_leaves_a_run_that_overwrite_accepts(tmp_path, monkeypatch):
+    """--resume none --overwrite removed config.yaml first: killed right after, the folder held the
+    run's other files but no config, "not a dmhpc run", refused by every later start."""
+    run, cfg = started(tmp_path)
+    (run.path / "eval").mkdir()
+    (run.path / "eval" / "best_test.json").write_text("{}")
+    claim = run.claim(cfg, "none", overwrite=True)
+    from dmhpc import run as run_module
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as the process dies here
+    monkeypatch.setattr(run_module.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run.start(cfg, claim, {}, 0)
+    run.release()
+    monkeypatch.undo()
+    assert run.config_path.is_file()
+    again = RunDir(run.path)
+    claim = again.claim(cfg, "none", overwrite=True)
+    again.start(cfg, claim, {"source": {"path": "s", "fingerprint": "S"}, "target": {"path": "t", "fingerprint": "T"}},
+                0)
+    again.release()
+    assert not (run.path / "eval").exists() and not run.checkpoint("last").exists()
+
+
 # --- what may change on resume --------------------------------------------------------------------
 
 def test_a_changed_configuration_is_refused_naming_keys_and_values(tmp_path):
