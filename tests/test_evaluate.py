@@ -329,3 +329,21 @@ def test_dmhpc_eval_refuses_an_empty_split_before_writing(make_domains, tmp_path
     assert not run.result_path("best", "test", "notest").exists()
     assert {p: p.read_bytes() for p in run.plot_files()} == plots
     assert main(["eval", "--run", str(run.path), "--target", str(tmp_path / "notest"), "--split", "val"]) == 0
+
+
+def test_dmhpc_eval_refuses_more_classes_than_the_model_has(make_domains, tmp_path, capsys):
+    """A 3-class data set failed in sklearn with a traceback; the trainer refuses it in one line."""
+    data = make_domains(64)
+    run = RunDir(tmp_path / "run")
+    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
+                 f"run.dir={run.path}", "train.epochs=1"]) == 0
+    rng = np.random.default_rng(3)
+    labels = np.arange(64) % 3
+    images = rng.normal(0.0, 0.3, (64, 3, 75, 75)).astype(np.float32) + labels[:, None, None, None]
+    write_dataset(images, labels, None, tmp_path / "three", shard_size=64, seed=0, num_classes=3)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run.path), "--target", str(tmp_path / "three")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--target {tmp_path / 'three'}: 3 classes; the models here tell 2 apart" in err, err
+    assert not run.result_path("best", "test", "three").exists()
+    assert not any("three" in p.name for p in run.plot_files())

@@ -22,7 +22,7 @@ from dmhpc.names import CRITERIA, DOMAINS
 from dmhpc.progress import progress_bar
 from dmhpc.train.checkpoint import checkpoint_info, load_checkpoint, load_weights
 from dmhpc.train.metrics import domain_metrics
-from dmhpc.train.objective import build_backbone
+from dmhpc.train.objective import NUM_CLASSES, build_backbone
 
 
 def predict(model, directory, split: str, *, batch_size: int, dist, mean, std,
@@ -185,8 +185,8 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
 def _check_data(run: RunDir, cfg, dirs: dict, own: bool, split: str, dist, names: dict) -> list:
     """The image shape the run trained on; refuses images its network cannot take, the run's own
     data sets prepared again since it trained (their test split may hold rows it trained on, and its
-    result file would say otherwise), an empty `split`, and data sets whose shards fail the run's
-    data.verify check.
+    result file would say otherwise), an empty `split`, more classes than the model tells apart, and
+    data sets whose shards fail the run's data.verify check.
     A run of older dmhpc, whose run.json records no shape or fingerprint, is checked against its
     source data set as it is now. `names[role]`: how the user named the data set (data.target, --target)."""
     recorded = run.recorded_data()
@@ -203,6 +203,9 @@ def _check_data(run: RunDir, cfg, dirs: dict, own: bool, split: str, dist, names
         if stop == start:  # failed drawing the features with a ValueError traceback, after the result was written
             raise DmhpcError(f"{names[role]} {dirs[role]}: the {split} split is empty; nothing to evaluate "
                              f"(choose another --split, or prepare it with --fractions giving {split} a share)")
+        if manifest["num_classes"] > NUM_CLASSES:  # the metrics failed with an sklearn traceback
+            raise DmhpcError(f"{names[role]} {dirs[role]}: {manifest['num_classes']} classes; the models here tell "
+                             f"{NUM_CLASSES} apart (merger or not)")
     # The shards as the trainer checks them, at the run's data.verify level: a corrupted shard was
     # evaluated from its damaged pixels into a new result file.
     for role in DOMAINS:
