@@ -134,6 +134,20 @@ def test_a_changed_configuration_is_refused_before_anything_is_written(data, tmp
                    f"0.001 -> 0.002")
 
 
+@pytest.mark.parametrize("field, value, said", [
+    ("epoch", "1", "progress.epoch '1': expected a whole number >= 0"),  # a TypeError traceback
+    ("best_score", "hi", "progress.best_score 'hi': expected a number"),  # a TypeError after a whole epoch
+    ("step_in_epoch", 50, "progress.step_in_epoch 50 is past the 2 steps of an epoch of this run")])  # ended early
+def test_a_checkpoint_with_an_edited_progress_is_one_line(data, tmp_path, field, value, said):
+    run = tmp_path / "run"
+    assert train(data, run, "train.epochs=1").returncode == 0
+    path = RunDir(run).checkpoint("last")
+    state = load_checkpoint(path)
+    state["progress"][field] = value
+    torch.save(state, path)
+    one_line_error(train(data, run, "train.epochs=2"), str(path), said)
+
+
 def test_resume_none_on_an_existing_run_needs_overwrite(data, tmp_path):
     run = tmp_path / "run"
     assert train(data, run, "train.epochs=1").returncode == 0

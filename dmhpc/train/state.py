@@ -40,6 +40,20 @@ class Progress:
     loader: str = ""
 
 
+def _check_progress(p: Progress) -> None:
+    """A ValueError naming the field of a progress that no run writes (an edited checkpoint): its
+    numbers index epochs, rows and steps, and a string or a negative one failed as a TypeError, or
+    resumed at the wrong place without a word, much later."""
+    for key in ("epoch", "step_in_epoch", "step", "evals_since_best", "world_size"):
+        value = getattr(p, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"progress.{key} {value!r}: expected a whole number >= 0")
+    if not isinstance(p.best_score, (int, float)) or isinstance(p.best_score, bool) or math.isnan(p.best_score):
+        raise ValueError(f"progress.best_score {p.best_score!r}: expected a number")
+    if not isinstance(p.loader, str):
+        raise ValueError(f"progress.loader {p.loader!r}: expected a loader's name")
+
+
 def _optimizer(o, groups):
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, nesterov=o.momentum > 0,
@@ -97,6 +111,7 @@ class TrainState:
         self.scaler.load_state_dict(state["scaler"])
         known = {f.name for f in fields(Progress)}  # older checkpoints also kept best_epoch
         self.progress = Progress(**{k: v for k, v in state["progress"].items() if k in known})
+        _check_progress(self.progress)
         restore_rank_rng_state(state["rng"], rank)
 
     def nonfinite_tensors(self) -> list[str]:
