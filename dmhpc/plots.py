@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dmhpc.files import atomic_write
+from dmhpc.files import atomic_write, is_temporary
 
 DOMAIN_COLOURS = {"source": "tab:blue", "target": "tab:orange"}
 CLASS_NAMES = {0: "non-merger", 1: "merger"}
@@ -218,8 +218,16 @@ def attribution_grid(images, cams, igs, probs, labels, title: str, path: Path) -
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     try:
-        atomic_write(path, writer=lambda f: fig.savefig(f, dpi=110, format=Path(path).suffix.lstrip(".") or "png"),
-                     durable=False)
+        atomic_write(path, writer=lambda f: fig.savefig(f, dpi=110, format=_format(path)), durable=False)
     finally:
         _pyplot().close(fig)
     return Path(path)
+
+
+def _format(path: Path) -> str:
+    """The image format a file name asks for; a temporary file (`.NAME.XXXXXXXX.tmp`, see
+    dmhpc.files) asks for NAME's: `dmhpc eval` draws every figure to one before it puts any in place."""
+    name = Path(path).name
+    if is_temporary(name):
+        name = name[1:].rsplit(".", 2)[0]
+    return Path(name).suffix.lstrip(".") or "png"

@@ -347,3 +347,44 @@ def test_dmhpc_eval_refuses_more_classes_than_the_model_has(make_domains, tmp_pa
     assert err.count("\n") == 1 and f"--target {tmp_path / 'three'}: 3 classes; the models here tell 2 apart" in err, err
     assert not run.result_path("best", "test", "three").exists()
     assert not any("three" in p.name for p in run.plot_files())
+
+
+def test_a_failed_dmhpc_eval_leaves_the_previous_results_as_they_were(make_domains, tmp_path, capsys, monkeypatch):
+    """The result file was written first: a damaged metrics.jsonl, or a figure that could not be
+    drawn, failed after it, and left a new result beside old (or missing) figures."""
+    from dmhpc import plots
+    from dmhpc.errors import DmhpcError
+    from dmhpc.files import is_temporary
+
+    data = make_domains(64)
+    run = RunDir(tmp_path / "run")
+    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
+                 f"run.dir={run.path}", "train.epochs=1"]) == 0
+
+    def state():
+        files = sorted(p for d in ("eval", "plots") for p in (run.path / d).iterdir())
+        return {p.name: p.read_bytes() for p in files}
+
+    before = state()
+    log = run.log_path.read_text()
+    lines = log.splitlines(keepends=True)
+    run.log_path.write_text(lines[0] + "{not json\n" + "".join(lines[1:]))
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run.path), "--checkpoint", "last", "--split", "val"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{run.log_path}: line 2 is not a JSON record" in err, err
+    assert state() == before  # no last_val.json, no figure of it, nothing temporary left
+    run.log_path.write_text(log)
+
+    def fails(*args, **kwargs):
+        raise DmhpcError("latent: cannot be drawn")
+
+    monkeypatch.setattr(plots, "latent_embedding", fails)  # the last figure, after the others are drawn
+    assert main(["eval", "--run", str(run.path), "--checkpoint", "last", "--split", "val"]) == 1
+    assert capsys.readouterr().err.count("\n") == 1
+    assert state() == before and not any(is_temporary(name) for name in state())
+    monkeypatch.undo()
+    assert main(["eval", "--run", str(run.path), "--checkpoint", "last", "--split", "val"]) == 0
+    after = state()
+    assert "last_val.json" in after and "roc_last_val.png" in after and "latent_last_val.png" in after
+    assert not any(is_temporary(name) for name in after)

@@ -16,7 +16,7 @@ from dmhpc.data.loaders import eval_batches, eval_rows
 from dmhpc.data.shards import fingerprint, load_manifest
 from dmhpc.distributed import all_gather_object, bootstrap, gather, on_main, shutdown
 from dmhpc.errors import DmhpcError
-from dmhpc.files import hold_lock
+from dmhpc.files import hold_lock, temporary_path
 from dmhpc.run import LOCK, RunDir, check_shape, evaluation_tag
 from dmhpc.names import CRITERIA, DOMAINS
 from dmhpc.progress import progress_bar
@@ -92,27 +92,43 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
     }
     if not dist.is_main:
         return result
-    run.write_result(result, checkpoint["name"], split, data_name)
-    if plots:
-        tag = evaluation_tag(checkpoint["name"], split, data_name)
-        on = f" on {data_name}" if data_name else ""
-        title = (f"{run.path.name}: {checkpoint['name']} checkpoint (epoch {checkpoint.get('epoch')}), {split} split "
-                 f"of {Path(dirs['source']).name} / {Path(dirs['target']).name}{on}"
-                 + (" (oracle selection)" if result["oracle"] else ""))
-        # A ROC curve needs both classes, a confusion matrix labels: unlabelled data sets get neither.
-        if any(len(np.unique(preds[d]["labels"])) == 2 for d in DOMAINS):
-            P.roc_curves({d: (preds[d]["labels"], preds[d]["prob"]) for d in DOMAINS},
-                         run.plot_path(f"roc_{tag}"), f"ROC, {title}")
-        if any("confusion" in result[d] for d in DOMAINS):
-            P.confusion_matrices({d: result[d] for d in DOMAINS}, run.plot_path(f"confusion_{tag}"),
-                                 f"confusion, {title}")
-        if data is None:  # the training's own figure, titled with its own data; other data sets leave it
-            P.training_curves(run.read_log(), run.plot_path("training_curves"),
-                              f"{run.path.name}: training; source {Path(cfg.data.source).name}, target "
-                              f"{Path(cfg.data.target).name}; selection by {cfg.select.criterion}")
-        P.latent_embedding({d: (preds[d]["features"], preds[d]["labels"]) for d in DOMAINS},
-                           run.plot_path(f"latent_{tag}"), f"DA features, {title}", seed=cfg.seed,
-                           max_points=1000)
+    # Everything that can fail comes before anything is put in place: the log is read and every
+    # figure drawn to a temporary file first, then the figures are renamed into place and the result
+    # written last. A failure (a damaged metrics.jsonl, a figure that cannot be drawn) used to come
+    # after the result file was written, and left a new result beside old figures.
+    drawn: dict[Path, Path] = {}  # final path -> its temporary file
+
+    def draw(name: str) -> Path:
+        drawn[run.plot_path(name)] = temporary_path(run.plot_path(name))
+        return drawn[run.plot_path(name)]
+
+    try:
+        if plots:
+            log = run.read_log() if data is None else None  # the training's figure: other data sets leave it
+            tag = evaluation_tag(checkpoint["name"], split, data_name)
+            on = f" on {data_name}" if data_name else ""
+            title = (f"{run.path.name}: {checkpoint['name']} checkpoint (epoch {checkpoint.get('epoch')}), {split} "
+                     f"split of {Path(dirs['source']).name} / {Path(dirs['target']).name}{on}"
+                     + (" (oracle selection)" if result["oracle"] else ""))
+            # A ROC curve needs both classes, a confusion matrix labels: unlabelled data sets get neither.
+            if any(len(np.unique(preds[d]["labels"])) == 2 for d in DOMAINS):
+                P.roc_curves({d: (preds[d]["labels"], preds[d]["prob"]) for d in DOMAINS}, draw(f"roc_{tag}"),
+                             f"ROC, {title}")
+            if any("confusion" in result[d] for d in DOMAINS):
+                P.confusion_matrices({d: result[d] for d in DOMAINS}, draw(f"confusion_{tag}"),
+                                     f"confusion, {title}")
+            if log is not None:  # titled with the run's own data
+                P.training_curves(log, draw("training_curves"),
+                                  f"{run.path.name}: training; source {Path(cfg.data.source).name}, target "
+                                  f"{Path(cfg.data.target).name}; selection by {cfg.select.criterion}")
+            P.latent_embedding({d: (preds[d]["features"], preds[d]["labels"]) for d in DOMAINS},
+                               draw(f"latent_{tag}"), f"DA features, {title}", seed=cfg.seed, max_points=1000)
+        for path, tmp in drawn.items():
+            os.replace(tmp, path)
+        run.write_result(result, checkpoint["name"], split, data_name)
+    finally:
+        for tmp in drawn.values():
+            tmp.unlink(missing_ok=True)  # those not put in place
     return result
 
 
