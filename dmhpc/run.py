@@ -370,6 +370,22 @@ class RunDir:
         # defaults instead of differing from the new config's.
         return config_to_dict(config_from_dict(state["config"], f"{resume_from}: config")), str(resume_from)
 
+    def check_trained_with(self, state: Mapping, checkpoint: Path) -> None:
+        """Refuse a config.yaml that differs from what `checkpoint` (loaded as `state`) was trained
+        with beyond what a resume may change (RESUMABLE, the data paths): a text file edited by hand,
+        with which `dmhpc eval` would read the checkpoint as another model (its normalization, its
+        architecture) and replace its results."""
+        if not isinstance(state.get("config"), dict):
+            return  # checkpoints of dmhpc's own tests may hold none
+        trained = config_to_dict(config_from_dict(state["config"], f"{checkpoint}: config"))
+        now = config_to_dict(self.config())
+        edited = [key for key in changed_keys(trained, now) if key not in RESUMABLE and key not in DATA_KEYS]
+        if edited:
+            shown = "; ".join(f"{key} {show(_dotted(now, key))}, trained with {show(_dotted(trained, key))}"
+                              for key in edited)
+            raise DmhpcError(f"{self.config_path}: differs from what {checkpoint} was trained with: {shown} "
+                             f"(edited by hand? restore it)")
+
     def _check_changes(self, old: dict, new: dict, where: str, data_ids: Mapping[str, str]) -> dict:
         saved_ids = {f"data.{k}": v.get("fingerprint") for k, v in self.recorded_data().items()}
         changed, refused = {}, []

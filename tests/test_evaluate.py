@@ -349,6 +349,28 @@ def test_dmhpc_eval_refuses_more_classes_than_the_model_has(make_domains, tmp_pa
     assert not any("three" in p.name for p in run.plot_files())
 
 
+def test_dmhpc_eval_refuses_a_config_yaml_edited_away_from_the_checkpoint(make_domains, tmp_path, capsys):
+    """config.yaml edited by hand (data.normalize per-domain -> source) was trusted: eval rewrote the
+    final best_test.json with numbers of another normalization than the model was trained with."""
+    data = make_domains(64)
+    run = RunDir(tmp_path / "run")
+    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
+                 f"run.dir={run.path}", "train.epochs=1"]) == 0
+    result = run.result_path("best", "test").read_bytes()
+    text = run.config_path.read_text()
+    assert "normalize: per-domain" in text
+    run.config_path.write_text(text.replace("normalize: per-domain", "normalize: source"))
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run.path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and (f"{run.config_path}: differs from what {run.checkpoint('best')} was trained "
+                                     f'with: data.normalize "source", trained with "per-domain" (edited by hand? '
+                                     f"restore it)") in err, err
+    assert run.result_path("best", "test").read_bytes() == result
+    run.config_path.write_text(text.replace("log_every: ", "log_every: 1 #"))  # cadence: may differ
+    assert main(["eval", "--run", str(run.path)]) == 0
+
+
 def test_a_failed_dmhpc_eval_leaves_the_previous_results_as_they_were(make_domains, tmp_path, capsys, monkeypatch):
     """The result file was written first: a damaged metrics.jsonl, or a figure that could not be
     drawn, failed after it, and left a new result beside old (or missing) figures."""

@@ -179,6 +179,7 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
                             names={"source": "--source" if source else "data.source",
                                    "target": "--target" if target else "data.target"})
         ckpt = load_checkpoint(run.checkpoint(checkpoint))
+        run.check_trained_with(ckpt, run.checkpoint(checkpoint))
         model = build_backbone(cfg, shape[0]).to(dist.device)
         load_weights(model, ckpt, run.checkpoint(checkpoint))
         info = checkpoint_info(checkpoint, ckpt)
