@@ -69,6 +69,8 @@ def test_the_space_is_checked_against_the_trainer_config_before_anything_runs(da
     lines = str(refused.value).splitlines()
     assert len(lines) == 3 and "space: at" in lines[1] and "optim.lr: expected a number > 0" in lines[1], lines
     assert "space.optim.weight_decay: -1.0: optim.weight_decay:" in lines[2], lines
+    # A choice valid only beside another key's choice is one of the space's trials: taken.
+    load_tune(spec(data, tmp_path, space={"model.name": ["resnet18", "resnet34"], "model.stem": ["original", "small"]}))
     with pytest.raises(DmhpcError, match=r"enqueue\[0\].optim.lr: 0.5 is not one of the choices"):
         load_tune(spec(data, tmp_path, enqueue=[{"optim.lr": 0.5}]))
     with pytest.raises(DmhpcError, match=r"enqueue\[0\].optim.lr: missing"):

@@ -199,20 +199,28 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
     t = Tune(source, base, Path(out_text).resolve(), objective, trials, parallel, seed, executor, overrides,
              space, enqueue, sampler.get("startup_trials", 5), pruner, resources)
     # Every corner of the space must give a valid config: checked now, not when a trial starts.
-    for corner in ({k: (v[0] if isinstance(v, list) else v.low) for k, v in space.items()},
-                   {k: (v[-1] if isinstance(v, list) else v.high) for k, v in space.items()}):
+    corners = ({k: (v[0] if isinstance(v, list) else v.low) for k, v in space.items()},
+               {k: (v[-1] if isinstance(v, list) else v.high) for k, v in space.items()})
+    for corner in corners:
         try:
             t.point(corner)
         except DmhpcError as exc:
             problems.add("space", f"at {show(corner)}: {point_problem(exc)}")
-    # Each listed choice alone on the base config: beside other keys at a corner, a problem of
-    # theirs was blamed on every choice (the corners above report it).
+    # A listed choice is refused when no setting of the other keys takes it: at either corner, or
+    # as the base config sets them. At one corner alone, that corner's own problem was blamed on
+    # every choice; on the base config alone, a choice valid beside another key's choice (a ResNet
+    # stem beside model.name resnet18) was refused. The problem said is its own where it has one.
     for key, dim in space.items():
         for value in (dim if isinstance(dim, list) else []):
-            try:
-                t.point({key: value})
-            except DmhpcError as exc:
-                problems.add(f"space.{key}", f"{show(value)}: {point_problem(exc)}")
+            said = []
+            for others in (*corners, {}):
+                try:
+                    t.point({**others, key: value})
+                    break
+                except DmhpcError as exc:
+                    said.append(point_problem(exc))
+            else:
+                problems.add(f"space.{key}", f"{show(value)}: {said[-1]}")
     problems.raise_if_any()
     return t
 
