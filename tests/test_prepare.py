@@ -810,6 +810,23 @@ def test_an_integer_mask_hdu_among_filters_is_one_line(tmp_path, capsys, mask_in
                  out=out)
 
 
+def test_cutouts_of_more_filters_than_the_models_take_name_the_hdus(tmp_path, capsys):
+    """Five (H, W) HDUs, one per filter, were refused as "5 channels in layout NCHW", a layout the
+    user never gave (the models take 1 to 4 filters)."""
+    from astropy.io import fits
+
+    (tmp_path / "cutouts").mkdir()
+    names = [f"J{i}.fits" for i in range(4)]
+    for name, image in zip(names, np.random.default_rng(7).normal(size=(4, 5, 8, 8)).astype(np.float32)):
+        fits.HDUList([fits.PrimaryHDU()] + [fits.ImageHDU(band, name=f) for band, f in zip(image, "ugriz")]).writeto(
+            tmp_path / "cutouts" / name)
+    (tmp_path / "c.csv").write_text("id\n" + "".join(f"{n[:-5]}\n" for n in names))
+    out = tmp_path / "o"
+    assert_fails(capsys, ["prepare", "--catalog", str(tmp_path / "c.csv"), "--cutouts", str(tmp_path / "cutouts"),
+                          "--out", str(out)],
+                 f"{tmp_path / 'cutouts' / names[0]}: 5 image HDUs, one per filter; expected 1 to 4 filters", out=out)
+
+
 def test_ids_name_cutouts_only_in_a_cutouts_folder_given(tmp_path, capsys):
     """What --cutouts's help says: without a file column, ID.fits files are looked for only in the
     --cutouts folder, not beside the catalog (its help promised that default, the code never did)."""

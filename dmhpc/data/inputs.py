@@ -243,6 +243,8 @@ class Cutouts(ImageArray):
             raise DmhpcError("the catalog lists no cutouts")
         self.files, self.nan_fill = files, nan_fill
         first, cube = _read_cutout(files[0])
+        if not cube and not 1 <= len(first) <= 4:  # no layout of the user's to name: its HDUs are the filters
+            raise DmhpcError(f"{files[0]}: {len(first)} image HDUs, one per filter; expected 1 to 4 filters")
         self.layout = detect_layout((len(files), *first.shape), layout if cube else "NCHW", str(files[0]))
         self._cube_layout = self.layout if cube else (layout or "NCHW")  # of later files holding one HDU
         self.shape = (len(files), *(first.transpose(2, 0, 1) if self.layout == "NHWC" else first).shape)
