@@ -98,14 +98,17 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     try:
         if kind != cfg.data.loader:
             loader.reason = f"the epoch resumed in its middle began with it; data.loader is {cfg.data.loader}"
+        # A checkpoint of dmhpc before the world size was recorded (0) may count its epoch's steps in
+        # another world's; one that recorded this world's counts them in these.
+        same_world = prog.world_size == dist.world_size
         prog.world_size, prog.loader = dist.world_size, loader.kind
         # The slowest rank's data staging time, which scaling studies report beside the throughput.
         loader_setup_s = max(all_gather_object(time.perf_counter() - t_setup))
         steps_per_epoch = len(loader)
-        if prog.step_in_epoch > steps_per_epoch:  # the epoch's rows are what they were: an edited checkpoint
+        if same_world and prog.step_in_epoch > steps_per_epoch:  # the same rows as when it was written
             raise DmhpcError(f"{claim.resume_from}: progress.step_in_epoch {prog.step_in_epoch} is past the "
                              f"{steps_per_epoch} steps of an epoch of this run")
-        if prog.step_in_epoch == steps_per_epoch:
+        if prog.step_in_epoch >= steps_per_epoch:
             # A best.pt written before its epoch rolled over (dmhpc before 2026-12-01): that epoch is done.
             prog.epoch, prog.step_in_epoch = prog.epoch + 1, 0
         total_steps = cfg.train.epochs * steps_per_epoch
