@@ -309,9 +309,10 @@ class RunDir:
             return
         last = self.checkpoint("last")
         if last.is_file():
-            old, where = self._reference_config(last)
+            state = _load_state(last)
+            old, where = self._reference_config(last, state)
             self._check_changes(old, config_to_dict(cfg), where, data_ids)
-            progress = _load_state(last).get("progress")
+            progress = state.get("progress")
             if isinstance(progress, Mapping):  # checkpoints of dmhpc's own tests may hold none
                 try:
                     check_epochs(cfg.train.epochs, progress.get("epoch", 0), progress.get("step_in_epoch", 0))
@@ -319,9 +320,12 @@ class RunDir:
                     raise DmhpcError(f"{self.path}: {exc}") from None
         elif self.has_results() and not self._killed_before_its_first_last():
             # Without last.pt too: a finished run's old results would count for a changed
-            # configuration, and nothing else compares them.
-            changed = self._check_changes(config_to_dict(self.config()), config_to_dict(cfg), str(self.config_path),
-                                          data_ids)
+            # configuration, and nothing else compares them. With what best.pt was trained with,
+            # where there is one: config.yaml is a text file a hand edit could make agree.
+            best = self.checkpoint("best")
+            old, where = (self._reference_config(best) if best.is_file()
+                          else (config_to_dict(self.config()), str(self.config_path)))
+            changed = self._check_changes(old, config_to_dict(cfg), where, data_ids)
             if not self.finished or LENGTH_KEYS & set(changed):
                 # It would be submitted, and its trainer would refuse it (see `claim`).
                 why = "is unfinished" if not self.finished else "is asked to train for another length"
@@ -357,11 +361,11 @@ class RunDir:
                                                       f"wait for it to end or choose another run.dir",
                                     "trainer on this run directory")
 
-    def _reference_config(self, resume_from: Path) -> tuple[dict, str]:
-        """The configuration the run trained with so far: the checkpoint's own, which config.yaml
-        (a text file) may have been edited away from by hand; config.yaml for a checkpoint of this
-        run without one."""
-        state = _load_state(resume_from)
+    def _reference_config(self, resume_from: Path, state: Mapping | None = None) -> tuple[dict, str]:
+        """The configuration the run trained with so far: the checkpoint's own (`state`, if loaded
+        already), which config.yaml (a text file) may have been edited away from by hand;
+        config.yaml for a checkpoint of this run without one."""
+        state = _load_state(resume_from) if state is None else state
         if not isinstance(state.get("config"), dict) and self.config_path.is_file() and self._own(resume_from):
             return config_to_dict(self.config()), str(self.config_path)
         if not isinstance(state.get("config"), dict):

@@ -14,7 +14,7 @@ import textwrap
 import pytest
 
 from tests.conftest import ROOT
-from dmhpc.config import Config, config_to_dict, load_config
+from dmhpc.config import Config, config_to_dict, load_config, save_config
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, hold_lock, is_temporary, remove_orphans
 from dmhpc.run import RunDir, evaluation_tag
@@ -251,6 +251,12 @@ def test_a_relaunch_compares_the_config_of_a_run_with_results_but_no_last(tmp_pa
     message = str(info.value)
     assert message.startswith(f"{run.config_path}: the run was trained with another configuration: ")
     assert "optim.lr 0.001 -> 0.5" in message and "seed 1 -> 5" in message and "\n" not in message
+    # best.pt says what it was trained with: config.yaml edited by hand to the new values passes for nothing.
+    save_checkpoint(run.checkpoint("best"), {"step": 3, "config": config_to_dict(cfg)})
+    save_config(new, run.config_path)
+    with pytest.raises(DmhpcError, match=rf"^{run.checkpoint('best')}: the run was trained with another "
+                                         rf"configuration: .*optim.lr 0.001 -> 0.5"):
+        run.check_relaunch(new, {})
 
 
 def test_a_relaunch_refuses_fewer_epochs_than_last_has_trained(tmp_path):
