@@ -255,6 +255,8 @@ def hold_lock(path: Path, refusal: str, second: str, wait: bool = False, made: l
         except FileNotFoundError:
             pass
         handle.close()
+    else:  # every attempt met a holder's release in between: not a state that lasts, but not a lock
+        raise DmhpcError(f"{path}: cannot take the lock: its file keeps being replaced")
     try:
         handle.seek(0)
         handle.truncate()

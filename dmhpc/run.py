@@ -357,8 +357,8 @@ class RunDir:
                 self.path.mkdir(parents=True)
         except OSError as exc:
             raise DmhpcError(f"run.dir {self.path}: cannot create: {exc.strerror}") from None
-        self._lock_file = hold_lock(self.path / LOCK, f"run.dir {self.path}: in use by another trainer ({{holder}}); "
-                                                      f"wait for it to end or choose another run.dir",
+        self._lock_file = hold_lock(self.path / LOCK, f"run.dir {self.path}: in use by another dmhpc trainer or eval "
+                                                      f"({{holder}}); wait for it to end or choose another run.dir",
                                     "trainer on this run directory")
 
     def _reference_config(self, resume_from: Path, state: Mapping | None = None) -> tuple[dict, str]:

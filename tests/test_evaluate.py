@@ -249,12 +249,12 @@ def test_dmhpc_eval_holds_the_run_directory_against_the_trainer_and_other_evalua
                             stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(started, proc)
-        with pytest.raises(DmhpcError, match="in use by another trainer"):
+        with pytest.raises(DmhpcError, match="in use by another dmhpc trainer or eval"):
             RunDir(run.path).claim(run.config(), "auto")
         capsys.readouterr()
         assert main(["eval", "--run", str(run.path)]) == 1
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "in use by another dmhpc eval or trainer (pid" in err, err
+        assert err.count("\n") == 1 and "in use by another dmhpc trainer or eval (pid" in err, err
     finally:
         go.write_text("go")
         out, err = proc.communicate(timeout=300)
@@ -272,7 +272,7 @@ def test_dmhpc_eval_holds_the_run_directory_against_the_trainer_and_other_evalua
         capsys.readouterr()
         assert main(["eval", "--run", str(run.path)]) == 1
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and f"run.dir {run.path}: in use by another dmhpc eval or trainer" in err, err
+        assert err.count("\n") == 1 and f"run.dir {run.path}: in use by another dmhpc trainer or eval" in err, err
     finally:
         done.write_text("done")
         proc.communicate(timeout=300)

@@ -77,7 +77,7 @@ def test_a_second_trainer_is_refused_and_a_killed_ones_run_resumes(data, tmp_pat
         try:
             wait_for_steps(run, 2, first)
             second = train(data, run, "train.epochs=40", "seed=7")
-            one_line_error(second, f"run.dir {run}: in use by another trainer (pid {first.pid} on ")
+            one_line_error(second, f"run.dir {run}: in use by another dmhpc trainer or eval (pid {first.pid} on ")
             assert first.poll() is None  # the first goes on, untouched
             wait_for_steps(run, 4, first)
         finally:

@@ -92,6 +92,24 @@ def test_a_lock_on_a_full_disk_is_one_line_and_leaves_nothing(small_disk):
     assert os.listdir(disk) == ["filler"]
 
 
+def test_a_lock_file_replaced_at_every_attempt_is_one_line(tmp_path, monkeypatch):
+    """Each attempt found its lock file replaced (a holder releasing in between): after the last one
+    the closed file was used, a ValueError traceback."""
+    from dmhpc import files
+
+    lock = tmp_path / ".lock"
+    real = files.os.stat
+
+    def replaced(path, *args, **kwargs):
+        if str(path) == str(lock):
+            raise FileNotFoundError(path)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(files.os, "stat", replaced)
+    with pytest.raises(DmhpcError, match=rf"^{lock}: cannot take the lock: its file keeps being replaced$"):
+        hold_lock(lock, "in use ({holder})", "trainer")
+
+
 # --- who owns a directory -------------------------------------------------------------------------
 
 def test_a_directory_that_is_not_a_run_is_refused_and_left_alone(tmp_path):
@@ -388,7 +406,7 @@ def test_a_second_trainer_is_refused_and_a_dead_ones_lock_does_not_block(tmp_pat
                             cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "claimed"
-        with pytest.raises(DmhpcError, match=rf"run.dir {run.path}: in use by another trainer \(pid {proc.pid} on "):
+        with pytest.raises(DmhpcError, match=rf"run.dir {run.path}: in use by another dmhpc trainer or eval \(pid {proc.pid} on "):
             run.claim(cfg_for(run.path), "auto")
     finally:
         proc.send_signal(signal.SIGKILL)  # as a node failure or an OOM kill would

@@ -167,7 +167,7 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
         # its final best_test.json with one of an older best.pt, and a trainer starting up removed
         # the evaluation's temporary files as orphans of killed writes.
         on_main(lambda: held.append(hold_lock(
-            run.path / LOCK, f"run.dir {run.path}: in use by another dmhpc eval or trainer ({{holder}}); wait for "
+            run.path / LOCK, f"run.dir {run.path}: in use by another dmhpc trainer or eval ({{holder}}); wait for "
                              f"it to end", "dmhpc eval or trainer on this run directory")))
         if data is not None:
             _check_other_data(run.read_result(checkpoint, split, data_name), data,
