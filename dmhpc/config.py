@@ -34,7 +34,7 @@ import yaml
 from dmhpc.checks import (Check, Invalid, boolean, choice, dump_yaml, integer, is_number, number, optional,
                           parse_yaml, read_yaml, show, text, yaml_error)
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_write
+from dmhpc.files import atomic_write, same_place
 from dmhpc.names import CRITERIA, MODEL_NAMES
 
 COMMAND_LINE = "command line"
@@ -120,7 +120,7 @@ class DataConfig:
     def trains_on_target(self) -> bool:
         """Source and target are one data set (a target oracle); compared as resolved paths, so
         that data/x and ./data/x are one."""
-        return os.path.realpath(self.source) == os.path.realpath(self.target)
+        return same_place(self.source, self.target)
 
 
 @dataclass(frozen=True)

@@ -168,6 +168,11 @@ def remove_orphans(directory: str | os.PathLike) -> tuple[int, int]:
     return files, size
 
 
+def same_place(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """`a` and `b` name one file or folder, however spelt (data/x, ./data/x, a symlink to it)."""
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 @contextlib.contextmanager
 def locked_directory(directory: Path, user: str) -> Iterator[None]:
     """Hold an exclusive lock for `directory` for the block: a second `user` on it stops with a

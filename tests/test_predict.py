@@ -298,6 +298,34 @@ def test_own_statistics_shared_by_ranks_are_the_bits_of_one_pass(monkeypatch):
         assert not set.intersection(*read)
 
 
+def test_the_inputs_digest_is_shared_by_ranks_and_the_same_on_any_number(tmp_path, monkeypatch):
+    """A catalog's INPUTSHA stat'ed every cutout on rank 0 at each start: a survey of millions of
+    files on a parallel file system, serially, at every requeue. Each rank stats its share of the
+    blocks now; the digest is that of one process, and changes with any cutout."""
+    from astropy.io import fits
+    from dmhpc.infer import sources
+
+    monkeypatch.setattr(sources, "DIGEST_BLOCK", 3)  # 10 cutouts: 4 blocks
+    for i in range(10):
+        fits.PrimaryHDU(np.zeros((3, 8, 8), np.float32)).writeto(tmp_path / f"g{i}.fits")
+    (tmp_path / "c.csv").write_text("id\n" + "".join(f"g{i}\n" for i in range(10)))
+    source = sources.open_source(catalog=tmp_path / "c.csv", cutouts=tmp_path)
+    one = source.digest()
+    stats = []
+    real = os.stat
+    monkeypatch.setattr(sources.os, "stat", lambda path, *a, **k: stats.append(str(path)) or real(path, *a, **k))
+    for world in (2, 3):
+        shares, counts = [], []
+        for rank in range(world):
+            stats.clear()
+            shares.append(source.digest_blocks(rank, world))
+            counts.append(len(stats))
+        assert source.digest({k: v for share in shares for k, v in share.items()}) == one
+        assert max(counts) <= 3 * -(-4 // world) and sum(counts) == 10
+    os.utime(tmp_path / "g7.fits", ns=(1, 1))
+    assert source.digest() != one
+
+
 def _parts(out: Path) -> list[Path]:
     return sorted(Path(f"{out}.parts").glob("part-*.npz"))
 
@@ -811,8 +839,9 @@ def test_a_hand_edited_spec_and_parts_of_an_older_dmhpc(trained, tmp_path, capsy
 
 
 def test_layout_and_verify_go_with_the_sources_they_concern(trained, tmp_path, capsys):
-    """predict had no --layout: an input whose shape does not tell its layout was refused with
-    "pass --layout"; --verify with --images was silently ignored."""
+    """predict had no --layout (its errors said "pass --layout"): one given is what reads the
+    images (NHWC here, which the shape tells too; NCHW of it is refused); --verify with --images was
+    silently ignored."""
     np.save(tmp_path / "hwc.npy", trained["images"].transpose(0, 2, 3, 1).copy())
     base = ["predict", "--run", str(trained["run"]), "--part-size", "256", "--out"]
     assert main([*base, str(tmp_path / "a.parquet"), "--images", str(trained["survey"])]) == 0

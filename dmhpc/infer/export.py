@@ -29,11 +29,11 @@ from torch import nn
 
 from dmhpc import __version__
 from dmhpc.config import config_from_dict, config_to_dict
+from dmhpc.data.shards import file_sha256
 from dmhpc.distributed import bootstrap, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write
 from dmhpc.run import RunDir
-from dmhpc.data.shards import file_sha256
 from dmhpc.train.checkpoint import checkpoint_info, load_checkpoint_sha256, load_weights
 from dmhpc.train.objective import build_backbone
 

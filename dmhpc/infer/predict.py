@@ -47,7 +47,7 @@ from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, gath
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write, locked_directory
 from dmhpc.progress import progress_bar
-from dmhpc.infer.sources import Source, file_identity, open_source
+from dmhpc.infer.sources import Source, open_source
 from dmhpc.run import RunDir, check_shape
 from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, StopRequest, checkpoint_info, load_checkpoint_sha256,
                                    load_weights)
@@ -76,7 +76,6 @@ class Model:
         self.cfg = run.config()
         # Name, epoch and step alone are the same for a run retrained with --overwrite.
         self.path = run.checkpoint(checkpoint)
-        self.identity = file_identity(self.path)
         # The catalog records the SHA-256 of what was loaded, a moved or copied run keeps it (its path and
         # a retrained run's step say less).
         state, self.sha256 = load_checkpoint_sha256(self.path)
@@ -234,22 +233,11 @@ def _check_ascii(out: Path, source: Source, meta: dict) -> None:
                          f"{instead}")
 
 
-def _inputs_of(source: Source) -> str | None:
-    """What --normalize own's statistics are of (`Source.digest`); None for a prepared data set,
-    whose statistics its manifest holds."""
-    return None if source.kind == "data" else source.digest()
-
-
-def _saved_stats(parts: Path, source: Source) -> tuple[str | None, tuple[list, list] | None]:
-    """(`_inputs_of(source)`, the statistics a stopped prediction of the same inputs computed, or
-    None): a requeued survey job would read every image again for them. Read before the parts
-    folder is locked: it is written whole (atomically), and only reused when it names these very
-    inputs and holds what the pass would give (a positive, finite std per channel)."""
-    inputs, channels = _inputs_of(source), source.shape[0]
-    return inputs, _read_stats(parts, inputs, channels) if inputs is not None else None
-
-
-def _read_stats(parts: Path, inputs: str, channels: int) -> tuple[list, list] | None:
+def _saved_stats(parts: Path, inputs: str, channels: int) -> tuple[list, list] | None:
+    """The statistics a stopped prediction of the same inputs (`Source.digest`) computed, or None:
+    a requeued survey job would read every image again for them. Read before the parts folder is
+    locked: it is written whole (atomically), and only reused when it names these very inputs and
+    holds what the pass would give (a positive, finite std per channel)."""
     try:
         saved = json.loads((parts / OWN_STATS).read_text())
         mean, std = saved["mean"], saved["std"]
@@ -396,10 +384,14 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                              f"reading it (a run still training?); start again")
         check_shape(source.path, source.shape, agree(lambda: run.data_record("source"))["shape"])
         source.check(verify != "structure", dist.rank, dist.world_size, gather)
+        digest = source.digest({k: v for share in gather(lambda: source.digest_blocks(dist.rank, dist.world_size))
+                                for k, v in share.items()})
         if normalize == "target":
             mean, std = agree(lambda: run.normalization("target"))
         elif normalize == "own":
-            inputs, saved = on_main(lambda: _saved_stats(Path(f"{out}.parts"), source))
+            # A prepared set's statistics are in its manifest; other inputs' are of `digest`.
+            saved = None if source.kind == "data" else on_main(
+                lambda: _saved_stats(Path(f"{out}.parts"), digest, source.shape[0]))
             # Every rank reads a share: rank 0 alone, on a large survey, could outlast the others' wait.
             mean, std = saved or source.own_stats(dist.rank, dist.world_size, gather)
         else:
@@ -412,7 +404,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                 "CKPTSTEP": model.checkpoint.get("step", -1), "CKPTSHA": model.sha256,
                 "SELECT": str(model.checkpoint.get("criterion")),
                 "SOURCE": source.kind, "DATA": str(source.path.resolve()),
-                "DATASHA": source.describe.get("fingerprint", ""), "INPUTSHA": on_main(source.digest),
+                "DATASHA": source.describe.get("fingerprint", ""), "INPUTSHA": digest,
                 "NORM": normalize, "MEAN": show(mean),
                 "STD": show(std), "TTA": tta, "SRCARGS": json.dumps(source_args)}
         if catalog_format(out) == "fits":
@@ -421,8 +413,8 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         spec = _spec(run, model, source, source_args, options)
         spec_digest = _spec_digest(spec)
         on_main(lambda: _claim_parts(out, parts, spec, overwrite, held))
-        if normalize == "own" and inputs is not None:
-            on_main(lambda: atomic_write(parts / OWN_STATS, json.dumps({"inputs": inputs, "mean": mean, "std": std})))
+        if normalize == "own" and source.kind != "data":
+            on_main(lambda: atomic_write(parts / OWN_STATS, json.dumps({"inputs": digest, "mean": mean, "std": std})))
         n_parts = -(-source.count // part_size)
         names = _part_names(source, tta)
 

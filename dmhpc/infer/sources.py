@@ -27,6 +27,9 @@ from dmhpc.data.shards import (MANIFEST, SPLITS, RowReader, fingerprint, is_labe
 from dmhpc.errors import DmhpcError
 
 
+DIGEST_BLOCK = 4096  # cutout files per block of `Source.digest`: what one rank stats at a time
+
+
 @dataclass
 class Source:
     kind: str                  # "data", "images" or "catalog"
@@ -70,13 +73,23 @@ class Source:
             digest.update(json.dumps([str(path), file_identity(path)]).encode())
         return digest.hexdigest()
 
-    def digest(self) -> str:
+    def digest(self, blocks: dict[int, str] | None = None) -> str:
         """SHA-256 of what the rows are read from, as it is now: every input file's size and
         modification time (each shard's and cutout's too), the paths and a prepared set's
         fingerprint. A catalog records it (INPUTSHA) so that `dmhpc explain` can tell that the images
-        it reads back are still those the probabilities are of."""
-        text = json.dumps([self.identity, self.describe, self.cutout_files(0, self.count)], sort_keys=True)
+        it reads back are still those the probabilities are of. `blocks`: every rank's
+        `digest_blocks`, merged (a survey's cutouts stat'ed in shares); None: stat'ed here."""
+        blocks = self.digest_blocks() if blocks is None else blocks
+        text = json.dumps([self.identity, self.describe, [blocks[k] for k in range(len(blocks))]], sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
+
+    def digest_blocks(self, rank: int = 0, world_size: int = 1) -> dict[int, str]:
+        """This rank's share of the cutout files' identities for `digest`: block k (DIGEST_BLOCK
+        files) on rank k mod world size. A survey's millions of cutouts on a parallel file system,
+        stat'ed by one rank, took minutes at every requeue. Empty for sources without cutouts."""
+        blocks = -(-self.count // DIGEST_BLOCK) if isinstance(self._reader, Cutouts) else 0
+        return {k: self.cutout_files(k * DIGEST_BLOCK, min((k + 1) * DIGEST_BLOCK, self.count))
+                for k in range(rank, blocks, world_size)}
 
     def first_non_ascii_id(self, block: int = 65536) -> tuple[int, str] | None:
         """(input position, id) of the first id that is not ASCII, or None; reads ids only, a block at a time."""

@@ -70,7 +70,10 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 
 def load_checkpoint(path: str | os.PathLike) -> dict:
     """Read a checkpoint on the CPU with weights_only=True; a missing or unreadable file is a DmhpcError."""
-    return _load(Path(path), path)
+    path = Path(path)
+    if not path.is_file():
+        raise DmhpcError(f"{path}: checkpoint not found")
+    return _load(path, path)
 
 
 def load_checkpoint_sha256(path: str | os.PathLike) -> tuple[dict, str]:
@@ -88,8 +91,7 @@ def load_checkpoint_sha256(path: str | os.PathLike) -> tuple[dict, str]:
 
 
 def _load(path: Path, source) -> dict:
-    if not path.is_file():
-        raise DmhpcError(f"{path}: checkpoint not found")
+    """The checkpoint read from `source` (its path, or its bytes), its errors naming `path`."""
     try:
         state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises RuntimeError, UnpicklingError, EOFError ... for bad files

@@ -16,7 +16,7 @@ from dmhpc.data.loaders import eval_batches, eval_rows
 from dmhpc.data.shards import fingerprint, load_manifest
 from dmhpc.distributed import all_gather_object, bootstrap, gather, on_main, shutdown
 from dmhpc.errors import DmhpcError
-from dmhpc.files import hold_lock, temporary_path
+from dmhpc.files import hold_lock, same_place, temporary_path
 from dmhpc.run import LOCK, RunDir, check_shape, evaluation_tag
 from dmhpc.names import CRITERIA, DOMAINS
 from dmhpc.progress import progress_bar
@@ -226,7 +226,7 @@ def _check_data(run: RunDir, cfg, dirs: dict, own: bool, split: str, dist, names
     # The shards as the trainer checks them, at the run's data.verify level: a corrupted shard was
     # evaluated from its damaged pixels into a new result file.
     for role in DOMAINS:
-        if role == "target" and Path(dirs["target"]).resolve() == Path(dirs["source"]).resolve():
+        if role == "target" and same_place(dirs["target"], dirs["source"]):
             break  # one data set in both roles: checked once
         check_dataset(f"{names[role]} {dirs[role]}", dirs[role], manifests[role],
                       checksums=cfg.data.verify == "checksums", rank=dist.rank, world_size=dist.world_size,

@@ -10,9 +10,9 @@ from dmhpc.errors import DmhpcError
 from dmhpc.train.metrics import domain_metrics
 
 _NONE = 2**62  # "no non-finite value yet": above any step, so a MIN over ranks finds the first
-# Under fp16 the gradient scaler skips a step whose loss overflowed and halves its scale: a few in a
-# row happen while it finds its scale. This many in a row is a loss that stays NaN whatever the
-# scale (2**16 halved 16 times is 1), a run that skips every step and "finishes" untrained.
+# Under fp16 a forward pass can overflow now and then (the gradient scaler then skips that step's
+# update): a non-finite loss is not an error at once. This many in a row is a loss that stays NaN or
+# Inf, a run that updates nothing more and "finishes" untrained.
 FP16_SKIPPED_IN_A_ROW = 16
 
 
@@ -73,7 +73,7 @@ class EpochMeter:
         hint = "lower optim.lr or set optim.grad_clip; the last good checkpoint is kept"
         if stuck != _NONE:
             raise DmhpcError(f"step {stuck}: the loss was not finite (NaN or Inf) for {FP16_SKIPPED_IN_A_ROW} steps "
-                             f"in a row under train.amp=fp16, each skipped by the gradient scaler; training stopped "
+                             f"in a row under train.amp=fp16; training stopped "
                              f"at step {step} without writing it ({hint}, or train.amp=bf16)")
         if any(s != _NONE for s in bad_steps):
             at = min(s for s in bad_steps if s != _NONE)
