@@ -45,7 +45,7 @@ import torch.distributed as dist
 
 from dmhpc.errors import DmhpcError
 from dmhpc.mpi import env_int, import_mpi, launched
-from dmhpc.rendezvous import slurm_rendezvous
+from dmhpc.rendezvous import master_port, slurm_rendezvous
 
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # How long a rank waits in a collective before the job fails: gloo's default, for NCCL too (its own
@@ -101,11 +101,13 @@ def detect_launch(env: Mapping[str, str]) -> Launch:
             raise DmhpcError(f"environment: RANK is set (torchrun-style launch) but {', '.join(missing)} "
                              f"{'is' if len(missing) == 1 else 'are'} not")
         launch = Launch("torchrun", env_int(env, "RANK"), env_int(env, "LOCAL_RANK"), env_int(env, "WORLD_SIZE"),
-                        env["MASTER_ADDR"], env_int(env, "MASTER_PORT"),
+                        env["MASTER_ADDR"], master_port(env),
                         env_int(env, "LOCAL_WORLD_SIZE") if "LOCAL_WORLD_SIZE" in env else 0)
     else:
         mpi = _mpi_launch(env)
         launch = _slurm_launch(env, mpi) or mpi or Launch("single", 0, 0, 1)
+    if launch.launcher != "mpi" and launch.world_size < 1:  # 0 means "ask MPI" on the MPI path only
+        raise DmhpcError(f"environment: {launch.launcher} world size {launch.world_size}; expected at least 1")
     if launch.world_size and not 0 <= launch.rank < launch.world_size:
         raise DmhpcError(f"environment: {launch.launcher} rank {launch.rank} is outside a world "
                          f"of {launch.world_size} processes")
@@ -152,10 +154,10 @@ def _mpi_rendezvous(launch: Launch, env: Mapping[str, str]) -> Launch:
     # mpiexec binds each rank to its own CPUs or lets them all share one mask, by its options.
     sharers = ranks_sharing_cpus(node.allgather(sorted(os.sched_getaffinity(0))), local_rank)
     node.Free()
-    addr, port = None, None
+    addr, port = None, master_port(env)  # checked on every rank: a refusal on rank 0 alone hung the others
     if rank == 0 and size > 1:
         addr = env.get("MASTER_ADDR") or socket.gethostname()
-        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port()
+        port = _free_port() if port is None else port
     addr, port = comm.bcast((addr, port), root=0)
     return Launch("mpi", rank, local_rank, size, addr, port, local_size, sharers)
 

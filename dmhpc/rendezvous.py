@@ -103,12 +103,18 @@ def slurm_rendezvous(env: Mapping[str, str]) -> tuple[str, int]:
             raise DmhpcError("environment: no SLURM_STEP_NODELIST or SLURM_JOB_NODELIST to find the "
                              "job's first node in")
         addr = node_address(first_host(nodelist, env), env)
+    port = master_port(env)
+    return addr, slurm_port(env) if port is None else port
+
+
+def master_port(env: Mapping[str, str]) -> int | None:
+    """MASTER_PORT as a port number, None when it is not set; a one-line error naming it otherwise."""
     port = env.get("MASTER_PORT")
     if port is None:
-        return addr, slurm_port(env)
+        return None
     if not port.strip().isdigit() or not 0 < int(port) < 65536:
         raise DmhpcError(f"environment variable MASTER_PORT: expected a port number, got {port!r}")
-    return addr, int(port)
+    return int(port)
 
 
 def main() -> int:

@@ -47,6 +47,28 @@ def test_incomplete_or_bad_torchrun_variables_are_errors():
         detect_launch({**TORCHRUN, "WORLD_SIZE": "two"})
     with pytest.raises(DmhpcError, match="rank 4 is outside a world of 4"):
         detect_launch({**TORCHRUN, "RANK": "4"})
+    # Tracebacks from the TCP store ("world size cannot be 0", "Port out of range").
+    with pytest.raises(DmhpcError, match="^environment: torchrun world size 0; expected at least 1$"):
+        detect_launch({**TORCHRUN, "RANK": "0", "WORLD_SIZE": "0"})
+    for port in ("abc", "70000", "0"):
+        with pytest.raises(DmhpcError, match=f"^environment variable MASTER_PORT: expected a port number, got '{port}'$"):
+            detect_launch({**TORCHRUN, "MASTER_PORT": port})
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not (BIN / "mpiexec").exists(), reason=f"mpiexec not found in {BIN}")
+def test_a_bad_master_port_under_mpiexec_is_every_ranks_one_line(tmp_path):
+    """Rank 0 alone read MASTER_PORT, before its broadcast: a ValueError traceback there, and the
+    other rank waited in the broadcast for ever."""
+    script = tmp_path / "boot.py"
+    script.write_text("import sys\nfrom dmhpc.distributed import bootstrap\nfrom dmhpc.errors import DmhpcError\n"
+                      "try:\n    bootstrap()\nexcept DmhpcError as exc:\n    print(f'error: {exc}')\n    sys.exit(1)\n")
+    env = {**clean_env(), "MASTER_PORT": "abc"}
+    proc = subprocess.run([str(BIN / "mpiexec"), "-n", "2", sys.executable, str(script)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    said = "error: environment variable MASTER_PORT: expected a port number, got 'abc'"
+    assert proc.stdout.count(said) == 2 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
 def test_slurm_step_with_several_tasks():
