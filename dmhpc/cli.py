@@ -237,6 +237,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dmhpc {args.command}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        from dmhpc.data.loaders import worker_died  # torch only where it was running
+
+        said = worker_died(exc)
+        if said is None:
+            raise
+        print(f"dmhpc {args.command}: error: {said}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         # The reader went away (`dmhpc info DIR | head`): not an error. Point stdout at /dev/null so
         # the interpreter's final flush does not raise again.

@@ -8,6 +8,7 @@ non-zero exit, and nothing half-written.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -234,6 +235,24 @@ def test_a_loss_that_stays_nan_under_fp16_is_named_with_its_step():
                                          r"under train.amp=fp16; training "
                                          r"stopped at step 39 without writing it"):
         meter.check_finite(State(), dist, 39)
+
+
+def test_a_reader_worker_killed_during_training_is_one_line(data, tmp_path):
+    """The kernel killing a DataLoader worker (out of memory) ended the trainer in a 66-line
+    traceback from wherever the main process was (torch raises it from its SIGCHLD handler)."""
+    run = tmp_path / "run"
+    with open(tmp_path / "log", "w") as log:
+        proc = start(data, run, "train.epochs=50", "train.log_every=1", "data.loader=torch", "data.num_workers=2",
+                     log=log)
+        wait_for_steps(run, 2, proc)
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(child), signal.SIGKILL)
+        assert proc.wait(timeout=120) == 1
+    err = [line for line in (tmp_path / "log").read_text().splitlines() if line.strip()]
+    assert err[-1].startswith("dmhpc train: error: a data reader worker process died (DataLoader worker (pid "), err
+    assert "Traceback" not in "\n".join(err), err[-40:]
 
 
 # --- data the trainer can trust ----------------------------------------------------------------

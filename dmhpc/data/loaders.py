@@ -88,6 +88,18 @@ class TrainLoader:
 
 
 _TRACEBACK = "Traceback (most recent call last):"
+# How torch's DataLoader and DALI's parallel external source say that a reader worker process died
+# (killed by the kernel for memory, or by hand): raised wherever the main process happens to be.
+_WORKER_DIED = ("DataLoader worker (pid", "Worker data receiving interrupted")
+
+
+def worker_died(exc: BaseException) -> str | None:
+    """One line for a reader worker's death reported as `exc`, or None when it is something else."""
+    text = str(exc).strip()
+    if not isinstance(exc, RuntimeError) or not text.startswith(_WORKER_DIED):
+        return None
+    return (f"a data reader worker process died ({text.splitlines()[0]}); out of memory? Fewer "
+            f"data.num_workers use less; a rerun resumes from the last checkpoint")
 
 
 def _one_line_failures(batches):
