@@ -370,6 +370,34 @@ def test_a_failure_mid_run_leaves_nothing_behind(tmp_path, monkeypatch):
     assert list(existing.iterdir()) == []
 
 
+# 30 objects per class: 4 MiB per image file. On 3 MiB the first does not fit; on 6 MiB the first
+# does and the second does not, so the first one's temporary file must go too.
+@pytest.mark.parametrize("mb, full", [(3, "pristine_X.npy"), (6, "noisy_X.npy")])
+def test_a_full_disk_is_one_line_and_leaves_nothing(small_disk, mb, full):
+    disk = small_disk(mb)
+    out = disk / "s"
+    # Written through a memory map into sparse files, a full disk was a SIGBUS: no message, rc 135,
+    # full-size temporary files left.
+    _one_line_error(_cli("--out", str(out), "--n-per-class", "30"), str(out / full), "No space left on device")
+    assert list(disk.iterdir()) == []
+
+    out.mkdir()  # a folder that was there stays, empty
+    _one_line_error(_cli("--out", str(out), "--n-per-class", "30", "--workers", "2"), str(out / full))
+    assert list(disk.iterdir()) == [out] and list(out.iterdir()) == []
+
+
+def test_a_full_disk_under_mpi_leaves_nothing(small_disk):
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        pytest.skip("mpiexec not found next to the Python interpreter nor on PATH")
+    disk = small_disk(6)
+    # Only rank 0 writes files: it removes its temporary files before it aborts the other ranks.
+    result = _cli("--out", str(disk / "s"), "--n-per-class", "30", launcher=(mpiexec, "-n", "2"))
+    assert result.returncode != 0
+    assert "No space left on device" in result.stderr
+    assert list(disk.iterdir()) == []
+
+
 # ----------------------------------------------------------------------------- the survey-like domain
 
 SURVEY_FILES = ("survey_X.npy", "survey_y.npy", "survey_objects.npy")

@@ -14,7 +14,9 @@ last: a directory without meta.json is incomplete.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
+import math
 import os
 import sys
 import time
@@ -29,7 +31,7 @@ from dmhpc.checks import Invalid, integer
 from dmhpc.data import scenes
 from dmhpc.data.scenes import DEFAULT_KNOBS, KNOB_CHECKS, Knobs
 from dmhpc.errors import DmhpcError
-from dmhpc.files import is_temporary, locked_directory, remove_orphans, temporary_path
+from dmhpc.files import is_temporary, locked_directory, remove_orphans, temporary_path, write_error
 from dmhpc.mpi import launched_rank, world_comm
 from dmhpc.progress import progress_bar
 
@@ -98,6 +100,32 @@ def _chunks(lo: int, hi: int, size: int) -> list[tuple[int, int]]:
 # ----------------------------------------------------------------------------- output
 
 
+def _reserved_memmap(partial: Path, final: Path, shape: tuple[int, ...]) -> np.memmap:
+    """The empty temporary file `partial` as a float32 .npy of `shape`, its space allocated, mapped
+    for writing.
+
+    A page written through a map into a sparse file the disk has no room for is a SIGBUS, which
+    kills the process with no message and its temporary files left; allocated first, a full disk
+    or a quota is an OSError here, before anything is rendered. The header and the zeros are the
+    bytes open_memmap(mode="w+") writes (it chooses format 1.0 for any header this small)."""
+    dtype = np.dtype(np.float32)
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+    try:
+        with open(partial, "r+b") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            size = f.tell() + math.prod(shape) * dtype.itemsize
+            try:
+                os.posix_fallocate(f.fileno(), 0, size)
+            except OSError as exc:
+                # No fallocate, not even glibc's emulation: sparse as before, at the old risk.
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                f.truncate(size)
+    except OSError as exc:
+        raise write_error(final, exc) from None
+    return np.lib.format.open_memmap(partial, mode="r+")
+
+
 class _Staging:
     """The output files under temporary names; renamed into place by commit(), removed on failure."""
 
@@ -106,13 +134,19 @@ class _Staging:
         # meta.json last: it says the render is finished, the survey files included.
         images_and_labels = tuple(n for n in OUTPUT_FILES if n != "meta.json")
         self.files = images_and_labels + (SURVEY_FILES if survey else ()) + ("meta.json",)
-        self.partial = {name: temporary_path(out / name) for name in self.files}
+        self.partial: dict[str, Path] = {}
         self.renamed: list[Path] = []
+        self.images: dict[str, np.memmap] = {}
         shape = (n_objects * views, 3, 75, 75)
-        self.images = {
-            name: np.lib.format.open_memmap(self.partial[name], mode="w+", dtype=np.float32, shape=shape)
-            for name in IMAGE_FILES + (("survey_X.npy",) if survey else ())
-        }
+        try:
+            for name in self.files:
+                self.partial[name] = temporary_path(out / name)
+            for name in IMAGE_FILES + (("survey_X.npy",) if survey else ()):
+                self.images[name] = _reserved_memmap(self.partial[name], out / name, shape)
+        except BaseException:
+            # The caller has no staging to discard yet: the files made so far go here.
+            self.discard()
+            raise
         self.survey_labels = np.zeros(n_objects, dtype=np.int64) if survey else None
 
     def put(self, start: int, arrays: dict[str, np.ndarray]) -> None:
