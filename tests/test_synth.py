@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -396,6 +397,55 @@ def test_a_full_disk_under_mpi_leaves_nothing(small_disk):
     assert result.returncode != 0
     assert "No space left on device" in result.stderr
     assert list(disk.iterdir()) == []
+
+
+def _render_workers(pid: int) -> list[int]:
+    """The pids of the spawned worker processes of `pid` (not its multiprocessing resource tracker)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:  # ended meanwhile
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_killed_worker_ends_the_render_with_one_line(tmp_path):
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc to find the worker processes")
+    out = tmp_path / "w"
+    env = {k: v for k, v in os.environ.items() if k not in MPI_LAUNCH_VARIABLES}
+    # 300 objects in chunks of 16: seconds of work for two workers, on a slow machine too.
+    proc = subprocess.Popen([sys.executable, "-m", "dmhpc", "synth", "--out", str(out), "--n-per-class", "150",
+                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    try:
+        # Killed once a chunk is in the staged file: the workers are then busy with the next ones
+        # (a worker killed before its first task was replaced by multiprocessing.Pool, task intact).
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "the render did not start or ended"
+            staged = list(out.glob(".pristine_X.npy.*.tmp"))
+            if staged and np.load(staged[0], mmap_mode="r").any():
+                break
+            time.sleep(0.1)
+        workers = _render_workers(proc.pid)
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        # Before, the killed worker's task was lost and the render waited for it forever.
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    _one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), str(out),
+                    "a render worker died (killed by signal?); run again to finish the render")
+    assert list(tmp_path.iterdir()) == []  # the staged files, the folder it made and its lock: gone
+    for pid in workers:  # the other worker went with the render
+        assert not Path(f"/proc/{pid}").exists()
 
 
 # ----------------------------------------------------------------------------- the survey-like domain

@@ -322,22 +322,44 @@ def _survey_meta(n_objects: int, views: int, knobs: Knobs) -> dict:
 # ----------------------------------------------------------------------------- parallel rendering
 
 
-def _render_local(seed: int, knobs: Knobs, survey: bool, n_objects: int, workers: int, sink) -> None:
+def _render_local(out: Path, seed: int, knobs: Knobs, survey: bool, n_objects: int, workers: int, sink) -> None:
     """Render every object here, in `workers` processes, handing each chunk to sink(start, arrays)."""
-    import multiprocessing
-
     size = max(1, min(CHUNK, n_objects // (4 * workers)))
     tasks = [(seed, start, count, knobs, survey) for start, count in _chunks(0, n_objects, size)]
-    with progress_bar(n_objects, "synth", unit="obj", leave=True) as bar, contextlib.ExitStack() as stack:
+    with progress_bar(n_objects, "synth", unit="obj", leave=True) as bar:
         if workers == 1:
-            results = map(_render_chunk, tasks)
-        else:
-            # spawn: the same on Linux and macOS, and no fork of a process that may hold threads.
-            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
-            results = pool.imap_unordered(_render_chunk, tasks)
-        for start, arrays in results:
-            sink(start, arrays)
-            bar.update(len(arrays["pristine_X.npy"]))
+            for start, arrays in map(_render_chunk, tasks):
+                sink(start, arrays)
+                bar.update(len(arrays["pristine_X.npy"]))
+            return
+        import multiprocessing
+        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        from concurrent.futures.process import BrokenProcessPool
+
+        # Not multiprocessing.Pool: a worker killed there (the OOM killer, kill -9) loses its task
+        # and the render waits for it forever; the executor fails every pending task instead.
+        # spawn: the same on Linux and macOS, and no fork of a process that may hold threads.
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            todo, running = iter(tasks), set()
+            while True:
+                # Two chunks per worker in flight: none waits for work, and the finished chunks
+                # held here stay few whatever the size of the render.
+                while len(running) < 2 * workers and (task := next(todo, None)) is not None:
+                    running.add(pool.submit(_render_chunk, task))
+                if not running:
+                    break
+                done, running = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    start, arrays = future.result()
+                    sink(start, arrays)
+                    bar.update(len(arrays["pristine_X.npy"]))
+        except BrokenProcessPool:
+            raise DmhpcError(f"{out}: a render worker died (killed by signal?); run again to finish the "
+                             f"render") from None
+        finally:
+            # On any failure the chunks not started are dropped; those running end within seconds.
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _render_mpi(comm, seed: int, knobs: Knobs, survey: bool, n_objects: int, sink) -> None:
@@ -464,7 +486,7 @@ def _render(out: Path, n_per_class: int, seed: int, knobs: Knobs, views: tuple[s
         meta = _meta(n_per_class, seed, knobs, views, survey)
         staging = _Staging(out, n_objects, len(views), survey)
         if comm is None:
-            _render_local(seed, knobs, survey, n_objects, workers, staging.put)
+            _render_local(out, seed, knobs, survey, n_objects, workers, staging.put)
         else:
             _render_mpi(comm, seed, knobs, survey, n_objects, staging.put)
         ids = np.arange(n_objects, dtype=np.int64)
