@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -105,6 +106,15 @@ def test_the_trainers_validation_equals_dmhpc_eval_of_the_same_checkpoint(make_d
     assert load_manifest(data / "pristine")["stats"] != load_manifest(data / "noisy")["stats"]
 
 
+def _trained(make_domains, tmp_path) -> tuple[Path, RunDir]:
+    """A 64-image pair and a run of the tiny config trained one epoch on it."""
+    data = make_domains(64)
+    run = RunDir(tmp_path / "run")
+    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
+                 f"run.dir={run.path}", "train.epochs=1"]) == 0
+    return data, run
+
+
 def test_dmhpc_eval_never_finishes_a_run_nor_replaces_another_data_sets_result(make_domains, tmp_path, capsys,
                                                                                    monkeypatch):
     """`dmhpc eval` with its defaults (best, test) wrote the file the trainer writes at its end,
@@ -112,10 +122,7 @@ def test_dmhpc_eval_never_finishes_a_run_nor_replaces_another_data_sets_result(m
     one name shared a result file: the second evaluation replaced the first."""
     import shutil
 
-    data = make_domains(64)
-    run = RunDir(tmp_path / "run")
-    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
-                 f"run.dir={run.path}", "train.epochs=1"]) == 0
+    data, run = _trained(make_domains, tmp_path)
     assert run.finished and run.read_result()["final"] is True
     assert main(["eval", "--run", str(run.path)]) == 0  # the trainer's result again: the run stays finished
     assert run.finished
@@ -145,10 +152,7 @@ def test_dmhpc_eval_refuses_data_the_run_cannot_take_and_draws_what_the_data_all
     failed drawing an empty confusion figure after writing the result; the run's own data prepared
     again since it trained were evaluated as if they were the run's; and the training curves took
     the title of whichever evaluation ran last."""
-    data = make_domains(64)
-    run = RunDir(tmp_path / "run")
-    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
-                 f"run.dir={run.path}", "train.epochs=1"]) == 0
+    data, run = _trained(make_domains, tmp_path)
     rng = np.random.default_rng(1)
     write_dataset(rng.normal(size=(64, 1, 75, 75)).astype(np.float32), np.arange(64) % 2, None, tmp_path / "mono")
     capsys.readouterr()
@@ -235,10 +239,7 @@ def test_dmhpc_eval_holds_the_run_directory_against_the_trainer_and_other_evalua
 
     from dmhpc.errors import DmhpcError
 
-    data = make_domains(64)
-    run = RunDir(tmp_path / "run")
-    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
-                 f"run.dir={run.path}", "train.epochs=1"]) == 0
+    data, run = _trained(make_domains, tmp_path)
     final = run.result_path("best", "test").read_bytes()
 
     # An evaluation running: a trainer and a second evaluation are refused, in one line each.
@@ -288,10 +289,7 @@ def test_dmhpc_eval_checks_the_shards_as_the_trainer_does(make_domains, tmp_path
 
     from dmhpc.data.shards import shard_name
 
-    data = make_domains(64)
-    run = RunDir(tmp_path / "run")
-    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
-                 f"run.dir={run.path}", "train.epochs=1"]) == 0
+    data, run = _trained(make_domains, tmp_path)
     assert run.config().data.verify == "checksums"
     other = tmp_path / "other"
     shutil.copytree(data / "noisy", other)
@@ -313,10 +311,7 @@ def test_dmhpc_eval_checks_the_shards_as_the_trainer_does(make_domains, tmp_path
 
 def test_dmhpc_eval_refuses_an_empty_split_before_writing(make_domains, tmp_path, capsys):
     """A data set prepared without a test share failed with a ValueError traceback after writing."""
-    data = make_domains(64)
-    run = RunDir(tmp_path / "run")
-    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
-                 f"run.dir={run.path}", "train.epochs=1"]) == 0
+    data, run = _trained(make_domains, tmp_path)
     rng = np.random.default_rng(2)
     labels = np.arange(64) % 2
     images = rng.normal(0.0, 0.3, (64, 3, 75, 75)).astype(np.float32) + labels[:, None, None, None]
@@ -333,10 +328,7 @@ def test_dmhpc_eval_refuses_an_empty_split_before_writing(make_domains, tmp_path
 
 def test_dmhpc_eval_refuses_more_classes_than_the_model_has(make_domains, tmp_path, capsys):
     """A 3-class data set failed in sklearn with a traceback; the trainer refuses it in one line."""
-    data = make_domains(64)
-    run = RunDir(tmp_path / "run")
-    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
-                 f"run.dir={run.path}", "train.epochs=1"]) == 0
+    data, run = _trained(make_domains, tmp_path)
     rng = np.random.default_rng(3)
     labels = np.arange(64) % 3
     images = rng.normal(0.0, 0.3, (64, 3, 75, 75)).astype(np.float32) + labels[:, None, None, None]
@@ -352,10 +344,7 @@ def test_dmhpc_eval_refuses_more_classes_than_the_model_has(make_domains, tmp_pa
 def test_dmhpc_eval_refuses_a_config_yaml_edited_away_from_the_checkpoint(make_domains, tmp_path, capsys):
     """config.yaml edited by hand (data.normalize per-domain -> source) was trusted: eval rewrote the
     final best_test.json with numbers of another normalization than the model was trained with."""
-    data = make_domains(64)
-    run = RunDir(tmp_path / "run")
-    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
-                 f"run.dir={run.path}", "train.epochs=1"]) == 0
+    data, run = _trained(make_domains, tmp_path)
     result = run.result_path("best", "test").read_bytes()
     text = run.config_path.read_text()
     assert "normalize: per-domain" in text
@@ -378,10 +367,7 @@ def test_a_failed_dmhpc_eval_leaves_the_previous_results_as_they_were(make_domai
     from dmhpc.errors import DmhpcError
     from dmhpc.files import is_temporary
 
-    data = make_domains(64)
-    run = RunDir(tmp_path / "run")
-    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
-                 f"run.dir={run.path}", "train.epochs=1"]) == 0
+    data, run = _trained(make_domains, tmp_path)
 
     def state():
         files = sorted(p for d in ("eval", "plots") for p in (run.path / d).iterdir())
