@@ -149,6 +149,22 @@ def test_a_checkpoint_with_an_edited_progress_is_one_line(data, tmp_path, field,
     one_line_error(train(data, run, "train.epochs=2"), str(path), said)
 
 
+def test_a_checkpoint_without_a_world_size_rolls_an_epoch_it_ended_over(data, tmp_path):
+    """A checkpoint of dmhpc before the world size was recorded counts its epoch's steps in a world
+    that may not be this one: a step_in_epoch at or past the end is that epoch done (it was, before
+    the edited-checkpoint refusal above), not an edit."""
+    run = tmp_path / "run"
+    assert train(data, run, "train.epochs=1").returncode == 0
+    path = RunDir(run).checkpoint("last")
+    state = load_checkpoint(path)
+    state["progress"].update(world_size=0, loader="", step_in_epoch=50, epoch=0)  # as dmhpc before them wrote
+    torch.save(state, path)
+    resumed = train(data, run, "train.epochs=2")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    epochs = [r["epoch"] for r in RunDir(run).read_log() if r.get("kind") == "epoch"]
+    assert epochs == [0, 1]  # epoch 0 taken as done, epoch 1 trained
+
+
 def test_resume_none_on_an_existing_run_needs_overwrite(data, tmp_path):
     run = tmp_path / "run"
     assert train(data, run, "train.epochs=1").returncode == 0
