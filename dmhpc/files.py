@@ -168,6 +168,20 @@ def remove_orphans(directory: str | os.PathLike) -> tuple[int, int]:
     return files, size
 
 
+def reserve(fd: int, size: int) -> bool:
+    """Allocate `size` bytes of disk for the open file `fd`, so that a full disk or a quota is an
+    OSError now rather than a failed (or, through a memory map, fatal SIGBUS) write later. False
+    where the file system refuses fallocate even in glibc's emulation: the file is then written
+    without a reserve."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return False
+        raise
+    return True
+
+
 def same_place(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     """`a` and `b` name one file or folder, however spelt (data/x, ./data/x, a symlink to it)."""
     return os.path.realpath(a) == os.path.realpath(b)

@@ -11,7 +11,6 @@ The command `dmhpc info` lives here too; `dmhpc verify` is dmhpc/data/check.py.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import hashlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +26,7 @@ import numpy as np
 from dmhpc import __version__
 from dmhpc.data.inputs import LAYOUTS
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_path, atomic_write, is_temporary
+from dmhpc.files import atomic_path, atomic_write, is_temporary, reserve
 from dmhpc.progress import progress_bar
 
 FORMAT = "dmhpc-shards"
@@ -315,12 +314,7 @@ def _reserve(f: h5py.File, data_bytes: int) -> None:
     cleanly. File systems without fallocate get glibc's emulation; where even that is refused the
     shard is written without a reserve.
     """
-    try:
-        os.posix_fallocate(f.id.get_vfd_handle(), 0, int(data_bytes * 1.01) + (1 << 20))
-    except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-            return
-        raise
+    reserve(f.id.get_vfd_handle(), int(data_bytes * 1.01) + (1 << 20))
 
 
 def pixel_moments(images, rank: int = 0, world_size: int = 1) -> dict[int, tuple]:

@@ -14,7 +14,6 @@ last: a directory without meta.json is incomplete.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -31,7 +30,7 @@ from dmhpc.checks import Invalid, integer
 from dmhpc.data import scenes
 from dmhpc.data.scenes import DEFAULT_KNOBS, KNOB_CHECKS, Knobs
 from dmhpc.errors import DmhpcError
-from dmhpc.files import is_temporary, locked_directory, remove_orphans, temporary_path, write_error
+from dmhpc.files import is_temporary, locked_directory, remove_orphans, reserve, temporary_path, write_error
 from dmhpc.mpi import launched_rank, world_comm
 from dmhpc.progress import progress_bar
 
@@ -114,12 +113,7 @@ def _reserved_memmap(partial: Path, final: Path, shape: tuple[int, ...]) -> np.m
         with open(partial, "r+b") as f:
             np.lib.format.write_array_header_1_0(f, header)
             size = f.tell() + math.prod(shape) * dtype.itemsize
-            try:
-                os.posix_fallocate(f.fileno(), 0, size)
-            except OSError as exc:
-                # No fallocate, not even glibc's emulation: sparse as before, at the old risk.
-                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                    raise
+            if not reserve(f.fileno(), size):  # no fallocate at all: sparse as before, at the old risk
                 f.truncate(size)
     except OSError as exc:
         raise write_error(final, exc) from None
