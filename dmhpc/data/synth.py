@@ -459,12 +459,14 @@ def synthesize(
     if error is not None:
         raise DmhpcError(error)
     with held:  # rank 0 holds the folder's lock until its files are in place or gone
-        return _render(out, n_per_class, seed, knobs, views, survey, workers, comm, created)
+        return _render(out, n_per_class, seed, knobs, views, survey, workers, comm, created, held.close)
 
 
 def _render(out: Path, n_per_class: int, seed: int, knobs: Knobs, views: tuple[str, ...], survey: bool,
-            workers: int, comm, created: bool) -> dict:
-    """Render into the claimed folder `out` (rank 0 writes; other ranks send their objects)."""
+            workers: int, comm, created: bool, release) -> dict:
+    """Render into the claimed folder `out` (rank 0 writes; other ranks send their objects).
+    `release()` lets go of the folder's lock (and removes its file): rank 0 calls it before
+    MPI_Abort, which ends the process before the caller's `with` could."""
     rank = 0 if comm is None else comm.Get_rank()
     n_objects = 2 * n_per_class
     if rank != 0:
@@ -492,6 +494,7 @@ def _render(out: Path, n_per_class: int, seed: int, knobs: Knobs, views: tuple[s
         if created and not any(out.iterdir()):
             out.rmdir()
         if comm is not None:  # the other ranks may be waiting on this one
+            release()
             print(f"dmhpc synth: rank 0 failed: {exc!r}; aborting", file=sys.stderr, flush=True)
             comm.Abort(1)
         if isinstance(exc, OSError):
