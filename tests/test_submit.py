@@ -93,6 +93,31 @@ def test_local_points_running_at_once_run_on_gpus_of_their_own(tmp_path, monkeyp
     assert "point a: local job" in out and "on GPU(s) 2" in out and "on GPU(s) 5" in out
 
 
+def _note_ran(config: dict) -> None:
+    run = Path(config["run"]["dir"])
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "ran").write_text("")
+
+
+def test_nvidia_smi_is_asked_only_when_a_local_point_wants_a_gpu(tmp_path, monkeypatch):
+    """CPU grids ran `nvidia-smi -L` (up to 30 s on a node whose driver hangs) for GPUs they never use."""
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    calls = tmp_path / "nvidia-smi-calls"
+    (fake / "nvidia-smi").write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho "GPU 0: fake (UUID: GPU-0)"\n')
+    (fake / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    for gpus in (0, 1):
+        name = f"gpus{gpus}"
+        point = Point(name, {}, tmp_path / name, resolve_point(TINY, {"run.dir": str(tmp_path / name)}))
+        res = Resources(gpus_per_node=gpus, time_min=5)
+        assert submit._launch_local([point], {name: res}, folder=tmp_path / f"submitit-{name}", job_name="dmhpc-test",
+                                    task=_note_ran, poll_s=0.2) == {}
+        assert (tmp_path / name / "ran").exists()
+        assert calls.exists() == bool(gpus), gpus
+
+
 def test_sbatch_options_for_a_site(tmp_path):
     """What a site changes in the slurm section reaches the sbatch script submitit writes."""
     res = Resources(nodes=2, gpus_per_node=4, tasks_per_node=4, cpus_per_task=8, mem_gb=64, time_min=90,
