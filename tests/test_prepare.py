@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import ROOT, clean_env
 from dmhpc.cli import main
 from dmhpc.data import shards
-from dmhpc.data.inputs import open_images
+from dmhpc.data.inputs import open_fits_cube, open_images
 from dmhpc.data.prepare import DOMAIN_KEYS
 from dmhpc.data.shards import MANIFEST, SPLITS, RowReader, file_sha256, load_manifest
 from dmhpc.errors import DmhpcError
@@ -630,6 +630,20 @@ def test_a_fits_cube_converts_like_the_same_npy(inputs, tmp_path):
     a, b = read_all(fits_files["out"]), read_all(inputs["out"])
     for key in ("images", "labels", "objects", "index"):
         np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_a_fits_file_without_an_image_is_refused_and_closed(tmp_path):
+    """The refusal left the file open: a long-lived process (a tuner, a notebook) kept it and its
+    memory map until the exception's traceback went."""
+    from astropy.io import fits
+
+    path = tmp_path / "table.fits"
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns([fits.Column("id", "K", array=[1, 2])])]).writeto(path)
+    with pytest.raises(DmhpcError, match=f"{path}: no image HDU with data") as refused:
+        open_fits_cube(path)
+    fds = Path("/proc/self/fd")
+    still_open = [fd for fd in fds.iterdir() if os.path.realpath(fd) == str(path)]
+    assert still_open == [], refused.value
 
 
 @pytest.mark.parametrize("layout", [None, "NHWC"])
