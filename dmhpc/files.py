@@ -101,6 +101,24 @@ def temporary_path(path: str | os.PathLike) -> Path:
     return Path(tmp_name)
 
 
+def staged_write(path: str | os.PathLike, data: str | bytes) -> Path:
+    """A temporary file beside `path` holding `data` (text is UTF-8), on disk: for files the caller
+    renames into place together once every one of them is written. Removed again on failure."""
+    tmp = temporary_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())  # a full disk on a network file system often says so only here
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        cause = _os_error(exc)
+        if cause is not None:
+            raise write_error(path, cause) from None
+        raise
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside `path`; when the block ends without error, rename it over `path`.

@@ -71,6 +71,11 @@ def evaluation_tag(checkpoint: str, split: str, data: str | None = None) -> str:
     return tag if data is None else f"{tag}_on-{_TAG_SAFE.sub('_', data).strip('_') or 'data'}"
 
 
+def result_text(result: dict) -> str:
+    """An evaluation result file's contents."""
+    return json.dumps(result, indent=2) + "\n"
+
+
 def check_shape(path, shape, trained) -> None:
     """Refuse images of another (C, H, W) than the run trained on: the network fails on them with a
     RuntimeError traceback deep in its layers, after the work before it."""
@@ -163,7 +168,7 @@ class RunDir:
         return _read_json(path) if path.is_file() else None
 
     def write_result(self, result: dict, checkpoint: str, split: str, data: str | None = None) -> Path:
-        return atomic_write(self.result_path(checkpoint, split, data), json.dumps(result, indent=2) + "\n")
+        return atomic_write(self.result_path(checkpoint, split, data), result_text(result))
 
     def data_record(self, role: str) -> dict:
         """What run.json says of the run's `role` ("source" or "target") data set: path, fingerprint,

@@ -4,7 +4,9 @@ statistics, the whole split evaluated under two ranks, and the trainer's validat
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -392,6 +394,18 @@ def test_a_failed_dmhpc_eval_leaves_the_previous_results_as_they_were(make_domai
     assert capsys.readouterr().err.count("\n") == 1
     assert state() == before and not any(is_temporary(name) for name in state())
     monkeypatch.undo()
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    # A disk full at the result file (said at fsync on many network file systems) came after the
+    # figures were in place.
+    monkeypatch.setattr(os, "fsync", disk_full)
+    assert main(["eval", "--run", str(run.path), "--checkpoint", "last", "--split", "val"]) == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "No space left on device" in err, err
+    assert state() == before and not any(is_temporary(name) for name in state())
     assert main(["eval", "--run", str(run.path), "--checkpoint", "last", "--split", "val"]) == 0
     after = state()
     assert "last_val.json" in after and "roc_last_val.png" in after and "latent_last_val.png" in after

@@ -16,8 +16,8 @@ from dmhpc.data.loaders import eval_batches, eval_rows
 from dmhpc.data.shards import fingerprint, load_manifest
 from dmhpc.distributed import all_gather_object, bootstrap, gather, on_main, shutdown
 from dmhpc.errors import DmhpcError
-from dmhpc.files import hold_lock, same_place, temporary_path
-from dmhpc.run import LOCK, RunDir, check_shape, evaluation_tag
+from dmhpc.files import hold_lock, same_place, staged_write, temporary_path
+from dmhpc.run import LOCK, RunDir, check_shape, evaluation_tag, result_text
 from dmhpc.names import CRITERIA, DOMAINS
 from dmhpc.progress import progress_bar
 from dmhpc.train.checkpoint import checkpoint_info, load_checkpoint, load_weights
@@ -92,10 +92,11 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
     }
     if not dist.is_main:
         return result
-    # Everything that can fail comes before anything is put in place: the log is read and every
-    # figure drawn to a temporary file first, then the figures are renamed into place and the result
-    # written last. A failure (a damaged metrics.jsonl, a figure that cannot be drawn) used to come
-    # after the result file was written, and left a new result beside old figures.
+    # Everything that can fail comes before anything is put in place: the log is read, every figure
+    # drawn and the result written to temporary files first, then all are renamed into place, the
+    # result last. A failure (a damaged metrics.jsonl, a figure that cannot be drawn, a full disk at
+    # the result) used to come after something was in place, and left a new result beside old
+    # figures or new figures beside an old result.
     drawn: dict[Path, Path] = {}  # final path -> its temporary file
 
     def draw(name: str) -> Path:
@@ -123,9 +124,10 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
                                   f"{Path(cfg.data.target).name}; selection by {cfg.select.criterion}")
             P.latent_embedding({d: (preds[d]["features"], preds[d]["labels"]) for d in DOMAINS},
                                draw(f"latent_{tag}"), f"DA features, {title}", seed=cfg.seed, max_points=1000)
+        result_path = run.result_path(checkpoint["name"], split, data_name)
+        drawn[result_path] = staged_write(result_path, result_text(result))
         for path, tmp in drawn.items():
             os.replace(tmp, path)
-        run.write_result(result, checkpoint["name"], split, data_name)
     finally:
         for tmp in drawn.values():
             tmp.unlink(missing_ok=True)  # those not put in place
