@@ -395,7 +395,10 @@ def test_a_full_disk_under_mpi_leaves_nothing(small_disk):
     # Only rank 0 writes files: it removes its temporary files before it aborts the other ranks.
     result = _cli("--out", str(disk / "s"), "--n-per-class", "30", launcher=(mpiexec, "-n", "2"))
     assert result.returncode != 0
-    assert "No space left on device" in result.stderr
+    # The line synth prints without MPI (was "rank 0 failed: DmhpcError('...'); aborting"), then MPI's own.
+    first = result.stderr.splitlines()[0]
+    assert first.startswith(f"dmhpc synth: error: {disk / 's'}/") and "No space left on device" in first, result.stderr
+    assert first.endswith("nothing written; ending the other ranks"), result.stderr
     assert list(disk.iterdir()) == []
 
 

@@ -473,7 +473,8 @@ def _render(out: Path, n_per_class: int, seed: int, knobs: Knobs, views: tuple[s
         try:
             _render_mpi(comm, seed, knobs, survey, n_objects, sink=None)
         except BaseException as exc:  # rank 0 would wait for this rank forever
-            print(f"dmhpc synth: rank {rank} failed: {exc!r}; aborting", file=sys.stderr, flush=True)
+            text = str(exc) if isinstance(exc, DmhpcError) else repr(exc)
+            print(f"dmhpc synth: error: rank {rank}: {text}; ending the other ranks", file=sys.stderr, flush=True)
             comm.Abort(1)
         return _meta(n_per_class, seed, knobs, views, survey)
 
@@ -493,12 +494,15 @@ def _render(out: Path, n_per_class: int, seed: int, knobs: Knobs, views: tuple[s
             staging.discard()
         if created and not any(out.iterdir()):
             out.rmdir()
+        said = DmhpcError(f"{exc.filename or out}: {exc.strerror or exc}") if isinstance(exc, OSError) else exc
         if comm is not None:  # the other ranks may be waiting on this one
             release()
-            print(f"dmhpc synth: rank 0 failed: {exc!r}; aborting", file=sys.stderr, flush=True)
+            # The line the command prints without MPI (MPI_Abort adds its own after it).
+            text = str(said) if isinstance(said, DmhpcError) else repr(said)
+            print(f"dmhpc synth: error: {text}; ending the other ranks", file=sys.stderr, flush=True)
             comm.Abort(1)
-        if isinstance(exc, OSError):
-            raise DmhpcError(f"{exc.filename or out}: {exc.strerror or exc}") from None
+        if said is not exc:
+            raise said from None
         raise
     return meta
 
