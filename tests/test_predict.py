@@ -309,21 +309,44 @@ def test_the_inputs_digest_is_shared_by_ranks_and_the_same_on_any_number(tmp_pat
     for i in range(10):
         fits.PrimaryHDU(np.zeros((3, 8, 8), np.float32)).writeto(tmp_path / f"g{i}.fits")
     (tmp_path / "c.csv").write_text("id\n" + "".join(f"g{i}\n" for i in range(10)))
-    source = sources.open_source(catalog=tmp_path / "c.csv", cutouts=tmp_path)
-    one = source.digest()
+    def source():  # a Source stats each cutout once: a process of its own each time
+        return sources.open_source(catalog=tmp_path / "c.csv", cutouts=tmp_path)
+
+    one = source().digest()
     stats = []
     real = os.stat
     monkeypatch.setattr(sources.os, "stat", lambda path, *a, **k: stats.append(str(path)) or real(path, *a, **k))
     for world in (2, 3):
         shares, counts = [], []
         for rank in range(world):
+            rank_source = source()
             stats.clear()
-            shares.append(source.digest_blocks(rank, world))
+            shares.append(rank_source.digest_blocks(rank, world))
             counts.append(len(stats))
-        assert source.digest({k: v for share in shares for k, v in share.items()}) == one
+        assert source().digest({k: v for share in shares for k, v in share.items()}) == one
         assert max(counts) <= 3 * -(-4 // world) and sum(counts) == 10
     os.utime(tmp_path / "g7.fits", ns=(1, 1))
-    assert source.digest() != one
+    assert source().digest() != one
+
+
+def test_a_prediction_stats_each_cutout_once(trained, tmp_path, monkeypatch):
+    """The start's INPUTSHA, its check of the parts done before, and each part written stat'ed every
+    cutout file again: three times a survey's millions of stats on a parallel file system."""
+    from astropy.io import fits
+    from astropy.table import Table
+    from dmhpc.infer import sources
+
+    folder = tmp_path / "cutouts"
+    folder.mkdir()
+    for i in range(12):
+        fits.PrimaryHDU(trained["images"][i].astype(">f4")).writeto(folder / f"g{i:02d}.fits")
+    Table({"id": [f"g{i:02d}" for i in range(12)]}).write(tmp_path / "survey.csv")
+    stated = []
+    real = sources.file_identity
+    monkeypatch.setattr(sources, "file_identity", lambda path: stated.append(str(path)) or real(path))
+    assert main(["predict", "--run", str(trained["run"]), "--catalog", str(tmp_path / "survey.csv"), "--cutouts",
+                 str(folder), "--out", str(tmp_path / "candidates.fits")]) == 0
+    assert sorted(p for p in stated if Path(p).parent == folder) == [str(folder / f"g{i:02d}.fits") for i in range(12)]
 
 
 def _parts(out: Path) -> list[Path]:

@@ -47,7 +47,7 @@ from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, gath
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write, locked_directory
 from dmhpc.progress import progress_bar
-from dmhpc.infer.sources import Source, open_source
+from dmhpc.infer.sources import DIGEST_BLOCK, Source, open_source
 from dmhpc.run import RunDir, check_shape
 from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, StopRequest, checkpoint_info, load_checkpoint_sha256,
                                    load_weights)
@@ -355,7 +355,7 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
 
 def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, id_column="id", label_column=None,
             file_column=None, cutouts=None, layout=None, checkpoint="best", tta=False, normalize="target",
-            part_size=4096, batch_size=256, amp="none", overwrite=False, nan_fill=None, verify=None,
+            part_size=DIGEST_BLOCK, batch_size=256, amp="none", overwrite=False, nan_fill=None, verify=None,
             signals=STOP_SIGNALS) -> int:
     """Write the catalog; returns the exit code (0, or REQUEUE_EXIT_CODE after a stop signal)."""
     out = Path(out)
@@ -498,8 +498,10 @@ def predict_arguments(parser) -> None:
     parser.add_argument("--normalize", default="target", choices=["target", "own"],
                         help="target (default): the statistics the run normalized its target domain with; "
                              "own: these images' own statistics")
-    parser.add_argument("--part-size", type=int, default=4096, metavar="N",
-                        help="images per part, the unit of resumption (default 4096); a multiple of --batch-size")
+    # Parts of the digest's blocks: each cutout of a survey is then stat'ed once (see Source.cutout_files).
+    parser.add_argument("--part-size", type=int, default=DIGEST_BLOCK, metavar="N",
+                        help=f"images per part, the unit of resumption (default {DIGEST_BLOCK}); a multiple of "
+                             f"--batch-size")
     parser.add_argument("--batch-size", type=int, default=256, metavar="N", help="default 256")
     parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast (default none)")
     parser.add_argument("--nan-fill", type=float, metavar="VALUE", help="replace NaN pixels by VALUE")

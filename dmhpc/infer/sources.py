@@ -46,6 +46,7 @@ class Source:
     _first: int = 0            # a prepared set's first row in use (one split: its first row)
     _positions: np.ndarray | None = None  # a prepared set's input position of each storage row
     id_dtype: str | None = None  # a catalog's integer ids: the catalog written keeps them integers (joins by id)
+    _cutout_digests: dict = field(default_factory=dict)  # (start, stop) -> cutout_files' digest, taken once
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -65,13 +66,18 @@ class Source:
         """For a catalog of cutout files: a digest of the name, size and modification time of the
         files of rows [start, stop), which a part records and a rerun checks before reusing it (a
         cutout rewritten in place has its part computed again); the survey's other inputs are in
-        `identity`. Taken before the files are read, like `file_identity`. "" for other sources."""
+        `identity`. Taken before the files are read, like `file_identity`, and once: the start's
+        digest, its check of the parts done before and the parts written all ask for the same rows
+        (parts of DIGEST_BLOCK rows, the default), and a survey's millions of stats on a parallel
+        file system were made three times over. "" for other sources."""
         if not isinstance(self._reader, Cutouts):
             return ""
-        digest = hashlib.sha256()
-        for path in self._reader.files[start:stop]:
-            digest.update(json.dumps([str(path), file_identity(path)]).encode())
-        return digest.hexdigest()
+        if (start, stop) not in self._cutout_digests:
+            digest = hashlib.sha256()
+            for path in self._reader.files[start:stop]:
+                digest.update(json.dumps([str(path), file_identity(path)]).encode())
+            self._cutout_digests[start, stop] = digest.hexdigest()
+        return self._cutout_digests[start, stop]
 
     def digest(self, blocks: dict[int, str] | None = None) -> str:
         """SHA-256 of what the rows are read from, as it is now: every input file's size and
