@@ -76,16 +76,18 @@ def make_domains(tmp_path_factory):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """Factory: `small_disk(mb)` mounts a tmpfs of `mb` MiB and returns its path: a real full disk
-    (ENOSPC from the kernel). Needs root (CI runs as root); skips where mounting is not allowed."""
+    """Factory: `small_disk(mb)` mounts a tmpfs of `mb` MiB (or of a size given as tmpfs's text:
+    "532k", in 4 KiB pages) and returns its path: a real full disk (ENOSPC from the kernel). Needs
+    root (CI runs as root); skips where mounting is not allowed."""
     import subprocess
 
     mounted = []
 
-    def make(mb: int):
+    def make(mb: int | str):
         where = tmp_path / f"disk{len(mounted)}"
         where.mkdir()
-        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mb}m", "tmpfs", str(where)],
+        size = f"{mb}m" if isinstance(mb, int) else mb
+        proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
             pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip() or proc.returncode}")

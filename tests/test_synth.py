@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -385,6 +386,19 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(small_disk, mb, full):
     out.mkdir()  # a folder that was there stays, empty
     _one_line_error(_cli("--out", str(out), "--n-per-class", "30", "--workers", "2"), str(out / full))
     assert list(disk.iterdir()) == [out] and list(out.iterdir()) == []
+
+
+def test_a_disk_full_at_the_label_files_names_the_file(small_disk):
+    """The small files written last named only the folder ("s: No space left on device")."""
+    # 2 objects per class: two image files of 66 pages each, then a page for the folder's lock and
+    # one for each small file: 134 pages hold the images and pristine_y.npy, not noisy_y.npy.
+    disk = small_disk("536k")
+    out = disk / "s"
+    result = _cli("--out", str(out), "--n-per-class", "2")
+    _one_line_error(result, "cannot write: No space left on device (disk full or over quota); nothing written")
+    # The page count may differ by one elsewhere: any of the small files, never the folder alone.
+    assert re.search(rf"error: {re.escape(str(out))}/(pristine_y|noisy_y|objects)\.npy: ", result.stderr), result.stderr
+    assert list(disk.iterdir()) == []
 
 
 def test_a_full_disk_under_mpi_leaves_nothing(small_disk):

@@ -166,10 +166,14 @@ class _Staging:
             views = len(objects) // len(self.survey_labels)
             arrays["survey_y.npy"] = np.repeat(self.survey_labels, views)
             arrays["survey_objects.npy"] = objects + len(self.survey_labels)
-        for name, array in arrays.items():
-            with open(self.partial[name], "wb") as f:  # np.save would append ".npy" to the name
-                np.save(f, array)
-        self.partial["meta.json"].write_text(json.dumps(meta, indent=2) + "\n")
+        files = {name: lambda f, a=array: np.save(f, a) for name, array in arrays.items()}
+        files["meta.json"] = lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode())
+        for name, write in files.items():
+            try:
+                with open(self.partial[name], "wb") as f:  # np.save would append ".npy" to the name
+                    write(f)
+            except OSError as exc:  # np.save's OSError names no file
+                raise write_error(self.out / name, exc) from None
         # An older meta.json goes first, so a crash between renames leaves no complete-looking set.
         (self.out / "meta.json").unlink(missing_ok=True)
         if self.survey_labels is None:  # an older set's survey files: the new meta.json does not describe them
