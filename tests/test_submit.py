@@ -69,9 +69,17 @@ def test_local_jobs_running_at_once_get_gpus_of_their_own(gpus, running, wanted,
 
 
 def test_the_gpus_local_jobs_may_use_follow_the_launchers_cuda_visible_devices(monkeypatch):
-    for visible, expected in (("2,5", (2, 5)), ("3", (3,)), ("", ()), ("GPU-8f3a,GPU-19bc", None)):
+    for visible, expected in (("2,5", (2, 5)), ("3", (3,)), ("GPU-8f3a,GPU-19bc", None)):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-        assert local_gpus() == expected, visible
+        assert local_gpus(1) == expected, visible
+        assert local_gpus(0) is None  # no GPU wanted: none handed out
+    # Fewer than a job wants: submitit gave it GPUs 0.. anyway, those the launcher's
+    # CUDA_VISIBLE_DEVICES had kept from it (or none there at all).
+    for visible, wanted in (("", 1), ("3", 2)):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        with pytest.raises(DmhpcError, match=rf"^gpus_per_node {wanted}: CUDA_VISIBLE_DEVICES='{visible}' gives "
+                                             rf"{len(visible)} GPU\(s\) here for local jobs; ask for fewer"):
+            local_gpus(wanted)
 
 
 def _note_gpus(config: dict) -> None:
@@ -116,6 +124,17 @@ def test_nvidia_smi_is_asked_only_when_a_local_point_wants_a_gpu(tmp_path, monke
                                     task=_note_ran, poll_s=0.2) == {}
         assert (tmp_path / name / "ran").exists()
         assert calls.exists() == bool(gpus), gpus
+
+
+def test_local_points_wanting_more_gpus_than_visible_are_refused_before_any_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    points = [Point(name, {}, tmp_path / name, resolve_point(TINY, {"run.dir": str(tmp_path / name)}))
+              for name in ("cpu", "gpu")]
+    res = {"cpu": Resources(time_min=5), "gpu": Resources(gpus_per_node=1, time_min=5)}
+    with pytest.raises(DmhpcError, match="^gpus_per_node 1: CUDA_VISIBLE_DEVICES='' gives 0 GPU"):
+        submit._launch_local(points, res, folder=tmp_path / "submitit", job_name="dmhpc-test", task=_note_ran)
+    assert not (tmp_path / "cpu").exists() and not (tmp_path / "submitit").exists()
+    assert capsys.readouterr().out == ""
 
 
 def test_sbatch_options_for_a_site(tmp_path):

@@ -188,10 +188,25 @@ def local_threads(ranks_at_once: int) -> int | None:
     return max(1, cpus // ranks_at_once)
 
 
-def local_gpus() -> tuple[int, ...] | None:
-    """The GPUs local jobs may use, as the indices submitit's local executor puts in a job's
-    CUDA_VISIBLE_DEVICES: the launcher's own CUDA_VISIBLE_DEVICES where it lists indices, else those
-    `nvidia-smi -L` lists. None where that cannot be told (UUIDs, no nvidia-smi): submitit's default."""
+def local_gpus(wanted: int) -> tuple[int, ...] | None:
+    """The GPUs local jobs that want `wanted` GPUs each may use, as the indices submitit's local
+    executor puts in a job's CUDA_VISIBLE_DEVICES: the launcher's own CUDA_VISIBLE_DEVICES where it
+    lists indices, else those `nvidia-smi -L` lists. None where no GPU is wanted (nvidia-smi is not
+    asked) or where that cannot be told (UUIDs, no nvidia-smi): submitit's default. Fewer than
+    `wanted` are refused: submitit would give the job GPUs 0.. that are not there, or that the
+    launcher's CUDA_VISIBLE_DEVICES kept from it ("" included)."""
+    if not wanted:
+        return None
+    gpus = _listed_gpus()
+    if gpus is not None and len(gpus) < wanted:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = "nvidia-smi -L lists" if visible is None else f"CUDA_VISIBLE_DEVICES={visible!r} gives"
+        raise DmhpcError(f"gpus_per_node {wanted}: {where} {len(gpus)} GPU(s) here for local jobs; ask for fewer, "
+                         f"or run where there are more")
+    return gpus
+
+
+def _listed_gpus() -> tuple[int, ...] | None:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         items = [v.strip() for v in visible.split(",") if v.strip()]
@@ -573,6 +588,7 @@ def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, fo
     launcher: Ctrl-C or SIGTERM cancels the running ones, which resume from their last checkpoint
     at the next launch, instead of leaving them to train on beside it."""
     todo = [p for p in points if not p.finished]
+    gpus = local_gpus(max((resources[p.name].gpus_per_node for p in todo), default=0))
     at_once = min((resources[p.name].array_parallelism for p in todo), default=1)
     ranks = max((resources[p.name].ranks for p in todo), default=1)
     print(f"dmhpc launch: {len(points) - len(todo)} of {len(points)} point(s) finished; running the "
@@ -582,9 +598,7 @@ def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, fo
     folder.mkdir(parents=True, exist_ok=True)
     failures: dict[str, str] = {}
     running: dict[str, submitit.Job] = {}
-    # held: point name -> the GPUs its running job was given. nvidia-smi only where a point wants GPUs.
-    gpus = local_gpus() if any(resources[p.name].gpus_per_node for p in todo) else None
-    held = {}
+    held = {}  # point name -> the GPUs its running job was given
     try:
         with sigterm_as_interrupt():
             while todo or running:

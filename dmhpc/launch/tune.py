@@ -400,7 +400,7 @@ class _Search:
         self.folder = t.out / "submitit"
         self.threads = local_threads(t.parallel * t.resources.ranks) if t.executor == "local" else None
         self.submitter = make_executor(t.executor, self.folder, t.resources, f"dmhpc-tune-{t.out.name}")
-        self.gpus = local_gpus() if t.executor == "local" and t.resources.gpus_per_node else None
+        self.gpus = local_gpus(t.resources.gpus_per_node) if t.executor == "local" else None
         self.running: list[_Running] = []
         self.failures_in_a_row = 0
 
