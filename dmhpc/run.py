@@ -263,10 +263,7 @@ class RunDir:
         if resume == "auto":
             last = self.checkpoint("last")
             resume_from = last if last.is_file() else None
-            origin = self._started_from() if resume_from is None else None
-            if origin is not None:  # a fresh start would throw the checkpoint it began from away
-                raise DmhpcError(f"{self.path}: began from {origin} and has no {last.name} of its own yet; "
-                                 f"--resume {origin} starts it again")
+            self._check_origin(last)
             if resume_from is None and self.has_results() and not self._killed_before_its_first_last():
                 raise DmhpcError(f"{self.path}: holds results ({CHECKPOINTS}/, {EVAL}/) but no {last.name} to "
                                  f"resume from; --resume none --overwrite replaces the run")
@@ -293,6 +290,14 @@ class RunDir:
         epochs = [r for r in self.read_log() if r.get("kind") == "epoch"]
         return not any((self.path / EVAL).glob("*.json")) and len(epochs) <= 1
 
+    def _check_origin(self, last: Path) -> None:
+        """Refuse to resume "auto" a run that began from a checkpoint elsewhere and has no `last`
+        yet: a fresh start would throw the checkpoint it began from away."""
+        origin = None if last.is_file() else self._started_from()
+        if origin is not None:
+            raise DmhpcError(f"{self.path}: began from {origin} and has no {last.name} of its own yet; "
+                             f"--resume {origin} starts it again")
+
     def _started_from(self) -> str | None:
         """The checkpoint from elsewhere this run began from (its first setup record), if any."""
         setups = [r for r in self.read_log() if r.get("kind") == "setup"]
@@ -307,12 +312,14 @@ class RunDir:
         """What `claim(cfg, "auto", data_ids=...)` and the trainer's start would refuse, checked from
         outside (a launcher about to submit the run again), without the lock: a foreign directory, a
         changed configuration, data that changed under the run's paths, fewer epochs than last.pt has
-        trained, and results without a last.pt to resume from. `data_ids` as for `claim`, of the data
-        sets that exist now."""
+        trained, and results (or a start from another run's checkpoint) without a last.pt to resume
+        from. `data_ids` as for `claim`, of the data sets that exist now."""
         self._check_owner()
         if not self.config_path.is_file():
             return
         last = self.checkpoint("last")
+        if not self.finished:  # a finished run is not submitted again
+            self._check_origin(last)
         if last.is_file():
             state = _load_state(last)
             old, where = self._reference_config(last, state)

@@ -383,6 +383,11 @@ def test_a_checkpoint_from_elsewhere_never_joins_another_run(tmp_path):
     with pytest.raises(DmhpcError, match=rf"began from {elsewhere} and has no last.pt of its own yet; --resume "
                                          rf"{elsewhere} starts it again"):
         run.claim(cfg, "auto")
+    # A launcher about to submit it again (which resumes "auto") refuses it too, before the queue.
+    with pytest.raises(DmhpcError, match=rf"^{run.path}: began from {elsewhere} and has no last.pt of its own yet"):
+        run.check_relaunch(cfg, {})
+    run.write_result({"final": True}, "best", "test")
+    run.check_relaunch(cfg, {})  # finished: nothing to submit
 
 
 # --- the lock -------------------------------------------------------------------------------------
