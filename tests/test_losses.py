@@ -418,17 +418,23 @@ y = (torch.randn(n, d, generator=torch.Generator().manual_seed(1)) + 1).to(devic
 reference = mmd(x, y).item(), coral(x, y).item()
 if api == "legacy":
     torch.set_float32_matmul_precision("high")
-else:
+elif api == "new":
     torch.backends.cuda.matmul.fp32_precision = "tf32"
     torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+else:  # both, one after the other: restoring through the legacy API gave CUDA matmuls TF32 back
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+state = lambda: (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
+before = state()
 values = mmd(x, y).item(), coral(x, y).item()
+assert state() == before, (state(), before)  # every backend's setting, as the caller left it
 # IEEE float32 inside the losses, whatever was asked outside: the same values on the CPU, within
 # float32 rounding on a GPU (whose reductions may differ run to run); TF32 would be off by ~1e-3
 tolerance = 0 if device == "cpu" else 1e-6
 assert all(abs(v - r) <= tolerance * abs(r) for v, r in zip(values, reference)), (values, reference)
 if api == "legacy":
     assert torch.get_float32_matmul_precision() == "high"  # the caller's setting, restored
-else:
+elif api == "new":
     assert torch.backends.cuda.matmul.fp32_precision == "tf32" and torch.backends.mkldnn.matmul.fp32_precision == "bf16"
     try:
         torch.get_float32_matmul_precision()
@@ -441,7 +447,7 @@ print("ok")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-@pytest.mark.parametrize("api", ["legacy", "new"])
+@pytest.mark.parametrize("api", ["legacy", "new", "both"])
 def test_losses_compute_in_ieee_float32_under_either_tf32_api(api, device):
     """Setting TF32 the current way (fp32_precision) used to make every loss raise 'mix of the
     legacy and new APIs'. A fresh process each: the setting is global. On a GPU, where TF32 is

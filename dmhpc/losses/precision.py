@@ -31,22 +31,23 @@ def full_precision(device: torch.device) -> Iterator[None]:
 
     TF32 keeps 10 mantissa bits, which is enough to spoil a Gram-matrix distance or a covariance
     difference at the 1e-3 level, so the losses switch it off around their own matmuls and restore
-    the caller's setting afterwards, through whichever of PyTorch's two APIs the caller used: the
-    legacy `torch.set_float32_matmul_precision`, or the per-backend
-    `torch.backends.cuda.matmul.fp32_precision` (PyTorch refuses to read the legacy setting once
-    the new one was written, and mixing them is an error).
+    the caller's settings afterwards exactly. Through the per-backend
+    `torch.backends.{cuda,mkldnn}.matmul.fp32_precision` where PyTorch has it, whichever API the
+    caller used: the legacy `torch.set_float32_matmul_precision` cannot be read once the new one
+    was written, and restoring through it overwrote every backend's setting with one value (a
+    caller's IEEE CUDA matmuls came back as TF32).
     """
-    try:
-        previous = torch.get_float32_matmul_precision()
-    except RuntimeError:  # the per-backend API is in use: touch only that one
-        saved = {b: b.fp32_precision for b in _matmul_backends()}
+    backends = _matmul_backends()
+    if backends:  # each backend's own setting saved and restored exactly, whichever API set it
+        saved = {b: b.fp32_precision for b in backends}
         for backend in saved:
             backend.fp32_precision = "ieee"
 
         def restore():
             for backend, value in saved.items():
                 backend.fp32_precision = value
-    else:
+    else:  # a PyTorch before the per-backend API
+        previous = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("highest")
 
         def restore():
