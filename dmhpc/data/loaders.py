@@ -248,9 +248,7 @@ def choose_kind(kind: str, device: torch.device, need: int, local_ranks: int = 1
         return kind, f"data.loader is {kind}"
     on_gpu = device.type == "cuda"
     budget = torch.cuda.mem_get_info(device)[0] if on_gpu else host_memory_available() // max(1, local_ranks)
-    dali_problem = dali_runs(device)
-    budget, dali_ok = (int(v) for v in all_reduce_min(torch.tensor([budget, int(dali_problem is None)],
-                                                                   dtype=torch.int64)).tolist())
+    budget = int(all_reduce_min(torch.tensor([budget], dtype=torch.int64))[0])
     gib = f"both training splits ({need / 2**30:.2f} GiB)"
     where = (f"the {budget / 2**30:.1f} GiB free on {device}" if on_gpu else
              f"the {budget / 2**30:.1f} GiB of host memory each of the node's {max(1, local_ranks)} rank(s) "
@@ -258,7 +256,10 @@ def choose_kind(kind: str, device: torch.device, need: int, local_ranks: int = 1
     if need <= _RESIDENT_SHARE * budget:
         return "gpu-resident", f"{gib} fit in a quarter of {where}"
     why = f"{gib} exceed a quarter of {where}"
-    if dali_ok:
+    # DALI is tried only now: its probe builds a pipeline (on a GPU, with DALI's memory pool) that
+    # resident data never uses. Every rank takes this branch alike (the budget is the least over ranks).
+    dali_problem = dali_runs(device)
+    if int(all_reduce_min(torch.tensor([int(dali_problem is None)], dtype=torch.int64))[0]):
         return "dali", why + "; DALI runs here"
     return "torch", why + f"; {dali_problem or 'DALI cannot run on another rank'}"
 
