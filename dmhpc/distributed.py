@@ -211,7 +211,9 @@ def gpu_index(local_rank: int, local_world_size: int, visible: int, isolated: bo
                      f"{shared} would share it; start one rank per GPU (torchrun --nproc_per_node={visible}, or "
                      f"srun --ntasks-per-node={ranks} --gpus-per-task=1, as DMHPC_LAUNCH=srun sbatch "
                      f"--ntasks-per-node={ranks} --gpus-per-task=1 slurm/train_ddp.sh does), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to run "
-                     f"the ranks on the CPU")
+                     f"the ranks on the CPU"
+                     + ("; if your launcher gives each rank a GPU of its own (srun --gpu-bind, a wrapper setting "
+                        "CUDA_VISIBLE_DEVICES per rank), say so with DMHPC_GPU_PER_RANK=1" if visible == 1 else ""))
 
 
 def own_gpu(launch: Launch, env: Mapping[str, str]) -> bool:

@@ -288,6 +288,8 @@ def test_ranks_sharing_a_gpu_are_refused_with_how_to_launch(local_rank, local_wo
     text = str(info.value)
     assert message in text and "torchrun --nproc_per_node=" in text and "--gpus-per-task=1" in text
     assert "\n" not in text
+    # One GPU seen by each process: a launcher that isolates GPUs its own way (srun --gpu-bind) is told how to say so.
+    assert ("say so with DMHPC_GPU_PER_RANK=1" in text) == (visible == 1)
 
 
 @pytest.mark.parametrize("case, env, own", [
