@@ -169,6 +169,10 @@ def test_dmhpc_eval_refuses_data_the_run_cannot_take_and_draws_what_the_data_all
     assert main(["eval", "--run", str(run.path), "--source", str(survey), "--target", str(survey)]) == 0
     result = run.read_result("best", "test", "survey+survey")
     assert result["source"]["labelled"] is False and result["target"]["labelled"] is False
+    # Normalized as a domain of its own, not with the run's target statistics (predict's default): said in the result.
+    stats = load_manifest(survey)["stats"]
+    assert result["normalization"]["target"] == {"mean": stats["mean"], "std": stats["std"]}, result["normalization"]
+    assert result["normalization"]["target"]["mean"] != RunDir(run.path).normalization("target")[0]
     tag = "best_test_on-survey+survey"
     assert run.plot_path(f"latent_{tag}").is_file()
     assert not run.plot_path(f"roc_{tag}").exists() and not run.plot_path(f"confusion_{tag}").exists()

@@ -88,6 +88,10 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
         "oracle": CRITERIA.get(checkpoint.get("criterion"), False),
         "data": {d: os.path.abspath(dirs[d]) for d in DOMAINS},  # absolute: the same from any working folder
         "final": final,
+        # What each domain was normalized with: on another data set its own statistics (see
+        # `evaluate`), which predict and an exported model use only when asked (--normalize own).
+        "normalization": {d: {"mean": [float(v) for v in stats[d][0]], "std": [float(v) for v in stats[d][1]]}
+                          for d in DOMAINS},
         **{d: domain_metrics(preds[d]["labels"], preds[d]["prob"]) for d in DOMAINS},
     }
     if not dist.is_main:
@@ -141,7 +145,8 @@ def eval_arguments(parser) -> None:
                         help="which checkpoint of the run to evaluate (default: best)")
     parser.add_argument("--target", type=Path, metavar="DIR",
                         help="evaluate on this prepared data set as the target domain (labelled or not) "
-                             "instead of the run's; default: the run's own data")
+                             "instead of the run's, normalized with its own training statistics under the "
+                             "run's per-domain normalization; default: the run's own data")
     parser.add_argument("--source", type=Path, metavar="DIR",
                         help="with --target: this data set as the source domain (default: the run's source)")
 
@@ -185,7 +190,8 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
         model = build_backbone(cfg, shape[0]).to(dist.device)
         load_weights(model, ckpt, run.checkpoint(checkpoint))
         info = checkpoint_info(checkpoint, ckpt)
-        # Normalization as the run trained: per domain, each data set with its own statistics.
+        # Normalization as the run trained: per domain, each data set with its own statistics; a
+        # survey given as --target is a domain of its own (predict's --normalize own, not its default).
         stats = dict(zip(DOMAINS, domain_stats(dirs["source"], dirs["target"], cfg.data.normalize)))
         result = evaluate_run(model, cfg, dist, run, checkpoint=info, split=split, stats=stats, data=data,
                               data_name=data_name, final=final)
