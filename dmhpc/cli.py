@@ -146,8 +146,9 @@ COMMANDS: dict[str, Command] = {
         _predict,
         "a merger probability per image as a catalog (Parquet, FITS, CSV, ECSV, HDF5): streamed, any number "
         "of ranks, resumable",
-        "dmhpc predict --run runs/demo/deepmerge-mmd-fisher-entropy --data data/embedded/shards/noisy --out noisy.parquet\n"
-        "  torchrun --nproc_per_node=4 -m dmhpc predict --run-dir RUN --catalog survey.csv --file-column file "
+        "dmhpc predict --run runs/demo/deepmerge-mmd-fisher-entropy --data runs/demo/shards/noisy --out noisy.parquet\n"
+        "  torchrun --nproc_per_node=4 -m dmhpc predict --run-dir RUN --catalog survey.csv --id-column objid "
+        "--file-column file "
         "--out candidates.fits --tta",
     ),
     "explain": Command(

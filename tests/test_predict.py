@@ -329,6 +329,19 @@ def test_the_inputs_digest_is_shared_by_ranks_and_the_same_on_any_number(tmp_pat
     assert source().digest() != one
 
 
+def test_a_sources_inputs_name_its_cutout_files(tmp_path):
+    """explain said a survey.csv unchanged since the prediction had changed, when one of its cutouts had."""
+    from astropy.io import fits
+    from dmhpc.infer import sources
+
+    fits.PrimaryHDU(np.zeros((3, 8, 8), np.float32)).writeto(tmp_path / "g0.fits")
+    (tmp_path / "c.csv").write_text("id\ng0\n")
+    assert sources.open_source(catalog=tmp_path / "c.csv", cutouts=tmp_path).inputs == \
+        f"{tmp_path / 'c.csv'} or one of the cutout files it names"
+    np.save(tmp_path / "x.npy", np.zeros((2, 3, 8, 8), np.float32))
+    assert sources.open_source(images=tmp_path / "x.npy").inputs == str(tmp_path / "x.npy")
+
+
 def test_a_prediction_stats_each_cutout_once(trained, tmp_path, monkeypatch):
     """The start's INPUTSHA, its check of the parts done before, and each part written stat'ed every
     cutout file again: three times a survey's millions of stats on a parallel file system."""
@@ -875,6 +888,8 @@ def test_layout_and_verify_go_with_the_sources_they_concern(trained, tmp_path, c
     for extra, message in (
             (["--images", str(tmp_path / "hwc.npy"), "--layout", "NCHW"], "75 channels in layout NCHW"),
             (["--data", str(trained["data"] / "noisy"), "--layout", "NHWC"], "--layout goes with --images or --catalog"),
+            # was accepted, recorded in the catalog's SRCARGS, and did nothing
+            (["--data", str(trained["data"] / "noisy"), "--nan-fill", "0"], "--nan-fill goes with --images or --catalog"),
             (["--images", str(trained["survey"]), "--verify", "structure"], "--verify structure goes with --data")):
         assert main([*base, str(tmp_path / "c.parquet"), *extra]) == 1
         err = capsys.readouterr().err

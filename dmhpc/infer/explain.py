@@ -201,7 +201,7 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             # the images those are of (a catalog of an older dmhpc has no INPUTSHA to compare).
             now = source.digest()
             if str(table.meta.get("INPUTSHA", now)) != now:
-                raise DmhpcError(f"{catalog}: its inputs ({source.path}) changed since it was predicted (another "
+                raise DmhpcError(f"{catalog}: its inputs ({source.inputs}) changed since it was predicted (another "
                                  f"size or modification time, or a data set prepared again); predict again")
             images = source.read_inputs(np.asarray(table["index"])[top])
             claim_out()

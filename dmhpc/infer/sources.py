@@ -49,6 +49,11 @@ class Source:
     _cutout_digests: dict = field(default_factory=dict)  # (start, stop) -> cutout_files' digest, taken once
 
     @property
+    def inputs(self) -> str:
+        """What the rows are read from, in words: the path, and the cutout files a catalog names."""
+        return f"{self.path} or one of the cutout files it names" if isinstance(self._reader, Cutouts) else str(self.path)
+
+    @property
     def columns(self) -> tuple[str, ...]:
         """The names of the columns `read` gives."""
         names = ("index", "id", *(("object", "split") if self.kind == "data" else ()))
@@ -251,6 +256,9 @@ def open_source(*, data: str | os.PathLike | None = None, split: str | None = No
         raise DmhpcError("--split needs --data (only a prepared data set has splits)")
     if layout is not None and data is not None:
         raise DmhpcError("--layout goes with --images or --catalog (a prepared data set's shards hold NCHW)")
+    if nan_fill is not None and data is not None:
+        raise DmhpcError("--nan-fill goes with --images or --catalog (a prepared data set holds no NaN: prepare "
+                         "refused or filled them)")
     if data is not None:
         # Taken before the manifest is read, like file_identity: a data set prepared again in place
         # (--overwrite) since a part was written changes them, and its parts are refused.
