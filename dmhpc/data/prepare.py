@@ -290,9 +290,11 @@ def _check_pixels(domains: list[dict], scans: list[list], dtype: str) -> None:
         firsts = [first for _, first, _ in parts if first >= 0]
         hint = " (--nan-fill replaces NaN only)" if d["images"].nan_fill is not None else \
             " (survey cutouts padded with NaN: --nan-fill 0)"
+        first = min(firsts, default=-1)
+        first_file = str(d["images"].files[first]) if d["cutouts"] and first >= 0 else None
         try:
-            shards.check_pixels(sum(bad for bad, _, _ in parts), min(firsts, default=-1),
-                                max(big for _, _, big in parts), dtype, d["names"]["images"])
+            shards.check_pixels(sum(bad for bad, _, _ in parts), first, max(big for _, _, big in parts), dtype,
+                                d["names"]["images"], first_file)
         except DmhpcError as exc:
             raise DmhpcError(f"{exc}{hint if 'NaN' in str(exc) else ''}") from None
 

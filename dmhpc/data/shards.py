@@ -162,10 +162,13 @@ def scan_pixels(images, start: int, stop: int, nan_ok: bool = False) -> tuple[in
     return bad, first, largest
 
 
-def check_pixels(bad: int, first: int, largest: float, dtype: str, name: str = "images") -> None:
-    """Refuse NaN/Inf pixels and pixels that would overflow the stored dtype (results of `scan_pixels`)."""
+def check_pixels(bad: int, first: int, largest: float, dtype: str, name: str = "images",
+                 first_file: str | None = None) -> None:
+    """Refuse NaN/Inf pixels and pixels that would overflow the stored dtype (results of `scan_pixels`);
+    `first_file`: the file image `first` was read from, where each image has its own (cutouts)."""
     if bad:
-        raise DmhpcError(f"{name}: {bad} NaN or Inf pixels (first in image {first})")
+        raise DmhpcError(f"{name}: {bad} NaN or Inf pixels (first in image {first}"
+                         f"{f', {first_file}' if first_file else ''})")
     limit = float(np.finfo(dtype).max)
     if largest > limit:
         raise DmhpcError(f"{name}: pixel values up to {largest:.4g} overflow {dtype} (max {limit:.4g})")
