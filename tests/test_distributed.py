@@ -236,24 +236,28 @@ def test_two_ranks_under_mpiexec(tmp_path):
 
 
 def _free_slurm_port() -> int:
-    """A free port of the form 20000 + job id % 20000, the one a SLURM step derives."""
-    for i in range(20000):
-        port = 20000 + (os.getpid() + i) % 20000
+    """A free port a SLURM step derives from its job id (rendezvous.PORT_BASE + job id % PORT_SPAN)."""
+    from dmhpc.rendezvous import PORT_BASE, PORT_SPAN
+
+    for i in range(PORT_SPAN):
+        port = PORT_BASE + (os.getpid() + i) % PORT_SPAN
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
                 return port
             except OSError:
                 continue
-    pytest.skip("no free port in 20000-39999")
+    pytest.skip(f"no free port in {PORT_BASE}-{PORT_BASE + PORT_SPAN - 1}")
 
 
 def test_two_ranks_as_a_slurm_step(tmp_path):
     # What srun -n 2 gives each task on one node; the port comes from the job id, as on a cluster.
+    from dmhpc.rendezvous import PORT_BASE
+
     port = _free_slurm_port()
 
     def env(rank):
-        return clean_env(SLURM_JOB_ID=str(port - 20000), SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
+        return clean_env(SLURM_JOB_ID=str(port - PORT_BASE), SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
                          SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NODELIST="localhost",
                          PATH=str(BIN))
     results = _run_two(tmp_path, None, env_for_rank=env)
