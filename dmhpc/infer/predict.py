@@ -425,13 +425,13 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
 
         todo = [k for k in range(dist.rank, n_parts, dist.world_size) if not done_before(k)]
         remaining = sum(all_gather_object(len(todo)))
-        if dist.is_main:
-            print(f"dmhpc predict: {source.count} images of {source.path} in {n_parts} parts ({n_parts - remaining} "
-                  f"done before); world {dist.world_size} on {dist.device}; {checkpoint} checkpoint of {run.path}",
-                  flush=True)
         t0, done, error, written = time.perf_counter(), 0, None, 0
         mine = sum(b - a for a, b in (_part_rows(source.count, part_size, k) for k in todo))
         with StopRequest(signals) as stop, progress_bar(mine, "predict", unit="img", show=dist.is_main) as bar:
+            if dist.is_main:  # said once a stop signal is caught: one sent on seeing this line then finishes a part
+                print(f"dmhpc predict: {source.count} images of {source.path} in {n_parts} parts "
+                      f"({n_parts - remaining} done before); world {dist.world_size} on {dist.device}; {checkpoint} checkpoint of {run.path}",
+                      flush=True)
             for k in todo:
                 start, stop_row = _part_rows(source.count, part_size, k)
                 try:
