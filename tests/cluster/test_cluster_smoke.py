@@ -97,9 +97,10 @@ def test_requeue_from_the_trap_restarts_the_job(slurm_cluster, tmp_path):
     # may run again.
     script = _script(tmp_path, """#!/bin/bash
 #SBATCH --open-mode=append
+# The trap first: the test signals the job as soon as it sees "started".
+trap 'echo "got USR2"; scontrol requeue "$SLURM_JOB_ID"; exit 0' USR2
 echo "run ${SLURM_RESTART_COUNT:-0} started"
 if [ "${SLURM_RESTART_COUNT:-0}" -ge 1 ]; then echo resumed; exit 0; fi
-trap 'echo "got USR2"; scontrol requeue "$SLURM_JOB_ID"; exit 0' USR2
 while :; do sleep 0.5 & wait $!; done
 """)
     job_id = slurm_cluster.sbatch(f"--output={tmp_path}/out", str(script), cwd=tmp_path)
