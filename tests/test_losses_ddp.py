@@ -9,7 +9,6 @@ full-batch reference (computed in the same rank process, float64) to a file; the
 from __future__ import annotations
 
 import datetime
-import socket
 
 import pytest
 import torch
@@ -148,15 +147,17 @@ def _check_world(rank: int, world: int) -> dict[str, dict[str, float]]:
     return results
 
 
-def _worker(rank: int, ports: dict[int, int], out_dir: str) -> None:
+def _worker(rank: int, worlds: list[int], out_dir: str) -> None:
     """Run the checks at every world size in SHARDS (largest first), ranks beyond it leaving."""
     torch.set_num_threads(1)
-    for world, port in ports.items():
+    for world in worlds:
         if rank >= world:
             return
         dist.init_process_group(
             "gloo",
-            init_method=f"tcp://127.0.0.1:{port}",
+            # A file store per world: ports chosen up front could be taken meanwhile by the first
+            # world's own connections.
+            init_method=f"file://{out_dir}/store{world}",
             rank=rank,
             world_size=world,
             timeout=datetime.timedelta(seconds=60),
@@ -167,18 +168,13 @@ def _worker(rank: int, ports: dict[int, int], out_dir: str) -> None:
             dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def ddp_errors(tmp_path_factory) -> dict[int, list[dict]]:
     """One spawn of max(SHARDS) gloo ranks; errors per world size, per rank, per case."""
     out_dir = tmp_path_factory.mktemp("ddp")
-    ports = {world: _free_port() for world in SHARDS}
-    mp.start_processes(_worker, args=(ports, str(out_dir)), nprocs=max(SHARDS), join=True, start_method="spawn")
+    mp.start_processes(_worker, args=(list(SHARDS), str(out_dir)), nprocs=max(SHARDS), join=True, start_method="spawn")
     return {w: [torch.load(out_dir / f"world{w}_rank{r}.pt") for r in range(w)] for w in SHARDS}
 
 
