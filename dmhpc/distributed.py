@@ -332,6 +332,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def meet_before_leaving() -> None:
+    """Wait for every rank before leaving the process group: torchrun ends the others as soon as
+    one rank exits non-zero (a requeue's 75, an error), and a rank still closing its files lost its
+    last line. Best effort: a rank that left already (a failure of its own while closing) lets the
+    others go on with their own ending instead of a transport error."""
+    if is_distributed():
+        try:
+            dist.barrier()
+        except RuntimeError:  # torch's DistBackendError: a peer closed its connection
+            pass
+
+
 def all_gather_object(obj: Any) -> list:
     """Every rank's `obj` (picklable), in rank order; `[obj]` in a single process."""
     if not is_distributed():
@@ -359,6 +371,11 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     return (out / dist.get_world_size()).cpu()
 
 
+class AgreedError(DmhpcError):
+    """A DmhpcError every rank raised alike, right after exchanging it: all of them are alive and
+    at the same point, so they can still meet (see `barrier` in the trainer's ending)."""
+
+
 def _run_agreed(step: Callable[[], Any], runs: bool, share: str) -> Any:
     result, error = None, None
     if runs:
@@ -374,7 +391,7 @@ def _run_agreed(step: Callable[[], Any], runs: bool, share: str) -> Any:
     gathered = all_gather_object((sent, error))
     errors = [e for _, e in gathered if e is not None]
     if errors:
-        raise DmhpcError(errors[0])
+        raise AgreedError(errors[0])
     return {"all": [r for r, _ in gathered], "main": gathered[0][0], "own": result}[share]
 
 

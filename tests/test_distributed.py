@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -225,6 +226,46 @@ def test_two_ranks_under_torchrun(tmp_path):
     results = _run_two(tmp_path, [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2"])
     _check_group(results, "torchrun")
     assert [r["local_rank"] for r in results] == [0, 1]
+
+
+ENDING = textwrap.dedent("""
+    import sys, time
+    from dmhpc.distributed import AgreedError, bootstrap, meet_before_leaving, on_main, shutdown
+    from dmhpc.errors import DmhpcError
+
+    def refuse():
+        raise DmhpcError("refused on rank 0")
+
+    info = bootstrap()
+    try:
+        try:
+            on_main(refuse)
+        finally:
+            if info.rank == 0:  # closing its files (a log, TensorBoard's writer, a loader) on a slow disk;
+                time.sleep(2 if sys.argv[1] == "meet" else 60)  # without meeting, ended by torchrun meanwhile
+    except AgreedError as exc:
+        if sys.argv[1] == "meet":
+            meet_before_leaving()
+        print(f"rank {info.rank}: {exc}", flush=True)
+        shutdown()
+        sys.exit(1)
+""")
+
+
+@pytest.mark.skipif(not (BIN / "torchrun").exists(), reason=f"torchrun not found in {BIN}")
+def test_every_rank_says_an_agreed_error_before_torchrun_ends_the_others(tmp_path):
+    """torchrun ends every rank as soon as one exits non-zero: rank 0, still closing its files, lost
+    its line (and the trainer's requeue line); the trainer's ranks meet before they leave."""
+    script = tmp_path / "ending.py"
+    script.write_text(ENDING)
+    said = {}
+    for mode in ("meet", "leave"):
+        proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), mode],
+                              env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=180)
+        assert proc.returncode != 0
+        # Written at the same moment, the two lines may share a line of the stream.
+        said[mode] = sorted(re.findall(r"rank (\d): refused on rank 0", proc.stdout))
+    assert said == {"meet": ["0", "1"], "leave": ["1"]}, said  # leaving at once: rank 0's line lost
 
 
 @pytest.mark.mpi

@@ -21,7 +21,8 @@ import torch
 
 from dmhpc.config import config_to_dict, load_config
 from dmhpc.data.loaders import make_train_loader
-from dmhpc.distributed import agree, all_gather_object, bootstrap, on_main, shutdown, synchronize
+from dmhpc.distributed import (AgreedError, agree, all_gather_object, bootstrap, meet_before_leaving, on_main,
+                               shutdown, synchronize)
 from dmhpc.errors import DmhpcError
 from dmhpc.losses.collective import stable_rows
 from dmhpc.progress import progress_bar
@@ -46,7 +47,12 @@ def train(cfg, resume: str = "auto", overwrite: bool = False) -> int:
         torch.set_num_threads(dist.cpus)
     run = RunDir(cfg.run.dir)
     try:
-        return _train(cfg, resume, overwrite, dist, run)
+        code = _train(cfg, resume, overwrite, dist, run)
+        meet_before_leaving()  # rank 0 printed its last line (a requeue's) before any rank exits
+        return code
+    except AgreedError:  # every rank holds it, at the same point: all print it before any exits
+        meet_before_leaving()
+        raise
     finally:
         run.release()
         shutdown()
