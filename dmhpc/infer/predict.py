@@ -43,7 +43,8 @@ from dmhpc.checks import show
 from dmhpc.config import changed_keys
 from dmhpc.data.batches import Normalizer, read_ahead
 from dmhpc.data.inputs import CUTOUTS_HELP
-from dmhpc.distributed import agree, all_gather_object, barrier, bootstrap, gather, on_main, shutdown
+from dmhpc.distributed import (AgreedError, agree, all_gather_object, barrier, bootstrap, gather, meet_before_leaving,
+                               on_main, shutdown)
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write, locked_directory
 from dmhpc.progress import progress_bar
@@ -451,7 +452,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         ended = all_gather_object((stop.signal_name is not None, error, len(todo) - written))
         errors = [e for _, e, _ in ended if e is not None]
         if errors:
-            raise DmhpcError(errors[0])
+            raise AgreedError(errors[0])
         # A signal during the last parts: every part is written, so the catalog is merged now (a
         # requeue only to merge would wait in the queue again).
         stopped = any(s for s, _, _ in ended) and sum(left for _, _, left in ended) > 0
@@ -460,6 +461,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
             if dist.is_main:
                 print(f"dmhpc predict: stopped by a signal; finished parts are kept in {parts}; exiting with "
                       f"{REQUEUE_EXIT_CODE} so the launcher requeues (a rerun resumes)", flush=True)
+            meet_before_leaving()
             return REQUEUE_EXIT_CODE
         rows = on_main(lambda: _merge(out, parts, source, part_size, tta, meta, overwrite, spec_digest))
         if dist.is_main:
@@ -467,6 +469,9 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                   flush=True)
         barrier()
         return 0
+    except AgreedError:  # every rank holds it: all say it before any exits (torchrun ends the rest)
+        meet_before_leaving()
+        raise
     finally:
         held.close()
         if source is not None:
