@@ -105,18 +105,25 @@ def staged_write(path: str | os.PathLike, data: str | bytes) -> Path:
     """A temporary file beside `path` holding `data` (text is UTF-8), on disk: for files the caller
     renames into place together once every one of them is written. Removed again on failure."""
     tmp = temporary_path(path)
-    try:
+    with _removed_on_failure(tmp, path):
         with open(tmp, "wb") as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())  # a full disk on a network file system often says so only here
+    return tmp
+
+
+@contextlib.contextmanager
+def _removed_on_failure(tmp: Path, path: Path) -> Iterator[None]:
+    """Remove `tmp` when the block fails; the OSError behind a failure is `path`'s one-line write error."""
+    try:
+        yield
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
         cause = _os_error(exc)
         if cause is not None:
             raise write_error(path, cause) from None
         raise
-    return tmp
 
 
 @contextlib.contextmanager
@@ -128,18 +135,12 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Pa
     """
     path = Path(path)
     tmp = temporary_path(path)
-    try:
+    with _removed_on_failure(tmp, path):
         yield tmp
         if durable:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        cause = _os_error(exc)
-        if cause is not None:
-            raise write_error(path, cause) from None
-        raise
     if durable:
         _fsync_dir(path.parent)
 
