@@ -373,7 +373,7 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
 
 class AgreedError(DmhpcError):
     """A DmhpcError every rank raised alike, right after exchanging it: all of them are alive and
-    at the same point, so they can still meet (see `barrier` in the trainer's ending)."""
+    at the same point, so they can still meet (`meet_before_leaving`)."""
 
 
 def _run_agreed(step: Callable[[], Any], runs: bool, share: str) -> Any:

@@ -198,6 +198,32 @@ def test_explain_a_catalog_whose_images_changed_since_is_one_line(run_on_survey,
         assert not (tmp_path / "explain").exists()
 
 
+def test_explain_reads_srcargs_of_older_catalogs_and_refuses_edited_ones(survey, run_on_survey, tmp_path, capsys):
+    """SRCARGS edited by hand was a TypeError traceback; a catalog an older dmhpc predicted with
+    --data and --nan-fill (which it ignored there, and which predict now refuses) is still explained."""
+    pytest.importorskip("captum")
+    from astropy.table import Table
+
+    catalog = tmp_path / "c.ecsv"
+    assert main(["predict", "--run", str(run_on_survey), "--data", str(survey / "survey"), "--split", "test",
+                 "--out", str(catalog)]) == 0
+    table = Table.read(catalog)
+    args = json.loads(table.meta["SRCARGS"])
+    table.meta["SRCARGS"] = json.dumps({**args, "nan_fill": 0.0})
+    table.write(tmp_path / "older.ecsv")
+    assert main(["explain", "--run", str(run_on_survey), "--catalog", str(tmp_path / "older.ecsv"), "--n", "2",
+                 "--out", str(tmp_path / "older")]) == 0
+    capsys.readouterr()
+    for k, edited in enumerate(("{not json", json.dumps([1, 2]), json.dumps({**args, "cutout": "x"}))):
+        table.meta["SRCARGS"] = edited
+        table.write(tmp_path / f"edited{k}.ecsv")
+        assert main(["explain", "--run", str(run_on_survey), "--catalog", str(tmp_path / f"edited{k}.ecsv"),
+                     "--out", str(tmp_path / "refused")]) == 1
+        err = capsys.readouterr().err
+        assert f"edited{k}.ecsv: SRCARGS is not predict's record of its inputs" in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "refused").exists()
+
+
 def test_explain_data_of_another_shape_is_one_line(survey, run_on_survey, tmp_path, capsys):
     """A prepared set of 32x32 images was a RuntimeError traceback from the network."""
     pytest.importorskip("captum")

@@ -25,6 +25,7 @@ grid per domain and class (true class where there are labels, predicted class ot
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -171,6 +172,18 @@ def _catalog_model(catalog: Path, table, run: RunDir, checkpoint: str | None, de
     return model
 
 
+def _source_args(catalog: Path, recorded: str) -> dict:
+    """predict's record of how it opened its inputs (SRCARGS), as keyword arguments of open_source."""
+    try:
+        args = json.loads(recorded)
+    except ValueError:
+        args = None
+    known = inspect.signature(open_source).parameters
+    if not isinstance(args, dict) or not set(args) <= set(known):
+        raise DmhpcError(f"{catalog}: SRCARGS is not predict's record of its inputs (edited by hand?); predict again")
+    return args
+
+
 def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=None, n: int = 6, seed: int = 0,
             pool: int = 200, overwrite: bool = False) -> list[Path]:
     """Write the PNG grids; returns their paths. `pool` images per domain are scored to find the samples.
@@ -196,7 +209,10 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
         written = []
         if catalog is not None:
             top = np.argsort(-np.asarray(table["p_merger"]), kind="stable")[:n]
-            source = open_source(**json.loads(table.meta["SRCARGS"]))
+            args = _source_args(Path(catalog), table.meta["SRCARGS"])
+            if args.get("data") is not None:  # a --nan-fill older dmhpc took with --data, and ignored
+                args["nan_fill"] = None
+            source = open_source(**args)
             # The grids show the catalog's probabilities beside images read back now: they must be
             # the images those are of (a catalog of an older dmhpc has no INPUTSHA to compare).
             now = source.digest()

@@ -431,8 +431,8 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         with StopRequest(signals) as stop, progress_bar(mine, "predict", unit="img", show=dist.is_main) as bar:
             if dist.is_main:  # said once a stop signal is caught: one sent on seeing this line then finishes a part
                 print(f"dmhpc predict: {source.count} images of {source.path} in {n_parts} parts "
-                      f"({n_parts - remaining} done before); world {dist.world_size} on {dist.device}; {checkpoint} checkpoint of {run.path}",
-                      flush=True)
+                      f"({n_parts - remaining} done before); world {dist.world_size} on {dist.device}; "
+                      f"{checkpoint} checkpoint of {run.path}", flush=True)
             for k in todo:
                 start, stop_row = _part_rows(source.count, part_size, k)
                 try:
