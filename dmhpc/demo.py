@@ -78,8 +78,9 @@ def demo_main(args, run_command) -> int:
     step("merger catalog of the noisy test images", ["predict", "--run", str(adapted), "--data", str(shards / "noisy"),
                                                       "--split", "test", "--out", str(catalog), "--overwrite"])
     explained = out / "explain"
-    step("what the network looks at", ["explain", "--run", str(adapted), "--n", "4", "--out", str(explained),
-                                         "--overwrite"])
+    # The embedded set's channels are F814W, F356W, F160W: drawn red to blue in wavelength order.
+    step("what the network looks at", ["explain", "--run", str(adapted), "--n", "4", "--rgb", "1,2,0",
+                                         "--out", str(explained), "--overwrite"])
 
     print(f"\n== DeepMerge on the embedded set: test split, source = pristine, target = noisy "
           f"({time.perf_counter() - t0:.0f} s)\n")

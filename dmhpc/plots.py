@@ -183,40 +183,55 @@ def scaling_curves(rows: list[dict], path: Path, unit: str) -> Path:
     return _save(fig, path)
 
 
-def rgb_composite(image: np.ndarray) -> np.ndarray:
-    """(H, W, 3) asinh-stretched colour image of a (C, H, W) galaxy: last filter red, first blue."""
+def rgb_composite(image: np.ndarray, rgb: tuple[int, int, int] = (2, 1, 0)) -> np.ndarray:
+    """(H, W, 3) asinh-stretched colour image of a (C, H, W) galaxy: filters `rgb` (channel indices)
+    as red, green and blue; a one-filter image in grey."""
     from astropy.visualization import make_lupton_rgb
 
-    channels = [image[min(k, len(image) - 1)] for k in (2, 1, 0)] if len(image) >= 3 else [image[0]] * 3
+    channels = [image[k] for k in rgb] if len(image) > max(rgb) else [image[0]] * 3
     low = float(np.percentile(image, 1))
     span = max(float(np.percentile(image, 99.5)) - low, 1e-12)
     return make_lupton_rgb(*[c - low for c in channels], minimum=0.0, stretch=span / 4, Q=8)
 
 
-def attribution_grid(images, cams, igs, probs, labels, title: str, path: Path) -> Path:
+def attribution_grid(images, cams, igs, probs, labels, title: str, path: Path,
+                     rgb: tuple[int, int, int] = (2, 1, 0)) -> Path:
     """One row per galaxy: its RGB composite, Grad-CAM over it, integrated gradients over it;
-    the merger probability and the label (if any) in the first panel's title."""
+    the merger probability and the label (if any) in the first panel's title.
+
+    One colour scale per column, shown by a colour bar: rows of a grid compare (a near-zero merger
+    map on a non-merger no longer glows like a strong one). Integrated gradients keep their sign
+    (summed over the filters), on a diverging scale centred on 0: red for merger, blue against."""
     plt = _pyplot()
     n = len(images)
-    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.6 * n), squeeze=False)
+    # Constrained layout: it makes room for the colour bars, which tight_layout cannot.
+    fig, axes = plt.subplots(n, 3, figsize=(8.2, 2.6 * n), squeeze=False, layout="constrained")
+    cam_max = max(float(np.max(cams)), 1e-12)
+    ig_max = max(float(np.max(np.abs(igs))), 1e-12)
+    shown = {}
     for row, (image, cam, ig, p, y) in enumerate(zip(images, cams, igs, probs, labels)):
-        rgb = rgb_composite(image)
+        composite = rgb_composite(image, rgb)
         truth = f", label {CLASS_NAMES.get(int(y), 'unknown')}" if y is not None and y >= 0 else ", unlabelled"
-        panels = ((rgb, None, f"p(merger) {p:.2f}{truth}"), (rgb, cam, "Grad-CAM (merger)"),
-                  (rgb, ig, "integrated gradients"))
-        for ax, (base, overlay, name) in zip(axes[row], panels):
-            ax.imshow(base, origin="lower")
+        panels = ((None, {}, f"p(merger) {p:.2f}{truth}"),
+                  (cam, dict(cmap="inferno", vmin=0.0, vmax=cam_max, alpha=0.55), "Grad-CAM (merger)"),
+                  (ig, dict(cmap="RdBu_r", vmin=-ig_max, vmax=ig_max, alpha=0.7),
+                   "integrated gradients (red: merger, blue: against)"))
+        for column, (ax, (overlay, style, name)) in enumerate(zip(axes[row], panels)):
+            ax.imshow(composite, origin="lower")
             if overlay is not None:
-                ax.imshow(overlay, origin="lower", cmap="inferno", alpha=0.55)
-            ax.set_title(name, fontsize=8)
+                shown[column] = ax.imshow(overlay, origin="lower", **style)
+            ax.set_title(name, fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
-    fig.suptitle(wrap_title(title, 90), fontsize=9)
+    for column, image in shown.items():
+        fig.colorbar(image, ax=list(axes[:, column]), shrink=0.6)
+    fig.suptitle(wrap_title(f"{title}; RGB = filters {rgb[0]}, {rgb[1]}, {rgb[2]}", 90), fontsize=9)
     return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # figures laid out their own way keep it
+        fig.tight_layout()
     try:
         atomic_write(path, writer=lambda f: fig.savefig(f, dpi=110, format=_format(path)), durable=False)
     finally:

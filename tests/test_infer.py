@@ -112,14 +112,37 @@ def test_gradcam_and_integrated_gradients_are_captums_on_the_last_block(run_on_s
     model = Model(RunDir(run_on_survey), "best", torch.device("cpu"))
     x = torch.randn(2, 3, 75, 75)
     cam, ig = attributions(model, x, ig_steps=8)
-    assert cam.shape == ig.shape == (2, 75, 75) and (cam >= 0).all() and (ig >= 0).all()
+    assert cam.shape == ig.shape == (2, 75, 75) and (cam >= 0).all()
+    # With their sign: the absolute sum drew evidence against "merger" like evidence for it.
+    assert (ig < 0).any() and (ig > 0).any()
     net = model.net
 
     def logits(inputs):
         return net(inputs)[1]
 
     ref = captum.IntegratedGradients(logits).attribute(x, baselines=torch.zeros_like(x), target=1, n_steps=8)
-    np.testing.assert_allclose(ig, ref.abs().sum(1).detach().numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(ig, ref.sum(1).detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_explain_draws_the_filters_asked_for_and_says_which(run_on_survey, tmp_path, capsys):
+    """The composites drew the last channel red: the embedded set's F160W, with F356W (the longest
+    wavelength) green, so every galaxy was bright green."""
+    pytest.importorskip("captum")
+    from dmhpc.plots import rgb_composite
+
+    image = np.stack([np.full((8, 8), v, np.float32) for v in (1.0, 3.0, 2.0)])  # three flat filters
+    by_default, in_order = rgb_composite(image), rgb_composite(image, (1, 2, 0))
+    assert by_default[0, 0, 1] > by_default[0, 0, 0] and in_order[0, 0, 0] > in_order[0, 0, 1] > in_order[0, 0, 2]
+    out = tmp_path / "explain"
+    assert main(["explain", "--run", str(run_on_survey), "--n", "1", "--rgb", "1,2,0", "--out", str(out)]) == 0
+    assert json.loads((out / "explain.json").read_text())["rgb"] == [1, 2, 0]
+    capsys.readouterr()
+    for rgb, problem in (("1,2,3", "three channel indices from 0 to 2"), ("1,2", "three channel indices from 0 to 2"),
+                         ("r,g,b", "three channel indices, as 1,2,0")):
+        assert main(["explain", "--run", str(run_on_survey), "--rgb", rgb, "--out", str(tmp_path / "no")]) == 1
+        err = capsys.readouterr().err
+        assert f"--rgb {rgb}: {problem}" in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "no").exists()
 
 
 @pytest.mark.parametrize("fmt", ["fits", "csv"])

@@ -11,16 +11,20 @@ to the network, whatever its label):
   75x75 images, 10x10 with the small stem). It says which region of the image the decision
   depends on, not which pixels.
 - Integrated gradients (`IntegratedGradients`, 32 steps) per pixel and filter, from a baseline of
-  zeros, which after per-channel normalization is the mean image of the training data: the
-  attribution is relative to an average galaxy, not to an empty sky. Shown as the absolute sum
-  over the filters.
+  zeros after per-channel normalization: a flat image at each filter's mean pixel value over the
+  training images (for small galaxies on sky, a faint uniform background, not an average galaxy).
+  Shown summed over the filters with its sign, on a scale centred on 0: red pixels push towards
+  "merger", blue ones away from it.
 
 Sampled images (by default the run's own source and target test splits; `--data DIR` a prepared
 data set; `--catalog CATALOG` the top merger candidates of a `dmhpc predict` catalog, read back
-from its source) are drawn as RGB composites of the three filters with an asinh stretch (Lupton et
-al. 2004, `astropy.visualization.make_lupton_rgb`; last filter red, first blue), each attribution
-beside them, the merger probability and the true label (if any) in each panel's title. One PNG
-grid per domain and class (true class where there are labels, predicted class otherwise).
+from its source) are drawn as RGB composites of three filters with an asinh stretch (Lupton et
+al. 2004, `astropy.visualization.make_lupton_rgb`; `--rgb R,G,B` names the filters, by channel,
+drawn red, green and blue: by default the last red and the first blue, which is wavelength order
+only where the channels are; the embedded set and the DeepMerge files hold F814W, F356W, F160W:
+`--rgb 1,2,0`), each attribution beside them on one colour scale per grid column, the merger
+probability and the true label (if any) in each panel's title. One PNG grid per domain and class
+(true class where there are labels, predicted class otherwise).
 """
 
 from __future__ import annotations
@@ -54,8 +58,8 @@ def _captum():
 
 
 def attributions(model: Model, x: torch.Tensor, ig_steps: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """(Grad-CAM upsampled to the image (n, H, W), integrated gradients |sum over filters| (n, H, W))
-    for the merger class of a normalized batch `x`."""
+    """(Grad-CAM upsampled to the image (n, H, W), integrated gradients summed over the filters, with
+    their sign (n, H, W)) for the merger class of a normalized batch `x`."""
     IntegratedGradients, LayerAttribution, LayerGradCam = _captum()
     net = model.net
 
@@ -67,7 +71,7 @@ def attributions(model: Model, x: torch.Tensor, ig_steps: int = 32) -> tuple[np.
     cam = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")
     ig = IntegratedGradients(logits).attribute(x, baselines=torch.zeros_like(x), target=MERGER, n_steps=ig_steps,
                                                internal_batch_size=max(1, len(x)))
-    return cam[:, 0].detach().cpu().numpy(), ig.abs().sum(1).detach().cpu().numpy()
+    return cam[:, 0].detach().cpu().numpy(), ig.sum(1).detach().cpu().numpy()
 
 
 def _samples(reader_images, labels, probs, n: int, seed: int) -> dict[int, np.ndarray]:
@@ -78,7 +82,7 @@ def _samples(reader_images, labels, probs, n: int, seed: int) -> dict[int, np.nd
 
 
 def _explain_domain(model: Model, norm: Normalizer, images: np.ndarray, labels, name: str, run: RunDir,
-                    checkpoint: str, out: Path, n: int, seed: int, data_label: str) -> list[Path]:
+                    checkpoint: str, out: Path, n: int, seed: int, data_label: str, rgb: tuple) -> list[Path]:
     x = norm(torch.from_numpy(images).to(model.device))
     probs = model.probabilities(x)[:, 1].cpu().numpy()
     written = []
@@ -93,7 +97,7 @@ def _explain_domain(model: Model, norm: Normalizer, images: np.ndarray, labels, 
                  f"{CLASS_NAMES[cls]}s; attributions for the merger class")
         written.append(attribution_grid(images[rows], cams, igs, probs[rows],
                              labels[rows] if labels is not None else [None] * len(rows), title,
-                             out / f"{name}_{CLASS_NAMES[cls]}.png"))
+                             out / f"{name}_{CLASS_NAMES[cls]}.png", rgb))
     return written
 
 
@@ -185,11 +189,15 @@ def _source_args(catalog: Path, recorded: str) -> dict:
 
 
 def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=None, n: int = 6, seed: int = 0,
-            pool: int = 200, overwrite: bool = False) -> list[Path]:
+            pool: int = 200, overwrite: bool = False, rgb: tuple[int, int, int] = (2, 1, 0)) -> list[Path]:
     """Write the PNG grids; returns their paths. `pool` images per domain are scored to find the samples.
-    `checkpoint`: by default a catalog's own, else best."""
+    `checkpoint`: by default a catalog's own, else best. `rgb`: the channels drawn red, green, blue."""
     _captum()
     run, out = RunDir(run_dir), Path(out)
+    channels = run.data_record("source")["shape"][0]
+    if len(rgb) != 3 or not all(0 <= k < channels for k in rgb):
+        raise DmhpcError(f"--rgb {','.join(map(str, rgb))}: three channel indices from 0 to {channels - 1} "
+                         f"(the run's images have {channels} filters)")
     dist = bootstrap()
     try:
         table = None
@@ -229,8 +237,9 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             labels = np.asarray(table["label"])[top] if "label" in table.colnames else [None] * len(top)
             tta = " (p_merger: the catalog's TTA mean)" if str(table.meta.get("TTA")) == "True" else ""
             title = (f"{run.path.name}, {checkpoint} checkpoint: top {len(top)} merger candidates of "
-                     f"{Path(catalog).name}{tta}")
-            written.append(attribution_grid(images, cams, igs, probs, labels, title, out / "top_candidates.png"))
+                     f"{Path(catalog).name} ({source.path.name}){tta}")
+            written.append(attribution_grid(images, cams, igs, probs, labels, title, out / "top_candidates.png",
+                                            rgb))
             source.close()
             explained = {"catalog": str(Path(catalog).resolve())}
         else:
@@ -246,12 +255,14 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
                 norm = Normalizer(*run.normalization(role), dist.device)
                 images, labels = drawn[name]
                 written += _explain_domain(model, norm, images, labels, name, run, checkpoint, out, n, seed,
-                                           directory.name)
+                                           directory.name, rgb)
         if dist.is_main:
             atomic_write(out / "explain.json", json.dumps({
                 "run": str(run.path.resolve()), "checkpoint": model.checkpoint, "data": explained, "seed": seed,
                 "target_class": "merger",
-                "grad_cam_layer": type(model.net.last_conv_block()).__name__, "ig_baseline": "zeros (the mean image)",
+                "grad_cam_layer": type(model.net.last_conv_block()).__name__, "rgb": list(rgb),
+                "ig_baseline": "zeros after normalization (each filter's mean pixel value, flat)",
+                "ig_shown": "summed over filters, signed (positive: towards merger)",
                 "files": [p.name for p in written]}, indent=2) + "\n")
             for p in written:
                 print(f"wrote {p}")
@@ -271,6 +282,9 @@ def explain_arguments(parser) -> None:
     parser.add_argument("--n", type=int, default=6, help="images per domain and class (default 6)")
     parser.add_argument("--seed", type=int, default=0, help="which images are drawn (default 0)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNG grids")
+    parser.add_argument("--rgb", default="2,1,0", metavar="R,G,B",
+                        help="the filters (channel indices) drawn red, green and blue (default 2,1,0: the last "
+                             "red; the embedded set and DeepMerge's F814W, F356W, F160W in wavelength order: 1,2,0)")
     parser.add_argument("--overwrite", action="store_true", help="replace the explanation already in --out")
 
 
@@ -279,6 +293,10 @@ def explain_main(args) -> int:
         raise DmhpcError("give --data or --catalog, not both")
     if args.n < 1:
         raise DmhpcError(f"--n {args.n}: must be at least 1")
+    try:
+        rgb = tuple(int(k) for k in args.rgb.split(","))
+    except ValueError:
+        raise DmhpcError(f"--rgb {args.rgb}: three channel indices, as 1,2,0") from None
     explain(args.run, args.out, checkpoint=args.checkpoint, data=args.data, catalog=args.catalog, n=args.n,
-            seed=args.seed, overwrite=args.overwrite)
+            seed=args.seed, overwrite=args.overwrite, rgb=rgb)
     return 0
