@@ -58,7 +58,8 @@ def confusion_matrices(metrics: dict, path: Path, title: str) -> Path:
         cm = np.asarray(m["confusion"])
         ax.imshow(cm, cmap="Blues")
         for (i, j), v in np.ndenumerate(cm):
-            ax.text(j, i, str(v), ha="center", va="center", color="black")
+            # white on the dark cells: black counts vanished there, in print most of all
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
         ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["non-merger", "merger"],
                yticklabels=["non-merger", "merger"], xlabel="predicted", ylabel="true",
                title=f"{domain}: accuracy {m['accuracy']:.3f}")

@@ -297,6 +297,11 @@ def test_export_with_normalization_built_in_and_a_card(survey, run_on_survey, tm
     assert card["data"]["target"]["fingerprint"] and card["test_metrics"]["source"]["accuracy"] >= 0
     assert card["config"]["model"]["name"] == "deepmerge2" and card["model"]["dmhpc"]
     assert "## Test metrics" in Path(f"{out}.card.md").read_text()
+    # What a deployer needs: names, layout, threshold, the oracle flag, and the limits of the built-in normalization.
+    assert (card["input"]["name"], card["output"]["name"], card["output"]["threshold"]) == ("image", "p_merger", 0.5)
+    assert card["input"]["layout"].startswith("NCHW") and card["selection"]["oracle"] is False
+    assert card["model"].get("onnx_opset") == (20 if fmt == "onnx" else None)
+    assert "## Limits" in Path(f"{out}.card.md").read_text() and "--normalize own" in Path(f"{out}.card.md").read_text()
     # What a receiver checks the file, and the run its checkpoint, against.
     from dmhpc.data.shards import file_sha256
 

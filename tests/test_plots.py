@@ -50,6 +50,14 @@ def test_long_titles_are_wrapped_inside_the_figure(drawn, tmp_path):
     assert all(len(line) <= 58 for line in plots.wrap_title(LONG, 58).splitlines())
 
 
+def test_confusion_counts_stay_readable_on_dark_cells(drawn, tmp_path):
+    """The counts were black on every cell: on the darkest blue they all but vanished."""
+    plots.confusion_matrices({"source": {"accuracy": 0.9, "confusion": [[90, 2], [8, 100]]}},
+                             tmp_path / "confusion.png", "t")
+    colours = {t.get_text(): t.get_color() for t in drawn[0].axes[0].texts}
+    assert colours == {"90": "white", "2": "black", "8": "black", "100": "white"}, colours
+
+
 def test_training_curves_mark_the_best_epoch_on_whole_epoch_ticks(drawn, tmp_path):
     """One epoch had ticks at -0.04 ... 0.04; the figure now marks the best checkpoint's epoch (the
     first of the highest score, as the trainer keeps it; a NaN score is never selected)."""

@@ -39,6 +39,7 @@ from dmhpc.train.objective import build_backbone
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 ONNX_TOLERANCE = 1e-5
+ONNX_OPSET = 20  # onnxruntime of 2024 on runs it
 
 
 class MergerProbability(nn.Module):
@@ -77,11 +78,13 @@ def _onnx(model: MergerProbability, example: torch.Tensor, out: Path, tmp: Path)
     batch = torch.export.Dim("batch", min=1)
     try:
         program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["p_merger"],
-                                    dynamic_shapes={"image": {0: batch}}, dynamo=True)
+                                    dynamic_shapes={"image": {0: batch}}, dynamo=True, opset_version=ONNX_OPSET)
     except ImportError:
         raise DmhpcError("--format onnx needs onnx and onnxscript: pip install dmhpc[export]") from None
     program.save(str(tmp))  # checked before it takes its name: a file that fails is never left
-    check = torch.randn(5, *example.shape[1:]) * 2 + 1
+    # Images on the scale the model expects (its target's statistics): far outside it the
+    # probabilities saturate near 0 or 1, where they hide a logit error hundreds of times larger.
+    check = model.mean + model.std * torch.randn(5, *example.shape[1:], generator=torch.Generator().manual_seed(0))
     session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"image": check.numpy()})
     with torch.no_grad():
@@ -131,13 +134,16 @@ def model_card(run: RunDir, info: dict, shape: list, fmt: str, out: Path, onnx_m
         result = None  # the test of an earlier checkpoint of that name (the run trained on since)
     card = {
         "model": {"file": out.name, "format": fmt, "architecture": cfg.model.name, "dmhpc": __version__},
-        "input": {"shape": ["N", *shape], "dtype": "float32", "normalization": "built in",
+        "input": {"name": "image", "shape": ["N", *shape], "layout": "NCHW (channels in the training data's order)",
+                  "dtype": "float32", "normalization": "built in: the run's target-domain statistics",
                   "mean": run.normalization("target")[0], "std": run.normalization("target")[1]},
-        "output": {"shape": ["N"], "meaning": "probability that the galaxy is a merger (class 1)"},
+        "output": {"name": "p_merger", "shape": ["N"], "meaning": "probability that the galaxy is a merger (class 1)",
+                   "threshold": 0.5},
         "data": {role: {k: run.data_record(role).get(k) for k in ("path", "fingerprint", "shape")}
                  for role in ("source", "target")},
         "checkpoint": info,
-        "selection": {"criterion": info.get("criterion"), "score": info.get("score")},
+        "selection": {"criterion": info.get("criterion"), "score": info.get("score"),
+                      "oracle": info.get("criterion") == "oracle-target-acc"},
         "test_metrics": {d: {k: v for k, v in result[d].items() if k != "confusion"} for d in ("source", "target")}
         if result else None,
         "config": config_to_dict(cfg),
@@ -145,6 +151,7 @@ def model_card(run: RunDir, info: dict, shape: list, fmt: str, out: Path, onnx_m
     }
     if onnx_max_diff is not None:
         card["model"]["onnxruntime_max_abs_difference"] = onnx_max_diff
+        card["model"]["onnx_opset"] = ONNX_OPSET
     return card
 
 
@@ -155,10 +162,18 @@ def _card_markdown(card: dict) -> str:
              f"SHA-256 of `{m['file']}`: `{m['sha256']}`; of the checkpoint it holds: "
              f"`{card['checkpoint']['sha256']}`.", "",
              "## Input and output", "",
-             f"- input: raw images {tuple(i['shape'])}, float32; the per-channel normalization is built in "
+             f"- input `{i['name']}`: raw images (N, {', '.join(str(v) for v in i['shape'][1:])}), float32, NCHW, "
+             f"the filters in the order of the training data; the per-channel normalization is built in "
              f"(mean {', '.join(f'{v:.6g}' for v in i['mean'])}; std {', '.join(f'{v:.6g}' for v in i['std'])}: "
              f"the statistics the run normalized its target domain with)",
-             f"- output: {card['output']['meaning']}, shape (N,)", "",
+             f"- output `{card['output']['name']}`: {card['output']['meaning']}, shape (N,); accuracy and F1 "
+             f"below count p >= {card['output']['threshold']} as a merger", "",
+             "## Limits", "",
+             "The built-in normalization is the target domain's: the model sees other images as the target "
+             "was seen only if they are on its flux scale and in its units, filters and pixel scale. For a "
+             "survey whose flux scale differs, normalize with its own statistics instead (`dmhpc predict "
+             "--normalize own` with the run), or rescale the images to the target's first. It was trained "
+             "on the data below; it says nothing reliable of galaxies unlike them.", "",
              "## Training data", ""]
     for role, d in card["data"].items():
         lines.append(f"- {role}: `{d['path']}`, images {tuple(d['shape'])}, manifest SHA-256 `{d['fingerprint']}`")
@@ -181,9 +196,13 @@ def _card_markdown(card: dict) -> str:
             cells = [t.get(k) for k in ("accuracy", "roc_auc", "f1", "brier", "merger_fraction")]
             lines.append(f"| {d} | " + " | ".join("" if v is None else f"{v:.3f}" for v in cells) + " |")
         lines.append("")
+        if card["config"]["data"]["normalize"] == "per-domain":
+            lines += ["Each domain as the run evaluated it, normalized with its own statistics (per-domain "
+                      "normalization). The exported file normalizes every input with the target's, so on source "
+                      "images it gives somewhat other numbers than the source row.", ""]
     if "onnxruntime_max_abs_difference" in m:
-        lines += [f"onnxruntime against torch on a random batch: largest difference "
-                  f"{m['onnxruntime_max_abs_difference']:.2e}.", ""]
+        lines += [f"ONNX opset {m['onnx_opset']}; onnxruntime against torch on a random batch on the target's "
+                  f"scale: largest difference in p {m['onnxruntime_max_abs_difference']:.2e}.", ""]
     lines += ["The full configuration and the run directory are in the JSON card beside this file.", ""]
     return "\n".join(lines)
 
