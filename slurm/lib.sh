@@ -3,6 +3,12 @@
 # Sourced by slurm/train_ddp.sh and by the cluster tests (which launch a probe instead of the
 # trainer through these same functions); defines functions only.
 
+# A USR2 (the time-limit warning, `scancel --signal=USR2 --batch`) that comes before the launch
+# would kill the batch shell with its default action: the job ended FAILED, never requeued. It is
+# noted here, as the script sources this file, and passed on once the ranks start.
+DMHPC_EARLY_USR2=0
+trap 'DMHPC_EARLY_USR2=1' USR2
+
 # Set DMHPC_RDZV_ADDR and DMHPC_RDZV_PORT to where this job's ranks meet: the rule of
 # dmhpc/rendezvous.py (first node's address, 29500 + job id % 2000), which the trainer's bootstrap
 # and the submitit jobs follow too. It needs only the standard library and dmhpc, not torch.
@@ -46,10 +52,21 @@ dmhpc_launch_command() {
     local ignore_usr2=(bash -c 'trap "" USR2; exec "$@"' dmhpc-task)
     case ${DMHPC_LAUNCH:-torchrun} in
     torchrun)
+        # The port comes from the job id (rendezvous.py), so two jobs on one node can draw the same
+        # one; torchrun's c10d store then quietly joined the other job's rendezvous, and one job's end
+        # killed the other. One node: a free port of its own. Several: only the first node's task
+        # hosts the store (is_host, known inside each task), so a port taken by another job fails
+        # loudly instead.
+        local task=("${ignore_usr2[@]}") rdzv=(--rdzv-endpoint="localhost:0")
+        if [ "$nnodes" -gt 1 ]; then
+            # $1 $2 $3: python -m torch.distributed.run; the option goes before the program's arguments.
+            task=(bash -c 'trap "" USR2; exec "$1" "$2" "$3" --rdzv-conf="is_host=$([ "${SLURM_NODEID:-0}" = 0 ] && echo 1 || echo 0)" "${@:4}"' dmhpc-task)
+            rdzv=(--rdzv-endpoint="$DMHPC_RDZV_ADDR:$DMHPC_RDZV_PORT")
+        fi
         DMHPC_LAUNCH_CMD=(
             srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1
-            "${ignore_usr2[@]}" "$python" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc"
-            --rdzv-backend=c10d --rdzv-endpoint="$DMHPC_RDZV_ADDR:$DMHPC_RDZV_PORT" --rdzv-id="$SLURM_JOB_ID"
+            "${task[@]}" "$python" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc"
+            --rdzv-backend=c10d "${rdzv[@]}" --rdzv-id="$SLURM_JOB_ID"
             "$@"
         )
         ;;
@@ -75,9 +92,16 @@ dmhpc_launch_command() {
 # same log (--open-mode=append). A run that ends on its own is never requeued.
 dmhpc_run_requeueable() {
     local pid="" rc=0 signalled=0 job
+    # `wait` below is called again for a process it may have reaped: in POSIX mode (POSIXLY_CORRECT
+    # exported by the submitting shell) bash forgets its status then, and a run that succeeded exited 127.
+    set +o posix
     trap 'signalled=1; echo "dmhpc: SIGUSR2: asking the ranks to checkpoint and stop" >&2; [ -z "$pid" ] || kill -USR2 "$pid"' USR2
     "$@" &
     pid=$!
+    if [ "${DMHPC_EARLY_USR2:-0}" = 1 ]; then  # came before the launch: the ranks get it now (and resent below)
+        signalled=1
+        echo "dmhpc: SIGUSR2 before the launch: asking the ranks to checkpoint and stop" >&2
+    fi
     # A trapped signal ends `wait` early; wait again until the launch has really exited. After
     # the signal, say it again every RESEND seconds: a rank still starting (importing, staging
     # data) ignores USR2 until the program installs its handler, and would train on to the time
@@ -90,7 +114,7 @@ dmhpc_run_requeueable() {
         if [ $((waited % resend)) = 0 ]; then kill -USR2 "$pid" 2>/dev/null || true; fi
     done
     wait "$pid" || rc=$?
-    trap - USR2
+    trap '' USR2  # another one now would kill the shell before the requeue below
     if [ "$signalled" = 1 ] && [ "$rc" != 0 ]; then
         # The trainer exits with REQUEUE_EXIT_CODE (75) once it has checkpointed, but torchrun
         # reports any failed worker as 1 (or dies of srun's SIGTERM when another node's torchrun

@@ -59,7 +59,7 @@ if [ -n "$synth_n" ]; then
     # The config as prepare reads it, --set included (its problems are prepare's one line, before
     # anything runs): the render's folder, and --survey when a domain reads the survey files
     # (configs/data/embedded-survey.yaml).
-    settings=$("$python" - "$config" "$root" "${sets[@]}" <<'PY'
+    settings=$("$python" - "$config" "$root" ${sets[@]+"${sets[@]}"} <<'PY'
 import sys
 from dmhpc.data.prepare import load_data_config, read_data_config
 from dmhpc.data.synth import SURVEY_FILES
@@ -113,6 +113,6 @@ PY
     fi
 fi
 
-prepare=("${mpi_run[@]}" prepare --data-config "$config" "${prepare_args[@]}")
+prepare=("${mpi_run[@]}" prepare --data-config "$config" ${prepare_args[@]+"${prepare_args[@]}"})  # empty arrays: bash < 4.4
 echo "prepare_mpi.sh: job $SLURM_JOB_ID, $SLURM_NTASKS ranks: $(printf '%q ' "${prepare[@]}")"
 "${prepare[@]}"

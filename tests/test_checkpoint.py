@@ -244,6 +244,44 @@ def test_requeueable_launch_repeats_usr2_until_a_starting_rank_takes_it(tmp_path
     assert (tmp_path / "scontrol").read_text().split() == ["requeue", "5"], out
 
 
+def test_requeueable_launch_takes_a_usr2_that_came_before_it(tmp_path):
+    """A USR2 between the script's start and the launch (the shell busy with scontrol, the
+    rendezvous) killed the batch shell with its default action: FAILED, never requeued."""
+    (tmp_path / "rank.py").write_text(STARTING_RANK)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**clean_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "5"}
+    task = f"""bash -c 'trap "" USR2; exec "$@"' task {sys.executable} {tmp_path}/rank.py {tmp_path}"""
+    script = (f"source {ROOT}/slurm/lib.sh && touch {tmp_path}/sourced && "
+              f"while [ ! -e {tmp_path}/go ]; do sleep 0.1; done; dmhpc_run_requeueable {task}")
+    proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "sourced").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR2)  # before the launch
+        time.sleep(0.5)
+        (tmp_path / "go").touch()
+        out, _ = proc.communicate(timeout=90)
+    finally:
+        proc.kill()
+    assert (tmp_path / "signalled").exists(), out
+    assert proc.returncode == 75 and (tmp_path / "scontrol").read_text().split() == ["requeue", "5"], out
+
+
+def test_requeueable_launch_returns_the_runs_status_in_posix_mode(tmp_path):
+    """POSIXLY_CORRECT exported by the submitting shell: bash forgot the status of the process it
+    had already waited for, and a run that succeeded ended 127."""
+    env = {**clean_env(), "POSIXLY_CORRECT": "1"}
+    for code in (0, 3):
+        proc = subprocess.run(["bash", "-c", f"source {ROOT}/slurm/lib.sh && dmhpc_run_requeueable sh -c 'exit {code}'"],
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == code, proc.stderr
+
+
 LOOP = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path

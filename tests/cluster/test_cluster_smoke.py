@@ -40,12 +40,12 @@ def _script(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def _launch_probe(cluster, tmp_path, *probe_args, env=None) -> tuple[str, Path]:
+def _launch_probe(cluster, tmp_path, *probe_args, env=None, nodes=2) -> tuple[str, Path]:
     out = tmp_path / "ranks"
     out.mkdir()
     script = _script(tmp_path, LAUNCH_PROBE.replace("@REPO@", str(REPO)).replace("@PROBE@", str(PROBE))
                      .replace("@OUT@", str(out)).replace("@ARGS@", " ".join(probe_args)))
-    job = cluster.sbatch("--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2", "--open-mode=append",
+    job = cluster.sbatch(f"--nodes={nodes}", "--ntasks-per-node=1", "--cpus-per-task=2", "--open-mode=append",
                          f"--output={tmp_path}/job.out", str(script), cwd=tmp_path,
                          env={"PYTHON": sys.executable, "OMP_NUM_THREADS": "1", **(env or {})})
     return job, out
@@ -161,6 +161,17 @@ def test_segments_left_by_an_earlier_clusters_killed_ranks_do_not_block_mpi(slur
     finally:
         for path in made:
             path.unlink(missing_ok=True)
+
+
+def test_a_one_node_job_meets_on_a_port_of_its_own(slurm_cluster, tmp_path):
+    """The port from the job id can be another job's on a shared node: torchrun joined that job's
+    rendezvous, and its end killed this one. One node needs no agreed port."""
+    job_id, out = _launch_probe(slurm_cluster, tmp_path, env={"NPROC_PER_NODE": "2"}, nodes=1)
+    job = slurm_cluster.wait(job_id, timeout=180)
+    assert (job.state, job.exit_code) == ("COMPLETED", 0), job
+    assert "--rdzv-endpoint=localhost:0" in job.output, job
+    ranks = _records(out)
+    assert [(r["rank"], r["world_size"], r["result"]) for r in ranks] == [(0, 2, 3.0), (1, 2, 3.0)], ranks
 
 
 def test_srun_torchrun_c10d_allreduce_across_two_nodes(slurm_cluster, tmp_path):
