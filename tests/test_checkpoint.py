@@ -218,17 +218,23 @@ STARTING_RANK = textwrap.dedent("""
 """)
 
 
-def test_requeueable_launch_repeats_usr2_until_a_starting_rank_takes_it(tmp_path):
-    """slurm/lib.sh: USR2 reaching the job while its ranks still start (their USR2 ignored until the
-    trainer installs its handler) is said again until they take it; the ranks checkpoint and stop,
-    and the job is requeued. Said once, it was lost and the job ran to its time limit."""
+def _starting_rank_job(tmp_path: Path) -> tuple[dict, str]:
+    """(environment, task command) of a job of one STARTING_RANK, whose scontrol notes its arguments
+    in tmp_path/scontrol."""
     (tmp_path / "rank.py").write_text(STARTING_RANK)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol\n')
     (bin_dir / "scontrol").chmod(0o755)
     env = {**clean_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "5"}
-    task = f"""bash -c 'trap "" USR2; exec "$@"' task {sys.executable} {tmp_path}/rank.py {tmp_path}"""
+    return env, f"""bash -c 'trap "" USR2; exec "$@"' task {sys.executable} {tmp_path}/rank.py {tmp_path}"""
+
+
+def test_requeueable_launch_repeats_usr2_until_a_starting_rank_takes_it(tmp_path):
+    """slurm/lib.sh: USR2 reaching the job while its ranks still start (their USR2 ignored until the
+    trainer installs its handler) is said again until they take it; the ranks checkpoint and stop,
+    and the job is requeued. Said once, it was lost and the job ran to its time limit."""
+    env, task = _starting_rank_job(tmp_path)
     proc = subprocess.Popen(["bash", "-c", f"source {ROOT}/slurm/lib.sh && dmhpc_run_requeueable {task}"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -247,13 +253,7 @@ def test_requeueable_launch_repeats_usr2_until_a_starting_rank_takes_it(tmp_path
 def test_requeueable_launch_takes_a_usr2_that_came_before_it(tmp_path):
     """A USR2 between the script's start and the launch (the shell busy with scontrol, the
     rendezvous) killed the batch shell with its default action: FAILED, never requeued."""
-    (tmp_path / "rank.py").write_text(STARTING_RANK)
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/scontrol\n')
-    (bin_dir / "scontrol").chmod(0o755)
-    env = {**clean_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "5"}
-    task = f"""bash -c 'trap "" USR2; exec "$@"' task {sys.executable} {tmp_path}/rank.py {tmp_path}"""
+    env, task = _starting_rank_job(tmp_path)
     script = (f"source {ROOT}/slurm/lib.sh && touch {tmp_path}/sourced && "
               f"while [ ! -e {tmp_path}/go ]; do sleep 0.1; done; dmhpc_run_requeueable {task}")
     proc = subprocess.Popen(["bash", "-c", script], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
