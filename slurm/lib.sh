@@ -1,7 +1,8 @@
 # shellcheck shell=bash disable=SC2034  # DMHPC_LAUNCH_CMD is this file's output
 # Launching Python on every node of a SLURM allocation, and the requeue protocol.
 # Sourced by slurm/train_ddp.sh and by the cluster tests (which launch a probe instead of the
-# trainer through these same functions); defines functions only.
+# trainer through these same functions); defines functions, and keeps a USR2 that comes before
+# the launch (below).
 
 # A USR2 (the time-limit warning, `scancel --signal=USR2 --batch`) that comes before the launch
 # would kill the batch shell with its default action: the job ended FAILED, never requeued. It is
