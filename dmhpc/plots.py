@@ -186,7 +186,7 @@ def scaling_curves(rows: list[dict], path: Path, unit: str) -> Path:
 
 def rgb_composite(image: np.ndarray, rgb: tuple[int, int, int] = (2, 1, 0)) -> np.ndarray:
     """(H, W, 3) asinh-stretched colour image of a (C, H, W) galaxy: filters `rgb` (channel indices)
-    as red, green and blue; a one-filter image in grey."""
+    as red, green and blue; an image of fewer filters than that asks, its first filter in grey."""
     from astropy.visualization import make_lupton_rgb
 
     channels = [image[k] for k in rgb] if len(image) > max(rgb) else [image[0]] * 3
@@ -226,7 +226,8 @@ def attribution_grid(images, cams, igs, probs, labels, title: str, path: Path,
             ax.set_yticks([])
     for column, image in shown.items():
         fig.colorbar(image, ax=list(axes[:, column]), shrink=0.6)
-    fig.suptitle(wrap_title(f"{title}; RGB = filters {rgb[0]}, {rgb[1]}, {rgb[2]}", 90), fontsize=9)
+    colours = f"; RGB = filters {rgb[0]}, {rgb[1]}, {rgb[2]}" if len(images[0]) > max(rgb) else "; first filter in grey"
+    fig.suptitle(wrap_title(f"{title}{colours}", 90), fontsize=9)
     return _save(fig, path)
 
 

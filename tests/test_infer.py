@@ -406,3 +406,5 @@ def test_single_channel_images_train_evaluate_predict_and_export(tmp_path, capsy
     with torch.no_grad():
         got = load_safetensors(out)(torch.from_numpy(raw)).numpy()
     np.testing.assert_allclose(np.asarray(Table.read(tmp_path / "raw.ecsv")["p_merger"]), got, rtol=0, atol=1e-6)
+    if importlib.util.find_spec("captum") is not None:  # one filter: drawn in grey, the default --rgb unused
+        assert main(["explain", "--run", str(run), "--n", "1", "--out", str(tmp_path / "explain")]) == 0
