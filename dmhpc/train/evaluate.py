@@ -88,8 +88,8 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
         "oracle": CRITERIA.get(checkpoint.get("criterion"), False),
         "data": {d: os.path.abspath(dirs[d]) for d in DOMAINS},  # absolute: the same from any working folder
         "final": final,
-        # What each domain was normalized with: on another data set its own statistics (see
-        # `evaluate`), which predict and an exported model use only when asked (--normalize own).
+        # What each domain was normalized with: under per-domain normalization another data set's own
+        # statistics (see `evaluate`), which predict and an exported model use only when asked.
         "normalization": {d: {"mean": [float(v) for v in stats[d][0]], "std": [float(v) for v in stats[d][1]]}
                           for d in DOMAINS},
         **{d: domain_metrics(preds[d]["labels"], preds[d]["prob"]) for d in DOMAINS},
