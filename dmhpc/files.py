@@ -1,6 +1,7 @@
 """Atomic file writes for the whole project, one-line errors when a write fails, and the locks that
 keep two writers apart: `hold_lock` (a lock file saying who holds it: run directories, launchers,
-tuners) and `locked_directory` (a folder that holds nothing but its data: the lock file beside it).
+tuners) and `locked_directory` (a folder that holds nothing but its data, or a file with companions
+such as an exported model's cards: the lock file beside it).
 
     atomic_write(path, text_or_bytes)            # a small file in one go
     atomic_write(path, writer=lambda f: ...)     # a binary writer callback (torch.save, np.save, ...)
@@ -218,8 +219,8 @@ def locked_directory(directory: Path, user: str) -> Iterator[None]:
     resolved = directory.resolve()
     path = resolved.parent / f".{resolved.name}.lock"
     made: list[Path] = []
-    handle = hold_lock(path, f"{directory}: in use by another {user} ({{holder}}); wait for it to end or choose "
-                             f"another folder", user, made=made)
+    handle = hold_lock(path, f"{directory}: in use by another {user} ({{holder}}); wait for it to end or write "
+                             f"elsewhere", user, made=made)
     try:
         yield
     finally:

@@ -348,6 +348,51 @@ def test_the_card_reports_the_test_of_the_exported_checkpoint_only(survey, tmp_p
         assert len(exported) == 3
 
 
+def test_two_exports_to_one_file_are_refused_and_an_unfinished_one_says_so(run_on_survey, tmp_path, monkeypatch,
+                                                                           capsys):
+    """Two exports to one --out both passed the exists check and raced; a kill between the two
+    card writes left the JSON card without the Markdown one, indistinguishable from a finished export."""
+    import os
+
+    from dmhpc.files import locked_directory
+
+    out = tmp_path / "m.safetensors"
+    export = ["export", "--run", str(run_on_survey), "--format", "safetensors", "--out", str(out)]
+    with locked_directory(out, "dmhpc export"):
+        capsys.readouterr()
+        assert main(export) == 1
+        err = capsys.readouterr().err
+        assert f"{out}: in use by another dmhpc export (pid {os.getpid()} on " in err and err.count("\n") == 1, err
+    assert not out.exists()
+    assert main(export) == 0
+
+    class Killed(BaseException):
+        pass
+
+    replace = os.replace
+
+    def killed_at_the_json_card(src, dst):
+        if str(dst).endswith(".card.json"):
+            raise Killed
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_json_card)
+    with pytest.raises(Killed):
+        main([*export, "--overwrite"])
+    monkeypatch.undo()
+    # The new file and its Markdown card stand; no JSON card of the file replaced, no temporary files.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors", "m.safetensors.card.md"]
+    capsys.readouterr()
+    assert main(export) == 1
+    err = capsys.readouterr().err
+    assert "exists (without its m.safetensors.card.json: an export that did not finish?)" in err, err
+    assert main([*export, "--overwrite"]) == 0
+    card = json.loads(Path(f"{out}.card.json").read_text())
+    from dmhpc.data.shards import file_sha256
+
+    assert card["model"]["sha256"] == file_sha256(out) and card["model"]["sha256"] in Path(f"{out}.card.md").read_text()
+
+
 @pytest.mark.gpu
 def test_the_last_mile_on_a_gpu(survey, tmp_path, capsys):
     """Train, then predict (bf16 autocast and TTA too), explain (captum) and export, each on CUDA:

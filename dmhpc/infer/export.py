@@ -16,11 +16,13 @@ per-channel normalization the run used for its target domain built in, softmax o
 The card, FILE.card.md and FILE.card.json: the data sets with their fingerprints (SHA-256 of the
 manifest, which lists every shard's SHA-256), the configuration, the selection criterion and the
 checkpoint it chose, the test metrics per domain, the input and output, and the dmhpc version.
+FILE.card.json takes its name last and holds FILE's SHA-256: without it, the export did not finish.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +34,7 @@ from dmhpc.config import config_from_dict, config_to_dict
 from dmhpc.data.shards import file_sha256
 from dmhpc.distributed import bootstrap, shutdown
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_path, atomic_write
+from dmhpc.files import atomic_path, locked_directory, staged_write
 from dmhpc.run import RunDir
 from dmhpc.train.checkpoint import checkpoint_info, load_checkpoint_sha256, load_weights
 from dmhpc.train.objective import build_backbone
@@ -208,32 +210,44 @@ def _card_markdown(card: dict) -> str:
 
 
 def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool = False) -> dict:
-    """Export and write the card; returns the card."""
+    """Export and write the card; returns the card.
+
+    The file, FILE.card.md and FILE.card.json take their names in that order, the JSON card last:
+    it holds the file's SHA-256, and a file without it is an export that did not finish. Two
+    exports to one FILE are refused (a lock beside it), not raced."""
     if fmt not in FORMATS:
         raise DmhpcError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise DmhpcError(f"--out {out}: exists; --overwrite replaces it")
-    run = RunDir(run_dir)
-    model, info, shape = build(run, checkpoint)
-    example = torch.zeros(2, *shape)
-    onnx_diff, cards = None, (Path(f"{out}.card.json"), Path(f"{out}.card.md"))
-    with atomic_path(out) as tmp:
-        if fmt == "onnx":
-            onnx_diff = _onnx(model, example, out, tmp)
-        elif fmt == "torchscript":
-            _torchscript(model, example, tmp)
-        else:
-            _safetensors(model, config_to_dict(run.config()), tmp)
-        sha256 = file_sha256(tmp)
-        # The old file's cards go just before the new file takes its name: killed in between, a file
-        # stands without a card, never beside the card of the file it replaced.
-        for card_file in cards:
-            card_file.unlink(missing_ok=True)
-    card = model_card(run, info, shape, fmt, out, onnx_diff)
-    card["model"]["sha256"] = sha256  # what a receiver checks the file against
-    atomic_write(Path(f"{out}.card.json"), json.dumps(card, indent=2) + "\n")
-    atomic_write(Path(f"{out}.card.md"), _card_markdown(card))
+    cards = {"md": Path(f"{out}.card.md"), "json": Path(f"{out}.card.json")}
+    with locked_directory(out, "dmhpc export"):
+        if out.exists() and not overwrite:
+            unfinished = "" if cards["json"].exists() else f" (without its {cards['json'].name}: an export that did not finish?)"
+            raise DmhpcError(f"--out {out}: exists{unfinished}; --overwrite replaces it")
+        run = RunDir(run_dir)
+        model, info, shape = build(run, checkpoint)
+        example = torch.zeros(2, *shape)
+        onnx_diff, staged = None, {}
+        try:
+            with atomic_path(out) as tmp:
+                if fmt == "onnx":
+                    onnx_diff = _onnx(model, example, out, tmp)
+                elif fmt == "torchscript":
+                    _torchscript(model, example, tmp)
+                else:
+                    _safetensors(model, config_to_dict(run.config()), tmp)
+                card = model_card(run, info, shape, fmt, out, onnx_diff)
+                card["model"]["sha256"] = file_sha256(tmp)  # what a receiver checks the file against
+                staged = {cards["md"]: staged_write(cards["md"], _card_markdown(card)),
+                          cards["json"]: staged_write(cards["json"], json.dumps(card, indent=2) + "\n")}
+                # The old file's cards go just before the new file takes its name: killed in
+                # between, a file stands without a card, never beside the card of the file it replaced.
+                for card_file in cards.values():
+                    card_file.unlink(missing_ok=True)
+            for card_file, card_tmp in staged.items():
+                os.replace(card_tmp, card_file)
+        finally:
+            for card_tmp in staged.values():
+                card_tmp.unlink(missing_ok=True)  # those not put in place
     return card
 
 
