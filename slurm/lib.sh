@@ -121,7 +121,8 @@ dmhpc_run_requeueable() {
         # reports any failed worker as 1 (or dies of srun's SIGTERM when another node's torchrun
         # exited first), so the code only shows with DMHPC_LAUNCH=srun. Requeue on any failure
         # after the signal: the next run resumes from the last checkpoint, which is also the
-        # right thing if the save itself failed.
+        # right thing if the save itself failed (once: a requeued trainer whose two previous
+        # attempts wrote no checkpoint refuses to start, see check_requeue_progress).
         job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
         job=${job:-$SLURM_JOB_ID}
         echo "dmhpc: ranks exited with $rc after SIGUSR2; requeueing job $job" >&2

@@ -382,6 +382,38 @@ def test_a_hand_edited_checkpoint_is_one_line(data, tmp_path, capsys):
         assert f"size mismatch for {name}" in err, err
 
 
+def test_a_job_requeued_twice_without_a_checkpoint_stops_requeueing(data, tmp_path, monkeypatch, capsys):
+    """The launchers requeue after a stop signal whether or not the stop's save succeeded (the next
+    attempt resumes from the last checkpoint). A save that fails every time (a quota reached) made a
+    job requeue forever, each attempt running to its time limit and saving nothing."""
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(TINY), *_overrides(data, run)]
+    last = run / "checkpoints" / "last.pt"
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # attempts 0 and 1 wrote nothing
+    assert main([*argv, "train.epochs=1", "train.max_steps=1"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{last}: job 4242 was requeued 2 times, the last 2 without a checkpoint " \
+        f"(and none of its attempts wrote it); not training again" in err, err
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # one attempt lost (a node failed, say): trained
+    assert main([*argv, "train.epochs=1", "train.max_steps=1"]) == 0
+    assert torch.load(last, weights_only=True)["attempt"] == {"job": "4242", "restart": 1}
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")  # attempt 2 wrote nothing
+    assert main([*argv, "train.epochs=1", "train.max_steps=2"]) == 0
+    assert torch.load(last, weights_only=True)["attempt"] == {"job": "4242", "restart": 3}
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "6")  # attempts 4 and 5 wrote nothing
+    capsys.readouterr()
+    assert main([*argv, "train.epochs=1", "train.max_steps=3"]) == 1
+    err = capsys.readouterr().err
+    assert "was requeued 6 times, the last 2 without a checkpoint (since attempt 3 wrote it)" in err, err
+    assert err.count("\n") == 1 and torch.load(last, weights_only=True)["step"] == 2
+    # Submitted again (a new job): trained on.
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    monkeypatch.delenv("SLURM_RESTART_COUNT")
+    assert main([*argv, "train.epochs=1", "train.max_steps=3"]) == 0
+    assert torch.load(last, weights_only=True)["step"] == 3
+
+
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 def test_signal_to_every_process_of_the_step_still_checkpoints(data, tmp_path, loader):
     """srun and scancel signal every process of a job step, loader workers included."""

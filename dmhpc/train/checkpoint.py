@@ -122,6 +122,49 @@ def unfit(path: str | os.PathLike, exc: Exception) -> DmhpcError:
     return DmhpcError(f"{path}: does not fit this run's model ({reason[:300]})")
 
 
+def slurm_attempt(env=os.environ) -> dict | None:
+    """Which attempt of which SLURM job this is (`scontrol requeue` keeps the job id and counts
+    SLURM_RESTART_COUNT up); None outside a SLURM job. Checkpoints record it as "attempt"."""
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        restart = int(env.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        restart = 0
+    return {"job": job, "restart": restart}
+
+
+# Requeued attempts in a row that may write no checkpoint. One is a node lost or a stop that could
+# not save; two mean the next would most likely fail the same way, and requeue forever.
+IDLE_ATTEMPTS = 2
+
+
+def check_requeue_progress(path: Path, state: dict | None, env=os.environ) -> None:
+    """Refuse to train in a requeued SLURM job whose previous IDLE_ATTEMPTS attempts wrote no
+    checkpoint. `path` is the run's last.pt, `state` what it holds (None: there is none yet).
+
+    The requeue after a stop signal (slurm/lib.sh, submitit) happens whether or not the stop's save
+    succeeded: a quota reached, or a stop longer than the signal's warning time, otherwise fails
+    every attempt the same way, and each waits in the queue and runs to its time limit again."""
+    now = slurm_attempt(env)
+    if now is None or now["restart"] == 0:
+        return
+    if state is not None and "attempt" not in state:
+        return  # written by dmhpc before checkpoints said by which attempt: nothing to compare
+    written = state.get("attempt") if state is not None else None
+    by_this_job = isinstance(written, dict) and written.get("job") == now["job"] and \
+        isinstance(written.get("restart"), int)
+    idle = now["restart"] - 1 - (written["restart"] if by_this_job else -1)
+    if idle >= IDLE_ATTEMPTS:
+        since = (f"since attempt {written['restart']} wrote it" if by_this_job
+                 else "and none of its attempts wrote it")
+        raise DmhpcError(f"{path}: job {now['job']} was requeued {now['restart']} times, the last {idle} without "
+                         f"a checkpoint ({since}); not training again to fail the same way: the job's log says "
+                         f"why the stops did not save (a full disk, a stop longer than the signal's warning), "
+                         f"then submit it again")
+
+
 UNFIT = (KeyError, RuntimeError, ValueError, TypeError)  # what load_state_dict raises for content that does not fit
 
 

@@ -28,8 +28,8 @@ from dmhpc.losses.collective import stable_rows
 from dmhpc.progress import progress_bar
 from dmhpc.run import RunDir, check_epochs
 from dmhpc.train import preflight
-from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, UNFIT, StopRequest, load_checkpoint, load_weights,
-                                   save_checkpoint, unfit)
+from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, UNFIT, StopRequest, check_requeue_progress, load_checkpoint,
+                                   load_weights, save_checkpoint, slurm_attempt, unfit)
 from dmhpc.train.evaluate import evaluate_run, format_table, predict
 from dmhpc.train.meter import EpochMeter
 from dmhpc.train.metrics import MetricLog, domain_metrics, selection_score, validator_scores
@@ -68,14 +68,20 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank; data order comes from the loader
     state = TrainState.build(cfg, dist.device, manifests["source"]["shape"][0])
     agree(lambda: preflight.check_model_input(cfg, state.model.backbone, manifests["source"]["shape"], dist.device))
+    last = run.checkpoint("last")
     if claim.resume_from is not None:
         def resume() -> None:
+            saved = load_checkpoint(claim.resume_from)
+            if claim.resume_from == last:
+                check_requeue_progress(last, saved)
             try:
-                state.load_state_dict(load_checkpoint(claim.resume_from), dist.rank)
+                state.load_state_dict(saved, dist.rank)
             except UNFIT as exc:
                 raise unfit(claim.resume_from, exc) from None
 
         agree(resume)
+    elif resume == "auto":
+        agree(lambda: check_requeue_progress(last, None))
     prog = state.progress
     if claim.resume_from is not None and not claim.own:
         # A new run from another's checkpoint selects among its own epochs: the other run's best
@@ -155,7 +161,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     def checkpoint(name: str, meter: EpochMeter, selection: dict | None = None, epoch_done: bool = False) -> None:
         meter.check_finite(state, dist, prog.step)  # never write a diverged state
         content = state.state_dict()  # a collective: every rank calls it
-        content.update(selection=selection or {}, config=config_to_dict(cfg))
+        content.update(selection=selection or {}, config=config_to_dict(cfg), attempt=slurm_attempt())
         if epoch_done:  # written before the epoch rolls over; resumed from, it starts the next epoch
             content.update(epoch=prog.epoch + 1, progress={**content["progress"], "epoch": prog.epoch + 1,
                                                            "step_in_epoch": 0})
