@@ -254,11 +254,21 @@ def make_folders(folder: Path) -> list[Path]:
     return made[::-1]
 
 
-def hold_lock(path: Path, refusal: str, second: str, wait: bool = False, made: list[Path] | None = None) -> IO:
+class LockHeld(DmhpcError):
+    """`hold_lock` refused: another process holds the lock; `holder` is what its file says."""
+
+    def __init__(self, message: str, holder: str):
+        super().__init__(message)
+        self.holder = holder
+
+
+def hold_lock(path: Path, refusal: str, second: str, wait: bool = False, made: list[Path] | None = None,
+              owner: str = "") -> IO:
     """An OS lock (flock) on the file `path` (created, with its folder) until the returned file is
     closed; it says who holds it. The kernel drops the lock when its process dies, so a killed job
-    never blocks the next. Refused while another process holds it: `refusal` with "{holder}" filled
-    in ("pid N on HOST since ..."); with `wait`, taken when the holder lets go instead. `second`
+    never blocks the next. Refused (LockHeld) while another process holds it: `refusal` with
+    "{holder}" filled in ("pid N on HOST since ...", after "OWNER: " when the holder gave an
+    `owner`); with `wait`, taken when the holder lets go instead. `second`
     names what a second holder would be, for the warning where the file system refuses locks (some
     Lustre mounts), and the caller goes on unguarded. `made` gets the folders made for the lock
     file (nearest first), for the caller to remove when they are empty at its end."""
@@ -282,7 +292,7 @@ def hold_lock(path: Path, refusal: str, second: str, wait: bool = False, made: l
                 handle.seek(0)
                 holder = handle.read().strip() or "another process"
                 handle.close()
-                raise DmhpcError(refusal.replace("{holder}", holder)) from None
+                raise LockHeld(refusal.replace("{holder}", holder), holder) from None
             print(f"dmhpc: warning: {path}: the file system refuses locks ({exc.strerror}); a second {second} "
                   f"would not be detected", flush=True)
             break
@@ -299,7 +309,8 @@ def hold_lock(path: Path, refusal: str, second: str, wait: bool = False, made: l
     try:
         handle.seek(0)
         handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.write(f"{owner + ': ' if owner else ''}pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         handle.flush()
     except OSError as exc:  # a full disk: the empty file and folders made here would outlive the error
         path.unlink(missing_ok=True)  # before the lock goes, as in locked_directory

@@ -11,7 +11,8 @@ Every other module asks `RunDir` for a path; nothing else spells the layout out:
     RUN/eval/CKPT_SPLIT.json      one file per evaluation: checkpoint, split (and data set, see
                                   `evaluation_tag`), never overwriting another's
     RUN/plots/*.png
-    RUN/.lock                     held by the trainer's rank 0 for the life of the run
+    RUN/.lock                     held by the trainer's rank 0 for the life of the run, or by
+                                  `dmhpc eval` (a trainer starting waits for that one)
 
 A trainer starts in two steps, both on rank 0. `claim` takes the lock (a second trainer on the
 directory is refused), refuses a directory that is not a dmhpc run, decides what to resume from and
@@ -28,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Mapping
@@ -36,7 +38,7 @@ from dmhpc import __version__
 from dmhpc.checks import show
 from dmhpc.config import Config, changed_keys, config_from_dict, config_to_dict, load_config, save_config
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_path, atomic_write, hold_lock, is_temporary, remove_orphans
+from dmhpc.files import LockHeld, atomic_path, atomic_write, hold_lock, is_temporary, remove_orphans
 
 FORMAT = "dmhpc-run"
 VERSION = 1
@@ -45,6 +47,8 @@ CHECKPOINTS, EVAL, PLOTS, TENSORBOARD = "checkpoints", "eval", "plots", "tensorb
 CHECKPOINT_NAMES = ("last", "best")
 # What a run directory may hold; `start --overwrite` removes exactly these.
 OWN_NAMES = (CONFIG, RECORD, LOG, LOCK, CHECKPOINTS, EVAL, PLOTS, TENSORBOARD)
+# What `dmhpc eval` writes into the lock it holds; a trainer waits this long for it to end.
+EVAL_OWNER, EVAL_PATIENCE_S = "dmhpc eval", 600.0
 LEGACY_RESULT = "metrics.json"  # eval/metrics.json of dmhpc before one file per evaluation
 
 # Keys that may differ on resume, and why: how long and how often, how data are read, where the run
@@ -363,15 +367,29 @@ class RunDir:
             self.config()  # a foreign or damaged config.yaml is refused here, never overwritten
 
     def _lock(self) -> None:
+        """Take the run's lock for the trainer. A `dmhpc eval` holding it (minutes) is waited for, up to
+        EVAL_PATIENCE_S: a requeued job that met one failed, and its training ended there."""
         try:
             if not self.path.exists():
                 self._made = [f for f in (self.path, *self.path.parents) if not f.exists()]
                 self.path.mkdir(parents=True)
         except OSError as exc:
             raise DmhpcError(f"run.dir {self.path}: cannot create: {exc.strerror}") from None
-        self._lock_file = hold_lock(self.path / LOCK, f"run.dir {self.path}: in use by another dmhpc trainer or eval "
-                                                      f"({{holder}}); wait for it to end or choose another run.dir",
-                                    "trainer on this run directory")
+        deadline, told = time.monotonic() + EVAL_PATIENCE_S, False
+        while True:
+            try:
+                self._lock_file = hold_lock(
+                    self.path / LOCK, f"run.dir {self.path}: in use by another dmhpc trainer or eval ({{holder}}); "
+                                      f"wait for it to end or choose another run.dir", "trainer on this run directory")
+                return
+            except LockHeld as exc:
+                if not exc.holder.startswith(f"{EVAL_OWNER}: ") or time.monotonic() > deadline:
+                    raise
+                if not told:
+                    print(f"dmhpc train: run.dir {self.path}: waiting up to {EVAL_PATIENCE_S:.0f} s for {exc.holder} "
+                          f"to end", flush=True)
+                    told = True
+                time.sleep(1.0)
 
     def _reference_config(self, resume_from: Path, state: Mapping | None = None) -> tuple[dict, str]:
         """The configuration the run trained with so far: the checkpoint's own (`state`, if loaded

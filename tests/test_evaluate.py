@@ -8,6 +8,7 @@ import errno
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -237,12 +238,17 @@ def _wait_for(path, proc):
     raise AssertionError(f"{path} never came")
 
 
-def test_dmhpc_eval_holds_the_run_directory_against_the_trainer_and_other_evaluations(make_domains, tmp_path, capsys):
+def test_dmhpc_eval_holds_the_run_directory_against_the_trainer_and_other_evaluations(make_domains, tmp_path, capsys,
+                                                                                      monkeypatch):
     """Without the run's lock two evaluations on one run both wrote (one result lost, plots mixed),
     an evaluation beside the trainer replaced the trainer's final best_test.json with a stale one,
-    and a trainer starting up removed a running evaluation's temporary files."""
+    and a trainer starting up removed a running evaluation's temporary files. A trainer waits for an
+    evaluation, though: a requeued job that met one failed, and the training ended there."""
+    import threading
+
     import pytest
 
+    import dmhpc.run
     from dmhpc.errors import DmhpcError
 
     data, run = _trained(make_domains, tmp_path)
@@ -256,16 +262,26 @@ def test_dmhpc_eval_holds_the_run_directory_against_the_trainer_and_other_evalua
                             stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(started, proc)
-        with pytest.raises(DmhpcError, match="in use by another dmhpc trainer or eval"):
+        monkeypatch.setattr(dmhpc.run, "EVAL_PATIENCE_S", 2.0)
+        with pytest.raises(DmhpcError, match=r"in use by another dmhpc trainer or eval \(dmhpc eval: pid"):
             RunDir(run.path).claim(run.config(), "auto")
         capsys.readouterr()
         assert main(["eval", "--run", str(run.path)]) == 1
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "in use by another dmhpc trainer or eval (pid" in err, err
+        assert err.count("\n") == 1 and "in use by another dmhpc trainer or eval (dmhpc eval: pid" in err, err
+        monkeypatch.setattr(dmhpc.run, "EVAL_PATIENCE_S", 240.0)
+        waiting, claimed = RunDir(run.path), []
+        trainer = threading.Thread(target=lambda: claimed.append(waiting.claim(run.config(), "auto")))
+        trainer.start()
+        time.sleep(2.0)
+        assert trainer.is_alive() and not claimed and proc.poll() is None  # waiting for the evaluation
     finally:
         go.write_text("go")
         out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-2000:]
+    trainer.join(timeout=60)
+    assert claimed and "waiting up to 240 s for dmhpc eval: pid" in capsys.readouterr().out
+    waiting.release()
     assert run.read_result("best", "test", "noisy")["data"]["target"] == str(data / "noisy")
     assert run.result_path("best", "test").read_bytes() == final
 

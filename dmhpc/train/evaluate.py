@@ -17,7 +17,7 @@ from dmhpc.data.shards import fingerprint, load_manifest
 from dmhpc.distributed import all_gather_object, bootstrap, gather, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import hold_lock, same_place, staged_write, temporary_path
-from dmhpc.run import LOCK, RunDir, check_shape, evaluation_tag, result_text
+from dmhpc.run import EVAL_OWNER, LOCK, RunDir, check_shape, evaluation_tag, result_text
 from dmhpc.names import CRITERIA, DOMAINS
 from dmhpc.progress import progress_bar
 from dmhpc.train.checkpoint import checkpoint_info, load_checkpoint, load_weights
@@ -175,7 +175,7 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
         # the evaluation's temporary files as orphans of killed writes.
         on_main(lambda: held.append(hold_lock(
             run.path / LOCK, f"run.dir {run.path}: in use by another dmhpc trainer or eval ({{holder}}); wait for "
-                             f"it to end", "dmhpc eval or trainer on this run directory")))
+                             f"it to end", "dmhpc eval or trainer on this run directory", owner=EVAL_OWNER)))
         if data is not None:
             _check_other_data(run.read_result(checkpoint, split, data_name), data,
                               run.result_path(checkpoint, split, data_name))
