@@ -12,9 +12,13 @@ from dmhpc.launch import load_grid, write_validators
 from dmhpc.names import LABEL_FREE
 
 
-def _log(point, source_acc, im, target_val, target_test):
-    """A run's metrics.jsonl: one evaluation per epoch with every validator scored."""
+def _log(point, source_acc, im, target_val, target_test, finished=True):
+    """A run's metrics.jsonl: one evaluation per epoch with every validator scored; and, when
+    `finished`, the trainer's final test result."""
     point.run_dir.mkdir(parents=True, exist_ok=True)
+    if finished:
+        (point.run_dir / "eval").mkdir(exist_ok=True)
+        (point.run_dir / "eval" / "best_test.json").write_text(json.dumps({"final": True}))
     records = []
     for epoch, (s, i, v, t) in enumerate(zip(source_acc, im, target_val, target_test)):
         validators = {name: 0.5 for name in LABEL_FREE} | {"source-val-acc": s, "im": i}
@@ -56,6 +60,19 @@ def test_each_criterion_against_the_oracle_by_checkpoint_by_method_and_by_rank(t
     md = (tmp_path / "out" / "validators.md").read_text()
     assert "| pristine -> noisy | source-val-acc | 2 | 6 | 0.625 | 0.775 | 15.0 | 0.550 | 0.800 | 25.0 | plain (1) |" in md
     assert (tmp_path / "out" / "validators.csv").read_text().startswith("pair,criterion,runs,")
+
+
+def test_runs_not_finished_are_left_out_as_in_the_summary(tmp_path):
+    """A run that failed after one epoch (or still trains) counted as a whole run: its early,
+    poor checkpoints pulled every criterion's numbers down, where summary.md left it out."""
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "grid": {"seed": [1, 2]}}
+    done, failed = load_grid(spec).points
+    _log(done, [0.9, 0.8, 0.7], [0.1, 0.2, 0.3], [0.5, 0.6, 0.7], [0.55, 0.65, 0.75])
+    _log(failed, [0.5], [0.5], [0.3], [0.3], finished=False)
+    rows = {r["criterion"]: r for r in write_validators(tmp_path / "out", [done, failed])}
+    assert rows["source-val-acc"]["runs"] == 1 and rows["source-val-acc"]["checkpoints"] == 3
+    assert rows["source-val-acc"]["checkpoint_target_acc"] == pytest.approx(0.55)
+    assert write_validators(tmp_path / "out2", [failed]) == []
 
 
 def test_no_table_without_runs_that_scored_every_validator(tmp_path):

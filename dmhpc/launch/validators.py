@@ -4,7 +4,8 @@ On a real survey there are no target labels to choose a checkpoint with, so a st
 label-free criteria where it can: runs trained with `select.all_validators: true` score every
 label-free criterion (dmhpc.names.LABEL_FREE) at every evaluation and record the target's test
 accuracy beside them, for reporting only. For each domain pair (data.source -> data.target) and
-criterion, the table gives, over the runs not trained on the target:
+criterion, the table gives, over the finished runs not trained on the target (as the summary:
+a run that failed, is still training, or is asked to train longer is left out):
 
 - checkpoint: the target test accuracy of the epoch the criterion picks in each run, the same for
   the oracle's pick (the highest target *validation* accuracy), and the loss in points (oracle
@@ -93,6 +94,8 @@ def validator_rows(points: Iterable[Point]) -> list[dict]:
     for p in points:
         if p.config.data.trains_on_target():
             continue  # a target oracle has no source domain to adapt from
+        if not p.finished:
+            continue  # failed, still training, or asked to train longer: not a run's whole history
         checkpoints = _checkpoints(p)
         if checkpoints:
             pair = (Path(p.config.data.source).resolve(), Path(p.config.data.target).resolve())
