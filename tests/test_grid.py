@@ -202,6 +202,10 @@ def test_two_point_grid_through_the_local_executor_then_skip_and_resume(data, tm
     assert not (out / "optim.lr=0.0001" / "eval" / "best_test.json").exists()
     both = subprocess.run(cmd + ["--report", "--no-wait"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert both.returncode == 2 and "not allowed with argument" in both.stderr, both.stderr
+    # An executor for a report was ignored: the file was checked against its own executor.
+    dead = subprocess.run(cmd + ["--report", "--executor", "local"], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path)
+    assert dead.returncode == 1 and "--report launches nothing; leave --executor out" in dead.stderr, dead.stderr
 
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr

@@ -388,6 +388,8 @@ def grid_arguments(parser) -> None:
 
 def grid_main(args) -> int:
     if args.report:
+        if args.executor:  # it would check the file against the file's own executor, not this one
+            raise DmhpcError(f"--executor {args.executor}: --report launches nothing; leave --executor out")
         report_grid(args.file)
     else:
         launch_grid(args.file, wait=not args.no_wait, executor=args.executor)
