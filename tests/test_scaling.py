@@ -137,10 +137,10 @@ def test_scaling_table_uses_only_finished_points_against_the_smallest_n(tmp_path
 def test_scaling_study_through_the_debug_executor(data, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     out = tmp_path / "scaling"
-    rows = launch_scaling({
-        "base": str(TINY), "out": str(out), "executor": "debug", "models": ["deepmerge2"], "nodes": [1],
-        "gpus_per_node": [1], "device": "cpu", "weak": {"batch_per_gpu": 4}, "epochs": 2,
-        "overrides": {k: v for k, v in tiny_overrides(data).items() if not k.startswith("train.")}})
+    spec = {"base": str(TINY), "out": str(out), "executor": "debug", "models": ["deepmerge2"], "nodes": [1],
+            "gpus_per_node": [1], "device": "cpu", "weak": {"batch_per_gpu": 4}, "epochs": 2,
+            "overrides": {k: v for k, v in tiny_overrides(data).items() if not k.startswith("train.")}}
+    rows = launch_scaling(spec)
     assert len(rows) == 1
     r = rows[0]
     assert (r["model"], r["mode"], r["gpus"], r["global_batch"]) == ("deepmerge2", "weak", 1, 4)
@@ -153,6 +153,16 @@ def test_scaling_study_through_the_debug_executor(data, tmp_path, monkeypatch):
     assert r["images_per_s"] == pytest.approx(epochs[1]["images_per_s"], rel=1e-6)
     assert r["staging_s"] > 0 and r["loader"] == "gpu-resident"
     assert (out / "scaling.png").stat().st_size > 0 and "| deepmerge2 | weak | 1 |" in (out / "scaling.md").read_text()
+
+    # The same study measured another way: the old timing stood in the table under the new settings.
+    table = (out / "scaling.md").read_text()
+    with pytest.raises(DmhpcError) as refused:
+        launch_scaling({**spec, "device": "gpu", "overrides": {**spec["overrides"], "data.loader": "torch"}})
+    message = str(refused.value)
+    assert ("point deepmerge2-weak-1x1: was measured with other settings (config.data.loader \"auto\" -> \"torch\"; "
+            "device \"cpu\" -> \"gpu\"; slurm.gpus_per_node 0 -> 1); a scaling table compares one setting") in message
+    assert (out / "scaling.md").read_text() == table
+    assert launch_scaling(spec)[0]["step_time_s"] == r["step_time_s"]  # as measured: nothing to run again
 
 
 def test_a_local_scaling_study_runs_its_points_one_at_a_time(tmp_path, capsys):

@@ -41,11 +41,13 @@ their reading is in the throughput instead.
 from __future__ import annotations
 
 import csv
+import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
+from dmhpc.config import config_to_dict
 from dmhpc.files import atomic_path, atomic_write
 from dmhpc.names import MODEL_NAMES
 from dmhpc.errors import DmhpcError
@@ -166,8 +168,85 @@ def load_study(spec: str | Path | Mapping, executor: str | None = None) -> Study
                     resources[name] = res
     check_point_problems(problems, failures)
     check_existing_runs(problems, points)
+    study = Study(source, out, executor, device, resources, tuple(points))
+    _check_measured_with(problems, study)
     problems.raise_if_any()
-    return Study(source, out, executor, device, resources, tuple(points))
+    return study
+
+
+# --- what a point is measured with -----------------------------------------------------------------
+
+MEASURED_WITH = "measured_with.json"  # OUT/submitit/measured_with.json: point name -> settings
+# Resources that do not change a timing: how long a job may run, how many run at once, who pays.
+UNTIMED = ("time_min", "array_parallelism", "signal_delay_s", "max_num_timeout", "account", "qos")
+
+
+def measured_with(study: Study, point: Point) -> dict:
+    """Everything a point's timing depends on, flat ("config.data.loader": "torch", ...): its whole
+    configuration but its folder, the device, the executor, and the resources its job asks for."""
+    resources = {k: v for k, v in asdict(study.resources[point.name]).items() if k not in UNTIMED}
+    config = config_to_dict(point.config)
+    config["run"] = {k: v for k, v in config["run"].items() if k != "dir"}
+    flat: dict = {"device": study.device, "executor": study.executor}
+
+    def add(prefix: str, value) -> None:
+        if isinstance(value, Mapping):
+            for k, v in value.items():
+                add(f"{prefix}.{k}", v)
+        else:
+            flat[prefix] = list(value) if isinstance(value, tuple) else value
+
+    add("config", config)
+    add("slurm", resources)
+    return json.loads(json.dumps(flat, default=str))  # as it reads back from the file
+
+
+def _read_measured_with(study: Study) -> dict:
+    path = study.out / "submitit" / MEASURED_WITH
+    if not path.is_file():
+        return {}
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DmhpcError(f"{path}: unreadable ({exc}); remove it only together with the point folders it "
+                         f"describes") from None
+    if not isinstance(record, dict) or not all(isinstance(v, dict) for v in record.values()):
+        raise DmhpcError(f"{path}: expected an object of point name -> settings; remove it only together with "
+                         f"the point folders it describes")
+    return record
+
+
+def _check_measured_with(problems: Problems, study: Study) -> None:
+    """A point that ran (finished, or resumed later) with other settings than the study's now: its
+    timing would stand in the table under the new settings (a CPU timing as a GPU one, another
+    loader's, another constraint's nodes). Refused, naming what changed."""
+    try:
+        record = _read_measured_with(study)
+    except DmhpcError as exc:
+        problems.add("out", str(exc))
+        return
+    for p in study.points:
+        was = record.get(p.name)
+        if was is None or not p.run.holds_run():
+            continue
+        now = measured_with(study, p)
+        changed = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+        if changed:
+            shown = "; ".join(f"{k} {show(was.get(k))} -> {show(now.get(k))}" for k in changed[:3])
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            problems.add(f"point {p.name}", f"was measured with other settings ({shown}{more}); a scaling table "
+                                            f"compares one setting: choose another out, or remove {p.run_dir} to "
+                                            f"measure it again")
+
+
+def record_measured_with(study: Study) -> None:
+    """Say what each point is (to be) measured with, before any runs: points that ran before this
+    record existed (dmhpc before it) are left out, their settings unknown."""
+    record = _read_measured_with(study)
+    for p in study.points:
+        if p.name in record or not p.run.holds_run():
+            record[p.name] = measured_with(study, p)
+    atomic_write(study.out / "submitit" / MEASURED_WITH, json.dumps(record, indent=1) + "\n")
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -280,6 +359,7 @@ def write_scaling(out: Path, rows: list[dict], device: str) -> None:
 def launch_scaling(spec: str | Path | Mapping, wait: bool = True, executor: str | None = None) -> list[dict]:
     """Check the study, submit its unfinished points, wait, write the table (CSV, Markdown) and plot."""
     study = load_study(spec, executor)
+    record_measured_with(study)
     failures = launch_points(list(study.points), study.resources, kind=study.executor,
                              folder=study.out / "submitit", job_name=f"dmhpc-{study.out.name}",
                              task=TrainTask(), wait=wait, at_once_why=LOCAL_ONE_AT_A_TIME)
