@@ -141,6 +141,20 @@ def test_float16_and_float64_inputs_and_float16_output(inputs, tmp_path):
     np.testing.assert_array_equal(rows["images"], images.astype(np.float16)[rows["index"]])
 
 
+def test_float16_refuses_images_in_small_units_that_it_would_round_away(inputs, tmp_path, capsys):
+    """Overflow was refused, underflow not: images in Jy (~1e-8) stored as float16 were mostly zeros,
+    verified as good, and trained on. Unit-scale noise around zero (the test above) still passes."""
+    small = np.load(inputs["images"]) * 1e-8
+    files = dict(inputs, images=save(tmp_path, "Xjy.npy", small), out=str(tmp_path / "jy16"))
+    assert_fails(capsys, args(files, "--dtype", "float16"), f"{files['images']}: ", "% of the nonzero pixels are "
+                 "smaller than 6.1e-05, where float16 loses precision", "--dtype float32", out=files["out"])
+    assert main(args(dict(files, out=str(tmp_path / "jy32")))) == 0
+    with pytest.raises(DmhpcError, match="where float16 loses precision"):
+        shards.write_dataset(small, np.load(inputs["labels"]), None, tmp_path / "api", dtype="float16")
+    assert main(args(dict(files, images=save(tmp_path, "Xscaled.npy", small * 1e8), out=str(tmp_path / "ok16")),
+                     "--dtype", "float16")) == 0
+
+
 def write_config(tmp_path, text: str) -> str:
     path = tmp_path / "data.yaml"
     path.write_text(text)
@@ -478,6 +492,14 @@ def bad_case(tmp_path, case):
         path = save(tmp_path, "Xt.npy", images)
         os.truncate(path, os.path.getsize(path) // 2)
         return dict(files, images=path), ["Xt.npy: cannot read"]
+    if case == "joined":  # numpy reads the first array of the two and ignores the rest: 12 of 24 rows
+        path = save(tmp_path, "Xj.npy", images)
+        Path(path).write_bytes(Path(path).read_bytes() * 2)
+        labels = save(tmp_path, "yj.npy", np.zeros(12, int))
+        Path(labels).write_bytes(Path(labels).read_bytes() * 2)
+        return dict(files, images=path, labels=labels), [
+            f"Xj.npy: {os.path.getsize(path) // 2} bytes after the (12, 3, 8, 8) array its header describes (files "
+            "joined with cat"]
     files["images"] = save(tmp_path, "X.npy", images)
     if case == "label-count":
         return dict(files, labels=save(tmp_path, "y10.npy", np.zeros(10, int))), ["y10.npy: 10 labels for 12 images"]
@@ -508,7 +530,7 @@ def bad_case(tmp_path, case):
 
 
 BAD_CASES = [
-    "missing", "not-npy", "npz", "fortran", "truncated", "dims", "channels", "int-images", "str-images",
+    "missing", "not-npy", "npz", "fortran", "truncated", "joined", "dims", "channels", "int-images", "str-images",
     "structured-images", "zero-size-images", "label-count", "label-range",
     "label-fraction", "nan", "inf", "empty", "object-count", "out-not-empty",
 ]

@@ -379,6 +379,10 @@ def open_npy(path: str | os.PathLike) -> np.ndarray:
         array = np.load(p, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as exc:  # truncated, or Python objects that cannot be mapped
         raise DmhpcError(f"{name}: cannot read ({exc})") from None
+    extra = p.stat().st_size - (getattr(array, "offset", 0) + array.nbytes)
+    if extra > 0:  # numpy ignores them: files joined with `cat` read as the first, its rows lost
+        raise DmhpcError(f"{name}: {extra} bytes after the {array.shape} array its header describes (files "
+                         f"joined with cat, or a header edited by hand?); join arrays with np.concatenate")
     if array.ndim > 1 and not array.flags.c_contiguous:
         # Gathering rows from a column-major memmap reads the whole file for every block.
         raise DmhpcError(f"{name}: Fortran-ordered array; save it with np.save(path, np.ascontiguousarray(a))")

@@ -268,14 +268,15 @@ def _scan_source(d: dict):
     return images.array if isinstance(images, ArrayRows) else images
 
 
-def _scan(domains: list[dict], rank: int, size: int, want_signatures: list[bool]) -> list:
+def _scan(domains: list[dict], rank: int, size: int, want_signatures: list[bool], dtype: str) -> list:
     """This rank's share of the pixel checks (and of the duplicate signatures, where wanted)."""
     found = []
     for d, want in zip(domains, want_signatures):
         n = len(d["images"])
         a, b = n * rank // size, n * (rank + 1) // size
         try:
-            pixels = shards.scan_pixels(_scan_source(d), a, b, nan_ok=d["images"].nan_fill is not None)
+            pixels = shards.scan_pixels(_scan_source(d), a, b, nan_ok=d["images"].nan_fill is not None,
+                                        small=shards.small_below(dtype))
             sigs = duplicates.signatures(d["images"], a, b) if want else None
         except OSError as exc:
             raise DmhpcError(f"{d['names']['images']}: cannot read ({exc})") from None
@@ -286,15 +287,12 @@ def _scan(domains: list[dict], rank: int, size: int, want_signatures: list[bool]
 def _check_pixels(domains: list[dict], scans: list[list], dtype: str) -> None:
     """Combine every rank's pixel scans; the same outcome on every rank."""
     for k, d in enumerate(domains):
-        parts = [scan[k][0] for scan in scans]
-        firsts = [first for _, first, _ in parts if first >= 0]
+        scan = shards.PixelScan.merged(shards.PixelScan(*scan[k][0]) for scan in scans)
         hint = " (--nan-fill replaces NaN only)" if d["images"].nan_fill is not None else \
             " (survey cutouts padded with NaN: --nan-fill 0)"
-        first = min(firsts, default=-1)
-        first_file = str(d["images"].files[first]) if d["cutouts"] and first >= 0 else None
+        first_file = str(d["images"].files[scan.first]) if d["cutouts"] and scan.first >= 0 else None
         try:
-            shards.check_pixels(sum(bad for bad, _, _ in parts), first, max(big for _, _, big in parts), dtype,
-                                d["names"]["images"], first_file)
+            shards.check_pixels(scan, dtype, d["names"]["images"], first_file)
         except DmhpcError as exc:
             raise DmhpcError(f"{exc}{hint if 'NaN' in str(exc) else ''}") from None
 
@@ -343,7 +341,7 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
         input_digests = _hash_in_background([p for j, p in enumerate(files) if j % size == rank], stop)
         try:
             want = [d["objects"] is None for d in opened]
-            scans = _allgather(comm, _agree(comm, lambda: _scan(opened, rank, size, want)))
+            scans = _allgather(comm, _agree(comm, lambda: _scan(opened, rank, size, want, options.dtype)))
             _check_pixels(opened, scans, options.dtype)
             sigs = [np.concatenate([scan[k][1] for scan in scans]) if want[k] else None for k in range(len(opened))]
             grouped, together = _agree(comm, lambda: _group_domains(opened, options, sigs))
