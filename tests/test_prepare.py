@@ -235,6 +235,9 @@ def test_shipped_configs_are_valid():
         # read from a catalog only: without one they were ignored and an unlabelled set written
         ("root: r\nout: o\ndomains: {a: {images: x, label_column: merger}}\n",
          "domains.a.label_column: read from a catalog only, and domains.a has no catalog"),
+        # where the images come from, beside images: ignored, and the .npy converted instead of the cutouts
+        ("root: r\nout: o\ndomains: {a: {images: x, catalog: c, cutouts: d}}\n",
+         "domains.a.cutouts: names cutout files to read, and domains.a.images gives the images"),
     ],
 )
 def test_bad_data_config(tmp_path, capsys, text, message):
@@ -274,6 +277,9 @@ def test_option_conflicts(inputs, tmp_path, capsys):
                  "--label-column reads a catalog only: give --catalog, or the labels with --labels", out=inputs["out"])
     assert_fails(capsys, args(no_labels, "--id-column", "objid", "--file-column", "f", "--cutouts", "c"),
                  "--id-column, --file-column, --cutouts read a catalog only: give --catalog", out=inputs["out"])
+    assert_fails(capsys, args(inputs, "--catalog", "cat.csv", "--file-column", "f", "--cutouts", "c"),
+                 "--file-column, --cutouts name cutout files to read, and --images gives the images: give one or "
+                 "the other", out=inputs["out"])
     assert_fails(capsys, ["prepare", "--data-config", config, "--label-column", "merger"],
                  "--label-column cannot be combined with --data-config")
 

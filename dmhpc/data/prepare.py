@@ -45,6 +45,7 @@ DOMAIN_KEYS = ("images", "labels", "objects", "catalog", "id_column", "label_col
 PATH_KEYS = ("images", "labels", "objects", "catalog", "cutouts")
 # Read from a catalog only: given without one, they were ignored and an unlabelled set written.
 CATALOG_KEYS = ("id_column", "label_column", "file_column", "cutouts")
+CUTOUT_KEYS = ("file_column", "cutouts")  # where the images come from when no images file is given
 _DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 DOMAINS = mapping("a non-empty mapping of each domain's name to its files", empty=False)
 
@@ -128,6 +129,9 @@ def load_data_config(path, root: str | None = None, out: str | None = None, sets
         elif "catalog" not in files:
             for key in (k for k in CATALOG_KEYS if k in files):
                 problems.add(f"{where}.{key}", f"read from a catalog only, and {where} has no catalog")
+        if "images" in files:
+            for key in (k for k in CUTOUT_KEYS if k in files):
+                problems.add(f"{where}.{key}", f"names cutout files to read, and {where}.images gives the images")
         values = {key: take(problems, files, key, text(), None, where + ".") for key in DOMAIN_KEYS if key in files}
         result.append((domain, values))
     problems.raise_if_any()
@@ -487,6 +491,11 @@ def _domains(args) -> list[DomainSpec]:
         if given:
             raise DmhpcError(f"{', '.join(given)} read{'s' if len(given) == 1 else ''} a catalog only: give --catalog"
                              + (", or the labels with --labels" if args.label_column is not None else ""))
+    if args.images is not None:
+        given = [f"--{k.replace('_', '-')}" for k in CUTOUT_KEYS if getattr(args, k) is not None]
+        if given:
+            raise DmhpcError(f"{', '.join(given)} name{'s' if len(given) == 1 else ''} cutout files to read, and "
+                             f"--images gives the images: give one or the other")
     if args.out is None:
         raise DmhpcError("missing --out")
     return [DomainSpec(name=Path(args.out).name, out=Path(args.out),
