@@ -166,6 +166,15 @@ def test_hand_edited_manifest_fields_are_one_line_errors(dataset, field, value, 
     assert problem in str(info.value) and "\n" not in str(info.value) and MANIFEST in str(info.value)
 
 
+def test_a_huge_num_classes_of_an_unlabelled_set_is_not_allocated(tmp_path):
+    """Unlabelled sets have no class counts to hold num_classes to: verify allocated a counter per
+    class and died with a numpy MemoryError traceback."""
+    images = np.random.default_rng(0).normal(size=(20, 3, 6, 6)).astype(np.float32)
+    write_dataset(images, None, None, tmp_path / "survey", shard_size=8, seed=0)
+    edit_manifest(tmp_path / "survey", num_classes=10**14)
+    assert verify_dataset(tmp_path / "survey") == []
+
+
 @pytest.mark.parametrize("key, value, problem", [
     ("file", "../../etc/passwd", "expected a shard file name"),
     ("sha256", 12, "sha256: expected 64 hexadecimal digits"),

@@ -133,7 +133,9 @@ def check_part(directory: str | os.PathLike, *, checksums: bool, rank: int = 0, 
     with ThreadPoolExecutor(threads) as pool:
         results = list(pool.map(lambda k: _check_shard(directory, manifest, k, checksums, index, split_of), numbers))
     part = {"problems": [], "objects": {s: [] for s in SPLITS},
-            "classes": {s: np.zeros(manifest["num_classes"], np.int64) for s in SPLITS}}
+            # An unlabelled set counts no classes: its num_classes, checked against no counts, may be anything.
+            "classes": {s: np.zeros(manifest["num_classes"] if is_labelled(manifest) else 0, np.int64)
+                        for s in SPLITS}}
     for problems, objects, classes in results:
         part["problems"] += problems
         for s in SPLITS:
