@@ -36,7 +36,7 @@ from dmhpc.errors import DmhpcError
 
 LAYOUTS = ("NCHW", "NHWC")
 FITS_SUFFIXES = (".fits", ".fit", ".fts")
-CATALOG_FORMATS = {".csv": "ascii.csv", ".ecsv": "ascii.ecsv", ".fits": "fits", ".fit": "fits",
+CATALOG_FORMATS = {".csv": "ascii.csv", ".ecsv": "ascii.ecsv", ".fits": "fits", ".fit": "fits", ".fts": "fits",
                    ".parquet": "parquet", ".h5": "hdf5", ".hdf5": "hdf5"}
 
 

@@ -517,7 +517,7 @@ def prepare_arguments(parser) -> None:
         help="object ids .npy, (N,): images of one object (augmented copies, views) share an id and "
         "land in one split; default: the catalog's ids, else each image its own object",
     )
-    cat = parser.add_argument_group("a catalog (CSV, ECSV, FITS or Parquet table)")
+    cat = parser.add_argument_group("a catalog (CSV, ECSV, FITS, Parquet or HDF5 table)")
     cat.add_argument("--catalog", metavar="TABLE", help="one row per image: ids (and labels, cutout files); "
                      "with --images its rows are the images' rows, else each row names a FITS cutout")
     cat.add_argument("--id-column", metavar="NAME", help="object id column (default: id)")
