@@ -43,6 +43,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 
+from dmhpc.cpus import cpu_mask
 from dmhpc.errors import DmhpcError
 from dmhpc.mpi import env_int, import_mpi, launched
 from dmhpc.rendezvous import master_port, slurm_rendezvous
@@ -152,7 +153,7 @@ def _mpi_rendezvous(launch: Launch, env: Mapping[str, str]) -> Launch:
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
     local_rank, local_size = node.Get_rank(), node.Get_size()
     # mpiexec binds each rank to its own CPUs or lets them all share one mask, by its options.
-    sharers = ranks_sharing_cpus(node.allgather(sorted(os.sched_getaffinity(0))), local_rank)
+    sharers = ranks_sharing_cpus(node.allgather(cpu_mask()), local_rank)
     node.Free()
     addr, port = None, master_port(env)  # checked on every rank: a refusal on rank 0 alone hung the others
     if rank == 0 and size > 1:
@@ -180,7 +181,7 @@ def cpus_per_rank(launcher: str, local_world_size: int, sharers: int = 0, task_c
     with the node's other ranks where they all inherit one (torchrun's workers). An srun task's
     mask is its own where Slurm binds tasks; a site without task binding gives every task the whole
     step's mask, so the task's --cpus-per-task (`task_cpus`, 0 when not given) caps it."""
-    mask = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    mask = len(cpu_mask())
     if sharers:
         return max(1, mask // sharers)
     if launcher == "slurm":

@@ -166,6 +166,17 @@ def test_hand_edited_manifest_fields_are_one_line_errors(dataset, field, value, 
     assert problem in str(info.value) and "\n" not in str(info.value) and MANIFEST in str(info.value)
 
 
+def test_verify_where_the_platform_has_no_cpu_masks(dataset, monkeypatch):
+    """os.sched_getaffinity exists on Linux only: `dmhpc verify` on a laptop (macOS) was an AttributeError."""
+    import os
+
+    from dmhpc.distributed import cpus_per_rank
+
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert verify_dataset(dataset) == []
+    assert cpus_per_rank("single", 1) == os.cpu_count()
+
+
 def test_a_huge_num_classes_of_an_unlabelled_set_is_not_allocated(tmp_path):
     """Unlabelled sets have no class counts to hold num_classes to: verify allocated a counter per
     class and died with a numpy MemoryError traceback."""

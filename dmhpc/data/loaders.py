@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import weakref
 from pathlib import Path
 
 import torch
 
+from dmhpc.cpus import cpu_mask
 from dmhpc.data.batches import (SOURCE, TARGET, Batches, Domain, IgnoreSignals, Stream, channel_stats,
                                 check_normalize, finish, normalization, read_ahead)
 from dmhpc.data.resident import ResidentBatches
@@ -329,7 +329,7 @@ def make_train_loader(
         domains.append(Domain(directory, manifest, stream, mean, std))
     kind, reason = choose_kind(kind, device, sum(d.nbytes for d in domains), local_ranks)
     ignore = IgnoreSignals(tuple(stop_signals))
-    cpus = cpus or len(os.sched_getaffinity(0))
+    cpus = cpus or len(cpu_mask())
     if kind in ("torch", "dali") and num_workers > cpus - 1:
         # Readers beyond the rank's CPUs only take turns with the training process; DALI needs one.
         given = max(1 if kind == "dali" else 0, cpus - 1)

@@ -47,6 +47,7 @@ import submitit
 from dmhpc.checks import (Check, Problems, boolean, integer, mapping, number, optional, show, take, text, text_list,
                           unknown_keys)
 from dmhpc.config import config_to_dict
+from dmhpc.cpus import cpu_mask
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, hold_lock
 from dmhpc.launch.spec import Point
@@ -184,8 +185,7 @@ def local_threads(ranks_at_once: int) -> int | None:
     """
     if ranks_at_once <= 1 or "OMP_NUM_THREADS" in os.environ:
         return None
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cpus // ranks_at_once)
+    return max(1, len(cpu_mask()) // ranks_at_once)
 
 
 def local_gpus(wanted: int) -> tuple[int, ...] | None:
