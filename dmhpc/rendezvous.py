@@ -69,10 +69,26 @@ def _scontrol(env: Mapping[str, str], *args: str) -> str | None:
         return None
 
 
+def hosts(nodelist: str, env: Mapping[str, str]) -> list[str]:
+    """The hosts of a SLURM node list: scontrol's expansion, or ours when scontrol is unusable."""
+    return (_scontrol(env, "show", "hostnames", nodelist) or "").split() or expand_nodelist(nodelist)
+
+
 def first_host(nodelist: str, env: Mapping[str, str]) -> str:
-    """The first host of a SLURM node list: scontrol's expansion, or ours when scontrol is unusable."""
-    out = (_scontrol(env, "show", "hostnames", nodelist) or "").split()
-    return out[0] if out else expand_nodelist(nodelist)[0]
+    return hosts(nodelist, env)[0]
+
+
+def _nodelist(env: Mapping[str, str]) -> str:
+    """The node list whose first node hosts the rendezvous: the step's inside an srun step, else the
+    job's. A step list that is not within the job's came from elsewhere (exported by a shell that
+    ran inside another job's step, and passed on by sbatch): the job's then."""
+    step = env.get("SLURM_STEP_NODELIST")
+    job = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+    if step and job and first_host(step, env) not in hosts(job, env):
+        return job
+    if step or job:
+        return step or job
+    raise DmhpcError("environment: no SLURM_STEP_NODELIST or SLURM_JOB_NODELIST to find the job's first node in")
 
 
 def node_address(node: str, env: Mapping[str, str]) -> str:
@@ -97,12 +113,7 @@ def slurm_rendezvous(env: Mapping[str, str]) -> tuple[str, int]:
     """(address, port) where the ranks of this SLURM job meet; MASTER_ADDR/MASTER_PORT win."""
     addr = env.get("MASTER_ADDR")
     if not addr:
-        nodelist = next((env[v] for v in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
-                         if env.get(v)), None)
-        if nodelist is None:
-            raise DmhpcError("environment: no SLURM_STEP_NODELIST or SLURM_JOB_NODELIST to find the "
-                             "job's first node in")
-        addr = node_address(first_host(nodelist, env), env)
+        addr = node_address(first_host(_nodelist(env), env), env)
     port = master_port(env)
     return addr, slurm_port(env) if port is None else port
 

@@ -82,6 +82,12 @@ def test_slurm_falls_back_to_the_job_node_list_and_honours_master_variables():
     assert detect_launch(env).master_addr == "gpu01"
     launch = detect_launch({**SLURM_STEP, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "4242"})
     assert (launch.launcher, launch.master_addr, launch.master_port) == ("slurm", "10.0.0.1", 4242)
+    # A step list of another job (sbatch passed on a shell's from inside an interactive step): the
+    # ranks met on that job's node, and the rendezvous timed out.
+    from dmhpc.rendezvous import slurm_rendezvous
+
+    assert slurm_rendezvous({**env, "SLURM_STEP_NODELIST": "login[1-2]"})[0] == "gpu01"
+    assert slurm_rendezvous({**env, "SLURM_STEP_NODELIST": "gpu[02-03]"})[0] == "gpu02"
 
 
 def test_slurm_batch_script_and_single_task_steps_are_single_processes():
