@@ -76,7 +76,7 @@ def training_curves(records: list[dict], path: Path, title: str = "") -> Path:
 
     plt = _pyplot()
     epochs = [r for r in records if r.get("kind") == "epoch"]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 5.2), layout="constrained")
     any_unlabelled = False
     x = [r["epoch"] for r in epochs]
     if epochs:
@@ -108,8 +108,8 @@ def training_curves(records: list[dict], path: Path, title: str = "") -> Path:
             ax.set_xticks(x)
         else:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if ax.lines:
-            ax.legend(fontsize=8)
+        if ax.lines:  # below the plot: inside, it covered the curves wherever it was put
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
     if title:
         fig.suptitle(wrap_title(title, 115), fontsize=10)
     return _save(fig, path)

@@ -17,7 +17,8 @@ def drawn(monkeypatch):
     figures = []
 
     def keep(fig, path):
-        fig.tight_layout()
+        if fig.get_layout_engine() is None:  # as _save lays them out
+            fig.tight_layout()
         fig.canvas.draw()
         figures.append(fig)
         return path
@@ -76,3 +77,6 @@ def test_training_curves_mark_the_best_epoch_on_whole_epoch_ticks(drawn, tmp_pat
             marks = [line for line in ax.lines if line.get_linestyle() == ":"]
             assert [list(m.get_xdata()) for m in marks] == [[best, best]]
             assert "best checkpoint (source_val_accuracy)" in [t.get_text() for t in ax.get_legend().get_texts()]
+            # The legend lies below the plot, inside the figure: within the axes it covered the curves.
+            legend, area = ax.get_legend().get_window_extent(), ax.get_window_extent()
+            assert legend.y1 < area.y0 and legend.y0 >= fig.bbox.y0 - 1, (legend, area)
