@@ -163,6 +163,46 @@ def test_mmd_median_bandwidth_is_the_detached_lower_median(unbiased):
     torch.testing.assert_close(g_median_t, g_fixed_t, rtol=1e-10, atol=0)
 
 
+# Ops whose result size (or value on the host) depends on the data: on a GPU each waits for the queue.
+WAITING_OPS = ("aten.nonzero", "aten.masked_select", "aten._local_scalar_dense", "aten.unique", "aten.item")
+
+
+def _waiting_ops(fn) -> list[str]:
+    """The ops of `fn` (forward and backward) that would wait for the device: boolean-mask indexing
+    and the like, which a CPU run does without a cost to see."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.waits = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = str(func)
+            masks = name.startswith("aten.index.") and any(
+                isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or ()))
+            if masks or name.startswith(WAITING_OPS):
+                self.waits.append(name)
+            return func(*args, **(kwargs or {}))
+
+    with Record() as record:
+        fn().backward()
+    return record.waits
+
+
+@pytest.mark.parametrize("loss", ["mmd", "mmd-median", "coral", "entropy", "fisher", "dann"])
+def test_the_losses_never_wait_for_the_device(loss):
+    """MMD's median bandwidth took its distinct pairs with boolean masks: every step waited for the
+    GPU to learn their number. Checked on CPU through the ops each loss dispatches."""
+    xs, xt = small(3, 8, 5), small(4, 8, 5)
+    labels = torch.tensor([0, 1] * 4)
+    fisher = FisherLoss(2, 5, intra_weight=1.0, inter_weight=1.0)
+    run = {"mmd": lambda: mmd(xs, xt), "mmd-median": lambda: mmd(xs, xt, sigmas="median"),
+           "coral": lambda: coral(xs, xt), "entropy": lambda: entropy(xs),
+           "fisher": lambda: fisher(xs, labels)[0], "dann": lambda: dann_loss(xs[:, :1], xt[:, :1])}[loss]
+    assert _waiting_ops(run) == []
+
+
 def test_mmd_of_a_sample_with_itself_is_zero_and_not_clamped_by_default():
     x = small(5, 8, 3)
     assert abs(mmd(x, x.detach().clone()).item()) < 1e-12

@@ -148,9 +148,10 @@ def _squared_distances(ys: torch.Tensor, yt: torch.Tensor) -> tuple[torch.Tensor
 
 def _median_sigmas(dss: torch.Tensor, dtt: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
     """MEDIAN_SCALES times the lower median of the squared distances over distinct pairs."""
-    upper_s = torch.ones_like(dss, dtype=torch.bool).triu_(1)
-    upper_t = torch.ones_like(dtt, dtype=torch.bool).triu_(1)
-    pairs = torch.cat([dss[upper_s], dtt[upper_t], dst.flatten()])
+    # Indices, not boolean masks: a mask's result has a size the host learns only by waiting for the GPU.
+    upper_s = torch.triu_indices(len(dss), len(dss), 1, device=dss.device)
+    upper_t = torch.triu_indices(len(dtt), len(dtt), 1, device=dtt.device)
+    pairs = torch.cat([dss[upper_s[0], upper_s[1]], dtt[upper_t[0], upper_t[1]], dst.flatten()])
     median = pairs.median()
     scales = device_constants(MEDIAN_SCALES, dss.device, dss.dtype)
     # All points identical: keep the kernels finite (every one is then 1 on every pair).
