@@ -677,6 +677,30 @@ def test_auto_on_cuda_keeps_a_small_data_set_resident(data):
         loader.close()
 
 
+@pytest.mark.gpu
+def test_a_steps_indices_reach_the_gpu_through_pinned_memory():
+    """A non_blocking copy from pageable memory still waits for the stream's earlier work: the
+    step's row indices and symmetry codes waited for the previous step's kernels."""
+    from dmhpc.data.batches import to_device
+
+    made = []
+    pin = torch.Tensor.pin_memory
+
+    def pinned(tensor, *args, **kwargs):
+        made.append(tensor.numel())
+        return pin(tensor, *args, **kwargs)
+
+    torch.Tensor.pin_memory = pinned
+    try:
+        busy = torch.randn(4096, 4096, device="cuda")
+        busy @ busy  # work queued ahead of the copy
+        rows = to_device(np.arange(7, dtype=np.int64), torch.device("cuda:0"))
+    finally:
+        torch.Tensor.pin_memory = pin
+    assert made == [7] and rows.device.type == "cuda" and rows.cpu().tolist() == list(range(7))
+    assert to_device(np.arange(3), torch.device("cpu")).tolist() == [0, 1, 2]
+
+
 def test_read_ahead_keeps_the_order_and_closing_waits_for_the_read_in_flight():
     """Evaluation and `dmhpc predict` on a GPU read the next batch while the device works; the
     reader is closed after the iterator, which must not leave a read running on a closed file."""

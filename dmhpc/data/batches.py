@@ -164,8 +164,18 @@ def finish(images: torch.Tensor, codes: torch.Tensor | None, scale, shift,
 
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A small host array (a step's row indices, its symmetry codes) on `device` without the host
+    waiting: CUDA copies from pageable memory only after the stream's earlier work, whatever
+    non_blocking says, so a GPU's copy goes through pinned memory (torch caches the pinned blocks)."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
+
+
 def device_codes(stream: Stream, epoch: int, step: int, square: bool, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(stream.codes(epoch, step, square)).to(device, non_blocking=True)
+    return to_device(stream.codes(epoch, step, square), device)
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from dmhpc.data.batches import SOURCE, Domain, channel_stats, device_codes, finish
+from dmhpc.data.batches import SOURCE, Domain, channel_stats, device_codes, finish, to_device
 from dmhpc.data.shards import RowReader
 
 # Rows read at a time into resident memory: bounds the host memory a rank needs while staging.
@@ -38,7 +38,7 @@ class ResidentBatches:
         for step in range(start_step, self.parts[SOURCE][0].steps):
             out = []
             for stream, images, labels, scale, shift in self.parts:
-                rows = torch.from_numpy(stream.samples(epoch, step)).to(self.device, non_blocking=True)
+                rows = to_device(stream.samples(epoch, step), self.device)
                 codes = device_codes(stream, epoch, step, self.square, self.device) if self.augment else None
                 out += [finish(images.index_select(0, rows), codes, scale, shift, self.memory_format),
                         labels.index_select(0, rows)]
