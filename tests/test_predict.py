@@ -751,7 +751,10 @@ def test_a_requeued_prediction_reuses_its_own_statistics(trained, tmp_path, monk
     real = Source.own_stats
     monkeypatch.setattr(Source, "own_stats", lambda self, *a, **k: passes.append(1) or real(self, *a, **k))
     # Statistics of other inputs, or hand-edited: computed again (the same, so the parts are reused).
-    for n, edit in enumerate(({"inputs": "another survey"}, {"std": [0.0, 1.0, 1.0]}, {"mean": "x"})):
+    # The same inputs read another way (--nan-fill, --layout change the pixels): computed again too.
+    assert saved["read_as"]["nan_fill"] is None
+    for n, edit in enumerate(({"inputs": "another survey"}, {"std": [0.0, 1.0, 1.0]}, {"mean": "x"},
+                              {"read_as": {**saved["read_as"], "nan_fill": 100.0}})):
         probe = tmp_path / f"probe{n}.ecsv"
         shutil.copytree(f"{out}.parts", f"{probe}.parts")
         Path(f"{probe}.parts", "own_stats.json").write_text(json.dumps({**saved, **edit}))
@@ -890,7 +893,15 @@ def test_layout_and_verify_go_with_the_sources_they_concern(trained, tmp_path, c
             (["--data", str(trained["data"] / "noisy"), "--layout", "NHWC"], "--layout goes with --images or --catalog"),
             # was accepted, recorded in the catalog's SRCARGS, and did nothing
             (["--data", str(trained["data"] / "noisy"), "--nan-fill", "0"], "--nan-fill goes with --images or --catalog"),
-            (["--images", str(trained["survey"]), "--verify", "structure"], "--verify structure goes with --data")):
+            (["--images", str(trained["survey"]), "--verify", "structure"], "--verify structure goes with --data"),
+            # catalog options without a catalog, and cutouts beside --images: ignored (no label
+            # column in the catalog; the catalog's ids given to the cube's rows)
+            (["--data", str(trained["data"] / "noisy"), "--label-column", "merger"],
+             "--label-column reads a catalog: give --catalog (a prepared data set keeps its ids and labels)"),
+            (["--images", str(trained["survey"]), "--id-column", "objid", "--cutouts", str(tmp_path)],
+             "--id-column, --cutouts read a catalog: give --catalog"),
+            (["--images", str(trained["survey"]), "--catalog", str(tmp_path / "cat.csv"), "--file-column", "file"],
+             "--file-column names cutout files to read, and --images gives the images: give one or the other")):
         assert main([*base, str(tmp_path / "c.parquet"), *extra]) == 1
         err = capsys.readouterr().err
         assert message in err and len(err.splitlines()) == 1, err

@@ -234,16 +234,17 @@ def _check_ascii(out: Path, source: Source, meta: dict) -> None:
                          f"{instead}")
 
 
-def _saved_stats(parts: Path, inputs: str, channels: int) -> tuple[list, list] | None:
-    """The statistics a stopped prediction of the same inputs (`Source.digest`) computed, or None:
-    a requeued survey job would read every image again for them. Read before the parts folder is
-    locked: it is written whole (atomically), and only reused when it names these very inputs and
-    holds what the pass would give (a positive, finite std per channel)."""
+def _saved_stats(parts: Path, inputs: str, read_as: dict, channels: int) -> tuple[list, list] | None:
+    """The statistics a stopped prediction of the same inputs (`Source.digest`) read the same way
+    (`read_as`: how open_source was called; --nan-fill and --layout change the pixels) computed, or
+    None: a requeued survey job would read every image again for them. Read before the parts folder
+    is locked: it is written whole (atomically), and only reused when it names these very inputs
+    and holds what the pass would give (a positive, finite std per channel)."""
     try:
         saved = json.loads((parts / OWN_STATS).read_text())
         mean, std = saved["mean"], saved["std"]
         numbers = [float(v) for v in mean + std if not isinstance(v, bool)]
-        if saved["inputs"] != inputs or len(mean) != channels or len(std) != channels or len(numbers) != 2 * channels \
+        if saved["inputs"] != inputs or saved.get("read_as") != read_as or len(mean) != channels or len(std) != channels or len(numbers) != 2 * channels \
                 or not all(np.isfinite(numbers)) or min(std) <= 0:
             return None
         return mean, std
@@ -392,7 +393,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         elif normalize == "own":
             # A prepared set's statistics are in its manifest; other inputs' are of `digest`.
             saved = None if source.kind == "data" else on_main(
-                lambda: _saved_stats(Path(f"{out}.parts"), digest, source.shape[0]))
+                lambda: _saved_stats(Path(f"{out}.parts"), digest, source_args, source.shape[0]))
             # Every rank reads a share: rank 0 alone, on a large survey, could outlast the others' wait.
             mean, std = saved or source.own_stats(dist.rank, dist.world_size, gather)
         else:
@@ -415,7 +416,8 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         spec_digest = _spec_digest(spec)
         on_main(lambda: _claim_parts(out, parts, spec, overwrite, held))
         if normalize == "own" and source.kind != "data":
-            on_main(lambda: atomic_write(parts / OWN_STATS, json.dumps({"inputs": digest, "mean": mean, "std": std})))
+            on_main(lambda: atomic_write(parts / OWN_STATS, json.dumps({"inputs": digest, "read_as": source_args,
+                                                                         "mean": mean, "std": std})))
         n_parts = -(-source.count // part_size)
         names = _part_names(source, tta)
 

@@ -259,6 +259,18 @@ def open_source(*, data: str | os.PathLike | None = None, split: str | None = No
     if nan_fill is not None and data is not None:
         raise DmhpcError("--nan-fill goes with --images or --catalog (a prepared data set holds no NaN: prepare "
                          "refused or filled them)")
+    # Options of a catalog without one, and where cutouts are beside --images, would be ignored:
+    # a catalog without the label column asked for, ids given to the wrong images.
+    column_options = {"--id-column": id_column != "id", "--label-column": label_column is not None,
+                      "--file-column": file_column is not None, "--cutouts": cutouts is not None}
+    given = [name for name, on in column_options.items() if on]
+    if given and catalog is None:
+        raise DmhpcError(f"{', '.join(given)} read{'s' if len(given) == 1 else ''} a catalog: give --catalog"
+                         + (" (a prepared data set keeps its ids and labels)" if data is not None else ""))
+    cutout_options = [name for name in ("--file-column", "--cutouts") if column_options[name]]
+    if cutout_options and images is not None:
+        raise DmhpcError(f"{', '.join(cutout_options)} name{'s' if len(cutout_options) == 1 else ''} cutout files to "
+                         f"read, and --images gives the images: give one or the other")
     if data is not None:
         # Taken before the manifest is read, like file_identity: a data set prepared again in place
         # (--overwrite) since a part was written changes them, and its parts are refused.
