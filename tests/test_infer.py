@@ -245,6 +245,21 @@ def test_explain_reads_srcargs_of_older_catalogs_and_refuses_edited_ones(survey,
         err = capsys.readouterr().err
         assert f"edited{k}.ecsv: SRCARGS is not predict's record of its inputs" in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "refused").exists()
+    # A catalog cut down to a few columns, or its statistics edited: KeyError and JSON tracebacks.
+    table.meta["SRCARGS"] = json.dumps(args)
+    table["id", "p_merger"].write(tmp_path / "columns.ecsv")
+    for k, mean in enumerate(("[0.4", "[1, 2]", "[1, 2, NaN]")):
+        edited = table.copy()
+        edited.meta["MEAN"] = mean
+        edited.write(tmp_path / f"mean{k}.ecsv")
+    for name, message in (("columns.ecsv", "not a catalog written by dmhpc predict (no p_merger or index column"),
+                          *((f"mean{k}.ecsv", "MEAN and STD are not predict's record of 3 channels' statistics")
+                            for k in range(3))):
+        assert main(["explain", "--run", str(run_on_survey), "--catalog", str(tmp_path / name), "--n", "2",
+                     "--out", str(tmp_path / "refused")]) == 1
+        err = capsys.readouterr().err
+        assert f"{name}: {message}" in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "refused").exists()
 
 
 def test_explain_data_of_another_shape_is_one_line(survey, run_on_survey, tmp_path, capsys):

@@ -188,6 +188,20 @@ def _source_args(catalog: Path, recorded: str) -> dict:
     return args
 
 
+def _recorded_normalization(catalog: Path, meta, channels: int) -> tuple[list, list]:
+    """The MEAN and STD predict normalized the catalog's images with, one per channel."""
+    try:
+        mean, std = json.loads(str(meta["MEAN"])), json.loads(str(meta["STD"]))
+        values = [float(v) for v in [*mean, *std] if not isinstance(v, bool)]
+    except (ValueError, TypeError):
+        values, mean, std = [], [], []
+    if len(mean) != channels or len(std) != channels or len(values) != 2 * channels or \
+            not all(np.isfinite(values)) or min(std) <= 0:
+        raise DmhpcError(f"{catalog}: MEAN and STD are not predict's record of {channels} channels' statistics "
+                         f"(edited by hand?); predict again")
+    return mean, std
+
+
 def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=None, n: int = 6, seed: int = 0,
             pool: int = 200, overwrite: bool = False, rgb: tuple[int, int, int] = (2, 1, 0)) -> list[Path]:
     """Write the PNG grids; returns their paths. `pool` images per domain are scored to find the samples.
@@ -203,9 +217,12 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
         table = None
         if catalog is not None:
             table = _read_catalog(Path(catalog))
-            if "p_merger" not in table.colnames or not {"SRCARGS", "RUN", "CKPT", "CKPTSTEP"} <= set(table.meta):
-                raise DmhpcError(f"{catalog}: not a catalog written by dmhpc predict (no p_merger column, or no "
-                                 f"SRCARGS, RUN, CKPT or CKPTSTEP)")
+            # A catalog cut down to a few columns (astropy keeps the metadata) lacks `index`, the row
+            # of each candidate's image.
+            if not {"p_merger", "index"} <= set(table.colnames) or \
+                    not {"SRCARGS", "RUN", "CKPT", "CKPTSTEP", "MEAN", "STD"} <= set(table.meta):
+                raise DmhpcError(f"{catalog}: not a catalog written by dmhpc predict (no p_merger or index column, "
+                                 f"or no SRCARGS, RUN, CKPT, CKPTSTEP, MEAN or STD); explain predict's own file")
             model = _catalog_model(Path(catalog), table, run, checkpoint, dist.device)
         else:
             model = Model(run, checkpoint or "best", dist.device)
@@ -228,8 +245,8 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
                 raise DmhpcError(f"{catalog}: its inputs ({source.inputs}) changed since it was predicted (another "
                                  f"size or modification time, or a data set prepared again); predict again")
             images = source.read_inputs(np.asarray(table["index"])[top])
+            norm = Normalizer(*_recorded_normalization(Path(catalog), table.meta, images.shape[1]), dist.device)
             claim_out()
-            norm = Normalizer(json.loads(table.meta["MEAN"]), json.loads(table.meta["STD"]), dist.device)
             x = norm(torch.from_numpy(images).to(model.device))
             # The catalog's own numbers: with TTA the mean over the transforms, not this one forward pass.
             probs = np.asarray(table["p_merger"])[top]
