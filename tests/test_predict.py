@@ -75,7 +75,7 @@ def test_the_catalog_is_the_forward_pass_in_input_order(trained, tmp_path, capsy
     np.testing.assert_array_equal(np.asarray(table["p_merger"]), expected)  # bit for bit on CPU
     np.testing.assert_array_equal(np.asarray(table["merger"]), (expected >= 0.5).astype(np.int8))
     assert table.meta["CKPT"] == "best" and table.meta["RUN"] == str(trained["run"].resolve())
-    assert table.meta["NORM"] == "target" and table.meta["DMHPC"]
+    assert table.meta["NORM"] == "target" and table.meta["DMHPC"] and table.meta["AMP"] == "none"
     assert not Path(f"{out}.parts").exists()  # merged, then removed
     # a finished catalog is never replaced silently
     assert main(["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--out", str(out)]) == 1

@@ -408,7 +408,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                 "SOURCE": source.kind, "DATA": str(source.path.resolve()),
                 "DATASHA": source.describe.get("fingerprint", ""), "INPUTSHA": digest,
                 "NORM": normalize, "MEAN": show(mean),
-                "STD": show(std), "TTA": tta, "SRCARGS": json.dumps(source_args)}
+                "STD": show(std), "TTA": tta, "AMP": amp, "SRCARGS": json.dumps(source_args)}
         if catalog_format(out) == "fits":
             on_main(lambda: _check_ascii(out, source, meta))
         parts = Path(f"{out}.parts")
