@@ -105,6 +105,35 @@ def test_every_catalog_format(trained, tmp_path, ext):
         assert table.meta["CKPT"] == "best" and table.meta["SOURCE"] == "data"
 
 
+def test_a_csv_catalog_replaced_never_stands_beside_the_new_ones_provenance(trained, tmp_path, monkeypatch):
+    """--overwrite of a CSV catalog put the new CATALOG.json in place before the new CSV: a kill in
+    between left the old probabilities beside another prediction's provenance, which explain trusts."""
+    out = tmp_path / "survey.csv"
+    argv = ["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--out", str(out),
+            "--part-size", "64", "--batch-size", "32"]
+    assert main(argv) == 0
+    old = out.read_bytes()
+
+    class Killed(BaseException):
+        pass
+
+    replace = os.replace
+
+    def killed_at_the_catalog(src, dst):
+        if str(dst) == str(out):
+            raise Killed
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_catalog)
+    with pytest.raises(Killed):
+        main([*argv, "--tta", "--overwrite"])
+    monkeypatch.undo()
+    assert out.read_bytes() == old and not Path(f"{out}.json").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert main([*argv, "--tta", "--overwrite"]) == 0  # the parts kept: merged
+    assert json.loads(Path(f"{out}.json").read_text())["TTA"] is True
+
+
 def test_tta_and_own_normalization(trained, tmp_path):
     out = tmp_path / "tta.ecsv"
     assert main(["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--out", str(out),
@@ -123,6 +152,7 @@ def test_tta_and_own_normalization(trained, tmp_path):
     versions = np.stack(versions)
     np.testing.assert_allclose(np.asarray(table["p_merger"]), versions.mean(0), rtol=0, atol=2e-6)
     np.testing.assert_allclose(np.asarray(table["p_merger_std"]), versions.std(0), rtol=0, atol=2e-6)
+    assert table["p_merger"].description == "merger probability (mean over the 8 dihedral transforms)"
 
 
 def test_a_catalog_of_fits_cutouts(trained, tmp_path):

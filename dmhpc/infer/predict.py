@@ -46,7 +46,7 @@ from dmhpc.data.inputs import CUTOUTS_HELP
 from dmhpc.distributed import (AgreedError, agree, all_gather_object, barrier, bootstrap, gather, meet_before_leaving,
                                on_main, shutdown)
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_path, atomic_write, locked_directory
+from dmhpc.files import atomic_path, atomic_write, locked_directory, staged_write
 from dmhpc.progress import progress_bar
 from dmhpc.infer.sources import DIGEST_BLOCK, Source, open_source
 from dmhpc.run import RunDir, check_shape
@@ -335,22 +335,32 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
     table["merger"] = (table["p_merger"] >= 0.5).astype(np.uint8)
     if "split" in table.colnames:
         table["split"] = np.array(["train", "val", "test"])[table["split"]]
-    table["p_merger"].description = "merger probability" + (" (mean over the 8 dihedral transforms)"
+    transforms = "8 dihedral transforms" if source.shape[1] == source.shape[2] else "4 flips (images not square)"
+    table["p_merger"].description = "merger probability" + (f" (mean over the {transforms})"
                                                             if "p_merger_std" in table.colnames else "")
     fmt = catalog_format(out)
     table.meta.update(meta)
     kwargs = {"path": "catalog", "serialize_meta": True} if fmt == "hdf5" else {}
     kept = f"the parts are kept in {parts}; a rerun merges them"
+    beside, staged = Path(f"{out}.json"), None  # plain CSV has no place for metadata (ECSV does): a JSON file
     try:
         with atomic_path(out) as tmp:
             table.write(tmp, format=fmt, overwrite=True, **kwargs)
-            if fmt == "ascii.csv":  # plain CSV has no place for metadata (ECSV does): a JSON file beside it
-                atomic_write(f"{out}.json", json.dumps(meta, indent=2) + "\n")
+            if fmt == "ascii.csv":
+                staged = staged_write(beside, json.dumps(meta, indent=2) + "\n")
+                # The replaced catalog's goes just before the new one takes its name: killed in between,
+                # a CSV stands without provenance (explain refuses it), never beside another's.
+                beside.unlink(missing_ok=True)
+        if staged is not None:
+            os.replace(staged, beside)
     except DmhpcError as exc:  # an OSError, said by atomic_path
         raise DmhpcError(f"{exc}; {kept}") from None
     except Exception as exc:  # whatever astropy or its writers raise: the survey's parts must not be lost
         reason = " ".join(str(exc).split())[:200]
         raise DmhpcError(f"--out {out}: cannot write the catalog ({type(exc).__name__}: {reason}); {kept}") from None
+    finally:
+        if staged is not None:
+            staged.unlink(missing_ok=True)  # if it was not put in place
     shutil.rmtree(parts)
     return len(table)
 
