@@ -354,6 +354,15 @@ def all_gather_object(obj: Any) -> list:
     return out
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm's running statistics). A collective. Each rank's
+    drift apart in training (each normalizes its own batches; DDP copies rank 0's over them only at
+    the start of the next forward), so a model evaluated in shards is otherwise several models."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
+
 def all_reduce_min(values: torch.Tensor) -> torch.Tensor:
     """The element-wise minimum over ranks of a small tensor, returned on the CPU."""
     if not is_distributed():

@@ -455,6 +455,17 @@ def test_torchrun_two_ranks(data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world 2" in proc.stdout
     assert json.loads((run / "eval" / "best_test.json").read_text())["source"]["n"] > 0
+    # The validation that chose best.pt scored best.pt: each rank had scored its share of the split
+    # with its own BatchNorm statistics, a mixture of models differing by ~1e-4 from the one saved.
+    assert main(["eval", "--run", str(run), "--split", "val"]) == 0
+    result = json.loads((run / "eval" / "best_val.json").read_text())
+    record = next(r for r in _epoch_records(run) if r["epoch"] == result["checkpoint"]["epoch"])
+    for domain in ("source", "target"):
+        logged, now = record[domain]["val"], result[domain]
+        shared = [k for k in logged if isinstance(logged[k], float) and isinstance(now.get(k), float)]
+        assert {"brier", "mean_p_merger"} <= set(shared), shared
+        for key in shared:
+            assert abs(logged[key] - now[key]) < 1e-6, (domain, key, logged[key], now[key])
 
 
 FULL_DISK_ON_RANK_0 = """

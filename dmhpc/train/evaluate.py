@@ -14,7 +14,7 @@ from dmhpc.data.batches import domain_stats
 from dmhpc.data.check import check_dataset
 from dmhpc.data.loaders import eval_batches, eval_rows
 from dmhpc.data.shards import fingerprint, load_manifest
-from dmhpc.distributed import all_gather_object, bootstrap, gather, on_main, shutdown
+from dmhpc.distributed import all_gather_object, bootstrap, broadcast_buffers, gather, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import hold_lock, same_place, staged_write, temporary_path
 from dmhpc.run import EVAL_OWNER, LOCK, RunDir, check_shape, evaluation_tag, result_text
@@ -33,6 +33,7 @@ def predict(model, directory, split: str, *, batch_size: int, dist, mean, std,
     order. The model is put in eval mode and left there.
     """
     model.eval()
+    broadcast_buffers(model)  # the model rank 0 saves, on every rank's share
     labels, probs, indices, feats = [], [], [], []
     first, last = eval_rows(load_manifest(directory), split, dist.rank, dist.world_size)
     with torch.no_grad(), progress_bar(last - first, f"{split} {Path(directory).name}", unit="img",
