@@ -832,6 +832,32 @@ def test_a_world_size_changed_at_an_epochs_end_trains_every_epoch(data, tmp_path
     assert len(_epochs(run)) == 3
 
 
+@pytest.mark.parametrize("schedule", ["inv", "warmup-cosine"])
+def test_schedules_set_in_steps_count_the_first_worlds_steps_after_the_world_grows(data, tmp_path, schedule):
+    """inv and the warm-up counted this world's steps: on twice the ranks (3 steps an epoch, not 7)
+    inv went back to the rate of step 3 and a finished warm-up began again."""
+    run = tmp_path / "run"
+    extra = [f"optim.schedule={schedule}", "optim.gamma=0.5", "optim.warmup_steps=5", "train.log_every=1"]
+    assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1", *extra)]) == 0
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "dmhpc.train", "--config", str(TINY),
+         *_overrides(data, run, "train.epochs=2", *extra)], cwd=ROOT, env=clean_env(), capture_output=True,
+        text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    steps = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "step"' in l]
+    rates = [r["lr_scale"] for r in steps]
+    assert [r["epoch"] for r in steps] == [0] * 7 + [1] * 3
+    from dmhpc.train.schedule import lr_factor
+
+    optim = load_config(TINY, [*extra, "train.epochs=2"]).optim
+    # Epoch 1's steps are at 7, 7 + 7/3, 7 + 14/3 of the first world's steps, of 14 in all.
+    want = [lr_factor(7 + k * 7 / 3, optim, total_steps=14, steps_per_epoch=7) for k in range(3)]
+    assert rates[7:] == pytest.approx(want, rel=1e-12), rates
+    if schedule == "inv":  # decaying on, never back up
+        assert all(a > b for a, b in zip(rates, rates[1:])), rates
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]["schedule_steps_per_epoch"] == 7
+
+
 def test_a_new_run_from_another_runs_checkpoint_selects_among_its_own_epochs(data, tmp_path, capsys):
     """It kept the other run's best score: never beaten, no best.pt was written, and the finished
     training failed at its test, again on every requeue."""

@@ -117,6 +117,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
         # The slowest rank's data staging time, which scaling studies report beside the throughput.
         loader_setup_s = max(all_gather_object(time.perf_counter() - t_setup))
         steps_per_epoch = len(loader)
+        prog.schedule_steps_per_epoch = prog.schedule_steps_per_epoch or steps_per_epoch
         if same_world and prog.step_in_epoch > steps_per_epoch:  # the same rows as when it was written
             raise DmhpcError(f"{claim.resume_from}: progress.step_in_epoch {prog.step_in_epoch} is past the "
                              f"{steps_per_epoch} steps of an epoch of this run")
@@ -131,7 +132,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     except BaseException:
         loader.close()  # its workers and pipelines end with the refused start
         raise
-    step = TrainStep(cfg, state, dist, total_steps=total_steps, steps_per_epoch=steps_per_epoch)
+    step = TrainStep(cfg, state, dist, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                     schedule_steps_per_epoch=prog.schedule_steps_per_epoch)
     dirs, stats = {"source": cfg.data.source, "target": cfg.data.target}, loader.stats
 
     # TensorBoard hides events at or after purge_step; the log keeps the records of the step resumed from.

@@ -9,8 +9,9 @@ from __future__ import annotations
 import math
 
 
-def lr_factor(step: int, optim, *, total_steps: int, steps_per_epoch: int) -> float:
-    """Multiplier of the base learning rate at `step` (0-based), as the `optim` section says.
+def lr_factor(step: float, optim, *, total_steps: float, steps_per_epoch: int) -> float:
+    """Multiplier of the base learning rate at `step` (0-based; a fraction where the steps are another
+    world's, see TrainStep.lr_scale), as the `optim` section says.
 
     - constant: 1.
     - warmup-cosine: linear warmup over `warmup_steps`, then cosine decay to `min_lr`.

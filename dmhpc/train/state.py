@@ -38,13 +38,16 @@ class Progress:
     # What step_in_epoch counts in: the order of an epoch's rows depends on both.
     world_size: int = 0
     loader: str = ""
+    # The steps of an epoch in the run's first world: what the schedules count steps in (0: not yet
+    # known), so that a world grown at an epoch's end neither rewinds a warm-up nor an inv decay.
+    schedule_steps_per_epoch: int = 0
 
 
 def _check_progress(p: Progress) -> None:
     """A ValueError naming the field of a progress that no run writes (an edited checkpoint): its
     numbers index epochs, rows and steps, and a string or a negative one failed as a TypeError, or
     resumed at the wrong place without a word, much later."""
-    for key in ("epoch", "step_in_epoch", "step", "evals_since_best", "world_size"):
+    for key in ("epoch", "step_in_epoch", "step", "evals_since_best", "world_size", "schedule_steps_per_epoch"):
         value = getattr(p, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"progress.{key} {value!r}: expected a whole number >= 0")

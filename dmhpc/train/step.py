@@ -41,9 +41,11 @@ def autocast(amp: str, device: torch.device):
 class TrainStep:
     """The configured optimizer step over one (xs, ys, xt, yt) batch; see the module docstring."""
 
-    def __init__(self, cfg, state, dist, *, total_steps: int, steps_per_epoch: int):
+    def __init__(self, cfg, state, dist, *, total_steps: int, steps_per_epoch: int,
+                 schedule_steps_per_epoch: int | None = None):
         self.cfg, self.state = cfg, state
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.schedule_steps_per_epoch = schedule_steps_per_epoch or steps_per_epoch
         model = state.model
         if dist.world_size > 1:
             model = torch.nn.parallel.DistributedDataParallel(
@@ -53,7 +55,13 @@ class TrainStep:
         self._lr = None  # the scale last applied: groups are updated only when it changes
 
     def lr_scale(self, step: int) -> float:
-        return lr_factor(step, self.cfg.optim, total_steps=self.total_steps, steps_per_epoch=self.steps_per_epoch)
+        """The rate's factor at `step` of this world, counted in the steps of the run's first world
+        (`schedule_steps_per_epoch`): the same point of an epoch gets the same rate in any world."""
+        first, now = self.schedule_steps_per_epoch, self.steps_per_epoch
+        if first == now:
+            return lr_factor(step, self.cfg.optim, total_steps=self.total_steps, steps_per_epoch=now)
+        return lr_factor(step * first / now, self.cfg.optim, total_steps=self.total_steps * first / now,
+                         steps_per_epoch=first)
 
     def grl(self, step: int) -> float:
         g = self.cfg.loss.grl
