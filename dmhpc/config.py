@@ -402,6 +402,50 @@ def _check_consistency(cfg: Config, origin: Mapping[str, str], default_label: st
         fail("optim.min_lr", f"{cfg.optim.min_lr:g} is above optim.lr {cfg.optim.lr:g}")
 
 
+def inert_keys(data: Mapping) -> dict[str, str]:
+    """The dotted keys whose value changes nothing under the configuration `data` (nested, as
+    `config_to_dict` gives it), each with the key whose setting makes it so."""
+    optim, loss = data.get("optim", {}), data.get("loss", {})
+    inert: dict[str, str] = {}
+    for keys, applies, decider in (
+            (("warmup_steps", "min_lr"), optim.get("schedule") == "warmup-cosine", "optim.schedule"),
+            (("cycle_epochs",), optim.get("schedule") == "cyclic", "optim.schedule"),
+            (("gamma", "power"), optim.get("schedule") == "inv", "optim.schedule"),
+            (("momentum",), optim.get("name") == "sgd", "optim.name"),
+            (("betas",), optim.get("name") != "sgd", "optim.name")):
+        if not applies:
+            inert.update({f"optim.{k}": decider for k in keys})
+    if loss.get("transfer") != "dann":
+        inert.update({f"loss.grl.{k}": "loss.transfer" for k in ("schedule", "alpha", "high")})
+    if loss.get("transfer") != "mmd":
+        inert.update({f"loss.mmd.{k}": "loss.transfer" for k in ("sigmas", "unbiased", "clamp")})
+    return inert
+
+
+def _check_inert(cfg: Config, origin: Mapping[str, str], top: str) -> None:
+    """Refuse a key set away from its default where it does nothing (a warm-up under the cyclic
+    schedule, SGD's momentum for Adam): the run would train without it, and without a word. Only
+    where it was set no earlier than the setting that makes it inert: a base file's cyclic
+    `cycle_epochs` under a schedule the file or the command line chose is layering, not a mistake."""
+    data, defaults = config_to_dict(cfg), config_to_dict(Config())
+
+    def layer(dotted: str) -> int:  # later layers win: a base file, the file given, the command line
+        where = origin.get(dotted)
+        return -1 if where is None else 2 if where == COMMAND_LINE else 1 if where == top else 0
+
+    for dotted, decider in inert_keys(data).items():
+        value = _dotted_value(data, dotted)
+        if changed_keys({"k": value}, {"k": _dotted_value(defaults, dotted)}) and layer(dotted) >= layer(decider):
+            raise DmhpcError(f"{origin.get(dotted, top)}: {dotted}: {show(value)} does nothing with {decider} "
+                             f"{show(_dotted_value(data, decider))}; remove it (or choose the setting it is for)")
+
+
+def _dotted_value(data: Mapping, dotted: str) -> Any:
+    for part in dotted.split("."):
+        data = data[part]
+    return data
+
+
 def config_from_dict(data: Mapping, source: str = "<dict>") -> Config:
     """Build and validate a Config from nested plain data (e.g. a checkpoint's "config" entry)."""
     if not isinstance(data, Mapping):
@@ -413,8 +457,10 @@ def config_from_dict(data: Mapping, source: str = "<dict>") -> Config:
     return cfg
 
 
-def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Config:
-    """Read a YAML config (following `base:`), apply `KEY=VALUE` overrides, and validate."""
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *, refuse_inert: bool = True) -> Config:
+    """Read a YAML config (following `base:`), apply `KEY=VALUE` overrides, and validate.
+    `refuse_inert=False` for a configuration dmhpc wrote (a run's config.yaml, of an older dmhpc
+    that took settings that did nothing)."""
     raw, origin = _read_with_bases(Path(path), ())
     for item in overrides:
         key, value = parse_override(item)
@@ -424,6 +470,8 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> Confi
         _merge(raw, nested, origin, COMMAND_LINE)
     cfg = _build(Config, raw, origin, str(path))
     _check_consistency(cfg, origin, str(path))
+    if refuse_inert:
+        _check_inert(cfg, origin, str(path))
     return cfg
 
 

@@ -36,7 +36,8 @@ from typing import IO, Any, Mapping
 
 from dmhpc import __version__
 from dmhpc.checks import show
-from dmhpc.config import Config, changed_keys, config_from_dict, config_to_dict, load_config, save_config
+from dmhpc.config import (Config, changed_keys, config_from_dict, config_to_dict, inert_keys, load_config,
+                          save_config)
 from dmhpc.errors import DmhpcError
 from dmhpc.files import LockHeld, atomic_path, atomic_write, hold_lock, is_temporary, remove_orphans
 
@@ -154,7 +155,7 @@ class RunDir:
         if not self.config_path.is_file():
             raise DmhpcError(f"{self.config_path}: no such file ({self.path} is not a dmhpc run directory)")
         try:
-            return load_config(self.config_path)
+            return load_config(self.config_path, refuse_inert=False)
         except DmhpcError as exc:
             raise DmhpcError(f"{self.path} is not a dmhpc run: {exc}") from None
 
@@ -413,7 +414,7 @@ class RunDir:
             return  # checkpoints of dmhpc's own tests may hold none
         trained = config_to_dict(config_from_dict(state["config"], f"{checkpoint}: config"))
         now = config_to_dict(self.config())
-        edited = [key for key in changed_keys(trained, now) if key not in RESUMABLE and key not in DATA_KEYS]
+        edited = [key for key in _changed_in_effect(trained, now) if key not in RESUMABLE and key not in DATA_KEYS]
         if edited:
             shown = "; ".join(f"{key} {show(_dotted(now, key))}, trained with {show(_dotted(trained, key))}"
                               for key in edited)
@@ -423,7 +424,7 @@ class RunDir:
     def _check_changes(self, old: dict, new: dict, where: str, data_ids: Mapping[str, str]) -> dict:
         saved_ids = {f"data.{k}": v.get("fingerprint") for k, v in self.recorded_data().items()}
         changed, refused = {}, []
-        for key in changed_keys(old, new):
+        for key in _changed_in_effect(old, new):
             a, b = _dotted(old, key), _dotted(new, key)
             same_data = key in DATA_KEYS and saved_ids.get(key) and saved_ids.get(key) == data_ids.get(key)
             if key in RESUMABLE or same_data:
@@ -495,6 +496,13 @@ class RunDir:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def _changed_in_effect(old: dict, new: dict) -> list[str]:
+    """Keys that differ, but for those that do nothing under either configuration (a warm-up an older
+    dmhpc took under the cyclic schedule, removed from the file now that it is refused)."""
+    inert = set(inert_keys(old)) & set(inert_keys(new))
+    return [key for key in changed_keys(old, new) if key not in inert]
 
 
 def check_epochs(epochs: int, epoch: int, step_in_epoch: int) -> None:

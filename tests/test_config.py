@@ -82,7 +82,7 @@ def test_base_is_relative_to_the_file_and_merges_deeply(tmp_path):
 
 
 def test_an_empty_section_or_a_null_override_keeps_what_the_base_set(tmp_path):
-    write(tmp_path / "base.yaml", "train: {batch_size: 16}\nloss: {mmd: {unbiased: true}}\n")
+    write(tmp_path / "base.yaml", "train: {batch_size: 16}\nloss: {transfer: mmd, mmd: {unbiased: true}}\n")
     child = write(tmp_path / "child.yaml", "base: base.yaml\nloss:\n  mmd:\n    # unbiased: false\ntrain:\n")
     cfg = load_config(child)
     assert (cfg.train.batch_size, cfg.loss.mmd.unbiased) == (16, True)
@@ -101,7 +101,7 @@ def test_lists_are_replaced_not_merged(tmp_path):
 
 
 def test_overrides_are_typed_by_yaml(tmp_path):
-    path = write(tmp_path / "c.yaml", "train: {batch_size: 128}\n")
+    path = write(tmp_path / "c.yaml", "train: {batch_size: 128}\nloss: {transfer: mmd}\n")
     cfg = load_config(path, ["train.batch_size=64", "loss.mmd.unbiased=true", "data.source=/scratch/x y",
                              "optim.lr=1e-4", "optim.grad_clip=5", "loss.mmd.sigmas=[1, 2.5]",
                              "loss.mmd.clamp=null", "seed=3", "train.signals=[SIGUSR2]"])
@@ -111,6 +111,30 @@ def test_overrides_are_typed_by_yaml(tmp_path):
     assert cfg.loss.mmd.clamp is None and cfg.seed == 3 and cfg.train.signals == ("SIGUSR2",)
     # later overrides win
     assert load_config(path, ["train.epochs=3", "train.epochs=4"]).train.epochs == 4
+
+
+def test_a_setting_that_does_nothing_where_it_is_set_is_refused(tmp_path):
+    """optim.warmup_steps under the cyclic schedule, Adam with SGD's momentum, DANN's reversal
+    settings without DANN: accepted, and the run trained without them, without a word."""
+    base = write(tmp_path / "base.yaml", "optim: {schedule: cyclic, cycle_epochs: 8}\nloss: {transfer: mmd}\n")
+    for overrides, message in (
+            (["optim.warmup_steps=500"], 'command line: optim.warmup_steps: 500 does nothing with optim.schedule "cyclic"'),
+            (["optim.momentum=0.5"], 'command line: optim.momentum: 0.5 does nothing with optim.name "adam"'),
+            (["optim.name=sgd", "optim.betas=[0.9, 0.99]"], 'optim.betas: [0.9, 0.99] does nothing with optim.name "sgd"'),
+            (["loss.grl.high=5"], 'command line: loss.grl.high: 5.0 does nothing with loss.transfer "mmd"'),
+            (["loss.transfer=coral", "loss.mmd.unbiased=true"], "loss.mmd.unbiased: true does nothing with loss.transfer")):
+        with pytest.raises(DmhpcError) as refused:
+            load_config(base, overrides)
+        assert message in str(refused.value) and "remove it" in str(refused.value)
+    child = write(tmp_path / "child.yaml", "base: base.yaml\noptim: {schedule: inv, cycle_epochs: 2}\n")
+    with pytest.raises(DmhpcError, match=f"{child}: optim.cycle_epochs: 2.0 does nothing with optim.schedule"):
+        load_config(child)
+    # Layering: a base file's setting for the schedule it chose, under a schedule chosen later, is not
+    # a mistake; the key's default is never one; and a run's own config.yaml of an older dmhpc is read.
+    assert load_config(base, ["optim.schedule=inv", "optim.gamma=0.5"]).optim.cycle_epochs == 8
+    assert load_config(base, ["optim.schedule=warmup-cosine", "optim.warmup_steps=5"]).optim.warmup_steps == 5
+    written = write(tmp_path / "run.yaml", "optim: {schedule: cyclic, warmup_steps: 500}\n")
+    assert load_config(written, refuse_inert=False).optim.warmup_steps == 500
 
 
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path):

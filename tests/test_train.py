@@ -414,6 +414,28 @@ def test_a_job_requeued_twice_without_a_checkpoint_stops_requeueing(data, tmp_pa
     assert torch.load(last, weights_only=True)["step"] == 3
 
 
+def test_a_run_that_took_a_setting_which_did_nothing_still_resumes(data, tmp_path):
+    """dmhpc before settings that do nothing were refused took them (optim.warmup_steps under the
+    cyclic schedule) into the checkpoint and config.yaml: the file without it now must not count as
+    another configuration, and the run's own config.yaml is still read (dmhpc eval)."""
+    import yaml
+
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(TINY), *_overrides(data, run)]
+    assert main([*argv, "train.epochs=1"]) == 0
+    for name in ("last", "best"):
+        path = run / "checkpoints" / f"{name}.pt"
+        state = torch.load(path, weights_only=True)
+        state["config"]["optim"]["warmup_steps"] = 500
+        torch.save(state, path)
+    written = yaml.safe_load((run / "config.yaml").read_text())
+    written["optim"]["warmup_steps"] = 500
+    (run / "config.yaml").write_text(yaml.safe_dump(written))
+    assert main(["eval", "--run", str(run)]) == 0
+    assert main([*argv, "train.epochs=2"]) == 0
+    assert len(_epoch_records(run)) == 2
+
+
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 def test_signal_to_every_process_of_the_step_still_checkpoints(data, tmp_path, loader):
     """srun and scancel signal every process of a job step, loader workers included."""
@@ -837,7 +859,8 @@ def test_schedules_set_in_steps_count_the_first_worlds_steps_after_the_world_gro
     """inv and the warm-up counted this world's steps: on twice the ranks (3 steps an epoch, not 7)
     inv went back to the rate of step 3 and a finished warm-up began again."""
     run = tmp_path / "run"
-    extra = [f"optim.schedule={schedule}", "optim.gamma=0.5", "optim.warmup_steps=5", "train.log_every=1"]
+    extra = [f"optim.schedule={schedule}", "optim.gamma=0.5" if schedule == "inv" else "optim.warmup_steps=5",
+             "train.log_every=1"]
     assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1", *extra)]) == 0
     proc = subprocess.run(
         [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "dmhpc.train", "--config", str(TINY),
