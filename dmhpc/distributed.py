@@ -36,7 +36,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Mapping
 
@@ -82,6 +82,7 @@ class DistInfo:
     launcher: str = "single"
     local_world_size: int = 1  # ranks on this node (at least this rank's local rank + 1 when unknown)
     cpus: int = 1  # CPUs this rank may use (see `cpus_per_rank`)
+    attempt: dict | None = field(default=None, hash=False)  # which attempt of which SLURM job (`slurm_attempt`)
 
     @property
     def is_main(self) -> bool:
@@ -258,7 +259,8 @@ def bootstrap(backend: str | None = None) -> DistInfo:
         launch = _mpi_rendezvous(launch, env)
     device = _bind_device(launch, env)
     if launch.world_size == 1:
-        return DistInfo(0, launch.local_rank, 1, device, None, launch.launcher, 1, cpus_per_rank(launch.launcher, 1))
+        return DistInfo(0, launch.local_rank, 1, device, None, launch.launcher, 1, cpus_per_rank(launch.launcher, 1),
+                        slurm_attempt(env))
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     store = _torchrun_attempt_store(launch, env) if launch.launcher == "torchrun" else None
     if store is not None:
@@ -274,7 +276,21 @@ def bootstrap(backend: str | None = None) -> DistInfo:
     srun_task = rank_is_slurm_task(launch, env)
     cpus = cpus_per_rank("slurm" if srun_task else launch.launcher, local, launch.cpu_sharers,
                          env_int(env, "SLURM_CPUS_PER_TASK") if srun_task and "SLURM_CPUS_PER_TASK" in env else 0)
-    return DistInfo(launch.rank, launch.local_rank, launch.world_size, device, backend, launch.launcher, local, cpus)
+    return DistInfo(launch.rank, launch.local_rank, launch.world_size, device, backend, launch.launcher, local, cpus,
+                    slurm_attempt(env))
+
+
+def slurm_attempt(env: Mapping[str, str]) -> dict | None:
+    """Which attempt of which SLURM job this is (`scontrol requeue` keeps the job id and counts
+    SLURM_RESTART_COUNT up): {"job", "restart"}; None outside a SLURM job."""
+    job = env.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        restart = int(env.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        restart = 0
+    return {"job": job, "restart": restart}
 
 
 def _torchrun_attempt_store(launch: Launch, env: Mapping[str, str]) -> dist.Store | None:

@@ -122,32 +122,19 @@ def unfit(path: str | os.PathLike, exc: Exception) -> DmhpcError:
     return DmhpcError(f"{path}: does not fit this run's model ({reason[:300]})")
 
 
-def slurm_attempt(env=os.environ) -> dict | None:
-    """Which attempt of which SLURM job this is (`scontrol requeue` keeps the job id and counts
-    SLURM_RESTART_COUNT up); None outside a SLURM job. Checkpoints record it as "attempt"."""
-    job = env.get("SLURM_JOB_ID")
-    if not job:
-        return None
-    try:
-        restart = int(env.get("SLURM_RESTART_COUNT") or 0)
-    except ValueError:
-        restart = 0
-    return {"job": job, "restart": restart}
-
-
 # Requeued attempts in a row that may write no checkpoint. One is a node lost or a stop that could
 # not save; two mean the next would most likely fail the same way, and requeue forever.
 IDLE_ATTEMPTS = 2
 
 
-def check_requeue_progress(path: Path, state: dict | None, env=os.environ) -> None:
+def check_requeue_progress(path: Path, state: dict | None, now: dict | None) -> None:
     """Refuse to train in a requeued SLURM job whose previous IDLE_ATTEMPTS attempts wrote no
-    checkpoint. `path` is the run's last.pt, `state` what it holds (None: there is none yet).
+    checkpoint. `path` is the run's last.pt, `state` what it holds (None: there is none yet), `now`
+    this attempt (`DistInfo.attempt`); checkpoints record the attempt that wrote them as "attempt".
 
     The requeue after a stop signal (slurm/lib.sh, submitit) happens whether or not the stop's save
     succeeded: a quota reached, or a stop longer than the signal's warning time, otherwise fails
     every attempt the same way, and each waits in the queue and runs to its time limit again."""
-    now = slurm_attempt(env)
     if now is None or now["restart"] == 0:
         return
     if state is not None and "attempt" not in state:

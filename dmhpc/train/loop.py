@@ -29,7 +29,7 @@ from dmhpc.progress import progress_bar
 from dmhpc.run import RunDir, check_epochs
 from dmhpc.train import preflight
 from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, UNFIT, StopRequest, check_requeue_progress, load_checkpoint,
-                                   load_weights, save_checkpoint, slurm_attempt, unfit)
+                                   load_weights, save_checkpoint, unfit)
 from dmhpc.train.evaluate import evaluate_run, format_table, predict
 from dmhpc.train.meter import EpochMeter
 from dmhpc.train.metrics import MetricLog, domain_metrics, selection_score, validator_scores
@@ -73,7 +73,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
         def resume() -> None:
             saved = load_checkpoint(claim.resume_from)
             if claim.resume_from == last:
-                check_requeue_progress(last, saved)
+                check_requeue_progress(last, saved, dist.attempt)
             try:
                 state.load_state_dict(saved, dist.rank)
             except UNFIT as exc:
@@ -81,7 +81,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
 
         agree(resume)
     elif resume == "auto":
-        agree(lambda: check_requeue_progress(last, None))
+        agree(lambda: check_requeue_progress(last, None, dist.attempt))
     prog = state.progress
     if claim.resume_from is not None and not claim.own:
         # A new run from another's checkpoint selects among its own epochs: the other run's best
@@ -163,7 +163,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     def checkpoint(name: str, meter: EpochMeter, selection: dict | None = None, epoch_done: bool = False) -> None:
         meter.check_finite(state, dist, prog.step)  # never write a diverged state
         content = state.state_dict()  # a collective: every rank calls it
-        content.update(selection=selection or {}, config=config_to_dict(cfg), attempt=slurm_attempt())
+        content.update(selection=selection or {}, config=config_to_dict(cfg), attempt=dist.attempt)
         if epoch_done:  # written before the epoch rolls over; resumed from, it starts the next epoch
             content.update(epoch=prog.epoch + 1, progress={**content["progress"], "epoch": prog.epoch + 1,
                                                            "step_in_epoch": 0})
