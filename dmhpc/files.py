@@ -263,12 +263,13 @@ class LockHeld(DmhpcError):
 
 
 def hold_lock(path: Path, refusal: str, second: str, wait: bool = False, made: list[Path] | None = None,
-              owner: str = "") -> IO:
+              owner: str = "", note: str = "") -> IO:
     """An OS lock (flock) on the file `path` (created, with its folder) until the returned file is
     closed; it says who holds it. The kernel drops the lock when its process dies, so a killed job
     never blocks the next. Refused (LockHeld) while another process holds it: `refusal` with
     "{holder}" filled in ("pid N on HOST since ...", after "OWNER: " when the holder gave an
-    `owner`); with `wait`, taken when the holder lets go instead. `second`
+    `owner`, followed by ", NOTE" when it gave a `note`); with `wait`, taken when the holder lets
+    go instead. `second`
     names what a second holder would be, for the warning where the file system refuses locks (some
     Lustre mounts), and the caller goes on unguarded. `made` gets the folders made for the lock
     file (nearest first), for the caller to remove when they are empty at its end."""
@@ -310,7 +311,7 @@ def hold_lock(path: Path, refusal: str, second: str, wait: bool = False, made: l
         handle.seek(0)
         handle.truncate()
         handle.write(f"{owner + ': ' if owner else ''}pid {os.getpid()} on {socket.gethostname()} since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}{', ' + note if note else ''}\n")
         handle.flush()
     except OSError as exc:  # a full disk: the empty file and folders made here would outlive the error
         path.unlink(missing_ok=True)  # before the lock goes, as in locked_directory

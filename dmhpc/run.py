@@ -48,8 +48,8 @@ CHECKPOINTS, EVAL, PLOTS, TENSORBOARD = "checkpoints", "eval", "plots", "tensorb
 CHECKPOINT_NAMES = ("last", "best")
 # What a run directory may hold; `start --overwrite` removes exactly these.
 OWN_NAMES = (CONFIG, RECORD, LOG, LOCK, CHECKPOINTS, EVAL, PLOTS, TENSORBOARD)
-# What `dmhpc eval` writes into the lock it holds; a trainer waits this long for it to end.
-EVAL_OWNER, EVAL_PATIENCE_S = "dmhpc eval", 600.0
+# What `dmhpc eval` writes into the lock it holds; how long a trainer waits for such a holder (see `_lock`).
+EVAL_OWNER, LOCK_PATIENCE_S = "dmhpc eval", 600.0
 LEGACY_RESULT = "metrics.json"  # eval/metrics.json of dmhpc before one file per evaluation
 
 # Keys that may differ on resume, and why: how long and how often, how data are read, where the run
@@ -250,15 +250,16 @@ class RunDir:
 
     # --- the trainer's claim ----------------------------------------------------------------------
     def claim(self, cfg: Config, resume: str, overwrite: bool = False,
-              data_ids: Mapping[str, str] | None = None) -> Claim:
+              data_ids: Mapping[str, str] | None = None, attempt: Mapping | None = None) -> Claim:
         """Lock the directory for this trainer and decide how it starts; writes nothing but the lock.
 
         resume: "auto" (last.pt if there is one), "none" (a new run; an existing one only with
         overwrite), or a checkpoint path. data_ids maps "data.source"/"data.target" to the
-        fingerprint of the data set named there (`dmhpc.data.shards.fingerprint`).
+        fingerprint of the data set named there (`dmhpc.data.shards.fingerprint`). attempt: which
+        attempt of which SLURM job this is (`DistInfo.attempt`), for the lock (see `_lock`).
         """
         self._check_owner()
-        self._lock()
+        self._lock(attempt)
         existed = self.holds_run()
         if resume == "none":
             if existed and not overwrite:
@@ -367,28 +368,37 @@ class RunDir:
         if self.holds_run():
             self.config()  # a foreign or damaged config.yaml is refused here, never overwritten
 
-    def _lock(self) -> None:
-        """Take the run's lock for the trainer. A `dmhpc eval` holding it (minutes) is waited for, up to
-        EVAL_PATIENCE_S: a requeued job that met one failed, and its training ended there."""
+    def _lock(self, attempt: Mapping | None = None) -> None:
+        """Take the run's lock for the trainer. Waited for, up to LOCK_PATIENCE_S, where its holder
+        is about to go: a `dmhpc eval` (minutes), or the previous attempt of this very SLURM job,
+        which ended before the requeue, but whose lock a network file system keeps for a lease time
+        when its node was lost. Refused at once otherwise: a requeued job that met either failed,
+        and its training ended there."""
         try:
             if not self.path.exists():
                 self._made = [f for f in (self.path, *self.path.parents) if not f.exists()]
                 self.path.mkdir(parents=True)
         except OSError as exc:
             raise DmhpcError(f"run.dir {self.path}: cannot create: {exc.strerror}") from None
-        deadline, told = time.monotonic() + EVAL_PATIENCE_S, False
+        job = f"SLURM job {attempt['job']}" if attempt else ""
+        previous = bool(attempt) and attempt["restart"] > 0
+        deadline, told = time.monotonic() + LOCK_PATIENCE_S, False
         while True:
             try:
                 self._lock_file = hold_lock(
                     self.path / LOCK, f"run.dir {self.path}: in use by another dmhpc trainer or eval ({{holder}}); "
-                                      f"wait for it to end or choose another run.dir", "trainer on this run directory")
+                                      f"wait for it to end or choose another run.dir", "trainer on this run directory",
+                    note=job)
                 return
             except LockHeld as exc:
-                if not exc.holder.startswith(f"{EVAL_OWNER}: ") or time.monotonic() > deadline:
+                evaluation = exc.holder.startswith(f"{EVAL_OWNER}: ")
+                stale = previous and exc.holder.endswith(f", {job}")
+                if not (evaluation or stale) or time.monotonic() > deadline:
                     raise
                 if not told:
-                    print(f"dmhpc train: run.dir {self.path}: waiting up to {EVAL_PATIENCE_S:.0f} s for {exc.holder} "
-                          f"to end", flush=True)
+                    why = "" if evaluation else " (this job's previous attempt, on a node lost?)"
+                    print(f"dmhpc train: run.dir {self.path}: waiting up to {LOCK_PATIENCE_S:.0f} s for {exc.holder}"
+                          f"{why} to let go of it", flush=True)
                     told = True
                 time.sleep(1.0)
 

@@ -262,14 +262,14 @@ def test_dmhpc_eval_holds_the_run_directory_against_the_trainer_and_other_evalua
                             stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(started, proc)
-        monkeypatch.setattr(dmhpc.run, "EVAL_PATIENCE_S", 2.0)
+        monkeypatch.setattr(dmhpc.run, "LOCK_PATIENCE_S", 2.0)
         with pytest.raises(DmhpcError, match=r"in use by another dmhpc trainer or eval \(dmhpc eval: pid"):
             RunDir(run.path).claim(run.config(), "auto")
         capsys.readouterr()
         assert main(["eval", "--run", str(run.path)]) == 1
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "in use by another dmhpc trainer or eval (dmhpc eval: pid" in err, err
-        monkeypatch.setattr(dmhpc.run, "EVAL_PATIENCE_S", 240.0)
+        monkeypatch.setattr(dmhpc.run, "LOCK_PATIENCE_S", 240.0)
         waiting, claimed = RunDir(run.path), []
         trainer = threading.Thread(target=lambda: claimed.append(waiting.claim(run.config(), "auto")))
         trainer.start()

@@ -421,6 +421,40 @@ def test_a_second_trainer_is_refused_and_a_dead_ones_lock_does_not_block(tmp_pat
     run.release()
 
 
+def test_a_requeued_trainer_waits_for_the_lock_its_own_previous_attempt_left(tmp_path, capsys):
+    """A network file system keeps a lost node's locks for a lease time: the requeued job, started
+    on another node meanwhile, was refused ("in use") and its training ended there. It waits for its
+    own job's previous attempt now; any other holder is refused at once, as before."""
+    import threading
+    import time
+
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER.replace('"auto")', '"auto", attempt={"job": "77", "restart": 0})'))
+    run = RunDir(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, str(script), str(run.path), str(ROOT / "configs" / "tiny.yaml")],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    claimed = []
+    try:
+        assert proc.stdout.readline().strip() == "claimed"
+        for attempt in ({"job": "78", "restart": 1}, {"job": "77", "restart": 0}, None):
+            with pytest.raises(DmhpcError, match=rf"in use by another dmhpc trainer or eval \(pid {proc.pid} on .*, "
+                                                 rf"SLURM job 77\)"):
+                run.claim(cfg_for(run.path), "auto", attempt=attempt)
+        waiting = RunDir(run.path)
+        trainer = threading.Thread(target=lambda: claimed.append(
+            waiting.claim(cfg_for(run.path), "auto", attempt={"job": "77", "restart": 1})))
+        trainer.start()
+        time.sleep(2.0)
+        assert trainer.is_alive() and not claimed
+    finally:
+        proc.send_signal(signal.SIGKILL)  # the lease ends
+        proc.wait()
+        proc.stdout.close()
+    trainer.join(timeout=60)
+    assert claimed and "(this job's previous attempt, on a node lost?) to let go of it" in capsys.readouterr().out
+    waiting.release()
+
+
 # --- the log and the results ----------------------------------------------------------------------
 
 def test_a_torn_last_line_is_dropped_and_a_bad_middle_line_is_named(tmp_path):
