@@ -223,7 +223,8 @@ def test_explain_a_catalog_whose_images_changed_since_is_one_line(run_on_survey,
 
 def test_explain_reads_srcargs_of_older_catalogs_and_refuses_edited_ones(survey, run_on_survey, tmp_path, capsys):
     """SRCARGS edited by hand was a TypeError traceback; a catalog an older dmhpc predicted with
-    --data and --nan-fill (which it ignored there, and which predict now refuses) is still explained."""
+    --data and --nan-fill or catalog options (which it ignored there, and which predict now refuses)
+    is still explained."""
     pytest.importorskip("captum")
     from astropy.table import Table
 
@@ -232,7 +233,9 @@ def test_explain_reads_srcargs_of_older_catalogs_and_refuses_edited_ones(survey,
                  "--out", str(catalog)]) == 0
     table = Table.read(catalog)
     args = json.loads(table.meta["SRCARGS"])
-    table.meta["SRCARGS"] = json.dumps({**args, "nan_fill": 0.0})
+    # --nan-fill, a label column and an id column with --data: an older predict took them and did
+    # nothing with them (it refuses them now)
+    table.meta["SRCARGS"] = json.dumps({**args, "nan_fill": 0.0, "label_column": "merger", "id_column": "objid"})
     table.write(tmp_path / "older.ecsv")
     assert main(["explain", "--run", str(run_on_survey), "--catalog", str(tmp_path / "older.ecsv"), "--n", "2",
                  "--out", str(tmp_path / "older")]) == 0

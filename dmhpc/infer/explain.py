@@ -185,7 +185,17 @@ def _source_args(catalog: Path, recorded: str) -> dict:
     known = inspect.signature(open_source).parameters
     if not isinstance(args, dict) or not set(args) <= set(known):
         raise DmhpcError(f"{catalog}: SRCARGS is not predict's record of its inputs (edited by hand?); predict again")
-    return args
+    # Options an older predict took where they did nothing (and open_source now refuses): dropped.
+    ignored = ()
+    if args.get("data") is not None:
+        ignored = ("nan_fill", "label_column", "file_column", "cutouts")
+    elif args.get("catalog") is None:
+        ignored = ("label_column", "file_column", "cutouts")
+    elif args.get("images") is not None:
+        ignored = ("file_column", "cutouts")
+    if args.get("data") is not None or args.get("catalog") is None:
+        args.pop("id_column", None)
+    return {k: v for k, v in args.items() if k not in ignored}
 
 
 def _recorded_normalization(catalog: Path, meta, channels: int) -> tuple[list, list]:
@@ -234,10 +244,7 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
         written = []
         if catalog is not None:
             top = np.argsort(-np.asarray(table["p_merger"]), kind="stable")[:n]
-            args = _source_args(Path(catalog), table.meta["SRCARGS"])
-            if args.get("data") is not None:  # a --nan-fill older dmhpc took with --data, and ignored
-                args["nan_fill"] = None
-            source = open_source(**args)
+            source = open_source(**_source_args(Path(catalog), table.meta["SRCARGS"]))
             # The grids show the catalog's probabilities beside images read back now: they must be
             # the images those are of (a catalog of an older dmhpc has no INPUTSHA to compare).
             now = source.digest()
