@@ -309,7 +309,9 @@ def _merge(dst: dict, src: Mapping, origin: dict, label: str, prefix: str = "") 
             dst[key] = value
 
 
-def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict]:
+def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict, list[str]]:
+    """The merged data of `path` and its bases, which file set each key (`origin`), and the files
+    in the order they were merged (the deepest base first)."""
     resolved = path.resolve()
     if resolved in chain:
         names = " -> ".join(str(p) for p in (*chain, resolved))
@@ -317,6 +319,7 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict]:
     data = read_yaml(path)
     raw: dict = {}
     origin: dict = {}
+    files: list[str] = []
     if "base" in data:
         base = data.pop("base")
         if not isinstance(base, str) or not base.strip():
@@ -324,9 +327,9 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict]:
         base_path = Path(os.path.normpath(path.parent / base))
         if not base_path.is_file():
             raise DmhpcError(f"{path}: base: config file not found: {base_path}")
-        raw, origin = _read_with_bases(base_path, (*chain, resolved))
+        raw, origin, files = _read_with_bases(base_path, (*chain, resolved))
     _merge(raw, data, origin, str(path))
-    return raw, origin
+    return raw, origin, [*files, str(path)]
 
 
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -422,21 +425,23 @@ def inert_keys(data: Mapping) -> dict[str, str]:
     return inert
 
 
-def _check_inert(cfg: Config, origin: Mapping[str, str], top: str) -> None:
+def _check_inert(cfg: Config, origin: Mapping[str, str], files: list[str]) -> None:
     """Refuse a key set away from its default where it does nothing (a warm-up under the cyclic
     schedule, SGD's momentum for Adam): the run would train without it, and without a word. Only
     where it was set no earlier than the setting that makes it inert: a base file's cyclic
     `cycle_epochs` under a schedule the file or the command line chose is layering, not a mistake."""
     data, defaults = config_to_dict(cfg), config_to_dict(Config())
 
-    def layer(dotted: str) -> int:  # later layers win: a base file, the file given, the command line
-        where = origin.get(dotted)
-        return -1 if where is None else 2 if where == COMMAND_LINE else 1 if where == top else 0
+    # Later layers win: each base file before the file based on it, the command line last.
+    layers = {**{label: k for k, label in enumerate(files)}, COMMAND_LINE: len(files)}
+
+    def layer(dotted: str) -> int:
+        return layers.get(origin.get(dotted), -1)  # -1: the default
 
     for dotted, decider in inert_keys(data).items():
         value = _dotted_value(data, dotted)
         if changed_keys({"k": value}, {"k": _dotted_value(defaults, dotted)}) and layer(dotted) >= layer(decider):
-            raise DmhpcError(f"{origin.get(dotted, top)}: {dotted}: {show(value)} does nothing with {decider} "
+            raise DmhpcError(f"{origin.get(dotted, files[-1])}: {dotted}: {show(value)} does nothing with {decider} "
                              f"{show(_dotted_value(data, decider))}; remove it (or choose the setting it is for)")
 
 
@@ -461,7 +466,7 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *, refus
     """Read a YAML config (following `base:`), apply `KEY=VALUE` overrides, and validate.
     `refuse_inert=False` for a configuration dmhpc wrote (a run's config.yaml, of an older dmhpc
     that took settings that did nothing)."""
-    raw, origin = _read_with_bases(Path(path), ())
+    raw, origin, files = _read_with_bases(Path(path), ())
     for item in overrides:
         key, value = parse_override(item)
         nested: Any = value
@@ -471,7 +476,7 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *, refus
     cfg = _build(Config, raw, origin, str(path))
     _check_consistency(cfg, origin, str(path))
     if refuse_inert:
-        _check_inert(cfg, origin, str(path))
+        _check_inert(cfg, origin, files)
     return cfg
 
 

@@ -132,6 +132,10 @@ def test_a_setting_that_does_nothing_where_it_is_set_is_refused(tmp_path):
     # Layering: a base file's setting for the schedule it chose, under a schedule chosen later, is not
     # a mistake; the key's default is never one; and a run's own config.yaml of an older dmhpc is read.
     assert load_config(base, ["optim.schedule=inv", "optim.gamma=0.5"]).optim.cycle_epochs == 8
+    # ... however deep the chain: a file based on one that chose another schedule than its base's
+    middle = write(tmp_path / "middle.yaml", "base: base.yaml\noptim: {schedule: inv}\n")
+    top = write(tmp_path / "top.yaml", f"base: {middle.name}\ntrain: {{epochs: 5}}\n")
+    assert load_config(top).optim.cycle_epochs == 8
     assert load_config(base, ["optim.schedule=warmup-cosine", "optim.warmup_steps=5"]).optim.warmup_steps == 5
     written = write(tmp_path / "run.yaml", "optim: {schedule: cyclic, warmup_steps: 500}\n")
     assert load_config(written, refuse_inert=False).optim.warmup_steps == 500
