@@ -280,7 +280,7 @@ def _scan(domains: list[dict], rank: int, size: int, want_signatures: list[bool]
         a, b = n * rank // size, n * (rank + 1) // size
         try:
             pixels = shards.scan_pixels(_scan_source(d), a, b, nan_ok=d["images"].nan_fill is not None,
-                                        small=shards.small_below(dtype))
+                                        faint=shards.faint_below(dtype))
             sigs = duplicates.signatures(d["images"], a, b) if want else None
         except OSError as exc:
             raise DmhpcError(f"{d['names']['images']}: cannot read ({exc})") from None

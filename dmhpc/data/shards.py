@@ -146,27 +146,33 @@ class PixelScan(NamedTuple):
     bad: int = 0          # NaN/Inf pixels
     first: int = -1       # the first image holding one, -1 if none
     largest: float = 0.0  # largest finite |pixel|
-    nonzero: int = 0      # finite pixels other than 0 (counted only where `small` was asked for)
-    small: int = 0        # of those, the ones below `small` in magnitude
+    faint: int = 0        # images whose brightest |pixel| is nonzero and below `faint` (where asked for)
+    first_faint: int = -1
 
     @staticmethod
     def merged(scans: Iterable[PixelScan]) -> PixelScan:
         scans = list(scans)
         firsts = [s.first for s in scans if s.first >= 0]
-        return PixelScan(sum(s.bad for s in scans), min(firsts, default=-1), max((s.largest for s in scans),
-                                                                                 default=0.0),
-                         sum(s.nonzero for s in scans), sum(s.small for s in scans))
+        faint = [s.first_faint for s in scans if s.first_faint >= 0]
+        return PixelScan(sum(s.bad for s in scans), min(firsts, default=-1),
+                         max((s.largest for s in scans), default=0.0), sum(s.faint for s in scans),
+                         min(faint, default=-1))
 
 
-def scan_pixels(images, start: int, stop: int, nan_ok: bool = False, small: float = 0.0) -> PixelScan:
+def scan_pixels(images, start: int, stop: int, nan_ok: bool = False, faint: float = 0.0) -> PixelScan:
     """Scan images[start:stop] in blocks for NaN/Inf (with `nan_ok`, NaN filled as rows are read:
-    Inf only), the largest finite |pixel|, and, with `small`, how many nonzero pixels lie below it
-    (`small_below(dtype)`). Blocks keep memory bounded for memory-mapped inputs."""
+    Inf only), the largest finite |pixel|, and, with `faint`, the images whose brightest pixel lies
+    below it (`faint_below(dtype)`). Blocks keep memory bounded for memory-mapped inputs."""
     per_image = max(1, int(np.prod(images.shape[1:])) * images.dtype.itemsize)
     step = max(1, _BLOCK_BYTES // per_image)
-    bad, first, largest, nonzero, below = 0, -1, 0.0, 0, 0
+    bad, first, largest, n_faint, first_faint = 0, -1, 0.0, 0, -1
     for a in range(start, stop, step):
         block = np.asarray(images[a : min(a + step, stop)])
+        if faint:
+            brightest = np.abs(np.where(np.isfinite(block), block, 0)).reshape(len(block), -1).max(axis=1)
+            dim = np.flatnonzero((brightest > 0) & (brightest < faint))  # blank images are exact
+            n_faint += len(dim)
+            first_faint = a + int(dim[0]) if first_faint < 0 and len(dim) else first_faint
         high, low = float(block.max()), float(block.min())
         if not (np.isfinite(high) and np.isfinite(low)):  # NaN and Inf show in max or min
             finite = np.isfinite(block)
@@ -177,39 +183,33 @@ def scan_pixels(images, start: int, stop: int, nan_ok: bool = False, small: floa
             block = block[finite]
             high, low = (float(block.max()), float(block.min())) if block.size else (0.0, 0.0)
         largest = max(largest, high, -low)
-        if small:
-            here = int(np.count_nonzero(block))
-            nonzero += here
-            below += int(np.count_nonzero(np.abs(block) < small)) - (block.size - here)  # zeros are exact
-    return PixelScan(bad, first, largest, nonzero, below)
+    return PixelScan(bad, first, largest, n_faint, first_faint)
 
 
-# More nonzero pixels than this below the stored type's smallest normal number are refused: they
-# keep fewer significant bits (float16: ~1e-5 loses 0.2 %, ~1e-7 rounds to 0). Noise around zero
-# always puts a few there; a whole image set in small flux units (Jy, maggies) puts most of them.
-SMALL_FRACTION = 0.01
-
-
-def small_below(dtype: str) -> float:
-    """The magnitude under which `dtype` loses precision, for `scan_pixels`; 0 where float32 holds
-    the images as they come (they are float32 or coarser when read)."""
-    return float(np.finfo(dtype).tiny) if np.dtype(dtype).itemsize < 4 else 0.0
+def faint_below(dtype: str) -> float:
+    """The brightest pixel under which an image loses detail when stored as `dtype`, for
+    `scan_pixels`; 0 where float32 holds the images as they come (they are float32 or coarser when
+    read). float16: 16 times its smallest normal number (~1e-3). Below that number it keeps an
+    absolute precision of ~6e-8 only (rounding fluxes in Jy, ~1e-8, to 0); against a brightest
+    pixel above this limit that error is under a tenth of float16's own relative rounding, so
+    unit-scale images with sky noise around zero pass."""
+    return 16 * float(np.finfo(dtype).tiny) if np.dtype(dtype).itemsize < 4 else 0.0
 
 
 def check_pixels(scan: PixelScan, dtype: str, name: str = "images", first_file: str | None = None) -> None:
-    """Refuse NaN/Inf pixels, pixels that would overflow the stored dtype, and images whose pixels
-    mostly lie where it loses precision (results of `scan_pixels`); `first_file`: the file image
-    `scan.first` was read from, where each image has its own (cutouts)."""
+    """Refuse NaN/Inf pixels, pixels that would overflow the stored dtype, and images too faint for
+    it (results of `scan_pixels`); `first_file`: the file image `scan.first` was read from, where
+    each image has its own (cutouts)."""
     if scan.bad:
         raise DmhpcError(f"{name}: {scan.bad} NaN or Inf pixels (first in image {scan.first}"
                          f"{f', {first_file}' if first_file else ''})")
     limit = float(np.finfo(dtype).max)
     if scan.largest > limit:
         raise DmhpcError(f"{name}: pixel values up to {scan.largest:.4g} overflow {dtype} (max {limit:.4g})")
-    if scan.nonzero and scan.small > SMALL_FRACTION * scan.nonzero:
-        raise DmhpcError(f"{name}: {100 * scan.small / scan.nonzero:.3g}% of the nonzero pixels are smaller than "
-                         f"{small_below(dtype):.3g}, where {dtype} loses precision (rounding the smallest to 0); "
-                         f"store float32 (--dtype float32) or scale the images up")
+    if scan.faint:
+        raise DmhpcError(f"{name}: {scan.faint} images (first: image {scan.first_faint}) have no pixel brighter than "
+                         f"{faint_below(dtype):.2g}, where {dtype} keeps too few significant bits (small flux "
+                         f"units round to 0); store float32 (--dtype float32) or scale the images up")
 
 
 # ----------------------------------------------------------------------------- the split
@@ -589,7 +589,7 @@ def write_dataset(
         images, labels, objects, shard_size=shard_size, seed=seed, fractions=fractions,
         dtype=dtype, num_classes=num_classes,
     )
-    check_pixels(scan_pixels(plan.images, 0, plan.count, small=small_below(dtype)), dtype)
+    check_pixels(scan_pixels(plan.images, 0, plan.count, faint=faint_below(dtype)), dtype)
     check_output_dir(out_dir, overwrite)
     created = not Path(out_dir).exists()
     reset_output_dir(out_dir)
