@@ -380,19 +380,19 @@ class RunDir:
                 self.path.mkdir(parents=True)
         except OSError as exc:
             raise DmhpcError(f"run.dir {self.path}: cannot create: {exc.strerror}") from None
-        job = f"SLURM job {attempt['job']}" if attempt else ""
-        previous = bool(attempt) and attempt["restart"] > 0
+        note = f"SLURM job {attempt['job']} attempt {attempt['restart']}" if attempt else ""
         deadline, told = time.monotonic() + LOCK_PATIENCE_S, False
         while True:
             try:
                 self._lock_file = hold_lock(
                     self.path / LOCK, f"run.dir {self.path}: in use by another dmhpc trainer or eval ({{holder}}); "
                                       f"wait for it to end or choose another run.dir", "trainer on this run directory",
-                    note=job)
+                    note=note)
                 return
             except LockHeld as exc:
                 evaluation = exc.holder.startswith(f"{EVAL_OWNER}: ")
-                stale = previous and exc.holder.endswith(f", {job}")
+                held = re.search(r", SLURM job (\S+) attempt (\d+)$", exc.holder)
+                stale = bool(attempt and held) and held[1] == attempt["job"] and int(held[2]) < attempt["restart"]
                 if not (evaluation or stale) or time.monotonic() > deadline:
                     raise
                 if not told:

@@ -409,6 +409,22 @@ def test_two_exports_to_one_file_are_refused_and_an_unfinished_one_says_so(run_o
     from dmhpc.data.shards import file_sha256
 
     assert card["model"]["sha256"] == file_sha256(out) and card["model"]["sha256"] in Path(f"{out}.card.md").read_text()
+    # A disk that fills at the second card: nothing of the new export, not even the first card's
+    # temporary file; the old export stands whole.
+    from dmhpc.errors import DmhpcError
+    from dmhpc.infer import export as exporting
+
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = exporting.staged_write
+
+    def full_at_the_json_card(path, data):
+        if str(path).endswith(".card.json"):
+            raise DmhpcError(f"{path}: cannot write: No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(exporting, "staged_write", full_at_the_json_card)
+    assert main([*export, "--overwrite"]) == 1
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 @pytest.mark.gpu

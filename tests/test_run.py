@@ -436,9 +436,10 @@ def test_a_requeued_trainer_waits_for_the_lock_its_own_previous_attempt_left(tmp
     claimed = []
     try:
         assert proc.stdout.readline().strip() == "claimed"
+        # another job, the same attempt (a second trainer launched by mistake), no job
         for attempt in ({"job": "78", "restart": 1}, {"job": "77", "restart": 0}, None):
             with pytest.raises(DmhpcError, match=rf"in use by another dmhpc trainer or eval \(pid {proc.pid} on .*, "
-                                                 rf"SLURM job 77\)"):
+                                                 rf"SLURM job 77 attempt 0\)"):
                 run.claim(cfg_for(run.path), "auto", attempt=attempt)
         waiting = RunDir(run.path)
         trainer = threading.Thread(target=lambda: claimed.append(

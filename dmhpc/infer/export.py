@@ -237,8 +237,8 @@ def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool 
                     _safetensors(model, config_to_dict(run.config()), tmp)
                 card = model_card(run, info, shape, fmt, out, onnx_diff)
                 card["model"]["sha256"] = file_sha256(tmp)  # what a receiver checks the file against
-                staged = {cards["md"]: staged_write(cards["md"], _card_markdown(card)),
-                          cards["json"]: staged_write(cards["json"], json.dumps(card, indent=2) + "\n")}
+                for kind, text in (("md", _card_markdown(card)), ("json", json.dumps(card, indent=2) + "\n")):
+                    staged[cards[kind]] = staged_write(cards[kind], text)  # one by one: a failed second leaves none
                 # The old file's cards go just before the new file takes its name: killed in
                 # between, a file stands without a card, never beside the card of the file it replaced.
                 for card_file in cards.values():
