@@ -228,6 +228,16 @@ def test_a_queued_job_of_another_configuration_is_never_taken_for_the_point(tmp_
     assert capsys.readouterr().err == (
         "dmhpc grid: error: point seed=0: its Slurm job 1234_0, still queued or running, was submitted with another "
         "configuration (the launch file changed since); scancel 1234_0 and launch again, or restore the file\n")
+    # Run here instead: the local run and the queued Slurm job met in the run directory.
+    grid["overrides"]["optim.lr"] = 0.05
+    grid_file.write_text(yaml.safe_dump(grid))
+    for executor in ("local", "debug"):
+        assert main(["grid", str(grid_file), "--executor", executor]) == 1
+        err = capsys.readouterr().err
+        assert err == ("dmhpc grid: error: point seed=0: its Slurm job 1234_0 from an earlier launch into this out is "
+                       "still queued or running (and 1 more); launch with the slurm executor (which waits for it), "
+                       "or scancel it first\n"), err
+    assert not (tmp_path / "out" / "seed=0").exists()
 
 
 @pytest.mark.parametrize("damage, problem", [

@@ -552,6 +552,24 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     return jobs
 
 
+def _check_no_queued_slurm_job(points: list[Point], folder: Path) -> None:
+    """Refuse to run here a point whose Slurm job from an earlier launch into this folder (`--no-wait`)
+    is still queued or running: the two would meet in its run directory, one failing as "in use", or
+    the Slurm job training again, when it starts, what the local run finished. Where this machine
+    has no squeue, the jobs recorded are another cluster's (an OUT copied here)."""
+    recorded = _read_jobs(folder)
+    waiting = [p.name for p in points if p.name in recorded and not p.finished]
+    if not waiting or shutil.which("squeue") is None:
+        return
+    queued = _queued_slurm_jobs()
+    still = [name for name in waiting if recorded[name]["job_id"] in queued]
+    if still:
+        more = f" (and {len(still) - 1} more)" if len(still) > 1 else ""
+        raise DmhpcError(f"point {still[0]}: its Slurm job {recorded[still[0]]['job_id']} from an earlier launch "
+                         f"into this out is still queued or running{more}; launch with the slurm executor (which "
+                         f"waits for it), or scancel it first")
+
+
 def check_executor_here(kind: str) -> None:
     """The slurm executor needs SLURM on this machine: a one-line error that says what to do instead."""
     if kind == "slurm" and shutil.which("sbatch") is None:
@@ -573,6 +591,8 @@ def launch_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     lock = folder / LAUNCH_LOCK
     with hold_lock(lock, f"{lock}: another launcher is running points into this out ({{holder}}); wait for it or "
                          f"use another out", "launcher"):
+        if kind != "slurm":
+            _check_no_queued_slurm_job(points, folder)
         if kind == "local":
             return _launch_local(points, resources, folder=folder, job_name=job_name, task=task,
                                  at_once_why=at_once_why)
