@@ -248,6 +248,16 @@ def test_a_finished_point_asked_to_train_longer_resumes_instead_of_passing_for_t
 
     assert finished(**{"train.log_every": 2})  # another cadence is no reason to train again
     assert not finished(**{"train.early_stopping": 3}) and not finished(**{"train.max_steps": 15})
+    # The file asks for fewer epochs than the run trained: a launch refuses it, and a report (which
+    # launches nothing) refused to write any table; it leaves that point out, naming it.
+    shorter = {**spec, "grid": {"seed": [1, 2]}}
+    capsys.readouterr()
+    assert [r["point"] for r in report_grid(shorter)] == ["seed=2"]
+    printed = capsys.readouterr().out
+    assert "point seed=1: left out of the tables: " in printed and "train.epochs 1: the run has trained 2" in printed
+    assert "0 of 1 point(s) finished; nothing launched" in printed, printed
+    with pytest.raises(DmhpcError, match="point seed=1: .*train.epochs 1: the run has trained 2 epochs already"):
+        launch_grid(shorter)
 
 
 def test_a_relaunch_compares_data_by_content_as_the_trainer_does(data, tmp_path, capsys):

@@ -47,7 +47,7 @@ import json
 import math
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -59,8 +59,8 @@ from dmhpc.launch.summary import write_summary
 from dmhpc.launch.validators import write_validators
 from dmhpc.checks import Problems, choice, integer, show, take, text, unknown_keys
 from dmhpc.launch.spec import (Point, Range, base_path, check_existing_runs, check_point_problems, dotted_keys,
-                               point_name, point_problem, read_space,
-                               read_launch_file, resolve_point)
+                               point_name, point_problem, read_launch_file, read_space, relaunch_problems,
+                               resolve_point)
 from dmhpc.launch.submit import EXECUTORS, Resources, TrainTask, launch_points, preempt_signal, read_resources
 
 GRID_KEYS = ("base", "methods", "gap", "out", "executor", "overrides", "grid", "random", "slurm")
@@ -199,10 +199,11 @@ def _read_gap(problems: Problems, data: Any, methods: Mapping) -> tuple[str, str
     return ends[0], ends[1]
 
 
-def load_grid(spec: str | Path | Mapping, executor: str | None = None) -> Grid:
+def load_grid(spec: str | Path | Mapping, executor: str | None = None, *, check_runs: bool = True) -> Grid:
     """Read and check a grid file (or dict) and every point it expands to; raise all problems at once.
 
     `executor` replaces the file's (`dmhpc grid FILE --executor local` runs a cluster's grid here).
+    `check_runs=False` leaves the points' run directories unchecked (a report launches nothing).
     """
     data, source, here = read_launch_file(spec)
     problems = Problems(source)
@@ -271,7 +272,8 @@ def load_grid(spec: str | Path | Mapping, executor: str | None = None) -> Grid:
             else:
                 points.append(Point(f"{method}/{name}", {"method": method, **values}, run_dir, cfg))
     check_point_problems(problems, failures)
-    check_existing_runs(problems, points)
+    if check_runs:
+        check_existing_runs(problems, points)
     if gap:
         _check_gap_targets(problems, points)
     problems.raise_if_any()
@@ -335,9 +337,15 @@ def report_grid(spec: str | Path | Mapping) -> list[dict]:
     """Write the leaderboard and summary from what the run directories hold now; launch nothing.
 
     For a study whose jobs are still running, or one that was launched in parts: the tables
-    cover every point of the file, unfinished ones marked as such.
+    cover every point of the file, unfinished ones marked as such. A point whose run directory no
+    longer fits the file (another configuration, fewer epochs than it trained, data changed since)
+    is named and left out: its results are not the file's, and a launch would refuse it.
     """
-    g = load_grid(spec)
+    g = load_grid(spec, check_runs=False)
+    stale = relaunch_problems(list(g.points))
+    for name, why in stale.items():
+        print(f"dmhpc launch: point {name}: left out of the tables: {why}", flush=True)
+    g = replace(g, points=tuple(p for p in g.points if p.name not in stale))
     finished = sum(p.finished for p in g.points)
     print(f"dmhpc launch: {finished} of {len(g.points)} point(s) finished; nothing launched", flush=True)
     return _write_tables(g, _read_failures(g.out / "submitit" / FAILURES))

@@ -231,13 +231,22 @@ def data_ids(cfg: Config, cache: dict | None = None) -> dict[str, str]:
     return ids
 
 
-def check_existing_runs(problems: Problems, points: list[Point]) -> None:
-    """A run directory that is not a run, or holds a run of another configuration or of data that
-    changed since, would be refused by the trainer after the job started: refuse it before anything
-    is submitted (and before its old result counts as the point's)."""
+def relaunch_problems(points: list[Point]) -> dict[str, str]:
+    """{point name: why}: run directories that are not runs, or hold runs of another configuration
+    or of data that changed since (`RunDir.check_relaunch`)."""
     cache: dict = {}
+    found = {}
     for p in points:
         try:
             p.run.check_relaunch(p.config, data_ids(p.config, cache))
         except DmhpcError as exc:
-            problems.add(f"point {p.name}", f"{exc}")
+            found[p.name] = str(exc)
+    return found
+
+
+def check_existing_runs(problems: Problems, points: list[Point]) -> None:
+    """A run directory that is not a run, or holds a run of another configuration or of data that
+    changed since, would be refused by the trainer after the job started: refuse it before anything
+    is submitted (and before its old result counts as the point's)."""
+    for name, why in relaunch_problems(points).items():
+        problems.add(f"point {name}", why)
