@@ -184,6 +184,27 @@ def test_a_torn_journal_is_refused_with_its_name(data, tmp_path):
     journal.write_text('{"op_code": 0, "worker_id": "x"}\n{"op_code": 5, "wor')
     with pytest.raises(DmhpcError, match=rf"{journal}: its last record is incomplete"):
         tune(spec(data, tmp_path), poll_s=0.2)
+    # JSON that is no journal record: a TypeError or AssertionError traceback from optuna's replay.
+    for text in ('[1]\n', '"x"\n', '{"op_code": 99, "worker_id": "x"}\n'):
+        journal.write_text(text)
+        with pytest.raises(DmhpcError, match=rf"{journal}: not a readable Optuna journal"):
+            tune(spec(data, tmp_path), poll_s=0.2)
+
+
+def test_a_tuner_killed_while_requeueing_a_stale_trial_queues_it_once(data, tmp_path):
+    """Killed between queueing a stale trial's rerun and failing the stale trial, the next tuner
+    queued a second rerun: the whole budget went on the same values."""
+    from dmhpc.launch.tune import _counted, _requeue_stale
+
+    t = load_tune(spec(data, tmp_path, trials=2, parallel=1))
+    lock = _lock(t.out)
+    study = _open_study(t)
+    trial = study.ask({"optim.lr": optuna.distributions.CategoricalDistribution(["0.001", "0.003"])})
+    study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number})  # then killed
+    lock.close()
+    assert _requeue_stale(study) == 1
+    states = [(tr.state.name, tr.user_attrs.get("rerun_of")) for tr in study.get_trials()]
+    assert states == [("FAIL", None), ("WAITING", 0)] and _counted(study) == 0
 
 
 def test_the_command_line_and_the_shipped_tune_files(data, tmp_path):
@@ -263,3 +284,21 @@ def test_a_refused_sbatch_fails_its_trial_and_stops_with_one_line(data, tmp_path
     assert "Invalid partition name specified" in trials[0].user_attrs["failure"]
     assert "Invalid partition name specified" in (tmp_path / "tune" / "trials.md").read_text()
     assert not [name for name in os.listdir(tmp_path / "tune" / "submitit") if name.endswith((".pkl", ".sh"))]
+
+
+def test_a_stale_slurm_trial_that_will_not_leave_the_queue_is_said(tmp_path, monkeypatch, capsys):
+    """The tuner waited 5 minutes for SLURM to drop a cancelled trial's job, then went on without a
+    word: its rerun then met the job in the run directory ("in use")."""
+    from dmhpc.launch import tune as tuning
+
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "scancel").write_text("#!/bin/sh\nexit 0\n")
+    (fake / "squeue").write_text("#!/bin/sh\necho 777\n")  # listed for ever
+    for tool in fake.iterdir():
+        tool.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(tuning.time, "sleep", lambda s: None)
+    tuning._cancel_slurm_job("777")
+    assert ("cannot cancel SLURM job 777 of an earlier tuner (SLURM still lists it after 5 minutes); its trial's "
+            "rerun may find the run directory in use") in capsys.readouterr().out

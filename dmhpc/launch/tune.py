@@ -256,7 +256,9 @@ def _open_study(t: Tune):
         study = optuna.create_study(storage=JournalStorage(JournalFileBackend(str(journal))), pruner=pruner,
                                     study_name="dmhpc-tune", direction="maximize", load_if_exists=True)
         launched = len(study.get_trials(deepcopy=False))
-    except (ValueError, KeyError, AttributeError) as exc:  # json.JSONDecodeError is a ValueError
+    # json.JSONDecodeError is a ValueError; JSON that is no journal record fails optuna's replay
+    # with a TypeError or an AssertionError.
+    except (ValueError, KeyError, AttributeError, TypeError, AssertionError) as exc:
         raise DmhpcError(f"{journal}: not a readable Optuna journal ({type(exc).__name__}: {exc})") from None
     # Seeded by the file's seed and the trials so far: the same seed on every launch would propose
     # the first launch's random start-up values again, and a relaunch would repeat trials.
@@ -299,9 +301,11 @@ def _cancel_slurm_job(job_id: str) -> None:
             if queued.returncode != 0 or not queued.stdout.strip():
                 return
             time.sleep(5)
+        why = "SLURM still lists it after 5 minutes"
     except (OSError, subprocess.SubprocessError) as exc:
-        print(f"dmhpc tune: warning: cannot cancel SLURM job {job_id} of an earlier tuner ({exc}); its trial's "
-              f"rerun may find the run directory in use", flush=True)
+        why = str(exc)
+    print(f"dmhpc tune: warning: cannot cancel SLURM job {job_id} of an earlier tuner ({why}); its trial's "
+          f"rerun may find the run directory in use", flush=True)
 
 
 def _requeue_stale(study) -> int:
@@ -309,11 +313,16 @@ def _requeue_stale(study) -> int:
     new trial resumes from its last checkpoint), then the old trial failed. Returns how many."""
     from optuna.trial import TrialState
 
-    stale = [tr for tr in study.get_trials(deepcopy=False) if tr.state == TrialState.RUNNING]
+    trials = study.get_trials(deepcopy=False)
+    stale = [tr for tr in trials if tr.state == TrialState.RUNNING]
+    # A tuner killed between the two steps below queued the rerun already: a second one spent the
+    # budget on the same values twice.
+    queued = {tr.user_attrs.get("rerun_of") for tr in trials if tr.state == TrialState.WAITING}
     for tr in stale:
         if tr.user_attrs.get("executor") == "slurm" and tr.user_attrs.get("job_id"):
             _cancel_slurm_job(str(tr.user_attrs["job_id"]))
-        study.enqueue_trial(tr.params, user_attrs={"rerun_of": tr.number})  # first: a crash here loses nothing
+        if tr.number not in queued:
+            study.enqueue_trial(tr.params, user_attrs={"rerun_of": tr.number})  # first: a crash here loses nothing
         study.tell(tr.number, state=TrialState.FAIL)
     return len(stale)
 
