@@ -289,8 +289,9 @@ def test_a_refused_sbatch_fails_its_trial_and_stops_with_one_line(data, tmp_path
 def test_a_stale_slurm_trial_that_will_not_leave_the_queue_is_said(tmp_path, monkeypatch, capsys):
     """The tuner waited 5 minutes for SLURM to drop a cancelled trial's job, then went on without a
     word: its rerun then met the job in the run directory ("in use")."""
-    from dmhpc.launch import tune as tuning
+    import importlib
 
+    tuning = importlib.import_module("dmhpc.launch.tune")  # the module, not the function dmhpc.launch exports
     fake = tmp_path / "fakebin"
     fake.mkdir()
     (fake / "scancel").write_text("#!/bin/sh\nexit 0\n")
