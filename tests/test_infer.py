@@ -155,6 +155,11 @@ def test_explain_the_top_candidates_of_a_catalog(survey, run_on_survey, tmp_path
     assert main(["explain", "--run", str(run_on_survey), "--catalog", str(catalog), "--n", "4",
                  "--out", str(tmp_path / "explain")]) == 0
     assert (tmp_path / "explain" / "top_candidates.png").is_file()
+    assert json.loads((tmp_path / "explain" / "explain.json").read_text())["seed"] is None
+    # --seed chooses nothing here: it was accepted, and recorded as if it had chosen the images.
+    assert main(["explain", "--run", str(run_on_survey), "--catalog", str(catalog), "--seed", "3",
+                 "--out", str(tmp_path / "seeded")]) == 1
+    assert not (tmp_path / "seeded").exists()
 
 
 def test_explain_a_catalog_with_the_model_that_predicted_it(survey, run_on_survey, tmp_path, capsys):

@@ -282,7 +282,8 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
                                            directory.name, rgb)
         if dist.is_main:
             atomic_write(out / "explain.json", json.dumps({
-                "run": str(run.path.resolve()), "checkpoint": model.checkpoint, "data": explained, "seed": seed,
+                "run": str(run.path.resolve()), "checkpoint": model.checkpoint, "data": explained,
+                "seed": None if catalog is not None else seed,
                 "target_class": "merger",
                 "grad_cam_layer": type(model.net.last_conv_block()).__name__, "rgb": list(rgb),
                 "ig_baseline": "zeros after normalization (each filter's mean pixel value, flat)",
@@ -304,7 +305,8 @@ def explain_arguments(parser) -> None:
     parser.add_argument("--catalog", type=Path, metavar="CATALOG",
                         help="a dmhpc predict catalog: explain its top merger candidates")
     parser.add_argument("--n", type=int, default=6, help="images per domain and class (default 6)")
-    parser.add_argument("--seed", type=int, default=0, help="which images are drawn (default 0)")
+    parser.add_argument("--seed", type=int, help="which test images are drawn (default 0; not with --catalog, whose "
+                                                 "top candidates are explained)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNG grids")
     parser.add_argument("--rgb", default="2,1,0", metavar="R,G,B",
                         help="the filters (channel indices) drawn red, green and blue (default 2,1,0: the last "
@@ -317,10 +319,12 @@ def explain_main(args) -> int:
         raise DmhpcError("give --data or --catalog, not both")
     if args.n < 1:
         raise DmhpcError(f"--n {args.n}: must be at least 1")
+    if args.seed is not None and args.catalog is not None:  # it would be recorded as if it chose them
+        raise DmhpcError("--seed draws test images; --catalog explains its top candidates, which no seed chooses")
     try:
         rgb = tuple(int(k) for k in args.rgb.split(","))
     except ValueError:
         raise DmhpcError(f"--rgb {args.rgb}: three channel indices, as 1,2,0") from None
     explain(args.run, args.out, checkpoint=args.checkpoint, data=args.data, catalog=args.catalog, n=args.n,
-            seed=args.seed, overwrite=args.overwrite, rgb=rgb)
+            seed=0 if args.seed is None else args.seed, overwrite=args.overwrite, rgb=rgb)
     return 0
