@@ -44,6 +44,18 @@ def cpu_unless_marked_gpu(request, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
+def fake_commands(tmp_path: Path, monkeypatch, scripts: dict[str, str]) -> Path:
+    """Shell scripts standing in for commands this machine lacks or must not run (sbatch, squeue,
+    scancel, nvidia-smi), first on PATH for the test; each is `#!/bin/sh` and its body."""
+    fake = tmp_path / "fakebin"
+    fake.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        (fake / name).write_text(f"#!/bin/sh\n{body}")
+        (fake / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    return fake
+
+
 def clean_env(**extra) -> dict:
     """This process's environment for a child: no launcher's variables (the child decides its own
     rank), one thread per process (several ranks share 2 cores), no GPU (multi-rank tests run CPU

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import TINY, tiny_overrides
+from tests.conftest import TINY, fake_commands, tiny_overrides
 from dmhpc.config import config_to_dict
 from dmhpc.errors import DmhpcError
 from dmhpc.launch import load_grid
@@ -109,12 +109,8 @@ def _note_ran(config: dict) -> None:
 
 def test_nvidia_smi_is_asked_only_when_a_local_point_wants_a_gpu(tmp_path, monkeypatch):
     """CPU grids ran `nvidia-smi -L` (up to 30 s on a node whose driver hangs) for GPUs they never use."""
-    fake = tmp_path / "fakebin"
-    fake.mkdir()
     calls = tmp_path / "nvidia-smi-calls"
-    (fake / "nvidia-smi").write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho "GPU 0: fake (UUID: GPU-0)"\n')
-    (fake / "nvidia-smi").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    fake_commands(tmp_path, monkeypatch, {"nvidia-smi": f'echo "$@" >> {calls}\necho "GPU 0: fake (UUID: GPU-0)"\n'})
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     for gpus in (0, 1):
         name = f"gpus{gpus}"
@@ -175,12 +171,8 @@ def test_prepare_mpi_gives_srun_the_jobs_cpus_per_task(tmp_path):
 
 def refuse_sbatch(tmp_path, monkeypatch) -> None:
     """An sbatch first on PATH that refuses every job, as a site's sbatch refuses an unknown partition."""
-    fake = tmp_path / "fakebin"
-    fake.mkdir()
-    (fake / "sbatch").write_text('#!/bin/sh\necho "sbatch: error: invalid partition specified: gpuu" >&2\n'
-                                 'echo "sbatch: error: Invalid partition name specified" >&2\nexit 1\n')
-    (fake / "sbatch").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    fake_commands(tmp_path, monkeypatch, {"sbatch": 'echo "sbatch: error: invalid partition specified: gpuu" >&2\n'
+                                                    'echo "sbatch: error: Invalid partition name specified" >&2\nexit 1\n'})
 
 
 def test_a_refused_sbatch_is_one_line_naming_sbatchs_reason(tmp_path, monkeypatch, capsys):
@@ -207,13 +199,8 @@ def test_a_queued_job_of_another_configuration_is_never_taken_for_the_point(tmp_
     changed runs the configuration pickled then, and its results passed for the new file's."""
     from dmhpc.cli import main
 
-    fake = tmp_path / "fakebin"
-    fake.mkdir()
-    (fake / "sbatch").write_text('#!/bin/sh\necho "Submitted batch job 1234"\n')
-    (fake / "squeue").write_text('#!/bin/sh\necho 1234_0\necho 1234_1\n')  # both still queued
-    for tool in fake.iterdir():
-        tool.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    fake_commands(tmp_path, monkeypatch, {"sbatch": 'echo "Submitted batch job 1234"\n',
+                                          "squeue": "echo 1234_0\necho 1234_1\n"})  # both still queued
     grid = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "slurm", "grid": {"seed": [0, 1]},
             "overrides": {"optim.lr": 0.05}}
     grid_file = tmp_path / "grid.yaml"
@@ -252,14 +239,9 @@ def test_a_damaged_jobs_file_is_one_line_and_submits_nothing(tmp_path, monkeypat
     or (a job id as a number, never in squeue's list) submitted the point again beside its queued job."""
     from dmhpc.cli import main
 
-    fake = tmp_path / "fakebin"
-    fake.mkdir()
     submitted = tmp_path / "sbatch-calls"
-    (fake / "sbatch").write_text(f'#!/bin/sh\necho x >> {submitted}\necho "Submitted batch job 1234"\n')
-    (fake / "squeue").write_text('#!/bin/sh\necho 1234_0\necho 1234_1\n')  # both still queued
-    for tool in fake.iterdir():
-        tool.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    fake_commands(tmp_path, monkeypatch, {"sbatch": f'echo x >> {submitted}\necho "Submitted batch job 1234"\n',
+                                          "squeue": "echo 1234_0\necho 1234_1\n"})  # both still queued
     grid_file = tmp_path / "grid.yaml"
     grid_file.write_text(yaml.safe_dump({"base": str(TINY), "out": str(tmp_path / "out"), "executor": "slurm",
                                          "grid": {"seed": [0, 1]}}))

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, TINY, clean_env, tiny_overrides
+from tests.conftest import ROOT, TINY, clean_env, fake_commands, tiny_overrides
 from dmhpc.errors import DmhpcError
 from dmhpc.launch import load_tune, tune
 from dmhpc.launch.tune import JOURNAL, LOCK, _lock, _open_study
@@ -292,13 +292,7 @@ def test_a_stale_slurm_trial_that_will_not_leave_the_queue_is_said(tmp_path, mon
     import importlib
 
     tuning = importlib.import_module("dmhpc.launch.tune")  # the module, not the function dmhpc.launch exports
-    fake = tmp_path / "fakebin"
-    fake.mkdir()
-    (fake / "scancel").write_text("#!/bin/sh\nexit 0\n")
-    (fake / "squeue").write_text("#!/bin/sh\necho 777\n")  # listed for ever
-    for tool in fake.iterdir():
-        tool.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    fake_commands(tmp_path, monkeypatch, {"scancel": "exit 0\n", "squeue": "echo 777\n"})  # listed for ever
     monkeypatch.setattr(tuning.time, "sleep", lambda s: None)
     tuning._cancel_slurm_job("777")
     assert ("cannot cancel SLURM job 777 of an earlier tuner (SLURM still lists it after 5 minutes); its trial's "
