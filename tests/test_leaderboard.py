@@ -88,6 +88,20 @@ def test_summary_is_mean_and_spread_over_seeds_with_the_gap_closed(tmp_path):
     assert write_summary(unseeded.out, unseeded.points) == [] and not (unseeded.out / "summary.md").exists()
 
 
+def test_a_seed_whose_metric_is_undefined_leaves_the_others_their_mean(tmp_path):
+    """A test split of one class writes "roc_auc": NaN: statistics.stdev raised on it (the whole
+    summary lost), and a mean with it was NaN for every seed."""
+    grid = load_grid({"base": str(TINY), "out": str(tmp_path / "g"), "grid": {"seed": [1, 2, 3]}})
+    for p, auc in zip(grid.points, (0.8, float("nan"), 0.9)):
+        _finished(p, 0.5, 0.7)
+        result = json.loads((p.run_dir / "eval" / "best_test.json").read_text())
+        result["target"]["roc_auc"] = auc
+        (p.run_dir / "eval" / "best_test.json").write_text(json.dumps(result))
+    (row,) = write_summary(grid.out, grid.points)
+    assert row["target_roc_auc_mean"] == pytest.approx(0.85) and row["target_roc_auc_std"] == pytest.approx(0.0707, abs=1e-4)
+    assert row["finished"] == 3 and "0.850 ± 0.071" in (grid.out / "summary.md").read_text()
+
+
 def test_summary_marks_oracle_selection_and_runs_trained_on_the_target(tmp_path):
     spec = study_spec(tmp_path)
     spec["overrides"].update({"data.source": "pristine", "data.target": "noisy"})  # paths are only compared

@@ -27,6 +27,52 @@ def test_classification_metrics_by_hand():
     assert math.isnan(classification_metrics(np.ones(3, int), np.full((3, 2), 0.5))["roc_auc"])
 
 
+def test_what_is_undefined_is_nan_not_zero():
+    """A test split of one class gave a perfect classifier F1 0.0 (averaged into the summary as a
+    real zero); a NaN prediction counted as a non-merger in the predicted merger fraction; an empty
+    split was called unlabelled."""
+    from dmhpc.train.metrics import domain_metrics, prediction_metrics
+
+    perfect_on_non_mergers = classification_metrics(np.zeros(4, int), np.array([[0.9, 0.1]] * 4))
+    assert perfect_on_non_mergers["accuracy"] == 1.0
+    assert all(math.isnan(perfect_on_non_mergers[k]) for k in ("precision", "recall", "f1", "roc_auc"))
+    p = np.array([[0.2, 0.8]] * 5 + [[0.9, 0.1]] * 2 + [[np.nan, np.nan]])
+    assert math.isnan(prediction_metrics(p)["merger_fraction"])
+    assert prediction_metrics(p[:-1])["merger_fraction"] == pytest.approx(5 / 7)
+    assert "labelled" not in domain_metrics(np.zeros(0, int), np.zeros((0, 2)))
+    assert domain_metrics(np.full(2, -1), p[:2])["labelled"] is False
+
+
+def test_confident_predictions_keep_their_order_for_the_auc(tmp_path):
+    """Softmax in float32 rounds p to exactly 1.0 beyond a logit margin of ~17: every confident
+    prediction tied, and the ROC AUC of an over-confident model came out points low."""
+    import torch
+
+    from dmhpc.data.shards import write_dataset
+    from dmhpc.distributed import DistInfo
+    from dmhpc.train.evaluate import predict
+
+    n = 40
+    labels = np.arange(n) % 2
+    margin = np.linspace(18.0, 30.0, n)  # logit1 - logit0, all above float32's limit
+    margin[labels == 0] -= 0.15  # each negative just below its positive neighbour: the order is right
+    images = margin.reshape(n, 1, 1, 1).repeat(2, axis=2).repeat(2, axis=3).astype(np.float32)
+    write_dataset(images, labels, None, tmp_path / "confident", shard_size=n, seed=0, fractions=(0.5, 0.0, 0.5))
+
+    class Margin(torch.nn.Module):  # features and logits (0, margin): the margin is the image's pixel
+        def forward(self, x):
+            m = x.flatten(1)[:, :1].double()
+            return m, torch.cat([torch.zeros_like(m), m], dim=1)
+
+    out = predict(Margin(), tmp_path / "confident", "test", batch_size=8,
+                  dist=DistInfo(0, 0, 1, torch.device("cpu"), None), mean=[0.0], std=[1.0])
+    from sklearn.metrics import roc_auc_score
+
+    truth = roc_auc_score(out["labels"], out["index"].astype(float) * 0 + margin[out["index"]])
+    assert out["prob"].dtype == np.float64 and (out["prob"][:, 1] < 1.0).all()
+    assert classification_metrics(out["labels"], out["prob"])["roc_auc"] == pytest.approx(truth, abs=1e-12)
+
+
 def test_information_maximization_rewards_confident_balanced_predictions():
     confident_balanced = np.array([[0.99, 0.01], [0.01, 0.99]] * 10)
     uncertain = np.full((20, 2), 0.5)
@@ -56,6 +102,34 @@ def test_deep_embedded_validation_weights_source_samples_like_the_target():
     good = deep_embedded_validation({"features": fs, "labels": labels, "prob": right}, {"features": ft})
     bad = deep_embedded_validation({"features": fs, "labels": labels, "prob": wrong_near_target}, {"features": ft})
     assert math.isfinite(good) and good > bad
+
+
+def test_deep_embedded_validation_weights_are_density_ratios_in_many_dimensions():
+    """Fitted and scored on the same rows, the domain classifier separated 2592-d features of two
+    identical domains perfectly: the weights averaged 0.003, not 1, and DEV was an arbitrary
+    re-weighting. Scored on rows it was not fitted on, they are density ratios again."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold
+
+    rng = np.random.default_rng(1)
+    fs, ft = rng.normal(size=(300, 2592)), rng.normal(size=(300, 2592))  # no shift: w should be ~1
+    labels = rng.integers(0, 2, 300)
+    prob = rng.dirichlet([1, 1], 300)
+    seen = []
+    real_fit = LogisticRegression.fit
+
+    def fit(self, x, y, *a, **k):
+        seen.append(len(x))
+        return real_fit(self, x, y, *a, **k)
+
+    LogisticRegression.fit = fit
+    try:
+        dev = deep_embedded_validation({"features": fs, "labels": labels, "prob": prob}, {"features": ft})
+    finally:
+        LogisticRegression.fit = real_fit
+    assert seen == [300, 300]  # two folds of half the rows each, never all of them
+    loss = -np.log(prob[np.arange(300), labels]).mean()
+    assert dev == pytest.approx(-loss, rel=0.1), (dev, -loss)
 
 
 def test_selection_uses_target_labels_only_for_the_oracle():

@@ -221,7 +221,8 @@ def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool 
     cards = {"md": Path(f"{out}.card.md"), "json": Path(f"{out}.card.json")}
     with locked_directory(out, "dmhpc export"):
         if out.exists() and not overwrite:
-            unfinished = "" if cards["json"].exists() else f" (without its {cards['json'].name}: an export that did not finish?)"
+            unfinished = "" if cards["json"].exists() else \
+                f" (without its {cards['json'].name}: an export that did not finish?)"
             raise DmhpcError(f"--out {out}: exists{unfinished}; --overwrite replaces it")
         run = RunDir(run_dir)
         model, info, shape = build(run, checkpoint)

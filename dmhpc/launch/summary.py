@@ -50,6 +50,9 @@ def _csv_list(values: list) -> str:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
+    """Over the seeds whose metric is defined: a NaN (an AUC of a test split with one class) blanked
+    every seed's mean, and statistics.stdev raised on it, losing the whole summary."""
+    values = [v for v in values if math.isfinite(v)]
     if not values:
         return math.nan, math.nan
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan

@@ -42,14 +42,16 @@ def predict(model, directory, split: str, *, batch_size: int, dist, mean, std,
                                       world_size=dist.world_size, device=dist.device, mean=mean, std=std):
             bar.update(len(y))
             f, logits = model(x)
-            probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+            # float64: float32 rounds p to exactly 1.0 beyond a logit margin of ~17, where every
+            # confident prediction ties and the ROC AUC loses their order (float64: ~37).
+            probs.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
             labels.append(y.cpu().numpy())
             indices.append(idx.cpu().numpy() if hasattr(idx, "cpu") else np.asarray(idx))
             if with_features:
                 feats.append(f.float().cpu().numpy())
     local = {
         "labels": _cat(labels, np.int64, (0,)),
-        "prob": _cat(probs, np.float32, (0, 2)),
+        "prob": _cat(probs, np.float64, (0, 2)),
         "index": _cat(indices, np.int64, (0,)),
     }
     if with_features:
