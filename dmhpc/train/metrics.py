@@ -116,7 +116,7 @@ def negative_entropy(prob: np.ndarray) -> float:
 
 # Dimensions the DEV domain classifier sees: with a few hundred validation rows a domain at most,
 # 16 keep its weights near 1 for two identical domains (mean 1.02-1.23 over 300-800 rows, 2592-d
-# features); 32 let it overfit (1.3-1.6).
+# features, three draws each); 32 let it overfit (1.1-1.6).
 DEV_COMPONENTS = 16
 
 
