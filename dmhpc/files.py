@@ -167,6 +167,15 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | None = None, *,
     return path
 
 
+def replace_durably(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename `source` over `target` (one file system) and make the rename survive a crash."""
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        raise write_error(target, exc) from None
+    _fsync_dir(Path(target).parent)
+
+
 def remove_orphans(directory: str | os.PathLike) -> tuple[int, int]:
     """Delete the temporary files that killed writes left in `directory` (not below it).
 

@@ -8,6 +8,7 @@ Every other module asks `RunDir` for a path; nothing else spells the layout out:
     RUN/tensorboard/              the same scalars for TensorBoard
     RUN/checkpoints/last.pt       where training stands
     RUN/checkpoints/best.pt       the checkpoint the selection criterion chose
+    RUN/checkpoints/best.next.pt  a new best, until the last.pt of its epoch is written too
     RUN/eval/CKPT_SPLIT.json      one file per evaluation: checkpoint, split (and data set, see
                                   `evaluation_tag`), never overwriting another's
     RUN/plots/*.png
@@ -39,7 +40,8 @@ from dmhpc.checks import show
 from dmhpc.config import (Config, changed_keys, config_from_dict, config_to_dict, inert_keys, load_config,
                           save_config)
 from dmhpc.errors import DmhpcError
-from dmhpc.files import LockHeld, atomic_path, atomic_write, hold_lock, is_temporary, remove_orphans
+from dmhpc.files import (LockHeld, atomic_path, atomic_write, hold_lock, is_temporary, remove_orphans,
+                         replace_durably)
 
 FORMAT = "dmhpc-run"
 VERSION = 1
@@ -132,6 +134,31 @@ class RunDir:
         if name not in CHECKPOINT_NAMES:
             raise DmhpcError(f"checkpoint {name!r}: expected one of {', '.join(CHECKPOINT_NAMES)}")
         return self.checkpoint_dir / f"{name}.pt"
+
+    @property
+    def next_best(self) -> Path:
+        """Where a new best checkpoint waits for its epoch's last.pt (see `promote_best`)."""
+        return self.checkpoint_dir / "best.next.pt"
+
+    def promote_best(self) -> None:
+        """Make the waiting best checkpoint best.pt, now that last.pt of its epoch is written. Written
+        as best.pt at once, a kill before last.pt left a best.pt of an epoch the resume does again,
+        its record cut from the log; on a GPU the epoch done again differs, and may not beat it."""
+        if self.next_best.is_file():
+            replace_durably(self.next_best, self.checkpoint("best"))
+
+    def _settle_next_best(self, claim: Claim) -> str | None:
+        """A waiting best that a kill left: kept when the last.pt resumed from was written after it
+        (same step), dropped when the resume does its epoch again (or starts elsewhere)."""
+        waiting, last = self.next_best, self.checkpoint("last")
+        if not waiting.is_file():
+            return None
+        if claim.resume_from is not None and claim.resume_from.resolve() == last.resolve() and \
+                _load_state(waiting).get("step") == _load_state(last).get("step"):
+            self.promote_best()
+            return "promoted"
+        waiting.unlink()
+        return "dropped"
 
     def result_path(self, checkpoint: str, split: str, data: str | None = None) -> Path:
         """RUN/eval/<evaluation_tag>.json: one file per (checkpoint, split, data set)."""
@@ -291,8 +318,9 @@ class RunDir:
         return Claim(resume_from, changed, replaces=existed and not own, own=own)
 
     def _killed_before_its_first_last(self) -> bool:
-        """The first epoch's end writes best.pt, its record, then last.pt: a run killed in between
-        has nothing a fresh start would lose but that epoch (and its requeued job must not stop)."""
+        """dmhpc before best.next.pt wrote the first epoch's best.pt, its record, then last.pt: a run
+        killed in between has nothing a fresh start would lose but that epoch (and its requeued job
+        must not stop)."""
         epochs = [r for r in self.read_log() if r.get("kind") == "epoch"]
         return not any((self.path / EVAL).glob("*.json")) and len(epochs) <= 1
 
@@ -464,6 +492,7 @@ class RunDir:
             for name in sorted(set(OWN_NAMES) - {LOCK}, key=lambda name: name == CONFIG):
                 target = self.path / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        waiting_best = self._settle_next_best(claim)
         files = size = 0
         for directory in (self.path, self.checkpoint_dir, self.path / EVAL, self.path / PLOTS):
             n, b = remove_orphans(directory)
@@ -487,7 +516,8 @@ class RunDir:
             "format": FORMAT, "version": VERSION, "created_by": f"dmhpc {__version__}",
             "data": {k: dict(v) for k, v in data.items()}}, indent=2) + "\n")
         dropped = self.truncate_log(step)
-        return {"orphans_removed": files, "orphan_bytes": size, "log_records_dropped": dropped}
+        cleaned = {"orphans_removed": files, "orphan_bytes": size, "log_records_dropped": dropped}
+        return {**cleaned, "waiting_best": waiting_best} if waiting_best else cleaned
 
     def release(self) -> None:
         """Give the lock back; the folders this claim created and nothing else filled go too."""

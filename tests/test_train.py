@@ -961,3 +961,60 @@ def test_a_selection_score_that_is_not_finite_is_one_line(data, tmp_path, monkey
     err = capsys.readouterr().err
     assert "select.criterion source-val-acc: its score is nan at epoch 0 (on the validation splits); no checkpoint " \
            "can be chosen by it" in err and len(err.splitlines()) == 1, err
+
+
+class _Killed(BaseException):
+    """A kill at a chosen write: nothing after it runs (not an Exception: no handler takes it)."""
+
+
+@pytest.mark.parametrize("kill_at", ["last.pt", "promote"])
+def test_a_kill_at_an_epochs_end_leaves_best_of_an_epoch_in_the_log(data, tmp_path, monkeypatch, capsys, kill_at):
+    """best.pt was written before its epoch's record and last.pt: killed in between, the resume did
+    the epoch again from the earlier last.pt, its record of the first try cut from the log, while
+    best.pt stayed the abandoned try's. On a GPU the epoch done again differs and need not beat it:
+    the run then tested and shipped a model of no logged epoch. A new best now waits as best.next.pt
+    until its last.pt is written."""
+    from dmhpc.run import RunDir
+    from dmhpc.train import loop
+
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=2")]
+    scores = iter([0.5, 0.75, 0.25])  # epoch 1 beats epoch 0; its redone try (0.25) does not
+    monkeypatch.setattr(loop, "selection_score", lambda criterion, val: next(scores))
+    save, lasts = loop.save_checkpoint, []
+
+    def save_then_kill(path, content):
+        if Path(path).name == "last.pt":
+            lasts.append(path)
+            if kill_at == "last.pt" and len(lasts) == 2:
+                raise _Killed
+        save(path, content)
+
+    def promote_then_kill(self):
+        if len(lasts) == 2:
+            raise _Killed
+        promote(self)
+
+    promote = RunDir.promote_best
+    monkeypatch.setattr(loop, "save_checkpoint", save_then_kill)
+    if kill_at == "promote":
+        monkeypatch.setattr(RunDir, "promote_best", promote_then_kill)
+    with pytest.raises(_Killed):
+        main(argv)
+    ckpt = run / "checkpoints"
+    last, best = (torch.load(ckpt / f"{n}.pt", weights_only=True) for n in ("last", "best"))
+    assert best["step"] <= last["step"] and best["selection"]["score"] == 0.5
+    assert (ckpt / "best.next.pt").is_file()
+    monkeypatch.undo()
+    monkeypatch.setattr(loop, "selection_score", lambda criterion, val: next(scores))
+    capsys.readouterr()
+    assert main(argv) == 0
+    setup = [r for r in RunDir(run).read_log() if r["kind"] == "setup"][-1]
+    best = torch.load(ckpt / "best.pt", weights_only=True)
+    epochs = {r["step"]: r for r in RunDir(run).read_log() if r["kind"] == "epoch"}
+    assert not (ckpt / "best.next.pt").exists()
+    if kill_at == "last.pt":  # epoch 1 done again (0.25): the best stays epoch 0's
+        assert setup["waiting_best"] == "dropped" and best["selection"]["score"] == 0.5
+    else:  # epoch 1's last.pt was written: its best stands, nothing is done again
+        assert setup["waiting_best"] == "promoted" and best["selection"]["score"] == 0.75
+    assert epochs[best["step"]]["selection"]["score"] == best["selection"]["score"]

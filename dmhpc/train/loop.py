@@ -169,8 +169,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                                                            "step_in_epoch": 0})
         # Every rank waits for rank 0's write (nobody exits, ending the job step, while it writes)
         # and gets its error (a full disk) as its own one line, not a broken collective later.
-        def write() -> None:
-            save_checkpoint(run.checkpoint(name), content)
+        def write() -> None:  # a best waits for its epoch's last.pt (see RunDir.promote_best)
+            save_checkpoint(run.next_best if name == "best" else run.checkpoint(name), content)
 
         on_main(write)
 
@@ -281,6 +281,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
 
                 on_main(write_record)
                 checkpoint("last", meter)
+                on_main(run.promote_best)
                 if early_stopped() and dist.is_main:
                     print(f"dmhpc train: early stop: {criterion} has not improved for "
                           f"{prog.evals_since_best} evaluations", flush=True)
