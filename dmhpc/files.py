@@ -216,6 +216,12 @@ def same_place(a: str | os.PathLike, b: str | os.PathLike) -> bool:
     return os.path.realpath(a) == os.path.realpath(b)
 
 
+def inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """`path` is `folder` or lies below it, however spelt (symlinks resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 @contextlib.contextmanager
 def locked_directory(directory: Path, user: str) -> Iterator[None]:
     """Hold an exclusive lock for `directory` for the block: a second `user` on it stops with a

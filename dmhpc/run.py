@@ -40,7 +40,7 @@ from dmhpc.checks import show
 from dmhpc.config import (Config, changed_keys, config_from_dict, config_to_dict, inert_keys, load_config,
                           save_config)
 from dmhpc.errors import DmhpcError
-from dmhpc.files import (LockHeld, atomic_path, atomic_write, hold_lock, is_temporary, remove_orphans,
+from dmhpc.files import (LockHeld, atomic_path, atomic_write, hold_lock, inside, is_temporary, remove_orphans,
                          replace_durably)
 
 FORMAT = "dmhpc-run"
@@ -159,6 +159,14 @@ class RunDir:
             return "promoted"
         waiting.unlink()
         return "dropped"
+
+    def refuse_inside(self, path: str | os.PathLike, flag: str) -> None:
+        """Refuse an output of predict, explain or export in the run directory: it would replace the
+        run's own files (--overwrite over best.pt), and a run directory holding other files is
+        refused as not a run at its next resume or evaluation."""
+        if inside(path, self.path):
+            raise DmhpcError(f"{flag} {path}: inside the run directory {self.path}, which holds the run's own "
+                             f"files only; write it elsewhere")
 
     def result_path(self, checkpoint: str, split: str, data: str | None = None) -> Path:
         """RUN/eval/<evaluation_tag>.json: one file per (checkpoint, split, data set)."""

@@ -936,3 +936,45 @@ def test_layout_and_verify_go_with_the_sources_they_concern(trained, tmp_path, c
         err = capsys.readouterr().err
         assert message in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "c.parquet").exists()
+
+
+def test_an_output_over_an_input_or_in_the_run_is_refused(trained, tmp_path, capsys):
+    """`--out survey.csv` (the input catalog) was refused as existing, with "--overwrite replaces it";
+    with --overwrite the survey's catalog (or image cube) was replaced by the predictions. Outputs in
+    the run directory replaced its files (--out RUN/checkpoints/best.pt) or made it "not a dmhpc run"
+    at its next resume."""
+    run = trained["run"]
+    survey = tmp_path / "survey.npy"
+    shutil.copyfile(trained["survey"], survey)
+    (tmp_path / "cat.csv").write_text("id,file\n1,a.fits\n")
+    from astropy.io import fits
+    cube = tmp_path / "cube.fits"
+    fits.PrimaryHDU(trained["images"][:8]).writeto(cube)
+    before = {p: p.read_bytes() for p in (survey, tmp_path / "cat.csv", cube)}
+    best = RunDir(run).checkpoint("best")
+    kept = best.read_bytes()
+    listing = sorted(p.name for p in run.rglob("*"))
+    cases = [
+        (["predict", "--run", str(run), "--catalog", str(tmp_path / "cat.csv"), "--file-column", "file",
+          "--out", str(tmp_path / "cat.csv"), "--overwrite"], f"--out {tmp_path / 'cat.csv'}: is --catalog"),
+        (["predict", "--run", str(run), "--images", str(cube), "--out", str(cube), "--overwrite"],
+         f"--out {cube}: is --images {cube}"),
+        (["predict", "--run", str(run), "--data", str(trained["data"] / "noisy"), "--out",
+          str(trained["data"] / "noisy" / "c.parquet")], f"--out {trained['data'] / 'noisy' / 'c.parquet'}: inside "
+                                                          f"--data {trained['data'] / 'noisy'}"),
+        (["predict", "--run", str(run), "--images", str(survey), "--out", str(run / "c.parquet")],
+         f"--out {run / 'c.parquet'}: inside the run directory {run}"),
+        (["export", "--run", str(run), "--format", "torchscript", "--out", str(best), "--overwrite"],
+         f"--out {best}: inside the run directory {run}"),
+        (["explain", "--run", str(run), "--data", str(trained["data"] / "noisy"), "--out", str(run / "plots" / "x")],
+         f"--out {run / 'plots' / 'x'}: inside the run directory {run}"),
+    ]
+    for argv, refusal in cases:
+        capsys.readouterr()
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert refusal in err and len(err.splitlines()) == 1, err
+    assert {p: p.read_bytes() for p in before} == before and best.read_bytes() == kept
+    assert sorted(p.name for p in run.rglob("*")) == listing  # no lock, parts or output left in it
+    # A catalog named like the input cube with another extension is no input: written.
+    assert main(["predict", "--run", str(run), "--images", str(survey), "--out", str(tmp_path / "survey.npy.csv")]) == 0

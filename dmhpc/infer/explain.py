@@ -218,6 +218,7 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
     `checkpoint`: by default a catalog's own, else best. `rgb`: the channels drawn red, green, blue."""
     _captum()
     run, out = RunDir(run_dir), Path(out)
+    run.refuse_inside(out, "--out")
     channels = run.data_record("source")["shape"][0]  # fewer than 3: drawn in grey, `rgb` unused
     if len(rgb) != 3 or (channels >= 3 and not all(0 <= k < channels for k in rgb)):
         raise DmhpcError(f"--rgb {','.join(map(str, rgb))}: three channel indices from 0 to {channels - 1} "

@@ -217,14 +217,14 @@ def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool 
     exports to one FILE are refused (a lock beside it), not raced."""
     if fmt not in FORMATS:
         raise DmhpcError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    out = Path(out)
+    out, run = Path(out), RunDir(run_dir)
+    run.refuse_inside(out, "--out")  # before the lock, which lies beside --out
     cards = {"md": Path(f"{out}.card.md"), "json": Path(f"{out}.card.json")}
     with locked_directory(out, "dmhpc export"):
         if out.exists() and not overwrite:
             unfinished = "" if cards["json"].exists() else \
                 f" (without its {cards['json'].name}: an export that did not finish?)"
             raise DmhpcError(f"--out {out}: exists{unfinished}; --overwrite replaces it")
-        run = RunDir(run_dir)
         model, info, shape = build(run, checkpoint)
         example = torch.zeros(2, *shape)
         onnx_diff, staged = None, {}

@@ -46,7 +46,7 @@ from dmhpc.data.inputs import CUTOUTS_HELP
 from dmhpc.distributed import (AgreedError, agree, all_gather_object, barrier, bootstrap, gather, meet_before_leaving,
                                on_main, shutdown)
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_path, atomic_write, locked_directory, staged_write
+from dmhpc.files import atomic_path, atomic_write, inside, locked_directory, same_place, staged_write
 from dmhpc.progress import progress_bar
 from dmhpc.infer.sources import DIGEST_BLOCK, Source, open_source
 from dmhpc.run import RunDir, check_shape
@@ -253,6 +253,19 @@ def _saved_stats(parts: Path, inputs: str, read_as: dict, channels: int) -> tupl
         return None
 
 
+def _refuse_out_among_inputs(out: Path, **inputs) -> None:
+    """Refuse a catalog (or the .json and .parts beside it) that would replace an input: --overwrite,
+    which the refusal of an existing --out suggests, destroyed the survey's catalog or image cube."""
+    for path in (out, Path(f"{out}.json"), Path(f"{out}.parts")):
+        for flag, given in inputs.items():
+            if given is None:
+                continue
+            folder = flag in ("data", "cutouts")  # folders of images: nothing is written into them
+            if inside(path, given) if folder else same_place(path, given):
+                raise DmhpcError(f"--out {out}: {'inside' if folder else 'is'} --{flag} {given}, an input of this "
+                                 f"prediction; write the catalog elsewhere")
+
+
 def _claim_parts(out: Path, parts: Path, spec: dict, overwrite: bool, held: contextlib.ExitStack) -> None:
     """Rank 0: refuse a finished catalog (unless overwrite) and parts of another prediction; lock the
     parts folder into `held` until the merge, so a second predict on the same --out stops in one line
@@ -379,6 +392,8 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
     if verify is not None and data is None:
         raise DmhpcError(f"--verify {verify} goes with --data: only a prepared data set has checksums to verify")
     run = RunDir(run_dir)
+    run.refuse_inside(out, "--out")
+    _refuse_out_among_inputs(out, data=data, images=images, catalog=catalog, cutouts=cutouts)
     dist = bootstrap()
     source, held = None, contextlib.ExitStack()
     try:
