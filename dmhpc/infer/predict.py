@@ -221,17 +221,26 @@ def _spec(run: RunDir, model: Model, source: Source, source_args: dict, options:
             **options}
 
 
-def _check_ascii(out: Path, source: Source, meta: dict) -> None:
-    """FITS holds ASCII only: a non-ASCII id failed the write after the whole survey was computed, and a
-    non-ASCII header value (a run or data path) was dropped from the header. Said before any image is."""
-    instead = "write .parquet, .ecsv or .h5 instead"
-    for key, value in meta.items():
-        if not str(value).isascii():
-            raise DmhpcError(f"--out {out}: FITS holds ASCII only and {key} {value} is not; {instead}")
-    bad = source.first_non_ascii_id()
-    if bad is not None:
-        raise DmhpcError(f"--out {out}: FITS holds ASCII only and the id {bad[1]!r} of image {bad[0]} is not; "
-                         f"{instead}")
+def _check_writable(out: Path, source: Source, meta: dict) -> None:
+    """Refuse, before any image is predicted, what the catalog's format cannot hold. FITS holds ASCII
+    only: a non-ASCII id failed the write after the whole survey was computed, and a non-ASCII header
+    value (a run or data path) was dropped from the header. ECSV writes an id starting with # as it is,
+    and reads that row back as a comment: the candidate was lost without a word."""
+    fmt = catalog_format(out)
+    if fmt == "fits":
+        instead = "write .parquet or .ecsv instead"
+        for key, value in meta.items():
+            if not str(value).isascii():
+                raise DmhpcError(f"--out {out}: FITS holds ASCII only and {key} {value} is not; {instead}")
+        bad = source.first_id(lambda v: not v.isascii())
+        if bad is not None:
+            raise DmhpcError(f"--out {out}: FITS holds ASCII only and the id {bad[1]!r} of image {bad[0]} is not; "
+                             f"{instead}")
+    elif fmt == "ascii.ecsv":
+        bad = source.first_id(lambda v: v.lstrip().startswith("#"))
+        if bad is not None:
+            raise DmhpcError(f"--out {out}: ECSV would read the row of id {bad[1]!r} (image {bad[0]}) back as a "
+                             f"comment; write .parquet or .csv instead")
 
 
 def _saved_stats(parts: Path, inputs: str, read_as: dict, channels: int) -> tuple[list, list] | None:
@@ -435,8 +444,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                 "DATASHA": source.describe.get("fingerprint", ""), "INPUTSHA": digest,
                 "NORM": normalize, "MEAN": show(mean),
                 "STD": show(std), "TTA": tta, "AMP": amp, "SRCARGS": json.dumps(source_args)}
-        if catalog_format(out) == "fits":
-            on_main(lambda: _check_ascii(out, source, meta))
+        on_main(lambda: _check_writable(out, source, meta))
         parts = Path(f"{out}.parts")
         spec = _spec(run, model, source, source_args, options)
         spec_digest = _spec_digest(spec)

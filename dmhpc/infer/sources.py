@@ -102,17 +102,18 @@ class Source:
         return {k: self.cutout_files(k * DIGEST_BLOCK, min((k + 1) * DIGEST_BLOCK, self.count))
                 for k in range(rank, blocks, world_size)}
 
-    def first_non_ascii_id(self, block: int = 65536) -> tuple[int, str] | None:
-        """(input position, id) of the first id that is not ASCII, or None; reads ids only, a block at a time."""
+    def first_id(self, bad: Callable[[str], bool], block: int = 65536) -> tuple[int, str] | None:
+        """(input position, id) of the first id for which `bad` is true, or None; reads ids only, a
+        block at a time."""
         if self.kind != "data":
             ids = self._ids or []
-            k = next((k for k, v in enumerate(ids) if not str(v).isascii()), None)
+            k = next((k for k, v in enumerate(ids) if bad(str(v))), None)
             return None if k is None else (k, str(ids[k]))
         for start in range(0, self.count, block):
             ids = self._reader.read_ids(self._first + start, self._first + min(start + block, self.count))
             if ids is None:  # a prepared set without ids: its ids are the input positions
                 return None
-            k = next((k for k, v in enumerate(ids) if not v.isascii()), None)
+            k = next((k for k, v in enumerate(ids) if bad(v)), None)
             if k is not None:
                 return int(self.positions(start + k, start + k + 1)[0]), ids[k]
         return None
