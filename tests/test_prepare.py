@@ -755,6 +755,35 @@ def test_a_scaled_integer_fits_cube_converts_to_its_scaled_values(tmp_path, one_
         open_images(tmp_path / "cut.fits")
 
 
+def test_a_scaled_float_fits_cube_is_read_at_its_scaled_values(tmp_path):
+    """A float cube with BSCALE/BZERO (calibrated to other units) was refused as "not a readable FITS
+    file ... Set memmap=False" (astropy maps no scaled data), though its cutouts were read."""
+    from astropy.io import fits
+
+    raw = np.random.default_rng(2).normal(size=(6, 3, 8, 8)).astype(np.float32)
+    hdu = fits.PrimaryHDU(raw)
+    hdu.header["BSCALE"], hdu.header["BZERO"] = 2.0, 1.0
+    hdu.writeto(tmp_path / "scaled.fits")
+    rows = open_images(tmp_path / "scaled.fits")[np.arange(6)]
+    np.testing.assert_allclose(rows, raw * np.float32(2) + np.float32(1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, np.int16, [("a", "f4"), ("b", "f4")]])
+def test_images_of_no_real_float_dtype_are_refused_at_opening(tmp_path, dtype):
+    """predict read complex images as their real part (numpy's warning only), integers as they were,
+    and a structured array ended in a TypeError traceback; prepare refused them only after opening."""
+    np.save(tmp_path / "x.npy", np.zeros((4, 3, 8, 8), dtype))
+    with pytest.raises(DmhpcError, match=r"x.npy: dtype .*; expected float16, float32 or float64$"):
+        open_images(tmp_path / "x.npy")
+
+
+def test_a_compressed_cube_is_named_as_such(tmp_path):
+    (tmp_path / "cube.fits.gz").write_bytes(b"\x1f\x8b" + bytes(100))
+    with pytest.raises(DmhpcError, match=r"cube.fits.gz: not a .npy file or a FITS cube \(.fits, .fit, .fts; a "
+                                         r"compressed one decompressed\)"):
+        open_images(tmp_path / "cube.fits.gz")
+
+
 def cutouts(tmp_path: Path, images: np.ndarray, per_filter: bool) -> list[str]:
     """One FITS file per object: one (C, H, W) HDU, or one (H, W) HDU per filter."""
     from astropy.io import fits

@@ -165,9 +165,10 @@ def _open_fits_cube(path: str | os.PathLike, nan_fill: float | None, layout: str
 
 
 def _scaled(header) -> bool:
-    """Integers with a scale, offset or blank value (BSCALE, BZERO, BLANK), such as unsigned 16-bit."""
-    return header.get("BITPIX", -32) > 0 and (header.get("BSCALE", 1) != 1 or header.get("BZERO", 0) != 0
-                                               or "BLANK" in header)
+    """Pixels with a scale or offset (BSCALE, BZERO: unsigned 16-bit integers, floats in other units),
+    or integers with a blank value (BLANK); astropy maps none of them."""
+    return header.get("BSCALE", 1) != 1 or header.get("BZERO", 0) != 0 or \
+        (header.get("BITPIX", -32) > 0 and "BLANK" in header)
 
 
 class _SectionRows:
@@ -360,8 +361,9 @@ def _refuse_repeats(path: Path, keys: list[str], column: str, role: str, wanted:
     raise DmhpcError(f"{path}: {role} {value!r} of column {column!r} is in rows {shown}; each row must have {wanted}")
 
 
-def open_npy(path: str | os.PathLike) -> np.ndarray:
-    """Memory-map a .npy file; DmhpcError naming the file if it is missing or not a usable .npy."""
+def open_npy(path: str | os.PathLike, expected: str = "a .npy file") -> np.ndarray:
+    """Memory-map a .npy file; DmhpcError naming the file if it is missing or not a usable .npy
+    (`expected`: what the file should have been, for that message)."""
     name = str(path)
     p = Path(path)
     if not p.exists():
@@ -374,7 +376,7 @@ def open_npy(path: str | os.PathLike) -> np.ndarray:
     except OSError as exc:
         raise DmhpcError(f"{name}: cannot read ({exc.strerror})") from None
     if magic != np.lib.format.MAGIC_PREFIX:
-        raise DmhpcError(f"{name}: not a .npy file")
+        raise DmhpcError(f"{name}: not {expected}")
     try:
         array = np.load(p, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as exc:  # truncated, or Python objects that cannot be mapped
@@ -439,10 +441,18 @@ def detect_layout(shape: tuple, layout: str | None, name: str) -> str:
     return "NCHW" if nchw else "NHWC"
 
 
+def check_pixel_dtype(dtype: np.dtype, name: str) -> None:
+    """Pixels are real floating-point numbers: integers (counts) need a calibration first, and a
+    complex array would lose its imaginary part, a structured one fail deep in a cast."""
+    if dtype.kind != "f" or dtype.itemsize not in (2, 4, 8):  # FITS data are big-endian
+        raise DmhpcError(f"{name}: dtype {dtype}; expected float16, float32 or float64")
+
+
 def open_images(path: str | os.PathLike, layout: str | None = None, nan_fill: float | None = None) -> ArrayRows:
     """A .npy array or a FITS cube as rows; the layout is detected unless given."""
     path = Path(path)
     if path.suffix.lower() in FITS_SUFFIXES:
         return open_fits_cube(path, nan_fill, layout)
-    raw = open_npy(path)
+    raw = open_npy(path, f"a .npy file or a FITS cube ({', '.join(FITS_SUFFIXES)}; a compressed one decompressed)")
+    check_pixel_dtype(raw.dtype, str(path))
     return ArrayRows(raw, detect_layout(raw.shape, layout, str(path)), nan_fill)

@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 
 from dmhpc import __version__
-from dmhpc.data.inputs import LAYOUTS
+from dmhpc.data.inputs import LAYOUTS, check_pixel_dtype
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write, is_temporary, reserve
 from dmhpc.progress import progress_bar
@@ -90,8 +90,7 @@ def check_images(images, name: str = "images") -> None:
         raise DmhpcError(f"{name}: no images (shape {tuple(images.shape)})")
     if 0 in images.shape:
         raise DmhpcError(f"{name}: empty images (shape {tuple(images.shape)})")
-    if images.dtype.kind != "f" or images.dtype.itemsize not in (2, 4, 8):  # FITS data are big-endian
-        raise DmhpcError(f"{name}: dtype {images.dtype}; expected float16, float32 or float64")
+    check_pixel_dtype(images.dtype, name)
 
 
 def _whole_numbers(values: np.ndarray, name: str, what: str) -> np.ndarray:
