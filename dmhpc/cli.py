@@ -228,7 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and isinstance(getattr(args, "overrides", None), list) and not any(a.startswith("-") for a in extra):
+        # argparse fills a positional list once: overrides after an option (`run.dir=R --overwrite
+        # train.epochs=1`) were "unrecognized arguments". They are taken in the order given.
+        args.overrides += extra
+    elif extra:
+        parser.parse_args(argv)  # argparse's own error, exit 2
     try:
         _, command_main = COMMANDS[args.command].load()
         return int(command_main(args) or 0)

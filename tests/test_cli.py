@@ -40,6 +40,20 @@ def test_module_entry_points_are_the_cli():
     assert "--config" in proc.stdout and "--resume" in proc.stdout
 
 
+def test_training_overrides_may_follow_an_option(tmp_path, capsys):
+    """`dmhpc train --config C run.dir=R --overwrite train.epochs=1` was "unrecognized arguments:
+    train.epochs=1" (argparse fills a positional list once), under the top-level usage."""
+    config = str(ROOT / "configs" / "tiny.yaml")
+    argv = ["train", "--config", config, f"run.dir={tmp_path / 'r'}", "--resume", "none", "train.epochs=2",
+            "--overwrite", "train.epochs=many"]
+    assert main(argv) == 1  # the last value of a key counts, as on one line
+    assert "train.epochs: expected a positive integer, got \"many\"" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit) as exit_:  # an unknown option is still argparse's error
+        main(["train", "--config", config, "train.epochs=2", "--bogus", "train.epochs=3"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
 def test_console_script_reports_errors_in_one_line(tmp_path):
     dmhpc = Path(sys.executable).parent / "dmhpc"
     proc = subprocess.run([str(dmhpc), "verify", str(tmp_path / "missing")], capture_output=True, text=True,
