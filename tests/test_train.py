@@ -1018,3 +1018,43 @@ def test_a_kill_at_an_epochs_end_leaves_best_of_an_epoch_in_the_log(data, tmp_pa
     else:  # epoch 1's last.pt was written: its best stands, nothing is done again
         assert setup["waiting_best"] == "promoted" and best["selection"]["score"] == 0.75
     assert epochs[best["step"]]["selection"]["score"] == best["selection"]["score"]
+
+
+class _DefaultAction(Exception):
+    """What the signal's default action would have done: ended the trainer (exit 143, no line)."""
+
+
+@pytest.mark.parametrize("when", ["start-up", "final test"])
+def test_a_stop_signal_outside_the_epoch_loop_is_caught(data, tmp_path, monkeypatch, capsys, when):
+    """Stop signals were caught only in the epoch loop: one during the start-up checks (checksums,
+    the wait for a lock) or the final test killed the trainer by its default action, no line and no
+    requeue code. Now a start-up one stops the loop at its first step, and the test finishes."""
+    from dmhpc.train import loop
+
+    def default_action(signum, frame):
+        raise _DefaultAction(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, default_action)
+    try:
+        target = (loop.preflight, "check_data") if when == "start-up" else (loop, "evaluate_run")
+        original = getattr(*target)
+
+        def with_a_signal(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(*target, with_a_signal)
+        run = tmp_path / "run"
+        code = main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1")])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    out = capsys.readouterr().out
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    if when == "start-up":
+        assert code == REQUEUE_EXIT_CODE and last["step"] == 1
+        assert "SIGTERM: checkpoint written at step 1; exiting with 75" in out
+    else:
+        from dmhpc.run import RunDir
+
+        assert code == 0 and RunDir(run).finished
+        assert "SIGTERM after the last step: the run finished its test first" in out

@@ -259,11 +259,15 @@ class StopRequest:
         self._pending = (work, flag)
         return False
 
-    def close(self) -> None:
-        """Finish the collective in flight and restore the previous signal handlers."""
+    def settle(self) -> None:
+        """Finish the poll in flight (the loop is left: no collective of it may overlap what follows)."""
         if self._pending is not None:
             self._pending[0].wait()
             self._pending = None
+
+    def close(self) -> None:
+        """Finish the collective in flight and restore the previous signal handlers."""
+        self.settle()
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}

@@ -47,7 +47,12 @@ def train(cfg, resume: str = "auto", overwrite: bool = False) -> int:
         torch.set_num_threads(dist.cpus)
     run = RunDir(cfg.run.dir)
     try:
-        code = _train(cfg, resume, overwrite, dist, run)
+        # Caught from the start, not only in the epoch loop: a stop signal during the start-up checks
+        # (checksums, the wait for a lock) or the final test killed the trainer by its default action
+        # (exit 143, no line), which launchers took for a failure, not a requeue. Caught there, it
+        # stops the loop at its first step (checkpoint, requeue code) or lets the test finish.
+        with StopRequest(cfg.train.signals) as stop:
+            code = _train(cfg, resume, overwrite, dist, run, stop)
         meet_before_leaving()  # rank 0 printed its last line (a requeue's) before any rank exits
         return code
     except AgreedError:  # every rank holds it, at the same point: all print it before any exits
@@ -58,7 +63,7 @@ def train(cfg, resume: str = "auto", overwrite: bool = False) -> int:
         shutdown()
 
 
-def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
+def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopRequest) -> int:
     # --- claim the run directory and check everything before anything is written ------------------
     manifests = preflight.load_manifests(cfg)
     data_ids = preflight.data_identity(cfg, manifests)
@@ -194,7 +199,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
     meter = None
     try:
         # The batches' row counts never change: the global-scope losses exchange them once.
-        with StopRequest(cfg.train.signals) as stop, stable_rows():
+        with stable_rows():
             while not stopped and at() < total_steps and prog.epoch < cfg.train.epochs and not early_stopped():
                 state.model.train()
                 meter = EpochMeter(dist.device, watch_loss=cfg.train.amp != "fp16",
@@ -286,6 +291,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
                     print(f"dmhpc train: early stop: {criterion} has not improved for "
                           f"{prog.evals_since_best} evaluations", flush=True)
     finally:
+        stop.settle()
         loader.close()  # its worker processes end with the loop, whatever ended it
         if log is not None:
             log.close()
@@ -305,6 +311,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir) -> int:
         print(format_table({run.path.name: result}), flush=True)
         with MetricLog(run, purge_step=None) as tb:
             tb.hparams(cfg, info, result)
+        if stop.signal_name is not None:
+            print(f"dmhpc train: {stop.signal_name} after the last step: the run finished its test first", flush=True)
     return 0
 
 
