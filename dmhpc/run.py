@@ -569,10 +569,22 @@ def _load_state(path: Path) -> dict:
     import torch  # not at import: the launchers that call this for one entry need no torch otherwise
 
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise DmhpcError(f"{path}: cannot read: {exc.strerror}") from None
+    # torch's reason for these was about torch.save's options (mmap needs its zip format)
+    if not magic:
+        raise DmhpcError(f"{path}: empty (0 bytes): not a checkpoint (a copy or a write that failed?)")
+    if magic != b"PK\x03\x04":
+        raise DmhpcError(f"{path}: not a readable dmhpc checkpoint (truncated, corrupt, or not saved by dmhpc): "
+                         f"not a torch.save archive")
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DmhpcError(f"{path}: not a readable dmhpc checkpoint: {reason}") from None
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DmhpcError(f"{path}: not a readable dmhpc checkpoint (truncated, corrupt, or not saved by dmhpc): "
+                         f"{reason}") from None
     if not isinstance(state, dict):
         raise DmhpcError(f"{path}: not a dmhpc checkpoint (it holds a {type(state).__name__}, not a mapping)")
     return state

@@ -21,6 +21,7 @@ import torch
 from tests.conftest import BIN, ROOT, clean_env
 from dmhpc.config import Config
 from dmhpc.errors import DmhpcError
+from dmhpc.run import _load_state
 from dmhpc.run import RunDir
 from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, StopRequest, capture_rng_state, gather_rng_states,
                                     load_checkpoint, restore_rank_rng_state, restore_rng_state, save_checkpoint)
@@ -100,6 +101,14 @@ def test_load_errors_name_the_file(tmp_path):
             load_checkpoint(tmp_path / name)
         assert str(info.value).startswith(f"{tmp_path / name}: not a readable dmhpc checkpoint"), name
         assert "\n" not in str(info.value)
+        # What a resume and a relaunch check read first (memory-mapped): an empty last.pt was "mmap can
+        # only be used with files saved with torch.save(_use_new_zipfile_serialization=True) ...".
+        with pytest.raises(DmhpcError) as info:
+            _load_state(tmp_path / name)
+        said = str(info.value)
+        assert "\n" not in said and "torch.save(" not in said and len(said) < 400, said
+        assert said.startswith(f"{tmp_path / name}: empty (0 bytes)" if name == "empty.pt" else
+                               f"{tmp_path / name}: not a readable dmhpc checkpoint (truncated, corrupt"), said
     # a pickled object (e.g. the original DeepMerge's best_model.pth.tar) is refused, not executed
     torch.save({"model": np.arange(3)}, tmp_path / "pickled.pt")
     with pytest.raises(DmhpcError, match="pickled.pt: not a readable dmhpc checkpoint"):
