@@ -7,9 +7,12 @@ slurm/lib.sh (torchrun's rendezvous endpoint, through `python -m dmhpc.rendezvou
   resolves (most sites), else its NodeAddr from `scontrol show node` (sites, and tests/cluster,
   whose node names are not host names). Asking slurmctld only then keeps a job of thousands of
   tasks from sending it thousands of requests at once;
-- port: 29500 + job id % 2000: the same on every node and after a requeue, different for jobs
-  running side by side on one node (unless their ids are a multiple of 2000 apart), and below
-  Linux's ephemeral range (32768 and up), so no outgoing connection holds it.
+- port: 29500 + (job id + step id) % 2000: the same on every node and after a requeue, different
+  for jobs running side by side on one node (unless their ids are a multiple of 2000 apart) and
+  for job steps running side by side in one job (two `srun` trainers of a grid packed into one
+  allocation met at one port: the second failed to bind, or its ranks joined the first's store),
+  and below Linux's ephemeral range (32768 and up), so no outgoing connection holds it. The batch
+  script, outside any step, and a job's first step (0) compute the same port.
 
 MASTER_ADDR and MASTER_PORT, when set, win over both. This module imports no torch: the batch
 script runs it before anything else.
@@ -102,11 +105,15 @@ def node_address(node: str, env: Mapping[str, str]) -> str:
     return m.group(1) if m else node
 
 
+STEP_IDS = 0xFFFFFFF0  # SLURM's own steps (batch, extern, interactive) are numbered from here up
+
+
 def slurm_port(env: Mapping[str, str]) -> int:
-    job = env.get("SLURM_JOB_ID", "")
+    job, step = env.get("SLURM_JOB_ID", ""), env.get("SLURM_STEP_ID", "")
     if not job.isdigit():
         return PORT_BASE
-    return PORT_BASE + int(job) % PORT_SPAN
+    step_id = int(step) if step.isdigit() and int(step) < STEP_IDS else 0
+    return PORT_BASE + (int(job) + step_id) % PORT_SPAN
 
 
 def slurm_rendezvous(env: Mapping[str, str]) -> tuple[str, int]:
