@@ -12,7 +12,7 @@ import pytest
 
 from dmhpc.cli import main
 from dmhpc.data.check import verify_dataset
-from dmhpc.data.shards import MANIFEST, file_sha256, load_manifest, shard_name, write_dataset
+from dmhpc.data.shards import MANIFEST, file_sha256, load_manifest, shard_name, write_dataset, write_manifest
 from dmhpc.errors import DmhpcError
 
 
@@ -30,7 +30,7 @@ def dataset(tmp_path):
 def edit_manifest(directory, **changes):
     manifest = json.loads((directory / MANIFEST).read_text())
     manifest.update(changes)
-    (directory / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(directory, manifest)  # re-sealed, as by a tool: only the checks against the shards see it
     return manifest
 
 
@@ -38,7 +38,7 @@ def reseal(directory, number):
     """Record a shard's new checksum in the manifest, as a tool that rewrote the shard would."""
     manifest = json.loads((directory / MANIFEST).read_text())
     manifest["shards"][number]["sha256"] = file_sha256(directory / shard_name(number))
-    (directory / MANIFEST).write_text(json.dumps(manifest))
+    write_manifest(directory, manifest)  # re-sealed, as by a tool: only the checks against the shards see it
 
 
 def test_a_good_data_set_passes_every_level(dataset, capsys):
@@ -236,3 +236,28 @@ def test_a_manifest_that_keeps_ids_needs_them_in_every_shard(dataset):
         del f["ids"]
         f.create_dataset("ids", data=np.zeros(3, np.int64))
     assert verify_dataset(dataset, checksums=False) == ["shard-00002.h5: ids int64 (3,), expected bytes (16,)"]
+
+
+def test_a_manifest_edited_by_hand_is_refused_even_where_it_agrees_with_the_shards(dataset, capsys):
+    """A test image moved to val (its counts and boundaries adjusted), the statistics the trainer
+    normalizes with, the seed: edits of manifest.json alone that agree with the shards passed verify
+    and every start-up check. The manifest ends with the SHA-256 of its content."""
+    path = dataset / MANIFEST
+    sealed = path.read_text()
+    assert json.loads(sealed)["content_sha256"]
+    for edit in (lambda m: m["stats"]["mean"].__setitem__(0, m["stats"]["mean"][0] + 5),
+                 lambda m: m.__setitem__("seed", 5), lambda m: m.__setitem__("note", "mine")):
+        manifest = json.loads(sealed)
+        edit(manifest)
+        path.write_text(json.dumps(manifest))
+        with pytest.raises(DmhpcError, match=f"^{path}: edited since prepare wrote it"):
+            load_manifest(dataset)
+        assert main(["verify", str(dataset)]) == 1
+        err = capsys.readouterr().err
+        assert "edited since prepare wrote it (content_sha256 is not that of its content)" in err and \
+            err.count("\n") == 1, err
+    # A manifest of a dmhpc before the key is read as it is.
+    manifest = json.loads(sealed)
+    del manifest["content_sha256"]
+    path.write_text(json.dumps(manifest))
+    assert load_manifest(dataset) == manifest and verify_dataset(dataset) == []

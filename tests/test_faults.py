@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, TINY, clean_env
-from dmhpc.data.shards import shard_name, write_dataset
+from dmhpc.data.shards import shard_name, write_dataset, write_manifest
 from dmhpc.run import RunDir
 from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, load_checkpoint
 
@@ -299,6 +299,9 @@ def test_manifest_split_lists_are_checked(data, tmp_path):
     manifest = json.loads((edited / "manifest.json").read_text())
     manifest["splits"]["val"][0] = manifest["splits"]["train"][0]  # a training image also validated on
     (edited / "manifest.json").write_text(json.dumps(manifest))
+    one_line_error(train(data, tmp_path / "run", "train.epochs=1", target=edited),
+                   f"data.target: {edited / 'manifest.json'}: edited since prepare wrote it")
+    write_manifest(edited, manifest)  # sealed again (by a tool): the split lists are still checked
     one_line_error(train(data, tmp_path / "run", "train.epochs=1", target=edited),
                    f"data.target {edited}: manifest.json: splits: index", "is in both train and val")
 

@@ -66,6 +66,7 @@ def test_manifest_keys_and_contract(dataset):
     assert list(manifest) == [
         "format", "version", "count", "shape", "dtype", "num_classes", "seed", "fractions", "shards",
         "rows", "splits", "counts", "stats", "inputs", "layout", "created_by", "labelled", "ids", "objects",
+        "content_sha256",
     ]
     assert manifest["labelled"] is True and manifest["ids"] is False
     assert manifest["format"] == "dmhpc-shards" and manifest["version"] == 1

@@ -32,6 +32,7 @@ from dmhpc.progress import progress_bar
 FORMAT = "dmhpc-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
+CONTENT_KEY = "content_sha256"  # the manifest's last key: the SHA-256 of the rest (see load_manifest)
 UNLABELLED = -1  # the label of every image of an unlabelled data set
 SPLITS = ("train", "val", "test")
 DTYPES = ("float32", "float16")
@@ -508,7 +509,10 @@ def finish_dataset(
 
 
 def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
-    """Write manifest.json atomically: one top-level key per line, lists kept on one line."""
+    """Write manifest.json atomically: one top-level key per line, lists kept on one line. It ends
+    with the SHA-256 of its own content (`content_sha256`, added to `manifest` too)."""
+    manifest.pop(CONTENT_KEY, None)
+    manifest[CONTENT_KEY] = _content_sha256(manifest)
     text = "{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in manifest.items()) + "\n}\n"
     atomic_write(Path(out_dir) / MANIFEST, text)
 
@@ -730,6 +734,11 @@ def _manifest_problem(m) -> str | None:
     return None
 
 
+def _content_sha256(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps({k: v for k, v in manifest.items() if k != CONTENT_KEY},
+                                     sort_keys=True).encode()).hexdigest()
+
+
 def fingerprint(manifest: dict) -> str:
     """SHA-256 of the manifest's content: the same for a copy of the data set moved elsewhere."""
     return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
@@ -747,6 +756,12 @@ def load_manifest(directory: str | os.PathLike) -> dict:
     problem = _manifest_problem(manifest)
     if problem:
         raise DmhpcError(f"{path}: {problem}")
+    # Edits that keep every field plausible (a row moved from test to val with its counts, the
+    # statistics the trainer normalizes with, the seed) agree with the shards, and verify passed them.
+    # A manifest of dmhpc before the key has none, and is read as it is.
+    if CONTENT_KEY in manifest and manifest[CONTENT_KEY] != _content_sha256(manifest):
+        raise DmhpcError(f"{path}: edited since prepare wrote it ({CONTENT_KEY} is not that of its content); "
+                         f"restore it, or prepare the data set again")
     return manifest
 
 
