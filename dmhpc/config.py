@@ -213,6 +213,9 @@ class OptimConfig:
     # Learning-rate multiplier for the new heads: bottleneck, classifier, discriminator and Fisher
     # centres (the original: 10).
     head_lr_mult: float = _key(10.0, number(0.0, low_open=True))
+    # DANN's domain discriminator's multiplier; null = head_lr_mult. The original code differs: its
+    # FisherDA trained the discriminator at 10, DeepMerge's own ADA at 0.1 (--ad_net_mult_lr).
+    discriminator_lr_mult: float | None = _key(None, optional(number(0.0, low_open=True)))
     # Clip the global gradient norm to this value; null = no clipping.
     grad_clip: float | None = _key(None, optional(number(0.0, low_open=True)))
     # Learning-rate schedule: "constant"; "warmup-cosine" (linear warmup over warmup_steps, cosine
@@ -420,6 +423,7 @@ def inert_keys(data: Mapping) -> dict[str, str]:
             inert.update({f"optim.{k}": decider for k in keys})
     if loss.get("transfer") != "dann":
         inert.update({f"loss.grl.{k}": "loss.transfer" for k in ("schedule", "alpha", "high")})
+        inert["optim.discriminator_lr_mult"] = "loss.transfer"
     if loss.get("transfer") != "mmd":
         inert.update({f"loss.mmd.{k}": "loss.transfer" for k in ("sigmas", "unbiased", "clamp")})
     return inert

@@ -122,6 +122,7 @@ def test_a_setting_that_does_nothing_where_it_is_set_is_refused(tmp_path):
             (["optim.momentum=0.5"], 'command line: optim.momentum: 0.5 does nothing with optim.name "adam"'),
             (["optim.name=sgd", "optim.betas=[0.9, 0.99]"], 'optim.betas: [0.9, 0.99] does nothing with optim.name "sgd"'),
             (["loss.grl.high=5"], 'command line: loss.grl.high: 5.0 does nothing with loss.transfer "mmd"'),
+            (["optim.discriminator_lr_mult=0.1"], 'optim.discriminator_lr_mult: 0.1 does nothing with loss.transfer'),
             (["loss.transfer=coral", "loss.mmd.unbiased=true"], "loss.mmd.unbiased: true does nothing with loss.transfer")):
         with pytest.raises(DmhpcError) as refused:
             load_config(base, overrides)
@@ -339,3 +340,16 @@ def test_the_mmd_sample_cap_is_a_key_whose_default_is_the_losses(tmp_path):
 
     assert load_config(write(tmp_path / "c.yaml", "")).loss.mmd.max_samples == MAX_SAMPLES == 16384
     assert load_config(write(tmp_path / "c.yaml", ""), ["loss.mmd.max_samples=65536"]).loss.mmd.max_samples == 65536
+
+
+def test_the_discriminator_gets_its_own_rate_multiplier_under_dann():
+    """The discriminator trained at optim.head_lr_mult (10, FisherDA's), with no way to take the 0.1
+    of DeepMerge's own ADA code, where results.md sees the DANN discriminator's loss jump."""
+    import torch
+
+    from dmhpc.train.state import TrainState
+
+    for extra, want in (([], 10.0), (["optim.discriminator_lr_mult=0.1"], 0.1)):
+        cfg = load_config(ROOT / "configs" / "tiny.yaml", ["loss.transfer=dann", "loss.transfer_weight=1.0", *extra])
+        groups = {g["name"]: g["lr_mult"] for g in TrainState.build(cfg, torch.device("cpu"), 3).optimizer.param_groups}
+        assert groups["discriminator"] == want and groups["trunk"] == 1.0

@@ -82,9 +82,10 @@ class TrainState:
         model = DomainAdaptation(cfg, seed=cfg.seed, in_channels=in_channels).to(device)
         if cfg.train.channels_last:
             model = model.to(memory_format=torch.channels_last)
-        mult = cfg.optim.head_lr_mult
+        mult, disc = cfg.optim.head_lr_mult, cfg.optim.discriminator_lr_mult
         groups = param_groups(model.backbone, discriminator=model.discriminator, fisher=model.fisher,
-                              head_lr_mult=mult, discriminator_lr_mult=mult, fisher_lr_mult=mult)
+                              head_lr_mult=mult, discriminator_lr_mult=mult if disc is None else disc,
+                              fisher_lr_mult=mult)
         scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
         return cls(model, _optimizer(cfg.optim, groups), scaler)
 
