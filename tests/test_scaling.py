@@ -174,3 +174,48 @@ def test_a_local_scaling_study_runs_its_points_one_at_a_time(tmp_path, capsys):
         launch_scaling(spec)
     assert ("running the other 2, 1 at a time (a scaling study: points together would share the cores and skew "
             "the timings)") in capsys.readouterr().out
+
+
+def test_a_second_launcher_refused_by_the_lock_leaves_the_record_of_the_first(tmp_path):
+    """The record of what each point is measured with was written before the launch lock was taken:
+    a second launcher with other settings, refused as one, had already recorded its settings for the
+    first launcher's points still to run, and the table then showed their timings under them."""
+    from dmhpc.files import LockHeld, hold_lock
+    from dmhpc.launch.scaling import record_measured_with
+    from dmhpc.launch.submit import LAUNCH_LOCK
+
+    out = tmp_path / "out"
+    spec = {"base": str(TINY), "out": str(out), "executor": "debug", "models": ["deepmerge2"], "nodes": [1],
+            "gpus_per_node": [1], "device": "cpu", "weak": {"batch_per_gpu": 4},
+            "overrides": {"data.source": "missing"}, "slurm": {"cpus_per_task": 1}}
+    record_measured_with(load_study(spec))  # the first launcher, about to run its points
+    record = (out / "submitit" / "measured_with.json").read_text()
+    lock = hold_lock(out / "submitit" / LAUNCH_LOCK, "held by {holder}", "launcher")
+    try:
+        with pytest.raises(LockHeld):
+            launch_scaling({**spec, "slurm": {"cpus_per_task": 2}})
+    finally:
+        lock.close()
+    assert (out / "submitit" / "measured_with.json").read_text() == record
+
+
+def test_a_point_still_queued_is_held_to_what_it_was_submitted_with(tmp_path, monkeypatch):
+    """A point queued by a --no-wait launch has no run yet; launched again with other settings, the
+    queued job (re-attached) measured the old ones under the new settings' name."""
+    from tests.conftest import fake_commands
+    from dmhpc.launch.scaling import record_measured_with
+    from dmhpc.launch.submit import JOBS_FILE
+
+    out = tmp_path / "out"
+    spec = {"base": str(TINY), "out": str(out), "executor": "slurm", "models": ["deepmerge2"], "nodes": [1],
+            "gpus_per_node": [1], "device": "cpu", "weak": {"batch_per_gpu": 4},
+            "overrides": {"data.source": "missing"}, "slurm": {"cpus_per_task": 1}}
+    record_measured_with(load_study(spec))
+    (out / "submitit" / JOBS_FILE).write_text(json.dumps({"deepmerge2-weak-1x1": {"job_id": "77", "tasks": 1}}))
+    fake_commands(tmp_path, monkeypatch, {"squeue": "echo 77\n", "sbatch": "exit 1\n"})
+    with pytest.raises(DmhpcError, match=r"point deepmerge2-weak-1x1: was measured with other settings "
+                                         r"\(slurm.cpus_per_task 1 -> 2\)"):
+        load_study({**spec, "slurm": {"cpus_per_task": 2}})
+    load_study(spec)  # the settings it was submitted with
+    fake_commands(tmp_path, monkeypatch, {"squeue": "echo 78\n"})  # its job ended without a run: free
+    load_study({**spec, "slurm": {"cpus_per_task": 2}})

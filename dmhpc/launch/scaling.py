@@ -55,7 +55,7 @@ from dmhpc.checks import Problems, choice, distinct_list, integer, show, take, t
 from dmhpc.launch.spec import (Point, check_existing_runs, check_point_problems, dotted_keys, point_problem,
                                read_launch_file, resolve_point)
 from dmhpc.launch.submit import (EXECUTORS, TrainTask, check_executor_shape, launch_points, preempt_signal,
-                                 read_resources)
+                                 queued_points, read_resources)
 
 STUDY_KEYS = ("base", "out", "executor", "models", "nodes", "gpus_per_node", "device", "weak", "strong",
               "epochs", "max_steps", "overrides", "slurm")
@@ -225,9 +225,11 @@ def _check_measured_with(problems: Problems, study: Study) -> None:
     except DmhpcError as exc:
         problems.add("out", str(exc))
         return
+    # A point queued by an earlier --no-wait launch is measured with what it was submitted with, too.
+    queued = queued_points(list(study.points), study.out / "submitit") if record else {}
     for p in study.points:
         was = record.get(p.name)
-        if was is None or not p.run.holds_run():
+        if was is None or not (p.run.holds_run() or p.name in queued):
             continue
         now = measured_with(study, p)
         changed = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
@@ -359,10 +361,10 @@ def write_scaling(out: Path, rows: list[dict], device: str) -> None:
 def launch_scaling(spec: str | Path | Mapping, wait: bool = True, executor: str | None = None) -> list[dict]:
     """Check the study, submit its unfinished points, wait, write the table (CSV, Markdown) and plot."""
     study = load_study(spec, executor)
-    record_measured_with(study)
     failures = launch_points(list(study.points), study.resources, kind=study.executor,
                              folder=study.out / "submitit", job_name=f"dmhpc-{study.out.name}",
-                             task=TrainTask(), wait=wait, at_once_why=LOCAL_ONE_AT_A_TIME)
+                             task=TrainTask(), wait=wait, at_once_why=LOCAL_ONE_AT_A_TIME,
+                             before=lambda: record_measured_with(study))
     rows = scaling_table([measure(p) for p in study.points])
     write_scaling(study.out, rows, study.device)
     print(f"dmhpc launch: scaling table in {study.out / 'scaling.md'}, scaling.csv and scaling.png", flush=True)

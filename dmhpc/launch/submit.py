@@ -40,7 +40,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import submitit
 
@@ -552,20 +552,27 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     return jobs
 
 
-def _check_no_queued_slurm_job(points: list[Point], folder: Path) -> None:
-    """Refuse to run here a point whose Slurm job from an earlier launch into this folder (`--no-wait`)
-    is still queued or running: the two would meet in its run directory, one failing as "in use", or
-    the Slurm job training again, when it starts, what the local run finished. Where this machine
-    has no squeue, the jobs recorded are another cluster's (an OUT copied here)."""
+def queued_points(points: list[Point], folder: Path) -> dict[str, str]:
+    """{point name: job id} of the unfinished points whose Slurm job from an earlier launch into this
+    folder (`--no-wait`) is still queued or running. Where this machine has no squeue, the jobs
+    recorded are another cluster's (an OUT copied here): none."""
     recorded = _read_jobs(folder)
     waiting = [p.name for p in points if p.name in recorded and not p.finished]
     if not waiting or shutil.which("squeue") is None:
-        return
+        return {}
     queued = _queued_slurm_jobs()
-    still = [name for name in waiting if recorded[name]["job_id"] in queued]
+    return {name: recorded[name]["job_id"] for name in waiting if recorded[name]["job_id"] in queued}
+
+
+def _check_no_queued_slurm_job(points: list[Point], folder: Path) -> None:
+    """Refuse to run here a point whose Slurm job from an earlier launch into this folder (`--no-wait`)
+    is still queued or running: the two would meet in its run directory, one failing as "in use", or
+    the Slurm job training again, when it starts, what the local run finished."""
+    still = queued_points(points, folder)
     if still:
+        first = next(iter(still))
         more = f" (and {len(still) - 1} more)" if len(still) > 1 else ""
-        raise DmhpcError(f"point {still[0]}: its Slurm job {recorded[still[0]]['job_id']} from an earlier launch "
+        raise DmhpcError(f"point {first}: its Slurm job {still[first]} from an earlier launch "
                          f"into this out is still queued or running{more}; launch with the slurm executor (which "
                          f"waits for it), or scancel it first")
 
@@ -578,10 +585,12 @@ def check_executor_here(kind: str) -> None:
 
 
 def launch_points(points: list[Point], resources: Mapping[str, Resources], *, kind: str, folder: Path,
-                  job_name: str, task: TrainTask, wait: bool = True, at_once_why: str = "") -> dict[str, str]:
+                  job_name: str, task: TrainTask, wait: bool = True, at_once_why: str = "",
+                  before: Callable[[], None] | None = None) -> dict[str, str]:
     """Run the points' jobs: local ones here (`_launch_local`; `at_once_why` follows "N at a time" in
     its start line), others by `submit_points` and (with wait) `wait_for`; {point name: why its job
-    failed}."""
+    failed}. `before` runs first under the launch lock (what a launcher records of its points: one
+    refused as a second launcher must not have written it)."""
     if not wait and kind != "slurm":
         raise DmhpcError(f"executor {kind}: its jobs end with the launcher, so the launcher must wait for them")
     check_executor_here(kind)
@@ -591,6 +600,8 @@ def launch_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     lock = folder / LAUNCH_LOCK
     with hold_lock(lock, f"{lock}: another launcher is running points into this out ({{holder}}); wait for it or "
                          f"use another out", "launcher"):
+        if before is not None:
+            before()
         if kind != "slurm":
             _check_no_queued_slurm_job(points, folder)
         if kind == "local":
