@@ -219,3 +219,39 @@ def test_a_point_still_queued_is_held_to_what_it_was_submitted_with(tmp_path, mo
     load_study(spec)  # the settings it was submitted with
     fake_commands(tmp_path, monkeypatch, {"squeue": "echo 78\n"})  # its job ended without a run: free
     load_study({**spec, "slurm": {"cpus_per_task": 2}})
+
+
+class _ThreadsProbe:
+    """A local job's task that writes the OMP_NUM_THREADS it was given (pickled into the job)."""
+
+    def __init__(self, out):
+        self.out = str(out)
+
+    def __call__(self, config):
+        import os
+
+        with open(self.out, "a") as f:
+            f.write(f"{os.environ.get('OMP_NUM_THREADS')}\n")
+
+
+def test_a_local_points_threads_do_not_depend_on_the_points_left_to_run(tmp_path, monkeypatch):
+    """A local point's threads came from the points still to run: the one-rank point got one thread
+    beside a two-rank one, and every core when launched again alone (the other finished), its
+    timing then of another setting under the same record."""
+    from dmhpc.launch.submit import launch_points, local_threads
+    from dmhpc.launch.scaling import measured_with
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "models": ["deepmerge2"],
+            "nodes": [1], "gpus_per_node": [1, 2], "device": "cpu", "weak": {"batch_per_gpu": 4},
+            "overrides": {"data.source": "missing"}}
+    study = load_study(spec)
+    alone, pair = study.points
+    (pair.run_dir / "eval").mkdir(parents=True)  # the two-rank point finished
+    (pair.run_dir / "eval" / "best_test.json").write_text(json.dumps({"split": "test"}))
+    assert pair.finished and not alone.finished
+    probe = tmp_path / "threads.txt"
+    assert launch_points([alone, pair], study.resources, kind="local", folder=tmp_path / "out" / "submitit",
+                         job_name="probe", task=_ThreadsProbe(probe)) == {}
+    expected = local_threads(2)  # as beside the two-rank point
+    assert probe.read_text() == f"{expected}\n" and measured_with(study, alone)["threads_per_rank"] == expected

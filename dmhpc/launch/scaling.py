@@ -43,6 +43,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Mapping
@@ -55,7 +56,7 @@ from dmhpc.checks import Problems, choice, distinct_list, integer, show, take, t
 from dmhpc.launch.spec import (Point, check_existing_runs, check_point_problems, dotted_keys, point_problem,
                                read_launch_file, resolve_point)
 from dmhpc.launch.submit import (EXECUTORS, TrainTask, check_executor_shape, launch_points, preempt_signal,
-                                 queued_points, read_resources)
+                                 local_threads_of, queued_points, read_resources)
 
 STUDY_KEYS = ("base", "out", "executor", "models", "nodes", "gpus_per_node", "device", "weak", "strong",
               "epochs", "max_steps", "overrides", "slurm")
@@ -198,6 +199,9 @@ def measured_with(study: Study, point: Point) -> dict:
 
     add("config", config)
     add("slurm", resources)
+    if study.executor == "local":  # the CPU threads each rank gets beside the others (None: all cores)
+        flat["threads_per_rank"] = local_threads_of(list(study.points), study.resources) or \
+            os.environ.get("OMP_NUM_THREADS")
     return json.loads(json.dumps(flat, default=str))  # as it reads back from the file
 
 

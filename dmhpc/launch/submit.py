@@ -188,6 +188,15 @@ def local_threads(ranks_at_once: int) -> int | None:
     return max(1, len(cpu_mask()) // ranks_at_once)
 
 
+def local_threads_of(points: list[Point], resources: Mapping[str, Resources]) -> int | None:
+    """`local_threads` of a local launch of `points`, all of them counted, finished or not: a point
+    must get the threads it would get beside the others also when it runs alone (a relaunch after
+    the others finished, or after it was stopped), or its timing is of another setting."""
+    at_once = min((resources[p.name].array_parallelism for p in points), default=1)
+    ranks = max((resources[p.name].ranks for p in points), default=1)
+    return local_threads(min(at_once, len(points)) * ranks)
+
+
 def local_gpus(wanted: int) -> tuple[int, ...] | None:
     """The GPUs local jobs that want `wanted` GPUs each may use, as the indices submitit's local
     executor puts in a job's CUDA_VISIBLE_DEVICES: the launcher's own CUDA_VISIBLE_DEVICES where it
@@ -621,10 +630,9 @@ def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, fo
     todo = [p for p in points if not p.finished]
     gpus = local_gpus(max((resources[p.name].gpus_per_node for p in todo), default=0))
     at_once = min((resources[p.name].array_parallelism for p in todo), default=1)
-    ranks = max((resources[p.name].ranks for p in todo), default=1)
     print(f"dmhpc launch: {len(points) - len(todo)} of {len(points)} point(s) finished; running the "
           f"other {len(todo)}, {at_once} at a time{at_once_why}; logs in {folder}", flush=True)
-    threads = local_threads(min(at_once, len(todo)) * ranks)
+    threads = local_threads_of(points, resources)
     _say_threads(threads)
     folder.mkdir(parents=True, exist_ok=True)
     failures: dict[str, str] = {}
