@@ -202,7 +202,7 @@ def test_a_tuner_killed_while_requeueing_a_stale_trial_queues_it_once(data, tmp_
     trial = study.ask({"optim.lr": optuna.distributions.CategoricalDistribution(["0.001", "0.003"])})
     study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number})  # then killed
     lock.close()
-    assert _requeue_stale(study) == 1
+    assert _requeue_stale(study, t.out / "submitit") == 1
     states = [(tr.state.name, tr.user_attrs.get("rerun_of")) for tr in study.get_trials()]
     assert states == [("FAIL", None), ("WAITING", 0)] and _counted(study) == 0
 
@@ -297,3 +297,35 @@ def test_a_stale_slurm_trial_that_will_not_leave_the_queue_is_said(tmp_path, mon
     tuning._cancel_slurm_job("777")
     assert ("cannot cancel SLURM job 777 of an earlier tuner (SLURM still lists it after 5 minutes); its trial's "
             "rerun may find the run directory in use") in capsys.readouterr().out
+
+
+def test_a_local_trial_orphaned_by_a_killed_tuner_is_stopped_before_its_rerun(data, tmp_path):
+    """A tuner killed outright (SIGKILL, a lost session) left its local trials training as orphans:
+    each rerun failed on the run directory the orphan held ("in use"), spending the budget, and the
+    orphan's result was never counted. Their submitit controllers are now interrupted and waited for;
+    a process that merely has the recorded pid now is left alone."""
+    import submitit
+
+    from dmhpc.launch.tune import _requeue_stale
+
+    t = load_tune(spec(data, tmp_path, trials=2, parallel=1))
+    folder = t.out / "submitit"
+    lock = _lock(t.out)
+    study = _open_study(t)
+    executor = submitit.AutoExecutor(folder=folder, cluster="local")
+    executor.update_parameters(timeout_min=10)
+    orphan = executor.submit(time.sleep, 600)  # stands for a trainer of the killed tuner
+    stranger = subprocess.Popen(["sleep", "600"])  # a process that got a recorded pid since
+    distribution = {"optim.lr": optuna.distributions.CategoricalDistribution(["0.001", "0.003"])}
+    try:
+        for job_id in (orphan.job_id, str(stranger.pid)):
+            trial = study.ask(distribution)
+            trial.set_user_attr("job_id", job_id)
+            trial.set_user_attr("executor", "local")
+        lock.close()
+        assert _requeue_stale(study, folder) == 2
+        assert orphan.done()  # its controller ended (SIGINT), its task with it
+        assert stranger.poll() is None  # not ours: untouched
+    finally:
+        stranger.kill()
+        orphan.cancel(check=False)
