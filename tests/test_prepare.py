@@ -525,14 +525,24 @@ def bad_case(tmp_path, case):
     if case == "nan":
         images[5, 1, 2, 2] = np.nan
         images[9, 0, 0, 0] = np.nan
-        return dict(files, images=save(tmp_path, "Xn.npy", images)), ["Xn.npy: 2 NaN or Inf pixels (first in image 5)"]
+        return dict(files, images=save(tmp_path, "Xn.npy", images)), [
+            "Xn.npy: 2 NaN or Inf pixels (first in image 5) (survey cutouts padded with NaN: --nan-fill 0)"]
     if case == "inf":
         images[7, 2, 0, 1] = -np.inf
-        return dict(files, images=save(tmp_path, "Xi.npy", images)), ["Xi.npy: 1 NaN or Inf pixels (first in image 7)"]
+        # No --nan-fill hint: it was given for Inf pixels too, and following it failed again.
+        return dict(files, images=save(tmp_path, "Xi.npy", images)), ["Xi.npy: 1 NaN or Inf pixels (first in image 7)\n"]
     if case == "empty":
         return dict(files, images=save(tmp_path, "X0.npy", images[:0]), labels=save(tmp_path, "y0.npy", np.zeros(0, int))), [
             "X0.npy: no images"
         ]
+    if case == "object-huge":  # distinct ids past int64 were cast to one object, with numpy's warning only
+        ids = np.where(np.arange(12) % 2, 1e19, 1.5e19)
+        return dict(files, objects=save(tmp_path, "oh.npy", ids)), [
+            "oh.npy: 12 object ids do not fit a 64-bit integer (first at index 0: 1.5e+19)"]
+    if case == "object-huge-unsigned":
+        ids = np.arange(12, dtype=np.uint64) + np.uint64(2 ** 63 - 6)
+        return dict(files, objects=save(tmp_path, "ou.npy", ids)), [
+            "ou.npy: 6 object ids do not fit a 64-bit integer (first at index 6: 9223372036854775808)"]
     if case == "object-count":
         return dict(files, objects=save(tmp_path, "o.npy", np.arange(11))), ["o.npy: 11 object ids for 12 images"]
     if case == "out-not-empty":
@@ -545,7 +555,7 @@ def bad_case(tmp_path, case):
 BAD_CASES = [
     "missing", "not-npy", "npz", "fortran", "truncated", "joined", "dims", "channels", "int-images", "str-images",
     "structured-images", "zero-size-images", "label-count", "label-range",
-    "label-fraction", "nan", "inf", "empty", "object-count", "out-not-empty",
+    "label-fraction", "nan", "inf", "empty", "object-huge", "object-huge-unsigned", "object-count", "out-not-empty",
 ]
 
 

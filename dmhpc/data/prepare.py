@@ -293,7 +293,7 @@ def _check_pixels(domains: list[dict], scans: list[list], dtype: str) -> None:
     for k, d in enumerate(domains):
         scan = shards.PixelScan.merged(shards.PixelScan(*scan[k][0]) for scan in scans)
         hint = " (--nan-fill replaces NaN only)" if d["images"].nan_fill is not None else \
-            " (survey cutouts padded with NaN: --nan-fill 0)"
+            " (survey cutouts padded with NaN: --nan-fill 0)" if scan.nans else ""
         first_file = str(d["images"].files[scan.first]) if d["cutouts"] and scan.first >= 0 else None
         try:
             shards.check_pixels(scan, dtype, d["names"]["images"], first_file)

@@ -96,15 +96,24 @@ def check_images(images, name: str = "images") -> None:
 
 def _whole_numbers(values: np.ndarray, name: str, what: str) -> np.ndarray:
     """`values` as int64, refusing fractions, NaN and non-numbers."""
-    if values.dtype == bool or np.issubdtype(values.dtype, np.integer):
+    if values.dtype == bool:
         return values.astype(np.int64)
-    if not np.issubdtype(values.dtype, np.floating):
+    if not np.issubdtype(values.dtype, np.integer) and not np.issubdtype(values.dtype, np.floating):
         raise DmhpcError(f"{name}: dtype {values.dtype}; expected integer {what}")
-    bad = np.flatnonzero(values != np.round(values))  # NaN compares unequal, so it is caught too
-    if bad.size:
-        raise DmhpcError(
-            f"{name}: {bad.size} {what} are not whole numbers (first at index {bad[0]}: {values[bad[0]]})"
-        )
+    if np.issubdtype(values.dtype, np.floating):
+        bad = np.flatnonzero(values != np.round(values))  # NaN compares unequal, so it is caught too
+        if bad.size:
+            raise DmhpcError(
+                f"{name}: {bad.size} {what} are not whole numbers (first at index {bad[0]}: {values[bad[0]]})"
+            )
+    # Beyond int64 the cast wraps (uint64) or is undefined (float): distinct ids became one object.
+    if np.issubdtype(values.dtype, np.floating):
+        big = np.flatnonzero((values >= 2.0 ** 63) | (values < -(2.0 ** 63)))
+    else:  # compared as integers: int64's largest is no float
+        big = np.flatnonzero(values > np.iinfo(np.int64).max) if values.dtype.kind == "u" else np.array([], int)
+    if big.size:
+        raise DmhpcError(f"{name}: {big.size} {what} do not fit a 64-bit integer (first at index {big[0]}: "
+                         f"{values[big[0]]})")
     return values.astype(np.int64)
 
 
@@ -148,6 +157,7 @@ class PixelScan(NamedTuple):
     largest: float = 0.0  # largest finite |pixel|
     faint: int = 0        # images whose brightest |pixel| is nonzero and below `faint` (where asked for)
     first_faint: int = -1
+    nans: int = 0         # of `bad`, the NaN (--nan-fill's business; an Inf is not)
 
     @staticmethod
     def merged(scans: Iterable[PixelScan]) -> PixelScan:
@@ -156,7 +166,7 @@ class PixelScan(NamedTuple):
         faint = [s.first_faint for s in scans if s.first_faint >= 0]
         return PixelScan(sum(s.bad for s in scans), min(firsts, default=-1),
                          max((s.largest for s in scans), default=0.0), sum(s.faint for s in scans),
-                         min(faint, default=-1))
+                         min(faint, default=-1), sum(s.nans for s in scans))
 
 
 def scan_pixels(images, start: int, stop: int, nan_ok: bool = False, faint: float = 0.0) -> PixelScan:
@@ -165,7 +175,7 @@ def scan_pixels(images, start: int, stop: int, nan_ok: bool = False, faint: floa
     below it (`faint_below(dtype)`). Blocks keep memory bounded for memory-mapped inputs."""
     per_image = max(1, int(np.prod(images.shape[1:])) * images.dtype.itemsize)
     step = max(1, _BLOCK_BYTES // per_image)
-    bad, first, largest, n_faint, first_faint = 0, -1, 0.0, 0, -1
+    bad, first, largest, n_faint, first_faint, nans = 0, -1, 0.0, 0, -1, 0
     for a in range(start, stop, step):
         block = np.asarray(images[a : min(a + step, stop)])
         if faint:
@@ -180,10 +190,11 @@ def scan_pixels(images, start: int, stop: int, nan_ok: bool = False, faint: floa
             if first < 0 and broken.any():
                 first = a + int(np.flatnonzero(broken.reshape(len(block), -1).any(axis=1))[0])
             bad += int(np.count_nonzero(broken))
+            nans += 0 if nan_ok else int(np.count_nonzero(np.isnan(block)))
             block = block[finite]
             high, low = (float(block.max()), float(block.min())) if block.size else (0.0, 0.0)
         largest = max(largest, high, -low)
-    return PixelScan(bad, first, largest, n_faint, first_faint)
+    return PixelScan(bad, first, largest, n_faint, first_faint, nans)
 
 
 def faint_below(dtype: str) -> float:
