@@ -244,11 +244,7 @@ def locked_directory(directory: Path, user: str) -> Iterator[None]:
         # A block that failed (bad input) would leave the empty folders made for the lock behind.
         # Only those this process made, and only empty: after success the folder itself is in
         # them, and another writer may have put its own lock there meanwhile.
-        for folder in made:
-            try:
-                folder.rmdir()
-            except OSError:
-                break
+        remove_empty(made)
 
 
 def make_folders(folder: Path) -> list[Path]:
@@ -267,6 +263,16 @@ def make_folders(folder: Path) -> list[Path]:
             continue
         made.append(folder)
     return made[::-1]
+
+
+def remove_empty(made: list[Path]) -> None:
+    """Remove the folders `make_folders` made (nearest first) while they are empty: a failed writer
+    leaves none behind, and a folder someone filled meanwhile stays, with its parents."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 class LockHeld(DmhpcError):
@@ -332,8 +338,6 @@ def hold_lock(path: Path, refusal: str, second: str, wait: bool = False, made: l
         path.unlink(missing_ok=True)  # before the lock goes, as in locked_directory
         with contextlib.suppress(OSError):
             handle.close()  # flushes the line again, which fails again
-        with contextlib.suppress(OSError):
-            for folder in made:
-                folder.rmdir()
+        remove_empty(made)
         raise write_error(path, exc) from None
     return handle

@@ -218,9 +218,10 @@ def test_load_manifest_errors_name_the_file(tmp_path, dataset):
     with pytest.raises(DmhpcError, match=rf"{tmp_path / 'nowhere' / MANIFEST}: missing"):
         load_manifest(tmp_path / "nowhere")
     path = directory / MANIFEST
-    path.write_text("{not json")
-    with pytest.raises(DmhpcError, match=rf"{path}: not a valid manifest"):
-        load_manifest(directory)
+    for text in ("{not json", "[" * 100000 + "]" * 100000):  # (nested past the stack: a traceback)
+        path.write_text(text)
+        with pytest.raises(DmhpcError, match=rf"{path}: not a valid manifest"):
+            load_manifest(directory)
     broken = dict(manifest)
     del broken["stats"]
     path.write_text(json.dumps(broken))

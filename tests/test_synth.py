@@ -392,8 +392,8 @@ def test_a_disk_full_at_the_label_files_names_the_file(small_disk):
     """The small files written last named only the folder ("s: No space left on device")."""
     # 2 objects per class: two image files of 66 pages each, then a page for the folder's lock and
     # one for each small file: 134 pages hold the images and pristine_y.npy, not noisy_y.npy.
-    disk = small_disk("536k")
-    out = disk / "s"
+    disk = small_disk("540k")
+    out = disk / "p" / "s"  # the parent synth made for it went too (it stayed behind)
     result = _cli("--out", str(out), "--n-per-class", "2")
     _one_line_error(result, "cannot write: No space left on device (disk full or over quota); nothing written")
     # The page count may differ by one elsewhere: any of the small files, never the folder alone.
@@ -406,12 +406,14 @@ def test_a_full_disk_under_mpi_leaves_nothing(small_disk):
     if mpiexec is None:
         pytest.skip("mpiexec not found next to the Python interpreter nor on PATH")
     disk = small_disk(6)
-    # Only rank 0 writes files: it removes its temporary files before it aborts the other ranks.
-    result = _cli("--out", str(disk / "s"), "--n-per-class", "30", launcher=(mpiexec, "-n", "2"))
+    # Only rank 0 writes files: it removes its temporary files before it aborts the other ranks. The
+    # parent folder it made for --out goes too (it stayed behind).
+    result = _cli("--out", str(disk / "p" / "s"), "--n-per-class", "30", launcher=(mpiexec, "-n", "2"))
     assert result.returncode != 0
     # The line synth prints without MPI (was "rank 0 failed: DmhpcError('...'); aborting"), then MPI's own.
     first = result.stderr.splitlines()[0]
-    assert first.startswith(f"dmhpc synth: error: {disk / 's'}/") and "No space left on device" in first, result.stderr
+    assert first.startswith(f"dmhpc synth: error: {disk / 'p' / 's'}/") and "No space left on device" in first, \
+        result.stderr
     assert first.endswith("nothing written; ending the other ranks"), result.stderr
     assert list(disk.iterdir()) == []
 

@@ -762,8 +762,8 @@ def load_manifest(directory: str | os.PathLike) -> dict:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
         raise DmhpcError(f"{path}: missing; {directory} is not a finished dmhpc data set") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise DmhpcError(f"{path}: not a valid manifest ({exc})") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:  # (nested past
+        raise DmhpcError(f"{path}: not a valid manifest ({exc})") from None           # Python's stack)
     problem = _manifest_problem(manifest)
     if problem:
         raise DmhpcError(f"{path}: {problem}")

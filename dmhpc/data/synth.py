@@ -199,13 +199,16 @@ def _claim_output(out: Path, overwrite: bool, held: contextlib.ExitStack) -> boo
     writing them."""
     if out.exists() and not out.is_dir():
         raise DmhpcError(f"{out}: exists and is not a directory")
+    # The lock first: it makes the missing parents (its file lies beside `out`) and removes those it
+    # made when they are left empty, so a failed render leaves no folder behind, parents included.
+    held.enter_context(locked_directory(out, "dmhpc synth"))
     created = not out.exists()
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.mkdir(exist_ok=True)
     except OSError as exc:
+        held.close()
         raise DmhpcError(f"{out}: cannot create directory ({exc.strerror})") from None
     try:
-        held.enter_context(locked_directory(out, "dmhpc synth"))
         if not overwrite:
             names = sorted(p.name for p in out.iterdir())
             if "meta.json" in names:
@@ -217,9 +220,9 @@ def _claim_output(out: Path, overwrite: bool, held: contextlib.ExitStack) -> boo
                                  f"synth files in it")
         remove_orphans(out)
     except BaseException:
-        held.close()
         if created and not any(out.iterdir()):
             out.rmdir()
+        held.close()  # after: the lock removes the parents it made when they are empty
         raise
     return created
 
