@@ -409,6 +409,10 @@ def write_shard(plan: Plan, out_dir: str | os.PathLike, number: int) -> tuple[di
     shape = tuple(plan.images.shape[1:])
     per_image = int(np.prod(shape)) * np.dtype(plan.dtype).itemsize
     chunk = max(1, min(n, _CHUNK_BYTES // per_image))
+    chunks = -(-n // chunk)
+    # As many chunks, of rows shared out evenly: HDF5 stores the last chunk whole, and 400 small
+    # images in chunks of 341 took 70% more disk than their data.
+    chunk = -(-n // chunks)
     step = chunk * max(1, _BLOCK_BYTES // (chunk * per_image))
     stats = (0, np.zeros(shape[0]), np.zeros(shape[0]))
     final = out_dir / shard_name(number)
@@ -420,7 +424,7 @@ def write_shard(plan: Plan, out_dir: str | os.PathLike, number: int) -> tuple[di
     with atomic_path(final, durable=False) as partial:
         with h5py.File(partial, "w") as f:
             ids_bytes = 0 if plan.ids is None else n * plan.ids.dtype.itemsize
-            _reserve(f, n * (per_image + 3 * 8) + ids_bytes + 64 * (-(-n // chunk)))
+            _reserve(f, chunks * chunk * per_image + n * 3 * 8 + ids_bytes + 64 * chunks)
             images = f.create_dataset(
                 "images", shape=(n, *shape), dtype=plan.dtype, chunks=(chunk, *shape), track_times=False
             )
