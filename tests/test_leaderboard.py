@@ -83,9 +83,13 @@ def test_summary_is_mean_and_spread_over_seeds_with_the_gap_closed(tmp_path):
     with (tmp_path / "summary.csv").open() as f:
         table = list(csv.DictReader(f))
     assert table[2]["seeds"] == "1 2" and float(table[2]["gap_closed"]) == pytest.approx(0.4643, abs=1e-4)
-    # A grid that does not vary the seed has nothing to average over: no summary.
+    # A grid that does not vary the seed has nothing to average over: no summary, and the summary of
+    # the grid's earlier version (which did) goes: beside the new leaderboard it looked current.
     unseeded = load_grid({"base": str(TINY), "out": str(tmp_path / "unseeded"), "grid": {"optim.lr": [1e-3]}})
     assert write_summary(unseeded.out, unseeded.points) == [] and not (unseeded.out / "summary.md").exists()
+    unseeded = load_grid({"base": str(TINY), "out": str(tmp_path), "grid": {"optim.lr": [1e-3]}})
+    assert write_summary(unseeded.out, unseeded.points) == []
+    assert not (tmp_path / "summary.md").exists() and not (tmp_path / "summary.csv").exists()
 
 
 def test_a_seed_whose_metric_is_undefined_leaves_the_others_their_mean(tmp_path):

@@ -73,6 +73,10 @@ def test_runs_not_finished_are_left_out_as_in_the_summary(tmp_path):
     assert rows["source-val-acc"]["runs"] == 1 and rows["source-val-acc"]["checkpoints"] == 3
     assert rows["source-val-acc"]["checkpoint_target_acc"] == pytest.approx(0.55)
     assert write_validators(tmp_path / "out2", [failed]) == []
+    # The grid's runs no longer score the validators (a new version of the file): the tables of the
+    # earlier version go, rather than stand beside the new leaderboard looking current.
+    assert (tmp_path / "out" / "validators.md").exists()
+    assert write_validators(tmp_path / "out", [failed]) == [] and not (tmp_path / "out" / "validators.md").exists()
 
 
 def test_no_table_without_runs_that_scored_every_validator(tmp_path):

@@ -96,10 +96,21 @@ def _cell(mean: float, std: float) -> str:
     return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
 
 
+def remove_stale(out: Path, names: tuple[str, ...], why: str) -> None:
+    """Remove tables an earlier version of the grid wrote that this one writes none of: left beside the
+    new leaderboard, they looked current."""
+    gone = [name for name in names if (out / name).is_file()]
+    for name in gone:
+        (out / name).unlink()
+    if gone:
+        print(f"dmhpc launch: removed {', '.join(str(out / n) for n in gone)}: {why}", flush=True)
+
+
 def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | None = None) -> list[dict]:
     """Write OUT/summary.csv and OUT/summary.md when the runs vary in seed; return the rows ([] if not)."""
     points = list(points)
     if not any("seed" in p.values for p in points):
+        remove_stale(Path(out), ("summary.md", "summary.csv"), "the grid no longer varies the seed")
         return []
     rows = summary_rows(points, gap)
     keys = [k for k in points[0].values if k != "seed"]

@@ -31,6 +31,7 @@ from typing import Iterable
 
 from dmhpc.files import atomic_path, atomic_write
 from dmhpc.launch.spec import Point
+from dmhpc.launch.summary import remove_stale
 from dmhpc.names import LABEL_FREE
 
 ORACLE = "oracle (target val acc)"
@@ -157,6 +158,7 @@ def write_validators(out: Path, points: Iterable[Point]) -> list[dict]:
     """Write OUT/validators.csv and OUT/validators.md when any run scored every validator."""
     rows = validator_rows(points)
     if not rows:
+        remove_stale(Path(out), ("validators.md", "validators.csv"), "no finished run scored every validator")
         return []
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
