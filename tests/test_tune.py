@@ -329,3 +329,15 @@ def test_a_local_trial_orphaned_by_a_killed_tuner_is_stopped_before_its_rerun(da
     finally:
         stranger.kill()
         orphan.cancel(check=False)
+
+
+def test_a_rounded_value_stays_within_its_range():
+    """Values are rounded to 4 digits for the run directory's name: a draw near high = 1.23456
+    became 1.235, a value outside the range the study declares."""
+    from dmhpc.launch.spec import Range
+    from dmhpc.launch.tune import _values
+
+    space = {"loss.fisher.weight": Range(1.0e-4, 1.23456, False), "optim.name": ["adam", "sgd"]}
+    assert _values({"loss.fisher.weight": 1.234559, "optim.name": '"sgd"'}, space) == \
+        {"loss.fisher.weight": 1.23456, "optim.name": "sgd"}
+    assert _values({"loss.fisher.weight": 0.5000049, "optim.name": '"adam"'}, space)["loss.fisher.weight"] == 0.5
