@@ -255,3 +255,23 @@ def test_a_local_points_threads_do_not_depend_on_the_points_left_to_run(tmp_path
                          job_name="probe", task=_ThreadsProbe(probe)) == {}
     expected = local_threads(2)  # as beside the two-rank point
     assert probe.read_text() == f"{expected}\n" and measured_with(study, alone)["threads_per_rank"] == expected
+
+
+def test_a_damaged_log_is_its_points_row_not_the_whole_tables_loss(tmp_path):
+    """One point's metrics.jsonl with a damaged line raised out of the table's making: no table for
+    the points that were fine. That point's row now says why it has no figures."""
+    from dmhpc.launch.scaling import measure
+
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "models": ["deepmerge2"],
+            "nodes": [1], "gpus_per_node": [1, 2], "device": "cpu", "weak": {"batch_per_gpu": 4},
+            "overrides": {"data.source": "missing"}}
+    good, damaged = load_study(spec).points
+    setup = '{"kind": "setup", "step": 0, "loader_setup_s": 0.1, "loader": "torch"}\n'
+    for p, text in ((good, setup), (damaged, f"{setup}not json\n{{}}\n")):
+        p.run_dir.mkdir(parents=True)
+        (p.run_dir / "metrics.jsonl").write_text(text)
+    rows = scaling_table([measure(p) for p in (good, damaged)])
+    write_scaling(tmp_path / "out", rows, "cpu")
+    assert rows[0]["status"] == "not finished"
+    assert rows[1]["status"] == f"unreadable log: {damaged.run_dir / 'metrics.jsonl'}: line 2 is not a JSON record"
+    assert "unreadable log" in (tmp_path / "out" / "scaling.md").read_text()

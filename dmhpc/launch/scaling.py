@@ -292,7 +292,10 @@ def measure(point: Point) -> dict:
     """The point's row without speedup and efficiency (NaN where the run has not finished)."""
     v = point.values
     gpus = v["nodes"] * v["gpus_per_node"]
-    records = point.run.read_log()
+    try:
+        records, problem = point.run.read_log(), None
+    except DmhpcError as exc:  # one damaged log lost the whole table, every other point's row with it
+        records, problem = [], str(exc)
     step_time, warmup_excluded = steady_step_time(records)
     staging, loader = staging_seconds(records)
     global_batch = v["batch_per_gpu"] * gpus
@@ -301,7 +304,8 @@ def measure(point: Point) -> dict:
             "gpus": gpus, "batch_per_gpu": v["batch_per_gpu"], "global_batch": global_batch,
             "step_time_s": step_time, "images_per_s": images, "images_per_s_per_gpu": images / gpus,
             "staging_s": staging, "loader": loader, "warmup_excluded": warmup_excluded,
-            "status": "finished" if point.finished else "not finished", "point": point.name,
+            "status": f"unreadable log: {problem}" if problem else "finished" if point.finished else "not finished",
+            "point": point.name,
             "run_dir": str(point.run_dir)}
 
 
@@ -372,6 +376,7 @@ def launch_scaling(spec: str | Path | Mapping, wait: bool = True, executor: str 
     rows = scaling_table([measure(p) for p in study.points])
     write_scaling(study.out, rows, study.device)
     print(f"dmhpc launch: scaling table in {study.out / 'scaling.md'}, scaling.csv and scaling.png", flush=True)
+    failures.update({r["point"]: r["status"] for r in rows if r["status"].startswith("unreadable log")})
     if failures:
         raise DmhpcError("\n".join([f"{study.source}: {len(failures)} point(s) failed:",
                                     *(f"point {name}: {why}" for name, why in failures.items())]))
