@@ -101,6 +101,13 @@ def test_explain_draws_a_grid_per_domain_and_class(survey, run_on_survey, tmp_pa
     assert main([*again, "--overwrite"]) == 0
     assert {p.name for p in out.glob("*.png")} == {"data_merger.png", "data_non-merger.png"}  # none of the old ones
     assert json.loads((out / "explain.json").read_text())["data"] == {"data": str((survey / "noisy").resolve())}
+    # Grids without explain.json (an explain killed before writing it, or one's own figures): replaced
+    # without a word, as no explanation was recorded.
+    (out / "explain.json").unlink()
+    kept = {p.name: p.read_bytes() for p in out.glob("*.png")}
+    assert main(again) == 1
+    assert {p.name: p.read_bytes() for p in out.glob("*.png")} == kept and not (out / "explain.json").exists()
+    assert main([*again, "--overwrite"]) == 0 and (out / "explain.json").is_file()
 
 
 def test_gradcam_and_integrated_gradients_are_captums_on_the_last_block(run_on_survey):

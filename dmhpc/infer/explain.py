@@ -137,9 +137,17 @@ def _read_catalog(catalog: Path):
 
 def _claim_out(out: Path, overwrite: bool) -> None:
     """Refuse a folder holding another explanation (its explain.json) unless `overwrite`, which
-    removes that explanation's grids first: none of them may pass for the new one's."""
+    removes that explanation's grids first: none of them may pass for the new one's. Figures without
+    that record (a killed explain's, or someone's own) are refused likewise: their names are the new
+    grids', which replaced them without a word."""
     record = out / "explain.json"
     if not record.is_file():
+        figures = sorted(p.name for p in out.glob("*.png")) if out.is_dir() else []
+        if figures and not overwrite:
+            more = f" and {len(figures) - 1} more" if len(figures) > 1 else ""
+            raise DmhpcError(f"--out {out}: holds figures ({figures[0]}{more}) but no {record.name} (an explain "
+                             f"that did not finish, or other figures); --overwrite writes over them, or choose "
+                             f"another folder")
         return
     if not overwrite:
         raise DmhpcError(f"--out {out}: holds an explanation already ({record.name}); --overwrite replaces it, "
