@@ -976,6 +976,22 @@ def test_an_output_over_an_input_or_in_the_run_is_refused(trained, tmp_path, cap
         assert refusal in err and len(err.splitlines()) == 1, err
     assert {p: p.read_bytes() for p in before} == before and best.read_bytes() == kept
     assert sorted(p.name for p in run.rglob("*")) == listing  # no lock, parts or output left in it
+    # A cutout file as --out (a FITS catalog over a FITS cutout), and a catalog beside the cutouts.
+    from astropy.table import Table
+
+    folder = tmp_path / "cutouts"
+    folder.mkdir()
+    fits.HDUList([fits.PrimaryHDU(trained["images"][0])]).writeto(folder / "g0.fits")
+    Table({"objid": ["g0"]}).write(tmp_path / "s.csv")
+    cutout = (folder / "g0.fits").read_bytes()
+    argv = ["predict", "--run", str(run), "--catalog", str(tmp_path / "s.csv"), "--id-column", "objid", "--cutouts",
+            str(folder), "--out"]
+    capsys.readouterr()
+    assert main([*argv, str(folder / "g0.fits"), "--overwrite"]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {folder / 'g0.fits'}: is one of the cutout files of" in err and len(err.splitlines()) == 1, err
+    assert (folder / "g0.fits").read_bytes() == cutout
+    assert main([*argv, str(folder / "candidates.fits")]) == 0
     # A catalog named like the input cube with another extension is no input: written.
     assert main(["predict", "--run", str(run), "--images", str(survey), "--out", str(tmp_path / "survey.npy.csv")]) == 0
 

@@ -269,7 +269,7 @@ def _refuse_out_among_inputs(out: Path, **inputs) -> None:
         for flag, given in inputs.items():
             if given is None:
                 continue
-            folder = flag in ("data", "cutouts")  # folders of images: nothing is written into them
+            folder = flag == "data"  # a prepared data set: its folder holds its shards only
             if inside(path, given) if folder else same_place(path, given):
                 raise DmhpcError(f"--out {out}: {'inside' if folder else 'is'} --{flag} {given}, an input of this "
                                  f"prediction; write the catalog elsewhere")
@@ -402,7 +402,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         raise DmhpcError(f"--verify {verify} goes with --data: only a prepared data set has checksums to verify")
     run = RunDir(run_dir)
     run.refuse_inside(out, "--out")
-    _refuse_out_among_inputs(out, data=data, images=images, catalog=catalog, cutouts=cutouts)
+    _refuse_out_among_inputs(out, data=data, images=images, catalog=catalog)
     dist = bootstrap()
     source, held = None, contextlib.ExitStack()
     try:
@@ -413,6 +413,9 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                                         label_column=label_column, file_column=file_column, cutouts=cutouts,
                                         nan_fill=nan_fill, layout=layout).items()}
         source = agree(lambda: open_source(**source_args))
+        if out.exists() and source.reads(out):  # (a file that is not there yet is no input)
+            raise DmhpcError(f"--out {out}: is one of the cutout files of {source.path}, an input of this "
+                             f"prediction; write the catalog elsewhere")
         # Each rank loaded its own copies: a checkpoint or input replaced meanwhile (a run still
         # training writes last.pt every epoch) would give parts of two models in one catalog.
         seen = json.dumps([model.checkpoint, model.sha256, source.identity, source.describe], sort_keys=True)

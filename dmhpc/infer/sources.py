@@ -25,6 +25,7 @@ from dmhpc.data.inputs import Cutouts, open_images, read_catalog
 from dmhpc.data.shards import (MANIFEST, SPLITS, RowReader, fingerprint, is_labelled, load_manifest, pixel_moments,
                                split_rows, statistics_of)
 from dmhpc.errors import DmhpcError
+from dmhpc.files import same_place
 
 
 DIGEST_BLOCK = 4096  # cutout files per block of `Source.digest`: what one rank stats at a time
@@ -66,6 +67,10 @@ class Source:
         if self._positions is None:  # storage holds the splits one after the other (see read_inputs)
             self._positions = np.concatenate([np.asarray(self._manifest["splits"][s], np.int64) for s in SPLITS])
         return self._positions[self._first + start:self._first + stop]
+
+    def reads(self, path: str | os.PathLike) -> bool:
+        """`path` is one of the cutout files this source reads."""
+        return isinstance(self._reader, Cutouts) and any(same_place(path, f) for f in self._reader.files)
 
     def cutout_files(self, start: int, stop: int) -> str:
         """For a catalog of cutout files: a digest of the name, size and modification time of the
