@@ -36,7 +36,9 @@ def roc_curves(predictions: dict, path: Path, title: str) -> Path:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     for domain, (labels, prob) in predictions.items():
-        if len(np.unique(labels)) < 2:
+        if len(np.unique(labels)) < 2:  # said in the legend: a domain that vanished looked like a bug
+            why = "unlabelled" if (np.asarray(labels) < 0).all() else "one class only"
+            ax.plot([], [], " ", label=f"{domain}: no ROC ({why})")
             continue
         fpr, tpr, _ = roc_curve(labels, prob[:, 1])
         auc = roc_auc_score(labels, prob[:, 1])
@@ -54,12 +56,16 @@ def confusion_matrices(metrics: dict, path: Path, title: str) -> Path:
     metrics = {d: m for d, m in metrics.items() if "confusion" in m}
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4), squeeze=False)
+    # One scale from 0 for every panel: a colour means one count in both domains, and the text colour
+    # follows the cell's (on a scale from each panel's smallest count, its white counts fell on
+    # white cells).
+    top = max([int(np.max(m["confusion"])) for m in metrics.values()] + [1])
     for ax, (domain, m) in zip(axes[0], metrics.items()):
         cm = np.asarray(m["confusion"])
-        ax.imshow(cm, cmap="Blues")
+        ax.imshow(cm, cmap="Blues", vmin=0, vmax=top)
         for (i, j), v in np.ndenumerate(cm):
             # white on the dark cells: black counts vanished there, in print most of all
-            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+            ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
         ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["non-merger", "merger"],
                yticklabels=["non-merger", "merger"], xlabel="predicted", ylabel="true",
                title=f"{domain}: accuracy {m['accuracy']:.3f}")
@@ -90,8 +96,11 @@ def training_curves(records: list[dict], path: Path, title: str = "") -> Path:
                 unlabelled = any(m.get("labelled") is False for m in metrics)
                 any_unlabelled |= unlabelled
                 key = "merger_fraction" if unlabelled else "accuracy"
-                ys = [m.get(key, np.nan) for m in metrics]
-                ax_acc.plot(x, ys, style, marker="o" if domain == "source" else "x", color=DOMAIN_COLOURS[domain],
+                ys = np.array([m.get(key, np.nan) for m in metrics], dtype=float)
+                # Epochs not evaluated (train.eval_every > 1) are left out, not gaps: a line broken at
+                # every NaN drew the validation curve as loose markers.
+                kept = np.isfinite(ys) if split == "val" else np.ones(len(ys), bool)
+                ax_acc.plot(np.asarray(x)[kept], ys[kept], style, marker="o" if domain == "source" else "x", color=DOMAIN_COLOURS[domain],
                             label=f"{domain} {split}" + (" (predicted merger fraction)" if unlabelled else ""))
     ax_loss.set(xlabel="epoch", ylabel="loss (epoch mean)", title="loss terms", yscale="log")
     ax_acc.set(xlabel="epoch", ylabel="accuracy" + (" / predicted merger fraction" if any_unlabelled else ""),
@@ -158,19 +167,25 @@ def latent_embedding(features: dict, path: Path, title: str, method: str = "tsne
     return _save(fig, path)
 
 
-def scaling_curves(rows: list[dict], path: Path, unit: str) -> Path:
+def scaling_curves(rows: list[dict], path: Path, unit: str, title: str = "") -> Path:
     """Throughput per GPU and efficiency over the number of GPUs: one line per model, mode and
-    GPUs per node, so that more nodes extend each line."""
+    GPUs per node, so that more nodes extend each line. Points not finished are drawn hollow: their
+    throughput is of a run cut short, and they have no efficiency."""
     plt = _pyplot()
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 5), layout="constrained")
     for key in sorted({(r["model"], r["mode"], r["gpus_per_node"]) for r in rows}):
         group = sorted((r for r in rows if (r["model"], r["mode"], r["gpus_per_node"]) == key),
                        key=lambda r: r["gpus"])
         gpus = [r["gpus"] for r in group]
         style = "-o" if key[1] == "weak" else "--s"
         label = f"{key[0]} {key[1]}, {key[2]}/node"
-        left.plot(gpus, [r["images_per_s_per_gpu"] for r in group], style, label=label)
+        line, = left.plot(gpus, [r["images_per_s_per_gpu"] for r in group], style, label=label)
         right.plot(gpus, [r["efficiency"] for r in group], style, label=label)
+        unfinished = [r for r in group if r.get("status") != "finished"]
+        if unfinished:
+            left.plot([r["gpus"] for r in unfinished], [r["images_per_s_per_gpu"] for r in unfinished], style[-1],
+                      markerfacecolor="white", markeredgecolor=line.get_color(), linestyle="none",
+                      label=f"{label}: not finished")
     right.axhline(1.0, color="grey", linestyle=":", linewidth=1)
     units = f"{unit}s" if unit == "GPU" else "CPU processes"
     left.set(xlabel=units, ylabel=f"images/s per {unit}", title=f"throughput per {unit}")
@@ -180,7 +195,10 @@ def scaling_curves(rows: list[dict], path: Path, unit: str) -> Path:
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
-        ax.legend(fontsize=8)
+        # below the plot, as for the training curves: inside, it covered the points at efficiency 1
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    if title:
+        fig.suptitle(wrap_title(title, 110), fontsize=10)
     return _save(fig, path)
 
 

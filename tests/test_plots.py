@@ -80,3 +80,53 @@ def test_training_curves_mark_the_best_epoch_on_whole_epoch_ticks(drawn, tmp_pat
             # The legend lies below the plot, inside the figure: within the axes it covered the curves.
             legend, area = ax.get_legend().get_window_extent(), ax.get_window_extent()
             assert legend.y1 < area.y0 and legend.y0 >= fig.bbox.y0 - 1, (legend, area)
+
+
+def test_confusion_panels_share_one_scale_from_zero(drawn, tmp_path):
+    """Each panel was scaled from its own smallest count to its largest while the text turned white
+    above half the largest: counts of 11 on the palest cell were white on white, and one colour meant
+    another count in each domain."""
+    plots.confusion_matrices({"source": {"accuracy": 0.44, "confusion": [[11, 12], [16, 11]]},
+                              "target": {"accuracy": 0.96, "confusion": [[120, 3], [5, 90]]}},
+                             tmp_path / "confusion.png", "t")
+    source, target = drawn[0].axes
+    assert source.images[0].get_clim() == target.images[0].get_clim() == (0, 120)
+    assert {t.get_color() for t in source.texts} == {"black"}
+    assert {t.get_text(): t.get_color() for t in target.texts} == {"120": "white", "3": "black", "5": "black",
+                                                                     "90": "white"}
+
+
+def test_a_domain_without_a_roc_says_why_in_the_legend(drawn, tmp_path):
+    """A target without labels (or of one class) vanished from the ROC figure without a word."""
+    prob = np.tile([[0.3, 0.7], [0.6, 0.4]], (10, 1))
+    plots.roc_curves({"source": (np.array([0, 1] * 10), prob), "target": (np.full(20, -1), prob),
+                      "other": (np.ones(20, int), prob)}, tmp_path / "roc.png", "t")
+    legend = [t.get_text() for t in drawn[0].axes[0].get_legend().get_texts()]
+    assert legend[1:] == ["target: no ROC (unlabelled)", "other: no ROC (one class only)"]
+
+
+def test_validation_every_few_epochs_is_drawn_as_a_line(drawn, tmp_path):
+    """With train.eval_every 3 the validation accuracy had NaN between evaluations, and its line broke
+    at each: loose markers like the train points'."""
+    records = [{"kind": "epoch", "epoch": e, "loss": {"total": 1.0},
+                "source": {"train": {"accuracy": 0.5}, "val": {"accuracy": 0.6} if e % 3 == 2 else {}},
+                "target": {"train": {"accuracy": 0.5}, "val": {"accuracy": 0.7} if e % 3 == 2 else {}}}
+               for e in range(9)]
+    plots.training_curves(records, tmp_path / "curves.png", "t")
+    lines = {line.get_label(): line for line in drawn[0].axes[1].lines}
+    assert list(lines["source val"].get_xdata()) == [2, 5, 8] and len(lines["source train"].get_xdata()) == 9
+
+
+def test_the_scaling_figure_names_the_study_and_marks_unfinished_points(drawn, tmp_path):
+    from dmhpc.launch.scaling import write_scaling
+
+    rows = [dict(model="deepmerge2", mode="weak", nodes=1, gpus_per_node=g, gpus=g, batch_per_gpu=4,
+                 global_batch=4 * g, step_time_s=1.0, images_per_s=8.0 * g, images_per_s_per_gpu=8.0,
+                 speedup=float(g), efficiency=1.0 if g < 4 else float("nan"), baseline_gpus=1, staging_s=0.1,
+                 loader="torch", warmup_excluded=True, status="finished" if g < 4 else "not finished", point="p",
+                 run_dir="d") for g in (1, 2, 4)]
+    write_scaling(tmp_path / "out", rows, "gpu")
+    fig = drawn[0]
+    assert " ".join(fig.texts[0].get_text().split()) == f"scaling study {tmp_path / 'out'} (GPUs): weak scaling, batch 4 per GPU"
+    hollow = [line for line in fig.axes[0].lines if line.get_label().endswith(": not finished")]
+    assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [4]

@@ -363,7 +363,11 @@ def write_scaling(out: Path, rows: list[dict], device: str) -> None:
     atomic_write(out / "scaling.md", "\n".join(lines) + "\n")
     from dmhpc.plots import scaling_curves
 
-    scaling_curves(rows, out / "scaling.png", unit)
+    batches = "; ".join(
+        f"{mode} scaling, batch {', '.join(map(str, sorted({r[key] for r in rows if r['mode'] == mode})))} {per}"
+        for mode, key, per in (("weak", "batch_per_gpu", f"per {unit}"), ("strong", "global_batch", "in all"))
+        if any(r["mode"] == mode for r in rows))
+    scaling_curves(rows, out / "scaling.png", unit, title=f"scaling study {out} ({'GPUs' if unit == 'GPU' else 'CPU processes'}): {batches}")
 
 
 def launch_scaling(spec: str | Path | Mapping, wait: bool = True, executor: str | None = None) -> list[dict]:
