@@ -91,3 +91,13 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path, capsys):
     assert json.loads((out / "data" / "meta.json").read_text())["n_per_class"] == 120
     assert load_manifest(out / "shards" / "noisy")["count"] == 240
     assert RunDir(out / "deepmerge-noda").read_result("best", "test")["target"]["n"] > result["target"]["n"]
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "explain", "export"])
+def test_commands_of_a_run_take_run_dir_for_torchrun(command):
+    """`torchrun ... -m dmhpc eval --run R` stops in torchrun's own parser ("ambiguous option: --run
+    could match --run-path, --run_path"): every command of a run takes --run-dir too."""
+    from dmhpc.cli import build_parser
+
+    args, _ = build_parser(command).parse_known_args([command, "--run-dir", "R"])
+    assert str(args.run) == "R"

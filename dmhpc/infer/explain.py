@@ -306,7 +306,8 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
 
 
 def explain_arguments(parser) -> None:
-    parser.add_argument("--run", required=True, type=Path, help="run directory")
+    parser.add_argument("--run", "--run-dir", dest="run", required=True, type=Path,
+                        help="run directory (write --run-dir under torchrun)")
     parser.add_argument("--checkpoint", choices=["best", "last"],
                         help="default: the --catalog's own, else best")
     parser.add_argument("--data", type=Path, metavar="DIR",

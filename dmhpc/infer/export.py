@@ -253,7 +253,8 @@ def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool 
 
 
 def export_arguments(parser) -> None:
-    parser.add_argument("--run", required=True, type=Path, help="run directory")
+    parser.add_argument("--run", "--run-dir", dest="run", required=True, type=Path,
+                        help="run directory (write --run-dir under torchrun)")
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"], help="default: best")
     parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
     parser.add_argument("--out", required=True, type=Path, help="the file to write (the card goes beside it)")

@@ -142,7 +142,9 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
 
 
 def eval_arguments(parser) -> None:
-    parser.add_argument("--run", required=True, type=Path, help="run directory (holds config.yaml and checkpoints/)")
+    # --run-dir too: under torchrun, --run is an ambiguous abbreviation of torchrun's own --run-path.
+    parser.add_argument("--run", "--run-dir", dest="run", required=True, type=Path,
+                        help="run directory (holds config.yaml and checkpoints/; write --run-dir under torchrun)")
     parser.add_argument("--split", default="test", choices=["train", "val", "test"], help="default: test")
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"],
                         help="which checkpoint of the run to evaluate (default: best)")
