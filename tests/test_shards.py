@@ -334,3 +334,19 @@ def test_a_small_shard_is_not_mostly_chunk_padding(tmp_path):
     with h5py.File(tmp_path / "ds" / shard_name(0)) as f:
         assert f["images"].chunks == (200, 3, 16, 16)
     assert os.path.getsize(tmp_path / "ds" / shard_name(0)) < 1.05 * images.nbytes
+
+
+def test_a_read_that_fails_midway_names_the_shard(dataset, monkeypatch):
+    """An I/O error of the disk or network file system during training was an OSError traceback
+    naming no file ("[Errno 5] Input/output error"), on every rank."""
+    directory, _, _ = dataset
+
+    def failing(self, *args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    with RowReader(directory) as reader:
+        reader.read(0, 2)  # opened
+        monkeypatch.setattr(h5py.Dataset, "read_direct", failing)
+        with pytest.raises(DmhpcError, match=rf"^{directory / shard_name(0)}: cannot read rows 0 to 1: "
+                                             rf"\[Errno 5\] Input/output error$"):
+            reader.read(0, 2)

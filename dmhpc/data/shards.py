@@ -839,10 +839,18 @@ class RowReader:
             base = int(self._starts[number])
             a, b = row - base, min(stop, int(self._starts[number + 1])) - base
             f = self._file(number)
-            for key, array in out.items():
-                f[key].read_direct(array, np.s_[a:b], np.s_[row - start : row - start + b - a])
+            try:
+                for key, array in out.items():
+                    f[key].read_direct(array, np.s_[a:b], np.s_[row - start : row - start + b - a])
+            except OSError as exc:  # a disk or network file system failing mid-run: the shard, named
+                raise self._read_error(number, a, b, exc) from None
             row = base + b
         return out
+
+    def _read_error(self, number: int, a: int, b: int, exc: OSError) -> DmhpcError:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        return DmhpcError(f"{self.directory / self.manifest['shards'][number]['file']}: cannot read rows {a} to "
+                          f"{b - 1}: {reason}")
 
     def read_ids(self, start: int, stop: int) -> list[str] | None:
         """The catalog ids of rows [start, stop), or None when the data set keeps none."""
@@ -856,7 +864,10 @@ class RowReader:
                 break
             base = int(self._starts[number])
             a, b = row - base, min(stop, int(self._starts[number + 1])) - base
-            parts += [v.decode() for v in self._file(number)["ids"][a:b]]
+            try:
+                parts += [v.decode() for v in self._file(number)["ids"][a:b]]
+            except OSError as exc:
+                raise self._read_error(number, a, b, exc) from None
             row = base + b
         return parts
 
