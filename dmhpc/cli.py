@@ -246,8 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except RuntimeError as exc:
         from dmhpc.data.loaders import worker_died  # torch only where it was running
+        from dmhpc.distributed import peer_lost
 
-        said = worker_died(exc)
+        said = worker_died(exc) or peer_lost(exc)
         if said is None:
             raise
         print(f"dmhpc {args.command}: error: {said}", file=sys.stderr)

@@ -95,6 +95,28 @@ def _mpi_launch(env: Mapping[str, str]) -> Launch | None:
     return Launch("mpi", mpi.rank, 0, mpi.size) if mpi else None
 
 
+_PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Timed out waiting|Broken pipe|NCCL communicator was aborted|"
+                        r"ProcessGroupNCCL.*(timeout|Watchdog)", re.IGNORECASE | re.DOTALL)
+
+
+def peer_lost(exc: BaseException) -> str | None:
+    """One line for a collective that failed because another rank is gone (it failed and left, or
+    was killed) or did not answer within COLLECTIVE_TIMEOUT, or None when `exc` is something else.
+    Such a rank printed a 40-line gloo traceback beside the one line of the rank that failed."""
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, RuntimeError) or not _PEER_LOST.search(text):
+        return None
+    try:
+        rank = f"rank {detect_launch(os.environ).rank}"
+    except DmhpcError:
+        rank = "this rank"
+    if re.search(r"Timed out|timeout|Watchdog", text, re.IGNORECASE):
+        return (f"{rank}: another rank did not answer within {int(COLLECTIVE_TIMEOUT.total_seconds() // 60)} "
+                f"minutes (stopped, or far slower than this one): {text[:160]}")
+    return (f"{rank}: another rank stopped (its own error is its line, in the job's output, or it was killed): "
+            f"{text[:160]}")
+
+
 def detect_launch(env: Mapping[str, str]) -> Launch:
     """Rank, local rank, world size and rendezvous of this process, from a launcher's variables."""
     if "RANK" in env:

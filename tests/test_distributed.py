@@ -456,3 +456,42 @@ def test_every_backend_waits_as_long_as_gloo(monkeypatch):
         asked.clear()
         bootstrap(backend)
         assert asked["timeout"] == COLLECTIVE_TIMEOUT >= timedelta(minutes=30), backend
+
+
+PEER_GONE = """
+import os, socket, sys, time
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+
+def run(rank, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    dist.barrier()
+    if rank == 1:
+        os._exit(3)  # failed on its own and left, or was killed
+    time.sleep(0.5)
+    try:
+        dist.all_reduce(torch.ones(1))
+    except RuntimeError as exc:
+        from dmhpc.distributed import peer_lost
+        print("LINE", peer_lost(exc), flush=True)
+
+if __name__ == "__main__":
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+    for p in mp.spawn(run, args=(port,), nprocs=2, join=False).processes:
+        p.join(60)
+"""
+
+
+def test_a_rank_whose_peer_is_gone_says_so_in_one_line(tmp_path):
+    """A rank failing alone (a shard it reads, a kill) left the other ranks a 40-line gloo traceback
+    ending in "Connection closed by peer" beside its own one line. A real gloo failure, named."""
+    (tmp_path / "peer.py").write_text(PEER_GONE)
+    proc = subprocess.run([sys.executable, str(tmp_path / "peer.py")], capture_output=True, text=True, timeout=120,
+                          env=clean_env(), cwd=ROOT)
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("LINE"))
+    assert line.startswith("LINE rank 0: another rank stopped (its own error is its line, in the job's output, "
+                           "or it was killed): "), proc.stdout + proc.stderr
+    from dmhpc.distributed import peer_lost
+
+    assert peer_lost(RuntimeError("CUDA out of memory")) is None and peer_lost(ValueError("Timed out waiting")) is None
