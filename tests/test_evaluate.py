@@ -93,6 +93,41 @@ def test_two_ranks_evaluate_the_whole_split_in_order(tmp_path):
         np.testing.assert_array_equal(np.asarray(two[key]), one[key])
 
 
+ONE_RANK_FAILS = """
+import sys
+from dmhpc.data import shards
+from dmhpc.distributed import bootstrap, shutdown
+from dmhpc.errors import DmhpcError
+from dmhpc.train.evaluate import predict
+from tests.test_evaluate import CentredIsMerger
+dist = bootstrap()
+if dist.rank == 1:  # a shard only this rank reads fails (a disk error mid-run)
+    def failing(self, start, stop):
+        raise DmhpcError("shard-00002.h5: cannot read rows 0 to 6: [Errno 5] Input/output error")
+    shards.RowReader.read = failing
+try:
+    predict(CentredIsMerger(), sys.argv[1], "train", batch_size=7, dist=dist, mean=[10.0] * 3, std=[1.0] * 3)
+except DmhpcError as exc:  # a file per rank: two ranks' lines interleave on one pipe
+    open(f"{sys.argv[2]}/rank{dist.rank}.txt", "w").write(str(exc))
+shutdown()
+"""
+
+
+def test_a_read_that_fails_on_one_rank_is_every_ranks_one_line(tmp_path):
+    """Rank 1's read error was its own line, while rank 0 waiting in the gather got a 38-line gloo
+    traceback ("Connection reset by peer") in its place."""
+    dirs = constant_domains(tmp_path)
+    script = tmp_path / "fails.py"
+    script.write_text(ONE_RANK_FAILS)
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script),
+                           str(dirs["source"]), str(tmp_path)], cwd=ROOT, env=clean_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for rank in (0, 1):
+        said = (tmp_path / f"rank{rank}.txt").read_text()
+        assert said == "shard-00002.h5: cannot read rows 0 to 6: [Errno 5] Input/output error", said
+
+
 def test_the_trainers_validation_equals_dmhpc_eval_of_the_same_checkpoint(make_domains, tmp_path):
     """Both paths normalize each domain with its own statistics: a swap in either shows as a mismatch
     (the two domains' statistics differ)."""

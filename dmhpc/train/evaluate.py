@@ -14,7 +14,7 @@ from dmhpc.data.batches import domain_stats
 from dmhpc.data.check import check_dataset
 from dmhpc.data.loaders import eval_batches, eval_rows
 from dmhpc.data.shards import fingerprint, load_manifest
-from dmhpc.distributed import all_gather_object, bootstrap, broadcast_buffers, gather, on_main, shutdown
+from dmhpc.distributed import bootstrap, broadcast_buffers, gather, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import hold_lock, same_place, staged_write, temporary_path
 from dmhpc.run import EVAL_OWNER, LOCK, RunDir, check_shape, evaluation_tag, result_text
@@ -34,32 +34,33 @@ def predict(model, directory, split: str, *, batch_size: int, dist, mean, std,
     """
     model.eval()
     broadcast_buffers(model)  # the model rank 0 saves, on every rank's share
-    labels, probs, indices, feats = [], [], [], []
-    first, last = eval_rows(load_manifest(directory), split, dist.rank, dist.world_size)
-    with torch.no_grad(), progress_bar(last - first, f"{split} {Path(directory).name}", unit="img",
-                                       show=dist.is_main) as bar:
-        for x, y, idx in eval_batches(directory, split, batch_size=batch_size, rank=dist.rank,
-                                      world_size=dist.world_size, device=dist.device, mean=mean, std=std):
-            bar.update(len(y))
-            f, logits = model(x)
-            # float64: float32 rounds p to exactly 1.0 beyond a logit margin of ~17, where every
-            # confident prediction ties and the ROC AUC loses their order (float64: ~37).
-            probs.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
-            labels.append(y.cpu().numpy())
-            indices.append(idx.cpu().numpy() if hasattr(idx, "cpu") else np.asarray(idx))
-            if with_features:
-                feats.append(f.float().cpu().numpy())
-    local = {
-        "labels": _cat(labels, np.int64, (0,)),
-        "prob": _cat(probs, np.float64, (0, 2)),
-        "index": _cat(indices, np.int64, (0,)),
-    }
-    if with_features:
-        local["features"] = _cat(feats, np.float32, (0, 0))
-    if dist.world_size == 1:
+
+    def share() -> dict:
+        labels, probs, indices, feats = [], [], [], []
+        first, last = eval_rows(load_manifest(directory), split, dist.rank, dist.world_size)
+        with torch.no_grad(), progress_bar(last - first, f"{split} {Path(directory).name}", unit="img",
+                                           show=dist.is_main) as bar:
+            for x, y, idx in eval_batches(directory, split, batch_size=batch_size, rank=dist.rank,
+                                          world_size=dist.world_size, device=dist.device, mean=mean, std=std):
+                bar.update(len(y))
+                f, logits = model(x)
+                # float64: float32 rounds p to exactly 1.0 beyond a logit margin of ~17, where every
+                # confident prediction ties and the ROC AUC loses their order (float64: ~37).
+                probs.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
+                labels.append(y.cpu().numpy())
+                indices.append(idx.cpu().numpy() if hasattr(idx, "cpu") else np.asarray(idx))
+                if with_features:
+                    feats.append(f.float().cpu().numpy())
+        local = {"labels": _cat(labels, np.int64, (0,)), "prob": _cat(probs, np.float64, (0, 2)),
+                 "index": _cat(indices, np.int64, (0,))}
+        if with_features:
+            local["features"] = _cat(feats, np.float32, (0, 0))
         return local
-    parts = all_gather_object(local)  # rank order = split order: each rank holds a contiguous part
-    return {key: np.concatenate([p[key] for p in parts if len(p[key])] or [local[key]]) for key in local}
+
+    # Gathered with its error: a shard only one rank reads failing was that rank's one line and the
+    # others' gloo traceback; now every rank's. Rank order = split order (contiguous parts).
+    parts = gather(share)
+    return {key: np.concatenate([p[key] for p in parts if len(p[key])] or [parts[0][key]]) for key in parts[0]}
 
 
 def _cat(chunks, dtype, empty_shape):
