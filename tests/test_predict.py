@@ -290,6 +290,8 @@ def test_a_part_that_one_rank_cannot_write_is_every_ranks_one_line(trained, tmp_
         assert len(said) == 1 and said[0].startswith(f"dmhpc predict: error: {out}.parts/part-000001.npz: cannot "
                                                       f"write: No space left on device"), proc.stderr[-3000:]
     assert not out.exists()
+    # Rank 0 stopped at the same round: it computed all its other parts first, while rank 1 waited.
+    assert [p.name for p in _parts(out)] == ["part-000000.npz"]
 
 
 class _RowsRead:

@@ -464,7 +464,8 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                               spec_digest)
 
         todo = [k for k in range(dist.rank, n_parts, dist.world_size) if not done_before(k)]
-        remaining = sum(all_gather_object(len(todo)))
+        counts = all_gather_object(len(todo))
+        remaining = sum(counts)
         t0, done, error, written = time.perf_counter(), 0, None, 0
         mine = sum(b - a for a, b in (_part_rows(source.count, part_size, k) for k in todo))
         with StopRequest(signals) as stop, progress_bar(mine, "predict", unit="img", show=dist.is_main) as bar:
@@ -472,22 +473,25 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                 print(f"dmhpc predict: {source.count} images of {source.path} in {n_parts} parts "
                       f"({n_parts - remaining} done before); world {dist.world_size} on {dist.device}; "
                       f"{checkpoint} checkpoint of {run.path}", flush=True)
-            for k in todo:
-                start, stop_row = _part_rows(source.count, part_size, k)
-                try:
-                    inputs = source.cutout_files(start, stop_row)
-                    columns = _compute_part(model, source, norm, start, stop_row, batch_size, tta)
-                    columns[PART_INPUTS] = inputs
-                    columns[PART_CHECKSUM] = _part_checksum(columns, spec_digest)
-                    atomic_write(_part_path(parts, k), writer=lambda f: np.savez(f, **columns), durable=False)
-                except DmhpcError as exc:  # a bad image, a full disk: carried to the gather below, so no
-                    error = str(exc)       # rank waits there alone
-                    break
-                done += stop_row - start
-                written += 1
-                bar.update(stop_row - start)
-                if stop.signal_name is not None:  # the part in hand is written: stop here
-                    break
+            # In rounds of one part per rank, the ranks agreeing after each: a signal or an error on one
+            # rank stops every rank within a part (the others computed all their parts first, while
+            # it waited, past the scheduler's grace time or the collective timeout).
+            for k in todo + [None] * (max(counts) - len(todo)):
+                if k is not None:
+                    start, stop_row = _part_rows(source.count, part_size, k)
+                    try:
+                        inputs = source.cutout_files(start, stop_row)
+                        columns = _compute_part(model, source, norm, start, stop_row, batch_size, tta)
+                        columns[PART_INPUTS] = inputs
+                        columns[PART_CHECKSUM] = _part_checksum(columns, spec_digest)
+                        atomic_write(_part_path(parts, k), writer=lambda f: np.savez(f, **columns), durable=False)
+                        done += stop_row - start
+                        written += 1
+                        bar.update(stop_row - start)
+                    except DmhpcError as exc:  # a bad image, a full disk: said by every rank below
+                        error = str(exc)
+                if any(s or e for s, e in all_gather_object((stop.signal_name is not None, error))):
+                    break  # the part in hand is written
         ended = all_gather_object((stop.signal_name is not None, error, len(todo) - written))
         errors = [e for _, e, _ in ended if e is not None]
         if errors:
