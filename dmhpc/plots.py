@@ -213,39 +213,52 @@ def rgb_composite(image: np.ndarray, rgb: tuple[int, int, int] = (2, 1, 0)) -> n
     return make_lupton_rgb(*[c - low for c in channels], minimum=0.0, stretch=span / 4, Q=8)
 
 
+def _probability(p: float) -> str:
+    """p(merger) to read: three decimals, and 1 - p in scientific notation where those round to 1."""
+    return f"1 - {1 - p:.1e}" if p > 0.9995 else f"{p:.3f}"
+
+
 def attribution_grid(images, cams, igs, probs, labels, title: str, path: Path,
-                     rgb: tuple[int, int, int] = (2, 1, 0)) -> Path:
-    """One row per galaxy: its RGB composite, Grad-CAM over it, integrated gradients over it;
-    the merger probability and the label (if any) in the first panel's title.
+                     rgb: tuple[int, int, int] = (2, 1, 0), names=None) -> Path:
+    """One row per galaxy: its RGB composite, Grad-CAM over it, integrated gradients over it; its
+    name (`names`: a catalog id or a data set's row, to find it again), merger probability and label
+    (if any) in the first panel's title.
 
     One colour scale per column, shown by a colour bar: rows of a grid compare (a near-zero merger
-    map on a non-merger no longer glows like a strong one). Integrated gradients keep their sign
-    (summed over the filters), on a diverging scale centred on 0: red for merger, blue against."""
+    map on a non-merger no longer glows like a strong one). A Grad-CAM that is zero everywhere (no
+    evidence for "merger" in the last block) says so instead of drawing an empty map under a colour
+    bar of 1e-12. Integrated gradients keep their sign (summed over the filters), on a diverging
+    scale centred on 0: red for merger, blue against."""
     plt = _pyplot()
     n = len(images)
+    names = [None] * n if names is None else names
     # Constrained layout: it makes room for the colour bars, which tight_layout cannot.
     fig, axes = plt.subplots(n, 3, figsize=(8.2, 2.6 * n), squeeze=False, layout="constrained")
-    cam_max = max(float(np.max(cams)), 1e-12)
+    cam_max = float(np.max(cams))
     ig_max = max(float(np.max(np.abs(igs))), 1e-12)
     shown = {}
-    for row, (image, cam, ig, p, y) in enumerate(zip(images, cams, igs, probs, labels)):
+    for row, (image, cam, ig, p, y, name) in enumerate(zip(images, cams, igs, probs, labels, names)):
         composite = rgb_composite(image, rgb)
         truth = f", label {CLASS_NAMES.get(int(y), 'unknown')}" if y is not None and y >= 0 else ", unlabelled"
-        panels = ((None, {}, f"p(merger) {p:.2f}{truth}"),
-                  (cam, dict(cmap="inferno", vmin=0.0, vmax=cam_max, alpha=0.55), "Grad-CAM (merger)"),
-                  (ig, dict(cmap="RdBu_r", vmin=-ig_max, vmax=ig_max, alpha=0.7),
-                   "integrated gradients (red: merger, blue: against)"))
-        for column, (ax, (overlay, style, name)) in enumerate(zip(axes[row], panels)):
+        cam_name = "Grad-CAM (merger)" if float(np.max(cam)) > 0 else "Grad-CAM (merger): 0 everywhere"
+        panels = ((None, {}, f"{f'{name}: ' if name is not None else ''}p(merger) {_probability(p)}{truth}"),
+                  (cam if cam_max > 0 else None, dict(cmap="inferno", vmin=0.0, vmax=cam_max, alpha=0.55), cam_name),
+                  # opaque where the attribution is strong, clear where it is 0: a uniform 0.7 laid the
+                  # diverging map's white over the whole image, and the galaxy under it faded
+                  (ig, dict(cmap="RdBu_r", vmin=-ig_max, vmax=ig_max, alpha=np.sqrt(np.abs(ig) / ig_max) * 0.9),
+                   "IG (red: merger, blue: against)"))
+        for column, (ax, (overlay, style, label)) in enumerate(zip(axes[row], panels)):
             ax.imshow(composite, origin="lower")
             if overlay is not None:
                 shown[column] = ax.imshow(overlay, origin="lower", **style)
-            ax.set_title(name, fontsize=7)
+            ax.set_title(label, fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
     for column, image in shown.items():
         fig.colorbar(image, ax=list(axes[:, column]), shrink=0.6)
-    colours = f"; RGB = filters {rgb[0]}, {rgb[1]}, {rgb[2]}" if len(images[0]) > max(rgb) else "; first filter in grey"
-    fig.suptitle(wrap_title(f"{title}{colours}", 90), fontsize=9)
+    colours = (f"; RGB = filters {rgb[0]}, {rgb[1]}, {rgb[2]}" if len(images[0]) > max(rgb) else "; first filter in grey")
+    fig.suptitle(wrap_title(f"{title}{colours}, asinh stretch (Lupton, Q=8, one scale for all filters)", 90),
+                 fontsize=9)
     return _save(fig, path)
 
 

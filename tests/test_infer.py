@@ -86,6 +86,8 @@ def test_explain_draws_a_grid_per_domain_and_class(survey, run_on_survey, tmp_pa
     assert set(names[2:]) <= {"target_merger.png", "target_non-merger.png"} and len(names) >= 3
     record = json.loads((out / "explain.json").read_text())
     assert record["target_class"] == "merger" and record["files"] == [n for n in record["files"] if n in names]
+    # Which galaxies each grid shows, in its rows' order, to find them again (rows of the data set).
+    assert set(record["rows"]) == set(record["files"]) and all(r.startswith("row ") for r in record["rows"][names[0]])
     assert record["data"] == {"source": str((survey / "pristine").resolve()), "target": str((survey / "survey").resolve())}
     from matplotlib.image import imread
 

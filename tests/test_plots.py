@@ -130,3 +130,22 @@ def test_the_scaling_figure_names_the_study_and_marks_unfinished_points(drawn, t
     assert " ".join(fig.texts[0].get_text().split()) == f"scaling study {tmp_path / 'out'} (GPUs): weak scaling, batch 4 per GPU"
     hollow = [line for line in fig.axes[0].lines if line.get_label().endswith(": not finished")]
     assert len(hollow) == 1 and list(hollow[0].get_xdata()) == [4]
+
+
+def test_an_attribution_grid_names_its_galaxies_and_says_when_grad_cam_is_empty(drawn, tmp_path):
+    """Rows said only p(merger) to two decimals (0.996 as 1.00), with no id to find the galaxy again;
+    a Grad-CAM of zeros everywhere was drawn under a colour bar of 1e-12 as if it were a weak map; the
+    title said nothing of the stretch."""
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, 3, 16, 16)).astype(np.float32)
+    cams = np.zeros((2, 16, 16))
+    igs = rng.normal(size=(2, 16, 16))
+    plots.attribution_grid(images, cams, igs, [0.9964, 0.99999], [1, None], "t", tmp_path / "g.png",
+                           names=["SDSS J1", "row 7"])
+    fig = drawn[0]
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles[0] == "SDSS J1: p(merger) 0.996, label merger"
+    assert titles[3] == "row 7: p(merger) 1 - 1.0e-05, unlabelled"
+    assert titles[1] == titles[4] == "Grad-CAM (merger): 0 everywhere"
+    assert len(fig.axes) == 6 + 1  # the integrated gradients' colour bar only
+    assert "asinh stretch (Lupton, Q=8" in fig.texts[0].get_text().replace("\n", " ")

@@ -81,11 +81,13 @@ def _samples(reader_images, labels, probs, n: int, seed: int) -> dict[int, np.nd
     return {c: np.sort(rng.permutation(np.flatnonzero(classes == c))[:n]) for c in (0, 1)}
 
 
-def _explain_domain(model: Model, norm: Normalizer, images: np.ndarray, labels, name: str, run: RunDir,
-                    checkpoint: str, out: Path, n: int, seed: int, data_label: str, rgb: tuple) -> list[Path]:
+def _explain_domain(model: Model, norm: Normalizer, drawn: dict, name: str, run: RunDir, out: Path, n: int,
+                    seed: int, data_label: str, rgb: tuple) -> dict[Path, list]:
+    """The grids of one data set's drawn images (`_test_split`), per class; {grid: its rows' names}."""
+    images, labels = drawn["images"], drawn["labels"]
     x = norm(torch.from_numpy(images).to(model.device))
     probs = model.probabilities(x)[:, 1].cpu().numpy()
-    written = []
+    written = {}
     kind = "true" if labels is not None and (labels >= 0).all() else "predicted"
     for cls, rows in _samples(images, labels, probs, n, seed).items():
         if not len(rows):
@@ -93,25 +95,38 @@ def _explain_domain(model: Model, norm: Normalizer, images: np.ndarray, labels, 
                   f"no grid for them", flush=True)
             continue
         cams, igs = attributions(model, x[rows])
-        title = (f"{run.path.name}, {checkpoint} checkpoint: {name} ({data_label}), {kind} "
+        title = (f"{run.path.name}, {_checkpoint_label(model)}: {name} ({data_label}, {drawn['split']}), {kind} "
                  f"{CLASS_NAMES[cls]}s; attributions for the merger class")
-        written.append(attribution_grid(images[rows], cams, igs, probs[rows],
-                             labels[rows] if labels is not None else [None] * len(rows), title,
-                             out / f"{name}_{CLASS_NAMES[cls]}.png", rgb))
+        names = [drawn["names"][r] for r in rows]
+        path = attribution_grid(images[rows], cams, igs, probs[rows],
+                                labels[rows] if labels is not None else [None] * len(rows), title,
+                                out / f"{name}_{CLASS_NAMES[cls]}.png", rgb, names=names)
+        written[path] = names
     return written
 
 
-def _test_split(directory: Path, limit: int, seed: int):
+def _checkpoint_label(model: Model) -> str:
+    epoch = model.checkpoint.get("epoch")
+    return f"{model.checkpoint['name']} checkpoint" + (f" (epoch {epoch})" if isinstance(epoch, int) else "")
+
+
+def _test_split(directory: Path, limit: int, seed: int) -> dict:
+    """Up to `limit` images of the data set's test split (of all its rows where it has none), drawn
+    by `seed`: their images, labels (None unlabelled), names (the catalog id where the data set keeps
+    ids, else "row N", N the data set's row) and which split they are of."""
     manifest = load_manifest(directory)
     start, stop = split_rows(manifest, "test")
+    split = "test split"
     if stop == start:
-        start, stop = 0, manifest["count"]
+        start, stop, split = 0, manifest["count"], "all rows: no test split"
     rows = np.sort(np.random.default_rng(seed).permutation(np.arange(start, stop))[:limit])
     with RowReader(directory, manifest) as reader:
         parts = [reader.read(int(r), int(r) + 1) for r in rows]
+        ids = [(reader.read_ids(int(r), int(r) + 1) or [None])[0] for r in rows]
     images = np.concatenate([p["images"] for p in parts]).astype(np.float32)
     labels = np.concatenate([p["labels"] for p in parts]) if is_labelled(manifest) else None
-    return images, labels
+    names = [i if i is not None else f"row {int(r)}" for i, r in zip(ids, rows)]
+    return {"images": images, "labels": labels, "names": names, "split": split}
 
 
 def _read_catalog(catalog: Path):
@@ -245,12 +260,11 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             model = _catalog_model(Path(catalog), table, run, checkpoint, dist.device)
         else:
             model = Model(run, checkpoint or "best", dist.device)
-        checkpoint = model.checkpoint["name"]
 
         def claim_out() -> None:  # once the inputs are read: a typo in them must not cost the old grids
             on_main(lambda: _claim_out(out, overwrite))
 
-        written = []
+        written: dict[Path, list] = {}  # grid -> the names of its rows, in order
         if catalog is not None:
             top = np.argsort(-np.asarray(table["p_merger"]), kind="stable")[:n]
             source = open_source(**_source_args(Path(catalog), table.meta["SRCARGS"]))
@@ -269,10 +283,12 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             cams, igs = attributions(model, x)
             labels = np.asarray(table["label"])[top] if "label" in table.colnames else [None] * len(top)
             tta = " (p_merger: the catalog's TTA mean)" if str(table.meta.get("TTA")) == "True" else ""
-            title = (f"{run.path.name}, {checkpoint} checkpoint: top {len(top)} merger candidates of "
+            title = (f"{run.path.name}, {_checkpoint_label(model)}: top {len(top)} merger candidates of "
                      f"{Path(catalog).name} ({source.path.name}){tta}")
-            written.append(attribution_grid(images, cams, igs, probs, labels, title, out / "top_candidates.png",
-                                            rgb))
+            names = [str(v) for v in np.asarray(table["id"] if "id" in table.colnames else table["index"])[top]]
+            path = attribution_grid(images, cams, igs, probs, labels, title, out / "top_candidates.png", rgb,
+                                    names=names)
+            written[path] = names
             source.close()
             explained = {"catalog": str(Path(catalog).resolve())}
         else:
@@ -286,9 +302,8 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             for name, directory in domains.items():
                 role = "target" if name in ("data", "target") else "source"
                 norm = Normalizer(*run.normalization(role), dist.device)
-                images, labels = drawn[name]
-                written += _explain_domain(model, norm, images, labels, name, run, checkpoint, out, n, seed,
-                                           directory.name, rgb)
+                written.update(_explain_domain(model, norm, drawn[name], name, run, out, n, seed, directory.name,
+                                               rgb))
         if dist.is_main:
             atomic_write(out / "explain.json", json.dumps({
                 "run": str(run.path.resolve()), "checkpoint": model.checkpoint, "data": explained,
@@ -297,10 +312,11 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
                 "grad_cam_layer": type(model.net.last_conv_block()).__name__, "rgb": list(rgb),
                 "ig_baseline": "zeros after normalization (each filter's mean pixel value, flat)",
                 "ig_shown": "summed over filters, signed (positive: towards merger)",
-                "files": [p.name for p in written]}, indent=2) + "\n")
+                "files": [p.name for p in written], "rows": {p.name: names for p, names in written.items()}},
+                indent=2) + "\n")
             for p in written:
                 print(f"wrote {p}")
-        return written
+        return list(written)
     finally:
         shutdown()
 
