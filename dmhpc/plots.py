@@ -103,8 +103,8 @@ def training_curves(records: list[dict], path: Path, title: str = "") -> Path:
                 ax_acc.plot(np.asarray(x)[kept], ys[kept], style, marker="o" if domain == "source" else "x", color=DOMAIN_COLOURS[domain],
                             label=f"{domain} {split}" + (" (predicted merger fraction)" if unlabelled else ""))
     ax_loss.set(xlabel="epoch", ylabel="loss (epoch mean)", title="loss terms", yscale="log")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy" + (" / predicted merger fraction" if any_unlabelled else ""),
-               title="accuracy", ylim=(0, 1))
+    what = "accuracy" + (" / predicted merger fraction (unlabelled)" if any_unlabelled else "")
+    ax_acc.set(xlabel="epoch", ylabel=what, title=what, ylim=(0, 1))
     # Epochs not evaluated (train.eval_every > 1) have no selection; a NaN score is never selected.
     scored = [(r["selection"]["score"], -r["epoch"], r["selection"].get("criterion", "selection")) for r in epochs
               if isinstance(r.get("selection", {}).get("score"), (int, float)) and np.isfinite(r["selection"]["score"])]

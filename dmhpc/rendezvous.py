@@ -7,12 +7,13 @@ slurm/lib.sh (torchrun's rendezvous endpoint, through `python -m dmhpc.rendezvou
   resolves (most sites), else its NodeAddr from `scontrol show node` (sites, and tests/cluster,
   whose node names are not host names). Asking slurmctld only then keeps a job of thousands of
   tasks from sending it thousands of requests at once;
-- port: 29500 + (job id + step id) % 2000: the same on every node and after a requeue, different
-  for jobs running side by side on one node (unless their ids are a multiple of 2000 apart) and
-  for job steps running side by side in one job (two `srun` trainers of a grid packed into one
-  allocation met at one port: the second failed to bind, or its ranks joined the first's store),
-  and below Linux's ephemeral range (32768 and up), so no outgoing connection holds it. The batch
-  script, outside any step, and a job's first step (0) compute the same port.
+- port: 29500 + (job id + 997 x step id) % 2000: the same on every node and after a requeue,
+  different for jobs running side by side on one node (unless their ids are a multiple of 2000
+  apart) and for job steps side by side in one job (two `srun` trainers packed into one allocation
+  met at one port: the second failed to bind, or its ranks joined the first's store; 997 steps
+  apart, not 1, so that step 1 of one job is not step 0 of the next job's id), and below Linux's
+  ephemeral range (32768 and up), so no outgoing connection holds it. The batch script, outside any
+  step, and a job's first step (0) compute the same port.
 
 MASTER_ADDR and MASTER_PORT, when set, win over both. This module imports no torch: the batch
 script runs it before anything else.
@@ -106,6 +107,7 @@ def node_address(node: str, env: Mapping[str, str]) -> str:
 
 
 STEP_IDS = 0xFFFFFFF0  # SLURM's own steps (batch, extern, interactive) are numbered from here up
+STEP_STRIDE = 997  # prime, odd: steps of one job spread over the span, away from the next jobs' ids
 
 
 def slurm_port(env: Mapping[str, str]) -> int:
@@ -113,7 +115,7 @@ def slurm_port(env: Mapping[str, str]) -> int:
     if not job.isdigit():
         return PORT_BASE
     step_id = int(step) if step.isdigit() and int(step) < STEP_IDS else 0
-    return PORT_BASE + (int(job) + step_id) % PORT_SPAN
+    return PORT_BASE + (int(job) + STEP_STRIDE * step_id) % PORT_SPAN
 
 
 def slurm_rendezvous(env: Mapping[str, str]) -> tuple[str, int]:

@@ -312,6 +312,10 @@ class RunDir:
             resume_from = Path(resume)
             if not resume_from.is_file():
                 raise DmhpcError(f"--resume {resume}: checkpoint not found (use auto, none or a checkpoint file)")
+            if resume_from.resolve() == self.next_best.resolve():  # start() would settle (remove) it first
+                raise DmhpcError(f"--resume {resume}: a best checkpoint waiting for its epoch's last.pt; --resume "
+                                 f"auto takes it (it becomes best.pt where that last.pt was written), or give "
+                                 f"{self.checkpoint('best')}")
             if existed and not self._own(resume_from) and not overwrite:
                 # Its best.pt, eval/ and log would be taken for the new run's.
                 raise DmhpcError(f"{self.path}: already holds a run; a checkpoint from elsewhere (--resume {resume}) "

@@ -149,3 +149,12 @@ def test_an_attribution_grid_names_its_galaxies_and_says_when_grad_cam_is_empty(
     assert titles[1] == titles[4] == "Grad-CAM (merger): 0 everywhere"
     assert len(fig.axes) == 6 + 1  # the integrated gradients' colour bar only
     assert "asinh stretch (Lupton, Q=8" in fig.texts[0].get_text().replace("\n", " ")
+
+
+def test_an_unlabelled_targets_panel_is_titled_for_what_it_shows(drawn, tmp_path):
+    records = [{"kind": "epoch", "epoch": 0, "loss": {"total": 1.0},
+                "source": {"train": {"accuracy": 0.5}, "val": {"accuracy": 0.6}},
+                "target": {"train": {"labelled": False, "merger_fraction": 0.3},
+                           "val": {"labelled": False, "merger_fraction": 0.4}}}]
+    plots.training_curves(records, tmp_path / "curves.png", "t")
+    assert drawn[0].axes[1].get_title() == "accuracy / predicted merger fraction (unlabelled)"

@@ -78,7 +78,7 @@ def test_every_launch_path_meets_at_the_same_rendezvous(tmp_path):
     # A job's first step meets where the batch script said; a second step running beside it does
     # not meet it there (both bound one port: the second failed, or joined the first's store).
     assert detect_launch({**step, "SLURM_STEP_ID": "0"}).master_port == 29500 + 77777 % 2000
-    assert detect_launch({**step, "SLURM_STEP_ID": "1"}).master_port == 29500 + 77778 % 2000
+    assert detect_launch({**step, "SLURM_STEP_ID": "1"}).master_port == 29500 + (77777 + 997) % 2000
     assert detect_launch({**step, "SLURM_STEP_ID": str(0xFFFFFFFB)}).master_port == 29500 + 77777 % 2000  # batch
     # no node list: one line, non-zero exit, so the batch script stops before srun
     out = subprocess.run([sys.executable, "-m", "dmhpc.rendezvous"], env={**clean_env(), "SLURM_JOB_ID": "1"},

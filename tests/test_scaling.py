@@ -275,3 +275,29 @@ def test_a_damaged_log_is_its_points_row_not_the_whole_tables_loss(tmp_path):
     assert rows[0]["status"] == "not finished"
     assert rows[1]["status"] == f"unreadable log: {damaged.run_dir / 'metrics.jsonl'}: line 2 is not a JSON record"
     assert "unreadable log" in (tmp_path / "out" / "scaling.md").read_text()
+
+
+def test_a_record_of_an_older_dmhpc_lacks_keys_it_is_not_refused_for(tmp_path, monkeypatch):
+    """A key this version records and an older one did not (the threads of a local point, a
+    configuration key added since) read as changed from null: every point that had run was refused
+    after an upgrade, finished ones included, though nothing about them had changed."""
+    from dmhpc.config import save_config
+    from dmhpc.launch.scaling import MEASURED_WITH, record_measured_with
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "models": ["deepmerge2"],
+            "nodes": [1], "gpus_per_node": [1, 2], "device": "cpu", "weak": {"batch_per_gpu": 4},
+            "overrides": {"data.source": "missing"}}
+    study = load_study(spec)
+    record_measured_with(study)
+    path = tmp_path / "out" / "submitit" / MEASURED_WITH
+    record = json.loads(path.read_text())
+    for p in study.points:  # as the older dmhpc wrote them, and their runs there
+        del record[p.name]["threads_per_rank"], record[p.name]["config.optim.discriminator_lr_mult"]
+        p.run_dir.mkdir(parents=True)
+        save_config(p.config, p.run.config_path)
+    path.write_text(json.dumps(record))
+    assert all(p.run.holds_run() for p in study.points)
+    load_study(spec)
+    with pytest.raises(DmhpcError, match="was measured with other settings \\(slurm.cpus_per_task null -> 2\\)"):
+        load_study({**spec, "slurm": {"cpus_per_task": 2}})  # a key both know still counts

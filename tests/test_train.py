@@ -1005,6 +1005,12 @@ def test_a_kill_at_an_epochs_end_leaves_best_of_an_epoch_in_the_log(data, tmp_pa
     last, best = (torch.load(ckpt / f"{n}.pt", weights_only=True) for n in ("last", "best"))
     assert best["step"] <= last["step"] and best["selection"]["score"] == 0.5
     assert (ckpt / "best.next.pt").is_file()
+    # Given as the checkpoint to resume from, it was settled (removed) by the start it was to begin.
+    waiting = (ckpt / "best.next.pt").read_bytes()
+    capsys.readouterr()
+    assert main([*argv, "--resume", str(ckpt / "best.next.pt")]) == 1
+    assert "a best checkpoint waiting for its epoch's last.pt" in capsys.readouterr().err
+    assert (ckpt / "best.next.pt").read_bytes() == waiting
     monkeypatch.undo()
     monkeypatch.setattr(loop, "selection_score", lambda criterion, val: next(scores))
     capsys.readouterr()

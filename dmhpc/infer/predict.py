@@ -413,7 +413,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                                         label_column=label_column, file_column=file_column, cutouts=cutouts,
                                         nan_fill=nan_fill, layout=layout).items()}
         source = agree(lambda: open_source(**source_args))
-        if out.exists() and source.reads(out):  # (a file that is not there yet is no input)
+        if out.exists() and on_main(lambda: source.reads(out)):  # (a file not there yet is no input)
             raise DmhpcError(f"--out {out}: is one of the cutout files of {source.path}, an input of this "
                              f"prediction; write the catalog elsewhere")
         # Each rank loaded its own copies: a checkpoint or input replaced meanwhile (a run still

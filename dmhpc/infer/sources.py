@@ -25,7 +25,6 @@ from dmhpc.data.inputs import Cutouts, open_images, read_catalog
 from dmhpc.data.shards import (MANIFEST, SPLITS, RowReader, fingerprint, is_labelled, load_manifest, pixel_moments,
                                split_rows, statistics_of)
 from dmhpc.errors import DmhpcError
-from dmhpc.files import same_place
 
 
 DIGEST_BLOCK = 4096  # cutout files per block of `Source.digest`: what one rank stats at a time
@@ -69,8 +68,21 @@ class Source:
         return self._positions[self._first + start:self._first + stop]
 
     def reads(self, path: str | os.PathLike) -> bool:
-        """`path` is one of the cutout files this source reads."""
-        return isinstance(self._reader, Cutouts) and any(same_place(path, f) for f in self._reader.files)
+        """`path` (an existing file) is one of the cutout files this source reads. Only files of its
+        name are stat'ed: resolving each of a survey's millions of paths on a parallel file system
+        took billions of metadata operations (a link under another name is not looked for)."""
+        if not isinstance(self._reader, Cutouts):
+            return False
+        target, name = os.stat(path), Path(path).name
+        for f in self._reader.files:
+            if os.path.basename(f) == name:
+                try:
+                    found = os.stat(f)
+                except OSError:
+                    continue
+                if (found.st_dev, found.st_ino) == (target.st_dev, target.st_ino):
+                    return True
+        return False
 
     def cutout_files(self, start: int, stop: int) -> str:
         """For a catalog of cutout files: a digest of the name, size and modification time of the

@@ -236,7 +236,9 @@ def _check_measured_with(problems: Problems, study: Study) -> None:
         if was is None or not (p.run.holds_run() or p.name in queued):
             continue
         now = measured_with(study, p)
-        changed = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+        # Keys on one side only are of another dmhpc version (a configuration key added since, the
+        # threads of a local point): unknown, not changed; a study recorded before them goes on.
+        changed = [k for k in sorted(set(was) & set(now)) if was[k] != now[k]]
         if changed:
             shown = "; ".join(f"{k} {show(was.get(k))} -> {show(now.get(k))}" for k in changed[:3])
             more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
