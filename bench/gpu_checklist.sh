@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU checklist (docs/benchmarks.md, "The GPU checklist"): what no CI machine can run, in one
-# command of at most 9 minutes on a machine with a CUDA GPU.
+# command of at most 9 minutes (and 60 s for the time limits' kill grace) on a machine with a CUDA GPU.
 #
 #   bash bench/gpu_checklist.sh [STEP...]     # steps: machine tests overhead throughput kernels (default: all)
 #
@@ -10,7 +10,9 @@
 # a connected machine), else the python3 on PATH with this checkout on PYTHONPATH (a GPU machine
 # with its own PyTorch and no network). Packages that machine lacks can be put as wheels in .whl/
 # (docs/benchmarks.md says which); they are installed offline into a temporary folder. Tests of
-# what is still missing skip, saying so.
+# what is still missing skip, saying so. Every step runs whatever failed before it; the exit code
+# is then the worst step's: a package the GPU tests need missing, a wheel not installed, a
+# benchmark row that failed all make it non-zero.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-checklist}
@@ -18,12 +20,15 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1  # a step stopped at its limit keeps what it printed
 if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+worst=0
 if compgen -G ".whl/*.whl" >/dev/null; then
     site=$(mktemp -d)
     trap 'rm -rf "$site"' EXIT
-    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" .whl/*.whl \
-        >"$out/0-wheels.log" 2>&1 && export PYTHONPATH="$PYTHONPATH:$site" \
-        || echo "wheels in .whl/ not installed (log: $out/0-wheels.log); going on without them"
+    export PYTHONPATH="$PYTHONPATH:$site"
+    for wheel in .whl/*.whl; do  # one at a time: one wheel of another Python version drops only itself
+        timeout 60 "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" \
+            "$wheel" >>"$out/0-wheels.log" 2>&1 || { echo "$wheel: not installed (log: $out/0-wheels.log)"; worst=1; }
+    done
 fi
 
 step() {  # step NAME SECONDS COMMAND...: run it, log it, say how it ended
@@ -35,17 +40,25 @@ step() {  # step NAME SECONDS COMMAND...: run it, log it, say how it ended
     return $rc
 }
 
-machine() {
-    nvidia-smi
+machine() {  # exit 3 without a CUDA device (the checklist stops), 4 with a piece the GPU tests need missing
+    local smi=0
+    nvidia-smi || { echo "nvidia-smi: MISSING or failed (no driver version to record)"; smi=1; }
     "$py" - <<'EOF'
 import importlib.util, platform
-for name in ("torch", "numpy", "h5py", "yaml", "tqdm", "astropy", "captum", "onnxruntime", "safetensors", "mpi4py",
-             "submitit", "galsim", "optuna", "nvidia.dali"):
+# The GPU tests and benchmarks need the first ones; without the others some rows or tests are left out.
+needed = ("torch", "numpy", "h5py", "yaml", "tqdm", "matplotlib", "sklearn", "tensorboard", "astropy", "captum",
+          "pytest")
+optional = ("pytest_timeout", "safetensors", "onnxruntime", "onnxscript", "pyarrow", "pandas", "mpi4py", "submitit",
+            "galsim", "optuna", "nvidia.dali")
+missing = []
+for name in needed + optional:
     try:
         found = importlib.util.find_spec(name) is not None
     except ModuleNotFoundError:  # nvidia without dali
         found = False
-    print(f"{name}: {'present' if found else 'MISSING'}")
+    if not found and name in needed:
+        missing.append(name)
+    print(f"{name}: {'present' if found else 'MISSING' + (' (needed)' if name in needed else ' (optional)')}")
 import torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
       "cudnn", torch.backends.cudnn.version(), "available", torch.cuda.is_available())
@@ -58,36 +71,46 @@ if torch.cuda.is_available():
         print("dali:", dali_runs(torch.device("cuda", 0)) or "runs on cuda:0")
     except Exception as exc:
         print("dmhpc does not import here:", exc)
-raise SystemExit(0 if torch.cuda.is_available() else 3)
+        missing.append("dmhpc")
+if missing:
+    print("needed and MISSING:", ", ".join(missing))
+raise SystemExit(3 if not torch.cuda.is_available() else 4 if missing else 0)
 EOF
+    local rc=$?
+    [ $rc -eq 0 ] && [ $smi -ne 0 ] && rc=4
+    return $rc
 }
 
-worst=0
 steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(machine tests overhead throughput kernels)
 for s in "${steps[@]}"; do
     case $s in
         machine)
             export -f machine; export py
-            step 1-machine 45 bash -c machine
+            step 1-machine 30 bash -c machine
             rc=$?
-            if [ $rc -eq 3 ]; then echo "no CUDA device here: the rest of the checklist needs one" >&2; exit 3; fi ;;
+            if [ $rc -eq 3 ]; then  # (a CPU build of torch says "cuda None" in the log)
+                echo "no CUDA device here, or a torch without CUDA (see $out/1-machine.log): the rest of the checklist needs one" >&2
+                exit 3
+            fi ;;
         tests)  # every CUDA test, including the two-rank launch with every GPU visible
-            step 2-gpu-tests 270 "$py" -m pytest -v -rs -m gpu --continue-on-collection-errors -p no:cacheprovider \
-                --timeout 150 tests
+            limit=()  # pytest-timeout's per-test limit where it is installed (without it, --timeout is a usage error)
+            "$py" -c "import pytest_timeout" 2>/dev/null && limit=(--timeout 150)
+            step 2-gpu-tests 250 "$py" -m pytest -v -rs -m gpu --continue-on-collection-errors -p no:cacheprovider \
+                ${limit[@]+"${limit[@]}"} tests
             rc=$? ;;
         overhead)
-            step 3-loader-overhead 70 "$py" bench/loaders.py --gpu-overhead --images 2048 --epochs 3
+            step 3-loader-overhead 60 "$py" bench/loaders.py --gpu-overhead --model deepmerge2 --images 4096 --epochs 3
             rc=$? ;;
         throughput)
             step 4-throughput 100 "$py" bench/throughput.py --models deepmerge2 resnet18 --batches 128 512 \
-                --amp none bf16 --loaders gpu-resident dali --steps 10 --warmup 3 --images 2048
+                --amp none bf16 --loaders gpu-resident dali --steps 20 --warmup 3 --images 8192
             rc=$? ;;
         kernels)  # what train.deterministic costs (a process of its own: cuBLAS reads its workspace
                   # setting once), and what cuDNN's autotuning would give
-            common=(--models deepmerge2 resnet18 --batches 512 --amp bf16 --loaders gpu-resident --steps 10 --warmup 3
-                    --images 2048)
-            step 5-kernels 35 "$py" bench/throughput.py "${common[@]}" --kernels default autotuned
+            common=(--models deepmerge2 resnet18 --batches 512 --amp bf16 --loaders gpu-resident --steps 20 --warmup 3
+                    --images 4096)
+            step 5-kernels 30 "$py" bench/throughput.py "${common[@]}" --kernels default autotuned
             rc=$?
             step 5-kernels-deterministic 25 "$py" bench/throughput.py "${common[@]}" --kernels deterministic
             last=$?

@@ -100,7 +100,7 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -137,6 +137,7 @@ def main() -> None:
                 print(f"(loader dali left out: {problem})", flush=True)
             else:
                 loaders.append(kind)
+        failed = 0
         for model, batch, amp, cl, kind, kernels in itertools.product(args.models, args.batches, args.amp,
                                                                        (False, True), loaders, args.kernels):
             row = f"| {model} | {batch} | {amp} | {'on' if cl else 'off'} | {kind} | {kernels} |"
@@ -147,9 +148,11 @@ def main() -> None:
                 print(f"{row} failed: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]} |", flush=True)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
+                failed += 1
                 continue
             print(f"{row} {rate:,.0f} |", flush=True)
+    return 1 if failed else 0  # every row ran; a failed one is not a passed grid
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -12,7 +12,8 @@ so load from other jobs hits all alike.
 The original step is reproduced with its costs (see shared/reference/original-deepmerge.md):
 a fresh DataLoader iterator with one worker process per domain per step, the MMD through an
 (n, d, m) difference tensor, the Fisher intra term gathered in a Python loop, entropy masked.
-dmhpc's step is the trainer's own, timed by bench/throughput.py's `measure`: device-resident loader
+dmhpc's step is the trainer's own, built by bench/throughput.py's `trainer_stepper` and timed beside
+the original in alternating blocks (`side_by_side`): device-resident loader
 (host memory here; no augmentation, as the config and the original), `TrainState`, `TrainStep` and
 `EpochMeter` from configs/deepmerge-mmd-fisher-entropy.yaml.
 

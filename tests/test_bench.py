@@ -26,10 +26,11 @@ def test_the_gpu_checklist_says_what_the_machine_has_and_stops_without_a_gpu(tmp
 
 
 def test_a_failing_row_of_the_throughput_grid_leaves_the_others_measured():
+    """...and the grid exits 1: the checklist's exit was 0 with every row out of memory."""
     proc = _run([sys.executable, "bench/throughput.py", "--device", "cpu", "--models", "deepmerge2", "--batches",
                  "1000", "8", "--amp", "none", "--loaders", "gpu-resident", "--steps", "1", "--warmup", "1",
                  "--images", "128"])
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 1, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| deepmerge2")]
     assert len(rows) == 4 and all("fewer than one global batch" in r for r in rows[:2]), proc.stdout
     assert all(r.split("|")[-2].strip().replace(",", "").isdigit() for r in rows[2:]), proc.stdout

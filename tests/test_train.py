@@ -519,7 +519,7 @@ def test_a_write_that_fails_on_rank_0_is_every_ranks_one_line(data, tmp_path):
     lines = [line for line in proc.stderr.splitlines() if line.startswith(("[default0]:", "[default1]:"))]
     for rank in (0, 1):
         said = [line.split(":", 1)[1] for line in lines if line.startswith(f"[default{rank}]:")]
-        assert said == [f"dmhpc train: error: {tmp_path / 'run' / 'checkpoints'}/best.pt: cannot write: No space left "
+        assert said == [f"dmhpc train: error: {tmp_path / 'run' / 'checkpoints'}/best.next.pt: cannot write: No space left "
                         f"on device (disk full or over quota); nothing written"], proc.stderr[-3000:]
 
 
