@@ -33,7 +33,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Mapping
+from typing import IO, Any, Callable, Mapping
 
 from dmhpc import __version__
 from dmhpc.checks import show
@@ -285,16 +285,18 @@ class RunDir:
 
     # --- the trainer's claim ----------------------------------------------------------------------
     def claim(self, cfg: Config, resume: str, overwrite: bool = False,
-              data_ids: Mapping[str, str] | None = None, attempt: Mapping | None = None) -> Claim:
+              data_ids: Mapping[str, str] | None = None, attempt: Mapping | None = None,
+              stopped: Callable[[], str | None] = lambda: None) -> Claim:
         """Lock the directory for this trainer and decide how it starts; writes nothing but the lock.
 
         resume: "auto" (last.pt if there is one), "none" (a new run; an existing one only with
         overwrite), or a checkpoint path. data_ids maps "data.source"/"data.target" to the
         fingerprint of the data set named there (`dmhpc.data.shards.fingerprint`). attempt: which
         attempt of which SLURM job this is (`DistInfo.attempt`), for the lock (see `_lock`).
+        stopped: the name of a stop signal caught meanwhile, or None (the wait for a lock ends on it).
         """
         self._check_owner()
-        self._lock(attempt)
+        self._lock(attempt, stopped)
         existed = self.holds_run()
         if resume == "none":
             if existed and not overwrite:
@@ -408,7 +410,7 @@ class RunDir:
         if self.holds_run():
             self.config()  # a foreign or damaged config.yaml is refused here, never overwritten
 
-    def _lock(self, attempt: Mapping | None = None) -> None:
+    def _lock(self, attempt: Mapping | None = None, stopped: Callable[[], str | None] = lambda: None) -> None:
         """Take the run's lock for the trainer. Waited for, up to LOCK_PATIENCE_S, where its holder
         is about to go: a `dmhpc eval` (minutes), or the previous attempt of this very SLURM job,
         which ended before the requeue, but whose lock a network file system keeps for a lease time
@@ -435,6 +437,9 @@ class RunDir:
                 stale = bool(attempt and held) and held[1] == attempt["job"] and int(held[2]) < attempt["restart"]
                 if not (evaluation or stale) or time.monotonic() > deadline:
                     raise
+                if stopped():  # the job is ending: waiting on would end in a SIGKILL, without a word
+                    raise DmhpcError(f"run.dir {self.path}: {stopped()} while waiting for {exc.holder} to let go of "
+                                     f"it; nothing written") from None
                 if not told:
                     why = "" if evaluation else " (this job's previous attempt, on a node lost?)"
                     print(f"dmhpc train: run.dir {self.path}: waiting up to {LOCK_PATIENCE_S:.0f} s for {exc.holder}"

@@ -441,6 +441,12 @@ def test_a_requeued_trainer_waits_for_the_lock_its_own_previous_attempt_left(tmp
             with pytest.raises(DmhpcError, match=rf"in use by another dmhpc trainer or eval \(pid {proc.pid} on .*, "
                                                  rf"SLURM job 77 attempt 0\)"):
                 run.claim(cfg_for(run.path), "auto", attempt=attempt)
+        # A stop signal while it waits (the job's time is up): one line at once, not a wait for the
+        # lease that ends in a SIGKILL, without a word.
+        with pytest.raises(DmhpcError, match=rf"run.dir {run.path}: SIGTERM while waiting for pid {proc.pid} .*; "
+                                             rf"nothing written"):
+            RunDir(run.path).claim(cfg_for(run.path), "auto", attempt={"job": "77", "restart": 1},
+                                   stopped=lambda: "SIGTERM")
         waiting = RunDir(run.path)
         trainer = threading.Thread(target=lambda: claimed.append(
             waiting.claim(cfg_for(run.path), "auto", attempt={"job": "77", "restart": 1})))

@@ -68,7 +68,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
     manifests = preflight.load_manifests(cfg)
     data_ids = preflight.data_identity(cfg, manifests)
     claim = on_main(lambda: run.claim(cfg, resume, overwrite, {f"data.{k}": v["fingerprint"]
-                                                               for k, v in data_ids.items()}, dist.attempt))
+                                                               for k, v in data_ids.items()}, dist.attempt,
+                                      stopped=lambda: stop.signal_name))
     preflight.check_data(cfg, manifests, dist)
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank; data order comes from the loader
     state = TrainState.build(cfg, dist.device, manifests["source"]["shape"][0])
