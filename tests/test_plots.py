@@ -103,6 +103,7 @@ def test_a_domain_without_a_roc_says_why_in_the_legend(drawn, tmp_path):
                       "other": (np.ones(20, int), prob)}, tmp_path / "roc.png", "t")
     legend = [t.get_text() for t in drawn[0].axes[0].get_legend().get_texts()]
     assert legend[1:] == ["target: no ROC (unlabelled)", "other: no ROC (one class only)"]
+    assert legend[0].startswith("source (AUC ") and legend[0].endswith("; 10 mergers, 10 non-mergers)")
 
 
 def test_validation_every_few_epochs_is_drawn_as_a_line(drawn, tmp_path):
