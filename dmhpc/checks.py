@@ -174,11 +174,21 @@ class _Dumper(yaml.SafeDumper):
     """Safe YAML output that `_Loader` reads back equal: a string like "2e3" is quoted."""
 
 
-# The dumper quotes a string only when its own resolvers would read it as something else, so it
-# needs the loader's float rule too, or "2e3" is written bare and read back as 2000.0.
-_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+# Numbers as YAML 1.2 reads them, not 1.1: `time: 2:00:00` was the base-60 integer 7200 (taken as
+# minutes: 5 days, not 2 hours) and `seed: 010` the octal 8. Decimal integers only (010 is 10), and
+# floats with or without a point (1e-4 too). The dumper quotes a string only when its own
+# resolvers would read it as something else, so it takes the same rules, or "2e3" is written bare
+# and read back as 2000.0.
+_INT = re.compile(r"^[-+]?[0-9]+$")
+_FLOAT = re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|"
+                    r"\.(?:nan|NaN|NAN))$")
 for _cls in (_Loader, _Dumper):
-    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789"))
+    _cls.yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    _cls.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+.0123456789"))
+_Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
 
 
 def yaml_error(exc: yaml.YAMLError) -> str:

@@ -73,3 +73,24 @@ def test_problems_are_reported_together_one_line_each():
         "f.yaml: extra: unknown key (known: n, name)",
     ]
     assert show({"a": [1, None]}) == '{"a": [1, null]}'
+
+
+def test_yaml_numbers_are_read_as_yaml_1_2_reads_them():
+    """YAML 1.1's rules read `time: 2:00:00` as the base-60 integer 7200 (as minutes: five days) and
+    `seed: 010` as the octal 8, without a word. Decimal integers and floats with or without a point."""
+    from dmhpc.checks import dump_yaml, parse_yaml
+
+    assert parse_yaml("{time: 2:00:00, seed: 010, lr: 1e-3, w: .5e3, n: +3}") == \
+        {"time": "2:00:00", "seed": 10, "lr": 0.001, "w": 500.0, "n": 3}
+    assert [parse_yaml(t) for t in ("0x1F", "0b101", "1_000")] == ["0x1F", "0b101", "1_000"]  # refused where numbers go
+    for value in ("2e3", "010", "2:00:00", "1.5", ".5"):  # strings stay strings through the dumper
+        assert parse_yaml(dump_yaml({"k": value}))["k"] == value
+
+
+def test_an_unquoted_slurm_time_is_hours_not_days(tmp_path):
+    from dmhpc.launch import load_grid
+    from tests.conftest import TINY
+
+    path = tmp_path / "g.yaml"
+    path.write_text(f"base: {TINY}\nout: {tmp_path / 'g'}\ngrid: {{seed: [1]}}\nslurm: {{time: 2:00:00}}\n")
+    assert load_grid(path).resources.time_min == 120
