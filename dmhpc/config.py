@@ -327,7 +327,9 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict, l
         base = data.pop("base")
         if not isinstance(base, str) or not base.strip():
             raise DmhpcError(f"{path}: base: expected the path of another config file, got {show(base)}")
-        base_path = Path(os.path.normpath(path.parent / base))
+        # Not normalized: folder/.. through a symlinked folder is the link target's parent, which the
+        # file system knows and os.path.normpath does not (it read another file of the same name).
+        base_path = path.parent / base
         if not base_path.is_file():
             raise DmhpcError(f"{path}: base: config file not found: {base_path}")
         raw, origin, files = _read_with_bases(base_path, (*chain, resolved))

@@ -353,3 +353,14 @@ def test_the_discriminator_gets_its_own_rate_multiplier_under_dann():
         cfg = load_config(ROOT / "configs" / "tiny.yaml", ["loss.transfer=dann", "loss.transfer_weight=1.0", *extra])
         groups = {g["name"]: g["lr_mult"] for g in TrainState.build(cfg, torch.device("cpu"), 3).optimizer.param_groups}
         assert groups["discriminator"] == want and groups["trunk"] == 1.0
+
+
+def test_a_relative_base_is_found_through_a_symlinked_folder(tmp_path):
+    """`base: ../p.yaml` in lnk/c.yaml, lnk a link to deep/sub: the path was normalized as text
+    (lnk/.. to the folder holding lnk), and another file of that name was read without a word."""
+    (tmp_path / "deep" / "sub").mkdir(parents=True)
+    (tmp_path / "deep" / "p.yaml").write_text("train: {epochs: 9}\n")
+    (tmp_path / "p.yaml").write_text("train: {epochs: 3}\n")  # the one beside the link: not the base
+    (tmp_path / "deep" / "sub" / "c.yaml").write_text("base: ../p.yaml\n")
+    (tmp_path / "lnk").symlink_to(tmp_path / "deep" / "sub")
+    assert load_config(tmp_path / "lnk" / "c.yaml").train.epochs == 9
