@@ -458,3 +458,23 @@ def test_a_report_waits_for_tables_being_written_and_reads_the_runs_after(tmp_pa
     out, err = report.communicate(timeout=120)
     assert report.returncode == 0, out + err
     assert (tmp_path / "out" / "leaderboard.md").exists()
+
+
+def test_overrides_nested_as_in_a_config_file_are_checked_as_dotted_ones(tmp_path):
+    """`overrides: {train: {epochs: 7}, run: {dir: ...}}` was taken whole: it passed the checks that
+    refuse a key both overridden and varied, or one the launcher sets, and the launcher's values then
+    replaced the user's without a word."""
+    spec = {"base": str(TINY), "out": str(tmp_path / "g"), "grid": {"train.epochs": [1, 2]},
+            "overrides": {"train": {"epochs": 7}, "run": {"dir": str(tmp_path / "elsewhere")}}}
+    with pytest.raises(DmhpcError) as refused:
+        load_grid(spec)
+    said = str(refused.value)
+    assert "train.epochs: set in more than one of overrides, grid and random.space" in said, said
+    assert "overrides.run.dir: set by the launcher for every point" in said, said
+    spec = {"base": str(TINY), "out": str(tmp_path / "g"), "grid": {"seed": [1]},
+            "overrides": {"optim": {"lr": 0.01}, "optim.lr": 0.02}}
+    with pytest.raises(DmhpcError, match="overrides.optim.lr: given twice"):
+        load_grid(spec)
+    spec["overrides"] = {"optim": {"lr": 0.01}}
+    (point,) = load_grid(spec).points
+    assert point.config.optim.lr == 0.01

@@ -28,21 +28,34 @@ from dmhpc.names import DOMAINS
 from dmhpc.run import LENGTH_KEYS, RunDir
 
 
-def dotted_keys(problems: Problems, data: Any, where: str, reserved: Mapping[str, str]) -> dict:
-    """A mapping of dotted configuration keys to values; `reserved` keys (-> what sets them) refused."""
+def dotted_keys(problems: Problems, data: Any, where: str, reserved: Mapping[str, str], nested: bool = True) -> dict:
+    """A mapping of dotted configuration keys to values; `reserved` keys (-> what sets them) refused.
+    With `nested`, keys may be nested as in a config file (`train: {epochs: 7}` is `train.epochs`):
+    read whole, such a section passed the reserved and collision checks, and the launcher's own
+    values replaced it. (A search space's values are mappings themselves: {low, high, log}.)"""
     if data is None:
         return {}
     if not isinstance(data, Mapping):
         problems.add(where, f"expected a mapping of dotted configuration keys, got {show(data)}")
         return {}
-    good = {}
-    for key, value in data.items():
-        if not isinstance(key, str):
-            problems.add(where, f"key {show(key)} is not a dotted configuration key")
-        elif key in reserved:
-            problems.add(f"{where}.{key}", f"set by the launcher for every point: {reserved[key]}")
-        else:
-            good[key] = value
+    good: dict = {}
+
+    def take_keys(section: Mapping, prefix: str) -> None:
+        for key, value in section.items():
+            if not isinstance(key, str):
+                problems.add(where, f"key {show(key)} is not a dotted configuration key")
+                continue
+            dotted = f"{prefix}{key}"
+            if nested and isinstance(value, Mapping) and value:
+                take_keys(value, dotted + ".")
+            elif dotted in reserved:
+                problems.add(f"{where}.{dotted}", f"set by the launcher for every point: {reserved[dotted]}")
+            elif dotted in good:
+                problems.add(f"{where}.{dotted}", "given twice (nested and dotted)")
+            else:
+                good[dotted] = value
+
+    take_keys(data, "")
     return good
 
 
@@ -102,7 +115,7 @@ class Range:
 
 def read_space(problems: Problems, data: Any, where: str, reserved: Mapping[str, str]) -> dict[str, list | Range]:
     """A search space: dotted key -> a non-empty list of choices, or {low, high, log} (a Range)."""
-    space = dotted_keys(problems, data, where, reserved)
+    space = dotted_keys(problems, data, where, reserved, nested=False)
     for key, dim in list(space.items()):
         place = f"{where}.{key}"
         if isinstance(dim, list) and dim:
