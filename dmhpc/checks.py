@@ -123,6 +123,20 @@ def text() -> Check:
     return Check("a non-empty string (quote numbers)", convert)
 
 
+_UNEXPANDED = re.compile(r"^~|\$\{?[A-Za-z_]")
+
+
+def path_text() -> Check:
+    """A path: a non-empty string that needs no shell to expand it. `~/runs` or `$SCRATCH/data` in a
+    file were taken as they are: a folder named `~` or `$SCRATCH` made in the working directory."""
+    def convert(v):
+        _accept(isinstance(v, str) and bool(v.strip()) and not _UNEXPANDED.search(v))
+        return v
+
+    return Check("a non-empty string, a path written out (quote numbers; no ~ or $VARIABLE: dmhpc expands none, "
+                 "a shell does on a command line)", convert)
+
+
 def mapping(expected: str = "a mapping", *, empty: bool = True) -> Check:
     def convert(v):
         _accept(isinstance(v, Mapping) and (empty or bool(v)))

@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from dmhpc.checks import (Check, Invalid, boolean, choice, dump_yaml, integer, is_number, number, optional,
-                          parse_yaml, read_yaml, show, text, yaml_error)
+                          parse_yaml, path_text, read_yaml, show, yaml_error)
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, same_place
 from dmhpc.names import CRITERIA, MODEL_NAMES
@@ -93,15 +93,15 @@ def _section(cls: type) -> Any:
 @dataclass(frozen=True)
 class RunConfig:
     # Run directory (its layout: dmhpc/run.py).
-    dir: str = _key("runs/default", text())
+    dir: str = _key("runs/default", path_text())
 
 
 @dataclass(frozen=True)
 class DataConfig:
     # Source-domain data set directory (labelled; `dmhpc prepare` output with manifest.json).
-    source: str = _key("data/embedded/shards/pristine", text())
+    source: str = _key("data/embedded/shards/pristine", path_text())
     # Target-domain data set directory (its labels are used only for evaluation).
-    target: str = _key("data/embedded/shards/noisy", text())
+    target: str = _key("data/embedded/shards/noisy", path_text())
     # Input pipeline: "auto" picks the fastest that works here; the others force one.
     loader: str = _key("auto", choice("auto", "gpu-resident", "dali", "torch"))
     # "per-domain": each domain with its own manifest statistics, as the original; "source": both
@@ -325,8 +325,9 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict, l
     files: list[str] = []
     if "base" in data:
         base = data.pop("base")
-        if not isinstance(base, str) or not base.strip():
-            raise DmhpcError(f"{path}: base: expected the path of another config file, got {show(base)}")
+        if not isinstance(base, str) or not base.strip() or base.startswith("~") or "$" in base:
+            raise DmhpcError(f"{path}: base: expected the path of another config file, got {show(base)} (written "
+                             f"out: dmhpc expands no ~ or $VARIABLE)")
         # Not normalized: folder/.. through a symlinked folder is the link target's parent, which the
         # file system knows and os.path.normpath does not (it read another file of the same name).
         base_path = path.parent / base

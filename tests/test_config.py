@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, TINY
 from dmhpc.config import (Config, config_from_dict, config_to_dict, load_config, parse_override,
                           save_config)
 from dmhpc.errors import DmhpcError
@@ -364,3 +364,25 @@ def test_a_relative_base_is_found_through_a_symlinked_folder(tmp_path):
     (tmp_path / "deep" / "sub" / "c.yaml").write_text("base: ../p.yaml\n")
     (tmp_path / "lnk").symlink_to(tmp_path / "deep" / "sub")
     assert load_config(tmp_path / "lnk" / "c.yaml").train.epochs == 9
+
+
+@pytest.mark.parametrize("override, key", [("run.dir=~/runs/a", "run.dir"), ("data.source=$SCRATCH/pristine", "data.source"),
+                                           ("data.target=${SCRATCH}/noisy", "data.target")])
+def test_a_path_the_shell_would_expand_is_refused(tmp_path, override, key):
+    """`run.dir: ~/runs/a` in a file (or quoted on a command line) made a folder named "~" in the
+    working directory, and `$SCRATCH/...` one named "$SCRATCH": dmhpc expands neither."""
+    with pytest.raises(DmhpcError, match=rf"command line: {key}: expected a non-empty string, a path written out "
+                                         rf"\(quote numbers; no ~ or \$VARIABLE"):
+        load_config(TINY, [override])
+    load_config(TINY, ["run.dir=runs/a~b$"])  # elsewhere in a name they are characters like any other
+
+
+def test_a_data_config_and_a_launch_file_refuse_them_too(tmp_path):
+    from dmhpc.data.prepare import load_data_config
+    from dmhpc.launch import load_grid
+
+    (tmp_path / "d.yaml").write_text("root: $SCRATCH/raw\nout: o\ndomains: {a: {images: x.npy}}\n")
+    with pytest.raises(DmhpcError, match="root: expected a non-empty string, a path written out"):
+        load_data_config(tmp_path / "d.yaml")
+    with pytest.raises(DmhpcError, match="out: expected a non-empty string, a path written out"):
+        load_grid({"base": str(TINY), "out": "~/grid", "grid": {"seed": [1]}})

@@ -57,7 +57,7 @@ from dmhpc.files import atomic_write, hold_lock
 from dmhpc.launch.leaderboard import write_leaderboard
 from dmhpc.launch.summary import write_summary
 from dmhpc.launch.validators import write_validators
-from dmhpc.checks import Problems, choice, integer, show, take, text, unknown_keys
+from dmhpc.checks import Problems, choice, integer, path_text, show, take, text, unknown_keys
 from dmhpc.launch.spec import (Point, Range, base_path, check_existing_runs, check_point_problems, dotted_keys,
                                point_name, point_problem, read_launch_file, read_space, relaunch_problems,
                                resolve_point)
@@ -172,7 +172,7 @@ def _read_methods(problems: Problems, data: Any, here: Path) -> dict[str, tuple[
             problems.add(where, f"expected a mapping with base and overrides, got {show(spec)}")
             continue
         unknown_keys(problems, spec, METHOD_KEYS, where + ".")
-        base = base_path(problems, where + ".base", take(problems, spec, "base", text(), prefix=where + "."), here)
+        base = base_path(problems, where + ".base", take(problems, spec, "base", path_text(), prefix=where + "."), here)
         methods[name] = (base, dotted_keys(problems, spec.get("overrides"), where + ".overrides", LAUNCHER_KEYS))
     return methods
 
@@ -208,7 +208,7 @@ def load_grid(spec: str | Path | Mapping, executor: str | None = None, *, check_
     data, source, here = read_launch_file(spec)
     problems = Problems(source)
     unknown_keys(problems, data, GRID_KEYS)
-    out_text = take(problems, data, "out", text())
+    out_text = take(problems, data, "out", path_text())
     executor = executor or take(problems, data, "executor", choice(*EXECUTORS), "slurm")
     overrides = dotted_keys(problems, data.get("overrides"), "overrides", LAUNCHER_KEYS)
     grid = _read_grid(problems, data.get("grid"))
@@ -233,7 +233,7 @@ def load_grid(spec: str | Path | Mapping, executor: str | None = None, *, check_
                 problems.add(f"methods.{name}.overrides.{key}", "also a grid or random.space key")
             bases[name] = (base, {**overrides, **own})
     elif "base" in data:
-        bases[None] = (base_path(problems, "base", take(problems, data, "base", text()), here), overrides)
+        bases[None] = (base_path(problems, "base", take(problems, data, "base", path_text()), here), overrides)
     gap = _read_gap(problems, data.get("gap"), bases if "methods" in data else {})
     if not problems.lines:
         for name, (base, merged) in bases.items():

@@ -52,7 +52,7 @@ from dmhpc.config import config_to_dict
 from dmhpc.files import atomic_path, atomic_write
 from dmhpc.names import MODEL_NAMES
 from dmhpc.errors import DmhpcError
-from dmhpc.checks import Problems, choice, distinct_list, integer, show, take, text, unknown_keys
+from dmhpc.checks import Problems, choice, distinct_list, integer, path_text, show, take, unknown_keys
 from dmhpc.launch.spec import (Point, check_existing_runs, check_point_problems, dotted_keys, point_problem,
                                read_launch_file, resolve_point)
 from dmhpc.launch.submit import (EXECUTORS, TrainTask, check_executor_shape, launch_points, preempt_signal,
@@ -110,8 +110,8 @@ def load_study(spec: str | Path | Mapping, executor: str | None = None) -> Study
     data, source, here = read_launch_file(spec)
     problems = Problems(source)
     unknown_keys(problems, data, STUDY_KEYS)
-    base_text = take(problems, data, "base", text())
-    out_text = take(problems, data, "out", text())
+    base_text = take(problems, data, "base", path_text())
+    out_text = take(problems, data, "out", path_text())
     executor = executor or take(problems, data, "executor", choice(*EXECUTORS), "slurm")
     models = take(problems, data, "models", MODELS)
     nodes = take(problems, data, "nodes", COUNTS, (1,))

@@ -60,7 +60,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from dmhpc.checks import Problems, choice, integer, show, take, text, unknown_keys
+from dmhpc.checks import Problems, choice, integer, path_text, show, take, unknown_keys
 from dmhpc.config import config_to_dict
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, hold_lock, inside
@@ -173,8 +173,8 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
     data, source, here = read_launch_file(spec)
     problems = Problems(source)
     unknown_keys(problems, data, TUNE_KEYS)
-    base = base_path(problems, "base", take(problems, data, "base", text()), here)
-    out_text = take(problems, data, "out", text())
+    base = base_path(problems, "base", take(problems, data, "base", path_text()), here)
+    out_text = take(problems, data, "out", path_text())
     objective = take(problems, data, "objective", choice(*CRITERIA))
     if objective is not None and objective not in LABEL_FREE:
         problems.add("objective", f"{objective} reads target labels; the search must not. Choose one of "
