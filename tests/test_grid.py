@@ -478,3 +478,11 @@ def test_overrides_nested_as_in_a_config_file_are_checked_as_dotted_ones(tmp_pat
     spec["overrides"] = {"optim": {"lr": 0.01}}
     (point,) = load_grid(spec).points
     assert point.config.optim.lr == 0.01
+
+
+def test_a_grid_value_repeated_as_another_number_is_refused(tmp_path):
+    """[1, 1.0] made two points, =1 and =1.0, of one configuration: the same training twice."""
+    with pytest.raises(DmhpcError, match=r"grid.loss.transfer_weight: a value is repeated in \[1, 1.0\]"):
+        load_grid({"base": str(TINY), "out": str(tmp_path / "g"), "grid": {"loss.transfer_weight": [1, 1.0]}})
+    assert len(load_grid({"base": str(TINY), "out": str(tmp_path / "g"),
+                          "grid": {"loss.transfer_weight": [1, 1.5]}}).points) == 2

@@ -126,13 +126,23 @@ def expand(grid: Mapping[str, list], samples: list[dict] | None = None) -> list[
 
 # --- reading and checking --------------------------------------------------------------------------
 
+def _by_value(v: Any) -> Any:
+    """`v` with its numbers as floats (booleans kept), for comparing values as the config takes them."""
+    if isinstance(v, list):
+        return [_by_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _by_value(x) for k, x in v.items()}
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
 def _read_grid(problems: Problems, data: Any) -> dict[str, list]:
     grid = dotted_keys(problems, data, "grid", LAUNCHER_KEYS)
     for key, values in list(grid.items()):
         if not isinstance(values, list) or not values:
             problems.add(f"grid.{key}", f"expected a non-empty list of values, got {show(values)}")
             del grid[key]
-        elif len({json.dumps(v, sort_keys=True) for v in values}) != len(values):
+        # by value: 1 and 1.0 (as text, two points: the same training twice, under two names)
+        elif len({json.dumps(_by_value(v), sort_keys=True) for v in values}) != len(values):
             problems.add(f"grid.{key}", f"a value is repeated in {show(values)}")
             del grid[key]
     return grid
