@@ -36,7 +36,7 @@ def _study(out):
 def spec(data, tmp_path, **extra) -> dict:
     """Two trials of the tiny config, one choice of learning rate each, objective IM."""
     return {"base": str(TINY), "out": str(tmp_path / "tune"), "executor": "local", "objective": "im",
-            "trials": 2, "parallel": 2, "seed": 0, "pruner": None,
+            "trials": 2, "parallel": 2, "seed": 0, "pruner": False,
             "overrides": tiny_overrides(data, **{"train.epochs": 2}),
             "space": {"optim.lr": [0.001, 0.003]}, **extra}
 
@@ -341,3 +341,13 @@ def test_a_rounded_value_stays_within_its_range():
     assert _values({"loss.fisher.weight": 1.234559, "optim.name": '"sgd"'}, space) == \
         {"loss.fisher.weight": 1.23456, "optim.name": "sgd"}
     assert _values({"loss.fisher.weight": 0.5000049, "optim.name": '"adam"'}, space)["loss.fisher.weight"] == 0.5
+
+
+def test_a_pruner_section_left_empty_is_refused_not_taken_as_no_pruning(data, tmp_path):
+    """`pruner:` with its keys commented out reads as null, which meant "no pruning": the search ran
+    every trial to its end without a word. false says no pruning; null is refused."""
+    with pytest.raises(DmhpcError, match="pruner: null: write false for no pruning"):
+        load_tune({**spec(data, tmp_path), "pruner": None})
+    assert load_tune({**spec(data, tmp_path), "pruner": False}).pruner is None
+    assert load_tune({k: v for k, v in spec(data, tmp_path).items() if k != "pruner"}).pruner == \
+        {"startup_trials": 4, "warmup_epochs": 5}

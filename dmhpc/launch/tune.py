@@ -190,8 +190,12 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
     for key in sorted(set(space) & set(overrides)):
         problems.add(key, "set in both overrides and space")
     sampler = _read_options(problems, data.get("sampler"), SAMPLER_KEYS, "sampler", {"startup_trials": 5}) or {}
-    pruner = _read_options(problems, data.get("pruner", {}), PRUNER_KEYS, "pruner",
-                           {"startup_trials": 4, "warmup_epochs": 5})
+    # `false` turns pruning off; null is refused: a section whose keys were all commented out read as
+    # null too, and turned pruning off without a word (a config section so left keeps its defaults).
+    if "pruner" in data and data["pruner"] is None:
+        problems.add("pruner", "null: write false for no pruning, or leave the section out for its defaults")
+    pruner = None if data.get("pruner") is False else _read_options(
+        problems, data.get("pruner") or {}, PRUNER_KEYS, "pruner", {"startup_trials": 4, "warmup_epochs": 5})
     asked = set(data["space"]) if isinstance(data.get("space"), Mapping) else set()
     enqueue = _read_enqueue(problems, data.get("enqueue"), space, asked)
     resources = read_resources(problems, data.get("slurm"), shape=True, executor=executor)
