@@ -353,6 +353,9 @@ def parse_override(text: str) -> tuple[str, Any]:
         parsed = parse_yaml(value)
     except yaml.YAMLError as exc:
         raise DmhpcError(f"{COMMAND_LINE}: {key}: value {value!r} is {yaml_error(exc)}") from None
+    if re.search(r"(^|\s)#", value) and "#" not in show(parsed):  # run.dir=runs/a #b was runs/a
+        raise DmhpcError(f"{COMMAND_LINE}: {key}: value {value!r}: YAML reads what follows # as a comment; quote "
+                         f"the value to keep it ({key}='\"{value.strip()}\"')")
     return key, parsed
 
 

@@ -386,3 +386,11 @@ def test_a_data_config_and_a_launch_file_refuse_them_too(tmp_path):
         load_data_config(tmp_path / "d.yaml")
     with pytest.raises(DmhpcError, match="out: expected a non-empty string, a path written out"):
         load_grid({"base": str(TINY), "out": "~/grid", "grid": {"seed": [1]}})
+
+
+def test_an_override_value_cut_by_a_yaml_comment_is_refused():
+    """'run.dir=runs/a #b' was run.dir runs/a: YAML reads " #" as the start of a comment."""
+    with pytest.raises(DmhpcError, match=r"run.dir: value 'runs/a #b': YAML reads what follows # as a comment"):
+        parse_override("run.dir=runs/a #b")
+    assert parse_override('run.dir="runs/a #b"') == ("run.dir", "runs/a #b")
+    assert parse_override("run.dir=runs/a#b") == ("run.dir", "runs/a#b")
