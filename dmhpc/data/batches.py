@@ -8,7 +8,9 @@ normalized, and the interface the loader kinds implement (`Batches`).
   rows are stored in a seeded random order already, so `dali` and `torch` permute the order of
   batch-sized blocks of consecutive rows instead: each read is one contiguous slice (HDF5's
   fastest), the rows of a block stay together from epoch to epoch, and per-sample augmentation
-  adds the variety within a block. The last `rows % batch_size` rows are never read by them.
+  adds the variety within a block. The blocks start at an offset drawn per (seed, epoch, cycle)
+  from 0 to `rows % batch_size`, so the rows that fill no block are other ones each epoch (at a
+  fixed offset the same rows, up to a batch of them, were never trained on).
 - The epoch is the source's; each source batch is paired with a target batch from the target's
   own order, which wraps around, permuted anew, when the target has fewer steps.
 - Augmentation draws, per sample, one of the 8 symmetries of the square (flips and 90-degree
@@ -40,7 +42,7 @@ from dmhpc.errors import DmhpcError
 NORMALIZE = ("per-domain", "source")
 SOURCE, TARGET = 0, 1
 # Purposes mixed into random keys so that shuffling and augmentation draws never coincide.
-_ORDER, _AUGMENT = 0, 1
+_ORDER, _AUGMENT, _OFFSET = 0, 1, 2
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # xs, ys, xt, yt on the device
 
@@ -80,8 +82,12 @@ class Stream:
     def block(self, epoch: int, step: int) -> tuple[int, int]:
         """Row range [start, stop) of this rank's batch: a block of consecutive rows."""
         cycle, pos = divmod(step, self.steps)
-        order = _order(self.rows // self.batch_size, self.seed, self.domain, epoch, cycle)
-        start = self.start + int(order[pos * self.world_size + self.rank]) * self.batch_size
+        blocks = self.rows // self.batch_size
+        order = _order(blocks, self.seed, self.domain, epoch, cycle)
+        # within [0, rows - blocks * batch_size]: every block stays inside the rows, one slice each
+        spare = self.rows - blocks * self.batch_size
+        offset = int(_rng(self.seed, _OFFSET, self.domain, epoch, cycle).integers(0, spare + 1))
+        start = self.start + offset + int(order[pos * self.world_size + self.rank]) * self.batch_size
         return start, start + self.batch_size
 
     def samples(self, epoch: int, step: int) -> np.ndarray:
