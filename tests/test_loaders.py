@@ -799,3 +799,25 @@ def test_block_loaders_read_every_training_row_over_the_epochs():
         assert seen == set(range(10, 47)), sorted(set(range(10, 47)) - seen)
     resumed = Stream(10, 37, 5, 1, 0, 3, 0)
     assert [resumed.block(7, k) for k in (3, 4)] == [Stream(10, 37, 5, 1, 0, 3, 0).block(7, k) for k in (3, 4)]
+
+
+@pytest.mark.parametrize("kind, workers", [("torch", 2), ("gpu-resident", 0)])
+def test_an_epoch_read_on_after_a_later_one_began_is_refused(tmp_path, kind, workers):
+    """The torch loader's workers serve one epoch: an epoch left suspended, read on after the next one
+    was read, ended after 1 of its 7 steps without a word (the other kinds read it whole)."""
+    dirs = {}
+    rng = np.random.default_rng(0)
+    for name in ("source", "target"):
+        write_dataset(rng.normal(size=(53, 2, 6, 6)).astype(np.float32), np.arange(53) % 2, None, tmp_path / name,
+                      shard_size=16, seed=0)
+        dirs[name] = tmp_path / name
+    loader = make_train_loader(kind, dirs["source"], dirs["target"], batch_size=5, rank=0, world_size=1, seed=0,
+                               device=torch.device("cpu"), num_workers=workers, augment=True)
+    try:
+        suspended = loader.epoch(2)
+        next(suspended)
+        assert len(list(loader.epoch(3))) == len(loader)
+        with pytest.raises(DmhpcError, match="an epoch of this loader was read on after a later one started"):
+            next(suspended)
+    finally:
+        loader.close()

@@ -49,6 +49,7 @@ class TrainLoader:
         self._domains = domains
         self._backend = backend
         self._epochs = weakref.WeakSet()  # epoch iterators not yet finished or collected
+        self._started = 0  # epochs started: only the latest may be read (see `epoch`)
 
     def __len__(self) -> int:
         return self._domains[SOURCE].stream.steps
@@ -76,9 +77,24 @@ class TrainLoader:
                 f"epoch {epoch}, step {start_step}: an epoch has steps 0 to {len(self)} here"
                 " (resuming with another batch size, world size or data set?)"
             )
-        batches = _one_line_failures(self._backend.batches(epoch, start_step))
+        self._started += 1
+        batches = self._latest_only(_one_line_failures(self._backend.batches(epoch, start_step)), self._started)
         self._epochs.add(batches)
         return batches
+
+    def _latest_only(self, batches, number: int):
+        """`batches`, refused once a later epoch has started: the torch loader's workers serve one
+        epoch, and an earlier one read on after a later began ended early without a word."""
+        batches = iter(batches)
+        while True:
+            if number != self._started:  # before the read: the torch loader's would just end the epoch
+                raise DmhpcError(f"an epoch of this loader was read on after a later one started ({self.kind}: one "
+                                 f"epoch at a time)")
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            yield batch
 
     def close(self) -> None:
         """Release the workers, pipelines, open files and resident data; ends unfinished epochs."""
