@@ -238,6 +238,9 @@ def test_shipped_configs_are_valid():
         ("root: r\nout: o\ndomains: {a: {images: 3}}\n", "domains.a.images: expected a non-empty string"),
         ("root: r\nout: o\ndomains: []\n", "domains: expected a non-empty mapping of each domain's name"),
         ("root: r\nout: o\ndomains: {a: {images: x}, a: {images: y}}\n", "invalid YAML: duplicate key \"a\""),
+        # read by YAML as a number and a boolean: "a domain name is made of letters..." said nothing of that
+        ("root: r\nout: o\ndomains: {2020: {images: x}}\n", "domains.2020: the name 2020 is a number to YAML: quote it"),
+        ("root: r\nout: o\ndomains: {no: {images: x}}\n", "domains.False: the name false is a boolean to YAML: quote it"),
         ("root: [r\n", "invalid YAML"),
         # read from a catalog only: without one they were ignored and an unlabelled set written
         ("root: r\nout: o\ndomains: {a: {images: x, label_column: merger}}\n",

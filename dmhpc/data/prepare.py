@@ -118,7 +118,10 @@ def load_data_config(path, root: str | None = None, out: str | None = None, sets
     result = []
     for domain, files in (domains or {}).items():
         where = f"domains.{domain}"
-        if not isinstance(domain, str) or not _DOMAIN_NAME.fullmatch(domain):
+        if not isinstance(domain, str):  # YAML read 2020 as a number and `no` as false
+            what = "a boolean" if isinstance(domain, bool) else "a number" if isinstance(domain, (int, float)) else "no text"
+            problems.add(where, f"the name {show(domain)} is {what} to YAML: quote it")
+        elif not _DOMAIN_NAME.fullmatch(domain):
             problems.add(where, "a domain name is made of letters, digits, '_', '-' and '.'")
         if not isinstance(files, dict):
             problems.add(where, f"expected a mapping of {', '.join(DOMAIN_KEYS)}, got {show(files)}")
