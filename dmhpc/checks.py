@@ -17,7 +17,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 
@@ -251,13 +251,17 @@ def read_yaml(path: Path, what: str = "config file") -> dict:
 class Problems:
     """Problems found in one file; `raise_if_any` reports all of them, one line each."""
 
-    def __init__(self, source: str, consequence: str = "nothing submitted"):
+    def __init__(self, source: str, consequence: str = "nothing submitted", overridden: Iterable[str] = ()):
         self.source = source
         self.consequence = consequence
+        self.overridden = tuple(overridden)  # dotted keys set on the command line: their problems are its
         self.lines: list[str] = []
 
     def add(self, key: str | None, problem: str) -> None:
-        self.lines.append(f"{self.source}: {key}: {problem}" if key else f"{self.source}: {problem}")
+        source = self.source
+        if key and any(key == k or key.startswith(k + ".") for k in self.overridden):
+            source = "command line"
+        self.lines.append(f"{source}: {key}: {problem}" if key else f"{source}: {problem}")
 
     def raise_if_any(self) -> None:
         if len(self.lines) == 1:

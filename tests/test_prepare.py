@@ -1127,3 +1127,6 @@ def test_data_config_spelling_and_overrides(tmp_path, capsys):
     assert load_manifest(tmp_path / "out2" / "sdss")["inputs"][0]["file"].endswith("other.npy")
     assert_fails(capsys, ["prepare", "--data-config", config, "--set", "domains.nope.images=x"],
                  "--set domains.nope.images: domains.nope is not a mapping")
+    # a --set of its own mistake is the command line's, not the file's
+    assert_fails(capsys, ["prepare", "--data-config", config, "--set", "domains.sdss.imagse=x"],
+                 "dmhpc prepare: error: command line: domains.sdss.imagse: unknown key")

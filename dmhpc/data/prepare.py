@@ -110,7 +110,7 @@ def load_data_config(path, root: str | None = None, out: str | None = None, sets
     """
     name = str(path)
     config = read_data_config(path, sets)
-    problems = Problems(name, "nothing written")
+    problems = Problems(name, "nothing written", overridden=[parse_override(item)[0] for item in sets])
     unknown_keys(problems, config, CONFIG_KEYS)
     root_text = take(problems, config, "root", path_text(), REQUIRED if root is None else None)
     out_text = take(problems, config, "out", path_text(), REQUIRED if out is None else None)
