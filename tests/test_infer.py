@@ -109,7 +109,24 @@ def test_explain_draws_a_grid_per_domain_and_class(survey, run_on_survey, tmp_pa
     kept = {p.name: p.read_bytes() for p in out.glob("*.png")}
     assert main(again) == 1
     assert {p.name: p.read_bytes() for p in out.glob("*.png")} == kept and not (out / "explain.json").exists()
+    # A killed explain of other domains left grids this one does not write: they stayed beside the
+    # new explain.json, passing for its own. Figures of other names are not explain's to remove.
+    (out / "source_merger.png").write_bytes(kept["data_merger.png"])
+    (out / "mine.png").write_bytes(b"not explain's")
     assert main([*again, "--overwrite"]) == 0 and (out / "explain.json").is_file()
+    assert {p.name for p in out.glob("*.png")} == {"data_merger.png", "data_non-merger.png", "mine.png"}
+
+
+def test_explain_names_drawn_galaxies_by_their_input_row(tmp_path):
+    """The names were the rows as stored (splits one after another), not the input's: "row 34" was
+    the input's row 14, another galaxy than predict's `index` 34."""
+    from dmhpc.infer.explain import _test_split
+
+    images = np.broadcast_to(np.arange(40, dtype=np.float32)[:, None, None, None], (40, 1, 4, 4)).copy()
+    write_dataset(images, np.arange(40) % 2, None, tmp_path / "d", shard_size=16, seed=0)
+    drawn = _test_split(tmp_path / "d", 6, seed=1)
+    assert drawn["split"] == "test split" and len(drawn["names"]) == 6
+    assert drawn["names"] == [f"row {int(image[0, 0, 0])}" for image in drawn["images"]]
 
 
 def test_gradcam_and_integrated_gradients_are_captums_on_the_last_block(run_on_survey):
@@ -163,7 +180,19 @@ def test_explain_the_top_candidates_of_a_catalog(survey, run_on_survey, tmp_path
     assert main(["explain", "--run", str(run_on_survey), "--catalog", str(catalog), "--n", "4",
                  "--out", str(tmp_path / "explain")]) == 0
     assert (tmp_path / "explain" / "top_candidates.png").is_file()
-    assert json.loads((tmp_path / "explain" / "explain.json").read_text())["seed"] is None
+    record = json.loads((tmp_path / "explain" / "explain.json").read_text())
+    assert record["seed"] is None and len(record["rows"]["top_candidates.png"]) == 4
+    if fmt == "fits":  # text ids come back from FITS as bytes: the galaxies were named "b'gal7'"
+        from astropy.table import Table
+
+        table = Table.read(catalog)
+        table["id"] = [f"gal{i}" for i in table["index"]]
+        table.write(catalog, overwrite=True)
+        assert main(["explain", "--run", str(run_on_survey), "--catalog", str(catalog), "--n", "4",
+                     "--out", str(tmp_path / "explain"), "--overwrite"]) == 0
+        names = json.loads((tmp_path / "explain" / "explain.json").read_text())["rows"]["top_candidates.png"]
+        top = np.argsort(-np.asarray(table["p_merger"]), kind="stable")[:4]
+        assert names == [f"gal{i}" for i in np.asarray(table["index"])[top]]
     # --seed chooses nothing here: it was accepted, and recorded as if it had chosen the images.
     assert main(["explain", "--run", str(run_on_survey), "--catalog", str(catalog), "--seed", "3",
                  "--out", str(tmp_path / "seeded")]) == 1

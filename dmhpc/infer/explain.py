@@ -113,7 +113,8 @@ def _checkpoint_label(model: Model) -> str:
 def _test_split(directory: Path, limit: int, seed: int) -> dict:
     """Up to `limit` images of the data set's test split (of all its rows where it has none), drawn
     by `seed`: their images, labels (None unlabelled), names (the catalog id where the data set keeps
-    ids, else "row N", N the data set's row) and which split they are of."""
+    ids, else "row N", N the image's position in the input prepare read, as predict's `index`) and
+    which split they are of."""
     manifest = load_manifest(directory)
     start, stop = split_rows(manifest, "test")
     split = "test split"
@@ -125,7 +126,7 @@ def _test_split(directory: Path, limit: int, seed: int) -> dict:
         ids = [(reader.read_ids(int(r), int(r) + 1) or [None])[0] for r in rows]
     images = np.concatenate([p["images"] for p in parts]).astype(np.float32)
     labels = np.concatenate([p["labels"] for p in parts]) if is_labelled(manifest) else None
-    names = [i if i is not None else f"row {int(r)}" for i, r in zip(ids, rows)]
+    names = [i if i is not None else f"row {int(p['index'][0])}" for i, p in zip(ids, parts)]
     return {"images": images, "labels": labels, "names": names, "split": split}
 
 
@@ -140,6 +141,7 @@ def _read_catalog(catalog: Path):
                          f"{', '.join(FORMATS)})")
     try:
         table = Table.read(catalog, format=fmt, **({"path": "catalog"} if fmt == "hdf5" else {}))
+        table.convert_bytestring_to_unicode()  # FITS and HDF5 give text ids back as bytes
         beside = Path(f"{catalog}.json")
         if fmt == "ascii.csv" and beside.is_file():
             table.meta.update(json.loads(beside.read_text()))
@@ -150,11 +152,16 @@ def _read_catalog(catalog: Path):
     return table
 
 
+GRID_NAMES = (*(f"{domain}_{cls}.png" for domain in ("data", "source", "target")
+                for cls in CLASS_NAMES.values()),
+              "top_candidates.png")
+
+
 def _claim_out(out: Path, overwrite: bool) -> None:
     """Refuse a folder holding another explanation (its explain.json) unless `overwrite`, which
     removes that explanation's grids first: none of them may pass for the new one's. Figures without
-    that record (a killed explain's, or someone's own) are refused likewise: their names are the new
-    grids', which replaced them without a word."""
+    that record (a killed explain's, or someone's own) are refused likewise, and with `overwrite`
+    every file name an explain writes is removed."""
     record = out / "explain.json"
     if not record.is_file():
         figures = sorted(p.name for p in out.glob("*.png")) if out.is_dir() else []
@@ -163,6 +170,9 @@ def _claim_out(out: Path, overwrite: bool) -> None:
             raise DmhpcError(f"--out {out}: holds figures ({figures[0]}{more}) but no {record.name} (an explain "
                              f"that did not finish, or other figures); --overwrite writes over them, or choose "
                              f"another folder")
+        # Which grids the unfinished explain wrote is unknown: every name an explain writes goes.
+        for name in GRID_NAMES:
+            (out / name).unlink(missing_ok=True)
         return
     if not overwrite:
         raise DmhpcError(f"--out {out}: holds an explanation already ({record.name}); --overwrite replaces it, "
