@@ -351,3 +351,7 @@ def test_a_pruner_section_left_empty_is_refused_not_taken_as_no_pruning(data, tm
     assert load_tune({**spec(data, tmp_path), "pruner": False}).pruner is None
     assert load_tune({k: v for k, v in spec(data, tmp_path).items() if k != "pruner"}).pruner == \
         {"startup_trials": 4, "warmup_epochs": 5}
+    # 0, '' or [] were read as {} (the default pruner) without a word.
+    for value in (0, "", []):
+        with pytest.raises(DmhpcError, match="pruner: expected a mapping"):
+            load_tune({**spec(data, tmp_path), "pruner": value})

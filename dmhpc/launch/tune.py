@@ -20,7 +20,7 @@ A tune file (every key; docs/cluster.md has the reference):
     enqueue:                                    # trials to run first, when the study begins
       - {optim.lr: 1.0e-3, loss.entropy_weight: 0.05, model.name: deepmerge2}   # e.g. the shipped values
     sampler: {startup_trials: 5}                # random trials before TPE takes over
-    pruner: {startup_trials: 4, warmup_epochs: 5}   # median pruner; {} for its defaults, null: none
+    pruner: {startup_trials: 4, warmup_epochs: 5}   # median pruner; {} for its defaults, false: none
     slurm: {gpus_per_node: 1, time: "02:00:00", partition: gpu}
 
 Each trial is one training run, OUT/<point name> (its values, as in a grid), trained with
@@ -195,7 +195,7 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
     if "pruner" in data and data["pruner"] is None:
         problems.add("pruner", "null: write false for no pruning, or leave the section out for its defaults")
     pruner = None if data.get("pruner") is False else _read_options(
-        problems, data.get("pruner") or {}, PRUNER_KEYS, "pruner", {"startup_trials": 4, "warmup_epochs": 5})
+        problems, data.get("pruner", {}), PRUNER_KEYS, "pruner", {"startup_trials": 4, "warmup_epochs": 5})
     asked = set(data["space"]) if isinstance(data.get("space"), Mapping) else set()
     enqueue = _read_enqueue(problems, data.get("enqueue"), space, asked)
     resources = read_resources(problems, data.get("slurm"), shape=True, executor=executor)

@@ -202,7 +202,7 @@ def test_a_tune_runs_its_trials_as_slurm_jobs(slurm_cluster, tmp_path, job_env, 
 
     data = make_domains(64)
     best = tune({"base": str(TINY), "out": str(tmp_path / "tune"), "executor": "slurm", "objective": "im",
-                 "trials": 2, "parallel": 2, "pruner": None, "space": {"optim.lr": [1e-3, 3e-4]},
+                 "trials": 2, "parallel": 2, "pruner": False, "space": {"optim.lr": [1e-3, 3e-4]},
                  "enqueue": [{"optim.lr": 1e-3}, {"optim.lr": 3e-4}],
                  "overrides": {"data.source": str(data / "pristine"), "data.target": str(data / "noisy"),
                                "train.epochs": 1, "train.batch_size": 4},
