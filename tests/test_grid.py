@@ -58,6 +58,9 @@ def test_random_samples_are_seeded_distinct_in_range_and_crossed_with_the_grid()
     assert len(crossed) == 12 and crossed[0] == {**a[0], "seed": 1} and crossed[6] == {**a[0], "seed": 2}
     with pytest.raises(DmhpcError, match="3 distinct samples asked for, the space gave only 2"):
         sample_space({"seed": [0, 1]}, 3, seed=0)
+    # Rounded to 4 digits past the range's ends: high 0.99999 drew 1.0, which a key below 1 refuses.
+    tight = sample_space({"optim.lr": Range(0.99991, 0.99999)}, 2, seed=0)
+    assert all(0.99991 <= s["optim.lr"] <= 0.99999 for s in tight)
 
 
 def test_point_names_are_filesystem_safe_and_keep_points_apart():

@@ -94,7 +94,7 @@ def _draw(dimension: list | Range, rng: random.Random) -> Any:
         value = math.exp(math.log(dimension.low) + u * (math.log(dimension.high) - math.log(dimension.low)))
     else:
         value = dimension.low + u * (dimension.high - dimension.low)
-    return float(f"{value:.4g}")  # the value trained with is the value in the name
+    return dimension.rounded(value)
 
 
 def sample_space(space: Mapping[str, list | Range], n: int, seed: int) -> list[dict]:

@@ -112,6 +112,11 @@ class Range:
     high: float
     log: bool = False
 
+    def rounded(self, value: float) -> float:
+        """`value` to 4 digits (the value trained with is the value in the run directory's name),
+        kept within the range (a draw near high = 1.23456 rounds to 1.235, past it)."""
+        return min(max(float(f"{value:.4g}"), self.low), self.high)
+
 
 def read_space(problems: Problems, data: Any, where: str, reserved: Mapping[str, str]) -> dict[str, list | Range]:
     """A search space: dotted key -> a non-empty list of choices, or {low, high, log} (a Range)."""

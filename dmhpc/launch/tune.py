@@ -291,13 +291,8 @@ def _distributions(space: Mapping[str, list | Range]) -> dict:
 
 
 def _values(params: Mapping[str, Any], space: Mapping[str, list | Range]) -> dict:
-    """The values a trial trains with: choices as given, floats to 4 digits (the value trained with
-    is the value in the run directory's name, as in a grid), kept within their range (a draw near
-    high = 1.23456 rounded to 1.235, past it)."""
-    def rounded(value: float, r: Range) -> float:
-        return min(max(float(f"{value:.4g}"), r.low), r.high)
-
-    return {k: (json.loads(params[k]) if isinstance(space[k], list) else rounded(params[k], space[k]))
+    """The values a trial trains with: choices as given, floats as a grid draws them (Range.rounded)."""
+    return {k: (json.loads(params[k]) if isinstance(space[k], list) else space[k].rounded(params[k]))
             for k in sorted(space)}
 
 
