@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from dmhpc.checks import (Check, Invalid, boolean, choice, dump_yaml, integer, is_number, number, optional,
-                          parse_yaml, path_text, read_yaml, show, yaml_error)
+                          parse_yaml, path_text, read_yaml, show, text, yaml_error)
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, same_place
 from dmhpc.names import CRITERIA, MODEL_NAMES
@@ -81,6 +81,12 @@ def _key(default: Any, check: Check) -> Any:
     return field(default=default, metadata={"check": check})
 
 
+def _path_key(default: str) -> Any:
+    """A path key: any non-empty text in a configuration dmhpc wrote (an older dmhpc took `~/runs`
+    as a folder named `~`, and its runs must still resume); a path written out in one a user gives."""
+    return field(default=default, metadata={"check": text(), "path": path_text()})
+
+
 def _section(cls: type) -> Any:
     return field(default_factory=cls)
 
@@ -93,15 +99,15 @@ def _section(cls: type) -> Any:
 @dataclass(frozen=True)
 class RunConfig:
     # Run directory (its layout: dmhpc/run.py).
-    dir: str = _key("runs/default", path_text())
+    dir: str = _path_key("runs/default")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     # Source-domain data set directory (labelled; `dmhpc prepare` output with manifest.json).
-    source: str = _key("data/embedded/shards/pristine", path_text())
+    source: str = _path_key("data/embedded/shards/pristine")
     # Target-domain data set directory (its labels are used only for evaluation).
-    target: str = _key("data/embedded/shards/noisy", path_text())
+    target: str = _path_key("data/embedded/shards/noisy")
     # Input pipeline: "auto" picks the fastest that works here; the others force one.
     loader: str = _key("auto", choice("auto", "gpu-resident", "dali", "torch"))
     # "per-domain": each domain with its own manifest statistics, as the original; "source": both
@@ -325,9 +331,11 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict, l
     files: list[str] = []
     if "base" in data:
         base = data.pop("base")
-        if not isinstance(base, str) or not base.strip() or base.startswith("~") or "$" in base:
+        try:
+            path_text()(base)
+        except Invalid:
             raise DmhpcError(f"{path}: base: expected the path of another config file, got {show(base)} (written "
-                             f"out: dmhpc expands no ~ or $VARIABLE)")
+                             f"out: dmhpc expands no ~ or $VARIABLE)") from None
         # Not normalized: folder/.. through a symlinked folder is the link target's parent, which the
         # file system knows and os.path.normpath does not (it read another file of the same name).
         base_path = path.parent / base
@@ -455,6 +463,19 @@ def _check_inert(cfg: Config, origin: Mapping[str, str], files: list[str]) -> No
                              f"{show(_dotted_value(data, decider))}; remove it (or choose the setting it is for)")
 
 
+def _check_paths(cfg: Any, origin: Mapping[str, str], default_label: str, prefix: str = "") -> None:
+    """Refuse a path key's value that only a shell would expand (`_path_key`)."""
+    for f in dataclasses.fields(cfg):
+        value, dotted = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if _section_type(f) is not None:
+            _check_paths(value, origin, default_label, dotted + ".")
+        elif "path" in f.metadata:
+            try:
+                f.metadata["path"](value)
+            except Invalid as exc:
+                raise DmhpcError(f"{origin.get(dotted, default_label)}: {dotted}: {exc}") from None
+
+
 def _dotted_value(data: Mapping, dotted: str) -> Any:
     for part in dotted.split("."):
         data = data[part]
@@ -472,10 +493,10 @@ def config_from_dict(data: Mapping, source: str = "<dict>") -> Config:
     return cfg
 
 
-def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *, refuse_inert: bool = True) -> Config:
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *, written: bool = False) -> Config:
     """Read a YAML config (following `base:`), apply `KEY=VALUE` overrides, and validate.
-    `refuse_inert=False` for a configuration dmhpc wrote (a run's config.yaml, of an older dmhpc
-    that took settings that did nothing)."""
+    `written` for a configuration dmhpc wrote (a run's config.yaml): what an older dmhpc took is
+    not refused (settings that did nothing, paths with ~ or $VARIABLE)."""
     raw, origin, files = _read_with_bases(Path(path), ())
     for item in overrides:
         key, value = parse_override(item)
@@ -485,7 +506,8 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *, refus
         _merge(raw, nested, origin, COMMAND_LINE)
     cfg = _build(Config, raw, origin, str(path))
     _check_consistency(cfg, origin, str(path))
-    if refuse_inert:
+    if not written:
+        _check_paths(cfg, origin, str(path))
         _check_inert(cfg, origin, files)
     return cfg
 

@@ -190,7 +190,7 @@ class RunDir:
         if not self.config_path.is_file():
             raise DmhpcError(f"{self.config_path}: no such file ({self.path} is not a dmhpc run directory)")
         try:
-            return load_config(self.config_path, refuse_inert=False)
+            return load_config(self.config_path, written=True)
         except DmhpcError as exc:
             raise DmhpcError(f"{self.path} is not a dmhpc run: {exc}") from None
 

@@ -139,7 +139,7 @@ def test_a_setting_that_does_nothing_where_it_is_set_is_refused(tmp_path):
     assert load_config(top).optim.cycle_epochs == 8
     assert load_config(base, ["optim.schedule=warmup-cosine", "optim.warmup_steps=5"]).optim.warmup_steps == 5
     written = write(tmp_path / "run.yaml", "optim: {schedule: cyclic, warmup_steps: 500}\n")
-    assert load_config(written, refuse_inert=False).optim.warmup_steps == 500
+    assert load_config(written, written=True).optim.warmup_steps == 500
 
 
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
@@ -375,6 +375,21 @@ def test_a_path_the_shell_would_expand_is_refused(tmp_path, override, key):
                                          rf"\(quote numbers; no ~ or \$VARIABLE"):
         load_config(TINY, [override])
     load_config(TINY, ["run.dir=runs/a~b$"])  # elsewhere in a name they are characters like any other
+    (tmp_path / "b$1.yaml").write_text(f"base: {TINY}\n")
+    (tmp_path / "c.yaml").write_text("base: b$1.yaml\n")  # and in base: as well (it was refused)
+    assert load_config(tmp_path / "c.yaml").train == load_config(TINY).train
+
+
+def test_a_run_of_an_older_dmhpc_with_such_a_path_still_resumes(tmp_path):
+    """An older dmhpc took run.dir ~/runs/a as a folder named "~"; its checkpoint's config and its
+    config.yaml were then refused ("expected ... a path written out"): the run could not resume, be
+    evaluated or exported."""
+    old = {**config_to_dict(load_config(TINY)), "run": {"dir": "~/runs/a"}}
+    assert config_from_dict(old, "ckpt.pt: config").run.dir == "~/runs/a"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert load_config(tmp_path / "config.yaml", written=True).run.dir == "~/runs/a"
+    with pytest.raises(DmhpcError, match="config.yaml: run.dir: expected a non-empty string, a path written out"):
+        load_config(tmp_path / "config.yaml")
 
 
 def test_a_data_config_and_a_launch_file_refuse_them_too(tmp_path):
