@@ -399,6 +399,11 @@ def test_a_data_config_and_a_launch_file_refuse_them_too(tmp_path):
     (tmp_path / "d.yaml").write_text("root: $SCRATCH/raw\nout: o\ndomains: {a: {images: x.npy}}\n")
     with pytest.raises(DmhpcError, match="root: expected a non-empty string, a path written out"):
         load_data_config(tmp_path / "d.yaml")
+    # A root that --root replaces is never read; a column name is no path ($ra was refused as one).
+    (tmp_path / "e.yaml").write_text("root: $SCRATCH/raw\nout: o\n"
+                                     "domains: {a: {catalog: c.csv, id_column: $ra, cutouts: cut}}\n")
+    [spec] = load_data_config(tmp_path / "e.yaml", root=tmp_path)
+    assert spec.id_column == "$ra" and spec.catalog == tmp_path / "c.csv"
     with pytest.raises(DmhpcError, match="out: expected a non-empty string, a path written out"):
         load_grid({"base": str(TINY), "out": "~/grid", "grid": {"seed": [1]}})
 

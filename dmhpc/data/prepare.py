@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dmhpc.checks import REQUIRED, Problems, mapping, path_text, read_yaml, show, take, unknown_keys
+from dmhpc.checks import REQUIRED, Problems, mapping, path_text, read_yaml, show, take, text, unknown_keys
 from dmhpc.config import parse_override
 from dmhpc.data import duplicates, shards
 from dmhpc.data.inputs import (CUTOUTS_HELP, LAYOUTS, ArrayRows, Cutouts, open_images, open_npy, read_catalog,
@@ -112,8 +112,9 @@ def load_data_config(path, root: str | None = None, out: str | None = None, sets
     config = read_data_config(path, sets)
     problems = Problems(name, "nothing written", overridden=[parse_override(item)[0] for item in sets])
     unknown_keys(problems, config, CONFIG_KEYS)
-    root_text = take(problems, config, "root", path_text(), REQUIRED if root is None else None)
-    out_text = take(problems, config, "out", path_text(), REQUIRED if out is None else None)
+    # A root or out given on the command line replaces the file's: that one is never read.
+    root_text = take(problems, config, "root", path_text(), REQUIRED) if root is None else None
+    out_text = take(problems, config, "out", path_text(), REQUIRED) if out is None else None
     domains = take(problems, config, "domains", DOMAINS)
     result = []
     for domain, files in (domains or {}).items():
@@ -135,8 +136,8 @@ def load_data_config(path, root: str | None = None, out: str | None = None, sets
         if "images" in files:
             for key in (k for k in CUTOUT_KEYS if k in files):
                 problems.add(f"{where}.{key}", f"names cutout files to read, and {where}.images gives the images")
-        values = {key: take(problems, files, key, path_text(), None, where + ".") for key in DOMAIN_KEYS
-                  if key in files}
+        values = {key: take(problems, files, key, path_text() if key in PATH_KEYS else text(), None, where + ".")
+                  for key in DOMAIN_KEYS if key in files}
         result.append((domain, values))
     problems.raise_if_any()
     root_dir = Path(root if root is not None else root_text)
