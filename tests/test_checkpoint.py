@@ -326,6 +326,48 @@ LOOP = textwrap.dedent("""
 """)
 
 
+PEER_GONE = textwrap.dedent("""
+    import json, os, signal, sys, time
+    from pathlib import Path
+    from dmhpc.distributed import bootstrap
+    from dmhpc.train.checkpoint import StopRequest
+
+    out = Path(sys.argv[1])
+    info = bootstrap()
+    previous = signal.getsignal(signal.SIGUSR2)
+    stop = StopRequest(["SIGUSR2"])
+    stop.should_stop()  # both ranks join the first poll
+    if info.rank == 1:
+        stop.settle()
+        os._exit(0)  # gone without joining the second
+    stop.should_stop()  # the first poll done, the second started
+    time.sleep(1)
+    try:
+        stop.close()
+        error = None
+    except RuntimeError as exc:
+        error = str(exc)
+    (out / "rank0.json").write_text(json.dumps({"error": error, "restored": signal.getsignal(signal.SIGUSR2) == previous,
+                                                "pending": stop._pending is not None}))
+    stop.close()  # nothing left in flight: no second error
+    os._exit(0)
+""")
+
+
+def test_a_poll_a_gone_peer_never_joined_still_restores_the_handlers(tmp_path):
+    """The poll in flight failed (the peer gone) and close() raised before restoring the signal
+    handlers, with the poll still pending: every later close raised again."""
+    if not (BIN / "torchrun").exists():
+        pytest.skip(f"torchrun not found in {BIN}")
+    script = tmp_path / "peer.py"
+    script.write_text(PEER_GONE)
+    proc = subprocess.run([*LAUNCHERS["torchrun"], str(script), str(tmp_path)], env=clean_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads((tmp_path / "rank0.json").read_text())
+    assert result["error"] and result["restored"] and not result["pending"], result
+
+
 def _wait_for_step(run: Path, rank: int, step: int, procs, timeout=120.0) -> None:
     deadline = time.monotonic() + timeout
     progress = run / f"progress{rank}"

@@ -248,10 +248,9 @@ class StopRequest:
             return self.signal_name is not None
         stop = False
         if self._pending is not None:
-            work, flag = self._pending
+            (work, flag), self._pending = self._pending, None  # waited for once, even if a peer is gone
             work.wait()  # a gloo all-reduce of one int, started a step ago: on the host only
             stop = bool(flag[0])
-            self._pending = None
         if stop:
             return True
         flag = np.array([int(self.signal_name is not None)], dtype=np.int32)
@@ -262,15 +261,18 @@ class StopRequest:
     def settle(self) -> None:
         """Finish the poll in flight (the loop is left: no collective of it may overlap what follows)."""
         if self._pending is not None:
-            self._pending[0].wait()
-            self._pending = None
+            (work, _), self._pending = self._pending, None
+            work.wait()
 
     def close(self) -> None:
-        """Finish the collective in flight and restore the previous signal handlers."""
-        self.settle()
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-        self._previous = {}
+        """Finish the collective in flight and restore the previous signal handlers (also when that
+        collective fails: a peer gone)."""
+        try:
+            self.settle()
+        finally:
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
+            self._previous = {}
 
     def __enter__(self) -> StopRequest:
         return self

@@ -292,10 +292,12 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
                     print(f"dmhpc train: early stop: {criterion} has not improved for "
                           f"{prog.evals_since_best} evaluations", flush=True)
     finally:
-        stop.settle()
-        loader.close()  # its worker processes end with the loop, whatever ended it
-        if log is not None:
-            log.close()
+        try:
+            stop.settle()  # raises when a peer is gone: the loader and log are closed all the same
+        finally:
+            loader.close()  # its worker processes end with the loop, whatever ended it
+            if log is not None:
+                log.close()
     if stopped:
         if dist.is_main:
             print(f"dmhpc train: {stop.signal_name or 'a signal on another rank'}: checkpoint written at step "
