@@ -202,7 +202,23 @@ for _cls in (_Loader, _Dumper):
         for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     _cls.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
     _cls.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+.0123456789"))
-_Loader.add_constructor("tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node)))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    # Plain scalars reach here only as decimal (_INT); an explicit !!int may be written any way
+    # YAML knows (0x10, 0o17, 1_000), and one that is no integer is a YAML error, not a traceback.
+    value = loader.construct_scalar(node)
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            return yaml.SafeLoader.construct_yaml_int(loader, node)
+        except ValueError:
+            raise yaml.constructor.ConstructorError(None, None, f"!!int {value!r} is not an integer",
+                                                    node.start_mark) from None
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 
 
 def yaml_error(exc: yaml.YAMLError) -> str:

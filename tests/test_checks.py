@@ -4,6 +4,7 @@ reader, and a file's problems reported together."""
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from dmhpc.checks import (Invalid, Problems, boolean, choice, distinct_list, integer, mapping, number, optional,
                           read_yaml, show, take, text, unknown_keys)
@@ -85,6 +86,10 @@ def test_yaml_numbers_are_read_as_yaml_1_2_reads_them():
     assert [parse_yaml(t) for t in ("0x1F", "0b101", "1_000")] == ["0x1F", "0b101", "1_000"]  # refused where numbers go
     for value in ("2e3", "010", "2:00:00", "1.5", ".5"):  # strings stay strings through the dumper
         assert parse_yaml(dump_yaml({"k": value}))["k"] == value
+    # An explicit !!int as YAML writes integers (it was a ValueError traceback); no integer: YAML's error.
+    assert parse_yaml("[!!int 0x10, !!int 1_000, !!int '7']") == [16, 1000, 7]
+    with pytest.raises(yaml.YAMLError, match="!!int 'zz' is not an integer"):
+        parse_yaml("seed: !!int zz")
 
 
 def test_an_unquoted_slurm_time_is_hours_not_days(tmp_path):
