@@ -107,9 +107,12 @@ def peer_lost(exc: BaseException) -> str | None:
     if not isinstance(exc, RuntimeError) or not _PEER_LOST.search(text):
         return None
     try:
-        rank = f"rank {detect_launch(os.environ).rank}"
+        launch = detect_launch(os.environ)
     except DmhpcError:
-        rank = "this rank"
+        launch = None
+    if launch is not None and launch.world_size == 1:  # no other rank: a broken pipe of its own
+        return None
+    rank = f"rank {launch.rank}" if launch is not None else "this rank"
     if re.search(r"Timed out|timeout|Watchdog", text, re.IGNORECASE):
         return (f"{rank}: another rank did not answer within {int(COLLECTIVE_TIMEOUT.total_seconds() // 60)} "
                 f"minutes (stopped, or far slower than this one): {text[:160]}")

@@ -483,7 +483,7 @@ if __name__ == "__main__":
 """
 
 
-def test_a_rank_whose_peer_is_gone_says_so_in_one_line(tmp_path):
+def test_a_rank_whose_peer_is_gone_says_so_in_one_line(tmp_path, monkeypatch):
     """A rank failing alone (a shard it reads, a kill) left the other ranks a 40-line gloo traceback
     ending in "Connection closed by peer" beside its own one line. A real gloo failure, named."""
     (tmp_path / "peer.py").write_text(PEER_GONE)
@@ -495,3 +495,8 @@ def test_a_rank_whose_peer_is_gone_says_so_in_one_line(tmp_path):
     from dmhpc.distributed import peer_lost
 
     assert peer_lost(RuntimeError("CUDA out of memory")) is None and peer_lost(ValueError("Timed out waiting")) is None
+    # A single process has no other rank to blame: its own broken pipe or store timeout is its own error.
+    for name in ("RANK", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "PMI_SIZE", "PMI_RANK",
+                 "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert peer_lost(RuntimeError("[Errno 32] Broken pipe")) is None
