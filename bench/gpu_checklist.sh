@@ -9,8 +9,9 @@
 # was done. Nothing is installed: it runs the project's .venv when there is one (`make install` on
 # a connected machine), else the python3 on PATH with this checkout on PYTHONPATH (a GPU machine
 # with its own PyTorch and no network). Packages that machine lacks can be put as wheels in .whl/
-# (docs/benchmarks.md says which); they are installed offline into a temporary folder. Tests of
-# what is still missing skip, saying so. Every step runs whatever failed before it; the exit code
+# (docs/benchmarks.md says which); they are installed offline into a temporary folder. The GPU
+# tests use the packages the machine step calls needed without skipping (a missing one fails them,
+# and that step says so first); DALI's tests and rows skip without it, saying so. Every step runs whatever failed before it; the exit code
 # is then the worst step's: a package the GPU tests need missing, a wheel not installed, a
 # benchmark row that failed all make it non-zero.
 set -uo pipefail
@@ -47,8 +48,8 @@ machine() {  # exit 3 without a CUDA device (the checklist stops), 4 with a piec
 import importlib.util, platform
 # The GPU tests and benchmarks need the first ones; without the others some rows or tests are left out.
 needed = ("torch", "numpy", "h5py", "yaml", "tqdm", "matplotlib", "sklearn", "tensorboard", "astropy", "captum",
-          "pytest")
-optional = ("pytest_timeout", "safetensors", "onnxruntime", "onnxscript", "pyarrow", "pandas", "mpi4py", "submitit",
+          "safetensors", "pytest")
+optional = ("pytest_timeout", "onnxruntime", "onnxscript", "pyarrow", "pandas", "mpi4py", "submitit",
             "galsim", "optuna", "nvidia.dali")
 missing = []
 for name in needed + optional:
