@@ -199,6 +199,28 @@ def test_a_second_launcher_refused_by_the_lock_leaves_the_record_of_the_first(tm
     assert (out / "submitit" / "measured_with.json").read_text() == record
 
 
+def test_points_run_by_another_launcher_since_the_study_was_read_are_checked_again(tmp_path):
+    """The settings were compared when the study was read, before the launch lock: a launcher that
+    ran the points with its own settings in between had its timings recorded as of the new ones."""
+    from dmhpc.launch.scaling import record_measured_with
+
+    out = tmp_path / "out"
+    spec = {"base": str(TINY), "out": str(out), "executor": "debug", "models": ["deepmerge2"], "nodes": [1],
+            "gpus_per_node": [1], "device": "cpu", "weak": {"batch_per_gpu": 4},
+            "overrides": {"data.source": "missing"}, "slurm": {"cpus_per_task": 1}}
+    late = load_study({**spec, "slurm": {"cpus_per_task": 2}})  # read: nothing has run yet
+    first = load_study(spec)
+    record_measured_with(first)  # the other launcher takes the lock and runs its point
+    run = first.points[0].run_dir
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("# a trainer started here\n")
+    record = (out / "submitit" / "measured_with.json").read_text()
+    with pytest.raises(DmhpcError, match=r"point deepmerge2-weak-1x1: was measured with other settings "
+                                         r"\(slurm.cpus_per_task 1 -> 2\)"):
+        record_measured_with(late)
+    assert (out / "submitit" / "measured_with.json").read_text() == record
+
+
 def test_a_point_still_queued_is_held_to_what_it_was_submitted_with(tmp_path, monkeypatch):
     """A point queued by a --no-wait launch has no run yet; launched again with other settings, the
     queued job (re-attached) measured the old ones under the new settings' name."""

@@ -249,7 +249,11 @@ def _check_measured_with(problems: Problems, study: Study) -> None:
 
 def record_measured_with(study: Study) -> None:
     """Say what each point is (to be) measured with, before any runs: points that ran before this
-    record existed (dmhpc before it) are left out, their settings unknown."""
+    record existed (dmhpc before it) are left out, their settings unknown. Under the launch lock,
+    checked again: another launcher may have run points with its settings since this study was read."""
+    problems = Problems(study.source)
+    _check_measured_with(problems, study)
+    problems.raise_if_any()
     record = _read_measured_with(study)
     for p in study.points:
         if p.name in record or not p.run.holds_run():
