@@ -186,7 +186,8 @@ def scaling_curves(rows: list[dict], path: Path, unit: str, title: str = "") -> 
         label = f"{key[0]} {key[1]}, {key[2]}/node"
         line, = left.plot(gpus, [r["images_per_s_per_gpu"] for r in group], style, label=label)
         right.plot(gpus, [r["efficiency"] for r in group], style, label=label)
-        unfinished = [r for r in group if r.get("status") != "finished"]
+        # Cut short, with a throughput so far; a point whose log is unreadable has none (the table says why).
+        unfinished = [r for r in group if r.get("status") != "finished" and np.isfinite(r["images_per_s_per_gpu"])]
         if unfinished:
             left.plot([r["gpus"] for r in unfinished], [r["images_per_s_per_gpu"] for r in unfinished], style[-1],
                       markerfacecolor="white", markeredgecolor=line.get_color(), linestyle="none",

@@ -126,6 +126,10 @@ def test_the_scaling_figure_names_the_study_and_marks_unfinished_points(drawn, t
                  speedup=float(g), efficiency=1.0 if g < 4 else float("nan"), baseline_gpus=1, staging_s=0.1,
                  loader="torch", warmup_excluded=True, status="finished" if g < 4 else "not finished", point="p",
                  run_dir="d") for g in (1, 2, 4)]
+    # A point whose log cannot be read has no figure to draw: it was listed as "not finished".
+    rows.append({**rows[0], "model": "resnet18", "step_time_s": float("nan"), "images_per_s": float("nan"),
+                 "images_per_s_per_gpu": float("nan"), "speedup": float("nan"), "efficiency": float("nan"),
+                 "status": "unreadable log: bad line 3"})
     write_scaling(tmp_path / "out", rows, "gpu")
     fig = drawn[0]
     assert " ".join(fig.texts[0].get_text().split()) == f"scaling study {tmp_path / 'out'} (GPUs): weak scaling, batch 4 per GPU"
