@@ -129,6 +129,22 @@ def test_explain_names_drawn_galaxies_by_their_input_row(tmp_path):
     assert drawn["names"] == [f"row {int(image[0, 0, 0])}" for image in drawn["images"]]
 
 
+def test_confident_candidates_keep_their_order(run_on_survey):
+    """p_merger was float32: every logit margin beyond ~17 gave exactly 1.0, so a catalog's top
+    candidates tied and came out in file order."""
+    from dmhpc.infer.predict import Model
+
+    model = Model(RunDir(run_on_survey), "best", torch.device("cpu"))
+    last = [m for m in model.net.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():  # the merger logit 20 to 35 above the other, as entropy minimization gives
+        last.weight.zero_()
+        ps = []
+        for margin in (20.0, 25.0, 30.0, 35.0):
+            last.bias.copy_(torch.tensor([0.0, margin]))
+            ps.append(model.probabilities(torch.randn(2, 3, 75, 75))[0, 1].item())
+    assert all(a < b < 1.0 for a, b in zip(ps, ps[1:])), ps
+
+
 def test_gradcam_and_integrated_gradients_are_captums_on_the_last_block(run_on_survey):
     captum = pytest.importorskip("captum.attr")
     from dmhpc.infer.explain import attributions
