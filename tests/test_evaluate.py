@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -19,6 +20,7 @@ from dmhpc.cli import main
 from dmhpc.config import load_config
 from dmhpc.data.shards import load_manifest, split_rows, write_dataset
 from dmhpc.distributed import DistInfo
+from dmhpc.errors import DmhpcError
 from dmhpc.train.evaluate import evaluate_run, predict
 from dmhpc.run import RunDir
 from tests.conftest import BIN, ROOT, TINY, clean_env
@@ -61,6 +63,26 @@ def test_each_domain_is_evaluated_with_its_own_statistics(tmp_path):
     wrong = evaluate_run(CentredIsMerger(), cfg, CPU, run, checkpoint={"name": "best"}, split="test", stats=swapped,
                          plots=False)
     assert wrong["source"]["accuracy"] == wrong["target"]["accuracy"] == 0.0
+
+
+class OverflowsOnBright(CentredIsMerger):
+    """Logits of inf - inf (NaN probabilities) for images brighter than 5 once normalized: an
+    overflowing pixel, or NaN weights, for those rows."""
+
+    def forward(self, x):
+        f, logits = super().forward(x)
+        bright = (f[:, 0] > 5)[:, None]
+        return f, torch.where(bright, torch.full_like(logits, float("inf")), logits)
+
+
+def test_non_finite_probabilities_in_an_evaluation_are_one_line(tmp_path):
+    """A NaN probability reached scikit-learn: 'ValueError: Input contains NaN', a traceback."""
+    dirs = constant_domains(tmp_path)
+    wrong = (0.0, 0.01)  # source pixels of 10 normalized to 1000: every image 'bright'
+    with pytest.raises(DmhpcError, match=rf"{dirs['source']}: test split: non-finite class probabilities for 8 "
+                                         rf"image\(s\), the first at row \d+: a pixel too large"):
+        predict(OverflowsOnBright(), dirs["source"], "test", batch_size=4, dist=CPU, mean=[wrong[0]] * 3,
+                std=[wrong[1]] * 3)
 
 
 PROBE = """

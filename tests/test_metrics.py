@@ -41,6 +41,14 @@ def test_what_is_undefined_is_nan_not_zero():
     assert prediction_metrics(p[:-1])["merger_fraction"] == pytest.approx(5 / 7)
     assert "labelled" not in domain_metrics(np.zeros(0, int), np.zeros((0, 2)))
     assert domain_metrics(np.full(2, -1), p[:2])["labelled"] is False
+    # A NaN probability (an fp16 step that overflowed) in a labelled domain: scikit-learn's
+    # "Input contains NaN" traceback ended the epoch's summary; now every metric is NaN.
+    labelled = domain_metrics(np.array([1] * 5 + [0] * 3), p)
+    assert labelled["nonfinite"] == 1 and "confusion" not in labelled
+    assert all(math.isnan(labelled[k]) for k in ("accuracy", "precision", "recall", "f1", "roc_auc", "brier"))
+    # Mergers predicted, none in the labels: F1 is 0 (2TP / (2TP + FP + FN)), recall undefined.
+    none = classification_metrics(np.zeros(3, int), np.array([[0.9, 0.1], [0.3, 0.7], [0.8, 0.2]]))
+    assert none["f1"] == 0.0 and none["precision"] == 0.0 and math.isnan(none["recall"])
 
 
 def test_confident_predictions_keep_their_order_for_the_auc(tmp_path):

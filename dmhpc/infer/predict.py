@@ -544,7 +544,7 @@ def predict_arguments(parser) -> None:
     parser.add_argument("--out", required=True, type=Path,
                         help="the catalog to write: .parquet, .fits, .csv, .ecsv, .h5 or .hdf5 (by extension)")
     parser.add_argument("--tta", action="store_true",
-                        help="average over the 8 flips and 90-degree rotations; adds p_merger_std (8x the work)")
+                        help="average over the 8 flips and 90-degree rotations (4 flips for non-square images); adds p_merger_std (8x the work)")
     parser.add_argument("--normalize", default="target", choices=["target", "own"],
                         help="target (default): the statistics the run normalized its target domain with; "
                              "own: these images' own statistics")

@@ -60,7 +60,13 @@ def predict(model, directory, split: str, *, batch_size: int, dist, mean, std,
     # Gathered with its error: a shard only one rank reads failing was that rank's one line and the
     # others' gloo traceback; now every rank's. Rank order = split order (contiguous parts).
     parts = gather(share)
-    return {key: np.concatenate([p[key] for p in parts if len(p[key])] or [parts[0][key]]) for key in parts[0]}
+    out = {key: np.concatenate([p[key] for p in parts if len(p[key])] or [parts[0][key]]) for key in parts[0]}
+    bad = ~np.isfinite(out["prob"]).all(axis=1)  # the same on every rank: all stop together
+    if bad.any():
+        raise DmhpcError(f"{directory}: {split} split: non-finite class probabilities for {int(bad.sum())} image(s), "
+                         f"the first at row {int(out['index'][bad][0])}: a pixel too large for float32 once "
+                         f"normalized, or a model with NaN weights")
+    return out
 
 
 def _cat(chunks, dtype, empty_shape):

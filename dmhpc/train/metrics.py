@@ -21,12 +21,18 @@ def classification_metrics(labels: np.ndarray, prob: np.ndarray) -> dict:
 
     `prob` is (n, 2) class probabilities; class 1 (merger) is the positive class.
     What is undefined is NaN, never 0: ROC AUC with one class present, precision without a merger
-    predicted, recall and F1 without a merger in the labels.
+    predicted, recall without a merger in the labels, F1 without either (with mergers predicted
+    and none in the labels it is 0: 2TP / (2TP + FP + FN)). Where a probability is not finite (an
+    fp16 step that overflowed) every metric is NaN and there is no confusion matrix: a NaN counted
+    as a non-merger would pass for a prediction.
     """
     from sklearn import metrics as skm
 
     labels = np.asarray(labels).astype(np.int64)
     p1 = np.asarray(prob, dtype=np.float64)[:, 1]
+    if not np.isfinite(p1).all():
+        return {"n": int(len(labels)), "nonfinite": int((~np.isfinite(p1)).sum()),
+                **dict.fromkeys(("accuracy", "precision", "recall", "f1", "roc_auc", "brier"), math.nan)}
     pred = (p1 >= 0.5).astype(np.int64)
     both = len(np.unique(labels)) == 2
     return {
