@@ -65,6 +65,22 @@ def test_each_domain_is_evaluated_with_its_own_statistics(tmp_path):
     assert wrong["source"]["accuracy"] == wrong["target"]["accuracy"] == 0.0
 
 
+def test_the_last_checkpoint_of_an_oracle_stopped_run_is_marked_oracle(tmp_path):
+    """last.pt records no selection: its results were unmarked, though early stopping by the
+    target-label oracle chose where the run (and so last.pt) ended."""
+    dirs = constant_domains(tmp_path)
+    stats = {d: (load_manifest(dirs[d])["stats"]["mean"], load_manifest(dirs[d])["stats"]["std"]) for d in dirs}
+    common = [f"data.source={dirs['source']}", f"data.target={dirs['target']}", "select.criterion=oracle-target-acc"]
+    for stopping, oracle in ((3, True), (0, False)):
+        cfg = load_config(TINY, [*common, f"train.early_stopping={stopping}"])
+        result = evaluate_run(CentredIsMerger(), cfg, CPU, RunDir(tmp_path / f"run{stopping}"),
+                              checkpoint={"name": "last", "step": 9}, split="test", stats=stats, plots=False)
+        assert result["oracle"] is oracle
+    best = evaluate_run(CentredIsMerger(), cfg, CPU, RunDir(tmp_path / "run"), split="test", stats=stats, plots=False,
+                        checkpoint={"name": "best", "step": 9, "criterion": "oracle-target-acc"})
+    assert best["oracle"] is True
+
+
 class OverflowsOnBright(CentredIsMerger):
     """Logits of inf - inf (NaN probabilities) for images brighter than 5 once normalized: an
     overflowing pixel, or NaN weights, for those rows."""

@@ -36,7 +36,7 @@ from dmhpc.distributed import bootstrap, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, locked_directory, staged_write
 from dmhpc.run import RunDir
-from dmhpc.train.checkpoint import checkpoint_info, load_checkpoint_sha256, load_weights
+from dmhpc.train.checkpoint import checkpoint_info, chosen_with_target_labels, load_checkpoint_sha256, load_weights
 from dmhpc.train.objective import build_backbone
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -145,7 +145,7 @@ def model_card(run: RunDir, info: dict, shape: list, fmt: str, out: Path, onnx_m
                  for role in ("source", "target")},
         "checkpoint": info,
         "selection": {"criterion": info.get("criterion"), "score": info.get("score"),
-                      "oracle": info.get("criterion") == "oracle-target-acc"},
+                      "oracle": chosen_with_target_labels(info, cfg)},
         "test_metrics": {d: {k: v for k, v in result[d].items() if k != "confusion"} for d in ("source", "target")}
         if result else None,
         "config": config_to_dict(cfg),
@@ -183,12 +183,13 @@ def _card_markdown(card: dict) -> str:
     lines += ["", "## Selection", ""]
     if sel["criterion"] is None:
         lines += [f"Checkpoint `{c['name']}` (epoch {c.get('epoch')}, step {c.get('step')}): the run's latest, "
-                  f"not chosen by any criterion.", ""]
+                  f"not chosen by any criterion" + (", but early stopping watched target labels (an oracle)"
+                                                    if sel["oracle"] else "") + ".", ""]
     else:
         lines += [f"Checkpoint `{c['name']}` (epoch {c.get('epoch')}, step {c.get('step')}), chosen by "
                   f"`{sel['criterion']}` (score {sel['score']})" +
                   (" using target labels (an oracle: not a choice a user without them could make)"
-                   if sel["criterion"] == "oracle-target-acc" else ", without target labels") + ".", ""]
+                   if sel["oracle"] else ", without target labels") + ".", ""]
     if not card["test_metrics"]:
         lines += ["## Test metrics", "", f"Not evaluated on the test split: `dmhpc eval --run {card['run']} "
                   f"--checkpoint {c['name']}` evaluates it, and a new export puts the result here.", ""]

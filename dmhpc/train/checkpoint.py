@@ -39,6 +39,7 @@ import torch.distributed as dist
 from dmhpc.distributed import all_gather_object, is_distributed
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write
+from dmhpc.names import CRITERIA
 
 REQUEUE_EXIT_CODE = 75
 
@@ -111,6 +112,15 @@ def checkpoint_info(name: str, state: dict) -> dict:
     if isinstance(epoch, int) and epoch > 0 and state.get("progress", {}).get("step_in_epoch") == 0:
         epoch -= 1
     return {"name": name, "epoch": epoch, "step": state.get("step"), **state.get("selection", {})}
+
+
+def chosen_with_target_labels(info: dict, cfg) -> bool:
+    """Whether target labels chose this checkpoint (`checkpoint_info`): its selection criterion is an
+    oracle, or, for one without a selection (last.pt), early stopping watched an oracle criterion
+    and may have ended the run there."""
+    if info.get("criterion") is not None:
+        return CRITERIA.get(info["criterion"], False)
+    return cfg.train.early_stopping > 0 and CRITERIA.get(cfg.select.criterion, False)
 
 
 def unfit(path: str | os.PathLike, exc: Exception) -> DmhpcError:

@@ -18,9 +18,9 @@ from dmhpc.distributed import bootstrap, broadcast_buffers, gather, on_main, shu
 from dmhpc.errors import DmhpcError
 from dmhpc.files import hold_lock, same_place, staged_write, temporary_path
 from dmhpc.run import EVAL_OWNER, LOCK, RunDir, check_shape, evaluation_tag, result_text
-from dmhpc.names import CRITERIA, DOMAINS
+from dmhpc.names import DOMAINS
 from dmhpc.progress import progress_bar
-from dmhpc.train.checkpoint import checkpoint_info, load_checkpoint, load_weights
+from dmhpc.train.checkpoint import checkpoint_info, chosen_with_target_labels, load_checkpoint, load_weights
 from dmhpc.train.metrics import domain_metrics
 from dmhpc.train.objective import NUM_CLASSES, build_backbone
 
@@ -95,7 +95,7 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
     result = {
         "split": split,
         "checkpoint": checkpoint,
-        "oracle": CRITERIA.get(checkpoint.get("criterion"), False),
+        "oracle": chosen_with_target_labels(checkpoint, cfg),
         "data": {d: os.path.abspath(dirs[d]) for d in DOMAINS},  # absolute: the same from any working folder
         "final": final,
         # What each domain was normalized with: under per-domain normalization another data set's own
