@@ -103,7 +103,9 @@ def test_a_seed_whose_metric_is_undefined_leaves_the_others_their_mean(tmp_path)
         (p.run_dir / "eval" / "best_test.json").write_text(json.dumps(result))
     (row,) = write_summary(grid.out, grid.points)
     assert row["target_roc_auc_mean"] == pytest.approx(0.85) and row["target_roc_auc_std"] == pytest.approx(0.0707, abs=1e-4)
-    assert row["finished"] == 3 and "0.850 ± 0.071" in (grid.out / "summary.md").read_text()
+    # Over 2 of the 3 finished runs: said in the cell, which looked like the row's 3/3.
+    assert row["finished"] == 3 and row["target_roc_auc_n"] == 2
+    assert "0.850 ± 0.071 (n=2)" in (grid.out / "summary.md").read_text()
 
 
 def test_summary_marks_oracle_selection_and_runs_trained_on_the_target(tmp_path):

@@ -49,13 +49,14 @@ def _csv_list(values: list) -> str:
     return "" if values and all(nan) else " ".join("n/a" if n else str(v) for v, n in zip(values, nan))
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    """Over the seeds whose metric is defined: a NaN (an AUC of a test split with one class) blanked
-    every seed's mean, and statistics.stdev raised on it, losing the whole summary."""
+def _mean_std(values: list[float]) -> tuple[float, float, int]:
+    """(mean, sample std, how many) over the seeds whose metric is defined: a NaN (an AUC of a test
+    split with one class) blanked every seed's mean, and statistics.stdev raised on it, losing the
+    whole summary."""
     values = [v for v in values if math.isfinite(v)]
     if not values:
-        return math.nan, math.nan
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan
+        return math.nan, math.nan, 0
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values)
 
 
 def summary_rows(points: Iterable[Point], gap: tuple[str, str] | None = None) -> list[dict]:
@@ -74,7 +75,7 @@ def summary_rows(points: Iterable[Point], gap: tuple[str, str] | None = None) ->
         for domain in DOMAINS:
             for m in REPORTED_METRICS:
                 values = [r[domain][m] for _, r in results if isinstance(r.get(domain, {}).get(m), (int, float))]
-                row[f"{domain}_{m}_mean"], row[f"{domain}_{m}_std"] = _mean_std(values)
+                row[f"{domain}_{m}_mean"], row[f"{domain}_{m}_std"], row[f"{domain}_{m}_n"] = _mean_std(values)
         # NaN where a result has no target accuracy: an unlabelled target (a survey) has none.
         row["target_accuracy_per_seed"] = [number(r.get("target", {}).get("accuracy")) for _, r in results]
         rows.append(row)
@@ -90,10 +91,13 @@ def summary_rows(points: Iterable[Point], gap: tuple[str, str] | None = None) ->
     return rows
 
 
-def _cell(mean: float, std: float) -> str:
+def _cell(mean: float, std: float, n: int, finished: int) -> str:
+    """Mean ± std, and over how many runs where not over every finished one (a metric undefined in
+    some: the row's finished count would pass for this cell's)."""
     if math.isnan(mean):
         return ""
-    return f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+    cell = f"{mean:.3f}" if math.isnan(std) else f"{mean:.3f} ± {std:.3f}"
+    return cell + (f" (n={n})" if n < finished else "")
 
 
 def remove_stale(out: Path, names: tuple[str, ...], why: str) -> None:
@@ -118,7 +122,7 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
     out.mkdir(parents=True, exist_ok=True)
 
     columns = [*keys, "runs", "finished", "seeds", "oracle", "trained_on_target",
-               *(f"{d}_{m}_{s}" for d in DOMAINS for m in REPORTED_METRICS for s in ("mean", "std")),
+               *(f"{d}_{m}_{s}" for d in DOMAINS for m in REPORTED_METRICS for s in ("mean", "std", "n")),
                "target_accuracy_per_seed", *(["gap_closed"] if gap else [])]
     with atomic_path(out / "summary.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, columns)
@@ -153,7 +157,8 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
         cells = [*names, runs]
         for domain, m, _ in MD_COLUMNS:
             skip = domain == "source" and r["trained_on_target"]
-            cells.append("" if skip else _cell(r[f"{domain}_{m}_mean"], r[f"{domain}_{m}_std"]))
+            cells.append("" if skip else _cell(r[f"{domain}_{m}_mean"], r[f"{domain}_{m}_std"], r[f"{domain}_{m}_n"],
+                                                   r["finished"]))
         if gap:
             cells.append("" if math.isnan(r["gap_closed"]) else f"{r['gap_closed']:.0%}")
         cells.append(_per_seed(r))
