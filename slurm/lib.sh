@@ -6,8 +6,9 @@
 
 # A USR2 (the time-limit warning, `scancel --signal=USR2 --batch`) that comes before the launch
 # would kill the batch shell with its default action: the job ended FAILED, never requeued. It is
-# noted here, as the script sources this file, and passed on once the ranks start.
-DMHPC_EARLY_USR2=0
+# noted from the script's first line (it sets the same trap) and here, and passed on once the
+# ranks start.
+DMHPC_EARLY_USR2=${DMHPC_EARLY_USR2:-0}
 trap 'DMHPC_EARLY_USR2=1' USR2
 
 # Set DMHPC_RDZV_ADDR and DMHPC_RDZV_PORT to where this job's ranks meet: the rule of
@@ -96,7 +97,9 @@ dmhpc_run_requeueable() {
     # `wait` below is called again for a process it may have reaped: in POSIX mode (POSIXLY_CORRECT
     # exported by the submitting shell) bash forgets its status then, and a run that succeeded exited 127.
     set +o posix
-    trap 'signalled=1; echo "dmhpc: SIGUSR2: asking the ranks to checkpoint and stop" >&2; [ -z "$pid" ] || kill -USR2 "$pid"' USR2
+    # `|| true`: under the scripts' set -e, a kill that fails (the launch already reaped, a second
+    # USR2 after the first) ended the batch shell in the trap with 1: never requeued.
+    trap 'signalled=1; echo "dmhpc: SIGUSR2: asking the ranks to checkpoint and stop" >&2; [ -z "$pid" ] || kill -USR2 "$pid" 2>/dev/null || true' USR2
     "$@" &
     pid=$!
     if [ "${DMHPC_EARLY_USR2:-0}" = 1 ]; then  # came before the launch: the ranks get it now (and resent below)

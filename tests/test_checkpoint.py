@@ -281,6 +281,53 @@ def test_requeueable_launch_takes_a_usr2_that_came_before_it(tmp_path):
     assert proc.returncode == 75 and (tmp_path / "scontrol").read_text().split() == ["requeue", "5"], out
 
 
+def test_a_second_usr2_after_the_ranks_stopped_still_requeues_under_set_e(tmp_path):
+    """train_ddp.sh runs under set -e: the trap's kill of a launch already reaped (a second USR2,
+    the preemption then the time limit) failed, and errexit ended the batch shell there with 1:
+    the checkpoint saved, the job FAILED, never requeued."""
+    env, _ = _starting_rank_job(tmp_path)
+    task = """sh -c 'trap "exit 75" USR2; touch started; while :; do sleep 0.05; done'"""
+    script = f"set -euo pipefail; source {ROOT}/slurm/lib.sh; rc=0; dmhpc_run_requeueable {task} || rc=$?; exit $rc"
+    proc = subprocess.Popen(["bash", "-c", script], env=env, cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGUSR2)
+        time.sleep(0.4)  # the launch has stopped; the shell polls it once a second
+        proc.send_signal(signal.SIGUSR2)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75 and (tmp_path / "scontrol").read_text().split() == ["requeue", "5"], out
+
+
+@pytest.mark.parametrize("script", ["train_ddp.sh", "predict.sh"])
+def test_a_usr2_while_the_spooled_script_looks_for_lib_sh_is_kept(tmp_path, script):
+    """Run from slurmd's spool (no lib.sh beside it) the script asks scontrol where it was submitted
+    from, before lib.sh (and its USR2 trap) is sourced: a USR2 then killed the batch shell."""
+    spool, bin_dir = tmp_path / "spool", tmp_path / "bin"
+    spool.mkdir()
+    bin_dir.mkdir()
+    (spool / script).write_bytes((ROOT / "slurm" / script).read_bytes())
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\ntouch {tmp_path}/asked; sleep 1\n'
+                                      f'echo "   Command={ROOT}/slurm/{script} no/such.yaml"\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    env = {**clean_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "5"}
+    proc = subprocess.Popen(["bash", str(spool / script), "no/such.yaml"], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "asked").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGUSR2)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 2 and "no/such.yaml" in out, (proc.returncode, out)
+
+
 def test_requeueable_launch_returns_the_runs_status_in_posix_mode(tmp_path):
     """POSIXLY_CORRECT exported by the submitting shell: bash forgot the status of the process it
     had already waited for, and a run that succeeded ended 127."""
