@@ -20,14 +20,20 @@ dmhpc_rendezvous() {
     read -r DMHPC_RDZV_ADDR DMHPC_RDZV_PORT <<<"$out"
 }
 
-# Processes per node: NPROC_PER_NODE, else the GPUs Slurm gave the node, else the GPUs
-# nvidia-smi sees, else 1 (CPU-only nodes).
+# Processes per node: NPROC_PER_NODE, else the GPUs Slurm gave the node, else the tasks per node
+# asked of sbatch (--ntasks-per-node=4 on CPU nodes), else 1. In a job nvidia-smi is not asked:
+# where the site does not confine devices it lists the node's GPUs, other jobs' among them. Outside
+# one (a shell on a GPU machine), its count, else 1.
 dmhpc_nproc_per_node() {
     local gpus
     if [ -n "${NPROC_PER_NODE:-}" ]; then
         echo "$NPROC_PER_NODE"
     elif [ "${SLURM_GPUS_ON_NODE:-0}" -gt 0 ]; then
         echo "$SLURM_GPUS_ON_NODE"
+    elif [[ ${SLURM_NTASKS_PER_NODE:-} =~ ^[1-9][0-9]*$ ]]; then  # "2(x3)": nodes of different counts
+        echo "$SLURM_NTASKS_PER_NODE"
+    elif [ -n "${SLURM_JOB_ID:-}" ]; then
+        echo 1
     else
         gpus=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
         echo $((gpus > 0 ? gpus : 1))

@@ -20,7 +20,7 @@
 #   PYTHON          interpreter of the environment to train with (default: python on PATH)
 #   DMHPC_LAUNCH    torchrun: one torchrun per node, c10d rendezvous (default);
 #                   srun: one srun task per rank (sites that discourage torchrun)
-#   NPROC_PER_NODE  ranks per node (default: GPUs Slurm gave the node, else nvidia-smi's count, else 1)
+#   NPROC_PER_NODE  ranks per node (default: GPUs Slurm gave the node, else --ntasks-per-node, else 1)
 #
 # Near the time limit (--signal=B:USR2@90) or on `scancel --signal=USR2 --batch JOB`, the ranks are
 # told to checkpoint and stop, and the job requeues itself; the next run resumes (--resume auto)

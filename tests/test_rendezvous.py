@@ -86,3 +86,24 @@ def test_every_launch_path_meets_at_the_same_rendezvous(tmp_path):
     assert out.returncode == 1 and out.stderr.count("\n") == 1 and "SLURM_JOB_NODELIST" in out.stderr
     with pytest.raises(DmhpcError, match="MASTER_PORT: expected a port number, got 'x'"):
         detect_launch({**step, "MASTER_PORT": "x"})
+
+
+def test_ranks_per_node_come_from_what_the_job_was_given(tmp_path):
+    """Inside a job nvidia-smi counted every GPU of the node (other jobs' where devices are not
+    confined), and srun mode ignored --ntasks-per-node on CPU nodes: one rank on each."""
+    _executable(tmp_path / "nvidia-smi", "#!/bin/sh\nfor i in 0 1 2 3 4 5 6 7; do echo \"GPU $i: H100\"; done\n")
+
+    def nproc(**env) -> str:
+        out = subprocess.run(["bash", "-c", f"source {ROOT}/slurm/lib.sh && dmhpc_nproc_per_node"],
+                             env={**clean_env(), "PATH": f"{tmp_path}:{os.environ['PATH']}", **env},
+                             capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip()
+
+    job = {"SLURM_JOB_ID": "5"}
+    assert nproc(**job) == "1"  # a CPU job on a node of 8 GPUs it was not given
+    assert nproc(**job, SLURM_NTASKS_PER_NODE="4") == "4"
+    assert nproc(**job, SLURM_NTASKS_PER_NODE="2(x3)") == "1"
+    assert nproc(**job, SLURM_NTASKS_PER_NODE="1", SLURM_GPUS_ON_NODE="2") == "2"
+    assert nproc(**job, NPROC_PER_NODE="3", SLURM_GPUS_ON_NODE="2") == "3"
+    assert nproc() == "8"  # outside a job: the machine's own GPUs
