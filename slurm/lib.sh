@@ -125,16 +125,18 @@ dmhpc_run_requeueable() {
     done
     wait "$pid" || rc=$?
     trap '' USR2  # another one now would kill the shell before the requeue below
-    if [ "$signalled" = 1 ] && [ "$rc" != 0 ]; then
+    if { [ "$signalled" = 1 ] && [ "$rc" != 0 ]; } || [ "$rc" = 75 ]; then
         # The trainer exits with REQUEUE_EXIT_CODE (75) once it has checkpointed, but torchrun
         # reports any failed worker as 1 (or dies of srun's SIGTERM when another node's torchrun
         # exited first), so the code only shows with DMHPC_LAUNCH=srun. Requeue on any failure
         # after the signal: the next run resumes from the last checkpoint, which is also the
         # right thing if the save itself failed (once: a requeued trainer whose two previous
-        # attempts wrote no checkpoint refuses to start, see check_requeue_progress).
+        # attempts wrote no checkpoint refuses to start, see check_requeue_progress). A 75 without
+        # the signal here: the ranks had it, the batch shell not (`scancel --signal=USR2` without
+        # --batch, `--signal=USR2@90` without B:); they checkpointed for a requeue all the same.
         job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
         job=${job:-$SLURM_JOB_ID}
-        echo "dmhpc: ranks exited with $rc after SIGUSR2; requeueing job $job" >&2
+        echo "dmhpc: ranks exited with $rc after SIGUSR2$([ "$signalled" = 1 ] || echo ' (sent to them only)'); requeueing job $job" >&2
         scontrol requeue "$job" || return "$rc"
     fi
     return "$rc"

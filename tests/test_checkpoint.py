@@ -328,6 +328,18 @@ def test_a_usr2_while_the_spooled_script_looks_for_lib_sh_is_kept(tmp_path, scri
     assert proc.returncode == 2 and "no/such.yaml" in out, (proc.returncode, out)
 
 
+def test_ranks_that_stopped_for_a_requeue_are_requeued_though_the_shell_had_no_signal(tmp_path):
+    """`scancel --signal=USR2 JOB` (no --batch) reaches the ranks only: they checkpointed and exited
+    75 for a requeue, srun said 75, and the job ended FAILED. Another failure is no requeue."""
+    env, _ = _starting_rank_job(tmp_path)
+    for code, requeued in ((75, True), (1, False)):
+        (tmp_path / "scontrol").unlink(missing_ok=True)
+        proc = subprocess.run(["bash", "-c", f"source {ROOT}/slurm/lib.sh && dmhpc_run_requeueable sh -c 'exit {code}'"],
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == code, proc.stderr
+        assert (tmp_path / "scontrol").exists() is requeued, proc.stderr
+
+
 def test_requeueable_launch_returns_the_runs_status_in_posix_mode(tmp_path):
     """POSIXLY_CORRECT exported by the submitting shell: bash forgot the status of the process it
     had already waited for, and a run that succeeded ended 127."""
