@@ -3,8 +3,10 @@
 SHELL := /bin/bash
 ifdef VIRTUAL_ENV
 PYTHON := python
+STAMP := $(VIRTUAL_ENV)/.dmhpc-install-stamp
 else
 PYTHON := .venv/bin/python
+STAMP := .venv/.dmhpc-install-stamp
 endif
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
@@ -15,15 +17,16 @@ PYTEST_ARGS ?=
 .venv/bin/pip:
 	python3 -m venv --clear .venv
 
-# Reinstall only when the package metadata or the pins change.
-.install-stamp: setup.cfg pyproject.toml constraints.txt | $(if $(VIRTUAL_ENV),,.venv/bin/pip)
+# Reinstall only when the package metadata or the pins change. The stamp lives in the environment
+# it stands for: a .venv removed (or another one activated) is installed into again.
+$(STAMP): setup.cfg pyproject.toml constraints.txt | $(if $(VIRTUAL_ENV),,.venv/bin/pip)
 	$(PYTHON) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned resolve would pull several GB of CUDA wheels.
 	$(PYTHON) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PYTHON) -m pip install -q -c constraints.txt -e '.[all]'
 	touch $@
 
-install: .install-stamp
+install: $(STAMP)
 
 demo: install
 	$(PYTHON) -m dmhpc demo --out $(DEMO_OUT)
@@ -41,5 +44,6 @@ bench: install
 	@failed=""; for b in $(CPU_BENCH); do echo "== $$b"; $(PYTHON) $$b || failed="$$failed $$b"; done; \
 	if [ -n "$$failed" ]; then echo "failed or missed a target:$$failed"; exit 1; fi
 
+# The demo's output only: runs/ holds every config's and study's results.
 clean:
-	rm -rf runs .install-stamp .pytest_cache
+	rm -rf $(DEMO_OUT) $(STAMP) .pytest_cache
