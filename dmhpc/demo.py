@@ -58,7 +58,8 @@ def demo_main(args, run_command) -> int:
              + (["--overwrite"] if rendered is not None else []))
     if rendered != asked or not all((shards / d / "manifest.json").exists() for d in ("pristine", "noisy")):
         step("convert to sharded HDF5", ["prepare", "--data-config", str(root / "configs/data/embedded.yaml"),
-                                         "--root", str(raw), "--out", str(shards), "--overwrite"])
+                                         "--root", str(raw), "--out", str(shards), "--seed", str(args.seed),
+                                         "--overwrite"])
     for domain in ("pristine", "noisy"):
         step(f"verify {domain}", ["verify", str(shards / domain)])
         step(f"summarize {domain}", ["info", str(shards / domain)])

@@ -87,9 +87,10 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--n-per-class", "100", "--epochs", "1"]) == 0
     assert "render the embedded data set" not in capsys.readouterr().out  # the same render is kept
     # Another --n-per-class renders and prepares again: the runs never train on the first render.
-    assert main(["demo", "--out", str(out), "--n-per-class", "120", "--epochs", "1"]) == 0
+    # --seed is the split's too (prepare split every demo with seed 0).
+    assert main(["demo", "--out", str(out), "--n-per-class", "120", "--epochs", "1", "--seed", "4"]) == 0
     assert json.loads((out / "data" / "meta.json").read_text())["n_per_class"] == 120
-    assert load_manifest(out / "shards" / "noisy")["count"] == 240
+    assert load_manifest(out / "shards" / "noisy")["count"] == 240 and load_manifest(out / "shards" / "noisy")["seed"] == 4
     assert RunDir(out / "deepmerge-noda").read_result("best", "test")["target"]["n"] > result["target"]["n"]
 
 
