@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import textwrap
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -76,11 +77,13 @@ def confusion_matrices(metrics: dict, path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
-def training_curves(records: list[dict], path: Path, title: str = "") -> Path:
+def training_curves(records: list[dict], path: Path, title: str = "",
+                    labels: Mapping[str, str] | None = None) -> Path:
     """Loss terms (log scale: the unweighted Fisher term is around 1e5, the others around 1) and
     accuracy per epoch, from metrics.jsonl records; an unlabelled domain shows its predicted
     merger fraction instead of an accuracy. A dotted line marks the epoch of the best checkpoint
-    (the first epoch of the highest selection score, as the trainer keeps it)."""
+    (the first epoch of the highest selection score, as the trainer keeps it). `labels`: each loss
+    term's legend entry (its weight in the total: the records hold the terms unweighted)."""
     from matplotlib.ticker import MaxNLocator
 
     plt = _pyplot()
@@ -92,7 +95,8 @@ def training_curves(records: list[dict], path: Path, title: str = "") -> Path:
         for term in epochs[-1].get("loss", {}):
             values = np.array([r["loss"].get(term, np.nan) for r in epochs], dtype=float)
             # |value|: entropy and a trace difference can go negative; the log axis shows magnitudes
-            ax_loss.plot(x, np.abs(values), marker=".", label=term + (" (|value|)" if (values < 0).any() else ""))
+            name = (labels or {}).get(term, term)
+            ax_loss.plot(x, np.abs(values), marker=".", label=name + (" (|value|)" if (values < 0).any() else ""))
         for domain in ("source", "target"):
             for split, style in (("train", "--"), ("val", "-")):
                 metrics = [r.get(domain, {}).get(split, {}) for r in epochs]
@@ -105,7 +109,7 @@ def training_curves(records: list[dict], path: Path, title: str = "") -> Path:
                 kept = np.isfinite(ys) if split == "val" else np.ones(len(ys), bool)
                 ax_acc.plot(np.asarray(x)[kept], ys[kept], style, marker="o" if domain == "source" else "x", color=DOMAIN_COLOURS[domain],
                             label=f"{domain} {split}" + (" (predicted merger fraction)" if unlabelled else ""))
-    ax_loss.set(xlabel="epoch", ylabel="loss (epoch mean)", title="loss terms", yscale="log")
+    ax_loss.set(xlabel="epoch", ylabel="loss term, unweighted (epoch mean)", title="loss terms", yscale="log")
     what = "accuracy" + (" / predicted merger fraction (unlabelled)" if any_unlabelled else "")
     ax_acc.set(xlabel="epoch", ylabel=what, title=what, ylim=(0, 1))
     # Epochs not evaluated (train.eval_every > 1) have no selection; a NaN score is never selected.

@@ -82,6 +82,26 @@ def test_training_curves_mark_the_best_epoch_on_whole_epoch_ticks(drawn, tmp_pat
             assert legend.y1 < area.y0 and legend.y0 >= fig.bbox.y0 - 1, (legend, area)
 
 
+def test_training_curves_say_each_loss_terms_weight(drawn, tmp_path):
+    """The loss panel drew the terms unweighted (Fisher near 1e5 beside a cross-entropy near 1) under
+    their bare names: nothing said which weighed what in the total trained on."""
+    from dmhpc.config import load_config
+    from dmhpc.train.objective import term_labels
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "configs" / "deepmerge-mmd-fisher-entropy.yaml")
+    records = [{"kind": "epoch", "epoch": e, "loss": {"classifier": 0.6, "transfer": 0.02, "fisher": 1e5,
+                                                       "entropy": 0.5, "total": 3.0}} for e in range(3)]
+    plots.training_curves(records, tmp_path / "curves.png", "t", labels=term_labels(cfg.loss))
+    ax = drawn[0].axes[0]
+    names = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert names == ["classifier (cross-entropy, weight 1)",
+                     f"transfer (mmd, weight {cfg.loss.transfer_weight:g})",
+                     f"fisher (weight {cfg.loss.fisher.weight:g})",
+                     f"entropy (weight {cfg.loss.entropy_weight:g})", "total (the weighted sum trained on)"]
+    assert ax.get_ylabel() == "loss term, unweighted (epoch mean)"
+
+
 def test_confusion_panels_share_one_scale_from_zero(drawn, tmp_path):
     """Each panel was scaled from its own smallest count to its largest while the text turned white
     above half the largest: counts of 11 on the palest cell were white on white, and one colour meant

@@ -22,7 +22,7 @@ from dmhpc.names import DOMAINS
 from dmhpc.progress import progress_bar
 from dmhpc.train.checkpoint import checkpoint_info, chosen_with_target_labels, load_checkpoint, load_weights
 from dmhpc.train.metrics import domain_metrics
-from dmhpc.train.objective import NUM_CLASSES, build_backbone
+from dmhpc.train.objective import NUM_CLASSES, build_backbone, term_labels
 
 
 def predict(model, directory, split: str, *, batch_size: int, dist, mean, std,
@@ -135,7 +135,8 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
             if log is not None:  # titled with the run's own data
                 P.training_curves(log, draw("training_curves"),
                                   f"{run.path.name}: training; source {Path(cfg.data.source).name}, target "
-                                  f"{Path(cfg.data.target).name}; selection by {cfg.select.criterion}")
+                                  f"{Path(cfg.data.target).name}; selection by {cfg.select.criterion}",
+                                  labels=term_labels(cfg.loss))
             P.latent_embedding({d: (preds[d]["features"], preds[d]["labels"]) for d in DOMAINS},
                                draw(f"latent_{tag}"), f"DA features, {title}", seed=cfg.seed, max_points=1000)
         result_path = run.result_path(checkpoint["name"], split, data_name)

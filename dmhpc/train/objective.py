@@ -29,6 +29,18 @@ def build_backbone(cfg, in_channels: int) -> nn.Module:
     return build_model(m.name, **options)
 
 
+def term_labels(loss) -> dict[str, str]:
+    """Each loss term `DomainAdaptation` logs, as a figure's legend names it: the log holds the terms
+    unweighted, so each says its weight in the total (`loss`: the run's `cfg.loss`)."""
+    return {"classifier": "classifier (cross-entropy, weight 1)",
+            "transfer": f"transfer ({loss.transfer}, weight {loss.transfer_weight:g})",
+            "fisher": f"fisher (weight {loss.fisher.weight:g})",
+            "fisher_intra": "fisher intra-class (within fisher)",
+            "fisher_inter": "fisher inter-class (within fisher)",
+            "entropy": f"entropy (weight {loss.entropy_weight:g})",
+            "total": "total (the weighted sum trained on)"}
+
+
 class DomainAdaptation(nn.Module):
     """Backbone + the transfer, Fisher and entropy terms of DeepMerge II, as configured."""
 
