@@ -68,6 +68,10 @@ RESUMABLE = {
 }
 # How long a run trains: a finished run whose length changes is resumed, and unfinished again.
 LENGTH_KEYS = frozenset(key for key, why in RESUMABLE.items() if why == "length")
+# Resumable, but a finished run's result is not the result of a configuration that changed them:
+# which epochs were evaluated (so which checkpoint was selected and tested), and the MMD estimate
+# trained on. A launcher asked for such a point refuses the old run instead of reporting it.
+RESULT_KEYS = ("train.eval_every", "loss.mmd.max_samples")
 DATA_KEYS = ("data.source", "data.target")
 _TAG_SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
@@ -371,7 +375,7 @@ class RunDir:
         if last.is_file():
             state = _load_state(last)
             old, where = self._reference_config(last, state)
-            self._check_changes(old, config_to_dict(cfg), where, data_ids)
+            self._check_result_stands(self._check_changes(old, config_to_dict(cfg), where, data_ids), where)
             progress = state.get("progress")
             if isinstance(progress, Mapping):  # checkpoints of dmhpc's own tests may hold none
                 try:
@@ -386,12 +390,24 @@ class RunDir:
             old, where = (self._reference_config(best) if best.is_file()
                           else (config_to_dict(self.config()), str(self.config_path)))
             changed = self._check_changes(old, config_to_dict(cfg), where, data_ids)
+            self._check_result_stands(changed, where)
             if not self.finished or LENGTH_KEYS & set(changed):
                 # It would be submitted, and its trainer would refuse it (see `claim`).
                 why = "is unfinished" if not self.finished else "is asked to train for another length"
                 raise DmhpcError(f"{self.path}: holds results ({CHECKPOINTS}/, {EVAL}/) but no {last.name} to "
                                  f"resume from, and {why}; restore its {last.name}, or remove the directory "
                                  f"to train it again")
+
+    def _check_result_stands(self, changed: Mapping[str, list], where: str) -> None:
+        """A finished run kept as it is (its length unchanged) stands for the new configuration only
+        where none of RESULT_KEYS changed."""
+        if not self.finished or LENGTH_KEYS & set(changed):
+            return
+        stale = [f"{key} {show(changed[key][0])} -> {show(changed[key][1])}" for key in RESULT_KEYS if key in changed]
+        if stale:
+            raise DmhpcError(f"{where}: the run finished with another {'; '.join(stale)}: its result is not this "
+                             f"configuration's (the selected checkpoint or the training differ); put the value "
+                             f"back, or remove {self.path} to train it again")
 
     def _check_owner(self) -> None:
         """Refuse a path that is not a directory, or a directory holding something other than a run."""

@@ -308,6 +308,23 @@ def test_a_relaunch_refuses_what_the_trainer_refuses_of_results_without_last(tmp
         run.check_relaunch(cfg_for(run.path, epochs=9), {})
 
 
+def test_a_finished_run_does_not_stand_for_another_selection_cadence_or_mmd_estimate(tmp_path):
+    """A grid edited to train.eval_every 1 (or another loss.mmd.max_samples) counted the run finished
+    with eval_every 5 as its point's result: another checkpoint would have been selected and tested."""
+    run, cfg = started(tmp_path, eval_every=5)
+    run.write_result({"final": True}, "best", "test")
+    run.check_relaunch(cfg_for(run.path, eval_every=5, log_every=7), {})  # what changes nothing trained
+    with pytest.raises(DmhpcError, match=rf"the run finished with another train.eval_every 5 -> 1: its result is not "
+                                         rf"this configuration's .* remove {run.path} to train it again"):
+        run.check_relaunch(cfg_for(run.path, eval_every=1), {})
+    mmd = dataclasses.replace(cfg.loss, mmd=dataclasses.replace(cfg.loss.mmd, max_samples=64))
+    with pytest.raises(DmhpcError, match="another loss.mmd.max_samples"):
+        run.check_relaunch(dataclasses.replace(cfg, loss=mmd), {})
+    run.check_relaunch(cfg_for(run.path, eval_every=1, epochs=cfg.train.epochs + 2), {})  # longer: resumed, not kept
+    unfinished, cfg = started(tmp_path, "unfinished", eval_every=5)
+    unfinished.check_relaunch(cfg_for(unfinished.path, eval_every=1), {})  # resumed at the new cadence
+
+
 def test_a_moved_data_set_is_accepted_only_when_it_is_the_same_data(tmp_path):
     run, cfg = started(tmp_path)
     moved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="/scratch/pristine"))
