@@ -17,7 +17,7 @@ from dmhpc.cli import main
 from dmhpc.data import shards
 from dmhpc.data.inputs import open_fits_cube, open_images
 from dmhpc.data.prepare import DOMAIN_KEYS
-from dmhpc.data.shards import MANIFEST, SPLITS, RowReader, file_sha256, load_manifest
+from dmhpc.data.shards import INCOMPLETE, MANIFEST, SPLITS, RowReader, file_sha256, load_manifest
 from dmhpc.errors import DmhpcError
 
 N = 48
@@ -324,22 +324,24 @@ def test_two_conversions_into_one_folder(inputs, tmp_path, monkeypatch, capsys):
     out = Path(inputs["out"])
     out.mkdir()
     (out / "shard-00000.h5").write_bytes(b"the other conversion's shard")
+    (out / INCOMPLETE).touch()  # as a conversion under way marks its folder
     with locked_directory(out, "dmhpc prepare"):
         assert_fails(capsys, args(inputs), f"{out}: in use by another dmhpc prepare (pid {os.getpid()} on ",
                      "); wait for it to end")
-    assert os.listdir(out) == ["shard-00000.h5"]
+    assert sorted(os.listdir(out)) == [INCOMPLETE, "shard-00000.h5"]
     out.joinpath("shard-00000.h5").unlink()
+    out.joinpath(INCOMPLETE).unlink()
 
     real = prepare_module._plan_domain
 
     def finished_meanwhile(d, options, signatures):
         planned = real(d, options, signatures)
-        (out / MANIFEST).write_text("{}")  # the other conversion's last write
+        (out / MANIFEST).write_text('{"format": "dmhpc-shards"}')  # the other conversion's last write
         return planned
 
     monkeypatch.setattr(prepare_module, "_plan_domain", finished_meanwhile)
     assert_fails(capsys, args(inputs), "already holds a data set")
-    assert os.listdir(out) == [MANIFEST] and (out / MANIFEST).read_text() == "{}"
+    assert os.listdir(out) == [MANIFEST] and (out / MANIFEST).read_text() == '{"format": "dmhpc-shards"}'
 
 
 def test_a_symlink_to_a_folder_being_written_meets_its_lock(inputs, tmp_path, capsys):
@@ -350,10 +352,11 @@ def test_a_symlink_to_a_folder_being_written_meets_its_lock(inputs, tmp_path, ca
     out = Path(inputs["out"])
     out.mkdir()
     (out / "shard-00000.h5").write_bytes(b"the other conversion's shard")
+    (out / INCOMPLETE).touch()
     (tmp_path / "link").symlink_to(out)
     with locked_directory(out, "dmhpc prepare"):
         assert_fails(capsys, args({**inputs, "out": str(tmp_path / "link")}), "in use by another dmhpc prepare")
-    assert os.listdir(out) == ["shard-00000.h5"]
+    assert sorted(os.listdir(out)) == [INCOMPLETE, "shard-00000.h5"]
 
 
 def test_out_dot_keeps_the_lock_beside_the_folder(inputs, monkeypatch):

@@ -13,6 +13,7 @@ import pytest
 
 from dmhpc.cli import main
 from dmhpc.data.shards import (
+    INCOMPLETE,
     MANIFEST,
     SPLITS,
     RowReader,
@@ -165,6 +166,33 @@ def test_output_directory_rules(tmp_path, dataset):
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
     new = write_dataset(images, labels, objects, directory, overwrite=True, shard_size=100)
     assert sorted(os.listdir(directory)) == [MANIFEST, "shard-00000.h5"] and new["count"] == 60
+
+
+def test_files_named_as_ours_are_not_taken_for_ours(tmp_path, dataset):
+    """Ownership went by name: someone's shard-00000.h5 was taken for an interrupted conversion and
+    deleted without --overwrite, and --overwrite deleted another tool's manifest.json."""
+    _, _, (images, labels, objects) = dataset
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "shard-00000.h5").write_bytes(b"someone's")
+    for overwrite in (False, True):
+        with pytest.raises(DmhpcError, match=r"theirs: holds shard-00000.h5 but no dmhpc manifest nor the mark of a "
+                                             r"conversion under way \(.dmhpc-incomplete\): not dmhpc's to replace"):
+            write_dataset(images, labels, objects, theirs, overwrite=overwrite)
+    assert os.listdir(theirs) == ["shard-00000.h5"] and (theirs / "shard-00000.h5").read_bytes() == b"someone's"
+    web = tmp_path / "web"
+    web.mkdir()
+    (web / MANIFEST).write_text('{"name": "my app", "icons": []}')
+    with pytest.raises(DmhpcError, match=r"web/manifest.json: not a dmhpc data set's manifest"):
+        write_dataset(images, labels, objects, web, overwrite=True)
+    assert os.listdir(web) == [MANIFEST] and "my app" in (web / MANIFEST).read_text()
+    # A conversion killed midway left its mark: completed, and the mark gone with the manifest in place.
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    (killed / "shard-00003.h5").write_bytes(b"half written")
+    (killed / INCOMPLETE).touch()
+    write_dataset(images, labels, objects, killed, shard_size=100)
+    assert sorted(os.listdir(killed)) == [MANIFEST, "shard-00000.h5"]
 
 
 def test_reader_opens_lazily_pickles_and_reopens(dataset):

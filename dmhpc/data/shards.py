@@ -37,10 +37,13 @@ UNLABELLED = -1  # the label of every image of an unlabelled data set
 SPLITS = ("train", "val", "test")
 DTYPES = ("float32", "float16")
 
-# Files this format writes. A directory holding only these but no manifest is an unfinished
-# conversion that `prepare` may complete; anything else in it is someone else's.
+# Files this format writes. Names alone do not make them ours (another tool's manifest.json, someone's
+# shard-00000.h5): a directory is a data set by its dmhpc manifest, and a conversion marks the one it
+# writes (INCOMPLETE, from the claim until its manifest is in place), so an interrupted one is known
+# as dmhpc's and completed; anything else is someone else's, and never removed.
 _OWN_FILE = re.compile(r"shard-\d{5,}\.h5|manifest\.json")
 _SHARD_FILE = re.compile(r"shard-\d{5,}\.h5")
+INCOMPLETE = ".dmhpc-incomplete"
 
 # A chunk of about 1 MiB of whole images: big enough that a batch read is a few large copies,
 # small enough that a short batch does not read much it does not need.
@@ -520,6 +523,7 @@ def finish_dataset(
         manifest["objects"][split] = int(len(np.unique(plan.objects[indices])))
         starts += len(indices)
     write_manifest(out_dir, manifest)
+    (Path(out_dir) / INCOMPLETE).unlink(missing_ok=True)
     return manifest
 
 
@@ -543,17 +547,35 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Non
         return
     if not out_dir.is_dir():
         raise DmhpcError(f"{out_dir}: exists and is not a directory")
+    names = sorted(p.name for p in out_dir.iterdir())
+    manifest = _owner_of_manifest(out_dir) if MANIFEST in names else None
+    if manifest == "other":
+        raise DmhpcError(f"{out_dir / MANIFEST}: not a dmhpc data set's manifest; choose another directory "
+                         f"(or remove it, if it is a damaged one of dmhpc)")
+    shards = [n for n in names if _SHARD_FILE.fullmatch(n)]
+    if shards and manifest is None and INCOMPLETE not in names:
+        raise DmhpcError(f"{out_dir}: holds {shards[0]}{' and more' if len(shards) > 1 else ''} but no dmhpc "
+                         f"manifest nor the mark of a conversion under way ({INCOMPLETE}): not dmhpc's to "
+                         f"replace; choose another directory (or remove them, if dmhpc wrote them)")
     if overwrite:
         return
-    names = sorted(p.name for p in out_dir.iterdir())
-    if MANIFEST in names:
+    if manifest == "dmhpc":
         raise DmhpcError(f"{out_dir}: already holds a data set ({MANIFEST}); pass --overwrite to replace it")
-    foreign = [n for n in names if not (_OWN_FILE.fullmatch(n) or is_temporary(n))]
+    foreign = [n for n in names if not (_OWN_FILE.fullmatch(n) or is_temporary(n) or n == INCOMPLETE)]
     if foreign:
         raise DmhpcError(
             f"{out_dir}: exists and is not empty ({len(foreign)} other files, e.g. {foreign[0]});"
             " pass --overwrite or choose another directory"
         )
+
+
+def _owner_of_manifest(out_dir: Path) -> str:
+    """"dmhpc" when DIR/manifest.json is this format's (valid or not otherwise), else "other"."""
+    try:
+        data = json.loads((out_dir / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return "other"
+    return "dmhpc" if isinstance(data, dict) and data.get("format") == FORMAT else "other"
 
 
 def remove_dataset_files(out_dir: str | os.PathLike, remove_dir: bool = False) -> None:
@@ -564,12 +586,17 @@ def remove_dataset_files(out_dir: str | os.PathLike, remove_dir: bool = False) -
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return
-    (out_dir / MANIFEST).unlink(missing_ok=True)
+    _remove_own_files(out_dir)
+    (out_dir / INCOMPLETE).unlink(missing_ok=True)  # last: a removal killed midway is still known as ours
+    if remove_dir and not any(out_dir.iterdir()):
+        out_dir.rmdir()
+
+
+def _remove_own_files(out_dir: Path) -> None:
+    (out_dir / MANIFEST).unlink(missing_ok=True)  # first: no moment with a manifest over missing shards
     for path in out_dir.iterdir():
         if _OWN_FILE.fullmatch(path.name) or is_temporary(path.name):
             path.unlink(missing_ok=True)
-    if remove_dir and not any(out_dir.iterdir()):
-        out_dir.rmdir()
 
 
 def reset_output_dir(out_dir: str | os.PathLike) -> None:
@@ -580,7 +607,8 @@ def reset_output_dir(out_dir: str | os.PathLike) -> None:
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        remove_dataset_files(out_dir)
+        (out_dir / INCOMPLETE).touch()  # first: from now on the folder's shards are known as ours
+        _remove_own_files(out_dir)
     except OSError as exc:
         raise DmhpcError(f"{out_dir}: cannot prepare the output directory ({exc.strerror})") from None
 
