@@ -60,7 +60,7 @@ def expected_probabilities(run: Path, images: np.ndarray, mean, std, batch: int)
     with torch.no_grad():
         for a in range(0, len(images), batch):
             x = torch.addcmul(shift, torch.from_numpy(images[a:a + batch]), scale)
-            out.append(torch.softmax(net(x)[1].float(), dim=1)[:, 1].numpy())
+            out.append(torch.softmax(net(x)[1].double(), dim=1)[:, 1].numpy())  # float64, as predict
     return np.concatenate(out)
 
 

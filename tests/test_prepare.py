@@ -1066,6 +1066,15 @@ def test_augmented_copies_are_reported_and_grouped_into_one_split(tmp_path, caps
     assert all(len(s) == 1 for s in by_object.values())  # every object's copies in one split
     assert main(["info", files["out"]]) == 0
     assert "objects" in capsys.readouterr().out
+    # With a catalog naming the images (one id per row), copies were never looked for: each id taken
+    # for an object, the twins split apart without a word, and --group-duplicates refused.
+    (tmp_path / "c.csv").write_text("id\n" + "".join(f"g{i}\n" for i in range(40)))
+    catalogued = {**files, "out": str(tmp_path / "catalogued")}
+    assert main(args(catalogued, "--catalog", str(tmp_path / "c.csv"))) == 0
+    assert "30 images are flips or rotations of 10 others" in capsys.readouterr().err
+    catalogued["out"] = str(tmp_path / "catalogued-grouped")
+    assert main(args(catalogued, "--catalog", str(tmp_path / "c.csv"), "--group-duplicates")) == 0
+    assert sum(load_manifest(catalogued["out"])["objects"].values()) == 10
 
 
 def test_grouped_domains_of_paired_rows_share_their_objects_and_split(tmp_path, capsys):

@@ -179,9 +179,9 @@ def _open_domain(spec: DomainSpec, options: Options) -> dict:
     if spec.labels is not None and catalog is not None and catalog.labels is not None:
         raise DmhpcError(f"{spec.name}: labels from both {spec.labels} and the catalog's {spec.label_column!r} column")
     labels = open_npy(_path(spec.labels)) if spec.labels is not None else (catalog.labels if catalog else None)
+    # A catalog's ids are one per row (a repeated one is refused): they name images, not objects, so
+    # without --objects each image is its own object, and copies are looked for as without a catalog.
     objects = open_npy(_path(spec.objects)) if spec.objects is not None else None
-    if objects is None and catalog is not None:
-        objects = np.unique(np.array(catalog.ids), return_inverse=True)[1].astype(np.int64)
     names = {"images": str(images_path or catalog_path),
              "labels": str(spec.labels) if spec.labels is not None else f"{catalog_path}:{spec.label_column}",
              "objects": str(spec.objects)}
