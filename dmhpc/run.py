@@ -69,9 +69,10 @@ RESUMABLE = {
 # How long a run trains: a finished run whose length changes is resumed, and unfinished again.
 LENGTH_KEYS = frozenset(key for key, why in RESUMABLE.items() if why == "length")
 # Resumable, but a finished run's result is not the result of a configuration that changed them:
-# which epochs were evaluated (so which checkpoint was selected and tested), and the MMD estimate
-# trained on. A launcher asked for such a point refuses the old run instead of reporting it.
-RESULT_KEYS = ("train.eval_every", "loss.mmd.max_samples")
+# which epochs were evaluated (so which checkpoint was selected and tested), the MMD estimate
+# trained on, and the ranks (not a configuration key: train.batch_size is per rank, so the global
+# batch). A launcher asked for such a point refuses the old run instead of reporting it.
+RESULT_KEYS = ("train.eval_every", "loss.mmd.max_samples", "ranks")
 DATA_KEYS = ("data.source", "data.target")
 _TAG_SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
@@ -360,12 +361,14 @@ class RunDir:
         """`checkpoint` is one of this run's own."""
         return checkpoint.resolve().parent == self.checkpoint_dir.resolve()
 
-    def check_relaunch(self, cfg: Config, data_ids: Mapping[str, str]) -> None:
+    def check_relaunch(self, cfg: Config, data_ids: Mapping[str, str], ranks: int | None = None) -> None:
         """What `claim(cfg, "auto", data_ids=...)` and the trainer's start would refuse, checked from
         outside (a launcher about to submit the run again), without the lock: a foreign directory, a
         changed configuration, data that changed under the run's paths, fewer epochs than last.pt has
         trained, and results (or a start from another run's checkpoint) without a last.pt to resume
-        from. `data_ids` as for `claim`, of the data sets that exist now."""
+        from; and a finished run kept as the result of a configuration (or, `ranks` given, of a job
+        shape: the global batch) it was not trained with. `data_ids` as for `claim`, of the data sets
+        that exist now."""
         self._check_owner()
         if not self.config_path.is_file():
             return
@@ -375,8 +378,12 @@ class RunDir:
         if last.is_file():
             state = _load_state(last)
             old, where = self._reference_config(last, state)
-            self._check_result_stands(self._check_changes(old, config_to_dict(cfg), where, data_ids), where)
+            changed = self._check_changes(old, config_to_dict(cfg), where, data_ids)
             progress = state.get("progress")
+            trained_on = progress.get("world_size") if isinstance(progress, Mapping) else None
+            if ranks and isinstance(trained_on, int) and trained_on > 0 and trained_on != ranks:
+                changed = {**changed, "ranks": [trained_on, ranks]}  # the global batch: batch_size per rank
+            self._check_result_stands(changed, where)
             if isinstance(progress, Mapping):  # checkpoints of dmhpc's own tests may hold none
                 try:
                     check_epochs(cfg.train.epochs, progress.get("epoch", 0), progress.get("step_in_epoch", 0))
@@ -405,9 +412,9 @@ class RunDir:
             return
         stale = [f"{key} {show(changed[key][0])} -> {show(changed[key][1])}" for key in RESULT_KEYS if key in changed]
         if stale:
-            raise DmhpcError(f"{where}: the run finished with another {'; '.join(stale)}: its result is not this "
-                             f"configuration's (the selected checkpoint or the training differ); put the value "
-                             f"back, or remove {self.path} to train it again")
+            raise DmhpcError(f"{where}: the run finished with other settings ({'; '.join(stale)}): its result is "
+                             f"not this configuration's (the selected checkpoint, the training or its global "
+                             f"batch differ); put them back, or remove {self.path} to train it again")
 
     def _check_owner(self) -> None:
         """Refuse a path that is not a directory, or a directory holding something other than a run."""

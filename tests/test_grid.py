@@ -489,3 +489,26 @@ def test_a_grid_value_repeated_as_another_number_is_refused(tmp_path):
         load_grid({"base": str(TINY), "out": str(tmp_path / "g"), "grid": {"loss.transfer_weight": [1, 1.0]}})
     assert len(load_grid({"base": str(TINY), "out": str(tmp_path / "g"),
                           "grid": {"loss.transfer_weight": [1, 1.5]}}).points) == 2
+
+
+def test_a_finished_point_of_another_job_shape_is_refused(tmp_path):
+    """train.batch_size is per rank: a point finished on 1 rank counted as the result of the grid
+    edited to 2 nodes x 4 ranks, averaged over seeds with runs of 8x its global batch."""
+    from dmhpc.config import config_to_dict
+    from dmhpc.train.checkpoint import save_checkpoint
+
+    spec = {"base": str(TINY), "out": str(tmp_path / "g"), "executor": "slurm", "grid": {"seed": [1]},
+            "slurm": {"nodes": 1, "tasks_per_node": 1}}
+    (point,) = load_grid(spec).points
+    run = point.run
+    claim = run.claim(point.config, "auto")
+    run.start(point.config, claim, {"source": {"path": "s", "fingerprint": "S"},
+                                    "target": {"path": "t", "fingerprint": "T"}}, 0)
+    run.release()
+    save_checkpoint(run.checkpoint("last"), {"step": 3, "config": config_to_dict(point.config),
+                                             "progress": {"epoch": point.config.train.epochs, "step_in_epoch": 0,
+                                                          "step": 3, "world_size": 1}})
+    run.write_result({"final": True}, "best", "test")
+    load_grid(spec)  # the same shape: the finished run is the point's result
+    with pytest.raises(DmhpcError, match=r"point seed=1: .* other settings \(ranks 1 -> 8\)"):
+        load_grid({**spec, "slurm": {"nodes": 2, "tasks_per_node": 4}})

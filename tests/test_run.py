@@ -314,15 +314,21 @@ def test_a_finished_run_does_not_stand_for_another_selection_cadence_or_mmd_esti
     run, cfg = started(tmp_path, eval_every=5)
     run.write_result({"final": True}, "best", "test")
     run.check_relaunch(cfg_for(run.path, eval_every=5, log_every=7), {})  # what changes nothing trained
-    with pytest.raises(DmhpcError, match=rf"the run finished with another train.eval_every 5 -> 1: its result is not "
-                                         rf"this configuration's .* remove {run.path} to train it again"):
+    with pytest.raises(DmhpcError, match=rf"the run finished with other settings \(train.eval_every 5 -> 1\): its "
+                                         rf"result is not this configuration's .* remove {run.path} to train it again"):
         run.check_relaunch(cfg_for(run.path, eval_every=1), {})
     mmd = dataclasses.replace(cfg.loss, mmd=dataclasses.replace(cfg.loss.mmd, max_samples=64))
-    with pytest.raises(DmhpcError, match="another loss.mmd.max_samples"):
+    with pytest.raises(DmhpcError, match=r"other settings \(loss.mmd.max_samples"):
         run.check_relaunch(dataclasses.replace(cfg, loss=mmd), {})
     run.check_relaunch(cfg_for(run.path, eval_every=1, epochs=cfg.train.epochs + 2), {})  # longer: resumed, not kept
     unfinished, cfg = started(tmp_path, "unfinished", eval_every=5)
     unfinished.check_relaunch(cfg_for(unfinished.path, eval_every=1), {})  # resumed at the new cadence
+    # The job shape: train.batch_size is per rank, so a run finished on 1 rank is no 8-rank point's.
+    save_checkpoint(run.checkpoint("last"), {"step": 3, "progress": {"epoch": 2, "step_in_epoch": 0, "step": 3,
+                                                                     "world_size": 1}})
+    run.check_relaunch(cfg_for(run.path, eval_every=5), {}, ranks=1)
+    with pytest.raises(DmhpcError, match=r"other settings \(ranks 1 -> 8\)"):
+        run.check_relaunch(cfg_for(run.path, eval_every=5), {}, ranks=8)
 
 
 def test_a_moved_data_set_is_accepted_only_when_it_is_the_same_data(tmp_path):

@@ -278,9 +278,9 @@ def load_grid(spec: str | Path | Mapping, executor: str | None = None, *, check_
                 failures[name if method is None else f"{method}/{name}"] = point_problem(exc)
                 continue
             if method is None:
-                points.append(Point(name, dict(values), run_dir, cfg))
+                points.append(Point(name, dict(values), run_dir, cfg, resources.ranks))
             else:
-                points.append(Point(f"{method}/{name}", {"method": method, **values}, run_dir, cfg))
+                points.append(Point(f"{method}/{name}", {"method": method, **values}, run_dir, cfg, resources.ranks))
     check_point_problems(problems, failures)
     if check_runs:
         check_existing_runs(problems, points)

@@ -182,6 +182,7 @@ class Point:
     values: dict              # what distinguishes this point: key -> value (grid keys, or the study's)
     run_dir: Path             # absolute
     config: Config            # validated; its run.dir is run_dir
+    ranks: int | None = None  # the ranks its job runs (train.batch_size is per rank); None: not said
 
     @property
     def run(self) -> RunDir:
@@ -256,7 +257,7 @@ def relaunch_problems(points: list[Point]) -> dict[str, str]:
     found = {}
     for p in points:
         try:
-            p.run.check_relaunch(p.config, data_ids(p.config, cache))
+            p.run.check_relaunch(p.config, data_ids(p.config, cache), ranks=p.ranks)
         except DmhpcError as exc:
             found[p.name] = str(exc)
     return found
