@@ -425,3 +425,28 @@ def test_ctrl_c_while_submitting_stops_after_the_job_array_in_hand(tmp_path, mon
         submit.submit_points(points, resources, kind="debug", folder=tmp_path / "submitit", job_name="dmhpc-test",
                              task=TrainTask())
     assert len(arrays) == 1
+
+
+def test_local_jobs_a_killed_launcher_left_are_stopped_before_its_points_run_again(tmp_path, capsys):
+    """A grid launcher killed outright (SIGKILL, a lost session) left its local jobs training as
+    orphans: the rerun started the same points beside them, each failing on the run directory the
+    orphan held ("in use"), while the orphan trained on unmanaged. (The tuner stopped its own.)"""
+    import submitit
+
+    folder = tmp_path / "out" / "submitit"
+    executor = submitit.AutoExecutor(folder=folder, cluster="local")
+    executor.update_parameters(timeout_min=10)
+    orphan = executor.submit(time.sleep, 600)  # stands for a trainer of the killed launcher
+    elsewhere = submitit.AutoExecutor(folder=tmp_path / "other" / "submitit", cluster="local")
+    elsewhere.update_parameters(timeout_min=10)
+    other = elsewhere.submit(time.sleep, 600)  # another grid's job: not this launch's to stop
+    try:
+        deadline = time.monotonic() + 30
+        while not submit.local_controllers(folder) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert submit._launch_local([], {}, folder=folder, job_name="dmhpc-test", task=TrainTask()) == {}
+        assert orphan.done() and not other.done()
+        assert "stopping 1 local job(s) of an earlier launcher still running for" in capsys.readouterr().out
+    finally:
+        orphan.cancel(check=False)
+        other.cancel(check=False)

@@ -49,7 +49,7 @@ from dmhpc.checks import (Check, Problems, boolean, integer, mapping, number, op
 from dmhpc.config import config_to_dict
 from dmhpc.cpus import cpu_mask
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_write, hold_lock
+from dmhpc.files import atomic_write, hold_lock, inside
 from dmhpc.launch.spec import Point
 from dmhpc.rendezvous import slurm_rendezvous
 
@@ -620,6 +620,53 @@ def launch_points(points: list[Point], resources: Mapping[str, Resources], *, ki
         return wait_for(jobs) if wait else {}
 
 
+def local_controllers(folder: Path, job_id: str | None = None) -> list[int]:
+    """The pids of submitit's local controllers still running on this machine for `folder` (of job
+    `job_id` only, if given: the pid it was started as, or that shell's child where the job has
+    setup commands): found by their command line, as a pid alone may since belong to another process."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+        except (OSError, IndexError):
+            continue  # gone meanwhile, or another user's
+        if (job_id is None or job_id in (entry.name, ppid)) and argv[1:3] == ["-m", "submitit.local._local"] and \
+                len(argv) > 3 and inside(argv[3], folder):
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """The process runs (a zombie has ended: its parent has yet to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def cancel_local_jobs(folder: Path, job_id: str | None = None, who: str = "an earlier launcher") -> None:
+    """Stop the local jobs (or job `job_id`) an earlier launcher into `folder` left running when it was
+    killed outright (SIGKILL, a lost session): their trainers train on as orphans, and the points'
+    reruns failed on the run directories they hold. Interrupted as submitit's own cancel does (SIGINT
+    to the controller, which stops its tasks; SIGTERM would make them requeue), and waited for:
+    their points resume from their last checkpoint."""
+    pids = local_controllers(folder, job_id)
+    if not pids:
+        return
+    print(f"dmhpc: stopping {len(pids)} local job(s) of {who} still running for {folder} (pid "
+          f"{', '.join(map(str, pids))}); their points resume from their last checkpoint", flush=True)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGINT)
+    for _ in range(120):
+        if not any(map(_alive, pids)):
+            return
+        time.sleep(0.5)
+    print(f"dmhpc: warning: local job(s) of {who} still run after a minute; their points' reruns may find "
+          f"their run directories in use", flush=True)
+
+
 def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, folder: Path, job_name: str,
                   task: TrainTask, poll_s: float = 1.0, at_once_why: str = "") -> dict[str, str]:
     """Run the unfinished points here, at most `array_parallelism` at once, the next one starting as
@@ -634,6 +681,7 @@ def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, fo
           f"other {len(todo)}, {at_once} at a time{at_once_why}; logs in {folder}", flush=True)
     threads = local_threads_of(points, resources)
     _say_threads(threads)
+    cancel_local_jobs(folder)  # we hold the launch lock: any job still running here is an orphan
     folder.mkdir(parents=True, exist_ok=True)
     failures: dict[str, str] = {}
     running: dict[str, submitit.Job] = {}

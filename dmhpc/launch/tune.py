@@ -48,7 +48,6 @@ its run directory holds another run; three failures in a row stop the search.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import math
@@ -63,11 +62,11 @@ from typing import Any, Mapping
 from dmhpc.checks import Problems, choice, integer, path_text, show, take, unknown_keys
 from dmhpc.config import config_to_dict
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_write, hold_lock, inside
+from dmhpc.files import atomic_write, hold_lock
 from dmhpc.launch.spec import (Range, base_path, data_ids, dotted_keys, finished_as, point_name, point_problem,
                                read_launch_file, read_space, resolve_point)
-from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, Resources, TrainTask, check_executor_here, local_gpus,
-                                 local_threads, make_executor, pick_gpus, preempt_signal, read_resources,
+from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, Resources, TrainTask, cancel_local_jobs, check_executor_here,
+                                 local_gpus, local_threads, make_executor, pick_gpus, preempt_signal, read_resources,
                                  sbatch_refusal, sigterm_as_interrupt, submission, use_gpus, wait_for)
 from dmhpc.names import CRITERIA, LABEL_FREE
 from dmhpc.run import RunDir
@@ -313,48 +312,6 @@ def _cancel_slurm_job(job_id: str) -> None:
           f"rerun may find the run directory in use", flush=True)
 
 
-def _local_controllers(job_id: str, folder: Path) -> list[int]:
-    """The pids of submitit's local controller of job `job_id` (the pid it was started as, or that
-    shell's child where the job has setup commands) if it still runs on this machine for `folder`:
-    a pid alone may since belong to another process."""
-    found = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            argv = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
-        except (OSError, IndexError):
-            continue  # gone meanwhile, or another user's
-        if job_id in (entry.name, ppid) and argv[1:3] == ["-m", "submitit.local._local"] and \
-                len(argv) > 3 and inside(argv[3], folder):
-            found.append(int(entry.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """The process runs (a zombie has ended: its parent has yet to reap it)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-def _cancel_local_job(job_id: str, folder: Path) -> None:
-    """Stop a local job of an earlier tuner that was killed outright (SIGKILL, a lost session): its
-    trainer trains on as an orphan, and the trial's rerun failed on the run directory it holds,
-    spending the budget. Interrupted as submitit's own cancel does (SIGINT to its controller, which
-    stops its tasks; SIGTERM would make them requeue), and waited for."""
-    pids = _local_controllers(job_id, folder)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGINT)
-    for _ in range(120):
-        if not any(map(_alive, pids)):
-            return
-        time.sleep(0.5)
-    print(f"dmhpc tune: warning: local job {job_id} of an earlier tuner still runs after a minute; its trial's "
-          f"rerun may find the run directory in use", flush=True)
-
-
 def _requeue_stale(study, folder: Path) -> int:
     """Trials a killed tuner left running: the same values queued again (same run directory, so the
     new trial resumes from its last checkpoint), then the old trial failed. Returns how many."""
@@ -370,7 +327,7 @@ def _requeue_stale(study, folder: Path) -> int:
         if executor == "slurm" and job_id:
             _cancel_slurm_job(job_id)
         elif executor == "local" and job_id.isdigit():
-            _cancel_local_job(job_id, folder)
+            cancel_local_jobs(folder, job_id, who="an earlier tuner")
         if tr.number not in queued:
             study.enqueue_trial(tr.params, user_attrs={"rerun_of": tr.number})  # first: a crash here loses nothing
         study.tell(tr.number, state=TrialState.FAIL)
