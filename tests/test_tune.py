@@ -178,6 +178,26 @@ def test_three_failures_in_a_row_stop_the_search_and_each_is_recorded(data, tmp_
     assert [r["state"] for r in rows] == ["fail"] * 3 and all("missing" in r["failure"] for r in rows)
 
 
+def test_a_good_trial_stopped_with_the_search_runs_again_and_spends_no_budget(data, tmp_path):
+    """Trials running well when three others failed in a row were failed with the search: counted
+    against the budget, never run again, though the failures were of other values."""
+    from dmhpc.launch.tune import _counted, _open_study
+
+    good, missing = str(data / "pristine"), str(tmp_path / "missing")
+    s = spec(data, tmp_path, trials=6, parallel=2, space={"data.source": [good, missing]},
+             overrides={k: v for k, v in tiny_overrides(data, **{"train.epochs": 50}).items() if k != "data.source"},
+             enqueue=[{"data.source": good}] + [{"data.source": missing}] * 3)
+    with pytest.raises(DmhpcError, match="3 trials failed in a row; search stopped"):
+        tune(s, poll_s=0.2)
+    trials = _open_study(load_tune(s)).get_trials(deepcopy=False)
+    first = trials[0]
+    assert first.params == {"data.source": json.dumps(good)}  # choices are kept as JSON text
+    assert "the next launch runs it again" in first.user_attrs["failure"]
+    reruns = [tr for tr in trials if tr.user_attrs.get("rerun_of") == first.number]
+    assert [tr.state.name for tr in reruns] == ["WAITING"] and reruns[0].system_attrs["fixed_params"] == first.params
+    assert _counted(_open_study(load_tune(s))) == 3  # the three failures only
+
+
 def test_a_torn_journal_is_refused_with_its_name(data, tmp_path):
     (tmp_path / "tune").mkdir()
     journal = tmp_path / "tune" / JOURNAL

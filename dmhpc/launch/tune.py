@@ -517,8 +517,14 @@ class _Search:
                 self.start()
                 started += 1
             if self.failures_in_a_row >= FAILURES_IN_A_ROW:
+                def stopped(o: _Running) -> str:
+                    # A trial that was doing well, stopped with the search: run again by the next
+                    # launch (its run resumes), not counted against the budget (see _counted).
+                    self.study.enqueue_trial(o.trial.params, user_attrs={"rerun_of": o.trial.number})
+                    return _fail(self.study, o.trial, "stopped: the search stopped; the next launch runs it again")
+
                 for job in {id(r.job): r.job for r in self.running}.values():
-                    self.stop(job, lambda o: _fail(self.study, o.trial, "stopped: the search stopped"))
+                    self.stop(job, stopped)
                 raise DmhpcError(f"{t.source}: {self.failures_in_a_row} trials failed in a row; search stopped "
                                  f"(each failure is in {t.out / (TABLE + '.md')}, the jobs' logs in {self.folder})")
             if self.running and t.executor != "debug":
