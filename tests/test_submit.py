@@ -294,6 +294,15 @@ def _held(lock) -> bool:
 
 
 @pytest.fixture
+def in_the_foreground():
+    """SIGINT as a terminal's Ctrl-C delivers it, also when the suite itself runs with SIGINT ignored
+    (started with `&` from a script: its children inherit that)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+@pytest.fixture
 def in_the_background():
     """SIGINT ignored, as in a launcher started with `&` or nohup from a script."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -400,7 +409,7 @@ def test_sigterm_as_a_local_job_starts_cancels_it(tmp_path, monkeypatch):
         time.sleep(0.2)
 
 
-def test_ctrl_c_while_submitting_stops_after_the_job_array_in_hand(tmp_path, monkeypatch):
+def test_ctrl_c_while_submitting_stops_after_the_job_array_in_hand(tmp_path, monkeypatch, in_the_foreground):
     """Points of different resources go in as one job array each: Ctrl-C during the first stops
     the launch once that array is recorded, and submits no other."""
     arrays = []
@@ -436,10 +445,11 @@ def test_local_jobs_a_killed_launcher_left_are_stopped_before_its_points_run_aga
     folder = tmp_path / "out" / "submitit"
     executor = submitit.AutoExecutor(folder=folder, cluster="local")
     executor.update_parameters(timeout_min=10)
-    orphan = executor.submit(time.sleep, 600)  # stands for a trainer of the killed launcher
     elsewhere = submitit.AutoExecutor(folder=tmp_path / "other" / "submitit", cluster="local")
     elsewhere.update_parameters(timeout_min=10)
-    other = elsewhere.submit(time.sleep, 600)  # another grid's job: not this launch's to stop
+    with submit.submission(None):  # as a launcher starts its jobs (SIGINT not ignored in them)
+        orphan = executor.submit(time.sleep, 600)  # stands for a trainer of the killed launcher
+        other = elsewhere.submit(time.sleep, 600)  # another grid's job: not this launch's to stop
     try:
         deadline = time.monotonic() + 30
         while not submit.local_controllers(folder) and time.monotonic() < deadline:

@@ -18,6 +18,7 @@ import yaml
 from tests.conftest import ROOT, TINY, clean_env, fake_commands, tiny_overrides
 from dmhpc.errors import DmhpcError
 from dmhpc.launch import load_tune, tune
+from dmhpc.launch.submit import submission
 from dmhpc.launch.tune import JOURNAL, LOCK, _lock, _open_study
 
 optuna = pytest.importorskip("optuna")
@@ -334,7 +335,8 @@ def test_a_local_trial_orphaned_by_a_killed_tuner_is_stopped_before_its_rerun(da
     study = _open_study(t)
     executor = submitit.AutoExecutor(folder=folder, cluster="local")
     executor.update_parameters(timeout_min=10)
-    orphan = executor.submit(time.sleep, 600)  # stands for a trainer of the killed tuner
+    with submission(None):  # as the tuner starts its jobs (SIGINT not ignored in them)
+        orphan = executor.submit(time.sleep, 600)  # stands for a trainer of the killed tuner
     stranger = subprocess.Popen(["sleep", "600"])  # a process that got a recorded pid since
     distribution = {"optim.lr": optuna.distributions.CategoricalDistribution(["0.001", "0.003"])}
     try:
