@@ -436,6 +436,11 @@ def test_ctrl_c_while_submitting_stops_after_the_job_array_in_hand(tmp_path, mon
     assert len(arrays) == 1
 
 
+def _started_then_sleep(path: str) -> None:
+    Path(path).touch()
+    time.sleep(600)
+
+
 def test_local_jobs_a_killed_launcher_left_are_stopped_before_its_points_run_again(tmp_path, capsys):
     """A grid launcher killed outright (SIGKILL, a lost session) left its local jobs training as
     orphans: the rerun started the same points beside them, each failing on the run directory the
@@ -448,11 +453,11 @@ def test_local_jobs_a_killed_launcher_left_are_stopped_before_its_points_run_aga
     elsewhere = submitit.AutoExecutor(folder=tmp_path / "other" / "submitit", cluster="local")
     elsewhere.update_parameters(timeout_min=10)
     with submit.submission(None):  # as a launcher starts its jobs (SIGINT not ignored in them)
-        orphan = executor.submit(time.sleep, 600)  # stands for a trainer of the killed launcher
+        orphan = executor.submit(_started_then_sleep, str(tmp_path / "started"))  # a trainer of the killed launcher
         other = elsewhere.submit(time.sleep, 600)  # another grid's job: not this launch's to stop
     try:
-        deadline = time.monotonic() + 30
-        while not submit.local_controllers(folder) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 60  # a SIGINT while its interpreter still starts is lost
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert submit._launch_local([], {}, folder=folder, job_name="dmhpc-test", task=TrainTask()) == {}
         assert orphan.done() and not other.done()

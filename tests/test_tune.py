@@ -320,6 +320,11 @@ def test_a_stale_slurm_trial_that_will_not_leave_the_queue_is_said(tmp_path, mon
             "rerun may find the run directory in use") in capsys.readouterr().out
 
 
+def _started_then_sleep(path: str) -> None:
+    Path(path).touch()
+    time.sleep(600)
+
+
 def test_a_local_trial_orphaned_by_a_killed_tuner_is_stopped_before_its_rerun(data, tmp_path):
     """A tuner killed outright (SIGKILL, a lost session) left its local trials training as orphans:
     each rerun failed on the run directory the orphan held ("in use"), spending the budget, and the
@@ -336,7 +341,10 @@ def test_a_local_trial_orphaned_by_a_killed_tuner_is_stopped_before_its_rerun(da
     executor = submitit.AutoExecutor(folder=folder, cluster="local")
     executor.update_parameters(timeout_min=10)
     with submission(None):  # as the tuner starts its jobs (SIGINT not ignored in them)
-        orphan = executor.submit(time.sleep, 600)  # stands for a trainer of the killed tuner
+        orphan = executor.submit(_started_then_sleep, str(tmp_path / "started"))  # a trainer of the killed tuner
+    deadline = time.monotonic() + 60  # a SIGINT while its interpreter still starts is lost (site.py swallows it)
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
     stranger = subprocess.Popen(["sleep", "600"])  # a process that got a recorded pid since
     distribution = {"optim.lr": optuna.distributions.CategoricalDistribution(["0.001", "0.003"])}
     try:
