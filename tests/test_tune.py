@@ -19,6 +19,7 @@ from tests.conftest import ROOT, TINY, clean_env, fake_commands, tiny_overrides
 from dmhpc.errors import DmhpcError
 from dmhpc.launch import load_tune, tune
 from dmhpc.launch.submit import submission
+from tests.test_submit import _started_then_sleep
 from dmhpc.launch.tune import JOURNAL, LOCK, _lock, _open_study
 
 optuna = pytest.importorskip("optuna")
@@ -318,11 +319,6 @@ def test_a_stale_slurm_trial_that_will_not_leave_the_queue_is_said(tmp_path, mon
     tuning._cancel_slurm_job("777")
     assert ("cannot cancel SLURM job 777 of an earlier tuner (SLURM still lists it after 5 minutes); its trial's "
             "rerun may find the run directory in use") in capsys.readouterr().out
-
-
-def _started_then_sleep(path: str) -> None:
-    Path(path).touch()
-    time.sleep(600)
 
 
 def test_a_local_trial_orphaned_by_a_killed_tuner_is_stopped_before_its_rerun(data, tmp_path):
