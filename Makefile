@@ -10,6 +10,9 @@ STAMP := .venv/.dmhpc-install-stamp
 endif
 DEMO_OUT ?= runs/demo
 PYTEST_ARGS ?=
+# Two pytest-xdist workers: most tests use one core at a time (child ranks run one thread each), so two
+# fill a 2-core machine; `make test PYTEST_WORKERS=0` runs the suite in one process (for -s or --pdb).
+PYTEST_WORKERS ?= 2
 
 .PHONY: install demo test bench clean
 
@@ -32,7 +35,7 @@ demo: install
 	$(PYTHON) -m dmhpc demo --out $(DEMO_OUT)
 
 test: install
-	$(PYTHON) -m pytest $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # The CPU benchmarks behind docs/benchmarks.md (a few minutes on 2 cores); bench/throughput.py is
 # the GPU grid, run it by hand on a GPU machine.
