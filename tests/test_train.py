@@ -641,8 +641,11 @@ def test_compiled_step_matches_the_eager_step(data, tmp_path):
 
 
 def test_debug_mode(data, tmp_path):
+    """debug=true trains with anomaly detection, and the mode ends with the run: an in-process debug run
+    (a debug tune trial) left it on for everything after it in the process."""
     run = tmp_path / "run"
     assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1", "debug=true")]) == 0
+    assert not torch.is_anomaly_enabled()
 
 
 @pytest.mark.gpu

@@ -12,6 +12,7 @@ RunDir (dmhpc/run.py), the start-up checks (preflight.py), TrainState (state.py)
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -51,7 +52,10 @@ def train(cfg, resume: str = "auto", overwrite: bool = False) -> int:
         # (checksums, the wait for a lock) or the final test killed the trainer by its default action
         # (exit 143, no line), which launchers took for a failure, not a requeue. Caught there, it
         # stops the loop at its first step (checkpoint, requeue code) or lets the test finish.
-        with StopRequest(cfg.train.signals) as stop:
+        # debug=true finds the op that made a NaN; the mode is the process's, so it ends with the run
+        # (an in-process debug trial left every later run and test in it checking every op).
+        anomaly = torch.autograd.detect_anomaly() if cfg.debug else contextlib.nullcontext()
+        with StopRequest(cfg.train.signals) as stop, anomaly:
             code = _train(cfg, resume, overwrite, dist, run, stop)
         meet_before_leaving()  # rank 0 printed its last line (a requeue's) before any rank exits
         return code
@@ -94,8 +98,6 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
         # score, never beaten, would leave this one without a best.pt to test.
         prog.best_score, prog.evals_since_best = float("-inf"), 0
     kind = preflight.loader_kind(cfg, prog, dist.world_size)
-    if cfg.debug:
-        torch.autograd.set_detect_anomaly(True)
 
     # --- data, the run's length, and only then the run's files ------------------------------------
     subset = DEBUG_BATCHES * cfg.train.batch_size * dist.world_size if cfg.debug else None
