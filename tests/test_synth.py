@@ -409,7 +409,8 @@ def test_a_full_disk_under_mpi_leaves_nothing(small_disk):
     # Only rank 0 writes files: it removes its temporary files before it aborts the other ranks. The
     # parent folder it made for --out goes too (it stayed behind).
     result = _cli("--out", str(disk / "p" / "s"), "--n-per-class", "30", launcher=(mpiexec, "-n", "2"))
-    assert result.returncode != 0
+    said = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode != 0 and result.stderr, said
     # The line synth prints without MPI (was "rank 0 failed: DmhpcError('...'); aborting"), then MPI's own.
     first = result.stderr.splitlines()[0]
     assert first.startswith(f"dmhpc synth: error: {disk / 'p' / 's'}/") and "No space left on device" in first, \
