@@ -69,11 +69,12 @@ _CATCHABLE = tuple(s.name for s in signal.Signals if s.name not in ("SIGKILL", "
 
 def _signal_names() -> Check:
     def convert(v):
-        if not isinstance(v, list) or not all(s in _CATCHABLE for s in v) or len(set(v)) != len(v):
+        # Empty is refused: the scheduler's stop signal would then kill the ranks unsaved.
+        if not isinstance(v, list) or not v or not all(s in _CATCHABLE for s in v) or len(set(v)) != len(v):
             raise ValueError
         return tuple(v)
 
-    return Check('a list of distinct catchable signal names, e.g. ["SIGTERM", "SIGUSR2"]', convert)
+    return Check('a non-empty list of distinct catchable signal names, e.g. ["SIGTERM", "SIGUSR2"]', convert)
 
 
 def _key(default: Any, check: Check) -> Any:

@@ -219,6 +219,7 @@ def test_save_quotes_strings_the_loader_would_read_as_numbers(tmp_path):
     ("loss: {grl: {alpha: 0}}\n", "loss.grl.alpha", "a number > 0"),
     ("train: {amp: fp8}\n", "train.amp", 'got "fp8"'),
     ("train: {signals: [SIGKILL]}\n", "train.signals", "catchable signal names"),
+    ("train: {signals: []}\n", "train.signals", "non-empty list"),
     ("train: {signals: [SIGTERM, SIGTERM]}\n", "train.signals", "distinct"),
     ("train: {signals: SIGTERM}\n", "train.signals", 'got "SIGTERM"'),
     ("select: {criterion: target-acc}\n", "select.criterion", '"oracle-target-acc"'),
