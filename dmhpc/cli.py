@@ -207,6 +207,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         prog="dmhpc",
         description="dmhpc: domain-adaptive deep learning on galaxy images.",
         epilog="Run `dmhpc COMMAND --help` for a command's options and an example.",
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"dmhpc {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -217,6 +218,9 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
             description=summary,
             epilog="example:\n  " + example,
             formatter_class=_HelpFormatter,
+            # Scripts outlive option lists: `--over` taken for `--overwrite` today could mean
+            # another option once one with the same prefix is added.
+            allow_abbrev=False,
         )
         if name == command:
             add_arguments, _ = load()

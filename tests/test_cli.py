@@ -54,6 +54,18 @@ def test_training_overrides_may_follow_an_option(tmp_path, capsys):
     assert exit_.value.code == 2 and "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+def test_options_are_not_abbreviated(tmp_path, capsys):
+    """`--over` was taken for `--overwrite`: a script's abbreviation changes meaning, or stops
+    working, as soon as another option shares the prefix."""
+    config = str(ROOT / "configs" / "tiny.yaml")
+    for argv in (["train", "--config", config, f"run.dir={tmp_path / 'r'}", "--resume", "none", "--over"],
+                 ["info", str(tmp_path), "--js"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and f"unrecognized arguments: {argv[-1]}" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
 def test_console_script_reports_errors_in_one_line(tmp_path):
     dmhpc = Path(sys.executable).parent / "dmhpc"
     proc = subprocess.run([str(dmhpc), "verify", str(tmp_path / "missing")], capture_output=True, text=True,
