@@ -13,6 +13,7 @@ written once as sharded HDF5 in a temporary directory.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import tempfile
@@ -28,7 +29,7 @@ from dmhpc.data.shards import load_manifest, write_dataset
 from dmhpc.distributed import DistInfo
 from dmhpc.train.meter import EpochMeter
 from dmhpc.train.state import TrainState
-from dmhpc.train.step import TrainStep, set_determinism
+from dmhpc.train.step import TrainStep, determinism
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = {"deepmerge2": "deepmerge-mmd-fisher-entropy.yaml", "resnet18": "resnet18-dann.yaml"}
@@ -71,12 +72,14 @@ def trainer_stepper(data: Path, model: str, batch: int, amp: str, channels_last:
     return one, loader.close
 
 
-def set_kernels(kernels: str) -> None:
+@contextlib.contextmanager
+def kernels_set(kernels: str):
     """"default": what the trainer runs (cuDNN's heuristics); "deterministic": train.deterministic=true;
     "autotuned": cuDNN times the candidate algorithms of each new shape (torch.backends.cudnn.benchmark),
     which the trainer does not do: measured to decide whether it should."""
-    set_determinism(kernels == "deterministic")
-    torch.backends.cudnn.benchmark = kernels == "autotuned"
+    with determinism(kernels == "deterministic"):
+        torch.backends.cudnn.benchmark = kernels == "autotuned"
+        yield
 
 
 def measure(data: Path, model: str, batch: int, amp: str, channels_last: bool, loader_kind: str, device,
@@ -108,7 +111,7 @@ def main() -> int:
     parser.add_argument("--amp", nargs="+", default=["none", "bf16"], choices=["none", "bf16"])
     parser.add_argument("--loaders", nargs="+", default=["gpu-resident", "dali", "torch"])
     parser.add_argument("--kernels", nargs="+", default=["default"], choices=["default", "deterministic", "autotuned"],
-                        help="see set_kernels")
+                        help="see kernels_set")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--images", type=int, default=4096, help="images per domain")
@@ -141,9 +144,9 @@ def main() -> int:
         for model, batch, amp, cl, kind, kernels in itertools.product(args.models, args.batches, args.amp,
                                                                        (False, True), loaders, args.kernels):
             row = f"| {model} | {batch} | {amp} | {'on' if cl else 'off'} | {kind} | {kernels} |"
-            set_kernels(kernels)
             try:
-                rate = measure(data, model, batch, amp, cl, kind, device, args.steps, args.warmup)
+                with kernels_set(kernels):
+                    rate = measure(data, model, batch, amp, cl, kind, device, args.steps, args.warmup)
             except Exception as exc:  # one failing row (out of memory, say) leaves the rest of the grid to run
                 print(f"{row} failed: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]} |", flush=True)
                 if device.type == "cuda":

@@ -784,22 +784,37 @@ def test_the_step_never_waits_for_the_gpu(data, tmp_path, transfer):
 
 
 def test_deterministic_training_turns_the_kernels_on_and_runs(data, tmp_path, monkeypatch):
-    """train.deterministic=true sets what it promises (docs/training.md) and trains with it on (DANN's
-    discriminator, the Fisher centres' indexed update, entropy). Not a check of the kernels:
-    PyTorch's alerts for ops without a deterministic kernel fire on CUDA tensors only (the GPU test
-    below is that check)."""
+    """train.deterministic=true sets what it promises (docs/training.md) for every step and trains with
+    it on (DANN's discriminator, the Fisher centres' indexed update, entropy); the process's own
+    settings come back after the run (an in-process run left deterministic kernels and its thread
+    count to whatever ran next). Not a check of the kernels: PyTorch's alerts for ops without a
+    deterministic kernel fire on CUDA tensors only (the GPU test below is that check)."""
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", "")  # recorded, so that the end of the test removes it
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the trainer sets its rank's threads
+    from dmhpc.train.step import TrainStep
+    seen = []
+    step = TrainStep.__call__
+
+    def watched(self, *args, **kwargs):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                     torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG")))
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(TrainStep, "__call__", watched)
     threads = torch.get_num_threads()
+    torch.set_num_threads(13)  # not the trainer's (the CPUs this rank is given)
+    torch.backends.cudnn.benchmark = True
     try:
         assert main(["train", "--config", str(TINY), *_overrides(
             data, tmp_path / "run", "train.epochs=1", "train.deterministic=true", "loss.transfer=dann",
             "loss.fisher.weight=1.0", "loss.entropy_weight=0.05")]) == 0
-        assert torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.deterministic
-        assert not torch.backends.cudnn.benchmark and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+        assert seen and set(seen) == {(True, True, False, ":4096:8")}
+        assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+        assert torch.backends.cudnn.benchmark and torch.get_num_threads() == 13
     finally:
         torch.use_deterministic_algorithms(False)
-        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.deterministic = torch.backends.cudnn.benchmark = False
         torch.set_num_threads(threads)
 
 

@@ -35,36 +35,48 @@ from dmhpc.train.evaluate import evaluate_run, format_table, predict
 from dmhpc.train.meter import EpochMeter
 from dmhpc.train.metrics import MetricLog, domain_metrics, selection_score, validator_scores
 from dmhpc.train.state import TrainState
-from dmhpc.train.step import TrainStep, set_determinism
+from dmhpc.train.step import TrainStep, determinism
 
 DEBUG_BATCHES = 8  # debug=true trains on this many global batches per domain
 
 
 def train(cfg, resume: str = "auto", overwrite: bool = False) -> int:
     """Train as configured; returns the process exit code (0, or REQUEUE_EXIT_CODE on a signal)."""
-    set_determinism(cfg.train.deterministic)
-    dist = bootstrap()
-    if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets 1; mpiexec and srun ranks would take every core
-        torch.set_num_threads(dist.cpus)
-    run = RunDir(cfg.run.dir)
+    with _process_settings(cfg):
+        dist = bootstrap()
+        if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets 1; mpiexec and srun ranks would take every core
+            torch.set_num_threads(dist.cpus)
+        run = RunDir(cfg.run.dir)
+        try:
+            # Caught from the start, not only in the epoch loop: a stop signal during the start-up checks
+            # (checksums, the wait for a lock) or the final test killed the trainer by its default action
+            # (exit 143, no line), which launchers took for a failure, not a requeue. Caught there, it
+            # stops the loop at its first step (checkpoint, requeue code) or lets the test finish.
+            with StopRequest(cfg.train.signals) as stop:
+                code = _train(cfg, resume, overwrite, dist, run, stop)
+            meet_before_leaving()  # rank 0 printed its last line (a requeue's) before any rank exits
+            return code
+        except AgreedError:  # every rank holds it, at the same point: all print it before any exits
+            meet_before_leaving()
+            raise
+        finally:
+            run.release()
+            shutdown()
+
+
+@contextlib.contextmanager
+def _process_settings(cfg):
+    """The run's process-wide settings (deterministic kernels, debug's anomaly detection, the thread
+    count), undone when it ends: an in-process run (a tune trial, a notebook) left them to whatever
+    ran next in the process, such as a predict on deterministic kernels or checking every op."""
+    threads = torch.get_num_threads()
+    # debug=true: autograd names the op that made a NaN.
+    anomaly = torch.autograd.detect_anomaly() if cfg.debug else contextlib.nullcontext()
     try:
-        # Caught from the start, not only in the epoch loop: a stop signal during the start-up checks
-        # (checksums, the wait for a lock) or the final test killed the trainer by its default action
-        # (exit 143, no line), which launchers took for a failure, not a requeue. Caught there, it
-        # stops the loop at its first step (checkpoint, requeue code) or lets the test finish.
-        # debug=true finds the op that made a NaN; the mode is the process's, so it ends with the run
-        # (an in-process debug trial left every later run and test in it checking every op).
-        anomaly = torch.autograd.detect_anomaly() if cfg.debug else contextlib.nullcontext()
-        with StopRequest(cfg.train.signals) as stop, anomaly:
-            code = _train(cfg, resume, overwrite, dist, run, stop)
-        meet_before_leaving()  # rank 0 printed its last line (a requeue's) before any rank exits
-        return code
-    except AgreedError:  # every rank holds it, at the same point: all print it before any exits
-        meet_before_leaving()
-        raise
+        with determinism(cfg.train.deterministic), anomaly:
+            yield
     finally:
-        run.release()
-        shutdown()
+        torch.set_num_threads(threads)
 
 
 def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopRequest) -> int:

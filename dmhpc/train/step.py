@@ -21,14 +21,23 @@ from dmhpc.losses import grl_coefficient
 from dmhpc.train.schedule import lr_factor
 
 
-def set_determinism(on: bool) -> None:
-    """Deterministic kernels, as train.deterministic asks; before the first cuBLAS call."""
+@contextlib.contextmanager
+def determinism(on: bool):
+    """Deterministic kernels, as train.deterministic asks, for the block (enter it before the first
+    cuBLAS call); the process's own settings come back after it."""
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     if on:
         # cuBLAS needs a fixed workspace to be deterministic; it reads this when its handle is made.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(on)
     torch.backends.cudnn.deterministic = on
     torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
 
 
 def autocast(amp: str, device: torch.device):
