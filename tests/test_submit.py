@@ -151,6 +151,23 @@ def test_sbatch_options_for_a_site(tmp_path):
     assert "gpus-per-node" not in cpu._executor._make_submission_file_text("python -m x", "uid")
 
 
+def _local_limits() -> tuple[str, str]:
+    return os.environ["SUBMITIT_LOCAL_TIMEOUT_S"], os.environ["SUBMITIT_LOCAL_SIGNAL_DELAY_S"]
+
+
+def test_a_local_run_has_no_time_limit_unless_given_one(tmp_path):
+    """submitit's local controller cut every local run off at slurm.time's default of an hour, and
+    failed the point after max_num_timeout cut-offs; it warned 30 s ahead, not signal_delay_s."""
+    folder = tmp_path / "submitit"
+    timeout_s, _ = make_executor("local", folder, Resources(), "dmhpc-test").submit(_local_limits).result()
+    assert int(timeout_s) >= 365 * 86400
+    given = make_executor("local", folder, Resources(time_min=5, signal_delay_s=45), "dmhpc-test")
+    assert given.submit(_local_limits).result() == ("300", "45")
+    script = make_executor("slurm", tmp_path, Resources(), "dmhpc-test")._executor._make_submission_file_text(
+        "python -m x", "uid")
+    assert "#SBATCH --time=60\n" in script and "#SBATCH --signal=USR2@90\n" in script
+
+
 def test_prepare_mpi_gives_srun_the_jobs_cpus_per_task(tmp_path):
     """srun (Slurm >= 22.05) does not take --cpus-per-task from the job: slurm/prepare_mpi.sh's ranks
     got one CPU each, whatever sbatch --cpus-per-task asked for."""

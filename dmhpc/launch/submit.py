@@ -63,6 +63,10 @@ LAUNCH_LOCK = "launch.lock"  # OUT/submitit/launch.lock: held by the launcher ru
 SITE_KEYS = ("partition", "account", "qos", "constraint", "cpus_per_task", "mem_gb", "time", "exclusive",
              "array_parallelism", "signal_delay_s", "max_num_timeout", "setup", "additional_parameters")
 SHAPE_KEYS = ("nodes", "gpus_per_node", "tasks_per_node")
+SLURM_MINUTES = 60  # a Slurm job's time limit where the launch file gives none
+# A local job's where the file gives none: submitit's local controller always enforces one (its own
+# default cut every local run off after an hour, and failed it after max_num_timeout such cut-offs).
+LOCAL_UNLIMITED_MINUTES = 10 * 365 * 24 * 60
 
 
 def preempt_signal() -> str:
@@ -79,7 +83,7 @@ class Resources:
     tasks_per_node: int = 1       # ranks per node: one per GPU where there are GPUs
     cpus_per_task: int | None = None
     mem_gb: float | None = None
-    time_min: int = 60
+    time_min: int | None = None   # None: SLURM_MINUTES on Slurm, no limit on this machine
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
@@ -141,7 +145,7 @@ def read_resources(problems: Problems, data: Any, *, shape: bool, executor: str)
         kw[key] = get(key, optional(text()), None)
     kw["cpus_per_task"] = get("cpus_per_task", optional(integer(1)), None)
     kw["mem_gb"] = get("mem_gb", optional(number(0, low_open=True)), None)
-    kw["time_min"] = get("time", slurm_minutes, 60)
+    kw["time_min"] = get("time", slurm_minutes, None)
     kw["exclusive"] = get("exclusive", boolean(), False)
     kw["array_parallelism"] = get("array_parallelism", integer(1), 256)
     kw["signal_delay_s"] = get("signal_delay_s", integer(0), 90)
@@ -258,8 +262,9 @@ def make_executor(kind: str, folder: Path, res: Resources, name: str) -> submiti
     """A submitit executor for `kind` ("slurm", "local" or "debug") asking for `res` per job."""
     executor = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_max_num_timeout=res.max_num_timeout,
                                      local_max_num_timeout=res.max_num_timeout)
+    minutes = res.time_min or (SLURM_MINUTES if kind == "slurm" else LOCAL_UNLIMITED_MINUTES)
     params: dict[str, Any] = dict(
-        name=name, timeout_min=res.time_min, nodes=res.nodes, tasks_per_node=res.tasks_per_node,
+        name=name, timeout_min=minutes, nodes=res.nodes, tasks_per_node=res.tasks_per_node,
         cpus_per_task=res.cpus_per_task, mem_gb=res.mem_gb, stderr_to_stdout=True,
         # --gpus-per-node=0 is refused by sites without GPU resources: ask only for GPUs wanted.
         gpus_per_node=res.gpus_per_node or None,
@@ -275,6 +280,8 @@ def make_executor(kind: str, folder: Path, res: Resources, name: str) -> submiti
             # each task (rank) gets one CPU for its loader workers and threads.
             slurm_srun_args=[f"--cpus-per-task={res.cpus_per_task}"] if res.cpus_per_task else None)
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
+    if kind == "local":  # AutoExecutor takes no local_signal_delay_s; the local executor inside does
+        executor._executor.update_parameters(signal_delay_s=res.signal_delay_s)
     return executor
 
 
