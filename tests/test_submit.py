@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+import torch
 
 from tests.conftest import TINY, fake_commands, tiny_overrides
 from dmhpc.config import config_to_dict
@@ -120,6 +121,25 @@ def test_nvidia_smi_is_asked_only_when_a_local_point_wants_a_gpu(tmp_path, monke
                                     task=_note_ran, poll_s=0.2) == {}
         assert (tmp_path / name / "ran").exists()
         assert calls.exists() == bool(gpus), gpus
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch finds no GPU")
+def test_local_points_wanting_a_gpu_where_none_can_be_found_are_refused(tmp_path, monkeypatch, capsys):
+    """Without nvidia-smi (or with one that fails) the GPUs could not be told, so nothing was refused:
+    the job found no GPU and trained on the CPU, and a scaling study's GPU table held CPU timings."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    point = Point("gpu", {}, tmp_path / "gpu", resolve_point(TINY, {"run.dir": str(tmp_path / "gpu")}))
+    for nvidia_smi in ("echo 'NVIDIA-SMI has failed' >&2; exit 9\n", None):
+        if nvidia_smi:
+            fake_commands(tmp_path, monkeypatch, {"nvidia-smi": nvidia_smi})
+        else:
+            monkeypatch.setenv("PATH", os.pathsep.join(d for d in os.environ["PATH"].split(os.pathsep)
+                                                        if not (Path(d) / "nvidia-smi").exists()))
+        with pytest.raises(DmhpcError, match=r"^gpus_per_node 1: nvidia-smi cannot list GPUs and torch finds 0 "
+                                             r"GPU\(s\) here for local jobs; ask for fewer \(0 runs on the CPU\)"):
+            submit._launch_local([point], {"gpu": Resources(gpus_per_node=1)}, folder=tmp_path / "submitit",
+                                 job_name="dmhpc-test", task=_note_ran)
+    assert not (tmp_path / "gpu").exists() and not (tmp_path / "submitit").exists()
 
 
 def test_local_points_wanting_more_gpus_than_visible_are_refused_before_any_runs(tmp_path, monkeypatch, capsys):

@@ -204,33 +204,37 @@ def local_threads_of(points: list[Point], resources: Mapping[str, Resources]) ->
 def local_gpus(wanted: int) -> tuple[int, ...] | None:
     """The GPUs local jobs that want `wanted` GPUs each may use, as the indices submitit's local
     executor puts in a job's CUDA_VISIBLE_DEVICES: the launcher's own CUDA_VISIBLE_DEVICES where it
-    lists indices, else those `nvidia-smi -L` lists. None where no GPU is wanted (nvidia-smi is not
-    asked) or where that cannot be told (UUIDs, no nvidia-smi): submitit's default. Fewer than
-    `wanted` are refused: submitit would give the job GPUs 0.. that are not there, or that the
-    launcher's CUDA_VISIBLE_DEVICES kept from it ("" included)."""
+    lists indices, else those `nvidia-smi -L` lists, else (no nvidia-smi, or it fails) those torch
+    counts. None where no GPU is wanted (nothing is asked) or where that cannot be told (UUIDs):
+    submitit's default. Fewer than `wanted` are refused: submitit would give the job GPUs 0.. that
+    are not there, or that the launcher's CUDA_VISIBLE_DEVICES kept from it ("" included), and the
+    trainer, finding no GPU, trained on the CPU (a scaling study's GPU table then held CPU timings)."""
     if not wanted:
         return None
-    gpus = _listed_gpus()
+    gpus, where = _listed_gpus()
     if gpus is not None and len(gpus) < wanted:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        where = "nvidia-smi -L lists" if visible is None else f"CUDA_VISIBLE_DEVICES={visible!r} gives"
-        raise DmhpcError(f"gpus_per_node {wanted}: {where} {len(gpus)} GPU(s) here for local jobs; ask for fewer, "
-                         f"or run where there are more")
+        raise DmhpcError(f"gpus_per_node {wanted}: {where} {len(gpus)} GPU(s) here for local jobs; ask for fewer "
+                         f"(0 runs on the CPU), or run where there are more")
     return gpus
 
 
-def _listed_gpus() -> tuple[int, ...] | None:
+def _listed_gpus() -> tuple[tuple[int, ...] | None, str]:
+    """The GPU indices local jobs may use, and what told them."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         items = [v.strip() for v in visible.split(",") if v.strip()]
-        return tuple(int(v) for v in items) if all(v.isdigit() for v in items) else None
+        return tuple(int(v) for v in items) if all(v.isdigit() for v in items) else None, \
+            f"CUDA_VISIBLE_DEVICES={visible!r} gives"
     try:
         listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
+        if listed.returncode == 0:
+            return tuple(range(sum(line.startswith("GPU ") for line in listed.stdout.splitlines()))), \
+                "nvidia-smi -L lists"
     except (OSError, subprocess.SubprocessError):
-        return None
-    if listed.returncode != 0:
-        return None
-    return tuple(range(sum(line.startswith("GPU ") for line in listed.stdout.splitlines())))
+        pass
+    import torch  # only here: a launch that wants no GPU never imports it for this
+
+    return tuple(range(torch.cuda.device_count())), "nvidia-smi cannot list GPUs and torch finds"
 
 
 def pick_gpus(gpus: tuple[int, ...] | None, running: list[tuple[int, ...]], wanted: int) -> tuple[int, ...] | None:
