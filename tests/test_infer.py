@@ -335,6 +335,45 @@ def test_explain_data_of_another_shape_is_one_line(survey, run_on_survey, tmp_pa
     assert not out.exists()
 
 
+def test_explain_out_and_data_that_cannot_be_explained_are_one_line(survey, run_on_survey, tmp_path, capsys):
+    """An --out naming a file was a NotADirectoryError traceback; two explains into one folder both
+    found no explain.json and wrote over each other's grids; and the run's own data sets prepared
+    again since it trained were drawn from as its "test split" (eval refuses them)."""
+    pytest.importorskip("captum")
+    import os
+    import shutil
+
+    from dmhpc.files import locked_directory
+
+    explain = ["explain", "--run", str(run_on_survey), "--n", "2"]
+    afile = tmp_path / "a.csv"
+    afile.write_text("mine\n")
+    assert main([*explain, "--out", str(afile)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"dmhpc explain: error: --out {afile}: is a file; explain writes a folder of figures, name one\n"
+    assert afile.read_text() == "mine\n"
+    out = tmp_path / "explain"
+    with locked_directory(out, "dmhpc explain"):
+        assert main([*explain, "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"{out}: in use by another dmhpc explain (pid {os.getpid()} on " in err and err.count("\n") == 1, err
+    assert not out.exists()
+    # A copy of the run whose record says its target was another preparation of the set.
+    run = tmp_path / "run"
+    shutil.copytree(run_on_survey, run)
+    record = json.loads((run / "run.json").read_text())
+    was = record["data"]["target"]["fingerprint"]
+    record["data"]["target"]["fingerprint"] = "0" * len(was)
+    (run / "run.json").write_text(json.dumps(record))
+    assert main(["explain", "--run", str(run), "--n", "2", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert (f"data.target {survey / 'survey'}: prepared again since the run trained on it (manifest fingerprint "
+            f"000000000000 -> {was[:12]}); explain it as other data with --data") in err and err.count("\n") == 1, err
+    assert not out.exists()
+    assert main([*explain, "--out", str(out)]) == 0
+    assert json.loads((out / "explain.json").read_text())["fingerprints"]["target"] == was
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript", "safetensors"])
 def test_export_with_normalization_built_in_and_a_card(survey, run_on_survey, tmp_path, fmt):
     if fmt == "onnx":

@@ -29,6 +29,7 @@ probability and the true label (if any) in each panel's title. One PNG grid per 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 from pathlib import Path
@@ -37,10 +38,10 @@ import numpy as np
 import torch
 
 from dmhpc.data.batches import Normalizer
-from dmhpc.data.shards import RowReader, is_labelled, load_manifest, split_rows
+from dmhpc.data.shards import RowReader, fingerprint, is_labelled, load_manifest, split_rows
 from dmhpc.distributed import bootstrap, on_main, shutdown
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_write
+from dmhpc.files import atomic_write, locked_directory
 from dmhpc.infer.predict import FORMATS, Model
 from dmhpc.infer.sources import open_source
 from dmhpc.plots import CLASS_NAMES, attribution_grid
@@ -128,6 +129,16 @@ def _test_split(directory: Path, limit: int, seed: int) -> dict:
     labels = np.concatenate([p["labels"] for p in parts]) if is_labelled(manifest) else None
     names = [i if i is not None else f"row {int(p['index'][0])}" for i, p in zip(ids, parts)]
     return {"images": images, "labels": labels, "names": names, "split": split}
+
+
+def _check_own_data(run: RunDir, domains: dict[str, Path], prints: dict[str, str]) -> None:
+    """Refuse the run's own data sets prepared again since it trained: their "test split" may now
+    hold images it trained on, and the grids would say otherwise (as `dmhpc eval` refuses them)."""
+    for role, directory in domains.items():
+        was, now = run.recorded_data().get(role, {}).get("fingerprint"), prints[role]
+        if was and now != was:
+            raise DmhpcError(f"data.{role} {directory}: prepared again since the run trained on it (manifest "
+                             f"fingerprint {was[:12]} -> {now[:12]}); explain it as other data with --data")
 
 
 def _read_catalog(catalog: Path):
@@ -252,11 +263,14 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
     _captum()
     run, out = RunDir(run_dir), Path(out)
     run.refuse_inside(out, "--out")
+    if out.exists() and not out.is_dir():  # failed with a traceback on the first figure's name in it
+        raise DmhpcError(f"--out {out}: is a file; explain writes a folder of figures, name one")
     channels = run.data_record("source")["shape"][0]  # fewer than 3: drawn in grey, `rgb` unused
     if len(rgb) != 3 or (channels >= 3 and not all(0 <= k < channels for k in rgb)):
         raise DmhpcError(f"--rgb {','.join(map(str, rgb))}: three channel indices from 0 to {channels - 1} "
                          f"(the run's images have {channels} filters)")
     dist = bootstrap()
+    held = contextlib.ExitStack()
     try:
         table = None
         if catalog is not None:
@@ -272,7 +286,13 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             model = Model(run, checkpoint or "best", dist.device)
 
         def claim_out() -> None:  # once the inputs are read: a typo in them must not cost the old grids
-            on_main(lambda: _claim_out(out, overwrite))
+            def claim() -> None:
+                # Held to the end: two explains into one folder both found no explain.json, and wrote
+                # over each other's grids under the last one's record.
+                held.enter_context(locked_directory(out, "dmhpc explain"))
+                _claim_out(out, overwrite)
+
+            on_main(claim)
 
         written: dict[Path, list] = {}  # grid -> the names of its rows, in order
         if catalog is not None:
@@ -300,13 +320,16 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
                                     names=names)
             written[path] = names
             source.close()
-            explained = {"catalog": str(Path(catalog).resolve())}
+            explained, prints = {"catalog": str(Path(catalog).resolve())}, {}  # (its INPUTSHA was compared)
         else:
             domains = {"data": Path(data)} if data is not None else {"source": Path(model.cfg.data.source),
                                                                       "target": Path(model.cfg.data.target)}
             explained = {name: str(directory.resolve()) for name, directory in domains.items()}
+            prints = {name: fingerprint(load_manifest(directory)) for name, directory in domains.items()}
             if data is not None:
                 check_shape(data, load_manifest(data)["shape"], run.data_record("source")["shape"])
+            else:
+                _check_own_data(run, domains, prints)
             drawn = {name: _test_split(directory, pool, seed) for name, directory in domains.items()}
             claim_out()
             for name, directory in domains.items():
@@ -317,6 +340,7 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
         if dist.is_main:
             atomic_write(out / "explain.json", json.dumps({
                 "run": str(run.path.resolve()), "checkpoint": model.checkpoint, "data": explained,
+                "fingerprints": prints,
                 "seed": None if catalog is not None else seed,
                 "target_class": "merger",
                 "grad_cam_layer": type(model.net.last_conv_block()).__name__, "rgb": list(rgb),
@@ -328,6 +352,7 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
                 print(f"wrote {p}")
         return list(written)
     finally:
+        held.close()
         shutdown()
 
 
