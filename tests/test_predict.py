@@ -613,6 +613,64 @@ def test_parts_from_other_inputs_a_retrained_checkpoint_or_other_source_options_
     assert list(read(out)["id"][:2]) == ["A0", "A1"]
 
 
+def test_refusals_come_before_the_images_are_read(trained, tmp_path, capsys):
+    """A catalog that exists, or a folder named as the catalog, was refused only after a survey's
+    checksums and digest were read in full (the folder, with --overwrite, after every image was
+    predicted). A data set with a damaged shard shows the order: its checksum is never reached."""
+    data = tmp_path / "noisy"
+    shutil.copytree(trained["data"] / "noisy", data)
+    shard = sorted(data.glob("*.h5"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[-100] ^= 0xFF
+    shard.write_bytes(bytes(raw))
+    predict = ["predict", "--run", str(trained["run"]), "--data", str(data), "--part-size", "32", "--batch-size", "16"]
+    out = tmp_path / "done.csv"
+    out.write_text("a finished catalog\n")
+    assert main([*predict, "--out", str(out)]) == 1
+    assert capsys.readouterr().err == f"dmhpc predict: error: --out {out}: exists; --overwrite replaces it\n"
+    folder = tmp_path / "folder.parquet"
+    folder.mkdir()
+    assert main([*predict, "--out", str(folder), "--overwrite"]) == 1
+    assert capsys.readouterr().err == f"dmhpc predict: error: --out {folder}: is a folder; name the catalog file\n"
+    assert main([*predict, "--out", str(tmp_path / "new.csv")]) == 1  # the check comes next
+    assert "checksum" in capsys.readouterr().err
+    # Nothing left by the refusals: no parts folder, no lock.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.csv", "folder.parquet", "noisy"]
+
+
+def test_inputs_rewritten_during_a_prediction_are_refused_at_the_merge(trained, tmp_path, monkeypatch, capsys):
+    """The inputs were looked at once, at the start: a survey cube saved again while the ranks read it
+    gave a catalog of both versions (earlier parts of the old pixels, later ones of the new) under the
+    first one's INPUTSHA."""
+    from dmhpc.infer import predict
+
+    survey = tmp_path / "survey.npy"
+    np.save(survey, trained["images"])
+    compute = predict._compute_part
+
+    def rewritten_after_the_first_part(model, source, norm, start, stop, batch, tta):
+        columns = compute(model, source, norm, start, stop, batch, tta)
+        if start == 0:
+            time.sleep(0.01)  # a later modification time on file systems of coarse clocks
+            np.save(survey, trained["images"][::-1])
+        return columns
+
+    monkeypatch.setattr(predict, "_compute_part", rewritten_after_the_first_part)
+    out = tmp_path / "survey.parquet"
+    argv = ["predict", "--run", str(trained["run"]), "--images", str(survey), "--out", str(out), "--part-size", "64",
+            "--batch-size", "32"]
+    assert main(argv) == 1
+    assert capsys.readouterr().err == (f"dmhpc predict: error: {survey}: changed while this prediction read it "
+                                       f"(another size or modification time, or a data set prepared again); its "
+                                       f"parts are removed; run again\n")
+    assert not out.exists() and not Path(f"{out}.parts").exists()
+    monkeypatch.undo()
+    assert main(argv) == 0  # run again: all of it of the new file
+    mean, std = RunDir(trained["run"]).normalization("target")
+    expected = expected_probabilities(trained["run"], trained["images"][::-1].copy(), mean, std, 32)
+    np.testing.assert_array_equal(np.asarray(read(out)["p_merger"]), expected)
+
+
 def test_a_second_predict_on_the_same_catalog_is_refused_and_a_catalog_written_meanwhile_is_kept(trained, tmp_path,
                                                                                                 capsys):
     """Two predicts on one --out both computed into CATALOG.parts: the first to merge removed the

@@ -46,7 +46,8 @@ from dmhpc.data.inputs import CUTOUTS_HELP
 from dmhpc.distributed import (AgreedError, agree, all_gather_object, barrier, bootstrap, gather, meet_before_leaving,
                                on_main, shutdown)
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_path, atomic_write, inside, locked_directory, same_place, staged_write
+from dmhpc.files import (atomic_path, atomic_write, inside, locked_directory, make_folders, remove_empty, same_place,
+                         staged_write)
 from dmhpc.progress import progress_bar
 from dmhpc.infer.sources import DIGEST_BLOCK, Source, open_source
 from dmhpc.run import RunDir, check_shape
@@ -248,9 +249,9 @@ def _check_writable(out: Path, source: Source, meta: dict) -> None:
 def _saved_stats(parts: Path, inputs: str, read_as: dict, channels: int) -> tuple[list, list] | None:
     """The statistics a stopped prediction of the same inputs (`Source.digest`) read the same way
     (`read_as`: how open_source was called; --nan-fill and --layout change the pixels) computed, or
-    None: a requeued survey job would read every image again for them. Read before the parts folder
-    is locked: it is written whole (atomically), and only reused when it names these very inputs
-    and holds what the pass would give (a positive, finite std per channel)."""
+    None: a requeued survey job would read every image again for them. It is written whole
+    (atomically), and only reused when it names these very inputs and holds what the pass would
+    give (a positive, finite std per channel)."""
     try:
         saved = json.loads((parts / OWN_STATS).read_text())
         mean, std = saved["mean"], saved["std"]
@@ -277,18 +278,31 @@ def _refuse_out_among_inputs(out: Path, **inputs) -> None:
                                  f"prediction; write the catalog elsewhere")
 
 
-def _claim_parts(out: Path, parts: Path, spec: dict, overwrite: bool, held: contextlib.ExitStack) -> None:
-    """Rank 0: refuse a finished catalog (unless overwrite) and parts of another prediction; lock the
-    parts folder into `held` until the merge, so a second predict on the same --out stops in one line
-    instead of merging (or removing) this one's parts."""
+def _lock_parts(out: Path, parts: Path, overwrite: bool, held: contextlib.ExitStack) -> None:
+    """Rank 0, before any image is read (a survey's checksums and digest take long, and were read in
+    full before these refusals): refuse a finished catalog (unless overwrite) and a folder in its
+    place; make the parts folder and lock it into `held` until the merge, so a second predict on the
+    same --out stops in one line instead of merging (or removing) this one's parts. The folders made
+    here go again when the prediction ends with them empty (refused before it wrote in them)."""
+    if out.is_dir():
+        raise DmhpcError(f"--out {out}: is a folder; name the catalog file")
     if out.exists() and not overwrite:
         raise DmhpcError(f"--out {out}: exists; --overwrite replaces it")
     try:
-        parts.mkdir(parents=True, exist_ok=True)
+        made = make_folders(parts)
     except OSError as exc:  # a read-only folder, /proc, a file where a folder should be
         raise DmhpcError(f"--out {out}: cannot create {parts.name} beside it: {exc.strerror}; "
                          f"nothing written") from None
+    if not parts.is_dir():
+        raise DmhpcError(f"--out {out}: {parts.name} beside it is a file, not a prediction's parts; remove it or "
+                         f"choose another --out")
+    held.callback(remove_empty, made)
     held.enter_context(locked_directory(parts, "dmhpc predict"))
+
+
+def _claim_parts(parts: Path, spec: dict, overwrite: bool) -> None:
+    """Rank 0, holding the parts folder's lock: refuse parts of another prediction (unless overwrite,
+    which empties the folder)."""
     saved = parts / SPEC
     if saved.is_file():
         try:
@@ -330,6 +344,12 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
     """Rank 0: the parts, back in input order, as one catalog; returns its rows."""
     from astropy.table import Table  # astropy only where a catalog is written
 
+    # Taken again: a survey's cube saved again, or a set prepared again, while the ranks read it gave a
+    # catalog of both versions under the first one's INPUTSHA. Its parts are of both: none is kept.
+    if source.changed():
+        shutil.rmtree(parts)
+        raise DmhpcError(f"{source.path}: changed while this prediction read it (another size or modification "
+                         f"time, or a data set prepared again); its parts are removed; run again")
     if out.exists() and not overwrite:  # another predict may have finished it since the start
         raise DmhpcError(f"--out {out}: exists (written since this prediction started); --overwrite replaces it")
     columns: dict[str, list] = {}
@@ -425,6 +445,8 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
             raise DmhpcError(f"{run.checkpoint(checkpoint)} or {source.path}: replaced while the ranks were "
                              f"reading it (a run still training?); start again")
         check_shape(source.path, source.shape, agree(lambda: run.data_record("source"))["shape"])
+        parts = Path(f"{out}.parts")
+        on_main(lambda: _lock_parts(out, parts, overwrite, held))
         source.check(verify != "structure", dist.rank, dist.world_size, gather)
         digest = source.digest({k: v for share in gather(lambda: source.digest_blocks(dist.rank, dist.world_size))
                                 for k, v in share.items()})
@@ -433,7 +455,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         elif normalize == "own":
             # A prepared set's statistics are in its manifest; other inputs' are of `digest`.
             saved = None if source.kind == "data" else on_main(
-                lambda: _saved_stats(Path(f"{out}.parts"), digest, source_args, source.shape[0]))
+                lambda: _saved_stats(parts, digest, source_args, source.shape[0]))
             # Every rank reads a share: rank 0 alone, on a large survey, could outlast the others' wait.
             mean, std = saved or source.own_stats(dist.rank, dist.world_size, gather)
         else:
@@ -450,10 +472,9 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                 "NORM": normalize, "MEAN": show(mean),
                 "STD": show(std), "TTA": tta, "AMP": amp, "SRCARGS": json.dumps(source_args)}
         on_main(lambda: _check_writable(out, source, meta))
-        parts = Path(f"{out}.parts")
         spec = _spec(run, model, source, source_args, options)
         spec_digest = _spec_digest(spec)
-        on_main(lambda: _claim_parts(out, parts, spec, overwrite, held))
+        on_main(lambda: _claim_parts(parts, spec, overwrite))
         if normalize == "own" and source.kind != "data":
             on_main(lambda: atomic_write(parts / OWN_STATS, json.dumps({"inputs": digest, "read_as": source_args,
                                                                          "mean": mean, "std": std})))

@@ -47,6 +47,7 @@ class Source:
     _positions: np.ndarray | None = None  # a prepared set's input position of each storage row
     id_dtype: str | None = None  # a catalog's integer ids: the catalog written keeps them integers (joins by id)
     _cutout_digests: dict = field(default_factory=dict)  # (start, stop) -> cutout_files' digest, taken once
+    _inputs: dict = field(default_factory=dict)  # input_identity's arguments: `identity` taken again
 
     @property
     def inputs(self) -> str:
@@ -83,6 +84,14 @@ class Source:
                 if (found.st_dev, found.st_ino) == (target.st_dev, target.st_ino):
                     return True
         return False
+
+    def changed(self) -> bool:
+        """Whether the files of `identity` (the array, the catalog, a prepared set's manifest and
+        shards; not the cutouts a catalog names, which each part records) differ from the start's."""
+        try:
+            return input_identity(**self._inputs) != self.identity
+        except OSError:  # a data set's folder removed
+            return True
 
     def cutout_files(self, start: int, stop: int) -> str:
         """For a catalog of cutout files: a digest of the name, size and modification time of the
@@ -245,6 +254,16 @@ def file_identity(path: str | os.PathLike) -> dict | None:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
+def input_identity(*, data=None, images=None, catalog=None) -> dict:
+    """{role, or a prepared set's file name: file_identity}: what a resumed prediction must still
+    read. Taken before the files are read, like file_identity: a data set prepared again in place
+    (--overwrite) since a part was written changes it, and its parts are refused."""
+    if data is not None:
+        return {name: file_identity(Path(data) / name) for name in sorted(os.listdir(data))
+                if name == MANIFEST or name.endswith(".h5")} if Path(data).is_dir() else {}
+    return {role: file_identity(path) for role, path in (("images", images), ("catalog", catalog)) if path is not None}
+
+
 def _integer_labels(catalog, column: str, labels: np.ndarray) -> np.ndarray:
     """The label column as int64, refused when it is not whole numbers: checked on opening, so that it
     is said before a parts folder is made, not as a traceback at the first batch."""
@@ -290,10 +309,7 @@ def open_source(*, data: str | os.PathLike | None = None, split: str | None = No
         raise DmhpcError(f"{', '.join(cutout_options)} name{'s' if len(cutout_options) == 1 else ''} cutout files to "
                          f"read, and --images gives the images: give one or the other")
     if data is not None:
-        # Taken before the manifest is read, like file_identity: a data set prepared again in place
-        # (--overwrite) since a part was written changes them, and its parts are refused.
-        identity = {name: file_identity(Path(data) / name) for name in sorted(os.listdir(data))
-                    if name == MANIFEST or name.endswith(".h5")} if Path(data).is_dir() else {}
+        identity = input_identity(data=data)
         manifest = load_manifest(data)
         first, stop = split_rows(manifest, split) if split is not None else (0, manifest["count"])
         if stop == first:
@@ -301,9 +317,8 @@ def open_source(*, data: str | os.PathLike | None = None, split: str | None = No
         return Source("data", Path(data), tuple(manifest["shape"]), stop - first, is_labelled(manifest),
                       {"data": str(Path(data).resolve()), "fingerprint": fingerprint(manifest),
                        **({"split": split} if split else {})}, identity,
-                      _reader=RowReader(data, manifest), _manifest=manifest, _first=first)
-    identity = {role: file_identity(path) for role, path in (("images", images), ("catalog", catalog))
-                if path is not None}
+                      _reader=RowReader(data, manifest), _manifest=manifest, _first=first, _inputs={"data": data})
+    identity = input_identity(images=images, catalog=catalog)
     cat = None
     if catalog is not None:
         cat = read_catalog(catalog, id_column=id_column, label_column=label_column, file_column=file_column,
@@ -326,4 +341,5 @@ def open_source(*, data: str | os.PathLike | None = None, split: str | None = No
         raise DmhpcError(f"{images or catalog}: the input has no images; nothing to predict")
     return Source("catalog" if cat is not None and images is None else "images", Path(images or catalog),
                   tuple(array.shape[1:]), len(array), labels is not None, where, identity, array,
-                  cat.ids if cat is not None else None, labels, id_dtype=cat.id_dtype if cat is not None else None)
+                  cat.ids if cat is not None else None, labels, id_dtype=cat.id_dtype if cat is not None else None,
+                  _inputs={"images": images, "catalog": catalog})
