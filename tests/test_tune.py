@@ -200,6 +200,22 @@ def test_a_good_trial_stopped_with_the_search_runs_again_and_spends_no_budget(da
     assert _counted(_open_study(load_tune(s))) == 3  # the three failures only
 
 
+def test_a_trial_stopped_with_the_search_keeps_its_own_reason_in_the_table(tmp_path):
+    """Every trial with a rerun was listed as left running by a killed tuner, also one the search
+    stopped while it ran well: its recorded reason was replaced."""
+    from dmhpc.launch.tune import _fail, _requeue_stale, trial_rows
+
+    study = optuna.create_study(direction="maximize")
+    lr = {"optim.lr": optuna.distributions.CategoricalDistribution(["0.001", "0.003"])}
+    stale, good = study.ask(lr), study.ask(lr)
+    study.enqueue_trial(good.params, user_attrs={"rerun_of": good.number})  # as the search stops it
+    _fail(study, good, "stopped: the search stopped; the next launch runs it again")
+    assert _requeue_stale(study, tmp_path / "submitit") == 1  # then the tuner was killed
+    failures = {r["trial"]: r["failure"] for r in trial_rows(study)}
+    assert failures[good.number] == "stopped: the search stopped; the next launch runs it again"
+    assert failures[stale.number] == "left running by a tuner that was killed; run again as trial 3"
+
+
 def test_a_torn_journal_is_refused_with_its_name(data, tmp_path):
     (tmp_path / "tune").mkdir()
     journal = tmp_path / "tune" / JOURNAL

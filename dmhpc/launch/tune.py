@@ -586,7 +586,9 @@ def trial_rows(study) -> list[dict]:
     rows = []
     for tr in trials:
         a = dict(tr.user_attrs)
-        if tr.number in rerun_as:
+        # A rerun trial without a failure of its own was left running by a killed tuner; one with
+        # a reason (stopped with the search) keeps it, or trials.md says the wrong thing happened.
+        if tr.number in rerun_as and not a.get("failure"):
             a["failure"] = f"left running by a tuner that was killed; run again as trial {rerun_as[tr.number]}"
         rows.append({"trial": tr.number, "state": tr.state.name.lower(), "value": tr.value,
                      "epoch": a.get("epoch"), **{f"{k}": v for k, v in (a.get(ATTR_VALUES) or {}).items()},
