@@ -171,6 +171,43 @@ def test_sbatch_options_for_a_site(tmp_path):
     assert "gpus-per-node" not in cpu._executor._make_submission_file_text("python -m x", "uid")
 
 
+def test_sbatch_options_the_launcher_sets_are_refused_in_additional_parameters(tmp_path):
+    """Written after the launcher's own, they replaced them: {nodes: 2} trained 2 ranks where the
+    point recorded 1, {signal: "USR1@30"} kept the requeue signal from the trainer. A key that is no
+    string crashed sorting them (a TypeError)."""
+    import re
+
+    from dmhpc.checks import Problems
+
+    site = Resources(nodes=2, gpus_per_node=4, tasks_per_node=4, cpus_per_task=8, mem_gb=64, time_min=90,
+                     partition="gpu", account="astro42", qos="normal", constraint="a100", exclusive=True)
+    script = make_executor("slurm", tmp_path, site, "x")._executor._make_submission_file_text("python -m x", "uid")
+    emitted = set(re.findall(r"^#SBATCH --([\w-]+)", script, re.M)) - {"wckey"}  # accounting only: the site's
+    owned = emitted | {"ntasks", "gpus", "gpus-per-task", "gres", "error", "array", "ntasks_per_node", "open_mode"}
+    extra = {**{o: "gpu:1" for o in owned}, "sig": "USR1@30", 1: "x", "mail-type": "END", "wckey": "astro"}
+    problems = Problems("g.yaml")
+    res = submit.read_resources(problems, {"additional_parameters": extra}, shape=True, executor="slurm")
+    assert res.additional_parameters == (("mail-type", "END"), ("wckey", "astro"))
+    lines = problems.lines
+    for o in owned:
+        assert sum(line.startswith(f"g.yaml: slurm.additional_parameters.{o}: set by ") for line in lines) == 1, o
+    for want in ("slurm.additional_parameters.nodes: set by slurm.nodes",
+                 "slurm.additional_parameters.ntasks_per_node: set by slurm.tasks_per_node",
+                 "slurm.additional_parameters.signal: set by slurm.signal_delay_s",
+                 "slurm.additional_parameters.time: set by slurm.time",
+                 "slurm.additional_parameters.gpus-per-node: set by slurm.gpus_per_node",
+                 "slurm.additional_parameters.sig: abbreviates --signal, set by slurm.signal_delay_s",
+                 "slurm.additional_parameters: key 1 is not an sbatch option name"):
+        assert sum(line.startswith(f"g.yaml: {want}") for line in lines) == 1, (want, lines)
+    assert len(lines) == len(owned) + 2
+    # A scaling study's shape is its lists'; a generic resource that is no GPU is the site's.
+    problems = Problems("s.yaml")
+    res = submit.read_resources(problems, {"additional_parameters": {"nodes": 2, "gres": "lscratch:10"}},
+                                shape=False, executor="slurm")
+    assert problems.lines == ["s.yaml: slurm.additional_parameters.nodes: set by the study's nodes and "
+                              "gpus_per_node lists"] and res.additional_parameters == (("gres", "lscratch:10"),)
+
+
 def _local_limits() -> tuple[str, str]:
     return os.environ["SUBMITIT_LOCAL_TIMEOUT_S"], os.environ["SUBMITIT_LOCAL_SIGNAL_DELAY_S"]
 

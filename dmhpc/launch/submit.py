@@ -64,6 +64,23 @@ SITE_KEYS = ("partition", "account", "qos", "constraint", "cpus_per_task", "mem_
              "array_parallelism", "signal_delay_s", "max_num_timeout", "setup", "additional_parameters")
 SHAPE_KEYS = ("nodes", "gpus_per_node", "tasks_per_node")
 SLURM_MINUTES = 60  # a Slurm job's time limit where the launch file gives none
+# sbatch options the launcher sets itself or through a key of the slurm section (-> what sets them).
+# Given in additional_parameters they replaced its own: a job of 2 nodes recorded as 1 rank (its
+# relaunch refused, scaling tables wrong), or a --signal that never reached the trainer.
+LAUNCHER_SBATCH = {
+    "nodes": "slurm.nodes", "ntasks": "slurm.tasks_per_node", "ntasks-per-node": "slurm.tasks_per_node",
+    "ntasks-per-gpu": "slurm.tasks_per_node", "gpus": "slurm.gpus_per_node", "gpus-per-node": "slurm.gpus_per_node",
+    "gpus-per-task": "slurm.gpus_per_node", "gpus-per-socket": "slurm.gpus_per_node",
+    "gres": "slurm.gpus_per_node", "tres-per-task": "slurm.gpus_per_node",  # where they ask for GPUs
+    "cpus-per-task": "slurm.cpus_per_task", "mem": "slurm.mem_gb", "time": "slurm.time",
+    "signal": "slurm.signal_delay_s (and SUBMITIT_PREEMPT_SIGNAL)", "partition": "slurm.partition",
+    "account": "slurm.account", "qos": "slurm.qos", "constraint": "slurm.constraint",
+    "exclusive": "slurm.exclusive", "array": "the launcher (one array of the points; slurm.array_parallelism)",
+    "job-name": "the launcher", "output": "the launcher (the jobs' logs)", "error": "the launcher (the jobs' logs)",
+    "open-mode": "the launcher (a requeued job appends to its log)",
+    "no-requeue": "the launcher (its jobs are requeued at a time limit or preemption)",
+    "wait": "the launcher (it waits for its jobs itself)",
+}
 # A local job's where the file gives none: submitit's local controller always enforces one (its own
 # default cut every local run off after an hour, and failed it after max_num_timeout such cut-offs).
 LOCAL_UNLIMITED_MINUTES = 10 * 365 * 24 * 60
@@ -151,13 +168,8 @@ def read_resources(problems: Problems, data: Any, *, shape: bool, executor: str)
     kw["signal_delay_s"] = get("signal_delay_s", integer(0), 90)
     kw["max_num_timeout"] = get("max_num_timeout", integer(0), 3)
     kw["setup"] = get("setup", text_list(), ())
-    extra = get("additional_parameters", mapping(), {})
-    # Each becomes one `#SBATCH --key=value` line (and part of a hashable key): a scalar only.
-    scalar = {k: v for k, v in extra.items() if isinstance(v, (str, int, float))}
-    for key, value in extra.items():
-        if key not in scalar:
-            problems.add(f"slurm.additional_parameters.{key}", f"expected a string or number, got {show(value)}")
-    kw["additional_parameters"] = tuple(sorted(scalar.items()))
+    kw["additional_parameters"] = _additional_parameters(problems, get("additional_parameters", mapping(), {}),
+                                                         shape)
     if shape:
         kw["nodes"] = get("nodes", integer(1), 1)
         gpus = kw["gpus_per_node"] = get("gpus_per_node", integer(0), 0)
@@ -169,6 +181,32 @@ def read_resources(problems: Problems, data: Any, *, shape: bool, executor: str)
     res = Resources(**kw)
     check_executor_shape(problems, executor, res)
     return res
+
+
+def _additional_parameters(problems: Problems, extra: dict, shape: bool) -> tuple[tuple[str, Any], ...]:
+    """slurm.additional_parameters, each to become one `#SBATCH --key=value` line (and part of a
+    hashable key): a scalar under an option name that is not the launcher's (LAUNCHER_SBATCH)."""
+    good = {}
+    for key, value in extra.items():
+        if not isinstance(key, str) or not key:
+            problems.add("slurm.additional_parameters", f"key {show(key)} is not an sbatch option name")
+            continue
+        where, option = f"slurm.additional_parameters.{key}", key.replace("_", "-")  # as submitit writes it
+        # sbatch takes an abbreviation of a long option (--sig) for the option (--signal).
+        owned = option if option in LAUNCHER_SBATCH else next((o for o in LAUNCHER_SBATCH if o.startswith(option)),
+                                                              None)
+        if owned in ("gres", "tres-per-task") and "gpu" not in str(value).lower():
+            owned = None  # another generic resource (local scratch, licences) is the site's to ask for
+        if not isinstance(value, (str, int, float)):
+            problems.add(where, f"expected a string or number, got {show(value)}")
+        elif owned is not None:
+            by = LAUNCHER_SBATCH[owned]
+            if not shape and by.removeprefix("slurm.") in SHAPE_KEYS:
+                by = "the study's nodes and gpus_per_node lists"
+            problems.add(where, f"set by {by}" if owned == option else f"abbreviates --{owned}, set by {by}")
+        else:
+            good[key] = value
+    return tuple(sorted(good.items()))
 
 
 def check_executor_shape(problems: Problems, executor: str, res: Resources) -> None:
