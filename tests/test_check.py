@@ -4,14 +4,18 @@ or a failing disk would; each problem is one line naming the file or field."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
 from dmhpc.cli import main
-from dmhpc.data.check import verify_dataset
+from dmhpc.data import check
+from dmhpc.data.check import check_dataset, verify_dataset
 from dmhpc.data.shards import MANIFEST, file_sha256, load_manifest, shard_name, write_dataset, write_manifest
 from dmhpc.errors import DmhpcError
 
@@ -56,6 +60,29 @@ def test_flipped_signs_are_a_checksum_mismatch_only(dataset, capsys):
     assert main(["verify", str(dataset)]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "2 problems: shard-00001.h5 checksum mismatch; shard-00003.h5 missing" in err
+
+
+def test_a_shard_the_disk_cannot_read_is_its_own_problem_line(dataset, monkeypatch, capsys):
+    """An I/O error while hashing a shard (a failing disk, a Lustre OST down) was a raw OSError
+    traceback out of verify and the trainer's check: the other shards' problems went unlisted, and
+    under several ranks one rank died while the others waited for it."""
+    real = check.file_sha256
+
+    def failing_disk(path, *args):
+        if Path(path).name == shard_name(1):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(path, *args)
+
+    monkeypatch.setattr(check, "file_sha256", failing_disk)
+    (dataset / shard_name(3)).unlink()
+    assert verify_dataset(dataset) == ["shard-00001.h5: cannot read (Input/output error)", "shard-00003.h5 missing"]
+    assert verify_dataset(dataset, checksums=False) == ["shard-00003.h5 missing"]  # the structure level hashes nothing
+    with pytest.raises(DmhpcError, match=r"^data.source: 2 problems: shard-00001.h5: cannot read \(Input/output "
+                                         r"error\); shard-00003.h5 missing"):
+        check_dataset("data.source", dataset, load_manifest(dataset), checksums=True)
+    assert main(["verify", str(dataset)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "shard-00001.h5: cannot read (Input/output error); shard-00003.h5 missing" in err
 
 
 @pytest.mark.parametrize("edit, problem", [

@@ -117,8 +117,15 @@ def _check_shard(directory: Path, manifest: dict, number: int, checksums: bool, 
     classes = {s: np.bincount(labels[splits == k], minlength=manifest["num_classes"]) for k, s in enumerate(SPLITS)
                if is_labelled(manifest)}
     problems = []
-    if checksums and file_sha256(path) != shard["sha256"]:
-        problems.append(f"{name} checksum mismatch")
+    if checksums:
+        try:
+            if file_sha256(path) != shard["sha256"]:
+                problems.append(f"{name} checksum mismatch")
+        except OSError as exc:
+            # A failing disk (EIO, a Lustre OST down) is this shard's problem: raised, it hid the other
+            # shards' problems, and under several ranks (only DmhpcError is passed between them) one
+            # rank died while the others waited.
+            problems.append(f"{name}: cannot read ({exc.strerror or exc})")
     return problems, objects, classes
 
 
