@@ -14,7 +14,8 @@ intact plus at most one orphan temporary file, which `remove_orphans` recognises
 
 A failed write (a full disk, a quota, a file-size limit, a read-only file system) removes its
 temporary file and raises `DmhpcError` naming the file and the reason, with "nothing written":
-the target is untouched.
+the target is untouched. A DmhpcError raised inside the write (an input that cannot be read) also
+removes the temporary file, and passes unchanged.
 """
 
 from __future__ import annotations
@@ -54,12 +55,13 @@ def write_error(path: str | os.PathLike, exc: OSError) -> DmhpcError:
 
 def _os_error(exc: BaseException) -> OSError | None:
     """The OSError behind a failed write, also when a library raised its own error while handling
-    it (torch.save turns a full disk into a RuntimeError about its zip writer)."""
+    it (torch.save turns a full disk into a RuntimeError about its zip writer). An error raised
+    `from None` (or from another cause) disowns the one it was handling: that one is not followed."""
     seen = 0
     while exc is not None and seen < 8:
         if isinstance(exc, OSError) and exc.errno is not None:
             return exc
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+        exc, seen = exc.__cause__ if exc.__suppress_context__ else exc.__context__, seen + 1
     return None
 
 
@@ -116,11 +118,16 @@ def staged_write(path: str | os.PathLike, data: str | bytes) -> Path:
 
 @contextlib.contextmanager
 def _removed_on_failure(tmp: Path, path: Path) -> Iterator[None]:
-    """Remove `tmp` when the block fails; the OSError behind a failure is `path`'s one-line write error."""
+    """Remove `tmp` when the block fails; the OSError behind a failure is `path`'s one-line write error,
+    and a DmhpcError passes unchanged."""
     try:
         yield
     except BaseException as exc:
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, DmhpcError):
+            # It names its own file already (an input the block read, a companion file's write):
+            # said as `path`'s write error, a missing input sent the user to check the output disk.
+            raise
         cause = _os_error(exc)
         if cause is not None:
             raise write_error(path, cause) from None
@@ -132,7 +139,8 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Pa
     """Yield a temporary path beside `path`; when the block ends without error, rename it over `path`.
 
     For writers that open a file by name (h5py, matplotlib). The block must close its file. On any
-    error the temporary file is removed; an OSError becomes a one-line DmhpcError.
+    error the temporary file is removed; an OSError becomes `path`'s one-line write error, so a block
+    that reads other files says their errors itself, as DmhpcErrors (which pass unchanged).
     """
     path = Path(path)
     tmp = temporary_path(path)

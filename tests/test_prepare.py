@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import subprocess
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -886,6 +888,57 @@ def test_catalog_problems_are_one_line(tmp_path, capsys):
 
     fits.PrimaryHDU(np.zeros((3, 9, 9), np.float32)).writeto(tmp_path / "cutouts" / names[2])
     assert_fails(capsys, base, f"{names[2]}: cutout of shape (3, 9, 9); the first one ({names[0]}) is (3, 8, 8)")
+
+
+def test_a_cutout_gone_before_its_shard_is_written_is_named_and_nothing_is_left(tmp_path, capsys, monkeypatch):
+    """A cutout removed after the pixel scan was said as the shard's write error ("shard-00000.h5:
+    cannot write: No such file or directory; nothing written"): the user was sent to the output disk."""
+    from astropy.table import Table
+
+    names = cutouts(tmp_path, np.random.default_rng(5).normal(size=(20, 3, 8, 8)).astype(np.float32), per_filter=False)
+    Table({"id": [n[:-5] for n in names], "file": [f"cutouts/{n}" for n in names]}).write(tmp_path / "c.csv")
+    gone = tmp_path / "cutouts" / names[7]
+    real = shards.write_shard
+
+    def removed_first(*task):
+        gone.unlink(missing_ok=True)
+        return real(*task)
+
+    monkeypatch.setattr(shards, "write_shard", removed_first)
+    err = assert_fails(capsys, ["prepare", "--catalog", str(tmp_path / "c.csv"), "--file-column", "file",
+                                "--out", str(tmp_path / "ds"), "--shard-size", "8"], f"{gone}: no such cutout file")
+    assert "cannot write" not in err
+    assert sorted(os.listdir(tmp_path)) == ["c.csv", "cutouts"]  # no shard, no temporary file, no folder, no lock
+
+
+def test_an_input_the_disk_fails_to_read_while_writing_is_named(tmp_path, capsys, monkeypatch):
+    """An I/O error reading a scaled cube's rows (read from the file as each shard is written) was said
+    as the shard's write error: the user was sent to the output disk."""
+    from astropy.io import fits
+    from dmhpc.data import inputs
+
+    raw = np.random.default_rng(3).integers(-30000, 30000, (40, 3, 8, 8)).astype(np.int16)
+    hdu = fits.PrimaryHDU(raw)
+    hdu.header["BSCALE"], hdu.header["BZERO"] = 0.001, 5.0  # read through astropy's section, unmapped
+    cube = tmp_path / "scaled.fits"
+    hdu.writeto(cube)
+    writing, read, write = threading.Event(), inputs._SectionRows.__getitem__, shards.write_shard
+
+    def failing_disk(self, index):
+        if writing.is_set():
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return read(self, index)
+
+    def write_shard(*task):
+        writing.set()  # after the pixel scan
+        return write(*task)
+
+    monkeypatch.setattr(inputs._SectionRows, "__getitem__", failing_disk)
+    monkeypatch.setattr(shards, "write_shard", write_shard)
+    err = assert_fails(capsys, args({"images": str(cube), "out": str(tmp_path / "ds")}),
+                       f"{cube}: cannot read (Input/output error)")
+    assert "shard-" not in err
+    assert sorted(os.listdir(tmp_path)) == ["scaled.fits"]
 
 
 @pytest.mark.parametrize("mask_in", ["first", "later"])

@@ -16,7 +16,7 @@ import pytest
 from tests.conftest import ROOT
 from dmhpc.config import Config, config_to_dict, load_config, save_config
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_write, hold_lock, is_temporary, remove_orphans
+from dmhpc.files import atomic_path, atomic_write, hold_lock, is_temporary, remove_orphans
 from dmhpc.run import RunDir, evaluation_tag
 from dmhpc.train.checkpoint import load_checkpoint, save_checkpoint
 
@@ -52,6 +52,24 @@ def test_atomic_write_leaves_the_old_file_on_any_failure(tmp_path):
         atomic_write(path, writer=broken)
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["out.json"]
     assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~_umask())  # readable like any file, not 0600
+
+
+def test_an_error_inside_an_atomic_write_that_is_not_the_writes_passes_unchanged(tmp_path):
+    """A DmhpcError raised in the block (an input it read), or an error raised `from None` while
+    handling an OSError, was said as the target's write error ("out.h5: cannot write: No such file
+    or directory; nothing written"), from the OSError it disowned."""
+    path = tmp_path / "out.h5"
+    with pytest.raises(DmhpcError, match=r"^in.fits: no such cutout file$"), atomic_path(path):
+        try:
+            open(tmp_path / "in.fits", "rb")
+        except FileNotFoundError:
+            raise DmhpcError("in.fits: no such cutout file") from None
+    with pytest.raises(ValueError, match=r"^not a table$"), atomic_path(path):
+        try:
+            open(tmp_path / "in.fits", "rb")
+        except FileNotFoundError:
+            raise ValueError("not a table") from None
+    assert os.listdir(tmp_path) == []  # no temporary file left
 
 
 def _umask() -> int:

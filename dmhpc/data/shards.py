@@ -273,6 +273,7 @@ class Plan:
     dtype: str
     num_classes: int
     ids: np.ndarray | None = None  # (N,) bytes: catalog ids, kept in the shards for catalogs
+    source: str = "images"  # what error messages call the images (their file)
 
     @property
     def labelled(self) -> bool:
@@ -333,7 +334,8 @@ def plan_dataset(
     order = split_order(objects, seed, fractions)
     if len(order["train"]) == 0:
         raise DmhpcError(f"{names['images']}: {n} images leave the training split empty")
-    return Plan(images, labels, objects, order, int(shard_size), int(seed), fractions, dtype, int(num_classes), ids)
+    return Plan(images, labels, objects, order, int(shard_size), int(seed), fractions, dtype, int(num_classes), ids,
+                names["images"])
 
 
 def _combine(a, b):
@@ -437,7 +439,11 @@ def write_shard(plan: Plan, out_dir: str | os.PathLike, number: int) -> tuple[di
                 # Gather in increasing input order (sequential reads of a memmap), then put in row order.
                 ascending = np.argsort(rows, kind="stable")
                 block = buffer[: len(rows)]
-                block[ascending] = plan.images[rows[ascending]]
+                try:
+                    block[ascending] = plan.images[rows[ascending]]
+                except OSError as exc:
+                    # The input's disk, not the output's: atomic_path says an OSError as the shard's write error.
+                    raise DmhpcError(f"{plan.source}: cannot read ({exc.strerror or exc})") from None
                 images[a : a + len(rows)] = block
                 k = min(train_stop - a, len(rows))
                 if k > 0:
