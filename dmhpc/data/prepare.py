@@ -520,12 +520,14 @@ def prepare_arguments(parser) -> None:
         "--objects",
         metavar="O.npy",
         help="object ids .npy, (N,): images of one object (augmented copies, views) share an id and "
-        "land in one split; default: the catalog's ids, else each image its own object",
+        "land in one split; default: each image its own object, stored as its input row (global index; "
+        "a catalog's ids name images, not objects; --group-duplicates joins exact flips and rotations)",
     )
     cat = parser.add_argument_group("a catalog (CSV, ECSV, FITS, Parquet or HDF5 table)")
     cat.add_argument("--catalog", metavar="TABLE", help="one row per image: ids (and labels, cutout files); "
                      "with --images its rows are the images' rows, else each row names a FITS cutout")
-    cat.add_argument("--id-column", metavar="NAME", help="object id column (default: id)")
+    cat.add_argument("--id-column", metavar="NAME", help="image id column, one id per row, kept in the shards for "
+                     "predict's catalog; not an object id: see --objects (default: id)")
     cat.add_argument("--label-column", metavar="NAME", help="class label column (default: none, unlabelled)")
     cat.add_argument("--file-column", metavar="NAME", help="cutout file column (default: ID.fits in --cutouts)")
     cat.add_argument("--cutouts", metavar="DIR", help=CUTOUTS_HELP)
