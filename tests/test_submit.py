@@ -200,6 +200,13 @@ def test_sbatch_options_the_launcher_sets_are_refused_in_additional_parameters(t
                  "slurm.additional_parameters: key 1 is not an sbatch option name"):
         assert sum(line.startswith(f"g.yaml: {want}") for line in lines) == 1, (want, lines)
     assert len(lines) == len(owned) + 2
+    # --mem=0 (all of a node's memory) is said by mem_gb: 0.
+    problems = Problems("m.yaml")
+    zero = submit.read_resources(problems, {"mem_gb": 0, "additional_parameters": {"mem": 0}}, shape=True,
+                                 executor="slurm")
+    assert problems.lines == ["m.yaml: slurm.additional_parameters.mem: set by slurm.mem_gb (0: all of the node's)"]
+    script = make_executor("slurm", tmp_path, zero, "x")._executor._make_submission_file_text("python -m x", "uid")
+    assert "#SBATCH --mem=0GB\n" in script
     # A scaling study's shape is its lists'; a generic resource that is no GPU is the site's.
     problems = Problems("s.yaml")
     res = submit.read_resources(problems, {"additional_parameters": {"nodes": 2, "gres": "lscratch:10"}},

@@ -72,7 +72,7 @@ LAUNCHER_SBATCH = {
     "ntasks-per-gpu": "slurm.tasks_per_node", "gpus": "slurm.gpus_per_node", "gpus-per-node": "slurm.gpus_per_node",
     "gpus-per-task": "slurm.gpus_per_node", "gpus-per-socket": "slurm.gpus_per_node",
     "gres": "slurm.gpus_per_node", "tres-per-task": "slurm.gpus_per_node",  # where they ask for GPUs
-    "cpus-per-task": "slurm.cpus_per_task", "mem": "slurm.mem_gb", "time": "slurm.time",
+    "cpus-per-task": "slurm.cpus_per_task", "mem": "slurm.mem_gb (0: all of the node's)", "time": "slurm.time",
     "signal": "slurm.signal_delay_s (and SUBMITIT_PREEMPT_SIGNAL)", "partition": "slurm.partition",
     "account": "slurm.account", "qos": "slurm.qos", "constraint": "slurm.constraint",
     "exclusive": "slurm.exclusive", "array": "the launcher (one array of the points; slurm.array_parallelism)",
@@ -161,7 +161,7 @@ def read_resources(problems: Problems, data: Any, *, shape: bool, executor: str)
     for key in ("partition", "account", "qos", "constraint"):
         kw[key] = get(key, optional(text()), None)
     kw["cpus_per_task"] = get("cpus_per_task", optional(integer(1)), None)
-    kw["mem_gb"] = get("mem_gb", optional(number(0, low_open=True)), None)
+    kw["mem_gb"] = get("mem_gb", optional(number(0)), None)  # 0: all of a node's memory (--mem=0)
     kw["time_min"] = get("time", slurm_minutes, None)
     kw["exclusive"] = get("exclusive", boolean(), False)
     kw["array_parallelism"] = get("array_parallelism", integer(1), 256)
