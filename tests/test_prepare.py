@@ -796,10 +796,36 @@ def test_images_of_no_real_float_dtype_are_refused_at_opening(tmp_path, dtype):
 
 
 def test_a_compressed_cube_is_named_as_such(tmp_path):
+    """A gzipped cube named .fits was decompressed whole into memory (on every rank) by astropy; named
+    .fits.gz it was refused: refused alike now."""
+    import gzip
+
     (tmp_path / "cube.fits.gz").write_bytes(b"\x1f\x8b" + bytes(100))
     with pytest.raises(DmhpcError, match=r"cube.fits.gz: not a .npy file or a FITS cube \(.fits, .fit, .fts; a "
                                          r"compressed one decompressed\)"):
         open_images(tmp_path / "cube.fits.gz")
+    from astropy.io import fits
+
+    fits.PrimaryHDU(np.zeros((4, 3, 8, 8), np.float32)).writeto(tmp_path / "plain.fits")
+    (tmp_path / "gzipped.fits").write_bytes(gzip.compress((tmp_path / "plain.fits").read_bytes()))
+    with pytest.raises(DmhpcError, match=r"gzipped.fits: a compressed file \(gzip\); decompress it first$"):
+        open_images(tmp_path / "gzipped.fits")
+
+
+def test_a_tile_compressed_cube_is_read_by_rows(tmp_path):
+    """A tile-compressed cube (CompImageHDU) was decompressed whole when opened, on every rank; its
+    section decompresses the tiles of the rows read."""
+    from astropy.io import fits
+
+    from dmhpc.data.inputs import _SectionRows
+
+    raw = np.random.default_rng(3).normal(size=(40, 3, 8, 8)).astype(np.float32)
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(raw, compression_type="RICE_1")]).writeto(tmp_path / "c.fits")
+    with fits.open(tmp_path / "c.fits") as hdul:
+        whole = hdul[1].data.copy()  # astropy's own decompression (lossy for floats: quantized)
+    rows = open_images(tmp_path / "c.fits")
+    assert isinstance(rows.array, _SectionRows) and rows.shape == (40, 3, 8, 8)
+    np.testing.assert_array_equal(rows[np.array([3, 4, 5, 30])], whole[[3, 4, 5, 30]])
 
 
 def cutouts(tmp_path: Path, images: np.ndarray, per_filter: bool) -> list[str]:

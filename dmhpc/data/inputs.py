@@ -126,6 +126,18 @@ def _open_fits_cube(path: str | os.PathLike, nan_fill: float | None, layout: str
     from astropy.io import fits
 
     try:
+        with open(path, "rb") as f:
+            magic = f.read(3)
+    except FileNotFoundError:
+        raise DmhpcError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise DmhpcError(f"{path}: cannot read ({exc.strerror})") from None
+    compressed = "gzip" if magic[:2] == b"\x1f\x8b" else "bzip2" if magic == b"BZh" else None
+    if compressed:
+        # astropy would decompress the whole file into memory, on every rank: the cube is read by rows
+        # only when plain (as a .fits.gz name is refused).
+        raise DmhpcError(f"{path}: a compressed file ({compressed}); decompress it first")
+    try:
         hdul = fits.open(path, memmap=True)
     except FileNotFoundError:
         raise DmhpcError(f"{path}: no such file") from None
@@ -133,7 +145,10 @@ def _open_fits_cube(path: str | os.PathLike, nan_fill: float | None, layout: str
         raise _fits_error(path, exc) from None
     for number, hdu in enumerate(hdul):
         try:
-            if hdu.is_image and hdu.header.get("NAXIS", 0) and _scaled(hdu.header):
+            # Tile-compressed cubes too: their `data` decompressed the whole cube at opening, on every
+            # rank; their section decompresses the tiles of the rows asked for.
+            if hdu.is_image and hdu.header.get("NAXIS", 0) and (_scaled(hdu.header)
+                                                               or isinstance(hdu, fits.CompImageHDU)):
                 hdul.close()  # astropy maps no scaled integers: read through its lazy section, unmapped
                 hdul = fits.open(path, memmap=False)
                 hdu = hdul[number]
