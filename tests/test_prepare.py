@@ -801,8 +801,8 @@ def test_a_compressed_cube_is_named_as_such(tmp_path):
     import gzip
 
     (tmp_path / "cube.fits.gz").write_bytes(b"\x1f\x8b" + bytes(100))
-    with pytest.raises(DmhpcError, match=r"cube.fits.gz: not a .npy file or a FITS cube \(.fits, .fit, .fts; a "
-                                         r"compressed one decompressed\)"):
+    with pytest.raises(DmhpcError, match=r"cube.fits.gz: not a .npy file or a FITS cube \(.fits, .fit, .fts, .fz; a "
+                                         r"gzipped one decompressed\)"):
         open_images(tmp_path / "cube.fits.gz")
     from astropy.io import fits
 
@@ -820,10 +820,10 @@ def test_a_tile_compressed_cube_is_read_by_rows(tmp_path):
     from dmhpc.data.inputs import _SectionRows
 
     raw = np.random.default_rng(3).normal(size=(40, 3, 8, 8)).astype(np.float32)
-    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(raw, compression_type="RICE_1")]).writeto(tmp_path / "c.fits")
-    with fits.open(tmp_path / "c.fits") as hdul:
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(raw, compression_type="RICE_1")]).writeto(tmp_path / "c.fz")
+    with fits.open(tmp_path / "c.fz") as hdul:
         whole = hdul[1].data.copy()  # astropy's own decompression (lossy for floats: quantized)
-    rows = open_images(tmp_path / "c.fits")
+    rows = open_images(tmp_path / "c.fz")  # fpack's name for it
     assert isinstance(rows.array, _SectionRows) and rows.shape == (40, 3, 8, 8)
     np.testing.assert_array_equal(rows[np.array([3, 4, 5, 30])], whole[[3, 4, 5, 30]])
 

@@ -35,7 +35,7 @@ import numpy as np
 from dmhpc.errors import DmhpcError
 
 LAYOUTS = ("NCHW", "NHWC")
-FITS_SUFFIXES = (".fits", ".fit", ".fts")
+FITS_SUFFIXES = (".fits", ".fit", ".fts", ".fz")  # .fz: fpack's tile-compressed FITS
 CATALOG_FORMATS = {".csv": "ascii.csv", ".ecsv": "ascii.ecsv", ".fits": "fits", ".fit": "fits", ".fts": "fits",
                    ".parquet": "parquet", ".h5": "hdf5", ".hdf5": "hdf5"}
 
@@ -468,6 +468,6 @@ def open_images(path: str | os.PathLike, layout: str | None = None, nan_fill: fl
     path = Path(path)
     if path.suffix.lower() in FITS_SUFFIXES:
         return open_fits_cube(path, nan_fill, layout)
-    raw = open_npy(path, f"a .npy file or a FITS cube ({', '.join(FITS_SUFFIXES)}; a compressed one decompressed)")
+    raw = open_npy(path, f"a .npy file or a FITS cube ({', '.join(FITS_SUFFIXES)}; a gzipped one decompressed)")
     check_pixel_dtype(raw.dtype, str(path))
     return ArrayRows(raw, detect_layout(raw.shape, layout, str(path)), nan_fill)
