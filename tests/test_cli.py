@@ -117,3 +117,29 @@ def test_commands_of_a_run_take_run_dir_for_torchrun(command):
     sub = next(a for a in build_parser(command)._actions if isinstance(a, argparse._SubParsersAction))
     (run,) = [a for a in sub.choices[command]._actions if "--run" in a.option_strings]
     assert "--run-dir" in run.option_strings and run.dest == "run"
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_option_has_a_spelling_torchrun_passes_on(command, capsys):
+    """torchrun's parser takes an option after `-m dmhpc COMMAND` for an abbreviation of its own where
+    it can (`explain --n 4`: "ambiguous option: --n could match --nnodes, --nproc-per-node, ..."):
+    every option of every command has a spelling it passes on untouched."""
+    import argparse
+
+    from torch.distributed.run import get_args_parser
+
+    from dmhpc.cli import build_parser
+
+    sub = next(a for a in build_parser(command)._actions if isinstance(a, argparse._SubParsersAction))
+    torchrun = get_args_parser()
+    for action in sub.choices[command]._actions:
+        spellings = [s for s in action.option_strings if s.startswith("--") and s != "--help"]
+        passed = []
+        for spelling in spellings:
+            try:
+                args = torchrun.parse_args(["--standalone", "-m", "dmhpc", command, spelling, "1"])
+            except SystemExit:
+                capsys.readouterr()
+                continue
+            passed.append(args.training_script_args == [command, spelling, "1"])
+        assert not spellings or any(passed), (command, spellings)
