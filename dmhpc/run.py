@@ -69,10 +69,11 @@ RESUMABLE = {
 # How long a run trains: a finished run whose length changes is resumed, and unfinished again.
 LENGTH_KEYS = frozenset(key for key, why in RESUMABLE.items() if why == "length")
 # Resumable, but a finished run's result is not the result of a configuration that changed them:
-# which epochs were evaluated (so which checkpoint was selected and tested), the MMD estimate
-# trained on, and the ranks (not a configuration key: train.batch_size is per rank, so the global
-# batch). A launcher asked for such a point refuses the old run instead of reporting it.
-RESULT_KEYS = ("train.eval_every", "loss.mmd.max_samples", "ranks")
+# which epochs were evaluated (so which checkpoint was selected and tested) and the ranks (not a
+# configuration key: train.batch_size is per rank, so the global batch). A launcher asked for such
+# a point refuses the old run instead of reporting it. (loss.mmd.max_samples only refuses batches
+# larger than it: a run it let train is the same run under a larger cap.)
+RESULT_KEYS = ("train.eval_every", "ranks")
 DATA_KEYS = ("data.source", "data.target")
 _TAG_SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
 
