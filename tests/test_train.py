@@ -88,6 +88,9 @@ def test_single_process_run_directory(data, tmp_path, capsys):
         scalars |= set(board.Tags()["scalars"])
     assert "_hparams_/session_start_info" in hparams  # the run's config and test result in the HParams view
     assert {"lr", "hparam/test_source_accuracy"} <= scalars
+    # Each logged step's loss and each epoch's mean on curves of their own (they shared loss/total,
+    # two values at each epoch's last step).
+    assert {"step/loss/total", "loss/total"} <= scalars and not {"step/step", "step/loss"} & scalars
     assert {p.name for p in run.iterdir()} <= {".lock", "config.yaml", "run.json", "metrics.jsonl", "checkpoints",
                                                 "eval", "plots", "tensorboard"}
 

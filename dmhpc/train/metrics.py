@@ -223,10 +223,15 @@ class MetricLog:
 
     def write(self, record: dict, step: int) -> None:
         self.run.append_log(record, default=_json_default)
+        # A step record's scalars under step/: its loss terms (that step's) and an epoch record's
+        # (the epoch's means) shared loss/* tags, two values at each epoch's last step on one curve.
+        prefix = "step/" if record.get("kind") == "step" else ""
         with self._writing():
             for key, value in _flatten(record):
+                if key == "step":  # the x axis itself
+                    continue
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-                    self.tb.add_scalar(key, value, step)
+                    self.tb.add_scalar(prefix + key, value, step)
             self.tb.flush()
 
     @contextlib.contextmanager
