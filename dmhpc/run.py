@@ -349,8 +349,10 @@ class RunDir:
         yet: a fresh start would throw the checkpoint it began from away."""
         origin = None if last.is_file() else self._started_from()
         if origin is not None:
+            # --overwrite too: without it, a checkpoint from elsewhere is refused in a directory that
+            # holds a run (this one), and the advice led to a second refusal.
             raise DmhpcError(f"{self.path}: began from {origin} and has no {last.name} of its own yet; "
-                             f"--resume {origin} starts it again")
+                             f"--resume {origin} --overwrite starts it again")
 
     def _started_from(self) -> str | None:
         """The checkpoint from elsewhere this run began from (its first setup record), if any."""

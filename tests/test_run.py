@@ -423,8 +423,14 @@ def test_a_checkpoint_from_elsewhere_never_joins_another_run(tmp_path):
     run.append_log({"kind": "setup", "step": 0, "resumed_from": str(elsewhere)})
     run.release()
     with pytest.raises(DmhpcError, match=rf"began from {elsewhere} and has no last.pt of its own yet; --resume "
-                                         rf"{elsewhere} starts it again"):
+                                         rf"{elsewhere} --overwrite starts it again"):
         run.claim(cfg, "auto")
+    run.release()
+    assert run.claim(cfg, str(elsewhere), overwrite=True).replaces  # as it says (without --overwrite: refused)
+    run.release()
+    run.start(cfg, claim, {}, 0)
+    run.append_log({"kind": "setup", "step": 0, "resumed_from": str(elsewhere)})
+    run.release()
     # A launcher about to submit it again (which resumes "auto") refuses it too, before the queue.
     with pytest.raises(DmhpcError, match=rf"^{run.path}: began from {elsewhere} and has no last.pt of its own yet"):
         run.check_relaunch(cfg, {})
