@@ -371,7 +371,8 @@ class RunDir:
         trained, and results (or a start from another run's checkpoint) without a last.pt to resume
         from; and a finished run kept as the result of a configuration (or, `ranks` given, of a job
         shape: the global batch) it was not trained with. `data_ids` as for `claim`, of the data sets
-        that exist now."""
+        that exist now. Also train.max_steps below the steps last.pt is at, where the job's ranks are
+        those it trained with (or not given)."""
         self._check_owner()
         if not self.config_path.is_file():
             return
@@ -390,6 +391,9 @@ class RunDir:
             if isinstance(progress, Mapping):  # checkpoints of dmhpc's own tests may hold none
                 try:
                     check_epochs(cfg.train.epochs, progress.get("epoch", 0), progress.get("step_in_epoch", 0))
+                    # Its steps are those of the world it trained in: compared where the job's is the same.
+                    if isinstance(progress.get("step"), int) and (ranks is None or ranks == trained_on):
+                        check_steps(cfg.train.max_steps, progress["step"])
                 except DmhpcError as exc:
                     raise DmhpcError(f"{self.path}: {exc}") from None
         elif self.has_results() and not self._killed_before_its_first_last():
@@ -597,6 +601,14 @@ def check_epochs(epochs: int, epoch: int, step_in_epoch: int) -> None:
     if trained > epochs:
         raise DmhpcError(f"train.epochs {epochs}: the run has trained {trained} epochs already; "
                          f"give at least {trained}, or start a new run.dir")
+
+
+def check_steps(max_steps: int, position: int) -> None:
+    """Refuse train.max_steps (0: no limit) below the steps a run is at (`position`, in the steps of
+    the world size it resumes in), for the reason `check_epochs` gives."""
+    if max_steps and position > max_steps:
+        raise DmhpcError(f"train.max_steps {max_steps}: the run is at step {position} already (in this "
+                         f"world size's steps); give at least {position}, or start a new run.dir")
 
 
 def _load_state(path: Path) -> dict:

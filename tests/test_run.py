@@ -309,6 +309,22 @@ def test_a_relaunch_refuses_fewer_epochs_than_last_has_trained(tmp_path):
         run.check_relaunch(cfg_for(run.path, epochs=5), {})
 
 
+def test_a_relaunch_refuses_fewer_max_steps_than_last_is_at_in_its_world(tmp_path):
+    """The trainer refused train.max_steps below the run's step, a launcher did not: the point was
+    submitted again, waited in the queue, and failed."""
+    run, cfg = started(tmp_path, epochs=9)
+    save_checkpoint(run.checkpoint("last"), {"step": 30, "progress": {"epoch": 5, "step_in_epoch": 0, "step": 30,
+                                                                      "world_size": 2}})
+    for max_steps in (0, 30, 40):
+        run.check_relaunch(cfg_for(run.path, epochs=9, max_steps=max_steps), {}, ranks=2)
+    for ranks in (2, None):
+        with pytest.raises(DmhpcError, match=rf"^{run.path}: train.max_steps 20: the run is at step 30 already \(in "
+                                             rf"this world size's steps\); give at least 30, or start a new run.dir$"):
+            run.check_relaunch(cfg_for(run.path, epochs=9, max_steps=20), {}, ranks=ranks)
+    # In another world its steps are counted otherwise: the trainer's to judge.
+    run.check_relaunch(cfg_for(run.path, epochs=9, max_steps=20), {}, ranks=4)
+
+
 def test_a_relaunch_refuses_what_the_trainer_refuses_of_results_without_last(tmp_path):
     """An unfinished run (or a finished one asked for another length) with results but no last.pt
     would be submitted, and its trainer would refuse to start it."""

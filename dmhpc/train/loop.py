@@ -27,7 +27,7 @@ from dmhpc.distributed import (AgreedError, agree, all_gather_object, bootstrap,
 from dmhpc.errors import DmhpcError
 from dmhpc.losses.collective import stable_rows
 from dmhpc.progress import progress_bar
-from dmhpc.run import RunDir, check_epochs
+from dmhpc.run import RunDir, check_epochs, check_steps
 from dmhpc.train import preflight
 from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, UNFIT, StopRequest, check_requeue_progress, load_checkpoint,
                                    load_weights, save_checkpoint, unfit)
@@ -343,9 +343,7 @@ def _check_length(cfg, prog, position: int, total_steps: int, elsewhere) -> None
         raise DmhpcError(f"--resume {elsewhere}: trained {trained} epochs ({position} steps) already; a new run from "
                          f"it needs more to train: raise train.epochs (or train.max_steps)")
     check_epochs(cfg.train.epochs, prog.epoch, prog.step_in_epoch)
-    if cfg.train.max_steps and position > cfg.train.max_steps:
-        raise DmhpcError(f"train.max_steps {cfg.train.max_steps}: the run is at step {position} already (in this "
-                         f"world size's steps); give at least {position}, or start a new run.dir")
+    check_steps(cfg.train.max_steps, position)
 
 
 def _epoch_line(r: dict, criterion: str) -> str:
