@@ -372,7 +372,7 @@ class RunDir:
         from; and a finished run kept as the result of a configuration (or, `ranks` given, of a job
         shape: the global batch) it was not trained with. `data_ids` as for `claim`, of the data sets
         that exist now. Also train.max_steps below the steps last.pt is at, where the job's ranks are
-        those it trained with (or not given)."""
+        those it trained with (or not given), and a train.early_stopping the run went past."""
         self._check_owner()
         if not self.config_path.is_file():
             return
@@ -394,6 +394,9 @@ class RunDir:
                     # Its steps are those of the world it trained in: compared where the job's is the same.
                     if isinstance(progress.get("step"), int) and (ranks is None or ranks == trained_on):
                         check_steps(cfg.train.max_steps, progress["step"])
+                    stretches = progress.get("longest_without_best", 0), progress.get("evals_since_best", 0)
+                    if all(type(n) is int for n in stretches):
+                        check_patience(cfg.train.early_stopping, *stretches)
                 except DmhpcError as exc:
                     raise DmhpcError(f"{self.path}: {exc}") from None
         elif self.has_results() and not self._killed_before_its_first_last():
@@ -601,6 +604,18 @@ def check_epochs(epochs: int, epoch: int, step_in_epoch: int) -> None:
     if trained > epochs:
         raise DmhpcError(f"train.epochs {epochs}: the run has trained {trained} epochs already; "
                          f"give at least {trained}, or start a new run.dir")
+
+
+def check_patience(early_stopping: int, longest: int, since_best: int) -> None:
+    """Refuse a train.early_stopping (0: off) the run has gone past: a stretch of evaluations without
+    a better selection score as long as it that a better one ended (`longest`: the longest such), or
+    a current one (`since_best`) longer than it. With it from the start the run would have stopped
+    there and selected another checkpoint: its result would not be this setting's."""
+    if early_stopping and (longest >= early_stopping or since_best > early_stopping):
+        went = max(longest, since_best)
+        raise DmhpcError(f"train.early_stopping {early_stopping}: the run went {went} evaluations without a better "
+                         f"selection score already, where it would have stopped; give at least "
+                         f"{max(longest + 1, since_best)} (or 0, off), or start a new run.dir")
 
 
 def check_steps(max_steps: int, position: int) -> None:

@@ -190,6 +190,33 @@ def test_early_stopping_on_the_selection_score(data, tmp_path):
             if '"kind": "epoch"' in l] == epochs
 
 
+def test_a_lower_early_stopping_than_the_run_went_past_is_refused(data, tmp_path, monkeypatch, capsys):
+    """Scores 0.5, 0.4, 0.4, 0.9: resumed with train.early_stopping 2, the run went on and reported
+    epoch 3's checkpoint, where with 2 from the start it would have stopped after epoch 2 and
+    selected epoch 0. Refused now, by the trainer and by a launcher, as a shorter train.epochs is."""
+    from dmhpc.config import load_config
+    from dmhpc.run import RunDir
+    from dmhpc.train import loop
+
+    scores = iter([0.5, 0.4, 0.4, 0.9])
+    monkeypatch.setattr(loop, "selection_score", lambda criterion, val: next(scores))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=4")]) == 0
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=False)["progress"]["longest_without_best"] == 2
+    log = (run / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    for patience in (1, 2):
+        argv = _overrides(data, run, "train.epochs=5", f"train.early_stopping={patience}")
+        assert main(["train", "--config", str(TINY), *argv]) == 1
+        assert (f"train.early_stopping {patience}: the run went 2 evaluations without a better selection score "
+                f"already, where it would have stopped; give at least 3 (or 0, off)") in capsys.readouterr().err
+        with pytest.raises(DmhpcError, match=rf"train.early_stopping {patience}: the run went 2 evaluations"):
+            RunDir(run).check_relaunch(load_config(TINY, argv), {})
+    assert (run / "metrics.jsonl").read_bytes() == log  # nothing trained, nothing written
+    RunDir(run).check_relaunch(load_config(TINY, _overrides(data, run, "train.epochs=5", "train.early_stopping=3")),
+                               {})
+
+
 def test_bad_config_fails_before_training(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"base: {TINY}\ntrain:\n  batch_size: -4\n")

@@ -27,7 +27,7 @@ from dmhpc.distributed import (AgreedError, agree, all_gather_object, bootstrap,
 from dmhpc.errors import DmhpcError
 from dmhpc.losses.collective import stable_rows
 from dmhpc.progress import progress_bar
-from dmhpc.run import RunDir, check_epochs, check_steps
+from dmhpc.run import RunDir, check_epochs, check_patience, check_steps
 from dmhpc.train import preflight
 from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, UNFIT, StopRequest, check_requeue_progress, load_checkpoint,
                                    load_weights, save_checkpoint, unfit)
@@ -108,7 +108,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
     if claim.resume_from is not None and not claim.own:
         # A new run from another's checkpoint selects among its own epochs: the other run's best
         # score, never beaten, would leave this one without a best.pt to test.
-        prog.best_score, prog.evals_since_best = float("-inf"), 0
+        prog.best_score, prog.evals_since_best, prog.longest_without_best = float("-inf"), 0, 0
     kind = preflight.loader_kind(cfg, prog, dist.world_size)
 
     # --- data, the run's length, and only then the run's files ------------------------------------
@@ -286,6 +286,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
                                        std=stats["target"][1])
                         record["target"]["test"] = domain_metrics(test["labels"], test["prob"])
                     if score > prog.best_score:
+                        prog.longest_without_best = max(prog.longest_without_best, prog.evals_since_best)
                         prog.best_score, prog.evals_since_best = score, 0
                         checkpoint("best", meter, {"criterion": criterion, "score": score, "epoch": prog.epoch},
                                    epoch_done=epoch_done)
@@ -344,6 +345,7 @@ def _check_length(cfg, prog, position: int, total_steps: int, elsewhere) -> None
                          f"it needs more to train: raise train.epochs (or train.max_steps)")
     check_epochs(cfg.train.epochs, prog.epoch, prog.step_in_epoch)
     check_steps(cfg.train.max_steps, position)
+    check_patience(cfg.train.early_stopping, prog.longest_without_best, prog.evals_since_best)
 
 
 def _epoch_line(r: dict, criterion: str) -> str:

@@ -35,6 +35,9 @@ class Progress:
     step: int = 0             # global optimizer steps taken
     best_score: float = -math.inf
     evals_since_best: int = 0
+    # The longest stretch of evaluations without a better score that a better one ended: a lower
+    # train.early_stopping on resume would have stopped the run there (run.check_patience).
+    longest_without_best: int = 0
     # What step_in_epoch counts in: the order of an epoch's rows depends on both.
     world_size: int = 0
     loader: str = ""
@@ -47,7 +50,8 @@ def _check_progress(p: Progress) -> None:
     """A ValueError naming the field of a progress that no run writes (an edited checkpoint): its
     numbers index epochs, rows and steps, and a string or a negative one failed as a TypeError, or
     resumed at the wrong place without a word, much later."""
-    for key in ("epoch", "step_in_epoch", "step", "evals_since_best", "world_size", "schedule_steps_per_epoch"):
+    for key in ("epoch", "step_in_epoch", "step", "evals_since_best", "longest_without_best", "world_size",
+                "schedule_steps_per_epoch"):
         value = getattr(p, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
             raise ValueError(f"progress.{key} {value!r}: expected a whole number >= 0")
