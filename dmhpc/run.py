@@ -331,10 +331,14 @@ class RunDir:
         if resume_from is None:
             return Claim(None, replaces=existed)  # nothing trained yet: a fresh start
         old, where = self._reference_config(resume_from)
-        # run.json's fingerprints are of the data this run trained on, not a foreign checkpoint's.
-        changed = self._check_changes(old, config_to_dict(cfg), where,
-                                      (data_ids or {}) if self._own(resume_from) else {})
         own = self._own(resume_from)
+        # The data sets the checkpoint trained on: this run's run.json for its own; for one from
+        # elsewhere, its run's (none for a bare checkpoint). Without them a set prepared again at
+        # the same path (its test split may now hold rows the checkpoint trained on) was taken, and
+        # the same set moved to another path refused.
+        trained_on = self if own else RunDir(resume_from.resolve().parent.parent)
+        changed = self._check_changes(old, config_to_dict(cfg), where, data_ids or {},
+                                      trained_on.recorded_data() if trained_on.record_path.is_file() else {})
         return Claim(resume_from, changed, replaces=existed and not own, own=own)
 
     def _killed_before_its_first_last(self) -> bool:
@@ -509,8 +513,12 @@ class RunDir:
             raise DmhpcError(f"{self.config_path}: differs from what {checkpoint} was trained with: {shown} "
                              f"(edited by hand? restore it)")
 
-    def _check_changes(self, old: dict, new: dict, where: str, data_ids: Mapping[str, str]) -> dict:
-        saved_ids = {f"data.{k}": v.get("fingerprint") for k, v in self.recorded_data().items()}
+    def _check_changes(self, old: dict, new: dict, where: str, data_ids: Mapping[str, str],
+                       recorded: Mapping[str, Mapping] | None = None) -> dict:
+        """The resumable keys that changed; refuses the others. `recorded`: the data sets the
+        checkpoint trained on (run.json's "data"), by default this run's."""
+        recorded = self.recorded_data() if recorded is None else recorded
+        saved_ids = {f"data.{k}": v.get("fingerprint") for k, v in recorded.items()}
         changed, refused = {}, []
         for key in _changed_in_effect(old, new):
             a, b = _dotted(old, key), _dotted(new, key)

@@ -951,6 +951,30 @@ def test_a_new_run_from_another_runs_checkpoint_selects_among_its_own_epochs(dat
     assert not (tmp_path / "third").exists()
 
 
+def test_a_new_run_from_another_runs_checkpoint_checks_the_data_it_trained_on(data, tmp_path, capsys):
+    """The other run's data sets were never compared: one prepared again at the same path (its test
+    split may hold rows the checkpoint trained on) was taken, and the same set moved to another
+    path refused. The other run's run.json says which data sets its checkpoint trained on."""
+    import shutil
+
+    here, moved = tmp_path / "here", tmp_path / "moved"
+    shutil.copytree(data, here)
+    first = tmp_path / "first"
+    assert main(["train", "--config", str(TINY), *_overrides(here, first, "train.epochs=1")]) == 0
+    shutil.copytree(here, moved)
+    resume = ["--resume", str(first / "checkpoints" / "last.pt")]
+    assert main(["train", "--config", str(TINY), *_overrides(moved, tmp_path / "second", "train.epochs=2"),
+                 *resume]) == 0
+    shutil.rmtree(here / "pristine")
+    shutil.copytree(data / "noisy", here / "pristine")  # another data set under the path it trained on
+    capsys.readouterr()
+    assert main(["train", "--config", str(TINY), *_overrides(here, tmp_path / "third", "train.epochs=2"), *resume]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"data.source {str(here / 'pristine')!r}".replace("'", '"') in err and \
+        "holds another data set than the run trained on" in err, err
+    assert not (tmp_path / "third").exists()
+
+
 def test_resuming_its_own_best_checkpoint_starts_the_next_epoch(data, tmp_path, capsys):
     """best.pt was written before the epoch rolled over: resumed, it ran an empty epoch (a second
     record of the same epoch with a NaN loss, one more evaluation without improvement)."""
