@@ -250,7 +250,9 @@ def test_a_finished_point_asked_to_train_longer_resumes_instead_of_passing_for_t
         return load_grid({**longer, "overrides": tiny_overrides(data, **{"train.epochs": 2, **keys})}).points[0].finished
 
     assert finished(**{"train.log_every": 2})  # another cadence is no reason to train again
-    assert not finished(**{"train.early_stopping": 3}) and not finished(**{"train.max_steps": 15})
+    assert not finished(**{"train.early_stopping": 3}) and not finished(**{"train.max_steps": 40})
+    with pytest.raises(DmhpcError, match=r"train.max_steps 15: the run is at step 22 already"):
+        finished(**{"train.max_steps": 15})  # the trainer would refuse it, after the queue
     # The file asks for fewer epochs than the run trained: a launch refuses it, and a report (which
     # launches nothing) refused to write any table; it leaves that point out, naming it.
     shorter = {**spec, "grid": {"seed": [1, 2]}}
