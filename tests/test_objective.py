@@ -104,6 +104,41 @@ def test_the_step_runs_under_the_amp_it_is_given():
     assert _matmul_dtypes(bf16) == {torch.bfloat16}
 
 
+@pytest.mark.parametrize("schedule", ["warmup-cosine", "inv"])
+def test_each_step_trains_each_group_at_its_rate_and_reverses_by_the_scheduled_coefficient(schedule, monkeypatch):
+    """The rate schedule, the groups' multipliers (heads 10x, the discriminator its own) and the
+    gradient-reversal coefficient reached no checked optimizer or forward pass: the trainer logs
+    them recomputed from the same functions, so a step that ignored them passed every test."""
+    from dmhpc.losses import grl_coefficient
+    from dmhpc.train.schedule import lr_factor
+
+    cfg = config(transfer="dann", fisher_weight=0.01)  # Fisher's centres: a group at head_lr_mult
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, schedule=schedule, warmup_steps=2,
+                                                             head_lr_mult=10.0, discriminator_lr_mult=0.5))
+    state = TrainState.build(cfg, torch.device("cpu"), 3)
+    coefficients = []
+    forward = DomainAdaptation.forward
+
+    def seen(self, xs, ys, xt, grl):
+        coefficients.append(grl)
+        return forward(self, xs, ys, xt, grl)
+
+    monkeypatch.setattr(DomainAdaptation, "forward", seen)
+    step = TrainStep(cfg, state, CPU, total_steps=10, steps_per_epoch=5)
+    groups = state.optimizer.param_groups
+    assert {g["lr_mult"] for g in groups} == {1.0, 10.0, 0.5}
+    rates = []
+    for k in range(4):
+        step(k, batch(k))
+        factor = lr_factor(k, cfg.optim, total_steps=10, steps_per_epoch=5)
+        for g in groups:
+            assert g["lr"] == pytest.approx(cfg.optim.lr * g["lr_mult"] * factor, rel=1e-12), (k, g["lr_mult"])
+        rates.append(factor)
+        g = cfg.loss.grl
+        assert coefficients[-1] == grl_coefficient(k, 10, schedule=g.schedule, alpha=g.alpha, high=g.high)
+    assert len(set(rates)) >= 3 and len(set(coefficients)) == 4  # both change along the steps
+
+
 def test_an_eager_step_runs_the_plain_module():
     """What is compiled with train.compile is checked by the trainer's test of it (test_train)."""
     cfg = config(transfer="mmd")
