@@ -71,6 +71,18 @@ def test_single_process_run_directory(data, tmp_path, capsys):
         for split in ("train", "val"):
             assert set(last[domain][split]) >= {"accuracy", "precision", "recall", "f1", "roc_auc", "brier", "confusion"}
     assert last["images_per_s"] > 0 and last["step_time_s"] > 0
+    # The normalization run.json records (predict, export and explain reuse it) is each domain's
+    # training split's, computed here from the pixels: the tests of those read it back from run.json.
+    from dmhpc.data.shards import RowReader, load_manifest
+    from dmhpc.run import RunDir
+
+    for role, folder in (("source", "pristine"), ("target", "noisy")):
+        start, stop = load_manifest(data / folder)["rows"]["train"]
+        with RowReader(data / folder) as reader:
+            pixels = reader.read(start, stop)["images"].astype(np.float64)
+        mean, std = RunDir(run).normalization(role)
+        np.testing.assert_allclose(mean, pixels.mean(axis=(0, 2, 3)), rtol=1e-6)
+        np.testing.assert_allclose(std, pixels.std(axis=(0, 2, 3)), rtol=1e-6)
     test = json.loads((run / "eval" / "best_test.json").read_text())
     assert test["oracle"] is False and test["checkpoint"]["criterion"] == "source-val-acc" and test["split"] == "test"
     assert "| run |" in capsys.readouterr().out
