@@ -4,6 +4,7 @@ sbatch options a site sets, and the threads of local ranks."""
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import subprocess
@@ -492,7 +493,9 @@ def test_sigterm_as_a_local_job_starts_cancels_it(tmp_path, monkeypatch):
 
 def test_ctrl_c_while_submitting_stops_after_the_job_array_in_hand(tmp_path, monkeypatch, in_the_foreground):
     """Points of different resources go in as one job array each: Ctrl-C during the first stops
-    the launch once that array is recorded, and submits no other."""
+    the launch once that array is recorded in jobs.json (so the next launch re-attaches it instead
+    of submitting it again), and submits no other."""
+    fake_commands(tmp_path, monkeypatch, {"sbatch": 'echo "Submitted batch job 1234"\n'})
     arrays = []
 
     class SignalledExecutor:
@@ -512,9 +515,11 @@ def test_ctrl_c_while_submitting_stops_after_the_job_array_in_hand(tmp_path, mon
               for name in ("a", "b")]
     resources = {"a": Resources(time_min=5), "b": Resources(time_min=10)}
     with pytest.raises(KeyboardInterrupt):
-        submit.submit_points(points, resources, kind="debug", folder=tmp_path / "submitit", job_name="dmhpc-test",
+        submit.submit_points(points, resources, kind="slurm", folder=tmp_path / "submitit", job_name="dmhpc-test",
                              task=TrainTask())
     assert len(arrays) == 1
+    recorded = json.loads((tmp_path / "submitit" / submit.JOBS_FILE).read_text())
+    assert {name: entry["job_id"] for name, entry in recorded.items()} == {"a": "1234"}  # (one point: no array)
 
 
 def _started_then_sleep(path: str) -> None:
