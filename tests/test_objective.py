@@ -73,6 +73,32 @@ def test_the_total_is_the_weighted_sum_of_independently_computed_terms(transfer)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("transfer", ["mmd", "coral", "dann"])
+@pytest.mark.parametrize("scope", ["local", "global"])
+def test_every_term_is_computed_at_the_configured_scope(transfer, scope, monkeypatch):
+    """loss.scope decides whether a term is the whole global batch's or each rank's; in one process
+    both give the same numbers, and a term computed at the other scope passed the trainer's
+    two-rank tests too. Each term must be handed the configured scope."""
+    from dmhpc.train import objective
+
+    scopes = []
+
+    def recorded(fn):
+        def call(*args, **kwargs):
+            scopes.append((fn.__name__, kwargs.get("scope")))
+            return fn(*args, **kwargs)
+        return call
+
+    for name in ("mmd", "coral", "dann_loss", "entropy"):
+        monkeypatch.setattr(objective, name, recorded(getattr(objective, name)))
+    cfg = config(transfer=transfer, scope=scope, entropy_weight=0.1, fisher_weight=0.01)
+    model = DomainAdaptation(cfg, seed=0, in_channels=3)
+    xs, ys, xt, _ = batch()
+    model(xs, ys, xt, 0.5)
+    assert sorted(scopes) == sorted([(transfer if transfer != "dann" else "dann_loss", scope), ("entropy", scope)])
+    assert model.fisher.scope == scope
+
+
 def test_a_zero_weight_leaves_a_term_out_of_the_total():
     cfg = config(transfer="mmd", transfer_weight=0.0, entropy_weight=0.0)
     model = DomainAdaptation(cfg, seed=0, in_channels=3).eval()
