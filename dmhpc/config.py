@@ -69,12 +69,11 @@ _CATCHABLE = tuple(s.name for s in signal.Signals if s.name not in ("SIGKILL", "
 
 def _signal_names() -> Check:
     def convert(v):
-        # Empty is refused: the scheduler's stop signal would then kill the ranks unsaved.
-        if not isinstance(v, list) or not v or not all(s in _CATCHABLE for s in v) or len(set(v)) != len(v):
+        if not isinstance(v, list) or not all(s in _CATCHABLE for s in v) or len(set(v)) != len(v):
             raise ValueError
         return tuple(v)
 
-    return Check('a non-empty list of distinct catchable signal names, e.g. ["SIGTERM", "SIGUSR2"]', convert)
+    return Check('a list of distinct catchable signal names, e.g. ["SIGTERM", "SIGUSR2"]', convert)
 
 
 def _key(default: Any, check: Check) -> Any:
@@ -510,6 +509,9 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *, writt
     if not written:
         _check_paths(cfg, origin, str(path))
         _check_inert(cfg, origin, files)
+        if not cfg.train.signals:  # (runs an older dmhpc started with none still resume)
+            raise DmhpcError(f"{origin.get('train.signals', str(path))}: train.signals: expected a non-empty list: "
+                             f"without one the scheduler's stop kills the ranks with nothing saved")
     return cfg
 
 

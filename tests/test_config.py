@@ -140,6 +140,11 @@ def test_a_setting_that_does_nothing_where_it_is_set_is_refused(tmp_path):
     assert load_config(base, ["optim.schedule=warmup-cosine", "optim.warmup_steps=5"]).optim.warmup_steps == 5
     written = write(tmp_path / "run.yaml", "optim: {schedule: cyclic, warmup_steps: 500}\n")
     assert load_config(written, written=True).optim.warmup_steps == 500
+    # A run an older dmhpc started with no stop signals (refused in a new configuration) still opens.
+    silent = write(tmp_path / "silent.yaml", "train: {signals: []}\n")
+    assert load_config(silent, written=True).train.signals == ()
+    with pytest.raises(DmhpcError, match=f"^{silent}: train.signals: expected a non-empty list"):
+        load_config(silent)
 
 
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
