@@ -375,8 +375,9 @@ class RunDir:
         trained, and results (or a start from another run's checkpoint) without a last.pt to resume
         from; and a finished run kept as the result of a configuration (or, `ranks` given, of a job
         shape: the global batch) it was not trained with. `data_ids` as for `claim`, of the data sets
-        that exist now. Also train.max_steps below the steps last.pt is at, where the job's ranks are
-        those it trained with (or not given), and a train.early_stopping the run went past."""
+        that exist now. Also train.max_steps below the steps last.pt is at, where the run always
+        trained with the job's ranks (or they are not given), and a train.early_stopping the run went
+        past."""
         self._check_owner()
         if not self.config_path.is_file():
             return
@@ -395,8 +396,11 @@ class RunDir:
             if isinstance(progress, Mapping):  # checkpoints of dmhpc's own tests may hold none
                 try:
                     check_epochs(cfg.train.epochs, progress.get("epoch", 0), progress.get("step_in_epoch", 0))
-                    # Its steps are those of the world it trained in: compared where the job's is the same.
-                    if isinstance(progress.get("step"), int) and (ranks is None or ranks == trained_on):
+                    # progress.step counts the steps of every world the run trained in, the trainer
+                    # this world's: the same number only where it always trained in the job's.
+                    worlds = {r.get("world_size") for r in self.read_log() if r.get("kind") == "setup"}
+                    if isinstance(progress.get("step"), int) and worlds <= {trained_on} and \
+                            (ranks is None or ranks == trained_on):
                         check_steps(cfg.train.max_steps, progress["step"])
                     stretches = progress.get("longest_without_best", 0), progress.get("evals_since_best", 0)
                     if all(type(n) is int for n in stretches):

@@ -321,8 +321,11 @@ def test_a_relaunch_refuses_fewer_max_steps_than_last_is_at_in_its_world(tmp_pat
         with pytest.raises(DmhpcError, match=rf"^{run.path}: train.max_steps 20: the run is at step 30 already \(in "
                                              rf"this world size's steps\); give at least 30, or start a new run.dir$"):
             run.check_relaunch(cfg_for(run.path, epochs=9, max_steps=20), {}, ranks=ranks)
-    # In another world its steps are counted otherwise: the trainer's to judge.
+    # In another world its steps are counted otherwise: the trainer's to judge; so after the run
+    # trained in another world, whose steps progress.step counts too.
     run.check_relaunch(cfg_for(run.path, epochs=9, max_steps=20), {}, ranks=4)
+    run.append_log({"kind": "setup", "step": 0, "world_size": 4})
+    run.check_relaunch(cfg_for(run.path, epochs=9, max_steps=20), {}, ranks=2)
 
 
 def test_a_relaunch_refuses_what_the_trainer_refuses_of_results_without_last(tmp_path):
