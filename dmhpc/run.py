@@ -336,9 +336,10 @@ class RunDir:
         # elsewhere, its run's (none for a bare checkpoint). Without them a set prepared again at
         # the same path (its test split may now hold rows the checkpoint trained on) was taken, and
         # the same set moved to another path refused.
-        trained_on = self if own else RunDir(resume_from.resolve().parent.parent)
-        changed = self._check_changes(old, config_to_dict(cfg), where, data_ids or {},
-                                      trained_on.recorded_data() if trained_on.record_path.is_file() else {})
+        origin = resume_from.resolve().parent
+        trained_on = self if own else RunDir(origin.parent)
+        recorded = trained_on.recorded_data() if own or (origin.name == CHECKPOINTS and trained_on.holds_run()) else {}
+        changed = self._check_changes(old, config_to_dict(cfg), where, data_ids or {}, recorded)
         return Claim(resume_from, changed, replaces=existed and not own, own=own)
 
     def _killed_before_its_first_last(self) -> bool:

@@ -436,6 +436,12 @@ def test_a_checkpoint_from_elsewhere_never_joins_another_run(tmp_path):
     claim = run.claim(cfg, str(elsewhere), overwrite=True, data_ids={"data.source": "X", "data.target": "Y"})
     assert claim.replaces and claim.changed == {}
     run.release()
+    # A bare checkpoint is no run's: a run.json two folders up (not a run's) is not read for it.
+    bare = tmp_path / "kept" / "x.pt"
+    save_checkpoint(bare, {"config": config_to_dict(cfg)})
+    (tmp_path / "run.json").write_text("not a run's record")
+    assert run.claim(cfg, str(bare), overwrite=True, data_ids={"data.source": "X"}).changed == {}
+    run.release()
     # A run that began from it and was killed before a last.pt of its own: a plain requeue would
     # have started it again from random weights.
     run.start(cfg, claim, {}, 0)
