@@ -854,6 +854,7 @@ def test_deterministic_training_turns_the_kernels_on_and_runs(data, tmp_path, mo
         assert seen and set(seen) == {(True, True, False, ":4096:8")}
         assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
         assert torch.backends.cudnn.benchmark and torch.get_num_threads() == 13
+        assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = torch.backends.cudnn.benchmark = False

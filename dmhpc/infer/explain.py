@@ -365,9 +365,10 @@ def explain_arguments(parser) -> None:
                         help="a prepared data set (its test split, else all of it) instead of the run's source and target")
     parser.add_argument("--catalog", type=Path, metavar="CATALOG",
                         help="a dmhpc predict catalog: explain its top merger candidates")
-    # --n-per-class too: under torchrun, --n is an ambiguous abbreviation of torchrun's --nnodes and others.
-    parser.add_argument("--n", "--n-per-class", dest="n", type=int, default=6,
-                        help="images per domain and class (default 6; write --n-per-class under torchrun)")
+    # --count too: under torchrun, --n is an ambiguous abbreviation of torchrun's --nnodes and others.
+    parser.add_argument("--n", "--count", dest="n", type=int, default=6,
+                        help="images per domain and class, or with --catalog the top candidates (default 6; "
+                             "write --count under torchrun)")
     parser.add_argument("--seed", type=int, help="which test images are drawn (default 0; not with --catalog, whose "
                                                  "top candidates are explained)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNG grids")

@@ -90,7 +90,7 @@ class Source:
         shards; not the cutouts a catalog names, which each part records) differ from the start's."""
         try:
             return input_identity(**self._inputs) != self.identity
-        except OSError:  # a data set's folder removed
+        except OSError:  # a data set's folder removed while it was listed
             return True
 
     def cutout_files(self, start: int, stop: int) -> str:

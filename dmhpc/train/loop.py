@@ -336,7 +336,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
 
 def _check_length(cfg, prog, position: int, total_steps: int, elsewhere) -> None:
     """Refuse a length shorter than what the run trained already (its config.yaml would say fewer
-    epochs or steps than its log and checkpoints hold, and leaderboards read the config), and a new
+    epochs or steps than its log and checkpoints hold, and leaderboards read the config), a
+    train.early_stopping the run went past (`check_patience`), and a new
     run from the checkpoint `elsewhere` (None: the run's own) that leaves it nothing to train: it
     would end with no best.pt of its own to test. `position`: the steps done, in this world's steps."""
     trained = prog.epoch + (prog.step_in_epoch > 0)

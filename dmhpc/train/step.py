@@ -27,6 +27,7 @@ def determinism(on: bool):
     cuBLAS call); the process's own settings come back after it."""
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
               torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     if on:
         # cuBLAS needs a fixed workspace to be deterministic; it reads this when its handle is made.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -38,6 +39,8 @@ def determinism(on: bool):
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=before[1])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
+        if workspace is None:  # (cuBLAS handles made meanwhile keep the workspace they were made with)
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 def autocast(amp: str, device: torch.device):
