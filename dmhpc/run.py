@@ -232,6 +232,15 @@ class RunDir:
             raise DmhpcError(f"{self.record_path}: data: expected a mapping of role to data set")
         return data
 
+    def refuse_prepared_again(self, role: str, directory, now: str, instead: str) -> None:
+        """Refuse the run's own `role` data set, at `directory` with manifest fingerprint `now`, when
+        it was prepared again since the run trained on it: its test split may hold images the run
+        trained on (`instead`: what to do). A run without a recorded fingerprint is not refused."""
+        was = self.recorded_data().get(role, {}).get("fingerprint")
+        if was and now != was:
+            raise DmhpcError(f"data.{role} {directory}: prepared again since the run trained on it (manifest "
+                             f"fingerprint {was[:12]} -> {now[:12]}); {instead}")
+
     def normalization(self, role: str) -> tuple[list[float], list[float]]:
         """(mean, std) per channel the run normalized `role` with."""
         entry = self.data_record(role)

@@ -131,16 +131,6 @@ def _test_split(directory: Path, limit: int, seed: int) -> dict:
     return {"images": images, "labels": labels, "names": names, "split": split}
 
 
-def _check_own_data(run: RunDir, domains: dict[str, Path], prints: dict[str, str]) -> None:
-    """Refuse the run's own data sets prepared again since it trained: their "test split" may now
-    hold images it trained on, and the grids would say otherwise (as `dmhpc eval` refuses them)."""
-    for role, directory in domains.items():
-        was, now = run.recorded_data().get(role, {}).get("fingerprint"), prints[role]
-        if was and now != was:
-            raise DmhpcError(f"data.{role} {directory}: prepared again since the run trained on it (manifest "
-                             f"fingerprint {was[:12]} -> {now[:12]}); explain it as other data with --data")
-
-
 def _read_catalog(catalog: Path):
     """A `dmhpc predict` catalog as an astropy Table with its provenance in `meta` (plain CSV keeps
     it in CATALOG.json beside the file)."""
@@ -328,8 +318,10 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             prints = {name: fingerprint(load_manifest(directory)) for name, directory in domains.items()}
             if data is not None:
                 check_shape(data, load_manifest(data)["shape"], run.data_record("source")["shape"])
-            else:
-                _check_own_data(run, domains, prints)
+            else:  # their "test split" may now hold images the run trained on, as eval refuses
+                for role, directory in domains.items():
+                    run.refuse_prepared_again(role, directory, prints[role],
+                                              "explain it as other data with --data")
             drawn = {name: _test_split(directory, pool, seed) for name, directory in domains.items()}
             claim_out()
             for name, directory in domains.items():

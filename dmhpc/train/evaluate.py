@@ -233,10 +233,9 @@ def _check_data(run: RunDir, cfg, dirs: dict, own: bool, split: str, dist, names
     for role in DOMAINS:
         manifest = manifests[role] = load_manifest(dirs[role])
         check_shape(dirs[role], manifest["shape"], trained)
-        was, now = recorded.get(role, {}).get("fingerprint"), fingerprint(manifest)
-        if own and was and now != was:
-            raise DmhpcError(f"data.{role} {dirs[role]}: prepared again since the run trained on it (manifest "
-                             f"fingerprint {was[:12]} -> {now[:12]}); evaluate it as other data with --target")
+        if own:
+            run.refuse_prepared_again(role, dirs[role], fingerprint(manifest),
+                                      "evaluate it as other data with --target")
         start, stop = manifest["rows"][split]
         if stop == start:  # failed drawing the features with a ValueError traceback, after the result was written
             raise DmhpcError(f"{names[role]} {dirs[role]}: the {split} split is empty; nothing to evaluate "
