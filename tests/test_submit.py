@@ -186,6 +186,7 @@ def test_sbatch_options_the_launcher_sets_are_refused_in_additional_parameters(t
     emitted = set(re.findall(r"^#SBATCH --([\w-]+)", script, re.M)) - {"wckey"}  # accounting only: the site's
     owned = emitted | {"ntasks", "gpus", "gpus-per-task", "gres", "error", "array", "ntasks_per_node", "open_mode"}
     extra = {**{o: "gpu:1" for o in owned}, "sig": "USR1@30", 1: "x", "mail-type": "END", "wckey": "astro"}
+    extra["exclusive"] = "true"  # what slurm.exclusive says; "user" (nodes shared with one's own jobs) it cannot
     problems = Problems("g.yaml")
     res = submit.read_resources(problems, {"additional_parameters": extra}, shape=True, executor="slurm")
     assert res.additional_parameters == (("mail-type", "END"), ("wckey", "astro"))
@@ -210,10 +211,12 @@ def test_sbatch_options_the_launcher_sets_are_refused_in_additional_parameters(t
     assert "#SBATCH --mem=0GB\n" in script
     # A scaling study's shape is its lists'; a generic resource that is no GPU is the site's.
     problems = Problems("s.yaml")
-    res = submit.read_resources(problems, {"additional_parameters": {"nodes": 2, "gres": "lscratch:10"}},
+    res = submit.read_resources(problems, {"additional_parameters": {"nodes": 2, "gres": "lscratch:10",
+                                                                     "exclusive": "user"}},
                                 shape=False, executor="slurm")
     assert problems.lines == ["s.yaml: slurm.additional_parameters.nodes: set by the study's nodes and "
-                              "gpus_per_node lists"] and res.additional_parameters == (("gres", "lscratch:10"),)
+                              "gpus_per_node lists"]
+    assert res.additional_parameters == (("exclusive", "user"), ("gres", "lscratch:10"))
 
 
 def _local_limits() -> tuple[str, str]:

@@ -71,7 +71,9 @@ LAUNCHER_SBATCH = {
     "nodes": "slurm.nodes", "ntasks": "slurm.tasks_per_node", "ntasks-per-node": "slurm.tasks_per_node",
     "ntasks-per-gpu": "slurm.tasks_per_node", "gpus": "slurm.gpus_per_node", "gpus-per-node": "slurm.gpus_per_node",
     "gpus-per-task": "slurm.gpus_per_node", "gpus-per-socket": "slurm.gpus_per_node",
-    "gres": "slurm.gpus_per_node", "tres-per-task": "slurm.gpus_per_node",  # where they ask for GPUs
+    # Where they ask for GPUs; a GPU type is said by slurm.constraint (a node feature) at most sites.
+    "gres": "slurm.gpus_per_node (a GPU type: slurm.constraint)",
+    "tres-per-task": "slurm.gpus_per_node (a GPU type: slurm.constraint)",
     "cpus-per-task": "slurm.cpus_per_task", "mem": "slurm.mem_gb (0: all of the node's)", "time": "slurm.time",
     "signal": "slurm.signal_delay_s (and SUBMITIT_PREEMPT_SIGNAL)", "partition": "slurm.partition",
     "account": "slurm.account", "qos": "slurm.qos", "constraint": "slurm.constraint",
@@ -197,6 +199,8 @@ def _additional_parameters(problems: Problems, extra: dict, shape: bool) -> tupl
                                                               None)
         if owned in ("gres", "tres-per-task") and "gpu" not in str(value).lower():
             owned = None  # another generic resource (local scratch, licences) is the site's to ask for
+        if owned == "exclusive" and str(value) in ("user", "mcs", "topo"):
+            owned = None  # sharing nodes with one's own jobs only: what slurm.exclusive (true/false) cannot say
         if not isinstance(value, (str, int, float)):
             problems.add(where, f"expected a string or number, got {show(value)}")
         elif owned is not None:
