@@ -77,7 +77,8 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
+    """Make the renames into `directory` durable (where the file system allows)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -151,7 +152,7 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Pa
                 os.fsync(f.fileno())
         os.replace(tmp, path)
     if durable:
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes | None = None, *,
@@ -171,7 +172,7 @@ def atomic_write(path: str | os.PathLike, data: str | bytes | None = None, *,
             if durable:
                 os.fsync(f.fileno())
     if durable:
-        _fsync_dir(path.parent)
+        fsync_directory(path.parent)
     return path
 
 
@@ -181,7 +182,7 @@ def replace_durably(source: str | os.PathLike, target: str | os.PathLike) -> Non
         os.replace(source, target)
     except OSError as exc:
         raise write_error(target, exc) from None
-    _fsync_dir(Path(target).parent)
+    fsync_directory(Path(target).parent)
 
 
 def remove_orphans(directory: str | os.PathLike) -> tuple[int, int]:

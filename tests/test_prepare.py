@@ -309,11 +309,45 @@ def test_interrupted_conversion_is_finished_by_running_again(inputs, tmp_path, m
 
     monkeypatch.setattr(shards, "write_shard", interrupted)
     assert main(args(inputs)) == 130
-    left = set(os.listdir(inputs["out"]))
+    assert os.listdir(inputs["out"]) == [shards.STAGING]  # written there, never moved into place
+    left = set(os.listdir(Path(inputs["out"]) / shards.STAGING))
     assert MANIFEST not in left and {"shard-00000.h5", "shard-00001.h5", ".shard-00002.h5.abcd1234.tmp"} <= left
     monkeypatch.setattr(shards, "write_shard", real)
     assert main(args(inputs)) == 0  # no --overwrite needed
     assert shard_bytes(inputs["out"]) == shard_bytes(reference["out"])
+
+
+def test_an_overwrite_that_fails_or_is_killed_leaves_the_old_data_set_whole(inputs, monkeypatch, capsys):
+    """--overwrite removed the old data set before writing the new one: a conversion that failed
+    halfway (an input unreadable, a full disk) or was killed lost both."""
+    from dmhpc.data.check import verify_dataset
+
+    assert main(args(inputs)) == 0
+    out = Path(inputs["out"])
+    old = shard_bytes(out)
+    real_sha256 = _images_unreadable_when_checksummed(monkeypatch)  # fails after the shards are written
+    assert_fails(capsys, args(inputs, "--overwrite", "--shard-size", "7"), "X.npy: cannot read (Input/output error)")
+    assert shard_bytes(out) == old and verify_dataset(out) == []
+    monkeypatch.setattr(shards, "file_sha256", real_sha256)
+
+    real_write = shards.write_shard
+
+    def killed(plan, out_dir, number):
+        if number == 3:
+            raise KeyboardInterrupt
+        return real_write(plan, out_dir, number)
+
+    monkeypatch.setattr(shards, "write_shard", killed)
+    assert main(args(inputs, "--overwrite", "--shard-size", "7")) == 130
+    capsys.readouterr()
+    staged = out / shards.STAGING
+    assert {"shard-00000.h5", "shard-00001.h5"} <= set(os.listdir(staged))
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == old and verify_dataset(out) == []
+    monkeypatch.setattr(shards, "write_shard", real_write)
+    assert_fails(capsys, args(inputs, "--shard-size", "7"), "already holds a data set", "--overwrite")
+    assert main(args(inputs, "--overwrite", "--shard-size", "7")) == 0
+    assert shards.STAGING not in os.listdir(out) and verify_dataset(out) == []
+    assert len(load_manifest(out)["shards"]) == -(-N // 7)
 
 
 def test_two_conversions_into_one_folder(inputs, tmp_path, monkeypatch, capsys):

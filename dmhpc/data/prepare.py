@@ -367,8 +367,9 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
                               f"others and have no object ids, so copies of one object can land in different "
                               f"splits; --group-duplicates makes each group one object", file=sys.stderr, flush=True)
 
-            # Validated: now write. Rank 0 clears the directories, then the shards of all domains are
-            # dealt round-robin to the ranks; rank 0 writes each manifest from everyone's results.
+            # Validated: now write. Rank 0 makes each directory's staging folder, the shards of all
+            # domains are dealt round-robin to the ranks and written there; rank 0 writes each
+            # manifest from everyone's results, and moves each new data set into place.
             created = [not d["out"].exists() for d in planned]
             _agree(comm, lambda: _claim_outputs(planned, created, options.overwrite, held) if rank == 0 else None)
             tasks = [(k, s) for k, d in enumerate(planned) for s in range(d["plan"].num_shards)]
@@ -377,7 +378,8 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
             def write():
                 try:
                     written = shards.write_shards(
-                        [(planned[k]["plan"], planned[k]["out"], s) for k, s in mine], progress=rank == 0
+                        [(planned[k]["plan"], planned[k]["out"] / shards.STAGING, s) for k, s in mine],
+                        progress=rank == 0,
                     )
                 except OSError as exc:
                     raise DmhpcError(f"{exc.filename or 'output'}: cannot write ({exc.strerror})") from None
@@ -393,7 +395,7 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
             except DmhpcError:
                 if rank == 0:
                     for d, made in zip(planned, created):
-                        shards.remove_dataset_files(d["out"], remove_dir=made)
+                        shards.abandon_dataset(d["out"], remove_dir=made)
                 raise
         finally:
             stop.set()
@@ -407,10 +409,13 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
                                    "count": len(d["images"])})
                 manifests.append(
                     shards.finish_dataset(
-                        d["plan"], d["out"], [results[k, s] for s in range(d["plan"].num_shards)],
+                        d["plan"], d["out"] / shards.STAGING, [results[k, s] for s in range(d["plan"].num_shards)],
                         inputs=inputs, layout=d["layout"],
                     )
                 )
+            # Every manifest written before any data set is replaced: a failure leaves them all as they were.
+            for d in planned:
+                shards.publish_dataset(d["out"])
             return manifests
 
         try:
@@ -419,7 +424,7 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
             # A write failed (a full disk, say): leave no shard of this conversion behind.
             if rank == 0:
                 for d, made in zip(planned, created):
-                    shards.remove_dataset_files(d["out"], remove_dir=made)
+                    shards.abandon_dataset(d["out"], remove_dir=made)
             raise
         if rank == 0:
             for d, m in zip(planned, manifests):
@@ -445,7 +450,7 @@ def _check_nan_fill(value: float | None, dtype: str) -> None:
 def _claim_outputs(planned: list[dict], created: list[bool], overwrite: bool, held: contextlib.ExitStack) -> None:
     """Rank 0: lock each output folder for this conversion (a second `prepare` into it stops with a
     one-line error), check it again under the lock (another conversion may have finished into it
-    since the first check: its data set is never replaced unasked), and clear it."""
+    since the first check: its data set is never replaced unasked), and make its staging folder."""
     locked = []
     try:
         for d in planned:
@@ -464,7 +469,7 @@ def _claim_outputs(planned: list[dict], created: list[bool], overwrite: bool, he
                 d["out"].rmdir()
         raise
     for d in planned:
-        shards.reset_output_dir(d["out"])
+        shards.start_dataset(d["out"])
 
 
 # ----------------------------------------------------------------------------- the command

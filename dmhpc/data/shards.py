@@ -26,7 +26,7 @@ import numpy as np
 from dmhpc import __version__
 from dmhpc.data.inputs import LAYOUTS, check_pixel_dtype
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_path, atomic_write, is_temporary, reserve
+from dmhpc.files import atomic_path, atomic_write, fsync_directory, is_temporary, reserve
 from dmhpc.progress import progress_bar
 
 FORMAT = "dmhpc-shards"
@@ -39,11 +39,15 @@ DTYPES = ("float32", "float16")
 
 # Files this format writes. Names alone do not make them ours (another tool's manifest.json, someone's
 # shard-00000.h5): a directory is a data set by its dmhpc manifest, and a conversion marks the one it
-# writes (INCOMPLETE, from the claim until its manifest is in place), so an interrupted one is known
+# moves its files into (INCOMPLETE, until its manifest is in place), so an interrupted one is known
 # as dmhpc's and completed; anything else is someone else's, and never removed.
 _OWN_FILE = re.compile(r"shard-\d{5,}\.h5|manifest\.json")
 _SHARD_FILE = re.compile(r"shard-\d{5,}\.h5")
 INCOMPLETE = ".dmhpc-incomplete"
+# A conversion writes its shards and manifest into this folder inside the output folder, and moves
+# them into place only once all are written: one that fails or is killed (a full disk, an input
+# unreadable halfway, Ctrl-C) leaves the data set it was to replace whole.
+STAGING = ".dmhpc-new"
 
 # A chunk of about 1 MiB of whole images: big enough that a batch read is a few large copies,
 # small enough that a short batch does not read much it does not need.
@@ -529,7 +533,6 @@ def finish_dataset(
         manifest["objects"][split] = int(len(np.unique(plan.objects[indices])))
         starts += len(indices)
     write_manifest(out_dir, manifest)
-    (Path(out_dir) / INCOMPLETE).unlink(missing_ok=True)
     return manifest
 
 
@@ -545,8 +548,9 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
     """Refuse an output directory holding a finished data set or foreign files, unless overwrite.
 
-    A directory holding only shards and temporary files of this format (an interrupted
-    conversion) is accepted: converting again finishes the job. Nothing is written here.
+    A directory holding only this format's staging folder, or shards and temporary files under the
+    mark of a conversion (an interrupted one) is accepted: converting again finishes the job.
+    Nothing is written here.
     """
     out_dir = Path(out_dir)
     if not out_dir.exists():
@@ -567,7 +571,7 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Non
         return
     if manifest == "dmhpc":
         raise DmhpcError(f"{out_dir}: already holds a data set ({MANIFEST}); pass --overwrite to replace it")
-    foreign = [n for n in names if not (_OWN_FILE.fullmatch(n) or is_temporary(n) or n == INCOMPLETE)]
+    foreign = [n for n in names if not (_OWN_FILE.fullmatch(n) or is_temporary(n) or n in (INCOMPLETE, STAGING))]
     if foreign:
         raise DmhpcError(
             f"{out_dir}: exists and is not empty ({len(foreign)} other files, e.g. {foreign[0]});"
@@ -584,18 +588,55 @@ def _owner_of_manifest(out_dir: Path) -> str:
     return "dmhpc" if isinstance(data, dict) and data.get("format") == FORMAT else "other"
 
 
-def remove_dataset_files(out_dir: str | os.PathLike, remove_dir: bool = False) -> None:
-    """Delete this format's files from a directory (manifest first); the directory too if asked and empty.
+def start_dataset(out_dir: str | os.PathLike) -> Path:
+    """Create the output directory and an empty staging folder in it, where the conversion writes
+    (what a killed one left there goes); the staging folder's path. The directory's own files stay
+    until `publish_dataset`."""
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        _remove_staging(out_dir)
+        (out_dir / STAGING).mkdir()
+    except OSError as exc:
+        raise DmhpcError(f"{out_dir}: cannot prepare the output directory ({exc.strerror})") from None
+    return out_dir / STAGING
 
-    What a failed conversion leaves behind goes; files dmhpc did not write stay.
-    """
+
+def publish_dataset(out_dir: str | os.PathLike) -> None:
+    """Move a finished conversion from the staging folder into place: the old data set's files go
+    first (its manifest first), the new manifest comes last. Files dmhpc did not write stay."""
+    out_dir = Path(out_dir)
+    staging = out_dir / STAGING
+    try:
+        (out_dir / INCOMPLETE).touch()  # first: a move killed midway is known as ours, and completed
+        _remove_own_files(out_dir)
+        for name in sorted(n for n in os.listdir(staging) if _SHARD_FILE.fullmatch(n)):
+            os.replace(staging / name, out_dir / name)
+        os.replace(staging / MANIFEST, out_dir / MANIFEST)
+        staging.rmdir()
+        fsync_directory(out_dir)
+        (out_dir / INCOMPLETE).unlink()
+    except OSError as exc:
+        raise DmhpcError(f"{out_dir}: cannot move the new data set into place ({exc.strerror}); "
+                         f"convert again") from None
+
+
+def abandon_dataset(out_dir: str | os.PathLike, remove_dir: bool = False) -> None:
+    """Delete what a failed conversion wrote (its staging folder); the directory too if asked and
+    empty. A data set already there stays whole."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return
-    _remove_own_files(out_dir)
-    (out_dir / INCOMPLETE).unlink(missing_ok=True)  # last: a removal killed midway is still known as ours
+    _remove_staging(out_dir)
     if remove_dir and not any(out_dir.iterdir()):
         out_dir.rmdir()
+
+
+def _remove_staging(out_dir: Path) -> None:
+    staging = out_dir / STAGING
+    if staging.is_dir():
+        _remove_own_files(staging)
+        staging.rmdir()  # not empty: someone's files put there, refused in one line by the caller
 
 
 def _remove_own_files(out_dir: Path) -> None:
@@ -603,20 +644,6 @@ def _remove_own_files(out_dir: Path) -> None:
     for path in out_dir.iterdir():
         if _OWN_FILE.fullmatch(path.name) or is_temporary(path.name):
             path.unlink(missing_ok=True)
-
-
-def reset_output_dir(out_dir: str | os.PathLike) -> None:
-    """Create the output directory, or remove this format's files from it, manifest first.
-
-    Files this format did not write are never deleted.
-    """
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / INCOMPLETE).touch()  # first: from now on the folder's shards are known as ours
-        _remove_own_files(out_dir)
-    except OSError as exc:
-        raise DmhpcError(f"{out_dir}: cannot prepare the output directory ({exc.strerror})") from None
 
 
 def write_dataset(
@@ -644,12 +671,14 @@ def write_dataset(
     check_pixels(scan_pixels(plan.images, 0, plan.count, faint=faint_below(dtype)), dtype)
     check_output_dir(out_dir, overwrite)
     created = not Path(out_dir).exists()
-    reset_output_dir(out_dir)
+    staging = start_dataset(out_dir)
     try:
-        results = write_shards([(plan, out_dir, k) for k in range(plan.num_shards)])
-        return finish_dataset(plan, out_dir, results)
+        results = write_shards([(plan, staging, k) for k in range(plan.num_shards)])
+        manifest = finish_dataset(plan, staging, results)
+        publish_dataset(out_dir)
+        return manifest
     except DmhpcError:
-        remove_dataset_files(out_dir, remove_dir=created)  # a failed write leaves nothing behind
+        abandon_dataset(out_dir, remove_dir=created)  # a failed write leaves nothing behind
         raise
 
 
