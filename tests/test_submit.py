@@ -284,8 +284,9 @@ def test_a_queued_job_of_another_configuration_is_never_taken_for_the_point(tmp_
     changed runs the configuration pickled then, and its results passed for the new file's."""
     from dmhpc.cli import main
 
-    fake_commands(tmp_path, monkeypatch, {"sbatch": 'echo "Submitted batch job 1234"\n',
-                                          "squeue": "echo 1234_0\necho 1234_1\n"})  # both still queued
+    # Both still queued; squeue lists the launching user's jobs only (a site's whole queue was listed).
+    mine = f'case "$*" in *--user={os.getuid()}*) echo 1234_0; echo 1234_1;; *) echo everyone >&2; exit 1;; esac\n'
+    fake_commands(tmp_path, monkeypatch, {"sbatch": 'echo "Submitted batch job 1234"\n', "squeue": mine})
     grid = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "slurm", "grid": {"seed": [0, 1]},
             "overrides": {"optim.lr": 0.05}}
     grid_file = tmp_path / "grid.yaml"

@@ -509,9 +509,11 @@ class TrainTask(submitit.helpers.Checkpointable):
 # --- submitting, re-attaching and waiting ----------------------------------------------------------
 
 def _queued_slurm_jobs() -> set[str]:
-    """Ids of every job Slurm still has (pending, running, requeued), array tasks as ARRAY_TASK."""
+    """Ids of every job of this user Slurm still has (pending, running, requeued), array tasks as
+    ARRAY_TASK. Only this user's: a large site's whole queue is slow to list and loads its controller."""
     try:
-        proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i", f"--user={os.getuid()}"],
+                              capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:
         raise DmhpcError(f"squeue: cannot list queued jobs to avoid submitting a point twice: {exc}") from None
     if proc.returncode != 0:
