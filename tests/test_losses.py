@@ -283,6 +283,12 @@ def test_entropy_of_certain_predictions_is_zero_with_finite_gradient():
     value = entropy(logits)
     value.backward()
     assert value.item() == 0.0 and torch.isfinite(logits.grad).all()
+    # A logit of -inf (an overflow upstream): probability 0 there, which adds nothing; it gave NaN.
+    logits = torch.tensor([[0.0, -math.inf], [1.0, 2.0]], requires_grad=True)
+    value = entropy(logits)
+    value.backward()
+    p = torch.softmax(torch.tensor([1.0, 2.0], dtype=torch.float64), 0)
+    assert abs(value.item() - float(-(p * p.log()).sum()) / 2) < 1e-6 and torch.isfinite(logits.grad).all()
 
 
 def test_dann_loss_matches_reference_and_gradcheck():

@@ -565,6 +565,34 @@ def test_a_write_that_fails_on_rank_0_is_every_ranks_one_line(data, tmp_path):
                         f"on device (disk full or over quota); nothing written"], proc.stderr[-3000:]
 
 
+SCORES_DIFFER_BY_RANK = """
+import itertools, os, sys
+from dmhpc.train import loop
+
+calls = itertools.count(1)
+sign = 1 if os.environ["RANK"] == "0" else -1
+loop.selection_score = lambda criterion, val: float(sign * next(calls))  # rank 0: always better; rank 1: never
+from dmhpc.cli import main
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_the_ranks_choose_best_by_rank_0s_score(data, tmp_path):
+    """Each rank compared its own selection score with its best: where they differed (a near-tie that
+    BLAS sums with another thread count put the other way), one rank alone saved best.pt, in
+    collectives the other never joined, and the job hung."""
+    script = tmp_path / "scores.py"
+    script.write_text(SCORES_DIFFER_BY_RANK)
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), "--config", str(TINY),
+         *_overrides(data, run, "train.epochs=2", "train.eval_every=1")],
+        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [r["selection"]["score"] for r in _epoch_records(run)] == [1.0, 2.0]
+    assert torch.load(run / "checkpoints" / "best.pt", weights_only=True)["selection"]["epoch"] == 1
+
+
 def test_mpiexec_two_ranks(data, tmp_path):
     mpiexec = BIN / "mpiexec"
     if not mpiexec.exists():

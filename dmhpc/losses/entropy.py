@@ -22,7 +22,8 @@ def entropy(logits: torch.Tensor, scope: str = "global") -> torch.Tensor:
         raise DmhpcError(f"entropy: logits must be (N, classes); got shape {tuple(logits.shape)}")
     with full_precision(logits.device):
         (logits,) = upcast(logits)
-        logp = torch.log_softmax(logits, dim=1)
+        # A class of probability 0 (a logit of -inf) adds 0 log 0 = 0, not 0 * -inf = NaN.
+        logp = torch.log_softmax(logits, dim=1).clamp_min(torch.finfo(logits.dtype).min)
         total = -(logp.exp() * logp).sum()
         return per_sample_mean(total, logits.shape[0], scope)
 

@@ -274,13 +274,15 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
                            for d in dirs}
                     for d in dirs:
                         record[d]["val"] = domain_metrics(val[d]["labels"], val[d]["prob"])
-                    score = selection_score(criterion, val)
+                    # Rank 0's score for all: a rank that scored a near-tie the other way (DEV's BLAS
+                    # sums differ with the thread count) alone went into best's collectives and hung.
+                    score = on_main(lambda: selection_score(criterion, val))
                     if not math.isfinite(score):  # never > best: the run would end without a best.pt
                         raise DmhpcError(f"select.criterion {criterion}: its score is {score} at epoch {prog.epoch} "
                                          f"(on the validation splits); no checkpoint can be chosen by it")
                     record["selection"] = {"criterion": criterion, "score": score}
                     if cfg.select.all_validators:  # for the study's validator table; chooses nothing
-                        record["validators"] = validator_scores(val)
+                        record["validators"] = on_main(lambda: validator_scores(val))
                         test = predict(state.model.backbone, dirs["target"], "test", dist=dist,
                                        batch_size=2 * cfg.train.batch_size, mean=stats["target"][0],
                                        std=stats["target"][1])
