@@ -783,6 +783,10 @@ def test_a_process_whose_loader_worker_failed_exits(tmp_path):
     assert proc.returncode == 0 and "cannot open shard" in proc.stdout, proc.stderr[-2000:]
 
 
+def _rows(ranges) -> list[int]:
+    return [row for a, b in ranges for row in range(a, b)]
+
+
 def test_block_loaders_read_every_training_row_over_the_epochs():
     """The blocks of dali and torch started at row 0 every epoch: the last rows % batch_size rows of
     each domain (up to 127 at batch 128) were never trained on. Their offset is drawn per epoch."""
@@ -792,20 +796,46 @@ def test_block_loaders_read_every_training_row_over_the_epochs():
         seen = set()
         for epoch in range(40):
             stream = Stream(start=10, rows=37, batch_size=5, world_size=world_size, rank=0, seed=3, domain=0)
-            blocks = [Stream(10, 37, 5, world_size, r, 3, 0).block(epoch, step)
-                      for step in range(stream.steps) for r in range(world_size)]
-            rows = [row for a, b in blocks for row in range(a, b)]
+            batches = [_rows(Stream(10, 37, 5, world_size, r, 3, 0).pieces(epoch, step))
+                       for step in range(stream.steps) for r in range(world_size)]
+            rows = [row for batch in batches for row in batch]
+            assert all(len(batch) == 5 for batch in batches)
             assert len(rows) == len(set(rows)) and all(10 <= row < 47 for row in rows)  # disjoint, in the split
             seen.update(rows)
         assert seen == set(range(10, 47)), sorted(set(range(10, 47)) - seen)
-    # A resume mid-epoch reads the blocks the uninterrupted epoch would have: the offset is the
+    # A resume mid-epoch reads the pieces the uninterrupted epoch would have: the offset is the
     # epoch's, whatever the process drew before (a fresh process's global generators differ).
-    whole = [Stream(10, 37, 5, 1, 0, 3, 0).block(7, k) for k in range(Stream(10, 37, 5, 1, 0, 3, 0).steps)]
+    whole = [Stream(10, 37, 5, 1, 0, 3, 0).pieces(7, k) for k in range(Stream(10, 37, 5, 1, 0, 3, 0).steps)]
     np.random.seed(11)
     torch.manual_seed(11)
     random.seed(11)
     resumed = Stream(10, 37, 5, 1, 0, 3, 0)
-    assert [resumed.block(7, k) for k in (3, 4)] == whole[3:5]
+    assert [resumed.pieces(7, k) for k in (3, 4)] == whole[3:5]
+
+
+@pytest.mark.parametrize("rows", [10_752, 10_798])  # a multiple of the batch, and DeepMerge's Sim-Sim training rows
+def test_block_loaders_draw_other_groups_of_images_each_epoch(rows):
+    """dali and torch read whole batch-sized blocks, only their order and offset drawn per epoch: a
+    batch held the same images in every epoch (all of them where the rows are a multiple of the
+    batch size), so BatchNorm and the batch-level losses saw the same groups each time."""
+    from dmhpc.data.batches import Stream
+
+    assert [Stream(0, 512, b, 1, 0, 0, 0).piece for b in (128, 100, 97, 16, 8, 4)] == [16, 10, 1, 2, 1, 1]
+    for world_size in (1, 4):
+        streams = [Stream(0, rows, 128, world_size, r, 5, 0) for r in range(world_size)]
+        epochs = [[set(_rows(s.pieces(epoch, k))) for k in range(streams[0].steps) for s in streams] for epoch in (0, 1)]
+        before = {}
+        for j, batch in enumerate(epochs[0]):
+            for row in batch:
+                before[row] = j
+        # The largest share of a batch that was in one batch together the epoch before: 12% at
+        # most by pieces of 16 (15 of the other 127 images), plus chance; it was 92% to 100%.
+        shares = []
+        for batch in epochs[1]:
+            counts = np.bincount([before[row] for row in batch if row in before])
+            shares.append(counts.max() / len(batch) if len(counts) else 0.0)
+        assert np.mean(shares) < 0.25, np.mean(shares)
+        assert all(len(batch) == 128 for batch in epochs[1])
 
 
 @pytest.mark.parametrize("kind, workers", [("torch", 2), ("gpu-resident", 0)])

@@ -5,12 +5,14 @@ normalized, and the interface the loader kinds implement (`Batches`).
   the ranks take disjoint parts of one global batch, and the rows that do not fill a global
   batch are left out of that epoch.
 - Shuffling depends on (seed, epoch) only. `gpu-resident` permutes single rows. The training
-  rows are stored in a seeded random order already, so `dali` and `torch` permute the order of
-  batch-sized blocks of consecutive rows instead: each read is one contiguous slice (HDF5's
-  fastest), the rows of a block stay together from epoch to epoch, and per-sample augmentation
-  adds the variety within a block. The blocks start at an offset drawn per (seed, epoch, cycle)
-  from 0 to `rows % batch_size`, so the rows that fill no block are other ones each epoch (at a
-  fixed offset the same rows, up to a batch of them, were never trained on).
+  rows are stored in a seeded random order already, so `dali` and `torch` permute pieces of
+  consecutive rows instead, each read as one contiguous slice (HDF5's fastest): a batch is
+  `PIECES` pieces (fewer where the batch size has no divisor near batch_size / PIECES) drawn
+  anew each epoch. Whole batch-sized blocks kept the same images together in every epoch (all of
+  them where the rows are a multiple of the batch size): BatchNorm and the batch-level losses
+  (MMD, Fisher, CORAL) saw the same groups of images each time. The pieces start at an offset
+  drawn per (seed, epoch, cycle) from 0 to `rows % piece`, so the rows that fill no piece are
+  other ones each epoch (at a fixed offset the same rows were never trained on).
 - The epoch is the source's; each source batch is paired with a target batch from the target's
   own order, which wraps around, permuted anew, when the target has fewer steps.
 - Augmentation draws, per sample, one of the 8 symmetries of the square (flips and 90-degree
@@ -43,6 +45,9 @@ NORMALIZE = ("per-domain", "source")
 SOURCE, TARGET = 0, 1
 # Purposes mixed into random keys so that shuffling and augmentation draws never coincide.
 _ORDER, _AUGMENT, _OFFSET = 0, 1, 2
+# Pieces of consecutive rows in a batch of the block loaders: each a contiguous read, and the
+# groups of images that stay together from epoch to epoch small (a sixteenth of a batch of 128).
+PIECES = 8
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # xs, ys, xt, yt on the device
 
@@ -79,16 +84,31 @@ class Stream:
         """Batches per rank in one pass over the rows (the global batch tail is left out)."""
         return self.rows // (self.batch_size * self.world_size)
 
-    def block(self, epoch: int, step: int) -> tuple[int, int]:
-        """Row range [start, stop) of this rank's batch: a block of consecutive rows."""
+    @property
+    def piece(self) -> int:
+        """Rows per piece: the largest divisor of the batch size up to batch_size / PIECES (at least 1),
+        so that a batch is whole pieces and an epoch's batches never run out of them."""
+        return max(d for d in range(1, max(1, self.batch_size // PIECES) + 1) if self.batch_size % d == 0)
+
+    def pieces(self, epoch: int, step: int) -> list[tuple[int, int]]:
+        """Row ranges [start, stop) of this rank's batch: pieces of consecutive rows (those that
+        happen to follow each other joined into one range)."""
         cycle, pos = divmod(step, self.steps)
-        blocks = self.rows // self.batch_size
-        order = _order(blocks, self.seed, self.domain, epoch, cycle)
-        # within [0, rows - blocks * batch_size]: every block stays inside the rows, one slice each
-        spare = self.rows - blocks * self.batch_size
-        offset = int(_rng(self.seed, _OFFSET, self.domain, epoch, cycle).integers(0, spare + 1))
-        start = self.start + offset + int(order[pos * self.world_size + self.rank]) * self.batch_size
-        return start, start + self.batch_size
+        size = self.piece
+        count = self.rows // size
+        order = _order(count, self.seed, self.domain, epoch, cycle)
+        # within [0, rows - count * size]: every piece stays inside the rows
+        offset = int(_rng(self.seed, _OFFSET, self.domain, epoch, cycle).integers(0, self.rows - count * size + 1))
+        per_batch = self.batch_size // size
+        first = (pos * self.world_size + self.rank) * per_batch
+        ranges: list[tuple[int, int]] = []
+        for k in order[first : first + per_batch]:
+            start = self.start + offset + int(k) * size
+            if ranges and ranges[-1][1] == start:
+                ranges[-1] = (ranges[-1][0], start + size)
+            else:
+                ranges.append((start, start + size))
+        return ranges
 
     def samples(self, epoch: int, step: int) -> np.ndarray:
         """Positions within the rows in use of this rank's batch, rows permuted one by one."""

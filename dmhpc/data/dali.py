@@ -58,8 +58,7 @@ class BlockSource:
         step = info.iteration + (self.first_step if info.epoch_idx == 0 else 0)
         if step >= self.steps:
             raise StopIteration
-        start, stop = self.stream.block(epoch, step)
-        batch = self.reader.read(start, stop)
+        batch = self.reader.read_ranges(self.stream.pieces(epoch, step), ("images", "labels"))
         if self.augment:
             return batch["images"], batch["labels"], self.stream.codes(epoch, step, self.square)
         return batch["images"], batch["labels"]

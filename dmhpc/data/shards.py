@@ -36,6 +36,7 @@ CONTENT_KEY = "content_sha256"  # the manifest's last key: the SHA-256 of the re
 UNLABELLED = -1  # the label of every image of an unlabelled data set
 SPLITS = ("train", "val", "test")
 DTYPES = ("float32", "float16")
+ROW_KEYS = ("images", "labels", "objects", "index")  # what a shard holds per row (and "ids" where kept)
 
 # Files this format writes. Names alone do not make them ours (another tool's manifest.json, someone's
 # shard-00000.h5): a directory is a data set by its dmhpc manifest, and a conversion marks the one it
@@ -884,30 +885,38 @@ class RowReader:
 
     def read(self, start: int, stop: int) -> dict:
         """Rows [start, stop) as numpy arrays: images (n, C, H, W), labels, objects, index (n,)."""
+        return self.read_ranges([(start, stop)])
+
+    def read_ranges(self, ranges: Iterable[tuple[int, int]], keys: Iterable[str] = ROW_KEYS) -> dict:
+        """The rows of each [start, stop) range, one range after the other, as numpy arrays: those of
+        `keys` among images (n, C, H, W), labels, objects, index (n,)."""
         count = len(self)
-        if not 0 <= start <= stop <= count:
-            raise IndexError(f"rows [{start}, {stop}) outside [0, {count})")
-        n = stop - start
-        out = {
-            "images": np.empty((n, *self.manifest["shape"]), dtype=self.manifest["dtype"]),
-            "labels": np.empty(n, dtype=np.int64),
-            "objects": np.empty(n, dtype=np.int64),
-            "index": np.empty(n, dtype=np.int64),
-        }
-        first = int(np.searchsorted(self._starts, start, side="right")) - 1
-        row = start
-        for number in range(first, len(self._starts) - 1):
-            if row >= stop:
-                break
-            base = int(self._starts[number])
-            a, b = row - base, min(stop, int(self._starts[number + 1])) - base
-            f = self._file(number)
-            try:
-                for key, array in out.items():
-                    f[key].read_direct(array, np.s_[a:b], np.s_[row - start : row - start + b - a])
-            except OSError as exc:  # a disk or network file system failing mid-run: the shard, named
-                raise self._read_error(number, a, b, exc) from None
-            row = base + b
+        ranges = list(ranges)
+        for start, stop in ranges:
+            if not 0 <= start <= stop <= count:
+                raise IndexError(f"rows [{start}, {stop}) outside [0, {count})")
+        n = sum(stop - start for start, stop in ranges)
+        shapes = {"images": (n, *self.manifest["shape"])}
+        out = {key: np.empty(shapes.get(key, n), dtype=self.manifest["dtype"] if key == "images" else np.int64)
+               for key in keys}
+        at = 0
+        for start, stop in ranges:
+            first = int(np.searchsorted(self._starts, start, side="right")) - 1
+            row = start
+            for number in range(first, len(self._starts) - 1):
+                if row >= stop:
+                    break
+                base = int(self._starts[number])
+                a, b = row - base, min(stop, int(self._starts[number + 1])) - base
+                f = self._file(number)
+                place = at + row - start
+                try:
+                    for key, array in out.items():
+                        f[key].read_direct(array, np.s_[a:b], np.s_[place : place + b - a])
+                except OSError as exc:  # a disk or network file system failing mid-run: the shard, named
+                    raise self._read_error(number, a, b, exc) from None
+                row = base + b
+            at += stop - start
         return out
 
     def _read_error(self, number: int, a: int, b: int, exc: OSError) -> DmhpcError:

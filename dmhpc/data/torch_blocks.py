@@ -1,6 +1,6 @@
-"""The `torch` loader kind: a DataLoader whose worker processes read one block of consecutive rows
-per domain and step; the batch is flipped, rotated and normalized on the device, by the same code
-as `gpu-resident`."""
+"""The `torch` loader kind: a DataLoader whose worker processes read each domain's pieces of
+consecutive rows for a step (see dmhpc/data/batches.py); the batch is flipped, rotated and
+normalized on the device, by the same code as `gpu-resident`."""
 
 from __future__ import annotations
 
@@ -13,21 +13,22 @@ from dmhpc.data.shards import RowReader
 
 
 class _BlockReader(torch.utils.data.Dataset):
-    """Reads one step's pair of row blocks; its keys are ((source range), (target range))."""
+    """Reads one step's batches of both domains; its keys are (source ranges, target ranges)."""
 
     def __init__(self, domains: list[Domain]):
         self.readers = [RowReader(d.directory, d.manifest) for d in domains]  # opened in each worker
 
-    def __getitem__(self, blocks):
+    def __getitem__(self, pieces):
         out = []
-        for reader, (start, stop) in zip(self.readers, blocks):
-            rows = reader.read(start, stop)
+        for reader, ranges in zip(self.readers, pieces):
+            rows = reader.read_ranges(ranges, ("images", "labels"))
             out += [torch.from_numpy(rows["images"]), torch.from_numpy(rows["labels"])]
         return out
 
 
 class _EpochPlan(torch.utils.data.Sampler):
-    """The block pairs of the epoch being read, set before each pass (sampled in the main process)."""
+    """The steps of the epoch being read (each domain's row ranges), set before each pass (sampled in
+    the main process)."""
 
     def __init__(self):
         self.blocks = []
@@ -59,7 +60,7 @@ class TorchBlocks:
 
     def batches(self, epoch: int, start_step: int):
         steps = range(start_step, self.streams[SOURCE].steps)
-        self.plan.blocks = [tuple(s.block(epoch, k) for s in self.streams) for k in steps]
+        self.plan.blocks = [tuple(s.pieces(epoch, k) for s in self.streams) for k in steps]
         for step, rows in zip(steps, self.loader):
             out = []
             for d, stream in enumerate(self.streams):
