@@ -301,8 +301,14 @@ def test_a_queued_job_of_another_configuration_is_never_taken_for_the_point(tmp_
     assert capsys.readouterr().err == (
         "dmhpc grid: error: point seed=0: its Slurm job 1234_0, still queued or running, was submitted with another "
         "configuration (the launch file changed since); scancel 1234_0 and launch again, or restore the file\n")
-    # Run here instead: the local run and the queued Slurm job met in the run directory.
     grid["overrides"]["optim.lr"] = 0.05
+    # Another job shape: the queued job's ranks train the point, whatever the file now says.
+    grid_file.write_text(yaml.safe_dump({**grid, "slurm": {"nodes": 2}}))
+    assert main(["grid", str(grid_file), "--no-wait"]) == 1
+    assert capsys.readouterr().err == (
+        "dmhpc grid: error: point seed=0: its Slurm job 1234_0, still queued or running, runs 1 rank(s); the launch "
+        "file now asks 2; scancel 1234_0 and launch again, or restore the file\n")
+    # Run here instead: the local run and the queued Slurm job met in the run directory.
     grid_file.write_text(yaml.safe_dump(grid))
     for executor in ("local", "debug"):
         assert main(["grid", str(grid_file), "--executor", executor]) == 1

@@ -590,6 +590,11 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
                 raise DmhpcError(f"point {p.name}: its Slurm job {entry['job_id']}, still queued or running, was "
                                  f"submitted with another configuration (the launch file changed since); scancel "
                                  f"{entry['job_id']} and launch again, or restore the file")
+            if entry["tasks"] != resources[p.name].ranks:
+                # Its ranks train it (BatchNorm's batches, the run's world size): not the file's point.
+                raise DmhpcError(f"point {p.name}: its Slurm job {entry['job_id']}, still queued or running, runs "
+                                 f"{entry['tasks']} rank(s); the launch file now asks {resources[p.name].ranks}; "
+                                 f"scancel {entry['job_id']} and launch again, or restore the file")
             jobs[p.name] = submitit.SlurmJob(folder=folder, job_id=entry["job_id"], tasks=range(entry["tasks"]))
         else:
             groups[resources[p.name]].append(p)
