@@ -2,12 +2,15 @@
 
     python bench/loaders.py                   # images/s per kind: 3x75x75 float32, batch 128
     python bench/loaders.py --gpu-overhead    # CUDA only: step time fed by each kind vs synthetic data
+    python bench/loaders.py --kinds torch,dali --pieces 8,1 --rounds 2   # pieces of a batch vs whole blocks
 
 Writes two data sets of random 3x75x75 float32 images (source and target) to a temporary
 directory, then reads whole epochs. Images/s counts source plus target images; the first epoch
 (worker start, first reads) is timed apart as `first`, the figure is over the later ones. The
 files are freshly written, so reads come from the page cache: this measures the loader, not the
-file system.
+file system. `--pieces` sets how many pieces of consecutive rows `dali` and `torch` read per batch
+(dmhpc.data.batches.PIECES; 1 reads whole batch-sized blocks, what they did before) and
+`--rounds` repeats the table, so that the settings are timed side by side, alternating.
 
 `--gpu-overhead` times training steps of `--model` (default deepmerge; forward and backward on
 source plus target, cross-entropy on the source, SGD) fed by each loader, against the same steps
@@ -27,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dmhpc.data import batches
 from dmhpc.data.loaders import KINDS, dali_runs, make_train_loader
 from dmhpc.data.shards import write_dataset
 from dmhpc.models.registry import MODELS, build_model
@@ -122,6 +126,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=4, help="epochs per kind, the first one timed apart")
     parser.add_argument("--workers", type=int, default=2, help="reading processes of dali and torch")
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated loader kinds")
+    parser.add_argument("--pieces", default=str(batches.PIECES),
+                        help="comma-separated pieces per batch of dali and torch to time (default: the trainer's)")
+    parser.add_argument("--rounds", type=int, default=1, help="times the table is measured, alternating")
     parser.add_argument("--gpu-overhead", action="store_true", help="time training steps on the GPU (needs CUDA)")
     parser.add_argument("--model", default="deepmerge", choices=sorted(MODELS), help="model of --gpu-overhead")
     parser.add_argument("--dir", type=Path, default=None, help="where to write the data sets (default: system temp)")
@@ -133,6 +140,9 @@ def main() -> int:
         return 1
     device = torch.device("cuda", 0) if args.gpu_overhead else torch.device("cpu")
     args.kinds = args.kinds.split(",")
+    args.pieces = [int(p) for p in args.pieces.split(",")]
+    if args.gpu_overhead and args.pieces != [batches.PIECES]:
+        parser.error("--pieces: times the CPU table only")
     if "dali" in args.kinds and dali_runs(device):  # importable is not enough: it must run on this device
         print(f"(loader dali left out: {dali_runs(device)})", flush=True)
         args.kinds.remove("dali")
@@ -145,11 +155,16 @@ def main() -> int:
             return 1 if gpu_overhead(dirs, args, device) else 0  # every kind ran; a failed one is not a pass
         print(f"images/s (source + target), batch {args.batch_size}, {args.workers} workers, CPU device, "
               f"epochs 2-{args.epochs} (first epoch apart)")
-        print(f"{'kind':<14}{'images/s':>10}{'min-max':>18}{'first epoch':>13}{'build s':>9}")
-        for kind in args.kinds:
-            r = throughput(kind, dirs, args)
-            lo, hi = r["spread"]
-            print(f"{kind:<14}{r['rate']:>10.0f}{f'{lo:.0f}-{hi:.0f}':>18}{r['first']:>13.0f}{r['build_s']:>9.2f}")
+        print(f"{'round':<7}{'kind':<14}{'pieces':>7}{'images/s':>10}{'min-max':>18}{'first epoch':>13}{'build s':>9}")
+        for round_ in range(args.rounds):
+            for kind in args.kinds:
+                # gpu-resident reads no pieces: once a round
+                for pieces in args.pieces if kind in ("dali", "torch") else [batches.PIECES]:
+                    batches.PIECES = pieces  # forked workers inherit it
+                    r = throughput(kind, dirs, args)
+                    lo, hi = r["spread"]
+                    print(f"{round_:<7}{kind:<14}{pieces if kind in ('dali', 'torch') else '-':>7}{r['rate']:>10.0f}"
+                          f"{f'{lo:.0f}-{hi:.0f}':>18}{r['first']:>13.0f}{r['build_s']:>9.2f}", flush=True)
     return 0
 
 
