@@ -38,9 +38,10 @@ def test_a_failing_row_of_the_throughput_grid_leaves_the_others_measured():
 
 def test_the_loader_benchmark_measures_every_kind():
     proc = _run([sys.executable, "bench/loaders.py", "--images", "256", "--epochs", "2", "--batch-size", "32",
-                 "--kinds", "gpu-resident,torch"])
+                 "--kinds", "gpu-resident,torch", "--pieces", "8,1"])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert [line.split()[0] for line in proc.stdout.splitlines()[-2:]] == ["gpu-resident", "torch"], proc.stdout
+    rows = [line.split()[:3] for line in proc.stdout.splitlines()[-3:]]
+    assert rows == [["0", "gpu-resident", "-"], ["0", "torch", "8"], ["0", "torch", "1"]], proc.stdout
 
 
 def test_the_training_step_benchmark_times_the_original_beside_the_trainer():
