@@ -412,7 +412,9 @@ def test_export_with_normalization_built_in_and_a_card(survey, run_on_survey, tm
     assert card["data"]["target"]["fingerprint"]
     assert card["test_metrics"]["source"]["accuracy"] == RunDir(run_on_survey).read_result()["source"]["accuracy"]
     assert card["config"]["model"]["name"] == "deepmerge2" and card["model"]["dmhpc"]
+    # The share the model calls mergers, not the class balance: the header says so.
     assert "## Test metrics" in Path(f"{out}.card.md").read_text()
+    assert "| Brier | predicted merger fraction |" in Path(f"{out}.card.md").read_text()
     # What a deployer needs: names, layout, threshold, the oracle flag, and the limits of the built-in normalization.
     assert (card["input"]["name"], card["output"]["name"], card["output"]["threshold"]) == ("image", "p_merger", 0.5)
     assert card["input"]["layout"].startswith("NCHW") and card["selection"]["oracle"] is False
@@ -449,6 +451,20 @@ def test_the_card_reports_the_test_of_the_exported_checkpoint_only(survey, tmp_p
     assert "Not evaluated on the test split" in Path(f"{out}.card.md").read_text()
 
     from dmhpc.infer import export
+
+    # An --out another format's name, or a folder: an ONNX file named .safetensors was written, and a
+    # folder was refused as "exists", then, with --overwrite, failed after the model was built.
+    (tmp_path / "folder").mkdir()
+    for fmt, out, refusal in [
+        ("onnx", "m.safetensors", "m.safetensors: --format onnx writes a .onnx file; name it so"),
+        ("safetensors", "newdir/", "newdir: --format safetensors writes a .safetensors file; name it so"),
+        ("torchscript", "folder", "folder: is a folder; give the file to write, such as "
+                                  f"{tmp_path / 'folder' / 'merger.pt'}")]:
+        capsys.readouterr()
+        assert main(["export", "--run", str(run), "--format", fmt, "--out", f"{tmp_path}/{out}", "--overwrite"]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and refusal in err, err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("m.", "newdir", ".m", ".newdir"))) == []
 
     onnx = tmp_path / "m.onnx"
     assert main(["export", "--run", str(run), "--format", "onnx", "--out", str(onnx)]) == 0

@@ -40,6 +40,8 @@ from dmhpc.train.checkpoint import checkpoint_info, chosen_with_target_labels, l
 from dmhpc.train.objective import build_backbone
 
 FORMATS = ("onnx", "torchscript", "safetensors")
+# What a receiver's tools open by: ONNX and safetensors files by their own suffix, TorchScript as torch's.
+SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".torchscript"), "safetensors": (".safetensors",)}
 ONNX_TOLERANCE = 1e-5
 ONNX_OPSET = 20  # onnxruntime of 2024 on runs it
 
@@ -194,7 +196,7 @@ def _card_markdown(card: dict) -> str:
         lines += ["## Test metrics", "", f"Not evaluated on the test split: `dmhpc eval --run {card['run']} "
                   f"--checkpoint {c['name']}` evaluates it, and a new export puts the result here.", ""]
     else:
-        lines += ["## Test metrics", "", "| domain | accuracy | ROC AUC | F1 | Brier | merger fraction |", "|---|---|---|---|---|---|"]
+        lines += ["## Test metrics", "", "| domain | accuracy | ROC AUC | F1 | Brier | predicted merger fraction |", "|---|---|---|---|---|---|"]
         for d, t in card["test_metrics"].items():
             cells = [t.get(k) for k in ("accuracy", "roc_auc", "f1", "brier", "merger_fraction")]
             lines.append(f"| {d} | " + " | ".join("" if v is None else f"{v:.3f}" for v in cells) + " |")
@@ -220,6 +222,10 @@ def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool 
         raise DmhpcError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     out, run = Path(out), RunDir(run_dir)
     run.refuse_inside(out, "--out")  # before the lock, which lies beside --out
+    if out.is_dir():
+        raise DmhpcError(f"--out {out}: is a folder; give the file to write, such as {out / ('merger' + SUFFIXES[fmt][0])}")
+    if out.suffix.lower() not in SUFFIXES[fmt]:
+        raise DmhpcError(f"--out {out}: --format {fmt} writes a {' or '.join(SUFFIXES[fmt])} file; name it so")
     cards = {"md": Path(f"{out}.card.md"), "json": Path(f"{out}.card.json")}
     with locked_directory(out, "dmhpc export"):
         if out.exists() and not overwrite:
