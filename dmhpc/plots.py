@@ -251,7 +251,9 @@ def attribution_grid(images, cams, igs, probs, labels, title: str, path: Path,
         composite = rgb_composite(image, rgb)
         truth = f", label {CLASS_NAMES.get(int(y), 'unknown')}" if y is not None and y >= 0 else ", unlabelled"
         cam_name = "Grad-CAM (merger)" if float(np.max(cam)) > 0 else "Grad-CAM (merger): 0 everywhere"
-        panels = ((None, {}, f"{f'{name}: ' if name is not None else ''}p(merger) {_probability(p)}{truth}"),
+        # The name on a line of its own: a survey id before the probability ran off the figure's edge.
+        said = f"p(merger) {_probability(p)}{truth}"
+        panels = ((None, {}, said if name is None else f"{wrap_title(str(name), 40)}\n{said}"),
                   (cam if cam_max > 0 else None, dict(cmap="inferno", vmin=0.0, vmax=cam_max, alpha=0.55), cam_name),
                   # opaque where the attribution is strong, clear where it is 0: a uniform 0.7 laid the
                   # diverging map's white over the whole image, and the galaxy under it faded

@@ -166,11 +166,12 @@ def test_an_attribution_grid_names_its_galaxies_and_says_when_grad_cam_is_empty(
     cams = np.zeros((2, 16, 16))
     igs = rng.normal(size=(2, 16, 16))
     plots.attribution_grid(images, cams, igs, [0.9964, 0.99999], [1, None], "t", tmp_path / "g.png",
-                           names=["SDSS J1", "row 7"])
+                           names=["SDSS J000001.23-101010.1", "row 7"])
     fig = drawn[0]
     titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
-    assert titles[0] == "SDSS J1: p(merger) 0.996, label merger"
-    assert titles[3] == "row 7: p(merger) 1 - 1.0e-05, unlabelled"
+    assert titles[0] == "SDSS J000001.23-101010.1\np(merger) 0.996, label merger"
+    assert titles[3] == "row 7\np(merger) 1 - 1.0e-05, unlabelled"
+    _inside(fig)  # a survey id before the probability on one line lost its first characters at the edge
     assert titles[1] == titles[4] == "Grad-CAM (merger): 0 everywhere"
     assert len(fig.axes) == 6 + 1  # the integrated gradients' colour bar only
     assert "asinh stretch (Lupton, Q=8" in fig.texts[0].get_text().replace("\n", " ")
