@@ -514,3 +514,21 @@ def test_a_finished_point_of_another_job_shape_is_refused(tmp_path):
     load_grid(spec)  # the same shape: the finished run is the point's result
     with pytest.raises(DmhpcError, match=r"point seed=1: .* other settings \(ranks 1 -> 8\)"):
         load_grid({**spec, "slurm": {"nodes": 2, "tasks_per_node": 4}})
+
+
+def test_a_data_set_missing_at_launch_is_said_once_before_its_jobs_fail(tmp_path, capsys):
+    """A data path nobody prepared sent out every point's job, each failing at its start (on SLURM
+    after its wait in the queue), and the launcher said nothing of it before."""
+    from dmhpc.cli import main
+
+    nowhere = tmp_path / "nowhere"
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({"base": str(TINY), "out": str(tmp_path / "out"), "executor": "debug",
+                                         "grid": {"seed": [0, 1]},
+                                         "overrides": {"data.source": str(nowhere), "data.target": str(nowhere)}}))
+    assert main(["grid", str(grid_file)]) == 1
+    out = capsys.readouterr().out
+    warnings = [line for line in out.splitlines() if line.startswith("dmhpc launch: warning: ")]
+    assert warnings == [f"dmhpc launch: warning: data.source: {nowhere}/manifest.json: missing; {nowhere} is not a "
+                        f"finished dmhpc data set; the jobs that train on it fail unless it is in place when they "
+                        f"start"], out

@@ -60,7 +60,7 @@ from dmhpc.launch.validators import write_validators
 from dmhpc.checks import Problems, choice, integer, path_text, show, take, text, unknown_keys
 from dmhpc.launch.spec import (Point, Range, base_path, check_existing_runs, check_point_problems, dotted_keys,
                                point_name, point_problem, read_launch_file, read_space, relaunch_problems,
-                               resolve_point)
+                               resolve_point, warn_missing_data)
 from dmhpc.launch.submit import EXECUTORS, Resources, TrainTask, launch_points, preempt_signal, read_resources
 
 GRID_KEYS = ("base", "methods", "gap", "out", "executor", "overrides", "grid", "random", "slurm")
@@ -287,6 +287,8 @@ def load_grid(spec: str | Path | Mapping, executor: str | None = None, *, check_
     if gap:
         _check_gap_targets(problems, points)
     problems.raise_if_any()
+    if check_runs:  # a launch (not a report)
+        warn_missing_data(p.config for p in points if not p.finished)
     return Grid(source, out, executor, resources, tuple(points), gap)
 
 

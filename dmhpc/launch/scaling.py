@@ -54,7 +54,7 @@ from dmhpc.names import MODEL_NAMES
 from dmhpc.errors import DmhpcError
 from dmhpc.checks import Problems, choice, distinct_list, integer, path_text, show, take, unknown_keys
 from dmhpc.launch.spec import (Point, check_existing_runs, check_point_problems, dotted_keys, point_problem,
-                               read_launch_file, resolve_point)
+                               read_launch_file, resolve_point, warn_missing_data)
 from dmhpc.launch.submit import (EXECUTORS, TrainTask, check_executor_shape, launch_points, preempt_signal,
                                  local_threads_of, queued_points, read_resources)
 
@@ -379,6 +379,7 @@ def write_scaling(out: Path, rows: list[dict], device: str) -> None:
 def launch_scaling(spec: str | Path | Mapping, wait: bool = True, executor: str | None = None) -> list[dict]:
     """Check the study, submit its unfinished points, wait, write the table (CSV, Markdown) and plot."""
     study = load_study(spec, executor)
+    warn_missing_data(p.config for p in study.points if not p.finished)
     failures = launch_points(list(study.points), study.resources, kind=study.executor,
                              folder=study.out / "submitit", job_name=f"dmhpc-{study.out.name}",
                              task=TrainTask(), wait=wait, at_once_why=LOCAL_ONE_AT_A_TIME,

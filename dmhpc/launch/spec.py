@@ -18,7 +18,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from dmhpc.checks import Problems, boolean, number, read_yaml, show, take, unknown_keys
 from dmhpc.config import COMMAND_LINE, Config, changed_keys, config_to_dict, load_config
@@ -248,6 +248,24 @@ def data_ids(cfg: Config, cache: dict | None = None) -> dict[str, str]:
         if cache[path] is not None:
             ids[f"data.{role}"] = cache[path]
     return ids
+
+
+def warn_missing_data(configs: Iterable[Config]) -> None:
+    """Say which data sets of these configurations are not there now: every job that trains on one
+    fails at its start unless it is in place by then. Not refused: a set prepared by a job of its
+    own, or staged to node-local storage by the jobs' setup commands, is there only when they run."""
+    said = set()
+    for cfg in configs:
+        for role in DOMAINS:
+            path = str(getattr(cfg.data, role))
+            if path in said:
+                continue
+            said.add(path)
+            try:
+                load_manifest(path)
+            except DmhpcError as exc:
+                print(f"dmhpc launch: warning: data.{role}: {exc}; the jobs that train on it fail unless it is "
+                      f"in place when they start", flush=True)
 
 
 def relaunch_problems(points: list[Point]) -> dict[str, str]:

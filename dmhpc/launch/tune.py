@@ -64,7 +64,7 @@ from dmhpc.config import config_to_dict
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, hold_lock
 from dmhpc.launch.spec import (Range, base_path, data_ids, dotted_keys, finished_as, point_name, point_problem,
-                               read_launch_file, read_space, resolve_point)
+                               read_launch_file, read_space, resolve_point, warn_missing_data)
 from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, Resources, TrainTask, cancel_local_jobs, check_executor_here,
                                  local_gpus, local_threads, make_executor, pick_gpus, preempt_signal, read_resources,
                                  sbatch_refusal, sigterm_as_interrupt, submission, use_gpus, wait_for)
@@ -543,6 +543,7 @@ def tune(spec: str | Path | Mapping, executor: str | None = None, poll_s: float 
 
     t = load_tune(spec, executor)
     check_executor_here(t.executor)
+    warn_missing_data([resolve_point(t.base, t.overrides)])
     lock = _lock(t.out)
     study = None
     try:
