@@ -321,6 +321,16 @@ def test_explain_reads_srcargs_of_older_catalogs_and_refuses_edited_ones(survey,
         err = capsys.readouterr().err
         assert f"{name}: {message}" in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "refused").exists()
+    # A plain CSV copied without the JSON file beside it: the refusal named nothing to fetch.
+    assert main(["predict", "--run", str(run_on_survey), "--data", str(survey / "survey"), "--split", "test",
+                 "--out", str(tmp_path / "c.csv")]) == 0
+    Path(f"{tmp_path / 'c.csv'}.json").unlink()
+    capsys.readouterr()
+    assert main(["explain", "--run", str(run_on_survey), "--catalog", str(tmp_path / "c.csv"), "--n", "2",
+                 "--out", str(tmp_path / "refused")]) == 1
+    err = capsys.readouterr().err
+    assert "c.csv: its provenance file c.csv.json is not beside it (plain CSV keeps predict's metadata there); " \
+           "copy it along" in err and len(err.splitlines()) == 1, err
 
 
 def test_explain_data_of_another_shape_is_one_line(survey, run_on_survey, tmp_path, capsys):

@@ -144,7 +144,10 @@ def _read_catalog(catalog: Path):
         table = Table.read(catalog, format=fmt, **({"path": "catalog"} if fmt == "hdf5" else {}))
         table.convert_bytestring_to_unicode()  # FITS and HDF5 give text ids back as bytes
         beside = Path(f"{catalog}.json")
-        if fmt == "ascii.csv" and beside.is_file():
+        if fmt == "ascii.csv":
+            if not beside.is_file():  # a CSV copied without it: "not a catalog of predict" named nothing to fetch
+                raise DmhpcError(f"{catalog}: its provenance file {beside.name} is not beside it (plain CSV "
+                                 f"keeps predict's metadata there); copy it along")
             table.meta.update(json.loads(beside.read_text()))
     except FileNotFoundError:
         raise DmhpcError(f"{catalog}: no such catalog") from None
