@@ -153,6 +153,11 @@ def test_tta_and_own_normalization(trained, tmp_path):
     np.testing.assert_allclose(np.asarray(table["p_merger"]), versions.mean(0), rtol=0, atol=2e-6)
     np.testing.assert_allclose(np.asarray(table["p_merger_std"]), versions.std(0), rtol=0, atol=2e-6)
     assert table["p_merger"].description == "merger probability (mean over the 8 dihedral transforms)"
+    # Every column described (only p_merger was: its spread and the 0/1 decision were bare)
+    assert table["p_merger_std"].description == ("population standard deviation of the merger probability over "
+                                                 "the 8 dihedral transforms")
+    assert table["merger"].description == "1 where p_merger >= 0.5, else 0"
+    assert all(table[key].description for key in table.colnames), table.colnames
 
 
 def test_a_catalog_of_fits_cutouts(trained, tmp_path):

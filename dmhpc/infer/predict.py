@@ -381,8 +381,18 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
     if "split" in table.colnames:
         table["split"] = np.array(["train", "val", "test"])[table["split"]]
     transforms = "8 dihedral transforms" if source.shape[1] == source.shape[2] else "4 flips (images not square)"
-    table["p_merger"].description = "merger probability" + (f" (mean over the {transforms})"
-                                                            if "p_merger_std" in table.colnames else "")
+    # Each column says what it holds, in every format that keeps descriptions (FITS TCOMM, ECSV, HDF5, Parquet).
+    described = {"id": "catalog id of the image, else its input position",
+                 "index": "input position of the image (0-based)",
+                 "p_merger": "merger probability" + (f" (mean over the {transforms})"
+                                                     if "p_merger_std" in table.colnames else ""),
+                 "p_merger_std": f"population standard deviation of the merger probability over the {transforms}",
+                 "label": "true class from the input: 1 merger, 0 non-merger",
+                 "object": "object id of the image in its prepared data set",
+                 "split": "split of its prepared data set the image is in",
+                 "merger": "1 where p_merger >= 0.5, else 0"}
+    for key in table.colnames:
+        table[key].description = described[key]
     fmt = catalog_format(out)
     table.meta.update(meta)
     kwargs = {"path": "catalog", "serialize_meta": True} if fmt == "hdf5" else {}
