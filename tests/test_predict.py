@@ -103,6 +103,12 @@ def test_every_catalog_format(trained, tmp_path, ext):
         assert json.loads(Path(f"{out}.json").read_text())["CKPT"] == "best"  # plain CSV: provenance beside it
     else:
         assert table.meta["CKPT"] == "best" and table.meta["SOURCE"] == "data"
+    if ext == ".fits":  # the header says what each provenance keyword holds
+        from astropy.io import fits
+
+        said = list(fits.getheader(out, 1)["COMMENT"])
+        assert "CKPTSHA: SHA-256 of the checkpoint file" in said
+        assert {line.split(":")[0] for line in said} >= {"RUN", "DATASHA", "INPUTSHA", "NORM", "SRCARGS"}, said
 
 
 def test_a_csv_catalog_replaced_never_stands_beside_the_new_ones_provenance(trained, tmp_path, monkeypatch):

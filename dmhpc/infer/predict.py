@@ -224,6 +224,19 @@ def _spec(run: RunDir, model: Model, source: Source, source_args: dict, options:
             **options}
 
 
+# What each provenance keyword holds, in COMMENT cards of a FITS catalog's header, for its reader
+# (the other formats keep the values only; docs/catalog.md says the same).
+META_COMMENTS = {
+    "DMHPC": "dmhpc version that predicted", "RUN": "run directory of the model",
+    "CKPT": "checkpoint of the run (best or last)", "CKPTSTEP": "training step of the checkpoint",
+    "CKPTSHA": "SHA-256 of the checkpoint file", "SELECT": "criterion that chose the checkpoint",
+    "SOURCE": "kind of input: data, images or catalog", "DATA": "input read",
+    "DATASHA": "fingerprint of a prepared data set read", "INPUTSHA": "digest of input sizes and times",
+    "NORM": "normalization: target (run's) or own", "MEAN": "per-filter mean normalized with",
+    "STD": "per-filter standard deviation normalized with", "TTA": "mean over flips and rotations",
+    "AMP": "precision of the forward pass", "SRCARGS": "how the input was opened (JSON)"}
+
+
 def _check_writable(out: Path, source: Source, meta: dict) -> None:
     """Refuse, before any image is predicted, what the catalog's format cannot hold. FITS holds ASCII
     only: a non-ASCII id failed the write after the whole survey was computed, and a non-ASCII header
@@ -395,6 +408,8 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
         table[key].description = described[key]
     fmt = catalog_format(out)
     table.meta.update(meta)
+    if fmt == "fits":  # COMMENT cards: a card's own comment is cut off after a long value (CKPTSHA's, a path)
+        table.meta["comments"] = [f"{key}: {META_COMMENTS[key]}" for key in meta]
     kwargs = {"path": "catalog", "serialize_meta": True} if fmt == "hdf5" else {}
     kept = f"the parts are kept in {parts}; a rerun merges them"
     beside, staged = Path(f"{out}.json"), None  # plain CSV has no place for metadata (ECSV does): a JSON file
