@@ -108,10 +108,16 @@ def test_a_search_runs_trials_by_the_objective_records_target_metrics_and_resume
     base.write_text(f"base: {TINY}\noptim:\n  weight_decay: 0.002\n")  # an edit of the config trained
     for change, what in [({"objective": "snd"}, "objective"), ({"base": str(base)}, "config"),
                          ({"overrides": tiny_overrides(data, **{"train.epochs": 3})}, "config"),
-                         ({"space": {"optim.lr": [0.001, 0.003, 0.01]}}, "space")]:
+                         ({"space": {"optim.lr": [0.001, 0.003, 0.01]}}, "space"),
+                         ({"slurm": {"tasks_per_node": 2}}, "ranks")]:  # trials trained by other ranks
         with pytest.raises(DmhpcError, match=rf"study.journal: holds a study of another tune file \({what} changed"):
             tune({**spec(data, tmp_path, trials=4), **change}, poll_s=0.2)
     assert len(study.get_trials()) == 3
+    # A study an older dmhpc began recorded no ranks: taken up, and its record completed.
+    older = {k: v for k, v in study.user_attrs["identity"].items() if k != "ranks"}
+    study.set_user_attr("identity", older)
+    tune(spec(data, tmp_path, trials=3, space={"optim.lr": [0.001, 0.003]}), poll_s=0.2)
+    assert _study(out).user_attrs["identity"]["ranks"] == 1 and len(study.get_trials()) == 3
 
 
 def test_a_trial_left_running_by_a_killed_tuner_runs_again_in_its_directory(data, tmp_path):

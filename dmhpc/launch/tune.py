@@ -33,8 +33,9 @@ put OUT on the shared file system). The tuner holds OUT/tune.lock while it runs:
 the same OUT is refused. Relaunching continues the study up to `trials`: a trial left running by
 a tuner that was killed is run again with the same values in the same run directory, which
 resumes from its last checkpoint (its SLURM job, if it had one, is cancelled first). Changing the
-objective, the training configuration (base with overrides, resolved) or the space since the study
-began is refused (`trials`, `parallel`, `executor` and `slurm` may change).
+objective, the training configuration (base with overrides, resolved), the space or the ranks per
+trial since the study began is refused (`trials`, `parallel`, `executor` and the rest of `slurm`
+may change).
 
 Pruning: the tuner reads each running trial's metrics log and reports the best objective score
 so far at every evaluation; the median pruner stops a trial whose best score is below the median
@@ -106,15 +107,16 @@ class Tune:
 
     def identity(self) -> dict:
         """What the study's trials depend on, comparable across launches: the objective, the space,
-        and the training configuration every trial starts from (base + overrides, resolved, so an
-        edit of the base file or of a file it inherits from counts; the path to it does not)."""
+        the training configuration every trial starts from (base + overrides, resolved, so an
+        edit of the base file or of a file it inherits from counts; the path to it does not), and
+        the ranks that train each trial (BatchNorm's batches, the losses' scope)."""
         space = {k: (v if isinstance(v, list) else {"low": v.low, "high": v.high, "log": v.log})
                  for k, v in self.space.items()}
         config = config_to_dict(resolve_point(self.base, self.overrides))
         config["run"].pop("dir", None)  # set per trial
         config["select"].pop("criterion", None)  # the objective's
-        return json.loads(json.dumps({"objective": self.objective, "config": config, "space": space},
-                                     sort_keys=True))
+        return json.loads(json.dumps({"objective": self.objective, "config": config, "space": space,
+                                      "ranks": self.resources.ranks}, sort_keys=True))
 
     def point(self, values: Mapping[str, Any]):
         """(run directory, validated config dict) of the trial with these values."""
@@ -276,9 +278,12 @@ def _open_study(t: Tune):
             study.enqueue_trial({k: (json.dumps(v) if isinstance(t.space[k], list) else v)
                                  for k, v in values.items()})
     elif before != identity:
-        changed = [k for k in ("objective", "config", "space") if before.get(k) != identity.get(k)]
-        raise DmhpcError(f"{journal}: holds a study of another tune file ({', '.join(changed)} changed since it "
-                         f"began); use another out, or restore the file")
+        # A study an older dmhpc began records no ranks: its trials' are not known, and not refused.
+        changed = [k for k in ("objective", "config", "space", "ranks") if k in before and before[k] != identity[k]]
+        if changed:
+            raise DmhpcError(f"{journal}: holds a study of another tune file ({', '.join(changed)} changed since "
+                             f"it began); use another out, or restore the file")
+        study.set_user_attr("identity", identity)
     return study
 
 
