@@ -350,6 +350,61 @@ def test_an_overwrite_that_fails_or_is_killed_leaves_the_old_data_set_whole(inpu
     assert len(load_manifest(out)["shards"]) == -(-N // 7)
 
 
+def test_a_staging_folder_not_dmhpcs_is_refused_and_never_emptied(inputs, tmp_path, capsys):
+    """A `.dmhpc-new` that was a link to another data set had that set's shards and manifest deleted
+    through it; one holding someone's file failed as "cannot prepare the output directory"."""
+    other = dict(inputs, out=str(tmp_path / "other"))
+    assert main(args(other)) == 0
+    kept = shard_bytes(other["out"])
+    out = Path(inputs["out"])
+    out.mkdir()
+    (out / shards.STAGING).symlink_to(other["out"])
+    for extra in ([], ["--overwrite"]):
+        assert_fails(capsys, args(inputs, *extra), f"{out / shards.STAGING}: not the staging folder of a conversion "
+                                                   f"(a link or a file by its name)")
+    assert shard_bytes(other["out"]) == kept
+    (out / shards.STAGING).unlink()
+    (out / shards.STAGING).mkdir()
+    (out / shards.STAGING / "notes.txt").write_text("mine")
+    assert_fails(capsys, args(inputs), f"{out / shards.STAGING}: holds notes.txt, not a file of a conversion")
+    assert (out / shards.STAGING / "notes.txt").read_text() == "mine"
+
+
+def test_a_failure_in_the_moves_into_place_keeps_the_new_set(two_domains, tmp_path, monkeypatch, capsys):
+    """A rename that failed while the new data sets were moved into place removed the new sets too
+    (the old ones were gone already); the folders a failed start made were left behind."""
+    root, config = two_domains
+    out = tmp_path / "out"
+    real = os.replace
+
+    def fails_in_noisy(src, dst):
+        if Path(src).parent == out / "noisy" / shards.STAGING and Path(src).name == "shard-00001.h5":
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", fails_in_noisy)
+    assert_fails(capsys, ["prepare", "--data-config", config, "--shard-size", "16"],
+                 f"{out / 'noisy'}: cannot move the new data set into place (Input/output error); the rest of it is "
+                 f"in {out / 'noisy' / shards.STAGING}; convert again")
+    assert MANIFEST in os.listdir(out / "noisy" / shards.STAGING)  # kept: a whole set to move by hand
+    monkeypatch.setattr(os, "replace", real)
+    assert main(["prepare", "--data-config", config, "--shard-size", "16", "--overwrite"]) == 0
+    assert load_manifest(out / "pristine")["splits"] == load_manifest(out / "noisy")["splits"]
+    assert shards.STAGING not in os.listdir(out / "noisy")
+    # A start that fails in the second folder: the first one, made by this conversion, goes too.
+    fresh = tmp_path / "fresh"
+    real_start = shards.start_dataset
+
+    def fails_in_noisy_start(out_dir):
+        if Path(out_dir).name == "noisy":
+            raise DmhpcError(f"{out_dir}: cannot prepare the output directory (No space left on device)")
+        return real_start(out_dir)
+
+    monkeypatch.setattr(shards, "start_dataset", fails_in_noisy_start)
+    assert_fails(capsys, ["prepare", "--data-config", config, "--out", str(fresh)], "cannot prepare the output")
+    assert not (fresh / "pristine").exists() and not (fresh / "noisy").exists()
+
+
 def test_two_conversions_into_one_folder(inputs, tmp_path, monkeypatch, capsys):
     """A second prepare into a folder another one is writing stops in one line and touches nothing
     (it deleted the first one's shards, and the first then wrote a manifest of missing shards). One

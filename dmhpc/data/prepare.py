@@ -413,9 +413,6 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
                         inputs=inputs, layout=d["layout"],
                     )
                 )
-            # Every manifest written before any data set is replaced: a failure leaves them all as they were.
-            for d in planned:
-                shards.publish_dataset(d["out"])
             return manifests
 
         try:
@@ -426,6 +423,9 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
                 for d, made in zip(planned, created):
                     shards.abandon_dataset(d["out"], remove_dir=made)
             raise
+        # Every manifest written before any data set is replaced: a failure until now left them all
+        # as they were. One in the moves themselves (renames) is said, and nothing is abandoned.
+        _agree(comm, lambda: [shards.publish_dataset(d["out"]) for d in planned] if rank == 0 else None)
         if rank == 0:
             for d, m in zip(planned, manifests):
                 split = ", ".join(f"{s} {b - a}" for s, (a, b) in m["rows"].items())
@@ -451,7 +451,7 @@ def _claim_outputs(planned: list[dict], created: list[bool], overwrite: bool, he
     """Rank 0: lock each output folder for this conversion (a second `prepare` into it stops with a
     one-line error), check it again under the lock (another conversion may have finished into it
     since the first check: its data set is never replaced unasked), and make its staging folder."""
-    locked = []
+    locked, started = [], []
     try:
         for d in planned:
             # The lock file lies beside the folder: lock first, so a folder made here is never left
@@ -463,13 +463,16 @@ def _claim_outputs(planned: list[dict], created: list[bool], overwrite: bool, he
             except OSError as exc:
                 raise DmhpcError(f"{d['out']}: cannot create: {exc.strerror}") from None
             shards.check_output_dir(d["out"], overwrite)
+        for d in planned:
+            shards.start_dataset(d["out"])
+            started.append(d["out"])
     except DmhpcError:
         for d, made in zip(locked, created):
-            if made and d["out"].is_dir() and not any(d["out"].iterdir()):
+            if d["out"] in started:
+                shards.abandon_dataset(d["out"], remove_dir=made)
+            elif made and d["out"].is_dir() and not any(d["out"].iterdir()):
                 d["out"].rmdir()
         raise
-    for d in planned:
-        shards.start_dataset(d["out"])
 
 
 # ----------------------------------------------------------------------------- the command

@@ -563,6 +563,8 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Non
     if manifest == "other":
         raise DmhpcError(f"{out_dir / MANIFEST}: not a dmhpc data set's manifest; choose another directory "
                          f"(or remove it, if it is a damaged one of dmhpc)")
+    if STAGING in names:
+        _check_staging(out_dir / STAGING)
     shards = [n for n in names if _SHARD_FILE.fullmatch(n)]
     if shards and manifest is None and INCOMPLETE not in names:
         raise DmhpcError(f"{out_dir}: holds {shards[0]}{' and more' if len(shards) > 1 else ''} but no dmhpc "
@@ -578,6 +580,19 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Non
             f"{out_dir}: exists and is not empty ({len(foreign)} other files, e.g. {foreign[0]});"
             " pass --overwrite or choose another directory"
         )
+
+
+def _check_staging(staging: Path) -> None:
+    """A staging folder a conversion made holds this format's files only: anything else (a link, a
+    file of that name, someone's files put in it) is not dmhpc's to empty, and a link's target was
+    emptied through it."""
+    if staging.is_symlink() or not staging.is_dir():
+        raise DmhpcError(f"{staging}: not the staging folder of a conversion (a link or a file by its name); "
+                         f"remove it or choose another directory")
+    foreign = sorted(p.name for p in staging.iterdir() if not (_OWN_FILE.fullmatch(p.name) or is_temporary(p.name)))
+    if foreign:
+        raise DmhpcError(f"{staging}: holds {foreign[0]}{' and more' if len(foreign) > 1 else ''}, not a file of a "
+                         f"conversion; move it out or choose another directory")
 
 
 def _owner_of_manifest(out_dir: Path) -> str:
@@ -618,8 +633,10 @@ def publish_dataset(out_dir: str | os.PathLike) -> None:
         fsync_directory(out_dir)
         (out_dir / INCOMPLETE).unlink()
     except OSError as exc:
-        raise DmhpcError(f"{out_dir}: cannot move the new data set into place ({exc.strerror}); "
-                         f"convert again") from None
+        # The old set's files are gone by now, and the new one's stay in the staging folder: the
+        # caller does not abandon it.
+        raise DmhpcError(f"{out_dir}: cannot move the new data set into place ({exc.strerror}); the rest of "
+                         f"it is in {staging}; convert again") from None
 
 
 def abandon_dataset(out_dir: str | os.PathLike, remove_dir: bool = False) -> None:
@@ -635,9 +652,9 @@ def abandon_dataset(out_dir: str | os.PathLike, remove_dir: bool = False) -> Non
 
 def _remove_staging(out_dir: Path) -> None:
     staging = out_dir / STAGING
-    if staging.is_dir():
+    if staging.is_dir() and not staging.is_symlink():  # (never emptied through a link: check_output_dir's)
         _remove_own_files(staging)
-        staging.rmdir()  # not empty: someone's files put there, refused in one line by the caller
+        staging.rmdir()
 
 
 def _remove_own_files(out_dir: Path) -> None:
@@ -676,11 +693,11 @@ def write_dataset(
     try:
         results = write_shards([(plan, staging, k) for k in range(plan.num_shards)])
         manifest = finish_dataset(plan, staging, results)
-        publish_dataset(out_dir)
-        return manifest
     except DmhpcError:
         abandon_dataset(out_dir, remove_dir=created)  # a failed write leaves nothing behind
         raise
+    publish_dataset(out_dir)
+    return manifest
 
 
 # ----------------------------------------------------------------------------- reading
