@@ -820,9 +820,12 @@ def test_block_loaders_draw_other_groups_of_images_each_epoch(rows):
     batch size), so BatchNorm and the batch-level losses saw the same groups each time."""
     from dmhpc.data.batches import Stream
 
-    assert [Stream(0, 512, b, 1, 0, 0, 0).piece for b in (128, 100, 97, 16, 8, 4)] == [16, 10, 1, 2, 1, 1]
-    for world_size in (1, 4):
-        streams = [Stream(0, rows, 128, world_size, r, 5, 0) for r in range(world_size)]
+    # 8 pieces whatever the batch size (a prime one read single rows), as even as it allows
+    for b, sizes in ((128, {16}), (100, {12, 13}), (97, {12, 13}), (8, {1}), (4, {1})):
+        slots = Stream(0, 512, b, 1, 0, 0, 0).slots
+        assert len(slots) == min(8, b) and {y - x for x, y in slots} == sizes and slots[-1][1] == b, (b, slots)
+    for world_size, batch_size in ((1, 128), (4, 128), (2, 127)):  # 127: prime, still 8 pieces
+        streams = [Stream(0, rows, batch_size, world_size, r, 5, 0) for r in range(world_size)]
         epochs = [[set(_rows(s.pieces(epoch, k))) for k in range(streams[0].steps) for s in streams] for epoch in (0, 1)]
         before = {}
         for j, batch in enumerate(epochs[0]):
@@ -835,7 +838,7 @@ def test_block_loaders_draw_other_groups_of_images_each_epoch(rows):
             counts = np.bincount([before[row] for row in batch if row in before])
             shares.append(counts.max() / len(batch) if len(counts) else 0.0)
         assert np.mean(shares) < 0.25, np.mean(shares)
-        assert all(len(batch) == 128 for batch in epochs[1])
+        assert all(len(batch) == batch_size for batch in epochs[1])
 
 
 @pytest.mark.parametrize("kind, workers", [("torch", 2), ("gpu-resident", 0)])

@@ -5,14 +5,17 @@ normalized, and the interface the loader kinds implement (`Batches`).
   the ranks take disjoint parts of one global batch, and the rows that do not fill a global
   batch are left out of that epoch.
 - Shuffling depends on (seed, epoch) only. `gpu-resident` permutes single rows. The training
-  rows are stored in a seeded random order already, so `dali` and `torch` permute pieces of
-  consecutive rows instead, each read as one contiguous slice (HDF5's fastest): a batch is
-  `PIECES` pieces (fewer where the batch size has no divisor near batch_size / PIECES) drawn
-  anew each epoch. Whole batch-sized blocks kept the same images together in every epoch (all of
-  them where the rows are a multiple of the batch size): BatchNorm and the batch-level losses
-  (MMD, Fisher, CORAL) saw the same groups of images each time. The pieces start at an offset
-  drawn per (seed, epoch, cycle) from 0 to `rows % piece`, so the rows that fill no piece are
-  other ones each epoch (at a fixed offset the same rows were never trained on).
+  rows are stored in a seeded random order already, so `dali` and `torch` read pieces of
+  consecutive rows instead, each one contiguous slice (HDF5's fastest). The rows are cut into
+  batch-sized blocks, each block into `PIECES` slots of batch_size / PIECES rows (rounded; one
+  row each below a batch of PIECES); a batch takes slot i of a block drawn by slot i's own
+  permutation of the blocks, per (seed, epoch, cycle), so its pieces come from different blocks,
+  drawn anew each epoch, and every row is read once an epoch. Whole blocks kept the same images
+  together in every epoch (all of them where the rows are a multiple of the batch size):
+  BatchNorm and the batch-level losses (MMD, Fisher, CORAL) saw the same groups each time. The
+  blocks start at an offset drawn per (seed, epoch, cycle) from 0 to `rows % batch_size`, so the
+  rows that fill no block are other ones each epoch (at a fixed offset the same rows, up to a
+  batch of them, were never trained on).
 - The epoch is the source's; each source batch is paired with a target batch from the target's
   own order, which wraps around, permuted anew, when the target has fewer steps.
 - Augmentation draws, per sample, one of the 8 symmetries of the square (flips and 90-degree
@@ -44,9 +47,9 @@ from dmhpc.errors import DmhpcError
 NORMALIZE = ("per-domain", "source")
 SOURCE, TARGET = 0, 1
 # Purposes mixed into random keys so that shuffling and augmentation draws never coincide.
-_ORDER, _AUGMENT, _OFFSET = 0, 1, 2
+_ORDER, _AUGMENT, _OFFSET, _PIECE = 0, 1, 2, 3
 # Pieces of consecutive rows in a batch of the block loaders: each a contiguous read, and the
-# groups of images that stay together from epoch to epoch small (a sixteenth of a batch of 128).
+# groups of images that stay together from epoch to epoch small (16 of a batch of 128).
 PIECES = 8
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # xs, ys, xt, yt on the device
@@ -60,6 +63,13 @@ def _rng(*key: int) -> np.random.Generator:
 def _order(n: int, seed: int, domain: int, epoch: int, cycle: int) -> np.ndarray:
     order = _rng(seed, _ORDER, domain, epoch, cycle).permutation(n)
     order.flags.writeable = False  # shared by every caller through the cache
+    return order
+
+
+@functools.lru_cache(maxsize=4 * PIECES)  # both domains' slots of an epoch, and the next cycle's
+def _slot_order(n: int, seed: int, domain: int, epoch: int, cycle: int, slot: int) -> np.ndarray:
+    order = _rng(seed, _PIECE, domain, epoch, cycle, slot).permutation(n)
+    order.flags.writeable = False
     return order
 
 
@@ -85,29 +95,30 @@ class Stream:
         return self.rows // (self.batch_size * self.world_size)
 
     @property
-    def piece(self) -> int:
-        """Rows per piece: the largest divisor of the batch size up to batch_size / PIECES (at least 1),
-        so that a batch is whole pieces and an epoch's batches never run out of them."""
-        return max(d for d in range(1, max(1, self.batch_size // PIECES) + 1) if self.batch_size % d == 0)
+    def slots(self) -> list[tuple[int, int]]:
+        """Row ranges within a block of the `PIECES` pieces of a batch (one row each below a batch
+        of PIECES), as even as the batch size allows."""
+        count = min(PIECES, self.batch_size)
+        edges = [k * self.batch_size // count for k in range(count + 1)]
+        return list(zip(edges[:-1], edges[1:]))
 
     def pieces(self, epoch: int, step: int) -> list[tuple[int, int]]:
-        """Row ranges [start, stop) of this rank's batch: pieces of consecutive rows (those that
-        happen to follow each other joined into one range)."""
+        """Row ranges [start, stop) of this rank's batch: slot i of a block drawn by slot i's
+        permutation of the blocks (those that happen to follow each other joined into one range)."""
         cycle, pos = divmod(step, self.steps)
-        size = self.piece
-        count = self.rows // size
-        order = _order(count, self.seed, self.domain, epoch, cycle)
-        # within [0, rows - count * size]: every piece stays inside the rows
-        offset = int(_rng(self.seed, _OFFSET, self.domain, epoch, cycle).integers(0, self.rows - count * size + 1))
-        per_batch = self.batch_size // size
-        first = (pos * self.world_size + self.rank) * per_batch
+        blocks = self.rows // self.batch_size
+        # within [0, rows - blocks * batch_size]: every block stays inside the rows
+        spare = self.rows - blocks * self.batch_size
+        offset = int(_rng(self.seed, _OFFSET, self.domain, epoch, cycle).integers(0, spare + 1))
+        batch = pos * self.world_size + self.rank
         ranges: list[tuple[int, int]] = []
-        for k in order[first : first + per_batch]:
-            start = self.start + offset + int(k) * size
+        for slot, (a, b) in enumerate(self.slots):
+            block = int(_slot_order(blocks, self.seed, self.domain, epoch, cycle, slot)[batch])
+            start = self.start + offset + block * self.batch_size + a
             if ranges and ranges[-1][1] == start:
-                ranges[-1] = (ranges[-1][0], start + size)
+                ranges[-1] = (ranges[-1][0], start + b - a)
             else:
-                ranges.append((start, start + size))
+                ranges.append((start, start + b - a))
         return ranges
 
     def samples(self, epoch: int, step: int) -> np.ndarray:
