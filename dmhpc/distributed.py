@@ -428,34 +428,40 @@ class AgreedError(DmhpcError):
 
 
 def _run_agreed(step: Callable[[], Any], runs: bool, share: str) -> Any:
-    result, error = None, None
+    result, error, failure = None, None, None
     if runs:
         try:
             result = step()
-        except DmhpcError as exc:
+        except Exception as exc:
             if not is_distributed():
                 raise
-            error = str(exc)
+            # Any error travels, not only ours: a rank that raised another alone went on to the
+            # collectives of its way out while the others waited in this one, mismatched.
+            error = str(exc) if isinstance(exc, DmhpcError) else f"{type(exc).__name__}: {exc}"
+            failure = exc
     if not is_distributed():
         return [result] if share == "all" else result
     sent = result if share == "all" or (share == "main" and dist.get_rank() == 0) else None
     gathered = all_gather_object((sent, error))
     errors = [e for _, e in gathered if e is not None]
     if errors:
+        if failure is not None and not isinstance(failure, DmhpcError):
+            raise failure  # a defect: its traceback on the rank it happened on
         raise AgreedError(errors[0])
     return {"all": [r for r, _ in gathered], "main": gathered[0][0], "own": result}[share]
 
 
 def agree(step: Callable[[], Any]) -> Any:
-    """Run `step()` on every rank and return this rank's result; a DmhpcError on any rank is raised
-    on every rank, with the lowest rank's message, so no rank goes on to a collective that the
+    """Run `step()` on every rank and return this rank's result; an error on any rank is raised
+    on every rank (AgreedError with the lowest rank's message; the rank of an error other than
+    DmhpcError raises its own, traceback and all), so no rank goes on to a collective that the
     others will never reach. Only errors travel between ranks."""
     return _run_agreed(step, True, "own")
 
 
 def on_main(step: Callable[[], Any]) -> Any:
     """Run `step()` on rank 0 only and hand its result (small, picklable) to every rank; its
-    DmhpcError is raised on every rank."""
+    error is raised on every rank (see `agree`)."""
     return _run_agreed(step, not is_distributed() or dist.get_rank() == 0, "main")
 
 

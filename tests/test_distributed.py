@@ -458,6 +458,49 @@ def test_every_backend_waits_as_long_as_gloo(monkeypatch):
         assert asked["timeout"] == COLLECTIVE_TIMEOUT >= timedelta(minutes=30), backend
 
 
+ANY_ERROR_TRAVELS = """
+import os, socket, sys
+import torch.distributed as dist, torch.multiprocessing as mp
+
+def run(rank, port, folder):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from dmhpc.distributed import on_main
+
+    def score():
+        raise ValueError("the solver did not converge")
+
+    with open(os.path.join(folder, f"rank{rank}.txt"), "w") as said:  # a file each: stdout mixes their lines
+        try:
+            on_main(score)
+        except Exception as exc:
+            said.write(f"{type(exc).__name__}: {exc}\\n")
+        said.flush()
+        dist.barrier()  # the way out of a trainer: a collective of its own (the stop flag's)
+        said.write("out\\n")
+
+if __name__ == "__main__":
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+    for p in mp.spawn(run, args=(port, sys.argv[1]), nprocs=2, join=False).processes:
+        p.join(40)
+        if p.is_alive():
+            p.kill()
+"""
+
+
+def test_any_error_of_a_shared_step_reaches_every_rank(tmp_path):
+    """Only DmhpcError travelled: another error of a step run on rank 0 alone (rank 0's selection
+    score, sklearn's) left rank 1 waiting in the exchange while rank 0 went on to the collectives
+    of its way out."""
+    (tmp_path / "any.py").write_text(ANY_ERROR_TRAVELS)
+    proc = subprocess.run([sys.executable, str(tmp_path / "any.py"), str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, env=clean_env(), cwd=ROOT)
+    said = [(tmp_path / f"rank{r}.txt").read_text() if (tmp_path / f"rank{r}.txt").exists() else "" for r in (0, 1)]
+    assert said == ["ValueError: the solver did not converge\nout\n",
+                    "AgreedError: ValueError: the solver did not converge\nout\n"], said + [proc.stderr[-2000:]]
+
+
 PEER_GONE = """
 import os, socket, sys, time
 import torch, torch.distributed as dist, torch.multiprocessing as mp
