@@ -817,7 +817,8 @@ def test_block_loaders_read_every_training_row_over_the_epochs():
 def test_block_loaders_draw_other_groups_of_images_each_epoch(rows):
     """dali and torch read whole batch-sized blocks, only their order and offset drawn per epoch: a
     batch held the same images in every epoch (all of them where the rows are a multiple of the
-    batch size), so BatchNorm and the batch-level losses saw the same groups each time."""
+    batch size), so BatchNorm and the batch-level losses saw the same groups each time. Now a batch
+    is 8 pieces, each from another block, drawn anew each epoch."""
     from dmhpc.data.batches import Stream
 
     # 8 pieces whatever the batch size (a prime one read single rows), as even as it allows

@@ -368,6 +368,9 @@ def test_a_staging_folder_not_dmhpcs_is_refused_and_never_emptied(inputs, tmp_pa
     (out / shards.STAGING / "notes.txt").write_text("mine")
     assert_fails(capsys, args(inputs), f"{out / shards.STAGING}: holds notes.txt, not a file of a conversion")
     assert (out / shards.STAGING / "notes.txt").read_text() == "mine"
+    (out / shards.STAGING / "notes.txt").unlink()
+    (out / shards.STAGING / "shard-00000.h5").mkdir()  # a folder by a shard's name: not a conversion's either
+    assert_fails(capsys, args(inputs), f"{out / shards.STAGING}: holds shard-00000.h5, not a file of a conversion")
 
 
 def test_a_failure_in_the_moves_into_place_keeps_the_new_set(two_domains, tmp_path, monkeypatch, capsys):
@@ -384,10 +387,24 @@ def test_a_failure_in_the_moves_into_place_keeps_the_new_set(two_domains, tmp_pa
 
     monkeypatch.setattr(os, "replace", fails_in_noisy)
     assert_fails(capsys, ["prepare", "--data-config", config, "--shard-size", "16"],
-                 f"{out / 'noisy'}: cannot move the new data set into place (Input/output error); the rest of it is "
-                 f"in {out / 'noisy' / shards.STAGING}; convert again")
+                 f"{out / 'noisy'}: cannot move the new data set into place (Input/output error); what is not moved "
+                 f"yet is in {out / 'noisy' / shards.STAGING}; convert again with --overwrite")
     assert MANIFEST in os.listdir(out / "noisy" / shards.STAGING)  # kept: a whole set to move by hand
     monkeypatch.setattr(os, "replace", real)
+    # Once the new manifest is in place, what is left is tidying: a failure there is a warning.
+    real_unlink = Path.unlink
+
+    def mark_stays(path, *rest, **named):
+        if path.name == INCOMPLETE:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+        return real_unlink(path, *rest, **named)
+
+    monkeypatch.setattr(Path, "unlink", mark_stays)
+    capsys.readouterr()
+    assert main(["prepare", "--data-config", config, "--shard-size", "16", "--overwrite"]) == 0
+    assert "the new data set is in place, but" in capsys.readouterr().err
+    assert MANIFEST in os.listdir(out / "noisy") and MANIFEST in os.listdir(out / "pristine")
+    monkeypatch.setattr(Path, "unlink", real_unlink)
     assert main(["prepare", "--data-config", config, "--shard-size", "16", "--overwrite"]) == 0
     assert load_manifest(out / "pristine")["splits"] == load_manifest(out / "noisy")["splits"]
     assert shards.STAGING not in os.listdir(out / "noisy")

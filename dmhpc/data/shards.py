@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import json
 import os
 import re
+import sys
 from pathlib import Path
 from typing import Iterable, Mapping, NamedTuple
 
@@ -589,7 +590,12 @@ def _check_staging(staging: Path) -> None:
     if staging.is_symlink() or not staging.is_dir():
         raise DmhpcError(f"{staging}: not the staging folder of a conversion (a link or a file by its name); "
                          f"remove it or choose another directory")
-    foreign = sorted(p.name for p in staging.iterdir() if not (_OWN_FILE.fullmatch(p.name) or is_temporary(p.name)))
+    try:
+        # (a folder by a shard's name is not a conversion's either)
+        foreign = sorted(p.name for p in staging.iterdir() if not (
+            (_OWN_FILE.fullmatch(p.name) or is_temporary(p.name)) and (p.is_symlink() or p.is_file())))
+    except OSError as exc:
+        raise DmhpcError(f"{staging}: cannot list ({exc.strerror})") from None
     if foreign:
         raise DmhpcError(f"{staging}: holds {foreign[0]}{' and more' if len(foreign) > 1 else ''}, not a file of a "
                          f"conversion; move it out or choose another directory")
@@ -629,14 +635,17 @@ def publish_dataset(out_dir: str | os.PathLike) -> None:
         for name in sorted(n for n in os.listdir(staging) if _SHARD_FILE.fullmatch(n)):
             os.replace(staging / name, out_dir / name)
         os.replace(staging / MANIFEST, out_dir / MANIFEST)
+    except OSError as exc:
+        # The new set's files not moved yet stay in the staging folder: the caller does not abandon it.
+        raise DmhpcError(f"{out_dir}: cannot move the new data set into place ({exc.strerror}); what is not "
+                         f"moved yet is in {staging}; convert again with --overwrite") from None
+    fsync_directory(out_dir)
+    try:  # the new set is in place now: what is left is tidying
         staging.rmdir()
-        fsync_directory(out_dir)
         (out_dir / INCOMPLETE).unlink()
     except OSError as exc:
-        # The old set's files are gone by now, and the new one's stay in the staging folder: the
-        # caller does not abandon it.
-        raise DmhpcError(f"{out_dir}: cannot move the new data set into place ({exc.strerror}); the rest of "
-                         f"it is in {staging}; convert again") from None
+        print(f"dmhpc prepare: warning: {out_dir}: the new data set is in place, but {exc.filename} could not be "
+              f"removed ({exc.strerror}); remove it by hand", file=sys.stderr, flush=True)
 
 
 def abandon_dataset(out_dir: str | os.PathLike, remove_dir: bool = False) -> None:
