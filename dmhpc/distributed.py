@@ -293,7 +293,7 @@ def bootstrap(backend: str | None = None) -> DistInfo:
     elif launch.launcher == "torchrun":
         rendezvous = {"init_method": "env://"}  # a fresh store per attempt, hosted by rank 0
     else:
-        rendezvous = {"init_method": f"tcp://{launch.master_addr}:{launch.master_port}"}
+        rendezvous = {"init_method": tcp_url(launch.master_addr, launch.master_port)}
     dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, timeout=COLLECTIVE_TIMEOUT,
                             device_id=device if device.type == "cuda" else None, **rendezvous)
     local = max(launch.local_world_size, launch.local_rank + 1)
@@ -372,6 +372,11 @@ def barrier() -> None:
     """Wait for every rank; nothing to do in a single process."""
     if is_distributed():
         dist.barrier()
+
+
+def tcp_url(addr: str, port: int) -> str:
+    """torch's tcp:// rendezvous URL; an IPv6 address in brackets (torch read "::1:29500" as a port)."""
+    return f"tcp://[{addr}]:{port}" if ":" in addr else f"tcp://{addr}:{port}"
 
 
 def meet_before_leaving() -> None:

@@ -16,8 +16,24 @@ trap 'DMHPC_EARLY_USR2=1' USR2
 # and the submitit jobs follow too. It needs only the standard library and dmhpc, not torch.
 dmhpc_rendezvous() {
     local out
-    out=$("${PYTHON:-python}" -m dmhpc.rendezvous) || return 1
+    # The batch shell is in no step: step variables here came with the environment of a shell that
+    # ran inside one (sbatch from an `srun --pty bash`), and one naming a node of this job put the
+    # rendezvous on that node while the first node hosted it.
+    out=$(env -u SLURM_STEP_NODELIST -u SLURM_STEP_ID "${PYTHON:-python}" -m dmhpc.rendezvous) || return 1
     read -r DMHPC_RDZV_ADDR DMHPC_RDZV_PORT <<<"$out"
+}
+
+# The CPUs of the job's smallest node, from SLURM_JOB_CPUS_PER_NODE ("2,1", "16(x3),8"): a step
+# asks every node for as many, and the batch node's own count (SLURM_CPUS_ON_NODE) made one that
+# no smaller node could give ("More processors requested than permitted").
+dmhpc_cpus_per_node() {
+    local item n least=""
+    for item in ${SLURM_JOB_CPUS_PER_NODE//,/ }; do
+        n=${item%%(*}
+        [[ $n =~ ^[0-9]+$ ]] || continue
+        if [ -z "$least" ] || [ "$n" -lt "$least" ]; then least=$n; fi
+    done
+    echo "${least:-${SLURM_CPUS_ON_NODE:-1}}"
 }
 
 # Processes per node: NPROC_PER_NODE, else the GPUs Slurm gave the node, else the tasks per node
@@ -49,10 +65,18 @@ dmhpc_nproc_per_node() {
 dmhpc_launch_command() {
     local python=${PYTHON:-python} nnodes=${SLURM_NNODES:-1} nproc cpus DMHPC_RDZV_ADDR DMHPC_RDZV_PORT
     nproc=$(dmhpc_nproc_per_node)
+    # --gpus=N over several nodes may give them different counts; torchrun and srun start as many
+    # ranks on every node as this one has, and the rest never meet.
+    local total=${SLURM_GPUS:-}
+    total=${total##*:}
+    if [ "$nnodes" -gt 1 ] && [ -z "${NPROC_PER_NODE:-}" ] && [[ $total =~ ^[0-9]+$ ]] && [ "$total" -ne $((nproc * nnodes)) ]; then
+        echo "dmhpc: --gpus=$SLURM_GPUS over $nnodes nodes: not $nproc on every node as on this one; ask --gpus-per-node" >&2
+        return 2
+    fi
     # Every count is explicit: srun would otherwise take --ntasks from the allocation
     # (SLURM_NTASKS, from sbatch --ntasks-per-node) and, since Slurm 22.05, one CPU per task
     # (bound to it where task/affinity is on). The node's CPUs are shared out among its tasks.
-    cpus=${SLURM_CPUS_ON_NODE:-1}
+    cpus=$(dmhpc_cpus_per_node)
     dmhpc_rendezvous || return 1
     # srun passes a signal to every process of the step. Each task starts with USR2 ignored:
     # torchrun would die of it and orphan its workers, and a rank still importing torch would
@@ -71,6 +95,9 @@ dmhpc_launch_command() {
             task=(bash -c 'trap "" USR2; exec "$1" "$2" "$3" --rdzv-conf="is_host=$([ "${SLURM_NODEID:-0}" = 0 ] && echo 1 || echo 0)" "${@:4}"' dmhpc-task)
             rdzv=(--rdzv-endpoint="$DMHPC_RDZV_ADDR:$DMHPC_RDZV_PORT")
         fi
+        # torchrun gives each of several workers one thread unless told otherwise: on CPU nodes the
+        # ranks computed on 1 of their CPUs each (srun mode's sized the threads).
+        export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus / nproc > 0 ? cpus / nproc : 1))}
         DMHPC_LAUNCH_CMD=(
             srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1
             "${task[@]}" "$python" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc"

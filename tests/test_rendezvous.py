@@ -107,3 +107,59 @@ def test_ranks_per_node_come_from_what_the_job_was_given(tmp_path):
     assert nproc(**job, SLURM_NTASKS_PER_NODE="1", SLURM_GPUS_ON_NODE="2") == "2"
     assert nproc(**job, NPROC_PER_NODE="3", SLURM_GPUS_ON_NODE="2") == "3"
     assert nproc() == "8"  # outside a job: the machine's own GPUs
+
+
+def _lib(function: str, tmp_path, **env) -> subprocess.CompletedProcess:
+    """Run a function of slurm/lib.sh in bash with this environment; `function` may end in `&& echo ...`."""
+    base = {k: v for k, v in clean_env().items() if k != "OMP_NUM_THREADS"}  # (clean_env's 1 thread)
+    return subprocess.run(["bash", "-c", f"source {ROOT}/slurm/lib.sh && {function}"],
+                          env={**base, "PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHON": sys.executable, **env},
+                          capture_output=True, text=True)
+
+
+def test_the_batch_shell_meets_on_the_first_node_whatever_step_it_was_sent_from(tmp_path):
+    """sbatch from a shell inside a step passed that step's node list on: where its node was in the
+    new job, the batch shell put the rendezvous there, and the first node hosted it alone."""
+    _executable(tmp_path / "scontrol", "#!/bin/sh\nif [ \"$2\" = hostnames ]; then\n"
+                                       "  if [ \"$3\" = n2 ]; then echo n2; else echo n1; echo n2; fi; exit 0\nfi\n"
+                                       "[ \"$4\" = n2 ] && echo 'NodeName=n2 NodeAddr=10.1.2.4' && exit 0\n"
+                                       "echo 'NodeName=n1 NodeAddr=10.1.2.3'\n")
+    job = {"SLURM_JOB_ID": "77777", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_STEP_NODELIST": "n2",
+           "SLURM_STEP_ID": "3"}
+    out = _lib("dmhpc_rendezvous && echo $DMHPC_RDZV_ADDR $DMHPC_RDZV_PORT", tmp_path, **job)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["10.1.2.3", str(29500 + 77777 % 2000)]
+
+
+def test_a_step_asks_each_node_for_the_cpus_of_the_smallest(tmp_path):
+    """The batch node's SLURM_CPUS_ON_NODE was asked of every node: on nodes given fewer (`-N2 -n3`:
+    "2,1"), srun could not create the step."""
+    for given, least in (("2,1", "1"), ("16(x3),8", "8"), ("32(x2)", "32")):
+        out = _lib("dmhpc_cpus_per_node", tmp_path, SLURM_JOB_CPUS_PER_NODE=given, SLURM_CPUS_ON_NODE="99")
+        assert out.stdout.strip() == least, (given, out.stdout, out.stderr)
+    assert _lib("dmhpc_cpus_per_node", tmp_path, SLURM_CPUS_ON_NODE="6").stdout.strip() == "6"
+
+
+def test_torchrun_ranks_get_their_share_of_the_cpus_and_uneven_gpus_are_refused(tmp_path):
+    """torchrun gave each of several workers one thread (OMP_NUM_THREADS=1): CPU ranks computed on
+    1 of their CPUs. And --gpus=N over nodes of different counts started ranks that never met."""
+    _executable(tmp_path / "scontrol", "#!/bin/sh\n[ \"$2\" = hostnames ] && echo n1 && echo n2 && exit 0\n"
+                                       "echo 'NodeName=n1 NodeAddr=10.1.2.3'\n")
+    job = {"SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "2",
+           "SLURM_JOB_CPUS_PER_NODE": "16(x2)", "SLURM_NTASKS_PER_NODE": "4"}
+    out = _lib("dmhpc_launch_command -m dmhpc.train && echo $OMP_NUM_THREADS", tmp_path, **job)
+    assert out.returncode == 0 and out.stdout.split() == ["4"], out.stdout + out.stderr
+    out = _lib("dmhpc_launch_command -m dmhpc.train && echo $OMP_NUM_THREADS", tmp_path, **job, OMP_NUM_THREADS="2")
+    assert out.stdout.split() == ["2"], out.stdout + out.stderr  # the user's choice stays
+    out = _lib("dmhpc_launch_command -m dmhpc.train", tmp_path, **job, SLURM_GPUS="a100:6", SLURM_GPUS_ON_NODE="4")
+    assert out.returncode == 2 and out.stderr == ("dmhpc: --gpus=a100:6 over 2 nodes: not 4 on every node as on "
+                                                  "this one; ask --gpus-per-node\n"), out.stderr
+    assert _lib("dmhpc_launch_command -m dmhpc.train", tmp_path, **job, SLURM_GPUS="8",
+                SLURM_GPUS_ON_NODE="4").returncode == 0
+
+
+def test_an_ipv6_rendezvous_address_is_bracketed():
+    """torch read tcp://::1:29555 as host "" and port ":1:29555" (ValueError)."""
+    from dmhpc.distributed import tcp_url
+
+    assert tcp_url("::1", 29555) == "tcp://[::1]:29555" and tcp_url("n1", 29555) == "tcp://n1:29555"
