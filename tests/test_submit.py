@@ -170,6 +170,19 @@ def test_sbatch_options_for_a_site(tmp_path):
     assert "srun --unbuffered" in script and "--cpus-per-task=8 " in script.split("srun --unbuffered", 1)[1]
     cpu = make_executor("slurm", tmp_path, Resources(tasks_per_node=2), "dmhpc-test")
     assert "gpus-per-node" not in cpu._executor._make_submission_file_text("python -m x", "uid")
+    # A GPU type where the site has it as a GRES type only: every way of asking was refused.
+    typed = make_executor("slurm", tmp_path, Resources(gpus_per_node=4, tasks_per_node=4, gpu_type="a100"), "x")
+    assert "#SBATCH --gpus-per-node=a100:4\n" in typed._executor._make_submission_file_text("python -m x", "uid")
+    from dmhpc.checks import Problems
+
+    problems = Problems("g.yaml")
+    assert submit.read_resources(problems, {"gpus_per_node": 2, "gpu_type": "h100"}, shape=True,
+                                 executor="slurm").gpu_type == "h100" and not problems.lines
+    for section, said in (({"gpu_type": "a100"}, "slurm.gpu_type: a type of GPU, and slurm.gpus_per_node asks for none"),
+                          ({"gpus_per_node": 1, "gpu_type": "a100:2"}, "slurm.gpu_type: a GRES type name such as a100")):
+        problems = Problems("g.yaml")
+        submit.read_resources(problems, section, shape=True, executor="slurm")
+        assert [line for line in problems.lines if said in line], problems.lines
 
 
 def test_sbatch_options_the_launcher_sets_are_refused_in_additional_parameters(tmp_path):

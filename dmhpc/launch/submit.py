@@ -60,7 +60,7 @@ CONTROLLERS_LOG = "local_controllers.log"  # OUT/submitit/: what submitit's loca
 LAUNCH_LOCK = "launch.lock"  # OUT/submitit/launch.lock: held by the launcher running points into OUT
 
 # Keys of a launch file's `slurm` section that a site may need, beyond the job's shape.
-SITE_KEYS = ("partition", "account", "qos", "constraint", "cpus_per_task", "mem_gb", "time", "exclusive",
+SITE_KEYS = ("partition", "account", "qos", "constraint", "gpu_type", "cpus_per_task", "mem_gb", "time", "exclusive",
              "array_parallelism", "signal_delay_s", "max_num_timeout", "setup", "additional_parameters")
 SHAPE_KEYS = ("nodes", "gpus_per_node", "tasks_per_node")
 SLURM_MINUTES = 60  # a Slurm job's time limit where the launch file gives none
@@ -71,9 +71,9 @@ LAUNCHER_SBATCH = {
     "nodes": "slurm.nodes", "ntasks": "slurm.tasks_per_node", "ntasks-per-node": "slurm.tasks_per_node",
     "ntasks-per-gpu": "slurm.tasks_per_node", "gpus": "slurm.gpus_per_node", "gpus-per-node": "slurm.gpus_per_node",
     "gpus-per-task": "slurm.gpus_per_node", "gpus-per-socket": "slurm.gpus_per_node",
-    # Where they ask for GPUs; a GPU type is said by slurm.constraint (a node feature) at most sites.
-    "gres": "slurm.gpus_per_node (a GPU type: slurm.constraint)",
-    "tres-per-task": "slurm.gpus_per_node (a GPU type: slurm.constraint)",
+    # Where they ask for GPUs; a GPU type is slurm.gpu_type (a GRES type), or slurm.constraint (a node feature).
+    "gres": "slurm.gpus_per_node (a GPU type: slurm.gpu_type)",
+    "tres-per-task": "slurm.gpus_per_node (a GPU type: slurm.gpu_type)",
     "cpus-per-task": "slurm.cpus_per_task", "mem": "slurm.mem_gb (0: all of the node's)", "time": "slurm.time",
     "signal": "slurm.signal_delay_s (and SUBMITIT_PREEMPT_SIGNAL)", "partition": "slurm.partition",
     "account": "slurm.account", "qos": "slurm.qos", "constraint": "slurm.constraint",
@@ -107,6 +107,7 @@ class Resources:
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
+    gpu_type: str | None = None   # a GRES type: --gpus-per-node=TYPE:N
     exclusive: bool = False
     array_parallelism: int = 256
     signal_delay_s: int = 90
@@ -160,8 +161,10 @@ def read_resources(problems: Problems, data: Any, *, shape: bool, executor: str)
     p = "slurm."
     get = lambda key, check, default: take(problems, data, key, check, default, p)  # noqa: E731
     kw: dict[str, Any] = {}
-    for key in ("partition", "account", "qos", "constraint"):
+    for key in ("partition", "account", "qos", "constraint", "gpu_type"):
         kw[key] = get(key, optional(text()), None)
+    if kw["gpu_type"] is not None and not re.fullmatch(r"[\w.+-]+", kw["gpu_type"]):
+        problems.add("slurm.gpu_type", f"a GRES type name such as a100, got {show(kw['gpu_type'])}")
     kw["cpus_per_task"] = get("cpus_per_task", optional(integer(1)), None)
     kw["mem_gb"] = get("mem_gb", optional(number(0)), None)  # 0: all of a node's memory (--mem=0)
     kw["time_min"] = get("time", slurm_minutes, None)
@@ -180,6 +183,8 @@ def read_resources(problems: Problems, data: Any, *, shape: bool, executor: str)
             problems.add("slurm.tasks_per_node", f"one task per GPU: leave it out or make it {gpus} "
                          f"(gpus_per_node), got {tasks}")
         kw["tasks_per_node"] = gpus or tasks or 1
+        if kw["gpu_type"] is not None and not gpus:
+            problems.add("slurm.gpu_type", "a type of GPU, and slurm.gpus_per_node asks for none")
     res = Resources(**kw)
     check_executor_shape(problems, executor, res)
     return res
@@ -325,6 +330,9 @@ def make_executor(kind: str, folder: Path, res: Resources, name: str) -> submiti
             # From Slurm 22.05 srun no longer takes --cpus-per-task from the job: said again, or
             # each task (rank) gets one CPU for its loader workers and threads.
             slurm_srun_args=[f"--cpus-per-task={res.cpus_per_task}"] if res.cpus_per_task else None)
+        if res.gpu_type and res.gpus_per_node:  # submitit's generic gpus_per_node takes a number only
+            params.pop("gpus_per_node")
+            params["slurm_gpus_per_node"] = f"{res.gpu_type}:{res.gpus_per_node}"
     executor.update_parameters(**{k: v for k, v in params.items() if v is not None})
     if kind == "local":  # AutoExecutor takes no local_signal_delay_s; the local executor inside does
         executor._executor.update_parameters(signal_delay_s=res.signal_delay_s)
