@@ -195,6 +195,25 @@ def test_files_named_as_ours_are_not_taken_for_ours(tmp_path, dataset):
     assert sorted(os.listdir(killed)) == [MANIFEST, "shard-00000.h5"]
 
 
+def test_ranges_across_shards_read_as_their_rows_one_after_another(dataset):
+    """The block loaders read a batch as pieces: each range's rows, shard boundaries (16 rows)
+    crossed, empty ranges and the set's last row included, in order, the keys asked only."""
+    directory, manifest, _ = dataset
+    with RowReader(directory, manifest) as reader:
+        whole = reader.read(0, len(reader))
+        rng = np.random.default_rng(0)
+        for _ in range(30):
+            starts = rng.integers(0, len(reader), 5)
+            ranges = [(int(a), int(min(a + rng.integers(0, 40), len(reader)))) for a in starts]
+            got = reader.read_ranges(ranges, ("images", "labels"))
+            rows = np.concatenate([np.arange(a, b) for a, b in ranges])
+            assert set(got) == {"images", "labels"}
+            np.testing.assert_array_equal(got["images"], whole["images"][rows])
+            np.testing.assert_array_equal(got["labels"], whole["labels"][rows])
+        with pytest.raises(IndexError):
+            reader.read_ranges([(0, 4), (len(reader) - 1, len(reader) + 1)])
+
+
 def test_reader_opens_lazily_pickles_and_reopens(dataset):
     directory, manifest, _ = dataset
     reader = RowReader(directory, manifest)

@@ -19,7 +19,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Iterable, Mapping, NamedTuple
+from typing import Iterable, Iterator, Mapping, NamedTuple
 
 import h5py
 import numpy as np
@@ -936,14 +936,8 @@ class RowReader:
                for key in keys}
         at = 0
         for start, stop in ranges:
-            first = int(np.searchsorted(self._starts, start, side="right")) - 1
-            row = start
-            for number in range(first, len(self._starts) - 1):
-                if row >= stop:
-                    break
-                base = int(self._starts[number])
-                a, b = row - base, min(stop, int(self._starts[number + 1])) - base
-                place = at + row - start
+            for number, a, b in self._spans(start, stop):
+                place = at + int(self._starts[number]) + a - start
                 try:
                     for key, array in out.items():
                         d = self._dataset(number, key)
@@ -953,9 +947,20 @@ class RowReader:
                             array[place : place + b - a] = d[a:b]
                 except OSError as exc:  # a disk or network file system failing mid-run: the shard, named
                     raise self._read_error(number, a, b, exc) from None
-                row = base + b
             at += stop - start
         return out
+
+    def _spans(self, start: int, stop: int) -> Iterator[tuple[int, int, int]]:
+        """(shard number, first row, end row) within each shard that rows [start, stop) cover."""
+        first = int(np.searchsorted(self._starts, start, side="right")) - 1
+        row = start
+        for number in range(first, len(self._starts) - 1):
+            if row >= stop:
+                return
+            base = int(self._starts[number])
+            a, b = row - base, min(stop, int(self._starts[number + 1])) - base
+            yield number, a, b
+            row = base + b
 
     def _read_error(self, number: int, a: int, b: int, exc: OSError) -> DmhpcError:
         reason = " ".join(str(exc).split()) or type(exc).__name__
@@ -967,18 +972,11 @@ class RowReader:
         if not self.manifest.get("ids", False):
             return None
         parts = []
-        first = int(np.searchsorted(self._starts, start, side="right")) - 1
-        row = start
-        for number in range(first, len(self._starts) - 1):
-            if row >= stop:
-                break
-            base = int(self._starts[number])
-            a, b = row - base, min(stop, int(self._starts[number + 1])) - base
+        for number, a, b in self._spans(start, stop):
             try:
                 parts += [v.decode() for v in self._file(number)["ids"][a:b]]
             except OSError as exc:
                 raise self._read_error(number, a, b, exc) from None
-            row = base + b
         return parts
 
     def close(self) -> None:
