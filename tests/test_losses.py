@@ -289,6 +289,8 @@ def test_entropy_of_certain_predictions_is_zero_with_finite_gradient():
     value.backward()
     p = torch.softmax(torch.tensor([1.0, 2.0], dtype=torch.float64), 0)
     assert abs(value.item() - float(-(p * p.log()).sum()) / 2) < 1e-6 and torch.isfinite(logits.grad).all()
+    assert entropy(torch.tensor([[math.inf, 0.0]])).item() == 0.0  # certain: +inf gave inf - inf = NaN
+    assert math.isnan(entropy(torch.tensor([[math.nan, 0.0]])).item())  # a NaN stays one, for the finite-loss check
 
 
 def test_dann_loss_matches_reference_and_gradcheck():

@@ -22,8 +22,11 @@ def entropy(logits: torch.Tensor, scope: str = "global") -> torch.Tensor:
         raise DmhpcError(f"entropy: logits must be (N, classes); got shape {tuple(logits.shape)}")
     with full_precision(logits.device):
         (logits,) = upcast(logits)
-        # A class of probability 0 (a logit of -inf) adds 0 log 0 = 0, not 0 * -inf = NaN.
-        logp = torch.log_softmax(logits, dim=1).clamp_min(torch.finfo(logits.dtype).min)
+        # Infinite logits (an overflow upstream) as their limits: a class of probability 1 (+inf; its
+        # log-softmax was inf - inf = NaN) adds 0, and one of probability 0 (-inf) adds 0 log 0 = 0,
+        # not 0 * -inf = NaN. A NaN logit stays NaN, for the trainer's finite-loss check.
+        big = torch.finfo(logits.dtype).max
+        logp = torch.log_softmax(logits.clamp(-big, big), dim=1).clamp_min(-big)
         total = -(logp.exp() * logp).sum()
         return per_sample_mean(total, logits.shape[0], scope)
 
