@@ -292,6 +292,26 @@ class LockHeld(DmhpcError):
         self.holder = holder
 
 
+def lock_holder(path: Path) -> str | None:
+    """Who holds the `hold_lock` lock on `path` now ("pid N on HOST since ..."), or None: free, or no
+    such file. Looked at, never taken: the file keeps what its last holder wrote."""
+    try:
+        handle = open(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise DmhpcError(f"{path}: cannot read the lock: {exc.strerror}") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return handle.read().strip() or "another process"
+            return None  # a file system that refuses locks: nothing can be known (hold_lock warns)
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
+
+
 def hold_lock(path: Path, refusal: str, second: str, wait: bool = False, made: list[Path] | None = None,
               owner: str = "", note: str = "") -> IO:
     """An OS lock (flock) on the file `path` (created, with its folder) until the returned file is

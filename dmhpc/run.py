@@ -40,7 +40,7 @@ from dmhpc.checks import show
 from dmhpc.config import (Config, changed_keys, config_from_dict, config_to_dict, inert_keys, load_config,
                           save_config)
 from dmhpc.errors import DmhpcError
-from dmhpc.files import (LockHeld, atomic_path, atomic_write, hold_lock, inside, is_temporary, remove_orphans,
+from dmhpc.files import (LockHeld, atomic_path, atomic_write, hold_lock, inside, is_temporary, lock_holder, remove_orphans,
                          replace_durably)
 
 FORMAT = "dmhpc-run"
@@ -188,6 +188,10 @@ class RunDir:
     def holds_run(self) -> bool:
         """A config.yaml is there: some dmhpc trainer started here (valid or not: see `config`)."""
         return self.config_path.is_file()
+
+    def holder(self) -> str | None:
+        """The trainer or eval holding the run now ("pid N on HOST since ..."), or None."""
+        return lock_holder(self.path / LOCK)
 
     def config(self) -> Config:
         """The run's own configuration; DmhpcError when the directory is not a dmhpc run."""

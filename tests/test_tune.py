@@ -403,3 +403,40 @@ def test_a_pruner_section_left_empty_is_refused_not_taken_as_no_pruning(data, tm
     for value in (0, "", []):
         with pytest.raises(DmhpcError, match="pruner: expected a mapping"):
             load_tune({**spec(data, tmp_path), "pruner": value})
+
+
+def test_a_trial_with_a_pruned_trials_values_waits_for_its_cancelled_job_to_end(data, tmp_path):
+    """A pruned trial's job is cancelled and saves before it ends, holding its run directory (on
+    SLURM its state reads CANCELLED meanwhile). A trial asking for the same values at once (TPE can)
+    failed as "in use" instead of resuming the run. Here the job ends at its cancel, and a process
+    it left holds the run's lock for a few seconds more."""
+    from optuna.trial import TrialState
+
+    from dmhpc.launch.tune import _Running, _Search
+    from dmhpc.run import LOCK as RUN_LOCK, RunDir
+
+    t = load_tune(spec(data, tmp_path, trials=1, parallel=1, space={"optim.lr": [0.003]}))
+    t.out.mkdir()
+    study = _open_study(t)
+    search = _Search(t, study, poll_s=0.1)
+    run_dir, _ = t.point({"optim.lr": 0.003})
+    with submission(None):
+        job = search.submitter.submit(_started_then_sleep, str(t.out / "started"))
+    saving = subprocess.Popen([sys.executable, "-c", f"""if True:
+        import time; from pathlib import Path; from dmhpc.files import hold_lock
+        with hold_lock(Path({str(run_dir / RUN_LOCK)!r}), "held", "holder"):
+            Path({str(t.out / "holding")!r}).touch(); time.sleep(4)"""], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not ((t.out / "holding").exists() and (t.out / "started").exists()):
+        assert time.monotonic() < deadline and saving.poll() is None and not job.done()
+        time.sleep(0.1)
+    pruned = study.ask(search.distributions)
+    search.running.append(_Running(pruned, RunDir(run_dir), job))
+    search.stop(job, lambda o: study.tell(o.trial, state=TrialState.PRUNED))
+    search.start()  # the same values again
+    assert job.done() and saving.wait(timeout=0) == 0
+    while search.running:
+        search.poll()
+        time.sleep(0.1)
+    assert [tr.state.name for tr in study.get_trials()] == ["PRUNED", "COMPLETE"], \
+        study.get_trials()[-1].user_attrs

@@ -83,6 +83,7 @@ TUNER_KEYS = {"run.dir": "OUT/<trial's point name>", "train.signals": "[submitit
 STUDY_IDENTITY = ("objective", "base", "overrides", "space")
 JOURNAL, LOCK, TABLE = "study.journal", "tune.lock", "trials"
 FAILURES_IN_A_ROW = 3  # consecutive failed trials that stop the search: most likely not the values' fault
+STOPPING_WAIT_S = 600  # how long a trial waits for the cancelled job still in its run directory (it saves first)
 ATTR_VALUES, ATTR_RUN = "values", "run_dir"
 
 
@@ -423,6 +424,7 @@ class _Search:
         self.submitter = make_executor(t.executor, self.folder, t.resources, f"dmhpc-tune-{t.out.name}")
         self.gpus = local_gpus(t.resources.gpus_per_node) if t.executor == "local" else None
         self.running: list[_Running] = []
+        self.stopping: dict[Path, Any] = {}  # run directory: the job cancelled in it, until it has ended
         self.failures_in_a_row = 0
 
     def outcome(self, what: str) -> None:
@@ -444,6 +446,7 @@ class _Search:
                 self.running.append(_Running(trial, same.run, same.job, gpus=same.gpus))
                 return
             run = RunDir(run_dir)
+            self.await_stopped(run)
             run.check_relaunch(cfg, data_ids(cfg))  # a directory holding another run would fail the job
             if finished_as(run, cfg):  # values an earlier trial trained with: its result
                 self.outcome(_finish(study, _Running(trial, run, None), t.objective))
@@ -498,11 +501,25 @@ class _Search:
 
     def stop(self, job, tell) -> None:
         """Tell every trial of `job` (several share one job when their values are equal), then cancel it."""
-        for o in [o for o in self.running if o.job is job]:
+        sharing = [o for o in self.running if o.job is job]
+        for o in sharing:
             tell(o)
             self.running.remove(o)
         if job is not None:
             job.cancel(check=False)  # it may have ended meanwhile
+            self.stopping[sharing[0].run.path] = job
+
+    def await_stopped(self, run: RunDir) -> None:
+        """A cancelled job saves its checkpoint before it ends, holding its run directory meanwhile
+        (a SLURM job's state reads CANCELLED before its processes have ended): a trial with the same
+        values started then would fail as "in use". Wait for the job, then for the run's lock."""
+        job = self.stopping.pop(run.path, None)
+        deadline = time.monotonic() + STOPPING_WAIT_S
+        while job is not None and (not job.done() or run.holder()):
+            if time.monotonic() > deadline:
+                raise DmhpcError(f"{run.path}: job {job.job_id}, cancelled, still holds it after {STOPPING_WAIT_S} s "
+                                 f"({run.holder() or 'not ended'}); this trial's values need its run directory")
+            time.sleep(self.poll_s)
 
     def abandon(self) -> None:
         """The tuner is ending early (Ctrl-C, SIGTERM, an error): local jobs end with it; SLURM jobs
