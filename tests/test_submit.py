@@ -332,6 +332,50 @@ def test_a_queued_job_of_another_configuration_is_never_taken_for_the_point(tmp_
     assert not (tmp_path / "out" / "seed=0").exists()
 
 
+def test_a_queued_job_of_an_older_dmhpc_is_re_attached_where_only_keys_added_since_differ(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """A job queued before dmhpc gained a configuration key runs with that key's default (its
+    configuration is read through the schema): a relaunch after the upgrade refused every queued
+    job as "submitted with another configuration", losing their places in the queue."""
+    import hashlib
+
+    from dmhpc.cli import main
+    from dmhpc.config import config_from_dict, config_to_dict
+
+    fake_commands(tmp_path, monkeypatch, {"sbatch": 'echo "Submitted batch job 1234"\n',
+                                          "squeue": "echo 1234_0\necho 1234_1\n"})
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({"base": str(TINY), "out": str(tmp_path / "out"), "executor": "slurm",
+                                         "grid": {"seed": [0, 1]}}))
+    assert main(["grid", str(grid_file), "--no-wait"]) == 0
+    jobs = tmp_path / "out" / "submitit" / "jobs.json"
+    recorded = json.loads(jobs.read_text())
+    for entry in recorded.values():  # as an older dmhpc, without keys added since
+        del entry["config"]["optim"]["discriminator_lr_mult"], entry["config"]["data"]["verify"]
+    jobs.write_text(json.dumps(recorded))
+    capsys.readouterr()
+    assert main(["grid", str(grid_file), "--no-wait"]) == 0
+    assert "2 point(s): 0 finished, 2 still queued, 0 submitted" in capsys.readouterr().out
+    # Older still: the hash of the configuration, which keys added since do change.
+    for entry in recorded.values():
+        whole = config_to_dict(config_from_dict(entry["config"]))
+        entry["config"] = hashlib.sha256(json.dumps(whole, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    jobs.write_text(json.dumps(recorded))
+    assert main(["grid", str(grid_file), "--no-wait"]) == 0
+    assert "2 point(s): 0 finished, 2 still queued, 0 submitted" in capsys.readouterr().out
+    recorded["seed=0"]["config"] = "0" * 16
+    jobs.write_text(json.dumps(recorded))
+    assert main(["grid", str(grid_file), "--no-wait"]) == 1
+    assert "point seed=0: its Slurm job 1234_0, still queued or running, was submitted with another" in \
+        capsys.readouterr().err
+    # A key dmhpc no longer knows: the queued job would fail on it.
+    recorded["seed=0"]["config"] = {**config_to_dict(config_from_dict({})), "gone": 1}
+    jobs.write_text(json.dumps(recorded))
+    assert main(["grid", str(grid_file), "--no-wait"]) == 1
+    assert "point seed=0: its Slurm job 1234_0, still queued or running, was submitted with another" in \
+        capsys.readouterr().err
+
+
 @pytest.mark.parametrize("damage, problem", [
     (lambda text: text.replace("}\n}", "},\n}"), "not valid JSON (Expecting property name enclosed in double quotes"),
     (lambda text: text.replace(' "tasks": 1,\n', "", 1), "point seed=0: tasks must be the job's number of tasks, a "

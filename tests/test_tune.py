@@ -114,10 +114,15 @@ def test_a_search_runs_trials_by_the_objective_records_target_metrics_and_resume
             tune({**spec(data, tmp_path, trials=4), **change}, poll_s=0.2)
     assert len(study.get_trials()) == 3
     # A study an older dmhpc began recorded no ranks: taken up, and its record completed.
+    # Nor keys dmhpc gained since (their defaults, as its trials read them): every study was refused
+    # as "config changed" after an upgrade.
     older = {k: v for k, v in study.user_attrs["identity"].items() if k != "ranks"}
+    older["config"] = {**older["config"], "optim": {k: v for k, v in older["config"]["optim"].items()
+                                                    if k != "discriminator_lr_mult"}}
     study.set_user_attr("identity", older)
     tune(spec(data, tmp_path, trials=3, space={"optim.lr": [0.001, 0.003]}), poll_s=0.2)
     assert _study(out).user_attrs["identity"]["ranks"] == 1 and len(study.get_trials()) == 3
+    assert "discriminator_lr_mult" in _study(out).user_attrs["identity"]["config"]["optim"]
 
 
 def test_a_trial_left_running_by_a_killed_tuner_runs_again_in_its_directory(data, tmp_path):

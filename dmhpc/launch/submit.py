@@ -46,7 +46,7 @@ import submitit
 
 from dmhpc.checks import (Check, Problems, boolean, integer, mapping, number, optional, show, take, text, text_list,
                           unknown_keys)
-from dmhpc.config import config_to_dict
+from dmhpc.config import config_from_dict, config_to_dict
 from dmhpc.cpus import cpu_mask
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, hold_lock, inside
@@ -530,10 +530,21 @@ def _queued_slurm_jobs() -> set[str]:
     return set(proc.stdout.split())
 
 
-def _config_id(point: Point) -> str:
-    """A short hash of the point's resolved configuration: what its job runs."""
-    text = json.dumps(config_to_dict(point.config), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+def _submitted_as(entry: Mapping, point: Point) -> bool:
+    """Whether a jobs file's entry was submitted with the point's configuration now. The entry holds
+    the configuration (an older file, its hash; older still, nothing: taken as the same). Read
+    through the schema, as the queued job will read it: keys added to dmhpc since it was submitted
+    take their defaults there, and are no change."""
+    now = config_to_dict(point.config)
+    then = entry.get("config")
+    if then is None:
+        return True
+    if isinstance(then, str):
+        return then == hashlib.sha256(json.dumps(now, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    try:
+        return config_to_dict(config_from_dict(then)) == now
+    except DmhpcError:  # a key dmhpc no longer knows: the queued job would fail on it
+        return False
 
 
 def _read_jobs(folder: Path) -> dict:
@@ -568,8 +579,9 @@ def _read_jobs(folder: Path) -> dict:
             raise damaged(f"point {name}: job_id must be a Slurm job id in quotes, such as \"1234_0\", got {got('job_id')}")
         if type(tasks) is not int or tasks < 1:
             raise damaged(f"point {name}: tasks must be the job's number of tasks, a positive integer, got {got('tasks')}")
-        if not isinstance(entry.get("config", ""), str):
-            raise damaged(f"point {name}: config must be the hash of its configuration (text), got {got('config')}")
+        if not isinstance(entry.get("config", ""), (dict, str)):
+            raise damaged(f"point {name}: config must be the configuration its job was submitted with, got "
+                          f"{got('config')}")
     return jobs
 
 
@@ -593,7 +605,7 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
             finished += 1
         elif p.name in recorded and recorded[p.name]["job_id"] in queued:
             entry = recorded[p.name]
-            if entry.get("config", _config_id(p)) != _config_id(p):  # (older jobs files kept none)
+            if not _submitted_as(entry, p):
                 # The queued job runs the configuration pickled when it was submitted.
                 raise DmhpcError(f"point {p.name}: its Slurm job {entry['job_id']}, still queued or running, was "
                                  f"submitted with another configuration (the launch file changed since); scancel "
@@ -618,7 +630,7 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
                     task, [config_to_dict(p.config) for p in group])
             for p, job in zip(group, submitted):
                 jobs[p.name] = job
-                recorded[p.name] = {"job_id": job.job_id, "tasks": res.ranks, "config": _config_id(p)}
+                recorded[p.name] = {"job_id": job.job_id, "tasks": res.ranks, "config": config_to_dict(p.config)}
             if kind == "slurm":
                 atomic_write(folder / JOBS_FILE, json.dumps(recorded, indent=1) + "\n")
         ids = submitted[0].job_id.split("_")[0] if kind == "slurm" else ", ".join(j.job_id for j in submitted)

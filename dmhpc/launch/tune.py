@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dmhpc.checks import Problems, choice, integer, path_text, show, take, unknown_keys
-from dmhpc.config import config_to_dict
+from dmhpc.config import config_from_dict, config_to_dict
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, hold_lock
 from dmhpc.launch.spec import (Range, base_path, data_ids, dotted_keys, finished_as, point_name, point_problem,
@@ -113,9 +113,7 @@ class Tune:
         the ranks that train each trial (BatchNorm's batches, the losses' scope)."""
         space = {k: (v if isinstance(v, list) else {"low": v.low, "high": v.high, "log": v.log})
                  for k, v in self.space.items()}
-        config = config_to_dict(resolve_point(self.base, self.overrides))
-        config["run"].pop("dir", None)  # set per trial
-        config["select"].pop("criterion", None)  # the objective's
+        config = _trials_config(config_to_dict(resolve_point(self.base, self.overrides)))
         return json.loads(json.dumps({"objective": self.objective, "config": config, "space": space,
                                       "ranks": self.resources.ranks}, sort_keys=True))
 
@@ -125,6 +123,25 @@ class Tune:
         cfg = resolve_point(self.base, {**self.overrides, **values, "run.dir": str(run_dir),
                                         "select.criterion": self.objective, "train.signals": [preempt_signal()]})
         return run_dir, cfg
+
+
+def _trials_config(config: dict) -> dict:
+    """What every trial's configuration shares: `config` but the keys the tuner sets per trial."""
+    config["run"].pop("dir", None)  # set per trial
+    config["select"].pop("criterion", None)  # the objective's
+    return json.loads(json.dumps(config, sort_keys=True))
+
+
+def _recorded_config(config: Any, journal: Path) -> Any:
+    """The identity's configuration as a study began it, read through the schema as a trial's is:
+    keys added to dmhpc since take their defaults, and are no change. A key dmhpc no longer knows
+    leaves it as it was (a change)."""
+    if not isinstance(config, dict):
+        return config
+    try:
+        return _trials_config(config_to_dict(config_from_dict(config, f"{journal}: the study's configuration")))
+    except DmhpcError:
+        return config
 
 
 def _read_options(problems: Problems, data: Any, keys: tuple[str, ...], where: str, defaults: dict) -> dict | None:
@@ -280,6 +297,10 @@ def _open_study(t: Tune):
                                  for k, v in values.items()})
     elif before != identity:
         # A study an older dmhpc began records no ranks: its trials' are not known, and not refused.
+        if not isinstance(before, dict):
+            raise DmhpcError(f"{journal}: the study's identity is {show(before)}, not what dmhpc records; use "
+                             f"another out")
+        before = {**before, "config": _recorded_config(before.get("config"), journal)}
         changed = [k for k in ("objective", "config", "space", "ranks") if k in before and before[k] != identity[k]]
         if changed:
             raise DmhpcError(f"{journal}: holds a study of another tune file ({', '.join(changed)} changed since "
