@@ -1,3 +1,3 @@
-from dmhpc.cli import main
+from dmhpc.cli import run
 
-raise SystemExit(main())
+run()

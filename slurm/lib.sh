@@ -98,6 +98,10 @@ dmhpc_launch_command() {
         # torchrun gives each of several workers one thread unless told otherwise: on CPU nodes the
         # ranks computed on 1 of their CPUs each (srun mode's sized the threads).
         export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus / nproc > 0 ? cpus / nproc : 1))}
+        # torchrun, sent SIGTERM (a preemption, scancel, srun ending the step), gives its workers 30 s
+        # to end before SIGKILL: a checkpoint being written then was lost. The scheduler's own
+        # grace time and KillWait bound the wait in any case.
+        export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
         DMHPC_LAUNCH_CMD=(
             srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1
             "${task[@]}" "$python" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc"

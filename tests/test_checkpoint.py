@@ -427,6 +427,42 @@ def test_a_poll_a_gone_peer_never_joined_still_restores_the_handlers(tmp_path):
     assert result["error"] and result["restored"] and not result["pending"], result
 
 
+POLL_NOW = textwrap.dedent("""
+    import json, os, signal, sys, time
+    from pathlib import Path
+    from dmhpc.distributed import bootstrap, shutdown
+    from dmhpc.train.checkpoint import StopRequest
+
+    out = Path(sys.argv[1])
+    info = bootstrap()
+    with StopRequest(["SIGUSR2"]) as stop:
+        stop.should_stop()  # a poll in flight, as after a step
+        before = stop.poll_now()
+        stop.should_stop()
+        if info.rank == 1:  # during the "evaluation", on one rank only
+            os.kill(os.getpid(), signal.SIGUSR2)
+            time.sleep(0.1)
+        after = stop.poll_now()
+        again = stop.should_stop()  # the loop's polls go on after it
+    (out / f"rank{info.rank}.json").write_text(json.dumps([before, after, again]))
+    shutdown()
+""")
+
+
+def test_poll_now_is_the_same_answer_on_every_rank_without_waiting_for_a_step(tmp_path):
+    """Between epochs the loop asks at once: the asynchronous poll answers a step later, after the
+    next epoch's loader start (a signal during the evaluation stopped the run one epoch late)."""
+    if not (BIN / "torchrun").exists():
+        pytest.skip(f"torchrun not found in {BIN}")
+    script = tmp_path / "poll.py"
+    script.write_text(POLL_NOW)
+    proc = subprocess.run([*LAUNCHERS["torchrun"], str(script), str(tmp_path)], env=clean_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [False, True, False], rank
+
+
 def _wait_for_step(run: Path, rank: int, step: int, procs, timeout=120.0) -> None:
     deadline = time.monotonic() + timeout
     progress = run / f"progress{rank}"

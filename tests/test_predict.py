@@ -458,6 +458,35 @@ def test_a_stop_signal_finishes_the_part_and_exits_for_requeue(trained, tmp_path
     assert rerun.returncode == 0 and len(read(out)) == 200, rerun.stderr[-2000:]
 
 
+SIGNALLED_WHILE_OPENING = """
+import os, signal, sys
+import dmhpc.infer.predict as predict
+real = predict.open_source
+
+def opened(**kwargs):  # the checks and digest of a survey take minutes: the preemption notice comes then
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real(**kwargs)
+
+predict.open_source = opened
+from dmhpc.cli import run
+run(sys.argv[1:])
+"""
+
+
+def test_a_stop_signal_before_the_first_part_exits_for_requeue_with_nothing_computed(trained, tmp_path):
+    """The handler went in only after the checks, the digest and the statistics pass: a signal
+    then ended the job by its default action (exit 143, a failure), and one that was caught still
+    had every rank compute a part first."""
+    out = tmp_path / "early.fits"
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGNALLED_WHILE_OPENING)
+    proc = subprocess.run([sys.executable, str(script), *_predict_cmd(trained, out)[2:]], cwd=ROOT,
+                          env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == REQUEUE_EXIT_CODE, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "(0 done before)" in proc.stdout and "finished parts are kept" in proc.stdout
+    assert not _parts(out) and not out.exists()
+
+
 def test_a_stop_signal_during_the_last_part_still_writes_the_catalog(trained, tmp_path):
     """Every part written when the signal is seen: the catalog is merged now, not after a requeue
     that would wait in the queue again only to merge."""

@@ -147,10 +147,12 @@ def test_torchrun_ranks_get_their_share_of_the_cpus_and_uneven_gpus_are_refused(
                                        "echo 'NodeName=n1 NodeAddr=10.1.2.3'\n")
     job = {"SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "2",
            "SLURM_JOB_CPUS_PER_NODE": "16(x2)", "SLURM_NTASKS_PER_NODE": "4"}
-    out = _lib("dmhpc_launch_command -m dmhpc.train && echo $OMP_NUM_THREADS", tmp_path, **job)
-    assert out.returncode == 0 and out.stdout.split() == ["4"], out.stdout + out.stderr
-    out = _lib("dmhpc_launch_command -m dmhpc.train && echo $OMP_NUM_THREADS", tmp_path, **job, OMP_NUM_THREADS="2")
-    assert out.stdout.split() == ["2"], out.stdout + out.stderr  # the user's choice stays
+    # And torchrun gave its workers 30 s after a SIGTERM: a checkpoint being written was cut short.
+    shown = "dmhpc_launch_command -m dmhpc.train && echo $OMP_NUM_THREADS $TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+    out = _lib(shown, tmp_path, **job)
+    assert out.returncode == 0 and out.stdout.split() == ["4", "600"], out.stdout + out.stderr
+    out = _lib(shown, tmp_path, **job, OMP_NUM_THREADS="2", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="90")
+    assert out.stdout.split() == ["2", "90"], out.stdout + out.stderr  # the user's choice stays
     out = _lib("dmhpc_launch_command -m dmhpc.train", tmp_path, **job, SLURM_GPUS="a100:6", SLURM_GPUS_ON_NODE="4")
     assert out.returncode == 2 and out.stderr == ("dmhpc: --gpus=a100:6 over 2 nodes: not 4 on every node as on "
                                                   "this one; ask --gpus-per-node\n"), out.stderr

@@ -323,6 +323,66 @@ def test_a_stop_in_the_last_step_still_evaluates_the_last_epoch(data, tmp_path, 
     assert test[0]["epoch"] == test[1]["epoch"] == 1 and test[0]["step"] == test[1]["step"] == 14
 
 
+KILLED_ON_BAD_EXIT = """
+import atexit, os, signal, sys, time
+from dmhpc.train import loop
+from dmhpc.train.step import TrainStep
+
+real_step, real_shutdown = TrainStep.__call__, loop.shutdown
+
+def step(self, at, batch):
+    out = real_step(self, at, batch)
+    if at == 2:
+        os.kill(os.getpid(), signal.SIGUSR2)  # the preemption notice
+    return out
+
+def shutdown():  # srun's SIGTERM, sent when the first rank exited with 75, meets this one in NCCL's teardown
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.2)
+    real_shutdown()
+
+TrainStep.__call__, loop.shutdown = step, shutdown
+# ... or in CUDA's teardown at exit.
+atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.2)))
+from dmhpc.cli import run
+run(sys.argv[1:])
+"""
+
+
+def test_a_rank_stopped_for_requeue_exits_75_when_srun_ends_the_step_around_it(data, tmp_path):
+    """srun --kill-on-bad-exit sends SIGTERM to the ranks still tearing down when the first exits
+    with the requeue code 75; they ended by the signal's default action, the step read 143 and the
+    job was not requeued."""
+    script = tmp_path / "rank.py"
+    script.write_text(KILLED_ON_BAD_EXIT)
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(script), "train", "--config", str(TINY), *_overrides(data, run)],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == REQUEUE_EXIT_CODE, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "SIGUSR2: checkpoint written at step 3" in proc.stdout
+
+
+def test_a_stop_during_an_evaluation_stops_at_that_epochs_checkpoint(data, tmp_path, monkeypatch):
+    """A signal during the epoch-end evaluation was seen only after the next epoch's loader started
+    and its first step ran, then a second checkpoint was written: all out of the grace time."""
+    from dmhpc.train import loop
+
+    real, calls = loop.predict, []
+
+    def signalled(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGUSR2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "predict", signalled)
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), *_overrides(data, run)]) == REQUEUE_EXIT_CODE
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 7  # epoch 0's end
+    steps = [r["step"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "step" in r]
+    assert max(steps) == 7, steps
+
+
 def test_a_kill_after_an_epoch_checkpoint_keeps_its_record(data, tmp_path, monkeypatch):
     """The epoch record is written before the epoch's last.pt: killed between the two, the record
     was lost for good (the resumed run starts after that epoch). And TensorBoard keeps the step it

@@ -51,8 +51,8 @@ from dmhpc.files import (atomic_path, atomic_write, inside, locked_directory, ma
 from dmhpc.progress import progress_bar
 from dmhpc.infer.sources import DIGEST_BLOCK, Source, open_source
 from dmhpc.run import RunDir, check_shape
-from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, StopRequest, checkpoint_info, load_checkpoint_sha256,
-                                   load_weights)
+from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, STOP_SIGNALS, StopRequest, checkpoint_info,
+                                   load_checkpoint_sha256, load_weights)
 from dmhpc.train.objective import build_backbone
 from dmhpc.train.step import autocast
 
@@ -61,7 +61,6 @@ FORMATS = {".parquet": "parquet", ".fits": "fits", ".csv": "ascii.csv", ".ecsv":
 SPEC = "predict.json"
 OWN_STATS = "own_stats.json"  # --normalize own's statistics in the parts folder, with the inputs they are of
 PATHS = ("data", "images", "catalog", "cutouts")
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
 
 def catalog_format(out: Path) -> str:
@@ -451,6 +450,10 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
     run.refuse_inside(out, "--out")
     _refuse_out_among_inputs(out, data=data, images=images, catalog=catalog)
     dist = bootstrap()
+    # Caught from the start: a stop signal during the checks, the digest or the statistics pass
+    # (minutes on a survey) ended the job by its default action, exit 143, not a requeue. Caught to
+    # the end, through the teardown (see dmhpc.cli.run).
+    stop = StopRequest(signals)
     source, held = None, contextlib.ExitStack()
     try:
         model = agree(lambda: Model(run, checkpoint, dist.device, amp))
@@ -516,15 +519,17 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         remaining = sum(counts)
         t0, done, error, written = time.perf_counter(), 0, None, 0
         mine = sum(b - a for a, b in (_part_rows(source.count, part_size, k) for k in todo))
-        with StopRequest(signals) as stop, progress_bar(mine, "predict", unit="img", show=dist.is_main) as bar:
-            if dist.is_main:  # said once a stop signal is caught: one sent on seeing this line then finishes a part
+        with progress_bar(mine, "predict", unit="img", show=dist.is_main) as bar:
+            if dist.is_main:  # a stop signal sent on seeing this line: the ranks stop after the part in hand
                 print(f"dmhpc predict: {source.count} images of {source.path} in {n_parts} parts "
                       f"({n_parts - remaining} done before); world {dist.world_size} on {dist.device}; "
                       f"{checkpoint} checkpoint of {run.path}", flush=True)
-            # In rounds of one part per rank, the ranks agreeing after each: a signal or an error on one
+            # In rounds of one part per rank, the ranks agreeing before each: a signal or an error on one
             # rank stops every rank within a part (the others computed all their parts first, while
             # it waited, past the scheduler's grace time or the collective timeout).
             for k in todo + [None] * (max(counts) - len(todo)):
+                if any(s or e for s, e in all_gather_object((stop.signal_name is not None, error))):
+                    break  # the parts computed are written
                 if k is not None:
                     start, stop_row = _part_rows(source.count, part_size, k)
                     try:
@@ -538,8 +543,6 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                         bar.update(stop_row - start)
                     except DmhpcError as exc:  # a bad image, a full disk: said by every rank below
                         error = str(exc)
-                if any(s or e for s, e in all_gather_object((stop.signal_name is not None, error))):
-                    break  # the part in hand is written
         ended = all_gather_object((stop.signal_name is not None, error, len(todo) - written))
         errors = [e for _, e, _ in ended if e is not None]
         if errors:
@@ -567,7 +570,10 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         held.close()
         if source is not None:
             source.close()
-        shutdown()
+        try:
+            shutdown()
+        finally:
+            stop.close()
 
 
 def predict_arguments(parser) -> None:

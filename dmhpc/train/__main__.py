@@ -2,6 +2,6 @@
 
 import sys
 
-from dmhpc.cli import main
+from dmhpc.cli import run
 
-raise SystemExit(main(["train", *sys.argv[1:]]))
+run(["train", *sys.argv[1:]])

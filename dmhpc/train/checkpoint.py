@@ -36,12 +36,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from dmhpc.config import TrainConfig
 from dmhpc.distributed import all_gather_object, is_distributed
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write
 from dmhpc.names import CRITERIA
 
 REQUEUE_EXIT_CODE = 75
+# What the scheduler sends before it stops a job (train.signals' default; predict's).
+STOP_SIGNALS = TrainConfig().signals
 
 _PLAIN_LEAVES = (str, int, float, bool, type(None), torch.Tensor)
 
@@ -267,6 +270,16 @@ class StopRequest:
         work = dist.all_reduce(torch.from_numpy(flag), op=dist.ReduceOp.MAX, group=self._group, async_op=True)
         self._pending = (work, flag)
         return False
+
+    def poll_now(self) -> bool:
+        """`should_stop`'s answer now, waited for (between epochs, not after a step): True when any
+        rank has caught a signal so far."""
+        if not is_distributed():
+            return self.signal_name is not None
+        self.settle()  # what it carried is in the flag below too: a signal caught stays caught
+        flag = np.array([int(self.signal_name is not None)], dtype=np.int32)
+        dist.all_reduce(torch.from_numpy(flag), op=dist.ReduceOp.MAX, group=self._group)
+        return bool(flag[0])
 
     def settle(self) -> None:
         """Finish the poll in flight (the loop is left: no collective of it may overlap what follows)."""

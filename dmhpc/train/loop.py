@@ -47,21 +47,26 @@ def train(cfg, resume: str = "auto", overwrite: bool = False) -> int:
         if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets 1; mpiexec and srun ranks would take every core
             torch.set_num_threads(dist.cpus)
         run = RunDir(cfg.run.dir)
-        try:
-            # Caught from the start, not only in the epoch loop: a stop signal during the start-up checks
-            # (checksums, the wait for a lock) or the final test killed the trainer by its default action
-            # (exit 143, no line), which launchers took for a failure, not a requeue. Caught there, it
-            # stops the loop at its first step (checkpoint, requeue code) or lets the test finish.
-            with StopRequest(cfg.train.signals) as stop:
+        # Caught from the start, not only in the epoch loop: a stop signal during the start-up checks
+        # (checksums, the wait for a lock) or the final test killed the trainer by its default action
+        # (exit 143, no line), which launchers took for a failure, not a requeue. Caught there, it
+        # stops the loop at its first step (checkpoint, requeue code) or lets the test finish. Caught
+        # to the end, through the teardown: srun's --kill-on-bad-exit sends SIGTERM to the ranks still
+        # leaving the process group when the first exits with the requeue code.
+        with StopRequest(cfg.train.signals) as stop:
+            try:
                 code = _train(cfg, resume, overwrite, dist, run, stop)
-            meet_before_leaving()  # rank 0 printed its last line (a requeue's) before any rank exits
-            return code
-        except AgreedError:  # every rank holds it, at the same point: all print it before any exits
-            meet_before_leaving()
-            raise
-        finally:
-            run.release()
-            shutdown()
+                meet_before_leaving()  # rank 0 printed its last line (a requeue's) before any rank exits
+                return code
+            except AgreedError:  # every rank holds it, at the same point: all print it before any exits
+                meet_before_leaving()
+                raise
+            finally:
+                run.release()
+                try:
+                    stop.settle()  # no poll of it in flight when the group goes
+                finally:
+                    shutdown()
 
 
 @contextlib.contextmanager
@@ -305,6 +310,10 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
                 on_main(write_record)
                 checkpoint("last", meter)
                 on_main(run.promote_best)
+                if at() < total_steps and not early_stopped() and stop.poll_now():
+                    # A signal during the evaluation: stopped at this checkpoint. The next epoch's
+                    # loader start and first steps came out of the scheduler's grace time.
+                    stopped = True
                 if early_stopped() and dist.is_main:
                     print(f"dmhpc train: early stop: {criterion} has not improved for "
                           f"{prog.evals_since_best} evaluations", flush=True)
