@@ -1089,6 +1089,38 @@ def test_an_integer_mask_hdu_among_filters_is_one_line(tmp_path, capsys, mask_in
                  out=out)
 
 
+@pytest.mark.parametrize("dtype, at", [(np.uint16, 0), (np.int16, 0), (np.uint16, 3), (np.int16, 2)])
+def test_cutouts_of_unscaled_integers_are_refused_as_a_cubes_are(tmp_path, capsys, dtype, at):
+    """Cutouts of raw counts (uint16, stored as int16 with BZERO 32768, or int16) were converted to float32
+    and trained or predicted on as if fluxes, where a cube of the same pixels was refused."""
+    from astropy.io import fits
+
+    images = np.random.default_rng(9).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    names = cutouts(tmp_path, images, per_filter=False)
+    counts = tmp_path / "cutouts" / names[at]
+    fits.PrimaryHDU(np.random.default_rng(1).integers(0, 30000, (3, 8, 8)).astype(dtype)).writeto(counts,
+                                                                                                 overwrite=True)
+    with fits.open(counts) as hdul:
+        assert hdul[0].header.get("BZERO", 0) == (32768 if dtype == np.uint16 else 0)
+    (tmp_path / "c.csv").write_text("id\n" + "".join(f"{n[:-5]}\n" for n in names))
+    argv = ["prepare", "--catalog", str(tmp_path / "c.csv"), "--cutouts", str(tmp_path / "cutouts")]
+    assert_fails(capsys, [*argv, "--out", str(tmp_path / "o")],
+                 f"{counts}: pixels of dtype {np.dtype(dtype).name}; expected floating point",
+                 out=tmp_path / "o")
+    fits.PrimaryHDU(np.zeros((4, 3, 8, 8), dtype)).writeto(tmp_path / "cube.fits")
+    with pytest.raises(DmhpcError, match=f"cube.fits: pixels of dtype {np.dtype(dtype).name}; expected floating point"):
+        open_images(tmp_path / "cube.fits")
+    # Scaled (BSCALE), the same integers are read at their scaled values, as a cube's are.
+    raw = np.random.default_rng(1).integers(-3000, 3000, (3, 8, 8)).astype(np.int16)
+    hdu = fits.PrimaryHDU(raw)
+    hdu.header["BSCALE"], hdu.header["BZERO"] = 0.001, 5.0
+    hdu.writeto(counts, overwrite=True)
+    assert main([*argv, "--out", str(tmp_path / "ds")]) == 0
+    rows = read_all(tmp_path / "ds")
+    images[at] = raw * np.float32(0.001) + np.float32(5.0)
+    np.testing.assert_allclose(rows["images"], images[rows["index"]], rtol=1e-6)
+
+
 def test_cutouts_of_more_filters_than_the_models_take_name_the_hdus(tmp_path, capsys):
     """Five (H, W) HDUs, one per filter, were refused as "5 channels in layout NCHW", a layout the
     user never gave (the models take 1 to 4 filters)."""

@@ -167,8 +167,7 @@ def _open_fits_cube(path: str | os.PathLike, nan_fill: float | None, layout: str
             if data.ndim != 4:
                 raise DmhpcError(f"{path}: HDU {hdu.name or 0} holds a {data.ndim}-d image {data.shape}; "
                                  f"expected a cube (N, C, H, W), (N, H, W, C) or (N, H, W)")
-            if data.dtype.kind != "f":
-                raise DmhpcError(f"{path}: pixels of dtype {data.dtype}; expected floating point")
+            check_fits_pixels(data.dtype, path)
             # A cube's layout as a .npy array's: an HWC cube was read as W channels of H x C pixels.
             found = "NCHW" if one_filter else detect_layout(data.shape, layout, str(path))
         except DmhpcError:
@@ -177,6 +176,15 @@ def _open_fits_cube(path: str | os.PathLike, nan_fill: float | None, layout: str
         return ArrayRows(data, found, nan_fill, keep=hdul)
     hdul.close()
     raise DmhpcError(f"{path}: no image HDU with data")
+
+
+def check_fits_pixels(dtype: np.dtype, path) -> None:
+    """FITS pixels must come as floats, as astropy gives scaled ones (BSCALE): unscaled integers (int16,
+    uint16 by BZERO 32768) are raw counts, whose scale no model trained on calibrated images shares.
+    One rule for cubes and cutouts: cutouts had their integers converted to float32 and predicted on."""
+    if dtype.kind != "f":
+        raise DmhpcError(f"{path}: pixels of dtype {dtype.name}; expected floating point (integers without a BSCALE "
+                         f"are raw counts: calibrate them first)")
 
 
 def _scaled(header) -> bool:
@@ -234,6 +242,8 @@ def _read_cutout(path: Path) -> tuple[np.ndarray, bool]:
                         raise DmhpcError(f"{path}: HDU {k}{f' ({hdu.name})' if hdu.name else ''} holds "
                                          f"{hdu.data.dtype.name} integers beside floating-point filters (a mask?); "
                                          f"every image HDU of a cutout is taken as a filter")
+            for plane in planes:
+                check_fits_pixels(plane.dtype, path)
             if len(planes) == 1 and planes[0].ndim == 3:
                 return planes[0].astype(np.float32), True
             if planes and all(p.ndim == 2 for p in planes):
