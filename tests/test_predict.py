@@ -210,6 +210,32 @@ def test_integer_catalog_ids_stay_integers_so_the_catalog_joins_back(trained, tm
     assert len(join(survey, table, keys="source_id")) == 6
 
 
+@pytest.mark.parametrize("ext, dtype", [(".fits", np.float64), (".parquet", np.float32)])
+def test_a_float_id_column_is_one_line_before_any_part(trained, tmp_path, capsys, ext, dtype):
+    """A float id column became text through str(): SDSS objid 1237651191354687489 as float64 is
+    1.2376511913546875e+18, its last digits gone, and the catalog predicted did not join back."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    folder = tmp_path / "cutouts"
+    folder.mkdir()
+    for i in range(3):
+        fits.PrimaryHDU(trained["images"][i].astype(">f4")).writeto(folder / f"g{i}.fits")
+    ids = np.array([1237651191354687489 + i * 10**12 for i in range(3)]).astype(dtype)  # distinct as floats
+    Table({"objid": ids, "file": [f"g{i}.fits" for i in range(3)]}).write(tmp_path / f"survey{ext}")
+    columns = ["--catalog", str(tmp_path / f"survey{ext}"), "--id-column", "objid", "--file-column", "file",
+               "--cutouts", str(folder)]
+    out = tmp_path / f"candidates{ext}"
+    for argv in (["predict", "--run", str(trained["run"]), *columns, "--out", str(out)],
+                 ["prepare", *columns, "--out", str(tmp_path / "ds")]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and (f"survey{ext}: id column 'objid' holds floating-point numbers "
+                                          f"({np.dtype(dtype).name}, e.g. 1.23765") in err, err
+        assert "give an integer or text id column" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cutouts", f"survey{ext}"]  # no parts, no data set
+
+
 def test_a_cutout_rewritten_in_place_has_its_part_computed_again(trained, tmp_path, capsys):
     """Parts were reused whatever their cutout files held since: a rerun after a fix to one file
     kept the old probabilities of every other file rewritten meanwhile."""

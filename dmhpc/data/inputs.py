@@ -332,6 +332,13 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
             raise DmhpcError(f"{path}: no {role} column {column!r} (columns: {', '.join(table.colnames)})")
     if len(table) == 0:
         raise DmhpcError(f"{path}: the catalog has no rows")
+    kind = table[id_column].dtype
+    if kind.kind in "fc":
+        # As text a float id is 1.23765e+18 or 12.0, and beyond 2**53 (float32: 2**24) its digits were
+        # lost when the column was written: the catalog predicted would not join back to the survey.
+        raise DmhpcError(f"{path}: id column {id_column!r} holds floating-point numbers ({kind.name}, e.g. "
+                         f"{str(table[id_column][0]).strip()}), which do not keep an id's digits; give an integer "
+                         f"or text id column")
     ids = _cells(path, table, id_column, "id")
     _refuse_repeats(path, ids, id_column, "id", "its own id")
     labels = None
@@ -349,7 +356,6 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
                         names)
     elif cutouts is not None:
         files = [folder / f"{i}.fits" for i in ids]
-    kind = table[id_column].dtype
     return Catalog(path, ids, labels, files, f"{kind.kind}{kind.itemsize}" if kind.kind in "iu" else None)
 
 
