@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -231,10 +232,14 @@ class RunDir:
 
     def recorded_data(self) -> dict:
         """run.json's data sets by role ({} before the run started); a hand-edited file is one line."""
-        data = _read_json(self.record_path).get("data", {}) if self.record_path.is_file() else {}
-        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
-            raise DmhpcError(f"{self.record_path}: data: expected a mapping of role to data set")
-        return data
+        if not self.record_path.is_file():
+            return {}
+        record = _read_json(self.record_path)
+        try:
+            _check_record(record)
+        except _Unfit as exc:
+            raise DmhpcError(f"{self.record_path}: {exc}") from None
+        return record.get("data", {})
 
     def refuse_prepared_again(self, role: str, directory, now: str, instead: str) -> None:
         """Refuse the run's own `role` data set, at `directory` with manifest fingerprint `now`, when
@@ -676,6 +681,75 @@ def _load_state(path: Path) -> dict:
     if not isinstance(state, dict):
         raise DmhpcError(f"{path}: not a dmhpc checkpoint (it holds a {type(state).__name__}, not a mapping)")
     return state
+
+
+class _Unfit(Exception):
+    """What is wrong with a value read from a run's file; the reader adds the file's name."""
+
+
+def _shown(value) -> str:
+    text = show(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _expect(ok: bool, key: str, expected: str, value) -> None:
+    if not ok:
+        raise _Unfit(f"{key}: expected {expected}, got {_shown(value)}")
+
+
+def _is_int(value, least: int = 0) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _is_number(value) -> bool:
+    """A JSON number; NaN included (json writes an undefined metric, a ROC AUC of one class, as NaN)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+_HEX = re.compile(r"[0-9a-f]+")
+
+
+def _check_record(record: dict) -> None:
+    """run.json as `RunDir.start` writes it. Without format or version: an older dmhpc's, read as
+    this one's. Shape, mean and std were recorded together: one without the others is an edit."""
+    found, version = record.get("format", FORMAT), record.get("version", VERSION)
+    if found != FORMAT:
+        raise _Unfit(f"format {_shown(found)}: expected {FORMAT!r} (not a dmhpc run's record)")
+    _expect(_is_int(version, 1), "version", "a positive integer", version)
+    if version > VERSION:
+        raise _Unfit(f"version {version}: this dmhpc reads version {VERSION} and older (written by "
+                     f"{_shown(record.get('created_by', 'a newer dmhpc'))}); use that dmhpc")
+    data = record.get("data", {})
+    if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+        raise _Unfit("data: expected a mapping of role to data set")
+    for role, entry in data.items():
+        key = f"data.{role}"
+        if "path" in entry:
+            _expect(isinstance(entry["path"], str), f"{key}.path", "a path", entry["path"])
+        if "fingerprint" in entry:
+            value = entry["fingerprint"]
+            _expect(isinstance(value, str) and bool(_HEX.fullmatch(value)), f"{key}.fingerprint",
+                    "a hexadecimal string", value)
+        stats = [k for k in ("shape", "mean", "std") if k in entry]
+        if not stats:
+            continue
+        if len(stats) < 3:
+            missing = next(k for k in ("shape", "mean", "std") if k not in entry)
+            raise _Unfit(f"{key}: {', '.join(stats)} without {missing} (recorded together)")
+        shape = entry["shape"]
+        _expect(isinstance(shape, list) and len(shape) == 3 and all(_is_int(v, 1) for v in shape),
+                f"{key}.shape", "[C, H, W], three positive integers", shape)
+        for name in ("mean", "std"):
+            values = entry[name]
+            # A list of another length broadcast against the images: one std for three channels
+            # normalized every channel with it, and predict wrote probabilities of 0 and 1.
+            _expect(isinstance(values, list) and len(values) == shape[0] and all(_is_finite(v) for v in values),
+                    f"{key}.{name}", f"{shape[0]} finite numbers, one per channel", values)
+        _expect(all(v > 0 for v in entry["std"]), f"{key}.std", "standard deviations above 0", entry["std"])
 
 
 def _read_json(path: Path) -> dict:

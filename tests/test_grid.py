@@ -504,8 +504,8 @@ def test_a_finished_point_of_another_job_shape_is_refused(tmp_path):
     (point,) = load_grid(spec).points
     run = point.run
     claim = run.claim(point.config, "auto")
-    run.start(point.config, claim, {"source": {"path": "s", "fingerprint": "S"},
-                                    "target": {"path": "t", "fingerprint": "T"}}, 0)
+    run.start(point.config, claim, {"source": {"path": "s", "fingerprint": "aa"},
+                                    "target": {"path": "t", "fingerprint": "bb"}}, 0)
     run.release()
     save_checkpoint(run.checkpoint("last"), {"step": 3, "config": config_to_dict(point.config),
                                              "progress": {"epoch": point.config.train.epochs, "step_in_epoch": 0,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ def started(tmp_path, name="run", checkpoint=True, **train) -> tuple[RunDir, Con
     run = RunDir(tmp_path / name)
     cfg = cfg_for(run.path, **train)
     claim = run.claim(cfg, "auto")
-    run.start(cfg, claim, {"source": {"path": "s", "fingerprint": "S"}, "target": {"path": "t", "fingerprint": "T"}}, 0)
+    run.start(cfg, claim, {"source": {"path": "s", "fingerprint": "aa"}, "target": {"path": "t", "fingerprint": "bb"}}, 0)
     run.release()
     if checkpoint:
         save_checkpoint(run.checkpoint("last"), {"step": 3})
@@ -210,7 +211,7 @@ def test_a_replacement_killed_midway_leaves_a_run_that_overwrite_accepts(tmp_pat
     assert run.config_path.is_file()
     again = RunDir(run.path)
     claim = again.claim(cfg, "none", overwrite=True)
-    again.start(cfg, claim, {"source": {"path": "s", "fingerprint": "S"}, "target": {"path": "t", "fingerprint": "T"}},
+    again.start(cfg, claim, {"source": {"path": "s", "fingerprint": "aa"}, "target": {"path": "t", "fingerprint": "bb"}},
                 0)
     again.release()
     assert not (run.path / "eval").exists() and not run.checkpoint("last").exists()
@@ -372,11 +373,11 @@ def test_a_finished_run_does_not_stand_for_another_selection_cadence(tmp_path):
 def test_a_moved_data_set_is_accepted_only_when_it_is_the_same_data(tmp_path):
     run, cfg = started(tmp_path)
     moved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="/scratch/pristine"))
-    claim = run.claim(moved, "auto", data_ids={"data.source": "S", "data.target": "T"})
+    claim = run.claim(moved, "auto", data_ids={"data.source": "aa", "data.target": "bb"})
     assert claim.changed == {"data.source": ["data/embedded/shards/pristine", "/scratch/pristine"]}
     run.release()
     with pytest.raises(DmhpcError, match="data.source"):
-        run.claim(moved, "auto", data_ids={"data.source": "other data", "data.target": "T"})
+        run.claim(moved, "auto", data_ids={"data.source": "other data", "data.target": "bb"})
 
 
 def test_another_data_set_at_the_same_path_is_refused(tmp_path):
@@ -385,11 +386,11 @@ def test_another_data_set_at_the_same_path_is_refused(tmp_path):
     run, cfg = started(tmp_path)
     record = run.record_path.read_bytes()
     with pytest.raises(DmhpcError, match=r"data.target \"data/embedded/shards/noisy\" holds another data set than the "
-                                         r"run trained on \(manifest fingerprint T -> U\)"):
-        run.claim(cfg, "auto", data_ids={"data.source": "S", "data.target": "U"})
+                                         r"run trained on \(manifest fingerprint bb -> cc\)"):
+        run.claim(cfg, "auto", data_ids={"data.source": "aa", "data.target": "cc"})
     run.release()
     assert run.record_path.read_bytes() == record
-    assert run.claim(cfg, "auto", data_ids={"data.source": "S", "data.target": "T"}).changed == {}
+    assert run.claim(cfg, "auto", data_ids={"data.source": "aa", "data.target": "bb"}).changed == {}
 
 
 def test_resume_from_another_checkpoint_compares_with_its_own_config(tmp_path):
@@ -578,12 +579,12 @@ def test_start_removes_orphans_and_writes_the_identity(tmp_path):
     orphan.write_bytes(b"x" * 4096)
     (run.path / ".config.yaml.zz99yy88.tmp").write_text("half")
     claim = run.claim(cfg, "auto")
-    cleaned = run.start(cfg, claim, {"source": {"path": "s", "fingerprint": "S"}}, 3)
+    cleaned = run.start(cfg, claim, {"source": {"path": "s", "fingerprint": "aa"}}, 3)
     run.release()
     assert cleaned["orphans_removed"] == 2 and cleaned["orphan_bytes"] == 4100
     assert not orphan.exists() and run.checkpoint("last").exists()
     record = json.loads(run.record_path.read_text())
-    assert record["format"] == "dmhpc-run" and record["data"]["source"]["fingerprint"] == "S"
+    assert record["format"] == "dmhpc-run" and record["data"]["source"]["fingerprint"] == "aa"
 
 
 def test_resuming_an_earlier_checkpoint_of_its_own_makes_it_the_last_and_the_result_unfinished(tmp_path):
@@ -628,10 +629,53 @@ def test_a_hand_edited_run_json_is_one_line(tmp_path):
     run, cfg = started(tmp_path)
     run.record_path.write_text('{"format": "dmhpc-run", "data": []}')
     with pytest.raises(DmhpcError, match=rf"^{run.record_path}: data: expected a mapping of role to data set$"):
-        run.claim(cfg, "auto", data_ids={"data.source": "S", "data.target": "T"})
+        run.claim(cfg, "auto", data_ids={"data.source": "aa", "data.target": "bb"})
     run.release()
     with pytest.raises(DmhpcError, match="data: expected a mapping"):
         run.data_record("source")
+
+
+STATS = {"shape": [3, 75, 75], "mean": [0.1, 0.2, 0.3], "std": [1.0, 2.0, 3.0]}
+DELETED = object()
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"format": "dmhpc-shards"}, "format \"dmhpc-shards\": expected 'dmhpc-run'"),
+    ({"version": 2}, "version 2: this dmhpc reads version 1 and older"),
+    ({"version": "1"}, 'version: expected a positive integer, got "1"'),
+    ({"target": {"fingerprint": 5}}, "data.target.fingerprint: expected a hexadecimal string, got 5"),
+    ({"target": {**STATS, "mean": "abc"}}, 'data.target.mean: expected 3 finite numbers, one per channel, got "abc"'),
+    ({"target": {**STATS, "mean": None}}, "data.target.mean: expected 3 finite numbers, one per channel, got null"),
+    ({"target": {**STATS, "shape": "3x75x75"}}, "data.target.shape: expected [C, H, W], three positive integers"),
+    # one value for three channels broadcast: predict wrote p_merger of 0 and 1 only
+    ({"target": {**STATS, "mean": [0.4], "std": [0.0001]}}, "data.target.mean: expected 3 finite numbers"),
+    ({"target": {**STATS, "std": [1.0, 0.0, 1.0]}}, "data.target.std: expected standard deviations above 0"),
+    ({"target": {"shape": DELETED}}, "data.target: mean, std without shape (recorded together)"),
+])
+def test_a_foreign_or_edited_run_json_is_one_line_naming_the_key(tmp_path, edit, message):
+    """Its format and version were written, never read; its data entries were used as they were: a
+    TypeError or ValueError in a resume, predict or export, or normalization by a broadcast value."""
+    run, cfg = started(tmp_path)
+    record = json.loads(run.record_path.read_text())
+    for role in ("source", "target"):
+        record["data"][role].update(STATS)
+    record["data"]["target"].update(edit.get("target", {}))
+    record["data"]["target"] = {k: v for k, v in record["data"]["target"].items() if v is not DELETED}
+    run.record_path.write_text(json.dumps({**record, **{k: v for k, v in edit.items() if k != "target"}}))
+    with pytest.raises(DmhpcError, match=f"^{re.escape(f'{run.record_path}: {message}')}"):
+        run.claim(cfg, "auto", data_ids={"data.source": "aa", "data.target": "bb"})
+    run.release()
+    with pytest.raises(DmhpcError, match=re.escape(message)):
+        run.normalization("target")
+
+
+def test_a_run_json_of_an_older_dmhpc_is_read(tmp_path):
+    """No format or version, no statistics: what dmhpc wrote before it recorded them."""
+    run, cfg = started(tmp_path)
+    run.record_path.write_text(json.dumps({"data": {"source": {"path": "s", "fingerprint": "aa"}}}))
+    assert run.recorded_data() == {"source": {"path": "s", "fingerprint": "aa"}}
+    run.claim(cfg, "auto", data_ids={"data.source": "aa", "data.target": "bb"})
+    run.release()
 
 
 def test_a_refused_start_leaves_no_folder_it_created(tmp_path):
@@ -648,6 +692,6 @@ def test_the_mmd_memory_cap_may_change_on_resume(tmp_path):
     run, cfg = started(tmp_path)
     raised = dataclasses.replace(cfg, loss=dataclasses.replace(
         cfg.loss, mmd=dataclasses.replace(cfg.loss.mmd, max_samples=2 * cfg.loss.mmd.max_samples)))
-    claim = run.claim(raised, "auto", data_ids={"data.source": "S", "data.target": "T"})
+    claim = run.claim(raised, "auto", data_ids={"data.source": "aa", "data.target": "bb"})
     assert list(claim.changed) == ["loss.mmd.max_samples"]
     run.release()
