@@ -212,11 +212,11 @@ class RunDir:
         if not path.is_file() and data is None:
             legacy = self.path / EVAL / LEGACY_RESULT
             if legacy.is_file():
-                old = _read_json(legacy)
+                old = _read_result(legacy)
                 if old.get("split") == split and old.get("checkpoint", {}).get("name", "best") == checkpoint:
                     return old
             return None
-        return _read_json(path) if path.is_file() else None
+        return _read_result(path) if path.is_file() else None
 
     def write_result(self, result: dict, checkpoint: str, split: str, data: str | None = None) -> Path:
         return atomic_write(self.result_path(checkpoint, split, data), result_text(result))
@@ -750,6 +750,53 @@ def _check_record(record: dict) -> None:
             _expect(isinstance(values, list) and len(values) == shape[0] and all(_is_finite(v) for v in values),
                     f"{key}.{name}", f"{shape[0]} finite numbers, one per channel", values)
         _expect(all(v > 0 for v in entry["std"]), f"{key}.std", "standard deviations above 0", entry["std"])
+
+
+def _check_metrics(metrics, key: str) -> None:
+    """One domain's metrics (`dmhpc.train.metrics.domain_metrics`): numbers, NaN where undefined."""
+    _expect(isinstance(metrics, dict), key, "a mapping of metric to number", metrics)
+    for name, value in metrics.items():
+        if name == "labelled":
+            _expect(isinstance(value, bool), f"{key}.{name}", "true or false", value)
+        elif name == "confusion":
+            _expect(isinstance(value, list) and all(isinstance(row, list) and all(_is_int(n) for n in row)
+                                                    for row in value), f"{key}.{name}", "rows of counts", value)
+        else:
+            _expect(value is None or _is_number(value), f"{key}.{name}", "a number or null", value)
+
+
+def _check_result(result: dict) -> None:
+    """An evaluation as `dmhpc.train.evaluate.evaluate_run` writes it. Keys are optional (an older
+    dmhpc's file, or a test's); those there have the types the launchers, export and eval read."""
+    if "split" in result:
+        _expect(isinstance(result["split"], str), "split", "text", result["split"])
+    for key in ("final", "oracle"):
+        if key in result:
+            _expect(isinstance(result[key], bool), key, "true or false", result[key])
+    checkpoint = result.get("checkpoint", {})
+    _expect(isinstance(checkpoint, dict), "checkpoint", "a mapping", checkpoint)
+    for key, ok, expected in (("name", lambda v: isinstance(v, str), "text"),
+                              ("criterion", lambda v: v is None or isinstance(v, str), "text or null"),
+                              ("score", lambda v: v is None or _is_number(v), "a number or null"),
+                              ("epoch", lambda v: v is None or _is_int(v), "an epoch number or null"),
+                              ("step", lambda v: v is None or _is_int(v), "a step number or null")):
+        if key in checkpoint:
+            _expect(ok(checkpoint[key]), f"checkpoint.{key}", expected, checkpoint[key])
+    data = result.get("data", {})
+    _expect(isinstance(data, dict) and all(isinstance(v, str) for v in data.values()), "data",
+            "a mapping of role to data-set path", data)
+    for domain in ("source", "target"):
+        if domain in result:
+            _check_metrics(result[domain], domain)
+
+
+def _read_result(path: Path) -> dict:
+    result = _read_json(path)
+    try:
+        _check_result(result)
+    except _Unfit as exc:
+        raise DmhpcError(f"{path}: {exc}") from None
+    return result
 
 
 def _read_json(path: Path) -> dict:

@@ -438,6 +438,29 @@ def test_export_with_normalization_built_in_and_a_card(survey, run_on_survey, tm
     assert main(["export", "--run", str(run_on_survey), "--format", fmt, "--out", str(out)]) == 1  # no overwrite
 
 
+def test_export_reads_an_edited_result_file_or_refuses_it_in_one_line(run_on_survey, tmp_path, capsys):
+    """A result without its source metrics was a KeyError in the card, one whose checkpoint is not a
+    mapping an AttributeError, and a text accuracy a ValueError in its markdown."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_on_survey, run)
+    path = RunDir(run).result_path("best", "test")
+    result = json.loads(path.read_text())
+    path.write_text(json.dumps({k: v for k, v in result.items() if k != "source"}))
+    out = tmp_path / "merger.safetensors"
+    assert main(["export", "--run", str(run), "--format", "safetensors", "--out", str(out)]) == 0
+    card = json.loads(Path(f"{out}.card.json").read_text())
+    assert card["test_metrics"]["source"] == {} and card["test_metrics"]["target"]["n"] == result["target"]["n"]
+    for key, value, message in (("checkpoint", [1], "checkpoint: expected a mapping, got [1]"),
+                                ("source", {**result["source"], "accuracy": "0.9"},
+                                 'source.accuracy: expected a number or null, got "0.9"')):
+        path.write_text(json.dumps({**result, key: value}))
+        assert main(["export", "--run", str(run), "--format", "safetensors", "--out", str(out), "--overwrite"]) == 1
+        err = capsys.readouterr().err
+        assert f"{path}: {message}" in err and err.count("\n") == 1, err
+
+
 def test_the_card_reports_the_test_of_the_exported_checkpoint_only(survey, tmp_path, monkeypatch, capsys):
     """The card took eval/best_test.json whatever checkpoint it came from: a run trained on since
     showed an earlier checkpoint's test metrics under the new one's name. And an ONNX file that

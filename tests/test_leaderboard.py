@@ -6,11 +6,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 
 import pytest
 import torch
 
 from tests.conftest import TINY, study_spec
+from dmhpc.errors import DmhpcError
 from dmhpc.launch import load_grid, summary_rows, write_leaderboard, write_summary
 
 
@@ -55,6 +57,24 @@ def test_leaderboard_ranks_by_selection_score_and_marks_oracle_and_unfinished(tm
     assert "target acc †" in md and "for reporting only" in md and "ranked within each criterion" in md
     assert f"| 1 | {name(1)} | source-val-acc | 0.9000 | 3 | 0.900 | 0.500 | 0.600 |" in md
     assert f"| 1 | {name(0, 'oracle-target-acc')} | oracle-target-acc (oracle) | 0.9900 |" in md
+
+
+def test_an_edited_result_stops_the_tables_in_one_line_not_a_run_left_out(tmp_path):
+    """A source accuracy as text was NaN to the leaderboard: the run went unranked, without a word;
+    a criterion as a number was a TypeError in its markdown."""
+    spec = {"base": str(TINY), "out": str(tmp_path), "executor": "local", "grid": {"seed": [0, 1]}}
+    first, second = load_grid(spec).points
+    _finished(first, 0.8, 0.7)
+    _finished(second, 0.9, 0.6)
+    path = second.run_dir / "eval" / "best_test.json"
+    result = json.loads(path.read_text())
+    for key, value, message in (("source", {**result["source"], "accuracy": "0.9"}, 'source.accuracy: expected a '
+                                 'number or null, got "0.9"'),
+                                ("checkpoint", {**result["checkpoint"], "criterion": 5},
+                                 "checkpoint.criterion: expected text or null, got 5")):
+        path.write_text(json.dumps({**result, key: value}))
+        with pytest.raises(DmhpcError, match=f"^{re.escape(f'{path}: {message}')}$"):
+            write_leaderboard(tmp_path, [first, second])
 
 
 def test_summary_is_mean_and_spread_over_seeds_with_the_gap_closed(tmp_path):

@@ -573,6 +573,44 @@ def test_a_result_of_older_dmhpc_counts_only_for_what_it_holds(tmp_path):
     assert run.read_result("best", "test")["split"] == "test" and run.finished
 
 
+RESULT = {"split": "test", "final": True, "oracle": False, "data": {"source": "/d/pristine", "target": "/d/noisy"},
+          "checkpoint": {"name": "best", "epoch": 3, "step": 30, "criterion": "im", "score": 0.5},
+          "source": {"n": 8, "accuracy": 0.5, "roc_auc": float("nan"), "confusion": [[2, 2], [2, 2]]},
+          "target": {"n": 8, "labelled": False, "merger_fraction": 0.25}}
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"checkpoint": [1]}, "checkpoint: expected a mapping, got [1]"),
+    ({"checkpoint": {**RESULT["checkpoint"], "criterion": 5}}, "checkpoint.criterion: expected text or null, got 5"),
+    ({"checkpoint": {**RESULT["checkpoint"], "score": "0.5"}}, 'checkpoint.score: expected a number or null, got "0.5"'),
+    ({"target": None}, "target: expected a mapping of metric to number, got null"),
+    ({"source": {**RESULT["source"], "accuracy": "0.9"}}, 'source.accuracy: expected a number or null, got "0.9"'),
+    ({"target": {**RESULT["target"], "labelled": "no"}}, 'target.labelled: expected true or false, got "no"'),
+    ({"final": "true"}, 'final: expected true or false, got "true"'),
+    ({"data": {"target": 5}}, "data: expected a mapping of role to data-set path"),
+])
+def test_an_edited_result_file_is_one_line_naming_the_key(tmp_path, edit, message):
+    """Only checked to be an object: an AttributeError in export and the leaderboard, a TypeError in
+    its markdown, and a text accuracy a run the grid report left out of its ranking without a word."""
+    run = RunDir(tmp_path)
+    run.write_result({**RESULT, **edit}, "best", "test")
+    path = run.result_path("best", "test")
+    with pytest.raises(DmhpcError, match=f"^{re.escape(f'{path}: {message}')}"):
+        run.read_result()
+    with pytest.raises(DmhpcError, match=re.escape(message)):
+        assert run.finished is not None  # the property reads the file
+    (tmp_path / "eval" / "metrics.json").write_text(json.dumps({**RESULT, **edit}))  # an older dmhpc's too
+    path.unlink()
+    with pytest.raises(DmhpcError, match=re.escape(f"metrics.json: {message}")):
+        run.read_result()
+
+
+def test_a_result_file_as_the_trainer_writes_it_is_read(tmp_path):
+    run = RunDir(tmp_path)
+    run.write_result(RESULT, "best", "test")
+    assert run.read_result()["checkpoint"] == RESULT["checkpoint"] and run.finished
+
+
 def test_start_removes_orphans_and_writes_the_identity(tmp_path):
     run, cfg = started(tmp_path)
     orphan = run.checkpoint_dir / ".last.pt.ab12cd34.tmp"

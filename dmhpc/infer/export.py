@@ -148,8 +148,8 @@ def model_card(run: RunDir, info: dict, shape: list, fmt: str, out: Path, onnx_m
         "checkpoint": info,
         "selection": {"criterion": info.get("criterion"), "score": info.get("score"),
                       "oracle": chosen_with_target_labels(info, cfg)},
-        "test_metrics": {d: {k: v for k, v in result[d].items() if k != "confusion"} for d in ("source", "target")}
-        if result else None,
+        "test_metrics": {d: {k: v for k, v in result.get(d, {}).items() if k != "confusion"}
+                         for d in ("source", "target")} if result else None,
         "config": config_to_dict(cfg),
         "run": str(run.path.resolve()),
     }
