@@ -333,6 +333,29 @@ def test_explain_reads_srcargs_of_older_catalogs_and_refuses_edited_ones(survey,
            "copy it along" in err and len(err.splitlines()) == 1, err
 
 
+def test_explain_an_edited_csv_provenance_file_is_one_line(survey, run_on_survey, tmp_path, capsys):
+    """A CSV's JSON beside it holding 5 or null was a TypeError in updating the table's metadata, and
+    a SRCARGS or RUN there that is not text a TypeError in reading it."""
+    pytest.importorskip("captum")
+    catalog = tmp_path / "c.csv"
+    assert main(["predict", "--run", str(run_on_survey), "--data", str(survey / "survey"), "--split", "test",
+                 "--out", str(catalog)]) == 0
+    beside = Path(f"{catalog}.json")
+    meta = json.loads(beside.read_text())
+    for text, message in (("5", "expected a JSON object of predict's metadata, got 5"),
+                          ("null", "expected a JSON object of predict's metadata, got null"),
+                          (json.dumps({**meta, "SRCARGS": json.loads(meta["SRCARGS"])}), "SRCARGS: expected text as "
+                                                                                         "predict writes it, got {"),
+                          (json.dumps({**meta, "RUN": 5}), "RUN: expected text as predict writes it, got 5")):
+        beside.write_text(text)
+        capsys.readouterr()
+        assert main(["explain", "--run", str(run_on_survey), "--catalog", str(catalog), "--n", "2",
+                     "--out", str(tmp_path / "refused")]) == 1
+        err = capsys.readouterr().err
+        assert f"{beside}: {message}" in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "refused").exists()
+
+
 def test_explain_data_of_another_shape_is_one_line(survey, run_on_survey, tmp_path, capsys):
     """A prepared set of 32x32 images was a RuntimeError traceback from the network."""
     pytest.importorskip("captum")

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dmhpc.checks import show
 from dmhpc.data.batches import Normalizer
 from dmhpc.data.shards import RowReader, fingerprint, is_labelled, load_manifest, split_rows
 from dmhpc.distributed import bootstrap, on_main, shutdown
@@ -131,6 +132,9 @@ def _test_split(directory: Path, limit: int, seed: int) -> dict:
     return {"images": images, "labels": labels, "names": names, "split": split}
 
 
+TEXT_META = ("RUN", "CKPT", "CKPTSHA", "INPUTSHA", "MEAN", "STD", "SRCARGS")
+
+
 def _read_catalog(catalog: Path):
     """A `dmhpc predict` catalog as an astropy Table with its provenance in `meta` (plain CSV keeps
     it in CATALOG.json beside the file)."""
@@ -148,11 +152,21 @@ def _read_catalog(catalog: Path):
             if not beside.is_file():  # a CSV copied without it: "not a catalog of predict" named nothing to fetch
                 raise DmhpcError(f"{catalog}: its provenance file {beside.name} is not beside it (plain CSV "
                                  f"keeps predict's metadata there); copy it along")
-            table.meta.update(json.loads(beside.read_text()))
+            recorded = json.loads(beside.read_text())
+            if not isinstance(recorded, dict):
+                raise DmhpcError(f"{beside}: expected a JSON object of predict's metadata, got {show(recorded)[:60]}")
+            table.meta.update(recorded)
     except FileNotFoundError:
         raise DmhpcError(f"{catalog}: no such catalog") from None
     except (OSError, ValueError) as exc:
         raise DmhpcError(f"{catalog}: not a readable catalog ({' '.join(str(exc).split())[:200]})") from None
+    # Predict writes these as text, and they are read as text (paths, JSON, digests); in a file edited
+    # by hand (an ECSV's header, a CSV's JSON beside it) they may be anything.
+    for key in TEXT_META:
+        if key in table.meta and not isinstance(table.meta[key], str):
+            where = beside if fmt == "ascii.csv" else catalog
+            raise DmhpcError(f"{where}: {key}: expected text as predict writes it, got {show(table.meta[key])[:60]} "
+                             f"(edited by hand?); predict again")
     return table
 
 
