@@ -93,7 +93,7 @@ def training_curves(records: list[dict], path: Path, title: str = "",
     x = [r["epoch"] for r in epochs]
     if epochs:
         for term in epochs[-1].get("loss", {}):
-            values = np.array([r["loss"].get(term, np.nan) for r in epochs], dtype=float)
+            values = np.array([r.get("loss", {}).get(term, np.nan) for r in epochs], dtype=float)
             # |value|: entropy and a trace difference can go negative; the log axis shows magnitudes
             name = (labels or {}).get(term, term)
             ax_loss.plot(x, np.abs(values), marker=".", label=name + (" (|value|)" if (values < 0).any() else ""))

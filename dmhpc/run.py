@@ -270,7 +270,8 @@ class RunDir:
     # --- the log ----------------------------------------------------------------------------------
     def read_log(self) -> list[dict]:
         """Every record of metrics.jsonl. A torn last line (a kill mid-append) is dropped; a bad line
-        before it is an error naming the line."""
+        before it, or a record whose fields are not of the types its readers take, is an error naming
+        the line."""
         if not self.log_path.is_file():
             return []
         lines = self.log_path.read_text(encoding="utf-8", errors="replace").split("\n")
@@ -286,6 +287,10 @@ class RunDir:
                 raise DmhpcError(f"{self.log_path}: line {number} is not a JSON record") from None
             if not isinstance(record, dict):
                 raise DmhpcError(f"{self.log_path}: line {number} is not a JSON object")
+            try:
+                _check_log_record(record)
+            except _Unfit as exc:
+                raise DmhpcError(f"{self.log_path} line {number}: {exc}") from None
             records.append(record)
         return records
 
@@ -788,6 +793,43 @@ def _check_result(result: dict) -> None:
     for domain in ("source", "target"):
         if domain in result:
             _check_metrics(result[domain], domain)
+
+
+def _check_log_record(record: dict) -> None:
+    """The fields of a metrics.jsonl record that dmhpc reads back (the plots of `dmhpc eval`, resume,
+    tune's pruner, the validator and scaling tables), as the trainer writes them. An epoch record
+    always held its epoch and step; the others are optional (a field added since, a test's log)."""
+    def optional(key, ok, expected, within=record, name=None):
+        if key in within:
+            _expect(ok(within[key]), name or key, expected, within[key])
+
+    def mapping(key, within=record):
+        optional(key, lambda v: isinstance(v, dict), "a mapping", within)
+        return within.get(key, {})
+
+    optional("kind", lambda v: isinstance(v, str), "text")
+    optional("step", _is_int, "a step number")
+    kind = record.get("kind")
+    if kind == "epoch":
+        for key in ("epoch", "step"):
+            _expect(_is_int(record.get(key)), key, "a number from 0", record.get(key))
+        optional("steps", _is_int, "a number of steps")
+        optional("step_time_s", _is_number, "a number of seconds")
+        for term, value in mapping("loss").items():
+            _expect(value is None or _is_number(value), f"loss.{term}", "a number or null", value)
+        for domain in ("source", "target"):
+            for split, metrics in mapping(domain).items():
+                _check_metrics(metrics, f"{domain}.{split}")
+        selection = mapping("selection")
+        optional("criterion", lambda v: isinstance(v, str), "text", selection, "selection.criterion")
+        optional("score", lambda v: v is None or _is_number(v), "a number or null", selection, "selection.score")
+        for name, value in mapping("validators").items():
+            _expect(value is None or _is_number(value), f"validators.{name}", "a number or null", value)
+    elif kind == "setup":
+        optional("world_size", lambda v: _is_int(v, 1), "a number of ranks")
+        optional("loader", lambda v: isinstance(v, str), "text")
+        optional("loader_setup_s", _is_number, "a number of seconds")
+        optional("resumed_from", lambda v: v is None or isinstance(v, str), "a checkpoint path or null")
 
 
 def _read_result(path: Path) -> dict:

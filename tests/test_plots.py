@@ -138,6 +138,15 @@ def test_validation_every_few_epochs_is_drawn_as_a_line(drawn, tmp_path):
     assert list(lines["source val"].get_xdata()) == [2, 5, 8] and len(lines["source train"].get_xdata()) == 9
 
 
+def test_an_epoch_record_without_loss_terms_leaves_a_gap(drawn, tmp_path):
+    """The terms are the last record's; an earlier record without any was a KeyError in `dmhpc eval`."""
+    records = [{"kind": "epoch", "epoch": e, "source": {"val": {"accuracy": 0.6}}} for e in range(2)]
+    records[1]["loss"] = {"total": 1.0}
+    plots.training_curves(records, tmp_path / "curves.png", "t")
+    (line,) = drawn[0].axes[0].lines
+    assert np.isnan(line.get_ydata()[0]) and line.get_ydata()[1] == 1.0
+
+
 def test_the_scaling_figure_names_the_study_and_marks_unfinished_points(drawn, tmp_path):
     from dmhpc.launch.scaling import write_scaling
 

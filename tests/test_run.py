@@ -552,6 +552,41 @@ def test_a_torn_last_line_is_dropped_and_a_bad_middle_line_is_named(tmp_path):
         run.read_log()
 
 
+EPOCH = {"kind": "epoch", "epoch": 0, "step": 3, "steps": 3, "step_time_s": 0.1, "loss": {"total": 0.7},
+         "source": {"train": {"accuracy": 0.5}, "val": {"accuracy": 0.5, "roc_auc": float("nan")}},
+         "target": {"val": {"labelled": False, "merger_fraction": 0.25}},
+         "selection": {"criterion": "im", "score": 0.1}, "validators": {"im": 0.1, "snd": None}}
+SETUP = {"kind": "setup", "step": 0, "world_size": 2, "loader": "torch", "loader_setup_s": 0.5, "resumed_from": None}
+
+
+@pytest.mark.parametrize("record, message", [
+    ({**EPOCH, "selection": None}, "selection: expected a mapping, got null"),
+    ({**EPOCH, "selection": {"score": "0.1"}}, 'selection.score: expected a number or null, got "0.1"'),
+    ({**EPOCH, "epoch": "0"}, 'epoch: expected a number from 0, got "0"'),
+    ({k: v for k, v in EPOCH.items() if k != "epoch"}, "epoch: expected a number from 0, got null"),
+    ({**EPOCH, "loss": {"total": "low"}}, 'loss.total: expected a number or null, got "low"'),
+    ({**EPOCH, "source": {"val": None}}, "source.val: expected a mapping of metric to number, got null"),
+    ({**EPOCH, "validators": {"im": [1]}}, "validators.im: expected a number or null, got [1]"),
+    ({**SETUP, "loader_setup_s": "fast"}, 'loader_setup_s: expected a number of seconds, got "fast"'),
+    ({**SETUP, "world_size": [2]}, "world_size: expected a number of ranks, got [2]"),
+    ({**SETUP, "resumed_from": 5}, "resumed_from: expected a checkpoint path or null, got 5"),
+    ({"kind": "step", "step": 1.5}, "step: expected a step number, got 1.5"),
+])
+def test_a_log_record_of_other_types_is_one_line_naming_its_line_and_key(tmp_path, record, message):
+    """Records were only checked to be objects: "selection": null was an AttributeError in the plots
+    of `dmhpc eval`, a setup record's text where a number was a TypeError in the scaling table."""
+    run = RunDir(tmp_path)
+    run.log_path.write_text("".join(json.dumps(r) + "\n" for r in (SETUP, record, EPOCH)))
+    with pytest.raises(DmhpcError, match=f"^{re.escape(f'{run.log_path} line 2: {message}')}$"):
+        run.read_log()
+
+
+def test_a_log_as_the_trainer_writes_it_is_read(tmp_path):
+    run = RunDir(tmp_path)
+    run.log_path.write_text("".join(json.dumps(r) + "\n" for r in (SETUP, {"kind": "step", "step": 1}, EPOCH)))
+    assert [r["kind"] for r in run.read_log()] == ["setup", "step", "epoch"]
+
+
 def test_each_evaluation_has_its_own_file(tmp_path):
     run = RunDir(tmp_path)
     run.write_result({"split": "test", "who": 1}, "best", "test")

@@ -323,3 +323,17 @@ def test_a_record_of_an_older_dmhpc_lacks_keys_it_is_not_refused_for(tmp_path, m
     load_study(spec)
     with pytest.raises(DmhpcError, match="was measured with other settings \\(slurm.cpus_per_task null -> 2\\)"):
         load_study({**spec, "slurm": {"cpus_per_task": 2}})  # a key both know still counts
+
+
+def test_a_setup_record_without_its_staging_time_leaves_that_cell_empty(tmp_path):
+    """It was a KeyError out of the table's making."""
+    from dmhpc.launch.scaling import measure
+
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "models": ["deepmerge2"],
+            "nodes": [1], "gpus_per_node": [1], "device": "cpu", "weak": {"batch_per_gpu": 4},
+            "overrides": {"data.source": "missing"}}
+    (point,) = load_study(spec).points
+    point.run_dir.mkdir(parents=True)
+    (point.run_dir / "metrics.jsonl").write_text('{"kind": "setup", "step": 0, "world_size": 1}\n')
+    row = measure(point)
+    assert math.isnan(row["staging_s"]) and row["loader"] == "" and row["status"] == "not finished"

@@ -22,7 +22,7 @@ def _log(point, source_acc, im, target_val, target_test, finished=True):
     records = []
     for epoch, (s, i, v, t) in enumerate(zip(source_acc, im, target_val, target_test)):
         validators = {name: 0.5 for name in LABEL_FREE} | {"source-val-acc": s, "im": i}
-        records.append({"kind": "epoch", "epoch": epoch, "validators": validators,
+        records.append({"kind": "epoch", "epoch": epoch, "step": epoch + 1, "validators": validators,
                         "source": {"val": {"accuracy": s}},
                         "target": {"val": {"accuracy": v}, "test": {"accuracy": t}}})
     (point.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))

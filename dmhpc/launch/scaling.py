@@ -291,7 +291,8 @@ def steady_step_time(records: list[dict]) -> tuple[float, bool]:
 def staging_seconds(records: list[dict]) -> tuple[float, str]:
     """(slowest rank's loader set-up time, loader kind) from the run's first start."""
     setup = next((r for r in records if r.get("kind") == "setup"), None)
-    return (setup["loader_setup_s"], setup["loader"]) if setup else (math.nan, "")
+    # A setup record without them (edited, or a test's) has no staging time to show, as a log without one.
+    return (setup.get("loader_setup_s", math.nan), setup.get("loader", "")) if setup else (math.nan, "")
 
 
 def measure(point: Point) -> dict:
