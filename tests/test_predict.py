@@ -64,6 +64,20 @@ def expected_probabilities(run: Path, images: np.ndarray, mean, std, batch: int)
     return np.concatenate(out)
 
 
+def test_a_run_json_with_one_statistic_for_three_channels_is_refused_not_broadcast(trained, tmp_path, capsys):
+    """One mean and std for the three filters broadcast over them: predict wrote p_merger of 0 and 1 only."""
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    record = json.loads((run / "run.json").read_text())
+    record["data"]["target"].update(mean=[0.4], std=[0.0001])
+    (run / "run.json").write_text(json.dumps(record))
+    out = tmp_path / "c.ecsv"
+    assert main(["predict", "--run", str(run), "--images", str(trained["survey"]), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{run / 'run.json'}: data.target.mean: expected 3 finite numbers, one per channel, got [0.4]" in err
+    assert len(err.splitlines()) == 1 and not out.exists(), err
+
+
 def test_the_catalog_is_the_forward_pass_in_input_order(trained, tmp_path, capsys):
     out = tmp_path / "survey.parquet"
     assert main(["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--out", str(out),
