@@ -445,43 +445,6 @@ def test_a_prediction_stats_each_cutout_once(trained, tmp_path, monkeypatch):
     assert sorted(p for p in stated if Path(p).parent == folder) == [str(folder / f"g{i:02d}.fits") for i in range(12)]
 
 
-def test_cutouts_that_will_not_read_are_refused_before_any_part(trained, tmp_path, capsys, monkeypatch):
-    """A cutout of another shape, or not FITS, was found when its row was reached (hours into a
-    survey) and stopped every rank; the start's pass over the cutouts now reads their headers."""
-    from astropy.io import fits
-    from astropy.table import Table
-    from dmhpc.infer import sources
-
-    folder = tmp_path / "cutouts"
-    folder.mkdir()
-    for i in range(40):
-        fits.PrimaryHDU(trained["images"][i].astype(">f4")).writeto(folder / f"g{i:02d}.fits")
-    fits.PrimaryHDU(trained["images"][33, :, :74, :74].astype(">f4")).writeto(folder / "g33.fits", overwrite=True)
-    fits.HDUList([fits.PrimaryHDU()] + [fits.ImageHDU(band.astype(">f4")) for band in trained["images"][35, :2]]).writeto(
-        folder / "g35.fits", overwrite=True)  # two filters of the three
-    (folder / "g36.fits").write_text("not FITS")
-    (folder / "g38.fits").unlink()
-    Table({"id": [f"g{i:02d}" for i in range(40)]}).write(tmp_path / "survey.csv")
-    out = tmp_path / "candidates.csv"
-    assert main(["predict", "--run", str(trained["run"]), "--catalog", str(tmp_path / "survey.csv"), "--cutouts",
-                 str(folder), "--out", str(out), "--part-size", "8", "--batch-size", "8"]) == 1
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith(
-        f"dmhpc predict: error: {tmp_path / 'survey.csv'}: 4 cutout files will not read as the first one (g00.fits, "
-        f"(3, 75, 75)): {folder / 'g33.fits'}: cutout of shape (3, 74, 74); {folder / 'g35.fits'}: cutout of shape "
-        f"(2, 75, 75); {folder / 'g36.fits'}: not a readable FITS file"), err
-    assert err.endswith(" (and 1 more); nothing computed\n"), err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cutouts", "survey.csv"]  # no parts folder, no catalog
-    # Shared out by blocks, as the stats are: every rank's share makes the line of one process.
-    monkeypatch.setattr(sources, "DIGEST_BLOCK", 7)  # 6 blocks
-    one = sources.open_source(catalog=tmp_path / "survey.csv", cutouts=folder)
-    for world in (2, 4):
-        shares = [sources.open_source(catalog=tmp_path / "survey.csv", cutouts=folder).cutout_problems(rank, world)
-                  for rank in range(world)]
-        assert [len(share) for share in shares] == [1, 3, 0, 0][:world]  # rows 33 and 35-38: blocks 4 and 5
-        assert one.refuse_cutouts([p for share in shares for p in share]) in err
-
-
 def _parts(out: Path) -> list[Path]:
     return sorted(Path(f"{out}.parts").glob("part-*.npz"))
 

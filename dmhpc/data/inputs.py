@@ -244,45 +244,20 @@ def _read_cutout(path: Path) -> tuple[np.ndarray, bool]:
                                          f"every image HDU of a cutout is taken as a filter")
             for plane in planes:
                 check_fits_pixels(plane.dtype, path)
-            _, cube = _cutout_shape(path, [p.shape for p in planes])
-            return (planes[0] if cube else np.stack(planes)).astype(np.float32), cube
+            if len(planes) == 1 and planes[0].ndim == 3:
+                return planes[0].astype(np.float32), True
+            if planes and all(p.ndim == 2 for p in planes):
+                if len({p.shape for p in planes}) > 1:
+                    raise DmhpcError(f"{path}: filters of different shapes {[p.shape for p in planes]}")
+                return np.stack(planes).astype(np.float32), False
+            raise DmhpcError(f"{path}: expected one (C, H, W) or (H, W, C) image HDU or one (H, W) HDU per filter, "
+                             f"found {[p.shape for p in planes] or 'no image data'}")
     except FileNotFoundError:
         raise DmhpcError(f"{path}: no such cutout file") from None
     except DmhpcError:
         raise
     except Exception as exc:
         raise _fits_error(path, exc) from None
-
-
-def _cutout_shape(path: Path, shapes: list[tuple]) -> tuple[tuple, bool]:
-    """(shape, cube) of a cutout whose image HDUs with data have `shapes`: one 3-d HDU (`cube`, its
-    layout to be placed) or one (H, W) HDU per filter, stacked (C, H, W). One rule for the pixels
-    read and the headers checked before a prediction (`Cutouts.header_problems`)."""
-    if len(shapes) == 1 and len(shapes[0]) == 3:
-        return shapes[0], True
-    if shapes and all(len(s) == 2 for s in shapes):
-        if len(set(shapes)) > 1:
-            raise DmhpcError(f"{path}: filters of different shapes {shapes}")
-        return (len(shapes), *shapes[0]), False
-    raise DmhpcError(f"{path}: expected one (C, H, W) or (H, W, C) image HDU or one (H, W) HDU per filter, "
-                     f"found {shapes or 'no image data'}")
-
-
-def _header_shape(path: Path, layout: str) -> tuple:
-    """The (C, H, W) shape `read_cutout(path, layout)` gives, from the file's headers: astropy reads
-    the headers and seeks past the data it is not asked for."""
-    from astropy.io import fits
-
-    try:
-        with fits.open(path, memmap=False) as hdul:
-            # An image HDU's data is None exactly where its header has no axes.
-            shapes = [tuple(hdu.shape) for hdu in hdul if hdu.is_image and len(hdu.shape)]
-    except FileNotFoundError:
-        raise DmhpcError(f"{path}: no such cutout file") from None
-    except Exception as exc:
-        raise _fits_error(path, exc) from None
-    shape, cube = _cutout_shape(path, shapes)
-    return (shape[2], shape[0], shape[1]) if cube and layout == "NHWC" else shape
 
 
 class Cutouts(ImageArray):
@@ -309,29 +284,6 @@ class Cutouts(ImageArray):
                                  f"({self.files[0].name}) is {self.shape[1:]}")
             out[k] = image
         return fill_nan(out, self.nan_fill)
-
-    def header_problems(self, start: int, stop: int) -> list[tuple[int, str]]:
-        """(row, problem) of each cutout of rows [start, stop) whose headers say it will not read as the
-        first one: another shape, or not a FITS file it could be read from. Headers only, so that a
-        prediction refuses before any part rather than stopping every rank at the row, hours in;
-        pixels (their dtype, a file cut short) are still checked as they are read."""
-        problems = []
-        for i in range(start, stop):
-            try:
-                shape = _header_shape(self.files[i], self._cube_layout)
-            except DmhpcError as exc:
-                problems.append((i, str(exc)))
-                continue
-            if shape != self.shape[1:]:
-                problems.append((i, f"{self.files[i]}: cutout of shape {shape}"))
-        return problems
-
-    def refusal(self, problems: list[tuple[int, str]], shown: int = 3) -> str:
-        """One line for every rank's `header_problems`: how many, and the first few by row."""
-        problems = sorted(problems)
-        return (f"{len(problems)} cutout file{'s' if len(problems) > 1 else ''} will not read as the first one "
-                f"({self.files[0].name}, {self.shape[1:]}): {'; '.join(p for _, p in problems[:shown])}"
-                f"{f' (and {len(problems) - shown} more)' if len(problems) > shown else ''}")
 
 
 @dataclass

@@ -476,14 +476,8 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         parts = Path(f"{out}.parts")
         on_main(lambda: _lock_parts(out, parts, overwrite, held))
         source.check(verify != "structure", dist.rank, dist.world_size, gather)
-        # The cutouts' headers with their stats (the digest's blocks, shared out; stat'ed first, as
-        # file_identity asks): a cutout of another shape stopped every rank at its row, hours in.
-        shares = gather(lambda: (source.digest_blocks(dist.rank, dist.world_size),
-                                 source.cutout_problems(dist.rank, dist.world_size)))
-        refused = source.refuse_cutouts([p for _, problems in shares for p in problems])
-        if refused:
-            raise AgreedError(f"{refused}; nothing computed")
-        digest = source.digest({k: v for blocks, _ in shares for k, v in blocks.items()})
+        digest = source.digest({k: v for share in gather(lambda: source.digest_blocks(dist.rank, dist.world_size))
+                                for k, v in share.items()})
         if normalize == "target":
             mean, std = agree(lambda: run.normalization("target"))
         elif normalize == "own":

@@ -128,19 +128,6 @@ class Source:
         return {k: self.cutout_files(k * DIGEST_BLOCK, min((k + 1) * DIGEST_BLOCK, self.count))
                 for k in range(rank, blocks, world_size)}
 
-    def cutout_problems(self, rank: int = 0, world_size: int = 1) -> list[tuple[int, str]]:
-        """This rank's share (the blocks of `digest_blocks`) of the cutouts whose headers say they
-        will not read as the first one (`Cutouts.header_problems`). Empty for sources without cutouts."""
-        if not isinstance(self._reader, Cutouts):
-            return []
-        blocks = -(-self.count // DIGEST_BLOCK)
-        return [p for k in range(rank, blocks, world_size)
-                for p in self._reader.header_problems(k * DIGEST_BLOCK, min((k + 1) * DIGEST_BLOCK, self.count))]
-
-    def refuse_cutouts(self, problems: list[tuple[int, str]]) -> str | None:
-        """The line refusing every rank's `cutout_problems`, or None."""
-        return f"{self.path}: {self._reader.refusal(problems)}" if problems else None
-
     def first_id(self, bad: Callable[[str], bool], block: int = 65536) -> tuple[int, str] | None:
         """(input position, id) of the first id for which `bad` is true, or None; reads ids only, a
         block at a time."""
