@@ -291,10 +291,13 @@ def _killed_render(out: Path, *argv: str) -> None:
             assert proc.poll() is None and time.monotonic() < deadline, "the render did not start"
             time.sleep(0.1)
         # A second render into the folder meanwhile stops at the first one's lock and touches nothing.
+        # The first is held still meanwhile: on a slow machine it went on to write its later files.
+        proc.send_signal(signal.SIGSTOP)
         staged = sorted(p.name for p in out.iterdir())
         _one_line_error(_cli("--out", str(out), "--n-per-class", "2"), str(out), "in use by another dmhpc synth")
         assert sorted(p.name for p in out.iterdir()) == staged
     finally:
+        proc.send_signal(signal.SIGCONT)
         proc.terminate()
         proc.wait(timeout=60)
 
