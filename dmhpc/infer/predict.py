@@ -351,6 +351,9 @@ def _claim_parts(parts: Path, spec: dict, overwrite: bool) -> None:
         atomic_write(saved, json.dumps(spec, indent=2) + "\n")
 
 
+COLUMN_ORDER = ("id", "index", "p_merger", "p_merger_std", "label", "object", "split")
+
+
 def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, meta: dict, overwrite: bool,
            spec_digest: str) -> int:
     """Rank 0: the parts, back in input order, as one catalog; returns its rows."""
@@ -380,12 +383,18 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
             raise DmhpcError(f"{path}: not a part of this prediction: {problem}; remove it and run again")
         for key, value in part.items():
             columns.setdefault(key, []).append(value)
-    data = {key: np.concatenate(values) for key, values in columns.items()}
-    order = np.argsort(data["index"], kind="stable")
-    table = Table()
-    for key in ("id", "index", "p_merger", "p_merger_std", "label", "object", "split"):
-        if key in data:
-            table[key] = data[key][order]
+    # A survey's rows on rank 0: each column is joined (the parts' arrays let go as it is), and
+    # reordered only where its rows are not in input order already; the table takes the arrays.
+    data = {}
+    for key in list(columns):
+        data[key] = np.concatenate(columns.pop(key))
+    index = data["index"]
+    if len(index) > 1 and not bool(np.all(index[1:] > index[:-1])):
+        order = np.argsort(index, kind="stable")
+        for key in data:
+            data[key] = data[key][order]
+    table = Table([data[key] for key in COLUMN_ORDER if key in data],
+                  names=[key for key in COLUMN_ORDER if key in data], copy=False)
     if source.id_dtype:  # the parts hold ids as text; a survey's integer ids must join back as integers
         table["id"] = table["id"].astype(source.id_dtype)
     # uint8, not int8: astropy writes an int8 column to FITS as a logical one, which reads back as bool.

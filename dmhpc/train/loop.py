@@ -310,7 +310,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
                 on_main(write_record)
                 checkpoint("last", meter)
                 on_main(run.promote_best)
-                if at() < total_steps and not early_stopped() and stop.poll_now():
+                if not stopped and at() < total_steps and not early_stopped() and stop.poll_now():
                     # A signal during the evaluation: stopped at this checkpoint. The next epoch's
                     # loader start and first steps came out of the scheduler's grace time.
                     stopped = True

@@ -1,0 +1,113 @@
+"""Memory a survey's catalog costs `dmhpc predict`: reading it (every rank) and merging the parts
+into the catalog written (rank 0), per row, at commit --old and in this checkout.
+
+    python bench/catalog_memory.py                   # 1,000,000 rows
+    python bench/catalog_memory.py --rows 4000000 --old cc88769 --formats parquet,fits
+
+Reading: a Parquet catalog of --rows rows with 19-digit text ids (SDSS objids) and a file column
+(`cutouts/partNNN/ID.fits`), read by `read_catalog` as predict's cutout sources are. Merging:
+parts of 4096 rows as predict writes them (index, text id, p_merger; in input order, as the parts
+of a catalog or an --images file are), merged into each format by `_merge`. Each measurement runs
+in a fresh process and reports the growth of its peak resident memory (ru_maxrss) over the inputs
+already made, divided by the rows, and its time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+MEASURE = r"""
+import json, resource, shutil, sys, time
+from pathlib import Path
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+what, work, rows = sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+from dmhpc.data.inputs import read_catalog
+from dmhpc.infer import predict as P
+import astropy.io.ascii, astropy.io.fits, astropy.table, pyarrow.parquet  # their imports are not the rows'
+
+class Parts:  # what _merge asks of its source
+    count, shape, id_dtype, kind, columns = rows, (3, 75, 75), None, "catalog", ("index", "id")
+    def positions(self, a, b): return np.arange(a, b, dtype=np.int64)
+    def changed(self): return False
+
+parts = work / f"{what}.parts"
+if what != "read":
+    shutil.copytree(work / "parts", parts)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+t = time.perf_counter()
+if what == "read":
+    held = read_catalog(work / "catalog.parquet", file_column="file", cutouts=work)
+else:
+    P._merge(work / f"catalog.{what}", parts, Parts(), 4096, False, {"DMHPC": "bench"}, True, "bench")
+seconds = time.perf_counter() - t
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+print(json.dumps({"bytes_per_row": peak / rows, "seconds": seconds}))
+"""
+
+
+def make_inputs(work: Path, rows: int, source: Path) -> None:
+    """The catalog and the parts, made by `source`'s dmhpc (the part format is the same at both)."""
+    make = r"""
+import sys
+from pathlib import Path
+import numpy as np
+sys.path.insert(0, sys.argv[1])
+from astropy.table import Table
+from dmhpc.infer import predict as P
+work, rows = Path(sys.argv[2]), int(sys.argv[3])
+ids = np.array([str(1237651191354687000 + i) for i in range(rows)])
+Table({"id": ids, "file": np.char.add(np.char.add(
+    np.array([f"cutouts/part{i // 10000:03d}/" for i in range(rows)]), ids), ".fits")}).write(work / "catalog.parquet")
+(work / "parts").mkdir()
+rng = np.random.default_rng(0)
+for k in range(-(-rows // 4096)):
+    a, b = k * 4096, min((k + 1) * 4096, rows)
+    columns = {"index": np.arange(a, b, dtype=np.int64), "id": ids[a:b], "p_merger": rng.random(b - a).astype(np.float32),
+               P.PART_INPUTS: ""}
+    columns[P.PART_CHECKSUM] = P._part_checksum(columns, "bench")
+    np.savez(P._part_path(work / "parts", k), **columns)
+"""
+    subprocess.run([sys.executable, "-c", make, str(source), str(work), str(rows)], check=True)
+
+
+def measure(source: Path, what: str, work: Path, rows: int) -> dict:
+    proc = subprocess.run([sys.executable, "-c", MEASURE, str(source), what, str(work), str(rows)],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{what} at {source}: {proc.stderr.strip().splitlines()[-1]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--old", default="cc88769", help="the commit to compare with (default: before this bench)")
+    parser.add_argument("--formats", default="parquet,fits,csv,ecsv", help="of the merged catalog")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        old = Path(tmp) / "old"
+        old.mkdir()
+        subprocess.run(f"git -C {ROOT} archive {args.old} dmhpc | tar -x -C {old}", shell=True, check=True)
+        work = Path(tmp) / "work"
+        work.mkdir()
+        make_inputs(work, args.rows, ROOT)
+        print(f"{args.rows} rows; {platform.processor() or platform.machine()}, {platform.python_version()}")
+        print(f"{'what':<14} {'old B/row':>10} {'new B/row':>10} {'old s':>7} {'new s':>7}")
+        for what in ["read", *args.formats.split(",")]:
+            a, b = measure(old, what, work, args.rows), measure(ROOT, what, work, args.rows)
+            label = "read catalog" if what == "read" else f"merge {what}"
+            print(f"{label:<14} {a['bytes_per_row']:>10.0f} {b['bytes_per_row']:>10.0f} "
+                  f"{a['seconds']:>7.1f} {b['seconds']:>7.1f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
