@@ -4,8 +4,9 @@ into the catalog written (rank 0), per row, at commit --old and in this checkout
     python bench/catalog_memory.py                   # 1,000,000 rows
     python bench/catalog_memory.py --rows 4000000 --old cc88769 --formats parquet,fits
 
-Reading: a Parquet catalog of --rows rows with 19-digit text ids (SDSS objids) and a file column
-(`cutouts/partNNN/ID.fits`), read by `read_catalog` as predict's cutout sources are. Merging:
+Reading: a Parquet catalog of --rows rows with 19-digit text ids (SDSS objids), a file column
+(`cutouts/partNNN/ID.fits`) and --extra float64 columns (default 50: a survey's photometry,
+which predict does not read), read by `read_catalog` as predict's cutout sources are. Merging:
 parts of 4096 rows as predict writes them (index, text id, p_merger; in input order, as the parts
 of a catalog or an --images file are), merged into each format by `_merge`. Each measurement runs
 in a fresh process and reports the growth of its peak resident memory (ru_maxrss) over the inputs
@@ -54,7 +55,7 @@ print(json.dumps({"bytes_per_row": peak / rows, "seconds": seconds}))
 """
 
 
-def make_inputs(work: Path, rows: int, source: Path) -> None:
+def make_inputs(work: Path, rows: int, extra: int, source: Path) -> None:
     """The catalog and the parts, made by `source`'s dmhpc (the part format is the same at both)."""
     make = r"""
 import sys
@@ -63,10 +64,13 @@ import numpy as np
 sys.path.insert(0, sys.argv[1])
 from astropy.table import Table
 from dmhpc.infer import predict as P
-work, rows = Path(sys.argv[2]), int(sys.argv[3])
+work, rows, extra = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 ids = np.array([str(1237651191354687000 + i) for i in range(rows)])
-Table({"id": ids, "file": np.char.add(np.char.add(
-    np.array([f"cutouts/part{i // 10000:03d}/" for i in range(rows)]), ids), ".fits")}).write(work / "catalog.parquet")
+table = Table({"id": ids, "file": np.char.add(np.char.add(
+    np.array([f"cutouts/part{i // 10000:03d}/" for i in range(rows)]), ids), ".fits")})
+for k in range(extra):
+    table[f"mag{k}"] = np.random.default_rng(k).normal(20, 2, rows)
+table.write(work / "catalog.parquet")
 (work / "parts").mkdir()
 rng = np.random.default_rng(0)
 for k in range(-(-rows // 4096)):
@@ -76,7 +80,7 @@ for k in range(-(-rows // 4096)):
     columns[P.PART_CHECKSUM] = P._part_checksum(columns, "bench")
     np.savez(P._part_path(work / "parts", k), **columns)
 """
-    subprocess.run([sys.executable, "-c", make, str(source), str(work), str(rows)], check=True)
+    subprocess.run([sys.executable, "-c", make, str(source), str(work), str(rows), str(extra)], check=True)
 
 
 def measure(source: Path, what: str, work: Path, rows: int) -> dict:
@@ -90,6 +94,7 @@ def measure(source: Path, what: str, work: Path, rows: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--extra", type=int, default=50, help="catalog columns predict does not read")
     parser.add_argument("--old", default="cc88769", help="the commit to compare with (default: before this bench)")
     parser.add_argument("--formats", default="parquet,fits,csv,ecsv", help="of the merged catalog")
     args = parser.parse_args()
@@ -99,8 +104,9 @@ def main() -> None:
         subprocess.run(f"git -C {ROOT} archive {args.old} dmhpc | tar -x -C {old}", shell=True, check=True)
         work = Path(tmp) / "work"
         work.mkdir()
-        make_inputs(work, args.rows, ROOT)
-        print(f"{args.rows} rows; {platform.processor() or platform.machine()}, {platform.python_version()}")
+        make_inputs(work, args.rows, args.extra, ROOT)
+        print(f"{args.rows} rows, {args.extra} more catalog columns; {platform.processor() or platform.machine()}, "
+              f"{platform.python_version()}")
         print(f"{'what':<14} {'old B/row':>10} {'new B/row':>10} {'old s':>7} {'new s':>7}")
         for what in ["read", *args.formats.split(",")]:
             a, b = measure(old, what, work, args.rows), measure(ROOT, what, work, args.rows)

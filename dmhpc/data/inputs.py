@@ -336,17 +336,26 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
     # A CSV carries no types: astropy would guess the ids 007 and 0123 are the numbers 7 and 123,
     # which name other cutout files (7.fits) and store other ids. Typed formats keep theirs.
     text_columns = {column: [ascii.convert_numpy(str)] for column in (id_column, file_column) if column is not None}
-    try:
-        # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which would
-        # otherwise become part of the first column's name.
-        csv_options = {"converters": text_columns, "encoding": "utf-8-sig"}
-        table = Table.read(path, format=fmt, **(csv_options if fmt == "ascii.csv" else {}))
-    except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DmhpcError(f"{path}: cannot read the catalog ({reason})") from None
-    for role, column in (("id", id_column), ("label", label_column), ("file", file_column)):
+    # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which would otherwise
+    # become part of the first column's name.
+    options = {"converters": text_columns, "encoding": "utf-8-sig"} if fmt == "ascii.csv" else {}
+
+    def read(**more):
+        try:
+            return Table.read(path, format=fmt, **options, **more)
+        except Exception as exc:
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DmhpcError(f"{path}: cannot read the catalog ({reason})") from None
+
+    # A survey's catalog has hundreds of columns: read whole on every rank, they took more memory
+    # than the nodes had. Only the columns asked for are read (FITS: paged in from the file).
+    roles = {"id": id_column, "label": label_column, "file": file_column}
+    wanted = [column for column in roles.values() if column is not None]
+    table = read(memmap=True) if fmt == "fits" else read() if fmt == "hdf5" else read(include_names=wanted)
+    for role, column in roles.items():
         if column is not None and column not in table.colnames:
-            raise DmhpcError(f"{path}: no {role} column {column!r} (columns: {', '.join(table.colnames)})")
+            every = table.colnames if fmt in ("fits", "hdf5") else read().colnames
+            raise DmhpcError(f"{path}: no {role} column {column!r} (columns: {', '.join(every)})")
     if len(table) == 0:
         raise DmhpcError(f"{path}: the catalog has no rows")
     kind = table[id_column].dtype
@@ -357,16 +366,17 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
                          f"{str(table[id_column][0]).strip()}), which do not keep an id's digits; give an integer "
                          f"or text id column")
     ids = _cells(path, table, id_column, "id")
-    _refuse_repeats(path, ids, id_column, "id", "its own id")
     labels = None
     if label_column is not None:
-        labels = np.asarray(table[label_column])
+        labels = np.array(table[label_column])  # a copy: not a view of the FITS file's pages
         if np.ma.is_masked(table[label_column]):
             raise DmhpcError(f"{path}: column {label_column!r} has empty labels")
+    names = _cells(path, table, file_column, "file", ids) if file_column is not None else None
+    del table  # a survey's table is several times its cells: gone before the checks below
+    _refuse_repeats(path, ids, id_column, "id", "its own id")
     folder = Path(cutouts) if cutouts is not None else path.parent
     files = None
-    if file_column is not None:
-        names = _cells(path, table, file_column, "file", ids)
+    if names is not None:
         files = CutoutFiles(folder, names)
         # Spelt apart, one file: "a.fits", "./a.fits" and its absolute path are the same image.
         where = os.path.abspath(folder)
@@ -396,6 +406,8 @@ def _refuse_repeats(path: Path, keys: list[str], column: str, role: str, wanted:
     """A one-line error for the first value of a column found in more than one row. A repeated id
     or file was one image converted twice, possibly with two different labels, and an id that no
     longer names one row of the catalog `predict` writes."""
+    if len(set(keys)) == len(keys):  # the usual case, in a set: a survey's dict of first rows was ~100 B a row
+        return
     first, repeated = {}, None
     for k, key in enumerate(keys):
         if key in first:

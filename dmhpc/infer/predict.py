@@ -5,14 +5,16 @@
 
 The images are cut into parts of --part-size rows (in the source's storage order); part k is
 computed by rank k mod world size, a batch at a time, and written atomically to
-CATALOG.parts/part-K.npz. Nothing else is held: memory stays bounded whatever the survey's size.
+CATALOG.parts/part-K.npz. The images held are a batch's, whatever the survey's size (the
+input catalog's ids and file names are held whole, a few hundred bytes a row).
 A rerun skips the parts already written, so a preempted job resumes where it stopped: on a stop
 signal every rank finishes the part it is computing and exits with the requeue code. When every
 part is there, rank 0 merges them, sorted back into input order, into one catalog (an astropy
 Table: the format follows the extension: .parquet, .fits, .csv, .ecsv, .h5/.hdf5) with the run,
 checkpoint, data set and dmhpc version in its metadata (for plain CSV, which has no place for
 it, in CATALOG.json beside it), and removes the parts. The catalog
-itself (about 30 bytes a row) is assembled in memory on rank 0; the images never are.
+itself (a few hundred bytes a row, docs/benchmarks.md) is assembled in memory on rank 0; the images
+never are.
 
 Batches start at part boundaries and have the same rows whatever the number of ranks, so one
 rank and many give the same catalog, bit for bit on CPU, and a killed and rerun job gives the
