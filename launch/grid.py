@@ -10,7 +10,7 @@ From Python: `dmhpc.launch.launch_grid(FILE)`. The grid file format: dmhpc/launc
 
 import sys
 
-from dmhpc.cli import main
+from dmhpc.cli import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(["grid", *sys.argv[1:]]))
+    run(["grid", *sys.argv[1:]])

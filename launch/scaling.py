@@ -8,7 +8,7 @@ From Python: `dmhpc.launch.launch_scaling(FILE)`. The study file format: dmhpc/l
 
 import sys
 
-from dmhpc.cli import main
+from dmhpc.cli import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(["scaling", *sys.argv[1:]]))
+    run(["scaling", *sys.argv[1:]])

@@ -8,7 +8,7 @@ From Python: `dmhpc.launch.tune(FILE)`. The tune file format: dmhpc/launch/tune.
 
 import sys
 
-from dmhpc.cli import main
+from dmhpc.cli import run
 
 if __name__ == "__main__":
-    raise SystemExit(main(["tune", *sys.argv[1:]]))
+    run(["tune", *sys.argv[1:]])
