@@ -100,7 +100,7 @@ dmhpc_launch_command() {
         export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus / nproc > 0 ? cpus / nproc : 1))}
         # torchrun, sent SIGTERM (a preemption, scancel, srun ending the step), gives its workers 30 s
         # to end before SIGKILL: a checkpoint being written then was lost. The scheduler's own
-        # grace time and KillWait bound the wait in any case.
+        # grace time and KillWait bound the wait in any case. (Read by torch 2.13; older torch keeps 30 s.)
         export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
         DMHPC_LAUNCH_CMD=(
             srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1

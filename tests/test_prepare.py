@@ -1022,6 +1022,28 @@ def test_catalog_problems_are_one_line(tmp_path, capsys):
     assert_fails(capsys, base, f"{names[2]}: cutout of shape (3, 9, 9); the first one ({names[0]}) is (3, 8, 8)")
 
 
+@pytest.mark.parametrize("ext", ["csv", "ecsv", "parquet", "fits", "h5"])
+def test_a_survey_catalog_is_read_for_its_columns_only_and_a_misspelt_one_is_named_with_every_column(tmp_path, ext):
+    """A survey's catalog has many columns (hundreds; here a time and a flux with its unit): only
+    the ones asked for are read. Reading ECSV by name failed on its time column; Parquet refused
+    a misspelt name in its own words, not with the catalog's columns."""
+    import astropy.units as u
+    from astropy.table import QTable, Table
+    from astropy.time import Time
+
+    from dmhpc.data.inputs import read_catalog
+
+    table = QTable({"id": ["a", "b"], "label": [0, 1], "mjd": Time([59000.0, 59001.0], format="mjd"),
+                    "flux": [1.0, 2.0] * u.Jy})
+    path = tmp_path / f"survey.{ext}"
+    (Table(table) if ext == "csv" else table).write(path, **({"serialize_meta": True} if ext == "h5" else {}))
+    catalog = read_catalog(path, label_column="label")
+    assert catalog.ids == ["a", "b"] and list(catalog.labels) == [0, 1]
+    for option, role in (({"id_column": "ID"}, "id column 'ID'"), ({"label_column": "lab"}, "label column 'lab'")):
+        with pytest.raises(DmhpcError, match=rf"survey.{ext}: no {role} \(columns: id, label, mjd, flux\)$"):
+            read_catalog(path, **option)
+
+
 def test_a_cutout_gone_before_its_shard_is_written_is_named_and_nothing_is_left(tmp_path, capsys, monkeypatch):
     """A cutout removed after the pixel scan was said as the shard's write error ("shard-00000.h5:
     cannot write: No such file or directory; nothing written"): the user was sent to the output disk."""

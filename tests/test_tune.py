@@ -123,6 +123,10 @@ def test_a_search_runs_trials_by_the_objective_records_target_metrics_and_resume
     tune(spec(data, tmp_path, trials=3, space={"optim.lr": [0.001, 0.003]}), poll_s=0.2)
     assert _study(out).user_attrs["identity"]["ranks"] == 1 and len(study.get_trials()) == 3
     assert "discriminator_lr_mult" in _study(out).user_attrs["identity"]["config"]["optim"]
+    # The first tuner recorded no configuration at all: not known, and not refused.
+    study.set_user_attr("identity", {k: v for k, v in _study(out).user_attrs["identity"].items() if k != "config"})
+    tune(spec(data, tmp_path, trials=3, space={"optim.lr": [0.001, 0.003]}), poll_s=0.2)
+    assert "config" in _study(out).user_attrs["identity"]
 
 
 def test_a_trial_left_running_by_a_killed_tuner_runs_again_in_its_directory(data, tmp_path):

@@ -348,13 +348,21 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
             raise DmhpcError(f"{path}: cannot read the catalog ({reason})") from None
 
     # A survey's catalog has hundreds of columns: read whole on every rank, they took more memory
-    # than the nodes had. Only the columns asked for are read (FITS: paged in from the file).
+    # than the nodes had. Only the columns asked for are read from CSV and Parquet, and FITS is
+    # paged in from the file. (ECSV is read whole: astropy rebuilds its Time, SkyCoord and unit
+    # columns even when they are left out, and fails.)
     roles = {"id": id_column, "label": label_column, "file": file_column}
     wanted = [column for column in roles.values() if column is not None]
-    table = read(memmap=True) if fmt == "fits" else read() if fmt == "hdf5" else read(include_names=wanted)
+    if fmt == "parquet":  # its schema first: the reader refuses names it does not have
+        every = read(schema_only=True).colnames
+        missing = [column for column in wanted if column not in every]
+        table = None if missing else read(include_names=wanted)
+    else:
+        table = read(include_names=wanted) if fmt == "ascii.csv" else read(memmap=True) if fmt == "fits" else read()
+        missing = [column for column in wanted if column not in table.colnames]
+        every = read().colnames if missing and fmt == "ascii.csv" else table.colnames
     for role, column in roles.items():
-        if column is not None and column not in table.colnames:
-            every = table.colnames if fmt in ("fits", "hdf5") else read().colnames
+        if column in missing:
             raise DmhpcError(f"{path}: no {role} column {column!r} (columns: {', '.join(every)})")
     if len(table) == 0:
         raise DmhpcError(f"{path}: the catalog has no rows")

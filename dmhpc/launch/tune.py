@@ -83,7 +83,7 @@ TUNER_KEYS = {"run.dir": "OUT/<trial's point name>", "train.signals": "[submitit
 STUDY_IDENTITY = ("objective", "base", "overrides", "space")
 JOURNAL, LOCK, TABLE = "study.journal", "tune.lock", "trials"
 FAILURES_IN_A_ROW = 3  # consecutive failed trials that stop the search: most likely not the values' fault
-STOPPING_WAIT_S = 600  # how long a trial waits for the cancelled job still in its run directory (it saves first)
+STOPPING_WAIT_S = 600  # how long a trial waits for a cancelled job to let go of its run directory
 ATTR_VALUES, ATTR_RUN = "values", "run_dir"
 
 
@@ -300,7 +300,8 @@ def _open_study(t: Tune):
         if not isinstance(before, dict):
             raise DmhpcError(f"{journal}: the study's identity is {show(before)}, not what dmhpc records; use "
                              f"another out")
-        before = {**before, "config": _recorded_config(before.get("config"), journal)}
+        if "config" in before:  # (the first tuner recorded none)
+            before = {**before, "config": _recorded_config(before["config"], journal)}
         changed = [k for k in ("objective", "config", "space", "ranks") if k in before and before[k] != identity[k]]
         if changed:
             raise DmhpcError(f"{journal}: holds a study of another tune file ({', '.join(changed)} changed since "
@@ -531,9 +532,9 @@ class _Search:
             self.stopping[sharing[0].run.path] = job
 
     def await_stopped(self, run: RunDir) -> None:
-        """A cancelled job saves its checkpoint before it ends, holding its run directory meanwhile
-        (a SLURM job's state reads CANCELLED before its processes have ended): a trial with the same
-        values started then would fail as "in use". Wait for the job, then for the run's lock."""
+        """A cancelled job holds its run directory until its processes have ended (on SLURM after
+        KillWait; its state reads CANCELLED before): a trial with the same values started then
+        would fail as "in use". Wait for the job, then for the run's lock."""
         job = self.stopping.pop(run.path, None)
         deadline = time.monotonic() + STOPPING_WAIT_S
         while job is not None and (not job.done() or run.holder()):
