@@ -413,16 +413,21 @@ PEER_GONE = textwrap.dedent("""
 """)
 
 
+def _two_ranks(script_text: str, out: Path) -> None:
+    """Run `script_text` (its first argument: `out`) as two torchrun ranks; both must exit 0."""
+    if not (BIN / "torchrun").exists():
+        pytest.skip(f"torchrun not found in {BIN}")
+    script = out / "ranks.py"
+    script.write_text(script_text)
+    proc = subprocess.run([*LAUNCHERS["torchrun"], str(script), str(out)], env=clean_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_a_poll_a_gone_peer_never_joined_still_restores_the_handlers(tmp_path):
     """The poll in flight failed (the peer gone) and close() raised before restoring the signal
     handlers, with the poll still pending: every later close raised again."""
-    if not (BIN / "torchrun").exists():
-        pytest.skip(f"torchrun not found in {BIN}")
-    script = tmp_path / "peer.py"
-    script.write_text(PEER_GONE)
-    proc = subprocess.run([*LAUNCHERS["torchrun"], str(script), str(tmp_path)], env=clean_env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _two_ranks(PEER_GONE, tmp_path)
     result = json.loads((tmp_path / "rank0.json").read_text())
     assert result["error"] and result["restored"] and not result["pending"], result
 
@@ -452,13 +457,7 @@ POLL_NOW = textwrap.dedent("""
 def test_poll_now_is_the_same_answer_on_every_rank_without_waiting_for_a_step(tmp_path):
     """Between epochs the loop asks at once: the asynchronous poll answers a step later, after the
     next epoch's loader start (a signal during the evaluation stopped the run one epoch late)."""
-    if not (BIN / "torchrun").exists():
-        pytest.skip(f"torchrun not found in {BIN}")
-    script = tmp_path / "poll.py"
-    script.write_text(POLL_NOW)
-    proc = subprocess.run([*LAUNCHERS["torchrun"], str(script), str(tmp_path)], env=clean_env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _two_ranks(POLL_NOW, tmp_path)
     for rank in (0, 1):
         assert json.loads((tmp_path / f"rank{rank}.json").read_text()) == [False, True, False], rank
 
