@@ -1039,6 +1039,12 @@ def test_a_survey_catalog_is_read_for_its_columns_only_and_a_misspelt_one_is_nam
     (Table(table) if ext == "csv" else table).write(path, **({"serialize_meta": True} if ext == "h5" else {}))
     catalog = read_catalog(path, label_column="label")
     assert catalog.ids == ["a", "b"] and list(catalog.labels) == [0, 1]
+    # An empty float label (NaN; FITS read paged in does not mask it) is an empty label in every format.
+    table["label"] = [0.0, np.nan]
+    empty = tmp_path / f"empty.{ext}"
+    (Table(table) if ext == "csv" else table).write(empty, **({"serialize_meta": True} if ext == "h5" else {}))
+    with pytest.raises(DmhpcError, match=rf"empty.{ext}: column 'label' has empty labels$"):
+        read_catalog(empty, label_column="label")
     for option, role in (({"id_column": "ID"}, "id column 'ID'"), ({"label_column": "lab"}, "label column 'lab'")):
         with pytest.raises(DmhpcError, match=rf"survey.{ext}: no {role} \(columns: id, label, mjd, flux\)$"):
             read_catalog(path, **option)

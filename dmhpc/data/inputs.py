@@ -377,7 +377,8 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
     labels = None
     if label_column is not None:
         labels = np.array(table[label_column])  # a copy: not a view of the FITS file's pages
-        if np.ma.is_masked(table[label_column]):
+        # An empty float cell is NaN, which FITS read paged in does not mask.
+        if np.ma.is_masked(table[label_column]) or (labels.dtype.kind == "f" and not np.isfinite(labels).all()):
             raise DmhpcError(f"{path}: column {label_column!r} has empty labels")
     names = _cells(path, table, file_column, "file", ids) if file_column is not None else None
     del table  # a survey's table is several times its cells: gone before the checks below
