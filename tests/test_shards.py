@@ -397,3 +397,24 @@ def test_a_read_that_fails_midway_names_the_shard(dataset, monkeypatch):
         with pytest.raises(DmhpcError, match=rf"^{directory / shard_name(0)}: cannot read rows 0 to 1: "
                                              rf"\[Errno 5\] Input/output error$"):
             reader.read(0, 2)
+
+
+def test_a_shard_cut_short_under_an_open_reader_is_an_error_not_zeros(dataset):
+    """HDF5 reads zeros past the end of a file cut short after it was opened (cp or rsync over a
+    shard while a trainer reads it): the rows were trained on as blank images. `touch` and chmod
+    change no byte, and are no error."""
+    directory, manifest, _ = dataset
+    path = directory / shard_name(0)
+    with RowReader(directory, manifest) as reader:
+        before = reader.read(0, 16)
+        assert np.abs(before["images"][-1]).sum() > 0
+        os.utime(path, (1, 1))
+        os.chmod(path, 0o444)
+        np.testing.assert_array_equal(reader.read(0, 16)["images"], before["images"])
+        os.truncate(path, os.path.getsize(path) // 2)
+        with pytest.raises(DmhpcError, match=rf"^{path}: its size changed while being read \(cut short or written "
+                                             rf"over\); the rows read from it cannot be trusted"):
+            reader.read(0, 16)
+    # A new reader (the next start) opens no cut file: HDF5 refuses it, named.
+    with pytest.raises(DmhpcError, match=rf"^{path}: cannot open shard \(.*truncated file"):
+        RowReader(directory, manifest).read(0, 16)

@@ -893,6 +893,7 @@ class RowReader:
         self._starts = np.array([s["start"] for s in shards] + [self.manifest["count"]], dtype=np.int64)
         self._files: dict[int, h5py.File] = {}
         self._datasets: dict[tuple[int, str], h5py.Dataset] = {}
+        self._sizes: dict[int, int] = {}  # shard number -> file size when opened
         self._pid = os.getpid()
 
     def __len__(self) -> int:
@@ -900,7 +901,7 @@ class RowReader:
 
     def _file(self, number: int) -> h5py.File:
         if self._pid != os.getpid():  # forked after opening: the parent's handles are not ours
-            self._files, self._datasets, self._pid = {}, {}, os.getpid()
+            self._files, self._datasets, self._sizes, self._pid = {}, {}, {}, os.getpid()
         f = self._files.get(number)
         if f is None:
             path = self.directory / self.manifest["shards"][number]["file"]
@@ -908,7 +909,29 @@ class RowReader:
                 f = self._files[number] = h5py.File(path, "r")
             except OSError as exc:
                 raise DmhpcError(f"{path}: cannot open shard ({exc})") from None
+            size = self._size(number)
+            if size is not None:
+                self._sizes[number] = size
         return f
+
+    def _size(self, number: int) -> int | None:
+        """The open shard file's size, or None where its HDF5 driver has no file descriptor."""
+        try:
+            return os.fstat(self._files[number].id.get_vfd_handle()).st_size
+        except (OSError, ValueError, TypeError, RuntimeError):
+            return None
+
+    def _check_unchanged(self, number: int) -> None:
+        """A shard cut short (or grown: written over) under the open file is an error: HDF5 reads
+        zeros past a file's new end, and the rows would be trained on or predicted as they are not.
+        Checked after each read, at the cost of one fstat. The size, not the times: `touch` (a
+        scratch purge avoided) and chmod change those and no byte. A shard replaced by a rename
+        (prepare's move) is not seen here: the open file is the old one, still whole."""
+        then = self._sizes.get(number)
+        if then is not None and self._size(number) != then:
+            raise DmhpcError(f"{self.directory / self.manifest['shards'][number]['file']}: its size changed "
+                             f"while being read (cut short or written over); the rows read from it cannot be "
+                             f"trusted: prepare a changed data set into a new folder")
 
     def _dataset(self, number: int, key: str) -> h5py.Dataset:
         # Looked up once: h5py's lookup by name costs as much as reading a piece's labels.
@@ -947,6 +970,7 @@ class RowReader:
                             array[place : place + b - a] = d[a:b]
                 except OSError as exc:  # a disk or network file system failing mid-run: the shard, named
                     raise self._read_error(number, a, b, exc) from None
+                self._check_unchanged(number)
             at += stop - start
         return out
 
@@ -977,13 +1001,14 @@ class RowReader:
                 parts += [v.decode() for v in self._file(number)["ids"][a:b]]
             except OSError as exc:
                 raise self._read_error(number, a, b, exc) from None
+            self._check_unchanged(number)
         return parts
 
     def close(self) -> None:
         """Close the open shard files; a later read opens them again."""
         for f in self._files.values():
             f.close()
-        self._files, self._datasets = {}, {}
+        self._files, self._datasets, self._sizes = {}, {}, {}
 
     def __enter__(self) -> "RowReader":
         return self
@@ -993,7 +1018,7 @@ class RowReader:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_files"], state["_datasets"] = {}, {}
+        state["_files"], state["_datasets"], state["_sizes"] = {}, {}, {}
         return state
 
     def __setstate__(self, state: dict) -> None:
