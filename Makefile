@@ -47,6 +47,7 @@ bench: install
 	@failed=""; for b in $(CPU_BENCH); do echo "== $$b"; $(PYTHON) $$b || failed="$$failed $$b"; done; \
 	if [ -n "$$failed" ]; then echo "failed or missed a target:$$failed"; exit 1; fi
 
-# The demo's output only: runs/ holds every config's and study's results.
+# The demo's output, the install stamp (the next target reinstalls) and pytest's cache; never runs/,
+# which holds every config's and study's results.
 clean:
 	rm -rf $(DEMO_OUT) $(STAMP) .pytest_cache

@@ -53,8 +53,19 @@ class Check:
 
 
 def is_number(v: Any) -> bool:
-    """A finite int or float, not a bool."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite int or float, not a bool (an int of any size: math.isfinite overflows on 10**400)."""
+    return is_real(v) and (isinstance(v, int) or math.isfinite(v))
+
+
+def is_real(v: Any) -> bool:
+    """An int or float, not a bool; NaN and the infinities included (JSON files of dmhpc hold NaN
+    for an undefined metric, a ROC AUC of one class)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def is_int(v: Any, least: int | None = None) -> bool:
+    """An int, not a bool, and at least `least` where one is given."""
+    return isinstance(v, int) and not isinstance(v, bool) and (least is None or v >= least)
 
 
 def _accept(condition: bool) -> None:

@@ -35,7 +35,7 @@ from dmhpc.checks import (Check, Invalid, boolean, choice, dump_yaml, integer, i
                           parse_yaml, path_text, read_yaml, show, text, yaml_error)
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, same_place
-from dmhpc.names import CRITERIA, MODEL_NAMES
+from dmhpc.names import CRITERIA, GRL_SCHEDULES, MODEL_NAMES, VERIFY_LEVELS
 
 COMMAND_LINE = "command line"
 SEED_MAX = 2**32 - 1
@@ -121,7 +121,7 @@ class DataConfig:
     # SHA-256 against the manifest, shared among the ranks, plus everything "structure" checks) or
     # "structure" (manifest, split lists, each shard's datasets, shapes, dtypes and labels; for a
     # data set already checked with `dmhpc verify`). See docs/training.md for what each costs.
-    verify: str = _key("checksums", choice("checksums", "structure"))
+    verify: str = _key("checksums", choice(*VERIFY_LEVELS))
 
     def trains_on_target(self) -> bool:
         """Source and target are one data set (a target oracle); compared as resolved paths, so
@@ -181,7 +181,7 @@ class GRLConfig:
     # Gradient-reversal coefficient over training: "dann" ramps from 0 towards `high` as
     # high * (2 / (1 + exp(-alpha * progress)) - 1) (Ganin et al.); "constant" keeps `high`
     # throughout (the original DeepMerge: 1).
-    schedule: str = _key("dann", choice("dann", "constant"))
+    schedule: str = _key("dann", choice(*GRL_SCHEDULES))
     # Steepness of the "dann" ramp (DANN paper: 10).
     alpha: float = _key(10.0, number(0.0, low_open=True))
     # The coefficient under "constant", and the value the "dann" ramp approaches.

@@ -18,5 +18,16 @@ LABEL_FREE = tuple(name for name, oracle in CRITERIA.items() if not oracle)
 # The two domains of a run, in the order every pair of them is written.
 DOMAINS = ("source", "target")
 
+# The schedules of the DANN gradient-reversal coefficient (loss.grl.schedule).
+GRL_SCHEDULES = ("dann", "constant")
+
+# The levels of the data sets' start-up check (data.verify, predict --verify): the manifest, split
+# lists and each shard's datasets and labels, or that and every shard's SHA-256.
+VERIFY_LEVELS = ("checksums", "structure")
+
+# A merger where p(merger) is at least this: accuracy, F1, the predicted merger fraction, a
+# catalog's `merger` column, the model card and explain's choice of class all use it.
+MERGER_THRESHOLD = 0.5
+
 # The test metrics leaderboards and study summaries report per domain.
 REPORTED_METRICS = ("accuracy", "roc_auc", "f1", "brier")

@@ -6,10 +6,9 @@ whichever reader met it first, or as a silently wrong result.
 
 from __future__ import annotations
 
-import math
 import re
 
-from dmhpc.checks import show
+from dmhpc.checks import is_int, is_number, is_real, show
 
 FORMAT = "dmhpc-run"
 VERSION = 1
@@ -29,19 +28,6 @@ def _expect(ok: bool, key: str, expected: str, value) -> None:
         raise Unfit(f"{key}: expected {expected}, got {_shown(value)}")
 
 
-def _is_int(value, least: int = 0) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= least
-
-
-def _is_number(value) -> bool:
-    """A JSON number; NaN included (json writes an undefined metric, a ROC AUC of one class, as NaN)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _is_finite(value) -> bool:
-    return _is_number(value) and math.isfinite(value)
-
-
 _HEX = re.compile(r"[0-9a-f]+")
 
 
@@ -51,7 +37,7 @@ def check_record(record: dict) -> None:
     found, version = record.get("format", FORMAT), record.get("version", VERSION)
     if found != FORMAT:
         raise Unfit(f"format {_shown(found)}: expected {FORMAT!r} (not a dmhpc run's record)")
-    _expect(_is_int(version, 1), "version", "a positive integer", version)
+    _expect(is_int(version, 1), "version", "a positive integer", version)
     if version > VERSION:
         raise Unfit(f"version {version}: this dmhpc reads version {VERSION} and older (written by "
                      f"{_shown(record.get('created_by', 'a newer dmhpc'))}); use that dmhpc")
@@ -73,13 +59,13 @@ def check_record(record: dict) -> None:
             missing = next(k for k in ("shape", "mean", "std") if k not in entry)
             raise Unfit(f"{key}: {', '.join(stats)} without {missing} (recorded together)")
         shape = entry["shape"]
-        _expect(isinstance(shape, list) and len(shape) == 3 and all(_is_int(v, 1) for v in shape),
+        _expect(isinstance(shape, list) and len(shape) == 3 and all(is_int(v, 1) for v in shape),
                 f"{key}.shape", "[C, H, W], three positive integers", shape)
         for name in ("mean", "std"):
             values = entry[name]
             # A list of another length broadcast against the images: one std for three channels
             # normalized every channel with it, and predict wrote probabilities of 0 and 1.
-            _expect(isinstance(values, list) and len(values) == shape[0] and all(_is_finite(v) for v in values),
+            _expect(isinstance(values, list) and len(values) == shape[0] and all(is_number(v) for v in values),
                     f"{key}.{name}", f"{shape[0]} finite numbers, one per channel", values)
         _expect(all(v > 0 for v in entry["std"]), f"{key}.std", "standard deviations above 0", entry["std"])
 
@@ -91,10 +77,10 @@ def _check_metrics(metrics, key: str) -> None:
         if name == "labelled":
             _expect(isinstance(value, bool), f"{key}.{name}", "true or false", value)
         elif name == "confusion":
-            _expect(isinstance(value, list) and all(isinstance(row, list) and all(_is_int(n) for n in row)
+            _expect(isinstance(value, list) and all(isinstance(row, list) and all(is_int(n, 0) for n in row)
                                                     for row in value), f"{key}.{name}", "rows of counts", value)
         else:
-            _expect(value is None or _is_number(value), f"{key}.{name}", "a number or null", value)
+            _expect(value is None or is_real(value), f"{key}.{name}", "a number or null", value)
 
 
 def check_result(result: dict) -> None:
@@ -109,9 +95,9 @@ def check_result(result: dict) -> None:
     _expect(isinstance(checkpoint, dict), "checkpoint", "a mapping", checkpoint)
     for key, ok, expected in (("name", lambda v: isinstance(v, str), "text"),
                               ("criterion", lambda v: v is None or isinstance(v, str), "text or null"),
-                              ("score", lambda v: v is None or _is_number(v), "a number or null"),
-                              ("epoch", lambda v: v is None or _is_int(v), "an epoch number or null"),
-                              ("step", lambda v: v is None or _is_int(v), "a step number or null")):
+                              ("score", lambda v: v is None or is_real(v), "a number or null"),
+                              ("epoch", lambda v: v is None or is_int(v, 0), "an epoch number or null"),
+                              ("step", lambda v: v is None or is_int(v, 0), "a step number or null")):
         if key in checkpoint:
             _expect(ok(checkpoint[key]), f"checkpoint.{key}", expected, checkpoint[key])
     data = result.get("data", {})
@@ -135,25 +121,25 @@ def check_log_record(record: dict) -> None:
         return within.get(key, {})
 
     optional("kind", lambda v: isinstance(v, str), "text")
-    optional("step", _is_int, "a step number")
+    optional("step", lambda v: is_int(v, 0), "a step number")
     kind = record.get("kind")
     if kind == "epoch":
         for key in ("epoch", "step"):
-            _expect(_is_int(record.get(key)), key, "a number from 0", record.get(key))
-        optional("steps", _is_int, "a number of steps")
-        optional("step_time_s", _is_number, "a number of seconds")
+            _expect(is_int(record.get(key), 0), key, "a number from 0", record.get(key))
+        optional("steps", lambda v: is_int(v, 0), "a number of steps")
+        optional("step_time_s", is_real, "a number of seconds")
         for term, value in mapping("loss").items():
-            _expect(value is None or _is_number(value), f"loss.{term}", "a number or null", value)
+            _expect(value is None or is_real(value), f"loss.{term}", "a number or null", value)
         for domain in ("source", "target"):
             for split, metrics in mapping(domain).items():
                 _check_metrics(metrics, f"{domain}.{split}")
         selection = mapping("selection")
         optional("criterion", lambda v: isinstance(v, str), "text", selection, "selection.criterion")
-        optional("score", lambda v: v is None or _is_number(v), "a number or null", selection, "selection.score")
+        optional("score", lambda v: v is None or is_real(v), "a number or null", selection, "selection.score")
         for name, value in mapping("validators").items():
-            _expect(value is None or _is_number(value), f"validators.{name}", "a number or null", value)
+            _expect(value is None or is_real(value), f"validators.{name}", "a number or null", value)
     elif kind == "setup":
-        optional("world_size", lambda v: _is_int(v, 1), "a number of ranks")
+        optional("world_size", lambda v: is_int(v, 1), "a number of ranks")
         optional("loader", lambda v: isinstance(v, str), "text")
-        optional("loader_setup_s", _is_number, "a number of seconds")
+        optional("loader_setup_s", is_real, "a number of seconds")
         optional("resumed_from", lambda v: v is None or isinstance(v, str), "a checkpoint path or null")

@@ -1,6 +1,6 @@
 # shellcheck shell=bash disable=SC2034  # DMHPC_LAUNCH_CMD is this file's output
 # Launching Python on every node of a SLURM allocation, and the requeue protocol.
-# Sourced by slurm/train_ddp.sh and by the cluster tests (which launch a probe instead of the
+# Sourced by slurm/train_ddp.sh, slurm/predict.sh and by the cluster tests (which launch a probe instead of the
 # trainer through these same functions); defines functions, and keeps a USR2 that comes before
 # the launch (below).
 

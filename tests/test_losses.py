@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from dmhpc.config import GRLConfig
 from dmhpc.errors import DmhpcError
 from dmhpc.losses import (
     DEEPMERGE_SIGMAS,
@@ -245,7 +246,7 @@ def test_mmd_guards_its_memory_with_a_message_that_says_how_to_fix_it():
         (lambda: FisherLoss(2, 3, form="ratio", intra_weight=1.0, inter_weight=1.0), "form"),
         (lambda: FisherLoss(2, 3, normalize="max", intra_weight=1.0, inter_weight=1.0), "normalize"),
         (lambda: FisherLoss(2, 3, intra_weight=1.0, inter_weight=1.0)(torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), "feats"),
-        (lambda: grl_coefficient(1, 10, schedule="linear"), "schedule"),
+        (lambda: grl_coefficient(1, 10, GRLConfig(schedule="linear")), "schedule"),
     ],
 )
 def test_bad_input_raises_a_clear_error(call, match):
@@ -358,17 +359,17 @@ def test_fisher_refuses_labels_that_are_not_class_numbers_in_one_line(labels, me
 
 
 def test_grl_schedule_values_are_a_function_of_the_step():
-    assert grl_coefficient(0, 1000) == 0.0
-    assert grl_coefficient(1000, 1000) == pytest.approx(2 / (1 + math.exp(-10)) - 1)
-    assert 0.9999 < grl_coefficient(1000, 1000) < 1.0
-    assert grl_coefficient(500, 1000) == pytest.approx(2 / (1 + math.exp(-5)) - 1)
-    assert grl_coefficient(500, 1000, high=0.1) == pytest.approx(0.1 * (2 / (1 + math.exp(-5)) - 1))
-    assert grl_coefficient(250, 1000, alpha=4.0) == pytest.approx(2 / (1 + math.exp(-1)) - 1)
-    assert grl_coefficient(7, 1000) == grl_coefficient(7, 1000)  # no hidden counter
-    values = [grl_coefficient(s, 100) for s in range(101)]
+    assert grl_coefficient(0, 1000, GRLConfig()) == 0.0
+    assert grl_coefficient(1000, 1000, GRLConfig()) == pytest.approx(2 / (1 + math.exp(-10)) - 1)
+    assert 0.9999 < grl_coefficient(1000, 1000, GRLConfig()) < 1.0
+    assert grl_coefficient(500, 1000, GRLConfig()) == pytest.approx(2 / (1 + math.exp(-5)) - 1)
+    assert grl_coefficient(500, 1000, GRLConfig(high=0.1)) == pytest.approx(0.1 * (2 / (1 + math.exp(-5)) - 1))
+    assert grl_coefficient(250, 1000, GRLConfig(alpha=4.0)) == pytest.approx(2 / (1 + math.exp(-1)) - 1)
+    assert grl_coefficient(7, 1000, GRLConfig()) == grl_coefficient(7, 1000, GRLConfig())  # no hidden counter
+    values = [grl_coefficient(s, 100, GRLConfig()) for s in range(101)]
     assert values == sorted(values)
-    assert grl_coefficient(5, 100, schedule="constant") == 1.0
-    assert grl_coefficient(5, 100, schedule="constant", high=0.3) == 0.3
+    assert grl_coefficient(5, 100, GRLConfig(schedule="constant")) == 1.0
+    assert grl_coefficient(5, 100, GRLConfig(schedule="constant", high=0.3)) == 0.3
 
 
 def test_gradient_reversal_is_identity_forward_and_minus_lambda_backward():

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from dmhpc.config import GRLConfig
 from dmhpc.errors import DmhpcError
 from dmhpc.losses import FisherLoss, grl_coefficient
 from dmhpc.models import MODELS, DeepMerge, DeepMerge2, DomainDiscriminator, build_model, param_groups
@@ -160,7 +161,7 @@ def test_discriminator_reverses_the_feature_gradient_by_the_scheduled_coefficien
     plain = torch.autograd.grad(disc.net(feats).sum(), feats)[0]
     assert feats.grad.abs().max() == 0  # coeff 0 at step 0 of the DANN schedule
     feats.grad = None
-    coeff = grl_coefficient(300, 1000)
+    coeff = grl_coefficient(300, 1000, GRLConfig())
     disc(feats, coeff=coeff).sum().backward()
     torch.testing.assert_close(feats.grad, -coeff * plain)
 
@@ -176,7 +177,8 @@ def test_build_model_errors_name_the_problem():
 
 def test_param_groups_cover_every_parameter_once_with_their_multipliers():
     model, disc, fisher = build_model("resnet18"), DomainDiscriminator(256), FisherLoss(2, 256, intra_weight=0.01, inter_weight=1.0)
-    groups = param_groups(model, discriminator=disc, fisher=fisher, head_lr_mult=10.0, discriminator_lr_mult=0.1)
+    groups = param_groups(model, discriminator=disc, fisher=fisher, head_lr_mult=10.0, discriminator_lr_mult=0.1,
+                          fisher_lr_mult=10.0)
     assert [(g["name"], g["lr_mult"]) for g in groups] == [
         ("trunk", 1.0),
         ("head", 10.0),
@@ -192,5 +194,6 @@ def test_param_groups_cover_every_parameter_once_with_their_multipliers():
 
 
 def test_param_groups_for_deepmerge_have_no_head_group():
-    groups = param_groups(build_model("deepmerge2"))
+    groups = param_groups(build_model("deepmerge2"), head_lr_mult=10.0, discriminator_lr_mult=10.0,
+                          fisher_lr_mult=10.0)
     assert [g["name"] for g in groups] == ["trunk"] and len(groups[0]["params"]) == len(list(DeepMerge2().parameters()))

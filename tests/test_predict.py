@@ -367,7 +367,7 @@ def test_own_statistics_shared_by_ranks_are_the_bits_of_one_pass(monkeypatch):
 
     monkeypatch.setattr(shards, "_BLOCK_BYTES", 7 * 3 * 75 * 75 * 4)  # 7 rows a block: 29 blocks of 200 rows
     images = np.random.default_rng(3).normal(0.5, 0.4, (200, 3, 75, 75)).astype(np.float32)
-    one = shards.pixel_statistics(images)
+    one = shards.statistics_of(shards.pixel_moments(images), 3)
     np.testing.assert_allclose(one[0], images.mean(axis=(0, 2, 3), dtype=np.float64), rtol=1e-12)
     np.testing.assert_allclose(one[1], images.std(axis=(0, 2, 3), dtype=np.float64), rtol=1e-9)
     for world in (2, 3, 5):

@@ -30,7 +30,6 @@ from dmhpc.cpus import cpu_mask
 from dmhpc.data.shards import SPLITS, UNLABELLED, file_sha256, is_labelled, load_manifest
 from dmhpc.errors import DmhpcError
 
-LEVELS = ("structure", "checksums")
 _THREADS = 4  # per rank: enough to keep a parallel file system busy, few enough to share a node
 
 

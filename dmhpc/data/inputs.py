@@ -3,7 +3,7 @@
 - `.npy` files (memory-mapped; NCHW or NHWC),
 - FITS cubes: one file whose first image HDU is (N, C, H, W) or (N, H, W, C) (or (N, H, W) for
   one filter),
-- FITS cutouts: one file per object, listed by a catalog table (CSV, ECSV, FITS, Parquet) with an
+- FITS cutouts: one file per object, listed by a catalog table (CSV, ECSV, FITS, Parquet, HDF5) with an
   id column, an optional label column and an optional file column (without one, the file of id X
   is CUTOUTS/X.fits). A cutout holds one (C, H, W) or (H, W, C) image HDU or one (H, W) HDU per
   filter.

@@ -548,19 +548,20 @@ def prepare_arguments(parser) -> None:
     parser.add_argument(
         "--out", metavar="DIR", help="output data-set directory (with --data-config: the parent of one directory per domain)"
     )
-    parser.add_argument("--shard-size", type=int, metavar="N", default=4096, help="rows per shard (default 4096)")
-    parser.add_argument(
-        "--seed", type=int, default=0, metavar="S", help="seed of the split and of the training-row order (default 0)"
-    )
-    parser.add_argument(
-        "--fractions", default="0.7,0.1,0.2", metavar="TRAIN,VAL,TEST",
-        help="train,val,test fractions of the images (default 0.7,0.1,0.2)",
-    )
+    d = Options()  # the defaults have one home
+    parser.add_argument("--shard-size", type=int, metavar="N", default=d.shard_size,
+                        help=f"rows per shard (default {d.shard_size})")
+    parser.add_argument("--seed", type=int, default=d.seed, metavar="S",
+                        help=f"seed of the split and of the training-row order (default {d.seed})")
+    fractions = ",".join(f"{f:g}" for f in d.fractions)
+    parser.add_argument("--fractions", default=fractions, metavar="TRAIN,VAL,TEST",
+                        help=f"train,val,test fractions of the images (default {fractions})")
     parser.add_argument("--layout", choices=LAYOUTS, help="input layout (default: detected from the shape)")
     parser.add_argument(
-        "--dtype", choices=shards.DTYPES, default="float32", help="stored pixel type (default float32)"
+        "--dtype", choices=shards.DTYPES, default=d.dtype, help=f"stored pixel type (default {d.dtype})"
     )
-    parser.add_argument("--num-classes", type=int, default=2, metavar="K", help="number of classes (default 2)")
+    parser.add_argument("--num-classes", type=int, default=d.num_classes, metavar="K",
+                        help=f"number of classes (default {d.num_classes})")
     parser.add_argument("--group-duplicates", action="store_true",
                         help="without object ids: make images that are exact flips or 90-degree rotations of "
                              "each other one object, so they share a split; domains of a data config with as many "

@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 
 from dmhpc import __version__
+from dmhpc.checks import is_int, is_number
 from dmhpc.data.inputs import LAYOUTS, check_pixel_dtype
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, atomic_write, fsync_directory, is_temporary, reserve
@@ -400,12 +401,6 @@ def statistics_of(moments: Mapping[int, tuple], channels: int) -> tuple[list[flo
     return [float(v) for v in mean], [float(v) for v in np.sqrt(m2 / max(n, 1))]
 
 
-def pixel_statistics(images) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation over every row of an (N, C, H, W) array-like, read a
-    block of rows at a time (the same float64 arithmetic as a manifest's training statistics)."""
-    return statistics_of(pixel_moments(images), images.shape[1])
-
-
 def write_shard(plan: Plan, out_dir: str | os.PathLike, number: int) -> tuple[dict, tuple]:
     """Write shard `number` under a temporary name, checksum it, rename it into place.
 
@@ -689,7 +684,9 @@ def write_dataset(
     """Write a sharded data set from NCHW arrays (in memory or memory-mapped); return the manifest.
 
     `objects` None makes each image its own object. Raises DmhpcError on bad input before
-    anything is written. This is the writer `dmhpc prepare` uses, in one process.
+    anything is written. The same steps as `dmhpc prepare` (plan, write, finish, publish) in one
+    process, without its lock, staging folder, --nan-fill or catalog grouping: for the benchmarks
+    and the tests.
     """
     plan = plan_dataset(
         images, labels, objects, shard_size=shard_size, seed=seed, fractions=fractions,
@@ -710,14 +707,6 @@ def write_dataset(
 
 
 # ----------------------------------------------------------------------------- reading
-
-
-def _is_int(v, minimum: int | None = None) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool) and (minimum is None or v >= minimum)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and bool(np.isfinite(v))
 
 
 def _manifest_problem(m) -> str | None:
@@ -746,7 +735,7 @@ def _manifest_problem(m) -> str | None:
         return f"count {m['count']}: expected at least 1"
     if m["num_classes"] < 2:
         return f"num_classes {m['num_classes']}: expected at least 2"
-    if len(m["shape"]) != 3 or not all(_is_int(v, 1) for v in m["shape"]):
+    if len(m["shape"]) != 3 or not all(is_int(v, 1) for v in m["shape"]):
         return f"shape {m['shape']!r}: expected [C, H, W], three positive integers"
     if m["dtype"] not in DTYPES:
         return f"dtype {m['dtype']!r}; expected one of {', '.join(DTYPES)}"
@@ -762,7 +751,7 @@ def _manifest_problem(m) -> str | None:
             return f"shards[{k}].file {shard['file']!r}: expected a shard file name like {shard_name(k)!r}"
         if not isinstance(shard["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", shard["sha256"]):
             return f"shards[{k}].sha256: expected 64 hexadecimal digits"
-        if not _is_int(shard["count"], 1) or not _is_int(shard["start"]) or shard["start"] != start:
+        if not is_int(shard["count"], 1) or not is_int(shard["start"]) or shard["start"] != start:
             return f"shards[{k}] ({shard['file']}): start {shard['start']!r} and count {shard['count']!r} do not follow on"
         start += shard["count"]
     if start != m["count"]:
@@ -773,16 +762,16 @@ def _manifest_problem(m) -> str | None:
     start = 0
     for split in SPLITS:
         rows = m["rows"].get(split)
-        if not (isinstance(rows, list) and len(rows) == 2 and all(_is_int(v) for v in rows)
+        if not (isinstance(rows, list) and len(rows) == 2 and all(is_int(v) for v in rows)
                 and rows[0] == start and rows[0] <= rows[1]):
             return f"rows[{split!r}]: expected [start, stop) following on from {start}"
         indices = m["splits"].get(split)
         if not isinstance(indices, list) or len(indices) != rows[1] - rows[0]:
             return f"splits[{split!r}]: expected {rows[1] - rows[0]} global indices"
-        if not all(_is_int(i) and abs(i) < 2**63 for i in indices):  # the range is split_problem's (check.py)
+        if not all(is_int(i) and abs(i) < 2**63 for i in indices):  # the range is split_problem's (check.py)
             return f"splits[{split!r}]: expected integers"
         counts = m["counts"].get(split)
-        if not isinstance(counts, dict) or not all(isinstance(k, str) and _is_int(v, 0) for k, v in counts.items()):
+        if not isinstance(counts, dict) or not all(isinstance(k, str) and is_int(v, 0) for k, v in counts.items()):
             return f"counts[{split!r}]: expected a mapping of class -> number of images"
         classes = m["num_classes"] if m.get("labelled", True) else 0
         # The length first: a hand-edited num_classes may be huge.
@@ -794,7 +783,7 @@ def _manifest_problem(m) -> str | None:
         start = rows[1]
     if start != m["count"]:
         return f"rows cover {start} rows; count is {m['count']}"
-    if "objects" in m and (set(m["objects"]) != set(SPLITS) or not all(_is_int(v, 0) for v in m["objects"].values())):
+    if "objects" in m and (set(m["objects"]) != set(SPLITS) or not all(is_int(v, 0) for v in m["objects"].values())):
         return f"objects: expected a number of objects for each of {', '.join(SPLITS)}"
     sizes = {split: m["rows"][split][1] - m["rows"][split][0] for split in SPLITS}
     for split in SPLITS if "objects" in m else ():
@@ -804,11 +793,11 @@ def _manifest_problem(m) -> str | None:
     channels = m["shape"][0]
     for key in ("mean", "std"):
         values = m["stats"].get(key)
-        if not isinstance(values, list) or len(values) != channels or not all(_is_number(v) for v in values):
+        if not isinstance(values, list) or len(values) != channels or not all(is_number(v) for v in values):
             return f"stats.{key}: expected {channels} numbers, one per channel"
     if any(v < 0 for v in m["stats"]["std"]):
         return f"stats.std {m['stats']['std']!r}: expected no negative standard deviation"
-    if set(m["fractions"]) != set(SPLITS) or not all(_is_number(v) for v in m["fractions"].values()):
+    if set(m["fractions"]) != set(SPLITS) or not all(is_number(v) for v in m["fractions"].values()):
         return f"fractions: expected a number for each of {', '.join(SPLITS)}"
     try:
         train_f, val_f, _ = check_fractions([m["fractions"][split] for split in SPLITS])
@@ -834,7 +823,7 @@ def _manifest_problem(m) -> str | None:
         if "sha256" in entry and not (isinstance(entry["sha256"], str)
                                       and re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])):
             return f"inputs[{k}].sha256: expected 64 hexadecimal digits"
-        if "count" in entry and not _is_int(entry["count"], 0):
+        if "count" in entry and not is_int(entry["count"], 0):
             return f"inputs[{k}].count {entry['count']!r}: expected a number of files"
     return None
 

@@ -39,12 +39,14 @@ import torch
 
 from dmhpc.checks import show
 from dmhpc.data.batches import Normalizer
+from dmhpc.data.inputs import CATALOG_FORMATS
 from dmhpc.data.shards import RowReader, fingerprint, is_labelled, load_manifest, split_rows
 from dmhpc.distributed import bootstrap, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, locked_directory
-from dmhpc.infer.predict import FORMATS, Model
+from dmhpc.infer.predict import HDF5_TABLE, Model, provenance_file
 from dmhpc.infer.sources import open_source
+from dmhpc.names import MERGER_THRESHOLD
 from dmhpc.plots import CLASS_NAMES, attribution_grid
 from dmhpc.run import RunDir, check_shape
 
@@ -79,7 +81,7 @@ def attributions(model: Model, x: torch.Tensor, ig_steps: int = 32) -> tuple[np.
 def _samples(reader_images, labels, probs, n: int, seed: int) -> dict[int, np.ndarray]:
     """Up to n row positions per class: true class when labelled, predicted class otherwise."""
     rng = np.random.default_rng(seed)
-    classes = labels if labels is not None and (labels >= 0).all() else (probs >= 0.5).astype(int)
+    classes = labels if labels is not None and (labels >= 0).all() else (probs >= MERGER_THRESHOLD).astype(int)
     return {c: np.sort(rng.permutation(np.flatnonzero(classes == c))[:n]) for c in (0, 1)}
 
 
@@ -132,6 +134,10 @@ def _test_split(directory: Path, limit: int, seed: int) -> dict:
     return {"images": images, "labels": labels, "names": names, "split": split}
 
 
+# Images of a data set's test split drawn (by --seed) and scored; each class's grid shows up to
+# --n of them. Enough for a few grids of a balanced set, few enough to score in seconds on a CPU.
+DRAWN = 200
+
 TEXT_META = ("RUN", "CKPT", "CKPTSHA", "INPUTSHA", "MEAN", "STD", "SRCARGS")
 
 
@@ -140,14 +146,14 @@ def _read_catalog(catalog: Path):
     it in CATALOG.json beside the file)."""
     from astropy.table import Table
 
-    fmt = FORMATS.get(catalog.suffix.lower())
+    fmt = CATALOG_FORMATS.get(catalog.suffix.lower())
     if fmt is None:
         raise DmhpcError(f"{catalog}: not a catalog dmhpc predict writes (its extension is one of "
-                         f"{', '.join(FORMATS)})")
+                         f"{', '.join(CATALOG_FORMATS)})")
     try:
-        table = Table.read(catalog, format=fmt, **({"path": "catalog"} if fmt == "hdf5" else {}))
+        table = Table.read(catalog, format=fmt, **({"path": HDF5_TABLE} if fmt == "hdf5" else {}))
         table.convert_bytestring_to_unicode()  # FITS and HDF5 give text ids back as bytes
-        beside = Path(f"{catalog}.json")
+        beside = provenance_file(catalog)
         if fmt == "ascii.csv":
             if not beside.is_file():  # a CSV copied without it: "not a catalog of predict" named nothing to fetch
                 raise DmhpcError(f"{catalog}: its provenance file {beside.name} is not beside it (plain CSV "
@@ -264,9 +270,9 @@ def _recorded_normalization(catalog: Path, meta, channels: int) -> tuple[list, l
 
 
 def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=None, n: int = 6, seed: int = 0,
-            pool: int = 200, overwrite: bool = False, rgb: tuple[int, int, int] = (2, 1, 0)) -> list[Path]:
-    """Write the PNG grids; returns their paths. `pool` images per domain are scored to find the samples.
-    `checkpoint`: by default a catalog's own, else best. `rgb`: the channels drawn red, green, blue."""
+            overwrite: bool = False, rgb: tuple[int, int, int] = (2, 1, 0)) -> list[Path]:
+    """Write the PNG grids; returns their paths. `checkpoint`: by default a catalog's own, else best.
+    `rgb`: the channels drawn red, green, blue."""
     _captum()
     run, out = RunDir(run_dir), Path(out)
     run.refuse_inside(out, "--out")
@@ -339,7 +345,7 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
                 for role, directory in domains.items():
                     run.refuse_prepared_again(role, directory, prints[role],
                                               "explain it as other data with --data")
-            drawn = {name: _test_split(directory, pool, seed) for name, directory in domains.items()}
+            drawn = {name: _test_split(directory, DRAWN, seed) for name, directory in domains.items()}
             claim_out()
             for name, directory in domains.items():
                 role = "target" if name in ("data", "target") else "source"

@@ -35,6 +35,7 @@ from dmhpc.data.shards import file_sha256
 from dmhpc.distributed import bootstrap, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, locked_directory, staged_write
+from dmhpc.names import MERGER_THRESHOLD
 from dmhpc.run import RunDir
 from dmhpc.train.checkpoint import checkpoint_info, chosen_with_target_labels, load_checkpoint_sha256, load_weights
 from dmhpc.train.objective import build_backbone
@@ -142,7 +143,7 @@ def model_card(run: RunDir, info: dict, shape: list, fmt: str, out: Path, onnx_m
                   "dtype": "float32", "normalization": "built in: the run's target-domain statistics",
                   "mean": run.normalization("target")[0], "std": run.normalization("target")[1]},
         "output": {"name": "p_merger", "shape": ["N"], "meaning": "probability that the galaxy is a merger (class 1)",
-                   "threshold": 0.5},
+                   "threshold": MERGER_THRESHOLD},
         "data": {role: {k: run.data_record(role).get(k) for k in ("path", "fingerprint", "shape")}
                  for role in ("source", "target")},
         "checkpoint": info,

@@ -44,7 +44,7 @@ from dmhpc import __version__
 from dmhpc.checks import show
 from dmhpc.config import changed_keys
 from dmhpc.data.batches import Normalizer, read_ahead
-from dmhpc.data.inputs import CUTOUTS_HELP
+from dmhpc.data.inputs import CATALOG_FORMATS, CUTOUTS_HELP
 from dmhpc.distributed import (AgreedError, agree, all_gather_object, barrier, bootstrap, gather, meet_before_leaving,
                                on_main, shutdown)
 from dmhpc.errors import DmhpcError
@@ -52,24 +52,29 @@ from dmhpc.files import (atomic_path, atomic_write, inside, locked_directory, ma
                          staged_write)
 from dmhpc.progress import progress_bar
 from dmhpc.infer.sources import DIGEST_BLOCK, Source, open_source
+from dmhpc.names import MERGER_THRESHOLD, VERIFY_LEVELS
 from dmhpc.run import RunDir, check_shape
 from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, STOP_SIGNALS, StopRequest, checkpoint_info,
                                    load_checkpoint_sha256, load_weights)
 from dmhpc.train.objective import build_backbone
 from dmhpc.train.step import autocast
 
-FORMATS = {".parquet": "parquet", ".fits": "fits", ".csv": "ascii.csv", ".ecsv": "ascii.ecsv",
-           ".h5": "hdf5", ".hdf5": "hdf5"}
+HDF5_TABLE = "catalog"  # the table's path inside an HDF5 catalog
 SPEC = "predict.json"
 OWN_STATS = "own_stats.json"  # --normalize own's statistics in the parts folder, with the inputs they are of
 PATHS = ("data", "images", "catalog", "cutouts")
 
 
 def catalog_format(out: Path) -> str:
-    fmt = FORMATS.get(out.suffix.lower())
+    fmt = CATALOG_FORMATS.get(out.suffix.lower())
     if fmt is None:
-        raise DmhpcError(f"--out {out}: the extension names the catalog format: one of {', '.join(FORMATS)}")
+        raise DmhpcError(f"--out {out}: the extension names the catalog format: one of {', '.join(CATALOG_FORMATS)}")
     return fmt
+
+
+def provenance_file(catalog: Path) -> Path:
+    """Where a plain CSV catalog's provenance is kept (CSV has no place for it; ECSV does)."""
+    return Path(f"{catalog}.json")
 
 
 class Model:
@@ -282,7 +287,7 @@ def _saved_stats(parts: Path, inputs: str, read_as: dict, channels: int) -> tupl
 def _refuse_out_among_inputs(out: Path, **inputs) -> None:
     """Refuse a catalog (or the .json and .parts beside it) that would replace an input: --overwrite,
     which the refusal of an existing --out suggests, destroyed the survey's catalog or image cube."""
-    for path in (out, Path(f"{out}.json"), Path(f"{out}.parts")):
+    for path in (out, provenance_file(out), Path(f"{out}.parts")):
         for flag, given in inputs.items():
             if given is None:
                 continue
@@ -353,7 +358,7 @@ def _claim_parts(parts: Path, spec: dict, overwrite: bool) -> None:
         atomic_write(saved, json.dumps(spec, indent=2) + "\n")
 
 
-COLUMN_ORDER = ("id", "index", "p_merger", "p_merger_std", "label", "object", "split")
+COLUMN_ORDER = ("id", "index", "p_merger", "p_merger_std", "merger", "label", "object", "split")
 
 
 def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, meta: dict, overwrite: bool,
@@ -395,12 +400,12 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
         order = np.argsort(index, kind="stable")
         for key in data:
             data[key] = data[key][order]
+    # uint8, not int8: astropy writes an int8 column to FITS as a logical one, which reads back as bool.
+    data["merger"] = (data["p_merger"] >= MERGER_THRESHOLD).astype(np.uint8)
     table = Table([data[key] for key in COLUMN_ORDER if key in data],
                   names=[key for key in COLUMN_ORDER if key in data], copy=False)
     if source.id_dtype:  # the parts hold ids as text; a survey's integer ids must join back as integers
         table["id"] = table["id"].astype(source.id_dtype)
-    # uint8, not int8: astropy writes an int8 column to FITS as a logical one, which reads back as bool.
-    table["merger"] = (table["p_merger"] >= 0.5).astype(np.uint8)
     if "split" in table.colnames:
         table["split"] = np.array(["train", "val", "test"])[table["split"]]
     transforms = "8 dihedral transforms" if source.shape[1] == source.shape[2] else "4 flips (images not square)"
@@ -413,16 +418,16 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
                  "label": "true class from the input: 1 merger, 0 non-merger",
                  "object": "object id of the image in its prepared data set",
                  "split": "split of its prepared data set the image is in",
-                 "merger": "1 where p_merger >= 0.5, else 0"}
+                 "merger": f"1 where p_merger >= {MERGER_THRESHOLD}, else 0"}
     for key in table.colnames:
         table[key].description = described[key]
     fmt = catalog_format(out)
     table.meta.update(meta)
     if fmt == "fits":  # COMMENT cards: a card's own comment is cut off after a long value (CKPTSHA's, a path)
         table.meta["comments"] = [f"{key}: {META_COMMENTS[key]}" for key in meta]
-    kwargs = {"path": "catalog", "serialize_meta": True} if fmt == "hdf5" else {}
+    kwargs = {"path": HDF5_TABLE, "serialize_meta": True} if fmt == "hdf5" else {}
     kept = f"the parts are kept in {parts}; a rerun merges them"
-    beside, staged = Path(f"{out}.json"), None  # plain CSV has no place for metadata (ECSV does): a JSON file
+    beside, staged = provenance_file(out), None
     try:
         with atomic_path(out) as tmp:
             table.write(tmp, format=fmt, overwrite=True, **kwargs)
@@ -597,7 +602,7 @@ def predict_arguments(parser) -> None:
     parser.add_argument("--images", type=Path, metavar="FILE",
                         help="a .npy array or FITS cube, (N, C, H, W) or (N, H, W, C) (see --layout)")
     parser.add_argument("--catalog", type=Path, metavar="TABLE",
-                        help="a catalog (CSV, ECSV, FITS, Parquet) of FITS cutouts, or of the --images rows")
+                        help="a catalog (CSV, ECSV, FITS, Parquet or HDF5 table) of FITS cutouts, or of the --images rows")
     parser.add_argument("--id-column", default="id", metavar="NAME", help="catalog id column (default: id)")
     parser.add_argument("--label-column", metavar="NAME", help="catalog label column, copied to the output")
     parser.add_argument("--file-column", metavar="NAME", help="catalog cutout file column")
@@ -618,7 +623,7 @@ def predict_arguments(parser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, metavar="N", help="default 256")
     parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast (default none)")
     parser.add_argument("--nan-fill", type=float, metavar="VALUE", help="replace NaN pixels by VALUE")
-    parser.add_argument("--verify", choices=["checksums", "structure"],
+    parser.add_argument("--verify", choices=VERIFY_LEVELS,
                         help="with --data: check every shard's SHA-256 (checksums, the default; reads the data set "
                              "once more, shared among the ranks) or its structure only, as the trainer's data.verify")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing catalog")

@@ -169,9 +169,10 @@ def read_resources(problems: Problems, data: Any, *, shape: bool, executor: str)
     kw["mem_gb"] = get("mem_gb", optional(number(0)), None)  # 0: all of a node's memory (--mem=0)
     kw["time_min"] = get("time", slurm_minutes, None)
     kw["exclusive"] = get("exclusive", boolean(), False)
-    kw["array_parallelism"] = get("array_parallelism", integer(1), 256)
-    kw["signal_delay_s"] = get("signal_delay_s", integer(0), 90)
-    kw["max_num_timeout"] = get("max_num_timeout", integer(0), 3)
+    d = Resources()  # the defaults have one home
+    kw["array_parallelism"] = get("array_parallelism", integer(1), d.array_parallelism)
+    kw["signal_delay_s"] = get("signal_delay_s", integer(0), d.signal_delay_s)
+    kw["max_num_timeout"] = get("max_num_timeout", integer(0), d.max_num_timeout)
     kw["setup"] = get("setup", text_list(), ())
     kw["additional_parameters"] = _additional_parameters(problems, get("additional_parameters", mapping(), {}),
                                                          shape)

@@ -74,13 +74,11 @@ from dmhpc.run import RunDir
 
 TUNE_KEYS = ("base", "out", "objective", "trials", "parallel", "seed", "executor", "overrides", "space", "enqueue",
              "sampler", "pruner", "slurm")
-SAMPLER_KEYS = ("startup_trials",)
-PRUNER_KEYS = ("startup_trials", "warmup_epochs")
+SAMPLER_DEFAULTS = {"startup_trials": 5}  # the sections' keys, and their values when left out
+PRUNER_DEFAULTS = {"startup_trials": 4, "warmup_epochs": 5}
 # Keys the tuner sets for every trial, and why.
 TUNER_KEYS = {"run.dir": "OUT/<trial's point name>", "train.signals": "[submitit's preemption signal]",
               "select.criterion": "the objective"}
-# What a relaunch must share with the study it continues (the rest may change between launches).
-STUDY_IDENTITY = ("objective", "base", "overrides", "space")
 JOURNAL, LOCK, TABLE = "study.journal", "tune.lock", "trials"
 FAILURES_IN_A_ROW = 3  # consecutive failed trials that stop the search: most likely not the values' fault
 STOPPING_WAIT_S = 600  # how long a trial waits for a cancelled job to let go of its run directory
@@ -144,13 +142,13 @@ def _recorded_config(config: Any, journal: Path) -> Any:
         return config
 
 
-def _read_options(problems: Problems, data: Any, keys: tuple[str, ...], where: str, defaults: dict) -> dict | None:
+def _read_options(problems: Problems, data: Any, where: str, defaults: dict) -> dict:
     if data is None:
-        return None
-    if not isinstance(data, Mapping):
-        problems.add(where, f"expected a mapping with {', '.join(keys)}, got {show(data)}")
         return dict(defaults)
-    unknown_keys(problems, data, keys, where + ".")
+    if not isinstance(data, Mapping):
+        problems.add(where, f"expected a mapping with {', '.join(defaults)}, got {show(data)}")
+        return dict(defaults)
+    unknown_keys(problems, data, tuple(defaults), where + ".")
     return {k: take(problems, data, k, integer(0), v, where + ".") for k, v in defaults.items()}
 
 
@@ -208,13 +206,13 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
     space = read_space(problems, data.get("space"), "space", TUNER_KEYS)
     for key in sorted(set(space) & set(overrides)):
         problems.add(key, "set in both overrides and space")
-    sampler = _read_options(problems, data.get("sampler"), SAMPLER_KEYS, "sampler", {"startup_trials": 5}) or {}
+    sampler = _read_options(problems, data.get("sampler"), "sampler", SAMPLER_DEFAULTS)
     # `false` turns pruning off; null is refused: a section whose keys were all commented out read as
     # null too, and turned pruning off without a word (a config section so left keeps its defaults).
     if "pruner" in data and data["pruner"] is None:
         problems.add("pruner", "null: write false for no pruning, or leave the section out for its defaults")
     pruner = None if data.get("pruner") is False else _read_options(
-        problems, data.get("pruner", {}), PRUNER_KEYS, "pruner", {"startup_trials": 4, "warmup_epochs": 5})
+        problems, data.get("pruner", {}), "pruner", PRUNER_DEFAULTS)
     asked = set(data["space"]) if isinstance(data.get("space"), Mapping) else set()
     enqueue = _read_enqueue(problems, data.get("enqueue"), space, asked)
     resources = read_resources(problems, data.get("slurm"), shape=True, executor=executor)
@@ -222,7 +220,7 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
         problems.add("parallel", f"the debug executor runs one trial at a time in this process, got {parallel}")
     problems.raise_if_any()
     t = Tune(source, base, Path(out_text).resolve(), objective, trials, parallel, seed, executor, overrides,
-             space, enqueue, sampler.get("startup_trials", 5), pruner, resources)
+             space, enqueue, sampler["startup_trials"], pruner, resources)
     # Every corner of the space must give a valid config: checked now, not when a trial starts.
     corners = ({k: (v[0] if isinstance(v, list) else v.low) for k, v in space.items()},
                {k: (v[-1] if isinstance(v, list) else v.high) for k, v in space.items()})

@@ -8,31 +8,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dmhpc.config import GRLConfig
 from dmhpc.errors import DmhpcError
 from dmhpc.losses.collective import per_sample_mean
 from dmhpc.losses.precision import full_precision, upcast
+from dmhpc.names import GRL_SCHEDULES
 
-GRL_SCHEDULES = ("dann", "constant")
 
-
-def grl_coefficient(
-    step: int, total_steps: int, schedule: str = "dann", alpha: float = 10.0, high: float = 1.0
-) -> float:
+def grl_coefficient(step: int, total_steps: int, grl: GRLConfig) -> float:
     """The gradient-reversal coefficient lambda at global optimiser step `step` of `total_steps`.
 
-    schedule="dann": lambda = high * (2 / (1 + exp(-alpha p)) - 1) with p = step / total_steps
-    (Ganin et al.; 0 at the start, high * 0.9999 at p = 1 for alpha = 10). schedule="constant":
+    schedule "dann": lambda = high * (2 / (1 + exp(-alpha p)) - 1) with p = step / total_steps
+    (Ganin et al.; 0 at the start, high * 0.9999 at p = 1 for alpha = 10). schedule "constant":
     lambda = high (the original DeepMerge code: 1 throughout). A pure function of the global
-    step, so every rank and a resumed run get the same value.
+    step, so every rank and a resumed run get the same value. It takes the configuration section
+    itself, so no default here can differ from the config's.
     """
-    if schedule not in GRL_SCHEDULES:
-        raise DmhpcError(f"grl schedule: {schedule!r} is not one of {', '.join(GRL_SCHEDULES)}")
-    if schedule == "constant":
-        return float(high)
+    if grl.schedule not in GRL_SCHEDULES:
+        raise DmhpcError(f"grl schedule: {grl.schedule!r} is not one of {', '.join(GRL_SCHEDULES)}")
+    if grl.schedule == "constant":
+        return float(grl.high)
     if total_steps <= 0 or step < 0:
         raise DmhpcError(f"grl schedule: needs step >= 0 and total_steps > 0; got step={step}, total_steps={total_steps}")
     p = step / total_steps
-    return float(high) * (2.0 / (1.0 + math.exp(-alpha * p)) - 1.0)
+    return float(grl.high) * (2.0 / (1.0 + math.exp(-grl.alpha * p)) - 1.0)
 
 
 class _ReverseGrad(torch.autograd.Function):

@@ -9,9 +9,10 @@ def param_groups(
     model: nn.Module,
     discriminator: nn.Module | None = None,
     fisher: nn.Module | None = None,
-    head_lr_mult: float = 10.0,
-    discriminator_lr_mult: float = 10.0,
-    fisher_lr_mult: float = 10.0,
+    *,
+    head_lr_mult: float,
+    discriminator_lr_mult: float,
+    fisher_lr_mult: float,
 ) -> list[dict]:
     """Parameter groups for torch.optim: [{"name", "params", "lr_mult"}, ...].
 

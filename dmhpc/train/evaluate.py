@@ -138,7 +138,7 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
                                   f"{Path(cfg.data.target).name}; selection by {cfg.select.criterion}",
                                   labels=term_labels(cfg.loss))
             P.latent_embedding({d: (preds[d]["features"], preds[d]["labels"]) for d in DOMAINS},
-                               draw(f"latent_{tag}"), f"DA features, {title}", seed=cfg.seed, max_points=1000)
+                               draw(f"latent_{tag}"), f"DA features, {title}", seed=cfg.seed)
         result_path = run.result_path(checkpoint["name"], split, data_name)
         drawn[result_path] = staged_write(result_path, result_text(result))
         for path, tmp in drawn.items():

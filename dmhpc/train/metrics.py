@@ -13,7 +13,7 @@ import threading
 import numpy as np
 
 from dmhpc.errors import DmhpcError
-from dmhpc.names import LABEL_FREE
+from dmhpc.names import LABEL_FREE, MERGER_THRESHOLD
 
 
 def classification_metrics(labels: np.ndarray, prob: np.ndarray) -> dict:
@@ -33,7 +33,7 @@ def classification_metrics(labels: np.ndarray, prob: np.ndarray) -> dict:
     if not np.isfinite(p1).all():
         return {"n": int(len(labels)), "nonfinite": int((~np.isfinite(p1)).sum()),
                 **dict.fromkeys(("accuracy", "precision", "recall", "f1", "roc_auc", "brier"), math.nan)}
-    pred = (p1 >= 0.5).astype(np.int64)
+    pred = (p1 >= MERGER_THRESHOLD).astype(np.int64)
     both = len(np.unique(labels)) == 2
     return {
         "n": int(len(labels)),
@@ -57,7 +57,7 @@ def prediction_metrics(prob: np.ndarray) -> dict:
     return {
         "n": int(len(p)),
         # A NaN prediction is no non-merger: NaN, as the means below.
-        "merger_fraction": float((p[:, 1] >= 0.5).mean()) if np.isfinite(p).all() else math.nan,
+        "merger_fraction": float((p[:, 1] >= MERGER_THRESHOLD).mean()) if np.isfinite(p).all() else math.nan,
         "mean_p_merger": float(p[:, 1].mean()),
         "mean_entropy": float(-(q * np.log(q)).sum(axis=1).mean()),
         "im": information_maximization(p),

@@ -76,8 +76,7 @@ class TrainStep:
                          steps_per_epoch=first)
 
     def grl(self, step: int) -> float:
-        g = self.cfg.loss.grl
-        return grl_coefficient(step, self.total_steps, schedule=g.schedule, alpha=g.alpha, high=g.high)
+        return grl_coefficient(step, self.total_steps, self.cfg.loss.grl)
 
     def __call__(self, step: int, batch) -> tuple[dict, dict]:
         """Optimizer step number `step` (0-based, global) on `batch`; returns (terms, outputs)."""
