@@ -21,8 +21,9 @@ from dmhpc.losses import FisherLoss, coral, dann_loss, entropy, mmd
 from dmhpc.models import DomainDiscriminator
 
 N_SOURCE, N_TARGET, IN_DIM, FEAT_DIM, CLASSES = 8, 7, 5, 6, 3
-# rows of the source and of the target batch held by each rank
-SHARDS = {3: ([3, 3, 2], [2, 3, 2]), 2: ([4, 4], [4, 3])}
+# rows of the source and of the target batch held by each rank; at 4 ranks one holds none (CORAL
+# refused it on that rank alone, before its collectives, and the others waited in them forever)
+SHARDS = {4: ([3, 0, 3, 2], [2, 0, 3, 2]), 3: ([3, 3, 2], [2, 3, 2]), 2: ([4, 4], [4, 3])}
 GRL_COEFF = 0.7
 FISHER_FORMS = [(form, normalize) for form in ("tr", "td") for normalize in ("sum", "mean")]
 
@@ -138,6 +139,10 @@ def _check_world(rank: int, world: int) -> dict[str, dict[str, float]]:
     ref = mmd(f[:N_SOURCE], f[N_SOURCE:], scope="local")
     ref.backward()
     f = ddp_net(mine)
+    if not ns[rank] or not nt[rank]:  # no local MMD of an empty batch; the backward DDP waits for all the same
+        (f.sum() * 0).backward()
+        results["control_local_mmd"] = None
+        return results
     local = mmd(f[: ns[rank]], f[ns[rank] :], scope="local")
     local.backward()
     results["control_local_mmd"] = {
@@ -194,4 +199,6 @@ def test_global_loss_and_ddp_gradients_equal_the_full_batch(ddp_errors, world, c
 def test_local_scope_differs_so_the_comparison_can_fail(ddp_errors, world):
     for results in ddp_errors[world]:
         control = results["control_local_mmd"]
+        if control is None:  # a rank without rows
+            continue
         assert control["value"] > 1e-3 and control["net gradient"] > 1e-3, control

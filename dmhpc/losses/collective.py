@@ -132,6 +132,8 @@ def per_sample_mean(total: torch.Tensor, count: int, scope: str) -> torch.Tensor
 
     The sum and the count travel in one all-reduce, whose backward sums the gradient over ranks;
     DDP's averaging then gives the exact global-mean gradient, even with unequal per-rank batches.
+    A rank may hold no sample; a global batch of none gives NaN (0/0, counted on the device: no
+    host wait in the step), where one process raises. The trainer never makes one.
     """
     if not is_global(scope):
         if count == 0:

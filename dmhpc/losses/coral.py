@@ -19,17 +19,20 @@ def coral(fs: torch.Tensor, ft: torch.Tensor, scope: str = "global") -> torch.Te
     scope="global" uses the covariances of the batch of all ranks (exact under DDP; each rank
     sends a d x d matrix per domain), "local" those of this rank's batch. Computes in float32 at
     least, outside autocast. Returns a 0-d tensor.
+
+    Under "global" a rank may hold no rows: it is checked on its own, with no wait for the others
+    (a refusal on one rank before the collectives left the others in them forever). A global batch
+    of fewer than 2 rows per domain gives a non-finite loss (counted on the device, with no host
+    wait in the step); the trainer refuses such batches at its start.
     """
     if fs.ndim != 2 or ft.ndim != 2 or fs.shape[1] != ft.shape[1]:
         raise DmhpcError(
             f"coral: features must be (n, d) and (m, d) with the same d; got {tuple(fs.shape)} and {tuple(ft.shape)}"
         )
     glob = is_global(scope)
-    # With W > 1 ranks of >= 1 row each the global batch has >= MIN_ROWS rows.
-    least = 1 if glob else MIN_ROWS
-    if fs.shape[0] < least or ft.shape[0] < least:
+    if not glob and (fs.shape[0] < MIN_ROWS or ft.shape[0] < MIN_ROWS):
         raise DmhpcError(
-            f"coral: needs at least {least} source and {least} target rows per batch; "
+            f"coral: needs at least {MIN_ROWS} source and {MIN_ROWS} target rows per batch; "
             f"got {fs.shape[0]} and {ft.shape[0]}"
         )
     with full_precision(fs.device):
