@@ -382,17 +382,22 @@ def eval_batches(directory, split: str, *, batch_size: int, rank: int, world_siz
             " 0 <= rank < world size"
         )
     manifest = load_manifest(directory)
-    first, last = eval_rows(manifest, split, rank, world_size)
+    first, last = eval_rows(manifest, split, rank, world_size, batch_size)
     device = torch.device(device)
     stats = channel_stats(mean, std, device)
     return _eval_iter(RowReader(directory, manifest), first, last, batch_size, device, stats)
 
 
-def eval_rows(manifest: dict, split: str, rank: int, world_size: int) -> tuple[int, int]:
-    """Rows [first, last) of `split` that `rank` evaluates: consecutive parts, in rank order."""
+def eval_rows(manifest: dict, split: str, rank: int, world_size: int, batch_size: int) -> tuple[int, int]:
+    """Rows [first, last) of `split` that `rank` evaluates: consecutive parts, in rank order, of
+    whole batches. The batches are those of one process at any number of ranks, so the figures
+    are too: a CPU forward pass gives other bits for an image in a batch of another size
+    (probabilities 1e-8 apart), and an evaluation at another world size than training's differed
+    from the logged numbers in their 8th digit."""
     start, stop = split_rows(manifest, split)
-    n = stop - start
-    return start + n * rank // world_size, start + n * (rank + 1) // world_size
+    batches = -(-(stop - start) // batch_size)
+    return (min(start + batches * rank // world_size * batch_size, stop),
+            min(start + batches * (rank + 1) // world_size * batch_size, stop))
 
 
 def _eval_iter(reader: RowReader, first: int, last: int, batch_size: int, device: torch.device, stats):

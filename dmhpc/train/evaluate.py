@@ -37,7 +37,7 @@ def predict(model, directory, split: str, *, batch_size: int, dist, mean, std,
 
     def share() -> dict:
         labels, probs, indices, feats = [], [], [], []
-        first, last = eval_rows(load_manifest(directory), split, dist.rank, dist.world_size)
+        first, last = eval_rows(load_manifest(directory), split, dist.rank, dist.world_size, batch_size)
         with torch.no_grad(), progress_bar(last - first, f"{split} {Path(directory).name}", unit="img",
                                            show=dist.is_main) as bar:
             for x, y, idx in eval_batches(directory, split, batch_size=batch_size, rank=dist.rank,
