@@ -60,8 +60,19 @@ class TrainStep:
         self.schedule_steps_per_epoch = schedule_steps_per_epoch or steps_per_epoch
         model = state.model
         if dist.world_size > 1:
+            # One gradient bucket per parameter where a resumed run is promised the bits of one never
+            # stopped (on a CPU; on a GPU with train.deterministic): the ring all-reduce of 3 or more
+            # ranks sums an element in an order set by its place in its bucket, and DDP starts with
+            # all gradients in one bucket and lays them out anew after its first step, so the first
+            # step after a resume summed in another order than the uninterrupted run's (weights
+            # 1e-7 apart at 3 ranks; 2 ranks' sums commute). A parameter's own bucket keeps every
+            # element's place (a per-bucket cap of 0, for the first layout and the rebuilt one
+            # alike; a plain bucket_cap_mb leaves the first one whole). An all-reduce per parameter:
+            # nothing beside a CPU step.
+            exact = dist.device.type != "cuda" or cfg.train.deterministic
             model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+                model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
+                bucket_cap_mb_list=[0] if exact else None)
         self.forward = torch.compile(model) if cfg.train.compile else model
         self.autocast = autocast(cfg.train.amp, dist.device)
         self._lr = None  # the scale last applied: groups are updated only when it changes
