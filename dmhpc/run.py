@@ -42,6 +42,7 @@ from dmhpc.config import (Config, changed_keys, config_from_dict, config_to_dict
 from dmhpc.errors import DmhpcError
 from dmhpc.files import (LockHeld, atomic_path, atomic_write, hold_lock, inside, is_temporary, lock_holder,
                          remove_orphans, replace_durably)
+from dmhpc.names import DOMAINS
 from dmhpc.run_records import FORMAT, VERSION, Unfit, check_log_record, check_record, check_result
 
 CONFIG, RECORD, LOG, LOCK = "config.yaml", "run.json", "metrics.jsonl", ".lock"
@@ -252,6 +253,25 @@ class RunDir:
         """(mean, std) per channel the run normalized `role` with."""
         entry = self.data_record(role)
         return [float(v) for v in entry["mean"]], [float(v) for v in entry["std"]]
+
+    def trained_data(self, state: Mapping, checkpoint: Path) -> dict:
+        """The data sets the checkpoint `checkpoint` (loaded as `state`) was trained on, by role, with
+        their shape and normalization: its own record, so weights and statistics are read as one (a
+        run replaced with --overwrite while predict or export read run.json apart from the weights
+        gave a catalog or model card of one run's weights and another's statistics). A checkpoint
+        of a dmhpc before 2026-12-02 holds none: run.json's are taken."""
+        data = state.get("data")
+        if data is None:
+            return {role: self.data_record(role) for role in DOMAINS}
+        try:
+            check_record({"data": data})
+        except Unfit as exc:
+            raise DmhpcError(f"{checkpoint}: its data record: {exc}") from None
+        missing = [role for role in DOMAINS if not {"mean", "std", "shape"} <= set(data.get(role, {}))]
+        if missing:
+            raise DmhpcError(f"{checkpoint}: its data record has no {missing[0]} data set with its normalization "
+                             f"(an edited checkpoint?)")
+        return data
 
     def has_results(self) -> bool:
         """A checkpoint or an evaluation is there: something a fresh start would throw away."""

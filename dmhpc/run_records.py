@@ -97,7 +97,9 @@ def check_result(result: dict) -> None:
                               ("criterion", lambda v: v is None or isinstance(v, str), "text or null"),
                               ("score", lambda v: v is None or is_real(v), "a number or null"),
                               ("epoch", lambda v: v is None or is_int(v, 0), "an epoch number or null"),
-                              ("step", lambda v: v is None or is_int(v, 0), "a step number or null")):
+                              ("step", lambda v: v is None or is_int(v, 0), "a step number or null"),
+                              ("sha256", lambda v: isinstance(v, str) and bool(_HEX.fullmatch(v)),
+                               "a hexadecimal SHA-256")):
         if key in checkpoint:
             _expect(ok(checkpoint[key]), f"checkpoint.{key}", expected, checkpoint[key])
     data = result.get("data", {})

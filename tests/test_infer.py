@@ -354,6 +354,23 @@ def test_explain_an_edited_csv_provenance_file_is_one_line(survey, run_on_survey
         err = capsys.readouterr().err
         assert f"{beside}: {message}" in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "refused").exists()
+    # The CSV of one prediction beside another's provenance (predict --overwrite between explain's
+    # reads of the two, or a copy of one of them): the grid of one catalog under the other's record.
+    beside.write_text(json.dumps(meta))
+    assert main(["predict", "--run", str(run_on_survey), "--data", str(survey / "survey"), "--split", "test",
+                 "--out", str(tmp_path / "other.csv"), "--tta"]) == 0
+    catalog.write_bytes((tmp_path / "other.csv").read_bytes())
+    capsys.readouterr()
+    assert main(["explain", "--run", str(run_on_survey), "--catalog", str(catalog), "--n", "2",
+                 "--out", str(tmp_path / "refused")]) == 1
+    err = capsys.readouterr().err
+    assert f"{beside}: the provenance of another c.csv (its CSVSHA is not the file's SHA-256)" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "refused").exists()
+    del meta["CSVSHA"]  # a CSV of a predict before its provenance held its SHA-256: taken
+    beside.write_text(json.dumps(meta))
+    catalog.write_bytes((tmp_path / "other.csv").read_bytes())
+    assert main(["explain", "--run", str(run_on_survey), "--catalog", str(catalog), "--n", "2",
+                 "--out", str(tmp_path / "taken")]) == 0
 
 
 def test_explain_data_of_another_shape_is_one_line(survey, run_on_survey, tmp_path, capsys):
@@ -416,7 +433,7 @@ def test_export_with_normalization_built_in_and_a_card(survey, run_on_survey, tm
     assert main(["export", "--run", str(run_on_survey), "--format", fmt, "--out", str(out)]) == 0
     from dmhpc.infer.export import build, load_safetensors
 
-    reference, _, _ = build(RunDir(run_on_survey))
+    reference = build(RunDir(run_on_survey)).model
     raw = torch.rand(7, 3, 75, 75) * 3 - 0.5  # raw pixels: the export normalizes them itself
     with torch.no_grad():
         want = reference(raw).numpy()
@@ -656,3 +673,57 @@ def test_single_channel_images_train_evaluate_predict_and_export(tmp_path, capsy
     np.testing.assert_allclose(np.asarray(Table.read(tmp_path / "raw.ecsv")["p_merger"]), got, rtol=0, atol=1e-6)
     # one filter: drawn in grey, the default --rgb unused
     assert main(["explain", "--run", str(run), "--n", "1", "--out", str(tmp_path / "explain")]) == 0
+
+
+def test_predict_and_export_read_the_statistics_and_test_of_the_weights_they_load(survey, tmp_path):
+    """A run replaced (--resume none --overwrite) while predict or export read it: they took the
+    weights first and run.json's statistics and the test result later, so a catalog and a model
+    card named the old checkpoint with the new run's normalization and test metrics. The
+    statistics now come with the weights, and a result counts only for the checkpoint it tested."""
+    import hashlib
+
+    from astropy.table import Table
+
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), *overrides(survey, run)]) == 0
+    mean, std = RunDir(run).normalization("target")
+    best = run / "checkpoints" / "best.pt"
+    assert torch.load(best, weights_only=True)["data"]["target"]["mean"] == mean
+    assert RunDir(run).read_result("best", "test")["checkpoint"]["sha256"] == hashlib.sha256(best.read_bytes()).hexdigest()
+    # run.json as the replacing run writes it, while the reader holds the old weights.
+    record = json.loads((run / "run.json").read_text())
+    record["data"]["target"]["mean"] = [m + 5.0 for m in mean]
+    record["data"]["target"]["std"] = [s * 10.0 for s in std]
+    (run / "run.json").write_text(json.dumps(record))
+    out = tmp_path / "p.ecsv"
+    assert main(["predict", "--run", str(run), "--data", str(survey / "survey"), "--out", str(out)]) == 0
+    assert json.loads(Table.read(out).meta["MEAN"]) == mean and json.loads(Table.read(out).meta["STD"]) == std
+    model = tmp_path / "m.safetensors"
+    export = ["export", "--run", str(run), "--format", "safetensors", "--out", str(model), "--overwrite"]
+    assert main(export) == 0
+    card = json.loads(Path(f"{model}.card.json").read_text())
+    assert card["input"]["mean"] == mean and card["input"]["std"] == std and card["test_metrics"] is not None
+    # The test of another checkpoint of the same step (the replacing run's): not this one's.
+    result = RunDir(run).read_result("best", "test")
+    result["checkpoint"]["sha256"] = "0" * 64
+    RunDir(run).write_result(result, "best", "test")
+    assert main(export) == 0
+    assert json.loads(Path(f"{model}.card.json").read_text())["test_metrics"] is None
+
+
+def test_a_best_checkpoint_of_another_moment_of_the_run_is_not_tested_as_its_selection(survey, tmp_path, capsys):
+    """A run directory copied while it trained holds a best.pt older than its last.pt (rsync copies
+    best.pt first). Resumed, its final test reported that earlier epoch as the run's result."""
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(TINY), *overrides(survey, run)]
+    assert main(argv) == 0
+    best = run / "checkpoints" / "best.pt"
+    state = torch.load(best, weights_only=True)
+    state["selection"]["score"] -= 1.0  # as a best.pt of an earlier epoch scored
+    torch.save(state, best)
+    (run / "eval" / "best_test.json").unlink()
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{best}: of epoch" in err and "put the run's own best.pt back" in err, err
+    assert not (run / "eval" / "best_test.json").exists()

@@ -65,14 +65,26 @@ def expected_probabilities(run: Path, images: np.ndarray, mean, std, batch: int)
 
 
 def test_a_run_json_with_one_statistic_for_three_channels_is_refused_not_broadcast(trained, tmp_path, capsys):
-    """One mean and std for the three filters broadcast over them: predict wrote p_merger of 0 and 1 only."""
+    """One mean and std for the three filters broadcast over them: predict wrote p_merger of 0 and 1 only.
+    The statistics are read from the checkpoint; one of an older dmhpc holds none, and run.json's are read."""
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run)
+    best = run / "checkpoints" / "best.pt"
+    state = torch.load(best, weights_only=True)
+    state["data"]["target"].update(mean=[0.4], std=[0.0001])
+    torch.save(state, best)
+    out = tmp_path / "c.ecsv"
+    argv = ["predict", "--run", str(run), "--images", str(trained["survey"]), "--out", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{best}: its data record: data.target.mean: expected 3 finite numbers, one per channel, got [0.4]" in err
+    assert len(err.splitlines()) == 1 and not out.exists(), err
+    del state["data"]
+    torch.save(state, best)
     record = json.loads((run / "run.json").read_text())
     record["data"]["target"].update(mean=[0.4], std=[0.0001])
     (run / "run.json").write_text(json.dumps(record))
-    out = tmp_path / "c.ecsv"
-    assert main(["predict", "--run", str(run), "--images", str(trained["survey"]), "--out", str(out)]) == 1
+    assert main(argv) == 1
     err = capsys.readouterr().err
     assert f"{run / 'run.json'}: data.target.mean: expected 3 finite numbers, one per channel, got [0.4]" in err
     assert len(err.splitlines()) == 1 and not out.exists(), err

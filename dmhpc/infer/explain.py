@@ -30,6 +30,7 @@ probability and the true label (if any) in each panel's title. One PNG grid per 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import json
 from pathlib import Path
@@ -44,7 +45,7 @@ from dmhpc.data.shards import RowReader, fingerprint, is_labelled, load_manifest
 from dmhpc.distributed import bootstrap, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, locked_directory
-from dmhpc.infer.predict import HDF5_TABLE, Model, provenance_file
+from dmhpc.infer.predict import CSV_SHA, HDF5_TABLE, Model, provenance_file
 from dmhpc.infer.sources import open_source
 from dmhpc.names import MERGER_THRESHOLD
 from dmhpc.plots import CLASS_NAMES, attribution_grid
@@ -151,17 +152,26 @@ def _read_catalog(catalog: Path):
         raise DmhpcError(f"{catalog}: not a catalog dmhpc predict writes (its extension is one of "
                          f"{', '.join(CATALOG_FORMATS)})")
     try:
-        table = Table.read(catalog, format=fmt, **({"path": HDF5_TABLE} if fmt == "hdf5" else {}))
-        table.convert_bytestring_to_unicode()  # FITS and HDF5 give text ids back as bytes
         beside = provenance_file(catalog)
         if fmt == "ascii.csv":
             if not beside.is_file():  # a CSV copied without it: "not a catalog of predict" named nothing to fetch
                 raise DmhpcError(f"{catalog}: its provenance file {beside.name} is not beside it (plain CSV "
                                  f"keeps predict's metadata there); copy it along")
+            with open(catalog, "rb") as f:  # hashed and read from one open file: the bytes parsed are those hashed
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+                f.seek(0)
+                table = Table.read(f, format=fmt)
             recorded = json.loads(beside.read_text())
             if not isinstance(recorded, dict):
                 raise DmhpcError(f"{beside}: expected a JSON object of predict's metadata, got {show(recorded)[:60]}")
+            if recorded.get(CSV_SHA, digest) != digest:  # (predict before 2026-12-02 recorded none)
+                raise DmhpcError(f"{beside}: the provenance of another {catalog.name} (its {CSV_SHA} is not the "
+                                 f"file's SHA-256): a catalog replaced while it was read, or copied apart; "
+                                 f"copy the two together, or predict again")
             table.meta.update(recorded)
+        else:
+            table = Table.read(catalog, format=fmt, **({"path": HDF5_TABLE} if fmt == "hdf5" else {}))
+        table.convert_bytestring_to_unicode()  # FITS and HDF5 give text ids back as bytes
     except FileNotFoundError:
         raise DmhpcError(f"{catalog}: no such catalog") from None
     except (OSError, ValueError) as exc:
@@ -340,7 +350,7 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             explained = {name: str(directory.resolve()) for name, directory in domains.items()}
             prints = {name: fingerprint(load_manifest(directory)) for name, directory in domains.items()}
             if data is not None:
-                check_shape(data, load_manifest(data)["shape"], run.data_record("source")["shape"])
+                check_shape(data, load_manifest(data)["shape"], model.data["source"]["shape"])
             else:  # their "test split" may now hold images the run trained on, as eval refuses
                 for role, directory in domains.items():
                     run.refuse_prepared_again(role, directory, prints[role],
@@ -349,7 +359,7 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             claim_out()
             for name, directory in domains.items():
                 role = "target" if name in ("data", "target") else "source"
-                norm = Normalizer(*run.normalization(role), dist.device)
+                norm = Normalizer(*model.normalization(role), dist.device)
                 written.update(_explain_domain(model, norm, drawn[name], name, run, out, n, seed, directory.name,
                                                rgb))
         if dist.is_main:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from dmhpc import __version__
-from dmhpc.config import config_from_dict, config_to_dict
+from dmhpc.config import Config, config_from_dict, config_to_dict
 from dmhpc.data.shards import file_sha256
 from dmhpc.distributed import bootstrap, shutdown
 from dmhpc.errors import DmhpcError
@@ -61,17 +62,29 @@ class MergerProbability(nn.Module):
         return torch.softmax(logits.float(), dim=1)[:, 1]
 
 
-def build(run: RunDir, checkpoint: str = "best") -> tuple[MergerProbability, dict, list]:
-    """The exportable module (eval mode, CPU), the checkpoint it holds, and the input shape (C, H, W)."""
+@dataclass(frozen=True)
+class Built:
+    """What an export holds, read from the run once: the card describes these, never the run as it
+    is when the export (tens of seconds for ONNX) ends."""
+    model: MergerProbability  # eval mode, CPU
+    info: dict                # the checkpoint: checkpoint_info and its SHA-256
+    shape: list               # the input's (C, H, W)
+    cfg: Config               # the run's configuration, as the checkpoint was trained with
+    data: dict                # the data sets it was trained on, with their statistics, by role
+
+
+def build(run: RunDir, checkpoint: str = "best") -> Built:
     cfg = run.config()
-    state, sha256 = load_checkpoint_sha256(run.checkpoint(checkpoint))
-    shape = list(run.data_record("source")["shape"])
+    path = run.checkpoint(checkpoint)
+    state, sha256 = load_checkpoint_sha256(path)
+    run.check_trained_with(state, path)
+    data = run.trained_data(state, path)
+    shape = list(data["source"]["shape"])
     net = build_backbone(cfg, shape[0])
-    load_weights(net, state, run.checkpoint(checkpoint))
-    mean, std = run.normalization("target")
-    model = MergerProbability(net, mean, std).eval()
-    info = {**checkpoint_info(checkpoint, state), "sha256": sha256}
-    return model, info, shape
+    load_weights(net, state, path)
+    mean, std = (data["target"][k] for k in ("mean", "std"))
+    model = MergerProbability(net, [float(v) for v in mean], [float(v) for v in std]).eval()
+    return Built(model, {**checkpoint_info(checkpoint, state), "sha256": sha256}, shape, cfg, data)
 
 
 def _onnx(model: MergerProbability, example: torch.Tensor, out: Path, tmp: Path) -> float:
@@ -132,19 +145,23 @@ def load_safetensors(path) -> MergerProbability:
     return model.eval()
 
 
-def model_card(run: RunDir, info: dict, shape: list, fmt: str, out: Path, onnx_max_diff: float | None) -> dict:
-    cfg = run.config()
+def model_card(run: RunDir, built: Built, fmt: str, out: Path, onnx_max_diff: float | None) -> dict:
+    cfg, info, shape = built.cfg, built.info, built.shape
     result = run.read_result(info["name"], "test")
-    if result is not None and result.get("checkpoint", {}).get("step") != info.get("step"):
-        result = None  # the test of an earlier checkpoint of that name (the run trained on since)
+    tested = (result or {}).get("checkpoint", {})
+    if result is not None and (tested.get("sha256", info["sha256"]) != info["sha256"]
+                               or tested.get("step") != info.get("step")):
+        # The test of another checkpoint of that name: the run trained on since, or was replaced
+        # (a result of a dmhpc before 2026-12-02 names no SHA-256: its step is compared).
+        result = None
     card = {
         "model": {"file": out.name, "format": fmt, "architecture": cfg.model.name, "dmhpc": __version__},
         "input": {"name": "image", "shape": ["N", *shape], "layout": "NCHW (channels in the training data's order)",
                   "dtype": "float32", "normalization": "built in: the run's target-domain statistics",
-                  "mean": run.normalization("target")[0], "std": run.normalization("target")[1]},
+                  "mean": built.data["target"]["mean"], "std": built.data["target"]["std"]},
         "output": {"name": "p_merger", "shape": ["N"], "meaning": "probability that the galaxy is a merger (class 1)",
                    "threshold": MERGER_THRESHOLD},
-        "data": {role: {k: run.data_record(role).get(k) for k in ("path", "fingerprint", "shape")}
+        "data": {role: {k: built.data[role].get(k) for k in ("path", "fingerprint", "shape")}
                  for role in ("source", "target")},
         "checkpoint": info,
         "selection": {"criterion": info.get("criterion"), "score": info.get("score"),
@@ -233,8 +250,8 @@ def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool 
             unfinished = "" if cards["json"].exists() else \
                 f" (without its {cards['json'].name}: an export that did not finish?)"
             raise DmhpcError(f"--out {out}: exists{unfinished}; --overwrite replaces it")
-        model, info, shape = build(run, checkpoint)
-        example = torch.zeros(2, *shape)
+        built = build(run, checkpoint)
+        model, example = built.model, torch.zeros(2, *built.shape)
         onnx_diff, staged = None, {}
         try:
             with atomic_path(out) as tmp:
@@ -243,8 +260,8 @@ def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool 
                 elif fmt == "torchscript":
                     _torchscript(model, example, tmp)
                 else:
-                    _safetensors(model, config_to_dict(run.config()), tmp)
-                card = model_card(run, info, shape, fmt, out, onnx_diff)
+                    _safetensors(model, config_to_dict(built.cfg), tmp)
+                card = model_card(run, built, fmt, out, onnx_diff)
                 card["model"]["sha256"] = file_sha256(tmp)  # what a receiver checks the file against
                 for kind, text in (("md", _card_markdown(card)), ("json", json.dumps(card, indent=2) + "\n")):
                     staged[cards[kind]] = staged_write(cards[kind], text)  # one by one: a failed second leaves none

@@ -45,6 +45,7 @@ from dmhpc.checks import show
 from dmhpc.config import changed_keys
 from dmhpc.data.batches import Normalizer, read_ahead
 from dmhpc.data.inputs import CATALOG_FORMATS, CUTOUTS_HELP
+from dmhpc.data.shards import file_sha256
 from dmhpc.distributed import (AgreedError, agree, all_gather_object, barrier, bootstrap, gather, meet_before_leaving,
                                on_main, shutdown)
 from dmhpc.errors import DmhpcError
@@ -60,6 +61,7 @@ from dmhpc.train.objective import build_backbone
 from dmhpc.train.step import autocast
 
 HDF5_TABLE = "catalog"  # the table's path inside an HDF5 catalog
+CSV_SHA = "CSVSHA"  # a plain CSV's provenance file: the SHA-256 of the CSV it stands beside
 SPEC = "predict.json"
 OWN_STATS = "own_stats.json"  # --normalize own's statistics in the parts folder, with the inputs they are of
 PATHS = ("data", "images", "catalog", "cutouts")
@@ -88,11 +90,18 @@ class Model:
         # a retrained run's step say less).
         state, self.sha256 = load_checkpoint_sha256(self.path)
         self.checkpoint = checkpoint_info(checkpoint, state)
-        self.net = build_backbone(self.cfg, run.data_record("source")["shape"][0]).to(device).eval()
+        run.check_trained_with(state, self.path)
+        self.data = run.trained_data(state, self.path)  # shapes and statistics: of these weights
+        self.net = build_backbone(self.cfg, self.data["source"]["shape"][0]).to(device).eval()
         load_weights(self.net, state, run.checkpoint(checkpoint))
         if self.cfg.train.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.device, self.amp = device, amp
+
+    def normalization(self, role: str) -> tuple[list[float], list[float]]:
+        """(mean, std) per channel the run normalized `role` ("source" or "target") with."""
+        entry = self.data[role]
+        return [float(v) for v in entry["mean"]], [float(v) for v in entry["std"]]
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
@@ -432,7 +441,8 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
         with atomic_path(out) as tmp:
             table.write(tmp, format=fmt, overwrite=True, **kwargs)
             if fmt == "ascii.csv":
-                staged = staged_write(beside, json.dumps(meta, indent=2) + "\n")
+                # With the CSV's own SHA-256: explain takes the pair only together (two files, two renames).
+                staged = staged_write(beside, json.dumps({**meta, CSV_SHA: file_sha256(tmp)}, indent=2) + "\n")
                 # The replaced catalog's goes just before the new one takes its name: killed in between,
                 # a CSV stands without provenance (explain refuses it), never beside another's.
                 beside.unlink(missing_ok=True)
@@ -488,14 +498,14 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         if len(set(all_gather_object(seen))) > 1:
             raise DmhpcError(f"{run.checkpoint(checkpoint)} or {source.path}: replaced while the ranks were "
                              f"reading it (a run still training?); start again")
-        check_shape(source.path, source.shape, agree(lambda: run.data_record("source"))["shape"])
+        check_shape(source.path, source.shape, model.data["source"]["shape"])
         parts = Path(f"{out}.parts")
         on_main(lambda: _lock_parts(out, parts, overwrite, held))
         source.check(verify != "structure", dist.rank, dist.world_size, gather)
         digest = source.digest({k: v for share in gather(lambda: source.digest_blocks(dist.rank, dist.world_size))
                                 for k, v in share.items()})
         if normalize == "target":
-            mean, std = agree(lambda: run.normalization("target"))
+            mean, std = model.normalization("target")
         elif normalize == "own":
             # A prepared set's statistics are in its manifest; other inputs' are of `digest`.
             saved = None if source.kind == "data" else on_main(

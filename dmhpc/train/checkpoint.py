@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import random
 import signal
@@ -115,6 +116,17 @@ def checkpoint_info(name: str, state: dict) -> dict:
     if isinstance(epoch, int) and epoch > 0 and state.get("progress", {}).get("step_in_epoch") == 0:
         epoch -= 1
     return {"name": name, "epoch": epoch, "step": state.get("step"), **state.get("selection", {})}
+
+
+def check_selected(best: dict, best_score: float, path: Path) -> None:
+    """Refuse a best checkpoint that is not the one the run's progress (`best_score`, from last.pt)
+    says it selected: a run directory copied while it trained (rsync copies best.pt before last.pt)
+    resumed with an earlier best.pt, and its final test reported that epoch as the run's result."""
+    selection = best.get("selection") or {}
+    if math.isfinite(best_score) and selection.get("score") != best_score:
+        raise DmhpcError(f"{path}: of epoch {selection.get('epoch')}, scored {selection.get('score')}; the run's "
+                         f"progress says its selected checkpoint scored {best_score}: a best.pt of another moment "
+                         f"of the run (a copy taken while it trained?); put the run's own best.pt back")
 
 
 def chosen_with_target_labels(info: dict, cfg) -> bool:

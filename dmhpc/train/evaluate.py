@@ -20,7 +20,8 @@ from dmhpc.files import hold_lock, same_place, staged_write, temporary_path
 from dmhpc.run import EVAL_OWNER, LOCK, RunDir, check_shape, evaluation_tag, result_text
 from dmhpc.names import DOMAINS
 from dmhpc.progress import progress_bar
-from dmhpc.train.checkpoint import checkpoint_info, chosen_with_target_labels, load_checkpoint, load_weights
+from dmhpc.train.checkpoint import (checkpoint_info, chosen_with_target_labels, load_checkpoint_sha256,
+                                   load_weights)
 from dmhpc.train.metrics import domain_metrics
 from dmhpc.train.objective import NUM_CLASSES, build_backbone, term_labels
 
@@ -198,11 +199,11 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
         shape = _check_data(run, cfg, dirs, own=data is None, split=split, dist=dist,
                             names={"source": "--source" if source else "data.source",
                                    "target": "--target" if target else "data.target"})
-        ckpt = load_checkpoint(run.checkpoint(checkpoint))
+        ckpt, sha256 = load_checkpoint_sha256(run.checkpoint(checkpoint))
         run.check_trained_with(ckpt, run.checkpoint(checkpoint))
         model = build_backbone(cfg, shape[0]).to(dist.device)
         load_weights(model, ckpt, run.checkpoint(checkpoint))
-        info = checkpoint_info(checkpoint, ckpt)
+        info = {**checkpoint_info(checkpoint, ckpt), "sha256": sha256}  # what export matches a result by
         # Normalization as the run trained: per domain, each data set with its own statistics; a
         # survey given as --target is a domain of its own (predict's --normalize own, not its default).
         stats = dict(zip(DOMAINS, domain_stats(dirs["source"], dirs["target"], cfg.data.normalize)))

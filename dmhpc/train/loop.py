@@ -29,8 +29,8 @@ from dmhpc.losses.collective import stable_rows
 from dmhpc.progress import progress_bar
 from dmhpc.run import RunDir, check_epochs, check_patience, check_steps
 from dmhpc.train import preflight
-from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, UNFIT, StopRequest, check_requeue_progress, load_checkpoint,
-                                   load_weights, save_checkpoint, unfit)
+from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, UNFIT, StopRequest, check_requeue_progress, check_selected,
+                                   load_checkpoint, load_checkpoint_sha256, load_weights, save_checkpoint, unfit)
 from dmhpc.train.evaluate import evaluate_run, format_table, predict
 from dmhpc.train.meter import EpochMeter
 from dmhpc.train.metrics import MetricLog, domain_metrics, selection_score, validator_scores
@@ -188,7 +188,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
     def checkpoint(name: str, meter: EpochMeter, selection: dict | None = None, epoch_done: bool = False) -> None:
         meter.check_finite(state, dist, prog.step)  # never write a diverged state
         content = state.state_dict()  # a collective: every rank calls it
-        content.update(selection=selection or {}, config=config_to_dict(cfg), attempt=dist.attempt)
+        # The data sets and statistics of the weights, in the file with them (see RunDir.trained_data).
+        content.update(selection=selection or {}, config=config_to_dict(cfg), data=data_ids, attempt=dist.attempt)
         if epoch_done:  # written before the epoch rolls over; resumed from, it starts the next epoch
             content.update(epoch=prog.epoch + 1, progress={**content["progress"], "epoch": prog.epoch + 1,
                                                            "step_in_epoch": 0})
@@ -331,9 +332,10 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
         return REQUEUE_EXIT_CODE
 
     # --- test the selected checkpoint ---------------------------------------------------------------
-    best = load_checkpoint(run.checkpoint("best"))
+    best, sha256 = load_checkpoint_sha256(run.checkpoint("best"))
+    check_selected(best, prog.best_score, run.checkpoint("best"))
     load_weights(state.model.backbone, best, run.checkpoint("best"))
-    info = {"name": "best", "epoch": best["epoch"], "step": best["step"], **best["selection"]}
+    info = {"name": "best", "epoch": best["epoch"], "step": best["step"], **best["selection"], "sha256": sha256}
     result = evaluate_run(state.model.backbone, cfg, dist, run, checkpoint=info, split="test", stats=stats,
                           final=True)
     if dist.is_main:
