@@ -53,8 +53,11 @@ class Check:
 
 
 def is_number(v: Any) -> bool:
-    """A finite int or float, not a bool (an int of any size: math.isfinite overflows on 10**400)."""
-    return is_real(v) and (isinstance(v, int) or math.isfinite(v))
+    """A finite int or float, not a bool; an int beyond any float (10**400) is none."""
+    try:
+        return is_real(v) and math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def is_real(v: Any) -> bool:

@@ -366,6 +366,10 @@ def test_explain_an_edited_csv_provenance_file_is_one_line(survey, run_on_survey
     err = capsys.readouterr().err
     assert f"{beside}: the provenance of another c.csv (its CSVSHA is not the file's SHA-256)" in err, err
     assert len(err.splitlines()) == 1 and not (tmp_path / "refused").exists()
+    capsys.readouterr()  # a CSV mistyped: named as missing, not as a CSV without its provenance
+    assert main(["explain", "--run", str(run_on_survey), "--catalog", str(tmp_path / "typo.csv"), "--n", "2",
+                 "--out", str(tmp_path / "refused")]) == 1
+    assert f"{tmp_path / 'typo.csv'}: no such catalog" in capsys.readouterr().err
     del meta["CSVSHA"]  # a CSV of a predict before its provenance held its SHA-256: taken
     beside.write_text(json.dumps(meta))
     catalog.write_bytes((tmp_path / "other.csv").read_bytes())

@@ -400,9 +400,10 @@ def test_a_read_that_fails_midway_names_the_shard(dataset, monkeypatch):
 
 
 def test_a_shard_cut_short_under_an_open_reader_is_an_error_not_zeros(dataset):
-    """HDF5 reads zeros past the end of a file cut short after it was opened (cp or rsync over a
-    shard while a trainer reads it): the rows were trained on as blank images. `touch` and chmod
-    change no byte, and are no error."""
+    """HDF5 reads zeros past the end of a file cut short after it was opened (a truncation, or a
+    copy over the shard in progress while a trainer reads it): the rows were trained on as blank
+    images. `touch` and chmod change no byte, and are no error. (A copy of the same size, finished
+    between two reads, is not seen: the checks at the next start are.)"""
     directory, manifest, _ = dataset
     path = directory / shard_name(0)
     with RowReader(directory, manifest) as reader:

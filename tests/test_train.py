@@ -309,6 +309,18 @@ def test_three_ranks_resumed_end_with_the_bits_of_a_run_never_stopped(data, tmp_
         max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+def test_a_compiled_step_on_two_ranks_trains(data, tmp_path):
+    """train.compile compiled the DDP wrapper, whose graph splitter (dynamo's DDP optimizer) refuses
+    the per-parameter gradient buckets of an exact run: an AssertionError at the first step."""
+    run = tmp_path / "run"
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "dmhpc.train", "--config", str(TINY),
+         *_overrides(data, run, "train.epochs=1", "train.max_steps=2", "train.compile=true")],
+        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
+
+
 def _epoch_records(run_dir) -> list[dict]:
     return [r for r in map(json.loads, (Path(run_dir) / "metrics.jsonl").read_text().splitlines())
             if r["kind"] == "epoch"]

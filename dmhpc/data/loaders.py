@@ -371,8 +371,9 @@ def make_train_loader(
 def eval_batches(directory, split: str, *, batch_size: int, rank: int, world_size: int, device, mean, std):
     """Iterator of (x, y, index) over this rank's contiguous part of `split`, in row order.
 
-    No shuffling, augmentation or dropping: the ranks' parts (sizes may differ by one row) are
-    consecutive, so gathering from ranks 0, 1, ... gives the split in row order. x is normalized
+    No shuffling, augmentation or dropping: the ranks' parts (whole batches, `eval_rows`; a split
+    of fewer batches than ranks leaves some without rows) are consecutive, so gathering from
+    ranks 0, 1, ... gives the split in row order. x is normalized
     float32 on `device` with the per-channel `mean` and `std` (see `domain_stats`), y its int64
     labels there, index a numpy int64 array of global indices (rows of the input arrays).
     """

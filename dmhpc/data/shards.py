@@ -913,7 +913,8 @@ class RowReader:
     def _check_unchanged(self, number: int) -> None:
         """A shard cut short (or grown: written over) under the open file is an error: HDF5 reads
         zeros past a file's new end, and the rows would be trained on or predicted as they are not.
-        Checked after each read, at the cost of one fstat. The size, not the times: `touch` (a
+        Checked after each read, at the cost of one fstat (2 us here). A file written over in place
+        at the same size is not seen: the checks at the next start see it. The size, not the times: `touch` (a
         scratch purge avoided) and chmod change those and no byte. A shard replaced by a rename
         (prepare's move) is not seen here: the open file is the old one, still whole."""
         then = self._sizes.get(number)

@@ -154,6 +154,8 @@ def _read_catalog(catalog: Path):
     try:
         beside = provenance_file(catalog)
         if fmt == "ascii.csv":
+            if not catalog.is_file():
+                raise FileNotFoundError(catalog)
             if not beside.is_file():  # a CSV copied without it: "not a catalog of predict" named nothing to fetch
                 raise DmhpcError(f"{catalog}: its provenance file {beside.name} is not beside it (plain CSV "
                                  f"keeps predict's metadata there); copy it along")

@@ -69,7 +69,7 @@ class Built:
     model: MergerProbability  # eval mode, CPU
     info: dict                # the checkpoint: checkpoint_info and its SHA-256
     shape: list               # the input's (C, H, W)
-    cfg: Config               # the run's configuration, as the checkpoint was trained with
+    cfg: Config               # config.yaml, checked against the checkpoint's (RunDir.check_trained_with)
     data: dict                # the data sets it was trained on, with their statistics, by role
 
 

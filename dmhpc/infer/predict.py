@@ -620,7 +620,7 @@ def predict_arguments(parser) -> None:
     parser.add_argument("--layout", choices=["NCHW", "NHWC"],
                         help="of --images or of the cutouts, where their shape does not tell (as in prepare)")
     parser.add_argument("--out", required=True, type=Path,
-                        help="the catalog to write: .parquet, .fits, .csv, .ecsv, .h5 or .hdf5 (by extension)")
+                        help=f"the catalog to write: {', '.join(CATALOG_FORMATS)} (the format by extension)")
     parser.add_argument("--tta", action="store_true",
                         help="average over the 8 flips and 90-degree rotations (4 flips for non-square images); adds p_merger_std (8x the work)")
     parser.add_argument("--normalize", default="target", choices=["target", "own"],

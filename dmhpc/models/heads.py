@@ -12,7 +12,7 @@ class DomainDiscriminator(nn.Module):
     """features -> hidden -> hidden -> 1 domain logit, ReLU and dropout between (section B.3).
 
     forward(features, coeff) first reverses the gradient with coefficient `coeff` (from
-    `dmhpc.losses.grl_coefficient(step, total_steps)`, a function of the global step), then
+    `dmhpc.losses.grl_coefficient(step, total_steps, cfg.loss.grl)`, a function of the global step), then
     returns logits of shape (N,): pass them to `dmhpc.losses.dann_loss`, which applies the
     sigmoid inside a numerically safe BCE. Initialisation as FisherDA: hidden weights N(0, 0.01),
     output N(0, 0.3), biases 0.

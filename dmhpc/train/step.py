@@ -13,6 +13,7 @@ loss terms and outputs detached and on the device: nothing here waits for the de
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 
 import torch
@@ -50,6 +51,34 @@ def autocast(amp: str, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
 
 
+def _wrapped(model: torch.nn.Module, cfg, dist) -> tuple[torch.nn.Module, bool]:
+    """The model as the step calls it (in DDP across ranks, compiled with train.compile), and
+    whether its calls must run with dynamo's DDP optimizer off.
+
+    One gradient bucket per parameter where a resumed run is promised the bits of one never
+    stopped (on a CPU; on a GPU with train.deterministic): the ring all-reduce of 3 or more ranks
+    sums an element in an order set by its place in its bucket, and DDP starts with every gradient
+    in one bucket and lays them out anew after its first step, so the first step after a resume
+    summed in another order than the uninterrupted run's (weights 1e-9 to 1e-7 apart at 3 ranks;
+    2 ranks' sums commute). A parameter's own bucket keeps every element's place: a per-bucket cap
+    of 0, for the first layout and the rebuilt one alike (a plain bucket_cap_mb leaves the first
+    whole). An all-reduce per parameter: nothing beside a CPU step. Compiled, dynamo's DDP
+    optimizer would split the graph at those buckets, and refuses buckets of 0 bytes: it is off
+    for those calls (one graph; its overlap of the all-reduces with the backward matters on a
+    GPU, where only train.deterministic asks for these buckets). A torch older than the pinned one,
+    without per-bucket caps, keeps DDP's default buckets, and the bits beyond 2 ranks go.
+    """
+    if dist.world_size > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel
+        device_ids = [dist.device.index] if dist.device.type == "cuda" else None
+        exact = (dist.device.type != "cuda" or cfg.train.deterministic) and \
+            "bucket_cap_mb_list" in inspect.signature(ddp).parameters
+        model = ddp(model, device_ids=device_ids, bucket_cap_mb_list=[0]) if exact else ddp(model, device_ids=device_ids)
+    else:
+        exact = False
+    return (torch.compile(model), exact) if cfg.train.compile else (model, False)
+
+
 class TrainStep:
     """The configured optimizer step over one (xs, ys, xt, yt) batch; see the module docstring."""
 
@@ -58,22 +87,7 @@ class TrainStep:
         self.cfg, self.state = cfg, state
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.schedule_steps_per_epoch = schedule_steps_per_epoch or steps_per_epoch
-        model = state.model
-        if dist.world_size > 1:
-            # One gradient bucket per parameter where a resumed run is promised the bits of one never
-            # stopped (on a CPU; on a GPU with train.deterministic): the ring all-reduce of 3 or more
-            # ranks sums an element in an order set by its place in its bucket, and DDP starts with
-            # all gradients in one bucket and lays them out anew after its first step, so the first
-            # step after a resume summed in another order than the uninterrupted run's (weights
-            # 1e-7 apart at 3 ranks; 2 ranks' sums commute). A parameter's own bucket keeps every
-            # element's place (a per-bucket cap of 0, for the first layout and the rebuilt one
-            # alike; a plain bucket_cap_mb leaves the first one whole). An all-reduce per parameter:
-            # nothing beside a CPU step.
-            exact = dist.device.type != "cuda" or cfg.train.deterministic
-            model = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[dist.device.index] if dist.device.type == "cuda" else None,
-                bucket_cap_mb_list=[0] if exact else None)
-        self.forward = torch.compile(model) if cfg.train.compile else model
+        self.forward, self._whole_graph = _wrapped(state.model, cfg, dist)
         self.autocast = autocast(cfg.train.amp, dist.device)
         self._lr = None  # the scale last applied: groups are updated only when it changes
 
@@ -101,7 +115,8 @@ class TrainStep:
         if cfg.train.channels_last:
             xs = xs.contiguous(memory_format=torch.channels_last)
             xt = xt.contiguous(memory_format=torch.channels_last)
-        with self.autocast:
+        whole = torch._dynamo.config.patch(optimize_ddp=False) if self._whole_graph else contextlib.nullcontext()
+        with self.autocast, whole:
             loss, terms, outputs = self.forward(xs, ys, xt, self.grl(step))
         state.optimizer.zero_grad(set_to_none=True)
         state.scaler.scale(loss).backward()
