@@ -309,12 +309,26 @@ def test_three_ranks_resumed_end_with_the_bits_of_a_run_never_stopped(data, tmp_
         max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
+COMPILED_WITHOUT_CODEGEN = """
+import sys
+import torch
+
+compile = torch.compile
+# Dynamo and its DDP optimizer as in any compiled run; no inductor code generation (minutes on 2 cores).
+torch.compile = lambda model, **kwargs: compile(model, backend="aot_eager")
+from dmhpc.cli import main
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
 def test_a_compiled_step_on_two_ranks_trains(data, tmp_path):
     """train.compile compiled the DDP wrapper, whose graph splitter (dynamo's DDP optimizer) refuses
     the per-parameter gradient buckets of an exact run: an AssertionError at the first step."""
     run = tmp_path / "run"
+    script = tmp_path / "compiled.py"
+    script.write_text(COMPILED_WITHOUT_CODEGEN)
     proc = subprocess.run(
-        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "dmhpc.train", "--config", str(TINY),
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), "--config", str(TINY),
          *_overrides(data, run, "train.epochs=1", "train.max_steps=2", "train.compile=true")],
         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

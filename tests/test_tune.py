@@ -418,7 +418,8 @@ def test_a_trial_with_a_pruned_trials_values_waits_for_its_cancelled_job_to_end(
     """A pruned trial's job is cancelled and saves before it ends, holding its run directory (on
     SLURM its state reads CANCELLED meanwhile). A trial asking for the same values at once (TPE can)
     failed as "in use" instead of resuming the run. Here the job ends at its cancel, and a process
-    it left holds the run's lock for a few seconds more."""
+    it left holds the run's lock for a few seconds more (counted from the job's start: a job slow to
+    start on a loaded machine outlasted a hold counted from the holder's own start)."""
     from optuna.trial import TrialState
 
     from dmhpc.launch.tune import _Running, _Search
@@ -434,7 +435,11 @@ def test_a_trial_with_a_pruned_trials_values_waits_for_its_cancelled_job_to_end(
     saving = subprocess.Popen([sys.executable, "-c", f"""if True:
         import time; from pathlib import Path; from dmhpc.files import hold_lock
         with hold_lock(Path({str(run_dir / RUN_LOCK)!r}), "held", "holder"):
-            Path({str(t.out / "holding")!r}).touch(); time.sleep(4)"""], cwd=ROOT)
+            Path({str(t.out / "holding")!r}).touch()
+            deadline = time.monotonic() + 120
+            while not Path({str(t.out / "started")!r}).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(4)"""], cwd=ROOT)
     deadline = time.monotonic() + 60
     while not ((t.out / "holding").exists() and (t.out / "started").exists()):
         assert time.monotonic() < deadline and saving.poll() is None and not job.done()
