@@ -89,6 +89,11 @@ def result_text(result: dict) -> str:
     return json.dumps(result, indent=2) + "\n"
 
 
+def statistics(entry: Mapping) -> tuple[list[float], list[float]]:
+    """(mean, std) per channel of a data set's record (run.json's, a checkpoint's), as floats."""
+    return [float(v) for v in entry["mean"]], [float(v) for v in entry["std"]]
+
+
 def check_shape(path, shape, trained) -> None:
     """Refuse images of another (C, H, W) than the run trained on: the network fails on them with a
     RuntimeError traceback deep in its layers, after the work before it."""
@@ -251,8 +256,7 @@ class RunDir:
 
     def normalization(self, role: str) -> tuple[list[float], list[float]]:
         """(mean, std) per channel the run normalized `role` with."""
-        entry = self.data_record(role)
-        return [float(v) for v in entry["mean"]], [float(v) for v in entry["std"]]
+        return statistics(self.data_record(role))
 
     def trained_data(self, state: Mapping, checkpoint: Path) -> dict:
         """The data sets the checkpoint `checkpoint` (loaded as `state`) was trained on, by role, with

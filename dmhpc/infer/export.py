@@ -31,14 +31,15 @@ import torch
 from torch import nn
 
 from dmhpc import __version__
-from dmhpc.config import Config, config_from_dict, config_to_dict
+from dmhpc.config import config_from_dict, config_to_dict
 from dmhpc.data.shards import file_sha256
 from dmhpc.distributed import bootstrap, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, locked_directory, staged_write
 from dmhpc.names import MERGER_THRESHOLD
-from dmhpc.run import RunDir
-from dmhpc.train.checkpoint import checkpoint_info, chosen_with_target_labels, load_checkpoint_sha256, load_weights
+from dmhpc.infer.trained import Trained, load_trained
+from dmhpc.run import RunDir, statistics
+from dmhpc.train.checkpoint import chosen_with_target_labels
 from dmhpc.train.objective import build_backbone
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -67,24 +68,12 @@ class Built:
     """What an export holds, read from the run once: the card describes these, never the run as it
     is when the export (tens of seconds for ONNX) ends."""
     model: MergerProbability  # eval mode, CPU
-    info: dict                # the checkpoint: checkpoint_info and its SHA-256
-    shape: list               # the input's (C, H, W)
-    cfg: Config               # config.yaml, checked against the checkpoint's (RunDir.check_trained_with)
-    data: dict                # the data sets it was trained on, with their statistics, by role
+    trained: Trained          # the checkpoint's network, configuration, data sets and statistics
 
 
 def build(run: RunDir, checkpoint: str = "best") -> Built:
-    cfg = run.config()
-    path = run.checkpoint(checkpoint)
-    state, sha256 = load_checkpoint_sha256(path)
-    run.check_trained_with(state, path)
-    data = run.trained_data(state, path)
-    shape = list(data["source"]["shape"])
-    net = build_backbone(cfg, shape[0])
-    load_weights(net, state, path)
-    mean, std = (data["target"][k] for k in ("mean", "std"))
-    model = MergerProbability(net, [float(v) for v in mean], [float(v) for v in std]).eval()
-    return Built(model, {**checkpoint_info(checkpoint, state), "sha256": sha256}, shape, cfg, data)
+    trained = load_trained(run, checkpoint)
+    return Built(MergerProbability(trained.net, *statistics(trained.data["target"])).eval(), trained)
 
 
 def _onnx(model: MergerProbability, example: torch.Tensor, out: Path, tmp: Path) -> float:
@@ -146,7 +135,8 @@ def load_safetensors(path) -> MergerProbability:
 
 
 def model_card(run: RunDir, built: Built, fmt: str, out: Path, onnx_max_diff: float | None) -> dict:
-    cfg, info, shape = built.cfg, built.info, built.shape
+    trained = built.trained
+    cfg, data, info = trained.cfg, trained.data, {**trained.info, "sha256": trained.sha256}
     result = run.read_result(info["name"], "test")
     tested = (result or {}).get("checkpoint", {})
     if result is not None and (tested.get("sha256", info["sha256"]) != info["sha256"]
@@ -156,12 +146,12 @@ def model_card(run: RunDir, built: Built, fmt: str, out: Path, onnx_max_diff: fl
         result = None
     card = {
         "model": {"file": out.name, "format": fmt, "architecture": cfg.model.name, "dmhpc": __version__},
-        "input": {"name": "image", "shape": ["N", *shape], "layout": "NCHW (channels in the training data's order)",
+        "input": {"name": "image", "shape": ["N", *trained.shape], "layout": "NCHW (channels in the training data's order)",
                   "dtype": "float32", "normalization": "built in: the run's target-domain statistics",
-                  "mean": built.data["target"]["mean"], "std": built.data["target"]["std"]},
+                  "mean": data["target"]["mean"], "std": data["target"]["std"]},
         "output": {"name": "p_merger", "shape": ["N"], "meaning": "probability that the galaxy is a merger (class 1)",
                    "threshold": MERGER_THRESHOLD},
-        "data": {role: {k: built.data[role].get(k) for k in ("path", "fingerprint", "shape")}
+        "data": {role: {k: data[role].get(k) for k in ("path", "fingerprint", "shape")}
                  for role in ("source", "target")},
         "checkpoint": info,
         "selection": {"criterion": info.get("criterion"), "score": info.get("score"),
@@ -251,7 +241,7 @@ def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool 
                 f" (without its {cards['json'].name}: an export that did not finish?)"
             raise DmhpcError(f"--out {out}: exists{unfinished}; --overwrite replaces it")
         built = build(run, checkpoint)
-        model, example = built.model, torch.zeros(2, *built.shape)
+        model, example = built.model, torch.zeros(2, *built.trained.shape)
         onnx_diff, staged = None, {}
         try:
             with atomic_path(out) as tmp:
@@ -260,7 +250,7 @@ def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool 
                 elif fmt == "torchscript":
                     _torchscript(model, example, tmp)
                 else:
-                    _safetensors(model, config_to_dict(built.cfg), tmp)
+                    _safetensors(model, config_to_dict(built.trained.cfg), tmp)
                 card = model_card(run, built, fmt, out, onnx_diff)
                 card["model"]["sha256"] = file_sha256(tmp)  # what a receiver checks the file against
                 for kind, text in (("md", _card_markdown(card)), ("json", json.dumps(card, indent=2) + "\n")):

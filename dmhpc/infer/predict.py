@@ -21,7 +21,7 @@ rank and many give the same catalog, bit for bit on CPU, and a killed and rerun 
 catalog of an uninterrupted one.
 
 Normalization: `--normalize target` (default) applies the per-channel statistics the run
-normalized its target domain with during training (recorded in RUN/run.json), so a new survey is
+normalized its target domain with during training (recorded in the checkpoint), so a new survey is
 seen exactly as the run's target images were; `--normalize own` uses the new images' own
 statistics (a prepared set's training statistics, else one extra pass over the images), which
 is what per-domain normalization means for a survey whose flux scale differs from the target's.
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -54,10 +55,9 @@ from dmhpc.files import (atomic_path, atomic_write, inside, locked_directory, ma
 from dmhpc.progress import progress_bar
 from dmhpc.infer.sources import DIGEST_BLOCK, Source, open_source
 from dmhpc.names import MERGER_THRESHOLD, VERIFY_LEVELS
-from dmhpc.run import RunDir, check_shape
-from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, STOP_SIGNALS, StopRequest, checkpoint_info,
-                                   load_checkpoint_sha256, load_weights)
-from dmhpc.train.objective import build_backbone
+from dmhpc.infer.trained import load_trained
+from dmhpc.run import RunDir, check_shape, statistics
+from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, STOP_SIGNALS, StopRequest
 from dmhpc.train.step import autocast
 
 HDF5_TABLE = "catalog"  # the table's path inside an HDF5 catalog
@@ -83,25 +83,19 @@ class Model:
     """A run's classifier for inference: input normalization, forward, merger probability."""
 
     def __init__(self, run: RunDir, checkpoint: str, device: torch.device, amp: str = "none"):
-        self.cfg = run.config()
-        # Name, epoch and step alone are the same for a run retrained with --overwrite.
-        self.path = run.checkpoint(checkpoint)
-        # The catalog records the SHA-256 of what was loaded, a moved or copied run keeps it (its path and
-        # a retrained run's step say less).
-        state, self.sha256 = load_checkpoint_sha256(self.path)
-        self.checkpoint = checkpoint_info(checkpoint, state)
-        run.check_trained_with(state, self.path)
-        self.data = run.trained_data(state, self.path)  # shapes and statistics: of these weights
-        self.net = build_backbone(self.cfg, self.data["source"]["shape"][0]).to(device).eval()
-        load_weights(self.net, state, run.checkpoint(checkpoint))
+        trained = load_trained(run, checkpoint)
+        # The catalog records the SHA-256 of what was loaded: name, epoch and step alone are the same
+        # for a run retrained with --overwrite.
+        self.cfg, self.path, self.sha256, self.data = trained.cfg, trained.path, trained.sha256, trained.data
+        self.checkpoint = trained.info
+        self.net = trained.net.to(device)
         if self.cfg.train.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
         self.device, self.amp = device, amp
 
     def normalization(self, role: str) -> tuple[list[float], list[float]]:
         """(mean, std) per channel the run normalized `role` ("source" or "target") with."""
-        entry = self.data[role]
-        return [float(v) for v in entry["mean"]], [float(v) for v in entry["std"]]
+        return statistics(self.data[role])
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> torch.Tensor:
@@ -603,17 +597,20 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
 
 
 def predict_arguments(parser) -> None:
+    d = {name: p.default for name, p in inspect.signature(predict).parameters.items()}  # the defaults' one home
     # --run-dir too: under torchrun, --run is an ambiguous abbreviation of torchrun's own --run-path.
     parser.add_argument("--run", "--run-dir", dest="run", required=True, type=Path,
                         help="run directory (write --run-dir under torchrun)")
-    parser.add_argument("--checkpoint", default="best", choices=["best", "last"], help="default: best")
+    parser.add_argument("--checkpoint", default=d["checkpoint"], choices=["best", "last"],
+                        help=f"default: {d['checkpoint']}")
     parser.add_argument("--data", type=Path, metavar="DIR", help="a prepared data set (every split, or --split)")
     parser.add_argument("--split", choices=["train", "val", "test"], help="with --data: this split only")
     parser.add_argument("--images", type=Path, metavar="FILE",
                         help="a .npy array or FITS cube, (N, C, H, W) or (N, H, W, C) (see --layout)")
     parser.add_argument("--catalog", type=Path, metavar="TABLE",
                         help="a catalog (CSV, ECSV, FITS, Parquet or HDF5 table) of FITS cutouts, or of the --images rows")
-    parser.add_argument("--id-column", default="id", metavar="NAME", help="catalog id column (default: id)")
+    parser.add_argument("--id-column", default=d["id_column"], metavar="NAME",
+                        help=f"catalog id column (default: {d['id_column']})")
     parser.add_argument("--label-column", metavar="NAME", help="catalog label column, copied to the output")
     parser.add_argument("--file-column", metavar="NAME", help="catalog cutout file column")
     parser.add_argument("--cutouts", type=Path, metavar="DIR", help=CUTOUTS_HELP)
@@ -623,15 +620,16 @@ def predict_arguments(parser) -> None:
                         help=f"the catalog to write: {', '.join(CATALOG_FORMATS)} (the format by extension)")
     parser.add_argument("--tta", action="store_true",
                         help="average over the 8 flips and 90-degree rotations (4 flips for non-square images); adds p_merger_std (8x the work)")
-    parser.add_argument("--normalize", default="target", choices=["target", "own"],
-                        help="target (default): the statistics the run normalized its target domain with; "
-                             "own: these images' own statistics")
+    parser.add_argument("--normalize", default=d["normalize"], choices=["target", "own"],
+                        help=f"target: the statistics the run normalized its target domain with; own: these images' own "
+                             f"statistics (default: {d['normalize']})")
     # Parts of the digest's blocks: each cutout of a survey is then stat'ed once (see Source.cutout_files).
-    parser.add_argument("--part-size", type=int, default=DIGEST_BLOCK, metavar="N",
-                        help=f"images per part, the unit of resumption (default {DIGEST_BLOCK}); a multiple of "
+    parser.add_argument("--part-size", type=int, default=d["part_size"], metavar="N",
+                        help=f"images per part, the unit of resumption (default {d['part_size']}); a multiple of "
                              f"--batch-size")
-    parser.add_argument("--batch-size", type=int, default=256, metavar="N", help="default 256")
-    parser.add_argument("--amp", default="none", choices=["none", "bf16"], help="autocast (default none)")
+    parser.add_argument("--batch-size", type=int, default=d["batch_size"], metavar="N",
+                        help=f"default {d['batch_size']}")
+    parser.add_argument("--amp", default=d["amp"], choices=["none", "bf16"], help=f"autocast (default {d['amp']})")
     parser.add_argument("--nan-fill", type=float, metavar="VALUE", help="replace NaN pixels by VALUE")
     parser.add_argument("--verify", choices=VERIFY_LEVELS,
                         help="with --data: check every shard's SHA-256 (checksums, the default; reads the data set "
