@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -184,6 +185,22 @@ def test_explain_draws_the_filters_asked_for_and_says_which(run_on_survey, tmp_p
         err = capsys.readouterr().err
         assert f"--rgb {rgb}: {problem}" in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "no").exists()
+
+
+def test_explain_checks_the_filters_against_the_checkpoint_it_loads(run_on_survey, tmp_path, capsys):
+    """--rgb was checked against run.json's channels, read apart from the checkpoint: a run.json of
+    another run (one replacing it, here one of a single filter) let 1,2,3 through to a traceback."""
+    pytest.importorskip("captum")
+    run = tmp_path / "run"
+    shutil.copytree(run_on_survey, run)
+    record = json.loads((run / "run.json").read_text())
+    for entry in record["data"].values():
+        entry["shape"][0], entry["mean"], entry["std"] = 1, entry["mean"][:1], entry["std"][:1]
+    (run / "run.json").write_text(json.dumps(record))
+    assert main(["explain", "--run", str(run), "--rgb", "1,2,3", "--out", str(tmp_path / "no")]) == 1
+    err = capsys.readouterr().err
+    assert "--rgb 1,2,3: three channel indices from 0 to 2 (the run's images have 3 filters)" in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "no").exists()
 
 
 @pytest.mark.parametrize("fmt", ["fits", "csv"])

@@ -290,10 +290,6 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
     run.refuse_inside(out, "--out")
     if out.exists() and not out.is_dir():  # failed with a traceback on the first figure's name in it
         raise DmhpcError(f"--out {out}: is a file; explain writes a folder of figures, name one")
-    channels = run.data_record("source")["shape"][0]  # fewer than 3: drawn in grey, `rgb` unused
-    if len(rgb) != 3 or (channels >= 3 and not all(0 <= k < channels for k in rgb)):
-        raise DmhpcError(f"--rgb {','.join(map(str, rgb))}: three channel indices from 0 to {channels - 1} "
-                         f"(the run's images have {channels} filters)")
     dist = bootstrap()
     held = contextlib.ExitStack()
     try:
@@ -309,6 +305,11 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             model = _catalog_model(Path(catalog), table, run, checkpoint, dist.device)
         else:
             model = Model(run, checkpoint or "best", dist.device)
+        # The checkpoint's channels, read with its weights (run.json may be of a run that replaced it).
+        channels = model.data["source"]["shape"][0]  # fewer than 3: drawn in grey, `rgb` unused
+        if len(rgb) != 3 or (channels >= 3 and not all(0 <= k < channels for k in rgb)):
+            raise DmhpcError(f"--rgb {','.join(map(str, rgb))}: three channel indices from 0 to {channels - 1} "
+                             f"(the run's images have {channels} filters)")
 
         def claim_out() -> None:  # once the inputs are read: a typo in them must not cost the old grids
             def claim() -> None:
@@ -384,6 +385,7 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
 
 
 def explain_arguments(parser) -> None:
+    d = {name: p.default for name, p in inspect.signature(explain).parameters.items()}  # the defaults' one home
     parser.add_argument("--run", "--run-dir", dest="run", required=True, type=Path,
                         help="run directory (write --run-dir under torchrun)")
     parser.add_argument("--checkpoint", choices=["best", "last"],
@@ -393,15 +395,16 @@ def explain_arguments(parser) -> None:
     parser.add_argument("--catalog", type=Path, metavar="CATALOG",
                         help="a dmhpc predict catalog: explain its top merger candidates")
     # --count too: under torchrun, --n is an ambiguous abbreviation of torchrun's --nnodes and others.
-    parser.add_argument("--n", "--count", dest="n", type=int, default=6,
-                        help="images per domain and class, or with --catalog the top candidates (default 6; "
-                             "write --count under torchrun)")
-    parser.add_argument("--seed", type=int, help="which test images are drawn (default 0; not with --catalog, whose "
-                                                 "top candidates are explained)")
+    parser.add_argument("--n", "--count", dest="n", type=int, default=d["n"],
+                        help=f"images per domain and class, or with --catalog the top candidates (default {d['n']}; "
+                             f"write --count under torchrun)")
+    parser.add_argument("--seed", type=int, help=f"which test images are drawn (default {d['seed']}; not with "
+                                                 f"--catalog, whose top candidates are explained)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNG grids")
-    parser.add_argument("--rgb", default="2,1,0", metavar="R,G,B",
-                        help="the filters (channel indices) drawn red, green and blue (default 2,1,0: the last "
-                             "red; the embedded set and DeepMerge's F814W, F356W, F160W in wavelength order: 1,2,0)")
+    rgb = ",".join(map(str, d["rgb"]))
+    parser.add_argument("--rgb", default=rgb, metavar="R,G,B",
+                        help=f"the filters (channel indices) drawn red, green and blue (default {rgb}: the last red; "
+                             f"the embedded set and DeepMerge's F814W, F356W, F160W in wavelength order: 1,2,0)")
     parser.add_argument("--overwrite", action="store_true", help="replace the explanation already in --out")
 
 
@@ -417,5 +420,5 @@ def explain_main(args) -> int:
     except ValueError:
         raise DmhpcError(f"--rgb {args.rgb}: three channel indices, as 1,2,0") from None
     explain(args.run, args.out, checkpoint=args.checkpoint, data=args.data, catalog=args.catalog, n=args.n,
-            seed=0 if args.seed is None else args.seed, overwrite=args.overwrite, rgb=rgb)
+            **({} if args.seed is None else {"seed": args.seed}), overwrite=args.overwrite, rgb=rgb)
     return 0
