@@ -54,11 +54,11 @@ DOMAINS = mapping("a non-empty mapping of each domain's name to its files", empt
 class Options:
     """How every domain is converted (the command line's options, as values)."""
 
-    shard_size: int = 4096
+    shard_size: int = shards.SHARD_SIZE
     seed: int = 0
-    fractions: tuple = (0.7, 0.1, 0.2)
+    fractions: tuple = shards.SPLIT_FRACTIONS
     layout: str | None = None
-    dtype: str = "float32"
+    dtype: str = shards.DTYPES[0]
     num_classes: int = 2
     overwrite: bool = False
     group_duplicates: bool = False

@@ -38,6 +38,9 @@ CONTENT_KEY = "content_sha256"  # the manifest's last key: the SHA-256 of the re
 UNLABELLED = -1  # the label of every image of an unlabelled data set
 SPLITS = ("train", "val", "test")
 DTYPES = ("float32", "float16")
+# Defaults of a conversion (`dmhpc prepare`'s Options, write_dataset): rows per shard, and the train,
+# val and test fractions of the objects.
+SHARD_SIZE, SPLIT_FRACTIONS = 4096, (0.7, 0.1, 0.2)
 ROW_KEYS = ("images", "labels", "objects", "index")  # what a shard holds per row (and "ids" where kept)
 
 # Files this format writes. Names alone do not make them ours (another tool's manifest.json, someone's
@@ -305,11 +308,11 @@ def plan_dataset(
     labels,
     objects,
     *,
-    shard_size: int = 4096,
-    seed: int = 0,
-    fractions=(0.7, 0.1, 0.2),
-    dtype: str = "float32",
-    num_classes: int = 2,
+    shard_size: int,
+    seed: int,
+    fractions,
+    dtype: str,
+    num_classes: int,
     names: dict | None = None,
     ids=None,
 ) -> Plan:
@@ -674,10 +677,10 @@ def write_dataset(
     objects,
     out_dir: str | os.PathLike,
     *,
-    shard_size: int = 4096,
+    shard_size: int = SHARD_SIZE,
     seed: int = 0,
-    fractions=(0.7, 0.1, 0.2),
-    dtype: str = "float32",
+    fractions=SPLIT_FRACTIONS,
+    dtype: str = DTYPES[0],
     num_classes: int = 2,
     overwrite: bool = False,
 ) -> dict:
