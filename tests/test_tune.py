@@ -155,11 +155,13 @@ def test_a_second_tuner_on_the_same_out_is_refused(data, tmp_path):
 
 
 def test_a_trial_below_the_median_is_pruned_and_its_job_stopped(data, tmp_path):
-    """The first trial trains; the second cannot learn (lr 1e-12: IM stays near 0, its initial value)
-    and is stopped at an evaluation past the warm-up, long before its 40 epochs end."""
+    """The first trial trains (3 epochs: the median the pruner compares with at each of them); the
+    second cannot learn (lr 1e-12: IM stays near 0, its initial value) and is stopped at an
+    evaluation past the warm-up, long before its 40 epochs end."""
     s = spec(data, tmp_path, trials=2, parallel=1, pruner={"startup_trials": 1, "warmup_epochs": 0},
-             overrides=tiny_overrides(data, **{"train.epochs": 40}), space={"optim.lr": [0.01, 1.0e-12]},
-             enqueue=[{"optim.lr": 0.01}, {"optim.lr": 1.0e-12}])
+             overrides={k: v for k, v in tiny_overrides(data).items() if k != "train.epochs"},
+             space={"optim.lr": [0.01, 1.0e-12], "train.epochs": [3, 40]},
+             enqueue=[{"optim.lr": 0.01, "train.epochs": 3}, {"optim.lr": 1.0e-12, "train.epochs": 40}])
     tune(s, poll_s=0.1)
     out = tmp_path / "tune"
     first, second = _study(out).get_trials()
