@@ -34,6 +34,21 @@ def data(make_domains):
     return make_domains(64)  # 45 training rows: 2 steps of 16 per epoch
 
 
+@pytest.fixture(scope="module")
+def trained_once(data, tmp_path_factory):
+    """A run of one epoch, trained once for the module; a test takes its own copy (`run`)."""
+    run = tmp_path_factory.mktemp("trained") / "run"
+    proc = train(data, run, "train.epochs=1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return run
+
+
+@pytest.fixture
+def run(trained_once, tmp_path):
+    """A copy of `trained_once` at TMP/run (a run resumes wherever it lies)."""
+    return Path(shutil.copytree(trained_once, tmp_path / "run"))
+
+
 def train_args(data, run, *extra, source=None, target=None):
     return ["--config", str(TINY), f"data.source={source or data / 'pristine'}",
             f"data.target={target or data / 'noisy'}", f"run.dir={run}", *extra]
@@ -66,6 +81,18 @@ def one_line_error(proc, *parts) -> str:
     for part in parts:
         assert part in err, err
     return err
+
+
+def refused_at_start(capsys, data, run, *extra, said: tuple, **kw) -> None:
+    """one_line_error for a refusal before training, in this process: no child's start-up (seconds)."""
+    from dmhpc.cli import main
+
+    capsys.readouterr()
+    assert main(["train", *train_args(data, run, *extra, **kw)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("dmhpc train: error: "), err[-3000:]
+    for part in said:
+        assert part in err, err
 
 
 # --- the run directory --------------------------------------------------------------------------
@@ -110,9 +137,7 @@ def test_a_second_trainer_is_refused_and_a_killed_ones_run_resumes(data, tmp_pat
     assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 12
 
 
-def test_a_changed_configuration_is_refused_before_anything_is_written(data, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert train(data, run, "train.epochs=1").returncode == 0
+def test_a_changed_configuration_is_refused_before_anything_is_written(data, run, capsys):
     def files():  # all but the lock, whose holder note each start rewrites
         return {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
 
@@ -120,8 +145,8 @@ def test_a_changed_configuration_is_refused_before_anything_is_written(data, tmp
     for change, part in (("model.name=deepmerge", 'model.name "deepmerge2" -> "deepmerge"'),
                          ("train.batch_size=8", "train.batch_size 16 -> 8"), ("seed=3", "seed 1 -> 3"),
                          ("train.amp=bf16", 'train.amp "none" -> "bf16"')):
-        one_line_error(train(data, run, "train.epochs=2", change), f"{run / 'checkpoints' / 'last.pt'}: the run was trained "
-                       f"with another configuration: {part}")
+        refused_at_start(capsys, data, run, "train.epochs=2", change,
+                         said=[f"{run / 'checkpoints' / 'last.pt'}: the run was trained with another configuration: {part}"])
     assert files() == before
     from dmhpc.cli import main
 
@@ -130,31 +155,27 @@ def test_a_changed_configuration_is_refused_before_anything_is_written(data, tmp
     text = (run / "config.yaml").read_text()
     assert "  lr: 0.001\n" in text
     (run / "config.yaml").write_text(text.replace("  lr: 0.001\n", "  lr: 0.002\n"))
-    one_line_error(train(data, run, "train.epochs=2", "optim.lr=0.002"),
-                   f"{run / 'checkpoints' / 'last.pt'}: the run was trained with another configuration: optim.lr "
-                   f"0.001 -> 0.002")
+    refused_at_start(capsys, data, run, "train.epochs=2", "optim.lr=0.002",
+                     said=[f"{run / 'checkpoints' / 'last.pt'}: the run was trained with another configuration: "
+                           f"optim.lr 0.001 -> 0.002"])
 
 
 @pytest.mark.parametrize("field, value, said", [
     ("epoch", "1", "progress.epoch '1': expected a whole number >= 0"),  # a TypeError traceback
     ("best_score", "hi", "progress.best_score 'hi': expected a number"),  # a TypeError after a whole epoch
     ("step_in_epoch", 50, "progress.step_in_epoch 50 is past the 2 steps of an epoch of this run")])  # ended early
-def test_a_checkpoint_with_an_edited_progress_is_one_line(data, tmp_path, field, value, said):
-    run = tmp_path / "run"
-    assert train(data, run, "train.epochs=1").returncode == 0
+def test_a_checkpoint_with_an_edited_progress_is_one_line(data, run, capsys, field, value, said):
     path = RunDir(run).checkpoint("last")
     state = load_checkpoint(path)
     state["progress"][field] = value
     torch.save(state, path)
-    one_line_error(train(data, run, "train.epochs=2"), str(path), said)
+    refused_at_start(capsys, data, run, "train.epochs=2", said=[str(path), said])
 
 
-def test_a_checkpoint_without_a_world_size_rolls_an_epoch_it_ended_over(data, tmp_path):
+def test_a_checkpoint_without_a_world_size_rolls_an_epoch_it_ended_over(data, run):
     """A checkpoint of dmhpc before the world size was recorded counts its epoch's steps in a world
     that may not be this one: a step_in_epoch at or past the end is that epoch done (it was, before
     the edited-checkpoint refusal above), not an edit."""
-    run = tmp_path / "run"
-    assert train(data, run, "train.epochs=1").returncode == 0
     path = RunDir(run).checkpoint("last")
     state = load_checkpoint(path)
     state["progress"].update(world_size=0, loader="", step_in_epoch=50, epoch=0)  # as dmhpc before them wrote
@@ -165,10 +186,8 @@ def test_a_checkpoint_without_a_world_size_rolls_an_epoch_it_ended_over(data, tm
     assert epochs == [0, 1]  # epoch 0 taken as done, epoch 1 trained
 
 
-def test_resume_none_on_an_existing_run_needs_overwrite(data, tmp_path):
-    run = tmp_path / "run"
-    assert train(data, run, "train.epochs=1").returncode == 0
-    one_line_error(train(data, run, "train.epochs=1", "--resume", "none"), "already holds a run")
+def test_resume_none_on_an_existing_run_needs_overwrite(data, run, capsys):
+    refused_at_start(capsys, data, run, "train.epochs=1", "--resume", "none", said=["already holds a run"])
     replaced = train(data, run, "train.epochs=1", "seed=4", "--resume", "none", "--overwrite")
     assert replaced.returncode == 0, replaced.stderr[-2000:]
     assert RunDir(run).config().seed == 4
@@ -281,29 +300,29 @@ def copy_dataset(src: Path, dst: Path) -> Path:
     return dst
 
 
-def test_a_damaged_shard_is_refused_unless_checksums_are_skipped(data, tmp_path):
+def test_a_damaged_shard_is_refused_unless_checksums_are_skipped(data, tmp_path, capsys):
     """100,000 sign-flipped floats in a shard used to train silently."""
     damaged = copy_dataset(data / "pristine", tmp_path / "pristine")
     with h5py.File(damaged / shard_name(0), "r+") as f:
         f["images"][:8] = -f["images"][:8]  # 8 x 3 x 75 x 75 = 135,000 floats
     run = tmp_path / "run"
-    one_line_error(train(data, run, "train.epochs=1", source=damaged),
-                   f"data.source {damaged}: 1 problem: shard-00000.h5 checksum mismatch", "dmhpc verify")
+    refused_at_start(capsys, data, run, "train.epochs=1", source=damaged,
+                     said=[f"data.source {damaged}: 1 problem: shard-00000.h5 checksum mismatch", "dmhpc verify"])
     assert not run.exists()  # refused before anything was written
     ok = train(data, run, "train.epochs=1", "data.verify=structure", source=damaged)
     assert ok.returncode == 0, ok.stderr[-2000:]
 
 
-def test_manifest_split_lists_are_checked(data, tmp_path):
+def test_manifest_split_lists_are_checked(data, tmp_path, capsys):
     edited = copy_dataset(data / "noisy", tmp_path / "noisy")
     manifest = json.loads((edited / "manifest.json").read_text())
     manifest["splits"]["val"][0] = manifest["splits"]["train"][0]  # a training image also validated on
     (edited / "manifest.json").write_text(json.dumps(manifest))
-    one_line_error(train(data, tmp_path / "run", "train.epochs=1", target=edited),
-                   f"data.target: {edited / 'manifest.json'}: edited since prepare wrote it")
+    refused_at_start(capsys, data, tmp_path / "run", "train.epochs=1", target=edited,
+                     said=[f"data.target: {edited / 'manifest.json'}: edited since prepare wrote it"])
     write_manifest(edited, manifest)  # sealed again (by a tool): the split lists are still checked
-    one_line_error(train(data, tmp_path / "run", "train.epochs=1", target=edited),
-                   f"data.target {edited}: manifest.json: splits: index", "is in both train and val")
+    refused_at_start(capsys, data, tmp_path / "run", "train.epochs=1", target=edited,
+                     said=[f"data.target {edited}: manifest.json: splits: index", "is in both train and val"])
 
 
 def write(root: Path, name: str, images, labels, **kw) -> Path:
@@ -312,7 +331,7 @@ def write(root: Path, name: str, images, labels, **kw) -> Path:
 
 
 @pytest.mark.parametrize("case", ["empty val", "empty test", "16x16", "3 classes", "one class"])
-def test_what_would_fail_later_is_refused_at_start(data, tmp_path, case):
+def test_what_would_fail_later_is_refused_at_start(data, tmp_path, capsys, case):
     rng = np.random.default_rng(0)
     n = 64
     images, labels = rng.normal(size=(n, 3, 75, 75)), np.arange(n) % 2
@@ -333,13 +352,13 @@ def test_what_would_fail_later_is_refused_at_start(data, tmp_path, case):
         expected = "the training split holds class 0 only"
     run = tmp_path / "run"
     target = src if case == "16x16" else None
-    one_line_error(train(data, run, "train.epochs=1", source=src, target=target), expected)
+    refused_at_start(capsys, data, run, "train.epochs=1", source=src, target=target, said=[expected])
     assert not run.exists()
 
 
-def test_a_seed_beyond_numpy_is_a_config_error(data, tmp_path):
-    one_line_error(train(data, tmp_path / "run", "seed=4294967296"),
-                   "command line: seed: expected an integer from 0 to 4294967295, got 4294967296")
+def test_a_seed_beyond_numpy_is_a_config_error(data, tmp_path, capsys):
+    refused_at_start(capsys, data, tmp_path / "run", "seed=4294967296",
+                     said=["command line: seed: expected an integer from 0 to 4294967295, got 4294967296"])
 
 
 # --- a full disk ----------------------------------------------------------------------------------
@@ -385,11 +404,9 @@ def test_a_full_disk_while_logging_a_step_under_two_ranks_is_every_ranks_one_lin
     assert err.count(": No space left on device") == 2, err[-3000:]  # the log or the events folder
 
 
-def test_an_events_folder_that_cannot_be_opened_is_every_ranks_one_line(data, tmp_path):
+def test_an_events_folder_that_cannot_be_opened_is_every_ranks_one_line(data, run):
     """Rank 0 opened TensorBoard's writer on its own: its OSError was a traceback, and rank 1 died
     in a gloo traceback at the next collective. Here the folder is a file (a hand-edited run)."""
-    run = tmp_path / "run"
-    assert train(data, run, "train.epochs=1").returncode == 0
     shutil.rmtree(run / "tensorboard")
     (run / "tensorboard").write_text("not a folder")
     proc = subprocess.run([str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node=2",
