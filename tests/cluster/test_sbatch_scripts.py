@@ -26,37 +26,10 @@ def test_train_ddp_refuses_a_missing_config_before_starting_anything(slurm_clust
     assert job.output.strip() == f"train_ddp.sh: error: config 'no/such.yaml' not found (in {tmp_path})", job
 
 
-def test_train_ddp_trains_the_tiny_config_on_two_nodes(slurm_cluster, tmp_path, make_domains):
-    data = make_domains(64)
-    run = tmp_path / "run"
-    job = slurm_cluster.wait(slurm_cluster.sbatch(
-        "--nodes=2", "--cpus-per-task=2", f"--output={tmp_path}/out", "slurm/train_ddp.sh", "configs/tiny.yaml",
-        f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}", f"run.dir={run}", "train.epochs=1",
-        cwd=REPO, env=JOB_ENV), timeout=300)
-    assert (job.state, job.exit_code) == ("COMPLETED", 0), job
-    assert "torch.distributed.run --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d" in job.output, job
-    assert (run / "checkpoints" / "last.pt").is_file() and (run / "metrics.jsonl").is_file(), job
-
-
-def test_prepare_mpi_renders_and_converts_with_ranks_on_two_nodes(slurm_cluster, tmp_path):
-    pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install dmhpc[mpi])")
-    raw, shards = tmp_path / "raw", tmp_path / "shards"
-    job = slurm_cluster.wait(slurm_cluster.sbatch(
-        "--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/out", "slurm/prepare_mpi.sh",
-        "configs/data/embedded.yaml", "--synth", "4", "--root", str(raw), "--out", str(shards),
-        cwd=REPO, env=JOB_ENV), timeout=240)
-    assert (job.state, job.exit_code) == ("COMPLETED", 0), job
-    # One MPI world of 2 ranks reports once per domain; 2 worlds of 1 would each report.
-    assert job.output.count("pristine: 8 images") == 1 and job.output.count("noisy: 8 images") == 1, job
-    for domain in ("pristine", "noisy"):
-        verify = subprocess.run([sys.executable, "-m", "dmhpc", "verify", str(shards / domain)],
-                                capture_output=True, text=True, timeout=120)
-        assert verify.returncode == 0, verify.stdout + verify.stderr
-
-
 def test_prepare_mpi_renders_the_survey_a_survey_config_reads(slurm_cluster, tmp_path):
     """The survey config reads survey_X.npy, which synth writes only with --survey (the job rendered
-    without it and prepare failed on the missing file); that render also serves embedded.yaml."""
+    without it and prepare failed on the missing file); that render also serves embedded.yaml,
+    converted by one MPI world of ranks on both nodes."""
     pytest.importorskip("mpi4py", reason="mpi4py is not installed (pip install dmhpc[mpi])")
     raw, shards = tmp_path / "raw", tmp_path / "shards"
 
@@ -71,7 +44,13 @@ def test_prepare_mpi_renders_the_survey_a_survey_config_reads(slurm_cluster, tmp
     job = slurm_cluster.wait(submit("configs/data/embedded.yaml", "pristine"), timeout=240)
     assert (job.state, job.exit_code) == ("COMPLETED", 0), job
     assert "already holds the render --n-per-class 4 --seed 0 --survey" in job.output, job
-    assert "dmhpc synth:" not in job.output and "pristine: 8 images" in job.output, job
+    assert "dmhpc synth:" not in job.output, job
+    # One MPI world of 2 ranks reports once per domain; 2 worlds of 1 would each report.
+    assert job.output.count("pristine: 8 images") == 1 and job.output.count("noisy: 8 images") == 1, job
+    for domain in ("pristine", "noisy"):
+        verify = subprocess.run([sys.executable, "-m", "dmhpc", "verify", str(shards / domain)],
+                                capture_output=True, text=True, timeout=120)
+        assert verify.returncode == 0, verify.stdout + verify.stderr
 
     # --set counts as prepare counts it: the noisy domain read from the survey's files needs them.
     overrides = [f"--set=domains.noisy.{key}=survey_{name}.npy" for key, name in
@@ -159,6 +138,7 @@ def test_train_ddp_checkpoints_on_usr2_requeues_and_resumes(slurm_cluster, tmp_p
     # torchrun report the 75; when the first node's agent, which hosts the rendezvous store, exits
     # before the second has collected its worker, the second reports the lost store instead: seen
     # once in CI under load. The checkpoint, the requeue and the weights below are what matter.)
+    assert "torch.distributed.run --nnodes=2 --nproc-per-node=1 --rdzv-backend=c10d" in job.output, job
     assert job.output.count("exitcode: 75") >= 1 and "requeueing job" in job.output, job
     assert "checkpoint written at step" in job.output and "resumed from" in job.output, job
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"kind": "step"' in line]
