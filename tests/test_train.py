@@ -800,7 +800,10 @@ def test_autocast_channels_last(data, tmp_path, amp):
 
 def test_compiled_step_matches_the_eager_step(data, tmp_path):
     """train.compile=true: the step is compiled (train.compile ignored by the step used to pass every
-    test), computes the same losses, and checkpoints keep eager keys."""
+    test), computes the same losses, and checkpoints keep eager keys. Every frame dynamo starts it
+    compiles: the loss terms, which set autocast and matmul precision around themselves, are left
+    out on purpose, not after a failed trace (4 of 28 frames failed, and the rest of each step ran
+    eagerly)."""
     import torch._dynamo
 
     def first_step(run):
@@ -812,7 +815,8 @@ def test_compiled_step_matches_the_eager_step(data, tmp_path):
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = first_step(tmp_path / "compiled")
-    assert sum(torch._dynamo.utils.counters["frames"].values()) > 0  # dynamo traced the step's forward
+    frames = torch._dynamo.utils.counters["frames"]
+    assert frames["total"] > 0 and frames["ok"] == frames["total"], dict(frames)  # dynamo traced the forward
     assert eager["loss"].keys() == compiled["loss"].keys()
     for term, value in eager["loss"].items():
         assert math.isclose(compiled["loss"][term], value, rel_tol=1e-4), term

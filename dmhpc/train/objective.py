@@ -62,9 +62,17 @@ class DomainAdaptation(nn.Module):
 
     def forward(self, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, grl_coeff: float):
         """Returns (total loss, {term: detached value}, {name: detached outputs for metrics})."""
-        n = xs.shape[0]
         # One pass over source and target together, as the original: BatchNorm sees both domains.
         feats, logits = self.backbone(torch.cat([xs, xt]))
+        return self._losses(feats, logits, ys, grl_coeff)
+
+    # Eager under train.compile, the backbone compiled: every term switches autocast and
+    # reduced-precision matmuls off around itself (losses/precision.py), process settings a graph
+    # cannot change. Traced, dynamo broke off at the first term after a failed attempt and ran the
+    # rest of the step eagerly, differently for each loss configuration.
+    @torch.compiler.disable
+    def _losses(self, feats: torch.Tensor, logits: torch.Tensor, ys: torch.Tensor, grl_coeff: float):
+        n = ys.shape[0]
         fs, ft = feats[:n], feats[n:]
         loss = self.loss_cfg
         terms = {"classifier": F.cross_entropy(logits[:n].float(), ys)}
