@@ -388,7 +388,7 @@ def test_a_failure_in_the_moves_into_place_keeps_the_new_set(two_domains, tmp_pa
     monkeypatch.setattr(os, "replace", fails_in_noisy)
     assert_fails(capsys, ["prepare", "--data-config", config, "--shard-size", "16"],
                  f"{out / 'noisy'}: cannot move the new data set into place (Input/output error); what is not moved "
-                 f"yet is in {out / 'noisy' / shards.STAGING}; convert again with --overwrite")
+                 f"yet is in {out / 'noisy' / shards.STAGING}; convert again")
     assert MANIFEST in os.listdir(out / "noisy" / shards.STAGING)  # kept: a whole set to move by hand
     monkeypatch.setattr(os, "replace", real)
     # Once the new manifest is in place, what is left is tidying: a failure there is a warning.
@@ -420,6 +420,73 @@ def test_a_failure_in_the_moves_into_place_keeps_the_new_set(two_domains, tmp_pa
     monkeypatch.setattr(shards, "start_dataset", fails_in_noisy_start)
     assert_fails(capsys, ["prepare", "--data-config", config, "--out", str(fresh)], "cannot prepare the output")
     assert not (fresh / "pristine").exists() and not (fresh / "noisy").exists()
+
+
+KILLED_IN_THE_MOVES = """
+import os, sys
+from pathlib import Path
+from dmhpc.cli import main
+real = os.replace
+def replace(src, dst):  # the process dies as the second folder's first shard is moved (SIGKILL: no cleanup)
+    if Path(src).parent.name == ".dmhpc-new" and Path(dst).parent.name == "noisy":
+        os._exit(137)
+    return real(src, dst)
+os.replace = replace
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_conversion_killed_between_two_folders_moves_leaves_neither_readable(two_domains, tmp_path, monkeypatch,
+                                                                                capsys):
+    """Domains converted together share their splits. A conversion killed after the first folder's
+    moves and before the second's left a new set beside an old one (or none), each read as finished:
+    a seed changed with --overwrite gave a source and a target whose splits disagree, silently."""
+    from dmhpc.data.check import verify_dataset
+
+    root, config = two_domains
+    out = tmp_path / "out"
+
+    def killed(*extra):
+        argv = ["prepare", "--data-config", config, "--shard-size", "16", *extra]
+        done = subprocess.run([sys.executable, "-c", KILLED_IN_THE_MOVES, *argv], env=clean_env(), cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 137, done.stderr
+        assert (out / "noisy" / shards.STAGING / MANIFEST).exists()  # killed in the moves, not before them
+        for name in ("pristine", "noisy"):
+            with pytest.raises(DmhpcError, match=f"{out / name / INCOMPLETE}: a conversion into {out / name} did "
+                                                 f"not finish moving its data sets into place; run the same dmhpc "
+                                                 f"prepare again"):
+                load_manifest(out / name)
+        return argv
+
+    # A first conversion: running it again finishes it, without --overwrite.
+    argv = killed()
+    assert main(argv) == 0
+    first = load_manifest(out / "pristine")["splits"]
+    assert load_manifest(out / "noisy")["splits"] == first
+    # Replacing both with another seed.
+    argv = killed("--overwrite", "--seed", "5")
+    assert main(["verify", str(out / "pristine")]) == 1
+    assert "did not finish moving its data sets into place" in capsys.readouterr().err
+    assert main(argv) == 0
+    assert load_manifest(out / "pristine")["splits"] == load_manifest(out / "noisy")["splits"] != first
+    assert verify_dataset(out / "pristine") == [] and verify_dataset(out / "noisy") == []
+    assert not [p for p in out.rglob("*") if p.name in (INCOMPLETE, shards.STAGING)]
+    # A mark that cannot be made (a full disk) moves nothing, takes back the marks made before it and
+    # leaves nothing of the conversion.
+    kept = {name: shard_bytes(out / name) for name in ("pristine", "noisy")}
+    real_touch = Path.touch
+
+    def no_room_in_noisy(path, *rest, **named):
+        if path == out / "noisy" / INCOMPLETE:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_touch(path, *rest, **named)
+
+    monkeypatch.setattr(Path, "touch", no_room_in_noisy)
+    assert_fails(capsys, argv, f"{out / 'noisy' / INCOMPLETE}: cannot mark the data set as being replaced (No space "
+                               f"left on device)")
+    assert {name: shard_bytes(out / name) for name in ("pristine", "noisy")} == kept
+    assert load_manifest(out / "pristine")["splits"] == load_manifest(out / "noisy")["splits"]
 
 
 def test_two_conversions_into_one_folder(inputs, tmp_path, monkeypatch, capsys):

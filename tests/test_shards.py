@@ -195,6 +195,29 @@ def test_files_named_as_ours_are_not_taken_for_ours(tmp_path, dataset):
     assert sorted(os.listdir(killed)) == [MANIFEST, "shard-00000.h5"]
 
 
+def test_a_mark_that_cannot_be_made_takes_back_only_the_marks_made_with_it(tmp_path, monkeypatch):
+    """A folder an interrupted conversion left marked stays refused when the next conversion's marks
+    fail: taking its mark back would make a half-replaced set readable."""
+    from dmhpc.data.shards import mark_datasets
+
+    left, fresh, full = (tmp_path / name for name in ("left", "fresh", "full"))
+    for folder in (left, fresh, full):
+        folder.mkdir()
+    (left / INCOMPLETE).touch()
+    real_touch = type(tmp_path).touch
+
+    def no_room(path, *rest, **named):
+        if path.parent == full:
+            raise OSError(28, os.strerror(28), str(path))
+        return real_touch(path, *rest, **named)
+
+    monkeypatch.setattr(type(tmp_path), "touch", no_room)
+    with pytest.raises(DmhpcError, match=f"^{full / INCOMPLETE}: cannot mark the data set as being replaced "
+                                         r"\(No space left on device\)$"):
+        mark_datasets([left, fresh, full])
+    assert (left / INCOMPLETE).exists() and not (fresh / INCOMPLETE).exists()
+
+
 def test_ranges_across_shards_read_as_their_rows_one_after_another(dataset):
     """The block loaders read a batch as pieces: each range's rows, shard boundaries (16 rows)
     crossed, empty ranges and the set's last row included, in order, the keys asked only."""

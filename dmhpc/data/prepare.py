@@ -413,6 +413,7 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
                         inputs=inputs, layout=d["layout"],
                     )
                 )
+            shards.mark_datasets([d["out"] for d in planned])
             return manifests
 
         try:
@@ -425,7 +426,7 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
             raise
         # Every manifest written before any data set is replaced: a failure until now left them all
         # as they were. One in the moves themselves (renames) is said, and nothing is abandoned.
-        _agree(comm, lambda: [shards.publish_dataset(d["out"]) for d in planned] if rank == 0 else None)
+        _agree(comm, lambda: shards.publish_datasets([d["out"] for d in planned]) if rank == 0 else None)
         if rank == 0:
             for d, m in zip(planned, manifests):
                 split = ", ".join(f"{s} {b - a}" for s, (a, b) in m["rows"].items())

@@ -10,6 +10,7 @@ The command `dmhpc info` lives here too; `dmhpc verify` is dmhpc/data/check.py.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import threading
@@ -548,8 +549,8 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
     """Refuse an output directory holding a finished data set or foreign files, unless overwrite.
 
-    A directory holding only this format's staging folder, or shards and temporary files under the
-    mark of a conversion (an interrupted one) is accepted: converting again finishes the job.
+    A directory holding only this format's staging folder, or shards, temporary files and a manifest
+    under the mark of a conversion (an interrupted one) is accepted: converting again finishes the job.
     Nothing is written here.
     """
     out_dir = Path(out_dir)
@@ -571,7 +572,7 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Non
                          f"replace; choose another directory (or remove them, if dmhpc wrote them)")
     if overwrite:
         return
-    if manifest == "dmhpc":
+    if manifest == "dmhpc" and INCOMPLETE not in names:  # (marked: one this conversion's moves left unfinished)
         raise DmhpcError(f"{out_dir}: already holds a data set ({MANIFEST}); pass --overwrite to replace it")
     foreign = [n for n in names if not (_OWN_FILE.fullmatch(n) or is_temporary(n) or n in (INCOMPLETE, STAGING))]
     if foreign:
@@ -611,7 +612,7 @@ def _owner_of_manifest(out_dir: Path) -> str:
 def start_dataset(out_dir: str | os.PathLike) -> Path:
     """Create the output directory and an empty staging folder in it, where the conversion writes
     (what a killed one left there goes); the staging folder's path. The directory's own files stay
-    until `publish_dataset`."""
+    until `publish_datasets`."""
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -622,28 +623,53 @@ def start_dataset(out_dir: str | os.PathLike) -> Path:
     return out_dir / STAGING
 
 
-def publish_dataset(out_dir: str | os.PathLike) -> None:
-    """Move a finished conversion from the staging folder into place: the old data set's files go
-    first (its manifest first), the new manifest comes last. Files dmhpc did not write stay."""
-    out_dir = Path(out_dir)
-    staging = out_dir / STAGING
+def mark_datasets(out_dirs: list) -> None:
+    """Mark each output folder (INCOMPLETE) as about to be replaced, before `publish_datasets` moves
+    the first file: readers refuse a marked folder (`load_manifest`), and the marks go only once the
+    last folder's new set is in place. Data sets converted together share their splits, so a
+    conversion killed between two folders' moves must not leave one new set beside an old one whose
+    splits disagree with it (a test object of one a training object of the other), readable as if
+    nothing had happened. A mark that cannot be made takes back those made before it (not one an
+    interrupted conversion left: its folder stays refused)."""
+    made = []
     try:
-        (out_dir / INCOMPLETE).touch()  # first: a move killed midway is known as ours, and completed
-        _remove_own_files(out_dir)
-        for name in sorted(n for n in os.listdir(staging) if _SHARD_FILE.fullmatch(n)):
-            os.replace(staging / name, out_dir / name)
-        os.replace(staging / MANIFEST, out_dir / MANIFEST)
+        for out_dir in map(Path, out_dirs):
+            if not (out_dir / INCOMPLETE).exists():
+                (out_dir / INCOMPLETE).touch()
+                made.append(out_dir)
+            fsync_directory(out_dir)
     except OSError as exc:
-        # The new set's files not moved yet stay in the staging folder: the caller does not abandon it.
-        raise DmhpcError(f"{out_dir}: cannot move the new data set into place ({exc.strerror}); what is not "
-                         f"moved yet is in {staging}; convert again with --overwrite") from None
-    fsync_directory(out_dir)
-    try:  # the new set is in place now: what is left is tidying
-        staging.rmdir()
-        (out_dir / INCOMPLETE).unlink()
-    except OSError as exc:
-        print(f"dmhpc prepare: warning: {out_dir}: the new data set is in place, but {exc.filename} could not be "
-              f"removed ({exc.strerror}); remove it by hand", file=sys.stderr, flush=True)
+        for out_dir in made:
+            with contextlib.suppress(OSError):
+                (out_dir / INCOMPLETE).unlink()
+        raise DmhpcError(f"{exc.filename}: cannot mark the data set as being replaced ({exc.strerror})") from None
+
+
+def publish_datasets(out_dirs: list) -> None:
+    """Move finished conversions, marked by `mark_datasets`, from their staging folders into place:
+    the old data sets' files go first (each manifest first), each new manifest comes last; then the
+    marks go. Files dmhpc did not write stay."""
+    out_dirs = [Path(d) for d in out_dirs]
+    for out_dir in out_dirs:
+        staging = out_dir / STAGING
+        try:
+            _remove_own_files(out_dir)
+            for name in sorted(n for n in os.listdir(staging) if _SHARD_FILE.fullmatch(n)):
+                os.replace(staging / name, out_dir / name)
+            os.replace(staging / MANIFEST, out_dir / MANIFEST)
+        except OSError as exc:
+            # The new set's files not moved yet stay in the staging folder: the caller does not abandon it.
+            raise DmhpcError(f"{out_dir}: cannot move the new data set into place ({exc.strerror}); what is not "
+                             f"moved yet is in {staging}; convert again") from None
+        fsync_directory(out_dir)
+    for out_dir in out_dirs:
+        try:  # every new set is in place now: what is left is tidying
+            (out_dir / STAGING).rmdir()
+            (out_dir / INCOMPLETE).unlink()
+        except OSError as exc:
+            print(f"dmhpc prepare: warning: {out_dir}: the new data set is in place, but {exc.filename} could not be "
+                  f"removed ({exc.strerror}); remove it by hand (the data set is refused as unfinished until then)",
+                  file=sys.stderr, flush=True)
 
 
 def abandon_dataset(out_dir: str | os.PathLike, remove_dir: bool = False) -> None:
@@ -702,10 +728,11 @@ def write_dataset(
     try:
         results = write_shards([(plan, staging, k) for k in range(plan.num_shards)])
         manifest = finish_dataset(plan, staging, results)
+        mark_datasets([out_dir])
     except DmhpcError:
         abandon_dataset(out_dir, remove_dir=created)  # a failed write leaves nothing behind
         raise
-    publish_dataset(out_dir)
+    publish_datasets([out_dir])
     return manifest
 
 
@@ -844,6 +871,9 @@ def fingerprint(manifest: dict) -> str:
 def load_manifest(directory: str | os.PathLike) -> dict:
     """Read and validate DIR/manifest.json; DmhpcError naming the file if missing or invalid."""
     path = Path(directory) / MANIFEST
+    if (Path(directory) / INCOMPLETE).exists():
+        raise DmhpcError(f"{Path(directory) / INCOMPLETE}: a conversion into {directory} did not finish moving its "
+                         f"data sets into place; run the same dmhpc prepare again")
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
