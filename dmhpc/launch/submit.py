@@ -329,8 +329,12 @@ def make_executor(kind: str, folder: Path, res: Resources, name: str) -> submiti
             slurm_additional_parameters=dict(res.additional_parameters) or None,
             slurm_array_parallelism=res.array_parallelism, slurm_signal_delay_s=res.signal_delay_s,
             # From Slurm 22.05 srun no longer takes --cpus-per-task from the job: said again, or
-            # each task (rank) gets one CPU for its loader workers and threads.
-            slurm_srun_args=[f"--cpus-per-task={res.cpus_per_task}"] if res.cpus_per_task else None)
+            # each task (rank) gets one CPU for its loader workers and threads. --kill-on-bad-exit: a
+            # rank that fails or is killed (out of memory, a lost node) ends the job's other ranks, as
+            # in slurm/lib.sh, instead of leaving them to wait in a collective or at the rendezvous
+            # until its 30-minute timeout, holding their GPUs.
+            slurm_srun_args=[*([f"--cpus-per-task={res.cpus_per_task}"] if res.cpus_per_task else []),
+                             "--kill-on-bad-exit=1"])
         if res.gpu_type and res.gpus_per_node:  # submitit's generic gpus_per_node takes a number only
             params.pop("gpus_per_node")
             params["slurm_gpus_per_node"] = f"{res.gpu_type}:{res.gpus_per_node}"
@@ -511,7 +515,10 @@ class TrainTask(submitit.helpers.Checkpointable):
                 # submitit's handler: checkpoint(), requeue, exit; it does not return.
                 signal.raise_signal(signal.Signals[preempt_signal()])
             # No result file from this run: it would be taken for the result of the requeued one.
-            sys.exit(code)
+            # Exit 0, not the requeue code: under --kill-on-bad-exit a non-zero exit here makes srun
+            # end the step, rank 0 with it (SIGTERM, which submitit ignores, then SIGKILL after the
+            # site's KillWait), before rank 0 has requeued the job where that takes longer.
+            sys.exit(0)
         return {"rank": env.global_rank, "exit_code": code}
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -169,6 +171,44 @@ def test_interrupted_job_requeues_resumes_and_ends_with_the_uninterrupted_weight
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def _task_pid(job_id: str, procid: int) -> int | None:
+    """The pid of the submitit task process of rank `procid` in job `job_id` (an array's "ID_TASK")."""
+    array_job, _, task = job_id.partition("_")
+    want = {f"SLURM_ARRAY_JOB_ID={array_job}", f"SLURM_ARRAY_TASK_ID={task}"} if task else {f"SLURM_JOB_ID={job_id}"}
+    want.add(f"SLURM_PROCID={procid}")
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if b"submitit.core._submit" not in (entry / "cmdline").read_bytes():
+                continue
+            if want <= set((entry / "environ").read_bytes().decode(errors="replace").split("\0")):
+                return int(entry.name)
+        except OSError:
+            continue  # gone meanwhile
+    return None
+
+
+def test_a_rank_killed_ends_the_other_ranks_of_its_job(slurm_cluster, tmp_path, job_env, make_domains):
+    """A rank killed before the rendezvous (out of memory, a lost node) left the other rank waiting
+    there until the 30-minute timeout: submitit's srun had no --kill-on-bad-exit."""
+    data = make_domains(64)
+    grid = load_grid({
+        "base": str(TINY), "out": str(tmp_path / "grid"), "executor": "slurm", "grid": {"seed": [1]},
+        "overrides": {"data.source": str(data / "pristine"), "data.target": str(data / "noisy"),
+                      "train.epochs": 1, "train.batch_size": 4},
+        "slurm": {"nodes": 2, "tasks_per_node": 1, "cpus_per_task": 1, "time": 10}})
+    job = _submit(grid)["seed=1"]
+    pid = None
+    deadline = time.monotonic() + 120
+    while pid is None:  # rank 1 is caught in its imports, seconds before it can reach the rendezvous
+        assert time.monotonic() < deadline, slurm_cluster.diagnostics(job.job_id)
+        pid = _task_pid(job.job_id, 1)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    record = slurm_cluster.wait(job.job_id, timeout=120)  # srun's KillWait (30 s) included
+    assert (record.state, record.restarts) == ("FAILED", 0), record
+    assert not (grid.points[0].run_dir / "checkpoints" / "last.pt").exists()
 
 
 def test_scaling_study_one_versus_two_nodes(slurm_cluster, tmp_path, job_env, make_domains):
