@@ -407,6 +407,33 @@ def test_a_damaged_jobs_file_is_one_line_and_submits_nothing(tmp_path, monkeypat
     assert submitted.read_text() == "x\n"  # the first launch's array only
 
 
+def test_a_damaged_submission_record_is_one_line_and_submits_nothing(tmp_path, monkeypatch, capsys):
+    """OUT/submitit/submitting.json, left by a launcher killed between sbatch and jobs.json, is how the
+    next launch finds that launcher's jobs: a hand-edited one is refused, not ignored (its jobs'
+    points would be submitted a second time)."""
+    from dmhpc.cli import main
+
+    submitted = tmp_path / "sbatch-calls"
+    fake_commands(tmp_path, monkeypatch, {"sbatch": f'echo x >> {submitted}\necho "Submitted batch job 1234"\n',
+                                          "squeue": "true\n"})
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({"base": str(TINY), "out": str(tmp_path / "out"), "executor": "slurm",
+                                         "grid": {"seed": [0, 1]}}))
+    pending = tmp_path / "out" / "submitit" / "submitting.json"
+    pending.parent.mkdir(parents=True)
+    pending.write_text('{"token": "abc", "tasks": 1, "points": ["seed=0"]}')
+    assert main(["grid", str(grid_file), "--no-wait"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"dmhpc grid: error: {pending}: damaged (no key 'configs'); remove it, after scancel of any job squeue "
+                   f"shows with the comment dmhpc-launch:<token> (its points are then submitted again)\n"), err
+    assert not submitted.exists()
+    # One whose jobs are no longer queued: its points are submitted, and it goes.
+    pending.write_text('{"token": "abc", "tasks": 1, "points": ["seed=0"], "configs": [{}]}')
+    assert main(["grid", str(grid_file), "--no-wait"]) == 0
+    assert submitted.read_text() == "x\n" and not pending.exists()
+    assert "2 point(s): 0 finished, 0 still queued, 2 submitted" in capsys.readouterr().out
+
+
 def test_a_second_launcher_into_the_same_out_is_refused_in_one_line(tmp_path, capsys):
     """Two launchers of one OUT both found the points unfinished and ran each twice: local jobs met in
     the run directory, where one failed as "in use by another trainer"; SLURM jobs went in twice."""

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,10 @@ from dmhpc.rendezvous import slurm_rendezvous
 EXECUTORS = ("slurm", "local", "debug")
 TRACE_RULE = "----------------------\n"  # around the job's traceback in submitit's FailedJobError
 JOBS_FILE = "jobs.json"  # OUT/submitit/jobs.json: point name -> Slurm job id, to find jobs still queued
+# OUT/submitit/submitting.json: the job array being submitted (its points, and a token sbatch gets as
+# the jobs' comment), written before sbatch and removed once jobs.json holds its jobs.
+SUBMITTING_FILE = "submitting.json"
+SUBMISSION_COMMENT = "dmhpc-launch:"  # + the token: how squeue shows a submission's jobs
 CONTROLLERS_LOG = "local_controllers.log"  # OUT/submitit/: what submitit's local job controllers say
 LAUNCH_LOCK = "launch.lock"  # OUT/submitit/launch.lock: held by the launcher running points into OUT
 
@@ -82,6 +87,7 @@ LAUNCHER_SBATCH = {
     "open-mode": "the launcher (a requeued job appends to its log)",
     "no-requeue": "the launcher (its jobs are requeued at a time limit or preemption)",
     "wait": "the launcher (it waits for its jobs itself)",
+    "comment": "the launcher (the token that finds a submission's jobs)",
 }
 # A local job's where the file gives none: submitit's local controller always enforces one (its own
 # default cut every local run off after an hour, and failed it after max_num_timeout such cut-offs).
@@ -310,8 +316,10 @@ def use_gpus(executor: submitit.AutoExecutor, gpus: tuple[int, ...] | None) -> N
         executor._executor.update_parameters(visible_gpus=gpus)
 
 
-def make_executor(kind: str, folder: Path, res: Resources, name: str) -> submitit.AutoExecutor:
-    """A submitit executor for `kind` ("slurm", "local" or "debug") asking for `res` per job."""
+def make_executor(kind: str, folder: Path, res: Resources, name: str,
+                  comment: str | None = None) -> submitit.AutoExecutor:
+    """A submitit executor for `kind` ("slurm", "local" or "debug") asking for `res` per job (on
+    Slurm with `comment` as the jobs' comment)."""
     executor = submitit.AutoExecutor(folder=folder, cluster=kind, slurm_max_num_timeout=res.max_num_timeout,
                                      local_max_num_timeout=res.max_num_timeout)
     minutes = res.time_min or (SLURM_MINUTES if kind == "slurm" else LOCAL_UNLIMITED_MINUTES)
@@ -326,7 +334,7 @@ def make_executor(kind: str, folder: Path, res: Resources, name: str) -> submiti
             slurm_partition=res.partition, slurm_account=res.account, slurm_qos=res.qos,
             slurm_constraint=res.constraint, slurm_exclusive=res.exclusive or None,
             slurm_setup=list(res.setup) or None,
-            slurm_additional_parameters=dict(res.additional_parameters) or None,
+            slurm_additional_parameters=dict(res.additional_parameters) or None, slurm_comment=comment,
             slurm_array_parallelism=res.array_parallelism, slurm_signal_delay_s=res.signal_delay_s,
             # From Slurm 22.05 srun no longer takes --cpus-per-task from the job: said again, or
             # each task (rank) gets one CPU for its loader workers and threads. --kill-on-bad-exit: a
@@ -524,18 +532,56 @@ class TrainTask(submitit.helpers.Checkpointable):
 
 # --- submitting, re-attaching and waiting ----------------------------------------------------------
 
-def _queued_slurm_jobs() -> set[str]:
-    """Ids of every job of this user Slurm still has (pending, running, requeued), array tasks as
-    ARRAY_TASK. Only this user's: a large site's whole queue is slow to list and loads its controller."""
+def _squeue(fmt: str) -> list[str]:
+    """squeue's lines in `fmt` for every job of this user Slurm still has (pending, running,
+    requeued), array tasks one by one (ARRAY_TASK). Only this user's: a large site's whole queue is
+    slow to list and loads its controller."""
     try:
-        proc = subprocess.run(["squeue", "-h", "-r", "-o", "%i", f"--user={os.getuid()}"],
+        proc = subprocess.run(["squeue", "-h", "-r", "-o", fmt, f"--user={os.getuid()}"],
                               capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.SubprocessError) as exc:
         raise DmhpcError(f"squeue: cannot list queued jobs to avoid submitting a point twice: {exc}") from None
     if proc.returncode != 0:
         raise DmhpcError(f"squeue: cannot list queued jobs to avoid submitting a point twice: "
                          f"{proc.stderr.strip()}")
-    return set(proc.stdout.split())
+    return proc.stdout.splitlines()
+
+
+def _queued_slurm_jobs() -> set[str]:
+    """Ids of every job of this user Slurm still has, array tasks as ARRAY_TASK."""
+    return {line.strip() for line in _squeue("%i") if line.strip()}
+
+
+def _submitted_unrecorded(folder: Path) -> dict:
+    """The jobs.json entries of a submission whose launcher was killed (SIGKILL, a lost login
+    session) after sbatch and before jobs.json: its jobs, still queued, found by the token in their
+    comment. The next launch submitted their points a second time beside them. Where this machine
+    has no squeue, the file is another cluster's (an OUT copied here): none."""
+    path = folder / SUBMITTING_FILE
+    if not path.is_file():
+        return {}
+    try:
+        pending = json.loads(path.read_text(encoding="utf-8"))
+        token, tasks, names, configs = (pending[k] for k in ("token", "tasks", "points", "configs"))
+        if not (isinstance(token, str) and token and type(tasks) is int and isinstance(names, list)
+                and isinstance(configs, list) and len(names) == len(configs)):
+            raise ValueError("a field of the wrong type")
+    except OSError as exc:
+        raise DmhpcError(f"{path}: cannot read ({exc.strerror})") from None
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
+        what = f"no key {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise DmhpcError(f"{path}: damaged ({what}); remove it, after scancel of any job squeue shows with the "
+                         f"comment {SUBMISSION_COMMENT}<token> (its points are then submitted again)") from None
+    if shutil.which("squeue") is None:
+        return {}
+    found = {}
+    for line in _squeue("%i %k"):
+        job_id, _, comment = line.strip().partition(" ")
+        if f"{SUBMISSION_COMMENT}{token}" in comment.split():
+            index = int(job_id.partition("_")[2] or 0)  # (submitit submits an array of one as one job)
+            if index < len(names):
+                found[names[index]] = {"job_id": job_id, "tasks": tasks, "config": configs[index]}
+    return found
 
 
 def _submitted_as(entry: Mapping, point: Point) -> bool:
@@ -603,7 +649,10 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     if kind not in EXECUTORS:
         raise DmhpcError(f"executor {kind!r}: expected one of {', '.join(EXECUTORS)}")
     folder.mkdir(parents=True, exist_ok=True)
-    recorded = _read_jobs(folder) if kind == "slurm" else {}
+    recorded = {**_read_jobs(folder), **_submitted_unrecorded(folder)} if kind == "slurm" else {}
+    if (folder / SUBMITTING_FILE).exists() and kind == "slurm":  # what the killed launcher left: recorded now
+        atomic_write(folder / JOBS_FILE, json.dumps(recorded, indent=1) + "\n")
+        (folder / SUBMITTING_FILE).unlink()
     queued = _queued_slurm_jobs() if recorded else set()
     jobs: dict[str, submitit.Job] = {}
     groups: dict[Resources, list[Point]] = defaultdict(list)
@@ -632,15 +681,26 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     _say_threads(threads)
     for res, group in groups.items():
         log = folder / CONTROLLERS_LOG if kind == "local" else None
+        configs = [config_to_dict(p.config) for p in group]
         with submission(threads, log):  # every job submitted is in the jobs file before an interrupt stops this
-            with sbatch_refusal(f"the job array of {len(group)} point(s)", folder):
-                submitted = make_executor(kind, folder, res, job_name).map_array(
-                    task, [config_to_dict(p.config) for p in group])
-            for p, job in zip(group, submitted):
+            comment = None
+            if kind == "slurm":  # a launcher killed from sbatch to jobs.json: the next finds the jobs by it
+                token = uuid.uuid4().hex
+                comment = SUBMISSION_COMMENT + token
+                atomic_write(folder / SUBMITTING_FILE, json.dumps(
+                    {"token": token, "tasks": res.ranks, "points": [p.name for p in group], "configs": configs}) + "\n")
+            try:
+                with sbatch_refusal(f"the job array of {len(group)} point(s)", folder):
+                    submitted = make_executor(kind, folder, res, job_name, comment).map_array(task, configs)
+            except DmhpcError:  # refused: nothing was submitted
+                (folder / SUBMITTING_FILE).unlink(missing_ok=True)
+                raise
+            for p, job, config in zip(group, submitted, configs):
                 jobs[p.name] = job
-                recorded[p.name] = {"job_id": job.job_id, "tasks": res.ranks, "config": config_to_dict(p.config)}
+                recorded[p.name] = {"job_id": job.job_id, "tasks": res.ranks, "config": config}
             if kind == "slurm":
                 atomic_write(folder / JOBS_FILE, json.dumps(recorded, indent=1) + "\n")
+                (folder / SUBMITTING_FILE).unlink()
         ids = submitted[0].job_id.split("_")[0] if kind == "slurm" else ", ".join(j.job_id for j in submitted)
         print(f"dmhpc launch: {kind} job{' array' if kind == 'slurm' else 's'} {ids}: {len(group)} point(s), "
               f"{res.nodes} node(s) x {res.tasks_per_node} task(s) each", flush=True)
@@ -653,7 +713,7 @@ def queued_points(points: list[Point], folder: Path) -> dict[str, str]:
     """{point name: job id} of the unfinished points whose Slurm job from an earlier launch into this
     folder (`--no-wait`) is still queued or running. Where this machine has no squeue, the jobs
     recorded are another cluster's (an OUT copied here): none."""
-    recorded = _read_jobs(folder)
+    recorded = {**_read_jobs(folder), **_submitted_unrecorded(folder)}
     waiting = [p.name for p in points if p.name in recorded and not p.finished]
     if not waiting or shutil.which("squeue") is None:
         return {}

@@ -135,6 +135,61 @@ def test_the_shipped_study_runs_by_the_readme_commands_submit_then_collect(slurm
     assert "| method | model.name | runs |" in summary and "gap" in summary, summary
 
 
+KILLED_AFTER_SBATCH = """
+import os, sys
+import dmhpc.launch.submit as submit
+from dmhpc.cli import run
+real = submit.atomic_write
+def atomic_write(path, *rest, **named):  # killed (no cleanup) after sbatch, as it records the jobs
+    if os.path.basename(path) == submit.JOBS_FILE:
+        os._exit(137)
+    return real(path, *rest, **named)
+submit.atomic_write = atomic_write
+run(sys.argv[1:])
+"""
+
+
+def test_a_launcher_killed_between_sbatch_and_its_record_is_not_submitted_twice(slurm_cluster, tmp_path, make_domains):
+    """A launcher killed after sbatch and before jobs.json (SIGKILL, a lost login session) left its
+    jobs queued but unrecorded: the next launch submitted every point again beside them, two jobs
+    training each point in one run directory."""
+    data = make_domains(64)
+    out = tmp_path / "grid"
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({
+        "base": str(TINY), "out": str(out), "executor": "slurm", "grid": {"optim.lr": [1e-3, 3e-4]},
+        "overrides": {"data.source": str(data / "pristine"), "data.target": str(data / "noisy")},
+        # Held: the jobs stay queued while the launches are checked, and are cancelled unrun.
+        "slurm": {"cpus_per_task": 1, "time": 10, "additional_parameters": {"hold": True}}}))
+    argv = ["grid", str(grid_file), "--no-wait"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_SBATCH, *argv], capture_output=True, text=True,
+                            timeout=120, cwd=tmp_path)
+    assert killed.returncode == 137, killed.stdout + killed.stderr
+    folder = out / "submitit"
+    assert not (folder / "jobs.json").exists()
+
+    def ours() -> list[str]:
+        """The ids of the jobs squeue shows submitted from this test's folder."""
+        lines = slurm_cluster.run("squeue", "-h", "-r", "-o", "%i %Z").splitlines()
+        return sorted(line.split()[0] for line in lines if line.split()[1:] == [str(tmp_path)])
+
+    assert len(ours()) == 2
+    try:
+        again = subprocess.run([sys.executable, "-m", "dmhpc", *argv], capture_output=True, text=True, timeout=120,
+                               cwd=tmp_path)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "2 point(s): 0 finished, 2 still queued, 0 submitted" in again.stdout, again.stdout
+        assert len(list(folder.glob("*_submission.sh"))) == 1
+        recorded = json.loads((folder / "jobs.json").read_text())
+        assert sorted(recorded) == ["optim.lr=0.0003", "optim.lr=0.001"]
+        assert len({entry["job_id"].split("_")[0] for entry in recorded.values()}) == 1, recorded
+        assert not (folder / "submitting.json").exists()
+        assert ours() == sorted(entry["job_id"] for entry in recorded.values())
+    finally:
+        for job_id in ours():
+            slurm_cluster.run("scancel", job_id)
+
+
 def test_interrupted_job_requeues_resumes_and_ends_with_the_uninterrupted_weights(slurm_cluster, tmp_path,
                                                                                    job_env, make_domains):
     # 480 images, 70 % for training, 4 per rank and step on 2 ranks: one epoch of 42 steps, so the
