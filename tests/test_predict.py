@@ -841,20 +841,24 @@ def test_a_part_replaced_while_the_prediction_runs_is_refused_at_the_merge(train
     assert "Traceback" not in log and not out.exists()
 
 
-def test_a_label_column_that_is_not_whole_numbers_is_one_line_before_any_part(trained, tmp_path, capsys):
+def test_a_label_column_that_is_not_1_or_0_is_one_line_before_any_part(trained, tmp_path, capsys):
     """Labels such as merger/nonmerger were a ValueError traceback at the first batch, after the
-    parts folder was made; 0.5 was written as 0."""
+    parts folder was made; 0.5 was written as 0; labels coded 1/2, or -1 for unknown, were copied
+    into the catalog beside `merger` (prepare refuses them)."""
     from astropy.table import Table
 
     Table({"id": [f"A{i}" for i in range(200)], "kind": ["merger", "nonmerger"] * 100, "p": [0.0, 0.5] * 100,
-           "flag": [1.0, 0.0] * 100}).write(tmp_path / "c.ecsv")
+           "coded": [1, 2] * 100, "unknown": [0, -1] * 100, "flag": [1.0, 0.0] * 100}).write(tmp_path / "c.ecsv")
     base = ["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--catalog",
             str(tmp_path / "c.ecsv")]
-    for column, shown in (("kind", "'merger' (row 1)"), ("p", "0.5 (row 2)")):
+    for column, shown in (("kind", "'merger' (row 1); expected whole numbers, 1 for a merger or 0"),
+                          ("p", "0.5 (row 2); expected whole numbers, 1 for a merger or 0"),
+                          ("coded", "2 (row 2); expected 1 for a merger or 0"),
+                          ("unknown", "-1 (row 2); expected 1 for a merger or 0")):
         out = tmp_path / f"{column}.csv"
         assert main([*base, "--label-column", column, "--out", str(out)]) == 1
         err = capsys.readouterr().err
-        assert f"{tmp_path / 'c.ecsv'}: label column {column!r} holds {shown}; expected whole numbers" in err, err
+        assert f"{tmp_path / 'c.ecsv'}: label column {column!r} holds {shown}" in err, err
         assert len(err.splitlines()) == 1 and not out.exists() and not Path(f"{out}.parts").exists()
     out = tmp_path / "flag.csv"
     assert main([*base, "--label-column", "flag", "--out", str(out)]) == 0

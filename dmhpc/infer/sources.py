@@ -265,19 +265,18 @@ def input_identity(*, data=None, images=None, catalog=None) -> dict:
 
 
 def _integer_labels(catalog, column: str, labels: np.ndarray) -> np.ndarray:
-    """The label column as int64, refused when it is not whole numbers: checked on opening, so that it
-    is said before a parts folder is made, not as a traceback at the first batch."""
+    """The label column as int64, refused when it is not 1 (merger) or 0 (not), as `prepare` refuses
+    it: checked on opening, so that it is said before a parts folder is made, not as a traceback at
+    the first batch (or, for labels coded 1/2 or -1, copied into the catalog beside `merger`)."""
     labels = np.asarray(labels)
-    if labels.dtype == bool or np.issubdtype(labels.dtype, np.integer):
-        return labels.astype(np.int64)
+    whole = labels.dtype == bool or np.issubdtype(labels.dtype, np.integer)
     if np.issubdtype(labels.dtype, np.floating):
-        bad = np.flatnonzero(labels != np.round(labels))  # NaN compares unequal, so it is caught too
-        if not bad.size:
-            return labels.astype(np.int64)
-    else:
-        bad = [0]
-    raise DmhpcError(f"{catalog}: label column {column!r} holds {labels[bad[0]].item()!r} (row {bad[0] + 1}); expected "
-                     f"whole numbers (1 merger, 0 not)")
+        whole = bool(np.all(labels == np.round(labels)))  # NaN compares unequal, so it is caught too
+    bad = np.flatnonzero((labels != 0) & (labels != 1)) if labels.dtype.kind in "biuf" else [0]
+    if len(bad):
+        raise DmhpcError(f"{catalog}: label column {column!r} holds {labels[bad[0]].item()!r} (row {bad[0] + 1}); "
+                         f"expected {'whole numbers, ' if not whole else ''}1 for a merger or 0")
+    return labels.astype(np.int64)
 
 
 def open_source(*, data: str | os.PathLike | None = None, split: str | None = None,
