@@ -232,6 +232,28 @@ def test_explain_the_top_candidates_of_a_catalog(survey, run_on_survey, tmp_path
     assert not (tmp_path / "seeded").exists()
 
 
+def test_explain_names_a_csv_catalogs_galaxies_by_their_ids_as_written(survey, run_on_survey, tmp_path):
+    """predict writes a CSV's ids as text ("00013"); explain read them back as numbers, and named the
+    galaxies 13: ids no row of the survey has."""
+    pytest.importorskip("captum")
+    from dmhpc.data.shards import RowReader
+
+    with RowReader(survey / "survey") as reader:
+        np.save(tmp_path / "survey.npy", reader.read(0, len(reader))["images"])
+    ids = [f"{i:05d}" for i in range(64)]
+    (tmp_path / "ids.csv").write_text("objid\n" + "\n".join(ids) + "\n")
+    catalog = tmp_path / "c.csv"
+    assert main(["predict", "--run", str(run_on_survey), "--images", str(tmp_path / "survey.npy"), "--catalog",
+                 str(tmp_path / "ids.csv"), "--id-column", "objid", "--out", str(catalog)]) == 0
+    assert main(["explain", "--run", str(run_on_survey), "--catalog", str(catalog), "--n", "4",
+                 "--out", str(tmp_path / "explain")]) == 0
+    names = json.loads((tmp_path / "explain" / "explain.json").read_text())["rows"]["top_candidates.png"]
+    rows = [line.split(",") for line in catalog.read_text().splitlines()]
+    column = rows[0].index("p_merger")
+    by_p = sorted(rows[1:], key=lambda row: -float(row[column]))  # (sorted is stable, as explain's choice)
+    assert names == [row[rows[0].index("id")] for row in by_p[:4]] and all(len(n) == 5 for n in names), names
+
+
 def test_explain_a_catalog_with_the_model_that_predicted_it(survey, run_on_survey, tmp_path, capsys):
     """explain --catalog took the catalog's top rows but explained (and titled with the probability of)
     whatever --run and --checkpoint said, best by default: another model's view of the candidates."""

@@ -145,6 +145,7 @@ TEXT_META = ("RUN", "CKPT", "CKPTSHA", "INPUTSHA", "MEAN", "STD", "SRCARGS")
 def _read_catalog(catalog: Path):
     """A `dmhpc predict` catalog as an astropy Table with its provenance in `meta` (plain CSV keeps
     it in CATALOG.json beside the file)."""
+    from astropy.io import ascii
     from astropy.table import Table
 
     fmt = CATALOG_FORMATS.get(catalog.suffix.lower())
@@ -162,7 +163,8 @@ def _read_catalog(catalog: Path):
             with open(catalog, "rb") as f:  # hashed and read from one open file: the bytes parsed are those hashed
                 digest = hashlib.file_digest(f, "sha256").hexdigest()
                 f.seek(0)
-                table = Table.read(f, format=fmt)
+                # predict writes a CSV's ids as text: read as such, not guessed ("00013" was 13)
+                table = Table.read(f, format=fmt, converters={"id": [ascii.convert_numpy(str)]})
             recorded = json.loads(beside.read_text())
             if not isinstance(recorded, dict):
                 raise DmhpcError(f"{beside}: expected a JSON object of predict's metadata, got {show(recorded)[:60]}")
