@@ -169,6 +169,27 @@ def test_a_checkpoint_with_an_edited_progress_is_one_line(data, run, capsys, fie
     refused_at_start(capsys, data, run, "train.epochs=2", said=[str(path), said])
 
 
+def test_a_length_ending_the_run_at_a_checkpoint_never_evaluated_is_refused(data, run, capsys):
+    """A resume whose new length ended the run where a mid-epoch checkpoint stood (train.max_steps set
+    to the step a requeue's line named) trained nothing and never evaluated those steps: the final
+    test took an earlier best.pt, or failed for want of one, and so did every resume after."""
+    path = RunDir(run).checkpoint("last")
+    state = load_checkpoint(path)
+    state["progress"].update(epoch=1, step_in_epoch=1, step=3)  # stopped after epoch 1's first step
+    torch.save(state, path)
+    refused_at_start(capsys, data, run, "train.epochs=2", "train.max_steps=3",
+                     said=["train.max_steps 3: the run would end at step 3, where its last checkpoint stands, which "
+                           "was never evaluated"])
+    refused_at_start(capsys, data, run, "train.epochs=2", "train.max_steps=3", "train.eval_every=2",
+                     said=["train.max_steps 3: the run would end at step 3"])
+    # Where the run ended and was evaluated, the same length is the finished run, tested again.
+    state["progress"].update(epoch=1, step_in_epoch=0, step=2)
+    torch.save(state, path)
+    from dmhpc.cli import main
+
+    assert main(["train", *train_args(data, run, "train.epochs=1")]) == 0
+
+
 def test_a_checkpoint_without_a_world_size_rolls_an_epoch_it_ended_over(data, run):
     """A checkpoint of dmhpc before the world size was recorded counts its epoch's steps in a world
     that may not be this one: a step_in_epoch at or past the end is that epoch done (it was, before
