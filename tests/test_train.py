@@ -515,12 +515,17 @@ def test_a_hand_edited_checkpoint_is_one_line(data, tmp_path, capsys):
     argv = ["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1")]
     assert main(argv) == 0
     last, best = run / "checkpoints" / "last.pt", run / "checkpoints" / "best.pt"
-    state = torch.load(last, weights_only=True)
-    del state["scaler"]
-    torch.save(state, last)
+    saved = torch.load(last, weights_only=True)
     capsys.readouterr()
-    assert main([*argv, "train.epochs=2"]) == 1
-    assert capsys.readouterr().err == f"dmhpc train: error: {last}: no 'scaler' entry (an edited checkpoint, or not one of dmhpc)\n"
+    # An entry of another type failed inside torch: an AttributeError traceback.
+    for edit, said in ((lambda state: state.pop("scaler"), "no 'scaler' entry"),
+                       (lambda state: state.update(progress=[]), "its 'progress' entry is a list, not a dict"),
+                       (lambda state: state.update(optimizer=None), "its 'optimizer' entry is a NoneType, not a dict")):
+        state = dict(saved)
+        edit(state)
+        torch.save(state, last)
+        assert main([*argv, "train.epochs=2"]) == 1
+        assert capsys.readouterr().err == f"dmhpc train: error: {last}: {said} (an edited checkpoint, or not one of dmhpc)\n"
     state = torch.load(best, weights_only=True)
     name = next(k for k, v in state["model"].items() if v.ndim == 4)
     state["model"][name] = state["model"][name][:, :1]

@@ -138,11 +138,17 @@ def chosen_with_target_labels(info: dict, cfg) -> bool:
     return cfg.train.early_stopping > 0 and CRITERIA.get(cfg.select.criterion, False)
 
 
+class EditedCheckpoint(ValueError):
+    """An entry of a checkpoint that no run writes (its type, a progress field): said as it is."""
+
+
 def unfit(path: str | os.PathLike, exc: Exception) -> DmhpcError:
     """The one-line error of a checkpoint whose content does not fit what loads it (hand-edited, of
     an older format, or another model's): torch's KeyError or multi-line RuntimeError, named."""
     if isinstance(exc, KeyError):
         return DmhpcError(f"{path}: no {exc.args[0]!r} entry (an edited checkpoint, or not one of dmhpc)")
+    if isinstance(exc, EditedCheckpoint):
+        return DmhpcError(f"{path}: {exc} (an edited checkpoint, or not one of dmhpc)")
     reason = " ".join(str(exc).split()) or type(exc).__name__
     return DmhpcError(f"{path}: does not fit this run's model ({reason[:300]})")
 

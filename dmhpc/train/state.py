@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from dmhpc.models import param_groups
-from dmhpc.train.checkpoint import gather_rng_states, restore_rank_rng_state
+from dmhpc.train.checkpoint import EditedCheckpoint, gather_rng_states, restore_rank_rng_state
 from dmhpc.train.objective import DomainAdaptation
 
 
@@ -47,18 +47,18 @@ class Progress:
 
 
 def _check_progress(p: Progress) -> None:
-    """A ValueError naming the field of a progress that no run writes (an edited checkpoint): its
+    """An EditedCheckpoint naming the field of a progress that no run writes: its
     numbers index epochs, rows and steps, and a string or a negative one failed as a TypeError, or
     resumed at the wrong place without a word, much later."""
     for key in ("epoch", "step_in_epoch", "step", "evals_since_best", "longest_without_best", "world_size",
                 "schedule_steps_per_epoch"):
         value = getattr(p, key)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise ValueError(f"progress.{key} {value!r}: expected a whole number >= 0")
+            raise EditedCheckpoint(f"progress.{key} {value!r}: expected a whole number >= 0")
     if not isinstance(p.best_score, (int, float)) or isinstance(p.best_score, bool) or math.isnan(p.best_score):
-        raise ValueError(f"progress.best_score {p.best_score!r}: expected a number")
+        raise EditedCheckpoint(f"progress.best_score {p.best_score!r}: expected a number")
     if not isinstance(p.loader, str):
-        raise ValueError(f"progress.loader {p.loader!r}: expected a loader's name")
+        raise EditedCheckpoint(f"progress.loader {p.loader!r}: expected a loader's name")
 
 
 def _optimizer(o, groups):
@@ -111,6 +111,11 @@ class TrainState:
 
     def load_state_dict(self, state: dict, rank: int) -> None:
         """Continue from `state`; this rank's RNG states come back when the saved run had this rank."""
+        # An entry of another type (an edited checkpoint) failed inside torch as an AttributeError.
+        for key in ("model", "optimizer", "scaler", "progress", *(p for p in self.PARTS
+                                                                  if getattr(self.model, p) is not None)):
+            if not isinstance(state[key], dict):
+                raise EditedCheckpoint(f"its {key!r} entry is a {type(state[key]).__name__}, not a dict")
         self.model.backbone.load_state_dict(state["model"])
         for part in self.PARTS:
             if getattr(self.model, part) is not None:
