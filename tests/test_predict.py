@@ -236,6 +236,29 @@ def test_integer_catalog_ids_stay_integers_so_the_catalog_joins_back(trained, tm
     assert len(join(survey, table, keys="source_id")) == 6
 
 
+def test_a_catalog_given_through_a_link_names_the_cutouts_beside_the_link(trained, tmp_path):
+    """The catalog's path was resolved before it was read: a catalog linked into the survey's folder
+    from an archive read the archive's cutouts of the same names (an older reduction), where
+    prepare, and the docs ("relative to the catalog's folder"), read those beside the link."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    survey, archive = tmp_path / "survey", tmp_path / "archive"
+    survey.mkdir()
+    archive.mkdir()
+    for i in range(3):
+        fits.PrimaryHDU(trained["images"][i].astype(">f4")).writeto(survey / f"g{i}.fits")
+        fits.PrimaryHDU(trained["images"][10 + i].astype(">f4")).writeto(archive / f"g{i}.fits")
+    Table({"objid": [f"g{i}" for i in range(3)], "file": [f"g{i}.fits" for i in range(3)]}).write(archive / "cat.csv")
+    (survey / "cat.csv").symlink_to(archive / "cat.csv")
+    out = tmp_path / "c.fits"
+    assert main(["predict", "--run", str(trained["run"]), "--catalog", str(survey / "cat.csv"), "--id-column",
+                 "objid", "--file-column", "file", "--out", str(out), "--batch-size", "3", "--part-size", "3"]) == 0
+    mean, std = RunDir(trained["run"]).normalization("target")
+    np.testing.assert_array_equal(np.asarray(read(out)["p_merger"]),
+                                  expected_probabilities(trained["run"], trained["images"][:3], mean, std, 3))
+
+
 @pytest.mark.parametrize("ext, dtype", [(".fits", np.float64), (".parquet", np.float32)])
 def test_a_float_id_column_is_one_line_before_any_part(trained, tmp_path, capsys, ext, dtype):
     """A float id column became text through str(): SDSS objid 1237651191354687489 as float64 is

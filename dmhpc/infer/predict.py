@@ -478,12 +478,14 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
     try:
         model = agree(lambda: Model(run, checkpoint, dist.device, amp))
         # How to open the source again (dmhpc explain --catalog reads the candidates' images back).
-        source_args = {k: (str(Path(v).resolve()) if isinstance(v, (str, os.PathLike)) and k in PATHS else v)
+        # Absolute, links kept: a catalog's file names are relative to its folder, the folder of the
+        # link given (as prepare reads them), not of the file a link points to.
+        source_args = {k: (os.path.abspath(v) if isinstance(v, (str, os.PathLike)) and k in PATHS else v)
                        for k, v in dict(data=data, split=split, images=images, catalog=catalog, id_column=id_column,
                                         label_column=label_column, file_column=file_column, cutouts=cutouts,
                                         nan_fill=nan_fill, layout=layout).items()}
         source = agree(lambda: open_source(**source_args))
-        if out.exists() and on_main(lambda: source.reads(out)):  # (a file not there yet is no input)
+        if on_main(lambda: out.exists() and source.reads(out)):  # (a file not there yet is no input)
             raise DmhpcError(f"--out {out}: is one of the cutout files of {source.path}, an input of this "
                              f"prediction; write the catalog elsewhere")
         # Each rank loaded its own copies: a checkpoint or input replaced meanwhile (a run still
