@@ -116,6 +116,13 @@ def test_explain_draws_a_grid_per_domain_and_class(survey, run_on_survey, tmp_pa
     (out / "mine.png").write_bytes(b"not explain's")
     assert main([*again, "--overwrite"]) == 0 and (out / "explain.json").is_file()
     assert {p.name for p in out.glob("*.png")} == {"data_merger.png", "data_non-merger.png", "mine.png"}
+    # A hand-edited explain.json naming a folder or someone's file: a traceback, or that file deleted.
+    (out / "sub").mkdir()
+    (out / "notes.txt").write_text("mine")
+    record = json.loads((out / "explain.json").read_text())
+    (out / "explain.json").write_text(json.dumps({**record, "files": [*record["files"], "sub", "notes.txt"]}))
+    assert main([*again, "--overwrite"]) == 0
+    assert (out / "sub").is_dir() and (out / "notes.txt").read_text() == "mine"
 
 
 def test_explain_names_drawn_galaxies_by_their_input_row(tmp_path):

@@ -209,8 +209,7 @@ def _claim_out(out: Path, overwrite: bool) -> None:
                              f"that did not finish, or other figures); --overwrite writes over them, or choose "
                              f"another folder")
         # Which grids the unfinished explain wrote is unknown: every name an explain writes goes.
-        for name in GRID_NAMES:
-            (out / name).unlink(missing_ok=True)
+        _remove_grids(out, GRID_NAMES)
         return
     if not overwrite:
         raise DmhpcError(f"--out {out}: holds an explanation already ({record.name}); --overwrite replaces it, "
@@ -220,9 +219,17 @@ def _claim_out(out: Path, overwrite: bool) -> None:
     except (OSError, ValueError, AttributeError):
         files = []
     record.unlink()
-    for name in files:
-        if isinstance(name, str) and Path(name).name == name:  # a bare file name, never a path elsewhere
+    # Only names an explain writes: a hand-edited list naming a folder or someone's notes.txt in it
+    # failed as a traceback, or deleted that file.
+    _remove_grids(out, [name for name in files if name in GRID_NAMES] if isinstance(files, list) else [])
+
+
+def _remove_grids(out: Path, names) -> None:
+    for name in names:
+        try:
             (out / name).unlink(missing_ok=True)
+        except OSError as exc:  # a folder by a grid's name
+            raise DmhpcError(f"{out / name}: cannot remove it to write the new explanation ({exc.strerror})") from None
 
 
 def _catalog_model(catalog: Path, table, run: RunDir, checkpoint: str | None, device) -> Model:
