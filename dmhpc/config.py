@@ -280,6 +280,8 @@ class SelectConfig:
     # Also score every label-free criterion at each evaluation, and evaluate the target's test split
     # beside them (for reporting only: nothing is chosen with it): what a study's validator table
     # compares with the oracle (dmhpc/launch/validators.py). Costs a test pass per evaluation.
+    # Refused as a change on resume, though it trains nothing differently: the table would read a
+    # run whose evaluations before the resume have no scores as one that had them all.
     all_validators: bool = _key(False, boolean())
 
 
