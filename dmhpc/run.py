@@ -290,6 +290,11 @@ class RunDir:
         return result is not None and result.get("final", True) is True
 
     # --- the log ----------------------------------------------------------------------------------
+    def evaluated_at(self, step: int) -> bool:
+        """Whether the run was evaluated at `step` (progress.step): its log holds that epoch record,
+        with a selection. A run that reached its end was evaluated there."""
+        return any(r.get("kind") == "epoch" and r.get("step") == step and "selection" in r for r in self.read_log())
+
     def read_log(self) -> list[dict]:
         """Every record of metrics.jsonl. A torn last line (a kill mid-append) is dropped; a bad line
         before it, or a record whose fields are not of the types its readers take, is an error naming
@@ -445,9 +450,14 @@ class RunDir:
                     # progress.step counts the steps of every world the run trained in, the trainer
                     # this world's: the same number only where it always trained in the job's.
                     worlds = {r.get("world_size") for r in self.read_log() if r.get("kind") == "setup"}
-                    if isinstance(progress.get("step"), int) and worlds <= {trained_on} and \
-                            (ranks is None or ranks == trained_on):
-                        check_steps(cfg.train.max_steps, progress["step"])
+                    step, same_world = progress.get("step"), worlds <= {trained_on} and ranks in (None, trained_on)
+                    if isinstance(step, int) and same_world:
+                        check_steps(cfg.train.max_steps, step)
+                    if isinstance(step, int) and step > 0 and not self.finished:  # (one finished is not run)
+                        if same_world and cfg.train.max_steps == step:
+                            check_end_evaluated(f"train.max_steps {step}", step, self.evaluated_at(step))
+                        elif progress.get("step_in_epoch") == 0 and progress.get("epoch") == cfg.train.epochs:
+                            check_end_evaluated(f"train.epochs {cfg.train.epochs}", step, self.evaluated_at(step))
                     stretches = progress.get("longest_without_best", 0), progress.get("evals_since_best", 0)
                     if all(type(n) is int for n in stretches):
                         check_patience(cfg.train.early_stopping, *stretches)
@@ -674,6 +684,18 @@ def check_patience(early_stopping: int, longest: int, since_best: int) -> None:
         raise DmhpcError(f"train.early_stopping {early_stopping}: the run went {went} evaluations without a better "
                          f"selection score already, where it would have stopped; give at least "
                          f"{max(longest + 1, since_best)} (or 0, off), or start a new run.dir")
+
+
+def check_end_evaluated(length: str, step: int, evaluated: bool) -> None:
+    """Refuse a length (`length`: "train.max_steps N" or "train.epochs N") that ends a run where its
+    last checkpoint stands, at `step`, when that step was never evaluated (a checkpoint of a stop
+    mid-epoch, or of an epoch train.eval_every skipped; `RunDir.evaluated_at`): the trainer would
+    train nothing, the end's evaluation would never run, and the final test took an earlier best.pt,
+    or failed for want of one."""
+    if not evaluated:
+        raise DmhpcError(f"{length}: the run would end at step {step}, where its last checkpoint stands, which was "
+                         f"never evaluated (its last steps would have no epoch record and no selection); give a "
+                         f"longer length")
 
 
 def check_steps(max_steps: int, position: int) -> None:

@@ -25,6 +25,7 @@ import torch
 
 from tests.conftest import ROOT, TINY, clean_env
 from dmhpc.data.shards import shard_name, write_dataset, write_manifest
+from dmhpc.errors import DmhpcError
 from dmhpc.run import RunDir
 from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, load_checkpoint
 
@@ -177,11 +178,17 @@ def test_a_length_ending_the_run_at_a_checkpoint_never_evaluated_is_refused(data
     state = load_checkpoint(path)
     state["progress"].update(epoch=1, step_in_epoch=1, step=3)  # stopped after epoch 1's first step
     torch.save(state, path)
+    (run / "eval" / "best_test.json").unlink()  # (a run stopped there has not finished)
     refused_at_start(capsys, data, run, "train.epochs=2", "train.max_steps=3",
                      said=["train.max_steps 3: the run would end at step 3, where its last checkpoint stands, which "
                            "was never evaluated"])
-    refused_at_start(capsys, data, run, "train.epochs=2", "train.max_steps=3", "train.eval_every=2",
-                     said=["train.max_steps 3: the run would end at step 3"])
+    # A launcher about to submit it again refuses it too (the job would fail at its start).
+    from dmhpc.config import load_config
+
+    for length in (["train.max_steps=3"], ["train.epochs=2", "train.max_steps=3"]):
+        with pytest.raises(DmhpcError, match=f"{run}: train.max_steps 3: the run would end at step 3"):
+            RunDir(run).check_relaunch(load_config(TINY, train_args(data, run, *length)[2:]), {})
+    RunDir(run).check_relaunch(load_config(TINY, train_args(data, run, "train.max_steps=4")[2:]), {})
     # Where the run ended and was evaluated, the same length is the finished run, tested again.
     state["progress"].update(epoch=1, step_in_epoch=0, step=2)
     torch.save(state, path)

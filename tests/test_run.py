@@ -300,6 +300,10 @@ def test_a_relaunch_refuses_fewer_epochs_than_last_has_trained(tmp_path):
     """Refused only by the trainer, after the job was submitted and had waited in the queue."""
     run, cfg = started(tmp_path, epochs=9)
     save_checkpoint(run.checkpoint("last"), {"step": 30, "progress": {"epoch": 5, "step_in_epoch": 0, "step": 30}})
+    with pytest.raises(DmhpcError, match=rf"^{run.path}: train.epochs 5: the run would end at step 30, where its last "
+                                         r"checkpoint stands, which was never evaluated"):
+        run.check_relaunch(cfg_for(run.path, epochs=5), {})
+    run.append_log({"kind": "epoch", "epoch": 4, "step": 30, "selection": {"criterion": "source-val-acc", "score": 0.5}})
     for epochs in (5, 9, 20):
         run.check_relaunch(cfg_for(run.path, epochs=epochs), {})
     with pytest.raises(DmhpcError, match=rf"^{run.path}: train.epochs 4: the run has trained 5 epochs already; give "
@@ -316,6 +320,7 @@ def test_a_relaunch_refuses_fewer_max_steps_than_last_is_at_in_its_world(tmp_pat
     run, cfg = started(tmp_path, epochs=9)
     save_checkpoint(run.checkpoint("last"), {"step": 30, "progress": {"epoch": 5, "step_in_epoch": 0, "step": 30,
                                                                       "world_size": 2}})
+    run.append_log({"kind": "epoch", "epoch": 4, "step": 30, "selection": {"criterion": "source-val-acc", "score": 0.5}})
     for max_steps in (0, 30, 40):
         run.check_relaunch(cfg_for(run.path, epochs=9, max_steps=max_steps), {}, ranks=2)
     for ranks in (2, None):

@@ -27,7 +27,7 @@ from dmhpc.distributed import (AgreedError, agree, all_gather_object, bootstrap,
 from dmhpc.errors import DmhpcError
 from dmhpc.losses.collective import stable_rows
 from dmhpc.progress import progress_bar
-from dmhpc.run import RunDir, check_epochs, check_patience, check_steps
+from dmhpc.run import RunDir, check_end_evaluated, check_epochs, check_patience, check_steps
 from dmhpc.train import preflight
 from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, UNFIT, StopRequest, check_requeue_progress, check_selected,
                                    load_checkpoint, load_checkpoint_sha256, load_weights, save_checkpoint, unfit)
@@ -154,7 +154,9 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
             total_steps = min(total_steps, cfg.train.max_steps)
         _check_length(cfg, prog, at(), total_steps, None if claim.own else claim.resume_from)
         if claim.own and prog.step and at() >= total_steps:
-            _check_end_evaluated(cfg, prog, run, bool(cfg.train.max_steps) and total_steps == cfg.train.max_steps)
+            by_steps = bool(cfg.train.max_steps) and total_steps == cfg.train.max_steps
+            check_end_evaluated(f"train.max_steps {cfg.train.max_steps}" if by_steps else f"train.epochs {cfg.train.epochs}",
+                                prog.step, on_main(lambda: run.evaluated_at(prog.step)))
         cleaned = on_main(lambda: run.start(cfg, claim, data_ids, prog.step))
     except BaseException:
         loader.close()  # its workers and pipelines end with the refused start
@@ -362,21 +364,6 @@ def _check_length(cfg, prog, position: int, total_steps: int, elsewhere) -> None
     check_epochs(cfg.train.epochs, prog.epoch, prog.step_in_epoch)
     check_steps(cfg.train.max_steps, position)
     check_patience(cfg.train.early_stopping, prog.longest_without_best, prog.evals_since_best)
-
-
-def _check_end_evaluated(cfg, prog, run: RunDir, by_max_steps: bool) -> None:
-    """Refuse a length that ends the run where its checkpoint stands when that step was never
-    evaluated (a checkpoint of a stop mid-epoch, or of an epoch that train.eval_every skipped): the
-    loop would train nothing, the end's evaluation never ran, and the final test took an earlier
-    best.pt, or failed for want of one. A run that reached its end was evaluated there: its log
-    holds that epoch record with a selection."""
-    evaluated = on_main(lambda: any(r.get("kind") == "epoch" and r.get("step") == prog.step and "selection" in r
-                                    for r in run.read_log()))
-    if not evaluated:
-        length = f"train.max_steps {cfg.train.max_steps}" if by_max_steps else f"train.epochs {cfg.train.epochs}"
-        raise DmhpcError(f"{length}: the run would end at step {prog.step}, where its last checkpoint stands, which "
-                         f"was never evaluated (its last steps would have no epoch record and no selection); give "
-                         f"a longer length")
 
 
 def _epoch_line(r: dict, criterion: str) -> str:
