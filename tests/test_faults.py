@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from tests.conftest import ROOT, TINY, clean_env
-from dmhpc.data.shards import shard_name, write_dataset, write_manifest
+from dmhpc.data.shards import RowReader, shard_name, write_dataset, write_manifest
 from dmhpc.errors import DmhpcError
 from dmhpc.run import RunDir
 from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, load_checkpoint
@@ -323,6 +323,25 @@ def copy_dataset(src: Path, dst: Path) -> Path:
     for p in src.iterdir():
         (dst / p.name).write_bytes(p.read_bytes())
     return dst
+
+
+def test_a_data_set_prepared_again_under_a_training_run_is_one_line(data, tmp_path):
+    """prepare --overwrite (another seed) into the target's folder while a run trained on it: every
+    evaluation, and the final test, read the new manifest's splits, whose test split held images
+    the run had trained on; nothing was said."""
+    target = copy_dataset(data / "noisy", tmp_path / "noisy")
+    with RowReader(target) as reader:
+        rows = reader.read(0, len(reader))
+    order = np.argsort(rows["index"])
+    run = tmp_path / "run"
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = start(data, run, "train.epochs=200", "train.log_every=1", f"data.target={target}", log=log)
+        wait_for_steps(run, 1, proc)
+        write_dataset(rows["images"][order], rows["labels"][order], rows["objects"][order], target, seed=9,
+                      shard_size=16, overwrite=True)
+        assert proc.wait(timeout=120) == 1
+    err = (tmp_path / "log.txt").read_text().strip().splitlines()[-1]
+    assert err.startswith(f"dmhpc train: error: {target}") and "prepared again since" in err, err
 
 
 def test_a_damaged_shard_is_refused_unless_checksums_are_skipped(data, tmp_path, capsys):

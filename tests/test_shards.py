@@ -218,6 +218,22 @@ def test_a_mark_that_cannot_be_made_takes_back_only_the_marks_made_with_it(tmp_p
     assert (left / INCOMPLETE).exists() and not (fresh / INCOMPLETE).exists()
 
 
+def test_a_shard_of_a_data_set_prepared_again_under_a_reader_is_refused(dataset):
+    """prepare --overwrite (another seed) while a run read the folder: the shards the run had not
+    opened yet were the new set's, read under the old manifest's rows, labels and splits."""
+    directory, manifest, (images, labels, objects) = dataset
+    with RowReader(directory, manifest) as reader:
+        reader.read(0, 10)  # shard 0 open, as a loader holds it
+        write_dataset(images, labels, objects, directory, shard_size=16, seed=4, overwrite=True)
+        assert np.array_equal(reader.read(0, 10)["images"], images[manifest["splits"]["train"][:10]])  # still the old file
+        with pytest.raises(DmhpcError, match=r"shard-00002.h5: its rows are not those the data set's manifest this "
+                                             r"run read gives it \(the data set was prepared again since\?\)"):
+            reader.read(40, 50)
+    with RowReader(directory) as reader:  # the new set, read with its own manifest
+        rows = reader.read(0, len(reader))
+    assert np.array_equal(rows["images"], images[rows["index"]])
+
+
 def test_ranges_across_shards_read_as_their_rows_one_after_another(dataset):
     """The block loaders read a batch as pieces: each range's rows, shard boundaries (16 rows)
     crossed, empty ranges and the set's last row included, in order, the keys asked only."""

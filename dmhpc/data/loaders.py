@@ -368,7 +368,8 @@ def make_train_loader(
 # ----------------------------------------------------------------------------- evaluation
 
 
-def eval_batches(directory, split: str, *, batch_size: int, rank: int, world_size: int, device, mean, std):
+def eval_batches(directory, split: str, *, batch_size: int, rank: int, world_size: int, device, mean, std,
+                 manifest: dict | None = None):
     """Iterator of (x, y, index) over this rank's contiguous part of `split`, in row order.
 
     No shuffling, augmentation or dropping: the ranks' parts (whole batches, `eval_rows`; a split
@@ -376,13 +377,14 @@ def eval_batches(directory, split: str, *, batch_size: int, rank: int, world_siz
     ranks 0, 1, ... gives the split in row order. x is normalized
     float32 on `device` with the per-channel `mean` and `std` (see `domain_stats`), y its int64
     labels there, index a numpy int64 array of global indices (rows of the input arrays).
+    `manifest`: the directory's, as the caller read and checked it (default: read here).
     """
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
         raise DmhpcError(
             f"batch size {batch_size}, rank {rank} of {world_size}: need batch size >= 1,"
             " 0 <= rank < world size"
         )
-    manifest = load_manifest(directory)
+    manifest = load_manifest(directory) if manifest is None else manifest
     first, last = eval_rows(manifest, split, rank, world_size, batch_size)
     device = torch.device(device)
     stats = channel_stats(mean, std, device)

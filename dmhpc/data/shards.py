@@ -934,7 +934,29 @@ class RowReader:
             size = self._size(number)
             if size is not None:
                 self._sizes[number] = size
+            self._check_rows(number, f, path)
         return f
+
+    def _check_rows(self, number: int, f: h5py.File, path: Path) -> None:
+        """A shard opened after its data set was prepared again (prepare's move replaces every file)
+        is the new set's: its rows are other images than the manifest this reader holds says, and
+        were trained on under the old labels and splits without a word. Its input positions are read
+        (8 bytes a row) and compared with those the manifest gives its rows."""
+        start, stop = int(self._starts[number]), int(self._starts[number + 1])
+        expected = []
+        for split in SPLITS:  # storage holds the splits one after the other
+            first, last = split_rows(self.manifest, split)
+            a, b = max(start, first), min(stop, last)
+            if a < b:
+                expected.extend(self.manifest["splits"][split][a - first:b - first])
+        try:
+            held = f["index"][:]
+        except (KeyError, OSError) as exc:
+            raise DmhpcError(f"{path}: cannot read shard ({exc})") from None
+        if len(held) != stop - start or not np.array_equal(held, np.asarray(expected, np.int64)):
+            raise DmhpcError(f"{path}: its rows are not those the data set's manifest this run read gives it (the "
+                             f"data set was prepared again since?); put the data set back, or prepare a changed one "
+                             f"into a new folder")
 
     def _size(self, number: int) -> int | None:
         """The open shard file's size, or None where its HDF5 driver has no file descriptor."""
@@ -949,7 +971,8 @@ class RowReader:
         Checked after each read, at the cost of one fstat (2 us here). A file written over in place
         at the same size is not seen: the checks at the next start see it. The size, not the times: `touch` (a
         scratch purge avoided) and chmod change those and no byte. A shard replaced by a rename
-        (prepare's move) is not seen here: the open file is the old one, still whole."""
+        (prepare's move) is not seen here: the open file is the old one, still whole (one opened
+        after the move is `_check_rows`')."""
         then = self._sizes.get(number)
         if then is not None and self._size(number) != then:
             raise DmhpcError(f"{self.directory / self.manifest['shards'][number]['file']}: its size changed "

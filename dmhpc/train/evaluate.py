@@ -27,22 +27,30 @@ from dmhpc.train.objective import NUM_CLASSES, build_backbone, term_labels
 
 
 def predict(model, directory, split: str, *, batch_size: int, dist, mean, std,
-            with_features: bool = False) -> dict:
+            with_features: bool = False, expected: str | None = None) -> dict:
     """Run `model` over one split of one data set, sharded over ranks; every rank gets all predictions.
 
     Returns numpy arrays `labels`, `prob` (n, classes), `index` and optionally `features`, in split
-    order. The model is put in eval mode and left there.
+    order. The model is put in eval mode and left there. `expected`: the fingerprint the data set
+    had when the run started; another (the folder prepared again meanwhile) is refused.
     """
     model.eval()
     broadcast_buffers(model)  # the model rank 0 saves, on every rank's share
 
     def share() -> dict:
         labels, probs, indices, feats = [], [], [], []
-        first, last = eval_rows(load_manifest(directory), split, dist.rank, dist.world_size, batch_size)
+        manifest = load_manifest(directory)
+        if expected is not None and fingerprint(manifest) != expected:
+            # Its split would now hold images the run trained on: selection and test scores inflated.
+            raise DmhpcError(f"{directory}: prepared again since this run started (its manifest changed): its "
+                             f"splits are no longer those the run trained with; put the data set the run started "
+                             f"with back, or prepare the new one into another folder")
+        first, last = eval_rows(manifest, split, dist.rank, dist.world_size, batch_size)
         with torch.no_grad(), progress_bar(last - first, f"{split} {Path(directory).name}", unit="img",
                                            show=dist.is_main) as bar:
             for x, y, idx in eval_batches(directory, split, batch_size=batch_size, rank=dist.rank,
-                                          world_size=dist.world_size, device=dist.device, mean=mean, std=std):
+                                          world_size=dist.world_size, device=dist.device, mean=mean, std=std,
+                                          manifest=manifest):
                 bar.update(len(y))
                 f, logits = model(x)
                 # float64: float32 rounds p to exactly 1.0 beyond a logit margin of ~17, where every
@@ -76,7 +84,7 @@ def _cat(chunks, dtype, empty_shape):
 
 def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str, stats: dict,
                  data: dict | None = None, data_name: str | None = None, plots: bool = True,
-                 final: bool = False) -> dict:
+                 final: bool = False, expected: dict | None = None) -> dict:
     """Metrics of both domains on `split`, written by rank 0 to the run's own file for (checkpoint,
     split, data set), with plots named alike, never over another evaluation's.
 
@@ -85,12 +93,13 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
     which checkpoint the model holds (name, epoch, step, selection criterion and score) and is copied
     into the result, so a reader can tell oracle-selected results apart. A domain without labels
     gets the label-free metrics only. `final`: the trainer's test of its selected checkpoint, which
-    marks the run finished (`RunDir.finished`).
+    marks the run finished (`RunDir.finished`). `expected`: each domain's fingerprint at the run's
+    start, as for `predict`.
     """
     dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
     preds = {
         d: predict(model, dirs[d], split, batch_size=2 * cfg.train.batch_size, dist=dist,
-                   mean=stats[d][0], std=stats[d][1], with_features=plots)
+                   mean=stats[d][0], std=stats[d][1], with_features=plots, expected=(expected or {}).get(d))
         for d in DOMAINS
     }
     result = {

@@ -164,6 +164,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
     step = TrainStep(cfg, state, dist, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                      schedule_steps_per_epoch=prog.schedule_steps_per_epoch)
     dirs, stats = {"source": cfg.data.source, "target": cfg.data.target}, loader.stats
+    prints = {d: data_ids[d]["fingerprint"] for d in dirs}  # what each data set was at the start
 
     # TensorBoard hides events at or after purge_step; the log keeps the records of the step resumed from.
     purge_step = prog.step + 1 if claim.resume_from is not None else None
@@ -280,7 +281,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
                 epoch_done = prog.step_in_epoch >= steps_per_epoch
                 if at() >= total_steps or (epoch_done and (prog.epoch + 1) % cfg.train.eval_every == 0):
                     val = {d: predict(state.model.backbone, dirs[d], "val", batch_size=2 * cfg.train.batch_size,
-                                      dist=dist, mean=stats[d][0], std=stats[d][1], with_features=with_features)
+                                      dist=dist, mean=stats[d][0], std=stats[d][1], with_features=with_features,
+                                      expected=prints[d])
                            for d in dirs}
                     for d in dirs:
                         record[d]["val"] = domain_metrics(val[d]["labels"], val[d]["prob"])
@@ -295,7 +297,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
                         record["validators"] = on_main(lambda: validator_scores(val))
                         test = predict(state.model.backbone, dirs["target"], "test", dist=dist,
                                        batch_size=2 * cfg.train.batch_size, mean=stats["target"][0],
-                                       std=stats["target"][1])
+                                       std=stats["target"][1], expected=prints["target"])
                         record["target"]["test"] = domain_metrics(test["labels"], test["prob"])
                     if score > prog.best_score:
                         prog.longest_without_best = max(prog.longest_without_best, prog.evals_since_best)
@@ -341,7 +343,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
     load_weights(state.model.backbone, best, run.checkpoint("best"))
     info = {"name": "best", "epoch": best["epoch"], "step": best["step"], **best["selection"], "sha256": sha256}
     result = evaluate_run(state.model.backbone, cfg, dist, run, checkpoint=info, split="test", stats=stats,
-                          final=True)
+                          final=True, expected=prints)
     if dist.is_main:
         print(format_table({run.path.name: result}), flush=True)
         with MetricLog(run, purge_step=None) as tb:
