@@ -106,13 +106,19 @@ def test_a_search_runs_trials_by_the_objective_records_target_metrics_and_resume
     # Another objective, training configuration or space is another study: refused, nothing run.
     base = tmp_path / "base.yaml"
     base.write_text(f"base: {TINY}\noptim:\n  weight_decay: 0.002\n")  # an edit of the config trained
-    for change, what in [({"objective": "snd"}, "objective"), ({"base": str(base)}, "config"),
-                         ({"overrides": tiny_overrides(data, **{"train.epochs": 3})}, "config"),
-                         ({"space": {"optim.lr": [0.001, 0.003, 0.01]}}, "space"),
-                         ({"slurm": {"tasks_per_node": 2}}, "ranks")]:  # trials trained by other ranks
-        with pytest.raises(DmhpcError, match=rf"study.journal: holds a study of another tune file \({what} changed"):
+    for change, what in [({"objective": "snd"}, "objective changed since it began"),
+                         ({"base": str(base)}, "config changed since it began: optim.weight_decay"),
+                         ({"overrides": tiny_overrides(data, **{"train.epochs": 3})},
+                          "config changed since it began: train.epochs"),
+                         ({"space": {"optim.lr": [0.001, 0.003, 0.01]}}, "space changed since it began"),
+                         ({"slurm": {"tasks_per_node": 2}}, "ranks changed since it began")]:  # other ranks
+        with pytest.raises(DmhpcError, match=rf"study.journal: holds a study of another tune file \({what}\)"):
             tune({**spec(data, tmp_path, trials=4), **change}, poll_s=0.2)
     assert len(study.get_trials()) == 3
+    # What a trial's run resumes across without training differently is the same study.
+    tune({**spec(data, tmp_path, trials=3, space={"optim.lr": [0.001, 0.003]}),
+          "overrides": tiny_overrides(data, **{"train.epochs": 2, "train.log_every": 3, "data.num_workers": 1})},
+         poll_s=0.2)
     # A study an older dmhpc began recorded no ranks: taken up, and its record completed.
     # Nor keys dmhpc gained since (their defaults, as its trials read them): every study was refused
     # as "config changed" after an upgrade.
@@ -335,7 +341,10 @@ def test_a_refused_sbatch_fails_its_trial_and_stops_with_one_line(data, tmp_path
     assert err == ("dmhpc tune: error: sbatch refused the job of trial 0: sbatch: error: invalid partition "
                    "specified: gpuu; sbatch: error: Invalid partition name specified\n"), err
     trials = _study(tmp_path / "tune").get_trials()
-    assert [t.state.name for t in trials] == ["FAIL"]
+    # Queued again: not submitted, it trained nothing, and used up the budget (an enqueued baseline
+    # never ran after the partition was put right).
+    assert [t.state.name for t in trials] == ["FAIL", "WAITING"]
+    assert trials[1].system_attrs["fixed_params"] == trials[0].params and trials[1].user_attrs["rerun_of"] == 0
     assert "Invalid partition name specified" in trials[0].user_attrs["failure"]
     assert "Invalid partition name specified" in (tmp_path / "tune" / "trials.md").read_text()
     assert not [name for name in os.listdir(tmp_path / "tune" / "submitit") if name.endswith((".pkl", ".sh"))]

@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dmhpc.checks import Problems, choice, integer, path_text, show, take, unknown_keys
-from dmhpc.config import config_from_dict, config_to_dict
+from dmhpc.config import changed_keys, config_from_dict, config_to_dict
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, hold_lock
 from dmhpc.launch.spec import (Range, base_path, data_ids, dotted_keys, finished_as, point_name, point_problem,
@@ -70,7 +70,7 @@ from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, Resources, TrainTas
                                  local_gpus, local_threads, make_executor, pick_gpus, preempt_signal, read_resources,
                                  sbatch_refusal, sigterm_as_interrupt, submission, use_gpus, wait_for)
 from dmhpc.names import CRITERIA, LABEL_FREE
-from dmhpc.run import RunDir
+from dmhpc.run import LENGTH_KEYS, RESULT_KEYS, RESUMABLE, RunDir
 
 TUNE_KEYS = ("base", "out", "objective", "trials", "parallel", "seed", "executor", "overrides", "space", "enqueue",
              "sampler", "pruner", "slurm")
@@ -300,10 +300,18 @@ def _open_study(t: Tune):
                              f"another out")
         if "config" in before:  # (the first tuner recorded none)
             before = {**before, "config": _recorded_config(before["config"], journal)}
-        changed = [k for k in ("objective", "config", "space", "ranks") if k in before and before[k] != identity[k]]
+        changed = [k for k in ("objective", "space", "ranks") if k in before and before[k] != identity[k]]
+        # Keys a trial's run resumes across without training differently (cadence, loader, checks)
+        # are no other study: a harmless edit refused every trial of the study.
+        then = before.get("config", identity["config"])
+        keys = [k for k in changed_keys(then, identity["config"]) if k not in RESUMABLE or k in LENGTH_KEYS
+                or k in RESULT_KEYS] if isinstance(then, dict) else []
+        if keys or not isinstance(then, dict):
+            changed.insert(1, "config")
         if changed:
             raise DmhpcError(f"{journal}: holds a study of another tune file ({', '.join(changed)} changed since "
-                             f"it began); use another out, or restore the file")
+                             f"it began{': ' + ', '.join(keys) if keys else ''}); use another out, or restore the "
+                             f"file")
         study.set_user_attr("identity", identity)
     return study
 
@@ -487,7 +495,10 @@ class _Search:
                 trial.set_user_attr("executor", t.executor)
         except DmhpcError as exc:
             # Told before the search stops: a trial left RUNNING would be taken for one of a killed
-            # tuner and rerun (its SLURM job looked for) at every launch.
+            # tuner and rerun (its SLURM job looked for) at every launch. Its values are queued again
+            # first (a crash between loses nothing): not submitted, it trained nothing, and counted as
+            # a failure it used up the budget, and an enqueued baseline never ran.
+            study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number})
             _fail(study, trial, str(exc))
             raise
         print(f"dmhpc tune: trial {trial.number} {run_dir.name}: job {job.job_id}", flush=True)
