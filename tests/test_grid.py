@@ -491,6 +491,15 @@ def test_a_grid_value_repeated_as_another_number_is_refused(tmp_path):
         load_grid({"base": str(TINY), "out": str(tmp_path / "g"), "grid": {"loss.transfer_weight": [1, 1.0]}})
     assert len(load_grid({"base": str(TINY), "out": str(tmp_path / "g"),
                           "grid": {"loss.transfer_weight": [1, 1.5]}}).points) == 2
+    # A random search's choices and a tune's alike: [0, 0.0] drew two points of one training.
+    with pytest.raises(DmhpcError, match=r"random.space.loss.entropy_weight: a value is repeated in \[0, 0.0\]"):
+        load_grid({"base": str(TINY), "out": str(tmp_path / "g"),
+                   "random": {"n": 4, "space": {"loss.entropy_weight": [0, 0.0]}}})
+    from dmhpc.launch.tune import load_tune
+
+    with pytest.raises(DmhpcError, match=r"space.loss.entropy_weight: a value is repeated in \[0, 0.0\]"):
+        load_tune({"base": str(TINY), "out": str(tmp_path / "t"), "objective": "im", "trials": 2,
+                   "space": {"loss.entropy_weight": [0, 0.0]}})
 
 
 def test_a_finished_point_of_another_job_shape_is_refused(tmp_path):

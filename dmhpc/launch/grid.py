@@ -58,7 +58,7 @@ from dmhpc.launch.leaderboard import write_leaderboard
 from dmhpc.launch.summary import write_summary
 from dmhpc.launch.validators import write_validators
 from dmhpc.checks import Problems, choice, integer, path_text, show, take, text, unknown_keys
-from dmhpc.launch.spec import (Point, Range, base_path, check_existing_runs, check_point_problems, dotted_keys,
+from dmhpc.launch.spec import (Point, Range, base_path, check_existing_runs, check_point_problems, dotted_keys, repeats,
                                point_name, point_problem, read_launch_file, read_space, relaunch_problems,
                                resolve_point, warn_missing_data)
 from dmhpc.launch.submit import EXECUTORS, Resources, TrainTask, launch_points, preempt_signal, read_resources
@@ -126,23 +126,13 @@ def expand(grid: Mapping[str, list], samples: list[dict] | None = None) -> list[
 
 # --- reading and checking --------------------------------------------------------------------------
 
-def _by_value(v: Any) -> Any:
-    """`v` with its numbers as floats (booleans kept), for comparing values as the config takes them."""
-    if isinstance(v, list):
-        return [_by_value(x) for x in v]
-    if isinstance(v, dict):
-        return {k: _by_value(x) for k, x in v.items()}
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
-
-
 def _read_grid(problems: Problems, data: Any) -> dict[str, list]:
     grid = dotted_keys(problems, data, "grid", LAUNCHER_KEYS)
     for key, values in list(grid.items()):
         if not isinstance(values, list) or not values:
             problems.add(f"grid.{key}", f"expected a non-empty list of values, got {show(values)}")
             del grid[key]
-        # by value: 1 and 1.0 (as text, two points: the same training twice, under two names)
-        elif len({json.dumps(_by_value(v), sort_keys=True) for v in values}) != len(values):
+        elif repeats(values):
             problems.add(f"grid.{key}", f"a value is repeated in {show(values)}")
             del grid[key]
     return grid

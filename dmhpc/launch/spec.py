@@ -118,11 +118,30 @@ class Range:
         return min(max(float(f"{value:.4g}"), self.low), self.high)
 
 
+def _by_value(v: Any) -> Any:
+    """`v` with its numbers as floats (booleans kept), for comparing values as the config takes them."""
+    if isinstance(v, list):
+        return [_by_value(x) for x in v]
+    if isinstance(v, dict):
+        return {k: _by_value(x) for k, x in v.items()}
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+
+def repeats(values: list) -> bool:
+    """Whether a list of values holds one twice by value: 1 and 1.0 (as text, two points or choices:
+    the same training twice, under two names)."""
+    return len({json.dumps(_by_value(v), sort_keys=True) for v in values}) != len(values)
+
+
 def read_space(problems: Problems, data: Any, where: str, reserved: Mapping[str, str]) -> dict[str, list | Range]:
-    """A search space: dotted key -> a non-empty list of choices, or {low, high, log} (a Range)."""
+    """A search space: dotted key -> a non-empty list of distinct choices, or {low, high, log} (a Range)."""
     space = dotted_keys(problems, data, where, reserved, nested=False)
     for key, dim in list(space.items()):
         place = f"{where}.{key}"
+        if isinstance(dim, list) and dim and repeats(dim):
+            problems.add(place, f"a value is repeated in {show(dim)}")
+            del space[key]
+            continue
         if isinstance(dim, list) and dim:
             continue
         if isinstance(dim, Mapping):
