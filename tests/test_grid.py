@@ -263,6 +263,13 @@ def test_a_finished_point_asked_to_train_longer_resumes_instead_of_passing_for_t
     assert "0 of 1 point(s) finished; nothing launched" in printed, printed
     with pytest.raises(DmhpcError, match="point seed=1: .*train.epochs 1: the run has trained 2 epochs already"):
         launch_grid(shorter)
+    # Every point left out: the tables of no point were written over the old ones, and the summary
+    # removed "as the grid no longer varies the seed".
+    tables = {p.name: p.read_bytes() for p in Path(spec["out"]).glob("*.*") if p.is_file()}
+    with pytest.raises(DmhpcError, match=r"no point of the file fits its run directory \(each said above\); the "
+                                         r"tables are left as they were"):
+        report_grid({**spec, "grid": {"seed": [1]}})
+    assert {p.name: p.read_bytes() for p in Path(spec["out"]).glob("*.*") if p.is_file()} == tables
 
 
 def test_a_relaunch_compares_data_by_content_as_the_trainer_does(data, tmp_path, capsys):

@@ -347,6 +347,11 @@ def report_grid(spec: str | Path | Mapping) -> list[dict]:
     stale = relaunch_problems(list(g.points))
     for name, why in stale.items():
         print(f"dmhpc launch: point {name}: left out of the tables: {why}", flush=True)
+    if g.points and len(stale) == len(g.points):
+        # Tables of no point were written over the old ones (the summary removed "as the grid no
+        # longer varies the seed"): the file, not the runs, is what changed.
+        raise DmhpcError(f"{g.out}: no point of the file fits its run directory (each said above); the tables "
+                         f"are left as they were: restore the file, or launch it into another out")
     g = replace(g, points=tuple(p for p in g.points if p.name not in stale))
     finished = sum(p.finished for p in g.points)
     print(f"dmhpc launch: {finished} of {len(g.points)} point(s) finished; nothing launched", flush=True)
