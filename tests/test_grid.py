@@ -272,6 +272,34 @@ def test_a_finished_point_asked_to_train_longer_resumes_instead_of_passing_for_t
     assert {p.name: p.read_bytes() for p in Path(spec["out"]).glob("*.*") if p.is_file()} == tables
 
 
+def test_a_debug_point_stopped_by_a_signal_is_said_not_taken_for_done(data, tmp_path):
+    """The debug executor runs a point in this process and returns the trainer's exit code: a stop
+    signal's requeue code (75) was taken for a success, the point left unfinished, nothing said."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from dmhpc.launch import launch_grid
+
+    out = tmp_path / "out"
+    spec = {"base": str(TINY), "out": str(out), "executor": "debug", "grid": {"seed": [1]},
+            "overrides": tiny_overrides(data, **{"train.epochs": 200, "train.log_every": 1})}
+    metrics = out / "seed=1" / "metrics.jsonl"
+
+    def stop() -> None:  # as SLURM's warning reaches a job: the point's trainer gets SIGUSR2
+        deadline = time.monotonic() + 120
+        while not (metrics.is_file() and '"kind": "step"' in metrics.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGUSR2)
+
+    threading.Thread(target=stop, daemon=True).start()
+    with pytest.raises(DmhpcError, match=r"point seed=1: job \S+ stopped before its end \(exit 75: a stop signal\); "
+                                         r"launch again to resume it"):
+        launch_grid(spec)
+    assert (out / "seed=1" / "checkpoints" / "last.pt").is_file()
+
+
 def test_a_relaunch_compares_data_by_content_as_the_trainer_does(data, tmp_path, capsys):
     """The launcher compared data paths only: a copy of the data at a new path was refused (the
     trainer resumes on it), and data prepared again at the same path passed, so the old run's

@@ -866,10 +866,18 @@ def wait_for(jobs: Mapping[str, submitit.Job]) -> dict[str, str]:
     failures = {}
     for name, job in jobs.items():
         try:
-            job.results()
+            results = job.results()
         except Exception as exc:  # submitit's FailedJobError / UncompletedJobError
             log = (job.task(0) if job.num_tasks > 1 else job).paths.stdout  # rank 0's
             failures[name] = f"job {job.job_id} failed: {_why(exc)} (log: {log})"
+            continue
+        # A stop signal ends a trainer with the requeue code: submitit requeues a slurm or local
+        # job, and never returns that result; the debug executor (in this process) does. Taken
+        # for a success, the point was unfinished with nothing said.
+        codes = [r.get("exit_code") for r in results if isinstance(r, dict)]
+        if any(codes):
+            failures[name] = (f"job {job.job_id} stopped before its end (exit {max(codes)}: a stop signal); launch "
+                              f"again to resume it")
     return failures
 
 
