@@ -203,3 +203,20 @@ def test_batch_nuclear_norm_and_entropy_by_hand():
     assert batch_nuclear_norm(uncertain) == pytest.approx(1 / math.sqrt(2))
     assert negative_entropy(uncertain) == pytest.approx(-math.log(2))
     assert negative_entropy(collapsed) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_the_train_metrics_rank_confident_predictions_as_the_evaluation_does():
+    """The epoch's train probabilities were float32: past a logit margin of ~17 every merger
+    probability was exactly 1, and a perfect ranking scored a ROC AUC of 0.5 (the evaluation's,
+    in float64, 1.0)."""
+    import torch
+
+    from dmhpc.train.meter import EpochMeter
+
+    margins = torch.tensor([20.0, 21.0, 22.0, 23.0, 17.0, 17.5, 18.0, 18.5], dtype=torch.float64)
+    labels = torch.tensor([1, 1, 1, 1, 0, 0, 0, 0])
+    logits = torch.stack([torch.zeros(8, dtype=torch.float64), margins], dim=1).float()
+    meter = EpochMeter(torch.device("cpu"))
+    meter.add(1, {"total": torch.tensor(0.1)}, {"logits": torch.cat([logits, logits])}, labels, labels)
+    record = meter.summary(None)
+    assert record["source"]["train"]["roc_auc"] == 1.0, record["source"]["train"]

@@ -53,7 +53,9 @@ class EpochMeter:
             stuck = (self.streak >= FP16_SKIPPED_IN_A_ROW) & (self.first_stuck == _NONE)
             self.first_stuck = torch.where(stuck, step, self.first_stuck)
         self.steps += 1
-        prob = torch.softmax(outputs["logits"].float(), dim=1)
+        # float64, as the evaluation's: float32 rounds p to exactly 1 past a logit margin of ~17, where
+        # confident predictions tie and the train ROC AUC lost their order (0.5 for a perfect ranking).
+        prob = torch.softmax(outputs["logits"].double(), dim=1)
         self.preds["source"].append((ys, prob[: len(ys)]))
         self.preds["target"].append((yt, prob[len(ys):]))
         if "domain_logits" in outputs:
@@ -93,7 +95,7 @@ class EpochMeter:
             record["loss"] = dict(zip(self.names, means.tolist()))
         for domain, pairs in self.preds.items():
             labels = torch.cat([y for y, _ in pairs]).cpu().numpy() if pairs else np.zeros(0, np.int64)
-            prob = torch.cat([p for _, p in pairs]).cpu().numpy() if pairs else np.zeros((0, 2), np.float32)
+            prob = torch.cat([p for _, p in pairs]).cpu().numpy() if pairs else np.zeros((0, 2), np.float64)
             parts = all_gather_object((labels, prob))
             labels = np.concatenate([p[0] for p in parts])
             prob = np.concatenate([p[1] for p in parts])
