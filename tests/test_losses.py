@@ -270,6 +270,16 @@ def test_coral_gradcheck():
     assert torch.autograd.gradcheck(coral, (xs, xt))
 
 
+def test_coral_of_a_global_batch_without_two_rows_is_not_finite():
+    """The covariance of 0 rows (a domain no rank holds) was 0 / -1: a finite 0, where fewer than 2
+    rows are promised a non-finite loss, which the trainer's finite-loss check catches."""
+    from dmhpc.losses.coral import _covariance
+
+    for rows in (0, 1):
+        assert torch.isnan(_covariance(torch.ones(rows, 3, dtype=torch.float64), False)).all(), rows
+    assert torch.isfinite(_covariance(torch.randn(2, 3, dtype=torch.float64), False)).all()
+
+
 def test_entropy_matches_reference_and_gradcheck():
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((256, 2)) * 5 + 100  # large logits: no overflow, no masking

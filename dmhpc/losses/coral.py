@@ -55,4 +55,5 @@ def _covariance(x: torch.Tensor, glob: bool) -> torch.Tensor:
     scatter = y.T @ y
     if glob:
         scatter = all_reduce_sum(scatter)
-    return scatter / (count - 1)
+    # Fewer than 2 rows: NaN, as promised, for none too (0 / -1 was a finite covariance of 0).
+    return scatter / torch.where(count >= 2, count - 1, torch.nan)
