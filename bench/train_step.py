@@ -9,7 +9,7 @@ its whole overhead: data, domain-adaptation terms and bookkeeping. Trainer and b
 fp32, where its target is, the original) are timed in alternating rounds, and the medians compared,
 so load from other jobs hits all alike.
 
-The original step is reproduced with its costs (see shared/reference/original-deepmerge.md):
+The original step is reproduced with its costs (docs/benchmarks.md, "## training", says what it is):
 a fresh DataLoader iterator with one worker process per domain per step, the MMD through an
 (n, d, m) difference tensor, the Fisher intra term gathered in a Python loop, entropy masked.
 dmhpc's step is the trainer's own, built by bench/throughput.py's `trainer_stepper` and timed beside
