@@ -86,6 +86,9 @@ def test_fewer_epochs_than_a_run_has_trained_are_refused_before_submitting(tmp_p
 
     save_config(point.config, point.run_dir / "config.yaml")
     save_checkpoint(point.run.checkpoint("last"), {"step": 9, "progress": {"epoch": 3, "step_in_epoch": 0, "step": 9}})
+    # (its third epoch evaluated, as train.eval_every 1 does: a length ending there is the run so far)
+    point.run.append_log({"kind": "epoch", "epoch": 2, "step": 9, "selection": {"criterion": "source-val-acc",
+                                                                                 "score": 0.5}})
     assert load_grid({**spec, "overrides": {"train.epochs": 3}})
     with pytest.raises(DmhpcError, match=r"seed=0: .*seed=0: train\.epochs 2: the run has trained 3 epochs already"):
         load_grid({**spec, "overrides": {"train.epochs": 2}})
