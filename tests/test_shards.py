@@ -218,6 +218,42 @@ def test_a_mark_that_cannot_be_made_takes_back_only_the_marks_made_with_it(tmp_p
     assert (left / INCOMPLETE).exists() and not (fresh / INCOMPLETE).exists()
 
 
+def test_a_staging_folder_that_cannot_be_removed_leaves_the_data_set_readable(tmp_path, monkeypatch, capsys):
+    """The mark and the empty staging folder went in one try: a staging folder the file system would
+    not remove (EBUSY on a network mount) kept the mark, and every reader refused the complete set
+    after a conversion that said only to remove the staging folder."""
+    from dmhpc.data.shards import STAGING
+
+    real_rmdir = type(tmp_path).rmdir
+
+    def busy(path):
+        if path.name == STAGING:
+            raise OSError(16, os.strerror(16), str(path))
+        return real_rmdir(path)
+
+    monkeypatch.setattr(type(tmp_path), "rmdir", busy)
+    images, labels = np.zeros((10, 3, 8, 8), np.float32), np.arange(10) % 2
+    write_dataset(images, labels, None, tmp_path / "set", shard_size=100)
+    assert "could not be removed (Device or resource busy); remove it by hand" in capsys.readouterr().err
+    assert load_manifest(tmp_path / "set")["count"] == 10
+
+
+def test_a_mark_that_cannot_be_removed_is_an_error_naming_it(tmp_path, monkeypatch):
+    """Left behind, the mark makes every reader refuse the set: the conversion must not end as a success."""
+    real_unlink = type(tmp_path).unlink
+
+    def refused(path, *rest, **named):
+        if path.name == INCOMPLETE:
+            raise OSError(13, os.strerror(13), str(path))
+        return real_unlink(path, *rest, **named)
+
+    monkeypatch.setattr(type(tmp_path), "unlink", refused)
+    images, labels = np.zeros((10, 3, 8, 8), np.float32), np.arange(10) % 2
+    with pytest.raises(DmhpcError, match=f"^{tmp_path / 'set' / INCOMPLETE}: cannot remove it \\(Permission denied\\), "
+                                         "and readers refuse the data set until it goes"):
+        write_dataset(images, labels, None, tmp_path / "set", shard_size=100)
+
+
 def test_a_shard_of_a_data_set_prepared_again_under_a_reader_is_refused(dataset):
     """prepare --overwrite (another seed) while a run read the folder: the shards the run had not
     opened yet were the new set's, read under the old manifest's rows, labels and splits."""

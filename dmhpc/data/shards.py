@@ -662,14 +662,20 @@ def publish_datasets(out_dirs: list) -> None:
             raise DmhpcError(f"{out_dir}: cannot move the new data set into place ({exc.strerror}); what is not "
                              f"moved yet is in {staging}; convert again") from None
         fsync_directory(out_dir)
+    # Every new set is in place now. The marks go first, each on its own: one left behind makes its
+    # set refused by every reader, an error; an empty staging folder left behind is untidy only.
     for out_dir in out_dirs:
-        try:  # every new set is in place now: what is left is tidying
-            (out_dir / STAGING).rmdir()
+        try:
             (out_dir / INCOMPLETE).unlink()
         except OSError as exc:
+            raise DmhpcError(f"{out_dir / INCOMPLETE}: cannot remove it ({exc.strerror}), and readers refuse the "
+                             f"data set until it goes; the new data set is in place: remove the file by hand") from None
+    for out_dir in out_dirs:
+        try:
+            (out_dir / STAGING).rmdir()
+        except OSError as exc:
             print(f"dmhpc prepare: warning: {out_dir}: the new data set is in place, but {exc.filename} could not be "
-                  f"removed ({exc.strerror}); remove it by hand (the data set is refused as unfinished until then)",
-                  file=sys.stderr, flush=True)
+                  f"removed ({exc.strerror}); remove it by hand", file=sys.stderr, flush=True)
 
 
 def abandon_dataset(out_dir: str | os.PathLike, remove_dir: bool = False) -> None:
