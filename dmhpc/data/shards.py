@@ -940,7 +940,12 @@ class RowReader:
             size = self._size(number)
             if size is not None:
                 self._sizes[number] = size
-            self._check_rows(number, f, path)
+            try:
+                self._check_rows(number, f, path)
+            except DmhpcError:  # not kept open: a second read would take it unchecked
+                self._files.pop(number).close()
+                self._sizes.pop(number, None)
+                raise
         return f
 
     def _check_rows(self, number: int, f: h5py.File, path: Path) -> None:
