@@ -427,11 +427,45 @@ def test_a_damaged_submission_record_is_one_line_and_submits_nothing(tmp_path, m
     assert err == (f"dmhpc grid: error: {pending}: damaged (no key 'configs'); remove it, after scancel of any job squeue "
                    f"shows with the comment dmhpc-launch:<token> (its points are then submitted again)\n"), err
     assert not submitted.exists()
+    # Entries checked as jobs.json's are: a traceback, or a jobs.json dmhpc wrote and then refused.
+    for fields, problem in (('"tasks": 1, "points": [["x"]], "configs": [{}]', "a field of the wrong type"),
+                            ('"tasks": 0, "points": ["seed=0"], "configs": [{}]',
+                             "point seed=0: tasks must be the job's number of tasks, a positive integer, got 0"),
+                            ('"tasks": 1, "points": ["seed=0"], "configs": [1]',
+                             "point seed=0: config must be the configuration its job was submitted with, got 1")):
+        pending.write_text('{"token": "abc", ' + fields + '}')
+        assert main(["grid", str(grid_file), "--no-wait"]) == 1
+        assert capsys.readouterr().err.startswith(f"dmhpc grid: error: {pending}: damaged ({problem}); remove it")
+    assert not submitted.exists()
     # One whose jobs are no longer queued: its points are submitted, and it goes.
     pending.write_text('{"token": "abc", "tasks": 1, "points": ["seed=0"], "configs": [{}]}')
     assert main(["grid", str(grid_file), "--no-wait"]) == 0
     assert submitted.read_text() == "x\n" and not pending.exists()
     assert "2 point(s): 0 finished, 0 still queued, 2 submitted" in capsys.readouterr().out
+
+
+def test_the_jobs_of_a_launcher_killed_before_its_record_are_found_by_their_comment(tmp_path, monkeypatch, capsys):
+    """squeue's lines of the token's jobs ("%i %k") map to the recorded points by array index: the
+    point still queued is re-attached, the other (its task ended) submitted, and jobs.json written."""
+    from dmhpc.cli import main
+
+    submitted = tmp_path / "sbatch-calls"
+    fake_commands(tmp_path, monkeypatch, {
+        "sbatch": f'echo x >> {submitted}\necho "Submitted batch job 99"\n',
+        "squeue": 'case "$*" in *"%i %k"*) echo "1234_1 dmhpc-launch:abc";; *) echo "1234_1";; esac\n'})
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({"base": str(TINY), "out": str(tmp_path / "out"), "executor": "slurm",
+                                         "grid": {"seed": [0, 1]}}))
+    points = load_grid(grid_file).points
+    pending = tmp_path / "out" / "submitit" / "submitting.json"
+    pending.parent.mkdir(parents=True)
+    pending.write_text(json.dumps({"token": "abc", "tasks": 1, "points": [p.name for p in points],
+                                   "configs": [config_to_dict(p.config) for p in points]}))
+    assert main(["grid", str(grid_file), "--no-wait"]) == 0
+    assert "2 point(s): 0 finished, 1 still queued, 1 submitted" in capsys.readouterr().out
+    assert submitted.read_text() == "x\n" and not pending.exists()
+    recorded = json.loads((pending.parent / "jobs.json").read_text())
+    assert recorded["seed=1"]["job_id"] == "1234_1" and recorded["seed=0"]["job_id"].startswith("99")
 
 
 def test_a_second_launcher_into_the_same_out_is_refused_in_one_line(tmp_path, capsys):

@@ -552,6 +552,13 @@ def _queued_slurm_jobs() -> set[str]:
     return {line.strip() for line in _squeue("%i") if line.strip()}
 
 
+def jobs_commented(token: str) -> list[str]:
+    """Ids of this user's queued jobs submitted with the comment SUBMISSION_COMMENT + `token`, array
+    tasks one by one: the jobs of a launcher killed before it recorded their ids."""
+    lines = (line.strip().partition(" ") for line in _squeue("%i %k"))
+    return [job_id for job_id, _, comment in lines if f"{SUBMISSION_COMMENT}{token}" in comment.split()]
+
+
 def _submitted_unrecorded(folder: Path) -> dict:
     """The jobs.json entries of a submission whose launcher was killed (SIGKILL, a lost login
     session) after sbatch and before jobs.json: its jobs, still queued, found by the token in their
@@ -563,9 +570,15 @@ def _submitted_unrecorded(folder: Path) -> dict:
     try:
         pending = json.loads(path.read_text(encoding="utf-8"))
         token, tasks, names, configs = (pending[k] for k in ("token", "tasks", "points", "configs"))
-        if not (isinstance(token, str) and token and type(tasks) is int and isinstance(names, list)
-                and isinstance(configs, list) and len(names) == len(configs)):
+        if not (isinstance(token, str) and token and isinstance(names, list) and isinstance(configs, list)
+                and len(names) == len(configs) and all(isinstance(name, str) for name in names)):
             raise ValueError("a field of the wrong type")
+        # Each becomes a jobs.json entry: checked as one, or dmhpc would write a file it then refuses.
+        entries = {name: {"job_id": f"{token}_{i}", "tasks": tasks, "config": config}
+                   for i, (name, config) in enumerate(zip(names, configs))}
+        problem = next(filter(None, (_entry_problem(name, entry) for name, entry in entries.items())), None)
+        if problem:
+            raise ValueError(problem)
     except OSError as exc:
         raise DmhpcError(f"{path}: cannot read ({exc.strerror})") from None
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
@@ -575,12 +588,10 @@ def _submitted_unrecorded(folder: Path) -> dict:
     if shutil.which("squeue") is None:
         return {}
     found = {}
-    for line in _squeue("%i %k"):
-        job_id, _, comment = line.strip().partition(" ")
-        if f"{SUBMISSION_COMMENT}{token}" in comment.split():
-            index = int(job_id.partition("_")[2] or 0)  # (submitit submits an array of one as one job)
-            if index < len(names):
-                found[names[index]] = {"job_id": job_id, "tasks": tasks, "config": configs[index]}
+    for job_id in jobs_commented(token):
+        index = int(job_id.partition("_")[2] or 0)  # (submitit submits an array of one as one job)
+        if index < len(names):
+            found[names[index]] = {**entries[names[index]], "job_id": job_id}
     return found
 
 
@@ -621,22 +632,28 @@ def _read_jobs(folder: Path) -> dict:
         raise damaged(f"not valid JSON ({exc})") from None
     if not isinstance(jobs, dict):
         raise damaged(f"expected an object of point name -> job, got {show(jobs)}")
-    for name, entry in jobs.items():
-        if not isinstance(entry, dict):
-            raise damaged(f"point {name}: expected an object with job_id and tasks, got {show(entry)}")
-
-        def got(key: str) -> str:
-            return show(entry[key]) if key in entry else "nothing"
-
-        job_id, tasks = entry.get("job_id"), entry.get("tasks")
-        if not isinstance(job_id, str) or not job_id:
-            raise damaged(f"point {name}: job_id must be a Slurm job id in quotes, such as \"1234_0\", got {got('job_id')}")
-        if type(tasks) is not int or tasks < 1:
-            raise damaged(f"point {name}: tasks must be the job's number of tasks, a positive integer, got {got('tasks')}")
-        if not isinstance(entry.get("config", ""), (dict, str)):
-            raise damaged(f"point {name}: config must be the configuration its job was submitted with, got "
-                          f"{got('config')}")
+    problem = next(filter(None, (_entry_problem(name, entry) for name, entry in jobs.items())), None)
+    if problem:
+        raise damaged(problem)
     return jobs
+
+
+def _entry_problem(name: str, entry: Any) -> str | None:
+    """What is wrong with one jobs file's entry {"job_id", "tasks", "config"}, or None."""
+    if not isinstance(entry, dict):
+        return f"point {name}: expected an object with job_id and tasks, got {show(entry)}"
+
+    def got(key: str) -> str:
+        return show(entry[key]) if key in entry else "nothing"
+
+    job_id, tasks = entry.get("job_id"), entry.get("tasks")
+    if not isinstance(job_id, str) or not job_id:
+        return f"point {name}: job_id must be a Slurm job id in quotes, such as \"1234_0\", got {got('job_id')}"
+    if type(tasks) is not int or tasks < 1:
+        return f"point {name}: tasks must be the job's number of tasks, a positive integer, got {got('tasks')}"
+    if not isinstance(entry.get("config", ""), (dict, str)):
+        return f"point {name}: config must be the configuration its job was submitted with, got {got('config')}"
+    return None
 
 
 def submit_points(points: list[Point], resources: Mapping[str, Resources], *, kind: str, folder: Path,
