@@ -322,11 +322,17 @@ class RunDir:
         return records
 
     def append_log(self, record: dict, default=None) -> None:
-        """One record, one line, one write: an interrupted append tears at most that line."""
+        """One record, one line, one write: an interrupted append tears at most that line. An epoch
+        record is on disk before the call returns: the checkpoint saved after it is, and a node
+        crash that kept last.pt but lost the log's tail left the checkpoint's step never evaluated
+        to `evaluated_at`, refusing the run's end there (step records are cadence only: not waited for)."""
         line = json.dumps(record, default=default) + "\n"
         try:
             with self.log_path.open("a", encoding="utf-8") as f:
                 f.write(line)
+                if record.get("kind") == "epoch":
+                    f.flush()
+                    os.fsync(f.fileno())
         except OSError as exc:
             raise DmhpcError(f"{self.log_path}: cannot append: {exc.strerror}") from None
 

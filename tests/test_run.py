@@ -592,6 +592,20 @@ def test_a_log_as_the_trainer_writes_it_is_read(tmp_path):
     assert [r["kind"] for r in run.read_log()] == ["setup", "step", "epoch"]
 
 
+def test_an_epoch_record_is_on_disk_before_the_checkpoint_after_it(tmp_path, monkeypatch):
+    """The checkpoint is fsynced; the log was not: a node crash kept last.pt and lost the epoch record
+    of its step, and every resume ending there was refused as never evaluated. Step records are
+    not waited for (cadence only, many per epoch)."""
+    run = RunDir(tmp_path)
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    run.append_log({"kind": "step", "step": 1})
+    assert synced == []
+    run.append_log(EPOCH)
+    assert synced == [str(run.log_path)]
+
+
 def test_each_evaluation_has_its_own_file(tmp_path):
     run = RunDir(tmp_path)
     run.write_result({"split": "test", "who": 1}, "best", "test")
