@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -396,6 +397,59 @@ def test_a_local_trial_orphaned_by_a_killed_tuner_is_stopped_before_its_rerun(da
         assert stranger.poll() is None  # not ours: untouched
     finally:
         stranger.kill()
+        orphan.cancel(check=False)
+
+
+def test_a_study_whose_data_was_prepared_again_is_refused(make_domains, tmp_path):
+    """The study compared its data by path only: a data set prepared again at the same path (other
+    splits, other images) let the next launch add trials scored on other data to a study whose best
+    was scored on the first. Data prepared after the study began is no change."""
+    import numpy as np
+
+    from dmhpc.data.shards import write_dataset
+
+    root = make_domains(64)
+    t = load_tune(spec(root, tmp_path))
+    with _lock(t.out):
+        _open_study(t)
+        _open_study(t)  # the same data: the same study
+    shutil.rmtree(root / "noisy")
+    rng = np.random.default_rng(1)
+    write_dataset(rng.normal(0, 0.3, (64, 3, 75, 75)).astype(np.float32), np.arange(64) % 2, None, root / "noisy",
+                  shard_size=64, seed=1)
+    with _lock(t.out), pytest.raises(DmhpcError) as refused:
+        _open_study(t)
+    assert str(refused.value) == (f"{t.out / JOURNAL}: its trials trained on other data (data.target {root / 'noisy'} "
+                                  f"prepared again since the study began: their scores and the new trials' are not "
+                                  f"comparable); use another out")
+
+
+def test_a_local_trial_whose_tuner_was_killed_before_recording_its_job_is_stopped(data, tmp_path):
+    """A tuner killed after submitting a local trial and before recording its job id left an orphan
+    no job id names: the trial is stale (RUNNING) with its executor only, and any job still running
+    in the study's folder is that orphan (the new tuner holds the study's lock)."""
+    import submitit
+
+    from dmhpc.launch.tune import _requeue_stale
+
+    t = load_tune(spec(data, tmp_path, trials=1, parallel=1))
+    folder = t.out / "submitit"
+    lock = _lock(t.out)
+    study = _open_study(t)
+    executor = submitit.AutoExecutor(folder=folder, cluster="local")
+    executor.update_parameters(timeout_min=10)
+    with submission(None):
+        orphan = executor.submit(_started_then_sleep, str(tmp_path / "started"))
+    deadline = time.monotonic() + 60  # (a SIGINT while its interpreter still starts is lost)
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    try:
+        trial = study.ask({"optim.lr": optuna.distributions.CategoricalDistribution(["0.001", "0.003"])})
+        trial.set_user_attr("executor", "local")  # as the tuner records it before the job exists
+        lock.close()
+        assert _requeue_stale(study, folder) == 1
+        assert orphan.done()
+    finally:
         orphan.cancel(check=False)
 
 

@@ -56,6 +56,7 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -66,9 +67,10 @@ from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, hold_lock
 from dmhpc.launch.spec import (Range, base_path, data_ids, dotted_keys, finished_as, point_name, point_problem,
                                read_launch_file, read_space, resolve_point, warn_missing_data)
-from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, Resources, TrainTask, cancel_local_jobs, check_executor_here,
-                                 local_gpus, local_threads, make_executor, pick_gpus, preempt_signal, read_resources,
-                                 sbatch_refusal, sigterm_as_interrupt, submission, use_gpus, wait_for)
+from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, SUBMISSION_COMMENT, Resources, TrainTask,
+                                 cancel_local_jobs, check_executor_here, jobs_commented, local_gpus, local_threads,
+                                 make_executor, pick_gpus, preempt_signal, read_resources, sbatch_refusal,
+                                 sigterm_as_interrupt, submission, use_gpus, wait_for)
 from dmhpc.names import CRITERIA, LABEL_FREE
 from dmhpc.run import LENGTH_KEYS, RESULT_KEYS, RESUMABLE, RunDir
 
@@ -83,6 +85,7 @@ JOURNAL, LOCK, TABLE = "study.journal", "tune.lock", "trials"
 FAILURES_IN_A_ROW = 3  # consecutive failed trials that stop the search: most likely not the values' fault
 STOPPING_WAIT_S = 600  # how long a trial waits for a cancelled job to let go of its run directory
 ATTR_VALUES, ATTR_RUN = "values", "run_dir"
+ATTR_SUBMISSION = "submission"  # the token in a SLURM trial's job comment
 
 
 @dataclass(frozen=True)
@@ -107,13 +110,16 @@ class Tune:
     def identity(self) -> dict:
         """What the study's trials depend on, comparable across launches: the objective, the space,
         the training configuration every trial starts from (base + overrides, resolved, so an
-        edit of the base file or of a file it inherits from counts; the path to it does not), and
-        the ranks that train each trial (BatchNorm's batches, the losses' scope)."""
+        edit of the base file or of a file it inherits from counts; the path to it does not), the
+        ranks that train each trial (BatchNorm's batches, the losses' scope), and the manifest
+        fingerprints of the data sets prepared so far (one prepared again under the same path is
+        other data)."""
         space = {k: (v if isinstance(v, list) else {"low": v.low, "high": v.high, "log": v.log})
                  for k, v in self.space.items()}
-        config = _trials_config(config_to_dict(resolve_point(self.base, self.overrides)))
+        cfg = resolve_point(self.base, self.overrides)
+        config = _trials_config(config_to_dict(cfg))
         return json.loads(json.dumps({"objective": self.objective, "config": config, "space": space,
-                                      "ranks": self.resources.ranks}, sort_keys=True))
+                                      "ranks": self.resources.ranks, "data": data_ids(cfg)}, sort_keys=True))
 
     def point(self, values: Mapping[str, Any]):
         """(run directory, validated config dict) of the trial with these values."""
@@ -298,6 +304,15 @@ def _open_study(t: Tune):
         if not isinstance(before, dict):
             raise DmhpcError(f"{journal}: the study's identity is {show(before)}, not what dmhpc records; use "
                              f"another out")
+        then_data, now_data = before.get("data", {}), identity["data"]  # (older tuners recorded none)
+        if isinstance(then_data, dict):
+            # Only a data set fingerprinted at both launches: one prepared since the study began is no change.
+            again = [f"{k} {identity['config']['data'][k.partition('.')[2]]}" for k in sorted(now_data)
+                     if k in then_data and then_data[k] != now_data[k]]
+            if again:
+                raise DmhpcError(f"{journal}: its trials trained on other data ({', '.join(again)} prepared again "
+                                 f"since the study began: their scores and the new trials' are not comparable); "
+                                 f"use another out")
         if "config" in before:  # (the first tuner recorded none)
             before = {**before, "config": _recorded_config(before["config"], journal)}
         changed = [k for k in ("objective", "space", "ranks") if k in before and before[k] != identity[k]]
@@ -358,10 +373,15 @@ def _requeue_stale(study, folder: Path) -> int:
     queued = {tr.user_attrs.get("rerun_of") for tr in trials if tr.state == TrialState.WAITING}
     for tr in stale:
         job_id, executor = str(tr.user_attrs.get("job_id", "")), tr.user_attrs.get("executor")
-        if executor == "slurm" and job_id:
-            _cancel_slurm_job(job_id)
-        elif executor == "local" and job_id.isdigit():
-            cancel_local_jobs(folder, job_id, who="an earlier tuner")
+        # A tuner killed after the submission and before it recorded the job id left the job
+        # unnamed: found on SLURM by its comment's token, locally as any job left in the folder
+        # (this tuner holds the study's lock: no other started it).
+        if executor == "slurm":
+            token = tr.user_attrs.get(ATTR_SUBMISSION)
+            for queued in [job_id] if job_id else jobs_commented(token) if isinstance(token, str) and token else []:
+                _cancel_slurm_job(queued)
+        elif executor == "local" and (job_id.isdigit() or not job_id):
+            cancel_local_jobs(folder, job_id or None, who="an earlier tuner")
         if tr.number not in queued:
             study.enqueue_trial(tr.params, user_attrs={"rerun_of": tr.number})  # first: a crash here loses nothing
         study.tell(tr.number, state=TrialState.FAIL)
@@ -488,11 +508,17 @@ class _Search:
         try:
             log = self.folder / CONTROLLERS_LOG if t.executor == "local" else None
             with submission(self.threads, log):
+                # Recorded before the job exists, so that the next launch finds a job whose id a
+                # killed tuner never recorded (see _requeue_stale).
+                trial.set_user_attr("executor", t.executor)
+                if t.executor == "slurm":
+                    token = uuid.uuid4().hex
+                    trial.set_user_attr(ATTR_SUBMISSION, token)
+                    self.submitter.update_parameters(slurm_comment=SUBMISSION_COMMENT + token)
                 with sbatch_refusal(f"the job of trial {trial.number}", self.folder):
                     job = self.submitter.submit(TrainTask(), config_to_dict(cfg))
                 self.running.append(_Running(trial, run, job, gpus=gpus))
                 trial.set_user_attr("job_id", job.job_id)
-                trial.set_user_attr("executor", t.executor)
         except DmhpcError as exc:
             # Told before the search stops: a trial left RUNNING would be taken for one of a killed
             # tuner and rerun (its SLURM job looked for) at every launch. Its values are queued again

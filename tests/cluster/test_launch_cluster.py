@@ -190,6 +190,56 @@ def test_a_launcher_killed_between_sbatch_and_its_record_is_not_submitted_twice(
             slurm_cluster.run("scancel", job_id)
 
 
+KILLED_BEFORE_JOB_ID = """
+import os, sys
+import optuna
+from dmhpc.cli import run
+real = optuna.trial.Trial.set_user_attr
+def set_user_attr(self, key, value):  # killed (no cleanup) after sbatch, as it records the job id
+    if key == "job_id":
+        os._exit(137)
+    return real(self, key, value)
+optuna.trial.Trial.set_user_attr = set_user_attr
+run(sys.argv[1:])
+"""
+
+
+def test_a_tuner_killed_between_sbatch_and_the_job_id_has_its_job_cancelled_by_the_next(slurm_cluster, tmp_path,
+                                                                                         make_domains):
+    """A tuner killed after sbatch and before it recorded the trial's job id (SIGKILL, a lost login
+    session) left the job unnamed: the next tuner reran the trial beside it, two jobs in one run
+    directory (the rerun failed as "in use" and spent the budget). It is found by its comment."""
+    from dmhpc.launch.tune import _lock, _open_study, _requeue_stale, load_tune
+
+    data = make_domains(64)
+    tune_file = tmp_path / "tune.yaml"
+    tune_file.write_text(yaml.safe_dump({
+        "base": str(TINY), "out": str(tmp_path / "tune"), "executor": "slurm", "objective": "im", "trials": 1,
+        "parallel": 1, "pruner": False, "space": {"optim.lr": [1e-3, 3e-4]},
+        "overrides": {"data.source": str(data / "pristine"), "data.target": str(data / "noisy")},
+        # Held: the job stays queued while it is looked for, and is cancelled unrun.
+        "slurm": {"cpus_per_task": 1, "time": 10, "additional_parameters": {"hold": True}}}))
+    killed = subprocess.run([sys.executable, "-c", KILLED_BEFORE_JOB_ID, "tune", str(tune_file)],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert killed.returncode == 137, killed.stdout + killed.stderr
+
+    def ours() -> list[str]:
+        lines = slurm_cluster.run("squeue", "-h", "-r", "-o", "%i %Z").splitlines()
+        return [line.split()[0] for line in lines if line.split()[1:] == [str(tmp_path)]]
+
+    assert len(ours()) == 1
+    try:
+        t = load_tune(tune_file)
+        with _lock(t.out):
+            study = _open_study(t)
+            assert _requeue_stale(study, t.out / "submitit") == 1
+        assert ours() == []
+        assert [tr.state.name for tr in study.get_trials()] == ["FAIL", "WAITING"]
+    finally:
+        for job_id in ours():
+            slurm_cluster.run("scancel", job_id)
+
+
 def test_interrupted_job_requeues_resumes_and_ends_with_the_uninterrupted_weights(slurm_cluster, tmp_path,
                                                                                    job_env, make_domains):
     # 480 images, 70 % for training, 4 per rank and step on 2 ranks: one epoch of 42 steps, so the
