@@ -414,6 +414,8 @@ def test_a_study_whose_data_was_prepared_again_is_refused(make_domains, tmp_path
         _open_study(t)
         _open_study(t)  # the same data: the same study
     shutil.rmtree(root / "noisy")
+    with _lock(t.out):
+        _open_study(t)  # a launch that found it missing: accepted, its fingerprint not forgotten
     rng = np.random.default_rng(1)
     write_dataset(rng.normal(0, 0.3, (64, 3, 75, 75)).astype(np.float32), np.arange(64) % 2, None, root / "noisy",
                   shard_size=64, seed=1)
@@ -422,6 +424,44 @@ def test_a_study_whose_data_was_prepared_again_is_refused(make_domains, tmp_path
     assert str(refused.value) == (f"{t.out / JOURNAL}: its trials trained on other data (data.target {root / 'noisy'} "
                                   f"prepared again since the study began: their scores and the new trials' are not "
                                   f"comparable); use another out")
+
+
+def test_stale_slurm_trials_have_their_jobs_cancelled_recorded_or_found_by_their_comment(data, tmp_path, monkeypatch,
+                                                                                        capsys):
+    """A SLURM trial left running by a killed tuner: its recorded job is cancelled, one whose id the
+    tuner never recorded is found by the token of its comment; then each is queued again. Where
+    squeue cannot be asked, said, and queued again all the same."""
+    import importlib
+
+    tuning = importlib.import_module("dmhpc.launch.tune")
+    cancelled = tmp_path / "scancel-calls"
+    fake_commands(tmp_path, monkeypatch, {
+        "scancel": f'echo "$1" >> {cancelled}\n',
+        "squeue": 'case "$*" in *"%i %k"*) echo "778 dmhpc-launch:tok";; esac\n'})  # -j ID: gone
+    t = load_tune(spec(data, tmp_path, executor="slurm"))
+    distribution = {"optim.lr": optuna.distributions.CategoricalDistribution(["0.001", "0.003"])}
+    with _lock(t.out):
+        study = _open_study(t)
+        for attrs in ({"executor": "slurm", "submission": "other", "job_id": "777"},
+                      {"executor": "slurm", "submission": "tok"}):
+            trial = study.ask(distribution)
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+        assert tuning._requeue_stale(study, t.out / "submitit") == 2
+    assert cancelled.read_text().split() == ["777", "778"]
+    assert [tr.state.name for tr in study.get_trials()] == ["FAIL", "FAIL", "WAITING", "WAITING"]
+    # squeue failing: a warning, and the trial queued again
+    fake_commands(tmp_path, monkeypatch, {"squeue": "echo 'slurm_load_jobs error' >&2; exit 1\n"})
+    with _lock(t.out):
+        study = _open_study(t)
+        trial = study.ask(distribution)
+        trial.set_user_attr("executor", "slurm")
+        trial.set_user_attr("submission", "tok2")
+        assert tuning._requeue_stale(study, t.out / "submitit") == 1
+    # (ask took the trial queued again above, number 2)
+    assert "cannot look for the SLURM job of trial 2 of an earlier tuner (squeue: cannot list" in capsys.readouterr().out
+    last = study.get_trials()[-1]
+    assert (study.get_trials()[2].state.name, last.state.name, last.user_attrs["rerun_of"]) == ("FAIL", "WAITING", 2)
 
 
 def test_a_local_trial_whose_tuner_was_killed_before_recording_its_job_is_stopped(data, tmp_path):

@@ -304,15 +304,6 @@ def _open_study(t: Tune):
         if not isinstance(before, dict):
             raise DmhpcError(f"{journal}: the study's identity is {show(before)}, not what dmhpc records; use "
                              f"another out")
-        then_data, now_data = before.get("data", {}), identity["data"]  # (older tuners recorded none)
-        if isinstance(then_data, dict):
-            # Only a data set fingerprinted at both launches: one prepared since the study began is no change.
-            again = [f"{k} {identity['config']['data'][k.partition('.')[2]]}" for k in sorted(now_data)
-                     if k in then_data and then_data[k] != now_data[k]]
-            if again:
-                raise DmhpcError(f"{journal}: its trials trained on other data ({', '.join(again)} prepared again "
-                                 f"since the study began: their scores and the new trials' are not comparable); "
-                                 f"use another out")
         if "config" in before:  # (the first tuner recorded none)
             before = {**before, "config": _recorded_config(before["config"], journal)}
         changed = [k for k in ("objective", "space", "ranks") if k in before and before[k] != identity[k]]
@@ -327,7 +318,17 @@ def _open_study(t: Tune):
             raise DmhpcError(f"{journal}: holds a study of another tune file ({', '.join(changed)} changed since "
                              f"it began{': ' + ', '.join(keys) if keys else ''}); use another out, or restore the "
                              f"file")
-        study.set_user_attr("identity", identity)
+        # The same paths (the config's check above): only a data set fingerprinted at both launches is
+        # compared, one prepared since the study began is no change, and a fingerprint is never
+        # forgotten (a launch that found the set missing or unfinished would let any data in after it).
+        then_data = before.get("data") if isinstance(before.get("data"), dict) else {}  # (older tuners: none)
+        again = [f"{k} {identity['config']['data'][k.partition('.')[2]]}" for k in sorted(identity["data"])
+                 if k in then_data and then_data[k] != identity["data"][k]]
+        if again:
+            raise DmhpcError(f"{journal}: its trials trained on other data ({', '.join(again)} prepared again "
+                             f"since the study began: their scores and the new trials' are not comparable); "
+                             f"use another out")
+        study.set_user_attr("identity", {**identity, "data": {**then_data, **identity["data"]}})
     return study
 
 
@@ -377,9 +378,15 @@ def _requeue_stale(study, folder: Path) -> int:
         # unnamed: found on SLURM by its comment's token, locally as any job left in the folder
         # (this tuner holds the study's lock: no other started it).
         if executor == "slurm":
-            token = tr.user_attrs.get(ATTR_SUBMISSION)
-            for queued in [job_id] if job_id else jobs_commented(token) if isinstance(token, str) and token else []:
-                _cancel_slurm_job(queued)
+            token, found = tr.user_attrs.get(ATTR_SUBMISSION), [job_id] if job_id else []
+            if not job_id and isinstance(token, str) and token:
+                try:
+                    found = jobs_commented(token)
+                except DmhpcError as exc:  # (no squeue here: a study relaunched off the cluster)
+                    print(f"dmhpc tune: warning: cannot look for the SLURM job of trial {tr.number} of an earlier "
+                          f"tuner ({exc}); its rerun may find the run directory in use", flush=True)
+            for job in found:
+                _cancel_slurm_job(job)
         elif executor == "local" and (job_id.isdigit() or not job_id):
             cancel_local_jobs(folder, job_id or None, who="an earlier tuner")
         if tr.number not in queued:
