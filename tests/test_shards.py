@@ -252,6 +252,17 @@ def test_a_mark_that_cannot_be_removed_is_an_error_naming_it(tmp_path, monkeypat
     with pytest.raises(DmhpcError, match=f"^{tmp_path / 'set' / INCOMPLETE}: cannot remove it \\(Permission denied\\), "
                                          "and readers refuse the data set until it goes"):
         write_dataset(images, labels, None, tmp_path / "set", shard_size=100)
+    # Of a conversion into several folders, every mark is tried and every one left is named.
+    from dmhpc.data.shards import STAGING, mark_datasets, publish_datasets
+
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        (folder / STAGING).mkdir(parents=True)
+        (folder / STAGING / MANIFEST).write_text("{}")
+    mark_datasets(folders)
+    with pytest.raises(DmhpcError) as refused_both:
+        publish_datasets(folders)
+    assert str(refused_both.value).endswith(f"remove the file by hand (and {folders[1] / INCOMPLETE}: Permission denied)")
 
 
 def test_a_shard_of_a_data_set_prepared_again_under_a_reader_is_refused(dataset):

@@ -521,6 +521,7 @@ def test_a_hand_edited_checkpoint_is_one_line(data, tmp_path, capsys):
     for edit, said in ((lambda state: state.pop("scaler"), "no 'scaler' entry"),
                        (lambda state: state.update(progress=[]), "its 'progress' entry is a list, not a dict"),
                        (lambda state: state.update(optimizer=None), "its 'optimizer' entry is a NoneType, not a dict"),
+                       (lambda state: state.pop("rng"), "no 'rng' entry"),
                        (lambda state: state.update(rng=None), "its 'rng' entry is not the random states a run saves "
                                                               "(TypeError: object of type 'NoneType' has no len())"),
                        (lambda state: state.update(rng=[{"torch": state["rng"][0]["torch"]}]),

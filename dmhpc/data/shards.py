@@ -664,12 +664,16 @@ def publish_datasets(out_dirs: list) -> None:
         fsync_directory(out_dir)
     # Every new set is in place now. The marks go first, each on its own: one left behind makes its
     # set refused by every reader, an error; an empty staging folder left behind is untidy only.
+    left = []
     for out_dir in out_dirs:
         try:
             (out_dir / INCOMPLETE).unlink()
         except OSError as exc:
-            raise DmhpcError(f"{out_dir / INCOMPLETE}: cannot remove it ({exc.strerror}), and readers refuse the "
-                             f"data set until it goes; the new data set is in place: remove the file by hand") from None
+            left.append((out_dir / INCOMPLETE, exc.strerror))
+    if left:  # each tried: those after the first are said too, not left for a second conversion to find
+        raise DmhpcError(f"{left[0][0]}: cannot remove it ({left[0][1]}), and readers refuse the data set until "
+                         f"it goes; the new data set is in place: remove the file by hand"
+                         + "".join(f" (and {path}: {why})" for path, why in left[1:])) from None
     for out_dir in out_dirs:
         try:
             (out_dir / STAGING).rmdir()
@@ -942,7 +946,7 @@ class RowReader:
                 self._sizes[number] = size
             try:
                 self._check_rows(number, f, path)
-            except DmhpcError:  # not kept open: a second read would take it unchecked
+            except BaseException:  # not kept open: a second read would take it unchecked
                 self._files.pop(number).close()
                 self._sizes.pop(number, None)
                 raise

@@ -125,8 +125,9 @@ class TrainState:
         known = {f.name for f in fields(Progress)}  # older checkpoints also kept best_epoch
         self.progress = Progress(**{k: v for k, v in state["progress"].items() if k in known})
         _check_progress(self.progress)
+        rng = state["rng"]  # (missing: said as a missing entry)
         try:
-            restore_rank_rng_state(state["rng"], rank)
+            restore_rank_rng_state(rng, rank)
         except (TypeError, AttributeError, KeyError, IndexError, ValueError, RuntimeError) as exc:
             # (a KeyError inside the entry is no missing entry of the checkpoint)
             raise EditedCheckpoint(f"its 'rng' entry is not the random states a run saves "
