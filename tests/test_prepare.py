@@ -391,7 +391,8 @@ def test_a_failure_in_the_moves_into_place_keeps_the_new_set(two_domains, tmp_pa
                  f"yet is in {out / 'noisy' / shards.STAGING}; convert again")
     assert MANIFEST in os.listdir(out / "noisy" / shards.STAGING)  # kept: a whole set to move by hand
     monkeypatch.setattr(os, "replace", real)
-    # Once the new manifest is in place, what is left is tidying: a failure there is a warning.
+    # Once the new manifests are in place, a mark that cannot go is an error naming every one left
+    # (readers refuse its set until it goes), the sets in place.
     real_unlink = Path.unlink
 
     def mark_stays(path, *rest, **named):
@@ -401,8 +402,10 @@ def test_a_failure_in_the_moves_into_place_keeps_the_new_set(two_domains, tmp_pa
 
     monkeypatch.setattr(Path, "unlink", mark_stays)
     capsys.readouterr()
-    assert main(["prepare", "--data-config", config, "--shard-size", "16", "--overwrite"]) == 0
-    assert "the new data set is in place, but" in capsys.readouterr().err
+    assert_fails(capsys, ["prepare", "--data-config", config, "--shard-size", "16", "--overwrite"],
+                 f"{out / 'pristine' / INCOMPLETE}: cannot remove it (Input/output error), and readers refuse the data "
+                 f"set until it goes; the new data set is in place: remove the file by hand (and "
+                 f"{out / 'noisy' / INCOMPLETE}: Input/output error)\n")
     assert MANIFEST in os.listdir(out / "noisy") and MANIFEST in os.listdir(out / "pristine")
     monkeypatch.setattr(Path, "unlink", real_unlink)
     assert main(["prepare", "--data-config", config, "--shard-size", "16", "--overwrite"]) == 0
