@@ -364,26 +364,33 @@ def test_a_stale_slurm_trial_that_will_not_leave_the_queue_is_said(tmp_path, mon
             "rerun may find the run directory in use") in capsys.readouterr().out
 
 
+def _orphan(folder: Path, tmp_path: Path):
+    """A local job in `folder` as a killed tuner leaves its trainer, started (a SIGINT while its
+    interpreter still starts is lost: site.py swallows it)."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=folder, cluster="local")
+    executor.update_parameters(timeout_min=10)
+    with submission(None):  # as the tuner starts its jobs (SIGINT not ignored in them)
+        orphan = executor.submit(_started_then_sleep, str(tmp_path / "started"))
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return orphan
+
+
 def test_a_local_trial_orphaned_by_a_killed_tuner_is_stopped_before_its_rerun(data, tmp_path):
     """A tuner killed outright (SIGKILL, a lost session) left its local trials training as orphans:
     each rerun failed on the run directory the orphan held ("in use"), spending the budget, and the
     orphan's result was never counted. Their submitit controllers are now interrupted and waited for;
     a process that merely has the recorded pid now is left alone."""
-    import submitit
-
     from dmhpc.launch.tune import _requeue_stale
 
     t = load_tune(spec(data, tmp_path, trials=2, parallel=1))
     folder = t.out / "submitit"
     lock = _lock(t.out)
     study = _open_study(t)
-    executor = submitit.AutoExecutor(folder=folder, cluster="local")
-    executor.update_parameters(timeout_min=10)
-    with submission(None):  # as the tuner starts its jobs (SIGINT not ignored in them)
-        orphan = executor.submit(_started_then_sleep, str(tmp_path / "started"))  # a trainer of the killed tuner
-    deadline = time.monotonic() + 60  # a SIGINT while its interpreter still starts is lost (site.py swallows it)
-    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    orphan = _orphan(folder, tmp_path)
     stranger = subprocess.Popen(["sleep", "600"])  # a process that got a recorded pid since
     distribution = {"optim.lr": optuna.distributions.CategoricalDistribution(["0.001", "0.003"])}
     try:
@@ -468,21 +475,13 @@ def test_a_local_trial_whose_tuner_was_killed_before_recording_its_job_is_stoppe
     """A tuner killed after submitting a local trial and before recording its job id left an orphan
     no job id names: the trial is stale (RUNNING) with its executor only, and any job still running
     in the study's folder is that orphan (the new tuner holds the study's lock)."""
-    import submitit
-
     from dmhpc.launch.tune import _requeue_stale
 
     t = load_tune(spec(data, tmp_path, trials=1, parallel=1))
     folder = t.out / "submitit"
     lock = _lock(t.out)
     study = _open_study(t)
-    executor = submitit.AutoExecutor(folder=folder, cluster="local")
-    executor.update_parameters(timeout_min=10)
-    with submission(None):
-        orphan = executor.submit(_started_then_sleep, str(tmp_path / "started"))
-    deadline = time.monotonic() + 60  # (a SIGINT while its interpreter still starts is lost)
-    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    orphan = _orphan(folder, tmp_path)
     try:
         trial = study.ask({"optim.lr": optuna.distributions.CategoricalDistribution(["0.001", "0.003"])})
         trial.set_user_attr("executor", "local")  # as the tuner records it before the job exists
