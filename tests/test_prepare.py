@@ -798,6 +798,27 @@ def test_mpi_bad_input_fails_promptly_on_every_rank(tmp_path):
     assert not Path(files["out"]).parent.exists()
 
 
+@pytest.mark.mpi
+@needs_mpi
+def test_ranks_that_do_not_see_one_output_folder_are_refused_before_writing(inputs, tmp_path):
+    """Ranks on nodes without a shared file system (--out on node-local scratch) each wrote their
+    shards into their own folder, and rank 0 published its half as the data set, exit 0. Here the
+    ranks run in two working directories, --out relative: each sees its own `ds`."""
+    seen = {rank: tmp_path / f"node{rank}" for rank in (0, 1)}
+    for where in seen.values():
+        where.mkdir()
+    rest = args({**inputs, "out": "ds"})[1:]
+    command = [find_mpiexec(), *[part for rank in (0, 1) for part in (
+        *([":"] if rank else []), "-n", "1", "-wdir", str(seen[rank]), sys.executable, "-m", "dmhpc", "prepare", *rest)]]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert run.stderr.count("error:") == 1, run.stderr
+    assert "error: ds: rank 1 (on " in run.stderr and ") does not see the output folder rank 0 made" in run.stderr
+    assert "one shared file system" in run.stderr
+    assert not (seen[0] / "ds").exists()  # rank 0's folder, made by this conversion, is gone again
+    assert not list(seen[1].rglob("*")), list(seen[1].rglob("*"))  # rank 1 wrote nothing
+
+
 def test_a_negative_seed_is_one_line(inputs, capsys):
     assert_fails(capsys, args(inputs, "--seed", "-1"), "seed -1: expected an integer >= 0", out=inputs["out"])
 

@@ -20,8 +20,11 @@ The Python API is `prepare(domains, options)` with `DomainSpec`s and `Options`, 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -36,7 +39,7 @@ from dmhpc.data import duplicates, shards
 from dmhpc.data.inputs import (CUTOUTS_HELP, LAYOUTS, ArrayRows, Cutouts, open_images, open_npy, read_catalog,
                                resolve_spelling)
 from dmhpc.errors import DmhpcError
-from dmhpc.files import locked_directory
+from dmhpc.files import TEMP_SUFFIX, locked_directory
 from dmhpc.mpi import world_comm
 
 CONFIG_KEYS = ("root", "out", "domains")
@@ -372,6 +375,14 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
             # manifest from everyone's results, and moves each new data set into place.
             created = [not d["out"].exists() for d in planned]
             _agree(comm, lambda: _claim_outputs(planned, created, options.overwrite, held) if rank == 0 else None)
+            if comm is not None:
+                try:
+                    _check_one_folder(comm, planned)
+                except DmhpcError:
+                    if rank == 0:
+                        for d, made in zip(planned, created):
+                            shards.abandon_dataset(d["out"], remove_dir=made)
+                    raise
             tasks = [(k, s) for k, d in enumerate(planned) for s in range(d["plan"].num_shards)]
             mine = tasks[rank::size]
 
@@ -446,6 +457,34 @@ def _check_nan_fill(value: float | None, dtype: str) -> None:
     if not abs(value) <= largest:
         raise DmhpcError(f"--nan-fill {value:g}: expected a finite value that {dtype} can hold "
                          f"(at most {largest:g} in magnitude)")
+
+
+def _check_one_folder(comm, planned: list[dict]) -> None:
+    """Refuse ranks that do not see the staging folders rank 0 made: each would write its shards
+    into a folder of its own (--out on node-local scratch, or a relative --out from other working
+    directories), and rank 0 published its own share as the whole data set. Rank 0 leaves a file of
+    a random name in each; every rank looks for it, before anything is written."""
+    rank = comm.Get_rank()
+    names = None
+    if rank == 0:
+        names = []
+        for d in planned:
+            fd, path = tempfile.mkstemp(prefix=".ranks.", suffix=TEMP_SUFFIX, dir=d["out"] / shards.STAGING)
+            os.close(fd)
+            names.append(path)
+    names = comm.bcast(names, root=0)
+
+    def look():
+        for d, path in zip(planned, names):
+            if not Path(d["out"], shards.STAGING, Path(path).name).exists():
+                raise DmhpcError(f"{d['out']}: rank {rank} (on {socket.gethostname()}) does not see the output folder "
+                                 f"rank 0 made: every rank must write to one shared file system; give --out an "
+                                 f"absolute path that every node shares")
+
+    _agree(comm, look)
+    if rank == 0:
+        for path in names:
+            os.unlink(path)
 
 
 def _claim_outputs(planned: list[dict], created: list[bool], overwrite: bool, held: contextlib.ExitStack) -> None:
