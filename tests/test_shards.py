@@ -506,3 +506,22 @@ def test_a_shard_cut_short_under_an_open_reader_is_an_error_not_zeros(dataset):
     # A new reader (the next start) opens no cut file: HDF5 refuses it, named.
     with pytest.raises(DmhpcError, match=rf"^{path}: cannot open shard \(.*truncated file"):
         RowReader(directory, manifest).read(0, 16)
+
+
+def test_a_shard_missing_from_the_staging_folder_is_refused_before_the_manifest(tmp_path):
+    """A shard written elsewhere (a rank on another node's disk) was left out of the data set in
+    silence: the manifest listed it, the move took what the folder held."""
+    from dmhpc.data.shards import DTYPES, SPLIT_FRACTIONS, finish_dataset, plan_dataset, write_shards
+
+    images, labels, objects = make_arrays()
+    plan = plan_dataset(images, labels, objects, shard_size=16, seed=3, fractions=SPLIT_FRACTIONS, dtype=DTYPES[0],
+                        num_classes=2)
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    results = write_shards([(plan, staging, k) for k in range(plan.num_shards)])
+    (staging / shard_name(1)).unlink()
+    (staging / shard_name(3)).unlink()
+    with pytest.raises(DmhpcError, match=rf"{shard_name(1)}: written by this conversion but not found \(and 1 more\): "
+                                          r"do all ranks write to one shared file system\?"):
+        finish_dataset(plan, staging, results)
+    assert not (staging / MANIFEST).exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -294,7 +295,7 @@ class Plan:
     def count(self) -> int:
         return len(self.labels)
 
-    @property
+    @functools.cached_property  # (each shard takes its slice: built once, not once per shard)
     def rows(self) -> np.ndarray:
         """Global index of every row: train, then val, then test."""
         return np.concatenate([self.order[s] for s in SPLITS])
@@ -494,8 +495,15 @@ def finish_dataset(
     inputs: list | None = None,
     layout: str = "NCHW",
 ) -> dict:
-    """Combine the shards' results (in shard order) into the manifest and write it, last."""
+    """Combine the shards' results (in shard order) into the manifest and write it, last. Every
+    shard must be in `out_dir`: publish_datasets moves what is there, and a rank that wrote into a
+    folder of its own (another node's disk) made a set without its shards."""
     records = [r for r, _ in results]
+    missing = [r["file"] for r in records if not (Path(out_dir) / r["file"]).is_file()]
+    if missing:
+        raise DmhpcError(f"{Path(out_dir) / missing[0]}: written by this conversion but not found"
+                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}: do all ranks write to "
+                         f"one shared file system?")
     stats = (0, 0.0, 0.0)
     for _, partial in results:
         stats = _combine(stats, partial)
