@@ -652,6 +652,22 @@ def test_finished_or_foreign_directory_needs_overwrite(inputs, tmp_path, capsys)
     assert os.listdir(foreign) == ["README"]
 
 
+def test_a_users_file_named_like_a_temporary_is_neither_taken_nor_removed(inputs, capsys):
+    """dmhpc writes its temporary files in the staging folder only; a file of that name pattern in
+    the output folder itself was taken as dmhpc's and deleted, even without --overwrite."""
+    out = Path(inputs["out"])
+    out.mkdir()
+    notes = out / ".draft.20240101.tmp"
+    notes.write_text("notes")
+    assert_fails(capsys, args(inputs), f"{out}: exists and is not empty (1 other files, e.g. .draft.20240101.tmp)")
+    assert notes.read_text() == "notes"
+    notes.unlink()
+    assert main(args(inputs)) == 0
+    notes.write_text("notes")
+    assert main(args(inputs, "--overwrite")) == 0
+    assert notes.read_text() == "notes"
+
+
 def bad_case(tmp_path, case):
     """Input files with one defect; returns (files, expected message parts)."""
     rng = np.random.default_rng(2)
@@ -844,6 +860,10 @@ def test_num_classes(tmp_path, capsys):
     m = load_manifest(files["out"])
     assert m["num_classes"] == 3 and sum(m["counts"]["train"].values()) == 21
     assert list(m["counts"]["test"]) == ["0", "1", "2"]
+    # One count per class and split in the manifest: a huge K was a memory error and a folder left behind.
+    for bad in ("1", "1000000000000"):
+        assert_fails(capsys, args(dict(files, out=str(tmp_path / "k")), "--num-classes", bad),
+                     f"number of classes {bad}: expected 2 to 1000", out=str(tmp_path / "k"))
 
 
 # --- survey inputs: unlabelled sets, FITS, catalogs, duplicates, data-config spelling -------------

@@ -601,7 +601,7 @@ def prepare_arguments(parser) -> None:
         "--dtype", choices=shards.DTYPES, default=d.dtype, help=f"stored pixel type (default {d.dtype})"
     )
     parser.add_argument("--num-classes", type=int, default=d.num_classes, metavar="K",
-                        help=f"number of classes (default {d.num_classes})")
+                        help=f"number of classes, 2 to {shards.MAX_CLASSES} (default {d.num_classes})")
     parser.add_argument("--group-duplicates", action="store_true",
                         help="without object ids: make images that are exact flips or 90-degree rotations of "
                              "each other one object, so they share a split; domains of a data config with as many "

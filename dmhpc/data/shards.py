@@ -43,6 +43,7 @@ DTYPES = ("float32", "float16")
 # Defaults of a conversion (`dmhpc prepare`'s Options, write_dataset): rows per shard, and the train,
 # val and test fractions of the objects.
 SHARD_SIZE, SPLIT_FRACTIONS = 4096, (0.7, 0.1, 0.2)
+MAX_CLASSES = 1000
 ROW_KEYS = ("images", "labels", "objects", "index")  # what a shard holds per row (and "ids" where kept)
 
 # Files this format writes. Names alone do not make them ours (another tool's manifest.json, someone's
@@ -329,8 +330,8 @@ def plan_dataset(
         raise DmhpcError(f"dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if int(shard_size) < 1:
         raise DmhpcError(f"shard size {shard_size}: must be at least 1")
-    if int(num_classes) < 2:
-        raise DmhpcError(f"number of classes {num_classes}: must be at least 2")
+    if not 2 <= int(num_classes) <= MAX_CLASSES:  # (the manifest counts each class of each split)
+        raise DmhpcError(f"number of classes {num_classes}: expected 2 to {MAX_CLASSES}")
     # numpy's generators take no negative seed; said here, before any rank draws the split.
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise DmhpcError(f"seed {seed}: expected an integer >= 0")
@@ -582,7 +583,8 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Non
         return
     if manifest == "dmhpc" and INCOMPLETE not in names:  # (marked: one this conversion's moves left unfinished)
         raise DmhpcError(f"{out_dir}: already holds a data set ({MANIFEST}); pass --overwrite to replace it")
-    foreign = [n for n in names if not (_OWN_FILE.fullmatch(n) or is_temporary(n) or n in (INCOMPLETE, STAGING))]
+    # (no temporary names: dmhpc writes those in its staging folder only; here they are someone's)
+    foreign = [n for n in names if not (_OWN_FILE.fullmatch(n) or n in (INCOMPLETE, STAGING))]
     if foreign:
         raise DmhpcError(
             f"{out_dir}: exists and is not empty ({len(foreign)} other files, e.g. {foreign[0]});"
@@ -661,7 +663,7 @@ def publish_datasets(out_dirs: list) -> None:
     for out_dir in out_dirs:
         staging = out_dir / STAGING
         try:
-            _remove_own_files(out_dir)
+            _remove_own_files(out_dir, temporaries=False)
             for name in sorted(n for n in os.listdir(staging) if _SHARD_FILE.fullmatch(n)):
                 os.replace(staging / name, out_dir / name)
             os.replace(staging / MANIFEST, out_dir / MANIFEST)
@@ -704,14 +706,16 @@ def abandon_dataset(out_dir: str | os.PathLike, remove_dir: bool = False) -> Non
 def _remove_staging(out_dir: Path) -> None:
     staging = out_dir / STAGING
     if staging.is_dir() and not staging.is_symlink():  # (never emptied through a link: check_output_dir's)
-        _remove_own_files(staging)
+        _remove_own_files(staging, temporaries=True)
         staging.rmdir()
 
 
-def _remove_own_files(out_dir: Path) -> None:
+def _remove_own_files(out_dir: Path, temporaries: bool) -> None:
+    """This format's files in `out_dir`, and its temporary files where dmhpc writes them (a staging
+    folder): a name like theirs elsewhere is a user's file."""
     (out_dir / MANIFEST).unlink(missing_ok=True)  # first: no moment with a manifest over missing shards
     for path in out_dir.iterdir():
-        if _OWN_FILE.fullmatch(path.name) or is_temporary(path.name):
+        if _OWN_FILE.fullmatch(path.name) or (temporaries and is_temporary(path.name)):
             path.unlink(missing_ok=True)
 
 
