@@ -245,11 +245,12 @@ class RunDir:
             raise DmhpcError(f"{self.record_path}: {exc}") from None
         return record.get("data", {})
 
-    def refuse_prepared_again(self, role: str, directory, now: str, instead: str) -> None:
+    def refuse_prepared_again(self, role: str, directory, now: str, instead: str, trained: Mapping) -> None:
         """Refuse the run's own `role` data set, at `directory` with manifest fingerprint `now`, when
-        it was prepared again since the run trained on it: its test split may hold images the run
-        trained on (`instead`: what to do). A run without a recorded fingerprint is not refused."""
-        was = self.recorded_data().get(role, {}).get("fingerprint")
+        it was prepared again since the checkpoint used trained on it (`trained`: its data sets by
+        role, `checkpoint_data`): its test split may hold images the checkpoint trained on
+        (`instead`: what to do). A data set without a recorded fingerprint is not refused."""
+        was = trained.get(role, {}).get("fingerprint")
         if was and now != was:
             raise DmhpcError(f"data.{role} {directory}: prepared again since the run trained on it (manifest "
                              f"fingerprint {was[:12]} -> {now[:12]}); {instead}")
@@ -258,19 +259,29 @@ class RunDir:
         """(mean, std) per channel the run normalized `role` with."""
         return statistics(self.data_record(role))
 
+    def checkpoint_data(self, state: Mapping, checkpoint: Path) -> dict:
+        """The data sets `checkpoint` (loaded as `state`) trained on, by role: its own record, which
+        goes with the weights; run.json's for a checkpoint of a dmhpc before 2026-12-02, which holds
+        none. run.json alone was lost with its file or a copied checkpoint, and the data sets were
+        then not compared at all."""
+        data = state.get("data")
+        if data is None:
+            return self.recorded_data()
+        try:
+            check_record({"data": data})
+        except Unfit as exc:
+            raise DmhpcError(f"{checkpoint}: its data record: {exc}") from None
+        return data
+
     def trained_data(self, state: Mapping, checkpoint: Path) -> dict:
         """The data sets the checkpoint `checkpoint` (loaded as `state`) was trained on, by role, with
         their shape and normalization: its own record, so weights and statistics are read as one (a
         run replaced with --overwrite while predict or export read run.json apart from the weights
         gave a catalog or model card of one run's weights and another's statistics). A checkpoint
         of a dmhpc before 2026-12-02 holds none: run.json's are taken."""
-        data = state.get("data")
-        if data is None:
+        if state.get("data") is None:
             return {role: self.data_record(role) for role in DOMAINS}
-        try:
-            check_record({"data": data})
-        except Unfit as exc:
-            raise DmhpcError(f"{checkpoint}: its data record: {exc}") from None
+        data = self.checkpoint_data(state, checkpoint)
         missing = [role for role in DOMAINS if not {"mean", "std", "shape"} <= set(data.get(role, {}))]
         if missing:
             raise DmhpcError(f"{checkpoint}: its data record has no {missing[0]} data set with its normalization "
@@ -386,15 +397,19 @@ class RunDir:
                                  f"starts a run in a new run.dir, or replaces this one with --overwrite")
         if resume_from is None:
             return Claim(None, replaces=existed)  # nothing trained yet: a fresh start
-        old, where = self._reference_config(resume_from)
+        state = _load_state(resume_from)
+        old, where = self._reference_config(resume_from, state)
         own = self._own(resume_from)
-        # The data sets the checkpoint trained on: this run's run.json for its own; for one from
-        # elsewhere, its run's (none for a bare checkpoint). Without them a set prepared again at
+        # The data sets the checkpoint trained on: its own record; for an older checkpoint without
+        # one, its run's run.json (none for a bare checkpoint). Without them a set prepared again at
         # the same path (its test split may now hold rows the checkpoint trained on) was taken, and
         # the same set moved to another path refused.
         origin = resume_from.resolve().parent
         trained_on = self if own else RunDir(origin.parent)
-        recorded = trained_on.recorded_data() if own or (origin.name == CHECKPOINTS and trained_on.holds_run()) else {}
+        if state.get("data") is not None or own or (origin.name == CHECKPOINTS and trained_on.holds_run()):
+            recorded = trained_on.checkpoint_data(state, resume_from)
+        else:
+            recorded = {}  # an older bare checkpoint: nothing says what it trained on
         changed = self._check_changes(old, config_to_dict(cfg), where, data_ids or {}, recorded)
         return Claim(resume_from, changed, replaces=existed and not own, own=own)
 
@@ -444,7 +459,7 @@ class RunDir:
         if last.is_file():
             state = _load_state(last)
             old, where = self._reference_config(last, state)
-            changed = self._check_changes(old, config_to_dict(cfg), where, data_ids)
+            changed = self._check_changes(old, config_to_dict(cfg), where, data_ids, self.checkpoint_data(state, last))
             progress = state.get("progress")
             trained_on = progress.get("world_size") if isinstance(progress, Mapping) else None
             if ranks and isinstance(trained_on, int) and trained_on > 0 and trained_on != ranks:
@@ -474,9 +489,12 @@ class RunDir:
             # configuration, and nothing else compares them. With what best.pt was trained with,
             # where there is one: config.yaml is a text file a hand edit could make agree.
             best = self.checkpoint("best")
-            old, where = (self._reference_config(best) if best.is_file()
-                          else (config_to_dict(self.config()), str(self.config_path)))
-            changed = self._check_changes(old, config_to_dict(cfg), where, data_ids)
+            if best.is_file():
+                state = _load_state(best)
+                (old, where), recorded = self._reference_config(best, state), self.checkpoint_data(state, best)
+            else:
+                (old, where), recorded = (config_to_dict(self.config()), str(self.config_path)), None
+            changed = self._check_changes(old, config_to_dict(cfg), where, data_ids, recorded)
             self._check_result_stands(changed, where)
             if not self.finished or LENGTH_KEYS & set(changed):
                 # It would be submitted, and its trainer would refuse it (see `claim`).
@@ -582,7 +600,7 @@ class RunDir:
     def _check_changes(self, old: dict, new: dict, where: str, data_ids: Mapping[str, str],
                        recorded: Mapping[str, Mapping] | None = None) -> dict:
         """The resumable keys that changed; refuses the others. `recorded`: the data sets the
-        checkpoint trained on (run.json's "data"), by default this run's."""
+        checkpoint trained on (`checkpoint_data`), by default run.json's."""
         recorded = self.recorded_data() if recorded is None else recorded
         saved_ids = {f"data.{k}": v.get("fingerprint") for k, v in recorded.items()}
         changed, refused = {}, []

@@ -1139,6 +1139,34 @@ def test_a_new_run_from_another_runs_checkpoint_checks_the_data_it_trained_on(da
     assert not (tmp_path / "third").exists()
 
 
+def test_the_data_a_checkpoint_trained_on_is_read_from_the_checkpoint_not_run_json(data, tmp_path, capsys):
+    """The data sets were compared with run.json's record alone: a checkpoint copied out of its run
+    (a bare file), or a run whose run.json was lost, resumed on another data set under the path it
+    trained on, and `dmhpc eval` replaced the run's final result with one of that other data set."""
+    import shutil
+
+    here, first = tmp_path / "here", tmp_path / "first"
+    shutil.copytree(data, here)
+    assert main(["train", "--config", str(TINY), *_overrides(here, first, "train.epochs=1")]) == 0
+    bare = tmp_path / "bare.pt"
+    shutil.copy(first / "checkpoints" / "last.pt", bare)
+    shutil.rmtree(here / "pristine")
+    shutil.copytree(data / "noisy", here / "pristine")  # another data set under the path it trained on
+    (first / "run.json").unlink()
+    final = (first / "eval" / "best_test.json").read_bytes()
+    capsys.readouterr()
+    another = f"data.source {str(here / 'pristine')!r}".replace("'", '"') + " holds another data set than the run trained on"
+    for run_dir, resume in ((tmp_path / "second", ["--resume", str(bare)]), (first, [])):
+        assert main(["train", "--config", str(TINY), *_overrides(here, run_dir, "train.epochs=2"), *resume]) == 1
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and another in err, err
+    assert not (tmp_path / "second").exists() and not (first / "run.json").exists()
+    assert main(["eval", "--run", str(first)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"data.source {here / 'pristine'}: prepared again since the run trained" in err, err
+    assert (first / "eval" / "best_test.json").read_bytes() == final
+
+
 def test_resuming_its_own_best_checkpoint_starts_the_next_epoch(data, tmp_path, capsys):
     """best.pt was written before the epoch rolled over: resumed, it ran an empty epoch (a second
     record of the same epoch with a NaN loss, one more evaluation without improvement)."""

@@ -366,7 +366,7 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             else:  # their "test split" may now hold images the run trained on, as eval refuses
                 for role, directory in domains.items():
                     run.refuse_prepared_again(role, directory, prints[role],
-                                              "explain it as other data with --data")
+                                              "explain it as other data with --data", model.data)
             drawn = {name: _test_split(directory, DRAWN, seed) for name, directory in domains.items()}
             claim_out()
             for name, directory in domains.items():

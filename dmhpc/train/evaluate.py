@@ -205,11 +205,11 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
         # The best checkpoint's test on the run's own data, once the run finished: the trainer's result again.
         final = data is None and (checkpoint, split) == ("best", "test") and run.finished
         dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
-        shape = _check_data(run, cfg, dirs, own=data is None, split=split, dist=dist,
-                            names={"source": "--source" if source else "data.source",
-                                   "target": "--target" if target else "data.target"})
         ckpt, sha256 = load_checkpoint_sha256(run.checkpoint(checkpoint))
         run.check_trained_with(ckpt, run.checkpoint(checkpoint))
+        shape = _check_data(run, cfg, dirs, run.checkpoint_data(ckpt, run.checkpoint(checkpoint)), own=data is None,
+                            split=split, dist=dist, names={"source": "--source" if source else "data.source",
+                                                           "target": "--target" if target else "data.target"})
         model = build_backbone(cfg, shape[0]).to(dist.device)
         load_weights(model, ckpt, run.checkpoint(checkpoint))
         info = {**checkpoint_info(checkpoint, ckpt), "sha256": sha256}  # what export matches a result by
@@ -230,14 +230,14 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
     return result
 
 
-def _check_data(run: RunDir, cfg, dirs: dict, own: bool, split: str, dist, names: dict) -> list:
+def _check_data(run: RunDir, cfg, dirs: dict, recorded: dict, own: bool, split: str, dist, names: dict) -> list:
     """The image shape the run trained on; refuses images its network cannot take, the run's own
-    data sets prepared again since it trained (their test split may hold rows it trained on, and its
-    result file would say otherwise), an empty `split`, more classes than the model tells apart, and
-    data sets whose shards fail the run's data.verify check.
-    A run of older dmhpc, whose run.json records no shape or fingerprint, is checked against its
-    source data set as it is now. `names[role]`: how the user named the data set (data.target, --target)."""
-    recorded = run.recorded_data()
+    data sets prepared again since the checkpoint trained on them (`recorded`: its data sets by role;
+    their test split may hold rows it trained on, and its result file would say otherwise), an
+    empty `split`, more classes than the model tells apart, and data sets whose shards fail the
+    run's data.verify check.
+    A run of older dmhpc, which records no shape or fingerprint, is checked against its source data
+    set as it is now. `names[role]`: how the user named the data set (data.target, --target)."""
     trained = recorded.get("source", {}).get("shape") or load_manifest(cfg.data.source)["shape"]
     manifests = {}
     for role in DOMAINS:
@@ -245,7 +245,7 @@ def _check_data(run: RunDir, cfg, dirs: dict, own: bool, split: str, dist, names
         check_shape(dirs[role], manifest["shape"], trained)
         if own:
             run.refuse_prepared_again(role, dirs[role], fingerprint(manifest),
-                                      "evaluate it as other data with --target")
+                                      "evaluate it as other data with --target", recorded)
         start, stop = manifest["rows"][split]
         if stop == start:  # failed drawing the features with a ValueError traceback, after the result was written
             raise DmhpcError(f"{names[role]} {dirs[role]}: the {split} split is empty; nothing to evaluate "
