@@ -161,6 +161,8 @@ def test_a_changed_configuration_is_refused_before_anything_is_written(data, run
 @pytest.mark.parametrize("field, value, said", [
     ("epoch", "1", "progress.epoch '1': expected a whole number >= 0"),  # a TypeError traceback
     ("best_score", "hi", "progress.best_score 'hi': expected a number"),  # a TypeError after a whole epoch
+    # Said as the user's data.loader, set to auto: "data.loader 'foo': expected one of auto, ...".
+    ("loader", "foo", "progress.loader 'foo': expected one of gpu-resident, dali, torch"),
     ("step_in_epoch", 50, "progress.step_in_epoch 50 is past the 2 steps of an epoch of this run")])  # ended early
 def test_a_checkpoint_with_an_edited_progress_is_one_line(data, run, capsys, field, value, said):
     path = RunDir(run).checkpoint("last")

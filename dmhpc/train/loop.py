@@ -50,7 +50,7 @@ def train(cfg, resume: str = "auto", overwrite: bool = False) -> int:
         # Caught from the start, not only in the epoch loop: a stop signal during the start-up checks
         # (checksums, the wait for a lock) or the final test killed the trainer by its default action
         # (exit 143, no line), which launchers took for a failure, not a requeue. Caught there, it
-        # stops the loop at its first step (checkpoint, requeue code) or lets the test finish. Caught
+        # stops the loop after its first step or two (checkpoint, requeue code) or lets the test finish. Caught
         # to the end, through the teardown: srun's --kill-on-bad-exit sends SIGTERM to the ranks still
         # leaving the process group when the first exits with the requeue code.
         with StopRequest(cfg.train.signals) as stop:

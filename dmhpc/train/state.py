@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from dmhpc.data.loaders import KINDS
 from dmhpc.models import param_groups
 from dmhpc.train.checkpoint import EditedCheckpoint, gather_rng_states, restore_rank_rng_state
 from dmhpc.train.objective import DomainAdaptation
@@ -57,8 +58,8 @@ def _check_progress(p: Progress) -> None:
             raise EditedCheckpoint(f"progress.{key} {value!r}: expected a whole number >= 0")
     if not isinstance(p.best_score, (int, float)) or isinstance(p.best_score, bool) or math.isnan(p.best_score):
         raise EditedCheckpoint(f"progress.best_score {p.best_score!r}: expected a number")
-    if not isinstance(p.loader, str):
-        raise EditedCheckpoint(f"progress.loader {p.loader!r}: expected a loader's name")
+    if p.loader not in ("", *KINDS):  # ("": no epoch begun) said here, not as the user's data.loader
+        raise EditedCheckpoint(f"progress.loader {p.loader!r}: expected one of {', '.join(KINDS)}")
 
 
 def _optimizer(o, groups):
