@@ -470,6 +470,8 @@ def test_a_run_stopped_mid_epoch_resumes_with_that_epochs_loader(data, tmp_path,
     """The rest of an epoch in another loader's order (or counted in another world size's steps)
     repeats some rows and skips others: data.loader auto follows the epoch's kind, another kind or
     world size is refused before anything is written."""
+    import dataclasses
+
     from dmhpc.train.preflight import loader_kind
     from dmhpc.train.state import Progress
     from dmhpc.train.step import TrainStep
@@ -494,7 +496,7 @@ def test_a_run_stopped_mid_epoch_resumes_with_that_epochs_loader(data, tmp_path,
     capsys.readouterr()
     assert main(argv("data.loader=torch")) == 1
     assert capsys.readouterr().err == ("dmhpc train: error: data.loader torch: the run stopped at step 3 of epoch 0 "
-                                       "with data.loader gpu-resident; resume it with that loader or auto (the "
+                                       "with data.loader gpu-resident; resume it with gpu-resident, or auto (the "
                                        "loader may change at an epoch's end)\n")
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"} == before
     assert main(argv()) == 0
@@ -505,6 +507,14 @@ def test_a_run_stopped_mid_epoch_resumes_with_that_epochs_loader(data, tmp_path,
     with pytest.raises(DmhpcError, match="world size 2: the run stopped at step 3 of epoch 1 with 4 ranks"):
         loader_kind(cfg, stopped, 2)
     assert loader_kind(cfg, stopped, 4) == "dali"
+    # dali and torch read an epoch's rows in one order: either takes over the other's epoch (DALI
+    # gone from the nodes of the resume: its error advised torch, which was then refused).
+    torch_now = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader="torch"))
+    assert loader_kind(torch_now, stopped, 4) == "torch"
+    resident = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader="gpu-resident"))
+    with pytest.raises(DmhpcError, match="data.loader gpu-resident: .* with data.loader dali; resume it with dali or "
+                                         "torch, or auto"):
+        loader_kind(resident, stopped, 4)
     assert loader_kind(cfg, Progress(epoch=2, world_size=4, loader="dali"), 2) == "auto"  # an epoch's start
 
 

@@ -32,6 +32,9 @@ from dmhpc.distributed import all_reduce_min
 from dmhpc.errors import DmhpcError
 
 KINDS = ("gpu-resident", "dali", "torch")
+# The order each kind reads an epoch's rows in (batches.py): kinds of one order may take over an
+# epoch in its middle (DALI gone from the nodes a run resumes on), kinds of two may not.
+ORDER = {"gpu-resident": "rows", "dali": "blocks", "torch": "blocks"}
 # `auto` keeps the data on the GPU when both training splits take at most this share of the
 # free device memory: the rest is for the model, activations and the allocator's slack.
 _RESIDENT_SHARE = 0.25
