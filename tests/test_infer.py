@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -603,6 +604,25 @@ def test_the_card_reports_the_test_of_the_exported_checkpoint_only(survey, tmp_p
     assert len(exported) == 3
 
 
+def test_a_full_disk_at_a_torchscript_export_is_one_line_and_leaves_nothing(run_on_survey, small_disk, tmp_path):
+    """torch's zip writer aborted the process on a full disk (a C++ exception from a destructor:
+    exit 134, a stack dump) and left its temporary file beside --out."""
+    import subprocess
+
+    def export(out):
+        return subprocess.run([sys.executable, "-m", "dmhpc", "export", "--run", str(run_on_survey), "--format",
+                               "torchscript", "--out", str(out)], capture_output=True, text=True, timeout=300)
+
+    assert export(tmp_path / "whole.pt").returncode == 0
+    half = (tmp_path / "whole.pt").stat().st_size // 2  # the model's file meets the full disk halfway
+    disk = small_disk(f"{-(-half // 4096) * 4}k")
+    proc = export(disk / "m.pt")
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.startswith("dmhpc export: error: ") and proc.stderr.count("\n") == 1, proc.stderr[-2000:]
+    assert "No space left on device" in proc.stderr
+    assert list(disk.iterdir()) == []
+
+
 def test_two_exports_to_one_file_are_refused_and_an_unfinished_one_says_so(run_on_survey, tmp_path, monkeypatch,
                                                                            capsys):
     """Two exports to one --out both passed the exists check and raced; a kill between the two
@@ -613,6 +633,12 @@ def test_two_exports_to_one_file_are_refused_and_an_unfinished_one_says_so(run_o
 
     out = tmp_path / "m.safetensors"
     export = ["export", "--run", str(run_on_survey), "--format", "safetensors", "--out", str(out)]
+    (tmp_path / "m.safetensors.card.md").write_text("my notes")  # someone's file by a card's name
+    capsys.readouterr()
+    assert main(export) == 1
+    assert f"--out {out}: m.safetensors.card.md beside it exists" in capsys.readouterr().err
+    assert (tmp_path / "m.safetensors.card.md").read_text() == "my notes" and not out.exists()
+    (tmp_path / "m.safetensors.card.md").unlink()
     with locked_directory(out, "dmhpc export"):
         capsys.readouterr()
         assert main(export) == 1

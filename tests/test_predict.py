@@ -166,6 +166,22 @@ def test_a_csv_catalog_replaced_never_stands_beside_the_new_ones_provenance(trai
     assert json.loads(Path(f"{out}.json").read_text())["TTA"] is True
 
 
+def test_a_file_by_the_name_of_a_csv_catalogs_provenance_is_not_replaced_unasked(trained, tmp_path, capsys):
+    """Only --out was checked: CATALOG.csv.json, someone's file, was replaced by the provenance."""
+    out = tmp_path / "survey.csv"
+    notes = Path(f"{out}.json")
+    notes.write_text('{"my": "notes"}')
+    argv = ["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--out", str(out),
+            "--part-size", "64", "--batch-size", "32"]
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {out}: survey.csv.json beside it exists" in err, err
+    assert notes.read_text() == '{"my": "notes"}' and not out.exists()
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads(notes.read_text())["CKPT"] == "best"
+
+
 def test_tta_and_own_normalization(trained, tmp_path):
     out = tmp_path / "tta.ecsv"
     assert main(["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--out", str(out),

@@ -21,6 +21,7 @@ FILE.card.json takes its name last and holds FILE's SHA-256: without it, the exp
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -106,7 +107,11 @@ def _onnx(model: MergerProbability, example: torch.Tensor, out: Path, tmp: Path)
 def _torchscript(model: MergerProbability, example: torch.Tensor, tmp: Path) -> None:
     with torch.no_grad():
         traced = torch.jit.trace(model, example)
-    traced.save(str(tmp))
+    # Into memory first: torch's zip writer meeting a full disk throws from a C++ destructor, which
+    # aborts the process (exit 134, its temporary file left behind) instead of raising an OSError.
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    tmp.write_bytes(buffer.getbuffer())
 
 
 def _safetensors(model: MergerProbability, cfg_dict: dict, tmp: Path) -> None:
@@ -240,6 +245,10 @@ def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool 
             unfinished = "" if cards["json"].exists() else \
                 f" (without its {cards['json'].name}: an export that did not finish?)"
             raise DmhpcError(f"--out {out}: exists{unfinished}; --overwrite replaces it")
+        alone = [card for card in cards.values() if card.exists()]
+        if alone and not overwrite:  # (its cards, which the export writes: someone's files by these names)
+            raise DmhpcError(f"--out {out}: {alone[0].name} beside it exists (a card the export writes); "
+                             f"--overwrite replaces it")
         built = build(run, checkpoint)
         model, example = built.model, torch.zeros(2, *built.trained.shape)
         onnx_diff, staged = None, {}

@@ -310,6 +310,10 @@ def _lock_parts(out: Path, parts: Path, overwrite: bool, held: contextlib.ExitSt
         raise DmhpcError(f"--out {out}: is a folder; name the catalog file")
     if out.exists() and not overwrite:
         raise DmhpcError(f"--out {out}: exists; --overwrite replaces it")
+    beside = provenance_file(out)
+    if catalog_format(out) == "ascii.csv" and beside.exists() and not overwrite:  # (the CSV's, written with it)
+        raise DmhpcError(f"--out {out}: {beside.name} beside it exists (its provenance file, which the catalog "
+                         f"writes); --overwrite replaces it")
     try:
         made = make_folders(parts)
     except OSError as exc:  # a read-only folder, /proc, a file where a folder should be
