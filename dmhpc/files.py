@@ -45,12 +45,17 @@ def is_temporary(name: str) -> bool:
 
 def write_error(path: str | os.PathLike, exc: OSError) -> DmhpcError:
     """The one-line error of a failed write; the disk-full family says so plainly."""
+    return DmhpcError(f"{path}: cannot write: {write_reason(exc)}; nothing written")
+
+
+def write_reason(exc: OSError) -> str:
+    """Why a write failed, in words: the disk-full family said plainly."""
     reason = exc.strerror or str(exc) or type(exc).__name__
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        reason = f"{reason} (disk full or over quota)"
-    elif exc.errno == errno.EFBIG:
-        reason = f"{reason} (file size limit)"
-    return DmhpcError(f"{path}: cannot write: {reason}; nothing written")
+        return f"{reason} (disk full or over quota)"
+    if exc.errno == errno.EFBIG:
+        return f"{reason} (file size limit)"
+    return reason
 
 
 def _os_error(exc: BaseException) -> OSError | None:

@@ -279,6 +279,49 @@ def test_a_local_points_threads_do_not_depend_on_the_points_left_to_run(tmp_path
     assert probe.read_text() == f"{expected}\n" and measured_with(study, alone)["threads_per_rank"] == expected
 
 
+def test_the_threads_of_a_local_point_are_one_setting_however_they_were_given(tmp_path, monkeypatch):
+    """dmhpc's thread count was recorded as a number, the same count from OMP_NUM_THREADS (which
+    many HPC shells export) as text: a study launched once with it and once without was refused at
+    every point ("threads_per_rank 1 -> "1"")."""
+    from dmhpc.config import save_config
+    from dmhpc.launch.scaling import record_measured_with
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "models": ["deepmerge2"],
+            "nodes": [1], "gpus_per_node": [1, 2], "device": "cpu", "weak": {"batch_per_gpu": 4},
+            "overrides": {"data.source": "missing"}}
+    study = load_study(spec)
+    record_measured_with(study)
+    for p in study.points:
+        p.run_dir.mkdir(parents=True)
+        save_config(p.config, p.run.config_path)
+    threads = json.loads((tmp_path / "out" / "submitit" / "measured_with.json").read_text())[
+        study.points[0].name]["threads_per_rank"]
+    assert isinstance(threads, int)
+    monkeypatch.setenv("OMP_NUM_THREADS", f"{threads}")
+    load_study(spec)  # the same count: not refused
+    monkeypatch.setenv("OMP_NUM_THREADS", f"{threads + 1}")
+    with pytest.raises(DmhpcError, match=f"threads_per_rank {threads} -> {threads + 1}"):
+        load_study(spec)
+
+
+def test_setup_lines_a_local_launch_leaves_out_are_said(tmp_path, capsys):
+    """slurm.setup (modules, data staging) was left out by the local executor without a word."""
+    from dmhpc.launch.submit import launch_points
+
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "models": ["deepmerge2"],
+            "nodes": [1], "gpus_per_node": [1], "device": "cpu", "weak": {"batch_per_gpu": 4},
+            "overrides": {"data.source": "missing"}, "slurm": {"setup": ["module load cuda"]}}
+    study = load_study(spec)
+    for p in study.points:  # finished: nothing runs
+        (p.run_dir / "eval").mkdir(parents=True)
+        (p.run_dir / "eval" / "best_test.json").write_text(json.dumps({"split": "test"}))
+    assert launch_points(list(study.points), study.resources, kind="local", folder=tmp_path / "out" / "submitit",
+                         job_name="x", task=None) == {}
+    assert ("warning: slurm.setup runs in SLURM jobs only; the local executor runs the jobs without it"
+            in capsys.readouterr().err)
+
+
 def test_a_damaged_log_is_its_points_row_not_the_whole_tables_loss(tmp_path):
     """One point's metrics.jsonl with a damaged line raised out of the table's making: no table for
     the points that were fine. That point's row now says why it has no figures."""

@@ -650,6 +650,42 @@ def test_ctrl_c_while_submitting_stops_after_the_job_array_in_hand(tmp_path, mon
     assert {name: entry["job_id"] for name, entry in recorded.items()} == {"a": "1234"}  # (one point: no array)
 
 
+def test_a_full_disk_at_submission_is_one_line_and_leaves_no_pickle_cut_short(small_disk):
+    """submitit pickles each job's call into OUT/submitit: a full disk there was an OSError traceback
+    out of the launcher, and left an empty pickle behind."""
+    import submitit
+
+    folder = small_disk("64k") / "submitit"
+    executor = submitit.AutoExecutor(folder=folder, cluster="local")  # (makes the folder)
+    with pytest.raises(OSError):  # fill the disk
+        with open(folder.parent / "filler", "wb") as f:
+            while True:
+                f.write(b"x" * 4096)
+                f.flush()
+    before = set(os.listdir(folder))
+    with pytest.raises(DmhpcError, match=r": cannot submit the job of point p: No space left on device \(disk full"):
+        with submit.refused_submission("the job of point p", folder):
+            executor.submit(TrainTask(), {"big": "x" * 100_000})
+    assert set(os.listdir(folder)) == before
+
+
+def _prints_then_is_killed() -> None:
+    print("epoch 1 step 22: loss 10.8982", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's out-of-memory killer ends a job
+
+
+def test_a_job_killed_without_a_result_is_said_as_killed_not_as_its_last_line(tmp_path):
+    """submitit's error for a job that wrote no result has its log under a longer rule than a
+    traceback's: the reason given was the job's last progress line, read as a failure's cause."""
+    import submitit
+
+    executor = submitit.AutoExecutor(folder=tmp_path, cluster="local")
+    job = executor.submit(_prints_then_is_killed)
+    why = submit.wait_for({"p": job})["p"]
+    assert why.startswith(f"job {job.job_id} failed: ended without a result (killed? state "), why
+    assert "), its last output: epoch 1 step 22: loss 10.8982 (log: " in why, why
+
+
 def _started_then_sleep(path: str) -> None:
     Path(path).touch()
     time.sleep(600)

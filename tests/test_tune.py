@@ -161,6 +161,38 @@ def test_a_second_tuner_on_the_same_out_is_refused(data, tmp_path):
     assert not (t.out / JOURNAL).exists()
 
 
+def test_a_tuner_and_a_grid_or_scaling_launch_never_share_an_out(data, tmp_path):
+    """They share OUT/submitit, and each stops the jobs it finds there as orphans: a grid started
+    into a tuner's out stopped every running trial (the search ended "no trial completed")."""
+    from dmhpc.launch.submit import LAUNCH_LOCK, hold_launch_lock
+
+    t = load_tune(spec(data, tmp_path))
+    held = hold_launch_lock(t.out / "submitit")  # as a grid's launch_points holds it
+    try:
+        with pytest.raises(DmhpcError, match=rf"{LAUNCH_LOCK}: another launcher is running points into this out "
+                                             rf"\(pid {os.getpid()}"):
+            tune(spec(data, tmp_path), poll_s=0.2)
+    finally:
+        held.close()
+    assert not (t.out / JOURNAL).exists()
+
+
+def test_choices_edited_to_equal_numbers_of_another_type_are_another_space(data, tmp_path):
+    """[1, 2] and [1.0, 2.0] compared equal, and the relaunch's first proposal failed in Optuna
+    ("CategoricalDistribution does not support dynamic value space", a traceback) on every launch,
+    each leaving a running trial and a queued rerun without values in the journal."""
+    (tmp_path / "tune").mkdir()
+    _open_study(load_tune(spec(data, tmp_path, space={"loss.transfer_weight": [1, 2]})))
+    with pytest.raises(DmhpcError, match=rf"{JOURNAL}: holds a study of another tune file \(space changed"):
+        _open_study(load_tune(spec(data, tmp_path, space={"loss.transfer_weight": [1.0, 2.0]})))
+    _open_study(load_tune(spec(data, tmp_path, space={"loss.transfer_weight": [1, 2]})))  # the same: taken
+    # A range's bounds are one float however they are written.
+    shutil.rmtree(tmp_path / "tune")
+    (tmp_path / "tune").mkdir()
+    _open_study(load_tune(spec(data, tmp_path, space={"optim.lr": {"low": 1, "high": 2}})))
+    _open_study(load_tune(spec(data, tmp_path, space={"optim.lr": {"low": 1.0, "high": 2}})))
+
+
 def test_a_trial_below_the_median_is_pruned_and_its_job_stopped(data, tmp_path):
     """The first trial trains (3 epochs: the median the pruner compares with at each of them); the
     second cannot learn (lr 1e-12: IM stays near 0, its initial value) and is stopped at an

@@ -200,9 +200,15 @@ def measured_with(study: Study, point: Point) -> dict:
     add("config", config)
     add("slurm", resources)
     if study.executor == "local":  # the CPU threads each rank gets beside the others (None: all cores)
-        flat["threads_per_rank"] = local_threads_of(list(study.points), study.resources) or \
-            os.environ.get("OMP_NUM_THREADS")
+        flat["threads_per_rank"] = _thread_count(local_threads_of(list(study.points), study.resources) or
+                                                 os.environ.get("OMP_NUM_THREADS"))
     return json.loads(json.dumps(flat, default=str))  # as it reads back from the file
+
+
+def _thread_count(value):
+    """An OMP_NUM_THREADS the user set, as a number where it is one: 1 from dmhpc and "1" from a
+    shell that exports it are one setting (a study launched once with, once without, was refused)."""
+    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
 
 
 def _read_measured_with(study: Study) -> dict:
@@ -236,6 +242,8 @@ def _check_measured_with(problems: Problems, study: Study) -> None:
         if was is None or not (p.run.holds_run() or p.name in queued):
             continue
         now = measured_with(study, p)
+        if "threads_per_rank" in was:  # (recorded as text by dmhpc before 2026-12-03)
+            was = {**was, "threads_per_rank": _thread_count(was["threads_per_rank"])}
         # Keys on one side only are of another dmhpc version (a configuration key added since, the
         # threads of a local point): unknown, not changed; a study recorded before them goes on.
         changed = [k for k in sorted(set(was) & set(now)) if was[k] != now[k]]

@@ -41,7 +41,7 @@ import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import IO, Any, Callable, Mapping
 
 import submitit
 
@@ -50,7 +50,7 @@ from dmhpc.checks import (Check, Problems, boolean, integer, mapping, number, op
 from dmhpc.config import config_from_dict, config_to_dict
 from dmhpc.cpus import cpu_mask
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_write, hold_lock, inside
+from dmhpc.files import atomic_write, hold_lock, inside, write_reason
 from dmhpc.launch.spec import Point
 from dmhpc.rendezvous import slurm_rendezvous
 
@@ -352,6 +352,14 @@ def make_executor(kind: str, folder: Path, res: Resources, name: str,
     return executor
 
 
+def warn_setup_unused(kind: str, resources) -> None:
+    """slurm.setup runs in SLURM jobs only (sbatch's script): said where the local or debug executor
+    leaves it out, as a launch tried here before the cluster would otherwise pass without it."""
+    if kind != "slurm" and any(res.setup for res in resources):
+        print(f"dmhpc launch: warning: slurm.setup runs in SLURM jobs only; the {kind} executor runs the jobs "
+              f"without it", file=sys.stderr, flush=True)
+
+
 def _say_threads(threads: int | None) -> None:
     if threads:
         print(f"dmhpc launch: {threads} CPU thread(s) per rank (OMP_NUM_THREADS) for the jobs running at once "
@@ -461,29 +469,32 @@ _SUBMISSION_FILE = re.compile(r"[0-9a-f]{32}\.pkl|\.submission_file_[0-9a-f]{32}
 
 
 @contextlib.contextmanager
-def sbatch_refusal(what: str, folder: Path):
-    """sbatch refusing a submission (a partition, account or QOS the site does not have, a controller
-    out of reach) as one DmhpcError with sbatch's error lines (the first often names the bad value),
-    instead of submitit's FailedJobError and its traceback. submitit also prints sbatch's stderr
+def refused_submission(what: str, folder: Path):
+    """A submission that fails as one DmhpcError: sbatch refusing it (a partition, account or QOS
+    the site does not have, a controller out of reach), with sbatch's error lines (the first often
+    names the bad value), instead of submitit's FailedJobError and its traceback; or the job's files
+    not written (a full disk, a quota: an OSError traceback). submitit also prints sbatch's stderr
     itself: held here, and dropped when the submission was refused (the error repeats it). The
-    files submitit wrote into `folder` for the refused jobs (pickled calls, the sbatch script) are
-    removed: no job will ever read them."""
+    files submitit wrote into `folder` for the refused jobs (pickled calls, the sbatch script, a
+    pickle cut short) are removed: no job will ever read them."""
     held = io.StringIO()
     refused = False
     before = set(os.listdir(folder)) if folder.is_dir() else set()
     try:
         with contextlib.redirect_stderr(held):
             yield
-    except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as exc:
+    except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError, OSError) as exc:
         refused = True
-        said = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else str(exc)
-        said = said.decode(errors="replace") if isinstance(said, bytes) else (said or "")
-        lines = [line.strip() for line in said.splitlines() if line.strip()]
-        errors = [line for line in lines if "error" in line.lower()] or lines[-1:] or [type(exc).__name__]
         for name in set(os.listdir(folder)) - before if folder.is_dir() else ():
             # Only what submitit writes to submit (a running job writes its logs and results here too).
             if _SUBMISSION_FILE.fullmatch(name):
                 (folder / name).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise DmhpcError(f"{exc.filename or folder}: cannot submit {what}: {write_reason(exc)}") from None
+        said = exc.stderr if isinstance(exc, subprocess.CalledProcessError) else str(exc)
+        said = said.decode(errors="replace") if isinstance(said, bytes) else (said or "")
+        lines = [line.strip() for line in said.splitlines() if line.strip()]
+        errors = [line for line in lines if "error" in line.lower()] or lines[-1:] or [type(exc).__name__]
         raise DmhpcError(f"sbatch refused {what}: {'; '.join(dict.fromkeys(errors))}") from None
     finally:
         if not refused:
@@ -707,7 +718,7 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
                 atomic_write(folder / SUBMITTING_FILE, json.dumps(
                     {"token": token, "tasks": res.ranks, "points": [p.name for p in group], "configs": configs}) + "\n")
             try:
-                with sbatch_refusal(f"the job array of {len(group)} point(s)", folder):
+                with refused_submission(f"the job array of {len(group)} point(s)", folder):
                     submitted = make_executor(kind, folder, res, job_name, comment).map_array(task, configs)
             except DmhpcError:  # refused: nothing was submitted
                 (folder / SUBMITTING_FILE).unlink(missing_ok=True)
@@ -758,6 +769,15 @@ def check_executor_here(kind: str) -> None:
                          "give --executor local (or executor: local in the file)")
 
 
+def hold_launch_lock(folder: Path) -> IO:
+    """The lock of the launcher running jobs in `folder` (OUT/submitit), held until closed: grid,
+    scaling and tune take it, since each stops the jobs it finds there as orphans of a killed one
+    of its own kind (a grid started into a tuner's out stopped every trial of the tuner)."""
+    lock = folder / LAUNCH_LOCK
+    return hold_lock(lock, f"{lock}: another launcher is running points into this out ({{holder}}); wait for it or "
+                           f"use another out", "launcher")
+
+
 def launch_points(points: list[Point], resources: Mapping[str, Resources], *, kind: str, folder: Path,
                   job_name: str, task: TrainTask, wait: bool = True, at_once_why: str = "",
                   before: Callable[[], None] | None = None) -> dict[str, str]:
@@ -768,12 +788,11 @@ def launch_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     if not wait and kind != "slurm":
         raise DmhpcError(f"executor {kind}: its jobs end with the launcher, so the launcher must wait for them")
     check_executor_here(kind)
+    warn_setup_unused(kind, [resources[p.name] for p in points])
     # Two launchers of one OUT would both find a point unfinished and run it twice: local jobs meet
     # in its run directory, where one fails as "in use"; SLURM jobs go in twice, before either is in
     # jobs.json.
-    lock = folder / LAUNCH_LOCK
-    with hold_lock(lock, f"{lock}: another launcher is running points into this out ({{holder}}); wait for it or "
-                         f"use another out", "launcher"):
+    with hold_launch_lock(folder):
         if before is not None:
             before()
         if kind != "slurm":
@@ -859,7 +878,8 @@ def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, fo
                     executor = make_executor("local", folder, resources[p.name], job_name)
                     held[p.name] = pick_gpus(gpus, list(filter(None, held.values())), resources[p.name].gpus_per_node)
                     use_gpus(executor, held[p.name])
-                    with submission(threads, folder / CONTROLLERS_LOG):
+                    with submission(threads, folder / CONTROLLERS_LOG), \
+                            refused_submission(f"the job of point {p.name}", folder):
                         running[p.name] = executor.submit(task, config_to_dict(p.config))
                     job = running[p.name]
                     on = f" on GPU(s) {', '.join(map(str, held[p.name]))}" if held[p.name] else ""
@@ -899,8 +919,16 @@ def wait_for(jobs: Mapping[str, submitit.Job]) -> dict[str, str]:
 
 
 def _why(exc: Exception) -> str:
-    """The line that says why a job failed: the last of the job's traceback where submitit gives one."""
+    """The line that says why a job failed: the last of the job's traceback where submitit gives one;
+    for a job that ended without a result (killed: out of memory, a time limit, a node lost), that,
+    its scheduler state and its last line of output (the last line alone read as a failure's reason)."""
     message = str(exc)
+    # (FailedJobError, a traceback, is an UncompletedJobError too: told apart by submitit's words)
+    state = re.search(r"has not produced any output \(state: ([^)]*)\)", message)
+    if isinstance(exc, submitit.core.utils.UncompletedJobError) and state:
+        log = message.split("-" * 40 + "\n", 1)[1] if "-" * 40 + "\n" in message else ""
+        last = [line.strip() for line in log.splitlines() if line.strip()][-1:]
+        return f"ended without a result (killed? state {state.group(1)})" + (f", its last output: {last[0]}" if last else "")
     parts = message.split(TRACE_RULE)
     # FailedJobError: "...with trace:\n<rule>\n<traceback>\n<rule>\nYou can check full logs ... paths: ..."
     lines = [line.strip() for line in (parts[1] if len(parts) >= 3 else message).splitlines() if line.strip()]

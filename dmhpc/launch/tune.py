@@ -30,7 +30,7 @@ metrics of each trial are recorded beside it (OUT/trials.md), for reporting only
 
 The study lives in OUT/study.journal, an Optuna journal file (no database server; on a cluster,
 put OUT on the shared file system). The tuner holds OUT/tune.lock while it runs: a second tuner of
-the same OUT is refused. Relaunching continues the study up to `trials`: a trial left running by
+the same OUT is refused (and OUT/submitit/launch.lock: so is a grid or scaling launch into it). Relaunching continues the study up to `trials`: a trial left running by
 a tuner that was killed is run again with the same values in the same run directory, which
 resumes from its last checkpoint (its SLURM job, if it had one, is cancelled first). Changing the
 objective, the training configuration (base with overrides, resolved), the space or the ranks per
@@ -68,9 +68,10 @@ from dmhpc.files import atomic_write, hold_lock
 from dmhpc.launch.spec import (Range, base_path, data_ids, dotted_keys, finished_as, point_name, point_problem,
                                read_launch_file, read_space, resolve_point, warn_missing_data)
 from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, SUBMISSION_COMMENT, Resources, TrainTask,
-                                 cancel_local_jobs, check_executor_here, jobs_commented, local_gpus, local_threads,
-                                 make_executor, pick_gpus, preempt_signal, read_resources, sbatch_refusal,
-                                 sigterm_as_interrupt, submission, use_gpus, wait_for)
+                                 cancel_local_jobs, check_executor_here, hold_launch_lock, jobs_commented, local_gpus,
+                                 local_threads,
+                                 make_executor, pick_gpus, preempt_signal, read_resources, refused_submission,
+                                 sigterm_as_interrupt, submission, use_gpus, wait_for, warn_setup_unused)
 from dmhpc.names import CRITERIA, LABEL_FREE
 from dmhpc.run import LENGTH_KEYS, RESULT_KEYS, RESUMABLE, RunDir
 
@@ -114,7 +115,7 @@ class Tune:
         ranks that train each trial (BatchNorm's batches, the losses' scope), and the manifest
         fingerprints of the data sets prepared so far (one prepared again under the same path is
         other data)."""
-        space = {k: (v if isinstance(v, list) else {"low": v.low, "high": v.high, "log": v.log})
+        space = {k: (v if isinstance(v, list) else {"low": float(v.low), "high": float(v.high), "log": v.log})
                  for k, v in self.space.items()}
         cfg = resolve_point(self.base, self.overrides)
         config = _trials_config(config_to_dict(cfg))
@@ -299,14 +300,15 @@ def _open_study(t: Tune):
         for values in t.enqueue:
             study.enqueue_trial({k: (json.dumps(v) if isinstance(t.space[k], list) else v)
                                  for k, v in values.items()})
-    elif before != identity:
+    elif json.dumps(before, sort_keys=True) != json.dumps(identity, sort_keys=True):  # (see `_as_stored`)
         # A study an older dmhpc began records no ranks: its trials' are not known, and not refused.
         if not isinstance(before, dict):
             raise DmhpcError(f"{journal}: the study's identity is {show(before)}, not what dmhpc records; use "
                              f"another out")
         if "config" in before:  # (the first tuner recorded none)
             before = {**before, "config": _recorded_config(before["config"], journal)}
-        changed = [k for k in ("objective", "space", "ranks") if k in before and before[k] != identity[k]]
+        changed = [k for k in ("objective", "space", "ranks") if k in before and _as_stored(k, before[k]) !=
+                   _as_stored(k, identity[k])]
         # Keys a trial's run resumes across without training differently (cadence, loader, checks)
         # are no other study: a harmless edit refused every trial of the study.
         then = before.get("config", identity["config"])
@@ -330,6 +332,18 @@ def _open_study(t: Tune):
                              f"use another out")
         study.set_user_attr("identity", {**identity, "data": {**then_data, **identity["data"]}})
     return study
+
+
+def _as_stored(key: str, value) -> str:
+    """An identity entry as JSON text, as Optuna stores choices: [1, 2] and [1.0, 2.0] are other
+    choices to it (equal in Python, they passed, and the next proposal failed with a traceback that
+    left a trial behind). A range's bounds are floats whatever their spelling (an older dmhpc
+    recorded them as written)."""
+    if key == "space" and isinstance(value, dict):
+        value = {k: ({**v, "low": float(v["low"]), "high": float(v["high"])}
+                     if isinstance(v, dict) and all(type(v.get(b)) in (int, float) for b in ("low", "high")) else v)
+                 for k, v in value.items()}
+    return json.dumps(value, sort_keys=True)
 
 
 def _distributions(space: Mapping[str, list | Range]) -> dict:
@@ -522,7 +536,7 @@ class _Search:
                     token = uuid.uuid4().hex
                     trial.set_user_attr(ATTR_SUBMISSION, token)
                     self.submitter.update_parameters(slurm_comment=SUBMISSION_COMMENT + token)
-                with sbatch_refusal(f"the job of trial {trial.number}", self.folder):
+                with refused_submission(f"the job of trial {trial.number}", self.folder):
                     job = self.submitter.submit(TrainTask(), config_to_dict(cfg))
                 self.running.append(_Running(trial, run, job, gpus=gpus))
                 trial.set_user_attr("job_id", job.job_id)
@@ -629,10 +643,12 @@ def tune(spec: str | Path | Mapping, executor: str | None = None, poll_s: float 
 
     t = load_tune(spec, executor)
     check_executor_here(t.executor)
+    warn_setup_unused(t.executor, [t.resources])
     warn_missing_data([resolve_point(t.base, t.overrides)])
     lock = _lock(t.out)
-    study = None
+    study, launching = None, None
     try:
+        launching = hold_launch_lock(t.out / "submitit")  # (its jobs' folder: no grid stops them as orphans)
         study = _open_study(t)
         stale = _requeue_stale(study, t.out / "submitit")
         if stale:
@@ -652,6 +668,8 @@ def tune(spec: str | Path | Mapping, executor: str | None = None, poll_s: float 
                 write_trials(t.out, study, t.objective)
             except (OSError, DmhpcError) as exc:  # never hide why the search ended
                 print(f"dmhpc tune: warning: cannot write {t.out / (TABLE + '.md')}: {exc}", flush=True)
+        if launching is not None:
+            launching.close()
         lock.close()
 
 
