@@ -459,13 +459,14 @@ def test_explain_out_and_data_that_cannot_be_explained_are_one_line(survey, run_
         err = capsys.readouterr().err
         assert f"{out}: in use by another dmhpc explain (pid {os.getpid()} on " in err and err.count("\n") == 1, err
     assert not out.exists()
-    # A copy of the run whose record says its target was another preparation of the set.
+    # A copy of the run whose checkpoint says its target was another preparation of the set.
     run = tmp_path / "run"
     shutil.copytree(run_on_survey, run)
-    record = json.loads((run / "run.json").read_text())
-    was = record["data"]["target"]["fingerprint"]
-    record["data"]["target"]["fingerprint"] = "0" * len(was)
-    (run / "run.json").write_text(json.dumps(record))
+    best = run / "checkpoints" / "best.pt"
+    state = torch.load(best, weights_only=True)
+    was = state["data"]["target"]["fingerprint"]
+    state["data"]["target"]["fingerprint"] = "0" * len(was)
+    torch.save(state, best)
     assert main(["explain", "--run", str(run), "--n", "2", "--out", str(out)]) == 1
     err = capsys.readouterr().err
     assert (f"data.target {survey / 'survey'}: prepared again since the run trained on it (manifest fingerprint "
