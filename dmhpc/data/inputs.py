@@ -86,6 +86,51 @@ class ArrayRows(ImageArray):
         return fill_nan(block, self.nan_fill)
 
 
+class NpyFile:
+    """A .npy file's array, its rows read with positioned reads (os.preadv) rather than through a
+    memory map: a file saved again or cut short while it is read (np.save to its name, a copy onto
+    it) is a one-line error naming it, where a map's read past the new end killed the process with
+    SIGBUS, no word said. Indexed as the array is along its first axis (a slice, an index array)."""
+
+    def __init__(self, path: Path, header: np.ndarray):
+        self.path, self.shape, self.dtype = path, header.shape, header.dtype
+        self.ndim = len(self.shape)
+        self._offset = header.offset  # (of the memory map open_npy read the header with)
+        self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._file = open(path, "rb")  # positioned reads only: no shared position to race on
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            index = np.arange(*key.indices(len(self)))
+        elif isinstance(key, (int, np.integer)):
+            return self[np.array([key])][0]
+        else:
+            index = np.asarray(key, dtype=np.int64)
+        if index.size and (index.min() < 0 or index.max() >= len(self)):
+            raise IndexError(f"{self.path}: rows {index.min()}..{index.max()} of {len(self)}")
+        out = np.empty((len(index), *self.shape[1:]), self.dtype)
+        rows = out.reshape(len(index), -1).view(np.uint8)
+        starts = np.flatnonzero(np.diff(index, prepend=-2) != 1)  # runs of consecutive rows: one read each
+        for a, b in zip(starts, [*starts[1:], len(index)]):
+            self._read_into(rows[a:b], int(index[a]))
+        return out
+
+    def _read_into(self, rows: np.ndarray, first: int) -> None:
+        view, want, got = memoryview(rows).cast("B"), rows.size, 0
+        while got < want:
+            try:
+                n = os.preadv(self._file.fileno(), [view[got:]], self._offset + first * self._row_bytes + got)
+            except OSError as exc:
+                raise DmhpcError(f"{self.path}: cannot read ({exc.strerror})") from None
+            if n == 0:
+                raise DmhpcError(f"{self.path}: ends before its row {first + len(rows) - 1} now (saved again or cut "
+                                 f"short while being read?); start again once it is whole")
+            got += n
+
+
 def fill_nan(block: np.ndarray, value: float | None) -> np.ndarray:
     """`block` with its NaN replaced by `value` (None: left as they are). NaN only: an Inf is a
     broken pixel (or a float64 value beyond float32), still refused downstream; numpy's
@@ -523,6 +568,7 @@ def open_images(path: str | os.PathLike, layout: str | None = None, nan_fill: fl
     path = Path(path)
     if path.suffix.lower() in FITS_SUFFIXES:
         return open_fits_cube(path, nan_fill, layout)
-    raw = open_npy(path, f"a .npy file or a FITS cube ({', '.join(FITS_SUFFIXES)}; a gzipped one decompressed)")
-    check_pixel_dtype(raw.dtype, str(path))
+    header = open_npy(path, f"a .npy file or a FITS cube ({', '.join(FITS_SUFFIXES)}; a gzipped one decompressed)")
+    check_pixel_dtype(header.dtype, str(path))
+    raw = NpyFile(path, header)
     return ArrayRows(raw, detect_layout(raw.shape, layout, str(path)), nan_fill)
