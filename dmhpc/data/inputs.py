@@ -41,18 +41,14 @@ CATALOG_FORMATS = {".csv": "ascii.csv", ".ecsv": "ascii.ecsv", ".fits": "fits", 
                    ".parquet": "parquet", ".h5": "hdf5", ".hdf5": "hdf5"}
 
 
-class ImageArray:
-    """(N, C, H, W) float32 rows read on demand; see the module docstring."""
+class RowIndexed:
+    """Indexed along its first axis as an array is (a slice, an index, an index array), each read
+    by `_rows` with the rows' indices."""
 
     shape: tuple
-    dtype = np.dtype(np.float32)
 
     def __len__(self) -> int:
         return self.shape[0]
-
-    @property
-    def ndim(self) -> int:
-        return 4
 
     def _rows(self, index: np.ndarray) -> np.ndarray:
         raise NotImplementedError
@@ -65,6 +61,16 @@ class ImageArray:
         else:
             index = np.asarray(key, dtype=np.int64)
         return self._rows(index)
+
+
+class ImageArray(RowIndexed):
+    """(N, C, H, W) float32 rows read on demand; see the module docstring."""
+
+    dtype = np.dtype(np.float32)
+
+    @property
+    def ndim(self) -> int:
+        return 4
 
 
 class ArrayRows(ImageArray):
@@ -86,11 +92,11 @@ class ArrayRows(ImageArray):
         return fill_nan(block, self.nan_fill)
 
 
-class NpyFile:
+class NpyFile(RowIndexed):
     """A .npy file's array, its rows read with positioned reads (os.preadv) rather than through a
     memory map: a file saved again or cut short while it is read (np.save to its name, a copy onto
     it) is a one-line error naming it, where a map's read past the new end killed the process with
-    SIGBUS, no word said. Indexed as the array is along its first axis (a slice, an index array)."""
+    SIGBUS, no word said."""
 
     def __init__(self, path: Path, header: np.ndarray):
         self.path, self.shape, self.dtype = path, header.shape, header.dtype
@@ -99,20 +105,12 @@ class NpyFile:
         self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
         self._file = open(path, "rb")  # positioned reads only: no shared position to race on
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key) -> np.ndarray:
-        if isinstance(key, slice):
-            index = np.arange(*key.indices(len(self)))
-        elif isinstance(key, (int, np.integer)):
-            return self[np.array([key])][0]
-        else:
-            index = np.asarray(key, dtype=np.int64)
+    def _rows(self, index: np.ndarray) -> np.ndarray:
+        index = np.where(index < 0, index + len(self), index)  # (counted from the end, as an array's)
         if index.size and (index.min() < 0 or index.max() >= len(self)):
             raise IndexError(f"{self.path}: rows {index.min()}..{index.max()} of {len(self)}")
         out = np.empty((len(index), *self.shape[1:]), self.dtype)
-        rows = out.reshape(len(index), -1).view(np.uint8)
+        rows = out.reshape(len(index), self._row_bytes // self.dtype.itemsize).view(np.uint8)
         starts = np.flatnonzero(np.diff(index, prepend=-2) != 1)  # runs of consecutive rows: one read each
         for a, b in zip(starts, [*starts[1:], len(index)]):
             self._read_into(rows[a:b], int(index[a]))
