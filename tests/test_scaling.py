@@ -56,6 +56,13 @@ def test_a_null_mode_is_an_error_not_a_mode_left_out(tmp_path):
         f"scaling out"]
 
 
+def cpu_study(tmp_path, gpus_per_node=(1, 2), **extra) -> dict:
+    """A local weak-scaling study of DeepMerge II on CPU ranks, its data missing (nothing trains)."""
+    return {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "models": ["deepmerge2"],
+            "nodes": [1], "gpus_per_node": list(gpus_per_node), "device": "cpu", "weak": {"batch_per_gpu": 4},
+            "overrides": {"data.source": "missing"}, **extra}
+
+
 def test_steady_step_time_excludes_the_first_epoch_and_weights_by_steps():
     records = [{"kind": "step", "step": 1}, {"kind": "epoch", "step": 10, "step_time_s": 5.0},
                {"kind": "epoch", "step": 20, "step_time_s": 1.0}, {"kind": "epoch", "step": 25, "step_time_s": 2.5}]
@@ -167,9 +174,7 @@ def test_scaling_study_through_the_debug_executor(data, tmp_path, monkeypatch):
 
 def test_a_local_scaling_study_runs_its_points_one_at_a_time(tmp_path, capsys):
     """Local points running together shared the machine's cores, and their efficiency measured that."""
-    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "models": ["deepmerge2"],
-            "nodes": [1], "gpus_per_node": [1, 2], "device": "cpu", "weak": {"batch_per_gpu": 4},
-            "overrides": {"data.source": "missing"}, "slurm": {"array_parallelism": 4}}
+    spec = cpu_study(tmp_path, slurm={"array_parallelism": 4})
     with pytest.raises(DmhpcError, match="2 point\\(s\\) failed"):  # no data: each fails as it starts
         launch_scaling(spec)
     assert ("running the other 2, 1 at a time (a scaling study: points together would share the cores and skew "
@@ -264,9 +269,7 @@ def test_a_local_points_threads_do_not_depend_on_the_points_left_to_run(tmp_path
     from dmhpc.launch.scaling import measured_with
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "models": ["deepmerge2"],
-            "nodes": [1], "gpus_per_node": [1, 2], "device": "cpu", "weak": {"batch_per_gpu": 4},
-            "overrides": {"data.source": "missing"}}
+    spec = cpu_study(tmp_path)
     study = load_study(spec)
     alone, pair = study.points
     (pair.run_dir / "eval").mkdir(parents=True)  # the two-rank point finished
@@ -287,9 +290,7 @@ def test_the_threads_of_a_local_point_are_one_setting_however_they_were_given(tm
     from dmhpc.launch.scaling import record_measured_with
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "models": ["deepmerge2"],
-            "nodes": [1], "gpus_per_node": [1, 2], "device": "cpu", "weak": {"batch_per_gpu": 4},
-            "overrides": {"data.source": "missing"}}
+    spec = cpu_study(tmp_path)
     study = load_study(spec)
     record_measured_with(study)
     for p in study.points:
@@ -309,9 +310,7 @@ def test_setup_lines_a_local_launch_leaves_out_are_said(tmp_path, capsys):
     """slurm.setup (modules, data staging) was left out by the local executor without a word."""
     from dmhpc.launch.submit import launch_points
 
-    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "models": ["deepmerge2"],
-            "nodes": [1], "gpus_per_node": [1], "device": "cpu", "weak": {"batch_per_gpu": 4},
-            "overrides": {"data.source": "missing"}, "slurm": {"setup": ["module load cuda"]}}
+    spec = cpu_study(tmp_path, gpus_per_node=[1], slurm={"setup": ["module load cuda"]})
     study = load_study(spec)
     for p in study.points:  # finished: nothing runs
         (p.run_dir / "eval").mkdir(parents=True)
@@ -327,9 +326,7 @@ def test_a_damaged_log_is_its_points_row_not_the_whole_tables_loss(tmp_path):
     the points that were fine. That point's row now says why it has no figures."""
     from dmhpc.launch.scaling import measure
 
-    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "models": ["deepmerge2"],
-            "nodes": [1], "gpus_per_node": [1, 2], "device": "cpu", "weak": {"batch_per_gpu": 4},
-            "overrides": {"data.source": "missing"}}
+    spec = cpu_study(tmp_path)
     good, damaged = load_study(spec).points
     setup = '{"kind": "setup", "step": 0, "loader_setup_s": 0.1, "loader": "torch"}\n'
     for p, text in ((good, setup), (damaged, f"{setup}not json\n{{}}\n")):
@@ -350,9 +347,7 @@ def test_a_record_of_an_older_dmhpc_lacks_keys_it_is_not_refused_for(tmp_path, m
     from dmhpc.launch.scaling import MEASURED_WITH, record_measured_with
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "models": ["deepmerge2"],
-            "nodes": [1], "gpus_per_node": [1, 2], "device": "cpu", "weak": {"batch_per_gpu": 4},
-            "overrides": {"data.source": "missing"}}
+    spec = cpu_study(tmp_path)
     study = load_study(spec)
     record_measured_with(study)
     path = tmp_path / "out" / "submitit" / MEASURED_WITH
@@ -372,9 +367,7 @@ def test_a_setup_record_without_its_staging_time_leaves_that_cell_empty(tmp_path
     """It was a KeyError out of the table's making."""
     from dmhpc.launch.scaling import measure
 
-    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "models": ["deepmerge2"],
-            "nodes": [1], "gpus_per_node": [1], "device": "cpu", "weak": {"batch_per_gpu": 4},
-            "overrides": {"data.source": "missing"}}
+    spec = cpu_study(tmp_path, gpus_per_node=[1])
     (point,) = load_study(spec).points
     point.run_dir.mkdir(parents=True)
     (point.run_dir / "metrics.jsonl").write_text('{"kind": "setup", "step": 0, "world_size": 1}\n')
