@@ -465,14 +465,19 @@ def _check_one_folder(comm, planned: list[dict]) -> None:
     directories), and rank 0 published its own share as the whole data set. Rank 0 leaves a file of
     a random name in each; every rank looks for it, before anything is written."""
     rank = comm.Get_rank()
-    names = None
-    if rank == 0:
+
+    def leave() -> list[str]:
         names = []
         for d in planned:
-            fd, path = tempfile.mkstemp(prefix=".ranks.", suffix=TEMP_SUFFIX, dir=d["out"] / shards.STAGING)
+            try:
+                fd, path = tempfile.mkstemp(prefix=".ranks.", suffix=TEMP_SUFFIX, dir=d["out"] / shards.STAGING)
+            except OSError as exc:
+                raise DmhpcError(f"{d['out'] / shards.STAGING}: cannot write ({exc.strerror})") from None
             os.close(fd)
             names.append(path)
-    names = comm.bcast(names, root=0)
+        return names
+
+    names = comm.bcast(_agree(comm, lambda: leave() if rank == 0 else None), root=0)
 
     def look():
         for d, path in zip(planned, names):
