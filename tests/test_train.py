@@ -472,6 +472,8 @@ def test_a_run_stopped_mid_epoch_resumes_with_that_epochs_loader(data, tmp_path,
     world size is refused before anything is written."""
     import dataclasses
 
+    from dmhpc.data import loaders
+    from dmhpc.data.loaders import STREAMED, choose_kind
     from dmhpc.train.preflight import loader_kind
     from dmhpc.train.state import Progress
     from dmhpc.train.step import TrainStep
@@ -506,11 +508,15 @@ def test_a_run_stopped_mid_epoch_resumes_with_that_epochs_loader(data, tmp_path,
     stopped = Progress(epoch=1, step_in_epoch=3, world_size=4, loader="dali")
     with pytest.raises(DmhpcError, match="world size 2: the run stopped at step 3 of epoch 1 with 4 ranks"):
         loader_kind(cfg, stopped, 2)
-    assert loader_kind(cfg, stopped, 4) == "dali"
     # dali and torch read an epoch's rows in one order: either takes over the other's epoch (DALI
-    # gone from the nodes of the resume: its error advised torch, which was then refused).
+    # gone from the nodes of the resume: its error advised torch, which was then refused; under
+    # auto, a requeued job failed there).
     torch_now = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader="torch"))
     assert loader_kind(torch_now, stopped, 4) == "torch"
+    assert loader_kind(cfg, stopped, 4) == STREAMED == loader_kind(cfg, dataclasses.replace(stopped, loader="torch"), 4)
+    monkeypatch.setattr(loaders, "dali_runs", lambda device: "DALI is not importable")  # a node without it
+    assert choose_kind(STREAMED, torch.device("cpu"), 10**12) == (
+        "torch", "the epoch resumed began with dali or torch, which read its rows in one order; DALI is not importable")
     resident = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader="gpu-resident"))
     with pytest.raises(DmhpcError, match="data.loader gpu-resident: .* with data.loader dali; resume it with dali or "
                                          "torch, or auto"):

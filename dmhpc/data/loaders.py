@@ -35,6 +35,8 @@ KINDS = ("gpu-resident", "dali", "torch")
 # The order each kind reads an epoch's rows in (batches.py): kinds of one order may take over an
 # epoch in its middle (DALI gone from the nodes a run resumes on), kinds of two may not.
 ORDER = {"gpu-resident": "rows", "dali": "blocks", "torch": "blocks"}
+# What `auto` resumes an epoch begun by dali or torch with: whichever of the two runs here now.
+STREAMED = "dali or torch"
 # `auto` keeps the data on the GPU when both training splits take at most this share of the
 # free device memory: the rest is for the model, activations and the allocator's slack.
 _RESIDENT_SHARE = 0.25
@@ -263,6 +265,8 @@ def choose_kind(kind: str, device: torch.device, need: int, local_ranks: int = 1
         if not int(all_reduce_min(torch.tensor([int(problem is None)], dtype=torch.int64))[0]):
             raise DmhpcError(f"data.loader dali: {problem or 'DALI cannot run on another rank (its log says why)'}; "
                              f"install dmhpc[dali] (and a driver it runs with) or choose torch")
+    if kind == STREAMED:
+        return _streamer(device, "the epoch resumed began with dali or torch, which read its rows in one order")
     if kind != "auto":
         return kind, f"data.loader is {kind}"
     on_gpu = device.type == "cuda"
@@ -274,9 +278,13 @@ def choose_kind(kind: str, device: torch.device, need: int, local_ranks: int = 1
              f"can count on") + " (the least over ranks)"
     if need <= _RESIDENT_SHARE * budget:
         return "gpu-resident", f"{gib} fit in a quarter of {where}"
-    why = f"{gib} exceed a quarter of {where}"
     # DALI is tried only now: its probe builds a pipeline (on a GPU, with DALI's memory pool) that
     # resident data never uses. Every rank takes this branch alike (the budget is the least over ranks).
+    return _streamer(device, f"{gib} exceed a quarter of {where}")
+
+
+def _streamer(device: torch.device, why: str) -> tuple[str, str]:
+    """dali where a DALI pipeline runs on every rank, else torch; with `why` streamed, and why that one."""
     dali_problem = dali_runs(device)
     if int(all_reduce_min(torch.tensor([int(dali_problem is None)], dtype=torch.int64))[0]):
         return "dali", why + "; DALI runs here"
@@ -302,7 +310,8 @@ def make_train_loader(
     local_ranks: int = 1,
     cpus: int | None = None,
 ) -> TrainLoader:
-    """The training loader of one rank: `kind` is "auto", "gpu-resident", "dali" or "torch".
+    """The training loader of one rank: `kind` is "auto", "gpu-resident", "dali" or "torch" (or
+    STREAMED: an epoch begun by dali or torch resumed under auto).
 
     `batch_size` is per rank. `subset` keeps only the first N training rows of each domain.
     `stop_signals` are the trainer's stop signals (train.signals): worker processes ignore them.
@@ -316,7 +325,7 @@ def make_train_loader(
     process group; `torch` forks its workers, which never touch CUDA.
     """
     device = torch.device(device)
-    if kind not in ("auto", *KINDS):
+    if kind not in ("auto", STREAMED, *KINDS):
         raise DmhpcError(f"data.loader {kind!r}: expected one of auto, {', '.join(KINDS)}")
     check_normalize(normalize)
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or seed < 0:

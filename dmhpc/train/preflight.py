@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from dmhpc.data.check import check_dataset
-from dmhpc.data.loaders import KINDS, ORDER
+from dmhpc.data.loaders import KINDS, ORDER, STREAMED
 from dmhpc.data.batches import normalization
 from dmhpc.data.shards import SPLITS, fingerprint, is_labelled, load_manifest
 from dmhpc.distributed import agree, gather
@@ -139,16 +139,16 @@ def loader_kind(cfg, progress, world_size: int) -> str:
     """The data.loader to build. A run stopped in the middle of an epoch resumes it with that
     epoch's world size and a loader of its order (`ORDER`: dali and torch read the same): the rest
     of its rows in another order would repeat some rows and skip others. `auto` follows the
-    epoch's kind (it may now choose another one); a kind of another order asked for, or another
-    world size, is a one-line error."""
+    epoch's order (dali where it runs now, else torch; gpu-resident); a kind of another order
+    asked for, or another world size, is a one-line error."""
     if progress.step_in_epoch == 0 or not progress.loader:  # an epoch's start (or an older checkpoint)
         return cfg.data.loader
     where = f"the run stopped at step {progress.step_in_epoch} of epoch {progress.epoch}"
     if progress.world_size != world_size:
         raise DmhpcError(f"world size {world_size}: {where} with {progress.world_size} ranks; resume it with "
                          f"{progress.world_size} ranks (the world size may change at an epoch's end)")
-    if cfg.data.loader == "auto":
-        return progress.loader
+    if cfg.data.loader == "auto":  # (dali gone where a requeued job resumes: torch, in the same order)
+        return STREAMED if ORDER.get(progress.loader) == ORDER["torch"] else progress.loader
     if ORDER[cfg.data.loader] != ORDER.get(progress.loader):
         alike = " or ".join(k for k in KINDS if ORDER[k] == ORDER.get(progress.loader)) or progress.loader
         raise DmhpcError(f"data.loader {cfg.data.loader}: {where} with data.loader {progress.loader}; resume it "
