@@ -1,6 +1,6 @@
 """The images users have, opened as one array-like of (N, C, H, W) float32 rows, never read whole.
 
-- `.npy` files (memory-mapped; NCHW or NHWC),
+- `.npy` files (read by positioned reads, `NpyFile`; NCHW or NHWC),
 - FITS cubes: one file whose first image HDU is (N, C, H, W) or (N, H, W, C) (or (N, H, W) for
   one filter),
 - FITS cutouts: one file per object, listed by a catalog table (CSV, ECSV, FITS, Parquet, HDF5) with an
@@ -74,7 +74,7 @@ class ImageArray(RowIndexed):
 
 
 class ArrayRows(ImageArray):
-    """Rows of an in-memory or memory-mapped array (any float dtype or byte order), as native
+    """Rows of an in-memory, memory-mapped or `NpyFile` array (any float dtype or byte order), as native
     float32 in NCHW, NaN replaced by `nan_fill` when given."""
 
     def __init__(self, array, layout: str = "NCHW", nan_fill: float | None = None, keep=None):

@@ -558,8 +558,9 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict) -> None:
 def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
     """Refuse an output directory holding a finished data set or foreign files, unless overwrite.
 
-    A directory holding only this format's staging folder, or shards, temporary files and a manifest
-    under the mark of a conversion (an interrupted one) is accepted: converting again finishes the job.
+    A directory holding only this format's staging folder, or shards and a manifest under the mark
+    of a conversion (an interrupted one) is accepted: converting again finishes the job. A name like
+    a temporary file's there is someone's: dmhpc writes those in the staging folder only.
     Nothing is written here.
     """
     out_dir = Path(out_dir)
