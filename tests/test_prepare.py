@@ -825,7 +825,8 @@ def test_ranks_that_do_not_see_one_output_folder_are_refused_before_writing(inpu
         where.mkdir()
     rest = args({**inputs, "out": "ds"})[1:]
     command = [find_mpiexec(), *[part for rank in (0, 1) for part in (
-        *([":"] if rank else []), "-n", "1", "-wdir", str(seen[rank]), sys.executable, "-m", "dmhpc", "prepare", *rest)]]
+        *([":"] if rank else []), "-n", "1", "-wdir", str(seen[rank]), sys.executable, "-m", "dmhpc", "prepare",
+        *rest)]]
     run = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert run.returncode == 1, run.stdout + run.stderr
     assert run.stderr.count("error:") == 1, run.stderr

@@ -1171,7 +1171,8 @@ def test_the_data_a_checkpoint_trained_on_is_read_from_the_checkpoint_not_run_js
     (first / "run.json").unlink()
     final = (first / "eval" / "best_test.json").read_bytes()
     capsys.readouterr()
-    another = f"data.source {str(here / 'pristine')!r}".replace("'", '"') + " holds another data set than the run trained on"
+    another = (f"data.source {str(here / 'pristine')!r}".replace("'", '"')
+               + " holds another data set than the run trained on")
     for run_dir, resume in ((tmp_path / "second", ["--resume", str(bare)]), (first, [])):
         assert main(["train", "--config", str(TINY), *_overrides(here, run_dir, "train.epochs=2"), *resume]) == 1
         err = capsys.readouterr().err

@@ -928,7 +928,8 @@ def _why(exc: Exception) -> str:
     if isinstance(exc, submitit.core.utils.UncompletedJobError) and state:
         log = message.split("-" * 40 + "\n", 1)[1] if "-" * 40 + "\n" in message else ""
         last = [line.strip() for line in log.splitlines() if line.strip()][-1:]
-        return f"ended without a result (killed? state {state.group(1)})" + (f", its last output: {last[0]}" if last else "")
+        return (f"ended without a result (killed? state {state.group(1)})"
+                + (f", its last output: {last[0]}" if last else ""))
     parts = message.split(TRACE_RULE)
     # FailedJobError: "...with trace:\n<rule>\n<traceback>\n<rule>\nYou can check full logs ... paths: ..."
     lines = [line.strip() for line in (parts[1] if len(parts) >= 3 else message).splitlines() if line.strip()]

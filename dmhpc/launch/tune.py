@@ -30,9 +30,10 @@ metrics of each trial are recorded beside it (OUT/trials.md), for reporting only
 
 The study lives in OUT/study.journal, an Optuna journal file (no database server; on a cluster,
 put OUT on the shared file system). The tuner holds OUT/tune.lock while it runs: a second tuner of
-the same OUT is refused (and OUT/submitit/launch.lock: so is a grid or scaling launch into it). Relaunching continues the study up to `trials`: a trial left running by
-a tuner that was killed is run again with the same values in the same run directory, which
-resumes from its last checkpoint (its SLURM job, if it had one, is cancelled first). Changing the
+the same OUT is refused (and OUT/submitit/launch.lock: so is a grid or scaling launch into it).
+Relaunching continues the study up to `trials`: a trial left running by a tuner that was killed
+is run again with the same values in the same run directory, which resumes from its last
+checkpoint (its SLURM job, if it had one, is cancelled first). Changing the
 objective, the training configuration (base with overrides, resolved), the space or the ranks per
 trial since the study began is refused (`trials`, `parallel`, `executor` and the rest of `slurm`
 may change).
@@ -69,9 +70,9 @@ from dmhpc.launch.spec import (Range, base_path, data_ids, dotted_keys, finished
                                read_launch_file, read_space, resolve_point, warn_missing_data)
 from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, SUBMISSION_COMMENT, Resources, TrainTask,
                                  cancel_local_jobs, check_executor_here, hold_launch_lock, jobs_commented, local_gpus,
-                                 local_threads,
-                                 make_executor, pick_gpus, preempt_signal, read_resources, refused_submission,
-                                 sigterm_as_interrupt, submission, use_gpus, wait_for, warn_setup_unused)
+                                 local_threads, make_executor, pick_gpus, preempt_signal, read_resources,
+                                 refused_submission, sigterm_as_interrupt, submission, use_gpus, wait_for,
+                                 warn_setup_unused)
 from dmhpc.names import CRITERIA, LABEL_FREE
 from dmhpc.run import LENGTH_KEYS, RESULT_KEYS, RESUMABLE, RunDir
 
