@@ -269,15 +269,14 @@ def run(argv: list[str] | None = None) -> None:
     """The process's entry point (the `dmhpc` script, `python -m dmhpc`, `python -m dmhpc.train`):
     main's exit code as the process's."""
     code = main(argv)
-    if code not in (0, 1, 2):
-        from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, STOP_SIGNALS  # loaded already by a run that stopped
-
-        if code == REQUEUE_EXIT_CODE:
-            # Leaving to be requeued, the process ignores further stop signals while it ends (CUDA's
-            # teardown at exit): srun's --kill-on-bad-exit sends SIGTERM to the ranks still there when
-            # the first exits, and their exit read 143, a failure, not the requeue code.
-            for name in STOP_SIGNALS:
-                signal.signal(signal.Signals[name], signal.SIG_IGN)
+    stops = sys.modules.get("dmhpc.train.checkpoint")  # loaded by every command that catches stop signals
+    if stops is not None and code in (0, stops.REQUEUE_EXIT_CODE):
+        # Done, or leaving to be requeued, the process ignores further stop signals while it ends
+        # (CUDA's teardown at exit): srun's --kill-on-bad-exit sends SIGTERM to the ranks still there
+        # when the first exits, and a preemption may come just then; their exit read 143, a failure,
+        # not the requeue code, nor the success of a run or catalog that was written.
+        for name in stops.STOP_SIGNALS:
+            signal.signal(signal.Signals[name], signal.SIG_IGN)
     raise SystemExit(code)
 
 

@@ -578,6 +578,27 @@ def test_a_stop_signal_before_the_first_part_exits_for_requeue_with_nothing_comp
     assert not _parts(out) and not out.exists()
 
 
+SIGNALLED_WHILE_ENDING = """
+import atexit, os, signal, sys, time
+# A preemption notice, or srun's SIGTERM to the ranks still there, in the teardown after the catalog.
+atexit.register(lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(0.2)))
+from dmhpc.cli import run
+run(sys.argv[1:])
+"""
+
+
+def test_a_stop_signal_after_the_catalog_is_written_leaves_the_exit_a_success(trained, tmp_path):
+    """The stop signals' handlers went with the prediction: one arriving while the process ended
+    killed it by the default action, exit 143, a failure for a catalog that was written."""
+    out = tmp_path / "done.parquet"
+    script = tmp_path / "ending.py"
+    script.write_text(SIGNALLED_WHILE_ENDING)
+    proc = subprocess.run([sys.executable, str(script), *_predict_cmd(trained, out)[2:]], cwd=ROOT,
+                          env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert out.exists() and f"wrote {out}" in proc.stdout
+
+
 def test_a_stop_signal_during_the_last_part_still_writes_the_catalog(trained, tmp_path):
     """Every part written when the signal is seen: the catalog is merged now, not after a requeue
     that would wait in the queue again only to merge."""
