@@ -193,6 +193,32 @@ def test_choices_edited_to_equal_numbers_of_another_type_are_another_space(data,
     _open_study(load_tune(spec(data, tmp_path, space={"optim.lr": {"low": 1.0, "high": 2}})))
 
 
+def test_a_record_meeting_a_full_disk_is_one_line_and_leaves_the_journal_whole(small_disk):
+    """The tuner writes the journal throughout the search (a refused submission is recorded as a
+    failure and queued again, on the disk that just filled): an OSError traceback, with a record cut
+    short that Optuna would append the next one to."""
+    from optuna.distributions import FloatDistribution
+
+    from dmhpc.launch.tune import _journal_storage
+
+    journal = small_disk("64k") / JOURNAL
+    study = optuna.create_study(storage=_journal_storage(journal), study_name="s")
+    trial = study.ask({"x": FloatDistribution(0.0, 1.0)})
+    with pytest.raises(OSError):  # fill the disk
+        with open(journal.parent / "filler", "wb") as f:
+            while True:
+                f.write(b"x" * 4096)
+                f.flush()
+    before = journal.read_bytes()
+    with pytest.raises(DmhpcError, match=rf"{JOURNAL}: cannot record the search: No space left on device \(disk "
+                                         rf"full or over quota\); the study is as it was before"):
+        study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number, "why": "x" * 20_000})
+    assert journal.read_bytes() == before
+    (journal.parent / "filler").unlink()
+    again = optuna.load_study(study_name="s", storage=_journal_storage(journal))
+    assert [tr.number for tr in again.get_trials()] == [trial.number]
+
+
 def test_a_trial_below_the_median_is_pruned_and_its_job_stopped(data, tmp_path):
     """The first trial trains (3 epochs: the median the pruner compares with at each of them); the
     second cannot learn (lr 1e-12: IM stays near 0, its initial value) and is stopped at an

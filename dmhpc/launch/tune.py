@@ -65,7 +65,7 @@ from typing import Any, Mapping
 from dmhpc.checks import Problems, choice, integer, path_text, show, take, unknown_keys
 from dmhpc.config import changed_keys, config_from_dict, config_to_dict
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_write, hold_lock
+from dmhpc.files import atomic_write, hold_lock, write_reason
 from dmhpc.launch.spec import (Range, base_path, data_ids, dotted_keys, finished_as, point_name, point_problem,
                                read_launch_file, read_space, resolve_point, warn_missing_data)
 from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, SUBMISSION_COMMENT, Resources, TrainTask,
@@ -264,11 +264,33 @@ def _lock(out: Path):
                                  f"use another out", "tuner of this study")
 
 
+def _journal_storage(journal: Path):
+    """Optuna's storage in the journal file `journal`, whose records are whole or not written: a
+    record that cannot be written (a full disk, over quota) is the file's one-line error with the
+    part of it that was written cut off again (Optuna would append the next record to the fragment,
+    and every later launch would be refused)."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    class Journal(JournalFileBackend):
+        def append_logs(self, logs):
+            size = journal.stat().st_size
+            try:
+                super().append_logs(logs)
+            except OSError as exc:
+                try:
+                    os.truncate(journal, size)
+                except OSError:
+                    pass  # (said: the next launch refuses a record cut short)
+                raise DmhpcError(f"{journal}: cannot record the search: {write_reason(exc)}; the study is as "
+                                 f"it was before") from None
+
+    return JournalStorage(Journal(str(journal)))
+
+
 def _open_study(t: Tune):
     """The study of OUT/study.journal (created on the first launch), checked against the file."""
     import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
 
     journal = t.out / JOURNAL
     # A record cut short (a kill or a full disk mid-write, a hand edit) would make Optuna append the
@@ -284,7 +306,7 @@ def _open_study(t: Tune):
                                           n_warmup_steps=t.pruner["warmup_epochs"])
               if t.pruner is not None else optuna.pruners.NopPruner())
     try:
-        study = optuna.create_study(storage=JournalStorage(JournalFileBackend(str(journal))), pruner=pruner,
+        study = optuna.create_study(storage=_journal_storage(journal), pruner=pruner,
                                     study_name="dmhpc-tune", direction="maximize", load_if_exists=True)
         launched = len(study.get_trials(deepcopy=False))
     # json.JSONDecodeError is a ValueError; JSON that is no journal record fails optuna's replay
@@ -546,8 +568,11 @@ class _Search:
             # tuner and rerun (its SLURM job looked for) at every launch. Its values are queued again
             # first (a crash between loses nothing): not submitted, it trained nothing, and counted as
             # a failure it used up the budget, and an enqueued baseline never ran.
-            study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number})
-            _fail(study, trial, str(exc))
+            try:
+                study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number})
+                _fail(study, trial, str(exc))
+            except DmhpcError as unrecorded:  # (the same full disk, most likely): both are said
+                raise DmhpcError(f"{exc}; and {unrecorded} (the next launch runs the trial again)") from None
             raise
         print(f"dmhpc tune: trial {trial.number} {run_dir.name}: job {job.job_id}", flush=True)
 
