@@ -1,4 +1,4 @@
-"""Rows of a .npy input read by positioned reads (NpyFile, what prepare and predict use) beside a
+"""Rows of a .npy input read by positioned reads (FileRows, what prepare and predict use) beside a
 memory map of the same file (what they used before), on prepare's access pattern.
 
     python bench/npy_read.py             # 8,000 images of 3x75x75 float32 (540 MB), warm page cache
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dmhpc.data.inputs import NpyFile, open_npy
+from dmhpc.data.inputs import FileRows, open_npy
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
         images = np.random.default_rng(0).normal(size=(opts.n, 3, opts.size, opts.size)).astype(np.float32)
         np.save(path, images)
         mapped = open_npy(path)
-        readers = {"memory map": mapped, "positioned reads": NpyFile(path, mapped)}
+        readers = {"memory map": mapped, "positioned reads": FileRows(path, mapped.shape, mapped.dtype, mapped.offset)}
         order = np.random.default_rng(1).permutation(opts.n)
         blocks = [np.sort(order[k:k + opts.block]) for k in range(0, opts.n, opts.block)]
         for reader in readers.values():  # warm the page cache; check they agree

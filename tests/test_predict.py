@@ -1236,29 +1236,42 @@ def test_an_ecsv_catalog_refuses_ids_it_would_read_as_comments(trained, tmp_path
         assert list(table["id"]) == ids
 
 
-def test_a_npy_survey_saved_again_while_it_is_read_is_one_line_not_a_bus_error(tmp_path):
-    """The rows were read through a memory map: np.save to the same name (or a copy onto it) cut
-    the file short under it, and the next read killed the rank with SIGBUS (exit 135, no word),
-    before the merge's check of the inputs could say anything. In a process of its own: the old
-    way would kill pytest."""
+SAVE = {"npy": "np.save(path, a)\n",
+        # (an empty primary HDU, as survey tools write, and the cube big-endian, as FITS is)
+        # (astropy's writeto replaces the file, whose old version the reader still has: copied onto it)
+        "fits": "import shutil\n"
+                "from astropy.io import fits\n"
+                "fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(a.astype('>f4'))]).writeto(path + '.new')\n"
+                "shutil.copyfile(path + '.new', path)\n"
+                "os.remove(path + '.new')\n"}
+
+
+@pytest.mark.parametrize("kind", ["npy", "fits"])
+def test_a_survey_file_saved_again_while_it_is_read_is_one_line_not_a_bus_error(tmp_path, kind):
+    """The rows were read through a memory map (numpy's, astropy's): saved again (or a copy onto
+    it) the file was cut short under it, and the next read killed the rank with SIGBUS (exit 135,
+    no word), before the merge's check of the inputs could say anything. In a process of its own:
+    the old way would kill pytest."""
     script = tmp_path / "read.py"
     script.write_text(
-        "import sys\n"
+        "import os, sys\n"
         "import numpy as np\n"
         "from dmhpc.data.inputs import open_images\n"
         "from dmhpc.errors import DmhpcError\n"
+        "def save(path, a):\n"
+        + "".join(f"    {line}\n" for line in SAVE[kind].splitlines()) +
         "path = sys.argv[1]\n"
         "images = np.random.default_rng(0).normal(size=(4000, 3, 16, 16)).astype(np.float32)\n"
-        "np.save(path, images)\n"
+        "save(path, images)\n"
         "rows = open_images(path)\n"
         "assert np.array_equal(rows[np.array([0, 1, 2, 3999])], images[[0, 1, 2, 3999]])\n"
-        "np.save(path, images[:10])  # saved again, shorter, while a predict reads it\n"
+        "save(path, images[:10])  # saved again, shorter, while a predict reads it\n"
         "try:\n"
         "    rows[3000:3100]\n"
         "except DmhpcError as exc:\n"
         "    print(exc)\n")
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "survey.npy")], capture_output=True, text=True,
-                          timeout=120)
+    path = tmp_path / f"survey.{kind}"
+    proc = subprocess.run([sys.executable, str(script), str(path)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
-    assert proc.stdout == (f"{tmp_path / 'survey.npy'}: ends before its row 3099 now (saved again or cut short while "
-                           f"being read?); start again once it is whole\n")
+    assert proc.stdout == (f"{path}: ends before its row 3099 now (saved again or cut short while being read?); "
+                           f"start again once it is whole\n")

@@ -1,6 +1,6 @@
 """The images users have, opened as one array-like of (N, C, H, W) float32 rows, never read whole.
 
-- `.npy` files (read by positioned reads, `NpyFile`; NCHW or NHWC),
+- `.npy` files (NCHW or NHWC),
 - FITS cubes: one file whose first image HDU is (N, C, H, W) or (N, H, W, C) (or (N, H, W) for
   one filter),
 - FITS cutouts: one file per object, listed by a catalog table (CSV, ECSV, FITS, Parquet, HDF5) with an
@@ -12,8 +12,10 @@ The layout of a .npy array, a cube and a cutout's one HDU is detected from the s
 with the same checks (`detect_layout`); one HDU per filter, or a one-filter cube, has no channel
 axis to place.
 
-FITS is read with astropy (`astropy.io.fits`, memory-mapped; big-endian data converted to native
-float32 row by row) and catalogs with `astropy.table`. NaN pixels (survey cutouts are often
+FITS headers are read with astropy (`astropy.io.fits`), and catalogs with `astropy.table`. The rows
+of a .npy array and of a plain FITS cube are read by positioned reads (`FileRows`), those of a
+scaled or tile-compressed cube through astropy's section, never through a memory map (see
+`FileRows`); big-endian data are converted to native float32 row by row. NaN pixels (survey cutouts are often
 NaN-padded at the edges of the footprint) are refused downstream unless a fill value is given
 (`nan_fill`), which replaces them as rows are read.
 
@@ -74,7 +76,7 @@ class ImageArray(RowIndexed):
 
 
 class ArrayRows(ImageArray):
-    """Rows of an in-memory, memory-mapped or `NpyFile` array (any float dtype or byte order), as native
+    """Rows of an in-memory array, a `FileRows` or a FITS section (any float dtype or byte order), as native
     float32 in NCHW, NaN replaced by `nan_fill` when given."""
 
     def __init__(self, array, layout: str = "NCHW", nan_fill: float | None = None, keep=None):
@@ -92,16 +94,17 @@ class ArrayRows(ImageArray):
         return fill_nan(block, self.nan_fill)
 
 
-class NpyFile(RowIndexed):
-    """A .npy file's array, its rows read with positioned reads (os.preadv) rather than through a
-    memory map: a file saved again or cut short while it is read (np.save to its name, a copy onto
-    it) is a one-line error naming it, where a map's read past the new end killed the process with
-    SIGBUS, no word said."""
+class FileRows(RowIndexed):
+    """A C-ordered array of `shape` and `dtype` stored from byte `offset` of a file (a .npy file's, a
+    plain FITS cube's), its rows read with positioned reads (os.preadv) rather than through a memory
+    map: a file saved again or cut short while it is read (np.save to its name, a copy onto it) is a
+    one-line error naming it, where a map's read past the new end killed the process with SIGBUS, no
+    word said."""
 
-    def __init__(self, path: Path, header: np.ndarray):
-        self.path, self.shape, self.dtype = path, header.shape, header.dtype
+    def __init__(self, path: Path, shape: tuple, dtype: np.dtype, offset: int):
+        self.path, self.shape, self.dtype = path, tuple(shape), np.dtype(dtype)
         self.ndim = len(self.shape)
-        self._offset = header.offset  # (of the memory map open_npy read the header with)
+        self._offset = offset
         self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
         self._file = open(path, "rb")  # positioned reads only: no shared position to race on
 
@@ -182,7 +185,7 @@ def _open_fits_cube(path: str | os.PathLike, nan_fill: float | None, layout: str
         # only when plain (as a .fits.gz name is refused).
         raise DmhpcError(f"{path}: a compressed file ({compressed}); decompress it first")
     try:
-        hdul = fits.open(path, memmap=True)
+        hdul = fits.open(path, memmap=False)  # headers only: no data is read through astropy but sections
     except FileNotFoundError:
         raise DmhpcError(f"{path}: no such file") from None
     except Exception as exc:
@@ -193,12 +196,11 @@ def _open_fits_cube(path: str | os.PathLike, nan_fill: float | None, layout: str
             # rank; their section decompresses the tiles of the rows asked for.
             if hdu.is_image and hdu.header.get("NAXIS", 0) and (_scaled(hdu.header)
                                                                or isinstance(hdu, fits.CompImageHDU)):
-                hdul.close()  # astropy maps no scaled integers: read through its lazy section, unmapped
-                hdul = fits.open(path, memmap=False)
-                hdu = hdul[number]
-                data = _SectionRows(hdu.section, tuple(hdu.shape))
+                data = _SectionRows(hdu.section, tuple(hdu.shape))  # (scaled by astropy as rows are read)
+            elif hdu.is_image and hdu.header.get("NAXIS", 0):
+                data = _plain_rows(Path(path), hdul, number, hdu)
             else:
-                data = hdu.data if hdu.is_image else None
+                data = None
         except Exception as exc:
             hdul.close()
             raise _Unreadable() from exc
@@ -217,9 +219,24 @@ def _open_fits_cube(path: str | os.PathLike, nan_fill: float | None, layout: str
         except DmhpcError:
             hdul.close()
             raise
-        return ArrayRows(data, found, nan_fill, keep=hdul)
+        if isinstance(data, FileRows):
+            hdul.close()  # (the rows have a file of their own)
+        return ArrayRows(data, found, nan_fill, keep=None if isinstance(data, FileRows) else hdul)
     hdul.close()
     raise DmhpcError(f"{path}: no image HDU with data")
+
+
+_BITPIX = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}  # FITS data are big-endian
+
+
+def _plain_rows(path: Path, hdul, number: int, hdu) -> FileRows:
+    """The rows of an unscaled image HDU, read from the file by position (astropy would map them)."""
+    dtype = np.dtype(_BITPIX[hdu.header["BITPIX"]])
+    start, shape = hdul.fileinfo(number)["datLoc"], tuple(hdu.shape)
+    need = start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if os.path.getsize(path) < need:  # (astropy's warning at opening says it in its words)
+        raise ValueError(f"File may have been truncated: {os.path.getsize(path)} bytes, its data end at {need}")
+    return FileRows(path, shape, dtype, start)
 
 
 def check_fits_pixels(dtype: np.dtype, path) -> None:
@@ -568,5 +585,5 @@ def open_images(path: str | os.PathLike, layout: str | None = None, nan_fill: fl
         return open_fits_cube(path, nan_fill, layout)
     header = open_npy(path, f"a .npy file or a FITS cube ({', '.join(FITS_SUFFIXES)}; a gzipped one decompressed)")
     check_pixel_dtype(header.dtype, str(path))
-    raw = NpyFile(path, header)
+    raw = FileRows(path, header.shape, header.dtype, header.offset)  # (the map open_npy read the header with)
     return ArrayRows(raw, detect_layout(raw.shape, layout, str(path)), nan_fill)
