@@ -304,6 +304,28 @@ def test_a_loss_that_stays_nan_under_fp16_is_named_with_its_step():
         meter.check_finite(State(), dist, 39)
 
 
+def test_a_step_fp16_skipped_is_left_out_of_the_epochs_means_and_train_metrics():
+    """Under fp16 the scaler skips a step whose loss overflowed, and training goes on; the step's
+    NaN was still summed: the epoch's logged loss terms, and with its infinite logits every train
+    metric of both domains, read NaN, a divergence that did not happen."""
+    from dmhpc.distributed import DistInfo
+    from dmhpc.train.meter import EpochMeter
+
+    dist = DistInfo(0, 0, 1, torch.device("cpu"), None)
+    y = torch.tensor([0, 1])
+    good = torch.tensor([[2.0, -2.0], [-2.0, 2.0], [1.0, -1.0], [-1.0, 1.0]])  # right on both domains
+    meter = EpochMeter(torch.device("cpu"), watch_loss=False)
+    for step, value in enumerate([0.5, float("nan"), 0.25, 0.75], start=1):
+        logits = good if value == value else torch.full((4, 2), float("inf"))
+        meter.add(step, {"classifier": torch.tensor(value), "total": torch.tensor(value)}, {"logits": logits}, y, y)
+    record = meter.summary(dist)
+    assert record["loss"] == {"classifier": 0.5, "total": 0.5}
+    assert record["skipped_steps"] == 1
+    for domain in ("source", "target"):
+        train = record[domain]["train"]
+        assert train["n"] == 6 and "nonfinite" not in train and train["accuracy"] == 1.0, train
+
+
 def test_a_reader_worker_killed_during_training_is_one_line(data, tmp_path):
     """The kernel killing a DataLoader worker (out of memory) ended the trainer in a 66-line
     traceback from wherever the main process was (torch raises it from its SIGCHLD handler)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -35,6 +37,7 @@ class EpochMeter:
         self.streak = torch.zeros((), dtype=torch.int64, device=device) if streak is None else streak
         self.first_stuck = torch.full((), _NONE, dtype=torch.int64, device=device)
         self.steps = 0
+        self.finite_steps = torch.zeros((), dtype=torch.float64, device=device)  # (a count, summed as the sums)
         self.preds: dict[str, list] = {"source": [], "target": []}
         self.domain_logits: list = []
 
@@ -43,8 +46,14 @@ class EpochMeter:
         if not self.names:
             self.names = sorted(terms)
             self.first_bad = torch.full((len(self.names),), _NONE, dtype=torch.int64, device=self.device)
-        vec = torch.stack([terms[k].float() for k in self.names])
-        self.sums = vec if self.sums is None else self.sums + vec
+        # float64: an epoch of 1e5-1e6 steps summed in float32 is off by 1e-6-1e-5 of its mean.
+        vec = torch.stack([terms[k].double() for k in self.names])
+        # A step fp16 skipped (its loss not finite) trained nothing: its terms and predictions are
+        # left out of the epoch's means and train metrics, which a single NaN made NaN. (Elsewhere a
+        # non-finite loss stops the run at check_finite, and is kept.)
+        finite = torch.isfinite(vec).all() if not self.watch_loss else torch.ones((), dtype=torch.bool, device=vec.device)
+        self.sums = (self.sums if self.sums is not None else torch.zeros_like(vec)) + torch.where(finite, vec, 0.0)
+        self.finite_steps = self.finite_steps + finite
         if self.watch_loss:
             bad = ~torch.isfinite(vec) & (self.first_bad == _NONE)
             self.first_bad = torch.where(bad, step, self.first_bad)
@@ -56,10 +65,11 @@ class EpochMeter:
         # float64, as the evaluation's: float32 rounds p to exactly 1 past a logit margin of ~17, where
         # confident predictions tie and the train ROC AUC lost their order (0.5 for a perfect ranking).
         prob = torch.softmax(outputs["logits"].double(), dim=1)
-        self.preds["source"].append((ys, prob[: len(ys)]))
-        self.preds["target"].append((yt, prob[len(ys):]))
+        self.preds["source"].append((ys, prob[: len(ys)], finite))
+        if prob.shape[0] > len(ys):  # (a run without adaptation passes no target rows: none to record)
+            self.preds["target"].append((yt, prob[len(ys):], finite))
         if "domain_logits" in outputs:
-            self.domain_logits.append(outputs["domain_logits"])
+            self.domain_logits.append((outputs["domain_logits"], finite))
 
     def check_finite(self, state, dist, step: int) -> None:
         """Raise DmhpcError on every rank if a loss term or a weight of any rank is not finite.
@@ -91,9 +101,14 @@ class EpochMeter:
         """Loss means over steps and ranks, train metrics per domain, discriminator accuracy."""
         record: dict = {"loss": {}}
         if self.sums is not None:
-            means = all_reduce_mean(self.sums.double()) / max(self.steps, 1)
-            record["loss"] = dict(zip(self.names, means.tolist()))
-        for domain, pairs in self.preds.items():
+            both = all_reduce_mean(torch.cat([self.sums, self.finite_steps.view(1)]))  # (mean sums / mean count)
+            counted = both[-1].item()
+            record["loss"] = dict(zip(self.names, (both[:-1] / counted if counted else both[:-1] * math.nan).tolist()))
+            if not self.watch_loss:  # (fp16: steps whose loss was not finite, on any rank; left out above)
+                record["skipped_steps"] = round(self.steps - all_reduce_min(self.finite_steps.view(1)).item())
+        for domain, triples in self.preds.items():
+            kept = torch.stack([f for *_, f in triples]).tolist() if triples else []  # (one wait for the device)
+            pairs = [(y, p) for (y, p, _), keep in zip(triples, kept) if keep]
             labels = torch.cat([y for y, _ in pairs]).cpu().numpy() if pairs else np.zeros(0, np.int64)
             prob = torch.cat([p for _, p in pairs]).cpu().numpy() if pairs else np.zeros((0, 2), np.float64)
             parts = all_gather_object((labels, prob))
@@ -103,7 +118,10 @@ class EpochMeter:
             record[domain] = {"train": domain_metrics(labels, prob)} if len(labels) else {}
         if self.domain_logits:
             correct = total = 0
-            for d in self.domain_logits:  # source first in each batch
+            kept = torch.stack([f for _, f in self.domain_logits]).tolist()
+            for (d, _), keep in zip(self.domain_logits, kept):  # source first in each batch
+                if not keep:
+                    continue
                 half = d.shape[0] // 2
                 correct += int((d[:half] > 0).sum()) + int((d[half:] <= 0).sum())
                 total += d.shape[0]
