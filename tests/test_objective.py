@@ -169,3 +169,31 @@ def test_an_eager_step_runs_the_plain_module():
     cfg = config(transfer="mmd")
     eager = TrainStep(cfg, TrainState.build(cfg, torch.device("cpu"), 3), CPU, total_steps=10, steps_per_epoch=5)
     assert eager.forward is eager.state.model
+
+
+@pytest.mark.parametrize("loss, reads", [({"transfer": "none"}, False), ({"transfer": "none", "fisher_weight": 0.1}, False),
+                                         ({"transfer": "none", "entropy_weight": 0.1}, True),
+                                         ({"transfer": "mmd"}, True)])
+def test_a_run_without_adaptation_learns_nothing_from_the_target_batch(loss, reads):
+    """The source and target batches went through the backbone together in every run, so in one
+    without adaptation (the baseline, the oracle) BatchNorm normalized source images with target
+    ones, and its running statistics took in the target: the baseline was partly adapted (the
+    original's baseline passed the source alone). Trained in train mode on one source batch with
+    two different target batches: the same loss, gradients and BatchNorm statistics, unless a term
+    reads the target."""
+    cfg = config(**{"entropy_weight": 0.0, **loss})
+    xs, ys, xt, _ = batch()
+    seen = []
+    for target in (xt, torch.flip(xt, dims=[0]) * 3.0 - 1.0):
+        torch.manual_seed(0)
+        model = DomainAdaptation(cfg, seed=0, in_channels=3).train()
+        torch.manual_seed(1)  # (dropout's masks)
+        total, _, outputs = model(xs, ys, target, 0.0)
+        total.backward()
+        grads = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+        stats = torch.cat([b.flatten() for n, b in model.named_buffers() if "running" in n])
+        seen.append((total.detach(), grads, stats, outputs["logits"].shape[0]))
+    (t1, g1, s1, rows), (t2, g2, s2, _) = seen
+    assert rows == (12 if reads else 6)
+    same = torch.equal(t1, t2) and torch.equal(g1, g2) and torch.equal(s1, s2)
+    assert same is not reads

@@ -59,11 +59,18 @@ class DomainAdaptation(nn.Module):
                                      inter_weight=loss.fisher.inter_weight,
                                      normalize=loss.fisher.normalize, scope=loss.scope, seed=seed)
         self.sigmas = DEEPMERGE_SIGMAS if loss.mmd.sigmas == "deepmerge" else loss.mmd.sigmas
+        # Whether a term reads the target batch (Fisher reads the source's features and labels only).
+        self.reads_target = loss.transfer != "none" or loss.entropy_weight > 0
 
     def forward(self, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, grl_coeff: float):
-        """Returns (total loss, {term: detached value}, {name: detached outputs for metrics})."""
-        # One pass over source and target together, as the original: BatchNorm sees both domains.
-        feats, logits = self.backbone(torch.cat([xs, xt]))
+        """Returns (total loss, {term: detached value}, {name: detached outputs for metrics}); the
+        logits are the source rows', then the target rows' where a term reads the target."""
+        # One pass over source and target together, as the original's adapted runs: BatchNorm sees
+        # both domains. Without a term that reads the target (no adaptation, the oracle) the source
+        # passes alone, as in the original's baseline: through BatchNorm the target's training
+        # images would shape the model (its batch statistics, its running ones) and the baseline
+        # every adapted run is measured against would be partly adapted itself.
+        feats, logits = self.backbone(torch.cat([xs, xt]) if self.reads_target else xs)
         return self._losses(feats, logits, ys, grl_coeff)
 
     # Eager under train.compile, the backbone compiled: every term switches autocast and
