@@ -185,6 +185,21 @@ def test_sbatch_options_for_a_site(tmp_path):
         assert [line for line in problems.lines if said in line], problems.lines
 
 
+def test_a_warning_signal_no_earlier_than_the_start_is_refused():
+    """slurm.time 1 with the default signal_delay_s 90 was taken: submitit's local executor never
+    sent the signal, and the run was killed at its limit without a checkpoint (under SLURM the
+    signal comes at once)."""
+    from dmhpc.checks import Problems
+
+    for section, refused in (({"time": 1}, True), ({"time": 2}, False), ({"time": "00:02:00", "signal_delay_s": 120}, True),
+                             ({"signal_delay_s": 9999}, False)):
+        problems = Problems("g.yaml")
+        submit.read_resources(problems, section, shape=True, executor="local")
+        said = [line for line in problems.lines if "slurm.signal_delay_s: " in line]
+        assert bool(said) is refused, (section, problems.lines)
+        assert not said or "s before the end of a time limit of " in said[0]
+
+
 def test_sbatch_options_the_launcher_sets_are_refused_in_additional_parameters(tmp_path):
     """Written after the launcher's own, they replaced them: {nodes: 2} trained 2 ranks where the
     point recorded 1, {signal: "USR1@30"} kept the requeue signal from the trainer. A key that is no
