@@ -61,6 +61,17 @@ def test_every_problem_of_a_tune_file_at_once(tmp_path):
     assert "enqueue[0]" not in message  # its only key is the refused optim.lr: said once
 
 
+def test_an_enqueued_trial_that_is_no_valid_config_is_refused_before_anything_runs(data, tmp_path):
+    """Only the space's corners and choices were tried: an enqueued pair of valid choices that is no
+    valid config together failed at its launch, and counted, used up the budget for good."""
+    space = {"optim.schedule": ["cyclic", "warmup-cosine"], "optim.warmup_steps": [0, 10]}
+    load_tune(spec(data, tmp_path, space=space, enqueue=[{"optim.schedule": "warmup-cosine", "optim.warmup_steps": 10}]))
+    with pytest.raises(DmhpcError, match=r"enqueue\[1\]: .*optim.warmup_steps: 10 does nothing with optim.schedule"):
+        load_tune(spec(data, tmp_path, space=space, enqueue=[{"optim.schedule": "cyclic", "optim.warmup_steps": 0},
+                                                             {"optim.schedule": "cyclic", "optim.warmup_steps": 10}]))
+    assert not (tmp_path / "tune").exists()
+
+
 def test_the_space_is_checked_against_the_trainer_config_before_anything_runs(data, tmp_path):
     with pytest.raises(DmhpcError, match=r"space.model.name: \"vgg\": .*model.name"):
         load_tune(spec(data, tmp_path, space={"model.name": ["deepmerge2", "vgg"]}))

@@ -252,6 +252,13 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
                     said.append(point_problem(exc))
             else:
                 problems.add(f"space.{key}", f"{show(value)}: {said[-1]}")
+    # An enqueued trial is a point of its own, run first: one that is no valid config failed at its
+    # launch and, counted, used up the budget on every later launch.
+    for number, values in enumerate(enqueue):
+        try:
+            t.point(values)
+        except DmhpcError as exc:
+            problems.add(f"enqueue[{number}]", point_problem(exc))
     problems.raise_if_any()
     return t
 
