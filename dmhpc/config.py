@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import os
 import re
 import signal
@@ -493,6 +494,12 @@ def config_from_dict(data: Mapping, source: str = "<dict>") -> Config:
     cfg = _build(Config, raw, {}, source)
     _check_consistency(cfg, {}, source)
     return cfg
+
+
+def override_text(key: str, value: Any) -> str:
+    """KEY=VALUE as `load_config` reads it, whatever the value holds (JSON is valid YAML and keeps the
+    value's type; a path with " #" or ": " in it read as a comment or a mapping)."""
+    return f"{key}={json.dumps(value)}"
 
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *, written: bool = False) -> Config:

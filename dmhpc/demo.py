@@ -13,7 +13,7 @@ import math
 import time
 from pathlib import Path
 
-from dmhpc.config import load_config
+from dmhpc.config import load_config, override_text
 from dmhpc.data.prepare import Options
 from dmhpc.errors import DmhpcError
 from dmhpc.run import RunDir
@@ -42,6 +42,8 @@ def demo_main(args, run_command) -> int:
     raw, shards = out / "data", out / "shards"
     t0 = time.perf_counter()
     _check_size(root, args.n_per_class)
+    for config in RUNS.values():  # --epochs and --seed as the runs take them: said before minutes of rendering
+        load_config(root / config, _overrides(shards, out / Path(config).stem, args))
 
     def step(title: str, argv: list[str]) -> None:
         print(f"\n== {title}: dmhpc {' '.join(argv)}", flush=True)
@@ -69,8 +71,7 @@ def demo_main(args, run_command) -> int:
         run_dir = out / Path(config).stem
         # --overwrite: the demo owns its runs, and a second `make demo` replaces them.
         step(f"train: {name}", ["train", "--config", str(root / config), "--resume", "none", "--overwrite",
-                                f"data.source={shards / 'pristine'}", f"data.target={shards / 'noisy'}",
-                                f"run.dir={run_dir}", f"train.epochs={args.epochs}", f"seed={args.seed}"])
+                                *_overrides(shards, run_dir, args)])
         results[name] = RunDir(run_dir).read_result("best", "test")
 
     # The last mile: the adapted model's merger catalog of the noisy test images, and what it looks at.
@@ -95,6 +96,12 @@ def demo_main(args, run_command) -> int:
     for png in sorted(explained.glob("*.png")):
         print(f"  {png}")
     return 0
+
+
+def _overrides(shards: Path, run_dir: Path, args) -> list[str]:
+    """A demo run's settings on the trainer's command line."""
+    return [override_text(k, v) for k, v in (("data.source", str(shards / "pristine")), ("data.target", str(shards / "noisy")),
+                                             ("run.dir", str(run_dir)), ("train.epochs", args.epochs), ("seed", args.seed))]
 
 
 def _check_size(root: Path, n_per_class: int) -> None:

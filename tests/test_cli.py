@@ -81,10 +81,16 @@ def test_a_demo_too_small_for_one_batch_is_refused_before_rendering(tmp_path, ca
     assert err == ("dmhpc demo: error: --n-per-class 30: about 42 training images per domain, fewer than one batch "
                    "of 128; give at least 92\n"), err
     assert not (tmp_path / "demo").exists()
+    # --epochs and --seed as the runs take them: refused at the train step, after the render
+    for flag, value, said in (("--epochs", "0", "train.epochs: expected a positive integer, got 0"),
+                              ("--seed", "4294967296", "seed: expected an integer from 0 to 4294967295")):
+        assert main(["demo", "--out", str(tmp_path / "demo"), flag, value]) == 1
+        assert said in capsys.readouterr().err
+        assert not (tmp_path / "demo").exists()
 
 
 def test_demo_runs_the_main_job_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
+    out = tmp_path / "demo #1"  # (a path YAML would read as a comment: the runs' overrides are quoted)
     assert main(["demo", "--out", str(out), "--n-per-class", "100", "--epochs", "1"]) == 0
     printed = capsys.readouterr().out
     assert "| no adaptation |" in printed and "| MMD + Fisher + entropy |" in printed

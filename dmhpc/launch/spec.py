@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from dmhpc.checks import Problems, boolean, number, read_yaml, show, take, unknown_keys
-from dmhpc.config import COMMAND_LINE, Config, changed_keys, config_to_dict, load_config
+from dmhpc.config import COMMAND_LINE, Config, changed_keys, config_to_dict, load_config, override_text
 from dmhpc.data.shards import fingerprint, load_manifest
 from dmhpc.errors import DmhpcError
 from dmhpc.names import DOMAINS
@@ -222,11 +222,6 @@ def finished_as(run: RunDir, cfg: Config) -> bool:
     if not run.holds_run():  # refused as a foreign directory before any launch (check_existing_runs)
         return True
     return not LENGTH_KEYS & set(changed_keys(config_to_dict(run.config()), config_to_dict(cfg)))
-
-
-def override_text(key: str, value: Any) -> str:
-    """KEY=VALUE as `load_config` reads it (JSON is valid YAML and keeps the value's type)."""
-    return f"{key}={json.dumps(value)}"
 
 
 def resolve_point(base: Path, overrides: Mapping[str, Any]) -> Config:
