@@ -64,17 +64,21 @@ def _betas() -> Check:
     return Check("a list of two numbers in [0, 1)", convert)
 
 
-# SIGKILL and SIGSTOP cannot be caught; SIGINT stays Ctrl-C (KeyboardInterrupt).
-_CATCHABLE = tuple(s.name for s in signal.Signals if s.name not in ("SIGKILL", "SIGSTOP", "SIGINT"))
+# The signals a scheduler or a user sends to ask a job to stop. Not SIGKILL or SIGSTOP (they cannot
+# be caught), SIGINT (always Ctrl-C), the faults (a handler on SIGSEGV or SIGBUS turned a crash into
+# an endless loop of the faulting instruction), nor SIGCHLD, SIGPIPE and the like, which a running
+# process receives in its normal course.
+_STOPS = tuple(name for name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGXCPU", "SIGALRM", "SIGPWR")
+               if hasattr(signal, name))
 
 
 def _signal_names() -> Check:
     def convert(v):
-        if not isinstance(v, list) or not all(s in _CATCHABLE for s in v) or len(set(v)) != len(v):
+        if not isinstance(v, list) or not all(s in _STOPS for s in v) or len(set(v)) != len(v):
             raise ValueError
         return tuple(v)
 
-    return Check('a list of distinct catchable signal names, e.g. ["SIGTERM", "SIGUSR2"]', convert)
+    return Check(f'a list of distinct stop signals ({", ".join(_STOPS)}), e.g. ["SIGTERM", "SIGUSR2"]', convert)
 
 
 def _key(default: Any, check: Check) -> Any:

@@ -223,7 +223,10 @@ def test_save_quotes_strings_the_loader_would_read_as_numbers(tmp_path):
     ("loss: {grl: {schedule: linear}}\n", "loss.grl.schedule", 'got "linear"'),
     ("loss: {grl: {alpha: 0}}\n", "loss.grl.alpha", "a number > 0"),
     ("train: {amp: fp8}\n", "train.amp", 'got "fp8"'),
-    ("train: {signals: [SIGKILL]}\n", "train.signals", "catchable signal names"),
+    ("train: {signals: [SIGKILL]}\n", "train.signals", "distinct stop signals (SIGTERM, "),
+    # A handler on a fault made a crash loop forever on the faulting instruction: a hung job.
+    ("train: {signals: [SIGTERM, SIGSEGV]}\n", "train.signals", "distinct stop signals (SIGTERM, "),
+    ("train: {signals: [SIGCHLD]}\n", "train.signals", "distinct stop signals (SIGTERM, "),
     ("train: {signals: []}\n", "train.signals", "non-empty list"),
     ("train: {signals: [SIGTERM, SIGTERM]}\n", "train.signals", "distinct"),
     ("train: {signals: SIGTERM}\n", "train.signals", 'got "SIGTERM"'),
