@@ -193,6 +193,10 @@ def test_explain_draws_the_filters_asked_for_and_says_which(run_on_survey, tmp_p
         err = capsys.readouterr().err
         assert f"--rgb {rgb}: {problem}" in err and len(err.splitlines()) == 1, err
         assert not (tmp_path / "no").exists()
+    # (numpy's ValueError traceback)
+    assert main(["explain", "--run", str(run_on_survey), "--seed", "-1", "--out", str(tmp_path / "no")]) == 1
+    assert capsys.readouterr().err == "dmhpc explain: error: --seed -1: expected a non-negative integer\n"
+    assert not (tmp_path / "no").exists()
 
 
 def test_explain_checks_the_filters_against_the_checkpoint_it_loads(run_on_survey, tmp_path, capsys):

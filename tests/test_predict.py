@@ -704,6 +704,9 @@ def test_non_finite_pixels_and_a_flat_filter_are_refused_in_one_line(trained, tm
         (["--images", str(tmp_path / "flat.npy"), "--normalize", "own"],
          "channel 2 has standard deviation 0.0 in these images; cannot normalize with --normalize own"),
         (["--images", str(tmp_path / "nan.npy"), "--normalize", "own"], "standard deviation nan"),
+        # A fill that fills nothing: said as the image's bad pixels, after the parts were begun
+        *[(["--images", str(tmp_path / "nan.npy"), "--nan-fill", fill],
+           f"--nan-fill {float(fill):g}: expected a finite value that float32 can hold") for fill in ("nan", "inf", "1e39")],
     ]
     for k, (argv, message) in enumerate(cases):
         out = tmp_path / f"c{k}.csv"

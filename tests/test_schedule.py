@@ -30,6 +30,13 @@ def test_cyclic_is_the_originals_triangle_between_lr_over_10_and_lr():
     assert min(values) >= 0.1 - 1e-12 and max(values) <= 1.0 + 1e-12
 
 
+def test_a_cycle_longer_than_any_run_rises_throughout():
+    """optim.cycle_epochs 1e308 was an OverflowError traceback at the first step, its run directory
+    begun."""
+    values = [_f(s, "cyclic", cycle_epochs=1e308) for s in range(0, 100, 10)]
+    assert values == sorted(values) and values[0] == pytest.approx(0.1) and values[-1] < 0.1 + 1e-12
+
+
 def test_inv_and_constant():
     assert _f(0, "inv") == 1.0
     assert _f(1000, "inv", gamma=0.001, power=0.75) == pytest.approx(2 ** -0.75)

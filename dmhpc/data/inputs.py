@@ -132,6 +132,18 @@ class FileRows(RowIndexed):
             got += n
 
 
+def check_nan_fill(value: float | None, dtype: str = "float32") -> None:
+    """A --nan-fill must be a finite value pixels of `dtype` can hold: a NaN or an Inf there (or a
+    value the type turns into Inf) filled nothing, or was refused later as the image's bad pixels,
+    or (prepare) went into the statistics and gave a manifest load_manifest refuses."""
+    if value is None:
+        return
+    largest = float(np.finfo(dtype).max)
+    if not abs(value) <= largest:
+        raise DmhpcError(f"--nan-fill {value:g}: expected a finite value that {dtype} can hold "
+                         f"(at most {largest:g} in magnitude)")
+
+
 def fill_nan(block: np.ndarray, value: float | None) -> np.ndarray:
     """`block` with its NaN replaced by `value` (None: left as they are). NaN only: an Inf is a
     broken pixel (or a float64 value beyond float32), still refused downstream; numpy's

@@ -36,8 +36,8 @@ import numpy as np
 from dmhpc.checks import REQUIRED, Problems, mapping, path_text, read_yaml, show, take, text, unknown_keys
 from dmhpc.config import parse_override
 from dmhpc.data import duplicates, shards
-from dmhpc.data.inputs import (CUTOUTS_HELP, LAYOUTS, ArrayRows, Cutouts, open_images, open_npy, read_catalog,
-                               resolve_spelling)
+from dmhpc.data.inputs import (CUTOUTS_HELP, LAYOUTS, ArrayRows, Cutouts, check_nan_fill, open_images, open_npy,
+                               read_catalog, resolve_spelling)
 from dmhpc.errors import DmhpcError
 from dmhpc.files import TEMP_SUFFIX, locked_directory
 from dmhpc.mpi import world_comm
@@ -344,7 +344,8 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
     rank, size = (0, 1) if comm is None else (comm.Get_rank(), comm.Get_size())
     with contextlib.ExitStack() as held:  # rank 0's locks on the output folders
         shards.check_fractions(options.fractions)
-        _check_nan_fill(options.nan_fill, options.dtype)
+        if options.dtype in shards.DTYPES:  # (an unknown one is plan_dataset's to refuse)
+            check_nan_fill(options.nan_fill, options.dtype)
         opened = _agree(comm, lambda: [_open_domain(spec, options) for spec in domains])
         # The input checksums are only needed for the manifests: compute them (each file on one
         # rank) while the pixels are checked and the shards written.
@@ -445,18 +446,6 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
                 print(f"{d['name']}: {m['count']} images ({d['layout']}{what}) -> {d['out']}/ "
                       f"({len(m['shards'])} shards; {split})")
         return manifests
-
-
-def _check_nan_fill(value: float | None, dtype: str) -> None:
-    """The fill is stored as pixels and counted in the statistics: a NaN or an Inf there (or a value
-    the stored type turns into Inf) gave a manifest that load_manifest refuses, after a conversion
-    that said nothing."""
-    if value is None or dtype not in shards.DTYPES:  # an unknown dtype is plan_dataset's to refuse
-        return
-    largest = float(np.finfo(dtype).max)
-    if not abs(value) <= largest:
-        raise DmhpcError(f"--nan-fill {value:g}: expected a finite value that {dtype} can hold "
-                         f"(at most {largest:g} in magnitude)")
 
 
 def _check_one_folder(comm, planned: list[dict]) -> None:

@@ -422,6 +422,8 @@ def explain_main(args) -> int:
         raise DmhpcError("give --data or --catalog, not both")
     if args.n < 1:
         raise DmhpcError(f"--n {args.n}: must be at least 1")
+    if args.seed is not None and args.seed < 0:
+        raise DmhpcError(f"--seed {args.seed}: expected a non-negative integer")
     if args.seed is not None and args.catalog is not None:  # it would be recorded as if it chose them
         raise DmhpcError("--seed draws test images; --catalog explains its top candidates, which no seed chooses")
     try:

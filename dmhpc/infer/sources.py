@@ -21,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 
 from dmhpc.data.check import check_dataset
-from dmhpc.data.inputs import Cutouts, open_images, read_catalog
+from dmhpc.data.inputs import Cutouts, check_nan_fill, open_images, read_catalog
 from dmhpc.data.shards import (MANIFEST, SPLITS, RowReader, fingerprint, is_labelled, load_manifest, pixel_moments,
                                split_rows, statistics_of)
 from dmhpc.errors import DmhpcError
@@ -295,6 +295,7 @@ def open_source(*, data: str | os.PathLike | None = None, split: str | None = No
     if nan_fill is not None and data is not None:
         raise DmhpcError("--nan-fill goes with --images or --catalog (a prepared data set holds no NaN: prepare "
                          "refused or filled them)")
+    check_nan_fill(nan_fill)  # (the rows come as float32)
     # Options of a catalog without one, and where cutouts are beside --images, would be ignored:
     # a catalog without the label column asked for, ids given to the wrong images.
     column_options = {"--id-column": id_column != "id", "--label-column": label_column is not None,

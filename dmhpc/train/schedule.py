@@ -34,7 +34,8 @@ def lr_factor(step: float, optim, *, total_steps: float, steps_per_epoch: int) -
         floor = min_lr / lr if lr > 0 else 0.0
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "cyclic":
-        period = max(2, int(0.9 * cycle_epochs * steps_per_epoch))
+        # (a period longer than any run rises throughout; int() of a float beyond it overflowed)
+        period = max(2, int(min(0.9 * cycle_epochs * steps_per_epoch, 2.0 ** 62)))
         half = period / 2.0
         phase = step % period
         rise = phase / half if phase < half else (period - phase) / half
