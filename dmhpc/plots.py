@@ -131,8 +131,11 @@ def training_curves(records: list[dict], path: Path, title: str = "",
     return _save(fig, path)
 
 
+LATENT_POINTS = 1000  # per domain: t-SNE's cost grows with them, and a figure shows no more
+
+
 def latent_embedding(features: dict, path: Path, title: str, method: str = "tsne", seed: int = 0,
-                     max_points: int = 1000) -> Path:
+                     max_points: int = LATENT_POINTS) -> Path:
     """2-D embedding of the DA features, source against target, coloured by class.
 
     `features[domain] = (feats, labels)`. Source is drawn with circles, target with crosses;

@@ -21,7 +21,7 @@ from dmhpc.config import load_config
 from dmhpc.data.shards import load_manifest, split_rows, write_dataset
 from dmhpc.distributed import DistInfo
 from dmhpc.errors import DmhpcError
-from dmhpc.train.evaluate import evaluate_run, predict
+from dmhpc.train.evaluate import ALL_ROWS, evaluate_run, predict
 from dmhpc.run import RunDir
 from tests.conftest import BIN, ROOT, TINY, clean_env
 
@@ -107,7 +107,8 @@ from dmhpc.distributed import bootstrap, shutdown
 from dmhpc.train.evaluate import predict
 from tests.test_evaluate import CentredIsMerger
 dist = bootstrap()
-out = predict(CentredIsMerger(), sys.argv[1], "train", batch_size=7, dist=dist, mean=[10.0] * 3, std=[1.0] * 3)
+out = predict(CentredIsMerger(), sys.argv[1], "train", batch_size=7, dist=dist, mean=[10.0] * 3, std=[1.0] * 3,
+              feature_rows=5)
 if dist.rank == 1:  # every rank holds the whole split
     json.dump({k: v.tolist() for k, v in out.items()}, open(sys.argv[2], "w"))
 shutdown()
@@ -115,9 +116,14 @@ shutdown()
 
 
 def test_two_ranks_evaluate_the_whole_split_in_order(tmp_path):
-    """Skipping the all-gather under two ranks used to pass every test."""
+    """Skipping the all-gather under two ranks used to pass every test. The features come for the
+    rows asked for only, the same ones at any number of ranks: every row's were gathered onto every
+    rank for a figure of a thousand points (gigabytes per rank from a million test images on)."""
     dirs = constant_domains(tmp_path)
-    one = predict(CentredIsMerger(), dirs["source"], "train", batch_size=7, dist=CPU, mean=[10.0] * 3, std=[1.0] * 3)
+    one = predict(CentredIsMerger(), dirs["source"], "train", batch_size=7, dist=CPU, mean=[10.0] * 3, std=[1.0] * 3,
+                  feature_rows=5)
+    every = predict(CentredIsMerger(), dirs["source"], "train", batch_size=7, dist=CPU, mean=[10.0] * 3,
+                    std=[1.0] * 3, feature_rows=ALL_ROWS)
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script),
@@ -127,8 +133,13 @@ def test_two_ranks_evaluate_the_whole_split_in_order(tmp_path):
     two = json.loads((tmp_path / "two.json").read_text())
     start, stop = split_rows(load_manifest(dirs["source"]), "train")
     assert len(two["index"]) == stop - start == len(one["index"])
-    for key in ("index", "labels", "prob"):
+    for key in ("index", "labels", "prob", "features", "feature_positions"):
         np.testing.assert_array_equal(np.asarray(two[key]), one[key])
+    positions = one["feature_positions"]
+    assert len(positions) == 5 == len(set(positions)) and list(positions) == sorted(positions)
+    assert positions.max() > 7  # (drawn from both ranks' rows)
+    np.testing.assert_array_equal(every["feature_positions"], np.arange(stop - start))
+    np.testing.assert_array_equal(one["features"], every["features"][positions])
 
 
 ONE_RANK_FAILS = """

@@ -13,7 +13,7 @@ from dmhpc import plots as P
 from dmhpc.data.batches import domain_stats
 from dmhpc.data.check import check_dataset
 from dmhpc.data.loaders import eval_batches, eval_rows
-from dmhpc.data.shards import fingerprint, load_manifest
+from dmhpc.data.shards import fingerprint, load_manifest, split_rows
 from dmhpc.distributed import bootstrap, broadcast_buffers, gather, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import hold_lock, same_place, staged_write, temporary_path
@@ -26,13 +26,28 @@ from dmhpc.train.metrics import domain_metrics
 from dmhpc.train.objective import NUM_CLASSES, build_backbone, term_labels
 
 
+ALL_ROWS = np.iinfo(np.int64).max  # `feature_rows` for every row's features (the validators')
+
+
+def feature_sample(n: int, rows: int) -> np.ndarray:
+    """Positions in a split of `n` rows whose features `predict` keeps, `rows` of them (all when
+    `rows` >= n), sorted: the same on every rank and at every call (a fixed seed)."""
+    if rows >= n:
+        return np.arange(n, dtype=np.int64)
+    return np.sort(np.random.default_rng(0).choice(n, size=rows, replace=False)).astype(np.int64)
+
+
 def predict(model, directory, split: str, *, batch_size: int, dist, mean, std,
-            with_features: bool = False, expected: str | None = None) -> dict:
+            feature_rows: int = 0, expected: str | None = None) -> dict:
     """Run `model` over one split of one data set, sharded over ranks; every rank gets all predictions.
 
-    Returns numpy arrays `labels`, `prob` (n, classes), `index` and optionally `features`, in split
-    order. The model is put in eval mode and left there. `expected`: the fingerprint the data set
-    had when the run started; another (the folder prepared again meanwhile) is refused.
+    Returns numpy arrays `labels`, `prob` (n, classes) and `index` in split order, and with
+    `feature_rows` the features of that many rows (`feature_sample`; every row: the split's length
+    or more) as `features`, with their positions in the split, `feature_positions`. A figure draws
+    a thousand points: gathering every row's 2592 floats onto every rank was gigabytes per rank
+    from a million test images on. The model is put in eval mode and left there. `expected`: the
+    fingerprint the data set had when the run started; another (the folder prepared again
+    meanwhile) is refused.
     """
     model.eval()
     broadcast_buffers(model)  # the model rank 0 saves, on every rank's share
@@ -46,6 +61,10 @@ def predict(model, directory, split: str, *, batch_size: int, dist, mean, std,
                              f"splits are no longer those the run trained with; put the data set the run started "
                              f"with back, or prepare the new one into another folder")
         first, last = eval_rows(manifest, split, dist.rank, dist.world_size, batch_size)
+        start, stop = split_rows(manifest, split)
+        wanted = feature_sample(stop - start, feature_rows) + start if feature_rows else np.zeros(0, np.int64)
+        wanted = wanted[(wanted >= first) & (wanted < last)]  # this rank's
+        at = first
         with torch.no_grad(), progress_bar(last - first, f"{split} {Path(directory).name}", unit="img",
                                            show=dist.is_main) as bar:
             for x, y, idx in eval_batches(directory, split, batch_size=batch_size, rank=dist.rank,
@@ -58,12 +77,15 @@ def predict(model, directory, split: str, *, batch_size: int, dist, mean, std,
                 probs.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
                 labels.append(y.cpu().numpy())
                 indices.append(idx.cpu().numpy() if hasattr(idx, "cpu") else np.asarray(idx))
-                if with_features:
-                    feats.append(f.float().cpu().numpy())
+                keep = wanted[(wanted >= at) & (wanted < at + len(y))] - at
+                if len(keep):
+                    feats.append(f[torch.as_tensor(keep, device=f.device)].float().cpu().numpy())
+                at += len(y)
         local = {"labels": _cat(labels, np.int64, (0,)), "prob": _cat(probs, np.float64, (0, 2)),
                  "index": _cat(indices, np.int64, (0,))}
-        if with_features:
+        if feature_rows:
             local["features"] = _cat(feats, np.float32, (0, 0))
+            local["feature_positions"] = wanted - start
         return local
 
     # Gathered with its error: a shard only one rank reads failing was that rank's one line and the
@@ -99,7 +121,8 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
     dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
     preds = {
         d: predict(model, dirs[d], split, batch_size=2 * cfg.train.batch_size, dist=dist,
-                   mean=stats[d][0], std=stats[d][1], with_features=plots, expected=(expected or {}).get(d))
+                   mean=stats[d][0], std=stats[d][1], feature_rows=P.LATENT_POINTS if plots else 0,
+                   expected=(expected or {}).get(d))
         for d in DOMAINS
     }
     result = {
@@ -147,7 +170,8 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
                                   f"{run.path.name}: training; source {Path(cfg.data.source).name}, target "
                                   f"{Path(cfg.data.target).name}; selection by {cfg.select.criterion}",
                                   labels=term_labels(cfg.loss))
-            P.latent_embedding({d: (preds[d]["features"], preds[d]["labels"]) for d in DOMAINS},
+            P.latent_embedding({d: (preds[d]["features"], preds[d]["labels"][preds[d]["feature_positions"]])
+                                for d in DOMAINS},
                                draw(f"latent_{tag}"), f"DA features, {title}", seed=cfg.seed)
         result_path = run.result_path(checkpoint["name"], split, data_name)
         drawn[result_path] = staged_write(result_path, result_text(result))

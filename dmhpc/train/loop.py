@@ -31,7 +31,7 @@ from dmhpc.run import RunDir, check_end_evaluated, check_epochs, check_patience,
 from dmhpc.train import preflight
 from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, UNFIT, StopRequest, check_requeue_progress, check_selected,
                                    load_checkpoint, load_checkpoint_sha256, load_weights, save_checkpoint, unfit)
-from dmhpc.train.evaluate import evaluate_run, format_table, predict
+from dmhpc.train.evaluate import ALL_ROWS, evaluate_run, format_table, predict
 from dmhpc.train.meter import EpochMeter
 from dmhpc.train.metrics import MetricLog, domain_metrics, selection_score, validator_scores
 from dmhpc.train.state import TrainState
@@ -217,7 +217,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
 
     # --- the epoch loop -----------------------------------------------------------------------------
     criterion, stopped = cfg.select.criterion, False
-    with_features = criterion == "dev" or cfg.select.all_validators
+    feature_rows = ALL_ROWS if criterion == "dev" or cfg.select.all_validators else 0
 
     def early_stopped() -> bool:  # also on resume: a run that stopped early is not trained on
         return bool(cfg.train.early_stopping) and prog.evals_since_best >= cfg.train.early_stopping
@@ -281,7 +281,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
                 epoch_done = prog.step_in_epoch >= steps_per_epoch
                 if at() >= total_steps or (epoch_done and (prog.epoch + 1) % cfg.train.eval_every == 0):
                     val = {d: predict(state.model.backbone, dirs[d], "val", batch_size=2 * cfg.train.batch_size,
-                                      dist=dist, mean=stats[d][0], std=stats[d][1], with_features=with_features,
+                                      dist=dist, mean=stats[d][0], std=stats[d][1], feature_rows=feature_rows,
                                       expected=prints[d])
                            for d in dirs}
                     for d in dirs:
