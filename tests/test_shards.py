@@ -320,6 +320,34 @@ def test_reader_opens_lazily_pickles_and_reopens(dataset):
     assert reader.read(5, 5)["images"].shape == (0, 3, 6, 6)
 
 
+MANY_SHARDS = """
+import resource, sys
+import numpy as np
+from dmhpc.data.shards import RowReader
+resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))  # a tight limit, as 1024 is for 50,000 shards
+with RowReader(sys.argv[1]) as reader:
+    whole = np.concatenate([reader.read(a, a + 1)["index"] for a in range(len(reader))])
+    rows = np.random.default_rng(0).permutation(len(reader))[:200]  # a loader's blocks, all over the set
+    got = reader.read_ranges([(int(a), int(a) + 1) for a in rows], ("index",))["index"]
+    assert np.array_equal(got, whole[rows]) and len(reader._files) <= reader.open_limit == 16
+print("read", len(reader))
+"""
+
+
+def test_a_reader_keeps_a_bounded_number_of_shards_open(tmp_path):
+    """Every shard a loader read stayed open: reading blocks from all over a data set of more shards
+    than the process's file descriptors ended in "Too many open files" (in the torch loader, feeder
+    tracebacks and a hang), and each open shard held ~2.4 MB of HDF5 caches."""
+    import subprocess
+    import sys
+
+    images, labels, objects = make_arrays(n=200, copies=1)
+    write_dataset(images, labels, objects, tmp_path / "ds", shard_size=1, seed=3)  # 200 shards
+    proc = subprocess.run([sys.executable, "-c", MANY_SHARDS, str(tmp_path / "ds")], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout == "read 200\n", proc.stderr[-2000:]
+
+
 def _worker_sum(reader, start, stop, queue):
     queue.put(float(reader.read(start, stop)["images"].astype(np.float64).sum()))
 

@@ -923,12 +923,24 @@ def split_rows(manifest: dict, split: str) -> tuple[int, int]:
     return int(start), int(stop)
 
 
+def _open_shards_limit() -> int:
+    """Shards one reader keeps open: an eighth of the process's file descriptors (a process holds a
+    reader per domain, the evaluation's, HDF5's and torch's own files), 16 to 512."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(16, min(512, soft // 8)) if soft != resource.RLIM_INFINITY else 512
+
+
 class RowReader:
     """Reads rows of a data set by row range, across shards.
 
-    HDF5 files are opened on first read and kept open; none is open before that, and none is
-    carried by pickling, so a reader can be handed to forked or spawned worker processes (a
-    forked child that inherits open files reopens its own).
+    HDF5 files are opened on first read and kept open, up to `open_limit` of them (the least
+    recently read closed first): a loader drawing blocks from every shard of a large set opened
+    them all, until the process ran out of file descriptors (a data set of 1e8 rows has ~50,000
+    shards) and took ~2.4 MB of HDF5 caches for each. None is open before the first read, and
+    none is carried by pickling, so a reader can be handed to forked or spawned worker processes
+    (a forked child that inherits open files reopens its own).
     """
 
     def __init__(self, directory: str | os.PathLike, manifest: dict | None = None):
@@ -936,10 +948,11 @@ class RowReader:
         self.manifest = load_manifest(directory) if manifest is None else manifest
         shards = self.manifest["shards"]
         self._starts = np.array([s["start"] for s in shards] + [self.manifest["count"]], dtype=np.int64)
-        self._files: dict[int, h5py.File] = {}
+        self._files: dict[int, h5py.File] = {}  # in the order they were last read
         self._datasets: dict[tuple[int, str], h5py.Dataset] = {}
         self._sizes: dict[int, int] = {}  # shard number -> file size when opened
         self._pid = os.getpid()
+        self.open_limit = _open_shards_limit()
 
     def __len__(self) -> int:
         return int(self.manifest["count"])
@@ -947,8 +960,12 @@ class RowReader:
     def _file(self, number: int) -> h5py.File:
         if self._pid != os.getpid():  # forked after opening: the parent's handles are not ours
             self._files, self._datasets, self._sizes, self._pid = {}, {}, {}, os.getpid()
-        f = self._files.get(number)
-        if f is None:
+        f = self._files.pop(number, None)
+        if f is not None:
+            self._files[number] = f  # (the most recently read now)
+        else:
+            while len(self._files) >= self.open_limit:
+                self._close(next(iter(self._files)))
             path = self.directory / self.manifest["shards"][number]["file"]
             try:
                 f = self._files[number] = h5py.File(path, "r")
@@ -964,6 +981,12 @@ class RowReader:
                 self._sizes.pop(number, None)
                 raise
         return f
+
+    def _close(self, number: int) -> None:
+        self._files.pop(number).close()
+        self._sizes.pop(number, None)
+        for key in [k for k in self._datasets if k[0] == number]:
+            del self._datasets[key]
 
     def _check_rows(self, number: int, f: h5py.File, path: Path) -> None:
         """A shard opened after its data set was prepared again (prepare's move replaces every file)
