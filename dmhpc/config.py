@@ -541,8 +541,18 @@ def config_to_dict(cfg: Config) -> dict:
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the resolved configuration as YAML (atomically); `load_config` reads it back equal."""
-    atomic_write(path, "# resolved dmhpc configuration\n" + dump_yaml(config_to_dict(cfg)))
+    """Write the resolved configuration as YAML (atomically); `load_config` reads it back equal but
+    for the keys that do nothing under it (`inert_keys`), written at their defaults: set there
+    beside the setting that makes them inert (a base file's cycle_epochs, a later schedule), the
+    file was refused as a --config of its own."""
+    data, defaults = config_to_dict(cfg), config_to_dict(Config())
+    for dotted in inert_keys(data):
+        section, key = dotted.rsplit(".", 1)
+        into, default = data, defaults
+        for part in section.split("."):
+            into, default = into[part], default[part]
+        into[key] = default[key]
+    atomic_write(path, "# resolved dmhpc configuration\n" + dump_yaml(data))
 
 
 def changed_keys(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:

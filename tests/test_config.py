@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT, TINY
-from dmhpc.config import (Config, config_from_dict, config_to_dict, load_config, parse_override,
+from dmhpc.config import (Config, changed_keys, config_from_dict, config_to_dict, load_config, parse_override,
                           save_config)
 from dmhpc.errors import DmhpcError
 
@@ -168,6 +168,18 @@ def test_save_writes_plain_yaml_that_round_trips(tmp_path):
     assert data == config_to_dict(cfg) and "base" not in data
     assert load_config(tmp_path / "run" / "config.yaml") == cfg
     assert list(tmp_path.joinpath("run").iterdir()) == [tmp_path / "run" / "config.yaml"]  # no temp files
+
+
+def test_a_saved_config_with_keys_its_settings_leave_inert_loads_as_a_config_of_its_own(tmp_path):
+    """A run's config.yaml holds every key: the base's cycle_epochs beside the constant schedule
+    chosen later, "set" in one file, was refused as `--config RUN/config.yaml` ("does nothing with
+    optim.schedule"). Such keys are written at their defaults; nothing else changes."""
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["optim.schedule=constant"])
+    assert cfg.optim.cycle_epochs == 1.0 != Config().optim.cycle_epochs  # (tiny's)
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert changed_keys(config_to_dict(again), config_to_dict(cfg)) == ["optim.cycle_epochs"]
+    assert again.optim.cycle_epochs == Config().optim.cycle_epochs
 
 
 def test_save_quotes_strings_the_loader_would_read_as_numbers(tmp_path):
