@@ -447,6 +447,11 @@ def inert_keys(data: Mapping) -> dict[str, str]:
         inert["optim.discriminator_lr_mult"] = "loss.transfer"
     if loss.get("transfer") != "mmd":
         inert.update({f"loss.mmd.{k}": "loss.transfer" for k in ("sigmas", "unbiased", "clamp")})
+    if loss.get("transfer") == "none":
+        inert["loss.transfer_weight"] = "loss.transfer"
+    if not loss.get("fisher", {}).get("weight"):
+        inert.update({f"loss.fisher.{k}": "loss.fisher.weight" for k in ("form", "intra_weight", "inter_weight",
+                                                                         "normalize")})
     return inert
 
 

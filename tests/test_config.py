@@ -123,7 +123,10 @@ def test_a_setting_that_does_nothing_where_it_is_set_is_refused(tmp_path):
             (["optim.name=sgd", "optim.betas=[0.9, 0.99]"], 'optim.betas: [0.9, 0.99] does nothing with optim.name "sgd"'),
             (["loss.grl.high=5"], 'command line: loss.grl.high: 5.0 does nothing with loss.transfer "mmd"'),
             (["optim.discriminator_lr_mult=0.1"], 'optim.discriminator_lr_mult: 0.1 does nothing with loss.transfer'),
-            (["loss.transfer=coral", "loss.mmd.unbiased=true"], "loss.mmd.unbiased: true does nothing with loss.transfer")):
+            (["loss.transfer=coral", "loss.mmd.unbiased=true"], "loss.mmd.unbiased: true does nothing with loss.transfer"),
+            # A grid or tune trained such points under other names, the same run
+            (["loss.transfer=none", "loss.transfer_weight=5"], 'loss.transfer_weight: 5.0 does nothing with loss.transfer "none"'),
+            (["loss.fisher.weight=0", "loss.fisher.form=td"], 'loss.fisher.form: "td" does nothing with loss.fisher.weight 0')):
         with pytest.raises(DmhpcError) as refused:
             load_config(base, overrides)
         assert message in str(refused.value) and "remove it" in str(refused.value)
