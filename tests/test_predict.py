@@ -643,6 +643,9 @@ def test_bad_requests_are_one_line(trained, tmp_path, capsys):
         (["--out", str(tmp_path / "x.csv")], "give one of --data DIR, --images FILE or --catalog TABLE"),
         (["--images", str(trained["survey"]), "--out", str(tmp_path / "x.csv"), "--part-size", "100"],
          "--part-size 100 must be a positive multiple of --batch-size 256"),
+        # (it blamed the --part-size the user left alone)
+        (["--images", str(trained["survey"]), "--out", str(tmp_path / "x.csv"), "--batch-size", "0"],
+         "--batch-size 0: expected a positive integer"),
     ]
     small = np.zeros((4, 3, 32, 32), np.float32)
     np.save(tmp_path / "small.npy", small)

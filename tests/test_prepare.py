@@ -281,8 +281,14 @@ def test_option_conflicts(inputs, tmp_path, capsys):
     assert_fails(capsys, ["prepare", "--data-config", config, "--images", inputs["images"]], "--images cannot be combined")
     assert_fails(capsys, ["prepare", "--out", inputs["out"]], "missing --images or --catalog")
     assert_fails(capsys, ["prepare", "--images", inputs["images"]], "missing --out")
-    assert_fails(capsys, args(inputs, "--fractions", "0.7,0.4,0.2"), "--fractions", out=inputs["out"])
+    assert_fails(capsys, args(inputs, "--fractions", "0.7,0.4,0.2"), "error: --fractions 0.7,0.4,0.2: need train > 0",
+                 out=inputs["out"])
     assert_fails(capsys, args(inputs, "--root", "x"), "--root needs --data-config", out=inputs["out"])
+    # (it named the output folder's last part: "q3: give images ...")
+    (tmp_path / "survey.csv").write_text("objid\n1\n2\n")
+    assert_fails(capsys, ["prepare", "--catalog", str(tmp_path / "survey.csv"), "--id-column", "objid", "--out",
+                          str(tmp_path / "q3")],
+                 f"{tmp_path / 'survey.csv'}: no file column nor cutouts folder to find its images by", out=tmp_path / "q3")
     # Catalog options without a catalog were ignored: an unlabelled data set was written.
     no_labels = dict(inputs, labels=None)
     assert_fails(capsys, args(no_labels, "--label-column", "merger"),

@@ -176,6 +176,9 @@ def _open_domain(spec: DomainSpec, options: Options) -> dict:
             raise DmhpcError(f"{catalog.path}: {len(catalog.ids)} rows for the {len(images)} images of {images_path}")
     elif catalog is not None and catalog.files is not None:
         images = Cutouts(catalog.files, options.nan_fill, options.layout)
+    elif catalog is not None:
+        raise DmhpcError(f"{catalog.path}: no file column nor cutouts folder to find its images by; give "
+                         f"--file-column or --cutouts (or --images)")
     else:
         raise DmhpcError(f"{spec.name}: give images (.npy or a FITS cube), or a catalog with a file column or a "
                          f"cutouts folder")
@@ -516,7 +519,7 @@ def _parse_fractions(text: str) -> tuple:
     try:
         return shards.check_fractions(text.split(","))
     except DmhpcError as exc:
-        raise DmhpcError(f"--fractions {exc}") from None
+        raise DmhpcError(f"--{exc}") from None  # ("fractions 0.8,0.1,0.2: need ...")
 
 
 def _domains(args) -> list[DomainSpec]:

@@ -465,7 +465,10 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
     """Write the catalog; returns the exit code (0, or REQUEUE_EXIT_CODE after a stop signal)."""
     out = Path(out)
     catalog_format(out)
-    if part_size < 1 or batch_size < 1 or part_size % batch_size:
+    for flag, value in (("--batch-size", batch_size), ("--part-size", part_size)):
+        if value < 1:
+            raise DmhpcError(f"{flag} {value}: expected a positive integer")
+    if part_size % batch_size:
         raise DmhpcError(f"--part-size {part_size} must be a positive multiple of --batch-size {batch_size}, so "
                          f"batches (and so results) do not depend on how parts are shared out")
     if verify is not None and data is None:
