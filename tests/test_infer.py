@@ -463,6 +463,14 @@ def test_explain_out_and_data_that_cannot_be_explained_are_one_line(survey, run_
         err = capsys.readouterr().err
         assert f"{out}: in use by another dmhpc explain (pid {os.getpid()} on " in err and err.count("\n") == 1, err
     assert not out.exists()
+    # Figures among a data set's shards: `prepare --overwrite` of it keeps them (predict refused it)
+    for data, folder in ((["--data", str(survey / "noisy")], survey / "noisy"), ([], survey / "pristine")):
+        among = folder / "explain"
+        assert main([*explain, *data, "--out", str(among)]) == 1
+        err = capsys.readouterr().err
+        assert err == (f"dmhpc explain: error: --out {among}: inside {folder}, an input of this explanation; "
+                       f"write the figures elsewhere\n"), err
+        assert not among.exists()
     # A copy of the run whose checkpoint says its target was another preparation of the set.
     run = tmp_path / "run"
     shutil.copytree(run_on_survey, run)

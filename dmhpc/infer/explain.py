@@ -44,7 +44,7 @@ from dmhpc.data.inputs import CATALOG_FORMATS
 from dmhpc.data.shards import RowReader, fingerprint, is_labelled, load_manifest, split_rows
 from dmhpc.distributed import bootstrap, on_main, shutdown
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_write, locked_directory
+from dmhpc.files import atomic_write, inside, locked_directory
 from dmhpc.infer.predict import CSV_SHA, HDF5_TABLE, Model, provenance_file
 from dmhpc.infer.sources import open_source
 from dmhpc.names import MERGER_THRESHOLD
@@ -290,6 +290,14 @@ def _recorded_normalization(catalog: Path, meta, channels: int) -> tuple[list, l
     return mean, std
 
 
+def _refuse_out_in(out: Path, folder: Path) -> None:
+    """The figures are not put among an input's files (predict refuses its catalog there too): a
+    data set's folder holds its shards only, and `prepare --overwrite` of it keeps what it did not
+    write."""
+    if inside(out, folder):
+        raise DmhpcError(f"--out {out}: inside {folder}, an input of this explanation; write the figures elsewhere")
+
+
 def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=None, n: int = 6, seed: int = 0,
             overwrite: bool = False, rgb: tuple[int, int, int] = (2, 1, 0)) -> list[Path]:
     """Write the PNG grids; returns their paths. `checkpoint`: by default a catalog's own, else best.
@@ -339,6 +347,8 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             if str(table.meta.get("INPUTSHA", now)) != now:
                 raise DmhpcError(f"{catalog}: its inputs ({source.inputs}) changed since it was predicted (another "
                                  f"size or modification time, or a data set prepared again); predict again")
+            if source.path.is_dir():  # a prepared data set, or the catalog's cutouts folder
+                _refuse_out_in(out, source.path)
             images = source.read_inputs(np.asarray(table["index"])[top])
             norm = Normalizer(*_recorded_normalization(Path(catalog), table.meta, images.shape[1]), dist.device)
             claim_out()
@@ -368,6 +378,8 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
                     run.refuse_prepared_again(role, directory, prints[role],
                                               "explain it as other data with --data", model.data)
             drawn = {name: _test_split(directory, DRAWN, seed) for name, directory in domains.items()}
+            for directory in domains.values():
+                _refuse_out_in(out, directory)
             claim_out()
             for name, directory in domains.items():
                 role = "target" if name in ("data", "target") else "source"
