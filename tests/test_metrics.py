@@ -129,6 +129,20 @@ def test_soft_neighborhood_density_in_blocks_of_rows_is_the_whole_matrix_s(monke
     assert score == pytest.approx(_snd_whole(big), rel=1e-12)
 
 
+def test_soft_neighborhood_density_of_many_rows_is_that_of_a_fixed_draw_of_them(monkeypatch):
+    """Its cost grows with the square of the rows, on rank 0 while the others wait in a collective:
+    at ~400,000 target validation rows, past the 30-minute timeout. Beyond SND_MAX_ROWS it is the
+    score of that many rows drawn with a fixed seed, the same at every evaluation."""
+    from dmhpc.train import metrics
+
+    prob = np.random.default_rng(4).dirichlet([1, 1], size=3000)
+    monkeypatch.setattr(metrics, "SND_MAX_ROWS", 1000)
+    drawn = np.sort(np.random.default_rng(0).choice(3000, size=1000, replace=False))
+    assert soft_neighborhood_density(prob) == pytest.approx(_snd_whole(prob[drawn]), rel=1e-12)
+    assert soft_neighborhood_density(prob) == soft_neighborhood_density(prob.copy())
+    assert soft_neighborhood_density(prob[:1000]) == pytest.approx(_snd_whole(prob[:1000]), rel=1e-12)  # (all)
+
+
 def test_deep_embedded_validation_weights_source_samples_like_the_target():
     """DEV estimates the target risk: it grows when the source samples that look like target are wrong."""
     rng = np.random.default_rng(0)
