@@ -107,6 +107,8 @@ def training_curves(records: list[dict], path: Path, title: str = "",
                 # Epochs not evaluated (train.eval_every > 1) are left out, not gaps: a line broken at
                 # every NaN drew the validation curve as loose markers.
                 kept = np.isfinite(ys) if split == "val" else np.ones(len(ys), bool)
+                if not np.isfinite(ys).any():  # none recorded (a run without adaptation: target train)
+                    continue
                 ax_acc.plot(np.asarray(x)[kept], ys[kept], style, marker="o" if domain == "source" else "x", color=DOMAIN_COLOURS[domain],
                             label=f"{domain} {split}" + (" (predicted merger fraction)" if unlabelled else ""))
     ax_loss.set(xlabel="epoch", ylabel="loss term, unweighted (epoch mean)", title="loss terms", yscale="log")

@@ -82,6 +82,17 @@ def test_training_curves_mark_the_best_epoch_on_whole_epoch_ticks(drawn, tmp_pat
             assert legend.y1 < area.y0 and legend.y0 >= fig.bbox.y0 - 1, (legend, area)
 
 
+def test_training_curves_leave_out_what_a_run_did_not_record(drawn, tmp_path):
+    """A run without adaptation records no target train metrics (its target batches do not pass):
+    the legend named an empty "target train" curve."""
+    val = {"val": {"accuracy": 0.6}}
+    records = [{"kind": "epoch", "epoch": e, "loss": {"total": 1.0}, "source": {"train": {"accuracy": 0.5}, **val},
+                "target": val} for e in range(3)]
+    plots.training_curves(records, tmp_path / "noda.png", "no adaptation")
+    names = [t.get_text() for t in drawn[0].axes[1].get_legend().get_texts()]
+    assert names == ["source train", "source val", "target val"], names
+
+
 def test_training_curves_say_each_loss_terms_weight(drawn, tmp_path):
     """The loss panel drew the terms unweighted (Fisher near 1e5 beside a cross-entropy near 1) under
     their bare names: nothing said which weighed what in the total trained on."""
