@@ -909,6 +909,17 @@ def test_a_fits_cube_converts_like_the_same_npy(inputs, tmp_path):
         np.testing.assert_array_equal(a[key], b[key])
 
 
+def test_a_one_filter_fits_cube_is_read_as_one_channel(tmp_path):
+    """(N, H, W): one filter. Read by position, its rows were indexed with a new axis the reader
+    did not take (a TypeError traceback)."""
+    from dmhpc.data.inputs import open_images
+
+    images = np.random.default_rng(0).normal(size=(10, 20, 20)).astype(np.float32)
+    rows = open_images(fits_cube(tmp_path / "cube3.fits", images))
+    assert rows.shape == (10, 1, 20, 20)
+    np.testing.assert_array_equal(rows[np.array([0, 3, 9])], images[[0, 3, 9], None])
+
+
 def test_a_fits_file_without_an_image_is_refused_and_closed(tmp_path):
     """The refusal left the file open: a long-lived process (a tuner, a notebook) kept it and its
     memory map until the exception's traceback went."""

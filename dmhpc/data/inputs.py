@@ -245,6 +245,8 @@ def _plain_rows(path: Path, hdul, number: int, hdu) -> FileRows:
     """The rows of an unscaled image HDU, read from the file by position (astropy would map them)."""
     dtype = np.dtype(_BITPIX[hdu.header["BITPIX"]])
     start, shape = hdul.fileinfo(number)["datLoc"], tuple(hdu.shape)
+    if len(shape) == 3:  # (N, H, W), one filter: the same bytes as (N, 1, H, W)
+        shape = (shape[0], 1, *shape[1:])
     need = start + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if os.path.getsize(path) < need:  # (astropy's warning at opening says it in its words)
         raise ValueError(f"File may have been truncated: {os.path.getsize(path)} bytes, its data end at {need}")

@@ -347,7 +347,7 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             if str(table.meta.get("INPUTSHA", now)) != now:
                 raise DmhpcError(f"{catalog}: its inputs ({source.inputs}) changed since it was predicted (another "
                                  f"size or modification time, or a data set prepared again); predict again")
-            if source.path.is_dir():  # a prepared data set, or the catalog's cutouts folder
+            if source.path.is_dir():  # a prepared data set
                 _refuse_out_in(out, source.path)
             images = source.read_inputs(np.asarray(table["index"])[top])
             norm = Normalizer(*_recorded_normalization(Path(catalog), table.meta, images.shape[1]), dist.device)
