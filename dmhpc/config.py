@@ -64,21 +64,23 @@ def _betas() -> Check:
     return Check("a list of two numbers in [0, 1)", convert)
 
 
-# The signals a scheduler or a user sends to ask a job to stop. Not SIGKILL or SIGSTOP (they cannot
-# be caught), SIGINT (always Ctrl-C), the faults (a handler on SIGSEGV or SIGBUS turned a crash into
-# an endless loop of the faulting instruction), nor SIGCHLD, SIGPIPE and the like, which a running
-# process receives in its normal course.
-_STOPS = tuple(name for name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGXCPU", "SIGALRM", "SIGPWR")
-               if hasattr(signal, name))
+# SIGKILL and SIGSTOP cannot be caught; SIGINT stays Ctrl-C (KeyboardInterrupt).
+_CATCHABLE = tuple(s.name for s in signal.Signals if s.name not in ("SIGKILL", "SIGSTOP", "SIGINT"))
+# What a configuration given now may name: the signals a scheduler or a user sends to ask a job to
+# stop. Not the faults (a handler on SIGSEGV or SIGBUS turned a crash into an endless loop of the
+# faulting instruction), nor SIGCHLD, SIGPIPE and the like, which a running process receives in its
+# normal course. (A run an older dmhpc started with another catchable one is still read.)
+STOP_SIGNAL_NAMES = tuple(name for name in ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGHUP", "SIGQUIT", "SIGXCPU",
+                                            "SIGALRM", "SIGPWR") if hasattr(signal, name))
 
 
 def _signal_names() -> Check:
     def convert(v):
-        if not isinstance(v, list) or not all(s in _STOPS for s in v) or len(set(v)) != len(v):
+        if not isinstance(v, list) or not all(s in _CATCHABLE for s in v) or len(set(v)) != len(v):
             raise ValueError
         return tuple(v)
 
-    return Check(f'a list of distinct stop signals ({", ".join(_STOPS)}), e.g. ["SIGTERM", "SIGUSR2"]', convert)
+    return Check('a list of distinct catchable signal names, e.g. ["SIGTERM", "SIGUSR2"]', convert)
 
 
 def _key(default: Any, check: Check) -> Any:
@@ -530,6 +532,10 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *, writt
         if not cfg.train.signals:  # (runs an older dmhpc started with none still resume)
             raise DmhpcError(f"{origin.get('train.signals', str(path))}: train.signals: expected a non-empty list: "
                              f"without one the scheduler's stop kills the ranks with nothing saved")
+        other = [s for s in cfg.train.signals if s not in STOP_SIGNAL_NAMES]
+        if other:
+            raise DmhpcError(f"{origin.get('train.signals', str(path))}: train.signals: {other[0]} is no stop signal; "
+                             f"expected some of {', '.join(STOP_SIGNAL_NAMES)}")
     return cfg
 
 

@@ -148,6 +148,11 @@ def test_a_setting_that_does_nothing_where_it_is_set_is_refused(tmp_path):
     assert load_config(silent, written=True).train.signals == ()
     with pytest.raises(DmhpcError, match=f"^{silent}: train.signals: expected a non-empty list"):
         load_config(silent)
+    # ... and one it started with a signal no longer taken (a fault): eval, predict, resume read it
+    faulty = write(tmp_path / "faulty.yaml", "train: {signals: [SIGTERM, SIGTSTP]}\n")
+    assert load_config(faulty, written=True).train.signals == ("SIGTERM", "SIGTSTP")
+    with pytest.raises(DmhpcError, match=f"^{faulty}: train.signals: SIGTSTP is no stop signal"):
+        load_config(faulty)
 
 
 def test_exponent_floats_without_a_dot_are_numbers(tmp_path):
@@ -238,10 +243,10 @@ def test_save_quotes_strings_the_loader_would_read_as_numbers(tmp_path):
     ("loss: {grl: {schedule: linear}}\n", "loss.grl.schedule", 'got "linear"'),
     ("loss: {grl: {alpha: 0}}\n", "loss.grl.alpha", "a number > 0"),
     ("train: {amp: fp8}\n", "train.amp", 'got "fp8"'),
-    ("train: {signals: [SIGKILL]}\n", "train.signals", "distinct stop signals (SIGTERM, "),
+    ("train: {signals: [SIGKILL]}\n", "train.signals", "catchable signal names"),
     # A handler on a fault made a crash loop forever on the faulting instruction: a hung job.
-    ("train: {signals: [SIGTERM, SIGSEGV]}\n", "train.signals", "distinct stop signals (SIGTERM, "),
-    ("train: {signals: [SIGCHLD]}\n", "train.signals", "distinct stop signals (SIGTERM, "),
+    ("train: {signals: [SIGTERM, SIGSEGV]}\n", "train.signals", "SIGSEGV is no stop signal; expected some of SIGTERM, "),
+    ("train: {signals: [SIGCHLD]}\n", "train.signals", "SIGCHLD is no stop signal"),
     ("train: {signals: []}\n", "train.signals", "non-empty list"),
     ("train: {signals: [SIGTERM, SIGTERM]}\n", "train.signals", "distinct"),
     ("train: {signals: SIGTERM}\n", "train.signals", 'got "SIGTERM"'),
