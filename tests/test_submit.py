@@ -191,10 +191,12 @@ def test_a_warning_signal_no_earlier_than_the_start_is_refused():
     signal comes at once)."""
     from dmhpc.checks import Problems
 
-    for section, refused in (({"time": 1}, True), ({"time": 2}, False), ({"time": "00:02:00", "signal_delay_s": 120}, True),
-                             ({"signal_delay_s": 9999}, False)):
+    for section, executor, refused in (({"time": 1}, "local", True), ({"time": 2}, "local", False),
+                                       ({"time": "00:02:00", "signal_delay_s": 120}, "local", True),
+                                       ({"signal_delay_s": 9999}, "local", False),  # (no limit here)
+                                       ({"signal_delay_s": 3600}, "slurm", True)):  # (60 min by default)
         problems = Problems("g.yaml")
-        submit.read_resources(problems, section, shape=True, executor="local")
+        submit.read_resources(problems, section, shape=True, executor=executor)
         said = [line for line in problems.lines if "slurm.signal_delay_s: " in line]
         assert bool(said) is refused, (section, problems.lines)
         assert not said or "s before the end of a time limit of " in said[0]

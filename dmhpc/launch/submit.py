@@ -179,13 +179,13 @@ def read_resources(problems: Problems, data: Any, *, shape: bool, executor: str)
     kw["array_parallelism"] = get("array_parallelism", integer(1), d.array_parallelism)
     kw["signal_delay_s"] = get("signal_delay_s", integer(0), d.signal_delay_s)
     kw["max_num_timeout"] = get("max_num_timeout", integer(0), d.max_num_timeout)
-    if isinstance(kw["time_min"], (int, float)) and isinstance(kw["signal_delay_s"], int) \
-            and kw["signal_delay_s"] >= 60 * kw["time_min"]:
+    limit = kw["time_min"] or (SLURM_MINUTES if executor == "slurm" else None)  # (as make_executor's)
+    if isinstance(limit, (int, float)) and isinstance(kw["signal_delay_s"], int) and kw["signal_delay_s"] >= 60 * limit:
         # The warning signal is sent that long before the limit: from the start, or (submitit's
         # local executor) never, and the run was killed at the limit without its checkpoint.
         problems.add("slurm.signal_delay_s", f"{kw['signal_delay_s']} s before the end of a time limit of "
-                     f"{kw['time_min']:g} min (slurm.time): the run would have no time before its warning; "
-                     f"lower it or give more time")
+                     f"{limit:g} min (slurm.time{'' if kw['time_min'] else ', by default'}): the run would have no "
+                     f"time before its warning; lower it or give more time")
     kw["setup"] = get("setup", text_list(), ())
     kw["additional_parameters"] = _additional_parameters(problems, get("additional_parameters", mapping(), {}),
                                                          shape)
