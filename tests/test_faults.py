@@ -320,7 +320,7 @@ def test_a_step_fp16_skipped_is_left_out_of_the_epochs_means_and_train_metrics()
         meter.add(step, {"classifier": torch.tensor(value), "total": torch.tensor(value)}, {"logits": logits}, y, y)
     record = meter.summary(dist)
     assert record["loss"] == {"classifier": 0.5, "total": 0.5}
-    assert record["skipped_steps"] == 1
+    assert record["nonfinite_loss_steps"] == 1
     for domain in ("source", "target"):
         train = record[domain]["train"]
         assert train["n"] == 6 and "nonfinite" not in train and train["accuracy"] == 1.0, train

@@ -48,9 +48,9 @@ class EpochMeter:
             self.first_bad = torch.full((len(self.names),), _NONE, dtype=torch.int64, device=self.device)
         # float64: an epoch of 1e5-1e6 steps summed in float32 is off by 1e-6-1e-5 of its mean.
         vec = torch.stack([terms[k].double() for k in self.names])
-        # A step fp16 skipped (its loss not finite) trained nothing: its terms and predictions are
-        # left out of the epoch's means and train metrics, which a single NaN made NaN. (Elsewhere a
-        # non-finite loss stops the run at check_finite, and is kept.)
+        # Under fp16 a step whose loss is not finite trains nothing (the scaler skips it): its terms
+        # and predictions are left out of the epoch's means and train metrics, which a single NaN
+        # made NaN. (Elsewhere a non-finite loss stops the run at check_finite, and is kept.)
         finite = torch.isfinite(vec).all() if not self.watch_loss else torch.ones((), dtype=torch.bool, device=vec.device)
         self.sums = (self.sums if self.sums is not None else torch.zeros_like(vec)) + torch.where(finite, vec, 0.0)
         self.finite_steps = self.finite_steps + finite
@@ -104,8 +104,10 @@ class EpochMeter:
             both = all_reduce_mean(torch.cat([self.sums, self.finite_steps.view(1)]))  # (mean sums / mean count)
             counted = both[-1].item()
             record["loss"] = dict(zip(self.names, (both[:-1] / counted if counted else both[:-1] * math.nan).tolist()))
-            if not self.watch_loss:  # (fp16: steps whose loss was not finite, on any rank; left out above)
-                record["skipped_steps"] = round(self.steps - all_reduce_min(self.finite_steps.view(1)).item())
+            if not self.watch_loss:  # fp16: steps whose loss was not finite (on the rank with most), left out
+                # above. The scaler skips those, and also steps whose gradients alone overflowed,
+                # which are not counted here (their loss is a loss like another's).
+                record["nonfinite_loss_steps"] = round(self.steps - all_reduce_min(self.finite_steps.view(1)).item())
         for domain, triples in self.preds.items():
             kept = torch.stack([f for *_, f in triples]).tolist() if triples else []  # (one wait for the device)
             pairs = [(y, p) for (y, p, _), keep in zip(triples, kept) if keep]
