@@ -613,6 +613,31 @@ def test_a_run_that_took_a_setting_which_did_nothing_still_resumes(data, tmp_pat
     assert len(_epoch_records(run)) == 2
 
 
+def test_a_run_without_adaptation_an_older_dmhpc_began_is_not_resumed_another_way(data, tmp_path, capsys):
+    """Its steps passed the target batch through BatchNorm; they pass the source alone now. Resumed,
+    one run trained two ways without a word (epoch 0 with the target in its statistics, epoch 1
+    without). A run begun now resumes; a new run may start from the old weights."""
+    run = tmp_path / "run"
+    noda = ["loss.transfer=none", "loss.fisher.weight=0", "loss.entropy_weight=0"]
+    argv = ["train", "--config", str(TINY), *_overrides(data, run), *noda]
+    assert main([*argv, "train.epochs=1"]) == 0
+    assert main([*argv, "train.epochs=2"]) == 0  # (one of this dmhpc)
+    last = run / "checkpoints" / "last.pt"
+    state = torch.load(last, weights_only=True)
+    assert state.pop("forward") == "source alone"
+    torch.save(state, last)  # as an older dmhpc wrote it
+    capsys.readouterr()
+    assert main([*argv, "train.epochs=3"]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"dmhpc train: error: {last}: a run without adaptation begun by an older dmhpc, whose steps passed "
+                   f"the target batch through BatchNorm too (docs/training.md, \"What a step does\"); resumed, it would "
+                   f"train on another way: start it anew (--resume none)\n"), err
+    assert len(_epoch_records(run)) == 2
+    other = tmp_path / "other"
+    assert main(["train", "--config", str(TINY), *_overrides(data, other), *noda, "train.epochs=3",
+                 "--resume", str(last)]) == 0
+
+
 @pytest.mark.parametrize("loader", ["torch", "dali"])
 def test_signal_to_every_process_of_the_step_still_checkpoints(data, tmp_path, loader):
     """srun and scancel signal every process of a job step, loader workers included."""

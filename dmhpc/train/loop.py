@@ -101,6 +101,10 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
             saved = load_checkpoint(claim.resume_from)
             if claim.resume_from == last:
                 check_requeue_progress(last, saved, dist.attempt)
+            if claim.own and not state.model.reads_target and "forward" not in saved:
+                raise DmhpcError(f"{claim.resume_from}: a run without adaptation begun by an older dmhpc, whose steps "
+                                 f"passed the target batch through BatchNorm too (docs/training.md, \"What a step "
+                                 f"does\"); resumed, it would train on another way: start it anew (--resume none)")
             try:
                 state.load_state_dict(saved, dist.rank)
             except UNFIT as exc:

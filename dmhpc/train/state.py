@@ -26,6 +26,10 @@ from dmhpc.models import param_groups
 from dmhpc.train.checkpoint import EditedCheckpoint, gather_rng_states, restore_rank_rng_state
 from dmhpc.train.objective import DomainAdaptation
 
+# How the steps of a run without a term that reads the target passed its batches, recorded with its
+# checkpoints: older ones (no "forward" entry) passed the target batch through BatchNorm too.
+FORWARD_SOURCE_ALONE = "source alone"
+
 
 @dataclass
 class Progress:
@@ -104,6 +108,7 @@ class TrainState:
             "rng": gather_rng_states(),
             "epoch": self.progress.epoch,
             "step": self.progress.step,
+            "forward": FORWARD_SOURCE_ALONE if not self.model.reads_target else "source and target",
         }
         for part in self.PARTS:
             if getattr(self.model, part) is not None:
