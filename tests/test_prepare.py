@@ -283,6 +283,8 @@ def test_option_conflicts(inputs, tmp_path, capsys):
     assert_fails(capsys, ["prepare", "--images", inputs["images"]], "missing --out")
     assert_fails(capsys, args(inputs, "--fractions", "0.7,0.4,0.2"), "error: --fractions 0.7,0.4,0.2: need train > 0",
                  out=inputs["out"])
+    assert_fails(capsys, args(inputs, "--fractions", "a,b,c"), "error: --fractions a,b,c: expected three numbers",
+                 out=inputs["out"])  # (it printed the Python list ['a', 'b', 'c'])
     assert_fails(capsys, args(inputs, "--root", "x"), "--root needs --data-config", out=inputs["out"])
     # (it named the output folder's last part: "q3: give images ...")
     (tmp_path / "survey.csv").write_text("objid\n1\n2\n")

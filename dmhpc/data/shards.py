@@ -86,12 +86,13 @@ def file_sha256(path: str | os.PathLike, stop: threading.Event | None = None) ->
 
 def check_fractions(fractions) -> tuple[float, float, float]:
     """Validate train/val/test fractions: three non-negative numbers, train > 0, summing to 1."""
+    said = ",".join(map(str, fractions)) if isinstance(fractions, (list, tuple)) else repr(fractions)
     try:
         values = tuple(float(f) for f in fractions)
     except (TypeError, ValueError):
-        raise DmhpcError(f"fractions {fractions!r}: expected three numbers train,val,test") from None
+        raise DmhpcError(f"fractions {said}: expected three numbers train,val,test") from None
     if len(values) != 3 or not all(np.isfinite(values)):
-        raise DmhpcError(f"fractions {fractions!r}: expected three numbers train,val,test")
+        raise DmhpcError(f"fractions {said}: expected three numbers train,val,test")
     if min(values) < 0 or values[0] == 0 or abs(sum(values) - 1) > 1e-6:
         raise DmhpcError(
             f"fractions {','.join(f'{v:g}' for v in values)}: need train > 0, val and test >= 0, sum 1"
