@@ -1306,7 +1306,8 @@ def test_ids_name_cutouts_only_in_a_cutouts_folder_given(tmp_path, capsys):
     (tmp_path / "c.csv").write_text("id\ng1\n")
     out = tmp_path / "ds"
     assert_fails(capsys, ["prepare", "--catalog", str(tmp_path / "c.csv"), "--out", str(out)],
-                 "a catalog with a file column or a cutouts folder", out=out)
+                 f"{tmp_path / 'c.csv'}: no file column nor cutouts folder to find its images by; give --file-column "
+                 f"or --cutouts", out=out)
 
 
 @pytest.mark.parametrize("cell", ["", "  "])
