@@ -1500,6 +1500,48 @@ def test_copies_are_found_reading_a_block_of_rows_at_a_time(tmp_path, monkeypatc
     assert all(canonical[objects[i]] == canonical[i] and objects[i] <= i for i in range(240))
 
 
+def test_the_exact_test_is_shared_out_among_ranks(monkeypatch):
+    """Under MPI every rank hashed every candidate (nearly every DeepMerge image, eight digests
+    each: the whole input read on every rank). Each rank now hashes its own part, once; the
+    parts together give the grouping of one process."""
+    from dmhpc.data import duplicates
+    from dmhpc.data.inputs import ArrayRows
+    from dmhpc.data.prepare import _hash_share
+
+    images = augmented_copies(60)
+    reads = []
+
+    class Recorded(ArrayRows):
+        def _rows(self, index):
+            reads.extend(np.asarray(index).tolist())
+            return super()._rows(index)
+
+    rows = Recorded(images)
+    sigs = duplicates.signatures(rows)
+    reads.clear()
+    candidates = duplicates.candidates(sigs)
+    shares = [_hash_share([{"images": rows, "names": {"images": "X.npy"}}], [candidates], rank, 3)[0]
+              for rank in range(3)]
+    assert sorted(reads) == candidates.tolist() and len(candidates) == 240  # each read once, by one rank
+    assert [len(s) for s in shares] == [80, 80, 80]
+    joined = duplicates.objects_from(sigs, candidates, np.concatenate(shares))
+    assert np.array_equal(joined, duplicates.group(images, sigs))
+    assert duplicates.count_copies(joined) == (180, 60)
+
+
+@pytest.mark.mpi
+@needs_mpi
+def test_mpi_grouping_of_copies_is_byte_identical_to_serial(tmp_path):
+    images = augmented_copies(30)
+    files = {"images": save(tmp_path, "X.npy", images), "labels": save(tmp_path, "y.npy", np.arange(120) % 2)}
+    serial = {**files, "out": str(tmp_path / "serial")}
+    assert main(args(serial, "--group-duplicates")) == 0
+    run = mpi_prepare(*args({**files, "out": str(tmp_path / "mpi")}, "--group-duplicates")[1:])
+    assert run.returncode == 0, run.stderr
+    assert sum(load_manifest(tmp_path / "mpi")["objects"].values()) == 30
+    assert shard_bytes(tmp_path / "serial") == shard_bytes(tmp_path / "mpi")
+
+
 def test_data_config_spelling_and_overrides(tmp_path, capsys):
     rng = np.random.default_rng(6)
     root = tmp_path / "zenodo"

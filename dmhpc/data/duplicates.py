@@ -54,23 +54,44 @@ def canonical_hash(image: np.ndarray) -> bytes:
     return min(hashlib.blake2b(v.tobytes(), digest_size=16).digest() for v in _versions(image))
 
 
-def group(images, sigs: np.ndarray) -> np.ndarray:
-    """(N,) int64 object ids: each image gets the index of the first image it is a symmetric copy of."""
-    objects = np.arange(len(sigs), dtype=np.int64)
-    values, inverse, counts = np.unique(sigs, return_inverse=True, return_counts=True)
-    shared = np.flatnonzero(counts[inverse] > 1)
-    if not len(shared):
-        return objects
-    first_of: dict[bytes, int] = {}
-    order = shared[np.argsort(inverse[shared], kind="stable")]  # grouped by signature, index order within
-    # Only the candidates are read again, a block at a time: in the DeepMerge files nearly every
-    # image has copies, and all of them at once is the whole input, on every rank.
+def candidates(sigs: np.ndarray) -> np.ndarray:
+    """Ascending indices of the images whose signature another image shares: the only ones the
+    exact test (`canonical_hashes`) reads."""
+    _, inverse, counts = np.unique(sigs, return_inverse=True, return_counts=True)
+    return np.flatnonzero(counts[inverse] > 1)
+
+
+def canonical_hashes(images, rows: np.ndarray) -> np.ndarray:
+    """(len(rows), 16) uint8: the canonical hash of each of images[rows], `rows` ascending."""
+    out = np.empty((len(rows), 16), np.uint8)
+    # A block at a time: in the DeepMerge files nearly every image has copies, and all of them at
+    # once is the whole input.
     step = max(1, _BLOCK_BYTES // (int(np.prod(images.shape[1:])) * 4))
-    for a in range(0, len(order), step):
-        block = order[a:a + step]
-        for i, image in zip(block, images[block]):
-            objects[i] = first_of.setdefault(sigs[i].tobytes() + canonical_hash(image), int(i))
+    for a in range(0, len(rows), step):
+        block = rows[a:a + step]
+        for k, image in enumerate(images[block]):
+            out[a + k] = np.frombuffer(canonical_hash(image), np.uint8)
+    return out
+
+
+def objects_from(sigs: np.ndarray, rows: np.ndarray, hashes: np.ndarray) -> np.ndarray:
+    """(N,) int64 object ids from the candidates' canonical hashes: each image gets the index of the
+    first image it is a symmetric copy of (equal signature and canonical hash)."""
+    objects = np.arange(len(sigs), dtype=np.int64)
+    if not len(rows):
+        return objects
+    keys = np.concatenate([sigs[rows].view(np.uint8).reshape(-1, 8), hashes], axis=1)
+    # np.unique's first occurrences, `rows` ascending: each key's lowest index.
+    _, first, inverse = np.unique(keys, axis=0, return_index=True, return_inverse=True)
+    objects[rows] = rows[first[inverse.reshape(-1)]]
     return objects
+
+
+def group(images, sigs: np.ndarray) -> np.ndarray:
+    """(N,) int64 object ids of `images` in one process (`dmhpc prepare` shares `canonical_hashes`
+    out among its MPI ranks): each image gets the index of the first image it is a copy of."""
+    rows = candidates(sigs)
+    return objects_from(sigs, rows, canonical_hashes(images, rows))
 
 
 def count_copies(objects: np.ndarray) -> tuple[int, int]:

@@ -203,14 +203,33 @@ def _open_domain(spec: DomainSpec, options: Options) -> dict:
             "names": names, "inputs": inputs, "cutouts": isinstance(images, Cutouts)}
 
 
-def _group_domains(domains: list[dict], options: Options, signatures: list) -> tuple[list, list[list[str]]]:
+def _hash_share(domains: list[dict], candidates: list, rank: int, size: int) -> list:
+    """This rank's share of the exact duplicate test: the canonical hashes of its contiguous part of
+    each domain's candidates (None where the domain has object ids). Every rank hashed them all:
+    nearly every image of the DeepMerge files, eight digests of each, the whole input read on every
+    rank."""
+    found = []
+    for d, rows in zip(domains, candidates):
+        if rows is None:
+            found.append(None)
+            continue
+        part = rows[len(rows) * rank // size:len(rows) * (rank + 1) // size]
+        try:
+            found.append(duplicates.canonical_hashes(d["images"], part))
+        except OSError as exc:
+            raise DmhpcError(f"{d['names']['images']}: cannot read ({exc})") from None
+    return found
+
+
+def _group_domains(domains: list[dict], options: Options, signatures: list, candidates: list,
+                   hashes: list) -> tuple[list, list[list[str]]]:
     """Each domain's duplicate groups (None where it has object ids), and the names of the domains
     grouped together. With --group-duplicates, domains of as many images are taken as the same
     objects row by row (DeepMerge's pristine and noisy) and share one grouping: grouped apart, noise
     added to each copy hid the noisy domain's copies, so its objects and split differed from the
     pristine domain's: twins on both sides of the split."""
-    groups = [duplicates.group(d["images"], s) if d["objects"] is None else None
-              for d, s in zip(domains, signatures)]
+    groups = [duplicates.objects_from(s, c, h) if d["objects"] is None else None
+              for d, s, c, h in zip(domains, signatures, candidates, hashes)]
     if not options.group_duplicates:
         return groups, []
     for d, g in zip(domains, groups):
@@ -360,7 +379,10 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
             scans = _allgather(comm, _agree(comm, lambda: _scan(opened, rank, size, want, options.dtype)))
             _check_pixels(opened, scans, options.dtype)
             sigs = [np.concatenate([scan[k][1] for scan in scans]) if want[k] else None for k in range(len(opened))]
-            grouped, together = _agree(comm, lambda: _group_domains(opened, options, sigs))
+            candidates = [duplicates.candidates(s) if s is not None else None for s in sigs]
+            shares = _allgather(comm, _agree(comm, lambda: _hash_share(opened, candidates, rank, size)))
+            hashes = [np.concatenate([share[k] for share in shares]) if want[k] else None for k in range(len(opened))]
+            grouped, together = _agree(comm, lambda: _group_domains(opened, options, sigs, candidates, hashes))
             if rank == 0:
                 for names in together:
                     print(f"dmhpc prepare: {' and '.join(names)}: as many images each, taken as the same objects "
