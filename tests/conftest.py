@@ -87,6 +87,11 @@ def fake_commands(tmp_path: Path, monkeypatch, scripts: dict[str, str]) -> Path:
     return fake
 
 
+def split_lists(manifest: dict) -> dict:
+    """A manifest's index lists as plain lists, to compare (load_manifest's are read-only arrays)."""
+    return {split: np.asarray(index).tolist() for split, index in manifest["splits"].items()}
+
+
 def clean_env(**extra) -> dict:
     """This process's environment for a child: no launcher's variables (the child decides its own
     rank), one thread per process (several ranks share 2 cores), no GPU (multi-rank tests run CPU

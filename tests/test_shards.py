@@ -17,6 +17,7 @@ from dmhpc.data.shards import (
     MANIFEST,
     SPLITS,
     RowReader,
+    fingerprint,
     load_manifest,
     shard_name,
     split_rows,
@@ -64,7 +65,9 @@ def test_round_trip_by_index(dataset):
 
 def test_manifest_keys_and_contract(dataset):
     directory, manifest, (images, labels, _) = dataset
-    assert load_manifest(directory) == manifest
+    loaded = load_manifest(directory)
+    assert json.dumps(loaded, default=np.ndarray.tolist) == json.dumps(manifest)
+    assert all(loaded["splits"][s].dtype == np.int64 and not loaded["splits"][s].flags.writeable for s in SPLITS)
     assert list(manifest) == [
         "format", "version", "count", "shape", "dtype", "num_classes", "seed", "fractions", "shards",
         "rows", "splits", "counts", "stats", "inputs", "layout", "created_by", "labelled", "ids", "objects",
@@ -318,6 +321,44 @@ def test_reader_opens_lazily_pickles_and_reopens(dataset):
     with pytest.raises(IndexError):
         reader.read(50, 61)
     assert reader.read(5, 5)["images"].shape == (0, 3, 6, 6)
+
+
+def test_a_manifest_is_read_once_until_its_file_changes(dataset, monkeypatch):
+    """A run read each manifest ~10 times (preflight, loaders, every evaluation), each a parse, a
+    check of every field and two hashes: minutes per rank at 1e8 rows. Read once now, until its file
+    is written again; the index lists read-only int64 arrays, shared by every caller."""
+    from dmhpc.data import shards
+
+    directory, manifest, _ = dataset
+    parses = []
+    read = shards._read_manifest
+    monkeypatch.setattr(shards, "_read_manifest", lambda *a: parses.append(1) or read(*a))
+    first = load_manifest(directory)
+    assert load_manifest(directory) is first and len(parses) == 1
+    with pytest.raises(ValueError):
+        first["splits"]["train"][0] = 5
+    assert fingerprint(first) == fingerprint(json.loads((directory / MANIFEST).read_text()))
+    # Written again, in place or replaced (prepare's move): read anew.
+    (directory / MANIFEST).write_text((directory / MANIFEST).read_text())
+    again = load_manifest(directory)
+    assert again is not first and len(parses) == 2
+    (directory / MANIFEST).write_text("{}")
+    with pytest.raises(DmhpcError, match="not a JSON object|format"):
+        load_manifest(directory)
+
+
+def test_a_pickled_reader_carries_no_index_lists(tmp_path):
+    """A reader is pickled to every loader worker (DALI's spawned ones): with the manifest's index
+    lists, 0.8 GB a copy at 1e8 rows. It carries a 16-byte digest per shard instead."""
+    n = 20000
+    rng = np.random.default_rng(0)
+    write_dataset(rng.normal(size=(n, 1, 2, 2)).astype(np.float32), np.arange(n) % 2, None, tmp_path / "ds",
+                  shard_size=4096)
+    reader = RowReader(tmp_path / "ds")
+    lists = json.loads((tmp_path / "ds" / MANIFEST).read_text())["splits"]
+    assert len(pickle.dumps(reader)) < len(pickle.dumps(lists)) / 10
+    clone = pickle.loads(pickle.dumps(reader))
+    assert np.array_equal(clone.read(0, n)["index"], reader.read(0, n)["index"])
 
 
 MANY_SHARDS = """
