@@ -52,3 +52,9 @@ def test_the_training_step_benchmark_times_the_original_beside_the_trainer():
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("original", "dmhpc"))]
     assert [r.split()[0] for r in rows] == ["original", "dmhpc", "dmhpc", "dmhpc"], proc.stdout
     assert ["speed-up over the original" in r for r in rows[1:]] == [True, False, False], proc.stdout
+
+
+def test_the_manifest_benchmark_reads_once_and_pickles_a_small_reader():
+    proc = _run([sys.executable, "bench/manifest.py", "--rows", "2e4"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "manifest of 20,000 rows" in proc.stdout and "RowReader built in" in proc.stdout, proc.stdout
