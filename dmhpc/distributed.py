@@ -400,6 +400,16 @@ def all_gather_object(obj: Any) -> list:
     return out
 
 
+def gather_to_main(obj: Any) -> list | None:
+    """Every rank's `obj` (picklable), in rank order, on rank 0 and None on the others; `[obj]` in
+    a single process. For what rank 0 alone uses: all_gather_object hands every rank everything."""
+    if not is_distributed():
+        return [obj]
+    out: list | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def broadcast_buffers(module: torch.nn.Module) -> None:
     """Give every rank rank 0's buffers (BatchNorm's running statistics). A collective. Each rank's
     drift apart in training (each normalizes its own batches; DDP copies rank 0's over them only at

@@ -179,17 +179,18 @@ WORKER = textwrap.dedent("""
     import json, sys
     import torch
     import torch.distributed as tdist
-    from dmhpc.distributed import all_gather_object, barrier, bootstrap, collective_device, shutdown
+    from dmhpc.distributed import all_gather_object, barrier, bootstrap, collective_device, gather_to_main, shutdown
 
     info = bootstrap()
     total = torch.tensor([float(info.rank + 1)], device=collective_device())
     tdist.all_reduce(total)
     gathered = all_gather_object({"rank": info.rank})
+    to_main = gather_to_main({"rank": info.rank})
     barrier()
     with open(f"{sys.argv[1]}/rank{info.rank}.json", "w") as f:
         json.dump({"rank": info.rank, "local_rank": info.local_rank, "world": info.world_size,
                    "backend": info.backend, "launcher": info.launcher, "device": str(info.device),
-                   "is_main": info.is_main, "sum": total.item(), "gathered": gathered,
+                   "is_main": info.is_main, "sum": total.item(), "gathered": gathered, "to_main": to_main,
                    "group_world": tdist.get_world_size(),
                    "timeout_s": tdist.group.WORLD._get_backend(collective_device()).options._timeout.total_seconds()},
                   f)
@@ -221,6 +222,7 @@ def _check_group(results, launcher):
         assert res["launcher"] == launcher and res["backend"] == "gloo" and res["device"] == "cpu"
         assert res["sum"] == 3.0  # 1 + 2: both ranks took part
         assert res["gathered"] == [{"rank": 0}, {"rank": 1}]
+        assert res["to_main"] == ([{"rank": 0}, {"rank": 1}] if r == 0 else None)
         assert res["is_main"] == (r == 0)
         assert res["timeout_s"] == COLLECTIVE_TIMEOUT.total_seconds()
 

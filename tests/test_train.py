@@ -679,6 +679,8 @@ def test_torchrun_two_ranks(data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world 2" in proc.stdout
     assert json.loads((run / "eval" / "best_test.json").read_text())["source"]["n"] > 0
+    for r in _epoch_records(run):  # train metrics of both ranks' predictions, on rank 0
+        assert [r[d]["train"]["n"] for d in ("source", "target")] == [r["steps"] * 16 * 2] * 2, r
     # The validation that chose best.pt scored best.pt: each rank had scored its share of the split
     # with its own BatchNorm statistics, a mixture of models differing by ~1e-4 from the one saved.
     assert main(["eval", "--run", str(run), "--split", "val"]) == 0
