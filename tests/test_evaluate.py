@@ -21,7 +21,7 @@ from dmhpc.config import load_config
 from dmhpc.data.shards import load_manifest, split_rows, write_dataset
 from dmhpc.distributed import DistInfo
 from dmhpc.errors import DmhpcError
-from dmhpc.train.evaluate import ALL_ROWS, evaluate_run, predict
+from dmhpc.train.evaluate import evaluate_run, predict
 from dmhpc.run import RunDir
 from tests.conftest import BIN, ROOT, TINY, clean_env
 
@@ -123,7 +123,7 @@ def test_two_ranks_evaluate_the_whole_split_in_order(tmp_path):
     one = predict(CentredIsMerger(), dirs["source"], "train", batch_size=7, dist=CPU, mean=[10.0] * 3, std=[1.0] * 3,
                   feature_rows=5)
     every = predict(CentredIsMerger(), dirs["source"], "train", batch_size=7, dist=CPU, mean=[10.0] * 3,
-                    std=[1.0] * 3, feature_rows=ALL_ROWS)
+                    std=[1.0] * 3, feature_rows=10**9)
     script = tmp_path / "probe.py"
     script.write_text(PROBE)
     proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script),

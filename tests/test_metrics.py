@@ -158,6 +158,20 @@ def test_deep_embedded_validation_weights_source_samples_like_the_target():
     assert math.isfinite(good) and good > bad
 
 
+def test_deep_embedded_validation_on_a_draw_of_rows_reads_their_labels_and_predictions():
+    """The trainer takes at most DEV_MAX_ROWS rows' features per domain (every row's were gathered
+    onto every rank: 10 GB a domain at a million rows); the source loss is of the same rows."""
+    rng = np.random.default_rng(2)
+    fs, ft = rng.normal(size=(500, 4)), rng.normal(size=(300, 4)) + 1
+    labels, prob = rng.integers(0, 2, 500), rng.dirichlet([1, 1], 500)
+    drawn = np.sort(rng.choice(500, 120, replace=False))
+    on_draw = deep_embedded_validation({"features": fs[drawn], "labels": labels, "prob": prob,
+                                        "feature_positions": drawn}, {"features": ft})
+    alone = deep_embedded_validation({"features": fs[drawn], "labels": labels[drawn], "prob": prob[drawn]},
+                                     {"features": ft})
+    assert math.isfinite(on_draw) and on_draw == alone
+
+
 def test_deep_embedded_validation_weights_are_density_ratios_in_many_dimensions():
     """Fitted and scored on the same rows, the domain classifier separated 2592-d features of two
     identical domains perfectly: the weights averaged 0.003, not 1, and DEV was an arbitrary

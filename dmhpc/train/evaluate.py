@@ -26,9 +26,6 @@ from dmhpc.train.metrics import domain_metrics
 from dmhpc.train.objective import NUM_CLASSES, build_backbone, term_labels
 
 
-ALL_ROWS = np.iinfo(np.int64).max  # `feature_rows` for every row's features (the validators')
-
-
 def feature_sample(n: int, rows: int) -> np.ndarray:
     """Positions in a split of `n` rows whose features `predict` keeps, `rows` of them (all when
     `rows` >= n), sorted: the same on every rank and at every call (a fixed seed)."""

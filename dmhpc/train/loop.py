@@ -31,9 +31,9 @@ from dmhpc.run import RunDir, check_end_evaluated, check_epochs, check_patience,
 from dmhpc.train import preflight
 from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, UNFIT, StopRequest, check_requeue_progress, check_selected,
                                    load_checkpoint, load_checkpoint_sha256, load_weights, save_checkpoint, unfit)
-from dmhpc.train.evaluate import ALL_ROWS, evaluate_run, format_table, predict
+from dmhpc.train.evaluate import evaluate_run, format_table, predict
 from dmhpc.train.meter import EpochMeter
-from dmhpc.train.metrics import MetricLog, domain_metrics, selection_score, validator_scores
+from dmhpc.train.metrics import DEV_MAX_ROWS, MetricLog, domain_metrics, selection_score, validator_scores
 from dmhpc.train.state import TrainState
 from dmhpc.train.step import TrainStep, determinism
 
@@ -221,7 +221,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
 
     # --- the epoch loop -----------------------------------------------------------------------------
     criterion, stopped = cfg.select.criterion, False
-    feature_rows = ALL_ROWS if criterion == "dev" or cfg.select.all_validators else 0
+    feature_rows = DEV_MAX_ROWS if criterion == "dev" or cfg.select.all_validators else 0
 
     def early_stopped() -> bool:  # also on resume: a run that stopped early is not trained on
         return bool(cfg.train.early_stopping) and prog.evals_since_best >= cfg.train.early_stopping

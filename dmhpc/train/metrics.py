@@ -140,6 +140,10 @@ def negative_entropy(prob: np.ndarray) -> float:
 # 16 keep its weights near 1 for two identical domains (mean 1.02-1.23 over 300-800 rows, 2592-d
 # features, three draws each); 32 let it overfit (1.1-1.6).
 DEV_COMPONENTS = 16
+# Validation rows per domain DEV is computed on, at most (a fixed draw, evaluate.feature_sample):
+# every row's 2592 features were gathered onto every rank, 10 GB a domain at a million rows, and
+# fitted on in float64.
+DEV_MAX_ROWS = 20_000
 
 
 def deep_embedded_validation(source: dict, target: dict, seed: int = 0) -> float:
@@ -152,7 +156,8 @@ def deep_embedded_validation(source: dict, target: dict, seed: int = 0) -> float
     folds, each scored by the other's fit; the paper fits it on training features): fitted on the
     2592-d features and scored on the same rows, it separated two identical domains perfectly, and
     its weights were no density ratios (their mean 0.003, not 1).
-    `source` and `target` hold `features`, and source also `labels` and `prob`.
+    `source` and `target` hold `features`, and source also `labels` and `prob`; where the features
+    are of some rows only, `feature_positions` says which (`evaluate.predict`).
     """
     from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
@@ -174,8 +179,9 @@ def deep_embedded_validation(source: dict, target: dict, seed: int = 0) -> float
         p_target[:] = LogisticRegression(max_iter=1000, random_state=seed).fit(x, domain).predict_proba(x)[:, 1]
     p = np.clip(p_target[: len(fs)], 1e-6, 1 - 1e-6)
     w = p / (1 - p) * len(fs) / len(ft)
-    prob = np.clip(np.asarray(source["prob"], np.float64), 1e-12, 1.0)
-    loss = -np.log(prob[np.arange(len(fs)), np.asarray(source["labels"])])
+    rows = source.get("feature_positions", np.arange(len(fs)))
+    prob = np.clip(np.asarray(source["prob"], np.float64)[rows], 1e-12, 1.0)
+    loss = -np.log(prob[np.arange(len(fs)), np.asarray(source["labels"])[rows]])
     weighted = w * loss
     var = np.var(w, ddof=1)
     eta = -np.cov(weighted, w, ddof=1)[0, 1] / var if var > 0 else 0.0
