@@ -29,7 +29,7 @@ import socket
 import tempfile
 import time
 from pathlib import Path
-from typing import IO, BinaryIO, Callable, Iterator
+from typing import IO, BinaryIO, Callable, Iterable, Iterator
 
 from dmhpc.errors import DmhpcError
 
@@ -190,18 +190,21 @@ def replace_durably(source: str | os.PathLike, target: str | os.PathLike) -> Non
     fsync_directory(Path(target).parent)
 
 
-def remove_orphans(directory: str | os.PathLike) -> tuple[int, int]:
-    """Delete the temporary files that killed writes left in `directory` (not below it).
+def remove_orphans(directory: str | os.PathLike, of: Iterable[str] | None = None) -> tuple[int, int]:
+    """Delete the temporary files that killed writes left in `directory` (not below it): all of
+    them, or with `of` those of the files of these names only (a catalog's, beside other files).
 
     Returns (files, bytes) removed. Only names `atomic_write` makes are touched. Call it only
-    where no other process can be writing (under the run's lock, say).
+    where no other process can be writing them (under the run's lock, say).
     """
     files = size = 0
     directory = Path(directory)
     if not directory.is_dir():
         return 0, 0
+    names = None if of is None else set(of)
     for entry in os.scandir(directory):
-        if entry.is_file(follow_symlinks=False) and is_temporary(entry.name):
+        if entry.is_file(follow_symlinks=False) and is_temporary(entry.name) and \
+                (names is None or entry.name[1:].rsplit(".", 2)[0] in names):
             try:
                 n = entry.stat().st_size
                 os.unlink(entry.path)

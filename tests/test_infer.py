@@ -680,7 +680,12 @@ def test_two_exports_to_one_file_are_refused_and_an_unfinished_one_says_so(run_o
     assert main(export) == 1
     err = capsys.readouterr().err
     assert "exists (without its m.safetensors.card.json: an export that did not finish?)" in err, err
+    # What writes killed outright (SIGKILL: no `finally` ran) leave goes at the next export.
+    killed = [tmp_path / ".m.safetensors.k1ll3d_a.tmp", tmp_path / ".m.safetensors.card.json.k1ll3d_b.tmp"]
+    for leftover in killed:
+        leftover.write_text("half")
     assert main([*export, "--overwrite"]) == 0
+    assert not any(leftover.exists() for leftover in killed)
     card = json.loads(Path(f"{out}.card.json").read_text())
     from dmhpc.data.shards import file_sha256
 

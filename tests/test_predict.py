@@ -535,6 +535,66 @@ def test_killed_and_rerun_gives_the_uninterrupted_catalog(trained, tmp_path):
         np.testing.assert_array_equal(np.asarray(a[column]), np.asarray(b[column]))
 
 
+def test_a_parts_folder_whose_removal_was_killed_and_killed_catalog_writes_do_not_block_the_rerun(trained, tmp_path):
+    """A kill while a finished prediction removed its parts folder (a survey's ~12,000 parts) left
+    parts without their predict.json, which the folder's listing order put among them: every rerun,
+    --overwrite or not, was refused as "not a dmhpc prediction's parts". Killed catalog writes left
+    their temporary files, as large as the catalog, beside it for good."""
+    straight = tmp_path / "straight.parquet"
+    assert subprocess.run([sys.executable, *_predict_cmd(trained, straight)], cwd=ROOT, env=clean_env(),
+                          capture_output=True, timeout=300).returncode == 0
+    out = tmp_path / "killed.parquet"
+    with open(tmp_path / "log", "w") as log:
+        proc = _start_and_wait_for_parts(trained, out, 2, log)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    (Path(f"{out}.parts") / "predict.json").unlink()  # the removal killed after the spec went
+    leftovers = [tmp_path / f".{out.name}.k1ll3d_x.tmp", tmp_path / f".{out.name}.other.k1ll3d_y.tmp"]
+    for leftover in leftovers:
+        leftover.write_bytes(b"half a catalog")
+    rerun = subprocess.run([sys.executable, *_predict_cmd(trained, out)], cwd=ROOT, env=clean_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    a, b = read(straight), read(out)
+    for column in a.colnames:
+        np.testing.assert_array_equal(np.asarray(a[column]), np.asarray(b[column]))
+    # Its own temporaries gone; another file's (here `killed.parquet.other`) are not its to remove.
+    assert [p.exists() for p in leftovers] == [False, True]
+
+
+def test_parts_are_removed_with_their_spec_last(tmp_path, monkeypatch):
+    from dmhpc.infer.predict import SPEC, _remove_parts
+
+    parts = tmp_path / "c.csv.parts"
+    parts.mkdir()
+    for name in ("part-000005.npz", SPEC, "part-000000.npz", "own_stats.json", "part-000003.npz"):
+        (parts / name).write_text("x")
+    removed = []
+    unlink = Path.unlink
+    monkeypatch.setattr(Path, "unlink", lambda self, *a, **k: removed.append(self.name) or unlink(self, *a, **k))
+    _remove_parts(parts)
+    assert removed[-1] == SPEC and len(removed) == 5 and not parts.exists()
+
+
+def test_a_part_of_another_nan_fill_is_computed_again(trained, tmp_path, capsys):
+    """The parts' checksums left --nan-fill out (a part made without a fill holds finite images,
+    which no fill changes): a part made with --nan-fill 0, copied into a --nan-fill 5 prediction's
+    folder, was merged with the pixels filled with 0."""
+    images = trained["images"].copy()
+    images[3, 0, 10, 10] = np.nan  # in part 0
+    images[170, 1, 5, 5] = np.inf  # every prediction stops at it, in part 5, with parts 0-4 written
+    np.save(tmp_path / "x.npy", images)
+    argv = ["predict", "--run", str(trained["run"]), "--part-size", "32", "--batch-size", "16",
+            "--images", str(tmp_path / "x.npy"), "--out"]
+    for name, fill in (("zero", "0"), ("five", "5")):
+        assert main([*argv, str(tmp_path / f"{name}.csv"), "--nan-fill", fill]) == 1
+        assert "Inf pixels in image 170" in capsys.readouterr().err
+    shutil.copy(Path(f"{tmp_path / 'zero.csv'}.parts") / "part-000000.npz",
+                Path(f"{tmp_path / 'five.csv'}.parts") / "part-000000.npz")
+    assert main([*argv, str(tmp_path / "five.csv"), "--nan-fill", "5"]) == 1
+    assert "(4 done before)" in capsys.readouterr().out  # part 0 not taken for one of its own
+
+
 @pytest.mark.parametrize("signame", ["SIGTERM", "SIGUSR2"])
 def test_a_stop_signal_finishes_the_part_and_exits_for_requeue(trained, tmp_path, signame):
     out = tmp_path / "stopped.fits"

@@ -36,7 +36,7 @@ from dmhpc.config import config_from_dict, config_to_dict
 from dmhpc.data.shards import file_sha256
 from dmhpc.distributed import bootstrap, shutdown
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_path, locked_directory, staged_write
+from dmhpc.files import atomic_path, locked_directory, remove_orphans, staged_write
 from dmhpc.names import MERGER_THRESHOLD
 from dmhpc.infer.trained import Trained, load_trained
 from dmhpc.run import RunDir, statistics
@@ -241,6 +241,7 @@ def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool 
         raise DmhpcError(f"--out {out}: --format {fmt} writes a {' or '.join(SUFFIXES[fmt])} file; name it so")
     cards = {"md": Path(f"{out}.card.md"), "json": Path(f"{out}.card.json")}
     with locked_directory(out, "dmhpc export"):
+        remove_orphans(out.parent, of=(out.name, *(card.name for card in cards.values())))  # killed exports' files
         if out.exists() and not overwrite:
             unfinished = "" if cards["json"].exists() else \
                 f" (without its {cards['json'].name}: an export that did not finish?)"

@@ -34,6 +34,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -50,8 +51,8 @@ from dmhpc.data.shards import file_sha256
 from dmhpc.distributed import (AgreedError, agree, all_gather_object, barrier, bootstrap, gather, meet_before_leaving,
                                on_main, shutdown)
 from dmhpc.errors import DmhpcError
-from dmhpc.files import (atomic_path, atomic_write, inside, locked_directory, make_folders, remove_empty, same_place,
-                         staged_write)
+from dmhpc.files import (atomic_path, atomic_write, inside, is_temporary, locked_directory, make_folders, remove_empty,
+                         remove_orphans, same_place, staged_write)
 from dmhpc.progress import progress_bar
 from dmhpc.infer.sources import DIGEST_BLOCK, Source, open_source
 from dmhpc.names import MERGER_THRESHOLD, VERIFY_LEVELS
@@ -140,10 +141,19 @@ PART_INPUTS, PART_CHECKSUM = "_cutout_files", "_checksum"
 
 
 def _spec_digest(spec: dict) -> str:
-    """What a part's checksum says it was computed for: the prediction's spec but nan_fill, which
-    changes no part that was written (a part is only written when its images are finite)."""
-    text = json.dumps({key: value for key, value in spec.items() if key != "nan_fill"}, sort_keys=True)
+    """What a part's checksum says it was computed for: the prediction's spec (without nan_fill where
+    there is no fill, as before the key)."""
+    text = json.dumps({key: value for key, value in spec.items() if not (key == "nan_fill" and value is None)},
+                      sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _spec_digests(spec: dict) -> tuple[str, str]:
+    """The digests a part of this prediction may be checksummed with: its own (what its parts are
+    written with), and that of the same prediction without --nan-fill, whose parts are only written
+    when their images are finite, which no fill changes. A part of another fill is not one: its
+    filled pixels were other numbers."""
+    return _spec_digest(spec), _spec_digest({**spec, "nan_fill": None})
 
 
 def _part_checksum(entries: dict, spec_digest: str) -> str:
@@ -159,21 +169,22 @@ def _part_checksum(entries: dict, spec_digest: str) -> str:
     return digest.hexdigest()
 
 
-def _read_part(path: Path, spec_digest: str) -> tuple[dict, str] | str:
-    """(the part's columns, its cutout-files entry), or why it is not a whole part of this prediction.
-    Missing or unreadable files raise (np.load's own errors)."""
+def _read_part(path: Path, spec_digests: tuple[str, ...]) -> tuple[dict, str] | str:
+    """(the part's columns, its cutout-files entry), or why it is not a whole part of this prediction
+    (`_spec_digests`). Missing or unreadable files raise (np.load's own errors)."""
     with np.load(path, allow_pickle=False) as z:
         entries = {key: z[key] for key in z.files}
-    if PART_CHECKSUM not in entries or str(entries[PART_CHECKSUM]) != _part_checksum(entries, spec_digest):
+    if PART_CHECKSUM not in entries or \
+            str(entries[PART_CHECKSUM]) not in {_part_checksum(entries, d) for d in set(spec_digests)}:
         return "its checksum does not match its contents and this prediction (edited, or another prediction's)"
     # A part written before cutouts were recorded stands for inputs without cutout files.
     inputs = str(entries.get(PART_INPUTS, ""))
     return {key: value for key, value in entries.items() if key not in (PART_INPUTS, PART_CHECKSUM)}, inputs
 
 
-def _part_done(path: Path, index: np.ndarray, names: set, inputs: str, spec_digest: str) -> bool:
+def _part_done(path: Path, index: np.ndarray, names: set, inputs: str, spec_digests: tuple[str, ...]) -> bool:
     try:
-        part = _read_part(path, spec_digest)
+        part = _read_part(path, spec_digests)
     except Exception:  # missing, or not a whole part: compute it (again)
         return False
     return not isinstance(part, str) and part[1] == inputs and _part_problem(part[0], index, names) is None
@@ -190,12 +201,12 @@ def _compute_part(model: Model, source: Source, normalize: Normalizer, start: in
     spans = [(a, min(a + batch, stop)) for a in range(start, stop, batch)]
     with contextlib.closing(read_ahead(source.read, spans, ahead=model.device.type == "cuda")) as batches:
         for images, columns in batches:
-            for key, value in _batch_columns(model, normalize, images, columns, tta).items():
+            for key, value in batch_columns(model, normalize, images, columns, tta).items():
                 out.setdefault(key, []).append(np.asarray(value))
     return {key: np.concatenate(values) for key, values in out.items()}
 
 
-def _batch_columns(model: Model, normalize: Normalizer, images: np.ndarray, columns: dict, tta: bool) -> dict:
+def batch_columns(model: Model, normalize: Normalizer, images: np.ndarray, columns: dict, tta: bool) -> dict:
     """One batch's source columns with p_merger (and p_merger_std) added."""
     x = torch.from_numpy(images).to(model.device, non_blocking=True)
     if tta:
@@ -324,6 +335,9 @@ def _lock_parts(out: Path, parts: Path, overwrite: bool, held: contextlib.ExitSt
                          f"choose another --out")
     held.callback(remove_empty, made)
     held.enter_context(locked_directory(parts, "dmhpc predict"))
+    # What killed writes of this catalog left (as large as it, beside it), and of its parts.
+    remove_orphans(out.parent, of=(out.name, beside.name))
+    remove_orphans(parts)
 
 
 def _claim_parts(parts: Path, spec: dict, overwrite: bool) -> None:
@@ -354,29 +368,47 @@ def _claim_parts(parts: Path, spec: dict, overwrite: bool) -> None:
             if not overwrite and not older and any(parts.glob("part-*.npz")):
                 raise DmhpcError(f"{parts}: holds parts of another prediction (differs in {', '.join(differs)}); "
                                  f"--overwrite starts again")
-            for entry in parts.iterdir():  # emptied: the folder itself stays
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
+            _remove_parts(parts, keep_folder=True)
     elif any(parts.iterdir()):
-        raise DmhpcError(f"{parts}: exists and is not a dmhpc prediction's parts; remove it or choose another --out")
+        if not all(_ours(entry.name) for entry in parts.iterdir()):
+            raise DmhpcError(f"{parts}: exists and is not a dmhpc prediction's parts; remove it or choose another "
+                             f"--out")
+        # Parts without their spec: a removal of the folder killed halfway (the spec goes last). Its
+        # parts were being thrown away; each one's checksum says whose it is in any case.
+        _remove_parts(parts, keep_folder=True)
     if not saved.is_file():
         atomic_write(saved, json.dumps(spec, indent=2) + "\n")
+
+
+def _ours(name: str) -> bool:
+    """Whether a name in a parts folder is one a prediction writes there."""
+    return bool(re.fullmatch(r"part-\d{6,}\.npz", name)) or name in (SPEC, OWN_STATS) or is_temporary(name)
+
+
+def _remove_parts(parts: Path, keep_folder: bool = False) -> None:
+    """Remove a parts folder's content, its spec last: killed halfway, what is left is still known as
+    a prediction's parts, not refused as someone else's folder by every rerun."""
+    for entry in sorted(parts.iterdir(), key=lambda e: e.name == SPEC):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    if not keep_folder:
+        parts.rmdir()
 
 
 COLUMN_ORDER = ("id", "index", "p_merger", "p_merger_std", "merger", "label", "object", "split")
 
 
 def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, meta: dict, overwrite: bool,
-           spec_digest: str) -> int:
+           spec_digests: tuple[str, ...]) -> int:
     """Rank 0: the parts, back in input order, as one catalog; returns its rows."""
     from astropy.table import Table  # astropy only where a catalog is written
 
     # Taken again: a survey's cube saved again, or a set prepared again, while the ranks read it gave a
     # catalog of both versions under the first one's INPUTSHA. Its parts are of both: none is kept.
     if source.changed():
-        shutil.rmtree(parts)
+        _remove_parts(parts)
         raise DmhpcError(f"{source.path}: changed while this prediction read it (another size or modification "
                          f"time, or a data set prepared again); its parts are removed; run again")
     if out.exists() and not overwrite:  # another predict may have finished it since the start
@@ -386,7 +418,7 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
     for k in range(-(-source.count // part_size)):
         path = _part_path(parts, k)
         try:
-            read = _read_part(path, spec_digest)
+            read = _read_part(path, spec_digests)
         except Exception as exc:  # removed or replaced since the ranks checked it
             reason = " ".join(str(exc).split()) or type(exc).__name__
             raise DmhpcError(f"{path}: cannot read the part ({reason}); run again to compute it") from None
@@ -454,7 +486,7 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
     finally:
         if staged is not None:
             staged.unlink(missing_ok=True)  # if it was not put in place
-    shutil.rmtree(parts)
+    _remove_parts(parts)
     return len(table)
 
 
@@ -532,7 +564,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                 "STD": show(std), "TTA": tta, "AMP": amp, "SRCARGS": json.dumps(source_args)}
         on_main(lambda: _check_writable(out, source, meta))
         spec = _spec(run, model, source, source_args, options)
-        spec_digest = _spec_digest(spec)
+        spec_digests = _spec_digests(spec)
         on_main(lambda: _claim_parts(parts, spec, overwrite))
         if normalize == "own" and source.kind != "data":
             on_main(lambda: atomic_write(parts / OWN_STATS, json.dumps({"inputs": digest, "read_as": source_args,
@@ -543,7 +575,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         def done_before(k: int) -> bool:
             rows = _part_rows(source.count, part_size, k)
             return _part_done(_part_path(parts, k), source.positions(*rows), names, source.cutout_files(*rows),
-                              spec_digest)
+                              spec_digests)
 
         todo = [k for k in range(dist.rank, n_parts, dist.world_size) if not done_before(k)]
         counts = all_gather_object(len(todo))
@@ -567,7 +599,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                         inputs = source.cutout_files(start, stop_row)
                         columns = _compute_part(model, source, norm, start, stop_row, batch_size, tta)
                         columns[PART_INPUTS] = inputs
-                        columns[PART_CHECKSUM] = _part_checksum(columns, spec_digest)
+                        columns[PART_CHECKSUM] = _part_checksum(columns, spec_digests[0])
                         atomic_write(_part_path(parts, k), writer=lambda f: np.savez(f, **columns), durable=False)
                         done += stop_row - start
                         written += 1
@@ -588,7 +620,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                       f"{REQUEUE_EXIT_CODE} so the launcher requeues (a rerun resumes)", flush=True)
             meet_before_leaving()
             return REQUEUE_EXIT_CODE
-        rows = on_main(lambda: _merge(out, parts, source, part_size, tta, meta, overwrite, spec_digest))
+        rows = on_main(lambda: _merge(out, parts, source, part_size, tta, meta, overwrite, spec_digests))
         if dist.is_main:
             print(f"dmhpc predict: wrote {out} ({rows} rows; {rate:.0f} images/s over {dist.world_size} rank(s))",
                   flush=True)
