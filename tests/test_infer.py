@@ -330,6 +330,44 @@ def test_explain_a_catalog_whose_images_changed_since_is_one_line(run_on_survey,
         assert not (tmp_path / "explain").exists()
 
 
+def test_explain_refuses_rows_its_catalogs_input_did_not_predict(run_on_survey, tmp_path, capsys):
+    """Catalogs of survey tiles stacked with astropy's vstack keep one tile's metadata: explain read
+    every row's image from that tile, other galaxies under the rows' probabilities, exit 0. An
+    empty selection of a catalog was a captum traceback."""
+    pytest.importorskip("captum")
+    from astropy.table import Table, vstack
+
+    rng = np.random.default_rng(8)
+    tiles = []
+    for k in range(2):
+        np.save(tmp_path / f"tile{k}.npy", rng.normal(0.5, 0.3, (20, 3, 75, 75)).astype(np.float32))
+        assert main(["predict", "--run", str(run_on_survey), "--images", str(tmp_path / f"tile{k}.npy"),
+                     "--out", str(tmp_path / f"tile{k}.parquet")]) == 0
+        tiles.append(Table.read(tmp_path / f"tile{k}.parquet", format="parquet"))
+    vstack(tiles, metadata_conflicts="silent").write(tmp_path / "stacked.parquet", format="parquet")
+    edited = tiles[0].copy()
+    edited["p_merger"][7] = 0.999  # by hand, or another galaxy's number: not what image 7 gives
+    edited.write(tmp_path / "edited.parquet", format="parquet")
+    tiles[0][:0].write(tmp_path / "empty.parquet", format="parquet")
+    for name, message in (("stacked", "input position 0 is in it twice: rows of several predictions"),
+                          ("edited", f"the row of input position 7 has p_merger 0.99900; its image in "
+                                     f"{tmp_path / 'tile0.npy'} gives"),
+                          ("empty", "no rows; nothing to explain")):
+        catalog = tmp_path / f"{name}.parquet"
+        assert main(["explain", "--run", str(run_on_survey), "--catalog", str(catalog), "--n", "3",
+                     "--out", str(tmp_path / "explain")]) == 1
+        err = capsys.readouterr().err
+        assert f"{catalog}: {message}" in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "explain").exists()
+    # The catalog as predicted passes the same check (the numbers computed again agree).
+    explain = ["explain", "--run", str(run_on_survey), "--catalog", str(tmp_path / "tile1.parquet"), "--n", "3",
+               "--out", str(tmp_path / "explain")]
+    assert main(explain) == 0
+    leftover = tmp_path / "explain" / ".top_candidates.png.k1ll3d_c.tmp"  # a figure's write killed
+    leftover.write_text("half")
+    assert main([*explain, "--overwrite"]) == 0 and not leftover.exists()
+
+
 def test_explain_reads_srcargs_of_older_catalogs_and_refuses_edited_ones(survey, run_on_survey, tmp_path, capsys):
     """SRCARGS edited by hand was a TypeError traceback; a catalog an older dmhpc predicted with
     --data and --nan-fill or catalog options (which it ignored there, and which predict now refuses)

@@ -44,8 +44,8 @@ from dmhpc.data.inputs import CATALOG_FORMATS
 from dmhpc.data.shards import RowReader, fingerprint, is_labelled, load_manifest, split_rows
 from dmhpc.distributed import bootstrap, on_main, shutdown
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_write, inside, locked_directory
-from dmhpc.infer.predict import CSV_SHA, HDF5_TABLE, Model, provenance_file
+from dmhpc.files import atomic_write, inside, locked_directory, remove_orphans
+from dmhpc.infer.predict import CSV_SHA, HDF5_TABLE, Model, batch_columns, provenance_file
 from dmhpc.infer.sources import open_source
 from dmhpc.names import MERGER_THRESHOLD
 from dmhpc.plots import CLASS_NAMES, attribution_grid
@@ -201,6 +201,7 @@ def _claim_out(out: Path, overwrite: bool) -> None:
     that record (a killed explain's, or someone's own) are refused likewise, and with `overwrite`
     every file name an explain writes is removed."""
     record = out / "explain.json"
+    remove_orphans(out)  # a killed explain's half-written figures (by the names atomic writes give them)
     if not record.is_file():
         figures = sorted(p.name for p in out.glob("*.png")) if out.is_dir() else []
         if figures and not overwrite:
@@ -290,6 +291,27 @@ def _recorded_normalization(catalog: Path, meta, channels: int) -> tuple[list, l
     return mean, std
 
 
+# How far a candidate's merger probability computed again may be from its catalog's: another device,
+# batch or TF32 moves it by ~1e-4 (bf16: ~1e-2); another image's is as far as any other candidate's.
+READ_BACK_TOLERANCE = {"none": 0.02, "bf16": 0.1}
+
+
+def _check_read_back(catalog: Path, meta, model: Model, norm: Normalizer, images: np.ndarray, probs: np.ndarray,
+                     index: np.ndarray, source: Path) -> None:
+    """Refuse images read back that are not those the catalog's probabilities are of: the input
+    digest covers the input the metadata names, not rows some other prediction put in the table
+    (catalogs of survey tiles stacked keep one tile's metadata)."""
+    amp = str(meta.get("AMP", "none"))
+    model.amp = amp if amp in READ_BACK_TOLERANCE else "none"
+    now = batch_columns(model, norm, images.copy(), {}, str(meta.get("TTA")) == "True")["p_merger"]
+    far = np.flatnonzero(np.abs(now - probs) > READ_BACK_TOLERANCE[model.amp])
+    if len(far):
+        k = far[0]
+        raise DmhpcError(f"{catalog}: the row of input position {int(index[k])} has p_merger {probs[k]:.5f}; its "
+                         f"image in {source} gives {now[k]:.5f} now: not the image that row was predicted from "
+                         f"(rows of other predictions stacked into it?); explain each prediction's own catalog")
+
+
 def _refuse_out_in(out: Path, folder: Path) -> None:
     """The figures are not put among an input's files (predict refuses its catalog there too): a
     data set's folder holds its shards only, and `prepare --overwrite` of it keeps what it did not
@@ -319,6 +341,13 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
                     not {"SRCARGS", "RUN", "CKPT", "CKPTSTEP", "MEAN", "STD"} <= set(table.meta):
                 raise DmhpcError(f"{catalog}: not a catalog written by dmhpc predict (no p_merger or index column, "
                                  f"or no SRCARGS, RUN, CKPT, CKPTSTEP, MEAN or STD); explain predict's own file")
+            if not len(table):  # (a selection that kept nothing): a traceback from captum
+                raise DmhpcError(f"{catalog}: no rows; nothing to explain")
+            index = np.asarray(table["index"])
+            twice = index[np.flatnonzero(np.diff(np.sort(index)) == 0)[:1]]
+            if len(twice):  # astropy's vstack keeps one table's metadata: the others' rows read from its input
+                raise DmhpcError(f"{catalog}: input position {int(twice[0])} is in it twice: rows of several "
+                                 f"predictions (catalogs stacked?); explain each prediction's own catalog")
             model = _catalog_model(Path(catalog), table, run, checkpoint, dist.device)
         else:
             model = Model(run, checkpoint or "best", dist.device)
@@ -349,12 +378,13 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
                                  f"size or modification time, or a data set prepared again); predict again")
             if source.path.is_dir():  # a prepared data set
                 _refuse_out_in(out, source.path)
-            images = source.read_inputs(np.asarray(table["index"])[top])
+            images = source.read_inputs(index[top])
             norm = Normalizer(*_recorded_normalization(Path(catalog), table.meta, images.shape[1]), dist.device)
-            claim_out()
-            x = norm(torch.from_numpy(images).to(model.device))
             # The catalog's own numbers: with TTA the mean over the transforms, not this one forward pass.
             probs = np.asarray(table["p_merger"])[top]
+            _check_read_back(Path(catalog), table.meta, model, norm, images, probs, index[top], source.path)
+            claim_out()
+            x = norm(torch.from_numpy(images).to(model.device))
             cams, igs = attributions(model, x)
             labels = np.asarray(table["label"])[top] if "label" in table.colnames else [None] * len(top)
             tta = " (p_merger: the catalog's TTA mean)" if str(table.meta.get("TTA")) == "True" else ""
