@@ -142,13 +142,28 @@ def test_mmd_float32_gradient_matches_float64(realistic, unbiased):
     assert ((g32 - g64).norm() / g64.norm()).item() < 1e-3
 
 
+@pytest.mark.parametrize("chunk", [None, 20])
 @pytest.mark.parametrize("unbiased", [False, True])
 @pytest.mark.parametrize("sigmas", [DEEPMERGE_SIGMAS, (0.5, 2.0)])
-def test_mmd_small_reference_and_gradcheck(unbiased, sigmas):
+def test_mmd_small_reference_and_gradcheck(unbiased, sigmas, chunk, monkeypatch):
+    """chunk: the path of blocks whose pairs x kernels pass `_CHUNK` (from ~470 rows of a domain in
+    the global batch: four ranks of 128), kernels a group at a time and recomputed in backward; no
+    test took it, and its gradient's sign could be flipped unseen."""
+    if chunk is not None:
+        import importlib
+
+        monkeypatch.setattr(importlib.import_module("dmhpc.losses.mmd"), "_CHUNK", chunk)  # a kernel at a time
     xs, xt = small(1, 5, 3, scale=2.0), small(2, 4, 3, scale=2.0)
     expected = ref_mmd(xs.detach().numpy(), xt.detach().numpy(), sigmas, unbiased)
     assert rel(mmd(xs, xt, sigmas=sigmas, unbiased=unbiased).item(), expected) < 1e-10
     assert torch.autograd.gradcheck(lambda a, b: mmd(a, b, sigmas=sigmas, unbiased=unbiased), (xs, xt))
+
+
+def test_mmd_kernels_are_the_documented_ones():
+    """The references take these from the module: pinned here, as docs/losses.md states them."""
+    assert DEEPMERGE_SIGMAS == (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1, 5, 10, 15, 20, 25, 30, 35, 100, 1e3, 1e4,
+                                1e5, 1e6)
+    assert MEDIAN_SCALES == (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 @pytest.mark.parametrize("unbiased", [False, True])
@@ -301,6 +316,9 @@ def test_entropy_of_certain_predictions_is_zero_with_finite_gradient():
     p = torch.softmax(torch.tensor([1.0, 2.0], dtype=torch.float64), 0)
     assert abs(value.item() - float(-(p * p.log()).sum()) / 2) < 1e-6 and torch.isfinite(logits.grad).all()
     assert entropy(torch.tensor([[math.inf, 0.0]])).item() == 0.0  # certain: +inf gave inf - inf = NaN
+    # Both logits at the limits (finite, or infinite): the other class's log-probability is -inf
+    # (-6e38 overflows), and 0 * -inf = NaN without the floor on it.
+    assert entropy(torch.tensor([[3e38, -3e38], [math.inf, -math.inf]])).item() == 0.0
     assert math.isnan(entropy(torch.tensor([[math.nan, 0.0]])).item())  # a NaN stays one, for the finite-loss check
 
 

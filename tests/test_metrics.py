@@ -248,3 +248,56 @@ def test_the_train_metrics_rank_confident_predictions_as_the_evaluation_does():
     meter.add(1, {"total": torch.tensor(0.1)}, {"logits": torch.cat([logits, logits])}, labels, labels)
     record = meter.summary(None)
     assert record["source"]["train"]["roc_auc"] == 1.0, record["source"]["train"]
+
+
+def test_each_criterion_scores_the_domain_it_is_of():
+    """Scored on the other domain's predictions (im of the source, DEV of source against source, bnm
+    as the entropy) a criterion still passed every test: they only checked that target labels
+    were not read, with domains whose scores agree."""
+    rng = np.random.default_rng(3)
+    s = {"labels": np.arange(60) % 2, "prob": rng.dirichlet([6, 1], 60), "features": rng.normal(size=(60, 3))}
+    t = {"labels": np.arange(50) % 2, "prob": rng.dirichlet([1, 1], 50), "features": rng.normal(size=(50, 3)) + 1}
+    val = {"source": s, "target": t}
+    expected = {
+        "source-val-acc": classification_metrics(s["labels"], s["prob"])["accuracy"],
+        "oracle-target-acc": classification_metrics(t["labels"], t["prob"])["accuracy"],
+        "im": information_maximization(t["prob"]), "snd": soft_neighborhood_density(t["prob"]),
+        "dev": deep_embedded_validation(s, t), "bnm": batch_nuclear_norm(t["prob"]),
+        "entropy": negative_entropy(t["prob"]),
+    }
+    for criterion, value in expected.items():
+        assert selection_score(criterion, val) == value, criterion
+    # ... and the other domain's (or the other function's) would differ: these would catch a swap.
+    assert information_maximization(s["prob"]) != expected["im"]
+    assert deep_embedded_validation(s, s) != expected["dev"] and negative_entropy(t["prob"]) != expected["bnm"]
+
+
+def test_prediction_metrics_by_hand():
+    from dmhpc.train.metrics import MERGER_THRESHOLD, prediction_metrics
+
+    p1 = np.array([0.9, MERGER_THRESHOLD, 0.2, 0.3])  # the threshold itself is a merger, as predict's column
+    m = prediction_metrics(np.stack([1 - p1, p1], 1))
+    assert m["merger_fraction"] == 0.5 and m["mean_p_merger"] == pytest.approx(p1.mean())
+    entropies = -(p1 * np.log(p1) + (1 - p1) * np.log(1 - p1))
+    assert m["mean_entropy"] == pytest.approx(entropies.mean()) and m["mean_entropy"] > 0
+    labels = np.array([1, 1, 0, 0])
+    assert classification_metrics(labels, np.stack([1 - p1, p1], 1))["accuracy"] == 1.0
+
+
+def test_the_epoch_record_keeps_the_domains_and_the_discriminators_sides_apart():
+    """The tests fed both domains the same logits: source and target swapped in the record, or the
+    discriminator's right and wrong inverted, went unseen."""
+    import torch
+
+    from dmhpc.train.meter import EpochMeter
+
+    labels = torch.tensor([1, 0, 1, 0])
+    right = torch.tensor([[-5.0, 5.0], [5.0, -5.0], [-5.0, 5.0], [5.0, -5.0]])
+    # The discriminator says source with a positive logit: 4 of 4 source rows, 3 of 4 target rows right.
+    domain = torch.tensor([3.0, 2.0, 1.0, 4.0, -1.0, -2.0, 5.0, -3.0])
+    meter = EpochMeter(torch.device("cpu"))
+    meter.add(1, {"total": torch.tensor(0.1)}, {"logits": torch.cat([right, -right]), "domain_logits": domain},
+              labels, labels)
+    record = meter.summary(None)
+    assert record["source"]["train"]["accuracy"] == 1.0 and record["target"]["train"]["accuracy"] == 0.0
+    assert record["discriminator_accuracy"] == 7 / 8

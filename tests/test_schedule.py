@@ -41,3 +41,17 @@ def test_inv_and_constant():
     assert _f(0, "inv") == 1.0
     assert _f(1000, "inv", gamma=0.001, power=0.75) == pytest.approx(2 ** -0.75)
     assert _f(77, "constant") == 1.0
+
+
+def test_every_step_of_each_shape():
+    """The values above are points where other shapes meet (a linear decay equals the cosine at its
+    midpoint, step 55): the whole curves, step by step, against their formulas."""
+    import math
+
+    for s in range(101):  # warmup over steps 0-9 reaching 1 at step 9, then a cosine to min_lr at step 100
+        warm = (s + 1) / 10 if s < 10 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 10) / 90))
+        assert _f(s, "warmup-cosine", warmup_steps=10, min_lr=1e-4) == pytest.approx(warm, abs=1e-12), s
+        phase = s % 18  # a triangle of 18 steps: up from 0.1 over 9, down over 9
+        tri = 0.1 + 0.9 * (phase / 9 if phase < 9 else (18 - phase) / 9)
+        assert _f(s, "cyclic", cycle_epochs=2) == pytest.approx(tri, abs=1e-12), s
+        assert _f(s, "inv", gamma=0.01, power=0.75) == pytest.approx((1 + 0.01 * s) ** -0.75, abs=1e-12), s
