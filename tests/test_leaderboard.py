@@ -59,6 +59,34 @@ def test_leaderboard_ranks_by_selection_score_and_marks_oracle_and_unfinished(tm
     assert f"| 1 | {name(0, 'oracle-target-acc')} | oracle-target-acc (oracle) | 0.9900 |" in md
 
 
+def test_leaderboard_columns_scores_without_a_number_and_unfinished_oracles(tmp_path):
+    """Every metric of the fixtures above is 0.5 (columns swapped went unseen), and none had a
+    negative score (DEV's), a finished run without a score, or an unfinished oracle run."""
+    spec = {"base": str(TINY), "out": str(tmp_path), "executor": "local",
+            "grid": {"seed": [0, 1, 2, 3], "select.criterion": ["dev", "oracle-target-acc"]}}
+    points = {p.name: p for p in load_grid(spec).points}
+    name = lambda seed, c="dev": f"seed={seed},select.criterion={c}"  # noqa: E731
+    for seed, score in ((0, -0.2), (1, -0.1), (2, math.nan)):
+        result = {"split": "test", "oracle": False,
+                  "checkpoint": {"name": "best", "epoch": 3, "step": 30, "criterion": "dev", "score": score},
+                  "source": {"accuracy": 0.91, "roc_auc": 0.92, "f1": 0.93},
+                  "target": {"accuracy": 0.61, "roc_auc": 0.62, "f1": 0.63}}
+        (points[name(seed)].run_dir / "eval").mkdir(parents=True)
+        (points[name(seed)].run_dir / "eval" / "best_test.json").write_text(json.dumps(result))
+    unfinished = points[name(3, "oracle-target-acc")].run_dir / "checkpoints"
+    unfinished.mkdir(parents=True)
+    torch.save({"model": {}, "epoch": 2, "progress": {"epoch": 2, "step_in_epoch": 0},
+                "selection": {"criterion": "oracle-target-acc", "score": 0.7, "epoch": 1}}, unfinished / "best.pt")
+    rows = write_leaderboard(tmp_path, points.values())
+    dev = [(r["point"], r["rank"]) for r in rows if r["criterion"] == "dev" and r["status"] == "finished"]
+    assert dev == [(name(1), 1), (name(0), 2), (name(2), None)]  # the higher (less negative) first; NaN last, unranked
+    oracle = next(r for r in rows if r["point"] == name(3, "oracle-target-acc"))
+    assert oracle["status"] == "unfinished" and oracle["oracle"] is True
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert f"| 1 | {name(1)} | dev | -0.1000 | 3 | 0.910 | 0.920 | 0.610 | 0.620 | 0.630 | finished |" in md
+    assert f"| {name(3, 'oracle-target-acc')} | oracle-target-acc (oracle) | 0.7000 |" in md
+
+
 def test_an_edited_result_stops_the_tables_in_one_line_not_a_run_left_out(tmp_path):
     """A source accuracy as text was NaN to the leaderboard: the run went unranked, without a word;
     a criterion as a number was a TypeError in its markdown."""

@@ -867,3 +867,20 @@ def test_an_epoch_read_on_after_a_later_one_began_is_refused(tmp_path, kind, wor
             next(suspended)
     finally:
         loader.close()
+
+
+def test_each_domain_pass_and_rank_draws_its_own_rows_and_symmetries():
+    """The tests' domains had different row counts: with equal counts (DeepMerge's pristine and
+    noisy sets, paired row by row) both domains drawing one order, the target's passes after its
+    first repeating it, or ranks augmenting alike, went unseen."""
+    from dmhpc.data.batches import SOURCE, TARGET, Stream
+
+    def stream(domain, rank=0):
+        return Stream(start=0, rows=640, batch_size=16, world_size=2, rank=rank, seed=1, domain=domain)
+
+    source, target = stream(SOURCE), stream(TARGET)
+    for draw in (lambda s, k: s.samples(0, k).tolist(), lambda s, k: s.pieces(0, k)):
+        assert draw(source, 0) != draw(target, 0)
+        assert draw(target, 1) != draw(target, 1 + target.steps)  # the next pass: another order
+    assert not np.array_equal(target.codes(0, 3, True), stream(TARGET, rank=1).codes(0, 3, True))
+    assert not np.array_equal(source.codes(0, 3, True), target.codes(0, 3, True))

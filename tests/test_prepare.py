@@ -1500,6 +1500,19 @@ def test_copies_are_found_reading_a_block_of_rows_at_a_time(tmp_path, monkeypatc
     assert all(canonical[objects[i]] == canonical[i] and objects[i] <= i for i in range(240))
 
 
+def test_an_image_with_one_copy_is_grouped_under_its_first_row():
+    """The tests' objects all had four copies, placed so that a component's number was its first
+    row: objects of two images, and ids that were component numbers, went unseen."""
+    from dmhpc.data import duplicates
+
+    rng = np.random.default_rng(9)
+    a, b = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    images = np.stack([a, np.ascontiguousarray(np.rot90(a, 1, axes=(1, 2))), b])  # A, A rotated, B
+    objects = duplicates.group(images, duplicates.signatures(images))
+    assert objects.tolist() == [0, 0, 2] and duplicates.count_copies(objects) == (1, 1)
+    assert duplicates.join_groupings([objects, np.arange(3)]).tolist() == [0, 0, 2]
+
+
 def test_the_exact_test_is_shared_out_among_ranks(monkeypatch):
     """Under MPI every rank hashed every candidate (nearly every DeepMerge image, eight digests
     each: the whole input read on every rank). Each rank now hashes its own part, once; the
