@@ -285,6 +285,24 @@ def test_a_shard_of_a_data_set_prepared_again_under_a_reader_is_refused(dataset)
     assert np.array_equal(rows["images"], images[rows["index"]])
 
 
+def test_a_shard_reopened_is_checked_again_only_when_its_file_changed(dataset, monkeypatch):
+    """More shards read than stay open: every reopen read the shard's whole index again for the
+    prepared-again check. The same file needs none; a file prepared again since is still refused."""
+    directory, manifest, (images, labels, objects) = dataset
+    checks = []
+    check = RowReader._check_rows
+    monkeypatch.setattr(RowReader, "_check_rows", lambda self, n, *a: checks.append(n) or check(self, n, *a))
+    with RowReader(directory, manifest) as reader:
+        reader.open_limit = 1
+        for _ in range(3):
+            reader.read(0, 4)  # shard 0
+            reader.read(20, 24)  # shard 1, closing shard 0
+        assert checks == [0, 1]
+        write_dataset(images, labels, objects, directory, shard_size=16, seed=4, overwrite=True)
+        with pytest.raises(DmhpcError, match="shard-00000.h5: its rows are not those"):
+            reader.read(0, 4)  # reopened: another file now
+
+
 def test_ranges_across_shards_read_as_their_rows_one_after_another(dataset):
     """The block loaders read a batch as pieces: each range's rows, shard boundaries (16 rows)
     crossed, empty ranges and the set's last row included, in order, the keys asked only."""

@@ -1012,6 +1012,7 @@ class RowReader:
         self._files: dict[int, h5py.File] = {}  # in the order they were last read
         self._datasets: dict[tuple[int, str], h5py.Dataset] = {}
         self._sizes: dict[int, int] = {}  # shard number -> file size when opened
+        self._checked: dict[int, tuple] = {}  # shard number -> identity of the file whose rows were checked
         self._pid = os.getpid()
         self.open_limit = _open_shards_limit()
 
@@ -1032,15 +1033,22 @@ class RowReader:
                 f = self._files[number] = h5py.File(path, "r")
             except OSError as exc:
                 raise DmhpcError(f"{path}: cannot open shard ({exc})") from None
-            size = self._size(number)
-            if size is not None:
-                self._sizes[number] = size
-            try:
-                self._check_rows(number, f, path)
-            except BaseException:  # not kept open: a second read would take it unchecked
-                self._files.pop(number).close()
-                self._sizes.pop(number, None)
-                raise
+            st = self._stat(number)
+            if st is not None:
+                self._sizes[number] = st.st_size
+            # Reopened (more shards read than stay open): the same file as checked before needs no
+            # second check, which read its whole index at every reopen. Another file by its name
+            # (prepared again) is checked.
+            identity = None if st is None else (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            if identity is None or self._checked.get(number) != identity:
+                try:
+                    self._check_rows(number, f, path)
+                except BaseException:  # not kept open: a second read would take it unchecked
+                    self._files.pop(number).close()
+                    self._sizes.pop(number, None)
+                    raise
+                if identity is not None:
+                    self._checked[number] = identity
         return f
 
     def _close(self, number: int) -> None:
@@ -1064,12 +1072,16 @@ class RowReader:
                              f"data set was prepared again since?); put the data set back, or prepare a changed one "
                              f"into a new folder")
 
-    def _size(self, number: int) -> int | None:
-        """The open shard file's size, or None where its HDF5 driver has no file descriptor."""
+    def _stat(self, number: int) -> os.stat_result | None:
+        """The open shard file's status, or None where its HDF5 driver has no file descriptor."""
         try:
-            return os.fstat(self._files[number].id.get_vfd_handle()).st_size
+            return os.fstat(self._files[number].id.get_vfd_handle())
         except (OSError, ValueError, TypeError, RuntimeError):
             return None
+
+    def _size(self, number: int) -> int | None:
+        st = self._stat(number)
+        return None if st is None else st.st_size
 
     def _check_unchanged(self, number: int) -> None:
         """A shard cut short (or grown: written over) under the open file is an error: HDF5 reads
