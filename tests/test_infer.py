@@ -364,8 +364,24 @@ def test_explain_refuses_rows_its_catalogs_input_did_not_predict(run_on_survey, 
                "--out", str(tmp_path / "explain")]
     assert main(explain) == 0
     leftover = tmp_path / "explain" / ".top_candidates.png.k1ll3d_c.tmp"  # a figure's write killed
+    foreign = tmp_path / "explain" / ".notes.txt.zz99yy88.tmp"  # another program's, in a shared folder
     leftover.write_text("half")
-    assert main([*explain, "--overwrite"]) == 0 and not leftover.exists()
+    foreign.write_text("being written")
+    assert main([*explain, "--overwrite"]) == 0 and not leftover.exists() and foreign.exists()
+    # An image that gives no finite probability now (a catalog without INPUTSHA, of an older dmhpc,
+    # and its input saved again with a NaN): one line, not a KeyError traceback.
+    older = tiles[0].copy()
+    del older.meta["INPUTSHA"]
+    older.write(tmp_path / "older.parquet", format="parquet")
+    top = int(np.asarray(tiles[0]["index"])[np.argmax(np.asarray(tiles[0]["p_merger"]))])
+    images = np.load(tmp_path / "tile0.npy")
+    images[top, 0, 3, 3] = np.nan
+    np.save(tmp_path / "tile0.npy", images)
+    capsys.readouterr()
+    assert main(["explain", "--run", str(run_on_survey), "--catalog", str(tmp_path / "older.parquet"), "--n", "3",
+                 "--out", str(tmp_path / "explain-older")]) == 1
+    err = capsys.readouterr().err
+    assert f"non-finite merger probability for image {top}" in err and len(err.splitlines()) == 1, err
 
 
 def test_explain_reads_srcargs_of_older_catalogs_and_refuses_edited_ones(survey, run_on_survey, tmp_path, capsys):

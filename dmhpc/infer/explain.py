@@ -201,7 +201,8 @@ def _claim_out(out: Path, overwrite: bool) -> None:
     that record (a killed explain's, or someone's own) are refused likewise, and with `overwrite`
     every file name an explain writes is removed."""
     record = out / "explain.json"
-    remove_orphans(out)  # a killed explain's half-written figures (by the names atomic writes give them)
+    # A killed explain's half-written files: its own names only (the folder may be shared: a catalog's).
+    remove_orphans(out, of=(*GRID_NAMES, record.name))
     if not record.is_file():
         figures = sorted(p.name for p in out.glob("*.png")) if out.is_dir() else []
         if figures and not overwrite:
@@ -303,7 +304,9 @@ def _check_read_back(catalog: Path, meta, model: Model, norm: Normalizer, images
     (catalogs of survey tiles stacked keep one tile's metadata)."""
     amp = str(meta.get("AMP", "none"))
     model.amp = amp if amp in READ_BACK_TOLERANCE else "none"
-    now = batch_columns(model, norm, images.copy(), {}, str(meta.get("TTA")) == "True")["p_merger"]
+    # (index and id: what a non-finite probability's one line names)
+    now = batch_columns(model, norm, images.copy(), {"index": index, "id": index},
+                        str(meta.get("TTA")) == "True")["p_merger"]
     far = np.flatnonzero(np.abs(now - probs) > READ_BACK_TOLERANCE[model.amp])
     if len(far):
         k = far[0]
