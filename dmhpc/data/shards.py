@@ -912,7 +912,8 @@ def fingerprint(manifest: dict) -> str:
 # Manifests read, by the identity of their file (device, inode, size, modification time): a run
 # read each of its two ~10 times (preflight, loaders, every evaluation), each a parse, a check of
 # every field and two hashes of the whole: minutes per rank at 1e8 rows. A file written again (in
-# place or replaced, as prepare does) is another file and read anew.
+# place or replaced, as prepare does) is another file and read anew (where a file system keeps whole
+# seconds only, an in-place rewrite of the same size within the second it was read is not seen).
 _LOADED: dict[tuple, list] = {}  # identity -> [manifest, its fingerprint or None]
 _LOADED_LIMIT = 4
 
