@@ -126,6 +126,44 @@ def test_explain_draws_a_grid_per_domain_and_class(survey, run_on_survey, tmp_pa
     assert (out / "sub").is_dir() and (out / "notes.txt").read_text() == "mine"
 
 
+EXPLAIN_COUNTING_FIGURES = """
+import os, sys
+from dmhpc.infer import explain
+
+draw = explain.attribution_grid
+
+
+def counted(*args, **kwargs):
+    with open(sys.argv[1], "a") as f:
+        f.write(os.environ["RANK"] + "\\n")
+    return draw(*args, **kwargs)
+
+
+explain.attribution_grid = counted
+from dmhpc.cli import main
+sys.exit(main(["explain", *sys.argv[2:]]))
+"""
+
+
+def test_explain_under_a_launcher_draws_on_one_rank(run_on_survey, tmp_path):
+    """Under torchrun every rank drew and wrote the same figures, and rank 0's lock on --out was
+    released when it ended, while the others could still be writing."""
+    pytest.importorskip("captum")
+    import subprocess
+
+    from tests.conftest import BIN, ROOT, clean_env
+
+    script, log = tmp_path / "explain_counting.py", tmp_path / "drawn"
+    script.write_text(EXPLAIN_COUNTING_FIGURES)
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), str(log),
+                           "--run-dir", str(run_on_survey), "--count", "2", "--out", str(tmp_path / "explain")],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    drawn = log.read_text().split()
+    assert drawn and set(drawn) == {"0"}, drawn
+    assert (tmp_path / "explain" / "explain.json").is_file()
+
+
 def test_explain_names_drawn_galaxies_by_their_input_row(tmp_path):
     """The names were the rows as stored (splits one after another), not the input's: "row 34" was
     the input's row 14, another galaxy than predict's `index` 34."""

@@ -42,7 +42,7 @@ from dmhpc.checks import show
 from dmhpc.data.batches import Normalizer
 from dmhpc.data.inputs import CATALOG_FORMATS
 from dmhpc.data.shards import RowReader, fingerprint, is_labelled, load_manifest, split_rows
-from dmhpc.distributed import bootstrap, on_main, shutdown
+from dmhpc.distributed import bootstrap, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, inside, locked_directory, remove_orphans
 from dmhpc.infer.predict import CSV_SHA, HDF5_TABLE, Model, batch_columns, provenance_file
@@ -335,6 +335,10 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
     dist = bootstrap()
     held = contextlib.ExitStack()
     try:
+        # Under a launcher the figures are one process's work: every rank drew and wrote the same
+        # ones, and rank 0's lock on --out went with it while others still wrote.
+        if not dist.is_main:
+            return []
         table = None
         if catalog is not None:
             table = _read_catalog(Path(catalog))
@@ -361,13 +365,10 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
                              f"(the run's images have {channels} filters)")
 
         def claim_out() -> None:  # once the inputs are read: a typo in them must not cost the old grids
-            def claim() -> None:
-                # Held to the end: two explains into one folder both found no explain.json, and wrote
-                # over each other's grids under the last one's record.
-                held.enter_context(locked_directory(out, "dmhpc explain"))
-                _claim_out(out, overwrite)
-
-            on_main(claim)
+            # Held to the end: two explains into one folder both found no explain.json, and wrote
+            # over each other's grids under the last one's record.
+            held.enter_context(locked_directory(out, "dmhpc explain"))
+            _claim_out(out, overwrite)
 
         written: dict[Path, list] = {}  # grid -> the names of its rows, in order
         if catalog is not None:
@@ -419,19 +420,18 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
                 norm = Normalizer(*model.normalization(role), dist.device)
                 written.update(_explain_domain(model, norm, drawn[name], name, run, out, n, seed, directory.name,
                                                rgb))
-        if dist.is_main:
-            atomic_write(out / "explain.json", json.dumps({
-                "run": str(run.path.resolve()), "checkpoint": model.checkpoint, "data": explained,
-                "fingerprints": prints,
-                "seed": None if catalog is not None else seed,
-                "target_class": "merger",
-                "grad_cam_layer": type(model.net.last_conv_block()).__name__, "rgb": list(rgb),
-                "ig_baseline": "zeros after normalization (each filter's mean pixel value, flat)",
-                "ig_shown": "summed over filters, signed (positive: towards merger)",
-                "files": [p.name for p in written], "rows": {p.name: names for p, names in written.items()}},
-                indent=2) + "\n")
-            for p in written:
-                print(f"wrote {p}")
+        atomic_write(out / "explain.json", json.dumps({
+            "run": str(run.path.resolve()), "checkpoint": model.checkpoint, "data": explained,
+            "fingerprints": prints,
+            "seed": None if catalog is not None else seed,
+            "target_class": "merger",
+            "grad_cam_layer": type(model.net.last_conv_block()).__name__, "rgb": list(rgb),
+            "ig_baseline": "zeros after normalization (each filter's mean pixel value, flat)",
+            "ig_shown": "summed over filters, signed (positive: towards merger)",
+            "files": [p.name for p in written], "rows": {p.name: names for p, names in written.items()}},
+            indent=2) + "\n")
+        for p in written:
+            print(f"wrote {p}")
         return list(written)
     finally:
         held.close()
