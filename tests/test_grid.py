@@ -543,8 +543,11 @@ def test_a_finished_point_of_another_job_shape_is_refused(tmp_path):
     from dmhpc.config import config_to_dict
     from dmhpc.train.checkpoint import save_checkpoint
 
+    # Data sets that do not exist: the recorded fingerprints below are no real ones (the embedded
+    # set's, prepared by `make demo`, made the launcher refuse the point as trained on other data).
     spec = {"base": str(TINY), "out": str(tmp_path / "g"), "executor": "slurm", "grid": {"seed": [1]},
-            "slurm": {"nodes": 1, "tasks_per_node": 1}}
+            "slurm": {"nodes": 1, "tasks_per_node": 1},
+            "overrides": {"data.source": str(tmp_path / "s"), "data.target": str(tmp_path / "t")}}
     (point,) = load_grid(spec).points
     run = point.run
     claim = run.claim(point.config, "auto")
