@@ -118,6 +118,7 @@ class RunDir:
         self.path = Path(path)
         self._lock_file: IO | None = None
         self._made: list[Path] = []  # folders the claim created, nearest first
+        self._attempt: dict | None = None  # the claim's SLURM job attempt (`DistInfo.attempt`)
 
     # --- the layout -------------------------------------------------------------------------------
     @property
@@ -245,6 +246,20 @@ class RunDir:
             raise DmhpcError(f"{self.record_path}: {exc}") from None
         return record.get("data", {})
 
+    def started_attempts(self, job: str) -> list[int] | None:
+        """The restart counts of the attempts of SLURM job `job` that started this run ([] for none,
+        or a run not started yet); None for a run.json of a dmhpc before they were recorded."""
+        if not self.record_path.is_file():
+            return []
+        record = _read_json(self.record_path)
+        try:
+            check_record(record)
+        except Unfit as exc:
+            raise DmhpcError(f"{self.record_path}: {exc}") from None
+        if "attempts" not in record:
+            return None
+        return list(record["attempts"]["started"]) if record["attempts"]["job"] == job else []
+
     def refuse_prepared_again(self, role: str, directory, now: str, instead: str, trained: Mapping) -> None:
         """Refuse the run's own `role` data set, at `directory` with manifest fingerprint `now`, when
         it was prepared again since the checkpoint used trained on it (`trained`: its data sets by
@@ -370,6 +385,7 @@ class RunDir:
         """
         self._check_owner()
         self._lock(attempt, stopped)
+        self._attempt = dict(attempt) if attempt else None
         existed = self.holds_run()
         if resume == "none":
             if existed and not overwrite:
@@ -628,6 +644,17 @@ class RunDir:
         Removes the orphan temporary files of killed writes, the old run's files when it is being
         replaced, writes config.yaml and run.json, and cuts the log back to `step`.
         """
+        # The attempts of this SLURM job that started the run, this one added (check_requeue_progress
+        # counts those that wrote no checkpoint since): read before run.json goes. Kept through a
+        # start that found nothing trained to resume (a "replacement" of the run by itself).
+        job = self._attempt["job"] if self._attempt else None
+        try:
+            started = (self.started_attempts(job) or []) if job is not None else []
+        except DmhpcError:  # a run.json edited by hand: refused on resume, here replaced with the run
+            if not claim.replaces:
+                raise
+            started = []
+        attempts = {"job": job, "started": [*started, *([self._attempt["restart"]] if job is not None else [])]}
         if claim.replaces:
             # config.yaml last: it is what makes the folder a run, and a replacement killed midway
             # must leave one that --overwrite (or a resume) still accepts, not "not a dmhpc run".
@@ -656,7 +683,7 @@ class RunDir:
         save_config(cfg, self.config_path)
         atomic_write(self.record_path, json.dumps({
             "format": FORMAT, "version": VERSION, "created_by": f"dmhpc {__version__}",
-            "data": {k: dict(v) for k, v in data.items()}}, indent=2) + "\n")
+            "data": {k: dict(v) for k, v in data.items()}, "attempts": attempts}, indent=2) + "\n")
         dropped = self.truncate_log(step)
         cleaned = {"orphans_removed": files, "orphan_bytes": size, "log_records_dropped": dropped}
         return {**cleaned, "waiting_best": waiting_best} if waiting_best else cleaned

@@ -68,6 +68,12 @@ def check_record(record: dict) -> None:
             _expect(isinstance(values, list) and len(values) == shape[0] and all(is_number(v) for v in values),
                     f"{key}.{name}", f"{shape[0]} finite numbers, one per channel", values)
         _expect(all(v > 0 for v in entry["std"]), f"{key}.std", "standard deviations above 0", entry["std"])
+    if "attempts" in record:
+        attempts = record["attempts"]
+        _expect(isinstance(attempts, dict) and set(attempts) == {"job", "started"}
+                and (attempts["job"] is None or isinstance(attempts["job"], str))
+                and isinstance(attempts["started"], list) and all(is_int(r, 0) for r in attempts["started"]),
+                "attempts", "{job: a SLURM job id or null, started: its attempts' restart counts}", attempts)
 
 
 def _check_metrics(metrics, key: str) -> None:

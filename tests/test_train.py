@@ -562,30 +562,45 @@ def test_a_hand_edited_checkpoint_is_one_line(data, tmp_path, capsys):
 def test_a_job_requeued_twice_without_a_checkpoint_stops_requeueing(data, tmp_path, monkeypatch, capsys):
     """The launchers requeue after a stop signal whether or not the stop's save succeeded (the next
     attempt resumes from the last checkpoint). A save that fails every time (a quota reached) made a
-    job requeue forever, each attempt running to its time limit and saving nothing."""
+    job requeue forever, each attempt running to its time limit and saving nothing. Only attempts
+    that started the run count: counted from the job's restart count alone, a new run.dir in a job
+    requeued twice (a batch script training runs in turn, grid points inside a job) was refused."""
+    from dmhpc.train import loop
+
     run = tmp_path / "run"
     argv = ["train", "--config", str(TINY), *_overrides(data, run)]
     last = run / "checkpoints" / "last.pt"
+    save = loop.save_checkpoint
+
+    def full(path, content):
+        raise DmhpcError(f"{path}: cannot write: No space left on device (disk full or over quota); nothing written")
+
+    def attempt(restart, *extra, saves=True):
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart))
+        monkeypatch.setattr(loop, "save_checkpoint", save if saves else full)
+        return main([*argv, "train.epochs=1", *extra])
+
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")  # attempts 0 and 1 wrote nothing
-    assert main([*argv, "train.epochs=1", "train.max_steps=1"]) == 1
+    assert attempt(5, "train.max_steps=1", f"run.dir={tmp_path / 'new'}") == 0  # attempts 0-4 never reached it
+    assert [attempt(r, "train.max_steps=1", saves=False) for r in (0, 1)] == [1, 1]  # started, saved nothing
+    capsys.readouterr()
+    assert attempt(2, "train.max_steps=1") == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{last}: job 4242 was requeued 2 times, the last 2 without a checkpoint " \
         f"(and none of its attempts wrote it); not training again" in err, err
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # one attempt lost (a node failed, say): trained
-    assert main([*argv, "train.epochs=1", "train.max_steps=1"]) == 0
-    assert torch.load(last, weights_only=True)["attempt"] == {"job": "4242", "restart": 1}
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")  # attempt 2 wrote nothing
-    assert main([*argv, "train.epochs=1", "train.max_steps=2"]) == 0
-    assert torch.load(last, weights_only=True)["attempt"] == {"job": "4242", "restart": 3}
-    monkeypatch.setenv("SLURM_RESTART_COUNT", "6")  # attempts 4 and 5 wrote nothing
+    monkeypatch.setenv("SLURM_JOB_ID", "4243")  # submitted again
+    assert attempt(0, "train.max_steps=1") == 0
+    assert torch.load(last, weights_only=True)["attempt"] == {"job": "4243", "restart": 0}
+    assert attempt(3, "train.max_steps=2") == 0  # attempts 1 and 2 ran other things: trained
+    assert torch.load(last, weights_only=True)["attempt"] == {"job": "4243", "restart": 3}
+    assert [attempt(r, "train.max_steps=3", saves=False) for r in (4, 5)] == [1, 1]
     capsys.readouterr()
-    assert main([*argv, "train.epochs=1", "train.max_steps=3"]) == 1
+    assert attempt(6, "train.max_steps=3") == 1
     err = capsys.readouterr().err
     assert "was requeued 6 times, the last 2 without a checkpoint (since attempt 3 wrote it)" in err, err
     assert err.count("\n") == 1 and torch.load(last, weights_only=True)["step"] == 2
     # Submitted again (a new job): trained on.
-    monkeypatch.setenv("SLURM_JOB_ID", "4243")
+    monkeypatch.setenv("SLURM_JOB_ID", "4244")
     monkeypatch.delenv("SLURM_RESTART_COUNT")
     assert main([*argv, "train.epochs=1", "train.max_steps=3"]) == 0
     assert torch.load(last, weights_only=True)["step"] == 3

@@ -158,10 +158,14 @@ def unfit(path: str | os.PathLike, exc: Exception) -> DmhpcError:
 IDLE_ATTEMPTS = 2
 
 
-def check_requeue_progress(path: Path, state: dict | None, now: dict | None) -> None:
-    """Refuse to train in a requeued SLURM job whose previous IDLE_ATTEMPTS attempts wrote no
-    checkpoint. `path` is the run's last.pt, `state` what it holds (None: there is none yet), `now`
-    this attempt (`DistInfo.attempt`); checkpoints record the attempt that wrote them as "attempt".
+def check_requeue_progress(path: Path, state: dict | None, now: dict | None, started: list[int] | None) -> None:
+    """Refuse to train in a requeued SLURM job whose previous IDLE_ATTEMPTS attempts that started
+    this run wrote no checkpoint. `path` is the run's last.pt, `state` what it holds (None: there is
+    none yet), `now` this attempt (`DistInfo.attempt`), `started` the restart counts of this job's
+    attempts that started the run (`RunDir.started_attempts`; None where run.json predates them:
+    every earlier attempt is then taken to have). Checkpoints record the attempt that wrote them as
+    "attempt". Counted from the job's restart count alone, attempts that never reached this run (a
+    new run.dir in a job requeued twice, grid points run inside one) refused it.
 
     The requeue after a stop signal (slurm/lib.sh, submitit) happens whether or not the stop's save
     succeeded: a quota reached, or a stop longer than the signal's warning time, otherwise fails
@@ -173,7 +177,8 @@ def check_requeue_progress(path: Path, state: dict | None, now: dict | None) -> 
     written = state.get("attempt") if state is not None else None
     by_this_job = isinstance(written, dict) and written.get("job") == now["job"] and \
         isinstance(written.get("restart"), int)
-    idle = now["restart"] - 1 - (written["restart"] if by_this_job else -1)
+    since = written["restart"] if by_this_job else -1
+    idle = now["restart"] - 1 - since if started is None else len({r for r in started if since < r < now["restart"]})
     if idle >= IDLE_ATTEMPTS:
         since = (f"since attempt {written['restart']} wrote it" if by_this_job
                  else "and none of its attempts wrote it")

@@ -96,11 +96,15 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
     state = TrainState.build(cfg, dist.device, manifests["source"]["shape"][0])
     agree(lambda: preflight.check_model_input(cfg, state.model.backbone, manifests["source"]["shape"], dist.device))
     last = run.checkpoint("last")
+
+    def started() -> list[int] | None:  # this job's attempts that started the run
+        return run.started_attempts(dist.attempt["job"]) if dist.attempt else []
+
     if claim.resume_from is not None:
         def resume() -> None:
             saved = load_checkpoint(claim.resume_from)
             if claim.resume_from == last:
-                check_requeue_progress(last, saved, dist.attempt)
+                check_requeue_progress(last, saved, dist.attempt, started())
             if claim.own and not state.model.reads_target and "forward" not in saved:
                 raise DmhpcError(f"{claim.resume_from}: a run without adaptation begun by an older dmhpc, whose steps "
                                  f"passed the target batch through BatchNorm too (docs/training.md, \"What a step "
@@ -112,7 +116,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
 
         agree(resume)
     elif resume == "auto":
-        agree(lambda: check_requeue_progress(last, None, dist.attempt))
+        agree(lambda: check_requeue_progress(last, None, dist.attempt, started()))
     prog = state.progress
     if claim.resume_from is not None and not claim.own:
         # A new run from another's checkpoint selects among its own epochs: the other run's best
