@@ -43,6 +43,12 @@ dmhpc_cpus_per_node() {
 dmhpc_nproc_per_node() {
     local gpus
     if [ -n "${NPROC_PER_NODE:-}" ]; then
+        # Checked: 0 or "2x" broke the arithmetic below, which ended the launch command early without
+        # a status, and the job ran nothing and exited 0.
+        if ! [[ $NPROC_PER_NODE =~ ^[1-9][0-9]*$ ]]; then
+            echo "dmhpc: NPROC_PER_NODE=$NPROC_PER_NODE: expected a number of ranks per node, 1 or more" >&2
+            return 2
+        fi
         echo "$NPROC_PER_NODE"
     elif [ "${SLURM_GPUS_ON_NODE:-0}" -gt 0 ]; then
         echo "$SLURM_GPUS_ON_NODE"
@@ -64,7 +70,7 @@ dmhpc_nproc_per_node() {
 #       SLURM_STEP_NUM_TASKS and the MASTER_ADDR/MASTER_PORT exported here.
 dmhpc_launch_command() {
     local python=${PYTHON:-python} nnodes=${SLURM_NNODES:-1} nproc cpus DMHPC_RDZV_ADDR DMHPC_RDZV_PORT
-    nproc=$(dmhpc_nproc_per_node)
+    nproc=$(dmhpc_nproc_per_node) || return 2
     # --gpus=N over several nodes may give them different counts; torchrun and srun start as many
     # ranks on every node as this one has, and the rest never meet.
     local total=${SLURM_GPUS:-}
@@ -84,6 +90,16 @@ dmhpc_launch_command() {
     local ignore_usr2=(bash -c 'trap "" USR2; exec "$@"' dmhpc-task)
     case ${DMHPC_LAUNCH:-torchrun} in
     torchrun)
+        # srun reads SLURM_GPUS_PER_TASK as its own --gpus-per-task: the one task per node would get
+        # that many GPUs for all its workers, and they stopped at start sharing one.
+        local per_task=${SLURM_GPUS_PER_TASK:-}
+        per_task=${per_task##*:}
+        if [ -n "$per_task" ] && [ "$per_task" != "$nproc" ]; then
+            echo "dmhpc: the job asks --gpus-per-task=$SLURM_GPUS_PER_TASK and torchrun mode runs one task of $nproc" \
+                 "ranks per node, which would get $per_task GPU(s); DMHPC_LAUNCH=srun runs a task per rank, or ask" \
+                 "--gpus-per-node=$nproc" >&2
+            return 2
+        fi
         # The port comes from the job id (rendezvous.py), so two jobs on one node can draw the same
         # one; torchrun's c10d store then quietly joined the other job's rendezvous, and one job's end
         # killed the other. One node: a free port of its own. Several: only the first node's task
@@ -131,6 +147,10 @@ dmhpc_launch_command() {
 # same log (--open-mode=append). A run that ends on its own is never requeued.
 dmhpc_run_requeueable() {
     local pid="" rc=0 signalled=0 job
+    if [ $# -eq 0 ]; then  # (an empty launch command "succeeded": a job that ran nothing exited 0)
+        echo "dmhpc: no command to run" >&2
+        return 2
+    fi
     # `wait` below is called again for a process it may have reaped: in POSIX mode (POSIXLY_CORRECT
     # exported by the submitting shell) bash forgets its status then, and a run that succeeded exited 127.
     set +o posix

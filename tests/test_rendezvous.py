@@ -107,6 +107,14 @@ def test_ranks_per_node_come_from_what_the_job_was_given(tmp_path):
     assert nproc(**job, SLURM_NTASKS_PER_NODE="1", SLURM_GPUS_ON_NODE="2") == "2"
     assert nproc(**job, NPROC_PER_NODE="3", SLURM_GPUS_ON_NODE="2") == "3"
     assert nproc() == "8"  # outside a job: the machine's own GPUs
+    # 0 or "2x" broke the launch command's arithmetic: it ended early without a status, and the job
+    # ran an empty command and exited 0.
+    for bad in ("0", "2x", "gpu", "-1", "4,4"):
+        out = _lib("dmhpc_launch_command -m dmhpc.train", tmp_path, **job, NPROC_PER_NODE=bad)
+        assert out.returncode == 2 and out.stderr == (f"dmhpc: NPROC_PER_NODE={bad}: expected a number of ranks "
+                                                      f"per node, 1 or more\n"), (bad, out.stderr)
+    out = _lib("dmhpc_run_requeueable", tmp_path, **job)
+    assert out.returncode == 2 and out.stderr == "dmhpc: no command to run\n", out.stderr
 
 
 def _lib(function: str, tmp_path, **env) -> subprocess.CompletedProcess:
@@ -158,6 +166,15 @@ def test_torchrun_ranks_get_their_share_of_the_cpus_and_uneven_gpus_are_refused(
                                                   "this one; ask --gpus-per-node\n"), out.stderr
     assert _lib("dmhpc_launch_command -m dmhpc.train", tmp_path, **job, SLURM_GPUS="8",
                 SLURM_GPUS_ON_NODE="4").returncode == 0
+    # --gpus-per-task=1 with 4 tasks a node: srun reads SLURM_GPUS_PER_TASK as its own option, and
+    # torchrun mode's one task per node got one GPU for its 4 workers, which stopped at start.
+    gpus = {**job, "SLURM_GPUS_ON_NODE": "4", "SLURM_GPUS_PER_TASK": "1"}
+    out = _lib("dmhpc_launch_command -m dmhpc.train", tmp_path, **gpus)
+    assert out.returncode == 2 and "asks --gpus-per-task=1 and torchrun mode runs one task of 4 ranks per node" \
+        in out.stderr and "DMHPC_LAUNCH=srun" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert _lib("dmhpc_launch_command -m dmhpc.train", tmp_path, **gpus, DMHPC_LAUNCH="srun").returncode == 0
+    assert _lib("dmhpc_launch_command -m dmhpc.train", tmp_path, **{**gpus, "SLURM_GPUS_PER_TASK": "h100:4"}
+                ).returncode == 0  # one task of 4 GPUs a node: what torchrun mode runs
 
 
 def test_an_ipv6_rendezvous_address_is_bracketed():
