@@ -293,6 +293,10 @@ def test_coral_of_a_global_batch_without_two_rows_is_not_finite():
     for rows in (0, 1):
         assert torch.isnan(_covariance(torch.ones(rows, 3, dtype=torch.float64), False)).all(), rows
     assert torch.isfinite(_covariance(torch.randn(2, 3, dtype=torch.float64), False)).all()
+    # Under the local scope 2 rows a domain are the least it takes, and taken; 1 is refused.
+    assert torch.isfinite(coral(torch.randn(2, 3), torch.randn(2, 3), scope="local"))
+    with pytest.raises(DmhpcError, match="at least 2 source and 2 target rows"):
+        coral(torch.randn(1, 3), torch.randn(2, 3), scope="local")
 
 
 def test_entropy_matches_reference_and_gradcheck():

@@ -301,3 +301,23 @@ def test_the_epoch_record_keeps_the_domains_and_the_discriminators_sides_apart()
     record = meter.summary(None)
     assert record["source"]["train"]["accuracy"] == 1.0 and record["target"]["train"]["accuracy"] == 0.0
     assert record["discriminator_accuracy"] == 7 / 8
+
+
+def test_a_non_finite_loss_names_the_terms_of_its_first_bad_step_only():
+    import torch
+
+    from dmhpc.errors import DmhpcError
+    from dmhpc.train.meter import EpochMeter
+
+    class Weights:  # the training state's part check_finite reads: its weights are finite
+        def nonfinite_tensors(self):
+            return []
+
+    nan, one = torch.tensor(math.nan), torch.tensor(1.0)
+    labels = torch.tensor([0, 1])
+    meter = EpochMeter(torch.device("cpu"))
+    meter.add(1, {"mmd": nan, "classifier": one, "total": nan}, {"logits": torch.zeros(4, 2)}, labels, labels)
+    meter.add(2, {"mmd": nan, "classifier": nan, "total": nan}, {"logits": torch.zeros(4, 2)}, labels, labels)
+    with pytest.raises(DmhpcError, match=r"^step 1: loss terms mmd, total not finite \(NaN or Inf\); training "
+                                         r"stopped at step 2"):
+        meter.check_finite(Weights(), None, 2)
