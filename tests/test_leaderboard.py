@@ -156,6 +156,31 @@ def test_a_seed_whose_metric_is_undefined_leaves_the_others_their_mean(tmp_path)
     assert "0.850 ± 0.071 (n=2)" in (grid.out / "summary.md").read_text()
 
 
+def test_summary_marks_baselines_a_dmhpc_before_the_source_alone_forward_trained(tmp_path):
+    """A study run again after the upgrade skipped its finished points: its baseline without
+    adaptation, trained with the target batch through BatchNorm, stood beside runs of now and set
+    the gap closed, unmarked."""
+    from tests.conftest import ROOT
+
+    spec = {"out": str(tmp_path / "out"), "executor": "local", "grid": {"seed": [1, 2]},
+            "methods": {"plain": {"base": str(ROOT / "configs" / "deepmerge-noda.yaml")},
+                        "mmd": {"base": str(TINY)}}}
+    points = list(load_grid(spec).points)
+    for p in points:
+        _finished(p, 0.5, 0.7)
+        best = {"model": {}, "step": 30}
+        if p.values["method"] == "mmd" or p.values["seed"] == 2:
+            best["forward"] = "source alone" if p.values["method"] == "plain" else "source and target"
+        (p.run_dir / "checkpoints").mkdir(parents=True)
+        torch.save(best, p.run_dir / "checkpoints" / "best.pt")
+    rows = summary_rows(points)
+    assert [(r["method"], r["target_through_batchnorm"]) for r in rows] == [("plain", True), ("mmd", False)]
+    write_summary(tmp_path, points)
+    md = (tmp_path / "summary.md").read_text()
+    assert "| plain (target through BatchNorm) | 2/2 |" in md and "| mmd | 2/2 |" in md
+    assert "a dmhpc before 2026-12-03 trained" in md
+
+
 def test_summary_marks_oracle_selection_and_runs_trained_on_the_target(tmp_path):
     spec = study_spec(tmp_path)
     spec["overrides"].update({"data.source": "pristine", "data.target": "noisy"})  # paths are only compared

@@ -59,6 +59,24 @@ def _mean_std(values: list[float]) -> tuple[float, float, int]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else math.nan, len(values)
 
 
+def trained_the_old_way(point: Point) -> bool:
+    """A finished run without adaptation of a dmhpc before 2026-12-03: its steps passed the target
+    batch through BatchNorm with the source's (partly adapted), where this dmhpc passes the source
+    alone; its best.pt records no `forward`. Its numbers are another baseline than a run of now."""
+    import torch  # only where tables are written, and for such runs' best checkpoints, memory-mapped
+
+    from dmhpc.train.objective import reads_target
+
+    if reads_target(point.config.loss):
+        return False
+
+    try:
+        state = torch.load(point.run.checkpoint("best"), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # none, or written at this moment: nothing to say
+        return False
+    return isinstance(state, dict) and "forward" not in state
+
+
 def summary_rows(points: Iterable[Point], gap: tuple[str, str] | None = None) -> list[dict]:
     """One row per group of runs that differ only in seed; see the module docstring."""
     groups: dict[tuple, list[Point]] = {}
@@ -71,7 +89,8 @@ def summary_rows(points: Iterable[Point], gap: tuple[str, str] | None = None) ->
         row: dict = {k: v for k, v in members[0].values.items() if k != "seed"}
         row.update(runs=len(members), finished=len(results), seeds=[seed for seed, _ in results],
                    oracle=any(r.get("oracle") for _, r in results),
-                   trained_on_target=members[0].config.data.trains_on_target())
+                   trained_on_target=members[0].config.data.trains_on_target(),
+                   target_through_batchnorm=any(trained_the_old_way(p) for p in members if p.finished))
         for domain in DOMAINS:
             for m in REPORTED_METRICS:
                 values = [r[domain][m] for _, r in results if isinstance(r.get(domain, {}).get(m), (int, float))]
@@ -121,7 +140,7 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    columns = [*keys, "runs", "finished", "seeds", "oracle", "trained_on_target",
+    columns = [*keys, "runs", "finished", "seeds", "oracle", "trained_on_target", "target_through_batchnorm",
                *(f"{d}_{m}_{s}" for d in DOMAINS for m in REPORTED_METRICS for s in ("mean", "std", "n")),
                "target_accuracy_per_seed", *(["gap_closed"] if gap else [])]
     with atomic_path(out / "summary.csv") as tmp, tmp.open("w", newline="") as f:
@@ -141,13 +160,17 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
     if any(r["trained_on_target"] for r in rows):
         lines.append("Rows marked (trained on target) have no separate source domain: their source columns "
                      "are left empty.")
+    if any(r["target_through_batchnorm"] for r in rows):
+        lines.append("Rows marked (target through BatchNorm) hold runs without adaptation that a dmhpc before "
+                     "2026-12-03 trained: their steps passed the target batch through BatchNorm with the "
+                     "source's, a partly adapted baseline; run them again into a new out.")
     header = [*keys, "runs", *(label for _, _, label in MD_COLUMNS), *(["gap closed"] if gap else []),
               "target acc per seed"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         names = [str(r[k]) for k in keys]
-        marks = [m for m, on in (("oracle selection", r["oracle"]), ("trained on target", r["trained_on_target"]))
-                 if on]
+        marks = [m for m, on in (("oracle selection", r["oracle"]), ("trained on target", r["trained_on_target"]),
+                                 ("target through BatchNorm", r["target_through_batchnorm"])) if on]
         runs = f"{r['finished']}/{r['runs']}"
         # A seed-only grid has no key column: the marks go with the run count.
         if marks and names:
