@@ -638,8 +638,11 @@ class RunDir:
                              f"docs/training.md; start a new run.dir, or --resume none --overwrite)")
         return changed
 
-    def start(self, cfg: Config, claim: Claim, data: Mapping[str, Mapping[str, Any]], step: int) -> dict:
+    def start(self, cfg: Config, claim: Claim, data: Mapping[str, Mapping[str, Any]], step: int,
+              trains: bool = True) -> dict:
         """Write the run's identity now that every start-up check passed; returns what was cleaned up.
+        `trains`: False for a finished run started again (its test result checked), which is not
+        recorded among the attempts that started it: it writes no checkpoint.
 
         Removes the orphan temporary files of killed writes, the old run's files when it is being
         replaced, writes config.yaml and run.json, and cuts the log back to `step`.
@@ -654,7 +657,8 @@ class RunDir:
             if not claim.replaces:
                 raise
             started = []
-        attempts = {"job": job, "started": [*started, *([self._attempt["restart"]] if job is not None else [])]}
+        attempts = {"job": job, "started": [*started, *([self._attempt["restart"]] if job is not None and trains
+                                                       else [])]}
         if claim.replaces:
             # config.yaml last: it is what makes the folder a run, and a replacement killed midway
             # must leave one that --overwrite (or a resume) still accepts, not "not a dmhpc run".

@@ -94,7 +94,7 @@ dmhpc_launch_command() {
         # that many GPUs for all its workers, and they stopped at start sharing one.
         local per_task=${SLURM_GPUS_PER_TASK:-}
         per_task=${per_task##*:}
-        if [ -n "$per_task" ] && [ "$per_task" != "$nproc" ]; then
+        if [[ $per_task =~ ^[0-9]+$ ]] && [ "$per_task" -lt "$nproc" ]; then
             echo "dmhpc: the job asks --gpus-per-task=$SLURM_GPUS_PER_TASK and torchrun mode runs one task of $nproc" \
                  "ranks per node, which would get $per_task GPU(s); DMHPC_LAUNCH=srun runs a task per rank, or ask" \
                  "--gpus-per-node=$nproc" >&2

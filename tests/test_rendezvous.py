@@ -175,6 +175,8 @@ def test_torchrun_ranks_get_their_share_of_the_cpus_and_uneven_gpus_are_refused(
     assert _lib("dmhpc_launch_command -m dmhpc.train", tmp_path, **gpus, DMHPC_LAUNCH="srun").returncode == 0
     assert _lib("dmhpc_launch_command -m dmhpc.train", tmp_path, **{**gpus, "SLURM_GPUS_PER_TASK": "h100:4"}
                 ).returncode == 0  # one task of 4 GPUs a node: what torchrun mode runs
+    assert _lib("dmhpc_launch_command -m dmhpc.train", tmp_path, **{**gpus, "SLURM_GPUS_PER_TASK": "4"},
+                NPROC_PER_NODE="2").returncode == 0  # more GPUs than ranks: each rank has one of its own
 
 
 def test_an_ipv6_rendezvous_address_is_bracketed():

@@ -586,8 +586,8 @@ def test_a_job_requeued_twice_without_a_checkpoint_stops_requeueing(data, tmp_pa
     capsys.readouterr()
     assert attempt(2, "train.max_steps=1") == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"{last}: job 4242 was requeued 2 times, the last 2 without a checkpoint " \
-        f"(and none of its attempts wrote it); not training again" in err, err
+    assert err.count("\n") == 1 and f"{last}: job 4242 was requeued 2 times; 2 of its attempts started this run " \
+        f"without writing a checkpoint (and none of its attempts wrote it); not training again" in err, err
     monkeypatch.setenv("SLURM_JOB_ID", "4243")  # submitted again
     assert attempt(0, "train.max_steps=1") == 0
     assert torch.load(last, weights_only=True)["attempt"] == {"job": "4243", "restart": 0}
@@ -597,13 +597,17 @@ def test_a_job_requeued_twice_without_a_checkpoint_stops_requeueing(data, tmp_pa
     capsys.readouterr()
     assert attempt(6, "train.max_steps=3") == 1
     err = capsys.readouterr().err
-    assert "was requeued 6 times, the last 2 without a checkpoint (since attempt 3 wrote it)" in err, err
+    assert "was requeued 6 times; 2 of its attempts started this run without writing a checkpoint (since attempt 3 " \
+        "wrote it)" in err, err
     assert err.count("\n") == 1 and torch.load(last, weights_only=True)["step"] == 2
     # Submitted again (a new job): trained on.
     monkeypatch.setenv("SLURM_JOB_ID", "4244")
     monkeypatch.delenv("SLURM_RESTART_COUNT")
     assert main([*argv, "train.epochs=1", "train.max_steps=3"]) == 0
     assert torch.load(last, weights_only=True)["step"] == 3
+    # A script that trains runs in turn, requeued: the finished run is entered again at every
+    # attempt and writes nothing, which is no attempt that failed to save.
+    assert [attempt(r, "train.max_steps=3") for r in (1, 2, 3, 4)] == [0, 0, 0, 0]
 
 
 def test_a_run_that_took_a_setting_which_did_nothing_still_resumes(data, tmp_path):

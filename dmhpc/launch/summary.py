@@ -67,8 +67,8 @@ def trained_the_old_way(point: Point) -> bool:
 
     from dmhpc.train.objective import reads_target
 
-    if reads_target(point.config.loss):
-        return False
+    if reads_target(point.config.loss) or point.config.data.trains_on_target():
+        return False  # (an oracle's "target" batch was of its own data set: no other domain in BatchNorm)
 
     try:
         state = torch.load(point.run.checkpoint("best"), map_location="cpu", weights_only=True, mmap=True)
@@ -161,9 +161,10 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
         lines.append("Rows marked (trained on target) have no separate source domain: their source columns "
                      "are left empty.")
     if any(r["target_through_batchnorm"] for r in rows):
-        lines.append("Rows marked (target through BatchNorm) hold runs without adaptation that a dmhpc before "
-                     "2026-12-03 trained: their steps passed the target batch through BatchNorm with the "
-                     "source's, a partly adapted baseline; run them again into a new out.")
+        lines.append("Rows marked (target through BatchNorm) hold runs without a term that reads the target "
+                     "(no adaptation, or the Fisher loss alone) that a dmhpc before 2026-12-03 trained: their steps "
+                     "passed the target batch through BatchNorm with the source's, so they were partly adapted; "
+                     "run them again into a new out.")
     header = [*keys, "runs", *(label for _, _, label in MD_COLUMNS), *(["gap closed"] if gap else []),
               "target acc per seed"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -182,8 +182,9 @@ def check_requeue_progress(path: Path, state: dict | None, now: dict | None, sta
     if idle >= IDLE_ATTEMPTS:
         since = (f"since attempt {written['restart']} wrote it" if by_this_job
                  else "and none of its attempts wrote it")
-        raise DmhpcError(f"{path}: job {now['job']} was requeued {now['restart']} times, the last {idle} without "
-                         f"a checkpoint ({since}); not training again to fail the same way: the job's log says "
+        raise DmhpcError(f"{path}: job {now['job']} was requeued {now['restart']} times; {idle} of its attempts "
+                         f"started this run without writing a checkpoint ({since}); not training again to fail the "
+                         f"same way: the job's log says "
                          f"why the stops did not save (a full disk, a stop longer than the signal's warning), "
                          f"then submit it again")
 

@@ -97,8 +97,16 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
     agree(lambda: preflight.check_model_input(cfg, state.model.backbone, manifests["source"]["shape"], dist.device))
     last = run.checkpoint("last")
 
-    def started() -> list[int] | None:  # this job's attempts that started the run
-        return run.started_attempts(dist.attempt["job"]) if dist.attempt else []
+    def started() -> list[int] | None:
+        """This job's attempts that started the run (read only where there were earlier ones)."""
+        if not dist.attempt or dist.attempt["restart"] == 0:
+            return []
+        try:
+            return run.started_attempts(dist.attempt["job"])
+        except DmhpcError:  # a run.json edited by hand: replaced with a run that trained nothing yet
+            if not claim.replaces:
+                raise
+            return []
 
     if claim.resume_from is not None:
         def resume() -> None:
@@ -161,11 +169,12 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
         if cfg.train.max_steps:
             total_steps = min(total_steps, cfg.train.max_steps)
         _check_length(cfg, prog, at(), total_steps, None if claim.own else claim.resume_from)
-        if claim.own and prog.step and at() >= total_steps:
+        finished = bool(claim.own and prog.step and at() >= total_steps)
+        if finished:
             by_steps = bool(cfg.train.max_steps) and total_steps == cfg.train.max_steps
             check_end_evaluated(f"train.max_steps {cfg.train.max_steps}" if by_steps else f"train.epochs {cfg.train.epochs}",
                                 prog.step, on_main(lambda: run.evaluated_at(prog.step)))
-        cleaned = on_main(lambda: run.start(cfg, claim, data_ids, prog.step))
+        cleaned = on_main(lambda: run.start(cfg, claim, data_ids, prog.step, trains=not finished))
     except BaseException:
         loader.close()  # its workers and pipelines end with the refused start
         raise
