@@ -210,6 +210,11 @@ class LossConfig:
     # ("global": the result does not depend on the number of ranks) or per rank ("local").
     scope: str = _key("global", choice("global", "local"))
 
+    def reads_target(self) -> bool:
+        """Whether a term reads the target batch; Fisher reads the source's features and labels only.
+        Without one (no adaptation, the oracle) the source batch passes through the network alone."""
+        return self.transfer != "none" or self.entropy_weight > 0
+
 
 @dataclass(frozen=True)
 class OptimConfig:

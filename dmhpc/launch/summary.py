@@ -63,12 +63,9 @@ def trained_the_old_way(point: Point) -> bool:
     """A finished run without adaptation of a dmhpc before 2026-12-03: its steps passed the target
     batch through BatchNorm with the source's (partly adapted), where this dmhpc passes the source
     alone; its best.pt records no `forward`. Its numbers are another baseline than a run of now."""
-    import torch  # only where tables are written, and for such runs' best checkpoints, memory-mapped
-
-    from dmhpc.train.objective import reads_target
-
-    if reads_target(point.config.loss) or point.config.data.trains_on_target():
+    if point.config.loss.reads_target() or point.config.data.trains_on_target():
         return False  # (an oracle's "target" batch was of its own data set: no other domain in BatchNorm)
+    import torch  # only for such runs' best checkpoints, memory-mapped
 
     try:
         state = torch.load(point.run.checkpoint("best"), map_location="cpu", weights_only=True, mmap=True)

@@ -41,13 +41,6 @@ def term_labels(loss) -> dict[str, str]:
             "total": "total (the weighted sum trained on)"}
 
 
-def reads_target(loss) -> bool:
-    """Whether a term of the objective (the `loss` section) reads the target batch; Fisher reads the
-    source's features and labels only. Without one (no adaptation, the oracle) the source batch
-    passes through the network alone."""
-    return loss.transfer != "none" or loss.entropy_weight > 0
-
-
 class DomainAdaptation(nn.Module):
     """Backbone + the transfer, Fisher and entropy terms of DeepMerge II, as configured."""
 
@@ -66,7 +59,7 @@ class DomainAdaptation(nn.Module):
                                      inter_weight=loss.fisher.inter_weight,
                                      normalize=loss.fisher.normalize, scope=loss.scope, seed=seed)
         self.sigmas = DEEPMERGE_SIGMAS if loss.mmd.sigmas == "deepmerge" else loss.mmd.sigmas
-        self.reads_target = reads_target(loss)
+        self.reads_target = loss.reads_target()
 
     def forward(self, xs: torch.Tensor, ys: torch.Tensor, xt: torch.Tensor, grl_coeff: float):
         """Returns (total loss, {term: detached value}, {name: detached outputs for metrics}); the
