@@ -11,6 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import random
+import shutil
 import subprocess
 import sys
 import threading
@@ -330,6 +331,51 @@ def test_channels_last_batches_come_in_that_layout_with_the_same_values(data, ki
         assert batch[2].is_contiguous(memory_format=torch.channels_last)
     assert not plain[0][0].is_contiguous(memory_format=torch.channels_last)
     _assert_same(plain, nhwc)
+
+
+@pytest.mark.parametrize("kind,workers", CONFIGS)
+def test_a_run_that_never_reads_the_target_gets_the_same_source_batches_and_no_target(data, tmp_path, kind, workers):
+    """Without a term that reads the target (no adaptation, the oracle) the loaders still read,
+    held and shipped every target batch: twice the resident memory and the reads of a baseline."""
+    target = tmp_path / "target"
+    shutil.copytree(data["target"]["dir"], target)
+    for shard in target.glob("*.h5"):  # read, these would fail: the target's rows are never read
+        shard.write_bytes(b"not an HDF5 file")
+    both = _loader(data, kind, workers, augment=True, rank=1, channels_last=True)
+    alone = make_train_loader(kind, data["source"]["dir"], target, batch_size=BATCH, rank=1, world_size=WORLD,
+                              seed=SEED, device="cpu", augment=True, num_workers=workers, cpus=3,
+                              channels_last=True, read_target=False)
+    try:
+        assert len(alone) == len(both) and alone.stats == both.stats  # the target's normalization, for evaluation
+        with_target = [b[:2] for b in _epoch(both, 1)]
+        got = list(alone.epoch(1))
+        assert all(b[2:] == (None, None) for b in got)
+        assert all(b[0].is_contiguous(memory_format=torch.channels_last) for b in got)
+        _assert_same(with_target, [tuple(t.cpu() for t in b[:2]) for b in got])
+    finally:
+        both.close()
+        alone.close()
+
+
+def test_a_run_that_never_reads_the_target_needs_neither_its_rows_nor_its_memory(data, monkeypatch):
+    import dmhpc.data.loaders as loaders
+
+    # 140 target training rows: too few for a global batch of 150, which the source's 168 fill.
+    loader = _loader(data, "gpu-resident", 0, batch_size=150, world=1, read_target=False)
+    loader.close()
+    source = 168 * 3 * 8 * 8 * 4
+    monkeypatch.setattr(loaders, "host_memory_available", lambda: 4 * source)  # the source's split alone fits
+    loader = _loader(data, "auto", 0, world=1, read_target=False)
+    try:
+        assert loader.kind == "gpu-resident", loader.reason
+        assert loader.reason.startswith("the source's training split (0.00 GiB) fit"), loader.reason
+    finally:
+        loader.close()
+    loader = _loader(data, "auto", 0, world=1)
+    try:
+        assert loader.kind != "gpu-resident" and loader.reason.startswith("both training splits"), loader.reason
+    finally:
+        loader.close()
 
 
 @pytest.mark.parametrize("kind,workers", CONFIGS)

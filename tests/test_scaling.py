@@ -373,3 +373,24 @@ def test_a_setup_record_without_its_staging_time_leaves_that_cell_empty(tmp_path
     (point.run_dir / "metrics.jsonl").write_text('{"kind": "setup", "step": 0, "world_size": 1}\n')
     row = measure(point)
     assert math.isnan(row["staging_s"]) and row["loader"] == "" and row["status"] == "not finished"
+
+
+@pytest.mark.parametrize("noda", [False, True])
+def test_a_points_throughput_counts_the_images_its_steps_read(tmp_path, noda):
+    """Both domains' batches, or the source's alone where no term reads the target: its trainer
+    reads no target batch, and the table doubled its throughput."""
+    from dmhpc.config import load_config
+    from dmhpc.launch.scaling import measure
+    from dmhpc.launch.spec import Point
+
+    overrides = ["loss.transfer=none", "loss.fisher.weight=0", "loss.entropy_weight=0"] if noda else []
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"kind": "setup", "step": 0}, {"kind": "epoch", "epoch": 0, "step": 10, "step_time_s": 9.0},
+               {"kind": "epoch", "epoch": 1, "step": 20, "step_time_s": 0.5}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    point = Point("p", {"model": "deepmerge2", "mode": "weak", "nodes": 1, "gpus_per_node": 2, "batch_per_gpu": 4},
+                  run, load_config(TINY, [f"run.dir={run}", *overrides]))
+    row = measure(point)
+    assert row["images_per_s"] == (1 if noda else 2) * 8 / 0.5
+    assert row["images_per_s_per_gpu"] == row["images_per_s"] / 2

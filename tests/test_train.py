@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from tests.conftest import BIN, ROOT, TINY, clean_env
 from dmhpc.cli import main
@@ -71,6 +72,8 @@ def test_single_process_run_directory(data, tmp_path, capsys):
         for split in ("train", "val"):
             assert set(last[domain][split]) >= {"accuracy", "precision", "recall", "f1", "roc_auc", "brier", "confusion"}
     assert last["images_per_s"] > 0 and last["step_time_s"] > 0
+    batch = yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"]
+    assert last["images_per_s"] * last["step_time_s"] == pytest.approx(2 * batch)  # a source and a target batch
     # The normalization run.json records (predict, export and explain reuse it) is each domain's
     # training split's, computed here from the pixels: the tests of those read it back from run.json.
     from dmhpc.data.shards import RowReader, load_manifest
@@ -312,6 +315,7 @@ def test_three_ranks_resumed_end_with_the_bits_of_a_run_never_stopped(data, tmp_
 COMPILED_WITHOUT_CODEGEN = """
 import sys
 import torch
+import yaml
 
 compile = torch.compile
 # Dynamo and its DDP optimizer as in any compiled run; no inductor code generation (minutes on 2 cores).
@@ -614,7 +618,6 @@ def test_a_run_that_took_a_setting_which_did_nothing_still_resumes(data, tmp_pat
     """dmhpc before settings that do nothing were refused took them (optim.warmup_steps under the
     cyclic schedule) into the checkpoint and config.yaml: the file without it now must not count as
     another configuration, and the run's own config.yaml is still read (dmhpc eval)."""
-    import yaml
 
     run = tmp_path / "run"
     argv = ["train", "--config", str(TINY), *_overrides(data, run)]
@@ -640,6 +643,11 @@ def test_a_run_without_adaptation_an_older_dmhpc_began_is_not_resumed_another_wa
     noda = ["loss.transfer=none", "loss.fisher.weight=0", "loss.entropy_weight=0"]
     argv = ["train", "--config", str(TINY), *_overrides(data, run), *noda]
     assert main([*argv, "train.epochs=1"]) == 0
+    # Its loader reads the source's batches alone, and its throughput counts those.
+    assert "loader resident in host memory (the source's training split (" in capsys.readouterr().out
+    epoch = _epoch_records(run)[0]
+    batch = yaml.safe_load((run / "config.yaml").read_text())["train"]["batch_size"]
+    assert epoch["images_per_s"] * epoch["step_time_s"] == pytest.approx(batch)
     assert main([*argv, "train.epochs=2"]) == 0  # (one of this dmhpc)
     last = run / "checkpoints" / "last.pt"
     state = torch.load(last, weights_only=True)

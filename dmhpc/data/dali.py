@@ -93,10 +93,12 @@ def _domain(source: BlockSource, mean, std, augment: bool, square: bool, on_gpu:
 
 
 @pipeline_def(enable_conditionals=True)
-def _pipeline(source, target, stats, augment, square, on_gpu, channels_last):
-    xs, ys = _domain(source, *stats[0], augment, square, on_gpu, channels_last)
-    xt, yt = _domain(target, *stats[1], augment, square, on_gpu, channels_last)
-    return xs, ys, xt, yt
+def _pipeline(sources, stats, augment, square, on_gpu, channels_last):
+    """Images and labels of each domain read (the source, and the target where it is read)."""
+    outputs = []
+    for source, (mean, std) in zip(sources, stats):
+        outputs += _domain(source, mean, std, augment, square, on_gpu, channels_last)
+    return tuple(outputs)
 
 
 class DaliBatches:
@@ -118,7 +120,7 @@ class DaliBatches:
 
     def _build(self, epoch: int, step: int) -> None:
         self.close()
-        source, target = self.domains
+        source = self.domains[0]
         shape = source.manifest["shape"]
         square = shape[1] == shape[2]
         steps = source.stream.steps
@@ -129,7 +131,7 @@ class DaliBatches:
         on_gpu = self.device.type == "cuda"
         spawn = on_gpu or torch.cuda.is_initialized()
         pipe = _pipeline(
-            *callbacks,
+            callbacks,
             [(list(d.mean), list(d.std)) for d in self.domains],
             self.augment,
             square,
@@ -145,12 +147,12 @@ class DaliBatches:
             prefetch_queue_depth=2,
         )
         self._iter = DALIGenericIterator(
-            [pipe], ["xs", "ys", "xt", "yt"], auto_reset=False, prepare_first_batch=False
+            [pipe], ["xs", "ys", "xt", "yt"][:2 * len(self.domains)], auto_reset=False, prepare_first_batch=False
         )
         self._next = (epoch, step)
 
     def batches(self, epoch: int, start_step: int):
-        """Yield (xs, ys, xt, yt) for steps start_step.. of `epoch`."""
+        """Yield (xs, ys, xt, yt), or (xs, ys) where the target is not read, for steps start_step.. of `epoch`."""
         steps = self.domains[0].stream.steps
         if start_step >= steps:
             return
@@ -160,10 +162,10 @@ class DaliBatches:
         done = False
         try:
             nhwc = self.memory_format == torch.channels_last
+            names = ("xs", "ys", "xt", "yt")[:2 * len(self.domains)]
             for out in it:
                 data = out[0]
-                xs, xt = (data[k].permute(0, 3, 1, 2) if nhwc else data[k] for k in ("xs", "xt"))
-                yield xs, data["ys"], xt, data["yt"]
+                yield tuple(data[k].permute(0, 3, 1, 2) if nhwc and k.startswith("x") else data[k] for k in names)
             done = True
         finally:
             if it is self._iter:  # not replaced by a later call

@@ -1,9 +1,10 @@
 """Training and evaluation batches from sharded data sets (docs/data-format.md).
 
 `make_train_loader` gives one rank its paired (source, target) training batches, by one of three
-kinds behind one interface (`TrainLoader` over a `dmhpc.data.batches.Batches`):
+kinds behind one interface (`TrainLoader` over a `dmhpc.data.batches.Batches`); a run without a
+term that reads the target gets its source batches alone:
 
-- `gpu-resident` (dmhpc/data/resident.py): both training splits are read once and kept on the
+- `gpu-resident` (dmhpc/data/resident.py): the training splits read are loaded once and kept on the
   device; batches are gathered there by index, then flipped, rotated and normalized there.
 - `dali` (dmhpc/data/dali.py): a DALI pipeline whose parallel external source reads the shards.
 - `torch` (dmhpc/data/torch_blocks.py): a torch DataLoader whose worker processes read the
@@ -37,7 +38,7 @@ KINDS = ("gpu-resident", "dali", "torch")
 ORDER = {"gpu-resident": "rows", "dali": "blocks", "torch": "blocks"}
 # What `auto` resumes an epoch begun by dali or torch with: whichever of the two runs here now.
 STREAMED = "dali or torch"
-# `auto` keeps the data on the GPU when both training splits take at most this share of the
+# `auto` keeps the data on the GPU when the training splits read take at most this share of the
 # free device memory: the rest is for the model, activations and the allocator's slack.
 _RESIDENT_SHARE = 0.25
 
@@ -46,13 +47,16 @@ class TrainLoader:
     """One rank's paired (source, target) training batches; made by `make_train_loader`.
 
     `len(loader)` is the number of steps per epoch (the same on every rank); `kind` is the
-    loader kind in use and `reason` says in one line why it was chosen.
+    loader kind in use and `reason` says in one line why it was chosen. `domains` are both
+    domains (their normalization); `backend` reads the first `reads` of them.
     """
 
-    def __init__(self, kind: str, reason: str, domains: list[Domain], backend: Batches, device: torch.device):
+    def __init__(self, kind: str, reason: str, domains: list[Domain], backend: Batches, device: torch.device,
+                 reads: int = 2):
         self.kind, self.reason, self._device = kind, reason, device
         self._domains = domains
         self._backend = backend
+        self._reads = reads
         self._epochs = weakref.WeakSet()  # epoch iterators not yet finished or collected
         self._started = 0  # epochs started: only the latest may be read (see `epoch`)
 
@@ -74,8 +78,9 @@ class TrainLoader:
         """Iterator of (xs, ys, xt, yt) on the device for steps start_step, ..., len(self) - 1.
 
         xs, xt: normalized float32 (B, C, H, W); ys, yt: int64 (B,) labels (yt for reporting
-        only). The batches depend only on (seed, epoch, step, rank): starting at `start_step`
-        yields exactly the tail of the whole epoch, which makes resuming exact.
+        only); xt and yt are None where the target is not read. The batches depend only on (seed,
+        epoch, step, rank): starting at `start_step` yields exactly the tail of the whole epoch,
+        which makes resuming exact.
         """
         if epoch < 0 or not 0 <= start_step <= len(self):
             raise DmhpcError(
@@ -83,7 +88,10 @@ class TrainLoader:
                 " (resuming with another batch size, world size or data set?)"
             )
         self._started += 1
-        batches = self._latest_only(_one_line_failures(self._backend.batches(epoch, start_step)), self._started)
+        batches = self._backend.batches(epoch, start_step)
+        if self._reads == 1:
+            batches = _without_target(batches)
+        batches = self._latest_only(_one_line_failures(batches), self._started)
         self._epochs.add(batches)
         return batches
 
@@ -106,6 +114,13 @@ class TrainLoader:
         for batches in list(self._epochs):
             batches.close()  # a suspended epoch holds the pipeline or DataLoader iterator alive
         self._backend.close()
+
+
+def _without_target(batches):
+    """The source's (xs, ys) batches as (xs, ys, None, None); closing this closes `batches`."""
+    with contextlib.closing(batches):
+        for batch in batches:
+            yield (*batch, None, None)
 
 
 _TRACEBACK = "Traceback (most recent call last):"
@@ -249,10 +264,11 @@ def _stat(directory: Path, name: str) -> int:
     return 0
 
 
-def choose_kind(kind: str, device: torch.device, need: int, local_ranks: int = 1) -> tuple[str, str]:
+def choose_kind(kind: str, device: torch.device, need: int, local_ranks: int = 1,
+                what: str = "both training splits") -> tuple[str, str]:
     """(loader kind, why) for `data.loader`, the same on every rank.
 
-    `auto` keeps both training splits resident when they take at most a quarter of the memory the
+    `auto` keeps the training splits read (`need` bytes) resident when they take at most a quarter of the memory the
     ranks can count on (free GPU memory; on a CPU, the memory available to the process shared by
     the node's `local_ranks` ranks, each of which holds its own copy), else streams them with
     DALI where a DALI pipeline actually runs, else with torch. The budget is the smallest over
@@ -272,7 +288,7 @@ def choose_kind(kind: str, device: torch.device, need: int, local_ranks: int = 1
     on_gpu = device.type == "cuda"
     budget = torch.cuda.mem_get_info(device)[0] if on_gpu else host_memory_available() // max(1, local_ranks)
     budget = int(all_reduce_min(torch.tensor([budget], dtype=torch.int64))[0])
-    gib = f"both training splits ({need / 2**30:.2f} GiB)"
+    gib = f"{what} ({need / 2**30:.2f} GiB)"
     where = (f"the {budget / 2**30:.1f} GiB free on {device}" if on_gpu else
              f"the {budget / 2**30:.1f} GiB of host memory each of the node's {max(1, local_ranks)} rank(s) "
              f"can count on") + " (the least over ranks)"
@@ -309,6 +325,7 @@ def make_train_loader(
     channels_last: bool = False,
     local_ranks: int = 1,
     cpus: int | None = None,
+    read_target: bool = True,
 ) -> TrainLoader:
     """The training loader of one rank: `kind` is "auto", "gpu-resident", "dali" or "torch" (or
     STREAMED: an epoch begun by dali or torch resumed under auto).
@@ -320,6 +337,10 @@ def make_train_loader(
     this rank's CPUs (default: its affinity mask); DALI runs min(4, cpus) threads. `num_workers`
     are the reading processes of `dali` (at least 1) and `torch` (0: read in this process), at most
     `cpus` - 1. `auto` and `dali` are decided by `choose_kind`, the same on every rank.
+
+    `read_target`: False for a run whose loss never reads the target's training batches (no
+    adaptation, the oracle): only the source's are read, held and checked, and the epoch's xt and
+    yt are None. The source's batches are the same either way (each domain draws its own rows).
 
     On a GPU, `dali` spawns its workers (see dmhpc/data/dali.py), so it may be created after the
     process group; `torch` forks its workers, which never touch CUDA.
@@ -347,7 +368,7 @@ def make_train_loader(
     for domain, (directory, manifest, (mean, std)) in enumerate(zip(dirs, manifests, stats)):
         start, stop = split_rows(manifest, "train")
         rows = stop - start if subset is None else min(subset, stop - start)
-        if rows < batch_size * world_size:
+        if rows < batch_size * world_size and (domain == SOURCE or read_target):
             used = "" if subset is None else f" (subset {subset})"
             raise DmhpcError(
                 f"{directory}: {rows} training rows{used}, fewer than one global batch"
@@ -355,7 +376,9 @@ def make_train_loader(
             )
         stream = Stream(start, rows, batch_size, world_size, rank, seed, domain)
         domains.append(Domain(directory, manifest, stream, mean, std))
-    kind, reason = choose_kind(kind, device, sum(d.nbytes for d in domains), local_ranks)
+    read = domains if read_target else domains[:1]
+    kind, reason = choose_kind(kind, device, sum(d.nbytes for d in read), local_ranks,
+                               "both training splits" if read_target else "the source's training split")
     ignore = IgnoreSignals(tuple(stop_signals))
     cpus = cpus or len(cpu_mask())
     if kind in ("torch", "dali") and num_workers > cpus - 1:
@@ -367,14 +390,14 @@ def make_train_loader(
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     backend: Batches
     if kind == "gpu-resident":
-        backend = ResidentBatches(domains, device, augment, fmt)
+        backend = ResidentBatches(read, device, augment, fmt)
     elif kind == "torch":
-        backend = TorchBlocks(domains, device, augment, num_workers, ignore, fmt)
+        backend = TorchBlocks(read, device, augment, num_workers, ignore, fmt)
     else:
         from dmhpc.data.dali import DaliBatches  # DALI is optional and heavy to import
 
-        backend = DaliBatches(domains, device, augment, num_workers, ignore, fmt, cpus)
-    return TrainLoader(kind, reason, domains, backend, device)
+        backend = DaliBatches(read, device, augment, num_workers, ignore, fmt, cpus)
+    return TrainLoader(kind, reason, domains, backend, device, len(read))
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -1,4 +1,4 @@
-"""The `gpu-resident` loader kind: the rows in use of both domains held on the device (in host
+"""The `gpu-resident` loader kind: the rows in use of the domains read held on the device (in host
 memory on a CPU), gathered by index per step, then flipped, rotated and normalized there."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ _STAGING_BYTES = 64 << 20
 
 
 class ResidentBatches:
-    """`gpu-resident`: the rows in use of both domains held on the device."""
+    """`gpu-resident`: the rows in use of the domains read (source, target) held on the device."""
 
     def __init__(self, domains: list[Domain], device: torch.device, augment: bool, memory_format):
         self.device, self.augment, self.memory_format = device, augment, memory_format

@@ -13,7 +13,7 @@ from dmhpc.data.shards import RowReader
 
 
 class _BlockReader(torch.utils.data.Dataset):
-    """Reads one step's batches of both domains; its keys are (source ranges, target ranges)."""
+    """Reads one step's batches of the domains read; its keys are (source ranges[, target ranges])."""
 
     def __init__(self, domains: list[Domain]):
         self.readers = [RowReader(d.directory, d.manifest) for d in domains]  # opened in each worker

@@ -314,7 +314,8 @@ def measure(point: Point) -> dict:
     step_time, warmup_excluded = steady_step_time(records)
     staging, loader = staging_seconds(records)
     global_batch = v["batch_per_gpu"] * gpus
-    images = 2 * global_batch / step_time  # NaN when not measured
+    # A step reads both domains' batches, or the source's alone where no loss term reads the target.
+    images = (2 if point.config.loss.reads_target() else 1) * global_batch / step_time  # NaN when not measured
     return {"model": v["model"], "mode": v["mode"], "nodes": v["nodes"], "gpus_per_node": v["gpus_per_node"],
             "gpus": gpus, "batch_per_gpu": v["batch_per_gpu"], "global_batch": global_batch,
             "step_time_s": step_time, "images_per_s": images, "images_per_s_per_gpu": images / gpus,

@@ -140,7 +140,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
         rank=dist.rank, world_size=dist.world_size, seed=cfg.seed, device=dist.device,
         augment=cfg.data.augment, normalize=cfg.data.normalize, num_workers=cfg.data.num_workers,
         subset=subset, stop_signals=cfg.train.signals, channels_last=cfg.train.channels_last,
-        local_ranks=dist.local_world_size, cpus=dist.cpus)
+        local_ranks=dist.local_world_size, cpus=dist.cpus, read_target=state.model.reads_target)
 
     def at() -> int:
         """Where the run is in this world's steps: what the schedules and the run's length count.
@@ -181,6 +181,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
     step = TrainStep(cfg, state, dist, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                      schedule_steps_per_epoch=prog.schedule_steps_per_epoch)
     dirs, stats = {"source": cfg.data.source, "target": cfg.data.target}, loader.stats
+    # The images a step reads, all ranks': a run without a term that reads the target reads the source's alone.
+    images_per_step = (2 if state.model.reads_target else 1) * cfg.train.batch_size * dist.world_size
     prints = {d: data_ids[d]["fingerprint"] for d in dirs}  # what each data set was at the start
 
     # TensorBoard hides events at or after purge_step; the log keeps the records of the step resumed from.
@@ -230,7 +232,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
             rate = bar.format_dict["rate"] or 0.0
             # drawn now, once per log_every steps: a short epoch may end before tqdm's next redraw
             bar.set_postfix(loss=f"{losses['total']:.4g}",
-                            img_s=f"{rate * 2 * cfg.train.batch_size * dist.world_size:.0f}")
+                            img_s=f"{rate * images_per_step:.0f}")
 
     # --- the epoch loop -----------------------------------------------------------------------------
     criterion, stopped = cfg.select.criterion, False
@@ -293,7 +295,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
                 record = {"kind": "epoch", "epoch": prog.epoch, "step": prog.step, "steps": meter.steps,
                           **meter.summary(dist),
                           "lr": cfg.optim.lr * step.lr_scale(at() - 1), "grl": step.grl(at() - 1),
-                          "images_per_s": 2 * meter.steps * cfg.train.batch_size * dist.world_size / max(elapsed, 1e-9),
+                          "images_per_s": meter.steps * images_per_step / max(elapsed, 1e-9),
                           "step_time_s": elapsed / max(meter.steps, 1)}
                 epoch_done = prog.step_in_epoch >= steps_per_epoch
                 if at() >= total_steps or (epoch_done and (prog.epoch + 1) % cfg.train.eval_every == 0):

@@ -114,7 +114,7 @@ class TrainStep:
             self._lr = scale
         if cfg.train.channels_last:
             xs = xs.contiguous(memory_format=torch.channels_last)
-            xt = xt.contiguous(memory_format=torch.channels_last)
+            xt = xt.contiguous(memory_format=torch.channels_last) if xt is not None else None
         whole = torch._dynamo.config.patch(optimize_ddp=False) if self._whole_graph else contextlib.nullcontext()
         with self.autocast, whole:
             loss, terms, outputs = self.forward(xs, ys, xt, self.grl(step))
