@@ -300,6 +300,26 @@ def test_a_debug_point_stopped_by_a_signal_is_said_not_taken_for_done(data, tmp_
     assert (out / "seed=1" / "checkpoints" / "last.pt").is_file()
 
 
+def test_a_debug_point_failing_on_a_users_mistake_is_its_one_line_not_a_debugger(data, tmp_path, monkeypatch):
+    """submitit's debug job opens pdb on its task's exception: at a terminal a point whose data set
+    was missing left the launcher at a (Pdb) prompt; the failure is the point's one line now."""
+    import pdb
+
+    from dmhpc.launch import launch_grid
+
+    opened = []
+    monkeypatch.setattr(pdb, "post_mortem", lambda *a: opened.append(a))
+    out = tmp_path / "out"
+    missing = tmp_path / "missing"
+    overrides = {k: v for k, v in tiny_overrides(data).items() if k != "data.target"}
+    spec = {"base": str(TINY), "out": str(out), "executor": "debug", "overrides": overrides,
+            "grid": {"data.target": [str(missing)]}}
+    with pytest.raises(DmhpcError, match=rf"point data.target=\S+: job \S+ failed: data.target: "
+                                         rf"{missing}/manifest.json: missing"):
+        launch_grid(spec)
+    assert opened == []
+
+
 def test_a_relaunch_compares_data_by_content_as_the_trainer_does(data, tmp_path, capsys):
     """The launcher compared data paths only: a copy of the data at a new path was refused (the
     trainer resumes on it), and data prepared again at the same path passed, so the old run's

@@ -533,7 +533,14 @@ class TrainTask(submitit.helpers.Checkpointable):
                 dist_env.master_addr, dist_env.master_port = slurm_rendezvous(os.environ)
             dist_env.export(set_cuda_visible_devices=False, overwrite=True)
         cfg = config_from_dict(config, source=f"submitted configuration of {config['run']['dir']}")
-        code = train(cfg, resume="auto")
+        try:
+            code = train(cfg, resume="auto")
+        except DmhpcError as exc:
+            if env.cluster != "debug":
+                raise
+            # submitit's debug job opens pdb on its task's exception: kept for a bug's traceback,
+            # while a user's mistake (a missing data set) is the point's one-line failure.
+            return {"rank": env.global_rank, "exit_code": 1, "error": str(exc)}
         # Only where submitit handles the signal (slurm, local): the debug executor runs in the
         # caller's process and installs no handler.
         if code == REQUEUE_EXIT_CODE and env.cluster != "debug":
@@ -919,7 +926,10 @@ def wait_for(jobs: Mapping[str, submitit.Job]) -> dict[str, str]:
         # job, and never returns that result; the debug executor (in this process) does. Taken
         # for a success, the point was unfinished with nothing said.
         codes = [r.get("exit_code") for r in results if isinstance(r, dict)]
-        if any(codes):
+        errors = [r["error"] for r in results if isinstance(r, dict) and r.get("error")]
+        if errors:  # (the debug executor's: see TrainTask)
+            failures[name] = f"job {job.job_id} failed: {errors[0]}"
+        elif any(codes):
             failures[name] = (f"job {job.job_id} stopped before its end (exit {max(codes)}: a stop signal); launch "
                               f"again to resume it")
     return failures
