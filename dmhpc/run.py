@@ -270,6 +270,14 @@ class RunDir:
             raise DmhpcError(f"data.{role} {directory}: prepared again since the run trained on it (manifest "
                              f"fingerprint {was[:12]} -> {now[:12]}); {instead}")
 
+    def data_error(self, key: str, directory, exc: DmhpcError) -> DmhpcError:
+        """`exc`, met reading the run's own data set at `directory` (its config.yaml's `key`), naming
+        the key; a relative path there is read from the current directory, which it says."""
+        relative = "" if Path(directory).is_absolute() else (
+            f" (a relative path: read from the current directory {Path.cwd()}; run this from the directory "
+            f"the run was trained in)")
+        return DmhpcError(f"{key} of {self.config_path}: {exc}{relative}")
+
     def normalization(self, role: str) -> tuple[list[float], list[float]]:
         """(mean, std) per channel the run normalized `role` with."""
         return statistics(self.data_record(role))

@@ -234,6 +234,27 @@ def test_dmhpc_eval_never_finishes_a_run_nor_replaces_another_data_sets_result(m
     assert main(["eval", "--run", str(run.path), "--target", "../noisy-copy"]) == 0
 
 
+def test_a_run_trained_on_relative_paths_says_so_where_eval_and_explain_cannot_find_its_data(
+        make_domains, tmp_path, capsys, monkeypatch):
+    """config.yaml keeps the data paths as given: from another directory the error named neither
+    the key nor that the path is relative, just "pristine/manifest.json: missing"."""
+    data = make_domains(64)
+    run = tmp_path / "run"
+    monkeypatch.chdir(data)
+    assert main(["train", "--config", str(TINY), "data.source=pristine", "data.target=noisy", f"run.dir={run}",
+                 "train.epochs=1"]) == 0
+    monkeypatch.chdir(tmp_path)
+    said = (f"data.source of {run / 'config.yaml'}: pristine/manifest.json: missing; pristine is not a finished "
+            f"dmhpc data set (a relative path: read from the current directory {tmp_path}; "
+            f"run this from the directory the run was trained in)\n")
+    for argv in (["eval", "--run", str(run)], ["explain", "--run", str(run), "--n", "1", "--out", str(tmp_path / "x")]):
+        capsys.readouterr()
+        assert main(argv) == 1
+        assert capsys.readouterr().err == f"dmhpc {argv[0]}: error: {said}"
+    monkeypatch.chdir(data)
+    assert main(["eval", "--run", str(run)]) == 0
+
+
 def test_dmhpc_eval_refuses_data_the_run_cannot_take_and_draws_what_the_data_allow(make_domains, tmp_path, capsys):
     """Images of another shape failed deep in the network with a traceback; two unlabelled data sets
     failed drawing an empty confusion figure after writing the result; the run's own data prepared

@@ -404,7 +404,13 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             domains = {"data": Path(data)} if data is not None else {"source": Path(model.cfg.data.source),
                                                                       "target": Path(model.cfg.data.target)}
             explained = {name: str(directory.resolve()) for name, directory in domains.items()}
-            prints = {name: fingerprint(load_manifest(directory)) for name, directory in domains.items()}
+            prints = {}
+            for name, directory in domains.items():
+                try:
+                    prints[name] = fingerprint(load_manifest(directory))
+                except DmhpcError as exc:
+                    raise (DmhpcError(f"--data: {exc}") if name == "data" else
+                           run.data_error(f"data.{name}", directory, exc)) from None
             if data is not None:
                 check_shape(data, load_manifest(data)["shape"], model.data["source"]["shape"])
             else:  # their "test split" may now hold images the run trained on, as eval refuses

@@ -259,10 +259,15 @@ def _check_data(run: RunDir, cfg, dirs: dict, recorded: dict, own: bool, split: 
     run's data.verify check.
     A run of older dmhpc, which records no shape or fingerprint, is checked against its source data
     set as it is now. `names[role]`: how the user named the data set (data.target, --target)."""
-    trained = recorded.get("source", {}).get("shape") or load_manifest(cfg.data.source)["shape"]
     manifests = {}
     for role in DOMAINS:
-        manifest = manifests[role] = load_manifest(dirs[role])
+        try:
+            manifests[role] = load_manifest(dirs[role])
+        except DmhpcError as exc:
+            raise (run.data_error(names[role], dirs[role], exc) if names[role].startswith("data.")
+                   else DmhpcError(f"{names[role]}: {exc}")) from None
+    trained = recorded.get("source", {}).get("shape") or load_manifest(cfg.data.source)["shape"]
+    for role, manifest in manifests.items():
         check_shape(dirs[role], manifest["shape"], trained)
         if own:
             run.refuse_prepared_again(role, dirs[role], fingerprint(manifest),
