@@ -12,6 +12,7 @@ YAML 1.1 wants `1.0e-4`). `Problems` gathers the problems of a whole file to rep
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import re
@@ -27,7 +28,10 @@ REQUIRED = object()  # marks a key without a default
 
 
 def show(value: Any) -> str:
-    """A value as YAML-like text for messages: true, null, "text", [1, 2]."""
+    """A value as YAML-like text for messages: true, null, "text", [1, 2]; a date as written, which
+    YAML reads unquoted 2024-06-01 as."""
+    if isinstance(value, datetime.date):  # (and datetime)
+        return f"{value.isoformat()} (read as a date: quote it)"
     try:
         return json.dumps(value)
     except (TypeError, ValueError):

@@ -13,6 +13,7 @@ import math
 import time
 from pathlib import Path
 
+from dmhpc.checks import Invalid, integer
 from dmhpc.config import load_config, override_text
 from dmhpc.data.prepare import Options
 from dmhpc.errors import DmhpcError
@@ -41,6 +42,10 @@ def demo_main(args, run_command) -> int:
     out = args.out.resolve()
     raw, shards = out / "data", out / "shards"
     t0 = time.perf_counter()
+    try:  # (synth would refuse it too, as a second line under "demo step failed")
+        integer(1)(args.workers)
+    except Invalid as exc:
+        raise DmhpcError(f"--workers: {exc}") from None
     _check_size(root, args.n_per_class)
     for config in RUNS.values():  # --epochs and --seed as the runs take them: said before minutes of rendering
         load_config(root / config, _overrides(shards, out / Path(config).stem, args))

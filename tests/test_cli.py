@@ -87,6 +87,10 @@ def test_a_demo_too_small_for_one_batch_is_refused_before_rendering(tmp_path, ca
         assert main(["demo", "--out", str(tmp_path / "demo"), flag, value]) == 1
         assert said in capsys.readouterr().err
         assert not (tmp_path / "demo").exists()
+    # --workers, which synth refused after the demo had begun: a second line, "demo step failed"
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--workers", "0"]) == 1
+    assert capsys.readouterr().err == "dmhpc demo: error: --workers: expected a positive integer, got 0\n"
+    assert not (tmp_path / "demo").exists()
 
 
 def test_demo_runs_the_main_job_end_to_end(tmp_path, capsys):

@@ -857,8 +857,9 @@ def test_single_channel_images_train_evaluate_predict_and_export(tmp_path, capsy
     with torch.no_grad():
         got = load_safetensors(out)(torch.from_numpy(raw)).numpy()
     np.testing.assert_allclose(np.asarray(Table.read(tmp_path / "raw.ecsv")["p_merger"]), got, rtol=0, atol=1e-6)
-    # one filter: drawn in grey, the default --rgb unused
+    # one filter: drawn in grey, the default --rgb unused (and not recorded as the colours drawn)
     assert main(["explain", "--run", str(run), "--n", "1", "--out", str(tmp_path / "explain")]) == 0
+    assert json.loads((tmp_path / "explain" / "explain.json").read_text())["rgb"] is None
 
 
 def test_predict_and_export_read_the_statistics_and_test_of_the_weights_they_load(survey, tmp_path):

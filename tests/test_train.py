@@ -1399,3 +1399,17 @@ def test_a_stop_signal_outside_the_epoch_loop_is_caught(data, tmp_path, monkeypa
 
         assert code == 0 and RunDir(run).finished
         assert "SIGTERM after the last step: the run finished its test first" in out
+
+
+def test_the_epoch_line_of_an_epoch_not_evaluated_says_so():
+    """train.eval_every skips epochs: their line showed "val acc source nan target nan" and a score of nan."""
+    from dmhpc.train.loop import _epoch_line
+
+    record = {"epoch": 2, "step": 30, "loss": {"total": 0.5}, "images_per_s": 100.0,
+              "source": {"train": {}}, "target": {"train": {}}}
+    assert _epoch_line(record, "source-val-acc") == ("epoch 2 step 30: loss 0.5000 | not evaluated "
+                                                     "(train.eval_every) | 100 img/s")
+    record.update(source={"val": {"accuracy": 0.75}}, target={"val": {"accuracy": 0.5}},
+                  selection={"criterion": "source-val-acc", "score": 0.75})
+    assert _epoch_line(record, "source-val-acc") == ("epoch 2 step 30: loss 0.5000 | val acc source 0.750 target "
+                                                     "0.500 | source-val-acc 0.7500 | 100 img/s")

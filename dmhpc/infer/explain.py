@@ -431,7 +431,7 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             "fingerprints": prints,
             "seed": None if catalog is not None else seed,
             "target_class": "merger",
-            "grad_cam_layer": type(model.net.last_conv_block()).__name__, "rgb": list(rgb),
+            "grad_cam_layer": type(model.net.last_conv_block()).__name__, "rgb": list(rgb) if channels >= 3 else None,
             "ig_baseline": "zeros after normalization (each filter's mean pixel value, flat)",
             "ig_shown": "summed over filters, signed (positive: towards merger)",
             "files": [p.name for p in written], "rows": {p.name: names for p, names in written.items()}},

@@ -388,12 +388,15 @@ def _check_length(cfg, prog, position: int, total_steps: int, elsewhere) -> None
 
 
 def _epoch_line(r: dict, criterion: str) -> str:
+    head = f"epoch {r['epoch']} step {r['step']}: loss {r['loss'].get('total', math.nan):.4f}"
+    tail = f"{r['images_per_s']:.0f} img/s"
+    if "selection" not in r:  # (not an evaluated epoch: train.eval_every)
+        return f"{head} | not evaluated (train.eval_every) | {tail}"
     val = {d: r[d].get("val", {}) for d in ("source", "target")}
     target = (f"target {val['target'].get('accuracy', math.nan):.3f}" if val["target"].get("labelled", True)
               else f"target (unlabelled) merger fraction {val['target'].get('merger_fraction', math.nan):.3f}")
-    return (f"epoch {r['epoch']} step {r['step']}: loss {r['loss'].get('total', math.nan):.4f} | val acc "
-            f"source {val['source'].get('accuracy', math.nan):.3f} {target} | {criterion} "
-            f"{r.get('selection', {}).get('score', math.nan):.4f} | {r['images_per_s']:.0f} img/s")
+    return (f"{head} | val acc source {val['source'].get('accuracy', math.nan):.3f} {target} | {criterion} "
+            f"{r['selection'].get('score', math.nan):.4f} | {tail}")
 
 
 def train_arguments(parser) -> None:
