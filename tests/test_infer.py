@@ -914,3 +914,37 @@ def test_a_best_checkpoint_of_another_moment_of_the_run_is_not_tested_as_its_sel
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{best}: of epoch" in err and "put the run's own best.pt back" in err, err
     assert not (run / "eval" / "best_test.json").exists()
+
+
+def test_predict_export_and_explain_refuse_a_config_yaml_edited_away_from_the_checkpoint(run_on_survey, survey,
+                                                                                          tmp_path, capsys):
+    """Only eval was tested: without the check, predict, explain and export read the checkpoint as
+    another model (here: another normalization), and export's card showed the edited config."""
+    run = tmp_path / "run"
+    shutil.copytree(run_on_survey, run)
+    config = run / "config.yaml"
+    text = config.read_text()
+    assert "normalize: per-domain" in text
+    config.write_text(text.replace("normalize: per-domain", "normalize: source"))
+    said = (f"{config}: differs from what {run / 'checkpoints' / 'best.pt'} was trained with: data.normalize "
+            f'"source", trained with "per-domain" (edited by hand? restore it)\n')
+    for argv in (["predict", "--data", str(survey / "survey"), "--out", str(tmp_path / "c.parquet")],
+                 ["export", "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")],
+                 ["explain", "--n", "1", "--out", str(tmp_path / "x")]):
+        capsys.readouterr()
+        assert main([argv[0], "--run", str(run), *argv[1:]]) == 1, argv
+        assert capsys.readouterr().err == f"dmhpc {argv[0]}: error: {said}", argv
+    assert not any((tmp_path / name).exists() for name in ("c.parquet", "m.safetensors", "x"))
+
+
+def test_the_model_card_of_a_checkpoint_chosen_with_target_labels_says_oracle(survey, tmp_path):
+    """Only runs selected without target labels were exported in the tests: a card saying "without
+    target labels" for an oracle's checkpoint would have passed."""
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), *overrides(survey, run, "noisy",
+                                                             "select.criterion=oracle-target-acc")]) == 0
+    out = tmp_path / "m.safetensors"
+    assert main(["export", "--run", str(run), "--format", "safetensors", "--out", str(out)]) == 0
+    card = json.loads(Path(f"{out}.card.json").read_text())
+    assert card["selection"]["criterion"] == "oracle-target-acc" and card["selection"]["oracle"] is True
+    assert "using target labels (an oracle" in Path(f"{out}.card.md").read_text()

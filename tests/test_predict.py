@@ -1341,3 +1341,21 @@ def test_a_survey_file_saved_again_while_it_is_read_is_one_line_not_a_bus_error(
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert proc.stdout == (f"{path}: ends before its row 3099 now (saved again or cut short while being read?); "
                            f"start again once it is whole\n")
+
+
+def test_a_sources_images_read_back_by_input_position_are_those_positions_images(tmp_path):
+    """explain --catalog reads each candidate's image back by its input position (the catalog's
+    `index`): taking a storage row for the position, or leaving the images in sorted order, drew
+    other galaxies under the candidates' ids and probabilities, and no test saw it."""
+    from dmhpc.data.shards import write_dataset
+    from dmhpc.infer.sources import open_source
+
+    images = np.random.default_rng(3).normal(size=(40, 3, 6, 6)).astype(np.float32)
+    write_dataset(images, np.arange(40) % 2, None, tmp_path / "set", shard_size=16, seed=1)  # rows shuffled into splits
+    np.save(tmp_path / "x.npy", images)
+    wanted = [31, 2, 17, 5, 38]  # not sorted
+    for source in (open_source(data=tmp_path / "set"), open_source(images=tmp_path / "x.npy")):
+        try:
+            np.testing.assert_array_equal(source.read_inputs(wanted), images[wanted])
+        finally:
+            source.close()
