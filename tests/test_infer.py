@@ -948,3 +948,39 @@ def test_the_model_card_of_a_checkpoint_chosen_with_target_labels_says_oracle(su
     card = json.loads(Path(f"{out}.card.json").read_text())
     assert card["selection"]["criterion"] == "oracle-target-acc" and card["selection"]["oracle"] is True
     assert "using target labels (an oracle" in Path(f"{out}.card.md").read_text()
+
+
+def test_explain_draws_each_domains_test_images_by_their_own_normalization_and_predicted_class(
+        survey, run_on_survey, tmp_path, monkeypatch):
+    """Mutants that drew the training split, normalized a domain with the other's statistics, or
+    put the unlabelled survey's predicted non-mergers in its merger grid all passed: only file
+    names were compared. Each grid's galaxies and probabilities are checked against predict's."""
+    from astropy.table import Table
+
+    from dmhpc.data.shards import load_manifest
+    from dmhpc.infer import explain as explaining
+
+    shown = {}
+    draw = explaining.attribution_grid
+
+    def spy(images, cams, igs, probs, labels, title, path, rgb, names=None):
+        shown[Path(path).name] = (list(names), np.asarray(probs, dtype=np.float64))
+        return draw(images, cams, igs, probs, labels, title, path, rgb, names=names)
+
+    monkeypatch.setattr(explaining, "attribution_grid", spy)
+    assert main(["explain", "--run", str(run_on_survey), "--n", "3", "--out", str(tmp_path / "x")]) == 0
+    # predict's probabilities: the survey with the run's target statistics, the source set with its
+    # own (its training split's: the run's source statistics)
+    for folder, normalize in (("survey", "target"), ("pristine", "own")):
+        assert main(["predict", "--run", str(run_on_survey), "--data", str(survey / folder), "--normalize",
+                     normalize, "--out", str(tmp_path / f"{folder}.parquet")]) == 0
+    assert {"source_merger.png", "source_non-merger.png"} <= set(shown) and any(k.startswith("target") for k in shown)
+    for grid, (names, probs) in shown.items():
+        folder = "pristine" if grid.startswith("source") else "survey"
+        catalog = Table.read(tmp_path / f"{folder}.parquet")
+        p_of = dict(zip(np.asarray(catalog["index"]).tolist(), np.asarray(catalog["p_merger"], dtype=np.float64)))
+        rows = [int(name.removeprefix("row ")) for name in names]
+        assert set(rows) <= set(load_manifest(survey / folder)["splits"]["test"].tolist()), grid
+        np.testing.assert_allclose(probs, [p_of[r] for r in rows], rtol=0, atol=1e-5, err_msg=grid)
+        if grid.startswith("target"):  # unlabelled: by predicted class
+            assert ((probs >= 0.5) == (grid == "target_merger.png")).all(), (grid, probs)
