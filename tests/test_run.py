@@ -145,6 +145,13 @@ def test_a_directory_that_is_not_a_run_is_refused_and_left_alone(tmp_path):
     afile.write_text("x")
     with pytest.raises(DmhpcError, match="exists and is not a directory"):
         RunDir(afile).claim(cfg_for(afile), "auto")
+    # Only names a run holds (someone's plots/ folder), and no config.yaml: not a run either.
+    plots = tmp_path / "figures"
+    (plots / "plots").mkdir(parents=True)
+    (plots / "plots" / "mine.png").write_bytes(b"someone's figure")
+    with pytest.raises(DmhpcError, match=r"run.dir \S+figures: exists and is not a dmhpc run \(it holds 'plots'\)"):
+        RunDir(plots).claim(cfg_for(plots), "auto")
+    assert os.listdir(plots) == ["plots"] and os.listdir(plots / "plots") == ["mine.png"]
 
 
 def test_an_empty_directory_is_taken_and_a_new_one_made_and_cleaned_if_unused(tmp_path):
@@ -788,3 +795,14 @@ def test_the_mmd_memory_cap_may_change_on_resume(tmp_path):
     claim = run.claim(raised, "auto", data_ids={"data.source": "aa", "data.target": "bb"})
     assert list(claim.changed) == ["loss.mmd.max_samples"]
     run.release()
+
+
+def test_an_epoch_that_train_eval_every_skipped_is_not_evaluated(tmp_path):
+    """Its record has no selection: counted as evaluated, a length ending the run there passed, and
+    the run ended without an evaluation of its last steps (its final test an earlier best.pt)."""
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    records = [{"kind": "epoch", "epoch": 0, "step": 10, "selection": {"criterion": "im", "score": 0.1}},
+               {"kind": "epoch", "epoch": 1, "step": 20}]
+    run.log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert run.evaluated_at(10) and not run.evaluated_at(20) and not run.evaluated_at(30)
