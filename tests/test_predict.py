@@ -1359,3 +1359,35 @@ def test_a_sources_images_read_back_by_input_position_are_those_positions_images
             np.testing.assert_array_equal(source.read_inputs(wanted), images[wanted])
         finally:
             source.close()
+
+
+def test_a_part_copied_to_another_parts_number_is_computed_again(trained, tmp_path, capsys, monkeypatch):
+    """A part's checksum covers its entries, not its number: one copied over another part's name
+    keeps a valid checksum, and only its rows' check stops its rows being merged twice."""
+    from dmhpc.errors import DmhpcError
+    from dmhpc.infer import predict
+
+    np.save(tmp_path / "x.npy", trained["images"][:24])
+    out = tmp_path / "c.parquet"
+    cmd = ["predict", "--run", str(trained["run"]), "--images", str(tmp_path / "x.npy"), "--out", str(out),
+           "--part-size", "8", "--batch-size", "8"]
+    compute, computed = predict._compute_part, []
+
+    def third_fails(*args, **kwargs):  # as a full disk or a kill at the third part would
+        if len(computed) == 2:
+            raise DmhpcError("stopped at the third part")
+        computed.append(args[3])
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "_compute_part", third_fails)
+    assert main(cmd) == 1
+    monkeypatch.setattr(predict, "_compute_part", compute)
+    parts = Path(f"{out}.parts")
+    shutil.copy(parts / "part-000000.npz", parts / "part-000001.npz")
+    capsys.readouterr()
+    assert main(cmd) == 0
+    assert "in 3 parts (1 done before)" in capsys.readouterr().out
+    whole = tmp_path / "whole.parquet"
+    assert main([*cmd[:cmd.index("--out")], "--out", str(whole), *cmd[cmd.index("--out") + 2:]]) == 0
+    assert np.asarray(read(out)["index"]).tolist() == list(range(24))
+    np.testing.assert_array_equal(np.asarray(read(out)["p_merger"]), np.asarray(read(whole)["p_merger"]))
