@@ -737,6 +737,20 @@ def test_one_split_of_a_prepared_set(trained, tmp_path):
     assert table.meta["SRCARGS"] and '"split": "test"' in table.meta["SRCARGS"]
 
 
+
+def test_an_empty_split_is_one_line(trained, tmp_path, capsys):
+    """An empty --split reached the merge with no parts: a KeyError traceback (a surviving mutant)."""
+    from dmhpc.data.shards import write_dataset
+
+    images = trained["images"][:40]
+    write_dataset(images, None, None, tmp_path / "noval", fractions=(0.8, 0.0, 0.2), seed=0)
+    out = tmp_path / "c.csv"
+    assert main(["predict", "--run", str(trained["run"]), "--data", str(tmp_path / "noval"), "--split", "val",
+                 "--out", str(out)]) == 1
+    assert capsys.readouterr().err == (f"dmhpc predict: error: {tmp_path / 'noval'}: the val split is empty\n")
+    assert not out.exists() and not Path(f"{out}.parts").exists()
+
+
 def test_non_finite_pixels_and_a_flat_filter_are_refused_in_one_line(trained, tmp_path, capsys):
     """A NaN pixel made a NaN probability, counted as a non-merger (exit 0); a constant filter under
     --normalize own made every probability NaN. Both are one line now, and no catalog is written."""
