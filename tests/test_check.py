@@ -294,3 +294,48 @@ def test_a_manifest_edited_by_hand_is_refused_even_where_it_agrees_with_the_shar
     path.write_text(json.dumps(manifest))
     assert json.dumps(load_manifest(dataset), default=np.ndarray.tolist) == json.dumps(manifest)
     assert verify_dataset(dataset) == []
+
+
+def test_a_label_equal_to_the_number_of_classes_is_outside_them(dataset, capsys):
+    """Labels run from 0 to num_classes - 1: a shard label equal to num_classes passed the range
+    check and verify died counting it, with an IndexError traceback."""
+    with h5py.File(dataset / shard_name(0), "r+") as f:
+        f["labels"][0] = 2
+    reseal(dataset, 0)
+    assert verify_dataset(dataset) == ["shard-00000.h5: label 2 at row 0 is outside the 2 classes"]
+    assert main(["verify", str(dataset)]) == 1
+    err = capsys.readouterr().err
+    assert "shard-00000.h5: label 2 at row 0 is outside the 2 classes" in err and err.count("\n") == 1, err
+
+
+def test_a_shard_without_its_index_is_named(dataset):
+    """The index dataset was not among those looked for: a shard without it was a KeyError
+    traceback out of verify."""
+    with h5py.File(dataset / shard_name(0), "r+") as f:
+        del f["index"]
+    reseal(dataset, 0)
+    assert verify_dataset(dataset) == ["shard-00000.h5 has no dataset 'index'"]
+
+
+def test_an_unlabelled_set_with_a_label_fails_the_structure_check(tmp_path):
+    """An unlabelled data set's labels are all -1: one edited to a class passed data.verify=structure
+    (checksums=False), where only the checksum had caught it."""
+    images = np.random.default_rng(0).normal(size=(20, 3, 6, 6)).astype(np.float32)
+    write_dataset(images, None, None, tmp_path / "survey", shard_size=8, seed=0)
+    with h5py.File(tmp_path / "survey" / shard_name(1), "r+") as f:
+        f["labels"][2] = 0
+    start = load_manifest(tmp_path / "survey")["shards"][1]["start"]
+    assert verify_dataset(tmp_path / "survey", checksums=False) == [
+        f"shard-00001.h5: label 0 at row {start + 2} is in an unlabelled data set (expected -1)"]
+
+
+@pytest.mark.parametrize("key", ["labels", "objects", "index"])
+def test_labels_objects_or_index_stored_as_floats_fail_the_structure_check(dataset, key):
+    """A column rewritten as floats (half-way values) passed data.verify=structure (checksums=False):
+    it was read truncated to the integers it should have held."""
+    with h5py.File(dataset / shard_name(1), "r+") as f:
+        values = f[key][()] + 0.5
+        del f[key]
+        f.create_dataset(key, data=values)
+    assert verify_dataset(dataset, checksums=False) == [
+        f"shard-00001.h5: {key} float64 (16,), expected integers (16,)"]

@@ -930,3 +930,49 @@ def test_each_domain_pass_and_rank_draws_its_own_rows_and_symmetries():
         assert draw(target, 1) != draw(target, 1 + target.steps)  # the next pass: another order
     assert not np.array_equal(target.codes(0, 3, True), stream(TARGET, rank=1).codes(0, 3, True))
     assert not np.array_equal(source.codes(0, 3, True), target.codes(0, 3, True))
+
+
+@pytest.mark.parametrize("kind,workers", CONFIGS)
+def test_a_subset_larger_than_the_training_split_reads_the_training_rows_only(data, kind, workers):
+    """A subset beyond the training rows was taken as it was: the loader read on past the training
+    split into the validation and test rows (or past the data set's end)."""
+    whole = _loader(data, kind, workers)
+    try:
+        steps = len(whole)
+    finally:
+        whole.close()
+    for subset in (200, 10**6):  # 200: more than either training split, fewer than either data set's rows
+        loader = _loader(data, kind, workers, subset=subset)
+        try:
+            assert len(loader) == steps
+            batches = _epoch(loader, 0)
+        finally:
+            loader.close()
+        for domain, x_at, offset in (("source", 0, 0), ("target", 2, TARGET_OFFSET)):
+            ids = set(np.concatenate([_ids(b[x_at], _stats(data[domain]), offset) for b in batches]))
+            assert ids <= _train_index(data[domain]), (domain, subset)
+
+
+@pytest.mark.parametrize("kind,workers", CONFIGS)
+def test_each_domain_is_turned_by_its_own_streams_symmetry_codes(data, kind, workers):
+    """The augmentation of a batch is its own stream's draw: target images turned by the source's
+    codes (each target image as the source image beside it) went unseen, as any flip or rotation
+    passed the tests."""
+    from dmhpc.data.batches import SOURCE, TARGET, Stream
+
+    loader = _loader(data, kind, workers, augment=True)
+    try:
+        batches = _epoch(loader, 0, stop_after=3)
+    finally:
+        loader.close()
+    for domain, number, x_at, offset in (("source", SOURCE, 0, 0), ("target", TARGET, 2, TARGET_OFFSET)):
+        d = data[domain]
+        stream = Stream(start=0, rows=len(d["manifest"]["splits"]["train"]), batch_size=BATCH, world_size=WORLD,
+                        rank=0, seed=SEED, domain=number)
+        mean, std = _stats(d)
+        for step, batch in enumerate(batches):
+            ids = _ids(batch[x_at], _stats(d), offset)
+            codes = torch.from_numpy(stream.codes(0, step, square=True))
+            turned = dihedral(torch.from_numpy(d["images"][ids]), codes).double().numpy()
+            np.testing.assert_allclose(batch[x_at].numpy(), (turned - mean) / std, rtol=1e-5, atol=1e-5,
+                                       err_msg=f"{domain} step {step}")

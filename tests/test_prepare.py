@@ -1574,3 +1574,66 @@ def test_data_config_spelling_and_overrides(tmp_path, capsys):
     # a --set of its own mistake is the command line's, not the file's
     assert_fails(capsys, ["prepare", "--data-config", config, "--set", "domains.sdss.imagse=x"],
                  "dmhpc prepare: error: command line: domains.sdss.imagse: unknown key")
+
+
+def test_a_short_read_goes_on_from_where_it_stopped(inputs, monkeypatch):
+    """A read may return fewer bytes than asked (a network file system, a signal): the rest was
+    read from the run's first byte again, and the rows came back with the wrong pixels."""
+    images = np.load(inputs["images"])
+    real, calls = os.preadv, []
+
+    def short(fd, buffers, offset):  # at most 1000 bytes a call
+        calls.append(offset)
+        return real(fd, [memoryview(buffers[0])[:1000]], offset)
+
+    monkeypatch.setattr(os, "preadv", short)
+    rows = open_images(inputs["images"])
+    np.testing.assert_array_equal(rows[np.arange(10, 20)], images[10:20])
+    np.testing.assert_array_equal(rows[np.array([3, 4, 5, 30, 31])], images[[3, 4, 5, 30, 31]])
+    assert len(calls) > 2  # the reads were short
+
+
+def test_fractions_that_leave_the_training_split_empty_are_refused(inputs, capsys):
+    """0.005 of 48 images rounds to no training image: the refusal of an empty training split is all
+    that stops a data set no run can train on."""
+    files = dict(inputs, objects=None)
+    assert_fails(capsys, args(files, "--fractions", "0.005,0.495,0.5"),
+                 f"dmhpc prepare: error: {inputs['images']}: 48 images leave the training split empty\n",
+                 out=inputs["out"])
+
+
+def test_object_ids_of_two_columns_are_one_line(inputs, tmp_path, capsys):
+    """An objects file of shape (N, 2) has a row per image: it was taken as object ids, and the
+    conversion died with an IndexError traceback."""
+    objects = save(tmp_path, "o2.npy", np.stack([np.arange(N), np.arange(N)], axis=1))
+    assert_fails(capsys, args(dict(inputs, objects=objects)),
+                 f"dmhpc prepare: error: {objects}: shape ({N}, 2); expected one object id per image (N,)\n",
+                 out=inputs["out"])
+
+
+def test_labels_from_a_file_and_a_catalog_column_at_once_are_refused(inputs, tmp_path, capsys):
+    """--labels and a catalog's --label-column both give labels: the file's were taken and the
+    catalog's column ignored without a word."""
+    catalog = tmp_path / "cat.csv"
+    catalog.write_text("id,label\n" + "".join(f"{i},{1 - i % 2}\n" for i in range(N)))
+    assert_fails(capsys, args(inputs, "--catalog", str(catalog), "--label-column", "label"),
+                 f"dmhpc prepare: error: ds: labels from both {inputs['labels']} and the catalog's 'label' column\n",
+                 out=inputs["out"])
+
+
+def test_a_name_two_files_spell_in_other_cases_is_not_found_not_guessed(inputs, capsys):
+    """Another spelling is taken only where one file has it: of X.npy and X.NPY, one was taken for a
+    missing x.npy, the folder's listing order choosing which."""
+    from dmhpc.data.inputs import resolve_spelling
+
+    given = Path(inputs["images"])
+    other = given.with_name("X.NPY")
+    with open(other, "wb") as f:  # (np.save would add .npy to this name)
+        np.save(f, np.ones((N, 3, 8, 8), np.float32))
+    asked = given.with_name("x.npy")
+    assert resolve_spelling(asked) == (asked, None)
+    err = assert_fails(capsys, args(dict(inputs, images=str(asked))), out=inputs["out"])
+    assert err in [f"dmhpc prepare: error: {asked}: no such file (did you mean {name}?)\n"
+                   for name in ("X.npy", "X.NPY")]
+    other.unlink()  # one other spelling: taken, with a note
+    assert resolve_spelling(asked) == (given, "x.npy not found; using X.npy, which differs in letter case only")

@@ -612,3 +612,51 @@ def test_a_shard_missing_from_the_staging_folder_is_refused_before_the_manifest(
                                           r"do all ranks write to one shared file system\?"):
         finish_dataset(plan, staging, results)
     assert not (staging / MANIFEST).exists()
+
+
+def test_a_negative_pixel_beyond_float16_is_refused_as_a_positive_one_is(tmp_path):
+    """Only the largest pixel was held to float16's range: an image holding -1e6 was written, its
+    pixel stored as -Inf, and the statistics and training took it in."""
+    images, labels, objects = make_arrays()
+    images[7, 1, 2, 3] = -1e6
+    with pytest.raises(DmhpcError) as info:
+        write_dataset(images, labels, objects, tmp_path / "h", dtype="float16")
+    assert str(info.value) == "images: pixel values up to 1e+06 overflow float16 (max 6.55e+04)"
+    assert not (tmp_path / "h").exists()
+
+
+def test_float16_pixels_at_the_edge_of_its_range(tmp_path):
+    """65504 and -65504 are stored as they are; 7e4 is refused with nothing written (a limit twice
+    float16's largest number stored it as Inf)."""
+    images, labels, objects = make_arrays()
+    images[3, 0, 0, 0], images[4, 2, 5, 5] = 65504, -65504
+    write_dataset(images, labels, objects, tmp_path / "edge", dtype="float16", shard_size=16)
+    rows = read_all(tmp_path / "edge")
+    stored = rows["images"][np.argsort(rows["index"])]
+    assert np.isfinite(stored).all() and stored[3, 0, 0, 0] == 65504 and stored[4, 2, 5, 5] == -65504
+    images[4, 2, 5, 5] = 7e4
+    with pytest.raises(DmhpcError) as info:
+        write_dataset(images, labels, objects, tmp_path / "over", dtype="float16")
+    assert str(info.value) == "images: pixel values up to 7e+04 overflow float16 (max 6.55e+04)"
+    assert not (tmp_path / "over").exists()
+
+
+def test_object_ids_of_more_than_one_column_are_refused():
+    """A 2-D objects array (ids and a second column, say) has as many rows as images: it was taken
+    as object ids, and the split went on to fail with an IndexError traceback."""
+    from dmhpc.data.shards import check_objects
+
+    with pytest.raises(DmhpcError) as info:
+        check_objects(np.stack([np.arange(60), np.arange(60)], axis=1), 60, "o.npy")
+    assert str(info.value) == "o.npy: shape (60, 2); expected one object id per image (N,)"
+
+
+def test_fractions_must_sum_to_one_within_a_millionth():
+    """Fractions summing to 0.995 were taken as summing to 1 (the tolerance was 1e-2), and the
+    split drew from fractions the user never meant."""
+    from dmhpc.data.shards import check_fractions
+
+    with pytest.raises(DmhpcError) as info:
+        check_fractions((0.7, 0.1, 0.195))
+    assert str(info.value) == "fractions 0.7,0.1,0.195: need train > 0, val and test >= 0, sum 1"
+    assert check_fractions((0.7, 0.1, 0.2000005)) == (0.7, 0.1, 0.2000005)

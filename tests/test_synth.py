@@ -578,3 +578,16 @@ def test_overwrite_without_survey_removes_an_older_survey(with_survey, tmp_path)
     assert not any((out / name).exists() for name in SURVEY_FILES)  # the new meta.json has no survey
     assert "survey" not in json.loads((out / "meta.json").read_text()) and (out / "notes.txt").exists()
     assert len(np.load(out / "pristine_y.npy")) == 4
+
+
+def test_a_users_file_named_like_a_temporary_is_neither_taken_nor_removed(tmp_path):
+    """A user's `.notes.tmp` in the output folder was taken for an orphan of a killed render: the
+    folder counted as dmhpc's, and the file was deleted without --overwrite."""
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / ".notes.tmp").write_text("mine")
+    result = _cli("--out", str(out), "--n-per-class", "2")
+    _one_line_error(result)
+    assert result.stderr == (f"dmhpc synth: error: {out}: not empty (holds .notes.tmp); pass --overwrite to replace "
+                             "the synth files in it\n")
+    assert [p.name for p in out.iterdir()] == [".notes.tmp"] and (out / ".notes.tmp").read_text() == "mine"
