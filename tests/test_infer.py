@@ -984,3 +984,29 @@ def test_explain_draws_each_domains_test_images_by_their_own_normalization_and_p
         np.testing.assert_allclose(probs, [p_of[r] for r in rows], rtol=0, atol=1e-5, err_msg=grid)
         if grid.startswith("target"):  # unlabelled: by predicted class
             assert ((probs >= 0.5) == (grid == "target_merger.png")).all(), (grid, probs)
+
+
+def test_explain_of_a_catalog_normalizes_as_the_catalog_records(survey, run_on_survey, tmp_path, monkeypatch):
+    """A catalog predicted with --normalize own records its images' own statistics: explain took the
+    run's target statistics instead (a surviving mutant), and drew attributions of images the
+    network never saw so scaled."""
+    pytest.importorskip("captum")
+    from astropy.table import Table
+
+    from dmhpc.data.shards import RowReader
+    from dmhpc.infer import explain as explaining
+
+    with RowReader(survey / "survey") as reader:
+        np.save(tmp_path / "scaled.npy", reader.read(0, len(reader))["images"] * 100 + 50)  # another instrument
+    catalog = tmp_path / "c.ecsv"
+    assert main(["predict", "--run", str(run_on_survey), "--images", str(tmp_path / "scaled.npy"), "--normalize",
+                 "own", "--out", str(catalog)]) == 0
+    used = []
+    normalizer = explaining.Normalizer
+    monkeypatch.setattr(explaining, "Normalizer", lambda mean, std, device: used.append((mean, std)) or
+                        normalizer(mean, std, device))
+    assert main(["explain", "--run", str(run_on_survey), "--catalog", str(catalog), "--n", "2",
+                 "--out", str(tmp_path / "explain")]) == 0
+    meta = Table.read(catalog).meta
+    recorded = (json.loads(str(meta["MEAN"])), json.loads(str(meta["STD"])))
+    assert recorded[0][0] > 40 and used == [recorded]  # the scaled images' own, not the run's target's
