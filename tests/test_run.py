@@ -522,11 +522,12 @@ def test_a_requeued_trainer_waits_for_the_lock_its_own_previous_attempt_left(tmp
     claimed = []
     try:
         assert proc.stdout.readline().strip() == "claimed"
-        # another job, the same attempt (a second trainer launched by mistake), no job
+        # another job, the same attempt (a second trainer launched by mistake), no job: refused at
+        # once (`stopped` is asked only while waiting: a wait would end in its line instead)
         for attempt in ({"job": "78", "restart": 1}, {"job": "77", "restart": 0}, None):
             with pytest.raises(DmhpcError, match=rf"in use by another dmhpc trainer or eval \(pid {proc.pid} on .*, "
                                                  rf"SLURM job 77 attempt 0\)"):
-                run.claim(cfg_for(run.path), "auto", attempt=attempt)
+                run.claim(cfg_for(run.path), "auto", attempt=attempt, stopped=lambda: "a wait")
         # A stop signal while it waits (the job's time is up): one line at once, not a wait for the
         # lease that ends in a SIGKILL, without a word.
         with pytest.raises(DmhpcError, match=rf"run.dir {run.path}: SIGTERM while waiting for pid {proc.pid} .*; "
