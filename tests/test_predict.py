@@ -1405,3 +1405,26 @@ def test_a_part_copied_to_another_parts_number_is_computed_again(trained, tmp_pa
     assert main([*cmd[:cmd.index("--out")], "--out", str(whole), *cmd[cmd.index("--out") + 2:]]) == 0
     assert np.asarray(read(out)["index"]).tolist() == list(range(24))
     np.testing.assert_array_equal(np.asarray(read(out)["p_merger"]), np.asarray(read(whole)["p_merger"]))
+
+
+def test_tta_of_images_that_are_not_square_averages_their_four_flips(trained):
+    """Only square images were predicted with --tta in the tests: the four flips of a rectangle
+    (no transposes) were never checked against their mean."""
+    from dmhpc.data.batches import Normalizer
+    from dmhpc.infer.predict import Model, batch_columns
+
+    from dmhpc.config import load_config
+
+    # A ResNet (global pooling) takes rectangles; the run's DeepMerge takes 75 x 75 only.
+    model = Model.__new__(Model)
+    model.cfg = load_config(TINY, ["model.name=resnet18"])
+    torch.manual_seed(0)
+    model.net, model.device, model.amp = build_backbone(model.cfg, 3).eval(), torch.device("cpu"), "none"
+    normalize = Normalizer([0.5] * 3, [0.4] * 3, "cpu")
+    images = trained["images"][:3, :, :, :60].copy()  # 75 x 60
+    got = batch_columns(model, normalize, images.copy(), {}, tta=True)
+    x = torch.from_numpy(images)
+    flips = [x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2)]
+    p = np.stack([model.probabilities(normalize(f))[:, 1].numpy() for f in flips])
+    np.testing.assert_allclose(got["p_merger"], p.mean(0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got["p_merger_std"], p.std(0), rtol=0, atol=1e-12)
