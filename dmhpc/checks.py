@@ -31,11 +31,20 @@ def show(value: Any) -> str:
     """A value as YAML-like text for messages: true, null, "text", [1, 2]; a date as written, which
     YAML reads unquoted 2024-06-01 as."""
     if isinstance(value, datetime.date):  # (and datetime)
-        return f"{value.isoformat()} (read as a date: quote it)"
+        return f"{_as_written(value)} (read as a date: quote it)"
     try:
-        return json.dumps(value)
+        return json.dumps(value, default=_as_written)
     except (TypeError, ValueError):
         return repr(value)
+
+
+def _as_written(value: Any) -> str:
+    """A date or time YAML read from unquoted text, as such text (others: not for JSON)."""
+    if isinstance(value, datetime.datetime):
+        return value.isoformat(sep=" ")
+    if isinstance(value, datetime.date):
+        return value.isoformat()
+    raise TypeError(type(value).__name__)
 
 
 # --- value checks ----------------------------------------------------------------------------------

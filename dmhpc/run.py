@@ -272,8 +272,8 @@ class RunDir:
 
     def data_error(self, key: str, directory, exc: DmhpcError) -> DmhpcError:
         """`exc`, met reading the run's own data set at `directory` (its config.yaml's `key`), naming
-        the key; a relative path there is read from the current directory, which it says."""
-        relative = "" if Path(directory).is_absolute() else (
+        the key; a relative path to no folder here is read from the current directory, which it says."""
+        relative = "" if Path(directory).is_absolute() or Path(directory).exists() else (
             f" (a relative path: read from the current directory {Path.cwd()}; run this from the directory "
             f"the run was trained in)")
         return DmhpcError(f"{key} of {self.config_path}: {exc}{relative}")

@@ -76,6 +76,8 @@ def test_problems_are_reported_together_one_line_each():
     assert show({"a": [1, None]}) == '{"a": [1, null]}'
     # YAML reads an unquoted 2024-06-01 as a date: shown as written, not as datetime.date(2024, 6, 1)
     assert show(yaml.safe_load("2024-06-01")) == "2024-06-01 (read as a date: quote it)"
+    assert show(yaml.safe_load("2024-06-01 10:00:00")) == "2024-06-01 10:00:00 (read as a date: quote it)"
+    assert show(yaml.safe_load("[2024-06-01]")) == '["2024-06-01"]'
 
 
 def test_yaml_numbers_are_read_as_yaml_1_2_reads_them():

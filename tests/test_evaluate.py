@@ -253,6 +253,13 @@ def test_a_run_trained_on_relative_paths_says_so_where_eval_and_explain_cannot_f
         assert capsys.readouterr().err == f"dmhpc {argv[0]}: error: {said}"
     monkeypatch.chdir(data)
     assert main(["eval", "--run", str(run)]) == 0
+    # Found here but damaged: the key, without the hint about the current directory.
+    (data / "pristine" / "manifest.json").write_text('{"format": ')
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"dmhpc eval: error: data.source of {run / 'config.yaml'}: pristine/manifest.json: ") and \
+        "current directory" not in err and err.count("\n") == 1, err
 
 
 def test_dmhpc_eval_refuses_data_the_run_cannot_take_and_draws_what_the_data_allow(make_domains, tmp_path, capsys):

@@ -22,19 +22,21 @@ A study file (every key; docs/cluster.md has the reference):
 Each point (model x weak/strong x nodes x gpus_per_node) is a short training run. Throughput is
 read from the trainer's epoch records (`step_time_s`, measured before the epoch's evaluation)
 over every epoch after the first; with a single epoch it includes the warm-up and the table says
-so. Images are counted as the trainer counts them: source and target images of every rank
-(2 x global batch per step). With N GPUs and the study's smallest N0 as reference:
+so. Images are counted as the trainer counts them: the images every rank's step reads, source and
+target (2 x global batch per step; 1 x where no loss term reads the target, as without adaptation).
+With N GPUs and the study's smallest N0 as reference:
 
     speedup    S = X(N) / X(N0)            X = images/s of the whole job
     efficiency E = S * N0 / N
 
 Weak scaling (fixed per-GPU batch): E = X(N) / (N X(1)) for N0 = 1, the per-GPU throughput kept.
-Strong scaling (fixed global batch G): a step is the same work at every N, X = 2G / T(N), so
+Strong scaling (fixed global batch G): a step is the same work at every N, X = 2G / T(N) (G / T(N)
+without a term that reads the target), so
 S = T(N0) / T(N) and E = T(1) / (N T(N)) for N0 = 1.
 
 Data staging (the `staging_s` column): the slowest rank's loader set-up time, which the trainer
 records in its first "setup" record of metrics.jsonl. For the gpu-resident loader that is reading
-both training splits into device memory; the torch and DALI loaders read during the steps, so
+the training splits into device memory; the torch and DALI loaders read during the steps, so
 their reading is in the throughput instead.
 """
 
@@ -361,7 +363,8 @@ def write_scaling(out: Path, rows: list[dict], device: str) -> None:
             writer.writerow({c: ("" if isinstance(r[c], float) and math.isnan(r[c]) else r[c]) for c in COLUMNS})
     unit = "GPU" if device == "gpu" else "CPU process"
     lines = [f"# Scaling: {out}", "",
-             f"Images/s count source and target images (2 x global batch per step). A \"GPU\" is a {unit}. "
+             f"Images/s count the images the steps read: source and target (2 x global batch per step), or the "
+             f"source's alone where no loss term reads the target (1 x). A \"GPU\" is a {unit}. "
              "Speedup and efficiency are against the smallest N of the same model and mode (N0, the "
              "baseline column), from finished points only (blank when the point or its baseline is not "
              "finished): efficiency = speedup x N0 / N (weak: per-GPU throughput kept; strong: "
