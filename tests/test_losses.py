@@ -591,3 +591,27 @@ def test_the_objective_gives_the_mmd_its_configured_sample_cap():
     x = torch.randn(4, 3, 75, 75)
     with pytest.raises(DmhpcError, match="has 8 rows .* max_samples is 7"):
         model(x, torch.arange(4) % 2, x, 0.0)
+
+
+def test_fishers_centre_gradient_is_the_same_at_every_backward_on_several_threads():
+    """centres[labels]'s backward added the rows into the centres' gradient with atomic adds: on a
+    CPU's threads (as on a GPU) each step summed in another order, and two identical training runs
+    parted in the 7th digit of their first epoch's loss."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        fisher = FisherLoss(2, 2592, intra_weight=1.0, inter_weight=0.1, form="td", scope="local")
+        feats = torch.randn(512, 2592, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        labels = torch.arange(512) % 2
+        grads = set()
+        for _ in range(8):
+            fisher.zero_grad()
+            fisher(feats, labels)[0].backward()
+            grads.add(fisher.centres.grad.numpy().tobytes())
+    finally:
+        torch.set_num_threads(threads)
+    assert len(grads) == 1
+    # The product's forward is the indexing's, bit for bit.
+    with torch.no_grad():
+        diff = feats - fisher.centres[labels]
+        assert torch.equal(fisher(feats, labels)[1], diff.square().sum())

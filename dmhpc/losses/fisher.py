@@ -73,7 +73,14 @@ class FisherLoss(nn.Module):
         self._check_labels(labels)
         with full_precision(feats.device):
             feats, centres = upcast(feats, self.centres)
-            diff = feats - centres[labels]
+            # Each row's centre as a one-hot product, not centres[labels]: the indexing's backward
+            # adds the rows into the centres' gradient with atomic adds, in another order each step
+            # on a CPU's threads as on a GPU (two identical runs parted in the 7th digit of the first
+            # epoch's loss); a product sums them in one order. Exact forward: each row is 1 x its
+            # centre plus 0 x the others.
+            # (compared with an arange, not F.one_hot, which reads the labels' range on the host)
+            one_hot = labels.unsqueeze(1) == torch.arange(centres.shape[0], device=labels.device)
+            diff = feats - one_hot.to(centres.dtype) @ centres
             intra = diff.square().sum()
             count = intra.new_full((), float(feats.shape[0]))  # a fill on the device, not a copy from the host
             if is_global(self.scope):
