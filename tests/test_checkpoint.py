@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections import defaultdict, namedtuple
 from pathlib import Path
 
 import numpy as np
@@ -68,12 +69,20 @@ def test_save_replaces_an_existing_checkpoint(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+Shape = namedtuple("Shape", "rows cols")
+
+
 @pytest.mark.parametrize("state, where", [
     ({"rng": {"numpy": np.zeros(3)}}, "rng.numpy: a numpy.ndarray"),
     ({"metrics": [1.0, np.float64(0.5)]}, "metrics[1]: a numpy.float64"),
     ({"config": Config()}, "config: a dmhpc.config.Config"),
     ({"when": time}, "when: a builtins.module"),
     ({"groups": {(1, 2): 3}}, "groups: key (1, 2)"),
+    # Subclasses of plain types, which isinstance took for them and weights_only refuses at resume.
+    ({"signal": signal.SIGTERM}, "signal: a signal.Signals"),
+    ({"shape": Shape(2, 3)}, "shape: a tests.test_checkpoint.Shape"),
+    ({"counts": defaultdict(int, a=1)}, "counts: a collections.defaultdict"),
+    ({"by_signal": {signal.SIGUSR2: 1}}, "by_signal: key <Signals.SIGUSR2: 12> is a Signals"),
 ])
 def test_save_refuses_what_weights_only_cannot_load_and_keeps_the_old_file(tmp_path, state, where):
     path = tmp_path / "last.pt"

@@ -2,9 +2,9 @@
 
 Checkpoints are dicts of plain data (what `TrainState.state_dict` returns, plus "selection" and
 "config"), so that `torch.load(weights_only=True)` reads them without running any pickled code:
-tensors, dicts, lists, tuples, str, int, float, bool and None only (numpy arrays and scalars,
-dataclasses and other objects are refused at save time, not discovered at resume time). Where
-they live is the run directory's business (dmhpc/run.py).
+tensors, dicts, lists, tuples, str, int, float, bool and None only, of exactly those types (numpy
+arrays and scalars, enums, namedtuples, dataclasses and other objects are refused at save time, not
+discovered at resume time). Where they live is the run directory's business (dmhpc/run.py).
 
 Writes are atomic (dmhpc/files.py): a job killed mid-write, or a full disk, leaves the previous
 checkpoint intact.
@@ -30,6 +30,7 @@ import math
 import os
 import random
 import signal
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -47,22 +48,26 @@ REQUEUE_EXIT_CODE = 75
 # What the scheduler sends before it stops a job (train.signals' default; predict's).
 STOP_SIGNALS = TrainConfig().signals
 
-_PLAIN_LEAVES = (str, int, float, bool, type(None), torch.Tensor)
+# Exact types, not subclasses: torch.load(weights_only=True) refuses an IntEnum (a signal), a
+# namedtuple or a defaultdict, though isinstance takes them for an int, a tuple or a dict.
+_PLAIN_LEAVES = (str, int, float, bool, type(None))
+_PLAIN_DICTS = (dict, OrderedDict)  # state_dict() gives OrderedDicts
+_PLAIN_SEQUENCES = (list, tuple)
 
 
 def _check_plain(value: Any, where: str) -> None:
-    if isinstance(value, dict):
+    kind = type(value)
+    if kind in _PLAIN_DICTS:
         for k, v in value.items():
-            if not isinstance(k, (str, int)):
+            if type(k) not in (str, int):
                 raise TypeError(f"checkpoint state: {where}: key {k!r} is a {type(k).__name__}, not str or int")
             _check_plain(v, f"{where}.{k}" if where else str(k))
-    elif isinstance(value, (list, tuple)):
+    elif kind in _PLAIN_SEQUENCES:
         for i, v in enumerate(value):
             _check_plain(v, f"{where}[{i}]")
-    elif not isinstance(value, _PLAIN_LEAVES) or isinstance(value, np.generic):
-        raise TypeError(f"checkpoint state: {where or 'state'}: a {type(value).__module__}."
-                        f"{type(value).__name__} cannot be loaded with weights_only=True; store tensors, "
-                        f"lists or plain numbers instead")
+    elif kind not in _PLAIN_LEAVES and not isinstance(value, torch.Tensor):
+        raise TypeError(f"checkpoint state: {where or 'state'}: a {kind.__module__}.{kind.__name__} cannot "
+                        f"be loaded with weights_only=True; store tensors, lists or plain numbers instead")
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
