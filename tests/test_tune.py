@@ -628,3 +628,108 @@ def test_a_trial_with_a_pruned_trials_values_waits_for_its_cancelled_job_to_end(
         time.sleep(0.1)
     assert [tr.state.name for tr in study.get_trials()] == ["PRUNED", "COMPLETE"], \
         study.get_trials()[-1].user_attrs
+
+
+def test_a_success_between_failures_starts_the_count_of_failures_in_a_row_again(data, tmp_path):
+    """Failures with a completed trial between them are not "in a row": the search stopped after
+    its third failure in all, spread over a long search of good trials."""
+    from dmhpc.launch.tune import FAILURES_IN_A_ROW, _Search
+
+    t = load_tune(spec(data, tmp_path, executor="debug", parallel=1))
+    t.out.mkdir()
+    search = _Search(t, _open_study(t), poll_s=0.1)
+    for what in ["fail"] * (FAILURES_IN_A_ROW - 1) + ["complete"] + ["fail"] * (FAILURES_IN_A_ROW - 1):
+        search.outcome(what)
+    assert search.failures_in_a_row == FAILURES_IN_A_ROW - 1
+    search.outcome("fail")
+    assert search.failures_in_a_row == FAILURES_IN_A_ROW
+
+
+def test_a_log_range_is_searched_on_a_log_scale(data, tmp_path):
+    """space {low, high, log: true} was handed to the sampler as a uniform range: a learning rate
+    from 1e-5 to 1e-1 was drawn above 1e-2 nine times in ten."""
+    from optuna.distributions import FloatDistribution
+
+    from dmhpc.launch.tune import _distributions
+
+    t = load_tune(spec(data, tmp_path, space={"optim.lr": {"low": 1e-5, "high": 1e-1, "log": True},
+                                              "loss.entropy_weight": {"low": 0.0, "high": 0.1}}))
+    assert _distributions(t.space) == {"optim.lr": FloatDistribution(1e-5, 1e-1, log=True),
+                                       "loss.entropy_weight": FloatDistribution(0.0, 0.1, log=False)}
+
+
+def test_the_pruner_is_told_the_best_score_so_far_at_each_evaluation(tmp_path):
+    """The trainer keeps the best checkpoint: a trial whose score dipped at one evaluation still has
+    its earlier best, and reporting the dip pruned a trial that was ahead of the median."""
+    from dmhpc.launch.tune import _evaluations
+    from dmhpc.run import RunDir
+
+    records = [{"kind": "setup", "step": 0}] + [
+        {"kind": "epoch", "epoch": e, "step": e + 1, "selection": {"criterion": "im", "score": s}}
+        for e, s in enumerate((0.5, 0.3, 0.6, 0.4))]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert _evaluations(RunDir(tmp_path)) == [(0, 0.5), (1, 0.5), (2, 0.6), (3, 0.6)]
+
+
+def test_a_finished_run_of_another_configuration_is_not_taken_as_the_trials_result(data, tmp_path):
+    """OUT/<values> holding a finished run trained otherwise (another seed here, an edited base):
+    its score was recorded as the trial's, for values it was never trained with."""
+    from dataclasses import replace
+
+    from dmhpc.config import save_config
+
+    s = spec(data, tmp_path, trials=1, parallel=1, executor="debug", space={"optim.lr": [0.003]})
+    run_dir, cfg = load_tune(s).point({"optim.lr": 0.003})
+    (run_dir / "eval").mkdir(parents=True)
+    save_config(replace(cfg, seed=cfg.seed + 1), run_dir / "config.yaml")
+    (run_dir / "eval" / "best_test.json").write_text(json.dumps(
+        {"split": "test", "final": True, "checkpoint": {"name": "best", "epoch": 1, "criterion": "im", "score": 0.9}}))
+    assert tune(s, poll_s=0.1)["number"] is None
+    (trial,) = _study(tmp_path / "tune").get_trials()
+    assert trial.state.name == "FAIL"
+    assert "the run was trained with another configuration: seed" in trial.user_attrs["failure"]
+
+
+def test_an_enqueued_value_of_another_type_than_the_choices_is_refused(data, tmp_path):
+    """1 for the choices [1.0, 2.0] is no choice of the space (their JSON differs): the enqueued
+    trial failed in Optuna at the first launch, a traceback, instead of being refused."""
+    s = spec(data, tmp_path, space={"loss.transfer_weight": [1.0, 2.0]})
+    load_tune({**s, "enqueue": [{"loss.transfer_weight": 1.0}]})
+    with pytest.raises(DmhpcError) as err:
+        load_tune({**s, "enqueue": [{"loss.transfer_weight": 1}]})
+    assert str(err.value) == "<launch dict>: enqueue[0].loss.transfer_weight: 1 is not one of the choices [1.0, 2.0]"
+
+
+def test_the_table_lists_pruned_trials_after_complete_ones_with_the_epoch_they_were_pruned_at(tmp_path):
+    """A pruned trial's value is its last intermediate score, not a selected checkpoint's: ranked by
+    it, a pruned trial stood above the best complete one; and "pruned after epoch" gave its first
+    evaluation's epoch, not its last."""
+    from optuna.trial import TrialState
+
+    from dmhpc.launch.tune import write_trials
+
+    study = optuna.create_study(direction="maximize")
+    lr = {"optim.lr": optuna.distributions.CategoricalDistribution(["0.001", "0.003"])}
+    complete, pruned = study.ask(lr), study.ask(lr)
+    study.tell(complete, 0.2)
+    for epoch, score in ((0, 0.5), (1, 0.7), (2, 0.9)):
+        pruned.report(score, epoch)
+    study.tell(pruned, state=TrialState.PRUNED)
+    write_trials(tmp_path, study, "im")
+    rows = list(csv.DictReader((tmp_path / "trials.csv").open()))
+    assert [(r["trial"], r["state"], r["pruned_at_epoch"]) for r in rows] == [
+        (str(complete.number), "complete", ""), (str(pruned.number), "pruned", "2")]
+    assert "pruned after epoch 2 |" in (tmp_path / "trials.md").read_text()
+
+
+def test_a_finished_run_of_another_job_shape_is_no_trials_result(data, tmp_path):
+    """A study begun again (its journal removed, or begun by a dmhpc that recorded no ranks) over the
+    runs of one of 1 rank, now with 2: the finished run trained on half the global batch was taken
+    as the new trial's result."""
+    s = spec(data, tmp_path, space={"optim.lr": [0.003]}, trials=1, parallel=1, executor="debug",
+             overrides=tiny_overrides(data))
+    tune(s, poll_s=0.2)
+    (tmp_path / "tune" / JOURNAL).unlink()
+    tune({**s, "executor": "local", "slurm": {"tasks_per_node": 2}}, poll_s=0.2)  # refused before it runs
+    (trial,) = _study(tmp_path / "tune").get_trials()
+    assert trial.state.name == "FAIL" and "ranks 1 -> 2" in trial.user_attrs["failure"]

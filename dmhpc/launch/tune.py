@@ -546,7 +546,7 @@ class _Search:
                 return
             run = RunDir(run_dir)
             self.await_stopped(run)
-            run.check_relaunch(cfg, data_ids(cfg))  # a directory holding another run would fail the job
+            run.check_relaunch(cfg, data_ids(cfg), ranks=t.resources.ranks)  # another run here would fail the job
             if finished_as(run, cfg):  # values an earlier trial trained with: its result
                 self.outcome(_finish(study, _Running(trial, run, None), t.objective))
                 return
