@@ -599,3 +599,56 @@ def test_a_data_set_missing_at_launch_is_said_once_before_its_jobs_fail(tmp_path
     assert warnings == [f"dmhpc launch: warning: data.source: {nowhere}/manifest.json: missing; {nowhere} is not a "
                         f"finished dmhpc data set; the jobs that train on it fail unless it is in place when they "
                         f"start"], out
+
+
+def test_a_random_search_draws_with_its_own_seed(tmp_path):
+    """random.seed was not passed to the sampler: every seed drew the same points, and a second
+    search with another seed trained the first one's configurations again."""
+    spec = {"base": str(TINY), "out": str(tmp_path / "g"),
+            "random": {"n": 3, "seed": 5, "space": {"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}}}}
+    drawn = [p.values for p in load_grid(spec).points]
+    assert drawn == sample_space({"optim.lr": Range(1e-4, 1e-2, log=True)}, 3, seed=5)
+    assert drawn == [p.values for p in load_grid(spec).points]
+    other = [p.values for p in load_grid({**spec, "random": {**spec["random"], "seed": 6}}).points]
+    assert other != drawn
+
+
+def test_a_methods_override_of_a_random_space_key_is_refused(tmp_path):
+    """A method fixing a key the random search draws: the method's value won at every point, and its
+    points differed in name only."""
+    spec = study_spec(tmp_path, grid=None, random={"n": 2, "space": {"loss.entropy_weight": [0.0, 0.1]}})
+    del spec["grid"]
+    spec["methods"]["mmd"]["overrides"]["loss.entropy_weight"] = 0.05
+    with pytest.raises(DmhpcError, match=r"^<launch dict>: methods\.mmd\.overrides\.loss\.entropy_weight: also a "
+                                         r"grid or random\.space key$"):
+        load_grid(spec)
+
+
+def test_two_points_of_one_name_are_refused(tmp_path):
+    """Values that differ only in type (text "0.01", number 0.01) name one directory: the later point
+    replaced the earlier without a word, and its problem went unsaid."""
+    with pytest.raises(DmhpcError) as err:
+        load_grid({"base": str(TINY), "out": str(tmp_path / "g"), "grid": {"optim.lr": ["0.01", 0.01]}})
+    assert ('<launch dict>: point optim.lr=0.01: two points share this name: {"optim.lr": "0.01"} and '
+            '{"optim.lr": 0.01}') in str(err.value).splitlines()
+
+
+def test_a_gap_from_a_method_to_itself_is_refused(tmp_path):
+    """A gap from and to one method spans nothing: every "gap closed" cell was empty, unexplained."""
+    with pytest.raises(DmhpcError, match=r"^<launch dict>: gap: from and to are the same method \(plain\)$"):
+        load_grid(study_spec(tmp_path, gap={"from": "plain", "to": "plain"}))
+
+
+def test_a_point_that_failed_before_and_ran_now_is_no_longer_recorded_as_failed(tmp_path):
+    """The failures file kept a point's failure from an earlier launch after this launch ran it
+    well: --report marked it failed. Points of the same OUT this launch did not run keep theirs."""
+    from dmhpc.launch.grid import FAILURES, _read_failures, _record_failures
+
+    g = load_grid({"base": str(TINY), "out": str(tmp_path / "g"), "grid": {"seed": [1, 2]}})
+    path = g.out / "submitit" / FAILURES
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"seed=1": "job 7 failed", "seed=2": "job 8 failed", "seed=9": "job 9 failed"}))
+    _record_failures(g, {"seed=2": "job 11 failed"})
+    assert _read_failures(path) == {"seed=9": "job 9 failed", "seed=2": "job 11 failed"}
+    _record_failures(g, {})
+    assert _read_failures(path) == {"seed=9": "job 9 failed"}

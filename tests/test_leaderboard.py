@@ -246,3 +246,35 @@ def test_tables_of_a_grid_on_an_unlabelled_target_leave_its_accuracy_empty(make_
     assert all(r["criterion"] == "im" and r["target_accuracy_reporting_only"] == "" for r in board)
     assert not (out / "validators.md").exists()  # nothing to check the validators against
     assert len(report_grid(spec)) == 2
+
+
+def test_a_run_asked_to_train_longer_does_not_count_its_shorter_result(tmp_path):
+    """A grid run again with more epochs resumes its runs: until they finish, the summary showed the
+    old, shorter runs' mean as the new configuration's."""
+    from dataclasses import replace
+
+    from dmhpc.config import save_config
+
+    grid = load_grid({"base": str(TINY), "out": str(tmp_path / "g"), "grid": {"seed": [1, 2]},
+                      "overrides": {"train.epochs": 3}})
+    for p in grid.points:  # finished at 1 epoch, by the grid's earlier version
+        _finished(p, 0.5, 0.7)
+        save_config(replace(p.config, train=replace(p.config.train, epochs=1)), p.run.config_path)
+    assert all(p.run.finished and not p.finished for p in grid.points)
+    (row,) = summary_rows(grid.points)
+    assert row["finished"] == 0 and row["seeds"] == []
+    assert math.isnan(row["target_accuracy_mean"]) and math.isnan(row["source_accuracy_mean"])
+
+
+def test_one_finished_seed_has_no_spread(tmp_path):
+    """One finished run has no sample standard deviation: a spread of 0 claimed seeds that agree."""
+    grid = load_grid({"base": str(TINY), "out": str(tmp_path / "g"), "grid": {"seed": [1, 2]}})
+    _finished(grid.points[0], 0.5, 0.7)
+    (row,) = write_summary(grid.out, grid.points)
+    assert row["finished"] == 1 and math.isnan(row["target_accuracy_std"])
+    md = (grid.out / "summary.md").read_text()
+    line = next(line for line in md.splitlines() if line.startswith("| 1/2 |"))
+    assert "±" not in line and "| 0.900 |" in line and "| 0.700 |" in line, line
+    with (grid.out / "summary.csv").open() as f:
+        (table,) = list(csv.DictReader(f))
+    assert table["target_accuracy_mean"] == "0.7" and table["target_accuracy_std"] == ""

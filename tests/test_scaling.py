@@ -394,3 +394,85 @@ def test_a_points_throughput_counts_the_images_its_steps_read(tmp_path, noda):
     row = measure(point)
     assert row["images_per_s"] == (1 if noda else 2) * 8 / 0.5
     assert row["images_per_s_per_gpu"] == row["images_per_s"] / 2
+
+
+def test_strong_scaling_splits_the_global_batch_over_every_gpu_of_every_node(tmp_path):
+    """The per-GPU batch of a strong point is the global batch over nodes x GPUs per node: split over
+    one node's GPUs only, a 2-node point trained twice the study's global batch."""
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "slurm", "models": ["deepmerge2"],
+            "nodes": [1, 2], "gpus_per_node": [1, 2], "strong": {"global_batch": 8}}
+    study = load_study(spec)
+    assert {p.name: p.config.train.batch_size for p in study.points} == {
+        "deepmerge2-strong-1x1": 8, "deepmerge2-strong-1x2": 4, "deepmerge2-strong-2x1": 4,
+        "deepmerge2-strong-2x2": 2}
+    with pytest.raises(DmhpcError, match=r"point deepmerge2-strong-2x2: strong.global_batch 6 does not split "
+                                         r"evenly over 4 GPUs"):
+        load_study({**spec, "strong": {"global_batch": 6}})
+
+
+def test_a_local_study_of_several_nodes_is_refused(tmp_path):
+    """The local executor runs on this machine only: a study whose largest point asks for 2 nodes
+    was checked against its smallest and accepted."""
+    with pytest.raises(DmhpcError, match="executor: local runs on this machine only: one node, got 2 nodes"):
+        load_study(cpu_study(tmp_path, gpus_per_node=[1], nodes=[1, 2]))
+
+
+def test_a_finished_point_whose_log_is_damaged_fails_the_launch(tmp_path):
+    """A finished point whose metrics.jsonl cannot be read has no figures in the table: the launch
+    returned as if the study were complete, the empty row its only sign."""
+    import torch
+
+    from dmhpc.config import save_config
+
+    spec = cpu_study(tmp_path, gpus_per_node=[1])
+    (point,) = load_study(spec).points
+    (point.run_dir / "eval").mkdir(parents=True)  # finished: nothing runs
+    save_config(point.config, point.run.config_path)
+    point.run.checkpoint("last").parent.mkdir()
+    torch.save({}, point.run.checkpoint("last"))  # a checkpoint without progress, as dmhpc's tests write
+    (point.run_dir / "eval" / "best_test.json").write_text(json.dumps({"split": "test"}))
+    (point.run_dir / "metrics.jsonl").write_text('{"kind": "setup", "step": 0}\nnot json\n{}\n')
+    with pytest.raises(DmhpcError) as err:
+        launch_scaling(spec)
+    assert str(err.value).splitlines()[1:] == [
+        f"point {point.name}: unreadable log: {point.run_dir / 'metrics.jsonl'}: line 2 is not a JSON record"]
+    assert "unreadable log" in (tmp_path / "out" / "scaling.md").read_text()
+
+
+def test_a_longer_time_limit_is_not_another_measurement(tmp_path, monkeypatch):
+    """slurm.time bounds how long a job may run, not how fast its steps are: a study launched again
+    with more time for its unfinished points was refused as "measured with other settings"."""
+    from dmhpc.config import save_config
+    from dmhpc.launch.scaling import record_measured_with
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    spec = cpu_study(tmp_path, gpus_per_node=[1], slurm={"time": 30})
+    study = load_study(spec)
+    record_measured_with(study)
+    (point,) = study.points
+    point.run_dir.mkdir(parents=True)  # it ran, out of time before its end
+    save_config(point.config, point.run.config_path)
+    load_study({**spec, "slurm": {"time": 90}})
+    with pytest.raises(DmhpcError, match="was measured with other settings \\(slurm.cpus_per_task null -> 2\\)"):
+        load_study({**spec, "slurm": {"time": 90, "cpus_per_task": 2}})  # a setting a timing depends on
+
+
+def test_threads_recorded_as_text_by_an_older_dmhpc_are_the_same_setting(tmp_path, monkeypatch):
+    """dmhpc before 2026-12-03 recorded a local point's threads as text ("1"): after an upgrade, every
+    point that had run was refused as measured with other settings (threads_per_rank "1" -> 1)."""
+    from dmhpc.config import save_config
+    from dmhpc.launch.scaling import MEASURED_WITH, record_measured_with
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    spec = cpu_study(tmp_path)
+    study = load_study(spec)
+    record_measured_with(study)
+    path = tmp_path / "out" / "submitit" / MEASURED_WITH
+    record = json.loads(path.read_text())
+    for p in study.points:  # as the older dmhpc wrote them, and their runs there
+        assert isinstance(record[p.name]["threads_per_rank"], int)
+        record[p.name]["threads_per_rank"] = str(record[p.name]["threads_per_rank"])
+        p.run_dir.mkdir(parents=True)
+        save_config(p.config, p.run.config_path)
+    path.write_text(json.dumps(record))
+    load_study(spec)

@@ -92,3 +92,15 @@ def test_fewer_epochs_than_a_run_has_trained_are_refused_before_submitting(tmp_p
     assert load_grid({**spec, "overrides": {"train.epochs": 3}})
     with pytest.raises(DmhpcError, match=r"seed=0: .*seed=0: train\.epochs 2: the run has trained 3 epochs already"):
         load_grid({**spec, "overrides": {"train.epochs": 2}})
+
+
+def test_a_log_range_from_zero_is_refused_in_one_line(tmp_path):
+    """log: true with low 0 has no log-uniform draw: the sampler's math error (log of 0) ended the
+    launch as a traceback, where the file's key and the fix belong."""
+    spec = {"base": str(TINY), "out": str(tmp_path), "executor": "local",
+            "random": {"n": 2, "space": {"loss.entropy_weight": {"low": 0, "high": 0.1, "log": True}}}}
+    with pytest.raises(DmhpcError) as err:
+        load_grid(spec)
+    assert str(err.value) == "<launch dict>: random.space.loss.entropy_weight: log: true needs low > 0, got 0"
+    assert len(load_grid({**spec, "random": {"n": 2, "space": {"loss.entropy_weight": {
+        "low": 0.01, "high": 0.1, "log": True}}}}).points) == 2

@@ -732,3 +732,51 @@ def test_local_jobs_a_killed_launcher_left_are_stopped_before_its_points_run_aga
     finally:
         orphan.cancel(check=False)
         other.cancel(check=False)
+
+
+def test_a_launch_of_fewer_points_than_may_run_at_once_gives_them_the_cores_of_those_only(monkeypatch):
+    """Two points of 2 ranks with array_parallelism 4 run 4 ranks at once, not 8: each rank got one
+    of 8 cores, half the machine idle."""
+    from dmhpc.launch.submit import local_threads_of
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    points = [Point(name, {}, Path(name), resolve_point(TINY, {})) for name in ("a", "b")]
+    res = Resources(tasks_per_node=2, array_parallelism=4, time_min=5)
+    assert local_threads_of(points, {"a": res, "b": res}) == 2
+    assert local_threads_of(points[:1], {"a": res}) == 4
+    assert local_threads_of(points + [Point("c", {}, Path("c"), points[0].config)], {"a": res, "b": res, "c": res}) == 1
+
+
+def test_a_launch_that_would_not_wait_for_its_debug_jobs_is_refused(tmp_path, capsys):
+    """The debug executor runs each job in the launcher's process: --no-wait ran the whole grid
+    there anyway, where it promised to return after submitting."""
+    from dmhpc.launch import launch_grid
+
+    spec = {"base": str(TINY), "out": str(tmp_path / "g"), "executor": "debug", "grid": {"seed": [0]},
+            "overrides": {"data.source": str(tmp_path / "missing")}}
+    with pytest.raises(DmhpcError, match=r"^executor debug: its jobs end with the launcher, so the launcher must "
+                                         r"wait for them$"):
+        launch_grid(spec, wait=False)
+    assert not (tmp_path / "g" / "seed=0").exists()
+
+
+def _note_gpus_a_outlasts_b(config: dict) -> None:
+    run = Path(config["run"]["dir"])
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "gpus").write_text(os.environ["CUDA_VISIBLE_DEVICES"])
+    deadline = time.monotonic() + 60
+    while run.name == "a" and not (run.parent / "c" / "gpus").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # still on its GPU when b has ended and c starts
+
+
+def test_a_local_point_starting_as_another_ends_takes_the_gpu_it_freed(tmp_path, monkeypatch):
+    """The GPUs of ended jobs stayed counted as held: the third point joined the first on its GPU
+    while the second's GPU idled."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,5")
+    points = [Point(name, {}, tmp_path / name, resolve_point(TINY, {"run.dir": str(tmp_path / name)}))
+              for name in ("a", "b", "c")]
+    res = Resources(gpus_per_node=1, array_parallelism=2, time_min=5)
+    assert submit._launch_local(points, {p.name: res for p in points}, folder=tmp_path / "submitit",
+                                job_name="dmhpc-test", task=_note_gpus_a_outlasts_b, poll_s=0.1) == {}
+    assert [(tmp_path / name / "gpus").read_text() for name in ("a", "b", "c")] == ["2", "5", "5"]

@@ -102,3 +102,37 @@ def test_pairs_whose_data_folders_share_a_name_are_separate_rows(tmp_path):
     assert rows["a/pristine -> noisy"]["runs"] == 2 and rows["b/pristine -> noisy"]["runs"] == 1
     assert rows["b/pristine -> noisy"]["checkpoint_target_acc"] == pytest.approx(0.9)
     assert "| b/pristine -> noisy | source-val-acc | 1 | 3 |" in (tmp_path / "out" / "validators.md").read_text()
+
+
+def test_methods_are_compared_within_each_seed_and_the_oracle_by_validation_accuracy(tmp_path):
+    """The method view picks among the runs of one seed: all seeds pooled, one lucky seed's run stood
+    for the whole study. The oracle picks the run by target validation accuracy, as it picks a
+    checkpoint: by test accuracy, it peeked at the very numbers it is scored on."""
+    spec = {"out": str(tmp_path / "out"), "executor": "local", "grid": {"seed": [1, 2]},
+            "methods": {"plain": {"base": str(TINY)},
+                        "mmd": {"base": str(TINY), "overrides": {"loss.transfer": "mmd"}}}}
+    points = {(p.values["method"], p.values["seed"]): p for p in load_grid(spec).points}
+    # seed 1: source accuracy and the oracle (validation) prefer plain, whose test accuracy is the lower
+    _log(points["plain", 1], [0.9], [0.5], [0.9], [0.6])
+    _log(points["mmd", 1], [0.7], [0.5], [0.7], [0.8])
+    # seed 2: both prefer mmd
+    _log(points["plain", 2], [0.6], [0.5], [0.5], [0.5])
+    _log(points["mmd", 2], [0.8], [0.5], [0.6], [0.7])
+    rows = {r["criterion"]: r for r in write_validators(tmp_path / "out", points.values())}
+    src = rows["source-val-acc"]
+    assert src["method_picked"] == "plain (1), mmd (1)"
+    assert (src["method_target_acc"], src["method_oracle_acc"]) == pytest.approx((0.65, 0.65))
+    assert src["method_loss_points"] == pytest.approx(0.0)
+
+
+def test_a_grid_of_one_method_has_no_method_figures(tmp_path):
+    """Without a second method there is no run to choose between: the method columns showed each
+    run's own pick, as if the criterion had chosen it among methods."""
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "grid": {"seed": [1, 2]}}
+    first, second = load_grid(spec).points
+    _log(first, [0.9, 0.8], [0.1, 0.2], [0.5, 0.6], [0.55, 0.65])
+    _log(second, [0.6, 0.7], [0.3, 0.2], [0.8, 0.7], [0.8, 0.7])
+    rows = write_validators(tmp_path / "out", [first, second])
+    assert rows and all(math.isnan(r["method_target_acc"]) and math.isnan(r["method_oracle_acc"])
+                        and r["method_picked"] == "" for r in rows)
+    assert rows[0]["checkpoint_target_acc"] == pytest.approx((0.55 + 0.7) / 2)
