@@ -535,3 +535,18 @@ def test_a_refusal_under_two_ranks_stops_both_without_a_hang(data, tmp_path):
     assert proc.stderr.count("dmhpc train: error: ") == 2, proc.stderr[-3000:]
     assert proc.stderr.count("1 problem: shard-00000.h5 checksum mismatch") == 2, proc.stderr[-3000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_between_logged_steps_never_writes_diverged_weights(data, tmp_path, capsys):
+    """A checkpoint every step between the logged steps' checks wrote the diverged weights into
+    last.pt: the run failed at the epoch's end and its resume started from NaN."""
+    from dmhpc.cli import main
+
+    run = tmp_path / "run"
+    code = main(["train", *train_args(data, run, "optim.name=sgd", "optim.lr=100", "train.checkpoint_every=1",
+                                      "train.log_every=1000", "train.batch_size=4", "train.epochs=1")])
+    err = one_line_error(subprocess.CompletedProcess([], code, "", capsys.readouterr().err), "error: step ")
+    assert "non-finite weights" in err or "not finite (NaN or Inf)" in err
+    last = load_checkpoint(RunDir(run).checkpoint("last"))
+    assert last["step"] >= 1
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())

@@ -5,6 +5,7 @@ really runs under the AMP and compile settings it is given."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -227,3 +228,109 @@ def test_every_shipped_objective_computes_the_same_gradient_at_every_backward_on
     assert grads[0] and all(g.keys() == grads[0].keys() for g in grads)
     varying = [n for n in grads[0] if not all(torch.equal(g[n], grads[0][n]) for g in grads[1:])]
     assert not varying, f"{name}: gradients differ between identical backward passes: {varying[:5]}"
+
+
+def _with(cfg, **sections):
+    """`cfg` with fields of its sections replaced: _with(cfg, train={"amp": "fp16"})."""
+    return dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **values)
+                                       for name, values in sections.items()})
+
+
+@pytest.mark.parametrize("amp, dtype", [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_each_amp_setting_autocasts_to_its_own_dtype(amp, dtype):
+    """train.amp=fp16 run in bfloat16 (or bf16 in float16) would train at another precision than
+    asked, with fp16's loss scaling around bf16's numbers, and no error."""
+    from dmhpc.train.step import autocast
+
+    with autocast(amp, torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == dtype
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
+
+
+def _clipped_norm(cfg, monkeypatch) -> float:
+    """The gradient norm clip_grad_norm_ was handed in one step of a fresh state on one batch."""
+    seen = []
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, *args, **kwargs):
+        params = list(params)
+        seen.append(float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))))
+        return clip(params, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    torch.manual_seed(0)
+    state = TrainState.build(cfg, torch.device("cpu"), 3)
+    TrainStep(cfg, state, CPU, total_steps=10, steps_per_epoch=5)(0, batch())
+    assert len(seen) == 1
+    return seen[0]
+
+
+def test_under_fp16_the_gradient_is_clipped_at_its_unscaled_norm(monkeypatch):
+    """Clipped before the scaler unscales it, an fp16 gradient is 65536 times its norm: every step
+    is clipped to optim.grad_clip in the scaled units, i.e. training all but stops."""
+    cfg = _with(config(transfer="mmd"), optim={"grad_clip": 1.0})
+    try:
+        fp16 = _clipped_norm(_with(cfg, train={"amp": "fp16"}), monkeypatch)
+    except RuntimeError as exc:  # a torch without CPU float16 kernels
+        pytest.skip(f"fp16 autocast does not run on this CPU: {exc}")
+    plain = _clipped_norm(cfg, monkeypatch)
+    assert math.isfinite(fp16) and plain > 0
+    assert fp16 == pytest.approx(plain, rel=0.1)
+
+
+@pytest.mark.parametrize("name, cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW),
+                                       ("sgd", torch.optim.SGD)])
+def test_the_state_holds_the_optimizer_the_config_names(name, cls):
+    """optim.name=adamw trained with Adam's coupled weight decay, or sgd without Nesterov momentum,
+    would be another optimizer than the config (and the run's leaderboard entry) says."""
+    cfg = _with(config(transfer="mmd"), optim={"name": name, "momentum": 0.9, "weight_decay": 0.01})
+    optimizer = TrainState.build(cfg, torch.device("cpu"), 3).optimizer
+    assert type(optimizer) is cls
+    if name == "sgd":
+        assert all(g["nesterov"] and g["momentum"] == 0.9 for g in optimizer.param_groups)
+
+
+def test_a_resumed_fp16_run_keeps_its_loss_scale():
+    """The gradient scaler's scale not restored on resume restarts at 65536: the resumed run's
+    first steps overflow and are skipped, and it is no longer the run never stopped."""
+    cfg = _with(config(transfer="mmd"), train={"amp": "fp16"})
+    state = TrainState.build(cfg, torch.device("cpu"), 3)
+    if not state.scaler.is_enabled():
+        pytest.skip("no fp16 gradient scaler on this CPU")
+    state.scaler.scale(torch.ones(()))  # (the scale tensor is made at the first use)
+    state.scaler.update(new_scale=1024.0)
+    fresh = TrainState.build(cfg, torch.device("cpu"), 3)
+    assert fresh.scaler.get_scale() != 1024.0
+    fresh.load_state_dict(state.state_dict(), 0)
+    assert fresh.scaler.get_scale() == 1024.0
+
+
+def test_a_checkpoint_whose_progress_holds_a_key_of_an_older_dmhpc_still_loads():
+    """Checkpoints of an older dmhpc kept best_epoch in their progress: failing on it as an
+    unexpected keyword, their runs could no longer be resumed."""
+    cfg = config(transfer="mmd")
+    state = TrainState.build(cfg, torch.device("cpu"), 3)
+    state.progress.epoch, state.progress.step, state.progress.best_score = 2, 14, 0.75
+    saved = state.state_dict()
+    saved["progress"] = {**saved["progress"], "best_epoch": 1}
+    fresh = TrainState.build(cfg, torch.device("cpu"), 3)
+    fresh.load_state_dict(saved, 0)
+    assert (fresh.progress.epoch, fresh.progress.step, fresh.progress.best_score) == (2, 14, 0.75)
+
+
+def test_the_start_up_forward_pass_changes_no_statistics_and_draws_no_random_numbers():
+    """check_model_input's zero batch run in train mode would put zeros into BatchNorm's running
+    statistics and draw dropout masks: a run would not start from its seed's weights and RNG."""
+    from dmhpc.train.preflight import check_model_input
+
+    cfg = config(transfer="mmd")
+    torch.manual_seed(0)
+    backbone = DomainAdaptation(cfg, seed=0, in_channels=3).backbone.train()
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    rng = torch.get_rng_state()
+    check_model_input(cfg, backbone, [3, 75, 75], torch.device("cpu"))
+    assert backbone.training
+    after = backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
+    assert torch.equal(torch.get_rng_state(), rng)

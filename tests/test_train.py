@@ -706,6 +706,9 @@ def test_torchrun_two_ranks(data, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "world 2" in proc.stdout
     assert json.loads((run / "eval" / "best_test.json").read_text())["source"]["n"] > 0
+    # Each rank seeded apart (cfg.seed + rank): seeded alike, both drew the same dropout masks.
+    rng = torch.load(run / "checkpoints" / "last.pt", weights_only=True)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
     for r in _epoch_records(run):  # train metrics of both ranks' predictions, on rank 0
         assert [r[d]["train"]["n"] for d in ("source", "target")] == [r["steps"] * 16 * 2] * 2, r
     # The validation that chose best.pt scored best.pt: each rank had scored its share of the split
@@ -1413,3 +1416,66 @@ def test_the_epoch_line_of_an_epoch_not_evaluated_says_so():
                   selection={"criterion": "source-val-acc", "score": 0.75})
     assert _epoch_line(record, "source-val-acc") == ("epoch 2 step 30: loss 0.5000 | val acc source 0.750 target "
                                                      "0.500 | source-val-acc 0.7500 | 100 img/s")
+
+
+def test_the_longest_stretch_without_a_better_score_survives_a_shorter_later_one(data, tmp_path, monkeypatch):
+    """Scores 0.5, 0.4, 0.4, 0.9, 0.8, 1.0: the two evaluations without a better score ended at
+    epoch 3 were forgotten at epoch 5's best, and a resume with train.early_stopping 2 was taken
+    although the run went past it."""
+    from dmhpc.train import loop
+
+    scores = iter([0.5, 0.4, 0.4, 0.9, 0.8, 1.0])
+    monkeypatch.setattr(loop, "selection_score", lambda criterion, val: next(scores))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=6", "train.batch_size=56")]) == 0
+    progress = torch.load(run / "checkpoints" / "last.pt", weights_only=False)["progress"]
+    assert (progress["best_score"], progress["evals_since_best"], progress["longest_without_best"]) == (1.0, 0, 2)
+
+
+def test_eval_every_evaluates_every_nth_epoch_and_the_last(data, tmp_path):
+    """The epochs counted from 0 for train.eval_every: eval_every=2 evaluated epochs 0 and 2, the
+    first before any training had shown, and not the second as the documented every second epoch."""
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=3", "train.eval_every=2",
+                                                              "train.batch_size=56")]) == 0
+    records = _epoch_records(run)
+    assert [r["epoch"] for r in records] == [0, 1, 2]
+    assert [r["epoch"] for r in records if "selection" in r] == [1, 2]
+
+
+def test_a_new_run_from_another_runs_checkpoint_starts_its_own_patience(data, tmp_path):
+    """Only the other run's best score was reset: its evaluations without a better score counted
+    against this run's train.early_stopping, which refused it or stopped it before it trained."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["train", "--config", str(TINY), *_overrides(data, first, "train.epochs=1")]) == 0
+    state = torch.load(first / "checkpoints" / "last.pt", weights_only=True)
+    state["progress"].update(evals_since_best=3, longest_without_best=4)  # the other run's patience, spent
+    torch.save(state, first / "checkpoints" / "last.pt")
+    assert main(["train", "--config", str(TINY), *_overrides(data, second, "train.epochs=2", "train.early_stopping=2"),
+                 "--resume", str(first / "checkpoints" / "last.pt")]) == 0
+    assert [r["epoch"] for r in _epoch_records(second)] == [1]
+    progress = torch.load(second / "checkpoints" / "last.pt", weights_only=True)["progress"]
+    assert (progress["evals_since_best"], progress["longest_without_best"]) == (0, 0)
+
+
+def test_a_kill_in_the_evaluation_after_a_checkpoint_every_on_the_epochs_last_step_redoes_the_epoch(
+        data, tmp_path, monkeypatch):
+    """train.checkpoint_every landing on an epoch's last step wrote last.pt before the evaluation:
+    killed in it, the resume took the epoch for done, and it was never evaluated or logged."""
+    from dmhpc.train import loop
+
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=2", "train.checkpoint_every=7")]
+    predict = loop.predict
+
+    def killed(*args, **kwargs):
+        raise _Killed
+
+    monkeypatch.setattr(loop, "predict", killed)
+    with pytest.raises(_Killed):
+        main(argv)
+    monkeypatch.setattr(loop, "predict", predict)
+    assert main(argv) == 0
+    records = _epoch_records(run)
+    assert [r["epoch"] for r in records] == [0, 1] and all("selection" in r for r in records)
+    assert [r["steps"] for r in records] == [7, 7]
