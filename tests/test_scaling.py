@@ -339,10 +339,9 @@ def test_a_damaged_log_is_its_points_row_not_the_whole_tables_loss(tmp_path):
     assert "unreadable log" in (tmp_path / "out" / "scaling.md").read_text()
 
 
-def test_a_record_of_an_older_dmhpc_lacks_keys_it_is_not_refused_for(tmp_path, monkeypatch):
-    """A key this version records and an older one did not (the threads of a local point, a
-    configuration key added since) read as changed from null: every point that had run was refused
-    after an upgrade, finished ones included, though nothing about them had changed."""
+def _as_an_older_dmhpc_recorded(tmp_path, monkeypatch, edit):
+    """(spec, study) of a CPU study whose measured_with record each point's `edit(entry)` changed, as
+    an older dmhpc wrote it, and whose points have their runs' config.yaml."""
     from dmhpc.config import save_config
     from dmhpc.launch.scaling import MEASURED_WITH, record_measured_with
 
@@ -352,11 +351,22 @@ def test_a_record_of_an_older_dmhpc_lacks_keys_it_is_not_refused_for(tmp_path, m
     record_measured_with(study)
     path = tmp_path / "out" / "submitit" / MEASURED_WITH
     record = json.loads(path.read_text())
-    for p in study.points:  # as the older dmhpc wrote them, and their runs there
-        del record[p.name]["threads_per_rank"], record[p.name]["config.optim.discriminator_lr_mult"]
+    for p in study.points:
+        edit(record[p.name])
         p.run_dir.mkdir(parents=True)
         save_config(p.config, p.run.config_path)
     path.write_text(json.dumps(record))
+    return spec, study
+
+
+def test_a_record_of_an_older_dmhpc_lacks_keys_it_is_not_refused_for(tmp_path, monkeypatch):
+    """A key this version records and an older one did not (the threads of a local point, a
+    configuration key added since) read as changed from null: every point that had run was refused
+    after an upgrade, finished ones included, though nothing about them had changed."""
+    def lacking(entry):
+        del entry["threads_per_rank"], entry["config.optim.discriminator_lr_mult"]
+
+    spec, study = _as_an_older_dmhpc_recorded(tmp_path, monkeypatch, lacking)
     assert all(p.run.holds_run() for p in study.points)
     load_study(spec)
     with pytest.raises(DmhpcError, match="was measured with other settings \\(slurm.cpus_per_task null -> 2\\)"):
@@ -460,19 +470,9 @@ def test_a_longer_time_limit_is_not_another_measurement(tmp_path, monkeypatch):
 def test_threads_recorded_as_text_by_an_older_dmhpc_are_the_same_setting(tmp_path, monkeypatch):
     """dmhpc before 2026-12-03 recorded a local point's threads as text ("1"): after an upgrade, every
     point that had run was refused as measured with other settings (threads_per_rank "1" -> 1)."""
-    from dmhpc.config import save_config
-    from dmhpc.launch.scaling import MEASURED_WITH, record_measured_with
+    def as_text(entry):
+        assert isinstance(entry["threads_per_rank"], int)
+        entry["threads_per_rank"] = str(entry["threads_per_rank"])
 
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    spec = cpu_study(tmp_path)
-    study = load_study(spec)
-    record_measured_with(study)
-    path = tmp_path / "out" / "submitit" / MEASURED_WITH
-    record = json.loads(path.read_text())
-    for p in study.points:  # as the older dmhpc wrote them, and their runs there
-        assert isinstance(record[p.name]["threads_per_rank"], int)
-        record[p.name]["threads_per_rank"] = str(record[p.name]["threads_per_rank"])
-        p.run_dir.mkdir(parents=True)
-        save_config(p.config, p.run.config_path)
-    path.write_text(json.dumps(record))
+    spec, _ = _as_an_older_dmhpc_recorded(tmp_path, monkeypatch, as_text)
     load_study(spec)
