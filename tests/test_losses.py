@@ -262,6 +262,15 @@ def test_mmd_guards_its_memory_with_a_message_that_says_how_to_fix_it():
         (lambda: FisherLoss(2, 3, normalize="max", intra_weight=1.0, inter_weight=1.0), "normalize"),
         (lambda: FisherLoss(2, 3, intra_weight=1.0, inter_weight=1.0)(torch.randn(4, 5), torch.zeros(4, dtype=torch.long)), "feats"),
         (lambda: grl_coefficient(1, 10, GRLConfig(schedule="linear")), "schedule"),
+        # Each domain's side checked, not only the source's (surviving mutants of a review).
+        (lambda: coral(torch.randn(4, 3), torch.randn(1, 3), scope="local"), "2 source and 2 target rows.*got 4 and 1"),
+        (lambda: dann_loss(torch.randn(4), torch.randn(4, 2)), "target domain logits"),
+        (lambda: FisherLoss(2, 3, intra_weight=1.0, inter_weight=1.0)(torch.randn(4, 3), torch.tensor([0])),
+         r"labels \(N,\); got \(4, 3\) and \(1,\)"),
+        (lambda: FisherLoss(2, 3, intra_weight=1.0, inter_weight=1.0)(torch.randn(4, 3), torch.zeros(4, 1).long()),
+         r"labels \(N,\); got \(4, 3\) and \(4, 1\)"),
+        (lambda: entropy(torch.zeros(0, 2)), "the batch is empty"),
+        (lambda: grl_coefficient(0, 0, GRLConfig()), "total_steps > 0"),
     ],
 )
 def test_bad_input_raises_a_clear_error(call, match):
@@ -615,3 +624,53 @@ def test_fishers_centre_gradient_is_the_same_at_every_backward_on_several_thread
     with torch.no_grad():
         diff = feats - fisher.centres[labels]
         assert torch.equal(fisher(feats, labels)[1], diff.square().sum())
+
+
+def test_mmd_of_features_far_from_the_origin_keeps_its_float32_accuracy(realistic):
+    """Features sharing a large offset: the Gram matrix of uncentred float32 rows lost the distances
+    (11% off at an offset of 3000); centred first, float32 stays with float64."""
+    xs, xt = (torch.from_numpy(a[:64, :64] + 3000.0) for a in realistic)
+    want = mmd(xs, xt).item()
+    assert rel(mmd(xs.float(), xt.float()).item(), want) < 1e-4
+
+
+def test_median_bandwidths_of_a_collapsed_batch_give_zero_not_nan():
+    """Every feature equal (all-zero ReLU outputs early in training): a median distance of 0 made
+    every bandwidth 0 and the loss NaN, and the run stopped as diverged."""
+    xs = torch.zeros(4, 3, requires_grad=True)
+    value = mmd(xs, torch.zeros(4, 3), sigmas="median")
+    (g,) = torch.autograd.grad(value, xs)
+    assert value.item() == 0 and torch.isfinite(g).all()
+
+
+def test_a_clamp_of_zero_keeps_the_unbiased_mmd_non_negative():
+    """loss.mmd.clamp 0 (the config allows it: a non-negative unbiased MMD) was read as no clamp."""
+    g = torch.Generator().manual_seed(1)
+    xs, xt = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g)
+    assert mmd(xs, xt, unbiased=True).item() < 0
+    assert mmd(xs, xt, unbiased=True, clamp=0.0).item() == 0
+
+
+@pytest.mark.parametrize("unbiased", [False, True])
+def test_mmd_median_bandwidth_of_an_even_number_of_pairs_is_the_lower_median(unbiased):
+    """8 rows, 28 pairs: an interpolated median (torch.quantile, which also fails above 2^24 pairs)
+    agreed with the lower one on the odd counts of the other test."""
+    xs, xt = small(3, 4, 4), small(4, 4, 4)
+    sigmas = ref_median_sigmas(xs.detach().numpy(), xt.detach().numpy())
+    assert rel(mmd(xs, xt, sigmas="median", unbiased=unbiased).item(),
+               mmd(xs, xt, sigmas=sigmas, unbiased=unbiased).item()) < 1e-12
+
+
+def test_fisher_td_without_the_inter_class_term_is_the_intra_class_term():
+    """Only the trace-ratio form needs an inter-class weight (it divides by it): td with
+    inter_weight 0 is a valid config, the intra-class spread alone."""
+    fisher = FisherLoss(2, 3, form="td", intra_weight=1.0, inter_weight=0.0)
+    total, intra, _ = fisher(torch.randn(6, 3), torch.arange(6) % 2)
+    assert torch.equal(total, intra)
+
+
+def test_the_mmd_memory_figure_grows_with_the_square_of_the_rows():
+    """The figure the refusal and preflight state: 2.5 rows^2 float32 elements (bench/mmd.py)."""
+    from dmhpc.losses.mmd import memory_gib
+
+    assert memory_gib(16384) == pytest.approx(2.5) and memory_gib(32768) == pytest.approx(10.0)
