@@ -516,7 +516,17 @@ else:  # both, one after the other: restoring through the legacy API gave CUDA m
     torch.backends.cuda.matmul.fp32_precision = "ieee"
 state = lambda: (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
 before = state()
-values = mmd(x, y).item(), coral(x, y).item()
+from torch.utils._python_dispatch import TorchDispatchMode
+class Matmuls(TorchDispatchMode):  # the settings each matmul of the losses ran under
+    seen = []
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith(("aten.mm", "aten.addmm", "aten.bmm", "aten.baddbmm")):
+            self.seen.append(state())
+        return func(*args, **(kwargs or {}))
+with Matmuls():
+    values = mmd(x, y).item(), coral(x, y).item()
+# On a CPU without bf16 matmuls the values alone cannot tell that the setting was left as asked.
+assert Matmuls.seen and set(Matmuls.seen) == {("ieee", "ieee")}, Matmuls.seen
 assert state() == before, (state(), before)  # every backend's setting, as the caller left it
 # IEEE float32 inside the losses, whatever was asked outside: the same values on the CPU, within
 # float32 rounding on a GPU (whose reductions may differ run to run); TF32 would be off by ~1e-3
