@@ -58,6 +58,10 @@ def test_round_trip_with_weights_only(tmp_path):
         assert torch.equal(loaded["model"][key], value)
     again = load_checkpoint(path)
     assert again["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    # What weights_only loads besides the plain types, saved too: a shape, a parameter, a bool key.
+    extra = {"shape": torch.Size([2, 3]), "weight": torch.nn.Parameter(torch.ones(2)), "flags": {True: 1}}
+    save_checkpoint(path, extra)
+    assert load_checkpoint(path)["shape"] == (2, 3) and load_checkpoint(path)["flags"] == {True: 1}
     assert torch.equal(again["optimizer"]["state"][0]["exp_avg"], state["optimizer"]["state"][0]["exp_avg"])
 
 
@@ -80,9 +84,9 @@ Shape = namedtuple("Shape", "rows cols")
     ({"groups": {(1, 2): 3}}, "groups: key (1, 2)"),
     # Subclasses of plain types, which isinstance took for them and weights_only refuses at resume.
     ({"signal": signal.SIGTERM}, "signal: a signal.Signals"),
-    ({"shape": Shape(2, 3)}, "shape: a tests.test_checkpoint.Shape"),
+    ({"shape": Shape(2, 3)}, f"shape: a {Shape.__module__}.Shape"),
     ({"counts": defaultdict(int, a=1)}, "counts: a collections.defaultdict"),
-    ({"by_signal": {signal.SIGUSR2: 1}}, "by_signal: key <Signals.SIGUSR2: 12> is a Signals"),
+    ({"by_signal": {signal.SIGUSR2: 1}}, f"by_signal: key {signal.SIGUSR2!r} is a Signals"),
 ])
 def test_save_refuses_what_weights_only_cannot_load_and_keeps_the_old_file(tmp_path, state, where):
     path = tmp_path / "last.pt"

@@ -2,9 +2,10 @@
 
 Checkpoints are dicts of plain data (what `TrainState.state_dict` returns, plus "selection" and
 "config"), so that `torch.load(weights_only=True)` reads them without running any pickled code:
-tensors, dicts, lists, tuples, str, int, float, bool and None only, of exactly those types (numpy
-arrays and scalars, enums, namedtuples, dataclasses and other objects are refused at save time, not
-discovered at resume time). Where they live is the run directory's business (dmhpc/run.py).
+tensors (Parameters too), dicts (OrderedDicts too), lists, tuples (torch.Size too), str, int, float,
+bool and None only, of exactly those types (numpy arrays and scalars, enums, namedtuples,
+defaultdicts, dataclasses and other objects are refused at save time, not discovered at resume
+time). Where they live is the run directory's business (dmhpc/run.py).
 
 Writes are atomic (dmhpc/files.py): a job killed mid-write, or a full disk, leaves the previous
 checkpoint intact.
@@ -52,14 +53,14 @@ STOP_SIGNALS = TrainConfig().signals
 # namedtuple or a defaultdict, though isinstance takes them for an int, a tuple or a dict.
 _PLAIN_LEAVES = (str, int, float, bool, type(None))
 _PLAIN_DICTS = (dict, OrderedDict)  # state_dict() gives OrderedDicts
-_PLAIN_SEQUENCES = (list, tuple)
+_PLAIN_SEQUENCES = (list, tuple, torch.Size)
 
 
 def _check_plain(value: Any, where: str) -> None:
     kind = type(value)
     if kind in _PLAIN_DICTS:
         for k, v in value.items():
-            if type(k) not in (str, int):
+            if type(k) not in (str, int, bool):
                 raise TypeError(f"checkpoint state: {where}: key {k!r} is a {type(k).__name__}, not str or int")
             _check_plain(v, f"{where}.{k}" if where else str(k))
     elif kind in _PLAIN_SEQUENCES:
