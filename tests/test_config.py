@@ -443,3 +443,117 @@ def test_an_override_value_cut_by_a_yaml_comment_is_refused():
         parse_override("run.dir=runs/a #b")
     assert parse_override('run.dir="runs/a #b"') == ("run.dir", "runs/a #b")
     assert parse_override("run.dir=runs/a#b") == ("run.dir", "runs/a#b")
+
+
+# ---------------------------------------------------------------- boundaries, inert keys, change reports
+
+@pytest.mark.parametrize("text, key, problem", [
+    ("loss: {transfer: mmd, mmd: {sigmas: [1, 0]}}\n", "loss.mmd.sigmas", "list of numbers > 0"),
+    ("optim: {betas: [0.9, 0.99, 0.5]}\n", "optim.betas", "a list of two numbers in [0, 1)"),
+    (f"seed: {2**32}\n", "seed", "expected an integer"),
+    ("loss: {fisher: {weight: -1}}\n", "loss.fisher.weight", "a number >= 0"),
+])
+def test_values_just_past_a_keys_bounds_are_refused(tmp_path, text, key, problem):
+    """A zero kernel variance divides by zero in every MMD step, a third beta or a seed numpy cannot
+    take fails as a traceback after the ranks started, a negative Fisher weight maximises the loss."""
+    path = write(tmp_path / "bad.yaml", text)
+    message = error_of(path)
+    assert message.startswith(f"{path}: {key}: ") and problem in message, message
+
+
+def test_values_at_a_keys_bounds_are_taken(tmp_path):
+    """The largest seed numpy takes, and warm-up-cosine decaying to the base rate itself ("at most
+    lr") and a first beta of 0, are valid settings: refusing them sent users to another value than
+    the one they meant."""
+    cfg = load_config(write(tmp_path / "c.yaml", f"seed: {2**32 - 1}\n"
+                            "optim: {schedule: warmup-cosine, lr: 0.01, min_lr: 0.01, betas: [0, 0.999]}\n"))
+    assert (cfg.seed, cfg.optim.min_lr, cfg.optim.betas) == (2**32 - 1, 0.01, (0.0, 0.999))
+
+
+def test_a_rule_across_keys_blames_the_base_file_that_broke_it(tmp_path):
+    """A ResNet stem set in a base file was blamed on the file based on it, where the user looked for
+    it in vain."""
+    write(tmp_path / "parent.yaml", "model: {stem: small}\n")
+    child = write(tmp_path / "child.yaml", "base: parent.yaml\nseed: 2\n")
+    assert error_of(child).startswith(f"{tmp_path / 'parent.yaml'}: model.stem: ")
+
+
+def test_which_keys_each_setting_leaves_inert():
+    """AdamW's betas taken for inert were refused where set and reset to their default in a run's
+    saved config.yaml; SGD's momentum or inv's power under Adam or cyclic trained without a word."""
+    from dmhpc.config import inert_keys
+
+    def inert(*overrides):
+        data = config_to_dict(Config())
+        for item in overrides:
+            key, value = parse_override(item)
+            section, name = key.rsplit(".", 1)
+            into = data
+            for part in section.split("."):
+                into = into[part]
+            into[name] = value
+        return set(inert_keys(data))
+
+    grl = {"loss.grl.schedule", "loss.grl.alpha", "loss.grl.high", "optim.discriminator_lr_mult"}
+    mmd = {"loss.mmd.sigmas", "loss.mmd.unbiased", "loss.mmd.clamp"}
+    fisher = {"loss.fisher.form", "loss.fisher.intra_weight", "loss.fisher.inter_weight", "loss.fisher.normalize"}
+    schedule = {"optim.warmup_steps", "optim.min_lr", "optim.gamma", "optim.power"}  # under "cyclic"
+    assert inert() == schedule | {"optim.momentum"} | grl | mmd | fisher | {"loss.transfer_weight"}
+    assert inert("optim.name=adamw") == inert()
+    assert inert("optim.name=sgd") == inert() - {"optim.momentum"} | {"optim.betas"}
+    assert inert("loss.transfer=mmd", "loss.fisher.weight=1") == inert() - mmd - fisher - {"loss.transfer_weight"}
+
+
+def test_adamw_keeps_its_betas_through_a_saved_config(tmp_path):
+    """AdamW's betas are read by AdamW: a run's config.yaml written with the defaults in their place
+    resumed (and was evaluated) as another run."""
+    cfg = load_config(TINY, ["optim.name=adamw", "optim.betas=[0.9, 0.999]"])
+    assert cfg.optim.betas == (0.9, 0.999)
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg
+
+
+def test_a_cycle_of_bases_named_relative_to_the_working_directory_is_one_line(tmp_path, monkeypatch):
+    """`dmhpc train --config a.yaml` whose a.yaml and b.yaml name each other: compared unresolved,
+    the relative path was never seen again and the loader recursed to a RecursionError traceback."""
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\n")
+    monkeypatch.chdir(tmp_path)
+    assert "files inherit from each other in a cycle" in error_of("a.yaml")
+
+
+def test_changed_keys_names_nested_and_missing_keys_in_full():
+    """A resume check filters the change list by dotted key: loss.mmd.sigmas reported as
+    "mmd.sigmas", or a key an older checkpoint lacks not reported, let a changed run resume."""
+    old = {"seed": 1, "loss": {"mmd": {"sigmas": [1.0, 2.0], "unbiased": False}}, "optim": {"lr": 0.1}}
+    new = {"seed": 1, "loss": {"mmd": {"sigmas": (1.0, 3.0), "unbiased": False, "max_samples": 8}},
+           "optim": {"lr": 0.1}}
+    assert changed_keys(old, new) == ["loss.mmd.max_samples", "loss.mmd.sigmas"]
+    assert changed_keys(new, old) == ["loss.mmd.max_samples", "loss.mmd.sigmas"]
+    assert changed_keys(old, {**old, "loss": {"mmd": {"sigmas": (1.0, 2.0), "unbiased": False}}}) == []
+
+
+def test_a_checkpoints_config_is_checked_across_keys_too():
+    """A checkpoint's config with a ResNet stem on DeepMerge II was taken, and the model built from it
+    was not the one the settings describe."""
+    with pytest.raises(DmhpcError, match=r"^ckpt.pt: config: model.stem: .*ResNet models only"):
+        config_from_dict({"model": {"name": "deepmerge2", "stem": "small"}}, "ckpt.pt: config")
+
+
+def test_an_oracle_is_recognised_however_its_data_path_is_spelt():
+    """data.source data/x and data.target ./data/x are one data set: the target oracle was taken
+    for an adaptation run and its target read twice."""
+    from dmhpc.config import DataConfig
+
+    assert DataConfig(source="data/x", target="./data/x").trains_on_target()
+    assert not DataConfig(source="data/x", target="data/y").trains_on_target()
+
+
+def test_override_text_is_read_back_as_the_value_it_was_given():
+    """The demo and the launchers pass paths and values as KEY=VALUE: a path with " #" was cut at the
+    comment, and the string "2e3" came back as the number 2000.0."""
+    from dmhpc.config import override_text
+
+    for key, value in (("run.dir", "runs/a #b"), ("run.dir", "2e3"), ("data.source", "/x: y"),
+                       ("optim.betas", [0.9, 0.99]), ("optim.grad_clip", None), ("train.compile", True)):
+        assert parse_override(override_text(key, value)) == (key, value)

@@ -545,3 +545,123 @@ def test_a_rank_whose_peer_is_gone_says_so_in_one_line(tmp_path, monkeypatch):
                  "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
         monkeypatch.delenv(name, raising=False)
     assert peer_lost(RuntimeError("[Errno 32] Broken pipe")) is None
+
+
+# ---------------------------------------------------------------- what each launcher sets, binding, attempts
+
+def test_torchrun_on_a_second_node_keeps_its_local_rank():
+    """On every node but the first, the global rank is not the local one: a local rank read from RANK
+    bound global rank 5 of a 4-GPU node to a GPU that does not exist (or another rank's)."""
+    launch = detect_launch({**TORCHRUN, "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4"})
+    assert (launch.rank, launch.local_rank, launch.world_size, launch.local_world_size) == (5, 1, 8, 4)
+    with pytest.raises(DmhpcError, match="^environment: torchrun local rank -1 is negative$"):
+        detect_launch({**TORCHRUN, "LOCAL_RANK": "-1"})
+
+
+def test_a_nodes_task_count_is_its_own_entry_of_the_step_list():
+    """SLURM_STEP_TASKS_PER_NODE gives one count per node in node order; a node past the list (an
+    inconsistent environment) is unknown, not an IndexError traceback."""
+    slurm = {"SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_STEP_NUM_TASKS": "7", "SLURM_NODEID": "0",
+             "SLURM_STEP_TASKS_PER_NODE": "3,2(x2)", "SLURM_STEP_NODELIST": "n1", "MASTER_ADDR": "n1"}
+    assert detect_launch(slurm).local_world_size == 3
+    assert detect_launch({**slurm, "SLURM_NODEID": "3"}).local_world_size == 0
+
+
+def test_torchruns_workers_inside_srun_tasks_are_no_tasks_of_their_own():
+    """srun --ntasks-per-node=2 --gpus-per-task=1 each running torchrun --nproc_per_node=2: the two
+    workers of a task share its one GPU. Taken for tasks, both bound GPU 0 and NCCL refused them
+    ("Duplicate GPU detected"); and worker 0 of a task of its own kept all the task's CPUs."""
+    from dmhpc.distributed import own_gpu, rank_is_slurm_task
+
+    two_tasks = {"RANK": "2", "LOCAL_RANK": "0", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "a",
+                 "MASTER_PORT": "1", "SLURM_LOCALID": "1", "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": "2",
+                 "SLURM_GPUS_PER_TASK": "1"}
+    launch = detect_launch(two_tasks)
+    assert not rank_is_slurm_task(launch, two_tasks) and not own_gpu(launch, two_tasks)
+    one_task = {**two_tasks, "RANK": "0", "LOCAL_WORLD_SIZE": "4", "SLURM_LOCALID": "0",
+                "SLURM_STEP_TASKS_PER_NODE": "1"}
+    assert not rank_is_slurm_task(detect_launch(one_task), one_task)
+
+
+def test_cpus_are_divided_among_the_ranks_that_share_them(monkeypatch):
+    """mpiexec without binding gives two ranks one mask: each took all of it, and the node ran twice
+    as many threads as it has CPUs."""
+    from dmhpc import distributed
+    from dmhpc.distributed import cpus_per_rank
+
+    monkeypatch.setattr(distributed, "cpu_mask", lambda: list(range(8)))
+    assert cpus_per_rank("mpi", 4, sharers=2) == 4
+    assert cpus_per_rank("mpi", 4, sharers=1) == 8
+
+
+def test_the_slurm_attempt_names_the_job_and_its_restarts():
+    """A requeued job's progress check compares attempts: every attempt read as restart 0 (or no job)
+    took a requeue for a fresh start."""
+    from dmhpc.distributed import slurm_attempt
+
+    assert slurm_attempt({"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "2"}) == {"job": "77", "restart": 2}
+    assert slurm_attempt({"SLURM_JOB_ID": "77"}) == {"job": "77", "restart": 0}
+    assert slurm_attempt({"SLURM_RESTART_COUNT": "2"}) is None
+
+
+def test_each_torchrun_attempt_on_a_shared_store_has_its_own_keys(monkeypatch):
+    """torchrun's agent keeps one store across --max-restarts attempts: a restarted rank read a dead
+    rank's address from the previous attempt's keys (pytorch/pytorch#135712). Across nodes without
+    restarts there is nothing stale, and the job must start."""
+    import torch.distributed as tdist
+
+    from dmhpc.distributed import _torchrun_attempt_store
+
+    shared = tdist.HashStore()
+    shared.set_timeout(timedelta(seconds=5))  # a key another attempt wrote: a failure, not a wait
+    monkeypatch.setattr(tdist, "TCPStore", lambda *args, **kwargs: shared)
+    launch = detect_launch(TORCHRUN)
+    env = {**TORCHRUN, "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "2"}
+    _torchrun_attempt_store(launch, env).set("addr", "node7")
+    assert shared.check(["dmhpc/attempt-2/addr"]) and shared.get("dmhpc/attempt-2/addr") == b"node7"
+    assert _torchrun_attempt_store(launch, {**env, "TORCHELASTIC_RESTART_COUNT": "3"}).check(["addr"]) is False
+    across = {**env, "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "0"}
+    assert _torchrun_attempt_store(launch, across) is None
+    assert _torchrun_attempt_store(launch, {**env, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+
+
+def test_a_rank_whose_peer_does_not_answer_is_told_how_long_it_waited(monkeypatch):
+    """A collective timing out was reported as a peer that stopped, sending users to look for an error
+    line no rank wrote; a rank whose environment cannot be read is still named, as "this rank"."""
+    from dmhpc.distributed import peer_lost
+
+    for key in list(os.environ):
+        if key.startswith(LAUNCH_PREFIXES) or key in LAUNCH_VARS:
+            monkeypatch.delenv(key)
+    for key, value in {**TORCHRUN, "RANK": "3"}.items():
+        monkeypatch.setenv(key, value)
+    line = peer_lost(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Timed out waiting 1800000ms for recv"))
+    assert line.startswith("rank 3: another rank did not answer within 30 minutes"), line
+    monkeypatch.delenv("MASTER_ADDR")
+    line = peer_lost(RuntimeError("Connection closed by peer"))
+    assert line is not None and line.startswith("this rank: another rank stopped"), line
+
+
+def test_bootstrap_gives_each_rank_its_share_of_cpus_and_node(monkeypatch):
+    """A submitit rank (a Slurm task with torchrun's variables) kept --cpus-per-task; torchrun's
+    workers without LOCAL_WORLD_SIZE each took the whole mask; a CPU group was asked for NCCL."""
+    from dmhpc import distributed
+
+    for key in list(os.environ):
+        if key.startswith(LAUNCH_PREFIXES) or key in LAUNCH_VARS:
+            monkeypatch.delenv(key)
+    monkeypatch.setattr(distributed, "cpu_mask", lambda: list(range(8)))
+    asked = {}
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kwargs: asked.update(backend=backend, **kwargs))
+    torchrun = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    submitit = {**torchrun, "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "0",
+                "SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_CPUS_PER_TASK": "3"}
+    for env, local, cpus in ((torchrun, 2, 4), (submitit, 4, 3)):
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            info = bootstrap()
+        assert (info.rank, info.world_size, info.local_world_size, info.cpus) == (1, int(env["WORLD_SIZE"]), local,
+                                                                                  cpus)
+        assert info.backend == asked["backend"] == "gloo" and info.device == torch.device("cpu")
