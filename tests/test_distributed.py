@@ -665,3 +665,55 @@ def test_bootstrap_gives_each_rank_its_share_of_cpus_and_node(monkeypatch):
         assert (info.rank, info.world_size, info.local_world_size, info.cpus) == (1, int(env["WORLD_SIZE"]), local,
                                                                                   cpus)
         assert info.backend == asked["backend"] == "gloo" and info.device == torch.device("cpu")
+
+
+COLLECTIVE_HELPERS = """
+import json, os, socket, sys
+import torch, torch.distributed as dist, torch.multiprocessing as mp
+
+def run(rank, port, folder):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from dmhpc.distributed import agree, all_reduce_mean, broadcast_buffers, gather, on_main
+    from dmhpc.errors import DmhpcError
+
+    said = {"mean": all_reduce_mean(torch.tensor([1.0, 10.0]) * (rank + 1)).tolist()}
+    norm = torch.nn.BatchNorm1d(2)
+    norm.running_mean.fill_(rank + 5.0)
+    broadcast_buffers(norm)
+    said["buffers"] = norm.running_mean.tolist()
+    said["main"] = on_main(lambda: f"rank {dist.get_rank()}")
+    said["all"] = gather(lambda: rank * 10)
+
+    def refuse():
+        raise DmhpcError(f"shard {rank} damaged")
+
+    try:
+        agree(refuse)
+    except DmhpcError as exc:
+        said["error"] = str(exc)
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as f:
+        json.dump(said, f)
+
+if __name__ == "__main__":
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
+    for p in mp.spawn(run, args=(port, sys.argv[1]), nprocs=2, join=False).processes:
+        p.join(60)
+        if p.is_alive():
+            p.kill()
+"""
+
+
+def test_the_collective_helpers_on_two_real_ranks(tmp_path):
+    """What the trainer's epoch records and shard evaluation stand on, on two gloo ranks: a mean
+    over ranks divided by the world (summed, every metric of 2 ranks doubled), rank 0's BatchNorm
+    statistics on every rank (each rank's own: a model evaluated in shards is several models),
+    rank 0's result handed to all, every rank's gathered in order, and the lowest rank's error."""
+    (tmp_path / "collective.py").write_text(COLLECTIVE_HELPERS)
+    proc = subprocess.run([sys.executable, str(tmp_path / "collective.py"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, env=clean_env(), cwd=ROOT)
+    said = [json.loads((tmp_path / f"rank{r}.json").read_text()) if (tmp_path / f"rank{r}.json").exists() else None
+            for r in (0, 1)]
+    assert said[0] == said[1] == {"mean": [1.5, 15.0], "buffers": [5.0, 5.0], "main": "rank 0", "all": [0, 10],
+                                  "error": "shard 0 damaged"}, (said, proc.stderr[-2000:])
