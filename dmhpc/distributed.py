@@ -159,7 +159,7 @@ def _slurm_launch(env: Mapping[str, str], mpi: Launch | None) -> Launch | None:
 def _slurm_tasks_on_node(env: Mapping[str, str]) -> int:
     """This node's task count from SLURM_STEP_TASKS_PER_NODE ("4(x2),1") and SLURM_NODEID; 0 if unknown."""
     spec, node = env.get("SLURM_STEP_TASKS_PER_NODE"), env.get("SLURM_NODEID")
-    if not spec or node is None or not node.isdigit():
+    if not spec or node is None or not node.isdecimal():
         return 0
     counts = []
     for item in spec.split(","):

@@ -112,9 +112,9 @@ STEP_STRIDE = 997  # prime, odd: steps of one job spread over the span, away fro
 
 def slurm_port(env: Mapping[str, str]) -> int:
     job, step = env.get("SLURM_JOB_ID", ""), env.get("SLURM_STEP_ID", "")
-    if not job.isdigit():
+    if not job.isdecimal():
         return PORT_BASE
-    step_id = int(step) if step.isdigit() and int(step) < STEP_IDS else 0
+    step_id = int(step) if step.isdecimal() and int(step) < STEP_IDS else 0
     return PORT_BASE + (int(job) + STEP_STRIDE * step_id) % PORT_SPAN
 
 
@@ -132,7 +132,7 @@ def master_port(env: Mapping[str, str]) -> int | None:
     port = env.get("MASTER_PORT")
     if port is None:
         return None
-    if not port.strip().isdigit() or not 0 < int(port) < 65536:
+    if not port.strip().isdecimal() or not 0 < int(port) < 65536:
         raise DmhpcError(f"environment variable MASTER_PORT: expected a port number, got {port!r}")
     return int(port)
 

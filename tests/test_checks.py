@@ -103,3 +103,29 @@ def test_an_unquoted_slurm_time_is_hours_not_days(tmp_path):
     path = tmp_path / "g.yaml"
     path.write_text(f"base: {TINY}\nout: {tmp_path / 'g'}\ngrid: {{seed: [1]}}\nslurm: {{time: 2:00:00}}\n")
     assert load_grid(path).resources.time_min == 120
+
+
+def test_numbers_are_finite_and_booleans_are_only_true_or_false():
+    """An infinity passed `number()` (a learning rate of .inf trained NaNs), and YAML's 1 or 0 passed
+    `boolean()` where true or false was asked (the stored 1 is no bool)."""
+    for bad in (float("inf"), float("-inf"), float("nan"), 10 ** 400):
+        with pytest.raises(Invalid, match="expected a number, got"):
+            number()(bad)
+    for bad in (1, 0, "true", None):
+        with pytest.raises(Invalid, match="expected true or false"):
+            boolean()(bad)
+    assert boolean()(False) is False
+
+
+def test_a_command_line_override_is_blamed_only_for_its_own_keys():
+    """`train.batch=...` on the command line took the blame for the file's `train.batch_size`: its key
+    begins with the same letters."""
+    problems = Problems("f.yaml", overridden=["train.batch", "loss"])
+    problems.add("train.batch_size", "expected a positive integer, got 0")
+    problems.add("train.batch", "unknown key")
+    problems.add("loss.fisher.weight", "expected a number >= 0, got -1")
+    problems.add("lossy", "unknown key")
+    assert problems.lines == ["f.yaml: train.batch_size: expected a positive integer, got 0",
+                              "command line: train.batch: unknown key",
+                              "command line: loss.fisher.weight: expected a number >= 0, got -1",
+                              "f.yaml: lossy: unknown key"]

@@ -717,3 +717,15 @@ def test_the_collective_helpers_on_two_real_ranks(tmp_path):
             for r in (0, 1)]
     assert said[0] == said[1] == {"mean": [1.5, 15.0], "buffers": [5.0, 5.0], "main": "rank 0", "all": [0, 10],
                                   "error": "shard 0 damaged"}, (said, proc.stderr[-2000:])
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="binds a process to one of several CPUs")
+def test_the_cpu_mask_is_the_affinity_the_process_was_bound_to():
+    """taskset, Slurm or mpiexec bind a process to some CPUs: thread and worker counts from every CPU
+    of the machine oversubscribed the ones it was given."""
+    first = min(os.sched_getaffinity(0))
+    code = (f"import os; os.sched_setaffinity(0, {{{first}}}); from dmhpc.cpus import cpu_mask; "
+            f"print(cpu_mask())")
+    out = subprocess.run([sys.executable, "-c", code], env=clean_env(), cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == f"[{first}]", out.stdout + out.stderr

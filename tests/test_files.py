@@ -31,3 +31,34 @@ def test_a_folder_whose_name_begins_with_anothers_is_not_inside_it(tmp_path):
     assert inside(tmp_path / "noisy", tmp_path / "noisy")
     assert inside(tmp_path / "link" / "c.parquet", tmp_path / "noisy")  # however spelt
     assert inside(Path(os.path.relpath(tmp_path / "noisy" / "c.parquet")), f"{tmp_path / 'noisy'}{os.sep}")
+
+
+def test_only_the_orphans_of_the_files_named_are_removed(tmp_path):
+    """`of` limits the clean-up to the killed writes of those files: a catalog's, beside another
+    process's write under way."""
+    from dmhpc.files import remove_orphans
+
+    mine = tmp_path / ".cat.csv.ab12cd34.tmp"
+    theirs = tmp_path / ".other.csv.ef56gh78.tmp"
+    mine.write_bytes(b"x" * 10)
+    theirs.write_bytes(b"y" * 20)
+    assert remove_orphans(tmp_path, of=("cat.csv",)) == (1, 10)
+    assert os.listdir(tmp_path) == [theirs.name]
+
+
+def test_a_temporary_name_has_exactly_tempfiles_eight_random_characters():
+    """mkstemp's random part is 8 characters: a user's `.notes.backup1.tmp` (7) is not an orphan."""
+    assert not is_temporary(".notes.backup1.tmp")
+    assert not is_temporary(".notes.backup123.tmp")
+    assert is_temporary(".notes.backup12.tmp")
+
+
+def test_same_place_sees_through_symlinks(tmp_path):
+    """A source and target given as a folder and a symlink to it are one data set."""
+    from dmhpc.files import same_place
+
+    (tmp_path / "data").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    assert same_place(tmp_path / "link", tmp_path / "data")
+    assert same_place(tmp_path / "data" / ".." / "data", tmp_path / "data")
+    assert not same_place(tmp_path / "data", tmp_path)

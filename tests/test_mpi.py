@@ -78,3 +78,19 @@ HYDRA_UNDER_SRUN = {"SLURM_MPI_TYPE": "pmi2", "PMI_FD": "9", "PMI_RANK": "0", "P
 ])
 def test_library_defaults_only_under_slurms_pmi2_plugin(env, defaults):
     assert library_defaults(env) == defaults
+
+
+def test_a_launcher_that_gives_no_size_asks_mpi_and_a_world_of_one_is_no_world():
+    """PALS (and PMIx outside Slurm) set a rank but no size: taken for one process, each rank of a
+    many-rank launch did the whole job alone; MPI is asked instead, and where it answers a world of
+    one the process runs as a single one."""
+    pytest.importorskip("mpi4py")
+    code = ("import sys; from dmhpc.mpi import world_comm; assert world_comm() is None; "
+            "assert 'mpi4py' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, env=clean_env(PALS_RANKID="0"), timeout=120)
+
+
+def test_hydra_under_srun_gets_no_pmi2_defaults_even_with_srun_variables():
+    """hydra's proxies started by srun inherit the pmi2 plugin's PMI_JOBID and SLURM_MPI_TYPE, but
+    hydra's own server reads whole lines: its MPI_LOCALNRANKS says the ranks are hydra's."""
+    assert library_defaults({**SRUN_PMI2, "MPI_LOCALNRANKS": "2", "MPI_LOCALRANKID": "0"}) == {}

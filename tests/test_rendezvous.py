@@ -184,3 +184,27 @@ def test_an_ipv6_rendezvous_address_is_bracketed():
     from dmhpc.distributed import tcp_url
 
     assert tcp_url("::1", 29555) == "tcp://[::1]:29555" and tcp_url("n1", 29555) == "tcp://n1:29555"
+
+
+def test_a_node_name_that_resolves_never_asks_slurmctld(tmp_path):
+    """Every task of a job of thousands asking `scontrol show node` at once loads slurmctld: a name
+    that resolves is used as it is, and scontrol is not run."""
+    asked = tmp_path / "asked"
+    _executable(tmp_path / "scontrol", f"#!/bin/sh\necho \"$@\" >> {asked}\necho 'NodeName=x NodeAddr=10.9.9.9'\n")
+    assert node_address("localhost", {"PATH": str(tmp_path)}) == "localhost"
+    assert not asked.exists()
+
+
+def test_master_port_outside_the_port_range_is_refused():
+    """A port of 0 (any free port: every rank a different one) or past 65535 reached the store as it
+    was, and a digit int() cannot read was a ValueError's traceback; a job without an id (or with one
+    of no number) meets at the base port."""
+    from dmhpc.rendezvous import master_port, slurm_port
+
+    assert slurm_port({}) == slurm_port({"SLURM_JOB_ID": "batch"}) == 29500  # no job id: the base port
+
+    assert master_port({"MASTER_PORT": "1"}) == 1 and master_port({"MASTER_PORT": "65535"}) == 65535
+    for bad in ("0", "65536", "-1", "", "\u00b2"):  # (a superscript two is a digit to str.isdigit, not to int)
+        with pytest.raises(DmhpcError, match=f"MASTER_PORT: expected a port number, got '{bad}'"):
+            master_port({"MASTER_PORT": bad})
+    assert slurm_port({"SLURM_JOB_ID": "\u00b2"}) == 29500

@@ -243,7 +243,7 @@ def _cgroup_rooms(proc: str, cgroup_fs: str) -> list[int]:
                 usage = int((directory / usage_name).read_text().strip()) - _stat(directory, cache_name)
             except (OSError, ValueError):
                 limit = ""
-            if limit.isdigit() and int(limit) < 2**60:
+            if limit.isdecimal() and int(limit) < 2**60:
                 rooms.append(max(int(limit) - usage, 0))
             if directory == base:
                 break

@@ -210,7 +210,7 @@ def measured_with(study: Study, point: Point) -> dict:
 def _thread_count(value):
     """An OMP_NUM_THREADS the user set, as a number where it is one: 1 from dmhpc and "1" from a
     shell that exports it are one setting (a study launched once with, once without, was refused)."""
-    return int(value) if isinstance(value, str) and value.strip().isdigit() else value
+    return int(value) if isinstance(value, str) and value.strip().isdecimal() else value
 
 
 def _read_measured_with(study: Study) -> dict:

@@ -284,7 +284,7 @@ def _listed_gpus() -> tuple[tuple[int, ...] | None, str]:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
         items = [v.strip() for v in visible.split(",") if v.strip()]
-        return tuple(int(v) for v in items) if all(v.isdigit() for v in items) else None, \
+        return tuple(int(v) for v in items) if all(v.isdecimal() for v in items) else None, \
             f"CUDA_VISIBLE_DEVICES={visible!r} gives"
     try:
         listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)

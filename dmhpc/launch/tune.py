@@ -431,7 +431,7 @@ def _requeue_stale(study, folder: Path) -> int:
                           f"tuner ({exc}); its rerun may find the run directory in use", flush=True)
             for job in found:
                 _cancel_slurm_job(job)
-        elif executor == "local" and (job_id.isdigit() or not job_id):
+        elif executor == "local" and (job_id.isdecimal() or not job_id):
             cancel_local_jobs(folder, job_id or None, who="an earlier tuner")
         if tr.number not in queued:
             study.enqueue_trial(tr.params, user_attrs={"rerun_of": tr.number})  # first: a crash here loses nothing
