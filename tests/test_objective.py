@@ -334,3 +334,24 @@ def test_the_start_up_forward_pass_changes_no_statistics_and_draws_no_random_num
     after = backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_model_whose_losses_are_kept_eager_copies_and_pickles_as_itself():
+    """keep_losses_eager stored the bound method, wrapped, on the instance: a deepcopy's loss terms
+    ran on the original's discriminator, and the model no longer pickled (torch.save of the module)."""
+    import copy
+    import io
+    import pickle
+
+    cfg = config(transfer="dann")
+    model = DomainAdaptation(cfg, seed=0, in_channels=3).eval()
+    model.keep_losses_eager()
+    model.keep_losses_eager()  # a second TrainStep on the same model
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in clone.discriminator.parameters():
+            p.zero_()
+        xs, ys, xt, _ = batch()
+        assert clone(xs, ys, xt, 0.0)[1]["transfer"].item() == pytest.approx(math.log(2))  # logits all 0
+    pickle.loads(pickle.dumps(model))
+    torch.save(model, io.BytesIO())

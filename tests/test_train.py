@@ -122,8 +122,8 @@ def test_single_process_run_directory(data, tmp_path, capsys):
     assert "no such run directory" in capsys.readouterr().err
 
 
-def _on_a_terminal(argv: list[str]) -> tuple[int, str, str]:
-    """(exit code, stdout, what a terminal on stderr showed) of `dmhpc ARGV` run in a subprocess."""
+def _on_a_terminal(command: list) -> tuple[int, str, str]:
+    """(exit code, stdout, what a terminal on stderr showed) of `command` run in a subprocess."""
     import fcntl
     import pty
     import struct
@@ -131,8 +131,7 @@ def _on_a_terminal(argv: list[str]) -> tuple[int, str, str]:
 
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # a new pty is 0 columns wide
-    proc = subprocess.Popen([BIN / "dmhpc", *argv], stdout=subprocess.PIPE, stderr=slave, env=clean_env(),
-                            text=True)
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=slave, env=clean_env(), text=True)
     os.close(slave)
     shown = b""
     while True:
@@ -150,13 +149,14 @@ def _on_a_terminal(argv: list[str]) -> tuple[int, str, str]:
 
 def test_progress_bars_on_a_terminal_and_none_in_logs(data, tmp_path):
     run = tmp_path / "run"
-    code, out, shown = _on_a_terminal(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1")])
+    code, out, shown = _on_a_terminal([BIN / "dmhpc", "train", "--config", str(TINY),
+                                       *_overrides(data, run, "train.epochs=1")])
     assert code == 0, shown
     assert "epoch 0:" in shown and ("step/s" in shown or "s/step" in shown), shown  # rate and ETA
     assert "img_s=" in shown and "loss=" in shown, shown
     assert "test pristine:" in shown and "img" in shown, shown  # the final evaluation
     assert "\r" not in out  # stdout (the job log) gets lines only
-    code, out, shown = _on_a_terminal(["predict", "--run", str(run), "--data", str(data / "noisy"),
+    code, out, shown = _on_a_terminal([BIN / "dmhpc", "predict", "--run", str(run), "--data", str(data / "noisy"),
                                        "--out", str(tmp_path / "cat.csv"), "--part-size", "32",
                                        "--batch-size", "16"])
     assert code == 0 and "predict:" in shown and "/160 [" in shown and "img/s" in shown, shown
@@ -1085,6 +1085,27 @@ def test_deterministic_training_turns_the_kernels_on_and_runs(data, tmp_path, mo
         torch.set_num_threads(threads)
 
 
+NEVER_COMPILING = """
+import sys
+import dmhpc.cli, dmhpc.infer.explain, dmhpc.infer.predict, dmhpc.train.evaluate, dmhpc.train.loop
+from dmhpc.train.step import determinism
+with determinism(False):
+    pass
+print(sorted(m for m in sys.modules if m.startswith(("torch._dynamo", "torch._inductor"))))
+"""
+
+
+def test_the_commands_import_no_compiler_before_they_need_one():
+    """The loss terms' torch.compiler.disable as a decorator, and torch.use_deterministic_algorithms
+    called to set what was already set, each imported dynamo and inductor: about 2 s of the start
+    of every rank, evaluation and prediction on a CPU, whether or not it compiled (a training run's
+    optimizer imports dynamo later; a command refusing its config never gets there)."""
+    proc = subprocess.run([sys.executable, "-c", NEVER_COMPILING], cwd=ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == "[]", proc.stdout
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_resume_on_cuda_is_exact_with_deterministic_kernels(data, tmp_path, deterministic):
@@ -1479,3 +1500,29 @@ def test_a_kill_in_the_evaluation_after_a_checkpoint_every_on_the_epochs_last_st
     records = _epoch_records(run)
     assert [r["epoch"] for r in records] == [0, 1] and all("selection" in r for r in records)
     assert [r["steps"] for r in records] == [7, 7]
+
+
+PROGRESS_BARS = """
+import sys
+from dmhpc.progress import progress_bar
+for what, show, leave in (("hidden", False, False), ("cleared", True, False), ("kept", True, True)):
+    bar = progress_bar(3, what, show=show, leave=leave)
+    bar.update(3)
+    bar.close()
+    print("<end>", end="", file=sys.stderr, flush=True)
+"""
+
+
+def test_a_progress_bar_is_shown_on_the_talking_ranks_terminal_only_and_cleared_at_its_end():
+    """A rank that does not talk (show=False) drew bars over rank 0's on a shared terminal; a bar
+    was drawn into a job log that is no terminal (carriage returns in the log); a finished bar
+    stayed on screen unless it was asked to (leave=True), between the lines that followed it."""
+    code, _, shown = _on_a_terminal([sys.executable, "-c", PROGRESS_BARS])
+    assert code == 0
+    hidden, cleared, kept, rest = shown.split("<end>")
+    assert hidden == "" and rest == "", shown
+    assert "cleared:" in cleared and "\n" not in cleared and cleared.endswith("\r"), cleared  # erased at close
+    assert "kept: 100%" in kept and "3/3" in kept and "step/s" in kept and kept.endswith("\n"), kept
+    log = subprocess.run([sys.executable, "-c", PROGRESS_BARS], cwd=ROOT, env=clean_env(), capture_output=True,
+                         text=True, timeout=60)
+    assert log.returncode == 0 and log.stderr == "<end>" * 3, log.stderr  # not a terminal: no bar at all

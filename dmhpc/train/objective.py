@@ -72,11 +72,23 @@ class DomainAdaptation(nn.Module):
         feats, logits = self.backbone(torch.cat([xs, xt]) if self.reads_target else xs)
         return self._losses(feats, logits, ys, grl_coeff)
 
-    # Eager under train.compile, the backbone compiled: every term switches autocast and
-    # reduced-precision matmuls off around itself (losses/precision.py), process settings a graph
-    # cannot change. Traced, dynamo broke off at the first term after a failed attempt and ran the
-    # rest of the step eagerly, differently for each loss configuration.
-    @torch.compiler.disable
+    def keep_losses_eager(self) -> None:
+        """Under train.compile the backbone is compiled and the loss terms run eagerly: every term
+        switches autocast and reduced-precision matmuls off around itself (losses/precision.py),
+        process settings a graph cannot change. Traced, dynamo broke off at the first term after a
+        failed attempt and ran the rest of the step eagerly, differently for each loss configuration.
+        Applied when compiling, not as a decorator: torch.compiler.disable imports dynamo and
+        inductor, about 2 s of the start of every evaluation and prediction, which never compile.
+        On the class, once, as the decorator was: a wrapped bound method kept on the instance was
+        wrapped again by each TrainStep, did not pickle, and a deepcopy's losses ran on the
+        original's discriminator and Fisher centres."""
+        cls = DomainAdaptation
+        if not cls._losses_kept_eager:
+            cls._losses = torch.compiler.disable(cls._losses)
+            cls._losses_kept_eager = True
+
+    _losses_kept_eager = False
+
     def _losses(self, feats: torch.Tensor, logits: torch.Tensor, ys: torch.Tensor, grl_coeff: float):
         n = ys.shape[0]
         fs, ft = feats[:n], feats[n:]

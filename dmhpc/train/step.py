@@ -32,16 +32,24 @@ def determinism(on: bool):
     if on:
         # cuBLAS needs a fixed workspace to be deterministic; it reads this when its handle is made.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(on)
+    _deterministic_algorithms(on, False)
     torch.backends.cudnn.deterministic = on
     torch.backends.cudnn.benchmark = False
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        _deterministic_algorithms(*before[:2])
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2:]
         if workspace is None:  # (cuBLAS handles made meanwhile keep the workspace they were made with)
             os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
+def _deterministic_algorithms(on: bool, warn_only: bool) -> None:
+    """torch.use_deterministic_algorithms, called only to change the setting: the call imports the
+    compiler (about 2 s on a CPU; a run refused before its optimizer is built needs none)."""
+    if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) \
+            != (on, warn_only):
+        torch.use_deterministic_algorithms(on, warn_only=warn_only)
 
 
 def autocast(amp: str, device: torch.device):
@@ -68,6 +76,7 @@ def _wrapped(model: torch.nn.Module, cfg, dist) -> tuple[torch.nn.Module, bool]:
     GPU, where only train.deterministic asks for these buckets). A torch older than the pinned one,
     without per-bucket caps, keeps DDP's default buckets, and the bits beyond 2 ranks go.
     """
+    objective = model
     if dist.world_size > 1:
         ddp = torch.nn.parallel.DistributedDataParallel
         device_ids = [dist.device.index] if dist.device.type == "cuda" else None
@@ -76,7 +85,10 @@ def _wrapped(model: torch.nn.Module, cfg, dist) -> tuple[torch.nn.Module, bool]:
         model = ddp(model, device_ids=device_ids, bucket_cap_mb_list=[0]) if exact else ddp(model, device_ids=device_ids)
     else:
         exact = False
-    return (torch.compile(model), exact) if cfg.train.compile else (model, False)
+    if not cfg.train.compile:
+        return model, False
+    objective.keep_losses_eager()
+    return torch.compile(model), exact
 
 
 class TrainStep:
