@@ -151,6 +151,8 @@ def latent_embedding(features: dict, path: Path, title: str, method: str = "tsne
     rng = np.random.default_rng(seed)
     chunks, labels, domains = [], [], []
     for domain, (f, y) in features.items():
+        if len(f) != len(y):  # a point coloured by another image's label would be drawn without a sign
+            raise ValueError(f"latent_embedding: {domain}: {len(f)} feature rows but {len(y)} labels")
         keep = rng.permutation(len(f))[:max_points]
         chunks.append(np.asarray(f, dtype=np.float32)[keep])
         labels.append(np.asarray(y)[keep])

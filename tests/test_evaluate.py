@@ -107,10 +107,10 @@ from dmhpc.distributed import bootstrap, shutdown
 from dmhpc.train.evaluate import predict
 from tests.test_evaluate import CentredIsMerger
 dist = bootstrap()
-out = predict(CentredIsMerger(), sys.argv[1], "train", batch_size=7, dist=dist, mean=[10.0] * 3, std=[1.0] * 3,
-              feature_rows=5)
+outs = [predict(CentredIsMerger(), sys.argv[1], "train", batch_size=7, dist=dist, mean=[10.0] * 3, std=[1.0] * 3,
+                feature_rows=rows) for rows in (5, 10**9)]
 if dist.rank == 1:  # every rank holds the whole split
-    json.dump({k: v.tolist() for k, v in out.items()}, open(sys.argv[2], "w"))
+    json.dump([{k: v.tolist() for k, v in out.items()} for out in outs], open(sys.argv[2], "w"))
 shutdown()
 """
 
@@ -118,7 +118,11 @@ shutdown()
 def test_two_ranks_evaluate_the_whole_split_in_order(tmp_path):
     """Skipping the all-gather under two ranks used to pass every test. The features come for the
     rows asked for only, the same ones at any number of ranks: every row's were gathered onto every
-    rank for a figure of a thousand points (gigabytes per rank from a million test images on)."""
+    rank for a figure of a thousand points (gigabytes per rank from a million test images on).
+    Every row of a split smaller than the rows asked for (LATENT_POINTS, DEV_MAX_ROWS), the rows
+    where one rank's part ends among them, once: 5 rows, none at that boundary, let a rank that also
+    claimed the next rank's first row pass (positions one longer than the features, the latent
+    figure's labels shifted, DEV a shape error)."""
     dirs = constant_domains(tmp_path)
     one = predict(CentredIsMerger(), dirs["source"], "train", batch_size=7, dist=CPU, mean=[10.0] * 3, std=[1.0] * 3,
                   feature_rows=5)
@@ -130,8 +134,10 @@ def test_two_ranks_evaluate_the_whole_split_in_order(tmp_path):
                            str(dirs["source"]), str(tmp_path / "two.json")], cwd=ROOT, env=clean_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    two = json.loads((tmp_path / "two.json").read_text())
+    two, two_every = json.loads((tmp_path / "two.json").read_text())
     start, stop = split_rows(load_manifest(dirs["source"]), "train")
+    np.testing.assert_array_equal(two_every["feature_positions"], np.arange(stop - start))
+    np.testing.assert_array_equal(np.asarray(two_every["features"]), every["features"])
     assert len(two["index"]) == stop - start == len(one["index"])
     for key in ("index", "labels", "prob", "features", "feature_positions"):
         np.testing.assert_array_equal(np.asarray(two[key]), one[key])
@@ -542,3 +548,82 @@ def test_a_failed_dmhpc_eval_leaves_the_previous_results_as_they_were(make_domai
     after = state()
     assert "last_val.json" in after and "roc_last_val.png" in after and "latent_last_val.png" in after
     assert not any(is_temporary(name) for name in after)
+
+
+def test_the_results_table_puts_each_number_in_its_column():
+    """The table `dmhpc train` and `dmhpc eval` print was only checked for its header: the domains'
+    cells swapped, another metric under "AUC", the oracle mark dropped, or an unlabelled domain's
+    mean merger probability shown as its predicted merger fraction all passed."""
+    from dmhpc.train.evaluate import format_table
+
+    labelled = {"source": {"accuracy": 0.9001, "roc_auc": 0.8001, "f1": 0.1001},
+                "target": {"accuracy": 0.7001, "roc_auc": 0.6001, "f1": 0.2001}}
+    unlabelled = {"source": labelled["source"],
+                  "target": {"labelled": False, "merger_fraction": 0.3001, "mean_p_merger": 0.4001}}
+    table = format_table({"a": labelled, "b": {**labelled, "oracle": True}, "c": unlabelled})
+    assert table.splitlines() == [
+        "| run | source acc | source AUC | target acc | target AUC |",
+        "|---|---|---|---|---|",
+        "| a | 0.900 | 0.800 | 0.700 | 0.600 |",
+        "| b (oracle) | 0.900 | 0.800 | 0.700 | 0.600 |",
+        "| c | 0.900 | 0.800 | unlabelled: 0.300 predicted mergers | - |",
+    ]
+
+
+class PixelIsFeature(nn.Module):
+    """Its feature is the image's first pixel, which the test data set sets to the image's input
+    position: a feature says which row it came from."""
+
+    def forward(self, x):
+        f = x.flatten(1)[:, :1]
+        return f, torch.cat([f, -f], dim=1) * 0.0
+
+
+def test_the_features_of_a_split_are_of_the_rows_their_positions_name(tmp_path):
+    """The drawn rows were checked on the train split only, which starts at row 0: positions that
+    were rows of the data set, not of the split (or rows of the data set's start taken as the
+    split's), coloured the latent figure by other images' labels and weighted DEV by other rows'
+    losses, with no error."""
+    n = 48
+    images = np.arange(n, dtype=np.float32).reshape(n, 1, 1, 1).repeat(2, axis=2).repeat(2, axis=3)
+    write_dataset(images, np.arange(n) % 2, None, tmp_path / "rows", shard_size=16, seed=0,
+                  fractions=(0.5, 0.25, 0.25))
+    manifest = load_manifest(tmp_path / "rows")
+    for split in ("val", "test"):
+        start, stop = split_rows(manifest, split)
+        assert start > 0
+        for rows in (5, 10**9):
+            out = predict(PixelIsFeature(), tmp_path / "rows", split, batch_size=3, dist=CPU, mean=[0.0], std=[1.0],
+                          feature_rows=rows)
+            positions = out["feature_positions"]
+            assert len(positions) == min(rows, stop - start) == len(out["features"])
+            assert ((0 <= positions) & (positions < stop - start)).all() and list(positions) == sorted(positions)
+            np.testing.assert_array_equal(out["features"][:, 0], out["index"][positions].astype(np.float32))
+
+
+class CentredIsMergerWithChannels(CentredIsMerger):
+    """CentredIsMerger whose features are the channels' means: a latent figure needs two or more."""
+
+    def forward(self, x):
+        return x.mean(dim=(2, 3)), super().forward(x)[1]
+
+
+def test_a_roc_curve_and_a_confusion_matrix_are_drawn_when_one_domain_has_labels(tmp_path):
+    """A labelled source beside an unlabelled survey as the target: the source's ROC curve and
+    confusion matrix are drawn (they were checked only with both domains labelled, or neither)."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(40) % 2
+    write_dataset((labels[:, None, None, None] * 0.2 + rng.uniform(-0.1, 0.1, (40, 3, 8, 8))).astype(np.float32),
+                  labels, None, tmp_path / "source", shard_size=16)
+    write_dataset(rng.uniform(-0.1, 0.1, (40, 3, 8, 8)).astype(np.float32), None, None, tmp_path / "survey",
+                  shard_size=16)
+    dirs = {"source": tmp_path / "source", "target": tmp_path / "survey"}
+    stats = {d: (load_manifest(dirs[d])["stats"]["mean"], load_manifest(dirs[d])["stats"]["std"]) for d in dirs}
+    cfg = load_config(TINY, [f"data.source={dirs['source']}", f"data.target={dirs['target']}"])
+    run = RunDir(tmp_path / "run")
+    result = evaluate_run(CentredIsMergerWithChannels(), cfg, CPU, run, checkpoint={"name": "best"}, split="test", stats=stats,
+                          data=dirs, data_name="survey")
+    assert "confusion" in result["source"] and result["target"]["labelled"] is False
+    assert {p.name for p in run.plot_files()} == {"roc_best_test_on-survey.png", "confusion_best_test_on-survey.png",
+                                                  "latent_best_test_on-survey.png"}
+

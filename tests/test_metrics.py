@@ -321,3 +321,139 @@ def test_a_non_finite_loss_names_the_terms_of_its_first_bad_step_only():
     with pytest.raises(DmhpcError, match=r"^step 1: loss terms mmd, total not finite \(NaN or Inf\); training "
                                          r"stopped at step 2"):
         meter.check_finite(Weights(), None, 2)
+
+
+def test_the_confusion_matrix_has_true_labels_as_rows_and_both_classes_on_a_one_class_split():
+    """The by-hand case had as many false positives as false negatives: a matrix transposed (rows
+    the predictions) passed, and so did one of a test split of non-mergers only, which came out
+    1x1 ([[n]]) for the confusion figure and the result file."""
+    labels = np.array([1, 1, 1, 0])
+    p1 = np.array([0.9, 0.8, 0.3, 0.2])  # TP 2, FN 1, TN 1, FP 0
+    m = classification_metrics(labels, np.stack([1 - p1, p1], 1))
+    assert m["confusion"] == [[1, 0], [1, 2]]  # [[TN, FP], [FN, TP]]
+    non_mergers = classification_metrics(np.zeros(4, int), np.array([[0.9, 0.1]] * 4))  # one class, rightly
+    assert non_mergers["confusion"] == [[4, 0], [0, 0]]
+    mergers = classification_metrics(np.ones(3, int), np.array([[0.2, 0.8]] * 3))
+    assert mergers["confusion"] == [[0, 0], [0, 3]]
+
+
+def test_an_empty_split_has_its_count_and_no_nan_metrics():
+    """Without its guard an empty split gave NaN means (and numpy's empty-mean warnings) under
+    every label-free key, numbers of nothing in the record."""
+    from dmhpc.train.metrics import domain_metrics, prediction_metrics
+
+    assert prediction_metrics(np.zeros((0, 2))) == {"n": 0}
+    assert domain_metrics(np.zeros(0, int), np.zeros((0, 2))) == {"n": 0}
+
+
+def test_information_maximization_of_exact_one_hot_predictions_is_finite():
+    """A float64 softmax is exactly 0 and 1 past a logit margin of ~745: without the clip, 0 * log 0
+    made the IM validator NaN, and selection by IM never kept such a checkpoint."""
+    one_hot = np.array([[1.0, 0.0], [0.0, 1.0]] * 8)
+    assert information_maximization(one_hot) == pytest.approx(math.log(2))
+    assert information_maximization(np.array([[1.0, 0.0]] * 16)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_deep_embedded_validation_of_identical_domains_of_unequal_sizes_is_the_source_loss():
+    """The density ratio p(target|x)/p(source|x) is scaled by n_source/n_target: with it inverted,
+    dropped, or the domain labels swapped, DEV of two identical domains was a multiple of the
+    source loss, not the loss. The tests had domains of equal sizes, where each ratio is 1."""
+    rng = np.random.default_rng(5)
+    for ns, nt in ((200, 2000), (500, 1500)):  # (smaller sets came within 3% of the 5% tolerance)
+        fs, ft = rng.normal(size=(ns, 4)), rng.normal(size=(nt, 4))  # one distribution: w should be ~1
+        labels, prob = rng.integers(0, 2, ns), rng.dirichlet([1, 1], ns)
+        loss = -np.log(prob[np.arange(ns), labels]).mean()
+        dev = deep_embedded_validation({"features": fs, "labels": labels, "prob": prob}, {"features": ft})
+        assert dev == pytest.approx(-loss, rel=0.05), (ns, nt, dev, -loss)
+
+
+def test_deep_embedded_validation_does_not_depend_on_the_features_units():
+    """The features are standardized before the PCA and the domain classifier: without it, the
+    leading components were those of the largest-valued features, and a domain shift in a
+    small-valued feature went unseen (DEV 20% off here)."""
+    rng = np.random.default_rng(3)
+    fs, ft = rng.normal(size=(200, 40)), rng.normal(size=(200, 40))
+    ft[:, 0] += 1.5  # the shift, in one of 40 features (DEV keeps 16 components)
+    labels, prob = rng.integers(0, 2, 200), rng.dirichlet([1, 1], 200)
+    near = fs[:, 0] > 0.5  # the source rows that look like target are wrong
+    prob[near] = np.where(labels[near, None] == np.arange(2), 0.1, 0.9)
+    scale = 10.0 ** rng.uniform(-3, 3, 40)
+    plain = deep_embedded_validation({"features": fs, "labels": labels, "prob": prob}, {"features": ft})
+    scaled = deep_embedded_validation({"features": fs * scale, "labels": labels, "prob": prob},
+                                      {"features": ft * scale})
+    assert math.isfinite(plain) and scaled == pytest.approx(plain, rel=1e-9)
+
+
+def test_deep_embedded_validation_of_a_one_row_domain_is_a_number():
+    """A domain of one validation row fits in no fold of a two-fold split: scikit-learn's
+    ValueError, where DEV fits the domain classifier once on every row instead."""
+    rng = np.random.default_rng(4)
+    source = {"features": rng.normal(size=(30, 4)), "labels": rng.integers(0, 2, 30),
+              "prob": rng.dirichlet([1, 1], 30)}
+    assert math.isfinite(deep_embedded_validation(source, {"features": rng.normal(size=(1, 4))}))
+
+
+def test_an_unknown_selection_criterion_is_refused():
+    """A misspelt criterion must fail, not score every checkpoint alike (best.pt the first epoch's)."""
+    s = {"labels": np.array([0, 1]), "prob": np.array([[0.9, 0.1], [0.2, 0.8]])}
+    with pytest.raises(ValueError, match="unknown selection criterion 'accuracy'"):
+        selection_score("accuracy", {"source": s, "target": s})
+
+
+def test_the_discriminator_accuracy_leaves_out_the_steps_fp16_skipped():
+    """Under fp16 a step whose loss overflowed is skipped and left out of the epoch's means and
+    train metrics; its discriminator outputs (inf or NaN) were still counted, as wrong."""
+    import torch
+
+    from dmhpc.train.meter import EpochMeter
+
+    y = torch.tensor([0, 1])
+    logits = torch.tensor([[2.0, -2.0], [-2.0, 2.0], [1.0, -1.0], [-1.0, 1.0]])
+    right = torch.tensor([3.0, 1.0, -1.0, -2.0])  # source positive, target not: 4 of 4 right
+    meter = EpochMeter(torch.device("cpu"), watch_loss=False)
+    meter.add(1, {"total": torch.tensor(0.5)}, {"logits": logits, "domain_logits": right}, y, y)
+    meter.add(2, {"total": torch.tensor(math.nan)},
+              {"logits": torch.full((4, 2), math.nan), "domain_logits": torch.full((4,), math.nan)}, y, y)
+    meter.add(3, {"total": torch.tensor(0.25)}, {"logits": logits, "domain_logits": right}, y, y)
+    record = meter.summary(None)
+    assert record["nonfinite_loss_steps"] == 1 and record["discriminator_accuracy"] == 1.0
+
+
+def test_the_tensorboard_hparams_give_each_domain_its_own_test_metrics(tmp_path):
+    """The HParams view compares a grid's runs by their test metrics: only the tags were checked,
+    so the target's accuracy showing the source's passed. And a flag (True/False) is no curve."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from dmhpc.config import load_config
+    from dmhpc.run import RunDir
+    from dmhpc.train.metrics import MetricLog
+    from tests.conftest import TINY
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    result = {"source": {"accuracy": 0.875, "roc_auc": 0.9375}, "target": {"accuracy": 0.625, "roc_auc": 0.5625}}
+    with MetricLog(run) as log:
+        log.write({"kind": "epoch", "step": 3, "final": True, "loss": {"total": 0.25}}, step=3)
+        log.hparams(load_config(TINY), {"score": 0.75}, result)
+    scalars = {}
+    for events in run.tensorboard_dir.glob("events.out.tfevents.*"):
+        board = EventAccumulator(str(events))
+        board.Reload()
+        scalars.update({tag: board.Scalars(tag)[-1].value for tag in board.Tags()["scalars"]})
+    assert scalars["loss/total"] == 0.25 and "final" not in scalars
+    assert scalars["hparam/selection_score"] == 0.75
+    for domain in ("source", "target"):
+        for metric in ("accuracy", "roc_auc"):
+            assert scalars[f"hparam/test_{domain}_{metric}"] == result[domain][metric], (domain, metric)
+
+
+def test_a_merger_probability_above_one_half_is_a_merger():
+    """Two classes: the merger class is the argmax, p(merger) >= 0.5. A threshold of 0.6 counted a
+    p of 0.55 as a non-merger in the accuracy, the merger fraction and the catalog."""
+    from dmhpc.train.metrics import prediction_metrics
+
+    p1 = np.array([0.55, 0.45, 0.51, 0.2])
+    probs = np.stack([1 - p1, p1], 1)
+    assert prediction_metrics(probs)["merger_fraction"] == 0.5
+    m = classification_metrics(np.array([1, 0, 1, 0]), probs)
+    assert m["accuracy"] == 1.0 and m["confusion"] == [[2, 0], [0, 2]]

@@ -193,7 +193,159 @@ def test_param_groups_cover_every_parameter_once_with_their_multipliers():
     torch.optim.Adam(groups, lr=1e-3)  # torch accepts the extra keys
 
 
-def test_param_groups_for_deepmerge_have_no_head_group():
-    groups = param_groups(build_model("deepmerge2"), head_lr_mult=10.0, discriminator_lr_mult=10.0,
-                          fisher_lr_mult=10.0)
-    assert [g["name"] for g in groups] == ["trunk"] and len(groups[0]["params"]) == len(list(DeepMerge2().parameters()))
+@pytest.mark.parametrize("name", ["deepmerge", "deepmerge2"])
+def test_param_groups_for_deepmerge_have_no_head_group(name):
+    """DeepMerge I and II trained every layer at one rate: a classifier handed to the head group
+    would train at 10x the rate."""
+    groups = param_groups(build_model(name), head_lr_mult=10.0, discriminator_lr_mult=10.0, fisher_lr_mult=10.0)
+    assert [g["name"] for g in groups] == ["trunk"] and len(groups[0]["params"]) == len(list(build_model(name).parameters()))
+
+
+def test_every_deepmerge_block_has_its_papers_layer_order_and_dropout():
+    """Only the first conv block's layer order was checked: BatchNorm before ReLU in block 2 or 3 of
+    DeepMerge I, a dropout lost from block 2 or added to block 3, an average pool or a sigmoid in the
+    dense head kept every count and shape and passed."""
+    def layers(seq):
+        return [(type(m).__name__, m.p if isinstance(m, nn.Dropout) else
+                 m.kernel_size if isinstance(m, (nn.Conv2d, nn.MaxPool2d)) else None) for m in seq]
+
+    one, two = DeepMerge(), DeepMerge2()
+    assert [layers(block) for block in one.conv] == [
+        [("Conv2d", (5, 5)), ("ReLU", None), ("BatchNorm2d", None), ("MaxPool2d", 2), ("Dropout", 0.5)],
+        [("Conv2d", (3, 3)), ("ReLU", None), ("BatchNorm2d", None), ("MaxPool2d", 2), ("Dropout", 0.5)],
+        [("Conv2d", (3, 3)), ("ReLU", None), ("BatchNorm2d", None), ("MaxPool2d", 2)],
+    ]
+    assert [layers(block) for block in two.conv] == [
+        [("Conv2d", (5, 5)), ("BatchNorm2d", None), ("ReLU", None), ("MaxPool2d", 2)],
+        [("Conv2d", (3, 3)), ("BatchNorm2d", None), ("ReLU", None), ("MaxPool2d", 2)],
+        [("Conv2d", (3, 3)), ("BatchNorm2d", None), ("ReLU", None), ("MaxPool2d", 2)],
+    ]
+    for model in (one, two):
+        assert [type(m).__name__ for m in model.classifier] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+    assert one.dropout.p == 0.5
+
+
+def test_deepmerge1_features_are_before_the_last_dropout_and_its_head_sees_them_dropped_out():
+    """The features the DA losses act on are the flattened conv output; only the dense head sees the
+    dropped-out copy. A forward that dropped the features out too (or not at all) passed."""
+    model = DeepMerge().train()
+    seen = []
+    model.classifier[0].register_forward_hook(lambda module, inputs, output: seen.append(inputs[0].detach()))
+    torch.manual_seed(0)
+    features, _ = model(images(4))
+    head_input = seen[0]
+    kept = head_input != 0
+    assert 0.3 < kept[features != 0].float().mean().item() < 0.7  # about half dropped, p = 0.5
+    torch.testing.assert_close(head_input[kept], 2 * features.detach()[kept])  # survivors scaled by 1/(1-p)
+    assert (features != 0).float().mean().item() > 0.3  # the features themselves are not dropped out
+    model.eval()
+    seen.clear()
+    features, _ = model(images(4))
+    torch.testing.assert_close(seen[0], features.detach())
+
+
+def _resnet_block_reference(block, x):
+    """What a torchvision ResNet v1.5 block computes, written out from its own layers."""
+    relu = torch.relu
+    if hasattr(block, "conv3"):
+        out = relu(block.bn1(block.conv1(x)))
+        out = relu(block.bn2(block.conv2(out)))
+        out = block.bn3(block.conv3(out))
+    else:
+        out = relu(block.bn1(block.conv1(x)))
+        out = block.bn2(block.conv2(out))
+    return relu(out + block.downsample(x))
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50"])
+def test_resnet_blocks_compute_torchvisions_v1_5_blocks(name):
+    """A ReLU lost after a block's sum or inside a bottleneck, or the stride moved from the 3x3 conv
+    (v1.5) to a 1x1 or second conv, kept every parameter count and output shape."""
+    from dmhpc.models.resnet import BasicBlock, Bottleneck
+
+    torch.manual_seed(0)
+    model = build_model(name).eval()
+    blocks = [m for m in model.trunk if isinstance(m, (BasicBlock, Bottleneck))]
+    strides = []
+    for block in blocks:
+        if isinstance(block, Bottleneck):
+            assert block.conv1.stride == block.conv3.stride == (1, 1) and block.conv1.kernel_size == (1, 1)
+            strides.append(block.conv2.stride[0])
+        else:
+            assert block.conv2.stride == (1, 1)
+            strides.append(block.conv1.stride[0])
+    layers = (2, 2, 2, 2) if name == "resnet18" else (3, 4, 6, 3)
+    expected = [2 if stage > 0 and j == 0 else 1 for stage, n in enumerate(layers) for j in range(n)]
+    assert strides == expected
+    with torch.no_grad():
+        for block in (blocks[0], blocks[sum(layers[:1])]):  # the first block, and one with a stride-2 shortcut
+            x_in = torch.randn(2, block.conv1.in_channels, 10, 10, generator=torch.Generator().manual_seed(2))
+            torch.testing.assert_close(block(x_in), _resnet_block_reference(block, x_in))
+
+
+@pytest.mark.parametrize("stem, side", [("original", 3), ("small", 10)])
+def test_resnet_maps_before_pooling_are_as_the_stems_say(stem, side):
+    """75 -> 38 -> 19 -> 19 -> 10 -> 5 -> 3 with ImageNet's stem, 75 -> ... -> 10 with the small one: a
+    stem without its max-pool or stride, or a stage without its stride, ran the same weights on 4-16x
+    the positions (and Grad-CAM drew another map) without changing a count or an output shape."""
+    model = build_model("resnet18", stem=stem).eval()
+    with torch.no_grad():
+        x = images(1)
+        for layer in model.trunk[:-2]:
+            x = layer(x)
+        pooled = model.trunk[-2:](x)
+    assert x.shape == (1, 512, side, side)
+    torch.testing.assert_close(pooled, x.mean(dim=(2, 3)))  # the global average pool, not a max
+
+
+def test_resnet_convolutions_are_initialised_by_their_fan_out():
+    """torchvision's init: Kaiming normal over fan_out. The 7x7 stem conv (3 -> 64) has std
+    sqrt(2 / (64 * 49)) = 0.025; fan_in would give 0.12."""
+    torch.manual_seed(0)
+    stem = build_model("resnet18").trunk[0][0]
+    assert stem.weight.std().item() == pytest.approx((2 / (64 * 7 * 7)) ** 0.5, rel=0.05)
+
+
+def test_the_discriminators_hidden_layers_are_relu_and_dropout_with_their_init():
+    """Only the parameter counts, the first and last layers' init and the output were checked: a
+    dropout lost between the hidden layers, a sigmoid in place of a ReLU, or the second hidden
+    layer drawn with the output's N(0, 0.3) passed."""
+    torch.manual_seed(0)
+    disc = DomainDiscriminator(256)
+    assert [(type(m).__name__, getattr(m, "p", None)) for m in disc.net] == [
+        ("Linear", None), ("ReLU", None), ("Dropout", 0.5), ("Linear", None), ("ReLU", None), ("Dropout", 0.5),
+        ("Linear", None)]
+    assert disc.net[3].weight.std().item() == pytest.approx(0.01, rel=0.05)
+
+
+def test_the_discriminator_gives_one_logit_per_image_for_a_batch_of_one():
+    """A last batch of one image gave a 0-d logit: squeezed of its batch dimension, unlike its labels."""
+    disc = DomainDiscriminator(8, hidden=4).eval()
+    assert disc(torch.randn(1, 8), coeff=1.0).shape == (1,)
+
+
+def test_frozen_parameters_are_left_out_of_the_optimisers_groups():
+    """A parameter with requires_grad False (frozen by the user) would be handed to the optimiser,
+    whose weight decay then changed it."""
+    model = build_model("deepmerge2")
+    model.conv[0][0].weight.requires_grad_(False)
+    groups = param_groups(model, head_lr_mult=10.0, discriminator_lr_mult=10.0, fisher_lr_mult=10.0)
+    ids = {id(p) for g in groups for p in g["params"]}
+    assert id(model.conv[0][0].weight) not in ids and len(ids) == len(list(model.parameters())) - 1
+    disc = DomainDiscriminator(4, hidden=2)
+    disc.requires_grad_(False)
+    assert [g["name"] for g in param_groups(model, disc, head_lr_mult=1.0, discriminator_lr_mult=1.0,
+                                            fisher_lr_mult=1.0)] == ["trunk"]
+
+
+@pytest.mark.parametrize("name", ["deepmerge", "deepmerge2", "resnet18", "resnet50"])
+def test_grad_cam_weighs_the_last_convolutional_block(name):
+    """`dmhpc explain` draws Grad-CAM on `last_conv_block()`: a block before the last (a finer map of
+    other features) was drawn for the last without a word."""
+    from dmhpc.models.resnet import BasicBlock, Bottleneck
+
+    model = build_model(name)
+    if name.startswith("resnet"):
+        assert model.last_conv_block() is [m for m in model.trunk if isinstance(m, (BasicBlock, Bottleneck))][-1]
+    else:
+        assert model.last_conv_block() is model.conv[2] and model.last_conv_block()[0].out_channels == 32

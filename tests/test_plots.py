@@ -204,3 +204,114 @@ def test_an_unlabelled_targets_panel_is_titled_for_what_it_shows(drawn, tmp_path
                            "val": {"labelled": False, "merger_fraction": 0.4}}}]
     plots.training_curves(records, tmp_path / "curves.png", "t")
     assert drawn[0].axes[1].get_title() == "accuracy / predicted merger fraction (unlabelled)"
+
+
+@pytest.mark.parametrize("extra", [1, -1])
+def test_a_latent_embedding_of_features_and_labels_of_different_lengths_is_refused(tmp_path, extra):
+    """More labels than features drew the points after the extra label in the colour of another
+    image's label, silently (a rank's part of a split that claimed the next rank's first row gave
+    exactly that)."""
+    rng = np.random.default_rng(0)
+    features = {"source": (rng.normal(size=(20, 4)), np.arange(20 + extra) % 2),
+                "target": (rng.normal(size=(20, 4)), np.arange(20) % 2)}
+    with pytest.raises(ValueError, match=f"source: 20 feature rows but {20 + extra} labels"):
+        plots.latent_embedding(features, tmp_path / "latent.png", "t", method="pca")
+    assert not (tmp_path / "latent.png").exists()
+
+
+def test_the_roc_curve_is_of_the_merger_probability_and_counts_each_class(drawn, tmp_path):
+    """The legend's AUC and counts were only checked for their words: a curve of p(non-merger) (AUC
+    1 - the true one) or the counts of the other class passed."""
+    labels = np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0])
+    merger = np.where(labels == 1, 0.9, 0.2)  # a perfect classifier
+    plots.roc_curves({"source": (labels, np.stack([1 - merger, merger], axis=1))}, tmp_path / "roc.png", "t")
+    ax = drawn[0].axes[0]
+    assert ax.get_legend().get_texts()[0].get_text() == "source (AUC 1.000; 3 mergers, 7 non-mergers)"
+    curve = ax.lines[0]
+    assert list(zip(curve.get_xdata(), curve.get_ydata()))[:3] == [(0.0, 0.0), (0.0, 1.0), (1.0, 1.0)]
+
+
+def test_loss_terms_are_drawn_on_a_log_axis_as_magnitudes(drawn, tmp_path):
+    """The Fisher term (~1e5) beside a cross-entropy (~1) needs the log axis the label promises; a
+    negative entropy term is drawn as its magnitude and said so (a log axis drops negative values).
+    Accuracies are drawn on the whole range from 0 to 1, not zoomed in on 0.6-0.8."""
+    records = [{"kind": "epoch", "epoch": e, "loss": {"fisher": 1e5, "entropy": -0.5 - e},
+                "source": {"val": {"accuracy": 0.6 + 0.1 * e}}} for e in range(3)]
+    plots.training_curves(records, tmp_path / "curves.png", "t")
+    ax_loss, ax_acc = drawn[0].axes
+    assert ax_loss.get_yscale() == "log" and ax_acc.get_ylim() == (0, 1)
+    lines = {line.get_label(): line for line in ax_loss.lines}
+    assert list(lines["entropy (|value|)"].get_ydata()) == [0.5, 1.5, 2.5]
+    assert list(lines["fisher"].get_ydata()) == [1e5] * 3
+
+
+def test_the_scaling_figure_has_a_log2_axis_of_devices_and_plots_efficiency(drawn, tmp_path):
+    """Doubling GPUs is one step on the axis; the right panel is the efficiency, not the speedup."""
+    rows = [dict(model="deepmerge2", mode="strong", gpus_per_node=4, gpus=g, images_per_s_per_gpu=100.0 / g ** 0.1,
+                 efficiency=1.0 / g ** 0.1, speedup=g ** 0.9, status="finished") for g in (1, 2, 4, 8)]
+    plots.scaling_curves(rows, tmp_path / "scaling.png", "GPU", "t")
+    left, right = drawn[0].axes
+    assert left.get_xscale() == right.get_xscale() == "log"
+    assert left.xaxis.get_transform().base == 2
+    (line,) = [l for l in right.lines if l.get_label().startswith("deepmerge2")]
+    np.testing.assert_allclose(line.get_ydata(), [r["efficiency"] for r in rows])
+    assert right.get_ylim()[0] == 0
+
+
+def test_the_latent_embedding_marks_domains_and_names_classes_by_colour(drawn, tmp_path):
+    """Source circles, target crosses; red mergers, blue non-mergers: swapped names or one marker for
+    both domains drew a misaligned latent space as an aligned one."""
+    from matplotlib.colors import to_rgba
+    from matplotlib.markers import MarkerStyle
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 10)
+    plots.latent_embedding({d: (rng.normal(size=(20, 4)), labels) for d in ("source", "target")},
+                           tmp_path / "latent.png", "t", method="pca")
+    ax = drawn[0].axes[0]
+    by_label = {c.get_label(): c for c in ax.collections}
+    assert sorted(by_label) == ["source merger", "source non-merger", "target merger", "target non-merger"]
+    for label, collection in by_label.items():
+        domain, cls = label.split(" ", 1)
+        colour = "tab:red" if cls == "merger" else "tab:blue"
+        assert tuple(collection.get_facecolor()[0][:3]) == pytest.approx(to_rgba(colour)[:3])
+        style = MarkerStyle("o" if domain == "source" else "x")
+        marker = style.get_path().transformed(style.get_transform())
+        assert np.allclose(collection.get_paths()[0].vertices, marker.vertices)
+
+
+def test_probabilities_that_round_to_one_are_written_as_one_minus():
+    """p = 0.9997 was written "1.000": read as certainty it was not."""
+    assert plots._probability(0.9997) == "1 - 3.0e-04"
+    assert plots._probability(0.9994) == "0.999"
+
+
+def test_an_attribution_grid_draws_each_column_on_one_scale(drawn, tmp_path):
+    """Rows compare: a row whose Grad-CAM peaks at 0.1 drawn on a scale of its own glowed like one that
+    peaks at 1; integrated gradients keep their sign on a scale centred on 0."""
+    rng = np.random.default_rng(0)
+    images = rng.normal(size=(2, 3, 8, 8)).astype(np.float32)
+    cams = np.stack([np.full((8, 8), 1.0), np.full((8, 8), 0.1)])
+    igs = np.stack([np.full((8, 8), 0.5), np.full((8, 8), -2.0)])
+    plots.attribution_grid(images, cams, igs, [0.9, 0.1], [1, 0], "t", tmp_path / "g.png")
+    fig = drawn[0]
+    cam_clims = [fig.axes[3 * row + 1].images[1].get_clim() for row in range(2)]
+    ig_clims = [fig.axes[3 * row + 2].images[1].get_clim() for row in range(2)]
+    assert cam_clims == [(0.0, 1.0)] * 2 and ig_clims == [(-2.0, 2.0)] * 2
+    # opaque where the attribution is strongest, fading with it: a uniform alpha hid the galaxy
+    alphas = [np.asarray(fig.axes[3 * row + 2].images[1].get_alpha()) for row in range(2)]
+    np.testing.assert_allclose([a.max() for a in alphas], [np.sqrt(0.25) * 0.9, 0.9])
+
+
+def test_the_rgb_composite_is_asinh_stretched_in_the_filters_asked_for():
+    """A linear stretch (the faint tidal features of a merger lost in the dark) or the filters in
+    another order drew another galaxy than the title says."""
+    ramp = np.tile(np.linspace(0, 1, 100, dtype=np.float32), (4, 1))
+    grey = plots.rgb_composite(np.stack([ramp] * 3))
+    assert (np.diff(grey[0, :, 0].astype(int)) >= 0).all()
+    assert grey[0, 10, 0] > 2 * 255 * 0.1  # 10% of the range is far brighter than a linear 10%
+    flat = np.stack([np.full((4, 4), v, np.float32) for v in (1.0, 2.0, 3.0)])
+    red, green, blue = plots.rgb_composite(flat)[0, 0]  # default: filter 2 red, 1 green, 0 blue
+    assert red > green > blue
+    red, green, blue = plots.rgb_composite(flat, (0, 2, 1))[0, 0]  # filter 0 red, 2 green, 1 blue
+    assert green > blue > red

@@ -600,14 +600,20 @@ def test_a_log_as_the_trainer_writes_it_is_read(tmp_path):
     assert [r["kind"] for r in run.read_log()] == ["setup", "step", "epoch"]
 
 
+def _fsynced(monkeypatch) -> list[str]:
+    """What os.fsync is called on from now on, as the paths of the descriptors (the real fsync runs)."""
+    synced = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
+    return synced
+
+
 def test_an_epoch_record_is_on_disk_before_the_checkpoint_after_it(tmp_path, monkeypatch):
     """The checkpoint is fsynced; the log was not: a node crash kept last.pt and lost the epoch record
     of its step, and every resume ending there was refused as never evaluated. Step records are
     not waited for (cadence only, many per epoch)."""
     run = RunDir(tmp_path)
-    synced = []
-    real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    synced = _fsynced(monkeypatch)
     run.append_log({"kind": "step", "step": 1})
     assert synced == []
     run.append_log(EPOCH)
@@ -807,3 +813,101 @@ def test_an_epoch_that_train_eval_every_skipped_is_not_evaluated(tmp_path):
                {"kind": "epoch", "epoch": 1, "step": 20}]
     run.log_path.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert run.evaluated_at(10) and not run.evaluated_at(20) and not run.evaluated_at(30)
+
+
+def test_an_atomic_write_is_on_disk_before_it_is_renamed_and_the_rename_too(tmp_path, monkeypatch):
+    """A durable write fsyncs its temporary file before the rename and the folder after it: without
+    the first, a node crash after the rename left an empty or half file under the final name; without
+    the second, the old file came back. durable=False (figures) fsyncs nothing."""
+    synced = _fsynced(monkeypatch)
+    atomic_write(tmp_path / "result.json", "{}")
+    assert len(synced) == 2 and is_temporary(os.path.basename(synced[0]))
+    assert os.path.dirname(synced[0]) == str(tmp_path)
+    assert synced[1] == str(tmp_path)
+    synced.clear()
+    atomic_write(tmp_path / "figure.png", b"png", durable=False)
+    assert synced == [] and (tmp_path / "figure.png").read_bytes() == b"png"
+    assert sorted(os.listdir(tmp_path)) == ["figure.png", "result.json"]  # renamed, not copied
+
+
+def test_staged_and_replaced_files_are_durable(tmp_path, monkeypatch):
+    """Files committed together (synth, predict's catalog and its provenance) are fsynced when staged
+    and their rename into place is fsynced in the folder."""
+    from dmhpc.files import replace_durably, staged_write
+
+    synced = _fsynced(monkeypatch)
+    staged = staged_write(tmp_path / "catalog.csv", "a,b\n")
+    assert synced == [str(staged)]
+    replace_durably(staged, tmp_path / "catalog.csv")
+    assert synced[1:] == [str(tmp_path)] and os.listdir(tmp_path) == ["catalog.csv"]
+
+
+def test_a_lock_file_removed_by_its_releasing_holder_meanwhile_is_taken_afresh(tmp_path, monkeypatch):
+    """A holder releasing a locked_directory removes the lock file: one that got the lock on the file it
+    had opened just before held a lock on a file nobody else would open, and a third writer got in.
+    The file at the path must be the one locked."""
+    import fcntl
+
+    from dmhpc import files
+
+    lock = tmp_path / ".data.lock"
+    real = fcntl.flock
+    calls = []
+
+    def released_between_open_and_lock(handle, op):
+        if not calls and op & fcntl.LOCK_EX:
+            lock.unlink()  # the previous holder's release
+        calls.append(op)
+        return real(handle, op)
+
+    monkeypatch.setattr(files.fcntl, "flock", released_between_open_and_lock)
+    handle = files.hold_lock(lock, "in use ({holder})", "writer")
+    try:
+        assert len(calls) == 2 and os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino
+        monkeypatch.undo()
+        assert files.lock_holder(lock).startswith(f"pid {os.getpid()} on ")  # the lock at the path is held
+    finally:
+        handle.close()
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"shape": [3, 75]}, "data.target.shape: expected [C, H, W], three positive integers, got [3, 75]"),
+    ({"shape": [3, 0, 75]}, "data.target.shape: expected [C, H, W], three positive integers, got [3, 0, 75]"),
+    ({"fingerprint": "abcz"}, 'data.target.fingerprint: expected a hexadecimal string, got "abcz"'),
+])
+def test_a_run_json_with_a_short_shape_or_a_fingerprint_of_other_letters_is_refused(tmp_path, edit, message):
+    """Checked only in part: a shape of two numbers or a zero side, and a fingerprint with one letter
+    past f, were read as they were (the shape of the images a model takes; a fingerprint compared
+    with the data's)."""
+    run, cfg = started(tmp_path)
+    record = json.loads(run.record_path.read_text())
+    record["data"]["target"].update({**STATS, **edit})
+    run.record_path.write_text(json.dumps(record))
+    with pytest.raises(DmhpcError, match=f"^{re.escape(f'{run.record_path}: {message}')}$"):
+        run.normalization("target")
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"checkpoint": {**RESULT["checkpoint"], "epoch": -1}}, "checkpoint.epoch: expected an epoch number or null, got -1"),
+    ({"checkpoint": {**RESULT["checkpoint"], "epoch": 2.5}}, "checkpoint.epoch: expected an epoch number or null, got 2.5"),
+    ({"source": {**RESULT["source"], "confusion": [[2, -2], [2, 2]]}}, "source.confusion: expected rows of counts"),
+])
+def test_a_result_with_a_negative_epoch_or_count_is_refused(tmp_path, edit, message):
+    """Epochs and confusion counts are whole numbers from 0: -1 or 2.5 was read as one."""
+    run = RunDir(tmp_path)
+    run.write_result({**RESULT, **edit}, "best", "test")
+    with pytest.raises(DmhpcError, match=re.escape(message)):
+        run.read_result()
+
+
+@pytest.mark.parametrize("record, message", [
+    ({**EPOCH, "epoch": -1}, "epoch: expected a number from 0, got -1"),
+    ({**EPOCH, "step": -3}, "step: expected a step number, got -3"),
+    ({**SETUP, "world_size": 0}, "world_size: expected a number of ranks, got 0"),
+])
+def test_a_log_record_out_of_range_is_one_line_naming_its_key(tmp_path, record, message):
+    """A negative epoch or a world of no ranks was read as a record the trainer could have written."""
+    run = RunDir(tmp_path)
+    run.log_path.write_text("".join(json.dumps(r) + "\n" for r in (SETUP, record, EPOCH)))
+    with pytest.raises(DmhpcError, match=f"^{re.escape(f'{run.log_path} line 2: {message}')}$"):
+        run.read_log()

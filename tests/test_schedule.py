@@ -55,3 +55,16 @@ def test_every_step_of_each_shape():
         tri = 0.1 + 0.9 * (phase / 9 if phase < 9 else (18 - phase) / 9)
         assert _f(s, "cyclic", cycle_epochs=2) == pytest.approx(tri, abs=1e-12), s
         assert _f(s, "inv", gamma=0.01, power=0.75) == pytest.approx((1 + 0.01 * s) ** -0.75, abs=1e-12), s
+
+
+def test_a_cycle_of_a_fractional_number_of_steps_is_cut_to_whole_steps():
+    """0.9 * cycle_epochs epochs is rarely a whole number of steps (31.5 at 7 steps an epoch and 5
+    epochs): the period is its whole part, as the original's int(); the tests' 18-step period was
+    whole, and a period rounded up (32) passed them."""
+    from dmhpc.config import OptimConfig
+
+    optim = OptimConfig(schedule="cyclic", lr=1e-3, cycle_epochs=5.0)
+    values = [lr_factor(s, optim, total_steps=100, steps_per_epoch=7) for s in range(63)]
+    assert values[31] == pytest.approx(0.1) and values[62] == pytest.approx(0.1)  # a new cycle every 31 steps
+    assert values[15] == pytest.approx(0.1 + 0.9 * 15 / 15.5)  # (rising for 15.5 steps)
+    assert values[:31] == pytest.approx(values[31:62])
