@@ -440,14 +440,14 @@ def test_a_killed_worker_ends_the_render_with_one_line(tmp_path):
     if not Path("/proc/self/stat").exists():
         pytest.skip("needs /proc to find the worker processes")
     out = tmp_path / "w"
-    env = {k: v for k, v in os.environ.items() if k not in MPI_LAUNCH_VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k not in MPI_LAUNCH_VARIABLES} | {"PYTHONFAULTHANDLER": "1"}
     # 300 objects in chunks of 16: seconds of work for two workers, on a slow machine too.
     proc = subprocess.Popen([sys.executable, "-m", "dmhpc", "synth", "--out", str(out), "--n-per-class", "150",
                              "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, start_new_session=True)
     try:
-        # Killed once a chunk is in the staged file: the workers are then busy with the next ones
-        # (a worker killed before its first task was replaced by multiprocessing.Pool, task intact).
+        # Killed once a chunk is in the staged file: both workers have started (a worker killed
+        # before its first task was replaced by multiprocessing.Pool, task intact).
         deadline = time.monotonic() + 120
         while True:
             assert proc.poll() is None and time.monotonic() < deadline, "the render did not start or ended"
@@ -462,7 +462,11 @@ def test_a_killed_worker_ends_the_render_with_one_line(tmp_path):
         assert len(workers) == 2
         os.kill(workers[0], signal.SIGKILL)
         # Before, the killed worker's task was lost and the render waited for it forever.
-        stdout, stderr = proc.communicate(timeout=60)
+        try:
+            stdout, stderr = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGABRT)  # PYTHONFAULTHANDLER: each thread's stack, for the report
+            pytest.fail("the render hung after a worker was killed:\n" + proc.communicate(timeout=30)[1][-6000:])
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -472,6 +476,69 @@ def test_a_killed_worker_ends_the_render_with_one_line(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the staged files, the folder it made and its lock: gone
     for pid in workers:  # the other worker went with the render
         assert not Path(f"/proc/{pid}").exists()
+
+
+def test_a_render_worker_sends_back_one_pipe_write_and_writes_its_rows_itself(tmp_path):
+    """A worker's result is at most PIPE_BUF bytes, which a pipe takes whole or not at all: a
+    chunk's images sent back (megabytes, many writes) by a worker killed between two writes left
+    half a message, and ProcessPoolExecutor's reader waited for the rest forever (a CI run's render
+    hung so). The rows the worker writes into the staged files are the ones the staging writes."""
+    import pickle
+    import select
+
+    n = synth.CHUNK + 3
+    knobs = scenes.Knobs()
+    by_worker = synth._Staging(tmp_path / "w", n, 8, survey=True)
+    by_staging = synth._Staging(tmp_path / "s", n, 8, survey=True)
+    try:
+        for start, count in ((0, synth.CHUNK), (synth.CHUNK, 3)):
+            chunk = (SEED, start, count, knobs, True)
+            result = synth._render_into((chunk, *by_worker.targets()))
+            # the executor's envelope (work id, exception, exit pid) and the 4-byte length: < 200 bytes
+            assert len(pickle.dumps(result)) + 200 <= select.PIPE_BUF, len(pickle.dumps(result))
+            assert result[:2] == (start, count)
+            by_worker.put_labels(start, result[2])
+            by_staging.put(*synth._render_chunk(chunk))
+        for name, images in by_staging.images.items():
+            assert np.array_equal(np.load(by_worker.partial[name], mmap_mode="r"), images), name
+        assert np.array_equal(by_worker.survey_labels, by_staging.survey_labels)
+        assert by_worker.survey_labels.any() and not by_worker.survey_labels.all()
+    finally:
+        by_worker.discard()
+        by_staging.discard()
+
+
+def test_a_worker_that_cannot_open_a_staged_file_names_the_output_file(tmp_path):
+    """The worker's error named the temporary file, which the render removes as it fails."""
+    staging = synth._Staging(tmp_path, 2, 1, survey=False)
+    views, staged = staging.targets()
+    staging.discard()
+    with pytest.raises(DmhpcError, match=f"^{re.escape(str(tmp_path / 'pristine_X.npy'))}: cannot write: "):
+        synth._render_into(((SEED, 0, 2, scenes.Knobs(), False), views, staged))
+
+
+def test_the_render_receives_from_its_workers_one_pipe_write_each(tmp_path, monkeypatch):
+    """Through the render itself (the test above calls the worker's function): every result the
+    executor hands back from a worker is at most PIPE_BUF bytes pickled."""
+    import pickle
+    import select
+    from concurrent.futures import Future
+
+    sizes = []
+    result = Future.result
+
+    def measured(self, *args, **kwargs):
+        value = result(self, *args, **kwargs)
+        sizes.append(len(pickle.dumps(value)))
+        return value
+
+    monkeypatch.setattr(Future, "result", measured)
+    staging = synth._Staging(tmp_path, 16, 1, survey=True)
+    try:
+        synth._render_local(tmp_path, SEED, scenes.Knobs(), True, 16, 2, staging)
+    finally:
+        staging.discard()
+    assert len(sizes) == 8 and max(sizes) + 200 <= select.PIPE_BUF, sizes
 
 
 # ----------------------------------------------------------------------------- the survey-like domain

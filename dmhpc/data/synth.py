@@ -120,6 +120,19 @@ def _reserved_memmap(partial: Path, final: Path, shape: tuple[int, ...]) -> np.m
     return np.lib.format.open_memmap(partial, mode="r+")
 
 
+def _write_views(images: dict[str, np.ndarray], views: int, start: int, arrays: dict[str, np.ndarray]) -> None:
+    """Objects start.. of `arrays` into the image files `images`, all their views: row = object *
+    views + view."""
+    count = len(arrays["pristine_X.npy"])
+    rows = slice(start * views, (start + count) * views)
+    for name, dest_file in images.items():
+        source = arrays[name]
+        dest = dest_file[rows].reshape(count, views, *source.shape[1:])
+        for v in range(views):
+            flipped = source[..., ::-1] if v >= 4 else source
+            dest[:, v] = np.rot90(flipped, k=v % 4, axes=(-2, -1))
+
+
 class _Staging:
     """The output files under temporary names; renamed into place by commit(), removed on failure."""
 
@@ -144,17 +157,17 @@ class _Staging:
         self.survey_labels = np.zeros(n_objects, dtype=np.int64) if survey else None
 
     def put(self, start: int, arrays: dict[str, np.ndarray]) -> None:
-        """Write objects start.. (all their views) to their rows: row = object * views + view."""
-        count = len(arrays["pristine_X.npy"])
-        rows = slice(start * self.views, (start + count) * self.views)
-        for name, dest_file in self.images.items():
-            images = arrays[name]
-            dest = dest_file[rows].reshape(count, self.views, *images.shape[1:])
-            for v in range(self.views):
-                flipped = images[..., ::-1] if v >= 4 else images
-                dest[:, v] = np.rot90(flipped, k=v % 4, axes=(-2, -1))
+        """Write objects start.. (all their views) to their rows, and their survey labels."""
+        _write_views(self.images, self.views, start, arrays)
+        self.put_labels(start, arrays.get("survey_y.npy"))
+
+    def put_labels(self, start: int, labels: np.ndarray | None) -> None:
         if self.survey_labels is not None:
-            self.survey_labels[start:start + count] = arrays["survey_y.npy"]
+            self.survey_labels[start:start + len(labels)] = labels
+
+    def targets(self) -> tuple[int, dict[str, str]]:
+        """What a render worker needs to write its rows into the staged image files itself."""
+        return self.views, {name: str(self.partial[name]) for name in self.images}
 
     def commit(self, labels: np.ndarray, objects: np.ndarray, meta: dict) -> None:
         for images in self.images.values():
@@ -323,14 +336,35 @@ def _survey_meta(n_objects: int, views: int, knobs: Knobs) -> dict:
 # ----------------------------------------------------------------------------- parallel rendering
 
 
-def _render_local(out: Path, seed: int, knobs: Knobs, survey: bool, n_objects: int, workers: int, sink) -> None:
-    """Render every object here, in `workers` processes, handing each chunk to sink(start, arrays)."""
+def _render_into(task: tuple[tuple[int, int, int, Knobs, bool], int, dict[str, str]]
+                 ) -> tuple[int, int, np.ndarray | None]:
+    """A render worker's chunk, written into the staged image files `staged` by the worker itself:
+    (start, count, survey labels or None) is all it sends back, a few hundred bytes.
+
+    ProcessPoolExecutor's reader waits forever for the rest of a result a killed worker was
+    sending, and megabytes of images go down its pipe in many writes; a message this small is one
+    write, which a pipe takes whole or not at all."""
+    chunk, views, staged = task
+    start, arrays = _render_chunk(chunk)
+    images = {}
+    for name, path in staged.items():
+        try:
+            images[name] = np.load(path, mmap_mode="r+")
+        except OSError as exc:  # named as the file it would have been: the temporary one is removed
+            raise write_error(Path(path).parent / name, exc) from None
+    _write_views(images, views, start, arrays)
+    return start, len(arrays["pristine_X.npy"]), arrays.get("survey_y.npy")
+
+
+def _render_local(out: Path, seed: int, knobs: Knobs, survey: bool, n_objects: int, workers: int,
+                  staging: _Staging) -> None:
+    """Render every object here, in `workers` processes, into `staging`."""
     size = max(1, min(CHUNK, n_objects // (4 * workers)))
-    tasks = [(seed, start, count, knobs, survey) for start, count in _chunks(0, n_objects, size)]
+    chunks = [(seed, start, count, knobs, survey) for start, count in _chunks(0, n_objects, size)]
     with progress_bar(n_objects, "synth", unit="obj", leave=True) as bar:
         if workers == 1:
-            for start, arrays in map(_render_chunk, tasks):
-                sink(start, arrays)
+            for start, arrays in map(_render_chunk, chunks):
+                staging.put(start, arrays)
                 bar.update(len(arrays["pristine_X.npy"]))
             return
         import multiprocessing
@@ -342,19 +376,18 @@ def _render_local(out: Path, seed: int, knobs: Knobs, survey: bool, n_objects: i
         # spawn: the same on Linux and macOS, and no fork of a process that may hold threads.
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
         try:
-            todo, running = iter(tasks), set()
+            todo, running = iter(chunks), set()
             while True:
-                # Two chunks per worker in flight: none waits for work, and the finished chunks
-                # held here stay few whatever the size of the render.
-                while len(running) < 2 * workers and (task := next(todo, None)) is not None:
-                    running.add(pool.submit(_render_chunk, task))
+                # Two chunks per worker in flight: none waits for work.
+                while len(running) < 2 * workers and (chunk := next(todo, None)) is not None:
+                    running.add(pool.submit(_render_into, (chunk, *staging.targets())))
                 if not running:
                     break
                 done, running = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
-                    start, arrays = future.result()
-                    sink(start, arrays)
-                    bar.update(len(arrays["pristine_X.npy"]))
+                    start, count, labels = future.result()
+                    staging.put_labels(start, labels)
+                    bar.update(count)
         except BrokenProcessPool:
             raise DmhpcError(f"{out}: a render worker died (killed by signal?); run again to finish the "
                              f"render") from None
@@ -490,7 +523,7 @@ def _render(out: Path, n_per_class: int, seed: int, knobs: Knobs, views: tuple[s
         meta = _meta(n_per_class, seed, knobs, views, survey)
         staging = _Staging(out, n_objects, len(views), survey)
         if comm is None:
-            _render_local(out, seed, knobs, survey, n_objects, workers, staging.put)
+            _render_local(out, seed, knobs, survey, n_objects, workers, staging)
         else:
             _render_mpi(comm, seed, knobs, survey, n_objects, staging.put)
         ids = np.arange(n_objects, dtype=np.int64)
