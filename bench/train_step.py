@@ -1,8 +1,8 @@
 """Training-step time: dmhpc's trainer against the bare model and the original DeepMerge code, side by side.
 
-All run the original's configuration: DeepMerge II, 128 source + 128 target images per step,
+All run the original's configuration: DeepMerge II, 128 source + 128 target images per step (--batch),
 Adam with betas (0.7, 0.8). The trainer and the original add CE + MMD (19 kernels) + Fisher (trace
-ratio) + entropy; the bare model's step is the same model on the same 256 images (fixed tensors,
+ratio) + entropy; the bare model's step is the same model on the same 2 x 128 images (fixed tensors,
 no loader), cross-entropy only: forward, backward, optimizer step. The trainer's step is timed end
 to end (its loader's batch, the step, the per-step bookkeeping) and the ratio trainer / bare is
 its whole overhead: data, domain-adaptation terms and bookkeeping. Trainer and bare model (and, in
@@ -17,7 +17,7 @@ the original in alternating blocks (`side_by_side`): device-resident loader
 (host memory here; no augmentation, as the config and the original), `TrainState`, `TrainStep` and
 `EpochMeter` from configs/deepmerge-mmd-fisher-entropy.yaml.
 
-    python bench/train_step.py [--rounds 8] [--block 3] [--no-original]
+    python bench/train_step.py [--rounds 8] [--block 3] [--batch 128] [--no-original]
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ from dmhpc.train.step import autocast
 from throughput import trainer_stepper  # bench/ is on sys.path when this script runs
 
 ROOT = Path(__file__).resolve().parent.parent
-BATCH = 128
 SIGMAS = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1, 5, 10, 15, 20, 25, 30, 35, 100, 1e3, 1e4, 1e5, 1e6]
 
 
@@ -80,22 +79,22 @@ def original_entropy(logits):
     return -(p[mask] * torch.log(p[mask])).sum() / logits.size(0)
 
 
-def original_stepper(xs_all, ys_all, xt_all, yt_all):
+def original_stepper(xs_all, ys_all, xt_all, yt_all, batch):
     net = DeepMerge2()
     fisher = OriginalFisherTR(2592)
     opt = torch.optim.Adam([{"params": net.parameters()}, {"params": fisher.parameters(), "lr": 1e-2}],
                            lr=1e-3, betas=(0.7, 0.8))
-    src = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs_all, ys_all), batch_size=BATCH,
+    src = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xs_all, ys_all), batch_size=batch,
                                       shuffle=True, num_workers=1)
-    tgt = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xt_all, yt_all), batch_size=BATCH,
+    tgt = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(xt_all, yt_all), batch_size=batch,
                                       shuffle=True, num_workers=1)
 
     def step():
         xs, ys = next(iter(src))  # a fresh iterator, and so a fresh worker process, per step
         xt, _ = next(iter(tgt))
         feats, logits = net(torch.cat([xs, xt]))
-        loss = (F.cross_entropy(logits[:BATCH], ys) + original_mmd(feats[:BATCH], feats[BATCH:])
-                + fisher(feats[:BATCH], ys) + 0.05 * original_entropy(logits))
+        loss = (F.cross_entropy(logits[:batch], ys) + original_mmd(feats[:batch], feats[batch:])
+                + fisher(feats[:batch], ys) + 0.05 * original_entropy(logits))
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -145,14 +144,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=8, help="alternating blocks of the steppers compared")
     parser.add_argument("--block", type=int, default=3, help="steps per block")
     parser.add_argument("--images", type=int, default=4000, help="images per domain")
+    parser.add_argument("--batch", type=int, default=128, help="images per domain per step (the original's 128)")
     parser.add_argument("--no-original", action="store_true", help="skip the original implementation")
     args = parser.parse_args()
 
     rng = np.random.default_rng(0)
     x = {d: rng.standard_normal((args.images, 3, 75, 75), dtype=np.float32) for d in ("source", "target")}
     y = {d: (np.arange(args.images) % 2).astype(np.int64) for d in ("source", "target")}
-    bare_x = torch.from_numpy(np.concatenate([x["source"][:BATCH], x["target"][:BATCH]]))
-    bare_y = torch.from_numpy(np.concatenate([y["source"][:BATCH], y["target"][:BATCH]]))
+    batch = args.batch
+    bare_x = torch.from_numpy(np.concatenate([x["source"][:batch], x["target"][:batch]]))
+    bare_y = torch.from_numpy(np.concatenate([y["source"][:batch], y["target"][:batch]]))
     variants = {"fp32": ("none", False), "fp32 channels_last": ("none", True),
                 "bf16 autocast, channels_last": ("bf16", True)}
     results = {}
@@ -160,20 +161,21 @@ def main() -> None:
         for d in x:
             write_dataset(x[d], y[d], None, Path(tmp) / d, shard_size=2048)
         for name, (amp, cl) in variants.items():
-            trainer, close = trainer_stepper(Path(tmp), "deepmerge2", BATCH, amp, cl, "gpu-resident", torch.device("cpu"))
+            trainer, close = trainer_stepper(Path(tmp), "deepmerge2", batch, amp, cl, "gpu-resident", torch.device("cpu"))
             steppers = {"trainer": trainer, "bare": bare_stepper(bare_x, bare_y, amp, cl)}
             if name == "fp32" and not args.no_original:  # the speed-up's target is in fp32
                 steppers["original"] = original_stepper(
-                    *(torch.from_numpy(a) for a in (x["source"], y["source"], x["target"], y["target"])))
+                    *(torch.from_numpy(a) for a in (x["source"], y["source"], x["target"], y["target"])), batch)
             try:
                 results[name] = side_by_side(steppers, args.rounds, args.block)
             finally:
                 close()
     t_old = results["fp32"].get("original")
 
-    images = 2 * BATCH
+    images = 2 * batch
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; "
-          f"medians of {args.rounds} alternating blocks of {args.block} steps")
+          f"{batch} source + {batch} target images per step; medians of {args.rounds} alternating blocks of "
+          f"{args.block} steps")
     if t_old is not None:
         print(f"{'original':32s} {t_old * 1e3:8.1f} ms/step {images / t_old:8.0f} images/s")
     for name, t in results.items():

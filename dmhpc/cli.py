@@ -240,9 +240,14 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides += extra
     elif extra:
         parser.parse_args(argv)  # argparse's own error, exit 2
+    code = 0
     try:
         _, command_main = COMMANDS[args.command].load()
-        return int(command_main(args) or 0)
+        code = int(command_main(args) or 0)
+        # Output to a pipe is buffered: a reader gone (`dmhpc info DIR | head`) shows here, in the
+        # handler below, not in the interpreter's last flush (exit 120 and "Exception ignored").
+        sys.stdout.flush()
+        return code
     except DmhpcError as exc:
         print(f"dmhpc {args.command}: error: {exc}", file=sys.stderr)
         return 1
@@ -259,10 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dmhpc {args.command}: error: {said}", file=sys.stderr)
         return 1
     except BrokenPipeError:
-        # The reader went away (`dmhpc info DIR | head`): not an error. Point stdout at /dev/null so
-        # the interpreter's final flush does not raise again.
+        # The reader went away (`dmhpc info DIR | head`): not an error, and a command that had ended
+        # keeps its own code (the requeue code, say). Point stdout at /dev/null so the interpreter's
+        # final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
+        return code
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -21,18 +21,21 @@ LAUNCH_PREFIXES = ("SLURM_", "PMI_", "PMIX_", "OMPI_", "PALS_", "MPI_LOCAL", "TO
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
 
 
-# The modules that take longest on 2 cores (tests/cluster: 380 s, test_train 350 s, test_faults
-# 300 s, then 140-80 s), slowest first. `make test`'s two workers take whole modules in this order
-# and the rest after them, so neither is left with a long one at the end.
-SLOWEST_FIRST = ("tests/cluster/", "tests/test_train.py", "tests/test_faults.py", "tests/test_tune.py",
-                 "tests/test_synth.py", "tests/test_predict.py", "tests/test_grid.py")
+# The modules that take longest on 2 cores, slowest first, as the summed durations of
+# `make test PYTEST_ARGS=--durations=0` ordered them (test_train and tests/cluster lead; the
+# cluster's tests also share one SLURM cluster). `make test`'s two workers take whole modules in
+# this order and the rest after them, so neither is left with a long one at the end.
+CLUSTER = "tests/cluster/"
+SLOWEST_FIRST = ("tests/test_train.py", CLUSTER, "tests/test_infer.py", "tests/test_evaluate.py",
+                 "tests/test_cli.py", "tests/test_predict.py", "tests/test_faults.py", "tests/test_tune.py",
+                 "tests/test_grid.py", "tests/test_loaders.py", "tests/test_submit.py", "tests/test_synth.py")
 
 
 def _module(nodeid: str) -> str:
     """The work unit a test belongs to under pytest-xdist: its module, or tests/cluster/ as a whole
     (its tests share one SLURM cluster, started once per worker that runs any of them)."""
     module = nodeid.split("::", 1)[0]
-    return SLOWEST_FIRST[0] if module.startswith(SLOWEST_FIRST[0]) else module
+    return CLUSTER if module.startswith(CLUSTER) else module
 
 
 @pytest.hookimpl(optionalhook=True)

@@ -47,7 +47,8 @@ def test_the_loader_benchmark_measures_every_kind():
 def test_the_training_step_benchmark_times_the_original_beside_the_trainer():
     """The original was timed alone after the others, and its speed-up divided figures of two
     moments: it is a stepper of the fp32 round now, and only that row has a speed-up."""
-    proc = _run([sys.executable, "bench/train_step.py", "--images", "300", "--rounds", "1", "--block", "1"])
+    proc = _run([sys.executable, "bench/train_step.py", "--images", "64", "--batch", "16", "--rounds", "1",
+                 "--block", "1"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [line for line in proc.stdout.splitlines() if line.startswith(("original", "dmhpc"))]
     assert [r.split()[0] for r in rows] == ["original", "dmhpc", "dmhpc", "dmhpc"], proc.stdout
@@ -58,3 +59,74 @@ def test_the_manifest_benchmark_reads_once_and_pickles_a_small_reader():
     proc = _run([sys.executable, "bench/manifest.py", "--rows", "2e4"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "manifest of 20,000 rows" in proc.stdout and "RowReader built in" in proc.stdout, proc.stdout
+
+
+def _bench_module(name, monkeypatch):
+    """A benchmark script imported as a module (bench/ on sys.path, as when it runs)."""
+    import importlib
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    return importlib.import_module(name)
+
+
+def test_side_by_side_times_each_step_after_the_warm_up_in_alternating_blocks(monkeypatch):
+    """The training-step benchmark's medians are seconds per step: not per block of steps, and
+    never including the warm-up steps (first calls: cuDNN autotuning, worker start, allocation);
+    the steppers run in alternating blocks, so load from other jobs hits them alike."""
+    import time
+
+    train_step = _bench_module("train_step", monkeypatch)
+    calls = []
+
+    def stepper(name, seconds, warm_up_seconds=0.0):
+        def one():
+            calls.append(name)
+            time.sleep(warm_up_seconds if calls.count(name) <= 2 else seconds)
+        return one
+
+    medians = train_step.side_by_side({"steady": stepper("steady", 0.01), "cold": stepper("cold", 0.0, 0.25)},
+                                      rounds=2, block=4)
+    assert set(medians) == {"steady", "cold"}
+    assert 0.01 <= medians["steady"] < 0.03, medians  # per step: a block of 4 takes >= 0.04 s
+    assert medians["cold"] < 0.03, medians  # its two slow first calls were the warm-up
+    assert calls[4:] == ["steady"] * 4 + ["cold"] * 4 + ["steady"] * 4 + ["cold"] * 4, calls
+
+
+def test_the_loader_benchmark_reports_the_first_epoch_apart_from_the_later_ones(tmp_path, monkeypatch):
+    """images/s and its min-max are over epochs 2.. only; the first epoch (worker start, first
+    reads) is its own figure: with two epochs the figure is the second epoch's alone."""
+    import argparse
+
+    loaders = _bench_module("loaders", monkeypatch)
+    dirs = loaders.make_data(tmp_path, 64)
+    args = argparse.Namespace(batch_size=16, workers=1, epochs=2)
+    r = loaders.throughput("gpu-resident", dirs, args)
+    assert r["spread"] == (r["rate"], r["rate"]), r
+    assert r["first"] != r["rate"] and min(r["first"], r["rate"]) > 0, r
+
+
+def test_each_row_of_the_throughput_grid_builds_the_trainer_it_names(tmp_path, monkeypatch):
+    """A row's settings must reach every part the step is built from: a loader kind, batch size
+    or AMP that reached the loader and not the configuration (or the reverse) labelled a row
+    "torch, bf16, 8" that timed another trainer."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from dmhpc.data.shards import write_dataset
+
+    throughput = _bench_module("throughput", monkeypatch)
+    rng = np.random.default_rng(0)
+    for domain in ("source", "target"):
+        write_dataset(rng.standard_normal((64, 3, 75, 75), dtype=np.float32), np.arange(64) % 2, None,
+                      tmp_path / domain, shard_size=64)
+    cfg, loader, state, step = throughput.trainer_parts(tmp_path, "deepmerge2", 8, "bf16", True, "torch",
+                                                        torch.device("cpu"))
+    try:
+        assert (cfg.model.name, cfg.train.batch_size, cfg.train.amp, cfg.train.channels_last, cfg.data.loader) == (
+            "deepmerge2", 8, "bf16", True, "torch")
+        assert loader.kind == "torch" and (Path(cfg.data.source), Path(cfg.data.target)) == (
+            tmp_path / "source", tmp_path / "target")
+    finally:
+        loader.close()

@@ -12,7 +12,6 @@ import pytest
 from astropy.table import Table
 
 from tests.conftest import ROOT
-from dmhpc.data.shards import load_manifest
 from dmhpc.run import RunDir
 from dmhpc.cli import COMMANDS, main
 
@@ -105,15 +104,8 @@ def test_demo_runs_the_main_job_end_to_end(tmp_path, capsys):
     assert len(Table.read(out / "noisy_test_catalog.ecsv")) == result["target"]["n"]
     assert (out / "explain" / "target_merger.png").is_file() or (out / "explain" / "target_non-merger.png").is_file()
     assert str(out / "noisy_test_catalog.ecsv") in printed
-    # A second `make demo` replaces the demo's own runs and catalog instead of refusing them.
-    assert main(["demo", "--out", str(out), "--n-per-class", "100", "--epochs", "1"]) == 0
-    assert "render the embedded data set" not in capsys.readouterr().out  # the same render is kept
-    # Another --n-per-class renders and prepares again: the runs never train on the first render.
-    # --seed is the split's too (prepare split every demo with seed 0).
-    assert main(["demo", "--out", str(out), "--n-per-class", "120", "--epochs", "1", "--seed", "4"]) == 0
-    assert json.loads((out / "data" / "meta.json").read_text())["n_per_class"] == 120
-    assert load_manifest(out / "shards" / "noisy")["count"] == 240 and load_manifest(out / "shards" / "noisy")["seed"] == 4
-    assert RunDir(out / "deepmerge-noda").read_result("best", "test")["target"]["n"] > result["target"]["n"]
+    # A second demo (the render kept, runs and catalog replaced) and one of another render: each
+    # step's arguments, in test_a_second_demo_keeps_a_render_of_the_same_arguments_only.
 
 
 @pytest.mark.parametrize("command", ["eval", "predict", "explain", "export"])
@@ -153,3 +145,270 @@ def test_every_option_has_a_spelling_torchrun_passes_on(command, capsys):
                 continue
             passed.append(args.training_script_args == [command, spelling, "1"])
         assert not spellings or any(passed), (command, spellings)
+
+
+def test_python_m_dmhpc_prints_the_version():
+    """`python -m dmhpc` is the entry point the Makefile and the benchmarks use: a __main__ that
+    never called the CLI exited 0 having done nothing, and `--version` said nothing of the release."""
+    from dmhpc import __version__
+
+    proc = subprocess.run([sys.executable, "-m", "dmhpc", "--version"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout == f"dmhpc {__version__}\n", (proc.stdout, proc.stderr)
+
+
+def test_overrides_after_an_option_are_applied_after_those_before_it(tmp_path, capsys):
+    """Overrides given after an option were put before the ones given first: the first value of
+    a key repeated around an option counted, not the last as on one line."""
+    config = str(ROOT / "configs" / "tiny.yaml")
+    argv = ["train", "--config", config, "train.epochs=0", f"run.dir={tmp_path / 'r'}", "--resume", "none",
+            "train.epochs=many"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert 'train.epochs: expected a positive integer, got "many"' in err and "got 0" not in err, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_interrupted_command_says_so_in_one_line_and_exits_130(tmp_path):
+    """Ctrl-C (SIGINT) in a command: one line "dmhpc COMMAND: interrupted" and the shell's 128 + 2,
+    not a traceback, not the exit code of a failure. The command is held in a real read of its
+    data set's manifest (a named pipe nobody writes to) when the signal comes."""
+    import errno
+    import os
+    import signal
+    import time
+
+    directory = tmp_path / "ds"
+    directory.mkdir()
+    os.mkfifo(directory / "manifest.json")
+    proc = subprocess.Popen([sys.executable, "-m", "dmhpc", "info", str(directory)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    writer = None
+    try:
+        deadline = time.monotonic() + 60
+        while writer is None:  # opens once `dmhpc info` is reading the pipe: inside the command
+            try:
+                writer = os.open(directory / "manifest.json", os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                assert exc.errno == errno.ENXIO and proc.poll() is None and time.monotonic() < deadline, exc
+                time.sleep(0.02)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if writer is not None:
+            os.close(writer)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130 and err == "dmhpc info: interrupted\n", (proc.returncode, err)
+
+
+def test_a_reader_that_goes_away_is_not_an_error(tmp_path):
+    """`dmhpc info DIR | true`: the reader leaving early ended the command in a BrokenPipeError
+    traceback, or a failure's exit code (120, "Exception ignored" where output small enough to stay
+    in the buffer failed at the interpreter's last flush), for output nobody wanted."""
+    import os
+
+    import numpy as np
+
+    from dmhpc.data.shards import write_dataset
+
+    write_dataset(np.zeros((400, 1, 2, 2), np.float32), np.arange(400) % 2, None, tmp_path / "ds", shard_size=4)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe: buffered
+    for json_or_not in (["--json"], []):  # more than a buffer's worth of output (100 shards), and less
+        read, write = os.pipe()
+        os.close(read)  # the reader is gone before the first line
+        try:
+            proc = subprocess.run([sys.executable, "-m", "dmhpc", "info", str(tmp_path / "ds"), *json_or_not],
+                                  cwd=ROOT, env=env, stdout=write, stderr=subprocess.PIPE, text=True, timeout=120)
+        finally:
+            os.close(write)
+        assert proc.returncode == 0 and proc.stderr == "", (json_or_not, proc.returncode, proc.stderr[-2000:])
+
+
+ENDS_WITH_75 = """
+import sys
+from dmhpc import cli
+
+def ends_with_75(args):
+    print("the catalog so far")  # buffered: the pipe's end shows at main's flush
+    return 75
+
+cli.COMMANDS["info"] = cli.COMMANDS["info"]._replace(load=lambda: (lambda parser: None, ends_with_75))
+sys.exit(cli.main(["info"]))
+"""
+
+
+def test_a_reader_gone_at_the_end_keeps_the_commands_own_exit_code():
+    """The closed pipe found at main's last flush turned a command's own code (the requeue code 75
+    of a stopped job, say) into 0, as if the command had finished."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-c", ENDS_WITH_75], cwd=ROOT, env=env, stdout=write,
+                              stderr=subprocess.PIPE, text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (75, ""), proc.stderr[-2000:]
+
+
+def _help_actions(command):
+    import argparse
+
+    from dmhpc.cli import build_parser
+
+    sub = next(a for a in build_parser(command)._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    return parser, [a for a in parser._actions if a.option_strings and a.help]
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_default_the_help_states_is_the_options_default(command):
+    """An option's help that says "(default N ...)" in words kept saying N after the default was
+    changed (`dmhpc demo --n-per-class` said 1000 and used another), and the formatter added the
+    default a second time to a help that states it already."""
+    import re
+
+    parser, actions = _help_actions(command)
+    for action in actions:
+        shown = parser._get_formatter()._get_help_string(action)
+        if "default" in action.help:
+            assert shown == action.help, (command, action.option_strings, shown)  # said once
+        stated = re.search(r"\(default:? ([^;),]+)", action.help)
+        if stated is None or action.default is None:
+            continue
+        value, default = stated.group(1).strip(), action.default
+        try:
+            same = float(value) == float(default)
+        except (TypeError, ValueError):
+            same = str(default).startswith(value)
+        assert same, (command, action.option_strings, value, default)
+
+
+def _demo_steps(out, *argv, fail_at="explain", answer=1):
+    """The command lines `dmhpc demo --out OUT ARGV` runs, in order, up to the first whose name is
+    `fail_at` (answered `answer`, which stops the demo): its own logic, no rendering or training."""
+    from dmhpc.demo import demo_main
+    from dmhpc.errors import DmhpcError
+    from dmhpc.cli import build_parser
+
+    args = build_parser("demo").parse_args(["demo", "--out", str(out), *argv])
+    steps = []
+
+    def run_command(step):
+        steps.append(list(step))
+        return answer if step[0] == fail_at else 0
+
+    with pytest.raises(DmhpcError) as failed:
+        demo_main(args, run_command=run_command)
+    assert str(failed.value) == "demo step failed: dmhpc " + " ".join(steps[-1]) and steps[-1][0] == fail_at
+    return steps
+
+
+def _parsed(step):
+    """One of the demo's command lines as the CLI reads it."""
+    from dmhpc.cli import build_parser
+
+    args, extra = build_parser(step[0]).parse_known_args(step)
+    assert not extra, step
+    return args
+
+
+def test_the_demo_runs_every_step_with_its_own_settings(tmp_path):
+    """What the demo hands each command: a render of --n-per-class and --seed, a split of --seed,
+    both domains verified and summarized, each run trained on pristine -> noisy in its own folder
+    with --epochs and --seed (its overrides read back as given, in a path YAML would cut at " #"),
+    and the catalog of the noisy test images and the explanations from the adapted model."""
+    from dmhpc.config import load_config
+    from dmhpc.demo import RUNS
+
+    out = tmp_path / "demo #1"
+    steps = _demo_steps(out, "--n-per-class", "100", "--epochs", "3", "--seed", "4", "--workers", "1")
+    assert [s[0] for s in steps] == ["synth", "prepare", "verify", "info", "verify", "info", "train", "train",
+                                     "predict", "explain"]
+    synth = _parsed(steps[0])
+    assert (Path(synth.out), synth.n_per_class, synth.seed, synth.workers, synth.overwrite) == (out / "data", 100, 4, 1,
+                                                                                          False)
+    prepare = _parsed(steps[1])
+    assert (Path(prepare.root), Path(prepare.out), prepare.seed, prepare.overwrite) == (out / "data", out / "shards", 4,
+                                                                                        True)
+    assert [s[1] for s in steps[2:6]] == [str(out / "shards" / d) for d in ("pristine", "pristine", "noisy", "noisy")]
+    for step, config in zip(steps[6:8], RUNS.values()):
+        train = _parsed(step)
+        assert Path(train.config) == ROOT / config and train.resume == "none" and train.overwrite
+        cfg = load_config(train.config, train.overrides)
+        assert (Path(cfg.data.source), Path(cfg.data.target), Path(cfg.run.dir), cfg.train.epochs, cfg.seed) == (
+            out / "shards" / "pristine", out / "shards" / "noisy", out / Path(config).stem, 3, 4)
+    adapted = out / Path(RUNS["MMD + Fisher + entropy"]).stem
+    predict, explain = _parsed(steps[8]), _parsed(steps[9])
+    assert (Path(predict.run), Path(predict.data), predict.split, predict.overwrite) == (
+        adapted, out / "shards" / "noisy", "test", True)
+    assert Path(explain.run) == adapted and explain.overwrite
+
+
+def test_a_second_demo_keeps_a_render_of_the_same_arguments_only(tmp_path):
+    """A render is kept for the same --n-per-class and --seed only, and then prepared again only
+    where its shards are missing; another render (or one whose record cannot be read) is replaced,
+    with --overwrite, and prepared again: a demo never trains on another demo's data."""
+    out = tmp_path / "demo"
+    (out / "data").mkdir(parents=True)
+    meta = out / "data" / "meta.json"
+    meta.write_text(json.dumps({"n_per_class": 100, "seed": 4}))
+    for domain in ("pristine", "noisy"):
+        (out / "shards" / domain).mkdir(parents=True)
+        (out / "shards" / domain / "manifest.json").write_text("{}")
+    same = ["--n-per-class", "100", "--seed", "4"]
+    assert [s[0] for s in _demo_steps(out, *same, fail_at="verify")] == ["verify"]
+    (out / "shards" / "noisy" / "manifest.json").unlink()
+    assert [s[0] for s in _demo_steps(out, *same, fail_at="verify")] == ["prepare", "verify"]
+    (out / "shards" / "noisy" / "manifest.json").write_text("{}")  # both sets there, of the earlier render
+    for other in (["--n-per-class", "120", "--seed", "4"], ["--n-per-class", "100", "--seed", "5"]):
+        steps = _demo_steps(out, *other, fail_at="verify")
+        assert [s[0] for s in steps] == ["synth", "prepare", "verify"]
+        assert _parsed(steps[0]).overwrite and _parsed(steps[1]).seed == int(other[-1])
+    meta.write_text("{not json")
+    steps = _demo_steps(out, *same, fail_at="verify")
+    assert [s[0] for s in steps] == ["synth", "prepare", "verify"] and _parsed(steps[0]).overwrite
+
+
+def test_a_demo_step_that_fails_with_any_code_stops_the_demo(tmp_path):
+    """A step's non-zero exit other than 1 (argparse's 2, an interrupt's 130, the requeue code 75)
+    was taken for success, and the demo went on to train on what that step had not made."""
+    for code in (2, 75, 130):
+        steps = _demo_steps(tmp_path / "demo", fail_at="synth", answer=code)
+        assert [s[0] for s in steps] == ["synth"]
+
+
+def test_a_failed_demo_step_ends_the_demo_in_one_line_naming_it(tmp_path, capsys):
+    """Through the front door: the prepare step failing (its render is missing) ended the demo at
+    once, exit 1, with the step's command line; no later step ran on what it had not made."""
+    out = tmp_path / "demo"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "meta.json").write_text(json.dumps({"n_per_class": 100, "seed": 0}))  # the render "kept"
+    assert main(["demo", "--out", str(out), "--n-per-class", "100"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1].startswith("dmhpc demo: error: demo step failed: dmhpc prepare "), captured.err
+    assert "== verify" not in captured.out and "== train" not in captured.out, captured.out
+
+
+def test_the_demos_size_check_is_prepares_training_split():
+    """The demo refuses, before rendering, a set whose training split holds less than one batch
+    of the shipped configs (128): it must agree with prepare's split at the boundary, or it refuses
+    a size that trains, or renders one whose runs are refused at their start."""
+    import numpy as np
+
+    from dmhpc.data.prepare import Options
+    from dmhpc.data.shards import split_order
+    from dmhpc.demo import _check_size
+    from dmhpc.errors import DmhpcError
+
+    def train_rows(n_per_class):  # one image per object, as the embedded set
+        return len(split_order(np.arange(2 * n_per_class), 0, Options().fractions)["train"])
+
+    assert train_rows(91) < 128 <= train_rows(92)
+    _check_size(ROOT, 92)
+    with pytest.raises(DmhpcError, match="give at least 92"):
+        _check_size(ROOT, 91)
