@@ -241,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     elif extra:
         parser.parse_args(argv)  # argparse's own error, exit 2
     code = 0
+    stdout, sys.stdout = sys.stdout, _Output(sys.stdout)
     try:
         _, command_main = COMMANDS[args.command].load()
         code = int(command_main(args) or 0)
@@ -269,6 +270,41 @@ def main(argv: list[str] | None = None) -> int:
         # final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return code
+    except OSError as exc:
+        if not getattr(exc, "from_output", False):
+            raise  # the command's own, about a file its traceback names
+        # `dmhpc info DS > /dev/full`, or a full disk under a redirected output: the output is lost,
+        # which is a failure, said in one line; the data still buffered goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
+        print(f"dmhpc {args.command}: error: standard output: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    finally:
+        sys.stdout = stdout
+
+
+class _Output:
+    """Standard output as the command sees it, its write errors marked as the output's: an OSError
+    alone does not say whether the output or a file the command writes failed."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        return self._marked(self._stream.write, text)
+
+    def flush(self) -> None:
+        self._marked(self._stream.flush)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+    @staticmethod
+    def _marked(call, *args):
+        try:
+            return call(*args)
+        except OSError as exc:
+            exc.from_output = True
+            raise
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -226,6 +226,50 @@ def test_a_reader_that_goes_away_is_not_an_error(tmp_path):
         assert proc.returncode == 0 and proc.stderr == "", (json_or_not, proc.returncode, proc.stderr[-2000:])
 
 
+def test_output_that_cannot_be_written_is_one_line_and_a_failure(tmp_path):
+    """`dmhpc info DS > /dev/full`: a full disk under the output ended in an OSError traceback, and
+    exit 120 where the output stayed in the buffer until the interpreter's last flush."""
+    import os
+
+    import numpy as np
+
+    from dmhpc.data.shards import write_dataset
+
+    write_dataset(np.zeros((400, 1, 2, 2), np.float32), np.arange(400) % 2, None, tmp_path / "ds", shard_size=4)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    for json_or_not in (["--json"], []):  # more than a buffer's worth of output, and less
+        with open("/dev/full", "w") as full:
+            proc = subprocess.run([sys.executable, "-m", "dmhpc", "info", str(tmp_path / "ds"), *json_or_not],
+                                  cwd=ROOT, env=env, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+        assert proc.returncode == 1, (json_or_not, proc.returncode, proc.stderr[-2000:])
+        assert proc.stderr == "dmhpc info: error: standard output: No space left on device\n", proc.stderr[-2000:]
+
+
+RAISES_OSERROR = """
+import errno, sys
+from dmhpc import cli
+
+def fails_on_a_file(args):
+    print("written so far")
+    raise OSError(errno.ENOSPC, "No space left on device", "catalog.parquet")
+
+cli.COMMANDS["info"] = cli.COMMANDS["info"]._replace(load=lambda: (lambda parser: None, fails_on_a_file))
+sys.exit(cli.main(["info"]))
+"""
+
+
+def test_a_commands_own_os_error_is_not_blamed_on_the_output():
+    """Only an output that fails to take its data is "standard output"; a command's own OSError
+    (a file it writes) keeps its traceback, which names the file, and the output written so far."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    proc = subprocess.run([sys.executable, "-c", RAISES_OSERROR], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 1 and proc.stdout == "written so far\n", (proc.returncode, proc.stdout)
+    assert "standard output" not in proc.stderr and "catalog.parquet" in proc.stderr.splitlines()[-1], proc.stderr
+
+
 ENDS_WITH_75 = """
 import sys
 from dmhpc import cli
