@@ -264,18 +264,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"dmhpc {args.command}: error: {said}", file=sys.stderr)
         return 1
-    except BrokenPipeError:
-        # The reader went away (`dmhpc info DIR | head`): not an error, and a command that had ended
-        # keeps its own code (the requeue code, say). Point stdout at /dev/null so the interpreter's
-        # final flush does not raise again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return code
     except OSError as exc:
         if not getattr(exc, "from_output", False):
-            raise  # the command's own, about a file its traceback names
+            raise  # the command's own (a file, a pipe to a child, a socket), which its traceback names
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())  # the interpreter's last flush goes nowhere
+        if isinstance(exc, BrokenPipeError):
+            # The reader went away (`dmhpc info DIR | head`): not an error, and a command that had
+            # ended keeps its own code (the requeue code, say).
+            return code
         # `dmhpc info DS > /dev/full`, or a full disk under a redirected output: the output is lost,
-        # which is a failure, said in one line; the data still buffered goes nowhere.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())
+        # which is a failure, said in one line.
         print(f"dmhpc {args.command}: error: standard output: {exc.strerror or exc}", file=sys.stderr)
         return 1
     finally:

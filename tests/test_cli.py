@@ -251,23 +251,28 @@ from dmhpc import cli
 
 def fails_on_a_file(args):
     print("written so far")
-    raise OSError(errno.ENOSPC, "No space left on device", "catalog.parquet")
+    raise {error}
 
 cli.COMMANDS["info"] = cli.COMMANDS["info"]._replace(load=lambda: (lambda parser: None, fails_on_a_file))
 sys.exit(cli.main(["info"]))
 """
 
 
-def test_a_commands_own_os_error_is_not_blamed_on_the_output():
+@pytest.mark.parametrize("error, named", [
+    ('OSError(errno.ENOSPC, "No space left on device", "catalog.parquet")', "catalog.parquet"),
+    ('BrokenPipeError(errno.EPIPE, "Broken pipe", "a pipe to sbatch")', "a pipe to sbatch"),
+])
+def test_a_commands_own_os_error_is_not_blamed_on_the_output(error, named):
     """Only an output that fails to take its data is "standard output"; a command's own OSError
-    (a file it writes) keeps its traceback, which names the file, and the output written so far."""
+    (a file it writes) keeps its traceback, which names the file, and the output written so far. A
+    broken pipe of its own (to a child process, say) is a failure: it passed as a reader gone, exit 0."""
     import os
 
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    proc = subprocess.run([sys.executable, "-c", RAISES_OSERROR], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", RAISES_OSERROR.format(error=error)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and proc.stdout == "written so far\n", (proc.returncode, proc.stdout)
-    assert "standard output" not in proc.stderr and "catalog.parquet" in proc.stderr.splitlines()[-1], proc.stderr
+    assert "standard output" not in proc.stderr and named in proc.stderr.splitlines()[-1], proc.stderr
 
 
 ENDS_WITH_75 = """
