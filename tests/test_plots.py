@@ -24,7 +24,9 @@ def drawn(monkeypatch):
         return path
 
     monkeypatch.setattr(plots, "_save", keep)
-    return figures
+    yield figures
+    for fig in figures:  # as _save closes them: pyplot holds every figure until it is closed
+        plots._pyplot().close(fig)
 
 
 def _inside(fig) -> None:
