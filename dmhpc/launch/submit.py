@@ -545,6 +545,12 @@ class TrainTask(submitit.helpers.Checkpointable):
         # caller's process and installs no handler.
         if code == REQUEUE_EXIT_CODE and env.cluster != "debug":
             if env.global_rank == 0:
+                # The requeue ends this step at once: Slurm sends SIGTERM to every process of it,
+                # the handler's `scontrol requeue` too, which could die of it before it had exited:
+                # the handler then failed, and its error result told a waiter that a requeued job
+                # had failed. Ignored (submitit's own SIGTERM handler only logs it), the signal is
+                # ignored by scontrol too: an ignored signal stays so across fork and exec.
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
                 # submitit's handler: checkpoint(), requeue, exit; it does not return.
                 signal.raise_signal(signal.Signals[preempt_signal()])
             # No result file from this run: it would be taken for the result of the requeued one.

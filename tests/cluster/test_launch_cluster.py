@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -240,8 +241,22 @@ def test_a_tuner_killed_between_sbatch_and_the_job_id_has_its_job_cancelled_by_t
             slurm_cluster.run("scancel", job_id)
 
 
+@pytest.fixture
+def slow_requeue(tmp_path, monkeypatch):
+    """`scontrol requeue` that returns 3 s after the requeue, as a loaded controller may: the requeue
+    ends the job's step at once (SIGTERM to every process of it), so a job's own requeue call is
+    always still running when the signal comes. Put first on the PATH the jobs inherit."""
+    real = shutil.which("scontrol")
+    shim = tmp_path / "bin" / "scontrol"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/bash\n"{real}" "$@"; rc=$?\n[ "$1" != requeue ] || sleep 3\nexit $rc\n')
+    shim.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{shim.parent}{os.pathsep}{os.environ['PATH']}")
+
+
 def test_interrupted_job_requeues_resumes_and_ends_with_the_uninterrupted_weights(slurm_cluster, tmp_path,
-                                                                                   job_env, make_domains):
+                                                                                   job_env, make_domains,
+                                                                                   slow_requeue):
     # 480 images, 70 % for training, 4 per rank and step on 2 ranks: one epoch of 42 steps, so the
     # signal, sent after the first step, lands well inside it.
     data = make_domains(480)
@@ -265,8 +280,12 @@ def test_interrupted_job_requeues_resumes_and_ends_with_the_uninterrupted_weight
     record = slurm_cluster.wait(job.job_id, timeout=60)  # the results are written before the job ends
     assert (record.state, record.restarts) == ("COMPLETED", 1), record
     log = job.task(0).paths.stdout.read_text()
-    # The trainer's handler had the signal during training; submitit's took over on rank 0.
+    # The trainer's handler had the signal during training; submitit's took over on rank 0 and its
+    # `scontrol requeue` outlived the SIGTERM that the requeue sends the step. Killed by it, the
+    # handler failed and wrote an error result for a job that was requeued: a waiter polling then
+    # reported the point failed.
     assert "SIGUSR2: checkpoint written at step" in log and "Requeued job" in log, log
+    assert "triggered an exception" not in log, log
     assert "resumed from" in log and "Bypassing signal SIGTERM" in log, log
     steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines() if '"kind": "step"' in line]
     assert steps == list(range(1, 43)), steps
