@@ -36,6 +36,7 @@ def main() -> None:
     parser.add_argument("--model", default="resnet18", help="model.name (default resnet18)")
     parser.add_argument("--images", type=int, default=2000, help="images per domain (default 2000)")
     parser.add_argument("--epochs", type=int, default=3, help="epochs per run, the first not counted (default 3)")
+    parser.add_argument("--batch-size", type=int, help="train.batch_size (default: the configuration's)")
     args = parser.parse_args()
     if args.threads:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -51,7 +52,8 @@ def main() -> None:
             "base": str(ROOT / "configs" / "deepmerge-noda.yaml"), "out": str(out), "executor": "local",
             "overrides": {"data.source": str(tmp / "pristine"), "data.target": str(tmp / "noisy"),
                           "model.name": args.model, "train.epochs": args.epochs, "train.amp": "bf16",
-                          "train.channels_last": True, "train.early_stopping": 0},
+                          "train.channels_last": True, "train.early_stopping": 0,
+                          **({"train.batch_size": args.batch_size} if args.batch_size else {})},
             "grid": {"seed": list(range(1, args.runs + 1))},
             "slurm": {"array_parallelism": args.runs, "time": 60}})
 

@@ -28,7 +28,8 @@ LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
 CLUSTER = "tests/cluster/"
 SLOWEST_FIRST = ("tests/test_train.py", CLUSTER, "tests/test_infer.py", "tests/test_evaluate.py",
                  "tests/test_cli.py", "tests/test_predict.py", "tests/test_faults.py", "tests/test_tune.py",
-                 "tests/test_grid.py", "tests/test_loaders.py", "tests/test_submit.py", "tests/test_synth.py")
+                 "tests/test_grid.py", "tests/test_loaders.py", "tests/test_submit.py", "tests/test_synth.py",
+                 "tests/test_bench.py")
 
 
 def _module(nodeid: str) -> str:

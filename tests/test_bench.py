@@ -3,8 +3,11 @@ executes, in minutes that cannot be spent finding a broken flag. On the CPU, sma
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import ROOT, clean_env
 
@@ -130,3 +133,101 @@ def test_each_row_of_the_throughput_grid_builds_the_trainer_it_names(tmp_path, m
             tmp_path / "source", tmp_path / "target")
     finally:
         loader.close()
+
+
+def _git_head() -> str:
+    """The checkout's commit, for the benchmarks that compare with an older one (`--old`): HEAD is
+    there in any clone, shallow ones too."""
+    proc = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if proc.returncode:
+        pytest.skip("not a git checkout: the benchmark compares with a commit")
+    return proc.stdout.strip()
+
+
+def _figures(line: str) -> list[float]:
+    """The numbers of a printed row (thousands separators and units stripped)."""
+    return [float(x.replace(",", "")) for x in re.findall(r"(?<![\w.])\d[\d,]*(?:\.\d+)?(?:e[-+]?\d+)?", line)]
+
+
+def _bench(tmp_path, *args):
+    proc = _run([sys.executable, *args], TMPDIR=str(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout.splitlines()
+
+
+def _row(lines, start):
+    rows = [line for line in lines if line.startswith(start)]
+    assert len(rows) == 1, (start, lines)
+    return rows[0]
+
+
+# The CPU benchmarks below record figures in docs/benchmarks.md and are run again when the code they
+# measure changes; each ran against the code of its own commit only, and two had stopped working
+# (catalog_memory.py merged parts by an older signature; local_jobs.py had no batch size that fits a
+# small data set). Small sizes: the figures are checked for being there and sane, not for speed.
+
+def test_the_mmd_benchmark_compares_the_formulations_and_exits_1_below_its_speed_up(tmp_path):
+    proc = _run([sys.executable, "bench/mmd.py", "--n", "16", "--d", "32", "--rounds", "1"], TMPDIR=str(tmp_path))
+    lines = proc.stdout.splitlines()
+    ours = _figures(_row(lines, "dmhpc.losses.mmd"))
+    assert len(ours) == 3 and ours[2] < 1e-4, lines  # median s, min s, relative error against float64
+    speed_up = _figures(_row(lines, "speed-up of dmhpc.losses.mmd"))[0]
+    assert proc.returncode == (0 if speed_up >= 20 else 1), proc.stdout + proc.stderr[-2000:]
+    memory = [_figures(line) for line in lines if line.startswith("N=")]
+    assert [m[0] for m in memory] == [2048, 4096] and all(m[1] > 0 for m in memory), lines
+
+
+def test_the_read_benchmarks_print_their_rates(tmp_path):
+    lines = _bench(tmp_path, "bench/read.py", "--n", "512", "--size", "16", "--epochs", "1")
+    assert _figures(_row(lines, "RowReader.read, best of 1"))[-1] > 0, lines
+    lines = _bench(tmp_path, "bench/npy_read.py", "--n", "256", "--size", "16", "--passes", "1")
+    assert _figures(_row(lines, "positioned reads / memory map"))[0] > 0, lines
+
+
+def test_the_split_check_benchmark_finds_old_and_new_agree(tmp_path):
+    lines = _bench(tmp_path, "bench/split_check.py", "--rows", "20000", "--repeat", "1", "--old", _git_head())
+    for check in ("split_problem", "combine"):
+        assert _row(lines, f"| {check} |").endswith("| yes |"), lines
+
+
+def test_the_catalog_memory_benchmark_reads_and_merges_at_both_commits(tmp_path):
+    lines = _bench(tmp_path, "bench/catalog_memory.py", "--rows", "5000", "--extra", "2", "--formats", "parquet",
+                   "--old", _git_head())
+    for what in ("read catalog", "merge parquet"):
+        old, new, *_ = _figures(_row(lines, what))
+        assert old > 0 and new > 0, lines
+
+
+def test_the_verify_benchmark_times_each_level(tmp_path):
+    lines = _bench(tmp_path, "bench/verify.py", "--gb", "0.005", "--threads", "1", "--dir", str(tmp_path))
+    rows = [line.split("|")[1:4] for line in lines if line.startswith(("| structure", "| checksums"))]
+    # cold rows only where this process may drop the page cache (root)
+    assert {(level.strip(), cache.strip()) for level, cache, _ in rows} >= {("structure", "warm"),
+                                                                             ("checksums", "warm")}, lines
+
+
+def test_the_prepare_benchmark_times_prepare_beside_its_baseline(tmp_path):
+    lines = _bench(tmp_path, "bench/prepare.py", "--n", "200", "--size", "16", "--repeat", "1")
+    assert _figures(_row(lines, "dmhpc prepare (in process)"))[0] > 0, lines
+    assert _row(lines, "baseline np.load + np.save") and _row(lines, "dmhpc prepare peak allocated memory"), lines
+
+
+def test_the_predict_benchmark_rates_both_precisions(tmp_path):
+    lines = _bench(tmp_path, "bench/predict.py", "--images", "256", "--rounds", "1")
+    for precision in ("fp32", "bf16"):
+        bare, loop, ratio, *_ = _figures(_row(lines, f"| {precision} |"))
+        assert bare > 0 and loop > 0 and abs(ratio - loop / bare) < 0.01, lines
+
+
+def test_the_synth_benchmark_times_an_object_and_the_command(tmp_path):
+    lines = _bench(tmp_path, "bench/synth.py", "--n-per-class", "4", "--workers", "1", "--ranks", "0")
+    assert _figures(_row(lines, "per object, one process, merger"))[0] > 0, lines
+    assert "8 images per domain" in _row(lines, "dmhpc synth --workers 1"), lines
+
+
+def test_the_local_jobs_benchmark_sums_the_runs_at_once(tmp_path):
+    lines = _bench(tmp_path, "bench/local_jobs.py", "--runs", "2", "--images", "128", "--epochs", "2",
+                   "--batch-size", "16", "--model", "deepmerge2")
+    runs = [_figures(line) for line in lines if line.startswith("| seed=")]
+    assert len(runs) == 2 and all(r[-1] > 0 for r in runs), lines  # [seed, threads, rate(s)..., mean]
+    assert abs(_figures(_row(lines, "| all |"))[0] - sum(r[-1] for r in runs)) <= 1, lines
