@@ -1181,6 +1181,35 @@ def test_a_survey_catalog_is_read_for_its_columns_only_and_a_misspelt_one_is_nam
             read_catalog(path, **option)
 
 
+def test_an_hdf5_catalog_is_read_for_its_columns_only_and_its_masked_cells_are_empty(tmp_path, monkeypatch):
+    """astropy reads an HDF5 table whole, every column of every row on every rank; and without the
+    table's metadata it reads a masked column's cells as numbers beside a column of its mask."""
+    from astropy.table import MaskedColumn, Table
+
+    from dmhpc.data.inputs import read_catalog
+
+    table = Table({"id": [7, 8, 9], "label": [0, 1, 0], "flux": [1.0, 2.0, 3.0]})
+    table.write(tmp_path / "plain.h5", path="catalog")
+    Table({"id": [1]}).write(tmp_path / "two.h5", path="first")
+    table.write(tmp_path / "two.h5", path="second", append=True)
+    table["id"] = MaskedColumn([7, 8, 9], mask=[False, True, False])
+    with pytest.warns(UserWarning, match="serialize_meta=True"):  # the mask is a column of its own
+        table.write(tmp_path / "masked.h5", path="catalog")
+    read = Table.read
+
+    def whole(*args, **kwargs):
+        raise AssertionError("the whole table was read")
+
+    monkeypatch.setattr(Table, "read", whole)
+    catalog = read_catalog(tmp_path / "plain.h5", label_column="label")
+    assert catalog.ids == ["7", "8", "9"] and list(catalog.labels) == [0, 1, 0] and catalog.id_dtype == "i8"
+    with pytest.raises(DmhpcError, match=r"masked.h5: column 'id' has 1 empty id cell\(s\), the first in row 2$"):
+        read_catalog(tmp_path / "masked.h5")
+    monkeypatch.setattr(Table, "read", read)  # two tables: astropy's choice (the first, with a warning)
+    with pytest.warns(UserWarning, match="multiple tables"):
+        assert read_catalog(tmp_path / "two.h5").ids == ["1"]
+
+
 def test_a_cutout_gone_before_its_shard_is_written_is_named_and_nothing_is_left(tmp_path, capsys, monkeypatch):
     """A cutout removed after the pixel scan was said as the shard's write error ("shard-00000.h5:
     cannot write: No such file or directory; nothing written"): the user was sent to the output disk."""

@@ -422,8 +422,8 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
             raise DmhpcError(f"{path}: cannot read the catalog ({reason})") from None
 
     # A survey's catalog has hundreds of columns: read whole on every rank, they took more memory
-    # than the nodes had. Only the columns asked for are read from CSV and Parquet, and FITS is
-    # paged in from the file. (ECSV is read whole: astropy rebuilds its Time, SkyCoord and unit
+    # than the nodes had. Only the columns asked for are read from CSV, Parquet and HDF5, and FITS
+    # is paged in from the file. (ECSV is read whole: astropy rebuilds its Time, SkyCoord and unit
     # columns even when they are left out, and fails.)
     roles = {"id": id_column, "label": label_column, "file": file_column}
     wanted = [column for column in roles.values() if column is not None]
@@ -432,7 +432,10 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
         missing = [column for column in wanted if column not in every]
         table = None if missing else read(include_names=wanted)
     else:
-        table = read(include_names=wanted) if fmt == "ascii.csv" else read(memmap=True) if fmt == "fits" else read()
+        table = (read(include_names=wanted) if fmt == "ascii.csv" else read(memmap=True) if fmt == "fits"
+                 else _hdf5_fields(path, wanted) if fmt == "hdf5" else None)
+        if table is None:
+            table = read()
         missing = [column for column in wanted if column not in table.colnames]
         every = read().colnames if missing and fmt == "ascii.csv" else table.colnames
     for role, column in roles.items():
@@ -468,6 +471,30 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
     elif cutouts is not None:
         files = CutoutFiles(folder, [f"{i}.fits" for i in ids])
     return Catalog(path, ids, labels, files, f"{kind.kind}{kind.itemsize}" if kind.kind in "iu" else None)
+
+
+def _hdf5_fields(path: Path, columns: list[str]):
+    """The `columns` of an HDF5 catalog's table, read alone (astropy reads every column of every row),
+    each masked where the table stores its mask beside it (`NAME.mask`, astropy's masked columns).
+    None where astropy must read the table: the file is not one table of these fields (its error,
+    its choice among several tables, or a column it rebuilds from parts, such as a Time)."""
+    import h5py
+    from astropy.table import MaskedColumn, Table
+
+    try:
+        with h5py.File(path, "r") as f:
+            tables = []
+            f.visititems(lambda name, item: tables.append(item) if isinstance(item, h5py.Dataset)
+                         and item.dtype.kind == "V" else None)
+            fields = tables[0].dtype.names if len(tables) == 1 else ()
+            if not set(columns) <= set(fields):
+                return None
+            masks = [f"{c}.mask" for c in columns if f"{c}.mask" in fields]
+            rows = tables[0].fields([*columns, *masks])[:]
+    except OSError:
+        return None
+    return Table([MaskedColumn(rows[c], name=c, mask=rows[f"{c}.mask"]) if f"{c}.mask" in masks else rows[c]
+                  for c in columns], names=columns, copy=False)
 
 
 def _cells(path: Path, table, column: str, role: str, ids: list[str] | None = None) -> list[str]:
