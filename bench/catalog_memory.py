@@ -30,7 +30,7 @@ import inspect, json, resource, shutil, sys, time
 from pathlib import Path
 import numpy as np
 sys.path.insert(0, sys.argv[1])
-what, work, rows = sys.argv[2], Path(sys.argv[3]), int(sys.argv[4])
+what, work, rows, catalog = sys.argv[2], Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 from dmhpc.data.inputs import read_catalog
 from dmhpc.infer import predict as P
 import astropy.io.ascii, astropy.io.fits, astropy.table, pyarrow.parquet  # their imports are not the rows'
@@ -49,7 +49,7 @@ if what != "read":
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t = time.perf_counter()
 if what == "read":
-    held = read_catalog(work / "catalog.parquet", file_column="file", cutouts=work)
+    held = read_catalog(work / f"catalog.{catalog}", file_column="file", cutouts=work)
 else:
     P._merge(work / f"catalog.{what}", parts, Parts(), 4096, False, {"DMHPC": "bench"}, True, digests)
 seconds = time.perf_counter() - t
@@ -58,7 +58,7 @@ print(json.dumps({"bytes_per_row": peak / rows, "seconds": seconds}))
 """
 
 
-def make_inputs(work: Path, rows: int, extra: int, source: Path) -> None:
+def make_inputs(work: Path, rows: int, extra: int, catalog: str, source: Path) -> None:
     """The catalog and the parts, made by `source`'s dmhpc (the part format is the same at both)."""
     make = r"""
 import sys
@@ -67,13 +67,13 @@ import numpy as np
 sys.path.insert(0, sys.argv[1])
 from astropy.table import Table
 from dmhpc.infer import predict as P
-work, rows, extra = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+work, rows, extra, catalog = Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
 ids = np.array([str(1237651191354687000 + i) for i in range(rows)])
 table = Table({"id": ids, "file": np.char.add(np.char.add(
     np.array([f"cutouts/part{i // 10000:03d}/" for i in range(rows)]), ids), ".fits")})
 for k in range(extra):
     table[f"mag{k}"] = np.random.default_rng(k).normal(20, 2, rows)
-table.write(work / "catalog.parquet")
+table.write(work / f"catalog.{catalog}", **({"path": "catalog"} if catalog in ("h5", "hdf5") else {}))
 (work / "parts").mkdir()
 rng = np.random.default_rng(0)
 for k in range(-(-rows // 4096)):
@@ -83,11 +83,11 @@ for k in range(-(-rows // 4096)):
     columns[P.PART_CHECKSUM] = P._part_checksum(columns, "bench")
     np.savez(P._part_path(work / "parts", k), **columns)
 """
-    subprocess.run([sys.executable, "-c", make, str(source), str(work), str(rows), str(extra)], check=True)
+    subprocess.run([sys.executable, "-c", make, str(source), str(work), str(rows), str(extra), catalog], check=True)
 
 
-def measure(source: Path, what: str, work: Path, rows: int) -> dict:
-    proc = subprocess.run([sys.executable, "-c", MEASURE, str(source), what, str(work), str(rows)],
+def measure(source: Path, what: str, work: Path, rows: int, catalog: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", MEASURE, str(source), what, str(work), str(rows), catalog],
                           capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{what} at {source}: {proc.stderr.strip().splitlines()[-1]}")
@@ -99,6 +99,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--extra", type=int, default=50, help="catalog columns predict does not read")
     parser.add_argument("--old", default="cc88769", help="the commit to compare with (default: before this bench)")
+    parser.add_argument("--catalog", default="parquet", choices=("parquet", "fits", "csv", "ecsv", "h5"),
+                        help="the format of the catalog read (default parquet)")
     parser.add_argument("--formats", default="parquet,fits,csv,ecsv", help="of the merged catalog")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -107,12 +109,12 @@ def main() -> None:
         subprocess.run(f"git -C {ROOT} archive {args.old} dmhpc | tar -x -C {old}", shell=True, check=True)
         work = Path(tmp) / "work"
         work.mkdir()
-        make_inputs(work, args.rows, args.extra, ROOT)
-        print(f"{args.rows} rows, {args.extra} more catalog columns; {platform.processor() or platform.machine()}, "
+        make_inputs(work, args.rows, args.extra, args.catalog, ROOT)
+        print(f"{args.rows} rows, {args.extra} more catalog columns ({args.catalog}); {platform.processor() or platform.machine()}, "
               f"{platform.python_version()}")
         print(f"{'what':<14} {'old B/row':>10} {'new B/row':>10} {'old s':>7} {'new s':>7}")
         for what in ["read", *args.formats.split(",")]:
-            a, b = measure(old, what, work, args.rows), measure(ROOT, what, work, args.rows)
+            a, b = (measure(source, what, work, args.rows, args.catalog) for source in (old, ROOT))
             label = "read catalog" if what == "read" else f"merge {what}"
             print(f"{label:<14} {a['bytes_per_row']:>10.0f} {b['bytes_per_row']:>10.0f} "
                   f"{a['seconds']:>7.1f} {b['seconds']:>7.1f}", flush=True)

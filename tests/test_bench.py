@@ -190,9 +190,10 @@ def test_the_split_check_benchmark_finds_old_and_new_agree(tmp_path):
         assert _row(lines, f"| {check} |").endswith("| yes |"), lines
 
 
-def test_the_catalog_memory_benchmark_reads_and_merges_at_both_commits(tmp_path):
+@pytest.mark.parametrize("catalog", ["parquet", "h5"])
+def test_the_catalog_memory_benchmark_reads_and_merges_at_both_commits(tmp_path, catalog):
     lines = _bench(tmp_path, "bench/catalog_memory.py", "--rows", "5000", "--extra", "2", "--formats", "parquet",
-                   "--old", _git_head())
+                   "--catalog", catalog, "--old", _git_head())
     for what in ("read catalog", "merge parquet"):
         old, new, *_ = _figures(_row(lines, what))
         assert old > 0 and new > 0, lines
