@@ -131,6 +131,30 @@ def test_every_bad_point_is_reported_with_the_schema_message(tmp_path):
         load_grid({**spec, "grid": {"seed": [0, 1]}, "overrides": {"optim.lrr": 1.0}})
 
 
+def test_overrides_that_only_the_points_values_make_valid_are_taken(tmp_path):
+    """`model.stem` applies to ResNets only: with the models in the grid, every point is valid though
+    the base with the overrides alone is not (it was refused, naming the overrides)."""
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local",
+            "overrides": {"model.stem": "small"}, "grid": {"model.name": ["resnet18", "resnet34"]}}
+    assert [p.config.model.stem for p in load_grid(spec).points] == ["small", "small"]
+    # one point that leaves them invalid names itself; when no point mends them, one line says so
+    with pytest.raises(DmhpcError, match=r"point model.name=deepmerge2: model.stem: \"small\" applies to ResNet"):
+        load_grid({**spec, "grid": {"model.name": ["resnet18", "deepmerge2"]}})
+    with pytest.raises(DmhpcError) as err:
+        load_grid({**spec, "grid": {"seed": [1, 2]}})
+    assert str(err.value) == ('<launch dict>: overrides: model.stem: "small" applies to ResNet models only, but '
+                              'model.name is "deepmerge2"')
+
+
+def test_a_random_section_whose_keys_are_all_commented_out_is_refused(tmp_path):
+    """It read as an empty space: one point, named "", whose run directory was OUT itself."""
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"base: {TINY}\nout: {tmp_path / 'out'}\nrandom:\n#  n: 4\n#  space: {{optim.lr: [0.1, 0.01]}}\n")
+    with pytest.raises(DmhpcError, match=r"grid.yaml: random: empty: give n and space"):
+        load_grid(grid)
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_study_is_every_method_crossed_with_the_grid(tmp_path):
     g = load_grid(study_spec(tmp_path))
     assert [p.name for p in g.points] == ["plain/seed=1", "plain/seed=2", "mmd/seed=1", "mmd/seed=2",

@@ -217,7 +217,9 @@ def load_grid(spec: str | Path | Mapping, executor: str | None = None, *, check_
     if "grid" in data and not data["grid"]:
         problems.add("grid", "empty: give at least one dotted key with a list of values "
                      "(or leave grid out and use random)")
-    if "grid" not in data and "random" not in data:
+    if "random" in data and data["random"] is None:  # its keys commented out: one point, OUT itself
+        problems.add("random", "empty: give n and space (or leave random out and use grid)")
+    elif "grid" not in data and "random" not in data:
         problems.add("grid", "missing: give a grid of values, a random section, or both")
     for key in sorted((set(grid) & set(space)) | (set(overrides) & (set(grid) | set(space)))):
         problems.add(key, "set in more than one of overrides, grid and random.space")
@@ -235,14 +237,16 @@ def load_grid(spec: str | Path | Mapping, executor: str | None = None, *, check_
     elif "base" in data:
         bases[None] = (base_path(problems, "base", take(problems, data, "base", path_text()), here), overrides)
     gap = _read_gap(problems, data.get("gap"), bases if "methods" in data else {})
-    if not problems.lines:
-        for name, (base, merged) in bases.items():
-            try:
-                resolve_point(base, merged)
-            except DmhpcError as exc:
-                problems.add("overrides" if name is None else f"methods.{name}", point_problem(exc))
     if problems.lines:  # the points would repeat these problems
         problems.raise_if_any()
+    # A base and its overrides that fail alone are one line, not one per point; unless a point's own
+    # values mend them (overrides for ResNets, the models in the grid), which each point's check says.
+    common: dict[str | None, str] = {}
+    for name, (base, merged) in bases.items():
+        try:
+            resolve_point(base, merged)
+        except DmhpcError as exc:
+            common[name] = point_problem(exc)
 
     out = Path(out_text).resolve()
     try:
@@ -259,18 +263,23 @@ def load_grid(spec: str | Path | Mapping, executor: str | None = None, *, check_
             named[name] = values
     points, failures = [], {}
     for method, (base, merged) in bases.items():
+        failed = {}
         for name, values in named.items():
             run_dir = out / name if method is None else out / method / name
             try:
                 cfg = resolve_point(base, {**merged, **values, "run.dir": str(run_dir),
                                            "train.signals": [preempt_signal()]})
             except DmhpcError as exc:
-                failures[name if method is None else f"{method}/{name}"] = point_problem(exc)
+                failed[name if method is None else f"{method}/{name}"] = point_problem(exc)
                 continue
             if method is None:
                 points.append(Point(name, dict(values), run_dir, cfg, resources.ranks))
             else:
                 points.append(Point(f"{method}/{name}", {"method": method, **values}, run_dir, cfg, resources.ranks))
+        if method in common and len(failed) == len(named):
+            problems.add("overrides" if method is None else f"methods.{method}", common[method])
+        else:
+            failures.update(failed)
     check_point_problems(problems, failures)
     if check_runs:
         check_existing_runs(problems, points)
