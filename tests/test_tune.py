@@ -188,6 +188,31 @@ def test_a_tuner_and_a_grid_or_scaling_launch_never_share_an_out(data, tmp_path)
     assert not (t.out / JOURNAL).exists()
 
 
+def test_a_first_launch_stopped_while_enqueueing_enqueues_the_rest_on_the_next(data, tmp_path, monkeypatch):
+    """The study's identity was recorded before its enqueued trials: a first launch stopped in
+    between (a kill, a full disk) left a study every later launch took as begun, without them."""
+    import optuna
+
+    (tmp_path / "tune").mkdir()
+    t = load_tune(spec(data, tmp_path, space={"optim.lr": [0.001, 0.003, 0.01]},
+                       enqueue=[{"optim.lr": 0.003}, {"optim.lr": 0.01}]))
+    enqueue = optuna.Study.enqueue_trial
+
+    def second_fails(study, params, **kwargs):
+        if len(study.get_trials(deepcopy=False)) == 1:
+            raise DmhpcError("study.journal: cannot record the search: No space left on device")
+        return enqueue(study, params, **kwargs)
+
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", second_fails)
+    with pytest.raises(DmhpcError, match="No space left"):
+        _open_study(t)
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", enqueue)
+    for _ in range(2):  # the next launch enqueues the rest; the one after, nothing
+        study = _open_study(t)
+        assert [tr.system_attrs["fixed_params"] for tr in study.get_trials()] == [
+            {"optim.lr": "0.003"}, {"optim.lr": "0.01"}]
+
+
 def test_choices_edited_to_equal_numbers_of_another_type_are_another_space(data, tmp_path):
     """[1, 2] and [1.0, 2.0] compared equal, and the relaunch's first proposal failed in Optuna
     ("CategoricalDistribution does not support dynamic value space", a traceback) on every launch,

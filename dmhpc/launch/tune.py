@@ -325,11 +325,13 @@ def _open_study(t: Tune):
     study.sampler = optuna.samplers.TPESampler(seed=t.seed + launched, n_startup_trials=t.startup_trials)
     identity = t.identity()
     before = study.user_attrs.get("identity")
-    if before is None:  # a new study
-        study.set_user_attr("identity", identity)
+    if before is None:  # a new study, or one whose first launch stopped before its identity was recorded
+        # The identity last: a study that has it has every enqueued trial. A launch stopped before
+        # (a kill, a full disk) enqueues again, and those already there are not enqueued twice.
         for values in t.enqueue:
             study.enqueue_trial({k: (json.dumps(v) if isinstance(t.space[k], list) else v)
-                                 for k, v in values.items()})
+                                 for k, v in values.items()}, skip_if_exists=True)
+        study.set_user_attr("identity", identity)
     elif json.dumps(before, sort_keys=True) != json.dumps(identity, sort_keys=True):  # (see `_as_stored`)
         # A study an older dmhpc began records no ranks: its trials' are not known, and not refused.
         if not isinstance(before, dict):
