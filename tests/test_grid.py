@@ -676,3 +676,23 @@ def test_a_point_that_failed_before_and_ran_now_is_no_longer_recorded_as_failed(
     assert _read_failures(path) == {"seed=9": "job 9 failed", "seed=2": "job 11 failed"}
     _record_failures(g, {})
     assert _read_failures(path) == {"seed=9": "job 9 failed"}
+
+
+def test_a_launch_stopped_while_it_waits_leaves_no_earlier_failure_of_its_points(tmp_path, monkeypatch):
+    """The earlier launch's failures were replaced only after the wait: a launcher stopped in it
+    (Ctrl-C, a lost login session) left them, and --report said "failed" of points running again."""
+    from dmhpc.launch import grid
+    from dmhpc.launch.grid import FAILURES, _read_failures
+
+    spec = {"base": str(TINY), "out": str(tmp_path / "g"), "grid": {"seed": [1, 2]}, "executor": "local"}
+    path = tmp_path / "g" / "submitit" / FAILURES
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"seed=1": "job 7 failed", "seed=9": "job 9 failed"}))
+
+    def stopped(points, *args, **kwargs):  # submitted, then stopped while it waited
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(grid, "launch_points", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        grid.launch_grid(spec)
+    assert _read_failures(path) == {"seed=9": "job 9 failed"}  # a point of the same OUT it did not launch

@@ -333,6 +333,9 @@ def launch_grid(spec: str | Path | Mapping, wait: bool = True, executor: str | N
     leaderboard is written.
     """
     g = load_grid(spec, executor)
+    # Its points are launched again: a launcher stopped while it waits (Ctrl-C, a lost login) would
+    # leave their earlier failures, and a --report would say "failed" of points whose jobs run.
+    _record_failures(g, {})
     failures = launch_points(list(g.points), {p.name: g.resources for p in g.points}, kind=g.executor,
                              folder=g.out / "submitit", job_name=f"dmhpc-{g.out.name}", task=TrainTask(),
                              wait=wait)
