@@ -213,6 +213,18 @@ def test_a_first_launch_stopped_while_enqueueing_enqueues_the_rest_on_the_next(d
             {"optim.lr": "0.003"}, {"optim.lr": "0.01"}]
 
 
+def test_overrides_valid_only_beside_a_space_value_are_refused_when_the_file_is_read(data, tmp_path):
+    """The study records base + overrides as every trial's starting point: the file was taken and
+    the tuner then failed, blaming a "command line" the user never typed."""
+    resnet = {"overrides": {**tiny_overrides(data), "model.stem": "small"}, "space": {"model.name": ["resnet18"]}}
+    with pytest.raises(DmhpcError, match=r"^<launch dict>: overrides: model.stem: \"small\" applies to ResNet models "
+                                         r"only, .* goes in the space, as a single choice\)$"):
+        load_tune(spec(data, tmp_path, **resnet))
+    resnet["space"]["model.stem"] = ["small"]
+    del resnet["overrides"]["model.stem"]
+    assert load_tune(spec(data, tmp_path, **resnet)).point({"model.name": "resnet18", "model.stem": "small"})
+
+
 def test_choices_edited_to_equal_numbers_of_another_type_are_another_space(data, tmp_path):
     """[1, 2] and [1.0, 2.0] compared equal, and the relaunch's first proposal failed in Optuna
     ("CategoricalDistribution does not support dynamic value space", a traceback) on every launch,

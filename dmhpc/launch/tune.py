@@ -229,6 +229,13 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
     problems.raise_if_any()
     t = Tune(source, base, Path(out_text).resolve(), objective, trials, parallel, seed, executor, overrides,
              space, enqueue, sampler["startup_trials"], pruner, resources)
+    # The study records base + overrides as what every trial starts from (`identity`): they must be a
+    # valid configuration without the space's values (it failed later, blaming a "command line").
+    try:
+        resolve_point(base, overrides)
+    except DmhpcError as exc:
+        problems.add("overrides", f"{point_problem(exc)} (with the base alone, as the study records them; a key "
+                     f"that is valid only beside a space's value goes in the space, as a single choice)")
     # Every corner of the space must give a valid config: checked now, not when a trial starts.
     corners = ({k: (v[0] if isinstance(v, list) else v.low) for k, v in space.items()},
                {k: (v[-1] if isinstance(v, list) else v.high) for k, v in space.items()})
