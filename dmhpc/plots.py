@@ -222,10 +222,11 @@ def scaling_curves(rows: list[dict], path: Path, unit: str, title: str = "") -> 
 
 def rgb_composite(image: np.ndarray, rgb: tuple[int, int, int] = (2, 1, 0)) -> np.ndarray:
     """(H, W, 3) asinh-stretched colour image of a (C, H, W) galaxy: filters `rgb` (channel indices)
-    as red, green and blue; an image of fewer filters than that asks, its first filter in grey."""
+    as red, green and blue; an image of fewer than 3 filters, its first filter in grey (`rgb`
+    unused: two filters made a colour image of whichever indices fit, and no other)."""
     from astropy.visualization import make_lupton_rgb
 
-    channels = [image[k] for k in rgb] if len(image) > max(rgb) else [image[0]] * 3
+    channels = [image[k] for k in rgb] if len(image) >= 3 else [image[0]] * 3
     low = float(np.percentile(image, 1))
     span = max(float(np.percentile(image, 99.5)) - low, 1e-12)
     return make_lupton_rgb(*[c - low for c in channels], minimum=0.0, stretch=span / 4, Q=8)
@@ -276,7 +277,7 @@ def attribution_grid(images, cams, igs, probs, labels, title: str, path: Path,
             ax.set_yticks([])
     for column, image in shown.items():
         fig.colorbar(image, ax=list(axes[:, column]), shrink=0.6)
-    colours = (f"; RGB = filters {rgb[0]}, {rgb[1]}, {rgb[2]}" if len(images[0]) > max(rgb) else "; first filter in grey")
+    colours = (f"; RGB = filters {rgb[0]}, {rgb[1]}, {rgb[2]}" if len(images[0]) >= 3 else "; first filter in grey")
     fig.suptitle(wrap_title(f"{title}{colours}, asinh stretch (Lupton, Q=8, one scale for all filters)", 90),
                  fontsize=9)
     return _save(fig, path)

@@ -221,6 +221,8 @@ def test_explain_draws_the_filters_asked_for_and_says_which(run_on_survey, tmp_p
     image = np.stack([np.full((8, 8), v, np.float32) for v in (1.0, 3.0, 2.0)])  # three flat filters
     by_default, in_order = rgb_composite(image), rgb_composite(image, (1, 2, 0))
     assert by_default[0, 0, 1] > by_default[0, 0, 0] and in_order[0, 0, 0] > in_order[0, 0, 1] > in_order[0, 0, 2]
+    two = rgb_composite(image[:2], (0, 1, 0))  # fewer than 3 filters: grey, whatever --rgb says (as recorded)
+    assert (two[..., 0] == two[..., 1]).all() and (two[..., 1] == two[..., 2]).all()
     out = tmp_path / "explain"
     assert main(["explain", "--run", str(run_on_survey), "--n", "1", "--rgb", "1,2,0", "--out", str(out)]) == 0
     assert json.loads((out / "explain.json").read_text())["rgb"] == [1, 2, 0]
@@ -387,7 +389,10 @@ def test_explain_refuses_rows_its_catalogs_input_did_not_predict(run_on_survey, 
     edited["p_merger"][7] = 0.999  # by hand, or another galaxy's number: not what image 7 gives
     edited.write(tmp_path / "edited.parquet", format="parquet")
     tiles[0][:0].write(tmp_path / "empty.parquet", format="parquet")
+    # (the position named was the sorted column's place in the unsorted one: 5, here)
+    vstack([tiles[0][[5, 3]], tiles[1][[3]]], metadata_conflicts="silent").write(tmp_path / "repeated.parquet")
     for name, message in (("stacked", "input position 0 is in it twice: rows of several predictions"),
+                          ("repeated", "input position 3 is in it twice: rows of several predictions"),
                           ("edited", f"the row of input position 7 has p_merger 0.99900; its image in "
                                      f"{tmp_path / 'tile0.npy'} gives"),
                           ("empty", "no rows; nothing to explain")):
@@ -452,13 +457,13 @@ def test_explain_reads_srcargs_of_older_catalogs_and_refuses_edited_ones(survey,
     # A catalog cut down to a few columns, or its statistics edited: KeyError and JSON tracebacks.
     table.meta["SRCARGS"] = json.dumps(args)
     table["id", "p_merger"].write(tmp_path / "columns.ecsv")
-    for k, mean in enumerate(("[0.4", "[1, 2]", "[1, 2, NaN]")):
+    for k, mean in enumerate(("[0.4", "[1, 2]", "[1, 2, NaN]", '["0.4", "0.5", "0.6"]')):
         edited = table.copy()
         edited.meta["MEAN"] = mean
         edited.write(tmp_path / f"mean{k}.ecsv")
     for name, message in (("columns.ecsv", "not a catalog written by dmhpc predict (no p_merger or index column"),
                           *((f"mean{k}.ecsv", "MEAN and STD are not predict's record of 3 channels' statistics")
-                            for k in range(3))):
+                            for k in range(4))):
         assert main(["explain", "--run", str(run_on_survey), "--catalog", str(tmp_path / name), "--n", "2",
                      "--out", str(tmp_path / "refused")]) == 1
         err = capsys.readouterr().err

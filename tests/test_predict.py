@@ -1080,6 +1080,7 @@ def test_a_requeued_prediction_reuses_its_own_statistics(trained, tmp_path, monk
     # The same inputs read another way (--nan-fill, --layout change the pixels): computed again too.
     assert saved["read_as"]["nan_fill"] is None
     for n, edit in enumerate(({"inputs": "another survey"}, {"std": [0.0, 1.0, 1.0]}, {"mean": "x"},
+                              {"mean": [str(v) for v in saved["mean"]]},
                               {"read_as": {**saved["read_as"], "nan_fill": 100.0}})):
         probe = tmp_path / f"probe{n}.ecsv"
         shutil.copytree(f"{out}.parts", f"{probe}.parts")

@@ -282,11 +282,12 @@ def _recorded_normalization(catalog: Path, meta, channels: int) -> tuple[list, l
     """The MEAN and STD predict normalized the catalog's images with, one per channel."""
     try:
         mean, std = json.loads(str(meta["MEAN"])), json.loads(str(meta["STD"]))
-        values = [float(v) for v in [*mean, *std] if not isinstance(v, bool)]
+        # Numbers only: "0.44" passed float() here and failed as a tensor later, a traceback.
+        numbers = [v for v in [*mean, *std] if isinstance(v, (int, float)) and not isinstance(v, bool)]
     except (ValueError, TypeError):
-        values, mean, std = [], [], []
-    if len(mean) != channels or len(std) != channels or len(values) != 2 * channels or \
-            not all(np.isfinite(values)) or min(std) <= 0:
+        numbers, mean, std = [], [], []
+    if len(mean) != channels or len(std) != channels or len(numbers) != 2 * channels or \
+            not all(np.isfinite(numbers)) or min(std) <= 0:
         raise DmhpcError(f"{catalog}: MEAN and STD are not predict's record of {channels} channels' statistics "
                          f"(edited by hand?); predict again")
     return mean, std
@@ -351,7 +352,8 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             if not len(table):  # (a selection that kept nothing): a traceback from captum
                 raise DmhpcError(f"{catalog}: no rows; nothing to explain")
             index = np.asarray(table["index"])
-            twice = index[np.flatnonzero(np.diff(np.sort(index)) == 0)[:1]]
+            ordered = np.sort(index)
+            twice = ordered[np.flatnonzero(np.diff(ordered) == 0)[:1]]
             if len(twice):  # astropy's vstack keeps one table's metadata: the others' rows read from its input
                 raise DmhpcError(f"{catalog}: input position {int(twice[0])} is in it twice: rows of several "
                                  f"predictions (catalogs stacked?); explain each prediction's own catalog")

@@ -288,7 +288,7 @@ def _saved_stats(parts: Path, inputs: str, read_as: dict, channels: int) -> tupl
     try:
         saved = json.loads((parts / OWN_STATS).read_text())
         mean, std = saved["mean"], saved["std"]
-        numbers = [float(v) for v in mean + std if not isinstance(v, bool)]
+        numbers = [v for v in mean + std if isinstance(v, (int, float)) and not isinstance(v, bool)]  # not "0.4"
         if saved["inputs"] != inputs or saved.get("read_as") != read_as or len(mean) != channels \
                 or len(std) != channels or len(numbers) != 2 * channels \
                 or not all(np.isfinite(numbers)) or min(std) <= 0:
