@@ -195,7 +195,7 @@ def test_a_first_launch_stopped_while_enqueueing_enqueues_the_rest_on_the_next(d
 
     (tmp_path / "tune").mkdir()
     t = load_tune(spec(data, tmp_path, space={"optim.lr": [0.001, 0.003, 0.01]},
-                       enqueue=[{"optim.lr": 0.003}, {"optim.lr": 0.01}]))
+                       enqueue=[{"optim.lr": 0.003}, {"optim.lr": 0.01}, {"optim.lr": 0.01}]))
     enqueue = optuna.Study.enqueue_trial
 
     def second_fails(study, params, **kwargs):
@@ -207,10 +207,20 @@ def test_a_first_launch_stopped_while_enqueueing_enqueues_the_rest_on_the_next(d
     with pytest.raises(DmhpcError, match="No space left"):
         _open_study(t)
     monkeypatch.setattr(optuna.Study, "enqueue_trial", enqueue)
-    for _ in range(2):  # the next launch enqueues the rest; the one after, nothing
+    for _ in range(2):  # the next launch enqueues the rest (a repeat too: asked twice); the one after, nothing
         study = _open_study(t)
         assert [tr.system_attrs["fixed_params"] for tr in study.get_trials()] == [
-            {"optim.lr": "0.003"}, {"optim.lr": "0.01"}]
+            {"optim.lr": "0.003"}, {"optim.lr": "0.01"}, {"optim.lr": "0.01"}]
+    # a study another file began, stopped before its identity: not taken as this one's
+    shutil.rmtree(t.out)
+    t.out.mkdir()
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", second_fails)
+    with pytest.raises(DmhpcError, match="No space left"):
+        _open_study(t)
+    monkeypatch.setattr(optuna.Study, "enqueue_trial", enqueue)
+    other = load_tune(spec(data, tmp_path, space={"optim.lr": [0.001, 0.003, 0.01]}, enqueue=[{"optim.lr": 0.01}]))
+    with pytest.raises(DmhpcError, match=rf"{JOURNAL}: holds trials that are not the first of this file's enqueue"):
+        _open_study(other)
 
 
 def test_overrides_valid_only_beside_a_space_value_are_refused_when_the_file_is_read(data, tmp_path):

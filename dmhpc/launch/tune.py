@@ -334,10 +334,15 @@ def _open_study(t: Tune):
     before = study.user_attrs.get("identity")
     if before is None:  # a new study, or one whose first launch stopped before its identity was recorded
         # The identity last: a study that has it has every enqueued trial. A launch stopped before
-        # (a kill, a full disk) enqueues again, and those already there are not enqueued twice.
-        for values in t.enqueue:
-            study.enqueue_trial({k: (json.dumps(v) if isinstance(t.space[k], list) else v)
-                                 for k, v in values.items()}, skip_if_exists=True)
+        # (a kill, a full disk) enqueued the first ones, in order: the next enqueues the rest.
+        wanted = [{k: (json.dumps(v) if isinstance(t.space[k], list) else v) for k, v in values.items()}
+                  for values in t.enqueue]
+        there = [trial.system_attrs.get("fixed_params") for trial in study.get_trials(deepcopy=False)]
+        if there != wanted[:len(there)]:
+            raise DmhpcError(f"{journal}: holds trials that are not the first of this file's enqueue (a study "
+                             f"begun by another tune file, stopped before it started); use another out")
+        for params in wanted[len(there):]:
+            study.enqueue_trial(params)
         study.set_user_attr("identity", identity)
     elif json.dumps(before, sort_keys=True) != json.dumps(identity, sort_keys=True):  # (see `_as_stored`)
         # A study an older dmhpc began records no ranks: its trials' are not known, and not refused.
