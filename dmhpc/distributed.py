@@ -283,9 +283,15 @@ def bootstrap(backend: str | None = None) -> DistInfo:
     if launch.launcher == "mpi" and launch.world_size != 1:
         launch = _mpi_rendezvous(launch, env)
     device = _bind_device(launch, env)
+    local = max(launch.local_world_size, launch.local_rank + 1)
+    # submitit's ranks look like torchrun's but are Slurm tasks, each with its own --cpus-per-task; so
+    # is a job's one task (a scaling study's reference point took the whole node beside its points'
+    # --cpus-per-task where the site does not bind tasks to their CPUs).
+    srun_task = rank_is_slurm_task(launch, env)
+    cpus = cpus_per_rank("slurm" if srun_task else launch.launcher, local, launch.cpu_sharers,
+                         env_int(env, "SLURM_CPUS_PER_TASK") if srun_task and "SLURM_CPUS_PER_TASK" in env else 0)
     if launch.world_size == 1:
-        return DistInfo(0, launch.local_rank, 1, device, None, launch.launcher, 1, cpus_per_rank(launch.launcher, 1),
-                        slurm_attempt(env))
+        return DistInfo(0, launch.local_rank, 1, device, None, launch.launcher, 1, cpus, slurm_attempt(env))
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     store = _torchrun_attempt_store(launch, env) if launch.launcher == "torchrun" else None
     if store is not None:
@@ -296,11 +302,6 @@ def bootstrap(backend: str | None = None) -> DistInfo:
         rendezvous = {"init_method": tcp_url(launch.master_addr, launch.master_port)}
     dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, timeout=COLLECTIVE_TIMEOUT,
                             device_id=device if device.type == "cuda" else None, **rendezvous)
-    local = max(launch.local_world_size, launch.local_rank + 1)
-    # submitit's ranks look like torchrun's but are Slurm tasks, each with its own --cpus-per-task.
-    srun_task = rank_is_slurm_task(launch, env)
-    cpus = cpus_per_rank("slurm" if srun_task else launch.launcher, local, launch.cpu_sharers,
-                         env_int(env, "SLURM_CPUS_PER_TASK") if srun_task and "SLURM_CPUS_PER_TASK" in env else 0)
     return DistInfo(launch.rank, launch.local_rank, launch.world_size, device, backend, launch.launcher, local, cpus,
                     slurm_attempt(env))
 

@@ -665,6 +665,16 @@ def test_bootstrap_gives_each_rank_its_share_of_cpus_and_node(monkeypatch):
         assert (info.rank, info.world_size, info.local_world_size, info.cpus) == (1, int(env["WORLD_SIZE"]), local,
                                                                                   cpus)
         assert info.backend == asked["backend"] == "gloo" and info.device == torch.device("cpu")
+    # A job's one task (a scaling study's 1-rank point) kept the whole mask where the site does not bind
+    # tasks to their CPUs, beside its points of several tasks capped at --cpus-per-task.
+    one_task = {"SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": "1",
+                "SLURM_STEP_NUM_TASKS": "1", "SLURM_CPUS_PER_TASK": "3", "SLURM_JOB_ID": "7"}
+    for env, cpus in ((one_task, 3), ({}, 8)):
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            info = bootstrap()
+        assert (info.world_size, info.cpus, info.backend) == (1, cpus, None)
 
 
 COLLECTIVE_HELPERS = """
