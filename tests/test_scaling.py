@@ -80,9 +80,9 @@ def test_steady_step_time_excludes_the_first_epoch_and_weights_by_steps():
     assert steady_step_time(resumed[:4]) == (pytest.approx((10 * 5.0 + 10 * 4.0) / 20), False)
 
 
-def _row(model, mode, nodes, gpn, images, status="finished"):
+def _row(model, mode, nodes, gpn, images, status="finished", warmup_excluded=True):
     return {"model": model, "mode": mode, "nodes": nodes, "gpus_per_node": gpn, "gpus": nodes * gpn,
-            "images_per_s": images, "status": status}
+            "images_per_s": images, "status": status, "warmup_excluded": warmup_excluded}
 
 
 def test_scaling_table_speedup_and_efficiency():
@@ -108,6 +108,17 @@ def test_scaling_table_speedup_and_efficiency():
     assert math.isnan(by["resnet50", "weak", 8]["efficiency"])
     assert [(r["model"], r["mode"], r["gpus"]) for r in rows][:3] == [
         ("resnet18", "weak", 1), ("resnet18", "weak", 2), ("resnet18", "weak", 4)]
+
+
+def test_no_speedup_of_a_point_timed_with_its_warm_up_against_one_without():
+    """max_steps ended the 1-GPU point inside its first epoch (its time with the warm-up), not the
+    4-GPU one (fewer steps per epoch): 12x from 4 GPUs, efficiency 3, in the table and the plot."""
+    rows = scaling_table([_row("resnet18", "weak", 1, 1, 100.0, warmup_excluded=False),
+                          _row("resnet18", "weak", 1, 4, 1200.0),
+                          _row("resnet18", "weak", 1, 8, 2400.0, warmup_excluded=False)])
+    by = {r["gpus"]: r for r in rows}
+    assert math.isnan(by[4]["speedup"]) and math.isnan(by[4]["efficiency"])
+    assert by[8]["speedup"] == pytest.approx(24.0) and by[1]["efficiency"] == 1.0  # timed alike
 
 
 def test_scaling_table_uses_only_finished_points_against_the_smallest_n(tmp_path):

@@ -22,7 +22,7 @@ A study file (every key; docs/cluster.md has the reference):
 Each point (model x weak/strong x nodes x gpus_per_node) is a short training run. Throughput is
 read from the trainer's epoch records (`step_time_s`, measured before the epoch's evaluation)
 over every epoch after the first; with a single epoch it includes the warm-up and the table says
-so. Images are counted as the trainer counts them: the images every rank's step reads, source and
+so (and gives no speedup or efficiency of a point timed otherwise than its N0). Images are counted as the trainer counts them: the images every rank's step reads, source and
 target (2 x global batch per step; 1 x where no loss term reads the target, as without adaptation).
 With N GPUs and the study's smallest N0 as reference:
 
@@ -331,14 +331,18 @@ def scaling_table(rows: list[dict]) -> list[dict]:
     """Add speedup and efficiency against the smallest N of the same model and mode (baseline_gpus).
 
     Only finished points count: an unfinished or failed run's log may hold only its warm-up epoch,
-    and a baseline taken from whichever smaller N happened to finish is not the study's N0."""
+    and a baseline taken from whichever smaller N happened to finish is not the study's N0; and
+    only a point timed as its N0 was, both with their warm-up excluded or both not."""
     out = [dict(r) for r in rows]
     for key in {(r["model"], r["mode"]) for r in out}:
         group = [r for r in out if (r["model"], r["mode"]) == key]
         base = min(group, key=lambda r: (r["gpus"], r["nodes"]))
         for r in group:
             r["baseline_gpus"] = base["gpus"]
-            if base["status"] != "finished" or r["status"] != "finished":
+            # A step time with its warm-up against one without is no speedup (12x from 4 GPUs, seen):
+            # where max_steps ends the small N inside its first epoch and not the large N.
+            if base["status"] != "finished" or r["status"] != "finished" or \
+                    base["warmup_excluded"] != r["warmup_excluded"]:
                 r["speedup"] = r["efficiency"] = math.nan
             else:
                 r["speedup"] = r["images_per_s"] / base["images_per_s"]
