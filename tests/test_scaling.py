@@ -317,6 +317,21 @@ def test_the_threads_of_a_local_point_are_one_setting_however_they_were_given(tm
         load_study(spec)
 
 
+def test_a_cpu_study_on_slurm_hides_the_nodes_gpus_from_its_ranks(tmp_path):
+    """It asked for no GPU, and the trainer took one wherever torch saw one: on nodes whose GPUs Slurm
+    does not confine, the CPU ranks trained on the node's GPUs. The line is the device's: a study
+    recorded before it is measured with the same settings."""
+    from dmhpc.launch.scaling import HIDE_GPUS, load_study, measured_with
+
+    study = load_study({**cpu_study(tmp_path, slurm={"setup": ["module load x"]}), "executor": "slurm"})
+    assert all(r.setup == ("module load x", HIDE_GPUS) and r.gpus_per_node == 0 for r in study.resources.values())
+    assert measured_with(study, study.points[0])["slurm.setup"] == ["module load x"]
+    gpu = load_study({**cpu_study(tmp_path, slurm={"setup": ["module load x"]}), "executor": "slurm", "device": "gpu"})
+    assert all(r.setup == ("module load x",) for r in gpu.resources.values())
+    local = load_study(cpu_study(tmp_path))  # submitit's local executor hides them from a job that asks for none
+    assert all(r.setup == () for r in local.resources.values())
+
+
 def test_setup_lines_a_local_launch_leaves_out_are_said(tmp_path, capsys):
     """slurm.setup (modules, data staging) was left out by the local executor without a word."""
     from dmhpc.launch.submit import launch_points

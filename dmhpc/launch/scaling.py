@@ -165,7 +165,9 @@ def load_study(spec: str | Path | Mapping, executor: str | None = None) -> Study
                         failures[name] = point_problem(exc)
                         continue
                     res = replace(site, nodes=n, tasks_per_node=g, gpus_per_node=g if device == "gpu" else 0,
-                                  array_parallelism=1 if executor == "local" else site.array_parallelism)
+                                  array_parallelism=1 if executor == "local" else site.array_parallelism,
+                                  setup=(*site.setup, HIDE_GPUS) if device == "cpu" and executor == "slurm"
+                                  else site.setup)
                     values = {"model": model, "mode": mode, "nodes": n, "gpus_per_node": g, "batch_per_gpu": batch}
                     points.append(Point(name, values, run_dir, cfg))
                     resources[name] = res
@@ -182,12 +184,17 @@ def load_study(spec: str | Path | Mapping, executor: str | None = None) -> Study
 MEASURED_WITH = "measured_with.json"  # OUT/submitit/measured_with.json: point name -> settings
 # Resources that do not change a timing: how long a job may run, how many run at once, who pays.
 UNTIMED = ("time_min", "array_parallelism", "signal_delay_s", "max_num_timeout", "account", "qos")
+# device: cpu asks Slurm for no GPU, and the trainer takes one wherever torch sees one: on nodes whose
+# GPUs Slurm does not confine, the "CPU" ranks trained on the node's GPUs (other jobs' perhaps).
+# (The local executor hides them itself from a job that asks for none.) Recorded as the device.
+HIDE_GPUS = "export CUDA_VISIBLE_DEVICES="
 
 
 def measured_with(study: Study, point: Point) -> dict:
     """Everything a point's timing depends on, flat ("config.data.loader": "torch", ...): its whole
     configuration but its folder, the device, the executor, and the resources its job asks for."""
     resources = {k: v for k, v in asdict(study.resources[point.name]).items() if k not in UNTIMED}
+    resources["setup"] = [line for line in resources["setup"] if line != HIDE_GPUS]
     config = config_to_dict(point.config)
     config["run"] = {k: v for k, v in config["run"].items() if k != "dir"}
     flat: dict = {"device": study.device, "executor": study.executor}

@@ -24,7 +24,7 @@ import yaml
 
 from dmhpc.launch.grid import load_grid
 from dmhpc.launch.leaderboard import write_leaderboard
-from dmhpc.launch.scaling import load_study, measure, scaling_table, write_scaling
+from dmhpc.launch.scaling import HIDE_GPUS, load_study, measure, scaling_table, write_scaling
 from dmhpc.launch.submit import TrainTask, submit_points, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -345,6 +345,8 @@ def test_scaling_study_one_versus_two_nodes(slurm_cluster, tmp_path, job_env, ma
     jobs = _submit(study, TrainTask())
     _wait_done(slurm_cluster, jobs, timeout=300)
     assert wait_for(jobs) == {}
+    scripts = list((study.out / "submitit").glob("*_submission.sh"))  # CPU ranks see no GPU of the node's
+    assert scripts and all(f"\n{HIDE_GPUS}\n" in script.read_text() for script in scripts)
     rows = scaling_table([measure(p) for p in study.points])
     write_scaling(study.out, rows, study.device)
     assert [(r["nodes"], r["gpus"], r["global_batch"], r["status"]) for r in rows] == [
