@@ -156,6 +156,12 @@ def test_float16_refuses_images_in_small_units_that_it_would_round_away(inputs, 
     assert main(args(dict(files, out=str(tmp_path / "jy32")))) == 0
     with pytest.raises(DmhpcError, match="where float16 keeps too few significant bits"):
         shards.write_dataset(small, np.load(inputs["labels"]), None, tmp_path / "api", dtype="float16")
+    # float64 fluxes below float32's range (W m^-2 Hz^-1 per pixel) were an all-zero data set
+    tiny = dict(files, images=save(tmp_path, "Xsi.npy", np.load(inputs["images"]).astype(np.float64) * 1e-46),
+                out=str(tmp_path / "si"))
+    assert_fails(capsys, args(tiny), f"{tiny['images']}: 48 images (first: image 0) have no pixel brighter than "
+                 "1.9e-37, where float32 keeps too few significant bits (small flux units round to 0); scale the "
+                 "images up", out=tiny["out"])
     sky = np.random.default_rng(1).normal(0, 2e-3, (N, 3, 8, 8)).astype(np.float32)
     sky[:, :, 4, 4] += 1.0  # a source on faint sky: ~2% of the pixels lie below 6.1e-5 by chance
     assert np.mean(np.abs(sky) < 6.1e-5) > 0.01

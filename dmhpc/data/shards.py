@@ -216,12 +216,12 @@ def scan_pixels(images, start: int, stop: int, nan_ok: bool = False, faint: floa
 
 def faint_below(dtype: str) -> float:
     """The brightest pixel under which an image loses detail when stored as `dtype`, for
-    `scan_pixels`; 0 where float32 holds the images as they come (they are float32 or coarser when
-    read). float16: 16 times its smallest normal number (~1e-3). Below that number it keeps an
-    absolute precision of ~6e-8 only (rounding fluxes in Jy, ~1e-8, to 0); against a brightest
-    pixel above this limit that error is under a tenth of float16's own relative rounding, so
-    unit-scale images with sky noise around zero pass."""
-    return 16 * float(np.finfo(dtype).tiny) if np.dtype(dtype).itemsize < 4 else 0.0
+    `scan_pixels`: 16 times its smallest normal number. float16: ~1e-3; below its smallest normal
+    number it keeps an absolute precision of ~6e-8 only (rounding fluxes in Jy, ~1e-8, to 0);
+    against a brightest pixel above this limit that error is under a tenth of float16's own
+    relative rounding, so unit-scale images with sky noise around zero pass. float32: ~2e-37, for
+    float64 inputs (fluxes in W m^-2 Hz^-1 per pixel, ~1e-45, became an all-zero data set)."""
+    return 16 * float(np.finfo(dtype).tiny)
 
 
 def check_pixels(scan: PixelScan, dtype: str, name: str = "images", first_file: str | None = None) -> None:
@@ -237,7 +237,8 @@ def check_pixels(scan: PixelScan, dtype: str, name: str = "images", first_file: 
     if scan.faint:
         raise DmhpcError(f"{name}: {scan.faint} images (first: image {scan.first_faint}) have no pixel brighter than "
                          f"{faint_below(dtype):.2g}, where {dtype} keeps too few significant bits (small flux "
-                         f"units round to 0); store float32 (--dtype float32) or scale the images up")
+                         f"units round to 0); " + ("store float32 (--dtype float32) or scale the images up"
+                                                   if dtype == "float16" else "scale the images up"))
 
 
 # ----------------------------------------------------------------------------- the split
