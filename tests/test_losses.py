@@ -270,6 +270,8 @@ def test_mmd_guards_its_memory_with_a_message_that_says_how_to_fix_it():
         (lambda: FisherLoss(2, 3, intra_weight=1.0, inter_weight=1.0)(torch.randn(4, 3), torch.zeros(4, 1).long()),
          r"labels \(N,\); got \(4, 3\) and \(4, 1\)"),
         (lambda: entropy(torch.zeros(0, 2)), "the batch is empty"),
+        (lambda: FisherLoss(2, 3, intra_weight=1.0, inter_weight=1.0, normalize="mean", scope="local")(
+            torch.zeros(0, 3), torch.zeros(0, dtype=torch.long)), "fisher: .* the batch is empty"),  # was NaN
         (lambda: grl_coefficient(0, 0, GRLConfig()), "total_steps > 0"),
     ],
 )

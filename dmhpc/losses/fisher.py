@@ -71,6 +71,8 @@ class FisherLoss(nn.Module):
                 f"got {tuple(feats.shape)} and {tuple(labels.shape)}"
             )
         self._check_labels(labels)
+        if self.normalize == "mean" and not is_global(self.scope) and not feats.shape[0]:
+            raise DmhpcError("fisher: a mean over the batch's rows needs at least one; the batch is empty")
         with full_precision(feats.device):
             feats, centres = upcast(feats, self.centres)
             # Each row's centre as a one-hot product, not centres[labels]: the indexing's backward
