@@ -704,13 +704,18 @@ class RunDir:
         """Give the lock back; the folders this claim created and nothing else filled go too."""
         if self._lock_file is None:
             return
-        self._lock_file.close()
-        self._lock_file = None
-        if self._made and os.listdir(self.path) == [LOCK]:
-            (self.path / LOCK).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # a parent another process filled meanwhile stays
-                for folder in self._made:
-                    folder.rmdir()
+        handle, self._lock_file = self._lock_file, None
+        try:
+            # Unlinked while still held (see hold_lock's check of the inode): unlocked first, a
+            # trainer starting in between locked the file, which was then unlinked and its folder
+            # removed under it; a third then locked a new file, and two trained in one run.dir.
+            if self._made and os.listdir(self.path) == [LOCK]:
+                (self.path / LOCK).unlink(missing_ok=True)
+                with contextlib.suppress(OSError):  # a parent another process filled meanwhile stays
+                    for folder in self._made:
+                        folder.rmdir()
+        finally:
+            handle.close()
 
     def __enter__(self) -> RunDir:
         return self

@@ -166,6 +166,26 @@ def test_an_empty_directory_is_taken_and_a_new_one_made_and_cleaned_if_unused(tm
     assert not fresh.path.exists() and (tmp_path / "empty").is_dir()
 
 
+def test_a_trainer_starting_while_another_gives_its_lock_back_is_the_only_one_in_the_run(tmp_path):
+    """The lock was released before its file was unlinked and its folder removed: a trainer starting
+    in between locked that file and lost it with the folder, and a third then trained beside it."""
+    first, second, third = (RunDir(tmp_path / "a" / "run") for _ in range(3))
+    first.claim(cfg_for(first.path), "auto")  # then refused at a start-up check: gives the lock back
+    handle = first._lock_file
+
+    class StartsBetween:  # the second trainer starts the moment the first unlocks
+        def close(self):
+            handle.close()
+            second.claim(cfg_for(second.path), "auto")
+
+    first._lock_file = StartsBetween()
+    first.release()
+    assert (second.path / ".lock").exists()
+    with pytest.raises(DmhpcError, match="in use"):
+        third.claim(cfg_for(third.path), "auto")
+    second.release()
+
+
 def test_resume_none_on_an_existing_run_needs_overwrite(tmp_path):
     run, cfg = started(tmp_path)
     run.write_result({"split": "test"}, "best", "test")
