@@ -316,6 +316,17 @@ def test_dmhpc_eval_refuses_data_the_run_cannot_take_and_draws_what_the_data_all
     assert err.count("\n") == 1 and f"data.target {data / 'noisy'}: prepared again since the run trained" in err, err
     assert run.read_result()["final"] is True  # the trainer's result stands
     assert main(["eval", "--run", str(run.path), "--target", str(data / "noisy")]) == 0
+    # The run's own source beside a --target is the run's too: prepared again, its test split may hold
+    # rows the model trained on (its metrics were written as the run's source's).
+    capsys.readouterr()
+    write_dataset(rng.normal(size=(64, 3, 75, 75)).astype(np.float32), np.arange(64) % 2, None, data / "pristine",
+                  overwrite=True)
+    assert main(["eval", "--run", str(run.path), "--target", str(data / "noisy")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and (f"data.source {data / 'pristine'}: prepared again since the run trained on it"
+                                     in err and "with --source beside the --target" in err), err
+    assert main(["eval", "--run", str(run.path), "--source", str(data / "pristine"), "--target",
+                 str(data / "noisy")]) == 0
 
 
 SLOW_EVAL = """

@@ -228,9 +228,9 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
         dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
         ckpt, sha256 = load_checkpoint_sha256(run.checkpoint(checkpoint))
         run.check_trained_with(ckpt, run.checkpoint(checkpoint))
-        shape = _check_data(run, cfg, dirs, run.checkpoint_data(ckpt, run.checkpoint(checkpoint)), own=data is None,
-                            split=split, dist=dist, names={"source": "--source" if source else "data.source",
-                                                           "target": "--target" if target else "data.target"})
+        shape = _check_data(run, cfg, dirs, run.checkpoint_data(ckpt, run.checkpoint(checkpoint)), split=split,
+                            dist=dist, names={"source": "--source" if source else "data.source",
+                                              "target": "--target" if target else "data.target"})
         model = build_backbone(cfg, shape[0]).to(dist.device)
         load_weights(model, ckpt, run.checkpoint(checkpoint))
         info = {**checkpoint_info(checkpoint, ckpt), "sha256": sha256}  # what export matches a result by
@@ -251,14 +251,15 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
     return result
 
 
-def _check_data(run: RunDir, cfg, dirs: dict, recorded: dict, own: bool, split: str, dist, names: dict) -> list:
+def _check_data(run: RunDir, cfg, dirs: dict, recorded: dict, split: str, dist, names: dict) -> list:
     """The image shape the run trained on; refuses images its network cannot take, the run's own
     data sets prepared again since the checkpoint trained on them (`recorded`: its data sets by role;
     their test split may hold rows it trained on, and its result file would say otherwise), an
     empty `split`, more classes than the model tells apart, and data sets whose shards fail the
     run's data.verify check.
     A run of older dmhpc, which records no shape or fingerprint, is checked against its source data
-    set as it is now. `names[role]`: how the user named the data set (data.target, --target)."""
+    set as it is now. `names[role]`: how the user named the data set (data.target, --target); the
+    run's own (data.*) are checked for being prepared again, also the source beside a --target."""
     manifests = {}
     for role in DOMAINS:
         try:
@@ -269,9 +270,10 @@ def _check_data(run: RunDir, cfg, dirs: dict, recorded: dict, own: bool, split: 
     trained = recorded.get("source", {}).get("shape") or load_manifest(cfg.data.source)["shape"]
     for role, manifest in manifests.items():
         check_shape(dirs[role], manifest["shape"], trained)
-        if own:
-            run.refuse_prepared_again(role, dirs[role], fingerprint(manifest),
-                                      "evaluate it as other data with --target", recorded)
+        if names[role].startswith("data."):
+            other = "--target" if names["target"].startswith("data.") else "--source beside the --target"
+            run.refuse_prepared_again(role, dirs[role], fingerprint(manifest), f"evaluate it as other data with {other}",
+                                      recorded)
         start, stop = manifest["rows"][split]
         if stop == start:  # failed drawing the features with a ValueError traceback, after the result was written
             raise DmhpcError(f"{names[role]} {dirs[role]}: the {split} split is empty; nothing to evaluate "
