@@ -168,6 +168,7 @@ def test_a_changed_configuration_is_refused_before_anything_is_written(data, run
     ("best_score", "hi", "progress.best_score 'hi': expected a number"),  # a TypeError after a whole epoch
     # Said as the user's data.loader, set to auto: "data.loader 'foo': expected one of auto, ...".
     ("loader", "foo", "progress.loader 'foo': expected one of gpu-resident, dali, torch"),
+    ("fp16_streaks", [3, -1], "progress.fp16_streaks [3, -1]: expected a list of whole numbers >= 0"),
     ("step_in_epoch", 50, "progress.step_in_epoch 50 is past the 2 steps of an epoch of this run")])  # ended early
 def test_a_checkpoint_with_an_edited_progress_is_one_line(data, run, capsys, field, value, said):
     path = RunDir(run).checkpoint("last")

@@ -376,6 +376,40 @@ def test_a_stop_in_the_last_step_still_evaluates_the_last_epoch(data, tmp_path, 
     assert test[0]["epoch"] == test[1]["epoch"] == 1 and test[0]["step"] == test[1]["step"] == 14
 
 
+def test_a_resume_under_fp16_stops_where_the_uninterrupted_run_stops(data, tmp_path, monkeypatch, capsys):
+    """The count of non-finite fp16 losses in a row was not checkpointed: a run stopped in the middle
+    of a streak began it again at 0 on resume, trained on past the step where the run without the
+    stop ended with a divergence error, and finished as if well."""
+    from dmhpc.train.step import TrainStep
+
+    real = TrainStep.__call__
+    stop_at = []
+
+    def overflowing(self, at, batch):  # steps 5 to 20 overflow: 16 in a row end the run at step 20
+        terms, outputs = real(self, at, batch)
+        if at in stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return ({k: torch.full_like(v, math.inf) for k, v in terms.items()} if 4 <= at <= 19 else terms), outputs
+
+    monkeypatch.setattr(TrainStep, "__call__", overflowing)
+
+    def args(run):
+        return ["train", "--config", str(TINY), *_overrides(data, run, "train.amp=fp16", "train.epochs=4",
+                                                           "train.log_every=1")]
+
+    diverged = "step 20: the loss was not finite (NaN or Inf) for 16 steps in a row under train.amp=fp16"
+    assert main(args(tmp_path / "straight")) == 1
+    assert diverged in capsys.readouterr().err
+    stop_at.append(11)  # stopped at step 12, 8 overflows into the streak
+    assert main(args(tmp_path / "stopped")) == REQUEUE_EXIT_CODE
+    assert torch.load(tmp_path / "stopped" / "checkpoints" / "last.pt", weights_only=True)["progress"][
+        "fp16_streaks"] == [8]
+    stop_at.clear()
+    capsys.readouterr()
+    assert main(args(tmp_path / "stopped")) == 1
+    assert diverged in capsys.readouterr().err
+
+
 KILLED_ON_BAD_EXIT = """
 import atexit, os, signal, sys, time
 from dmhpc.train import loop

@@ -211,6 +211,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
 
     def checkpoint(name: str, meter: EpochMeter, selection: dict | None = None, epoch_done: bool = False) -> None:
         meter.check_finite(state, dist, prog.step)  # never write a diverged state
+        if not meter.watch_loss:  # (fp16; a collective, as check_finite)
+            prog.fp16_streaks = [int(n) for n in all_gather_object(int(meter.streak))]
         content = state.state_dict()  # a collective: every rank calls it
         # The data sets and statistics of the weights, in the file with them (see RunDir.trained_data).
         content.update(selection=selection or {}, config=config_to_dict(cfg), data=data_ids, attempt=dist.attempt)
@@ -241,6 +243,14 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
     def early_stopped() -> bool:  # also on resume: a run that stopped early is not trained on
         return bool(cfg.train.early_stopping) and prog.evals_since_best >= cfg.train.early_stopping
 
+    def resumed_streak() -> torch.Tensor | None:
+        """This rank's fp16 streak as checkpointed; the longest of them where the world changed since."""
+        streaks = prog.fp16_streaks
+        if cfg.train.amp != "fp16" or not streaks:
+            return None
+        count = streaks[dist.rank] if len(streaks) == dist.world_size else max(streaks)
+        return torch.tensor(count, dtype=torch.int64, device=dist.device)
+
     meter = None
     try:
         # The batches' row counts never change: the global-scope losses exchange them once.
@@ -248,7 +258,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
             while not stopped and at() < total_steps and prog.epoch < cfg.train.epochs and not early_stopped():
                 state.model.train()
                 meter = EpochMeter(dist.device, watch_loss=cfg.train.amp != "fp16",
-                                   streak=meter.streak if meter is not None else None)
+                                   streak=meter.streak if meter is not None else resumed_streak())
                 t_epoch = time.perf_counter()
                 bar = progress_bar(steps_per_epoch - prog.step_in_epoch, f"epoch {prog.epoch}", show=dist.is_main)
                 at_end = False  # the epoch's (or the run's) last step is done

@@ -17,7 +17,7 @@ together and taken apart. The dict holds plain data only (see dmhpc/train/checkp
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -49,6 +49,9 @@ class Progress:
     # The steps of an epoch in the run's first world: what the schedules count steps in (0: not yet
     # known), so that a world grown at an epoch's end neither rewinds a warm-up nor an inv decay.
     schedule_steps_per_epoch: int = 0
+    # Under train.amp=fp16: each rank's non-finite losses in a row when the checkpoint was written
+    # (EpochMeter.streak), so a resume stops at the same step an uninterrupted run stops at.
+    fp16_streaks: list = field(default_factory=list)
 
 
 def _check_progress(p: Progress) -> None:
@@ -62,6 +65,9 @@ def _check_progress(p: Progress) -> None:
             raise EditedCheckpoint(f"progress.{key} {value!r}: expected a whole number >= 0")
     if not isinstance(p.best_score, (int, float)) or isinstance(p.best_score, bool) or math.isnan(p.best_score):
         raise EditedCheckpoint(f"progress.best_score {p.best_score!r}: expected a number")
+    if not isinstance(p.fp16_streaks, list) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                        for v in p.fp16_streaks):
+        raise EditedCheckpoint(f"progress.fp16_streaks {p.fp16_streaks!r}: expected a list of whole numbers >= 0")
     if p.loader not in ("", *KINDS):  # ("": no epoch begun) said here, not as the user's data.loader
         raise EditedCheckpoint(f"progress.loader {p.loader!r}: expected one of {', '.join(KINDS)}")
 
