@@ -259,9 +259,12 @@ def _check_measured_with(problems: Problems, study: Study) -> None:
         if changed:
             shown = "; ".join(f"{k} {show(was.get(k))} -> {show(now.get(k))}" for k in changed[:3])
             more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            # A point queued by an earlier launch may have no run directory yet: its job is the thing to stop.
+            again = (f"scancel {queued[p.name]} (its job from an earlier launch) and remove {p.run_dir} if it is there"
+                     if p.name in queued else f"remove {p.run_dir}")
             problems.add(f"point {p.name}", f"was measured with other settings ({shown}{more}); a scaling table "
-                                            f"compares one setting: choose another out, or remove {p.run_dir} to "
-                                            f"measure it again")
+                                            f"compares one setting: choose another out, or {again} to measure it "
+                                            f"again")
 
 
 def record_measured_with(study: Study) -> None:
