@@ -229,7 +229,10 @@ def rgb_composite(image: np.ndarray, rgb: tuple[int, int, int] = (2, 1, 0)) -> n
     channels = [image[k] for k in rgb] if len(image) >= 3 else [image[0]] * 3
     low = float(np.percentile(image, 1))
     span = max(float(np.percentile(image, 99.5)) - low, 1e-12)
-    return make_lupton_rgb(*[c - low for c in channels], minimum=0.0, stretch=span / 4, Q=8)
+    # A blank cutout (a footprint's edge, filled) is 0/0 in astropy's colour ratio, which it sets to
+    # 0 itself: black, with a RuntimeWarning on the user's terminal for each such galaxy.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return make_lupton_rgb(*[c - low for c in channels], minimum=0.0, stretch=span / 4, Q=8)
 
 
 def _probability(p: float) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -223,6 +224,9 @@ def test_explain_draws_the_filters_asked_for_and_says_which(run_on_survey, tmp_p
     assert by_default[0, 0, 1] > by_default[0, 0, 0] and in_order[0, 0, 0] > in_order[0, 0, 1] > in_order[0, 0, 2]
     two = rgb_composite(image[:2], (0, 1, 0))  # fewer than 3 filters: grey, whatever --rgb says (as recorded)
     assert (two[..., 0] == two[..., 1]).all() and (two[..., 1] == two[..., 2]).all()
+    with warnings.catch_warnings():  # a blank cutout is black, without a warning per galaxy
+        warnings.simplefilter("error")
+        assert not rgb_composite(np.zeros((3, 8, 8), np.float32)).any()
     out = tmp_path / "explain"
     assert main(["explain", "--run", str(run_on_survey), "--n", "1", "--rgb", "1,2,0", "--out", str(out)]) == 0
     assert json.loads((out / "explain.json").read_text())["rgb"] == [1, 2, 0]
