@@ -110,8 +110,8 @@ def main() -> None:
         work = Path(tmp) / "work"
         work.mkdir()
         make_inputs(work, args.rows, args.extra, args.catalog, ROOT)
-        print(f"{args.rows} rows, {args.extra} more catalog columns ({args.catalog}); {platform.processor() or platform.machine()}, "
-              f"{platform.python_version()}")
+        print(f"{args.rows} rows, {args.extra} more catalog columns ({args.catalog}); "
+              f"{platform.processor() or platform.machine()}, {platform.python_version()}")
         print(f"{'what':<14} {'old B/row':>10} {'new B/row':>10} {'old s':>7} {'new s':>7}")
         for what in ["read", *args.formats.split(",")]:
             a, b = (measure(source, what, work, args.rows, args.catalog) for source in (old, ROOT))

@@ -22,8 +22,9 @@ A study file (every key; docs/cluster.md has the reference):
 Each point (model x weak/strong x nodes x gpus_per_node) is a short training run. Throughput is
 read from the trainer's epoch records (`step_time_s`, measured before the epoch's evaluation)
 over every epoch after the first; with a single epoch it includes the warm-up and the table says
-so (and gives no speedup or efficiency of a point timed otherwise than its N0). Images are counted as the trainer counts them: the images every rank's step reads, source and
-target (2 x global batch per step; 1 x where no loss term reads the target, as without adaptation).
+so (and gives no speedup or efficiency of a point timed otherwise than its N0). Images are counted
+as the trainer counts them: the images every rank's step reads, source and target (2 x global
+batch per step; 1 x where no loss term reads the target, as without adaptation).
 With N GPUs and the study's smallest N0 as reference:
 
     speedup    S = X(N) / X(N0)            X = images/s of the whole job

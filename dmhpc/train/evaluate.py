@@ -272,8 +272,8 @@ def _check_data(run: RunDir, cfg, dirs: dict, recorded: dict, split: str, dist, 
         check_shape(dirs[role], manifest["shape"], trained)
         if names[role].startswith("data."):
             other = "--target" if names["target"].startswith("data.") else "--source beside the --target"
-            run.refuse_prepared_again(role, dirs[role], fingerprint(manifest), f"evaluate it as other data with {other}",
-                                      recorded)
+            run.refuse_prepared_again(role, dirs[role], fingerprint(manifest),
+                                      f"evaluate it as other data with {other}", recorded)
         start, stop = manifest["rows"][split]
         if stop == start:  # failed drawing the features with a ValueError traceback, after the result was written
             raise DmhpcError(f"{names[role]} {dirs[role]}: the {split} split is empty; nothing to evaluate "
