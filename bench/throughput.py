@@ -36,10 +36,11 @@ CONFIGS = {"deepmerge2": "deepmerge-mmd-fisher-entropy.yaml", "resnet18": "resne
 
 
 def trainer_parts(data: Path, model: str, batch: int, amp: str, channels_last: bool, loader_kind: str, device,
-                  augment: bool | None = None):
+                  augment: bool | None = None, compiled: bool = False):
     """The trainer's own loader, TrainState, TrainStep and EpochMeter for one configuration."""
     overrides = [f"model.name={model}", f"train.batch_size={batch}", f"train.amp={amp}",
                  f"train.channels_last={str(channels_last).lower()}", f"data.loader={loader_kind}",
+                 f"train.compile={str(compiled).lower()}",
                  f"data.source={data / 'source'}", f"data.target={data / 'target'}", "data.num_workers=2"]
     if augment is not None:
         overrides.append(f"data.augment={str(augment).lower()}")
@@ -56,10 +57,11 @@ def trainer_parts(data: Path, model: str, batch: int, amp: str, channels_last: b
 
 
 def trainer_stepper(data: Path, model: str, batch: int, amp: str, channels_last: bool, loader_kind: str, device,
-                    augment: bool | None = None):
+                    augment: bool | None = None, compiled: bool = False):
     """(one, close): `one()` runs one training step as the loop does, end to end: the loader's next
     batch, `TrainStep`, and `EpochMeter`'s per-step bookkeeping."""
-    cfg, loader, state, step = trainer_parts(data, model, batch, amp, channels_last, loader_kind, device, augment)
+    cfg, loader, state, step = trainer_parts(data, model, batch, amp, channels_last, loader_kind, device, augment,
+                                             compiled)
     meter = EpochMeter(device, watch_loss=amp != "fp16")
     batches = (b for epoch in itertools.count() for b in loader.epoch(epoch))
     counter = itertools.count()
@@ -83,9 +85,10 @@ def kernels_set(kernels: str):
 
 
 def measure(data: Path, model: str, batch: int, amp: str, channels_last: bool, loader_kind: str, device,
-            steps: int, warmup: int, augment: bool | None = None) -> float:
-    """Images/s (source + target) of the trainer's step, end to end (see `trainer_stepper`)."""
-    one, close = trainer_stepper(data, model, batch, amp, channels_last, loader_kind, device, augment)
+            steps: int, warmup: int, augment: bool | None = None, compiled: bool = False) -> float:
+    """Images/s (source + target) of the trainer's step, end to end (see `trainer_stepper`); a
+    compiled row compiles in its warm-up steps."""
+    one, close = trainer_stepper(data, model, batch, amp, channels_last, loader_kind, device, augment, compiled)
     try:
         for i in range(warmup + steps):
             if i == warmup:
@@ -112,6 +115,7 @@ def main() -> int:
     parser.add_argument("--loaders", nargs="+", default=["gpu-resident", "dali", "torch"])
     parser.add_argument("--kernels", nargs="+", default=["default"], choices=["default", "deterministic", "autotuned"],
                         help="see kernels_set")
+    parser.add_argument("--compile", nargs="+", default=["off"], choices=["off", "on"], help="train.compile")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--images", type=int, default=4096, help="images per domain")
@@ -125,8 +129,8 @@ def main() -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"device {name}, torch {torch.__version__}, {args.steps} timed steps after {args.warmup} warm-up, "
           f"{args.images} images per domain", flush=True)
-    print("| model | batch/domain | amp | channels_last | loader | kernels | images/s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | batch/domain | amp | channels_last | loader | kernels | compiled | images/s |")
+    print("|---|---|---|---|---|---|---|---|")
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
@@ -141,12 +145,13 @@ def main() -> int:
             else:
                 loaders.append(kind)
         failed = 0
-        for model, batch, amp, cl, kind, kernels in itertools.product(args.models, args.batches, args.amp,
-                                                                       (False, True), loaders, args.kernels):
-            row = f"| {model} | {batch} | {amp} | {'on' if cl else 'off'} | {kind} | {kernels} |"
+        for model, batch, amp, cl, kind, kernels, compiled in itertools.product(
+                args.models, args.batches, args.amp, (False, True), loaders, args.kernels, args.compile):
+            row = f"| {model} | {batch} | {amp} | {'on' if cl else 'off'} | {kind} | {kernels} | {compiled} |"
             try:
                 with kernels_set(kernels):
-                    rate = measure(data, model, batch, amp, cl, kind, device, args.steps, args.warmup)
+                    rate = measure(data, model, batch, amp, cl, kind, device, args.steps, args.warmup,
+                                   compiled=compiled == "on")
             except Exception as exc:  # one failing row (out of memory, say) leaves the rest of the grid to run
                 print(f"{row} failed: {(str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]} |", flush=True)
                 if device.type == "cuda":

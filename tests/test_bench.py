@@ -108,6 +108,7 @@ def test_the_loader_benchmark_reports_the_first_epoch_apart_from_the_later_ones(
     assert r["first"] != r["rate"] and min(r["first"], r["rate"]) > 0, r
 
 
+@pytest.mark.filterwarnings("ignore:.*torch.jit:DeprecationWarning")  # torch.compile imports dynamo, which warns
 def test_each_row_of_the_throughput_grid_builds_the_trainer_it_names(tmp_path, monkeypatch):
     """A row's settings must reach every part the step is built from: a loader kind, batch size
     or AMP that reached the loader and not the configuration (or the reverse) labelled a row
@@ -125,10 +126,10 @@ def test_each_row_of_the_throughput_grid_builds_the_trainer_it_names(tmp_path, m
         write_dataset(rng.standard_normal((64, 3, 75, 75), dtype=np.float32), np.arange(64) % 2, None,
                       tmp_path / domain, shard_size=64)
     cfg, loader, state, step = throughput.trainer_parts(tmp_path, "deepmerge2", 8, "bf16", True, "torch",
-                                                        torch.device("cpu"))
+                                                        torch.device("cpu"), compiled=True)
     try:
-        assert (cfg.model.name, cfg.train.batch_size, cfg.train.amp, cfg.train.channels_last, cfg.data.loader) == (
-            "deepmerge2", 8, "bf16", True, "torch")
+        assert (cfg.model.name, cfg.train.batch_size, cfg.train.amp, cfg.train.channels_last, cfg.data.loader,
+                cfg.train.compile) == ("deepmerge2", 8, "bf16", True, "torch", True)
         assert loader.kind == "torch" and (Path(cfg.data.source), Path(cfg.data.target)) == (
             tmp_path / "source", tmp_path / "target")
     finally:
