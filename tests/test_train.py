@@ -1144,8 +1144,10 @@ def test_the_commands_import_no_compiler_before_they_need_one():
 @pytest.mark.parametrize("deterministic", [True, False])
 def test_resume_on_cuda_is_exact_with_deterministic_kernels(data, tmp_path, deterministic):
     """What is promised on a GPU: train.deterministic=true resumes bit-identically; without it the
-    non-deterministic kernels (cuDNN weight gradients, Fisher centres' indexed backward) leave the
-    weights within a stated tolerance (docs/training.md): 1e-3 relative after 4 epochs of tiny."""
+    non-deterministic kernels (cuDNN weight gradients, Fisher centres' indexed backward) take two
+    uninterrupted runs apart too, and a resumed run is promised no further from the uninterrupted one
+    than that (docs/training.md): each weight tensor's relative L2 difference after 4 epochs of tiny,
+    the largest of them within 3x the largest between two uninterrupted runs."""
     common = ["--config", str(TINY), *_overrides(data, tmp_path / "straight", "train.epochs=4", "train.log_every=1",
                                                  f"train.deterministic={str(deterministic).lower()}")]
     env = {k: v for k, v in clean_env().items() if k != "CUDA_VISIBLE_DEVICES"}  # this test is about the GPU
@@ -1162,11 +1164,26 @@ def test_resume_on_cuda_is_exact_with_deterministic_kernels(data, tmp_path, dete
     assert subprocess.run([sys.executable, "-m", "dmhpc.train", *args], cwd=ROOT, env=env,
                           capture_output=True).returncode == 0
     a, b = _weights(tmp_path / "straight"), _weights(stopped)
-    for k in a:
-        if deterministic:
+    if deterministic:
+        for k in a:
             assert torch.equal(a[k], b[k]), k
-        else:
-            torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-5)
+        return
+    again = tmp_path / "again"  # a second uninterrupted run: how far the kernels alone take two runs apart
+    assert subprocess.run([sys.executable, "-m", "dmhpc.train", *(x.replace(str(tmp_path / "straight"), str(again))
+                                                                  for x in common)],
+                          cwd=ROOT, env=env, capture_output=True).returncode == 0
+    resumed, rerun = _drift(a, b), _drift(a, _weights(again))
+    print(f"largest relative drift of a weight tensor: resumed {max(resumed.values()):.2e}, "
+          f"run again {max(rerun.values()):.2e}")
+    # The resume adds nothing the kernels do not: measured on an H200, 8.9e-2 resumed against 8.8e-2
+    # run again (docs/benchmarks.md). A resume that lost state would add to the kernels' drift.
+    assert max(resumed.values()) <= 3 * max(rerun.values()), sorted(resumed.items(), key=lambda kv: -kv[1])[:3]
+
+
+def _drift(a: dict, b: dict) -> dict:
+    """Each floating-point tensor's |a - b| / |a| (L2 norms)."""
+    return {k: float((a[k].double() - b[k].double()).norm() / a[k].double().norm().clamp_min(1e-300))
+            for k in a if a[k].is_floating_point()}
 
 
 def _epochs(run) -> list[dict]:
