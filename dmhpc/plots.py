@@ -157,17 +157,21 @@ def latent_embedding(features: dict, path: Path, title: str, method: str = "tsne
         chunks.append(np.asarray(f, dtype=np.float32)[keep])
         labels.append(np.asarray(y)[keep])
         domains += [domain] * len(keep)
+    if method not in ("tsne", "pca"):
+        raise ValueError(f"latent_embedding: method {method!r}, expected tsne or pca")
     x = np.concatenate(chunks)
     y = np.concatenate(labels)
     domains = np.asarray(domains)
-    # PCA first: cheap denoising, and t-SNE on 2592-d features would be slow.
-    x = PCA(n_components=min(50, x.shape[1], len(x)), random_state=seed).fit_transform(x)
-    if method == "tsne":
-        emb = TSNE(n_components=2, init="pca", perplexity=min(30.0, (len(x) - 1) / 3), random_state=seed).fit_transform(x)
-    elif method == "pca":
-        emb = x[:, :2]
-    else:
-        raise ValueError(f"latent_embedding: method {method!r}, expected tsne or pca")
+    # A network whose features collapsed (every image alike: dead ReLUs) is drawn as the one point it
+    # maps all images to: t-SNE's PCA start divides by their spread, 0, and sklearn then crashed the
+    # process (a segmentation fault in the trainer's final test).
+    collapsed = not np.ptp(x, axis=0).any()
+    if collapsed:
+        emb = np.zeros((len(x), 2))
+    else:  # PCA first: cheap denoising, and t-SNE on 2592-d features would be slow.
+        x = PCA(n_components=min(50, x.shape[1], len(x)), random_state=seed).fit_transform(x)
+        emb = x[:, :2] if method == "pca" else TSNE(
+            n_components=2, init="pca", perplexity=min(30.0, (len(x) - 1) / 3), random_state=seed).fit_transform(x)
     fig, ax = plt.subplots(figsize=(6, 6))
     for domain, marker in (("source", "o"), ("target", "x")):
         for cls, colour, name in ((0, "tab:blue", "non-merger"), (1, "tab:red", "merger"), (-1, "tab:grey", "unlabelled")):
@@ -178,7 +182,8 @@ def latent_embedding(features: dict, path: Path, title: str, method: str = "tsne
                        label=f"{domain} {name}")
     ax.set(xticks=[], yticks=[])
     drawn = ", ".join(f"{(domains == d).sum()} {d}" for d in ("source", "target") if (domains == d).any())
-    ax.set_title(wrap_title(f"{title} ({method}; {drawn} images, at most {max_points} per domain)", 58),
+    alike = "; every image has the same features" if collapsed else ""
+    ax.set_title(wrap_title(f"{title} ({method}; {drawn} images, at most {max_points} per domain{alike})", 58),
                  fontsize=10)
     ax.legend(fontsize=8, markerscale=2)
     return _save(fig, path)

@@ -317,3 +317,31 @@ def test_the_rgb_composite_is_asinh_stretched_in_the_filters_asked_for():
     assert red > green > blue
     red, green, blue = plots.rgb_composite(flat, (0, 2, 1))[0, 0]  # filter 0 red, 2 green, 1 blue
     assert green > blue > red
+
+
+COLLAPSED = """
+import sys
+from pathlib import Path
+import numpy as np
+from dmhpc import plots
+features = np.zeros((40, 64), np.float32)  # every image's features alike: a network of dead ReLUs
+plots.latent_embedding({"source": (features, np.arange(40) % 2), "target": (features, np.arange(40) % 2)},
+                       Path(sys.argv[1]), "t")
+"""
+
+
+def test_a_latent_embedding_of_collapsed_features_is_drawn_not_a_crash(tmp_path, drawn):
+    """t-SNE of features that are all alike crashed the process with a segmentation fault (its PCA
+    start divides by their spread): the trainer's final test of such a network wrote nothing.
+    In a process of its own, which that crash would end."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, clean_env
+
+    proc = subprocess.run([sys.executable, "-c", COLLAPSED, str(tmp_path / "latent.png")], cwd=ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and (tmp_path / "latent.png").stat().st_size > 0, (proc.returncode, proc.stderr[-2000:])
+    features = np.ones((10, 8))
+    plots.latent_embedding({"source": (features, np.arange(10) % 2)}, tmp_path / "pca.png", "t", method="pca")
+    assert "every image has the same features" in drawn[0].axes[0].get_title().replace("\n", " ")
