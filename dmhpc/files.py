@@ -82,6 +82,13 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+def fsync_file(path: Path) -> None:
+    """Put a written file's data on disk (a full disk or quota on a network file system often says
+    so only here: an OSError)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_directory(directory: Path) -> None:
     """Make the renames into `directory` durable (where the file system allows)."""
     try:
@@ -153,8 +160,7 @@ def atomic_path(path: str | os.PathLike, *, durable: bool = True) -> Iterator[Pa
     with _removed_on_failure(tmp, path):
         yield tmp
         if durable:
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
+            fsync_file(tmp)
         os.replace(tmp, path)
     if durable:
         fsync_directory(path.parent)

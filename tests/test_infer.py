@@ -807,6 +807,24 @@ def test_two_exports_to_one_file_are_refused_and_an_unfinished_one_says_so(run_o
     monkeypatch.setattr(exporting, "staged_write", full_at_the_json_card)
     assert main([*export, "--overwrite"]) == 1
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    monkeypatch.undo()
+    # A disk full said only at the new file's fsync (NFS, Lustre): the old cards had gone already.
+    import errno
+
+    from dmhpc import files
+
+    fsync = os.fsync
+
+    def full_at_the_files_fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp") and ".card." not in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        fsync(fd)
+
+    monkeypatch.setattr(files.os, "fsync", full_at_the_files_fsync)
+    capsys.readouterr()
+    assert main([*export, "--overwrite"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
 @pytest.mark.gpu

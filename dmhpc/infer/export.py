@@ -36,7 +36,7 @@ from dmhpc.config import config_from_dict, config_to_dict
 from dmhpc.data.shards import file_sha256
 from dmhpc.distributed import bootstrap, shutdown
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_path, locked_directory, remove_orphans, staged_write
+from dmhpc.files import atomic_path, fsync_file, locked_directory, remove_orphans, staged_write
 from dmhpc.names import MERGER_THRESHOLD
 from dmhpc.infer.trained import Trained, load_trained
 from dmhpc.run import RunDir, statistics
@@ -267,6 +267,9 @@ def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool 
                     staged[cards[kind]] = staged_write(cards[kind], text)  # one by one: a failed second leaves none
                 # The old file's cards go just before the new file takes its name: killed in
                 # between, a file stands without a card, never beside the card of the file it replaced.
+                # The new file is on disk first: a disk full at its fsync (said there alone on NFS or
+                # Lustre) had left the old file without its cards.
+                fsync_file(tmp)
                 for card_file in cards.values():
                     card_file.unlink(missing_ok=True)
             for card_file, card_tmp in staged.items():
