@@ -83,7 +83,7 @@ def test_the_last_checkpoint_of_an_oracle_stopped_run_is_marked_oracle(tmp_path)
 
 class OverflowsOnBright(CentredIsMerger):
     """Logits of inf - inf (NaN probabilities) for images brighter than 5 once normalized: an
-    overflowing pixel, or NaN weights, for those rows."""
+    overflowing pixel for those rows."""
 
     def forward(self, x):
         f, logits = super().forward(x)

@@ -1037,3 +1037,28 @@ def test_explain_of_a_catalog_normalizes_as_the_catalog_records(survey, run_on_s
     meta = Table.read(catalog).meta
     recorded = (json.loads(str(meta["MEAN"])), json.loads(str(meta["STD"])))
     assert recorded[0][0] > 40 and used == [recorded]  # the scaled images' own, not the run's target's
+
+
+@pytest.mark.parametrize("command", ["export", "predict"])
+def test_a_checkpoint_with_a_nan_weight_is_refused_in_one_line(run_on_survey, tmp_path, capsys, command):
+    """The trainer never saves one, so it is an edited or damaged file: export wrote it out as a
+    model answering NaN for every image, exit 0, and predict said "a pixel too large ..., or NaN
+    weights" only once it had read the images."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_on_survey, run)
+    best = RunDir(run).checkpoint("best")
+    state = torch.load(best, weights_only=True)
+    name = next(k for k, v in state["model"].items() if v.is_floating_point())
+    state["model"][name].view(-1)[0] = float("nan")
+    torch.save(state, best)
+    np.save(tmp_path / "images.npy", np.zeros((4, 3, 75, 75), np.float32))
+    out = tmp_path / ("m.safetensors" if command == "export" else "catalog.csv")
+    argv = (["export", "--run", str(run), "--format", "safetensors", "--out", str(out)] if command == "export" else
+            ["predict", "--run", str(run), "--images", str(tmp_path / "images.npy"), "--out", str(out)])
+    capsys.readouterr()
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert f"{best}: model.{name} holds NaN or Inf" in err and err.count("\n") == 1, err
+    assert not out.exists()

@@ -225,15 +225,16 @@ def batch_columns(model: Model, normalize: Normalizer, images: np.ndarray, colum
 def _finite_probabilities(model: Model, columns: dict) -> None:
     """Refuse a batch with a non-finite probability before its part is written: the merge would only
     refuse the part, and a rerun compute it again. Finite pixels can still get there (one near 3e38
-    overflows float32 when normalized), and so can NaN weights. The values are on the host already."""
+    overflows float32 when normalized; a checkpoint with NaN weights is refused when it is loaded).
+    The values are on the host already."""
     bad = ~np.isfinite(columns["p_merger"])
     if "p_merger_std" in columns:
         bad |= ~np.isfinite(columns["p_merger_std"])
     if bad.any():
         k = int(np.flatnonzero(bad)[0])
         raise DmhpcError(f"{model.path}: non-finite merger probability for image {int(columns['index'][k])} "
-                         f"(id {columns['id'][k]}): a pixel too large for float32 once normalized, or NaN "
-                         f"weights in this checkpoint")
+                         f"(id {columns['id'][k]}): a pixel too large for float32 once normalized, or an "
+                         f"overflow in the network")
 
 
 def _spec(run: RunDir, model: Model, source: Source, source_args: dict, options: dict) -> dict:

@@ -199,11 +199,17 @@ UNFIT = (KeyError, RuntimeError, ValueError, TypeError)  # what load_state_dict 
 
 
 def load_weights(module: torch.nn.Module, checkpoint: dict, path: str | os.PathLike, key: str = "model") -> None:
-    """Put checkpoint[key] into `module`; what does not fit is one line naming the file."""
+    """Put checkpoint[key] into `module`; what does not fit, or is not finite, is one line naming the file."""
     try:
         module.load_state_dict(checkpoint[key])
     except UNFIT as exc:
         raise unfit(path, exc) from None
+    # The trainer never saves a non-finite weight: one is an edited or damaged file, which export
+    # wrote out silently (safetensors, TorchScript) and predict turned into a catalog of NaN.
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise DmhpcError(f"{path}: {key}.{name} holds NaN or Inf, which dmhpc never saves: an edited or "
+                             f"damaged checkpoint")
 
 
 # --- random number generators ----------------------------------------------------------------------

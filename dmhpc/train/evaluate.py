@@ -93,7 +93,7 @@ def predict(model, directory, split: str, *, batch_size: int, dist, mean, std,
     if bad.any():
         raise DmhpcError(f"{directory}: {split} split: non-finite class probabilities for {int(bad.sum())} image(s), "
                          f"the first at row {int(out['index'][bad][0])}: a pixel too large for float32 once "
-                         f"normalized, or a model with NaN weights")
+                         f"normalized, or an overflow in the network")
     return out
 
 
