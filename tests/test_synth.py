@@ -422,6 +422,37 @@ def test_a_full_disk_under_mpi_leaves_nothing(small_disk):
     assert list(disk.iterdir()) == []
 
 
+CLAIM_FAILS = """
+import os, sys
+import dmhpc.data.synth as synth
+from dmhpc.cli import main
+
+def refused(folder, of=None):  # a leftover temporary file that another user owns, say
+    raise PermissionError(1, "Operation not permitted", os.path.join(folder, ".pristine_X.npy.abcdefgh.tmp"))
+
+synth.remove_orphans = refused
+sys.exit(main(["synth", "--out", sys.argv[1], "--n-per-class", "1"]))
+"""
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_folder_rank_0_cannot_claim_is_one_line_and_ends_every_rank(tmp_path, ranks):
+    """An OSError claiming --out (not a DmhpcError) was a traceback, and under mpiexec rank 0 never
+    sent the other ranks its error: they waited in their broadcast until the job was killed."""
+    launcher = ()
+    if ranks > 1:
+        mpiexec = _mpiexec()
+        if mpiexec is None:
+            pytest.skip("mpiexec not found next to the Python interpreter nor on PATH")
+        launcher = (mpiexec, "-n", str(ranks))
+    env = {k: v for k, v in os.environ.items() if k not in MPI_LAUNCH_VARIABLES}
+    result = subprocess.run([*launcher, sys.executable, "-c", CLAIM_FAILS, str(tmp_path / "s")], capture_output=True,
+                            text=True, env=env, timeout=120)
+    _one_line_error(result, f"{tmp_path / 's' / '.pristine_X.npy.abcdefgh.tmp'}: cannot claim it for the render: "
+                            f"Operation not permitted")
+    assert not (tmp_path / "s").exists()
+
+
 def _render_workers(pid: int) -> list[int]:
     """The pids of the spawned worker processes of `pid` (not its multiprocessing resource tracker)."""
     found = []

@@ -222,16 +222,20 @@ def _claim_output(out: Path, overwrite: bool, held: contextlib.ExitStack) -> boo
         held.close()
         raise DmhpcError(f"{out}: cannot create directory ({exc.strerror})") from None
     try:
-        if not overwrite:
-            names = sorted(p.name for p in out.iterdir())
-            if "meta.json" in names:
-                raise DmhpcError(f"{out}: holds a finished render (meta.json); pass --overwrite to replace "
-                                 f"the synth files in it")
-            foreign = [n for n in names if n not in OUTPUT_FILES + SURVEY_FILES and not is_temporary(n)]
-            if foreign:
-                raise DmhpcError(f"{out}: not empty (holds {foreign[0]}); pass --overwrite to replace the "
-                                 f"synth files in it")
-        remove_orphans(out)
+        try:
+            if not overwrite:
+                names = sorted(p.name for p in out.iterdir())
+                if "meta.json" in names:
+                    raise DmhpcError(f"{out}: holds a finished render (meta.json); pass --overwrite to replace "
+                                     f"the synth files in it")
+                foreign = [n for n in names if n not in OUTPUT_FILES + SURVEY_FILES and not is_temporary(n)]
+                if foreign:
+                    raise DmhpcError(f"{out}: not empty (holds {foreign[0]}); pass --overwrite to replace the "
+                                     f"synth files in it")
+            remove_orphans(out)
+        except OSError as exc:  # an unreadable folder, a leftover file another user owns: one line, which
+            # rank 0 sends the other ranks (an OSError escaped before, and they waited for it forever)
+            raise DmhpcError(f"{exc.filename or out}: cannot claim it for the render: {exc.strerror or exc}") from None
     except BaseException:
         if created and not any(out.iterdir()):
             out.rmdir()
