@@ -689,3 +689,26 @@ def test_a_users_file_named_like_a_temporary_is_neither_taken_nor_removed(tmp_pa
     assert result.stderr == (f"dmhpc synth: error: {out}: not empty (holds .notes.tmp); pass --overwrite to replace "
                              "the synth files in it\n")
     assert [p.name for p in out.iterdir()] == [".notes.tmp"] and (out / ".notes.tmp").read_text() == "mine"
+
+
+def test_every_file_of_a_render_is_on_disk_before_it_takes_its_name(tmp_path, monkeypatch):
+    """Only the image memmaps were synced: after a node crash meta.json, the mark of a finished set,
+    could stand beside empty label files. Each file is synced before the renames, the folder after."""
+    synced, renamed = [], []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src, dst):
+        renamed.append((Path(src), len(synced)))
+        replace(src, dst)
+
+    monkeypatch.setattr(synth.os, "fsync", recording_fsync)
+    monkeypatch.setattr(synth.os, "replace", recording_replace)
+    out = tmp_path / "s"
+    synth.synthesize(out, 1, SEED)
+    small = [src for src, _ in renamed if not src.name.startswith((".pristine_X", ".noisy_X"))]
+    assert len(small) == 4 and all(src in synced[:renamed[0][1]] for src in small), (renamed, synced)
+    assert synced[-1] == out  # the renames themselves

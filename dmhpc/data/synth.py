@@ -30,7 +30,8 @@ from dmhpc.checks import Invalid, integer
 from dmhpc.data import scenes
 from dmhpc.data.scenes import DEFAULT_KNOBS, KNOB_CHECKS, Knobs
 from dmhpc.errors import DmhpcError
-from dmhpc.files import is_temporary, locked_directory, remove_orphans, reserve, temporary_path, write_error
+from dmhpc.files import (fsync_directory, is_temporary, locked_directory, remove_orphans, reserve, temporary_path,
+                         write_error)
 from dmhpc.mpi import launched_rank, world_comm
 from dmhpc.progress import progress_bar
 
@@ -185,6 +186,8 @@ class _Staging:
             try:
                 with open(self.partial[name], "wb") as f:  # np.save would append ".npy" to the name
                     write(f)
+                    f.flush()
+                    os.fsync(f.fileno())  # on disk before meta.json says the set is finished (a node crash)
             except OSError as exc:  # np.save's OSError names no file
                 raise write_error(self.out / name, exc) from None
         # An older meta.json goes first, so a crash between renames leaves no complete-looking set.
@@ -195,6 +198,7 @@ class _Staging:
         for name in self.files:
             os.replace(self.partial[name], self.out / name)
             self.renamed.append(self.out / name)
+        fsync_directory(self.out)
 
     def discard(self) -> None:
         self.images.clear()
