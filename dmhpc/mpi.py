@@ -93,11 +93,16 @@ def world_comm(env: Mapping[str, str] = os.environ):
             f"launched under MPI ({mpi.variable}={env[mpi.variable]}) but mpi4py is not installed;"
             " install dmhpc[mpi] or run without mpiexec"
         ) from None
+    check_shared_world(MPI, mpi)
+    return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
+
+
+def check_shared_world(MPI, mpi: Launched) -> None:
+    """Refuse an MPI library that sees a world of one process where the launcher started several:
+    every task would do the whole job alone, into the same files."""
     if MPI.COMM_WORLD.Get_size() == 1 and mpi.size > 1:
-        # Every task would do the whole job alone, into the same files.
         raise DmhpcError(
             f"launched as rank {mpi.rank} of {mpi.size} ({mpi.variable}) but MPI sees a world of one process: "
             f"the launcher and this MPI library do not share a process manager (under srun: --mpi=pmi2 for "
             f"MPICH and Intel MPI, --mpi=pmix for Open MPI)"
         )
-    return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None

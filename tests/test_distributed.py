@@ -72,6 +72,22 @@ def test_a_bad_master_port_under_mpiexec_is_every_ranks_one_line(tmp_path):
     assert proc.stdout.count(said) == 2 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
+@pytest.mark.mpi
+@pytest.mark.parametrize("launcher", [("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE")])
+def test_an_mpi_library_that_sees_one_process_of_a_launchers_several_is_refused(launcher):
+    """A launcher of another MPI (Open MPI's mpirun, an MPICH mpi4py): each process became rank 0
+    of a world of one, and the trainers met at the run's lock, told "in use by another trainer".
+    Refused as prepare and synth refuse it, in one line."""
+    pytest.importorskip("mpi4py")
+    rank, size = launcher
+    proc = subprocess.run([sys.executable, "-c", "from dmhpc.distributed import bootstrap; print(bootstrap())"],
+                          cwd=ROOT, env={**clean_env(), rank: "1", size: "4"}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0, proc.stdout
+    assert (f"DmhpcError: launched as rank 1 of 4 ({rank}) but MPI sees a world of one process: the launcher and "
+            f"this MPI library do not share a process manager") in proc.stderr, proc.stderr[-2000:]
+
+
 def test_slurm_step_with_several_tasks():
     assert detect_launch(SLURM_STEP) == Launch("slurm", 3, 1, 4, "gpu03", 29500 + 345)
     assert detect_launch({**SLURM_STEP, "SLURM_JOB_ID": "45678"}).master_port == 29500 + 1678
