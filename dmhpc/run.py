@@ -563,8 +563,12 @@ class RunDir:
         and its training ended there."""
         try:
             if not self.path.exists():
-                self._made = [f for f in (self.path, *self.path.parents) if not f.exists()]
-                self.path.mkdir(parents=True)
+                made = [f for f in (self.path, *self.path.parents) if not f.exists()]
+                try:
+                    self.path.mkdir(parents=True)
+                    self._made = made
+                except FileExistsError:  # another trainer made it just now: its lock says who it is
+                    pass
         except OSError as exc:
             raise DmhpcError(f"run.dir {self.path}: cannot create: {exc.strerror}") from None
         note = f"SLURM job {attempt['job']} attempt {attempt['restart']}" if attempt else ""

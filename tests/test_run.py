@@ -527,6 +527,36 @@ def test_a_second_trainer_is_refused_and_a_dead_ones_lock_does_not_block(tmp_pat
     run.release()
 
 
+def test_a_trainer_that_loses_the_race_to_make_the_run_dir_is_told_who_holds_it(tmp_path, monkeypatch):
+    """Two trainers starting together on a new run.dir: the one whose mkdir came second was told
+    "cannot create: File exists" (7 times in 60 such races), not that another trainer held the run."""
+    from pathlib import Path
+
+    script = tmp_path / "holder.py"
+    script.write_text(HOLDER)
+    run = RunDir(tmp_path / "run")
+    proc = subprocess.Popen([sys.executable, str(script), str(run.path), str(ROOT / "configs" / "tiny.yaml")],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    real = Path.exists
+
+    def a_moment_before(path, *args, **kwargs):  # the run.dir as the loser saw it, before the holder made it
+        return False if path == run.path and sys._getframe(1).f_code.co_name == "_lock" else real(path, *args, **kwargs)
+
+    try:
+        assert proc.stdout.readline().strip() == "claimed"
+        monkeypatch.setattr(Path, "exists", a_moment_before)
+        with pytest.raises(DmhpcError, match=rf"run.dir {run.path}: in use by another dmhpc trainer or eval \(pid {proc.pid} on "):
+            run.claim(cfg_for(run.path), "auto")
+        monkeypatch.undo()
+        from dmhpc.run import LOCK
+
+        assert (run.path / LOCK).exists()  # the holder's lock stands
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+
+
 def test_a_requeued_trainer_waits_for_the_lock_its_own_previous_attempt_left(tmp_path, capsys):
     """A network file system keeps a lost node's locks for a lease time: the requeued job, started
     on another node meanwhile, was refused ("in use") and its training ended there. It waits for its
