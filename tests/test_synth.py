@@ -467,28 +467,65 @@ def _render_workers(pid: int) -> list[int]:
     return found
 
 
+def _rendering_with_workers(out: Path) -> subprocess.Popen:
+    """`dmhpc synth --workers 2` of 300 objects in a session of its own, returned once a chunk is in
+    the staged file: both workers have started (a worker killed before its first task was replaced
+    by multiprocessing.Pool, task intact). Seconds of work for two workers, on a slow machine too."""
+    env = {k: v for k, v in os.environ.items() if k not in MPI_LAUNCH_VARIABLES} | {"PYTHONFAULTHANDLER": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "dmhpc", "synth", "--out", str(out), "--n-per-class", "150",
+                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail("the render did not start or ended: " + proc.communicate()[1][-3000:])
+        staged = list(out.glob(".pristine_X.npy.*.tmp"))
+        try:
+            if staged and np.load(staged[0], mmap_mode="r").any():
+                return proc
+        except (EOFError, ValueError):  # just created: its header not written yet
+            pass
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_render_stopped_by_a_signal_ends_its_workers_in_one_line(tmp_path, signum):
+    """SIGTERM to the render's process alone killed it at once and left its two workers waiting on
+    their task queue for ever; Ctrl-C (SIGINT to the whole group) printed a traceback per worker."""
+    if not Path("/proc/self/stat").exists():
+        pytest.skip("needs /proc to find the worker processes")
+    proc = _rendering_with_workers(tmp_path / "w")
+    try:
+        workers = _render_workers(proc.pid)
+        assert len(workers) == 2
+        if signum == signal.SIGTERM:
+            os.kill(proc.pid, signum)  # `kill PID`, or a wrapper that signals its child alone
+        else:
+            os.killpg(proc.pid, signum)  # as a terminal's Ctrl-C
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    if signum == signal.SIGTERM:
+        _one_line_error(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), str(tmp_path / "w"),
+                        "stopped by SIGTERM; run again to render")
+    else:
+        assert (proc.returncode, stderr.strip()) == (130, "dmhpc synth: interrupted")
+    assert list(tmp_path.iterdir()) == []  # the staged files, the folder it made and its lock: gone
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)  # reaped by the render; an orphan would be re-parented and stay
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
 def test_a_killed_worker_ends_the_render_with_one_line(tmp_path):
     if not Path("/proc/self/stat").exists():
         pytest.skip("needs /proc to find the worker processes")
     out = tmp_path / "w"
-    env = {k: v for k, v in os.environ.items() if k not in MPI_LAUNCH_VARIABLES} | {"PYTHONFAULTHANDLER": "1"}
-    # 300 objects in chunks of 16: seconds of work for two workers, on a slow machine too.
-    proc = subprocess.Popen([sys.executable, "-m", "dmhpc", "synth", "--out", str(out), "--n-per-class", "150",
-                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
+    proc = _rendering_with_workers(out)
     try:
-        # Killed once a chunk is in the staged file: both workers have started (a worker killed
-        # before its first task was replaced by multiprocessing.Pool, task intact).
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "the render did not start or ended"
-            staged = list(out.glob(".pristine_X.npy.*.tmp"))
-            try:
-                if staged and np.load(staged[0], mmap_mode="r").any():
-                    break
-            except (EOFError, ValueError):  # just created: its header not written yet
-                pass
-            time.sleep(0.1)
         workers = _render_workers(proc.pid)
         assert len(workers) == 2
         os.kill(workers[0], signal.SIGKILL)

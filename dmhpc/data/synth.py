@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -376,32 +377,61 @@ def _render_local(out: Path, seed: int, knobs: Knobs, survey: bool, n_objects: i
                 bar.update(len(arrays["pristine_X.npy"]))
             return
         import multiprocessing
-        from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+        from concurrent.futures import ProcessPoolExecutor
         from concurrent.futures.process import BrokenProcessPool
 
         # Not multiprocessing.Pool: a worker killed there (the OOM killer, kill -9) loses its task
         # and the render waits for it forever; the executor fails every pending task instead.
         # spawn: the same on Linux and macOS, and no fork of a process that may hold threads.
-        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_worker_leaves_interrupts)
         try:
-            todo, running = iter(chunks), set()
-            while True:
-                # Two chunks per worker in flight: none waits for work.
-                while len(running) < 2 * workers and (chunk := next(todo, None)) is not None:
-                    running.add(pool.submit(_render_into, (chunk, *staging.targets())))
-                if not running:
-                    break
-                done, running = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    start, count, labels = future.result()
-                    staging.put_labels(start, labels)
-                    bar.update(count)
+            with _sigterm_raises(out):
+                _run_pool(pool, chunks, staging, workers, bar)
         except BrokenProcessPool:
             raise DmhpcError(f"{out}: a render worker died (killed by signal?); run again to finish the "
                              f"render") from None
         finally:
             # On any failure the chunks not started are dropped; those running end within seconds.
             pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_pool(pool, chunks: list, staging: _Staging, workers: int, bar) -> None:
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    todo, running = iter(chunks), set()
+    while True:
+        # Two chunks per worker in flight: none waits for work.
+        while len(running) < 2 * workers and (chunk := next(todo, None)) is not None:
+            running.add(pool.submit(_render_into, (chunk, *staging.targets())))
+        if not running:
+            break
+        done, running = wait(running, return_when=FIRST_COMPLETED)
+        for future in done:
+            start, count, labels = future.result()
+            staging.put_labels(start, labels)
+            bar.update(count)
+
+
+def _worker_leaves_interrupts() -> None:
+    """Ctrl-C reaches the whole process group: the render's process ends the workers, which
+    otherwise each printed a KeyboardInterrupt traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def _sigterm_raises(out: Path):
+    """SIGTERM to the render's process alone (`kill PID`, a wrapper) ends it as a failure does: its
+    workers go and its staged files with them. It died at once before, and its workers, which hold
+    their task queue's pipe open themselves, waited on it for ever."""
+    def stop(signum, frame):
+        raise DmhpcError(f"{out}: stopped by SIGTERM; run again to render")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _render_mpi(comm, seed: int, knobs: Knobs, survey: bool, n_objects: int, sink) -> None:
