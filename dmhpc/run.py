@@ -650,6 +650,15 @@ class RunDir:
                              f"docs/training.md; start a new run.dir, or --resume none --overwrite)")
         return changed
 
+    def remove_orphans(self) -> tuple[int, int]:
+        """Delete the temporary files killed writes left in the run's folders: (files, bytes). Only
+        under the run's lock, which every writer of them holds."""
+        files = size = 0
+        for directory in (self.path, self.checkpoint_dir, self.path / EVAL, self.path / PLOTS):
+            n, b = remove_orphans(directory)
+            files, size = files + n, size + b
+        return files, size
+
     def start(self, cfg: Config, claim: Claim, data: Mapping[str, Mapping[str, Any]], step: int,
               trains: bool = True) -> dict:
         """Write the run's identity now that every start-up check passed; returns what was cleaned up.
@@ -678,10 +687,7 @@ class RunDir:
                 target = self.path / name
                 shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
         waiting_best = self._settle_next_best(claim)
-        files = size = 0
-        for directory in (self.path, self.checkpoint_dir, self.path / EVAL, self.path / PLOTS):
-            n, b = remove_orphans(directory)
-            files, size = files + n, size + b
+        files, size = self.remove_orphans()
         last = self.checkpoint("last")
         rewound = claim.resume_from is not None and claim.own and claim.resume_from.resolve() != last.resolve()
         if rewound:

@@ -220,6 +220,7 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
         on_main(lambda: held.append(hold_lock(
             run.path / LOCK, f"run.dir {run.path}: in use by another dmhpc trainer or eval ({{holder}}); wait for "
                              f"it to end", "dmhpc eval or trainer on this run directory", owner=EVAL_OWNER)))
+        on_main(run.remove_orphans)  # a killed evaluation's figures and results: only a trainer's start removed them
         if data is not None:
             _check_other_data(run.read_result(checkpoint, split, data_name), data,
                               run.result_path(checkpoint, split, data_name))
