@@ -657,6 +657,16 @@ def test_export_reads_an_edited_result_file_or_refuses_it_in_one_line(run_on_sur
     assert main(["export", "--run", str(run), "--format", "safetensors", "--out", str(out)]) == 0
     card = json.loads(Path(f"{out}.card.json").read_text())
     assert card["test_metrics"]["source"] == {} and card["test_metrics"]["target"]["n"] == result["target"]["n"]
+    # An undefined metric (NaN in dmhpc's result files) is null in the card: strict parsers refuse NaN.
+    path.write_text(json.dumps({**result, "source": {**result["source"], "precision": float("nan")}}))
+    assert main(["export", "--run", str(run), "--format", "safetensors", "--out", str(out), "--overwrite"]) == 0
+
+    def refused(constant):
+        raise AssertionError(f"{constant} in the card: not JSON")
+
+    card = json.loads(Path(f"{out}.card.json").read_text(), parse_constant=refused)
+    assert card["test_metrics"]["source"]["precision"] is None
+    assert card["test_metrics"]["source"]["accuracy"] == result["source"]["accuracy"]
     for key, value, message in (("checkpoint", [1], "checkpoint: expected a mapping, got [1]"),
                                 ("source", {**result["source"], "accuracy": "0.9"},
                                  'source.accuracy: expected a number or null, got "0.9"')):

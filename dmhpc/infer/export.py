@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,21 @@ def model_card(run: RunDir, built: Built, fmt: str, out: Path, onnx_max_diff: fl
     return card
 
 
+def _strict_json(value) -> str:
+    """The card as JSON that any parser reads: an undefined metric (a one-class test split's AUC,
+    NaN in dmhpc's own result files) is null, not the bare NaN that strict parsers refuse."""
+    def strict(v):
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: strict(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [strict(x) for x in v]
+        return v
+
+    return json.dumps(strict(value), indent=2, allow_nan=False) + "\n"
+
+
 def _card_markdown(card: dict) -> str:
     m, i = card["model"], card["input"]
     lines = [f"# Model card: {m['file']}", "",
@@ -263,7 +279,7 @@ def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool 
                     _safetensors(model, config_to_dict(built.trained.cfg), tmp)
                 card = model_card(run, built, fmt, out, onnx_diff)
                 card["model"]["sha256"] = file_sha256(tmp)  # what a receiver checks the file against
-                for kind, text in (("md", _card_markdown(card)), ("json", json.dumps(card, indent=2) + "\n")):
+                for kind, text in (("md", _card_markdown(card)), ("json", _strict_json(card))):
                     staged[cards[kind]] = staged_write(cards[kind], text)  # one by one: a failed second leaves none
                 # The old file's cards go just before the new file takes its name: killed in
                 # between, a file stands without a card, never beside the card of the file it replaced.
