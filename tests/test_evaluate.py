@@ -217,7 +217,8 @@ def test_dmhpc_eval_never_finishes_a_run_nor_replaces_another_data_sets_result(m
 
     data, run = _trained(make_domains, tmp_path)
     assert run.finished and run.read_result()["final"] is True
-    killed = [run.path / "plots" / ".roc_best_test.png.k1ll3d_a.tmp", run.path / "eval" / ".best_test.json.k1ll3d_b.tmp"]
+    killed = [run.path / "plots" / ".roc_best_test.png.k1ll3d_a.tmp",
+              run.path / "eval" / ".best_test.json.k1ll3d_b.tmp"]
     for leftover in killed:  # what a killed evaluation left: it takes the run's lock, so it may remove them
         leftover.write_text("half")
     assert main(["eval", "--run", str(run.path)]) == 0  # the trainer's result again: the run stays finished

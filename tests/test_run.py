@@ -545,7 +545,8 @@ def test_a_trainer_that_loses_the_race_to_make_the_run_dir_is_told_who_holds_it(
     try:
         assert proc.stdout.readline().strip() == "claimed"
         monkeypatch.setattr(Path, "exists", a_moment_before)
-        with pytest.raises(DmhpcError, match=rf"run.dir {run.path}: in use by another dmhpc trainer or eval \(pid {proc.pid} on "):
+        held = rf"run.dir {run.path}: in use by another dmhpc trainer or eval \(pid {proc.pid} on "
+        with pytest.raises(DmhpcError, match=held):
             run.claim(cfg_for(run.path), "auto")
         monkeypatch.undo()
         from dmhpc.run import LOCK
