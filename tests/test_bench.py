@@ -240,3 +240,11 @@ def test_the_local_jobs_benchmark_sums_the_runs_at_once(tmp_path):
     runs = [_figures(line) for line in lines if line.startswith("| seed=")]
     assert len(runs) == 2 and all(r[-1] > 0 for r in runs), lines  # [seed, threads, rate(s)..., mean]
     assert abs(_figures(_row(lines, "| all |"))[0] - sum(r[-1] for r in runs)) <= 1, lines
+
+
+def test_the_step_profile_times_the_host_and_the_device_and_lists_operators(tmp_path):
+    lines = _bench(tmp_path, "bench/step_profile.py", "--device", "cpu", "--batch", "8", "--images", "64",
+                   "--warmup", "1", "--steps", "2", "--profile-steps", "1", "--rows", "5")
+    host, device = _figures(_row(lines, "host "))[:2]
+    assert 0 < host <= device, lines
+    assert any("aten::" in line for line in lines) and any(line.startswith("profiled 1 steps") for line in lines)
