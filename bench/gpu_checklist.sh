@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checklist (docs/benchmarks.md, "The GPU checklist"): what no CI machine can run, in one
-# command of at most 9 minutes (and 60 s for the time limits' kill grace) on a machine with a CUDA GPU.
+# command of at most 9 minutes (and 70 s for the time limits' kill grace) on a machine with a CUDA GPU.
 #
-#   bash bench/gpu_checklist.sh [STEP...]     # steps: machine tests overhead throughput kernels (default: all)
+#   bash bench/gpu_checklist.sh [STEP...]     # steps: machine tests overhead throughput kernels profile (default: all)
 #
 # Each step runs under its own time limit (a hang costs that step, not the rest) and writes its log
 # to $OUT (default: gpu-checklist/) as it goes, so a command stopped from outside still leaves what
@@ -83,7 +83,7 @@ EOF
 }
 
 steps=("$@")
-[ ${#steps[@]} -gt 0 ] || steps=(machine tests overhead throughput kernels)
+[ ${#steps[@]} -gt 0 ] || steps=(machine tests overhead throughput kernels profile)
 for s in "${steps[@]}"; do
     case $s in
         machine)
@@ -119,10 +119,14 @@ for s in "${steps[@]}"; do
             step 5-kernels-deterministic 25 "$py" bench/throughput.py "${common[@]}" --kernels deterministic
             last=$?
             [ $last -gt $rc ] && rc=$last ;;
-        *) echo "unknown step $s: expected machine, tests, overhead, throughput or kernels" >&2; exit 2 ;;
+        profile)  # where a DeepMerge II step's time goes: host against device, operators by time
+            step 6-profile 40 "$py" bench/step_profile.py --model deepmerge2 --batch 512 --amp bf16 --channels-last
+            rc=$? ;;
+        *) echo "unknown step $s: expected machine, tests, overhead, throughput, kernels or profile" >&2; exit 2 ;;
     esac
     [ "$rc" -gt "$worst" ] && worst=$rc
 done
 tail -n 5 "$out"/2-gpu-tests.log "$out"/3-loader-overhead.log 2>/dev/null
 tail -n 40 "$out"/4-throughput.log "$out"/5-kernels*.log 2>/dev/null
+head -n 2 "$out"/6-profile.log 2>/dev/null
 exit "$worst"  # the worst step's exit code: 0 only when every step passed
