@@ -22,12 +22,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dmhpc.data.shards import write_dataset
-from throughput import CONFIGS, trainer_stepper
-
-
-def _sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from throughput import CONFIGS, _sync, trainer_stepper
 
 
 def main() -> int:
