@@ -25,7 +25,8 @@ A world of one process never creates a process group. NCCL on GPUs, gloo on CPUs
 its own GPU (`gpu_index`): the local rank's when the node's ranks see at least as many GPUs, GPU 0
 when the node runs one rank or the scheduler gave each task its own GPU (SLURM_GPUS_PER_TASK=1, or
 DMHPC_GPU_PER_RANK=1 for a launcher of your own), and otherwise a one-line error: two ranks on one
-GPU are refused by NCCL at the first collective.
+GPU are refused by NCCL at the first collective. A torchrun-style launch without LOCAL_WORLD_SIZE is
+refused on a GPU alike on every rank.
 
 Together with dmhpc/mpi.py (the MPI launchers' variables) and dmhpc/rendezvous.py (the SLURM
 rendezvous), this is the only place in dmhpc that reads the environment for distribution.
@@ -36,7 +37,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Callable, Mapping
 
@@ -133,6 +134,8 @@ def detect_launch(env: Mapping[str, str]) -> Launch:
     else:
         mpi = _mpi_launch(env)
         launch = _slurm_launch(env, mpi) or mpi or Launch("single", 0, 0, 1)
+    if launch.world_size == 1:
+        launch = replace(launch, local_world_size=1)
     if launch.launcher != "mpi" and launch.world_size < 1:  # 0 means "ask MPI" on the MPI path only
         raise DmhpcError(f"environment: {launch.launcher} world size {launch.world_size}; expected at least 1")
     if launch.world_size and not 0 <= launch.rank < launch.world_size:
@@ -226,10 +229,17 @@ def gpu_index(local_rank: int, local_world_size: int, visible: int, isolated: bo
     - one rank on the node: GPU 0;
     - at least as many GPUs as ranks on the node: the local rank's;
     - otherwise two ranks would share a GPU (NCCL refuses: "Duplicate GPU detected"): refused,
-      with how to launch instead. `local_world_size` 0 (unknown) counts as local_rank + 1.
+      with how to launch instead;
+    - `local_world_size` 0 (the launcher does not say): refused on every rank alike.
     """
     if visible < 1 or (isolated and visible == 1):
         return 0
+    if local_world_size < 1:
+        # Each rank would guess local_rank + 1: rank 0 bound GPU 0 and waited 30 minutes for a rank 1
+        # that had been refused for sharing it.
+        raise DmhpcError("the launcher does not say how many ranks run on this node (LOCAL_WORLD_SIZE is not set), "
+                         "so the ranks cannot agree which GPU each binds: set LOCAL_WORLD_SIZE (torchrun does), or "
+                         "DMHPC_GPU_PER_RANK=1 if your launcher gives each rank a GPU of its own")
     ranks = max(local_world_size, local_rank + 1)
     if ranks == 1:
         return 0

@@ -334,7 +334,6 @@ def test_two_ranks_as_a_slurm_step(tmp_path):
     (1, 2, 8, False, 1),      # fewer ranks than GPUs
     (3, 4, 1, True, 0),       # srun --gpus-per-task=1: each task sees its own GPU as GPU 0
     (3, 4, 4, True, 3),       # --gpus-per-task=1 where the site does not hide the others: its own by rank
-    (1, 0, 2, False, 1),      # the launcher does not say how many ranks: at least local_rank + 1
 ])
 def test_gpu_binding_decision_table(local_rank, local_world, visible, isolated, expected):
     from dmhpc.distributed import gpu_index
@@ -345,7 +344,6 @@ def test_gpu_binding_decision_table(local_rank, local_world, visible, isolated, 
 @pytest.mark.parametrize("local_rank, local_world, visible, message", [
     (1, 2, 1, "2 ranks on this node but each process sees 1 GPU: local ranks 0, 1 on GPU 0 would share it"),
     (0, 4, 2, "local ranks 0, 2 on GPU 0, local ranks 1, 3 on GPU 1 would share it"),
-    (1, 0, 1, "2 ranks on this node"),  # unknown local world, but rank 1 with one GPU shares GPU 0 with rank 0
 ])
 def test_ranks_sharing_a_gpu_are_refused_with_how_to_launch(local_rank, local_world, visible, message):
     from dmhpc.distributed import gpu_index
@@ -357,6 +355,24 @@ def test_ranks_sharing_a_gpu_are_refused_with_how_to_launch(local_rank, local_wo
     assert "\n" not in text
     # One GPU seen by each process: a launcher that isolates GPUs its own way (srun --gpu-bind) is told how to say so.
     assert ("say so with DMHPC_GPU_PER_RANK=1" in text) == (visible == 1)
+
+
+@pytest.mark.parametrize("visible", [1, 2, 8])
+def test_ranks_of_a_launcher_that_does_not_say_how_many_share_the_node_are_all_refused(visible):
+    """Without LOCAL_WORLD_SIZE each rank guessed local_rank + 1: with one GPU, local rank 0 bound
+    it and waited in the rendezvous for 30 minutes while local rank 1 was refused for sharing it."""
+    from dmhpc.distributed import gpu_index
+
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}
+    for local_rank in (0, 1):
+        launch = detect_launch({**env, "RANK": str(local_rank), "LOCAL_RANK": str(local_rank)})
+        with pytest.raises(DmhpcError, match="LOCAL_WORLD_SIZE is not set") as info:
+            gpu_index(launch.local_rank, launch.local_world_size, visible, isolated=False)
+        assert "\n" not in str(info.value)
+    # A world of one needs no count; a rank with a GPU of its own needs none either.
+    assert gpu_index(0, detect_launch({**env, "WORLD_SIZE": "1"}).local_world_size, visible, isolated=False) == 0
+    assert gpu_index(1, 0, 1, isolated=True) == 0
+    assert gpu_index(1, detect_launch({**env, "LOCAL_WORLD_SIZE": "2"}).local_world_size, 2, isolated=False) == 1
 
 
 @pytest.mark.parametrize("case, env, own", [
