@@ -342,12 +342,14 @@ def hold_lock(path: Path, refusal: str, second: str, wait: bool = False, made: l
         try:
             made[:0] = make_folders(path.parent)
             handle = open(path, "a+")
-        except FileNotFoundError:
+        except FileNotFoundError as exc:
             # Another holder's release removed the empty folder it had made, between our making
-            # sure of it and our open: make it again.
-            if attempt < 99:
-                continue
-            raise DmhpcError(f"{path}: cannot create the folder or the lock: its folder keeps vanishing") from None
+            # sure of it and our open: make it again. A folder still there refuses new files (/proc).
+            if not path.parent.is_dir():
+                if attempt < 99:
+                    continue
+                raise DmhpcError(f"{path}: cannot create the folder or the lock: its folder keeps vanishing") from None
+            raise DmhpcError(f"{path}: cannot create the lock: {exc.strerror}") from None
         except OSError as exc:
             raise DmhpcError(f"{path}: cannot create the folder or the lock: {exc.strerror}") from None
         try:

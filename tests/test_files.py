@@ -6,7 +6,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dmhpc.files import inside, is_temporary, temporary_path
+import pytest
+
+from dmhpc.errors import DmhpcError
+from dmhpc.files import hold_lock, inside, is_temporary, temporary_path
 
 
 def test_only_the_names_of_dmhpcs_temporary_files_are_temporary(tmp_path):
@@ -62,3 +65,13 @@ def test_same_place_sees_through_symlinks(tmp_path):
     assert same_place(tmp_path / "link", tmp_path / "data")
     assert same_place(tmp_path / "data" / ".." / "data", tmp_path / "data")
     assert not same_place(tmp_path / "data", tmp_path)
+
+
+def test_a_lock_in_a_folder_that_refuses_new_files_says_why():
+    """/proc exists and refuses new files with ENOENT: the lock retried 100 times and said that its
+    folder "keeps vanishing"."""
+    if not Path("/proc/self").is_dir():
+        pytest.skip("needs /proc")
+    with pytest.raises(DmhpcError) as info:
+        hold_lock(Path("/proc/dmhpc-x.lock"), "held by {holder}", "a second one")
+    assert str(info.value) == "/proc/dmhpc-x.lock: cannot create the lock: No such file or directory"
