@@ -37,6 +37,10 @@ FORMAT = "dmhpc-shards"
 VERSION = 1
 MANIFEST = "manifest.json"
 CONTENT_KEY = "content_sha256"  # the manifest's last key: the SHA-256 of the rest (see load_manifest)
+# A shard's SHA-256 of its rows (pixels as stored, labels, objects, index, ids), kept both in the shard
+# (an HDF5 attribute) and in its manifest record: a reader opening a shard prepared again since it read
+# the manifest compares the two (see RowReader._check_rows). Data sets of an older dmhpc have none.
+ROWS_KEY = "rows_sha256"
 UNLABELLED = -1  # the label of every image of an unlabelled data set
 SPLITS = ("train", "val", "test")
 DTYPES = ("float32", "float16")
@@ -429,6 +433,7 @@ def write_shard(plan: Plan, out_dir: str | os.PathLike, number: int) -> tuple[di
     chunk = -(-n // chunks)
     step = chunk * max(1, _BLOCK_BYTES // (chunk * per_image))
     stats = (0, np.zeros(shape[0]), np.zeros(shape[0]))
+    rows_digest = hashlib.sha256()
     final = out_dir / shard_name(number)
     # HDF5 that meets a failed write (a full disk, a quota) is left in a state that ends the process
     # in a segmentation fault. So the shard's space is reserved first (posix_fallocate: a full disk
@@ -454,17 +459,22 @@ def write_shard(plan: Plan, out_dir: str | os.PathLike, number: int) -> tuple[di
                     # The input's disk, not the output's: atomic_path says an OSError as the shard's write error.
                     raise DmhpcError(f"{plan.source}: cannot read ({exc.strerror or exc})") from None
                 images[a : a + len(rows)] = block
+                rows_digest.update(block)
                 k = min(train_stop - a, len(rows))
                 if k > 0:
                     stats = _combine(stats, _block_stats(block[:k]))
             for key, values in (("labels", plan.labels[index]), ("objects", plan.objects[index]), ("index", index)):
-                f.create_dataset(key, data=values.astype(np.int64), track_times=False)
+                values = np.ascontiguousarray(values, dtype=np.int64)
+                f.create_dataset(key, data=values, track_times=False)
+                rows_digest.update(values)
             if plan.ids is not None:
                 f.create_dataset("ids", data=plan.ids[index], track_times=False)
+                rows_digest.update(np.ascontiguousarray(plan.ids[index]))
+            f.attrs[ROWS_KEY] = rows = rows_digest.hexdigest()
             f.flush()
             used = f.id.get_filesize()  # HDF5's end of file: what it wrote, without the reserve
         os.truncate(partial, used)
-        record = {"file": final.name, "count": n, "start": start, "sha256": file_sha256(partial)}
+        record = {"file": final.name, "count": n, "start": start, "sha256": file_sha256(partial), ROWS_KEY: rows}
     return record, stats
 
 
@@ -800,12 +810,14 @@ def _manifest_problem(m) -> str | None:
         return f"layout {m['layout']!r}: expected one of {', '.join(LAYOUTS)}"
     start = 0
     for k, shard in enumerate(m["shards"]):
-        if not isinstance(shard, dict) or set(shard) != {"file", "count", "start", "sha256"}:
-            return f"shards[{k}]: expected keys file, count, start, sha256"
+        if not isinstance(shard, dict) or not {"file", "count", "start", "sha256"} <= set(shard) <= \
+                {"file", "count", "start", "sha256", ROWS_KEY}:
+            return f"shards[{k}]: expected keys file, count, start, sha256 and optionally {ROWS_KEY}"
         if not isinstance(shard["file"], str) or not _SHARD_FILE.fullmatch(shard["file"]):
             return f"shards[{k}].file {shard['file']!r}: expected a shard file name like {shard_name(k)!r}"
-        if not isinstance(shard["sha256"], str) or not re.fullmatch(r"[0-9a-f]{64}", shard["sha256"]):
-            return f"shards[{k}].sha256: expected 64 hexadecimal digits"
+        for key in ("sha256", ROWS_KEY):
+            if key in shard and not (isinstance(shard[key], str) and re.fullmatch(r"[0-9a-f]{64}", shard[key])):
+                return f"shards[{k}].{key}: expected 64 hexadecimal digits"
         if not is_int(shard["count"], 1) or not is_int(shard["start"]) or shard["start"] != start:
             return f"shards[{k}] ({shard['file']}): start {shard['start']!r} and count {shard['count']!r} do not follow on"
         start += shard["count"]
@@ -1063,13 +1075,18 @@ class RowReader:
         """A shard opened after its data set was prepared again (prepare's move replaces every file)
         is the new set's: its rows are other images than the manifest this reader holds says, and
         were trained on under the old labels and splits without a word. Its input positions are read
-        (8 bytes a row) and compared with those the manifest gives its rows (by a digest)."""
+        (8 bytes a row) and compared with those the manifest gives its rows (by a digest). The same
+        positions drawn again (the same objects, seed and fractions) hold other pixels where the set
+        was prepared from changed images: the SHA-256 of its rows the shard holds is compared with its
+        manifest record's (where the set has one; an older dmhpc's has not)."""
         try:
             held = f["index"][:]
+            rows = f.attrs.get(ROWS_KEY)
         except (KeyError, OSError) as exc:
             raise DmhpcError(f"{path}: cannot read shard ({exc})") from None
+        expected = self.manifest["shards"][number].get(ROWS_KEY)
         if len(held) != self._starts[number + 1] - self._starts[number] or \
-                _index_digest(held) != self._index_digests[number]:
+                _index_digest(held) != self._index_digests[number] or (expected is not None and rows != expected):
             raise DmhpcError(f"{path}: its rows are not those the data set's manifest this run read gives it (the "
                              f"data set was prepared again since?); put the data set back, or prepare a changed one "
                              f"into a new folder")
