@@ -210,6 +210,20 @@ class _Loader(yaml.SafeLoader):
             seen.add(key)
         return super().construct_mapping(node, deep)
 
+    def construct_object(self, node, deep=False):
+        # PyYAML's own constructors of a scalar that is no valid value of its type raise Python's
+        # errors (2024-02-30 as a timestamp, !!float abc, !!bool maybe): a traceback, not a YAML error.
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as exc:
+            if not isinstance(node, yaml.ScalarNode):
+                raise
+            kind = node.tag.rsplit(":", 1)[-1]
+            why = f" ({exc})" if isinstance(exc, (ValueError, OverflowError)) else ""
+            raise yaml.constructor.ConstructorError(
+                None, None, f"{node.value!r} is read as a {kind} and is not a valid one{why}; quote it to keep "
+                f"it as text", node.start_mark) from None
+
 
 class _Dumper(yaml.SafeDumper):
     """Safe YAML output that `_Loader` reads back equal: a string like "2e3" is quoted."""

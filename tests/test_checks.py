@@ -96,6 +96,27 @@ def test_yaml_numbers_are_read_as_yaml_1_2_reads_them():
         parse_yaml("seed: !!int zz")
 
 
+@pytest.mark.parametrize("text, message", [
+    ("dir: 2024-02-30", r"'2024-02-30' is read as a timestamp and is not a valid one \(day is out of range for month\)"),
+    ("n: !!float abc", r"'abc' is read as a float and is not a valid one \(could not convert"),
+    ("on: !!bool maybe", r"'maybe' is read as a bool and is not a valid one; quote it to keep it as text"),
+    ("when: !!timestamp tomorrow", r"'tomorrow' is read as a timestamp and is not a valid one"),
+])
+def test_a_scalar_yaml_cannot_make_a_value_of_its_type_is_one_line(tmp_path, text, message):
+    """PyYAML's constructors raise Python's errors for these (ValueError, KeyError, AttributeError):
+    a config file, an override or a data config holding one ended in a traceback."""
+    from dmhpc.checks import read_yaml
+    from dmhpc.config import parse_override
+
+    path = tmp_path / "c.yaml"
+    path.write_text(f"run:\n  {text}\n")
+    with pytest.raises(DmhpcError, match=f"^{path}: invalid YAML: {message}.* \\(line 2, column"):
+        read_yaml(path)
+    key, value = text.split(": ")
+    with pytest.raises(DmhpcError, match=f"^command line: run.{key}: value .* is invalid YAML: {message}"):
+        parse_override(f"run.{key}={value}")
+
+
 def test_an_unquoted_slurm_time_is_hours_not_days(tmp_path):
     from dmhpc.launch import load_grid
     from tests.conftest import TINY
