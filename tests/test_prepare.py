@@ -719,6 +719,13 @@ def bad_case(tmp_path, case):
         path = save(tmp_path, "Xt.npy", images)
         os.truncate(path, os.path.getsize(path) // 2)
         return dict(files, images=path), ["Xt.npy: cannot read"]
+    if case in ("negative-shape", "huge-shape"):  # a header edited by hand: OverflowError tracebacks
+        header = np.lib.format.header_data_from_array_1_0(images)
+        header["shape"] = (-12, 3, 8, 8) if case == "negative-shape" else (12, 3, 8, 10 ** 20)
+        with open(tmp_path / "Xh.npy", "wb") as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            f.write(images.tobytes())
+        return dict(files, images=str(tmp_path / "Xh.npy")), ["Xh.npy: cannot read"]
     if case == "joined":  # numpy reads the first array of the two and ignores the rest: 12 of 24 rows
         path = save(tmp_path, "Xj.npy", images)
         Path(path).write_bytes(Path(path).read_bytes() * 2)
@@ -767,7 +774,8 @@ def bad_case(tmp_path, case):
 
 
 BAD_CASES = [
-    "missing", "not-npy", "npz", "fortran", "truncated", "joined", "dims", "channels", "int-images", "str-images",
+    "missing", "not-npy", "npz", "fortran", "truncated", "negative-shape", "huge-shape", "joined", "dims", "channels",
+    "int-images", "str-images",
     "structured-images", "zero-size-images", "label-count", "label-range",
     "label-fraction", "nan", "inf", "empty", "object-huge", "object-huge-unsigned", "object-count", "out-not-empty",
 ]
@@ -1672,3 +1680,20 @@ def test_a_name_two_files_spell_in_other_cases_is_not_found_not_guessed(inputs, 
                    for name in ("X.npy", "X.NPY")]
     other.unlink()  # one other spelling: taken, with a note
     assert resolve_spelling(asked) == (given, "x.npy not found; using X.npy, which differs in letter case only")
+
+
+def test_an_output_folder_that_cannot_be_listed_is_one_line(inputs, tmp_path, monkeypatch, capsys):
+    """A folder of someone else's (EACCES; this suite runs as root, so the refusal is injected) ended
+    prepare in a PermissionError traceback where its staging folder was already a one-line error."""
+    out = tmp_path / "theirs"
+    out.mkdir()
+    real_iterdir = Path.iterdir
+
+    def refused(path):
+        if path == out:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real_iterdir(path)
+
+    monkeypatch.setattr(Path, "iterdir", refused)
+    assert_fails(capsys, args({**inputs, "out": str(out)}), f"{out}: cannot list (Permission denied)")
+    assert list(real_iterdir(out)) == []

@@ -550,7 +550,9 @@ def open_npy(path: str | os.PathLike, expected: str = "a .npy file") -> np.ndarr
         raise DmhpcError(f"{name}: not {expected}")
     try:
         array = np.load(p, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as exc:  # truncated, or Python objects that cannot be mapped
+    # Truncated, Python objects that cannot be mapped, or a header edited by hand: a shape with a
+    # negative or huge dimension (OverflowError), or one no memory map can take (MemoryError).
+    except (ValueError, OSError, OverflowError, TypeError, MemoryError) as exc:
         raise DmhpcError(f"{name}: cannot read ({exc})") from None
     extra = p.stat().st_size - (getattr(array, "offset", 0) + array.nbytes)
     if extra > 0:  # numpy ignores them: files joined with `cat` read as the first, its rows lost

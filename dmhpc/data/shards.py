@@ -580,7 +580,10 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Non
         return
     if not out_dir.is_dir():
         raise DmhpcError(f"{out_dir}: exists and is not a directory")
-    names = sorted(p.name for p in out_dir.iterdir())
+    try:
+        names = sorted(p.name for p in out_dir.iterdir())
+    except OSError as exc:
+        raise DmhpcError(f"{out_dir}: cannot list ({exc.strerror})") from None
     manifest = _owner_of_manifest(out_dir) if MANIFEST in names else None
     if manifest == "other":
         raise DmhpcError(f"{out_dir / MANIFEST}: not a dmhpc data set's manifest; choose another directory "
