@@ -14,7 +14,8 @@
 #   sbatch --nodes=4 --gpus-per-node=4 --cpus-per-task=32 slurm/train_ddp.sh configs/resnet18-dann.yaml seed=1
 # The #SBATCH lines are defaults; a flag given to sbatch wins. GPUs are asked for at submit time
 # (--gpus-per-node=N): a GPU request here would make the job unschedulable on CPU-only nodes.
-# --cpus-per-task is per node (the one torchrun task shares them among its ranks' data loaders).
+# --cpus-per-task is per task: per node with the default one task per node (torchrun shares them
+# among its ranks' data loaders); with --ntasks-per-node=R each node gets R times as many.
 #
 # Environment (exported by sbatch from the submitting shell, like the active virtual env):
 #   PYTHON          interpreter of the environment to train with (default: python on PATH)
