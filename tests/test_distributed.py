@@ -30,7 +30,7 @@ SLURM_STEP = dict(SLURM_JOB_ID="12345", SLURM_PROCID="3", SLURM_LOCALID="1", SLU
 # --- which launcher: pure logic --------------------------------------------------------------------
 
 def test_plain_process_is_single():
-    assert detect_launch({}) == Launch("single", 0, 0, 1)
+    assert detect_launch({}) == Launch("single", 0, 0, 1, local_world_size=1)  # a world of one: alone on its node
 
 
 def test_torchrun_variables():
