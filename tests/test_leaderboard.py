@@ -59,6 +59,43 @@ def test_leaderboard_ranks_by_selection_score_and_marks_oracle_and_unfinished(tm
     assert f"| 1 | {name(0, 'oracle-target-acc')} | oracle-target-acc (oracle) | 0.9900 |" in md
 
 
+def test_leaderboard_ranks_within_each_pair_of_data_sets_and_apart_from_runs_trained_on_the_target(tmp_path):
+    """A grid over data.target ranked the scores of two surveys in one list, and a run trained on
+    the target itself (its "source" validation labels the target's) first among the label-free runs."""
+    spec = {"base": str(TINY), "out": str(tmp_path), "executor": "local",
+            "overrides": {"data.source": "sims/pristine"},
+            "grid": {"seed": [0, 1], "data.target": ["a/noisy", "b/noisy", "./sims/pristine"]}}
+    points = {p.name: p for p in load_grid(spec).points}
+    by_values = {(p.values["seed"], p.values["data.target"]): p.name for p in points.values()}
+    name = lambda seed, target: by_values[seed, target]  # noqa: E731
+    scores = {name(0, "a/noisy"): 0.7, name(1, "a/noisy"): 0.8, name(0, "b/noisy"): 0.6, name(1, "b/noisy"): 0.6,
+              name(0, "./sims/pristine"): 0.99, name(1, "./sims/pristine"): 0.98}
+    for point_name, score in scores.items():
+        _finished(points[point_name], score, 0.5)
+    rows = write_leaderboard(tmp_path, points.values())
+    ranks = {r["point"]: (r["data"], r["rank"], r["oracle"]) for r in rows}
+    assert ranks == {
+        name(1, "a/noisy"): ("pristine -> a/noisy", 1, False), name(0, "a/noisy"): ("pristine -> a/noisy", 2, False),
+        # Equal scores share a rank.
+        name(0, "b/noisy"): ("pristine -> b/noisy", 1, False), name(1, "b/noisy"): ("pristine -> b/noisy", 1, False),
+        name(0, "./sims/pristine"): ("pristine -> pristine", 1, True),
+        name(1, "./sims/pristine"): ("pristine -> pristine", 2, True)}
+    md = (tmp_path / "leaderboard.md").read_text()
+    assert "ranked within each criterion and pair of data sets" in md and "ranked apart from the others" in md
+    assert f"| 1 | {name(0, './sims/pristine')} | pristine -> pristine | source-val-acc (oracle) | 0.9900 |" in md
+    # A score edited to Infinity (or past a float) is no score, not the best.
+    for point_name, score in ((name(0, "a/noisy"), "Infinity"), (name(1, "a/noisy"), "1" + "0" * 400)):
+        path = points[point_name].run_dir / "eval" / "best_test.json"
+        path.write_text(re.sub(r'"score": [0-9.]+', f'"score": {score}', path.read_text()))
+    rows = write_leaderboard(tmp_path, points.values())
+    assert [r["rank"] for r in rows if r["point"] in (name(0, "a/noisy"), name(1, "a/noisy"))] == [None, None]
+    # The summary's means skip such a metric (its 400 digits raised OverflowError).
+    path = points[name(0, "a/noisy")].run_dir / "eval" / "best_test.json"
+    path.write_text(path.read_text().replace('"accuracy": 0.9', '"accuracy": 1' + "0" * 400))
+    row = next(r for r in summary_rows(points.values()) if r["data.target"] == "a/noisy")
+    assert (row["source_accuracy_mean"], row["source_accuracy_n"]) == (0.9, 1)
+
+
 def test_leaderboard_columns_scores_without_a_number_and_unfinished_oracles(tmp_path):
     """Every metric of the fixtures above is 0.5 (columns swapped went unseen), and none had a
     negative score (DEV's), a finished run without a score, or an unfinished oracle run."""

@@ -5,8 +5,11 @@ as the trainer recorded it with the test result of the selected checkpoint ("che
 "selection"). Every criterion but "oracle-target-acc" is computed without target labels, so the
 ranking is a choice a user could make without them. Target-domain test metrics are shown beside
 it for reporting only: choosing a run by them uses the labels domain adaptation assumes unknown.
-Runs selected with the oracle are marked. Scores of different criteria are not comparable: a grid
-over `select.criterion` is ranked within each criterion.
+Runs selected with the oracle, or trained on the target data set itself (source and target one
+set: its "source" validation labels are the target's), are marked and ranked apart from the others.
+Scores of different criteria, or of different data (a grid over `data.target`), are not comparable:
+runs are ranked within each criterion and pair of data sets. Equal scores share a rank (1, 1, 3);
+a score that is not a finite number (a hand-edited result) is no score.
 
 Unfinished points follow the finished ones, with the score of their best checkpoint so far.
 """
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Iterable, Mapping
 
 from dmhpc.files import atomic_path, atomic_write
-from dmhpc.launch.spec import Point
+from dmhpc.launch.spec import Point, data_pair, short_names
 from dmhpc.run import RunDir
 from dmhpc.names import CRITERIA, REPORTED_METRICS
 
@@ -27,8 +30,15 @@ REPORT_ONLY = "_reporting_only"  # suffix of the target columns in the CSV
 
 
 def number(value) -> float:
-    """A result's number, NaN where there is none (an unlabelled domain's accuracy, a missing score)."""
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+    """A result's number, NaN where there is none (an unlabelled domain's accuracy, a missing score)
+    or none that is finite (Infinity, or an integer of 400 digits, written into a result by hand)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return math.nan
+    try:
+        value = float(value)
+    except OverflowError:
+        return math.nan
+    return value if math.isfinite(value) else math.nan
 
 
 def _best_so_far(run: RunDir) -> dict:
@@ -47,14 +57,16 @@ def _best_so_far(run: RunDir) -> dict:
 
 
 def point_row(point: Point, failed: str | None = None) -> dict:
-    """One leaderboard row: the point's values, status, selection and test metrics."""
+    """One leaderboard row: the point's values, status, selection and test metrics; "oracle" when
+    target labels chose the checkpoint or trained the run."""
     row: dict = {"point": point.name, **{k: v for k, v in sorted(point.values.items())}}
+    on_target = point.config.data.trains_on_target()
     # A result of a run that trained to another length than the point asks is no result of the point.
     result = point.run.read_result("best", "test") if point.finished else None
     if result is not None:
         selected = result.get("checkpoint", {})
         row.update(status="finished", criterion=selected.get("criterion"), score=number(selected.get("score")),
-                   oracle=bool(result.get("oracle")), epoch=selected.get("epoch"))
+                   oracle=bool(result.get("oracle")) or on_target, epoch=selected.get("epoch"))
         for domain in ("source", "target"):
             for m in REPORTED_METRICS:
                 row[f"{domain}_{m}"] = number(result.get(domain, {}).get(m))
@@ -63,7 +75,7 @@ def point_row(point: Point, failed: str | None = None) -> dict:
         status = "failed" if failed else ("unfinished" if point.run.checkpoint_dir.is_dir() else "not started")
         criterion = selected.get("criterion", point.config.select.criterion)
         row.update(status=status, criterion=criterion, score=number(selected.get("score")),
-                   oracle=CRITERIA.get(criterion, False), epoch=selected.get("epoch"))
+                   oracle=CRITERIA.get(criterion, False) or on_target, epoch=selected.get("epoch"))
     row["run_dir"] = str(point.run_dir)
     return row
 
@@ -73,21 +85,32 @@ STATUS_ORDER = ("finished", "unfinished", "failed", "not started")
 
 def _order(row: dict):
     score = row["score"]
-    return (STATUS_ORDER.index(row["status"]), row["criterion"] or "", math.isnan(score),
+    return (STATUS_ORDER.index(row["status"]), row["data"], row["criterion"] or "", row["oracle"], math.isnan(score),
             0.0 if math.isnan(score) else -score, row["point"])
 
 
 def leaderboard_rows(points: Iterable[Point], failed: Mapping[str, str] | None = None) -> list[dict]:
-    """Rows in rank order; finished rows get a rank (1 = best) within their criterion."""
+    """Rows in rank order; finished rows get a rank (1 = best) within their pair of data sets,
+    criterion and oracle mark, equal scores the same rank."""
     failed = failed or {}
-    rows = sorted((point_row(p, failed.get(p.name)) for p in points), key=_order)
-    counters: dict[str, int] = {}
+    points = list(points)
+    pairs = {p.name: data_pair(p) for p in points}
+    names = short_names(path for pair in pairs.values() for path in pair)
+    rows = []
+    for p in points:
+        row = point_row(p, failed.get(p.name))
+        row["data"] = " -> ".join(names[path] for path in pairs[p.name])
+        rows.append(row)
+    rows.sort(key=_order)
+    seen: dict[tuple, tuple[int, float, int]] = {}  # group -> rows ranked so far, the last one's score and rank
     for row in rows:
+        row["rank"] = None
         if row["status"] == "finished" and not math.isnan(row["score"]):
-            counters[row["criterion"]] = counters.get(row["criterion"], 0) + 1
-            row["rank"] = counters[row["criterion"]]
-        else:
-            row["rank"] = None
+            group = (row["data"], row["criterion"], row["oracle"])
+            count, last, rank = seen.get(group, (0, math.nan, 0))
+            count += 1
+            row["rank"] = rank if row["score"] == last else count
+            seen[group] = (count, row["score"], row["rank"])
     return rows
 
 
@@ -107,7 +130,7 @@ def write_leaderboard(out: Path, points: Iterable[Point], failed: Mapping[str, s
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    columns = ["rank", "point", "status", "criterion", "score", "oracle", "epoch", *keys,
+    columns = ["rank", "point", "status", "data", "criterion", "score", "oracle", "epoch", *keys,
                *(f"source_{m}" for m in REPORTED_METRICS), *(f"target_{m}{REPORT_ONLY}" for m in REPORTED_METRICS), "run_dir"]
     with atomic_path(out / "leaderboard.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, columns)
@@ -125,13 +148,21 @@ def write_leaderboard(out: Path, points: Iterable[Point], failed: Mapping[str, s
              "oracle.",
              "Target-domain test metrics (†) are for reporting only: choosing a run by them uses the target "
              "labels that domain adaptation assumes unknown."]
-    if len(criteria) > 1:
-        lines.append("Scores of different criteria are not comparable: runs are ranked within each criterion.")
-    lines += ["", "| rank | point | criterion | score | epoch | source acc | source AUC | target acc † "
-              "| target AUC † | target F1 † | status |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    pairs = sorted({r["data"] for r in rows})
+    if len(criteria) > 1 or len(pairs) > 1:
+        lines.append("Scores of different criteria or data are not comparable: runs are ranked within each "
+                     "criterion and pair of data sets (source -> target).")
+    if any(r["oracle"] for r in rows):
+        lines.append("Runs marked oracle (chosen by target labels, or trained on the target data set) are ranked "
+                     "apart from the others.")
+    data = len(pairs) > 1
+    lines += ["", "| rank | point | " + ("data | " if data else "") + "criterion | score | epoch | source acc "
+              "| source AUC | target acc † | target AUC † | target F1 † | status |",
+              "|---|---|" + ("---|" if data else "") + "---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         criterion = (r["criterion"] or "") + (" (oracle)" if r["oracle"] else "")
-        lines.append(f"| {_fmt(r['rank'])} | {r['point']} | {criterion} | {_fmt(r['score'])} | {_fmt(r['epoch'])} "
+        lines.append(f"| {_fmt(r['rank'])} | {r['point']} | " + (f"{r['data']} | " if data else "")
+                     + f"{criterion} | {_fmt(r['score'])} | {_fmt(r['epoch'])} "
                      f"| {_fmt(r.get('source_accuracy'), 3)} | {_fmt(r.get('source_roc_auc'), 3)} "
                      f"| {_fmt(r.get('target_accuracy'), 3)} | {_fmt(r.get('target_roc_auc'), 3)} "
                      f"| {_fmt(r.get('target_f1'), 3)} | {r['status']} |")

@@ -213,6 +213,26 @@ class Point:
         return finished_as(self.run, self.config)
 
 
+def data_pair(point: Point) -> tuple[Path, Path]:
+    """The point's source and target data sets, resolved: data/x and ./data/x are one, and two data
+    sets in folders of the same name are two."""
+    return Path(point.config.data.source).resolve(), Path(point.config.data.target).resolve()
+
+
+def short_names(paths: Iterable[Path]) -> dict[Path, str]:
+    """Each distinct path as its shortest tail that no other path shares: the folder name unless two
+    data sets share it (a/pristine and b/pristine)."""
+    paths = set(paths)
+    names = {}
+    for path in paths:
+        for depth in range(1, len(path.parts) + 1):
+            tail = path.parts[-depth:]
+            if all(other.parts[-depth:] != tail for other in paths - {path}):
+                break
+        names[path] = str(Path(*tail))
+    return names
+
+
 def finished_as(run: RunDir, cfg: Config) -> bool:
     """The trainer wrote the test metrics of the run's selected checkpoint, and trained as long as
     `cfg` asks (the same train.epochs, max_steps and early_stopping): a run asked to train longer

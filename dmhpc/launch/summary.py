@@ -90,7 +90,7 @@ def summary_rows(points: Iterable[Point], gap: tuple[str, str] | None = None) ->
                    target_through_batchnorm=any(trained_the_old_way(p) for p in members if p.finished))
         for domain in DOMAINS:
             for m in REPORTED_METRICS:
-                values = [r[domain][m] for _, r in results if isinstance(r.get(domain, {}).get(m), (int, float))]
+                values = [number(r.get(domain, {}).get(m)) for _, r in results]
                 row[f"{domain}_{m}_mean"], row[f"{domain}_{m}_std"], row[f"{domain}_{m}_n"] = _mean_std(values)
         # NaN where a result has no target accuracy: an unlabelled target (a survey) has none.
         row["target_accuracy_per_seed"] = [number(r.get("target", {}).get("accuracy")) for _, r in results]

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Iterable
 
 from dmhpc.files import atomic_path, atomic_write
-from dmhpc.launch.spec import Point
+from dmhpc.launch.spec import Point, data_pair, short_names
 from dmhpc.launch.summary import remove_stale
 from dmhpc.names import LABEL_FREE
 
@@ -73,20 +73,6 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
-def _short_names(paths: Iterable[Path]) -> dict[Path, str]:
-    """Each distinct path as its shortest tail that no other path shares: the folder name unless two
-    data sets share it (a/pristine and b/pristine)."""
-    paths = set(paths)
-    names = {}
-    for path in paths:
-        for depth in range(1, len(path.parts) + 1):
-            tail = path.parts[-depth:]
-            if all(other.parts[-depth:] != tail for other in paths - {path}):
-                break
-        names[path] = str(Path(*tail))
-    return names
-
-
 def validator_rows(points: Iterable[Point]) -> list[dict]:
     """One row per (domain pair, criterion); see the module docstring. [] when no run scored validators."""
     # Keyed by the resolved data paths: different data sets in folders of the same name are
@@ -99,9 +85,8 @@ def validator_rows(points: Iterable[Point]) -> list[dict]:
             continue  # failed, still training, or asked to train longer: not a run's whole history
         checkpoints = _checkpoints(p)
         if checkpoints:
-            pair = (Path(p.config.data.source).resolve(), Path(p.config.data.target).resolve())
-            runs.setdefault(pair, []).append((p, checkpoints))
-    names = _short_names(path for pair in runs for path in pair)
+            runs.setdefault(data_pair(p), []).append((p, checkpoints))
+    names = short_names(path for pair in runs for path in pair)
     rows = []
     for (source, target), members in runs.items():
         pair = f"{names[source]} -> {names[target]}"
