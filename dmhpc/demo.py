@@ -4,6 +4,10 @@ synth -> prepare -> verify -> info -> train DeepMerge without adaptation and wit
 MMD + Fisher + entropy -> evaluate both on the test split -> a merger catalog of the noisy test
 images and an explanation grid from the adapted model -> a table and the paths of the plots.
 Every step is the same command a user would type, so the demo is also a smoke test of the CLI.
+
+The demo replaces its runs, catalog and explanations at every start, so it works only in a folder of
+its own: one it made (marked by MARK, which also records the render its shards were prepared
+from), or an earlier demo's; any other folder that is not empty is refused.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from dmhpc.checks import Invalid, integer
 from dmhpc.config import load_config, override_text
 from dmhpc.data.prepare import Options
 from dmhpc.errors import DmhpcError
+from dmhpc.files import atomic_write
 from dmhpc.run import RunDir
 from dmhpc.train.evaluate import format_table
 
@@ -24,6 +29,11 @@ RUNS = {
     "no adaptation": "configs/deepmerge-noda.yaml",
     "MMD + Fisher + entropy": "configs/deepmerge-mmd-fisher-entropy.yaml",
 }
+MARK = ".dmhpc-demo.json"
+CATALOG = "noisy_test_catalog.ecsv"
+# What a demo writes in its folder (a run's lock lies beside its folder).
+_OWN_NAMES = {MARK, "data", "shards", "explain", CATALOG, *(Path(c).stem for c in RUNS.values()),
+              *(f"{Path(c).stem}.lock" for c in RUNS.values())}
 
 
 def demo_arguments(parser) -> None:
@@ -49,6 +59,7 @@ def demo_main(args, run_command) -> int:
     _check_size(root, args.n_per_class)
     for config in RUNS.values():  # --epochs and --seed as the runs take them: said before minutes of rendering
         load_config(root / config, _overrides(shards, out / Path(config).stem, args))
+    record = _claim(out)
 
     def step(title: str, argv: list[str]) -> None:
         print(f"\n== {title}: dmhpc {' '.join(argv)}", flush=True)
@@ -56,17 +67,22 @@ def demo_main(args, run_command) -> int:
             raise DmhpcError(f"demo step failed: dmhpc {' '.join(argv)}")
 
     # A render of other arguments is replaced, and the shards follow every render: a second demo with
-    # another --n-per-class or --seed never trains on the first one's data.
+    # another --n-per-class or --seed never trains on the first one's data, nor on an earlier render's
+    # shards where the conversion of this one was interrupted (prepare keeps a data set until it
+    # publishes the new one).
     rendered = _rendered(raw / "meta.json")
     asked = {"n_per_class": args.n_per_class, "seed": args.seed}
     if rendered != asked:
+        _record(out, record, prepared=None)
         step("render the embedded data set", ["synth", "--out", str(raw), "--n-per-class", str(args.n_per_class),
                                                "--seed", str(args.seed), "--workers", str(args.workers)]
              + (["--overwrite"] if rendered is not None else []))
-    if rendered != asked or not all((shards / d / "manifest.json").exists() for d in ("pristine", "noisy")):
+    if record.get("prepared") != asked or not all((shards / d / "manifest.json").exists()
+                                                  for d in ("pristine", "noisy")):
         step("convert to sharded HDF5", ["prepare", "--data-config", str(root / "configs/data/embedded.yaml"),
                                          "--root", str(raw), "--out", str(shards), "--seed", str(args.seed),
                                          "--overwrite"])
+        _record(out, record, prepared=asked)
     for domain in ("pristine", "noisy"):
         step(f"verify {domain}", ["verify", str(shards / domain)])
         step(f"summarize {domain}", ["info", str(shards / domain)])
@@ -81,7 +97,7 @@ def demo_main(args, run_command) -> int:
 
     # The last mile: the adapted model's merger catalog of the noisy test images, and what it looks at.
     adapted = out / Path(RUNS["MMD + Fisher + entropy"]).stem
-    catalog = out / "noisy_test_catalog.ecsv"
+    catalog = out / CATALOG
     step("merger catalog of the noisy test images", ["predict", "--run", str(adapted), "--data", str(shards / "noisy"),
                                                       "--split", "test", "--out", str(catalog), "--overwrite"])
     explained = out / "explain"
@@ -118,6 +134,43 @@ def _check_size(root: Path, n_per_class: int) -> None:
         least = math.ceil(batch / (2 * Options().fractions[0]))
         raise DmhpcError(f"--n-per-class {n_per_class}: about {rows} training images per domain, fewer than one "
                          f"batch of {batch}; give at least {least}")
+
+
+def _claim(out: Path) -> dict:
+    """The demo's record of its folder `out` (made, and marked, here when it is new). An earlier
+    demo's folder without the mark (its render and nothing but a demo's files) is taken on, its
+    shards prepared again; any other folder that is not empty is refused: the demo would replace
+    the runs in it (`--out runs` held the shipped configs' own run folders)."""
+    try:
+        record = json.loads((out / MARK).read_text())
+        return record if isinstance(record, dict) else {}
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError):
+        return {}  # unreadable or hand-edited: its shards prepared again
+    try:
+        names = sorted(p.name for p in out.iterdir())
+    except FileNotFoundError:
+        names = []
+    except OSError as exc:
+        raise DmhpcError(f"--out {out}: cannot list ({exc.strerror})") from None
+    foreign = [n for n in names if n not in _OWN_NAMES]
+    if foreign or (names and not (out / "data" / "meta.json").is_file()):
+        raise DmhpcError(f"--out {out}: holds {(foreign or names)[0]}, and is not a demo's folder (the demo replaces "
+                         f"its runs at every start); give --out a new folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DmhpcError(f"--out {out}: cannot create: {exc.strerror}") from None
+    return _record(out, {}, prepared=None)
+
+
+def _record(out: Path, record: dict, **changes) -> dict:
+    """`record` with `changes`, written to the folder's mark (durably: it says which render the
+    shards are of)."""
+    record.update(changes)
+    atomic_write(out / MARK, json.dumps(record) + "\n")
+    return record
 
 
 def _rendered(meta: Path) -> dict | None:

@@ -400,8 +400,11 @@ def test_the_demo_runs_every_step_with_its_own_settings(tmp_path):
 
 def test_a_second_demo_keeps_a_render_of_the_same_arguments_only(tmp_path):
     """A render is kept for the same --n-per-class and --seed only, and then prepared again only
-    where its shards are missing; another render (or one whose record cannot be read) is replaced,
-    with --overwrite, and prepared again: a demo never trains on another demo's data."""
+    where its shards are missing or are not of it; another render (or one whose record cannot be
+    read) is replaced, with --overwrite, and prepared again: a demo never trains on another demo's
+    data."""
+    from dmhpc.demo import MARK
+
     out = tmp_path / "demo"
     (out / "data").mkdir(parents=True)
     meta = out / "data" / "meta.json"
@@ -410,6 +413,9 @@ def test_a_second_demo_keeps_a_render_of_the_same_arguments_only(tmp_path):
         (out / "shards" / domain).mkdir(parents=True)
         (out / "shards" / domain / "manifest.json").write_text("{}")
     same = ["--n-per-class", "100", "--seed", "4"]
+    # An earlier demo's folder, without the mark: its shards' render is not known, so they are prepared again.
+    assert [s[0] for s in _demo_steps(out, *same, fail_at="verify")] == ["prepare", "verify"]
+    assert json.loads((out / MARK).read_text()) == {"prepared": {"n_per_class": 100, "seed": 4}}
     assert [s[0] for s in _demo_steps(out, *same, fail_at="verify")] == ["verify"]
     (out / "shards" / "noisy" / "manifest.json").unlink()
     assert [s[0] for s in _demo_steps(out, *same, fail_at="verify")] == ["prepare", "verify"]
@@ -421,6 +427,35 @@ def test_a_second_demo_keeps_a_render_of_the_same_arguments_only(tmp_path):
     meta.write_text("{not json")
     steps = _demo_steps(out, *same, fail_at="verify")
     assert [s[0] for s in steps] == ["synth", "prepare", "verify"] and _parsed(steps[0]).overwrite
+    # Rendered anew, its conversion interrupted: prepare keeps the earlier render's shards until it
+    # publishes, and the next demo of the same arguments trained on them (its render was "kept").
+    assert [s[0] for s in _demo_steps(out, "--n-per-class", "120", "--seed", "4", fail_at="prepare")] == [
+        "synth", "prepare"]
+    meta.write_text(json.dumps({"n_per_class": 120, "seed": 4}))  # as the real render left it
+    steps = _demo_steps(out, "--n-per-class", "120", "--seed", "4", fail_at="verify")
+    assert [s[0] for s in steps] == ["prepare", "verify"]
+
+
+def test_the_demo_works_only_in_a_folder_of_its_own(tmp_path, capsys):
+    """Every start replaces the demo's runs (train --overwrite): `--out runs` replaced the shipped
+    configs' own run folders, runs/deepmerge-noda among them, without a word."""
+    from dmhpc.demo import MARK
+
+    out = tmp_path / "runs"
+    (out / "deepmerge-noda").mkdir(parents=True)
+    (out / "deepmerge-noda" / "config.yaml").write_text("seed: 0\n")
+    assert main(["demo", "--out", str(out), "--n-per-class", "100"]) == 1
+    assert capsys.readouterr().err == (f"dmhpc demo: error: --out {out}: holds deepmerge-noda, and is not a demo's "
+                                       f"folder (the demo replaces its runs at every start); give --out a new folder\n")
+    (out / "deepmerge-noda" / "config.yaml").unlink()
+    (out / "deepmerge-noda" / "eval").mkdir()
+    (out / "results.txt").write_text("mine")
+    assert main(["demo", "--out", str(out), "--n-per-class", "100"]) == 1
+    assert "holds results.txt, and is not a demo's folder" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["deepmerge-noda", "results.txt"]  # (no mark left)
+    # A new folder is the demo's: made and marked.
+    steps = _demo_steps(tmp_path / "new", fail_at="synth")
+    assert [s[0] for s in steps] == ["synth"] and (tmp_path / "new" / MARK).is_file()
 
 
 def test_a_demo_step_that_fails_with_any_code_stops_the_demo(tmp_path):
