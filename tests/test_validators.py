@@ -136,3 +136,17 @@ def test_a_grid_of_one_method_has_no_method_figures(tmp_path):
     assert rows and all(math.isnan(r["method_target_acc"]) and math.isnan(r["method_oracle_acc"])
                         and r["method_picked"] == "" for r in rows)
     assert rows[0]["checkpoint_target_acc"] == pytest.approx((0.55 + 0.7) / 2)
+
+
+def test_a_validator_the_log_holds_as_null_is_no_score(tmp_path):
+    """The run log takes a validator's score as null (jq writes NaN so): the table's Spearman over
+    the scored checkpoints ended the grid in a TypeError after its whole study had trained."""
+    spec = {"out": str(tmp_path / "out"), "executor": "local", "grid": {"seed": [1]},
+            "methods": {"plain": {"base": str(TINY)}, "mmd": {"base": str(TINY), "overrides": {"loss.transfer": "mmd"}}}}
+    points = {p.values["method"]: p for p in load_grid(spec).points}
+    _log(points["plain"], [0.9, 0.8, 0.7], [0.1, 0.2, 0.3], [0.5, 0.6, 0.7], [0.55, 0.65, 0.75])
+    _log(points["mmd"], [0.6, 0.7, 0.65], [0.35, 0.2, 0.1], [0.8, 0.7, 0.6], [0.8, 0.7, 0.6])
+    log = points["plain"].run_dir / "metrics.jsonl"
+    log.write_text(log.read_text().replace('"im": 0.1', '"im": null', 1))
+    rows = {r["criterion"]: r for r in write_validators(tmp_path / "out", points.values())}
+    assert rows["im"]["checkpoints"] == 5 and rows["source-val-acc"]["checkpoints"] == 6

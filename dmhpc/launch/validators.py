@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Iterable
 
 from dmhpc.files import atomic_path, atomic_write
+from dmhpc.launch.leaderboard import number
 from dmhpc.launch.spec import Point, data_pair, short_names
 from dmhpc.launch.summary import remove_stale
 from dmhpc.names import LABEL_FREE
@@ -50,7 +51,9 @@ def _checkpoints(point: Point) -> list[dict]:
         oracle = r.get("target", {}).get("val", {}).get("accuracy")
         if not isinstance(test, (int, float)) or not isinstance(oracle, (int, float)):
             continue  # an unlabelled target: nothing to check the validators against
-        out.append({**r["validators"], ORACLE: oracle, "test": test, "epoch": r["epoch"]})
+        # A score the log holds as null (NaN as jq writes it) is NaN here, as the trainer wrote it.
+        scores = {k: number(v) for k, v in r["validators"].items()} if isinstance(r["validators"], dict) else {}
+        out.append({**scores, ORACLE: oracle, "test": test, "epoch": r["epoch"]})
     return out
 
 
