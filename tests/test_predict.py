@@ -90,6 +90,26 @@ def test_a_run_json_with_one_statistic_for_three_channels_is_refused_not_broadca
     assert len(err.splitlines()) == 1 and not out.exists(), err
 
 
+@pytest.mark.parametrize("key, value", [("selection", [1, 2]), ("progress", [2, 0])])
+def test_a_checkpoint_whose_selection_or_progress_is_edited_is_one_line(trained, tmp_path, capsys, key, value):
+    """best.pt's selection or progress as a list: predict and eval ended in a TypeError or
+    AttributeError, and a grid's leaderboard too (there: no score yet, as for a damaged one)."""
+    from dmhpc.launch.leaderboard import _best_so_far
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    best = run / "checkpoints" / "best.pt"
+    state = torch.load(best, weights_only=True)
+    state[key] = value
+    torch.save(state, best)
+    out = tmp_path / "c.ecsv"
+    assert main(["predict", "--run", str(run), "--images", str(trained["survey"]), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"dmhpc predict: error: {best}: its {key!r} entry is a list, not a dict (an edited checkpoint, "
+                   f"or not one of dmhpc)\n") and not out.exists()
+    assert _best_so_far(RunDir(run)) == {}
+
+
 def test_the_catalog_is_the_forward_pass_in_input_order(trained, tmp_path, capsys):
     out = tmp_path / "survey.parquet"
     assert main(["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--out", str(out),

@@ -44,4 +44,4 @@ def load_trained(run: RunDir, checkpoint: str) -> Trained:
     data = run.trained_data(state, path)
     net = build_backbone(cfg, data["source"]["shape"][0])
     load_weights(net, state, path)
-    return Trained(net.eval(), cfg, path, checkpoint_info(checkpoint, state), sha256, data)
+    return Trained(net.eval(), cfg, path, checkpoint_info(checkpoint, state, path), sha256, data)

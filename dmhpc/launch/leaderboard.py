@@ -51,9 +51,9 @@ def _best_so_far(run: RunDir) -> dict:
 
     try:
         state = torch.load(best, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # written at this moment, or damaged: the row just has no score yet
+        return checkpoint_info("best", state, best)
+    except Exception:  # written at this moment, damaged or edited: the row just has no score yet
         return {}
-    return checkpoint_info("best", state)
 
 
 def point_row(point: Point, failed: str | None = None) -> dict:

@@ -114,10 +114,14 @@ def _load(path: Path, source) -> dict:
     return state
 
 
-def checkpoint_info(name: str, state: dict) -> dict:
-    """What a checkpoint holds, for result files, model cards and titles: its name, step, selection,
-    and the epoch of its weights, numbered as metrics.jsonl numbers epochs (from 0). The progress
-    says where a resume starts, which for a checkpoint written at an epoch's end is the next epoch."""
+def checkpoint_info(name: str, state: dict, path: str | os.PathLike) -> dict:
+    """What the checkpoint `path` holds, for result files, model cards and titles: its name, step,
+    selection, and the epoch of its weights, numbered as metrics.jsonl numbers epochs (from 0). The
+    progress says where a resume starts, which for a checkpoint written at an epoch's end is the
+    next epoch. An entry of another type than a run writes is a one-line error naming the file."""
+    for key in ("progress", "selection"):
+        if not isinstance(state.get(key, {}), dict):
+            raise unfit(path, EditedCheckpoint(f"its {key!r} entry is a {type(state[key]).__name__}, not a dict"))
     epoch = state.get("epoch")
     if isinstance(epoch, int) and epoch > 0 and state.get("progress", {}).get("step_in_epoch") == 0:
         epoch -= 1
