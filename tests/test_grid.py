@@ -641,7 +641,7 @@ def test_a_methods_override_of_a_random_space_key_is_refused(tmp_path):
     """A method fixing a key the random search draws: the method's value won at every point, and its
     points differed in name only."""
     spec = study_spec(tmp_path, grid=None, random={"n": 2, "space": {"loss.entropy_weight": [0.0, 0.1]}})
-    del spec["grid"]
+    del spec["grid"], spec["gap"]  # (a gap needs seeds)
     spec["methods"]["mmd"]["overrides"]["loss.entropy_weight"] = 0.05
     with pytest.raises(DmhpcError, match=r"^<launch dict>: methods\.mmd\.overrides\.loss\.entropy_weight: also a "
                                          r"grid or random\.space key$"):
@@ -661,6 +661,22 @@ def test_a_gap_from_a_method_to_itself_is_refused(tmp_path):
     """A gap from and to one method spans nothing: every "gap closed" cell was empty, unexplained."""
     with pytest.raises(DmhpcError, match=r"^<launch dict>: gap: from and to are the same method \(plain\)$"):
         load_grid(study_spec(tmp_path, gap={"from": "plain", "to": "plain"}))
+
+
+def test_a_gap_without_seeds_is_refused(tmp_path):
+    """A gap in a study that does not vary the seed was taken, and no summary nor gap was ever
+    written, without a word."""
+    with pytest.raises(DmhpcError, match=r"^<launch dict>: gap: needs seed among the grid keys"):
+        load_grid(study_spec(tmp_path, grid={"optim.lr": [0.01, 0.02]}, overrides={"seed": 3}))
+
+
+@pytest.mark.parametrize("name", ["summary.csv", "leaderboard.md", "validators.csv", "submitit"])
+def test_a_method_named_as_a_file_of_the_study_is_refused(tmp_path, name):
+    """Its runs trained into OUT/NAME, and then the study's table of that name was refused ("Is a directory")."""
+    spec = study_spec(tmp_path)
+    spec["methods"][name] = spec["methods"].pop("mmd")
+    with pytest.raises(DmhpcError, match=rf"^<launch dict>: methods.{re.escape(name)}: a name of the study's own files"):
+        load_grid(spec)
 
 
 def test_a_point_that_failed_before_and_ran_now_is_no_longer_recorded_as_failed(tmp_path):

@@ -67,6 +67,9 @@ GRID_KEYS = ("base", "methods", "gap", "out", "executor", "overrides", "grid", "
 METHOD_KEYS = ("base", "overrides")
 GAP_KEYS = ("from", "to")
 METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
+# What a study writes in OUT beside its methods' folders: a method of one of these names trained, and
+# then its tables were refused ("OUT/summary.csv: Is a directory").
+TABLE_NAMES = ("submitit", *(f"{t}.{x}" for t in ("leaderboard", "summary", "validators") for x in ("csv", "md")))
 RANDOM_KEYS = ("n", "seed", "space")
 # Keys the launcher sets for every point, and why.
 LAUNCHER_KEYS = {"run.dir": "OUT/<point name>", "train.signals": "[submitit's preemption signal]"}
@@ -168,6 +171,9 @@ def _read_methods(problems: Problems, data: Any, here: Path) -> dict[str, tuple[
             problems.add(f"methods.{show(name)}", "a method name is a directory name: letters, digits and ._+- "
                          "(not starting with a punctuation mark)")
             continue
+        if name in TABLE_NAMES:
+            problems.add(where, f"a name of the study's own files in OUT ({', '.join(TABLE_NAMES)}); choose another")
+            continue
         if not isinstance(spec, Mapping):
             problems.add(where, f"expected a mapping with base and overrides, got {show(spec)}")
             continue
@@ -237,6 +243,9 @@ def load_grid(spec: str | Path | Mapping, executor: str | None = None, *, check_
     elif "base" in data:
         bases[None] = (base_path(problems, "base", take(problems, data, "base", path_text()), here), overrides)
     gap = _read_gap(problems, data.get("gap"), bases if "methods" in data else {})
+    if gap and "seed" not in grid:
+        problems.add("gap", "needs seed among the grid keys (grid: {seed: [1, 2, 3]}): the gap closed is a mean over "
+                     "seeds, and a study without them writes no summary")
     if problems.lines:  # the points would repeat these problems
         problems.raise_if_any()
     # A base and its overrides that fail alone are one line, not one per point; unless a point's own
