@@ -7,11 +7,12 @@ slurm/lib.sh (torchrun's rendezvous endpoint, through `python -m dmhpc.rendezvou
   resolves (most sites), else its NodeAddr from `scontrol show node` (sites, and tests/cluster,
   whose node names are not host names). Asking slurmctld only then keeps a job of thousands of
   tasks from sending it thousands of requests at once;
-- port: 29500 + (job id + 997 x step id) % 2000: the same on every node and after a requeue,
+- port: 29500 + (job id + 889 x step id) % 2000: the same on every node and after a requeue,
   different for jobs running side by side on one node (unless their ids are a multiple of 2000
   apart) and for job steps side by side in one job (two `srun` trainers packed into one allocation
-  met at one port: the second failed to bind, or its ranks joined the first's store; 997 steps
-  apart, not 1, so that step 1 of one job is not step 0 of the next job's id), and below Linux's
+  met at one port: the second failed to bind, or its ranks joined the first's store; 889 apart, not
+  1, so that step 1 of one job is not step 0 of the next job's id: steps 1 to 8 of a job land at
+  least 222 ids away from any job's step 0, where 997 put step 2 at job id - 6), and below Linux's
   ephemeral range (32768 and up), so no outgoing connection holds it. The batch script, outside any
   step, and a job's first step (0) compute the same port.
 
@@ -107,7 +108,9 @@ def node_address(node: str, env: Mapping[str, str]) -> str:
 
 
 STEP_IDS = 0xFFFFFFF0  # SLURM's own steps (batch, extern, interactive) are numbered from here up
-STEP_STRIDE = 997  # prime, odd: steps of one job spread over the span, away from the next jobs' ids
+# Prime to 2000 (2000 steps of a job take 2000 ports), and its first 8 multiples at least 222 from
+# 0 mod 2000, the most any stride gives: a job's steps stay away from its neighbours' step 0.
+STEP_STRIDE = 889
 
 
 def slurm_port(env: Mapping[str, str]) -> int:

@@ -12,7 +12,7 @@ DMHPC_EARLY_USR2=${DMHPC_EARLY_USR2:-0}
 trap 'DMHPC_EARLY_USR2=1' USR2
 
 # Set DMHPC_RDZV_ADDR and DMHPC_RDZV_PORT to where this job's ranks meet: the rule of
-# dmhpc/rendezvous.py (first node's address, 29500 + (job id + 997 x step id) % 2000), which the trainer's bootstrap
+# dmhpc/rendezvous.py (first node's address, 29500 + (job id + 889 x step id) % 2000), which the trainer's bootstrap
 # and the submitit jobs follow too. It needs only the standard library and dmhpc, not torch.
 dmhpc_rendezvous() {
     local out

@@ -78,7 +78,12 @@ def test_every_launch_path_meets_at_the_same_rendezvous(tmp_path):
     # A job's first step meets where the batch script said; a second step running beside it does
     # not meet it there (both bound one port: the second failed, or joined the first's store).
     assert detect_launch({**step, "SLURM_STEP_ID": "0"}).master_port == 29500 + 77777 % 2000
-    assert detect_launch({**step, "SLURM_STEP_ID": "1"}).master_port == 29500 + (77777 + 997) % 2000
+    assert detect_launch({**step, "SLURM_STEP_ID": "1"}).master_port == 29500 + (77777 + 889) % 2000
+    # Steps 1 to 8 keep clear of the first step of the jobs near by (997 put step 2 on job id - 6's).
+    from dmhpc.rendezvous import slurm_port
+
+    first_steps = {slurm_port({"SLURM_JOB_ID": str(77777 + d)}) for d in range(-221, 222)}
+    assert not first_steps & {slurm_port({"SLURM_JOB_ID": "77777", "SLURM_STEP_ID": str(k)}) for k in range(1, 9)}
     assert detect_launch({**step, "SLURM_STEP_ID": str(0xFFFFFFFB)}).master_port == 29500 + 77777 % 2000  # batch
     # no node list: one line, non-zero exit, so the batch script stops before srun
     out = subprocess.run([sys.executable, "-m", "dmhpc.rendezvous"], env={**clean_env(), "SLURM_JOB_ID": "1"},
