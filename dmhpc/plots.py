@@ -31,18 +31,19 @@ def wrap_title(text: str, width: int) -> str:
 
 
 def roc_curves(predictions: dict, path: Path, title: str) -> Path:
-    """ROC curve of each domain; `predictions[domain] = (labels, prob)`."""
+    """ROC curve of each domain; `predictions[domain] = (labels, score)`, the score ranking mergers
+    first (dmhpc.train.metrics.merger_score)."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
-    for domain, (labels, prob) in predictions.items():
+    for domain, (labels, score) in predictions.items():
         if len(np.unique(labels)) < 2:  # said in the legend: a domain that vanished looked like a bug
             why = "unlabelled" if (np.asarray(labels) < 0).all() else "one class only"
             ax.plot([], [], " ", label=f"{domain}: no ROC ({why})")
             continue
-        fpr, tpr, _ = roc_curve(labels, prob[:, 1])
-        auc = roc_auc_score(labels, prob[:, 1])
+        fpr, tpr, _ = roc_curve(labels, score)
+        auc = roc_auc_score(labels, score)
         # the counts: an AUC of 0.6 over 40 images is noise, over 40,000 it is not
         mergers = int(np.sum(np.asarray(labels) == 1))
         ax.plot(fpr, tpr, color=DOMAIN_COLOURS.get(domain),

@@ -51,9 +51,11 @@ def test_what_is_undefined_is_nan_not_zero():
     assert none["f1"] == 0.0 and none["precision"] == 0.0 and math.isnan(none["recall"])
 
 
-def test_confident_predictions_keep_their_order_for_the_auc(tmp_path):
+@pytest.mark.parametrize("low, high", [(18.0, 30.0), (40.0, 600.0)])
+def test_confident_predictions_keep_their_order_for_the_auc(tmp_path, low, high):
     """Softmax in float32 rounds p to exactly 1.0 beyond a logit margin of ~17: every confident
-    prediction tied, and the ROC AUC of an over-confident model came out points low."""
+    prediction tied, and the ROC AUC of an over-confident model came out points low. In float64 p
+    rounds to 1.0 beyond ~37: the AUC ranks by the logit margin the probabilities keep."""
     import torch
 
     from dmhpc.data.shards import write_dataset
@@ -62,7 +64,7 @@ def test_confident_predictions_keep_their_order_for_the_auc(tmp_path):
 
     n = 40
     labels = np.arange(n) % 2
-    margin = np.linspace(18.0, 30.0, n)  # logit1 - logit0, all above float32's limit
+    margin = np.linspace(low, high, n)  # logit1 - logit0, all above float32's limit
     margin[labels == 0] -= 0.15  # each negative just below its positive neighbour: the order is right
     images = margin.reshape(n, 1, 1, 1).repeat(2, axis=2).repeat(2, axis=3).astype(np.float32)
     write_dataset(images, labels, None, tmp_path / "confident", shard_size=n, seed=0, fractions=(0.5, 0.0, 0.5))
@@ -77,7 +79,7 @@ def test_confident_predictions_keep_their_order_for_the_auc(tmp_path):
     from sklearn.metrics import roc_auc_score
 
     truth = roc_auc_score(out["labels"], out["index"].astype(float) * 0 + margin[out["index"]])
-    assert out["prob"].dtype == np.float64 and (out["prob"][:, 1] < 1.0).all()
+    assert out["prob"].dtype == np.float64 and (out["prob"][:, 0] > 0.0).all()
     assert classification_metrics(out["labels"], out["prob"])["roc_auc"] == pytest.approx(truth, abs=1e-12)
 
 

@@ -42,7 +42,7 @@ def test_long_titles_are_wrapped_inside_the_figure(drawn, tmp_path):
     rng = np.random.default_rng(0)
     labels = np.array([0, 1] * 20)
     prob = np.stack([1 - rng.uniform(size=40), rng.uniform(size=40)], axis=1)
-    plots.roc_curves({"source": (labels, prob), "target": (labels, prob)}, tmp_path / "roc.png", LONG)
+    plots.roc_curves({"source": (labels, prob[:, 1]), "target": (labels, prob[:, 1])}, tmp_path / "roc.png", LONG)
     features = {d: (rng.normal(size=(40, 8)), labels) for d in ("source", "target")}
     plots.latent_embedding(features, tmp_path / "latent.png", LONG, method="pca")
     confusion = {"accuracy": 0.5, "confusion": [[10, 10], [10, 10]]}
@@ -132,8 +132,9 @@ def test_confusion_panels_share_one_scale_from_zero(drawn, tmp_path):
 def test_a_domain_without_a_roc_says_why_in_the_legend(drawn, tmp_path):
     """A target without labels (or of one class) vanished from the ROC figure without a word."""
     prob = np.tile([[0.3, 0.7], [0.6, 0.4]], (10, 1))
-    plots.roc_curves({"source": (np.array([0, 1] * 10), prob), "target": (np.full(20, -1), prob),
-                      "other": (np.ones(20, int), prob)}, tmp_path / "roc.png", "t")
+    score = prob[:, 1]
+    plots.roc_curves({"source": (np.array([0, 1] * 10), score), "target": (np.full(20, -1), score),
+                      "other": (np.ones(20, int), score)}, tmp_path / "roc.png", "t")
     legend = [t.get_text() for t in drawn[0].axes[0].get_legend().get_texts()]
     assert legend[1:] == ["target: no ROC (unlabelled)", "other: no ROC (one class only)"]
     assert legend[0].startswith("source (AUC ") and legend[0].endswith("; 10 mergers, 10 non-mergers)")
@@ -221,12 +222,15 @@ def test_a_latent_embedding_of_features_and_labels_of_different_lengths_is_refus
     assert not (tmp_path / "latent.png").exists()
 
 
-def test_the_roc_curve_is_of_the_merger_probability_and_counts_each_class(drawn, tmp_path):
+def test_the_roc_curve_is_of_the_merger_score_and_counts_each_class(drawn, tmp_path):
     """The legend's AUC and counts were only checked for their words: a curve of p(non-merger) (AUC
     1 - the true one) or the counts of the other class passed."""
+    from dmhpc.train.metrics import merger_score
+
     labels = np.array([1, 1, 1, 0, 0, 0, 0, 0, 0, 0])
     merger = np.where(labels == 1, 0.9, 0.2)  # a perfect classifier
-    plots.roc_curves({"source": (labels, np.stack([1 - merger, merger], axis=1))}, tmp_path / "roc.png", "t")
+    plots.roc_curves({"source": (labels, merger_score(np.stack([1 - merger, merger], axis=1)))}, tmp_path / "roc.png",
+                     "t")
     ax = drawn[0].axes[0]
     assert ax.get_legend().get_texts()[0].get_text() == "source (AUC 1.000; 3 mergers, 7 non-mergers)"
     curve = ax.lines[0]

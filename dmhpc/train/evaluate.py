@@ -22,7 +22,7 @@ from dmhpc.names import DOMAINS
 from dmhpc.progress import progress_bar
 from dmhpc.train.checkpoint import (checkpoint_info, chosen_with_target_labels, load_checkpoint_sha256,
                                    load_weights)
-from dmhpc.train.metrics import domain_metrics
+from dmhpc.train.metrics import domain_metrics, merger_score
 from dmhpc.train.objective import NUM_CLASSES, build_backbone, term_labels
 
 
@@ -69,8 +69,8 @@ def predict(model, directory, split: str, *, batch_size: int, dist, mean, std,
                                           manifest=manifest):
                 bar.update(len(y))
                 f, logits = model(x)
-                # float64: float32 rounds p to exactly 1.0 beyond a logit margin of ~17, where every
-                # confident prediction ties and the ROC AUC loses their order (float64: ~37).
+                # float64: float32 rounds p(non-merger) to 0 beyond a logit margin of ~104, where the
+                # ROC's score (metrics.merger_score) loses the order of confident predictions (float64: ~745).
                 probs.append(torch.softmax(logits.double(), dim=1).cpu().numpy())
                 labels.append(y.cpu().numpy())
                 indices.append(idx.cpu().numpy() if hasattr(idx, "cpu") else np.asarray(idx))
@@ -157,8 +157,8 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
                      + (" (oracle selection)" if result["oracle"] else ""))
             # A ROC curve needs both classes, a confusion matrix labels: unlabelled data sets get neither.
             if any(len(np.unique(preds[d]["labels"])) == 2 for d in DOMAINS):
-                P.roc_curves({d: (preds[d]["labels"], preds[d]["prob"]) for d in DOMAINS}, draw(f"roc_{tag}"),
-                             f"ROC, {title}")
+                P.roc_curves({d: (preds[d]["labels"], merger_score(preds[d]["prob"])) for d in DOMAINS},
+                             draw(f"roc_{tag}"), f"ROC, {title}")
             if any("confusion" in result[d] for d in DOMAINS):
                 P.confusion_matrices({d: result[d] for d in DOMAINS}, draw(f"confusion_{tag}"),
                                      f"confusion, {title}")
