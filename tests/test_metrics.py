@@ -419,6 +419,13 @@ def test_the_discriminator_accuracy_leaves_out_the_steps_fp16_skipped():
     meter.add(3, {"total": torch.tensor(0.25)}, {"logits": logits, "domain_logits": right}, y, y)
     record = meter.summary(None)
     assert record["nonfinite_loss_steps"] == 1 and record["discriminator_accuracy"] == 1.0
+    # Every step of an epoch skipped: no accuracy (it was 0.0, a discriminator always wrong).
+    meter = EpochMeter(torch.device("cpu"), watch_loss=False)
+    for step in (1, 2):
+        meter.add(step, {"total": torch.tensor(math.nan)},
+                  {"logits": torch.full((4, 2), math.nan), "domain_logits": torch.full((4,), math.nan)}, y, y)
+    record = meter.summary(None)
+    assert record["nonfinite_loss_steps"] == 2 and math.isnan(record["discriminator_accuracy"])
 
 
 def test_the_tensorboard_hparams_give_each_domain_its_own_test_metrics(tmp_path):

@@ -135,5 +135,7 @@ class EpochMeter:
                 correct += int((d[:half] > 0).sum()) + int((d[half:] <= 0).sum())
                 total += d.shape[0]
             parts = all_gather_object((correct, total))
-            record["discriminator_accuracy"] = sum(p[0] for p in parts) / max(sum(p[1] for p in parts), 1)
+            counted = sum(p[1] for p in parts)
+            # No step counted (each one's loss not finite): no accuracy, as the loss means are NaN.
+            record["discriminator_accuracy"] = sum(p[0] for p in parts) / counted if counted else math.nan
         return record
