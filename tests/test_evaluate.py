@@ -208,6 +208,27 @@ def _trained(make_domains, tmp_path) -> tuple[Path, RunDir]:
     return data, run
 
 
+def test_under_source_normalization_every_domain_takes_the_trained_sources_statistics(make_domains, tmp_path):
+    """data.normalize: source with a --source given: both domains took that data set's statistics,
+    and the same checkpoint on the same target scored otherwise with another --source beside it."""
+    data = make_domains(64)
+    run = RunDir(tmp_path / "run")
+    assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
+                 f"run.dir={run.path}", "train.epochs=1", "data.normalize=source"]) == 0
+    rng = np.random.default_rng(3)
+    other = tmp_path / "other"
+    write_dataset(rng.normal(5.0, 3.0, size=(64, 3, 75, 75)).astype(np.float32), np.arange(64) % 2, None, other)
+    trained = dict(zip(("mean", "std"), run.normalization("source")))
+    results = []
+    for extra in ([], ["--source", str(other)]):
+        assert main(["eval", "--run", str(run.path), "--target", str(data / "noisy"), *extra]) == 0
+        name = "noisy" if not extra else "other+noisy"
+        results.append(run.read_result("best", "test", name))
+    for result in results:
+        assert result["normalization"] == {"source": trained, "target": trained}, result["normalization"]
+    assert results[0]["target"] == results[1]["target"]
+
+
 def test_dmhpc_eval_never_finishes_a_run_nor_replaces_another_data_sets_result(make_domains, tmp_path, capsys,
                                                                                    monkeypatch):
     """`dmhpc eval` with its defaults (best, test) wrote the file the trainer writes at its end,

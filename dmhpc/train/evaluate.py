@@ -17,7 +17,7 @@ from dmhpc.data.shards import fingerprint, load_manifest, split_rows
 from dmhpc.distributed import bootstrap, broadcast_buffers, gather, on_main, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import hold_lock, same_place, staged_write, temporary_path
-from dmhpc.run import EVAL_OWNER, LOCK, RunDir, check_shape, evaluation_tag, result_text
+from dmhpc.run import EVAL_OWNER, LOCK, RunDir, check_shape, evaluation_tag, result_text, statistics
 from dmhpc.names import DOMAINS
 from dmhpc.progress import progress_bar
 from dmhpc.train.checkpoint import (checkpoint_info, chosen_with_target_labels, load_checkpoint_sha256,
@@ -234,10 +234,17 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
                                               "target": "--target" if target else "data.target"})
         model = build_backbone(cfg, shape[0]).to(dist.device)
         load_weights(model, ckpt, run.checkpoint(checkpoint))
-        info = {**checkpoint_info(checkpoint, ckpt, run.checkpoint(checkpoint)), "sha256": sha256}  # what export matches a result by
+        # (what export matches a result by)
+        info = {**checkpoint_info(checkpoint, ckpt, run.checkpoint(checkpoint)), "sha256": sha256}
         # Normalization as the run trained: per domain, each data set with its own statistics; a
         # survey given as --target is a domain of its own (predict's --normalize own, not its default).
-        stats = dict(zip(DOMAINS, domain_stats(dirs["source"], dirs["target"], cfg.data.normalize)))
+        # Under data.normalize: source, every domain with the statistics of the source the checkpoint
+        # trained on: those of a --source given here made the target's result depend on it.
+        if cfg.data.normalize == "source":
+            trained = statistics(run.trained_data(ckpt, run.checkpoint(checkpoint))["source"])
+            stats = dict.fromkeys(DOMAINS, trained)
+        else:
+            stats = dict(zip(DOMAINS, domain_stats(dirs["source"], dirs["target"], cfg.data.normalize)))
         result = evaluate_run(model, cfg, dist, run, checkpoint=info, split=split, stats=stats, data=data,
                               data_name=data_name, final=final)
         if dist.is_main:
