@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from dmhpc.config import load_config
 from dmhpc.distributed import DistInfo
+from dmhpc.errors import DmhpcError
 from dmhpc.losses import DEEPMERGE_SIGMAS, coral, dann_loss, entropy, mmd
 from dmhpc.train.objective import DomainAdaptation
 from dmhpc.train.state import TrainState
@@ -329,11 +330,30 @@ def test_the_start_up_forward_pass_changes_no_statistics_and_draws_no_random_num
     backbone = DomainAdaptation(cfg, seed=0, in_channels=3).backbone.train()
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
     rng = torch.get_rng_state()
-    check_model_input(cfg, backbone, [3, 75, 75], torch.device("cpu"))
+    check_model_input(cfg, backbone, [3, 75, 75], torch.device("cpu"), rows=2 * cfg.train.batch_size)
     assert backbone.training
     after = backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before), [k for k in before if not torch.equal(before[k], after[k])]
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_batch_norm_layer_a_training_pass_gives_one_value_per_channel_is_refused_at_the_start():
+    """A ResNet's last maps are 1x1 on 16x16 images: at train.batch_size 1 with the source passing
+    alone its batch norm has one value per channel, and the first step ended in a ValueError traceback
+    (after the run directory was claimed)."""
+    from dmhpc.train.preflight import check_model_input
+
+    base = config(transfer="none", entropy_weight=0.0)
+    cfg = dataclasses.replace(base, model=dataclasses.replace(base.model, name="resnet18"),
+                              train=dataclasses.replace(base.train, batch_size=1))
+    backbone = DomainAdaptation(cfg, seed=0, in_channels=3).backbone
+    with pytest.raises(DmhpcError, match=r"^train.batch_size 1: a training forward pass of 1 row gives batch-norm "
+                                         r"layer \S+ of model.name resnet18 one value per channel on images 3x16x16"):
+        check_model_input(cfg, backbone, [3, 16, 16], torch.device("cpu"), rows=1)
+    check_model_input(cfg, backbone, [3, 16, 16], torch.device("cpu"), rows=2)  # source and target together
+    check_model_input(cfg, backbone, [3, 75, 75], torch.device("cpu"), rows=1)  # maps of more than one value
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):  # what it spares
+        backbone.train()(torch.zeros(1, 3, 16, 16))
 
 
 def test_a_model_whose_losses_are_kept_eager_copies_and_pickles_as_itself():

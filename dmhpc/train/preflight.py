@@ -17,6 +17,8 @@ Each is a one-line DmhpcError on every rank, naming the key or the data set and 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dmhpc.data.check import check_dataset
@@ -120,10 +122,18 @@ def check_batch_rows(cfg, world_size: int) -> None:
                          f"memory is there")
 
 
-def check_model_input(cfg, backbone: torch.nn.Module, shape: list[int], device: torch.device) -> None:
-    """One forward pass of two zero images of `shape` in eval mode: no weights, statistics or RNG change."""
+def check_model_input(cfg, backbone: torch.nn.Module, shape: list[int], device: torch.device, rows: int) -> None:
+    """One forward pass of two zero images of `shape` in eval mode: no weights, statistics or RNG change.
+
+    Also refused: a batch-norm layer that a training forward pass of `rows` rows (train.batch_size,
+    twice that where the target passes with the source) gives one value per channel, as a ResNet's
+    1x1 maps of small images at train.batch_size 1 do: torch raises it at the first step, in a traceback.
+    """
     was_training = backbone.training
     backbone.eval()
+    per_row = []  # values per channel and row that each batch-norm layer sees
+    hooks = [m.register_forward_hook(lambda m, args, out: per_row.append((m, math.prod(args[0].shape[2:]))))
+             for m in backbone.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     try:
         with torch.no_grad():
             backbone(torch.zeros((2, *shape), device=device))
@@ -132,7 +142,16 @@ def check_model_input(cfg, backbone: torch.nn.Module, shape: list[int], device: 
         raise DmhpcError(f"data.source {cfg.data.source}: images {'x'.join(map(str, shape))} do not fit "
                          f"model.name {cfg.model.name}: {reason}") from None
     finally:
+        for hook in hooks:
+            hook.remove()
         backbone.train(was_training)
+    names = {m: name for name, m in backbone.named_modules()}
+    starved = [names[m] for m, values in per_row if rows * values < 2]
+    if starved:
+        raise DmhpcError(f"train.batch_size {cfg.train.batch_size}: a training forward pass of {rows} row"
+                         f"{'s' if rows > 1 else ''} gives batch-norm layer {starved[0]} of model.name "
+                         f"{cfg.model.name} one value per channel on images {'x'.join(map(str, shape))}, which "
+                         f"it cannot normalize; use a train.batch_size of at least 2 (or larger images)")
 
 
 def loader_kind(cfg, progress, world_size: int) -> str:
