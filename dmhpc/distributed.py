@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 
-from dmhpc.cpus import cpu_mask
+from dmhpc.cpus import cpu_mask, usable_cpus
 from dmhpc.errors import DmhpcError
 from dmhpc.mpi import check_shared_world, env_int, import_mpi, launched
 from dmhpc.rendezvous import master_port, slurm_rendezvous
@@ -208,12 +208,13 @@ def _free_port() -> int:
 
 
 def cpus_per_rank(launcher: str, local_world_size: int, sharers: int = 0, task_cpus: int = 0) -> int:
-    """The CPUs this rank may use: its affinity mask, divided among the `sharers` ranks whose masks
-    overlap it where that is known (MPI: mpiexec binds ranks or not, by its options), else shared
-    with the node's other ranks where they all inherit one (torchrun's workers). An srun task's
+    """The CPUs this rank may use: its affinity mask (capped by a cgroup's CPU quota, `usable_cpus`),
+    divided among the `sharers` ranks whose masks overlap it where that is known (MPI: mpiexec binds
+    ranks or not, by its options), else shared with the node's other ranks where they all inherit
+    one (torchrun's workers). An srun task's
     mask is its own where Slurm binds tasks; a site without task binding gives every task the whole
     step's mask, so the task's --cpus-per-task (`task_cpus`, 0 when not given) caps it."""
-    mask = len(cpu_mask())
+    mask = usable_cpus()
     if sharers:
         return max(1, mask // sharers)
     if launcher == "slurm":

@@ -4,6 +4,7 @@ under torchrun, mpiexec and a SLURM-style step."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import socket
@@ -618,10 +619,10 @@ def test_torchruns_workers_inside_srun_tasks_are_no_tasks_of_their_own():
 def test_cpus_are_divided_among_the_ranks_that_share_them(monkeypatch):
     """mpiexec without binding gives two ranks one mask: each took all of it, and the node ran twice
     as many threads as it has CPUs."""
-    from dmhpc import distributed
+    from dmhpc import cpus
     from dmhpc.distributed import cpus_per_rank
 
-    monkeypatch.setattr(distributed, "cpu_mask", lambda: list(range(8)))
+    monkeypatch.setattr(cpus, "cpu_mask", lambda: list(range(8)))
     assert cpus_per_rank("mpi", 4, sharers=2) == 4
     assert cpus_per_rank("mpi", 4, sharers=1) == 8
 
@@ -677,12 +678,13 @@ def test_a_rank_whose_peer_does_not_answer_is_told_how_long_it_waited(monkeypatc
 def test_bootstrap_gives_each_rank_its_share_of_cpus_and_node(monkeypatch):
     """A submitit rank (a Slurm task with torchrun's variables) kept --cpus-per-task; torchrun's
     workers without LOCAL_WORLD_SIZE each took the whole mask; a CPU group was asked for NCCL."""
-    from dmhpc import distributed
+    from dmhpc import cpus
 
     for key in list(os.environ):
         if key.startswith(LAUNCH_PREFIXES) or key in LAUNCH_VARS:
             monkeypatch.delenv(key)
-    monkeypatch.setattr(distributed, "cpu_mask", lambda: list(range(8)))
+    monkeypatch.setattr(cpus, "cpu_mask", lambda: list(range(8)))
+    monkeypatch.setattr(cpus, "cpu_quota", lambda *a: None)
     asked = {}
     monkeypatch.setattr(torch.distributed, "init_process_group",
                         lambda backend, **kwargs: asked.update(backend=backend, **kwargs))
@@ -762,6 +764,31 @@ def test_the_collective_helpers_on_two_real_ranks(tmp_path):
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="binds a process to one of several CPUs")
+@pytest.mark.parametrize("case, cgroup, files, quota", [
+    ("v2 job", "0::/job_7/step_0", {"fs/job_7/cpu.max": "300000 100000\n", "fs/job_7/step_0/cpu.max": "max 100000\n"},
+     3.0),
+    # A container: its own cgroup is the root of the mount; a half CPU's quota still leaves one.
+    ("container", "0::/../kubepods/pod1", {"fs/cpu.max": "150000 100000\n"}, 1.5),
+    ("v1", "4:cpu,cpuacct:/docker/abc", {"fs/cpu/docker/abc/cpu.cfs_quota_us": "50000\n",
+                                        "fs/cpu/docker/abc/cpu.cfs_period_us": "100000\n",
+                                        "fs/cpu/cpu.cfs_quota_us": "-1\n", "fs/cpu/cpu.cfs_period_us": "100000\n"}, 0.5),
+    ("none", "0::/user.slice", {"fs/user.slice/cpu.max": "max 100000\n"}, None),
+    ("no cgroups", "", {}, None),
+])
+def test_a_cpu_quota_caps_the_cpus_a_process_keeps_busy(tmp_path, case, cgroup, files, quota):
+    """A container run with --cpus=N sees every CPU of the host in its mask: each rank started a
+    thread per host CPU (and as many loader workers), all throttled to the quota."""
+    from dmhpc import cpus
+
+    for name, text in {"proc/self/cgroup": cgroup + "\n", **files}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    where = (str(tmp_path / "proc"), str(tmp_path / "fs"))
+    assert cpus.cpu_quota(*where) == quota, case
+    mask = len(cpus.cpu_mask())
+    assert cpus.usable_cpus(*where) == (mask if quota is None else max(1, min(mask, math.ceil(quota)))), case
+
+
 def test_the_cpu_mask_is_the_affinity_the_process_was_bound_to():
     """taskset, Slurm or mpiexec bind a process to some CPUs: thread and worker counts from every CPU
     of the machine oversubscribed the ones it was given."""

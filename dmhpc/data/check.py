@@ -26,7 +26,7 @@ from typing import Any, Callable
 import h5py
 import numpy as np
 
-from dmhpc.cpus import cpu_mask
+from dmhpc.cpus import usable_cpus
 from dmhpc.data.shards import SPLITS, UNLABELLED, file_sha256, is_labelled, load_manifest
 from dmhpc.errors import DmhpcError
 
@@ -140,7 +140,7 @@ def check_part(directory: str | os.PathLike, *, checksums: bool, rank: int = 0, 
     directory = Path(directory)
     manifest = load_manifest(directory) if manifest is None else manifest
     numbers = range(rank, len(manifest["shards"]), world_size)
-    threads = max(1, min(_THREADS, len(cpu_mask()), len(numbers)))
+    threads = max(1, min(_THREADS, usable_cpus(), len(numbers)))
     index = np.concatenate([np.asarray(manifest["splits"][s], np.int64) for s in SPLITS])
     split_of = _split_of_rows(manifest)
     with ThreadPoolExecutor(threads) as pool:

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from dmhpc.cpus import cpu_mask
+from dmhpc.cgroups import hierarchy
+from dmhpc.cpus import usable_cpus
 from dmhpc.data.batches import (SOURCE, TARGET, Batches, Domain, IgnoreSignals, Stream, channel_stats,
                                 check_normalize, finish, normalization, read_ahead)
 from dmhpc.data.resident import ResidentBatches
@@ -216,37 +217,18 @@ def host_memory_available(proc: str = "/proc", cgroup_fs: str = "/sys/fs/cgroup"
 
 def _cgroup_rooms(proc: str, cgroup_fs: str) -> list[int]:
     """limit - usage of every memory cgroup from this process's up to the root that has a limit."""
-    try:
-        lines = Path(f"{proc}/self/cgroup").read_text().splitlines()
-    except OSError:
-        lines = []
-    own = {}  # cgroup version -> this process's path in that hierarchy
-    for line in lines:
-        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
-        if controllers == "":
-            own["v2"] = path
-        elif "memory" in controllers.split(","):
-            own["v1"] = path
+    names = {"v2": ("memory.max", "memory.current", "inactive_file"),
+             "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")}
     rooms = []
-    for version, base, limit_name, usage_name, cache_name in (
-            ("v2", Path(cgroup_fs), "memory.max", "memory.current", "inactive_file"),
-            ("v1", Path(cgroup_fs) / "memory", "memory.limit_in_bytes", "memory.usage_in_bytes",
-             "total_inactive_file")):
-        path = own.get(version, "/").strip("/")
-        # Outside a cgroup namespace the path is the host's; inside one (a container) it may not exist
-        # under this mount, whose root is then the process's own cgroup.
-        inside = path and ".." not in path.split("/") and (base / path).is_dir()
-        here = base / path if inside else base
-        for directory in [here, *here.parents]:
-            try:
-                limit = (directory / limit_name).read_text().strip()
-                usage = int((directory / usage_name).read_text().strip()) - _stat(directory, cache_name)
-            except (OSError, ValueError):
-                limit = ""
-            if limit.isdecimal() and int(limit) < 2**60:
-                rooms.append(max(int(limit) - usage, 0))
-            if directory == base:
-                break
+    for version, directory in hierarchy("memory", proc, cgroup_fs):
+        limit_name, usage_name, cache_name = names[version]
+        try:
+            limit = (directory / limit_name).read_text().strip()
+            usage = int((directory / usage_name).read_text().strip()) - _stat(directory, cache_name)
+        except (OSError, ValueError):
+            limit = ""
+        if limit.isdecimal() and int(limit) < 2**60:
+            rooms.append(max(int(limit) - usage, 0))
     return rooms
 
 
@@ -380,7 +362,7 @@ def make_train_loader(
     kind, reason = choose_kind(kind, device, sum(d.nbytes for d in read), local_ranks,
                                "both training splits" if read_target else "the source's training split")
     ignore = IgnoreSignals(tuple(stop_signals))
-    cpus = cpus or len(cpu_mask())
+    cpus = cpus or usable_cpus()
     if kind in ("torch", "dali") and num_workers > cpus - 1:
         # Readers beyond the rank's CPUs only take turns with the training process; DALI needs one.
         given = max(1 if kind == "dali" else 0, cpus - 1)

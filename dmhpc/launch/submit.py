@@ -48,7 +48,7 @@ import submitit
 from dmhpc.checks import (Check, Problems, boolean, integer, mapping, number, optional, show, take, text, text_list,
                           unknown_keys)
 from dmhpc.config import config_from_dict, config_to_dict
-from dmhpc.cpus import cpu_mask
+from dmhpc.cpus import usable_cpus
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, hold_lock, inside, write_reason
 from dmhpc.launch.spec import Point
@@ -250,7 +250,7 @@ def local_threads(ranks_at_once: int) -> int | None:
     """
     if ranks_at_once <= 1 or "OMP_NUM_THREADS" in os.environ:
         return None
-    return max(1, len(cpu_mask()) // ranks_at_once)
+    return max(1, usable_cpus() // ranks_at_once)
 
 
 def local_threads_of(points: list[Point], resources: Mapping[str, Resources]) -> int | None:
