@@ -97,7 +97,8 @@ def test_yaml_numbers_are_read_as_yaml_1_2_reads_them():
 
 
 @pytest.mark.parametrize("text, message", [
-    ("dir: 2024-02-30", r"'2024-02-30' is read as a timestamp and is not a valid one \(day is out of range for month\)"),
+    ("dir: 2024-02-30",
+     r"'2024-02-30' is read as a timestamp and is not a valid one \(day is out of range for month\)"),
     ("n: !!float abc", r"'abc' is read as a float and is not a valid one \(could not convert"),
     ("on: !!bool maybe", r"'maybe' is read as a bool and is not a valid one; quote it to keep it as text"),
     ("when: !!timestamp tomorrow", r"'tomorrow' is read as a timestamp and is not a valid one"),

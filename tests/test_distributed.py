@@ -771,7 +771,8 @@ def test_the_collective_helpers_on_two_real_ranks(tmp_path):
     ("container", "0::/../kubepods/pod1", {"fs/cpu.max": "150000 100000\n"}, 1.5),
     ("v1", "4:cpu,cpuacct:/docker/abc", {"fs/cpu/docker/abc/cpu.cfs_quota_us": "50000\n",
                                         "fs/cpu/docker/abc/cpu.cfs_period_us": "100000\n",
-                                        "fs/cpu/cpu.cfs_quota_us": "-1\n", "fs/cpu/cpu.cfs_period_us": "100000\n"}, 0.5),
+                                        "fs/cpu/cpu.cfs_quota_us": "-1\n",
+                                        "fs/cpu/cpu.cfs_period_us": "100000\n"}, 0.5),
     ("none", "0::/user.slice", {"fs/user.slice/cpu.max": "max 100000\n"}, None),
     ("no cgroups", "", {}, None),
 ])

@@ -675,7 +675,8 @@ def test_a_method_named_as_a_file_of_the_study_is_refused(tmp_path, name):
     """Its runs trained into OUT/NAME, and then the study's table of that name was refused ("Is a directory")."""
     spec = study_spec(tmp_path)
     spec["methods"][name] = spec["methods"].pop("mmd")
-    with pytest.raises(DmhpcError, match=rf"^<launch dict>: methods.{re.escape(name)}: a name of the study's own files"):
+    with pytest.raises(DmhpcError,
+                       match=rf"^<launch dict>: methods.{re.escape(name)}: a name of the study's own files"):
         load_grid(spec)
 
 

@@ -142,7 +142,8 @@ def test_a_validator_the_log_holds_as_null_is_no_score(tmp_path):
     """The run log takes a validator's score as null (jq writes NaN so): the table's Spearman over
     the scored checkpoints ended the grid in a TypeError after its whole study had trained."""
     spec = {"out": str(tmp_path / "out"), "executor": "local", "grid": {"seed": [1]},
-            "methods": {"plain": {"base": str(TINY)}, "mmd": {"base": str(TINY), "overrides": {"loss.transfer": "mmd"}}}}
+            "methods": {"plain": {"base": str(TINY)},
+                        "mmd": {"base": str(TINY), "overrides": {"loss.transfer": "mmd"}}}}
     points = {p.values["method"]: p for p in load_grid(spec).points}
     _log(points["plain"], [0.9, 0.8, 0.7], [0.1, 0.2, 0.3], [0.5, 0.6, 0.7], [0.55, 0.65, 0.75])
     _log(points["mmd"], [0.6, 0.7, 0.65], [0.35, 0.2, 0.1], [0.8, 0.7, 0.6], [0.8, 0.7, 0.6])
