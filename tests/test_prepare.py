@@ -1121,6 +1121,19 @@ def test_a_catalog_of_cutouts(tmp_path, capsys, table_format, per_filter):
     capsys.readouterr()
     assert main(["info", str(out)]) == 0  # the cutouts entry has a count and no sha256
     assert f"cutouts {tmp_path / 'cutouts'}\n          20 files" in capsys.readouterr().out
+    # Cutouts in two folders: each is recorded, with its count (the first alone was, with all 20).
+    (tmp_path / "more").mkdir()
+    for name in names[12:]:
+        (tmp_path / "cutouts" / name).rename(tmp_path / "more" / name)
+    table["path"] = [f"{'cutouts' if k < 12 else 'more'}/{n}" for k, n in enumerate(names)]
+    table.write(catalog, overwrite=True)
+    assert main(["prepare", "--catalog", str(catalog), "--id-column", "objid", "--label-column", "merger",
+                 "--file-column", "path", "--out", str(tmp_path / "two"), "--shard-size", "8"]) == 0
+    assert [(i["role"], i["file"], i.get("count")) for i in load_manifest(tmp_path / "two")["inputs"][1:]] == [
+        ("cutouts", str(tmp_path / "cutouts"), 12), ("cutouts", str(tmp_path / "more"), 8)]
+    for name in names[12:]:
+        (tmp_path / "more" / name).rename(tmp_path / "cutouts" / name)
+    table["path"] = [f"cutouts/{n}" for n in names]
     # without a file column, ID.fits in --cutouts; without a label column, unlabelled
     Table({"objid": ids}).write(tmp_path / "ids.csv")
     assert main(["prepare", "--catalog", str(tmp_path / "ids.csv"), "--id-column", "objid", "--cutouts",

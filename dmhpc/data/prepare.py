@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import traceback
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -441,9 +442,9 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
             manifests = []
             for k, d in enumerate(planned):
                 inputs = [{"role": role, "file": str(p.resolve()), "sha256": digests[p.resolve()]} for role, p in d["inputs"]]
-                if d["cutouts"]:
-                    inputs.append({"role": "cutouts", "file": str(d["images"].files[0].parent.resolve()),
-                                   "count": len(d["images"])})
+                if d["cutouts"]:  # each folder the catalog's file column reaches, by first use, with its count
+                    folders = Counter(str(f.parent.resolve()) for f in d["images"].files)
+                    inputs += [{"role": "cutouts", "file": folder, "count": n} for folder, n in folders.items()]
                 manifests.append(
                     shards.finish_dataset(
                         d["plan"], d["out"] / shards.STAGING, [results[k, s] for s in range(d["plan"].num_shards)],
