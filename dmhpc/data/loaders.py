@@ -183,7 +183,10 @@ def dali_runs(device: torch.device) -> str | None:
 
         on_gpu = device.type == "cuda"
 
-        @pipeline_def(batch_size=1, num_threads=1, device_id=(device.index or 0) if on_gpu else None)
+        # (the GPU DaliBatches builds its pipeline on: a device without an index is the current one)
+        index = (device.index if device.index is not None else torch.cuda.current_device()) if on_gpu else None
+
+        @pipeline_def(batch_size=1, num_threads=1, device_id=index)
         def probe():
             x = fn.random.uniform(shape=[1])
             return x.gpu() if on_gpu else x

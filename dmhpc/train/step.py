@@ -7,7 +7,8 @@ A step sets each parameter group's learning rate and the gradient-reversal coeff
 global step (pure functions of it, so every rank and a resumed run agree), runs the objective on
 the source and target batch under autocast, and takes one optimizer step through the gradient
 scaler (a no-op unless train.amp is fp16), clipping the gradient norm if asked. It returns the
-loss terms and outputs detached and on the device: nothing here waits for the device.
+loss terms and outputs detached and on the device: nothing here waits for the device, but the fp16
+scaler, which reads back every step whether the gradients were finite (docs/training.md).
 """
 
 from __future__ import annotations
