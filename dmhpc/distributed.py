@@ -211,9 +211,9 @@ def cpus_per_rank(launcher: str, local_world_size: int, sharers: int = 0, task_c
     """The CPUs this rank may use: its affinity mask (capped by a cgroup's CPU quota, `usable_cpus`),
     divided among the `sharers` ranks whose masks overlap it where that is known (MPI: mpiexec binds
     ranks or not, by its options), else shared with the node's other ranks where they all inherit
-    one (torchrun's workers). An srun task's
-    mask is its own where Slurm binds tasks; a site without task binding gives every task the whole
-    step's mask, so the task's --cpus-per-task (`task_cpus`, 0 when not given) caps it."""
+    one (torchrun's workers). An srun task's mask is its own where Slurm binds tasks; a site
+    without task binding gives every task the whole step's mask, so the task's --cpus-per-task
+    (`task_cpus`, 0 when not given) caps it."""
     mask = usable_cpus()
     if sharers:
         return max(1, mask // sharers)

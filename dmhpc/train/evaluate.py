@@ -234,7 +234,7 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
                                               "target": "--target" if target else "data.target"})
         model = build_backbone(cfg, shape[0]).to(dist.device)
         load_weights(model, ckpt, run.checkpoint(checkpoint))
-        # (what export matches a result by)
+        # The checkpoint's record and its SHA-256: what export matches a result by.
         info = {**checkpoint_info(checkpoint, ckpt, run.checkpoint(checkpoint)), "sha256": sha256}
         # Normalization as the run trained: per domain, each data set with its own statistics; a
         # survey given as --target is a domain of its own (predict's --normalize own, not its default).
