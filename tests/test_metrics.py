@@ -83,6 +83,14 @@ def test_confident_predictions_keep_their_order_for_the_auc(tmp_path, low, high)
     assert classification_metrics(out["labels"], out["prob"])["roc_auc"] == pytest.approx(truth, abs=1e-12)
 
 
+def test_a_probability_of_exactly_zero_ranks_first_or_last():
+    """Beyond a margin of ~104 a float32 softmax (the trainer's train metrics) gives p = 0 exactly:
+    the logit margin is then infinite, which scikit-learn's ROC refused, ending the run."""
+    prob = np.array([[0.0, 1.0], [1e-30, 1.0], [0.4, 0.6], [1.0, 0.0], [1.0, 1e-30]], dtype=np.float32)
+    labels = np.array([1, 1, 0, 0, 1])
+    assert classification_metrics(labels, prob)["roc_auc"] == pytest.approx(5 / 6)  # only -69 below a non-merger
+
+
 def test_information_maximization_rewards_confident_balanced_predictions():
     confident_balanced = np.array([[0.99, 0.01], [0.01, 0.99]] * 10)
     uncertain = np.full((20, 2), 0.5)

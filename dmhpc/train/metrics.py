@@ -54,7 +54,11 @@ def merger_score(prob: np.ndarray) -> np.ndarray:
     tie and the ROC AUC loses their order (0.75 for 1.0 on margins 50, 45 | 40, -3)."""
     p = np.asarray(prob, dtype=np.float64)
     with np.errstate(divide="ignore"):
-        return np.log(p[:, 1]) - np.log(p[:, 0])
+        score = np.log(p[:, 1]) - np.log(p[:, 0])
+    # A probability of exactly 0 (beyond 745, or 104 in a float32 softmax) ranks first or last, tied
+    # with its kind: finite, as scikit-learn's ROC takes scores.
+    big = np.finfo(np.float64).max
+    return np.clip(score, -big, big)
 
 
 def prediction_metrics(prob: np.ndarray) -> dict:
