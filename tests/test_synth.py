@@ -328,6 +328,8 @@ def test_a_killed_render_is_finished_by_running_again(serial, tmp_path):
     (["--sb-limit", "nan"], ["--sb-limit: expected a number in [18, 35] mag/arcsec^2, got NaN"]),
     (["--sb-limit", "40"], ["--sb-limit: expected a number in [18, 35] mag/arcsec^2, got 40.0"]),
     (["--tidal-strength", "-1"], ["--tidal-strength"]),
+    (["--tidal-strength", "1e20"], ["--tidal-strength: expected a number in [0, 1000], got 1e+20"]),
+    (["--seed", str(2**32)], [f"--seed: expected an integer from 0 to {2**32 - 1}, got {2**32}"]),
 ])
 def test_bad_arguments_exit_1_and_write_nothing(tmp_path, argv, words):
     out = tmp_path / "never"
@@ -451,6 +453,67 @@ def test_a_folder_rank_0_cannot_claim_is_one_line_and_ends_every_rank(tmp_path, 
     _one_line_error(result, f"{tmp_path / 's' / '.pristine_X.npy.abcdefgh.tmp'}: cannot claim it for the render: "
                             f"Operation not permitted")
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_an_out_that_cannot_be_looked_at_is_one_line_and_ends_every_rank(tmp_path, ranks):
+    """A name too long to stat (or a parent one may not enter) raised OSError before the claim's
+    error handling: a traceback, and under mpiexec the other ranks waited in their broadcast."""
+    launcher = ()
+    if ranks > 1:
+        mpiexec = _mpiexec()
+        if mpiexec is None:
+            pytest.skip("mpiexec not found next to the Python interpreter nor on PATH")
+        launcher = (mpiexec, "-n", str(ranks))
+    out = tmp_path / ("a" * 300)
+    result = _cli("--out", str(out), "--n-per-class", "1", launcher=launcher)
+    _one_line_error(result, f"{out}: cannot look at it (File name too long)")
+    assert list(tmp_path.iterdir()) == []
+
+
+RANK_1_FAILS = """
+import sys, time
+import numpy as np
+import dmhpc.data.synth as synth
+from dmhpc.cli import main
+
+def render(seed, obj_id, knobs):  # rank 1 renders objects 30 to 59; rank 0 has staged its files by then
+    if obj_id == 40:
+        time.sleep(2)
+        raise MemoryError("out of memory at object 40")
+    return obj_id % 2, np.ones((3, 75, 75), np.float32), np.ones((3, 75, 75), np.float32)
+
+synth.render_object = render
+sys.exit(main(["synth", "--out", sys.argv[1], "--n-per-class", "30"]))
+"""
+
+
+def test_a_failure_on_another_rank_leaves_nothing_of_rank_0s_behind(tmp_path):
+    """A rank other than 0 ended the job with MPI_Abort itself: rank 0 was killed in a receive, and
+    its full-size staged files, the new folder and its lock stayed."""
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        pytest.skip("mpiexec not found next to the Python interpreter nor on PATH")
+    env = {k: v for k, v in os.environ.items() if k not in MPI_LAUNCH_VARIABLES}
+    result = subprocess.run([mpiexec, "-n", "2", sys.executable, "-c", RANK_1_FAILS, str(tmp_path / "s")],
+                            capture_output=True, text=True, env=env, timeout=200)
+    assert result.returncode != 0, result.stderr
+    first = result.stderr.splitlines()[0]
+    assert first == ("dmhpc synth: error: rank 1: MemoryError('out of memory at object 40'); ending the other "
+                     "ranks"), result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_survey_objects_share_no_random_stream_with_simulated_ones():
+    """Keyed [seed, 2, k], survey object 0 had simulated object 2's streams (numpy pads short keys
+    with zeros to 4 words), so its primary galaxy; a seed of 2**33 split into the words
+    [0, 2] made one seed's simulated objects another's survey."""
+    for seed in (0, 7, synth.MAX_SEED):
+        simulated = {g.integers(2**63) for k in range(64) for g in synth.object_streams(seed, k)}
+        survey = {g.integers(2**63) for k in range(64) for g in synth.survey_streams(seed, k)}
+        assert len(simulated) == 4 * 64 and len(survey) == 6 * 64 and not simulated & survey, seed
+    with pytest.raises(DmhpcError, match=rf"--seed: expected an integer from 0 to {2**32 - 1}, got {2**33}"):
+        synth.synthesize(Path("never"), 1, 2**33)
 
 
 def _render_workers(pid: int) -> list[int]:

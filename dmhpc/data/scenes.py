@@ -41,7 +41,7 @@ DEFAULT_KNOBS = Knobs()
 # mag/arcsec^2 leave the regime the noise model and the PSF sizes were set for.
 KNOB_CHECKS = {
     "sb_limit": number(18.0, 35.0, unit="mag/arcsec^2"),
-    "tidal_strength": number(0.0),
+    "tidal_strength": number(0.0, 1000.0),  # (1e20 ended in numpy's Poisson "lam value too large")
     "neighbour_fraction": number(0.0, 1.0),
     "minor_fraction": number(0.0, 1.0),
     "triple_fraction": number(0.0, 1.0),

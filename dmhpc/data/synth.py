@@ -39,12 +39,17 @@ from dmhpc.progress import progress_bar
 IMAGE_FILES = ("pristine_X.npy", "noisy_X.npy")
 OUTPUT_FILES = IMAGE_FILES + ("pristine_y.npy", "noisy_y.npy", "objects.npy", "meta.json")
 SURVEY_FILES = ("survey_X.npy", "survey_y.npy", "survey_objects.npy")
-SURVEY_STREAM = 2  # in the survey objects' seed sequences: [seed, SURVEY_STREAM, k] never equals [seed, k]
+# The survey objects' seed sequences are keyed [seed, k, SURVEY_STREAM], the simulated objects' [seed, k]:
+# numpy pads a key of up to 4 words with zeros, so a tag anywhere but after k ([seed, 2, 0] is [seed, 2])
+# made survey object 0 the simulated object 2, primary galaxy and all. Seeds stay one word (< 2**32).
+SURVEY_STREAM = 2
+MAX_SEED = 2**32 - 1
 CLASSES = {"0": "non-merger", "1": "merger"}
 # The 8 symmetries of the square pixel grid; view v is np.rot90(flipped if v >= 4, k=v % 4).
 VIEWS = ("identity", "rot90", "rot180", "rot270", "flip", "flip+rot90", "flip+rot180", "flip+rot270")
 CHUNK = 16  # objects per unit of work handed to a process or sent between ranks
 _TAG_HEAD, _TAG_DATA = 1, 2
+_ERROR_WAIT = 300.0  # seconds a failed rank waits for rank 0 to end the render before it ends every rank
 
 
 
@@ -61,10 +66,21 @@ KNOB_FLAGS = {
 # ----------------------------------------------------------------------------- one object
 
 
+def object_streams(seed: int, obj_id: int) -> list[np.random.Generator]:
+    """The random streams of simulated object `obj_id`: three for its galaxies, one for its noise."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence([seed, obj_id]).spawn(4)]
+
+
+def survey_streams(seed: int, k: int) -> list[np.random.Generator]:
+    """The random streams of survey object k: three for its galaxies, one for its noise, one for its
+    label, one for its PSF."""
+    return [np.random.default_rng(s) for s in np.random.SeedSequence([seed, k, SURVEY_STREAM]).spawn(6)]
+
+
 def render_object(seed: int, obj_id: int, knobs: Knobs) -> tuple[int, np.ndarray, np.ndarray]:
     """Label (1 = merger), pristine image and noisy image ((3, 75, 75) float32) of object `obj_id`."""
     label = obj_id % 2
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence([seed, obj_id]).spawn(4)]
+    streams = object_streams(seed, obj_id)
     comps = (scenes.merger if label else scenes.non_merger)(streams[:3], knobs)
     pristine = scenes.draw(comps)
     return label, pristine, scenes.observe(pristine, streams[3], knobs.sb_limit)
@@ -73,7 +89,7 @@ def render_object(seed: int, obj_id: int, knobs: Knobs) -> tuple[int, np.ndarray
 def render_survey_object(seed: int, k: int, knobs: Knobs) -> tuple[int, np.ndarray]:
     """Label and (3, 75, 75) float32 image (g, r, i) of survey object k: another galaxy than the
     simulation's object k, from the survey population, observed as the survey does."""
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence([seed, SURVEY_STREAM, k]).spawn(6)]
+    streams = survey_streams(seed, k)
     label = scenes.survey_label(streams[4])
     comps = (scenes.merger if label else scenes.non_merger)(streams[:3], scenes.survey_knobs(knobs))
     return label, scenes.observe_survey(scenes.draw_survey(comps, streams[5]), streams[3])
@@ -215,8 +231,11 @@ def _claim_output(out: Path, overwrite: bool, held: contextlib.ExitStack) -> boo
     was killed: it is rendered again without --overwrite. Its orphan temporary files (full-size
     images, each killed run leaves a set) are removed under the lock, where no other synth can be
     writing them."""
-    if out.exists() and not out.is_dir():
-        raise DmhpcError(f"{out}: exists and is not a directory")
+    try:
+        if out.exists() and not out.is_dir():
+            raise DmhpcError(f"{out}: exists and is not a directory")
+    except OSError as exc:  # a parent one may not enter, a name too long: what rank 0 sends the others
+        raise DmhpcError(f"{out}: cannot look at it ({exc.strerror or exc})") from None
     # The lock first: it makes the missing parents (its file lies beside `out`) and removes those it
     # made when they are left empty, so a failed render leaves no folder behind, parents included.
     held.enter_context(locked_directory(out, "dmhpc synth"))
@@ -242,18 +261,26 @@ def _claim_output(out: Path, overwrite: bool, held: contextlib.ExitStack) -> boo
             # rank 0 sends the other ranks (an OSError escaped before, and they waited for it forever)
             raise DmhpcError(f"{exc.filename or out}: cannot claim it for the render: {exc.strerror or exc}") from None
     except BaseException:
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        _remove_if_empty(out, created)
         held.close()  # after: the lock removes the parents it made when they are empty
         raise
     return created
+
+
+def _remove_if_empty(out: Path, created: bool) -> None:
+    """A folder this render created goes when a failure leaves it empty (removed meanwhile: the
+    failure is still what is said)."""
+    if created:
+        with contextlib.suppress(OSError):
+            if not any(out.iterdir()):
+                out.rmdir()
 
 
 # ----------------------------------------------------------------------------- checks and meta
 
 
 def _check(n_per_class: int, seed: int, knobs: Knobs, workers: int) -> None:
-    values = [("--n-per-class", n_per_class, integer(1)), ("--seed", seed, integer(0)),
+    values = [("--n-per-class", n_per_class, integer(1)), ("--seed", seed, integer(0, MAX_SEED)),
               ("--workers", workers, integer(1))]
     values += [(KNOB_FLAGS[key][0], value, KNOB_CHECKS[key]) for key, value in knobs._asdict().items()]
     for flag, value, check in values:
@@ -459,6 +486,8 @@ def _render_mpi(comm, seed: int, knobs: Knobs, survey: bool, n_objects: int, sin
 
     def receive(source: int) -> int:
         start, count = comm.recv(source=source, tag=_TAG_HEAD)
+        if start is None:  # the rank failed: `count` says why
+            raise DmhpcError(count)
         arrays = {name: np.empty((count, 3, 75, 75), dtype=np.float32)
                   for name in IMAGE_FILES + (("survey_X.npy",) if survey else ())}
         if survey:
@@ -482,6 +511,20 @@ def _render_mpi(comm, seed: int, knobs: Knobs, survey: bool, n_objects: int, sin
             got = receive(status.Get_source())
             remote -= got
             bar.update(got)
+
+
+def _hand_error_to_rank_0(comm, text: str) -> None:
+    """Sent as a chunk's head, where rank 0 looks for the next one: it fails as on an error of its
+    own, so its staged files go before it ends every rank. This rank's MPI_Abort killed rank 0 in a
+    receive, and its full-size temporary files stayed. Ends every rank itself when rank 0 does not
+    within a few minutes (ended already, or stuck)."""
+    request = comm.isend((None, text), dest=0, tag=_TAG_HEAD)  # (kept: its buffer lives as long)
+    deadline = time.monotonic() + _ERROR_WAIT
+    while time.monotonic() < deadline:  # rank 0 reads heads between its own chunks, seconds apart
+        time.sleep(0.2)
+    del request
+    print(f"dmhpc synth: error: {text}; ending the other ranks", file=sys.stderr, flush=True)
+    comm.Abort(1)
 
 
 # ----------------------------------------------------------------------------- the library function
@@ -552,8 +595,7 @@ def _render(out: Path, n_per_class: int, seed: int, knobs: Knobs, views: tuple[s
             _render_mpi(comm, seed, knobs, survey, n_objects, sink=None)
         except BaseException as exc:  # rank 0 would wait for this rank forever
             text = str(exc) if isinstance(exc, DmhpcError) else repr(exc)
-            print(f"dmhpc synth: error: rank {rank}: {text}; ending the other ranks", file=sys.stderr, flush=True)
-            comm.Abort(1)
+            _hand_error_to_rank_0(comm, f"rank {rank}: {text}")
         return _meta(n_per_class, seed, knobs, views, survey)
 
     staging = None
@@ -570,8 +612,7 @@ def _render(out: Path, n_per_class: int, seed: int, knobs: Knobs, views: tuple[s
     except BaseException as exc:
         if staging is not None:
             staging.discard()
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        _remove_if_empty(out, created)
         said = DmhpcError(f"{exc.filename or out}: {exc.strerror or exc}") if isinstance(exc, OSError) else exc
         if comm is not None:  # the other ranks may be waiting on this one
             release()
