@@ -565,6 +565,25 @@ def test_auto_streams_what_does_not_fit_in_host_memory(data, monkeypatch):
         loader.close()
 
 
+def test_gpu_resident_asked_for_is_refused_where_the_data_does_not_fit_at_all(data, monkeypatch):
+    """Asked for, it ignored the memory: the allocation ended in a traceback (a GPU's
+    OutOfMemoryError) or, on a host that overcommits, the kernel killed the run."""
+    import dmhpc.data.loaders as loaders
+
+    need = (168 + 140) * 3 * 8 * 8 * 4  # both training splits, float32
+    monkeypatch.setattr(loaders, "host_memory_available", lambda: need * 3)  # past a quarter: still allowed
+    loader = _loader(data, "gpu-resident", 0, local_ranks=3)
+    try:
+        assert loader.kind == "gpu-resident" and loader.reason == "data.loader is gpu-resident"
+    finally:
+        loader.close()
+    monkeypatch.setattr(loaders, "host_memory_available", lambda: need * 3 - 3)
+    with pytest.raises(DmhpcError, match=r"^data\.loader gpu-resident: both training splits \(0\.00 GiB\) exceed "
+                                         r"the 0\.0 GiB of host memory each of the node's 3 rank\(s\) can count on "
+                                         r"\(the least over ranks\); choose auto, dali or torch$"):
+        _loader(data, "gpu-resident", 0, local_ranks=3)
+
+
 def _tree(root: Path, files: dict[str, str]) -> None:
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)

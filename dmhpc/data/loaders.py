@@ -268,7 +268,7 @@ def choose_kind(kind: str, device: torch.device, need: int, local_ranks: int = 1
                              f"install dmhpc[dali] (and a driver it runs with) or choose torch")
     if kind == STREAMED:
         return _streamer(device, "the epoch resumed began with dali or torch, which read its rows in one order")
-    if kind != "auto":
+    if kind not in ("auto", "gpu-resident"):
         return kind, f"data.loader is {kind}"
     on_gpu = device.type == "cuda"
     budget = torch.cuda.mem_get_info(device)[0] if on_gpu else host_memory_available() // max(1, local_ranks)
@@ -277,6 +277,10 @@ def choose_kind(kind: str, device: torch.device, need: int, local_ranks: int = 1
     where = (f"the {budget / 2**30:.1f} GiB free on {device}" if on_gpu else
              f"the {budget / 2**30:.1f} GiB of host memory each of the node's {max(1, local_ranks)} rank(s) "
              f"can count on") + " (the least over ranks)"
+    if kind == "gpu-resident":  # asked for: allowed past the quarter, not past the memory itself
+        if need > budget:       # (which ended in an allocator's traceback, or the OOM killer)
+            raise DmhpcError(f"data.loader gpu-resident: {gib} exceed {where}; choose auto, dali or torch")
+        return kind, f"data.loader is {kind}"
     if need <= _RESIDENT_SHARE * budget:
         return "gpu-resident", f"{gib} fit in a quarter of {where}"
     # DALI is tried only now: its probe builds a pipeline (on a GPU, with DALI's memory pool) that
