@@ -233,8 +233,9 @@ def rgb_composite(image: np.ndarray, rgb: tuple[int, int, int] = (2, 1, 0)) -> n
     from astropy.visualization import make_lupton_rgb
 
     channels = [image[k] for k in rgb] if len(image) >= 3 else [image[0]] * 3
-    low = float(np.percentile(image, 1))
-    span = max(float(np.percentile(image, 99.5)) - low, 1e-12)
+    # The stretch from the filters drawn: a fourth one not drawn (brighter, say) set it before.
+    low = float(np.percentile(channels, 1))
+    span = max(float(np.percentile(channels, 99.5)) - low, 1e-12)
     # A blank cutout (a footprint's edge, filled) is 0/0 in astropy's colour ratio, which it sets to
     # 0 itself: black, with a RuntimeWarning on the user's terminal for each such galaxy.
     with np.errstate(invalid="ignore", divide="ignore"):

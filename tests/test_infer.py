@@ -431,6 +431,81 @@ def test_explain_refuses_rows_its_catalogs_input_did_not_predict(run_on_survey, 
     assert f"non-finite merger probability for image {top}" in err and len(err.splitlines()) == 1, err
 
 
+def test_explain_refuses_catalog_columns_predict_did_not_write(run_on_survey, tmp_path, capsys):
+    """An index of 3.5 drew image 3 under that row's name, a NaN probability passed the read-back
+    check, a label of 0.5 was drawn as a non-merger; text in any of them, or a damaged JSON record
+    beside a CSV (which named the CSV), was a traceback."""
+    pytest.importorskip("captum")
+    from astropy.table import MaskedColumn, Table
+
+    np.save(tmp_path / "tile.npy", np.random.default_rng(5).normal(0.5, 0.3, (12, 3, 75, 75)).astype(np.float32))
+    assert main(["predict", "--run", str(run_on_survey), "--images", str(tmp_path / "tile.npy"),
+                 "--out", str(tmp_path / "c.ecsv")]) == 0
+    table = Table.read(tmp_path / "c.ecsv")
+    edits = {
+        "index": ("the non-negative whole number", [lambda t: t.replace_column("index", t["index"] + 0.5),
+                                                     lambda t: t.replace_column("index", t["index"].astype(str)),
+                                                     lambda t: t.replace_column("index", t["index"] - 3)]),
+        "p_merger": ("a probability from 0 to 1", [lambda t: t["p_merger"].__setitem__(4, np.nan),
+                                                    lambda t: t["p_merger"].__setitem__(4, 1.5),
+                                                    lambda t: t.replace_column("p_merger", t["p_merger"].astype(str))]),
+        "label": ("a whole number in every row", [lambda t: t.add_column(np.full(len(t), 0.5), name="label"),
+                                                  lambda t: t.add_column(np.full(len(t), "merger"), name="label"),
+                                                  lambda t: t.add_column(MaskedColumn(np.ones(len(t), int),
+                                                                                      mask=[True] + [False] * 11),
+                                                                         name="label")]),
+    }
+    for column, (expected, changes) in edits.items():
+        for k, change in enumerate(changes):
+            edited = table.copy()
+            change(edited)
+            catalog = tmp_path / f"{column}{k}.ecsv"
+            edited.write(catalog)
+            capsys.readouterr()
+            assert main(["explain", "--run", str(run_on_survey), "--catalog", str(catalog), "--n", "3",
+                         "--out", str(tmp_path / "explain")]) == 1, (column, k)
+            err = capsys.readouterr().err
+            assert f"{catalog}: column {column}: expected {expected}" in err and len(err.splitlines()) == 1, err
+            assert not (tmp_path / "explain").exists()
+    # A plain CSV's record beside it, damaged: the record is named, not the CSV.
+    assert main(["predict", "--run", str(run_on_survey), "--images", str(tmp_path / "tile.npy"),
+                 "--out", str(tmp_path / "c.csv")]) == 0
+    (tmp_path / "c.csv.json").write_text('{"RUN": ')
+    capsys.readouterr()
+    assert main(["explain", "--run", str(run_on_survey), "--catalog", str(tmp_path / "c.csv"),
+                 "--out", str(tmp_path / "explain")]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'c.csv.json'}: not predict's JSON record of c.csv" in err and len(err.splitlines()) == 1, err
+
+
+def test_explain_refuses_data_of_more_classes_and_an_overwrite_keeps_no_old_grid(survey, run_on_survey, tmp_path,
+                                                                                  capsys):
+    """A data set of 3 classes drew only classes 0 and 1, and a class-2-only set ended in success
+    with no grid; --overwrite over a damaged explain.json kept the old explanation's grids beside
+    the new one's."""
+    pytest.importorskip("captum")
+    rng = np.random.default_rng(2)
+    write_dataset(rng.normal(0, 1, (30, 3, 75, 75)).astype(np.float32), np.full(30, 2), None,
+                  tmp_path / "three", shard_size=32, seed=0, num_classes=3)
+    assert main(["explain", "--run", str(run_on_survey), "--data", str(tmp_path / "three"),
+                 "--out", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err
+    assert (f"--data {tmp_path / 'three'}: 3 classes; the models here tell 2 apart" in err
+            and len(err.splitlines()) == 1), err
+    assert not (tmp_path / "x").exists()
+    out = tmp_path / "explained"
+    assert main(["explain", "--run", str(run_on_survey), "--n", "2", "--out", str(out)]) == 0
+    own = sorted(p.name for p in out.glob("*.png"))
+    assert own and all(name.startswith(("source_", "target_")) for name in own), own
+    for damaged in ("[]", '{"files": 3}', "{not json"):
+        (out / "explain.json").write_text(damaged)
+        assert main(["explain", "--run", str(run_on_survey), "--data", str(survey / "noisy"), "--n", "2",
+                     "--out", str(out), "--overwrite"]) == 0
+        now = sorted(p.name for p in out.glob("*.png"))
+        assert now and all(name.startswith("data_") for name in now), (damaged, now)
+        assert main(["explain", "--run", str(run_on_survey), "--n", "2", "--out", str(out), "--overwrite"]) == 0
+
+
 def test_explain_reads_srcargs_of_older_catalogs_and_refuses_edited_ones(survey, run_on_survey, tmp_path, capsys):
     """SRCARGS edited by hand was a TypeError traceback; a catalog an older dmhpc predicted with
     --data and --nan-fill or catalog options (which it ignored there, and which predict now refuses)
@@ -450,7 +525,8 @@ def test_explain_reads_srcargs_of_older_catalogs_and_refuses_edited_ones(survey,
     assert main(["explain", "--run", str(run_on_survey), "--catalog", str(tmp_path / "older.ecsv"), "--n", "2",
                  "--out", str(tmp_path / "older")]) == 0
     capsys.readouterr()
-    for k, edited in enumerate(("{not json", json.dumps([1, 2]), json.dumps({**args, "cutout": "x"}))):
+    for k, edited in enumerate(("{not json", json.dumps([1, 2]), json.dumps({**args, "cutout": "x"}),
+                                json.dumps({**args, "data": 5}), json.dumps({**args, "nan_fill": "0"}))):
         table.meta["SRCARGS"] = edited
         table.write(tmp_path / f"edited{k}.ecsv")
         assert main(["explain", "--run", str(run_on_survey), "--catalog", str(tmp_path / f"edited{k}.ecsv"),

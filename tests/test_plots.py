@@ -321,6 +321,10 @@ def test_the_rgb_composite_is_asinh_stretched_in_the_filters_asked_for():
     assert red > green > blue
     red, green, blue = plots.rgb_composite(flat, (0, 2, 1))[0, 0]  # filter 0 red, 2 green, 1 blue
     assert green > blue > red
+    # The stretch from the filters drawn: a fourth filter 1000 times brighter, not drawn, set it and
+    # drew the galaxy black.
+    four = np.concatenate([np.stack([ramp] * 3), 1000 * ramp[None]])
+    assert (plots.rgb_composite(four) == grey).all()
 
 
 COLLAPSED = """

@@ -20,8 +20,8 @@ Sampled images (by default the run's own source and target test splits; `--data 
 data set; `--catalog CATALOG` the top merger candidates of a `dmhpc predict` catalog, read back
 from its source) are drawn as RGB composites of three filters with an asinh stretch (Lupton et
 al. 2004, `astropy.visualization.make_lupton_rgb`; `--rgb R,G,B` names the filters, by channel,
-drawn red, green and blue: by default the last red and the first blue, which is wavelength order
-only where the channels are; the embedded set and the DeepMerge files hold F814W, F356W, F160W:
+drawn red, green and blue: by default filters 2, 1, 0 (of three, the last red and the first blue),
+which is wavelength order only where the channels are; the embedded set and the DeepMerge files hold F814W, F356W, F160W:
 `--rgb 1,2,0`), each attribution beside them on one colour scale per grid column, the merger
 probability and the true label (if any) in each panel's title. One PNG grid per domain and class
 (true class where there are labels, predicted class otherwise).
@@ -165,7 +165,10 @@ def _read_catalog(catalog: Path):
                 f.seek(0)
                 # predict writes a CSV's ids as text: read as such, not guessed ("00013" was 13)
                 table = Table.read(f, format=fmt, converters={"id": [ascii.convert_numpy(str)]})
-            recorded = json.loads(beside.read_text())
+            try:
+                recorded = json.loads(beside.read_text())
+            except ValueError as exc:  # (named the CSV, which was read well)
+                raise DmhpcError(f"{beside}: not predict's JSON record of {catalog.name} ({exc})") from None
             if not isinstance(recorded, dict):
                 raise DmhpcError(f"{beside}: expected a JSON object of predict's metadata, got {show(recorded)[:60]}")
             if recorded.get(CSV_SHA, digest) != digest:  # (predict before 2026-12-02 recorded none)
@@ -217,13 +220,14 @@ def _claim_out(out: Path, overwrite: bool) -> None:
         raise DmhpcError(f"--out {out}: holds an explanation already ({record.name}); --overwrite replaces it, "
                          f"or choose another folder")
     try:
-        files = json.loads(record.read_text()).get("files", [])
-    except (OSError, ValueError, AttributeError):
-        files = []
+        files = json.loads(record.read_text())["files"]
+    except (OSError, ValueError, TypeError, KeyError):
+        files = None
     record.unlink()
     # Only names an explain writes: a hand-edited list naming a folder or someone's notes.txt in it
-    # failed as a traceback, or deleted that file.
-    _remove_grids(out, [name for name in files if name in GRID_NAMES] if isinstance(files, list) else [])
+    # failed as a traceback, or deleted that file. A record that lists none (damaged) keeps no grid
+    # of its explanation either: every name an explain writes goes.
+    _remove_grids(out, [name for name in files if name in GRID_NAMES] if isinstance(files, list) else GRID_NAMES)
 
 
 def _remove_grids(out: Path, names) -> None:
@@ -232,6 +236,29 @@ def _remove_grids(out: Path, names) -> None:
             (out / name).unlink(missing_ok=True)
         except OSError as exc:  # a folder by a grid's name
             raise DmhpcError(f"{out / name}: cannot remove it to write the new explanation ({exc.strerror})") from None
+
+
+def _check_columns(catalog: Path, table) -> None:
+    """The columns explain reads hold what predict writes: an index of 3.5 drew image 3 under that
+    row's name, a NaN probability passed the read-back check, a label 0.5 was drawn as a
+    non-merger, and text in any of them was a traceback."""
+    def refuse(column: str, expected: str) -> None:
+        raise DmhpcError(f"{catalog}: column {column}: expected {expected}, as predict writes it (edited by hand?)")
+
+    def values(column: str, kinds: str) -> np.ndarray | None:
+        data = table[column]
+        if np.any(getattr(data, "mask", False)):  # an empty cell
+            return None
+        data = np.asarray(data)
+        return data if data.dtype.kind in kinds else None
+
+    if values("index", "iu") is None or (values("index", "iu") < 0).any():
+        refuse("index", "the non-negative whole number of each row's input position in every row")
+    p = values("p_merger", "f")
+    if p is None or not ((p >= 0) & (p <= 1)).all():
+        refuse("p_merger", "a probability from 0 to 1 in every row")
+    if "label" in table.colnames and values("label", "iub") is None:
+        refuse("label", "a whole number in every row (1 merger, 0 non-merger, negative unlabelled)")
 
 
 def _catalog_model(catalog: Path, table, run: RunDir, checkpoint: str | None, device) -> Model:
@@ -263,7 +290,10 @@ def _source_args(catalog: Path, recorded: str) -> dict:
     except ValueError:
         args = None
     known = inspect.signature(open_source).parameters
-    if not isinstance(args, dict) or not set(args) <= set(known):
+    # Each value text or null (nan_fill a number): a number for a path was a TypeError traceback.
+    if not isinstance(args, dict) or not set(args) <= set(known) or not all(
+            v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) if k == "nan_fill" else
+                          isinstance(v, str)) for k, v in args.items()):
         raise DmhpcError(f"{catalog}: SRCARGS is not predict's record of its inputs (edited by hand?); predict again")
     # Options an older predict took where they did nothing (and open_source now refuses): dropped.
     ignored = ()
@@ -308,7 +338,7 @@ def _check_read_back(catalog: Path, meta, model: Model, norm: Normalizer, images
     # (index and id: what a non-finite probability's one line names)
     now = batch_columns(model, norm, images.copy(), {"index": index, "id": index},
                         str(meta.get("TTA")) == "True")["p_merger"]
-    far = np.flatnonzero(np.abs(now - probs) > READ_BACK_TOLERANCE[model.amp])
+    far = np.flatnonzero(~(np.abs(now - probs) <= READ_BACK_TOLERANCE[model.amp]))  # (NaN is far)
     if len(far):
         k = far[0]
         raise DmhpcError(f"{catalog}: the row of input position {int(index[k])} has p_merger {probs[k]:.5f}; its "
@@ -351,6 +381,7 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
                                  f"or no SRCARGS, RUN, CKPT, CKPTSTEP, MEAN or STD); explain predict's own file")
             if not len(table):  # (a selection that kept nothing): a traceback from captum
                 raise DmhpcError(f"{catalog}: no rows; nothing to explain")
+            _check_columns(Path(catalog), table)
             index = np.asarray(table["index"])
             ordered = np.sort(index)
             twice = ordered[np.flatnonzero(np.diff(ordered) == 0)[:1]]
@@ -415,6 +446,10 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
                            run.data_error(f"data.{name}", directory, exc)) from None
             if data is not None:
                 check_shape(data, load_manifest(data)["shape"], model.data["source"]["shape"])
+                classes = load_manifest(data)["num_classes"]
+                if classes > len(CLASS_NAMES):  # its other classes were left out, silently
+                    raise DmhpcError(f"--data {data}: {classes} classes; the models here tell {len(CLASS_NAMES)} "
+                                     f"apart (merger or not)")
             else:  # their "test split" may now hold images the run trained on, as eval refuses
                 for role, directory in domains.items():
                     run.refuse_prepared_again(role, directory, prints[role],
@@ -465,7 +500,7 @@ def explain_arguments(parser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNG grids")
     rgb = ",".join(map(str, d["rgb"]))
     parser.add_argument("--rgb", default=rgb, metavar="R,G,B",
-                        help=f"the filters (channel indices) drawn red, green and blue (default {rgb}: the last red; "
+                        help=f"the filters (channel indices) drawn red, green and blue (default {rgb}: filter 2 red; "
                              f"the embedded set and DeepMerge's F814W, F356W, F160W in wavelength order: 1,2,0)")
     parser.add_argument("--overwrite", action="store_true", help="replace the explanation already in --out")
 
