@@ -211,6 +211,19 @@ def test_gradcam_and_integrated_gradients_are_captums_on_the_last_block(run_on_s
 
     ref = captum.IntegratedGradients(logits).attribute(x, baselines=torch.zeros_like(x), target=1, n_steps=8)
     np.testing.assert_allclose(ig, ref.sum(1).detach().numpy(), rtol=1e-5, atol=1e-7)
+    # Grad-CAM: captum's on the last 4-D activation of more than one pixel (found by hooks, not
+    # asked of the model), for the merger class, ReLU'd, upsampled bilinearly; not zero everywhere.
+    outputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append((m, o))) for m in net.modules()]
+    with torch.no_grad():
+        net(x)
+    for hook in hooks:
+        hook.remove()
+    last = [m for m, o in outputs if isinstance(o, torch.Tensor) and o.ndim == 4 and o.shape[-1] * o.shape[-2] > 1]
+    ref = captum.LayerGradCam(logits, last[-1]).attribute(x, target=1, relu_attributions=True)
+    ref = captum.LayerAttribution.interpolate(ref, (75, 75), interpolate_mode="bilinear")[:, 0]
+    assert cam.any()
+    np.testing.assert_allclose(cam, ref.detach().numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_explain_draws_the_filters_asked_for_and_says_which(run_on_survey, tmp_path, capsys):

@@ -349,3 +349,20 @@ def test_grad_cam_weighs_the_last_convolutional_block(name):
         assert model.last_conv_block() is [m for m in model.trunk if isinstance(m, (BasicBlock, Bottleneck))][-1]
     else:
         assert model.last_conv_block() is model.conv[2] and model.last_conv_block()[0].out_channels == 32
+
+
+@pytest.mark.parametrize("name, options", [("deepmerge", {}), ("deepmerge2", {}), ("resnet18", {}),
+                                           ("resnet18", {"stem": "small"}), ("resnet50", {})])
+def test_the_grad_cam_block_is_the_last_map_of_more_than_one_pixel(name, options):
+    """explain weighs last_conv_block()'s output: a block before it (ResNet's is picked by its place
+    in the trunk) would draw a coarser or earlier map than the one the features are pooled from."""
+    net = build_model(name, **options).eval()
+    outputs = []
+    hooks = [m.register_forward_hook(lambda m, i, o: outputs.append((m, o))) for m in net.modules()]
+    with torch.no_grad():
+        net(torch.randn(2, 3, 75, 75))
+    for hook in hooks:
+        hook.remove()
+    maps = [o for m, o in outputs if isinstance(o, torch.Tensor) and o.ndim == 4 and o.shape[-1] * o.shape[-2] > 1]
+    block = [o for m, o in outputs if m is net.last_conv_block()]
+    assert len(block) == 1 and torch.equal(block[0], maps[-1])
