@@ -906,13 +906,37 @@ def test_dali_loader_trains(data, tmp_path):
     assert (run / "eval" / "best_test.json").exists()
 
 
+def _spy_on_steps(monkeypatch) -> list[dict]:
+    """What each call of the trainer's own step saw: its batch as the loader gave it, the model's
+    first convolution's weight, whether anomaly detection was on."""
+    from dmhpc.train.step import TrainStep
+
+    seen, real = [], TrainStep.__call__
+
+    def spy(self, step, batch):
+        conv = next(m for m in self.state.model.modules() if isinstance(m, torch.nn.Conv2d))
+        seen.append({"xs": batch[0].detach().clone(memory_format=torch.preserve_format), "weight": conv.weight,
+                     "anomaly": torch.is_anomaly_enabled()})
+        return real(self, step, batch)
+
+    monkeypatch.setattr(TrainStep, "__call__", spy)
+    return seen
+
+
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_autocast_channels_last(data, tmp_path, amp):
+def test_autocast_channels_last(data, tmp_path, amp, monkeypatch):
+    """train.channels_last: the loader gives the batches in that layout and the model holds its
+    weights in it (the option dropped anywhere on the way passed before: only the loss was looked at)."""
+    seen = _spy_on_steps(monkeypatch)
     run = tmp_path / "run"
     assert main(["train", "--config", str(TINY), *_overrides(
         data, run, "train.epochs=1", f"train.amp={amp}", "train.channels_last=true", "loss.transfer=mmd")]) == 0
     record = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in l][-1]
     assert math.isfinite(record["loss"]["total"])
+    layout = torch.channels_last
+    assert seen and all(s["xs"].is_contiguous(memory_format=layout) and not s["xs"].is_contiguous()
+                        and s["weight"].is_contiguous(memory_format=layout) and not s["weight"].is_contiguous()
+                        for s in seen)
 
 
 def test_compiled_step_matches_the_eager_step(data, tmp_path):
@@ -940,12 +964,39 @@ def test_compiled_step_matches_the_eager_step(data, tmp_path):
     assert _weights(tmp_path / "eager").keys() == _weights(tmp_path / "compiled").keys()
 
 
-def test_debug_mode(data, tmp_path):
-    """debug=true trains with anomaly detection, and the mode ends with the run: an in-process debug run
-    (a debug tune trial) left it on for everything after it in the process."""
+def test_debug_mode(data, tmp_path, monkeypatch):
+    """debug=true trains a few batches with anomaly detection, and the mode ends with the run: an
+    in-process debug run (a debug tune trial) left it on for everything after it in the process.
+    (At the batch size of 16 the cap of 8 batches was more than the data held: it never showed.)"""
+    from dmhpc.train.loop import DEBUG_BATCHES
+
+    seen = _spy_on_steps(monkeypatch)
     run = tmp_path / "run"
-    assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1", "debug=true")]) == 0
+    assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1", "train.batch_size=4",
+                                                             "debug=true")]) == 0
     assert not torch.is_anomaly_enabled()
+    assert len(seen) == DEBUG_BATCHES and all(s["anomaly"] for s in seen)
+    record = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in l][-1]
+    assert record["steps"] == DEBUG_BATCHES
+    # without debug: the whole epoch (112 rows, 28 batches of 4), no anomaly detection, the default layout
+    seen.clear()
+    assert main(["train", "--config", str(TINY), *_overrides(data, tmp_path / "plain", "train.epochs=1",
+                                                             "train.batch_size=4")]) == 0
+    assert len(seen) > DEBUG_BATCHES and not any(s["anomaly"] for s in seen)
+    assert all(s["xs"].is_contiguous() and s["weight"].is_contiguous() for s in seen)
+
+
+def test_data_augment_reaches_the_trainers_batches(data, tmp_path, monkeypatch):
+    """data.augment is read in one place on its way to the loader; dropped there, every run trained
+    unaugmented and no test said so. Augmented, the first batch holds the same images flipped and
+    rotated: other pixels, the same sum per image."""
+    seen = _spy_on_steps(monkeypatch)
+    for augment in ("false", "true"):
+        assert main(["train", "--config", str(TINY), *_overrides(data, tmp_path / augment, "train.max_steps=1",
+                                                                 f"data.augment={augment}")]) == 0
+    plain, augmented = seen[0]["xs"], seen[1]["xs"]
+    assert not torch.equal(plain, augmented)
+    torch.testing.assert_close(augmented.sum((1, 2, 3)), plain.sum((1, 2, 3)), rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.gpu
