@@ -143,12 +143,14 @@ def test_each_row_of_the_throughput_grid_builds_the_trainer_it_names(tmp_path, m
         loader.close()
 
 
-def _git_head() -> str:
-    """The checkout's commit, for the benchmarks that compare with an older one (`--old`): HEAD is
-    there in any clone, shallow ones too."""
-    proc = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+def _git_commit(commit: str) -> str:
+    """`commit` (the baseline a benchmark compares with, `--old`), skipped where the checkout lacks
+    it (a shallow clone, no git). HEAD compared the code with itself: the old and new halves could
+    not disagree."""
+    proc = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet", f"{commit}^{{commit}}"],
+                          capture_output=True, text=True)
     if proc.returncode:
-        pytest.skip("not a git checkout: the benchmark compares with a commit")
+        pytest.skip(f"commit {commit} not in this checkout (shallow clone, or not git): the benchmark compares with it")
     return proc.stdout.strip()
 
 
@@ -193,7 +195,8 @@ def test_the_read_benchmarks_print_their_rates(tmp_path):
 
 
 def test_the_split_check_benchmark_finds_old_and_new_agree(tmp_path):
-    lines = _bench(tmp_path, "bench/split_check.py", "--rows", "20000", "--repeat", "1", "--old", _git_head())
+    lines = _bench(tmp_path, "bench/split_check.py", "--rows", "20000", "--repeat", "1",
+                   "--old", _git_commit("9ef568b"))
     for check in ("split_problem", "combine"):
         assert _row(lines, f"| {check} |").endswith("| yes |"), lines
 
@@ -201,7 +204,7 @@ def test_the_split_check_benchmark_finds_old_and_new_agree(tmp_path):
 @pytest.mark.parametrize("catalog", ["parquet", "h5"])
 def test_the_catalog_memory_benchmark_reads_and_merges_at_both_commits(tmp_path, catalog):
     lines = _bench(tmp_path, "bench/catalog_memory.py", "--rows", "5000", "--extra", "2", "--formats", "parquet",
-                   "--catalog", catalog, "--old", _git_head())
+                   "--catalog", catalog, "--old", _git_commit("cc88769"))
     for what in ("read catalog", "merge parquet"):
         old, new, *_ = _figures(_row(lines, what))
         assert old > 0 and new > 0, lines
