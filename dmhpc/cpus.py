@@ -26,6 +26,13 @@ def usable_cpus(proc: str = "/proc", cgroup_fs: str = "/sys/fs/cgroup") -> int:
     return mask if quota is None else max(1, min(mask, math.ceil(quota)))
 
 
+def quota_share(ranks: int) -> int | None:
+    """CPUs of the quota on this process's cgroups for one of `ranks` processes that share it (at
+    least 1); None where no quota is set."""
+    quota = cpu_quota()
+    return None if quota is None else max(1, math.ceil(quota / max(1, ranks)))
+
+
 def cpu_quota(proc: str = "/proc", cgroup_fs: str = "/sys/fs/cgroup") -> float | None:
     """CPUs' worth of time per period the tightest quota on this process's cgroups allows (v2
     cpu.max "QUOTA PERIOD", v1 cpu.cfs_quota_us / cpu.cfs_period_us); None where none is set."""

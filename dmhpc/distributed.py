@@ -44,7 +44,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 
-from dmhpc.cpus import cpu_mask, usable_cpus
+from dmhpc.cpus import cpu_mask, quota_share, usable_cpus
 from dmhpc.errors import DmhpcError
 from dmhpc.mpi import check_shared_world, env_int, import_mpi, launched
 from dmhpc.rendezvous import master_port, slurm_rendezvous
@@ -213,14 +213,18 @@ def cpus_per_rank(launcher: str, local_world_size: int, sharers: int = 0, task_c
     ranks or not, by its options), else shared with the node's other ranks where they all inherit
     one (torchrun's workers). An srun task's mask is its own where Slurm binds tasks; a site
     without task binding gives every task the whole step's mask, so the task's --cpus-per-task
-    (`task_cpus`, 0 when not given) caps it."""
+    (`task_cpus`, 0 when not given) caps it. A CPU quota is one for every process of its cgroup (a
+    container's `--cpus=N` holds the node's ranks): each rank counts its share of it, bound or not
+    (a rank bound to its own 16 CPUs counted all of a quota of 8, and so did each other rank)."""
     mask = usable_cpus()
     if sharers:
-        return max(1, mask // sharers)
-    if launcher == "slurm":
-        return max(1, min(mask, task_cpus) if task_cpus > 0 else mask)
-    shared = launcher in ("torchrun", "mpi")
-    return max(1, mask // max(1, local_world_size) if shared else mask)
+        cpus = mask // sharers
+    elif launcher == "slurm":
+        cpus = min(mask, task_cpus) if task_cpus > 0 else mask
+    else:
+        cpus = mask // max(1, local_world_size) if launcher in ("torchrun", "mpi") else mask
+    share = quota_share(local_world_size)
+    return max(1, cpus if share is None else min(cpus, share))
 
 
 def gpu_index(local_rank: int, local_world_size: int, visible: int, isolated: bool) -> int:

@@ -204,7 +204,10 @@ def test_verify_where_the_platform_has_no_cpu_masks(dataset, monkeypatch):
 
     from dmhpc.distributed import cpus_per_rank
 
+    from dmhpc import cpus
+
     monkeypatch.delattr(os, "sched_getaffinity")
+    monkeypatch.setattr(cpus, "cpu_quota", lambda *a: None)
     assert verify_dataset(dataset) == []
     assert cpus_per_rank("single", 1) == os.cpu_count()
 

@@ -437,9 +437,11 @@ def test_local_world_size_from_each_launcher():
     assert detect_launch({**slurm, "SLURM_STEP_TASKS_PER_NODE": "weird"}).local_world_size == 0
 
 
-def test_cpus_per_rank_shares_an_inherited_mask_but_not_an_srun_tasks_own():
+def test_cpus_per_rank_shares_an_inherited_mask_but_not_an_srun_tasks_own(monkeypatch):
+    from dmhpc import cpus
     from dmhpc.distributed import cpus_per_rank
 
+    monkeypatch.setattr(cpus, "cpu_quota", lambda *a: None)  # (a machine's own quota: its test below)
     mask = len(os.sched_getaffinity(0))
     assert cpus_per_rank("single", 1) == mask
     assert cpus_per_rank("slurm", 4) == mask  # srun gave each task its own CPUs
@@ -623,8 +625,26 @@ def test_cpus_are_divided_among_the_ranks_that_share_them(monkeypatch):
     from dmhpc.distributed import cpus_per_rank
 
     monkeypatch.setattr(cpus, "cpu_mask", lambda: list(range(8)))
+    monkeypatch.setattr(cpus, "cpu_quota", lambda *a: None)
     assert cpus_per_rank("mpi", 4, sharers=2) == 4
     assert cpus_per_rank("mpi", 4, sharers=1) == 8
+
+
+def test_the_ranks_of_a_cgroup_share_its_cpu_quota(monkeypatch):
+    """A container's --cpus=8 is one quota for every rank in it: each of 4 ranks bound to its own 16
+    CPUs counted all 8, and the node ran 32 threads on 8 CPUs' worth of time."""
+    from dmhpc import cpus
+    from dmhpc.distributed import cpus_per_rank
+
+    monkeypatch.setattr(cpus, "cpu_mask", lambda: list(range(16)))
+    monkeypatch.setattr(cpus, "cpu_quota", lambda *a: 8.0)
+    assert cpus_per_rank("mpi", 4, sharers=1) == 2  # bound to its own CPUs: the quota's share caps it
+    assert cpus_per_rank("slurm", 4) == 2
+    assert cpus_per_rank("torchrun", 4) == 2
+    assert cpus_per_rank("single", 1) == 8
+    monkeypatch.setattr(cpus, "cpu_quota", lambda *a: 1.5)
+    assert cpus_per_rank("torchrun", 4) == 1  # at least one
+    assert cpus_per_rank("single", 1) == 2
 
 
 def test_the_slurm_attempt_names_the_job_and_its_restarts():
