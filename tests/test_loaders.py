@@ -8,6 +8,7 @@ which rows it holds, then compare pixel by pixel with the stored images.
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
 import os
 import random
@@ -32,7 +33,10 @@ SHAPE = (3, 8, 8)
 TARGET_OFFSET = 1000
 BATCH, WORLD, SEED = 8, 2, 3
 
-needs_dali = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not importable")
+# Skipped where DALI is not installed, not where dali_available() (under test) says so: broken, it
+# skipped every DALI test and `auto` never chose DALI, silently.
+needs_dali = pytest.mark.skipif(importlib.util.find_spec("nvidia") is None or
+                                importlib.util.find_spec("nvidia.dali") is None, reason="NVIDIA DALI is not installed")
 
 # (kind, num_workers): every loader kind, the torch one in-process and with worker processes.
 CONFIGS = [
@@ -246,7 +250,8 @@ def test_target_batches_come_from_the_target_training_split(plain, data):
 @pytest.fixture(scope="module", params=FIXTURE_CONFIGS)
 def augmented(request, data):
     """Rank 0 with augmentation: a whole epoch, the same again, its tail from step 4, and epoch 0
-    read again after stopping early at step 2."""
+    read again after stopping early at step 2; epoch 1 after the whole epoch 0, and after a new
+    loader's tail of epoch 0 (a run resumed mid-epoch goes on to the next one)."""
     kind, workers = request.param
     rng_before = torch.get_rng_state(), np.random.get_state()[1].copy()
     loader = _loader(data, kind, workers, augment=True)
@@ -257,12 +262,21 @@ def augmented(request, data):
         head = _epoch(loader, 0, stop_after=2)
         after_stop = _epoch(loader, 0, start_step=2)
         empty = _epoch(loader, 0, start_step=len(loader))
+        _epoch(loader, 0)
+        next_epoch = _epoch(loader, 1)
     finally:
         loader.close()
+    resumed = _loader(data, kind, workers, augment=True)
+    try:
+        resumed_tail = _epoch(resumed, 0, start_step=4)
+        resumed_next = _epoch(resumed, 1)
+    finally:
+        resumed.close()
     rng_after = torch.get_rng_state(), np.random.get_state()[1]
     untouched = torch.equal(rng_before[0], rng_after[0]) and np.array_equal(rng_before[1], rng_after[1])
     return kind, {"full": full, "again": again, "tail": tail, "head": head, "after_stop": after_stop,
-                  "empty": empty, "global rng untouched": untouched}
+                  "empty": empty, "global rng untouched": untouched, "next": next_epoch,
+                  "resumed tail": resumed_tail, "resumed next": resumed_next}
 
 
 def _assert_same(batches_a, batches_b):
@@ -280,6 +294,11 @@ def test_start_step_yields_the_tail_of_the_epoch(augmented):
     _assert_same(run["after_stop"], run["full"][2:])
     assert run["empty"] == []
     assert run["global rng untouched"]
+    # resumed at step 4: the rest of epoch 0, then the whole of epoch 1 (DALI's next epoch began at
+    # its step 4 too, and would lose 4 batches, were the start step applied to every epoch)
+    _assert_same(run["resumed tail"], run["full"][4:])
+    _assert_same(run["resumed next"], run["next"])
+    assert len(run["next"]) == len(run["full"]) and not torch.equal(run["next"][0][0], run["full"][0][0])
 
 
 def test_augmentation_applies_only_flips_and_rotations(augmented, data):
@@ -295,6 +314,11 @@ def test_augmentation_applies_only_flips_and_rotations(augmented, data):
                 assert len(matches) == 1, f"{domain} image {i} is no flip or rotation of the stored one"
                 codes.append(matches[0])
     assert len(set(codes)) == 8  # all symmetries occur, the identity is not the only one
+
+
+@needs_dali
+def test_dali_is_available_where_it_is_installed():
+    assert dali_available()
 
 
 @needs_dali
