@@ -113,13 +113,19 @@ def test_rows_must_hold_what_the_split_lists_say(dataset):
     assert len(problems) == 2  # and the val row, in another shard
 
 
-def test_an_object_in_two_splits_is_refused(dataset):
-    with h5py.File(dataset / shard_name(3), "r+") as f:  # the test rows: give one the id of a training object
-        train_object = int(h5py.File(dataset / shard_name(0), "r")["objects"][0])
-        f["objects"][-1] = train_object
-    reseal(dataset, 3)
-    problem = verify_dataset(dataset)[-1]  # after the test split's object count (one fewer or more)
-    assert "1 objects are in both the train and test splits" in problem and str(train_object) in problem
+@pytest.mark.parametrize("a, b", [("train", "test"), ("train", "val"), ("val", "test")])
+def test_an_object_in_two_splits_is_refused(dataset, a, b):
+    """Each pair of splits: a val object among the training rows inflates model selection as a test
+    object does the result (only train and test were tried)."""
+    rows = raw_manifest(dataset)["rows"]
+    with h5py.File(dataset / shard_name(rows[a][0] // 16), "r") as f:
+        taken = int(f["objects"][rows[a][0] % 16])
+    number, at = divmod(rows[b][0], 16)  # the first row of split b gets an object of split a
+    with h5py.File(dataset / shard_name(number), "r+") as f:
+        f["objects"][at] = taken
+    reseal(dataset, number)
+    problem = verify_dataset(dataset)[-1]  # after the splits' object counts (one fewer or more)
+    assert f"1 objects are in both the {a} and {b} splits" in problem and str(taken) in problem
 
 
 @pytest.mark.parametrize("replace, problem", [

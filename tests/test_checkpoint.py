@@ -200,6 +200,13 @@ def test_each_rank_gets_its_own_rng_state_back():
     before = torch.get_rng_state()
     assert restore_rank_rng_state(states, 1) is False  # a rank the saved run did not have
     assert torch.equal(torch.get_rng_state(), before)
+    # Two ranks' states, as gathered from a run of two: each rank takes its own, not rank 0's.
+    torch.manual_seed(11)
+    two = states + gather_rng_states()
+    second = torch.rand(3)
+    torch.manual_seed(0)
+    assert restore_rank_rng_state(two, 1) is True and torch.equal(torch.rand(3), second)
+    assert restore_rank_rng_state(two, 0) is True and torch.equal(torch.rand(3), expected)
 
 
 # --- signals -----------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from dmhpc.errors import DmhpcError
     (choice("a", "b"), ["a"], 'expected one of "a", "b", got ["a"]'),
     (mapping("a non-empty mapping", empty=False), {}, "expected a non-empty mapping, got {}"),
     (distinct_list(integer(1)), [1, 1], "each a positive integer, got [1, 1]"),
+    (distinct_list(integer(1)), [], "a non-empty list of distinct values, each a positive integer, got []"),
     (distinct_list(integer(1)), [1, 0], "each a positive integer, got [1, 0]"),
 ])
 def test_each_check_says_what_it_expected_and_what_it_got(check, value, message):

@@ -59,6 +59,16 @@ def test_leaderboard_ranks_by_selection_score_and_marks_oracle_and_unfinished(tm
     assert f"| 1 | {name(0, 'oracle-target-acc')} | oracle-target-acc (oracle) | 0.9900 |" in md
 
 
+def test_the_run_after_equal_scores_takes_the_rank_its_place_gives(tmp_path):
+    """Competition ranking, as the docstring says: 0.9, 0.9, 0.8 rank 1, 1, 3 (not 1, 1, 2)."""
+    spec = {"base": str(TINY), "out": str(tmp_path), "executor": "local", "grid": {"seed": [0, 1, 2, 3]}}
+    points = load_grid(spec).points
+    for point, score in zip(points, (0.9, 0.8, 0.9, 0.7)):
+        _finished(point, score, 0.5)
+    rows = write_leaderboard(tmp_path, points)
+    assert [(r["point"], r["rank"]) for r in rows] == [("seed=0", 1), ("seed=2", 1), ("seed=1", 3), ("seed=3", 4)]
+
+
 def test_leaderboard_ranks_within_each_pair_of_data_sets_and_apart_from_runs_trained_on_the_target(tmp_path):
     """A grid over data.target ranked the scores of two surveys in one list, and a run trained on
     the target itself (its "source" validation labels the target's) first among the label-free runs."""

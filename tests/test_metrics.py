@@ -197,7 +197,7 @@ def test_deep_embedded_validation_weights_are_density_ratios_in_many_dimensions(
     real_fit = LogisticRegression.fit
 
     def fit(self, x, y, *a, **k):
-        seen.append(len(x))
+        seen.append(x.shape)
         return real_fit(self, x, y, *a, **k)
 
     LogisticRegression.fit = fit
@@ -205,7 +205,9 @@ def test_deep_embedded_validation_weights_are_density_ratios_in_many_dimensions(
         dev = deep_embedded_validation({"features": fs, "labels": labels, "prob": prob}, {"features": ft})
     finally:
         LogisticRegression.fit = real_fit
-    assert seen == [300, 300]  # two folds of half the rows each, never all of them
+    # two folds of half the rows each, never all of them, on the 16 leading principal components
+    # the docs name (another count scored other weights, without a word)
+    assert seen == [(300, 16), (300, 16)]
     loss = -np.log(prob[np.arange(300), labels]).mean()
     assert dev == pytest.approx(-loss, rel=0.1), (dev, -loss)
 

@@ -286,6 +286,25 @@ def test_the_latent_embedding_marks_domains_and_names_classes_by_colour(drawn, t
         assert np.allclose(collection.get_paths()[0].vertices, marker.vertices)
 
 
+def test_each_latent_point_keeps_its_own_label_when_drawn_from_many(drawn, tmp_path):
+    """Features drawn at random past max_points must keep their own labels: the first labels beside
+    a random draw of features coloured a misaligned space as an aligned one."""
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 2, 60)
+    feats = rng.normal(size=(60, 4)) + 10.0 * labels[:, None] * np.array([1.0, 0, 0, 0])  # classes apart
+    plots.latent_embedding({d: (feats, labels) for d in ("source", "target")}, tmp_path / "latent.png", "t",
+                           method="pca", max_points=25)
+    sides = {}
+    for collection in drawn[0].axes[0].collections:
+        x = collection.get_offsets()[:, 0]
+        sides[collection.get_label()] = (x.min(), x.max())
+    mergers = [v for k, v in sides.items() if k.endswith(" merger")]
+    others = [v for k, v in sides.items() if k.endswith("non-merger")]
+    assert len(mergers) == len(others) == 2
+    # every merger on one side of every non-merger along the first component (its sign is arbitrary)
+    assert all(m[0] > o[1] for m in mergers for o in others) or all(m[1] < o[0] for m in mergers for o in others)
+
+
 def test_probabilities_that_round_to_one_are_written_as_one_minus():
     """p = 0.9997 was written "1.000": read as certainty it was not."""
     assert plots._probability(0.9997) == "1 - 3.0e-04"

@@ -20,6 +20,7 @@ from dmhpc.data.shards import (
     fingerprint,
     load_manifest,
     shard_name,
+    split_order,
     split_rows,
     write_dataset,
 )
@@ -684,3 +685,38 @@ def test_fractions_must_sum_to_one_within_a_millionth():
         check_fractions((0.7, 0.1, 0.195))
     assert str(info.value) == "fractions 0.7,0.1,0.195: need train > 0, val and test >= 0, sum 1"
     assert check_fractions((0.7, 0.1, 0.2000005)) == (0.7, 0.1, 0.2000005)
+
+
+def _documented_draw(objects: np.ndarray, seed: int, fractions) -> dict:
+    """The split as docs/data-format.md words it ("The draw, exactly"), written as plainly."""
+    f_train, f_val, _ = fractions
+    rng = np.random.default_rng(seed)
+    ids = np.unique(objects)
+    n = len(objects)
+    splits = {"train": [], "val": [], "test": []}
+    for obj in ids[rng.permutation(len(ids))]:
+        rows = np.flatnonzero(objects == obj).tolist()
+        if len(splits["train"]) < round(f_train * n):
+            splits["train"] += rows
+        elif len(splits["train"]) + len(splits["val"]) < round((f_train + f_val) * n):
+            splits["val"] += rows
+        else:
+            splits["test"] += rows
+    return {"train": rng.permutation(sorted(splits["train"])).tolist(), "val": sorted(splits["val"]),
+            "test": sorted(splits["test"])}
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_the_split_is_the_documented_draw(tmp_path, seed):
+    """The docs give the draw exactly, so that a data set is the same across versions: int() for
+    round() at a fractional 0.7 N, or a new generator for the training order, drew another split
+    and no property test saw it."""
+    objects = np.r_[np.arange(26), np.repeat(np.arange(26, 30), 3)] + 500  # 38 images; 0.7 N = 26.6
+    fractions = (0.7, 0.15, 0.15)
+    expected = _documented_draw(objects, seed, fractions)
+    got = split_order(objects, seed, fractions)
+    assert {k: v.tolist() for k, v in got.items()} == expected
+    rng = np.random.default_rng(0)
+    manifest = write_dataset(rng.normal(size=(38, 1, 4, 4)).astype(np.float32), np.arange(38) % 2, objects,
+                             tmp_path / "ds", shard_size=16, seed=seed, fractions=fractions)
+    assert {k: [int(i) for i in manifest["splits"][k]] for k in expected} == expected

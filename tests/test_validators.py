@@ -56,10 +56,28 @@ def test_each_criterion_against_the_oracle_by_checkpoint_by_method_and_by_rank(t
     assert im["method_picked"] == "mmd (1)" and im["spearman_within_run"] == pytest.approx(1.0)
     assert rows["oracle (target val acc)"]["checkpoint_loss_points"] == pytest.approx(0.0)
     assert math.isnan(rows["snd"]["spearman_all"])  # a constant score ranks nothing
+    # over every checkpoint of the label-free runs (the oracle's left out), against target test accuracy
+    from scipy.stats import spearmanr
+
+    tests = [0.55, 0.65, 0.75, 0.8, 0.7, 0.6]
+    assert src["spearman_all"] == pytest.approx(spearmanr([0.9, 0.8, 0.7, 0.6, 0.7, 0.65], tests).statistic)
+    assert im["spearman_all"] == pytest.approx(spearmanr([0.1, 0.2, 0.3, 0.35, 0.2, 0.1], tests).statistic)
+    assert src["spearman_all"] != pytest.approx(im["spearman_all"])
 
     md = (tmp_path / "out" / "validators.md").read_text()
     assert "| pristine -> noisy | source-val-acc | 2 | 6 | 0.625 | 0.775 | 15.0 | 0.550 | 0.800 | 25.0 | plain (1) |" in md
     assert (tmp_path / "out" / "validators.csv").read_text().startswith("pair,criterion,runs,")
+
+
+def test_of_equal_scores_the_first_checkpoint_is_scored_as_the_trainer_keeps_it(tmp_path):
+    """Source accuracy over a few hundred rows ties often: the table scored another checkpoint than
+    the one best.pt holds, were the last of equals picked."""
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "grid": {"seed": [1]}}
+    (point,) = load_grid(spec).points
+    _log(point, [0.8, 0.8, 0.7], [0.1, 0.1, 0.3], [0.5, 0.6, 0.7], [0.6, 0.7, 0.5])
+    rows = {r["criterion"]: r for r in write_validators(tmp_path / "out", [point])}
+    assert rows["source-val-acc"]["checkpoint_target_acc"] == pytest.approx(0.6)
+    assert rows["im"]["checkpoint_target_acc"] == pytest.approx(0.5)
 
 
 def test_runs_not_finished_are_left_out_as_in_the_summary(tmp_path):
