@@ -817,6 +817,35 @@ def test_the_card_reports_the_test_of_the_exported_checkpoint_only(survey, tmp_p
     assert len(exported) == 3
 
 
+def test_an_hdf5_catalog_that_meets_a_file_size_limit_is_one_line_and_keeps_the_parts(run_on_survey, tmp_path):
+    """h5py's close of a catalog that met a full disk (or a file-size limit) crashed the process: a
+    segmentation fault, exit 139, no error line, its temporary file left beside --out."""
+    import resource
+    import subprocess
+
+    np.save(tmp_path / "survey.npy", np.random.default_rng(4).normal(0.5, 0.3, (200, 3, 75, 75)).astype(np.float32))
+    out = tmp_path / "out" / "c.h5"
+    out.parent.mkdir()
+
+    def limited():  # each file at most 8 KiB: the parts fit, the catalog does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (8192, 8192))
+
+    proc = subprocess.run([sys.executable, "-m", "dmhpc", "predict", "--run", str(run_on_survey), "--images",
+                           str(tmp_path / "survey.npy"), "--out", str(out), "--part-size", "40", "--batch-size", "40"],
+                          capture_output=True, text=True, timeout=300, preexec_fn=limited)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"dmhpc predict: error: {out}: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "File too large" in proc.stderr and "the parts are kept" in proc.stderr
+    assert sorted(p.name for p in out.parent.iterdir()) == ["c.h5.parts"]
+    # with room, a rerun merges the parts kept
+    assert main(["predict", "--run", str(run_on_survey), "--images", str(tmp_path / "survey.npy"), "--out",
+                 str(out), "--part-size", "40", "--batch-size", "40"]) == 0
+    from astropy.table import Table
+
+    table = Table.read(out, path="catalog")
+    assert len(table) == 200 and table.meta["RUN"] and table["p_merger"].description.startswith("merger probability")
+
+
 def test_a_full_disk_at_a_torchscript_export_is_one_line_and_leaves_nothing(run_on_survey, small_disk, tmp_path):
     """torch's zip writer aborted the process on a full disk (a C++ exception from a destructor:
     exit 134, a stack dump) and left its temporary file beside --out."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import io
 import json
 import os
 import re
@@ -39,6 +40,7 @@ import shutil
 import time
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 
@@ -470,7 +472,13 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
     beside, staged = provenance_file(out), None
     try:
         with atomic_path(out) as tmp:
-            table.write(tmp, format=fmt, overwrite=True, **kwargs)
+            if fmt == "hdf5":  # built in memory, then written as bytes: on a full disk h5py's close of the
+                buffer = io.BytesIO()  # file crashed the process (a segmentation fault, no error line)
+                with h5py.File(buffer, "w") as f:
+                    table.write(f, format=fmt, **kwargs)
+                tmp.write_bytes(buffer.getbuffer())
+            else:
+                table.write(tmp, format=fmt, overwrite=True, **kwargs)
             if fmt == "ascii.csv":
                 # With the CSV's own SHA-256: explain takes the pair only together (two files, two renames).
                 staged = staged_write(beside, json.dumps({**meta, CSV_SHA: file_sha256(tmp)}, indent=2) + "\n")
