@@ -208,7 +208,7 @@ def _open_fits_cube(path: str | os.PathLike, nan_fill: float | None, layout: str
             # rank; their section decompresses the tiles of the rows asked for.
             if hdu.is_image and hdu.header.get("NAXIS", 0) and (_scaled(hdu.header)
                                                                or isinstance(hdu, fits.CompImageHDU)):
-                data = _SectionRows(hdu.section, tuple(hdu.shape))  # (scaled by astropy as rows are read)
+                data = _SectionRows(Path(path), hdu.section, tuple(hdu.shape))  # (scaled by astropy as rows are read)
             elif hdu.is_image and hdu.header.get("NAXIS", 0):
                 data = _plain_rows(Path(path), hdul, number, hdu)
             else:
@@ -273,8 +273,8 @@ class _SectionRows:
     """Rows of a FITS image section (read from the file when asked for, scaled by astropy) as an
     (N, C, H, W) array; each run of consecutive rows asked for is one read."""
 
-    def __init__(self, section, shape: tuple):
-        self.section = section
+    def __init__(self, path: Path, section, shape: tuple):
+        self.path, self.section = path, section
         self._lock = threading.Lock()  # every read is a seek and a read on one file: prepare's writers share it
         self._one_filter = len(shape) == 3  # (N, H, W)
         self.shape = (shape[0], 1, *shape[1:]) if self._one_filter else shape
@@ -286,8 +286,13 @@ class _SectionRows:
     def __getitem__(self, index):
         index = np.arange(self.shape[0])[index] if isinstance(index, slice) else np.asarray(index)
         runs = [r for r in np.split(index, np.flatnonzero(np.diff(index) != 1) + 1) if r.size]
-        with self._lock:
-            blocks = [self.section[int(r[0]):int(r[-1]) + 1] for r in runs]
+        try:
+            with self._lock:
+                blocks = [self.section[int(r[0]):int(r[-1]) + 1] for r in runs]
+        except (OSError, ValueError, TypeError) as exc:  # astropy's, of a file cut short: a traceback
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise DmhpcError(f"{self.path}: cannot read images {int(index[0])} to {int(index[-1])} ({reason}); "
+                             f"saved again or cut short while it was read?") from None
         block = np.concatenate(blocks) if blocks else self.section[0:0]
         return block[:, None] if self._one_filter else block
 
