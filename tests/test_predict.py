@@ -787,6 +787,9 @@ def test_non_finite_pixels_and_a_flat_filter_are_refused_in_one_line(trained, tm
     flat = trained["images"][:40].copy()
     flat[:, 2] = 1.0
     np.save(tmp_path / "flat.npy", flat)
+    big = trained["images"][:40].astype(np.float64)
+    big[7, 0, 2, 2] = 1e39  # no Inf in the file: beyond float32's range, read as Inf
+    np.save(tmp_path / "big.npy", big)
     folder = tmp_path / "cutouts"
     folder.mkdir()
     for i in range(40):
@@ -796,6 +799,9 @@ def test_non_finite_pixels_and_a_flat_filter_are_refused_in_one_line(trained, tm
         (["--images", str(tmp_path / "nan.npy")], f"{tmp_path / 'nan.npy'}: NaN pixels in image 37; --nan-fill 0"),
         (["--images", str(tmp_path / "inf.npy"), "--nan-fill", "0"],
          "Inf pixels in image 38; --nan-fill replaces NaN only"),
+        (["--images", str(tmp_path / "big.npy")],
+         f"{tmp_path / 'big.npy'}: Inf pixels in image 7; --nan-fill replaces NaN only (or values beyond float32's "
+         f"range)"),
         (["--catalog", str(tmp_path / "survey.csv"), "--id-column", "objid", "--cutouts", str(folder)],
          f"{folder / 'G37.fits'}: NaN pixels in this cutout (id G37); --nan-fill 0"),
         (["--images", str(tmp_path / "flat.npy"), "--normalize", "own"],
@@ -1011,7 +1017,7 @@ def test_a_label_column_that_is_not_1_or_0_is_one_line_before_any_part(trained, 
            "coded": [1, 2] * 100, "unknown": [0, -1] * 100, "flag": [1.0, 0.0] * 100}).write(tmp_path / "c.ecsv")
     base = ["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--catalog",
             str(tmp_path / "c.ecsv")]
-    for column, shown in (("kind", "'merger' (row 1); expected whole numbers, 1 for a merger or 0"),
+    for column, shown in (("kind", "text (<U9); expected an integer or boolean column, 1 for a merger or 0"),
                           ("p", "0.5 (row 2); expected whole numbers, 1 for a merger or 0"),
                           ("coded", "2 (row 2); expected 1 for a merger or 0"),
                           ("unknown", "-1 (row 2); expected 1 for a merger or 0")):
@@ -1023,6 +1029,35 @@ def test_a_label_column_that_is_not_1_or_0_is_one_line_before_any_part(trained, 
     out = tmp_path / "flag.csv"
     assert main([*base, "--label-column", "flag", "--out", str(out)]) == 0
     assert list(read(out)["label"][:2]) == [1, 0]
+
+
+def test_catalog_columns_of_several_values_per_row_and_fits_files_of_several_tables_are_refused(trained, tmp_path,
+                                                                                                  capsys):
+    """A vector id or file column was a ValueError traceback, a vector label of 0 and 1 was written
+    into the catalog as two labels per galaxy; a FITS catalog of several tables was read from its
+    first, with a warning naming no file."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    n = len(np.load(trained["survey"], mmap_mode="r"))
+    pairs = np.arange(2 * n).reshape(n, 2)
+    Table({"id": [f"A{i}" for i in range(n)], "pair": pairs, "two": pairs % 2}).write(tmp_path / "v.fits")
+    base = ["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--catalog"]
+    for option, column, role in (("--id-column", "pair", "id"), ("--label-column", "two", "label")):
+        out = tmp_path / f"{column}.parquet"
+        assert main([*base, str(tmp_path / "v.fits"), option, column, "--out", str(out)]) == 1
+        err = capsys.readouterr().err
+        assert f"{tmp_path / 'v.fits'}: {role} column {column!r} holds (2,) values per row; expected one" in err, err
+        assert len(err.splitlines()) == 1 and not out.exists() and not Path(f"{out}.parts").exists()
+    one = fits.table_to_hdu(Table({"id": [f"A{i}" for i in range(n)]}))
+    other = fits.table_to_hdu(Table({"id": [f"B{i}" for i in range(n)]}))
+    other.name = "OTHER"
+    fits.HDUList([fits.PrimaryHDU(), one, other]).writeto(tmp_path / "two.fits")
+    out = tmp_path / "two.parquet"
+    assert main([*base, str(tmp_path / "two.fits"), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'two.fits'}: holds 2 tables (HDUs " in err and "keep the catalog's in a file of its own" in err
+    assert len(err.splitlines()) == 1 and not out.exists()
 
 
 def test_an_input_without_images_is_one_line_before_any_part(trained, tmp_path, capsys):
@@ -1075,8 +1110,17 @@ def test_a_fits_catalog_of_non_ascii_ids_is_one_line_before_any_image(trained, t
     out = tmp_path / "r.fits"
     assert main(["predict", "--run", str(trained["run"]), "--images", str(survey), "--out", str(out)]) == 1
     err = capsys.readouterr().err
-    assert f"--out {out}: FITS holds ASCII only and DATA {survey} is not" in err and len(err.splitlines()) == 1, err
+    assert f"--out {out}: a FITS header holds printable ASCII only and DATA {str(survey)!r} is not" in err \
+        and len(err.splitlines()) == 1, err
     assert not out.exists() and not Path(f"{out}.parts").exists()
+    # A tab (or another control character) in a path was dropped likewise, with astropy's warning only.
+    (tmp_path / "tab\there").mkdir()
+    survey = tmp_path / "tab\there" / "s.npy"
+    np.save(survey, trained["images"][:32])
+    assert main(["predict", "--run", str(trained["run"]), "--images", str(survey), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"and DATA {str(survey)!r} is not; write .parquet or .ecsv instead" in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
 
 
 def test_a_requeued_prediction_reuses_its_own_statistics(trained, tmp_path, monkeypatch):

@@ -90,7 +90,8 @@ class ArrayRows(ImageArray):
         block = np.asarray(self.array[index])
         if self.layout == "NHWC":
             block = block.transpose(0, 3, 1, 2)
-        block = np.ascontiguousarray(block, dtype=np.float32)
+        with np.errstate(over="ignore"):  # a float64 value beyond float32 becomes Inf, refused as such downstream
+            block = np.ascontiguousarray(block, dtype=np.float32)
         return fill_nan(block, self.nan_fill)
 
 
@@ -419,6 +420,12 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
     # become part of the first column's name.
     options = {"converters": text_columns, "encoding": "utf-8-sig"} if fmt == "ascii.csv" else {}
 
+    if fmt == "fits":  # astropy reads the first table of several with a warning that names no file
+        tables = _fits_tables(path)
+        if len(tables) > 1:
+            raise DmhpcError(f"{path}: holds {len(tables)} tables (HDUs {', '.join(tables)}); keep the catalog's "
+                             f"in a file of its own")
+
     def read(**more):
         try:
             return Table.read(path, format=fmt, **options, **more)
@@ -446,6 +453,10 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
     for role, column in roles.items():
         if column in missing:
             raise DmhpcError(f"{path}: no {role} column {column!r} (columns: {', '.join(every)})")
+    for role, column in roles.items():
+        if column is not None and table[column].ndim != 1:  # a vector column: a traceback, or labels of 2 values
+            raise DmhpcError(f"{path}: {role} column {column!r} holds {table[column].shape[1:]} values per row; "
+                             f"expected one")
     if len(table) == 0:
         raise DmhpcError(f"{path}: the catalog has no rows")
     kind = table[id_column].dtype
@@ -476,6 +487,19 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
     elif cutouts is not None:
         files = CutoutFiles(folder, [f"{i}.fits" for i in ids])
     return Catalog(path, ids, labels, files, f"{kind.kind}{kind.itemsize}" if kind.kind in "iu" else None)
+
+
+def _fits_tables(path: Path) -> list[str]:
+    """The names (or numbers) of a FITS file's table HDUs; none where it cannot be read (its reader
+    says why)."""
+    from astropy.io import fits
+
+    try:
+        with fits.open(path, memmap=True) as hdul:
+            return [hdu.name or str(k) for k, hdu in enumerate(hdul)
+                    if isinstance(hdu, (fits.BinTableHDU, fits.TableHDU))]
+    except Exception:
+        return []
 
 
 def _hdf5_fields(path: Path, columns: list[str]):

@@ -262,15 +262,16 @@ META_COMMENTS = {
 
 def _check_writable(out: Path, source: Source, meta: dict) -> None:
     """Refuse, before any image is predicted, what the catalog's format cannot hold. FITS holds ASCII
-    only: a non-ASCII id failed the write after the whole survey was computed, and a non-ASCII header
-    value (a run or data path) was dropped from the header. ECSV writes an id starting with # as it is,
+    only: a non-ASCII id failed the write after the whole survey was computed, and a header value
+    that is not printable ASCII (a run or data path; a tab in it) was dropped from the header. ECSV writes an id starting with # as it is,
     and reads that row back as a comment: the candidate was lost without a word."""
     fmt = catalog_format(out)
     if fmt == "fits":
         instead = "write .parquet or .ecsv instead"
         for key, value in meta.items():
-            if not str(value).isascii():
-                raise DmhpcError(f"--out {out}: FITS holds ASCII only and {key} {value} is not; {instead}")
+            if not all(32 <= ord(c) < 127 for c in str(value)):
+                raise DmhpcError(f"--out {out}: a FITS header holds printable ASCII only and {key} {str(value)!r} "
+                                 f"is not; {instead}")
         bad = source.first_id(lambda v: not v.isascii())
         if bad is not None:
             raise DmhpcError(f"--out {out}: FITS holds ASCII only and the id {bad[1]!r} of image {bad[0]} is not; "

@@ -174,7 +174,8 @@ class Source:
         k = int(np.flatnonzero(bad.any(axis=1))[0])
         index, nan = int(columns["index"][k]), bool(np.isnan(images[k]).any())
         what = "NaN" if nan else "Inf"
-        hint = "--nan-fill 0 replaces them" if nan else "--nan-fill replaces NaN only"
+        # (float64 values beyond float32's range read as Inf: the file need not hold one)
+        hint = "--nan-fill 0 replaces them" if nan else "--nan-fill replaces NaN only (or values beyond float32's range)"
         if self.kind == "catalog":  # one file per row: name the file
             where = f"{self._reader.files[index]}: {what} pixels in this cutout (id {columns['id'][k]})"
         else:
@@ -272,7 +273,10 @@ def _integer_labels(catalog, column: str, labels: np.ndarray) -> np.ndarray:
     whole = labels.dtype == bool or np.issubdtype(labels.dtype, np.integer)
     if np.issubdtype(labels.dtype, np.floating):
         whole = bool(np.all(labels == np.round(labels)))  # NaN compares unequal, so it is caught too
-    bad = np.flatnonzero((labels != 0) & (labels != 1)) if labels.dtype.kind in "biuf" else [0]
+    if labels.dtype.kind not in "biuf":  # said it held '0' and expected... 0
+        raise DmhpcError(f"{catalog}: label column {column!r} holds text ({labels.dtype}); expected an integer "
+                         f"or boolean column, 1 for a merger or 0")
+    bad = np.flatnonzero((labels != 0) & (labels != 1))
     if len(bad):
         raise DmhpcError(f"{catalog}: label column {column!r} holds {labels[bad[0]].item()!r} (row {bad[0] + 1}); "
                          f"expected {'whole numbers, ' if not whole else ''}1 for a merger or 0")
