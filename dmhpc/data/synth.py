@@ -18,6 +18,7 @@ import json
 import math
 import os
 import signal
+import stat
 import sys
 import time
 from collections import deque
@@ -232,8 +233,10 @@ def _claim_output(out: Path, overwrite: bool, held: contextlib.ExitStack) -> boo
     images, each killed run leaves a set) are removed under the lock, where no other synth can be
     writing them."""
     try:
-        if out.exists() and not out.is_dir():
+        if not stat.S_ISDIR(out.stat().st_mode):
             raise DmhpcError(f"{out}: exists and is not a directory")
+    except FileNotFoundError:
+        pass
     except OSError as exc:  # a parent one may not enter, a name too long: what rank 0 sends the others
         raise DmhpcError(f"{out}: cannot look at it ({exc.strerror or exc})") from None
     # The lock first: it makes the missing parents (its file lies beside `out`) and removes those it
@@ -518,13 +521,13 @@ def _hand_error_to_rank_0(comm, text: str) -> None:
     own, so its staged files go before it ends every rank. This rank's MPI_Abort killed rank 0 in a
     receive, and its full-size temporary files stayed. Ends every rank itself when rank 0 does not
     within a few minutes (ended already, or stuck)."""
-    request = comm.isend((None, text), dest=0, tag=_TAG_HEAD)  # (kept: its buffer lives as long)
-    deadline = time.monotonic() + _ERROR_WAIT
-    while time.monotonic() < deadline:  # rank 0 reads heads between its own chunks, seconds apart
-        time.sleep(0.2)
-    del request
-    print(f"dmhpc synth: error: {text}; ending the other ranks", file=sys.stderr, flush=True)
-    comm.Abort(1)
+    try:
+        request = comm.isend((None, text), dest=0, tag=_TAG_HEAD)  # (held: its buffer lives as long)
+        time.sleep(_ERROR_WAIT)  # rank 0 reads heads between its own chunks, seconds apart
+        del request
+    finally:  # (the send failed, or an interrupt: rank 0 would wait for this rank forever)
+        print(f"dmhpc synth: error: {text}; ending the other ranks", file=sys.stderr, flush=True)
+        comm.Abort(1)
 
 
 # ----------------------------------------------------------------------------- the library function
