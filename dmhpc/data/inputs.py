@@ -326,11 +326,13 @@ def _read_cutout(path: Path) -> tuple[np.ndarray, bool]:
             for plane in planes:
                 check_fits_pixels(plane.dtype, path)
             if len(planes) == 1 and planes[0].ndim == 3:
-                return planes[0].astype(np.float32), True
+                with np.errstate(over="ignore"):  # beyond float32: Inf, refused as such downstream
+                    return planes[0].astype(np.float32), True
             if planes and all(p.ndim == 2 for p in planes):
                 if len({p.shape for p in planes}) > 1:
                     raise DmhpcError(f"{path}: filters of different shapes {[p.shape for p in planes]}")
-                return np.stack(planes).astype(np.float32), False
+                with np.errstate(over="ignore"):
+                    return np.stack(planes).astype(np.float32), False
             raise DmhpcError(f"{path}: expected one (C, H, W) or (H, W, C) image HDU or one (H, W) HDU per filter, "
                              f"found {[p.shape for p in planes] or 'no image data'}")
     except FileNotFoundError:

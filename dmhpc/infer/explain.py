@@ -22,9 +22,9 @@ from its source) are drawn as RGB composites of three filters with an asinh stre
 al. 2004, `astropy.visualization.make_lupton_rgb`; `--rgb R,G,B` names the filters, by channel,
 drawn red, green and blue: by default filters 2, 1, 0 (of three, the last red and the first
 blue), which is wavelength order only where the channels are; the embedded set and the DeepMerge
-files hold F814W, F356W, F160W: `--rgb 1,2,0`), each attribution beside them on one colour scale per grid column, the merger
-probability and the true label (if any) in each panel's title. One PNG grid per domain and class
-(true class where there are labels, predicted class otherwise).
+files hold F814W, F356W, F160W: `--rgb 1,2,0`), each attribution beside them on one colour scale
+per grid column, the merger probability and the true label (if any) in each panel's title. One PNG
+grid per domain and class (true class where there are labels, predicted class otherwise).
 """
 
 from __future__ import annotations

@@ -263,8 +263,9 @@ META_COMMENTS = {
 def _check_writable(out: Path, source: Source, meta: dict) -> None:
     """Refuse, before any image is predicted, what the catalog's format cannot hold. FITS holds ASCII
     only: a non-ASCII id failed the write after the whole survey was computed, and a header value
-    that is not printable ASCII (a run or data path; a tab in it) was dropped from the header. ECSV writes an id starting with # as it is,
-    and reads that row back as a comment: the candidate was lost without a word."""
+    that is not printable ASCII (a run or data path; a tab in it) was dropped from the header. ECSV
+    writes an id starting with # as it is, and reads that row back as a comment: the candidate was
+    lost without a word."""
     fmt = catalog_format(out)
     if fmt == "fits":
         instead = "write .parquet or .ecsv instead"

@@ -175,7 +175,8 @@ class Source:
         index, nan = int(columns["index"][k]), bool(np.isnan(images[k]).any())
         what = "NaN" if nan else "Inf"
         # (float64 values beyond float32's range read as Inf: the file need not hold one)
-        hint = "--nan-fill 0 replaces them" if nan else "--nan-fill replaces NaN only (or values beyond float32's range)"
+        hint = ("--nan-fill 0 replaces them" if nan else
+                "--nan-fill replaces NaN only (an Inf may be a float64 value beyond float32's range)")
         if self.kind == "catalog":  # one file per row: name the file
             where = f"{self._reader.files[index]}: {what} pixels in this cutout (id {columns['id'][k]})"
         else:
