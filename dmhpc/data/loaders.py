@@ -260,6 +260,7 @@ def choose_kind(kind: str, device: torch.device, need: int, local_ranks: int = 1
     the ranks, and DALI counts only if it runs on every rank: ranks that chose differently would
     shuffle differently and duplicate or skip rows. `dali` asked for is refused on every rank when
     it cannot run on one: a rank that stopped alone would leave the others waiting for it.
+    `gpu-resident` asked for is refused alike where `need` exceeds the whole budget (a collective too).
     """
     if kind == "dali":
         problem = dali_runs(device)
