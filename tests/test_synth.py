@@ -140,6 +140,16 @@ def _mpiexec() -> str | None:
     return str(beside) if beside.exists() else shutil.which("mpiexec")
 
 
+def _launcher(ranks: int) -> tuple[str, ...]:
+    """The command prefix that runs `ranks` MPI ranks (none for 1); skips where mpiexec is missing."""
+    if ranks == 1:
+        return ()
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        pytest.skip("mpiexec not found next to the Python interpreter nor on PATH")
+    return (mpiexec, "-n", str(ranks))
+
+
 @pytest.mark.mpi
 def test_mpi_ranks_give_the_same_bytes(serial, tmp_path):
     mpiexec = _mpiexec()
@@ -441,12 +451,7 @@ sys.exit(main(["synth", "--out", sys.argv[1], "--n-per-class", "1"]))
 def test_a_folder_rank_0_cannot_claim_is_one_line_and_ends_every_rank(tmp_path, ranks):
     """An OSError claiming --out (not a DmhpcError) was a traceback, and under mpiexec rank 0 never
     sent the other ranks its error: they waited in their broadcast until the job was killed."""
-    launcher = ()
-    if ranks > 1:
-        mpiexec = _mpiexec()
-        if mpiexec is None:
-            pytest.skip("mpiexec not found next to the Python interpreter nor on PATH")
-        launcher = (mpiexec, "-n", str(ranks))
+    launcher = _launcher(ranks)
     env = {k: v for k, v in os.environ.items() if k not in MPI_LAUNCH_VARIABLES}
     result = subprocess.run([*launcher, sys.executable, "-c", CLAIM_FAILS, str(tmp_path / "s")], capture_output=True,
                             text=True, env=env, timeout=120)
@@ -459,12 +464,7 @@ def test_a_folder_rank_0_cannot_claim_is_one_line_and_ends_every_rank(tmp_path, 
 def test_an_out_that_cannot_be_looked_at_is_one_line_and_ends_every_rank(tmp_path, ranks):
     """A name too long to stat (or a parent one may not enter) raised OSError before the claim's
     error handling: a traceback, and under mpiexec the other ranks waited in their broadcast."""
-    launcher = ()
-    if ranks > 1:
-        mpiexec = _mpiexec()
-        if mpiexec is None:
-            pytest.skip("mpiexec not found next to the Python interpreter nor on PATH")
-        launcher = (mpiexec, "-n", str(ranks))
+    launcher = _launcher(ranks)
     out = tmp_path / ("a" * 300)
     result = _cli("--out", str(out), "--n-per-class", "1", launcher=launcher)
     _one_line_error(result, f"{out}: cannot look at it (File name too long)")
