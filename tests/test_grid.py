@@ -706,10 +706,65 @@ def test_a_launch_stopped_while_it_waits_leaves_no_earlier_failure_of_its_points
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"seed=1": "job 7 failed", "seed=9": "job 9 failed"}))
 
-    def stopped(points, *args, **kwargs):  # submitted, then stopped while it waited
+    def stopped(points, *args, before, **kwargs):  # under the lock, submitted, then stopped while it waited
+        before()
         raise KeyboardInterrupt
 
     monkeypatch.setattr(grid, "launch_points", stopped)
     with pytest.raises(KeyboardInterrupt):
         grid.launch_grid(spec)
     assert _read_failures(path) == {"seed=9": "job 9 failed"}  # a point of the same OUT it did not launch
+
+
+def test_a_launch_refused_keeps_the_failures_of_its_points(tmp_path):
+    """The failures were erased before the launch lock was taken: a launch refused as a second
+    launcher (or by sbatch) had launched nothing, and --report said "not started" of failed points."""
+    from dmhpc.files import hold_lock
+    from dmhpc.launch.grid import FAILURES, _read_failures, launch_grid
+    from dmhpc.launch.submit import LAUNCH_LOCK
+
+    spec = {"base": str(TINY), "out": str(tmp_path / "g"), "grid": {"seed": [1, 2]}, "executor": "local"}
+    path = tmp_path / "g" / "submitit" / FAILURES
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"seed=1": "job 7 failed"}))
+    with hold_lock(path.parent / LAUNCH_LOCK, "held", "launcher"):  # (flock: a second open conflicts in-process)
+        with pytest.raises(DmhpcError, match="launch.lock: another launcher is running points into this out"):
+            launch_grid(spec)
+    assert _read_failures(path) == {"seed=1": "job 7 failed"}
+
+
+@pytest.mark.parametrize("inside", ["run", "data"])
+def test_an_out_in_a_run_directory_or_a_data_set_is_refused(tmp_path, make_domains, inside):
+    """A grid into a run directory wrote its tables and submitit folder there: the run was "not a
+    dmhpc run" at its resume, and the grid that had trained it refused its own point; a data set's
+    folder got runs beside its shards. Grid, study, tune and scaling files alike."""
+    from dmhpc.launch import load_tune
+
+    if inside == "run":
+        g = load_grid({"base": str(TINY), "out": str(tmp_path / "a"), "grid": {"seed": [1]}})
+        (g.points[0].run_dir / "checkpoints").mkdir(parents=True)
+        (g.points[0].run_dir / "config.yaml").write_text("model: deepmerge\n")
+        folder = g.points[0].run_dir
+    else:
+        folder = make_domains(40) / "pristine"
+    for out in (folder, folder / "sub"):
+        message = rf"out: {re.escape(str(out))}: inside the {'run directory' if inside == 'run' else 'data set'} "
+        with pytest.raises(DmhpcError, match=message + re.escape(f"{folder}; launch into a folder of its own")):
+            load_grid({"base": str(TINY), "out": str(out), "grid": {"seed": [1]}})
+        with pytest.raises(DmhpcError, match=message):
+            load_tune({"base": str(TINY), "out": str(out), "objective": "im", "trials": 1, "executor": "local",
+                       "space": {"optim.lr": [0.001, 0.003]}})
+        with pytest.raises(DmhpcError, match=message):
+            load_grid(study_spec(out, out=str(out)))
+        with pytest.raises(DmhpcError, match=message):  # a scaling study
+            load_study({"base": str(TINY), "out": str(out), "executor": "local", "models": ["resnet18"],
+                        "strong": {"global_batch": 8}})
+    assert not any(p.name in ("submitit", "leaderboard.md") for p in folder.iterdir())
+
+
+def test_a_method_name_longer_than_a_point_name_is_refused(tmp_path):
+    """300 characters: a traceback (File name too long) after the launch lock was made, and at every
+    later launch or report."""
+    with pytest.raises(DmhpcError, match=r"methods\.\"?a{100}.*at most 120 of them"):
+        load_grid({"out": str(tmp_path / "s"), "grid": {"seed": [1]}, "methods": {"a" * 300: {"base": str(TINY)}}})
+    assert not (tmp_path / "s").exists()

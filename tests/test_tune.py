@@ -369,6 +369,29 @@ def test_a_torn_journal_is_refused_with_its_name(data, tmp_path):
             tune(spec(data, tmp_path), poll_s=0.2)
 
 
+def test_a_journal_of_another_study_or_direction_is_refused_and_left_as_it_was(data, tmp_path):
+    """A journal holding another Optuna study got a second study appended without a word; one whose
+    dmhpc-tune study minimizes was tuned with its sampler and pruner working against the objective."""
+    from optuna.distributions import FloatDistribution
+
+    t = load_tune(spec(data, tmp_path))
+    journal = t.out / JOURNAL
+    t.out.mkdir(parents=True)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    other = optuna.create_study(storage=storage, study_name="my-other-study")
+    other.tell(other.ask({"x": FloatDistribution(0.0, 1.0)}), 0.5)
+    before = journal.read_bytes()
+    with pytest.raises(DmhpcError, match=rf"{journal}: holds other Optuna studies \(my-other-study\); not this "
+                                         rf"tuner's journal: tune into another out"):
+        _open_study(t)
+    assert journal.read_bytes() == before
+    journal.unlink()
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    optuna.create_study(storage=storage, study_name="dmhpc-tune", direction="minimize")
+    with pytest.raises(DmhpcError, match=rf"{journal}: its study minimizes; a dmhpc tune maximizes its objective"):
+        _open_study(t)
+
+
 def test_a_tuner_killed_while_requeueing_a_stale_trial_queues_it_once(data, tmp_path):
     """Killed between queueing a stale trial's rerun and failing the stale trial, the next tuner
     queued a second rerun: the whole budget went on the same values."""

@@ -626,6 +626,11 @@ def _check_staging(staging: Path) -> None:
                          f"conversion; move it out or choose another directory")
 
 
+def holds_dataset(directory: str | os.PathLike) -> bool:
+    """DIR holds this format's manifest: a data set (finished, damaged or being replaced)."""
+    return (Path(directory) / MANIFEST).is_file() and _owner_of_manifest(Path(directory)) == "dmhpc"
+
+
 def _owner_of_manifest(out_dir: Path) -> str:
     """"dmhpc" when DIR/manifest.json is this format's (valid or not otherwise), else "other"."""
     try:

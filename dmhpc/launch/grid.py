@@ -58,9 +58,9 @@ from dmhpc.launch.leaderboard import write_leaderboard
 from dmhpc.launch.summary import write_summary
 from dmhpc.launch.validators import write_validators
 from dmhpc.checks import Problems, choice, integer, path_text, show, take, text, unknown_keys
-from dmhpc.launch.spec import (Point, Range, base_path, check_existing_runs, check_point_problems, dotted_keys, repeats,
-                               point_name, point_problem, read_launch_file, read_space, relaunch_problems,
-                               resolve_point, warn_missing_data)
+from dmhpc.launch.spec import (NAME_LIMIT, Point, Range, base_path, check_existing_runs, check_point_problems,
+                               dotted_keys, out_problem, repeats, point_name, point_problem, read_launch_file,
+                               read_space, relaunch_problems, resolve_point, warn_missing_data)
 from dmhpc.launch.submit import EXECUTORS, Resources, TrainTask, launch_points, preempt_signal, read_resources
 
 GRID_KEYS = ("base", "methods", "gap", "out", "executor", "overrides", "grid", "random", "slurm")
@@ -167,9 +167,9 @@ def _read_methods(problems: Problems, data: Any, here: Path) -> dict[str, tuple[
     methods = {}
     for name, spec in data.items():
         where = f"methods.{name}"
-        if not isinstance(name, str) or not METHOD_NAME.fullmatch(name):
-            problems.add(f"methods.{show(name)}", "a method name is a directory name: letters, digits and ._+- "
-                         "(not starting with a punctuation mark)")
+        if not isinstance(name, str) or not METHOD_NAME.fullmatch(name) or len(name) > NAME_LIMIT:
+            problems.add(f"methods.{show(name)[:NAME_LIMIT + 10]}", f"a method name is a directory name: letters, "
+                         f"digits and ._+- (not starting with a punctuation mark), at most {NAME_LIMIT} of them")
             continue
         if name in TABLE_NAMES:
             problems.add(where, f"a name of the study's own files in OUT ({', '.join(TABLE_NAMES)}); choose another")
@@ -258,6 +258,8 @@ def load_grid(spec: str | Path | Mapping, executor: str | None = None, *, check_
             common[name] = point_problem(exc)
 
     out = Path(out_text).resolve()
+    if (problem := out_problem(out)) is not None:
+        problems.add("out", problem)
     try:
         samples = sample_space(space, n, seed) if space else None
     except DmhpcError as exc:
@@ -343,11 +345,12 @@ def launch_grid(spec: str | Path | Mapping, wait: bool = True, executor: str | N
     """
     g = load_grid(spec, executor)
     # Its points are launched again: a launcher stopped while it waits (Ctrl-C, a lost login) would
-    # leave their earlier failures, and a --report would say "failed" of points whose jobs run.
-    _record_failures(g, {})
+    # leave their earlier failures, and a --report would say "failed" of points whose jobs run. Under
+    # the launch lock, once the launch is sure to go ahead: a launch refused (another launcher at
+    # work, sbatch refusing) erased them before.
     failures = launch_points(list(g.points), {p.name: g.resources for p in g.points}, kind=g.executor,
                              folder=g.out / "submitit", job_name=f"dmhpc-{g.out.name}", task=TrainTask(),
-                             wait=wait)
+                             wait=wait, before=lambda: _record_failures(g, {}))
     _record_failures(g, failures)
     rows = _write_tables(g, failures)
     if failures:

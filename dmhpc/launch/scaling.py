@@ -56,8 +56,8 @@ from dmhpc.files import atomic_path, atomic_write
 from dmhpc.names import MODEL_NAMES
 from dmhpc.errors import DmhpcError
 from dmhpc.checks import Problems, choice, distinct_list, integer, path_text, show, take, unknown_keys
-from dmhpc.launch.spec import (Point, check_existing_runs, check_point_problems, dotted_keys, point_problem,
-                               read_launch_file, resolve_point, warn_missing_data)
+from dmhpc.launch.spec import (Point, check_existing_runs, check_point_problems, dotted_keys, out_problem,
+                               point_problem, read_launch_file, resolve_point, warn_missing_data)
 from dmhpc.launch.submit import (EXECUTORS, TrainTask, check_executor_shape, launch_points, preempt_signal,
                                  local_threads_of, queued_points, read_resources)
 
@@ -135,6 +135,8 @@ def load_study(spec: str | Path | Mapping, executor: str | None = None) -> Study
         if not base.is_file():
             problems.add("base", f"config file not found: {base}")
             base = None
+    if out_text is not None and (problem := out_problem(Path(out_text).resolve())) is not None:
+        problems.add("out", problem)
     if problems.lines:
         problems.raise_if_any()
 

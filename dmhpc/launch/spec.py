@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 
 from dmhpc.checks import Problems, boolean, number, read_yaml, show, take, unknown_keys
 from dmhpc.config import COMMAND_LINE, Config, changed_keys, config_to_dict, load_config, override_text
-from dmhpc.data.shards import fingerprint, load_manifest
+from dmhpc.data.shards import fingerprint, holds_dataset, load_manifest
 from dmhpc.errors import DmhpcError
 from dmhpc.names import DOMAINS
 from dmhpc.run import LENGTH_KEYS, RunDir
@@ -102,6 +102,20 @@ def _strings(value: Any, where: str = ""):
 
 RANGE_KEYS = ("low", "high", "log")
 NAME_LIMIT = 120
+
+
+def out_problem(out: Path) -> str | None:
+    """Why OUT cannot hold a launch's runs and tables, or None: it is, or lies in, a run directory
+    (a run's resume and evaluation refuse the files put there: the grid's tables made it "not a
+    dmhpc run", and the grid that wrote it then refused its own point) or a prepared data set (its
+    folder holds its shards only)."""
+    for folder in (out, *out.parents):
+        run = RunDir(folder)
+        if run.holds_run() and (run.record_path.is_file() or run.log_path.is_file() or run.checkpoint_dir.is_dir()):
+            return f"{out}: inside the run directory {folder}; launch into a folder of its own"
+        if holds_dataset(folder):
+            return f"{out}: inside the data set {folder}; launch into a folder of its own"
+    return None
 
 
 @dataclass(frozen=True)

@@ -66,8 +66,8 @@ from dmhpc.checks import Problems, choice, integer, path_text, show, take, unkno
 from dmhpc.config import changed_keys, config_from_dict, config_to_dict
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, hold_lock, write_reason
-from dmhpc.launch.spec import (Range, base_path, data_ids, dotted_keys, finished_as, point_name, point_problem,
-                               read_launch_file, read_space, resolve_point, warn_missing_data)
+from dmhpc.launch.spec import (Range, base_path, data_ids, dotted_keys, finished_as, out_problem, point_name,
+                               point_problem, read_launch_file, read_space, resolve_point, warn_missing_data)
 from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, SUBMISSION_COMMENT, Resources, TrainTask,
                                  cancel_local_jobs, check_executor_here, hold_launch_lock, jobs_commented, local_gpus,
                                  local_threads, make_executor, pick_gpus, preempt_signal, read_resources,
@@ -226,6 +226,8 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
     resources = read_resources(problems, data.get("slurm"), shape=True, executor=executor)
     if executor == "debug" and parallel > 1:
         problems.add("parallel", f"the debug executor runs one trial at a time in this process, got {parallel}")
+    if out_text is not None and (problem := out_problem(Path(out_text).resolve())) is not None:
+        problems.add("out", problem)
     problems.raise_if_any()
     t = Tune(source, base, Path(out_text).resolve(), objective, trials, parallel, seed, executor, overrides,
              space, enqueue, sampler["startup_trials"], pruner, resources)
@@ -320,13 +322,22 @@ def _open_study(t: Tune):
                                           n_warmup_steps=t.pruner["warmup_epochs"])
               if t.pruner is not None else optuna.pruners.NopPruner())
     try:
-        study = optuna.create_study(storage=_journal_storage(journal), pruner=pruner,
-                                    study_name="dmhpc-tune", direction="maximize", load_if_exists=True)
-        launched = len(study.get_trials(deepcopy=False))
+        storage = _journal_storage(journal)
+        # (read before the study is created: a journal of other studies is not to be written into)
+        others = sorted(set(optuna.get_all_study_names(storage)) - {"dmhpc-tune"})
+        study = None if others else optuna.create_study(storage=storage, pruner=pruner, study_name="dmhpc-tune",
+                                                        direction="maximize", load_if_exists=True)
+        launched = len(study.get_trials(deepcopy=False)) if study else 0
     # json.JSONDecodeError is a ValueError; JSON that is no journal record fails optuna's replay
     # with a TypeError or an AssertionError.
     except (ValueError, KeyError, AttributeError, TypeError, AssertionError) as exc:
         raise DmhpcError(f"{journal}: not a readable Optuna journal ({type(exc).__name__}: {exc})") from None
+    # A journal of another Optuna study (or one minimizing): its trials' sampler and pruner would
+    # work against the objective, or a second study went into someone's file without a word.
+    if study is None or study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise DmhpcError(f"{journal}: " + (f"holds other Optuna studies ({', '.join(others)})" if others else
+                                            "its study minimizes; a dmhpc tune maximizes its objective")
+                         + "; not this tuner's journal: tune into another out")
     # Seeded by the file's seed and the trials so far: the same seed on every launch would propose
     # the first launch's random start-up values again, and a relaunch would repeat trials.
     study.sampler = optuna.samplers.TPESampler(seed=t.seed + launched, n_startup_trials=t.startup_trials)
