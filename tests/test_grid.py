@@ -762,6 +762,20 @@ def test_an_out_in_a_run_directory_or_a_data_set_is_refused(tmp_path, make_domai
     assert not any(p.name in ("submitit", "leaderboard.md") for p in folder.iterdir())
 
 
+def test_a_users_files_by_the_names_of_the_tables_are_left_alone(tmp_path):
+    """A first launch into a folder holding someone's summary.md removed it ("the grid no longer
+    varies the seed") and replaced their leaderboard.md."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "summary.md").write_text("my notes")
+    with pytest.raises(DmhpcError, match=rf"out: {re.escape(str(out))}: holds summary.md, which no launch into it "
+                                         rf"wrote \(it has no submitit folder\); move them or choose another out"):
+        load_grid({"base": str(TINY), "out": str(out), "grid": {"optim.lr": [0.001]}})
+    assert (out / "summary.md").read_text() == "my notes"
+    (out / "submitit").mkdir()  # a launch's folder: its tables are the launch's to replace
+    assert load_grid({"base": str(TINY), "out": str(out), "grid": {"optim.lr": [0.001]}}).points
+
+
 def test_a_method_name_longer_than_a_point_name_is_refused(tmp_path):
     """300 characters: a traceback (File name too long) after the launch lock was made, and at every
     later launch or report."""

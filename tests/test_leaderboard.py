@@ -182,6 +182,7 @@ def test_summary_is_mean_and_spread_over_seeds_with_the_gap_closed(tmp_path):
     # the grid's earlier version (which did) goes: beside the new leaderboard it looked current.
     unseeded = load_grid({"base": str(TINY), "out": str(tmp_path / "unseeded"), "grid": {"optim.lr": [1e-3]}})
     assert write_summary(unseeded.out, unseeded.points) == [] and not (unseeded.out / "summary.md").exists()
+    (tmp_path / "submitit").mkdir()  # (launched there: the tables are the launch's)
     unseeded = load_grid({"base": str(TINY), "out": str(tmp_path), "grid": {"optim.lr": [1e-3]}})
     assert write_summary(unseeded.out, unseeded.points) == []
     assert not (tmp_path / "summary.md").exists() and not (tmp_path / "summary.csv").exists()

@@ -260,6 +260,11 @@ def load_grid(spec: str | Path | Mapping, executor: str | None = None, *, check_
     out = Path(out_text).resolve()
     if (problem := out_problem(out)) is not None:
         problems.add("out", problem)
+    # Tables by the names a launch writes, where no launch ever ran (no OUT/submitit): someone's own,
+    # which the first launch replaced or removed ("the grid no longer varies the seed").
+    if not (out / "submitit").exists() and (theirs := [n for n in TABLE_NAMES[1:] if (out / n).exists()]):
+        problems.add("out", f"{out}: holds {', '.join(theirs)}, which no launch into it wrote (it has no submitit "
+                     f"folder); move them or choose another out")
     try:
         samples = sample_space(space, n, seed) if space else None
     except DmhpcError as exc:
