@@ -348,3 +348,21 @@ def test_labels_objects_or_index_stored_as_floats_fail_the_structure_check(datas
         f.create_dataset(key, data=values)
     assert verify_dataset(dataset, checksums=False) == [
         f"shard-00001.h5: {key} float64 (16,), expected integers (16,)"]
+
+
+def test_a_shard_of_another_preparation_fails_the_structure_check(dataset, tmp_path):
+    """The same objects, seed and fractions draw the same split: a shard copied from the set prepared
+    again from changed images passed `verify --structure-only` (and a run's data.verify=structure),
+    and the run stopped at its first read of it."""
+    rng = np.random.default_rng(0)
+    n = 60
+    rng.normal(1.0, 2.0, size=(n, 3, 6, 6))  # the fixture's draws, in its order
+    labels = np.arange(n) % 2
+    objects = rng.permutation(np.arange(n) // 3) + 1000
+    changed = np.random.default_rng(9).normal(1.0, 2.0, size=(n, 3, 6, 6)).astype(np.float32)
+    write_dataset(changed, labels, objects, tmp_path / "again", shard_size=16, seed=3)
+    (dataset / shard_name(1)).write_bytes((tmp_path / "again" / shard_name(1)).read_bytes())
+    reseal(dataset, 1)  # its checksum recorded, as a tool would: the rows' digest still tells
+    problems = verify_dataset(dataset, checksums=False)
+    assert problems == [f"{shard_name(1)}: its rows' digest (rows_sha256) is not the manifest's: a shard of another "
+                        f"preparation of this data set"], problems

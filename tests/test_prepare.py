@@ -1710,3 +1710,54 @@ def test_an_output_folder_that_cannot_be_listed_is_one_line(inputs, tmp_path, mo
     monkeypatch.setattr(Path, "iterdir", refused)
     assert_fails(capsys, args({**inputs, "out": str(out)}), f"{out}: cannot list (Permission denied)")
     assert list(real_iterdir(out)) == []
+
+
+def test_float64_cutouts_below_float32_and_a_scale_past_it_are_one_line(tmp_path, capsys):
+    """Cutouts of float64 pixels below float32's smallest number were read as zeros, passed as blank
+    and stored: a data set of zeros, exit 0 (a .npy of them was refused). A cube whose BSCALE
+    overflows float32 printed astropy's overflow warning before the error."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    faint = np.abs(np.random.default_rng(2).normal(size=(12, 3, 8, 8))) * 1e-47
+    names = cutouts(tmp_path, faint, per_filter=False)
+    Table({"id": [n[:-5] for n in names], "file": [f"cutouts/{n}" for n in names]}).write(tmp_path / "c.csv")
+    out = str(tmp_path / "ds")
+    assert_fails(capsys, ["prepare", "--catalog", str(tmp_path / "c.csv"), "--file-column", "file", "--out", out],
+                 f"{tmp_path / 'cutouts' / names[0]}: no pixel brighter than", "below float32's smallest normal",
+                 "scale the images up", out=out)
+    hdu = fits.ImageHDU(np.ones((12, 3, 8, 8), ">i2"))
+    hdu.header["BSCALE"], hdu.header["BZERO"] = 1e39, 0.0
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(tmp_path / "huge.fits")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert_fails(capsys, args({"images": str(tmp_path / "huge.fits"), "out": out}), "huge.fits: ",
+                     "NaN or Inf pixels (first in image 0)", out=out)
+
+
+def test_an_input_that_changes_between_its_check_and_its_write_is_refused(tmp_path):
+    """The pixels are checked on one read and written from another: an input saved again between
+    them (NaN now) was written, and its NaN statistics made a manifest every reader refused."""
+    from dmhpc.data.shards import SPLIT_FRACTIONS, plan_dataset, write_shard
+
+    images = np.random.default_rng(3).normal(size=(40, 3, 8, 8)).astype(np.float32)
+    plan = plan_dataset(images, np.arange(40) % 2, None, shard_size=16, seed=0, fractions=SPLIT_FRACTIONS,
+                        dtype="float32", num_classes=2)
+    images[7, 1, 2, 2] = np.nan  # saved again, after the check
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(DmhpcError, match=r"image 7 holds NaN or Inf now, though it had none when checked"):
+        for number in range(plan.num_shards):
+            write_shard(plan, tmp_path / "ds", number)
+
+
+def test_two_domains_whose_folders_are_one_are_refused(tmp_path, capsys, inputs):
+    """A domain's folder a link to another's: the second lock was said to be held by "another
+    prepare", this process itself."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "b").mkdir()
+    (tmp_path / "out" / "a").symlink_to(tmp_path / "out" / "b")
+    config = write_config(tmp_path, f"root: {tmp_path}\nout: {tmp_path / 'out'}\ndomains:\n"
+                                     f"  a: {{images: X.npy, labels: y.npy}}\n  b: {{images: X.npy, labels: y.npy}}\n")
+    assert_fails(capsys, ["prepare", "--data-config", config],
+                 f"{tmp_path / 'out' / 'b'}: the same folder as {tmp_path / 'out' / 'a'} (a link?)")
+    assert list((tmp_path / "out" / "b").iterdir()) == []

@@ -27,7 +27,7 @@ import h5py
 import numpy as np
 
 from dmhpc.cpus import usable_cpus
-from dmhpc.data.shards import SPLITS, UNLABELLED, file_sha256, is_labelled, load_manifest
+from dmhpc.data.shards import ROWS_KEY, SPLITS, UNLABELLED, file_sha256, is_labelled, load_manifest
 from dmhpc.errors import DmhpcError
 
 _THREADS = 4  # per rank: enough to keep a parallel file system busy, few enough to share a node
@@ -94,6 +94,12 @@ def _check_shard(directory: Path, manifest: dict, number: int, checksums: bool, 
                 if d.shape != (n,) or d.dtype.kind not in "iu":
                     return [f"{name}: {key} {d.dtype} {d.shape}, expected integers ({n},)"], empty, {}
                 columns[key] = d[()].astype(np.int64)
+            # The rows' digest the manifest records (a shard of the same split, prepared from other
+            # images): passed at the structure level, it failed the run at its first read.
+            recorded, held = shard.get(ROWS_KEY), f.attrs.get(ROWS_KEY)
+            if recorded is not None and held != recorded:
+                return [f"{name}: its rows' digest ({ROWS_KEY}) is not the manifest's: a shard of another "
+                        f"preparation of this data set"], empty, {}
             # `predict` reads the ids into its catalog: a data set that says it keeps them must hold them.
             if manifest.get("ids", False):
                 d = f.get("ids")

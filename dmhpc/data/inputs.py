@@ -288,7 +288,7 @@ class _SectionRows:
         index = np.arange(self.shape[0])[index] if isinstance(index, slice) else np.asarray(index)
         runs = [r for r in np.split(index, np.flatnonzero(np.diff(index) != 1) + 1) if r.size]
         try:
-            with self._lock:
+            with self._lock, np.errstate(over="ignore"):  # (a BSCALE past float32: Inf, refused downstream)
                 blocks = [self.section[int(r[0]):int(r[-1]) + 1] for r in runs]
         except (OSError, ValueError, TypeError) as exc:  # astropy's, of a file cut short: a traceback
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -296,6 +296,18 @@ class _SectionRows:
                              f"saved again or cut short while it was read?") from None
         block = np.concatenate(blocks) if blocks else self.section[0:0]
         return block[:, None] if self._one_filter else block
+
+
+def _refuse_underflow(plane: np.ndarray, path: Path) -> None:
+    """A float64 filter whose every pixel is below float32's smallest normal number reads as 0 in
+    float32: a cutout that passed as blank, and a data set of zeros (a .npy or a cube is checked on
+    its own dtype before it is converted; a cutout is read converted)."""
+    if plane.dtype.itemsize > 4 and plane.dtype.kind == "f":
+        largest = float(np.nanmax(np.abs(plane), initial=0.0))
+        tiny = float(np.finfo(np.float32).tiny)
+        if 0.0 < largest < tiny:
+            raise DmhpcError(f"{path}: no pixel brighter than {largest:.2g}, below float32's smallest normal number "
+                             f"({tiny:.2g}): its flux units round to 0; scale the images up")
 
 
 def read_cutout(path: Path, layout: str = "NCHW") -> np.ndarray:
@@ -311,7 +323,8 @@ def _read_cutout(path: Path) -> tuple[np.ndarray, bool]:
     from astropy.io import fits
 
     try:
-        with fits.open(path, memmap=False) as hdul:
+        # (a BSCALE past float32 overflows in astropy's scaling: Inf, refused as such downstream)
+        with fits.open(path, memmap=False) as hdul, np.errstate(over="ignore"):
             found = [(k, hdu) for k, hdu in enumerate(hdul) if hdu.is_image and hdu.data is not None]
             planes = [hdu.data for _, hdu in found]
             # Every image HDU is a filter: an integer plane among floating-point ones is a mask or a
@@ -325,14 +338,14 @@ def _read_cutout(path: Path) -> tuple[np.ndarray, bool]:
                                          f"every image HDU of a cutout is taken as a filter")
             for plane in planes:
                 check_fits_pixels(plane.dtype, path)
+                _refuse_underflow(plane, path)
+            # (beyond float32: Inf, refused as such downstream)
             if len(planes) == 1 and planes[0].ndim == 3:
-                with np.errstate(over="ignore"):  # beyond float32: Inf, refused as such downstream
-                    return planes[0].astype(np.float32), True
+                return planes[0].astype(np.float32), True
             if planes and all(p.ndim == 2 for p in planes):
                 if len({p.shape for p in planes}) > 1:
                     raise DmhpcError(f"{path}: filters of different shapes {[p.shape for p in planes]}")
-                with np.errstate(over="ignore"):
-                    return np.stack(planes).astype(np.float32), False
+                return np.stack(planes).astype(np.float32), False
             raise DmhpcError(f"{path}: expected one (C, H, W) or (H, W, C) image HDU or one (H, W) HDU per filter, "
                              f"found {[p.shape for p in planes] or 'no image data'}")
     except FileNotFoundError:

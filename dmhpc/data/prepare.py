@@ -388,7 +388,8 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
                 for names in together:
                     print(f"dmhpc prepare: {' and '.join(names)}: as many images each, taken as the same objects "
                           f"row by row: copies found in any are one object in all", flush=True)
-            planned = _agree(comm, lambda: [_plan_domain(d, options, g) for d, g in zip(opened, grouped)])
+            planned = _agree(comm, lambda: _distinct_outputs([_plan_domain(d, options, g)
+                                                              for d, g in zip(opened, grouped)]))
             if rank == 0:
                 for d in planned:
                     n, objects = d["copies"]
@@ -505,6 +506,17 @@ def _check_one_folder(comm, planned: list[dict]) -> None:
     if rank == 0:
         for path in names:
             os.unlink(path)
+
+
+def _distinct_outputs(planned: list[dict]) -> list[dict]:
+    """`planned`, refused where two domains' folders are one (a link): the second's lock was said to
+    be "another prepare", this process itself."""
+    seen: dict[str, Path] = {}
+    for d in planned:
+        other = seen.setdefault(os.path.realpath(d["out"]), d["out"])
+        if other != d["out"]:
+            raise DmhpcError(f"{d['out']}: the same folder as {other} (a link?); each domain needs a folder of its own")
+    return planned
 
 
 def _claim_outputs(planned: list[dict], created: list[bool], overwrite: bool, held: contextlib.ExitStack) -> None:

@@ -458,6 +458,13 @@ def write_shard(plan: Plan, out_dir: str | os.PathLike, number: int) -> tuple[di
                 except OSError as exc:
                     # The input's disk, not the output's: atomic_path says an OSError as the shard's write error.
                     raise DmhpcError(f"{plan.source}: cannot read ({exc.strerror or exc})") from None
+                # The pixels were checked on an earlier read: an input saved again since (NaN, a value
+                # past the dtype) was written, and its NaN statistics made a manifest no reader took.
+                finite = np.isfinite(block.reshape(len(rows), -1)).all(axis=1)
+                if not finite.all():
+                    first = int(rows[np.flatnonzero(~finite)[0]])
+                    raise DmhpcError(f"{plan.source}: image {first} holds NaN or Inf now, though it had none when "
+                                     f"checked (saved again while it was read?); prepare again once it is whole")
                 images[a : a + len(rows)] = block
                 rows_digest.update(block)
                 k = min(train_stop - a, len(rows))
