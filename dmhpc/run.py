@@ -312,8 +312,17 @@ class RunDir:
         return data
 
     def has_results(self) -> bool:
-        """A checkpoint or an evaluation is there: something a fresh start would throw away."""
-        return any(self.checkpoint(n).is_file() for n in CHECKPOINT_NAMES) or any((self.path / EVAL).glob("*.json"))
+        """A checkpoint, an evaluation or an evaluated epoch in the log is there: something a fresh
+        start would throw away (the log too: with checkpoints/ gone, a link to scratch not mounted
+        where the job was requeued, a run of many epochs was replaced without a word)."""
+        return any(self.checkpoint(n).is_file() for n in CHECKPOINT_NAMES) or \
+            any((self.path / EVAL).glob("*.json")) or any(r.get("kind") == "epoch" for r in self.read_log())
+
+    def looks_like_run(self) -> bool:
+        """A run's config and something it wrote: what another run, a grid's out or a data set must
+        not be put inside (a config.yaml alone may be anyone's)."""
+        return self.holds_run() and (self.record_path.is_file() or self.log_path.is_file() or
+                                     self.checkpoint_dir.is_dir())
 
     @property
     def finished(self) -> bool:
@@ -392,6 +401,10 @@ class RunDir:
         stopped: the name of a stop signal caught meanwhile, or None (the wait for a lock ends on it).
         """
         self._check_owner()
+        for role in DOMAINS:  # a replacement removes the run's own folders, and what they hold
+            if inside(getattr(cfg.data, role), self.path):
+                raise DmhpcError(f"data.{role} {getattr(cfg.data, role)}: inside run.dir {self.path}, which holds the "
+                                 f"run's own files only; keep data sets elsewhere")
         self._lock(attempt, stopped)
         self._attempt = dict(attempt) if attempt else None
         existed = self.holds_run()
@@ -539,8 +552,12 @@ class RunDir:
                              f"batch differ); put them back, or remove {self.path} to train it again")
 
     def _check_owner(self) -> None:
-        """Refuse a path that is not a directory, or a directory holding something other than a run."""
+        """Refuse a path that is not a directory, or a directory holding something other than a run,
+        or one inside another run (whose --overwrite would remove it)."""
         p = self.path
+        for folder in p.resolve().parents:
+            if RunDir(folder).looks_like_run():
+                raise DmhpcError(f"run.dir {p}: inside the run {folder}; choose a directory outside it")
         if p.exists() and not p.is_dir():
             raise DmhpcError(f"run.dir {p}: exists and is not a directory")
         if not p.exists():
@@ -549,9 +566,18 @@ class RunDir:
         foreign = [n for n in names if n not in OWN_NAMES]
         if foreign or (names and not self.holds_run() and set(names) - {LOCK}):
             example = (foreign or names)[0]
+            written = [n for n in (CHECKPOINTS, RECORD, LOG) if n in names]
+            if not foreign and written:  # a run's own files, its config gone: "not a dmhpc run" misled
+                raise DmhpcError(f"run.dir {p}: holds {written[0]} but no {CONFIG}: a run whose {CONFIG} was "
+                                 f"removed; put it back (each checkpoint holds the run's config), or choose a new "
+                                 f"directory")
             raise DmhpcError(f"run.dir {p}: exists and is not a dmhpc run (it holds {example!r}"
                              f"{f' and {len(names) - 1} more' if len(names) > 1 else ''}); choose a new or "
                              f"empty directory")
+        for name in names:  # a link to a folder elsewhere (scratch) that is not there now
+            if (p / name).is_symlink() and not (p / name).exists():
+                raise DmhpcError(f"run.dir {p}: {name} is a link to {os.readlink(p / name)}, which is not there (its "
+                                 f"file system not mounted here?); mount it or mend the link")
         if self.holds_run():
             self.config()  # a foreign or damaged config.yaml is refused here, never overwritten
 
@@ -684,8 +710,7 @@ class RunDir:
             # config.yaml last: it is what makes the folder a run, and a replacement killed midway
             # must leave one that --overwrite (or a resume) still accepts, not "not a dmhpc run".
             for name in sorted(set(OWN_NAMES) - {LOCK}, key=lambda name: name == CONFIG):
-                target = self.path / name
-                shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+                _remove_own(self.path / name)
         waiting_best = self._settle_next_best(claim)
         files, size = self.remove_orphans()
         last = self.checkpoint("last")
@@ -782,6 +807,18 @@ def check_steps(max_steps: int, position: int) -> None:
     if max_steps and position > max_steps:
         raise DmhpcError(f"train.max_steps {max_steps}: the run is at step {position} already (in this "
                          f"world size's steps); give at least {position}, or start a new run.dir")
+
+
+def _remove_own(target: Path) -> None:
+    """One of the run's own names, replaced with the run: a link to a folder elsewhere (checkpoints
+    on scratch) is emptied and kept (rmtree refused it, midway through the replacement)."""
+    if target.is_symlink() and target.is_dir():
+        for child in target.iterdir():
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    elif target.is_dir() and not target.is_symlink():
+        shutil.rmtree(target)
+    else:
+        target.unlink(missing_ok=True)
 
 
 def _load_state(path: Path) -> dict:

@@ -1628,3 +1628,59 @@ def test_a_progress_bar_is_shown_on_the_talking_ranks_terminal_only_and_cleared_
     log = subprocess.run([sys.executable, "-c", PROGRESS_BARS], cwd=ROOT, env=clean_env(), capture_output=True,
                          text=True, timeout=60)
     assert log.returncode == 0 and log.stderr == "<end>" * 3, log.stderr  # not a terminal: no bar at all
+
+
+def test_a_run_whose_own_folders_are_links_or_whose_best_is_gone(data, tmp_path, capsys):
+    """checkpoints/ a link to scratch not mounted where the job was requeued: the run of 2 evaluated
+    epochs was replaced without a word. A link there made --overwrite a traceback midway, the run
+    half-deleted. A missing best.pt was found only after the whole resumed training (and at every
+    rerun). Data sets, or another run, inside the run directory were accepted, then removed with it."""
+    import shutil
+
+    trained = tmp_path / "trained"
+    assert main(["train", "--config", str(TINY), *_overrides(data, trained)]) == 0  # 2 epochs
+    capsys.readouterr()
+
+    def copy(name: str) -> Path:
+        run = tmp_path / name
+        shutil.copytree(trained, run, symlinks=True)
+        return run
+
+    def refused(run: Path, *extra: str) -> str:
+        log = (run / "metrics.jsonl").read_text() if (run / "metrics.jsonl").exists() else None
+        assert main(["train", "--config", str(TINY), *_overrides(data, run, *extra)]) == 1
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1, err
+        if log is not None:
+            assert (run / "metrics.jsonl").read_text() == log  # nothing trained, nothing cut
+        return err
+
+    gone = copy("gone")
+    shutil.rmtree(gone / "eval")  # unfinished: its evaluated epochs are in the log only
+    shutil.move(gone / "checkpoints", tmp_path / "scratch-gone")
+    (gone / "checkpoints").symlink_to(tmp_path / "not-mounted")
+    assert (f"checkpoints is a link to {tmp_path / 'not-mounted'}, which is not there" in
+            refused(gone, "train.epochs=3"))
+    (gone / "checkpoints").unlink()  # or moved away: the log's evaluated epochs are results too
+    assert "holds results" in refused(gone, "train.epochs=3")
+
+    linked = copy("linked")
+    shutil.move(linked / "checkpoints", tmp_path / "scratch")
+    (linked / "checkpoints").symlink_to(tmp_path / "scratch")
+    assert main(["train", "--config", str(TINY), *_overrides(data, linked, "train.epochs=1"), "--resume", "none",
+                 "--overwrite"]) == 0
+    assert (linked / "checkpoints").is_symlink() and (tmp_path / "scratch" / "last.pt").is_file()
+    assert [json.loads(l)["epoch"] for l in (linked / "metrics.jsonl").read_text().splitlines()
+            if '"kind": "epoch"' in l] == [0]
+
+    no_best = copy("no-best")
+    (no_best / "checkpoints" / "best.pt").unlink()
+    assert "best.pt: checkpoint not found (the run's selected checkpoint, tested at its end)" in \
+        refused(no_best, "train.epochs=3")
+
+    inner = copy("inner")
+    shutil.copytree(data / "pristine", inner / "eval" / "pristine")
+    assert "data.source " in refused(inner, f"data.source={inner / 'eval' / 'pristine'}", "--resume", "none",
+                                     "--overwrite")
+    assert (inner / "eval" / "pristine" / "manifest.json").is_file()
+    assert f"run.dir {trained / 'eval' / 'sub'}: inside the run {trained}" in refused(trained / "eval" / "sub")

@@ -110,8 +110,7 @@ def out_problem(out: Path) -> str | None:
     dmhpc run", and the grid that wrote it then refused its own point) or a prepared data set (its
     folder holds its shards only)."""
     for folder in (out, *out.parents):
-        run = RunDir(folder)
-        if run.holds_run() and (run.record_path.is_file() or run.log_path.is_file() or run.checkpoint_dir.is_dir()):
+        if RunDir(folder).looks_like_run():
             return f"{out}: inside the run directory {folder}; launch into a folder of its own"
         if holds_dataset(folder):
             return f"{out}: inside the data set {folder}; launch into a folder of its own"

@@ -177,6 +177,10 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
             check_end_evaluated(f"train.max_steps {cfg.train.max_steps}" if by_steps else f"train.epochs {cfg.train.epochs}",
                                 prog.step, on_main(lambda: run.evaluated_at(prog.step)))
         cleaned = on_main(lambda: run.start(cfg, claim, data_ids, prog.step, trains=not finished))
+        if claim.own and math.isfinite(prog.best_score):
+            # The selected checkpoint is tested at the run's end: missing, cut short or of another
+            # moment, it failed the run after the whole resumed training (and again at every rerun).
+            agree(lambda: _check_best(run, prog.best_score))
     except BaseException:
         loader.close()  # its workers and pipelines end with the refused start
         raise
@@ -382,6 +386,17 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
         if stop.signal_name is not None:
             print(f"dmhpc train: {stop.signal_name} after the last step: the run finished its test first", flush=True)
     return 0
+
+
+def _check_best(run: RunDir, best_score: float) -> None:
+    """best.pt as the run's progress says it selected it, before the resumed training."""
+    path = run.checkpoint("best")
+    try:
+        best = load_checkpoint(path)
+    except DmhpcError as exc:
+        raise DmhpcError(f"{exc} (the run's selected checkpoint, tested at its end); put it back, or start "
+                         f"the run anew with --resume none --overwrite") from None
+    check_selected(best, best_score, path)
 
 
 def _check_length(cfg, prog, position: int, total_steps: int, elsewhere) -> None:
