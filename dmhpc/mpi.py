@@ -7,6 +7,8 @@ every MPI-aware command asks here first.
 from __future__ import annotations
 
 import os
+import sys
+import time
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -106,3 +108,15 @@ def check_shared_world(MPI, mpi: Launched) -> None:
             f"the launcher and this MPI library do not share a process manager (under srun: --mpi=pmi2 for "
             f"MPICH and Intel MPI, --mpi=pmix for Open MPI)"
         )
+
+
+ABORT_PAUSE_S = 1.0
+
+
+def abort_all(comm, code: int = 1) -> None:
+    """End every rank (MPI_Abort) a moment after this one said why: mpiexec kills the processes at
+    once, and the line a rank had just written (its one-line error) went missing on its way to the
+    terminal once, on a loaded machine (not reproduced; the pause is cheap beside a failed job)."""
+    sys.stderr.flush()
+    time.sleep(ABORT_PAUSE_S)
+    comm.Abort(code)

@@ -1219,11 +1219,12 @@ def test_a_prepared_set_damaged_or_replaced_in_place_is_refused(trained, tmp_pat
     shutil.copyfile(other / "shard-00000.h5", data / "shard-00000.h5")  # same layout, other images
     assert main(argv[2:]) == 1
     err = capsys.readouterr().err
-    assert "holds parts of another prediction (differs in input_files.shard-00000.h5" in err, err
+    # (its rows' digest tells it at the structure level already, before the parts are compared)
+    assert f"--data {data}: 1 problem: shard-00000.h5: its rows' digest (rows_sha256) is not the manifest's" in err, err
     assert len(err.splitlines()) == 1 and not out.exists()
     assert main(argv[2:-2]) == 1  # with the default --verify checksums: refused before anything else
     err = capsys.readouterr().err
-    assert f"--data {data}: 1 problem: shard-00000.h5 checksum mismatch (`dmhpc verify {data}` lists them)" in err, err
+    assert f"--data {data}: 1 problem: shard-00000.h5: its rows' digest (rows_sha256) is not the manifest's" in err, err
     assert len(err.splitlines()) == 1 and not out.exists()
 
 

@@ -497,10 +497,11 @@ def test_a_failure_on_another_rank_leaves_nothing_of_rank_0s_behind(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in MPI_LAUNCH_VARIABLES}
     result = subprocess.run([mpiexec, "-n", "2", sys.executable, "-c", RANK_1_FAILS, str(tmp_path / "s")],
                             capture_output=True, text=True, env=env, timeout=200)
-    assert result.returncode != 0, result.stderr
+    said = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode != 0 and result.stderr, said
     first = result.stderr.splitlines()[0]
     assert first == ("dmhpc synth: error: rank 1: MemoryError('out of memory at object 40'); ending the other "
-                     "ranks"), result.stderr
+                     "ranks"), said
     assert list(tmp_path.iterdir()) == []
 
 

@@ -41,7 +41,7 @@ from dmhpc.data.inputs import (CUTOUTS_HELP, LAYOUTS, ArrayRows, Cutouts, check_
                                read_catalog, resolve_spelling)
 from dmhpc.errors import DmhpcError
 from dmhpc.files import TEMP_SUFFIX, locked_directory
-from dmhpc.mpi import world_comm
+from dmhpc.mpi import abort_all, world_comm
 
 CONFIG_KEYS = ("root", "out", "domains")
 # A domain is made of images (.npy or FITS cube) or a catalog of cutouts, plus what they need.
@@ -664,6 +664,5 @@ def prepare_main(args) -> int:
             raise
         # An unexpected failure on one rank: end all of them rather than let the others wait.
         traceback.print_exc()
-        sys.stderr.flush()
-        comm.Abort(1)
+        abort_all(comm)
     return 0

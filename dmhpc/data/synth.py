@@ -34,7 +34,7 @@ from dmhpc.data.scenes import DEFAULT_KNOBS, KNOB_CHECKS, Knobs
 from dmhpc.errors import DmhpcError
 from dmhpc.files import (fsync_directory, is_temporary, locked_directory, remove_orphans, reserve, temporary_path,
                          write_error)
-from dmhpc.mpi import launched_rank, world_comm
+from dmhpc.mpi import abort_all, launched_rank, world_comm
 from dmhpc.progress import progress_bar
 
 IMAGE_FILES = ("pristine_X.npy", "noisy_X.npy")
@@ -527,7 +527,7 @@ def _hand_error_to_rank_0(comm, text: str) -> None:
         del request
     finally:  # (the send failed, or an interrupt: rank 0 would wait for this rank forever)
         print(f"dmhpc synth: error: {text}; ending the other ranks", file=sys.stderr, flush=True)
-        comm.Abort(1)
+        abort_all(comm)
 
 
 # ----------------------------------------------------------------------------- the library function
@@ -622,7 +622,7 @@ def _render(out: Path, n_per_class: int, seed: int, knobs: Knobs, views: tuple[s
             # The line the command prints without MPI (MPI_Abort adds its own after it).
             text = str(said) if isinstance(said, DmhpcError) else repr(said)
             print(f"dmhpc synth: error: {text}; ending the other ranks", file=sys.stderr, flush=True)
-            comm.Abort(1)
+            abort_all(comm)
         if said is not exc:
             raise said from None
         raise
