@@ -3,7 +3,8 @@
 Every other module asks `RunDir` for a path; nothing else spells the layout out:
 
     RUN/config.yaml               the resolved configuration (`dmhpc eval` and resumes read it)
-    RUN/run.json                  marks a dmhpc run: format, version, the data sets it trained on
+    RUN/run.json                  marks a dmhpc run: format, version, its run id, the data sets it
+                                  trained on
     RUN/metrics.jsonl             the log: one JSON record per line
     RUN/tensorboard/              the same scalars for TensorBoard
     RUN/checkpoints/last.pt       where training stands
@@ -31,6 +32,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Callable, Mapping
@@ -76,6 +78,7 @@ LENGTH_KEYS = frozenset(key for key, why in RESUMABLE.items() if why == "length"
 RESULT_KEYS = ("train.eval_every", "ranks")
 DATA_KEYS = ("data.source", "data.target")
 _TAG_SAFE = re.compile(r"[^A-Za-z0-9._+-]+")
+_RUN_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def evaluation_tag(checkpoint: str, split: str, data: str | None = None) -> str:
@@ -109,6 +112,7 @@ class Claim:
     changed: dict = field(default_factory=dict)  # dotted key -> [old, new], accepted on resume
     replaces: bool = False  # the directory holds a run that this start replaces
     own: bool = True  # resume_from is one of this run's checkpoints (not a checkpoint from elsewhere)
+    run_id: str | None = None  # the id the run keeps (see `RunDir.check_identity`); None: a new run's
 
 
 class RunDir:
@@ -119,6 +123,7 @@ class RunDir:
         self._lock_file: IO | None = None
         self._made: list[Path] = []  # folders the claim created, nearest first
         self._attempt: dict | None = None  # the claim's SLURM job attempt (`DistInfo.attempt`)
+        self.run_id: str | None = None  # set by `start`; every checkpoint the run writes carries it
 
     # --- the layout -------------------------------------------------------------------------------
     @property
@@ -235,8 +240,8 @@ class RunDir:
                              f"an older dmhpc, or one that has not started)")
         return entry
 
-    def recorded_data(self) -> dict:
-        """run.json's data sets by role ({} before the run started); a hand-edited file is one line."""
+    def _record(self) -> dict:
+        """run.json, checked ({} before the run started); a hand-edited file is one line."""
         if not self.record_path.is_file():
             return {}
         record = _read_json(self.record_path)
@@ -244,18 +249,30 @@ class RunDir:
             check_record(record)
         except Unfit as exc:
             raise DmhpcError(f"{self.record_path}: {exc}") from None
-        return record.get("data", {})
+        return record
+
+    def recorded_data(self) -> dict:
+        """run.json's data sets by role ({} before the run started)."""
+        return self._record().get("data", {})
+
+    def check_identity(self, state: Mapping, checkpoint: Path) -> str | None:
+        """Refuse one of the run's checkpoints (loaded as `state`) that another run wrote: a last.pt
+        or best.pt copied in from a run of the same configuration was resumed, evaluated or exported
+        as this run's own, its log and results mixed with the other's. Returns the run's id (run.json's,
+        else the checkpoint's); None where neither holds one (a dmhpc before 2026-12-05)."""
+        mine, theirs = self._record().get("run_id"), state.get("run_id")
+        if mine and theirs and mine != theirs:
+            raise DmhpcError(f"{checkpoint}: written by another run (run id {str(theirs)[:12]}; {self.record_path} "
+                             f"says {mine[:12]}): copied in from elsewhere? put this run's own back, or start a new "
+                             f"run.dir from it (--resume {checkpoint})")
+        return mine or (theirs if isinstance(theirs, str) and _RUN_ID.fullmatch(theirs) else None)
 
     def started_attempts(self, job: str) -> list[int] | None:
         """The restart counts of the attempts of SLURM job `job` that started this run ([] for none,
         or a run not started yet); None for a run.json of a dmhpc before they were recorded."""
-        if not self.record_path.is_file():
+        record = self._record()
+        if not record:
             return []
-        record = _read_json(self.record_path)
-        try:
-            check_record(record)
-        except Unfit as exc:
-            raise DmhpcError(f"{self.record_path}: {exc}") from None
         if "attempts" not in record:
             return None
         return list(record["attempts"]["started"]) if record["attempts"]["job"] == job else []
@@ -435,8 +452,9 @@ class RunDir:
         if resume_from is None:
             return Claim(None, replaces=existed)  # nothing trained yet: a fresh start
         state = _load_state(resume_from)
-        old, where = self._reference_config(resume_from, state)
         own = self._own(resume_from)
+        run_id = self.check_identity(state, resume_from) if own else None
+        old, where = self._reference_config(resume_from, state)
         # The data sets the checkpoint trained on: its own record; for an older checkpoint without
         # one, its run's run.json (none for a bare checkpoint). Without them a set prepared again at
         # the same path (its test split may now hold rows the checkpoint trained on) was taken, and
@@ -448,7 +466,7 @@ class RunDir:
         else:
             recorded = {}  # an older bare checkpoint: nothing says what it trained on
         changed = self._check_changes(old, config_to_dict(cfg), where, data_ids or {}, recorded)
-        return Claim(resume_from, changed, replaces=existed and not own, own=own)
+        return Claim(resume_from, changed, replaces=existed and not own, own=own, run_id=run_id)
 
     def _killed_before_its_first_last(self) -> bool:
         """dmhpc before best.next.pt wrote the first epoch's best.pt, its record, then last.pt: a run
@@ -495,6 +513,7 @@ class RunDir:
             self._check_origin(last)
         if last.is_file():
             state = _load_state(last)
+            self.check_identity(state, last)
             old, where = self._reference_config(last, state)
             changed = self._check_changes(old, config_to_dict(cfg), where, data_ids, self.checkpoint_data(state, last))
             progress = state.get("progress")
@@ -528,6 +547,7 @@ class RunDir:
             best = self.checkpoint("best")
             if best.is_file():
                 state = _load_state(best)
+                self.check_identity(state, best)
                 (old, where), recorded = self._reference_config(best, state), self.checkpoint_data(state, best)
             else:
                 (old, where), recorded = (config_to_dict(self.config()), str(self.config_path)), None
@@ -640,6 +660,7 @@ class RunDir:
         with beyond what a resume may change (RESUMABLE, the data paths): a text file edited by hand,
         with which `dmhpc eval` would read the checkpoint as another model (its normalization, its
         architecture) and replace its results."""
+        self.check_identity(state, checkpoint)
         if not isinstance(state.get("config"), dict):
             return  # checkpoints of dmhpc's own tests may hold none
         trained = config_to_dict(config_from_dict(state["config"], f"{checkpoint}: config"))
@@ -727,9 +748,11 @@ class RunDir:
             # A finished run asked to train longer (or again from an earlier checkpoint): its test
             # result is the other run's, and the run is unfinished until the trainer tests its selection.
             self.write_result({**final, "final": False}, "best", "test")
+        # A run resumed keeps its id; a new one (a replacement, a start from another run's checkpoint) draws one.
+        self.run_id = claim.run_id or uuid.uuid4().hex
         save_config(cfg, self.config_path)
         atomic_write(self.record_path, json.dumps({
-            "format": FORMAT, "version": VERSION, "created_by": f"dmhpc {__version__}",
+            "format": FORMAT, "version": VERSION, "created_by": f"dmhpc {__version__}", "run_id": self.run_id,
             "data": {k: dict(v) for k, v in data.items()}, "attempts": attempts}, indent=2) + "\n")
         dropped = self.truncate_log(step)
         cleaned = {"orphans_removed": files, "orphan_bytes": size, "log_records_dropped": dropped}

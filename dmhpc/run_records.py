@@ -68,6 +68,9 @@ def check_record(record: dict) -> None:
             _expect(isinstance(values, list) and len(values) == shape[0] and all(is_number(v) for v in values),
                     f"{key}.{name}", f"{shape[0]} finite numbers, one per channel", values)
         _expect(all(v > 0 for v in entry["std"]), f"{key}.std", "standard deviations above 0", entry["std"])
+    if "run_id" in record:
+        _expect(isinstance(record["run_id"], str) and bool(re.fullmatch(r"[0-9a-f]{32}", record["run_id"])),
+                "run_id", "32 hexadecimal digits", record["run_id"])
     if "attempts" in record:
         attempts = record["attempts"]
         _expect(isinstance(attempts, dict) and set(attempts) == {"job", "started"}

@@ -226,6 +226,36 @@ def test_resume_none_on_an_existing_run_needs_overwrite(data, run, capsys):
     assert RunDir(run).config().seed == 4
 
 
+def test_a_checkpoint_of_another_run_of_the_same_configuration_is_refused(data, run, tmp_path, capsys):
+    """Another run's last.pt, copied in, was resumed as the run's own: its log and best.pt were
+    then of two runs. Its best.pt was evaluated and exported as the run's."""
+    from dmhpc.cli import main
+
+    mine = RunDir(run)
+    run_id = json.loads(mine.record_path.read_text())["run_id"]
+    assert load_checkpoint(mine.checkpoint("last"))["run_id"] == run_id
+    assert load_checkpoint(mine.checkpoint("best"))["run_id"] == run_id
+    other = tmp_path / "other"
+    assert main(["train", *train_args(data, other, "train.epochs=1")]) == 0
+    assert json.loads(RunDir(other).record_path.read_text())["run_id"] != run_id
+    originals = {name: mine.checkpoint(name).read_bytes() for name in ("last", "best")}
+    shutil.copyfile(RunDir(other).checkpoint("last"), mine.checkpoint("last"))
+    refused_at_start(capsys, data, run, "train.epochs=2",
+                     said=[f"{mine.checkpoint('last')}: written by another run (run id", "copied in from elsewhere?"])
+    with pytest.raises(DmhpcError, match="last.pt: written by another run"):
+        mine.check_relaunch(mine.config(), {})
+    mine.checkpoint("last").write_bytes(originals["last"])
+    shutil.copyfile(RunDir(other).checkpoint("best"), mine.checkpoint("best"))
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run)]) == 1
+    assert "best.pt: written by another run" in capsys.readouterr().err
+    refused_at_start(capsys, data, run, "train.epochs=2", said=["best.pt: written by another run"])
+    mine.checkpoint("best").write_bytes(originals["best"])
+    assert main(["train", *train_args(data, run, "train.epochs=2")]) == 0  # its own, resumed: the same run
+    assert json.loads(mine.record_path.read_text())["run_id"] == run_id
+    assert load_checkpoint(mine.checkpoint("last"))["run_id"] == run_id
+
+
 def test_run_dir_that_is_not_a_run(data, tmp_path):
     mine = tmp_path / "thesis"
     mine.mkdir()

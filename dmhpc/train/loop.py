@@ -228,7 +228,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
         # Every rank waits for rank 0's write (nobody exits, ending the job step, while it writes)
         # and gets its error (a full disk) as its own one line, not a broken collective later.
         def write() -> None:  # a best waits for its epoch's last.pt (see RunDir.promote_best)
-            save_checkpoint(run.next_best if name == "best" else run.checkpoint(name), content)
+            path = run.next_best if name == "best" else run.checkpoint(name)
+            save_checkpoint(path, {**content, "run_id": run.run_id})
 
         on_main(write)
 
@@ -393,6 +394,7 @@ def _check_best(run: RunDir, best_score: float) -> None:
     path = run.checkpoint("best")
     try:
         best = load_checkpoint(path)
+        run.check_identity(best, path)
     except DmhpcError as exc:
         raise DmhpcError(f"{exc} (the run's selected checkpoint, tested at its end); put it back, or start "
                          f"the run anew with --resume none --overwrite") from None
