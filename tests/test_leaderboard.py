@@ -326,3 +326,24 @@ def test_one_finished_seed_has_no_spread(tmp_path):
     with (grid.out / "summary.csv").open() as f:
         (table,) = list(csv.DictReader(f))
     assert table["target_accuracy_mean"] == "0.7" and table["target_accuracy_std"] == ""
+
+
+def _cells(line: str) -> list[str]:
+    """A markdown table row's cells, as a renderer splits them (an escaped \\| stays in its cell)."""
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+
+
+def test_a_bar_in_a_value_stays_in_its_cell(tmp_path):
+    """A data set folder named `survey|deep` split its rows into more cells than the header's."""
+    from dmhpc.markdown import table
+
+    assert _cells(table(["a", "b"], [["x|y", "two\nlines"]])[2]) == [r"x\|y", "two lines"]
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local",
+            "grid": {"seed": [0], "data.target": [str(tmp_path / "survey|deep"), str(tmp_path / "noisy")]}}
+    points = load_grid(spec).points
+    write_leaderboard(tmp_path / "out", points)
+    write_summary(tmp_path / "out", points)
+    for name in ("leaderboard.md", "summary.md"):
+        rows = [line for line in (tmp_path / "out" / name).read_text().splitlines() if line.startswith("|")]
+        assert len(rows) == 4 and len({len(_cells(line)) for line in rows}) == 1, rows
+        assert any(r"survey\|deep" in line for line in rows), rows

@@ -38,6 +38,7 @@ from dmhpc.data.shards import file_sha256
 from dmhpc.distributed import bootstrap, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, fsync_file, locked_directory, remove_orphans, staged_write
+from dmhpc.markdown import table
 from dmhpc.names import MERGER_THRESHOLD
 from dmhpc.infer.trained import Trained, load_trained
 from dmhpc.run import RunDir, statistics
@@ -225,11 +226,11 @@ def _card_markdown(card: dict) -> str:
         lines += ["## Test metrics", "", f"Not evaluated on the test split: `dmhpc eval --run {card['run']} "
                   f"--checkpoint {c['name']}` evaluates it, and a new export puts the result here.", ""]
     else:
-        lines += ["## Test metrics", "", "| domain | accuracy | ROC AUC | F1 | Brier | predicted merger fraction |", "|---|---|---|---|---|---|"]
-        for d, t in card["test_metrics"].items():
-            cells = [t.get(k) for k in ("accuracy", "roc_auc", "f1", "brier", "merger_fraction")]
-            lines.append(f"| {d} | " + " | ".join("" if v is None else f"{v:.3f}" for v in cells) + " |")
-        lines.append("")
+        header = ["domain", "accuracy", "ROC AUC", "F1", "Brier", "predicted merger fraction"]
+        cells = ([d, *("" if t.get(k) is None else f"{t[k]:.3f}"
+                       for k in ("accuracy", "roc_auc", "f1", "brier", "merger_fraction"))]
+                 for d, t in card["test_metrics"].items())
+        lines += ["## Test metrics", "", *table(header, cells), ""]
         if card["config"]["data"]["normalize"] == "per-domain":
             lines += ["Each domain as the run evaluated it, normalized with its own statistics (per-domain "
                       "normalization). The exported file normalizes every input with the target's, so on source "

@@ -23,6 +23,7 @@ from typing import Iterable, Mapping
 
 from dmhpc.files import atomic_path, atomic_write
 from dmhpc.launch.spec import Point, data_pair, short_names
+from dmhpc.markdown import table
 from dmhpc.run import RunDir
 from dmhpc.names import CRITERIA, REPORTED_METRICS
 
@@ -156,15 +157,12 @@ def write_leaderboard(out: Path, points: Iterable[Point], failed: Mapping[str, s
         lines.append("Runs marked oracle (chosen by target labels, or trained on the target data set) are ranked "
                      "apart from the others.")
     data = len(pairs) > 1
-    lines += ["", "| rank | point | " + ("data | " if data else "") + "criterion | score | epoch | source acc "
-              "| source AUC | target acc † | target AUC † | target F1 † | status |",
-              "|---|---|" + ("---|" if data else "") + "---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        criterion = (r["criterion"] or "") + (" (oracle)" if r["oracle"] else "")
-        lines.append(f"| {_fmt(r['rank'])} | {r['point']} | " + (f"{r['data']} | " if data else "")
-                     + f"{criterion} | {_fmt(r['score'])} | {_fmt(r['epoch'])} "
-                     f"| {_fmt(r.get('source_accuracy'), 3)} | {_fmt(r.get('source_roc_auc'), 3)} "
-                     f"| {_fmt(r.get('target_accuracy'), 3)} | {_fmt(r.get('target_roc_auc'), 3)} "
-                     f"| {_fmt(r.get('target_f1'), 3)} | {r['status']} |")
+    header = ["rank", "point", *(["data"] if data else []), "criterion", "score", "epoch", "source acc",
+              "source AUC", "target acc †", "target AUC †", "target F1 †", "status"]
+    cells = ([_fmt(r["rank"]), r["point"], *([r["data"]] if data else []),
+              (r["criterion"] or "") + (" (oracle)" if r["oracle"] else ""), _fmt(r["score"]), _fmt(r["epoch"]),
+              *(_fmt(r.get(k), 3) for k in ("source_accuracy", "source_roc_auc", "target_accuracy", "target_roc_auc",
+                                            "target_f1")), r["status"]] for r in rows)
+    lines += ["", *table(header, cells)]
     atomic_write(out / "leaderboard.md", "\n".join(lines) + "\n")
     return rows

@@ -53,6 +53,7 @@ from typing import Mapping
 
 from dmhpc.config import config_to_dict
 from dmhpc.files import atomic_path, atomic_write
+from dmhpc.markdown import table
 from dmhpc.names import MODEL_NAMES
 from dmhpc.errors import DmhpcError
 from dmhpc.checks import Problems, choice, distinct_list, integer, path_text, show, take, unknown_keys
@@ -387,15 +388,13 @@ def write_scaling(out: Path, rows: list[dict], device: str) -> None:
              "finished): efficiency = speedup x N0 / N (weak: per-GPU throughput kept; strong: "
              "T(N0) N0 / (T(N) N)). "
              "Staging: the slowest rank's loader set-up, not in the throughput. Warm-up: the first epoch "
-             "is excluded where the run had more than one.", "",
-             "| model | mode | nodes | GPUs/node | GPUs | batch/GPU | global batch | step s | images/s "
-             "| images/s/GPU | speedup | efficiency | baseline N0 | staging s | warm-up excluded | status |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r[c]) for c in (
-            "model", "mode", "nodes", "gpus_per_node", "gpus", "batch_per_gpu", "global_batch", "step_time_s",
-            "images_per_s", "images_per_s_per_gpu", "speedup", "efficiency", "baseline_gpus", "staging_s",
-            "warmup_excluded", "status")) + " |")
+             "is excluded where the run had more than one.", ""]
+    shown = ("model", "mode", "nodes", "gpus_per_node", "gpus", "batch_per_gpu", "global_batch", "step_time_s",
+             "images_per_s", "images_per_s_per_gpu", "speedup", "efficiency", "baseline_gpus", "staging_s",
+             "warmup_excluded", "status")
+    header = ("model", "mode", "nodes", "GPUs/node", "GPUs", "batch/GPU", "global batch", "step s", "images/s",
+              "images/s/GPU", "speedup", "efficiency", "baseline N0", "staging s", "warm-up excluded", "status")
+    lines += table(header, ([_fmt(r[c]) for c in shown] for r in rows))
     atomic_write(out / "scaling.md", "\n".join(lines) + "\n")
     from dmhpc.plots import scaling_curves
 

@@ -26,6 +26,7 @@ from typing import Iterable
 from dmhpc.files import atomic_path, atomic_write
 from dmhpc.launch.leaderboard import number
 from dmhpc.launch.spec import Point
+from dmhpc.markdown import table
 from dmhpc.names import DOMAINS, REPORTED_METRICS
 
 LABELS = {"accuracy": "acc", "roc_auc": "AUC", "f1": "F1", "brier": "Brier"}
@@ -164,7 +165,7 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
                      "run them again into a new out.")
     header = [*keys, "runs", *(label for _, _, label in MD_COLUMNS), *(["gap closed"] if gap else []),
               "target acc per seed"]
-    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    cells_of = []
     for r in rows:
         names = [str(r[k]) for k in keys]
         marks = [m for m, on in (("oracle selection", r["oracle"]), ("trained on target", r["trained_on_target"]),
@@ -183,6 +184,7 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
         if gap:
             cells.append("" if math.isnan(r["gap_closed"]) else f"{r['gap_closed']:.0%}")
         cells.append(_per_seed(r))
-        lines.append("| " + " | ".join(cells) + " |")
+        cells_of.append(cells)
+    lines += ["", *table(header, cells_of)]
     atomic_write(out / "summary.md", "\n".join(lines) + "\n")
     return rows

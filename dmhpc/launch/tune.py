@@ -73,6 +73,7 @@ from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, SUBMISSION_COMMENT,
                                  local_threads, make_executor, pick_gpus, preempt_signal, read_resources,
                                  refused_submission, sigterm_as_interrupt, submission, use_gpus, wait_for,
                                  warn_setup_unused)
+from dmhpc.markdown import table
 from dmhpc.names import CRITERIA, LABEL_FREE
 from dmhpc.run import LENGTH_KEYS, RESULT_KEYS, RESUMABLE, RunDir
 
@@ -787,16 +788,13 @@ def write_trials(out: Path, study, objective: str) -> None:
     lines = [f"# Tuning: {out}", "",
              f"Maximizing {objective} (label-free) over the search space; each trial's value is the {objective} "
              f"score of its selected checkpoint. Target accuracy and AUC † are the target test metrics of "
-             f"that checkpoint, recorded for reporting only: the search never reads them.", "",
-             "| trial | state | " + " | ".join(space_keys) + f" | {objective} | epoch | source acc | target acc † "
-             "| target AUC † | note |",
-             "|" + "---|" * (len(space_keys) + 8)]
-    for r in rows:
-        note = r["failure"] or (f"pruned after epoch {r['pruned_at_epoch']}" if r["pruned_at_epoch"] is not None
-                                else "")
-        lines.append(f"| {r['trial']} | {r['state']} | " + " | ".join(fmt(r.get(k)) for k in space_keys)
-                     + f" | {fmt(r['value'])} | {fmt(r['epoch'])} | {fmt(r['source_test_accuracy'])} | "
-                     f"{fmt(r['target_test_accuracy'])} | {fmt(r['target_test_roc_auc'])} | {note} |")
+             f"that checkpoint, recorded for reporting only: the search never reads them.", ""]
+    header = ["trial", "state", *space_keys, objective, "epoch", "source acc", "target acc †", "target AUC †", "note"]
+    cells = ([r["trial"], r["state"], *(fmt(r.get(k)) for k in space_keys), fmt(r["value"]), fmt(r["epoch"]),
+              fmt(r["source_test_accuracy"]), fmt(r["target_test_accuracy"]), fmt(r["target_test_roc_auc"]),
+              r["failure"] or (f"pruned after epoch {r['pruned_at_epoch']}" if r["pruned_at_epoch"] is not None
+                               else "")] for r in rows)
+    lines += table(header, cells)
     atomic_write(out / f"{TABLE}.md", "\n".join(lines) + "\n")
 
 

@@ -33,6 +33,7 @@ from dmhpc.files import atomic_path, atomic_write
 from dmhpc.launch.leaderboard import number
 from dmhpc.launch.spec import Point, data_pair, short_names
 from dmhpc.launch.summary import remove_stale
+from dmhpc.markdown import table
 from dmhpc.names import LABEL_FREE
 
 ORACLE = "oracle (target val acc)"
@@ -162,12 +163,10 @@ def write_validators(out: Path, points: Iterable[Point]) -> list[dict]:
              "within a run. Target labels were used for this table only, never to train or choose.", ""]
     header = ["pair", "criterion", "runs", "checkpoints", "checkpoint: target acc", "oracle", "loss (pts)",
               "method: target acc", "oracle", "loss (pts)", "methods picked", "ρ all", "ρ within run"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        lines.append("| " + " | ".join([
-            r["pair"], r["criterion"], str(r["runs"]), str(r["checkpoints"]), _fmt(r["checkpoint_target_acc"]),
-            _fmt(r["checkpoint_oracle_acc"]), _fmt(r["checkpoint_loss_points"], 1), _fmt(r["method_target_acc"]),
-            _fmt(r["method_oracle_acc"]), _fmt(r["method_loss_points"], 1), r["method_picked"],
-            _fmt(r["spearman_all"], 2), _fmt(r["spearman_within_run"], 2)]) + " |")
+    lines += table(header, ([
+        r["pair"], r["criterion"], r["runs"], r["checkpoints"], _fmt(r["checkpoint_target_acc"]),
+        _fmt(r["checkpoint_oracle_acc"]), _fmt(r["checkpoint_loss_points"], 1), _fmt(r["method_target_acc"]),
+        _fmt(r["method_oracle_acc"]), _fmt(r["method_loss_points"], 1), r["method_picked"],
+        _fmt(r["spearman_all"], 2), _fmt(r["spearman_within_run"], 2)] for r in rows))
     atomic_write(out / "validators.md", "\n".join(lines) + "\n")
     return rows
