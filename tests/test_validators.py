@@ -169,3 +169,19 @@ def test_a_validator_the_log_holds_as_null_is_no_score(tmp_path):
     log.write_text(log.read_text().replace('"im": 0.1', '"im": null', 1))
     rows = {r["criterion"]: r for r in write_validators(tmp_path / "out", points.values())}
     assert rows["im"]["checkpoints"] == 5 and rows["source-val-acc"]["checkpoints"] == 6
+
+
+def test_finished_runs_left_out_are_named_with_why(tmp_path):
+    """A finished run whose metrics.jsonl was lost counted as none without a word: the table stood
+    for fewer runs than the grid's."""
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "grid": {"seed": [1, 2, 3]}}
+    kept, lost, unscored = load_grid(spec).points
+    for p in (kept, lost, unscored):
+        _log(p, [0.9, 0.8], [0.1, 0.2], [0.5, 0.6], [0.55, 0.65])
+    lost.run.log_path.unlink()
+    unscored.run.log_path.write_text(json.dumps({"kind": "epoch", "epoch": 0, "step": 1}) + "\n")
+    rows = write_validators(tmp_path / "out", [kept, lost, unscored])
+    assert rows[0]["runs"] == 1
+    md = (tmp_path / "out" / "validators.md").read_text()
+    assert (f"Left out, finished but without scored checkpoints to compare: {lost.name} (no metrics.jsonl); "
+            f"{unscored.name} (no evaluation scored every validator).") in md

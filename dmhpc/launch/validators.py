@@ -77,11 +77,14 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
-def validator_rows(points: Iterable[Point]) -> list[dict]:
-    """One row per (domain pair, criterion); see the module docstring. [] when no run scored validators."""
+def _scored_runs(points: Iterable[Point]) -> tuple[dict, list[str]]:
+    """The finished runs of an adaptation, by domain pair, with their scored checkpoints; and the
+    finished runs left out, each with why (said in the table: a run whose log was lost counted as
+    none without a word, and the table stood for fewer runs than it seemed to)."""
     # Keyed by the resolved data paths: different data sets in folders of the same name are
     # different pairs, and one data set written two ways ("data/x", "./data/x") is one.
     runs: dict[tuple[Path, Path], list[tuple[Point, list[dict]]]] = {}
+    left_out = []
     for p in points:
         if p.config.data.trains_on_target():
             continue  # a target oracle has no source domain to adapt from
@@ -90,6 +93,21 @@ def validator_rows(points: Iterable[Point]) -> list[dict]:
         checkpoints = _checkpoints(p)
         if checkpoints:
             runs.setdefault(data_pair(p), []).append((p, checkpoints))
+        elif not p.run.log_path.is_file():
+            left_out.append(f"{p.name} (no {p.run.log_path.name})")
+        else:
+            scored = any(r.get("kind") == "epoch" and "validators" in r for r in p.run.read_log())
+            why = "an unlabelled target" if scored else "no evaluation scored every validator"
+            left_out.append(f"{p.name} ({why})")
+    return runs, left_out
+
+
+def validator_rows(points: Iterable[Point]) -> list[dict]:
+    """One row per (domain pair, criterion); see the module docstring. [] when no run scored validators."""
+    return _rows(_scored_runs(points)[0])
+
+
+def _rows(runs: dict) -> list[dict]:
     names = short_names(path for pair in runs for path in pair)
     rows = []
     for (source, target), members in runs.items():
@@ -145,7 +163,8 @@ def _fmt(value, digits: int = 3) -> str:
 
 def write_validators(out: Path, points: Iterable[Point]) -> list[dict]:
     """Write OUT/validators.csv and OUT/validators.md when any run scored every validator."""
-    rows = validator_rows(points)
+    runs, left_out = _scored_runs(points)
+    rows = _rows(runs)
     if not rows:
         remove_stale(Path(out), ("validators.md", "validators.csv"), "no finished run scored every validator")
         return []
@@ -161,6 +180,8 @@ def write_validators(out: Path, points: Iterable[Point]) -> list[dict]:
              "target validation accuracy); loss = oracle − criterion, in points. ρ: Spearman rank "
              "correlation of the criterion with target test accuracy over all checkpoints, and its mean "
              "within a run. Target labels were used for this table only, never to train or choose.", ""]
+    if left_out:
+        lines += [f"Left out, finished but without scored checkpoints to compare: {'; '.join(left_out)}.", ""]
     header = ["pair", "criterion", "runs", "checkpoints", "checkpoint: target acc", "oracle", "loss (pts)",
               "method: target acc", "oracle", "loss (pts)", "methods picked", "ρ all", "ρ within run"]
     lines += table(header, ([
