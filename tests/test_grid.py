@@ -539,9 +539,13 @@ def test_a_report_waits_for_tables_being_written_and_reads_the_runs_after(tmp_pa
                                    "--report"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(3)  # time to read the runs and write, had it not waited
         assert report.poll() is None and not (tmp_path / "out" / "leaderboard.md").exists()
+        # The launcher's end records its failed points before its tables: read before the lock, the
+        # report's tables (written last) said "not started" of a point the launcher's said failed.
+        (tmp_path / "out" / "submitit" / "failures.json").write_text(json.dumps({"seed=1": "job 7 failed: boom"}))
     out, err = report.communicate(timeout=120)
     assert report.returncode == 0, out + err
-    assert (tmp_path / "out" / "leaderboard.md").exists()
+    assert "| seed=1 | source-val-acc |" in (tmp_path / "out" / "leaderboard.md").read_text()
+    assert "| failed |" in (tmp_path / "out" / "leaderboard.md").read_text()
 
 
 def test_overrides_nested_as_in_a_config_file_are_checked_as_dotted_ones(tmp_path):

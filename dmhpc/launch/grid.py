@@ -324,12 +324,15 @@ TABLES_LOCK = "tables.lock"  # OUT/submitit/tables.lock, held while the tables a
 FAILURES = "failures.json"  # OUT/submitit/failures.json: failed points and why, until a launch runs them again
 
 
-def _write_tables(g: Grid, failures: Mapping[str, str]) -> list[dict]:
+def _write_tables(g: Grid, failures: Mapping[str, str] | None = None) -> list[dict]:
+    """The tables, with `failures` (None: failures.json's, for a --report)."""
     # A --report and a launcher's end may write the tables at once; one after the other, each reading
-    # the run directories while it holds the lock, the last tables written are the newest (a report
-    # that read before the launcher's last point finished replaced its final tables).
+    # the run directories (and failures.json) while it holds the lock, the last tables written are the
+    # newest (a report that read before the launcher's end replaced its final tables with older failures).
     lock = g.out / "submitit" / TABLES_LOCK
     with hold_lock(lock, "", "writer of this grid's tables", wait=True):
+        if failures is None:
+            failures = _read_failures(g.out / "submitit" / FAILURES)
         rows = write_leaderboard(g.out, g.points, failed=failures)
         print(f"dmhpc launch: leaderboard in {g.out / 'leaderboard.md'} and leaderboard.csv", flush=True)
         if write_summary(g.out, g.points, gap=g.gap):
@@ -384,7 +387,7 @@ def report_grid(spec: str | Path | Mapping) -> list[dict]:
     g = replace(g, points=tuple(p for p in g.points if p.name not in stale))
     finished = sum(p.finished for p in g.points)
     print(f"dmhpc launch: {finished} of {len(g.points)} point(s) finished; nothing launched", flush=True)
-    return _write_tables(g, _read_failures(g.out / "submitit" / FAILURES))
+    return _write_tables(g)
 
 
 def _record_failures(g: Grid, failures: Mapping[str, str]) -> None:
