@@ -193,15 +193,23 @@ def test_confident_candidates_keep_their_order(run_on_survey):
     assert all(a < b < 1.0 for a, b in zip(ps, ps[1:])), ps
 
 
-def test_gradcam_and_integrated_gradients_are_captums_on_the_last_block(run_on_survey):
+def test_gradcam_and_integrated_gradients_are_captums_on_the_last_block(run_on_survey, monkeypatch):
     captum = pytest.importorskip("captum.attr")
+    from dmhpc.infer import explain
     from dmhpc.infer.explain import attributions
     from dmhpc.infer.predict import Model
 
     model = Model(RunDir(run_on_survey), "best", torch.device("cpu"))
-    x = torch.randn(2, 3, 75, 75)
+    x = torch.randn(5, 3, 75, 75)
+    # A few images at a time, whatever their number (a catalog's top thousands ran out of GPU memory):
+    # no forward pass of the attributions sees more, and they are those of the whole batch.
+    monkeypatch.setattr(explain, "ATTRIBUTION_BATCH", 2)
+    seen = []
+    hook = model.net.register_forward_hook(lambda m, i, o: seen.append(len(i[0])))
     cam, ig = attributions(model, x, ig_steps=8)
-    assert cam.shape == ig.shape == (2, 75, 75) and (cam >= 0).all()
+    hook.remove()
+    assert max(seen) == 2
+    assert cam.shape == ig.shape == (5, 75, 75) and (cam >= 0).all()
     # With their sign: the absolute sum drew evidence against "merger" like evidence for it.
     assert (ig < 0).any() and (ig > 0).any()
     net = model.net
@@ -253,6 +261,11 @@ def test_explain_draws_the_filters_asked_for_and_says_which(run_on_survey, tmp_p
     # (numpy's ValueError traceback)
     assert main(["explain", "--run", str(run_on_survey), "--seed", "-1", "--out", str(tmp_path / "no")]) == 1
     assert capsys.readouterr().err == "dmhpc explain: error: --seed -1: expected a non-negative integer\n"
+    assert not (tmp_path / "no").exists()
+    # A grid of a row per image: 300 was matplotlib's traceback, after every attribution was computed.
+    for n in ("0", "101"):
+        assert main(["explain", "--run", str(run_on_survey), "--n", n, "--out", str(tmp_path / "no")]) == 1
+        assert capsys.readouterr().err.startswith(f"dmhpc explain: error: --n {n}: from 1 to 100 (each image is a ")
     assert not (tmp_path / "no").exists()
 
 

@@ -62,21 +62,32 @@ def _captum():
     return IntegratedGradients, LayerAttribution, LayerGradCam
 
 
+# Images per captum call: the memory of the attributions is bounded whatever --n (a catalog's top
+# thousands in one batch ran out of GPU memory, a traceback); each image's are its own (eval mode).
+ATTRIBUTION_BATCH = 32
+# Images per grid, one row each: a taller figure is beyond matplotlib's image size (2**16 pixels).
+MAX_N = 100
+
+
 def attributions(model: Model, x: torch.Tensor, ig_steps: int = 32) -> tuple[np.ndarray, np.ndarray]:
     """(Grad-CAM upsampled to the image (n, H, W), integrated gradients summed over the filters, with
-    their sign (n, H, W)) for the merger class of a normalized batch `x`."""
+    their sign (n, H, W)) for the merger class of a normalized batch `x`, ATTRIBUTION_BATCH at a time."""
     IntegratedGradients, LayerAttribution, LayerGradCam = _captum()
     net = model.net
 
     def logits(inputs):
         return net(inputs)[1]
 
-    x = x.detach().requires_grad_(True)
-    cam = LayerGradCam(logits, net.last_conv_block()).attribute(x, target=MERGER, relu_attributions=True)
-    cam = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")
-    ig = IntegratedGradients(logits).attribute(x, baselines=torch.zeros_like(x), target=MERGER, n_steps=ig_steps,
-                                               internal_batch_size=max(1, len(x)))
-    return cam[:, 0].detach().cpu().numpy(), ig.sum(1).detach().cpu().numpy()
+    cams, igs = [], []
+    for start in range(0, len(x), ATTRIBUTION_BATCH):
+        part = x[start:start + ATTRIBUTION_BATCH].detach().requires_grad_(True)
+        cam = LayerGradCam(logits, net.last_conv_block()).attribute(part, target=MERGER, relu_attributions=True)
+        cam = LayerAttribution.interpolate(cam, tuple(part.shape[-2:]), interpolate_mode="bilinear")
+        ig = IntegratedGradients(logits).attribute(part, baselines=torch.zeros_like(part), target=MERGER,
+                                                   n_steps=ig_steps, internal_batch_size=len(part))
+        cams.append(cam[:, 0].detach().cpu().numpy())
+        igs.append(ig.sum(1).detach().cpu().numpy())
+    return np.concatenate(cams), np.concatenate(igs)
 
 
 def _samples(reader_images, labels, probs, n: int, seed: int) -> dict[int, np.ndarray]:
@@ -493,7 +504,7 @@ def explain_arguments(parser) -> None:
                         help="a dmhpc predict catalog: explain its top merger candidates")
     # --count too: under torchrun, --n is an ambiguous abbreviation of torchrun's --nnodes and others.
     parser.add_argument("--n", "--count", dest="n", type=int, default=d["n"],
-                        help=f"images per domain and class, or with --catalog the top candidates (default {d['n']}; "
+                        help=f"images per domain and class, or with --catalog the top candidates, 1 to {MAX_N} (default {d['n']}; "
                              f"write --count under torchrun)")
     parser.add_argument("--seed", type=int, help=f"which test images are drawn (default {d['seed']}; not with "
                                                  f"--catalog, whose top candidates are explained)")
@@ -508,8 +519,9 @@ def explain_arguments(parser) -> None:
 def explain_main(args) -> int:
     if args.data is not None and args.catalog is not None:
         raise DmhpcError("give --data or --catalog, not both")
-    if args.n < 1:
-        raise DmhpcError(f"--n {args.n}: must be at least 1")
+    if not 1 <= args.n <= MAX_N:  # (beyond it: matplotlib's traceback, after every attribution)
+        raise DmhpcError(f"--n {args.n}: from 1 to {MAX_N} (each image is a row of a figure); explain a "
+                         f"catalog's top {MAX_N}, or a selection of it")
     if args.seed is not None and args.seed < 0:
         raise DmhpcError(f"--seed {args.seed}: expected a non-negative integer")
     if args.seed is not None and args.catalog is not None:  # it would be recorded as if it chose them
