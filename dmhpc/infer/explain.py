@@ -504,8 +504,8 @@ def explain_arguments(parser) -> None:
                         help="a dmhpc predict catalog: explain its top merger candidates")
     # --count too: under torchrun, --n is an ambiguous abbreviation of torchrun's --nnodes and others.
     parser.add_argument("--n", "--count", dest="n", type=int, default=d["n"],
-                        help=f"images per domain and class, or with --catalog the top candidates, 1 to {MAX_N} (default {d['n']}; "
-                             f"write --count under torchrun)")
+                        help=f"images per domain and class, or with --catalog the top candidates, 1 to {MAX_N} "
+                             f"(default {d['n']}; write --count under torchrun)")
     parser.add_argument("--seed", type=int, help=f"which test images are drawn (default {d['seed']}; not with "
                                                  f"--catalog, whose top candidates are explained)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNG grids")
