@@ -1619,8 +1619,11 @@ def test_data_config_spelling_and_overrides(tmp_path, capsys):
     save(root, "y.npy", np.arange(12) % 2)
     config = write_config(tmp_path, f"root: {root}\nout: {tmp_path / 'out'}\n"
                                      "domains: {sdss: {images: SimReal_TARGET_X_postmergers_SDSS.npy, labels: y.npy}}\n")
-    assert main(["prepare", "--data-config", config]) == 0
-    assert "using SimReal_TARGET_x_postmergers_SDSS.npy, which differs in letter case only" in capsys.readouterr().err
+    assert main(["prepare", "--data-config", config, "--set", "domains.sdss.labels=Y.npy"]) == 0
+    err = capsys.readouterr().err
+    assert "using SimReal_TARGET_x_postmergers_SDSS.npy, which differs in letter case only" in err
+    assert err.count("Y.npy not found; using y.npy") == 1, err  # (said twice: the labels were looked up twice)
+    shutil.rmtree(tmp_path / "out")
     save(root, "other.npy", rng.normal(size=(12, 3, 8, 8)).astype(np.float32))
     assert main(["prepare", "--data-config", config, "--set", "domains.sdss.images=other.npy",
                  "--set", f"out={tmp_path / 'out2'}"]) == 0
@@ -1761,3 +1764,16 @@ def test_two_domains_whose_folders_are_one_are_refused(tmp_path, capsys, inputs)
     assert_fails(capsys, ["prepare", "--data-config", config],
                  f"{tmp_path / 'out' / 'b'}: the same folder as {tmp_path / 'out' / 'a'} (a link?)")
     assert list((tmp_path / "out" / "b").iterdir()) == []
+
+
+def test_out_given_as_the_current_folder_is_named_as_that_folder(tmp_path, monkeypatch, capsys):
+    """--out . printed its summary, and its one-line errors, with an empty name."""
+    rng = np.random.default_rng(11)
+    images = save(tmp_path, "x.npy", rng.normal(size=(40, 3, 8, 8)).astype(np.float32))
+    labels = save(tmp_path, "y.npy", np.arange(40) % 2)
+    (tmp_path / "deep").mkdir()
+    monkeypatch.chdir(tmp_path / "deep")
+    capsys.readouterr()
+    assert main(["prepare", "--images", images, "--labels", labels, "--out", "."]) == 0
+    assert capsys.readouterr().out.startswith("deep: 40 images (NCHW) -> ./ ")
+    assert load_manifest(tmp_path / "deep")["count"] == 40

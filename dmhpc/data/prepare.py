@@ -166,7 +166,9 @@ def _path(p: Path | None) -> Path | None:
 
 def _open_domain(spec: DomainSpec, options: Options) -> dict:
     """Open one domain's inputs and check them (all but the pixels). Objects are drawn later."""
-    images_path, catalog_path = _path(spec.images), _path(spec.catalog)
+    # Each resolved once: its note (a name that differs in letter case) said once.
+    images_path, catalog_path, labels_path, objects_path = (_path(spec.images), _path(spec.catalog),
+                                                            _path(spec.labels), _path(spec.objects))
     catalog = None
     if catalog_path is not None:
         catalog = read_catalog(catalog_path, id_column=spec.id_column, label_column=spec.label_column,
@@ -185,10 +187,10 @@ def _open_domain(spec: DomainSpec, options: Options) -> dict:
                          f"cutouts folder")
     if spec.labels is not None and catalog is not None and catalog.labels is not None:
         raise DmhpcError(f"{spec.name}: labels from both {spec.labels} and the catalog's {spec.label_column!r} column")
-    labels = open_npy(_path(spec.labels)) if spec.labels is not None else (catalog.labels if catalog else None)
+    labels = open_npy(labels_path) if labels_path is not None else (catalog.labels if catalog else None)
     # A catalog's ids are one per row (a repeated one is refused): they name images, not objects, so
     # without --objects each image is its own object, and copies are looked for as without a catalog.
-    objects = open_npy(_path(spec.objects)) if spec.objects is not None else None
+    objects = open_npy(objects_path) if objects_path is not None else None
     names = {"images": str(images_path or catalog_path),
              "labels": str(spec.labels) if spec.labels is not None else f"{catalog_path}:{spec.label_column}",
              "objects": str(spec.objects)}
@@ -197,7 +199,7 @@ def _open_domain(spec: DomainSpec, options: Options) -> dict:
     shards.check_images(images, names["images"])
     layout = images.layout
     inputs = [(role, p) for role, p in (("images", images_path), ("catalog", catalog_path),
-                                        ("labels", _path(spec.labels)), ("objects", _path(spec.objects)))
+                                        ("labels", labels_path), ("objects", objects_path))
               if p is not None]
     return {"spec": spec, "name": spec.name, "out": spec.out, "images": images, "labels": labels,
             "objects": objects, "ids": catalog.ids if catalog is not None else None, "layout": layout,
@@ -583,7 +585,8 @@ def _domains(args) -> list[DomainSpec]:
                              f"--images gives the images: give one or the other")
     if args.out is None:
         raise DmhpcError("missing --out")
-    return [DomainSpec(name=Path(args.out).name, out=Path(args.out),
+    # Named as its folder ("--out ." too, whose name is empty: the summary named nothing).
+    return [DomainSpec(name=Path(args.out).resolve().name or str(args.out), out=Path(args.out),
                        id_column=args.id_column if args.id_column is not None else "id",
                        label_column=args.label_column, file_column=args.file_column,
                        **{k: (Path(v) if v is not None else None) for k, v in one.items()})]
