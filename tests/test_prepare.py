@@ -1777,3 +1777,26 @@ def test_out_given_as_the_current_folder_is_named_as_that_folder(tmp_path, monke
     assert main(["prepare", "--images", images, "--labels", labels, "--out", "."]) == 0
     assert capsys.readouterr().out.startswith("deep: 40 images (NCHW) -> ./ ")
     assert load_manifest(tmp_path / "deep")["count"] == 40
+
+
+def test_an_input_written_again_during_the_conversion_is_refused(tmp_path, monkeypatch, capsys):
+    """Its checksum, read apart from the pixels, went into the manifest: the data set's record
+    described another version of the file than the one its shards were made from."""
+    from dmhpc.data import shards as shards_module
+
+    rng = np.random.default_rng(12)
+    images = save(tmp_path, "x.npy", rng.normal(size=(40, 3, 8, 8)).astype(np.float32))
+    labels = save(tmp_path, "y.npy", np.arange(40) % 2)
+    write_shards = shards_module.write_shards
+
+    def written_again_meanwhile(*a, **kw):
+        np.save(labels, 1 - np.arange(40) % 2)  # the labels file saved again, other labels in it
+        return write_shards(*a, **kw)
+
+    monkeypatch.setattr(shards_module, "write_shards", written_again_meanwhile)
+    capsys.readouterr()
+    assert main(["prepare", "--images", images, "--labels", labels, "--out", str(tmp_path / "ds")]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"dmhpc prepare: error: {tmp_path / 'y.npy'}: written again or replaced while it was converted; "
+                   f"nothing written: prepare it again once it is complete\n")
+    assert not (tmp_path / "ds").exists()

@@ -339,9 +339,21 @@ def _input_files(domains: list[dict]) -> list[Path]:
     return list(dict.fromkeys(p.resolve() for d in domains for _, p in d["inputs"]))
 
 
+def _file_version(path: Path) -> tuple:
+    """What changes when a file is written again or replaced."""
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _hash_in_background(paths: list[Path], stop: threading.Event):
     """Start checksumming `paths` in a thread (hashlib releases the GIL, so it overlaps the
-    conversion); returns a function that waits and gives {path: sha256}."""
+    conversion); returns a function that waits and gives {path: sha256}, called once the shards are
+    written: a file written again or replaced meanwhile is refused (the checksum, read apart from the
+    pixels, would describe another version of it than the data set holds)."""
+    try:
+        versions = {path: _file_version(path) for path in paths}
+    except OSError as exc:
+        raise DmhpcError(f"{exc.filename}: cannot read ({exc.strerror})") from None
     digests, failures = {}, []
 
     def run():
@@ -359,6 +371,14 @@ def _hash_in_background(paths: list[Path], stop: threading.Event):
         thread.join()
         if failures:
             raise DmhpcError(failures[0])
+        for path, version in versions.items():
+            try:
+                changed = _file_version(path) != version
+            except OSError:
+                changed = True
+            if changed:
+                raise DmhpcError(f"{path}: written again or replaced while it was converted; nothing written: "
+                                 f"prepare it again once it is complete")
         return digests
 
     return result
@@ -376,7 +396,8 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
         # rank) while the pixels are checked and the shards written.
         stop = threading.Event()
         files = _input_files(opened)
-        input_digests = _hash_in_background([p for j, p in enumerate(files) if j % size == rank], stop)
+        input_digests = _agree(comm, lambda: _hash_in_background([p for j, p in enumerate(files) if j % size == rank],
+                                                                 stop))
         try:
             want = [d["objects"] is None for d in opened]
             scans = _allgather(comm, _agree(comm, lambda: _scan(opened, rank, size, want, options.dtype)))
