@@ -1800,3 +1800,19 @@ def test_an_input_written_again_during_the_conversion_is_refused(tmp_path, monke
     assert err == (f"dmhpc prepare: error: {tmp_path / 'y.npy'}: written again or replaced while it was converted; "
                    f"nothing written: prepare it again once it is complete\n")
     assert not (tmp_path / "ds").exists()
+
+
+def test_an_out_inside_another_data_set_is_refused(tmp_path, capsys):
+    """Its folder holds its shards only: an --out in it (named .dmhpc-new, its staging folder's name,
+    too) was emptied by that data set's next --overwrite."""
+    rng = np.random.default_rng(13)
+    images = save(tmp_path, "x.npy", rng.normal(size=(40, 3, 8, 8)).astype(np.float32))
+    labels = save(tmp_path, "y.npy", np.arange(40) % 2)
+    assert main(["prepare", "--images", images, "--labels", labels, "--out", str(tmp_path / "ds")]) == 0
+    before = sorted(p.name for p in (tmp_path / "ds").iterdir())
+    for inner in (tmp_path / "ds" / ".dmhpc-new", tmp_path / "ds" / "deeper" / "x"):
+        capsys.readouterr()
+        assert main(["prepare", "--images", images, "--labels", labels, "--out", str(inner)]) == 1
+        assert capsys.readouterr().err == (f"dmhpc prepare: error: {inner}: inside the data set {tmp_path / 'ds'}, "
+                                           f"whose folder holds its own files only; choose a folder outside it\n")
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == before

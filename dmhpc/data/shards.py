@@ -583,6 +583,12 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Non
     Nothing is written here.
     """
     out_dir = Path(out_dir)
+    for folder in Path(os.path.abspath(out_dir)).parents:
+        # Its folder holds its shards only: its next --overwrite emptied this one (or its staging
+        # folder's name, .dmhpc-new, was this one's), and a reader of it refuses the stranger.
+        if holds_dataset(folder):
+            raise DmhpcError(f"{out_dir}: inside the data set {folder}, whose folder holds its own files only; "
+                             f"choose a folder outside it")
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
