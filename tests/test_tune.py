@@ -145,6 +145,11 @@ def test_a_search_runs_trials_by_the_objective_records_target_metrics_and_resume
     study.set_user_attr("identity", {k: v for k, v in _study(out).user_attrs["identity"].items() if k != "config"})
     tune(spec(data, tmp_path, trials=3, space={"optim.lr": [0.001, 0.003]}), poll_s=0.2)
     assert "config" in _study(out).user_attrs["identity"]
+    # Moved: the best trial is said in its new folder (the journal's path was said, of a folder gone).
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    best = tune({**spec(data, tmp_path, trials=3, space={"optim.lr": [0.001, 0.003]}), "out": str(moved)}, poll_s=0.2)
+    assert Path(best["run_dir"]).parent == moved and Path(best["run_dir"]).is_dir(), best["run_dir"]
 
 
 def test_a_trial_left_running_by_a_killed_tuner_runs_again_in_its_directory(data, tmp_path):

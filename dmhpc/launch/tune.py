@@ -720,7 +720,7 @@ def tune(spec: str | Path | Mapping, executor: str | None = None, poll_s: float 
         except BaseException:
             search.abandon()
             raise
-        return best_trial(study)
+        return best_trial(study, t.out)
     finally:
         if study is not None:
             try:
@@ -732,7 +732,9 @@ def tune(spec: str | Path | Mapping, executor: str | None = None, poll_s: float 
         lock.close()
 
 
-def best_trial(study) -> dict:
+def best_trial(study, out: Path) -> dict:
+    """The best complete trial; its run directory in `out` (the journal's path is where the study
+    ran first: a study copied or moved reported the old folder)."""
     from optuna.trial import TrialState
 
     done = [tr for tr in study.get_trials(deepcopy=False) if tr.state == TrialState.COMPLETE]
@@ -740,7 +742,8 @@ def best_trial(study) -> dict:
         return {"number": None, "value": None, "values": None, "run_dir": None, "user_attrs": {}}
     best = max(done, key=lambda tr: (tr.value, -tr.number))
     return {"number": best.number, "value": best.value, "values": best.user_attrs.get(ATTR_VALUES),
-            "run_dir": best.user_attrs.get(ATTR_RUN), "user_attrs": dict(best.user_attrs)}
+            "run_dir": str(out / Path(best.user_attrs[ATTR_RUN]).name) if ATTR_RUN in best.user_attrs else None,
+            "user_attrs": dict(best.user_attrs)}
 
 
 def trial_rows(study) -> list[dict]:
