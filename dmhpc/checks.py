@@ -160,8 +160,8 @@ def path_text() -> Check:
         _accept(isinstance(v, str) and bool(v.strip()) and not _UNEXPANDED.search(v))
         return v
 
-    return Check("a non-empty string, a path written out (quote numbers; no ~ or $VARIABLE: dmhpc expands none, "
-                 "a shell does on a command line)", convert)
+    return Check("a non-empty string, a path written out (quote numbers; no ~ or $VARIABLE: dmhpc expands none; "
+                 "on a command line write $HOME, which a shell expands after KEY=, not ~)", convert)
 
 
 def mapping(expected: str = "a mapping", *, empty: bool = True) -> Check:

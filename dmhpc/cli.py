@@ -156,7 +156,7 @@ COMMANDS: dict[str, Command] = {
         _explain,
         "what the network looks at: Grad-CAM and integrated gradients (captum) over RGB composites, one PNG "
         "grid per domain and class",
-        "dmhpc explain --run runs/demo/deepmerge-mmd-fisher-entropy --out runs/demo/explain\n"
+        "dmhpc explain --run runs/demo/deepmerge-mmd-fisher-entropy --out explain/\n"
         "  dmhpc explain --run RUN --catalog candidates.fits --n 12 --out explain/",
     ),
     "export": Command(

@@ -263,7 +263,7 @@ class TrainConfig:
     amp: str = _key("none", choice("none", "bf16", "fp16"))
     # NHWC memory format for convolutions (faster with tensor cores).
     channels_last: bool = _key(False, boolean())
-    # torch.compile the training step.
+    # torch.compile the model (the loss terms stay eager: docs/training.md).
     compile: bool = _key(False, boolean())
     # Deterministic GPU kernels (torch.use_deterministic_algorithms, cuDNN deterministic and not
     # benchmarking, a fixed cuBLAS workspace): a resumed run ends bit-identical to an
