@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
 import sys
 import warnings
 
@@ -12,9 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import TINY
+from tests.conftest import ROOT, TINY, clean_env
 from dmhpc.cli import main
 from dmhpc.data.shards import write_dataset
+from dmhpc.errors import DmhpcError
 from dmhpc.run import RunDir
 from pathlib import Path
 
@@ -735,6 +738,7 @@ def test_export_with_normalization_built_in_and_a_card(survey, run_on_survey, tm
     # What a deployer needs: names, layout, threshold, the oracle flag, and the limits of the built-in normalization.
     assert (card["input"]["name"], card["output"]["name"], card["output"]["threshold"]) == ("image", "p_merger", 0.5)
     assert card["input"]["layout"].startswith("NCHW") and card["selection"]["oracle"] is False
+    assert card["input"]["normalization"].endswith("normalized its target domain with, its own")
     assert card["model"].get("onnx_opset") == (20 if fmt == "onnx" else None)
     assert "## Limits" in Path(f"{out}.card.md").read_text() and "--normalize own" in Path(f"{out}.card.md").read_text()
     # What a receiver checks the file, and the run its checkpoint, against.
@@ -828,6 +832,84 @@ def test_the_card_reports_the_test_of_the_exported_checkpoint_only(survey, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith((".m.onnx", ".n.onnx", "n.onnx"))) == []
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("m.onnx")} == exported
     assert len(exported) == 3
+
+
+def test_export_says_one_line_and_checks_what_it_traced(run_on_survey, tmp_path, monkeypatch, capsys):
+    """The ONNX exporter printed 8 progress lines and 6 warnings around the one a user reads; a
+    traced TorchScript model was never run beside the torch one on other images than it traced."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = tmp_path / "m.onnx"
+    proc = subprocess.run([sys.executable, "-m", "dmhpc", "export", "--run", str(run_on_survey), "--format", "onnx",
+                           "--out", str(out)], cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith(f"wrote {out} and its card ") and proc.stdout.count("\n") == 1, proc.stdout
+    from dmhpc.infer import export
+
+    monkeypatch.setattr(export, "TORCHSCRIPT_TOLERANCE", -1.0)  # any difference is too much
+    capsys.readouterr()
+    assert main(["export", "--run", str(run_on_survey), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]) == 1
+    assert "m.pt: the traced model differs from torch by" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
+
+
+def test_export_refuses_a_shape_its_network_does_not_take_and_a_card_that_is_a_folder(run_on_survey, tmp_path,
+                                                                                     capsys):
+    """A checkpoint recording 64 x 64 images for a 75 x 75 network: the safetensors card said an input
+    the model refuses, ONNX and TorchScript were tracebacks. A card path that is a folder, under
+    --overwrite, removed the other card and then failed naming the model file."""
+    run = Path(shutil.copytree(run_on_survey, tmp_path / "run"))
+    best = run / "checkpoints" / "best.pt"
+    state = torch.load(best, weights_only=True)
+    for role in ("source", "target"):
+        state["data"][role]["shape"] = [3, 64, 64]
+    torch.save(state, best)
+    for fmt, name in (("safetensors", "m.safetensors"), ("torchscript", "m.pt")):
+        capsys.readouterr()
+        assert main(["export", "--run", str(run), "--format", fmt, "--out", str(tmp_path / name)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"dmhpc export: error: {best}: its network does not take images of the shape it "
+                              f"records, (3, 64, 64) (") and err.count("\n") == 1, err
+        assert not (tmp_path / name).exists()
+    out = tmp_path / "n.safetensors"
+    assert main(["export", "--run", str(run_on_survey), "--format", "safetensors", "--out", str(out)]) == 0
+    Path(f"{out}.card.json").unlink()
+    Path(f"{out}.card.json").mkdir()
+    card = Path(f"{out}.card.md").read_text()
+    capsys.readouterr()
+    assert main(["export", "--run", str(run_on_survey), "--format", "safetensors", "--out", str(out),
+                 "--overwrite"]) == 1
+    assert capsys.readouterr().err == (f"dmhpc export: error: --out {out}: its card {out}.card.json exists and is "
+                                       f"not a file; remove it or write elsewhere\n")
+    assert Path(f"{out}.card.md").read_text() == card
+
+
+def test_load_safetensors_of_a_file_that_is_no_export_is_one_line(run_on_survey, tmp_path):
+    from safetensors.torch import save_file
+
+    from dmhpc.infer.export import load_safetensors
+
+    out = tmp_path / "m.safetensors"
+    assert main(["export", "--run", str(run_on_survey), "--format", "safetensors", "--out", str(out)]) == 0
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(out.read_bytes()[:100])
+    bare = tmp_path / "bare.safetensors"
+    save_file({"w": torch.zeros(2)}, str(bare))  # no metadata: someone else's file
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    other = tmp_path / "other.safetensors"
+    save_file(tensors, str(other), metadata={**meta, "model": json.dumps({"name": "resnet18"})})
+    zero = tmp_path / "zero.safetensors"
+    save_file({**tensors, "std": torch.zeros_like(tensors["std"])}, str(zero), metadata=meta)
+    for path, said in ((tmp_path / "none.safetensors", "no such file"), (cut, "not a readable safetensors file"),
+                       (bare, "not a dmhpc export (its metadata's model or its mean and std tensors"),
+                       (other, "its tensors do not fit a resnet18 network of 3 channels"),
+                       (zero, "its normalization is not finite numbers with std above 0")):
+        with pytest.raises(DmhpcError, match=re.escape(f"{path}: {said}")):
+            load_safetensors(path)
+    assert load_safetensors(out).std.min() > 0
 
 
 def test_an_hdf5_catalog_that_meets_a_file_size_limit_is_one_line_and_keeps_the_parts(run_on_survey, tmp_path):
@@ -1058,6 +1140,11 @@ def test_predict_and_export_read_the_statistics_and_test_of_the_weights_they_loa
     assert main(export) == 0
     card = json.loads(Path(f"{model}.card.json").read_text())
     assert card["input"]["mean"] == mean and card["input"]["std"] == std and card["test_metrics"] is not None
+    from dmhpc.infer.export import load_safetensors
+
+    built_in = load_safetensors(model)  # the file's own normalization, not only the card's account of it
+    np.testing.assert_allclose(built_in.mean.flatten().numpy(), mean, rtol=1e-6)
+    np.testing.assert_allclose(built_in.std.flatten().numpy(), std, rtol=1e-6)
     # The test of another checkpoint of the same step (the replacing run's): not this one's.
     result = RunDir(run).read_result("best", "test")
     result["checkpoint"]["sha256"] = "0" * 64

@@ -21,10 +21,13 @@ FILE.card.json takes its name last and holds FILE's SHA-256: without it, the exp
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +52,7 @@ FORMATS = ("onnx", "torchscript", "safetensors")
 # What a receiver's tools open by: ONNX and safetensors files by their own suffix, TorchScript as torch's.
 SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".torchscript"), "safetensors": (".safetensors",)}
 ONNX_TOLERANCE = 1e-5
+TORCHSCRIPT_TOLERANCE = 1e-6  # traced: the same kernels as eager torch on the same machine
 ONNX_OPSET = 20  # onnxruntime of 2024 on runs it
 
 
@@ -75,8 +79,35 @@ class Built:
 
 
 def build(run: RunDir, checkpoint: str = "best") -> Built:
+    """The classifier to export; one of images of another shape than its checkpoint records (an
+    edited record) is refused here, not as an exporter's traceback or a card of an input it refuses."""
     trained = load_trained(run, checkpoint)
-    return Built(MergerProbability(trained.net, *statistics(trained.data["target"])).eval(), trained)
+    model = MergerProbability(trained.net, *statistics(trained.data["target"])).eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(2, *trained.shape))
+    except RuntimeError as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise DmhpcError(f"{trained.path}: its network does not take images of the shape it records, "
+                         f"{tuple(trained.shape)} ({reason}); an edited checkpoint?") from None
+    return Built(model, trained)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters' progress lines and warnings (a missing torchvision, deprecations) off: a
+    successful export says one line, a failed one its error alone."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript", "torch._dynamo")]
+    levels = [logger.level for logger in loggers]
+    try:
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _onnx(model: MergerProbability, example: torch.Tensor, out: Path, tmp: Path) -> float:
@@ -87,14 +118,16 @@ def _onnx(model: MergerProbability, example: torch.Tensor, out: Path, tmp: Path)
         raise DmhpcError("--format onnx needs onnx, onnxscript and onnxruntime: pip install dmhpc[export]") from None
     batch = torch.export.Dim("batch", min=1)
     try:
-        program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["p_merger"],
-                                    dynamic_shapes={"image": {0: batch}}, dynamo=True, opset_version=ONNX_OPSET)
+        with _quiet():
+            program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["p_merger"],
+                                        dynamic_shapes={"image": {0: batch}}, dynamo=True,
+                                        opset_version=ONNX_OPSET, verbose=False)
     except ImportError:
         raise DmhpcError("--format onnx needs onnx and onnxscript: pip install dmhpc[export]") from None
     program.save(str(tmp))  # checked before it takes its name: a file that fails is never left
     # Images on the scale the model expects (its target's statistics): far outside it the
     # probabilities saturate near 0 or 1, where they hide a logit error hundreds of times larger.
-    check = model.mean + model.std * torch.randn(5, *example.shape[1:], generator=torch.Generator().manual_seed(0))
+    check = _check_batch(model, example)
     session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     (got,) = session.run(None, {"image": check.numpy()})
     with torch.no_grad():
@@ -106,9 +139,22 @@ def _onnx(model: MergerProbability, example: torch.Tensor, out: Path, tmp: Path)
     return difference
 
 
-def _torchscript(model: MergerProbability, example: torch.Tensor, tmp: Path) -> None:
-    with torch.no_grad():
+def _check_batch(model: MergerProbability, example: torch.Tensor) -> torch.Tensor:
+    """Images on the scale the model expects (the statistics built in): far outside it the
+    probabilities saturate near 0 or 1, where they hide a logit error hundreds of times larger."""
+    return model.mean + model.std * torch.randn(5, *example.shape[1:], generator=torch.Generator().manual_seed(0))
+
+
+def _torchscript(model: MergerProbability, example: torch.Tensor, out: Path, tmp: Path) -> None:
+    with torch.no_grad(), _quiet():
         traced = torch.jit.trace(model, example)
+        # On other images than the zeros it was traced on: a path the trace froze (a branch taken on
+        # a value) differs there.
+        check = _check_batch(model, example)
+        difference = float((traced(check) - model(check)).abs().max())
+    if not difference <= TORCHSCRIPT_TOLERANCE:
+        raise DmhpcError(f"{out}: the traced model differs from torch by {difference:.2e} (more than "
+                         f"{TORCHSCRIPT_TOLERANCE:g}); nothing written")
     # Into memory first: torch's zip writer meeting a full disk throws from a C++ destructor, which
     # aborts the process (exit 134, its temporary file left behind) instead of raising an OSError.
     buffer = io.BytesIO()
@@ -127,17 +173,33 @@ def _safetensors(model: MergerProbability, cfg_dict: dict, tmp: Path) -> None:
 
 
 def load_safetensors(path) -> MergerProbability:
-    """Rebuild an exported classifier from its safetensors file (needs dmhpc, not the run)."""
+    """Rebuild an exported classifier from its safetensors file (needs dmhpc, not the run); a file
+    that is not such an export is a DmhpcError naming it."""
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    cfg = config_from_dict({"model": json.loads(meta["model"])}, str(path))
-    mean, std = tensors["mean"].flatten().tolist(), tensors["std"].flatten().tolist()
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except FileNotFoundError:
+        raise DmhpcError(f"{path}: no such file") from None
+    except Exception as exc:  # safetensors' SafetensorError (a truncated file, another format), OSError
+        raise DmhpcError(f"{path}: not a readable safetensors file: {str(exc)[:200]}") from None
+    try:
+        cfg = config_from_dict({"model": json.loads(meta["model"])}, f"{path}: metadata")
+        mean, std = tensors["mean"].flatten().tolist(), tensors["std"].flatten().tolist()
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DmhpcError(f"{path}: not a dmhpc export (its metadata's model or its mean and std tensors: "
+                         f"{type(exc).__name__} {str(exc)[:100]})") from None
+    if not all(math.isfinite(s) and s > 0 for s in std) or not all(math.isfinite(m) for m in mean):
+        raise DmhpcError(f"{path}: its normalization is not finite numbers with std above 0 (an edited file?)")
     # The normalization is per input channel: its length is the channels the network was built for.
     model = MergerProbability(build_backbone(cfg, len(mean)), mean, std)
-    model.load_state_dict(tensors)
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as exc:
+        raise DmhpcError(f"{path}: its tensors do not fit a {cfg.model.name} network of {len(mean)} channels "
+                         f"({(str(exc).splitlines() or [''])[0][:150]})") from None
     return model.eval()
 
 
@@ -154,7 +216,7 @@ def model_card(run: RunDir, built: Built, fmt: str, out: Path, onnx_max_diff: fl
     card = {
         "model": {"file": out.name, "format": fmt, "architecture": cfg.model.name, "dmhpc": __version__},
         "input": {"name": "image", "shape": ["N", *trained.shape], "layout": "NCHW (channels in the training data's order)",
-                  "dtype": "float32", "normalization": "built in: the run's target-domain statistics",
+                  "dtype": "float32", "normalization": _normalization_text(cfg),
                   "mean": data["target"]["mean"], "std": data["target"]["std"]},
         "output": {"name": "p_merger", "shape": ["N"], "meaning": "probability that the galaxy is a merger (class 1)",
                    "threshold": MERGER_THRESHOLD},
@@ -172,6 +234,12 @@ def model_card(run: RunDir, built: Built, fmt: str, out: Path, onnx_max_diff: fl
         card["model"]["onnxruntime_max_abs_difference"] = onnx_max_diff
         card["model"]["onnx_opset"] = ONNX_OPSET
     return card
+
+
+def _normalization_text(cfg) -> str:
+    """Whose statistics are built in: those the run normalized its target domain with."""
+    whose = "its own" if cfg.data.normalize == "per-domain" else "the source's (data.normalize: source)"
+    return f"built in: the statistics the run normalized its target domain with, {whose}"
 
 
 def _strict_json(value) -> str:
@@ -197,9 +265,9 @@ def _card_markdown(card: dict) -> str:
              f"`{card['checkpoint']['sha256']}`.", "",
              "## Input and output", "",
              f"- input `{i['name']}`: raw images (N, {', '.join(str(v) for v in i['shape'][1:])}), float32, NCHW, "
-             f"the filters in the order of the training data; the per-channel normalization is built in "
-             f"(mean {', '.join(f'{v:.6g}' for v in i['mean'])}; std {', '.join(f'{v:.6g}' for v in i['std'])}: "
-             f"the statistics the run normalized its target domain with)",
+             f"the filters in the order of the training data; the per-channel normalization is "
+             f"{i['normalization']} (mean {', '.join(f'{v:.6g}' for v in i['mean'])}; "
+             f"std {', '.join(f'{v:.6g}' for v in i['std'])})",
              f"- output `{card['output']['name']}`: {card['output']['meaning']}, shape (N,); accuracy and F1 "
              f"below count p >= {card['output']['threshold']} as a merger", "",
              "## Limits", "",
@@ -214,9 +282,10 @@ def _card_markdown(card: dict) -> str:
     c, sel = card["checkpoint"], card["selection"]
     lines += ["", "## Selection", ""]
     if sel["criterion"] is None:
-        lines += [f"Checkpoint `{c['name']}` (epoch {c.get('epoch')}, step {c.get('step')}): the run's latest, "
-                  f"not chosen by any criterion" + (", but early stopping watched target labels (an oracle)"
-                                                    if sel["oracle"] else "") + ".", ""]
+        what = "the run's latest, not chosen by any criterion" if c["name"] == "last" else \
+            "its selection not recorded (an edited checkpoint?)"
+        lines += [f"Checkpoint `{c['name']}` (epoch {c.get('epoch')}, step {c.get('step')}): {what}" +
+                  (", but early stopping watched target labels (an oracle)" if sel["oracle"] else "") + ".", ""]
     else:
         lines += [f"Checkpoint `{c['name']}` (epoch {c.get('epoch')}, step {c.get('step')}), chosen by "
                   f"`{sel['criterion']}` (score {sel['score']})" +
@@ -257,6 +326,9 @@ def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool 
     if out.suffix.lower() not in SUFFIXES[fmt]:
         raise DmhpcError(f"--out {out}: --format {fmt} writes a {' or '.join(SUFFIXES[fmt])} file; name it so")
     cards = {"md": Path(f"{out}.card.md"), "json": Path(f"{out}.card.json")}
+    for card in cards.values():  # (--overwrite removed the other card, then failed naming the file)
+        if card.exists() and not card.is_file():
+            raise DmhpcError(f"--out {out}: its card {card} exists and is not a file; remove it or write elsewhere")
     with locked_directory(out, "dmhpc export"):
         remove_orphans(out.parent, of=(out.name, *(card.name for card in cards.values())))  # killed exports' files
         if out.exists() and not overwrite:
@@ -275,7 +347,7 @@ def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool 
                 if fmt == "onnx":
                     onnx_diff = _onnx(model, example, out, tmp)
                 elif fmt == "torchscript":
-                    _torchscript(model, example, tmp)
+                    _torchscript(model, example, out, tmp)
                 else:
                     _safetensors(model, config_to_dict(built.trained.cfg), tmp)
                 card = model_card(run, built, fmt, out, onnx_diff)
