@@ -53,7 +53,7 @@ FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".torchscript"), "safetensors": (".safetensors",)}
 ONNX_TOLERANCE = 1e-5
 TORCHSCRIPT_TOLERANCE = 1e-6  # traced: the same kernels as eager torch on the same machine
-ONNX_OPSET = 20  # onnxruntime of 2024 on runs it
+ONNX_OPSET = 20  # IR version 10: onnxruntime 1.18 (May 2024, the floor in setup.cfg) on runs it
 
 
 class MergerProbability(nn.Module):
