@@ -249,6 +249,8 @@ def test_a_checkpoint_of_another_run_of_the_same_configuration_is_refused(data, 
     capsys.readouterr()
     assert main(["eval", "--run", str(run)]) == 1
     assert "best.pt: written by another run" in capsys.readouterr().err
+    assert main(["export", "--run", str(run), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")]) == 1
+    assert "best.pt: written by another run" in capsys.readouterr().err and not (tmp_path / "m.safetensors").exists()
     refused_at_start(capsys, data, run, "train.epochs=2", said=["best.pt: written by another run"])
     mine.checkpoint("best").write_bytes(originals["best"])
     assert main(["train", *train_args(data, run, "train.epochs=2")]) == 0  # its own, resumed: the same run
