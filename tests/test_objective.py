@@ -160,12 +160,22 @@ def test_each_step_trains_each_group_at_its_rate_and_reverses_by_the_scheduled_c
     step = TrainStep(cfg, state, CPU, total_steps=10, steps_per_epoch=5)
     groups = state.optimizer.param_groups
     assert {g["lr_mult"] for g in groups} == {1.0, 10.0, 0.5}
+    # The rates the optimizer steps with, read as it steps: set after its step, the groups read
+    # right afterwards hold them, though each step trained at the previous one's (step 0 at the base).
+    stepped_at, optimizer_step = [], state.optimizer.step
+
+    def step_recording_rates(*args, **kwargs):
+        stepped_at.append([g["lr"] for g in groups])
+        return optimizer_step(*args, **kwargs)
+
+    monkeypatch.setattr(state.optimizer, "step", step_recording_rates)
     rates = []
     for k in range(4):
         step(k, batch(k))
         factor = lr_factor(k, cfg.optim, total_steps=10, steps_per_epoch=5)
-        for g in groups:
-            assert g["lr"] == pytest.approx(cfg.optim.lr * g["lr_mult"] * factor, rel=1e-12), (k, g["lr_mult"])
+        assert len(stepped_at) == k + 1
+        for g, lr in zip(groups, stepped_at[k]):
+            assert lr == pytest.approx(cfg.optim.lr * g["lr_mult"] * factor, rel=1e-12), (k, g["lr_mult"])
         rates.append(factor)
         assert coefficients[-1] == grl_coefficient(k, 10, cfg.loss.grl)
     assert len(set(rates)) >= 3 and len(set(coefficients)) == 4  # both change along the steps

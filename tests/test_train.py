@@ -205,6 +205,26 @@ def test_early_stopping_on_the_selection_score(data, tmp_path):
             if '"kind": "epoch"' in l] == epochs
 
 
+def test_the_final_test_is_of_the_selected_weights(data, tmp_path, monkeypatch):
+    """Scores 1.0 then 0.0: epoch 0 is selected. A final test of the weights training ended with
+    (epoch 1's) passed every test: none compared best_test.json with an evaluation of best.pt."""
+    from dmhpc.train import loop
+
+    scores = iter([1.0, 0.0])
+    monkeypatch.setattr(loop, "selection_score", lambda criterion, val: next(scores))
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=2", "optim.lr=0.01")]) == 0
+    final = json.loads((run / "eval" / "best_test.json").read_text())
+    assert final["checkpoint"]["epoch"] == 0
+    assert main(["eval", "--run", str(run), "--checkpoint", "last", "--split", "test"]) == 0
+    assert main(["eval", "--run", str(run), "--checkpoint", "best", "--split", "test"]) == 0
+    again = json.loads((run / "eval" / "best_test.json").read_text())
+    last = json.loads((run / "eval" / "last_test.json").read_text())
+    probe = [(d, m) for d in ("source", "target") for m in ("accuracy", "roc_auc", "brier")]
+    assert [final[d][m] for d, m in probe] == [again[d][m] for d, m in probe]
+    assert [final[d][m] for d, m in probe] != [last[d][m] for d, m in probe]  # (epoch 1's weights differ)
+
+
 def test_a_lower_early_stopping_than_the_run_went_past_is_refused(data, tmp_path, monkeypatch, capsys):
     """Scores 0.5, 0.4, 0.4, 0.9: resumed with train.early_stopping 2, the run went on and reported
     epoch 3's checkpoint, where with 2 from the start it would have stopped after epoch 2 and
