@@ -359,6 +359,42 @@ def test_a_step_fp16_skipped_is_left_out_of_the_epochs_means_and_train_metrics()
         assert train["n"] == 6 and "nonfinite" not in train and train["accuracy"] == 1.0, train
 
 
+def _fp16_meter_rank(rank: int, init: str, out: str) -> None:
+    """One rank of the test below: three fp16 steps, the second overflowing on rank 1 only."""
+    import torch.distributed as dist
+
+    from dmhpc.distributed import DistInfo
+    from dmhpc.train.meter import EpochMeter
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        y = torch.tensor([0, 1])
+        good = torch.tensor([[2.0, -2.0], [-2.0, 2.0], [1.0, -1.0], [-1.0, 1.0]])  # right on both domains
+        meter = EpochMeter(torch.device("cpu"), watch_loss=False)
+        for step, value in enumerate([0.5, float("inf") if rank == 1 else 9.0, 0.25], start=1):
+            meter.add(step, {"total": torch.tensor(value)}, {"logits": good if step != 2 else -good,
+                                                             "domain_logits": torch.tensor([1.0, 1.0, -1.0, -1.0])},
+                      y, y)
+        record = meter.summary(DistInfo(rank, rank, 2, torch.device("cpu"), None))
+        Path(out, f"rank{rank}.json").write_text(json.dumps(record, default=str))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_step_fp16_skipped_on_one_rank_is_left_out_on_every_rank(tmp_path):
+    """The scaler skips a step whose gradients overflowed on any rank (they are averaged), but each
+    rank left out only the steps its own loss overflowed: rank 0 counted step 2 as trained, its loss
+    and its (wrong) predictions in the epoch's means and train metrics."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fp16_meter_rank, args=(f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert record["loss"] == {"total": pytest.approx(0.375)} and record["nonfinite_loss_steps"] == 1, record
+        assert record["source"]["train"]["accuracy"] == 1.0 and record["source"]["train"]["n"] == 8, record
+        assert record["discriminator_accuracy"] == 1.0
+
+
 def test_a_reader_worker_killed_during_training_is_one_line(data, tmp_path):
     """The kernel killing a DataLoader worker (out of memory) ended the trainer in a 66-line
     traceback from wherever the main process was (torch raises it from its SIGCHLD handler)."""

@@ -37,7 +37,10 @@ class EpochMeter:
         self.streak = torch.zeros((), dtype=torch.int64, device=device) if streak is None else streak
         self.first_stuck = torch.full((), _NONE, dtype=torch.int64, device=device)
         self.steps = 0
-        self.finite_steps = torch.zeros((), dtype=torch.float64, device=device)  # (a count, summed as the sums)
+        # fp16: each step's terms and whether they were finite here, kept until `summary` agrees with
+        # the other ranks which steps the scaler skipped (see there).
+        self.vectors: list[torch.Tensor] = []
+        self.flags: list[torch.Tensor] = []
         self.preds: dict[str, list] = {"source": [], "target": []}
         self.domain_logits: list = []
 
@@ -48,16 +51,13 @@ class EpochMeter:
             self.first_bad = torch.full((len(self.names),), _NONE, dtype=torch.int64, device=self.device)
         # float64: an epoch of 1e5-1e6 steps summed in float32 is off by 1e-6-1e-5 of its mean.
         vec = torch.stack([terms[k].double() for k in self.names])
-        # Under fp16 a step whose loss is not finite trains nothing (the scaler skips it): its terms
-        # and predictions are left out of the epoch's means and train metrics, which a single NaN
-        # made NaN. (Elsewhere a non-finite loss stops the run at check_finite, and is kept.)
-        finite = torch.isfinite(vec).all() if not self.watch_loss else torch.ones((), dtype=torch.bool, device=vec.device)
-        self.sums = (self.sums if self.sums is not None else torch.zeros_like(vec)) + torch.where(finite, vec, 0.0)
-        self.finite_steps = self.finite_steps + finite
-        if self.watch_loss:
+        if self.watch_loss:  # a non-finite loss stops the run at check_finite, and is kept
+            self.sums = (self.sums if self.sums is not None else torch.zeros_like(vec)) + vec
             bad = ~torch.isfinite(vec) & (self.first_bad == _NONE)
             self.first_bad = torch.where(bad, step, self.first_bad)
         else:
+            self.vectors.append(vec)
+            self.flags.append(torch.isfinite(vec).all())
             self.streak = torch.where(torch.isfinite(vec).all(), 0, self.streak + 1)
             stuck = (self.streak >= FP16_SKIPPED_IN_A_ROW) & (self.first_stuck == _NONE)
             self.first_stuck = torch.where(stuck, step, self.first_stuck)
@@ -65,11 +65,11 @@ class EpochMeter:
         # float64, as the evaluation's: float32 rounds p to exactly 1 past a logit margin of ~17, where
         # confident predictions tie and the train ROC AUC lost their order (0.5 for a perfect ranking).
         prob = torch.softmax(outputs["logits"].double(), dim=1)
-        self.preds["source"].append((ys, prob[: len(ys)], finite))
+        self.preds["source"].append((ys, prob[: len(ys)]))
         if prob.shape[0] > len(ys):  # (a run without adaptation passes no target rows: none to record)
-            self.preds["target"].append((yt, prob[len(ys):], finite))
+            self.preds["target"].append((yt, prob[len(ys):]))
         if "domain_logits" in outputs:
-            self.domain_logits.append((outputs["domain_logits"], finite))
+            self.domain_logits.append(outputs["domain_logits"])
 
     def check_finite(self, state, dist, step: int) -> None:
         """Raise DmhpcError on every rank if a loss term or a weight of any rank is not finite.
@@ -97,20 +97,35 @@ class EpochMeter:
             raise DmhpcError(f"step {step}: non-finite weights ({what}); training stopped without writing "
                              f"them ({hint})")
 
+    def _kept_steps(self) -> list[bool]:
+        """Which steps count: all, but under fp16 those whose loss was not finite on some rank. The
+        scaler skips such a step on every rank (the gradients are averaged): counted per rank, a step
+        that overflowed on one rank entered the others' means and train metrics as a trained one,
+        which a single NaN made NaN on its own rank. (One collective, at the epoch's end.)"""
+        if self.watch_loss or not self.flags:
+            return [True] * self.steps
+        return (all_reduce_min(torch.stack(self.flags).to(torch.int64)) > 0).tolist()
+
     def summary(self, dist) -> dict:
         """Loss means over steps and ranks, train metrics per domain, discriminator accuracy."""
         record: dict = {"loss": {}}
-        if self.sums is not None:
-            both = all_reduce_mean(torch.cat([self.sums, self.finite_steps.view(1)]))  # (mean sums / mean count)
-            counted = both[-1].item()
-            record["loss"] = dict(zip(self.names, (both[:-1] / counted if counted else both[:-1] * math.nan).tolist()))
-            if not self.watch_loss:  # fp16: steps whose loss was not finite (on the rank with most), left out
-                # above. The scaler skips those, and also steps whose gradients alone overflowed,
-                # which are not counted here (their loss is a loss like another's).
-                record["nonfinite_loss_steps"] = round(self.steps - all_reduce_min(self.finite_steps.view(1)).item())
-        for domain, triples in self.preds.items():
-            kept = torch.stack([f for *_, f in triples]).tolist() if triples else []  # (one wait for the device)
-            pairs = [(y, p) for (y, p, _), keep in zip(triples, kept) if keep]
+        kept = self._kept_steps()
+        if self.names:
+            if self.watch_loss:
+                sums = self.sums
+            else:
+                vectors = torch.stack(self.vectors)
+                mask = torch.tensor(kept, device=vectors.device)
+                sums = torch.where(mask[:, None], vectors, 0.0).sum(0)
+            both = all_reduce_mean(sums)  # (every rank counted the same steps)
+            counted = sum(kept)
+            record["loss"] = dict(zip(self.names, (both / counted if counted else both * math.nan).tolist()))
+            if not self.watch_loss:  # fp16: steps whose loss was not finite on some rank, left out above.
+                # The scaler skips those, and also steps whose gradients alone overflowed, which are
+                # not counted here (their loss is a loss like another's).
+                record["nonfinite_loss_steps"] = self.steps - counted
+        for domain, pairs_of_steps in self.preds.items():
+            pairs = [pair for pair, keep in zip(pairs_of_steps, kept) if keep]
             labels = torch.cat([y for y, _ in pairs]).cpu().numpy() if pairs else np.zeros(0, np.int64)
             prob = torch.cat([p for _, p in pairs]).cpu().numpy() if pairs else np.zeros((0, 2), np.float64)
             # Every rank's predictions to rank 0, whose metrics every rank gets: gathered onto every
@@ -127,8 +142,7 @@ class EpochMeter:
             record[domain] = on_main(metrics)
         if self.domain_logits:
             correct = total = 0
-            kept = torch.stack([f for _, f in self.domain_logits]).tolist()
-            for (d, _), keep in zip(self.domain_logits, kept):  # source first in each batch
+            for d, keep in zip(self.domain_logits, kept):  # source first in each batch
                 if not keep:
                     continue
                 half = d.shape[0] // 2
