@@ -255,17 +255,30 @@ class RunDir:
         """run.json's data sets by role ({} before the run started)."""
         return self._record().get("data", {})
 
-    def check_identity(self, state: Mapping, checkpoint: Path) -> str | None:
+    def check_identity(self, state: Mapping, checkpoint: Path, mine: str | None = None) -> str | None:
         """Refuse one of the run's checkpoints (loaded as `state`) that another run wrote: a last.pt
         or best.pt copied in from a run of the same configuration was resumed, evaluated or exported
-        as this run's own, its log and results mixed with the other's. Returns the run's id (run.json's,
-        else the checkpoint's); None where neither holds one (a dmhpc before 2026-12-05)."""
-        mine, theirs = self._record().get("run_id"), state.get("run_id")
+        as this run's own, its log and results mixed with the other's. `mine`: the run's id, if known
+        (by default run.json's). Returns the run's id (`mine`, else the checkpoint's); None where
+        neither holds one (a dmhpc before 2026-12-05)."""
+        mine, theirs = mine or self._record().get("run_id"), state.get("run_id")
         if mine and theirs and mine != theirs:
-            raise DmhpcError(f"{checkpoint}: written by another run (run id {str(theirs)[:12]}; {self.record_path} "
-                             f"says {mine[:12]}): copied in from elsewhere? put this run's own back, or start a new "
-                             f"run.dir from it (--resume {checkpoint})")
+            raise DmhpcError(f"{checkpoint}: written by another run (run id {str(theirs)[:12]}, this run's "
+                             f"{mine[:12]}): copied in from elsewhere? put this run's own back")
         return mine or (theirs if isinstance(theirs, str) and _RUN_ID.fullmatch(theirs) else None)
+
+    def _check_own_checkpoints(self, run_id: str | None) -> str | None:
+        """`check_identity` of each of the run's checkpoints, against one another too; the run's id.
+        One that cannot be read is left to the reader that needs it (which says what to do)."""
+        for name in CHECKPOINT_NAMES:
+            path = self.checkpoint(name)
+            try:
+                state = _load_state(path) if path.is_file() else None
+            except DmhpcError:
+                continue
+            if state is not None:
+                run_id = self.check_identity(state, path, run_id)
+        return run_id
 
     def started_attempts(self, job: str) -> list[int] | None:
         """The restart counts of the attempts of SLURM job `job` that started this run ([] for none,
@@ -453,7 +466,9 @@ class RunDir:
             return Claim(None, replaces=existed)  # nothing trained yet: a fresh start
         state = _load_state(resume_from)
         own = self._own(resume_from)
-        run_id = self.check_identity(state, resume_from) if own else None
+        # All of them, before anything is written: a best.pt of another run beside the run's own
+        # last.pt was found only after start() had rewritten config.yaml and the test result.
+        run_id = self._check_own_checkpoints(self.check_identity(state, resume_from)) if own else None
         old, where = self._reference_config(resume_from, state)
         # The data sets the checkpoint trained on: its own record; for an older checkpoint without
         # one, its run's run.json (none for a bare checkpoint). Without them a set prepared again at
@@ -513,7 +528,7 @@ class RunDir:
             self._check_origin(last)
         if last.is_file():
             state = _load_state(last)
-            self.check_identity(state, last)
+            self._check_own_checkpoints(self.check_identity(state, last))
             old, where = self._reference_config(last, state)
             changed = self._check_changes(old, config_to_dict(cfg), where, data_ids, self.checkpoint_data(state, last))
             progress = state.get("progress")

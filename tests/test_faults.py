@@ -251,7 +251,11 @@ def test_a_checkpoint_of_another_run_of_the_same_configuration_is_refused(data, 
     assert "best.pt: written by another run" in capsys.readouterr().err
     assert main(["export", "--run", str(run), "--format", "safetensors", "--out", str(tmp_path / "m.safetensors")]) == 1
     assert "best.pt: written by another run" in capsys.readouterr().err and not (tmp_path / "m.safetensors").exists()
+    written = {p: p.read_bytes() for p in (mine.config_path, mine.record_path, mine.result_path("best", "test"))}
     refused_at_start(capsys, data, run, "train.epochs=2", said=["best.pt: written by another run"])
+    assert {p: p.read_bytes() for p in written} == written  # refused before start() wrote a thing
+    with pytest.raises(DmhpcError, match="best.pt: written by another run"):  # beside the run's own last.pt
+        mine.check_relaunch(mine.config(), {})
     mine.checkpoint("best").write_bytes(originals["best"])
     assert main(["train", *train_args(data, run, "train.epochs=2")]) == 0  # its own, resumed: the same run
     assert json.loads(mine.record_path.read_text())["run_id"] == run_id
