@@ -1793,26 +1793,42 @@ def test_an_input_written_again_during_the_conversion_is_refused(tmp_path, monke
         np.save(labels, 1 - np.arange(40) % 2)  # the labels file saved again, other labels in it
         return write_shards(*a, **kw)
 
-    monkeypatch.setattr(shards_module, "write_shards", written_again_meanwhile)
-    capsys.readouterr()
-    assert main(["prepare", "--images", images, "--labels", labels, "--out", str(tmp_path / "ds")]) == 1
-    err = capsys.readouterr().err
-    assert err == (f"dmhpc prepare: error: {tmp_path / 'y.npy'}: written again or replaced while it was converted; "
-                   f"nothing written: prepare it again once it is complete\n")
-    assert not (tmp_path / "ds").exists()
+    from dmhpc.data import prepare as prepare_module
+
+    input_files = prepare_module._input_files
+
+    def written_again_before_the_checksums(domains):  # after the opening, before the checksums start
+        np.save(labels, 1 - np.arange(40) % 2)
+        return input_files(domains)
+
+    for module, name, fault in ((shards_module, "write_shards", written_again_meanwhile),
+                                (prepare_module, "_input_files", written_again_before_the_checksums)):
+        with monkeypatch.context() as patched:
+            patched.setattr(module, name, fault)
+            capsys.readouterr()
+            assert main(["prepare", "--images", images, "--labels", labels, "--out", str(tmp_path / "ds")]) == 1
+        err = capsys.readouterr().err
+        assert err == (f"dmhpc prepare: error: {tmp_path / 'y.npy'}: written again or replaced while it was "
+                       f"converted; nothing written: prepare it again once it is complete\n"), (name, err)
+        assert not (tmp_path / "ds").exists()
 
 
-def test_an_out_inside_another_data_set_is_refused(tmp_path, capsys):
-    """Its folder holds its shards only: an --out in it (named .dmhpc-new, its staging folder's name,
-    too) was emptied by that data set's next --overwrite."""
+def test_an_out_in_a_staging_folder_is_refused_and_a_nested_data_set_kept(tmp_path, capsys):
+    """An --out named .dmhpc-new in a data set's folder, or in one, was emptied by that data set's
+    next --overwrite (its staging folder). A data set in a subfolder of another's is its own."""
     rng = np.random.default_rng(13)
     images = save(tmp_path, "x.npy", rng.normal(size=(40, 3, 8, 8)).astype(np.float32))
     labels = save(tmp_path, "y.npy", np.arange(40) % 2)
     assert main(["prepare", "--images", images, "--labels", labels, "--out", str(tmp_path / "ds")]) == 0
     before = sorted(p.name for p in (tmp_path / "ds").iterdir())
-    for inner in (tmp_path / "ds" / ".dmhpc-new", tmp_path / "ds" / "deeper" / "x"):
+    for inner in (tmp_path / "ds" / ".dmhpc-new", tmp_path / "ds" / ".dmhpc-new" / "x"):
         capsys.readouterr()
         assert main(["prepare", "--images", images, "--labels", labels, "--out", str(inner)]) == 1
-        assert capsys.readouterr().err == (f"dmhpc prepare: error: {inner}: inside the data set {tmp_path / 'ds'}, "
-                                           f"whose folder holds its own files only; choose a folder outside it\n")
+        assert capsys.readouterr().err == (f"dmhpc prepare: error: {inner}: inside {tmp_path / 'ds' / '.dmhpc-new'}, "
+                                           f"the staging folder of a conversion into {tmp_path / 'ds'}, which it "
+                                           f"empties; choose a folder outside it\n")
     assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == before
+    nested = tmp_path / "ds" / "subsets" / "bright"
+    assert main(["prepare", "--images", images, "--labels", labels, "--out", str(nested)]) == 0
+    assert main(["prepare", "--images", images, "--labels", labels, "--out", str(tmp_path / "ds"), "--overwrite"]) == 0
+    assert load_manifest(nested)["count"] == 40 and load_manifest(tmp_path / "ds")["count"] == 40

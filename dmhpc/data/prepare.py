@@ -201,9 +201,13 @@ def _open_domain(spec: DomainSpec, options: Options) -> dict:
     inputs = [(role, p) for role, p in (("images", images_path), ("catalog", catalog_path),
                                         ("labels", labels_path), ("objects", objects_path))
               if p is not None]
+    try:  # as opened: a file written again from here on is refused once the shards are written
+        versions = {p.resolve(): _file_version(p) for _, p in inputs}
+    except OSError as exc:
+        raise DmhpcError(f"{exc.filename}: cannot read ({exc.strerror})") from None
     return {"spec": spec, "name": spec.name, "out": spec.out, "images": images, "labels": labels,
             "objects": objects, "ids": catalog.ids if catalog is not None else None, "layout": layout,
-            "names": names, "inputs": inputs, "cutouts": isinstance(images, Cutouts)}
+            "names": names, "inputs": inputs, "versions": versions, "cutouts": isinstance(images, Cutouts)}
 
 
 def _hash_share(domains: list[dict], candidates: list, rank: int, size: int) -> list:
@@ -345,15 +349,13 @@ def _file_version(path: Path) -> tuple:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-def _hash_in_background(paths: list[Path], stop: threading.Event):
+def _hash_in_background(paths: list[Path], stop: threading.Event, opened: dict):
     """Start checksumming `paths` in a thread (hashlib releases the GIL, so it overlaps the
     conversion); returns a function that waits and gives {path: sha256}, called once the shards are
-    written: a file written again or replaced meanwhile is refused (the checksum, read apart from the
-    pixels, would describe another version of it than the data set holds)."""
-    try:
-        versions = {path: _file_version(path) for path in paths}
-    except OSError as exc:
-        raise DmhpcError(f"{exc.filename}: cannot read ({exc.strerror})") from None
+    written: a file written again or replaced since it was opened (`opened`: {path: `_file_version`})
+    is refused (the checksum, read apart from the pixels, would describe another version of it than
+    the data set holds)."""
+    versions = {path: opened[path] for path in paths}
     digests, failures = {}, []
 
     def run():
@@ -396,8 +398,8 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
         # rank) while the pixels are checked and the shards written.
         stop = threading.Event()
         files = _input_files(opened)
-        input_digests = _agree(comm, lambda: _hash_in_background([p for j, p in enumerate(files) if j % size == rank],
-                                                                 stop))
+        versions = {p: v for d in opened for p, v in d["versions"].items()}
+        input_digests = _hash_in_background([p for j, p in enumerate(files) if j % size == rank], stop, versions)
         try:
             want = [d["objects"] is None for d in opened]
             scans = _allgather(comm, _agree(comm, lambda: _scan(opened, rank, size, want, options.dtype)))
@@ -607,7 +609,7 @@ def _domains(args) -> list[DomainSpec]:
     if args.out is None:
         raise DmhpcError("missing --out")
     # Named as its folder ("--out ." too, whose name is empty: the summary named nothing).
-    return [DomainSpec(name=Path(args.out).resolve().name or str(args.out), out=Path(args.out),
+    return [DomainSpec(name=Path(os.path.abspath(args.out)).name or str(args.out), out=Path(args.out),
                        id_column=args.id_column if args.id_column is not None else "id",
                        label_column=args.label_column, file_column=args.file_column,
                        **{k: (Path(v) if v is not None else None) for k, v in one.items()})]

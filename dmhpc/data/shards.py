@@ -583,12 +583,12 @@ def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Non
     Nothing is written here.
     """
     out_dir = Path(out_dir)
-    for folder in Path(os.path.abspath(out_dir)).parents:
-        # Its folder holds its shards only: its next --overwrite emptied this one (or its staging
-        # folder's name, .dmhpc-new, was this one's), and a reader of it refuses the stranger.
-        if holds_dataset(folder):
-            raise DmhpcError(f"{out_dir}: inside the data set {folder}, whose folder holds its own files only; "
-                             f"choose a folder outside it")
+    for folder in (Path(os.path.abspath(out_dir)), *Path(os.path.abspath(out_dir)).parents):
+        # A data set's staging folder: the next conversion or --overwrite of that data set empties it
+        # (a data set nested elsewhere in another's folder is left alone by both).
+        if folder.name == STAGING:
+            raise DmhpcError(f"{out_dir}: inside {folder}, the staging folder of a conversion into "
+                             f"{folder.parent}, which it empties; choose a folder outside it")
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
