@@ -369,6 +369,9 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             overwrite: bool = False, rgb: tuple[int, int, int] = (2, 1, 0)) -> list[Path]:
     """Write the PNG grids; returns their paths. `checkpoint`: by default a catalog's own, else best.
     `rgb`: the channels drawn red, green, blue."""
+    if not 1 <= n <= MAX_N:  # (beyond it: matplotlib's traceback, after every attribution)
+        raise DmhpcError(f"--n {n}: from 1 to {MAX_N} (each image is a row of a figure); explain a "
+                         f"catalog's top {MAX_N}, or a selection of it")
     _captum()
     run, out = RunDir(run_dir), Path(out)
     run.refuse_inside(out, "--out")
@@ -519,9 +522,6 @@ def explain_arguments(parser) -> None:
 def explain_main(args) -> int:
     if args.data is not None and args.catalog is not None:
         raise DmhpcError("give --data or --catalog, not both")
-    if not 1 <= args.n <= MAX_N:  # (beyond it: matplotlib's traceback, after every attribution)
-        raise DmhpcError(f"--n {args.n}: from 1 to {MAX_N} (each image is a row of a figure); explain a "
-                         f"catalog's top {MAX_N}, or a selection of it")
     if args.seed is not None and args.seed < 0:
         raise DmhpcError(f"--seed {args.seed}: expected a non-negative integer")
     if args.seed is not None and args.catalog is not None:  # it would be recorded as if it chose them

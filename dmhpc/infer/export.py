@@ -257,6 +257,21 @@ def _strict_json(value) -> str:
     return json.dumps(strict(value), indent=2, allow_nan=False) + "\n"
 
 
+def _limits(normalize: str) -> str:
+    """What the built-in normalization means for images other than the target's."""
+    if normalize == "per-domain":
+        how = ("The built-in normalization is the target domain's: the model sees other images as the target "
+               "was seen only if they are on its flux scale and in its units, filters and pixel scale. For a "
+               "survey whose flux scale differs, normalize with its own statistics instead (`dmhpc predict "
+               "--normalize own` with the run), or rescale the images to the target's first.")
+    else:
+        how = ("The built-in normalization is the source domain's, with which the run normalized every domain "
+               "(data.normalize: source): the model sees other images as the target was seen only if they are "
+               "on the target's flux scale and in its units, filters and pixel scale; rescale the images to "
+               "the target's first.")
+    return f"{how} It was trained on the data below; it says nothing reliable of galaxies unlike them."
+
+
 def _card_markdown(card: dict) -> str:
     m, i = card["model"], card["input"]
     lines = [f"# Model card: {m['file']}", "",
@@ -270,12 +285,7 @@ def _card_markdown(card: dict) -> str:
              f"std {', '.join(f'{v:.6g}' for v in i['std'])})",
              f"- output `{card['output']['name']}`: {card['output']['meaning']}, shape (N,); accuracy and F1 "
              f"below count p >= {card['output']['threshold']} as a merger", "",
-             "## Limits", "",
-             "The built-in normalization is the target domain's: the model sees other images as the target "
-             "was seen only if they are on its flux scale and in its units, filters and pixel scale. For a "
-             "survey whose flux scale differs, normalize with its own statistics instead (`dmhpc predict "
-             "--normalize own` with the run), or rescale the images to the target's first. It was trained "
-             "on the data below; it says nothing reliable of galaxies unlike them.", "",
+             "## Limits", "", _limits(card["config"]["data"]["normalize"]), "",
              "## Training data", ""]
     for role, d in card["data"].items():
         lines.append(f"- {role}: `{d['path']}`, images {tuple(d['shape'])}, manifest SHA-256 `{d['fingerprint']}`")
