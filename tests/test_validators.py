@@ -171,7 +171,7 @@ def test_a_validator_the_log_holds_as_null_is_no_score(tmp_path):
     assert rows["im"]["checkpoints"] == 5 and rows["source-val-acc"]["checkpoints"] == 6
 
 
-def test_finished_runs_left_out_are_named_with_why(tmp_path):
+def test_finished_runs_left_out_are_named_with_why(tmp_path, capsys):
     """A finished run whose metrics.jsonl was lost counted as none without a word: the table stood
     for fewer runs than the grid's."""
     spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local", "grid": {"seed": [1, 2, 3]}}
@@ -185,3 +185,14 @@ def test_finished_runs_left_out_are_named_with_why(tmp_path):
     md = (tmp_path / "out" / "validators.md").read_text()
     assert (f"Left out, finished but without scored checkpoints to compare: {lost.name} (no metrics.jsonl); "
             f"{unscored.name} (no evaluation scored every validator).") in md
+    # An unlabelled target: scored, but nothing to check the scores against. With no run left to
+    # compare, the old tables go, and the reasons are said.
+    unlabelled = [json.loads(line) for line in kept.run.log_path.read_text().splitlines()]
+    for record in unlabelled:
+        record["target"] = {"val": {"merger_fraction": 0.4}}
+    kept.run.log_path.write_text("".join(json.dumps(r) + "\n" for r in unlabelled))
+    capsys.readouterr()
+    assert write_validators(tmp_path / "out", [kept, lost, unscored]) == []
+    assert not (tmp_path / "out" / "validators.md").exists()
+    said = capsys.readouterr().out
+    assert f"no finished run has scored checkpoints to compare ({kept.name} (an unlabelled target); " in said, said

@@ -166,7 +166,8 @@ def write_validators(out: Path, points: Iterable[Point]) -> list[dict]:
     runs, left_out = _scored_runs(points)
     rows = _rows(runs)
     if not rows:
-        remove_stale(Path(out), ("validators.md", "validators.csv"), "no finished run scored every validator")
+        why = "no finished run has scored checkpoints to compare" + (f" ({'; '.join(left_out)})" if left_out else "")
+        remove_stale(Path(out), ("validators.md", "validators.csv"), why)
         return []
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
