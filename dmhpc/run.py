@@ -185,6 +185,13 @@ class RunDir:
             raise DmhpcError(f"{flag} {path}: inside the run directory {self.path}, which holds the run's own "
                              f"files only; write it elsewhere")
 
+    @property
+    def label(self) -> str:
+        """The run's name in titles and tables: its folder's, with its parent's where the name is a
+        grid point's values (`noda/seed=1`: "seed=1" alone named every method's run of that seed)."""
+        name = self.path.resolve().name
+        return f"{self.path.resolve().parent.name}/{name}" if "=" in name else name
+
     def result_path(self, checkpoint: str, split: str, data: str | None = None) -> Path:
         """RUN/eval/<evaluation_tag>.json: one file per (checkpoint, split, data set)."""
         return self.path / EVAL / f"{evaluation_tag(checkpoint, split, data)}.json"

@@ -963,3 +963,10 @@ def test_a_log_record_out_of_range_is_one_line_naming_its_key(tmp_path, record, 
     run.log_path.write_text("".join(json.dumps(r) + "\n" for r in (SETUP, record, EPOCH)))
     with pytest.raises(DmhpcError, match=f"^{re.escape(f'{run.log_path} line 2: {message}')}$"):
         run.read_log()
+
+
+def test_a_grid_points_run_is_labelled_with_its_method(tmp_path):
+    """Titles named a grid's run by its folder alone: "seed=1" for every method's run of that seed."""
+    assert RunDir(tmp_path / "study" / "noda" / "seed=1").label == "noda/seed=1"
+    assert RunDir(tmp_path / "runs" / "demo").label == "demo"
+    assert RunDir(tmp_path / "out" / "optim.lr=0.001,seed=2").label == "out/optim.lr=0.001,seed=2"

@@ -111,7 +111,7 @@ def _explain_domain(model: Model, norm: Normalizer, drawn: dict, name: str, run:
                   f"no grid for them", flush=True)
             continue
         cams, igs = attributions(model, x[rows])
-        title = (f"{run.path.name}, {_checkpoint_label(model)}: {name} ({data_label}, {drawn['split']}), {kind} "
+        title = (f"{run.label}, {_checkpoint_label(model)}: {name} ({data_label}, {drawn['split']}), {kind} "
                  f"{CLASS_NAMES[cls]}s; attributions for the merger class")
         names = [drawn["names"][r] for r in rows]
         path = attribution_grid(images[rows], cams, igs, probs[rows],
@@ -439,7 +439,7 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             cams, igs = attributions(model, x)
             labels = np.asarray(table["label"])[top] if "label" in table.colnames else [None] * len(top)
             tta = " (p_merger: the catalog's TTA mean)" if str(table.meta.get("TTA")) == "True" else ""
-            title = (f"{run.path.name}, {_checkpoint_label(model)}: top {len(top)} merger candidates of "
+            title = (f"{run.label}, {_checkpoint_label(model)}: top {len(top)} merger candidates of "
                      f"{Path(catalog).name} ({source.path.name}){tta}")
             names = [str(v) for v in np.asarray(table["id"] if "id" in table.colnames else table["index"])[top]]
             path = attribution_grid(images, cams, igs, probs, labels, title, out / "top_candidates.png", rgb,

@@ -152,7 +152,7 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
             log = run.read_log() if data is None else None  # the training's figure: other data sets leave it
             tag = evaluation_tag(checkpoint["name"], split, data_name)
             on = f" on {data_name}" if data_name else ""
-            title = (f"{run.path.name}: {checkpoint['name']} checkpoint (epoch {checkpoint.get('epoch')}), {split} "
+            title = (f"{run.label}: {checkpoint['name']} checkpoint (epoch {checkpoint.get('epoch')}), {split} "
                      f"split of {Path(dirs['source']).name} / {Path(dirs['target']).name}{on}"
                      + (" (oracle selection)" if result["oracle"] else ""))
             # A ROC curve needs both classes, a confusion matrix labels: unlabelled data sets get neither.
@@ -164,7 +164,7 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
                                      f"confusion, {title}")
             if log is not None:  # titled with the run's own data
                 P.training_curves(log, draw("training_curves"),
-                                  f"{run.path.name}: training; source {Path(cfg.data.source).name}, target "
+                                  f"{run.label}: training; source {Path(cfg.data.source).name}, target "
                                   f"{Path(cfg.data.target).name}; selection by {cfg.select.criterion}",
                                   labels=term_labels(cfg.loss))
             P.latent_embedding({d: (preds[d]["features"], preds[d]["labels"][preds[d]["feature_positions"]])
@@ -248,7 +248,7 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
         result = evaluate_run(model, cfg, dist, run, checkpoint=info, split=split, stats=stats, data=data,
                               data_name=data_name, final=final)
         if dist.is_main:
-            label = f"{run.path.name} ({checkpoint}, {split}{', ' + data_name if data_name else ''})"
+            label = f"{run.label} ({checkpoint}, {split}{', ' + data_name if data_name else ''})"
             print(format_table({label: result}))
             print(f"wrote {run.result_path(checkpoint, split, data_name)} and "
                   f"{run.plot_path(f'*_{evaluation_tag(checkpoint, split, data_name)}')}")

@@ -381,7 +381,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
     result = evaluate_run(state.model.backbone, cfg, dist, run, checkpoint=info, split="test", stats=stats,
                           final=True, expected=prints)
     if dist.is_main:
-        print(format_table({run.path.name: result}), flush=True)
+        print(format_table({run.label: result}), flush=True)
         with MetricLog(run, purge_step=None) as tb:
             tb.hparams(cfg, info, result)
         if stop.signal_name is not None:
