@@ -82,6 +82,12 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
+def file_version(st: os.stat_result) -> tuple:
+    """What changes when a file (its `os.stat`) is written again or replaced: its device and inode,
+    size and modification time."""
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def fsync_file(path: Path) -> None:
     """Put a written file's data on disk (a full disk or quota on a network file system often says
     so only here: an OSError)."""

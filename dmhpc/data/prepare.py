@@ -40,7 +40,7 @@ from dmhpc.data import duplicates, shards
 from dmhpc.data.inputs import (CUTOUTS_HELP, LAYOUTS, ArrayRows, Cutouts, check_nan_fill, open_images, open_npy,
                                read_catalog, resolve_spelling)
 from dmhpc.errors import DmhpcError
-from dmhpc.files import TEMP_SUFFIX, locked_directory
+from dmhpc.files import TEMP_SUFFIX, file_version, locked_directory
 from dmhpc.mpi import abort_all, world_comm
 
 CONFIG_KEYS = ("root", "out", "domains")
@@ -202,7 +202,7 @@ def _open_domain(spec: DomainSpec, options: Options) -> dict:
                                         ("labels", labels_path), ("objects", objects_path))
               if p is not None]
     try:  # as opened: a file written again from here on is refused once the shards are written
-        versions = {p.resolve(): _file_version(p) for _, p in inputs}
+        versions = {p.resolve(): file_version(p.stat()) for _, p in inputs}
     except OSError as exc:
         raise DmhpcError(f"{exc.filename}: cannot read ({exc.strerror})") from None
     return {"spec": spec, "name": spec.name, "out": spec.out, "images": images, "labels": labels,
@@ -343,16 +343,10 @@ def _input_files(domains: list[dict]) -> list[Path]:
     return list(dict.fromkeys(p.resolve() for d in domains for _, p in d["inputs"]))
 
 
-def _file_version(path: Path) -> tuple:
-    """What changes when a file is written again or replaced."""
-    st = path.stat()
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
 def _hash_in_background(paths: list[Path], stop: threading.Event, opened: dict):
     """Start checksumming `paths` in a thread (hashlib releases the GIL, so it overlaps the
     conversion); returns a function that waits and gives {path: sha256}, called once the shards are
-    written: a file written again or replaced since it was opened (`opened`: {path: `_file_version`})
+    written: a file written again or replaced since it was opened (`opened`: {path: `file_version`})
     is refused (the checksum, read apart from the pixels, would describe another version of it than
     the data set holds)."""
     versions = {path: opened[path] for path in paths}
@@ -375,7 +369,7 @@ def _hash_in_background(paths: list[Path], stop: threading.Event, opened: dict):
             raise DmhpcError(failures[0])
         for path, version in versions.items():
             try:
-                changed = _file_version(path) != version
+                changed = file_version(path.stat()) != version
             except OSError:
                 changed = True
             if changed:

@@ -30,7 +30,7 @@ from dmhpc import __version__
 from dmhpc.checks import is_int, is_number
 from dmhpc.data.inputs import LAYOUTS, check_pixel_dtype
 from dmhpc.errors import DmhpcError
-from dmhpc.files import atomic_path, atomic_write, fsync_directory, is_temporary, reserve
+from dmhpc.files import atomic_path, atomic_write, file_version, fsync_directory, is_temporary, reserve
 from dmhpc.progress import progress_bar
 
 FORMAT = "dmhpc-shards"
@@ -968,7 +968,7 @@ def load_manifest(directory: str | os.PathLike) -> dict:
         raise DmhpcError(f"{path}: missing; {directory} is not a finished dmhpc data set") from None
     except OSError as exc:
         raise DmhpcError(f"{path}: not a valid manifest ({exc})") from None
-    identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    identity = file_version(st)
     entry = _LOADED.pop(identity, None)
     if entry is None:
         entry = [_read_manifest(directory, path), None]
@@ -1074,7 +1074,7 @@ class RowReader:
             # Reopened (more shards read than stay open): the same file as checked before needs no
             # second check, which read its whole index at every reopen. Another file by its name
             # (prepared again) is checked.
-            identity = None if st is None else (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+            identity = None if st is None else file_version(st)
             if identity is None or self._checked.get(number) != identity:
                 try:
                     self._check_rows(number, f, path)
