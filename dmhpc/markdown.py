@@ -1,8 +1,21 @@
-"""Markdown tables, as the launchers' reports and the model card write them."""
+"""Markdown tables and code spans, as the launchers' reports and the model card write them."""
 
 from __future__ import annotations
 
+import re
 from typing import Iterable, Sequence
+
+
+def code(value: object) -> str:
+    """`value` as an inline code span that shows it whole: a backtick in it (a file name) ended the
+    span early, and a line break in it ended the card's line. Fenced by one backtick more than its
+    longest run of them (CommonMark), line breaks shown as \\n."""
+    text = str(value).replace("\r", "\\r").replace("\n", "\\n")
+    fence = "`" * (max((len(run) for run in re.findall("`+", text)), default=0) + 1)
+    # A space each side keeps a backtick at an end apart from the fence; CommonMark strips one
+    # space each side where both are there, so a value with spaces at both ends gets them too.
+    pad = " " if text[:1] == "`" or text[-1:] == "`" or (text[:1] == text[-1:] == " " and text.strip()) else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def cell(value: object) -> str:

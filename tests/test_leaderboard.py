@@ -347,3 +347,37 @@ def test_a_bar_in_a_value_stays_in_its_cell(tmp_path):
         rows = [line for line in (tmp_path / "out" / name).read_text().splitlines() if line.startswith("|")]
         assert len(rows) == 4 and len({len(_cells(line)) for line in rows}) == 1, rows
         assert any(r"survey\|deep" in line for line in rows), rows
+
+
+def code_spans(line: str) -> list[str]:
+    """The code spans of a markdown line as CommonMark reads them: a run of n backticks opens one,
+    the next run of exactly n closes it, one space is stripped each side where both are there."""
+    spans, runs = [], [(m.start(), m.end()) for m in re.finditer("`+", line)]
+    i = 0
+    while i < len(runs):
+        start, end = runs[i]
+        close = next((j for j in range(i + 1, len(runs)) if runs[j][1] - runs[j][0] == end - start), None)
+        if close is None:
+            i += 1
+            continue
+        text = line[end:runs[close][0]]
+        if text[:1] == text[-1:] == " " and text.strip():
+            text = text[1:-1]
+        spans.append(text)
+        i = close + 1
+    return spans
+
+
+@pytest.mark.parametrize("value", ["m.onnx", "a`b.onnx", "`x`", "a``b", " a ", "run `one`/seed=1", "``"])
+def test_a_code_span_shows_its_value_whole(value):
+    """A backtick in a file name ended the model card's code span early, showing the rest as text."""
+    from dmhpc.markdown import code
+
+    assert code_spans(f"of {code(value)}: and `sha`") == [value, "sha"]
+
+
+def test_a_line_break_in_a_code_span_is_shown_not_kept():
+    """A line break in a file name ended the card's line (a list item, a heading) in the middle."""
+    from dmhpc.markdown import code
+
+    assert code_spans(code("two\nlines\r")) == [r"two\nlines\r"] and "\n" not in code("two\nlines")
