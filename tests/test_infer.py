@@ -706,27 +706,34 @@ def test_export_with_normalization_built_in_and_a_card(survey, run_on_survey, tm
     reference = build(RunDir(run_on_survey)).model
     raw = torch.rand(7, 3, 75, 75) * 3 - 0.5  # raw pixels: the export normalizes them itself
     with torch.no_grad():
-        want = reference(raw).numpy()
+        want = [t.numpy() for t in reference(raw)]
+        # the log-odds are the logit of p, and order what float32 p ties at 1.0
+        np.testing.assert_allclose(1 / (1 + np.exp(-want[1].astype("f8"))), want[0], rtol=0, atol=1e-6)
     if fmt == "onnx":
         import onnxruntime
 
         session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-        (got,) = session.run(None, {"image": raw.numpy()})
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+        assert [o.name for o in session.get_outputs()] == ["p_merger", "log_odds"]
+        got = session.run(None, {"image": raw.numpy()})
+        for g, w, atol in zip(got, want, (1e-5, 1e-4)):
+            np.testing.assert_allclose(g, w, rtol=0, atol=atol)
     elif fmt == "torchscript":
-        got = torch.jit.load(str(out))(raw).detach().numpy()
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+        with torch.no_grad():
+            got = [t.numpy() for t in torch.jit.load(str(out))(raw)]
+        for g, w, atol in zip(got, want, (1e-6, 1e-5)):
+            np.testing.assert_allclose(g, w, rtol=0, atol=atol)
     else:
         with torch.no_grad():
-            got = load_safetensors(out)(raw).numpy()
-        np.testing.assert_array_equal(got, want)
+            got = [t.numpy() for t in load_safetensors(out)(raw)]
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
     # the same as `dmhpc predict` on the same images
     np.save(tmp_path / "raw.npy", raw.numpy())
     assert main(["predict", "--run", str(run_on_survey), "--images", str(tmp_path / "raw.npy"),
                  "--out", str(tmp_path / "raw.ecsv")]) == 0
     from astropy.table import Table
 
-    np.testing.assert_allclose(np.asarray(Table.read(tmp_path / "raw.ecsv")["p_merger"]), want, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(Table.read(tmp_path / "raw.ecsv")["p_merger"]), want[0], rtol=0, atol=1e-6)
     card = json.loads(Path(f"{out}.card.json").read_text())
     assert card["model"]["format"] == fmt and card["selection"]["criterion"] == "im"
     assert card["data"]["target"]["fingerprint"]
@@ -736,7 +743,10 @@ def test_export_with_normalization_built_in_and_a_card(survey, run_on_survey, tm
     assert "## Test metrics" in Path(f"{out}.card.md").read_text()
     assert "| Brier | predicted merger fraction |" in Path(f"{out}.card.md").read_text()
     # What a deployer needs: names, layout, threshold, the oracle flag, and the limits of the built-in normalization.
-    assert (card["input"]["name"], card["output"]["name"], card["output"]["threshold"]) == ("image", "p_merger", 0.5)
+    assert card["input"]["name"] == "image" and [o["name"] for o in card["outputs"]] == ["p_merger", "log_odds"]
+    assert card["outputs"][0]["threshold"] == 0.5 and "`log_odds`" in Path(f"{out}.card.md").read_text()
+    if fmt == "onnx":
+        assert set(card["model"]["onnxruntime_max_abs_difference"]) == {"p_merger", "log_odds"}
     assert card["input"]["layout"].startswith("NCHW") and card["selection"]["oracle"] is False
     assert card["input"]["normalization"].endswith("normalized its target domain with, its own")
     assert card["model"].get("onnx_opset") == (20 if fmt == "onnx" else None)
@@ -823,7 +833,7 @@ def test_the_card_reports_the_test_of_the_exported_checkpoint_only(survey, tmp_p
     onnx = tmp_path / "m.onnx"
     assert main(["export", "--run", str(run), "--format", "onnx", "--out", str(onnx)]) == 0
     exported = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("m.onnx")}
-    monkeypatch.setattr(export, "ONNX_TOLERANCE", -1.0)  # any difference is too much
+    monkeypatch.setattr(export, "ONNX_TOLERANCE", {"p_merger": -1.0, "log_odds": -1.0})  # any difference is too much
     capsys.readouterr()
     for argv in (["--out", str(tmp_path / "n.onnx")], ["--out", str(onnx), "--overwrite"]):
         assert main(["export", "--run", str(run), "--format", "onnx", *argv]) == 1
@@ -836,7 +846,8 @@ def test_the_card_reports_the_test_of_the_exported_checkpoint_only(survey, tmp_p
 
 def test_export_says_one_line_and_checks_what_it_traced(run_on_survey, tmp_path, monkeypatch, capsys):
     """The ONNX exporter printed 8 progress lines and 6 warnings around the one a user reads; a
-    traced TorchScript model was never run beside the torch one on other images than it traced."""
+    traced TorchScript model was never run beside the torch one on other images than it traced, and
+    its log-odds, which p hides where it saturates, are checked too."""
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     out = tmp_path / "m.onnx"
@@ -846,21 +857,28 @@ def test_export_says_one_line_and_checks_what_it_traced(run_on_survey, tmp_path,
     assert proc.stdout.startswith(f"wrote {out} and its card ") and proc.stdout.count("\n") == 1, proc.stdout
     real_trace = torch.jit.trace
 
-    def a_trace_off_elsewhere(model, example):  # exact on the zeros it traced, 1e-3 off on images
-        traced = real_trace(model, example)
+    def a_trace_off_elsewhere(output):  # exact on the zeros it traced, 1e-3 off on images in one output
+        def trace(model, example):
+            traced = real_trace(model, example)
 
-        class Off(torch.nn.Module):
-            def forward(self, x):
-                return traced(x) + 1e-3 * x.abs().mean()
+            class Off(torch.nn.Module):
+                def forward(self, x):
+                    outputs = list(traced(x))
+                    outputs[output] = outputs[output] + 1e-3 * x.abs().mean()
+                    return tuple(outputs)
 
-        return Off()
+            return Off()
 
-    monkeypatch.setattr(torch.jit, "trace", a_trace_off_elsewhere)
-    capsys.readouterr()
+        return trace
+
     argv = ["export", "--run", str(run_on_survey), "--format", "torchscript", "--out", str(tmp_path / "m.pt")]
-    assert main(argv) == 1
-    assert "m.pt: the traced model differs from torch by" in capsys.readouterr().err
-    assert not (tmp_path / "m.pt").exists()
+    for output, name in enumerate(("p_merger", "log_odds")):
+        monkeypatch.setattr(torch.jit, "trace", a_trace_off_elsewhere(output))
+        capsys.readouterr()
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "m.pt: the traced model differs from torch by" in err and f" in {name} (more than" in err, err
+        assert not (tmp_path / "m.pt").exists()
 
 
 def test_export_refuses_a_shape_its_network_does_not_take_and_a_card_that_is_a_folder(run_on_survey, tmp_path,
@@ -892,6 +910,25 @@ def test_export_refuses_a_shape_its_network_does_not_take_and_a_card_that_is_a_f
     assert capsys.readouterr().err == (f"dmhpc export: error: --out {out}: its card {out}.card.json exists and is "
                                        f"not a file; remove it or write elsewhere\n")
     assert Path(f"{out}.card.md").read_text() == card
+
+
+def test_the_card_names_files_with_backticks_and_spaces_whole(run_on_survey, tmp_path):
+    """A backtick in the file's or the run's name ended the card's code span early, and the eval
+    command the card gives for an untested checkpoint did not quote a run path with a space."""
+    import shlex
+
+    from tests.test_leaderboard import code_spans
+
+    run = Path(shutil.copytree(run_on_survey, tmp_path / "my `best` run"))
+    shutil.rmtree(run / "eval")  # untested: the card gives the command that tests it
+    out = tmp_path / "m`1.safetensors"
+    assert main(["export", "--run", str(run), "--format", "safetensors", "--out", str(out)]) == 0
+    lines = Path(f"{out}.card.md").read_text().splitlines()
+    assert code_spans(lines[0]) == [out.name]
+    (sha,) = [line for line in lines if line.startswith("SHA-256 of ")]
+    assert code_spans(sha)[0] == out.name
+    (command,) = [code_spans(line)[0] for line in lines if line.startswith("Not evaluated on the test split")]
+    assert shlex.split(command) == ["dmhpc", "eval", "--run", str(run.resolve()), "--checkpoint", "best"]
 
 
 def test_export_of_a_run_normalized_by_the_source_says_so(survey, tmp_path):
@@ -1132,7 +1169,7 @@ def test_single_channel_images_train_evaluate_predict_and_export(tmp_path, capsy
     from dmhpc.infer.export import load_safetensors
 
     with torch.no_grad():
-        got = load_safetensors(out)(torch.from_numpy(raw)).numpy()
+        got = load_safetensors(out)(torch.from_numpy(raw))[0].numpy()
     np.testing.assert_allclose(np.asarray(Table.read(tmp_path / "raw.ecsv")["p_merger"]), got, rtol=0, atol=1e-6)
     # one filter: drawn in grey, the default --rgb unused (and not recorded as the colours drawn)
     assert main(["explain", "--run", str(run), "--n", "1", "--out", str(tmp_path / "explain")]) == 0

@@ -3,11 +3,13 @@
     dmhpc export --run RUN [--checkpoint best] --format onnx|torchscript|safetensors --out FILE
 
 What is exported takes raw images and gives merger probabilities: (N, C, H, W) float32 in, the
-per-channel normalization the run used for its target domain built in, softmax of the logits,
-(N,) float32 p(merger) out. The batch dimension is dynamic.
+per-channel normalization the run used for its target domain built in; out, (N,) float32 each,
+p_merger (softmax of the logits) and log_odds (log p/(1-p), the difference of the two logits),
+which keeps the order of confident candidates that float32 p ties at 1.0. The batch dimension
+is dynamic.
 
 - onnx: `torch.onnx.export(..., dynamo=True)`; checked after export with onnxruntime against torch
-  on a random batch (the largest difference is printed and stored in the card).
+  on a random batch, both outputs (the largest differences are printed and stored in the card).
 - torchscript: `torch.jit.trace` (maintenance mode upstream, kept for C++ users).
 - safetensors: the weights and the normalization as tensors, no pickled code; rebuilding the
   network needs dmhpc (`dmhpc.infer.export.load_safetensors`), whose architecture name and
@@ -27,6 +29,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +44,7 @@ from dmhpc.data.shards import file_sha256
 from dmhpc.distributed import bootstrap, shutdown
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_path, fsync_file, locked_directory, remove_orphans, staged_write
-from dmhpc.markdown import table
+from dmhpc.markdown import code, table
 from dmhpc.names import MERGER_THRESHOLD
 from dmhpc.infer.trained import Trained, load_trained
 from dmhpc.run import RunDir, statistics
@@ -51,13 +54,17 @@ from dmhpc.train.objective import build_backbone
 FORMATS = ("onnx", "torchscript", "safetensors")
 # What a receiver's tools open by: ONNX and safetensors files by their own suffix, TorchScript as torch's.
 SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".torchscript"), "safetensors": (".safetensors",)}
-ONNX_TOLERANCE = 1e-5
-TORCHSCRIPT_TOLERANCE = 1e-6  # traced: the same kernels as eager torch on the same machine
+OUTPUTS = ("p_merger", "log_odds")
+# The largest difference from torch allowed, per output: p in [0, 1]; log-odds of tens, whose
+# float32 rounding alone is some 1e-6.
+ONNX_TOLERANCE = {"p_merger": 1e-5, "log_odds": 1e-4}
+TORCHSCRIPT_TOLERANCE = {"p_merger": 1e-6, "log_odds": 1e-5}  # traced: eager torch's kernels, same machine
 ONNX_OPSET = 20  # IR version 10: onnxruntime 1.18 (May 2024, the floor in setup.cfg) on runs it
 
 
-class MergerProbability(nn.Module):
-    """Raw (N, C, H, W) images -> p(merger) (N,): normalization, the classifier, softmax."""
+class MergerClassifier(nn.Module):
+    """Raw (N, C, H, W) images -> (p(merger), log-odds), each (N,): normalization, the classifier,
+    softmax."""
 
     def __init__(self, net: nn.Module, mean, std):
         super().__init__()
@@ -65,16 +72,17 @@ class MergerProbability(nn.Module):
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, logits = self.net((image - self.mean) / self.std)
-        return torch.softmax(logits.float(), dim=1)[:, 1]
+        logits = logits.float()
+        return torch.softmax(logits, dim=1)[:, 1], logits[:, 1] - logits[:, 0]
 
 
 @dataclass(frozen=True)
 class Built:
     """What an export holds, read from the run once: the card describes these, never the run as it
     is when the export (tens of seconds for ONNX) ends."""
-    model: MergerProbability  # eval mode, CPU
+    model: MergerClassifier  # eval mode, CPU
     trained: Trained          # the checkpoint's network, configuration, data sets and statistics
 
 
@@ -82,7 +90,7 @@ def build(run: RunDir, checkpoint: str = "best") -> Built:
     """The classifier to export; one of images of another shape than its checkpoint records (an
     edited record) is refused here, not as an exporter's traceback or a card of an input it refuses."""
     trained = load_trained(run, checkpoint)
-    model = MergerProbability(trained.net, *statistics(trained.data["target"])).eval()
+    model = MergerClassifier(trained.net, *statistics(trained.data["target"])).eval()
     try:
         with torch.no_grad():
             model(torch.zeros(2, *trained.shape))
@@ -110,8 +118,19 @@ def _quiet():
             logger.setLevel(level)
 
 
-def _onnx(model: MergerProbability, example: torch.Tensor, out: Path, tmp: Path) -> float:
-    """Write the ONNX program to `tmp` and check it with onnxruntime; the largest difference."""
+def _check(out: Path, what: str, got, want, tolerance: dict) -> dict:
+    """The largest difference from torch per output; more than `tolerance` is a DmhpcError. Both are
+    compared: where p saturates near 0 or 1 it hides an error in the logits."""
+    differences = {name: float(np.abs(np.asarray(g) - np.asarray(w)).max()) for name, g, w in zip(OUTPUTS, got, want)}
+    for name, difference in differences.items():
+        if not difference <= tolerance[name]:
+            raise DmhpcError(f"{out}: {what} differs from torch by {difference:.2e} in {name} (more than "
+                             f"{tolerance[name]:g}); nothing written")
+    return differences
+
+
+def _onnx(model: MergerClassifier, example: torch.Tensor, out: Path, tmp: Path) -> dict:
+    """Write the ONNX program to `tmp` and check it with onnxruntime; the largest differences."""
     try:
         import onnxruntime
     except ImportError:
@@ -119,42 +138,34 @@ def _onnx(model: MergerProbability, example: torch.Tensor, out: Path, tmp: Path)
     batch = torch.export.Dim("batch", min=1)
     try:
         with _quiet():
-            program = torch.onnx.export(model, (example,), input_names=["image"], output_names=["p_merger"],
+            program = torch.onnx.export(model, (example,), input_names=["image"], output_names=list(OUTPUTS),
                                         dynamic_shapes={"image": {0: batch}}, dynamo=True,
                                         opset_version=ONNX_OPSET, verbose=False)
     except ImportError:
         raise DmhpcError("--format onnx needs onnx and onnxscript: pip install dmhpc[export]") from None
     program.save(str(tmp))  # checked before it takes its name: a file that fails is never left
-    # Images on the scale the model expects (its target's statistics): far outside it the
-    # probabilities saturate near 0 or 1, where they hide a logit error hundreds of times larger.
     check = _check_batch(model, example)
     session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-    (got,) = session.run(None, {"image": check.numpy()})
+    got = session.run(list(OUTPUTS), {"image": check.numpy()})
     with torch.no_grad():
-        want = model(check).numpy()
-    difference = float(np.abs(got - want).max())
-    if not difference <= ONNX_TOLERANCE:
-        raise DmhpcError(f"{out}: onnxruntime differs from torch by {difference:.2e} (more than "
-                         f"{ONNX_TOLERANCE:g}); nothing written")
-    return difference
+        want = [t.numpy() for t in model(check)]
+    return _check(out, "onnxruntime", got, want, ONNX_TOLERANCE)
 
 
-def _check_batch(model: MergerProbability, example: torch.Tensor) -> torch.Tensor:
+def _check_batch(model: MergerClassifier, example: torch.Tensor) -> torch.Tensor:
     """Images on the scale the model expects (the statistics built in): far outside it the
-    probabilities saturate near 0 or 1, where they hide a logit error hundreds of times larger."""
+    probabilities saturate near 0 or 1, and the network runs where it never did."""
     return model.mean + model.std * torch.randn(5, *example.shape[1:], generator=torch.Generator().manual_seed(0))
 
 
-def _torchscript(model: MergerProbability, example: torch.Tensor, out: Path, tmp: Path) -> None:
+def _torchscript(model: MergerClassifier, example: torch.Tensor, out: Path, tmp: Path) -> None:
     with torch.no_grad(), _quiet():
         traced = torch.jit.trace(model, example)
         # On other images than the zeros it was traced on: a path the trace froze (a branch taken on
         # a value) differs there.
         check = _check_batch(model, example)
-        difference = float((traced(check) - model(check)).abs().max())
-    if not difference <= TORCHSCRIPT_TOLERANCE:
-        raise DmhpcError(f"{out}: the traced model differs from torch by {difference:.2e} (more than "
-                         f"{TORCHSCRIPT_TOLERANCE:g}); nothing written")
+        got, want = traced(check), model(check)
+    _check(out, "the traced model", got, want, TORCHSCRIPT_TOLERANCE)
     # Into memory first: torch's zip writer meeting a full disk throws from a C++ destructor, which
     # aborts the process (exit 134, its temporary file left behind) instead of raising an OSError.
     buffer = io.BytesIO()
@@ -162,17 +173,18 @@ def _torchscript(model: MergerProbability, example: torch.Tensor, out: Path, tmp
     tmp.write_bytes(buffer.getbuffer())
 
 
-def _safetensors(model: MergerProbability, cfg_dict: dict, tmp: Path) -> None:
+def _safetensors(model: MergerClassifier, cfg_dict: dict, tmp: Path) -> None:
     from safetensors.torch import save
 
     metadata = {"format": "pt", "dmhpc": __version__, "model": json.dumps(cfg_dict["model"]),
                 "input": "raw images (N, C, H, W) float32; normalization in the tensors mean and std",
-                "output": "p(merger) = softmax(net((image - mean) / std))[:, 1]"}
+                "output": "p_merger = softmax(logits)[:, 1] and log_odds = logits[:, 1] - logits[:, 0], "
+                          "logits = net((image - mean) / std)"}
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     tmp.write_bytes(save(tensors, metadata=metadata))
 
 
-def load_safetensors(path) -> MergerProbability:
+def load_safetensors(path) -> MergerClassifier:
     """Rebuild an exported classifier from its safetensors file (needs dmhpc, not the run); a file
     that is not such an export is a DmhpcError naming it."""
     from safetensors import safe_open
@@ -194,7 +206,7 @@ def load_safetensors(path) -> MergerProbability:
     if not all(math.isfinite(s) and s > 0 for s in std) or not all(math.isfinite(m) for m in mean):
         raise DmhpcError(f"{path}: its normalization is not finite numbers with std above 0 (an edited file?)")
     # The normalization is per input channel: its length is the channels the network was built for.
-    model = MergerProbability(build_backbone(cfg, len(mean)), mean, std)
+    model = MergerClassifier(build_backbone(cfg, len(mean)), mean, std)
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:
@@ -203,7 +215,7 @@ def load_safetensors(path) -> MergerProbability:
     return model.eval()
 
 
-def model_card(run: RunDir, built: Built, fmt: str, out: Path, onnx_max_diff: float | None) -> dict:
+def model_card(run: RunDir, built: Built, fmt: str, out: Path, onnx_max_diff: dict | None) -> dict:
     trained = built.trained
     cfg, data, info = trained.cfg, trained.data, {**trained.info, "sha256": trained.sha256}
     result = run.read_result(info["name"], "test")
@@ -218,8 +230,11 @@ def model_card(run: RunDir, built: Built, fmt: str, out: Path, onnx_max_diff: fl
         "input": {"name": "image", "shape": ["N", *trained.shape], "layout": "NCHW (channels in the training data's order)",
                   "dtype": "float32", "normalization": _normalization_text(cfg),
                   "mean": data["target"]["mean"], "std": data["target"]["std"]},
-        "output": {"name": "p_merger", "shape": ["N"], "meaning": "probability that the galaxy is a merger (class 1)",
-                   "threshold": MERGER_THRESHOLD},
+        "outputs": [{"name": "p_merger", "shape": ["N"], "dtype": "float32",
+                     "meaning": "probability that the galaxy is a merger (class 1)", "threshold": MERGER_THRESHOLD},
+                    {"name": "log_odds", "shape": ["N"], "dtype": "float32",
+                     "meaning": "log(p_merger / (1 - p_merger)), from the logits: it orders the confident "
+                                "candidates that p_merger, float32, ties at 1.0"}],
         "data": {role: {k: data[role].get(k) for k in ("path", "fingerprint", "shape")}
                  for role in ("source", "target")},
         "checkpoint": info,
@@ -273,22 +288,23 @@ def _limits(normalize: str) -> str:
 
 
 def _card_markdown(card: dict) -> str:
-    m, i = card["model"], card["input"]
-    lines = [f"# Model card: {m['file']}", "",
+    m, i, (p, log_odds) = card["model"], card["input"], card["outputs"]
+    lines = [f"# Model card: {code(m['file'])}", "",
              f"A {m['architecture']} merger classifier trained by dmhpc {m['dmhpc']}, exported as {m['format']}.", "",
-             f"SHA-256 of `{m['file']}`: `{m['sha256']}`; of the checkpoint it holds: "
+             f"SHA-256 of {code(m['file'])}: `{m['sha256']}`; of the checkpoint it holds: "
              f"`{card['checkpoint']['sha256']}`.", "",
              "## Input and output", "",
              f"- input `{i['name']}`: raw images (N, {', '.join(str(v) for v in i['shape'][1:])}), float32, NCHW, "
              f"the filters in the order of the training data; the per-channel normalization is "
              f"{i['normalization']} (mean {', '.join(f'{v:.6g}' for v in i['mean'])}; "
              f"std {', '.join(f'{v:.6g}' for v in i['std'])})",
-             f"- output `{card['output']['name']}`: {card['output']['meaning']}, shape (N,); accuracy and F1 "
-             f"below count p >= {card['output']['threshold']} as a merger", "",
+             f"- output `{p['name']}`: {p['meaning']}, shape (N,); accuracy and F1 below count p >= "
+             f"{p['threshold']} as a merger",
+             f"- output `{log_odds['name']}`: {log_odds['meaning']}, shape (N,)", "",
              "## Limits", "", _limits(card["config"]["data"]["normalize"]), "",
              "## Training data", ""]
     for role, d in card["data"].items():
-        lines.append(f"- {role}: `{d['path']}`, images {tuple(d['shape'])}, manifest SHA-256 `{d['fingerprint']}`")
+        lines.append(f"- {role}: {code(d['path'])}, images {tuple(d['shape'])}, manifest SHA-256 `{d['fingerprint']}`")
     c, sel = card["checkpoint"], card["selection"]
     lines += ["", "## Selection", ""]
     if sel["criterion"] is None:
@@ -302,8 +318,9 @@ def _card_markdown(card: dict) -> str:
                   (" using target labels (an oracle: not a choice a user without them could make)"
                    if sel["oracle"] else ", without target labels") + ".", ""]
     if not card["test_metrics"]:
-        lines += ["## Test metrics", "", f"Not evaluated on the test split: `dmhpc eval --run {card['run']} "
-                  f"--checkpoint {c['name']}` evaluates it, and a new export puts the result here.", ""]
+        command = f"dmhpc eval --run {shlex.quote(card['run'])} --checkpoint {c['name']}"
+        lines += ["## Test metrics", "", f"Not evaluated on the test split: {code(command)} evaluates it, and a "
+                  f"new export puts the result here.", ""]
     else:
         header = ["domain", "accuracy", "ROC AUC", "F1", "Brier", "predicted merger fraction"]
         cells = ([d, *("" if t.get(k) is None else f"{t[k]:.3f}"
@@ -315,8 +332,10 @@ def _card_markdown(card: dict) -> str:
                       "normalization). The exported file normalizes every input with the target's, so on source "
                       "images it gives somewhat other numbers than the source row.", ""]
     if "onnxruntime_max_abs_difference" in m:
+        diff = m["onnxruntime_max_abs_difference"]
         lines += [f"ONNX opset {m['onnx_opset']}; onnxruntime against torch on a random batch on the target's "
-                  f"scale: largest difference in p {m['onnxruntime_max_abs_difference']:.2e}.", ""]
+                  f"scale: largest difference {diff['p_merger']:.2e} in p, {diff['log_odds']:.2e} in the "
+                  f"log-odds.", ""]
     lines += ["The full configuration and the run directory are in the JSON card beside this file.", ""]
     return "\n".join(lines)
 
@@ -393,8 +412,9 @@ def export_main(args) -> int:
     try:
         if dist.is_main:
             card = export(args.run, args.out, fmt=args.fmt, checkpoint=args.checkpoint, overwrite=args.overwrite)
-            extra = (f"; onnxruntime agrees within {card['model']['onnxruntime_max_abs_difference']:.1e}"
-                     if args.fmt == "onnx" else "")
+            diff = card["model"].get("onnxruntime_max_abs_difference")
+            extra = f"; onnxruntime agrees within {diff['p_merger']:.1e} in p, {diff['log_odds']:.1e} in the log-odds" \
+                if diff else ""
             print(f"wrote {args.out} and its card {args.out}.card.md / .card.json{extra}")
     finally:
         shutdown()
