@@ -1269,6 +1269,25 @@ def test_the_model_card_of_a_checkpoint_chosen_with_target_labels_says_oracle(su
     assert "using target labels (an oracle" in Path(f"{out}.card.md").read_text()
 
 
+def test_the_card_of_last_says_what_early_stopping_it_trained_under(survey, tmp_path):
+    """last.pt is chosen by nothing but where early stopping ended the run: the card and `dmhpc eval`
+    took that from config.yaml, which a resume rewrites (killed before its first checkpoint, it is
+    ahead of last.pt), so an oracle's early stop read as no oracle."""
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(TINY), *overrides(survey, run, "noisy", "select.criterion=oracle-target-acc",
+                                                             "train.early_stopping=5")]) == 0
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("early_stopping: 5", "early_stopping: 0"))  # as a resume writes it
+    out = tmp_path / "m.safetensors"
+    assert main(["export", "--run", str(run), "--checkpoint", "last", "--format", "safetensors", "--out", str(out)]) == 0
+    card = json.loads(Path(f"{out}.card.json").read_text())
+    assert card["selection"] == {"criterion": None, "score": None, "oracle": True}, card["selection"]
+    assert card["checkpoint"]["early_stopping"] == {"evaluations": 5, "criterion": "oracle-target-acc"}
+    assert "but early stopping watched target labels (an oracle)" in Path(f"{out}.card.md").read_text()
+    assert main(["eval", "--run", str(run), "--checkpoint", "last"]) == 0
+    assert RunDir(run).read_result("last", "test")["oracle"] is True
+
+
 def test_explain_draws_each_domains_test_images_by_their_own_normalization_and_predicted_class(
         survey, run_on_survey, tmp_path, monkeypatch):
     """Mutants that drew the training split, normalized a domain with the other's statistics, or

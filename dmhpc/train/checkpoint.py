@@ -125,7 +125,16 @@ def checkpoint_info(name: str, state: dict, path: str | os.PathLike) -> dict:
     epoch = state.get("epoch")
     if isinstance(epoch, int) and epoch > 0 and state.get("progress", {}).get("step_in_epoch") == 0:
         epoch -= 1
-    return {"name": name, "epoch": epoch, "step": state.get("step"), **state.get("selection", {})}
+    info = {"name": name, "epoch": epoch, "step": state.get("step"), **state.get("selection", {})}
+    config = state.get("config")
+    if not state.get("selection") and isinstance(config, dict):
+        # What may have ended the run at an unselected checkpoint, as it trained: config.yaml holds
+        # the next start's (a resume changes train.early_stopping; one killed before its first
+        # checkpoint leaves config.yaml ahead of last.pt).
+        train, select = config.get("train"), config.get("select")
+        if isinstance(train, dict) and isinstance(select, dict):
+            info["early_stopping"] = {"evaluations": train.get("early_stopping"), "criterion": select.get("criterion")}
+    return info
 
 
 def check_selected(best: dict, best_score: float, path: Path) -> None:
@@ -142,10 +151,11 @@ def check_selected(best: dict, best_score: float, path: Path) -> None:
 def chosen_with_target_labels(info: dict, cfg) -> bool:
     """Whether target labels chose this checkpoint (`checkpoint_info`): its selection criterion is an
     oracle, or, for one without a selection (last.pt), early stopping watched an oracle criterion
-    and may have ended the run there."""
+    and may have ended the run there: as the checkpoint records it, else as `cfg` says."""
     if info.get("criterion") is not None:
         return CRITERIA.get(info["criterion"], False)
-    return cfg.train.early_stopping > 0 and CRITERIA.get(cfg.select.criterion, False)
+    stopping = info.get("early_stopping") or {"evaluations": cfg.train.early_stopping, "criterion": cfg.select.criterion}
+    return bool(stopping["evaluations"]) and CRITERIA.get(stopping["criterion"], False)
 
 
 class EditedCheckpoint(ValueError):
