@@ -197,6 +197,8 @@ def test_early_stopping_on_the_selection_score(data, tmp_path):
         data, run, "train.epochs=20", "train.early_stopping=2", "optim.lr=1e-12")]) == 0
     epochs = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if '"kind": "epoch"' in l]
     assert len(epochs) == 3
+    # The record training ended with says so (a tuner prunes no trial in its final test then).
+    assert [r.get("last") for r in epochs] == [None, None, True]
     # Resumed (a requeue after a stop in that epoch's last step, or asked for more epochs), it stays
     # stopped: it trained one more epoch, which could become the best.
     assert main(["train", "--config", str(TINY), *_overrides(
@@ -216,6 +218,10 @@ def test_the_final_test_is_of_the_selected_weights(data, tmp_path, monkeypatch):
     assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=2", "optim.lr=0.01")]) == 0
     final = json.loads((run / "eval" / "best_test.json").read_text())
     assert final["checkpoint"]["epoch"] == 0
+    from dmhpc.run import RunDir
+
+    epochs = [r for r in RunDir(run).read_log() if r["kind"] == "epoch"]
+    assert [r.get("last") for r in epochs] == [None, True]  # its last epoch
     assert main(["eval", "--run", str(run), "--checkpoint", "last", "--split", "test"]) == 0
     assert main(["eval", "--run", str(run), "--checkpoint", "best", "--split", "test"]) == 0
     again = json.loads((run / "eval" / "best_test.json").read_text())

@@ -743,7 +743,7 @@ def test_the_pruner_is_told_the_best_score_so_far_at_each_evaluation(tmp_path):
         {"kind": "epoch", "epoch": e, "step": e + 1, "selection": {"criterion": "im", "score": s}}
         for e, s in enumerate((0.5, 0.3, 0.6, 0.4))]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert _evaluations(RunDir(tmp_path)) == [(0, 0.5), (1, 0.5), (2, 0.6), (3, 0.6)]
+    assert _evaluations(RunDir(tmp_path)) == ([(0, 0.5), (1, 0.5), (2, 0.6), (3, 0.6)], False)
 
 
 def test_a_finished_run_of_another_configuration_is_not_taken_as_the_trials_result(data, tmp_path):
@@ -808,3 +808,60 @@ def test_a_finished_run_of_another_job_shape_is_no_trials_result(data, tmp_path)
     tune({**s, "executor": "local", "slurm": {"tasks_per_node": 2}}, poll_s=0.2)  # refused before it runs
     (trial,) = _study(tmp_path / "tune").get_trials()
     assert trial.state.name == "FAIL" and "ranks 1 -> 2" in trial.user_attrs["failure"]
+
+
+def test_an_enqueued_list_written_otherwise_than_its_choice_is_that_choice(data, tmp_path):
+    """An enqueued [0.0, 0.5] passed the check against the choice [0, 0.5] (equal lists) but was
+    enqueued as its own JSON text, no choice of the sampler's: the tuner's first ask was a
+    ValueError traceback, and the relaunch ran the trial with values of the sampler's instead."""
+    from dmhpc.launch.tune import _distributions
+
+    t = load_tune(spec(data, tmp_path, space={"optim.betas": [[0.5, 0.9], [0, 0.5]]},
+                       enqueue=[{"optim.betas": [0.0, 0.5]}]))
+    t.out.mkdir()
+    trial = _open_study(t).ask(_distributions(t.space))
+    assert trial.params == {"optim.betas": "[0, 0.5]"}
+
+
+def test_trials_sharing_one_failed_job_are_one_failure_in_a_row(data, tmp_path):
+    """Trials with equal values share one job; its failure counted once per trial, so one failed job
+    of three sharing trials stopped the search as three failures in a row."""
+    s = spec(data, tmp_path, trials=4, parallel=3, space={"optim.lr": [0.003]},
+             overrides={**tiny_overrides(data), "data.source": str(tmp_path / "missing")})
+    tune(s, poll_s=0.2)  # two failures in a row, then the budget is spent: no stop
+    trials = _study(tmp_path / "tune").get_trials()
+    assert [tr.state.name for tr in trials] == ["FAIL"] * 4
+    assert len({tr.user_attrs["job_id"] for tr in trials if "job_id" in tr.user_attrs}) == 2
+
+
+@pytest.mark.parametrize("ended", [False, True])
+def test_a_trial_in_its_final_test_is_not_pruned_and_a_pruned_one_ends_a_row_of_failures(data, tmp_path, ended):
+    """A trial whose training had ended was pruned while it tested its selected checkpoint: its job
+    cancelled, its result lost, ranked below every complete trial. And a pruned trial, which trained,
+    did not end a row of failures as a complete one does."""
+    from dmhpc.launch.tune import _distributions, _Running, _Search
+    from dmhpc.run import RunDir
+
+    t = load_tune(spec(data, tmp_path, trials=2, parallel=1, pruner={"startup_trials": 1, "warmup_epochs": 0}))
+    t.out.mkdir()
+    study = _open_study(t)
+    study.add_trial(optuna.trial.create_trial(params={"optim.lr": "0.001"}, distributions=_distributions(t.space),
+                                              value=0.5, intermediate_values={0: 0.5, 1: 0.5}))
+    search = _Search(t, study, poll_s=0.1)
+    run_dir, _ = t.point({"optim.lr": 0.003})
+    run_dir.mkdir()
+    records = [{"kind": "epoch", "epoch": e, "step": e + 1, "selection": {"criterion": "im", "score": 0.4}}
+               for e in range(2)]
+    records[-1].update({"last": True} if ended else {})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with submission(None):
+        job = search.submitter.submit(_started_then_sleep, str(t.out / "started"))  # in its final test
+    try:
+        search.running.append(_Running(study.ask(search.distributions), RunDir(run_dir), job))
+        search.failures_in_a_row = 2
+        search.poll()
+        assert [r.run.path for r in search.running] == ([run_dir] if ended else [])
+        assert study.get_trials()[-1].state.name == ("RUNNING" if ended else "PRUNED")
+        assert search.failures_in_a_row == (2 if ended else 0)
+    finally:
+        job.cancel(check=False)

@@ -41,8 +41,9 @@ may change).
 Pruning: the tuner reads each running trial's metrics log and reports the best objective score
 so far at every evaluation; the median pruner stops a trial whose best score is below the median
 of earlier trials at the same epoch (its job is cancelled; the run directory stays, unfinished).
-Past the last epoch any earlier trial reached there is no median, so no pruning; the debug
-executor, which runs a trial to its end before the tuner reads it, never prunes.
+Past the last epoch any earlier trial reached there is no median, so no pruning; a trial whose
+training has ended is left to its final test; the debug executor, which runs a trial to its end
+before the tuner reads it, never prunes.
 
 A trial fails (and the search goes on) when its job fails, its values give an invalid config, or
 its run directory holds another run; three failures in a row stop the search.
@@ -86,6 +87,7 @@ TUNER_KEYS = {"run.dir": "OUT/<trial's point name>", "train.signals": "[submitit
               "select.criterion": "the objective"}
 JOURNAL, LOCK, TABLE = "study.journal", "tune.lock", "trials"
 FAILURES_IN_A_ROW = 3  # consecutive failed trials that stop the search: most likely not the values' fault
+_NO_CHOICE = object()  # an enqueue value matching none of its key's choices
 STOPPING_WAIT_S = 600  # how long a trial waits for a cancelled job to let go of its run directory
 ATTR_VALUES, ATTR_RUN = "values", "run_dir"
 ATTR_SUBMISSION = "submission"  # the token in a SLURM trial's job comment
@@ -175,7 +177,7 @@ def _read_enqueue(problems: Problems, data: Any, space: Mapping[str, list | Rang
         if not isinstance(entry, Mapping):
             problems.add(where, f"expected a mapping of space keys to values, got {show(entry)}")
             continue
-        bad = len(problems.lines)
+        bad, values = len(problems.lines), dict(entry)
         for key in sorted(set(space) - set(entry)):
             problems.add(f"{where}.{key}", "missing: give a value for every key of space")
         for key, value in entry.items():
@@ -184,13 +186,18 @@ def _read_enqueue(problems: Problems, data: Any, space: Mapping[str, list | Rang
                 continue
             if dim is None:
                 problems.add(f"{where}.{key}", f"not a key of space ({', '.join(sorted(space))})")
-            elif isinstance(dim, list) and not any(type(c) is type(value) and c == value for c in dim):
-                problems.add(f"{where}.{key}", f"{show(value)} is not one of the choices {show(dim)}")
+            elif isinstance(dim, list):
+                # The choice itself is enqueued, as the sampler knows it (its JSON text): a list equal
+                # to a choice but written otherwise ([0.0, 0.5] for [0, 0.5]) was no choice there.
+                match = next((c for c in dim if type(c) is type(value) and c == value), _NO_CHOICE)
+                if match is _NO_CHOICE:
+                    problems.add(f"{where}.{key}", f"{show(value)} is not one of the choices {show(dim)}")
+                values[key] = match
             elif isinstance(dim, Range) and not (isinstance(value, (int, float)) and not isinstance(value, bool)
                                                  and dim.low <= value <= dim.high):
                 problems.add(f"{where}.{key}", f"{show(value)} is outside [{dim.low:g}, {dim.high:g}]")
         if len(problems.lines) == bad:
-            good.append(dict(entry))
+            good.append(values)
     return tuple(good)
 
 
@@ -465,15 +472,19 @@ def _requeue_stale(study, folder: Path) -> int:
     return len(stale)
 
 
-def _evaluations(run: RunDir) -> list[tuple[int, float]]:
-    """(epoch, best objective score so far) at each evaluation in the run's log."""
-    out, best = [], -math.inf
+def _evaluations(run: RunDir) -> tuple[list[tuple[int, float]], bool]:
+    """(epoch, best objective score so far) at each evaluation in the run's log, and whether its
+    training has ended (its last epoch record says so; the test of its selected checkpoint follows)."""
+    out, best, ended = [], -math.inf, False
     for r in run.read_log():
-        score = r.get("selection", {}).get("score") if r.get("kind") == "epoch" else None
+        if r.get("kind") != "epoch":
+            continue
+        ended = r.get("last") is True  # a resume's records follow a finished run's last one
+        score = r.get("selection", {}).get("score")
         if isinstance(score, (int, float)) and math.isfinite(score):
             best = max(best, score)
             out.append((int(r["epoch"]), best))
-    return out
+    return out, ended
 
 
 @dataclass
@@ -482,12 +493,14 @@ class _Running:
     run: RunDir
     job: Any  # submitit.Job; None for values whose run had finished already
     reported: int = -1  # last epoch reported to the pruner
+    trained: bool = False  # the run's training has ended: its final test is under way, nothing to prune
     gpus: tuple[int, ...] | None = None  # what a local job was given (None: submitit's default)
 
 
 def _report(r: _Running) -> None:
     """Report the run's new evaluations to the study (what the pruner compares trials by)."""
-    for epoch, best in _evaluations(r.run):
+    evaluations, r.trained = _evaluations(r.run)
+    for epoch, best in evaluations:
         if epoch > r.reported:
             r.trial.report(best, epoch)
             r.reported = epoch
@@ -553,6 +566,8 @@ class _Search:
         self.failures_in_a_row = 0
 
     def outcome(self, what: str) -> None:
+        """Count a job's outcome ('complete', 'pruned' or 'fail'): a pruned trial trained, as a complete
+        one did, so neither is a failure's fault of the setup."""
         self.failures_in_a_row = self.failures_in_a_row + 1 if what == "fail" else 0
 
     def start(self) -> None:
@@ -613,13 +628,17 @@ class _Search:
         """Finish the trials whose job ended; prune the running ones the pruner rejects."""
         from optuna.trial import TrialState
 
+        counted = set()  # jobs whose outcome is counted: trials sharing one failed job are one failure
         for r in list(self.running):
             if r not in self.running:  # pruned with the trial whose job it shares
                 continue
             # A debug job runs when its result is asked for, so it is only ever read finished.
             if self.t.executor == "debug" or r.job.done():
                 self.running.remove(r)
-                self.outcome(_finish(self.study, r, self.t.objective))
+                what = _finish(self.study, r, self.t.objective)
+                if id(r.job) not in counted:
+                    counted.add(id(r.job))
+                    self.outcome(what)
                 continue
             try:
                 _report(r)
@@ -628,13 +647,16 @@ class _Search:
                 self.stop(r.job, lambda o: _fail(self.study, o.trial, why))
                 self.outcome("fail")
                 continue
-            if r.trial.should_prune():
+            # Not once training has ended: cancelled in its final test, a trial that trained to its end
+            # lost its result, and ranked below every complete one.
+            if not r.trained and r.trial.should_prune():
                 epoch = r.reported
 
                 def prune(o: _Running) -> None:
                     self.study.tell(o.trial, state=TrialState.PRUNED)
                     print(f"dmhpc tune: trial {o.trial.number} pruned after epoch {epoch}", flush=True)
                 self.stop(r.job, prune)
+                self.outcome("pruned")
 
     def stop(self, job, tell) -> None:
         """Tell every trial of `job` (several share one job when their values are equal), then cancel it."""

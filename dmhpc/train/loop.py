@@ -342,6 +342,10 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
                                    epoch_done=epoch_done)
                     else:
                         prog.evals_since_best += 1
+                if at() >= total_steps or early_stopped():
+                    # Training ends here; the selected checkpoint's test follows. A tuner reading the
+                    # log prunes no trial in that test.
+                    record["last"] = True
                 if epoch_done:
                     prog.epoch, prog.step_in_epoch = prog.epoch + 1, 0
                 # The record first: a kill between the two loses it with the epoch (the resume drops
