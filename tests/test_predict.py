@@ -129,6 +129,20 @@ def test_the_catalog_is_the_forward_pass_in_input_order(trained, tmp_path, capsy
     assert "exists; --overwrite replaces it" in capsys.readouterr().err
 
 
+def test_a_parts_folder_linked_to_scratch_space(trained, tmp_path):
+    """CATALOG.parts made a link to another disk (the parts are as large as the catalog): the
+    catalog was written, then removing the parts ended in a NotADirectoryError traceback and exit 1,
+    so predict.sh reported a finished catalog as a failed job."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = tmp_path / "survey.parquet"
+    Path(f"{out}.parts").symlink_to(scratch)
+    assert main(["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--out", str(out),
+                 "--part-size", "64", "--batch-size", "32"]) == 0
+    assert len(read(out)) == 200 and not os.path.lexists(f"{out}.parts")
+    assert scratch.is_dir() and not any(scratch.iterdir())  # the parts were written there, and removed
+
+
 @pytest.mark.parametrize("ext", [".fits", ".csv", ".ecsv", ".h5"])
 def test_every_catalog_format(trained, tmp_path, ext):
     data = trained["data"] / "noisy"

@@ -398,7 +398,11 @@ def _remove_parts(parts: Path, keep_folder: bool = False) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
-    if not keep_folder:
+    if keep_folder:
+        return
+    if parts.is_symlink():  # a link to scratch space, the parts' natural place: the link goes, its folder stays
+        parts.unlink()
+    else:
         parts.rmdir()
 
 
