@@ -865,3 +865,30 @@ def test_a_trial_in_its_final_test_is_not_pruned_and_a_pruned_one_ends_a_row_of_
         assert search.failures_in_a_row == (2 if ended else 0)
     finally:
         job.cancel(check=False)
+
+
+def test_sigterm_while_an_earlier_tuners_slurm_job_leaves_the_queue_ends_as_ctrl_c(data, tmp_path, monkeypatch):
+    """Cancelling an earlier tuner's SLURM jobs waits up to 5 minutes for the queue to drop each; a
+    SIGTERM then (scancel of the tuner's own job) killed it outright: exit 143, no trials.md."""
+    listed = tmp_path / "squeue-called"
+    fake_commands(tmp_path, monkeypatch, {"scancel": "exit 0\n", "squeue": f"touch {listed}; echo 777\n"})
+    s = spec(data, tmp_path, trials=1, parallel=1)
+    t = load_tune(s)
+    with _lock(t.out):
+        trial = _open_study(t).ask({"optim.lr": optuna.distributions.CategoricalDistribution(["0.001", "0.003"])})
+        trial.set_user_attr("executor", "slurm")
+        trial.set_user_attr("job_id", "777")
+    (tmp_path / "tune.yaml").write_text(yaml.safe_dump(s))
+    proc = subprocess.Popen([sys.executable, "-m", "dmhpc", "tune", str(tmp_path / "tune.yaml")], cwd=ROOT,
+                            env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not listed.exists():
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, (out, err)
+    assert (t.out / "trials.md").exists()

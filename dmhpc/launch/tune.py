@@ -731,17 +731,19 @@ def tune(spec: str | Path | Mapping, executor: str | None = None, poll_s: float 
     try:
         launching = hold_launch_lock(t.out / "submitit")  # (its jobs' folder: no grid stops them as orphans)
         study = _open_study(t)
-        stale = _requeue_stale(study, t.out / "submitit")
-        if stale:
-            print(f"dmhpc tune: {stale} trial(s) left running by an earlier tuner: run again, resuming "
-                  f"their run directories", flush=True)
-        search = _Search(t, study, poll_s)
-        try:
-            with sigterm_as_interrupt():
+        # From here on SIGTERM ends the tuner as Ctrl-C does (trials.md written, exit 130): cancelling
+        # an earlier tuner's SLURM jobs waits minutes for the queue, and was killed outright there.
+        with sigterm_as_interrupt():
+            stale = _requeue_stale(study, t.out / "submitit")
+            if stale:
+                print(f"dmhpc tune: {stale} trial(s) left running by an earlier tuner: run again, resuming "
+                      f"their run directories", flush=True)
+            search = _Search(t, study, poll_s)
+            try:
                 search.run()
-        except BaseException:
-            search.abandon()
-            raise
+            except BaseException:
+                search.abandon()
+                raise
         return best_trial(study, t.out)
     finally:
         if study is not None:
