@@ -737,6 +737,29 @@ def test_a_launch_refused_keeps_the_failures_of_its_points(tmp_path):
     assert _read_failures(path) == {"seed=1": "job 7 failed"}
 
 
+def test_a_launch_refused_before_any_job_went_in_keeps_the_failures(tmp_path, monkeypatch):
+    """Taken the launch lock, the failures were erased before the checks that can still refuse a
+    launch: sbatch refusing the partition, or local points asking for a GPU where there is none,
+    launched nothing, and --report said "not started" of the failed points, their reasons gone."""
+    from tests.test_submit import refuse_sbatch
+
+    from dmhpc.launch.grid import FAILURES, _read_failures, launch_grid, report_grid
+
+    refuse_sbatch(tmp_path, monkeypatch)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU for local jobs, whatever this machine has
+    spec = {"base": str(TINY), "out": str(tmp_path / "g"), "grid": {"seed": [1, 2]}}
+    path = tmp_path / "g" / "submitit" / FAILURES
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"seed=1": "job 7 failed"}))
+    for executor, extra, refusal in (("slurm", {}, "sbatch refused the job array"),
+                                     ("local", {"slurm": {"gpus_per_node": 1}}, "gpus_per_node 1: ")):
+        with pytest.raises(DmhpcError, match=refusal):
+            launch_grid({**spec, "executor": executor, **extra})
+        assert _read_failures(path) == {"seed=1": "job 7 failed"}, executor
+    rows = {row["point"]: row["status"] for row in report_grid({**spec, "executor": "local"})}
+    assert rows["seed=1"].startswith("failed") and rows["seed=2"] == "not started", rows
+
+
 @pytest.mark.parametrize("inside", ["run", "data"])
 def test_an_out_in_a_run_directory_or_a_data_set_is_refused(tmp_path, make_domains, inside):
     """A grid into a run directory wrote its tables and submitit folder there: the run was "not a

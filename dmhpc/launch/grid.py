@@ -49,7 +49,7 @@ import random
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from dmhpc.data.shards import is_labelled, load_manifest
 from dmhpc.errors import DmhpcError
@@ -354,11 +354,17 @@ def launch_grid(spec: str | Path | Mapping, wait: bool = True, executor: str | N
     g = load_grid(spec, executor)
     # Its points are launched again: a launcher stopped while it waits (Ctrl-C, a lost login) would
     # leave their earlier failures, and a --report would say "failed" of points whose jobs run. Under
-    # the launch lock, once the launch is sure to go ahead: a launch refused (another launcher at
-    # work, sbatch refusing) erased them before.
+    # the launch lock, and put back by a launch refused before any job went in (sbatch refusing a
+    # partition, no GPU here): such a launch, and one refused as a second launcher, erased them before.
+    def clear_failures() -> Callable[[], None]:
+        path = g.out / "submitit" / FAILURES
+        earlier = path.read_bytes() if path.is_file() else None
+        _record_failures(g, {})
+        return lambda: path.unlink(missing_ok=True) if earlier is None else atomic_write(path, earlier)
+
     failures = launch_points(list(g.points), {p.name: g.resources for p in g.points}, kind=g.executor,
                              folder=g.out / "submitit", job_name=f"dmhpc-{g.out.name}", task=TrainTask(),
-                             wait=wait, before=lambda: _record_failures(g, {}))
+                             wait=wait, before=clear_failures)
     _record_failures(g, failures)
     rows = _write_tables(g, failures)
     if failures:

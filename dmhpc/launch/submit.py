@@ -688,11 +688,13 @@ def _entry_problem(name: str, entry: Any) -> str | None:
 
 
 def submit_points(points: list[Point], resources: Mapping[str, Resources], *, kind: str, folder: Path,
-                  job_name: str, task: TrainTask) -> dict[str, submitit.Job]:
+                  job_name: str, task: TrainTask, on_submit: Callable[[], None] = lambda: None
+                  ) -> dict[str, submitit.Job]:
     """Submit the unfinished points, one job array per distinct Resources; {point name: job}.
 
     Finished points are skipped. A point whose Slurm job from an earlier launch into the same
     folder is still queued or running is not submitted again: its job is re-attached instead.
+    `on_submit` is called after each submission that went in.
     """
     if kind not in EXECUTORS:
         raise DmhpcError(f"executor {kind!r}: expected one of {', '.join(EXECUTORS)}")
@@ -743,6 +745,7 @@ def submit_points(points: list[Point], resources: Mapping[str, Resources], *, ki
             except DmhpcError:  # refused: nothing was submitted
                 (folder / SUBMITTING_FILE).unlink(missing_ok=True)
                 raise
+            on_submit()
             for p, job, config in zip(group, submitted, configs):
                 jobs[p.name] = job
                 recorded[p.name] = {"job_id": job.job_id, "tasks": res.ranks, "config": config}
@@ -800,11 +803,12 @@ def hold_launch_lock(folder: Path) -> IO:
 
 def launch_points(points: list[Point], resources: Mapping[str, Resources], *, kind: str, folder: Path,
                   job_name: str, task: TrainTask, wait: bool = True, at_once_why: str = "",
-                  before: Callable[[], None] | None = None) -> dict[str, str]:
+                  before: Callable[[], Callable[[], None] | None] | None = None) -> dict[str, str]:
     """Run the points' jobs: local ones here (`_launch_local`; `at_once_why` follows "N at a time" in
     its start line), others by `submit_points` and (with wait) `wait_for`; {point name: why its job
     failed}. `before` runs first under the launch lock (what a launcher records of its points: one
-    refused as a second launcher must not have written it)."""
+    refused as a second launcher must not have written it); what it returns, if anything, undoes it
+    when the launch is refused before any job went in (sbatch refusing, no GPU here)."""
     if not wait and kind != "slurm":
         raise DmhpcError(f"executor {kind}: its jobs end with the launcher, so the launcher must wait for them")
     check_executor_here(kind)
@@ -813,14 +817,20 @@ def launch_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     # in its run directory, where one fails as "in use"; SLURM jobs go in twice, before either is in
     # jobs.json.
     with hold_launch_lock(folder):
-        if before is not None:
-            before()
-        if kind != "slurm":
-            _check_no_queued_slurm_job(points, folder)
-        if kind == "local":
-            return _launch_local(points, resources, folder=folder, job_name=job_name, task=task,
-                                 at_once_why=at_once_why)
-        jobs = submit_points(points, resources, kind=kind, folder=folder, job_name=job_name, task=task)
+        undo = before() if before is not None else None
+        submitted = []
+        try:
+            if kind != "slurm":
+                _check_no_queued_slurm_job(points, folder)
+            if kind == "local":
+                return _launch_local(points, resources, folder=folder, job_name=job_name, task=task,
+                                     at_once_why=at_once_why, on_submit=lambda: submitted.append(True))
+            jobs = submit_points(points, resources, kind=kind, folder=folder, job_name=job_name, task=task,
+                                 on_submit=lambda: submitted.append(True))
+        except DmhpcError:
+            if undo is not None and not submitted:
+                undo()
+            raise
         return wait_for(jobs) if wait else {}
 
 
@@ -872,7 +882,8 @@ def cancel_local_jobs(folder: Path, job_id: str | None = None, who: str = "an ea
 
 
 def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, folder: Path, job_name: str,
-                  task: TrainTask, poll_s: float = 1.0, at_once_why: str = "") -> dict[str, str]:
+                  task: TrainTask, poll_s: float = 1.0, at_once_why: str = "",
+                  on_submit: Callable[[], None] = lambda: None) -> dict[str, str]:
     """Run the unfinished points here, at most `array_parallelism` at once, the next one starting as
     soon as one ends (submitit's local executor would start every job at once, and runs of one
     study differ in length: waiting for a whole batch left cores idle). The jobs end with the
@@ -901,6 +912,7 @@ def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, fo
                     with submission(threads, folder / CONTROLLERS_LOG), \
                             refused_submission(f"the job of point {p.name}", folder):
                         running[p.name] = executor.submit(task, config_to_dict(p.config))
+                    on_submit()
                     job = running[p.name]
                     on = f" on GPU(s) {', '.join(map(str, held[p.name]))}" if held[p.name] else ""
                     print(f"dmhpc launch: point {p.name}: local job {job.job_id}{on}", flush=True)
