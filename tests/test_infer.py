@@ -213,6 +213,15 @@ def test_gradcam_and_integrated_gradients_are_captums_on_the_last_block(run_on_s
     hook.remove()
     assert max(seen) == 2
     assert cam.shape == ig.shape == (5, 75, 75) and (cam >= 0).all()
+    # The block Grad-CAM is at, for the titles; a ResNet's original stem leaves one cell of a small cutout.
+    assert explain.grad_cam_resolution(model.net, x) == "Grad-CAM at 9x9"
+    from dmhpc.config import config_from_dict
+    from dmhpc.train.objective import build_backbone
+
+    resnet = build_backbone(config_from_dict({"model": {"name": "resnet18"}}, "test"), 3).eval()
+    assert explain.grad_cam_resolution(resnet, torch.randn(1, 3, 32, 32)) == \
+        "Grad-CAM at 1x1: one cell, no spatial information"
+    assert explain.grad_cam_resolution(resnet, torch.randn(1, 3, 75, 75)) == "Grad-CAM at 3x3"
     # With their sign: the absolute sum drew evidence against "merger" like evidence for it.
     assert (ig < 0).any() and (ig > 0).any()
     net = model.net
@@ -1279,7 +1288,8 @@ def test_the_card_of_last_says_what_early_stopping_it_trained_under(survey, tmp_
     config = run / "config.yaml"
     config.write_text(config.read_text().replace("early_stopping: 5", "early_stopping: 0"))  # as a resume writes it
     out = tmp_path / "m.safetensors"
-    assert main(["export", "--run", str(run), "--checkpoint", "last", "--format", "safetensors", "--out", str(out)]) == 0
+    argv = ["export", "--run", str(run), "--checkpoint", "last", "--format", "safetensors", "--out", str(out)]
+    assert main(argv) == 0
     card = json.loads(Path(f"{out}.card.json").read_text())
     assert card["selection"] == {"criterion": None, "score": None, "oracle": True}, card["selection"]
     assert card["checkpoint"]["early_stopping"] == {"evaluations": 5, "criterion": "oracle-target-acc"}
@@ -1322,6 +1332,47 @@ def test_explain_draws_each_domains_test_images_by_their_own_normalization_and_p
         np.testing.assert_allclose(probs, [p_of[r] for r in rows], rtol=0, atol=1e-5, err_msg=grid)
         if grid.startswith("target"):  # unlabelled: by predicted class
             assert ((probs >= 0.5) == (grid == "target_merger.png")).all(), (grid, probs)
+
+
+def test_explain_data_is_normalized_as_asked_and_says_how(survey, run_on_survey, tmp_path, monkeypatch, capsys):
+    """--data was always scaled with the run's target statistics, said nowhere: a labelled set
+    given as a domain, which `dmhpc eval` normalizes with its own, was drawn with other probabilities
+    than eval's, and the integrated gradients' baseline was the target's mean."""
+    from astropy.table import Table
+
+    from dmhpc.data.shards import load_manifest
+    from dmhpc.infer import explain as explaining
+
+    shown = {}
+    draw = explaining.attribution_grid
+
+    def spy(images, cams, igs, probs, labels, title, path, rgb, names=None):
+        shown[Path(path).parent.name, Path(path).name] = (list(names), np.asarray(probs, dtype=np.float64), title)
+        return draw(images, cams, igs, probs, labels, title, path, rgb, names=names)
+
+    monkeypatch.setattr(explaining, "attribution_grid", spy)
+    pristine = survey / "pristine"
+    for normalize in ("target", "own"):
+        assert main(["explain", "--run", str(run_on_survey), "--data", str(pristine), "--normalize", normalize,
+                     "--n", "3", "--out", str(tmp_path / normalize)]) == 0
+        assert main(["predict", "--run", str(run_on_survey), "--data", str(pristine), "--normalize", normalize,
+                     "--out", str(tmp_path / f"{normalize}.parquet")]) == 0
+        catalog = Table.read(tmp_path / f"{normalize}.parquet")
+        recorded = json.loads((tmp_path / normalize / "explain.json").read_text())["normalization"]["data"]
+        assert recorded == {"mean": json.loads(catalog.meta["MEAN"]), "std": json.loads(catalog.meta["STD"]),
+                            "by": normalize}
+    stats = load_manifest(pristine)["stats"]
+    assert recorded["mean"] == pytest.approx(stats["mean"]) and recorded["std"] == pytest.approx(stats["std"])
+    assert {folder for folder, _ in shown} == {"target", "own"}
+    for (folder, grid), (names, probs, title) in shown.items():
+        catalog = Table.read(tmp_path / f"{folder}.parquet")
+        p_of = dict(zip(np.asarray(catalog["index"]).tolist(), np.asarray(catalog["p_merger"], dtype=np.float64)))
+        np.testing.assert_allclose(probs, [p_of[int(n.removeprefix("row "))] for n in names], rtol=0, atol=1e-5)
+        assert ("its own statistics" if folder == "own" else "the run's target statistics") in title
+    capsys.readouterr()
+    assert main(["explain", "--run", str(run_on_survey), "--normalize", "own", "--out", str(tmp_path / "x")]) == 1
+    assert capsys.readouterr().err == ("dmhpc explain: error: --normalize own goes with --data: the run's domains "
+                                       "are normalized as it trained, a catalog's candidates as predict recorded\n")
 
 
 def test_explain_of_a_catalog_normalizes_as_the_catalog_records(survey, run_on_survey, tmp_path, monkeypatch):

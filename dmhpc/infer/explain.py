@@ -1,6 +1,7 @@
 """`dmhpc explain`: what the network looks at, as pictures an astronomer reads.
 
-    dmhpc explain --run RUN [--checkpoint best] [--data DIR | --catalog CATALOG] [--n N] --out DIR [--overwrite]
+    dmhpc explain --run RUN [--checkpoint best] [--data DIR [--normalize target|own] | --catalog CATALOG] [--n N]
+                  --out DIR [--overwrite]
 
 Two attributions from captum, both for the merger class (what makes an image look like a merger
 to the network, whatever its label):
@@ -11,8 +12,9 @@ to the network, whatever its label):
   75x75 images, 10x10 with the small stem). It says which region of the image the decision
   depends on, not which pixels.
 - Integrated gradients (`IntegratedGradients`, 32 steps) per pixel and filter, from a baseline of
-  zeros after per-channel normalization: a flat image at each filter's mean pixel value over the
-  training images (for small galaxies on sky, a faint uniform background, not an average galaxy).
+  zeros after per-channel normalization: a flat image at each filter's mean pixel value in the
+  statistics the images are normalized with (for small galaxies on sky, a faint uniform
+  background, not an average galaxy).
   Shown summed over the filters with its sign, on a scale centred on 0: red pixels push towards
   "merger", blue ones away from it.
 
@@ -23,8 +25,14 @@ al. 2004, `astropy.visualization.make_lupton_rgb`; `--rgb R,G,B` names the filte
 drawn red, green and blue: by default filters 2, 1, 0 (of three, the last red and the first
 blue), which is wavelength order only where the channels are; the embedded set and the DeepMerge
 files hold F814W, F356W, F160W: `--rgb 1,2,0`), each attribution beside them on one colour scale
-per grid column, the merger probability and the true label (if any) in each panel's title. One PNG
-grid per domain and class (true class where there are labels, predicted class otherwise).
+per grid column, the merger probability and the true label (if any) above each row's image. One
+PNG grid per domain and class (true class where there are labels, predicted class otherwise).
+
+Normalization, as the network saw the images: the run's source and target each with the statistics
+the run normalized it with; a catalog's candidates with those predict recorded; `--data` with the
+run's target statistics (`--normalize target`, as predict's default) or its own training split's
+(`--normalize own`: a labelled set as `dmhpc eval` sees a data set given as a domain under
+per-domain normalization). explain.json records each grid's statistics.
 """
 
 from __future__ import annotations
@@ -112,13 +120,38 @@ def _explain_domain(model: Model, norm: Normalizer, drawn: dict, name: str, run:
             continue
         cams, igs = attributions(model, x[rows])
         title = (f"{run.label}, {_checkpoint_label(model)}: {name} ({data_label}, {drawn['split']}), {kind} "
-                 f"{CLASS_NAMES[cls]}s; attributions for the merger class")
+                 f"{CLASS_NAMES[cls]}s; attributions for the merger class ({grad_cam_resolution(model.net, x)})")
         names = [drawn["names"][r] for r in rows]
         path = attribution_grid(images[rows], cams, igs, probs[rows],
                                 labels[rows] if labels is not None else [None] * len(rows), title,
                                 out / f"{name}_{CLASS_NAMES[cls]}.png", rgb, names=names)
         written[path] = names
     return written
+
+
+def _own_statistics(data: Path) -> tuple[list, list]:
+    """A prepared data set's own training statistics, as `predict --normalize own` takes them (a
+    constant filter refused)."""
+    source = open_source(data=data)
+    try:
+        return source.own_stats()
+    finally:
+        source.close()
+
+
+def grad_cam_resolution(net, x: torch.Tensor) -> str:
+    """The resolution of the last convolutional block on images like `x`, which Grad-CAM is at, for
+    the figures' titles: a 1x1 map (a ResNet's original stem on cutouts of 32 pixels or less) is
+    drawn upsampled as flat as it is, and says nothing of where the evidence lies."""
+    shapes = []
+    hook = net.last_conv_block().register_forward_hook(lambda module, inputs, output: shapes.append(output.shape))
+    try:
+        with torch.no_grad():
+            net(x[:1])
+    finally:
+        hook.remove()
+    h, w = shapes[0][-2:]
+    return f"Grad-CAM at {h}x{w}" + (": one cell, no spatial information" if h * w == 1 else "")
 
 
 def _checkpoint_label(model: Model) -> str:
@@ -366,9 +399,15 @@ def _refuse_out_in(out: Path, folder: Path) -> None:
 
 
 def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=None, n: int = 6, seed: int = 0,
-            overwrite: bool = False, rgb: tuple[int, int, int] = (2, 1, 0)) -> list[Path]:
+            overwrite: bool = False, rgb: tuple[int, int, int] = (2, 1, 0), normalize: str = "target") -> list[Path]:
     """Write the PNG grids; returns their paths. `checkpoint`: by default a catalog's own, else best.
-    `rgb`: the channels drawn red, green, blue."""
+    `rgb`: the channels drawn red, green, blue. `normalize`: `data`'s statistics, the run's target's
+    or its own ("target" or "own")."""
+    if normalize not in ("target", "own"):
+        raise DmhpcError(f"--normalize {normalize!r}: expected target or own")
+    if normalize == "own" and data is None:
+        raise DmhpcError("--normalize own goes with --data: the run's domains are normalized as it trained, a "
+                         "catalog's candidates as predict recorded")
     if not 1 <= n <= MAX_N:  # (beyond it: matplotlib's traceback, after every attribution)
         raise DmhpcError(f"--n {n}: from 1 to {MAX_N} (each image is a row of a figure); explain a "
                          f"catalog's top {MAX_N}, or a selection of it")
@@ -430,7 +469,8 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             if source.path.is_dir():  # a prepared data set
                 _refuse_out_in(out, source.path)
             images = source.read_inputs(index[top])
-            norm = Normalizer(*_recorded_normalization(Path(catalog), table.meta, images.shape[1]), dist.device)
+            statistics = {"catalog": _recorded_normalization(Path(catalog), table.meta, images.shape[1])}
+            norm = Normalizer(*statistics["catalog"], dist.device)
             # The catalog's own numbers: with TTA the mean over the transforms, not this one forward pass.
             probs = np.asarray(table["p_merger"])[top]
             _check_read_back(Path(catalog), table.meta, model, norm, images, probs, index[top], source.path)
@@ -440,7 +480,7 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             labels = np.asarray(table["label"])[top] if "label" in table.colnames else [None] * len(top)
             tta = " (p_merger: the catalog's TTA mean)" if str(table.meta.get("TTA")) == "True" else ""
             title = (f"{run.label}, {_checkpoint_label(model)}: top {len(top)} merger candidates of "
-                     f"{Path(catalog).name} ({source.path.name}){tta}")
+                     f"{Path(catalog).name} ({source.path.name}){tta}; {grad_cam_resolution(model.net, x)}")
             names = [str(v) for v in np.asarray(table["id"] if "id" in table.colnames else table["index"])[top]]
             path = attribution_grid(images, cams, igs, probs, labels, title, out / "top_candidates.png", rgb,
                                     names=names)
@@ -471,15 +511,20 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             drawn = {name: _test_split(directory, DRAWN, seed) for name, directory in domains.items()}
             for directory in domains.values():
                 _refuse_out_in(out, directory)
+            statistics = {name: model.normalization(name) for name in domains if name != "data"}
+            if data is not None:
+                statistics["data"] = _own_statistics(data) if normalize == "own" else model.normalization("target")
             claim_out()
             for name, directory in domains.items():
-                role = "target" if name in ("data", "target") else "source"
-                norm = Normalizer(*model.normalization(role), dist.device)
-                written.update(_explain_domain(model, norm, drawn[name], name, run, out, n, seed, directory.name,
-                                               rgb))
+                label = f"{directory.name}, its own statistics" if name == "data" and normalize == "own" else \
+                    (f"{directory.name}, the run's target statistics" if name == "data" else directory.name)
+                written.update(_explain_domain(model, Normalizer(*statistics[name], dist.device), drawn[name], name,
+                                               run, out, n, seed, label, rgb))
         atomic_write(out / "explain.json", json.dumps({
             "run": str(run.path.resolve()), "checkpoint": model.checkpoint, "data": explained,
             "fingerprints": prints,
+            "normalization": {name: {"mean": mean, "std": std, **({"by": normalize} if name == "data" else {})}
+                              for name, (mean, std) in statistics.items()},
             "seed": None if catalog is not None else seed,
             "target_class": "merger",
             "grad_cam_layer": type(model.net.last_conv_block()).__name__, "rgb": list(rgb) if channels >= 3 else None,
@@ -503,6 +548,9 @@ def explain_arguments(parser) -> None:
                         help="default: the --catalog's own, else best")
     parser.add_argument("--data", type=Path, metavar="DIR",
                         help="a prepared data set (its test split, else all of it) instead of the run's source and target")
+    parser.add_argument("--normalize", default=d["normalize"], choices=["target", "own"],
+                        help=f"with --data: target, the statistics the run normalized its target domain with; own, "
+                             f"the data set's own (default: {d['normalize']})")
     parser.add_argument("--catalog", type=Path, metavar="CATALOG",
                         help="a dmhpc predict catalog: explain its top merger candidates")
     # --count too: under torchrun, --n is an ambiguous abbreviation of torchrun's --nnodes and others.
@@ -531,5 +579,6 @@ def explain_main(args) -> int:
     except ValueError:
         raise DmhpcError(f"--rgb {args.rgb}: three channel indices, as 1,2,0") from None
     explain(args.run, args.out, checkpoint=args.checkpoint, data=args.data, catalog=args.catalog, n=args.n,
-            **({} if args.seed is None else {"seed": args.seed}), overwrite=args.overwrite, rgb=rgb)
+            **({} if args.seed is None else {"seed": args.seed}), overwrite=args.overwrite, rgb=rgb,
+            normalize=args.normalize)
     return 0
