@@ -154,7 +154,8 @@ def chosen_with_target_labels(info: dict, cfg) -> bool:
     and may have ended the run there: as the checkpoint records it, else as `cfg` says."""
     if info.get("criterion") is not None:
         return CRITERIA.get(info["criterion"], False)
-    stopping = info.get("early_stopping") or {"evaluations": cfg.train.early_stopping, "criterion": cfg.select.criterion}
+    stopping = info.get("early_stopping") or {"evaluations": cfg.train.early_stopping,
+                                              "criterion": cfg.select.criterion}
     return bool(stopping["evaluations"]) and CRITERIA.get(stopping["criterion"], False)
 
 
