@@ -139,6 +139,7 @@ def check_log_record(record: dict) -> None:
             _expect(is_int(record.get(key), 0), key, "a number from 0", record.get(key))
         optional("steps", lambda v: is_int(v, 0), "a number of steps")
         optional("step_time_s", is_real, "a number of seconds")
+        optional("last", lambda v: v is True, "true (training ended with this record) or no key")
         for term, value in mapping("loss").items():
             _expect(value is None or is_real(value), f"loss.{term}", "a number or null", value)
         for domain in ("source", "target"):

@@ -631,6 +631,7 @@ SETUP = {"kind": "setup", "step": 0, "world_size": 2, "loader": "torch", "loader
     ({**EPOCH, "loss": {"total": "low"}}, 'loss.total: expected a number or null, got "low"'),
     ({**EPOCH, "source": {"val": None}}, "source.val: expected a mapping of metric to number, got null"),
     ({**EPOCH, "validators": {"im": [1]}}, "validators.im: expected a number or null, got [1]"),
+    ({**EPOCH, "last": "true"}, 'last: expected true (training ended with this record) or no key, got "true"'),
     ({**SETUP, "loader_setup_s": "fast"}, 'loader_setup_s: expected a number of seconds, got "fast"'),
     ({**SETUP, "world_size": [2]}, "world_size: expected a number of ranks, got [2]"),
     ({**SETUP, "resumed_from": 5}, "resumed_from: expected a checkpoint path or null, got 5"),
