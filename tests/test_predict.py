@@ -1538,3 +1538,22 @@ def test_tta_of_images_that_are_not_square_averages_their_four_flips(trained):
     p = np.stack([model.probabilities(normalize(f))[:, 1].numpy() for f in flips])
     np.testing.assert_allclose(got["p_merger"], p.mean(0), rtol=0, atol=1e-12)
     np.testing.assert_allclose(got["p_merger_std"], p.std(0), rtol=0, atol=1e-12)
+
+
+def test_a_last_prediction_resumes_across_the_early_stopping_record(trained):
+    """The checkpoint record gained the early stopping a last.pt trained under (2026-12-05); kept in
+    the parts' spec, it refused the parts of a `--checkpoint last` prediction requeued across the
+    upgrade as another prediction's, though no number depends on it."""
+    from dmhpc.infer import predict
+    from dmhpc.infer.predict import Model
+    from dmhpc.infer.sources import open_source
+
+    run = RunDir(trained["run"])
+    model = Model(run, "last", torch.device("cpu"))
+    assert "early_stopping" in model.checkpoint  # the record has it
+    source = open_source(images=trained["survey"])
+    try:
+        spec = predict._spec(run, model, source, {}, {})
+    finally:
+        source.close()
+    assert spec["checkpoint"] == {k: v for k, v in model.checkpoint.items() if k != "early_stopping"}

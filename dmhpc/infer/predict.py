@@ -242,7 +242,10 @@ def _finite_probabilities(model: Model, columns: dict) -> None:
 def _spec(run: RunDir, model: Model, source: Source, source_args: dict, options: dict) -> dict:
     """Everything a part's numbers depend on: the checkpoint's and the inputs' files as they are now
     (a prepared set's fingerprint covers its shards' contents), every source argument, the options."""
-    return {"run": str(run.path.resolve()), "checkpoint": model.checkpoint, "checkpoint_sha256": model.sha256,
+    # The checkpoint's record as predict has always written it: the early stopping it trained under
+    # (recorded since 2026-12-05) changes no number, and refused the parts of a requeued prediction.
+    checkpoint = {k: v for k, v in model.checkpoint.items() if k != "early_stopping"}
+    return {"run": str(run.path.resolve()), "checkpoint": checkpoint, "checkpoint_sha256": model.sha256,
             "source": source.describe, "input_files": source.identity, **source_args, "count": source.count,
             **options}
 
