@@ -890,6 +890,19 @@ def test_export_says_one_line_and_checks_what_it_traced(run_on_survey, tmp_path,
         assert not (tmp_path / "m.pt").exists()
 
 
+def test_the_export_check_is_relative_for_large_log_odds():
+    """An absolute 1e-4 on the log-odds refused the correct export of a confident model, whose
+    log-odds of 100 float32 kernels differ in by more; a small one is held to 1e-4 as before."""
+    from dmhpc.infer.export import ONNX_TOLERANCE, _check
+
+    p = np.array([0.5, 1.0])
+    assert _check(Path("m.onnx"), "onnxruntime", [p, [0.5, 100.005]], [p, [0.5, 100.0]], ONNX_TOLERANCE)[
+        "log_odds"] == pytest.approx(5e-5)
+    with pytest.raises(DmhpcError, match=r"^m.onnx: onnxruntime differs from torch by 5.00e-04 in log_odds \(more "
+                                         r"than 0.0001, relative above 1\); nothing written$"):
+        _check(Path("m.onnx"), "onnxruntime", [p, [0.5005, 100.0]], [p, [0.5, 100.0]], ONNX_TOLERANCE)
+
+
 def test_export_refuses_a_shape_its_network_does_not_take_and_a_card_that_is_a_folder(run_on_survey, tmp_path,
                                                                                      capsys):
     """A checkpoint recording 64 x 64 images for a 75 x 75 network: the safetensors card said an input
