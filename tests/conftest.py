@@ -79,6 +79,17 @@ def cpu_unless_marked_gpu(request, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compiler_cache(tmp_path_factory):
+    """Inductor's cache of compiled code in the session's folder, which a passed session removes, for
+    this process and its children: in /tmp/torchinductor_$USER it grew by every run (to 3.4 GB here).
+    Its precompiled headers (150 MB, one set per torch build) stay there: inductor does not move them."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+    yield
+    patch.undo()
+
+
 def fake_commands(tmp_path: Path, monkeypatch, scripts: dict[str, str]) -> Path:
     """Shell scripts standing in for commands this machine lacks or must not run (sbatch, squeue,
     scancel, nvidia-smi), first on PATH for the test; each is `#!/bin/sh` and its body."""
