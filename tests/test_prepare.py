@@ -1605,8 +1605,11 @@ def test_mpi_grouping_of_copies_is_byte_identical_to_serial(tmp_path):
     files = {"images": save(tmp_path, "X.npy", images), "labels": save(tmp_path, "y.npy", np.arange(120) % 2)}
     serial = {**files, "out": str(tmp_path / "serial")}
     assert main(args(serial, "--group-duplicates")) == 0
-    run = mpi_prepare(*args({**files, "out": str(tmp_path / "mpi")}, "--group-duplicates")[1:])
+    # The labels named in another letter case: the note is rank 0's alone (every rank said it).
+    misspelt = {**files, "labels": str(tmp_path / "Y.npy"), "out": str(tmp_path / "mpi")}
+    run = mpi_prepare(*args(misspelt, "--group-duplicates")[1:])
     assert run.returncode == 0, run.stderr
+    assert run.stderr.count("Y.npy not found; using y.npy, which differs in letter case only") == 1, run.stderr
     assert sum(load_manifest(tmp_path / "mpi")["objects"].values()) == 30
     assert shard_bytes(tmp_path / "serial") == shard_bytes(tmp_path / "mpi")
 
@@ -1811,6 +1814,33 @@ def test_an_input_written_again_during_the_conversion_is_refused(tmp_path, monke
         assert err == (f"dmhpc prepare: error: {tmp_path / 'y.npy'}: written again or replaced while it was "
                        f"converted; nothing written: prepare it again once it is complete\n"), (name, err)
         assert not (tmp_path / "ds").exists()
+
+
+def test_a_link_pointed_elsewhere_during_the_conversion_names_the_file_read(tmp_path, monkeypatch):
+    """images.npy -> v1.npy pointed at v2.npy while the shards are written (`ln -sfn`, the "current
+    data" habit): the conversion is of v1, which the manifest names with v1's checksum. The link was
+    followed again for the manifest, a KeyError traceback that left the staging folder behind."""
+    rng = np.random.default_rng(14)
+    v1 = save(tmp_path, "v1.npy", rng.normal(size=(40, 3, 8, 8)).astype(np.float32))
+    v2 = save(tmp_path, "v2.npy", rng.normal(size=(40, 3, 8, 8)).astype(np.float32))
+    labels = save(tmp_path, "y.npy", np.arange(40) % 2)
+    link = tmp_path / "images.npy"
+    link.symlink_to("v1.npy")
+    write_shards = shards.write_shards
+
+    def pointed_elsewhere_meanwhile(*a, **kw):
+        link.unlink()
+        link.symlink_to("v2.npy")
+        return write_shards(*a, **kw)
+
+    monkeypatch.setattr(shards, "write_shards", pointed_elsewhere_meanwhile)
+    assert main(["prepare", "--images", str(link), "--labels", labels, "--out", str(tmp_path / "ds")]) == 0
+    manifest = load_manifest(tmp_path / "ds")
+    assert [(i["role"], i["file"], i["sha256"]) for i in manifest["inputs"]] == [
+        ("images", v1, file_sha256(v1)), ("labels", labels, file_sha256(labels))]
+    rows = RowReader(tmp_path / "ds").read(0, 40)
+    assert np.array_equal(rows["images"], np.load(v1)[rows["index"]])
+    assert not np.array_equal(rows["images"], np.load(v2)[rows["index"]])
 
 
 def test_an_out_in_a_staging_folder_is_refused_and_a_nested_data_set_kept(tmp_path, capsys):

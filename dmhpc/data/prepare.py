@@ -154,25 +154,26 @@ def load_data_config(path, root: str | None = None, out: str | None = None, sets
 # ----------------------------------------------------------------------------- opening a domain
 
 
-def _path(p: Path | None) -> Path | None:
-    """The input file, or the one whose name differs in letter case only (with a note)."""
+def _path(p: Path | None, say: bool) -> Path | None:
+    """The input file, or the one whose name differs in letter case only (with a note, if `say`)."""
     if p is None:
         return None
     found, note = resolve_spelling(p)
-    if note:
+    if note and say:
         print(f"dmhpc prepare: note: {note}", file=sys.stderr, flush=True)
     return found
 
 
-def _open_domain(spec: DomainSpec, options: Options) -> dict:
-    """Open one domain's inputs and check them (all but the pixels). Objects are drawn later."""
+def _open_domain(spec: DomainSpec, options: Options, say: bool) -> dict:
+    """Open one domain's inputs and check them (all but the pixels). Objects are drawn later. Notes
+    are said where `say` (rank 0: every rank opens the inputs)."""
     # Each resolved once: its note (a name that differs in letter case) said once.
-    images_path, catalog_path, labels_path, objects_path = (_path(spec.images), _path(spec.catalog),
-                                                            _path(spec.labels), _path(spec.objects))
+    images_path, catalog_path, labels_path, objects_path = (_path(spec.images, say), _path(spec.catalog, say),
+                                                            _path(spec.labels, say), _path(spec.objects, say))
     catalog = None
     if catalog_path is not None:
         catalog = read_catalog(catalog_path, id_column=spec.id_column, label_column=spec.label_column,
-                               file_column=spec.file_column, cutouts=_path(spec.cutouts))
+                               file_column=spec.file_column, cutouts=_path(spec.cutouts, say))
     if images_path is not None:
         images = open_images(images_path, options.layout, options.nan_fill)
         if catalog is not None and len(catalog.ids) != len(images):
@@ -198,11 +199,13 @@ def _open_domain(spec: DomainSpec, options: Options) -> dict:
     # images of no pixels made it a traceback.
     shards.check_images(images, names["images"])
     layout = images.layout
-    inputs = [(role, p) for role, p in (("images", images_path), ("catalog", catalog_path),
-                                        ("labels", labels_path), ("objects", objects_path))
-              if p is not None]
     try:  # as opened: a file written again from here on is refused once the shards are written
-        versions = {p.resolve(): file_version(p.stat()) for _, p in inputs}
+        # Each link followed once, here: a link pointed elsewhere meanwhile ("current" data) was
+        # followed again for the checksums and the manifest, a KeyError traceback (the file read is named).
+        inputs = [(role, p.resolve()) for role, p in (("images", images_path), ("catalog", catalog_path),
+                                                      ("labels", labels_path), ("objects", objects_path))
+                  if p is not None]
+        versions = {p: file_version(p.stat()) for _, p in inputs}
     except OSError as exc:
         raise DmhpcError(f"{exc.filename}: cannot read ({exc.strerror})") from None
     return {"spec": spec, "name": spec.name, "out": spec.out, "images": images, "labels": labels,
@@ -340,7 +343,7 @@ def _check_pixels(domains: list[dict], scans: list[list], dtype: str) -> None:
 
 def _input_files(domains: list[dict]) -> list[Path]:
     """Every distinct input file (a file shared by domains is read once), in a fixed order."""
-    return list(dict.fromkeys(p.resolve() for d in domains for _, p in d["inputs"]))
+    return list(dict.fromkeys(p for d in domains for _, p in d["inputs"]))
 
 
 def _hash_in_background(paths: list[Path], stop: threading.Event, opened: dict):
@@ -387,7 +390,7 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
         shards.check_fractions(options.fractions)
         if options.dtype in shards.DTYPES:  # (an unknown one is plan_dataset's to refuse)
             check_nan_fill(options.nan_fill, options.dtype)
-        opened = _agree(comm, lambda: [_open_domain(spec, options) for spec in domains])
+        opened = _agree(comm, lambda: [_open_domain(spec, options, rank == 0) for spec in domains])
         # The input checksums are only needed for the manifests: compute them (each file on one
         # rank) while the pixels are checked and the shards written.
         stop = threading.Event()
@@ -461,7 +464,7 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
         def finish():
             manifests = []
             for k, d in enumerate(planned):
-                inputs = [{"role": role, "file": str(p.resolve()), "sha256": digests[p.resolve()]} for role, p in d["inputs"]]
+                inputs = [{"role": role, "file": str(p), "sha256": digests[p]} for role, p in d["inputs"]]
                 if d["cutouts"]:  # each folder the catalog's file column reaches, by first use, with its count
                     folders = Counter(str(f.parent.resolve()) for f in d["images"].files)
                     inputs += [{"role": "cutouts", "file": folder, "count": n} for folder, n in folders.items()]
