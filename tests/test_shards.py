@@ -199,6 +199,21 @@ def test_files_named_as_ours_are_not_taken_for_ours(tmp_path, dataset):
     assert sorted(os.listdir(killed)) == [MANIFEST, "shard-00000.h5"]
 
 
+def test_a_manifest_is_known_as_ours_by_its_first_line(dataset, monkeypatch):
+    """Whose a manifest.json is was decided by parsing it whole, on every rank of a conversion: a GB
+    of split lists at 1e8 rows. This format's first line decides; another layout is parsed."""
+    from dmhpc.data import shards
+
+    directory, _, _ = dataset
+    loads = []
+    parse = json.loads
+    monkeypatch.setattr(shards.json, "loads", lambda *a, **k: loads.append(a) or parse(*a, **k))
+    shards.check_output_dir(directory, overwrite=True)
+    assert shards.holds_dataset(directory) and loads == []
+    (directory / MANIFEST).write_text(' {"count": 1, "format": "dmhpc-shards"}')  # ours, laid out otherwise
+    assert shards.holds_dataset(directory) and len(loads) == 1
+
+
 def test_a_mark_that_cannot_be_made_takes_back_only_the_marks_made_with_it(tmp_path, monkeypatch):
     """A folder an interrupted conversion left marked stays refused when the next conversion's marks
     fail: taking its mark back would make a half-replaced set readable."""
@@ -596,6 +611,23 @@ def test_a_read_that_fails_midway_names_the_shard(dataset, monkeypatch):
         with pytest.raises(DmhpcError, match=rf"^{directory / shard_name(0)}: cannot read rows 0 to 1: "
                                              rf"\[Errno 5\] Input/output error$"):
             reader.read(0, 2)
+
+
+def test_a_shard_damaged_under_an_open_reader_is_named(dataset):
+    """A shard whose datasets went (moved, a group in one's place) after the start's checks: h5py's
+    KeyError and TypeError were tracebacks naming no file, where an OSError was one line."""
+    directory, _, _ = dataset
+    path = directory / shard_name(1)
+    with RowReader(directory) as reader:
+        reader.read(0, 2)
+        with h5py.File(path, "a") as f:
+            f.move("labels", "moved")
+            del f["objects"]
+            f.create_group("objects")
+        for key, reason in (("labels", "Unable to synchronously open object .object 'labels' doesn't exist."),
+                            ("objects", "Accessing a group is done with bytes or str, not <class 'slice'>")):
+            with pytest.raises(DmhpcError, match=rf"^{path}: cannot read rows 0 to 3: {reason}$"):
+                reader.read_ranges([(16, 20)], [key])
 
 
 def test_a_shard_cut_short_under_an_open_reader_is_an_error_not_zeros(dataset):

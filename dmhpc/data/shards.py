@@ -34,6 +34,7 @@ from dmhpc.files import atomic_path, atomic_write, file_version, fsync_directory
 from dmhpc.progress import progress_bar
 
 FORMAT = "dmhpc-shards"
+_FORMAT_FIRST = re.compile(rb'\{\s*"format": ' + json.dumps(FORMAT).encode() + b",")  # how write_manifest begins
 VERSION = 1
 MANIFEST = "manifest.json"
 CONTENT_KEY = "content_sha256"  # the manifest's last key: the SHA-256 of the rest (see load_manifest)
@@ -647,7 +648,13 @@ def holds_dataset(directory: str | os.PathLike) -> bool:
 def _owner_of_manifest(out_dir: Path) -> str:
     """"dmhpc" when DIR/manifest.json is this format's (valid or not otherwise), else "other"."""
     try:
-        data = json.loads((out_dir / MANIFEST).read_text())
+        with open(out_dir / MANIFEST, "rb") as f:
+            head = f.read(256)
+            # write_manifest puts the format first: the rest (a GB of split lists at 1e8 rows) is
+            # not parsed on every rank of a conversion for it. Another layout is parsed whole.
+            if _FORMAT_FIRST.match(head):
+                return "dmhpc"
+            data = json.loads(head + f.read())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return "other"
     return "dmhpc" if isinstance(data, dict) and data.get("format") == FORMAT else "other"
@@ -1022,6 +1029,11 @@ def _open_shards_limit() -> int:
     return max(16, min(512, soft // 8)) if soft != resource.RLIM_INFINITY else 512
 
 
+# What reading a shard's rows raises: OSError of the disk; h5py's KeyError of a missing object and
+# TypeError of a group in a dataset's place, in a shard damaged after the start's checks.
+_READ_ERRORS = (OSError, KeyError, TypeError)
+
+
 class RowReader:
     """Reads rows of a data set by row range, across shards.
 
@@ -1172,7 +1184,7 @@ class RowReader:
                             d.read_direct(array, np.s_[a:b], np.s_[place : place + b - a])
                         else:  # a plain slice is h5py's fast path: a tenth of read_direct's cost
                             array[place : place + b - a] = d[a:b]
-                except OSError as exc:  # a disk or network file system failing mid-run: the shard, named
+                except _READ_ERRORS as exc:  # a disk or network file system failing mid-run: the shard, named
                     raise self._read_error(number, a, b, exc) from None
                 self._check_unchanged(number)
             at += stop - start
@@ -1190,8 +1202,8 @@ class RowReader:
             yield number, a, b
             row = base + b
 
-    def _read_error(self, number: int, a: int, b: int, exc: OSError) -> DmhpcError:
-        reason = " ".join(str(exc).split()) or type(exc).__name__
+    def _read_error(self, number: int, a: int, b: int, exc: Exception) -> DmhpcError:
+        reason = " ".join(str(exc).strip("\"'").split()) or type(exc).__name__
         return DmhpcError(f"{self.directory / self.manifest['shards'][number]['file']}: cannot read rows {a} to "
                           f"{b - 1}: {reason}")
 
@@ -1203,7 +1215,7 @@ class RowReader:
         for number, a, b in self._spans(start, stop):
             try:
                 parts += [v.decode() for v in self._file(number)["ids"][a:b]]
-            except OSError as exc:
+            except _READ_ERRORS as exc:
                 raise self._read_error(number, a, b, exc) from None
             self._check_unchanged(number)
         return parts
