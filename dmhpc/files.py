@@ -35,12 +35,18 @@ from dmhpc.errors import DmhpcError
 
 TEMP_SUFFIX = ".tmp"
 # `.NAME.XXXXXXXX.tmp`: tempfile's random part is 8 characters of [a-z0-9_].
-_TEMP_NAME = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+_TEMP_NAME = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
 
 
 def is_temporary(name: str) -> bool:
     """Whether a file name is one of `atomic_write`'s temporary files."""
     return bool(_TEMP_NAME.fullmatch(name))
+
+
+def temporary_of(name: str) -> str | None:
+    """The name of the file an `atomic_write` temporary file is written for; None for another name."""
+    match = _TEMP_NAME.fullmatch(name)
+    return match[1] if match else None
 
 
 def write_error(path: str | os.PathLike, exc: OSError) -> DmhpcError:
@@ -216,7 +222,7 @@ def remove_orphans(directory: str | os.PathLike, of: Iterable[str] | None = None
     names = None if of is None else set(of)
     for entry in os.scandir(directory):
         if entry.is_file(follow_symlinks=False) and is_temporary(entry.name) and \
-                (names is None or entry.name[1:].rsplit(".", 2)[0] in names):
+                (names is None or temporary_of(entry.name) in names):
             try:
                 n = entry.stat().st_size
                 os.unlink(entry.path)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dmhpc.files import atomic_write, is_temporary
+from dmhpc.files import atomic_write, temporary_of
 
 DOMAIN_COLOURS = {"source": "tab:blue", "target": "tab:orange"}
 CLASS_NAMES = {0: "non-merger", 1: "merger"}
@@ -307,6 +307,5 @@ def _format(path: Path) -> str:
     """The image format a file name asks for; a temporary file (`.NAME.XXXXXXXX.tmp`, see
     dmhpc.files) asks for NAME's: `dmhpc eval` draws every figure to one before it puts any in place."""
     name = Path(path).name
-    if is_temporary(name):
-        name = name[1:].rsplit(".", 2)[0]
+    name = temporary_of(name) or name
     return Path(name).suffix.lstrip(".") or "png"

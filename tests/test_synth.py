@@ -779,17 +779,21 @@ def test_overwrite_without_survey_removes_an_older_survey(with_survey, tmp_path)
     assert len(np.load(out / "pristine_y.npy")) == 4
 
 
-def test_a_users_file_named_like_a_temporary_is_neither_taken_nor_removed(tmp_path):
+@pytest.mark.parametrize("name", [".notes.tmp", ".preds.csv.abcd1234.tmp"])
+def test_a_users_file_named_like_a_temporary_is_neither_taken_nor_removed(tmp_path, name):
     """A user's `.notes.tmp` in the output folder was taken for an orphan of a killed render: the
-    folder counted as dmhpc's, and the file was deleted without --overwrite."""
+    folder counted as dmhpc's, and the file was deleted without --overwrite. So was the temporary
+    file of another writer (a prediction written beside the render), with --overwrite too."""
     out = tmp_path / "busy"
     out.mkdir()
-    (out / ".notes.tmp").write_text("mine")
+    (out / name).write_text("mine")
     result = _cli("--out", str(out), "--n-per-class", "2")
     _one_line_error(result)
-    assert result.stderr == (f"dmhpc synth: error: {out}: not empty (holds .notes.tmp); pass --overwrite to replace "
+    assert result.stderr == (f"dmhpc synth: error: {out}: not empty (holds {name}); pass --overwrite to replace "
                              "the synth files in it\n")
-    assert [p.name for p in out.iterdir()] == [".notes.tmp"] and (out / ".notes.tmp").read_text() == "mine"
+    assert [p.name for p in out.iterdir()] == [name] and (out / name).read_text() == "mine"
+    assert _cli("--out", str(out), "--n-per-class", "2", "--overwrite").returncode == 0
+    assert (out / name).read_text() == "mine" and (out / "meta.json").exists()
 
 
 def test_every_file_of_a_render_is_on_disk_before_it_takes_its_name(tmp_path, monkeypatch):

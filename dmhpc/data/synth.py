@@ -32,7 +32,7 @@ from dmhpc.checks import Invalid, integer
 from dmhpc.data import scenes
 from dmhpc.data.scenes import DEFAULT_KNOBS, KNOB_CHECKS, Knobs
 from dmhpc.errors import DmhpcError
-from dmhpc.files import (fsync_directory, is_temporary, locked_directory, remove_orphans, reserve, temporary_path,
+from dmhpc.files import (fsync_directory, locked_directory, remove_orphans, reserve, temporary_of, temporary_path,
                          write_error)
 from dmhpc.mpi import abort_all, launched_rank, world_comm
 from dmhpc.progress import progress_bar
@@ -40,6 +40,7 @@ from dmhpc.progress import progress_bar
 IMAGE_FILES = ("pristine_X.npy", "noisy_X.npy")
 OUTPUT_FILES = IMAGE_FILES + ("pristine_y.npy", "noisy_y.npy", "objects.npy", "meta.json")
 SURVEY_FILES = ("survey_X.npy", "survey_y.npy", "survey_objects.npy")
+RENDER_FILES = OUTPUT_FILES + SURVEY_FILES  # every file a render may write
 # The survey objects' seed sequences are keyed [seed, k, SURVEY_STREAM], the simulated objects' [seed, k]:
 # numpy pads a key of up to 4 words with zeros, so a tag anywhere but after k ([seed, 2, 0] is [seed, 2])
 # made survey object 0 the simulated object 2, primary galaxy and all. Seeds stay one word (< 2**32).
@@ -228,7 +229,7 @@ def _claim_output(out: Path, overwrite: bool, held: contextlib.ExitStack) -> boo
     """Create or check the output folder and lock it for this render (held until `held` closes);
     True when this call created it.
 
-    A folder holding only synth's files and temporary files, without meta.json, is a render that
+    A folder holding only synth's files and their temporary files, without meta.json, is a render that
     was killed: it is rendered again without --overwrite. Its orphan temporary files (full-size
     images, each killed run leaves a set) are removed under the lock, where no other synth can be
     writing them."""
@@ -255,11 +256,12 @@ def _claim_output(out: Path, overwrite: bool, held: contextlib.ExitStack) -> boo
                 if "meta.json" in names:
                     raise DmhpcError(f"{out}: holds a finished render (meta.json); pass --overwrite to replace "
                                      f"the synth files in it")
-                foreign = [n for n in names if n not in OUTPUT_FILES + SURVEY_FILES and not is_temporary(n)]
+                # (another writer's temporary file, a prediction's beside a render, say, is not synth's)
+                foreign = [n for n in names if n not in RENDER_FILES and temporary_of(n) not in RENDER_FILES]
                 if foreign:
                     raise DmhpcError(f"{out}: not empty (holds {foreign[0]}); pass --overwrite to replace the "
                                      f"synth files in it")
-            remove_orphans(out)
+            remove_orphans(out, of=RENDER_FILES)
         except OSError as exc:  # an unreadable folder, a leftover file another user owns: one line, which
             # rank 0 sends the other ranks (an OSError escaped before, and they waited for it forever)
             raise DmhpcError(f"{exc.filename or out}: cannot claim it for the render: {exc.strerror or exc}") from None
