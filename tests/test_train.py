@@ -580,12 +580,53 @@ def test_a_run_stopped_mid_epoch_resumes_with_that_epochs_loader(data, tmp_path,
     assert loader_kind(cfg, stopped, 4) == STREAMED == loader_kind(cfg, dataclasses.replace(stopped, loader="torch"), 4)
     monkeypatch.setattr(loaders, "dali_runs", lambda device: "DALI is not importable")  # a node without it
     assert choose_kind(STREAMED, torch.device("cpu"), 10**12) == (
-        "torch", "the epoch resumed began with dali or torch, which read its rows in one order; DALI is not importable")
+        "torch", "the run's epochs were read by dali or torch, in one order, which auto keeps; DALI is not importable")
     resident = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, loader="gpu-resident"))
     with pytest.raises(DmhpcError, match="data.loader gpu-resident: .* with data.loader dali; resume it with dali or "
                                          "torch, or auto"):
         loader_kind(resident, stopped, 4)
-    assert loader_kind(cfg, Progress(epoch=2, world_size=4, loader="dali"), 2) == "auto"  # an epoch's start
+    # An epoch's start: auto keeps a streamed order; a resident run is decided again (the loop says so).
+    assert loader_kind(cfg, Progress(epoch=2, world_size=4, loader="dali"), 2) == STREAMED
+    assert loader_kind(cfg, Progress(epoch=2, world_size=4, loader="gpu-resident"), 2) == "auto"
+    assert loader_kind(resident, Progress(epoch=2, world_size=4, loader="dali"), 4) == "gpu-resident"
+
+
+def test_auto_keeps_a_streamed_runs_order_at_an_epochs_start_and_says_when_it_changes(data, tmp_path, monkeypatch,
+                                                                                        capsys):
+    """A run stopped at an epoch's end and resumed where memory had freed (or filled) meanwhile: auto
+    decided again, and the batches of every later epoch differed from an uninterrupted run's, said
+    nowhere. A streamed run stays streamed (bit-identical weights); a resident one that must stream
+    now says its rows' order changes."""
+    from dmhpc.data import loaders
+    from dmhpc.train.checkpoint import StopRequest
+
+    def argv(run):
+        return ["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=2")]
+
+    def stopped_at_the_first_epochs_end(run):
+        with monkeypatch.context() as patched:
+            patched.setattr(StopRequest, "poll_now", lambda self: True)
+            assert main(argv(run)) == REQUEUE_EXIT_CODE
+
+    def loaders_said() -> list[str]:
+        return [l for l in capsys.readouterr().out.splitlines() if "loader" in l]
+
+    with monkeypatch.context() as small:  # a node whose memory holds no training split: streamed
+        small.setattr(loaders, "host_memory_available", lambda: 0)
+        assert main(argv(tmp_path / "uninterrupted")) == 0
+        stopped_at_the_first_epochs_end(tmp_path / "streamed")
+    capsys.readouterr()
+    assert main(argv(tmp_path / "streamed")) == 0  # resumed where the data would fit resident
+    assert any("which auto keeps" in l for l in loaders_said())
+    for name, weights in _weights(tmp_path / "uninterrupted").items():
+        assert torch.equal(weights, _weights(tmp_path / "streamed")[name]), name
+
+    stopped_at_the_first_epochs_end(tmp_path / "resident")
+    capsys.readouterr()
+    monkeypatch.setattr(loaders, "host_memory_available", lambda: 0)
+    assert main(argv(tmp_path / "resident")) == 0
+    assert any("the rows' order changes here (the run's epochs so far were read by gpu-resident): not "
+               "bit-identical to an uninterrupted run" in l for l in loaders_said())
 
 
 def test_a_hand_edited_checkpoint_is_one_line(data, tmp_path, capsys):

@@ -268,7 +268,7 @@ def choose_kind(kind: str, device: torch.device, need: int, local_ranks: int = 1
             raise DmhpcError(f"data.loader dali: {problem or 'DALI cannot run on another rank (its log says why)'}; "
                              f"install dmhpc[dali] (and a driver it runs with) or choose torch")
     if kind == STREAMED:
-        return _streamer(device, "the epoch resumed began with dali or torch, which read its rows in one order")
+        return _streamer(device, "the run's epochs were read by dali or torch, in one order, which auto keeps")
     if kind not in ("auto", "gpu-resident"):
         return kind, f"data.loader is {kind}"
     on_gpu = device.type == "cuda"
@@ -318,7 +318,7 @@ def make_train_loader(
     read_target: bool = True,
 ) -> TrainLoader:
     """The training loader of one rank: `kind` is "auto", "gpu-resident", "dali" or "torch" (or
-    STREAMED: an epoch begun by dali or torch resumed under auto).
+    STREAMED: a run read by dali or torch resumed under auto).
 
     `batch_size` is per rank. `subset` keeps only the first N training rows of each domain.
     `stop_signals` are the trainer's stop signals (train.signals): worker processes ignore them.

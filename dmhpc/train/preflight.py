@@ -159,15 +159,23 @@ def loader_kind(cfg, progress, world_size: int) -> str:
     epoch's world size and a loader of its order (`ORDER`: dali and torch read the same): the rest
     of its rows in another order would repeat some rows and skip others. `auto` follows the
     epoch's order (dali where it runs now, else torch; gpu-resident); a kind of another order
-    asked for, or another world size, is a one-line error."""
-    if progress.step_in_epoch == 0 or not progress.loader:  # an epoch's start (or an older checkpoint)
+    asked for, or another world size, is a one-line error.
+
+    At an epoch's start the kind may change. `auto` keeps a streamed run streamed (its rows' order),
+    where memory freed since would now hold its data: decided again, the resumed run read other
+    batches than an uninterrupted one. A resident run is decided again (the quarter of memory is
+    what leaves the model its room); the loop says when its order changes."""
+    if not progress.loader:  # a run's first start (or a checkpoint older than the record)
         return cfg.data.loader
+    streamed = ORDER.get(progress.loader) == ORDER["torch"]
+    if progress.step_in_epoch == 0:
+        return STREAMED if cfg.data.loader == "auto" and streamed else cfg.data.loader
     where = f"the run stopped at step {progress.step_in_epoch} of epoch {progress.epoch}"
     if progress.world_size != world_size:
         raise DmhpcError(f"world size {world_size}: {where} with {progress.world_size} ranks; resume it with "
                          f"{progress.world_size} ranks (the world size may change at an epoch's end)")
     if cfg.data.loader == "auto":  # (dali gone where a requeued job resumes: torch, in the same order)
-        return STREAMED if ORDER.get(progress.loader) == ORDER["torch"] else progress.loader
+        return STREAMED if streamed else progress.loader
     if ORDER[cfg.data.loader] != ORDER.get(progress.loader):
         alike = " or ".join(k for k in KINDS if ORDER[k] == ORDER.get(progress.loader)) or progress.loader
         raise DmhpcError(f"data.loader {cfg.data.loader}: {where} with data.loader {progress.loader}; resume it "
