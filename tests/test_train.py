@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -565,6 +566,16 @@ def test_a_run_stopped_mid_epoch_resumes_with_that_epochs_loader(data, tmp_path,
                                        "with data.loader gpu-resident; resume it with gpu-resident, or auto (the "
                                        "loader may change at an epoch's end)\n")
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != ".lock"} == before
+    # Resumed where the resident epoch no longer fits: the way out, not "choose auto, dali or torch"
+    # (auto it was; torch is refused above).
+    with monkeypatch.context() as small:
+        small.setattr(loaders, "host_memory_available", lambda: 0)
+        for loader in ("auto", "gpu-resident"):
+            assert main(argv(f"data.loader={loader}")) == 1
+            assert re.fullmatch(r"dmhpc train: error: data.loader: the epoch resumed in its middle began with "
+                                r"gpu-resident, and both training splits \(.* GiB\) exceed the 0.0 GiB of host memory "
+                                r".*; resume it where they fit, or from the selected epoch's end \(--resume "
+                                r"RUN/checkpoints/best.pt\)\n", capsys.readouterr().err), loader
     assert main(argv()) == 0
     assert "the epoch resumed in its middle began with it" in capsys.readouterr().out
 

@@ -39,6 +39,8 @@ KINDS = ("gpu-resident", "dali", "torch")
 ORDER = {"gpu-resident": "rows", "dali": "blocks", "torch": "blocks"}
 # What `auto` resumes an epoch begun by dali or torch with: whichever of the two runs here now.
 STREAMED = "dali or torch"
+# An epoch begun resident resumed in its middle: gpu-resident, whatever data.loader says, or nothing.
+RESUMED_RESIDENT = "gpu-resident, as the epoch resumed"
 # `auto` keeps the data on the GPU when the training splits read take at most this share of the
 # free device memory: the rest is for the model, activations and the allocator's slack.
 _RESIDENT_SHARE = 0.25
@@ -269,7 +271,7 @@ def choose_kind(kind: str, device: torch.device, need: int, local_ranks: int = 1
                              f"install dmhpc[dali] (and a driver it runs with) or choose torch")
     if kind == STREAMED:
         return _streamer(device, "the run's epochs were read by dali or torch, in one order, which auto keeps")
-    if kind not in ("auto", "gpu-resident"):
+    if kind not in ("auto", "gpu-resident", RESUMED_RESIDENT):
         return kind, f"data.loader is {kind}"
     on_gpu = device.type == "cuda"
     budget = torch.cuda.mem_get_info(device)[0] if on_gpu else host_memory_available() // max(1, local_ranks)
@@ -278,6 +280,12 @@ def choose_kind(kind: str, device: torch.device, need: int, local_ranks: int = 1
     where = (f"the {budget / 2**30:.1f} GiB free on {device}" if on_gpu else
              f"the {budget / 2**30:.1f} GiB of host memory each of the node's {max(1, local_ranks)} rank(s) "
              f"can count on") + " (the least over ranks)"
+    if kind == RESUMED_RESIDENT and need > budget:  # (another loader would repeat and skip the epoch's rows)
+        raise DmhpcError(f"data.loader: the epoch resumed in its middle began with gpu-resident, and {gib} exceed "
+                         f"{where}; resume it where they fit, or from the selected epoch's end (--resume "
+                         f"RUN/checkpoints/best.pt)")
+    if kind == RESUMED_RESIDENT:
+        return "gpu-resident", "the epoch resumed in its middle began with it"
     if kind == "gpu-resident":  # asked for: allowed past the quarter, not past the memory itself
         if need > budget:       # (which ended in an allocator's traceback, or the OOM killer)
             raise DmhpcError(f"data.loader gpu-resident: {gib} exceed {where}; choose auto, dali or torch")
@@ -318,7 +326,8 @@ def make_train_loader(
     read_target: bool = True,
 ) -> TrainLoader:
     """The training loader of one rank: `kind` is "auto", "gpu-resident", "dali" or "torch" (or
-    STREAMED: a run read by dali or torch resumed under auto).
+    STREAMED: a run read by dali or torch resumed under auto; RESUMED_RESIDENT: an epoch begun
+    resident resumed in its middle).
 
     `batch_size` is per rank. `subset` keeps only the first N training rows of each domain.
     `stop_signals` are the trainer's stop signals (train.signals): worker processes ignore them.
@@ -336,7 +345,7 @@ def make_train_loader(
     process group; `torch` forks its workers, which never touch CUDA.
     """
     device = torch.device(device)
-    if kind not in ("auto", STREAMED, *KINDS):
+    if kind not in ("auto", STREAMED, RESUMED_RESIDENT, *KINDS):
         raise DmhpcError(f"data.loader {kind!r}: expected one of auto, {', '.join(KINDS)}")
     check_normalize(normalize)
     if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size or seed < 0:

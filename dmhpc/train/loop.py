@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from dmhpc.config import config_to_dict, load_config
-from dmhpc.data.loaders import ORDER, STREAMED, make_train_loader
+from dmhpc.data.loaders import ORDER, make_train_loader
 from dmhpc.distributed import (AgreedError, agree, all_gather_object, bootstrap, meet_before_leaving, on_main,
                                shutdown, synchronize)
 from dmhpc.errors import DmhpcError
@@ -151,9 +151,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
         return prog.epoch * steps_per_epoch + prog.step_in_epoch
 
     try:
-        if kind not in (cfg.data.loader, STREAMED):  # (STREAMED: choose_kind says why)
-            loader.reason = f"the epoch resumed in its middle began with it; data.loader is {cfg.data.loader}"
-        elif prog.loader and ORDER[loader.kind] != ORDER.get(prog.loader):  # (another kind at an epoch's start)
+        if prog.loader and ORDER[loader.kind] != ORDER.get(prog.loader):  # (another kind at an epoch's start)
             loader.reason += (f"; the rows' order changes here (the run's epochs so far were read by {prog.loader}): "
                               f"not bit-identical to an uninterrupted run")
         # A checkpoint of dmhpc before the world size was recorded (0) may count its epoch's steps in

@@ -22,7 +22,7 @@ import math
 import torch
 
 from dmhpc.data.check import check_dataset
-from dmhpc.data.loaders import KINDS, ORDER, STREAMED
+from dmhpc.data.loaders import KINDS, ORDER, RESUMED_RESIDENT, STREAMED
 from dmhpc.data.batches import normalization
 from dmhpc.data.shards import SPLITS, fingerprint, is_labelled, load_manifest
 from dmhpc.distributed import agree, gather
@@ -174,8 +174,9 @@ def loader_kind(cfg, progress, world_size: int) -> str:
     if progress.world_size != world_size:
         raise DmhpcError(f"world size {world_size}: {where} with {progress.world_size} ranks; resume it with "
                          f"{progress.world_size} ranks (the world size may change at an epoch's end)")
-    if cfg.data.loader == "auto":  # (dali gone where a requeued job resumes: torch, in the same order)
-        return STREAMED if streamed else progress.loader
+    if cfg.data.loader == "auto" or cfg.data.loader == progress.loader == "gpu-resident":
+        # (dali gone where a requeued job resumes: torch, in the same order)
+        return STREAMED if streamed else RESUMED_RESIDENT
     if ORDER[cfg.data.loader] != ORDER.get(progress.loader):
         alike = " or ".join(k for k in KINDS if ORDER[k] == ORDER.get(progress.loader)) or progress.loader
         raise DmhpcError(f"data.loader {cfg.data.loader}: {where} with data.loader {progress.loader}; resume it "
