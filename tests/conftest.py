@@ -83,9 +83,11 @@ def cpu_unless_marked_gpu(request, monkeypatch):
 def compiler_cache(tmp_path_factory):
     """Inductor's cache of compiled code in the session's folder, which a passed session removes, for
     this process and its children: in /tmp/torchinductor_$USER it grew by every run (to 3.4 GB here).
-    Its precompiled headers (150 MB, one set per torch build) stay there: inductor does not move them."""
+    No precompiled headers: inductor keeps them there whatever the cache's folder, 150 MB a set, and
+    a set for every checkout's interpreter path."""
     patch = pytest.MonkeyPatch()
     patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+    patch.setenv("TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS", "0")
     yield
     patch.undo()
 
