@@ -46,7 +46,7 @@ import torch.distributed as dist
 
 from dmhpc.cpus import cpu_mask, quota_share, usable_cpus
 from dmhpc.errors import DmhpcError
-from dmhpc.mpi import check_shared_world, env_int, import_mpi, launched
+from dmhpc.mpi import env_int, import_mpi, launched
 from dmhpc.rendezvous import master_port, slurm_rendezvous
 
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -175,10 +175,9 @@ def _slurm_tasks_on_node(env: Mapping[str, str]) -> int:
 
 def _mpi_rendezvous(launch: Launch, env: Mapping[str, str]) -> Launch:
     """Rank, size and node-local rank from MPI itself; rank 0's host and a free port for everyone."""
-    MPI = import_mpi()  # initialises MPI: only on this path
-    # Each process rank 0 of its own world otherwise: the trainers then met at the run's lock, refused
-    # as "in use by another dmhpc trainer" instead of told why.
-    check_shared_world(MPI, launched(env))
+    # Initialises MPI: only on this path. Its world checked: each process rank 0 of its own world
+    # otherwise, the trainers met at the run's lock, refused as "in use by another dmhpc trainer".
+    MPI = import_mpi(env)
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()

@@ -75,11 +75,20 @@ def library_defaults(env: Mapping[str, str]) -> dict[str, str]:
     return {name: value for name, value in SLURM_PMI2_DEFAULTS.items() if name not in env}
 
 
-def import_mpi():
-    """mpi4py's MPI module, imported (which initialises MPI) with the settings this launch needs."""
+def import_mpi(env: Mapping[str, str] = os.environ):
+    """mpi4py's MPI module for a process an MPI launcher started, imported (which initialises MPI)
+    with the settings this launch needs, its world checked (`check_shared_world`). Without mpi4py
+    (an optional extra), one line."""
+    mpi = launched(env)
     os.environ.update(library_defaults(os.environ))
-    from mpi4py import MPI
-
+    try:
+        from mpi4py import MPI
+    except ImportError:
+        raise DmhpcError(
+            f"launched under MPI ({mpi.variable}={env[mpi.variable]}) but mpi4py is not installed;"
+            " install dmhpc[mpi] or run without mpiexec"
+        ) from None
+    check_shared_world(MPI, mpi)
     return MPI
 
 
@@ -88,14 +97,7 @@ def world_comm(env: Mapping[str, str] = os.environ):
     mpi = launched(env)
     if mpi is None or mpi.size == 1:
         return None
-    try:
-        MPI = import_mpi()
-    except ImportError:
-        raise DmhpcError(
-            f"launched under MPI ({mpi.variable}={env[mpi.variable]}) but mpi4py is not installed;"
-            " install dmhpc[mpi] or run without mpiexec"
-        ) from None
-    check_shared_world(MPI, mpi)
+    MPI = import_mpi(env)
     return MPI.COMM_WORLD if MPI.COMM_WORLD.Get_size() > 1 else None
 
 

@@ -54,6 +54,27 @@ def test_a_launcher_mpi_does_not_hear_is_one_line(tmp_path):
     assert not (tmp_path / "ds").exists()
 
 
+WITHOUT_MPI4PY = "import sys; sys.modules['mpi4py'] = None; from dmhpc.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+@pytest.mark.parametrize("command", ["prepare", "train"])
+def test_an_mpi_launch_without_mpi4py_is_one_line(tmp_path, command):
+    """mpi4py is an optional extra (dmhpc[mpi]): the trainer under mpiexec without it was a traceback
+    of 22 lines (prepare's and synth's were one line already)."""
+    from tests.conftest import TINY
+
+    data = tmp_path / "X.npy"
+    np.save(data, np.zeros((8, 3, 4, 4), np.float32))
+    argv = {"prepare": ["--images", str(data), "--out", str(tmp_path / "ds")],
+            "train": ["--config", str(TINY), f"run.dir={tmp_path / 'run'}"]}[command]
+    proc = subprocess.run([sys.executable, "-c", WITHOUT_MPI4PY, command, *argv], cwd=ROOT, capture_output=True,
+                          text=True, env=clean_env(PMI_RANK="0", PMI_SIZE="2"), timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr == (f"dmhpc {command}: error: launched under MPI (PMI_RANK=0) but mpi4py is not installed; "
+                           f"install dmhpc[mpi] or run without mpiexec\n")
+    assert list(tmp_path.iterdir()) == [data]
+
+
 def test_launched_rank_reads_every_launcher():
     assert launched_rank({}) == 0
     for var in RANK_VARS:
