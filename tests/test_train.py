@@ -716,6 +716,9 @@ def test_a_job_requeued_twice_without_a_checkpoint_stops_requeueing(data, tmp_pa
     assert "was requeued 6 times; 2 of its attempts started this run without writing a checkpoint (since attempt 3 " \
         "wrote it)" in err, err
     assert err.count("\n") == 1 and torch.load(last, weights_only=True)["step"] == 2
+    # The run's last.pt named by --resume, by another path (it trained again, and failed again):
+    assert attempt(6, "train.max_steps=3", "--resume", str(run / "checkpoints" / ".." / "checkpoints" / "last.pt")) == 1
+    assert "was requeued 6 times; 2 of its attempts started this run" in capsys.readouterr().err
     # Submitted again (a new job): trained on.
     monkeypatch.setenv("SLURM_JOB_ID", "4244")
     monkeypatch.delenv("SLURM_RESTART_COUNT")
