@@ -32,6 +32,30 @@ SLOWEST_FIRST = ("tests/test_train.py", CLUSTER, "tests/test_infer.py", "tests/t
                  "tests/test_bench.py")
 
 
+# Free space the whole suite asks for where its temporary folder lies: its data sets, runs and
+# caches there peaked at 0.6 GB on 2 cores (sampled every 15 s; docs/benchmarks.md). A disk shared
+# with other jobs that filled up meanwhile failed the suite at a quarter, in 518 errors.
+SUITE_DISK_GB = 2.0
+
+
+def pytest_configure(config):
+    """The whole suite (no paths, -k or -m given) starts only where its files fit, else says so in one
+    line (a collection alone writes nothing)."""
+    import shutil
+    import tempfile
+
+    if hasattr(config, "workerinput") or config.args_source != pytest.Config.ArgsSource.TESTPATHS or \
+            config.option.keyword or config.option.markexpr or config.option.collectonly:
+        return
+    base = config.option.basetemp
+    where = Path(base).resolve().parent if base else Path(os.environ.get("PYTEST_DEBUG_TEMPROOT") or
+                                                            tempfile.gettempdir())
+    free = shutil.disk_usage(where).free / 1e9
+    if free < SUITE_DISK_GB:
+        pytest.exit(f"{where}: {free:.1f} GB free, and the suite writes up to {SUITE_DISK_GB:.0f} GB there; free "
+                    f"some, or give TMPDIR (or --basetemp) another disk", returncode=1)
+
+
 def _module(nodeid: str) -> str:
     """The work unit a test belongs to under pytest-xdist: its module, or tests/cluster/ as a whole
     (its tests share one SLURM cluster, started once per worker that runs any of them)."""
