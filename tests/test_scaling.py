@@ -295,15 +295,19 @@ def test_a_local_points_threads_do_not_depend_on_the_points_left_to_run(tmp_path
     assert probe.read_text() == f"{expected}\n" and measured_with(study, alone)["threads_per_rank"] == expected
 
 
-def test_the_threads_of_a_local_point_are_one_setting_however_they_were_given(tmp_path, monkeypatch):
+@pytest.mark.parametrize("executor", ["local", "slurm"])
+def test_the_threads_of_a_point_are_one_setting_however_they_were_given(tmp_path, monkeypatch, executor):
     """dmhpc's thread count was recorded as a number, the same count from OMP_NUM_THREADS (which
     many HPC shells export) as text: a study launched once with it and once without was refused at
-    every point ("threads_per_rank 1 -> "1"")."""
+    every point ("threads_per_rank 1 -> "1""). On Slurm the launching shell's OMP_NUM_THREADS
+    reaches every rank, and was not recorded: timings of 1 thread and of a node's cores mixed."""
     from dmhpc.config import save_config
     from dmhpc.launch.scaling import record_measured_with
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    spec = cpu_study(tmp_path)
+    if executor == "slurm":  # (the local executor's own count stands for it in the other case)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    spec = {**cpu_study(tmp_path), "executor": executor}
     study = load_study(spec)
     record_measured_with(study)
     for p in study.points:

@@ -212,9 +212,11 @@ def measured_with(study: Study, point: Point) -> dict:
 
     add("config", config)
     add("slurm", resources)
-    if study.executor == "local":  # the CPU threads each rank gets beside the others (None: all cores)
-        flat["threads_per_rank"] = _thread_count(local_threads_of(list(study.points), study.resources) or
-                                                 os.environ.get("OMP_NUM_THREADS"))
+    # The CPU threads each rank gets: local jobs share this machine's cores; the launcher's
+    # OMP_NUM_THREADS reaches every rank of every executor (submitit's sbatch exports the launching
+    # shell's environment), else the trainer sizes them to the CPUs given (None: recorded so).
+    local = local_threads_of(list(study.points), study.resources) if study.executor == "local" else None
+    flat["threads_per_rank"] = _thread_count(local or os.environ.get("OMP_NUM_THREADS"))
     return json.loads(json.dumps(flat, default=str))  # as it reads back from the file
 
 
