@@ -71,17 +71,36 @@ def test_local_jobs_running_at_once_get_gpus_of_their_own(gpus, running, wanted,
 
 
 def test_the_gpus_local_jobs_may_use_follow_the_launchers_cuda_visible_devices(monkeypatch):
-    for visible, expected in (("2,5", (2, 5)), ("3", (3,)), ("GPU-8f3a,GPU-19bc", None)):
+    for visible, expected in (("2,5", (2, 5)), ("3", (3,)), ("1, 3", (1, 3)), ("0,-1,2", (0,))):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
         assert local_gpus(1) == expected, visible
         assert local_gpus(0) is None  # no GPU wanted: none handed out
     # Fewer than a job wants: submitit gave it GPUs 0.. anyway, those the launcher's
-    # CUDA_VISIBLE_DEVICES had kept from it (or none there at all).
-    for visible, wanted in (("", 1), ("3", 2)):
+    # CUDA_VISIBLE_DEVICES had kept from it (or none there at all: "", and CUDA's "-1").
+    for visible, wanted, count in (("", 1, 0), ("3", 2, 1), ("-1", 1, 0), ("0,-1,2", 2, 1)):
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
         with pytest.raises(DmhpcError, match=rf"^gpus_per_node {wanted}: CUDA_VISIBLE_DEVICES='{visible}' gives "
-                                             rf"{len(visible)} GPU\(s\) here for local jobs; ask for fewer"):
+                                             rf"{count} GPU\(s\) here for local jobs; ask for fewer"):
             local_gpus(wanted)
+    # By UUID: submitit takes indices, and gave the job GPUs 0.., perhaps not those.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-8f3a,GPU-19bc")
+    with pytest.raises(DmhpcError, match=r"^gpus_per_node 1: CUDA_VISIBLE_DEVICES='GPU-8f3a,GPU-19bc' names GPUs by "
+                                         r"UUID, and local jobs are given indices; list them by index"):
+        local_gpus(1)
+    assert local_gpus(0) is None
+
+
+def test_a_debug_point_that_wants_a_gpu_where_there_is_none_is_refused(tmp_path, monkeypatch):
+    """The debug executor trains in this process, on what torch sees: a point that wants a GPU on a
+    machine without one trained on the CPU (a scaling study's GPU table then held CPU timings),
+    where the local executor refuses it."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    ran = []
+    point = Point("a", {}, tmp_path / "a", resolve_point(TINY, {"run.dir": str(tmp_path / "a")}))
+    with pytest.raises(DmhpcError, match=r"^gpus_per_node 1: CUDA_VISIBLE_DEVICES='' gives 0 GPU\(s\) here"):
+        submit.launch_points([point], {"a": Resources(gpus_per_node=1)}, kind="debug", folder=tmp_path / "submitit",
+                             job_name="dmhpc-test", task=ran.append)
+    assert ran == [] and not (tmp_path / "a").exists()
 
 
 def _note_gpus(config: dict) -> None:

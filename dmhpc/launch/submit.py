@@ -12,13 +12,14 @@ machine). Executors:
 
 Signals, and which handler wins. submitit installs its handler for its preemption signal
 (SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says otherwise) when the job process starts; the trainer
-replaces it with its own `StopRequest` handler while the training loop runs and puts it back
-afterwards. So a signal during training makes every rank finish its step, write last.pt and
-return REQUEUE_EXIT_CODE; `TrainTask` then raises the signal again on rank 0, where submitit's
-restored handler calls `checkpoint()` (the same call again, as a DelayedSubmission), requeues the
-job and exits; the other ranks exit without a result file, which would otherwise pass for the
-result of the requeued run. Outside the loop (start-up, final evaluation) submitit's handler acts
-directly. The next start resumes from last.pt (`resume="auto"`). Launch points are trained with
+replaces it with its own `StopRequest` handler from the moment it has joined the process group
+(the start-up checks, the training, the final test) to its teardown, and puts it back afterwards.
+So a signal then makes every rank finish its step (or the test), write last.pt and return
+REQUEUE_EXIT_CODE; `TrainTask` then raises the signal again on rank 0, where submitit's restored
+handler calls `checkpoint()` (the same call again, as a DelayedSubmission), requeues the job and
+exits; the other ranks exit without a result file, which would otherwise pass for the result of
+the requeued run. Before that (joining the group) submitit's handler acts directly. The next
+start resumes from last.pt (`resume="auto"`). Launch points are trained with
 `train.signals` = [that signal] only: submitit ignores SIGTERM (it comes first on preemption, and
 alone on `scancel`), and a stop on SIGTERM must not requeue a job the user cancelled.
 """
@@ -266,26 +267,33 @@ def local_gpus(wanted: int) -> tuple[int, ...] | None:
     """The GPUs local jobs that want `wanted` GPUs each may use, as the indices submitit's local
     executor puts in a job's CUDA_VISIBLE_DEVICES: the launcher's own CUDA_VISIBLE_DEVICES where it
     lists indices, else those `nvidia-smi -L` lists, else (no nvidia-smi, or it fails) those torch
-    counts. None where no GPU is wanted (nothing is asked) or where that cannot be told (UUIDs):
-    submitit's default. Fewer than `wanted` are refused: submitit would give the job GPUs 0.. that
-    are not there, or that the launcher's CUDA_VISIBLE_DEVICES kept from it ("" included), and the
-    trainer, finding no GPU, trained on the CPU (a scaling study's GPU table then held CPU timings)."""
+    counts. None where no GPU is wanted (nothing is asked). Fewer than `wanted` are refused: submitit
+    would give the job GPUs 0.. that are not there, or that the launcher's CUDA_VISIBLE_DEVICES kept
+    from it ("" and "-1" included), and the trainer, finding no GPU, trained on the CPU (a scaling
+    study's GPU table then held CPU timings). GPUs listed by UUID are refused too: submitit takes
+    indices, and gave the job GPUs 0.., which need not be those."""
     if not wanted:
         return None
-    gpus, where = _listed_gpus()
-    if gpus is not None and len(gpus) < wanted:
+    gpus, where = _listed_gpus(wanted)
+    if len(gpus) < wanted:
         raise DmhpcError(f"gpus_per_node {wanted}: {where} {len(gpus)} GPU(s) here for local jobs; ask for fewer "
                          f"(0 runs on the CPU), or run where there are more")
     return gpus
 
 
-def _listed_gpus() -> tuple[tuple[int, ...] | None, str]:
+def _listed_gpus(wanted: int) -> tuple[tuple[int, ...], str]:
     """The GPU indices local jobs may use, and what told them."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        items = [v.strip() for v in visible.split(",") if v.strip()]
-        return tuple(int(v) for v in items) if all(v.isdecimal() for v in items) else None, \
-            f"CUDA_VISIBLE_DEVICES={visible!r} gives"
+        gpus = []
+        for item in (v.strip() for v in visible.split(",")):
+            if item.startswith(("GPU-", "MIG-")):
+                raise DmhpcError(f"gpus_per_node {wanted}: CUDA_VISIBLE_DEVICES={visible!r} names GPUs by UUID, and "
+                                 f"local jobs are given indices; list them by index (nvidia-smi -L)")
+            if not item.isdecimal():  # CUDA's rule: no device from there on ("-1" hides them all)
+                break
+            gpus.append(int(item))
+        return tuple(gpus), f"CUDA_VISIBLE_DEVICES={visible!r} gives"
     try:
         listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30)
         if listed.returncode == 0:
@@ -812,6 +820,8 @@ def launch_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     if not wait and kind != "slurm":
         raise DmhpcError(f"executor {kind}: its jobs end with the launcher, so the launcher must wait for them")
     check_executor_here(kind)
+    if kind == "debug":  # in this process: the trainer takes what torch sees (local jobs are checked as they start)
+        local_gpus(max((resources[p.name].gpus_per_node for p in points), default=0))
     warn_setup_unused(kind, [resources[p.name] for p in points])
     # Two launchers of one OUT would both find a point unfinished and run it twice: local jobs meet
     # in its run directory, where one fails as "in use"; SLURM jobs go in twice, before either is in
