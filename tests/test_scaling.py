@@ -338,6 +338,18 @@ def test_a_cpu_study_on_slurm_hides_the_nodes_gpus_from_its_ranks(tmp_path):
     assert all(r.setup == () for r in local.resources.values())
 
 
+def test_a_cpu_study_in_the_debug_executor_on_a_gpu_machine_is_refused(tmp_path, monkeypatch):
+    """Its points train in the launcher's process, which cannot hide the GPU: the table called GPU
+    timings CPU ones."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(DmhpcError, match=r"device: cpu with executor debug on a machine with a GPU: its points "
+                                         r"would train on the GPU, which this process cannot hide; use executor local"):
+        load_study({**cpu_study(tmp_path, gpus_per_node=(1,)), "executor": "debug"})
+    load_study(cpu_study(tmp_path))  # local jobs are given no GPU
+
+
 def test_setup_lines_a_local_launch_leaves_out_are_said(tmp_path, capsys):
     """slurm.setup (modules, data staging) was left out by the local executor without a word."""
     from dmhpc.launch.submit import launch_points

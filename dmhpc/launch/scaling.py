@@ -121,6 +121,12 @@ def load_study(spec: str | Path | Mapping, executor: str | None = None) -> Study
     nodes = take(problems, data, "nodes", COUNTS, (1,))
     gpn = take(problems, data, "gpus_per_node", COUNTS, (1,))
     device = take(problems, data, "device", choice("gpu", "cpu"), "gpu")
+    if device == "cpu" and executor == "debug":
+        import torch  # (a study of another executor imports it no sooner than its points)
+
+        if torch.cuda.is_available():  # the debug executor's points train in this process: on its GPU
+            problems.add("device", "cpu with executor debug on a machine with a GPU: its points would train on the "
+                                   "GPU, which this process cannot hide; use executor local, which hides it")
     batches = {mode: _mode_batch(problems, data, mode) for mode in MODES}
     if all(b is None for b in batches.values()) and "weak" not in data and "strong" not in data:
         problems.add("weak", "give weak (batch_per_gpu), strong (global_batch) or both")
