@@ -350,6 +350,20 @@ def test_a_cpu_study_in_the_debug_executor_on_a_gpu_machine_is_refused(tmp_path,
     load_study(cpu_study(tmp_path))  # local jobs are given no GPU
 
 
+def test_a_users_own_scaling_table_in_out_is_not_replaced(tmp_path):
+    """An out no launch ever wrote (no submitit folder) holding a scaling.md of the user's: the first
+    launch replaced it without a word, where a grid refuses its table names."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "scaling.md").write_text("my notes\n")
+    with pytest.raises(DmhpcError, match=rf"out: {out}: holds scaling.md, which no launch into it wrote \(it has no "
+                                         rf"submitit folder\); move them or choose another out"):
+        load_study(cpu_study(tmp_path))
+    assert (out / "scaling.md").read_text() == "my notes\n"
+    (out / "submitit").mkdir()  # a launch's: its own table, replaced by the next
+    load_study(cpu_study(tmp_path))
+
+
 def test_setup_lines_a_local_launch_leaves_out_are_said(tmp_path, capsys):
     """slurm.setup (modules, data staging) was left out by the local executor without a word."""
     from dmhpc.launch.submit import launch_points

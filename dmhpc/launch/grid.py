@@ -59,8 +59,8 @@ from dmhpc.launch.summary import write_summary
 from dmhpc.launch.validators import write_validators
 from dmhpc.checks import Problems, choice, integer, path_text, show, take, text, unknown_keys
 from dmhpc.launch.spec import (NAME_LIMIT, Point, Range, base_path, check_existing_runs, check_point_problems,
-                               dotted_keys, out_problem, repeats, point_name, point_problem, read_launch_file,
-                               read_space, relaunch_problems, resolve_point, warn_missing_data)
+                               dotted_keys, foreign_tables, out_problem, repeats, point_name, point_problem,
+                               read_launch_file, read_space, relaunch_problems, resolve_point, warn_missing_data)
 from dmhpc.launch.submit import EXECUTORS, Resources, TrainTask, launch_points, preempt_signal, read_resources
 
 GRID_KEYS = ("base", "methods", "gap", "out", "executor", "overrides", "grid", "random", "slurm")
@@ -260,11 +260,9 @@ def load_grid(spec: str | Path | Mapping, executor: str | None = None, *, check_
     out = Path(out_text).resolve()
     if (problem := out_problem(out)) is not None:
         problems.add("out", problem)
-    # Tables by the names a launch writes, where no launch ever ran (no OUT/submitit): someone's own,
-    # which the first launch replaced or removed ("the grid no longer varies the seed").
-    if not (out / "submitit").exists() and (theirs := [n for n in TABLE_NAMES[1:] if (out / n).exists()]):
-        problems.add("out", f"{out}: holds {', '.join(theirs)}, which no launch into it wrote (it has no submitit "
-                     f"folder); move them or choose another out")
+    # (the first launch replaced or removed them: "the grid no longer varies the seed")
+    if (problem := foreign_tables(out, TABLE_NAMES[1:])) is not None:
+        problems.add("out", problem)
     try:
         samples = sample_space(space, n, seed) if space else None
     except DmhpcError as exc:

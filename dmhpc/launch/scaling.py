@@ -57,8 +57,8 @@ from dmhpc.markdown import table
 from dmhpc.names import MODEL_NAMES
 from dmhpc.errors import DmhpcError
 from dmhpc.checks import Problems, choice, distinct_list, integer, path_text, show, take, unknown_keys
-from dmhpc.launch.spec import (Point, check_existing_runs, check_point_problems, dotted_keys, out_problem,
-                               point_problem, read_launch_file, resolve_point, warn_missing_data)
+from dmhpc.launch.spec import (Point, check_existing_runs, check_point_problems, dotted_keys, foreign_tables,
+                               out_problem, point_problem, read_launch_file, resolve_point, warn_missing_data)
 from dmhpc.launch.submit import (EXECUTORS, TrainTask, check_executor_shape, launch_points, preempt_signal,
                                  local_threads_of, queued_points, read_resources)
 
@@ -142,8 +142,10 @@ def load_study(spec: str | Path | Mapping, executor: str | None = None) -> Study
         if not base.is_file():
             problems.add("base", f"config file not found: {base}")
             base = None
-    if out_text is not None and (problem := out_problem(Path(out_text).resolve())) is not None:
-        problems.add("out", problem)
+    if out_text is not None:
+        for problem in (out_problem(Path(out_text).resolve()), foreign_tables(Path(out_text).resolve(), TABLES)):
+            if problem is not None:
+                problems.add("out", problem)
     if problems.lines:
         problems.raise_if_any()
 
@@ -191,6 +193,7 @@ def load_study(spec: str | Path | Mapping, executor: str | None = None) -> Study
 
 # --- what a point is measured with -----------------------------------------------------------------
 
+TABLES = ("scaling.csv", "scaling.md", "scaling.png")  # OUT's files of a study's table
 MEASURED_WITH = "measured_with.json"  # OUT/submitit/measured_with.json: point name -> settings
 # Resources that do not change a timing: how long a job may run, how many run at once, who pays.
 UNTIMED = ("time_min", "array_parallelism", "signal_delay_s", "max_num_timeout", "account", "qos")

@@ -117,6 +117,16 @@ def out_problem(out: Path) -> str | None:
     return None
 
 
+def foreign_tables(out: Path, names) -> str | None:
+    """Why OUT's files by the names a launch writes its tables under (`names`) are not the launch's
+    to replace, or None: where no launch ever ran (no OUT/submitit) they are someone's own, which
+    the first launch replaced."""
+    if (out / "submitit").exists() or not (theirs := [n for n in names if (out / n).exists()]):
+        return None
+    return f"{out}: holds {', '.join(theirs)}, which no launch into it wrote (it has no submitit folder); move them " \
+           f"or choose another out"
+
+
 @dataclass(frozen=True)
 class Range:
     """A continuous random choice: uniform in [low, high], or log-uniform."""
