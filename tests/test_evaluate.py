@@ -486,6 +486,34 @@ def test_dmhpc_eval_checks_the_shards_as_the_trainer_does(make_domains, tmp_path
     assert {p: p.read_bytes() for p in run.plot_files()} == plots
 
 
+def test_a_data_set_prepared_again_while_eval_checks_it_is_refused(make_domains, tmp_path, capsys, monkeypatch):
+    """The data sets were checked (checksums: the slowest step), then read by manifests loaded anew:
+    a target prepared again in between was evaluated as the run's own, and its numbers replaced the
+    trainer's final best_test.json."""
+    from dmhpc.data.shards import write_dataset
+    from dmhpc.train import evaluate
+
+    data, run = _trained(make_domains, tmp_path)
+    final = run.result_path("best", "test").read_bytes()
+    check = evaluate.check_dataset
+
+    def prepared_again_after_its_check(what, directory, *args, **kwargs):
+        check(what, directory, *args, **kwargs)
+        if Path(directory) == data / "noisy":
+            rng = np.random.default_rng(7)
+            write_dataset(rng.normal(size=(80, 3, 75, 75)).astype(np.float32), np.arange(80) % 2, None, directory,
+                          overwrite=True)
+
+    monkeypatch.setattr(evaluate, "check_dataset", prepared_again_after_its_check)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run.path)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"dmhpc eval: error: {data / 'noisy'}: prepared again since this run started (its manifest "
+                   f"changed): its splits are no longer those the run trained with; put the data set the run "
+                   f"started with back, or prepare the new one into another folder\n")
+    assert run.result_path("best", "test").read_bytes() == final
+
+
 def test_dmhpc_eval_refuses_an_empty_split_before_writing(make_domains, tmp_path, capsys):
     """A data set prepared without a test share failed with a ValueError traceback after writing."""
     data, run = _trained(make_domains, tmp_path)

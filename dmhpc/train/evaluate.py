@@ -229,9 +229,9 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
         dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
         ckpt, sha256 = load_checkpoint_sha256(run.checkpoint(checkpoint))
         run.check_trained_with(ckpt, run.checkpoint(checkpoint))
-        shape = _check_data(run, cfg, dirs, run.checkpoint_data(ckpt, run.checkpoint(checkpoint)), split=split,
-                            dist=dist, names={"source": "--source" if source else "data.source",
-                                              "target": "--target" if target else "data.target"})
+        shape, prints = _check_data(run, cfg, dirs, run.checkpoint_data(ckpt, run.checkpoint(checkpoint)),
+                                    split=split, dist=dist, names={"source": "--source" if source else "data.source",
+                                                                   "target": "--target" if target else "data.target"})
         model = build_backbone(cfg, shape[0]).to(dist.device)
         load_weights(model, ckpt, run.checkpoint(checkpoint))
         # The checkpoint's record and its SHA-256: what export matches a result by.
@@ -245,8 +245,9 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
             stats = dict.fromkeys(DOMAINS, trained)
         else:
             stats = dict(zip(DOMAINS, domain_stats(dirs["source"], dirs["target"], cfg.data.normalize)))
+        # The data sets as checked above (their checksums took a while): one prepared again since is refused.
         result = evaluate_run(model, cfg, dist, run, checkpoint=info, split=split, stats=stats, data=data,
-                              data_name=data_name, final=final)
+                              data_name=data_name, final=final, expected=prints)
         if dist.is_main:
             label = f"{run.label} ({checkpoint}, {split}{', ' + data_name if data_name else ''})"
             print(format_table({label: result}))
@@ -259,8 +260,9 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
     return result
 
 
-def _check_data(run: RunDir, cfg, dirs: dict, recorded: dict, split: str, dist, names: dict) -> list:
-    """The image shape the run trained on; refuses images its network cannot take, the run's own
+def _check_data(run: RunDir, cfg, dirs: dict, recorded: dict, split: str, dist,
+                names: dict) -> tuple[list, dict]:
+    """The image shape the run trained on, and each data set's fingerprint as checked; refuses images its network cannot take, the run's own
     data sets prepared again since the checkpoint trained on them (`recorded`: its data sets by role;
     their test split may hold rows it trained on, and its result file would say otherwise), an
     empty `split`, more classes than the model tells apart, and data sets whose shards fail the
@@ -297,7 +299,7 @@ def _check_data(run: RunDir, cfg, dirs: dict, recorded: dict, split: str, dist, 
         check_dataset(f"{names[role]} {dirs[role]}", dirs[role], manifests[role],
                       checksums=cfg.data.verify == "checksums", rank=dist.rank, world_size=dist.world_size,
                       gather=gather)
-    return trained
+    return trained, {role: fingerprint(manifest) for role, manifest in manifests.items()}
 
 
 def _check_other_data(old: dict | None, data: dict, path: Path) -> None:
