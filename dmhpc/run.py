@@ -416,9 +416,10 @@ class RunDir:
         except OSError as exc:
             raise DmhpcError(f"{self.log_path}: cannot append: {exc.strerror}") from None
 
-    def truncate_log(self, step: int) -> int:
-        """Keep the records up to `step` (what a resumed run has not redone); returns how many went."""
-        records = self.read_log()
+    def truncate_log(self, step: int, records: list[dict] | None = None) -> int:
+        """Keep the records up to `step` (what a resumed run has not redone) of `records` (the log's,
+        read now by default); returns how many went."""
+        records = self.read_log() if records is None else records
         kept = [r for r in records if isinstance(r.get("step", 0), int) and r.get("step", 0) <= step]
         text = "".join(json.dumps(r) + "\n" for r in kept)
         if not self.log_path.exists() or self.log_path.read_text(encoding="utf-8", errors="replace") != text:
@@ -754,29 +755,33 @@ class RunDir:
             # must leave one that --overwrite (or a resume) still accepts, not "not a dmhpc run".
             for name in sorted(set(OWN_NAMES) - {LOCK}, key=lambda name: name == CONFIG):
                 _remove_own(self.path / name)
+        # Read before anything is written: a damaged log or result refuses the start with the run as
+        # it was (config.yaml rewritten and a finished run unfinished made launchers run it again).
+        records = self.read_log()
+        final = self.read_result("best", "test")
         waiting_best = self._settle_next_best(claim)
         files, size = self.remove_orphans()
         last = self.checkpoint("last")
         rewound = claim.resume_from is not None and claim.own and claim.resume_from.resolve() != last.resolve()
+        if claim.resume_from is not None and final and final.get("final", True) and \
+                (rewound or LENGTH_KEYS & set(claim.changed)):
+            # A finished run asked to train longer (or again from an earlier checkpoint): its test
+            # result is the other run's, and the run is unfinished until the trainer tests its selection
+            # (before the rewind below: a kill between the two left a rewound run marked finished).
+            self.write_result({**final, "final": False}, "best", "test")
         if rewound:
             # Back to an earlier checkpoint of its own (best.pt): it becomes the run's last, so a kill
             # before the next checkpoint resumes from it again, not from the abandoned later one whose
             # log records are cut below.
             with atomic_path(last) as tmp:
                 shutil.copyfile(claim.resume_from, tmp)
-        final = self.read_result("best", "test")
-        if claim.resume_from is not None and final and final.get("final", True) and \
-                (rewound or LENGTH_KEYS & set(claim.changed)):
-            # A finished run asked to train longer (or again from an earlier checkpoint): its test
-            # result is the other run's, and the run is unfinished until the trainer tests its selection.
-            self.write_result({**final, "final": False}, "best", "test")
         # A run resumed keeps its id; a new one (a replacement, a start from another run's checkpoint) draws one.
         self.run_id = claim.run_id or uuid.uuid4().hex
         save_config(cfg, self.config_path)
         atomic_write(self.record_path, json.dumps({
             "format": FORMAT, "version": VERSION, "created_by": f"dmhpc {__version__}", "run_id": self.run_id,
             "data": {k: dict(v) for k, v in data.items()}, "attempts": attempts}, indent=2) + "\n")
-        dropped = self.truncate_log(step)
+        dropped = self.truncate_log(step, records)
         cleaned = {"orphans_removed": files, "orphan_bytes": size, "log_records_dropped": dropped}
         return {**cleaned, "waiting_best": waiting_best} if waiting_best else cleaned
 

@@ -729,6 +729,24 @@ def test_a_job_requeued_twice_without_a_checkpoint_stops_requeueing(data, tmp_pa
     assert [attempt(r, "train.max_steps=3") for r in (1, 2, 3, 4)] == [0, 0, 0, 0]
 
 
+def test_a_resume_refused_for_a_damaged_log_leaves_the_run_as_it_was(data, tmp_path, capsys):
+    """The log was first read after config.yaml and run.json were written and a finished run's result
+    marked unfinished: refused in one line, the run was changed all the same (a launcher then took
+    the finished run for an unfinished one, and each relaunch failed alike)."""
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(TINY), *_overrides(data, run)]
+    assert main(argv) == 0
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text(lines[0] + "{damaged\n" + "".join(lines[2:]))
+    before = {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+    for extra in (["train.epochs=3"], ["--resume", str(run / "checkpoints" / "best.pt")]):
+        capsys.readouterr()
+        assert main([*argv, *extra]) == 1
+        assert capsys.readouterr().err == f"dmhpc train: error: {run / 'metrics.jsonl'}: line 2 is not a JSON record\n"
+        assert {p.relative_to(run): p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == \
+            before, extra
+
+
 def test_a_run_that_took_a_setting_which_did_nothing_still_resumes(data, tmp_path):
     """dmhpc before settings that do nothing were refused took them (optim.warmup_steps under the
     cyclic schedule) into the checkpoint and config.yaml: the file without it now must not count as
