@@ -117,6 +117,17 @@ def compiler_cache(tmp_path_factory):
     patch.undo()
 
 
+@pytest.fixture
+def in_the_foreground():
+    """SIGINT as a terminal's Ctrl-C delivers it, also when the suite itself runs with SIGINT ignored
+    (started with `cmd &` from a script: its children inherit that, and a child's Ctrl-C test failed)."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 def fake_commands(tmp_path: Path, monkeypatch, scripts: dict[str, str]) -> Path:
     """Shell scripts standing in for commands this machine lacks or must not run (sbatch, squeue,
     scancel, nvidia-smi), first on PATH for the test; each is `#!/bin/sh` and its body."""

@@ -169,7 +169,7 @@ def test_overrides_after_an_option_are_applied_after_those_before_it(tmp_path, c
     assert not (tmp_path / "r").exists()
 
 
-def test_an_interrupted_command_says_so_in_one_line_and_exits_130(tmp_path):
+def test_an_interrupted_command_says_so_in_one_line_and_exits_130(tmp_path, in_the_foreground):
     """Ctrl-C (SIGINT) in a command: one line "dmhpc COMMAND: interrupted" and the shell's 128 + 2,
     not a traceback, not the exit code of a failure. The command is held in a real read of its
     data set's manifest (a named pipe nobody writes to) when the signal comes."""

@@ -540,15 +540,6 @@ def _held(lock) -> bool:
 
 
 @pytest.fixture
-def in_the_foreground():
-    """SIGINT as a terminal's Ctrl-C delivers it, also when the suite itself runs with SIGINT ignored
-    (started with `&` from a script: its children inherit that)."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
-
-
-@pytest.fixture
 def in_the_background():
     """SIGINT ignored, as in a launcher started with `&` or nohup from a script."""
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)

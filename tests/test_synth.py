@@ -554,7 +554,7 @@ def _rendering_with_workers(out: Path) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_a_render_stopped_by_a_signal_ends_its_workers_in_one_line(tmp_path, signum):
+def test_a_render_stopped_by_a_signal_ends_its_workers_in_one_line(tmp_path, signum, in_the_foreground):
     """SIGTERM to the render's process alone killed it at once and left its two workers waiting on
     their task queue for ever; Ctrl-C (SIGINT to the whole group) printed a traceback per worker."""
     if not Path("/proc/self/stat").exists():
