@@ -262,8 +262,9 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
 
 def _check_data(run: RunDir, cfg, dirs: dict, recorded: dict, split: str, dist,
                 names: dict) -> tuple[list, dict]:
-    """The image shape the run trained on, and each data set's fingerprint as checked; refuses images its network cannot take, the run's own
-    data sets prepared again since the checkpoint trained on them (`recorded`: its data sets by role;
+    """The image shape the run trained on, and each data set's fingerprint as checked; refuses
+    images its network cannot take, the run's own data sets prepared again since the checkpoint
+    trained on them (`recorded`: its data sets by role;
     their test split may hold rows it trained on, and its result file would say otherwise), an
     empty `split`, more classes than the model tells apart, and data sets whose shards fail the
     run's data.verify check.
