@@ -285,6 +285,14 @@ def test_a_run_trained_on_relative_paths_says_so_where_eval_and_explain_cannot_f
         assert capsys.readouterr().err == f"dmhpc {argv[0]}: error: {said}"
     monkeypatch.chdir(data)
     assert main(["eval", "--run", str(run)]) == 0
+    # An evaluation on another target repeated from elsewhere: the run's source is what is not found
+    # (it was refused as "data sets of the same folder names", the source read from here).
+    assert main(["eval", "--run", str(run), "--target", str(data / "noisy")]) == 0
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run), "--target", str(data / "noisy")]) == 1
+    assert capsys.readouterr().err == f"dmhpc eval: error: {said}"
+    monkeypatch.chdir(data)
     # Found here but damaged: the key, without the hint about the current directory.
     (data / "pristine" / "manifest.json").write_text('{"format": ')
     capsys.readouterr()

@@ -70,6 +70,7 @@ STUDY_OWNED = {"model.name": "models", "train.batch_size": "weak.batch_per_gpu o
                "train.eval_every": "epochs (evaluation only after the last)", "run.dir": "OUT/<point name>",
                "train.signals": "[submitit's preemption signal]"}
 MODES = ("weak", "strong")
+TABLES = ("scaling.csv", "scaling.md", "scaling.png")  # OUT's files of a study's table
 # Local points running together would share this machine's cores, and their timings would measure
 # the sharing, not the scaling.
 LOCAL_ONE_AT_A_TIME = " (a scaling study: points together would share the cores and skew the timings)"
@@ -193,7 +194,6 @@ def load_study(spec: str | Path | Mapping, executor: str | None = None) -> Study
 
 # --- what a point is measured with -----------------------------------------------------------------
 
-TABLES = ("scaling.csv", "scaling.md", "scaling.png")  # OUT's files of a study's table
 MEASURED_WITH = "measured_with.json"  # OUT/submitit/measured_with.json: point name -> settings
 # Resources that do not change a timing: how long a job may run, how many run at once, who pays.
 UNTIMED = ("time_min", "array_parallelism", "signal_delay_s", "max_num_timeout", "account", "qos")

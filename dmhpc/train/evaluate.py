@@ -221,9 +221,6 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
             run.path / LOCK, f"run.dir {run.path}: in use by another dmhpc trainer or eval ({{holder}}); wait for "
                              f"it to end", "dmhpc eval or trainer on this run directory", owner=EVAL_OWNER)))
         on_main(run.remove_orphans)  # a killed evaluation's figures and results: only a trainer's start removed them
-        if data is not None:
-            _check_other_data(run.read_result(checkpoint, split, data_name), data,
-                              run.result_path(checkpoint, split, data_name))
         # The best checkpoint's test on the run's own data, once the run finished: the trainer's result again.
         final = data is None and (checkpoint, split) == ("best", "test") and run.finished
         dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
@@ -232,6 +229,9 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
         shape, prints = _check_data(run, cfg, dirs, run.checkpoint_data(ckpt, run.checkpoint(checkpoint)),
                                     split=split, dist=dist, names={"source": "--source" if source else "data.source",
                                                                    "target": "--target" if target else "data.target"})
+        if data is not None:  # (after the data's checks: a run's relative source not found here is said so)
+            _check_other_data(run.read_result(checkpoint, split, data_name), data,
+                              run.result_path(checkpoint, split, data_name))
         model = build_backbone(cfg, shape[0]).to(dist.device)
         load_weights(model, ckpt, run.checkpoint(checkpoint))
         # The checkpoint's record and its SHA-256: what export matches a result by.
