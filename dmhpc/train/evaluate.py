@@ -264,10 +264,9 @@ def _check_data(run: RunDir, cfg, dirs: dict, recorded: dict, split: str, dist,
                 names: dict) -> tuple[list, dict]:
     """The image shape the run trained on, and each data set's fingerprint as checked; refuses
     images its network cannot take, the run's own data sets prepared again since the checkpoint
-    trained on them (`recorded`: its data sets by role;
-    their test split may hold rows it trained on, and its result file would say otherwise), an
-    empty `split`, more classes than the model tells apart, and data sets whose shards fail the
-    run's data.verify check.
+    trained on them (`recorded`: its data sets by role; their test split may hold rows it trained
+    on, and its result file would say otherwise), an empty `split`, more classes than the model
+    tells apart, and data sets whose shards fail the run's data.verify check.
     A run of older dmhpc, which records no shape or fingerprint, is checked against its source data
     set as it is now. `names[role]`: how the user named the data set (data.target, --target); the
     run's own (data.*) are checked for being prepared again, also the source beside a --target."""

@@ -113,7 +113,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
     if claim.resume_from is not None:
         def resume() -> None:
             saved = load_checkpoint(claim.resume_from)
-            if Path(claim.resume_from).resolve() == last.resolve():  # (--resume RUN/last.pt spelt otherwise too)
+            if claim.resume_from.resolve() == last.resolve():  # (--resume RUN/last.pt spelt otherwise too)
                 check_requeue_progress(last, saved, dist.attempt, started())
             if claim.own and not state.model.reads_target and "forward" not in saved:
                 raise DmhpcError(f"{claim.resume_from}: a run without adaptation begun by an older dmhpc, whose steps "
