@@ -1163,6 +1163,32 @@ def test_catalog_ids_keep_their_leading_zeros(tmp_path, capsys, file_column, bom
         assert reader.read_ids(0, 2) == [ids[i] for i in rows["index"]]
 
 
+def test_ids_of_a_shard_damaged_under_an_open_reader_are_one_line(tmp_path, capsys):
+    """The ids are read as the rows are (a prediction's catalog): a shard whose ids went after the
+    start's checks, or a group in their place, is one line naming the shard, not h5py's traceback."""
+    import h5py
+    from astropy.io import fits
+
+    for i, image in zip(("007", "0123"), np.random.default_rng(8).normal(size=(2, 3, 8, 8)).astype(np.float32)):
+        fits.PrimaryHDU(image).writeto(tmp_path / f"{i}.fits")
+    (tmp_path / "c.csv").write_text("id\n007\n0123\n")
+    out = tmp_path / "ds"
+    assert main(["prepare", "--catalog", str(tmp_path / "c.csv"), "--cutouts", str(tmp_path), "--out", str(out),
+                 "--fractions", "0.5,0,0.5", "--shard-size", "1"]) == 0
+    path = out / shards.shard_name(1)
+    with RowReader(out) as reader:
+        reader.read_ids(0, 1)  # the first shard opened, the second not yet
+        with h5py.File(path, "a") as f:
+            f.move("ids", "moved")
+        with pytest.raises(DmhpcError, match=rf"^{path}: cannot read rows 0 to 0: Unable to .*'ids' doesn't exist"):
+            reader.read_ids(0, 2)
+        reader.close()
+        with h5py.File(path, "a") as f:
+            f.create_group("ids")
+        with pytest.raises(DmhpcError, match=rf"^{path}: cannot read rows 0 to 0: Accessing a group is done with"):
+            reader.read_ids(1, 2)
+
+
 def test_catalog_problems_are_one_line(tmp_path, capsys):
     from astropy.table import Table
 
