@@ -49,7 +49,9 @@ def roc_curves(predictions: dict, path: Path, title: str) -> Path:
         ax.plot(fpr, tpr, color=DOMAIN_COLOURS.get(domain),
                 label=f"{domain} (AUC {auc:.3f}; {mergers} mergers, {len(labels) - mergers} non-mergers)")
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1))
+    # A hair past [0, 1], as scikit-learn's RocCurveDisplay does: a perfect classifier's curve runs
+    # along the axes' edges, and on limits of exactly [0, 1] the frame drew over it.
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
     ax.set_title(wrap_title(title, 48), fontsize=10)
     ax.legend(loc="lower right")
     return _save(fig, path)

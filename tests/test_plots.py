@@ -235,6 +235,9 @@ def test_the_roc_curve_is_of_the_merger_score_and_counts_each_class(drawn, tmp_p
     assert ax.get_legend().get_texts()[0].get_text() == "source (AUC 1.000; 3 mergers, 7 non-mergers)"
     curve = ax.lines[0]
     assert list(zip(curve.get_xdata(), curve.get_ydata()))[:3] == [(0.0, 0.0), (0.0, 1.0), (1.0, 1.0)]
+    # inside the frame, not under it: on limits of exactly [0, 1] the frame hid a perfect curve
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    assert x0 < 0 < 1 < x1 and y0 < 0 < 1 < y1
 
 
 def test_loss_terms_are_drawn_on_a_log_axis_as_magnitudes(drawn, tmp_path):
