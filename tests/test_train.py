@@ -208,6 +208,22 @@ def test_early_stopping_on_the_selection_score(data, tmp_path):
             if '"kind": "epoch"' in l] == epochs
 
 
+def test_an_early_stopped_run_entered_again_is_no_idle_attempt(data, tmp_path, monkeypatch):
+    """A requeued script that trains runs in turn enters a run that stopped early at every attempt:
+    it writes no checkpoint, and was counted as an attempt that started the run and saved nothing, so
+    the third attempt was refused as a job whose stops save nothing."""
+    run = tmp_path / "run"
+    argv = ["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=20", "train.early_stopping=2",
+                                                         "optim.lr=1e-12")]
+    monkeypatch.setenv("SLURM_JOB_ID", "4245")
+    codes = []
+    for restart in range(4):
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart))
+        codes.append(main(argv))
+    assert codes == [0, 0, 0, 0]
+    assert json.loads((run / "run.json").read_text())["attempts"] == {"job": "4245", "started": [0]}
+
+
 def test_the_final_test_is_of_the_selected_weights(data, tmp_path, monkeypatch):
     """Scores 1.0 then 0.0: epoch 0 is selected. A final test of the weights training ended with
     (epoch 1's) passed every test: none compared best_test.json with an evaluation of best.pt."""

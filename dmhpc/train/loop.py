@@ -144,6 +144,9 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
         subset=subset, stop_signals=cfg.train.signals, channels_last=cfg.train.channels_last,
         local_ranks=dist.local_world_size, cpus=dist.cpus, read_target=state.model.reads_target)
 
+    def early_stopped() -> bool:  # also on resume: a run that stopped early is not trained on
+        return bool(cfg.train.early_stopping) and prog.evals_since_best >= cfg.train.early_stopping
+
     def at() -> int:
         """Where the run is in this world's steps: what the schedules and the run's length count.
         prog.step counts the steps taken, in the steps of each world size the run had; after a world
@@ -172,8 +175,11 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
         if cfg.train.max_steps:
             total_steps = min(total_steps, cfg.train.max_steps)
         _check_length(cfg, prog, at(), total_steps, None if claim.own else claim.resume_from)
-        finished = bool(claim.own and prog.step and at() >= total_steps)
-        if finished:
+        # A run that stopped early is finished too: entered again (a requeued script that trains runs
+        # in turn), it writes no checkpoint, and counted among the attempts that started it, two such
+        # entries refused the job as one whose stops saved nothing.
+        finished = bool(claim.own and prog.step and (at() >= total_steps or early_stopped()))
+        if finished and at() >= total_steps:
             by_steps = bool(cfg.train.max_steps) and total_steps == cfg.train.max_steps
             check_end_evaluated(f"train.max_steps {cfg.train.max_steps}" if by_steps else f"train.epochs {cfg.train.epochs}",
                                 prog.step, on_main(lambda: run.evaluated_at(prog.step)))
@@ -247,9 +253,6 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
     # --- the epoch loop -----------------------------------------------------------------------------
     criterion, stopped = cfg.select.criterion, False
     feature_rows = DEV_MAX_ROWS if criterion == "dev" or cfg.select.all_validators else 0
-
-    def early_stopped() -> bool:  # also on resume: a run that stopped early is not trained on
-        return bool(cfg.train.early_stopping) and prog.evals_since_best >= cfg.train.early_stopping
 
     def resumed_streak() -> torch.Tensor | None:
         """This rank's fp16 streak as checkpointed; the longest of them where the world changed since."""
