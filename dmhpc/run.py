@@ -340,12 +340,19 @@ class RunDir:
         gave a catalog or model card of one run's weights and another's statistics). A checkpoint
         of a dmhpc before 2026-12-02 holds none: run.json's are taken."""
         if state.get("data") is None:
-            return {role: self.data_record(role) for role in DOMAINS}
-        data = self.checkpoint_data(state, checkpoint)
-        missing = [role for role in DOMAINS if not {"mean", "std", "shape"} <= set(data.get(role, {}))]
-        if missing:
-            raise DmhpcError(f"{checkpoint}: its data record has no {missing[0]} data set with its normalization "
-                             f"(an edited checkpoint?)")
+            data, where = {role: self.data_record(role) for role in DOMAINS}, self.record_path
+        else:
+            data, where = self.checkpoint_data(state, checkpoint), checkpoint
+            missing = [role for role in DOMAINS if not {"mean", "std", "shape"} <= set(data.get(role, {}))]
+            if missing:
+                raise DmhpcError(f"{checkpoint}: its data record has no {missing[0]} data set with its "
+                                 f"normalization (an edited checkpoint?)")
+        shapes = [data[role]["shape"] for role in DOMAINS]
+        if shapes[0] != shapes[1]:
+            # The network is built for the source's channels and normalizes with the target's
+            # statistics: one channel's broadcast over three, and an export its own loader refused.
+            raise DmhpcError(f"{where}: its data record gives the target images {shapes[1]} and the source "
+                             f"{shapes[0]}, which no run trains on (edited by hand?)")
         return data
 
     def has_results(self) -> bool:
@@ -678,22 +685,25 @@ class RunDir:
         # defaults instead of differing from the new config's.
         return config_to_dict(config_from_dict(state["config"], f"{resume_from}: config")), str(resume_from)
 
-    def check_trained_with(self, state: Mapping, checkpoint: Path) -> None:
+    def check_trained_with(self, state: Mapping, checkpoint: Path) -> Config:
         """Refuse a config.yaml that differs from what `checkpoint` (loaded as `state`) was trained
         with beyond what a resume may change (RESUMABLE, the data paths): a text file edited by hand,
         with which `dmhpc eval` would read the checkpoint as another model (its normalization, its
-        architecture) and replace its results."""
+        architecture) and replace its results. Returns the config.yaml it compared: read again
+        afterwards, it may be a run's that replaced this one in between (--overwrite)."""
         self.check_identity(state, checkpoint)
+        cfg = self.config()
         if not isinstance(state.get("config"), dict):
-            return  # checkpoints of dmhpc's own tests may hold none
+            return cfg  # checkpoints of dmhpc's own tests may hold none
         trained = config_to_dict(config_from_dict(state["config"], f"{checkpoint}: config"))
-        now = config_to_dict(self.config())
+        now = config_to_dict(cfg)
         edited = [key for key in _changed_in_effect(trained, now) if key not in RESUMABLE and key not in DATA_KEYS]
         if edited:
             shown = "; ".join(f"{key} {show(_dotted(now, key))}, trained with {show(_dotted(trained, key))}"
                               for key in edited)
             raise DmhpcError(f"{self.config_path}: differs from what {checkpoint} was trained with: {shown} "
                              f"(edited by hand? restore it)")
+        return cfg
 
     def _check_changes(self, old: dict, new: dict, where: str, data_ids: Mapping[str, str],
                        recorded: Mapping[str, Mapping] | None = None) -> dict:

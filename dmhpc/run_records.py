@@ -92,6 +92,20 @@ def _check_metrics(metrics, key: str) -> None:
             _expect(value is None or is_real(value), f"{key}.{name}", "a number or null", value)
 
 
+def check_checkpoint_info(info: dict, prefix: str = "") -> None:
+    """A checkpoint as results, cards and titles describe it (`dmhpc.train.checkpoint.checkpoint_info`):
+    the keys there have the types their readers take."""
+    for key, ok, expected in (("name", lambda v: isinstance(v, str), "text"),
+                              ("criterion", lambda v: v is None or isinstance(v, str), "text or null"),
+                              ("score", lambda v: v is None or is_real(v), "a number or null"),
+                              ("epoch", lambda v: v is None or is_int(v, 0), "an epoch number or null"),
+                              ("step", lambda v: v is None or is_int(v, 0), "a step number or null"),
+                              ("sha256", lambda v: isinstance(v, str) and bool(_HEX.fullmatch(v)),
+                               "a hexadecimal SHA-256")):
+        if key in info:
+            _expect(ok(info[key]), f"{prefix}{key}", expected, info[key])
+
+
 def check_result(result: dict) -> None:
     """An evaluation as `dmhpc.train.evaluate.evaluate_run` writes it. Keys are optional (an older
     dmhpc's file, or a test's); those there have the types the launchers, export and eval read."""
@@ -102,15 +116,7 @@ def check_result(result: dict) -> None:
             _expect(isinstance(result[key], bool), key, "true or false", result[key])
     checkpoint = result.get("checkpoint", {})
     _expect(isinstance(checkpoint, dict), "checkpoint", "a mapping", checkpoint)
-    for key, ok, expected in (("name", lambda v: isinstance(v, str), "text"),
-                              ("criterion", lambda v: v is None or isinstance(v, str), "text or null"),
-                              ("score", lambda v: v is None or is_real(v), "a number or null"),
-                              ("epoch", lambda v: v is None or is_int(v, 0), "an epoch number or null"),
-                              ("step", lambda v: v is None or is_int(v, 0), "a step number or null"),
-                              ("sha256", lambda v: isinstance(v, str) and bool(_HEX.fullmatch(v)),
-                               "a hexadecimal SHA-256")):
-        if key in checkpoint:
-            _expect(ok(checkpoint[key]), f"checkpoint.{key}", expected, checkpoint[key])
+    check_checkpoint_info(checkpoint, "checkpoint.")
     data = result.get("data", {})
     _expect(isinstance(data, dict) and all(isinstance(v, str) for v in data.values()), "data",
             "a mapping of role to data-set path", data)

@@ -755,7 +755,7 @@ def test_export_with_normalization_built_in_and_a_card(survey, run_on_survey, tm
     assert card["input"]["name"] == "image" and [o["name"] for o in card["outputs"]] == ["p_merger", "log_odds"]
     assert card["outputs"][0]["threshold"] == 0.5 and "`log_odds`" in Path(f"{out}.card.md").read_text()
     if fmt == "onnx":
-        assert set(card["model"]["onnxruntime_max_abs_difference"]) == {"p_merger", "log_odds"}
+        assert set(card["model"]["onnxruntime_max_difference"]) == {"p_merger", "log_odds"}
     assert card["input"]["layout"].startswith("NCHW") and card["selection"]["oracle"] is False
     assert card["input"]["normalization"].endswith("normalized its target domain with, its own")
     assert card["model"].get("onnx_opset") == (20 if fmt == "onnx" else None)
@@ -921,6 +921,18 @@ def test_export_refuses_a_shape_its_network_does_not_take_and_a_card_that_is_a_f
         assert err.startswith(f"dmhpc export: error: {best}: its network does not take images of the shape it "
                               f"records, (3, 64, 64) (") and err.count("\n") == 1, err
         assert not (tmp_path / name).exists()
+    # A target of one channel recorded for a network of three: its one mean and std were broadcast
+    # over the three channels, exit 0, and the safetensors file's own loader refused it.
+    state["data"]["source"]["shape"] = [3, 75, 75]
+    state["data"]["target"].update(shape=[1, 75, 75], mean=[0.4], std=[0.5])
+    torch.save(state, best)
+    for fmt, name in (("safetensors", "m.safetensors"), ("onnx", "m.onnx")):
+        capsys.readouterr()
+        assert main(["export", "--run", str(run), "--format", fmt, "--out", str(tmp_path / name)]) == 1
+        assert capsys.readouterr().err == (f"dmhpc export: error: {best}: its data record gives the target images "
+                                           f"[1, 75, 75] and the source [3, 75, 75], which no run trains on (edited "
+                                           f"by hand?)\n")
+        assert not (tmp_path / name).exists()
     out = tmp_path / "n.safetensors"
     assert main(["export", "--run", str(run_on_survey), "--format", "safetensors", "--out", str(out)]) == 0
     Path(f"{out}.card.json").unlink()
@@ -932,6 +944,29 @@ def test_export_refuses_a_shape_its_network_does_not_take_and_a_card_that_is_a_f
     assert capsys.readouterr().err == (f"dmhpc export: error: --out {out}: its card {out}.card.json exists and is "
                                        f"not a file; remove it or write elsewhere\n")
     assert Path(f"{out}.card.md").read_text() == card
+
+
+def test_an_edited_selection_in_the_checkpoint_is_one_line_and_names_no_other_checkpoint(run_on_survey, tmp_path,
+                                                                                          capsys):
+    """A criterion of another type was a TypeError traceback ("unhashable type: 'list'"); a score of
+    text was printed on the card; a "name" in the selection renamed the checkpoint on the card, whose
+    result was then looked up outside the run (eval/../../x_test.json)."""
+    run = Path(shutil.copytree(run_on_survey, tmp_path / "run"))
+    best = run / "checkpoints" / "best.pt"
+    original = torch.load(best, weights_only=True)
+    out = tmp_path / "m.safetensors"
+    for edit, said in (({"criterion": ["dev"]}, 'selection.criterion: expected text or null, got ["dev"]'),
+                       ({"score": "high"}, 'selection.score: expected a number or null, got "high"')):
+        torch.save({**original, "selection": {**original["selection"], **edit}}, best)
+        capsys.readouterr()
+        assert main(["export", "--run", str(run), "--format", "safetensors", "--out", str(out)]) == 1
+        assert capsys.readouterr().err == f"dmhpc export: error: {best}: {said} (an edited checkpoint, or not one " \
+                                          f"of dmhpc)\n"
+        assert not out.exists()
+    torch.save({**original, "selection": {**original["selection"], "name": "../../x"}}, best)
+    assert main(["export", "--run", str(run), "--format", "safetensors", "--out", str(out)]) == 0
+    card = json.loads(Path(f"{out}.card.json").read_text())
+    assert card["checkpoint"]["name"] == "best"
 
 
 def test_the_card_names_files_with_backticks_and_spaces_whole(run_on_survey, tmp_path):
@@ -989,10 +1024,20 @@ def test_load_safetensors_of_a_file_that_is_no_export_is_one_line(run_on_survey,
     save_file(tensors, str(other), metadata={**meta, "model": json.dumps({"name": "resnet18"})})
     zero = tmp_path / "zero.safetensors"
     save_file({**tensors, "std": torch.zeros_like(tensors["std"])}, str(zero), metadata=meta)
+    # A weight made NaN (it loaded, and answered NaN for every image), and a model of "null" (it
+    # built the default network, and loaded only where the weights happened to fit that).
+    name = next(k for k, v in tensors.items() if v.is_floating_point() and k not in ("mean", "std"))
+    nan = tmp_path / "nan.safetensors"
+    save_file({**tensors, name: torch.full_like(tensors[name], float("nan"))}, str(nan), metadata=meta)
+    null = tmp_path / "null.safetensors"
+    save_file(tensors, str(null), metadata={**meta, "model": "null"})
     for path, said in ((tmp_path / "none.safetensors", "no such file"), (cut, "not a readable safetensors file"),
                        (bare, "not a dmhpc export (its metadata's model or its mean and std tensors"),
                        (other, "its tensors do not fit a resnet18 network of 3 channels"),
-                       (zero, "its normalization is not finite numbers with std above 0")):
+                       (zero, "its normalization is not finite numbers with std above 0"),
+                       (nan, f"{name} holds NaN or Inf, which dmhpc never saves"),
+                       (null, "not a dmhpc export (its metadata's model or its mean and std tensors: ValueError "
+                              "model null names no network)")):
         with pytest.raises(DmhpcError, match=re.escape(f"{path}: {said}")):
             load_safetensors(path)
     assert load_safetensors(out).std.min() > 0

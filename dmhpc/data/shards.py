@@ -1246,10 +1246,12 @@ class RowReader:
 
 
 def summary(directory: str | os.PathLike) -> dict:
-    """The manifest without its per-row index lists, plus the directory and its shards' bytes."""
+    """The manifest without its per-row index lists, plus the directory, its fingerprint and its
+    shards' bytes."""
     directory = Path(directory)
     manifest = load_manifest(directory)
-    out = {"directory": str(directory)}
+    # The fingerprint: what runs, catalogs and model cards name the data set by.
+    out = {"directory": str(directory), "fingerprint": fingerprint(manifest)}
     out.update((k, v) for k, v in manifest.items() if k != "splits")
     files = [directory / s["file"] for s in manifest["shards"]]
     out["bytes"] = sum(f.stat().st_size for f in files if f.is_file())
@@ -1271,6 +1273,7 @@ def info_main(args) -> int:
     objects = s.get("objects", {})
     lines = [
         f"data set    {s['directory']}",
+        f"fingerprint {s['fingerprint']}",
         f"images      {s['count']} x {'x'.join(map(str, s['shape']))} {s['dtype']} "
         f"(input layout {s['layout']}), "
         + (f"{s['num_classes']} classes" if labelled else "unlabelled")

@@ -15,8 +15,8 @@ is dynamic.
   network needs dmhpc (`dmhpc.infer.export.load_safetensors`), whose architecture name and
   options are in the file's metadata.
 
-The card, FILE.card.md and FILE.card.json: the data sets with their fingerprints (SHA-256 of the
-manifest, which lists every shard's SHA-256), the configuration, the selection criterion and the
+The card, FILE.card.md and FILE.card.json: the data sets with their fingerprints (the SHA-256 of the
+manifest's content, which lists every shard's SHA-256; `dmhpc info` prints it), the configuration, the selection criterion and the
 checkpoint it chose, the test metrics per domain, the input and output, and the dmhpc version.
 FILE.card.json takes its name last and holds FILE's SHA-256: without it, the export did not finish.
 """
@@ -48,7 +48,7 @@ from dmhpc.markdown import code, table
 from dmhpc.names import MERGER_THRESHOLD
 from dmhpc.infer.trained import Trained, load_trained
 from dmhpc.run import RunDir, statistics
-from dmhpc.train.checkpoint import chosen_with_target_labels
+from dmhpc.train.checkpoint import check_finite_weights, chosen_with_target_labels
 from dmhpc.train.objective import build_backbone
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -202,7 +202,10 @@ def load_safetensors(path) -> MergerClassifier:
     except Exception as exc:  # safetensors' SafetensorError (a truncated file, another format), OSError
         raise DmhpcError(f"{path}: not a readable safetensors file: {str(exc)[:200]}") from None
     try:
-        cfg = config_from_dict({"model": json.loads(meta["model"])}, f"{path}: metadata")
+        model_cfg = json.loads(meta["model"])
+        if not isinstance(model_cfg, dict) or "name" not in model_cfg:  # ("null" built the default network)
+            raise ValueError(f"model {meta['model'][:60]} names no network")
+        cfg = config_from_dict({"model": model_cfg}, f"{path}: metadata")
         mean, std = tensors["mean"].flatten().tolist(), tensors["std"].flatten().tolist()
     except (KeyError, TypeError, ValueError) as exc:
         raise DmhpcError(f"{path}: not a dmhpc export (its metadata's model or its mean and std tensors: "
@@ -216,6 +219,7 @@ def load_safetensors(path) -> MergerClassifier:
     except RuntimeError as exc:
         raise DmhpcError(f"{path}: its tensors do not fit a {cfg.model.name} network of {len(mean)} channels "
                          f"({(str(exc).splitlines() or [''])[0][:150]})") from None
+    check_finite_weights(model, path)
     return model.eval()
 
 
@@ -250,7 +254,7 @@ def model_card(run: RunDir, built: Built, fmt: str, out: Path, onnx_max_diff: di
         "run": str(run.path.resolve()),
     }
     if onnx_max_diff is not None:
-        card["model"]["onnxruntime_max_abs_difference"] = onnx_max_diff
+        card["model"]["onnxruntime_max_difference"] = onnx_max_diff
         card["model"]["onnx_opset"] = ONNX_OPSET
     return card
 
@@ -308,7 +312,7 @@ def _card_markdown(card: dict) -> str:
              "## Limits", "", _limits(card["config"]["data"]["normalize"]), "",
              "## Training data", ""]
     for role, d in card["data"].items():
-        lines.append(f"- {role}: {code(d['path'])}, images {tuple(d['shape'])}, manifest SHA-256 `{d['fingerprint']}`")
+        lines.append(f"- {role}: {code(d['path'])}, images {tuple(d['shape'])}, fingerprint `{d['fingerprint']}` (`dmhpc info` prints a data set's)")
     c, sel = card["checkpoint"], card["selection"]
     lines += ["", "## Selection", ""]
     if sel["criterion"] is None:
@@ -335,10 +339,10 @@ def _card_markdown(card: dict) -> str:
             lines += ["Each domain as the run evaluated it, normalized with its own statistics (per-domain "
                       "normalization). The exported file normalizes every input with the target's, so on source "
                       "images it gives somewhat other numbers than the source row.", ""]
-    if "onnxruntime_max_abs_difference" in m:
-        diff = m["onnxruntime_max_abs_difference"]
-        lines += [f"ONNX opset {m['onnx_opset']}; onnxruntime against torch on a random batch on the target's "
-                  f"scale: largest difference {diff['p_merger']:.2e} in p, {diff['log_odds']:.2e} in the "
+    if "onnxruntime_max_difference" in m:
+        diff = m["onnxruntime_max_difference"]
+        lines += [f"ONNX opset {m['onnx_opset']}; onnxruntime against torch on a random batch on the scale of "
+                  f"the built-in normalization: largest difference {diff['p_merger']:.2e} in p, {diff['log_odds']:.2e} in the "
                   f"log-odds (relative to the value where it is above 1).", ""]
     lines += ["The full configuration and the run directory are in the JSON card beside this file.", ""]
     return "\n".join(lines)
@@ -416,7 +420,7 @@ def export_main(args) -> int:
     try:
         if dist.is_main:
             card = export(args.run, args.out, fmt=args.fmt, checkpoint=args.checkpoint, overwrite=args.overwrite)
-            diff = card["model"].get("onnxruntime_max_abs_difference")
+            diff = card["model"].get("onnxruntime_max_difference")
             extra = f"; onnxruntime agrees within {diff['p_merger']:.1e} in p, {diff['log_odds']:.1e} in the log-odds" \
                 if diff else ""
             print(f"wrote {args.out} and its card {args.out}.card.md / .card.json{extra}")

@@ -37,10 +37,9 @@ class Trained:
 def load_trained(run: RunDir, checkpoint: str) -> Trained:
     """The run's checkpoint `checkpoint` ("best" or "last"); a config.yaml edited since it was
     trained, or weights that do not fit its network, are one line naming the file."""
-    cfg = run.config()
     path = run.checkpoint(checkpoint)
     state, sha256 = load_checkpoint_sha256(path)
-    run.check_trained_with(state, path)
+    cfg = run.check_trained_with(state, path)  # the config.yaml compared, not one read again
     data = run.trained_data(state, path)
     net = build_backbone(cfg, data["source"]["shape"][0])
     load_weights(net, state, path)

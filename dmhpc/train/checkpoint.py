@@ -44,10 +44,12 @@ from dmhpc.distributed import all_gather_object, is_distributed
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write
 from dmhpc.names import CRITERIA
+from dmhpc.run_records import Unfit, check_checkpoint_info
 
 REQUEUE_EXIT_CODE = 75
 # What the scheduler sends before it stops a job (train.signals' default; predict's).
 STOP_SIGNALS = TrainConfig().signals
+SELECTION_KEYS = ("criterion", "score", "epoch")  # what the trainer records of a selected checkpoint
 
 # Exact types, not subclasses: torch.load(weights_only=True) refuses an IntEnum (a signal), a
 # namedtuple or a defaultdict, though isinstance takes them for an int, a tuple or a dict.
@@ -125,7 +127,10 @@ def checkpoint_info(name: str, state: dict, path: str | os.PathLike) -> dict:
     epoch = state.get("epoch")
     if isinstance(epoch, int) and epoch > 0 and state.get("progress", {}).get("step_in_epoch") == 0:
         epoch -= 1
-    info = {"name": name, "epoch": epoch, "step": state.get("step"), **state.get("selection", {})}
+    info = {"name": name, "epoch": epoch, "step": state.get("step")}
+    # What the trainer selects by, and nothing else: a "name" or "early_stopping" of an edited file
+    # renamed the checkpoint on a card (its result looked up outside the run) or chose its oracle flag.
+    info.update((k, v) for k, v in state.get("selection", {}).items() if k in SELECTION_KEYS)
     config = state.get("config")
     if not state.get("selection") and isinstance(config, dict):
         # What may have ended the run at an unselected checkpoint, as it trained: config.yaml holds
@@ -134,6 +139,10 @@ def checkpoint_info(name: str, state: dict, path: str | os.PathLike) -> dict:
         train, select = config.get("train"), config.get("select")
         if isinstance(train, dict) and isinstance(select, dict):
             info["early_stopping"] = {"evaluations": train.get("early_stopping"), "criterion": select.get("criterion")}
+    try:
+        check_checkpoint_info(info, "selection.")
+    except Unfit as exc:
+        raise unfit(path, EditedCheckpoint(str(exc))) from None
     return info
 
 
@@ -219,12 +228,16 @@ def load_weights(module: torch.nn.Module, checkpoint: dict, path: str | os.PathL
         module.load_state_dict(checkpoint[key])
     except UNFIT as exc:
         raise unfit(path, exc) from None
-    # The trainer never saves a non-finite weight: one is an edited or damaged file, which export
-    # wrote out silently (safetensors, TorchScript) and predict turned into a catalog of NaN.
+    check_finite_weights(module, path, f"{key}.")
+
+
+def check_finite_weights(module: torch.nn.Module, path: str | os.PathLike, prefix: str = "") -> None:
+    """The trainer never saves a non-finite weight: one is an edited or damaged file, which export
+    wrote out silently (safetensors, TorchScript) and predict turned into a catalog of NaN."""
     for name, tensor in module.state_dict().items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise DmhpcError(f"{path}: {key}.{name} holds NaN or Inf, which dmhpc never saves: an edited or "
-                             f"damaged checkpoint")
+            raise DmhpcError(f"{path}: {prefix}{name} holds NaN or Inf, which dmhpc never saves: an edited or "
+                             f"damaged file")
 
 
 # --- random number generators ----------------------------------------------------------------------
