@@ -1323,6 +1323,27 @@ def test_predict_export_and_explain_refuse_a_config_yaml_edited_away_from_the_ch
     assert not any((tmp_path / name).exists() for name in ("c.parquet", "m.safetensors", "x"))
 
 
+def test_a_run_replaced_while_its_checkpoint_is_read_gives_weights_and_config_of_one_run(run_on_survey, tmp_path,
+                                                                                         monkeypatch):
+    """config.yaml was read before the checkpoint and again to check it: a run replaced between the
+    two (--resume none --overwrite) passed the check, new config against new weights, and export
+    built and described the new weights with the old config."""
+    from dmhpc.infer import trained as trained_module
+
+    run = Path(shutil.copytree(run_on_survey, tmp_path / "run"))
+    config = run / "config.yaml"
+    load = trained_module.load_checkpoint_sha256
+
+    def replaced_meanwhile(path):  # the replacing run's config.yaml and checkpoint, in place now
+        state, sha256 = load(path)
+        config.write_text(config.read_text().replace("normalize: per-domain", "normalize: source"))
+        state["config"]["data"]["normalize"] = "source"
+        return state, sha256
+
+    monkeypatch.setattr(trained_module, "load_checkpoint_sha256", replaced_meanwhile)
+    assert trained_module.load_trained(RunDir(run), "best").cfg.data.normalize == "source"
+
+
 def test_the_model_card_of_a_checkpoint_chosen_with_target_labels_says_oracle(survey, tmp_path):
     """Only runs selected without target labels were exported in the tests: a card saying "without
     target labels" for an oracle's checkpoint would have passed."""

@@ -752,3 +752,16 @@ def test_the_split_is_the_documented_draw(tmp_path, seed):
     manifest = write_dataset(rng.normal(size=(38, 1, 4, 4)).astype(np.float32), np.arange(38) % 2, objects,
                              tmp_path / "ds", shard_size=16, seed=seed, fractions=fractions)
     assert {k: [int(i) for i in manifest["splits"][k]] for k in expected} == expected
+
+
+def test_info_prints_the_fingerprint_runs_and_model_cards_name_the_data_set_by(dataset, capsys):
+    """A model card names its data sets by fingerprint (the SHA-256 of the manifest's content, not
+    of the file's bytes): nothing a receiver could run printed it to compare."""
+    from dmhpc.data.shards import fingerprint
+
+    directory, _, _ = dataset
+    expected = fingerprint(load_manifest(directory))
+    assert main(["info", str(directory)]) == 0
+    assert f"\nfingerprint {expected}\n" in capsys.readouterr().out
+    assert main(["info", str(directory), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fingerprint"] == expected
