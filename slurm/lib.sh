@@ -4,12 +4,12 @@
 # trainer through these same functions); defines functions, and keeps a USR2 that comes before
 # the launch (below).
 
-# A USR2 (the time-limit warning, `scancel --signal=USR2 --batch`) that comes before the launch
-# would kill the batch shell with its default action: the job ended FAILED, never requeued. It is
-# noted from the script's first line (it sets the same trap) and here, and passed on once the
-# ranks start.
+# A USR2 (the time-limit warning, `scancel --signal=USR2 --batch`), or a USR1 (a warning of
+# `--signal=B:USR1@90`), that comes before the launch would kill the batch shell with its default
+# action: the job ended FAILED, never requeued. It is noted from the script's first line (it sets
+# the same trap) and here, and passed on once the ranks start.
 DMHPC_EARLY_USR2=${DMHPC_EARLY_USR2:-0}
-trap 'DMHPC_EARLY_USR2=1' USR2
+trap 'DMHPC_EARLY_USR2=1' USR1 USR2
 
 # Set DMHPC_RDZV_ADDR and DMHPC_RDZV_PORT to where this job's ranks meet: the rule of
 # dmhpc/rendezvous.py (first node's address, 29500 + (job id + 889 x step id) % 2000), which the trainer's bootstrap
@@ -141,27 +141,35 @@ dmhpc_launch_command() {
 }
 
 # Run the launch command "$@" and return its exit status. On SIGUSR2 (sbatch
-# --signal=B:USR2@SECONDS before the time limit, or `scancel --signal=USR2 --batch JOB`), pass
-# the signal on to every rank through srun, wait for the ranks to checkpoint and exit, then
-# requeue the job: it restarts with the same job id, SLURM_RESTART_COUNT+1, and appends to the
-# same log (--open-mode=append). A run that ends on its own is never requeued.
+# --signal=B:USR2@SECONDS before the time limit, or `scancel --signal=USR2 --batch JOB`), or a
+# SIGUSR1 to the batch shell, pass SIGUSR2 on to every rank through srun (USR1 would kill torchrun,
+# and NCCL uses it), wait for the ranks to checkpoint and exit, then requeue the job: it restarts
+# with the same job id, SLURM_RESTART_COUNT+1, and appends to the same log (--open-mode=append).
+# On SIGTERM (a cancel, a preemption, the time limit: Slurm sends it to every process of the job)
+# wait for the ranks, which checkpoint on it too, and requeue nothing: the scheduler ends or requeues
+# the job. By default either signal ended the batch shell at once, and with it the job, its ranks
+# killed while they wrote their checkpoint. A run that ends on its own is never requeued.
 dmhpc_run_requeueable() {
-    local pid="" rc=0 signalled=0 job
+    local pid="" rc=0 signalled=0 terminated=0 job
     if [ $# -eq 0 ]; then  # (an empty launch command "succeeded": a job that ran nothing exited 0)
         echo "dmhpc: no command to run" >&2
         return 2
     fi
     # `wait` below is called again for a process it may have reaped: in POSIX mode (POSIXLY_CORRECT
-    # exported by the submitting shell) bash forgets its status then, and a run that succeeded exited 127.
+    # exported by the submitting shell) bash forgot its status then, and a run that succeeded exited 127.
     set +o posix
     # `|| true`: under the scripts' set -e, a kill that fails (the launch already reaped, a second
     # USR2 after the first) ended the batch shell in the trap with 1: never requeued.
     trap 'signalled=1; echo "dmhpc: SIGUSR2: asking the ranks to checkpoint and stop" >&2; [ -z "$pid" ] || kill -USR2 "$pid" 2>/dev/null || true' USR2
+    trap 'signalled=1; echo "dmhpc: SIGUSR1: asking the ranks to checkpoint and stop (with SIGUSR2)" >&2; [ -z "$pid" ] || kill -USR2 "$pid" 2>/dev/null || true' USR1
+    trap 'terminated=1; echo "dmhpc: SIGTERM: waiting for the ranks to checkpoint and exit; the scheduler ends or requeues the job" >&2' TERM
     "$@" &
     pid=$!
-    if [ "${DMHPC_EARLY_USR2:-0}" = 1 ]; then  # came before the launch: the ranks get it now (and resent below)
+    if [ "${DMHPC_EARLY_USR2:-0}" = 1 ]; then
+        # Came before the launch: said to the ranks from RESEND seconds on, below (srun, just
+        # started, would die of it before it installs its handlers).
         signalled=1
-        echo "dmhpc: SIGUSR2 before the launch: asking the ranks to checkpoint and stop" >&2
+        echo "dmhpc: a stop signal before the launch: asking the ranks to checkpoint and stop" >&2
     fi
     # A trapped signal ends `wait` early; wait again until the launch has really exited. After
     # the signal, say it again every RESEND seconds: a rank still starting (importing, staging
@@ -175,8 +183,11 @@ dmhpc_run_requeueable() {
         if [ $((waited % resend)) = 0 ]; then kill -USR2 "$pid" 2>/dev/null || true; fi
     done
     wait "$pid" || rc=$?
-    trap '' USR2  # another one now would kill the shell before the requeue below
-    if { [ "$signalled" = 1 ] && [ "$rc" != 0 ]; } || [ "$rc" = 75 ]; then
+    trap '' USR1 USR2 TERM  # another one now would kill the shell before the requeue below
+    if [ "$terminated" = 1 ]; then
+        echo "dmhpc: ranks exited with $rc after SIGTERM; not requeueing (a cancel stays cancelled; a preemption" \
+             "requeues the job where the site's PreemptMode says so)" >&2
+    elif { [ "$signalled" = 1 ] && [ "$rc" != 0 ]; } || [ "$rc" = 75 ]; then
         # The trainer exits with REQUEUE_EXIT_CODE (75) once it has checkpointed, but torchrun
         # reports any failed worker as 1 (or dies of srun's SIGTERM when another node's torchrun
         # exited first), so the code only shows with DMHPC_LAUNCH=srun. Requeue on any failure
@@ -187,7 +198,7 @@ dmhpc_run_requeueable() {
         # --batch, `--signal=USR2@90` without B:); they checkpointed for a requeue all the same.
         job=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}
         job=${job:-$SLURM_JOB_ID}
-        echo "dmhpc: ranks exited with $rc after SIGUSR2$([ "$signalled" = 1 ] || echo ' (sent to them only)'); requeueing job $job" >&2
+        echo "dmhpc: ranks exited with $rc after the stop signal$([ "$signalled" = 1 ] || echo ' (sent to them only)'); requeueing job $job" >&2
         scontrol requeue "$job" || return "$rc"
     fi
     return "$rc"

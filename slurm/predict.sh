@@ -19,9 +19,9 @@
 # finishes its current part and the job requeues itself; the next start skips the finished parts.
 # The last start merges them into CATALOG. See docs/catalog.md.
 set -euo pipefail
-# A USR2 before lib.sh is sourced (scontrol below) would kill the shell: noted, as lib.sh notes it.
+# A USR2 (or USR1) before lib.sh is sourced (scontrol below) would kill the shell: noted, as lib.sh notes it.
 DMHPC_EARLY_USR2=0
-trap 'DMHPC_EARLY_USR2=1' USR2
+trap 'DMHPC_EARLY_USR2=1' USR1 USR2
 
 usage="usage: sbatch [SBATCH FLAGS] slurm/predict.sh RUN (--data DIR | --images FILE | --catalog TABLE) --out CATALOG [OPTIONS]"
 [ -n "${SLURM_JOB_ID:-}" ] || { echo "predict.sh: not in a SLURM job; $usage" >&2; exit 2; }

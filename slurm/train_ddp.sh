@@ -27,9 +27,9 @@
 # told to checkpoint and stop, and the job requeues itself; the next run resumes (--resume auto)
 # and appends to the same log. See docs/cluster.md.
 set -euo pipefail
-# A USR2 before lib.sh is sourced (scontrol below) would kill the shell: noted, as lib.sh notes it.
+# A USR2 (or USR1) before lib.sh is sourced (scontrol below) would kill the shell: noted, as lib.sh notes it.
 DMHPC_EARLY_USR2=0
-trap 'DMHPC_EARLY_USR2=1' USR2
+trap 'DMHPC_EARLY_USR2=1' USR1 USR2
 
 usage="usage: sbatch [SBATCH FLAGS] slurm/train_ddp.sh CONFIG [dotted.key=value ...]"
 [ -n "${SLURM_JOB_ID:-}" ] || { echo "train_ddp.sh: not in a SLURM job; $usage" >&2; exit 2; }

@@ -323,6 +323,52 @@ def test_a_second_usr2_after_the_ranks_stopped_still_requeues_under_set_e(tmp_pa
     assert proc.returncode == 75 and (tmp_path / "scontrol").read_text().split() == ["requeue", "5"], out
 
 
+SAVING_RANK = textwrap.dedent("""
+    import signal, sys, time
+    from pathlib import Path
+    out, got = Path(sys.argv[1]), []
+    for number in (signal.SIGTERM, signal.SIGUSR2):
+        signal.signal(number, lambda signum, frame: got.append(signum))
+    (out / "started").touch()
+    for _ in range(600):
+        if got:
+            time.sleep(1)  # the checkpoint being written
+            (out / "saved").write_text(signal.Signals(got[0]).name)
+            sys.exit(75)
+        time.sleep(0.05)
+    sys.exit(3)
+""")
+
+
+@pytest.mark.parametrize("sent, to_all, requeued", [(signal.SIGTERM, True, False), (signal.SIGUSR1, False, True)])
+def test_a_sigterm_to_the_job_or_a_usr1_to_the_shell_lets_the_ranks_checkpoint(tmp_path, sent, to_all, requeued):
+    """The batch shell trapped USR2 alone. SIGTERM, which Slurm sends every process of the job (a
+    cancel, a preemption), and a USR1 (--signal=B:USR1@90) ended it at once with their default
+    action: the job ended with it, its ranks killed while they wrote their checkpoint. SIGTERM now
+    waits for them and requeues nothing (the scheduler decides); USR1 is the warning USR2 is."""
+    env, _ = _starting_rank_job(tmp_path)
+    (tmp_path / "rank.py").write_text(SAVING_RANK)
+    task = f"""bash -c 'trap "" USR2; exec "$@"' task {sys.executable} {tmp_path}/rank.py {tmp_path}"""
+    proc = subprocess.Popen(["bash", "-c", f"set -euo pipefail; source {ROOT}/slurm/lib.sh; rc=0; "
+                                           f"dmhpc_run_requeueable {task} || rc=$?; exit $rc"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if to_all:
+            os.killpg(proc.pid, sent)  # as Slurm signals every process of the job
+        else:
+            proc.send_signal(sent)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 75, (proc.returncode, out)
+    assert (tmp_path / "saved").read_text() == ("SIGTERM" if to_all else "SIGUSR2"), out
+    assert (tmp_path / "scontrol").exists() is requeued, out
+
+
 @pytest.mark.parametrize("script", ["train_ddp.sh", "predict.sh"])
 def test_a_usr2_while_the_spooled_script_looks_for_lib_sh_is_kept(tmp_path, script):
     """Run from slurmd's spool (no lib.sh beside it) the script asks scontrol where it was submitted

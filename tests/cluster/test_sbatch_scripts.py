@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,33 @@ def test_train_ddp_checkpoints_on_usr2_requeues_and_resumes(slurm_cluster, tmp_p
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_train_ddp_cancelled_checkpoints_before_the_job_ends_and_is_not_requeued(slurm_cluster, tmp_path,
+                                                                                make_domains):
+    """scancel sends SIGTERM to every process of the job, the batch shell among them, which died of
+    it at once: the job ended with it and its ranks were killed while they saved. The shell now
+    waits for them and requeues nothing: a cancelled job stays cancelled."""
+    data = make_domains(480)
+    run = tmp_path / "run"
+    job_id = slurm_cluster.sbatch(
+        "--nodes=1", "--cpus-per-task=1", f"--output={tmp_path}/out", "slurm/train_ddp.sh", "configs/tiny.yaml",
+        f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}", f"run.dir={run}", "train.epochs=1",
+        "train.batch_size=4", "train.log_every=1", cwd=REPO, env=JOB_ENV)
+    metrics = run / "metrics.jsonl"
+    slurm_cluster.wait_for(lambda: metrics.is_file() and '"kind": "step"' in metrics.read_text(),
+                           "training step", job_id, timeout=120)
+    slurm_cluster.run("scancel", job_id)
+    job = slurm_cluster.wait(job_id, timeout=120)  # CANCELLED at once; its processes end after
+    out, deadline = tmp_path / "out", time.monotonic() + 120
+    while "not requeueing" not in out.read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    text = out.read_text()
+    assert (job.state, slurm_cluster.job(job_id).restarts) == ("CANCELLED", 0), text
+    assert "SIGTERM: checkpoint written at step" in text and "after SIGTERM; not requeueing" in text, text
+    import torch
+
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] >= 1, text
 
 
 def test_predict_on_two_nodes_requeues_on_usr2_and_ends_with_the_catalog_of_one_process(
