@@ -32,7 +32,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt | $(if $(VIRTUAL_ENV),,.venv/
 install: $(STAMP)
 
 demo: install
-	$(PYTHON) -m dmhpc demo --out $(DEMO_OUT)
+	$(PYTHON) -m dmhpc demo --out "$(DEMO_OUT)"
 
 test: install
 	$(PYTHON) -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
@@ -50,4 +50,5 @@ bench: install
 # The demo's output, the install stamp (the next target reinstalls) and pytest's cache; never runs/,
 # which holds every config's and study's results.
 clean:
-	rm -rf $(DEMO_OUT) $(STAMP) .pytest_cache
+	@[ -n "$(strip $(DEMO_OUT))" ] || { echo "make clean: DEMO_OUT is empty; nothing removed" >&2; exit 2; }
+	rm -rf -- "$(DEMO_OUT)" $(STAMP) .pytest_cache

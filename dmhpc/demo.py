@@ -141,6 +141,8 @@ def _claim(out: Path) -> dict:
     demo's folder without the mark (its render and nothing but a demo's files) is taken on, its
     shards prepared again; any other folder that is not empty is refused: the demo would replace
     the runs in it (`--out runs` held the shipped configs' own run folders)."""
+    if out.exists() and not out.is_dir():  # (its mark unreadable, it was taken for a demo's folder)
+        raise DmhpcError(f"--out {out}: exists and is not a folder; name a folder for the demo")
     try:
         record = json.loads((out / MARK).read_text())
         return record if isinstance(record, dict) else {}

@@ -11,7 +11,7 @@ import pytest
 
 from astropy.table import Table
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, clean_env
 from dmhpc.run import RunDir
 from dmhpc.cli import COMMANDS, main
 
@@ -71,6 +71,31 @@ def test_console_script_reports_errors_in_one_line(tmp_path):
                           timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.startswith("dmhpc verify: error: ") and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_demo_out_that_is_a_file_is_refused_as_that(tmp_path, capsys):
+    """Its mark unreadable (NotADirectoryError), the file was taken for a demo's folder, and the
+    error blamed the mark: "FILE/.dmhpc-demo.json: cannot write: File exists"."""
+    (tmp_path / "afile").write_text("mine")
+    assert main(["demo", "--out", str(tmp_path / "afile")]) == 1
+    assert capsys.readouterr().err == (f"dmhpc demo: error: --out {tmp_path / 'afile'}: exists and is not a folder; "
+                                       f"name a folder for the demo\n")
+    assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_make_clean_removes_the_demo_folder_named_and_nothing_else(tmp_path):
+    """DEMO_OUT went into `rm -rf` unquoted: "my runs" removed ./my and ./runs, which holds every
+    config's results; an empty one is refused, not an `rm` of nothing but the stamp."""
+    (tmp_path / "runs" / "keep").mkdir(parents=True)
+    (tmp_path / "my runs").mkdir()
+    env = {k: v for k, v in clean_env().items() if k != "VIRTUAL_ENV"}
+    make = ["make", "-s", "-f", str(ROOT / "Makefile"), "clean"]
+    proc = subprocess.run([*make, "DEMO_OUT=my runs"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and (tmp_path / "runs" / "keep").is_dir()
+    proc = subprocess.run([*make, "DEMO_OUT="], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("make clean: DEMO_OUT is empty; nothing removed\n")
 
 
 def test_a_demo_too_small_for_one_batch_is_refused_before_rendering(tmp_path, capsys):
