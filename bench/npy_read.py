@@ -29,7 +29,7 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=7, help="timed passes per reader (default 7)")
     opts = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="dmhpc-bench-npy-", dir="/tmp"))
+    tmp = Path(tempfile.mkdtemp(prefix="dmhpc-bench-npy-"))
     try:
         path = tmp / "images.npy"
         images = np.random.default_rng(0).normal(size=(opts.n, 3, opts.size, opts.size)).astype(np.float32)

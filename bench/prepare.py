@@ -7,7 +7,7 @@ by split, and accumulates statistics. Target: at least half the baseline's throu
     python bench/prepare.py                     # 12,000 images of 3x75x75 float32
     python bench/prepare.py --n 16000 --mpi 2   # also time `mpiexec -n 2 dmhpc prepare`
 
-Input and output live in a temporary directory (under /tmp), deleted at the end. Both sides read
+Input and output live in a temporary directory (under $TMPDIR, /tmp by default), deleted at the end. Both sides read
 the input from the page cache (a warm-up read first) and write to the page cache; their runs are
 interleaved, and the best and the median of each are printed.
 """
@@ -66,7 +66,7 @@ def main_bench() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored dtype")
     opts = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="dmhpc-bench-prepare-", dir="/tmp"))
+    tmp = Path(tempfile.mkdtemp(prefix="dmhpc-bench-prepare-"))
     try:
         rng = np.random.default_rng(0)
         images = tmp / "X.npy"

@@ -3,7 +3,7 @@
     python bench/read.py                 # 16,000 images of 3x75x75 float32, 4096 rows per shard
     python bench/read.py --dtype float16
 
-Writes a data set with write_dataset under /tmp, reads it once to warm the page cache, then
+Writes a data set with write_dataset under $TMPDIR (/tmp by default), reads it once to warm the page cache, then
 times --epochs passes of contiguous batches (the last batch of a pass may be short; batches
 may span two shards). Target: at least 20,000 images/s on the 2-core CI-like machine.
 """
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored dtype")
     opts = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="dmhpc-bench-read-", dir="/tmp"))
+    tmp = Path(tempfile.mkdtemp(prefix="dmhpc-bench-read-"))
     try:
         rng = np.random.default_rng(0)
         images = rng.normal(size=(opts.n, 3, opts.size, opts.size)).astype(np.float32)
