@@ -1077,6 +1077,18 @@ def test_a_tile_compressed_cube_is_read_by_rows(tmp_path):
     rows = open_images(tmp_path / "c.fz")  # fpack's name for it
     assert isinstance(rows.array, _SectionRows) and rows.shape == (40, 3, 8, 8)
     np.testing.assert_array_equal(rows[np.array([3, 4, 5, 30])], whole[[3, 4, 5, 30]])
+    # Indexed as an array is: rows from the end, and none past it (a section gave nothing, or one
+    # row for two, without a word).
+    np.testing.assert_array_equal(rows.array[[-1, -2]], whole[[-1, -2]][:, :])
+    with pytest.raises(IndexError):
+        rows.array[[39, 40]]
+    # A damaged tile: astropy's decompressor raises its own exception, which was a traceback.
+    damaged = bytearray((tmp_path / "c.fz").read_bytes())
+    end = len(damaged) - 2880
+    damaged[end - 3000:end - 2000] = bytes(b ^ 0xFF for b in damaged[end - 3000:end - 2000])
+    (tmp_path / "bad.fz").write_bytes(damaged)
+    with pytest.raises(DmhpcError, match=rf"^{tmp_path / 'bad.fz'}: cannot read images 0 to 39 \("):
+        open_images(tmp_path / "bad.fz")[:]
 
 
 def cutouts(tmp_path: Path, images: np.ndarray, per_filter: bool) -> list[str]:
@@ -1258,9 +1270,15 @@ def test_an_hdf5_catalog_is_read_for_its_columns_only_and_its_masked_cells_are_e
     assert catalog.ids == ["7", "8", "9"] and list(catalog.labels) == [0, 1, 0] and catalog.id_dtype == "i8"
     with pytest.raises(DmhpcError, match=r"masked.h5: column 'id' has 1 empty id cell\(s\), the first in row 2$"):
         read_catalog(tmp_path / "masked.h5")
-    monkeypatch.setattr(Table, "read", read)  # two tables: astropy's choice (the first, with a warning)
-    with pytest.warns(UserWarning, match="multiple tables"):
-        assert read_catalog(tmp_path / "two.h5").ids == ["1"]
+    # One column in two roles (ids that are the file names): h5py's "field occurs more than once"
+    # was a traceback, where every other format read it.
+    Table({"name": ["a.fits", "b.fits"]}).write(tmp_path / "names.h5", path="catalog")
+    catalog = read_catalog(tmp_path / "names.h5", id_column="name", file_column="name", cutouts=tmp_path)
+    assert catalog.ids == ["a.fits", "b.fits"] and catalog.files[1] == tmp_path / "b.fits"
+    # Two tables: astropy read the first, with a warning that named no file (FITS was refused).
+    monkeypatch.setattr(Table, "read", read)
+    with pytest.raises(DmhpcError, match=r"two.h5: holds 2 tables \(/first, /second\); keep the catalog's in a file"):
+        read_catalog(tmp_path / "two.h5")
 
 
 def test_a_cutout_gone_before_its_shard_is_written_is_named_and_nothing_is_left(tmp_path, capsys, monkeypatch):
@@ -1328,6 +1346,63 @@ def test_an_integer_mask_hdu_among_filters_is_one_line(tmp_path, capsys, mask_in
                           "--out", str(out)],
                  f"{tmp_path / 'cutouts' / name}: HDU 4 (MASK) holds int32 integers beside floating-point filters",
                  out=out)
+
+
+@pytest.mark.parametrize("card, said", [(("BLANK", -32768), "int16"), (("BZERO", 1000), "int16 offset by BZERO 1000")])
+def test_integer_pixels_that_astropy_gives_as_floats_are_refused_as_raw_counts(tmp_path, capsys, card, said):
+    """astropy gives int16 pixels with a BLANK, or with a BZERO other than the unsigned one, as
+    float32: the check of the dtype took raw counts for calibrated pixels, and a cutout's integer
+    MASK with a BLANK was stacked as one more filter."""
+    from astropy.io import fits
+
+    hdu = fits.PrimaryHDU(np.random.default_rng(2).poisson(1500, (20, 3, 8, 8)).astype(np.int16))
+    hdu.header[card[0]] = card[1]
+    hdu.writeto(tmp_path / "counts.fits")
+    assert_fails(capsys, ["prepare", "--images", str(tmp_path / "counts.fits"), "--out", str(tmp_path / "o")],
+                 f"{tmp_path / 'counts.fits'}: pixels of dtype {said}; expected floating point", out=tmp_path / "o")
+    names = cutouts(tmp_path, np.random.default_rng(7).normal(size=(4, 3, 8, 8)).astype(np.float32), per_filter=True)
+    mask = fits.ImageHDU(np.zeros((8, 8), np.int32), fits.Header([("EXTNAME", "MASK"), ("BLANK", -1)]))
+    fits.append(tmp_path / "cutouts" / names[0], mask.data, mask.header)
+    (tmp_path / "c.csv").write_text("id\n" + "".join(f"{n[:-5]}\n" for n in names))
+    assert_fails(capsys, ["prepare", "--catalog", str(tmp_path / "c.csv"), "--cutouts", str(tmp_path / "cutouts"),
+                          "--out", str(tmp_path / "o")],
+                 f"{tmp_path / 'cutouts' / names[0]}: HDU 4 (MASK) holds int32 integers beside floating-point filters",
+                 out=tmp_path / "o")
+
+
+def test_a_csv_naming_a_column_asked_for_twice_is_refused(tmp_path):
+    """Two catalogs pasted side by side: astropy renamed the second "label" to "label_1", and the
+    first was read without a word."""
+    from dmhpc.data.inputs import read_catalog
+
+    (tmp_path / "c.csv").write_text("\ufeffid,label,label\n1,0,1\n2,0,1\n", encoding="utf-8")
+    with pytest.raises(DmhpcError, match=r"c.csv: column 'label' appears 2 times in the header; rename all but"):
+        read_catalog(tmp_path / "c.csv", label_column="label")
+    assert read_catalog(tmp_path / "c.csv").ids == ["1", "2"]  # (a column not asked for may repeat)
+
+
+def test_a_reader_error_of_another_kind_during_the_writes_leaves_nothing(tmp_path, monkeypatch):
+    """Only a DmhpcError removed the staged shards and the folder prepare made: an input reader's own
+    exception (a decompressor's, a MemoryError) left both behind."""
+    from dmhpc.data import inputs
+
+    np.save(tmp_path / "half.npy", np.random.default_rng(3).normal(size=(100, 3, 8, 8)).astype(np.float32))
+    read, write, writing = inputs.ArrayRows._rows, shards.write_shard, threading.Event()
+
+    def failing(self, index):
+        if writing.is_set() and np.max(index) >= 60:
+            raise RuntimeError("a reader's own error")
+        return read(self, index)
+
+    def write_shard(*task):
+        writing.set()  # after the pixel scan
+        return write(*task)
+
+    monkeypatch.setattr(inputs.ArrayRows, "_rows", failing)
+    monkeypatch.setattr(shards, "write_shard", write_shard)
+    with pytest.raises(RuntimeError, match="a reader's own error"):
+        main(["prepare", "--images", str(tmp_path / "half.npy"), "--out", str(tmp_path / "ds"), "--shard-size", "16"])
+    assert sorted(os.listdir(tmp_path)) == ["half.npy"]
 
 
 @pytest.mark.parametrize("dtype, at", [(np.uint16, 0), (np.int16, 0), (np.uint16, 3), (np.int16, 2)])

@@ -226,7 +226,7 @@ def _open_fits_cube(path: str | os.PathLike, nan_fill: float | None, layout: str
             if data.ndim != 4:
                 raise DmhpcError(f"{path}: HDU {hdu.name or 0} holds a {data.ndim}-d image {data.shape}; "
                                  f"expected a cube (N, C, H, W), (N, H, W, C) or (N, H, W)")
-            check_fits_pixels(data.dtype, path)
+            check_fits_pixels(data.dtype, path, hdu.header)
             # A cube's layout as a .npy array's: an HWC cube was read as W channels of H x C pixels.
             found = "NCHW" if one_filter else detect_layout(data.shape, layout, str(path))
         except DmhpcError:
@@ -254,13 +254,27 @@ def _plain_rows(path: Path, hdul, number: int, hdu) -> FileRows:
     return FileRows(path, shape, dtype, start)
 
 
-def check_fits_pixels(dtype: np.dtype, path) -> None:
+def check_fits_pixels(dtype: np.dtype, path, header=None) -> None:
     """FITS pixels must come as floats, as astropy gives scaled ones (BSCALE): unscaled integers (int16,
     uint16 by BZERO 32768) are raw counts, whose scale no model trained on calibrated images shares.
-    One rule for cubes and cutouts: cutouts had their integers converted to float32 and predicted on."""
-    if dtype.kind != "f":
-        raise DmhpcError(f"{path}: pixels of dtype {dtype.name}; expected floating point (integers without a BSCALE "
-                         f"are raw counts: calibrate them first)")
+    One rule for cubes and cutouts: cutouts had their integers converted to float32 and predicted on.
+    With the HDU's `header`, integers are known by it: astropy gives floats for some (a BLANK, an
+    offset other than the unsigned one), which passed as calibrated pixels."""
+    raw = _raw_integers(header) if header is not None else None
+    if raw or dtype.kind != "f":
+        raise DmhpcError(f"{path}: pixels of dtype {raw or dtype.name}; expected floating point (integers without a "
+                         f"BSCALE are raw counts: calibrate them first)")
+
+
+def _raw_integers(header) -> str | None:
+    """The integer type of pixels stored without a scale (BITPIX above 0, BSCALE 1), whatever BZERO
+    and BLANK say; None for floating-point or scaled pixels."""
+    bits = header.get("BITPIX", -32)
+    if not isinstance(bits, int) or bits <= 0 or header.get("BSCALE", 1) != 1:
+        return None
+    zero, unsigned = header.get("BZERO", 0), 2 ** (bits - 1)
+    name = f"uint{bits}" if bits > 8 and zero == unsigned else np.dtype(_BITPIX.get(bits, "i8")).name
+    return name if zero in (0, unsigned) else f"{name} offset by BZERO {zero:g}"
 
 
 def _scaled(header) -> bool:
@@ -282,15 +296,17 @@ class _SectionRows:
         self.ndim = len(self.shape)
         # The last row now: a file cut short is refused at opening, not partway through a conversion.
         last = self[np.array([shape[0] - 1])] if shape[0] else self.section[0:0]
-        self.dtype = last.dtype  # BSCALE gives floats; BZERO alone, integers
+        self.dtype = last.dtype  # BSCALE gives floats; the unsigned BZERO alone, integers
 
     def __getitem__(self, index):
-        index = np.arange(self.shape[0])[index] if isinstance(index, slice) else np.asarray(index)
+        # Indexed as an array is: negative rows from the end, rows past it an IndexError (a section
+        # gave one row for two, or none).
+        index = np.arange(self.shape[0])[index if isinstance(index, slice) else np.asarray(index, dtype=np.int64)]
         runs = [r for r in np.split(index, np.flatnonzero(np.diff(index) != 1) + 1) if r.size]
         try:
             with self._lock, np.errstate(over="ignore"):  # (a BSCALE past float32: Inf, refused downstream)
                 blocks = [self.section[int(r[0]):int(r[-1]) + 1] for r in runs]
-        except (OSError, ValueError, TypeError) as exc:  # astropy's, of a file cut short: a traceback
+        except Exception as exc:  # astropy's, of a file cut short, or its decompressor's of a damaged tile
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise DmhpcError(f"{self.path}: cannot read images {int(index[0])} to {int(index[-1])} ({reason}); "
                              f"saved again or cut short while it was read?") from None
@@ -330,14 +346,17 @@ def _read_cutout(path: Path) -> tuple[np.ndarray, bool]:
             # Every image HDU is a filter: an integer plane among floating-point ones is a mask or a
             # flag map (HSC's MASK), which was stacked as one more filter. Refused, not skipped: which
             # planes are filters is the user's to say, by the files they give.
-            if any(p.dtype.kind == "f" for p in planes):
-                for k, hdu in found:
-                    if hdu.data.dtype.kind != "f":
+            # (by the header: astropy gives a mask with a BLANK as floats)
+            raw = [_raw_integers(hdu.header) or (None if hdu.data.dtype.kind == "f" else hdu.data.dtype.name)
+                   for _, hdu in found]
+            if not all(raw):
+                for (k, hdu), integers in zip(found, raw):
+                    if integers:
                         raise DmhpcError(f"{path}: HDU {k}{f' ({hdu.name})' if hdu.name else ''} holds "
-                                         f"{hdu.data.dtype.name} integers beside floating-point filters (a mask?); "
+                                         f"{integers} integers beside floating-point filters (a mask?); "
                                          f"every image HDU of a cutout is taken as a filter")
-            for plane in planes:
-                check_fits_pixels(plane.dtype, path)
+            for (_, hdu), plane in zip(found, planes):
+                check_fits_pixels(plane.dtype, path, hdu.header)
                 _refuse_underflow(plane, path)
             # (beyond float32: Inf, refused as such downstream)
             if len(planes) == 1 and planes[0].ndim == 3:
@@ -453,7 +472,9 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
     # is paged in from the file. (ECSV is read whole: astropy rebuilds its Time, SkyCoord and unit
     # columns even when they are left out, and fails.)
     roles = {"id": id_column, "label": label_column, "file": file_column}
-    wanted = [column for column in roles.values() if column is not None]
+    if fmt == "ascii.csv":
+        _refuse_repeated_names(path, [column for column in roles.values() if column is not None])
+    wanted = list(dict.fromkeys(column for column in roles.values() if column is not None))  # (one in two roles)
     if fmt == "parquet":  # its schema first: the reader refuses names it does not have
         every = read(schema_only=True).colnames
         missing = [column for column in wanted if column not in every]
@@ -504,6 +525,23 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
     return Catalog(path, ids, labels, files, f"{kind.kind}{kind.itemsize}" if kind.kind in "iu" else None)
 
 
+def _refuse_repeated_names(path: Path, columns: list[str]) -> None:
+    """A CSV whose header names a column asked for twice (two catalogs pasted side by side): astropy
+    renames the second (label_1) and read the first without a word."""
+    import csv
+
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            header = next((row for row in csv.reader(f) if row and not row[0].lstrip().startswith("#")), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return  # the reader says what is wrong with the file
+    names = [name.strip() for name in header]
+    for column in columns:
+        if names.count(column) > 1:
+            raise DmhpcError(f"{path}: column {column!r} appears {names.count(column)} times in the header; "
+                             f"rename all but the one to read")
+
+
 def _fits_tables(path: Path) -> list[str]:
     """The names (or numbers) of a FITS file's table HDUs; none where it cannot be read (its reader
     says why)."""
@@ -521,7 +559,7 @@ def _hdf5_fields(path: Path, columns: list[str]):
     """The `columns` of an HDF5 catalog's table, read alone (astropy reads every column of every row),
     each masked where the table stores its mask beside it (`NAME.mask`, astropy's masked columns).
     None where astropy must read the table: the file is not one table of these fields (its error,
-    its choice among several tables, or a column it rebuilds from parts, such as a Time)."""
+    or a column it rebuilds from parts, such as a Time). Several tables are refused."""
     import h5py
     from astropy.table import MaskedColumn, Table
 
@@ -530,12 +568,17 @@ def _hdf5_fields(path: Path, columns: list[str]):
             tables = []
             f.visititems(lambda name, item: tables.append(item) if isinstance(item, h5py.Dataset)
                          and item.dtype.kind == "V" else None)
-            fields = tables[0].dtype.names if len(tables) == 1 else ()
+            if len(tables) > 1:  # astropy reads the first, with a warning that names no file
+                raise DmhpcError(f"{path}: holds {len(tables)} tables ({', '.join(t.name for t in tables)}); "
+                                 f"keep the catalog's in a file of its own")
+            fields = tables[0].dtype.names if tables else ()
             if not set(columns) <= set(fields):
                 return None
             masks = [f"{c}.mask" for c in columns if f"{c}.mask" in fields]
             rows = tables[0].fields([*columns, *masks])[:]
-    except OSError:
+    except DmhpcError:
+        raise
+    except Exception:  # (h5py's errors of a file that is no HDF5 table of these fields: astropy's reader says)
         return None
     return Table([MaskedColumn(rows[c], name=c, mask=rows[f"{c}.mask"]) if f"{c}.mask" in masks else rows[c]
                   for c in columns], names=columns, copy=False)

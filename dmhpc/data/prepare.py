@@ -453,7 +453,9 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
                 # An input unreadable now (the checksums run beside the writes) fails the data set too.
                 for done in _allgather(comm, _agree(comm, input_digests)):
                     digests.update(done)
-            except DmhpcError:
+            except Exception:
+                # Not only a DmhpcError: an input reader's own error, a MemoryError. (An interrupt
+                # leaves the staged shards, which the next run finishes.)
                 if rank == 0:
                     for d, made in zip(planned, created):
                         shards.abandon_dataset(d["out"], remove_dir=made)
@@ -479,7 +481,7 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
 
         try:
             manifests = _agree(comm, lambda: finish() if rank == 0 else None)
-        except DmhpcError:
+        except Exception:
             # A write failed (a full disk, say): leave no shard of this conversion behind.
             if rank == 0:
                 for d, made in zip(planned, created):
