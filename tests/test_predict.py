@@ -1153,7 +1153,20 @@ def test_a_fits_catalog_of_non_ascii_ids_is_one_line_before_any_image(trained, t
     assert not out.exists()
 
 
-def test_a_requeued_prediction_reuses_its_own_statistics(trained, tmp_path, monkeypatch):
+@pytest.fixture
+def one_thread():
+    """Torch computing on one thread here, as the child processes of `clean_env` do: the parts a
+    child wrote and those computed here are compared bit for bit, and on some CPUs one thread and
+    two sum a convolution's terms in another order (p differed in its eighth digit)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_a_requeued_prediction_reuses_its_own_statistics(trained, tmp_path, monkeypatch, one_thread):
     """--normalize own read every image of the survey again on each restart, before the first part,
     to compute the statistics it had already computed; kept in the parts folder now, for the same
     inputs only."""
