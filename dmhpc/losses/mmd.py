@@ -4,7 +4,7 @@ Kernel convention kept from the original: k(x, y) = sum over sigma of exp(-||x -
 so each sigma acts as a *variance* (the bandwidth is sqrt(sigma)).
 
 Numerics: squared distances come from the Gram matrix of the features centred on their common
-mean, with the squared norms read off the Gram diagonal. Centring removes the cancellation of
+mean, in float64, with the squared norms read off the Gram diagonal. Centring removes the cancellation of
 ||x||^2 + ||y||^2 - 2 x.y for features with large norms, and taking the norms from the same
 matmul makes every self-distance exactly zero, which the kernels with tiny sigma need (a
 separately computed norm leaves ~1e-3 on the diagonal and exp(-1e-3 / 2e-6) = 0 instead of 1:
@@ -136,14 +136,27 @@ def device_constants(values: tuple[float, ...], device: torch.device, dtype: tor
 
 
 def _squared_distances(ys: torch.Tensor, yt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    gss, gtt, gst = ys @ ys.T, yt @ yt.T, ys @ yt.T
-    ns, nt = gss.diagonal().clone(), gtt.diagonal().clone()
-    # In place on the Gram blocks (memory is the limit for a global batch). a + a - 2a is exactly
-    # 0 in floating point, so self-distances are exact zeros.
-    dss = gss.mul_(-2).add_(ns[:, None]).add_(ns[None, :]).clamp_min_(0)
-    dtt = gtt.mul_(-2).add_(nt[:, None]).add_(nt[None, :]).clamp_min_(0)
-    dst = gst.mul_(-2).add_(ns[:, None]).add_(nt[None, :]).clamp_min_(0)
-    return dss, dtt, dst
+    """The three blocks of squared distances, computed in float64 and returned in the rows' dtype.
+    In float32 a distance below ~1e-3 of rows whose centred norms are ~1e3 is lost to rounding,
+    and those are the pairs the tiny-sigma kernels see: a batch where adaptation made source and
+    target rows near twins had its value 32 % low and its gradient 94 % off (docs/losses.md). One
+    float64 block at a time (n^2 d flops, small beside the kernels)."""
+    exact = torch.float64
+    y_s, y_t = ys.to(exact), yt.to(exact)
+    blocks = []
+    # In place on each Gram block (memory is the limit for a global batch); norms from the Gram
+    # diagonals: a + a - 2a is exactly 0 in floating point, so self-distances are exact zeros.
+    gss = y_s @ y_s.T
+    ns = gss.diagonal().clone()
+    blocks.append(gss.mul_(-2).add_(ns[:, None]).add_(ns[None, :]).clamp_min_(0).to(ys.dtype))
+    del gss
+    gtt = y_t @ y_t.T
+    nt = gtt.diagonal().clone()
+    blocks.append(gtt.mul_(-2).add_(nt[:, None]).add_(nt[None, :]).clamp_min_(0).to(ys.dtype))
+    del gtt
+    gst = y_s @ y_t.T
+    blocks.append(gst.mul_(-2).add_(ns[:, None]).add_(nt[None, :]).clamp_min_(0).to(ys.dtype))
+    return blocks[0], blocks[1], blocks[2]
 
 
 def _median_sigmas(dss: torch.Tensor, dtt: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
@@ -240,6 +253,15 @@ class _KernelMMD(torch.autograd.Function):
             pss = slope(dss, kept[0]).mul_(4 * wss).masked_fill_(dss == 0, 0)
             ptt = slope(dtt, kept[1]).mul_(4 * wtt).masked_fill_(dtt == 0, 0)
             pst = slope(dst, kept[2]).mul_(2 * wst).masked_fill_(dst == 0, 0)
-            gs = (pss.sum(1) + pst.sum(1))[:, None] * ys - pss @ ys - pst @ yt
-            gt = (ptt.sum(1) + pst.sum(0))[:, None] * yt - ptt @ yt - pst.T @ ys
-        return grad * gs, grad * gt, None, None, None, None, None
+            # sum_j p_ij y_i - sum_j p_ij y_j in float64: for near twins p_ij is ~5e5 and the two
+            # sums cancel to a few digits, which float32 does not have.
+            y_s, y_t = ys.to(torch.float64), yt.to(torch.float64)
+            gs = _pull(pss, y_s, y_s) + _pull(pst, y_s, y_t)
+            gt = _pull(ptt, y_t, y_t) + _pull(pst.T, y_t, y_s)
+        return grad * gs.to(ys.dtype), grad * gt.to(yt.dtype), None, None, None, None, None
+
+
+def _pull(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_j p_ij (a_i - b_j), in a's dtype (float64 here), one block of p converted at a time."""
+    p = p.to(a.dtype)
+    return p.sum(1)[:, None] * a - p @ b
