@@ -13,6 +13,14 @@ from dmhpc.train.metrics import (batch_nuclear_norm, classification_metrics, dee
                                  soft_neighborhood_density, validator_scores)
 
 
+def test_classification_metrics_of_an_empty_split_are_nan_not_an_error():
+    """scikit-learn's accuracy raised ValueError ("Found empty input array") where the docstring
+    promises NaN for what is undefined; selection_score calls it directly."""
+    m = classification_metrics(np.zeros(0, int), np.zeros((0, 2)))
+    assert m["n"] == 0 and all(math.isnan(m[k]) for k in ("accuracy", "precision", "recall", "f1", "roc_auc",
+                                                            "brier"))
+
+
 def test_classification_metrics_by_hand():
     labels = np.array([1, 1, 0, 0, 1])
     p1 = np.array([0.9, 0.4, 0.2, 0.6, 0.7])

@@ -29,7 +29,9 @@ def classification_metrics(labels: np.ndarray, prob: np.ndarray) -> dict:
     from sklearn import metrics as skm
 
     labels = np.asarray(labels).astype(np.int64)
-    p1 = np.asarray(prob, dtype=np.float64)[:, 1]
+    p1 = np.asarray(prob, dtype=np.float64).reshape(-1, 2)[:, 1]
+    if not len(labels):  # (scikit-learn's accuracy raised ValueError on an empty split)
+        return {"n": 0, **dict.fromkeys(("accuracy", "precision", "recall", "f1", "roc_auc", "brier"), math.nan)}
     if not np.isfinite(p1).all():
         return {"n": int(len(labels)), "nonfinite": int((~np.isfinite(p1)).sum()),
                 **dict.fromkeys(("accuracy", "precision", "recall", "f1", "roc_auc", "brier"), math.nan)}
