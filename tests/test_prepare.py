@@ -1370,6 +1370,17 @@ def test_integer_pixels_that_astropy_gives_as_floats_are_refused_as_raw_counts(t
                  out=tmp_path / "o")
 
 
+def test_ids_that_are_paths_name_no_cutout_outside_the_folder(tmp_path):
+    """Without a file column the cutout of id X is X.fits in --cutouts: the ids "../x" and "sub/y"
+    were read from the folder's parent and from a folder inside it."""
+    from dmhpc.data.inputs import read_catalog
+
+    (tmp_path / "c.csv").write_text("id\na\n../x\n")
+    with pytest.raises(DmhpcError, match=r"c.csv: id '../x' \(row 2\) is no file name, and without a file column"):
+        read_catalog(tmp_path / "c.csv", cutouts=tmp_path / "cutouts")
+    assert read_catalog(tmp_path / "c.csv").ids == ["a", "../x"]  # (ids alone: no file named by them)
+
+
 def test_a_csv_naming_a_column_asked_for_twice_is_refused(tmp_path):
     """Two catalogs pasted side by side: astropy renamed the second "label" to "label_1", and the
     first was read without a word."""

@@ -521,6 +521,11 @@ def read_catalog(path: str | os.PathLike, *, id_column: str = "id", label_column
         _refuse_repeats(path, [os.path.normpath(os.path.join(where, name)) for name in names], file_column, "file",
                         "its own cutout file", names)
     elif cutouts is not None:
+        # ID.fits in the folder: an id of a path ("../x", "sub/y") reached outside it, or into another.
+        bad = next((k for k, i in enumerate(ids) if "/" in i or "\0" in i or i in (".", "..")), None)
+        if bad is not None:
+            raise DmhpcError(f"{path}: id {ids[bad]!r} (row {bad + 1}) is no file name, and without a file column "
+                             f"each row's cutout is ID.fits in {folder}; give a file column (--file-column)")
         files = CutoutFiles(folder, [f"{i}.fits" for i in ids])
     return Catalog(path, ids, labels, files, f"{kind.kind}{kind.itemsize}" if kind.kind in "iu" else None)
 
