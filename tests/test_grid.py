@@ -758,6 +758,17 @@ def test_a_launch_refused_before_any_job_went_in_keeps_the_failures(tmp_path, mo
         assert _read_failures(path) == {"seed=1": "job 7 failed"}, executor
     rows = {row["point"]: row["status"] for row in report_grid({**spec, "executor": "local"})}
     assert rows["seed=1"].startswith("failed") and rows["seed=2"] == "not started", rows
+    # Stopped otherwise before any job went in (Ctrl-C while submitit writes its pickles, its own
+    # error): only a refusal put the failures back.
+    from dmhpc.launch import submit
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(submit, "submit_points", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        launch_grid({**spec, "executor": "slurm"})
+    assert _read_failures(path) == {"seed=1": "job 7 failed"}
 
 
 @pytest.mark.parametrize("inside", ["run", "data"])

@@ -837,7 +837,7 @@ def launch_points(points: list[Point], resources: Mapping[str, Resources], *, ki
                                      at_once_why=at_once_why, on_submit=lambda: submitted.append(True))
             jobs = submit_points(points, resources, kind=kind, folder=folder, job_name=job_name, task=task,
                                  on_submit=lambda: submitted.append(True))
-        except DmhpcError:
+        except BaseException:  # a refusal, Ctrl-C, or submitit's own error before any job went in
             if undo is not None and not submitted:
                 undo()
             raise
