@@ -103,6 +103,10 @@ class TrainStep:
         self.forward, self._whole_graph = _wrapped(state.model, cfg, dist)
         self.autocast = autocast(cfg.train.amp, dist.device)
         self._lr = None  # the scale last applied: groups are updated only when it changes
+        # Under fp16 a step the scaler skips has already updated the running statistics in its
+        # forward pass (BatchNorm's, the Fisher centres): an overflow made them NaN or Inf, and the
+        # next check of the weights stopped the run the scaler had kept going.
+        self._guarded = [b for b in state.model.buffers() if b.is_floating_point()] if cfg.train.amp == "fp16" else []
 
     def lr_scale(self, step: int) -> float:
         """The rate's factor at `step` of this world, counted in the steps of the run's first world
@@ -129,6 +133,7 @@ class TrainStep:
             xs = xs.contiguous(memory_format=torch.channels_last)
             xt = xt.contiguous(memory_format=torch.channels_last) if xt is not None else None
         whole = torch._dynamo.config.patch(optimize_ddp=False) if self._whole_graph else contextlib.nullcontext()
+        before = [b.clone() for b in self._guarded]
         with self.autocast, whole:
             loss, terms, outputs = self.forward(xs, ys, xt, self.grl(step))
         state.optimizer.zero_grad(set_to_none=True)
@@ -138,4 +143,8 @@ class TrainStep:
             torch.nn.utils.clip_grad_norm_(state.model.parameters(), cfg.optim.grad_clip)
         state.scaler.step(state.optimizer)
         state.scaler.update()
+        # After the backward, which holds the buffers' versions: each value that overflowed keeps
+        # its last one (on the device: no host wait).
+        for buffer, old in zip(self._guarded, before):
+            buffer.copy_(torch.where(torch.isfinite(buffer), buffer, old))
         return terms, outputs
