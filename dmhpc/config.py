@@ -237,7 +237,7 @@ class OptimConfig:
     # Clip the global gradient norm to this value; null = no clipping.
     grad_clip: float | None = _key(None, optional(number(0.0, low_open=True)))
     # Learning-rate schedule: "constant"; "warmup-cosine" (linear warmup over warmup_steps, cosine
-    # decay to min_lr); "cyclic" (the original's triangle between lr/10 and lr, period
+    # decay to min_lr at the last step); "cyclic" (the original's triangle between lr/10 and lr, period
     # 0.9 * cycle_epochs epochs); "inv" (lr * (1 + gamma * step) ** -power, every step).
     schedule: str = _key("cyclic", choice("constant", "warmup-cosine", "cyclic", "inv"))
     # warmup-cosine: steps of linear warmup.

@@ -16,10 +16,15 @@ def _f(step, schedule, **kw):
 
 
 def test_warmup_cosine():
+    """Steps 0 to 99: the peak at the warmup's last step (9), min_lr at the last step (99). The cosine
+    ran from step 10 to step 100: the peak was held two steps and min_lr came at a step never trained."""
     assert _f(0, "warmup-cosine", warmup_steps=10) == pytest.approx(0.1)
     assert _f(9, "warmup-cosine", warmup_steps=10) == pytest.approx(1.0)
-    assert _f(55, "warmup-cosine", warmup_steps=10) == pytest.approx(0.5)
-    assert _f(100, "warmup-cosine", warmup_steps=10, min_lr=1e-4) == pytest.approx(0.1)
+    assert _f(10, "warmup-cosine", warmup_steps=10) < 1.0
+    assert _f(54, "warmup-cosine", warmup_steps=10) == pytest.approx(0.5)
+    assert _f(99, "warmup-cosine", warmup_steps=10, min_lr=1e-4) == pytest.approx(0.1)
+    assert _f(0, "warmup-cosine", min_lr=1e-4) == pytest.approx(1.0)  # without warmup: the peak first
+    assert _f(99, "warmup-cosine", min_lr=1e-4) == pytest.approx(0.1)
 
 
 def test_cyclic_is_the_originals_triangle_between_lr_over_10_and_lr():
@@ -45,11 +50,11 @@ def test_inv_and_constant():
 
 def test_every_step_of_each_shape():
     """The values above are points where other shapes meet (a linear decay equals the cosine at its
-    midpoint, step 55): the whole curves, step by step, against their formulas."""
+    midpoint, step 54): the whole curves, step by step, against their formulas."""
     import math
 
-    for s in range(101):  # warmup over steps 0-9 reaching 1 at step 9, then a cosine to min_lr at step 100
-        warm = (s + 1) / 10 if s < 10 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 10) / 90))
+    for s in range(100):  # warmup over steps 0-9 reaching 1 at step 9, then a cosine to min_lr at step 99
+        warm = (s + 1) / 10 if s < 10 else 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - 9) / 90))
         assert _f(s, "warmup-cosine", warmup_steps=10, min_lr=1e-4) == pytest.approx(warm, abs=1e-12), s
         phase = s % 18  # a triangle of 18 steps: up from 0.1 over 9, down over 9
         tri = 0.1 + 0.9 * (phase / 9 if phase < 9 else (18 - phase) / 9)

@@ -14,7 +14,8 @@ def lr_factor(step: float, optim, *, total_steps: float, steps_per_epoch: int) -
     world's, see TrainStep.lr_scale), as the `optim` section says.
 
     - constant: 1.
-    - warmup-cosine: linear warmup over `warmup_steps`, then cosine decay to `min_lr`.
+    - warmup-cosine: linear warmup over `warmup_steps` (1 at its last step), then cosine decay to
+      `min_lr` at the run's last step.
     - cyclic: the original DeepMerge "one-cycle", which is in fact a repeating triangle between
       lr/10 and lr with a period of 0.9 * cycle_epochs epochs (kept, minus its broken branches).
     - inv: (1 + gamma * step) ** -power, the original's default, here applied every step.
@@ -29,8 +30,12 @@ def lr_factor(step: float, optim, *, total_steps: float, steps_per_epoch: int) -
     if schedule == "warmup-cosine":
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        span = max(1, total_steps - warmup_steps)
-        progress = min(1.0, (step - warmup_steps) / span)
+        # From the peak (the warmup's last step, or step 0) to the run's last step, total_steps - 1:
+        # measured from warmup_steps to total_steps, the peak was held two steps and min_lr came
+        # at a step never trained.
+        peak = max(warmup_steps - 1, 0)
+        span = max(1.0, total_steps - 1 - peak)
+        progress = min(1.0, (step - peak) / span)
         floor = min_lr / lr if lr > 0 else 0.0
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "cyclic":
