@@ -47,7 +47,7 @@ import torch.distributed as dist
 from dmhpc.cpus import cpu_mask, quota_share, usable_cpus
 from dmhpc.errors import DmhpcError
 from dmhpc.mpi import env_int, import_mpi, launched
-from dmhpc.rendezvous import master_port, slurm_rendezvous
+from dmhpc.rendezvous import check_master_addr, master_port, slurm_rendezvous
 
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # How long a rank waits in a collective before the job fails: gloo's default, for NCCL too (its own
@@ -191,6 +191,8 @@ def _mpi_rendezvous(launch: Launch, env: Mapping[str, str]) -> Launch:
         addr = env.get("MASTER_ADDR") or socket.gethostname()
         port = _free_port() if port is None else port
     addr, port = comm.bcast((addr, port), root=0)
+    if addr is not None:  # on every rank, as the port: each says the same line
+        check_master_addr(addr, len(set(comm.allgather(socket.gethostname()))))
     return Launch("mpi", rank, local_rank, size, addr, port, local_size, sharers)
 
 

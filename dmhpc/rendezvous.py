@@ -124,10 +124,29 @@ def slurm_port(env: Mapping[str, str]) -> int:
 def slurm_rendezvous(env: Mapping[str, str]) -> tuple[str, int]:
     """(address, port) where the ranks of this SLURM job meet; MASTER_ADDR/MASTER_PORT win."""
     addr = env.get("MASTER_ADDR")
-    if not addr:
+    if addr:
+        nodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or "1"
+        check_master_addr(addr, int(nodes) if nodes.isdecimal() else 1)
+    else:
         addr = node_address(first_host(_nodelist(env), env), env)
     port = master_port(env)
     return addr, slurm_port(env) if port is None else port
+
+
+def check_master_addr(addr: str, nodes: int) -> None:
+    """Refuse a loopback MASTER_ADDR (a tutorial's `localhost` in ~/.bashrc) for ranks on several
+    nodes: each node formed a world of its own and waited 30 minutes for the others."""
+    import ipaddress
+
+    name = addr.strip("[]").rstrip(".").lower()
+    try:
+        loopback = ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        loopback = name == "localhost" or name.endswith(".localhost")
+    if loopback and nodes > 1:
+        raise DmhpcError(f"environment variable MASTER_ADDR={addr}: a loopback address, and the ranks are on "
+                         f"{nodes} nodes, each of which would meet alone; unset it (the job's first node is "
+                         f"used) or name a node of the job")
 
 
 def master_port(env: Mapping[str, str]) -> int | None:

@@ -4,6 +4,7 @@ and the same address and port from slurm/lib.sh, an srun task's bootstrap and su
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -213,3 +214,19 @@ def test_master_port_outside_the_port_range_is_refused():
         with pytest.raises(DmhpcError, match=f"MASTER_PORT: expected a port number, got '{bad}'"):
             master_port({"MASTER_PORT": bad})
     assert slurm_port({"SLURM_JOB_ID": "\u00b2"}) == 29500
+
+
+def test_a_loopback_master_addr_is_refused_for_ranks_on_several_nodes():
+    """MASTER_ADDR=localhost (a tutorial's line in ~/.bashrc) won over the job's first node: on four
+    nodes each met alone, and every rank waited 30 minutes for a world that never formed."""
+    from dmhpc.rendezvous import slurm_rendezvous
+
+    job = {"SLURM_JOB_ID": "777", "SLURM_JOB_NODELIST": "gpu[01-04]", "SLURM_NNODES": "4"}
+    for addr in ("localhost", "127.0.0.1", "::1", "[::1]", "127.0.1.1", "LOCALHOST."):
+        with pytest.raises(DmhpcError, match=rf"MASTER_ADDR={re.escape(addr)}: a loopback address, and the ranks "
+                                             rf"are on 4 nodes"):
+            slurm_rendezvous({**job, "MASTER_ADDR": addr})
+    # One node (or a step on one node of the job): loopback is where the ranks meet.
+    assert slurm_rendezvous({**job, "SLURM_NNODES": "1", "MASTER_ADDR": "localhost"})[0] == "localhost"
+    assert slurm_rendezvous({**job, "SLURM_STEP_NUM_NODES": "1", "MASTER_ADDR": "127.0.0.1"})[0] == "127.0.0.1"
+    assert slurm_rendezvous({**job, "MASTER_ADDR": "gpu01"})[0] == "gpu01"
