@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import math
 import os
 import re
 import socket
@@ -34,6 +35,11 @@ from typing import IO, BinaryIO, Callable, Iterable, Iterator
 from dmhpc.errors import DmhpcError
 
 TEMP_SUFFIX = ".tmp"
+# Where the file system refused a lock this process took, a second writer is not kept out, and the
+# temporary files of its writes in progress look like orphans: `remove_orphans` then spares those
+# changed within this many seconds.
+LIVE_WRITE_S = 600.0
+_locks_refused = False
 # `.NAME.XXXXXXXX.tmp`: tempfile's random part is 8 characters of [a-z0-9_].
 _TEMP_NAME = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
 
@@ -213,18 +219,24 @@ def remove_orphans(directory: str | os.PathLike, of: Iterable[str] | None = None
     them, or with `of` those of the files of these names only (a catalog's, beside other files).
 
     Returns (files, bytes) removed. Only names `atomic_write` makes are touched. Call it only
-    where no other process can be writing them (under the run's lock, say).
+    where no other process can be writing them (under the run's lock, say); where the file system
+    refused this process's lock, those changed in the last LIVE_WRITE_S seconds are left (a second
+    writer's, in progress: a trainer's checkpoint save failed when an evaluation removed it).
     """
     files = size = 0
     directory = Path(directory)
     if not directory.is_dir():
         return 0, 0
     names = None if of is None else set(of)
+    recent = time.time() - LIVE_WRITE_S if _locks_refused else math.inf
     for entry in os.scandir(directory):
         if entry.is_file(follow_symlinks=False) and is_temporary(entry.name) and \
                 (names is None or temporary_of(entry.name) in names):
             try:
-                n = entry.stat().st_size
+                found = entry.stat()
+                if found.st_mtime >= recent:
+                    continue
+                n = found.st_size
                 os.unlink(entry.path)
             except FileNotFoundError:
                 continue
@@ -349,6 +361,7 @@ def hold_lock(path: Path, refusal: str, second: str, wait: bool = False, made: l
     names what a second holder would be, for the warning where the file system refuses locks (some
     Lustre mounts), and the caller goes on unguarded. `made` gets the folders made for the lock
     file (nearest first), for the caller to remove when they are empty at its end."""
+    global _locks_refused
     made = [] if made is None else made
     for attempt in range(100):
         try:
@@ -372,8 +385,10 @@ def hold_lock(path: Path, refusal: str, second: str, wait: bool = False, made: l
                 holder = handle.read().strip() or "another process"
                 handle.close()
                 raise LockHeld(refusal.replace("{holder}", holder), holder) from None
+            _locks_refused = True
             print(f"dmhpc: warning: {path}: the file system refuses locks ({exc.strerror}); a second {second} "
-                  f"would not be detected", flush=True)
+                  f"would not be detected (temporary files of the last {LIVE_WRITE_S / 60:.0f} minutes are left "
+                  f"as another writer's)", flush=True)
             break
         # A holder that removes its lock file on release (locked_directory) may have done so between
         # our open and our lock: then this lock is on a file nobody else will open; take the new one.

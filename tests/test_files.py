@@ -75,3 +75,28 @@ def test_a_lock_in_a_folder_that_refuses_new_files_says_why():
     with pytest.raises(DmhpcError) as info:
         hold_lock(Path("/proc/dmhpc-x.lock"), "held by {holder}", "a second one")
     assert str(info.value) == "/proc/dmhpc-x.lock: cannot create the lock: No such file or directory"
+
+
+def test_where_the_file_system_refuses_locks_a_live_writers_temporary_file_is_left(tmp_path, monkeypatch, capsys):
+    """On a mount that refuses flock the lock is taken unguarded (with a warning): an evaluation's
+    start beside a training run removed the trainer's checkpoint in progress as an orphan, and the
+    save failed. A temporary file of the last minutes is now left; an older one is still removed."""
+    import errno
+    import time
+
+    from dmhpc import files
+
+    def refused(handle, how):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(files, "_locks_refused", False)  # (this process's flag, put back after the test)
+    monkeypatch.setattr(files.fcntl, "flock", refused)
+    with hold_lock(tmp_path / ".lock", "in use by {holder}", "trainer"):
+        assert "the file system refuses locks (No locks available); a second trainer would not be detected" in \
+            capsys.readouterr().out
+        live, old = temporary_path(tmp_path / "last.pt"), temporary_path(tmp_path / "best.pt")
+        for path in (live, old):
+            path.write_bytes(b"part of a checkpoint")
+        os.utime(old, (time.time() - 2 * files.LIVE_WRITE_S,) * 2)
+        assert files.remove_orphans(tmp_path) == (1, 20)
+        assert live.exists() and not old.exists()
