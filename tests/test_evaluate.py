@@ -617,10 +617,15 @@ def test_a_failed_dmhpc_eval_leaves_the_previous_results_as_they_were(make_domai
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err, err
     assert state() == before and not any(is_temporary(name) for name in state())
+    from dmhpc.train import evaluate
+
+    synced = []  # the renames made durable: without it a crash could lose the new result's rename
+    monkeypatch.setattr(evaluate, "fsync_directory", lambda folder: synced.append(Path(folder)))
     assert main(["eval", "--run", str(run.path), "--checkpoint", "last", "--split", "val"]) == 0
     after = state()
     assert "last_val.json" in after and "roc_last_val.png" in after and "latent_last_val.png" in after
     assert not any(is_temporary(name) for name in after)
+    assert sorted(synced) == sorted([run.path / "eval", run.path / "plots"])
 
 
 def test_the_results_table_puts_each_number_in_its_column():

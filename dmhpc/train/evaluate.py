@@ -16,7 +16,7 @@ from dmhpc.data.loaders import eval_batches, eval_rows
 from dmhpc.data.shards import fingerprint, load_manifest, split_rows
 from dmhpc.distributed import bootstrap, broadcast_buffers, gather, on_main, shutdown
 from dmhpc.errors import DmhpcError
-from dmhpc.files import hold_lock, same_place, staged_write, temporary_path
+from dmhpc.files import fsync_directory, hold_lock, same_place, staged_write, temporary_path
 from dmhpc.run import EVAL_OWNER, LOCK, RunDir, check_shape, evaluation_tag, result_text, statistics
 from dmhpc.names import DOMAINS
 from dmhpc.progress import progress_bar
@@ -174,6 +174,8 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
         drawn[result_path] = staged_write(result_path, result_text(result))
         for path, tmp in drawn.items():
             os.replace(tmp, path)
+        for folder in {path.parent for path in drawn}:  # the renames, once per folder, made to survive a crash
+            fsync_directory(folder)
     finally:
         for tmp in drawn.values():
             tmp.unlink(missing_ok=True)  # those not put in place
