@@ -40,6 +40,9 @@ TEMP_SUFFIX = ".tmp"
 # changed within this many seconds.
 LIVE_WRITE_S = 600.0
 _locks_refused = False
+# What flock fails with on a file system without locks (Lustre without -o flock, NFS without a lock
+# manager): the warning's case. Any other error (EIO, ESTALE) is one.
+LOCKS_REFUSED = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL)
 # `.NAME.XXXXXXXX.tmp`: tempfile's random part is 8 characters of [a-z0-9_].
 _TEMP_NAME = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
 
@@ -385,6 +388,9 @@ def hold_lock(path: Path, refusal: str, second: str, wait: bool = False, made: l
                 holder = handle.read().strip() or "another process"
                 handle.close()
                 raise LockHeld(refusal.replace("{holder}", holder), holder) from None
+            if exc.errno not in LOCKS_REFUSED:  # a failing disk or server: not a run to go on unguarded
+                handle.close()
+                raise DmhpcError(f"{path}: cannot take the lock: {exc.strerror}") from None
             _locks_refused = True
             print(f"dmhpc: warning: {path}: the file system refuses locks ({exc.strerror}); a second {second} "
                   f"would not be detected (temporary files of the last {LIVE_WRITE_S / 60:.0f} minutes are left "

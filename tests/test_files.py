@@ -100,3 +100,20 @@ def test_where_the_file_system_refuses_locks_a_live_writers_temporary_file_is_le
         os.utime(old, (time.time() - 2 * files.LIVE_WRITE_S,) * 2)
         assert files.remove_orphans(tmp_path) == (1, 20)
         assert live.exists() and not old.exists()
+
+
+def test_a_lock_that_fails_otherwise_than_refused_is_an_error_not_an_unguarded_run(tmp_path, monkeypatch):
+    """Any error of flock was taken for a file system without locks: an I/O error or a stale NFS
+    handle went on unguarded for the whole run, with a warning."""
+    import errno
+
+    from dmhpc import files
+
+    def failing(handle, how):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(files, "_locks_refused", False)
+    monkeypatch.setattr(files.fcntl, "flock", failing)
+    with pytest.raises(DmhpcError, match=r"\.lock: cannot take the lock: Input/output error$"):
+        hold_lock(tmp_path / ".lock", "in use by {holder}", "trainer")
+    assert files._locks_refused is False
