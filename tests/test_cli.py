@@ -339,6 +339,11 @@ def _help_actions(command):
     return parser, [a for a in parser._actions if a.option_strings and a.help]
 
 
+# Options whose help states a value while argparse's default is None: the command resolves it
+# (prepare's id column where a catalog is given, explain's seed of the catalog's own draw).
+RESOLVED_LATER = {("prepare", "--id-column"), ("prepare", "--label-column"), ("explain", "--seed")}
+
+
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_a_default_the_help_states_is_the_options_default(command):
     """An option's help that says "(default N ...)" in words kept saying N after the default was
@@ -351,10 +356,16 @@ def test_a_default_the_help_states_is_the_options_default(command):
         shown = parser._get_formatter()._get_help_string(action)
         if "default" in action.help:
             assert shown == action.help, (command, action.option_strings, shown)  # said once
-        stated = re.search(r"\(default:? ([^;),]+)", action.help)
-        if stated is None or action.default is None:
+        # "default N", "(default: N" alike: only the parenthesised form was read, and 19 of 42 stated
+        # defaults were never compared
+        stated = re.search(r"\bdefault:? ([^;),]+)", action.help)
+        if stated is None:
             continue
         value, default = stated.group(1).strip(), action.default
+        if default is None:  # resolved later: words ("the catalog's folder"), or a value of RESOLVED_LATER
+            assert " " in value or (command, action.option_strings[-1]) in RESOLVED_LATER, \
+                (command, action.option_strings, value)
+            continue
         try:
             same = float(value) == float(default)
         except (TypeError, ValueError):

@@ -783,7 +783,6 @@ def test_the_collective_helpers_on_two_real_ranks(tmp_path):
                                   "error": "shard 0 damaged"}, (said, proc.stderr[-2000:])
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="binds a process to one of several CPUs")
 @pytest.mark.parametrize("case, cgroup, files, quota", [
     ("v2 job", "0::/job_7/step_0", {"fs/job_7/cpu.max": "300000 100000\n", "fs/job_7/step_0/cpu.max": "max 100000\n"},
      3.0),
@@ -810,6 +809,7 @@ def test_a_cpu_quota_caps_the_cpus_a_process_keeps_busy(tmp_path, case, cgroup, 
     assert cpus.usable_cpus(*where) == (mask if quota is None else max(1, min(mask, math.ceil(quota)))), case
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="binds a process to one of several CPUs")
 def test_the_cpu_mask_is_the_affinity_the_process_was_bound_to():
     """taskset, Slurm or mpiexec bind a process to some CPUs: thread and worker counts from every CPU
     of the machine oversubscribed the ones it was given."""

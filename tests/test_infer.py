@@ -1058,7 +1058,8 @@ def test_an_hdf5_catalog_that_meets_a_file_size_limit_is_one_line_and_keeps_the_
 
     proc = subprocess.run([sys.executable, "-m", "dmhpc", "predict", "--run", str(run_on_survey), "--images",
                            str(tmp_path / "survey.npy"), "--out", str(out), "--part-size", "40", "--batch-size", "40"],
-                          capture_output=True, text=True, timeout=300, preexec_fn=limited)
+                          capture_output=True, text=True, timeout=300, preexec_fn=limited, cwd=ROOT,
+                          env=clean_env())  # (on the CPU on a GPU machine too: the test is not marked gpu)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert proc.stderr.startswith(f"dmhpc predict: error: {out}: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert "File too large" in proc.stderr and "the parts are kept" in proc.stderr
@@ -1079,7 +1080,8 @@ def test_a_full_disk_at_a_torchscript_export_is_one_line_and_leaves_nothing(run_
 
     def export(out):
         return subprocess.run([sys.executable, "-m", "dmhpc", "export", "--run", str(run_on_survey), "--format",
-                               "torchscript", "--out", str(out)], capture_output=True, text=True, timeout=300)
+                               "torchscript", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                              cwd=ROOT, env=clean_env())  # (no CUDA context on a GPU machine: not marked gpu)
 
     assert export(tmp_path / "whole.pt").returncode == 0
     half = (tmp_path / "whole.pt").stat().st_size // 2  # the model's file meets the full disk halfway

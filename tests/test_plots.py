@@ -73,6 +73,7 @@ def test_training_curves_mark_the_best_epoch_on_whole_epoch_ticks(drawn, tmp_pat
     five = [record(e, s) for e, s in enumerate([0.5, 0.7, float("nan"), 0.7, 0.6])]
     del five[-1]["selection"]  # not evaluated (train.eval_every > 1): a KeyError drawing the mark
     plots.training_curves(five, tmp_path / "five.png", "five epochs")
+    assert len(drawn) == 2  # (zip over fewer figures would check nothing)
     for fig, ticks, best in zip(drawn, ([0], [0, 1, 2, 3, 4]), (0, 1)):
         for ax in fig.axes:
             assert list(ax.get_xticks()) == ticks

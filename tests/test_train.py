@@ -1115,10 +1115,13 @@ def test_data_augment_reaches_the_trainers_batches(data, tmp_path, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_resident_training_on_cuda(data, tmp_path):
+def test_gpu_resident_training_on_cuda(data, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--config", str(TINY), *_overrides(
         data, run, "train.epochs=1", "data.loader=gpu-resident", "train.amp=bf16")]) == 0
+    # on the GPU: bf16 and the resident loader run on the CPU too, and an exit of 0 said nothing of it
+    out = capsys.readouterr().out
+    assert " on cuda:0 | loader gpu-resident" in out, out
 
 
 # The probes wrap the trainer's own step and run the real `dmhpc train`: what is counted between two
@@ -1245,8 +1248,9 @@ def test_the_step_never_waits_for_the_gpu(data, tmp_path, transfer):
     proc = subprocess.run([sys.executable, str(script), str(TINY), *overrides], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    assert "dmhpc train: " in proc.stdout and int(proc.stdout.split(" steps never waited")[0].split()[-1]) > 20, \
-        proc.stdout
+    # (on the CPU no step waits for a device: the count below would pass there too)
+    assert " on cuda:0 | " in proc.stdout, proc.stdout
+    assert int(proc.stdout.split(" steps never waited")[0].split()[-1]) > 20, proc.stdout
 
 
 def test_deterministic_training_turns_the_kernels_on_and_runs(data, tmp_path, monkeypatch):
@@ -1317,8 +1321,10 @@ def test_resume_on_cuda_is_exact_with_deterministic_kernels(data, tmp_path, dete
     common = ["--config", str(TINY), *_overrides(data, tmp_path / "straight", "train.epochs=4", "train.log_every=1",
                                                  f"train.deterministic={str(deterministic).lower()}")]
     env = {k: v for k, v in clean_env().items() if k != "CUDA_VISIBLE_DEVICES"}  # this test is about the GPU
-    assert subprocess.run([sys.executable, "-m", "dmhpc.train", *common], cwd=ROOT, env=env,
-                          capture_output=True).returncode == 0
+    straight = subprocess.run([sys.executable, "-m", "dmhpc.train", *common], cwd=ROOT, env=env, capture_output=True,
+                              text=True)
+    # (on the CPU both are bit-identical: the test would pass there without saying anything of CUDA)
+    assert straight.returncode == 0 and " on cuda:0 | " in straight.stdout, straight.stdout + straight.stderr[-2000:]
     stopped = tmp_path / "stopped"
     args = [a.replace(str(tmp_path / "straight"), str(stopped)) for a in common]
     with open(tmp_path / "log.txt", "w") as log:
