@@ -740,10 +740,11 @@ class RunDir:
         return files, size
 
     def start(self, cfg: Config, claim: Claim, data: Mapping[str, Mapping[str, Any]], step: int,
-              trains: bool = True) -> dict:
+              trains: bool = True, check: Callable[[], None] | None = None) -> dict:
         """Write the run's identity now that every start-up check passed; returns what was cleaned up.
         `trains`: False for a finished run started again (its test result checked), which is not
-        recorded among the attempts that started it: it writes no checkpoint.
+        recorded among the attempts that started it: it writes no checkpoint. `check`: what must
+        hold of the run's files once a waiting best.pt is settled, before anything is written.
 
         Removes the orphan temporary files of killed writes, the old run's files when it is being
         replaced, writes config.yaml and run.json, and cuts the log back to `step`.
@@ -770,6 +771,8 @@ class RunDir:
         records = self.read_log()
         final = self.read_result("best", "test")
         waiting_best = self._settle_next_best(claim)
+        if check is not None:  # (a missing best.pt was refused after config.yaml took the new length)
+            check()
         files, size = self.remove_orphans()
         last = self.checkpoint("last")
         rewound = claim.resume_from is not None and claim.own and claim.resume_from.resolve() != last.resolve()

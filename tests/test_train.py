@@ -1796,8 +1796,12 @@ def test_a_run_whose_own_folders_are_links_or_whose_best_is_gone(data, tmp_path,
 
     no_best = copy("no-best")
     (no_best / "checkpoints" / "best.pt").unlink()
+    kept = {name: (no_best / name).read_bytes() for name in ("config.yaml", "run.json", "eval/best_test.json")}
     assert "best.pt: checkpoint not found (the run's selected checkpoint, tested at its end)" in \
         refused(no_best, "train.epochs=3")
+    # Refused before anything was written: config.yaml took 3 epochs it never trained, and the
+    # finished run's result was marked unfinished (launchers then ran it again, refused each time).
+    assert {name: (no_best / name).read_bytes() for name in kept} == kept
 
     inner = copy("inner")
     shutil.copytree(data / "pristine", inner / "eval" / "pristine")

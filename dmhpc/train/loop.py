@@ -183,11 +183,11 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
             by_steps = bool(cfg.train.max_steps) and total_steps == cfg.train.max_steps
             check_end_evaluated(f"train.max_steps {cfg.train.max_steps}" if by_steps else f"train.epochs {cfg.train.epochs}",
                                 prog.step, on_main(lambda: run.evaluated_at(prog.step)))
-        cleaned = on_main(lambda: run.start(cfg, claim, data_ids, prog.step, trains=not finished))
-        if claim.own and math.isfinite(prog.best_score):
-            # The selected checkpoint is tested at the run's end: missing, cut short or of another
-            # moment, it failed the run after the whole resumed training (and again at every rerun).
-            agree(lambda: _check_best(run, prog.best_score))
+        # The selected checkpoint is tested at the run's end: missing, cut short or of another
+        # moment, it failed the run after the whole resumed training (and again at every rerun).
+        selected = (lambda: _check_best(run, prog.best_score)) if claim.own and math.isfinite(prog.best_score) \
+            else None
+        cleaned = on_main(lambda: run.start(cfg, claim, data_ids, prog.step, trains=not finished, check=selected))
     except BaseException:
         loader.close()  # its workers and pipelines end with the refused start
         raise
