@@ -499,11 +499,15 @@ class RunDir:
         return Claim(resume_from, changed, replaces=existed and not own, own=own, run_id=run_id)
 
     def _killed_before_its_first_last(self) -> bool:
-        """dmhpc before best.next.pt wrote the first epoch's best.pt, its record, then last.pt: a run
-        killed in between has nothing a fresh start would lose but that epoch (and its requeued job
-        must not stop)."""
+        """A run killed between its first epoch's record and its first last.pt has nothing a fresh
+        start would lose but that epoch (and its requeued job must not stop): its best.pt (dmhpc
+        before best.next.pt wrote it first) or best.next.pt is there, or the epoch was not evaluated.
+        An evaluated epoch without either is a checkpoints/ moved away: it was replaced without a word."""
         epochs = [r for r in self.read_log() if r.get("kind") == "epoch"]
-        return not any((self.path / EVAL).glob("*.json")) and len(epochs) <= 1
+        if any((self.path / EVAL).glob("*.json")) or len(epochs) > 1:
+            return False
+        return not epochs or "selection" not in epochs[0] or self.checkpoint("best").is_file() or \
+            self.next_best.is_file()
 
     def _check_origin(self, last: Path) -> None:
         """Refuse to resume "auto" a run that began from a checkpoint elsewhere and has no `last`

@@ -213,6 +213,22 @@ def test_auto_without_last_but_with_results_is_refused(tmp_path):
         run.claim(cfg, "auto")
     run.release()
     run.truncate_log(3)
+    # Its one evaluated epoch without best.pt or best.next.pt: checkpoints/ moved away, not a kill
+    # before the first last.pt (it was replaced without a word). The epoch not evaluated: a kill.
+    run.checkpoint("best").rename(tmp_path / "moved.pt")
+    run.truncate_log(0)
+    run.append_log({"kind": "epoch", "epoch": 0, "step": 3, "selection": {"criterion": "dev", "score": 0.5}})
+    with pytest.raises(DmhpcError, match="holds results .* but no last.pt to resume from"):
+        run.claim(cfg, "auto")
+    run.release()
+    (tmp_path / "moved.pt").rename(run.next_best)  # written before the record by this dmhpc: a kill
+    assert run.claim(cfg, "auto").replaces
+    run.release()
+    run.next_best.unlink()
+    run.truncate_log(0)
+    run.append_log({"kind": "epoch", "epoch": 0, "step": 3})
+    assert run.claim(cfg, "auto").replaces
+    run.release()
     (run.path / "eval").mkdir()
     (run.path / "eval" / "best_val.json").write_text("{}")  # a dmhpc eval of it: kept
     with pytest.raises(DmhpcError, match="holds results .* but no last.pt to resume from"):
