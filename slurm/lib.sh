@@ -84,10 +84,11 @@ dmhpc_launch_command() {
     # (bound to it where task/affinity is on). The node's CPUs are shared out among its tasks.
     cpus=$(dmhpc_cpus_per_node)
     dmhpc_rendezvous || return 1
-    # srun passes a signal to every process of the step. Each task starts with USR2 ignored:
-    # torchrun would die of it and orphan its workers, and a rank still importing torch would
-    # die too. The trainer installs its own USR2 handler, so the ranks still get it.
-    local ignore_usr2=(bash -c 'trap "" USR2; exec "$@"' dmhpc-task)
+    # srun passes a signal to every process of the step. Each task starts with USR1 and USR2
+    # ignored: torchrun would die of either and orphan its workers, and a rank still importing torch
+    # would die too (`scancel --signal=USR1 --full`). The trainer installs its own handlers
+    # (train.signals), so the ranks still get them.
+    local ignore_usr2=(bash -c 'trap "" USR1 USR2; exec "$@"' dmhpc-task)
     case ${DMHPC_LAUNCH:-torchrun} in
     torchrun)
         # srun reads SLURM_GPUS_PER_TASK as its own --gpus-per-task: the one task per node would get
@@ -108,7 +109,7 @@ dmhpc_launch_command() {
         local task=("${ignore_usr2[@]}") rdzv=(--rdzv-endpoint="localhost:0")
         if [ "$nnodes" -gt 1 ]; then
             # $1 $2 $3: python -m torch.distributed.run; the option goes before the program's arguments.
-            task=(bash -c 'trap "" USR2; exec "$1" "$2" "$3" --rdzv-conf="is_host=$([ "${SLURM_NODEID:-0}" = 0 ] && echo 1 || echo 0)" "${@:4}"' dmhpc-task)
+            task=(bash -c 'trap "" USR1 USR2; exec "$1" "$2" "$3" --rdzv-conf="is_host=$([ "${SLURM_NODEID:-0}" = 0 ] && echo 1 || echo 0)" "${@:4}"' dmhpc-task)
             rdzv=(--rdzv-endpoint="$DMHPC_RDZV_ADDR:$DMHPC_RDZV_PORT")
         fi
         # torchrun gives each of several workers one thread unless told otherwise: on CPU nodes the

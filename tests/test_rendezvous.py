@@ -230,3 +230,21 @@ def test_a_loopback_master_addr_is_refused_for_ranks_on_several_nodes():
     assert slurm_rendezvous({**job, "SLURM_NNODES": "1", "MASTER_ADDR": "localhost"})[0] == "localhost"
     assert slurm_rendezvous({**job, "SLURM_STEP_NUM_NODES": "1", "MASTER_ADDR": "127.0.0.1"})[0] == "127.0.0.1"
     assert slurm_rendezvous({**job, "MASTER_ADDR": "gpu01"})[0] == "gpu01"
+
+
+@pytest.mark.parametrize("launch, nodes", [("srun", 1), ("torchrun", 1), ("torchrun", 2)])
+def test_each_task_starts_with_the_stop_signals_ignored(tmp_path, launch, nodes):
+    """A task started with USR2 ignored, not USR1: `scancel --signal=USR1 --full` killed torchrun
+    (its workers orphaned) and any rank still importing torch. The launch command's own task
+    wrapper is run, by an srun that runs it here on a probe in place of the program."""
+    _executable(tmp_path / "scontrol", "#!/bin/sh\n[ \"$2\" = hostnames ] && echo n1 && echo n2 && exit 0\n")
+    # srun's options, then the task: bash -c SCRIPT dmhpc-task PYTHON ...; the probe in place of the rest
+    _executable(tmp_path / "srun", '#!/bin/sh\nwhile [ "${1#--}" != "$1" ]; do shift; done\n'
+                                   'exec "$1" "$2" "$3" "$4" "$5" "$PROBE"\n')
+    probe = tmp_path / "probe.py"
+    probe.write_text("import signal\nprint(*(signal.getsignal(s) == signal.SIG_IGN for s in "
+                     "(signal.SIGUSR1, signal.SIGUSR2)))\n")
+    job = {"SLURM_JOB_ID": "5", "SLURM_JOB_NODELIST": "n[1-2]" if nodes == 2 else "n1", "SLURM_NNODES": str(nodes),
+           "SLURM_JOB_CPUS_PER_NODE": "2", "DMHPC_LAUNCH": launch, "PROBE": str(probe)}
+    out = _lib('dmhpc_launch_command -m dmhpc.train && "${DMHPC_LAUNCH_CMD[@]}"', tmp_path, **job)
+    assert out.returncode == 0 and out.stdout.split() == ["True", "True"], out.stdout + out.stderr
