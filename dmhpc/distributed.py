@@ -208,20 +208,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def cpus_per_rank(launcher: str, local_world_size: int, sharers: int = 0, task_cpus: int = 0) -> int:
+def cpus_per_rank(launcher: str, local_world_size: int, sharers: int = 0, task_cpus: int = 0,
+                  node_cpus: int = 0) -> int:
     """The CPUs this rank may use: its affinity mask (capped by a cgroup's CPU quota, `usable_cpus`),
     divided among the `sharers` ranks whose masks overlap it where that is known (MPI: mpiexec binds
     ranks or not, by its options), else shared with the node's other ranks where they all inherit
     one (torchrun's workers). An srun task's mask is its own where Slurm binds tasks; a site
     without task binding gives every task the whole step's mask, so the task's --cpus-per-task
-    (`task_cpus`, 0 when not given) caps it. A CPU quota is one for every process of its cgroup (a
+    (`task_cpus`, 0 when not given) caps it; without one, a mask of all the node's CPUs the job
+    holds (`node_cpus`, SLURM_CPUS_ON_NODE) is the step's, and the node's tasks share it. A CPU quota is one for every process of its cgroup (a
     container's `--cpus=N` holds the node's ranks): each rank counts its share of it, bound or not
     (a rank bound to its own 16 CPUs counted all of a quota of 8, and so did each other rank)."""
     mask = usable_cpus()
     if sharers:
         cpus = mask // sharers
+    elif launcher == "slurm" and task_cpus > 0:
+        cpus = min(mask, task_cpus)
     elif launcher == "slurm":
-        cpus = min(mask, task_cpus) if task_cpus > 0 else mask
+        shared = node_cpus > 0 and local_world_size > 1 and mask >= node_cpus
+        cpus = mask // local_world_size if shared else mask
     else:
         cpus = mask // max(1, local_world_size) if launcher in ("torchrun", "mpi") else mask
     share = quota_share(local_world_size)
@@ -308,7 +313,8 @@ def bootstrap(backend: str | None = None) -> DistInfo:
     # --cpus-per-task where the site does not bind tasks to their CPUs).
     srun_task = rank_is_slurm_task(launch, env)
     cpus = cpus_per_rank("slurm" if srun_task else launch.launcher, local, launch.cpu_sharers,
-                         env_int(env, "SLURM_CPUS_PER_TASK") if srun_task and "SLURM_CPUS_PER_TASK" in env else 0)
+                         env_int(env, "SLURM_CPUS_PER_TASK") if srun_task and "SLURM_CPUS_PER_TASK" in env else 0,
+                         env_int(env, "SLURM_CPUS_ON_NODE") if srun_task and "SLURM_CPUS_ON_NODE" in env else 0)
     if launch.world_size == 1:
         return DistInfo(0, launch.local_rank, 1, device, None, launch.launcher, 1, cpus, slurm_attempt(env))
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")

@@ -448,6 +448,10 @@ def test_cpus_per_rank_shares_an_inherited_mask_but_not_an_srun_tasks_own(monkey
     # A site without task binding gives each task the step's whole mask: --cpus-per-task caps it.
     assert cpus_per_rank("slurm", 4, task_cpus=1) == 1
     assert cpus_per_rank("slurm", 4, task_cpus=10 * mask) == mask
+    # Without --cpus-per-task, a mask of every CPU the job holds on the node is the step's, shared
+    # by its tasks (each counted all of it); a smaller one is the task's own.
+    assert cpus_per_rank("slurm", 4, node_cpus=mask) == max(1, mask // 4)
+    assert cpus_per_rank("slurm", 4, node_cpus=4 * mask) == mask
     assert cpus_per_rank("torchrun", 2) == max(1, mask // 2)  # torchrun's workers share one mask
     assert cpus_per_rank("mpi", 64) == 1
     assert cpus_per_rank("mpi", 2, sharers=1) == mask  # mpiexec bound the rank to its own CPUs
