@@ -216,9 +216,10 @@ def cpus_per_rank(launcher: str, local_world_size: int, sharers: int = 0, task_c
     one (torchrun's workers). An srun task's mask is its own where Slurm binds tasks; a site
     without task binding gives every task the whole step's mask, so the task's --cpus-per-task
     (`task_cpus`, 0 when not given) caps it; without one, a mask of all the node's CPUs the job
-    holds (`node_cpus`, SLURM_CPUS_ON_NODE) is the step's, and the node's tasks share it. A CPU quota is one for every process of its cgroup (a
-    container's `--cpus=N` holds the node's ranks): each rank counts its share of it, bound or not
-    (a rank bound to its own 16 CPUs counted all of a quota of 8, and so did each other rank)."""
+    holds (`node_cpus`, SLURM_CPUS_ON_NODE) is the step's, and the node's tasks share it. A CPU
+    quota is one for every process of its cgroup (a container's `--cpus=N` holds the node's ranks):
+    each rank counts its share of it, bound or not (a rank bound to its own 16 CPUs counted all of a
+    quota of 8, and so did each other rank)."""
     mask = usable_cpus()
     if sharers:
         cpus = mask // sharers

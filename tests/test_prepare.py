@@ -1091,6 +1091,24 @@ def test_a_tile_compressed_cube_is_read_by_rows(tmp_path):
         open_images(tmp_path / "bad.fz")[:]
 
 
+def reads_fail_while_writing(monkeypatch, owner, name: str, error: Exception, from_row: int = 0) -> None:
+    """`owner.name(self, index)` raises `error` once the shards are being written (after the pixel
+    scan), for reads reaching row `from_row`."""
+    read, write, writing = getattr(owner, name), shards.write_shard, threading.Event()
+
+    def failing(self, index):
+        if writing.is_set() and (not from_row or np.max(index) >= from_row):
+            raise error
+        return read(self, index)
+
+    def write_shard(*task):
+        writing.set()
+        return write(*task)
+
+    monkeypatch.setattr(owner, name, failing)
+    monkeypatch.setattr(shards, "write_shard", write_shard)
+
+
 def cutouts(tmp_path: Path, images: np.ndarray, per_filter: bool) -> list[str]:
     """One FITS file per object: one (C, H, W) HDU, or one (H, W) HDU per filter."""
     from astropy.io import fits
@@ -1313,19 +1331,8 @@ def test_an_input_the_disk_fails_to_read_while_writing_is_named(tmp_path, capsys
     hdu.header["BSCALE"], hdu.header["BZERO"] = 0.001, 5.0  # read through astropy's section, unmapped
     cube = tmp_path / "scaled.fits"
     hdu.writeto(cube)
-    writing, read, write = threading.Event(), inputs._SectionRows.__getitem__, shards.write_shard
-
-    def failing_disk(self, index):
-        if writing.is_set():
-            raise OSError(errno.EIO, os.strerror(errno.EIO))
-        return read(self, index)
-
-    def write_shard(*task):
-        writing.set()  # after the pixel scan
-        return write(*task)
-
-    monkeypatch.setattr(inputs._SectionRows, "__getitem__", failing_disk)
-    monkeypatch.setattr(shards, "write_shard", write_shard)
+    reads_fail_while_writing(monkeypatch, inputs._SectionRows, "__getitem__",
+                             OSError(errno.EIO, os.strerror(errno.EIO)))
     err = assert_fails(capsys, args({"images": str(cube), "out": str(tmp_path / "ds")}),
                        f"{cube}: cannot read (Input/output error)")
     assert "shard-" not in err
@@ -1398,19 +1405,7 @@ def test_a_reader_error_of_another_kind_during_the_writes_leaves_nothing(tmp_pat
     from dmhpc.data import inputs
 
     np.save(tmp_path / "half.npy", np.random.default_rng(3).normal(size=(100, 3, 8, 8)).astype(np.float32))
-    read, write, writing = inputs.ArrayRows._rows, shards.write_shard, threading.Event()
-
-    def failing(self, index):
-        if writing.is_set() and np.max(index) >= 60:
-            raise RuntimeError("a reader's own error")
-        return read(self, index)
-
-    def write_shard(*task):
-        writing.set()  # after the pixel scan
-        return write(*task)
-
-    monkeypatch.setattr(inputs.ArrayRows, "_rows", failing)
-    monkeypatch.setattr(shards, "write_shard", write_shard)
+    reads_fail_while_writing(monkeypatch, inputs.ArrayRows, "_rows", RuntimeError("a reader's own error"), from_row=60)
     with pytest.raises(RuntimeError, match="a reader's own error"):
         main(["prepare", "--images", str(tmp_path / "half.npy"), "--out", str(tmp_path / "ds"), "--shard-size", "16"])
     assert sorted(os.listdir(tmp_path)) == ["half.npy"]

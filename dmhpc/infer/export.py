@@ -16,9 +16,10 @@ is dynamic.
   options are in the file's metadata.
 
 The card, FILE.card.md and FILE.card.json: the data sets with their fingerprints (the SHA-256 of the
-manifest's content, which lists every shard's SHA-256; `dmhpc info` prints it), the configuration, the selection criterion and the
-checkpoint it chose, the test metrics per domain, the input and output, and the dmhpc version.
-FILE.card.json takes its name last and holds FILE's SHA-256: without it, the export did not finish.
+manifest's content, which lists every shard's SHA-256; `dmhpc info` prints it), the configuration,
+the selection criterion and the checkpoint it chose, the test metrics per domain, the input and
+output, and the dmhpc version. FILE.card.json takes its name last and holds FILE's SHA-256: without
+it, the export did not finish.
 """
 
 from __future__ import annotations
@@ -312,7 +313,8 @@ def _card_markdown(card: dict) -> str:
              "## Limits", "", _limits(card["config"]["data"]["normalize"]), "",
              "## Training data", ""]
     for role, d in card["data"].items():
-        lines.append(f"- {role}: {code(d['path'])}, images {tuple(d['shape'])}, fingerprint `{d['fingerprint']}` (`dmhpc info` prints a data set's)")
+        lines.append(f"- {role}: {code(d['path'])}, images {tuple(d['shape'])}, fingerprint `{d['fingerprint']}` "
+                     f"(`dmhpc info` prints a data set's)")
     c, sel = card["checkpoint"], card["selection"]
     lines += ["", "## Selection", ""]
     if sel["criterion"] is None:
@@ -342,8 +344,8 @@ def _card_markdown(card: dict) -> str:
     if "onnxruntime_max_difference" in m:
         diff = m["onnxruntime_max_difference"]
         lines += [f"ONNX opset {m['onnx_opset']}; onnxruntime against torch on a random batch on the scale of "
-                  f"the built-in normalization: largest difference {diff['p_merger']:.2e} in p, {diff['log_odds']:.2e} in the "
-                  f"log-odds (relative to the value where it is above 1).", ""]
+                  f"the built-in normalization: largest difference {diff['p_merger']:.2e} in p, "
+                  f"{diff['log_odds']:.2e} in the log-odds (relative to the value where it is above 1).", ""]
     lines += ["The full configuration and the run directory are in the JSON card beside this file.", ""]
     return "\n".join(lines)
 
