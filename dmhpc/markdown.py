@@ -21,7 +21,7 @@ def code(value: object) -> str:
 def cell(value: object) -> str:
     """A value as one table cell: a `|` in it (a method or point name, a failure's message) split
     the row into more cells than its header, and a line break ended the table."""
-    return " ".join(str(value).replace("|", r"\|").split("\n")).strip()
+    return " ".join(str(value).replace("|", r"\|").splitlines()).strip()  # (\r too ends a line)
 
 
 def table(header: Sequence[object], rows: Iterable[Sequence[object]]) -> list[str]:

@@ -21,7 +21,7 @@ def _finished(point, score, target_acc, criterion="source-val-acc", oracle=False
     result = {"split": "test", "checkpoint": {"name": "best", "epoch": 3, "step": 30, "criterion": criterion,
                                                "score": score},
               "oracle": oracle, "source": {**metrics, "accuracy": 0.9}, "target": {**metrics, "accuracy": target_acc}}
-    (point.run_dir / "eval").mkdir(parents=True)
+    (point.run_dir / "eval").mkdir(parents=True, exist_ok=True)
     (point.run_dir / "eval" / "best_test.json").write_text(json.dumps(result))
 
 
@@ -168,16 +168,23 @@ def test_summary_is_mean_and_spread_over_seeds_with_the_gap_closed(tmp_path):
     assert plain["target_accuracy_mean"] == pytest.approx(0.52)
     assert plain["target_accuracy_std"] == pytest.approx(0.02)  # sample standard deviation
     assert mmd["seeds"] == [1, 2] and mmd["target_accuracy_per_seed"] == [0.60, 0.70]
-    assert mmd["gap_closed"] == pytest.approx((0.65 - 0.52) / (0.80 - 0.52))
+    # over the seeds mmd finished (1, 2): the baseline's mean of those, 0.51, not of all three
+    assert mmd["gap_closed"] == pytest.approx((0.65 - 0.51) / (0.80 - 0.51))
     assert (plain["gap_closed"], oracle["gap_closed"]) == (0.0, 1.0)
     assert oracle["target_accuracy_std"] == 0.0
     assert math.isnan(rows[1]["gap_closed"]) and math.isnan(rows[1]["target_accuracy_mean"])
     md = (tmp_path / "summary.md").read_text()
     assert "| mmd | deepmerge | 2/3 | 0.900 ± 0.000 |" in md
-    assert "0.650 ± 0.071 |" in md and "| 46% | 0.600 (seed 1), 0.700 (seed 2) |" in md
+    assert "0.650 ± 0.071 |" in md and "| 48% | 0.600 (seed 1), 0.700 (seed 2) |" in md
     with (tmp_path / "summary.csv").open() as f:
         table = list(csv.DictReader(f))
-    assert table[2]["seeds"] == "1 2" and float(table[2]["gap_closed"]) == pytest.approx(0.4643, abs=1e-4)
+    assert table[2]["seeds"] == "1 2" and float(table[2]["gap_closed"]) == pytest.approx(0.4828, abs=1e-4)
+    # An oracle below the baseline: no gap to close (a method above both was -450 %).
+    oracle_low = [*(("plain", s, 0.61) for s in (1, 2, 3)), *(("oracle", s, 0.59) for s in (1, 2, 3))]
+    for method, seed, acc in oracle_low:
+        _finished(points[f"{method}/model.name=deepmerge,seed={seed}"], 0.5, acc)
+    rows = write_summary(tmp_path, points.values(), gap=("plain", "oracle"))
+    assert math.isnan(rows[2]["gap_closed"]) and math.isnan(rows[0]["gap_closed"])
     # A grid that does not vary the seed has nothing to average over: no summary, and the summary of
     # the grid's earlier version (which did) goes: beside the new leaderboard it looked current.
     unseeded = load_grid({"base": str(TINY), "out": str(tmp_path / "unseeded"), "grid": {"optim.lr": [1e-3]}})
@@ -338,6 +345,7 @@ def test_a_bar_in_a_value_stays_in_its_cell(tmp_path):
     from dmhpc.markdown import table
 
     assert _cells(table(["a", "b"], [["x|y", "two\nlines"]])[2]) == [r"x\|y", "two lines"]
+    assert table(["a", "b"], [["x\ry", "z\r\nw"]])[2] == "| x y | z w |"  # (a bare \r ends a line too)
     spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "local",
             "grid": {"seed": [0], "data.target": [str(tmp_path / "survey|deep"), str(tmp_path / "noisy")]}}
     points = load_grid(spec).points

@@ -112,7 +112,9 @@ SND_MAX_ROWS = 20_000
 def soft_neighborhood_density(prob: np.ndarray, temperature: float = 0.05) -> float:
     """SND validator (Saito et al. 2021): entropy of the soft neighbourhood of each target sample.
 
-    Higher is better: predictions of nearby samples agree (dense clusters in prediction space).
+    Higher is better: predictions of nearby samples agree (dense clusters in prediction space). With
+    two classes collapsed or uncertain predictions are the densest (every row "merger": the highest
+    score): docs/results.md found it anti-correlated with target accuracy.
     Computed a block of rows at a time: the whole (n, n) similarity matrix, and the arrays made
     from it, took 1.4 GB at 6,000 validation rows and would take 16 GB at 20,000, on every rank.
     Beyond SND_MAX_ROWS rows, on that many drawn with a fixed seed (the same rows at every
