@@ -240,6 +240,19 @@ def test_overrides_valid_only_beside_a_space_value_are_refused_when_the_file_is_
     assert load_tune(spec(data, tmp_path, **resnet)).point({"model.name": "resnet18", "model.stem": "small"})
 
 
+def test_a_search_on_the_target_labels_or_over_data_sets_is_refused(data, tmp_path):
+    """Trials trained on the target (source and target one data set) were accepted, and trials.md
+    said the search never read a target label; data sets in the space had TPE rank objectives of
+    other data (SND grows with the rows) as one."""
+    on_target = {"overrides": {**tiny_overrides(data), "data.source": str(data / "noisy")}}
+    with pytest.raises(DmhpcError, match=r"overrides: data.source and data.target are one data set: every trial "
+                                         r"trains on the target's labels"):
+        load_tune(spec(data, tmp_path, **on_target))
+    over_data = {"space": {"optim.lr": [0.001], "data.target": [str(data / "noisy"), str(data / "pristine")]}}
+    with pytest.raises(DmhpcError, match=r"space.data.target: the data sets are the study's, not a value to search"):
+        load_tune(spec(data, tmp_path, **over_data))
+
+
 def test_choices_edited_to_equal_numbers_of_another_type_are_another_space(data, tmp_path):
     """[1, 2] and [1.0, 2.0] compared equal, and the relaunch's first proposal failed in Optuna
     ("CategoricalDistribution does not support dynamic value space", a traceback) on every launch,

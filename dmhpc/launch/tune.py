@@ -25,8 +25,10 @@ A tune file (every key; docs/cluster.md has the reference):
 
 Each trial is one training run, OUT/<point name> (its values, as in a grid), trained with
 `select.criterion` = the objective, so the run keeps the checkpoint the objective likes best and
-the trial's value is that checkpoint's score: the search never reads a target label. Target test
-metrics of each trial are recorded beside it (OUT/trials.md), for reporting only.
+the trial's value is that checkpoint's score: the search never reads a target label (a base that
+trains on the target's data set is refused, and so are data sets in the space: the objectives of
+other data do not compare). Target test metrics of each trial are recorded beside it
+(OUT/trials.md), for reporting only.
 
 The study lives in OUT/study.journal, an Optuna journal file (no database server; on a cluster,
 put OUT on the shared file system). The tuner holds OUT/tune.lock while it runs: a second tuner of
@@ -222,6 +224,10 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
     space = read_space(problems, data.get("space"), "space", TUNER_KEYS)
     for key in sorted(set(space) & set(overrides)):
         problems.add(key, "set in both overrides and space")
+    for key in sorted(k for k in space if k.startswith("data.source") or k.startswith("data.target")):
+        # The objective of other data sets is another number (SND grows with the rows): TPE ranked them as one.
+        problems.add(f"space.{key}", "the data sets are the study's, not a value to search: their objectives do "
+                     "not compare; tune each data pair in a study of its own")
     sampler = _read_options(problems, data.get("sampler"), "sampler", SAMPLER_DEFAULTS)
     # `false` turns pruning off; null is refused: a section whose keys were all commented out read as
     # null too, and turned pruning off without a word (a config section so left keeps its defaults).
@@ -242,7 +248,10 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
     # The study records base + overrides as what every trial starts from (`identity`): they must be a
     # valid configuration without the space's values (it failed later, blaming a "command line").
     try:
-        resolve_point(base, overrides)
+        if resolve_point(base, overrides).data.trains_on_target():
+            # Every trial would train (and could select) on target labels: trials.md said "label-free".
+            problems.add("overrides", "data.source and data.target are one data set: every trial trains on the "
+                         "target's labels, which a label-free search must not read; give the source domain")
     except DmhpcError as exc:
         problems.add("overrides", f"{point_problem(exc)} (with the base alone, as the study records them; a key "
                      f"that is valid only beside a space's value goes in the space, as a single choice)")
