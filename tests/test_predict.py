@@ -1310,6 +1310,15 @@ def test_a_hand_edited_spec_and_parts_of_an_older_dmhpc(trained, tmp_path, capsy
     assert main([*argv, "--nan-fill", "0"]) == 0
     assert "parts of an older dmhpc, without checksums; computing them again" in capsys.readouterr().out
     assert len(read(out)) == 200
+    # Not UTF-8 (saved by an editor as Latin-1): a UnicodeDecodeError traceback; now taken as
+    # unreadable, as a file that is no JSON is.
+    again = [*argv[:-1], str(tmp_path / "again.parquet")]
+    assert main(again) == 1 and len(_parts(tmp_path / "again.parquet")) == 4
+    (tmp_path / "again.parquet.parts" / "predict.json").write_bytes(b'\xff\xfe{"x": 1}')
+    capsys.readouterr()
+    assert main(again) == 1
+    err = capsys.readouterr().err
+    assert "holds parts of another prediction" in err and len(err.splitlines()) == 1, err
 
 
 def test_layout_and_verify_go_with_the_sources_they_concern(trained, tmp_path, capsys):
@@ -1423,6 +1432,40 @@ def test_an_ecsv_catalog_refuses_ids_it_would_read_as_comments(trained, tmp_path
         table = Table.read(tmp_path / name, format="ascii.csv", converters={"id": str}) if name.endswith(".csv") \
             else read(tmp_path / name)
         assert list(table["id"]) == ids
+
+
+def test_text_catalogs_refuse_ids_with_a_line_break_and_int8_ids_stay_integers_in_fits(trained, tmp_path, capsys):
+    """astropy writes an id holding U+2028 (or a NEL, a carriage return) unquoted and reads a line's
+    end there: the CSV read back had more rows than images, the ECSV did not read. And an int8 id
+    column was written to FITS as a logical one: every id read back True."""
+    from astropy.table import Table
+
+    np.save(tmp_path / "s.npy", trained["images"][:16])
+    argv = ["predict", "--run", str(trained["run"]), "--images", str(tmp_path / "s.npy"), "--catalog"]
+    for k, breaking in enumerate(("NGC 1\u2028b", "abc\x85d", "x\ry")):
+        ids = [f"obj{i}" for i in range(16)]
+        ids[3] = breaking
+        Table({"id": ids}).write(tmp_path / f"c{k}.parquet", format="parquet")
+        for suffix in (".csv", ".ecsv"):
+            out = tmp_path / f"c{k}{suffix}"
+            capsys.readouterr()
+            assert main([*argv, str(tmp_path / f"c{k}.parquet"), "--out", str(out)]) == 1
+            err = capsys.readouterr().err
+            assert f"--out {out}: the id {breaking!r} of image 3 holds a line break" in err and \
+                len(err.splitlines()) == 1, err
+            assert not out.exists() and not Path(f"{out}.parts").exists()
+    Table({"id": np.arange(100, 116, dtype=np.int8)}).write(tmp_path / "i1.parquet", format="parquet")
+    # An --out whose name fits but whose merge's temporary name (14 characters longer) does not:
+    # refused before any image, not at the merge after all of them ("a rerun merges them": never).
+    long = tmp_path / ("a" * 236 + ".csv")
+    capsys.readouterr()
+    assert main([*argv, str(tmp_path / "i1.parquet"), "--out", str(long)]) == 1
+    err = capsys.readouterr().err
+    assert "File name too long" in err and len(err.splitlines()) == 1 and "predicted" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("aaa")) == [], list(tmp_path.iterdir())
+    assert main([*argv, str(tmp_path / "i1.parquet"), "--out", str(tmp_path / "i1.fits")]) == 0
+    back = Table.read(tmp_path / "i1.fits")["id"]
+    assert back.dtype.kind == "i" and list(back) == list(range(100, 116))
 
 
 SAVE = {"npy": "np.save(path, a)\n",

@@ -54,7 +54,7 @@ from dmhpc.distributed import (AgreedError, agree, all_gather_object, barrier, b
                                on_main, shutdown)
 from dmhpc.errors import DmhpcError
 from dmhpc.files import (atomic_path, atomic_write, inside, is_temporary, locked_directory, make_folders, remove_empty,
-                         remove_orphans, same_place, staged_write)
+                         remove_orphans, same_place, staged_write, temporary_path)
 from dmhpc.progress import progress_bar
 from dmhpc.infer.sources import DIGEST_BLOCK, Source, open_source
 from dmhpc.names import MERGER_THRESHOLD, VERIFY_LEVELS
@@ -270,6 +270,10 @@ def _check_writable(out: Path, source: Source, meta: dict) -> None:
     writes an id starting with # as it is, and reads that row back as a comment: the candidate was
     lost without a word."""
     fmt = catalog_format(out)
+    # The merge's temporary files, named longer than --out (".NAME.XXXXXXXX.tmp"): one past the file
+    # system's name length failed the merge after the whole survey, "a rerun merges them" (never).
+    for target in (out, provenance_file(out)) if fmt == "ascii.csv" else (out,):
+        temporary_path(target).unlink()
     if fmt == "fits":
         instead = "write .parquet or .ecsv instead"
         for key, value in meta.items():
@@ -285,6 +289,13 @@ def _check_writable(out: Path, source: Source, meta: dict) -> None:
         if bad is not None:
             raise DmhpcError(f"--out {out}: ECSV would read the row of id {bad[1]!r} (image {bad[0]}) back as a "
                              f"comment; write .parquet or .csv instead")
+    if fmt in ("ascii.csv", "ascii.ecsv"):
+        # astropy writes a \r, a NEL or a U+2028 in an id unquoted, and its reader ends a line there: the
+        # CSV read back had more rows than images, the ECSV none.
+        bad = source.first_id(lambda v: len(v.splitlines()) > 1 or "\r" in v or "\n" in v)
+        if bad is not None:
+            raise DmhpcError(f"--out {out}: the id {bad[1]!r} of image {bad[0]} holds a line break, which a text "
+                             f"table reads as the end of its row; write .parquet or .h5 instead")
 
 
 def _saved_stats(parts: Path, inputs: str, read_as: dict, channels: int) -> tuple[list, list] | None:
@@ -355,7 +366,7 @@ def _claim_parts(parts: Path, spec: dict, overwrite: bool) -> None:
     if saved.is_file():
         try:
             old = json.loads(saved.read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # (a UnicodeDecodeError of a hand-edited file too)
             old = None
         old = old if isinstance(old, dict) else {}
         new = json.loads(json.dumps(spec))
@@ -456,7 +467,8 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
     table = Table([data[key] for key in COLUMN_ORDER if key in data],
                   names=[key for key in COLUMN_ORDER if key in data], copy=False)
     if source.id_dtype:  # the parts hold ids as text; a survey's integer ids must join back as integers
-        table["id"] = table["id"].astype(source.id_dtype)
+        # (int8 widened: astropy writes an int8 column to FITS as a logical one, and every id read back True)
+        table["id"] = table["id"].astype("i2" if source.id_dtype == "i1" else source.id_dtype)
     if "split" in table.colnames:
         table["split"] = np.array(["train", "val", "test"])[table["split"]]
     transforms = "8 dihedral transforms" if source.shape[1] == source.shape[2] else "4 flips (images not square)"
