@@ -343,15 +343,18 @@ def test_a_good_trial_stopped_with_the_search_runs_again_and_spends_no_budget(da
     against the budget, never run again, though the failures were of other values."""
     from dmhpc.launch.tune import _counted, _open_study
 
-    good, missing = str(data / "pristine"), str(tmp_path / "missing")
-    s = spec(data, tmp_path, trials=6, parallel=2, space={"data.source": [good, missing]},
-             overrides={k: v for k, v in tiny_overrides(data, **{"train.epochs": 50}).items() if k != "data.source"},
-             enqueue=[{"data.source": good}] + [{"data.source": missing}] * 3)
+    # A batch larger than the training split fails its trial at the trainer's start (data sets are
+    # no values of a search: refused in the space).
+    good, too_big = 4, 100_000
+    s = spec(data, tmp_path, trials=6, parallel=2, space={"train.batch_size": [good, too_big]},
+             overrides={k: v for k, v in tiny_overrides(data, **{"train.epochs": 50}).items()
+                        if k != "train.batch_size"},
+             enqueue=[{"train.batch_size": good}] + [{"train.batch_size": too_big}] * 3)
     with pytest.raises(DmhpcError, match="3 trials failed in a row; search stopped"):
         tune(s, poll_s=0.2)
     trials = _open_study(load_tune(s)).get_trials(deepcopy=False)
     first = trials[0]
-    assert first.params == {"data.source": json.dumps(good)}  # choices are kept as JSON text
+    assert first.params == {"train.batch_size": json.dumps(good)}  # choices are kept as JSON text
     assert "the next launch runs it again" in first.user_attrs["failure"]
     reruns = [tr for tr in trials if tr.user_attrs.get("rerun_of") == first.number]
     assert [tr.state.name for tr in reruns] == ["WAITING"] and reruns[0].system_attrs["fixed_params"] == first.params
