@@ -281,10 +281,13 @@ def test_a_finished_point_asked_to_train_longer_resumes_instead_of_passing_for_t
     # launches nothing) refused to write any table; it leaves that point out, naming it.
     shorter = {**spec, "grid": {"seed": [1, 2]}}
     capsys.readouterr()
-    assert [r["point"] for r in report_grid(shorter)] == ["seed=2"]
+    assert {r["point"]: r["status"] for r in report_grid(shorter)} == {"seed=1": "left out", "seed=2": "not started"}
     printed = capsys.readouterr().out
     assert "point seed=1: left out of the tables: " in printed and "train.epochs 1: the run has trained 2" in printed
-    assert "0 of 1 point(s) finished; nothing launched" in printed, printed
+    assert "0 of 2 point(s) finished (1 left out); nothing launched" in printed, printed
+    # Still one of its group's runs: dropped, the summary counted one seed of one ("0/1").
+    assert "| 0/2 |" in (out / "summary.md").read_text()
+    assert "Runs left out: their run directories no longer fit the file" in (out / "leaderboard.md").read_text()
     with pytest.raises(DmhpcError, match="point seed=1: .*train.epochs 1: the run has trained 2 epochs already"):
         launch_grid(shorter)
     # Every point left out: the tables of no point were written over the old ones, and the summary

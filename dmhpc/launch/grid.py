@@ -377,7 +377,8 @@ def report_grid(spec: str | Path | Mapping) -> list[dict]:
     For a study whose jobs are still running, or one that was launched in parts: the tables
     cover every point of the file, unfinished ones marked as such. A point whose run directory no
     longer fits the file (another configuration, fewer epochs than it trained, data changed since)
-    is named and left out: its results are not the file's, and a launch would refuse it.
+    is named and marked "left out": its results are not the file's, and a launch would refuse it.
+    It still counts among its group's runs ("2/3" finished): dropped, three seeds read "2/2".
     """
     g = load_grid(spec, check_runs=False)
     stale = relaunch_problems(list(g.points))
@@ -388,9 +389,10 @@ def report_grid(spec: str | Path | Mapping) -> list[dict]:
         # longer varies the seed"): the file, not the runs, is what changed.
         raise DmhpcError(f"{g.out}: no point of the file fits its run directory (each said above); the tables "
                          f"are left as they were: restore the file, or launch it into another out")
-    g = replace(g, points=tuple(p for p in g.points if p.name not in stale))
+    g = replace(g, points=tuple(replace(p, left_out=stale.get(p.name)) for p in g.points))
     finished = sum(p.finished for p in g.points)
-    print(f"dmhpc launch: {finished} of {len(g.points)} point(s) finished; nothing launched", flush=True)
+    print(f"dmhpc launch: {finished} of {len(g.points)} point(s) finished"
+          f"{f' ({len(stale)} left out)' if stale else ''}; nothing launched", flush=True)
     return _write_tables(g)
 
 

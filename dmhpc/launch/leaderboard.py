@@ -71,6 +71,9 @@ def point_row(point: Point, failed: str | None = None) -> dict:
         for domain in ("source", "target"):
             for m in REPORTED_METRICS:
                 row[f"{domain}_{m}"] = number(result.get(domain, {}).get(m))
+    elif point.left_out:  # its run directory's checkpoints are of another configuration
+        row.update(status="left out", criterion=point.config.select.criterion, score=math.nan,
+                   oracle=CRITERIA.get(point.config.select.criterion, False) or on_target, epoch=None)
     else:
         selected = _best_so_far(point.run)
         status = "failed" if failed else ("unfinished" if point.run.checkpoint_dir.is_dir() else "not started")
@@ -81,7 +84,7 @@ def point_row(point: Point, failed: str | None = None) -> dict:
     return row
 
 
-STATUS_ORDER = ("finished", "unfinished", "failed", "not started")
+STATUS_ORDER = ("finished", "unfinished", "failed", "not started", "left out")
 
 
 def _order(row: dict):
@@ -156,6 +159,9 @@ def write_leaderboard(out: Path, points: Iterable[Point], failed: Mapping[str, s
     if any(r["oracle"] for r in rows):
         lines.append("Runs marked oracle (chosen by target labels, or trained on the target data set) are ranked "
                      "apart from the others.")
+    if any(r["status"] == "left out" for r in rows):
+        lines.append("Runs left out: their run directories no longer fit the file (another configuration, more "
+                     "epochs than it asks, data changed since); the report that wrote this named each and why.")
     data = len(pairs) > 1
     header = ["rank", "point", *(["data"] if data else []), "criterion", "score", "epoch", "source acc",
               "source AUC", "target acc †", "target AUC †", "target F1 †", "status"]

@@ -225,6 +225,7 @@ class Point:
     run_dir: Path             # absolute
     config: Config            # validated; its run.dir is run_dir
     ranks: int | None = None  # the ranks its job runs (train.batch_size is per rank); None: not said
+    left_out: str | None = None  # a --report's: why its run directory no longer fits the file
 
     @property
     def run(self) -> RunDir:
@@ -232,8 +233,8 @@ class Point:
 
     @property
     def finished(self) -> bool:
-        """Nothing left to run: see `finished_as`."""
-        return finished_as(self.run, self.config)
+        """Nothing left to run: see `finished_as`. A point left out has no result of its own."""
+        return self.left_out is None and finished_as(self.run, self.config)
 
 
 def data_pair(point: Point) -> tuple[Path, Path]:
