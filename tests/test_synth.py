@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy import stats
 import pytest
 
 from dmhpc.data import scenes, synth
@@ -186,6 +187,31 @@ def test_noisy_is_pristine_plus_sky_and_poisson_noise(data):
         assert r[bright].std() > 1.5 * sigma
 
 
+def test_a_bright_limit_is_gaussian_sky_noise_of_its_sigma_and_keeps_the_galaxy(data, tmp_path):
+    """The gain that makes the sky's Poisson noise sigma leaves it (B/sigma)^2 counts: under one from
+    SB 22.5 on. At SB18 every sky pixel read -B (std 2e-7 for sigma 82) and a galaxy was one spike or
+    nothing; at SB23 the sky took 8 values. Read noise now makes up what the sky's counts cannot."""
+    from dmhpc.data import scenes
+
+    pristine = data["pristine_X"][:4]
+    rng = np.random.default_rng(0)
+    for sb in (18.0, 23.0):
+        sigma = scenes.noise_sigma(sb)
+        noisy = np.stack([scenes.observe(p, rng, sb) for p in pristine])
+        residual = noisy.astype(np.float64) - pristine
+        for c in range(len(scenes.FILTERS)):
+            sky = pristine[:, c] < 1e-3 * sigma
+            r = residual[:, c][sky]
+            assert r.std() == pytest.approx(sigma, rel=0.05), (sb, c)
+            assert len(np.unique(noisy[:, c][sky])) > 0.9 * sky.sum(), (sb, c)  # no handful of levels
+            assert abs(stats.skew(r)) < 0.1, (sb, c)  # Gaussian, not a Poisson of few counts
+        # The galaxy's flux is still there on average (it had become a spike or nothing).
+        assert residual.sum(axis=(2, 3)).mean() == pytest.approx(0.0, abs=4 * sigma * 75 / np.sqrt(4))
+    # Limits whose sky has the counts draw no read noise: their images are the bytes they were.
+    assert all(scenes.read_noise(f, 25.0) == 0.0 for f in scenes.FILTERS)
+    assert [f["read_noise_per_pixel"] for f in data["meta"]["filters"]] == [0.0, 0.0, 0.0]
+
+
 def test_the_same_objects_in_both_domains(data):
     """Each noisy image is its pristine twin observed: re-rendering an object gives both exactly."""
     knobs = scenes.Knobs()
@@ -291,7 +317,8 @@ def test_refuses_a_non_empty_output_folder(tmp_path):
 
 
 def _killed_render(out: Path, *argv: str) -> None:
-    """Start a render big enough to outlast the checks, wait for its staged files, kill it (SIGTERM)."""
+    """Start a render big enough to outlast the checks, wait for its staged files, kill it (SIGKILL: a
+    SIGTERM ends it as a failure, removing them)."""
     env = {k: v for k, v in os.environ.items() if k not in MPI_LAUNCH_VARIABLES}
     proc = subprocess.Popen([sys.executable, "-m", "dmhpc", "synth", "--out", str(out), "--n-per-class", "5000",
                              *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -307,8 +334,7 @@ def _killed_render(out: Path, *argv: str) -> None:
         _one_line_error(_cli("--out", str(out), "--n-per-class", "2"), str(out), "in use by another dmhpc synth")
         assert sorted(p.name for p in out.iterdir()) == staged
     finally:
-        proc.send_signal(signal.SIGCONT)
-        proc.terminate()
+        proc.kill()
         proc.wait(timeout=60)
 
 
@@ -330,7 +356,8 @@ def test_a_killed_render_is_finished_by_running_again(serial, tmp_path):
 
 
 @pytest.mark.parametrize("argv, words", [
-    (["--n-per-class", "0"], ["--n-per-class: expected a positive integer, got 0"]),
+    (["--n-per-class", "0"], [f"--n-per-class: expected an integer from 1 to {2**30 - 1}, got 0"]),
+    (["--n-per-class", str(10**15)], ["--n-per-class: expected an integer from 1 to"]),  # (a traceback at 7e13)
     (["--n-per-class", "-3"], ["--n-per-class", "-3"]),
     (["--seed", "-1"], ["--seed"]),
     (["--workers", "0"], ["--workers"]),
@@ -354,15 +381,28 @@ def test_output_that_is_a_file(tmp_path):
     assert out.read_text() == "x"
 
 
-def test_overwrite_replaces_only_synth_files(serial, tmp_path):
+def test_overwrite_replaces_only_synth_files_and_says_which_prepared_sets_it_outdated(serial, tmp_path):
+    """The shards `prepare` made beside a render stay, as the docs say; rendered again with another
+    seed, they described the images it replaced without a word (nothing compares a manifest's
+    inputs when training)."""
+    from dmhpc.cli import main
+
     out = tmp_path / "re"
-    synth.synthesize(out, 1, SEED + 7)
-    (out / "shards").mkdir()  # what `dmhpc prepare` puts next to the .npy files
+    synth.synthesize(out, 4, SEED + 7)
+    config = str(ROOT / "configs" / "data" / "embedded.yaml")
+    assert main(["prepare", "--data-config", config, "--root", str(out), "--out", str(out / "shards"),
+                 "--shard-size", "8"]) == 0
+    again = _cli("--out", str(out), "--n-per-class", "4", "--seed", str(SEED + 7), "--overwrite")
+    assert again.returncode == 0 and "warning" not in again.stderr, again.stderr  # the same bytes: still current
     result = _cli("--out", str(out), "--n-per-class", str(N_PER_CLASS), "--seed", str(SEED), "--overwrite")
     assert result.returncode == 0, result.stderr
-    assert (out / "shards").is_dir()
+    assert (out / "shards" / "pristine" / "manifest.json").is_file()
     for name in FILES:
         assert (out / name).read_bytes() == (serial / name).read_bytes(), name
+    warned = [line for line in result.stderr.splitlines() if "warning" in line]
+    assert warned == [f"dmhpc synth: warning: {out / 'shards' / domain} was prepared from the images this render "
+                      f"replaced; prepare it again (with --overwrite) before training on it"
+                      for domain in ("noisy", "pristine")], result.stderr
 
 
 def test_a_failure_mid_run_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -531,14 +571,14 @@ def _render_workers(pid: int) -> list[int]:
     return found
 
 
-def _rendering_with_workers(out: Path) -> subprocess.Popen:
+def _rendering_with_workers(out: Path, workers: int = 2, launcher: tuple[str, ...] = ()) -> subprocess.Popen:
     """`dmhpc synth --workers 2` of 300 objects in a session of its own, returned once a chunk is in
     the staged file: both workers have started (a worker killed before its first task was replaced
     by multiprocessing.Pool, task intact). Seconds of work for two workers, on a slow machine too."""
     env = {k: v for k, v in os.environ.items() if k not in MPI_LAUNCH_VARIABLES} | {"PYTHONFAULTHANDLER": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "dmhpc", "synth", "--out", str(out), "--n-per-class", "150",
-                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
+    proc = subprocess.Popen([*launcher, sys.executable, "-m", "dmhpc", "synth", "--out", str(out), "--n-per-class",
+                             "150", "--workers", str(workers)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, start_new_session=True)
     deadline = time.monotonic() + 120
     while True:
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -582,6 +622,25 @@ def test_a_render_stopped_by_a_signal_ends_its_workers_in_one_line(tmp_path, sig
     while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)  # reaped by the render; an orphan would be re-parented and stay
     assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+
+
+@pytest.mark.parametrize("ranks", [1, pytest.param(2, marks=pytest.mark.mpi)])
+def test_a_sigterm_to_every_process_of_a_render_in_one_process_or_under_mpi_leaves_nothing(tmp_path, ranks):
+    """A time limit or scancel sends SIGTERM to every process of the job. Only the worker pool's
+    render handled it: in one process (the default) and under MPI it died at once, leaving its
+    full-size staged images and its lock."""
+    launcher = _launcher(ranks)
+    proc = _rendering_with_workers(tmp_path / "w", workers=1, launcher=launcher)
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0
+    assert "stopped by SIGTERM" in stderr or ranks > 1, stderr  # (mpiexec may end rank 0 before it says so)
+    assert list(tmp_path.iterdir()) == []  # the staged files, the folder it made and its lock: gone
 
 
 def test_a_killed_worker_ends_the_render_with_one_line(tmp_path):

@@ -318,19 +318,37 @@ def sky_per_pixel(f: Filter) -> float:
     return flux(f.sky_mag_arcsec2) * PIXEL_SCALE**2
 
 
+# The fewest sky counts per pixel the gain may give. A sky-limited gain (B / sigma^2) gives (B/sigma)^2
+# counts: 100 in F814W at SB25, but under one at SB22.5. Poisson noise of so few counts is no Gaussian
+# sky: at SB18 every sky pixel read -B, and the galaxy was one spike or nothing. Below this many
+# counts the gain stays here and read noise makes up the rest of sigma.
+MIN_SKY_COUNTS = 50.0
+
+
 def gain(f: Filter, sb_limit: float) -> float:
-    """Detected counts per image unit that make the sky's Poisson noise equal `noise_sigma(sb_limit)`."""
-    return sky_per_pixel(f) / noise_sigma(sb_limit) ** 2
+    """Detected counts per image unit: the sky's Poisson noise is `noise_sigma(sb_limit)` where that
+    leaves the sky at least MIN_SKY_COUNTS counts; else the gain giving that many (see `read_noise`)."""
+    sky = sky_per_pixel(f)
+    return max(sky / noise_sigma(sb_limit) ** 2, MIN_SKY_COUNTS / sky)
+
+
+def read_noise(f: Filter, sb_limit: float) -> float:
+    """The Gaussian noise per pixel (image units) added to the sky's Poisson noise so that the two
+    make `noise_sigma(sb_limit)`; 0 where the sky alone does (every filter from SB 24.63 on)."""
+    return math.sqrt(max(noise_sigma(sb_limit) ** 2 - sky_per_pixel(f) / gain(f, sb_limit), 0.0))
 
 
 def observe(pristine: np.ndarray, rng: np.random.Generator, sb_limit: float) -> np.ndarray:
-    """The noisy twin: Poisson counts of source + sky, converted back to image units, sky subtracted."""
+    """The noisy twin: Poisson counts of source + sky, converted back to image units, sky subtracted,
+    plus read noise where the sky is too bright a limit's noise for its counts (see `gain`)."""
     out = np.empty_like(pristine)
     for i, f in enumerate(FILTERS):
-        sky, g = sky_per_pixel(f), gain(f, sb_limit)
+        sky, g, read = sky_per_pixel(f), gain(f, sb_limit), read_noise(f, sb_limit)
         # FFT drawing can ring slightly below zero far from sources; a Poisson mean cannot.
         mean = g * (np.maximum(pristine[i].astype(np.float64), 0.0) + sky)
-        out[i] = rng.poisson(mean) / g - sky
+        counts = rng.poisson(mean) / g - sky
+        # Only where there is read noise does the stream draw it: limits without any keep their bytes.
+        out[i] = counts + rng.normal(0.0, read, counts.shape) if read > 0 else counts
     return out
 
 

@@ -46,6 +46,9 @@ RENDER_FILES = OUTPUT_FILES + SURVEY_FILES  # every file a render may write
 # made survey object 0 the simulated object 2, primary galaxy and all. Seeds stay one word (< 2**32).
 SURVEY_STREAM = 2
 MAX_SEED = 2**32 - 1
+# Object ids, and survey ids after them (4 per pair of classes), stay one word too: an id of 2**32
+# became two words of the key, and object 2**33 + 5 was survey object 5.
+MAX_PER_CLASS = 2**30 - 1
 CLASSES = {"0": "non-merger", "1": "merger"}
 # The 8 symmetries of the square pixel grid; view v is np.rot90(flipped if v >= 4, k=v % 4).
 VIEWS = ("identity", "rot90", "rot180", "rot270", "flip", "flip+rot90", "flip+rot180", "flip+rot270")
@@ -285,7 +288,7 @@ def _remove_if_empty(out: Path, created: bool) -> None:
 
 
 def _check(n_per_class: int, seed: int, knobs: Knobs, workers: int) -> None:
-    values = [("--n-per-class", n_per_class, integer(1)), ("--seed", seed, integer(0, MAX_SEED)),
+    values = [("--n-per-class", n_per_class, integer(1, MAX_PER_CLASS)), ("--seed", seed, integer(0, MAX_SEED)),
               ("--workers", workers, integer(1))]
     values += [(KNOB_FLAGS[key][0], value, KNOB_CHECKS[key]) for key, value in knobs._asdict().items()]
     for flag, value, check in values:
@@ -333,6 +336,7 @@ def _meta(n_per_class: int, seed: int, knobs: Knobs, views: tuple[str, ...], sur
                 "sky_mag_arcsec2": f.sky_mag_arcsec2,
                 "sky_per_pixel": scenes.sky_per_pixel(f),
                 "gain_counts_per_unit": scenes.gain(f, knobs.sb_limit),
+                "read_noise_per_pixel": scenes.read_noise(f, knobs.sb_limit),
                 "noise_sigma_per_pixel": sigma,
             }
             for i, f in enumerate(scenes.FILTERS)
@@ -341,7 +345,8 @@ def _meta(n_per_class: int, seed: int, knobs: Knobs, views: tuple[str, ...], sur
             "sb_limit_mag_arcsec2": knobs.sb_limit,
             "sigma_per_pixel": sigma,
             "sigma_formula": "10**(-0.4 * (sb_limit - zero_point_ab)) * pixel_scale_arcsec**2",
-            "model": "noisy = Poisson(gain * (pristine + sky)) / gain - sky, gain = sky / sigma**2",
+            "model": "noisy = Poisson(gain * (pristine + sky)) / gain - sky + Normal(0, read_noise), "
+                     "gain = max(sky / sigma**2, 50 / sky), read_noise = sqrt(sigma**2 - sky / gain)",
         },
         "knobs": knobs._asdict(),
         "gsparams": {"folding_threshold": scenes.GSPARAMS.folding_threshold,
@@ -418,8 +423,7 @@ def _render_local(out: Path, seed: int, knobs: Knobs, survey: bool, n_objects: i
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                    initializer=_worker_leaves_interrupts)
         try:
-            with _sigterm_raises(out):
-                _run_pool(pool, chunks, staging, workers, bar)
+            _run_pool(pool, chunks, staging, workers, bar)
         except BrokenProcessPool:
             raise DmhpcError(f"{out}: a render worker died (killed by signal?); run again to finish the "
                              f"render") from None
@@ -453,9 +457,9 @@ def _worker_leaves_interrupts() -> None:
 
 @contextlib.contextmanager
 def _sigterm_raises(out: Path):
-    """SIGTERM to the render's process alone (`kill PID`, a wrapper) ends it as a failure does: its
-    workers go and its staged files with them. It died at once before, and its workers, which hold
-    their task queue's pipe open themselves, waited on it for ever."""
+    """SIGTERM (`kill PID`, a wrapper, a time limit) ends the render as a failure does: its workers
+    go and its staged files with them. It died at once before, leaving the staged files, and its
+    workers, which hold their task queue's pipe open themselves, waited on it for ever."""
     def stop(signum, frame):
         raise DmhpcError(f"{out}: stopped by SIGTERM; run again to render")
 
@@ -597,7 +601,10 @@ def _render(out: Path, n_per_class: int, seed: int, knobs: Knobs, views: tuple[s
     n_objects = 2 * n_per_class
     if rank != 0:
         try:
-            _render_mpi(comm, seed, knobs, survey, n_objects, sink=None)
+            # A SIGTERM to every rank: this one hands it to rank 0, as an error (had it died, mpiexec
+            # ended rank 0 while it removed its staged files).
+            with _sigterm_raises(out):
+                _render_mpi(comm, seed, knobs, survey, n_objects, sink=None)
         except BaseException as exc:  # rank 0 would wait for this rank forever
             text = str(exc) if isinstance(exc, DmhpcError) else repr(exc)
             _hand_error_to_rank_0(comm, f"rank {rank}: {text}")
@@ -605,15 +612,18 @@ def _render(out: Path, n_per_class: int, seed: int, knobs: Knobs, views: tuple[s
 
     staging = None
     try:
-        meta = _meta(n_per_class, seed, knobs, views, survey)
-        staging = _Staging(out, n_objects, len(views), survey)
-        if comm is None:
-            _render_local(out, seed, knobs, survey, n_objects, workers, staging)
-        else:
-            _render_mpi(comm, seed, knobs, survey, n_objects, staging.put)
-        ids = np.arange(n_objects, dtype=np.int64)
-        objects = np.repeat(ids, len(views))
-        staging.commit(objects % 2, objects, meta)
+        # In one process or in many, a SIGTERM (a time limit, scancel) ends the render as a failure
+        # does: with the serial loop and under MPI it died at once, leaving full-size staged images.
+        with _sigterm_raises(out):
+            meta = _meta(n_per_class, seed, knobs, views, survey)
+            staging = _Staging(out, n_objects, len(views), survey)
+            if comm is None:
+                _render_local(out, seed, knobs, survey, n_objects, workers, staging)
+            else:
+                _render_mpi(comm, seed, knobs, survey, n_objects, staging.put)
+            ids = np.arange(n_objects, dtype=np.int64)
+            objects = np.repeat(ids, len(views))
+            staging.commit(objects % 2, objects, meta)
     except BaseException as exc:
         if staging is not None:
             staging.discard()
@@ -659,6 +669,31 @@ def synth_arguments(parser) -> None:
                            help=f"{help_text} (default: {default:g})")
 
 
+def prepared_from_other_files(out: Path) -> list[Path]:
+    """The data sets under `out` (a `prepare`'s shards/, say) whose manifest lists a file of this
+    render with other bytes than it has now: an --overwrite with another seed or knobs left them
+    describing the images it replaced, and nothing compares a manifest's inputs when training."""
+    from dmhpc.data.shards import file_sha256
+
+    out = Path(out).resolve()
+    ours = {str(out / name) for name in RENDER_FILES}
+    digests: dict[str, str | None] = {}
+    stale = []
+    for manifest in sorted(out.glob("*/*/manifest.json")) + sorted(out.glob("*/manifest.json")):
+        try:
+            inputs = json.loads(manifest.read_text(encoding="utf-8")).get("inputs", [])
+            for entry in inputs:
+                file = entry.get("file")
+                if file in ours and file not in digests:
+                    digests[file] = file_sha256(file) if os.path.isfile(file) else None
+                if file in ours and digests[file] != entry.get("sha256"):
+                    stale.append(manifest.parent)
+                    break
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue  # not a manifest prepare wrote: not this render's to judge
+    return stale
+
+
 def synth_main(args) -> int:
     t0 = time.perf_counter()
     try:
@@ -675,4 +710,8 @@ def synth_main(args) -> int:
         counts = meta["counts"]
         print(f"dmhpc synth: {counts['images']} images per domain ({counts['objects']} objects, "
               f"{len(meta['views'])} view(s) each) in {args.out} ({time.perf_counter() - t0:.1f} s)")
+        if args.overwrite:
+            for folder in prepared_from_other_files(args.out):
+                print(f"dmhpc synth: warning: {folder} was prepared from the images this render replaced; "
+                      f"prepare it again (with --overwrite) before training on it", file=sys.stderr)
     return 0
