@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.parse_args(argv)  # argparse's own error, exit 2
     code = 0
     stdout, sys.stdout = sys.stdout, _Output(sys.stdout)
+    stderr, sys.stderr = sys.stderr, _Output(sys.stderr)
     try:
         _, command_main = COMMANDS[args.command].load()
         code = int(command_main(args) or 0)
@@ -268,21 +269,20 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(exc, "from_output", False):
             raise  # the command's own (a file, a pipe to a child, a socket), which its traceback names
         os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())  # the interpreter's last flush goes nowhere
-        if isinstance(exc, BrokenPipeError):
-            # The reader went away (`dmhpc info DIR | head`): not an error, and a command that had
-            # ended keeps its own code (the requeue code, say).
-            return code
         # `dmhpc info DS > /dev/full`, or a full disk under a redirected output: the output is lost,
         # which is a failure, said in one line.
         print(f"dmhpc {args.command}: error: standard output: {exc.strerror or exc}", file=sys.stderr)
         return 1
     finally:
-        sys.stdout = stdout
+        sys.stdout, sys.stderr = stdout, stderr
 
 
 class _Output:
-    """Standard output as the command sees it, its write errors marked as the output's: an OSError
-    alone does not say whether the output or a file the command writes failed."""
+    """Standard output (or error) as the command sees it. A reader gone (`dmhpc info DIR | head`, a
+    `tee` that ended) is no error: the command goes on, its output discarded, and keeps its own
+    exit code. A training run stopped at that write, between checkpoints, and exited 0. Other write
+    errors are marked as the output's: an OSError alone does not say whether the output or a file
+    the command writes failed."""
 
     def __init__(self, stream):
         self._stream = stream
@@ -296,10 +296,14 @@ class _Output:
     def __getattr__(self, name: str):
         return getattr(self._stream, name)
 
-    @staticmethod
-    def _marked(call, *args):
+    def _marked(self, call, *args):
         try:
             return call(*args)
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())  # what is still buffered goes there too
+            os.close(devnull)
+            return len(args[0]) if args else None
         except OSError as exc:
             exc.from_output = True
             raise
@@ -314,8 +318,11 @@ def run(argv: list[str] | None = None) -> None:
         # Done, or leaving to be requeued, the process ignores further stop signals while it ends
         # (CUDA's teardown at exit): srun's --kill-on-bad-exit sends SIGTERM to the ranks still there
         # when the first exits, and a preemption may come just then; their exit read 143, a failure,
-        # not the requeue code, nor the success of a run or catalog that was written.
-        for name in stops.STOP_SIGNALS:
+        # not the requeue code, nor the success of a run or catalog that was written. Every signal
+        # train.signals may name, not only the defaults: the run's own had been put back by then.
+        from dmhpc.config import STOP_SIGNAL_NAMES
+
+        for name in STOP_SIGNAL_NAMES:
             signal.signal(signal.Signals[name], signal.SIG_IGN)
     raise SystemExit(code)
 

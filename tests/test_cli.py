@@ -300,6 +300,39 @@ def test_a_commands_own_os_error_is_not_blamed_on_the_output(error, named):
     assert "standard output" not in proc.stderr and named in proc.stderr.splitlines()[-1], proc.stderr
 
 
+GOES_ON_AFTER_THE_READER = """
+import sys
+from pathlib import Path
+from dmhpc import cli
+
+def works_on(args):
+    for step in range(2000):  # more than a pipe's buffer, on both streams: the reader is gone by then
+        print(f"step {step} " + "x" * 80)
+        print(f"progress {step} " + "y" * 80, file=sys.stderr)
+    Path(sys.argv[1]).write_text("the checkpoint")
+    return 3
+
+cli.COMMANDS["info"] = cli.COMMANDS["info"]._replace(load=lambda: (lambda parser: None, works_on))
+sys.exit(cli.main(["info"]))
+"""
+
+
+def test_a_reader_gone_mid_command_lets_it_finish_with_its_own_code(tmp_path):
+    """`dmhpc train ... | head -1` (or 2>&1 | tee, the tee ended): the first write after the reader
+    left ended the command there, between checkpoints, with exit 0 as if it had finished."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-c", GOES_ON_AFTER_THE_READER, str(tmp_path / "done")], cwd=ROOT,
+                              env=env, stdout=write, stderr=write, timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 3 and (tmp_path / "done").read_text() == "the checkpoint", proc.returncode
+
+
 ENDS_WITH_75 = """
 import sys
 from dmhpc import cli
@@ -311,6 +344,27 @@ def ends_with_75(args):
 cli.COMMANDS["info"] = cli.COMMANDS["info"]._replace(load=lambda: (lambda parser: None, ends_with_75))
 sys.exit(cli.main(["info"]))
 """
+
+
+IGNORES_AT_EXIT = """
+import atexit, signal
+from dmhpc import cli
+import dmhpc.train.checkpoint
+from dmhpc.config import STOP_SIGNAL_NAMES
+
+atexit.register(lambda: print(sorted(n for n in STOP_SIGNAL_NAMES
+                                     if signal.getsignal(signal.Signals[n]) != signal.SIG_IGN)))
+cli.COMMANDS["info"] = cli.COMMANDS["info"]._replace(load=lambda: (lambda parser: None, lambda args: 75))
+cli.run(["info"])
+"""
+
+
+def test_a_command_leaving_to_be_requeued_ignores_every_stop_signal_a_config_may_name():
+    """Only the default train.signals were ignored while the process ended: a run configured to stop
+    on SIGXCPU or SIGHUP, signalled again in CUDA's teardown, exited 128+n, not the requeue code."""
+    proc = subprocess.run([sys.executable, "-c", IGNORES_AT_EXIT], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert (proc.returncode, proc.stdout.strip()) == (75, "[]"), (proc.returncode, proc.stdout, proc.stderr[-2000:])
 
 
 def test_a_reader_gone_at_the_end_keeps_the_commands_own_exit_code():
