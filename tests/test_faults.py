@@ -502,6 +502,16 @@ def test_what_would_fail_later_is_refused_at_start(data, tmp_path, capsys, case)
     assert not run.exists()
 
 
+def test_a_warmup_as_long_as_the_run_is_refused_at_start(data, tmp_path, capsys):
+    """The rate climbed throughout and never reached optim.lr (0.6 of it at the last step of a
+    600-step run with a 1000-step warm-up), nor decayed to min_lr: a run at a fraction of its rate."""
+    run = tmp_path / "run"
+    refused_at_start(capsys, data, run, "train.epochs=1", "optim.schedule=warmup-cosine", "optim.warmup_steps=2",
+                     said=["optim.warmup_steps 2: the run has 2 steps, so its learning rate would never reach "
+                           "optim.lr; lower it, or train longer"])
+    assert not run.exists()
+
+
 def test_a_seed_beyond_numpy_is_a_config_error(data, tmp_path, capsys):
     refused_at_start(capsys, data, tmp_path / "run", "seed=4294967296",
                      said=["command line: seed: expected an integer from 0 to 4294967295, got 4294967296"])

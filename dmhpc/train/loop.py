@@ -175,6 +175,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
         if cfg.train.max_steps:
             total_steps = min(total_steps, cfg.train.max_steps)
         _check_length(cfg, prog, at(), total_steps, None if claim.own else claim.resume_from)
+        _check_warmup(cfg.optim, total_steps * prog.schedule_steps_per_epoch / steps_per_epoch)
         # A run that stopped early is finished too: entered again (a requeued script that trains runs
         # in turn), it writes no checkpoint, and counted among the attempts that started it, two such
         # entries refused the job as one whose stops saved nothing.
@@ -422,6 +423,15 @@ def _check_length(cfg, prog, position: int, total_steps: int, elsewhere) -> None
     check_epochs(cfg.train.epochs, prog.epoch, prog.step_in_epoch)
     check_steps(cfg.train.max_steps, position)
     check_patience(cfg.train.early_stopping, prog.longest_without_best, prog.evals_since_best)
+
+
+def _check_warmup(optim, total_steps: float) -> None:
+    """Refuse a warm-up as long as the run (`total_steps` in the first world's steps, as warmup_steps
+    counts): the rate never reached optim.lr nor decayed to min_lr, and the run trained at a fraction
+    of it without a word."""
+    if optim.schedule == "warmup-cosine" and optim.warmup_steps >= total_steps:
+        raise DmhpcError(f"optim.warmup_steps {optim.warmup_steps}: the run has {total_steps:g} steps, so its "
+                         f"learning rate would never reach optim.lr; lower it, or train longer")
 
 
 def _epoch_line(r: dict, criterion: str) -> str:
