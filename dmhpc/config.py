@@ -48,11 +48,12 @@ def _sigmas() -> Check:
     def convert(v):
         if v in ("deepmerge", "median"):
             return v
-        if not isinstance(v, list) or not v or not all(is_number(s) and s > 0 for s in v):
+        # (mmd.MIN_SIGMA, not imported: this module stays torch-free)
+        if not isinstance(v, list) or not v or not all(is_number(s) and s >= 1e-30 for s in v):
             raise ValueError
         return tuple(float(s) for s in v)
 
-    return Check('"deepmerge", "median" or a non-empty list of numbers > 0', convert)
+    return Check('"deepmerge", "median" or a non-empty list of numbers from 1e-30 up (kernel variances)', convert)
 
 
 def _betas() -> Check:
@@ -418,22 +419,30 @@ def _build(cls: type, data: Any, origin: Mapping[str, str], default_label: str, 
     return cls(**values)
 
 
-def _check_consistency(cfg: Config, origin: Mapping[str, str], default_label: str) -> None:
-    """Rules that involve more than one key; the message blames the key the user set."""
-    def fail(dotted: str, problem: str):
-        raise DmhpcError(f"{origin.get(dotted, default_label)}: {dotted}: {problem}")
+def _check_consistency(cfg: Config, origin: Mapping[str, str], default_label: str,
+                       files: tuple[str, ...] = ()) -> None:
+    """Rules that involve more than one key; the message is placed where the last of them was set
+    (an override that broke a file's rule blamed the file)."""
+    layers = {**{label: k for k, label in enumerate(files)}, COMMAND_LINE: len(files)}
+
+    def fail(dotted: str, problem: str, *others: str):
+        last = max((dotted, *others), key=lambda key: layers.get(origin.get(key), -1))
+        said = "" if last == dotted or last not in origin else f" ({last} set here)"
+        raise DmhpcError(f"{origin.get(last, default_label)}: {dotted}: {problem}{said}")
 
     name = cfg.model.name
     if cfg.model.stem != "original" and not name.startswith("resnet"):
-        fail("model.stem", f"{show(cfg.model.stem)} applies to ResNet models only, but model.name is {show(name)}")
+        fail("model.stem", f"{show(cfg.model.stem)} applies to ResNet models only, but model.name is {show(name)}",
+             "model.name")
     for key in ("dropout", "l2"):
         if getattr(cfg.model, key) is not None and name != "deepmerge":
-            fail(f"model.{key}", f"applies to model \"deepmerge\" only, but model.name is {show(name)}")
+            fail(f"model.{key}", f"applies to model \"deepmerge\" only, but model.name is {show(name)}", "model.name")
     fisher = cfg.loss.fisher
     if fisher.weight > 0 and fisher.form == "tr" and fisher.inter_weight == 0:
-        fail("loss.fisher.inter_weight", "must be > 0 with form \"tr\": the trace ratio divides by it")
+        fail("loss.fisher.inter_weight", "must be > 0 with form \"tr\": the trace ratio divides by it",
+             "loss.fisher.form", "loss.fisher.weight")
     if cfg.optim.schedule == "warmup-cosine" and cfg.optim.min_lr > cfg.optim.lr:
-        fail("optim.min_lr", f"{cfg.optim.min_lr:g} is above optim.lr {cfg.optim.lr:g}")
+        fail("optim.min_lr", f"{cfg.optim.min_lr:g} is above optim.lr {cfg.optim.lr:g}", "optim.lr", "optim.schedule")
 
 
 def inert_keys(data: Mapping) -> dict[str, str]:
@@ -530,7 +539,7 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *, writt
             nested = {part: nested}
         _merge(raw, nested, origin, COMMAND_LINE)
     cfg = _build(Config, raw, origin, str(path))
-    _check_consistency(cfg, origin, str(path))
+    _check_consistency(cfg, origin, str(path), tuple(files))
     if not written:
         _check_paths(cfg, origin, str(path))
         _check_inert(cfg, origin, files)

@@ -232,7 +232,8 @@ def test_save_quotes_strings_the_loader_would_read_as_numbers(tmp_path):
     ("loss: {transfer: wasserstein}\n", "loss.transfer", 'got "wasserstein"'),
     ("loss: {transfer_weight: -1}\n", "loss.transfer_weight", "a number >= 0"),
     ("loss: {scope: world}\n", "loss.scope", 'got "world"'),
-    ("loss: {mmd: {sigmas: [1, -2]}}\n", "loss.mmd.sigmas", "list of numbers > 0"),
+    ("loss: {mmd: {sigmas: [1, -2]}}\n", "loss.mmd.sigmas", "list of numbers from 1e-30 up"),
+    ("loss: {mmd: {sigmas: [1, 1e-300]}}\n", "loss.mmd.sigmas", "list of numbers from 1e-30 up"),  # (NaN at step 1)
     ("loss: {mmd: {sigmas: silverman}}\n", "loss.mmd.sigmas", '"median"'),
     ("loss: {mmd: {sigmas: []}}\n", "loss.mmd.sigmas", "non-empty list"),
     ("loss: {mmd: {clamp: -1}}\n", "loss.mmd.clamp", "null or a number >= 0"),
@@ -276,6 +277,19 @@ def test_error_names_the_file_that_set_the_key(tmp_path):
     write(child, "base: parent.yaml\ntrain: {batch_size: 4}\n")
     assert load_config(child).train.batch_size == 4
     assert error_of(child, ["train.batch_size=0"]).startswith("command line: train.batch_size: ")
+
+
+def test_a_rule_across_keys_broken_by_a_later_layer_blames_that_layer(tmp_path):
+    """`optim.lr=1e-5` on the command line under a file's min_lr 1e-4 blamed the file, which was fine."""
+    base = write(tmp_path / "wc.yaml", "optim: {schedule: warmup-cosine, lr: 0.001, min_lr: 0.0001}\n")
+    assert error_of(base, ["optim.lr=1e-5"]) == ("command line: optim.min_lr: 0.0001 is above optim.lr 1e-05 "
+                                                 "(optim.lr set here)")
+    child = write(tmp_path / "child.yaml", "base: dm1.yaml\nmodel: {name: resnet18}\n")
+    write(tmp_path / "dm1.yaml", "model: {name: deepmerge, dropout: 0.3}\n")
+    assert error_of(child) == (f"{child}: model.dropout: applies to model \"deepmerge\" only, but model.name is "
+                               f"\"resnet18\" (model.name set here)")
+    # The key of the rule set last: the file that set it, and nothing more said.
+    assert error_of(base, ["optim.min_lr=0.01"]) == "command line: optim.min_lr: 0.01 is above optim.lr 0.001"
 
 
 @pytest.mark.parametrize("override, key, problem", [
@@ -448,7 +462,7 @@ def test_an_override_value_cut_by_a_yaml_comment_is_refused():
 # ---------------------------------------------------------------- boundaries, inert keys, change reports
 
 @pytest.mark.parametrize("text, key, problem", [
-    ("loss: {transfer: mmd, mmd: {sigmas: [1, 0]}}\n", "loss.mmd.sigmas", "list of numbers > 0"),
+    ("loss: {transfer: mmd, mmd: {sigmas: [1, 0]}}\n", "loss.mmd.sigmas", "list of numbers from 1e-30 up"),
     ("optim: {betas: [0.9, 0.99, 0.5]}\n", "optim.betas", "a list of two numbers in [0, 1)"),
     (f"seed: {2**32}\n", "seed", "expected an integer"),
     ("loss: {fisher: {weight: -1}}\n", "loss.fisher.weight", "a number >= 0"),

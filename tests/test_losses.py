@@ -142,6 +142,19 @@ def test_mmd_float32_gradient_matches_float64(realistic, unbiased):
     assert ((g32 - g64).norm() / g64.norm()).item() < 1e-3
 
 
+def test_the_narrowest_kernel_taken_is_finite_and_a_narrower_one_refused():
+    """sigmas=[1e-300] passed: 1 / (2 sigma) is inf in float32, and a self-distance of 0 times it
+    NaN, a loss not finite at step 1 whose hint (lower optim.lr) pointed the wrong way."""
+    from dmhpc.losses.mmd import MIN_SIGMA
+
+    x = torch.randn(8, 4, requires_grad=True)
+    value = mmd(x, torch.randn(8, 4), sigmas=[MIN_SIGMA])
+    value.backward()
+    assert torch.isfinite(value) and torch.isfinite(x.grad).all()
+    with pytest.raises(DmhpcError, match=r"mmd: sigmas must be a non-empty list of numbers from 1e-30 up"):
+        mmd(x, x, sigmas=[1e-300])
+
+
 @pytest.mark.parametrize("chunk", [None, 20])
 @pytest.mark.parametrize("unbiased", [False, True])
 @pytest.mark.parametrize("sigmas", [DEEPMERGE_SIGMAS, (0.5, 2.0)])
@@ -251,7 +264,7 @@ def test_mmd_guards_its_memory_with_a_message_that_says_how_to_fix_it():
     [
         (lambda: mmd(torch.randn(4, 3), torch.randn(4, 2)), "same d"),
         (lambda: mmd(torch.randn(4, 3), torch.randn(4, 3), sigmas="mean"), "median"),
-        (lambda: mmd(torch.randn(4, 3), torch.randn(4, 3), sigmas=[1.0, -1.0]), "positive"),
+        (lambda: mmd(torch.randn(4, 3), torch.randn(4, 3), sigmas=[1.0, -1.0]), "numbers from 1e-30 up"),
         (lambda: mmd(torch.randn(1, 3), torch.randn(4, 3), unbiased=True), "at least 2"),
         (lambda: mmd(torch.randn(4, 3), torch.randn(4, 3), scope="world"), "scope"),
         (lambda: coral(torch.randn(1, 3), torch.randn(4, 3)), "at least 2"),

@@ -30,6 +30,10 @@ DEEPMERGE_SIGMAS: tuple[float, ...] = (
 )  # fmt: skip
 """The original's 19 kernel variances (sigma enters as exp(-d^2 / (2 sigma)))."""
 
+MIN_SIGMA = 1e-30
+"""The narrowest kernel variance taken: 1 / (2 sigma) of one below 1.5e-39 is inf in float32, and a
+self-distance of 0 times it NaN (a loss not finite at the first step, "lower optim.lr" its hint)."""
+
 MEDIAN_SCALES: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
 """With sigmas="median": sigma = scale * (lower median of the pairwise squared distances)."""
 
@@ -120,8 +124,9 @@ def _kernel_coeffs(sigmas: Sequence[float] | str) -> tuple[float, ...]:
         values = [float(s) for s in sigmas] if not isinstance(sigmas, str) else []
     except (TypeError, ValueError):
         values = []
-    if not values or not all(v > 0 for v in values):
-        raise DmhpcError(f"mmd: sigmas must be a non-empty list of positive numbers or 'median'; got {sigmas!r}")
+    if not values or not all(v >= MIN_SIGMA for v in values):
+        raise DmhpcError(f"mmd: sigmas must be a non-empty list of numbers from {MIN_SIGMA:g} up, or 'median'; "
+                         f"got {sigmas!r}")
     return tuple(1.0 / (2.0 * v) for v in values)
 
 
