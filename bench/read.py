@@ -2,6 +2,8 @@
 
     python bench/read.py                 # 16,000 images of 3x75x75 float32, 4096 rows per shard
     python bench/read.py --dtype float16
+    python bench/read.py --pieces 16 --chunk-cache   # random 16-row pieces (the block loaders'); the
+                                                     # reader beside one with h5py's default chunk cache
 
 Writes a data set with write_dataset under $TMPDIR (/tmp by default), reads it once to warm the page cache, then
 times --epochs passes of contiguous batches (the last batch of a pass may be short; batches
@@ -18,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dmhpc.data import shards
 from dmhpc.data.shards import RowReader, write_dataset
 
 
@@ -29,6 +32,10 @@ def main() -> None:
     parser.add_argument("--shard-size", type=int, default=4096, help="rows per shard (default 4096)")
     parser.add_argument("--epochs", type=int, default=5, help="timed passes, best kept (default 5)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="stored dtype")
+    parser.add_argument("--pieces", type=int, default=0, metavar="ROWS",
+                        help="read --n / ROWS pieces of ROWS rows at random starts instead of contiguous batches")
+    parser.add_argument("--chunk-cache", action="store_true",
+                        help="also time a reader with h5py's default chunk cache, passes alternating")
     opts = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="dmhpc-bench-read-"))
@@ -39,23 +46,38 @@ def main() -> None:
                                  shard_size=opts.shard_size, dtype=opts.dtype)
         del images
         per_image = 3 * opts.size * opts.size * np.dtype(opts.dtype).itemsize
+        if opts.pieces:
+            ranges = [(int(a), int(a) + opts.pieces) for a in rng.integers(0, opts.n - opts.pieces + 1,
+                                                                             opts.n // opts.pieces)]
+            what = f"{len(ranges)} random pieces of {opts.pieces} rows"
+        else:
+            ranges = [(a, min(a + opts.batch, opts.n)) for a in range(0, opts.n, opts.batch)]
+            what = f"batches of {opts.batch}"
+        rows = sum(b - a for a, b in ranges)
         print(f"{opts.n} images 3x{opts.size}x{opts.size} {opts.dtype} in {len(manifest['shards'])} shards, "
-              f"batches of {opts.batch}", flush=True)
-        reader = RowReader(tmp / "ds")
-        starts = range(0, opts.n, opts.batch)
-        for a in starts:  # warm the page cache and open the files
-            reader.read(a, min(a + opts.batch, opts.n))
-        times = []
+              f"{what}", flush=True)
+        caches = {"RowReader.read": shards._CHUNK_CACHE_BYTES}
+        if opts.chunk_cache:
+            caches["with h5py's default chunk cache"] = None
+        readers = {}
+        for name, cache in caches.items():  # each opened under its own cache setting, and warm
+            shards._CHUNK_CACHE_BYTES = cache
+            readers[name] = RowReader(tmp / "ds")
+            for a, b in ranges:
+                readers[name].read(a, b)
+        times: dict[str, list[float]] = {name: [] for name in readers}
         for _ in range(opts.epochs):
-            t0 = time.perf_counter()
-            for a in starts:
-                reader.read(a, min(a + opts.batch, opts.n))
-            times.append(time.perf_counter() - t0)
-        reader.close()
-        best, median = min(times), float(np.median(times))
-        print(f"RowReader.read, best of {opts.epochs} passes: {opts.n / best:,.0f} images/s, "
-              f"{opts.n * per_image / best / 1e9:.2f} GB/s, {best / len(starts) * 1e3:.2f} ms per batch; "
-              f"median pass {opts.n / median:,.0f} images/s")
+            for name, reader in readers.items():
+                t0 = time.perf_counter()
+                for a, b in ranges:
+                    reader.read(a, b)
+                times[name].append(time.perf_counter() - t0)
+        for name, reader in readers.items():
+            reader.close()
+            best, median = min(times[name]), float(np.median(times[name]))
+            print(f"{name}, best of {opts.epochs} passes: {rows / best:,.0f} images/s, "
+                  f"{rows * per_image / best / 1e9:.2f} GB/s, {best / len(ranges) * 1e3:.2f} ms per read; "
+                  f"median pass {rows / median:,.0f} images/s")
     finally:
         shutil.rmtree(tmp)
 

@@ -190,6 +190,11 @@ def test_the_mmd_benchmark_compares_the_formulations_and_exits_1_below_its_speed
 def test_the_read_benchmarks_print_their_rates(tmp_path):
     lines = _bench(tmp_path, "bench/read.py", "--n", "512", "--size", "16", "--epochs", "1")
     assert _figures(_row(lines, "RowReader.read, best of 1"))[-1] > 0, lines
+    lines = _bench(tmp_path, "bench/read.py", "--n", "512", "--size", "16", "--epochs", "1", "--pieces", "16",
+                   "--chunk-cache")
+    assert "32 random pieces of 16 rows" in lines[0], lines
+    for name in ("RowReader.read", "with h5py's default chunk cache"):
+        assert _figures(_row(lines, f"{name}, best of 1"))[-1] > 0, lines
     lines = _bench(tmp_path, "bench/npy_read.py", "--n", "256", "--size", "16", "--passes", "1")
     assert _figures(_row(lines, "positioned reads / memory map"))[0] > 0, lines
 

@@ -27,6 +27,7 @@ class ResidentBatches:
             # Staged a block at a time: host memory holds one block per rank, not the whole split.
             block = max(1, _STAGING_BYTES // (int(np.prod(shape)) * images.element_size()))
             with RowReader(d.directory, d.manifest) as reader:
+                reader.open_limit = 1  # one pass in order: a shard read is done with (84 stayed open)
                 for a in range(0, d.stream.rows, block):
                     b = min(a + block, d.stream.rows)
                     rows = reader.read(d.stream.start + a, d.stream.start + b)

@@ -1020,6 +1020,13 @@ def _index_digest(index: np.ndarray) -> bytes:
     return hashlib.blake2b(np.ascontiguousarray(index, dtype=np.int64).tobytes(), digest_size=16).digest()
 
 
+# HDF5's chunk cache per open dataset (h5py's default: 1 MiB; None here). A reader takes a row range
+# once, so the cache holds nothing read again: it took ~2 MB per open shard (a resident load kept
+# 84 open, 186 MiB; 512 at most, ~1 GiB per reader) and copied every row twice. Without it, reads
+# go straight to the caller's array (bench/read.py --chunk-cache: faster, not slower).
+_CHUNK_CACHE_BYTES: int | None = 0
+
+
 def _open_shards_limit() -> int:
     """Shards one reader keeps open: an eighth of the process's file descriptors (a process holds a
     reader per domain, the evaluation's, HDF5's and torch's own files), 16 to 512."""
@@ -1040,7 +1047,8 @@ class RowReader:
     HDF5 files are opened on first read and kept open, up to `open_limit` of them (the least
     recently read closed first): a loader drawing blocks from every shard of a large set opened
     them all, until the process ran out of file descriptors (a data set of 1e8 rows has ~50,000
-    shards) and took ~2.4 MB of HDF5 caches for each. None is open before the first read, and
+    shards) and took ~2.4 MB of HDF5 caches for each (now opened without a chunk cache, see
+    `_CHUNK_CACHE_BYTES`). None is open before the first read, and
     none is carried by pickling, so a reader can be handed to forked or spawned worker processes
     (a forked child that inherits open files reopens its own).
     """
@@ -1077,7 +1085,7 @@ class RowReader:
                 self._close(next(iter(self._files)))
             path = self.directory / self.manifest["shards"][number]["file"]
             try:
-                f = self._files[number] = h5py.File(path, "r")
+                f = self._files[number] = h5py.File(path, "r", rdcc_nbytes=_CHUNK_CACHE_BYTES)
             except OSError as exc:
                 raise DmhpcError(f"{path}: cannot open shard ({exc})") from None
             st = self._stat(number)
