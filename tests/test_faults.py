@@ -512,6 +512,24 @@ def test_a_warmup_as_long_as_the_run_is_refused_at_start(data, tmp_path, capsys)
     assert not run.exists()
 
 
+def test_a_log_that_cannot_be_opened_ends_the_run_with_its_loader_closed(data, tmp_path, capsys, monkeypatch):
+    """The loader was closed on a refused start and after the loop, not between: a full disk at the
+    log's opening left its resident data and reader workers held in a process that goes on (a tune
+    trial, a notebook)."""
+    from dmhpc.data import loaders
+    from dmhpc.train import loop
+
+    closed, close = [], loaders.TrainLoader.close
+    monkeypatch.setattr(loaders.TrainLoader, "close", lambda self: (closed.append(self.kind), close(self))[1])
+
+    def full_disk(*args, **kwargs):
+        raise DmhpcError("metrics.jsonl: cannot write: No space left on device (disk full or over quota)")
+
+    monkeypatch.setattr(loop, "MetricLog", full_disk)
+    refused_at_start(capsys, data, tmp_path / "run", "train.epochs=1", said=["metrics.jsonl: cannot write"])
+    assert len(closed) == 1, closed
+
+
 def test_a_seed_beyond_numpy_is_a_config_error(data, tmp_path, capsys):
     refused_at_start(capsys, data, tmp_path / "run", "seed=4294967296",
                      said=["command line: seed: expected an integer from 0 to 4294967295, got 4294967296"])

@@ -1,8 +1,9 @@
 """The `dali` training loader: a DALI pipeline fed by a parallel external source reading HDF5 shards.
 
 DALI has no HDF5 reader, so each domain's rows come from a batch-mode parallel external source
-whose callback reads one contiguous block of rows per step through a `RowReader` (shard files are
-opened lazily inside each worker process, never across a fork). Flips, transposes and
+whose callback reads a step's pieces of rows (dmhpc/data/batches.py) through a `RowReader`, as
+many steps at once as there are workers (shard files are opened lazily inside each worker process,
+never across a fork). Flips, transposes and
 normalization run in the pipeline, on the GPU when there is one.
 
 The callbacks are module-level and picklable so that workers can be spawned: on a CUDA device
@@ -64,14 +65,16 @@ class BlockSource:
         return batch["images"], batch["labels"]
 
 
-def _domain(source: BlockSource, mean, std, augment: bool, square: bool, on_gpu: bool, channels_last: bool):
+def _domain(source: BlockSource, mean, std, augment: bool, square: bool, on_gpu: bool, channels_last: bool,
+            ahead: int):
     """One domain's branch of the pipeline: read, (flip, transpose,) normalize; CHW out, or HWC for
-    channels_last, which the trainer then views as NCHW without a copy."""
+    channels_last, which the trainer then views as NCHW without a copy. `ahead`: the batches its
+    source reads at once (DALI's default, 1, read one at a time whatever the workers)."""
     layout = "HWC" if channels_last else "CHW"
     outputs = 3 if augment else 2
     images, labels, *codes = fn.external_source(
         source=source, num_outputs=outputs, batch=True, batch_info=True, parallel=True,
-        layout=["CHW", "", ""][:outputs],
+        layout=["CHW", "", ""][:outputs], prefetch_queue_depth=ahead,
     )
     if on_gpu:
         images, labels = images.gpu(), labels.gpu()
@@ -93,11 +96,11 @@ def _domain(source: BlockSource, mean, std, augment: bool, square: bool, on_gpu:
 
 
 @pipeline_def(enable_conditionals=True)
-def _pipeline(sources, stats, augment, square, on_gpu, channels_last):
+def _pipeline(sources, stats, augment, square, on_gpu, channels_last, ahead):
     """Images and labels of each domain read (the source, and the target where it is read)."""
     outputs = []
     for source, (mean, std) in zip(sources, stats):
-        outputs += _domain(source, mean, std, augment, square, on_gpu, channels_last)
+        outputs += _domain(source, mean, std, augment, square, on_gpu, channels_last, ahead)
     return tuple(outputs)
 
 
@@ -137,6 +140,7 @@ class DaliBatches:
             square,
             on_gpu,
             self.memory_format == torch.channels_last,
+            max(2, self.num_workers),  # every worker busy, and a batch ready beside the one in use
             batch_size=source.stream.batch_size,
             num_threads=max(1, min(4, self.cpus)),
             device_id=(self.device.index if self.device.index is not None else torch.cuda.current_device())

@@ -189,11 +189,11 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
         selected = (lambda: _check_best(run, prog.best_score)) if claim.own and math.isfinite(prog.best_score) \
             else None
         cleaned = on_main(lambda: run.start(cfg, claim, data_ids, prog.step, trains=not finished, check=selected))
+        step = TrainStep(cfg, state, dist, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                         schedule_steps_per_epoch=prog.schedule_steps_per_epoch)
     except BaseException:
         loader.close()  # its workers and pipelines end with the refused start
         raise
-    step = TrainStep(cfg, state, dist, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                     schedule_steps_per_epoch=prog.schedule_steps_per_epoch)
     dirs, stats = {"source": cfg.data.source, "target": cfg.data.target}, loader.stats
     # The images a step reads, all ranks': a run without a term that reads the target reads the source's alone.
     images_per_step = (2 if state.model.reads_target else 1) * cfg.train.batch_size * dist.world_size
@@ -207,8 +207,6 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
         nonlocal log
         log = MetricLog(run, purge_step=purge_step)
 
-    on_main(open_log)
-
     def announce() -> None:  # rank 0's; its error (a full disk) reaches every rank
         print(f"dmhpc train: {run.path} | world {dist.world_size} on {dist.device} | loader {loader.description} "
               f"| {steps_per_epoch} steps/epoch, {total_steps} steps", flush=True)
@@ -221,7 +219,14 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
                    "resumed_from": str(claim.resume_from) if claim.resume_from else None,
                    "changed": claim.changed, **cleaned}, prog.step)
 
-    on_main(announce)
+    try:
+        on_main(open_log)
+        on_main(announce)
+    except BaseException:  # (a full disk): the loader's resident data and workers went on being held
+        loader.close()
+        if log is not None:
+            log.close()
+        raise
 
     def checkpoint(name: str, meter: EpochMeter, selection: dict | None = None, epoch_done: bool = False) -> None:
         meter.check_finite(state, dist, prog.step)  # never write a diverged state
