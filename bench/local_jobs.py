@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
 from pathlib import Path
 
@@ -66,8 +65,11 @@ def main() -> None:
         for run in sorted(out.glob("seed=*")):
             records = RunDir(run).read_log()
             threads = next(r["cpu_threads"] for r in records if r["kind"] == "setup")
-            rates = [r["images_per_s"] for r in records if r["kind"] == "epoch" and r["epoch"] > 0]
-            mean = statistics.fmean(rates)
+            epochs = [r for r in records if r["kind"] == "epoch" and r["epoch"] > 0]
+            rates = [r["images_per_s"] for r in epochs]
+            # Images over time, not the mean of the epochs' rates (which overstates an uneven run's).
+            seconds = [r["step_time_s"] * r["steps"] for r in epochs]
+            mean = sum(x * t for x, t in zip(rates, seconds)) / sum(seconds)
             total += mean
             print(f"| {run.name} | {threads} | {', '.join(f'{x:.0f}' for x in rates)} | {mean:.0f} |")
         print(f"| all | | | **{total:.0f}** |")

@@ -450,7 +450,7 @@ def all_reduce_min(values: torch.Tensor) -> torch.Tensor:
     """The element-wise minimum over ranks of a small tensor, returned on the CPU."""
     if not is_distributed():
         return values.cpu()
-    out = values.to(collective_device())
+    out = values.to(collective_device(), copy=True)  # (the same tensor otherwise: reduced in place)
     dist.all_reduce(out, op=dist.ReduceOp.MIN)
     return out.cpu()
 
@@ -459,7 +459,9 @@ def all_reduce_mean(values: torch.Tensor) -> torch.Tensor:
     """The element-wise mean over ranks of a small tensor, returned on the CPU."""
     if not is_distributed():
         return values.cpu()
-    out = values.to(collective_device())
+    # A copy: where `values` is on the collective's device already, .to() returned it, and the
+    # caller's tensor (a meter's sums) was left holding the sum over ranks.
+    out = values.to(collective_device(), copy=True)
     dist.all_reduce(out)
     return (out / dist.get_world_size()).cpu()
 

@@ -115,6 +115,32 @@ def test_the_loader_benchmark_reports_the_first_epoch_apart_from_the_later_ones(
     assert r["first"] != r["rate"] and min(r["first"], r["rate"]) > 0, r
 
 
+def test_the_loader_benchmark_rate_is_images_over_time(monkeypatch):
+    """It was the mean of the epochs' rates: epochs of 0.05 s and 0.2 s (200 images each) read as
+    2,500 images/s where 1,600 were read a second."""
+    import argparse
+    import types
+
+    import torch
+
+    loaders = _bench_module("loaders", monkeypatch)
+    clock = [0.0]
+    took = iter([0.1, 0.05, 0.2, 0.05, 0.2])
+
+    class Fake:
+        def epoch(self, epoch):
+            clock[0] += next(took)
+            yield torch.zeros(100), None, torch.zeros(100), None
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(loaders, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    monkeypatch.setattr(loaders, "loader_for", lambda *args: Fake())
+    r = loaders.throughput("fake", None, argparse.Namespace(epochs=5))
+    assert r["rate"] == pytest.approx(1600) and r["spread"] == pytest.approx((1000, 4000)), r
+
+
 @pytest.mark.filterwarnings("ignore:.*torch.jit:DeprecationWarning")  # torch.compile imports dynamo, which warns
 def test_each_row_of_the_throughput_grid_builds_the_trainer_it_names(tmp_path, monkeypatch):
     """A row's settings must reach every part the step is built from: a loader kind, batch size

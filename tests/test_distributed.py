@@ -743,10 +743,11 @@ def run(rank, port, folder):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
     dist.init_process_group("gloo", rank=rank, world_size=2)
-    from dmhpc.distributed import agree, all_reduce_mean, broadcast_buffers, gather, on_main
+    from dmhpc.distributed import agree, all_reduce_mean, all_reduce_min, broadcast_buffers, gather, on_main
     from dmhpc.errors import DmhpcError
 
-    said = {"mean": all_reduce_mean(torch.tensor([1.0, 10.0]) * (rank + 1)).tolist()}
+    mine = torch.tensor([1.0, 10.0]) * (rank + 1)
+    said = {"mean": all_reduce_mean(mine).tolist(), "min": all_reduce_min(mine).tolist(), "mine": mine.tolist()}
     norm = torch.nn.BatchNorm1d(2)
     norm.running_mean.fill_(rank + 5.0)
     broadcast_buffers(norm)
@@ -775,7 +776,8 @@ if __name__ == "__main__":
 
 def test_the_collective_helpers_on_two_real_ranks(tmp_path):
     """What the trainer's epoch records and shard evaluation stand on, on two gloo ranks: a mean
-    over ranks divided by the world (summed, every metric of 2 ranks doubled), rank 0's BatchNorm
+    over ranks divided by the world (summed, every metric of 2 ranks doubled), the caller's tensor
+    left as it was (reduced in place, a meter's sums held the sum over ranks), rank 0's BatchNorm
     statistics on every rank (each rank's own: a model evaluated in shards is several models),
     rank 0's result handed to all, every rank's gathered in order, and the lowest rank's error."""
     (tmp_path / "collective.py").write_text(COLLECTIVE_HELPERS)
@@ -783,8 +785,9 @@ def test_the_collective_helpers_on_two_real_ranks(tmp_path):
                           text=True, timeout=120, env=clean_env(), cwd=ROOT)
     said = [json.loads((tmp_path / f"rank{r}.json").read_text()) if (tmp_path / f"rank{r}.json").exists() else None
             for r in (0, 1)]
-    assert said[0] == said[1] == {"mean": [1.5, 15.0], "buffers": [5.0, 5.0], "main": "rank 0", "all": [0, 10],
-                                  "error": "shard 0 damaged"}, (said, proc.stderr[-2000:])
+    common = {"mean": [1.5, 15.0], "min": [1.0, 10.0], "buffers": [5.0, 5.0], "main": "rank 0", "all": [0, 10],
+              "error": "shard 0 damaged"}
+    assert said == [{**common, "mine": [1.0, 10.0]}, {**common, "mine": [2.0, 20.0]}], (said, proc.stderr[-2000:])
 
 
 @pytest.mark.parametrize("case, cgroup, files, quota", [

@@ -296,7 +296,8 @@ class StopRequest:
     Call `should_stop()` exactly once after every step on every rank. In a single process it is
     True right after a signal. Under a process group each call starts an asynchronous MAX
     all-reduce of the local flag and reads the one started by the previous call; every rank gets
-    True at the same call, at most one step after the first signal on any rank. The flag lives in
+    True at the same call, at most two steps after the first signal on any rank (a signal just
+    after a call's reduce started travels in the next call's, read at the one after). The flag lives in
     host memory and travels over a gloo group (the default group when it is gloo, a gloo group of
     the same ranks under NCCL), and is read from its numpy buffer: the poll never waits for the
     GPU. Use as a context manager (or call `close()`) so the previous handlers come back and no
