@@ -4,10 +4,12 @@
     python bench/step_profile.py --device cpu --batch 8 --images 64 --steps 2                 # a check
 
 The trainer's own step (bench/throughput.py's `trainer_stepper`: loader, TrainStep, EpochMeter) on
-random 3x75x75 images. After `--warmup` steps it times `--steps` steps twice over: the host's time
-to issue them, then the time until the device has finished them; where the two are close, the host
-is what bounds the step. Then torch.profiler over `--profile-steps` steps prints the operators by
-device time (CUDA) and by host time, per step.
+random 3x75x75 images. After `--warmup` steps it times `--steps` steps back to back (the images/s
+the trainer gets), then each of `--steps` steps alone, from an empty queue: the host's time to issue
+it and the time until the device has finished it. Where the two are close, the host bounds the
+step. (Issued back to back, the host's time says nothing of the kind: once the launch queue is full
+it waits for the device, whichever bounds the step.) Then torch.profiler over `--profile-steps`
+steps prints the operators by device time (CUDA) and by host time, totals over those steps.
 """
 
 from __future__ import annotations
@@ -57,11 +59,20 @@ def main() -> int:
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 one()
-            issued = time.perf_counter() - t0
             _sync(device)
-            finished = time.perf_counter() - t0
-            print(f"host {1e3 * issued / args.steps:.2f} ms/step to issue, {1e3 * finished / args.steps:.2f} ms/step "
-                  f"until the device finished ({2 * args.batch * args.steps / finished:,.0f} images/s)", flush=True)
+            together = time.perf_counter() - t0
+            print(f"back to back: {1e3 * together / args.steps:.2f} ms/step "
+                  f"({2 * args.batch * args.steps / together:,.0f} images/s)", flush=True)
+            issued, finished = [], []
+            for _ in range(args.steps):
+                _sync(device)
+                t0 = time.perf_counter()
+                one()
+                issued.append(time.perf_counter() - t0)
+                _sync(device)
+                finished.append(time.perf_counter() - t0)
+            print(f"one at a time, medians: host {1e3 * float(np.median(issued)):.2f} ms/step to issue, "
+                  f"{1e3 * float(np.median(finished)):.2f} ms/step until the device finished", flush=True)
             activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             with profile(activities=activities) as prof:
                 for _ in range(args.profile_steps):

@@ -279,6 +279,7 @@ def test_the_local_jobs_benchmark_sums_the_runs_at_once(tmp_path):
 def test_the_step_profile_times_the_host_and_the_device_and_lists_operators(tmp_path):
     lines = _bench(tmp_path, "bench/step_profile.py", "--device", "cpu", "--batch", "8", "--images", "64",
                    "--warmup", "1", "--steps", "2", "--profile-steps", "1", "--rows", "5")
-    host, device = _figures(_row(lines, "host "))[:2]
+    host, device = _figures(_row(lines, "one at a time, medians: host "))[:2]
     assert 0 < host <= device, lines
+    assert _figures(_row(lines, "back to back: "))[-1] > 0, lines  # images/s
     assert any("aten::" in line for line in lines) and any(line.startswith("profiled 1 steps") for line in lines)
