@@ -353,6 +353,25 @@ def lock_holder(path: Path) -> str | None:
     return None
 
 
+# A lock refused at once is tried again this many times, 50 ms apart: `lock_holder` takes a shared
+# lock for an instant to look, and a free lock looked held to a trainer starting just then.
+_BUSY_TRIES = 5
+
+
+def _flock_exclusive(handle: IO, wait: bool) -> None:
+    if wait:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return
+    for attempt in range(_BUSY_TRIES):
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) or attempt == _BUSY_TRIES - 1:
+                raise
+            time.sleep(0.05)
+
+
 def hold_lock(path: Path, refusal: str, second: str, wait: bool = False, made: list[Path] | None = None,
               owner: str = "", note: str = "") -> IO:
     """An OS lock (flock) on the file `path` (created, with its folder) until the returned file is
@@ -381,7 +400,7 @@ def hold_lock(path: Path, refusal: str, second: str, wait: bool = False, made: l
         except OSError as exc:
             raise DmhpcError(f"{path}: cannot create the folder or the lock: {exc.strerror}") from None
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            _flock_exclusive(handle, wait)
         except OSError as exc:
             if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 handle.seek(0)
