@@ -958,6 +958,32 @@ def test_inputs_rewritten_during_a_prediction_are_refused_at_the_merge(trained, 
     np.testing.assert_array_equal(np.asarray(read(out)["p_merger"]), expected)
 
 
+def test_a_merge_out_of_memory_is_one_line_and_a_rerun_merges_the_parts(trained, tmp_path, monkeypatch, capsys):
+    """Rank 0 joins a survey's columns alone: a MemoryError there was a traceback after the whole
+    survey, which said nothing of the parts it kept."""
+    import astropy.table
+
+    survey = tmp_path / "survey.npy"
+    np.save(survey, trained["images"])
+    out = tmp_path / "survey.parquet"
+    argv = ["predict", "--run", str(trained["run"]), "--images", str(survey), "--out", str(out), "--part-size", "64",
+            "--batch-size", "32"]
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError
+
+    monkeypatch.setattr(astropy.table, "Table", no_memory)
+    assert main(argv) == 1
+    parts = Path(f"{out}.parts")
+    assert capsys.readouterr().err == (f"dmhpc predict: error: --out {out}: not enough memory on rank 0 to join "
+                                       f"{len(trained['images'])} rows; the parts are kept in {parts}; a rerun merges "
+                                       f"them (run again with more memory for rank 0: it alone merges)\n")
+    assert not out.exists() and any(parts.glob("part-*.npz"))
+    monkeypatch.undo()
+    assert main(argv) == 0 and "in 4 parts (4 done before)" in capsys.readouterr().out
+    assert len(read(out)) == len(trained["images"]) and not parts.exists()
+
+
 def test_a_second_predict_on_the_same_catalog_is_refused_and_a_catalog_written_meanwhile_is_kept(trained, tmp_path,
                                                                                                 capsys):
     """Two predicts on one --out both computed into CATALOG.parts: the first to merge removed the

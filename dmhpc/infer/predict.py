@@ -423,19 +423,10 @@ def _remove_parts(parts: Path, keep_folder: bool = False) -> None:
 COLUMN_ORDER = ("id", "index", "p_merger", "p_merger_std", "merger", "label", "object", "split")
 
 
-def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, meta: dict, overwrite: bool,
-           spec_digests: tuple[str, ...]) -> int:
-    """Rank 0: the parts, back in input order, as one catalog; returns its rows."""
+def _joined(parts: Path, source: Source, part_size: int, tta: bool, spec_digests: tuple[str, ...]):
+    """The parts' rows as one astropy table, in input order (rank 0's, for `_merge`)."""
     from astropy.table import Table  # astropy only where a catalog is written
 
-    # Taken again: a survey's cube saved again, or a set prepared again, while the ranks read it gave a
-    # catalog of both versions under the first one's INPUTSHA. Its parts are of both: none is kept.
-    if source.changed():
-        _remove_parts(parts)
-        raise DmhpcError(f"{source.path}: changed while this prediction read it (another size or modification "
-                         f"time, or a data set prepared again); its parts are removed; run again")
-    if out.exists() and not overwrite:  # another predict may have finished it since the start
-        raise DmhpcError(f"--out {out}: exists (written since this prediction started); --overwrite replaces it")
     columns: dict[str, list] = {}
     names = _part_names(source, tta)
     for k in range(-(-source.count // part_size)):
@@ -471,6 +462,26 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
         table["id"] = table["id"].astype("i2" if source.id_dtype == "i1" else source.id_dtype)
     if "split" in table.colnames:
         table["split"] = np.array(["train", "val", "test"])[table["split"]]
+    return table
+
+
+def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, meta: dict, overwrite: bool,
+           spec_digests: tuple[str, ...]) -> int:
+    """Rank 0: the parts, back in input order, as one catalog; returns its rows."""
+    # Taken again: a survey's cube saved again, or a set prepared again, while the ranks read it gave a
+    # catalog of both versions under the first one's INPUTSHA. Its parts are of both: none is kept.
+    if source.changed():
+        _remove_parts(parts)
+        raise DmhpcError(f"{source.path}: changed while this prediction read it (another size or modification "
+                         f"time, or a data set prepared again); its parts are removed; run again")
+    if out.exists() and not overwrite:  # another predict may have finished it since the start
+        raise DmhpcError(f"--out {out}: exists (written since this prediction started); --overwrite replaces it")
+    kept = f"the parts are kept in {parts}; a rerun merges them"
+    try:
+        table = _joined(parts, source, part_size, tta, spec_digests)
+    except MemoryError:  # a survey's columns on rank 0 alone: a traceback, as if the parts were lost
+        raise DmhpcError(f"--out {out}: not enough memory on rank 0 to join {source.count} rows; {kept} (run "
+                         f"again with more memory for rank 0: it alone merges)") from None
     transforms = "8 dihedral transforms" if source.shape[1] == source.shape[2] else "4 flips (images not square)"
     # Each column says what it holds, in every format that keeps descriptions (FITS TCOMM, ECSV, HDF5, Parquet).
     described = {"id": "catalog id of the image, else its input position",
@@ -489,7 +500,6 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
     if fmt == "fits":  # COMMENT cards: a card's own comment is cut off after a long value (CKPTSHA's, a path)
         table.meta["comments"] = [f"{key}: {META_COMMENTS[key]}" for key in meta]
     kwargs = {"path": HDF5_TABLE, "serialize_meta": True} if fmt == "hdf5" else {}
-    kept = f"the parts are kept in {parts}; a rerun merges them"
     beside, staged = provenance_file(out), None
     try:
         with atomic_path(out) as tmp:
