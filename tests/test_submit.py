@@ -713,6 +713,38 @@ def test_a_job_killed_without_a_result_is_said_as_killed_not_as_its_last_line(tm
     assert "), its last output: epoch 1 step 22: loss 10.8982 (log: " in why, why
 
 
+def _killed(config: dict) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_local_job_killed_is_not_taken_for_an_earlier_job_of_the_same_pid(tmp_path, monkeypatch):
+    """A local job's id is its controller's pid, and pids recur: the result an earlier job of that pid
+    left in OUT/submitit was read as this one's, and a killed job passed for a success."""
+    import pickle
+
+    folder = tmp_path / "submitit"
+    make = submit.make_executor
+
+    def with_an_earlier_result(*args, **kwargs):
+        executor = make(*args, **kwargs)
+        submit_one = executor.submit
+
+        def submitted(*a, **k):
+            job = submit_one(*a, **k)
+            with open(folder / f"{job.job_id}_0_result.pkl", "wb") as f:  # there before this job
+                pickle.dump(("success", {"exit_code": 0}), f)
+            return job
+
+        executor.submit = submitted
+        return executor
+
+    monkeypatch.setattr(submit, "make_executor", with_an_earlier_result)
+    point = Point("p", {}, tmp_path / "p", resolve_point(TINY, {"run.dir": str(tmp_path / "p")}))
+    failures = submit._launch_local([point], {"p": Resources(time_min=5)}, folder=folder, job_name="dmhpc-test",
+                                    task=_killed, poll_s=0.2)
+    assert list(failures) == ["p"] and "ended without a result (killed?" in failures["p"], failures
+
+
 def _started_then_sleep(path: str) -> None:
     Path(path).touch()
     time.sleep(600)

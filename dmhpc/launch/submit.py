@@ -924,6 +924,11 @@ def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, fo
                         running[p.name] = executor.submit(task, config_to_dict(p.config))
                     on_submit()
                     job = running[p.name]
+                    # A local job's id is its controller's pid, which recurs (a container numbers
+                    # afresh): an earlier job's result under it was read as this one's, a killed job
+                    # as a success. This job's tasks have not started yet (they wait for its pickle).
+                    for stale in folder.glob(f"{job.job_id}_*_result.pkl"):
+                        stale.unlink(missing_ok=True)
                     on = f" on GPU(s) {', '.join(map(str, held[p.name]))}" if held[p.name] else ""
                     print(f"dmhpc launch: point {p.name}: local job {job.job_id}{on}", flush=True)
                 ended = {name: job for name, job in running.items() if job.done()}
