@@ -713,6 +713,28 @@ def test_a_job_killed_without_a_result_is_said_as_killed_not_as_its_last_line(tm
     assert "), its last output: epoch 1 step 22: loss 10.8982 (log: " in why, why
 
 
+def _master_port() -> int:
+    import submitit
+
+    return submitit.helpers.TorchDistributedEnvironment().master_port
+
+
+def test_a_local_job_meets_on_a_port_of_its_own_not_the_launchers(tmp_path, monkeypatch):
+    """submitit's local ranks take MASTER_PORT from the environment where it is set: a launcher in an
+    sbatch script that sourced slurm/lib.sh gave every local job its port, and two multi-rank jobs
+    at once met on one rendezvous."""
+    import submitit
+
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("MASTER_ADDR", "10.0.0.9")
+    executor = submitit.AutoExecutor(folder=tmp_path, cluster="local")
+    with submit.submission(None):
+        job = executor.submit(_master_port)
+        assert "MASTER_PORT" not in os.environ
+    assert (os.environ["MASTER_PORT"], os.environ["MASTER_ADDR"]) == ("29500", "10.0.0.9")  # the launcher's again
+    assert job.result() != 29500
+
+
 def _killed(config: dict) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 

@@ -396,12 +396,16 @@ def submission(threads: int | None, controllers_log: Path | None = None):
     - Local jobs start with SIGINT not ignored (the handler held here is the default in a child
       after exec; an ignored signal stays ignored): a launcher started in the background (`cmd &`,
       nohup) ignores SIGINT, and submitit cancels a local job with SIGINT.
+    - Jobs start without the launcher's MASTER_ADDR and MASTER_PORT (an sbatch script that
+      sourced slurm/lib.sh, torchrun): a local job's ranks took them for their rendezvous, and two
+      multi-rank local jobs at once met on one port.
     - Local jobs start with their stderr on `controllers_log` (where given): submitit's job
       controller inherits the launcher's, and a cancelled one (Ctrl-C reaches it too) prints a
       KeyboardInterrupt traceback there, after the launcher's one line. The jobs' own output goes to
       their logs either way.
     """
     before = os.environ.get("OMP_NUM_THREADS")
+    rendezvous = {key: os.environ.pop(key) for key in ("MASTER_ADDR", "MASTER_PORT") if key in os.environ}
     held: list[int] = []
     previous: dict = {}
 
@@ -438,6 +442,7 @@ def submission(threads: int | None, controllers_log: Path | None = None):
                 os.environ.pop("OMP_NUM_THREADS", None)
             else:
                 os.environ["OMP_NUM_THREADS"] = before
+        os.environ.update(rendezvous)
         release()
 
 
