@@ -330,12 +330,17 @@ class Problems:
 
 def take(problems: Problems, data: Mapping, key: str, check: Check, default: Any = REQUIRED,
          prefix: str = "") -> Any:
-    """data[key] passed through `check`; a missing or bad value is recorded and `default` returned."""
+    """data[key] passed through `check`; a missing or bad value is recorded and `default` returned.
+    A key present with no value (null: its list's items all commented out, say) is refused where the
+    default is not null: `nodes:` over commented-out items was one node without a word."""
     dotted = prefix + key
-    if key not in data or (data[key] is None and default is not REQUIRED and default is not None):
+    if key not in data:
         if default is REQUIRED:
             problems.add(dotted, "missing (required)")
             return None
+        return default
+    if data[key] is None and default is not REQUIRED and default is not None:
+        problems.add(dotted, f"no value (null); remove the key for its default ({show(default)})")
         return default
     try:
         return check(data[key])

@@ -37,6 +37,22 @@ def test_scaling_study_problems_are_all_reported(tmp_path):
                     "nodes": [1], "gpus_per_node": [1, 3], "strong": {"global_batch": 8}})
 
 
+def test_a_key_without_a_value_is_an_error_not_its_default(tmp_path):
+    """nodes: and gpus_per_node: over commented-out items, epochs: and exclusive: left empty took
+    their defaults: a study meant for 4 nodes x 2 GPUs, exclusive, ran one 1x1 point on shared nodes."""
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(f"base: {TINY}\nout: {tmp_path / 'out'}\nexecutor: local\nmodels: [resnet18]\n"
+                          "nodes:\n  # - 4\ngpus_per_node:\nweak: {batch_per_gpu: 8}\nepochs:\n"
+                          "slurm: {exclusive: }\n")
+    with pytest.raises(DmhpcError) as err:
+        load_study(study_file)
+    assert str(err.value).splitlines()[1:] == [
+        f"{study_file}: nodes: no value (null); remove the key for its default ([1])",
+        f"{study_file}: gpus_per_node: no value (null); remove the key for its default ([1])",
+        f"{study_file}: epochs: no value (null); remove the key for its default (3)",
+        f"{study_file}: slurm.exclusive: no value (null); remove the key for its default (false)"], str(err.value)
+
+
 def test_a_null_mode_is_an_error_not_a_mode_left_out(tmp_path):
     """weak: or strong: with its only line commented out is null: it dropped that mode, and both null
     gave a study of zero points and an empty table."""
