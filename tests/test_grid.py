@@ -823,3 +823,17 @@ def test_a_method_name_longer_than_a_point_name_is_refused(tmp_path):
     with pytest.raises(DmhpcError, match=r"methods\.\"?a{100}.*at most 120 of them"):
         load_grid({"out": str(tmp_path / "s"), "grid": {"seed": [1]}, "methods": {"a" * 300: {"base": str(TINY)}}})
     assert not (tmp_path / "s").exists()
+
+
+def test_the_files_executor_is_checked_where_the_command_line_replaces_it(tmp_path):
+    """`executor: slurmm` passed as long as --executor replaced it, and failed the day it did not."""
+    from dmhpc.launch import load_grid
+    from dmhpc.launch.tune import load_tune
+
+    grid = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "slurmm", "grid": {"seed": [1]}}
+    with pytest.raises(DmhpcError, match=r"^<launch dict>: executor: "):
+        load_grid(grid, executor="local")
+    tune = {"base": str(TINY), "out": str(tmp_path / "tune"), "executor": "slurmm", "objective": "im", "trials": 2,
+            "space": {"optim.lr": {"low": 1e-4, "high": 1e-2, "log": True}}}
+    with pytest.raises(DmhpcError, match=r"^<launch dict>: executor: "):
+        load_tune(tune, executor="local")

@@ -53,6 +53,17 @@ def test_a_key_without_a_value_is_an_error_not_its_default(tmp_path):
         f"{study_file}: slurm.exclusive: no value (null); remove the key for its default (false)"], str(err.value)
 
 
+def test_settings_a_launch_would_drop_are_refused(tmp_path):
+    """slurm.gpu_type with device cpu was dropped (its points ask for no GPU); a typo in the file's
+    executor passed as long as --executor replaced it."""
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "models": ["resnet18"], "weak": {"batch_per_gpu": 8},
+            "device": "cpu", "executor": "local", "slurm": {"gpu_type": "a100"}}
+    with pytest.raises(DmhpcError, match=r"^<launch dict>: slurm.gpu_type: a type of GPU, and device cpu asks for none$"):
+        load_study(spec)
+    with pytest.raises(DmhpcError, match=r"^<launch dict>: executor: "):
+        load_study({**spec, "executor": "slurmm", "slurm": {}}, executor="local")
+
+
 def test_a_null_mode_is_an_error_not_a_mode_left_out(tmp_path):
     """weak: or strong: with its only line commented out is null: it dropped that mode, and both null
     gave a study of zero points and an empty table."""

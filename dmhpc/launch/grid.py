@@ -215,7 +215,9 @@ def load_grid(spec: str | Path | Mapping, executor: str | None = None, *, check_
     problems = Problems(source)
     unknown_keys(problems, data, GRID_KEYS)
     out_text = take(problems, data, "out", path_text())
-    executor = executor or take(problems, data, "executor", choice(*EXECUTORS), "slurm")
+    # The file's is checked where --executor replaces it too: a typo passed until the flag was left out.
+    in_file = take(problems, data, "executor", choice(*EXECUTORS), "slurm")
+    executor = executor or in_file
     overrides = dotted_keys(problems, data.get("overrides"), "overrides", LAUNCHER_KEYS)
     grid = _read_grid(problems, data.get("grid"))
     space, n, seed = _read_random(problems, data.get("random"))

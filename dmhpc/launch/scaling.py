@@ -117,7 +117,9 @@ def load_study(spec: str | Path | Mapping, executor: str | None = None) -> Study
     unknown_keys(problems, data, STUDY_KEYS)
     base_text = take(problems, data, "base", path_text())
     out_text = take(problems, data, "out", path_text())
-    executor = executor or take(problems, data, "executor", choice(*EXECUTORS), "slurm")
+    # The file's is checked where --executor replaces it too: a typo passed until the flag was left out.
+    in_file = take(problems, data, "executor", choice(*EXECUTORS), "slurm")
+    executor = executor or in_file
     models = take(problems, data, "models", MODELS)
     nodes = take(problems, data, "nodes", COUNTS, (1,))
     gpn = take(problems, data, "gpus_per_node", COUNTS, (1,))
@@ -135,6 +137,8 @@ def load_study(spec: str | Path | Mapping, executor: str | None = None) -> Study
     max_steps = take(problems, data, "max_steps", integer(0), 0)
     overrides = dotted_keys(problems, data.get("overrides"), "overrides", STUDY_OWNED)
     site = read_resources(problems, data.get("slurm"), shape=False, executor=executor)
+    if device == "cpu" and site.gpu_type is not None:  # (dropped: its points ask for no GPU)
+        problems.add("slurm.gpu_type", "a type of GPU, and device cpu asks for none")
     if nodes and gpn:  # the largest job must fit the executor
         check_executor_shape(problems, executor, replace(site, nodes=max(nodes), tasks_per_node=max(gpn)))
     base = None

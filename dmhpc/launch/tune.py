@@ -217,7 +217,9 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
     trials = take(problems, data, "trials", integer(1))
     parallel = take(problems, data, "parallel", integer(1), 1)
     seed = take(problems, data, "seed", integer(0), 0)
-    executor = executor or take(problems, data, "executor", choice(*EXECUTORS), "slurm")
+    # The file's is checked where --executor replaces it too: a typo passed until the flag was left out.
+    in_file = take(problems, data, "executor", choice(*EXECUTORS), "slurm")
+    executor = executor or in_file
     overrides = dotted_keys(problems, data.get("overrides"), "overrides", TUNER_KEYS)
     if "space" not in data or not data["space"]:
         problems.add("space", "missing or empty: give at least one dotted key with choices or {low, high, log}")
