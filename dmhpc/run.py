@@ -52,6 +52,8 @@ CHECKPOINTS, EVAL, PLOTS, TENSORBOARD = "checkpoints", "eval", "plots", "tensorb
 CHECKPOINT_NAMES = ("last", "best")
 # What a run directory may hold; `start --overwrite` removes exactly these.
 OWN_NAMES = (CONFIG, RECORD, LOG, LOCK, CHECKPOINTS, EVAL, PLOTS, TENSORBOARD)
+# What a replacement removes, in this order (see RunDir.start); the lock stays.
+REPLACED_IN_ORDER = (CHECKPOINTS, EVAL, LOG, RECORD, TENSORBOARD, PLOTS, CONFIG)
 # What `dmhpc eval` writes into the lock it holds; how long a trainer waits for such a holder (see `_lock`).
 EVAL_OWNER, LOCK_PATIENCE_S = "dmhpc eval", 600.0
 LEGACY_RESULT = "metrics.json"  # eval/metrics.json of dmhpc before one file per evaluation
@@ -496,6 +498,10 @@ class RunDir:
         else:
             recorded = {}  # an older bare checkpoint: nothing says what it trained on
         changed = self._check_changes(old, config_to_dict(cfg), where, data_ids or {}, recorded)
+        if own and resume_from.resolve() == self.checkpoint("last").resolve():
+            # As a launcher refuses it: a finished run resumed with another train.eval_every kept its
+            # final result under a config.yaml that could not have selected it.
+            self._check_result_stands(changed, where)
         return Claim(resume_from, changed, replaces=existed and not own, own=own, run_id=run_id)
 
     def _killed_before_its_first_last(self) -> bool:
@@ -766,9 +772,11 @@ class RunDir:
         attempts = {"job": job, "started": [*started, *([self._attempt["restart"]] if job is not None and trains
                                                        else [])]}
         if claim.replaces:
-            # config.yaml last: it is what makes the folder a run, and a replacement killed midway
-            # must leave one that --overwrite (or a resume) still accepts, not "not a dmhpc run".
-            for name in sorted(set(OWN_NAMES) - {LOCK}, key=lambda name: name == CONFIG):
+            # last.pt first: a replacement killed midway left a run that --resume auto took up again,
+            # its log or run.json gone (the order was a set's). config.yaml last: it is what makes the
+            # folder a run, and the rest must be one that --overwrite (or a resume) still accepts.
+            _remove_own(self.checkpoint("last"))
+            for name in REPLACED_IN_ORDER:
                 _remove_own(self.path / name)
         # Read before anything is written: a damaged log or result refuses the start with the run as
         # it was (config.yaml rewritten and a finished run unfinished made launchers run it again).

@@ -229,6 +229,51 @@ def test_under_source_normalization_every_domain_takes_the_trained_sources_stati
     assert results[0]["target"] == results[1]["target"]
 
 
+def test_dmhpc_eval_reads_the_configuration_under_the_runs_lock(make_domains, tmp_path, monkeypatch):
+    """config.yaml was read before the ranks met and the lock was taken: a run replaced meanwhile
+    (--overwrite, another data.normalize) had its checkpoint scored with the old run's normalization,
+    and the result marked final."""
+    from dmhpc.train import evaluate
+
+    data, run = _trained(make_domains, tmp_path)
+    meet = evaluate.bootstrap
+
+    def replaced_while_the_ranks_meet():
+        assert main(["train", "--config", str(TINY), f"data.source={data / 'pristine'}",
+                     f"data.target={data / 'noisy'}", f"run.dir={run.path}", "train.epochs=1",
+                     "data.normalize=source", "--resume", "none", "--overwrite"]) == 0
+        return meet()
+
+    monkeypatch.setattr(evaluate, "bootstrap", replaced_while_the_ranks_meet)
+    assert main(["eval", "--run", str(run.path)]) == 0
+    source = dict(zip(("mean", "std"), run.normalization("source")))
+    result = run.read_result()
+    assert result["normalization"] == {"source": source, "target": source} and result["final"] is True
+
+
+def test_dmhpc_eval_refuses_to_write_a_final_result_of_another_best(make_domains, tmp_path, capsys):
+    """A best.pt of another moment (a backup put back) scored as the run's final result, still marked
+    final: the trainer refuses that best.pt; eval wrote over the result with its metrics."""
+    import shutil
+
+    data, run = make_domains(64), RunDir(tmp_path / "run")
+    argv = ["train", "--config", str(TINY), f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}",
+            f"run.dir={run.path}", "select.criterion=im"]
+    assert main([*argv, "train.epochs=1"]) == 0
+    old = tmp_path / "old_best.pt"
+    shutil.copyfile(run.checkpoint("best"), old)
+    assert main([*argv, "train.epochs=3"]) == 0
+    final = run.result_path("best", "test").read_bytes()
+    if json.loads(final)["checkpoint"]["epoch"] == 0:
+        pytest.skip("epoch 0 stayed the selected one: the two best.pt are one")
+    shutil.copyfile(old, run.checkpoint("best"))
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run.path)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "best.pt: not the checkpoint the run's final test measured" in err, err
+    assert run.result_path("best", "test").read_bytes() == final
+
+
 def test_dmhpc_eval_never_finishes_a_run_nor_replaces_another_data_sets_result(make_domains, tmp_path, capsys,
                                                                                    monkeypatch):
     """`dmhpc eval` with its defaults (best, test) wrote the file the trainer writes at its end,

@@ -260,6 +260,45 @@ def test_a_replacement_killed_midway_leaves_a_run_that_overwrite_accepts(tmp_pat
     assert not (run.path / "eval").exists() and not run.checkpoint("last").exists()
 
 
+def test_a_replacement_removes_what_a_resume_would_take_up_first(tmp_path, monkeypatch):
+    """The run's names went in a set's order (it changed with PYTHONHASHSEED): killed after run.json,
+    the log and tensorboard/ went but before checkpoints/, --resume auto took up the old last.pt, its
+    early epochs lost from the log, and the run reported a final result."""
+    run, cfg = started(tmp_path)
+    (run.path / "eval").mkdir()
+    from dmhpc import run as run_module
+
+    removed, remove = [], run_module._remove_own
+
+    def recorded(target):
+        removed.append(target.relative_to(run.path).as_posix())
+        if len(removed) == 2:
+            raise KeyboardInterrupt  # as the process dies here
+        remove(target)
+
+    monkeypatch.setattr(run_module, "_remove_own", recorded)
+    with pytest.raises(KeyboardInterrupt):
+        run.start(cfg, run.claim(cfg, "none", overwrite=True), {}, 0)
+    run.release()
+    monkeypatch.undo()
+    assert removed == ["checkpoints/last.pt", "checkpoints"]
+    assert not run.checkpoint("last").exists() and run.log_path.exists()  # nothing left to resume from
+    assert run.claim(cfg, "auto").resume_from is None
+    run.release()
+
+
+def test_a_finished_run_resumed_with_another_evaluation_cadence_is_refused(tmp_path):
+    """A launcher refused it (its selected checkpoint is of the old cadence); `dmhpc train` took it,
+    kept the final result and wrote the new train.eval_every into config.yaml beside it."""
+    run, cfg = started(tmp_path)
+    run.write_result({"final": True}, "best", "test")
+    cadence = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, eval_every=2))
+    before = run.config_path.read_bytes()
+    with pytest.raises(DmhpcError, match=r"the run finished with other settings \(train.eval_every 1 -> 2\)"):
+        run.claim(cadence, "auto")
+    assert run.config_path.read_bytes() == before and run.finished
+
+
 # --- what may change on resume --------------------------------------------------------------------
 
 def test_a_changed_configuration_is_refused_naming_keys_and_values(tmp_path):

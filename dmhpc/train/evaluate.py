@@ -202,14 +202,13 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
     plots (rank 0), prints the table, returns the result. `target` (and optionally `source`):
     another prepared data set instead of the run's own."""
     run = RunDir(run_dir)
-    cfg = run.config()
+    run.config()  # a run directory at all: said before the ranks meet (read again under the lock)
     source, target = (Path(source) if source is not None else None), (Path(target) if target is not None else None)
     if source is not None and target is None:
         raise DmhpcError("--source needs --target (evaluating on the run's own target with another source "
                          "is not a data set of its own)")
-    data, data_name = None, None
+    data_name = None
     if target is not None:
-        data = {"source": source or Path(cfg.data.source), "target": target}
         data_name = "+".join(p.name or p.resolve().name for p in ((source,) if source else ()) + (target,))
     dist = bootstrap()
     held = []
@@ -224,10 +223,15 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
                              f"it to end", "dmhpc eval or trainer on this run directory", owner=EVAL_OWNER)))
         on_main(run.remove_orphans)  # a killed evaluation's figures and results: only a trainer's start removed them
         # The best checkpoint's test on the run's own data, once the run finished: the trainer's result again.
-        final = data is None and (checkpoint, split) == ("best", "test") and run.finished
-        dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
+        final = target is None and (checkpoint, split) == ("best", "test") and run.finished
         ckpt, sha256 = load_checkpoint_sha256(run.checkpoint(checkpoint))
-        run.check_trained_with(ckpt, run.checkpoint(checkpoint))
+        # The configuration read under the lock: one read before it may be of a run that an
+        # --overwrite replaced meanwhile, whose checkpoint was then scored with its normalization.
+        cfg = run.check_trained_with(ckpt, run.checkpoint(checkpoint))
+        data = None if target is None else {"source": source or Path(cfg.data.source), "target": target}
+        dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
+        if final:
+            _check_final(run, sha256)
         shape, prints = _check_data(run, cfg, dirs, run.checkpoint_data(ckpt, run.checkpoint(checkpoint)),
                                     split=split, dist=dist, names={"source": "--source" if source else "data.source",
                                                                    "target": "--target" if target else "data.target"})
@@ -260,6 +264,17 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
             handle.close()
         shutdown()
     return result
+
+
+def _check_final(run: RunDir, sha256: str) -> None:
+    """Refuse to write the run's final result again of a best.pt that is not the one the trainer's
+    final test measured (a backup put back, a copy taken while it trained): its metrics replaced the
+    run's result, still marked final. An older dmhpc's result names no SHA-256: nothing to compare."""
+    tested = ((run.read_result("best", "test") or {}).get("checkpoint") or {}).get("sha256")
+    if tested and tested != sha256:
+        raise DmhpcError(f"{run.checkpoint('best')}: not the checkpoint the run's final test measured (SHA-256 "
+                         f"{sha256[:12]}, tested {tested[:12]}): a best.pt of another moment of the run? put the "
+                         f"run's own back")
 
 
 def _check_data(run: RunDir, cfg, dirs: dict, recorded: dict, split: str, dist,
