@@ -24,6 +24,37 @@ from dmhpc.data import shards
 from dmhpc.data.shards import RowReader, write_dataset
 
 
+_HELD = """
+import json, sys
+from dmhpc.data import shards
+def rss():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+directory, cache, ranges = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+shards._CHUNK_CACHE_BYTES = cache
+reader = shards.RowReader(directory)
+reader.read(*ranges[0])
+before = rss()
+reader.open_limit = len(reader.manifest["shards"])  # every shard kept open, as a loader's reader may
+for a, b in ranges:
+    out = reader.read(a, b)
+del out
+print(rss() - before)
+"""
+
+
+def _held_mib(directory: Path, cache, ranges) -> float:
+    """The resident memory (MiB) a reader under this chunk cache holds after one pass over `ranges`,
+    measured in a process of its own (in this one, the allocator's reuse blurs it)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _HELD, str(directory), json.dumps(cache), json.dumps(ranges)],
+                         capture_output=True, text=True, check=True)
+    return float(out.stdout.strip())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=16000, help="images (default 16000)")
@@ -59,12 +90,13 @@ def main() -> None:
         caches = {"RowReader.read": shards._CHUNK_CACHE_BYTES}
         if opts.chunk_cache:
             caches["with h5py's default chunk cache"] = None
-        readers = {}
+        readers, held = {}, {}
         for name, cache in caches.items():  # each opened under its own cache setting, and warm
             shards._CHUNK_CACHE_BYTES = cache
             readers[name] = RowReader(tmp / "ds")
             for a, b in ranges:
                 readers[name].read(a, b)
+            held[name] = _held_mib(tmp / "ds", cache, ranges)
         times: dict[str, list[float]] = {name: [] for name in readers}
         for _ in range(opts.epochs):
             for name, reader in readers.items():
@@ -77,7 +109,8 @@ def main() -> None:
             best, median = min(times[name]), float(np.median(times[name]))
             print(f"{name}, best of {opts.epochs} passes: {rows / best:,.0f} images/s, "
                   f"{rows * per_image / best / 1e9:.2f} GB/s, {best / len(ranges) * 1e3:.2f} ms per read; "
-                  f"median pass {rows / median:,.0f} images/s")
+                  f"median pass {rows / median:,.0f} images/s; {held[name]:.0f} MiB more resident after a pass "
+                  f"with all {len(manifest['shards'])} shards open")
     finally:
         shutil.rmtree(tmp)
 

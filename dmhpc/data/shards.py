@@ -1021,9 +1021,9 @@ def _index_digest(index: np.ndarray) -> bytes:
 
 
 # HDF5's chunk cache per open dataset (h5py's default: 1 MiB; None here). A reader takes a row range
-# once, so the cache holds nothing read again: it took ~2 MB per open shard (a resident load kept
-# 84 open, 186 MiB; 512 at most, ~1 GiB per reader) and copied every row twice. Without it, reads
-# go straight to the caller's array (bench/read.py --chunk-cache: faster, not slower).
+# once, so the cache holds nothing read again, and it is memory for every open shard: 530 MiB for
+# 63 open against 42 without, reads as fast (bench/read.py --pieces 16 --chunk-cache --shard-size
+# 256, docs/benchmarks.md); a reader keeps up to 512 open, each loader worker one per domain.
 _CHUNK_CACHE_BYTES: int | None = 0
 
 
