@@ -266,12 +266,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dmhpc {args.command}: error: {said}", file=sys.stderr)
         return 1
     except OSError as exc:
-        if not getattr(exc, "from_output", False):
+        failed = getattr(exc, "from_output", None)
+        if failed is None:
             raise  # the command's own (a file, a pipe to a child, a socket), which its traceback names
-        os.dup2(os.open(os.devnull, os.O_WRONLY), stdout.fileno())  # the interpreter's last flush goes nowhere
-        # `dmhpc info DS > /dev/full`, or a full disk under a redirected output: the output is lost,
-        # which is a failure, said in one line.
-        print(f"dmhpc {args.command}: error: standard output: {exc.strerror or exc}", file=sys.stderr)
+        # `dmhpc info DS > /dev/full`, or a full disk under a redirected output (a job's --error file):
+        # that output is lost, which is a failure, said in one line on the other.
+        lost, other, name = ((stderr, stdout, "standard error") if failed is sys.stderr
+                             else (stdout, stderr, "standard output"))
+        os.dup2(os.open(os.devnull, os.O_WRONLY), lost.fileno())  # the interpreter's last flush goes nowhere
+        print(f"dmhpc {args.command}: error: {name}: {exc.strerror or exc}", file=other)
         return 1
     finally:
         sys.stdout, sys.stderr = stdout, stderr
@@ -305,7 +308,7 @@ class _Output:
             os.close(devnull)
             return len(args[0]) if args else None
         except OSError as exc:
-            exc.from_output = True
+            exc.from_output = self  # which stream failed
             raise
 
 

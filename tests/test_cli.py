@@ -270,6 +270,32 @@ def test_output_that_cannot_be_written_is_one_line_and_a_failure(tmp_path):
         assert proc.stderr == "dmhpc info: error: standard output: No space left on device\n", proc.stderr[-2000:]
 
 
+WRITES_TO_STDERR = """
+import sys
+from dmhpc import cli
+
+def warns(args):
+    print("the result", flush=True)
+    print("dmhpc: warning: something", file=sys.stderr, flush=True)
+    return 0
+
+cli.COMMANDS["info"] = cli.COMMANDS["info"]._replace(load=lambda: (lambda parser: None, warns))
+sys.exit(cli.main(["info"]))
+"""
+
+
+def test_an_error_output_that_cannot_be_written_is_said_on_standard_output(tmp_path):
+    """A job's --error file on a full disk: it was said as "standard output", the healthy output sent
+    to /dev/null, the message written to the stream that had failed."""
+    import os
+
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-c", WRITES_TO_STDERR], cwd=ROOT, stdout=subprocess.PIPE, stderr=full,
+                              text=True, timeout=120, env=dict(os.environ))
+    assert (proc.returncode, proc.stdout) == (1, "the result\ndmhpc info: error: standard error: No space left on "
+                                                 "device\n"), (proc.returncode, proc.stdout)
+
+
 RAISES_OSERROR = """
 import errno, sys
 from dmhpc import cli

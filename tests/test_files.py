@@ -119,17 +119,20 @@ def test_a_lock_that_fails_otherwise_than_refused_is_an_error_not_an_unguarded_r
     assert files._locks_refused is False
 
 
-def test_a_lock_looked_at_just_then_is_taken_not_refused(tmp_path):
+def test_a_lock_looked_at_just_then_is_taken_not_refused(tmp_path, monkeypatch):
     """`lock_holder` looks by taking a shared lock for an instant: a trainer starting at that instant
     was refused a free lock, "in use by another process"."""
     import fcntl
-    import threading
+
+    from dmhpc import files
 
     path = tmp_path / ".lock"
     with open(path, "a+") as looker:
         fcntl.flock(looker, fcntl.LOCK_SH)  # what lock_holder holds while it reads
-        threading.Timer(0.1, fcntl.flock, (looker, fcntl.LOCK_UN)).start()
+        # The look ends while the trainer waits to try again.
+        monkeypatch.setattr(files.time, "sleep", lambda seconds: fcntl.flock(looker, fcntl.LOCK_UN))
         handle = hold_lock(path, "held by {holder}", "trainer")
+        monkeypatch.undo()
     handle.close()
     with open(path, "a+") as holder:  # one that stays is still refused
         fcntl.flock(holder, fcntl.LOCK_EX)

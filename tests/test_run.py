@@ -282,6 +282,9 @@ def test_a_replacement_removes_what_a_resume_would_take_up_first(tmp_path, monke
     run.release()
     monkeypatch.undo()
     assert removed == ["checkpoints/last.pt", "checkpoints"]
+    from dmhpc.run import LOCK, OWN_NAMES, REPLACED_IN_ORDER
+
+    assert set(REPLACED_IN_ORDER) == set(OWN_NAMES) - {LOCK}  # a name added to the run's is replaced too
     assert not run.checkpoint("last").exists() and run.log_path.exists()  # nothing left to resume from
     assert run.claim(cfg, "auto").resume_from is None
     run.release()

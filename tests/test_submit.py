@@ -753,8 +753,10 @@ def test_a_local_job_killed_is_not_taken_for_an_earlier_job_of_the_same_pid(tmp_
 
         def submitted(*a, **k):
             job = submit_one(*a, **k)
-            with open(folder / f"{job.job_id}_0_result.pkl", "wb") as f:  # there before this job
+            earlier = folder / f"{job.job_id}_0_result.pkl"
+            with open(earlier, "wb") as f:
                 pickle.dump(("success", {"exit_code": 0}), f)
+            os.utime(earlier, (time.time() - 3600, time.time() - 3600))  # there before this job
             return job
 
         executor.submit = submitted

@@ -325,16 +325,25 @@ def sky_per_pixel(f: Filter) -> float:
 MIN_SKY_COUNTS = 50.0
 
 
+def _sky_limited(f: Filter, sb_limit: float) -> bool:
+    """Whether the sky alone, at the gain that makes its Poisson noise `noise_sigma(sb_limit)`, has
+    MIN_SKY_COUNTS counts or more (every filter from SB 24.63 on)."""
+    return (sky_per_pixel(f) / noise_sigma(sb_limit)) ** 2 >= MIN_SKY_COUNTS
+
+
 def gain(f: Filter, sb_limit: float) -> float:
     """Detected counts per image unit: the sky's Poisson noise is `noise_sigma(sb_limit)` where that
     leaves the sky at least MIN_SKY_COUNTS counts; else the gain giving that many (see `read_noise`)."""
     sky = sky_per_pixel(f)
-    return max(sky / noise_sigma(sb_limit) ** 2, MIN_SKY_COUNTS / sky)
+    return sky / noise_sigma(sb_limit) ** 2 if _sky_limited(f, sb_limit) else MIN_SKY_COUNTS / sky
 
 
 def read_noise(f: Filter, sb_limit: float) -> float:
     """The Gaussian noise per pixel (image units) added to the sky's Poisson noise so that the two
-    make `noise_sigma(sb_limit)`; 0 where the sky alone does (every filter from SB 24.63 on)."""
+    make `noise_sigma(sb_limit)`; exactly 0 where the sky alone does (computed, it was 1e-9 at some
+    limits, and a normal draw shifted their noise streams)."""
+    if _sky_limited(f, sb_limit):
+        return 0.0
     return math.sqrt(max(noise_sigma(sb_limit) ** 2 - sky_per_pixel(f) / gain(f, sb_limit), 0.0))
 
 

@@ -924,16 +924,13 @@ def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, fo
                     executor = make_executor("local", folder, resources[p.name], job_name)
                     held[p.name] = pick_gpus(gpus, list(filter(None, held.values())), resources[p.name].gpus_per_node)
                     use_gpus(executor, held[p.name])
+                    submitted_at = time.time()
                     with submission(threads, folder / CONTROLLERS_LOG), \
                             refused_submission(f"the job of point {p.name}", folder):
                         running[p.name] = executor.submit(task, config_to_dict(p.config))
                     on_submit()
                     job = running[p.name]
-                    # A local job's id is its controller's pid, which recurs (a container numbers
-                    # afresh): an earlier job's result under it was read as this one's, a killed job
-                    # as a success. This job's tasks have not started yet (they wait for its pickle).
-                    for stale in folder.glob(f"{job.job_id}_*_result.pkl"):
-                        stale.unlink(missing_ok=True)
+                    _forget_earlier_results(folder, job.job_id, submitted_at)
                     on = f" on GPU(s) {', '.join(map(str, held[p.name]))}" if held[p.name] else ""
                     print(f"dmhpc launch: point {p.name}: local job {job.job_id}{on}", flush=True)
                 ended = {name: job for name, job in running.items() if job.done()}
@@ -948,6 +945,17 @@ def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, fo
             job.cancel(check=False)  # it may have ended meanwhile
         raise
     return failures
+
+
+def _forget_earlier_results(folder: Path, job_id: str, submitted_at: float) -> None:
+    """Remove the result files of job `job_id` written before `submitted_at`. A local job's id is its
+    controller's pid, which recurs (a container numbers afresh): an earlier job's result under it was
+    read as this one's, and a killed job passed for a success. (The job's tasks may have started by
+    now: only files older than its submission go.)"""
+    for stale in folder.glob(f"{job_id}_*_result.pkl"):
+        with contextlib.suppress(FileNotFoundError):
+            if stale.stat().st_mtime < submitted_at:
+                stale.unlink()
 
 
 def wait_for(jobs: Mapping[str, submitit.Job]) -> dict[str, str]:
