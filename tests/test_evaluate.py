@@ -270,7 +270,8 @@ def test_dmhpc_eval_refuses_to_write_a_final_result_of_another_best(make_domains
     capsys.readouterr()
     assert main(["eval", "--run", str(run.path)]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "best.pt: not the checkpoint the run's final test measured" in err, err
+    assert err.count("\n") == 1 and "best.pt: of epoch 0 (step 2), not the checkpoint the run's final test " \
+                                     "measured (epoch " in err, err
     assert run.result_path("best", "test").read_bytes() == final
 
 

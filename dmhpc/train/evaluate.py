@@ -230,8 +230,6 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
         cfg = run.check_trained_with(ckpt, run.checkpoint(checkpoint))
         data = None if target is None else {"source": source or Path(cfg.data.source), "target": target}
         dirs = data or {"source": cfg.data.source, "target": cfg.data.target}
-        if final:
-            _check_final(run, sha256)
         shape, prints = _check_data(run, cfg, dirs, run.checkpoint_data(ckpt, run.checkpoint(checkpoint)),
                                     split=split, dist=dist, names={"source": "--source" if source else "data.source",
                                                                    "target": "--target" if target else "data.target"})
@@ -242,6 +240,8 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
         load_weights(model, ckpt, run.checkpoint(checkpoint))
         # The checkpoint's record and its SHA-256: what export matches a result by.
         info = {**checkpoint_info(checkpoint, ckpt, run.checkpoint(checkpoint)), "sha256": sha256}
+        if final:
+            _check_final(run, info)
         # Normalization as the run trained: per domain, each data set with its own statistics; a
         # survey given as --target is a domain of its own (predict's --normalize own, not its default).
         # Under data.normalize: source, every domain with the statistics of the source the checkpoint
@@ -266,15 +266,18 @@ def evaluate(run_dir, *, checkpoint: str = "best", split: str = "test", source=N
     return result
 
 
-def _check_final(run: RunDir, sha256: str) -> None:
-    """Refuse to write the run's final result again of a best.pt that is not the one the trainer's
-    final test measured (a backup put back, a copy taken while it trained): its metrics replaced the
-    run's result, still marked final. An older dmhpc's result names no SHA-256: nothing to compare."""
-    tested = ((run.read_result("best", "test") or {}).get("checkpoint") or {}).get("sha256")
-    if tested and tested != sha256:
-        raise DmhpcError(f"{run.checkpoint('best')}: not the checkpoint the run's final test measured (SHA-256 "
-                         f"{sha256[:12]}, tested {tested[:12]}): a best.pt of another moment of the run? put the "
-                         f"run's own back")
+def _check_final(run: RunDir, info: dict) -> None:
+    """Refuse to write the run's final result again of a best.pt of another moment of the run than
+    the one the trainer's final test measured (a backup put back, a copy taken while it trained): its
+    metrics replaced the run's result, still marked final. The moment (epoch and step), as the
+    trainer's check of its best.pt: a checkpoint written again as it was (an older dmhpc's, converted)
+    is the same one."""
+    tested = (run.read_result("best", "test") or {}).get("checkpoint") or {}
+    moment = lambda c: (c.get("epoch"), c.get("step"))  # noqa: E731
+    if None not in moment(tested) and moment(tested) != moment(info):
+        raise DmhpcError(f"{run.checkpoint('best')}: of epoch {info.get('epoch')} (step {info.get('step')}), not the "
+                         f"checkpoint the run's final test measured (epoch {tested['epoch']}, step "
+                         f"{tested['step']}): a best.pt of another moment of the run? put the run's own back")
 
 
 def _check_data(run: RunDir, cfg, dirs: dict, recorded: dict, split: str, dist,
