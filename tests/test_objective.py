@@ -424,3 +424,17 @@ def test_a_model_whose_losses_are_kept_eager_copies_and_pickles_as_itself():
         assert clone(xs, ys, xt, 0.0)[1]["transfer"].item() == pytest.approx(math.log(2))  # logits all 0
     pickle.loads(pickle.dumps(model))
     torch.save(model, io.BytesIO())
+
+
+def test_a_summed_fisher_term_over_several_ranks_is_noted():
+    """The original's summed intra-class term over the global batch grows with the ranks: the shipped
+    Fisher configs on 4 GPUs weighed it 4 times their laptop runs, without a word."""
+    from dmhpc.train.objective import fisher_scale_note
+
+    cfg = load_config(TINY)
+    assert "weighs 4x" in fisher_scale_note(cfg.loss, 4)
+    assert fisher_scale_note(cfg.loss, 1) is None
+    for changed in ({"normalize": "mean"}, {"weight": 0.0}):
+        loss = dataclasses.replace(cfg.loss, fisher=dataclasses.replace(cfg.loss.fisher, **changed))
+        assert fisher_scale_note(loss, 4) is None
+    assert fisher_scale_note(dataclasses.replace(cfg.loss, scope="local"), 4) is None

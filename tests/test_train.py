@@ -344,6 +344,9 @@ def test_three_ranks_resumed_end_with_the_bits_of_a_run_never_stopped(data, tmp_
              *_overrides(data, run, "train.epochs=1", "train.batch_size=8", *extra)],
             cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        # The tiny config's Fisher term sums over the global batch: 3 ranks weigh it three times.
+        assert proc.stdout.count("dmhpc train: note: loss.fisher.normalize sum over the global batch of 3 ranks: the "
+                                 "Fisher term weighs 3x what it does on one GPU") == 1, proc.stdout[-3000:]
 
     torchrun(tmp_path / "straight")
     torchrun(tmp_path / "stopped", "train.max_steps=2")

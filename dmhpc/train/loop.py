@@ -34,6 +34,7 @@ from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, UNFIT, StopRequest, check
 from dmhpc.train.evaluate import evaluate_run, format_table, predict
 from dmhpc.train.meter import EpochMeter
 from dmhpc.train.metrics import DEV_MAX_ROWS, MetricLog, domain_metrics, selection_score, validator_scores
+from dmhpc.train.objective import fisher_scale_note
 from dmhpc.train.state import TrainState
 from dmhpc.train.step import TrainStep, determinism
 
@@ -210,6 +211,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
     def announce() -> None:  # rank 0's; its error (a full disk) reaches every rank
         print(f"dmhpc train: {run.path} | world {dist.world_size} on {dist.device} | loader {loader.description} "
               f"| {steps_per_epoch} steps/epoch, {total_steps} steps", flush=True)
+        if (note := fisher_scale_note(cfg.loss, dist.world_size)) is not None:
+            print(f"dmhpc train: note: {note}", flush=True)
         if claim.resume_from is not None:
             changed = "".join(f"; {k} {v[0]} -> {v[1]}" for k, v in claim.changed.items())
             print(f"dmhpc train: resumed from {claim.resume_from} at epoch {prog.epoch}, step {prog.step}{changed}",

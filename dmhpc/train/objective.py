@@ -41,6 +41,18 @@ def term_labels(loss) -> dict[str, str]:
             "total": "total (the weighted sum trained on)"}
 
 
+def fisher_scale_note(loss, ranks: int) -> str | None:
+    """A note for a run whose Fisher term weighs more than on one GPU: the original's summed
+    intra-class term over the global batch (`loss.fisher.normalize: sum`, scope global) grows with
+    the number of ranks, so the same weight at the same per-GPU batch is `ranks` times stronger."""
+    fisher = loss.fisher
+    if ranks > 1 and fisher.weight > 0 and fisher.normalize == "sum" and loss.scope == "global":
+        return (f"loss.fisher.normalize sum over the global batch of {ranks} ranks: the Fisher term weighs "
+                f"{ranks}x what it does on one GPU at this per-GPU batch (loss.fisher.normalize=mean keeps a "
+                f"weight's meaning across GPU counts)")
+    return None
+
+
 class DomainAdaptation(nn.Module):
     """Backbone + the transfer, Fisher and entropy terms of DeepMerge II, as configured."""
 
