@@ -93,6 +93,17 @@ def test_the_resident_load_keeps_one_shard_open_at_a_time(data, monkeypatch):
     assert len(opened) >= 4 and max(opened) == 1, opened  # the 4 shards of each domain, one by one
 
 
+@pytest.mark.parametrize("kind, workers", [("gpu-resident", 0), ("torch", 0)])
+def test_a_closed_loader_asked_for_an_epoch_says_so(data, kind, workers):
+    """The resident loader raised an IndexError, the torch one a TypeError (a notebook's second run);
+    closing twice is no error."""
+    loader = _loader(data, kind, workers, world=1)
+    loader.close()
+    loader.close()
+    with pytest.raises(DmhpcError, match=f"^an epoch asked of a closed {kind} loader$"):
+        loader.epoch(0)
+
+
 def test_the_torch_loader_draws_an_epochs_pieces_as_it_reads_them(data, monkeypatch):
     """It drew every step's pieces at the epoch's start, in the trainer's process: 0.3 s and 18 MiB a
     million rows, at every epoch and every resume."""

@@ -85,6 +85,8 @@ class TrainLoader:
         epoch, step, rank): starting at `start_step` yields exactly the tail of the whole epoch,
         which makes resuming exact.
         """
+        if self._backend is None:  # (the resident one raised an IndexError, the torch one a TypeError)
+            raise DmhpcError(f"an epoch asked of a closed {self.kind} loader")
         if epoch < 0 or not 0 <= start_step <= len(self):
             raise DmhpcError(
                 f"epoch {epoch}, step {start_step}: an epoch has steps 0 to {len(self)} here"
@@ -116,7 +118,9 @@ class TrainLoader:
         """Release the workers, pipelines, open files and resident data; ends unfinished epochs."""
         for batches in list(self._epochs):
             batches.close()  # a suspended epoch holds the pipeline or DataLoader iterator alive
-        self._backend.close()
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
 
 
 def _without_target(batches):
