@@ -612,6 +612,20 @@ def test_an_input_unreadable_while_checksummed_leaves_nothing(inputs, monkeypatc
     assert_fails(capsys, args(inputs), "X.npy: cannot read (Input/output error)", out=inputs["out"])
 
 
+def test_an_input_whose_checksum_fails_otherwise_is_one_line_and_leaves_nothing(inputs, monkeypatch, capsys):
+    """Only an OSError was caught in the checksum thread: another error (a MemoryError) ended it unsaid,
+    and the manifest's write failed on the missing digest in a KeyError traceback."""
+    real = shards.file_sha256
+
+    def no_memory(path, *rest, **named):
+        if Path(path).name == "X.npy":
+            raise MemoryError("out of memory")
+        return real(path, *rest, **named)
+
+    monkeypatch.setattr(shards, "file_sha256", no_memory)
+    assert_fails(capsys, args(inputs), "X.npy: cannot checksum (MemoryError: out of memory)", out=inputs["out"])
+
+
 def test_a_failure_under_the_lock_removes_the_folders_made_for_it(inputs, tmp_path, monkeypatch, capsys):
     """The lock beside the output folder made its missing parents; a conversion that failed after
     taking it (an input unreadable while checksummed) left them behind, empty."""
@@ -1635,9 +1649,17 @@ domains:
   noisy: {{images: nX.npy, labels: y.npy}}
 """)
     assert main(["prepare", "--data-config", config, "--group-duplicates", "--shard-size", "16"]) == 0
-    assert "pristine and noisy: as many images each, taken as the same objects row by row" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "pristine and noisy: as many images each, taken as the same objects row by row" in out
+    assert "note" not in out
     p, n = load_manifest(tmp_path / "out" / "pristine"), load_manifest(tmp_path / "out" / "noisy")
     assert split_lists(p) == split_lists(n) and sum(n["objects"].values()) == 25
+    # Prepared one at a time, each twin set is split its own way: said, since nothing can refuse it later.
+    alone = tmp_path / "alone"
+    assert main(["prepare", "--images", str(root / "nX.npy"), "--labels", str(root / "y.npy"), "--out", str(alone),
+                 "--group-duplicates", "--shard-size", "16"]) == 0
+    assert ("its copies are grouped within it alone; a domain of the same objects (its noisy or pristine twin) "
+            "shares these groups, and the split, only when prepared in the same run" in capsys.readouterr().out)
 
 
 def test_copies_are_found_reading_a_block_of_rows_at_a_time(tmp_path, monkeypatch):

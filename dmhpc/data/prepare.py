@@ -362,6 +362,9 @@ def _hash_in_background(paths: list[Path], stop: threading.Event, opened: dict):
             except OSError as exc:
                 failures.append(f"{path}: cannot read ({exc.strerror})")
                 return
+            except Exception as exc:  # (a MemoryError): ended the thread unsaid, a KeyError at the manifest
+                failures.append(f"{path}: cannot checksum ({type(exc).__name__}: {exc})")
+                return
 
     thread = threading.Thread(target=run, name="dmhpc-input-sha256", daemon=True)
     thread.start()
@@ -410,6 +413,14 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
                 for names in together:
                     print(f"dmhpc prepare: {' and '.join(names)}: as many images each, taken as the same objects "
                           f"row by row: copies found in any are one object in all", flush=True)
+                paired = {name for names in together for name in names}
+                for d in opened if options.group_duplicates else ():
+                    if d["name"] not in paired:
+                        # Prepared alone, twins got their own split: a noisy set, whose noise hid its
+                        # copies, split apart from the pristine set grouped in another run.
+                        print(f"dmhpc prepare: note: {d['name']}: its copies are grouped within it alone; a domain "
+                              f"of the same objects (its noisy or pristine twin) shares these groups, and the "
+                              f"split, only when prepared in the same run", flush=True)
             planned = _agree(comm, lambda: _distinct_outputs([_plan_domain(d, options, g)
                                                               for d, g in zip(opened, grouped)]))
             if rank == 0:

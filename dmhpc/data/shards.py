@@ -968,7 +968,8 @@ def load_manifest(directory: str | os.PathLike) -> dict:
     path = Path(directory) / MANIFEST
     if (Path(directory) / INCOMPLETE).exists():
         raise DmhpcError(f"{Path(directory) / INCOMPLETE}: a conversion into {directory} did not finish moving its "
-                         f"data sets into place; run the same dmhpc prepare again")
+                         f"data sets into place; run the same dmhpc prepare again (with --overwrite if it refuses "
+                         f"a folder of it that it finished)")
     try:
         st = path.stat()
     except FileNotFoundError:
