@@ -203,7 +203,8 @@ def test_gradcam_and_integrated_gradients_are_captums_on_the_last_block(run_on_s
     from dmhpc.infer.predict import Model
 
     model = Model(RunDir(run_on_survey), "best", torch.device("cpu"))
-    x = torch.randn(5, 3, 75, 75)
+    # Brighter than the mean: evidence for "merger" somewhere, which the ReLU'd Grad-CAM keeps.
+    x = torch.randn(5, 3, 75, 75, generator=torch.Generator().manual_seed(0)) + 1
     # A few images at a time, whatever their number (a catalog's top thousands ran out of GPU memory):
     # no forward pass of the attributions sees more, and they are those of the whole batch.
     monkeypatch.setattr(explain, "ATTRIBUTION_BATCH", 2)
@@ -226,13 +227,18 @@ def test_gradcam_and_integrated_gradients_are_captums_on_the_last_block(run_on_s
     assert (ig < 0).any() and (ig > 0).any()
     net = model.net
 
-    def logits(inputs):
-        return net(inputs)[1]
+    def log_odds(inputs):  # what p(merger) is a function of (the merger logit alone was attributed)
+        logits = net(inputs)[1]
+        return logits[:, 1] - logits[:, 0]
 
-    ref = captum.IntegratedGradients(logits).attribute(x, baselines=torch.zeros_like(x), target=1, n_steps=8)
+    ref = captum.IntegratedGradients(log_odds).attribute(x, baselines=torch.zeros_like(x), n_steps=8)
     np.testing.assert_allclose(ig, ref.sum(1).detach().numpy(), rtol=1e-5, atol=1e-7)
+    # Completeness: an image's attributions sum to the change of its log-odds from the baseline.
+    with torch.no_grad():
+        change = (log_odds(x) - log_odds(torch.zeros_like(x))).numpy()
+    np.testing.assert_allclose(ig.sum((1, 2)), change, rtol=0.05, atol=0.02)
     # Grad-CAM: captum's on the last 4-D activation of more than one pixel (found by hooks, not
-    # asked of the model), for the merger class, ReLU'd, upsampled bilinearly; not zero everywhere.
+    # asked of the model), of the merger log-odds, ReLU'd, upsampled bilinearly; not zero everywhere.
     outputs = []
     hooks = [m.register_forward_hook(lambda m, i, o: outputs.append((m, o))) for m in net.modules()]
     with torch.no_grad():
@@ -240,7 +246,7 @@ def test_gradcam_and_integrated_gradients_are_captums_on_the_last_block(run_on_s
     for hook in hooks:
         hook.remove()
     last = [m for m, o in outputs if isinstance(o, torch.Tensor) and o.ndim == 4 and o.shape[-1] * o.shape[-2] > 1]
-    ref = captum.LayerGradCam(logits, last[-1]).attribute(x, target=1, relu_attributions=True)
+    ref = captum.LayerGradCam(log_odds, last[-1]).attribute(x, relu_attributions=True)
     ref = captum.LayerAttribution.interpolate(ref, (75, 75), interpolate_mode="bilinear")[:, 0]
     assert cam.any()
     np.testing.assert_allclose(cam, ref.detach().numpy(), rtol=1e-5, atol=1e-7)
