@@ -276,7 +276,11 @@ def attribution_grid(images, cams, igs, probs, labels, title: str, path: Path,
         # The name on a line of its own: a survey id before the probability ran off the figure's edge.
         said = f"p(merger) {_probability(p)}{truth}"
         panels = ((None, {}, said if name is None else f"{wrap_title(str(name), 40)}\n{said}"),
-                  (cam if cam_max > 0 else None, dict(cmap="inferno", vmin=0.0, vmax=cam_max, alpha=0.55), cam_name),
+                  # opaque where the map is high, clear where it is 0: a uniform 0.55 laid inferno's black
+                  # over the outskirts, and over the whole galaxy in a row whose map is 0 everywhere
+                  (cam if cam_max > 0 else None,
+                   dict(cmap="inferno", vmin=0.0, vmax=cam_max, alpha=np.clip(cam / cam_max, 0.0, 1.0) * 0.75),
+                   cam_name),
                   # opaque where the attribution is strong, clear where it is 0: a uniform 0.7 laid the
                   # diverging map's white over the whole image, and the galaxy under it faded
                   (ig, dict(cmap="RdBu_r", vmin=-ig_max, vmax=ig_max, alpha=np.sqrt(np.abs(ig) / ig_max) * 0.9),

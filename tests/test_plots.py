@@ -331,6 +331,9 @@ def test_an_attribution_grid_draws_each_column_on_one_scale(drawn, tmp_path):
     # opaque where the attribution is strongest, fading with it: a uniform alpha hid the galaxy
     alphas = [np.asarray(fig.axes[3 * row + 2].images[1].get_alpha()) for row in range(2)]
     np.testing.assert_allclose([a.max() for a in alphas], [np.sqrt(0.25) * 0.9, 0.9])
+    # Grad-CAM likewise: a uniform 0.55 laid the colour map's black over the galaxy where the map was low.
+    alphas = [np.asarray(fig.axes[3 * row + 1].images[1].get_alpha()) for row in range(2)]
+    np.testing.assert_allclose([a.max() for a in alphas], [0.75, 0.075])
 
 
 def test_the_rgb_composite_is_asinh_stretched_in_the_filters_asked_for():
