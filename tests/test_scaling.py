@@ -58,7 +58,8 @@ def test_settings_a_launch_would_drop_are_refused(tmp_path):
     executor passed as long as --executor replaced it."""
     spec = {"base": str(TINY), "out": str(tmp_path / "out"), "models": ["resnet18"], "weak": {"batch_per_gpu": 8},
             "device": "cpu", "executor": "local", "slurm": {"gpu_type": "a100"}}
-    with pytest.raises(DmhpcError, match=r"^<launch dict>: slurm.gpu_type: a type of GPU, and device cpu asks for none$"):
+    with pytest.raises(DmhpcError, match=r"^<launch dict>: slurm.gpu_type: a type of GPU, and device cpu asks "
+                                         r"for none$"):
         load_study(spec)
     with pytest.raises(DmhpcError, match=r"^<launch dict>: executor: "):
         load_study({**spec, "executor": "slurmm", "slurm": {}}, executor="local")
