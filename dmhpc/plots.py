@@ -279,7 +279,8 @@ def attribution_grid(images, cams, igs, probs, labels, title: str, path: Path,
                   # opaque where the map is high, clear where it is 0: a uniform 0.55 laid inferno's black
                   # over the outskirts, and over the whole galaxy in a row whose map is 0 everywhere
                   (cam if cam_max > 0 else None,
-                   dict(cmap="inferno", vmin=0.0, vmax=cam_max, alpha=np.clip(cam / cam_max, 0.0, 1.0) * 0.75),
+                   dict(cmap="inferno", vmin=0.0, vmax=cam_max,
+                        alpha=np.clip(cam / max(cam_max, 1e-30), 0.0, 1.0) * 0.75),
                    cam_name),
                   # opaque where the attribution is strong, clear where it is 0: a uniform 0.7 laid the
                   # diverging map's white over the whole image, and the galaxy under it faded
