@@ -105,13 +105,15 @@ def cpu_unless_marked_gpu(request, monkeypatch):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def compiler_cache(tmp_path_factory):
-    """Inductor's cache of compiled code in the session's folder, which a passed session removes, for
-    this process and its children: in /tmp/torchinductor_$USER it grew by every run (to 3.4 GB here).
-    No precompiled headers: inductor keeps them there whatever the cache's folder, 150 MB a set, and
-    a set for every checkout's interpreter path."""
+def session_scratch(tmp_path_factory):
+    """Inductor's cache of compiled code and the child processes' TMPDIR in the session's folder,
+    which a passed session removes: in /tmp, inductor's cache grew by every run (to 3.4 GB here), and
+    every torchrun left a torchelastic_* folder (370 in a day). No precompiled headers: inductor keeps
+    them there whatever the cache's folder, 150 MB a set, and a set for every checkout's interpreter
+    path."""
     patch = pytest.MonkeyPatch()
     patch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path_factory.mktemp("inductor")))
+    patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
     patch.setenv("TORCHINDUCTOR_CPP_CACHE_PRECOMPILE_HEADERS", "0")
     yield
     patch.undo()
