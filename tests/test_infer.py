@@ -238,7 +238,8 @@ def test_gradcam_and_integrated_gradients_are_captums_on_the_last_block(run_on_s
         change = (log_odds(x) - log_odds(torch.zeros_like(x))).numpy()
     np.testing.assert_allclose(ig.sum((1, 2)), change, rtol=0.05, atol=0.02)
     # Grad-CAM: captum's on the last 4-D activation of more than one pixel (found by hooks, not
-    # asked of the model), of the merger log-odds, ReLU'd, upsampled bilinearly; not zero everywhere.
+    # asked of the model), of the merger log-odds, ReLU'd, each cell drawn at its centre; not zero
+    # everywhere.
     outputs = []
     hooks = [m.register_forward_hook(lambda m, i, o: outputs.append((m, o))) for m in net.modules()]
     with torch.no_grad():
@@ -247,9 +248,40 @@ def test_gradcam_and_integrated_gradients_are_captums_on_the_last_block(run_on_s
         hook.remove()
     last = [m for m, o in outputs if isinstance(o, torch.Tensor) and o.ndim == 4 and o.shape[-1] * o.shape[-2] > 1]
     ref = captum.LayerGradCam(log_odds, last[-1]).attribute(x, relu_attributions=True)
-    ref = captum.LayerAttribution.interpolate(ref, (75, 75), interpolate_mode="bilinear")[:, 0]
+    ref = explain.place_cells(ref[:, 0].detach(), explain.cell_centres(net, x), (75, 75))
     assert cam.any()
-    np.testing.assert_allclose(cam, ref.detach().numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(cam, ref.numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_grad_cam_cells_are_drawn_where_they_look():
+    """Resized evenly (bilinear) over 75 pixels, DeepMerge's 9x9 map was drawn up to 4 pixels off its
+    cells, which step by 8 pixels from pixel 0; a ResNet's 3x3 was spread over the whole image."""
+    from dmhpc.infer.explain import cell_centres, place_cells
+    from dmhpc.models.registry import build_model
+
+    x = torch.zeros(1, 3, 75, 75)
+    for name in ("deepmerge", "deepmerge2"):
+        rows, cols = cell_centres(build_model(name, in_channels=3).eval(), x)
+        for centres in (rows, cols):
+            assert len(centres) == 9
+            # The inner cells, whose evidence is not cut by the image's edge: pixels 8i to 8i+7.
+            np.testing.assert_allclose(centres[2:7], 8 * np.arange(2, 7) + 3.5, atol=0.6)
+            assert 60 < centres[-1] < 68 and 2 < centres[0] < 8
+    # A map hot in its last cell is drawn hottest at that cell's centre, not at the image's corner.
+    hot = torch.zeros(1, 9, 9)
+    hot[0, 8, 8] = 1.0
+    drawn = place_cells(hot, (rows, cols), (75, 75))[0].numpy()
+    assert drawn.shape == (75, 75) and drawn.max() == pytest.approx(1.0)
+    assert drawn[round(rows[-1]), round(cols[-1])] > 0.9 and drawn[74, 74] == pytest.approx(1.0)
+    assert drawn[round(rows[-2]), round(cols[-1])] < 0.2  # at the centre of the cell above it, about 0
+    # Linear between centres: a map falling from the first cell to the last falls linearly on the way.
+    ramp = torch.linspace(1, 0, 9)[:, None].expand(9, 9)[None]
+    drawn = place_cells(ramp, (rows, cols), (75, 75))[0, :, 40].numpy()
+    np.testing.assert_allclose(drawn[round(rows[4])], np.interp(round(rows[4]), rows, ramp[0, :, 0].numpy()))
+    assert (np.diff(drawn) <= 1e-6).all() and drawn[0] == 1.0 and drawn[-1] == 0.0
+    # The original ResNet stem: three cells whose evidence is the whole image, centred near its middle.
+    rows, cols = cell_centres(build_model("resnet18", in_channels=3).eval(), x)
+    assert len(rows) == 3 and all(25 < c < 50 for c in (*rows, *cols))
 
 
 def test_explain_draws_the_filters_asked_for_and_says_which(run_on_survey, tmp_path, capsys):
