@@ -978,6 +978,27 @@ def test_block_loaders_read_every_training_row_over_the_epochs():
     assert [resumed.pieces(7, k) for k in (3, 4)] == whole[3:5]
 
 
+def test_block_loaders_read_each_row_as_often_as_any_other():
+    """The blocks started within the rows' tail (0 to rows % batch_size): over 200 epochs of 10,798
+    rows at batch 128, row 0 was read in 1 % of them and 46 rows in fewer than half, the same rows
+    whatever the seed. On a ring from any row, each is left out in spare / rows of the epochs."""
+    from dmhpc.data.batches import Stream
+
+    rows, batch, epochs = 1_000, 64, 400  # 15 blocks, 40 rows left out an epoch: 4 %
+    for world_size in (1, 3):
+        counts = np.zeros(rows)
+        streams = [Stream(0, rows, batch, world_size, r, 1, 0) for r in range(world_size)]
+        for epoch in range(epochs):
+            read = np.array([row for s in streams for k in range(s.steps) for row in _rows(s.pieces(epoch, k))])
+            assert len(read) == len(set(read)) == streams[0].steps * world_size * batch
+            counts[read] += 1
+        share = counts / epochs
+        expected = streams[0].steps * world_size * batch / rows  # 0.96, and 0.768 on 3 ranks (5 steps of 192)
+        # Each row's share within 4 binomial standard deviations of the expected (about 0.04 here).
+        spread = 4 * np.sqrt(expected * (1 - expected) / epochs)
+        assert np.abs(share - expected).max() < spread, (share[:3], share[-3:], expected)
+
+
 @pytest.mark.parametrize("rows", [10_752, 10_798])  # a multiple of the batch, and DeepMerge's Sim-Sim training rows
 def test_block_loaders_draw_other_groups_of_images_each_epoch(rows):
     """dali and torch read whole batch-sized blocks, only their order and offset drawn per epoch: a
