@@ -33,7 +33,11 @@ class DeepMerge(nn.Module):
     Blocks are conv -> ReLU -> BatchNorm -> max-pool -> Dropout(dropout) (the Keras order), then
     the dense head. Unlike the Keras notebook, the hidden dense layers use ReLU (it used softmax)
     and the output is num_classes logits for cross-entropy (it used one sigmoid unit), and
-    BatchNorm normalises channels (Keras's default axis normalised the image width).
+    BatchNorm normalises channels (Keras's default axis normalised the image width). PyTorch's
+    defaults stand where Keras's differ: weights initialised Kaiming-uniform (a=sqrt(5)) with
+    uniform biases (Keras: Glorot-uniform, zero biases), and BatchNorm's running statistics updated
+    with momentum 0.1 and eps 1e-5 (Keras: 0.01 in PyTorch's terms, and 1e-3), which changes the
+    statistics evaluation normalises with.
 
     The L2 weight regularisation of the first two dense layers is the penalty `regularization()`
     = l2 * (||W_1||^2 + ||W_2||^2) (Keras's kernel_regularizer=l2(1e-4)), which the trainer adds
