@@ -251,6 +251,10 @@ def test_a_search_on_the_target_labels_or_over_data_sets_is_refused(data, tmp_pa
     over_data = {"space": {"optim.lr": [0.001], "data.target": [str(data / "noisy"), str(data / "pristine")]}}
     with pytest.raises(DmhpcError, match=r"space.data.target: the data sets are the study's, not a value to search"):
         load_tune(spec(data, tmp_path, **over_data))
+    # The whole data section as the key: a choice with the target as source trained on its labels.
+    whole = {"space": {"data": [{"source": str(data / "noisy")}, {"source": str(data / "pristine")}]}}
+    with pytest.raises(DmhpcError, match=r"space.data: the data sets are the study's, not a value to search"):
+        load_tune(spec(data, tmp_path, **whole))
 
 
 def test_choices_edited_to_equal_numbers_of_another_type_are_another_space(data, tmp_path):
@@ -427,6 +431,30 @@ def test_a_tuner_killed_while_requeueing_a_stale_trial_queues_it_once(data, tmp_
     assert _requeue_stale(study, t.out / "submitit") == 1
     states = [(tr.state.name, tr.user_attrs.get("rerun_of")) for tr in study.get_trials()]
     assert states == [("FAIL", None), ("WAITING", 0)] and _counted(study) == 0
+
+
+def test_a_stale_trial_keeps_its_enqueued_values_and_a_recorded_failure_stays_one(data, tmp_path):
+    """A tuner killed while the sampler filled in an enqueued trial left some values unset, and the
+    rerun drew them anew (the baseline never ran). One killed between recording a trial's failure
+    and telling the study had the failure run again, no longer counted."""
+    from dmhpc.launch.tune import _counted, _requeue_stale
+
+    t = load_tune(spec(data, tmp_path, trials=3, parallel=1))
+    lock = _lock(t.out)
+    study = _open_study(t)
+    lr = optuna.distributions.CategoricalDistribution(["0.001", "0.003"])
+    weight = optuna.distributions.FloatDistribution(0.1, 1.0)
+    study.enqueue_trial({"optim.lr": "0.003", "loss.transfer_weight": 0.5})
+    half = study.ask({"optim.lr": lr})  # killed before loss.transfer_weight was asked
+    failed = study.ask({"optim.lr": lr, "loss.transfer_weight": weight})
+    failed.set_user_attr("failure", "exit code 1")  # then killed
+    lock.close()
+    assert _requeue_stale(study, t.out / "submitit") == 1
+    trials = study.get_trials()
+    assert [(tr.state.name, tr.user_attrs.get("rerun_of")) for tr in trials] == \
+        [("FAIL", None), ("FAIL", None), ("WAITING", half.number)]
+    assert trials[-1].system_attrs["fixed_params"] == {"optim.lr": "0.003", "loss.transfer_weight": 0.5}
+    assert trials[failed.number].user_attrs["failure"] == "exit code 1" and _counted(study) == 1
 
 
 def test_the_command_line_and_the_shipped_tune_files(data, tmp_path):

@@ -226,7 +226,7 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
     space = read_space(problems, data.get("space"), "space", TUNER_KEYS)
     for key in sorted(set(space) & set(overrides)):
         problems.add(key, "set in both overrides and space")
-    for key in sorted(k for k in space if k.startswith("data.source") or k.startswith("data.target")):
+    for key in sorted(k for k in space if k == "data" or k.startswith(("data.source", "data.target"))):
         # The objective of other data sets is another number (SND grows with the rows): TPE ranked them as one.
         problems.add(f"space.{key}", "the data sets are the study's, not a value to search: their objectives do "
                      "not compare; tune each data pair in a study of its own")
@@ -460,6 +460,12 @@ def _requeue_stale(study, folder: Path) -> int:
     # A tuner killed between the two steps below queued the rerun already: a second one spent the
     # budget on the same values twice.
     queued = {tr.user_attrs.get("rerun_of") for tr in trials if tr.state == TrialState.WAITING}
+    failed = [tr for tr in stale if tr.user_attrs.get("failure") and tr.number not in queued]
+    for tr in failed:
+        # A failure recorded, the tuner killed before it told the study: a failure, not a trial to
+        # run again (rerun, it was no longer counted, and trials.md kept its old failure).
+        study.tell(tr.number, state=TrialState.FAIL)
+    stale = [tr for tr in stale if tr not in failed]
     for tr in stale:
         job_id, executor = str(tr.user_attrs.get("job_id", "")), tr.user_attrs.get("executor")
         # A tuner killed after the submission and before it recorded the job id left the job
@@ -478,7 +484,7 @@ def _requeue_stale(study, folder: Path) -> int:
         elif executor == "local" and (job_id.isdecimal() or not job_id):
             cancel_local_jobs(folder, job_id or None, who="an earlier tuner")
         if tr.number not in queued:
-            study.enqueue_trial(tr.params, user_attrs={"rerun_of": tr.number})  # first: a crash here loses nothing
+            _queue_again(study, tr)  # first: a crash here loses nothing
         study.tell(tr.number, state=TrialState.FAIL)
     return len(stale)
 
@@ -515,6 +521,14 @@ def _report(r: _Running) -> None:
         if epoch > r.reported:
             r.trial.report(best, epoch)
             r.reported = epoch
+
+
+def _queue_again(study, trial) -> None:
+    """The trial's values queued for a trial of its own, which runs them again. Its enqueued values
+    first: a tuner killed while the sampler filled in a trial left some of them unset, and the rerun
+    drew them anew (an enqueued baseline never ran)."""
+    values = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+    study.enqueue_trial(values, user_attrs={"rerun_of": trial.number})
 
 
 def _fail(study, trial, why: str) -> str:
@@ -628,7 +642,7 @@ class _Search:
             # first (a crash between loses nothing): not submitted, it trained nothing, and counted as
             # a failure it used up the budget, and an enqueued baseline never ran.
             try:
-                study.enqueue_trial(trial.params, user_attrs={"rerun_of": trial.number})
+                _queue_again(study, trial)
                 _fail(study, trial, str(exc))
             except DmhpcError as unrecorded:  # (the same full disk, most likely): both are said
                 raise DmhpcError(f"{exc}; and {unrecorded} (the next launch runs the trial again)") from None
@@ -712,7 +726,7 @@ class _Search:
                 def stopped(o: _Running) -> str:
                     # A trial that was doing well, stopped with the search: run again by the next
                     # launch (its run resumes), not counted against the budget (see _counted).
-                    self.study.enqueue_trial(o.trial.params, user_attrs={"rerun_of": o.trial.number})
+                    _queue_again(self.study, o.trial)
                     return _fail(self.study, o.trial, "stopped: the search stopped; the next launch runs it again")
 
                 for job in {id(r.job): r.job for r in self.running}.values():
