@@ -31,3 +31,7 @@ MERGER_THRESHOLD = 0.5
 
 # The test metrics leaderboards and study summaries report per domain.
 REPORTED_METRICS = ("accuracy", "roc_auc", "f1", "brier")
+
+# The kind of the log record (metrics.jsonl) a diverged run ends with: a tuner tells the sampler
+# that the trial's values failed it, where a failed setup (a data path) is no fault of theirs.
+DIVERGED = "diverged"

@@ -282,8 +282,12 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(data,
     last = load_checkpoint(RunDir(run).checkpoint("last"))
     assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
     assert not list(RunDir(run).checkpoint_dir.glob(".*.tmp"))
+    # The log ends with it (a tuner tells the trial's values failed it, not the setup).
+    last_record = RunDir(run).read_log()[-1]
+    assert last_record["kind"] == "diverged" and last_record["error"] == err.split(": error: ")[1]
     again = train(data, run, *args)  # a resume meets the same divergence, and says so the same way
     assert one_line_error(again).split(": error: ")[1] == err.split(": error: ")[1]
+    assert [r["kind"] for r in RunDir(run).read_log()].count("diverged") == 1  # the first dropped with the resume
 
 
 def test_a_nonfinite_loss_term_is_named_with_its_step():

@@ -342,6 +342,19 @@ def test_three_failures_in_a_row_stop_the_search_and_each_is_recorded(data, tmp_
     assert [r["state"] for r in rows] == ["fail"] * 3 and all("missing" in r["failure"] for r in rows)
 
 
+def test_trials_whose_values_diverge_are_told_as_pruned_and_stop_nothing(data, tmp_path):
+    """A diverged run was a failed trial: TPE ignores those and went on proposing values where runs
+    diverge, and three in a row stopped the search as if the setup were broken."""
+    s = spec(data, tmp_path, executor="debug", trials=3, parallel=1, space={"optim.lr": [100.0, 300.0]},
+             overrides={**tiny_overrides(data, **{"train.epochs": 2}), "optim.name": "sgd"})
+    assert tune(s, poll_s=0.1)["number"] is None  # nothing completed; the search ran its three trials
+    study = _study(tmp_path / "tune")
+    assert [tr.state.name for tr in study.trials] == ["PRUNED"] * 3
+    assert all(tr.user_attrs["failure"].startswith("diverged: step ") for tr in study.trials)
+    rows = list(csv.DictReader((tmp_path / "tune" / "trials.csv").open()))
+    assert [r["state"] for r in rows] == ["pruned"] * 3 and all("not finite" in r["failure"] for r in rows)
+
+
 def test_a_good_trial_stopped_with_the_search_runs_again_and_spends_no_budget(data, tmp_path):
     """Trials running well when three others failed in a row were failed with the search: counted
     against the budget, never run again, though the failures were of other values."""

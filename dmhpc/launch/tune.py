@@ -77,7 +77,7 @@ from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, SUBMISSION_COMMENT,
                                  refused_submission, sigterm_as_interrupt, submission, use_gpus, wait_for,
                                  warn_setup_unused)
 from dmhpc.markdown import table
-from dmhpc.names import CRITERIA, LABEL_FREE
+from dmhpc.names import CRITERIA, DIVERGED, LABEL_FREE
 from dmhpc.run import LENGTH_KEYS, RESULT_KEYS, RESUMABLE, RunDir
 
 TUNE_KEYS = ("base", "out", "objective", "trials", "parallel", "seed", "executor", "overrides", "space", "enqueue",
@@ -526,8 +526,9 @@ def _report(r: _Running) -> None:
 def _queue_again(study, trial) -> None:
     """The trial's values queued for a trial of its own, which runs them again. Its enqueued values
     first: a tuner killed while the sampler filled in a trial left some of them unset, and the rerun
-    drew them anew (an enqueued baseline never ran)."""
-    values = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+    drew them anew (an enqueued baseline never ran). (A trial of this launch, asked whole, is no
+    FrozenTrial and keeps no system_attrs.)"""
+    values = {**getattr(trial, "system_attrs", {}).get("fixed_params", {}), **trial.params}
     study.enqueue_trial(values, user_attrs={"rerun_of": trial.number})
 
 
@@ -540,14 +541,36 @@ def _fail(study, trial, why: str) -> str:
     return "fail"
 
 
+def _values_failed(study, trial, why: str) -> str:
+    """A trial its own values failed (a run that diverged, values giving an invalid configuration):
+    told to the sampler as pruned with what it reported, which TPE ranks below every complete trial,
+    so that it learns to avoid them. A failed trial it ignores: told so, TPE went on proposing
+    values where runs diverge (34 of 40 trials in a simulation), and three in a row stopped the search."""
+    from optuna.trial import TrialState
+
+    trial.set_user_attr("failure", why)
+    study.tell(trial, state=TrialState.PRUNED)
+    print(f"dmhpc tune: trial {trial.number} failed by its values (told as pruned): {why}", flush=True)
+    return "pruned"
+
+
+def _diverged(run: RunDir) -> str | None:
+    """Why the run diverged, where its log ends with the trainer's record of it."""
+    records = run.read_log()
+    return records[-1].get("error", "diverged") if records and records[-1].get("kind") == DIVERGED else None
+
+
 def _finish(study, r: _Running, objective: str) -> str:
-    """Tell the study how a finished job did: 'complete' or 'fail'."""
+    """Tell the study how a finished job did: 'complete', 'pruned' (its values failed it) or 'fail'."""
     try:
         failed = wait_for({str(r.trial.number): r.job}) if r.job is not None else {}  # a debug job runs here
         _report(r)  # every evaluation, for the pruner's medians at each epoch
         result = r.run.read_result("best", "test")
+        diverged = _diverged(r.run) if failed else None
     except DmhpcError as exc:  # a damaged log or result file
         return _fail(study, r.trial, str(exc))
+    if diverged is not None:
+        return _values_failed(study, r.trial, f"diverged: {diverged}")
     if failed or result is None:
         return _fail(study, r.trial, failed.get(str(r.trial.number), "the run wrote no test result"))
     checkpoint = result.get("checkpoint", {})
@@ -603,6 +626,10 @@ class _Search:
             values = _values(trial.params, t.space)
             trial.set_user_attr(ATTR_VALUES, values)
             run_dir, cfg = t.point(values)
+        except DmhpcError as exc:
+            self.outcome(_values_failed(study, trial, str(exc)))
+            return
+        try:
             trial.set_user_attr(ATTR_RUN, str(run_dir))
             same = next((r for r in self.running if r.run.path == run_dir), None)
             if same is not None:  # values a running trial has: share its job, its result, its fate

@@ -26,13 +26,14 @@ from dmhpc.distributed import (AgreedError, agree, all_gather_object, bootstrap,
                                shutdown, synchronize)
 from dmhpc.errors import DmhpcError
 from dmhpc.losses.collective import stable_rows
+from dmhpc.names import DIVERGED
 from dmhpc.progress import progress_bar
 from dmhpc.run import RunDir, check_end_evaluated, check_epochs, check_patience, check_steps
 from dmhpc.train import preflight
 from dmhpc.train.checkpoint import (REQUEUE_EXIT_CODE, UNFIT, StopRequest, check_requeue_progress, check_selected,
                                    load_checkpoint, load_checkpoint_sha256, load_weights, save_checkpoint, unfit)
 from dmhpc.train.evaluate import evaluate_run, format_table, predict
-from dmhpc.train.meter import EpochMeter
+from dmhpc.train.meter import Diverged, EpochMeter
 from dmhpc.train.metrics import DEV_MAX_ROWS, MetricLog, domain_metrics, selection_score, validator_scores
 from dmhpc.train.objective import fisher_scale_note
 from dmhpc.train.state import TrainState
@@ -339,7 +340,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
                     # sums differ with the thread count) alone went into best's collectives and hung.
                     score = on_main(lambda: selection_score(criterion, val))
                     if not math.isfinite(score):  # never > best: the run would end without a best.pt
-                        raise DmhpcError(f"select.criterion {criterion}: its score is {score} at epoch {prog.epoch} "
+                        raise Diverged(f"select.criterion {criterion}: its score is {score} at epoch {prog.epoch} "
                                          f"(on the validation splits); no checkpoint can be chosen by it")
                     record["selection"] = {"criterion": criterion, "score": score}
                     if cfg.select.all_validators:  # for the study's validator table; chooses nothing
@@ -377,6 +378,12 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
                 if early_stopped() and dist.is_main:
                     print(f"dmhpc train: early stop: {criterion} has not improved for "
                           f"{prog.evals_since_best} evaluations", flush=True)
+    except Diverged as exc:
+        # Said in the log too: a tuner ranks the trial's values as bad, where a failed setup (a data
+        # path) is no fault of the values. A resume drops it with the records after its checkpoint.
+        with contextlib.suppress(DmhpcError):
+            on_main(lambda: log.write({"kind": DIVERGED, "step": prog.step, "error": str(exc)}, prog.step))
+        raise
     finally:
         try:
             stop.settle()  # raises when a peer is gone: the loader and log are closed all the same

@@ -11,6 +11,10 @@ from dmhpc.distributed import all_gather_object, all_reduce_mean, all_reduce_min
 from dmhpc.errors import DmhpcError
 from dmhpc.train.metrics import domain_metrics
 
+
+class Diverged(DmhpcError):
+    """The run's loss, weights or selection score went non-finite: stopped without writing them."""
+
 _NONE = 2**62  # "no non-finite value yet": above any step, so a MIN over ranks finds the first
 # Under fp16 a forward pass can overflow now and then (the gradient scaler then skips that step's
 # update): a non-finite loss is not an error at once. This many in a row is a loss that stays NaN or
@@ -84,17 +88,17 @@ class EpochMeter:
         bad_steps, stuck, weights_bad = agreed[:-2], agreed[-2], agreed[-1] < 0
         hint = "lower optim.lr or set optim.grad_clip; the last good checkpoint is kept"
         if stuck != _NONE:
-            raise DmhpcError(f"step {stuck}: the loss was not finite (NaN or Inf) for {FP16_SKIPPED_IN_A_ROW} steps "
+            raise Diverged(f"step {stuck}: the loss was not finite (NaN or Inf) for {FP16_SKIPPED_IN_A_ROW} steps "
                              f"in a row under train.amp=fp16; training stopped "
                              f"at step {step} without writing it ({hint}, or train.amp=bf16)")
         if any(s != _NONE for s in bad_steps):
             at = min(s for s in bad_steps if s != _NONE)
             names = [n for n, s in zip(self.names, bad_steps) if s == at]
-            raise DmhpcError(f"step {at}: loss term{'s' if len(names) > 1 else ''} {', '.join(names)} not "
+            raise Diverged(f"step {at}: loss term{'s' if len(names) > 1 else ''} {', '.join(names)} not "
                              f"finite (NaN or Inf); training stopped at step {step} without writing it ({hint})")
         if weights_bad:
             what = f"{len(weights)} tensors, e.g. {weights[0]}" if weights else "on another rank"
-            raise DmhpcError(f"step {step}: non-finite weights ({what}); training stopped without writing "
+            raise Diverged(f"step {step}: non-finite weights ({what}); training stopped without writing "
                              f"them ({hint})")
 
     def _kept_steps(self) -> list[bool]:
