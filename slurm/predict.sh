@@ -27,10 +27,16 @@ usage="usage: sbatch [SBATCH FLAGS] slurm/predict.sh RUN (--data DIR | --images 
 [ -n "${SLURM_JOB_ID:-}" ] || { echo "predict.sh: not in a SLURM job; $usage" >&2; exit 2; }
 [ $# -ge 1 ] || { echo "predict.sh: $usage" >&2; exit 2; }
 
+# A heterogeneous job's record holds one Command per component; a relative one is the submit
+# directory's (under sbatch --chdir the job runs elsewhere).
 here=$(dirname "$0")
 if [ ! -f "$here/lib.sh" ]; then
-    command=$(scontrol show job "$SLURM_JOB_ID" | sed -n 's/^ *Command=//p')
-    here=$(dirname "${command%" $*"}")
+    job=$(scontrol show job "$SLURM_JOB_ID" 2>&1) ||
+        { echo "predict.sh: error: cannot find lib.sh: scontrol show job $SLURM_JOB_ID failed: ${job##*$'\n'}" >&2; exit 2; }
+    command=$(printf '%s\n' "$job" | awk '!found && sub(/^ *Command=/, "") { print; found = 1 }')
+    command=${command%" $*"}
+    [ "${command#/}" != "$command" ] || command="${SLURM_SUBMIT_DIR:-$PWD}/$command"
+    here=$(dirname "$command")
 fi
 [ -f "$here/lib.sh" ] || { echo "predict.sh: error: cannot find lib.sh in '$here', next to the submitted script" >&2; exit 2; }
 # shellcheck source=slurm/lib.sh

@@ -394,6 +394,35 @@ def test_a_usr2_while_the_spooled_script_looks_for_lib_sh_is_kept(tmp_path, scri
     assert proc.returncode == 2 and "no/such.yaml" in out, (proc.returncode, out)
 
 
+@pytest.mark.parametrize("script", ["train_ddp.sh", "predict.sh"])
+def test_the_spooled_script_finds_lib_sh_from_any_record_scontrol_gives(tmp_path, script):
+    """A relative Command (sbatch --chdir: the job runs elsewhere) was looked for in the job's
+    folder, a heterogeneous job's two Commands were taken as one path, and a failed scontrol ended
+    the shell with scontrol's words alone: each "cannot find lib.sh", or no dmhpc line at all."""
+    spool, bin_dir, elsewhere = tmp_path / "spool", tmp_path / "bin", tmp_path / "elsewhere"
+    for folder in (spool, bin_dir, elsewhere):
+        folder.mkdir()
+    (spool / script).write_bytes((ROOT / "slurm" / script).read_bytes())
+    scontrol = bin_dir / "scontrol"
+    env = {**clean_env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "5",
+           "SLURM_SUBMIT_DIR": str(ROOT)}
+
+    def run(body: str) -> subprocess.CompletedProcess:
+        scontrol.write_text(f"#!/bin/sh\n{body}\n")
+        scontrol.chmod(0o755)
+        return subprocess.run(["bash", str(spool / script), "no/such.yaml"], env=env, cwd=elsewhere,
+                              capture_output=True, text=True, timeout=60)
+
+    found = "no/such.yaml"  # lib.sh sourced: the script went on to refuse the missing config
+    for record in (f"   Command=slurm/{script} no/such.yaml",
+                   f"   Command={ROOT}/slurm/{script} no/such.yaml\n\n   Command={ROOT}/slurm/{script} no/such.yaml"):
+        proc = run(f"printf '%s\\n' '{record}'")
+        assert proc.returncode == 2 and found in proc.stderr and "lib.sh" not in proc.stderr, proc.stderr
+    proc = run("echo 'slurm_load_jobs error: Socket timed out on send/recv operation' >&2; exit 1")
+    assert proc.returncode == 2 and proc.stderr == (f"{script}: error: cannot find lib.sh: scontrol show job 5 failed: "
+                                                    f"slurm_load_jobs error: Socket timed out on send/recv operation\n")
+
+
 def test_ranks_that_stopped_for_a_requeue_are_requeued_though_the_shell_had_no_signal(tmp_path):
     """`scancel --signal=USR2 JOB` (no --batch) reaches the ranks only: they checkpointed and exited
     75 for a requeue, srun said 75, and the job ended FAILED. Another failure is no requeue."""

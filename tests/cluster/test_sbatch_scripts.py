@@ -25,6 +25,13 @@ def test_train_ddp_refuses_a_missing_config_before_starting_anything(slurm_clust
     # Exit 2 with this message also shows that the spooled copy of the script found slurm/lib.sh.
     assert (job.state, job.exit_code) == ("FAILED", 2), job
     assert job.output.strip() == f"train_ddp.sh: error: config 'no/such.yaml' not found (in {tmp_path})", job
+    # Submitted by a relative path with --chdir: the job runs elsewhere, and its Command (relative to
+    # the submit directory) named a slurm/lib.sh there that was not.
+    job = slurm_cluster.wait(slurm_cluster.sbatch(
+        "--cpus-per-task=1", f"--chdir={tmp_path}", f"--output={tmp_path}/out2", "slurm/train_ddp.sh",
+        "no/such.yaml", cwd=REPO, env=JOB_ENV), timeout=60)
+    assert (job.state, job.exit_code) == ("FAILED", 2), job
+    assert job.output.strip() == f"train_ddp.sh: error: config 'no/such.yaml' not found (in {tmp_path})", job
 
 
 def test_prepare_mpi_renders_the_survey_a_survey_config_reads(slurm_cluster, tmp_path):
