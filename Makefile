@@ -1,7 +1,13 @@
 # Quick start: `make demo` (the main job on the embedded data set) and `make test` (the whole suite).
 # Both use the active virtual environment, or create .venv when none is active.
 SHELL := /bin/bash
+empty :=
+space := $(empty) $(empty)
 ifdef VIRTUAL_ENV
+# make splits a path with a space into two: `make clean` removed what lay before the space.
+ifneq ($(findstring $(space),$(VIRTUAL_ENV)),)
+$(error VIRTUAL_ENV '$(VIRTUAL_ENV)' holds a space, which make cannot take; use an environment without one)
+endif
 PYTHON := python
 STAMP := $(VIRTUAL_ENV)/.dmhpc-install-stamp
 else
@@ -48,7 +54,9 @@ bench: install
 	if [ -n "$$failed" ]; then echo "failed or missed a target:$$failed"; exit 1; fi
 
 # The demo's output, the install stamp (the next target reinstalls) and pytest's cache; never runs/,
-# which holds every config's and study's results.
+# which holds every config's and study's results: DEMO_OUT is removed only where the demo marked it.
 clean:
 	@[ -n "$(strip $(DEMO_OUT))" ] || { echo "make clean: DEMO_OUT is empty; nothing removed" >&2; exit 2; }
-	rm -rf -- "$(DEMO_OUT)" $(STAMP) .pytest_cache
+	@[ ! -e "$(DEMO_OUT)" ] || [ -f "$(DEMO_OUT)/.dmhpc-demo.json" ] || { echo "make clean: $(DEMO_OUT) is not \
+	a demo's folder (no .dmhpc-demo.json in it); nothing removed" >&2; exit 2; }
+	rm -rf -- "$(DEMO_OUT)" "$(STAMP)" .pytest_cache

@@ -17,6 +17,8 @@ import math
 import time
 from pathlib import Path
 
+import yaml
+
 from dmhpc.checks import Invalid, integer
 from dmhpc.config import load_config, override_text
 from dmhpc.data.prepare import Options
@@ -160,11 +162,29 @@ def _claim(out: Path) -> dict:
     if foreign or (names and not (out / "data" / "meta.json").is_file()):
         raise DmhpcError(f"--out {out}: holds {(foreign or names)[0]}, and is not a demo's folder (the demo replaces "
                          f"its runs at every start); give --out a new folder")
+    for name in (Path(c).stem for c in RUNS.values()):
+        # A run of the demo's name trained on other data is no demo's (a folder of the user's runs
+        # beside a data/meta.json was taken on, and its run replaced).
+        if (out / name).is_dir() and not _trained_on(out / name, out / "shards"):
+            raise DmhpcError(f"--out {out}: holds {name}, a run not of the demo's data ({out / 'shards'}), and is not "
+                             f"a demo's folder (the demo replaces its runs at every start); give --out a new folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DmhpcError(f"--out {out}: cannot create: {exc.strerror}") from None
     return _record(out, {}, prepared=None)
+
+
+def _trained_on(run: Path, shards: Path) -> bool:
+    """Whether the run folder holds nothing, or a run whose source data set lies in `shards`."""
+    try:
+        if not any(run.iterdir()):
+            return True
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        source = Path(config["data"]["source"])
+    except (OSError, ValueError, yaml.YAMLError, KeyError, TypeError):
+        return False
+    return shards.resolve() in source.resolve().parents
 
 
 def _record(out: Path, record: dict, **changes) -> dict:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from astropy.table import Table
 
@@ -85,16 +87,33 @@ def test_a_demo_out_that_is_a_file_is_refused_as_that(tmp_path, capsys):
 
 def test_make_clean_removes_the_demo_folder_named_and_nothing_else(tmp_path):
     """DEMO_OUT went into `rm -rf` unquoted: "my runs" removed ./my and ./runs, which holds every
-    config's results; an empty one is refused, not an `rm` of nothing but the stamp."""
+    config's results; an empty one is refused, not an `rm` of nothing but the stamp. A folder the
+    demo did not mark (DEMO_OUT=runs) was removed whole, and an active environment's path with a
+    space removed the folder before the space."""
+    from dmhpc.demo import MARK
+
     (tmp_path / "runs" / "keep").mkdir(parents=True)
     (tmp_path / "my runs").mkdir()
+    (tmp_path / "my runs" / MARK).write_text("{}")
     env = {k: v for k, v in clean_env().items() if k != "VIRTUAL_ENV"}
     make = ["make", "-s", "-f", str(ROOT / "Makefile"), "clean"]
-    proc = subprocess.run([*make, "DEMO_OUT=my runs"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=60)
+
+    def clean(*args, **extra):
+        return subprocess.run([*make, *args], cwd=tmp_path, env={**env, **extra}, capture_output=True, text=True,
+                              timeout=60)
+
+    proc = clean("DEMO_OUT=runs")
+    assert proc.returncode == 2 and proc.stderr.startswith("make clean: runs is not a demo's folder (no "
+                                                           ".dmhpc-demo.json in it); nothing removed\n")
+    assert (tmp_path / "runs" / "keep").is_dir()
+    (tmp_path / "victim").mkdir()
+    proc = clean("DEMO_OUT=my runs", VIRTUAL_ENV=str(tmp_path / "victim env"))
+    assert proc.returncode == 2 and "holds a space, which make cannot take" in proc.stderr, proc.stderr
+    assert (tmp_path / "victim").is_dir() and (tmp_path / "my runs").is_dir()
+    proc = clean("DEMO_OUT=my runs")
     assert proc.returncode == 0, proc.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and (tmp_path / "runs" / "keep").is_dir()
-    proc = subprocess.run([*make, "DEMO_OUT="], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs", "victim"] and (tmp_path / "runs" / "keep").is_dir()
+    proc = clean("DEMO_OUT=")
     assert proc.returncode == 2 and proc.stderr.startswith("make clean: DEMO_OUT is empty; nothing removed\n")
 
 
@@ -569,6 +588,22 @@ def test_the_demo_works_only_in_a_folder_of_its_own(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--n-per-class", "100"]) == 1
     assert "holds results.txt, and is not a demo's folder" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["deepmerge-noda", "results.txt"]  # (no mark left)
+    # A render's meta.json beside a run of other data: a folder of the user's, not an unmarked demo's.
+    (out / "results.txt").unlink()
+    shutil.rmtree(out / "deepmerge-noda" / "eval")
+    (out / "data").mkdir()
+    (out / "data" / "meta.json").write_text(json.dumps({"n_per_class": 100, "seed": 0}))
+    (out / "deepmerge-noda" / "config.yaml").write_text(yaml.safe_dump({"data": {"source": "data/mine/pristine"}}))
+    assert main(["demo", "--out", str(out), "--n-per-class", "100"]) == 1
+    assert capsys.readouterr().err == (f"dmhpc demo: error: --out {out}: holds deepmerge-noda, a run not of the demo's "
+                                       f"data ({out / 'shards'}), and is not a demo's folder (the demo replaces its "
+                                       f"runs at every start); give --out a new folder\n")
+    assert not (out / MARK).exists()
+    # An earlier demo's run, unmarked (a dmhpc before the mark), is taken on.
+    (out / "deepmerge-noda" / "config.yaml").write_text(
+        yaml.safe_dump({"data": {"source": str(out / "shards" / "pristine")}}))
+    steps = _demo_steps(out, fail_at="synth")
+    assert [s[0] for s in steps] == ["synth"] and (out / MARK).is_file()
     # A new folder is the demo's: made and marked.
     steps = _demo_steps(tmp_path / "new", fail_at="synth")
     assert [s[0] for s in steps] == ["synth"] and (tmp_path / "new" / MARK).is_file()
