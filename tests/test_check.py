@@ -90,6 +90,18 @@ def test_a_shard_the_disk_cannot_read_is_its_own_problem_line(dataset, monkeypat
     assert err.count("\n") == 1 and "shard-00001.h5: cannot read (Input/output error); shard-00003.h5 missing" in err
 
 
+def test_a_shard_whose_stat_fails_is_its_own_problem_line(dataset, capsys):
+    """is_file() raises where stat fails otherwise than "no such file" (EIO, a name too long behind a
+    link): verify and info ended in an OSError traceback."""
+    (dataset / shard_name(2)).unlink()
+    (dataset / shard_name(2)).symlink_to(dataset / ("x" * 300))
+    assert verify_dataset(dataset) == ["shard-00002.h5: cannot read (File name too long)"]
+    assert main(["verify", str(dataset)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "shard-00002.h5: cannot read (File name too long)" in err
+    assert main(["info", str(dataset)]) == 0
+
+
 @pytest.mark.parametrize("edit, problem", [
     (lambda s: s["val"].__setitem__(0, 60), "splits['val']: index 60 outside [0, 60)"),
     (lambda s: s["test"].__setitem__(0, -1), "splits['test']: index -1 outside [0, 60)"),

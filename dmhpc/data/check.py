@@ -76,8 +76,12 @@ def _check_shard(directory: Path, manifest: dict, number: int, checksums: bool, 
     name, n, start = shard["file"], shard["count"], shard["start"]
     path = directory / name
     empty = {s: np.zeros(0, np.int64) for s in SPLITS}
-    if not path.is_file():
-        return [f"{name} missing"], empty, {}
+    try:
+        # (stat's own error too: a failing disk, a name too long behind a link, a folder not searchable)
+        if not path.is_file():
+            return [f"{name} missing"], empty, {}
+    except OSError as exc:
+        return [f"{name}: cannot read ({exc.strerror or exc})"], empty, {}
     try:
         with h5py.File(path, "r") as f:
             missing = [k for k in ("images", "labels", "objects", "index") if not isinstance(f.get(k), h5py.Dataset)]

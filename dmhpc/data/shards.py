@@ -1262,9 +1262,16 @@ def summary(directory: str | os.PathLike) -> dict:
     # The fingerprint: what runs, catalogs and model cards name the data set by.
     out = {"directory": str(directory), "fingerprint": fingerprint(manifest)}
     out.update((k, v) for k, v in manifest.items() if k != "splits")
-    files = [directory / s["file"] for s in manifest["shards"]]
-    out["bytes"] = sum(f.stat().st_size for f in files if f.is_file())
+    out["bytes"] = sum(_size(directory / s["file"]) for s in manifest["shards"])
     return out
+
+
+def _size(path: Path) -> int:
+    """A shard's bytes; 0 where it cannot be read (`verify` names it; a summary is no check)."""
+    try:
+        return path.stat().st_size if path.is_file() else 0
+    except OSError:
+        return 0
 
 
 def info_arguments(parser) -> None:
