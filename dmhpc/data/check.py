@@ -231,7 +231,7 @@ def verify_dataset(directory: str | os.PathLike, checksums: bool = True) -> list
     manifest = load_manifest(directory)
     problem = split_problem(manifest)
     if problem:
-        return [problem]
+        return [f"manifest.json: {problem}"]
     return combine(manifest, [check_part(directory, checksums=checksums, manifest=manifest)])
 
 
