@@ -5,8 +5,10 @@ split drawn image by image puts copies of one galaxy in training and in test. Tw
 
 1. a signature per image, invariant under the 8 symmetries of the square (4 flips when H != W):
    the sum, modulo 2**64, of a mixing function of every pixel's bit pattern. Integer addition is
-   exact and order-free, so a flipped or rotated copy has the very same signature; distinct images
-   share one with probability about 2**-64 per pair. One cheap pass, a block of rows at a time.
+   exact and order-free, so a flipped or rotated copy has the very same signature. So has any
+   rearrangement of the same pixel values (sparse or padded images share one often); other images
+   share one with probability about 2**-64 per pair. Either way the next pass tells them apart: a
+   shared signature costs hashing, never a wrong group. One cheap pass, a block of rows at a time.
 2. within each group of equal signatures, the exact test: the canonical hash of an image is the
    smallest BLAKE2 digest of its symmetric versions, so two images with equal canonical hashes are
    exact symmetric copies. Only images whose signature is shared are hashed this way.
