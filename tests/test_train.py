@@ -1812,3 +1812,43 @@ def test_a_run_whose_own_folders_are_links_or_whose_best_is_gone(data, tmp_path,
                                      "--overwrite")
     assert (inner / "eval" / "pristine" / "manifest.json").is_file()
     assert f"run.dir {trained / 'eval' / 'sub'}: inside the run {trained}" in refused(trained / "eval" / "sub")
+
+
+def test_a_target_whose_test_objects_the_source_trains_on_is_refused(tmp_path, capsys):
+    """Each data set's own check sees no object in two of its splits: a pristine set and its noisy
+    copy prepared from one objects file with other seeds trained on the twins of the target's test
+    images, and its accuracy was inflated. Without object ids, rows aligned one to one, a note."""
+    rng = np.random.default_rng(0)
+    n = 120
+    labels = np.arange(n) % 2
+    clean = rng.normal(0.0, 0.05, (n, 3, 75, 75)).astype(np.float32) + labels[:, None, None, None]
+    for name, array in (("pristine.npy", clean), ("noisy.npy", clean + rng.normal(0, 0.3, clean.shape).astype(np.float32)),
+                        ("y.npy", labels), ("objects.npy", np.arange(n) // 2)):
+        np.save(tmp_path / name, array)
+    for domain, seed in (("pristine", 0), ("noisy", 0), ("noisy-other", 1)):
+        images = tmp_path / f"{domain.split('-')[0]}.npy"
+        for objects, out in ((["--objects", str(tmp_path / "objects.npy")], tmp_path / "ids" / domain),
+                             ([], tmp_path / "rows" / domain)):
+            assert main(["prepare", "--images", str(images), "--labels", str(tmp_path / "y.npy"), *objects,
+                         "--seed", str(seed), "--out", str(out)]) == 0
+    capsys.readouterr()
+
+    def start(kind: str, target: str, run: str):
+        argv = ["train", "--config", str(TINY), f"data.source={tmp_path / kind / 'pristine'}",
+                f"data.target={tmp_path / kind / target}", f"run.dir={tmp_path / run}", "train.epochs=1",
+                "train.batch_size=8"]
+        return main(argv), capsys.readouterr()
+
+    code, said = start("ids", "noisy-other", "leak")
+    assert code == 1 and len(said.err.splitlines()) == 1, said.err
+    assert re.search(rf"data.target {tmp_path / 'ids' / 'noisy-other'}: \d+ of its \d+ validation and test objects are "
+                     rf"in the training split of {tmp_path / 'ids' / 'pristine'} \(e.g. object \d+\): both hold the "
+                     rf"objects of one file, split with seed 0 and 1; prepare both with one --seed and --fractions",
+                     said.err), said.err
+    assert not (tmp_path / "leak" / "checkpoints").exists()
+    code, said = start("ids", "noisy", "same-split")  # one seed: one split, nothing said
+    assert code == 0 and "note: data.source" not in said.out
+    code, said = start("rows", "noisy-other", "rows-run")  # no ids: said, and trained
+    assert code == 0 and re.search(r"note: data.source and data.target hold as many images \(120\), split with seed "
+                                   r"0 and 1: if row i of one is row i of the other \(a pristine set and its noisy "
+                                   r"copy\), \d+ of the target's \d+ validation and test images", said.out), said

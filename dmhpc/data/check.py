@@ -27,7 +27,8 @@ import h5py
 import numpy as np
 
 from dmhpc.cpus import usable_cpus
-from dmhpc.data.shards import ROWS_KEY, SPLITS, UNLABELLED, file_sha256, is_labelled, load_manifest
+from dmhpc.data.shards import (ROWS_KEY, SPLITS, UNLABELLED, RowReader, file_sha256, is_labelled, load_manifest,
+                               split_rows)
 from dmhpc.errors import DmhpcError
 
 _THREADS = 4  # per rank: enough to keep a parallel file system busy, few enough to share a node
@@ -207,6 +208,58 @@ def combine(manifest: dict, parts: list[dict]) -> list[str]:
                 problems.append(f"{both.size} objects are in both the {a} and {b} splits (e.g. object "
                                 f"{int(both[0])}): their images would be tested on what was trained on")
     return problems
+
+
+def _objects_file(manifest: dict) -> str | None:
+    """The SHA-256 of the file of object ids the data set was prepared with, if any."""
+    return next((e["sha256"] for e in manifest["inputs"] if e.get("role") == "objects" and "sha256" in e), None)
+
+
+def _split_otherwise(source: dict, target: dict) -> str:
+    """How two data sets' splits were drawn, where they differ."""
+    said = [f"{key} {source[key]} and {target[key]}" for key in ("seed", "fractions") if source[key] != target[key]]
+    return " and ".join(said) or "otherwise"
+
+
+def twins_trained_on(source_dir: Path, source: dict, target_dir: Path, target: dict) -> str | None:
+    """Where both data sets were prepared from one file of object ids (the same SHA-256: a pristine
+    set and its noisy copy) and split otherwise (another --seed or --fractions): the target's
+    validation and test objects that the source trains on, as a problem line; None where there are
+    none. Each data set's own check cannot see it: the target's test images had their noise-free
+    twins in the source's training split, and its accuracy was inflated."""
+    shared = _objects_file(source)
+    if shared is None or shared != _objects_file(target):
+        return None
+    if all(np.array_equal(source["splits"][s], target["splits"][s]) for s in SPLITS):
+        return None  # (the same draw)
+    trained = RowReader(source_dir, source).read_ranges([split_rows(source, "train")], ("objects",))["objects"]
+    held = (split_rows(target, "val")[0], split_rows(target, "test")[1])
+    held = _distinct(RowReader(target_dir, target).read_ranges([held], ("objects",))["objects"])
+    both = _distinct_common(_distinct(trained), held)
+    if not both.size:
+        return None
+    return (f"{both.size} of its {held.size} validation and test objects are in the training split of {source_dir} "
+            f"(e.g. object {int(both[0])}): both hold the objects of one file, split with {_split_otherwise(source, target)}; "
+            f"prepare both with one --seed and --fractions")
+
+
+def twins_note(source: dict, target: dict) -> str | None:
+    """Data sets of as many images, neither with object ids (as DeepMerge's pristine and noisy files,
+    row i of one the twin of row i of the other), split otherwise: how many of the target's
+    validation and test rows are training rows of the source, row for row. A note, not a refusal:
+    unrelated data sets may happen to hold as many images."""
+    if source["count"] != target["count"] or _objects_file(source) or _objects_file(target):
+        return None
+    trained = np.zeros(source["count"], dtype=bool)
+    trained[np.asarray(source["splits"]["train"], np.int64)] = True
+    held = np.concatenate([np.asarray(target["splits"][s], np.int64) for s in ("val", "test")])
+    count = int(np.count_nonzero(trained[held]))
+    if not count:
+        return None
+    return (f"data.source and data.target hold as many images ({source['count']}), split with "
+            f"{_split_otherwise(source, target)}: if row i of one is row i of the other (a pristine set and its "
+            f"noisy copy), {count} of the target's {held.size} validation and test images have their twin in the "
+            f"source's training split; prepare both with one --seed and --fractions")
 
 
 def check_dataset(where: str, directory: str | os.PathLike, manifest: dict, *, checksums: bool, rank: int = 0,

@@ -212,8 +212,9 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
     def announce() -> None:  # rank 0's; its error (a full disk) reaches every rank
         print(f"dmhpc train: {run.path} | world {dist.world_size} on {dist.device} | loader {loader.description} "
               f"| {steps_per_epoch} steps/epoch, {total_steps} steps", flush=True)
-        if (note := fisher_scale_note(cfg.loss, dist.world_size)) is not None:
-            print(f"dmhpc train: note: {note}", flush=True)
+        for note in (fisher_scale_note(cfg.loss, dist.world_size), preflight.data_note(cfg, manifests)):
+            if note is not None:
+                print(f"dmhpc train: note: {note}", flush=True)
         if claim.resume_from is not None:
             changed = "".join(f"; {k} {v[0]} -> {v[1]}" for k, v in claim.changed.items())
             print(f"dmhpc train: resumed from {claim.resume_from} at epoch {prog.epoch}, step {prog.step}{changed}",

@@ -7,7 +7,9 @@ Each is a one-line DmhpcError on every rank, naming the key or the data set and 
 - what training needs of them: a labelled source (an unlabelled target is fine, with a label-free
   selection criterion), non-empty validation and test splits (checkpoints are chosen on
   validation data and the chosen one is tested), at most as many classes as the model has, a
-  source training split with more than one class, source and target images of one shape;
+  source training split with more than one class, source and target images of one shape, and no
+  target validation or test object in the source's training split where both were prepared from
+  one file of object ids (noted, not refused, for data sets of as many images without ids);
 - the model takes the images: one forward pass of a zero batch of the data's shape;
 - the transfer loss gets what it needs of a batch: enough rows per domain (CORAL, the unbiased
   MMD) and, for MMD, no more rows than loss.mmd.max_samples (checked with the data sets);
@@ -21,11 +23,11 @@ import math
 
 import torch
 
-from dmhpc.data.check import check_dataset
+from dmhpc.data.check import check_dataset, twins_note, twins_trained_on
 from dmhpc.data.loaders import KINDS, ORDER, RESUMED_RESIDENT, STREAMED
 from dmhpc.data.batches import normalization
 from dmhpc.data.shards import SPLITS, fingerprint, is_labelled, load_manifest
-from dmhpc.distributed import agree, gather
+from dmhpc.distributed import agree, gather, on_main
 from dmhpc.errors import DmhpcError
 from dmhpc.losses.coral import MIN_ROWS as CORAL_MIN_ROWS
 from dmhpc.losses.mmd import memory_gib, min_rows as mmd_min_rows
@@ -101,6 +103,16 @@ def check_data(cfg, manifests: dict, dist) -> None:
     if manifests["source"]["shape"] != manifests["target"]["shape"]:
         raise DmhpcError(f"data.target {dirs['target']}: images {manifests['target']['shape']} differ in shape "
                          f"from the source's {manifests['source']['shape']}")
+    if not cfg.data.trains_on_target():
+        problem = on_main(lambda: twins_trained_on(dirs["source"], manifests["source"], dirs["target"],
+                                                   manifests["target"]))
+        if problem is not None:
+            raise DmhpcError(f"data.target {dirs['target']}: {problem}")
+
+
+def data_note(cfg, manifests: dict) -> str | None:
+    """What the start line notes of the two data sets (see `twins_note`)."""
+    return None if cfg.data.trains_on_target() else twins_note(manifests["source"], manifests["target"])
 
 
 def check_batch_rows(cfg, world_size: int) -> None:
