@@ -3,6 +3,7 @@ script, and run directories that belong to another configuration."""
 
 from __future__ import annotations
 
+import re
 
 import pytest
 import yaml
@@ -28,6 +29,22 @@ def test_control_characters_in_launch_strings_are_refused(tmp_path, place, value
     path.write_text(yaml.safe_dump(spec))
     with pytest.raises(DmhpcError, match=rf"{path}: .*holds a control character"):
         load_grid(path)
+
+
+@pytest.mark.parametrize("text, where", [
+    ("grid: {seed: [0, 1], run.name: [2024-01-01, 2024-02-01]}", "grid.run.name[0]"),
+    ("grid: {seed: [0]}\noverrides: {data.source: 2024-06-01}", "overrides.data.source"),
+    ("grid: {seed: [0], loss.mmd.sigmas: [!!set {1: null}]}", "grid.loss.mmd.sigmas[0]"),
+])
+def test_a_date_or_set_anywhere_in_a_launch_file_is_one_line(tmp_path, text, where):
+    """YAML reads an unquoted 2024-01-01 as a date: in a grid's values or overrides it ended in a
+    TypeError traceback ("Object of type date is not JSON serializable") where points are named."""
+    path = tmp_path / "grid.yaml"
+    path.write_text(f"base: {TINY}\nout: {tmp_path / 'out'}\nexecutor: local\n{text}\n")
+    with pytest.raises(DmhpcError, match=rf"{path}: {re.escape(where)}: .*expected text, a number, true/false or "
+                                         rf"null") as info:
+        load_grid(path)
+    assert "read as a date: quote it" in str(info.value) or "!!set" in text
 
 
 def test_an_sbatch_parameter_that_is_not_a_scalar_is_one_line(tmp_path):

@@ -76,8 +76,25 @@ def read_launch_file(spec: str | os.PathLike | Mapping) -> tuple[dict, str, Path
         if _CONTROL.search(value):
             problems.add(where or None, f"{show(value)} holds a control character (a newline, tab, ...); "
                                         f"launch values go into batch scripts line by line")
+    for where, value in _leaves(data):
+        # A date (YAML reads an unquoted 2024-06-01 so) or a set deep in a grid's values or overrides
+        # ended in a TypeError traceback where point names and overrides are written as JSON.
+        if not isinstance(value, (str, int, float, bool, type(None))):
+            problems.add(where or None, f"{show(value)}: expected text, a number, true/false or null")
     problems.raise_if_any()
     return data, source, here
+
+
+def _leaves(value: Any, where: str = ""):
+    """(dotted place, value) for every value at any depth that is not a mapping or a list."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _leaves(item, f"{where}.{key}" if where else str(key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _leaves(item, f"{where}[{i}]")
+    else:
+        yield where, value
 
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
