@@ -229,10 +229,16 @@ def test_two_point_grid_through_the_local_executor_then_skip_and_resume(data, tm
     assert not (out / "optim.lr=0.0001" / "eval" / "best_test.json").exists()
     both = subprocess.run(cmd + ["--report", "--no-wait"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert both.returncode == 2 and "not allowed with argument" in both.stderr, both.stderr
-    # An executor for a report was ignored: the file was checked against its own executor.
-    dead = subprocess.run(cmd + ["--report", "--executor", "local"], capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path)
-    assert dead.returncode == 1 and "--report launches nothing; leave --executor out" in dead.stderr, dead.stderr
+    # The executor the grid was launched with, where it replaced the file's: the file is read as
+    # that launch read it (refused, a file whose own executor refused its shape had no tables).
+    spec = yaml.safe_load(grid_file.read_text())
+    grid_file.write_text(yaml.safe_dump({**spec, "executor": "slurm", "slurm": {"signal_delay_s": 3600}}))
+    own = subprocess.run(cmd + ["--report"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert own.returncode == 1 and "slurm.signal_delay_s" in own.stderr, own.stderr
+    other = subprocess.run(cmd + ["--report", "--executor", "local"], capture_output=True, text=True, timeout=300,
+                           cwd=tmp_path)
+    assert other.returncode == 0 and "point(s) finished; nothing launched" in other.stdout, other.stdout + other.stderr
+    grid_file.write_text(yaml.safe_dump(spec))
 
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert second.returncode == 0, second.stdout + second.stderr

@@ -373,8 +373,10 @@ def launch_grid(spec: str | Path | Mapping, wait: bool = True, executor: str | N
     return rows
 
 
-def report_grid(spec: str | Path | Mapping) -> list[dict]:
+def report_grid(spec: str | Path | Mapping, executor: str | None = None) -> list[dict]:
     """Write the leaderboard and summary from what the run directories hold now; launch nothing.
+    `executor`: the one the grid was launched with, where it replaced the file's (the ranks of a
+    point, which its runs must match, depend on it; the file's own could refuse the file outright).
 
     For a study whose jobs are still running, or one that was launched in parts: the tables
     cover every point of the file, unfinished ones marked as such. A point whose run directory no
@@ -382,7 +384,7 @@ def report_grid(spec: str | Path | Mapping) -> list[dict]:
     is named and marked "left out": its results are not the file's, and a launch would refuse it.
     It still counts among its group's runs ("2/3" finished): dropped, three seeds read "2/2".
     """
-    g = load_grid(spec, check_runs=False)
+    g = load_grid(spec, executor, check_runs=False)
     stale = relaunch_problems(list(g.points))
     for name, why in stale.items():
         print(f"dmhpc launch: point {name}: left out of the tables: {why}", flush=True)
@@ -443,9 +445,7 @@ def grid_arguments(parser) -> None:
 
 def grid_main(args) -> int:
     if args.report:
-        if args.executor:  # it would check the file against the file's own executor, not this one
-            raise DmhpcError(f"--executor {args.executor}: --report launches nothing; leave --executor out")
-        report_grid(args.file)
+        report_grid(args.file, executor=args.executor)
     else:
         launch_grid(args.file, wait=not args.no_wait, executor=args.executor)
     return 0
