@@ -144,6 +144,11 @@ def test_overrides_that_only_the_points_values_make_valid_are_taken(tmp_path):
         load_grid({**spec, "grid": {"seed": [1, 2]}})
     assert str(err.value) == ('<launch dict>: overrides: model.stem: "small" applies to ResNet models only, but '
                               'model.name is "deepmerge2"')
+    # Every point mends the overrides and breaks on a value of its own: each point said, not the
+    # overrides (the user was told to fix a key the grid fixes already).
+    with pytest.raises(DmhpcError) as err:
+        load_grid({**spec, "grid": {"model.name": ["resnet18", "resnet34"], "optim.lr": [-1.0]}})
+    assert "overrides:" not in str(err.value) and "optim.lr=-1.0: optim.lr: expected a number > 0" in str(err.value)
 
 
 def test_a_random_section_whose_keys_are_all_commented_out_is_refused(tmp_path):

@@ -292,7 +292,9 @@ def load_grid(spec: str | Path | Mapping, executor: str | None = None, *, check_
                 points.append(Point(name, dict(values), run_dir, cfg, resources.ranks))
             else:
                 points.append(Point(f"{method}/{name}", {"method": method, **values}, run_dir, cfg, resources.ranks))
-        if method in common and len(failed) == len(named):
+        # One line where every point fails as the base does; points failing for their own reasons
+        # (a grid that mends the base and breaks each point otherwise) are named, each with its own.
+        if method in common and len(failed) == len(named) and set(failed.values()) == {common[method]}:
             problems.add("overrides" if method is None else f"methods.{method}", common[method])
         else:
             failures.update(failed)
