@@ -56,8 +56,13 @@ def test_random_samples_are_seeded_distinct_in_range_and_crossed_with_the_grid()
     assert 150 < sum(v < 1e-3 for v in many) < 250
     crossed = expand({"seed": [1, 2]}, a)
     assert len(crossed) == 12 and crossed[0] == {**a[0], "seed": 1} and crossed[6] == {**a[0], "seed": 2}
-    with pytest.raises(DmhpcError, match="3 distinct samples asked for, the space gave only 2"):
+    with pytest.raises(DmhpcError, match="3 distinct samples asked for, the space holds only 2"):
         sample_space({"seed": [0, 1]}, 3, seed=0)
+    # Said before any draw: 100 * n draws came first (2.7 s at 10**4 over 3 choices, minutes at 10**6).
+    with pytest.raises(DmhpcError, match="1000000 distinct samples asked for, the space holds only 6"):
+        sample_space({"seed": [0, 1, 2], "optim.lr": [0.1, 0.01, 0.1]}, 10**6, seed=0)
+    with pytest.raises(DmhpcError, match="3 distinct samples asked for, the space gave only 1"):  # a range rounded
+        sample_space({"seed": [0], "optim.lr": Range(0.99991, 0.99992)}, 3, seed=0)
     # Rounded to 4 digits past the range's ends: high 0.99999 drew 1.0, which a key below 1 refuses.
     tight = sample_space({"optim.lr": Range(0.99991, 0.99999)}, 2, seed=0)
     assert all(0.99991 <= s["optim.lr"] <= 0.99999 for s in tight)
