@@ -494,8 +494,10 @@ def test_a_study_through_the_local_executor_runs_array_parallelism_points_at_a_t
     assert [(r["method"], r["finished"], r["seeds"]) for r in rows] == [("noda", "2", "1 2"), ("mmd", "2", "1 2")]
     noda_acc = json.loads((first[0] / "eval" / "best_test.json").read_text())["target"]["accuracy"]
     assert float(rows[0]["target_accuracy_per_seed"].split()[0]) == noda_acc
-    tie = rows[0]["target_accuracy_mean"] == rows[1]["target_accuracy_mean"]  # tiny data: both may say "merger"
-    assert [r["gap_closed"] for r in rows] == (["", ""] if tie else ["0.0", "1.0"])
+    # A gap from noda to mmd only where mmd's mean is above noda's (tiny data: both may say "merger",
+    # or mmd do worse: no gap to close, blank cells); the gap itself is test_leaderboard's.
+    gap = float(rows[1]["target_accuracy_mean"]) > float(rows[0]["target_accuracy_mean"])
+    assert [r["gap_closed"] for r in rows] == (["0.0", "1.0"] if gap else ["", ""])
     assert "| method | runs |" in (out / "summary.md").read_text()
 
 
