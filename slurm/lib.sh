@@ -89,6 +89,9 @@ dmhpc_launch_command() {
     # would die too (`scancel --signal=USR1 --full`). The trainer installs its own handlers
     # (train.signals), so the ranks still get them.
     local ignore_usr2=(bash -c 'trap "" USR1 USR2; exec "$@"' dmhpc-task)
+    # Each srun below has --export=ALL: a job submitted with --export=NONE holds
+    # SLURM_EXPORT_ENV=NONE, which srun takes for its own --export, and the ranks started without
+    # PATH (bash itself not found), OMP_NUM_THREADS and the rest set here.
     case ${DMHPC_LAUNCH:-torchrun} in
     torchrun)
         # srun reads SLURM_GPUS_PER_TASK as its own --gpus-per-task: the one task per node would get
@@ -121,6 +124,7 @@ dmhpc_launch_command() {
         export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
         DMHPC_LAUNCH_CMD=(
             srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 --cpus-per-task="$cpus" --kill-on-bad-exit=1
+            --export=ALL
             "${task[@]}" "$python" -m torch.distributed.run --nnodes="$nnodes" --nproc-per-node="$nproc"
             --rdzv-backend=c10d "${rdzv[@]}" --rdzv-id="$SLURM_JOB_ID"
             "$@"
@@ -130,7 +134,7 @@ dmhpc_launch_command() {
         export MASTER_ADDR=$DMHPC_RDZV_ADDR MASTER_PORT=$DMHPC_RDZV_PORT
         DMHPC_LAUNCH_CMD=(
             srun --nodes="$nnodes" --ntasks=$((nnodes * nproc)) --ntasks-per-node="$nproc"
-            --cpus-per-task=$((cpus / nproc > 0 ? cpus / nproc : 1)) --kill-on-bad-exit=1
+            --cpus-per-task=$((cpus / nproc > 0 ? cpus / nproc : 1)) --kill-on-bad-exit=1 --export=ALL
             "${ignore_usr2[@]}" "$python" "$@"
         )
         ;;

@@ -52,7 +52,7 @@ done
 
 # srun takes the tasks from the allocation but, since Slurm 22.05, not --cpus-per-task: each rank
 # would get one CPU (bound to it where task/affinity is on) whatever the job asked for.
-mpi_run=(srun --mpi="${SLURM_MPI_TYPE:-pmi2}" --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1
+mpi_run=(srun --mpi="${SLURM_MPI_TYPE:-pmi2}" --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" --kill-on-bad-exit=1 --export=ALL
          "$python" -m dmhpc)
 
 if [ -n "$synth_n" ]; then
@@ -108,11 +108,11 @@ PY
         fi
         synth=("${mpi_run[@]}" synth --out "$root" --n-per-class "$synth_n" --seed "$synth_seed" ${survey:+"$survey"}
                ${overwrite:+"$overwrite"})
-        echo "prepare_mpi.sh: job $SLURM_JOB_ID, $SLURM_NTASKS ranks: $(printf '%q ' "${synth[@]}")"
+        echo "prepare_mpi.sh: job $SLURM_JOB_ID, ${SLURM_NTASKS:-${SLURM_NNODES:-1}} ranks: $(printf '%q ' "${synth[@]}")"
         "${synth[@]}"
     fi
 fi
 
 prepare=("${mpi_run[@]}" prepare --data-config "$config" ${prepare_args[@]+"${prepare_args[@]}"})  # empty arrays: bash < 4.4
-echo "prepare_mpi.sh: job $SLURM_JOB_ID, $SLURM_NTASKS ranks: $(printf '%q ' "${prepare[@]}")"
+echo "prepare_mpi.sh: job $SLURM_JOB_ID, ${SLURM_NTASKS:-${SLURM_NNODES:-1}} ranks: $(printf '%q ' "${prepare[@]}")"
 "${prepare[@]}"

@@ -299,8 +299,16 @@ def test_prepare_mpi_gives_srun_the_jobs_cpus_per_task(tmp_path):
     proc = subprocess.run(["bash", "slurm/prepare_mpi.sh", "configs/data/embedded.yaml", "--out", str(tmp_path)],
                           cwd=root, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert calls.read_text() == (f"--mpi=pmi2 --cpus-per-task=6 --kill-on-bad-exit=1 {sys.executable} -m dmhpc prepare "
-                                 f"--data-config configs/data/embedded.yaml --out {tmp_path}\n")
+    assert calls.read_text() == (f"--mpi=pmi2 --cpus-per-task=6 --kill-on-bad-exit=1 --export=ALL {sys.executable} -m "
+                                 f"dmhpc prepare --data-config configs/data/embedded.yaml --out {tmp_path}\n")
+    # Under salloc without -n there is no SLURM_NTASKS (srun starts one task per node): `set -u`
+    # ended the script at its message, before any srun.
+    calls.unlink()
+    del env["SLURM_NTASKS"]
+    proc = subprocess.run(["bash", "slurm/prepare_mpi.sh", "configs/data/embedded.yaml", "--out", str(tmp_path)],
+                          cwd=root, env={**env, "SLURM_NNODES": "2"}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "job 77, 2 ranks: " in proc.stdout, proc.stderr
+    assert calls.read_text().startswith("--mpi=pmi2 --cpus-per-task=6")
 
 
 def refuse_sbatch(tmp_path, monkeypatch) -> None:

@@ -120,6 +120,22 @@ def test_prepare_mpi_with_synth_can_be_submitted_again(slurm_cluster, tmp_path):
     assert json.loads((raw / "meta.json").read_text())["n_per_class"] == 2
 
 
+def test_train_ddp_under_export_none_hands_its_environment_to_the_ranks(slurm_cluster, tmp_path, make_domains):
+    """A site submitting with --export=NONE (a wrapper activating the environment in the job) gives
+    the job SLURM_EXPORT_ENV=NONE, which the script's own srun took up: the ranks started without
+    the wrapper's PATH, OMP_NUM_THREADS and torchrun's shutdown timeout, and `python` was not found."""
+    data = make_domains(64)
+    wrapper = tmp_path / "wrapper.sh"
+    wrapper.write_text(f'#!/bin/bash\nexport PATH="{Path(sys.executable).parent}:$PATH" OMP_NUM_THREADS=1\n'
+                       f'exec bash {REPO}/slurm/train_ddp.sh "$@"\n')
+    job = slurm_cluster.wait(slurm_cluster.sbatch(
+        "--export=NONE", "--cpus-per-task=1", f"--output={tmp_path}/out", str(wrapper), "configs/tiny.yaml",
+        f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}", f"run.dir={tmp_path / 'run'}",
+        "train.epochs=1", "train.batch_size=4", cwd=REPO), timeout=240)
+    assert (job.state, job.exit_code) == ("COMPLETED", 0), job
+    assert (tmp_path / "run" / "eval" / "best_test.json").is_file(), job
+
+
 def test_train_ddp_checkpoints_on_usr2_requeues_and_resumes(slurm_cluster, tmp_path, make_domains):
     # 480 images, 70 % for training, 4 per rank and batch on 2 ranks: one epoch of 42 steps, so the
     # signal, sent after the first step, lands well inside it.
