@@ -36,12 +36,14 @@ dmhpc_cpus_per_node() {
     echo "${least:-${SLURM_CPUS_ON_NODE:-1}}"
 }
 
-# Processes per node: NPROC_PER_NODE, else the GPUs Slurm gave the node, else the tasks per node
-# asked of sbatch (--ntasks-per-node=4 on CPU nodes), else 1. In a job nvidia-smi is not asked:
+# Processes per node: NPROC_PER_NODE, else the GPUs Slurm gave the node (SLURM_GPUS_ON_NODE in a
+# batch job or step; under salloc, whose shell has none, the --gpus-per-node asked), else the tasks
+# per node asked of sbatch (--ntasks-per-node=4 on CPU nodes), else 1. In a job nvidia-smi is not asked:
 # where the site does not confine devices it lists the node's GPUs, other jobs' among them. Outside
 # one (a shell on a GPU machine), its count, else 1.
 dmhpc_nproc_per_node() {
-    local gpus
+    local gpus per_node=${SLURM_GPUS_PER_NODE:-}
+    per_node=${per_node##*:}  # "a100:4" or "4"
     if [ -n "${NPROC_PER_NODE:-}" ]; then
         # Checked: 0 or "2x" broke the arithmetic below, which ended the launch command early without
         # a status, and the job ran nothing and exited 0.
@@ -52,6 +54,8 @@ dmhpc_nproc_per_node() {
         echo "$NPROC_PER_NODE"
     elif [ "${SLURM_GPUS_ON_NODE:-0}" -gt 0 ]; then
         echo "$SLURM_GPUS_ON_NODE"
+    elif [[ $per_node =~ ^[1-9][0-9]*$ ]]; then
+        echo "$per_node"
     elif [[ ${SLURM_NTASKS_PER_NODE:-} =~ ^[1-9][0-9]*$ ]]; then  # "2(x3)": nodes of different counts
         echo "$SLURM_NTASKS_PER_NODE"
     elif [ -n "${SLURM_JOB_ID:-}" ]; then

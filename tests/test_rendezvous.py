@@ -112,6 +112,9 @@ def test_ranks_per_node_come_from_what_the_job_was_given(tmp_path):
     assert nproc(**job, SLURM_NTASKS_PER_NODE="2(x3)") == "1"
     assert nproc(**job, SLURM_NTASKS_PER_NODE="1", SLURM_GPUS_ON_NODE="2") == "2"
     assert nproc(**job, NPROC_PER_NODE="3", SLURM_GPUS_ON_NODE="2") == "3"
+    # salloc's shell has no SLURM_GPUS_ON_NODE: `salloc -N2 --gpus-per-node=4` then ran one rank per node.
+    assert nproc(**job, SLURM_GPUS_PER_NODE="a100:4") == "4" and nproc(**job, SLURM_GPUS_PER_NODE="2") == "2"
+    assert nproc(**job, SLURM_GPUS_PER_NODE="4", SLURM_GPUS_ON_NODE="2") == "2"  # what the node was given
     assert nproc() == "8"  # outside a job: the machine's own GPUs
     # 0 or "2x" broke the launch command's arithmetic: it ended early without a status, and the job
     # ran an empty command and exited 0.
