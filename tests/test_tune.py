@@ -22,6 +22,7 @@ from dmhpc.launch import load_tune, tune
 from dmhpc.launch.submit import submission
 from tests.test_submit import _started_then_sleep
 from dmhpc.launch.tune import JOURNAL, LOCK, _lock, _open_study
+from dmhpc.run import RunDir
 
 optuna = pytest.importorskip("optuna")
 
@@ -369,6 +370,9 @@ def test_a_good_trial_stopped_with_the_search_runs_again_and_spends_no_budget(da
              enqueue=[{"train.batch_size": good}] + [{"train.batch_size": too_big}] * 3)
     with pytest.raises(DmhpcError, match="3 trials failed in a row; search stopped"):
         tune(s, poll_s=0.2)
+    # Its job ended before the tuner did: the next launch's rerun found its run held, and failed.
+    held = [p.name for p in (tmp_path / "tune").iterdir() if p.is_dir() and RunDir(p).holder()]
+    assert held == []
     trials = _open_study(load_tune(s)).get_trials(deepcopy=False)
     first = trials[0]
     assert first.params == {"train.batch_size": json.dumps(good)}  # choices are kept as JSON text

@@ -53,6 +53,7 @@ its run directory holds another run; three failures in a row stop the search.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -711,14 +712,16 @@ class _Search:
                 self.outcome("pruned")
 
     def stop(self, job, tell) -> None:
-        """Tell every trial of `job` (several share one job when their values are equal), then cancel it."""
+        """Cancel `job`, then tell every trial of it (several share one job when their values are
+        equal). In this order: a tuner killed between the two left a told trial's job training on,
+        which no launch looked for again; the other way its trial is rerun, its job cancelled."""
         sharing = [o for o in self.running if o.job is job]
-        for o in sharing:
-            tell(o)
-            self.running.remove(o)
         if job is not None:
             job.cancel(check=False)  # it may have ended meanwhile
             self.stopping[sharing[0].run.path] = job
+        for o in sharing:
+            tell(o)
+            self.running.remove(o)
 
     def await_stopped(self, run: RunDir) -> None:
         """A cancelled job holds its run directory until its processes have ended (on SLURM after
@@ -758,6 +761,11 @@ class _Search:
 
                 for job in {id(r.job): r.job for r in self.running}.values():
                     self.stop(job, stopped)
+                # Their jobs ended before the tuner does: the next launch's reruns started at once, found
+                # the runs still held by the cancelled jobs, and failed as "in use".
+                for path in list(self.stopping):
+                    with contextlib.suppress(DmhpcError):  # (said by the rerun, which waits no longer)
+                        self.await_stopped(RunDir(path))
                 raise DmhpcError(f"{t.source}: {self.failures_in_a_row} trials failed in a row; search stopped "
                                  f"(each failure is in {t.out / (TABLE + '.md')}, the jobs' logs in {self.folder})")
             if self.running and t.executor != "debug":
