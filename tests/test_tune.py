@@ -73,6 +73,14 @@ def test_an_enqueued_trial_that_is_no_valid_config_is_refused_before_anything_ru
     assert not (tmp_path / "tune").exists()
 
 
+def test_a_range_over_a_whole_number_key_says_to_list_its_choices(data, tmp_path):
+    """Its corners were refused as "train.log_every: expected a positive integer, got 2.0", 2 written."""
+    with pytest.raises(DmhpcError, match=r"space.train.log_every: a range draws real numbers, and train.log_every "
+                                         r"takes whole numbers: list its choices"):
+        load_tune(spec(data, tmp_path, space={"train.log_every": {"low": 2, "high": 10}}))
+    load_tune(spec(data, tmp_path, space={"train.log_every": [2, 10], "optim.lr": {"low": 0.001, "high": 0.01}}))
+
+
 def test_the_space_is_checked_against_the_trainer_config_before_anything_runs(data, tmp_path):
     with pytest.raises(DmhpcError, match=r"space.model.name: \"vgg\": .*model.name"):
         load_tune(spec(data, tmp_path, space={"model.name": ["deepmerge2", "vgg"]}))

@@ -194,6 +194,9 @@ def read_space(problems: Problems, data: Any, where: str, reserved: Mapping[str,
                     problems.add(place, f"low must be below high, got low {low:g}, high {high:g}")
                 elif log and low <= 0:
                     problems.add(place, f"log: true needs low > 0, got {low:g}")
+                elif _whole_number_key(key):  # (its corners were refused as "got 2.0" where 2 was written)
+                    problems.add(place, f"a range draws real numbers, and {key} takes whole numbers: list its "
+                                        f"choices")
                 else:
                     space[key] = Range(low, high, log)
                     continue
@@ -201,6 +204,16 @@ def read_space(problems: Problems, data: Any, where: str, reserved: Mapping[str,
             problems.add(place, f"expected a non-empty list of choices or {{low, high, log}}, got {show(dim)}")
         del space[key]
     return space
+
+
+def _whole_number_key(key: str) -> bool:
+    """Whether the config key (dotted) takes whole numbers: its default is one."""
+    default: Any = config_to_dict(Config())
+    for part in key.split("."):
+        if not isinstance(default, Mapping) or part not in default:
+            return False
+        default = default[part]
+    return isinstance(default, int) and not isinstance(default, bool)
 
 
 def _value_text(value: Any) -> str:
