@@ -1793,6 +1793,18 @@ def test_fractions_that_leave_the_training_split_empty_are_refused(inputs, capsy
                  out=inputs["out"])
 
 
+def test_a_share_that_rounds_to_no_image_is_warned_of(inputs, capsys):
+    """0.01 of 48 images is no val image: said in the summary's counts only, and the trainer refused
+    the set at its start. A share of 0 asks for none (a set to predict on): nothing said."""
+    files = dict(inputs, objects=None)
+    assert main(args(files, "--fractions", "0.89,0.01,0.1")) == 0
+    err = capsys.readouterr().err
+    assert err == (f"dmhpc prepare: warning: {Path(inputs['out']).name}: its val split is empty, 48 images too few for --fractions "
+                   f"0.89,0.01,0.1; the trainer needs rows in every split\n"), err
+    assert main(args(files, "--fractions", "0.9,0,0.1", "--overwrite")) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
 def test_object_ids_of_two_columns_are_one_line(inputs, tmp_path, capsys):
     """An objects file of shape (N, 2) has a row per image: it was taken as object ids, and the
     conversion died with an IndexError traceback."""

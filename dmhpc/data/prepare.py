@@ -507,6 +507,14 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
                 what = "" if m["labelled"] else ", unlabelled"
                 print(f"{d['name']}: {m['count']} images ({d['layout']}{what}) -> {d['out']}/ "
                       f"({len(m['shards'])} shards; {split})")
+                # A share that rounded to no image (few images): said in the summary only, the set was
+                # refused by the trainer at its start. (A share of 0 asked for none: a set to predict on.)
+                empty = [s for s, (a, b) in m["rows"].items() if a == b and m["fractions"][s] > 0]
+                if empty:
+                    print(f"dmhpc prepare: warning: {d['name']}: its {' and '.join(empty)} split"
+                          f"{'s are' if len(empty) > 1 else ' is'} empty, {m['count']} images too few for "
+                          f"--fractions {','.join(f'{f:g}' for f in m['fractions'].values())}; the trainer needs "
+                          f"rows in every split", file=sys.stderr, flush=True)
         return manifests
 
 
