@@ -880,32 +880,37 @@ def test_torchrun_two_ranks(data, tmp_path):
 FULL_DISK_ON_RANK_0 = """
 import os, sys
 from dmhpc.errors import DmhpcError
-from dmhpc.train import loop
+from dmhpc.train import evaluate, loop
 
 def full(path, content):
     raise DmhpcError(f"{path}: cannot write: No space left on device (disk full or over quota); nothing written")
 
 if os.environ["RANK"] == "0":
-    loop.save_checkpoint = full
+    if os.environ["FULL_AT"] == "checkpoint":
+        loop.save_checkpoint = full
+    else:
+        evaluate.staged_write = full
 from dmhpc.cli import main
 sys.exit(main(["train", *sys.argv[1:]]))
 """
 
 
-def test_a_write_that_fails_on_rank_0_is_every_ranks_one_line(data, tmp_path):
+@pytest.mark.parametrize("at, path", [("checkpoint", "checkpoints/best.next.pt"), ("result", "eval/best_test.json")])
+def test_a_write_that_fails_on_rank_0_is_every_ranks_one_line(data, tmp_path, at, path):
     """Rank 0 writes the checkpoints; a full disk there was its one line, while rank 1, waiting in a
-    barrier, died in a 20-line gloo traceback (under NCCL and srun: waited 30 minutes)."""
+    barrier, died in a 20-line gloo traceback (under NCCL and srun: waited 30 minutes). At the final
+    result rank 1 said nothing and exited 0."""
     script = tmp_path / "full_disk.py"
     script.write_text(FULL_DISK_ON_RANK_0)
     proc = subprocess.run(
         [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--tee=2", str(script), "--config", str(TINY),
          *_overrides(data, tmp_path / "run", "train.epochs=1")],
-        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+        cwd=ROOT, env=clean_env(FULL_AT=at), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith(("[default0]:", "[default1]:"))]
     for rank in (0, 1):
         said = [line.split(":", 1)[1] for line in lines if line.startswith(f"[default{rank}]:")]
-        assert said == [f"dmhpc train: error: {tmp_path / 'run' / 'checkpoints'}/best.next.pt: cannot write: No space left "
+        assert said == [f"dmhpc train: error: {tmp_path / 'run' / path}: cannot write: No space left "
                         f"on device (disk full or over quota); nothing written"], proc.stderr[-3000:]
 
 

@@ -134,51 +134,56 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
                           for d in DOMAINS},
         **{d: domain_metrics(preds[d]["labels"], preds[d]["prob"]) for d in DOMAINS},
     }
-    if not dist.is_main:
-        return result
-    # Everything that can fail comes before anything is put in place: the log is read, every figure
-    # drawn and the result written to temporary files first, then all are renamed into place, the
-    # result last. A failure (a damaged metrics.jsonl, a figure that cannot be drawn, a full disk at
-    # the result) used to come after something was in place, and left a new result beside old
-    # figures or new figures beside an old result.
-    drawn: dict[Path, Path] = {}  # final path -> its temporary file
+    # Rank 0's writes, their error every rank's (a full disk at the result ended rank 0 alone; the
+    # others exited 0, or on NCCL waited out the watchdog at the barrier before leaving).
+    def write() -> None:
+        # Everything that can fail comes before anything is put in place: the log is read, every figure
+        # drawn and the result written to temporary files first, then all are renamed into place, the
+        # result last. A failure (a damaged metrics.jsonl, a figure that cannot be drawn, a full disk at
+        # the result) used to come after something was in place, and left a new result beside old
+        # figures or new figures beside an old result.
+        drawn: dict[Path, Path] = {}  # final path -> its temporary file
 
-    def draw(name: str) -> Path:
-        drawn[run.plot_path(name)] = temporary_path(run.plot_path(name))
-        return drawn[run.plot_path(name)]
+        def draw(name: str) -> Path:
+            drawn[run.plot_path(name)] = temporary_path(run.plot_path(name))
+            return drawn[run.plot_path(name)]
 
-    try:
-        if plots:
-            log = run.read_log() if data is None else None  # the training's figure: other data sets leave it
-            tag = evaluation_tag(checkpoint["name"], split, data_name)
-            on = f" on {data_name}" if data_name else ""
-            title = (f"{run.label}: {checkpoint['name']} checkpoint (epoch {checkpoint.get('epoch')}), {split} "
-                     f"split of {Path(dirs['source']).name} / {Path(dirs['target']).name}{on}"
-                     + (" (oracle selection)" if result["oracle"] else ""))
-            # A ROC curve needs both classes, a confusion matrix labels: unlabelled data sets get neither.
-            if any(len(np.unique(preds[d]["labels"])) == 2 for d in DOMAINS):
-                P.roc_curves({d: (preds[d]["labels"], merger_score(preds[d]["prob"])) for d in DOMAINS},
-                             draw(f"roc_{tag}"), f"ROC, {title}")
-            if any("confusion" in result[d] for d in DOMAINS):
-                P.confusion_matrices({d: result[d] for d in DOMAINS}, draw(f"confusion_{tag}"),
-                                     f"confusion, {title}")
-            if log is not None:  # titled with the run's own data
-                P.training_curves(log, draw("training_curves"),
-                                  f"{run.label}: training; source {Path(cfg.data.source).name}, target "
-                                  f"{Path(cfg.data.target).name}; selection by {cfg.select.criterion}",
-                                  labels=term_labels(cfg.loss))
-            P.latent_embedding({d: (preds[d]["features"], preds[d]["labels"][preds[d]["feature_positions"]])
-                                for d in DOMAINS},
-                               draw(f"latent_{tag}"), f"DA features, {title}", seed=cfg.seed)
-        result_path = run.result_path(checkpoint["name"], split, data_name)
-        drawn[result_path] = staged_write(result_path, result_text(result))
-        for path, tmp in drawn.items():
-            os.replace(tmp, path)
-        for folder in {path.parent for path in drawn}:  # the renames, once per folder, made to survive a crash
-            fsync_directory(folder)
-    finally:
-        for tmp in drawn.values():
-            tmp.unlink(missing_ok=True)  # those not put in place
+        try:
+            if plots:
+                # the training's figure: other data sets leave it
+                log = run.read_log() if data is None else None
+                tag = evaluation_tag(checkpoint["name"], split, data_name)
+                on = f" on {data_name}" if data_name else ""
+                title = (f"{run.label}: {checkpoint['name']} checkpoint (epoch {checkpoint.get('epoch')}), {split} "
+                         f"split of {Path(dirs['source']).name} / {Path(dirs['target']).name}{on}"
+                         + (" (oracle selection)" if result["oracle"] else ""))
+                # A ROC curve needs both classes, a confusion matrix labels: unlabelled data sets get neither.
+                if any(len(np.unique(preds[d]["labels"])) == 2 for d in DOMAINS):
+                    P.roc_curves({d: (preds[d]["labels"], merger_score(preds[d]["prob"])) for d in DOMAINS},
+                                 draw(f"roc_{tag}"), f"ROC, {title}")
+                if any("confusion" in result[d] for d in DOMAINS):
+                    P.confusion_matrices({d: result[d] for d in DOMAINS}, draw(f"confusion_{tag}"),
+                                         f"confusion, {title}")
+                if log is not None:  # titled with the run's own data
+                    P.training_curves(log, draw("training_curves"),
+                                      f"{run.label}: training; source {Path(cfg.data.source).name}, target "
+                                      f"{Path(cfg.data.target).name}; selection by {cfg.select.criterion}",
+                                      labels=term_labels(cfg.loss))
+                P.latent_embedding({d: (preds[d]["features"], preds[d]["labels"][preds[d]["feature_positions"]])
+                                    for d in DOMAINS},
+                                   draw(f"latent_{tag}"), f"DA features, {title}", seed=cfg.seed)
+            result_path = run.result_path(checkpoint["name"], split, data_name)
+            drawn[result_path] = staged_write(result_path, result_text(result))
+            for path, tmp in drawn.items():
+                os.replace(tmp, path)
+            # the renames, once per folder, made to survive a crash
+            for folder in {path.parent for path in drawn}:
+                fsync_directory(folder)
+        finally:
+            for tmp in drawn.values():
+                tmp.unlink(missing_ok=True)  # those not put in place
+
+    on_main(write)
     return result
 
 

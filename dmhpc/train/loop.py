@@ -405,12 +405,14 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
     info = {"name": "best", "epoch": best["epoch"], "step": best["step"], **best["selection"], "sha256": sha256}
     result = evaluate_run(state.model.backbone, cfg, dist, run, checkpoint=info, split="test", stats=stats,
                           final=True, expected=prints)
-    if dist.is_main:
+    def report() -> None:  # rank 0's; its error (a full disk at TensorBoard's events) reaches every rank
         print(format_table({run.label: result}), flush=True)
         with MetricLog(run, purge_step=None) as tb:
             tb.hparams(cfg, info, result)
         if stop.signal_name is not None:
             print(f"dmhpc train: {stop.signal_name} after the last step: the run finished its test first", flush=True)
+
+    on_main(report)
     return 0
 
 
