@@ -471,6 +471,14 @@ class AgreedError(DmhpcError):
     at the same point, so they can still meet (`meet_before_leaving`)."""
 
 
+def agreed(exc: BaseException) -> bool:
+    """Whether every rank raised `exc` at the same point: an AgreedError, or the error other than a
+    DmhpcError of the rank it happened on, which the others hold as an AgreedError. All of them can
+    meet before leaving (the rank of such an error left without meeting, and the others waited at
+    the barrier: on NCCL until the watchdog's timeout)."""
+    return isinstance(exc, AgreedError) or getattr(exc, "dmhpc_agreed", False)
+
+
 def _run_agreed(step: Callable[[], Any], runs: bool, share: str) -> Any:
     result, error, failure = None, None, None
     if runs:
@@ -490,6 +498,7 @@ def _run_agreed(step: Callable[[], Any], runs: bool, share: str) -> Any:
     errors = [e for _, e in gathered if e is not None]
     if errors:
         if failure is not None and not isinstance(failure, DmhpcError):
+            failure.dmhpc_agreed = True  # (see `agreed`)
             raise failure  # a defect: its traceback on the rank it happened on
         raise AgreedError(errors[0])
     return {"all": [r for r, _ in gathered], "main": gathered[0][0], "own": result}[share]

@@ -914,6 +914,44 @@ def test_a_write_that_fails_on_rank_0_is_every_ranks_one_line(data, tmp_path, at
                         f"on device (disk full or over quota); nothing written"], proc.stderr[-3000:]
 
 
+DEFECT_ON_RANK_1 = """
+import os, sys
+import torch.distributed
+from dmhpc.train import loop
+
+barrier = torch.distributed.barrier
+
+def counted_barrier(*args, **kwargs):
+    barrier(*args, **kwargs)
+    print(f"rank {os.environ['RANK']} met", flush=True)
+
+torch.distributed.barrier = counted_barrier
+if os.environ["RANK"] == "1":
+    def defect(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory (rank 1 alone)")
+    loop.preflight.check_model_input = defect
+from dmhpc.cli import main
+sys.exit(main(["train", *sys.argv[1:]]))
+"""
+
+
+def test_a_defect_on_one_rank_inside_agree_meets_the_others_before_leaving(data, tmp_path):
+    """The rank of an error other than a DmhpcError raised its own (its traceback) and left; the
+    others held it as an AgreedError and waited for it at the barrier before leaving: on gloo until
+    its connection dropped, on NCCL until the watchdog's timeout (30 minutes)."""
+    script = tmp_path / "defect.py"
+    script.write_text(DEFECT_ON_RANK_1)
+    proc = subprocess.run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--tee=3", str(script), "--config", str(TINY),
+         *_overrides(data, tmp_path / "run", "train.epochs=1")],
+        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "[default0]:rank 0 met" in out and "[default1]:rank 1 met" in out, out[-3000:]
+    assert "[default0]:dmhpc train: error: RuntimeError: CUDA out of memory (rank 1 alone)" in out, out[-3000:]
+    assert "RuntimeError: CUDA out of memory (rank 1 alone)" in proc.stderr.split("[default1]:Traceback")[-1]
+
+
 SCORES_DIFFER_BY_RANK = """
 import itertools, os, sys
 from dmhpc.train import loop

@@ -50,8 +50,8 @@ from dmhpc.config import changed_keys
 from dmhpc.data.batches import Normalizer, read_ahead
 from dmhpc.data.inputs import CATALOG_FORMATS, CUTOUTS_HELP
 from dmhpc.data.shards import file_sha256
-from dmhpc.distributed import (AgreedError, agree, all_gather_object, barrier, bootstrap, gather, meet_before_leaving,
-                               on_main, shutdown)
+from dmhpc.distributed import (AgreedError, agree, agreed, all_gather_object, barrier, bootstrap, gather,
+                               meet_before_leaving, on_main, shutdown)
 from dmhpc.errors import DmhpcError
 from dmhpc.files import (atomic_path, atomic_write, inside, is_temporary, locked_directory, make_folders, remove_empty,
                          remove_orphans, same_place, staged_write, temporary_path)
@@ -666,8 +666,9 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                   flush=True)
         barrier()
         return 0
-    except AgreedError:  # every rank holds it: all say it before any exits (torchrun ends the rest)
-        meet_before_leaving()
+    except Exception as exc:
+        if agreed(exc):  # every rank holds it: all say it before any exits (torchrun ends the rest)
+            meet_before_leaving()
         raise
     finally:
         held.close()

@@ -22,8 +22,8 @@ import torch
 
 from dmhpc.config import config_to_dict, load_config
 from dmhpc.data.loaders import ORDER, make_train_loader
-from dmhpc.distributed import (AgreedError, agree, all_gather_object, bootstrap, meet_before_leaving, on_main,
-                               shutdown, synchronize)
+from dmhpc.distributed import (agree, agreed, all_gather_object, bootstrap, meet_before_leaving, on_main, shutdown,
+                               synchronize)
 from dmhpc.errors import DmhpcError
 from dmhpc.losses.collective import stable_rows
 from dmhpc.names import DIVERGED
@@ -60,8 +60,9 @@ def train(cfg, resume: str = "auto", overwrite: bool = False) -> int:
                 code = _train(cfg, resume, overwrite, dist, run, stop)
                 meet_before_leaving()  # rank 0 printed its last line (a requeue's) before any rank exits
                 return code
-            except AgreedError:  # every rank holds it, at the same point: all print it before any exits
-                meet_before_leaving()
+            except Exception as exc:
+                if agreed(exc):  # every rank holds it, at the same point: all print it before any exits
+                    meet_before_leaving()
                 raise
             finally:
                 run.release()
