@@ -929,22 +929,30 @@ torch.distributed.barrier = counted_barrier
 if os.environ["RANK"] == "1":
     def defect(*args, **kwargs):
         raise RuntimeError("CUDA out of memory (rank 1 alone)")
-    loop.preflight.check_model_input = defect
+    if os.environ["DEFECT_AT"] == "model input":
+        loop.preflight.check_model_input = defect
+    elif os.environ["DEFECT_AT"] == "state":
+        loop.TrainState.build = defect
+    else:
+        import dmhpc.data.loaders
+        dmhpc.data.loaders.ResidentBatches = defect
 from dmhpc.cli import main
 sys.exit(main(["train", *sys.argv[1:]]))
 """
 
 
-def test_a_defect_on_one_rank_inside_agree_meets_the_others_before_leaving(data, tmp_path):
-    """The rank of an error other than a DmhpcError raised its own (its traceback) and left; the
-    others held it as an AgreedError and waited for it at the barrier before leaving: on gloo until
-    its connection dropped, on NCCL until the watchdog's timeout (30 minutes)."""
+@pytest.mark.parametrize("at", ["model input", "state", "loader"])
+def test_a_defect_on_one_rank_at_start_is_every_ranks_and_meets_the_others_before_leaving(data, tmp_path, at):
+    """The rank of an error other than a DmhpcError inside agree raised its own (its traceback) and
+    left; the others held it as an AgreedError and waited for it at the barrier before leaving: on
+    gloo until its connection dropped, on NCCL until the watchdog's timeout (30 minutes). Building
+    the state or the loader's backend was not agreed: the others went on to the next collective."""
     script = tmp_path / "defect.py"
     script.write_text(DEFECT_ON_RANK_1)
     proc = subprocess.run(
         [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--tee=3", str(script), "--config", str(TINY),
-         *_overrides(data, tmp_path / "run", "train.epochs=1")],
-        cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+         *_overrides(data, tmp_path / "run", "train.epochs=1", "data.loader=gpu-resident")],
+        cwd=ROOT, env=clean_env(DEFECT_AT=at), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "[default0]:rank 0 met" in out and "[default1]:rank 1 met" in out, out[-3000:]

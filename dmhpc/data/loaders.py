@@ -30,7 +30,7 @@ from dmhpc.data.batches import (SOURCE, TARGET, Batches, Domain, IgnoreSignals, 
 from dmhpc.data.resident import ResidentBatches
 from dmhpc.data.shards import RowReader, load_manifest, split_rows
 from dmhpc.data.torch_blocks import TorchBlocks
-from dmhpc.distributed import all_reduce_min
+from dmhpc.distributed import agree, all_reduce_min
 from dmhpc.errors import DmhpcError
 
 KINDS = ("gpu-resident", "dali", "torch")
@@ -391,15 +391,27 @@ def make_train_loader(
             reason += f"; {given} of data.num_workers={num_workers} reader(s), for this rank's {cpus} CPU(s)"
             num_workers = given
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    backend: Batches
-    if kind == "gpu-resident":
-        backend = ResidentBatches(read, device, augment, fmt)
-    elif kind == "torch":
-        backend = TorchBlocks(read, device, augment, num_workers, ignore, fmt)
-    else:
-        from dmhpc.data.dali import DaliBatches  # DALI is optional and heavy to import
+    built: list[Batches] = []
 
-        backend = DaliBatches(read, device, augment, num_workers, ignore, fmt, cpus)
+    def build() -> Batches:
+        if kind == "gpu-resident":
+            built.append(ResidentBatches(read, device, augment, fmt))
+        elif kind == "torch":
+            built.append(TorchBlocks(read, device, augment, num_workers, ignore, fmt))
+        else:
+            from dmhpc.data.dali import DaliBatches  # DALI is optional and heavy to import
+
+            built.append(DaliBatches(read, device, augment, num_workers, ignore, fmt, cpus))
+        return built[-1]
+
+    # Agreed: a backend failing on one rank alone (out of GPU memory, DALI's pipeline) left the
+    # others in the trainer's next collective (on NCCL until the watchdog's timeout).
+    try:
+        backend = agree(build)
+    except BaseException:
+        for made in built:  # this rank's, built where another's failed: its workers end here
+            made.close()
+        raise
     return TrainLoader(kind, reason, domains, backend, device, len(read))
 
 

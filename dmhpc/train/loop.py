@@ -96,7 +96,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
                                       stopped=lambda: stop.signal_name))
     preflight.check_data(cfg, manifests, dist)
     torch.manual_seed(cfg.seed + dist.rank)  # dropout differs per rank; data order comes from the loader
-    state = TrainState.build(cfg, dist.device, manifests["source"]["shape"][0])
+    # Agreed: out of GPU memory on one rank alone left the others in the next collective.
+    state = agree(lambda: TrainState.build(cfg, dist.device, manifests["source"]["shape"][0]))
     rows = cfg.train.batch_size * (2 if state.model.reads_target else 1)  # of a training forward pass
     agree(lambda: preflight.check_model_input(cfg, state.model.backbone, manifests["source"]["shape"], dist.device,
                                               rows))
