@@ -96,6 +96,8 @@ def _mpi_launch(env: Mapping[str, str]) -> Launch | None:
     return Launch("mpi", mpi.rank, 0, mpi.size) if mpi else None
 
 
+_joined: int | None = None  # this process's rank in a group of several, once the bootstrap joined it
+
 _PEER_LOST = re.compile(r"Connection (closed|reset) by peer|Timed out waiting|Broken pipe|NCCL communicator was aborted|"
                         r"ProcessGroupNCCL.*(timeout|Watchdog)", re.IGNORECASE | re.DOTALL)
 
@@ -107,13 +109,11 @@ def peer_lost(exc: BaseException) -> str | None:
     text = " ".join(str(exc).split())
     if not isinstance(exc, RuntimeError) or not _PEER_LOST.search(text):
         return None
-    try:
-        launch = detect_launch(os.environ)
-    except DmhpcError:
-        launch = None
-    if launch is not None and launch.world_size == 1:  # no other rank: a broken pipe of its own
+    if _joined is None:  # no other rank: a broken pipe of its own
         return None
-    rank = f"rank {launch.rank}" if launch is not None else "this rank"
+    # The rank as the bootstrap found it: asked again here, the launcher's detection ran scontrol
+    # (30 s each) on every rank, as the controller was busiest.
+    rank = f"rank {_joined}"
     if re.search(r"Timed out|timeout|Watchdog", text, re.IGNORECASE):
         return (f"{rank}: another rank did not answer within {int(COLLECTIVE_TIMEOUT.total_seconds() // 60)} "
                 f"minutes (stopped, or far slower than this one): {text[:160]}")
@@ -318,6 +318,8 @@ def bootstrap(backend: str | None = None) -> DistInfo:
                          env_int(env, "SLURM_CPUS_ON_NODE") if srun_task and "SLURM_CPUS_ON_NODE" in env else 0)
     if launch.world_size == 1:
         return DistInfo(0, launch.local_rank, 1, device, None, launch.launcher, 1, cpus, slurm_attempt(env))
+    global _joined
+    _joined = launch.rank
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     store = _torchrun_attempt_store(launch, env) if launch.launcher == "torchrun" else None
     if store is not None:
@@ -367,7 +369,10 @@ def _torchrun_attempt_store(launch: Launch, env: Mapping[str, str]) -> dist.Stor
                 f"between attempts, so a restart can join a stale process group (pytorch/pytorch#135712); "
                 f"export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 before torchrun")
         return None
-    store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=False)
+    # Its own timeout: torch applies init_process_group's to the stores it makes, not to one given
+    # (the default 5 minutes failed ranks that arrived further apart than that).
+    store = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size, is_master=False,
+                          timeout=COLLECTIVE_TIMEOUT)
     return dist.PrefixStore(f"dmhpc/attempt-{env.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 

@@ -16,7 +16,7 @@ from datetime import timedelta
 import pytest
 import torch
 
-from tests.conftest import BIN, LAUNCH_PREFIXES, LAUNCH_VARS, ROOT, clean_env
+from tests.conftest import BIN, LAUNCH_PREFIXES, LAUNCH_VARS, ROOT, clean_env, fake_commands
 from dmhpc.distributed import (COLLECTIVE_TIMEOUT, Launch, all_gather_object, barrier, bootstrap, collective_device,
                                detect_launch, shutdown)
 from dmhpc.errors import DmhpcError
@@ -549,7 +549,8 @@ import torch, torch.distributed as dist, torch.multiprocessing as mp
 def run(rank, port):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    from dmhpc.distributed import bootstrap
+    bootstrap()  # torchrun's variables: a gloo group on the CPU
     dist.barrier()
     if rank == 1:
         os._exit(3)  # failed on its own and left, or was killed
@@ -580,9 +581,9 @@ def test_a_rank_whose_peer_is_gone_says_so_in_one_line(tmp_path, monkeypatch):
 
     assert peer_lost(RuntimeError("CUDA out of memory")) is None and peer_lost(ValueError("Timed out waiting")) is None
     # A single process has no other rank to blame: its own broken pipe or store timeout is its own error.
-    for name in ("RANK", "WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "SLURM_PROCID", "PMI_SIZE", "PMI_RANK",
-                 "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMIX_RANK"):
-        monkeypatch.delenv(name, raising=False)
+    from dmhpc import distributed
+
+    monkeypatch.setattr(distributed, "_joined", None)  # (an in-process test's bootstrap of two ranks)
     assert peer_lost(RuntimeError("[Errno 32] Broken pipe")) is None
 
 
@@ -671,10 +672,13 @@ def test_each_torchrun_attempt_on_a_shared_store_has_its_own_keys(monkeypatch):
 
     shared = tdist.HashStore()
     shared.set_timeout(timedelta(seconds=5))  # a key another attempt wrote: a failure, not a wait
-    monkeypatch.setattr(tdist, "TCPStore", lambda *args, **kwargs: shared)
+    asked = []
+    monkeypatch.setattr(tdist, "TCPStore", lambda *args, **kwargs: asked.append(kwargs) or shared)
     launch = detect_launch(TORCHRUN)
     env = {**TORCHRUN, "TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_RESTART_COUNT": "2"}
     _torchrun_attempt_store(launch, env).set("addr", "node7")
+    # The collectives' timeout, not TCPStore's 5 minutes (torch applies its own to the stores it makes only).
+    assert asked[0]["timeout"] == COLLECTIVE_TIMEOUT
     assert shared.check(["dmhpc/attempt-2/addr"]) and shared.get("dmhpc/attempt-2/addr") == b"node7"
     assert _torchrun_attempt_store(launch, {**env, "TORCHELASTIC_RESTART_COUNT": "3"}).check(["addr"]) is False
     across = {**env, "GROUP_WORLD_SIZE": "2", "TORCHELASTIC_MAX_RESTARTS": "0"}
@@ -682,21 +686,29 @@ def test_each_torchrun_attempt_on_a_shared_store_has_its_own_keys(monkeypatch):
     assert _torchrun_attempt_store(launch, {**env, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
 
 
-def test_a_rank_whose_peer_does_not_answer_is_told_how_long_it_waited(monkeypatch):
+def test_a_rank_whose_peer_does_not_answer_is_told_how_long_it_waited(monkeypatch, tmp_path):
     """A collective timing out was reported as a peer that stopped, sending users to look for an error
-    line no rank wrote; a rank whose environment cannot be read is still named, as "this rank"."""
+    line no rank wrote. The rank is the one the bootstrap joined as: asked of the launcher again, a
+    SLURM rank ran scontrol (30 s a call) as the peer was lost, on every rank at once."""
+    from dmhpc import distributed
     from dmhpc.distributed import peer_lost
 
     for key in list(os.environ):
         if key.startswith(LAUNCH_PREFIXES) or key in LAUNCH_VARS:
             monkeypatch.delenv(key)
-    for key, value in {**TORCHRUN, "RANK": "3"}.items():
+    asked = tmp_path / "asked"
+    fake_commands(tmp_path, monkeypatch, {"scontrol": f"touch {asked}\nsleep 3\necho n1\n"})
+    for key, value in {"SLURM_JOB_ID": "5", "SLURM_PROCID": "3", "SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4",
+                       "SLURM_LOCALID": "3", "SLURM_JOB_NODELIST": "n1", "SLURM_STEP_NODELIST": "n1"}.items():
         monkeypatch.setenv(key, value)
+    monkeypatch.setattr(distributed, "_joined", 3)
     line = peer_lost(RuntimeError("[../gloo/transport/tcp/pair.cc:534] Timed out waiting 1800000ms for recv"))
     assert line.startswith("rank 3: another rank did not answer within 30 minutes"), line
-    monkeypatch.delenv("MASTER_ADDR")
     line = peer_lost(RuntimeError("Connection closed by peer"))
-    assert line is not None and line.startswith("this rank: another rank stopped"), line
+    assert line is not None and line.startswith("rank 3: another rank stopped"), line
+    assert not asked.exists()
+    monkeypatch.setattr(distributed, "_joined", None)  # no group joined: no other rank to blame
+    assert peer_lost(RuntimeError("Connection closed by peer")) is None
 
 
 def test_bootstrap_gives_each_rank_its_share_of_cpus_and_node(monkeypatch):
