@@ -26,7 +26,8 @@ its own GPU (`gpu_index`): the local rank's when the node's ranks see at least a
 when the node runs one rank or the scheduler gave each task its own GPU (SLURM_GPUS_PER_TASK=1, or
 DMHPC_GPU_PER_RANK=1 for a launcher of your own), and otherwise a one-line error: two ranks on one
 GPU are refused by NCCL at the first collective. A torchrun-style launch without LOCAL_WORLD_SIZE is
-refused on a GPU alike on every rank.
+refused on a GPU alike on every rank; on CPUs each rank counts every rank as on its node (its share
+of the CPUs the smallest it could be).
 
 Together with dmhpc/mpi.py (the MPI launchers' variables) and dmhpc/rendezvous.py (the SLURM
 rendezvous), this is the only place in dmhpc that reads the environment for distribution.
@@ -308,7 +309,10 @@ def bootstrap(backend: str | None = None) -> DistInfo:
     if launch.launcher == "mpi" and launch.world_size != 1:
         launch = _mpi_rendezvous(launch, env)
     device = _bind_device(launch, env)
-    local = max(launch.local_world_size, launch.local_rank + 1)
+    # Where the launcher does not say (no LOCAL_WORLD_SIZE, on CPUs: refused on GPUs), every rank
+    # counted as on this node: each guessing local_rank + 1, rank 0 took the whole mask, rank 3 of 4 a
+    # quarter, and the node's threads were oversubscribed.
+    local = max(launch.local_world_size or launch.world_size, launch.local_rank + 1)
     # submitit's ranks look like torchrun's but are Slurm tasks, each with its own --cpus-per-task; so
     # is a job's one task (a scaling study's reference point took the whole node beside its points'
     # --cpus-per-task where the site does not bind tasks to their CPUs).

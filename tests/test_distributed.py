@@ -727,13 +727,15 @@ def test_bootstrap_gives_each_rank_its_share_of_cpus_and_node(monkeypatch):
     torchrun = {"RANK": "1", "LOCAL_RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
     submitit = {**torchrun, "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "SLURM_LOCALID": "1", "SLURM_NODEID": "0",
                 "SLURM_STEP_TASKS_PER_NODE": "4", "SLURM_CPUS_PER_TASK": "3"}
-    for env, local, cpus in ((torchrun, 2, 4), (submitit, 4, 3)):
+    # Without LOCAL_WORLD_SIZE every rank counts all as on its node: rank 0 of 4 took the whole mask.
+    first_of_four = {**torchrun, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "4"}
+    for env, local, cpus in ((torchrun, 2, 4), (first_of_four, 4, 2), (submitit, 4, 3)):
         with monkeypatch.context() as m:
             for key, value in env.items():
                 m.setenv(key, value)
             info = bootstrap()
-        assert (info.rank, info.world_size, info.local_world_size, info.cpus) == (1, int(env["WORLD_SIZE"]), local,
-                                                                                  cpus)
+        assert (info.rank, info.world_size, info.local_world_size, info.cpus) == (int(env["RANK"]),
+                                                                                  int(env["WORLD_SIZE"]), local, cpus)
         assert info.backend == asked["backend"] == "gloo" and info.device == torch.device("cpu")
     # A job's one task (a scaling study's 1-rank point) kept the whole mask where the site does not bind
     # tasks to their CPUs, beside its points of several tasks capped at --cpus-per-task.
