@@ -1,4 +1,4 @@
-"""scope="global" losses under real DDP (gloo, 2 and 3 CPU ranks) equal one process on the whole batch.
+"""scope="global" losses under real DDP (gloo, 2, 3 and 4 CPU ranks, one of 4 with no rows) equal one process on the whole batch.
 
 One spawn of 3 processes runs every case at world size 3 (unequal per-rank batches, which the
 global scope handles exactly), then re-forms a process group of 2 and runs them again: one
