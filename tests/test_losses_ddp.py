@@ -1,9 +1,11 @@
-"""scope="global" losses under real DDP (gloo, 2, 3 and 4 CPU ranks, one of 4 with no rows) equal one process on the whole batch.
+"""scope="global" losses under real DDP (gloo, 4, 3 and 2 CPU ranks) equal one process on the whole
+batch.
 
-One spawn of 3 processes runs every case at world size 3 (unequal per-rank batches, which the
-global scope handles exactly), then re-forms a process group of 2 and runs them again: one
-interpreter start-up for both sizes. Each rank writes its errors against a single-process
-full-batch reference (computed in the same rank process, float64) to a file; the tests read them.
+One spawn of 4 processes runs every case at world size 4 (one rank with no rows), then 3, then 2
+(unequal per-rank batches, which the global scope handles exactly), re-forming the process group
+each time: one interpreter start-up for every size. Each rank writes its errors against a
+single-process full-batch reference (computed in the same rank process, float64) to a file; the
+tests read them.
 """
 
 from __future__ import annotations
