@@ -45,7 +45,8 @@ from dmhpc.errors import DmhpcError
 from dmhpc.files import (LockHeld, atomic_path, atomic_write, hold_lock, inside, is_temporary, lock_holder,
                          remove_orphans, replace_durably)
 from dmhpc.names import DOMAINS
-from dmhpc.run_records import FORMAT, VERSION, Unfit, check_log_record, check_record, check_result
+from dmhpc.run_records import (FORMAT, VERSION, Unfit, check_log_record, check_record, check_result, strict_json,
+                                undefined_as_nan)
 
 CONFIG, RECORD, LOG, LOCK = "config.yaml", "run.json", "metrics.jsonl", ".lock"
 CHECKPOINTS, EVAL, PLOTS, TENSORBOARD = "checkpoints", "eval", "plots", "tensorboard"
@@ -91,7 +92,7 @@ def evaluation_tag(checkpoint: str, split: str, data: str | None = None) -> str:
 
 def result_text(result: dict) -> str:
     """An evaluation result file's contents."""
-    return json.dumps(result, indent=2) + "\n"
+    return strict_json(result, indent=2) + "\n"
 
 
 def statistics(entry: Mapping) -> tuple[list[float], list[float]]:
@@ -407,7 +408,7 @@ class RunDir:
                 check_log_record(record)
             except Unfit as exc:
                 raise DmhpcError(f"{self.log_path} line {number}: {exc}") from None
-            records.append(record)
+            records.append(undefined_as_nan(record))
         return records
 
     def append_log(self, record: dict, default=None) -> None:
@@ -415,7 +416,7 @@ class RunDir:
         record is on disk before the call returns: the checkpoint saved after it is, and a node
         crash that kept last.pt but lost the log's tail left the checkpoint's step never evaluated
         to `evaluated_at`, refusing the run's end there (step records are cadence only: not waited for)."""
-        line = json.dumps(record, default=default) + "\n"
+        line = strict_json(record, default=default) + "\n"
         try:
             with self.log_path.open("a", encoding="utf-8") as f:
                 f.write(line)
@@ -430,7 +431,7 @@ class RunDir:
         read now by default); returns how many went."""
         records = self.read_log() if records is None else records
         kept = [r for r in records if isinstance(r.get("step", 0), int) and r.get("step", 0) <= step]
-        text = "".join(json.dumps(r) + "\n" for r in kept)
+        text = "".join(strict_json(r) + "\n" for r in kept)
         if not self.log_path.exists() or self.log_path.read_text(encoding="utf-8", errors="replace") != text:
             atomic_write(self.log_path, text)
         return len(records) - len(kept)
@@ -928,7 +929,7 @@ def _read_result(path: Path) -> dict:
         check_result(result)
     except Unfit as exc:
         raise DmhpcError(f"{path}: {exc}") from None
-    return result
+    return undefined_as_nan(result)
 
 
 def _read_json(path: Path) -> dict:

@@ -6,12 +6,45 @@ whichever reader met it first, or as a silently wrong result.
 
 from __future__ import annotations
 
+import json
+import math
 import re
+from typing import Any, Callable
 
 from dmhpc.checks import is_int, is_number, is_real, show
 
 FORMAT = "dmhpc-run"
 VERSION = 1
+
+
+def strict_json(value: Any, *, indent: int | None = None, default: Callable[[Any], Any] | None = None) -> str:
+    """JSON that any parser reads: a number that is not finite (an undefined metric, as a one-class
+    split's ROC AUC or the precision of a model that predicts no merger) is null, not the bare NaN
+    that JSON itself, strict parsers and JavaScript refuse. `default` converts what JSON has no
+    type for (numpy's numbers and arrays), before the check."""
+    def strict(v):
+        if default is not None and not isinstance(v, (dict, list, tuple, str, int, float, bool, type(None))):
+            v = default(v)
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: strict(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [strict(x) for x in v]
+        return v
+
+    return json.dumps(strict(value), indent=indent, allow_nan=False)
+
+
+def undefined_as_nan(record: dict) -> dict:
+    """A result's or log record's metrics of each domain with null (an undefined metric, as
+    `strict_json` writes it) read back as NaN, what the readers compute with."""
+    def nan(tree):
+        if isinstance(tree, dict):
+            return {k: math.nan if v is None else nan(v) for k, v in tree.items()}
+        return tree
+
+    return {k: nan(v) if k in ("source", "target") else v for k, v in record.items()}
 
 
 class Unfit(Exception):

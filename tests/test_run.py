@@ -199,6 +199,36 @@ def test_resume_none_on_an_existing_run_needs_overwrite(tmp_path):
     assert not run.checkpoint("last").exists() and run.read_result() is None and run.read_log() == []
 
 
+def test_results_and_log_are_json_any_parser_reads_and_read_back_nan(tmp_path):
+    """An undefined metric (the precision of a model that predicts no merger, a one-class split's
+    AUC) was written as a bare NaN: JSON has none, and strict parsers (JavaScript's, jq, Python's
+    with parse_constant) refused eval/best_test.json and metrics.jsonl."""
+    import math
+
+    from dmhpc.train.evaluate import format_table
+
+    def refuse(name):
+        raise ValueError(f"not JSON: {name}")
+
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    metrics = {"accuracy": 0.5, "roc_auc": math.nan, "precision": math.inf, "labelled": True,
+               "confusion": [[5, 0], [5, 0]]}
+    run.write_result({"final": True, "source": metrics, "target": metrics}, "best", "test")
+    run.append_log({"kind": "epoch", "epoch": 0, "step": 3, "source": {"val": metrics}})
+    written = json.loads(run.result_path("best", "test").read_text(), parse_constant=refuse)
+    assert written["source"]["roc_auc"] is None and written["target"]["precision"] is None
+    line = json.loads(run.log_path.read_text(), parse_constant=refuse)
+    assert line["source"]["val"]["roc_auc"] is None
+    # Read back as the NaN the readers compute with.
+    result = run.read_result("best", "test")
+    assert math.isnan(result["source"]["roc_auc"]) and result["source"]["confusion"] == [[5, 0], [5, 0]]
+    assert math.isnan(run.read_log()[0]["source"]["val"]["precision"])
+    assert "| 0.500 | nan |" in format_table({"run": result})
+    run.truncate_log(3)  # rewritten from what was read: still strict
+    json.loads(run.log_path.read_text(), parse_constant=refuse)
+
+
 def test_auto_without_last_but_with_results_is_refused(tmp_path):
     """Refused when more than the first epoch would be lost; a run killed between its first best.pt
     and its first last.pt (its requeued job stopped there) starts again."""

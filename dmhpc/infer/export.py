@@ -49,6 +49,7 @@ from dmhpc.markdown import code, table
 from dmhpc.names import MERGER_THRESHOLD
 from dmhpc.infer.trained import Trained, load_trained
 from dmhpc.run import RunDir, statistics
+from dmhpc.run_records import strict_json
 from dmhpc.train.checkpoint import check_finite_weights, chosen_with_target_labels
 from dmhpc.train.objective import build_backbone
 
@@ -266,21 +267,6 @@ def _normalization_text(cfg) -> str:
     return f"built in: the statistics the run normalized its target domain with, {whose}"
 
 
-def _strict_json(value) -> str:
-    """The card as JSON that any parser reads: an undefined metric (a one-class test split's AUC,
-    NaN in dmhpc's own result files) is null, not the bare NaN that strict parsers refuse."""
-    def strict(v):
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: strict(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [strict(x) for x in v]
-        return v
-
-    return json.dumps(strict(value), indent=2, allow_nan=False) + "\n"
-
-
 def _limits(normalize: str) -> str:
     """What the built-in normalization means for images other than the target's."""
     if normalize == "per-domain":
@@ -391,7 +377,7 @@ def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool 
                     _safetensors(model, config_to_dict(built.trained.cfg), tmp)
                 card = model_card(run, built, fmt, out, onnx_diff)
                 card["model"]["sha256"] = file_sha256(tmp)  # what a receiver checks the file against
-                for kind, text in (("md", _card_markdown(card)), ("json", _strict_json(card))):
+                for kind, text in (("md", _card_markdown(card)), ("json", strict_json(card, indent=2) + "\n")):
                     staged[cards[kind]] = staged_write(cards[kind], text)  # one by one: a failed second leaves none
                 # The old file's cards go just before the new file takes its name: killed in
                 # between, a file stands without a card, never beside the card of the file it replaced.
