@@ -191,7 +191,7 @@ def test_da_terms_are_logged(data, tmp_path):
     assert record["selection"]["criterion"] == "dev" and math.isfinite(record["selection"]["score"])
 
 
-def test_early_stopping_on_the_selection_score(data, tmp_path):
+def test_early_stopping_on_the_selection_score(data, tmp_path, capsys):
     run = tmp_path / "run"
     # A learning rate too small to change the validation accuracy: the first evaluation stays best.
     assert main(["train", "--config", str(TINY), *_overrides(
@@ -202,10 +202,15 @@ def test_early_stopping_on_the_selection_score(data, tmp_path):
     assert [r.get("last") for r in epochs] == [None, None, True]
     # Resumed (a requeue after a stop in that epoch's last step, or asked for more epochs), it stays
     # stopped: it trained one more epoch, which could become the best.
+    capsys.readouterr()
     assert main(["train", "--config", str(TINY), *_overrides(
         data, run, "train.epochs=30", "train.early_stopping=2", "optim.lr=1e-12")]) == 0
     assert [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()
             if '"kind": "epoch"' in l] == epochs
+    # Said: a longer run asked of it trained nothing, without a word of why.
+    assert ("dmhpc train: note: the run stopped early (source-val-acc did not improve for 2 evaluations, "
+            "train.early_stopping 2); it stays stopped and tests its selection: raise train.early_stopping to "
+            "train on") in capsys.readouterr().out
 
 
 def test_an_early_stopped_run_entered_again_is_no_idle_attempt(data, tmp_path, monkeypatch):

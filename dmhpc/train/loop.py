@@ -221,6 +221,11 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
             changed = "".join(f"; {k} {v[0]} -> {v[1]}" for k, v in claim.changed.items())
             print(f"dmhpc train: resumed from {claim.resume_from} at epoch {prog.epoch}, step {prog.step}{changed}",
                   flush=True)
+            if early_stopped() and at() < total_steps:
+                # A longer run asked of one that stopped early trained nothing, and said nothing of why.
+                print(f"dmhpc train: note: the run stopped early ({cfg.select.criterion} did not improve for "
+                      f"{prog.evals_since_best} evaluations, train.early_stopping {cfg.train.early_stopping}); it "
+                      f"stays stopped and tests its selection: raise train.early_stopping to train on", flush=True)
         log.write({"kind": "setup", "step": prog.step, "world_size": dist.world_size, "loader": loader.kind,
                    "loader_setup_s": loader_setup_s, "cpu_threads": torch.get_num_threads(), "cpus": dist.cpus,
                    "resumed_from": str(claim.resume_from) if claim.resume_from else None,
