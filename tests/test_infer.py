@@ -93,7 +93,7 @@ def test_explain_draws_a_grid_per_domain_and_class(survey, run_on_survey, tmp_pa
     record = json.loads((out / "explain.json").read_text())
     assert record["target_class"] == "merger" and record["files"] == [n for n in record["files"] if n in names]
     # Which galaxies each grid shows, in its rows' order, to find them again (rows of the data set).
-    assert set(record["rows"]) == set(record["files"]) and all(r.startswith("row ") for r in record["rows"][names[0]])
+    assert set(record["rows"]) == set(record["files"]) and all(r.startswith("index ") for r in record["rows"][names[0]])
     assert record["data"] == {"source": str((survey / "pristine").resolve()), "target": str((survey / "survey").resolve())}
     from matplotlib.image import imread
 
@@ -168,7 +168,7 @@ def test_explain_under_a_launcher_draws_on_one_rank(run_on_survey, tmp_path):
     assert (tmp_path / "explain" / "explain.json").is_file()
 
 
-def test_explain_names_drawn_galaxies_by_their_input_row(tmp_path):
+def test_explain_names_drawn_galaxies_by_their_input_index(tmp_path):
     """The names were the rows as stored (splits one after another), not the input's: "row 34" was
     the input's row 14, another galaxy than predict's `index` 34."""
     from dmhpc.infer.explain import _test_split
@@ -177,7 +177,8 @@ def test_explain_names_drawn_galaxies_by_their_input_row(tmp_path):
     write_dataset(images, np.arange(40) % 2, None, tmp_path / "d", shard_size=16, seed=0)
     drawn = _test_split(tmp_path / "d", 6, seed=1)
     assert drawn["split"] == "test split" and len(drawn["names"]) == 6
-    assert drawn["names"] == [f"row {int(image[0, 0, 0])}" for image in drawn["images"]]
+    # Called its index, predict's word (data-format.md's "row" is the stored position).
+    assert drawn["names"] == [f"index {int(image[0, 0, 0])}" for image in drawn["images"]]
 
 
 def test_confident_candidates_keep_their_order(run_on_survey):
@@ -1446,7 +1447,7 @@ def test_explain_draws_each_domains_test_images_by_their_own_normalization_and_p
         folder = "pristine" if grid.startswith("source") else "survey"
         catalog = Table.read(tmp_path / f"{folder}.parquet")
         p_of = dict(zip(np.asarray(catalog["index"]).tolist(), np.asarray(catalog["p_merger"], dtype=np.float64)))
-        rows = [int(name.removeprefix("row ")) for name in names]
+        rows = [int(name.removeprefix("index ")) for name in names]
         assert set(rows) <= set(load_manifest(survey / folder)["splits"]["test"].tolist()), grid
         np.testing.assert_allclose(probs, [p_of[r] for r in rows], rtol=0, atol=1e-5, err_msg=grid)
         if grid.startswith("target"):  # unlabelled: by predicted class
@@ -1486,7 +1487,7 @@ def test_explain_data_is_normalized_as_asked_and_says_how(survey, run_on_survey,
     for (folder, grid), (names, probs, title) in shown.items():
         catalog = Table.read(tmp_path / f"{folder}.parquet")
         p_of = dict(zip(np.asarray(catalog["index"]).tolist(), np.asarray(catalog["p_merger"], dtype=np.float64)))
-        np.testing.assert_allclose(probs, [p_of[int(n.removeprefix("row "))] for n in names], rtol=0, atol=1e-5)
+        np.testing.assert_allclose(probs, [p_of[int(n.removeprefix("index "))] for n in names], rtol=0, atol=1e-5)
         assert ("its own statistics" if folder == "own" else "the run's target statistics") in title
     capsys.readouterr()
     assert main(["explain", "--run", str(run_on_survey), "--normalize", "own", "--out", str(tmp_path / "x")]) == 1

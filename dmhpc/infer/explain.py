@@ -216,8 +216,8 @@ def _checkpoint_label(model: Model) -> str:
 def _test_split(directory: Path, limit: int, seed: int) -> dict:
     """Up to `limit` images of the data set's test split (of all its rows where it has none), drawn
     by `seed`: their images, labels (None unlabelled), names (the catalog id where the data set keeps
-    ids, else "row N", N the image's position in the input prepare read, as predict's `index`) and
-    which split they are of."""
+    ids, else "index N", N the image's position in the input prepare read, predict's `index`; not its
+    stored row) and which split they are of."""
     manifest = load_manifest(directory)
     start, stop = split_rows(manifest, "test")
     split = "test split"
@@ -229,7 +229,7 @@ def _test_split(directory: Path, limit: int, seed: int) -> dict:
         ids = [(reader.read_ids(int(r), int(r) + 1) or [None])[0] for r in rows]
     images = np.concatenate([p["images"] for p in parts]).astype(np.float32)
     labels = np.concatenate([p["labels"] for p in parts]) if is_labelled(manifest) else None
-    names = [i if i is not None else f"row {int(p['index'][0])}" for i, p in zip(ids, parts)]
+    names = [i if i is not None else f"index {int(p['index'][0])}" for i, p in zip(ids, parts)]
     return {"images": images, "labels": labels, "names": names, "split": split}
 
 
