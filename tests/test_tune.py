@@ -527,7 +527,13 @@ def test_sigterm_ends_the_tuner_and_its_local_trials_and_a_relaunch_takes_them_u
     while any(_held(r / ".lock") for r in runs):  # the trials' trainers ended with the tuner
         assert time.monotonic() < deadline, "a trial still trains after the tuner ended"
         time.sleep(0.2)
-    assert [t.state.name for t in _study(tmp_path / "tune").get_trials()] == ["RUNNING", "RUNNING"]
+    # Stopped and queued again, as the search's own stopped trials are: left RUNNING, the next launch
+    # took them for a killed tuner's and listed them as failed.
+    trials = _study(tmp_path / "tune").get_trials()
+    assert [(t.state.name, t.user_attrs.get("rerun_of")) for t in trials] == [("FAIL", None), ("FAIL", None),
+                                                                             ("WAITING", 0), ("WAITING", 1)]
+    assert all(t.user_attrs["failure"] == "stopped: the tuner was stopped; the next launch runs it again"
+               for t in trials[:2])
     assert not _held(tmp_path / "tune" / LOCK)
 
 

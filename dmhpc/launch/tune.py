@@ -736,11 +736,17 @@ class _Search:
             time.sleep(self.poll_s)
 
     def abandon(self) -> None:
-        """The tuner is ending early (Ctrl-C, SIGTERM, an error): local jobs end with it; SLURM jobs
-        go on, and the next launch cancels and reruns their trials (still RUNNING in the journal)."""
+        """The tuner is ending early (Ctrl-C, SIGTERM, an error): local jobs end with it, their trials
+        queued again as the search's stopped ones are; SLURM jobs go on, and the next launch cancels
+        and reruns their trials (still RUNNING in the journal). Local trials left RUNNING were taken
+        by the next launch for a killed tuner's, and listed as failed."""
         if self.t.executor == "local":
+            def stopped(o: _Running) -> str:
+                _queue_again(self.study, o.trial)
+                return _fail(self.study, o.trial, "stopped: the tuner was stopped; the next launch runs it again")
+
             for job in {id(r.job): r.job for r in self.running if r.job is not None}.values():
-                job.cancel(check=False)
+                self.stop(job, stopped)
 
     def run(self) -> None:
         t = self.t
