@@ -440,7 +440,8 @@ def _help_actions(command):
 
 # Options whose help states a value while argparse's default is None: the command resolves it
 # (prepare's id column where a catalog is given, explain's seed of the catalog's own draw).
-RESOLVED_LATER = {("prepare", "--id-column"), ("prepare", "--label-column"), ("explain", "--seed")}
+RESOLVED_LATER = {("prepare", "--id-column"), ("prepare", "--label-column"), ("explain", "--seed"),
+                  ("explain", "--rgb")}
 
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))

@@ -1282,6 +1282,10 @@ def test_single_channel_images_train_evaluate_predict_and_export(tmp_path, capsy
     # one filter: drawn in grey, the default --rgb unused (and not recorded as the colours drawn)
     assert main(["explain", "--run", str(run), "--n", "1", "--out", str(tmp_path / "explain")]) == 0
     assert json.loads((tmp_path / "explain" / "explain.json").read_text())["rgb"] is None
+    # --rgb asked of it is refused (it was taken, and recorded as null, without a word)
+    assert main(["explain", "--run", str(run), "--n", "1", "--rgb", "0,0,0", "--out", str(tmp_path / "no")]) == 1
+    assert ("--rgb 0,0,0: the run's images have 1 filter, drawn in grey; --rgb chooses three of more"
+            in capsys.readouterr().err) and not (tmp_path / "no").exists()
 
 
 def test_predict_and_export_read_the_statistics_and_test_of_the_weights_they_load(survey, tmp_path):

@@ -75,6 +75,8 @@ def _captum():
 # Images per captum call: the memory of the attributions is bounded whatever --n (a catalog's top
 # thousands in one batch ran out of GPU memory, a traceback); each image's are its own (eval mode).
 ATTRIBUTION_BATCH = 32
+# The filters drawn red, green and blue by default: of three, the last red and the first blue.
+DEFAULT_RGB = (2, 1, 0)
 # Images per grid, one row each: a taller figure is beyond matplotlib's image size (2**16 pixels).
 MAX_N = 100
 
@@ -453,10 +455,11 @@ def _refuse_out_in(out: Path, folder: Path) -> None:
 
 
 def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=None, n: int = 6, seed: int = 0,
-            overwrite: bool = False, rgb: tuple[int, int, int] = (2, 1, 0), normalize: str = "target") -> list[Path]:
+            overwrite: bool = False, rgb: tuple[int, int, int] | None = None, normalize: str = "target") -> list[Path]:
     """Write the PNG grids; returns their paths. `checkpoint`: by default a catalog's own, else best.
-    `rgb`: the channels drawn red, green, blue. `normalize`: `data`'s statistics, the run's target's
-    or its own ("target" or "own")."""
+    `rgb`: the channels drawn red, green, blue (default DEFAULT_RGB; refused for images of fewer than
+    three filters, drawn in grey). `normalize`: `data`'s statistics, the run's target's or its own
+    ("target" or "own")."""
     if normalize not in ("target", "own"):
         raise DmhpcError(f"--normalize {normalize!r}: expected target or own")
     if normalize == "own" and data is None:
@@ -499,7 +502,11 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
         else:
             model = Model(run, checkpoint or "best", dist.device)
         # The checkpoint's channels, read with its weights (run.json may be of a run that replaced it).
-        channels = model.data["source"]["shape"][0]  # fewer than 3: drawn in grey, `rgb` unused
+        channels = model.data["source"]["shape"][0]  # fewer than 3: drawn in grey
+        if rgb is not None and channels < 3:  # (it was taken, and recorded as null, without a word)
+            raise DmhpcError(f"--rgb {','.join(map(str, rgb))}: the run's images have {channels} filter"
+                             f"{'s' if channels > 1 else ''}, drawn in grey; --rgb chooses three of more")
+        rgb = DEFAULT_RGB if rgb is None else rgb
         if len(rgb) != 3 or (channels >= 3 and not all(0 <= k < channels for k in rgb)):
             raise DmhpcError(f"--rgb {','.join(map(str, rgb))}: three channel indices from 0 to {channels - 1} "
                              f"(the run's images have {channels} filters)")
@@ -614,8 +621,8 @@ def explain_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, help=f"which test images are drawn (default {d['seed']}; not with "
                                                  f"--catalog, whose top candidates are explained)")
     parser.add_argument("--out", required=True, type=Path, help="folder for the PNG grids")
-    rgb = ",".join(map(str, d["rgb"]))
-    parser.add_argument("--rgb", default=rgb, metavar="R,G,B",
+    rgb = ",".join(map(str, DEFAULT_RGB))
+    parser.add_argument("--rgb", metavar="R,G,B",
                         help=f"the filters (channel indices) drawn red, green and blue (default {rgb}: filter 2 red; "
                              f"the embedded set and DeepMerge's F814W, F356W, F160W in wavelength order: 1,2,0)")
     parser.add_argument("--overwrite", action="store_true", help="replace the explanation already in --out")
@@ -629,7 +636,7 @@ def explain_main(args) -> int:
     if args.seed is not None and args.catalog is not None:  # it would be recorded as if it chose them
         raise DmhpcError("--seed draws test images; --catalog explains its top candidates, which no seed chooses")
     try:
-        rgb = tuple(int(k) for k in args.rgb.split(","))
+        rgb = None if args.rgb is None else tuple(int(k) for k in args.rgb.split(","))
     except ValueError:
         raise DmhpcError(f"--rgb {args.rgb}: three channel indices, as 1,2,0") from None
     explain(args.run, args.out, checkpoint=args.checkpoint, data=args.data, catalog=args.catalog, n=args.n,
