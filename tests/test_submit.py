@@ -332,7 +332,14 @@ def test_a_refused_sbatch_is_one_line_naming_sbatchs_reason(tmp_path, monkeypatc
                    "specified: gpuu; sbatch: error: Invalid partition name specified\n"), err
     assert not (tmp_path / "out" / "submitit" / "jobs.json").exists()
     assert not (tmp_path / "out" / "leaderboard.md").exists()
-    # The pickled calls and sbatch script submitit wrote for the refused jobs were left behind.
+    # The pickled calls and sbatch script submitit wrote for the refused jobs were left behind, and
+    # the OUT the launch had made, holding its lock alone: a study that seemed begun.
+    assert not (tmp_path / "out").exists()
+    # An OUT that was there is kept, with what it held.
+    (tmp_path / "out" / "submitit").mkdir(parents=True)
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    assert main(["grid", str(grid_file)]) == 1
+    assert sorted(os.listdir(tmp_path / "out")) == ["notes.txt", "submitit"]
     assert os.listdir(tmp_path / "out" / "submitit") == ["launch.lock"]
 
 

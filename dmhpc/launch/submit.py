@@ -831,22 +831,33 @@ def launch_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     # Two launchers of one OUT would both find a point unfinished and run it twice: local jobs meet
     # in its run directory, where one fails as "in use"; SLURM jobs go in twice, before either is in
     # jobs.json.
-    with hold_launch_lock(folder):
-        undo = before() if before is not None else None
-        submitted = []
-        try:
-            if kind != "slurm":
-                _check_no_queued_slurm_job(points, folder)
-            if kind == "local":
-                return _launch_local(points, resources, folder=folder, job_name=job_name, task=task,
-                                     at_once_why=at_once_why, on_submit=lambda: submitted.append(True))
-            jobs = submit_points(points, resources, kind=kind, folder=folder, job_name=job_name, task=task,
-                                 on_submit=lambda: submitted.append(True))
-        except BaseException:  # a refusal, Ctrl-C, or submitit's own error before any job went in
-            if undo is not None and not submitted:
-                undo()
-            raise
-        return wait_for(jobs) if wait else {}
+    made = [d for d in (folder.parent, folder) if not d.exists()]  # (made for the lock)
+    submitted: list[bool] = []
+    try:
+        with hold_launch_lock(folder):
+            undo = before() if before is not None else None
+            try:
+                if kind != "slurm":
+                    _check_no_queued_slurm_job(points, folder)
+                if kind == "local":
+                    return _launch_local(points, resources, folder=folder, job_name=job_name, task=task,
+                                         at_once_why=at_once_why, on_submit=lambda: submitted.append(True))
+                jobs = submit_points(points, resources, kind=kind, folder=folder, job_name=job_name, task=task,
+                                     on_submit=lambda: submitted.append(True))
+            except BaseException:  # a refusal, Ctrl-C, or submitit's own error before any job went in
+                if undo is not None and not submitted:
+                    undo()
+                raise
+    except BaseException:
+        if made and not submitted:
+            # A launch refused before any job went in (sbatch refusing a partition, no GPU here) left
+            # an OUT it had made, holding its lock alone: a study that seemed begun.
+            (folder / LAUNCH_LOCK).unlink(missing_ok=True)
+            for d in reversed(made):
+                with contextlib.suppress(OSError):  # (not empty: something else is there now)
+                    d.rmdir()
+        raise
+    return wait_for(jobs) if wait else {}
 
 
 def local_controllers(folder: Path, job_id: str | None = None) -> list[int]:
