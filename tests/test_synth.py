@@ -359,6 +359,43 @@ def test_a_killed_render_is_finished_by_running_again(serial, tmp_path):
     _same_files(out, serial)
 
 
+KILLED_AFTER_ONE_RENAME = """
+import os, sys
+from dmhpc.data import synth
+
+replace = os.replace
+
+def first_then_killed(src, dst):
+    replace(src, dst)
+    os._exit(137)  # as SIGKILL: nothing after it runs
+
+synth.os.replace = first_then_killed
+synth.synthesize(sys.argv[1], 8, 4, overwrite=True)
+"""
+
+
+def test_a_render_killed_among_its_renames_is_refused_by_prepare(serial, tmp_path):
+    """synth --overwrite killed between its renames left new images beside the old render's labels:
+    prepare took them (and verify passed them), labels matching their images for half the rows."""
+    out = tmp_path / "render"
+    shutil.copytree(serial, out)
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_ONE_RENAME, str(out)], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert killed.returncode == 137, killed.stderr
+    assert not (out / "meta.json").exists() and (out / ".dmhpc-incomplete").exists()
+    argv = [sys.executable, "-m", "dmhpc", "prepare", "--data-config", str(ROOT / "configs/data/embedded.yaml"),
+            "--root", str(out), "--out", str(tmp_path / "shards")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and proc.stderr == (
+        f"dmhpc prepare: error: {out}: its files were being replaced when that stopped (.dmhpc-incomplete), and may "
+        f"be of two renders; render it again (dmhpc synth --overwrite)\n"), proc.stderr
+    assert not (tmp_path / "shards").exists()
+    # Rendered again (unasked: a killed render's folder is synth's), it is whole and unmarked.
+    result = _cli("--out", str(out), "--n-per-class", str(N_PER_CLASS), "--seed", str(SEED))
+    assert result.returncode == 0, result.stderr
+    _same_files(out, serial)
+
+
 @pytest.mark.parametrize("argv, words", [
     (["--n-per-class", "0"], [f"--n-per-class: expected an integer from 1 to {2**30 - 1}, got 0"]),
     (["--n-per-class", str(10**15)], ["--n-per-class: expected an integer from 1 to"]),  # (a traceback at 7e13)

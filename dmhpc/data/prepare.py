@@ -155,9 +155,14 @@ def load_data_config(path, root: str | None = None, out: str | None = None, sets
 
 
 def _path(p: Path | None, say: bool) -> Path | None:
-    """The input file, or the one whose name differs in letter case only (with a note, if `say`)."""
+    """The input file, or the one whose name differs in letter case only (with a note, if `say`).
+    One in a folder whose files were being replaced (marked by synth) is refused."""
     if p is None:
         return None
+    if (p.parent / shards.INCOMPLETE).exists():
+        # A synth killed among its renames: new images beside the old render's labels, say.
+        raise DmhpcError(f"{p.parent}: its files were being replaced when that stopped ({shards.INCOMPLETE}), and "
+                         f"may be of two renders; render it again (dmhpc synth --overwrite)")
     found, note = resolve_spelling(p)
     if note and say:
         print(f"dmhpc prepare: note: {note}", file=sys.stderr, flush=True)

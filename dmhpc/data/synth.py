@@ -8,7 +8,8 @@ objects of `--n-per-class 10` are the first 20 of `--n-per-class 1000`.
 The noisy domain is the pristine image observed once more: sky plus Poisson noise at the surface
 brightness limit --sb-limit. The physics lives in dmhpc.data.scenes; docs/embedded-data.md
 describes it. Output files are written under temporary names and renamed into place, meta.json
-last: a directory without meta.json is incomplete.
+last: a directory without meta.json is incomplete, and one marked .dmhpc-incomplete (while the
+renames run) may hold files of two renders, which prepare refuses.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from dmhpc import __version__
 from dmhpc.checks import Invalid, integer
 from dmhpc.data import scenes
 from dmhpc.data.scenes import DEFAULT_KNOBS, KNOB_CHECKS, Knobs
+from dmhpc.data.shards import INCOMPLETE
 from dmhpc.errors import DmhpcError
 from dmhpc.files import (fsync_directory, locked_directory, remove_orphans, reserve, temporary_of, temporary_path,
                          write_error)
@@ -40,7 +42,7 @@ from dmhpc.progress import progress_bar
 IMAGE_FILES = ("pristine_X.npy", "noisy_X.npy")
 OUTPUT_FILES = IMAGE_FILES + ("pristine_y.npy", "noisy_y.npy", "objects.npy", "meta.json")
 SURVEY_FILES = ("survey_X.npy", "survey_y.npy", "survey_objects.npy")
-RENDER_FILES = OUTPUT_FILES + SURVEY_FILES  # every file a render may write
+RENDER_FILES = OUTPUT_FILES + SURVEY_FILES + (INCOMPLETE,)  # every file a render may write
 # The survey objects' seed sequences are keyed [seed, k, SURVEY_STREAM], the simulated objects' [seed, k]:
 # numpy pads a key of up to 4 words with zeros, so a tag anywhere but after k ([seed, 2, 0] is [seed, 2])
 # made survey object 0 the simulated object 2, primary galaxy and all. Seeds stay one word (< 2**32).
@@ -212,7 +214,11 @@ class _Staging:
                     os.fsync(f.fileno())  # on disk before meta.json says the set is finished (a node crash)
             except OSError as exc:  # np.save's OSError names no file
                 raise write_error(self.out / name, exc) from None
-        # An older meta.json goes first, so a crash between renames leaves no complete-looking set.
+        # The folder marked first, then an older meta.json removed, so a crash between the renames
+        # leaves no complete-looking set: prepare refuses a marked folder (it took a new render's
+        # survey images beside the old one's labels, and verify passed them).
+        (self.out / INCOMPLETE).touch()
+        fsync_directory(self.out)
         (self.out / "meta.json").unlink(missing_ok=True)
         if self.survey_labels is None:  # an older set's survey files: the new meta.json does not describe them
             for name in SURVEY_FILES:
@@ -220,6 +226,8 @@ class _Staging:
         for name in self.files:
             os.replace(self.partial[name], self.out / name)
             self.renamed.append(self.out / name)
+        fsync_directory(self.out)
+        (self.out / INCOMPLETE).unlink()
         fsync_directory(self.out)
 
     def discard(self) -> None:
