@@ -924,11 +924,15 @@ def _load_state(path: Path) -> dict:
 
 
 def _read_result(path: Path) -> dict:
-    result = _read_json(path)
+    # What to do, said: eval, which would write it anew, read it first and stopped at the same line.
+    again = "; remove it and run dmhpc eval again (a run's trainer tests its selection again at --resume auto)"
     try:
+        result = _read_json(path)
         check_result(result)
+    except DmhpcError as exc:
+        raise DmhpcError(f"{exc}{again}") from None
     except Unfit as exc:
-        raise DmhpcError(f"{path}: {exc}") from None
+        raise DmhpcError(f"{path}: {exc}{again}") from None
     return undefined_as_nan(result)
 
 

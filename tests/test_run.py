@@ -227,6 +227,13 @@ def test_results_and_log_are_json_any_parser_reads_and_read_back_nan(tmp_path):
     assert "| 0.500 | nan |" in format_table({"run": result})
     run.truncate_log(3)  # rewritten from what was read: still strict
     json.loads(run.log_path.read_text(), parse_constant=refuse)
+    # A damaged result says what to do: eval, which would write it anew, stopped at the same line.
+    path = run.result_path("best", "test")
+    path.write_text(path.read_text()[:30])
+    with pytest.raises(DmhpcError, match=rf"^{re.escape(str(path))}: not readable JSON \(.*\); remove it and run "
+                                         r"dmhpc eval again \(a run's trainer tests its selection again at "
+                                         r"--resume auto\)$"):
+        run.read_result("best", "test")
 
 
 def test_auto_without_last_but_with_results_is_refused(tmp_path):
