@@ -184,8 +184,12 @@ class RunDir:
         """Refuse an output of predict, explain or export in the run directory: it would replace the
         run's own files (--overwrite over best.pt), and a run directory holding other files is
         refused as not a run at its next resume or evaluation."""
-        if inside(path, self.path):
-            raise DmhpcError(f"{flag} {path}: inside the run directory {self.path}, which holds the run's own "
+        where = Path(os.path.abspath(path))
+        # Another run's directory too (explain's figures into runs/r4: r4 was no run to its trainer).
+        runs = [self.path] if inside(path, self.path) else \
+            [f for f in (where, *where.parents) if RunDir(f).looks_like_run()]
+        if runs:
+            raise DmhpcError(f"{flag} {path}: inside the run directory {runs[0]}, which holds the run's own "
                              f"files only; write it elsewhere")
 
     @property
@@ -628,6 +632,10 @@ class RunDir:
         if foreign or (names and not self.holds_run() and set(names) - {LOCK}):
             example = (foreign or names)[0]
             written = [n for n in (CHECKPOINTS, RECORD, LOG) if n in names]
+            if foreign and self.holds_run() and written:  # "not a dmhpc run" misled here too
+                raise DmhpcError(f"run.dir {p}: a run, which holds {foreign[0]!r}"
+                                 f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}, not a run's "
+                                 f"file; move {'it' if len(foreign) == 1 else 'them'} out of the run directory")
             if not foreign and written:  # a run's own files, its config gone: "not a dmhpc run" misled
                 raise DmhpcError(f"run.dir {p}: holds {written[0]} but no {CONFIG}: a run whose {CONFIG} was "
                                  f"removed; put it back (each checkpoint holds the run's config), or choose a new "

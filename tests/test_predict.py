@@ -1394,6 +1394,10 @@ def test_an_output_over_an_input_or_in_the_run_is_refused(trained, tmp_path, cap
     best = RunDir(run).checkpoint("best")
     kept = best.read_bytes()
     listing = sorted(p.name for p in run.rglob("*"))
+    other = tmp_path / "other-run"  # what makes a folder a run: its config and something it wrote
+    other.mkdir()
+    (other / "config.yaml").write_text("seed: 0\n")
+    (other / "metrics.jsonl").write_text("")
     cases = [
         (["predict", "--run", str(run), "--catalog", str(tmp_path / "cat.csv"), "--file-column", "file",
           "--out", str(tmp_path / "cat.csv"), "--overwrite"], f"--out {tmp_path / 'cat.csv'}: is --catalog"),
@@ -1408,6 +1412,11 @@ def test_an_output_over_an_input_or_in_the_run_is_refused(trained, tmp_path, cap
          f"--out {best}: inside the run directory {run}"),
         (["explain", "--run", str(run), "--data", str(trained["data"] / "noisy"), "--out", str(run / "plots" / "x")],
          f"--out {run / 'plots' / 'x'}: inside the run directory {run}"),
+        # Another run's directory: its trainer then took it for no run at all.
+        (["explain", "--run", str(run), "--data", str(trained["data"] / "noisy"), "--out", str(other / "figs")],
+         f"--out {other / 'figs'}: inside the run directory {other}"),
+        (["predict", "--run", str(run), "--images", str(survey), "--out", str(other / "c.parquet")],
+         f"--out {other / 'c.parquet'}: inside the run directory {other}"),
     ]
     for argv, refusal in cases:
         capsys.readouterr()

@@ -152,6 +152,12 @@ def test_a_directory_that_is_not_a_run_is_refused_and_left_alone(tmp_path):
     with pytest.raises(DmhpcError, match=r"run.dir \S+figures: exists and is not a dmhpc run \(it holds 'plots'\)"):
         RunDir(plots).claim(cfg_for(plots), "auto")
     assert os.listdir(plots) == ["plots"] and os.listdir(plots / "plots") == ["mine.png"]
+    # A run holding a file not its own (a catalog written into it) is named a run, not "not a run".
+    run, cfg = started(tmp_path, "started")
+    (run.path / "cands.parquet").write_bytes(b"a catalog")
+    with pytest.raises(DmhpcError, match=rf"^run.dir {re.escape(str(run.path))}: a run, which holds 'cands.parquet', "
+                                         r"not a run's file; move it out of the run directory$"):
+        run.claim(cfg, "auto")
 
 
 def test_an_empty_directory_is_taken_and_a_new_one_made_and_cleaned_if_unused(tmp_path):
