@@ -1222,6 +1222,35 @@ def test_two_exports_to_one_file_are_refused_and_an_unfinished_one_says_so(run_o
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
+def test_explain_stopped_by_a_full_disk_leaves_no_grid_of_its_own(run_on_survey, tmp_path, monkeypatch, capsys):
+    """Its one line said "nothing written" beside the grids drawn before the failing one, and the
+    rerun was refused: figures without explain.json. A figure of the user's own stays."""
+    pytest.importorskip("captum")
+    from dmhpc.errors import DmhpcError
+    from dmhpc.infer import explain
+
+    out = tmp_path / "explain"
+    out.mkdir()
+    (out / "mine.png").write_bytes(b"a figure of mine")
+    real, drawn = explain.attribution_grid, []
+
+    def full_at_the_third(*args, **kwargs):
+        drawn.append(args[6])
+        if len(drawn) == 3:
+            raise DmhpcError(f"{args[6]}: cannot write: No space left on device (disk full or over quota); "
+                             f"nothing written")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(explain, "attribution_grid", full_at_the_third)
+    argv = ["explain", "--run", str(run_on_survey), "--n", "1", "--out", str(out), "--overwrite"]
+    assert main(argv) == 1
+    assert "No space left on device" in capsys.readouterr().err and len(drawn) == 3
+    assert sorted(p.name for p in out.iterdir()) == ["mine.png"]
+    monkeypatch.undo()
+    assert main(argv[:-1]) == 1  # refused as ever: a figure of the user's own and no explain.json
+    assert main(argv) == 0 and (out / "explain.json").is_file() and (out / "mine.png").is_file()
+
+
 @pytest.mark.gpu
 def test_the_last_mile_on_a_gpu(survey, tmp_path, capsys):
     """Train, then predict (bf16 autocast and TTA too), explain (captum) and export, each on CUDA:

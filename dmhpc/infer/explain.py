@@ -475,6 +475,7 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
         raise DmhpcError(f"--out {out}: is a file; explain writes a folder of figures, name one")
     dist = bootstrap()
     held = contextlib.ExitStack()
+    others: list[set] = []  # once --out is claimed: the figures in it that are not this explanation's
     try:
         # Under a launcher the figures are one process's work: every rank drew and wrote the same
         # ones, and rank 0's lock on --out went with it while others still wrote.
@@ -516,6 +517,7 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
             # over each other's grids under the last one's record.
             held.enter_context(locked_directory(out, "dmhpc explain"))
             _claim_out(out, overwrite)
+            others.append(set(out.glob("*.png")))  # (figures of the user's own: kept)
 
         written: dict[Path, list] = {}  # grid -> the names of its rows, in order
         if catalog is not None:
@@ -596,6 +598,11 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
         for p in written:
             print(f"wrote {p}")
         return list(written)
+    except BaseException:
+        if others:  # the grids drawn before a failure (a full disk) go: "nothing written", and a rerun
+            for grid in set(out.glob("*.png")) - others[0]:  # found figures without explain.json
+                grid.unlink(missing_ok=True)
+        raise
     finally:
         held.close()
         shutdown()
