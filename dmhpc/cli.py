@@ -232,8 +232,12 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(command if command in COMMANDS else None)
-    args, extra = parser.parse_known_args(argv)
+    try:
+        parser = build_parser(command if command in COMMANDS else None)
+        args, extra = parser.parse_known_args(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the command's modules load (torch: seconds): a traceback
+        print(f"dmhpc{' ' + command if command in COMMANDS else ''}: interrupted", file=sys.stderr)
+        return 130
     if extra and isinstance(getattr(args, "overrides", None), list) and not any(a.startswith("-") for a in extra):
         # argparse fills a positional list once: overrides after an option (`run.dir=R --overwrite
         # train.epochs=1`) were "unrecognized arguments". They are taken in the order given.

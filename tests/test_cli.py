@@ -247,6 +247,19 @@ def test_an_interrupted_command_says_so_in_one_line_and_exits_130(tmp_path, in_t
     assert proc.returncode == 130 and err == "dmhpc info: interrupted\n", (proc.returncode, err)
 
 
+def test_ctrl_c_while_a_command_loads_says_so_in_one_line(monkeypatch, capsys):
+    """A Ctrl-C in the first second (torch importing, as the command's options were built) ended in
+    a KeyboardInterrupt traceback through the import machinery."""
+    from dmhpc import cli
+
+    def importing():
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(cli.COMMANDS, "export", cli.COMMANDS["export"]._replace(load=importing))
+    assert cli.main(["export", "--run", "r", "--out", "o"]) == 130
+    assert capsys.readouterr().err == "dmhpc export: interrupted\n"
+
+
 def test_a_reader_that_goes_away_is_not_an_error(tmp_path):
     """`dmhpc info DIR | true`: the reader leaving early ended the command in a BrokenPipeError
     traceback, or a failure's exit code (120, "Exception ignored" where output small enough to stay
