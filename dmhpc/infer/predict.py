@@ -72,6 +72,9 @@ PATHS = ("data", "images", "catalog", "cutouts")
 
 def catalog_format(out: Path) -> str:
     fmt = CATALOG_FORMATS.get(out.suffix.lower())
+    if fmt is None and out.is_dir():  # (its extension was blamed)
+        raise DmhpcError(f"--out {out}: a folder; name the catalog file, its extension its format: one of "
+                         f"{', '.join(CATALOG_FORMATS)}")
     if fmt is None:
         raise DmhpcError(f"--out {out}: the extension names the catalog format: one of {', '.join(CATALOG_FORMATS)}")
     return fmt
@@ -653,7 +656,8 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         # A signal during the last parts: every part is written, so the catalog is merged now (a
         # requeue only to merge would wait in the queue again).
         stopped = any(s for s, _, _ in ended) and sum(left for _, _, left in ended) > 0
-        rate = sum(all_gather_object(done)) / max(time.perf_counter() - t0, 1e-9)
+        computed = sum(all_gather_object(done))
+        rate = computed / max(time.perf_counter() - t0, 1e-9)
         if stopped:
             if dist.is_main:
                 print(f"dmhpc predict: stopped by a signal; finished parts are kept in {parts}; exiting with "
@@ -662,8 +666,9 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
             return REQUEUE_EXIT_CODE
         rows = on_main(lambda: _merge(out, parts, source, part_size, tta, meta, overwrite, spec_digests))
         if dist.is_main:
-            print(f"dmhpc predict: wrote {out} ({rows} rows; {rate:.0f} images/s over {dist.world_size} rank(s))",
-                  flush=True)
+            # (every part found done: no rate, "0 images/s" said of a catalog merged from them)
+            how = f"{rate:.0f} images/s over {dist.world_size} rank(s)" if computed else "from parts done before"
+            print(f"dmhpc predict: wrote {out} ({rows} rows; {how})", flush=True)
         barrier()
         return 0
     except Exception as exc:
