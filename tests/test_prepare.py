@@ -1799,8 +1799,8 @@ def test_a_share_that_rounds_to_no_image_is_warned_of(inputs, capsys):
     files = dict(inputs, objects=None)
     assert main(args(files, "--fractions", "0.89,0.01,0.1")) == 0
     err = capsys.readouterr().err
-    assert err == (f"dmhpc prepare: warning: {Path(inputs['out']).name}: its val split is empty, 48 images too few for --fractions "
-                   f"0.89,0.01,0.1; the trainer needs rows in every split\n"), err
+    assert err == (f"dmhpc prepare: warning: {Path(inputs['out']).name}: its val split is empty, 48 images too few "
+                   f"for --fractions 0.89,0.01,0.1; the trainer needs rows in every split\n"), err
     assert main(args(files, "--fractions", "0.9,0,0.1", "--overwrite")) == 0
     assert "warning" not in capsys.readouterr().err
 

@@ -882,6 +882,16 @@ def test_torchrun_two_ranks(data, tmp_path):
             assert same, (domain, key, logged[key], now[key])
 
 
+def _script_on_two_ranks(script: str, tmp_path, tee: str, *overrides: str, **env) -> subprocess.CompletedProcess:
+    """`script` (a trainer with something patched on some rank) as two torchrun ranks, torchrun's
+    `tee` option, the tiny config with `overrides`, `env` added to the clean environment."""
+    path = tmp_path / "script.py"
+    path.write_text(script)
+    return subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", tee, str(path), "--config",
+                           str(TINY), *overrides], cwd=ROOT, env=clean_env(**env), capture_output=True, text=True,
+                          timeout=300)
+
+
 FULL_DISK_ON_RANK_0 = """
 import os, sys
 from dmhpc.errors import DmhpcError
@@ -905,12 +915,8 @@ def test_a_write_that_fails_on_rank_0_is_every_ranks_one_line(data, tmp_path, at
     """Rank 0 writes the checkpoints; a full disk there was its one line, while rank 1, waiting in a
     barrier, died in a 20-line gloo traceback (under NCCL and srun: waited 30 minutes). At the final
     result rank 1 said nothing and exited 0."""
-    script = tmp_path / "full_disk.py"
-    script.write_text(FULL_DISK_ON_RANK_0)
-    proc = subprocess.run(
-        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--tee=2", str(script), "--config", str(TINY),
-         *_overrides(data, tmp_path / "run", "train.epochs=1")],
-        cwd=ROOT, env=clean_env(FULL_AT=at), capture_output=True, text=True, timeout=300)
+    proc = _script_on_two_ranks(FULL_DISK_ON_RANK_0, tmp_path, "--tee=2",
+                                *_overrides(data, tmp_path / "run", "train.epochs=1"), FULL_AT=at)
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith(("[default0]:", "[default1]:"))]
     for rank in (0, 1):
@@ -952,12 +958,9 @@ def test_a_defect_on_one_rank_at_start_is_every_ranks_and_meets_the_others_befor
     left; the others held it as an AgreedError and waited for it at the barrier before leaving: on
     gloo until its connection dropped, on NCCL until the watchdog's timeout (30 minutes). Building
     the state or the loader's backend was not agreed: the others went on to the next collective."""
-    script = tmp_path / "defect.py"
-    script.write_text(DEFECT_ON_RANK_1)
-    proc = subprocess.run(
-        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--tee=3", str(script), "--config", str(TINY),
-         *_overrides(data, tmp_path / "run", "train.epochs=1", "data.loader=gpu-resident")],
-        cwd=ROOT, env=clean_env(DEFECT_AT=at), capture_output=True, text=True, timeout=300)
+    proc = _script_on_two_ranks(DEFECT_ON_RANK_1, tmp_path, "--tee=3",
+                                *_overrides(data, tmp_path / "run", "train.epochs=1", "data.loader=gpu-resident"),
+                                DEFECT_AT=at)
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "[default0]:rank 0 met" in out and "[default1]:rank 1 met" in out, out[-3000:]
@@ -1878,8 +1881,9 @@ def test_a_target_whose_test_objects_the_source_trains_on_is_refused(tmp_path, c
     n = 120
     labels = np.arange(n) % 2
     clean = rng.normal(0.0, 0.05, (n, 3, 75, 75)).astype(np.float32) + labels[:, None, None, None]
-    for name, array in (("pristine.npy", clean), ("noisy.npy", clean + rng.normal(0, 0.3, clean.shape).astype(np.float32)),
-                        ("y.npy", labels), ("objects.npy", np.arange(n) // 2)):
+    noisy = clean + rng.normal(0, 0.3, clean.shape).astype(np.float32)
+    for name, array in (("pristine.npy", clean), ("noisy.npy", noisy), ("y.npy", labels),
+                        ("objects.npy", np.arange(n) // 2)):
         np.save(tmp_path / name, array)
     for domain, seed in (("pristine", 0), ("noisy", 0), ("noisy-other", 1)):
         images = tmp_path / f"{domain.split('-')[0]}.npy"

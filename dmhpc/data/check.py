@@ -239,8 +239,8 @@ def twins_trained_on(source_dir: Path, source: dict, target_dir: Path, target: d
     if not both.size:
         return None
     return (f"{both.size} of its {held.size} validation and test objects are in the training split of {source_dir} "
-            f"(e.g. object {int(both[0])}): both hold the objects of one file, split with {_split_otherwise(source, target)}; "
-            f"prepare both with one --seed and --fractions")
+            f"(e.g. object {int(both[0])}): both hold the objects of one file, split with "
+            f"{_split_otherwise(source, target)}; prepare both with one --seed and --fractions")
 
 
 def twins_note(source: dict, target: dict) -> str | None:
