@@ -519,6 +519,26 @@ def test_the_jobs_of_a_launcher_killed_before_its_record_are_found_by_their_comm
     assert recorded["seed=1"]["job_id"] == "1234_1" and recorded["seed=0"]["job_id"].startswith("99")
 
 
+def test_the_launch_lock_is_held_while_the_launcher_waits_for_its_jobs(tmp_path, monkeypatch):
+    """It was given back before the wait (a refused launch's clean-up moved the wait out of the
+    lock): a second launcher into the OUT was not refused while the first's jobs ran."""
+    from dmhpc.cli import main
+    from dmhpc.launch import submit
+
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump({"base": str(TINY), "out": str(tmp_path / "out"), "executor": "debug",
+                                         "grid": {"seed": [0]}, "overrides": {"data.source": "missing"}}))
+    lock, held, real = tmp_path / "out" / "submitit" / "launch.lock", [], submit.wait_for
+
+    def waiting(jobs):
+        held.append(_held(lock))
+        return real(jobs)
+
+    monkeypatch.setattr(submit, "wait_for", waiting)
+    assert main(["grid", str(grid_file)]) == 1  # (its point fails: no data)
+    assert held == [True]
+
+
 def test_a_second_launcher_into_the_same_out_is_refused_in_one_line(tmp_path, capsys):
     """Two launchers of one OUT both found the points unfinished and ran each twice: local jobs met in
     the run directory, where one failed as "in use by another trainer"; SLURM jobs went in twice."""

@@ -805,13 +805,14 @@ def check_executor_here(kind: str) -> None:
                          "give --executor local (or executor: local in the file)")
 
 
-def hold_launch_lock(folder: Path) -> IO:
+def hold_launch_lock(folder: Path, made: list[Path] | None = None) -> IO:
     """The lock of the launcher running jobs in `folder` (OUT/submitit), held until closed: grid,
     scaling and tune take it, since each stops the jobs it finds there as orphans of a killed one
-    of its own kind (a grid started into a tuner's out stopped every trial of the tuner)."""
+    of its own kind (a grid started into a tuner's out stopped every trial of the tuner). `made`
+    gets the folders made for it (see `hold_lock`)."""
     lock = folder / LAUNCH_LOCK
     return hold_lock(lock, f"{lock}: another launcher is running points into this out ({{holder}}); wait for it or "
-                           f"use another out", "launcher")
+                           f"use another out", "launcher", made=made)
 
 
 def launch_points(points: list[Point], resources: Mapping[str, Resources], *, kind: str, folder: Path,
@@ -831,33 +832,30 @@ def launch_points(points: list[Point], resources: Mapping[str, Resources], *, ki
     # Two launchers of one OUT would both find a point unfinished and run it twice: local jobs meet
     # in its run directory, where one fails as "in use"; SLURM jobs go in twice, before either is in
     # jobs.json.
-    made = [d for d in (folder.parent, folder) if not d.exists()]  # (made for the lock)
+    made: list[Path] = []  # the folders made for the lock file, nearest first
     submitted: list[bool] = []
-    try:
-        with hold_launch_lock(folder):
+    with hold_launch_lock(folder, made):
+        undo = None
+        try:
             undo = before() if before is not None else None
-            try:
-                if kind != "slurm":
-                    _check_no_queued_slurm_job(points, folder)
-                if kind == "local":
-                    return _launch_local(points, resources, folder=folder, job_name=job_name, task=task,
-                                         at_once_why=at_once_why, on_submit=lambda: submitted.append(True))
-                jobs = submit_points(points, resources, kind=kind, folder=folder, job_name=job_name, task=task,
-                                     on_submit=lambda: submitted.append(True))
-            except BaseException:  # a refusal, Ctrl-C, or submitit's own error before any job went in
-                if undo is not None and not submitted:
+            if kind != "slurm":
+                _check_no_queued_slurm_job(points, folder)
+            if kind == "local":
+                return _launch_local(points, resources, folder=folder, job_name=job_name, task=task,
+                                     at_once_why=at_once_why, on_submit=lambda: submitted.append(True))
+            jobs = submit_points(points, resources, kind=kind, folder=folder, job_name=job_name, task=task,
+                                 on_submit=lambda: submitted.append(True))
+        except BaseException:  # a refusal, Ctrl-C, or submitit's own error before any job went in
+            if not submitted:
+                if undo is not None:
                     undo()
-                raise
-    except BaseException:
-        if made and not submitted:
-            # A launch refused before any job went in (sbatch refusing a partition, no GPU here) left
-            # an OUT it had made, holding its lock alone: a study that seemed begun.
-            (folder / LAUNCH_LOCK).unlink(missing_ok=True)
-            for d in reversed(made):
-                with contextlib.suppress(OSError):  # (not empty: something else is there now)
-                    d.rmdir()
-        raise
-    return wait_for(jobs) if wait else {}
+                if made:  # an OUT made for the lock, which it alone would hold: a study that seemed begun
+                    (folder / LAUNCH_LOCK).unlink(missing_ok=True)  # (while held, as locked_directory does)
+                    for d in made:
+                        with contextlib.suppress(OSError):  # (not empty: something else is there now)
+                            d.rmdir()
+            raise
+        return wait_for(jobs) if wait else {}
 
 
 def local_controllers(folder: Path, job_id: str | None = None) -> list[int]:
