@@ -364,6 +364,23 @@ def test_trials_whose_values_diverge_are_told_as_pruned_and_stop_nothing(data, t
     assert [r["state"] for r in rows] == ["pruned"] * 3 and all("not finite" in r["failure"] for r in rows)
 
 
+def test_a_base_config_edited_into_an_invalid_one_fails_trials_not_as_their_values(data, tmp_path):
+    """The base file is read for every trial: edited into an invalid config mid-search, each trial's
+    config failed as its values' fault (pruned), the row of failures never counted, and the whole
+    budget went in moments."""
+    from dmhpc.launch.tune import _Search
+
+    base = tmp_path / "base.yaml"
+    base.write_text(f"base: {TINY}\n")
+    t = load_tune(spec(data, tmp_path, executor="debug", parallel=1, trials=4, base=str(base)))
+    t.out.mkdir()
+    study = _open_study(t)
+    search = _Search(t, study, poll_s=0.1)
+    base.write_text(f"base: {TINY}\nmodel:\n  name: vgg\n")
+    search.start()
+    assert [tr.state.name for tr in study.get_trials()] == ["FAIL"] and search.failures_in_a_row == 1
+
+
 def test_a_good_trial_stopped_with_the_search_runs_again_and_spends_no_budget(data, tmp_path):
     """Trials running well when three others failed in a row were failed with the search: counted
     against the budget, never run again, though the failures were of other values."""
@@ -473,13 +490,16 @@ def test_a_stale_trial_keeps_its_enqueued_values_and_a_recorded_failure_stays_on
     half = study.ask({"optim.lr": lr})  # killed before loss.transfer_weight was asked
     failed = study.ask({"optim.lr": lr, "loss.transfer_weight": weight})
     failed.set_user_attr("failure", "exit code 1")  # then killed
+    diverged = study.ask({"optim.lr": lr, "loss.transfer_weight": weight})
+    diverged.set_user_attr("failed_by_values", True)
+    diverged.set_user_attr("failure", "diverged: step 3")  # then killed: told as it would have been
     lock.close()
     assert _requeue_stale(study, t.out / "submitit") == 1
     trials = study.get_trials()
     assert [(tr.state.name, tr.user_attrs.get("rerun_of")) for tr in trials] == \
-        [("FAIL", None), ("FAIL", None), ("WAITING", half.number)]
+        [("FAIL", None), ("FAIL", None), ("PRUNED", None), ("WAITING", half.number)]
     assert trials[-1].system_attrs["fixed_params"] == {"optim.lr": "0.003", "loss.transfer_weight": 0.5}
-    assert trials[failed.number].user_attrs["failure"] == "exit code 1" and _counted(study) == 1
+    assert trials[failed.number].user_attrs["failure"] == "exit code 1" and _counted(study) == 2
 
 
 def test_the_command_line_and_the_shipped_tune_files(data, tmp_path):
@@ -535,6 +555,36 @@ def test_sigterm_ends_the_tuner_and_its_local_trials_and_a_relaunch_takes_them_u
     assert all(t.user_attrs["failure"] == "stopped: the tuner was stopped; the next launch runs it again"
                for t in trials[:2])
     assert not _held(tmp_path / "tune" / LOCK)
+
+
+def test_a_tuner_stopping_on_a_journal_it_cannot_write_still_cancels_every_local_job(data, tmp_path, monkeypatch):
+    """Stopping queued each trial again between one job's cancel and the next: a journal write that
+    failed (the full disk the tuner was ending for) left the later jobs training as orphans."""
+    from dmhpc.launch.tune import _Running, _Search
+
+    tuning = sys.modules["dmhpc.launch.tune"]  # (dmhpc.launch's `tune` is the function)
+
+    class Job:
+        cancelled = False
+
+        def cancel(self, check=True):
+            self.cancelled = True
+
+    t = load_tune(spec(data, tmp_path, parallel=2))
+    t.out.mkdir()
+    study = _open_study(t)
+    search = _Search(t, study, poll_s=0.1)
+    lr = optuna.distributions.CategoricalDistribution(["0.001", "0.003"])
+    jobs = [Job(), Job()]
+    search.running = [_Running(study.ask({"optim.lr": lr}), RunDir(tmp_path / f"r{k}"), job)
+                      for k, job in enumerate(jobs)]
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tuning, "_queue_again", full)
+    search.abandon()
+    assert all(job.cancelled for job in jobs)
 
 
 def test_a_relaunch_proposes_new_values_not_the_first_launchs_again(data, tmp_path):

@@ -94,6 +94,7 @@ _NO_CHOICE = object()  # an enqueue value matching none of its key's choices
 STOPPING_WAIT_S = 600  # how long a trial waits for a cancelled job to let go of its run directory
 ATTR_VALUES, ATTR_RUN = "values", "run_dir"
 ATTR_SUBMISSION = "submission"  # the token in a SLURM trial's job comment
+ATTR_BY_VALUES = "failed_by_values"  # a trial its own values failed (told as pruned: see _values_failed)
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,16 @@ class Tune:
         cfg = resolve_point(self.base, {**self.overrides, **values, "run.dir": str(run_dir),
                                         "select.criterion": self.objective, "train.signals": [preempt_signal()]})
         return run_dir, cfg
+
+    def values_at_fault(self) -> bool:
+        """Whether a trial's config that failed did so for its values: the base and overrides alone,
+        a valid config when the study was read, still are (the base file is read for every trial, and
+        one edited into an invalid config failed every trial as its values' fault)."""
+        try:
+            resolve_point(self.base, {**self.overrides, "select.criterion": self.objective})
+        except DmhpcError:
+            return False
+        return True
 
 
 def _trials_config(config: dict) -> dict:
@@ -464,8 +475,9 @@ def _requeue_stale(study, folder: Path) -> int:
     failed = [tr for tr in stale if tr.user_attrs.get("failure") and tr.number not in queued]
     for tr in failed:
         # A failure recorded, the tuner killed before it told the study: a failure, not a trial to
-        # run again (rerun, it was no longer counted, and trials.md kept its old failure).
-        study.tell(tr.number, state=TrialState.FAIL)
+        # run again (rerun, it was no longer counted, and trials.md kept its old failure); told as
+        # it would have been (pruned where its values failed it).
+        study.tell(tr.number, state=TrialState.PRUNED if tr.user_attrs.get(ATTR_BY_VALUES) else TrialState.FAIL)
     stale = [tr for tr in stale if tr not in failed]
     for tr in stale:
         job_id, executor = str(tr.user_attrs.get("job_id", "")), tr.user_attrs.get("executor")
@@ -549,6 +561,7 @@ def _values_failed(study, trial, why: str) -> str:
     values where runs diverge (34 of 40 trials in a simulation), and three in a row stopped the search."""
     from optuna.trial import TrialState
 
+    trial.set_user_attr(ATTR_BY_VALUES, True)  # (before its failure: a kill between is told as this)
     trial.set_user_attr("failure", why)
     study.tell(trial, state=TrialState.PRUNED)
     print(f"dmhpc tune: trial {trial.number} failed by its values (told as pruned): {why}", flush=True)
@@ -628,7 +641,8 @@ class _Search:
             trial.set_user_attr(ATTR_VALUES, values)
             run_dir, cfg = t.point(values)
         except DmhpcError as exc:
-            self.outcome(_values_failed(study, trial, str(exc)))
+            self.outcome(_values_failed(study, trial, str(exc)) if t.values_at_fault() else
+                         _fail(study, trial, str(exc)))
             return
         try:
             trial.set_user_attr(ATTR_RUN, str(run_dir))
@@ -741,12 +755,14 @@ class _Search:
         and reruns their trials (still RUNNING in the journal). Local trials left RUNNING were taken
         by the next launch for a killed tuner's, and listed as failed."""
         if self.t.executor == "local":
-            def stopped(o: _Running) -> str:
-                _queue_again(self.study, o.trial)
-                return _fail(self.study, o.trial, "stopped: the tuner was stopped; the next launch runs it again")
-
+            # Every job cancelled first: a journal that cannot be written (the full disk the tuner is
+            # ending for, a second Ctrl-C) left the jobs after it training as orphans.
             for job in {id(r.job): r.job for r in self.running if r.job is not None}.values():
-                self.stop(job, stopped)
+                job.cancel(check=False)
+            for o in list(self.running):
+                with contextlib.suppress(Exception):  # (left RUNNING: the next launch reruns it as stale)
+                    _queue_again(self.study, o.trial)
+                    _fail(self.study, o.trial, "stopped: the tuner was stopped; the next launch runs it again")
 
     def run(self) -> None:
         t = self.t
