@@ -22,6 +22,7 @@ import yaml
 from dmhpc.checks import Invalid, integer
 from dmhpc.config import load_config, override_text
 from dmhpc.data.prepare import Options
+from dmhpc.data.shards import INCOMPLETE
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write
 from dmhpc.run import RunDir
@@ -197,6 +198,8 @@ def _record(out: Path, record: dict, **changes) -> dict:
 
 def _rendered(meta: Path) -> dict | None:
     """The arguments of the finished render in the demo's data folder; None when there is none."""
+    if (meta.parent / INCOMPLETE).exists():  # a synth killed as it replaced its files: prepare refuses it
+        return {}  # (rendered again, --overwrite: its old meta.json may still be there)
     try:
         record = json.loads(meta.read_text())
         return {k: record[k] for k in ("n_per_class", "seed")}

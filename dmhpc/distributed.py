@@ -304,6 +304,8 @@ def bootstrap(backend: str | None = None) -> DistInfo:
     """
     if is_distributed():
         raise RuntimeError("bootstrap() called twice: the process group already exists")
+    global _joined
+    _joined = None  # (a group of an earlier bootstrap in this process, left since: no peer of this one)
     env = os.environ
     launch = detect_launch(env)
     if launch.launcher == "mpi" and launch.world_size != 1:
@@ -322,7 +324,6 @@ def bootstrap(backend: str | None = None) -> DistInfo:
                          env_int(env, "SLURM_CPUS_ON_NODE") if srun_task and "SLURM_CPUS_ON_NODE" in env else 0)
     if launch.world_size == 1:
         return DistInfo(0, launch.local_rank, 1, device, None, launch.launcher, 1, cpus, slurm_attempt(env))
-    global _joined
     _joined = launch.rank
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     store = _torchrun_attempt_store(launch, env) if launch.launcher == "torchrun" else None

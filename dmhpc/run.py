@@ -933,7 +933,9 @@ def _load_state(path: Path) -> dict:
 
 def _read_result(path: Path) -> dict:
     # What to do, said: eval, which would write it anew, read it first and stopped at the same line.
-    again = "; remove it and run dmhpc eval again (a run's trainer tests its selection again at --resume auto)"
+    # The final test is the trainer's: eval writes it unmarked, and the run stayed unfinished.
+    again = ("; remove it and run the trainer again (--resume auto tests its selection)"
+             if path.name == "best_test.json" else "; remove it and run dmhpc eval again")
     try:
         result = _read_json(path)
         check_result(result)

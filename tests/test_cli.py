@@ -623,6 +623,17 @@ def test_the_demo_works_only_in_a_folder_of_its_own(tmp_path, capsys):
     assert [s[0] for s in steps] == ["synth"] and (tmp_path / "new" / MARK).is_file()
 
 
+def test_a_demo_renders_again_a_render_killed_as_it_replaced_its_files(tmp_path):
+    """synth killed after marking its folder and before removing the old meta.json: the demo took
+    the render as finished and went on to prepare, which refuses a marked folder, at every start."""
+    out = tmp_path / "demo"
+    (out / "data").mkdir(parents=True)
+    (out / "data" / "meta.json").write_text(json.dumps({"n_per_class": 1000, "seed": 0}))
+    (out / "data" / ".dmhpc-incomplete").touch()
+    steps = _demo_steps(out, fail_at="synth")
+    assert [s[0] for s in steps] == ["synth"] and "--overwrite" in steps[0]
+
+
 def test_a_demo_step_that_fails_with_any_code_stops_the_demo(tmp_path):
     """A step's non-zero exit other than 1 (argparse's 2, an interrupt's 130, the requeue code 75)
     was taken for success, and the demo went on to train on what that step had not made."""

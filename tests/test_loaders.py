@@ -993,7 +993,7 @@ def test_block_loaders_read_each_row_as_often_as_any_other():
             assert len(read) == len(set(read)) == streams[0].steps * world_size * batch
             counts[read] += 1
         share = counts / epochs
-        expected = streams[0].steps * world_size * batch / rows  # 0.96, and 0.768 on 3 ranks (5 steps of 192)
+        expected = streams[0].steps * world_size * batch / rows  # 0.96: 15 batches of 64, or 5 of 192 on 3 ranks
         # Each row's share within 4 binomial standard deviations of the expected (about 0.04 here).
         spread = 4 * np.sqrt(expected * (1 - expected) / epochs)
         assert np.abs(share - expected).max() < spread, (share[:3], share[-3:], expected)

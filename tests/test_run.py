@@ -237,9 +237,13 @@ def test_results_and_log_are_json_any_parser_reads_and_read_back_nan(tmp_path):
     path = run.result_path("best", "test")
     path.write_text(path.read_text()[:30])
     with pytest.raises(DmhpcError, match=rf"^{re.escape(str(path))}: not readable JSON \(.*\); remove it and run "
-                                         r"dmhpc eval again \(a run's trainer tests its selection again at "
-                                         r"--resume auto\)$"):
+                                         r"the trainer again \(--resume auto tests its selection\)$"):
         run.read_result("best", "test")
+    run.write_result({"split": "val"}, "last", "val")
+    other = run.result_path("last", "val")
+    other.write_text("{")
+    with pytest.raises(DmhpcError, match=r"not readable JSON \(.*\); remove it and run dmhpc eval again$"):
+        run.read_result("last", "val")
 
 
 def test_auto_without_last_but_with_results_is_refused(tmp_path):
