@@ -148,7 +148,8 @@ def test_an_edited_result_stops_the_tables_in_one_line_not_a_run_left_out(tmp_pa
                                 ("checkpoint", {**result["checkpoint"], "criterion": 5},
                                  "checkpoint.criterion: expected text or null, got 5")):
         path.write_text(json.dumps({**result, key: value}))
-        with pytest.raises(DmhpcError, match=f"^{re.escape(f'{path}: {message}')}$"):
+        said = f"{path}: {message}; remove it and run the trainer again (--resume auto tests its selection)"
+        with pytest.raises(DmhpcError, match=f"^{re.escape(said)}$"):
             write_leaderboard(tmp_path, [first, second])
 
 
