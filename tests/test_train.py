@@ -1674,11 +1674,13 @@ class _DefaultAction(Exception):
     """What the signal's default action would have done: ended the trainer (exit 143, no line)."""
 
 
-@pytest.mark.parametrize("when", ["start-up", "final test"])
+@pytest.mark.parametrize("when", ["start-up", "last evaluation", "final test"])
 def test_a_stop_signal_outside_the_epoch_loop_is_caught(data, tmp_path, monkeypatch, capsys, when):
     """Stop signals were caught only in the epoch loop: one during the start-up checks (checksums,
     the wait for a lock) or the final test killed the trainer by its default action, no line and no
-    requeue code. Now a start-up one stops the loop at its first step, and the test finishes."""
+    requeue code. Now a start-up one stops the loop at its first step, and the test finishes. One
+    during the last epoch's evaluation started the whole final test in the scheduler's grace time
+    (the time limit then ended the job unrequeued): it stops there, and the next attempt tests."""
     from dmhpc.train import loop
 
     def default_action(signum, frame):
@@ -1686,7 +1688,8 @@ def test_a_stop_signal_outside_the_epoch_loop_is_caught(data, tmp_path, monkeypa
 
     previous = signal.signal(signal.SIGTERM, default_action)
     try:
-        target = (loop.preflight, "check_data") if when == "start-up" else (loop, "evaluate_run")
+        target = {"start-up": (loop.preflight, "check_data"), "last evaluation": (loop, "predict"),
+                  "final test": (loop, "evaluate_run")}[when]
         original = getattr(*target)
 
         def with_a_signal(*args, **kwargs):
@@ -1703,6 +1706,15 @@ def test_a_stop_signal_outside_the_epoch_loop_is_caught(data, tmp_path, monkeypa
     if when == "start-up":
         assert code == REQUEUE_EXIT_CODE and last["step"] == 1
         assert "SIGTERM: checkpoint written at step 1; exiting with 75" in out
+    elif when == "last evaluation":
+        from dmhpc.run import RunDir
+
+        steps = last["step"]
+        assert code == REQUEUE_EXIT_CODE and not (run / "eval" / "best_test.json").exists()
+        assert f"SIGTERM: checkpoint written at step {steps}; exiting with 75" in out
+        monkeypatch.setattr(*target, original)
+        assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1")]) == 0
+        assert RunDir(run).finished and torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == steps
     else:
         from dmhpc.run import RunDir
 

@@ -379,9 +379,11 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
                 on_main(write_record)
                 checkpoint("last", meter)
                 on_main(run.promote_best)
-                if not stopped and at() < total_steps and not early_stopped() and stop.poll_now():
+                if not stopped and stop.poll_now():
                     # A signal during the evaluation: stopped at this checkpoint. The next epoch's
-                    # loader start and first steps came out of the scheduler's grace time.
+                    # loader start and first steps came out of the scheduler's grace time; after the
+                    # last epoch the final test would (the whole test split, t-SNE) and run into the
+                    # time limit, which ends a job unrequeued. The next attempt, finished, tests.
                     stopped = True
                 if early_stopped() and dist.is_main:
                     print(f"dmhpc train: early stop: {criterion} has not improved for "
