@@ -116,6 +116,8 @@ class Claim:
     replaces: bool = False  # the directory holds a run that this start replaces
     own: bool = True  # resume_from is one of this run's checkpoints (not a checkpoint from elsewhere)
     run_id: str | None = None  # the id the run keeps (see `RunDir.check_identity`); None: a new run's
+    # The --resume set aside: a requeued attempt of the SLURM job that started the run goes on with it.
+    requeued: str | None = None
 
 
 class RunDir:
@@ -460,6 +462,12 @@ class RunDir:
         self._lock(attempt, stopped)
         self._attempt = dict(attempt) if attempt else None
         existed = self.holds_run()
+        requeued = resume if resume != "auto" and existed and self._started_by_this_job() else None
+        if requeued:
+            # The job's arguments chose how the run began, at submission: taken again by each
+            # requeued attempt, --resume none --overwrite replaced what the job trained, and
+            # --resume PATH rewound it, every time (a run longer than a slot never ended).
+            resume = "auto"
         if resume == "none":
             if existed and not overwrite:
                 raise DmhpcError(f"{self.path}: already holds a run; --resume auto continues it, "
@@ -507,7 +515,18 @@ class RunDir:
             # As a launcher refuses it: a finished run resumed with another train.eval_every kept its
             # final result under a config.yaml that could not have selected it.
             self._check_result_stands(changed, where)
-        return Claim(resume_from, changed, replaces=existed and not own, own=own, run_id=run_id)
+        return Claim(resume_from, changed, replaces=existed and not own, own=own, run_id=run_id, requeued=requeued)
+
+    def _started_by_this_job(self) -> bool:
+        """This claim is a requeued attempt of the SLURM job that started the run, which has a last.pt
+        to go on from (without one, the job's own --resume choice starts it again, as it did first)."""
+        if not self._attempt or self._attempt["restart"] == 0 or not self.checkpoint("last").is_file():
+            return False
+        try:
+            started = self.started_attempts(self._attempt["job"])
+        except DmhpcError:  # a run.json edited by hand says nothing of which job started the run
+            return False
+        return any(r < self._attempt["restart"] for r in started or [])
 
     def _killed_before_its_first_last(self) -> bool:
         """A run killed between its first epoch's record and its first last.pt has nothing a fresh

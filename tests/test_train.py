@@ -753,6 +753,37 @@ def test_a_job_requeued_twice_without_a_checkpoint_stops_requeueing(data, tmp_pa
     assert [attempt(r, "train.max_steps=3") for r in (1, 2, 3, 4)] == [0, 0, 0, 0]
 
 
+@pytest.mark.parametrize("begin", ["none", "elsewhere"])
+def test_a_requeued_attempt_goes_on_with_the_run_its_job_started(data, tmp_path, monkeypatch, capsys, begin):
+    """slurm/train_ddp.sh passes the job's arguments to every attempt: with --resume none --overwrite
+    each requeue replaced what the job had trained, and with --resume PATH (a checkpoint from
+    elsewhere) each rewound it there (with --overwrite) or was refused; a run longer than a slot never
+    ended. The job's own later attempts go on with its run; a new job still begins as it says."""
+    run, base = tmp_path / "run", tmp_path / "base"
+    assert main(["train", "--config", str(TINY), *_overrides(data, base, "train.epochs=1", "train.max_steps=1")]) == 0
+    start = ["--resume", "none"] if begin == "none" else ["--resume", str(base / "checkpoints" / "last.pt")]
+    argv = ["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1", "train.max_steps=2"),
+            *start, "--overwrite"]
+    monkeypatch.setenv("SLURM_JOB_ID", "5150")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert main(argv) == 0
+    run_id = json.loads((run / "run.json").read_text())["run_id"]
+    capsys.readouterr()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert main(argv) == 0
+    from dmhpc.run import RunDir
+
+    setups = [r for r in RunDir(run).read_log() if r["kind"] == "setup"]
+    assert json.loads((run / "run.json").read_text())["run_id"] == run_id
+    assert len(setups) == 2 and setups[1]["resumed_from"] == str(run / "checkpoints" / "last.pt"), setups
+    assert (f"dmhpc train: note: attempt 1 of SLURM job 5150, which started this run, goes on with it: "
+            f"--resume {start[1]} chose how the job began") in capsys.readouterr().out
+    monkeypatch.setenv("SLURM_JOB_ID", "5151")  # submitted again: begins as its arguments say
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert main(argv) == 0
+    assert json.loads((run / "run.json").read_text())["run_id"] != run_id
+
+
 def test_a_resume_refused_for_a_damaged_log_leaves_the_run_as_it_was(data, tmp_path, capsys):
     """The log was first read after config.yaml and run.json were written and a finished run's result
     marked unfinished: refused in one line, the run was changed all the same (a launcher then took
