@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import textwrap
 from collections.abc import Mapping
 from pathlib import Path
@@ -192,28 +193,45 @@ def latent_embedding(features: dict, path: Path, title: str, method: str = "tsne
     return _save(fig, path)
 
 
+# Marker of each GPUs-per-node value, in order; more values than these would repeat them.
+PER_NODE_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+
+
 def scaling_curves(rows: list[dict], path: Path, unit: str, title: str = "") -> Path:
     """Throughput per GPU and efficiency over the number of GPUs: one line per model, mode and
-    GPUs per node, so that more nodes extend each line. Points not finished are drawn hollow: their
-    throughput is of a run cut short, and they have no efficiency."""
+    GPUs per node, so that more nodes extend each line. A line is drawn alike in both panels: its
+    colour is the model's, its style the mode's and its marker the GPUs per node's, each keyed in a
+    legend of its own. Points not finished are drawn hollow: their throughput is of a run cut
+    short, and they have no efficiency."""
+    from matplotlib.lines import Line2D
+
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 5), layout="constrained")
+    units = f"{unit}s" if unit == "GPU" else "CPU processes"
+    # Set, not taken from each panel's colour cycle: the panels drew one series in two colours, and
+    # ten colours for the 18 lines of configs/scaling/resnet.yaml drew pairs of lines alike.
+    models = sorted({r["model"] for r in rows})
+    colours = {model: f"C{i}" for i, model in enumerate(models)}
+    styles = {"weak": "-", "strong": "--"}
+    per_node = sorted({r["gpus_per_node"] for r in rows})
+    markers = dict(zip(per_node, itertools.cycle(PER_NODE_MARKERS)))
+    any_unfinished = False
     for key in sorted({(r["model"], r["mode"], r["gpus_per_node"]) for r in rows}):
         group = sorted((r for r in rows if (r["model"], r["mode"], r["gpus_per_node"]) == key),
                        key=lambda r: r["gpus"])
         gpus = [r["gpus"] for r in group]
-        style = "-o" if key[1] == "weak" else "--s"
+        look = dict(color=colours[key[0]], linestyle=styles[key[1]], marker=markers[key[2]])
         label = f"{key[0]} {key[1]}, {key[2]}/node"
-        line, = left.plot(gpus, [r["images_per_s_per_gpu"] for r in group], style, label=label)
-        right.plot(gpus, [r["efficiency"] for r in group], style, label=label)
+        left.plot(gpus, [r["images_per_s_per_gpu"] for r in group], label=label, **look)
+        right.plot(gpus, [r["efficiency"] for r in group], label=label, **look)
         # Cut short, with a throughput so far; a point whose log is unreadable has none (the table says why).
         unfinished = [r for r in group if r.get("status") != "finished" and np.isfinite(r["images_per_s_per_gpu"])]
         if unfinished:
-            left.plot([r["gpus"] for r in unfinished], [r["images_per_s_per_gpu"] for r in unfinished], style[-1],
-                      markerfacecolor="white", markeredgecolor=line.get_color(), linestyle="none",
-                      label=f"{label}: not finished")
+            any_unfinished = True
+            left.plot([r["gpus"] for r in unfinished], [r["images_per_s_per_gpu"] for r in unfinished],
+                      marker=markers[key[2]], markerfacecolor="white", markeredgecolor=colours[key[0]],
+                      linestyle="none", label=f"{label}: not finished")
     right.axhline(1.0, color="grey", linestyle=":", linewidth=1)
-    units = f"{unit}s" if unit == "GPU" else "CPU processes"
     # From 0, as the efficiency is: autoscaled, a 2.5 % loss filled the panel's height.
     left.set(xlabel=units, ylabel=f"images/s per {unit}", title=f"throughput per {unit}", ylim=(0, None))
     right.set(xlabel=units, ylabel="efficiency", title="scaling efficiency", ylim=(0, None))
@@ -222,8 +240,20 @@ def scaling_curves(rows: list[dict], path: Path, unit: str, title: str = "") -> 
         ax.set_xscale("log", base=2)
         ax.set_xticks(ticks, [str(t) for t in ticks])
         ax.minorticks_off()
-        # below the plot, as for the training curves: inside, it covered the points at efficiency 1
-        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    # One key per property, below both panels (inside, a legend covered the points at efficiency 1):
+    # a legend of every line was 18 entries that told apart no better than the lines did.
+    per_node_keys = [Line2D([], [], color="grey", marker=markers[g], linestyle="none",
+                            label=f"{g} {unit if g == 1 else units}") for g in per_node]
+    if any_unfinished:
+        per_node_keys.append(Line2D([], [], color="grey", marker="o", markerfacecolor="white", linestyle="none",
+                                    label="hollow: not finished"))
+    keys = (("model (colour)", [Line2D([], [], color=colours[m], label=m) for m in models]),
+            ("scaling (line)", [Line2D([], [], color="grey", linestyle=styles[m], label=m)
+                                for m in styles if any(r["mode"] == m for r in rows)]),
+            (f"{units} per node (marker)", per_node_keys))
+    for (what, handles), where in zip(keys, ("lower left", "lower center", "lower right")):
+        fig.legend(handles=handles, title=what, loc=f"outside {where}", fontsize=8, title_fontsize=8,
+                   frameon=False)
     if title:
         fig.suptitle(wrap_title(title, 110), fontsize=10)
     return _save(fig, path)

@@ -269,6 +269,43 @@ def test_the_scaling_figure_has_a_log2_axis_of_devices_and_plots_efficiency(draw
     assert right.get_ylim()[0] == 0 and left.get_ylim()[0] == 0
 
 
+def test_a_scaling_series_looks_alike_in_both_panels_and_unlike_every_other(drawn, tmp_path):
+    """Each panel took colours from its own cycle (the hollow point of the left one took a colour
+    there only), and ten colours for the 18 series of configs/scaling/resnet.yaml drew pairs of
+    series alike in colour, line style and marker."""
+    from matplotlib.colors import to_hex
+
+    cut_short = ("resnet18", "weak", 4, 1)
+    rows = [dict(model=m, mode=mode, nodes=n, gpus_per_node=g, gpus=n * g, images_per_s_per_gpu=100.0,
+                 efficiency=1.0, status="not finished" if (m, mode, n, g) == cut_short else "finished")
+            for m in ("resnet18", "resnet34", "resnet50") for mode in ("weak", "strong") for n in (1, 2, 4)
+            for g in (1, 2, 4)]
+    plots.scaling_curves(rows, tmp_path / "scaling.png", "GPU", "t")
+    fig = drawn[0]
+    left, right = fig.axes
+
+    def looks(ax):
+        return {line.get_label(): (to_hex(line.get_color()), line.get_linestyle(), line.get_marker())
+                for line in ax.lines if line.get_label().endswith("/node")}
+
+    assert looks(left) == looks(right) and len(set(looks(right).values())) == 18
+    colour, _, marker = looks(left)["resnet18 weak, 1/node"]
+    (hollow,) = [line for line in left.lines if line.get_label().endswith(": not finished")]
+    assert (to_hex(hollow.get_markeredgecolor()), hollow.get_marker(), hollow.get_markerfacecolor()) == (
+        colour, marker, "white")
+    # One key per property, each entry drawn as the lines are.
+    keys = {legend.get_title().get_text(): {text.get_text(): handle for text, handle in
+                                             zip(legend.get_texts(), legend.legend_handles)} for legend in fig.legends}
+    assert {title: list(entries) for title, entries in keys.items()} == {
+        "model (colour)": ["resnet18", "resnet34", "resnet50"], "scaling (line)": ["weak", "strong"],
+        "GPUs per node (marker)": ["1 GPU", "2 GPUs", "4 GPUs", "hollow: not finished"]}
+    for label, (colour, style, marker) in looks(left).items():
+        model, mode, per_node = label.split()[0], label.split()[1].rstrip(","), label.split()[2].split("/")[0]
+        assert to_hex(keys["model (colour)"][model].get_color()) == colour
+        assert keys["scaling (line)"][mode].get_linestyle() == style
+        assert keys["GPUs per node (marker)"][f"{per_node} GPU" + "s" * (per_node != "1")].get_marker() == marker
+
+
 def test_the_latent_embedding_marks_domains_and_names_classes_by_colour(drawn, tmp_path):
     """Source circles, target crosses; red mergers, blue non-mergers: swapped names or one marker for
     both domains drew a misaligned latent space as an aligned one."""
