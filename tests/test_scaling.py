@@ -108,9 +108,9 @@ def test_steady_step_time_excludes_the_first_epoch_and_weights_by_steps():
     assert steady_step_time(resumed[:4]) == (pytest.approx((10 * 5.0 + 10 * 4.0) / 20), False)
 
 
-def _row(model, mode, nodes, gpn, images, status="finished", warmup_excluded=True):
+def _row(model, mode, nodes, gpn, images, status="finished", warmup_excluded=True, loader="torch"):
     return {"model": model, "mode": mode, "nodes": nodes, "gpus_per_node": gpn, "gpus": nodes * gpn,
-            "images_per_s": images, "status": status, "warmup_excluded": warmup_excluded}
+            "images_per_s": images, "status": status, "warmup_excluded": warmup_excluded, "loader": loader}
 
 
 def test_scaling_table_speedup_and_efficiency():
@@ -149,6 +149,24 @@ def test_no_speedup_of_a_point_timed_with_its_warm_up_against_one_without():
     assert by[8]["speedup"] == pytest.approx(24.0) and by[1]["efficiency"] == 1.0  # timed alike
 
 
+def test_no_speedup_of_a_point_read_by_another_loader_than_its_baseline(tmp_path):
+    """data.loader auto chose gpu-resident for the 1-GPU point and torch for 2 GPUs per node (less
+    host memory per rank): the table gave a speedup of the loaders, and did not say which read."""
+    rows = scaling_table([_row("resnet18", "weak", 1, 1, 100.0, loader="gpu-resident"),
+                          _row("resnet18", "weak", 1, 2, 160.0), _row("resnet18", "weak", 2, 1, 190.0,
+                                                                     loader="gpu-resident")])
+    by = {(r["nodes"], r["gpus_per_node"]): r for r in rows}
+    assert math.isnan(by[1, 2]["speedup"]) and math.isnan(by[1, 2]["efficiency"])
+    assert by[2, 1]["speedup"] == pytest.approx(1.9) and by[1, 1]["speedup"] == 1.0  # the same loader: compared
+    for r in rows:
+        r.update({"batch_per_gpu": 4, "global_batch": 4 * r["gpus"], "step_time_s": 1.0, "point": "p",
+                  "images_per_s_per_gpu": r["images_per_s"] / r["gpus"], "staging_s": 0.1, "run_dir": "d"})
+    write_scaling(tmp_path, rows, "gpu")
+    md = (tmp_path / "scaling.md").read_text()
+    assert "| staging s | loader | warm-up excluded |" in md and "read by different loaders" in md
+    assert "| 1 | 2 | 2 | 4 | 8 | 1 | 160 | 80 |  |  | 1 | 0.1 | torch | True | finished |" in md
+
+
 def test_scaling_table_uses_only_finished_points_against_the_smallest_n(tmp_path):
     # The reviewer's case: the 1-GPU point was killed after its warm-up epoch (a slow, measured
     # throughput) and gave the finished 2-GPU point a speedup of 5.
@@ -171,9 +189,10 @@ def test_scaling_table_uses_only_finished_points_against_the_smallest_n(tmp_path
                   "warmup_excluded": True, "point": "p", "run_dir": "d"})
     write_scaling(tmp_path, rows, "gpu")
     md = (tmp_path / "scaling.md").read_text()
-    assert "| speedup | efficiency | baseline N0 | staging s | warm-up excluded | status |" in md
-    assert "| resnet18 | weak | 1 | 1 | 1 | 4 | 4 | 1 | 20 | 20 |  |  | 1 | 0.1 | True | not finished |" in md
-    assert "| resnet18 | strong | 1 | 4 | 4 | 4 | 16 | 1 | 300 | 75 | 3 | 0.75 | 1 | 0.1 | True | finished |" in md
+    assert "| speedup | efficiency | baseline N0 | staging s | loader | warm-up excluded | status |" in md
+    assert "| resnet18 | weak | 1 | 1 | 1 | 4 | 4 | 1 | 20 | 20 |  |  | 1 | 0.1 | torch | True | not finished |" in md
+    assert ("| resnet18 | strong | 1 | 4 | 4 | 4 | 16 | 1 | 300 | 75 | 3 | 0.75 | 1 | 0.1 | torch | True | finished |"
+            in md)
     with (tmp_path / "scaling.csv").open() as f:
         csv_rows = list(csv.DictReader(f))
     assert [(r["gpus"], r["speedup"], r["baseline_gpus"], r["status"]) for r in csv_rows][:2] == [

@@ -22,7 +22,8 @@ A study file (every key; docs/cluster.md has the reference):
 Each point (model x weak/strong x nodes x gpus_per_node) is a short training run. Throughput is
 read from the trainer's epoch records (`step_time_s`, measured before the epoch's evaluation)
 over every epoch after the first; with a single epoch it includes the warm-up and the table says
-so (and gives no speedup or efficiency of a point timed otherwise than its N0). Images are counted
+so (and gives no speedup or efficiency of a point timed otherwise than its N0, nor of one read by
+another loader than its N0: `data.loader: auto` can choose per point). Images are counted
 as the trainer counts them: the images every rank's step reads, source and target (2 x global
 batch per step; 1 x where no loss term reads the target, as without adaptation).
 With N GPUs and the study's smallest N0 as reference:
@@ -361,7 +362,8 @@ def scaling_table(rows: list[dict]) -> list[dict]:
 
     Only finished points count: an unfinished or failed run's log may hold only its warm-up epoch,
     and a baseline taken from whichever smaller N happened to finish is not the study's N0; and
-    only a point timed as its N0 was, both with their warm-up excluded or both not."""
+    only a point timed as its N0 was, both with their warm-up excluded or both not, and read by the
+    same loader."""
     out = [dict(r) for r in rows]
     for key in {(r["model"], r["mode"]) for r in out}:
         group = [r for r in out if (r["model"], r["mode"]) == key]
@@ -369,9 +371,11 @@ def scaling_table(rows: list[dict]) -> list[dict]:
         for r in group:
             r["baseline_gpus"] = base["gpus"]
             # A step time with its warm-up against one without is no speedup (12x from 4 GPUs, seen):
-            # where max_steps ends the small N inside its first epoch and not the large N.
+            # where max_steps ends the small N inside its first epoch and not the large N. Nor is one
+            # loader's against another's: `data.loader: auto` chooses by the memory each point's ranks
+            # find free (on CPUs, the node's shared by its ranks), so N0 can read from memory and N from files.
             if base["status"] != "finished" or r["status"] != "finished" or \
-                    base["warmup_excluded"] != r["warmup_excluded"]:
+                    base["warmup_excluded"] != r["warmup_excluded"] or base["loader"] != r["loader"]:
                 r["speedup"] = r["efficiency"] = math.nan
             else:
                 r["speedup"] = r["images_per_s"] / base["images_per_s"]
@@ -400,15 +404,18 @@ def write_scaling(out: Path, rows: list[dict], device: str) -> None:
              f"source's alone where no loss term reads the target (1 x). A \"GPU\" is a {unit}. "
              "Speedup and efficiency are against the smallest N of the same model and mode (N0, the "
              "baseline column), from finished points only (blank when the point or its baseline is not "
-             "finished): efficiency = speedup x N0 / N (weak: per-GPU throughput kept; strong: "
+             "finished, or when the two were read by different loaders or one was timed with its warm-up "
+             "and the other not): efficiency = speedup x N0 / N (weak: per-GPU throughput kept; strong: "
              "T(N0) N0 / (T(N) N)). "
-             "Staging: the slowest rank's loader set-up, not in the throughput. Warm-up: the first epoch "
+             "Staging: the slowest rank's loader set-up, not in the throughput. Loader: the one the run read "
+             "its data with (data.loader auto chooses per point). Warm-up: the first epoch "
              "is excluded where the run had more than one.", ""]
     shown = ("model", "mode", "nodes", "gpus_per_node", "gpus", "batch_per_gpu", "global_batch", "step_time_s",
-             "images_per_s", "images_per_s_per_gpu", "speedup", "efficiency", "baseline_gpus", "staging_s",
+             "images_per_s", "images_per_s_per_gpu", "speedup", "efficiency", "baseline_gpus", "staging_s", "loader",
              "warmup_excluded", "status")
     header = ("model", "mode", "nodes", "GPUs/node", "GPUs", "batch/GPU", "global batch", "step s", "images/s",
-              "images/s/GPU", "speedup", "efficiency", "baseline N0", "staging s", "warm-up excluded", "status")
+              "images/s/GPU", "speedup", "efficiency", "baseline N0", "staging s", "loader", "warm-up excluded",
+              "status")
     lines += table(header, ([_fmt(r[c]) for c in shown] for r in rows))
     atomic_write(out / "scaling.md", "\n".join(lines) + "\n")
     from dmhpc.plots import scaling_curves
