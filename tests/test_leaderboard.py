@@ -41,18 +41,19 @@ def test_leaderboard_ranks_by_selection_score_and_marks_oracle_and_unfinished(tm
                 "selection": {"criterion": "source-val-acc", "score": 0.97, "epoch": 1}}, unfinished / "best.pt")
     rows = write_leaderboard(tmp_path, points.values(), failed={name(4): "job 7 failed"})
 
+    # The label-free runs first: the oracle's criterion sorts before theirs, and its run headed the table.
     assert [(r["point"], r["rank"], r["status"]) for r in rows[:5]] == [
-        (name(0, "oracle-target-acc"), 1, "finished"),
         (name(1), 1, "finished"), (name(2), 2, "finished"), (name(0), 3, "finished"),
+        (name(0, "oracle-target-acc"), 1, "finished"),
         (name(3), None, "unfinished")]
     assert rows[4]["score"] == 0.97 and rows[4]["epoch"] == 1
     assert {r["status"] for r in rows[5:]} == {"failed", "not started"}
     with (tmp_path / "leaderboard.csv").open() as f:
         table = list(csv.DictReader(f))
     assert [r["point"] for r in table] == [r["point"] for r in rows]
-    assert table[1]["score"] == "0.9" and table[1]["target_accuracy_reporting_only"] == "0.6"
-    assert table[0]["oracle"] == "True" and table[1]["oracle"] == "False"
-    assert table[1]["seed"] == "1" and table[1]["select.criterion"] == "source-val-acc"
+    assert table[0]["score"] == "0.9" and table[0]["target_accuracy_reporting_only"] == "0.6"
+    assert table[3]["oracle"] == "True" and table[0]["oracle"] == "False"
+    assert table[0]["seed"] == "1" and table[0]["select.criterion"] == "source-val-acc"
     md = (tmp_path / "leaderboard.md").read_text()
     assert "target acc †" in md and "for reporting only" in md and "ranked within each criterion" in md
     assert f"| 1 | {name(1)} | source-val-acc | 0.9000 | 3 | 0.900 | 0.500 | 0.600 |" in md

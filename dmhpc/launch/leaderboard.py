@@ -6,7 +6,8 @@ as the trainer recorded it with the test result of the selected checkpoint ("che
 ranking is a choice a user could make without them. Target-domain test metrics are shown beside
 it for reporting only: choosing a run by them uses the labels domain adaptation assumes unknown.
 Runs selected with the oracle, or trained on the target data set itself (source and target one
-set: its "source" validation labels are the target's), are marked and ranked apart from the others.
+set: its "source" validation labels are the target's), are marked and ranked apart from the others,
+after them.
 Scores of different criteria, or of different data (a grid over `data.target`), are not comparable:
 runs are ranked within each criterion and pair of data sets. Equal scores share a rank (1, 1, 3);
 a score that is not a finite number (a hand-edited result) is no score.
@@ -89,7 +90,9 @@ STATUS_ORDER = ("finished", "unfinished", "failed", "not started", "left out")
 
 def _order(row: dict):
     score = row["score"]
-    return (STATUS_ORDER.index(row["status"]), row["data"], row["criterion"] or "", row["oracle"], math.isnan(score),
+    # The oracle's rows after every label-free one: "oracle-target-acc" sorts before the label-free
+    # criteria's names, and the oracle's runs headed the table a user chooses from without labels.
+    return (STATUS_ORDER.index(row["status"]), row["oracle"], row["data"], row["criterion"] or "", math.isnan(score),
             0.0 if math.isnan(score) else -score, row["point"])
 
 
@@ -158,7 +161,7 @@ def write_leaderboard(out: Path, points: Iterable[Point], failed: Mapping[str, s
                      "criterion and pair of data sets (source -> target).")
     if any(r["oracle"] for r in rows):
         lines.append("Runs marked oracle (chosen by target labels, or trained on the target data set) are ranked "
-                     "apart from the others.")
+                     "apart from the others, after them.")
     if any(r["status"] == "left out" for r in rows):
         lines.append("Runs left out: their run directories no longer fit the file (another configuration, more "
                      "epochs than it asks, data changed since); the report that wrote this named each and why.")
