@@ -237,7 +237,9 @@ def test_summary_marks_baselines_a_dmhpc_before_the_source_alone_forward_trained
                                                                              ("oracle", False)]
     write_summary(tmp_path, points)
     md = (tmp_path / "summary.md").read_text()
-    assert "| plain (target through BatchNorm) | 2/2 |" in md and "| mmd | 2/2 |" in md
+    # (the oracle's ./noisy is another target than the others': the rows say their data)
+    assert "| plain (target through BatchNorm) | pristine -> shards/noisy | 2/2 |" in md
+    assert "| mmd | pristine -> shards/noisy | 2/2 |" in md
     assert "a dmhpc before 2026-12-03 trained" in md
 
 
@@ -391,3 +393,23 @@ def test_a_line_break_in_a_code_span_is_shown_not_kept():
     from dmhpc.markdown import code
 
     assert code_spans(code("two\nlines\r")) == [r"two\nlines\r"] and "\n" not in code("two\nlines")
+
+
+def test_a_methods_gap_is_measured_against_the_ends_of_its_own_target_and_model(tmp_path):
+    """A method whose overrides set data.target (or model.name) was measured against the baseline
+    and oracle of the study's target and model: a gap closed on a survey none of its ends ran on."""
+    spec = study_spec(tmp_path)
+    spec["methods"].update({
+        "mmd-survey": {"base": str(TINY), "overrides": {"loss.transfer": "mmd", "data.target": "other/survey"}},
+        "mmd-resnet": {"base": str(TINY), "overrides": {"loss.transfer": "mmd", "model.name": "resnet18"}}})
+    points = {p.name: p for p in load_grid(spec).points}
+    for seed in (1, 2):
+        for method, acc in (("plain", 0.5), ("oracle", 0.9), ("mmd", 0.7), ("mmd-survey", 0.6), ("mmd-resnet", 0.6)):
+            _finished(points[f"{method}/seed={seed}"], 0.9, acc, oracle=method == "oracle")
+    rows = {r["method"]: r for r in write_summary(tmp_path, points.values(), gap=("plain", "oracle"))}
+    assert rows["mmd"]["gap_closed"] == pytest.approx(0.5)
+    assert math.isnan(rows["mmd-survey"]["gap_closed"]) and math.isnan(rows["mmd-resnet"]["gap_closed"])
+    md = (tmp_path / "summary.md").read_text()
+    # The rows differ in target: each says its data.
+    assert "| method | data | runs |" in md and "| mmd | pristine -> noisy | 2/2 |" in md
+    assert "| mmd-survey | pristine -> survey | 2/2 |" in md and "|  | 0.600 (seed 1), 0.600 (seed 2) |" in md

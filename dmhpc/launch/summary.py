@@ -3,8 +3,10 @@
 Runs whose values differ only in `seed` form a group (in a study the method is one of the values),
 kept in launch order. Each group gets the mean and sample standard deviation of the test metrics
 of its finished runs, and the target accuracy of each seed. A study with `gap: {from: A, to: B}`
-also gets "gap closed": (target acc − A's) / (B's − A's) on the means, A and B taken from the
-groups with the same other values (the same model, say). Test metrics of both domains are read
+also gets "gap closed": (target acc − A's) / (B's − A's) on the means over the seeds the row and
+both ends finished, A and B taken from the groups of the same other grid values (model.name, say),
+data target and model, whichever set them (a method's overrides may); where there are none, the
+gap is blank. Test metrics of both domains are read
 with the test result of each run's selected checkpoint; none of them chose a checkpoint unless the
 run is marked oracle.
 
@@ -25,7 +27,7 @@ from typing import Iterable
 
 from dmhpc.files import atomic_path, atomic_write
 from dmhpc.launch.leaderboard import number
-from dmhpc.launch.spec import Point
+from dmhpc.launch.spec import Point, data_pair, short_names
 from dmhpc.markdown import table
 from dmhpc.names import DOMAINS, REPORTED_METRICS
 
@@ -80,12 +82,15 @@ def summary_rows(points: Iterable[Point], gap: tuple[str, str] | None = None) ->
     groups: dict[tuple, list[Point]] = {}
     for p in points:
         groups.setdefault(_group_key(p), []).append(p)
+    pairs = {key: data_pair(members[0]) for key, members in groups.items()}
+    names = short_names(path for pair in pairs.values() for path in pair)
     rows = []
-    for members in groups.values():
+    for key, members in groups.items():
         results = [(p.values.get("seed"), result) for p in members
                    if p.finished and (result := p.run.read_result("best", "test")) is not None]
         row: dict = {k: v for k, v in members[0].values.items() if k != "seed"}
-        row.update(runs=len(members), finished=len(results), seeds=[seed for seed, _ in results],
+        row.update(data=" -> ".join(names[path] for path in pairs[key]), runs=len(members), finished=len(results),
+                   seeds=[seed for seed, _ in results],
                    oracle=any(r.get("oracle") for _, r in results),
                    trained_on_target=members[0].config.data.trains_on_target(),
                    target_through_batchnorm=any(trained_the_old_way(p) for p in members if p.finished))
@@ -99,8 +104,11 @@ def summary_rows(points: Iterable[Point], gap: tuple[str, str] | None = None) ->
     if gap:
         # A method's row is measured against the gap's ends with the same other values, over the
         # seeds all three finished: means over other seeds (a seed of the row still running, one of
-        # an end failed) gave 150 % of a gap every seed closed by 25 %.
-        others = [tuple((k, v) for k, v in key if k != "method") for key in groups]
+        # an end failed) gave 150 % of a gap every seed closed by 25 %. The same other values include
+        # the data target and model the runs resolved to: a method whose overrides set data.target
+        # (or model.name) was measured against the ends of another target's.
+        others = [(tuple((k, v) for k, v in key if k != "method"), pairs[key][1], members[0].config.model.name)
+                  for key, members in groups.items()]
         per_seed = {(row["method"], other): {s: a for s, a in zip(row["seeds"], row["target_accuracy_per_seed"])
                                              if not math.isnan(a)}
                     for row, other in zip(rows, others)}
@@ -148,7 +156,7 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    columns = [*keys, "runs", "finished", "seeds", "oracle", "trained_on_target", "target_through_batchnorm",
+    columns = [*keys, "data", "runs", "finished", "seeds", "oracle", "trained_on_target", "target_through_batchnorm",
                *(f"{d}_{m}_{s}" for d in DOMAINS for m in REPORTED_METRICS for s in ("mean", "std", "n")),
                "target_accuracy_per_seed", *(["gap_closed"] if gap else [])]
     with atomic_path(out / "summary.csv") as tmp, tmp.open("w", newline="") as f:
@@ -164,7 +172,8 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
              "(seeds listed last). Every checkpoint was chosen without target labels unless the row says "
              "oracle; target metrics are reported, never used for selection."]
     if gap:
-        lines.append(f"Gap closed: (target acc − {gap[0]}) / ({gap[1]} − {gap[0]}), on the means.")
+        lines.append(f"Gap closed: (target acc − {gap[0]}) / ({gap[1]} − {gap[0]}), on the means, with the ends of "
+                     "the same other values, data target and model (blank where there are none).")
     if any(r["trained_on_target"] for r in rows):
         lines.append("Rows marked (trained on target) have no separate source domain: their source columns "
                      "are left empty.")
@@ -173,8 +182,11 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
                      "(no adaptation, or the Fisher loss alone) that a dmhpc before 2026-12-03 trained: their steps "
                      "passed the target batch through BatchNorm with the source's, so they were partly adapted; "
                      "run them again into a new out.")
-    header = [*keys, "runs", *(label for _, _, label in MD_COLUMNS), *(["gap closed"] if gap else []),
-              "target acc per seed"]
+    # A row of another target than its neighbours' (a method's overrides can set it): said, as its
+    # gap is measured against that target's ends.
+    data = len({data_pair(p)[1] for p in points}) > 1
+    header = [*keys, *(["data"] if data else []), "runs", *(label for _, _, label in MD_COLUMNS),
+              *(["gap closed"] if gap else []), "target acc per seed"]
     cells_of = []
     for r in rows:
         names = [str(r[k]) for k in keys]
@@ -186,7 +198,7 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
             names[0] += f" ({', '.join(marks)})"
         elif marks:
             runs += f" ({', '.join(marks)})"
-        cells = [*names, runs]
+        cells = [*names, *([r["data"]] if data else []), runs]
         for domain, m, _ in MD_COLUMNS:
             skip = domain == "source" and r["trained_on_target"]
             cells.append("" if skip else _cell(r[f"{domain}_{m}_mean"], r[f"{domain}_{m}_std"], r[f"{domain}_{m}_n"],
