@@ -413,3 +413,22 @@ def test_a_methods_gap_is_measured_against_the_ends_of_its_own_target_and_model(
     # The rows differ in target: each says its data.
     assert "| method | data | runs |" in md and "| mmd | pristine -> noisy | 2/2 |" in md
     assert "| mmd-survey | pristine -> survey | 2/2 |" in md and "|  | 0.600 (seed 1), 0.600 (seed 2) |" in md
+
+
+def test_the_gap_says_it_is_over_the_seeds_both_ends_finished_and_how_many(tmp_path):
+    """The summary said "on the means", and its 25 % was over the one seed the oracle finished, not
+    over the three means of the row beside it."""
+    spec = study_spec(tmp_path, grid={"seed": [1, 2, 3]})
+    points = {p.name: p for p in load_grid(spec).points}
+    for seed, acc in ((1, 0.6), (2, 0.7), (3, 0.8)):
+        _finished(points[f"plain/seed={seed}"], 0.9, 0.5)
+        _finished(points[f"mmd/seed={seed}"], 0.9, acc)
+    _finished(points["oracle/seed=1"], 0.9, 0.9, "oracle-target-acc", oracle=True)
+    rows = write_summary(tmp_path, points.values(), gap=("plain", "oracle"))
+    assert [(r["gap_closed"], r["gap_closed_n"]) for r in rows] == [(0.0, 1), (pytest.approx(0.25), 1), (1.0, 1)]
+    md = (tmp_path / "summary.md").read_text()
+    assert "on the means over the seeds that the row and both ends finished" in md
+    assert "| 25% (n=1) | 0.600 (seed 1), 0.700 (seed 2), 0.800 (seed 3) |" in md
+    assert "| 100% | 0.900 (seed 1) |" in md  # over every seed the oracle's row finished: no n
+    with (tmp_path / "summary.csv").open() as f:
+        assert [r["gap_closed_n"] for r in csv.DictReader(f)] == ["1", "1", "1"]

@@ -117,6 +117,7 @@ def summary_rows(points: Iterable[Point], gap: tuple[str, str] | None = None) ->
             common = [s for s in mine if s in low and s in high]
             row["gap_closed"] = _gap_closed(*([statistics.fmean(d[s] for s in common) for d in (mine, low, high)]
                                               if common else [math.nan] * 3))
+            row["gap_closed_n"] = len(common)
     return rows
 
 
@@ -158,7 +159,7 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
 
     columns = [*keys, "data", "runs", "finished", "seeds", "oracle", "trained_on_target", "target_through_batchnorm",
                *(f"{d}_{m}_{s}" for d in DOMAINS for m in REPORTED_METRICS for s in ("mean", "std", "n")),
-               "target_accuracy_per_seed", *(["gap_closed"] if gap else [])]
+               "target_accuracy_per_seed", *(["gap_closed", "gap_closed_n"] if gap else [])]
     with atomic_path(out / "summary.csv") as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
@@ -172,8 +173,9 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
              "(seeds listed last). Every checkpoint was chosen without target labels unless the row says "
              "oracle; target metrics are reported, never used for selection."]
     if gap:
-        lines.append(f"Gap closed: (target acc − {gap[0]}) / ({gap[1]} − {gap[0]}), on the means, with the ends of "
-                     "the same other values, data target and model (blank where there are none).")
+        lines.append(f"Gap closed: (target acc − {gap[0]}) / ({gap[1]} − {gap[0]}), on the means over the seeds "
+                     "that the row and both ends finished (n=: over fewer seeds than the row finished), with the "
+                     "ends of the same other values, data target and model (blank where there are none).")
     if any(r["trained_on_target"] for r in rows):
         lines.append("Rows marked (trained on target) have no separate source domain: their source columns "
                      "are left empty.")
@@ -204,7 +206,10 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
             cells.append("" if skip else _cell(r[f"{domain}_{m}_mean"], r[f"{domain}_{m}_std"], r[f"{domain}_{m}_n"],
                                                    r["finished"]))
         if gap:
-            cells.append("" if math.isnan(r["gap_closed"]) else f"{r['gap_closed']:.0%}")
+            # over the seeds that both ends finished too: n= where fewer, as for a metric's mean
+            n = r["gap_closed_n"]
+            cells.append("" if math.isnan(r["gap_closed"]) else
+                         f"{r['gap_closed']:.0%}" + (f" (n={n})" if n < r["finished"] else ""))
         cells.append(_per_seed(r))
         cells_of.append(cells)
     lines += ["", *table(header, cells_of)]
