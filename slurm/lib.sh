@@ -93,6 +93,9 @@ dmhpc_launch_command() {
     # would die too (`scancel --signal=USR1 --full`). The trainer installs its own handlers
     # (train.signals), so the ranks still get them.
     local ignore_usr2=(bash -c 'trap "" USR1 USR2; exec "$@"' dmhpc-task)
+    # The signal dmhpc_run passes on: a trainer whose train.signals left it out kept it ignored,
+    # trained on to the time limit unsaved, and was not requeued. The trainer refuses that at start.
+    export DMHPC_FORWARDED_SIGNAL=SIGUSR2
     # Each srun below has --export=ALL: a job submitted with --export=NONE holds
     # SLURM_EXPORT_ENV=NONE, which srun takes for its own --export, and the ranks started without
     # PATH (bash itself not found), OMP_NUM_THREADS and the rest set here.

@@ -784,6 +784,21 @@ def test_a_requeued_attempt_goes_on_with_the_run_its_job_started(data, tmp_path,
     assert json.loads((run / "run.json").read_text())["run_id"] != run_id
 
 
+def test_train_signals_without_the_signal_the_batch_script_forwards_are_refused(data, tmp_path, monkeypatch,
+                                                                                capsys):
+    """slurm/lib.sh starts the ranks with SIGUSR2 ignored and passes the time limit's warning on as
+    SIGUSR2: with train.signals [SIGTERM] the ranks kept ignoring it, trained on to the time limit
+    unsaved, and the job was not requeued, without a word."""
+    run = tmp_path / "run"
+    monkeypatch.setenv("DMHPC_FORWARDED_SIGNAL", "SIGUSR2")
+    assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.signals=[SIGTERM]")]) == 1
+    err = capsys.readouterr().err
+    assert err == ("dmhpc train: error: train.signals SIGTERM: the batch script passes the time limit's warning "
+                   "and its stops on to the ranks as SIGUSR2, which the ranks would ignore (no checkpoint, no "
+                   "requeue): add SIGUSR2\n")
+    assert not run.exists()
+
+
 def test_a_resume_refused_for_a_damaged_log_leaves_the_run_as_it_was(data, tmp_path, capsys):
     """The log was first read after config.yaml and run.json were written and a finished run's result
     marked unfinished: refused in one line, the run was changed all the same (a launcher then took

@@ -34,6 +34,20 @@ def test_train_ddp_refuses_a_missing_config_before_starting_anything(slurm_clust
     assert job.output.strip() == f"train_ddp.sh: error: config 'no/such.yaml' not found (in {tmp_path})", job
 
 
+def test_train_ddp_refuses_train_signals_without_the_one_it_forwards(slurm_cluster, tmp_path, make_domains):
+    # The ranks start with SIGUSR2 ignored and the script forwards the time limit's warning as SIGUSR2:
+    # without it in train.signals the ranks trained on to the limit, unsaved and not requeued.
+    data = make_domains(48)
+    job = slurm_cluster.wait(slurm_cluster.sbatch(
+        "--cpus-per-task=1", f"--output={tmp_path}/out", "slurm/train_ddp.sh", "configs/tiny.yaml",
+        f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}", f"run.dir={tmp_path / 'run'}",
+        "train.signals=[SIGTERM]", cwd=REPO, env=JOB_ENV), timeout=120)
+    assert job.state == "FAILED", job
+    assert ("error: train.signals SIGTERM: the batch script passes the time limit's warning and its stops on to "
+            "the ranks as SIGUSR2, which the ranks would ignore (no checkpoint, no requeue): add SIGUSR2") in job.output, job
+    assert not (tmp_path / "run").exists()
+
+
 def test_prepare_mpi_renders_the_survey_a_survey_config_reads(slurm_cluster, tmp_path):
     """The survey config reads survey_X.npy, which synth writes only with --survey (the job rendered
     without it and prepare failed on the missing file); that render also serves embedded.yaml,
