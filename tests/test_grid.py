@@ -25,6 +25,9 @@ from dmhpc.launch import expand, load_grid, load_study, point_name, sample_space
 from dmhpc.launch.spec import Range
 from dmhpc.launch.submit import local_threads
 
+MSG_ROWS = ("loss.mmd.max_samples: 8 ranks x train.batch_size 1100 gives 17600 rows (source + target) to the "
+            "MMD, more than 16384")
+
 
 @pytest.fixture(scope="module")
 def data(make_domains):
@@ -154,6 +157,19 @@ def test_overrides_that_only_the_points_values_make_valid_are_taken(tmp_path):
     with pytest.raises(DmhpcError) as err:
         load_grid({**spec, "grid": {"model.name": ["resnet18", "resnet34"], "optim.lr": [-1.0]}})
     assert "overrides:" not in str(err.value) and "optim.lr=-1.0: optim.lr: expected a number > 0" in str(err.value)
+
+
+def test_the_rows_a_points_loss_gets_on_its_ranks_are_checked_at_launch(tmp_path):
+    """The trainer refuses ranks x train.batch_size past loss.mmd.max_samples (or short of what CORAL
+    needs) at its start, a check that reads no data: a grid of 8 ranks per point was launched, and
+    every job failed after its wait in the queue."""
+    spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "slurm", "grid": {"seed": [0, 1]},
+            "overrides": {"train.batch_size": 1100}, "slurm": {"nodes": 2, "gpus_per_node": 4}}
+    with pytest.raises(DmhpcError, match=re.escape(f": overrides: {MSG_ROWS}")):
+        load_grid(spec)
+    with pytest.raises(DmhpcError, match=re.escape(f": point train.batch_size=1100: {MSG_ROWS}")):
+        load_grid({**spec, "overrides": {}, "grid": {"train.batch_size": [16, 1100]}})
+    assert len(load_grid({**spec, "slurm": {"nodes": 1, "gpus_per_node": 4}}).points) == 2  # 4 x 1100 x 2 rows
 
 
 def test_a_random_section_whose_keys_are_all_commented_out_is_refused(tmp_path):

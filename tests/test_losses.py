@@ -602,7 +602,7 @@ def test_a_batch_the_transfer_loss_cannot_take_is_refused_before_anything_is_wri
 
 def test_the_mmd_sample_cap_counts_every_ranks_rows_under_the_global_scope():
     from dmhpc.config import load_config
-    from dmhpc.train.preflight import check_batch_rows
+    from dmhpc.batch_rows import check_batch_rows
     from tests.conftest import TINY
 
     cfg = load_config(TINY, ["loss.transfer=mmd", "train.batch_size=64", "loss.mmd.max_samples=1024"])
@@ -715,6 +715,6 @@ def test_fisher_td_without_the_inter_class_term_is_the_intra_class_term():
 
 def test_the_mmd_memory_figure_grows_with_the_square_of_the_rows():
     """The figure the refusal and preflight state: 2.5 rows^2 float32 elements (bench/mmd.py)."""
-    from dmhpc.losses.mmd import memory_gib
+    from dmhpc.batch_rows import mmd_memory_gib as memory_gib
 
     assert memory_gib(16384) == pytest.approx(2.5) and memory_gib(32768) == pytest.approx(10.0)

@@ -37,6 +37,14 @@ def test_scaling_study_problems_are_all_reported(tmp_path):
                     "nodes": [1], "gpus_per_node": [1, 3], "strong": {"global_batch": 8}})
 
 
+def test_the_rows_a_points_loss_gets_on_its_ranks_are_checked_at_launch(tmp_path):
+    """A point's ranks x its batch past loss.mmd.max_samples failed its job at the trainer's start."""
+    with pytest.raises(DmhpcError, match=r"point resnet18-weak-2x4: loss.mmd.max_samples: 8 ranks x "
+                                         r"train.batch_size 1100 gives 17600 rows"):
+        load_study({"base": str(TINY), "out": str(tmp_path / "out"), "executor": "slurm", "models": ["resnet18"],
+                    "nodes": [1, 2], "gpus_per_node": [4], "weak": {"batch_per_gpu": 1100}})
+
+
 def test_a_key_without_a_value_is_an_error_not_its_default(tmp_path):
     """nodes: and gpus_per_node: over commented-out items, epochs: and exclusive: left empty took
     their defaults: a study meant for 4 nodes x 2 GPUs, exclusive, ran one 1x1 point on shared nodes."""

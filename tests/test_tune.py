@@ -45,6 +45,17 @@ def spec(data, tmp_path, **extra) -> dict:
             "space": {"optim.lr": [0.001, 0.003]}, **extra}
 
 
+def test_the_rows_a_trials_loss_gets_on_its_ranks_are_checked_at_launch(data, tmp_path):
+    """A trial's ranks x its batch past loss.mmd.max_samples failed its job at the trainer's start,
+    after its wait in the queue: a space's corner that gives it is refused at launch."""
+    overrides = {k: v for k, v in spec(data, tmp_path)["overrides"].items() if k != "train.batch_size"}
+    slurm = {"executor": "slurm", "slurm": {"nodes": 2, "gpus_per_node": 4}, "overrides": overrides}
+    with pytest.raises(DmhpcError, match=r'space: at \{.*"train.batch_size": 1100\}: loss.mmd.max_samples: 8 '
+                                         r"ranks x train.batch_size 1100 gives 17600 rows"):
+        load_tune(spec(data, tmp_path, **slurm, space={"optim.lr": [0.001, 0.003], "train.batch_size": [16, 1100]}))
+    load_tune(spec(data, tmp_path, **slurm, space={"optim.lr": [0.001, 0.003], "train.batch_size": [16, 1000]}))
+
+
 def test_every_problem_of_a_tune_file_at_once(tmp_path):
     bad = {"base": "nope.yaml", "out": str(tmp_path), "objective": "oracle-target-acc", "trials": 0,
            "executor": "debug", "parallel": 2, "space": {"optim.lr": {"low": 1.0, "high": 0.1},

@@ -260,7 +260,7 @@ def load_grid(spec: str | Path | Mapping, executor: str | None = None, *, check_
     common: dict[str | None, str] = {}
     for name, (base, merged) in bases.items():
         try:
-            resolve_point(base, merged)
+            resolve_point(base, merged, resources.ranks)
         except DmhpcError as exc:
             common[name] = point_problem(exc)
 
@@ -289,7 +289,7 @@ def load_grid(spec: str | Path | Mapping, executor: str | None = None, *, check_
             run_dir = out / name if method is None else out / method / name
             try:
                 cfg = resolve_point(base, {**merged, **values, "run.dir": str(run_dir),
-                                           "train.signals": [preempt_signal()]})
+                                           "train.signals": [preempt_signal()]}, resources.ranks)
             except DmhpcError as exc:
                 failed[name if method is None else f"{method}/{name}"] = point_problem(exc)
                 continue

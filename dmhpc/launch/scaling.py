@@ -178,7 +178,7 @@ def load_study(spec: str | Path | Mapping, executor: str | None = None) -> Study
                         cfg = resolve_point(base, {
                             **overrides, "model.name": model, "train.batch_size": batch, "train.epochs": epochs,
                             "train.max_steps": max_steps, "train.eval_every": epochs, "run.dir": str(run_dir),
-                            "train.signals": [preempt_signal()]})
+                            "train.signals": [preempt_signal()]}, n * g)
                     except DmhpcError as exc:
                         failures[name] = point_problem(exc)
                         continue

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+from dmhpc.batch_rows import check_batch_rows
 from dmhpc.checks import Problems, boolean, number, read_yaml, show, take, unknown_keys
 from dmhpc.config import COMMAND_LINE, Config, changed_keys, config_to_dict, load_config, override_text
 from dmhpc.data.shards import fingerprint, holds_dataset, load_manifest
@@ -298,9 +299,13 @@ def finished_as(run: RunDir, cfg: Config) -> bool:
     return not LENGTH_KEYS & set(changed_keys(config_to_dict(run.config()), config_to_dict(cfg)))
 
 
-def resolve_point(base: Path, overrides: Mapping[str, Any]) -> Config:
-    """The configuration of BASE with dotted overrides applied, validated as the trainer would."""
-    return load_config(base, [override_text(k, v) for k, v in overrides.items()])
+def resolve_point(base: Path, overrides: Mapping[str, Any], ranks: int | None = None) -> Config:
+    """The configuration of BASE with dotted overrides applied, validated as the trainer would; with
+    `ranks`, the rows its transfer loss gets per step on that many ranks too."""
+    cfg = load_config(base, [override_text(k, v) for k, v in overrides.items()])
+    if ranks is not None:
+        check_batch_rows(cfg, ranks)
+    return cfg
 
 
 def point_problem(exc: DmhpcError) -> str:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from dmhpc.batch_rows import CORAL_MIN_ROWS as MIN_ROWS
 from dmhpc.errors import DmhpcError
 from dmhpc.losses.collective import all_reduce_sum, is_global
 from dmhpc.losses.precision import full_precision, upcast
-
-MIN_ROWS = 2
-"""Rows of each domain the covariances need, in the batch they are taken of (they divide by n - 1)."""
 
 
 def coral(fs: torch.Tensor, ft: torch.Tensor, scope: str = "global") -> torch.Tensor:

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
+from dmhpc.batch_rows import mmd_memory_gib as memory_gib, mmd_min_rows as min_rows
 from dmhpc.config import MMDConfig
 from dmhpc.errors import DmhpcError
 from dmhpc.losses.collective import all_gather_rows, is_global
@@ -39,17 +40,6 @@ MEDIAN_SCALES: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 MAX_SAMPLES: int = MMDConfig.max_samples
 """Default cap on the rows (source + target, all ranks) one MMD may hold: loss.mmd.max_samples's."""
-
-
-def memory_gib(rows: int, element_size: int = 4) -> float:
-    """GiB the MMD of `rows` rows (source + target) holds at its peak: 2.5 rows^2 elements, as
-    measured by bench/mmd.py (docs/losses.md)."""
-    return 2.5 * rows**2 * element_size / 2**30
-
-
-def min_rows(unbiased: bool) -> int:
-    """Rows of each domain the estimator needs (the unbiased one drops the self-pairs)."""
-    return 2 if unbiased else 1
 
 
 def mmd(

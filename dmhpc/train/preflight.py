@@ -23,14 +23,13 @@ import math
 
 import torch
 
+from dmhpc.batch_rows import check_batch_rows
 from dmhpc.data.check import check_dataset, twins_note, twins_trained_on
 from dmhpc.data.loaders import KINDS, ORDER, RESUMED_RESIDENT, STREAMED
 from dmhpc.data.batches import normalization
 from dmhpc.data.shards import SPLITS, fingerprint, is_labelled, load_manifest
 from dmhpc.distributed import agree, gather, on_main
 from dmhpc.errors import DmhpcError
-from dmhpc.losses.coral import MIN_ROWS as CORAL_MIN_ROWS
-from dmhpc.losses.mmd import memory_gib, min_rows as mmd_min_rows
 from dmhpc.names import CRITERIA, DOMAINS, LABEL_FREE
 from dmhpc.train.metrics import SND_MIN_ROWS
 from dmhpc.train.objective import NUM_CLASSES
@@ -113,25 +112,6 @@ def check_data(cfg, manifests: dict, dist) -> None:
 def data_note(cfg, manifests: dict) -> str | None:
     """What the start line notes of the two data sets (see `twins_note`)."""
     return None if cfg.data.trains_on_target() else twins_note(manifests["source"], manifests["target"])
-
-
-def check_batch_rows(cfg, world_size: int) -> None:
-    """The rows of each domain the transfer loss sees per step (all ranks' under loss.scope=global)
-    against what it needs: the loss refuses them only at the first step, after the run started."""
-    loss, batch = cfg.loss, cfg.train.batch_size
-    rows = batch * (world_size if loss.scope == "global" else 1)
-    where = (f"{world_size} rank{'s' if world_size > 1 else ''} x train.batch_size {batch}"
-             if loss.scope == "global" else f"train.batch_size {batch} (loss.scope=local)")
-    least = {"coral": CORAL_MIN_ROWS, "mmd": mmd_min_rows(loss.mmd.unbiased)}.get(loss.transfer, 1)
-    if rows < least:
-        what = "unbiased mmd" if loss.transfer == "mmd" else loss.transfer
-        raise DmhpcError(f"loss.transfer: {what} needs at least {least} source and {least} target rows per batch; "
-                         f"{where} gives {rows} of each")
-    if loss.transfer == "mmd" and 2 * rows > loss.mmd.max_samples:
-        raise DmhpcError(f"loss.mmd.max_samples: {where} gives {2 * rows} rows (source + target) to the MMD, more "
-                         f"than {loss.mmd.max_samples}; they would need about {memory_gib(2 * rows):.1f} GiB. Use "
-                         f"loss.scope=local, a smaller train.batch_size, or a larger loss.mmd.max_samples if the "
-                         f"memory is there")
 
 
 def check_model_input(cfg, backbone: torch.nn.Module, shape: list[int], device: torch.device, rows: int) -> None:
