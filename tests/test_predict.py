@@ -143,6 +143,35 @@ def test_a_parts_folder_linked_to_scratch_space(trained, tmp_path):
     assert scratch.is_dir() and not any(scratch.iterdir())  # the parts were written there, and removed
 
 
+def test_files_of_others_in_a_scratch_parts_folder_are_left(trained, tmp_path, capsys):
+    """The scratch folder CATALOG.parts links to is shared: another job's folder and the user's notes
+    put there while a prediction was stopped were deleted with its parts, by --overwrite's emptying
+    and by the merge."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    out = tmp_path / "survey.csv"
+    Path(f"{out}.parts").symlink_to(scratch)
+    images = trained["images"][:40].copy()
+    images[37, 0, 0, 0] = np.nan  # in part 1: part 0 is written before the stop
+    np.save(tmp_path / "nan.npy", images)
+    argv = ["predict", "--run", str(trained["run"]), "--images", str(tmp_path / "nan.npy"), "--out", str(out),
+            "--part-size", "32", "--batch-size", "16"]
+    assert main(argv) == 1
+    assert (scratch / "predict.json").is_file() and (scratch / "part-000000.npz").is_file()
+    (scratch / "notes.txt").write_text("important")
+    (scratch / "other-job" / "results").mkdir(parents=True)
+    (scratch / "other-job" / "results" / "r.npy").write_text("x")
+    capsys.readouterr()
+    # Another part size: the parts are of another prediction, removed by --overwrite, then merged and removed.
+    assert main([*argv, "--nan-fill", "0", "--part-size", "16", "--overwrite"]) == 0
+    assert sorted(p.name for p in scratch.iterdir()) == ["notes.txt", "other-job"]
+    assert (scratch / "notes.txt").read_text() == "important" and (scratch / "other-job/results/r.npy").is_file()
+    assert len(read(out)) == 40 and Path(f"{out}.parts").is_symlink()
+    said = capsys.readouterr().out
+    assert said.count(f"{out}.parts: left in place, with what a prediction does not write there: notes.txt, "
+                      f"other-job\n") == 2, said
+
+
 @pytest.mark.parametrize("ext", [".fits", ".csv", ".ecsv", ".h5"])
 def test_every_catalog_format(trained, tmp_path, ext):
     data = trained["data"] / "noisy"

@@ -36,7 +36,6 @@ import io
 import json
 import os
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -392,7 +391,7 @@ def _claim_parts(parts: Path, spec: dict, overwrite: bool) -> None:
                                  f"--overwrite starts again")
             _remove_parts(parts, keep_folder=True)
     elif any(parts.iterdir()):
-        if not all(_ours(entry.name) for entry in parts.iterdir()):
+        if not all(_ours(entry) for entry in parts.iterdir()):
             raise DmhpcError(f"{parts}: exists and is not a dmhpc prediction's parts; remove it or choose another "
                              f"--out")
         # Parts without their spec: a removal of the folder killed halfway (the spec goes last). Its
@@ -402,20 +401,29 @@ def _claim_parts(parts: Path, spec: dict, overwrite: bool) -> None:
         atomic_write(saved, json.dumps(spec, indent=2) + "\n")
 
 
-def _ours(name: str) -> bool:
-    """Whether a name in a parts folder is one a prediction writes there."""
-    return bool(re.fullmatch(r"part-\d{6,}\.npz", name)) or name in (SPEC, OWN_STATS) or is_temporary(name)
+def _ours(entry: Path) -> bool:
+    """Whether an entry of a parts folder is a file of a name a prediction writes there."""
+    name = entry.name
+    return (bool(re.fullmatch(r"part-\d{6,}\.npz", name)) or name in (SPEC, OWN_STATS) or is_temporary(name)) \
+        and not entry.is_dir()
 
 
 def _remove_parts(parts: Path, keep_folder: bool = False) -> None:
-    """Remove a parts folder's content, its spec last: killed halfway, what is left is still known as
-    a prediction's parts, not refused as someone else's folder by every rerun."""
+    """Remove the files a prediction wrote in its parts folder, its spec last: killed halfway, what is
+    left is still known as a prediction's parts, not refused as someone else's folder by every rerun.
+    Anything else there is left, with the folder, and said: the folder may be a link to scratch space
+    that other files share (their folders and files were deleted with the parts)."""
+    others = []
     for entry in sorted(parts.iterdir(), key=lambda e: e.name == SPEC):
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
+        if _ours(entry):
             entry.unlink()
-    if keep_folder:
+        else:
+            others.append(entry.name)
+    if others:
+        print(f"dmhpc predict: {parts}: left in place, with what a prediction does not write there: "
+              f"{', '.join(sorted(others)[:3])}{f' and {len(others) - 3} more' if len(others) > 3 else ''}",
+              flush=True)
+    if keep_folder or others:
         return
     if parts.is_symlink():  # a link to scratch space, the parts' natural place: the link goes, its folder stays
         parts.unlink()
