@@ -365,6 +365,28 @@ def test_a_float_id_column_is_one_line_before_any_part(trained, tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cutouts", f"survey{ext}"]  # no parts, no data set
 
 
+def test_a_missing_cutout_is_one_line_before_any_part(trained, tmp_path, capsys):
+    """A cutout the catalog lists but that is not there was stat'ed at the start (for INPUTSHA) and
+    refused only when its part was reached, the parts before it computed first."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    folder = tmp_path / "cutouts"
+    folder.mkdir()
+    for i in range(40):
+        fits.PrimaryHDU(trained["images"][i].astype(">f4")).writeto(folder / f"g{i}.fits")
+    (folder / "g30.fits").unlink()  # in the second part
+    Table({"objid": [f"G{i}" for i in range(40)], "file": [f"g{i}.fits" for i in range(40)]}).write(
+        tmp_path / "survey.fits")
+    out = tmp_path / "candidates.csv"
+    assert main(["predict", "--run", str(trained["run"]), "--catalog", str(tmp_path / "survey.fits"), "--id-column",
+                 "objid", "--file-column", "file", "--cutouts", str(folder), "--out", str(out), "--part-size", "16",
+                 "--batch-size", "16"]) == 1
+    assert capsys.readouterr().err == (f"dmhpc predict: error: {folder / 'g30.fits'}: no such cutout file (row 31 of "
+                                       f"{tmp_path / 'survey.fits'}, id G30)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cutouts", "survey.fits"]  # no part, no parts folder
+
+
 def test_a_cutout_rewritten_in_place_has_its_part_computed_again(trained, tmp_path, capsys):
     """Parts were reused whatever their cutout files held since: a rerun after a fix to one file
     kept the old probabilities of every other file rewritten meanwhile."""

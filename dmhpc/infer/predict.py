@@ -590,8 +590,13 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         parts = Path(f"{out}.parts")
         on_main(lambda: _lock_parts(out, parts, overwrite, held))
         source.check(verify != "structure", dist.rank, dist.world_size, gather)
-        digest = source.digest({k: v for share in gather(lambda: source.digest_blocks(dist.rank, dist.world_size))
-                                for k, v in share.items()})
+        shares = gather(lambda: (source.digest_blocks(dist.rank, dist.world_size), source.missing))
+        digest = source.digest({k: v for blocks, _ in shares for k, v in blocks.items()})
+        # The digest stat'ed every cutout: one not there is said now, not when its part is reached,
+        # after the parts before it were computed (the first of the catalog, whatever the ranks).
+        missing = min((row for _, row in shares if row is not None), default=None)
+        if missing is not None:
+            raise AgreedError(source.missing_error(missing))
         if normalize == "target":
             mean, std = model.normalization("target")
         elif normalize == "own":

@@ -48,6 +48,7 @@ class Source:
     id_dtype: str | None = None  # a catalog's integer ids: the catalog written keeps them integers (joins by id)
     _cutout_digests: dict = field(default_factory=dict)  # (start, stop) -> cutout_files' digest, taken once
     _inputs: dict = field(default_factory=dict)  # input_identity's arguments: `identity` taken again
+    missing: int | None = None  # the first row whose cutout file `cutout_files` could not stat
 
     @property
     def inputs(self) -> str:
@@ -105,8 +106,11 @@ class Source:
             return ""
         if (start, stop) not in self._cutout_digests:
             digest = hashlib.sha256()
-            for path in self._reader.files[start:stop]:
-                digest.update(json.dumps([str(path), file_identity(path)]).encode())
+            for row, path in enumerate(self._reader.files[start:stop], start):
+                identity = file_identity(path)
+                if identity is None and (self.missing is None or row < self.missing):
+                    self.missing = row
+                digest.update(json.dumps([str(path), identity]).encode())
             self._cutout_digests[start, stop] = digest.hexdigest()
         return self._cutout_digests[start, stop]
 
@@ -127,6 +131,11 @@ class Source:
         blocks = -(-self.count // DIGEST_BLOCK) if isinstance(self._reader, Cutouts) else 0
         return {k: self.cutout_files(k * DIGEST_BLOCK, min((k + 1) * DIGEST_BLOCK, self.count))
                 for k in range(rank, blocks, world_size)}
+
+    def missing_error(self, row: int) -> str:
+        """The line for row `row`'s cutout file, which `cutout_files` could not stat: the file, and the
+        catalog row and id that name it."""
+        return f"{self._reader.files[row]}: no such cutout file (row {row + 1} of {self.path}, id {self._ids[row]})"
 
     def first_id(self, bad: Callable[[str], bool], block: int = 65536) -> tuple[int, str] | None:
         """(input position, id) of the first id for which `bad` is true, or None; reads ids only, a
