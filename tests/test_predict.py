@@ -387,6 +387,24 @@ def test_a_missing_cutout_is_one_line_before_any_part(trained, tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cutouts", "survey.fits"]  # no part, no parts folder
 
 
+def test_a_first_cutout_of_another_shape_is_named(trained, tmp_path, capsys):
+    """A clipped first cutout (the edge of the footprint) was blamed on the whole catalog:
+    'survey.csv: images of shape (3, 60, 75)', though every other cutout had the run's shape."""
+    from astropy.io import fits
+    from astropy.table import Table
+
+    folder = tmp_path / "cutouts"
+    folder.mkdir()
+    fits.PrimaryHDU(trained["images"][0][:, :60].astype(">f4")).writeto(folder / "g0.fits")
+    for i in range(1, 8):
+        fits.PrimaryHDU(trained["images"][i].astype(">f4")).writeto(folder / f"g{i}.fits")
+    Table({"id": [f"G{i}" for i in range(8)], "file": [f"g{i}.fits" for i in range(8)]}).write(tmp_path / "survey.csv")
+    assert main(["predict", "--run", str(trained["run"]), "--catalog", str(tmp_path / "survey.csv"), "--file-column",
+                 "file", "--cutouts", str(folder), "--out", str(tmp_path / "candidates.csv")]) == 1
+    assert capsys.readouterr().err == (f"dmhpc predict: error: {folder / 'g0.fits'}: images of shape (3, 60, 75); "
+                                       f"the run trained on (3, 75, 75)\n")
+
+
 def test_a_cutout_rewritten_in_place_has_its_part_computed_again(trained, tmp_path, capsys):
     """Parts were reused whatever their cutout files held since: a rerun after a fix to one file
     kept the old probabilities of every other file rewritten meanwhile."""

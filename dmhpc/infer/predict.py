@@ -586,7 +586,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         if len(set(all_gather_object(seen))) > 1:
             raise DmhpcError(f"{run.checkpoint(checkpoint)} or {source.path}: replaced while the ranks were "
                              f"reading it (a run still training?); start again")
-        check_shape(source.path, source.shape, model.data["source"]["shape"])
+        check_shape(source.shape_of, source.shape, model.data["source"]["shape"])
         parts = Path(f"{out}.parts")
         on_main(lambda: _lock_parts(out, parts, overwrite, held))
         source.check(verify != "structure", dist.rank, dist.world_size, gather)

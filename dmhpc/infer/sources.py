@@ -56,6 +56,11 @@ class Source:
         return f"{self.path} or one of the cutout files it names" if isinstance(self._reader, Cutouts) else str(self.path)
 
     @property
+    def shape_of(self) -> Path:
+        """The file `shape` was read from: a catalog's first cutout (the others are held to its shape)."""
+        return Path(self._reader.files[0]) if isinstance(self._reader, Cutouts) else self.path
+
+    @property
     def columns(self) -> tuple[str, ...]:
         """The names of the columns `read` gives."""
         names = ("index", "id", *(("object", "split") if self.kind == "data" else ()))
