@@ -890,7 +890,13 @@ def test_non_finite_pixels_and_a_flat_filter_are_refused_in_one_line(trained, tm
          f"{folder / 'G37.fits'}: NaN pixels in this cutout (id G37); --nan-fill 0"),
         (["--images", str(tmp_path / "flat.npy"), "--normalize", "own"],
          "channel 2 has standard deviation 0.0 in these images; cannot normalize with --normalize own"),
-        (["--images", str(tmp_path / "nan.npy"), "--normalize", "own"], "standard deviation nan"),
+        # The image or file, where the statistics of its pixels were NaN, said of the whole input
+        (["--images", str(tmp_path / "nan.npy"), "--normalize", "own"],
+         f"{tmp_path / 'nan.npy'}: NaN pixels in image 37; --nan-fill 0 replaces them"),
+        (["--catalog", str(tmp_path / "survey.csv"), "--id-column", "objid", "--cutouts", str(folder), "--normalize",
+          "own"], f"{folder / 'G37.fits'}: NaN pixels in this cutout (id G37); --nan-fill 0 replaces them"),
+        (["--images", str(tmp_path / "inf.npy"), "--nan-fill", "0", "--normalize", "own"],
+         "Inf pixels in image 38; --nan-fill replaces NaN only"),
         # A fill that fills nothing: said as the image's bad pixels, after the parts were begun
         *[(["--images", str(tmp_path / "nan.npy"), "--nan-fill", fill],
            f"--nan-fill {float(fill):g}: expected a finite value that float32 can hold") for fill in ("nan", "inf", "1e39")],
@@ -910,6 +916,10 @@ def test_non_finite_pixels_and_a_flat_filter_are_refused_in_one_line(trained, tm
     for k, (argv, message) in enumerate((
             (["--images", str(tmp_path / "big.npy")], f"{tmp_path / 'big.npy'}: Inf pixels in image 7; {beyond}"),
             (["--catalog", str(tmp_path / "survey.csv"), "--id-column", "objid", "--cutouts", str(big_folder)],
+             f"{big_folder / 'G7.fits'}: Inf pixels in this cutout (id G7); {beyond}"),
+            # under --normalize own too, where NaN statistics were blamed on the catalog, with a RuntimeWarning
+            (["--catalog", str(tmp_path / "survey.csv"), "--id-column", "objid", "--cutouts", str(big_folder),
+              "--normalize", "own", "--nan-fill", "0"],
              f"{big_folder / 'G7.fits'}: Inf pixels in this cutout (id G7); {beyond}"))):
         out = tmp_path / f"big{k}.csv"
         with warnings.catch_warnings():

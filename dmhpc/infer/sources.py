@@ -236,7 +236,7 @@ class Source:
 
         def share() -> dict:
             try:
-                return pixel_moments(self._reader, rank, world_size)
+                return pixel_moments(_Checked(self), rank, world_size)
             except (OSError, ValueError) as exc:  # said on every rank: the others wait for this one's share
                 raise DmhpcError(f"{self.path}: cannot read the images for their statistics: {exc}") from None
 
@@ -249,14 +249,28 @@ class Source:
         flat = [c for c, s in enumerate(std) if not (np.isfinite(s) and s > 0)]
         if flat:
             c = flat[0]
-            hint = "" if np.isfinite(std[c]) else " (NaN or Inf pixels; --nan-fill 0 replaces NaN)"
-            raise DmhpcError(f"{self.path}: channel {c} has standard deviation {std[c]} in these images{hint}; "
+            raise DmhpcError(f"{self.path}: channel {c} has standard deviation {std[c]} in these images; "
                              f"cannot normalize with --normalize own (--normalize target uses the run's statistics)")
         return mean, std
 
     def close(self) -> None:
         if self.kind == "data":
             self._reader.close()
+
+
+class _Checked:
+    """A source's rows as `pixel_moments` reads them, a block at a time through `Source.read`: an image
+    with a NaN or Inf pixel is named there (its file, its id, the hint that fits), where the statistics
+    made of it were only NaN, blamed on the whole input."""
+
+    def __init__(self, source: Source):
+        self.source, self.shape = source, (source.count, *source.shape)
+
+    def __len__(self) -> int:
+        return self.source.count
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.source.read(rows.start, min(rows.stop, self.source.count))[0]
 
 
 def file_identity(path: str | os.PathLike) -> dict | None:
