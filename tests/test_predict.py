@@ -1585,6 +1585,11 @@ def test_text_catalogs_refuse_ids_with_a_line_break_and_int8_ids_stay_integers_i
     assert main([*argv, str(tmp_path / "i1.parquet"), "--out", str(tmp_path / "i1.fits")]) == 0
     back = Table.read(tmp_path / "i1.fits")["id"]
     assert back.dtype.kind == "i" and list(back) == list(range(100, 116))
+    # Unsigned bytes are FITS's own integer type: kept (docs/catalog.md said every 8-bit id was widened).
+    Table({"id": np.arange(200, 216, dtype=np.uint8)}).write(tmp_path / "u1.parquet", format="parquet")
+    assert main([*argv, str(tmp_path / "u1.parquet"), "--out", str(tmp_path / "u1.fits")]) == 0
+    back = Table.read(tmp_path / "u1.fits")["id"]
+    assert back.dtype == np.uint8 and list(back) == list(range(200, 216))
 
 
 SAVE = {"npy": "np.save(path, a)\n",
