@@ -1003,8 +1003,21 @@ def test_refusals_come_before_the_images_are_read(trained, tmp_path, capsys):
     assert capsys.readouterr().err == f"dmhpc predict: error: --out {folder}: is a folder; name the catalog file\n"
     assert main([*predict, "--out", str(tmp_path / "new.csv")]) == 1  # the check comes next
     assert "checksum" in capsys.readouterr().err
+    # A run path a FITS header cannot hold is known at the start too: it was said after the checksums,
+    # and after --normalize own's pass over the images (here stopped by a NaN pixel).
+    run = tmp_path / "runé"
+    shutil.copytree(trained["run"], run)
+    nan = trained["images"][:40].copy()
+    nan[5, 0, 0, 0] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    out = tmp_path / "new.fits"
+    for source in (["--data", str(data)], ["--images", str(tmp_path / "nan.npy"), "--normalize", "own"]):
+        assert main(["predict", "--run", str(run), *source, "--out", str(out)]) == 1
+        assert capsys.readouterr().err == (f"dmhpc predict: error: --out {out}: a FITS header holds printable ASCII "
+                                           f"only and RUN {str(run.resolve())!r} is not; write .parquet or .ecsv "
+                                           f"instead\n")
     # Nothing left by the refusals: no parts folder, no lock.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.csv", "folder.parquet", "noisy"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["done.csv", "folder.parquet", "nan.npy", "noisy", "runé"]
 
 
 def test_inputs_rewritten_during_a_prediction_are_refused_at_the_merge(trained, tmp_path, monkeypatch, capsys):

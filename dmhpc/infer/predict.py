@@ -265,27 +265,33 @@ META_COMMENTS = {
     "AMP": "precision of the forward pass", "SRCARGS": "how the input was opened (JSON)"}
 
 
-def _check_writable(out: Path, source: Source, meta: dict) -> None:
-    """Refuse, before any image is predicted, what the catalog's format cannot hold. FITS holds ASCII
-    only: a non-ASCII id failed the write after the whole survey was computed, and a header value
-    that is not printable ASCII (a run or data path; a tab in it) was dropped from the header. ECSV
-    writes an id starting with # as it is, and reads that row back as a comment: the candidate was
-    lost without a word."""
+def _check_writable(out: Path, meta: dict) -> None:
+    """Refuse, before the inputs are read (a survey's checksums, its own statistics), what the
+    catalog's name or format cannot hold of its provenance. FITS holds ASCII only: a header value
+    that is not printable ASCII (a run or data path; a tab in it) was dropped from the header."""
     fmt = catalog_format(out)
     # The merge's temporary files, named longer than --out (".NAME.XXXXXXXX.tmp"): one past the file
     # system's name length failed the merge after the whole survey, "a rerun merges them" (never).
     for target in (out, provenance_file(out)) if fmt == "ascii.csv" else (out,):
         temporary_path(target).unlink()
     if fmt == "fits":
-        instead = "write .parquet or .ecsv instead"
         for key, value in meta.items():
             if not all(32 <= ord(c) < 127 for c in str(value)):
                 raise DmhpcError(f"--out {out}: a FITS header holds printable ASCII only and {key} {str(value)!r} "
-                                 f"is not; {instead}")
+                                 f"is not; write .parquet or .ecsv instead")
+
+
+def _check_ids(out: Path, source: Source) -> None:
+    """Refuse, before any image is predicted, ids the catalog's format cannot hold. FITS holds ASCII
+    only: a non-ASCII id failed the write after the whole survey was computed. ECSV writes an id
+    starting with # as it is, and reads that row back as a comment: the candidate was lost without
+    a word."""
+    fmt = catalog_format(out)
+    if fmt == "fits":
         bad = source.first_id(lambda v: not v.isascii())
         if bad is not None:
             raise DmhpcError(f"--out {out}: FITS holds ASCII only and the id {bad[1]!r} of image {bad[0]} is not; "
-                             f"{instead}")
+                             f"write .parquet or .ecsv instead")
     elif fmt == "ascii.ecsv":
         bad = source.first_id(lambda v: v.lstrip().startswith("#"))
         if bad is not None:
@@ -556,6 +562,8 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                          f"batches (and so results) do not depend on how parts are shared out")
     if verify is not None and data is None:
         raise DmhpcError(f"--verify {verify} goes with --data: only a prepared data set has checksums to verify")
+    if normalize not in ("target", "own"):
+        raise DmhpcError(f"--normalize {normalize!r}: expected target or own")
     run = RunDir(run_dir)
     run.refuse_inside(out, "--out")
     _refuse_out_among_inputs(out, data=data, images=images, catalog=catalog)
@@ -589,7 +597,20 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         check_shape(source.shape_of, source.shape, model.data["source"]["shape"])
         parts = Path(f"{out}.parts")
         on_main(lambda: _lock_parts(out, parts, overwrite, held))
+        # Keys of at most 8 characters: they are FITS header keywords too. INPUTSHA, MEAN and STD are
+        # read from the inputs below; the rest is known now, and what the format cannot hold of it is
+        # said before that reading.
+        meta = {"DMHPC": __version__, "RUN": str(run.path.resolve()), "CKPT": checkpoint,
+                "CKPTSTEP": model.checkpoint.get("step", -1), "CKPTSHA": model.sha256,
+                "SELECT": str(model.checkpoint.get("criterion")),
+                "SOURCE": source.kind, "DATA": str(source.path.resolve()),
+                "DATASHA": source.describe.get("fingerprint", ""), "INPUTSHA": "",
+                "NORM": normalize, "MEAN": "", "STD": "", "TTA": tta, "AMP": amp, "SRCARGS": json.dumps(source_args)}
+        on_main(lambda: _check_writable(out, meta))
         source.check(verify != "structure", dist.rank, dist.world_size, gather)
+        # Before the digest and the statistics: a prepared set's ids are read from its shards, once
+        # they are verified; other sources' are in memory.
+        on_main(lambda: _check_ids(out, source))
         shares = gather(lambda: (source.digest_blocks(dist.rank, dist.world_size), source.missing))
         digest = source.digest({k: v for blocks, _ in shares for k, v in blocks.items()})
         # The digest stat'ed every cutout: one not there is said now, not when its part is reached,
@@ -599,26 +620,16 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
             raise AgreedError(source.missing_error(missing))
         if normalize == "target":
             mean, std = model.normalization("target")
-        elif normalize == "own":
+        else:
             # A prepared set's statistics are in its manifest; other inputs' are of `digest`.
             saved = None if source.kind == "data" else on_main(
                 lambda: _saved_stats(parts, digest, source_args, source.shape[0]))
             # Every rank reads a share: rank 0 alone, on a large survey, could outlast the others' wait.
             mean, std = saved or source.own_stats(dist.rank, dist.world_size, gather)
-        else:
-            raise DmhpcError(f"--normalize {normalize!r}: expected target or own")
         norm = Normalizer(mean, std, dist.device)
         options = {"tta": tta, "normalize": normalize, "mean": mean, "std": std, "part_size": part_size,
                    "batch_size": batch_size, "amp": amp}
-        # Keys of at most 8 characters: they are FITS header keywords too.
-        meta = {"DMHPC": __version__, "RUN": str(run.path.resolve()), "CKPT": checkpoint,
-                "CKPTSTEP": model.checkpoint.get("step", -1), "CKPTSHA": model.sha256,
-                "SELECT": str(model.checkpoint.get("criterion")),
-                "SOURCE": source.kind, "DATA": str(source.path.resolve()),
-                "DATASHA": source.describe.get("fingerprint", ""), "INPUTSHA": digest,
-                "NORM": normalize, "MEAN": show(mean),
-                "STD": show(std), "TTA": tta, "AMP": amp, "SRCARGS": json.dumps(source_args)}
-        on_main(lambda: _check_writable(out, source, meta))
+        meta.update(INPUTSHA=digest, MEAN=show(mean), STD=show(std))  # (printable ASCII: hex digits, numbers)
         spec = _spec(run, model, source, source_args, options)
         spec_digests = _spec_digests(spec)
         on_main(lambda: _claim_parts(parts, spec, overwrite))
