@@ -321,12 +321,14 @@ class Config:
 def _merge(dst: dict, src: Mapping, origin: dict, label: str, prefix: str = "") -> None:
     for key, value in src.items():
         dotted = f"{prefix}{key}"
-        origin[dotted] = label
+        before, origin[dotted] = origin.get(dotted), label
         if value is None and isinstance(dst.get(key), dict):
             continue  # a section whose keys are all commented out changes nothing it inherits
         if isinstance(value, Mapping) and isinstance(dst.get(key), dict):
             _merge(dst[key], value, origin, label, dotted + ".")
         elif isinstance(value, Mapping):
+            if dst.get(key) is not None:  # a list or a value where a section goes: its settings were dropped
+                raise DmhpcError(f"{before}: {dotted}: expected a mapping of {dotted} keys, got {show(dst[key])}")
             dst[key] = {}
             _merge(dst[key], value, origin, label, dotted + ".")
         else:

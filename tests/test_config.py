@@ -81,6 +81,19 @@ def test_base_is_relative_to_the_file_and_merges_deeply(tmp_path):
     assert cfg.loss.transfer == "mmd" and cfg.loss.mmd.unbiased is True
 
 
+def test_a_base_files_section_written_as_a_list_is_refused_where_a_later_file_sets_its_keys(tmp_path):
+    """A base's `train: [{epochs: 50}, {batch_size: 64}]` (a list where a section goes) was replaced
+    without a word by the first mapping a child file or an override gave: the defaults trained."""
+    (tmp_path / "base.yaml").write_text("train: [{epochs: 50}, {batch_size: 64}]\noptim: 5\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ntrain:\n  epochs: 3\n")
+    with pytest.raises(DmhpcError) as err:
+        load_config(tmp_path / "child.yaml")
+    assert str(err.value) == (f"{tmp_path / 'base.yaml'}: train: expected a mapping of train keys, got "
+                              '[{"epochs": 50}, {"batch_size": 64}]')
+    with pytest.raises(DmhpcError, match=r"base.yaml: optim: expected a mapping of optim keys, got 5$"):
+        load_config(tmp_path / "base.yaml", ["optim.lr=0.01"])
+
+
 def test_an_empty_section_or_a_null_override_keeps_what_the_base_set(tmp_path):
     write(tmp_path / "base.yaml", "train: {batch_size: 16}\nloss: {transfer: mmd, mmd: {unbiased: true}}\n")
     child = write(tmp_path / "child.yaml", "base: base.yaml\nloss:\n  mmd:\n    # unbiased: false\ntrain:\n")
