@@ -598,9 +598,15 @@ def test_a_tuner_stopping_on_a_journal_it_cannot_write_still_cancels_every_local
     assert all(job.cancelled for job in jobs)
 
 
-def test_a_relaunch_proposes_new_values_not_the_first_launchs_again(data, tmp_path):
-    s = spec(data, tmp_path, trials=1, parallel=1, executor="debug",
+@pytest.mark.parametrize("seed", [0, 2**32 - 1])
+def test_a_relaunch_proposes_new_values_not_the_first_launchs_again(data, tmp_path, seed):
+    """Each launch seeds its sampler with the file's seed plus the trials so far, within numpy's
+    seeds: a seed of 2**32 - 1 made every relaunch a traceback, 2**32 the first after its journal."""
+    s = spec(data, tmp_path, trials=1, parallel=1, executor="debug", seed=seed,
              space={"optim.lr": {"low": 1.0e-4, "high": 1.0e-2, "log": True}})
+    with pytest.raises(DmhpcError, match=r": seed: expected an integer from 0 to 4294967295, got 4294967296$"):
+        load_tune({**s, "seed": 2**32})
+    assert not (tmp_path / "tune").exists()
     tune(s)
     tune({**s, "trials": 2})  # the sampler is still in its random start-up phase
     first, second = _study(tmp_path / "tune").get_trials()

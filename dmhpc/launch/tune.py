@@ -67,7 +67,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dmhpc.checks import Problems, choice, integer, path_text, show, take, unknown_keys
-from dmhpc.config import changed_keys, config_from_dict, config_to_dict
+from dmhpc.config import SEED_MAX, changed_keys, config_from_dict, config_to_dict
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, hold_lock, write_reason
 from dmhpc.launch.spec import (Range, base_path, data_ids, dotted_keys, finished_as, out_problem, point_name,
@@ -229,7 +229,7 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
                      f"{', '.join(LABEL_FREE)} (target metrics are recorded beside each trial anyway)")
     trials = take(problems, data, "trials", integer(1))
     parallel = take(problems, data, "parallel", integer(1), 1)
-    seed = take(problems, data, "seed", integer(0), 0)
+    seed = take(problems, data, "seed", integer(0, SEED_MAX), 0)
     # The file's is checked where --executor replaces it too: a typo passed until the flag was left out.
     in_file = take(problems, data, "executor", choice(*EXECUTORS), "slurm")
     executor = executor or in_file
@@ -372,7 +372,7 @@ def _open_study(t: Tune):
                          + "; not this tuner's journal: tune into another out")
     # Seeded by the file's seed and the trials so far: the same seed on every launch would propose
     # the first launch's random start-up values again, and a relaunch would repeat trials.
-    study.sampler = optuna.samplers.TPESampler(seed=t.seed + launched, n_startup_trials=t.startup_trials)
+    study.sampler = optuna.samplers.TPESampler(seed=(t.seed + launched) % (SEED_MAX + 1), n_startup_trials=t.startup_trials)
     identity = t.identity()
     before = study.user_attrs.get("identity")
     if before is None:  # a new study, or one whose first launch stopped before its identity was recorded
