@@ -151,17 +151,21 @@ def text() -> Check:
 
 
 _UNEXPANDED = re.compile(r"^~|\$\{?[A-Za-z_]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def path_text() -> Check:
     """A path: a non-empty string that needs no shell to expand it. `~/runs` or `$SCRATCH/data` in a
-    file were taken as they are: a folder named `~` or `$SCRATCH` made in the working directory."""
+    file were taken as they are: a folder named `~` or `$SCRATCH` made in the working directory. No
+    control characters: a NUL ended the trainer in a ValueError traceback, a newline made a folder
+    that no log line names readably."""
     def convert(v):
-        _accept(isinstance(v, str) and bool(v.strip()) and not _UNEXPANDED.search(v))
+        _accept(isinstance(v, str) and bool(v.strip()) and not _UNEXPANDED.search(v) and not _CONTROL.search(v))
         return v
 
     return Check("a non-empty string, a path written out (quote numbers; no ~ or $VARIABLE: dmhpc expands none; "
-                 "on a command line write $HOME, which a shell expands after KEY=, not ~)", convert)
+                 "on a command line write $HOME, which a shell expands after KEY=, not ~; no control characters)",
+                 convert)
 
 
 def mapping(expected: str = "a mapping", *, empty: bool = True) -> Check:

@@ -436,6 +436,16 @@ def test_a_path_the_shell_would_expand_is_refused(tmp_path, override, key):
     assert load_config(tmp_path / "c.yaml").train == load_config(TINY).train
 
 
+@pytest.mark.parametrize("override", ['run.dir="runs/a\\x00b"', 'data.source="data/a\\nb"', 'run.dir="runs/\\x7f"'])
+def test_a_path_with_a_control_character_is_refused(override):
+    """A NUL in run.dir or a data path ended the trainer in a ValueError traceback (os.stat), and a
+    newline was taken: a folder no log line names readably."""
+    key = override.partition("=")[0]
+    with pytest.raises(DmhpcError, match=rf"^command line: {key}: expected a non-empty string, a path written "
+                                         rf"out .*; no control characters\), got "):
+        load_config(TINY, [override])
+
+
 def test_a_run_of_an_older_dmhpc_with_such_a_path_still_resumes(tmp_path):
     """An older dmhpc took run.dir ~/runs/a as a folder named "~"; its checkpoint's config and its
     config.yaml were then refused ("expected ... a path written out"): the run could not resume, be
