@@ -286,11 +286,11 @@ def dump_yaml(data: Any) -> str:
 def read_yaml(path: Path, what: str = "config file") -> dict:
     """The mapping at the top of a YAML file; every problem is a one-line DmhpcError naming the file."""
     path = Path(path)
-    if not path.exists():
-        raise DmhpcError(f"{path}: {what} not found")
-    if path.is_dir():
-        raise DmhpcError(f"{path}: is a directory, not a {what}")
-    try:
+    try:  # (exists() raises on a folder without search permission, or a name too long)
+        if not path.exists():
+            raise DmhpcError(f"{path}: {what} not found")
+        if path.is_dir():
+            raise DmhpcError(f"{path}: is a directory, not a {what}")
         text_ = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise DmhpcError(f"{path}: not a UTF-8 text file") from None

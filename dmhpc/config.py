@@ -356,7 +356,11 @@ def _read_with_bases(path: Path, chain: tuple[Path, ...]) -> tuple[dict, dict, l
         # Not normalized: folder/.. through a symlinked folder is the link target's parent, which the
         # file system knows and os.path.normpath does not (it read another file of the same name).
         base_path = path.parent / base
-        if not base_path.is_file():
+        try:
+            found = base_path.is_file()
+        except OSError as exc:  # a folder without search permission, a name too long
+            raise DmhpcError(f"{path}: base: {base_path}: cannot read: {exc.strerror}") from None
+        if not found:
             raise DmhpcError(f"{path}: base: config file not found: {base_path}")
         raw, origin, files = _read_with_bases(base_path, (*chain, resolved))
     _merge(raw, data, origin, str(path))

@@ -638,7 +638,12 @@ class RunDir:
     def _check_owner(self) -> None:
         """Refuse a path that is not a directory, or a directory holding something other than a run,
         or one inside another run (whose --overwrite would remove it)."""
-        p = self.path
+        try:
+            self._check_owner_of(self.path)
+        except OSError as exc:  # a folder without search permission, a name too long
+            raise DmhpcError(f"run.dir {self.path}: cannot read: {exc.strerror}") from None
+
+    def _check_owner_of(self, p: Path) -> None:
         for folder in p.resolve().parents:
             if RunDir(folder).looks_like_run():
                 raise DmhpcError(f"run.dir {p}: inside the run {folder}; choose a directory outside it")

@@ -339,6 +339,16 @@ def test_missing_file(tmp_path):
     assert "is a directory" in error_of(tmp_path)
 
 
+def test_a_config_or_base_name_the_system_cannot_look_up_is_one_line(tmp_path):
+    """A name past NAME_MAX (or a folder without search permission): Path.exists() raised, and the
+    trainer ended in an OSError traceback."""
+    long = tmp_path / ("a" * 300 + ".yaml")
+    assert error_of(long) == f"{long}: cannot read: File name too long"
+    child = tmp_path / "child.yaml"
+    child.write_text(f"base: {long.name}\n")
+    assert error_of(child) == f"{child}: base: {long}: cannot read: File name too long"
+
+
 @pytest.mark.parametrize("text, problem", [
     ("train: {batch_size: 3\n", "invalid YAML"),
     ("train:\n  epochs: 1\n   batch_size: 2\n", "invalid YAML"),

@@ -141,6 +141,9 @@ def test_a_directory_that_is_not_a_run_is_refused_and_left_alone(tmp_path):
     assert (foreign / "config.yaml").read_text() == "learning_rate: 3\n"
     with pytest.raises(DmhpcError, match=r"run.dir /: exists and is not a dmhpc run \(it holds"):
         RunDir("/").claim(cfg_for("/"), "auto")
+    long = tmp_path / ("r" * 300)  # a name the system cannot look up: an OSError traceback
+    with pytest.raises(DmhpcError, match=rf"^run.dir {long}: cannot read: File name too long$"):
+        RunDir(long).claim(cfg_for(long), "auto")
     afile = tmp_path / "file"
     afile.write_text("x")
     with pytest.raises(DmhpcError, match="exists and is not a directory"):
