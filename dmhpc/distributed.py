@@ -35,6 +35,7 @@ rendezvous), this is the only place in dmhpc that reads the environment for dist
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import socket
@@ -44,6 +45,11 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
+# Imported before any process group forms: its functions take `group=group.WORLD` as a default,
+# evaluated at import. Imported by DDP's first construction, they held the default group past
+# destroy_process_group, its gloo threads running into the interpreter's teardown, where a rank
+# that had finished its run aborted now and then ("terminate called without an active exception").
+import torch.distributed.nn.functional  # noqa: F401
 
 from dmhpc.cpus import cpu_mask, quota_share, usable_cpus
 from dmhpc.errors import DmhpcError
@@ -394,8 +400,13 @@ def collective_device() -> torch.device:
 
 
 def shutdown() -> None:
-    """Leave the process group; nothing to do in a single process."""
+    """Leave the process group; nothing to do in a single process.
+
+    What still holds the group goes first: a DDP model left in a reference cycle (an exception caught
+    while a figure was drawn keeps the frames above it) kept it past destroy_process_group, to be
+    destroyed in the interpreter's teardown, where gloo's threads aborted a finished rank now and then."""
     if is_distributed():
+        gc.collect()
         dist.destroy_process_group()
 
 
