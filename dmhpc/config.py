@@ -395,6 +395,15 @@ def _section_type(f: dataclasses.Field) -> type | None:
     return factory if isinstance(factory, type) and dataclasses.is_dataclass(factory) else None
 
 
+def _is_key(cls: type, parts: list[str]) -> bool:
+    """parts (a dotted key, split) name a setting of the section `cls`."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if parts[0] not in fields:
+        return False
+    section = _section_type(fields[parts[0]])
+    return len(parts) == 1 if section is None else len(parts) > 1 and _is_key(section, parts[1:])
+
+
 def _build(cls: type, data: Any, origin: Mapping[str, str], default_label: str, prefix: str = "") -> Any:
     where = lambda dotted: origin.get(dotted, default_label)  # noqa: E731
     if data is None:  # a section whose keys are all commented out
@@ -408,6 +417,11 @@ def _build(cls: type, data: Any, origin: Mapping[str, str], default_label: str, 
             dotted = f"{prefix}{key}"
             close = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else f" (known: {', '.join(fields)})"
+            if "." in str(key) and _is_key(cls, str(key).split(".")):  # a command line's key, in a file
+                parts, nested = dotted.split("."), show(data[key])
+                for part in reversed(parts[1:]):
+                    nested = f"{{{part}: {nested}}}"
+                hint = f" (dotted keys are for the command line; a file nests them: {parts[0]}: {nested})"
             raise DmhpcError(f"{where(dotted)}: {dotted}: unknown key{hint}")
     values = {}
     for name, f in fields.items():

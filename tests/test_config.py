@@ -339,6 +339,19 @@ def test_missing_file(tmp_path):
     assert "is a directory" in error_of(tmp_path)
 
 
+def test_a_command_lines_dotted_key_written_in_a_file_is_shown_nested(tmp_path):
+    """`train.epochs: 5` in a file listed every top-level key, and `loss: {fisher.weight: 0.5}` was
+    asked "did you mean loss.transfer_weight?"."""
+    (tmp_path / "a.yaml").write_text("train.epochs: 5\n")
+    assert error_of(tmp_path / "a.yaml") == (f"{tmp_path / 'a.yaml'}: train.epochs: unknown key (dotted keys are for "
+                                             f"the command line; a file nests them: train: {{epochs: 5}})")
+    (tmp_path / "b.yaml").write_text("loss:\n  fisher.weight: 0.5\n")
+    assert error_of(tmp_path / "b.yaml").endswith("loss.fisher.weight: unknown key (dotted keys are for the command "
+                                                  "line; a file nests them: loss: {fisher: {weight: 0.5}})")
+    (tmp_path / "c.yaml").write_text("loss:\n  mmd.weight: 0.5\n")  # no such setting: no nesting said
+    assert "unknown key (known: transfer, transfer_weight, mmd," in error_of(tmp_path / "c.yaml")
+
+
 def test_a_config_or_base_name_the_system_cannot_look_up_is_one_line(tmp_path):
     """A name past NAME_MAX (or a folder without search permission): Path.exists() raised, and the
     trainer ended in an OSError traceback."""
