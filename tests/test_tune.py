@@ -399,7 +399,7 @@ def test_a_good_trial_stopped_with_the_search_runs_again_and_spends_no_budget(da
 
     # A batch larger than the training split fails its trial at the trainer's start (data sets are
     # no values of a search: refused in the space).
-    good, too_big = 4, 100_000
+    good, too_big = 4, 1000
     s = spec(data, tmp_path, trials=6, parallel=2, space={"train.batch_size": [good, too_big]},
              overrides={k: v for k, v in tiny_overrides(data, **{"train.epochs": 50}).items()
                         if k != "train.batch_size"},
