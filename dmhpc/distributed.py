@@ -39,17 +39,21 @@ import gc
 import os
 import re
 import socket
+import sys
+import traceback
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Callable, Mapping
 
 import torch
 import torch.distributed as dist
-# Imported before any process group forms: its functions take `group=group.WORLD` as a default,
-# evaluated at import. Imported by DDP's first construction, they held the default group past
-# destroy_process_group, its gloo threads running into the interpreter's teardown, where a rank
-# that had finished its run aborted now and then ("terminate called without an active exception").
-import torch.distributed.nn.functional  # noqa: F401
+
+if dist.is_available():
+    # Imported before any process group forms: its functions take `group=group.WORLD` as a default,
+    # evaluated at import. Imported by DDP's first construction, they held the default group past
+    # destroy_process_group, its gloo threads running into the interpreter's teardown, where a rank
+    # that had finished its run aborted now and then ("terminate called without an active exception").
+    import torch.distributed.nn.functional  # noqa: F401
 
 from dmhpc.cpus import cpu_mask, quota_share, usable_cpus
 from dmhpc.errors import DmhpcError
@@ -403,9 +407,14 @@ def shutdown() -> None:
     """Leave the process group; nothing to do in a single process.
 
     What still holds the group goes first: a DDP model left in a reference cycle (an exception caught
-    while a figure was drawn keeps the frames above it) kept it past destroy_process_group, to be
-    destroyed in the interpreter's teardown, where gloo's threads aborted a finished rank now and then."""
+    while a figure was drawn keeps the frames above it), or in the frames of the error being raised
+    (called from a `finally`), kept it past destroy_process_group, to be destroyed in the
+    interpreter's teardown, where gloo's threads aborted a finished rank now and then. The error's
+    traceback keeps its lines; its frames lose their variables."""
     if is_distributed():
+        raised = sys.exc_info()[1]
+        if raised is not None:
+            traceback.clear_frames(raised.__traceback__)
         gc.collect()
         dist.destroy_process_group()
 

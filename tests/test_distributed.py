@@ -258,30 +258,42 @@ LEAVING = textwrap.dedent("""
     from dmhpc.distributed import bootstrap, shutdown
 
     info = bootstrap()
-    model = DistributedDataParallel(torch.nn.Linear(3, 2))
-    model(torch.ones(4, 3)).sum().backward()
-    cycle = {"model": model}
-    cycle["self"] = cycle  # as a caught exception's traceback keeps the frames that held a model
-    del model, cycle
-    gc.disable()  # the cycle stays until something collects it
-    shutdown()
-    threads = sorted(open(p).read().strip() for p in glob.glob("/proc/self/task/*/comm"))
-    with open(f"{sys.argv[1]}/rank{info.rank}.json", "w") as f:
-        json.dump(threads, f)
+
+    def train():
+        model = DistributedDataParallel(torch.nn.Linear(3, 2))
+        model(torch.ones(4, 3)).sum().backward()
+        if sys.argv[2] == "raised":
+            raise RuntimeError("a failure after the model was built")
+        cycle = {"model": model}
+        cycle["self"] = cycle  # as a caught exception's traceback keeps the frames that held a model
+
+    gc.disable()  # a cycle stays until something collects it
+    try:
+        try:
+            train()
+        finally:
+            shutdown()  # as the trainer's finally leaves the group, while its error is raised
+            threads = sorted(open(p).read().strip() for p in glob.glob("/proc/self/task/*/comm"))
+            with open(f"{sys.argv[1]}/rank{info.rank}.json", "w") as f:
+                json.dump(threads, f)
+    except RuntimeError:
+        pass
 """)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the threads' names in /proc")
-def test_leaving_the_group_ends_its_threads_whatever_held_it(tmp_path):
+@pytest.mark.parametrize("held", ["cycle", "raised"])
+def test_leaving_the_group_ends_its_threads_whatever_held_it(tmp_path, held):
     """The default group outlived destroy_process_group: DDP's first construction imported
     torch.distributed.nn.functional, whose defaults (group=group.WORLD, evaluated at import) held it,
-    and a DDP model in a reference cycle held it. It was destroyed in the interpreter's teardown, with
-    gloo's threads still running, where a rank that had finished its run aborted now and then
-    ("terminate called without an active exception": a two-node job that trained and tested FAILED)."""
+    and a DDP model held it from a reference cycle or from the frames of the error being raised. It
+    was destroyed in the interpreter's teardown, with gloo's threads still running, where a rank that
+    had finished its run aborted now and then ("terminate called without an active exception": a
+    two-node job that trained and tested FAILED)."""
     script = tmp_path / "leaving.py"
     script.write_text(LEAVING)
-    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)],
-                          env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(script), str(tmp_path),
+                           held], env=clean_env(), cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for rank in (0, 1):
         threads = json.loads((tmp_path / f"rank{rank}.json").read_text())
