@@ -54,6 +54,10 @@ def test_the_rows_a_trials_loss_gets_on_its_ranks_are_checked_at_launch(data, tm
                                          r"ranks x train.batch_size 1100 gives 17600 rows"):
         load_tune(spec(data, tmp_path, **slurm, space={"optim.lr": [0.001, 0.003], "train.batch_size": [16, 1100]}))
     load_tune(spec(data, tmp_path, **slurm, space={"optim.lr": [0.001, 0.003], "train.batch_size": [16, 1000]}))
+    # A base whose own batch would be too many rows on these ranks, where the space sets every trial's:
+    base = tmp_path / "big.yaml"
+    base.write_text(f"base: {TINY}\ntrain: {{batch_size: 1100}}\n")
+    load_tune(spec(data, tmp_path, **slurm, base=str(base), space={"train.batch_size": [16, 64]}))
 
 
 def test_every_problem_of_a_tune_file_at_once(tmp_path):

@@ -143,7 +143,7 @@ class Tune:
         a valid config when the study was read, still are (the base file is read for every trial, and
         one edited into an invalid config failed every trial as its values' fault)."""
         try:
-            resolve_point(self.base, {**self.overrides, "select.criterion": self.objective}, self.resources.ranks)
+            resolve_point(self.base, {**self.overrides, "select.criterion": self.objective})
         except DmhpcError:
             return False
         return True
@@ -263,7 +263,8 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
     # The study records base + overrides as what every trial starts from (`identity`): they must be a
     # valid configuration without the space's values (it failed later, blaming a "command line").
     try:
-        if resolve_point(base, overrides, resources.ranks).data.trains_on_target():
+        # (Without the ranks: the rows per step depend on a batch size the space may set.)
+        if resolve_point(base, overrides).data.trains_on_target():
             # Every trial would train (and could select) on target labels: trials.md said "label-free".
             problems.add("overrides", "data.source and data.target are one data set: every trial trains on the "
                          "target's labels, which a label-free search must not read; give the source domain")
