@@ -170,6 +170,9 @@ def test_files_of_others_in_a_scratch_parts_folder_are_left(trained, tmp_path, c
     said = capsys.readouterr().out
     assert said.count(f"{out}.parts: left in place, with what a prediction does not write there: notes.txt, "
                       f"other-job\n") == 2, said
+    # The folder they share is taken by the next prediction (it was refused as someone else's).
+    assert main([*argv, "--nan-fill", "0", "--overwrite"]) == 0
+    assert sorted(p.name for p in scratch.iterdir()) == ["notes.txt", "other-job"] and len(read(out)) == 40
 
 
 @pytest.mark.parametrize("ext", [".fits", ".csv", ".ecsv", ".h5"])

@@ -397,11 +397,10 @@ def _claim_parts(parts: Path, spec: dict, overwrite: bool) -> None:
                                  f"--overwrite starts again")
             _remove_parts(parts, keep_folder=True)
     elif any(parts.iterdir()):
-        if not all(_ours(entry) for entry in parts.iterdir()):
-            raise DmhpcError(f"{parts}: exists and is not a dmhpc prediction's parts; remove it or choose another "
-                             f"--out")
         # Parts without their spec: a removal of the folder killed halfway (the spec goes last). Its
-        # parts were being thrown away; each one's checksum says whose it is in any case.
+        # parts were being thrown away; each one's checksum says whose it is in any case. Anything
+        # else stays, as every removal leaves it (a scratch folder others share, left so by the last
+        # prediction: refused, it stopped every later one to that --out).
         _remove_parts(parts, keep_folder=True)
     if not saved.is_file():
         atomic_write(saved, json.dumps(spec, indent=2) + "\n")
