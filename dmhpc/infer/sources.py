@@ -11,6 +11,7 @@ for them: `index` (the input position), `id`, and `label`, `object`, `split` whe
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -138,9 +139,15 @@ class Source:
                 for k in range(rank, blocks, world_size)}
 
     def missing_error(self, row: int) -> str:
-        """The line for row `row`'s cutout file, which `cutout_files` could not stat: the file, and the
-        catalog row and id that name it."""
-        return f"{self._reader.files[row]}: no such cutout file (row {row + 1} of {self.path}, id {self._ids[row]})"
+        """The line for row `row`'s cutout file, which `cutout_files` could not stat: the file, why (a
+        folder without search permission is no missing file), and the catalog row and id naming it."""
+        path = self._reader.files[row]
+        try:
+            os.stat(path)
+            why = "could not be read"  # (there now: it came back since)
+        except OSError as exc:
+            why = "no such cutout file" if exc.errno == errno.ENOENT else f"cannot read: {exc.strerror}"
+        return f"{path}: {why} (row {row + 1} of {self.path}, id {self._ids[row]})"
 
     def first_id(self, bad: Callable[[str], bool], block: int = 65536) -> tuple[int, str] | None:
         """(input position, id) of the first id for which `bad` is true, or None; reads ids only, a
