@@ -33,7 +33,7 @@ import re
 import shutil
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Callable, Mapping
 
@@ -116,8 +116,7 @@ class Claim:
     replaces: bool = False  # the directory holds a run that this start replaces
     own: bool = True  # resume_from is one of this run's checkpoints (not a checkpoint from elsewhere)
     run_id: str | None = None  # the id the run keeps (see `RunDir.check_identity`); None: a new run's
-    # The --resume set aside: a requeued attempt of the SLURM job that started the run goes on with it.
-    requeued: str | None = None
+    note: str | None = None  # what the trainer says of the choice (a requeued attempt going on with its job's run)
 
 
 class RunDir:
@@ -462,12 +461,24 @@ class RunDir:
         self._lock(attempt, stopped)
         self._attempt = dict(attempt) if attempt else None
         existed = self.holds_run()
-        requeued = resume if resume != "auto" and existed and self._started_by_this_job() else None
-        if requeued:
-            # The job's arguments chose how the run began, at submission: taken again by each
-            # requeued attempt, --resume none --overwrite replaced what the job trained, and
-            # --resume PATH rewound it, every time (a run longer than a slot never ended).
-            resume = "auto"
+        if resume == "auto" or not existed or not self._started_by_this_job():
+            return self._decide(cfg, resume, overwrite, data_ids, existed)
+        # The job's arguments chose how the run began, at submission: taken again by each requeued
+        # attempt, --resume none --overwrite replaced what the job trained, and --resume PATH rewound
+        # it, every time (a run longer than a slot never ended).
+        job = f"attempt {self._attempt['restart']} of SLURM job {self._attempt['job']}"
+        try:
+            return replace(self._decide(cfg, "auto", overwrite, data_ids, existed),
+                           note=f"{job}, which started this run, goes on with it: --resume {resume} chose how the "
+                                f"job began")
+        except DmhpcError as exc:  # the config edited since, say: the arguments say what then
+            return replace(self._decide(cfg, resume, overwrite, data_ids, existed),
+                           note=f"{job} cannot go on with the run the job started ({exc}); --resume {resume} "
+                                f"begins it again")
+
+    def _decide(self, cfg: Config, resume: str, overwrite: bool, data_ids: Mapping[str, str] | None,
+                existed: bool) -> Claim:
+        """How the claim starts (see `claim`); reads, writes nothing."""
         if resume == "none":
             if existed and not overwrite:
                 raise DmhpcError(f"{self.path}: already holds a run; --resume auto continues it, "
@@ -515,7 +526,7 @@ class RunDir:
             # As a launcher refuses it: a finished run resumed with another train.eval_every kept its
             # final result under a config.yaml that could not have selected it.
             self._check_result_stands(changed, where)
-        return Claim(resume_from, changed, replaces=existed and not own, own=own, run_id=run_id, requeued=requeued)
+        return Claim(resume_from, changed, replaces=existed and not own, own=own, run_id=run_id)
 
     def _started_by_this_job(self) -> bool:
         """This claim is a requeued attempt of the SLURM job that started the run, which has a last.pt

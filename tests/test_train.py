@@ -778,6 +778,13 @@ def test_a_requeued_attempt_goes_on_with_the_run_its_job_started(data, tmp_path,
     assert len(setups) == 2 and setups[1]["resumed_from"] == str(run / "checkpoints" / "last.pt"), setups
     assert (f"dmhpc train: note: attempt 1 of SLURM job 5150, which started this run, goes on with it: "
             f"--resume {start[1]} chose how the job began") in capsys.readouterr().out
+    if begin == "none":  # its config edited since, so that the run cannot go on: the arguments say what then
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+        assert main([*argv, "optim.lr=0.5"]) == 0
+        assert json.loads((run / "run.json").read_text())["run_id"] != run_id
+        assert ("dmhpc train: note: attempt 2 of SLURM job 5150 cannot go on with the run the job started "
+                in capsys.readouterr().out)
+        run_id = json.loads((run / "run.json").read_text())["run_id"]
     monkeypatch.setenv("SLURM_JOB_ID", "5151")  # submitted again: begins as its arguments say
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     assert main(argv) == 0

@@ -217,14 +217,12 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
         for note in (fisher_scale_note(cfg.loss, dist.world_size), preflight.data_note(cfg, manifests)):
             if note is not None:
                 print(f"dmhpc train: note: {note}", flush=True)
+        if claim.note is not None:
+            print(f"dmhpc train: note: {claim.note}", flush=True)
         if claim.resume_from is not None:
             changed = "".join(f"; {k} {v[0]} -> {v[1]}" for k, v in claim.changed.items())
             print(f"dmhpc train: resumed from {claim.resume_from} at epoch {prog.epoch}, step {prog.step}{changed}",
                   flush=True)
-            if claim.requeued:
-                print(f"dmhpc train: note: attempt {dist.attempt['restart']} of SLURM job {dist.attempt['job']}, "
-                      f"which started this run, goes on with it: --resume {claim.requeued} chose how the job began",
-                      flush=True)
             if early_stopped() and at() < total_steps:
                 # A longer run asked of one that stopped early trained nothing, and said nothing of why.
                 print(f"dmhpc train: note: the run stopped early ({cfg.select.criterion} did not improve for "
