@@ -169,7 +169,7 @@ def deep_embedded_validation(source: dict, target: dict, seed: int = 0) -> float
 
     A domain classifier on the features gives density ratios w = p(target|x)/p(source|x) for
     source validation samples; the target risk is estimated as the w-weighted source validation
-    loss, with the weights normalized to mean 1 (Musgrave et al. 2022's DEVN). The paper's control
+    loss, with the weights normalized to mean 1 (self-normalized importance weighting). The paper's control
     variate assumes that mean is 1: where the classifier separates the domains it is ~1e-4, and the
     estimate, a regression slope over near-constant weights, left the range of a loss (a negative
     risk, -32 in docs/results.md's tuning) and selected the checkpoint whose features separate the
