@@ -390,8 +390,8 @@ def test_a_missing_cutout_is_one_line_before_any_part(trained, tmp_path, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cutouts", "survey.fits"]  # no part, no parts folder
     # A file the system cannot look up is not said to be missing.
     long = "g" * 300 + ".fits"
-    Table({"objid": [f"G{i}" for i in range(40)], "file": [long if i == 30 else f"g{i}.fits" for i in range(40)]}).write(
-        tmp_path / "survey.fits", overwrite=True)
+    files = [long if i == 30 else f"g{i}.fits" for i in range(40)]
+    Table({"objid": [f"G{i}" for i in range(40)], "file": files}).write(tmp_path / "survey.fits", overwrite=True)
     assert main(["predict", "--run", str(trained["run"]), "--catalog", str(tmp_path / "survey.fits"), "--id-column",
                  "objid", "--file-column", "file", "--cutouts", str(folder), "--out", str(out), "--part-size", "16",
                  "--batch-size", "16"]) == 1

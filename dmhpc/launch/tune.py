@@ -373,7 +373,8 @@ def _open_study(t: Tune):
                          + "; not this tuner's journal: tune into another out")
     # Seeded by the file's seed and the trials so far: the same seed on every launch would propose
     # the first launch's random start-up values again, and a relaunch would repeat trials.
-    study.sampler = optuna.samplers.TPESampler(seed=(t.seed + launched) % (SEED_MAX + 1), n_startup_trials=t.startup_trials)
+    study.sampler = optuna.samplers.TPESampler(seed=(t.seed + launched) % (SEED_MAX + 1),
+                                               n_startup_trials=t.startup_trials)
     identity = t.identity()
     before = study.user_attrs.get("identity")
     if before is None:  # a new study, or one whose first launch stopped before its identity was recorded
