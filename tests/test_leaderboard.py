@@ -411,8 +411,9 @@ def test_a_methods_gap_is_measured_against_the_ends_of_its_own_target_and_model(
     assert math.isnan(rows["mmd-survey"]["gap_closed"]) and math.isnan(rows["mmd-resnet"]["gap_closed"])
     md = (tmp_path / "summary.md").read_text()
     # The rows differ in target: each says its data.
-    assert "| method | data | runs |" in md and "| mmd | pristine -> noisy | 2/2 |" in md
-    assert "| mmd-survey | pristine -> survey | 2/2 |" in md and "|  | 0.600 (seed 1), 0.600 (seed 2) |" in md
+    assert "| method | data | model | runs |" in md and "| mmd | pristine -> noisy | deepmerge2 | 2/2 |" in md
+    assert "| mmd-survey | pristine -> survey | deepmerge2 | 2/2 |" in md
+    assert "| mmd-resnet | pristine -> noisy | resnet18 | 2/2 |" in md and "|  | 0.600 (seed 1), 0.600 (seed 2) |" in md
 
 
 def test_the_gap_says_it_is_over_the_seeds_both_ends_finished_and_how_many(tmp_path):

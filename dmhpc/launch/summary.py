@@ -89,7 +89,8 @@ def summary_rows(points: Iterable[Point], gap: tuple[str, str] | None = None) ->
         results = [(p.values.get("seed"), result) for p in members
                    if p.finished and (result := p.run.read_result("best", "test")) is not None]
         row: dict = {k: v for k, v in members[0].values.items() if k != "seed"}
-        row.update(data=" -> ".join(names[path] for path in pairs[key]), runs=len(members), finished=len(results),
+        row.update(data=" -> ".join(names[path] for path in pairs[key]), model=members[0].config.model.name,
+                   runs=len(members), finished=len(results),
                    seeds=[seed for seed, _ in results],
                    oracle=any(r.get("oracle") for _, r in results),
                    trained_on_target=members[0].config.data.trains_on_target(),
@@ -157,7 +158,7 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    columns = [*keys, "data", "runs", "finished", "seeds", "oracle", "trained_on_target", "target_through_batchnorm",
+    columns = [*keys, "data", "model", "runs", "finished", "seeds", "oracle", "trained_on_target", "target_through_batchnorm",
                *(f"{d}_{m}_{s}" for d in DOMAINS for m in REPORTED_METRICS for s in ("mean", "std", "n")),
                "target_accuracy_per_seed", *(["gap_closed", "gap_closed_n"] if gap else [])]
     with atomic_path(out / "summary.csv") as tmp, tmp.open("w", newline="") as f:
@@ -187,7 +188,10 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
     # A row of another target than its neighbours' (a method's overrides can set it): said, as its
     # gap is measured against that target's ends.
     data = len({data_pair(p)[1] for p in points}) > 1
-    header = [*keys, *(["data"] if data else []), "runs", *(label for _, _, label in MD_COLUMNS),
+    # Likewise a model the grid does not vary (a method's overrides set it): a blank gap says why.
+    model = "model.name" not in keys and len({p.config.model.name for p in points}) > 1
+    header = [*keys, *(["data"] if data else []), *(["model"] if model else []), "runs",
+              *(label for _, _, label in MD_COLUMNS),
               *(["gap closed"] if gap else []), "target acc per seed"]
     cells_of = []
     for r in rows:
@@ -200,7 +204,7 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
             names[0] += f" ({', '.join(marks)})"
         elif marks:
             runs += f" ({', '.join(marks)})"
-        cells = [*names, *([r["data"]] if data else []), runs]
+        cells = [*names, *([r["data"]] if data else []), *([r["model"]] if model else []), runs]
         for domain, m, _ in MD_COLUMNS:
             skip = domain == "source" and r["trained_on_target"]
             cells.append("" if skip else _cell(r[f"{domain}_{m}_mean"], r[f"{domain}_{m}_std"], r[f"{domain}_{m}_n"],
