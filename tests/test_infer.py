@@ -92,6 +92,12 @@ def test_explain_draws_a_grid_per_domain_and_class(survey, run_on_survey, tmp_pa
     assert set(names[2:]) <= {"target_merger.png", "target_non-merger.png"} and len(names) >= 3
     record = json.loads((out / "explain.json").read_text())
     assert record["target_class"] == "merger" and record["files"] == [n for n in record["files"] if n in names]
+    # Which weights, as the catalog and the model card say it (name, epoch and step are the same for a
+    # run trained again), and where in the network Grad-CAM was taken (its class said "Sequential").
+    from dmhpc.data.shards import file_sha256
+
+    assert record["checkpoint"]["sha256"] == file_sha256(run_on_survey / "checkpoints" / "best.pt")
+    assert record["grad_cam_layer"] == "conv.2"
     # Which galaxies each grid shows, in its rows' order, to find them again (rows of the data set).
     assert set(record["rows"]) == set(record["files"]) and all(r.startswith("index ") for r in record["rows"][names[0]])
     assert record["data"] == {"source": str((survey / "pristine").resolve()), "target": str((survey / "survey").resolve())}

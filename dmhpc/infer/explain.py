@@ -583,14 +583,20 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
                     (f"{directory.name}, the run's target statistics" if name == "data" else directory.name)
                 written.update(_explain_domain(model, Normalizer(*statistics[name], dist.device), drawn[name], name,
                                                run, out, n, seed, label, rgb))
+        block = model.net.last_conv_block()
         atomic_write(out / "explain.json", json.dumps({
-            "run": str(run.path.resolve()), "checkpoint": model.checkpoint, "data": explained,
+            # The checkpoint's SHA-256, as the catalog and the model card record it: name, epoch and
+            # step are the same for a run trained again with --overwrite.
+            "run": str(run.path.resolve()), "checkpoint": {**model.checkpoint, "sha256": model.sha256},
+            "data": explained,
             "fingerprints": prints,
             "normalization": {name: {"mean": mean, "std": std, **({"by": normalize} if name == "data" else {})}
                               for name, (mean, std) in statistics.items()},
             "seed": None if catalog is not None else seed,
             "target_class": "merger",
-            "grad_cam_layer": type(model.net.last_conv_block()).__name__, "rgb": list(rgb) if channels >= 3 else None,
+            # its name in the network (its class, Sequential for every model, said nothing)
+            "grad_cam_layer": next(name for name, m in model.net.named_modules() if m is block),
+            "rgb": list(rgb) if channels >= 3 else None,
             "ig_baseline": "zeros after normalization (each filter's mean pixel value, flat)",
             "ig_shown": "summed over filters, signed (positive: towards merger)",
             "files": [p.name for p in written], "rows": {p.name: names for p, names in written.items()}},
