@@ -805,6 +805,12 @@ def test_export_with_normalization_built_in_and_a_card(survey, run_on_survey, tm
     assert card["input"]["normalization"].endswith("normalized its target domain with, its own")
     assert card["model"].get("onnx_opset") == (20 if fmt == "onnx" else None)
     assert "## Limits" in Path(f"{out}.card.md").read_text() and "--normalize own" in Path(f"{out}.card.md").read_text()
+    # What it is for, and that p is no calibrated merger fraction (the card said nothing of its use).
+    assert "## Intended use" in Path(f"{out}.card.md").read_text() and "p_merger is not calibrated" in \
+        card["intended_use"] and "(an oracle)" not in card["intended_use"]
+    from dmhpc.infer.export import _intended_use
+
+    assert "(an oracle): its test metrics are an upper bound" in _intended_use(oracle=True)
     # What a receiver checks the file, and the run its checkpoint, against.
     from dmhpc.data.shards import file_sha256
 

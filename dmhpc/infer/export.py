@@ -255,6 +255,7 @@ def model_card(run: RunDir, built: Built, fmt: str, out: Path, onnx_max_diff: di
         "config": config_to_dict(cfg),
         "run": str(run.path.resolve()),
     }
+    card["intended_use"] = _intended_use(card["selection"]["oracle"])
     if onnx_max_diff is not None:
         card["model"]["onnxruntime_max_difference"] = onnx_max_diff
         card["model"]["onnx_opset"] = ONNX_OPSET
@@ -265,6 +266,19 @@ def _normalization_text(cfg) -> str:
     """Whose statistics are built in: those the run normalized its target domain with."""
     whose = "its own" if cfg.data.normalize == "per-domain" else "the source's (data.normalize: source)"
     return f"built in: the statistics the run normalized its target domain with, {whose}"
+
+
+def _intended_use(oracle: bool) -> str:
+    """What the model is for, and what its outputs are not (a model card's first question)."""
+    text = ("Finding merger candidates among galaxy images like those the run was tested on (instrument, "
+            "filters, pixel scale and flux scale) for a person to inspect: rank them by log_odds, or take "
+            "p_merger >= 0.5 (the threshold dmhpc's accuracy and F1 count). p_merger is not calibrated on other "
+            "data: the share of a survey above 0.5 is no merger fraction of its population without a calibration "
+            "on labelled examples of that survey, and a candidate is no confirmed merger.")
+    if oracle:
+        text += (" Its checkpoint was chosen with target labels (an oracle): its test metrics are an upper bound, "
+                 "not what a model selected without them would reach.")
+    return text
 
 
 def _limits(normalize: str) -> str:
@@ -296,6 +310,7 @@ def _card_markdown(card: dict) -> str:
              f"- output `{p['name']}`: {p['meaning']}, shape (N,); accuracy and F1 below count p >= "
              f"{p['threshold']} as a merger",
              f"- output `{log_odds['name']}`: {log_odds['meaning']}, shape (N,)", "",
+             "## Intended use", "", card["intended_use"], "",
              "## Limits", "", _limits(card["config"]["data"]["normalize"]), "",
              "## Training data", ""]
     for role, d in card["data"].items():
