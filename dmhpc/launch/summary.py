@@ -158,7 +158,8 @@ def write_summary(out: Path, points: Iterable[Point], gap: tuple[str, str] | Non
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    columns = [*keys, "data", "model", "runs", "finished", "seeds", "oracle", "trained_on_target", "target_through_batchnorm",
+    columns = [*keys, "data", "model", "runs", "finished", "seeds", "oracle", "trained_on_target",
+               "target_through_batchnorm",
                *(f"{d}_{m}_{s}" for d in DOMAINS for m in REPORTED_METRICS for s in ("mean", "std", "n")),
                "target_accuracy_per_seed", *(["gap_closed", "gap_closed_n"] if gap else [])]
     with atomic_path(out / "summary.csv") as tmp, tmp.open("w", newline="") as f:
