@@ -48,13 +48,6 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 
-if dist.is_available():
-    # Imported before any process group forms: its functions take `group=group.WORLD` as a default,
-    # evaluated at import. Imported by DDP's first construction, they held the default group past
-    # destroy_process_group, its gloo threads running into the interpreter's teardown, where a rank
-    # that had finished its run aborted now and then ("terminate called without an active exception").
-    import torch.distributed.nn.functional  # noqa: F401
-
 from dmhpc.cpus import cpu_mask, quota_share, usable_cpus
 from dmhpc.errors import DmhpcError
 from dmhpc.mpi import env_int, import_mpi, launched
@@ -343,6 +336,11 @@ def bootstrap(backend: str | None = None) -> DistInfo:
         rendezvous = {"init_method": "env://"}  # a fresh store per attempt, hosted by rank 0
     else:
         rendezvous = {"init_method": tcp_url(launch.master_addr, launch.master_port)}
+    # Imported before the group forms: its functions take `group=group.WORLD` as a default, evaluated
+    # at import. Imported by DDP's first construction, they held the default group past
+    # destroy_process_group, its gloo threads running into the interpreter's teardown, where a rank
+    # that had finished its run aborted now and then ("terminate called without an active exception").
+    import torch.distributed.nn.functional  # noqa: F401
     dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, timeout=COLLECTIVE_TIMEOUT,
                             device_id=device if device.type == "cuda" else None, **rendezvous)
     return DistInfo(launch.rank, launch.local_rank, launch.world_size, device, backend, launch.launcher, local, cpus,

@@ -415,9 +415,9 @@ def _ours(entry: Path) -> bool:
 
 def _remove_parts(parts: Path, keep_folder: bool = False) -> None:
     """Remove the files a prediction wrote in its parts folder, its spec last: killed halfway, what is
-    left is still known as a prediction's parts, not refused as someone else's folder by every rerun.
-    Anything else there is left, with the folder, and said: the folder may be a link to scratch space
-    that other files share (their folders and files were deleted with the parts)."""
+    left still says whose parts it holds. Anything else there is left, with the folder, and said: the
+    folder may be a link to scratch space that other files share (their folders and files were
+    deleted with the parts)."""
     others = []
     for entry in sorted(parts.iterdir(), key=lambda e: e.name == SPEC):
         if _ours(entry):

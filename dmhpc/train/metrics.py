@@ -169,12 +169,12 @@ def deep_embedded_validation(source: dict, target: dict, seed: int = 0) -> float
 
     A domain classifier on the features gives density ratios w = p(target|x)/p(source|x) for
     source validation samples; the target risk is estimated as the w-weighted source validation
-    loss, with the weights normalized to mean 1 (self-normalized importance weighting). The paper's control
-    variate assumes that mean is 1: where the classifier separates the domains it is ~1e-4, and the
-    estimate, a regression slope over near-constant weights, left the range of a loss (a negative
-    risk, -32 in docs/results.md's tuning) and selected the checkpoint whose features separate the
-    domains most. Normalized, the control variate adds nothing, and the estimate is a weighted mean
-    of the source losses, within their range. The classifier sees the
+    loss, the weights normalized to mean 1 (self-normalized importance weighting). The paper's
+    control variate assumes that mean is 1: where the classifier separates the domains it is ~1e-4,
+    and the estimate, a regression slope over near-constant weights, left the range of a loss (a
+    negative risk, -32 in docs/results.md's tuning) and selected the checkpoint whose features
+    separate the domains most. Normalized, the control variate adds nothing, and the estimate is a
+    weighted mean of the source losses, within their range. The classifier sees the
     features' DEV_COMPONENTS leading principal components and scores rows it was not fitted on (two
     folds, each scored by the other's fit; the paper fits it on training features): fitted on the
     2592-d features and scored on the same rows, it separated two identical domains perfectly, and
