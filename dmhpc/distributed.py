@@ -87,7 +87,7 @@ class DistInfo:
     launcher: str = "single"
     local_world_size: int = 1  # ranks on this node (at least this rank's local rank + 1 when unknown)
     cpus: int = 1  # CPUs this rank may use (see `cpus_per_rank`)
-    attempt: dict | None = field(default=None, hash=False)  # which attempt of which SLURM job (`slurm_attempt`)
+    attempt: dict | None = field(default=None, hash=False)  # which attempt of which job (`job_attempt`)
 
     @property
     def is_main(self) -> bool:
@@ -326,7 +326,7 @@ def bootstrap(backend: str | None = None) -> DistInfo:
                          env_int(env, "SLURM_CPUS_PER_TASK") if srun_task and "SLURM_CPUS_PER_TASK" in env else 0,
                          env_int(env, "SLURM_CPUS_ON_NODE") if srun_task and "SLURM_CPUS_ON_NODE" in env else 0)
     if launch.world_size == 1:
-        return DistInfo(0, launch.local_rank, 1, device, None, launch.launcher, 1, cpus, slurm_attempt(env))
+        return DistInfo(0, launch.local_rank, 1, device, None, launch.launcher, 1, cpus, job_attempt(env))
     _joined = launch.rank
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     store = _torchrun_attempt_store(launch, env) if launch.launcher == "torchrun" else None
@@ -344,20 +344,32 @@ def bootstrap(backend: str | None = None) -> DistInfo:
     dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, timeout=COLLECTIVE_TIMEOUT,
                             device_id=device if device.type == "cuda" else None, **rendezvous)
     return DistInfo(launch.rank, launch.local_rank, launch.world_size, device, backend, launch.launcher, local, cpus,
-                    slurm_attempt(env))
+                    job_attempt(env))
 
 
-def slurm_attempt(env: Mapping[str, str]) -> dict | None:
-    """Which attempt of which SLURM job this is (`scontrol requeue` keeps the job id and counts
-    SLURM_RESTART_COUNT up): {"job", "restart"}; None outside a SLURM job."""
-    job = env.get("SLURM_JOB_ID")
-    if not job:
-        return None
+def job_attempt(env: Mapping[str, str]) -> dict | None:
+    """Which attempt of which job this is: {"job", "restart"}, the restart an ordinal of the job's
+    attempts (every one starts with the same arguments). None where nothing restarts the ranks.
+
+    A SLURM job keeps its id when requeued and counts SLURM_RESTART_COUNT up. torchrun
+    `--max-restarts N` starts the workers again with TORCHELASTIC_RESTART_COUNT up (0..N), inside
+    each SLURM attempt, or as the job itself (its rendezvous id, a uuid with --standalone). Without
+    them a worker restart took --resume none --overwrite again and replaced what the job trained.
+    """
     try:
-        restart = int(env.get("SLURM_RESTART_COUNT") or 0)
+        restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS") or 0)
+        restart = int(env.get("TORCHELASTIC_RESTART_COUNT") or 0) if restarts > 0 else 0
     except ValueError:
-        restart = 0
-    return {"job": job, "restart": restart}
+        restarts = restart = 0
+    if env.get("SLURM_JOB_ID"):
+        try:
+            requeues = int(env.get("SLURM_RESTART_COUNT") or 0)
+        except ValueError:
+            requeues = 0
+        return {"job": env["SLURM_JOB_ID"], "restart": requeues * (restarts + 1) + restart}
+    if restarts > 0:
+        return {"job": f"torchrun-{env.get('TORCHELASTIC_RUN_ID') or 'none'}", "restart": restart}
+    return None
 
 
 def _torchrun_attempt_store(launch: Launch, env: Mapping[str, str]) -> dist.Store | None:

@@ -126,7 +126,7 @@ class RunDir:
         self.path = Path(path)
         self._lock_file: IO | None = None
         self._made: list[Path] = []  # folders the claim created, nearest first
-        self._attempt: dict | None = None  # the claim's SLURM job attempt (`DistInfo.attempt`)
+        self._attempt: dict | None = None  # the claim's job attempt (`DistInfo.attempt`)
         self.run_id: str | None = None  # set by `start`; every checkpoint the run writes carries it
 
     # --- the layout -------------------------------------------------------------------------------
@@ -296,7 +296,7 @@ class RunDir:
         return run_id
 
     def started_attempts(self, job: str) -> list[int] | None:
-        """The restart counts of the attempts of SLURM job `job` that started this run ([] for none,
+        """The restart counts of the attempts of job `job` that started this run ([] for none,
         or a run not started yet); None for a run.json of a dmhpc before they were recorded."""
         record = self._record()
         if not record:
@@ -450,7 +450,7 @@ class RunDir:
         resume: "auto" (last.pt if there is one), "none" (a new run; an existing one only with
         overwrite), or a checkpoint path. data_ids maps "data.source"/"data.target" to the
         fingerprint of the data set named there (`dmhpc.data.shards.fingerprint`). attempt: which
-        attempt of which SLURM job this is (`DistInfo.attempt`), for the lock (see `_lock`).
+        attempt of which job this is (`DistInfo.attempt`), for the lock (see `_lock`).
         stopped: the name of a stop signal caught meanwhile, or None (the wait for a lock ends on it).
         """
         self._check_owner()
@@ -466,7 +466,7 @@ class RunDir:
         # The job's arguments chose how the run began, at submission: taken again by each requeued
         # attempt, --resume none --overwrite replaced what the job trained, and --resume PATH rewound
         # it, every time (a run longer than a slot never ended).
-        job = f"attempt {self._attempt['restart']} of SLURM job {self._attempt['job']}"
+        job = f"attempt {self._attempt['restart']} of job {self._attempt['job']}"
         try:
             return replace(self._decide(cfg, "auto", overwrite, data_ids, existed),
                            note=f"{job}, which started this run, goes on with it: --resume {resume} chose how the "
@@ -529,8 +529,9 @@ class RunDir:
         return Claim(resume_from, changed, replaces=existed and not own, own=own, run_id=run_id)
 
     def _started_by_this_job(self) -> bool:
-        """This claim is a requeued attempt of the SLURM job that started the run, which has a last.pt
-        to go on from (without one, the job's own --resume choice starts it again, as it did first)."""
+        """This claim is a later attempt (a requeue, a torchrun restart) of the job that started the
+        run, which has a last.pt to go on from (without one, the job's own --resume choice starts it
+        again, as it did first)."""
         if not self._attempt or self._attempt["restart"] == 0 or not self.checkpoint("last").is_file():
             return False
         try:
@@ -687,7 +688,7 @@ class RunDir:
 
     def _lock(self, attempt: Mapping | None = None, stopped: Callable[[], str | None] = lambda: None) -> None:
         """Take the run's lock for the trainer. Waited for, up to LOCK_PATIENCE_S, where its holder
-        is about to go: a `dmhpc eval` (minutes), or the previous attempt of this very SLURM job,
+        is about to go: a `dmhpc eval` (minutes), or the previous attempt of this very job,
         which ended before the requeue, but whose lock a network file system keeps for a lease time
         when its node was lost. Refused at once otherwise: a requeued job that met either failed,
         and its training ended there."""
@@ -701,7 +702,7 @@ class RunDir:
                     pass
         except OSError as exc:
             raise DmhpcError(f"run.dir {self.path}: cannot create: {exc.strerror}") from None
-        note = f"SLURM job {attempt['job']} attempt {attempt['restart']}" if attempt else ""
+        note = f"job {attempt['job']} attempt {attempt['restart']}" if attempt else ""
         deadline, told = time.monotonic() + LOCK_PATIENCE_S, False
         while True:
             try:
@@ -712,7 +713,7 @@ class RunDir:
                 return
             except LockHeld as exc:
                 evaluation = exc.holder.startswith(f"{EVAL_OWNER}: ")
-                held = re.search(r", SLURM job (\S+) attempt (\d+)$", exc.holder)
+                held = re.search(r", (?:SLURM )?job (\S+) attempt (\d+)$", exc.holder)  # ("SLURM job": older dmhpc)
                 stale = bool(attempt and held) and held[1] == attempt["job"] and int(held[2]) < attempt["restart"]
                 if not (evaluation or stale) or time.monotonic() > deadline:
                     raise
@@ -803,7 +804,7 @@ class RunDir:
         Removes the orphan temporary files of killed writes, the old run's files when it is being
         replaced, writes config.yaml and run.json, and cuts the log back to `step`.
         """
-        # The attempts of this SLURM job that started the run, this one added (check_requeue_progress
+        # The attempts of this job that started the run, this one added (check_requeue_progress
         # counts those that wrote no checkpoint since): read before run.json goes. Kept through a
         # start that found nothing trained to resume (a "replacement" of the run by itself).
         job = self._attempt["job"] if self._attempt else None

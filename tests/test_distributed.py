@@ -702,14 +702,24 @@ def test_the_ranks_of_a_cgroup_share_its_cpu_quota(monkeypatch):
     assert cpus_per_rank("single", 1) == 2
 
 
-def test_the_slurm_attempt_names_the_job_and_its_restarts():
-    """A requeued job's progress check compares attempts: every attempt read as restart 0 (or no job)
-    took a requeue for a fresh start."""
-    from dmhpc.distributed import slurm_attempt
+def test_the_job_attempt_names_the_job_and_orders_its_restarts():
+    """A restarted job's progress check and its claim of the run compare attempts: every attempt read
+    as restart 0 (or no job) took a requeue for a fresh start, and torchrun's --max-restarts
+    restarts, not counted, took --resume none --overwrite again and replaced what the job trained."""
+    from dmhpc.distributed import job_attempt
 
-    assert slurm_attempt({"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "2"}) == {"job": "77", "restart": 2}
-    assert slurm_attempt({"SLURM_JOB_ID": "77"}) == {"job": "77", "restart": 0}
-    assert slurm_attempt({"SLURM_RESTART_COUNT": "2"}) is None
+    assert job_attempt({"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "2"}) == {"job": "77", "restart": 2}
+    assert job_attempt({"SLURM_JOB_ID": "77"}) == {"job": "77", "restart": 0}
+    assert job_attempt({"SLURM_RESTART_COUNT": "2"}) is None
+    elastic = {"TORCHELASTIC_RUN_ID": "f00", "TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_RESTART_COUNT": "2"}
+    assert job_attempt(elastic) == {"job": "torchrun-f00", "restart": 2}
+    assert job_attempt({**elastic, "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_RESTART_COUNT": "0"}) is None
+    # Inside a SLURM job, every requeue's torchrun restarts come after the previous requeue's.
+    order = [job_attempt({**elastic, "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": str(q),
+                          "TORCHELASTIC_RESTART_COUNT": str(r)})["restart"] for q in range(3) for r in range(4)]
+    assert order == list(range(12))
+    assert job_attempt({**elastic, "SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "1",
+                        "TORCHELASTIC_MAX_RESTARTS": "0"}) == {"job": "77", "restart": 1}
 
 
 def test_each_torchrun_attempt_on_a_shared_store_has_its_own_keys(monkeypatch):

@@ -685,7 +685,7 @@ def test_a_requeued_trainer_waits_for_the_lock_its_own_previous_attempt_left(tmp
         # once (`stopped` is asked only while waiting: a wait would end in its line instead)
         for attempt in ({"job": "78", "restart": 1}, {"job": "77", "restart": 0}, None):
             with pytest.raises(DmhpcError, match=rf"in use by another dmhpc trainer or eval \(pid {proc.pid} on .*, "
-                                                 rf"SLURM job 77 attempt 0\)"):
+                                                 rf"job 77 attempt 0\)"):
                 run.claim(cfg_for(run.path), "auto", attempt=attempt, stopped=lambda: "a wait")
         # A stop signal while it waits (the job's time is up): one line at once, not a wait for the
         # lease that ends in a SIGKILL, without a word.
@@ -917,7 +917,7 @@ DELETED = object()
     ({"target": {**STATS, "mean": [0.4], "std": [0.0001]}}, "data.target.mean: expected 3 finite numbers"),
     ({"target": {**STATS, "std": [1.0, 0.0, 1.0]}}, "data.target.std: expected standard deviations above 0"),
     ({"target": {"shape": DELETED}}, "data.target: mean, std without shape (recorded together)"),
-    ({"attempts": {"job": "7", "started": ["0"]}}, "attempts: expected {job: a SLURM job id or null, started:"),
+    ({"attempts": {"job": "7", "started": ["0"]}}, "attempts: expected {job: a SLURM job id, torchrun-ID or null, started:"),
     ({"run_id": "run-1"}, 'run_id: expected 32 hexadecimal digits, got "run-1"'),
 ])
 def test_a_foreign_or_edited_run_json_is_one_line_naming_the_key(tmp_path, edit, message):

@@ -726,7 +726,7 @@ def test_a_job_requeued_twice_without_a_checkpoint_stops_requeueing(data, tmp_pa
     capsys.readouterr()
     assert attempt(2, "train.max_steps=1") == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"{last}: job 4242 was requeued 2 times; 2 of its attempts started this run " \
+    assert err.count("\n") == 1 and f"{last}: this is attempt 2 of job 4242; 2 of its attempts started this run " \
         f"without writing a checkpoint (and none of its attempts wrote it); not training again" in err, err
     monkeypatch.setenv("SLURM_JOB_ID", "4243")  # submitted again
     assert attempt(0, "train.max_steps=1") == 0
@@ -737,12 +737,12 @@ def test_a_job_requeued_twice_without_a_checkpoint_stops_requeueing(data, tmp_pa
     capsys.readouterr()
     assert attempt(6, "train.max_steps=3") == 1
     err = capsys.readouterr().err
-    assert "was requeued 6 times; 2 of its attempts started this run without writing a checkpoint (since attempt 3 " \
-        "wrote it)" in err, err
+    assert "this is attempt 6 of job 4243; 2 of its attempts started this run without writing a checkpoint " \
+        "(since attempt 3 wrote it)" in err, err
     assert err.count("\n") == 1 and torch.load(last, weights_only=True)["step"] == 2
     # The run's last.pt named by --resume, by another path (it trained again, and failed again):
     assert attempt(6, "train.max_steps=3", "--resume", str(run / "checkpoints" / ".." / "checkpoints" / "last.pt")) == 1
-    assert "was requeued 6 times; 2 of its attempts started this run" in capsys.readouterr().err
+    assert "attempt 6 of job 4243; 2 of its attempts started this run" in capsys.readouterr().err
     # Submitted again (a new job): trained on.
     monkeypatch.setenv("SLURM_JOB_ID", "4244")
     monkeypatch.delenv("SLURM_RESTART_COUNT")
@@ -776,13 +776,13 @@ def test_a_requeued_attempt_goes_on_with_the_run_its_job_started(data, tmp_path,
     setups = [r for r in RunDir(run).read_log() if r["kind"] == "setup"]
     assert json.loads((run / "run.json").read_text())["run_id"] == run_id
     assert len(setups) == 2 and setups[1]["resumed_from"] == str(run / "checkpoints" / "last.pt"), setups
-    assert (f"dmhpc train: note: attempt 1 of SLURM job 5150, which started this run, goes on with it: "
+    assert (f"dmhpc train: note: attempt 1 of job 5150, which started this run, goes on with it: "
             f"--resume {start[1]} chose how the job began") in capsys.readouterr().out
     if begin == "none":  # its config edited since, so that the run cannot go on: the arguments say what then
         monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
         assert main([*argv, "optim.lr=0.5"]) == 0
         assert json.loads((run / "run.json").read_text())["run_id"] != run_id
-        assert ("dmhpc train: note: attempt 2 of SLURM job 5150 cannot go on with the run the job started "
+        assert ("dmhpc train: note: attempt 2 of job 5150 cannot go on with the run the job started "
                 in capsys.readouterr().out)
         run_id = json.loads((run / "run.json").read_text())["run_id"]
     monkeypatch.setenv("SLURM_JOB_ID", "5151")  # submitted again: begins as its arguments say
@@ -1084,13 +1084,14 @@ def test_two_ranks_with_every_gpu_visible(data, tmp_path, launcher):
         assert proc.returncode == 0 and "world 2 on cuda" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
 
 
-def _crash_a_rank_under_torchrun(data, run, log_path):
+def _crash_a_rank_under_torchrun(data, run, log_path, *args):
     """torchrun with one restart; SIGKILL a worker once a checkpoint exists. Returns the exit code,
-    or None if the job hung (its processes are then killed)."""
+    or None if the job hung (its processes are then killed). `args`: the trainer's own."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
             [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--max-restarts=1", "-m", "dmhpc.train",
-             "--config", str(TINY), *_overrides(data, run, "train.epochs=6", "train.log_every=1", "model.name=deepmerge")],
+             "--config", str(TINY), *args,
+             *_overrides(data, run, "train.epochs=6", "train.log_every=1", "model.name=deepmerge")],
             cwd=ROOT, env=clean_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.time() + 120
@@ -1127,6 +1128,22 @@ def test_torchrun_restarts_a_crashed_rank_from_the_checkpoint(data, tmp_path):
     a, b = _weights(straight), _weights(run)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_torchrun_restart_goes_on_with_the_run_its_first_workers_started(data, tmp_path):
+    """torchrun starts its workers again with the job's arguments: --resume none --overwrite replaced
+    the run the crashed workers had trained, at every restart (and a crash that recurs later than
+    the first checkpoint, every time)."""
+    run, log = tmp_path / "run", tmp_path / "log.txt"
+    code = _crash_a_rank_under_torchrun(data, run, log, "--resume", "none", "--overwrite")
+    text = log.read_text()
+    assert code == 0, text[-4000:]
+    assert "attempt 1 of job torchrun-" in text and "which started this run, goes on with it: --resume none " \
+        "chose how the job began" in text and "resumed from" in text, text[-4000:]
+    from dmhpc.run import RunDir
+
+    epochs = [r["epoch"] for r in RunDir(run).read_log() if r["kind"] == "epoch"]
+    assert epochs == list(range(6)), epochs  # none again: the restart went on from last.pt
 
 
 def test_dali_loader_trains(data, tmp_path):

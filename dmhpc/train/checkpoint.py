@@ -183,15 +183,15 @@ def unfit(path: str | os.PathLike, exc: Exception) -> DmhpcError:
     return DmhpcError(f"{path}: does not fit this run's model ({reason[:300]})")
 
 
-# Requeued attempts in a row that may write no checkpoint. One is a node lost or a stop that could
-# not save; two mean the next would most likely fail the same way, and requeue forever.
+# Restarted attempts in a row that may write no checkpoint. One is a node lost, a crash or a stop that
+# could not save; two mean the next would most likely fail the same way, and requeue forever.
 IDLE_ATTEMPTS = 2
 
 
 def check_requeue_progress(path: Path, state: dict | None, now: dict | None, started: list[int] | None) -> None:
-    """Refuse to train in a requeued SLURM job whose previous IDLE_ATTEMPTS attempts that started
-    this run wrote no checkpoint. `path` is the run's last.pt, `state` what it holds (None: there is
-    none yet), `now` this attempt (`DistInfo.attempt`), `started` the restart counts of this job's
+    """Refuse to train in a restarted job (a SLURM requeue, a torchrun restart) whose previous
+    IDLE_ATTEMPTS attempts that started this run wrote no checkpoint. `path` is the run's last.pt,
+    `state` what it holds (None: there is none yet), `now` this attempt (`DistInfo.attempt`), `started` the restart counts of this job's
     attempts that started the run (`RunDir.started_attempts`; None where run.json predates them:
     every earlier attempt is then taken to have). Checkpoints record the attempt that wrote them as
     "attempt". Counted from the job's restart count alone, attempts that never reached this run (a
@@ -212,11 +212,10 @@ def check_requeue_progress(path: Path, state: dict | None, now: dict | None, sta
     if idle >= IDLE_ATTEMPTS:
         since = (f"since attempt {written['restart']} wrote it" if by_this_job
                  else "and none of its attempts wrote it")
-        raise DmhpcError(f"{path}: job {now['job']} was requeued {now['restart']} times; {idle} of its attempts "
+        raise DmhpcError(f"{path}: this is attempt {now['restart']} of job {now['job']}; {idle} of its attempts "
                          f"started this run without writing a checkpoint ({since}); not training again to fail the "
-                         f"same way: the job's log says "
-                         f"why the stops did not save (a full disk, a stop longer than the signal's warning), "
-                         f"then submit it again")
+                         f"same way: the job's log says why they did not save (a crash, a full disk, a stop longer "
+                         f"than the signal's warning), then submit it again")
 
 
 UNFIT = (KeyError, RuntimeError, ValueError, TypeError)  # what load_state_dict raises for content that does not fit
