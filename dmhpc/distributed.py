@@ -51,7 +51,7 @@ import torch.distributed as dist
 from dmhpc.cpus import cpu_mask, quota_share, usable_cpus
 from dmhpc.errors import DmhpcError
 from dmhpc.mpi import env_int, import_mpi, launched
-from dmhpc.rendezvous import check_master_addr, master_port, slurm_rendezvous
+from dmhpc.rendezvous import check_hosted_here, check_master_addr, master_addr, master_port, slurm_rendezvous
 
 _TORCHRUN_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # How long a rank waits in a collective before the job fails: gloo's default, for NCCL too (its own
@@ -190,11 +190,18 @@ def _mpi_rendezvous(launch: Launch, env: Mapping[str, str]) -> Launch:
     # mpiexec binds each rank to its own CPUs or lets them all share one mask, by its options.
     sharers = ranks_sharing_cpus(node.allgather(cpu_mask()), local_rank)
     node.Free()
-    addr, port = None, master_port(env)  # checked on every rank: a refusal on rank 0 alone hung the others
-    if rank == 0 and size > 1:
-        addr = env.get("MASTER_ADDR") or socket.gethostname()
+    addr, port, refused = None, master_port(env), None  # checked on every rank: a refusal on rank 0 alone
+    if rank == 0 and size > 1:                          # hung the others
+        addr = master_addr(env) or socket.gethostname()
         port = _free_port() if port is None else port
-    addr, port = comm.bcast((addr, port), root=0)
+        try:
+            if master_addr(env):
+                check_hosted_here(addr, "rank 0's node")
+        except DmhpcError as exc:
+            refused = str(exc)
+    addr, port, refused = comm.bcast((addr, port, refused), root=0)
+    if refused:
+        raise DmhpcError(refused)
     if addr is not None:  # on every rank, as the port: each says the same line
         check_master_addr(addr, len(set(comm.allgather(socket.gethostname()))))
     return Launch("mpi", rank, local_rank, size, addr, port, local_size, sharers)
@@ -335,6 +342,9 @@ def bootstrap(backend: str | None = None) -> DistInfo:
     elif launch.launcher == "torchrun":
         rendezvous = {"init_method": "env://"}  # a fresh store per attempt, hosted by rank 0
     else:
+        if launch.launcher == "slurm" and launch.rank == 0 and master_addr(env):
+            # Rank 0 hosts the store; its refusal ends the step (srun --kill-on-bad-exit).
+            check_hosted_here(launch.master_addr, "rank 0's node")
         rendezvous = {"init_method": tcp_url(launch.master_addr, launch.master_port)}
     # Imported before the group forms: its functions take `group=group.WORLD` as a default, evaluated
     # at import. Imported by DDP's first construction, they held the default group past

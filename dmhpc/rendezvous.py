@@ -16,7 +16,8 @@ slurm/lib.sh (torchrun's rendezvous endpoint, through `python -m dmhpc.rendezvou
   ephemeral range (32768 and up), so no outgoing connection holds it. The batch script, outside any
   step, and a job's first step (0) compute the same port.
 
-MASTER_ADDR and MASTER_PORT, when set, win over both. This module imports no torch: the batch
+MASTER_ADDR and MASTER_PORT, when set, win over both (MASTER_ADDR an address of the node that
+hosts the ranks' store: checked where that node is known). This module imports no torch: the batch
 script runs it before anything else.
 """
 
@@ -122,31 +123,67 @@ def slurm_port(env: Mapping[str, str]) -> int:
 
 
 def slurm_rendezvous(env: Mapping[str, str]) -> tuple[str, int]:
-    """(address, port) where the ranks of this SLURM job meet; MASTER_ADDR/MASTER_PORT win."""
-    addr = env.get("MASTER_ADDR")
+    """(address, port) where the ranks of this SLURM job meet; MASTER_ADDR/MASTER_PORT win. An IPv6
+    address comes without brackets (`endpoint` adds them)."""
+    addr = master_addr(env)
     if addr:
         nodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or "1"
-        check_master_addr(addr, int(nodes) if nodes.isdecimal() else 1)
+        check_master_addr(env["MASTER_ADDR"], int(nodes) if nodes.isdecimal() else 1)
     else:
         addr = node_address(first_host(_nodelist(env), env), env)
     port = master_port(env)
     return addr, slurm_port(env) if port is None else port
 
 
+def master_addr(env: Mapping[str, str]) -> str | None:
+    """MASTER_ADDR, an IPv6 address without its brackets ("[::1]" made torch's URL tcp://[[::1]]:P,
+    a ValueError traceback); None when it is not set."""
+    addr = env.get("MASTER_ADDR")
+    return addr[1:-1] if addr and addr.startswith("[") and addr.endswith("]") else addr or None
+
+
+def endpoint(addr: str) -> str:
+    """The host part of a HOST:PORT endpoint (torchrun's --rdzv-endpoint): an IPv6 address in brackets."""
+    return f"[{addr}]" if ":" in addr else addr
+
+
 def check_master_addr(addr: str, nodes: int) -> None:
-    """Refuse a loopback MASTER_ADDR (a tutorial's `localhost` in ~/.bashrc) for ranks on several
-    nodes: each node formed a world of its own and waited 30 minutes for the others."""
+    """Refuse a loopback or unspecified MASTER_ADDR (a tutorial's `localhost` in ~/.bashrc) for
+    ranks on several nodes: each node formed a world of its own and waited 30 minutes for the others."""
     import ipaddress
 
     name = addr.strip("[]").rstrip(".").lower()
     try:
-        loopback = ipaddress.ip_address(name).is_loopback
+        ip = ipaddress.ip_address(name)
+        loopback, unspecified = ip.is_loopback, ip.is_unspecified
     except ValueError:
-        loopback = name == "localhost" or name.endswith(".localhost")
-    if loopback and nodes > 1:
-        raise DmhpcError(f"environment variable MASTER_ADDR={addr}: a loopback address, and the ranks are on "
-                         f"{nodes} nodes, each of which would meet alone; unset it (the job's first node is "
-                         f"used) or name a node of the job")
+        loopback, unspecified = name == "localhost" or name.endswith(".localhost"), False
+    if (loopback or unspecified) and nodes > 1:
+        kind = "a loopback" if loopback else "an unspecified"
+        raise DmhpcError(f"environment variable MASTER_ADDR={addr}: {kind} address, and the ranks are on {nodes} "
+                         f"nodes, each of which would meet alone; unset it (the job's first node is used) or name a "
+                         f"node of the job")
+
+
+def check_hosted_here(addr: str, host: str) -> None:
+    """Refuse a MASTER_ADDR that is no address of this node, `host` (where the ranks' store is):
+    the others dialled the named node (a login node exported from the submitting shell, another
+    node of the job) and waited 30 minutes, or torchrun's 60 s, for a store that was not there."""
+    try:
+        found = socket.getaddrinfo(addr, None, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise DmhpcError(f"environment variable MASTER_ADDR={addr}: cannot be resolved here "
+                         f"({getattr(exc, 'strerror', None) or exc}); unset it (the job's first node is used) or "
+                         f"name {host}") from None
+    for family, kind, proto, _, address in found:
+        with socket.socket(family, kind, proto) as probe:
+            try:
+                probe.bind((address[0], 0, *address[2:]))  # only an address of this node binds
+                return
+            except OSError:
+                continue
+    raise DmhpcError(f"environment variable MASTER_ADDR={addr}: not an address of {host} ({socket.gethostname()}), "
+                     f"where the ranks' store is; unset it (the job's first node is used) or name that node")
 
 
 def master_port(env: Mapping[str, str]) -> int | None:
@@ -160,13 +197,17 @@ def master_port(env: Mapping[str, str]) -> int | None:
 
 
 def main() -> int:
-    """Print `ADDRESS PORT` for this job (slurm/lib.sh reads it)."""
+    """Print `ADDRESS PORT` for this job, the address as an endpoint's host (slurm/lib.sh reads it).
+    Run by the batch script, on the job's first node: where a multi-node torchrun hosts the store,
+    and srun's rank 0 runs."""
     try:
         addr, port = slurm_rendezvous(os.environ)
+        if master_addr(os.environ):
+            check_hosted_here(addr, "the job's first node")
     except DmhpcError as exc:
         print(f"dmhpc rendezvous: error: {exc}", file=sys.stderr)
         return 1
-    print(addr, port)
+    print(endpoint(addr), port)
     return 0
 
 

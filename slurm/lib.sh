@@ -18,8 +18,10 @@ dmhpc_rendezvous() {
     local out
     # The batch shell is in no step: step variables here came with the environment of a shell that
     # ran inside one (sbatch from an `srun --pty bash`), and one naming a node of this job put the
-    # rendezvous on that node while the first node hosted it.
-    out=$(env -u SLURM_STEP_NODELIST -u SLURM_STEP_ID "${PYTHON:-python}" -m dmhpc.rendezvous) || return 1
+    # rendezvous on that node while the first node hosted it; a step of one node let a loopback
+    # MASTER_ADDR through for a job of several.
+    out=$(env -u SLURM_STEP_NODELIST -u SLURM_STEP_ID -u SLURM_STEP_NUM_NODES \
+        "${PYTHON:-python}" -m dmhpc.rendezvous) || return 1
     read -r DMHPC_RDZV_ADDR DMHPC_RDZV_PORT <<<"$out"
 }
 

@@ -57,14 +57,25 @@ def test_incomplete_or_bad_torchrun_variables_are_errors():
             detect_launch({**TORCHRUN, "MASTER_PORT": port})
 
 
+BOOT = textwrap.dedent("""
+    import sys
+    from dmhpc.distributed import bootstrap
+    from dmhpc.errors import DmhpcError
+    try:
+        bootstrap()
+    except DmhpcError as exc:
+        print(f'error: {exc}')
+        sys.exit(1)
+""")
+
+
 @pytest.mark.mpi
 @pytest.mark.skipif(not (BIN / "mpiexec").exists(), reason=f"mpiexec not found in {BIN}")
 def test_a_bad_master_port_under_mpiexec_is_every_ranks_one_line(tmp_path):
     """Rank 0 alone read MASTER_PORT, before its broadcast: a ValueError traceback there, and the
     other rank waited in the broadcast for ever."""
     script = tmp_path / "boot.py"
-    script.write_text("import sys\nfrom dmhpc.distributed import bootstrap\nfrom dmhpc.errors import DmhpcError\n"
-                      "try:\n    bootstrap()\nexcept DmhpcError as exc:\n    print(f'error: {exc}')\n    sys.exit(1)\n")
+    script.write_text(BOOT)
     env = {**clean_env(), "MASTER_PORT": "abc"}
     proc = subprocess.run([str(BIN / "mpiexec"), "-n", "2", sys.executable, str(script)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
@@ -363,8 +374,10 @@ def _free_slurm_port() -> int:
     pytest.skip(f"no free port in {PORT_BASE}-{PORT_BASE + PORT_SPAN - 1}")
 
 
-def test_two_ranks_as_a_slurm_step(tmp_path):
-    # What srun -n 2 gives each task on one node; the port comes from the job id, as on a cluster.
+@pytest.mark.parametrize("addr", [None, "[::1]"])
+def test_two_ranks_as_a_slurm_step(tmp_path, addr):
+    """What srun -n 2 gives each task on one node; the port comes from the job id, as on a cluster.
+    slurm/lib.sh exports an IPv6 MASTER_ADDR in brackets: the URL was tcp://[[::1]]:P, a traceback."""
     from dmhpc.rendezvous import PORT_BASE
 
     port = _free_slurm_port()
@@ -372,9 +385,39 @@ def test_two_ranks_as_a_slurm_step(tmp_path):
     def env(rank):
         return clean_env(SLURM_JOB_ID=str(port - PORT_BASE), SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
                          SLURM_NTASKS="2", SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NODELIST="localhost",
-                         PATH=str(BIN))
+                         PATH=str(BIN), **({"MASTER_ADDR": addr} if addr else {}))
     results = _run_two(tmp_path, None, env_for_rank=env)
     _check_group(results, "slurm")
+
+
+def test_rank_0_of_a_slurm_step_refuses_a_master_addr_of_another_node(tmp_path):
+    """A MASTER_ADDR exported from the submitting shell (a login node; 192.0.2.1 is reserved for
+    documentation, no one's address): rank 0 hosted the store on its own node and every rank
+    dialled the named one, 30 minutes without a word. Rank 0 now stops at once (srun's
+    --kill-on-bad-exit ends the others)."""
+    script = tmp_path / "boot.py"
+    script.write_text(BOOT)
+    env = clean_env(SLURM_JOB_ID="4321", SLURM_PROCID="0", SLURM_LOCALID="0", SLURM_NTASKS="2",
+                    SLURM_STEP_NUM_TASKS="2", SLURM_STEP_NODELIST="localhost", MASTER_ADDR="192.0.2.1",
+                    MASTER_PORT=str(_free_slurm_port()), PATH=str(BIN))
+    proc = subprocess.run([sys.executable, str(script)], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and proc.stdout == (
+        f"error: environment variable MASTER_ADDR=192.0.2.1: not an address of rank 0's node "
+        f"({socket.gethostname()}), where the ranks' store is; unset it (the job's first node is used) or name "
+        f"that node\n"), proc.stdout + proc.stderr
+
+
+@pytest.mark.mpi
+@pytest.mark.skipif(not (BIN / "mpiexec").exists(), reason=f"mpiexec not found in {BIN}")
+def test_a_master_addr_of_another_node_under_mpiexec_is_every_ranks_one_line(tmp_path):
+    script = tmp_path / "boot.py"
+    script.write_text(BOOT)
+    proc = subprocess.run([str(BIN / "mpiexec"), "-n", "2", sys.executable, str(script)], cwd=ROOT,
+                          env={**clean_env(), "MASTER_ADDR": "192.0.2.1"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    said = "error: environment variable MASTER_ADDR=192.0.2.1: not an address of rank 0's node"
+    assert proc.stdout.count(said) == 2 and "Traceback" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("local_rank, local_world, visible, isolated, expected", [

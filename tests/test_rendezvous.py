@@ -189,10 +189,42 @@ def test_torchrun_ranks_get_their_share_of_the_cpus_and_uneven_gpus_are_refused(
 
 
 def test_an_ipv6_rendezvous_address_is_bracketed():
-    """torch read tcp://::1:29555 as host "" and port ":1:29555" (ValueError)."""
+    """torch read tcp://::1:29555 as host "" and port ":1:29555" (ValueError); a MASTER_ADDR given in
+    brackets (as slurm/lib.sh exports one, and torchrun's endpoint needs) became tcp://[[::1]]:29555."""
     from dmhpc.distributed import tcp_url
+    from dmhpc.rendezvous import slurm_rendezvous
 
     assert tcp_url("::1", 29555) == "tcp://[::1]:29555" and tcp_url("n1", 29555) == "tcp://n1:29555"
+    job = {"SLURM_JOB_ID": "55", "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1"}
+    assert slurm_rendezvous({**job, "MASTER_ADDR": "[::1]"}) == ("::1", 29555)
+    assert slurm_rendezvous({**job, "MASTER_ADDR": "::1"}) == ("::1", 29555)
+
+
+def test_the_batch_shell_refuses_a_master_addr_that_is_not_its_node(tmp_path):
+    """The batch script runs on the job's first node, where a multi-node torchrun hosts the store and
+    srun's rank 0 runs: a MASTER_ADDR naming another host (a login node exported from the submitting
+    shell; 192.0.2.1 is reserved for documentation) had every node dial it, and fail after torchrun's
+    60 s with a traceback. An address of this node goes out as torchrun's endpoint wants it."""
+    import socket
+
+    job = {"SLURM_JOB_ID": "77777", "SLURM_JOB_NODELIST": "n[1-2]", "SLURM_NNODES": "2"}
+    script = "dmhpc_rendezvous && echo $DMHPC_RDZV_ADDR $DMHPC_RDZV_PORT"
+    out = _lib(script, tmp_path, **job, MASTER_ADDR="192.0.2.1")
+    assert out.returncode != 0 and out.stdout == "" and out.stderr == (
+        f"dmhpc rendezvous: error: environment variable MASTER_ADDR=192.0.2.1: not an address of the job's first "
+        f"node ({socket.gethostname()}), where the ranks' store is; unset it (the job's first node is used) or name "
+        f"that node\n"), out.stderr
+    out = _lib(script, tmp_path, **job, MASTER_ADDR="no-such-node.invalid")
+    assert out.returncode != 0 and "MASTER_ADDR=no-such-node.invalid: cannot be resolved here" in out.stderr
+    assert out.stderr.count("\n") == 1, out.stderr
+    for addr in (socket.gethostname(), "[::1]", "::1"):
+        one = {**job, "SLURM_JOB_NODELIST": "n1", "SLURM_NNODES": "1"}
+        out = _lib(script, tmp_path, **one, MASTER_ADDR=addr)
+        assert out.returncode == 0 and out.stdout.split()[0] == ("[::1]" if "::1" in addr else addr), out.stderr
+    # Step variables of the shell sbatch ran from: a one-node step let a loopback address through.
+    out = _lib(script, tmp_path, **job, MASTER_ADDR="localhost", SLURM_STEP_NUM_NODES="1")
+    assert out.returncode != 0 and "MASTER_ADDR=localhost: a loopback address, and the ranks are on 2 nodes" \
+        in out.stderr, out.stdout + out.stderr
 
 
 def test_a_node_name_that_resolves_never_asks_slurmctld(tmp_path):
@@ -227,6 +259,10 @@ def test_a_loopback_master_addr_is_refused_for_ranks_on_several_nodes():
     job = {"SLURM_JOB_ID": "777", "SLURM_JOB_NODELIST": "gpu[01-04]", "SLURM_NNODES": "4"}
     for addr in ("localhost", "127.0.0.1", "::1", "[::1]", "127.0.1.1", "LOCALHOST."):
         with pytest.raises(DmhpcError, match=rf"MASTER_ADDR={re.escape(addr)}: a loopback address, and the ranks "
+                                             rf"are on 4 nodes"):
+            slurm_rendezvous({**job, "MASTER_ADDR": addr})
+    for addr in ("0.0.0.0", "::", "[::]"):  # each rank dialled its own node
+        with pytest.raises(DmhpcError, match=rf"MASTER_ADDR={re.escape(addr)}: an unspecified address, and the ranks "
                                              rf"are on 4 nodes"):
             slurm_rendezvous({**job, "MASTER_ADDR": addr})
     # One node (or a step on one node of the job): loopback is where the ranks meet.
