@@ -292,7 +292,9 @@ class _Output:
     the command writes failed."""
 
     def __init__(self, stream):
-        self._stream = stream
+        # None: the process started with the descriptor closed (`>&-`, a daemon's), where Python
+        # itself discards what print writes; the first write was an AttributeError traceback.
+        self._stream = stream if stream is not None else open(os.devnull, "w", encoding="utf-8")
 
     def write(self, text: str) -> int:
         return self._marked(self._stream.write, text)

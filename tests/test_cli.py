@@ -316,6 +316,20 @@ sys.exit(cli.main(["info"]))
 """
 
 
+@pytest.mark.parametrize("closed", ["stdout", "stderr"])
+def test_a_closed_output_is_discarded_as_python_does(closed):
+    """Started with standard output (or error) closed (`dmhpc ... >&-`, a daemon's descriptors), the
+    first print was an AttributeError traceback on the other; Python itself discards it."""
+    import os
+
+    redirect = ">&-" if closed == "stdout" else "2>&-"
+    proc = subprocess.run(["bash", "-c", f'exec "$0" -c "$1" {redirect}', sys.executable, WRITES_TO_STDERR], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (proc.stdout, proc.stderr) == (("", "dmhpc: warning: something\n") if closed == "stdout" else
+                                          ("the result\n", "")), (proc.stdout, proc.stderr)
+
+
 def test_an_error_output_that_cannot_be_written_is_said_on_standard_output(tmp_path):
     """A job's --error file on a full disk: it was said as "standard output", the healthy output sent
     to /dev/null, the message written to the stream that had failed."""
