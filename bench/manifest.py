@@ -73,7 +73,7 @@ def main() -> None:
         print(f"fingerprint     first {fp_first:8.2f} s   again {fp_again * 1e3:8.3f} ms")
         print(f"RowReader built in {build:.2f} s; pickled {len(pickle.dumps(reader)) / 1e6:.2f} MB "
               f"(the index lists alone: {len(lists) / 1e6:.0f} MB pickled)")
-        print(f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.2f} GB")
+        print(f"peak memory {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9:.2f} GB")  # (KiB on Linux)
 
 
 if __name__ == "__main__":

@@ -260,6 +260,10 @@ def test_the_predict_benchmark_rates_both_precisions(tmp_path):
     for precision in ("fp32", "bf16"):
         bare, loop, ratio, *_ = _figures(_row(lines, f"| {precision} |"))
         assert bare > 0 and loop > 0 and abs(ratio - loop / bare) < 0.01, lines
+    assert "cpu" in lines[0] or "cuda" in lines[0], lines[0]  # the device both rates were measured on
+    # Fewer images than a batch: the bare rate was 0 and the ratio a ZeroDivisionError, at the end.
+    proc = _run([sys.executable, "bench/predict.py", "--images", "255"])
+    assert proc.returncode == 2 and "--images: at least one batch (256)" in proc.stderr, proc.stderr
 
 
 def test_the_synth_benchmark_times_an_object_and_the_command(tmp_path):
