@@ -547,10 +547,12 @@ def override_text(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"
 
 
-def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *, written: bool = False) -> Config:
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *, written: bool = False,
+                forwarded: str | None = None) -> Config:
     """Read a YAML config (following `base:`), apply `KEY=VALUE` overrides, and validate.
     `written` for a configuration dmhpc wrote (a run's config.yaml): what an older dmhpc took is
-    not refused (settings that did nothing, paths with ~ or $VARIABLE)."""
+    not refused (settings that did nothing, paths with ~ or $VARIABLE). `forwarded`: the stop
+    signal the launcher passes on to the ranks (slurm/lib.sh's), which train.signals must name."""
     raw, origin, files = _read_with_bases(Path(path), ())
     for item in overrides:
         key, value = parse_override(item)
@@ -570,6 +572,11 @@ def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *, writt
         if other:
             raise DmhpcError(f"{origin.get('train.signals', str(path))}: train.signals: {other[0]} is no stop signal; "
                              f"expected some of {', '.join(STOP_SIGNAL_NAMES)}")
+        if forwarded and forwarded not in cfg.train.signals:
+            raise DmhpcError(f"{origin.get('train.signals', str(path))}: train.signals "
+                             f"{', '.join(cfg.train.signals)}: the batch script passes the time limit's warning and "
+                             f"its stops on to the ranks as {forwarded}, which the ranks would ignore (no checkpoint, "
+                             f"no requeue): add {forwarded}")
     return cfg
 
 

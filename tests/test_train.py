@@ -800,10 +800,16 @@ def test_train_signals_without_the_signal_the_batch_script_forwards_are_refused(
     monkeypatch.setenv("DMHPC_FORWARDED_SIGNAL", "SIGUSR2")
     assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.signals=[SIGTERM]")]) == 1
     err = capsys.readouterr().err
-    assert err == ("dmhpc train: error: train.signals SIGTERM: the batch script passes the time limit's warning "
-                   "and its stops on to the ranks as SIGUSR2, which the ranks would ignore (no checkpoint, no "
-                   "requeue): add SIGUSR2\n")
+    assert err == ("dmhpc train: error: command line: train.signals SIGTERM: the batch script passes the time "
+                   "limit's warning and its stops on to the ranks as SIGUSR2, which the ranks would ignore (no "
+                   "checkpoint, no requeue): add SIGUSR2\n")
     assert not run.exists()
+    # Set in a file: the file is named (the key alone left the user to search a config's bases).
+    config = tmp_path / "signals.yaml"
+    config.write_text(f"base: {TINY}\ntrain:\n  signals: [SIGTERM, SIGUSR1]\n")
+    assert main(["train", "--config", str(config), *_overrides(data, run)]) == 1
+    assert capsys.readouterr().err.startswith(f"dmhpc train: error: {config}: train.signals SIGTERM, SIGUSR1: the "
+                                              f"batch script passes")
 
 
 def test_a_resume_refused_for_a_damaged_log_leaves_the_run_as_it_was(data, tmp_path, capsys):

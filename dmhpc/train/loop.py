@@ -488,12 +488,8 @@ def train_arguments(parser) -> None:
 
 
 def train_main(args) -> int:
-    cfg = load_config(args.config, args.overrides)  # errors here come before any process group starts
-    forwarded = os.environ.get("DMHPC_FORWARDED_SIGNAL")  # set by slurm/lib.sh
-    if forwarded and forwarded not in cfg.train.signals:
-        raise DmhpcError(f"train.signals {', '.join(cfg.train.signals)}: the batch script passes the time limit's "
-                         f"warning and its stops on to the ranks as {forwarded}, which the ranks would ignore (no "
-                         f"checkpoint, no requeue): add {forwarded}")
+    # Errors here come before any process group starts.
+    cfg = load_config(args.config, args.overrides, forwarded=os.environ.get("DMHPC_FORWARDED_SIGNAL"))
     if args.overwrite and args.resume == "auto":
         raise DmhpcError("--overwrite replaces a run: give it with --resume none (or a checkpoint from elsewhere)")
     return train(cfg, resume=args.resume, overwrite=args.overwrite)
