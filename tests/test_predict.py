@@ -388,6 +388,14 @@ def test_a_missing_cutout_is_one_line_before_any_part(trained, tmp_path, capsys)
     assert capsys.readouterr().err == (f"dmhpc predict: error: {folder / 'g30.fits'}: no such cutout file (row 31 of "
                                        f"{tmp_path / 'survey.fits'}, id G30)\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cutouts", "survey.fits"]  # no part, no parts folder
+    # The first cutout, read when the catalog opens (for the shape of all): its row and id were not said.
+    fits.PrimaryHDU(trained["images"][30].astype(">f4")).writeto(folder / "g30.fits")
+    (folder / "g0.fits").rename(folder / "g0.moved")
+    assert main(["predict", "--run", str(trained["run"]), "--catalog", str(tmp_path / "survey.fits"), "--id-column",
+                 "objid", "--file-column", "file", "--cutouts", str(folder), "--out", str(out)]) == 1
+    assert capsys.readouterr().err == (f"dmhpc predict: error: {folder / 'g0.fits'}: no such cutout file (row 1 of "
+                                       f"{tmp_path / 'survey.fits'}, id G0)\n")
+    (folder / "g0.moved").rename(folder / "g0.fits")
     # A file the system cannot look up is not said to be missing.
     long = "g" * 300 + ".fits"
     files = [long if i == 30 else f"g{i}.fits" for i in range(40)]

@@ -1243,11 +1243,16 @@ def test_catalog_problems_are_one_line(tmp_path, capsys):
     assert_fails(capsys, [*base, "--label-column", "class"], "c.csv: no label column 'class' (columns: id, file)")
     assert_fails(capsys, [*base, "--id-column", "name"], "no id column 'name'")
     (tmp_path / "cutouts" / names[2]).unlink()
-    assert_fails(capsys, base, f"{names[2]}: no such cutout file")
+    where = lambda k: f"(row {k + 1} of {tmp_path / 'c.csv'}, id {names[k][:-5]})"  # noqa: E731
+    assert_fails(capsys, base, f"{names[2]}: no such cutout file {where(2)}")
     from astropy.io import fits
 
     fits.PrimaryHDU(np.zeros((3, 9, 9), np.float32)).writeto(tmp_path / "cutouts" / names[2])
-    assert_fails(capsys, base, f"{names[2]}: cutout of shape (3, 9, 9); the first one ({names[0]}) is (3, 8, 8)")
+    assert_fails(capsys, base, f"{names[2]}: cutout of shape (3, 9, 9); the first one ({names[0]}) is (3, 8, 8) "
+                               f"{where(2)}")
+    # The first cutout, read for the shape of all: its row and id were not said.
+    (tmp_path / "cutouts" / names[0]).unlink()
+    assert_fails(capsys, base, f"{names[0]}: no such cutout file {where(0)}")
 
 
 @pytest.mark.parametrize("ext", ["csv", "ecsv", "parquet", "fits", "h5"])

@@ -29,9 +29,10 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -376,14 +377,16 @@ def _read_cutout(path: Path) -> tuple[np.ndarray, bool]:
 
 
 class Cutouts(ImageArray):
-    """One FITS file per row; every cutout must have the first one's shape. The layout of a cutout's
-    one HDU is the first one's, detected as a .npy array's unless given; one HDU per filter is NCHW."""
+    """A catalog's cutouts, one FITS file per row; every cutout must have the first one's shape. The
+    layout of a cutout's one HDU is the first one's, detected as a .npy array's unless given; one HDU
+    per filter is NCHW. A cutout's error names its catalog row and id."""
 
-    def __init__(self, files: Sequence[Path], nan_fill: float | None = None, layout: str | None = None):
+    def __init__(self, catalog: Catalog, nan_fill: float | None = None, layout: str | None = None):
+        files = catalog.files
         if not files:
-            raise DmhpcError("the catalog lists no cutouts")
-        self.files, self.nan_fill = files, nan_fill
-        first, cube = _read_cutout(files[0])
+            raise DmhpcError(f"{catalog.path}: lists no cutouts")
+        self.files, self.nan_fill, self._catalog = files, nan_fill, catalog
+        first, cube = self._read(0, _read_cutout)
         if not cube and not 1 <= len(first) <= 4:  # no layout of the user's to name: its HDUs are the filters
             raise DmhpcError(f"{files[0]}: {len(first)} image HDUs, one per filter; expected 1 to 4 filters")
         self.layout = detect_layout((len(files), *first.shape), layout if cube else "NCHW", str(files[0]))
@@ -393,12 +396,22 @@ class Cutouts(ImageArray):
     def _rows(self, index: np.ndarray) -> np.ndarray:
         out = np.empty((len(index), *self.shape[1:]), np.float32)
         for k, i in enumerate(index):
-            image = read_cutout(self.files[i], self._cube_layout)
+            image = self._read(i, lambda path: read_cutout(path, self._cube_layout))
             if image.shape != self.shape[1:]:
                 raise DmhpcError(f"{self.files[i]}: cutout of shape {image.shape}; the first one "
-                                 f"({self.files[0].name}) is {self.shape[1:]}")
+                                 f"({self.files[0].name}) is {self.shape[1:]} ({self._row(i)})")
             out[k] = image
         return fill_nan(out, self.nan_fill)
+
+    def _read(self, i: int, read: Callable[[Path], Any]) -> Any:
+        try:
+            return read(self.files[i])
+        except DmhpcError as exc:
+            raise DmhpcError(f"{exc} ({self._row(i)})") from None
+
+    def _row(self, i: int) -> str:
+        """Which catalog row and id named cutout `i` (the user's way to find it)."""
+        return f"row {i + 1} of {self._catalog.path}, id {self._catalog.ids[i]}"
 
 
 class CutoutFiles(Sequence):

@@ -184,7 +184,7 @@ def _open_domain(spec: DomainSpec, options: Options, say: bool) -> dict:
         if catalog is not None and len(catalog.ids) != len(images):
             raise DmhpcError(f"{catalog.path}: {len(catalog.ids)} rows for the {len(images)} images of {images_path}")
     elif catalog is not None and catalog.files is not None:
-        images = Cutouts(catalog.files, options.nan_fill, options.layout)
+        images = Cutouts(catalog, options.nan_fill, options.layout)
     elif catalog is not None:
         raise DmhpcError(f"{catalog.path}: no file column nor cutouts folder to find its images by; give "
                          f"--file-column or --cutouts (or --images)")

@@ -369,7 +369,7 @@ def open_source(*, data: str | os.PathLike | None = None, split: str | None = No
             raise DmhpcError(f"{catalog}: {len(cat.ids)} rows for the {len(array)} images of {images}")
         where = {"images": str(Path(images).resolve())}
     elif cat.files is not None:
-        array = Cutouts(cat.files, nan_fill, layout)
+        array = Cutouts(cat, nan_fill, layout)
         where = {}
     else:
         raise DmhpcError(f"{catalog}: name each row's cutout with --file-column, or the folder of ID.fits files "
