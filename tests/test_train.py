@@ -1152,6 +1152,25 @@ def test_a_torchrun_restart_goes_on_with_the_run_its_first_workers_started(data,
     assert epochs == list(range(6)), epochs  # none again: the restart went on from last.pt
 
 
+def test_a_debug_run_resumes_on_its_own_world_size_only(data, tmp_path, capsys):
+    """debug=true trains on 8 global batches of the run's ranks: resumed on another number, the run
+    went on with other rows than it began with, a debug run no one could reproduce."""
+    run = tmp_path / "run"
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "-m", "dmhpc.train",
+                           "--config", str(TINY), *_overrides(data, run, "train.epochs=1", "debug=true")],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    def files():  # (the lock's holder line is the claim's)
+        return sorted((p.name, p.stat().st_mtime_ns) for p in run.rglob("*") if p.name != ".lock")
+
+    before = files()
+    assert main(["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=2", "debug=true")]) == 1
+    assert capsys.readouterr().err == ("dmhpc train: error: world size 1: debug=true trained this run on 8 global "
+                                       "batches of 2 ranks; resume it with 2 ranks, or start it anew (--resume none "
+                                       "--overwrite)\n")
+    assert files() == before  # nothing written
+
+
 def test_dali_loader_trains(data, tmp_path):
     pytest.importorskip("nvidia.dali")
     run = tmp_path / "run"
