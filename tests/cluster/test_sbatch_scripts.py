@@ -43,8 +43,8 @@ def test_train_ddp_refuses_train_signals_without_the_one_it_forwards(slurm_clust
         f"data.source={data / 'pristine'}", f"data.target={data / 'noisy'}", f"run.dir={tmp_path / 'run'}",
         "train.signals=[SIGTERM]", cwd=REPO, env=JOB_ENV), timeout=120)
     assert job.state == "FAILED", job
-    assert ("error: train.signals SIGTERM: the batch script passes the time limit's warning and its stops on to "
-            "the ranks as SIGUSR2, which the ranks would ignore (no checkpoint, no requeue): add SIGUSR2"
+    assert ("error: command line: train.signals SIGTERM: the batch script passes the time limit's warning and its "
+            "stops on to the ranks as SIGUSR2, which the ranks would ignore (no checkpoint, no requeue): add SIGUSR2"
             in job.output), job
     assert not (tmp_path / "run").exists()
 
