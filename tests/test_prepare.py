@@ -872,6 +872,48 @@ def test_ranks_that_do_not_see_one_output_folder_are_refused_before_writing(inpu
     assert not list(seen[1].rglob("*")), list(seen[1].rglob("*"))  # rank 1 wrote nothing
 
 
+SKEWED_OPEN = """
+import os, sys
+from mpi4py import MPI
+from dmhpc.data import prepare
+
+real, comm = prepare._open_domain, MPI.COMM_WORLD
+
+def skewed(spec, options, main):
+    # Rank 1 opens the images first; rank 0, the one that checksums them, after a render wrote them
+    # again (ranks start seconds apart under srun, importing from a shared file system).
+    if comm.Get_rank() == 0:
+        comm.barrier()
+        os.replace(sys.argv[1], spec.images)
+        return real(spec, options, main)
+    opened = real(spec, options, main)
+    comm.barrier()
+    return opened
+
+prepare._open_domain = skewed
+from dmhpc.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.mpi
+@needs_mpi
+def test_ranks_that_opened_two_versions_of_an_input_are_refused(inputs, tmp_path):
+    """A file replaced between two ranks' opens was converted half from each version: the rank that
+    checksums it checked it against the version it had opened itself, the new one, and the data set
+    passed `dmhpc verify` with half its shards of each."""
+    driver = tmp_path / "skewed.py"
+    driver.write_text(SKEWED_OPEN)
+    again = save(tmp_path, "X2.npy", np.load(inputs["images"]) + 100)
+    run = subprocess.run([find_mpiexec(), "-n", "2", sys.executable, str(driver), again, *args(inputs)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode != 0, run.stdout + run.stderr
+    assert run.stderr.count("error:") == 1 and (
+        f"dmhpc prepare: error: {Path(inputs['images']).resolve()}: written again or replaced while the ranks opened "
+        f"it (rank 1 read another version than rank 0); nothing written") in run.stderr, run.stderr
+    assert not Path(inputs["out"]).exists()
+
+
 def test_a_negative_seed_is_one_line(inputs, capsys):
     assert_fails(capsys, args(inputs, "--seed", "-1"), "seed -1: expected an integer >= 0", out=inputs["out"])
 

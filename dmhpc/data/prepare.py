@@ -346,6 +346,20 @@ def _check_pixels(domains: list[dict], scans: list[list], dtype: str) -> None:
             raise DmhpcError(f"{exc}{hint if 'NaN' in str(exc) else ''}") from None
 
 
+def _check_one_version(seen: list[dict]) -> None:
+    """Refuse inputs that the ranks opened in different versions (`seen`: each rank's {path:
+    `file_version`}): each rank opens them itself, at its own moment, and a file replaced in
+    between (a render writing it again) was converted half from each version, where only the rank
+    that checksums it checks it again, against the version it opened itself. The device number
+    is left out: a network file system's differs between nodes."""
+    for rank, versions in enumerate(seen[1:], start=1):
+        for path, version in versions.items():
+            if path not in seen[0] or version[1:] != seen[0][path][1:]:  # (a link pointed elsewhere between)
+                raise DmhpcError(f"{path}: written again or replaced while the ranks opened it (rank {rank} read "
+                                 f"another version than rank 0); nothing written: prepare it again once it is "
+                                 f"complete")
+
+
 def _input_files(domains: list[dict]) -> list[Path]:
     """Every distinct input file (a file shared by domains is read once), in a fixed order."""
     return list(dict.fromkeys(p for d in domains for _, p in d["inputs"]))
@@ -404,6 +418,8 @@ def prepare(domains: list[DomainSpec], options: Options, comm=None) -> list[dict
         stop = threading.Event()
         files = _input_files(opened)
         versions = {p: v for d in opened for p, v in d["versions"].items()}
+        seen = _allgather(comm, versions)
+        _agree(comm, lambda: _check_one_version(seen))
         input_digests = _hash_in_background([p for j, p in enumerate(files) if j % size == rank], stop, versions)
         try:
             want = [d["objects"] is None for d in opened]
