@@ -96,6 +96,20 @@ def test_stats_are_float64_stats_of_training_split(dataset):
     assert not np.allclose(manifest["stats"]["mean"], everything.mean(axis=(0, 2, 3)), rtol=1e-12)
 
 
+def test_stats_keep_their_digits_far_from_zero_and_a_constant_channel_has_no_spread(tmp_path):
+    """M2 was sum(x^2) - n mean^2: a constant channel of 1234.567 got a std of 2.7e-4 (the trainer
+    refuses a zero one: it cannot normalize; it divided by that instead, a target of another spread
+    multiplied by thousands), and pixels of 3e6 +- 1 a std 5% low."""
+    images, labels, objects = make_arrays(n=400, size=16)
+    images[:, 0] += np.float32(3e6)
+    images[:, 1] = np.float32(1234.567)
+    manifest = write_dataset(images, labels, objects, tmp_path / "ds", shard_size=64)
+    train = images[manifest["splits"]["train"]].astype(np.float64)
+    assert manifest["stats"]["std"][1] == 0.0 and manifest["stats"]["mean"][1] == float(np.float32(1234.567))
+    np.testing.assert_allclose(manifest["stats"]["std"], train.std(axis=(0, 2, 3)), rtol=1e-9)
+    np.testing.assert_allclose(manifest["stats"]["mean"], train.mean(axis=(0, 2, 3)), rtol=1e-12)
+
+
 def test_splits_partition_indices_and_never_share_an_object(dataset):
     _, manifest, (_, _, objects) = dataset
     parts = [manifest["splits"][s] for s in SPLITS]
