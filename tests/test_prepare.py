@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -912,6 +913,41 @@ def test_ranks_that_opened_two_versions_of_an_input_are_refused(inputs, tmp_path
         f"dmhpc prepare: error: {Path(inputs['images']).resolve()}: written again or replaced while the ranks opened "
         f"it (rank 1 read another version than rank 0); nothing written") in run.stderr, run.stderr
     assert not Path(inputs["out"]).exists()
+
+
+SLOW_OPEN = """
+import sys, time
+from dmhpc.data import prepare
+
+def slow(spec, options, main):
+    print("opening", flush=True)
+    time.sleep(120)
+
+prepare._open_domain = slow
+from dmhpc.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.mpi
+@needs_mpi
+def test_ctrl_c_under_mpiexec_is_one_line(inputs, tmp_path):
+    """Ctrl-C reaches every rank: each printed a KeyboardInterrupt traceback."""
+    driver = tmp_path / "slow.py"
+    driver.write_text(SLOW_OPEN)
+    proc = subprocess.Popen([find_mpiexec(), "-n", "2", sys.executable, str(driver), *args(inputs)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        said = ""
+        while said.count("opening") < 2:  # (the ranks' lines may come joined)
+            line = proc.stdout.readline()
+            assert line, said
+            said += line
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "Traceback" not in err and err.count("dmhpc prepare: interrupted\n") == 1, err
 
 
 def test_a_negative_seed_is_one_line(inputs, capsys):

@@ -724,6 +724,14 @@ def prepare_main(args) -> int:
         if comm is None or comm.Get_rank() == 0:
             raise
         return 1
+    except KeyboardInterrupt:
+        if comm is None:
+            raise
+        # Ctrl-C reaches every rank (mpiexec passes it on): one line, as a serial run says it, not a
+        # traceback from each. The staged shards are left for the next run to finish.
+        if comm.Get_rank() == 0:
+            print("dmhpc prepare: interrupted", file=sys.stderr)
+        abort_all(comm, 130)
     except BaseException:
         if comm is None:
             raise
