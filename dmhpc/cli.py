@@ -136,7 +136,8 @@ COMMANDS: dict[str, Command] = {
         "train a model with domain adaptation (single process, torchrun, srun or mpiexec)",
         "dmhpc train --config configs/deepmerge-mmd-fisher-entropy.yaml train.epochs=20 seed=1\n"
         "  torchrun --nproc_per_node=4 -m dmhpc.train --config configs/resnet18-dann.yaml --resume auto\n"
-        "  torchrun --standalone --nproc_per_node=1 -m dmhpc.train --config configs/tiny.yaml debug=true",
+        "  torchrun --standalone --nproc_per_node=1 -m dmhpc.train --config configs/tiny.yaml debug=true \\\n"
+        "      run.dir=runs/tiny-debug",
     ),
     "eval": Command(
         _eval,
