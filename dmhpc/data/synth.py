@@ -378,7 +378,11 @@ def _survey_meta(n_objects: int, views: int, knobs: Knobs) -> dict:
         "resampled_to": [scenes.STAMP, scenes.STAMP],
         "resampling": "cubic spline (scipy.ndimage.zoom, order 3) after the noise: the noise is correlated",
         "zero_point_ab": scenes.SURVEY_ZERO_POINT,
-        "image_unit": "one count per native pixel: flux = 10**(-0.4 * (AB magnitude - zero_point_ab))",
+        # (a resampled pixel is smaller than a native one: the stamp's sum is (75/64)^2 its counts)
+        "image_unit": "counts per native pixel's area (a surface brightness), as resampled: a source's counts "
+                      "= 10**(-0.4 * (AB magnitude - zero_point_ab)) = the sum of its pixels x "
+                      "(pixel_scale_arcsec / native_pixel_scale_arcsec)**2",
+        "pixel_scale_arcsec": scenes.SURVEY_PIXEL_SCALE * scenes.SURVEY_NATIVE / scenes.STAMP,
         "noise": {"sb_limit_mag_arcsec2": scenes.SURVEY_SB_LIMIT,
                   "sigma_per_native_pixel": scenes.survey_noise_sigma()},
         "spectrum": "each component's f_nu ~ lambda^alpha through its F814W and F160W fluxes",
