@@ -168,12 +168,18 @@ def test_deep_embedded_validation_weights_source_samples_like_the_target():
     ft = rng.normal(0, 1, (200, 4)) + np.array([1.5, 0, 0, 0])
     labels = (fs[:, 1] > 0).astype(int)
     right = np.where(labels[:, None] == np.arange(2), 0.9, 0.1)
-    wrong_near_target = right.copy()
-    near = fs[:, 0] > 0.75
+    wrong_near_target, wrong_far_from_target = right.copy(), right.copy()
+    near, far = fs[:, 0] > 0.75, fs[:, 0] < -0.75  # (as many rows on each side)
     wrong_near_target[near] = right[near][:, ::-1]
+    wrong_far_from_target[far] = right[far][:, ::-1]
     good = deep_embedded_validation({"features": fs, "labels": labels, "prob": right}, {"features": ft})
     bad = deep_embedded_validation({"features": fs, "labels": labels, "prob": wrong_near_target}, {"features": ft})
+    harmless = deep_embedded_validation({"features": fs, "labels": labels, "prob": wrong_far_from_target},
+                                        {"features": ft})
     assert math.isfinite(good) and good > bad
+    # The weights' direction: as many errors where the target is not weigh less (with the density
+    # ratio inverted, or the domains swapped, the two orders swapped too, and every other test passed).
+    assert harmless > bad, (harmless, bad)
 
 
 def test_deep_embedded_validation_stays_a_risk_where_the_domains_separate():
