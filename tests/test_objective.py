@@ -263,15 +263,20 @@ def test_each_amp_setting_autocasts_to_its_own_dtype(amp, dtype):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == dtype
 
 
-def _clipped_norm(cfg, monkeypatch) -> float:
-    """The gradient norm clip_grad_norm_ was handed in one step of a fresh state on one batch."""
+def _grad_norm(params) -> float:
+    return float(torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(p.grad.float()) for p in params if p.grad is not None])))
+
+
+def _clipped_norm(cfg, monkeypatch, after: list | None = None) -> float:
+    """The gradient norm clip_grad_norm_ was handed in one step of a fresh state on one batch;
+    `after` gets the norm of the gradient the optimizer stepped with (what the step left)."""
     seen = []
     clip = torch.nn.utils.clip_grad_norm_
 
     def spy(params, max_norm, *args, **kwargs):
         params = list(params)
-        seen.append(float(torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None]))))
+        seen.append(_grad_norm(params))
         return clip(params, max_norm, *args, **kwargs)
 
     monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
@@ -279,7 +284,18 @@ def _clipped_norm(cfg, monkeypatch) -> float:
     state = TrainState.build(cfg, torch.device("cpu"), 3)
     TrainStep(cfg, state, CPU, total_steps=10, steps_per_epoch=5)(0, batch())
     assert len(seen) == 1
+    if after is not None:
+        after.append(_grad_norm(state.model.parameters()))
     return seen[0]
+
+
+def test_the_gradient_the_optimizer_steps_with_is_clipped_to_grad_clip(monkeypatch):
+    """optim.grad_clip was checked only for the norm handed to the clipping: a step that clipped
+    nothing (max_norm infinite, or the clip dropped) passed every test."""
+    cfg = _with(config(transfer="mmd"), optim={"grad_clip": 0.01})
+    after = []
+    handed = _clipped_norm(cfg, monkeypatch, after)
+    assert handed > 0.1 and after[0] == pytest.approx(0.01, rel=1e-4), (handed, after)
 
 
 def test_under_fp16_the_gradient_is_clipped_at_its_unscaled_norm(monkeypatch):
