@@ -307,9 +307,12 @@ def _wait_for_steps(run_dir, n, proc, timeout=120):
     raise AssertionError("trainer made no progress")
 
 
-def test_signal_checkpoints_requeue_code_and_resume_is_bit_identical(data, tmp_path):
+@pytest.mark.parametrize("transfer", [[], ["loss.transfer=dann"]], ids=["mmd", "dann"])
+def test_signal_checkpoints_requeue_code_and_resume_is_bit_identical(data, tmp_path, transfer):
+    """Also with DANN, whose discriminator (and its optimizer's state) a resume must restore: every
+    resume test trained MMD + Fisher, and one that lost the discriminator passed them all."""
     common = ["--config", str(TINY)]
-    steps = ["train.epochs=4", "train.log_every=1", "model.name=deepmerge"]  # dropout: RNG state matters
+    steps = ["train.epochs=4", "train.log_every=1", "model.name=deepmerge", *transfer]  # dropout: RNG state matters
     # All three runs are subprocesses with the same environment: a different thread count changes
     # the order of float reductions, and bit-identity is promised for the same machine set-up.
     straight = tmp_path / "straight"
@@ -331,10 +334,25 @@ def test_signal_checkpoints_requeue_code_and_resume_is_bit_identical(data, tmp_p
                               *_overrides(data, stopped, *steps)], cwd=ROOT, env=clean_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
-    a, b = _weights(straight), _weights(stopped)
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    ends = [torch.load(run / "checkpoints" / "last.pt", weights_only=True) for run in (straight, stopped)]
+    assert ("discriminator" in ends[0]) == bool(transfer)
+    for part in ("model", "discriminator", "optimizer"):
+        flat = [dict(_tensors(end.get(part))) for end in ends]
+        assert flat[0].keys() == flat[1].keys()
+        for k in flat[0]:
+            assert torch.equal(flat[0][k], flat[1][k]), (part, k)
+
+
+def _tensors(state, prefix=""):
+    """(dotted key, tensor) of every tensor in a checkpoint's part (nested dicts and lists)."""
+    if isinstance(state, torch.Tensor):
+        yield prefix, state
+    elif isinstance(state, dict):
+        for k, v in state.items():
+            yield from _tensors(v, f"{prefix}.{k}")
+    elif isinstance(state, (list, tuple)):
+        for k, v in enumerate(state):
+            yield from _tensors(v, f"{prefix}.{k}")
 
 
 def test_three_ranks_resumed_end_with_the_bits_of_a_run_never_stopped(data, tmp_path):
