@@ -109,7 +109,8 @@ def check_record(record: dict) -> None:
         _expect(isinstance(attempts, dict) and set(attempts) == {"job", "started"}
                 and (attempts["job"] is None or isinstance(attempts["job"], str))
                 and isinstance(attempts["started"], list) and all(is_int(r, 0) for r in attempts["started"]),
-                "attempts", "{job: a SLURM job id, torchrun-ID or null, started: its attempts' restart counts}", attempts)
+                "attempts", "{job: a SLURM job id, torchrun-ID or null, started: its attempts' restart counts}",
+                attempts)
 
 
 def _check_metrics(metrics, key: str) -> None:

@@ -917,7 +917,8 @@ DELETED = object()
     ({"target": {**STATS, "mean": [0.4], "std": [0.0001]}}, "data.target.mean: expected 3 finite numbers"),
     ({"target": {**STATS, "std": [1.0, 0.0, 1.0]}}, "data.target.std: expected standard deviations above 0"),
     ({"target": {"shape": DELETED}}, "data.target: mean, std without shape (recorded together)"),
-    ({"attempts": {"job": "7", "started": ["0"]}}, "attempts: expected {job: a SLURM job id, torchrun-ID or null, started:"),
+    ({"attempts": {"job": "7", "started": ["0"]}},
+     "attempts: expected {job: a SLURM job id, torchrun-ID or null, started:"),
     ({"run_id": "run-1"}, 'run_id: expected 32 hexadecimal digits, got "run-1"'),
 ])
 def test_a_foreign_or_edited_run_json_is_one_line_naming_the_key(tmp_path, edit, message):

@@ -191,9 +191,10 @@ IDLE_ATTEMPTS = 2
 def check_requeue_progress(path: Path, state: dict | None, now: dict | None, started: list[int] | None) -> None:
     """Refuse to train in a restarted job (a SLURM requeue, a torchrun restart) whose previous
     IDLE_ATTEMPTS attempts that started this run wrote no checkpoint. `path` is the run's last.pt,
-    `state` what it holds (None: there is none yet), `now` this attempt (`DistInfo.attempt`), `started` the restart counts of this job's
-    attempts that started the run (`RunDir.started_attempts`; None where run.json predates them:
-    every earlier attempt is then taken to have). Checkpoints record the attempt that wrote them as
+    `state` what it holds (None: there is none yet), `now` this attempt (`DistInfo.attempt`),
+    `started` the restart counts of this job's attempts that started the run
+    (`RunDir.started_attempts`; None where run.json predates them: every earlier attempt is then
+    taken to have). Checkpoints record the attempt that wrote them as
     "attempt". Counted from the job's restart count alone, attempts that never reached this run (a
     new run.dir in a job requeued twice, grid points run inside one) refused it.
 
