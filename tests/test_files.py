@@ -138,3 +138,32 @@ def test_a_lock_looked_at_just_then_is_taken_not_refused(tmp_path, monkeypatch):
         fcntl.flock(holder, fcntl.LOCK_EX)
         with pytest.raises(DmhpcError, match="held by"):
             hold_lock(path, "held by {holder}", "trainer")
+
+
+def test_a_writer_starting_while_another_gives_its_folder_lock_back_is_the_only_one_there(tmp_path, monkeypatch):
+    """A folder's lock file must go before its lock (dmhpc prepare, synth, export, explain): released
+    first, a writer starting in between locked that file and lost it with its unlinking, and a
+    third then wrote in the folder beside the second."""
+    import contextlib
+
+    from dmhpc import files
+
+    folder, held = tmp_path / "ds", contextlib.ExitStack()
+    real = files.hold_lock
+
+    class StartsBetween:  # the second writer starts the moment the first unlocks
+        def __init__(self, handle):
+            self.handle = handle
+
+        def close(self):
+            self.handle.close()
+            monkeypatch.setattr(files, "hold_lock", real)
+            held.enter_context(files.locked_directory(folder, "dmhpc prepare"))
+
+    monkeypatch.setattr(files, "hold_lock", lambda *a, **k: StartsBetween(real(*a, **k)))
+    with held:
+        with files.locked_directory(folder, "dmhpc prepare"):
+            pass
+        with pytest.raises(DmhpcError, match=f"{folder}: in use by another dmhpc prepare"):
+            with files.locked_directory(folder, "dmhpc prepare"):
+                pass
