@@ -451,6 +451,55 @@ def test_a_torn_journal_is_refused_with_its_name(data, tmp_path):
             tune(spec(data, tmp_path), poll_s=0.2)
 
 
+def test_a_journal_with_a_trials_lines_removed_by_hand_is_refused(data, tmp_path):
+    """Optuna drops the records of a trial it does not know: one trial's lines removed (a failed
+    trial, by hand) lost every later trial's parameters and results without a word, and they ran
+    again with other values as trials "left running by a tuner that was killed"."""
+    from optuna.distributions import FloatDistribution
+
+    t = load_tune(spec(data, tmp_path))
+    t.out.mkdir(parents=True)
+    study = _open_study(t)
+    for value in (0.1, 0.2, 0.3):
+        study.tell(study.ask({"x": FloatDistribution(0.0, 1.0)}), value)
+    journal = t.out / JOURNAL
+    lines = journal.read_text().splitlines(keepends=True)
+    create = [k for k, line in enumerate(lines) if json.loads(line)["op_code"] == 4]
+    assert len(create) == 3
+    kept = [line for k, line in enumerate(lines) if k != create[1] and json.loads(line).get("trial_id") != 1]
+    journal.write_text("".join(kept))
+    n = 1 + next(k for k, line in enumerate(kept) if json.loads(line).get("trial_id") == 2)
+    with pytest.raises(DmhpcError, match=rf"^{journal}: line {n} is of trial 2, which no earlier line created \(lines "
+                                         rf"removed by hand\?\): Optuna would drop it"):
+        _open_study(t)
+    journal.write_text("".join(lines))  # as it was: taken
+    assert [tr.value for tr in _open_study(t).get_trials()] == [0.1, 0.2, 0.3]
+
+
+def test_the_training_seed_is_no_dimension_of_the_search(data, tmp_path):
+    """TPE optimised the seed with the hyper-parameters: the best trial was its seed's luck too."""
+    with pytest.raises(DmhpcError, match=r"space.seed: the training seed is the study's, not a value to search"):
+        load_tune(spec(data, tmp_path, space={"optim.lr": [0.001, 0.003], "seed": [1, 2, 3]}))
+
+
+def test_a_relaunch_refused_for_its_gpus_leaves_the_earlier_tuners_trials_running(data, tmp_path):
+    """The stale trials of an earlier tuner were stopped (its SLURM jobs cancelled, its local jobs
+    killed) and queued again before the launch's own checks, which then refused it: a relaunch
+    with --executor local on a GPU-less login node stopped every running trial of the study."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: gpus_per_node 1 is no refusal here")
+    t = load_tune(spec(data, tmp_path))
+    t.out.mkdir(parents=True)
+    study = _open_study(t)
+    running = study.ask({"optim.lr": optuna.distributions.CategoricalDistribution(["0.001", "0.003"])})
+    with pytest.raises(DmhpcError, match=r"gpus_per_node 1: .* here for local jobs"):
+        tune(spec(data, tmp_path, slurm={"gpus_per_node": 1}), poll_s=0.2)
+    assert [(tr.number, tr.state) for tr in _study(t.out).get_trials()] == [(running.number,
+                                                                            optuna.trial.TrialState.RUNNING)]
+
+
 def test_a_journal_of_another_study_or_direction_is_refused_and_left_as_it_was(data, tmp_path):
     """A journal holding another Optuna study got a second study appended without a word; one whose
     dmhpc-tune study minimizes was tuned with its sampler and pruner working against the objective."""

@@ -243,6 +243,9 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
         # The objective of other data sets is another number (SND grows with the rows): TPE ranked them as one.
         problems.add(f"space.{key}", "the data sets are the study's, not a value to search: their objectives do "
                      "not compare; tune each data pair in a study of its own")
+    if "seed" in space:  # TPE would take a seed's luck for the others' values, and fit it as one
+        problems.add("space.seed", "the training seed is the study's, not a value to search: the best trial "
+                     "would be its seed's luck as much as its values; set it in overrides (a grid compares seeds)")
     sampler = _read_options(problems, data.get("sampler"), "sampler", SAMPLER_DEFAULTS)
     # `false` turns pruning off; null is refused: a section whose keys were all commented out read as
     # null too, and turned pruning off without a word (a config section so left keeps its defaults).
@@ -337,6 +340,33 @@ def _journal_storage(journal: Path):
     return JournalStorage(Journal(str(journal)))
 
 
+# Optuna's journal record that creates a trial (JournalOperation.CREATE_TRIAL): a code of the file
+# format, which journals written by every Optuna version keep.
+CREATE_TRIAL = 4
+
+
+def _check_trial_records(journal: Path) -> None:
+    """Refuse a journal with a record of a trial no earlier record created: Optuna numbers trials by
+    their creation records and drops, without a word, every record of a trial it does not know, so
+    one trial's lines removed by hand (a failed trial, say) lost every later trial's parameters and
+    results, and they ran again as trials "left running by a tuner that was killed"."""
+    created = 0
+    with journal.open("rb") as f:
+        for n, line in enumerate(f, start=1):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # (Optuna's replay refuses it, below)
+            if not isinstance(record, dict):
+                continue
+            if record.get("op_code") == CREATE_TRIAL:
+                created += 1
+            elif isinstance(record.get("trial_id"), int) and not 0 <= record["trial_id"] < created:
+                raise DmhpcError(f"{journal}: line {n} is of trial {record['trial_id']}, which no earlier line "
+                                 f"created (lines removed by hand?): Optuna would drop it and the later trials' "
+                                 f"results; restore the file, or tune into another out")
+
+
 def _open_study(t: Tune):
     """The study of OUT/study.journal (created on the first launch), checked against the file."""
     import optuna
@@ -350,6 +380,7 @@ def _open_study(t: Tune):
             if f.read(1) != b"\n":
                 raise DmhpcError(f"{journal}: its last record is incomplete (the tuner was killed while writing, "
                                  f"or the disk filled); remove the last line to continue the study")
+        _check_trial_records(journal)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     pruner = (optuna.pruners.MedianPruner(n_startup_trials=t.pruner["startup_trials"],
                                           n_warmup_steps=t.pruner["warmup_epochs"])
@@ -819,11 +850,13 @@ def tune(spec: str | Path | Mapping, executor: str | None = None, poll_s: float 
         # From here on SIGTERM ends the tuner as Ctrl-C does (trials.md written, exit 130): cancelling
         # an earlier tuner's SLURM jobs waits minutes for the queue, and was killed outright there.
         with sigterm_as_interrupt():
+            # Its checks first (the GPUs here, the executor): a relaunch they refused had stopped the
+            # earlier tuner's running trials already.
+            search = _Search(t, study, poll_s)
             stale = _requeue_stale(study, t.out / "submitit")
             if stale:
                 print(f"dmhpc tune: {stale} trial(s) left running by an earlier tuner: run again, resuming "
                       f"their run directories", flush=True)
-            search = _Search(t, study, poll_s)
             try:
                 search.run()
             except BaseException:
