@@ -147,9 +147,19 @@ def test_a_search_runs_trials_by_the_objective_records_target_metrics_and_resume
                          ({"overrides": tiny_overrides(data, **{"train.epochs": 3})},
                           "config changed since it began: train.epochs"),
                          ({"space": {"optim.lr": [0.001, 0.003, 0.01]}}, "space changed since it began"),
-                         ({"slurm": {"tasks_per_node": 2}}, "ranks changed since it began")]:  # other ranks
+                         ({"slurm": {"tasks_per_node": 2}}, "ranks changed since it began"),  # other ranks
+                         # read at the first launch only (an edit ran nothing), or changing how the
+                         # trials are chosen or stopped midway
+                         ({"seed": 1}, "seed changed since it began"),
+                         ({"sampler": {"startup_trials": 2}}, "sampler changed since it began"),
+                         ({"pruner": {}}, "pruner changed since it began")]:
         with pytest.raises(DmhpcError, match=rf"study.journal: holds a study of another tune file \({what}\)"):
             tune({**spec(data, tmp_path, trials=4), **change}, poll_s=0.2)
+    assert len(study.get_trials()) == 3
+    # enqueue is read at the first launch: a value added since would never run (one left out is no change).
+    with pytest.raises(DmhpcError, match=r'study.journal: enqueue: \{"optim.lr": 0.001\} was not in the file when '
+                                         r"the study began, and enqueue is read at its first launch only"):
+        tune(spec(data, tmp_path, trials=4, enqueue=[{"optim.lr": 0.003}, {"optim.lr": 0.001}]), poll_s=0.2)
     assert len(study.get_trials()) == 3
     # What a trial's run resumes across without training differently is the same study.
     tune({**spec(data, tmp_path, trials=3, space={"optim.lr": [0.001, 0.003]}),
@@ -158,12 +168,14 @@ def test_a_search_runs_trials_by_the_objective_records_target_metrics_and_resume
     # A study an older dmhpc began recorded no ranks: taken up, and its record completed.
     # Nor keys dmhpc gained since (their defaults, as its trials read them): every study was refused
     # as "config changed" after an upgrade.
-    older = {k: v for k, v in study.user_attrs["identity"].items() if k != "ranks"}
+    older = {k: v for k, v in study.user_attrs["identity"].items()
+             if k not in ("ranks", "enqueue", "seed", "sampler", "pruner")}
     older["config"] = {**older["config"], "optim": {k: v for k, v in older["config"]["optim"].items()
                                                     if k != "discriminator_lr_mult"}}
     study.set_user_attr("identity", older)
     tune(spec(data, tmp_path, trials=3, space={"optim.lr": [0.001, 0.003]}), poll_s=0.2)
     assert _study(out).user_attrs["identity"]["ranks"] == 1 and len(study.get_trials()) == 3
+    assert _study(out).user_attrs["identity"]["seed"] == 0
     assert "discriminator_lr_mult" in _study(out).user_attrs["identity"]["config"]["optim"]
     # The first tuner recorded no configuration at all: not known, and not refused.
     study.set_user_attr("identity", {k: v for k, v in _study(out).user_attrs["identity"].items() if k != "config"})

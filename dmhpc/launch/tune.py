@@ -36,9 +36,9 @@ the same OUT is refused (and OUT/submitit/launch.lock: so is a grid or scaling l
 Relaunching continues the study up to `trials`: a trial left running by a tuner that was killed
 is run again with the same values in the same run directory, which resumes from its last
 checkpoint (its SLURM job, if it had one, is cancelled first). Changing the
-objective, the training configuration (base with overrides, resolved), the space or the ranks per
-trial since the study began is refused (`trials`, `parallel`, `executor` and the rest of `slurm`
-may change).
+objective, the training configuration (base with overrides, resolved), the space, the ranks per
+trial, `enqueue`, `seed`, `sampler` or `pruner` since the study began is refused (`trials`,
+`parallel`, `executor` and the rest of `slurm` may change).
 
 Pruning: the tuner reads each running trial's metrics log and reports the best objective score
 so far at every evaluation; the median pruner stops a trial whose best score is below the median
@@ -120,15 +120,20 @@ class Tune:
         """What the study's trials depend on, comparable across launches: the objective, the space,
         the training configuration every trial starts from (base + overrides, resolved, so an
         edit of the base file or of a file it inherits from counts; the path to it does not), the
-        ranks that train each trial (BatchNorm's batches, the losses' scope), and the manifest
+        ranks that train each trial (BatchNorm's batches, the losses' scope), the manifest
         fingerprints of the data sets prepared so far (one prepared again under the same path is
-        other data)."""
+        other data), and how the trials are chosen and stopped: the enqueued values (read at the
+        first launch only: an edit ran nothing), the seed, the sampler's and the pruner's settings
+        (an edit changed them midway through the study without a word)."""
         space = {k: (v if isinstance(v, list) else {"low": float(v.low), "high": float(v.high), "log": v.log})
                  for k, v in self.space.items()}
         cfg = resolve_point(self.base, self.overrides)
         config = _trials_config(config_to_dict(cfg))
         return json.loads(json.dumps({"objective": self.objective, "config": config, "space": space,
-                                      "ranks": self.resources.ranks, "data": data_ids(cfg)}, sort_keys=True))
+                                      "ranks": self.resources.ranks, "data": data_ids(cfg),
+                                      "enqueue": list(self.enqueue), "seed": self.seed,
+                                      "sampler": {"startup_trials": self.startup_trials},
+                                      "pruner": self.pruner}, sort_keys=True))
 
     def point(self, values: Mapping[str, Any]):
         """(run directory, validated config dict) of the trial with these values."""
@@ -427,8 +432,14 @@ def _open_study(t: Tune):
                              f"another out")
         if "config" in before:  # (the first tuner recorded none)
             before = {**before, "config": _recorded_config(before["config"], journal)}
-        changed = [k for k in ("objective", "space", "ranks") if k in before and _as_stored(k, before[k]) !=
-                   _as_stored(k, identity[k])]
+        # (each only where the study recorded it: an older dmhpc's study is not refused for it)
+        changed = [k for k in ("objective", "space", "ranks", "seed", "sampler", "pruner")
+                   if k in before and _as_stored(k, before[k]) != _as_stored(k, identity[k])]
+        # Read at the first launch only: values added since ran nothing (values removed are no change).
+        added = [e for e in identity["enqueue"] if e not in before.get("enqueue", identity["enqueue"])]
+        if added:
+            raise DmhpcError(f"{journal}: enqueue: {show(added[0])} was not in the file when the study began, "
+                             f"and enqueue is read at its first launch only; tune it in another out")
         # Keys a trial's run resumes across without training differently (cadence, loader, checks)
         # are no other study: a harmless edit refused every trial of the study.
         then = before.get("config", identity["config"])
@@ -450,7 +461,8 @@ def _open_study(t: Tune):
             raise DmhpcError(f"{journal}: its trials trained on other data ({', '.join(again)} prepared again "
                              f"since the study began: their scores and the new trials' are not comparable); "
                              f"use another out")
-        study.set_user_attr("identity", {**identity, "data": {**then_data, **identity["data"]}})
+        study.set_user_attr("identity", {**identity, "enqueue": before.get("enqueue", identity["enqueue"]),
+                                          "data": {**then_data, **identity["data"]}})
     return study
 
 
