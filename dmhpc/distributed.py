@@ -363,8 +363,9 @@ def job_attempt(env: Mapping[str, str]) -> dict | None:
 
     A SLURM job keeps its id when requeued and counts SLURM_RESTART_COUNT up. torchrun
     `--max-restarts N` starts the workers again with TORCHELASTIC_RESTART_COUNT up (0..N), inside
-    each SLURM attempt, or as the job itself (its rendezvous id, a uuid with --standalone). Without
-    them a worker restart took --resume none --overwrite again and replaced what the job trained.
+    each SLURM attempt, or as the job itself (its rendezvous id: a uuid with --standalone, else
+    --rdzv-id's, whose default names no job). Without them a worker restart took --resume none
+    --overwrite again and replaced what the job trained.
     """
     try:
         restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS") or 0)
@@ -377,8 +378,9 @@ def job_attempt(env: Mapping[str, str]) -> dict | None:
         except ValueError:
             requeues = 0
         return {"job": env["SLURM_JOB_ID"], "restart": requeues * (restarts + 1) + restart}
-    if restarts > 0:
-        return {"job": f"torchrun-{env.get('TORCHELASTIC_RUN_ID') or 'none'}", "restart": restart}
+    run_id = env.get("TORCHELASTIC_RUN_ID")
+    if restarts > 0 and run_id and run_id != "none":  # ("none": torchrun's default --rdzv-id, no one job's)
+        return {"job": f"torchrun-{run_id}", "restart": restart}
     return None
 
 

@@ -127,12 +127,17 @@ def slurm_rendezvous(env: Mapping[str, str]) -> tuple[str, int]:
     address comes without brackets (`endpoint` adds them)."""
     addr = master_addr(env)
     if addr:
-        nodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or "1"
-        check_master_addr(env["MASTER_ADDR"], int(nodes) if nodes.isdecimal() else 1)
+        check_master_addr(env["MASTER_ADDR"], _nodes(env))
     else:
         addr = node_address(first_host(_nodelist(env), env), env)
     port = master_port(env)
     return addr, slurm_port(env) if port is None else port
+
+
+def _nodes(env: Mapping[str, str]) -> int:
+    """The nodes of this step (or job) the ranks run on."""
+    nodes = env.get("SLURM_STEP_NUM_NODES") or env.get("SLURM_NNODES") or env.get("SLURM_JOB_NUM_NODES") or "1"
+    return int(nodes) if nodes.isdecimal() else 1
 
 
 def master_addr(env: Mapping[str, str]) -> str | None:
@@ -176,12 +181,12 @@ def check_hosted_here(addr: str, host: str) -> None:
                          f"({getattr(exc, 'strerror', None) or exc}); unset it (the job's first node is used) or "
                          f"name {host}") from None
     for family, kind, proto, _, address in found:
-        with socket.socket(family, kind, proto) as probe:
-            try:
+        try:  # (an IPv6 address on a node without IPv6: no socket of its family)
+            with socket.socket(family, kind, proto) as probe:
                 probe.bind((address[0], 0, *address[2:]))  # only an address of this node binds
-                return
-            except OSError:
-                continue
+            return
+        except OSError:
+            continue
     raise DmhpcError(f"environment variable MASTER_ADDR={addr}: not an address of {host} ({socket.gethostname()}), "
                      f"where the ranks' store is; unset it (the job's first node is used) or name that node")
 
@@ -199,10 +204,11 @@ def master_port(env: Mapping[str, str]) -> int | None:
 def main() -> int:
     """Print `ADDRESS PORT` for this job, the address as an endpoint's host (slurm/lib.sh reads it).
     Run by the batch script, on the job's first node: where a multi-node torchrun hosts the store,
-    and srun's rank 0 runs."""
+    and srun's rank 0 runs (one node's torchrun meets on a port of its own, and srun's rank 0
+    checks MASTER_ADDR itself)."""
     try:
         addr, port = slurm_rendezvous(os.environ)
-        if master_addr(os.environ):
+        if master_addr(os.environ) and _nodes(os.environ) > 1:  # (one node: torchrun picks its own)
             check_hosted_here(addr, "the job's first node")
     except DmhpcError as exc:
         print(f"dmhpc rendezvous: error: {exc}", file=sys.stderr)

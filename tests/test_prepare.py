@@ -906,6 +906,7 @@ def test_ranks_that_opened_two_versions_of_an_input_are_refused(inputs, tmp_path
     driver = tmp_path / "skewed.py"
     driver.write_text(SKEWED_OPEN)
     again = save(tmp_path, "X2.npy", np.load(inputs["images"]) + 100)
+    os.utime(again, ns=(10**18, 10**18))  # (written again: another time than the first, whatever the clock's grain)
     run = subprocess.run([find_mpiexec(), "-n", "2", sys.executable, str(driver), again, *args(inputs)],
                          capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert run.returncode != 0, run.stdout + run.stderr

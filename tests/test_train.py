@@ -1187,6 +1187,10 @@ def test_a_debug_run_resumes_on_its_own_world_size_only(data, tmp_path, capsys):
                                        "batches of 2 ranks; resume it with 2 ranks, or start it anew (--resume none "
                                        "--overwrite)\n")
     assert files() == before  # nothing written
+    # A new run from that run's checkpoint is a debug run of its own world (a NaN chased on one rank).
+    other = tmp_path / "other"
+    assert main(["train", "--config", str(TINY), "--resume", str(run / "checkpoints" / "last.pt"),
+                 *_overrides(data, other, "train.epochs=2", "debug=true")]) == 0, capsys.readouterr().err
 
 
 def test_dali_loader_trains(data, tmp_path):

@@ -350,11 +350,12 @@ def _check_one_version(seen: list[dict]) -> None:
     """Refuse inputs that the ranks opened in different versions (`seen`: each rank's {path:
     `file_version`}): each rank opens them itself, at its own moment, and a file replaced in
     between (a render writing it again) was converted half from each version, where only the rank
-    that checksums it checks it again, against the version it opened itself. The device number
-    is left out: a network file system's differs between nodes."""
+    that checksums it checks it again, against the version it opened itself. Size and time only:
+    device and inode numbers differ between nodes on some file systems (FUSE mounts, inputs staged
+    to each node's disk), and a file written again has another time."""
     for rank, versions in enumerate(seen[1:], start=1):
         for path, version in versions.items():
-            if path not in seen[0] or version[1:] != seen[0][path][1:]:  # (a link pointed elsewhere between)
+            if path not in seen[0] or version[2:] != seen[0][path][2:]:  # (a link pointed elsewhere between)
                 raise DmhpcError(f"{path}: written again or replaced while the ranks opened it (rank {rank} read "
                                  f"another version than rank 0); nothing written: prepare it again once it is "
                                  f"complete")

@@ -139,7 +139,7 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
     kind = preflight.loader_kind(cfg, prog, dist.world_size)
 
     # --- data, the run's length, and only then the run's files ------------------------------------
-    if cfg.debug and prog.world_size and prog.world_size != dist.world_size:
+    if cfg.debug and claim.own and prog.world_size and prog.world_size != dist.world_size:
         # Its rows are DEBUG_BATCHES global batches of its world: another world trains on other rows.
         raise DmhpcError(f"world size {dist.world_size}: debug=true trained this run on {DEBUG_BATCHES} global "
                          f"batches of {prog.world_size} ranks; resume it with {prog.world_size} ranks, or start it "
