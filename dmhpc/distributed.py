@@ -190,8 +190,10 @@ def _mpi_rendezvous(launch: Launch, env: Mapping[str, str]) -> Launch:
     # mpiexec binds each rank to its own CPUs or lets them all share one mask, by its options.
     sharers = ranks_sharing_cpus(node.allgather(cpu_mask()), local_rank)
     node.Free()
-    addr, port, refused = None, master_port(env), None  # checked on every rank: a refusal on rank 0 alone
-    if rank == 0 and size > 1:                          # hung the others
+    # MASTER_PORT checked on every rank, and rank 0's refusal of MASTER_ADDR said by all: a refusal
+    # on rank 0 alone hung the others.
+    addr, port, refused = None, master_port(env), None
+    if rank == 0 and size > 1:
         addr = master_addr(env) or socket.gethostname()
         port = _free_port() if port is None else port
         try:
