@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import ROOT, TINY, clean_env, study_spec, tiny_overrides
+from tests.conftest import ROOT, TINY, clean_env, fake_commands, study_spec, tiny_overrides
 from dmhpc.errors import DmhpcError
 from dmhpc.launch import expand, load_grid, load_study, point_name, sample_space
 from dmhpc.launch.spec import Range
@@ -806,6 +806,43 @@ def test_a_launch_refused_before_any_job_went_in_keeps_the_failures(tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         launch_grid({**spec, "executor": "slurm"})
     assert _read_failures(path) == {"seed=1": "job 7 failed"}
+
+
+def test_a_launchers_failures_and_tables_are_written_before_its_lock_is_released(tmp_path, monkeypatch):
+    """They were written after: a second launcher, started in between, ran the failed points again,
+    and the first one's failures.json then said "failed" of points whose jobs ran (until the second
+    ended, or for good when it was stopped)."""
+    from dmhpc.files import hold_lock
+    from dmhpc.launch import grid, submit
+    from dmhpc.launch.grid import FAILURES, _read_failures
+    from dmhpc.launch.submit import LAUNCH_LOCK
+
+    fake_commands(tmp_path, monkeypatch, {"sbatch": "exit 1\n"})  # (never called: submit_points is replaced)
+    spec = {"base": str(TINY), "out": str(tmp_path / "g"), "grid": {"seed": [1, 2]}, "executor": "slurm"}
+    lock = tmp_path / "g" / "submitit" / LAUNCH_LOCK
+    held = []
+
+    def free() -> bool:
+        try:
+            with hold_lock(lock, "{holder}", "launcher"):
+                return True
+        except DmhpcError:
+            return False
+
+    def submitted(points, *args, on_submit, **kwargs):
+        on_submit()
+        return ["job"]
+
+    record, tables = grid._record_failures, grid._write_tables
+    monkeypatch.setattr(submit, "submit_points", submitted)
+    monkeypatch.setattr(submit, "wait_for", lambda jobs: {"seed=1": "job 7 failed: boom"})
+    monkeypatch.setattr(grid, "_record_failures", lambda *a: (held.append(("failures", free())), record(*a)))
+    monkeypatch.setattr(grid, "_write_tables", lambda *a: (held.append(("tables", free())), tables(*a))[1])
+    with pytest.raises(DmhpcError, match="1 point"):
+        grid.launch_grid(spec)
+    assert held == [("failures", False), ("failures", False), ("tables", False)], held  # (the first: cleared)
+    assert _read_failures(tmp_path / "g" / "submitit" / FAILURES) == {"seed=1": "job 7 failed: boom"}
+    assert "failed" in (tmp_path / "g" / "leaderboard.md").read_text()
 
 
 @pytest.mark.parametrize("inside", ["run", "data"])

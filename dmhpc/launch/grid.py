@@ -369,11 +369,14 @@ def launch_grid(spec: str | Path | Mapping, wait: bool = True, executor: str | N
         _record_failures(g, {})
         return lambda: path.unlink(missing_ok=True) if earlier is None else atomic_write(path, earlier)
 
+    def record(failures: dict[str, str]) -> None:
+        _record_failures(g, failures)
+        rows.extend(_write_tables(g, failures))
+
+    rows: list[dict] = []
     failures = launch_points(list(g.points), {p.name: g.resources for p in g.points}, kind=g.executor,
                              folder=g.out / "submitit", job_name=f"dmhpc-{g.out.name}", task=TrainTask(),
-                             wait=wait, before=clear_failures)
-    _record_failures(g, failures)
-    rows = _write_tables(g, failures)
+                             wait=wait, before=clear_failures, after=record)
     if failures:
         raise DmhpcError("\n".join([f"{g.source}: {len(failures)} point(s) failed:",
                                     *(f"point {name}: {why}" for name, why in failures.items())]))

@@ -817,12 +817,15 @@ def hold_launch_lock(folder: Path, made: list[Path] | None = None) -> IO:
 
 def launch_points(points: list[Point], resources: Mapping[str, Resources], *, kind: str, folder: Path,
                   job_name: str, task: TrainTask, wait: bool = True, at_once_why: str = "",
-                  before: Callable[[], Callable[[], None] | None] | None = None) -> dict[str, str]:
+                  before: Callable[[], Callable[[], None] | None] | None = None,
+                  after: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
     """Run the points' jobs: local ones here (`_launch_local`; `at_once_why` follows "N at a time" in
     its start line), others by `submit_points` and (with wait) `wait_for`; {point name: why its job
     failed}. `before` runs first under the launch lock (what a launcher records of its points: one
     refused as a second launcher must not have written it); what it returns, if anything, undoes it
-    when the launch is refused before any job went in (sbatch refusing, no GPU here)."""
+    when the launch is refused before any job went in (sbatch refusing, no GPU here). `after` gets
+    the failures while the lock is still held: a second launcher, started once it is released, runs
+    points again, and what this one recorded of them after that was out of date."""
     if not wait and kind != "slurm":
         raise DmhpcError(f"executor {kind}: its jobs end with the launcher, so the launcher must wait for them")
     check_executor_here(kind)
@@ -840,11 +843,13 @@ def launch_points(points: list[Point], resources: Mapping[str, Resources], *, ki
             undo = before() if before is not None else None
             if kind != "slurm":
                 _check_no_queued_slurm_job(points, folder)
+            jobs = None
             if kind == "local":
-                return _launch_local(points, resources, folder=folder, job_name=job_name, task=task,
-                                     at_once_why=at_once_why, on_submit=lambda: submitted.append(True))
-            jobs = submit_points(points, resources, kind=kind, folder=folder, job_name=job_name, task=task,
-                                 on_submit=lambda: submitted.append(True))
+                failures = _launch_local(points, resources, folder=folder, job_name=job_name, task=task,
+                                         at_once_why=at_once_why, on_submit=lambda: submitted.append(True))
+            else:
+                jobs = submit_points(points, resources, kind=kind, folder=folder, job_name=job_name, task=task,
+                                     on_submit=lambda: submitted.append(True))
         except BaseException:  # a refusal, Ctrl-C, or submitit's own error before any job went in
             if not submitted:
                 if undo is not None:
@@ -855,7 +860,11 @@ def launch_points(points: list[Point], resources: Mapping[str, Resources], *, ki
                         with contextlib.suppress(OSError):  # (not empty: something else is there now)
                             d.rmdir()
             raise
-        return wait_for(jobs) if wait else {}
+        if jobs is not None:
+            failures = wait_for(jobs) if wait else {}
+        if after is not None:
+            after(failures)
+        return failures
 
 
 def local_controllers(folder: Path, job_id: str | None = None) -> list[int]:
