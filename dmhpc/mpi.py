@@ -119,6 +119,11 @@ def abort_all(comm, code: int = 1) -> None:
     """End every rank (MPI_Abort) a moment after this one said why: mpiexec kills the processes at
     once, and the line a rank had just written (its one-line error) went missing on its way to the
     terminal once, on a loaded machine (not reproduced; the pause is cheap beside a failed job)."""
-    sys.stderr.flush()
-    time.sleep(ABORT_PAUSE_S)
-    comm.Abort(code)
+    try:
+        sys.stderr.flush()
+        time.sleep(ABORT_PAUSE_S)
+    finally:  # never returns: a second Ctrl-C in the pause, or one that MPI_Abort returned on, went on
+        try:  # with the caller's code after it (a second message, or an abort with another code)
+            comm.Abort(code)
+        finally:
+            os._exit(code)

@@ -586,6 +586,46 @@ def test_a_failure_on_another_rank_leaves_nothing_of_rank_0s_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+SLOW_RENDER = """
+import sys, time
+import numpy as np
+import dmhpc.data.synth as synth
+from dmhpc.cli import main
+
+def render(seed, obj_id, knobs):
+    print("rendering", flush=True)
+    time.sleep(120)
+
+synth.render_object = render
+sys.exit(main(["synth", "--out", sys.argv[1], "--n-per-class", "30"]))
+"""
+
+
+@pytest.mark.mpi
+def test_ctrl_c_under_mpiexec_is_one_line_and_leaves_nothing(tmp_path):
+    """Ctrl-C reaches every rank: each said "error: rank N: KeyboardInterrupt()" or "error:
+    KeyboardInterrupt()" and the job ended with MPI_Abort's 1."""
+    mpiexec = _mpiexec()
+    if mpiexec is None:
+        pytest.skip("mpiexec not found next to the Python interpreter nor on PATH")
+    env = {k: v for k, v in os.environ.items() if k not in MPI_LAUNCH_VARIABLES}
+    proc = subprocess.Popen([mpiexec, "-n", "2", sys.executable, "-c", SLOW_RENDER, str(tmp_path / "s")], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        said = ""
+        while said.count("rendering") < 2:  # (the ranks' lines may come joined)
+            line = proc.stdout.readline()
+            assert line, said
+            said += line
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in err and "error" not in err, (proc.returncode, err)
+    assert err.count("dmhpc synth: interrupted\n") == 1, err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_survey_objects_share_no_random_stream_with_simulated_ones():
     """Keyed [seed, 2, k], survey object 0 had simulated object 2's streams (numpy pads short keys
     with zeros to 4 words), so its primary galaxy; a seed of 2**33 split into the words

@@ -534,18 +534,20 @@ def _render_mpi(comm, seed: int, knobs: Knobs, survey: bool, n_objects: int, sin
             bar.update(got)
 
 
-def _hand_error_to_rank_0(comm, text: str) -> None:
+def _hand_error_to_rank_0(comm, text: str, interrupted: bool = False) -> None:
     """Sent as a chunk's head, where rank 0 looks for the next one: it fails as on an error of its
     own, so its staged files go before it ends every rank. This rank's MPI_Abort killed rank 0 in a
     receive, and its full-size temporary files stayed. Ends every rank itself when rank 0 does not
-    within a few minutes (ended already, or stuck)."""
+    within a few minutes (ended already, or stuck). `interrupted`: Ctrl-C, which mpiexec passes to
+    every rank; rank 0 says it once, so this rank says nothing of it."""
     try:
         request = comm.isend((None, text), dest=0, tag=_TAG_HEAD)  # (held: its buffer lives as long)
         time.sleep(_ERROR_WAIT)  # rank 0 reads heads between its own chunks, seconds apart
         del request
     finally:  # (the send failed, or an interrupt: rank 0 would wait for this rank forever)
-        print(f"dmhpc synth: error: {text}; ending the other ranks", file=sys.stderr, flush=True)
-        abort_all(comm)
+        if not interrupted:
+            print(f"dmhpc synth: error: {text}; ending the other ranks", file=sys.stderr, flush=True)
+        abort_all(comm, 130 if interrupted else 1)
 
 
 # ----------------------------------------------------------------------------- the library function
@@ -617,6 +619,8 @@ def _render(out: Path, n_per_class: int, seed: int, knobs: Knobs, views: tuple[s
             # ended rank 0 while it removed its staged files).
             with _sigterm_raises(out):
                 _render_mpi(comm, seed, knobs, survey, n_objects, sink=None)
+        except KeyboardInterrupt:
+            _hand_error_to_rank_0(comm, f"rank {rank}: interrupted", interrupted=True)
         except BaseException as exc:  # rank 0 would wait for this rank forever
             text = str(exc) if isinstance(exc, DmhpcError) else repr(exc)
             _hand_error_to_rank_0(comm, f"rank {rank}: {text}")
@@ -644,6 +648,9 @@ def _render(out: Path, n_per_class: int, seed: int, knobs: Knobs, views: tuple[s
         if comm is not None:  # the other ranks may be waiting on this one
             release()
             # The line the command prints without MPI (MPI_Abort adds its own after it).
+            if isinstance(exc, KeyboardInterrupt):
+                print("dmhpc synth: interrupted", file=sys.stderr, flush=True)
+                abort_all(comm, 130)
             text = str(said) if isinstance(said, DmhpcError) else repr(said)
             print(f"dmhpc synth: error: {text}; ending the other ranks", file=sys.stderr, flush=True)
             abort_all(comm)
