@@ -775,6 +775,11 @@ def bad_case(tmp_path, case):
         ids = np.where(np.arange(12) % 2, 1e19, 1.5e19)
         return dict(files, objects=save(tmp_path, "oh.npy", ids)), [
             "oh.npy: 12 object ids do not fit a 64-bit integer (first at index 0: 1.5e+19)"]
+    if case == "label-float16-inf":  # (compared with 2**63, which is inf as a float16: numpy's overflow warning)
+        labels = np.zeros(12, np.float16)
+        labels[3] = np.inf
+        return dict(files, labels=save(tmp_path, "yh.npy", labels)), [
+            "yh.npy: 1 labels do not fit a 64-bit integer (first at index 3: inf)"]
     if case == "object-huge-unsigned":
         ids = np.arange(12, dtype=np.uint64) + np.uint64(2 ** 63 - 6)
         return dict(files, objects=save(tmp_path, "ou.npy", ids)), [
@@ -792,10 +797,11 @@ BAD_CASES = [
     "missing", "not-npy", "npz", "fortran", "truncated", "negative-shape", "huge-shape", "joined", "dims", "channels",
     "int-images", "str-images",
     "structured-images", "zero-size-images", "label-count", "label-range",
-    "label-fraction", "nan", "inf", "empty", "object-huge", "object-huge-unsigned", "object-count", "out-not-empty",
+    "label-fraction", "nan", "inf", "empty", "object-huge", "label-float16-inf", "object-huge-unsigned", "object-count", "out-not-empty",
 ]
 
 
+@pytest.mark.filterwarnings("error")  # one line, and no warning beside it
 @pytest.mark.parametrize("case", BAD_CASES)
 def test_bad_input_one_line_error_and_nothing_written(tmp_path, capsys, case):
     files, parts = bad_case(tmp_path, case)

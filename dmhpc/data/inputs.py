@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +109,13 @@ class FileRows(RowIndexed):
         self.ndim = len(self.shape)
         self._offset = offset
         self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        self._file = open(path, "rb")  # positioned reads only: no shared position to race on
+        # Positioned reads only: no shared position to race on. Closed with the object (a file
+        # object left to the collector was a ResourceWarning, and an open file until then).
+        try:
+            self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise DmhpcError(f"{path}: cannot read ({exc.strerror})") from None
+        weakref.finalize(self, os.close, self._fd)
 
     def _rows(self, index: np.ndarray) -> np.ndarray:
         index = np.where(index < 0, index + len(self), index)  # (counted from the end, as an array's)
@@ -125,7 +132,7 @@ class FileRows(RowIndexed):
         view, want, got = memoryview(rows).cast("B"), rows.size, 0
         while got < want:
             try:
-                n = os.preadv(self._file.fileno(), [view[got:]], self._offset + first * self._row_bytes + got)
+                n = os.preadv(self._fd, [view[got:]], self._offset + first * self._row_bytes + got)
             except OSError as exc:
                 raise DmhpcError(f"{self.path}: cannot read ({exc.strerror})") from None
             if n == 0:

@@ -130,7 +130,8 @@ def _whole_numbers(values: np.ndarray, name: str, what: str) -> np.ndarray:
             )
     # Beyond int64 the cast wraps (uint64) or is undefined (float): distinct ids became one object.
     if np.issubdtype(values.dtype, np.floating):
-        big = np.flatnonzero((values >= 2.0 ** 63) | (values < -(2.0 ** 63)))
+        wide = values.astype(np.float64)  # (2**63 is inf as a float16: numpy's overflow warning)
+        big = np.flatnonzero((wide >= 2.0 ** 63) | (wide < -(2.0 ** 63)))
     else:  # compared as integers: int64's largest is no float
         big = np.flatnonzero(values > np.iinfo(np.int64).max) if values.dtype.kind == "u" else np.array([], int)
     if big.size:
