@@ -520,6 +520,54 @@ def test_a_part_that_one_rank_cannot_write_is_every_ranks_one_line(trained, tmp_
     assert [p.name for p in _parts(out)] == ["part-000000.npz"]
 
 
+DEFECT_ON_RANK_1 = """
+import os, sys
+from dmhpc.infer import predict
+
+def broken(*args, **kwargs):
+    raise RuntimeError("a defect in a library")
+
+if os.environ["RANK"] == "1":
+    predict.batch_columns = broken
+sys.exit(__import__("dmhpc.cli").cli.main(sys.argv[1:]))
+"""
+
+
+def test_an_error_other_than_ours_on_one_rank_is_said_by_every_rank(trained, tmp_path):
+    """Only a DmhpcError in a part was shared: rank 1's RuntimeError was its traceback alone, and
+    rank 0, waiting in the next round's gather, was killed by torchrun without a word."""
+    script = tmp_path / "defect.py"
+    script.write_text(DEFECT_ON_RANK_1)
+    out = tmp_path / "c.parquet"
+    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--tee=2", str(script),
+                           *_predict_cmd(trained, out)[2:]], cwd=ROOT, env=clean_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    said = {rank: [line.split(":", 1)[1] for line in proc.stderr.splitlines() if line.startswith(f"[default{rank}]:")]
+            for rank in (0, 1)}
+    assert said[0] == ["dmhpc predict: error: RuntimeError: a defect in a library"], proc.stderr[-3000:]
+    assert said[1][-1].endswith("RuntimeError: a defect in a library") and "Traceback" in said[1][0], \
+        proc.stderr[-3000:]
+    assert "exitcode  : -15" not in proc.stderr, proc.stderr[-3000:]  # (no rank killed by torchrun)
+
+
+def test_out_of_memory_in_a_part_is_one_line_naming_the_batch_size(trained, tmp_path, capsys, monkeypatch):
+    """A traceback (70 lines from torch's allocator) with nothing said of the --batch-size that set it."""
+    from dmhpc.infer import predict
+
+    def no_memory(*args, **kwargs):  # (torch's CPU allocator raises RuntimeError; CUDA's OutOfMemoryError)
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 737280000 bytes")
+
+    monkeypatch.setattr(predict, "batch_columns", no_memory)
+    out = tmp_path / "c.parquet"
+    assert main(_predict_cmd(trained, out)[2:]) == 1
+    err = capsys.readouterr().err
+    assert err == ("dmhpc predict: error: out of memory on cpu at --batch-size 16: give a smaller one (the parts "
+                   "already written are then computed again: a batch's size moves its results' last bits)\n"), err
+    assert not out.exists()
+
+
 class _RowsRead:
     """An (N, C, H, W) array that records which rows were read."""
 
@@ -733,33 +781,44 @@ def test_a_stop_signal_finishes_the_part_and_exits_for_requeue(trained, tmp_path
     assert rerun.returncode == 0 and len(read(out)) == 200, rerun.stderr[-2000:]
 
 
-SIGNALLED_WHILE_OPENING = """
+SIGNALLED_IN_A_PHASE = """
 import os, signal, sys
 import dmhpc.infer.predict as predict
-real = predict.open_source
+from dmhpc.infer.sources import Source
 
-def opened(**kwargs):  # the checks and digest of a survey take minutes: the preemption notice comes then
-    os.kill(os.getpid(), signal.SIGTERM)
-    return real(**kwargs)
+def signalled(real):  # the checks, checksums, digest and statistics of a survey take minutes: the notice comes then
+    def call(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    return call
 
-predict.open_source = opened
+phase = sys.argv.pop(1)
+if phase == "open_source":
+    predict.open_source = signalled(predict.open_source)
+else:
+    setattr(Source, phase, signalled(getattr(Source, phase)))
 from dmhpc.cli import run
 run(sys.argv[1:])
 """
 
 
-def test_a_stop_signal_before_the_first_part_exits_for_requeue_with_nothing_computed(trained, tmp_path):
+@pytest.mark.parametrize("phase", ["open_source", "check", "digest_blocks", "own_stats"])
+def test_a_stop_signal_before_the_first_part_exits_for_requeue_with_nothing_computed(trained, tmp_path, phase):
     """The handler went in only after the checks, the digest and the statistics pass: a signal
     then ended the job by its default action (exit 143, a failure), and one that was caught still
-    had every rank compute a part first."""
+    had every rank compute a part first. A signal in a phase is taken at its end: each went on to
+    the next (a survey's checksums, digest and statistics: minutes each, past the signal's lead)."""
     out = tmp_path / "early.fits"
     script = tmp_path / "signalled.py"
-    script.write_text(SIGNALLED_WHILE_OPENING)
-    proc = subprocess.run([sys.executable, str(script), *_predict_cmd(trained, out)[2:]], cwd=ROOT,
-                          env=clean_env(), capture_output=True, text=True, timeout=300)
+    script.write_text(SIGNALLED_IN_A_PHASE)
+    proc = subprocess.run([sys.executable, str(script), phase, *_predict_cmd(trained, out, "--normalize", "own")[2:]],
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == REQUEUE_EXIT_CODE, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "(0 done before)" in proc.stdout and "finished parts are kept" in proc.stdout
+    said = "finished parts are kept" if phase == "own_stats" else "nothing computed yet"
+    assert f"stopped by a signal; {said}" in proc.stdout, proc.stdout
     assert not _parts(out) and not out.exists()
+    if phase != "own_stats":  # (a phase after the first ends the job before the next one's work)
+        assert not Path(f"{out}.parts").exists()
 
 
 SIGNALLED_WHILE_ENDING = """
@@ -783,9 +842,10 @@ def test_a_stop_signal_after_the_catalog_is_written_leaves_the_exit_a_success(tr
     assert out.exists() and f"wrote {out}" in proc.stdout
 
 
-def test_a_stop_signal_during_the_last_part_still_writes_the_catalog(trained, tmp_path):
-    """Every part written when the signal is seen: the catalog is merged now, not after a requeue
-    that would wait in the queue again only to merge."""
+def test_a_stop_signal_during_the_last_part_leaves_the_merge_to_the_requeued_job(trained, tmp_path):
+    """Every part written when the signal was seen, the catalog was merged at once: minutes for tens
+    of millions of rows, past the signal's lead on the time limit, and the job killed in the merge
+    was not requeued (its parts on disk, no catalog)."""
     out = tmp_path / "last.parquet"
     cmd = [sys.executable, "-m", "dmhpc", "predict", "--run-dir", str(trained["run"]), "--images",
            str(trained["survey"]), "--out", str(out), "--part-size", "256", "--batch-size", "4", "--tta"]
@@ -802,7 +862,11 @@ def test_a_stop_signal_during_the_last_part_still_writes_the_catalog(trained, tm
         assert not out.exists() and not _parts(out), "the part ended before the signal: make it longer"
         os.kill(proc.pid, signal.SIGTERM)
         os.kill(proc.pid, signal.SIGCONT)
-        assert proc.wait(timeout=120) == 0, (tmp_path / "log").read_text()[-2000:]
+        assert proc.wait(timeout=120) == REQUEUE_EXIT_CODE, (tmp_path / "log").read_text()[-2000:]
+    assert not out.exists() and len(_parts(out)) == 1
+    rerun = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and "(1 done before)" in rerun.stdout and "from parts done before" in rerun.stdout, \
+        rerun.stdout[-2000:] + rerun.stderr[-2000:]
     assert len(read(out)) == 200 and not _parts(out)
 
 
@@ -1609,11 +1673,13 @@ def test_text_catalogs_refuse_ids_with_a_line_break_and_int8_ids_stay_integers_i
     Table({"id": np.arange(100, 116, dtype=np.int8)}).write(tmp_path / "i1.parquet", format="parquet")
     # An --out whose name fits but whose merge's temporary name (14 characters longer) does not:
     # refused before any image, not at the merge after all of them ("a rerun merges them": never).
-    long = tmp_path / ("a" * 236 + ".csv")
-    capsys.readouterr()
-    assert main([*argv, str(tmp_path / "i1.parquet"), "--out", str(long)]) == 1
-    err = capsys.readouterr().err
-    assert "File name too long" in err and len(err.splitlines()) == 1 and "predicted" not in err, err
+    # (A CSV's provenance file, 5 characters longer, is checked too: 236 characters are too long for
+    # it alone, 242 for the catalog's own name.)
+    for long in (tmp_path / ("a" * 236 + ".csv"), tmp_path / ("a" * 234 + ".parquet")):
+        capsys.readouterr()
+        assert main([*argv, str(tmp_path / "i1.parquet"), "--out", str(long)]) == 1
+        err = capsys.readouterr().err
+        assert "File name too long" in err and len(err.splitlines()) == 1 and "predicted" not in err, err
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("aaa")) == [], list(tmp_path.iterdir())
     assert main([*argv, str(tmp_path / "i1.parquet"), "--out", str(tmp_path / "i1.fits")]) == 0
     back = Table.read(tmp_path / "i1.fits")["id"]

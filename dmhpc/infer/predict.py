@@ -8,7 +8,8 @@ computed by rank k mod world size, a batch at a time, and written atomically to
 CATALOG.parts/part-K.npz. The images held are a batch's, whatever the survey's size (the
 input catalog's ids and file names are held whole, a few hundred bytes a row).
 A rerun skips the parts already written, so a preempted job resumes where it stopped: on a stop
-signal every rank finishes the part it is computing and exits with the requeue code. When every
+signal every rank finishes the part it is computing and exits with the requeue code (also after
+the last part: the requeued job merges). When every
 part is there, rank 0 merges them, sorted back into input order, into one catalog (an astropy
 Table: the format follows the extension: .parquet, .fits, .csv, .ecsv, .h5/.hdf5) with the run,
 checkpoint, data set and dmhpc version in its metadata (for plain CSV, which has no place for
@@ -208,6 +209,17 @@ def _compute_part(model: Model, source: Source, normalize: Normalizer, start: in
             for key, value in batch_columns(model, normalize, images, columns, tta).items():
                 out.setdefault(key, []).append(np.asarray(value))
     return {key: np.concatenate(values) for key, values in out.items()}
+
+
+def _part_error(exc: Exception, batch_size: int, device: torch.device) -> tuple[str, bool]:
+    """What every rank says of an error computing or writing a part, and whether it is a defect
+    (its traceback stays on the rank it happened on). Out of memory is a user's choice of batch."""
+    if isinstance(exc, DmhpcError):
+        return str(exc), False
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(exc):
+        return (f"out of memory on {device} at --batch-size {batch_size}: give a smaller one (the parts already "
+                f"written are then computed again: a batch's size moves its results' last bits)"), False
+    return f"{type(exc).__name__}: {exc}", True
 
 
 def batch_columns(model: Model, normalize: Normalizer, images: np.ndarray, columns: dict, tta: bool) -> dict:
@@ -572,6 +584,17 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
     # the end, through the teardown (see dmhpc.cli.run).
     stop = StopRequest(signals)
     source, held = None, contextlib.ExitStack()
+
+    def stopped() -> bool:  # asked of every rank at once, between the phases before the parts
+        return any(all_gather_object(stop.signal_name is not None))
+
+    def requeue(kept: str) -> int:
+        if dist.is_main:
+            print(f"dmhpc predict: stopped by a signal; {kept}; exiting with {REQUEUE_EXIT_CODE} so the launcher "
+                  f"requeues (a rerun resumes)", flush=True)
+        meet_before_leaving()
+        return REQUEUE_EXIT_CODE
+
     try:
         model = agree(lambda: Model(run, checkpoint, dist.device, amp))
         # How to open the source again (dmhpc explain --catalog reads the candidates' images back).
@@ -594,6 +617,8 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
             raise DmhpcError(f"{run.checkpoint(checkpoint)} or {source.path}: replaced while the ranks were "
                              f"reading it (a run still training?); start again")
         check_shape(source.shape_of, source.shape, model.data["source"]["shape"])
+        if stopped():
+            return requeue("nothing computed yet")
         parts = Path(f"{out}.parts")
         on_main(lambda: _lock_parts(out, parts, overwrite, held))
         # Keys of at most 8 characters: they are FITS header keywords too. INPUTSHA, MEAN and STD are
@@ -607,6 +632,8 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                 "NORM": normalize, "MEAN": "", "STD": "", "TTA": tta, "AMP": amp, "SRCARGS": json.dumps(source_args)}
         on_main(lambda: _check_writable(out, meta))
         source.check(verify != "structure", dist.rank, dist.world_size, gather)
+        if stopped():  # (checksums: minutes on a survey; the digest and the statistics as long)
+            return requeue("nothing computed yet")
         # Before the digest and the statistics: a prepared set's ids are read from its shards, once
         # they are verified; other sources' are in memory.
         on_main(lambda: _check_ids(out, source))
@@ -617,6 +644,8 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         missing = min((row for _, row in shares if row is not None), default=None)
         if missing is not None:
             raise AgreedError(source.missing_error(missing))
+        if stopped():
+            return requeue("nothing computed yet")
         if normalize == "target":
             mean, std = model.normalization("target")
         else:
@@ -646,7 +675,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         todo = [k for k in range(dist.rank, n_parts, dist.world_size) if not done_before(k)]
         counts = all_gather_object(len(todo))
         remaining = sum(counts)
-        t0, done, error, written = time.perf_counter(), 0, None, 0
+        t0, done, error, failure = time.perf_counter(), 0, None, None
         mine = sum(b - a for a, b in (_part_rows(source.count, part_size, k) for k in todo))
         with progress_bar(mine, "predict", unit="img", show=dist.is_main) as bar:
             if dist.is_main:  # a stop signal sent on seeing this line: the ranks stop after the part in hand
@@ -668,25 +697,25 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
                         columns[PART_CHECKSUM] = _part_checksum(columns, spec_digests[0])
                         atomic_write(_part_path(parts, k), writer=lambda f: np.savez(f, **columns), durable=False)
                         done += stop_row - start
-                        written += 1
                         bar.update(stop_row - start)
-                    except DmhpcError as exc:  # a bad image, a full disk: said by every rank below
-                        error = str(exc)
-        ended = all_gather_object((stop.signal_name is not None, error, len(todo) - written))
-        errors = [e for _, e, _ in ended if e is not None]
+                    # Any error (a bad image, a full disk, memory, a defect), said by every rank below:
+                    # one raised on its rank alone left the others waiting in the next round's gather.
+                    except Exception as exc:
+                        error, defect = _part_error(exc, batch_size, dist.device)
+                        failure = exc if defect else None
+        ended = all_gather_object((stop.signal_name is not None, error))
+        errors = [e for _, e in ended if e is not None]
         if errors:
+            if failure is not None:
+                failure.dmhpc_agreed = True  # (see dmhpc.distributed.agreed)
+                raise failure
             raise AgreedError(errors[0])
-        # A signal during the last parts: every part is written, so the catalog is merged now (a
-        # requeue only to merge would wait in the queue again).
-        stopped = any(s for s, _, _ in ended) and sum(left for _, _, left in ended) > 0
         computed = sum(all_gather_object(done))
         rate = computed / max(time.perf_counter() - t0, 1e-9)
-        if stopped:
-            if dist.is_main:
-                print(f"dmhpc predict: stopped by a signal; finished parts are kept in {parts}; exiting with "
-                      f"{REQUEUE_EXIT_CODE} so the launcher requeues (a rerun resumes)", flush=True)
-            meet_before_leaving()
-            return REQUEUE_EXIT_CODE
+        # A signal during the last parts too: the merge (minutes for tens of millions of rows) would
+        # outlast the signal's lead on the time limit, and the job killed in it is not requeued.
+        if any(s for s, _ in ended):
+            return requeue(f"finished parts are kept in {parts}")
         rows = on_main(lambda: _merge(out, parts, source, part_size, tta, meta, overwrite, spec_digests))
         if dist.is_main:
             # (every part found done: no rate, "0 images/s" said of a catalog merged from them)
