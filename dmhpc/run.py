@@ -41,7 +41,7 @@ from dmhpc import __version__
 from dmhpc.checks import show
 from dmhpc.config import (Config, changed_keys, config_from_dict, config_to_dict, inert_keys, load_config,
                           save_config)
-from dmhpc.errors import DmhpcError
+from dmhpc.errors import DmhpcError, reason_of
 from dmhpc.files import (LockHeld, atomic_path, atomic_write, hold_lock, inside, is_temporary, lock_holder,
                          remove_orphans, replace_durably)
 from dmhpc.names import DOMAINS
@@ -117,6 +117,10 @@ class Claim:
     own: bool = True  # resume_from is one of this run's checkpoints (not a checkpoint from elsewhere)
     run_id: str | None = None  # the id the run keeps (see `RunDir.check_identity`); None: a new run's
     note: str | None = None  # what the trainer says of the choice (a requeued attempt going on with its job's run)
+
+
+class ConfigChanged(DmhpcError):
+    """The run was trained with another configuration or data than this start's (`_check_changes`)."""
 
 
 class RunDir:
@@ -471,7 +475,10 @@ class RunDir:
             return replace(self._decide(cfg, "auto", overwrite, data_ids, existed),
                            note=f"{job}, which started this run, goes on with it: --resume {resume} chose how the "
                                 f"job began")
-        except DmhpcError as exc:  # the config edited since, say: the arguments say what then
+        # Its configuration edited since (or its data): the arguments say what then. Nothing else: a
+        # last.pt the attempt cannot read (an I/O error, a damaged file) replaced the job's run with a
+        # new one, best.pt and results gone, where --resume auto refuses it in one line.
+        except ConfigChanged as exc:
             return replace(self._decide(cfg, resume, overwrite, data_ids, existed),
                            note=f"{job} cannot go on with the run the job started ({exc}); --resume {resume} "
                                 f"begins it again")
@@ -780,7 +787,7 @@ class RunDir:
                 refused.append(f"{key} {show(_dotted(new, key))} holds another data set than the run trained on "
                                f"(manifest fingerprint {was[:12]} -> {now[:12]})")
         if refused:
-            raise DmhpcError(f"{where}: the run was trained with another configuration: {'; '.join(refused)} "
+            raise ConfigChanged(f"{where}: the run was trained with another configuration: {'; '.join(refused)} "
                              f"(only its length, cadence, loader and location may change on resume, see "
                              f"docs/training.md; start a new run.dir, or --resume none --overwrite)")
         return changed
@@ -959,9 +966,8 @@ def _load_state(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise DmhpcError(f"{path}: not a readable dmhpc checkpoint (truncated, corrupt, or not saved by dmhpc): "
-                         f"{reason}") from None
+                         f"{reason_of(exc)}") from None
     if not isinstance(state, dict):
         raise DmhpcError(f"{path}: not a dmhpc checkpoint (it holds a {type(state).__name__}, not a mapping)")
     return state

@@ -152,3 +152,17 @@ def test_a_command_line_override_is_blamed_only_for_its_own_keys():
                               "command line: train.batch: unknown key",
                               "command line: loss.fisher.weight: expected a number >= 0, got -1",
                               "f.yaml: lossy: unknown key"]
+
+
+def test_a_librarys_reason_is_its_first_sentence_on_one_line():
+    """Cut at 200 characters, torch's reason for a damaged checkpoint ended "... your checkpoint file is"."""
+    from dmhpc.errors import reason_of
+
+    torch_says = ("PytorchStreamReader failed reading zip archive: failed finding central directory. This is an "
+                  "internal miniz error. If you are seeing this error, there is a high likelihood that your "
+                  "checkpoint file is corrupted.")
+    assert reason_of(RuntimeError(torch_says)) == ("PytorchStreamReader failed reading zip archive: failed finding "
+                                                   "central directory")
+    assert reason_of(ValueError("line one\n  line two. No. 3 (v2.1.0) stays")) == "line one line two"
+    assert reason_of(OSError("version 2.1. Stays whole as 2.1.0")) == "version 2.1"
+    assert reason_of(KeyError()) == "KeyError" and reason_of(ValueError("x" * 300)) == "x" * 197 + "..."

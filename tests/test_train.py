@@ -803,6 +803,17 @@ def test_a_requeued_attempt_goes_on_with_the_run_its_job_started(data, tmp_path,
         assert ("dmhpc train: note: attempt 2 of job 5150 cannot go on with the run the job started "
                 in capsys.readouterr().out)
         run_id = json.loads((run / "run.json").read_text())["run_id"]
+        # Its last.pt unreadable (an I/O error, a damaged file): the attempt's one line, as --resume
+        # auto says it; the run was replaced (best.pt and its results gone, exit 0).
+        last, best = run / "checkpoints" / "last.pt", (run / "checkpoints" / "best.pt").read_bytes()
+        last.write_bytes(last.read_bytes()[:1000])
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+        assert main([*argv, "optim.lr=0.5"]) == 1
+        err = capsys.readouterr().err
+        assert f"{last}: not a readable dmhpc checkpoint" in err and err.count("\n") == 1, err
+        assert err.endswith("failed finding central directory\n"), err  # (cut at 200 characters: "... your file is")
+        assert (run / "checkpoints" / "best.pt").read_bytes() == best
+        assert json.loads((run / "run.json").read_text())["run_id"] == run_id
     monkeypatch.setenv("SLURM_JOB_ID", "5151")  # submitted again: begins as its arguments say
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     assert main(argv) == 0

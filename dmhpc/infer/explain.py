@@ -53,7 +53,7 @@ from dmhpc.data.batches import Normalizer
 from dmhpc.data.inputs import CATALOG_FORMATS
 from dmhpc.data.shards import RowReader, fingerprint, is_labelled, load_manifest, split_rows
 from dmhpc.distributed import bootstrap, shutdown
-from dmhpc.errors import DmhpcError
+from dmhpc.errors import DmhpcError, reason_of
 from dmhpc.files import atomic_write, inside, locked_directory, remove_orphans
 from dmhpc.infer.predict import CSV_SHA, HDF5_TABLE, Model, batch_columns, provenance_file
 from dmhpc.infer.sources import open_source
@@ -282,7 +282,7 @@ def _read_catalog(catalog: Path):
     except FileNotFoundError:
         raise DmhpcError(f"{catalog}: no such catalog") from None
     except (OSError, ValueError) as exc:
-        raise DmhpcError(f"{catalog}: not a readable catalog ({' '.join(str(exc).split())[:200]})") from None
+        raise DmhpcError(f"{catalog}: not a readable catalog ({reason_of(exc)})") from None
     # Predict writes these as text, and they are read as text (paths, JSON, digests); in a file edited
     # by hand (an ECSV's header, a CSV's JSON beside it) they may be anything.
     for key in TEXT_META:

@@ -43,7 +43,7 @@ from dmhpc import __version__
 from dmhpc.config import config_from_dict, config_to_dict
 from dmhpc.data.shards import file_sha256
 from dmhpc.distributed import bootstrap, shutdown
-from dmhpc.errors import DmhpcError
+from dmhpc.errors import DmhpcError, reason_of
 from dmhpc.files import atomic_path, fsync_file, locked_directory, remove_orphans, staged_write
 from dmhpc.markdown import code, table
 from dmhpc.names import MERGER_THRESHOLD
@@ -98,9 +98,8 @@ def build(run: RunDir, checkpoint: str = "best") -> Built:
         with torch.no_grad():
             model(torch.zeros(2, *trained.shape))
     except RuntimeError as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise DmhpcError(f"{trained.path}: its network does not take images of the shape it records, "
-                         f"{tuple(trained.shape)} ({reason}); an edited checkpoint?") from None
+                         f"{tuple(trained.shape)} ({reason_of(exc)}); an edited checkpoint?") from None
     return Built(model, trained)
 
 
@@ -202,7 +201,7 @@ def load_safetensors(path) -> MergerClassifier:
     except FileNotFoundError:
         raise DmhpcError(f"{path}: no such file") from None
     except Exception as exc:  # safetensors' SafetensorError (a truncated file, another format), OSError
-        raise DmhpcError(f"{path}: not a readable safetensors file: {str(exc)[:200]}") from None
+        raise DmhpcError(f"{path}: not a readable safetensors file: {reason_of(exc)}") from None
     try:
         model_cfg = json.loads(meta["model"])
         if not isinstance(model_cfg, dict) or "name" not in model_cfg:  # ("null" built the default network)

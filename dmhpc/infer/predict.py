@@ -52,7 +52,7 @@ from dmhpc.data.inputs import CATALOG_FORMATS, CUTOUTS_HELP
 from dmhpc.data.shards import file_sha256
 from dmhpc.distributed import (AgreedError, agree, agreed, all_gather_object, barrier, bootstrap, gather,
                                meet_before_leaving, on_main, shutdown)
-from dmhpc.errors import DmhpcError
+from dmhpc.errors import DmhpcError, reason_of
 from dmhpc.files import (atomic_path, atomic_write, inside, is_temporary, locked_directory, make_folders, remove_empty,
                          remove_orphans, same_place, staged_write, temporary_path)
 from dmhpc.progress import progress_bar
@@ -549,8 +549,8 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
     except DmhpcError as exc:  # an OSError, said by atomic_path
         raise DmhpcError(f"{exc}; {kept}") from None
     except Exception as exc:  # whatever astropy or its writers raise: the survey's parts must not be lost
-        reason = " ".join(str(exc).split())[:200]
-        raise DmhpcError(f"--out {out}: cannot write the catalog ({type(exc).__name__}: {reason}); {kept}") from None
+        raise DmhpcError(f"--out {out}: cannot write the catalog ({type(exc).__name__}: {reason_of(exc)}); "
+                         f"{kept}") from None
     finally:
         if staged is not None:
             staged.unlink(missing_ok=True)  # if it was not put in place
