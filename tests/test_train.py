@@ -1703,12 +1703,17 @@ def test_resuming_its_own_best_checkpoint_starts_the_next_epoch(data, tmp_path, 
 
 def test_a_nan_under_debug_is_one_line(data, tmp_path, capsys):
     """debug=true's anomaly detection raised its RuntimeError in backward: a traceback instead of the
-    divergence's one line."""
+    divergence's one line. And the log ends with the divergence, as without debug (a tuner tells a
+    trial's bad values from a failed setup by it): its last record was the setup's."""
+    from dmhpc.run import RunDir
+
     capsys.readouterr()
     assert main(["train", "--config", str(TINY), *_overrides(data, tmp_path / "run", "debug=true",
                                                               "optim.lr=1e30")]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "returned nan values" in err and "anomaly detection" in err, err
+    last = RunDir(tmp_path / "run").read_log()[-1]
+    assert last["kind"] == "diverged" and "returned nan values" in last["error"], last
 
 
 def test_a_selection_score_that_is_not_finite_is_one_line(data, tmp_path, monkeypatch, capsys):

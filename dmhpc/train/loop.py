@@ -304,9 +304,9 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
                     except RuntimeError as exc:  # debug's anomaly detection meets the first NaN in backward
                         if not (cfg.debug and "returned nan values" in str(exc)):
                             raise
-                        raise DmhpcError(f"step {prog.step + 1}: {str(exc).splitlines()[0]} (debug=true's anomaly "
-                                         f"detection); training stopped without writing it (lower optim.lr or "
-                                         f"set optim.grad_clip; the last good checkpoint is kept)") from None
+                        raise Diverged(f"step {prog.step + 1}: {str(exc).splitlines()[0]} (debug=true's anomaly "
+                                       f"detection); training stopped without writing it (lower optim.lr or set "
+                                       f"optim.grad_clip; the last good checkpoint is kept)", agreed=False) from None
                     prog.step += 1
                     prog.step_in_epoch += 1
                     meter.add(prog.step, terms, outputs, batch[1], batch[3])
@@ -398,8 +398,12 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
     except Diverged as exc:
         # Said in the log too: a tuner ranks the trial's values as bad, where a failed setup (a data
         # path) is no fault of the values. A resume drops it with the records after its checkpoint.
+        record = {"kind": DIVERGED, "step": prog.step, "error": str(exc)}
         with contextlib.suppress(DmhpcError):
-            on_main(lambda: log.write({"kind": DIVERGED, "step": prog.step, "error": str(exc)}, prog.step))
+            if exc.agreed:
+                on_main(lambda: log.write(record, prog.step))
+            elif dist.is_main:  # (no collective: the other ranks are not here)
+                log.write(record, prog.step)
         raise
     finally:
         try:

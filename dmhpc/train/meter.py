@@ -13,7 +13,13 @@ from dmhpc.train.metrics import domain_metrics
 
 
 class Diverged(DmhpcError):
-    """The run's loss, weights or selection score went non-finite: stopped without writing them."""
+    """The run's loss, weights or selection score went non-finite: stopped without writing them.
+    `agreed`: every rank raised it (found by a collective), so they can meet to log it; else this
+    rank alone did, while the others wait in the step's gradient exchange."""
+
+    def __init__(self, message: str, agreed: bool = True):
+        super().__init__(message)
+        self.agreed = agreed
 
 _NONE = 2**62  # "no non-finite value yet": above any step, so a MIN over ranks finds the first
 # Under fp16 a forward pass can overflow now and then (the gradient scaler then skips that step's
