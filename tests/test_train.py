@@ -1593,9 +1593,12 @@ def test_schedules_set_in_steps_count_the_first_worlds_steps_after_the_world_gro
     from dmhpc.train.schedule import lr_factor
 
     optim = load_config(TINY, [*extra, "train.epochs=2"]).optim
-    # Epoch 1's steps are at 7, 7 + 7/3, 7 + 14/3 of the first world's steps, of 14 in all.
-    want = [lr_factor(7 + k * 7 / 3, optim, total_steps=14, steps_per_epoch=7) for k in range(3)]
+    # Epoch 1's steps are at 7, 7 + 7/3, 7 + 14/3 of the first world's steps; the last of them is
+    # the schedule's last (of 14 it was: warmup-cosine never came down to min_lr).
+    want = [lr_factor(7 + k * 7 / 3, optim, total_steps=7 + 14 / 3 + 1, steps_per_epoch=7) for k in range(3)]
     assert rates[7:] == pytest.approx(want, rel=1e-12), rates
+    if schedule == "warmup-cosine":
+        assert rates[-1] == pytest.approx(optim.min_lr / optim.lr, abs=1e-12), rates
     if schedule == "inv":  # decaying on, never back up
         assert all(a > b for a, b in zip(rates, rates[1:])), rates
     assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["progress"]["schedule_steps_per_epoch"] == 7

@@ -114,7 +114,9 @@ class TrainStep:
         first, now = self.schedule_steps_per_epoch, self.steps_per_epoch
         if first == now:
             return lr_factor(step, self.cfg.optim, total_steps=self.total_steps, steps_per_epoch=now)
-        return lr_factor(step * first / now, self.cfg.optim, total_steps=self.total_steps * first / now,
+        # The run's last step, (total_steps - 1) * first / now, is the schedule's last: scaled as
+        # total_steps * first / now, warmup-cosine's end came after it, and min_lr was never reached.
+        return lr_factor(step * first / now, self.cfg.optim, total_steps=(self.total_steps - 1) * first / now + 1,
                          steps_per_epoch=first)
 
     def grl(self, step: int) -> float:
