@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -336,6 +337,7 @@ def test_a_loss_that_stays_nan_under_fp16_is_named_with_its_step():
     meter.check_finite(State(), dist, FP16_SKIPPED_IN_A_ROW)
     for step in range(17, 27):
         add(meter, step, float("nan"))
+    meter.check_finite(State(), dist, 26)  # (the loop checks at every epoch's end)
     meter = EpochMeter(torch.device("cpu"), watch_loss=False, streak=meter.streak)  # the next epoch
     for step in range(27, 40):
         add(meter, step, float("nan"))
@@ -401,6 +403,51 @@ def test_a_step_fp16_skipped_on_one_rank_is_left_out_on_every_rank(tmp_path):
         assert record["loss"] == {"total": pytest.approx(0.375)} and record["nonfinite_loss_steps"] == 1, record
         assert record["source"]["train"]["accuracy"] == 1.0 and record["source"]["train"]["n"] == 8, record
         assert record["discriminator_accuracy"] == 1.0
+
+
+def _fp16_turns_rank(rank: int, init: str, out: str) -> None:
+    """One rank of the test below: 20 fp16 steps, overflowing on rank (step + rank) % 2 == 0."""
+    import torch.distributed as dist
+
+    from dmhpc.distributed import DistInfo
+    from dmhpc.train.meter import EpochMeter
+
+    class State:
+        def nonfinite_tensors(self):
+            return []
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        info, y, logits = DistInfo(rank, rank, 2, torch.device("cpu"), None), torch.tensor([0, 1]), torch.zeros(4, 2)
+        meter = EpochMeter(torch.device("cpu"), watch_loss=False)
+        said = "finished"
+        for step in range(1, 21):
+            meter.add(step, {"total": torch.tensor(math.inf if (step + rank) % 2 == 0 else 0.5)}, {"logits": logits},
+                      y, y)
+            if step % 5 == 0:
+                try:
+                    meter.check_finite(State(), info, step)
+                except DmhpcError as exc:
+                    said = str(exc)
+                    break
+        Path(out, f"rank{rank}.txt").write_text(said)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fp16_overflows_taking_turns_on_the_ranks_stop_the_run():
+    """The streak was counted per rank, but the scaler skips a step that overflowed on any rank: two
+    ranks overflowing in turn had every step skipped, no rank's streak passed 1, and the run
+    "finished" (exit 0) untrained."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_fp16_turns_rank, args=(f"file://{tmp}/store", tmp), nprocs=2)
+        said = [Path(tmp, f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert said[0] == said[1] and said[0].startswith("step 16: the loss was not finite (NaN or Inf) for 16 steps in "
+                                                     "a row under train.amp=fp16; training stopped at step 20"), said
 
 
 def test_a_reader_worker_killed_during_training_is_one_line(data, tmp_path):

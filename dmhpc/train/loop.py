@@ -249,8 +249,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
 
     def checkpoint(name: str, meter: EpochMeter, selection: dict | None = None, epoch_done: bool = False) -> None:
         meter.check_finite(state, dist, prog.step)  # never write a diverged state
-        if not meter.watch_loss:  # (fp16; a collective, as check_finite)
-            prog.fp16_streaks = [int(n) for n in all_gather_object(int(meter.streak))]
+        if not meter.watch_loss:  # (fp16: the job's streak, the same on every rank once checked)
+            prog.fp16_streaks = [meter.streak]
         content = state.state_dict()  # a collective: every rank calls it
         # The data sets and statistics of the weights, in the file with them (see RunDir.trained_data).
         content.update(selection=selection or {}, config=config_to_dict(cfg), data=data_ids, attempt=dist.attempt)
@@ -279,13 +279,11 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
     criterion, stopped = cfg.select.criterion, False
     feature_rows = DEV_MAX_ROWS if criterion == "dev" or cfg.select.all_validators else 0
 
-    def resumed_streak() -> torch.Tensor | None:
-        """This rank's fp16 streak as checkpointed; the longest of them where the world changed since."""
+    def resumed_streak() -> int | None:
+        """The fp16 streak as checkpointed: every rank's is the job's (EpochMeter.streak); of a
+        checkpoint that held each rank's own, the longest."""
         streaks = prog.fp16_streaks
-        if cfg.train.amp != "fp16" or not streaks:
-            return None
-        count = streaks[dist.rank] if len(streaks) == dist.world_size else max(streaks)
-        return torch.tensor(count, dtype=torch.int64, device=dist.device)
+        return max(streaks) if cfg.train.amp == "fp16" and streaks else None
 
     meter = None
     try:

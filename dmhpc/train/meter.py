@@ -36,21 +36,26 @@ class EpochMeter:
     calls at the same step, and the only places that wait for the device.
     """
 
-    def __init__(self, device, watch_loss: bool = True, streak: torch.Tensor | None = None):
+    def __init__(self, device, watch_loss: bool = True, streak: int | None = None):
         self.device, self.watch_loss = device, watch_loss
         self.names: list[str] = []
         self.sums = None
         self.first_bad = None  # per term: the first step (as counted after it) with a non-finite value
-        # Where non-finite losses are expected (fp16): the current streak of them (carried over from
-        # the previous epoch's meter: short epochs would never see a long one), and the first step
-        # that ended a streak of FP16_SKIPPED_IN_A_ROW.
-        self.streak = torch.zeros((), dtype=torch.int64, device=device) if streak is None else streak
-        self.first_stuck = torch.full((), _NONE, dtype=torch.int64, device=device)
+        # Where non-finite losses are expected (fp16): the current streak of steps whose loss was not
+        # finite on some rank, as of the last `check_finite` (carried over from the previous epoch's
+        # meter: short epochs would never see a long one), and the first step that ended a streak of
+        # FP16_SKIPPED_IN_A_ROW. Counted per rank, ranks overflowing in turn skipped every step (the
+        # scaler skips a step that overflowed anywhere) and no rank's streak ever grew.
+        self.streak = streak or 0
+        self.first_stuck: int | None = None
         self.steps = 0
         # fp16: each step's terms and whether they were finite here, kept until `summary` agrees with
-        # the other ranks which steps the scaler skipped (see there).
+        # the other ranks which steps the scaler skipped (see there); the flags of steps before
+        # `_checked` are in `streak`.
         self.vectors: list[torch.Tensor] = []
         self.flags: list[torch.Tensor] = []
+        self.flag_steps: list[int] = []
+        self._checked = 0
         self.preds: dict[str, list] = {"source": [], "target": []}
         self.domain_logits: list = []
 
@@ -68,9 +73,7 @@ class EpochMeter:
         else:
             self.vectors.append(vec)
             self.flags.append(torch.isfinite(vec).all())
-            self.streak = torch.where(torch.isfinite(vec).all(), 0, self.streak + 1)
-            stuck = (self.streak >= FP16_SKIPPED_IN_A_ROW) & (self.first_stuck == _NONE)
-            self.first_stuck = torch.where(stuck, step, self.first_stuck)
+            self.flag_steps.append(step)
         self.steps += 1
         # float64, as the evaluation's: float32 rounds p to exactly 1 past a logit margin of ~17, where
         # confident predictions tie and the train ROC AUC lost their order (0.5 for a perfect ranking).
@@ -88,12 +91,19 @@ class EpochMeter:
         written and a diverged run stops within train.log_every steps of the first bad one.
         """
         weights = state.nonfinite_tensors()
-        first = self.first_bad if self.first_bad is not None else torch.zeros(0, dtype=torch.int64)
-        local = torch.cat([first.cpu(), self.first_stuck.cpu().view(1), torch.tensor([-1 if weights else 0])])
-        agreed = all_reduce_min(local).tolist()
-        bad_steps, stuck, weights_bad = agreed[:-2], agreed[-2], agreed[-1] < 0
+        first = self.first_bad.cpu() if self.first_bad is not None else torch.zeros(0, dtype=torch.int64)
+        new = self.flags[self._checked:]
+        flags = torch.stack(new).to(torch.int64).cpu() if new else torch.zeros(0, dtype=torch.int64)
+        agreed = all_reduce_min(torch.cat([first, flags, torch.tensor([-1 if weights else 0])])).tolist()
+        bad_steps, finite, weights_bad = agreed[:len(first)], agreed[len(first):-1], agreed[-1] < 0
+        for at, ok in zip(self.flag_steps[self._checked:], finite):  # (the same steps on every rank)
+            self.streak = 0 if ok else self.streak + 1
+            if self.streak >= FP16_SKIPPED_IN_A_ROW and self.first_stuck is None:
+                self.first_stuck = at
+        self._checked = len(self.flags)
         hint = "lower optim.lr or set optim.grad_clip; the last good checkpoint is kept"
-        if stuck != _NONE:
+        if self.first_stuck is not None:
+            stuck = self.first_stuck
             raise Diverged(f"step {stuck}: the loss was not finite (NaN or Inf) for {FP16_SKIPPED_IN_A_ROW} steps "
                              f"in a row under train.amp=fp16; training stopped "
                              f"at step {step} without writing it ({hint}, or train.amp=bf16)")

@@ -49,8 +49,9 @@ class Progress:
     # The steps of an epoch in the run's first world: what the schedules count steps in (0: not yet
     # known), so that a world grown at an epoch's end neither rewinds a warm-up nor an inv decay.
     schedule_steps_per_epoch: int = 0
-    # Under train.amp=fp16: each rank's non-finite losses in a row when the checkpoint was written
-    # (EpochMeter.streak), so a resume stops at the same step an uninterrupted run stops at.
+    # Under train.amp=fp16: the steps in a row whose loss was not finite on some rank when the
+    # checkpoint was written (EpochMeter.streak; checkpoints of an earlier dmhpc hold each rank's),
+    # so a resume stops at the same step an uninterrupted run stops at.
     fp16_streaks: list = field(default_factory=list)
 
 
