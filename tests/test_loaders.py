@@ -13,6 +13,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -91,6 +92,34 @@ def test_the_resident_load_keeps_one_shard_open_at_a_time(data, monkeypatch):
     monkeypatch.setattr(RowReader, "_file", counted)
     _loader(data, "gpu-resident", 0, world=1).close()
     assert len(opened) >= 4 and max(opened) == 1, opened  # the 4 shards of each domain, one by one
+
+
+def test_the_resident_load_stages_bounded_blocks_and_keeps_float16_as_half(tmp_path, data, monkeypatch):
+    """What the loader choice counts on (docs/training.md): float16 rows held at 2 bytes a pixel, and
+    host memory of one staging block a rank while they are read, not the whole split."""
+    from dmhpc.data import resident
+    from dmhpc.data.shards import RowReader
+
+    for name in ("source", "target"):
+        write_dataset(data[name]["images"], data[name]["labels"], None, tmp_path / name, shard_size=64,
+                      dtype="float16")
+    row_bytes = int(np.prod(data["source"]["images"].shape[1:])) * 2
+    monkeypatch.setattr(resident, "_STAGING_BYTES", 10 * row_bytes)  # 10 float16 rows a block
+    spans, read = [], RowReader.read
+
+    def counted(self, start, stop, *args, **kwargs):
+        spans.append(stop - start)
+        return read(self, start, stop, *args, **kwargs)
+
+    monkeypatch.setattr(RowReader, "read", counted)
+    loader = make_train_loader("gpu-resident", tmp_path / "source", tmp_path / "target", batch_size=8, rank=0,
+                               world_size=1, seed=0, device="cpu", augment=False, num_workers=0)
+    try:
+        held = [images for _, images, *_ in loader._backend.parts]
+        assert [h.dtype for h in held] == [torch.float16, torch.float16]
+        assert max(spans) == 10 and sum(spans) == sum(len(h) for h in held), spans
+    finally:
+        loader.close()
 
 
 @pytest.mark.parametrize("kind, workers", [("gpu-resident", 0), ("torch", 0)])
@@ -538,18 +567,50 @@ def test_float16_data_sets(tmp_path, kind, workers):
                 assert any(np.allclose(image, s, atol=1e-3) for s in _symmetries(stored))
 
 
+def _spawned_children() -> list[int]:
+    """The pids of this process's spawned children (multiprocessing's spawn_main)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == os.getpid() and b"spawn_main" in (stat.parent / "cmdline").read_bytes():
+                found.append(int(stat.parent.name))
+        except OSError:  # ended meanwhile
+            continue
+    return found
+
+
 @needs_dali
 def test_dali_with_spawned_workers(data, monkeypatch):
     """The start method used on GPUs (CUDA already initialized), run on the CPU: the callbacks
-    must pickle, and the workers open the shards themselves."""
+    must pickle, and the workers open the shards themselves. A stop signal reaching a worker as it
+    starts (srun and scancel signal every process of the step) is ignored: it killed the worker
+    (default action until it had imported torch and DALI, a second or more), and the trainer failed
+    ("Workers initialization failed") instead of checkpointing."""
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    signalled: list[int] = []
+
+    def signal_workers_as_they_start():
+        deadline = time.time() + 60
+        while not signalled and time.time() < deadline:
+            for pid in _spawned_children():
+                os.kill(pid, signal.SIGTERM)
+                signalled.append(pid)
+            time.sleep(0.002)
+
     batches = {}
     for kind, workers in (("dali", 1), ("torch", 0)):
+        watcher = threading.Thread(target=signal_workers_as_they_start, daemon=True)
+        if kind == "dali":
+            watcher.start()
         loader = _loader(data, kind, workers, augment=True)
         try:
             batches[kind] = _epoch(loader, 2, start_step=7)
         finally:
             loader.close()
+        if kind == "dali":
+            watcher.join()
+    assert len(signalled) == 1  # spawned (a fork has no spawn_main), and signalled as it started
     assert len(batches["dali"]) == 3
     for a, b in zip(batches["dali"], batches["torch"], strict=True):
         for u, v in zip(a, b):

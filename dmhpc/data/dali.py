@@ -16,7 +16,10 @@ multiprocessing never re-runs a package's `__main__`, and the console script is 
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import signal
+from multiprocessing import resource_tracker
 
 import torch
 from nvidia.dali import fn, pipeline_def, types
@@ -46,7 +49,9 @@ class BlockSource:
         self._in_worker = False
 
     def __setstate__(self, state):
-        # Unpickled in a spawned worker: ignore the stop signals from its first moment, not its first batch.
+        # Unpickled in a spawned worker, about a second after it started (torch and DALI imported):
+        # ignore the stop signals from then on, not from its first batch. Before then they are
+        # blocked (see `_spawned_deaf`).
         self.__dict__.update(state)
         self.ignore()
         self._in_worker = True
@@ -104,6 +109,21 @@ def _pipeline(sources, stats, augment, square, on_gpu, channels_last, ahead):
     return tuple(outputs)
 
 
+@contextlib.contextmanager
+def _spawned_deaf(ignore: IgnoreSignals):
+    """Worker processes spawned inside start with the stop signals blocked, until `BlockSource`
+    ignores them: a spawned worker starts with their default action, and one signalled before it
+    had imported torch and DALI (a second or more: srun and scancel signal every process of the
+    step) died, and the trainer failed ("Workers initialization failed") instead of checkpointing.
+    This process gets a signal sent meanwhile when the block ends."""
+    resource_tracker.ensure_running()  # (its start unblocks SIGTERM: started outside the block)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.Signals[name] for name in ignore.signals})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class DaliBatches:
     """Runs the pipeline for `TrainLoader.epoch`; rebuilt only when asked for an unexpected position.
 
@@ -133,6 +153,13 @@ class DaliBatches:
         ]
         on_gpu = self.device.type == "cuda"
         spawn = on_gpu or torch.cuda.is_initialized()
+        with _spawned_deaf(self.ignore) if spawn else contextlib.nullcontext():
+            self._iter = self._start(callbacks, square, on_gpu, spawn)
+        self._next = (epoch, step)
+
+    def _start(self, callbacks: list[BlockSource], square: bool, on_gpu: bool, spawn: bool) -> DALIGenericIterator:
+        """The pipeline of `callbacks`, built, its workers started."""
+        source = self.domains[0]
         pipe = _pipeline(
             callbacks,
             [(list(d.mean), list(d.std)) for d in self.domains],
@@ -150,10 +177,9 @@ class DaliBatches:
             py_start_method="spawn" if spawn else "fork",
             prefetch_queue_depth=2,
         )
-        self._iter = DALIGenericIterator(
+        return DALIGenericIterator(
             [pipe], ["xs", "ys", "xt", "yt"][:2 * len(self.domains)], auto_reset=False, prepare_first_batch=False
         )
-        self._next = (epoch, step)
 
     def batches(self, epoch: int, start_step: int):
         """Yield (xs, ys, xt, yt), or (xs, ys) where the target is not read, for steps start_step.. of `epoch`."""

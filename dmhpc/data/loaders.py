@@ -133,7 +133,7 @@ def _without_target(batches):
 _TRACEBACK = "Traceback (most recent call last):"
 # How torch's DataLoader and DALI's parallel external source say that a reader worker process died
 # (killed by the kernel for memory, or by hand): raised wherever the main process happens to be.
-_WORKER_DIED = ("DataLoader worker (pid", "Worker data receiving interrupted")
+_WORKER_DIED = ("DataLoader worker (pid", "Worker data receiving interrupted", "Workers initialization failed")
 
 
 def worker_died(exc: BaseException) -> str | None:
