@@ -14,7 +14,7 @@ import signal
 import sys
 from typing import Callable, NamedTuple
 
-from dmhpc import __version__
+from dmhpc import code_version
 from dmhpc.errors import DmhpcError
 
 
@@ -204,6 +204,14 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
+class _Version(argparse.Action):
+    """argparse's version action, asking git only when given: not at every command's start."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"dmhpc {code_version()}")
+        parser.exit()
+
+
 def build_parser(command: str | None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dmhpc",
@@ -211,7 +219,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         epilog="Run `dmhpc COMMAND --help` for a command's options and an example.",
         allow_abbrev=False,
     )
-    parser.add_argument("--version", action="version", version=f"dmhpc {__version__}")
+    parser.add_argument("--version", action=_Version, nargs=0, help="show the version (and git commit) and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (load, summary, example) in COMMANDS.items():
         p = sub.add_parser(

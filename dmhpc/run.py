@@ -37,7 +37,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, Any, Callable, Mapping
 
-from dmhpc import __version__
+from dmhpc import code_version
 from dmhpc.checks import show
 from dmhpc.config import (Config, changed_keys, config_from_dict, config_to_dict, inert_keys, load_config,
                           save_config)
@@ -856,7 +856,7 @@ class RunDir:
         self.run_id = claim.run_id or uuid.uuid4().hex
         save_config(cfg, self.config_path)
         atomic_write(self.record_path, json.dumps({
-            "format": FORMAT, "version": VERSION, "created_by": f"dmhpc {__version__}", "run_id": self.run_id,
+            "format": FORMAT, "version": VERSION, "created_by": f"dmhpc {code_version()}", "run_id": self.run_id,
             "data": {k: dict(v) for k, v in data.items()}, "attempts": attempts}, indent=2) + "\n")
         dropped = self.truncate_log(step, records)
         cleaned = {"orphans_removed": files, "orphan_bytes": size, "log_records_dropped": dropped}

@@ -194,11 +194,11 @@ def test_every_option_has_a_spelling_torchrun_passes_on(command, capsys):
 def test_python_m_dmhpc_prints_the_version():
     """`python -m dmhpc` is the entry point the Makefile and the benchmarks use: a __main__ that
     never called the CLI exited 0 having done nothing, and `--version` said nothing of the release."""
-    from dmhpc import __version__
+    from dmhpc import code_version
 
     proc = subprocess.run([sys.executable, "-m", "dmhpc", "--version"], cwd=ROOT, capture_output=True, text=True,
                           timeout=120)
-    assert proc.returncode == 0 and proc.stdout == f"dmhpc {__version__}\n", (proc.stdout, proc.stderr)
+    assert proc.returncode == 0 and proc.stdout == f"dmhpc {code_version()}\n", (proc.stdout, proc.stderr)
 
 
 def test_overrides_after_an_option_are_applied_after_those_before_it(tmp_path, capsys):
@@ -686,3 +686,38 @@ def test_the_demos_size_check_is_prepares_training_split():
     _check_size(ROOT, 92)
     with pytest.raises(DmhpcError, match="give at least 92"):
         _check_size(ROOT, 91)
+
+
+def test_the_code_version_names_the_commit_of_a_checkout_of_its_own(tmp_path):
+    """0.1.0 named every state of the code since the first commit: catalogs, runs and exported
+    models made by different code said the same. A package outside a checkout of its own (installed,
+    or inside another project's repository) is the version alone."""
+    import dmhpc
+
+    def version(root: Path) -> str:
+        return subprocess.run([sys.executable, "-c", "import dmhpc; print(dmhpc.code_version())"], cwd=tmp_path,
+                              env={**clean_env(), "PYTHONPATH": str(root)}, capture_output=True, text=True,
+                              timeout=60, check=True).stdout.strip()
+
+    def git(root: Path, *args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+
+    package = Path(dmhpc.__file__).parent
+    for root in (tmp_path / "plain", tmp_path / "repo", tmp_path / "other"):
+        where = root / "lib" if root.name == "other" else root
+        (where / "dmhpc").mkdir(parents=True)
+        shutil.copy(package / "__init__.py", where / "dmhpc" / "__init__.py")
+        (root / "README").write_text("x\n")
+        if root.name != "plain":
+            git(root, "init", "-q")
+            git(root, "add", ".")
+            git(root, "commit", "-q", "-m", "first")
+    assert version(tmp_path / "plain") == version(tmp_path / "other" / "lib") == dmhpc.__version__
+    commit = git(tmp_path / "repo", "rev-parse", "HEAD")[:12]
+    assert version(tmp_path / "repo") == f"{dmhpc.__version__}+g{commit}"
+    (tmp_path / "repo" / "README").write_text("changed: not the package\n")
+    assert version(tmp_path / "repo") == f"{dmhpc.__version__}+g{commit}"
+    with open(tmp_path / "repo" / "dmhpc" / "__init__.py", "a") as f:
+        f.write("# changed\n")
+    assert version(tmp_path / "repo") == f"{dmhpc.__version__}+g{commit}.dirty"

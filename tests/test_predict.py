@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+import dmhpc
 from tests.conftest import BIN, ROOT, TINY, clean_env
 from dmhpc.cli import main
 from dmhpc.data.shards import RowReader, load_manifest
@@ -122,7 +123,8 @@ def test_the_catalog_is_the_forward_pass_in_input_order(trained, tmp_path, capsy
     np.testing.assert_array_equal(np.asarray(table["p_merger"]), expected)  # bit for bit on CPU
     np.testing.assert_array_equal(np.asarray(table["merger"]), (expected >= 0.5).astype(np.int8))
     assert table.meta["CKPT"] == "best" and table.meta["RUN"] == str(trained["run"].resolve())
-    assert table.meta["NORM"] == "target" and table.meta["DMHPC"] and table.meta["AMP"] == "none"
+    assert table.meta["NORM"] == "target" and table.meta["AMP"] == "none"
+    assert table.meta["DMHPC"] == dmhpc.code_version()  # (with the commit: 0.1.0 named every state of the code)
     assert not Path(f"{out}.parts").exists()  # merged, then removed
     # a finished catalog is never replaced silently
     assert main(["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--out", str(out)]) == 1
@@ -1762,6 +1764,32 @@ def test_a_sources_images_read_back_by_input_position_are_those_positions_images
             np.testing.assert_array_equal(source.read_inputs(wanted), images[wanted])
         finally:
             source.close()
+
+
+def test_parts_of_another_version_of_dmhpc_are_not_mixed_in(trained, tmp_path, capsys, monkeypatch):
+    """A job requeued after dmhpc was upgraded merged parts that two versions of the code computed."""
+    from dmhpc.errors import DmhpcError
+    from dmhpc.infer import predict
+
+    np.save(tmp_path / "x.npy", trained["images"][:24])
+    out = tmp_path / "c.parquet"
+    cmd = ["predict", "--run", str(trained["run"]), "--images", str(tmp_path / "x.npy"), "--out", str(out),
+           "--part-size", "8", "--batch-size", "8"]
+    compute = predict._compute_part
+
+    def second_fails(*args, **kwargs):  # as a kill at the second part would
+        if args[3] == 8:
+            raise DmhpcError("stopped at the second part")
+        return compute(*args, **kwargs)
+
+    monkeypatch.setattr(predict, "_compute_part", second_fails)
+    monkeypatch.setattr(predict, "code_version", lambda: "0.0.9+gold")
+    assert main(cmd) == 1
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main(cmd) == 1
+    err = capsys.readouterr().err
+    assert "holds parts of another prediction (differs in dmhpc)" in err, err
 
 
 def test_a_part_copied_to_another_parts_number_is_computed_again(trained, tmp_path, capsys, monkeypatch):

@@ -553,7 +553,8 @@ def finish_dataset(
         "stats": {"mean": [float(v) for v in mean], "std": [float(v) for v in np.sqrt(m2 / n)]},
         "inputs": list(inputs or []),
         "layout": layout,
-        "created_by": f"dmhpc {__version__}",
+        "created_by": f"dmhpc {__version__}",  # (not code_version(): the fingerprint covers it, and the same
+        # rows prepared again by another commit are the same data set to a run resuming on them)
         "labelled": plan.labelled,
         "ids": plan.ids is not None,
         "objects": {},

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dmhpc import __version__
+from dmhpc import code_version
 from dmhpc.config import config_from_dict, config_to_dict
 from dmhpc.data.shards import file_sha256
 from dmhpc.distributed import bootstrap, shutdown
@@ -181,7 +181,7 @@ def _torchscript(model: MergerClassifier, example: torch.Tensor, out: Path, tmp:
 def _safetensors(model: MergerClassifier, cfg_dict: dict, tmp: Path) -> None:
     from safetensors.torch import save
 
-    metadata = {"format": "pt", "dmhpc": __version__, "model": json.dumps(cfg_dict["model"]),
+    metadata = {"format": "pt", "dmhpc": code_version(), "model": json.dumps(cfg_dict["model"]),
                 "input": "raw images (N, C, H, W) float32; normalization in the tensors mean and std",
                 "output": "p_merger = softmax(logits)[:, 1] and log_odds = logits[:, 1] - logits[:, 0], "
                           "logits = net((image - mean) / std)"}
@@ -235,7 +235,7 @@ def model_card(run: RunDir, built: Built, fmt: str, out: Path, onnx_max_diff: di
         # (a result of a dmhpc before 2026-12-02 names no SHA-256: its step is compared).
         result = None
     card = {
-        "model": {"file": out.name, "format": fmt, "architecture": cfg.model.name, "dmhpc": __version__},
+        "model": {"file": out.name, "format": fmt, "architecture": cfg.model.name, "dmhpc": code_version()},
         "input": {"name": "image", "shape": ["N", *trained.shape], "layout": "NCHW (channels in the training data's order)",
                   "dtype": "float32", "normalization": _normalization_text(cfg),
                   "mean": data["target"]["mean"], "std": data["target"]["std"]},

@@ -44,7 +44,7 @@ import h5py
 import numpy as np
 import torch
 
-from dmhpc import __version__
+from dmhpc import code_version
 from dmhpc.checks import show
 from dmhpc.config import changed_keys
 from dmhpc.data.batches import Normalizer, read_ahead
@@ -261,13 +261,13 @@ def _spec(run: RunDir, model: Model, source: Source, source_args: dict, options:
     checkpoint = {k: v for k, v in model.checkpoint.items() if k != "early_stopping"}
     return {"run": str(run.path.resolve()), "checkpoint": checkpoint, "checkpoint_sha256": model.sha256,
             "source": source.describe, "input_files": source.identity, **source_args, "count": source.count,
-            **options}
+            "dmhpc": code_version(), **options}
 
 
 # What each provenance keyword holds, in COMMENT cards of a FITS catalog's header, for its reader
 # (the other formats keep the values only; docs/catalog.md says the same).
 META_COMMENTS = {
-    "DMHPC": "dmhpc version that predicted", "RUN": "run directory of the model",
+    "DMHPC": "dmhpc version (and git commit) that predicted", "RUN": "run directory of the model",
     "CKPT": "checkpoint of the run (best or last)", "CKPTSTEP": "training step of the checkpoint",
     "CKPTSHA": "SHA-256 of the checkpoint file", "SELECT": "criterion that chose the checkpoint",
     "SOURCE": "kind of input: data, images or catalog", "DATA": "input read",
@@ -624,7 +624,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         # Keys of at most 8 characters: they are FITS header keywords too. INPUTSHA, MEAN and STD are
         # read from the inputs below; the rest is known now, and what the format cannot hold of it is
         # said before that reading.
-        meta = {"DMHPC": __version__, "RUN": str(run.path.resolve()), "CKPT": checkpoint,
+        meta = {"DMHPC": code_version(), "RUN": str(run.path.resolve()), "CKPT": checkpoint,
                 "CKPTSTEP": model.checkpoint.get("step", -1), "CKPTSHA": model.sha256,
                 "SELECT": str(model.checkpoint.get("criterion")),
                 "SOURCE": source.kind, "DATA": str(source.path.resolve()),
