@@ -754,20 +754,34 @@ def _master_port() -> int:
     return submitit.helpers.TorchDistributedEnvironment().master_port
 
 
+def _environment() -> dict:
+    return dict(os.environ)
+
+
 def test_a_local_job_meets_on_a_port_of_its_own_not_the_launchers(tmp_path, monkeypatch):
     """submitit's local ranks take MASTER_PORT from the environment where it is set: a launcher in an
     sbatch script that sourced slurm/lib.sh gave every local job its port, and two multi-rank jobs
-    at once met on one rendezvous."""
+    at once met on one rendezvous. Nor do jobs get the other variables of the launcher's own job:
+    sbatch exports them into the job, where srun refused SLURM_MEM_PER_CPU beside the point's --mem
+    and the trainer took RANK for its own."""
     import submitit
 
-    monkeypatch.setenv("MASTER_PORT", "29500")
-    monkeypatch.setenv("MASTER_ADDR", "10.0.0.9")
+    launchers = {"MASTER_PORT": "29500", "MASTER_ADDR": "10.0.0.9", "SLURM_MEM_PER_CPU": "4096",
+                 "SLURM_CPUS_PER_TASK": "2", "SLURM_JOB_ID": "99", "SRUN_DEBUG": "3", "RANK": "0", "WORLD_SIZE": "1",
+                 "TORCHELASTIC_RUN_ID": "r"}
+    users = {"SLURM_CONF": "/etc/slurm/slurm.conf", "SBATCH_ACCOUNT": "astro", "OMP_PROC_BIND": "close"}
+    for key, value in {**launchers, **users}.items():
+        monkeypatch.setenv(key, value)
     executor = submitit.AutoExecutor(folder=tmp_path, cluster="local")
     with submit.submission(None):
         job = executor.submit(_master_port)
-        assert "MASTER_PORT" not in os.environ
-    assert (os.environ["MASTER_PORT"], os.environ["MASTER_ADDR"]) == ("29500", "10.0.0.9")  # the launcher's again
+        seen = executor.submit(_environment)
+        assert not set(launchers) & set(os.environ)
+    assert {k: os.environ[k] for k in launchers} == launchers  # the launcher's again
     assert job.result() != 29500
+    got = seen.result()
+    assert not {k for k in got if k in launchers and got[k] == launchers[k]} and all(got[k] == v
+                                                                                     for k, v in users.items()), got
 
 
 def _killed(config: dict) -> None:

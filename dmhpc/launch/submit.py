@@ -381,6 +381,19 @@ def _say_threads(threads: int | None) -> None:
               f"here; set OMP_NUM_THREADS to choose", flush=True)
 
 
+# Where the launcher runs in a job or a launch of its own (a tuner in an sbatch job, inside salloc or
+# srun, under torchrun): its variables, which are not its jobs'. SLURM_CONF says which cluster, and
+# SBATCH_* are the user's defaults for sbatch: kept.
+_LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                     "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE")
+
+
+def launchers_own(name: str) -> bool:
+    """Whether the environment variable `name` belongs to the launcher's own job or launch."""
+    return name in _LAUNCH_VARIABLES or (name.startswith(("SLURM_", "SLURMD_", "SRUN_", "TORCHELASTIC_"))
+                                         and name != "SLURM_CONF")
+
+
 @contextlib.contextmanager
 def submission(threads: int | None, controllers_log: Path | None = None):
     """The block that submits jobs and records them.
@@ -396,16 +409,20 @@ def submission(threads: int | None, controllers_log: Path | None = None):
     - Local jobs start with SIGINT not ignored (the handler held here is the default in a child
       after exec; an ignored signal stays ignored): a launcher started in the background (`cmd &`,
       nohup) ignores SIGINT, and submitit cancels a local job with SIGINT.
-    - Jobs start without the launcher's MASTER_ADDR and MASTER_PORT (an sbatch script that
-      sourced slurm/lib.sh, torchrun): a local job's ranks took them for their rendezvous, and two
-      multi-rank local jobs at once met on one port.
+    - Jobs start without the variables of the launcher's own job or launch (`launchers_own`): a
+      local job's ranks took MASTER_ADDR and MASTER_PORT (an sbatch script that sourced
+      slurm/lib.sh, torchrun) for their rendezvous, and two multi-rank local jobs at once met on
+      one port; sbatch exports the environment into a job, where srun took a launcher's job's
+      SLURM_* for its options (SLURM_MEM_PER_CPU beside the point's --mem: refused;
+      SLURM_CPUS_PER_TASK: other CPUs per rank, not recorded with a scaling point's figures) and
+      the trainer took RANK and WORLD_SIZE for its own.
     - Local jobs start with their stderr on `controllers_log` (where given): submitit's job
       controller inherits the launcher's, and a cancelled one (Ctrl-C reaches it too) prints a
       KeyboardInterrupt traceback there, after the launcher's one line. The jobs' own output goes to
       their logs either way.
     """
     before = os.environ.get("OMP_NUM_THREADS")
-    rendezvous = {key: os.environ.pop(key) for key in ("MASTER_ADDR", "MASTER_PORT") if key in os.environ}
+    own = {key: os.environ.pop(key) for key in [k for k in os.environ if launchers_own(k)]}
     held: list[int] = []
     previous: dict = {}
 
@@ -442,7 +459,7 @@ def submission(threads: int | None, controllers_log: Path | None = None):
                 os.environ.pop("OMP_NUM_THREADS", None)
             else:
                 os.environ["OMP_NUM_THREADS"] = before
-        os.environ.update(rendezvous)
+        os.environ.update(own)
         release()
 
 
