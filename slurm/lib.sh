@@ -30,7 +30,7 @@ dmhpc_rendezvous() {
 # no smaller node could give ("More processors requested than permitted").
 dmhpc_cpus_per_node() {
     local item n least=""
-    for item in ${SLURM_JOB_CPUS_PER_NODE//,/ }; do
+    for item in ${SLURM_JOB_CPUS_PER_NODE:+${SLURM_JOB_CPUS_PER_NODE//,/ }}; do
         n=${item%%(*}
         [[ $n =~ ^[0-9]+$ ]] || continue
         if [ -z "$least" ] || [ "$n" -lt "$least" ]; then least=$n; fi
@@ -88,7 +88,7 @@ dmhpc_launch_command() {
     # Every count is explicit: srun would otherwise take --ntasks from the allocation
     # (SLURM_NTASKS, from sbatch --ntasks-per-node) and, since Slurm 22.05, one CPU per task
     # (bound to it where task/affinity is on). The node's CPUs are shared out among its tasks.
-    cpus=$(dmhpc_cpus_per_node)
+    cpus=$(dmhpc_cpus_per_node) || return 2
     dmhpc_rendezvous || return 1
     # srun passes a signal to every process of the step. Each task starts with USR1 and USR2
     # ignored: torchrun would die of either and orphan its workers, and a rank still importing torch

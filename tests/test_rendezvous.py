@@ -127,9 +127,11 @@ def test_ranks_per_node_come_from_what_the_job_was_given(tmp_path):
 
 
 def _lib(function: str, tmp_path, **env) -> subprocess.CompletedProcess:
-    """Run a function of slurm/lib.sh in bash with this environment; `function` may end in `&& echo ...`."""
+    """Run a function of slurm/lib.sh in bash with this environment, under the batch scripts' `set
+    -euo pipefail` (without it, a fallback for a variable not set passed here and failed in a job);
+    `function` may end in `&& echo ...`."""
     base = {k: v for k, v in clean_env().items() if k != "OMP_NUM_THREADS"}  # (clean_env's 1 thread)
-    return subprocess.run(["bash", "-c", f"source {ROOT}/slurm/lib.sh && {function}"],
+    return subprocess.run(["bash", "-c", f"set -euo pipefail; source {ROOT}/slurm/lib.sh && {function}"],
                           env={**base, "PATH": f"{tmp_path}:{os.environ['PATH']}", "PYTHON": sys.executable, **env},
                           capture_output=True, text=True)
 
