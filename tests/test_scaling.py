@@ -523,11 +523,14 @@ def test_strong_scaling_splits_the_global_batch_over_every_gpu_of_every_node(tmp
     """The per-GPU batch of a strong point is the global batch over nodes x GPUs per node: split over
     one node's GPUs only, a 2-node point trained twice the study's global batch."""
     spec = {"base": str(TINY), "out": str(tmp_path / "out"), "executor": "slurm", "models": ["deepmerge2"],
-            "nodes": [1, 2], "gpus_per_node": [1, 2], "strong": {"global_batch": 8}}
+            "nodes": [1, 2], "gpus_per_node": [1, 2], "strong": {"global_batch": 8}, "epochs": 4, "max_steps": 30}
     study = load_study(spec)
     assert {p.name: p.config.train.batch_size for p in study.points} == {
         "deepmerge2-strong-1x1": 8, "deepmerge2-strong-1x2": 4, "deepmerge2-strong-2x1": 4,
         "deepmerge2-strong-2x2": 2}
+    # The study's length reaches every point (and its evaluation only after the last epoch).
+    assert {(p.config.train.epochs, p.config.train.max_steps, p.config.train.eval_every) for p in study.points} == {
+        (4, 30, 4)}
     with pytest.raises(DmhpcError, match=r"point deepmerge2-strong-2x2: strong.global_batch 6 does not split "
                                          r"evenly over 4 GPUs"):
         load_study({**spec, "strong": {"global_batch": 6}})
