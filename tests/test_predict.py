@@ -204,6 +204,14 @@ def test_every_catalog_format(trained, tmp_path, ext):
         said = list(fits.getheader(out, 1)["COMMENT"])
         assert "CKPTSHA: SHA-256 of the checkpoint file" in said
         assert {line.split(":")[0] for line in said} >= {"RUN", "DATASHA", "INPUTSHA", "NORM", "SRCARGS"}, said
+        # Each column's description where readers other than astropy's look (TCOMMn), and checksums
+        # of the file's own (neither was there: the descriptions were in astropy's comments only).
+        with fits.open(out) as hdul:
+            header = hdul[1].header
+            described = {header[f"TTYPE{n}"]: header[f"TCOMM{n}"] for n in range(1, header["TFIELDS"] + 1)}
+            assert described["p_merger"] == "merger probability" and described["split"], described
+            assert [hdu.verify_checksum() for hdu in hdul] == [1, 1] and hdul[1].verify_datasum() == 1
+        assert table["p_merger"].description == "merger probability"  # (astropy's own still reads)
 
 
 def test_a_csv_catalog_replaced_never_stands_beside_the_new_ones_provenance(trained, tmp_path, monkeypatch):

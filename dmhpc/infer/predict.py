@@ -277,6 +277,22 @@ META_COMMENTS = {
     "AMP": "precision of the forward pass", "SRCARGS": "how the input was opened (JSON)"}
 
 
+def _write_fits(table, path: Path) -> None:
+    """The catalog as astropy writes it, plus each column's description in its TCOMMn card (readers
+    other than astropy's see only those) and CHECKSUM/DATASUM cards (fitsverify, `astropy.io.fits`
+    with checksum=True check them): a FITS catalog carried no description a reader outside astropy
+    sees, and no checksum of its own."""
+    from astropy.io import fits
+
+    table.write(path, format="fits", overwrite=True)
+    with fits.open(path, mode="update") as hdul:
+        header = hdul[1].header
+        for n, column in enumerate(table.columns.values(), start=1):
+            header.set(f"TCOMM{n}", column.description, after=f"TFORM{n}")
+        for hdu in hdul:
+            hdu.add_checksum()
+
+
 def _check_writable(out: Path, meta: dict) -> None:
     """Refuse, before the inputs are read (a survey's checksums, its own statistics), what the
     catalog's name or format cannot hold of its provenance. FITS holds ASCII only: a header value
@@ -511,7 +527,7 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
         raise DmhpcError(f"--out {out}: not enough memory on rank 0 to join {source.count} rows; {kept} (run "
                          f"again with more memory for rank 0: it alone merges)") from None
     transforms = "8 dihedral transforms" if source.shape[1] == source.shape[2] else "4 flips (images not square)"
-    # Each column says what it holds, in every format that keeps descriptions (FITS TCOMM, ECSV, HDF5, Parquet).
+    # Each column says what it holds, in every format that keeps descriptions (FITS TCOMMn, ECSV, HDF5, Parquet).
     described = {"id": "catalog id of the image, else its input position",
                  "index": "input position of the image (0-based)",
                  "p_merger": "merger probability" + (f" (mean over the {transforms})"
@@ -536,6 +552,8 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
                 with h5py.File(buffer, "w") as f:
                     table.write(f, format=fmt, **kwargs)
                 tmp.write_bytes(buffer.getbuffer())
+            elif fmt == "fits":
+                _write_fits(table, tmp)
             else:
                 table.write(tmp, format=fmt, overwrite=True, **kwargs)
             if fmt == "ascii.csv":
