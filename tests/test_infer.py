@@ -1484,15 +1484,34 @@ def test_explain_draws_each_domains_test_images_by_their_own_normalization_and_p
     from dmhpc.data.shards import load_manifest
     from dmhpc.infer import explain as explaining
 
-    shown = {}
+    from dmhpc.data.batches import Normalizer
+    from dmhpc.data.shards import RowReader
+    from dmhpc.infer.predict import Model
+
+    shown, drawn = {}, {}
     draw = explaining.attribution_grid
 
     def spy(images, cams, igs, probs, labels, title, path, rgb, names=None):
         shown[Path(path).name] = (list(names), np.asarray(probs, dtype=np.float64))
+        drawn[Path(path).name] = (np.array(images), np.array(cams), np.array(igs))
         return draw(images, cams, igs, probs, labels, title, path, rgb, names=names)
 
     monkeypatch.setattr(explaining, "attribution_grid", spy)
     assert main(["explain", "--run", str(run_on_survey), "--n", "3", "--out", str(tmp_path / "x")]) == 0
+    # The composites are of the images as stored, the attributions of them as the network saw them
+    # (mutants drawing normalized images, or attributing raw ones, passed).
+    model = Model(RunDir(run_on_survey), "best", torch.device("cpu"))
+    for grid, (images, cams, igs) in drawn.items():
+        domain, folder = ("source", "pristine") if grid.startswith("source") else ("target", "survey")
+        with RowReader(survey / folder) as reader:
+            rows = reader.read(0, len(reader))
+        position = {int(i): k for k, i in enumerate(rows["index"])}
+        stored = rows["images"][[position[int(n.removeprefix("index "))] for n in shown[grid][0]]]
+        np.testing.assert_array_equal(images, stored, err_msg=grid)
+        x = Normalizer(*RunDir(run_on_survey).normalization(domain), torch.device("cpu"))(torch.from_numpy(stored))
+        want = explaining.attributions(model, x)
+        np.testing.assert_allclose(cams, want[0], rtol=1e-5, atol=1e-7, err_msg=grid)
+        np.testing.assert_allclose(igs, want[1], rtol=1e-5, atol=1e-7, err_msg=grid)
     # predict's probabilities: the survey with the run's target statistics, the source set with its
     # own (its training split's: the run's source statistics)
     for folder, normalize in (("survey", "target"), ("pristine", "own")):
@@ -1566,15 +1585,22 @@ def test_explain_of_a_catalog_normalizes_as_the_catalog_records(survey, run_on_s
     catalog = tmp_path / "c.ecsv"
     assert main(["predict", "--run", str(run_on_survey), "--images", str(tmp_path / "scaled.npy"), "--normalize",
                  "own", "--out", str(catalog)]) == 0
-    used = []
-    normalizer = explaining.Normalizer
+    used, seen = [], []
+    normalizer, attribute = explaining.Normalizer, explaining.attributions
     monkeypatch.setattr(explaining, "Normalizer", lambda mean, std, device: used.append((mean, std)) or
                         normalizer(mean, std, device))
+    monkeypatch.setattr(explaining, "attributions", lambda model, x: seen.append(x.numpy()) or attribute(model, x))
     assert main(["explain", "--run", str(run_on_survey), "--catalog", str(catalog), "--n", "2",
                  "--out", str(tmp_path / "explain")]) == 0
     meta = Table.read(catalog).meta
     recorded = (json.loads(str(meta["MEAN"])), json.loads(str(meta["STD"])))
     assert recorded[0][0] > 40 and used == [recorded]  # the scaled images' own, not the run's target's
+    # ... and the attributions are of the candidates so normalized (a mutant attributing them raw passed).
+    rows = [int(name) for name in json.loads((tmp_path / "explain" / "explain.json").read_text())["rows"][
+        "top_candidates.png"]]
+    raw = np.load(tmp_path / "scaled.npy")[rows].astype(np.float64)
+    mean, std = (np.asarray(v)[None, :, None, None] for v in recorded)
+    np.testing.assert_allclose(seen[0], (raw - mean) / std, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("command", ["export", "predict"])

@@ -353,6 +353,20 @@ def test_probabilities_that_round_to_one_are_written_as_one_minus():
     assert plots._probability(0.9994) == "0.999"
 
 
+def test_an_attribution_grid_draws_its_galaxies_in_the_filters_asked_for(drawn, tmp_path):
+    """A grid drawing the default filters whatever --rgb said passed: only rgb_composite and
+    explain.json's record of the filters were tested."""
+    rng = np.random.default_rng(1)
+    images = rng.gamma(2.0, size=(2, 3, 8, 8)).astype(np.float32)
+    plots.attribution_grid(images, np.ones((2, 8, 8)), np.ones((2, 8, 8)), [0.9, 0.1], [1, 0], "t",
+                           tmp_path / "g.png", rgb=(1, 2, 0))
+    fig = drawn[0]
+    for row in range(2):
+        for column in range(3):  # the galaxy under each panel
+            np.testing.assert_array_equal(fig.axes[3 * row + column].images[0].get_array(),
+                                          plots.rgb_composite(images[row], (1, 2, 0)))
+
+
 def test_an_attribution_grid_draws_each_column_on_one_scale(drawn, tmp_path):
     """Rows compare: a row whose Grad-CAM peaks at 0.1 drawn on a scale of its own glowed like one that
     peaks at 1; integrated gradients keep their sign on a scale centred on 0."""
