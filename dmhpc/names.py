@@ -28,6 +28,8 @@ VERIFY_LEVELS = ("checksums", "structure")
 # A merger where p(merger) is at least this: accuracy, F1, the predicted merger fraction, a
 # catalog's `merger` column, the model card and explain's choice of class all use it.
 MERGER_THRESHOLD = 0.5
+# The class index of "merger" among the network's outputs (labels: 1 merger, 0 non-merger).
+MERGER = 1
 
 # The test metrics leaderboards and study summaries report per domain.
 REPORTED_METRICS = ("accuracy", "roc_auc", "f1", "brier")

@@ -1570,6 +1570,20 @@ def test_explain_data_is_normalized_as_asked_and_says_how(survey, run_on_survey,
                                        "are normalized as it trained, a catalog's candidates as predict recorded\n")
 
 
+def test_a_catalogs_top_candidates_tied_at_p_1_are_ordered_by_their_log_odds():
+    """p rounds to exactly 1 past a log-odds of ~37 (a confident model: entropy minimization gives
+    20-35): the "top N" were the first N of hundreds tied at 1, in input order."""
+    from astropy.table import Table
+
+    from dmhpc.infer.explain import _top_candidates
+
+    table = Table({"index": np.arange(6), "p_merger": [0.3, 1.0, 1.0, 0.99, 1.0, 1.0],
+                   "log_odds": [-0.8, 49.5, 359.0, 4.6, 116.5, 306.0]})
+    assert _top_candidates(table, 4).tolist() == [2, 5, 4, 1]
+    del table["log_odds"]  # a catalog of an older dmhpc: its ties in input order
+    assert _top_candidates(table, 4).tolist() == [1, 2, 4, 5]
+
+
 def test_explain_of_a_catalog_normalizes_as_the_catalog_records(survey, run_on_survey, tmp_path, monkeypatch):
     """A catalog predicted with --normalize own records its images' own statistics: explain took the
     run's target statistics instead (a surviving mutant), and drew attributions of images the

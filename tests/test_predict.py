@@ -122,6 +122,10 @@ def test_the_catalog_is_the_forward_pass_in_input_order(trained, tmp_path, capsy
     assert list(table["index"]) == list(range(200)) and list(table["id"]) == list(range(200))
     np.testing.assert_array_equal(np.asarray(table["p_merger"]), expected)  # bit for bit on CPU
     np.testing.assert_array_equal(np.asarray(table["merger"]), (expected >= 0.5).astype(np.int8))
+    # The log-odds p is the logistic of: they order candidates past p's rounding to 1 (log-odds ~37).
+    log_odds = np.asarray(table["log_odds"])
+    assert log_odds.dtype == np.float64 and table["log_odds"].description.startswith("merger log-odds")
+    np.testing.assert_allclose(1 / (1 + np.exp(-log_odds)), expected, rtol=1e-12, atol=1e-15)
     assert table.meta["CKPT"] == "best" and table.meta["RUN"] == str(trained["run"].resolve())
     assert table.meta["NORM"] == "target" and table.meta["AMP"] == "none"
     assert table.meta["DMHPC"] == dmhpc.code_version()  # (with the commit: 0.1.0 named every state of the code)

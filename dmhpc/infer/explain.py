@@ -59,11 +59,9 @@ from dmhpc.errors import DmhpcError, reason_of
 from dmhpc.files import atomic_write, inside, locked_directory, remove_orphans
 from dmhpc.infer.predict import CSV_SHA, HDF5_TABLE, Model, batch_columns, provenance_file
 from dmhpc.infer.sources import open_source
-from dmhpc.names import MERGER_THRESHOLD
+from dmhpc.names import MERGER, MERGER_THRESHOLD
 from dmhpc.plots import CLASS_NAMES, attribution_grid
 from dmhpc.run import RunDir, check_shape
-
-MERGER = 1
 
 
 def _captum():
@@ -390,6 +388,20 @@ def _check_columns(catalog: Path, table) -> None:
         refuse("p_merger", "a probability from 0 to 1 in every row")
     if "label" in table.colnames and values("label", "iub") is None:
         refuse("label", "a whole number in every row (1 merger, 0 non-merger, negative unlabelled)")
+    if "log_odds" in table.colnames and (values("log_odds", "f") is None or
+                                         not np.isfinite(values("log_odds", "f")).all()):
+        refuse("log_odds", "a finite number in every row")
+
+
+def _top_candidates(table, n: int) -> np.ndarray:
+    """The rows of the `n` highest merger probabilities, ties broken by the log-odds where the catalog
+    has them: p rounds to exactly 1 past a log-odds of ~37, and the "top" of a confident model's
+    catalog was its first rows in input order among hundreds tied at 1 (catalogs of an older dmhpc
+    have no log_odds: their ties stay in input order)."""
+    p = np.asarray(table["p_merger"], dtype=np.float64)
+    if "log_odds" not in table.colnames:
+        return np.argsort(-p, kind="stable")[:n]
+    return np.lexsort((-np.asarray(table["log_odds"], dtype=np.float64), -p))[:n]
 
 
 def _catalog_model(catalog: Path, table, run: RunDir, checkpoint: str | None, device) -> Model:
@@ -552,7 +564,7 @@ def explain(run_dir, out, *, checkpoint: str | None = None, data=None, catalog=N
 
         written: dict[Path, list] = {}  # grid -> the names of its rows, in order
         if catalog is not None:
-            top = np.argsort(-np.asarray(table["p_merger"]), kind="stable")[:n]
+            top = _top_candidates(table, n)
             source = open_source(**_source_args(Path(catalog), table.meta["SRCARGS"]))
             # The grids show the catalog's probabilities beside images read back now: they must be
             # the images those are of (a catalog of an older dmhpc has no INPUTSHA to compare).

@@ -57,7 +57,7 @@ from dmhpc.files import (atomic_path, atomic_write, inside, is_temporary, locked
                          remove_orphans, same_place, staged_write, temporary_path)
 from dmhpc.progress import progress_bar
 from dmhpc.infer.sources import DIGEST_BLOCK, Source, open_source
-from dmhpc.names import MERGER_THRESHOLD, VERIFY_LEVELS
+from dmhpc.names import MERGER, MERGER_THRESHOLD, VERIFY_LEVELS
 from dmhpc.infer.trained import load_trained
 from dmhpc.run import RunDir, check_shape, statistics
 from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, STOP_SIGNALS, StopRequest
@@ -104,15 +104,22 @@ class Model:
         return statistics(self.data[role])
 
     @torch.no_grad()
-    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
-        """(n, classes) float64 class probabilities of a normalized batch on the device."""
+    def outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """((n, classes) float64 class probabilities, (n,) float64 merger log-odds, logit(merger) -
+        logit(non-merger)) of a normalized batch on the device."""
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(self.amp, self.device):
             _, logits = self.net(x)
         # float64, as the evaluation's: float32 rounds p to exactly 1.0 beyond a logit margin of ~17,
-        # and every confident candidate of a catalog then ties (float64: beyond ~37).
-        return torch.softmax(logits.double(), dim=1)
+        # and every confident candidate of a catalog then ties (float64: beyond ~37; the log-odds
+        # keep their order past that).
+        logits = logits.double()
+        return torch.softmax(logits, dim=1), logits[:, MERGER] - logits[:, 1 - MERGER]
+
+    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, classes) float64 class probabilities of a normalized batch on the device."""
+        return self.outputs(x)[0]
 
 
 def _part_rows(count: int, part_size: int, k: int) -> tuple[int, int]:
@@ -196,12 +203,12 @@ def _part_done(path: Path, index: np.ndarray, names: set, inputs: str, spec_dige
 
 
 def _part_names(source: Source, tta: bool) -> set:
-    return {*source.columns, "p_merger", *(("p_merger_std",) if tta else ())}
+    return {*source.columns, "p_merger", "log_odds", *(("p_merger_std",) if tta else ())}
 
 
 def _compute_part(model: Model, source: Source, normalize: Normalizer, start: int, stop: int, batch: int,
                   tta: bool) -> dict:
-    """The part's columns: p_merger (and p_merger_std with TTA) plus the source's columns."""
+    """The part's columns: p_merger and log_odds (and p_merger_std with TTA) plus the source's columns."""
     out: dict[str, list] = {}
     spans = [(a, min(a + batch, stop)) for a in range(start, stop, batch)]
     with contextlib.closing(read_ahead(source.read, spans, ahead=model.device.type == "cuda")) as batches:
@@ -223,17 +230,19 @@ def _part_error(exc: Exception, batch_size: int, device: torch.device) -> tuple[
 
 
 def batch_columns(model: Model, normalize: Normalizer, images: np.ndarray, columns: dict, tta: bool) -> dict:
-    """One batch's source columns with p_merger (and p_merger_std) added."""
+    """One batch's source columns with p_merger and log_odds (and p_merger_std) added."""
     x = torch.from_numpy(images).to(model.device, non_blocking=True)
     if tta:
         square = x.shape[-1] == x.shape[-2]
-        p = torch.stack([model.probabilities(normalize(x, torch.full((len(x),), c, dtype=torch.uint8,
-                                                                     device=model.device)))[:, 1]
-                         for c in range(8 if square else 4)])
+        out = [model.outputs(normalize(x, torch.full((len(x),), c, dtype=torch.uint8, device=model.device)))
+               for c in range(8 if square else 4)]
+        p, log_odds = torch.stack([p[:, MERGER] for p, _ in out]), torch.stack([odds for _, odds in out])
         columns["p_merger"] = p.mean(0).cpu().numpy()
         columns["p_merger_std"] = p.std(0, unbiased=False).cpu().numpy()
+        columns["log_odds"] = log_odds.mean(0).cpu().numpy()
     else:  # the batch is ours (read for this step): normalize it where it is
-        columns["p_merger"] = model.probabilities(normalize.in_place(x))[:, 1].cpu().numpy()
+        p, log_odds = model.outputs(normalize.in_place(x))
+        columns["p_merger"], columns["log_odds"] = p[:, MERGER].cpu().numpy(), log_odds.cpu().numpy()
     _finite_probabilities(model, columns)
     return columns
 
@@ -243,7 +252,7 @@ def _finite_probabilities(model: Model, columns: dict) -> None:
     refuse the part, and a rerun compute it again. Finite pixels can still get there (one near 3e38
     overflows float32 when normalized; a checkpoint with NaN weights is refused when it is loaded).
     The values are on the host already."""
-    bad = ~np.isfinite(columns["p_merger"])
+    bad = ~np.isfinite(columns["p_merger"]) | ~np.isfinite(columns["log_odds"])
     if "p_merger_std" in columns:
         bad |= ~np.isfinite(columns["p_merger_std"])
     if bad.any():
@@ -464,7 +473,7 @@ def _remove_parts(parts: Path, keep_folder: bool = False) -> None:
         parts.rmdir()
 
 
-COLUMN_ORDER = ("id", "index", "p_merger", "p_merger_std", "merger", "label", "object", "split")
+COLUMN_ORDER = ("id", "index", "p_merger", "p_merger_std", "log_odds", "merger", "label", "object", "split")
 
 
 def _joined(parts: Path, source: Source, part_size: int, tta: bool, spec_digests: tuple[str, ...]):
@@ -533,6 +542,9 @@ def _merge(out: Path, parts: Path, source: Source, part_size: int, tta: bool, me
                  "p_merger": "merger probability" + (f" (mean over the {transforms})"
                                                      if "p_merger_std" in table.colnames else ""),
                  "p_merger_std": f"population standard deviation of the merger probability over the {transforms}",
+                 "log_odds": "merger log-odds, logit(merger) - logit(non-merger)" + (
+                     f" (mean over the {transforms})" if "p_merger_std" in table.colnames else "")
+                 + ": orders candidates whose p_merger rounds to 1",
                  "label": "true class from the input: 1 merger, 0 non-merger",
                  "object": "object id of the image in its prepared data set",
                  "split": "split of its prepared data set the image is in",
