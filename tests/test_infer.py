@@ -828,6 +828,22 @@ def test_export_with_normalization_built_in_and_a_card(survey, run_on_survey, tm
     assert card["model"]["sha256"] == file_sha256(out) and card["model"]["sha256"] in Path(f"{out}.card.md").read_text()
     assert card["checkpoint"]["sha256"] == file_sha256(RunDir(run_on_survey).checkpoint("best"))
     assert main(["export", "--run", str(run_on_survey), "--format", fmt, "--out", str(out)]) == 1  # no overwrite
+    # The file says what it is without its card (the card can be left behind; the ONNX file's
+    # metadata was empty): input shape, outputs, threshold, checkpoint, dmhpc version.
+    if fmt == "onnx":
+        embedded = session.get_modelmeta().custom_metadata_map
+    elif fmt == "torchscript":
+        files = {"dmhpc.json": ""}
+        torch.jit.load(str(out), _extra_files=files)
+        embedded = json.loads(files["dmhpc.json"])
+    else:
+        from safetensors import safe_open
+
+        with safe_open(str(out), framework="pt") as f:
+            embedded = f.metadata()
+    assert json.loads(embedded["input_shape"]) == ["N", 3, 75, 75] and embedded["merger_threshold"] == "0.5"
+    assert embedded["checkpoint_sha256"] == card["checkpoint"]["sha256"] and embedded["dmhpc"] == card["model"]["dmhpc"]
+    assert "class 1: merger" in embedded["outputs"] and embedded["architecture"] == "deepmerge2"
 
 
 def test_export_reads_an_edited_result_file_or_refuses_it_in_one_line(run_on_survey, tmp_path, capsys):
@@ -1048,6 +1064,37 @@ def test_the_card_names_files_with_backticks_and_spaces_whole(run_on_survey, tmp
     assert code_spans(sha)[0] == out.name
     (command,) = [code_spans(line)[0] for line in lines if line.startswith("Not evaluated on the test split")]
     assert shlex.split(command) == ["dmhpc", "eval", "--run", str(run.resolve()), "--checkpoint", "best"]
+
+
+def test_a_rebuilt_safetensors_model_refuses_other_images_and_a_file_its_card_does_not_name(run_on_survey,
+                                                                                            tmp_path):
+    """load_safetensors rebuilt a network that took any image size (a ResNet answered for 64x64
+    cutouts of a model trained on 75x75; the ONNX export refuses them), and loaded a file edited
+    with finite values though the card beside it names another SHA-256."""
+    from safetensors.torch import load_file, save_file
+
+    from dmhpc.infer.export import load_safetensors
+
+    out = tmp_path / "m.safetensors"
+    assert main(["export", "--run", str(run_on_survey), "--format", "safetensors", "--out", str(out)]) == 0
+    model = load_safetensors(out)
+    with torch.no_grad():
+        model(torch.rand(2, 3, 75, 75))
+        with pytest.raises(DmhpcError, match=r"m.safetensors: the model takes images of \(C, H, W\) \(3, 75, 75\), "
+                                             r"got \(3, 64, 64\)"):
+            model(torch.rand(2, 3, 64, 64))
+    from safetensors import safe_open
+
+    with safe_open(str(out), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(out)
+    tensors["std"] = tensors["std"] * 2  # finite, plausible: another model
+    save_file(tensors, out, metadata=metadata)
+    with pytest.raises(DmhpcError, match=r"m.safetensors: not the file its card m.safetensors.card.json names "
+                                         r"\(SHA-256 differs\)"):
+        load_safetensors(out)
+    Path(f"{out}.card.json").unlink()  # no card beside it: the file alone, as handed on
+    assert load_safetensors(out) is not None
 
 
 def test_export_of_a_run_normalized_by_the_source_says_so(survey, tmp_path):

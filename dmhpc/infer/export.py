@@ -134,7 +134,21 @@ def _check(out: Path, what: str, got, want, tolerance: dict) -> dict:
     return differences
 
 
-def _onnx(model: MergerClassifier, example: torch.Tensor, out: Path, tmp: Path) -> dict:
+def _embedded(built: Built) -> dict[str, str]:
+    """What the exported file says of itself, beside its card (text keys and values: ONNX
+    metadata_props, safetensors metadata, a TorchScript extra file): the card could be left behind,
+    and the file named nothing of its input, classes or checkpoint."""
+    trained = built.trained
+    return {"dmhpc": code_version(), "architecture": trained.cfg.model.name,
+            "input_shape": json.dumps(["N", *trained.shape]),
+            "input": "raw images (N, C, H, W) float32 in the training data's channel order; the normalization is "
+                     "built in",
+            "outputs": "p_merger = softmax(logits)[:, 1], log_odds = logits[:, 1] - logits[:, 0] (class 1: merger)",
+            "merger_threshold": str(MERGER_THRESHOLD), "checkpoint": trained.info["name"],
+            "checkpoint_sha256": trained.sha256, "card": "FILE.card.json beside it"}
+
+
+def _onnx(model: MergerClassifier, example: torch.Tensor, out: Path, tmp: Path, embedded: dict) -> dict:
     """Write the ONNX program to `tmp` and check it with onnxruntime; the largest differences."""
     try:
         import onnxruntime
@@ -149,6 +163,11 @@ def _onnx(model: MergerClassifier, example: torch.Tensor, out: Path, tmp: Path) 
     except ImportError:
         raise DmhpcError("--format onnx needs onnx and onnxscript: pip install dmhpc[export]") from None
     program.save(str(tmp))  # checked before it takes its name: a file that fails is never left
+    import onnx
+
+    saved = onnx.load(str(tmp))
+    onnx.helper.set_model_props(saved, embedded)
+    onnx.save(saved, str(tmp))
     check = _check_batch(model, example)
     session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
     got = session.run(list(OUTPUTS), {"image": check.numpy()})
@@ -163,7 +182,7 @@ def _check_batch(model: MergerClassifier, example: torch.Tensor) -> torch.Tensor
     return model.mean + model.std * torch.randn(5, *example.shape[1:], generator=torch.Generator().manual_seed(0))
 
 
-def _torchscript(model: MergerClassifier, example: torch.Tensor, out: Path, tmp: Path) -> None:
+def _torchscript(model: MergerClassifier, example: torch.Tensor, out: Path, tmp: Path, embedded: dict) -> None:
     with torch.no_grad(), _quiet():
         traced = torch.jit.trace(model, example)
         # On other images than the zeros it was traced on: a path the trace froze (a branch taken on
@@ -174,25 +193,37 @@ def _torchscript(model: MergerClassifier, example: torch.Tensor, out: Path, tmp:
     # Into memory first: torch's zip writer meeting a full disk throws from a C++ destructor, which
     # aborts the process (exit 134, its temporary file left behind) instead of raising an OSError.
     buffer = io.BytesIO()
-    torch.jit.save(traced, buffer)
+    torch.jit.save(traced, buffer, _extra_files={"dmhpc.json": json.dumps(embedded)})
     tmp.write_bytes(buffer.getbuffer())
 
 
-def _safetensors(model: MergerClassifier, cfg_dict: dict, tmp: Path) -> None:
+def _safetensors(model: MergerClassifier, cfg_dict: dict, tmp: Path, embedded: dict) -> None:
     from safetensors.torch import save
 
-    metadata = {"format": "pt", "dmhpc": code_version(), "model": json.dumps(cfg_dict["model"]),
+    metadata = {"format": "pt", "model": json.dumps(cfg_dict["model"]), **embedded,
                 "input": "raw images (N, C, H, W) float32; normalization in the tensors mean and std",
-                "output": "p_merger = softmax(logits)[:, 1] and log_odds = logits[:, 1] - logits[:, 0], "
-                          "logits = net((image - mean) / std)"}
+                "outputs": "p_merger = softmax(logits)[:, 1] and log_odds = logits[:, 1] - logits[:, 0], "
+                           "logits = net((image - mean) / std) (class 1: merger)"}
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     tmp.write_bytes(save(tensors, metadata=metadata))
 
 
 def load_safetensors(path) -> MergerClassifier:
     """Rebuild an exported classifier from its safetensors file (needs dmhpc, not the run); a file
-    that is not such an export is a DmhpcError naming it."""
+    that is not such an export, or not the one its card beside it (FILE.card.json) names, is a
+    DmhpcError naming it. The model refuses images of another (C, H, W) than it was trained on, as
+    the ONNX export does (a ResNet took any size and answered)."""
     from safetensors import safe_open
+
+    card = Path(f"{path}.card.json")
+    if card.is_file():  # (read before the file: a file edited with finite values loaded as the export)
+        try:
+            named = json.loads(card.read_text(encoding="utf-8"))["model"]["sha256"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+            raise DmhpcError(f"{card}: not a readable model card ({reason_of(exc)})") from None
+        if Path(path).is_file() and file_sha256(path) != named:
+            raise DmhpcError(f"{path}: not the file its card {card.name} names (SHA-256 differs): edited or "
+                             f"replaced since it was exported")
 
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -221,6 +252,19 @@ def load_safetensors(path) -> MergerClassifier:
         raise DmhpcError(f"{path}: its tensors do not fit a {cfg.model.name} network of {len(mean)} channels "
                          f"({(str(exc).splitlines() or [''])[0][:150]})") from None
     check_finite_weights(model, path)
+    if "input_shape" in meta:  # (an export of an earlier dmhpc records none)
+        try:
+            shape = tuple(json.loads(meta["input_shape"])[1:])
+        except (ValueError, TypeError) as exc:
+            raise DmhpcError(f"{path}: its metadata's input_shape {meta['input_shape'][:40]!r} is not a shape "
+                             f"({reason_of(exc)})") from None
+
+        def refuse_other_shapes(module, inputs) -> None:
+            if tuple(inputs[0].shape[1:]) != shape:
+                raise DmhpcError(f"{path}: the model takes images of (C, H, W) {shape}, got "
+                                 f"{tuple(inputs[0].shape[1:])}")
+
+        model.register_forward_pre_hook(refuse_other_shapes)
     return model.eval()
 
 
@@ -383,12 +427,13 @@ def export(run_dir, out, *, fmt: str, checkpoint: str = "best", overwrite: bool 
         onnx_diff, staged = None, {}
         try:
             with atomic_path(out) as tmp:
+                embedded = _embedded(built)
                 if fmt == "onnx":
-                    onnx_diff = _onnx(model, example, out, tmp)
+                    onnx_diff = _onnx(model, example, out, tmp, embedded)
                 elif fmt == "torchscript":
-                    _torchscript(model, example, out, tmp)
+                    _torchscript(model, example, out, tmp, embedded)
                 else:
-                    _safetensors(model, config_to_dict(built.trained.cfg), tmp)
+                    _safetensors(model, config_to_dict(built.trained.cfg), tmp, embedded)
                 card = model_card(run, built, fmt, out, onnx_diff)
                 card["model"]["sha256"] = file_sha256(tmp)  # what a receiver checks the file against
                 for kind, text in (("md", _card_markdown(card)), ("json", strict_json(card, indent=2) + "\n")):
