@@ -8,6 +8,8 @@ by name.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -140,6 +142,23 @@ def fake_commands(tmp_path: Path, monkeypatch, scripts: dict[str, str]) -> Path:
         (fake / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
     return fake
+
+
+def interrupted_once_said(command: list, word: str, times: int = 2, **popen) -> tuple[int, str]:
+    """Run `command`, Ctrl-C it (SIGINT to the launcher, which passes it on) once its standard output
+    has said `word` `times` times (one per MPI rank, say); (its exit status, its standard error)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    try:
+        said = ""
+        while said.count(word) < times:  # (the ranks' lines may come joined)
+            line = proc.stdout.readline()
+            assert line, said
+            said += line
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, err
 
 
 def split_lists(manifest: dict) -> dict:

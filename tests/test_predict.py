@@ -515,18 +515,25 @@ sys.exit(__import__("dmhpc.cli").cli.main(sys.argv[1:]))
 """
 
 
-def test_a_part_that_one_rank_cannot_write_is_every_ranks_one_line(trained, tmp_path):
-    """A full disk on rank 1 while writing a part: rank 0 waited in the gather for it (a gloo
-    traceback; under NCCL a 30-minute wait)."""
-    script = tmp_path / "full_disk.py"
-    script.write_text(FULL_DISK_ON_RANK_1)
-    out = tmp_path / "c.parquet"
+def _two_ranks_of(driver: str, trained, tmp_path, out: Path) -> tuple[subprocess.CompletedProcess, dict]:
+    """`driver` (a script running the dmhpc command line) predicting to `out` on 2 torchrun ranks: the
+    process, and each rank's standard error lines."""
+    script = tmp_path / "driver.py"
+    script.write_text(driver)
     proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--tee=2", str(script),
                            *_predict_cmd(trained, out)[2:]], cwd=ROOT, env=clean_env(), capture_output=True,
                           text=True, timeout=300)
+    return proc, {rank: [line.split(":", 1)[1] for line in proc.stderr.splitlines()
+                         if line.startswith(f"[default{rank}]:")] for rank in (0, 1)}
+
+
+def test_a_part_that_one_rank_cannot_write_is_every_ranks_one_line(trained, tmp_path):
+    """A full disk on rank 1 while writing a part: rank 0 waited in the gather for it (a gloo
+    traceback; under NCCL a 30-minute wait)."""
+    out = tmp_path / "c.parquet"
+    proc, by_rank = _two_ranks_of(FULL_DISK_ON_RANK_1, trained, tmp_path, out)
     assert proc.returncode != 0
-    for rank in (0, 1):
-        said = [line.split(":", 1)[1] for line in proc.stderr.splitlines() if line.startswith(f"[default{rank}]:")]
+    for said in by_rank.values():
         assert len(said) == 1 and said[0].startswith(f"dmhpc predict: error: {out}.parts/part-000001.npz: cannot "
                                                       f"write: No space left on device"), proc.stderr[-3000:]
     assert not out.exists()
@@ -550,15 +557,8 @@ sys.exit(__import__("dmhpc.cli").cli.main(sys.argv[1:]))
 def test_an_error_other_than_ours_on_one_rank_is_said_by_every_rank(trained, tmp_path):
     """Only a DmhpcError in a part was shared: rank 1's RuntimeError was its traceback alone, and
     rank 0, waiting in the next round's gather, was killed by torchrun without a word."""
-    script = tmp_path / "defect.py"
-    script.write_text(DEFECT_ON_RANK_1)
-    out = tmp_path / "c.parquet"
-    proc = subprocess.run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", "--tee=2", str(script),
-                           *_predict_cmd(trained, out)[2:]], cwd=ROOT, env=clean_env(), capture_output=True,
-                          text=True, timeout=300)
+    proc, said = _two_ranks_of(DEFECT_ON_RANK_1, trained, tmp_path, tmp_path / "c.parquet")
     assert proc.returncode != 0
-    said = {rank: [line.split(":", 1)[1] for line in proc.stderr.splitlines() if line.startswith(f"[default{rank}]:")]
-            for rank in (0, 1)}
     assert said[0] == ["dmhpc predict: error: RuntimeError: a defect in a library"], proc.stderr[-3000:]
     assert said[1][-1].endswith("RuntimeError: a defect in a library") and "Traceback" in said[1][0], \
         proc.stderr[-3000:]

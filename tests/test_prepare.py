@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -797,7 +796,8 @@ BAD_CASES = [
     "missing", "not-npy", "npz", "fortran", "truncated", "negative-shape", "huge-shape", "joined", "dims", "channels",
     "int-images", "str-images",
     "structured-images", "zero-size-images", "label-count", "label-range",
-    "label-fraction", "nan", "inf", "empty", "object-huge", "label-float16-inf", "object-huge-unsigned", "object-count", "out-not-empty",
+    "label-fraction", "nan", "inf", "empty", "object-huge", "label-float16-inf", "object-huge-unsigned", "object-count",
+    "out-not-empty",
 ]
 
 
@@ -942,19 +942,11 @@ def test_ctrl_c_under_mpiexec_is_one_line(inputs, tmp_path):
     """Ctrl-C reaches every rank: each printed a KeyboardInterrupt traceback."""
     driver = tmp_path / "slow.py"
     driver.write_text(SLOW_OPEN)
-    proc = subprocess.Popen([find_mpiexec(), "-n", "2", sys.executable, str(driver), *args(inputs)], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        said = ""
-        while said.count("opening") < 2:  # (the ranks' lines may come joined)
-            line = proc.stdout.readline()
-            assert line, said
-            said += line
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode != 0 and "Traceback" not in err and err.count("dmhpc prepare: interrupted\n") == 1, err
+    from tests.conftest import interrupted_once_said
+
+    code, err = interrupted_once_said([find_mpiexec(), "-n", "2", sys.executable, str(driver), *args(inputs)],
+                                      "opening", cwd=ROOT)
+    assert code == 130 and "Traceback" not in err and err.count("dmhpc prepare: interrupted\n") == 1, (code, err)
 
 
 def test_a_negative_seed_is_one_line(inputs, capsys):

@@ -608,20 +608,12 @@ def test_ctrl_c_under_mpiexec_is_one_line_and_leaves_nothing(tmp_path):
     mpiexec = _mpiexec()
     if mpiexec is None:
         pytest.skip("mpiexec not found next to the Python interpreter nor on PATH")
+    from tests.conftest import interrupted_once_said
+
     env = {k: v for k, v in os.environ.items() if k not in MPI_LAUNCH_VARIABLES}
-    proc = subprocess.Popen([mpiexec, "-n", "2", sys.executable, "-c", SLOW_RENDER, str(tmp_path / "s")], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        said = ""
-        while said.count("rendering") < 2:  # (the ranks' lines may come joined)
-            line = proc.stdout.readline()
-            assert line, said
-            said += line
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130 and "Traceback" not in err and "error" not in err, (proc.returncode, err)
+    code, err = interrupted_once_said([mpiexec, "-n", "2", sys.executable, "-c", SLOW_RENDER, str(tmp_path / "s")],
+                                      "rendering", env=env)
+    assert code == 130 and "Traceback" not in err and "error" not in err, (code, err)
     assert err.count("dmhpc synth: interrupted\n") == 1, err
     assert list(tmp_path.iterdir()) == []
 
