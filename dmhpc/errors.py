@@ -12,5 +12,7 @@ def reason_of(exc: BaseException, limit: int = 200) -> str:
     at most `limit` characters. Cut at `limit` alone, torch's reasons ended mid-sentence ("... your
     checkpoint file is")."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    sentence = re.split(r"(?<=[a-z0-9)\]])\. (?=[A-Z])", text, maxsplit=1)[0].rstrip(".")
+    ends = (m.start() for m in re.finditer(r"(?<=[a-z0-9)\]'\"])\. (?=[A-Z])", text)
+            if text.count("'", 0, m.start()) % 2 == 0 and text.count('"', 0, m.start()) % 2 == 0)
+    sentence = text[:next(ends, len(text))].rstrip(".")  # (not inside a quoted path: '/data/v2. Final/x.pt')
     return sentence if len(sentence) <= limit else sentence[:limit - 3] + "..."

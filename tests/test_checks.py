@@ -166,3 +166,5 @@ def test_a_librarys_reason_is_its_first_sentence_on_one_line():
     assert reason_of(ValueError("line one\n  line two. No. 3 (v2.1.0) stays")) == "line one line two"
     assert reason_of(OSError("version 2.1. Stays whole as 2.1.0")) == "version 2.1"
     assert reason_of(KeyError()) == "KeyError" and reason_of(ValueError("x" * 300)) == "x" * 197 + "..."
+    assert reason_of(FileNotFoundError("No such file: '/data/v2. Final/x.pt'. Check it")) == \
+        "No such file: '/data/v2. Final/x.pt'"

@@ -691,12 +691,13 @@ def test_the_demos_size_check_is_prepares_training_split():
 def test_the_code_version_names_the_commit_of_a_checkout_of_its_own(tmp_path):
     """0.1.0 named every state of the code since the first commit: catalogs, runs and exported
     models made by different code said the same. A package outside a checkout of its own (installed,
-    or inside another project's repository) is the version alone."""
+    or inside another project's repository) is the version alone. A folder with a space in its name,
+    or GIT_DIR set (a git hook, a CI job), lost the commit or named another repository's."""
     import dmhpc
 
-    def version(root: Path) -> str:
+    def version(root: Path, **env) -> str:
         return subprocess.run([sys.executable, "-c", "import dmhpc; print(dmhpc.code_version())"], cwd=tmp_path,
-                              env={**clean_env(), "PYTHONPATH": str(root)}, capture_output=True, text=True,
+                              env={**clean_env(), "PYTHONPATH": str(root), **env}, capture_output=True, text=True,
                               timeout=60, check=True).stdout.strip()
 
     def git(root: Path, *args: str) -> str:
@@ -704,7 +705,8 @@ def test_the_code_version_names_the_commit_of_a_checkout_of_its_own(tmp_path):
                               capture_output=True, text=True, timeout=60, check=True).stdout.strip()
 
     package = Path(dmhpc.__file__).parent
-    for root in (tmp_path / "plain", tmp_path / "repo", tmp_path / "other"):
+    repo = tmp_path / "a repo"
+    for root in (tmp_path / "plain", repo, tmp_path / "other"):
         where = root / "lib" if root.name == "other" else root
         (where / "dmhpc").mkdir(parents=True)
         shutil.copy(package / "__init__.py", where / "dmhpc" / "__init__.py")
@@ -714,10 +716,11 @@ def test_the_code_version_names_the_commit_of_a_checkout_of_its_own(tmp_path):
             git(root, "add", ".")
             git(root, "commit", "-q", "-m", "first")
     assert version(tmp_path / "plain") == version(tmp_path / "other" / "lib") == dmhpc.__version__
-    commit = git(tmp_path / "repo", "rev-parse", "HEAD")[:12]
-    assert version(tmp_path / "repo") == f"{dmhpc.__version__}+g{commit}"
-    (tmp_path / "repo" / "README").write_text("changed: not the package\n")
-    assert version(tmp_path / "repo") == f"{dmhpc.__version__}+g{commit}"
-    with open(tmp_path / "repo" / "dmhpc" / "__init__.py", "a") as f:
-        f.write("# changed\n")
-    assert version(tmp_path / "repo") == f"{dmhpc.__version__}+g{commit}.dirty"
+    commit = git(repo, "rev-parse", "HEAD")[:12]
+    assert version(repo) == version(repo, GIT_DIR=str(tmp_path / "other" / ".git")) == f"{dmhpc.__version__}+g{commit}"
+    index = (repo / ".git" / "index").stat().st_mtime_ns
+    (repo / "README").write_text("changed: not the package\n")
+    assert version(repo) == f"{dmhpc.__version__}+g{commit}"
+    (repo / "dmhpc" / "new.py").write_text("# added\n")
+    assert version(repo) == f"{dmhpc.__version__}+g{commit}.dirty"
+    assert (repo / ".git" / "index").stat().st_mtime_ns == index  # (every rank's git wrote the index)

@@ -577,8 +577,9 @@ def test_out_of_memory_in_a_part_is_one_line_naming_the_batch_size(trained, tmp_
     out = tmp_path / "c.parquet"
     assert main(_predict_cmd(trained, out)[2:]) == 1
     err = capsys.readouterr().err
-    assert err == ("dmhpc predict: error: out of memory on cpu at --batch-size 16: give a smaller one (the parts "
-                   "already written are then computed again: a batch's size moves its results' last bits)\n"), err
+    assert err == ("dmhpc predict: error: out of memory on cpu at --batch-size 16: run again with a smaller one "
+                   "and --overwrite (the parts written are computed again: a batch's size moves its results' last "
+                   "bits)\n"), err
     assert not out.exists()
 
 
@@ -1778,8 +1779,9 @@ def test_a_sources_images_read_back_by_input_position_are_those_positions_images
             source.close()
 
 
-def test_parts_of_another_version_of_dmhpc_are_not_mixed_in(trained, tmp_path, capsys, monkeypatch):
-    """A job requeued after dmhpc was upgraded merged parts that two versions of the code computed."""
+def test_parts_of_another_version_of_dmhpc_are_computed_again(trained, tmp_path, capsys, monkeypatch):
+    """A job requeued after dmhpc was upgraded merged parts that two versions of the code computed;
+    they are computed again, and the job goes on (refused, a requeued job failed)."""
     from dmhpc.errors import DmhpcError
     from dmhpc.infer import predict
 
@@ -1795,13 +1797,15 @@ def test_parts_of_another_version_of_dmhpc_are_not_mixed_in(trained, tmp_path, c
         return compute(*args, **kwargs)
 
     monkeypatch.setattr(predict, "_compute_part", second_fails)
-    monkeypatch.setattr(predict, "code_version", lambda: "0.0.9+gold")
+    monkeypatch.setattr(predict, "source_digest", lambda: "0" * 64)
     assert main(cmd) == 1
+    assert [p.name for p in _parts(out)] == ["part-000000.npz"]
     monkeypatch.undo()
     capsys.readouterr()
-    assert main(cmd) == 1
-    err = capsys.readouterr().err
-    assert "holds parts of another prediction (differs in dmhpc)" in err, err
+    assert main(cmd) == 0
+    said = capsys.readouterr().out
+    assert "parts of another version of dmhpc; computing them again" in said and "(0 done before)" in said, said
+    assert len(read(out)) == 24
 
 
 def test_a_part_copied_to_another_parts_number_is_computed_again(trained, tmp_path, capsys, monkeypatch):

@@ -767,9 +767,10 @@ def test_a_local_job_meets_on_a_port_of_its_own_not_the_launchers(tmp_path, monk
     import submitit
 
     launchers = {"MASTER_PORT": "29500", "MASTER_ADDR": "10.0.0.9", "SLURM_MEM_PER_CPU": "4096",
-                 "SLURM_CPUS_PER_TASK": "2", "SLURM_JOB_ID": "99", "SRUN_DEBUG": "3", "RANK": "0", "WORLD_SIZE": "1",
+                 "SLURM_CPUS_PER_TASK": "2", "SLURM_JOB_ID": "99", "SRUN_CPUS_PER_TASK": "2", "RANK": "0", "WORLD_SIZE": "1",
                  "TORCHELASTIC_RUN_ID": "r"}
-    users = {"SLURM_CONF": "/etc/slurm/slurm.conf", "SBATCH_ACCOUNT": "astro", "OMP_PROC_BIND": "close"}
+    users = {"SLURM_CONF": "/etc/slurm/slurm.conf", "SBATCH_ACCOUNT": "astro", "OMP_PROC_BIND": "close",
+             "SLURM_CLUSTERS": "gpu2", "SLURM_CPU_BIND": "cores", "SLURM_MPI_TYPE": "pmix"}
     for key, value in {**launchers, **users}.items():
         monkeypatch.setenv(key, value)
     executor = submitit.AutoExecutor(folder=tmp_path, cluster="local")

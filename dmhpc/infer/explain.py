@@ -194,7 +194,7 @@ def _explain_domain(model: Model, norm: Normalizer, drawn: dict, name: str, run:
     what its integrated gradients took)}."""
     images, labels = drawn["images"], drawn["labels"]
     x = norm(torch.from_numpy(images).to(model.device))
-    probs = model.probabilities(x)[:, 1].cpu().numpy()
+    probs = model.probabilities(x)[:, MERGER].cpu().numpy()
     written = {}
     kind = "true" if labels is not None and (labels >= 0).all() else "predicted"
     for cls, rows in _samples(images, labels, probs, n, seed).items():

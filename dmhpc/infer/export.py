@@ -46,7 +46,7 @@ from dmhpc.distributed import bootstrap, shutdown
 from dmhpc.errors import DmhpcError, reason_of
 from dmhpc.files import atomic_path, fsync_file, locked_directory, remove_orphans, staged_write
 from dmhpc.markdown import code, table
-from dmhpc.names import MERGER_THRESHOLD
+from dmhpc.names import MERGER, MERGER_THRESHOLD
 from dmhpc.infer.trained import Trained, load_trained
 from dmhpc.run import RunDir, statistics
 from dmhpc.run_records import strict_json
@@ -67,18 +67,23 @@ ONNX_OPSET = 20  # IR version 10: onnxruntime 1.18 (May 2024, the floor in setup
 
 class MergerClassifier(nn.Module):
     """Raw (N, C, H, W) images -> (p(merger), log-odds), each (N,): normalization, the classifier,
-    softmax."""
+    softmax. `input_shape`: the (C, H, W) it refuses others than, where known (`load_safetensors`:
+    a ResNet took any size and answered; the ONNX file refuses them); `origin` names it there."""
 
-    def __init__(self, net: nn.Module, mean, std):
+    def __init__(self, net: nn.Module, mean, std, input_shape: tuple | None = None, origin: str = ""):
         super().__init__()
         self.net = net
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+        self.input_shape, self.origin = input_shape, origin
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.input_shape is not None and tuple(image.shape[1:]) != self.input_shape:
+            raise DmhpcError(f"{self.origin}: the model takes images of (C, H, W) {self.input_shape}, got "
+                             f"{tuple(image.shape[1:])}")
         _, logits = self.net((image - self.mean) / self.std)
         logits = logits.float()
-        return torch.softmax(logits, dim=1)[:, 1], logits[:, 1] - logits[:, 0]
+        return torch.softmax(logits, dim=1)[:, MERGER], logits[:, MERGER] - logits[:, 1 - MERGER]
 
 
 @dataclass(frozen=True)
@@ -244,27 +249,21 @@ def load_safetensors(path) -> MergerClassifier:
                          f"{type(exc).__name__} {str(exc)[:100]})") from None
     if not all(math.isfinite(s) and s > 0 for s in std) or not all(math.isfinite(m) for m in mean):
         raise DmhpcError(f"{path}: its normalization is not finite numbers with std above 0 (an edited file?)")
+    shape = None
+    if "input_shape" in meta:  # (an export of an earlier dmhpc records none)
+        try:
+            shape = tuple(int(n) for n in json.loads(meta["input_shape"])[1:])
+        except (ValueError, TypeError) as exc:
+            raise DmhpcError(f"{path}: its metadata's input_shape {meta['input_shape'][:40]!r} is not a shape "
+                             f"({reason_of(exc)})") from None
     # The normalization is per input channel: its length is the channels the network was built for.
-    model = MergerClassifier(build_backbone(cfg, len(mean)), mean, std)
+    model = MergerClassifier(build_backbone(cfg, len(mean)), mean, std, shape, str(path))
     try:
         model.load_state_dict(tensors)
     except RuntimeError as exc:
         raise DmhpcError(f"{path}: its tensors do not fit a {cfg.model.name} network of {len(mean)} channels "
                          f"({(str(exc).splitlines() or [''])[0][:150]})") from None
     check_finite_weights(model, path)
-    if "input_shape" in meta:  # (an export of an earlier dmhpc records none)
-        try:
-            shape = tuple(json.loads(meta["input_shape"])[1:])
-        except (ValueError, TypeError) as exc:
-            raise DmhpcError(f"{path}: its metadata's input_shape {meta['input_shape'][:40]!r} is not a shape "
-                             f"({reason_of(exc)})") from None
-
-        def refuse_other_shapes(module, inputs) -> None:
-            if tuple(inputs[0].shape[1:]) != shape:
-                raise DmhpcError(f"{path}: the model takes images of (C, H, W) {shape}, got "
-                                 f"{tuple(inputs[0].shape[1:])}")
-
-        model.register_forward_pre_hook(refuse_other_shapes)
     return model.eval()
 
 

@@ -44,7 +44,7 @@ import h5py
 import numpy as np
 import torch
 
-from dmhpc import code_version
+from dmhpc import code_version, source_digest
 from dmhpc.checks import show
 from dmhpc.config import changed_keys
 from dmhpc.data.batches import Normalizer, read_ahead
@@ -224,8 +224,9 @@ def _part_error(exc: Exception, batch_size: int, device: torch.device) -> tuple[
     if isinstance(exc, DmhpcError):
         return str(exc), False
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(exc):
-        return (f"out of memory on {device} at --batch-size {batch_size}: give a smaller one (the parts already "
-                f"written are then computed again: a batch's size moves its results' last bits)"), False
+        return (f"out of memory on {device} at --batch-size {batch_size}: run again with a smaller one and "
+                f"--overwrite (the parts written are computed again: a batch's size moves its results' last "
+                f"bits)"), False
     return f"{type(exc).__name__}: {exc}", True
 
 
@@ -270,7 +271,7 @@ def _spec(run: RunDir, model: Model, source: Source, source_args: dict, options:
     checkpoint = {k: v for k, v in model.checkpoint.items() if k != "early_stopping"}
     return {"run": str(run.path.resolve()), "checkpoint": checkpoint, "checkpoint_sha256": model.sha256,
             "source": source.describe, "input_files": source.identity, **source_args, "count": source.count,
-            "dmhpc": code_version(), **options}
+            "dmhpc_source": source_digest(), **options}
 
 
 # What each provenance keyword holds, in COMMENT cards of a FITS catalog's header, for its reader
@@ -290,16 +291,15 @@ def _write_fits(table, path: Path) -> None:
     """The catalog as astropy writes it, plus each column's description in its TCOMMn card (readers
     other than astropy's see only those) and CHECKSUM/DATASUM cards (fitsverify, `astropy.io.fits`
     with checksum=True check them): a FITS catalog carried no description a reader outside astropy
-    sees, and no checksum of its own."""
+    sees, and no checksum of its own. Written once: the cards added to the written file grew its
+    header, and astropy rewrote the whole file into a temporary file of its own, left on a full disk."""
     from astropy.io import fits
+    from astropy.io.fits.connect import _encode_mixins  # what Table.write does first (private; pinned)
 
-    table.write(path, format="fits", overwrite=True)
-    with fits.open(path, mode="update") as hdul:
-        header = hdul[1].header
-        for n, column in enumerate(table.columns.values(), start=1):
-            header.set(f"TCOMM{n}", column.description, after=f"TFORM{n}")
-        for hdu in hdul:
-            hdu.add_checksum()
+    hdu = fits.table_to_hdu(_encode_mixins(table), character_as_bytes=True)
+    for n, column in enumerate(table.columns.values(), start=1):
+        hdu.header.set(f"TCOMM{n}", column.description, after=f"TFORM{n}")
+    hdu.writeto(path, overwrite=True, checksum=True)
 
 
 def _check_writable(out: Path, meta: dict) -> None:
@@ -422,14 +422,17 @@ def _claim_parts(parts: Path, spec: dict, overwrite: bool) -> None:
         # Parts of a dmhpc before part checksums (its spec named the checkpoint by size and time):
         # never reused, so nothing is lost by computing them again.
         older = "checkpoint_file" in old and "checkpoint_sha256" not in old
+        # Parts of other code (dmhpc changed between a job's attempts; or named by no spec before):
+        # computed again, so that no catalog joins two versions' numbers; a requeued job goes on.
+        other_code = differs == ["dmhpc_source"]
         if old != new and filled:
             atomic_write(saved, json.dumps(spec, indent=2) + "\n")
         elif old != new:
-            if older:
-                print(f"dmhpc predict: {parts}: parts of an older dmhpc, without checksums; computing them again",
-                      flush=True)
+            if older or other_code:
+                what = "an older dmhpc, without checksums" if older else "another version of dmhpc"
+                print(f"dmhpc predict: {parts}: parts of {what}; computing them again", flush=True)
             # Without a part computed there is nothing to lose: the new spec replaces the old one.
-            if not overwrite and not older and any(parts.glob("part-*.npz")):
+            if not overwrite and not older and not other_code and any(parts.glob("part-*.npz")):
                 raise DmhpcError(f"{parts}: holds parts of another prediction (differs in {', '.join(differs)}); "
                                  f"--overwrite starts again")
             _remove_parts(parts, keep_folder=True)
@@ -654,7 +657,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
         # Keys of at most 8 characters: they are FITS header keywords too. INPUTSHA, MEAN and STD are
         # read from the inputs below; the rest is known now, and what the format cannot hold of it is
         # said before that reading.
-        meta = {"DMHPC": code_version(), "RUN": str(run.path.resolve()), "CKPT": checkpoint,
+        meta = {"DMHPC": code_version() if dist.is_main else "", "RUN": str(run.path.resolve()), "CKPT": checkpoint,
                 "CKPTSTEP": model.checkpoint.get("step", -1), "CKPTSHA": model.sha256,
                 "SELECT": str(model.checkpoint.get("criterion")),
                 "SOURCE": source.kind, "DATA": str(source.path.resolve()),

@@ -431,12 +431,16 @@ def launch_scaling(spec: str | Path | Mapping, wait: bool = True, executor: str 
     """Check the study, submit its unfinished points, wait, write the table (CSV, Markdown) and plot."""
     study = load_study(spec, executor)
     warn_missing_data(p.config for p in study.points if not p.finished)
+    rows: list[dict] = []
+
+    def write_table(_failures) -> None:  # before the launch lock goes: a second launcher's points run after
+        rows.extend(scaling_table([measure(p) for p in study.points]))
+        write_scaling(study.out, rows, study.device)
+
     failures = launch_points(list(study.points), study.resources, kind=study.executor,
                              folder=study.out / "submitit", job_name=f"dmhpc-{study.out.name}",
                              task=TrainTask(), wait=wait, at_once_why=LOCAL_ONE_AT_A_TIME,
-                             before=lambda: record_measured_with(study))
-    rows = scaling_table([measure(p) for p in study.points])
-    write_scaling(study.out, rows, study.device)
+                             before=lambda: record_measured_with(study), after=write_table)
     print(f"dmhpc launch: scaling table in {study.out / 'scaling.md'}, scaling.csv and scaling.png", flush=True)
     failures.update({r["point"]: r["status"] for r in rows if r["status"].startswith("unreadable log")})
     if failures:

@@ -382,16 +382,21 @@ def _say_threads(threads: int | None) -> None:
 
 
 # Where the launcher runs in a job or a launch of its own (a tuner in an sbatch job, inside salloc or
-# srun, under torchrun): its variables, which are not its jobs'. SLURM_CONF says which cluster, and
-# SBATCH_* are the user's defaults for sbatch: kept.
-_LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
-                     "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE")
+# srun, under torchrun): the variables Slurm and torchrun set for that job, step or rank, which are
+# not its jobs'. Variables users set for Slurm's commands (SLURM_CONF, SLURM_CLUSTERS, SBATCH_*,
+# SLURM_CPU_BIND, SLURM_MPI_TYPE, ...) are kept.
+_LAUNCH_VARIABLES = re.compile(
+    r"(MASTER_ADDR|MASTER_PORT|RANK|WORLD_SIZE|LOCAL_RANK|LOCAL_WORLD_SIZE|GROUP_RANK|ROLE_RANK|ROLE_WORLD_SIZE"
+    r"|TORCHELASTIC_\w+|SRUN_CPUS_PER_TASK|SLURMD_\w+"
+    r"|SLURM_(JOB|STEP|ARRAY|HET|SRUN_COMM|TOPOLOGY|CPUS|MEM|GPUS|NTASKS|TRES)_\w+"
+    r"|SLURM_(JOBID|STEPID|NPROCS|NTASKS|NNODES|NODELIST|TASKS_PER_NODE|PROCID|LOCALID|NODEID|TASK_PID|GTIDS"
+    r"|RESTART_COUNT|SUBMIT_DIR|SUBMIT_HOST|LAUNCH_NODE_IPADDR|DISTRIBUTION|PRIO_PROCESS|CLUSTER_NAME"
+    r"|GPUS|OVERCOMMIT|UMASK|WORKING_CLUSTER|EXPORT_ENV|NODE_ALIASES))")
 
 
 def launchers_own(name: str) -> bool:
-    """Whether the environment variable `name` belongs to the launcher's own job or launch."""
-    return name in _LAUNCH_VARIABLES or (name.startswith(("SLURM_", "SLURMD_", "SRUN_", "TORCHELASTIC_"))
-                                         and name != "SLURM_CONF")
+    """Whether the environment variable `name` belongs to the launcher's own job, step or launch."""
+    return _LAUNCH_VARIABLES.fullmatch(name) is not None
 
 
 @contextlib.contextmanager

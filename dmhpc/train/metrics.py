@@ -13,7 +13,7 @@ import threading
 import numpy as np
 
 from dmhpc.errors import DmhpcError
-from dmhpc.names import LABEL_FREE, MERGER_THRESHOLD
+from dmhpc.names import LABEL_FREE, MERGER, MERGER_THRESHOLD
 
 
 def classification_metrics(labels: np.ndarray, prob: np.ndarray) -> dict:
@@ -29,7 +29,7 @@ def classification_metrics(labels: np.ndarray, prob: np.ndarray) -> dict:
     from sklearn import metrics as skm
 
     labels = np.asarray(labels).astype(np.int64)
-    p1 = np.asarray(prob, dtype=np.float64).reshape(-1, 2)[:, 1]
+    p1 = np.asarray(prob, dtype=np.float64).reshape(-1, 2)[:, MERGER]
     if not len(labels):  # (scikit-learn's accuracy raised ValueError on an empty split)
         return {"n": 0, **dict.fromkeys(("accuracy", "precision", "recall", "f1", "roc_auc", "brier"), math.nan)}
     if not np.isfinite(p1).all():
@@ -56,7 +56,7 @@ def merger_score(prob: np.ndarray) -> np.ndarray:
     tie and the ROC AUC loses their order (0.75 for 1.0 on margins 50, 45 | 40, -3)."""
     p = np.asarray(prob, dtype=np.float64)
     with np.errstate(divide="ignore"):
-        score = np.log(p[:, 1]) - np.log(p[:, 0])
+        score = np.log(p[:, MERGER]) - np.log(p[:, 1 - MERGER])
     # A probability of exactly 0 (beyond 745, or 104 in a float32 softmax) ranks first or last, tied
     # with its kind: finite, as scikit-learn's ROC takes scores.
     big = np.finfo(np.float64).max
@@ -73,8 +73,8 @@ def prediction_metrics(prob: np.ndarray) -> dict:
     return {
         "n": int(len(p)),
         # A NaN prediction is no non-merger: NaN, as the means below.
-        "merger_fraction": float((p[:, 1] >= MERGER_THRESHOLD).mean()) if np.isfinite(p).all() else math.nan,
-        "mean_p_merger": float(p[:, 1].mean()),
+        "merger_fraction": float((p[:, MERGER] >= MERGER_THRESHOLD).mean()) if np.isfinite(p).all() else math.nan,
+        "mean_p_merger": float(p[:, MERGER].mean()),
         "mean_entropy": float(-(q * np.log(q)).sum(axis=1).mean()),
         "im": information_maximization(p),
     }
