@@ -7,7 +7,8 @@ into the catalog written (rank 0), per row, at commit --old and in this checkout
 Reading: a Parquet catalog of --rows rows with 19-digit text ids (SDSS objids), a file column
 (`cutouts/partNNN/ID.fits`) and --extra float64 columns (default 50: a survey's photometry,
 which predict does not read), read by `read_catalog` as predict's cutout sources are. Merging:
-parts of 4096 rows as predict writes them (index, text id, p_merger; in input order, as the parts
+parts of 4096 rows as predict writes them (index, text id, p_merger, and log_odds where the code
+measured writes them; in input order, as the parts
 of a catalog or an --images file are), merged into each format by `_merge`. Each measurement runs
 in a fresh process and reports the growth of its peak resident memory (ru_maxrss) over the inputs
 already made, divided by the rows, and its time.
@@ -46,6 +47,12 @@ digests = ("bench",) if "spec_digests" in inspect.signature(P._merge).parameters
 parts = work / f"{what}.parts"
 if what != "read":
     shutil.copytree(work / "parts", parts)
+    if "log_odds" not in getattr(P, "COLUMN_ORDER", ()):  # parts as a commit before the column wrote them
+        for path in parts.glob("part-*.npz"):
+            with np.load(path) as f:
+                columns = {k: f[k] for k in f.files if k not in ("log_odds", P.PART_CHECKSUM)}
+            columns[P.PART_CHECKSUM] = P._part_checksum(columns, "bench")
+            np.savez(path, **columns)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t = time.perf_counter()
 if what == "read":
@@ -59,7 +66,8 @@ print(json.dumps({"bytes_per_row": peak / rows, "seconds": seconds}))
 
 
 def make_inputs(work: Path, rows: int, extra: int, catalog: str, source: Path) -> None:
-    """The catalog and the parts, made by `source`'s dmhpc (the part format is the same at both)."""
+    """The catalog and the parts, made by `source`'s dmhpc (the part format is the same at both; an
+    older commit's parts lose the log_odds column in MEASURE)."""
     make = r"""
 import sys
 from pathlib import Path
@@ -79,7 +87,7 @@ rng = np.random.default_rng(0)
 for k in range(-(-rows // 4096)):
     a, b = k * 4096, min((k + 1) * 4096, rows)
     columns = {"index": np.arange(a, b, dtype=np.int64), "id": ids[a:b], "p_merger": rng.random(b - a).astype(np.float32),
-               P.PART_INPUTS: ""}
+               "log_odds": rng.normal(0.0, 5.0, b - a), P.PART_INPUTS: ""}
     columns[P.PART_CHECKSUM] = P._part_checksum(columns, "bench")
     np.savez(P._part_path(work / "parts", k), **columns)
 """
