@@ -107,6 +107,23 @@ def cpu_unless_marked_gpu(request, monkeypatch):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One thread for torch in the test processes too (OMP_NUM_THREADS, which an in-process trainer
+    keeps), as `clean_env` gives their children. With two workers on 2 cores, each in-process
+    trainer, evaluation and explanation ran torch's 2 OpenMP threads beside the other worker's
+    processes, and their spinning waits made test_infer and test_evaluate 4.6 times slower (456 s
+    against 99 s, side by side): the suite ran past its 30 minutes."""
+    import torch
+
+    patch, threads = pytest.MonkeyPatch(), torch.get_num_threads()
+    patch.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    patch.undo()
+
+
+@pytest.fixture(scope="session", autouse=True)
 def session_scratch(tmp_path_factory):
     """Inductor's cache of compiled code and the child processes' TMPDIR in the session's folder,
     which a passed session removes: in /tmp, inductor's cache grew by every run (to 3.4 GB here), and

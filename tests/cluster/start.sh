@@ -57,7 +57,9 @@ write_conf() {
         fi
     done
     [ -n "$found" ] || fail "no three free ports in 16817-16999"
-    cpus=$(nproc)
+    # The CPUs this process may use; GNU nproc reports OMP_NUM_THREADS instead where it is set (the
+    # suite sets 1), and a node of 1 CPU refused every job asking for 2.
+    cpus=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
     # Each slurmd checks RealMemory against the whole machine; half each keeps the sum honest.
     mem_mb=$(awk '/^MemTotal:/ {print int($2 / 1024 / 2)}' /proc/meminfo)
     sed -e "s|@HOST@|$(hostname -s)|g" -e "s|@STATE@|$STATE|g" \
