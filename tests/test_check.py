@@ -311,9 +311,18 @@ def test_a_manifest_edited_by_hand_is_refused_even_where_it_agrees_with_the_shar
         err = capsys.readouterr().err
         assert "edited since prepare wrote it (content_sha256 is not that of its content)" in err and \
             err.count("\n") == 1, err
-    # A manifest of a dmhpc before the key is read as it is.
+    # The key deleted with an edit: a dmhpc that records its shards' rows' SHA-256 wrote the key too.
     manifest = json.loads(sealed)
     del manifest["content_sha256"]
+    manifest["seed"] = 5
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(DmhpcError, match=f"^{path}: edited since prepare wrote it \\(no content_sha256, which"):
+        load_manifest(dataset)
+    # A manifest of a dmhpc before the key (and before the shards' rows_sha256) is read as it is.
+    manifest = json.loads(sealed)
+    del manifest["content_sha256"]
+    for shard in manifest["shards"]:
+        del shard["rows_sha256"]
     path.write_text(json.dumps(manifest))
     assert json.dumps(load_manifest(dataset), default=np.ndarray.tolist) == json.dumps(manifest)
     assert verify_dataset(dataset) == []

@@ -1006,7 +1006,11 @@ def _read_manifest(directory, path: Path) -> dict:
         raise DmhpcError(f"{path}: {problem}")
     # Edits that keep every field plausible (a row moved from test to val with its counts, the
     # statistics the trainer normalizes with, the seed) agree with the shards, and verify passed them.
-    # A manifest of dmhpc before the key has none, and is read as it is.
+    # A manifest of dmhpc before the key has none, and is read as it is; but the shards' ROWS_KEY came
+    # after it, so a manifest recording those without the key had it deleted (with an edit it hid).
+    if CONTENT_KEY not in manifest and any(ROWS_KEY in shard for shard in manifest["shards"]):
+        raise DmhpcError(f"{path}: edited since prepare wrote it (no {CONTENT_KEY}, which every dmhpc that "
+                         f"records its shards' {ROWS_KEY} writes); restore it, or prepare the data set again")
     if CONTENT_KEY in manifest and manifest[CONTENT_KEY] != _content_sha256(manifest):
         raise DmhpcError(f"{path}: edited since prepare wrote it ({CONTENT_KEY} is not that of its content); "
                          f"restore it, or prepare the data set again")
