@@ -1451,6 +1451,72 @@ def test_an_integer_mask_hdu_among_filters_is_one_line(tmp_path, capsys, mask_in
                  out=out)
 
 
+def test_cutouts_hold_their_filters_in_the_first_ones_order_by_name(tmp_path, capsys):
+    """Cutouts of one HDU per filter were stacked in file order: a download holding r, g, i had its
+    channels swapped without a word. By their FILTER, BAND or EXTNAME cards they take the first
+    cutout's order; other filters, or unnamed ones, are one line naming both."""
+    from astropy.io import fits
+
+    images = np.random.default_rng(8).normal(size=(6, 3, 8, 8)).astype(np.float32)
+    names = cutouts(tmp_path, images, per_filter=True)  # EXTNAMEs g, r, i
+    folder = tmp_path / "cutouts"
+
+    def rewrite(k: int, cards: list) -> None:  # cutout k as (card, value, filter index) HDUs
+        (folder / names[k]).unlink()
+        fits.HDUList([fits.PrimaryHDU()] + [fits.ImageHDU(images[k][band], fits.Header([(card, value)]))
+                                            for card, value, band in cards]).writeto(folder / names[k])
+
+    rewrite(2, [("EXTNAME", "R", 1), ("EXTNAME", "i", 2), ("EXTNAME", "G", 0)])  # (any case)
+    rewrite(4, [("FILTER", "i", 2), ("FILTER", "g", 0), ("FILTER", "r", 1)])
+    (tmp_path / "c.csv").write_text("id\n" + "".join(f"{n[:-5]}\n" for n in names))
+    command = ["prepare", "--catalog", str(tmp_path / "c.csv"), "--cutouts", str(folder), "--shard-size", "4"]
+    assert main([*command, "--out", str(tmp_path / "ds")]) == 0
+    rows = read_all(tmp_path / "ds")
+    np.testing.assert_array_equal(rows["images"], images[rows["index"]])
+    for cards, said in (([("EXTNAME", "g", 0), ("EXTNAME", "r", 1), ("EXTNAME", "z", 2)], "filters G, R, Z"),
+                        ([("COMMENT", "", 0), ("COMMENT", "", 1), ("COMMENT", "", 2)],
+                         "filters (unnamed), (unnamed), (unnamed)")):
+        rewrite(3, cards)
+        assert_fails(capsys, [*command, "--out", str(tmp_path / "o")],
+                     f"{folder / names[3]}: {said} by its HDUs' FILTER, BAND or EXTNAME; the first cutout "
+                     f"({names[0]}) holds G, R, I (row 4 of", out=tmp_path / "o")
+
+
+@pytest.mark.parametrize("extname", ["VARIANCE", "ivar", "WEIGHT", "ERR", "PSF", "MASK"])
+def test_a_floating_point_plane_beside_the_filters_is_refused_by_its_name(tmp_path, capsys, extname):
+    """A cutout's float32 VARIANCE (or weight, PSF...) extension of the filters' shape was stacked as
+    one more filter (HSC and Legacy Survey cutouts carry them)."""
+    from astropy.io import fits
+
+    names = cutouts(tmp_path, np.random.default_rng(7).normal(size=(4, 3, 8, 8)).astype(np.float32), per_filter=True)
+    fits.append(tmp_path / "cutouts" / names[2], np.ones((8, 8), np.float32), fits.Header([("EXTNAME", extname)]))
+    (tmp_path / "c.csv").write_text("id\n" + "".join(f"{n[:-5]}\n" for n in names))
+    assert_fails(capsys, ["prepare", "--catalog", str(tmp_path / "c.csv"), "--cutouts", str(tmp_path / "cutouts"),
+                          "--out", str(tmp_path / "o")],
+                 f"{tmp_path / 'cutouts' / names[2]}: HDU 4 ({extname}) is no filter, by its name",
+                 out=tmp_path / "o")
+
+
+def test_a_fits_file_of_a_band_per_hdu_is_refused(tmp_path, capsys):
+    """A FITS file of a g cube in its primary HDU and r and i cubes in extensions was read from its
+    first HDU alone: a data set of one filter, the others dropped without a word. An image of
+    another shape beside the cube (a PSF) is no band, and is left as before."""
+    from astropy.io import fits
+
+    cubes = np.random.default_rng(5).normal(size=(3, 12, 8, 8)).astype(np.float32)
+    bands = tmp_path / "bands.fits"
+    fits.HDUList([fits.PrimaryHDU(cubes[0]), fits.ImageHDU(cubes[1], name="R"),
+                  fits.ImageHDU(cubes[2], name="I")]).writeto(bands)
+    assert_fails(capsys, ["prepare", "--images", str(bands), "--out", str(tmp_path / "o")],
+                 f"{bands}: HDU 0 (PRIMARY) and HDU 1 (R), 2 (I) hold images of the same shape (12, 8, 8)",
+                 out=tmp_path / "o")
+    psf = tmp_path / "psf.fits"
+    fits.HDUList([fits.PrimaryHDU(cubes[0]), fits.ImageHDU(cubes[1][0], name="PSF")]).writeto(psf)
+    assert main(["prepare", "--images", str(psf), "--out", str(tmp_path / "ds")]) == 0
+    rows = read_all(tmp_path / "ds")
+    np.testing.assert_array_equal(rows["images"][:, 0], cubes[0][rows["index"]])
+
+
 @pytest.mark.parametrize("card, said", [(("BLANK", -32768), "int16"), (("BZERO", 1000), "int16 offset by BZERO 1000")])
 def test_integer_pixels_that_astropy_gives_as_floats_are_refused_as_raw_counts(tmp_path, capsys, card, said):
     """astropy gives int16 pixels with a BLANK, or with a BZERO other than the unsigned one, as

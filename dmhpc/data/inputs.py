@@ -27,6 +27,7 @@ a block of rows at a time whatever the source.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import warnings
 import weakref
@@ -240,6 +241,15 @@ def _open_fits_cube(path: str | os.PathLike, nan_fill: float | None, layout: str
         except DmhpcError:
             hdul.close()
             raise
+        # Another image of the same shape: a band each (g in the primary HDU, r and i in extensions),
+        # of which the first alone was read, as a data set of one filter.
+        same = [f"{k}{f' ({h.name})' if h.name else ''}" for k, h in enumerate(hdul) if k > number and h.is_image
+                and h.header.get("NAXIS", 0) and tuple(h.shape) == tuple(hdu.shape)]
+        if same:
+            hdul.close()
+            raise DmhpcError(f"{path}: HDU {number}{f' ({hdu.name})' if hdu.name else ''} and HDU {', '.join(same)} "
+                             f"hold images of the same shape {tuple(hdu.shape)}, a filter each?; a file's images are "
+                             f"read from one HDU: stack the filters into one (N, C, H, W) cube")
         if isinstance(data, FileRows):
             hdul.close()  # (the rows have a file of their own)
         return ArrayRows(data, found, nan_fill, keep=None if isinstance(data, FileRows) else hdul)
@@ -334,16 +344,25 @@ def _refuse_underflow(plane: np.ndarray, path: Path) -> None:
                              f"({tiny:.2g}): its flux units round to 0; scale the images up")
 
 
-def read_cutout(path: Path, layout: str = "NCHW") -> np.ndarray:
-    """One cutout file as (C, H, W) float32: one HDU in `layout` ((C, H, W), or (H, W, C) for
-    NHWC), or one (H, W) HDU per filter."""
-    image, cube = _read_cutout(path)
-    return image.transpose(2, 0, 1) if cube and layout == "NHWC" else image
+# EXTNAMEs of the planes surveys keep beside their filters (variance, inverse variance, weight, error,
+# PSF, mask or flags, exposure map): one of same shape was stacked as one more filter, without a word.
+_NOT_A_FILTER = re.compile(r"(VAR(IANCE)?|I(NV)?VAR|WE?I?GHTS?|WHT|WT|ERR(OR)?S?|SIGMA|RMS|NOISE|PSF|MASK|"
+                           r"FLAGS?|DQ|BPM|EXP(MAP|TIME)?)", re.IGNORECASE)
 
 
-def _read_cutout(path: Path) -> tuple[np.ndarray, bool]:
-    """A cutout's pixels as float32, as its file holds them, and whether they were one 3-d HDU (whose
-    layout is to be placed) rather than one (H, W) HDU per filter, stacked (C, H, W)."""
+def _filter_name(header) -> str | None:
+    """The filter a per-filter HDU says it holds: its FILTER or BAND card, else its EXTNAME (upper case)."""
+    for key in ("FILTER", "BAND", "EXTNAME"):
+        value = header.get(key)
+        if isinstance(value, str) and value.strip():
+            return value.strip().upper()
+    return None
+
+
+def _read_cutout(path: Path) -> tuple[np.ndarray, tuple | None]:
+    """A cutout's pixels as float32, as its file holds them, and None where they were one 3-d HDU
+    (whose layout is to be placed), else the filters' names (`_filter_name`, None for an unnamed one)
+    of its one (H, W) HDU per filter, stacked (C, H, W) in the file's order."""
     from astropy.io import fits
 
     try:
@@ -363,16 +382,19 @@ def _read_cutout(path: Path) -> tuple[np.ndarray, bool]:
                         raise DmhpcError(f"{path}: HDU {k}{f' ({hdu.name})' if hdu.name else ''} holds "
                                          f"{integers} integers beside floating-point filters (a mask?); "
                                          f"every image HDU of a cutout is taken as a filter")
-            for (_, hdu), plane in zip(found, planes):
+            for (k, hdu), plane in zip(found, planes):
                 check_fits_pixels(plane.dtype, path, hdu.header)
                 _refuse_underflow(plane, path)
+                if len(found) > 1 and _NOT_A_FILTER.fullmatch(str(hdu.header.get("EXTNAME", "")).strip()):
+                    raise DmhpcError(f"{path}: HDU {k} ({hdu.name}) is no filter, by its name; every image HDU "
+                                     f"of a cutout is taken as a filter: write cutouts of the filters alone")
             # (beyond float32: Inf, refused as such downstream)
             if len(planes) == 1 and planes[0].ndim == 3:
-                return planes[0].astype(np.float32), True
+                return planes[0].astype(np.float32), None
             if planes and all(p.ndim == 2 for p in planes):
                 if len({p.shape for p in planes}) > 1:
                     raise DmhpcError(f"{path}: filters of different shapes {[p.shape for p in planes]}")
-                return np.stack(planes).astype(np.float32), False
+                return np.stack(planes).astype(np.float32), tuple(_filter_name(hdu.header) for _, hdu in found)
             raise DmhpcError(f"{path}: expected one (C, H, W) or (H, W, C) image HDU or one (H, W) HDU per filter, "
                              f"found {[p.shape for p in planes] or 'no image data'}")
     except FileNotFoundError:
@@ -393,17 +415,35 @@ class Cutouts(ImageArray):
         if not files:
             raise DmhpcError(f"{catalog.path}: lists no cutouts")
         self.files, self.nan_fill, self._catalog = files, nan_fill, catalog
-        first, cube = self._read(0, _read_cutout)
+        first, self._filters = self._read(0, _read_cutout)
+        cube = self._filters is None
         if not cube and not 1 <= len(first) <= 4:  # no layout of the user's to name: its HDUs are the filters
             raise DmhpcError(f"{files[0]}: {len(first)} image HDUs, one per filter; expected 1 to 4 filters")
         self.layout = detect_layout((len(files), *first.shape), layout if cube else "NCHW", str(files[0]))
         self._cube_layout = self.layout if cube else (layout or "NCHW")  # of later files holding one HDU
         self.shape = (len(files), *(first.transpose(2, 0, 1) if self.layout == "NHWC" else first).shape)
 
+    def _image(self, i: int) -> np.ndarray:
+        """Cutout `i` as (C, H, W): one HDU in the layout of the first cutout's, or one HDU per filter
+        in the first's filter order. Files holding the same filters in another order (downloads of
+        another pipeline) had their channels swapped; their order by name is the first's."""
+        image, filters = self._read(i, _read_cutout)
+        if filters is None:
+            return image.transpose(2, 0, 1) if self._cube_layout == "NHWC" else image
+        if self._filters is None or filters == self._filters:
+            return image
+        named = None not in filters and None not in self._filters and len(set(filters)) == len(filters)
+        if named and sorted(filters) == sorted(self._filters):
+            return image[[filters.index(name) for name in self._filters]]
+        def said(names: tuple) -> str:
+            return ", ".join(name or "(unnamed)" for name in names)
+        raise DmhpcError(f"{self.files[i]}: filters {said(filters)} by its HDUs' FILTER, BAND or EXTNAME; the first "
+                         f"cutout ({self.files[0].name}) holds {said(self._filters)} ({self._row(i)})")
+
     def _rows(self, index: np.ndarray) -> np.ndarray:
         out = np.empty((len(index), *self.shape[1:]), np.float32)
         for k, i in enumerate(index):
-            image = self._read(i, lambda path: read_cutout(path, self._cube_layout))
+            image = self._image(i)
             if image.shape != self.shape[1:]:
                 raise DmhpcError(f"{self.files[i]}: cutout of shape {image.shape}; the first one "
                                  f"({self.files[0].name}) is {self.shape[1:]} ({self._row(i)})")
