@@ -20,6 +20,7 @@ Sequences are stored as tuples so that a Config is immutable and comparable; use
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import json
@@ -547,13 +548,31 @@ def override_text(key: str, value: Any) -> str:
     return f"{key}={json.dumps(value)}"
 
 
-def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *, written: bool = False,
-                forwarded: str | None = None) -> Config:
-    """Read a YAML config (following `base:`), apply `KEY=VALUE` overrides, and validate.
-    `written` for a configuration dmhpc wrote (a run's config.yaml): what an older dmhpc took is
-    not refused (settings that did nothing, paths with ~ or $VARIABLE). `forwarded`: the stop
-    signal the launcher passes on to the ranks (slurm/lib.sh's), which train.signals must name."""
+@dataclass(frozen=True)
+class ConfigFiles:
+    """A config file and its bases as read once (`read_config_files`): what a launch builds each of
+    its runs' configurations from, so that an edit of the files while it runs reaches none of them."""
+
+    path: Path
+    raw: dict  # the merged data
+    origin: dict  # which file set each key
+    files: tuple[str, ...]  # in the order they were merged (the deepest base first)
+
+
+def read_config_files(path: str | os.PathLike) -> ConfigFiles:
     raw, origin, files = _read_with_bases(Path(path), ())
+    return ConfigFiles(Path(path), raw, origin, tuple(files))
+
+
+def load_config(path: str | os.PathLike | ConfigFiles, overrides: Iterable[str] = (), *, written: bool = False,
+                forwarded: str | None = None) -> Config:
+    """Read a YAML config (following `base:`; or take one read, ConfigFiles), apply `KEY=VALUE`
+    overrides, and validate. `written` for a configuration dmhpc wrote (a run's config.yaml): what
+    an older dmhpc took is not refused (settings that did nothing, paths with ~ or $VARIABLE).
+    `forwarded`: the stop signal the launcher passes on to the ranks (slurm/lib.sh's), which
+    train.signals must name."""
+    read = path if isinstance(path, ConfigFiles) else read_config_files(path)
+    path, raw, origin, files = read.path, copy.deepcopy(read.raw), dict(read.origin), list(read.files)
     for item in overrides:
         key, value = parse_override(item)
         nested: Any = value

@@ -881,7 +881,8 @@ def test_a_users_files_by_the_names_of_the_tables_are_left_alone(tmp_path):
     out.mkdir()
     (out / "summary.md").write_text("my notes")
     with pytest.raises(DmhpcError, match=rf"out: {re.escape(str(out))}: holds summary.md, which no launch into it "
-                                         rf"wrote \(it has no submitit folder\); move them or choose another out"):
+                                         rf"wrote \(no {re.escape(str(out / 'submitit'))}\); move them or choose "
+                                         rf"another out"):
         load_grid({"base": str(TINY), "out": str(out), "grid": {"optim.lr": [0.001]}})
     assert (out / "summary.md").read_text() == "my notes"
     (out / "submitit").mkdir()  # a launch's folder: its tables are the launch's to replace

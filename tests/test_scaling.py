@@ -411,8 +411,8 @@ def test_a_users_own_scaling_table_in_out_is_not_replaced(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "scaling.md").write_text("my notes\n")
-    with pytest.raises(DmhpcError, match=rf"out: {out}: holds scaling.md, which no launch into it wrote \(it has no "
-                                         rf"submitit folder\); move them or choose another out"):
+    with pytest.raises(DmhpcError, match=rf"out: {out}: holds scaling.md, which no launch into it wrote \(no "
+                                         rf"{out / 'submitit'}\); move them or choose another out"):
         load_study(cpu_study(tmp_path))
     assert (out / "scaling.md").read_text() == "my notes\n"
     (out / "submitit").mkdir()  # a launch's: its own table, replaced by the next

@@ -4,8 +4,11 @@ through submitit's local executor, pruning, relaunch after a killed tuner, and t
 from __future__ import annotations
 
 import csv
+import errno
+import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -391,21 +394,24 @@ def test_trials_whose_values_diverge_are_told_as_pruned_and_stop_nothing(data, t
     assert [r["state"] for r in rows] == ["pruned"] * 3 and all("not finite" in r["failure"] for r in rows)
 
 
-def test_a_base_config_edited_into_an_invalid_one_fails_trials_not_as_their_values(data, tmp_path):
-    """The base file is read for every trial: edited into an invalid config mid-search, each trial's
-    config failed as its values' fault (pruned), the row of failures never counted, and the whole
-    budget went in moments."""
-    from dmhpc.launch.tune import _Search
+def test_a_base_config_edited_while_the_tuner_runs_reaches_no_trial(data, tmp_path):
+    """The base file was read again for every trial: edited while the tuner ran (another experiment's
+    batch size), the later trials trained the edit in one study with the earlier ones, without a
+    word; edited into an invalid config, each later trial failed. The trials start from base +
+    overrides as the launch read them."""
+    from dmhpc.config import config_to_dict
 
     base = tmp_path / "base.yaml"
-    base.write_text(f"base: {TINY}\n")
-    t = load_tune(spec(data, tmp_path, executor="debug", parallel=1, trials=4, base=str(base)))
-    t.out.mkdir()
-    study = _open_study(t)
-    search = _Search(t, study, poll_s=0.1)
-    base.write_text(f"base: {TINY}\nmodel:\n  name: vgg\n")
-    search.start()
-    assert [tr.state.name for tr in study.get_trials()] == ["FAIL"] and search.failures_in_a_row == 1
+    base.write_text(f"base: {TINY}\nloss:\n  mmd:\n    unbiased: true\n")
+    t = load_tune(spec(data, tmp_path, executor="debug", parallel=1, base=str(base),
+                       space={"optim.lr": [0.001, 0.003], "loss.mmd": [{"max_samples": 64}]}))
+    values = {"optim.lr": 0.003, "loss.mmd": {"max_samples": 64}}
+    run_dir, first = t.point(values)
+    assert first.loss.mmd.unbiased and first.loss.mmd.max_samples == 64  # (a mapping merged, as overrides are)
+    assert first.optim.lr == 0.003 and first.run.dir == str(run_dir) and first.select.criterion == "im"
+    for edit in ("train:\n  batch_size: 2\n", "model:\n  name: vgg\n"):
+        base.write_text(f"base: {TINY}\n{edit}")
+        assert config_to_dict(t.point(values)[1]) == config_to_dict(first)
 
 
 def test_a_good_trial_stopped_with_the_search_runs_again_and_spends_no_budget(data, tmp_path):
@@ -1099,3 +1105,72 @@ def test_sigterm_while_an_earlier_tuners_slurm_job_leaves_the_queue_ends_as_ctrl
         proc.kill()
     assert proc.returncode == 130, (out, err)
     assert (t.out / "trials.md").exists()
+
+
+def test_a_users_trials_table_in_out_is_left_alone(data, tmp_path):
+    """A first tune into a folder holding someone's trials.md replaced it (the grid refuses so)."""
+    out = tmp_path / "tune"
+    out.mkdir()
+    (out / "trials.md").write_text("my notes")
+    with pytest.raises(DmhpcError, match=rf"out: {re.escape(str(out))}: holds trials.md, which no launch into it "
+                                         rf"wrote \(no {re.escape(str(out / LOCK))}\)"):
+        load_tune(spec(data, tmp_path))
+    assert (out / "trials.md").read_text() == "my notes"
+    (out / LOCK).touch()  # a tuner's (its journal removed to begin again): its table is the tuner's to replace
+    assert load_tune(spec(data, tmp_path))
+
+
+def test_a_journal_that_cannot_take_a_record_stops_the_search_not_the_trial(tmp_path, monkeypatch):
+    """A record the journal could not take (a full disk, a network file system's error) was taken for
+    the trial's fault, as a damaged log of its run: a healthy trial was failed and its job
+    cancelled, a finished one recorded as failed with its result lost. The search stops; the trial
+    is left running, for the next launch."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from dmhpc.launch.tune import JournalUnwritable, _finish, _journal_storage, _Running
+
+    study = optuna.create_study(storage=_journal_storage(tmp_path / JOURNAL), study_name="s", direction="maximize")
+    trial = study.ask({"x": FloatDistribution(0.0, 1.0)})
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    run.log_path.write_text(json.dumps({"kind": "epoch", "epoch": 0, "step": 1, "selection": {"score": 0.5}}) + "\n")
+
+    from optuna.storages.journal import JournalFileBackend
+
+    append, failed = JournalFileBackend.append_logs, []
+
+    def once_unwritable(self, logs):  # (a transient error: the next record, the failure's, is taken)
+        if not failed:
+            failed.append(logs)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        append(self, logs)
+
+    monkeypatch.setattr(JournalFileBackend, "append_logs", once_unwritable)
+    with pytest.raises(JournalUnwritable, match=rf"{JOURNAL}: cannot record the search: Input/output error"):
+        _finish(study, _Running(trial, run, None), "im")
+    assert [t.state.name for t in study.get_trials()] == ["RUNNING"]
+
+
+def test_a_job_that_fails_after_its_run_finished_completes_its_trial(tmp_path, monkeypatch, capsys):
+    """A job failing once its run had written its selected checkpoint's test (a rank ended by torchrun
+    after rank 0's last line) failed its trial, its score lost to the sampler, while a later trial
+    of the same values took the same result as complete."""
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    tuning = importlib.import_module("dmhpc.launch.tune")  # (the package's `tune` is the function)
+
+    study = optuna.create_study(storage=tuning._journal_storage(tmp_path / JOURNAL), study_name="s",
+                                direction="maximize")
+    run = RunDir(tmp_path / "run")
+    (run.path / "eval").mkdir(parents=True)
+    result = {"final": True, "checkpoint": {"criterion": "im", "score": 0.25, "epoch": 1}}
+    monkeypatch.setattr(tuning, "wait_for", lambda jobs: {name: "job 7 failed: exit 1" for name in jobs})
+    for final, state in ((True, "COMPLETE"), (False, "FAIL")):  # (not finished: an evaluation's file)
+        run.result_path("best", "test").write_text(json.dumps({**result, "final": final}))
+        trial = study.ask({"x": FloatDistribution(0.0, 1.0)})
+        assert tuning._finish(study, tuning._Running(trial, run, job=object()), "im") == state.lower()
+        assert study.trials[-1].state.name == state
+    assert study.trials[0].value == 0.25
+    assert "its job failed after the run finished (job 7 failed: exit 1); its result is taken" in capsys.readouterr().out

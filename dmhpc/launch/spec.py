@@ -22,7 +22,7 @@ from typing import Any, Iterable, Mapping
 
 from dmhpc.batch_rows import check_batch_rows
 from dmhpc.checks import Problems, boolean, number, read_yaml, show, take, unknown_keys
-from dmhpc.config import COMMAND_LINE, Config, changed_keys, config_to_dict, load_config, override_text
+from dmhpc.config import COMMAND_LINE, Config, ConfigFiles, changed_keys, config_to_dict, load_config, override_text
 from dmhpc.data.shards import fingerprint, holds_dataset, load_manifest
 from dmhpc.errors import DmhpcError
 from dmhpc.names import DOMAINS
@@ -135,13 +135,13 @@ def out_problem(out: Path) -> str | None:
     return None
 
 
-def foreign_tables(out: Path, names) -> str | None:
+def foreign_tables(out: Path, names, marker: str = "submitit") -> str | None:
     """Why OUT's files by the names a launch writes its tables under (`names`) are not the launch's
-    to replace, or None: where no launch ever ran (no OUT/submitit) they are someone's own, which
-    the first launch replaced."""
-    if (out / "submitit").exists() or not (theirs := [n for n in names if (out / n).exists()]):
+    to replace, or None: where no launch ever ran (no OUT/`marker`, its submitit folder or a tuner's
+    lock file, which stay) they are someone's own, which the first launch replaced."""
+    if (out / marker).exists() or not (theirs := [n for n in names if (out / n).exists()]):
         return None
-    return f"{out}: holds {', '.join(theirs)}, which no launch into it wrote (it has no submitit folder); move them " \
+    return f"{out}: holds {', '.join(theirs)}, which no launch into it wrote (no {out / marker}); move them " \
            f"or choose another out"
 
 
@@ -299,9 +299,10 @@ def finished_as(run: RunDir, cfg: Config) -> bool:
     return not LENGTH_KEYS & set(changed_keys(config_to_dict(run.config()), config_to_dict(cfg)))
 
 
-def resolve_point(base: Path, overrides: Mapping[str, Any], ranks: int | None = None) -> Config:
-    """The configuration of BASE with dotted overrides applied, validated as the trainer would; with
-    `ranks`, the rows its transfer loss gets per step on that many ranks too."""
+def resolve_point(base: Path | ConfigFiles, overrides: Mapping[str, Any], ranks: int | None = None) -> Config:
+    """The configuration of BASE (a file, or files read once) with dotted overrides applied,
+    validated as the trainer would; with `ranks`, the rows its transfer loss gets per step on that
+    many ranks too."""
     cfg = load_config(base, [override_text(k, v) for k, v in overrides.items()])
     if ranks is not None:
         check_batch_rows(cfg, ranks)

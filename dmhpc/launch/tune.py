@@ -54,6 +54,7 @@ its run directory holds another run; three failures in a row stop the search.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import math
@@ -67,11 +68,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from dmhpc.checks import Problems, choice, integer, path_text, show, take, unknown_keys
-from dmhpc.config import SEED_MAX, changed_keys, config_from_dict, config_to_dict
+from dmhpc.config import SEED_MAX, ConfigFiles, changed_keys, config_from_dict, config_to_dict, read_config_files
 from dmhpc.errors import DmhpcError
 from dmhpc.files import atomic_write, hold_lock, write_reason
-from dmhpc.launch.spec import (Range, base_path, data_ids, dotted_keys, finished_as, out_problem, point_name,
-                               point_problem, read_launch_file, read_space, resolve_point, warn_missing_data)
+from dmhpc.launch.spec import (Range, base_path, data_ids, dotted_keys, finished_as, foreign_tables, out_problem,
+                               point_name, point_problem, read_launch_file, read_space, resolve_point,
+                               warn_missing_data)
 from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, SUBMISSION_COMMENT, Resources, TrainTask,
                                  cancel_local_jobs, check_executor_here, hold_launch_lock, jobs_commented, local_gpus,
                                  local_threads, make_executor, pick_gpus, preempt_signal, read_resources,
@@ -127,7 +129,7 @@ class Tune:
         (an edit changed them midway through the study without a word)."""
         space = {k: (v if isinstance(v, list) else {"low": float(v.low), "high": float(v.high), "log": v.log})
                  for k, v in self.space.items()}
-        cfg = resolve_point(self.base, self.overrides)
+        cfg = resolve_point(self.base_files, self.overrides)
         config = _trials_config(config_to_dict(cfg))
         return json.loads(json.dumps({"objective": self.objective, "config": config, "space": space,
                                       "ranks": self.resources.ranks, "data": data_ids(cfg),
@@ -135,23 +137,23 @@ class Tune:
                                       "sampler": {"startup_trials": self.startup_trials},
                                       "pruner": self.pruner}, sort_keys=True))
 
+    @functools.cached_property
+    def base_files(self) -> ConfigFiles:
+        """The base file and those it inherits from, read once a launch, when it reads the tune file:
+        every trial's configuration is built from them. Each trial's read the files as it started: a
+        file edited while the tuner ran (another experiment's batch size) trained the later trials
+        otherwise, in one study with the earlier ones and without a word (the next launch refuses
+        the edit)."""
+        return read_config_files(self.base)
+
     def point(self, values: Mapping[str, Any]):
-        """(run directory, validated config dict) of the trial with these values."""
+        """(run directory, validated config) of the trial with these values."""
         run_dir = self.out / point_name(values)
-        cfg = resolve_point(self.base, {**self.overrides, **values, "run.dir": str(run_dir),
-                                        "select.criterion": self.objective, "train.signals": [preempt_signal()]},
+        cfg = resolve_point(self.base_files, {**self.overrides, **values, "run.dir": str(run_dir),
+                                              "select.criterion": self.objective,
+                                              "train.signals": [preempt_signal()]},
                             self.resources.ranks)
         return run_dir, cfg
-
-    def values_at_fault(self) -> bool:
-        """Whether a trial's config that failed did so for its values: the base and overrides alone,
-        a valid config when the study was read, still are (the base file is read for every trial, and
-        one edited into an invalid config failed every trial as its values' fault)."""
-        try:
-            resolve_point(self.base, {**self.overrides, "select.criterion": self.objective})
-        except DmhpcError:
-            return False
-        return True
 
 
 def _trials_config(config: dict) -> dict:
@@ -263,8 +265,11 @@ def load_tune(spec: str | Path | Mapping, executor: str | None = None) -> Tune:
     resources = read_resources(problems, data.get("slurm"), shape=True, executor=executor)
     if executor == "debug" and parallel > 1:
         problems.add("parallel", f"the debug executor runs one trial at a time in this process, got {parallel}")
-    if out_text is not None and (problem := out_problem(Path(out_text).resolve())) is not None:
-        problems.add("out", problem)
+    if out_text is not None:
+        for problem in (out_problem(Path(out_text).resolve()),
+                        foreign_tables(Path(out_text).resolve(), (f"{TABLE}.md", f"{TABLE}.csv"), LOCK)):
+            if problem is not None:
+                problems.add("out", problem)
     problems.raise_if_any()
     t = Tune(source, base, Path(out_text).resolve(), objective, trials, parallel, seed, executor, overrides,
              space, enqueue, sampler["startup_trials"], pruner, resources)
@@ -321,6 +326,13 @@ def _lock(out: Path):
                                  f"use another out", "tuner of this study")
 
 
+class JournalUnwritable(DmhpcError):
+    """The journal could not take a record: the search's, never a trial's fault. Taken for a trial's
+    (a damaged log of its run), a failed write on a shared file system failed a healthy trial, its
+    job cancelled, or a finished one with its result lost; the search stops with it instead, the
+    trial left running, for the next launch to take up."""
+
+
 def _journal_storage(journal: Path):
     """Optuna's storage in the journal file `journal`, whose records are whole or not written: a
     record that cannot be written (a full disk, over quota) is the file's one-line error with the
@@ -339,8 +351,8 @@ def _journal_storage(journal: Path):
                     os.truncate(journal, size)
                 except OSError:
                     pass  # (said: the next launch refuses a record cut short)
-                raise DmhpcError(f"{journal}: cannot record the search: {write_reason(exc)}; the study is as "
-                                 f"it was before") from None
+                raise JournalUnwritable(f"{journal}: cannot record the search: {write_reason(exc)}; the study "
+                                        f"is as it was before") from None
 
     return JournalStorage(Journal(str(journal)))
 
@@ -409,8 +421,10 @@ def _open_study(t: Tune):
                          + "; not this tuner's journal: tune into another out")
     # Seeded by the file's seed and the trials so far: the same seed on every launch would propose
     # the first launch's random start-up values again, and a relaunch would repeat trials.
+    # constant_liar: trials running count as bad ones, so that parallel proposals differ (Optuna 5's
+    # default; 4's proposed the same values for every free slot, setup.cfg takes both).
     study.sampler = optuna.samplers.TPESampler(seed=(t.seed + launched) % (SEED_MAX + 1),
-                                               n_startup_trials=t.startup_trials)
+                                               n_startup_trials=t.startup_trials, constant_liar=True)
     identity = t.identity()
     before = study.user_attrs.get("identity")
     if before is None:  # a new study, or one whose first launch stopped before its identity was recorded
@@ -627,11 +641,19 @@ def _finish(study, r: _Running, objective: str) -> str:
         _report(r)  # every evaluation, for the pruner's medians at each epoch
         result = r.run.read_result("best", "test")
         diverged = _diverged(r.run) if failed else None
+    except JournalUnwritable:
+        raise
     except DmhpcError as exc:  # a damaged log or result file
         return _fail(study, r.trial, str(exc))
     if diverged is not None:
         return _values_failed(study, r.trial, f"diverged: {diverged}")
-    if failed or result is None:
+    if failed and result is not None and r.run.finished:
+        # The run's end, its selected checkpoint's test, written before the job failed (a rank that
+        # torchrun ended after rank 0's last line): the result stands, as a later trial of these values
+        # took it (finished_as) once this one was failed, its score lost to the sampler.
+        print(f"dmhpc tune: trial {r.trial.number} {r.run.path.name}: its job failed after the run finished "
+              f"({failed[str(r.trial.number)]}); its result is taken", flush=True)
+    elif failed or result is None:
         return _fail(study, r.trial, failed.get(str(r.trial.number), "the run wrote no test result"))
     checkpoint = result.get("checkpoint", {})
     if checkpoint.get("criterion") != objective or not isinstance(checkpoint.get("score"), (int, float)):
@@ -686,9 +708,10 @@ class _Search:
             values = _values(trial.params, t.space)
             trial.set_user_attr(ATTR_VALUES, values)
             run_dir, cfg = t.point(values)
+        except JournalUnwritable:
+            raise
         except DmhpcError as exc:
-            self.outcome(_values_failed(study, trial, str(exc)) if t.values_at_fault() else
-                         _fail(study, trial, str(exc)))
+            self.outcome(_values_failed(study, trial, str(exc)))  # (the start every trial shares was valid)
             return
         try:
             trial.set_user_attr(ATTR_RUN, str(run_dir))
@@ -704,6 +727,8 @@ class _Search:
             if finished_as(run, cfg):  # values an earlier trial trained with: its result
                 self.outcome(_finish(study, _Running(trial, run, None), t.objective))
                 return
+        except JournalUnwritable:
+            raise
         except DmhpcError as exc:
             self.outcome(_fail(study, trial, str(exc)))
             return
@@ -755,6 +780,8 @@ class _Search:
                 continue
             try:
                 _report(r)
+            except JournalUnwritable:
+                raise
             except DmhpcError as exc:  # a damaged log: this trial's fault, not the search's
                 why = str(exc)
                 self.stop(r.job, lambda o: _fail(self.study, o.trial, why))
