@@ -183,7 +183,7 @@ def test_finished_runs_left_out_are_named_with_why(tmp_path, capsys):
     rows = write_validators(tmp_path / "out", [kept, lost, unscored])
     assert rows[0]["runs"] == 1
     md = (tmp_path / "out" / "validators.md").read_text()
-    assert (f"Left out, finished but without scored checkpoints to compare: {lost.name} (no metrics.jsonl); "
+    assert (f"Left out, finished but not compared: {lost.name} (no metrics.jsonl); "
             f"{unscored.name} (no evaluation scored every validator).") in md
     # An unlabelled target: scored, but nothing to check the scores against. With no run left to
     # compare, the old tables go, and the reasons are said.
@@ -196,3 +196,22 @@ def test_finished_runs_left_out_are_named_with_why(tmp_path, capsys):
     assert not (tmp_path / "out" / "validators.md").exists()
     said = capsys.readouterr().out
     assert f"no finished run has scored checkpoints to compare ({kept.name} (an unlabelled target); " in said, said
+
+
+def test_runs_chosen_with_target_labels_are_left_out_and_early_stopping_is_said(tmp_path):
+    """A source -> target run selected (and stopped early) by target validation accuracy counted
+    among the label-free runs, under "target labels were used for this table only, never to ...
+    choose". And nothing said that a run's own criterion cut short the checkpoints compared."""
+    spec = {"out": str(tmp_path / "out"), "executor": "local", "grid": {"seed": [1]},
+            "methods": {"plain": {"base": str(TINY), "overrides": {"train.early_stopping": 3}},
+                        "peeks": {"base": str(TINY), "overrides": {"select.criterion": "oracle-target-acc"}}}}
+    points = {p.values["method"]: p for p in load_grid(spec).points}
+    _log(points["plain"], [0.9, 0.8, 0.7], [0.1, 0.2, 0.3], [0.5, 0.6, 0.7], [0.55, 0.65, 0.75])
+    _log(points["peeks"], [0.6, 0.7, 0.65], [0.35, 0.2, 0.1], [0.8, 0.7, 0.6], [0.8, 0.7, 0.6])
+    rows = {r["criterion"]: r for r in write_validators(tmp_path / "out", points.values())}
+    assert rows["im"]["runs"] == 1 and rows["im"]["checkpoints"] == 3
+    md = (tmp_path / "out" / "validators.md").read_text()
+    assert (f"Left out, finished but not compared: {points['peeks'].name} (chosen with target labels: "
+            f"select.criterion oracle-target-acc).") in md
+    assert "Runs stop early (train.early_stopping) by their own select.criterion (source-val-acc): a criterion " \
+           "is compared over the checkpoints trained before that stop" in md

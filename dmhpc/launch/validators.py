@@ -34,7 +34,7 @@ from dmhpc.launch.leaderboard import number
 from dmhpc.launch.spec import Point, data_pair, short_names
 from dmhpc.launch.summary import remove_stale
 from dmhpc.markdown import table
-from dmhpc.names import LABEL_FREE
+from dmhpc.names import CRITERIA, LABEL_FREE
 
 ORACLE = "oracle (target val acc)"
 COLUMNS = ("pair", "criterion", "runs", "checkpoints", "checkpoint_target_acc", "checkpoint_oracle_acc",
@@ -90,6 +90,11 @@ def _scored_runs(points: Iterable[Point]) -> tuple[dict, list[str]]:
             continue  # a target oracle has no source domain to adapt from
         if not p.finished:
             continue  # failed, still training, or asked to train longer: not a run's whole history
+        if CRITERIA.get(p.config.select.criterion):
+            # Its early stopping was by target labels, so its checkpoints too; and its picks beside
+            # the label-free runs' were under "never to choose".
+            left_out.append(f"{p.name} (chosen with target labels: select.criterion {p.config.select.criterion})")
+            continue
         checkpoints = _checkpoints(p)
         if checkpoints:
             runs.setdefault(data_pair(p), []).append((p, checkpoints))
@@ -181,8 +186,13 @@ def write_validators(out: Path, points: Iterable[Point]) -> list[dict]:
              "target validation accuracy); loss = oracle − criterion, in points. ρ: Spearman rank "
              "correlation of the criterion with target test accuracy over all checkpoints, and its mean "
              "within a run. Target labels were used for this table only, never to train or choose.", ""]
+    stopped = sorted({f"{p.config.select.criterion}" for pair in runs.values() for p, _ in pair
+                      if p.config.train.early_stopping})
+    if stopped:
+        lines += [f"Runs stop early (train.early_stopping) by their own select.criterion ({', '.join(stopped)}): a "
+                  f"criterion is compared over the checkpoints trained before that stop, never over later ones.", ""]
     if left_out:
-        lines += [f"Left out, finished but without scored checkpoints to compare: {'; '.join(left_out)}.", ""]
+        lines += [f"Left out, finished but not compared: {'; '.join(left_out)}.", ""]
     header = ["pair", "criterion", "runs", "checkpoints", "checkpoint: target acc", "oracle", "loss (pts)",
               "method: target acc", "oracle", "loss (pts)", "methods picked", "ρ all", "ρ within run"]
     lines += table(header, ([
