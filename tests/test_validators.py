@@ -213,5 +213,5 @@ def test_runs_chosen_with_target_labels_are_left_out_and_early_stopping_is_said(
     md = (tmp_path / "out" / "validators.md").read_text()
     assert (f"Left out, finished but not compared: {points['peeks'].name} (chosen with target labels: "
             f"select.criterion oracle-target-acc).") in md
-    assert "Runs stop early (train.early_stopping) by their own select.criterion (source-val-acc): a criterion " \
-           "is compared over the checkpoints trained before that stop" in md
+    assert "Runs may stop early (train.early_stopping) by their own select.criterion (source-val-acc): a " \
+           "criterion is compared over the checkpoints trained before such a stop" in md

@@ -241,10 +241,12 @@ def _open_fits_cube(path: str | os.PathLike, nan_fill: float | None, layout: str
         except DmhpcError:
             hdul.close()
             raise
-        # Another image of the same shape: a band each (g in the primary HDU, r and i in extensions),
-        # of which the first alone was read, as a data set of one filter.
-        same = [f"{k}{f' ({h.name})' if h.name else ''}" for k, h in enumerate(hdul) if k > number and h.is_image
-                and h.header.get("NAXIS", 0) and tuple(h.shape) == tuple(hdu.shape)]
+        # A one-filter cube beside another of its shape: a band each (g in the primary HDU, r and i in
+        # extensions), of which the first alone was read, as a data set of one filter. (A variance or
+        # weight cube by its name is none; a multi-filter cube's is its own business.)
+        same = [f"{k}{f' ({h.name})' if h.name else ''}" for k, h in enumerate(hdul) if one_filter and k > number
+                and h.is_image and h.header.get("NAXIS", 0) and tuple(h.shape) == tuple(hdu.shape)
+                and not _not_a_filter(h.header)]
         if same:
             hdul.close()
             raise DmhpcError(f"{path}: HDU {number}{f' ({hdu.name})' if hdu.name else ''} and HDU {', '.join(same)} "
@@ -344,10 +346,17 @@ def _refuse_underflow(plane: np.ndarray, path: Path) -> None:
                              f"({tiny:.2g}): its flux units round to 0; scale the images up")
 
 
-# EXTNAMEs of the planes surveys keep beside their filters (variance, inverse variance, weight, error,
-# PSF, mask or flags, exposure map): one of same shape was stacked as one more filter, without a word.
-_NOT_A_FILTER = re.compile(r"(VAR(IANCE)?|I(NV)?VAR|WE?I?GHTS?|WHT|WT|ERR(OR)?S?|SIGMA|RMS|NOISE|PSF|MASK|"
+# Words of the EXTNAMEs of the planes surveys keep beside their filters (variance, inverse variance,
+# weight, error, PSF, mask or flags, exposure map: VARIANCE, IVAR_G, WGT): one of same shape was
+# stacked as one more filter, without a word.
+_NOT_A_FILTER = re.compile(r"(VAR(IANCE)?|I(NV)?VAR|WE?I?GH?TS?|WHT|WT|ERR(OR)?S?|SIGMA|RMS|NOISE|PSF|MASK|"
                            r"FLAGS?|DQ|BPM|EXP(MAP|TIME)?)", re.IGNORECASE)
+
+
+def _not_a_filter(header) -> bool:
+    """Whether an HDU's EXTNAME names a plane other than a filter (`_NOT_A_FILTER`, any of its words)."""
+    words = re.split(r"[\s_.\-]+", str(header.get("EXTNAME", "")).strip())
+    return any(_NOT_A_FILTER.fullmatch(word) for word in words)
 
 
 def _filter_name(header) -> str | None:
@@ -385,7 +394,7 @@ def _read_cutout(path: Path) -> tuple[np.ndarray, tuple | None]:
             for (k, hdu), plane in zip(found, planes):
                 check_fits_pixels(plane.dtype, path, hdu.header)
                 _refuse_underflow(plane, path)
-                if len(found) > 1 and _NOT_A_FILTER.fullmatch(str(hdu.header.get("EXTNAME", "")).strip()):
+                if len(found) > 1 and _not_a_filter(hdu.header):
                     raise DmhpcError(f"{path}: HDU {k} ({hdu.name}) is no filter, by its name; every image HDU "
                                      f"of a cutout is taken as a filter: write cutouts of the filters alone")
             # (beyond float32: Inf, refused as such downstream)
@@ -424,21 +433,18 @@ class Cutouts(ImageArray):
         self.shape = (len(files), *(first.transpose(2, 0, 1) if self.layout == "NHWC" else first).shape)
 
     def _image(self, i: int) -> np.ndarray:
-        """Cutout `i` as (C, H, W): one HDU in the layout of the first cutout's, or one HDU per filter
-        in the first's filter order. Files holding the same filters in another order (downloads of
-        another pipeline) had their channels swapped; their order by name is the first's."""
+        """Cutout `i` as (C, H, W): one HDU in the layout of the first cutout's, or one HDU per filter,
+        in the first's filter order where its HDUs name the first's filters in another order (a
+        download of another pipeline had its channels swapped without a word), else in file order
+        (names that differ otherwise, such as HSC's R and R2, or none, say nothing of the order)."""
         image, filters = self._read(i, _read_cutout)
         if filters is None:
             return image.transpose(2, 0, 1) if self._cube_layout == "NHWC" else image
-        if self._filters is None or filters == self._filters:
+        first = self._filters
+        if first is None or None in filters or None in first or len(set(filters)) < len(filters) or \
+                filters == first or sorted(filters) != sorted(first):
             return image
-        named = None not in filters and None not in self._filters and len(set(filters)) == len(filters)
-        if named and sorted(filters) == sorted(self._filters):
-            return image[[filters.index(name) for name in self._filters]]
-        def said(names: tuple) -> str:
-            return ", ".join(name or "(unnamed)" for name in names)
-        raise DmhpcError(f"{self.files[i]}: filters {said(filters)} by its HDUs' FILTER, BAND or EXTNAME; the first "
-                         f"cutout ({self.files[0].name}) holds {said(self._filters)} ({self._row(i)})")
+        return image[[filters.index(name) for name in first]]
 
     def _rows(self, index: np.ndarray) -> np.ndarray:
         out = np.empty((len(index), *self.shape[1:]), np.float32)

@@ -422,7 +422,7 @@ def _open_study(t: Tune):
     # Seeded by the file's seed and the trials so far: the same seed on every launch would propose
     # the first launch's random start-up values again, and a relaunch would repeat trials.
     # constant_liar: trials running count as bad ones, so that parallel proposals differ (Optuna 5's
-    # default; 4's proposed the same values for every free slot, setup.cfg takes both).
+    # default; off in Optuna 4, which setup.cfg takes too, and whose parallel proposals then repeat).
     study.sampler = optuna.samplers.TPESampler(seed=(t.seed + launched) % (SEED_MAX + 1),
                                                n_startup_trials=t.startup_trials, constant_liar=True)
     identity = t.identity()

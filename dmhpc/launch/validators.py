@@ -189,8 +189,8 @@ def write_validators(out: Path, points: Iterable[Point]) -> list[dict]:
     stopped = sorted({f"{p.config.select.criterion}" for pair in runs.values() for p, _ in pair
                       if p.config.train.early_stopping})
     if stopped:
-        lines += [f"Runs stop early (train.early_stopping) by their own select.criterion ({', '.join(stopped)}): a "
-                  f"criterion is compared over the checkpoints trained before that stop, never over later ones.", ""]
+        lines += [f"Runs may stop early (train.early_stopping) by their own select.criterion ({', '.join(stopped)}): "
+                  f"a criterion is compared over the checkpoints trained before such a stop, never later ones.", ""]
     if left_out:
         lines += [f"Left out, finished but not compared: {'; '.join(left_out)}.", ""]
     header = ["pair", "criterion", "runs", "checkpoints", "checkpoint: target acc", "oracle", "loss (pts)",
