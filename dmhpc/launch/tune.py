@@ -880,7 +880,7 @@ def tune(spec: str | Path | Mapping, executor: str | None = None, poll_s: float 
     t = load_tune(spec, executor)
     check_executor_here(t.executor)
     warn_setup_unused(t.executor, [t.resources])
-    warn_missing_data([resolve_point(t.base, t.overrides)])
+    warn_missing_data([resolve_point(t.base_files, t.overrides)])
     lock = _lock(t.out)
     study, launching = None, None
     try:
