@@ -328,6 +328,9 @@ def _merge(dst: dict, src: Mapping, origin: dict, label: str, prefix: str = "") 
         if isinstance(value, Mapping) and isinstance(dst.get(key), dict):
             _merge(dst[key], value, origin, label, dotted + ".")
         elif isinstance(value, Mapping):
+            if _is_key(Config, dotted.split(".")):  # keys under a setting: the value is this layer's fault
+                dst[key] = value  # (said by _build, naming this layer)
+                continue
             if dst.get(key) is not None:  # a list or a value where a section goes: its settings were dropped
                 raise DmhpcError(f"{before}: {dotted}: expected a mapping of {dotted} keys, got {show(dst[key])}")
             dst[key] = {}
@@ -405,6 +408,13 @@ def _is_key(cls: type, parts: list[str]) -> bool:
     return len(parts) == 1 if section is None else len(parts) > 1 and _is_key(section, parts[1:])
 
 
+def _is_section(cls: type, parts: list[str]) -> bool:
+    """parts (a dotted key, split) name a section within the section `cls`."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    section = _section_type(fields[parts[0]]) if parts[0] in fields else None
+    return section is not None and (len(parts) == 1 or _is_section(section, parts[1:]))
+
+
 def _build(cls: type, data: Any, origin: Mapping[str, str], default_label: str, prefix: str = "") -> Any:
     where = lambda dotted: origin.get(dotted, default_label)  # noqa: E731
     if data is None:  # a section whose keys are all commented out
@@ -466,11 +476,11 @@ def _check_consistency(cfg: Config, origin: Mapping[str, str], default_label: st
         fail("optim.min_lr", f"{cfg.optim.min_lr:g} is above optim.lr {cfg.optim.lr:g}", "optim.lr", "optim.schedule")
 
 
-def inert_keys(data: Mapping) -> dict[str, str]:
+def inert_keys(data: Mapping) -> dict[str, tuple[str, ...]]:
     """The dotted keys whose value changes nothing under the configuration `data` (nested, as
-    `config_to_dict` gives it), each with the key whose setting makes it so."""
+    `config_to_dict` gives it), each with the keys whose settings make it so."""
     optim, loss = data.get("optim", {}), data.get("loss", {})
-    inert: dict[str, str] = {}
+    inert: dict[str, tuple[str, ...]] = {}
     for keys, applies, decider in (
             (("warmup_steps", "min_lr"), optim.get("schedule") == "warmup-cosine", "optim.schedule"),
             (("cycle_epochs",), optim.get("schedule") == "cyclic", "optim.schedule"),
@@ -478,24 +488,29 @@ def inert_keys(data: Mapping) -> dict[str, str]:
             (("momentum",), optim.get("name") == "sgd", "optim.name"),
             (("betas",), optim.get("name") != "sgd", "optim.name")):
         if not applies:
-            inert.update({f"optim.{k}": decider for k in keys})
+            inert.update({f"optim.{k}": (decider,) for k in keys})
     if loss.get("transfer") != "dann":
-        inert.update({f"loss.grl.{k}": "loss.transfer" for k in ("schedule", "alpha", "high")})
-        inert["optim.discriminator_lr_mult"] = "loss.transfer"
+        inert.update({f"loss.grl.{k}": ("loss.transfer",) for k in ("schedule", "alpha", "high")})
+        inert["optim.discriminator_lr_mult"] = ("loss.transfer",)
+    elif loss.get("grl", {}).get("schedule") == "constant":  # alpha shapes the "dann" ramp only
+        inert["loss.grl.alpha"] = ("loss.grl.schedule",)
     if loss.get("transfer") != "mmd":
-        inert.update({f"loss.mmd.{k}": "loss.transfer" for k in ("sigmas", "unbiased", "clamp")})
+        inert.update({f"loss.mmd.{k}": ("loss.transfer",) for k in ("sigmas", "unbiased", "clamp")})
     if loss.get("transfer") == "none":
-        inert["loss.transfer_weight"] = "loss.transfer"
+        inert["loss.transfer_weight"] = ("loss.transfer",)
     if not loss.get("fisher", {}).get("weight"):
-        inert.update({f"loss.fisher.{k}": "loss.fisher.weight" for k in ("form", "intra_weight", "inter_weight",
-                                                                         "normalize")})
+        inert.update({f"loss.fisher.{k}": ("loss.fisher.weight",) for k in ("form", "intra_weight", "inter_weight",
+                                                                            "normalize")})
+    # The scope is that of the batch-statistic terms; the classification loss is DDP's mean either way.
+    if loss.get("transfer") == "none" and not loss.get("fisher", {}).get("weight") and not loss.get("entropy_weight"):
+        inert["loss.scope"] = ("loss.transfer", "loss.fisher.weight", "loss.entropy_weight")
     return inert
 
 
 def _check_inert(cfg: Config, origin: Mapping[str, str], files: list[str]) -> None:
     """Refuse a key set away from its default where it does nothing (a warm-up under the cyclic
     schedule, SGD's momentum for Adam): the run would train without it, and without a word. Only
-    where it was set no earlier than the setting that makes it inert: a base file's cyclic
+    where it was set no earlier than the settings that make it inert: a base file's cyclic
     `cycle_epochs` under a schedule the file or the command line chose is layering, not a mistake."""
     data, defaults = config_to_dict(cfg), config_to_dict(Config())
 
@@ -505,11 +520,14 @@ def _check_inert(cfg: Config, origin: Mapping[str, str], files: list[str]) -> No
     def layer(dotted: str) -> int:
         return layers.get(origin.get(dotted), -1)  # -1: the default
 
-    for dotted, decider in inert_keys(data).items():
+    for dotted, deciders in inert_keys(data).items():
         value = _dotted_value(data, dotted)
-        if changed_keys({"k": value}, {"k": _dotted_value(defaults, dotted)}) and layer(dotted) >= layer(decider):
-            raise DmhpcError(f"{origin.get(dotted, files[-1])}: {dotted}: {show(value)} does nothing with {decider} "
-                             f"{show(_dotted_value(data, decider))}; remove it (or choose the setting it is for)")
+        if changed_keys({"k": value}, {"k": _dotted_value(defaults, dotted)}) and \
+                layer(dotted) >= max(layer(d) for d in deciders):
+            said = [f"{d} {show(_dotted_value(data, d))}" for d in deciders]
+            settings = " and ".join([", ".join(said[:-1]), said[-1]] if len(said) > 1 else said)
+            raise DmhpcError(f"{origin.get(dotted, files[-1])}: {dotted}: {show(value)} does nothing with {settings}; "
+                             f"remove it (or choose the setting it is for)")
 
 
 def _check_paths(cfg: Any, origin: Mapping[str, str], default_label: str, prefix: str = "") -> None:
@@ -575,6 +593,10 @@ def load_config(path: str | os.PathLike | ConfigFiles, overrides: Iterable[str] 
     path, raw, origin, files = read.path, copy.deepcopy(read.raw), dict(read.origin), list(read.files)
     for item in overrides:
         key, value = parse_override(item)
+        if (value is None or value == {}) and _is_section(Config, key.split(".")):
+            # (in a file, a section whose keys are all commented out: it changes nothing, as it says)
+            raise DmhpcError(f"{COMMAND_LINE}: {key}: {show(value)} changes nothing: a section is not reset; set its "
+                             f"keys ({key}.KEY=VALUE)")
         nested: Any = value
         for part in reversed(key.split(".")):
             nested = {part: nested}

@@ -99,7 +99,32 @@ def test_an_empty_section_or_a_null_override_keeps_what_the_base_set(tmp_path):
     child = write(tmp_path / "child.yaml", "base: base.yaml\nloss:\n  mmd:\n    # unbiased: false\ntrain:\n")
     cfg = load_config(child)
     assert (cfg.train.batch_size, cfg.loss.mmd.unbiased) == (16, True)
-    assert load_config(tmp_path / "base.yaml", ["train=null"]).train.batch_size == 16
+
+
+
+@pytest.mark.parametrize("override", ["train=null", "loss.mmd={}", "select=null"])
+def test_a_null_or_empty_section_on_the_command_line_is_refused(tmp_path, override):
+    """`train=null` kept what the files set (a file's empty section does, its keys commented out),
+    and a user who meant the defaults trained on the file's settings without a word."""
+    write(tmp_path / "base.yaml", "train: {batch_size: 16}\nloss: {transfer: mmd, mmd: {unbiased: true}}\n")
+    key = override.split("=")[0]
+    assert error_of(tmp_path / "base.yaml", [override]) == (
+        f"command line: {key}: {override.split('=')[1]} changes nothing: a section is not reset; set its keys "
+        f"({key}.KEY=VALUE)")
+
+
+@pytest.mark.parametrize("child, overrides, blamed, message", [
+    ("train: {epochs: {max: 3}}\n", [], "child", 'train.epochs: expected a positive integer, got {"max": 3}'),
+    ("", ["train.epochs.max=3"], "command line", 'train.epochs: expected a positive integer, got {"max": 3}'),
+    ("", ["run.dir=runs/a: b"], "command line", 'run.dir: expected a non-empty string'),
+])
+def test_keys_under_a_setting_are_blamed_on_the_layer_that_nests_them(tmp_path, child, overrides, blamed, message):
+    """A child file or an override nesting keys under a setting its base gave a value blamed the
+    base file, saying its (right) value should have been a mapping."""
+    write(tmp_path / "base.yaml", "train: {epochs: 200}\nrun: {dir: runs/x}\n")
+    path = write(tmp_path / "child.yaml", "base: base.yaml\n" + child)
+    where = str(path) if blamed == "child" else blamed
+    assert error_of(path, overrides).startswith(f"{where}: {message}")
 
 
 def test_deepmerge_one_takes_dropout_and_l2_and_empty_sections_are_allowed(tmp_path):
@@ -558,10 +583,31 @@ def test_which_keys_each_setting_leaves_inert():
     mmd = {"loss.mmd.sigmas", "loss.mmd.unbiased", "loss.mmd.clamp"}
     fisher = {"loss.fisher.form", "loss.fisher.intra_weight", "loss.fisher.inter_weight", "loss.fisher.normalize"}
     schedule = {"optim.warmup_steps", "optim.min_lr", "optim.gamma", "optim.power"}  # under "cyclic"
-    assert inert() == schedule | {"optim.momentum"} | grl | mmd | fisher | {"loss.transfer_weight"}
+    assert inert() == schedule | {"optim.momentum"} | grl | mmd | fisher | {"loss.transfer_weight", "loss.scope"}
     assert inert("optim.name=adamw") == inert()
     assert inert("optim.name=sgd") == inert() - {"optim.momentum"} | {"optim.betas"}
-    assert inert("loss.transfer=mmd", "loss.fisher.weight=1") == inert() - mmd - fisher - {"loss.transfer_weight"}
+    assert inert("loss.transfer=mmd", "loss.fisher.weight=1") == inert() - mmd - fisher - {"loss.transfer_weight",
+                                                                                         "loss.scope"}
+    assert "loss.scope" not in inert("loss.entropy_weight=0.05") | inert("loss.fisher.weight=1")
+    # The "dann" ramp's shape does nothing under a constant coefficient (the high it ramps to does).
+    dann = inert("loss.transfer=dann")
+    assert "loss.grl.alpha" not in dann
+    assert inert("loss.transfer=dann", "loss.grl.schedule=constant") == dann | {"loss.grl.alpha"}
+
+
+@pytest.mark.parametrize("overrides, key, settings", [
+    (["loss.transfer=dann", "loss.grl.schedule=constant", "loss.grl.alpha=3"], "loss.grl.alpha",
+     'loss.grl.schedule "constant"'),
+    (["loss.transfer=none", "loss.fisher.weight=0", "loss.entropy_weight=0", "loss.scope=local"], "loss.scope",
+     'loss.transfer "none", loss.fisher.weight 0.0 and loss.entropy_weight 0.0'),
+])
+def test_a_setting_no_term_reads_is_refused(overrides, key, settings):
+    """A grid over loss.grl.alpha under a constant coefficient trained the same run under other
+    names; loss.scope=local without a batch-statistic term was recorded as a setting it was not."""
+    with pytest.raises(DmhpcError) as info:
+        load_config(TINY, overrides)
+    assert str(info.value).startswith(f"command line: {key}: ")
+    assert str(info.value).endswith(f" does nothing with {settings}; remove it (or choose the setting it is for)")
 
 
 def test_adamw_keeps_its_betas_through_a_saved_config(tmp_path):
