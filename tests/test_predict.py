@@ -836,6 +836,40 @@ def test_a_stop_signal_before_the_first_part_exits_for_requeue_with_nothing_comp
         assert not Path(f"{out}.parts").exists()
 
 
+def test_a_job_whose_attempts_stop_before_any_part_stops_requeueing(trained, tmp_path, monkeypatch, capsys):
+    """A time limit shorter than a survey's checks (or one part) had every attempt stopped by its
+    signal with nothing computed and the job requeued without end, each attempt queued and run to
+    its limit again. A preemption's SIGTERM is not the job's doing, and is not counted."""
+    from dmhpc.infer.sources import Source
+    out = tmp_path / "never.parquet"
+    argv = ["predict", "--run", str(trained["run"]), "--images", str(trained["survey"]), "--out", str(out),
+            "--part-size", "32", "--batch-size", "16"]
+    real_check, sent = Source.check, []
+
+    def stopped_in_the_checks(self, *args, **kwargs):  # the time limit's signal while the survey is checked
+        if sent:
+            os.kill(os.getpid(), sent.pop())
+        return real_check(self, *args, **kwargs)
+
+    monkeypatch.setattr(Source, "check", stopped_in_the_checks)
+    monkeypatch.setenv("SLURM_JOB_ID", "4711")
+    codes = []
+    for restart, sig in enumerate([signal.SIGUSR2, signal.SIGTERM, signal.SIGUSR2, signal.SIGUSR2]):
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart))
+        sent.append(sig)
+        codes.append(main(argv))
+    assert codes == [REQUEUE_EXIT_CODE] * 3 + [1]
+    err = capsys.readouterr().err
+    assert f"{out}.parts: this is attempt 3 of job 4711; attempts 0 and 2 stopped for a requeue with no part " \
+           f"added (0 there); not starting again" in err
+    sent.clear()
+    # Submitted again: a new job, which computes its parts.
+    monkeypatch.setenv("SLURM_JOB_ID", "4712")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    assert main(argv) == 0 and len(read(out)) == 200
+    assert not Path(f"{out}.parts").exists()
+
+
 SIGNALLED_WHILE_ENDING = """
 import atexit, os, signal, sys, time
 # A preemption notice, or srun's SIGTERM to the ranks still there, in the teardown after the catalog.

@@ -60,13 +60,14 @@ from dmhpc.infer.sources import DIGEST_BLOCK, Source, open_source
 from dmhpc.names import MERGER, MERGER_THRESHOLD, VERIFY_LEVELS
 from dmhpc.infer.trained import load_trained
 from dmhpc.run import RunDir, check_shape, statistics
-from dmhpc.train.checkpoint import REQUEUE_EXIT_CODE, STOP_SIGNALS, StopRequest
+from dmhpc.train.checkpoint import IDLE_ATTEMPTS, REQUEUE_EXIT_CODE, STOP_SIGNALS, StopRequest
 from dmhpc.train.step import autocast
 
 HDF5_TABLE = "catalog"  # the table's path inside an HDF5 catalog
 CSV_SHA = "CSVSHA"  # a plain CSV's provenance file: the SHA-256 of the CSV it stands beside
 SPEC = "predict.json"
 OWN_STATS = "own_stats.json"  # --normalize own's statistics in the parts folder, with the inputs they are of
+ATTEMPTS = "attempts.json"  # the attempts of the job predicting into the parts folder, and the parts each found
 PATHS = ("data", "images", "catalog", "cutouts")
 
 
@@ -404,6 +405,52 @@ def _lock_parts(out: Path, parts: Path, overwrite: bool, held: contextlib.ExitSt
     remove_orphans(parts)
 
 
+def _part_count(parts: Path) -> int:
+    return sum(1 for entry in parts.iterdir() if re.fullmatch(r"part-\d{6,}\.npz", entry.name))
+
+
+def _requeued_attempts(parts: Path, job: str) -> list[dict]:
+    """The attempts of job `job` that stopped for a requeue, as recorded in the parts folder."""
+    try:
+        record = json.loads((parts / ATTEMPTS).read_text())
+        if record.get("job") != job:
+            return []
+        return [{"restart": int(a["restart"]), "before": int(a["before"]), "after": int(a["after"])}
+                for a in record["requeued"]]
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # none yet, or edited: nothing known
+        return []
+
+
+def _check_progress(parts: Path, attempt: dict | None) -> int:
+    """Rank 0, holding the parts folder's lock: the parts there now; refuse to start attempt
+    `attempt` (`DistInfo.attempt`) of a job whose last IDLE_ATTEMPTS attempts stopped for a requeue
+    with no part added, none since. Such a job (a time limit shorter than a survey's checks and
+    digest, or than one part) requeued itself without end, each attempt waiting in the queue and
+    running to its limit again."""
+    found = _part_count(parts)
+    if attempt is None:
+        return found
+    before = [a for a in _requeued_attempts(parts, attempt["job"]) if a["restart"] < attempt["restart"]]
+    idle = before[-IDLE_ATTEMPTS:]
+    if len(idle) == IDLE_ATTEMPTS and all(a["before"] == a["after"] == found for a in idle):
+        raise DmhpcError(f"{parts}: this is attempt {attempt['restart']} of job {attempt['job']}; attempts "
+                         f"{' and '.join(str(a['restart']) for a in idle)} stopped for a requeue with no part added "
+                         f"({found} there); not starting again to stop the same way: the job's log says where they "
+                         f"stopped; submit it again with a longer --time or a smaller --part-size")
+    return found
+
+
+def _record_requeue(parts: Path, attempt: dict | None, before: int) -> None:
+    """Rank 0, holding the lock, as attempt `attempt` stops for its job to requeue itself: note the
+    parts it found (`before`) and leaves, for the next attempt's _check_progress."""
+    if attempt is None:
+        return
+    requeued = [a for a in _requeued_attempts(parts, attempt["job"]) if a["restart"] != attempt["restart"]]
+    requeued.append({"restart": attempt["restart"], "before": before, "after": _part_count(parts)})
+    atomic_write(parts / ATTEMPTS, json.dumps({"job": attempt["job"], "requeued": sorted(
+        requeued, key=lambda a: a["restart"])}) + "\n")
+
+
 def _claim_parts(parts: Path, spec: dict, overwrite: bool) -> None:
     """Rank 0, holding the parts folder's lock: refuse parts of another prediction (unless overwrite,
     which empties the folder)."""
@@ -449,8 +496,8 @@ def _claim_parts(parts: Path, spec: dict, overwrite: bool) -> None:
 def _ours(entry: Path) -> bool:
     """Whether an entry of a parts folder is a file of a name a prediction writes there."""
     name = entry.name
-    return (bool(re.fullmatch(r"part-\d{6,}\.npz", name)) or name in (SPEC, OWN_STATS) or is_temporary(name)) \
-        and not entry.is_dir()
+    return (bool(re.fullmatch(r"part-\d{6,}\.npz", name)) or name in (SPEC, OWN_STATS, ATTEMPTS)
+            or is_temporary(name)) and not entry.is_dir()
 
 
 def _remove_parts(parts: Path, keep_folder: bool = False) -> None:
@@ -460,6 +507,8 @@ def _remove_parts(parts: Path, keep_folder: bool = False) -> None:
     deleted with the parts)."""
     others = []
     for entry in sorted(parts.iterdir(), key=lambda e: e.name == SPEC):
+        if keep_folder and entry.name == ATTEMPTS:  # (the job's attempts at this --out, whatever their parts)
+            continue
         if _ours(entry):
             entry.unlink()
         else:
@@ -621,7 +670,14 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
     def stopped() -> bool:  # asked of every rank at once, between the phases before the parts
         return any(all_gather_object(stop.signal_name is not None))
 
+    parts_before = None  # the parts there at the start (rank 0's count), once rank 0 holds their folder's lock
+
     def requeue(kept: str) -> int:
+        # A SIGTERM is the scheduler's (a preemption, a cancel), which requeues the job or not: no
+        # fault of the job's. (A record that cannot be written leaves the guard a requeue short.)
+        if dist.is_main and parts_before is not None and stop.signal_name != "SIGTERM":
+            with contextlib.suppress(OSError):
+                _record_requeue(parts, dist.attempt, parts_before)
         if dist.is_main:
             print(f"dmhpc predict: stopped by a signal; {kept}; exiting with {REQUEUE_EXIT_CODE} so the launcher "
                   f"requeues (a rerun resumes)", flush=True)
@@ -654,6 +710,7 @@ def predict(run_dir, out, *, data=None, split=None, images=None, catalog=None, i
             return requeue("nothing computed yet")
         parts = Path(f"{out}.parts")
         on_main(lambda: _lock_parts(out, parts, overwrite, held))
+        parts_before = on_main(lambda: _check_progress(parts, dist.attempt))
         # Keys of at most 8 characters: they are FITS header keywords too. INPUTSHA, MEAN and STD are
         # read from the inputs below; the rest is known now, and what the format cannot hold of it is
         # said before that reading.
