@@ -174,7 +174,8 @@ def test_local_points_wanting_more_gpus_than_visible_are_refused_before_any_runs
 
 
 def test_sbatch_options_for_a_site(tmp_path):
-    """What a site changes in the slurm section reaches the sbatch script submitit writes."""
+    """What a site changes in the slurm section reaches the sbatch script submitit writes. --requeue
+    always: under a site's JobRequeue=0 the requeue at the time limit's signal failed every job."""
     res = Resources(nodes=2, gpus_per_node=4, tasks_per_node=4, cpus_per_task=8, mem_gb=64, time_min=90,
                     partition="gpu", account="astro42", qos="normal", constraint="a100", exclusive=True,
                     setup=("module load cuda",), additional_parameters=(("mail-type", "END"),))
@@ -182,7 +183,7 @@ def test_sbatch_options_for_a_site(tmp_path):
     script = ex._executor._make_submission_file_text("python -m x", "uid")
     for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--cpus-per-task=8", "--mem=64GB",
                  "--time=90", "--partition=gpu", "--account=astro42", "--qos=normal", "--constraint=a100",
-                 "--exclusive", "--mail-type=END", "--signal=USR2@90", "--open-mode=append"):
+                 "--exclusive", "--mail-type=END", "--signal=USR2@90", "--open-mode=append", "--requeue"):
         assert f"#SBATCH {line}\n" in script, (line, script)
     assert "module load cuda" in script
     # srun (Slurm >= 22.05) does not take --cpus-per-task from the job: the tasks would get 1 CPU each.

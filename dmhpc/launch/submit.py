@@ -87,6 +87,7 @@ LAUNCHER_SBATCH = {
     "job-name": "the launcher", "output": "the launcher (the jobs' logs)", "error": "the launcher (the jobs' logs)",
     "open-mode": "the launcher (a requeued job appends to its log)",
     "no-requeue": "the launcher (its jobs are requeued at a time limit or preemption)",
+    "requeue": "the launcher (its jobs are requeued at a time limit or preemption)",
     "wait": "the launcher (it waits for its jobs itself)",
     "comment": "the launcher (the token that finds a submission's jobs)",
 }
@@ -349,7 +350,9 @@ def make_executor(kind: str, folder: Path, res: Resources, name: str,
             slurm_partition=res.partition, slurm_account=res.account, slurm_qos=res.qos,
             slurm_constraint=res.constraint, slurm_exclusive=res.exclusive or None,
             slurm_setup=list(res.setup) or None,
-            slurm_additional_parameters=dict(res.additional_parameters) or None, slurm_comment=comment,
+            # --requeue: a site's JobRequeue=0 makes jobs unrequeueable by default, and submitit's
+            # `scontrol requeue` at the time limit's signal then failed the job (slurm/*.sh say it too).
+            slurm_additional_parameters={"requeue": True, **dict(res.additional_parameters)}, slurm_comment=comment,
             slurm_array_parallelism=res.array_parallelism, slurm_signal_delay_s=res.signal_delay_s,
             # From Slurm 22.05 srun no longer takes --cpus-per-task from the job: said again, or
             # each task (rank) gets one CPU for its loader workers and threads. --kill-on-bad-exit: a
