@@ -12,6 +12,7 @@ import functools
 import os
 import signal
 import sys
+import traceback
 from typing import Callable, NamedTuple
 
 from dmhpc import code_version
@@ -327,11 +328,42 @@ class _Output:
             raise
 
 
+def _mpi_world():
+    """MPI.COMM_WORLD where this process is one of several ranks MPI started (mpi4py imported, by
+    the launch), else None."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized() or mpi.COMM_WORLD.Get_size() == 1:
+        return None
+    return mpi.COMM_WORLD
+
+
+def _end_mpi_world(code: int) -> None:
+    """Under mpiexec, a rank that fails ends every rank (MPI_Abort), as srun's --kill-on-bad-exit
+    and torchrun do. It waited at exit in mpi4py's MPI_Finalize for ranks that waited for it (in
+    an NCCL collective until its 30-minute timeout; busy with a part or a step before that), and
+    mpiexec saw no failure. The ranks that agreed on an error have each said it by then."""
+    world = _mpi_world()
+    if world is not None:
+        from dmhpc.mpi import abort_all
+
+        abort_all(world, code)
+
+
 def run(argv: list[str] | None = None) -> None:
     """The process's entry point (the `dmhpc` script, `python -m dmhpc`, `python -m dmhpc.train`):
     main's exit code as the process's."""
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit:  # argparse's (before the launch: no rank met another)
+        raise
+    except BaseException:  # a defect's traceback, said before the world ends
+        if _mpi_world() is not None:
+            traceback.print_exc()
+            _end_mpi_world(1)
+        raise
     stops = sys.modules.get("dmhpc.train.checkpoint")  # loaded by every command that catches stop signals
+    if code not in (0, getattr(stops, "REQUEUE_EXIT_CODE", 0)):
+        _end_mpi_world(code)
     if stops is not None and code in (0, stops.REQUEUE_EXIT_CODE):
         # Done, or leaving to be requeued, the process ignores further stop signals while it ends
         # (CUDA's teardown at exit): srun's --kill-on-bad-exit sends SIGTERM to the ranks still there

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,3 +118,41 @@ def test_hydra_under_srun_gets_no_pmi2_defaults_even_with_srun_variables():
     """hydra's proxies started by srun inherit the pmi2 plugin's PMI_JOBID and SLURM_MPI_TYPE, but
     hydra's own server reads whole lines: its MPI_LOCALNRANKS says the ranks are hydra's."""
     assert library_defaults({**SRUN_PMI2, "MPI_LOCALNRANKS": "2", "MPI_LOCALRANKID": "0"}) == {}
+
+
+ONE_RANK_FAILS = """
+import sys, time
+import dmhpc.cli as cli
+from dmhpc.distributed import bootstrap
+
+def main(argv):  # a command whose rank 1 fails on its own while rank 0 computes (a part, a step)
+    dist = bootstrap()
+    if dist.rank == 1:
+        print("rank 1: failed", flush=True)
+        if argv == ["raise"]:
+            raise RuntimeError("rank 1's defect")
+        return 3
+    time.sleep(600)
+    return 0
+
+cli.main = main
+cli.run(sys.argv[1:])
+"""
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("how", ["return", "raise"])
+def test_a_rank_that_fails_alone_under_mpiexec_ends_every_rank(tmp_path, how):
+    """The failed rank waited at exit in mpi4py's MPI_Finalize for the others, which went on (in an
+    NCCL collective: until its 30-minute timeout), and mpiexec saw no failure until they ended."""
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.exists():
+        pytest.skip(f"mpiexec not found beside {sys.executable}")
+    script = tmp_path / "fails.py"
+    script.write_text(ONE_RANK_FAILS)
+    proc = subprocess.run([str(mpiexec), "-n", "2", sys.executable, str(script), how], cwd=ROOT, env=clean_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == (3 if how == "return" else 1), proc.stdout + proc.stderr
+    assert "rank 1: failed" in proc.stdout
+    if how == "raise":
+        assert "RuntimeError: rank 1's defect" in proc.stderr, proc.stderr
