@@ -486,8 +486,12 @@ class RunDir:
     def _decide(self, cfg: Config, resume: str, overwrite: bool, data_ids: Mapping[str, str] | None,
                 existed: bool) -> Claim:
         """How the claim starts (see `claim`); reads, writes nothing."""
+        # The run an earlier attempt of this job began, which kept nothing trained (killed before its
+        # first last.pt: a lost node, an out-of-memory kill): begun again as the job's arguments say.
+        # It was refused as a run of someone else's, and the requeued job failed.
+        again = existed and not self.checkpoint("last").is_file() and self._begun_by_this_job()
         if resume == "none":
-            if existed and not overwrite:
+            if existed and not overwrite and not again:
                 raise DmhpcError(f"{self.path}: already holds a run; --resume auto continues it, "
                                  f"--resume none --overwrite replaces it")
             return Claim(None, replaces=existed)
@@ -506,7 +510,7 @@ class RunDir:
                 raise DmhpcError(f"--resume {resume}: a best checkpoint waiting for its epoch's last.pt; --resume "
                                  f"auto takes it (it becomes best.pt where that last.pt was written), or give "
                                  f"{self.checkpoint('best')}")
-            if existed and not self._own(resume_from) and not overwrite:
+            if existed and not self._own(resume_from) and not overwrite and not again:
                 # Its best.pt, eval/ and log would be taken for the new run's.
                 raise DmhpcError(f"{self.path}: already holds a run; a checkpoint from elsewhere (--resume {resume}) "
                                  f"starts a run in a new run.dir, or replaces this one with --overwrite")
@@ -539,7 +543,11 @@ class RunDir:
         """This claim is a later attempt (a requeue, a torchrun restart) of the job that started the
         run, which has a last.pt to go on from (without one, the job's own --resume choice starts it
         again, as it did first)."""
-        if not self._attempt or self._attempt["restart"] == 0 or not self.checkpoint("last").is_file():
+        return self.checkpoint("last").is_file() and self._begun_by_this_job()
+
+    def _begun_by_this_job(self) -> bool:
+        """This claim is a later attempt of the job that started the run (with or without a last.pt)."""
+        if not self._attempt or self._attempt["restart"] == 0:
             return False
         try:
             started = self.started_attempts(self._attempt["job"])

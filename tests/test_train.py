@@ -820,6 +820,50 @@ def test_a_requeued_attempt_goes_on_with_the_run_its_job_started(data, tmp_path,
     assert json.loads((run / "run.json").read_text())["run_id"] != run_id
 
 
+@pytest.mark.parametrize("begin", ["none", "elsewhere"])
+def test_a_job_whose_attempts_begin_its_run_and_never_save_stops_requeueing(data, tmp_path, monkeypatch, capsys,
+                                                                            begin):
+    """The guard against requeueing for ever ran under --resume auto only: a job submitted with
+    --resume none --overwrite (or --resume PATH) began the run again in each attempt, none saved,
+    and it was requeued without end. And an attempt killed before its first last.pt (a lost node)
+    left a run that its job's next attempt, --resume PATH without --overwrite, refused as another's."""
+    from dmhpc.train import loop
+
+    run, base = tmp_path / "run", tmp_path / "base"
+    start = ["--resume", "none", "--overwrite"]
+    if begin == "elsewhere":
+        assert main(["train", "--config", str(TINY), *_overrides(data, base, "train.epochs=1",
+                                                                  "train.max_steps=1")]) == 0
+        start = ["--resume", str(base / "checkpoints" / "last.pt")]
+    argv = ["train", "--config", str(TINY), *_overrides(data, run, "train.epochs=1", "train.max_steps=2"), *start]
+    save = loop.save_checkpoint
+
+    def full(path, content):
+        raise DmhpcError(f"{path}: cannot write: No space left on device (disk full or over quota); nothing written")
+
+    monkeypatch.setenv("SLURM_JOB_ID", "6160")
+    monkeypatch.setattr(loop, "save_checkpoint", full)
+    for restart in (0, 1):
+        monkeypatch.setenv("SLURM_RESTART_COUNT", str(restart))
+        assert main(argv) == 1
+        assert "No space left on device" in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"this is attempt 2 of job 6160; 2 of its attempts started this run without " \
+        f"writing a checkpoint (and none of its attempts wrote it)" in err, err
+    # Another job into a new run.dir: its first attempt is killed before it saves, the next goes on.
+    monkeypatch.setenv("SLURM_JOB_ID", "6161")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    other = tmp_path / "other"
+    assert main([*argv, f"run.dir={other}"]) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert main([*argv, f"run.dir={other}"]) == 0, capsys.readouterr().err
+    assert torch.load(other / "checkpoints" / "last.pt", weights_only=True)["attempt"] == {"job": "6161", "restart": 1}
+
+
 def test_train_signals_without_the_signal_the_batch_script_forwards_are_refused(data, tmp_path, monkeypatch,
                                                                                 capsys):
     """slurm/lib.sh starts the ranks with SIGUSR2 ignored and passes the time limit's warning on as

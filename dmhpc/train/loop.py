@@ -119,6 +119,8 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
             saved = load_checkpoint(claim.resume_from)
             if claim.resume_from.resolve() == last.resolve():  # (--resume RUN/last.pt spelt otherwise too)
                 check_requeue_progress(last, saved, dist.attempt, started())
+            elif not last.is_file():  # (--resume PATH elsewhere, taken again by each attempt that saved none)
+                check_requeue_progress(last, None, dist.attempt, started())
             if claim.own and not state.model.reads_target and "forward" not in saved:
                 raise DmhpcError(f"{claim.resume_from}: a run without adaptation begun by an older dmhpc, whose steps "
                                  f"passed the target batch through BatchNorm too (docs/training.md, \"What a step "
@@ -129,8 +131,10 @@ def _train(cfg, resume: str, overwrite: bool, dist, run: RunDir, stop: StopReque
                 raise unfit(claim.resume_from, exc) from None
 
         agree(resume)
-    elif resume == "auto":
-        agree(lambda: check_requeue_progress(last, None, dist.attempt, started()))
+    else:
+        # Whatever --resume says: the job's arguments begin the run again in each attempt until one
+        # writes a last.pt (--resume none --overwrite too), and one that never did requeued for ever.
+        agree(lambda: None if last.is_file() else check_requeue_progress(last, None, dist.attempt, started()))
     prog = state.progress
     if claim.resume_from is not None and not claim.own:
         # A new run from another's checkpoint selects among its own epochs: the other run's best
