@@ -1001,14 +1001,44 @@ def _forget_earlier_results(folder: Path, job_id: str, submitted_at: float) -> N
                 stale.unlink()
 
 
+# A SLURM job Slurm no longer lists, with no result file this long after: it ended without one.
+GONE_AFTER_S = 180.0  # (a result written at the end may take a while to show on a shared file system)
+WAIT_POLL_S = 10.0
+_missing_since: dict[str, float] = {}  # job id -> when squeue first did not list it
+
+
+def left_without_result(job: submitit.Job) -> bool:
+    """A SLURM job that ended without a result file (killed: cancelled, out of memory, a lost node, the
+    time limit): gone from squeue GONE_AFTER_S ago. submitit learns a job's end from sacct, or its
+    result file: on a site without Slurm accounting it waited for such a job for ever (and a tuner's
+    trial held its place). A squeue that fails says nothing."""
+    if not isinstance(job, submitit.SlurmJob) or job.paths.result_pickle.exists():
+        return False
+    try:
+        queued = _queued_slurm_jobs()
+    except DmhpcError:
+        return False
+    if job.job_id in queued:
+        _missing_since.pop(job.job_id, None)
+        return False
+    return time.monotonic() - _missing_since.setdefault(job.job_id, time.monotonic()) >= GONE_AFTER_S
+
+
 def wait_for(jobs: Mapping[str, submitit.Job]) -> dict[str, str]:
     """Wait for every job; {point name: why it failed} for those that did."""
     failures = {}
     for name, job in jobs.items():
+        log = (job.task(0) if job.num_tasks > 1 else job).paths.stdout  # rank 0's
+        gone = False  # (a debug job runs in results(); a local one's end is its controller's)
+        while isinstance(job, submitit.SlurmJob) and not job.done() and not (gone := left_without_result(job)):
+            time.sleep(WAIT_POLL_S)
+        if gone:
+            failures[name] = (f"job {job.job_id} ended without a result (killed? Slurm no longer lists it and keeps "
+                              f"no record here to say why; its log: {log})")
+            continue
         try:
             results = job.results()
         except Exception as exc:  # submitit's FailedJobError / UncompletedJobError
-            log = (job.task(0) if job.num_tasks > 1 else job).paths.stdout  # rank 0's
             failures[name] = f"job {job.job_id} failed: {_why(exc)} (log: {log})"
             continue
         # A stop signal ends a trainer with the requeue code: submitit requeues a slurm or local

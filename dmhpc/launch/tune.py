@@ -771,7 +771,7 @@ class _Search:
             if r not in self.running:  # pruned with the trial whose job it shares
                 continue
             # A debug job runs when its result is asked for, so it is only ever read finished.
-            if self.t.executor == "debug" or r.job.done():
+            if self.t.executor == "debug" or r.job.done() or left_without_result(r.job):
                 self.running.remove(r)
                 what = _finish(self.study, r, self.t.objective)
                 if id(r.job) not in counted:

@@ -25,6 +25,7 @@ import yaml
 from dmhpc.launch.grid import load_grid
 from dmhpc.launch.leaderboard import write_leaderboard
 from dmhpc.launch.scaling import HIDE_GPUS, load_study, measure, scaling_table, write_scaling
+from dmhpc.launch import submit
 from dmhpc.launch.submit import TrainTask, submit_points, wait_for
 
 pytestmark = pytest.mark.cluster
@@ -314,7 +315,7 @@ def _task_pid(job_id: str, procid: int) -> int | None:
     return None
 
 
-def test_a_rank_killed_ends_the_other_ranks_of_its_job(slurm_cluster, tmp_path, job_env, make_domains):
+def test_a_rank_killed_ends_the_other_ranks_of_its_job(slurm_cluster, tmp_path, job_env, make_domains, monkeypatch):
     """A rank killed before the rendezvous (out of memory, a lost node) left the other rank waiting
     there until the 30-minute timeout: submitit's srun had no --kill-on-bad-exit."""
     data = make_domains(64)
@@ -334,6 +335,13 @@ def test_a_rank_killed_ends_the_other_ranks_of_its_job(slurm_cluster, tmp_path, 
     record = slurm_cluster.wait(job.job_id, timeout=120)  # srun's KillWait (30 s) included
     assert (record.state, record.restarts) == ("FAILED", 0), record
     assert not (grid.points[0].run_dir / "checkpoints" / "last.pt").exists()
+    # Without accounting (as here) submitit knows a job's end by its result file, which this one
+    # never wrote: the launcher waited for it for ever.
+    monkeypatch.setattr(submit, "GONE_AFTER_S", 2.0)
+    monkeypatch.setattr(submit, "WAIT_POLL_S", 0.5)
+    assert wait_for({"seed=1": job}) == {"seed=1": f"job {job.job_id} ended without a result (killed? Slurm no "
+                                                   f"longer lists it and keeps no record here to say why; its log: "
+                                                   f"{job.task(0).paths.stdout})"}
 
 
 def test_scaling_study_one_versus_two_nodes(slurm_cluster, tmp_path, job_env, make_domains):
