@@ -480,6 +480,34 @@ def test_local_points_start_as_others_end_and_sigterm_to_the_launcher_cancels_th
     assert not (out / "seed=2,train.epochs=1").exists()  # never started
 
 
+def test_a_failure_is_recorded_as_it_happens_not_when_the_launcher_ends(data, tmp_path):
+    """Failures were written once every job had ended: a launcher stopped while it waited (Ctrl-C,
+    a lost login) dropped those it had seen, and a --report said "unfinished" of a point that failed."""
+    out = tmp_path / "out"
+    grid_file = tmp_path / "grid.yaml"
+    overrides = {k: v for k, v in tiny_overrides(data).items() if k != "train.batch_size"}
+    grid_file.write_text(yaml.safe_dump({
+        "base": str(TINY), "out": str(out), "executor": "local", "overrides": {**overrides, "train.epochs": 10000},
+        # 64: more than the 45 training rows, refused at once; 4 for 10000 epochs trains on.
+        "grid": {"train.batch_size": [4, 64]}, "slurm": {"time": 10, "array_parallelism": 2}}))
+    proc = subprocess.Popen([sys.executable, "-m", "dmhpc", "grid", str(grid_file)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=clean_env(), cwd=tmp_path)
+    failures = out / "submitit" / "failures.json"
+    deadline = time.monotonic() + 300
+    while not failures.exists():
+        assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130, proc.communicate()
+    assert list(json.loads(failures.read_text())) == ["train.batch_size=64"]
+    report = subprocess.run([sys.executable, "-m", "dmhpc", "grid", str(grid_file), "--report"], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path, env=clean_env())
+    assert report.returncode == 0, report.stderr
+    with (out / "leaderboard.csv").open() as f:
+        status = {r["point"]: r["status"] for r in csv.DictReader(f)}
+    assert status["train.batch_size=64"].startswith("failed") and status["train.batch_size=4"] != "finished", status
+
+
 def test_a_study_through_the_local_executor_runs_array_parallelism_points_at_a_time(data, tmp_path, monkeypatch,
                                                                                      capsys):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the launcher divides the cores between the jobs

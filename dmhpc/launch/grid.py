@@ -376,7 +376,8 @@ def launch_grid(spec: str | Path | Mapping, wait: bool = True, executor: str | N
     rows: list[dict] = []
     failures = launch_points(list(g.points), {p.name: g.resources for p in g.points}, kind=g.executor,
                              folder=g.out / "submitit", job_name=f"dmhpc-{g.out.name}", task=TrainTask(),
-                             wait=wait, before=clear_failures, after=record)
+                             wait=wait, before=clear_failures, after=record,
+                             noted=lambda failures: _record_failures(g, failures))
     if failures:
         raise DmhpcError("\n".join([f"{g.source}: {len(failures)} point(s) failed:",
                                     *(f"point {name}: {why}" for name, why in failures.items())]))

@@ -843,14 +843,17 @@ def hold_launch_lock(folder: Path, made: list[Path] | None = None) -> IO:
 def launch_points(points: list[Point], resources: Mapping[str, Resources], *, kind: str, folder: Path,
                   job_name: str, task: TrainTask, wait: bool = True, at_once_why: str = "",
                   before: Callable[[], Callable[[], None] | None] | None = None,
-                  after: Callable[[dict[str, str]], None] | None = None) -> dict[str, str]:
+                  after: Callable[[dict[str, str]], None] | None = None,
+                  noted: Callable[[dict[str, str]], None] = lambda failures: None) -> dict[str, str]:
     """Run the points' jobs: local ones here (`_launch_local`; `at_once_why` follows "N at a time" in
     its start line), others by `submit_points` and (with wait) `wait_for`; {point name: why its job
     failed}. `before` runs first under the launch lock (what a launcher records of its points: one
     refused as a second launcher must not have written it); what it returns, if anything, undoes it
     when the launch is refused before any job went in (sbatch refusing, no GPU here). `after` gets
     the failures while the lock is still held: a second launcher, started once it is released, runs
-    points again, and what this one recorded of them after that was out of date."""
+    points again, and what this one recorded of them after that was out of date. `noted` gets the
+    failures known so far as each becomes known: a launcher stopped while it waits (Ctrl-C, a lost
+    login) never reaches `after`."""
     if not wait and kind != "slurm":
         raise DmhpcError(f"executor {kind}: its jobs end with the launcher, so the launcher must wait for them")
     check_executor_here(kind)
@@ -871,7 +874,8 @@ def launch_points(points: list[Point], resources: Mapping[str, Resources], *, ki
             jobs = None
             if kind == "local":
                 failures = _launch_local(points, resources, folder=folder, job_name=job_name, task=task,
-                                         at_once_why=at_once_why, on_submit=lambda: submitted.append(True))
+                                         at_once_why=at_once_why, on_submit=lambda: submitted.append(True),
+                                         noted=noted)
             else:
                 jobs = submit_points(points, resources, kind=kind, folder=folder, job_name=job_name, task=task,
                                      on_submit=lambda: submitted.append(True))
@@ -886,7 +890,7 @@ def launch_points(points: list[Point], resources: Mapping[str, Resources], *, ki
                             d.rmdir()
             raise
         if jobs is not None:
-            failures = wait_for(jobs) if wait else {}
+            failures = wait_for(jobs, noted) if wait else {}
         if after is not None:
             after(failures)
         return failures
@@ -941,7 +945,8 @@ def cancel_local_jobs(folder: Path, job_id: str | None = None, who: str = "an ea
 
 def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, folder: Path, job_name: str,
                   task: TrainTask, poll_s: float = 1.0, at_once_why: str = "",
-                  on_submit: Callable[[], None] = lambda: None) -> dict[str, str]:
+                  on_submit: Callable[[], None] = lambda: None,
+                  noted: Callable[[dict[str, str]], None] = lambda failures: None) -> dict[str, str]:
     """Run the unfinished points here, at most `array_parallelism` at once, the next one starting as
     soon as one ends (submitit's local executor would start every job at once, and runs of one
     study differ in length: waiting for a whole batch left cores idle). The jobs end with the
@@ -980,7 +985,7 @@ def _launch_local(points: list[Point], resources: Mapping[str, Resources], *, fo
                 for name in ended:
                     del running[name]
                     del held[name]
-                failures.update(wait_for(ended))
+                failures.update(wait_for(ended, lambda failed: noted({**failures, **failed})))
                 if not ended:
                     time.sleep(poll_s)
     except BaseException:
@@ -1024,34 +1029,42 @@ def left_without_result(job: submitit.Job) -> bool:
     return time.monotonic() - _missing_since.setdefault(job.job_id, time.monotonic()) >= GONE_AFTER_S
 
 
-def wait_for(jobs: Mapping[str, submitit.Job]) -> dict[str, str]:
-    """Wait for every job; {point name: why it failed} for those that did."""
-    failures = {}
+def wait_for(jobs: Mapping[str, submitit.Job],
+             noted: Callable[[dict[str, str]], None] = lambda failures: None) -> dict[str, str]:
+    """Wait for every job; {point name: why it failed} for those that did, given to `noted` too as
+    each one fails."""
+    failures: dict[str, str] = {}
     for name, job in jobs.items():
-        log = (job.task(0) if job.num_tasks > 1 else job).paths.stdout  # rank 0's
-        gone = False  # (a debug job runs in results(); a local one's end is its controller's)
-        while isinstance(job, submitit.SlurmJob) and not job.done() and not (gone := left_without_result(job)):
-            time.sleep(WAIT_POLL_S)
-        if gone:
-            failures[name] = (f"job {job.job_id} ended without a result (killed? Slurm no longer lists it and keeps "
-                              f"no record here to say why; its log: {log})")
-            continue
-        try:
-            results = job.results()
-        except Exception as exc:  # submitit's FailedJobError / UncompletedJobError
-            failures[name] = f"job {job.job_id} failed: {_why(exc)} (log: {log})"
-            continue
-        # A stop signal ends a trainer with the requeue code: submitit requeues a slurm or local
-        # job, and never returns that result; the debug executor (in this process) does. Taken
-        # for a success, the point was unfinished with nothing said.
-        codes = [r.get("exit_code") for r in results if isinstance(r, dict)]
-        errors = [r["error"] for r in results if isinstance(r, dict) and r.get("error")]
-        if errors:  # (the debug executor's: see TrainTask)
-            failures[name] = f"job {job.job_id} failed: {errors[0]}"
-        elif any(codes):
-            failures[name] = (f"job {job.job_id} stopped before its end (exit {max(codes)}: a stop signal); launch "
-                              f"again to resume it")
+        why = _failure_of(job)
+        if why is not None:
+            failures[name] = why
+            noted(dict(failures))
     return failures
+
+
+def _failure_of(job: submitit.Job) -> str | None:
+    """Wait for `job`; why it failed, or None."""
+    log = (job.task(0) if job.num_tasks > 1 else job).paths.stdout  # rank 0's
+    gone = False  # (a debug job runs in results(); a local one's end is its controller's)
+    while isinstance(job, submitit.SlurmJob) and not job.done() and not (gone := left_without_result(job)):
+        time.sleep(WAIT_POLL_S)
+    if gone:
+        return (f"job {job.job_id} ended without a result (killed? Slurm no longer lists it and keeps no record "
+                f"here to say why; its log: {log})")
+    try:
+        results = job.results()
+    except Exception as exc:  # submitit's FailedJobError / UncompletedJobError
+        return f"job {job.job_id} failed: {_why(exc)} (log: {log})"
+    # A stop signal ends a trainer with the requeue code: submitit requeues a slurm or local
+    # job, and never returns that result; the debug executor (in this process) does. Taken
+    # for a success, the point was unfinished with nothing said.
+    codes = [r.get("exit_code") for r in results if isinstance(r, dict)]
+    errors = [r["error"] for r in results if isinstance(r, dict) and r.get("error")]
+    if errors:  # (the debug executor's: see TrainTask)
+        return f"job {job.job_id} failed: {errors[0]}"
+    if any(codes):
+        return f"job {job.job_id} stopped before its end (exit {max(codes)}: a stop signal); launch again to resume it"
+    return None
 
 
 def _why(exc: Exception) -> str:
