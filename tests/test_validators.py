@@ -69,6 +69,25 @@ def test_each_criterion_against_the_oracle_by_checkpoint_by_method_and_by_rank(t
     assert (tmp_path / "out" / "validators.csv").read_text().startswith("pair,criterion,runs,")
 
 
+def test_a_setting_whose_method_has_no_scored_run_is_left_out_of_the_method_columns(tmp_path):
+    """With mmd of seed 2 still training, seed 2's choice was among the others alone: the method
+    columns credited plain with a pick it never had to win, and the loss was that of a smaller choice."""
+    spec = {"out": str(tmp_path / "out"), "executor": "local", "grid": {"seed": [1, 2]},
+            "methods": {"plain": {"base": str(TINY)},
+                        "mmd": {"base": str(TINY), "overrides": {"loss.transfer": "mmd"}}}}
+    points = {(p.values["method"], p.values["seed"]): p for p in load_grid(spec).points}
+    for seed in (1, 2):
+        _log(points["plain", seed], [0.9, 0.8], [0.1, 0.2], [0.5, 0.6], [0.55, 0.65])
+    _log(points["mmd", 1], [0.6, 0.7], [0.35, 0.2], [0.8, 0.7], [0.8, 0.7])
+    _log(points["mmd", 2], [0.6], [0.3], [0.9], [0.9], finished=False)
+    rows = {r["criterion"]: r for r in write_validators(tmp_path / "out", points.values())}
+    src = rows["source-val-acc"]
+    assert src["runs"] == 3 and src["method_picked"] == "plain (1)"  # seed 1 only
+    assert (src["method_target_acc"], src["method_oracle_acc"]) == pytest.approx((0.55, 0.80))
+    md = (tmp_path / "out" / "validators.md").read_text()
+    assert "Left out of the method columns, a method short: pristine -> noisy: seed=2 (no scored run of mmd)." in md
+
+
 def test_of_equal_scores_the_first_checkpoint_is_scored_as_the_trainer_keeps_it(tmp_path):
     """Source accuracy over a few hundred rows ties often: the table scored another checkpoint than
     the one best.pt holds, were the last of equals picked."""

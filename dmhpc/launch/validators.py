@@ -12,7 +12,8 @@ a run that failed, is still training, or is asked to train longer is left out):
   minus criterion), averaged over runs;
 - method: among the methods of one setting (the same seed and other values), the run whose picked
   checkpoint scores highest, its target test accuracy against the oracle's choice of run, and the
-  loss in points, averaged over settings; the method picked most often;
+  loss in points, averaged over the settings whose every method has a scored run (the others are
+  named); the method picked most often;
 - the Spearman rank correlation of the criterion with target test accuracy over every checkpoint
   of every run, and its mean within a run.
 
@@ -77,24 +78,38 @@ def _mean(values: list[float]) -> float:
     return statistics.fmean(values) if values else math.nan
 
 
-def _scored_runs(points: Iterable[Point]) -> tuple[dict, list[str]]:
-    """The finished runs of an adaptation, by domain pair, with their scored checkpoints; and the
+def _setting(p: Point) -> tuple:
+    """What a point's run shares with the other methods' runs of its setting (seed, other values)."""
+    return tuple((k, str(v)) for k, v in p.values.items() if k != "method")
+
+
+def _method(p: Point) -> str:
+    return str(p.values.get("method", p.name))
+
+
+def _scored_runs(points: Iterable[Point]) -> tuple[dict, list[str], dict]:
+    """The finished runs of an adaptation, by domain pair, with their scored checkpoints; the
     finished runs left out, each with why (said in the table: a run whose log was lost counted as
-    none without a word, and the table stood for fewer runs than it seemed to)."""
+    none without a word, and the table stood for fewer runs than it seemed to); and the methods each
+    setting of each pair holds, finished or not ({pair: {setting: {method}}})."""
     # Keyed by the resolved data paths: different data sets in folders of the same name are
     # different pairs, and one data set written two ways ("data/x", "./data/x") is one.
     runs: dict[tuple[Path, Path], list[tuple[Point, list[dict]]]] = {}
     left_out = []
+    methods: dict[tuple[Path, Path], dict[tuple, set[str]]] = {}
     for p in points:
         if p.config.data.trains_on_target():
             continue  # a target oracle has no source domain to adapt from
-        if not p.finished:
-            continue  # failed, still training, or asked to train longer: not a run's whole history
         if CRITERIA.get(p.config.select.criterion):
             # Its early stopping was by target labels, so its checkpoints too; and its picks beside
             # the label-free runs' were under "never to choose".
-            left_out.append(f"{p.name} (chosen with target labels: select.criterion {p.config.select.criterion})")
+            if p.finished:
+                left_out.append(f"{p.name} (chosen with target labels: select.criterion "
+                                f"{p.config.select.criterion})")
             continue
+        methods.setdefault(data_pair(p), {}).setdefault(_setting(p), set()).add(_method(p))
+        if not p.finished:
+            continue  # failed, still training, or asked to train longer: not a run's whole history
         checkpoints = _checkpoints(p)
         if checkpoints:
             runs.setdefault(data_pair(p), []).append((p, checkpoints))
@@ -104,23 +119,32 @@ def _scored_runs(points: Iterable[Point]) -> tuple[dict, list[str]]:
             scored = any(r.get("kind") == "epoch" and "validators" in r for r in p.run.read_log())
             why = "an unlabelled target" if scored else "no evaluation scored every validator"
             left_out.append(f"{p.name} ({why})")
-    return runs, left_out
+    return runs, left_out, methods
 
 
 def validator_rows(points: Iterable[Point]) -> list[dict]:
     """One row per (domain pair, criterion); see the module docstring. [] when no run scored validators."""
-    return _rows(_scored_runs(points)[0])
+    runs, _, methods = _scored_runs(points)
+    return _rows(runs, methods)[0]
 
 
-def _rows(runs: dict) -> list[dict]:
+def _rows(runs: dict, methods: dict) -> tuple[list[dict], list[str]]:
+    """The rows, and the settings the method columns leave out: a method of theirs has no scored
+    run (unfinished, failed, left out). Chosen among the others, a setting credited a method that
+    never met the missing one, and its loss was that of a smaller choice."""
     names = short_names(path for pair in runs for path in pair)
-    rows = []
+    rows, incomplete = [], []
     for (source, target), members in runs.items():
         pair = f"{names[source]} -> {names[target]}"
         settings: dict[tuple, list[tuple[Point, list[dict]]]] = {}
         for p, checkpoints in members:
-            key = tuple((k, str(v)) for k, v in p.values.items() if k != "method")
-            settings.setdefault(key, []).append((p, checkpoints))
+            settings.setdefault(_setting(p), []).append((p, checkpoints))
+        for key, setting in list(settings.items()):
+            missing = methods[(source, target)][key] - {_method(p) for p, _ in setting}
+            if missing and len(methods[(source, target)][key]) > 1:
+                said = ", ".join(f"{k}={v}" for k, v in key) or "its one setting"
+                incomplete.append(f"{pair}: {said} (no scored run of {', '.join(sorted(missing))})")
+                del settings[key]
         for criterion in (*LABEL_FREE, ORACLE):
             chosen, oracle_chosen, within = [], [], []
             xs, ys = [], []
@@ -157,7 +181,7 @@ def _rows(runs: dict) -> list[dict]:
             row["checkpoint_loss_points"] = 100 * (row["checkpoint_oracle_acc"] - row["checkpoint_target_acc"])
             row["method_loss_points"] = 100 * (row["method_oracle_acc"] - row["method_target_acc"])
             rows.append(row)
-    return rows
+    return rows, incomplete
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -168,8 +192,8 @@ def _fmt(value, digits: int = 3) -> str:
 
 def write_validators(out: Path, points: Iterable[Point]) -> list[dict]:
     """Write OUT/validators.csv and OUT/validators.md when any run scored every validator."""
-    runs, left_out = _scored_runs(points)
-    rows = _rows(runs)
+    runs, left_out, methods = _scored_runs(points)
+    rows, incomplete = _rows(runs, methods)
     if not rows:
         why = "no finished run has scored checkpoints to compare" + (f" ({'; '.join(left_out)})" if left_out else "")
         remove_stale(Path(out), ("validators.md", "validators.csv"), why)
@@ -193,6 +217,8 @@ def write_validators(out: Path, points: Iterable[Point]) -> list[dict]:
                   f"a criterion is compared over the checkpoints trained before such a stop, never later ones.", ""]
     if left_out:
         lines += [f"Left out, finished but not compared: {'; '.join(left_out)}.", ""]
+    if incomplete:
+        lines += [f"Left out of the method columns, a method short: {'; '.join(incomplete)}.", ""]
     header = ["pair", "criterion", "runs", "checkpoints", "checkpoint: target acc", "oracle", "loss (pts)",
               "method: target acc", "oracle", "loss (pts)", "methods picked", "ρ all", "ρ within run"]
     lines += table(header, ([
