@@ -21,7 +21,7 @@ from dmhpc.config import load_config
 from dmhpc.data.shards import load_manifest, split_rows, write_dataset
 from dmhpc.distributed import DistInfo
 from dmhpc.errors import DmhpcError
-from dmhpc.train.evaluate import evaluate_run, predict
+from dmhpc.train.evaluate import evaluate_run, format_table, predict
 from dmhpc.run import RunDir
 from tests.conftest import BIN, ROOT, TINY, clean_env
 
@@ -78,7 +78,14 @@ def test_the_last_checkpoint_of_an_oracle_stopped_run_is_marked_oracle(tmp_path)
         assert result["oracle"] is oracle
     best = evaluate_run(CentredIsMerger(), cfg, CPU, RunDir(tmp_path / "run"), split="test", stats=stats, plots=False,
                         checkpoint={"name": "best", "step": 9, "criterion": "oracle-target-acc"})
-    assert best["oracle"] is True
+    assert best["oracle"] is True and best["trained_on_target"] is False
+    # A target oracle (trained on the target's own labels), selected by its own validation accuracy:
+    # its result file, read alone, said nothing of either.
+    cfg = load_config(TINY, [f"data.source={dirs['target']}", f"data.target={dirs['target']}"])
+    on_target = evaluate_run(CentredIsMerger(), cfg, CPU, RunDir(tmp_path / "on-target"), split="test", stats=stats,
+                             plots=False, checkpoint={"name": "best", "step": 9, "criterion": "source-val-acc"})
+    assert (on_target["oracle"], on_target["trained_on_target"]) == (False, True)
+    assert format_table({"r": on_target}).splitlines()[-1].startswith("| r (oracle) |")
 
 
 class OverflowsOnBright(CentredIsMerger):
@@ -678,7 +685,6 @@ def test_the_results_table_puts_each_number_in_its_column():
     """The table `dmhpc train` and `dmhpc eval` print was only checked for its header: the domains'
     cells swapped, another metric under "AUC", the oracle mark dropped, or an unlabelled domain's
     mean merger probability shown as its predicted merger fraction all passed."""
-    from dmhpc.train.evaluate import format_table
 
     labelled = {"source": {"accuracy": 0.9001, "roc_auc": 0.8001, "f1": 0.1001},
                 "target": {"accuracy": 0.7001, "roc_auc": 0.6001, "f1": 0.2001}}

@@ -126,6 +126,9 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
         "split": split,
         "checkpoint": checkpoint,
         "oracle": chosen_with_target_labels(checkpoint, cfg),
+        # A target oracle (source and target one data set): trained on the target's labels, whatever
+        # chose its checkpoint; its result read alone said "oracle": false.
+        "trained_on_target": cfg.data.trains_on_target(),
         "data": {d: os.path.abspath(dirs[d]) for d in DOMAINS},  # absolute: the same from any working folder
         "final": final,
         # What each domain was normalized with: under per-domain normalization another data set's own
@@ -156,7 +159,8 @@ def evaluate_run(model, cfg, dist, run: RunDir, *, checkpoint: dict, split: str,
                 on = f" on {data_name}" if data_name else ""
                 title = (f"{run.label}: {checkpoint['name']} checkpoint (epoch {checkpoint.get('epoch')}), {split} "
                          f"split of {Path(dirs['source']).name} / {Path(dirs['target']).name}{on}"
-                         + (" (oracle selection)" if result["oracle"] else ""))
+                         + (" (trained on the target's labels)" if result["trained_on_target"]
+                            else " (oracle selection)" if result["oracle"] else ""))
                 # A ROC curve needs both classes, a confusion matrix labels: unlabelled data sets get neither.
                 if any(len(np.unique(preds[d]["labels"])) == 2 for d in DOMAINS):
                     P.roc_curves({d: (preds[d]["labels"], merger_score(preds[d]["prob"])) for d in DOMAINS},
@@ -355,6 +359,6 @@ def format_table(results: dict) -> str:
         return f"{m['accuracy']:.3f} | {m['roc_auc']:.3f}"
 
     for name, r in results.items():
-        mark = " (oracle)" if r.get("oracle") else ""
+        mark = " (oracle)" if r.get("oracle") or r.get("trained_on_target") else ""
         rows.append(f"| {name}{mark} | {cells(r['source'])} | {cells(r['target'])} |")
     return "\n".join(rows)
