@@ -531,9 +531,9 @@ def test_the_launch_lock_is_held_while_the_launcher_waits_for_its_jobs(tmp_path,
                                          "grid": {"seed": [0]}, "overrides": {"data.source": "missing"}}))
     lock, held, real = tmp_path / "out" / "submitit" / "launch.lock", [], submit.wait_for
 
-    def waiting(jobs):
+    def waiting(jobs, noted):
         held.append(_held(lock))
-        return real(jobs)
+        return real(jobs, noted)
 
     monkeypatch.setattr(submit, "wait_for", waiting)
     assert main(["grid", str(grid_file)]) == 1  # (its point fails: no data)

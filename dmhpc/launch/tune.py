@@ -75,10 +75,10 @@ from dmhpc.launch.spec import (Range, base_path, data_ids, dotted_keys, finished
                                point_name, point_problem, read_launch_file, read_space, resolve_point,
                                warn_missing_data)
 from dmhpc.launch.submit import (CONTROLLERS_LOG, EXECUTORS, SUBMISSION_COMMENT, Resources, TrainTask,
-                                 cancel_local_jobs, check_executor_here, hold_launch_lock, jobs_commented, local_gpus,
-                                 local_threads, make_executor, pick_gpus, preempt_signal, read_resources,
-                                 refused_submission, sigterm_as_interrupt, submission, use_gpus, wait_for,
-                                 warn_setup_unused)
+                                 cancel_local_jobs, check_executor_here, hold_launch_lock, jobs_commented,
+                                 left_without_result, local_gpus, local_threads, make_executor, pick_gpus,
+                                 preempt_signal, read_resources, refused_submission, sigterm_as_interrupt, submission,
+                                 use_gpus, wait_for, warn_setup_unused)
 from dmhpc.markdown import table
 from dmhpc.names import CRITERIA, DIVERGED, LABEL_FREE
 from dmhpc.run import LENGTH_KEYS, RESULT_KEYS, RESUMABLE, RunDir
