@@ -19,6 +19,9 @@ PYTEST_ARGS ?=
 # Two pytest-xdist workers: most tests use one core at a time (child ranks run one thread each), so two
 # fill a 2-core machine; `make test PYTEST_WORKERS=0` runs the suite in one process (for -s or --pdb).
 PYTEST_WORKERS ?= 2
+# Extra pip arguments for torch alone. From public PyPI, torch==2.13.0 for Linux is the CUDA build (GBs) even
+# without a GPU: `make install TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu'` takes the CPU one.
+TORCH_PIP_ARGS ?=
 
 .PHONY: install demo test bench clean
 
@@ -31,7 +34,7 @@ PYTEST_WORKERS ?= 2
 $(STAMP): setup.cfg pyproject.toml constraints.txt | $(if $(VIRTUAL_ENV),,.venv/bin/pip)
 	$(PYTHON) -m pip install -q --upgrade pip
 	# torch first and pinned: an unpinned resolve would pull several GB of CUDA wheels.
-	$(PYTHON) -m pip install -q -c constraints.txt torch==2.13.0
+	$(PYTHON) -m pip install -q -c constraints.txt $(TORCH_PIP_ARGS) torch==2.13.0
 	$(PYTHON) -m pip install -q -c constraints.txt -e '.[all]'
 	touch $@
 
