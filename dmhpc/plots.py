@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import math
 import textwrap
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -37,7 +39,7 @@ def roc_curves(predictions: dict, path: Path, title: str) -> Path:
     from sklearn.metrics import roc_auc_score, roc_curve
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = plt.subplots(figsize=(5, 5.6), layout="constrained")
     for domain, (labels, score) in predictions.items():
         if len(np.unique(labels)) < 2:  # said in the legend: a domain that vanished looked like a bug
             why = "unlabelled" if (np.asarray(labels) < 0).all() else "one class only"
@@ -54,7 +56,9 @@ def roc_curves(predictions: dict, path: Path, title: str) -> Path:
     # along the axes' edges, and on limits of exactly [0, 1] the frame drew over it.
     ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
     ax.set_title(wrap_title(title, 48), fontsize=10)
-    ax.legend(loc="lower right")
+    # Below the axes: inside, its lines (counts included) spanned the width and hid the curves' start
+    # at low false positive rates, where rare mergers are found.
+    fig.legend(loc="outside lower center", fontsize=8, frameon=False)
     return _save(fig, path)
 
 
@@ -98,9 +102,21 @@ def training_curves(records: list[dict], path: Path, title: str = "",
     if epochs:
         for term in epochs[-1].get("loss", {}):
             values = np.array([r.get("loss", {}).get(term, np.nan) for r in epochs], dtype=float)
-            # |value|: entropy and a trace difference can go negative; the log axis shows magnitudes
+            # |value|: entropy and a trace difference can go negative; the log axis shows magnitudes,
+            # and rings the epochs where the value is negative (a sign change drawn as a V read as
+            # the loss rising again). What a log axis cannot draw is said in the legend.
             name = (labels or {}).get(term, term)
-            ax_loss.plot(x, np.abs(values), marker=".", label=name + (" (|value|)" if (values < 0).any() else ""))
+            negative, zero = values < 0, values == 0
+            notes = ["|value|, ringed where negative"] if negative.any() else []
+            if zero.any():
+                notes.append(f"0 in {int(zero.sum())} epoch(s), not drawn")
+            if not np.isfinite(values).any():
+                notes.append("not finite in any epoch")
+            line, = ax_loss.plot(x, np.where(zero, np.nan, np.abs(values)), marker=".",
+                                 label=name + (f" ({'; '.join(notes)})" if notes else ""))
+            if negative.any():
+                ax_loss.plot(np.asarray(x)[negative], np.abs(values[negative]), linestyle="none", marker="o",
+                             markerfacecolor="none", color=line.get_color())
         for domain in ("source", "target"):
             for split, style in (("train", "--"), ("val", "-")):
                 metrics = [r.get(domain, {}).get(split, {}) for r in epochs]
@@ -176,7 +192,7 @@ def latent_embedding(features: dict, path: Path, title: str, method: str = "tsne
         x = PCA(n_components=min(50, x.shape[1], len(x)), random_state=seed).fit_transform(x)
         emb = x[:, :2] if method == "pca" else TSNE(
             n_components=2, init="pca", perplexity=min(30.0, (len(x) - 1) / 3), random_state=seed).fit_transform(x)
-    fig, ax = plt.subplots(figsize=(6, 6))
+    fig, ax = plt.subplots(figsize=(7.6, 6))
     for domain, marker in (("source", "o"), ("target", "x")):
         for cls, colour, name in ((0, "tab:blue", "non-merger"), (1, "tab:red", "merger"), (-1, "tab:grey", "unlabelled")):
             sel = (domains == domain) & (y == cls)
@@ -189,7 +205,8 @@ def latent_embedding(features: dict, path: Path, title: str, method: str = "tsne
     alike = "; every image has the same features" if collapsed else ""
     ax.set_title(wrap_title(f"{title} ({method}; {drawn} images, at most {max_points} per domain{alike})", 58),
                  fontsize=10)
-    ax.legend(fontsize=8, markerscale=2)
+    # Beside the points, not on them ("best" placed it over the data).
+    ax.legend(fontsize=8, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     return _save(fig, path)
 
 
@@ -259,20 +276,37 @@ def scaling_curves(rows: list[dict], path: Path, unit: str, title: str = "") -> 
     return _save(fig, path)
 
 
+ASINH_Q = 4  # Lupton's softening: faint tails and a saturated core in one image (8 made noise glare)
+RGB_TOP_PERCENTILE = 99.5  # of the sky-subtracted filters drawn: where an image saturates
+
+
 def rgb_composite(image: np.ndarray, rgb: tuple[int, int, int] = (2, 1, 0)) -> np.ndarray:
     """(H, W, 3) asinh-stretched colour image of a (C, H, W) galaxy: filters `rgb` (channel indices)
     as red, green and blue; an image of fewer than 3 filters, its first filter in grey (`rgb`
-    unused: two filters made a colour image of whichever indices fit, and no other)."""
+    unused: two filters made a colour image of whichever indices fit, and no other).
+
+    Each filter from its own sky, the median of the cutout's edge (a galaxy fills its middle; the
+    1st percentile put the sky of a noisy image at a quarter grey), to the image's 99.5th
+    percentile, which saturates (24 times it did: cores never reached white). One scale for the
+    filters drawn keeps the colours; NaN pixels are drawn as sky."""
     from astropy.visualization import make_lupton_rgb
 
-    channels = [image[k] for k in rgb] if len(image) >= 3 else [image[0]] * 3
+    channels = [np.asarray(image[k], dtype=np.float64) for k in rgb] if len(image) >= 3 else \
+        [np.asarray(image[0], dtype=np.float64)] * 3
+    h, w = channels[0].shape
+    band = max(1, min(h, w) // 16)
+    edge = np.ones((h, w), bool)
+    edge[band:h - band, band:w - band] = False
+    with warnings.catch_warnings():  # an all-NaN edge: no sky to read, taken as 0
+        warnings.simplefilter("ignore", RuntimeWarning)
+        skies = [float(np.nan_to_num(np.nanmedian(c[edge]))) for c in channels]
+    shifted = [np.nan_to_num(c - sky, nan=0.0, posinf=0.0, neginf=0.0) for c, sky in zip(channels, skies)]
     # The stretch from the filters drawn: a fourth one not drawn (brighter, say) set it before.
-    low = float(np.percentile(channels, 1))
-    span = max(float(np.percentile(channels, 99.5)) - low, 1e-12)
+    top = max(float(np.percentile(shifted, RGB_TOP_PERCENTILE)), 1e-12)
     # A blank cutout (a footprint's edge, filled) is 0/0 in astropy's colour ratio, which it sets to
     # 0 itself: black, with a RuntimeWarning on the user's terminal for each such galaxy.
     with np.errstate(invalid="ignore", divide="ignore"):
-        return make_lupton_rgb(*[c - low for c in channels], minimum=0.0, stretch=span / 4, Q=8)
+        return make_lupton_rgb(*shifted, minimum=0.0, stretch=top * ASINH_Q / math.sinh(ASINH_Q), Q=ASINH_Q)
 
 
 def _probability(p: float) -> str:
@@ -305,7 +339,7 @@ def attribution_grid(images, cams, igs, probs, labels, title: str, path: Path,
         cam_name = "Grad-CAM (merger)" if float(np.max(cam)) > 0 else "Grad-CAM (merger): 0 everywhere"
         # The name on a line of its own: a survey id before the probability ran off the figure's edge.
         said = f"p(merger) {_probability(p)}{truth}"
-        panels = ((None, {}, said if name is None else f"{wrap_title(str(name), 40)}\n{said}"),
+        panels = ((None, {}, said if name is None else f"{wrap_title(str(name), 30)}\n{said}"),
                   # opaque where the map is high, clear where it is 0: a uniform 0.55 laid inferno's black
                   # over the outskirts, and over the whole galaxy in a row whose map is 0 everywhere
                   (cam if cam_max > 0 else None,
@@ -323,11 +357,14 @@ def attribution_grid(images, cams, igs, probs, labels, title: str, path: Path,
             ax.set_title(label, fontsize=7)
             ax.set_xticks([])
             ax.set_yticks([])
+    what = {1: "Grad-CAM: ReLU of gradient-weighted activations\nof the merger log-odds (last block)",
+            2: "integrated gradients: attribution to the\nmerger log-odds per pixel (summed over filters)"}
     for column, image in shown.items():
-        fig.colorbar(image, ax=list(axes[:, column]), shrink=0.6)
+        fig.colorbar(image, ax=list(axes[:, column]), shrink=0.6).set_label(what[column], fontsize=7)
     colours = (f"; RGB = filters {rgb[0]}, {rgb[1]}, {rgb[2]}" if len(images[0]) >= 3 else "; first filter in grey")
-    fig.suptitle(wrap_title(f"{title}{colours}, asinh stretch (Lupton, Q=8, one scale for all filters)", 90),
-                 fontsize=9)
+    stretch = (f"asinh stretch (Lupton, Q={ASINH_Q}; each image from its sky, the median of its edge, to its "
+               f"{RGB_TOP_PERCENTILE:g}th percentile, one scale for its filters)")
+    fig.suptitle(wrap_title(f"{title}{colours}, {stretch}", 90), fontsize=9)
     return _save(fig, path)
 
 

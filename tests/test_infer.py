@@ -308,9 +308,10 @@ def test_explain_draws_the_filters_asked_for_and_says_which(run_on_survey, tmp_p
     pytest.importorskip("captum")
     from dmhpc.plots import rgb_composite
 
-    image = np.stack([np.full((8, 8), v, np.float32) for v in (1.0, 3.0, 2.0)])  # three flat filters
-    by_default, in_order = rgb_composite(image), rgb_composite(image, (1, 2, 0))
-    assert by_default[0, 0, 1] > by_default[0, 0, 0] and in_order[0, 0, 0] > in_order[0, 0, 1] > in_order[0, 0, 2]
+    blob = np.exp(-np.hypot(*(np.mgrid[:16, :16] - 7.5)) / 3)  # a galaxy on a sky of 0, in three filters
+    image = np.stack([v * blob for v in (1.0, 3.0, 2.0)]).astype(np.float32)
+    by_default, in_order = rgb_composite(image)[8, 11], rgb_composite(image, (1, 2, 0))[8, 11]
+    assert by_default[1] > by_default[0] and in_order[0] > in_order[1] > in_order[2]
     two = rgb_composite(image[:2], (0, 1, 0))  # fewer than 3 filters: grey, whatever --rgb says (as recorded)
     assert (two[..., 0] == two[..., 1]).all() and (two[..., 1] == two[..., 2]).all()
     with warnings.catch_warnings():  # a blank cutout is black, without a warning per galaxy

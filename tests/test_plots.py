@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -136,7 +138,7 @@ def test_a_domain_without_a_roc_says_why_in_the_legend(drawn, tmp_path):
     score = prob[:, 1]
     plots.roc_curves({"source": (np.array([0, 1] * 10), score), "target": (np.full(20, -1), score),
                       "other": (np.ones(20, int), score)}, tmp_path / "roc.png", "t")
-    legend = [t.get_text() for t in drawn[0].axes[0].get_legend().get_texts()]
+    legend = [t.get_text() for t in drawn[0].legends[0].get_texts()]
     assert legend[1:] == ["target: no ROC (unlabelled)", "other: no ROC (one class only)"]
     assert legend[0].startswith("source (AUC ") and legend[0].endswith("; 10 mergers, 10 non-mergers)")
 
@@ -198,7 +200,8 @@ def test_an_attribution_grid_names_its_galaxies_and_says_when_grad_cam_is_empty(
     _inside(fig)  # a survey id before the probability on one line lost its first characters at the edge
     assert titles[1] == titles[4] == "Grad-CAM (merger): 0 everywhere"
     assert len(fig.axes) == 6 + 1  # the integrated gradients' colour bar only
-    assert "asinh stretch (Lupton, Q=8" in fig.texts[0].get_text().replace("\n", " ")
+    assert "asinh stretch (Lupton, Q=4; each image from its sky, the median of its edge, to its 99.5th percentile" \
+        in fig.texts[0].get_text().replace("\n", " ")
 
 
 def test_an_unlabelled_targets_panel_is_titled_for_what_it_shows(drawn, tmp_path):
@@ -233,7 +236,10 @@ def test_the_roc_curve_is_of_the_merger_score_and_counts_each_class(drawn, tmp_p
     plots.roc_curves({"source": (labels, merger_score(np.stack([1 - merger, merger], axis=1)))}, tmp_path / "roc.png",
                      "t")
     ax = drawn[0].axes[0]
-    assert ax.get_legend().get_texts()[0].get_text() == "source (AUC 1.000; 3 mergers, 7 non-mergers)"
+    assert drawn[0].legends[0].get_texts()[0].get_text() == "source (AUC 1.000; 3 mergers, 7 non-mergers)"
+    # Below the axes: inside them, the legend's lines covered the curves' start at low false positive rates.
+    drawn[0].canvas.draw()
+    assert drawn[0].legends[0].get_window_extent().y1 <= ax.get_window_extent().y0
     curve = ax.lines[0]
     assert list(zip(curve.get_xdata(), curve.get_ydata()))[:3] == [(0.0, 0.0), (0.0, 1.0), (1.0, 1.0)]
     # inside the frame, not under it: on limits of exactly [0, 1] the frame hid a perfect curve
@@ -251,8 +257,22 @@ def test_loss_terms_are_drawn_on_a_log_axis_as_magnitudes(drawn, tmp_path):
     ax_loss, ax_acc = drawn[0].axes
     assert ax_loss.get_yscale() == "log" and ax_acc.get_ylim() == (0, 1)
     lines = {line.get_label(): line for line in ax_loss.lines}
-    assert list(lines["entropy (|value|)"].get_ydata()) == [0.5, 1.5, 2.5]
+    assert list(lines["entropy (|value|, ringed where negative)"].get_ydata()) == [0.5, 1.5, 2.5]
     assert list(lines["fisher"].get_ydata()) == [1e5] * 3
+
+
+def test_a_loss_term_through_zero_is_ringed_where_negative_and_zeros_are_said(drawn, tmp_path):
+    """A Fisher trace difference going negative was drawn as a V, its second arm read as the loss
+    rising again; epochs at exactly 0 (and terms never finite) left the log axis without a word."""
+    values = [4.0, 1.0, 0.0, -1.0, -4.0]
+    records = [{"kind": "epoch", "epoch": e, "loss": {"fisher": v, "mmd": float("nan")}} for e, v in enumerate(values)]
+    plots.training_curves(records, tmp_path / "curves.png", "t")
+    ax_loss = drawn[0].axes[0]
+    (line,) = [l for l in ax_loss.lines if l.get_label().startswith("fisher")]
+    assert line.get_label() == "fisher (|value|, ringed where negative; 0 in 1 epoch(s), not drawn)"
+    (rings,) = [l for l in ax_loss.lines if l.get_marker() == "o" and l.get_markerfacecolor() == "none"]
+    assert list(rings.get_xdata()) == [3, 4] and list(rings.get_ydata()) == [1.0, 4.0]
+    assert any(l.get_label() == "mmd (not finite in any epoch)" for l in ax_loss.lines)
 
 
 def test_the_scaling_figure_has_a_log2_axis_of_devices_and_plots_efficiency(drawn, tmp_path):
@@ -387,27 +407,50 @@ def test_an_attribution_grid_draws_each_column_on_one_scale(drawn, tmp_path):
     np.testing.assert_allclose([a.max() for a in alphas], [0.75, 0.075])
 
 
-def test_the_rgb_composite_is_asinh_stretched_in_the_filters_asked_for():
+def _galaxy(amplitudes, sky=(0.0, 0.0, 0.0), noise=0.0, size=64, seed=0):
+    """A round exponential galaxy of peak `amplitudes` per filter, centred, on `sky` per filter."""
+    yy, xx = np.mgrid[:size, :size] - (size - 1) / 2
+    profile = np.exp(-np.hypot(yy, xx) / 4.0)
+    rng = np.random.default_rng(seed)
+    return np.stack([a * profile + s + noise * rng.normal(size=profile.shape)
+                     for a, s in zip(amplitudes, sky)]).astype(np.float32)
+
+
+def test_the_rgb_composite_is_asinh_stretched_from_the_sky_in_the_filters_asked_for():
     """A linear stretch (the faint tidal features of a merger lost in the dark) or the filters in
-    another order drew another galaxy than the title says."""
-    ramp = np.tile(np.linspace(0, 1, 100, dtype=np.float32), (4, 1))
-    grey = plots.rgb_composite(np.stack([ramp] * 3))
-    assert (np.diff(grey[0, :, 0].astype(int)) >= 0).all()
-    assert grey[0, 10, 0] > 2 * 255 * 0.1  # 10% of the range is far brighter than a linear 10%
-    flat = np.stack([np.full((4, 4), v, np.float32) for v in (1.0, 2.0, 3.0)])
-    red, green, blue = plots.rgb_composite(flat)[0, 0]  # default: filter 2 red, 1 green, 0 blue
+    another order drew another galaxy than the title says. From the 1st percentile, with the
+    brightest pixels 24 times below saturation, a noisy target's sky was a quarter grey and no core
+    reached white."""
+    image = _galaxy((10.0, 10.0, 10.0), sky=(100.0, 50.0, 7.0), noise=0.2)
+    grey = plots.rgb_composite(image).astype(int)
+    centre, corner = grey[32, 32], grey[:8, :8]
+    assert centre.min() >= 250  # the core saturates
+    assert np.median(corner) <= 30  # each filter's own sky is near black
+    # Asinh: at 3% of the peak (radius 14 pixels) far brighter than a linear 3%.
+    assert grey[32, 32 + 14].mean() > 2 * 255 * 0.03
+    coloured = _galaxy((1.0, 2.0, 3.0), sky=(5.0, 5.0, 5.0))
+    red, green, blue = plots.rgb_composite(coloured)[32, 40]  # default: filter 2 red, 1 green, 0 blue
     assert red > green > blue
-    red, green, blue = plots.rgb_composite(flat, (0, 2, 1))[0, 0]  # filter 0 red, 2 green, 1 blue
+    red, green, blue = plots.rgb_composite(coloured, (0, 2, 1))[32, 40]  # filter 0 red, 2 green, 1 blue
     assert green > blue > red
     # The stretch from the filters drawn: a fourth filter 1000 times brighter, not drawn, set it and
     # drew the galaxy black.
-    four = np.concatenate([np.stack([ramp] * 3), 1000 * ramp[None]])
+    four = np.concatenate([image, 1000 * image[:1]])
     assert (plots.rgb_composite(four) == grey).all()
+    # A NaN pixel is drawn as sky (np.percentile made every pixel NaN, and astropy raised).
+    holed = image.copy()
+    holed[:, 3, 3] = np.nan
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        drawn = plots.rgb_composite(holed)
+    assert drawn[3, 3].max() <= 30 and drawn[32, 32].min() >= 250
 
 
 COLLAPSED = """
 import sys
 from pathlib import Path
+import warnings
+
 import numpy as np
 from dmhpc import plots
 features = np.zeros((40, 64), np.float32)  # every image's features alike: a network of dead ReLUs
