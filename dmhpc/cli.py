@@ -337,16 +337,28 @@ def _mpi_world():
     return mpi.COMM_WORLD
 
 
-def _end_mpi_world(code: int) -> None:
-    """Under mpiexec, a rank that fails ends every rank (MPI_Abort), as srun's --kill-on-bad-exit
-    and torchrun do. It waited at exit in mpi4py's MPI_Finalize for ranks that waited for it (in
-    an NCCL collective until its 30-minute timeout; busy with a part or a step before that), and
-    mpiexec saw no failure. The ranks that agreed on an error have each said it by then."""
-    world = _mpi_world()
-    if world is not None:
-        from dmhpc.mpi import abort_all
+AGREED_WAIT_S = 5.0  # how long a failing rank waits for the others to fail too before it ends them
 
-        abort_all(world, code)
+
+def _end_mpi_world(code: int) -> None:
+    """Under mpiexec, a rank that fails alone ends every rank (MPI_Abort), as srun's
+    --kill-on-bad-exit and torchrun do. It waited at exit in mpi4py's MPI_Finalize for ranks that
+    waited for it (in an NCCL collective until its 30-minute timeout; busy with a part or a step
+    before that), and mpiexec saw no failure. Ranks that all fail (an error they agreed on, each
+    has said it) meet here and end as they would alone, without MPI's abort banner."""
+    world = _mpi_world()
+    if world is None:
+        return
+    import time
+
+    from dmhpc.mpi import abort_all
+
+    met = world.Ibarrier()
+    deadline = time.monotonic() + AGREED_WAIT_S
+    while not met.Test():
+        if time.monotonic() > deadline:
+            abort_all(world, code)
+        time.sleep(0.05)
 
 
 def run(argv: list[str] | None = None) -> None:

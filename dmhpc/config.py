@@ -408,6 +408,11 @@ def _is_key(cls: type, parts: list[str]) -> bool:
     return len(parts) == 1 if section is None else len(parts) > 1 and _is_key(section, parts[1:])
 
 
+def empty_section(key: str, value: Any) -> bool:
+    """Whether dotted `key` names a section and `value` sets none of its keys (null or {})."""
+    return (value is None or value == {}) and _is_section(Config, key.split("."))
+
+
 def _is_section(cls: type, parts: list[str]) -> bool:
     """parts (a dotted key, split) name a section within the section `cls`."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -593,7 +598,7 @@ def load_config(path: str | os.PathLike | ConfigFiles, overrides: Iterable[str] 
     path, raw, origin, files = read.path, copy.deepcopy(read.raw), dict(read.origin), list(read.files)
     for item in overrides:
         key, value = parse_override(item)
-        if (value is None or value == {}) and _is_section(Config, key.split(".")):
+        if empty_section(key, value):
             # (in a file, a section whose keys are all commented out: it changes nothing, as it says)
             raise DmhpcError(f"{COMMAND_LINE}: {key}: {show(value)} changes nothing: a section is not reset; set its "
                              f"keys ({key}.KEY=VALUE)")

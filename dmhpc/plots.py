@@ -285,28 +285,33 @@ def rgb_composite(image: np.ndarray, rgb: tuple[int, int, int] = (2, 1, 0)) -> n
     as red, green and blue; an image of fewer than 3 filters, its first filter in grey (`rgb`
     unused: two filters made a colour image of whichever indices fit, and no other).
 
-    Each filter from its own sky, the median of the cutout's edge (a galaxy fills its middle; the
-    1st percentile put the sky of a noisy image at a quarter grey), to the image's 99.5th
-    percentile, which saturates (24 times it did: cores never reached white). One scale for the
-    filters drawn keeps the colours; NaN pixels are drawn as sky."""
+    Each filter from its own sky, the median of the darkest side of the cutout's edge (a galaxy
+    fills its middle; the 1st percentile put the sky of a noisy image at a quarter grey; a galaxy
+    that fills the whole cutout leaves no sky to read, and its outskirts are cut), to the 99.5th
+    percentile of the intensity (the filters' mean, Lupton's), which saturates (24 times it did:
+    cores never reached white). One scale for the filters drawn keeps the colours; NaN pixels are
+    drawn as sky."""
     from astropy.visualization import make_lupton_rgb
 
     channels = [np.asarray(image[k], dtype=np.float64) for k in rgb] if len(image) >= 3 else \
         [np.asarray(image[0], dtype=np.float64)] * 3
-    h, w = channels[0].shape
-    band = max(1, min(h, w) // 16)
-    edge = np.ones((h, w), bool)
-    edge[band:h - band, band:w - band] = False
-    with warnings.catch_warnings():  # an all-NaN edge: no sky to read, taken as 0
-        warnings.simplefilter("ignore", RuntimeWarning)
-        skies = [float(np.nan_to_num(np.nanmedian(c[edge]))) for c in channels]
-    shifted = [np.nan_to_num(c - sky, nan=0.0, posinf=0.0, neginf=0.0) for c, sky in zip(channels, skies)]
+    band = max(1, min(channels[0].shape) // 16)
+
+    def sky(c: np.ndarray) -> float:  # (a side all NaN: no sky there; none anywhere, 0)
+        sides = [c[:band], c[-band:], c[:, :band], c[:, -band:]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return float(np.nan_to_num(np.nanmin([np.nanmedian(side) for side in sides])))
+
+    shifted = [np.nan_to_num(c - sky(c), nan=0.0, posinf=0.0, neginf=0.0) for c in channels]
     # The stretch from the filters drawn: a fourth one not drawn (brighter, say) set it before.
-    top = max(float(np.percentile(shifted, RGB_TOP_PERCENTILE)), 1e-12)
+    top = max(float(np.percentile(np.mean(shifted, axis=0), RGB_TOP_PERCENTILE)), 1e-12)
+    # astropy maps intensity I to asinh(Q I / stretch) * 0.1 * 255 / asinh(0.1 Q): 255 at this stretch.
+    stretch = top * ASINH_Q / math.sinh(10 * math.asinh(0.1 * ASINH_Q))
     # A blank cutout (a footprint's edge, filled) is 0/0 in astropy's colour ratio, which it sets to
     # 0 itself: black, with a RuntimeWarning on the user's terminal for each such galaxy.
     with np.errstate(invalid="ignore", divide="ignore"):
-        return make_lupton_rgb(*shifted, minimum=0.0, stretch=top * ASINH_Q / math.sinh(ASINH_Q), Q=ASINH_Q)
+        return make_lupton_rgb(*shifted, minimum=0.0, stretch=stretch, Q=ASINH_Q)
 
 
 def _probability(p: float) -> str:
@@ -363,7 +368,7 @@ def attribution_grid(images, cams, igs, probs, labels, title: str, path: Path,
         fig.colorbar(image, ax=list(axes[:, column]), shrink=0.6).set_label(what[column], fontsize=7)
     colours = (f"; RGB = filters {rgb[0]}, {rgb[1]}, {rgb[2]}" if len(images[0]) >= 3 else "; first filter in grey")
     stretch = (f"asinh stretch (Lupton, Q={ASINH_Q}; each image from its sky, the median of its edge, to its "
-               f"{RGB_TOP_PERCENTILE:g}th percentile, one scale for its filters)")
+               f"{RGB_TOP_PERCENTILE:g}th percentile of intensity, one scale for its filters)")
     fig.suptitle(wrap_title(f"{title}{colours}, {stretch}", 90), fontsize=9)
     return _save(fig, path)
 

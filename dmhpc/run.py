@@ -489,7 +489,8 @@ class RunDir:
         # The run an earlier attempt of this job began, which kept nothing trained (killed before its
         # first last.pt: a lost node, an out-of-memory kill): begun again as the job's arguments say.
         # It was refused as a run of someone else's, and the requeued job failed.
-        again = existed and not self.checkpoint("last").is_file() and self._begun_by_this_job()
+        again = existed and not self.checkpoint("last").is_file() and self._begun_by_this_job() and \
+            not (self.has_results() and not self._killed_before_its_first_last())  # (results beyond that epoch)
         if resume == "none":
             if existed and not overwrite and not again:
                 raise DmhpcError(f"{self.path}: already holds a run; --resume auto continues it, "

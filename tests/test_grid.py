@@ -863,7 +863,7 @@ def test_a_launchers_failures_and_tables_are_written_before_its_lock_is_released
 
     record, tables = grid._record_failures, grid._write_tables
     monkeypatch.setattr(submit, "submit_points", submitted)
-    monkeypatch.setattr(submit, "wait_for", lambda jobs: {"seed=1": "job 7 failed: boom"})
+    monkeypatch.setattr(submit, "wait_for", lambda jobs, noted: {"seed=1": "job 7 failed: boom"})
     monkeypatch.setattr(grid, "_record_failures", lambda *a: (held.append(("failures", free())), record(*a)))
     monkeypatch.setattr(grid, "_write_tables", lambda *a: (held.append(("tables", free())), tables(*a))[1])
     with pytest.raises(DmhpcError, match="1 point"):

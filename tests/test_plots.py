@@ -200,7 +200,7 @@ def test_an_attribution_grid_names_its_galaxies_and_says_when_grad_cam_is_empty(
     _inside(fig)  # a survey id before the probability on one line lost its first characters at the edge
     assert titles[1] == titles[4] == "Grad-CAM (merger): 0 everywhere"
     assert len(fig.axes) == 6 + 1  # the integrated gradients' colour bar only
-    assert "asinh stretch (Lupton, Q=4; each image from its sky, the median of its edge, to its 99.5th percentile" \
+    assert "asinh stretch (Lupton, Q=4; each image from its sky, the median of its edge, to its 99.5th percentile of " \
         in fig.texts[0].get_text().replace("\n", " ")
 
 
@@ -428,6 +428,12 @@ def test_the_rgb_composite_is_asinh_stretched_from_the_sky_in_the_filters_asked_
     assert np.median(corner) <= 30  # each filter's own sky is near black
     # Asinh: at 3% of the peak (radius 14 pixels) far brighter than a linear 3%.
     assert grey[32, 32 + 14].mean() > 2 * 255 * 0.03
+    # Saturated from the 99.5th percentile of intensity on (astropy's mapping saturates at
+    # 10 asinh(0.1 Q), not at Q: 0.9 of it did).
+    clean = _galaxy((10.0, 10.0, 10.0))
+    intensity, drawn = clean.mean(axis=0), plots.rgb_composite(clean)
+    top = np.percentile(intensity, 99.5)
+    assert drawn[intensity >= top].min() == 255 and drawn[(intensity < 0.95 * top)].max() < 255
     coloured = _galaxy((1.0, 2.0, 3.0), sky=(5.0, 5.0, 5.0))
     red, green, blue = plots.rgb_composite(coloured)[32, 40]  # default: filter 2 red, 1 green, 0 blue
     assert red > green > blue

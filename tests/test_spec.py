@@ -121,3 +121,13 @@ def test_a_log_range_from_zero_is_refused_in_one_line(tmp_path):
     assert str(err.value) == "<launch dict>: random.space.loss.entropy_weight: log: true needs low > 0, got 0"
     assert len(load_grid({**spec, "random": {"n": 2, "space": {"loss.entropy_weight": {
         "low": 0.01, "high": 0.1, "log": True}}}}).points) == 2
+
+
+@pytest.mark.parametrize("overrides", [{"train": None}, {"loss": {"mmd": None}}, {"loss.mmd": {}}])
+def test_a_launch_files_empty_section_changes_nothing_as_in_a_config_file(tmp_path, overrides):
+    """A section whose keys are all commented out in a launch file's overrides is read as it is in
+    a config file; refused as a command line's `SECTION=null` is, it failed the whole launch file."""
+    spec = {"base": str(TINY), "out": str(tmp_path / "g"), "executor": "local", "grid": {"seed": [1]}}
+    (plain,) = load_grid(spec).points
+    (point,) = load_grid({**spec, "overrides": overrides}).points
+    assert point.config == plain.config

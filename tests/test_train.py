@@ -862,6 +862,12 @@ def test_a_job_whose_attempts_begin_its_run_and_never_save_stops_requeueing(data
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     assert main([*argv, f"run.dir={other}"]) == 0, capsys.readouterr().err
     assert torch.load(other / "checkpoints" / "last.pt", weights_only=True)["attempt"] == {"job": "6161", "restart": 1}
+    if begin == "elsewhere":  # its last.pt gone (a purge), its results there: not begun again without --overwrite
+        (other / "checkpoints" / "last.pt").unlink()
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+        assert main([*argv, f"run.dir={other}"]) == 1
+        assert "already holds a run" in capsys.readouterr().err
+        assert (other / "eval" / "best_test.json").is_file()
 
 
 def test_train_signals_without_the_signal_the_batch_script_forwards_are_refused(data, tmp_path, monkeypatch,

@@ -22,7 +22,8 @@ from typing import Any, Iterable, Mapping
 
 from dmhpc.batch_rows import check_batch_rows
 from dmhpc.checks import Problems, boolean, number, read_yaml, show, take, unknown_keys
-from dmhpc.config import COMMAND_LINE, Config, ConfigFiles, changed_keys, config_to_dict, load_config, override_text
+from dmhpc.config import (COMMAND_LINE, Config, ConfigFiles, changed_keys, config_to_dict, empty_section, load_config,
+                          override_text)
 from dmhpc.data.shards import fingerprint, holds_dataset, load_manifest
 from dmhpc.errors import DmhpcError
 from dmhpc.names import DOMAINS
@@ -303,7 +304,9 @@ def resolve_point(base: Path | ConfigFiles, overrides: Mapping[str, Any], ranks:
     """The configuration of BASE (a file, or files read once) with dotted overrides applied,
     validated as the trainer would; with `ranks`, the rows its transfer loss gets per step on that
     many ranks too."""
-    cfg = load_config(base, [override_text(k, v) for k, v in overrides.items()])
+    # A launch file's section left empty (its keys commented out) changes nothing, as in a config
+    # file; on a command line such an override is refused (load_config).
+    cfg = load_config(base, [override_text(k, v) for k, v in overrides.items() if not empty_section(k, v)])
     if ranks is not None:
         check_batch_rows(cfg, ranks)
     return cfg

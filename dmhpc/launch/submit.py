@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -90,6 +91,7 @@ LAUNCHER_SBATCH = {
     "requeue": "the launcher (its jobs are requeued at a time limit or preemption)",
     "wait": "the launcher (it waits for its jobs itself)",
     "comment": "the launcher (the token that finds a submission's jobs)",
+    "clusters": "the launcher (it watches its jobs with squeue on this cluster)",
 }
 # A local job's where the file gives none: submitit's local controller always enforces one (its own
 # default cut every local run off after an hour, and failed it after max_num_timeout such cut-offs).
@@ -1010,6 +1012,7 @@ def _forget_earlier_results(folder: Path, job_id: str, submitted_at: float) -> N
 GONE_AFTER_S = 180.0  # (a result written at the end may take a while to show on a shared file system)
 WAIT_POLL_S = 10.0
 _missing_since: dict[str, float] = {}  # job id -> when squeue first did not list it
+_queue_seen: list = [-math.inf, set()]  # when squeue was last asked, and what it listed: one call a poll
 
 
 def left_without_result(job: submitit.Job) -> bool:
@@ -1019,11 +1022,13 @@ def left_without_result(job: submitit.Job) -> bool:
     trial held its place). A squeue that fails says nothing."""
     if not isinstance(job, submitit.SlurmJob) or job.paths.result_pickle.exists():
         return False
-    try:
-        queued = _queued_slurm_jobs()
-    except DmhpcError:
-        return False
-    if job.job_id in queued:
+    if time.monotonic() - _queue_seen[0] >= WAIT_POLL_S / 2:
+        try:
+            _queue_seen[1] = _queued_slurm_jobs()
+        except DmhpcError:
+            return False
+        _queue_seen[0] = time.monotonic()
+    if job.job_id in _queue_seen[1]:
         _missing_since.pop(job.job_id, None)
         return False
     return time.monotonic() - _missing_since.setdefault(job.job_id, time.monotonic()) >= GONE_AFTER_S
@@ -1034,20 +1039,29 @@ def wait_for(jobs: Mapping[str, submitit.Job],
     """Wait for every job; {point name: why it failed} for those that did, given to `noted` too as
     each one fails."""
     failures: dict[str, str] = {}
-    for name, job in jobs.items():
-        why = _failure_of(job)
-        if why is not None:
-            failures[name] = why
-            noted(dict(failures))
-    return failures
+    waiting = dict(jobs)
+    while waiting:
+        # Every job's end looked for in each round: one by one, each gone job's clock started only
+        # when the jobs before it had ended (a hundred killed points, five hours).
+        for name, job in list(waiting.items()):
+            # (a debug job runs in results(); a local one's end is its controller's)
+            ended = not isinstance(job, submitit.SlurmJob) or job.done()
+            gone = not ended and left_without_result(job)
+            if not ended and not gone:
+                continue
+            del waiting[name]
+            why = _failure_of(job, gone)
+            if why is not None:
+                failures[name] = why
+                noted(dict(failures))
+        if waiting:
+            time.sleep(WAIT_POLL_S)
+    return {name: failures[name] for name in jobs if name in failures}
 
 
-def _failure_of(job: submitit.Job) -> str | None:
-    """Wait for `job`; why it failed, or None."""
+def _failure_of(job: submitit.Job, gone: bool) -> str | None:
+    """Why `job`, ended (or `gone` from the queue without a result), failed, or None."""
     log = (job.task(0) if job.num_tasks > 1 else job).paths.stdout  # rank 0's
-    gone = False  # (a debug job runs in results(); a local one's end is its controller's)
-    while isinstance(job, submitit.SlurmJob) and not job.done() and not (gone := left_without_result(job)):
-        time.sleep(WAIT_POLL_S)
     if gone:
         return (f"job {job.job_id} ended without a result (killed? Slurm no longer lists it and keeps no record "
                 f"here to say why; its log: {log})")
