@@ -309,6 +309,21 @@ def _bind_device(launch: Launch, env: Mapping[str, str]) -> torch.device:
     return torch.device("cuda", index)
 
 
+_threads_before: int | None = None  # torch's thread count before bootstrap set its own
+
+
+def _use_cpus(cpus: int, env: Mapping[str, str]) -> None:
+    """torch's threads: this rank's share of the CPUs. torch's default is every CPU of the process's
+    mask: under mpiexec and srun the ranks of a node sharing one each took all of it (the trainer
+    alone divided them; predict, eval and explain ran the node's CPUs several times over).
+    torchrun sets OMP_NUM_THREADS=1; a user's wins. Put back by `shutdown` (an in-process run: the
+    demo, a notebook)."""
+    global _threads_before
+    if "OMP_NUM_THREADS" not in env:
+        _threads_before = torch.get_num_threads()
+        torch.set_num_threads(cpus)
+
+
 def bootstrap(backend: str | None = None) -> DistInfo:
     """Join the run's process group (if there is more than one process) and bind this rank's device.
 
@@ -334,6 +349,7 @@ def bootstrap(backend: str | None = None) -> DistInfo:
     cpus = cpus_per_rank("slurm" if srun_task else launch.launcher, local, launch.cpu_sharers,
                          env_int(env, "SLURM_CPUS_PER_TASK") if srun_task and "SLURM_CPUS_PER_TASK" in env else 0,
                          env_int(env, "SLURM_CPUS_ON_NODE") if srun_task and "SLURM_CPUS_ON_NODE" in env else 0)
+    _use_cpus(cpus, env)
     if launch.world_size == 1:
         return DistInfo(0, launch.local_rank, 1, device, None, launch.launcher, 1, cpus, job_attempt(env))
     _joined = launch.rank
@@ -435,6 +451,10 @@ def shutdown() -> None:
     (called from a `finally`), kept it past destroy_process_group, to be destroyed in the
     interpreter's teardown, where gloo's threads aborted a finished rank now and then. The error's
     traceback keeps its lines; its frames lose their variables."""
+    global _threads_before
+    if _threads_before is not None:
+        torch.set_num_threads(_threads_before)
+        _threads_before = None
     if is_distributed():
         raised = sys.exc_info()[1]
         if raised is not None:

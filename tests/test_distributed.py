@@ -420,6 +420,31 @@ def test_rank_0_of_a_slurm_step_refuses_a_master_addr_of_another_node(tmp_path):
         f"that node\n"), proc.stdout + proc.stderr
 
 
+def test_every_command_takes_its_ranks_share_of_the_cpus(monkeypatch):
+    """The trainer alone set torch's threads to its rank's share of the node's CPUs: mpiexec's ranks
+    of predict, eval and explain each took every CPU of the mask they share. bootstrap sets them for
+    every command, and shutdown puts back what was there (an in-process run: the demo, a notebook)."""
+    from dmhpc import cpus
+    from dmhpc.distributed import bootstrap, shutdown
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(cpus, "cpu_mask", lambda: [0])  # a rank's share: one CPU
+    monkeypatch.setattr(cpus, "cpu_quota", lambda *a: None)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # torch's default: every CPU of the process's mask
+    try:
+        dist = bootstrap()
+        assert (dist.cpus, torch.get_num_threads()) == (1, 1)
+        shutdown()
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")  # a user's (or torchrun's) choice wins
+        bootstrap()
+        assert torch.get_num_threads() == 2
+        shutdown()
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.mpi
 @pytest.mark.skipif(not (BIN / "mpiexec").exists(), reason=f"mpiexec not found in {BIN}")
 def test_a_master_addr_of_another_node_under_mpiexec_is_every_ranks_one_line(tmp_path):

@@ -46,8 +46,6 @@ def train(cfg, resume: str = "auto", overwrite: bool = False) -> int:
     """Train as configured; returns the process exit code (0, or REQUEUE_EXIT_CODE on a signal)."""
     with _process_settings(cfg):
         dist = bootstrap()
-        if "OMP_NUM_THREADS" not in os.environ:  # torchrun sets 1; mpiexec and srun ranks would take every core
-            torch.set_num_threads(dist.cpus)
         run = RunDir(cfg.run.dir)
         # Caught from the start, not only in the epoch loop: a stop signal during the start-up checks
         # (checksums, the wait for a lock) or the final test killed the trainer by its default action
