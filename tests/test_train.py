@@ -2089,6 +2089,9 @@ def test_a_target_whose_test_objects_the_source_trains_on_is_refused(tmp_path, c
                              ([], tmp_path / "rows" / domain)):
             assert main(["prepare", "--images", str(images), "--labels", str(tmp_path / "y.npy"), *objects,
                          "--seed", str(seed), "--out", str(out)]) == 0
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "pristine").symlink_to(tmp_path / "ids" / "pristine")
+    (tmp_path / "mixed" / "noisy").symlink_to(tmp_path / "rows" / "noisy")
     capsys.readouterr()
 
     def start(kind: str, target: str, run: str):
@@ -2100,13 +2103,27 @@ def test_a_target_whose_test_objects_the_source_trains_on_is_refused(tmp_path, c
     code, said = start("ids", "noisy-other", "leak")
     assert code == 1 and len(said.err.splitlines()) == 1, said.err
     assert re.search(rf"data.target {tmp_path / 'ids' / 'noisy-other'}: \d+ of its \d+ validation and test objects are "
-                     rf"in the training split of {tmp_path / 'ids' / 'pristine'} \(e.g. object \d+\): both hold the "
-                     rf"objects of one file, split with seed 0 and 1; prepare both with one --seed and --fractions",
-                     said.err), said.err
+                     rf"in the training split of {tmp_path / 'ids' / 'pristine'} \(e.g. object \d+\), and \d+ of the "
+                     rf"\d+ validation and test objects of {tmp_path / 'ids' / 'pristine'} are in its training split "
+                     rf"\(e.g. object \d+\): both hold the objects of one file, split with seed 0 and 1; prepare both "
+                     rf"with one --seed and --fractions", said.err), said.err
     assert not (tmp_path / "leak" / "checkpoints").exists()
     code, said = start("ids", "noisy", "same-split")  # one seed: one split, nothing said
     assert code == 0 and "note: data.source" not in said.out
+    # Evaluated on that other draw of its own objects: the trainer refuses it as a target, and eval took it.
+    other = tmp_path / "ids" / "noisy-other"
+    assert main(["eval", "--run", str(tmp_path / "same-split"), "--target", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"dmhpc eval: error: --target {other}: ") and err.count("\n") == 1, err
+    assert f"validation and test objects are in the training split of {tmp_path / 'ids' / 'pristine'}" in err
+    assert not list((tmp_path / "same-split" / "eval").glob("*noisy-other*"))
     code, said = start("rows", "noisy-other", "rows-run")  # no ids: said, and trained
     assert code == 0 and re.search(r"note: data.source and data.target hold as many images \(120\), split with seed "
                                    r"0 and 1: if row i of one is row i of the other \(a pristine set and its noisy "
-                                   r"copy\), \d+ of the target's \d+ validation and test images", said.out), said
+                                   r"copy\), \d+ of the target's \d+ validation and test images have their twin in the "
+                                   r"source's training split, and \d+ of the source's \d+ in the target's", said.out), said
+    # One grouped by object ids, its twin by rows (prepared without them): as unrelated as two seeds.
+    code, said = start("mixed", "noisy", "mixed-run")
+    assert code == 0 and re.search(r"note: data.source and data.target hold as many images \(120\), split otherwise "
+                                   r"\(their rows grouped into objects differently\): if row i of one is row i of the "
+                                   r"other", said.out), said

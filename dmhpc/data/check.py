@@ -218,48 +218,68 @@ def _objects_file(manifest: dict) -> str | None:
 def _split_otherwise(source: dict, target: dict) -> str:
     """How two data sets' splits were drawn, where they differ."""
     said = [f"{key} {source[key]} and {target[key]}" for key in ("seed", "fractions") if source[key] != target[key]]
-    return " and ".join(said) or "otherwise"
+    return f"with {' and '.join(said)}" if said else "otherwise (their rows grouped into objects differently)"
+
+
+def _objects_in(directory: Path, manifest: dict, first: str, last: str) -> np.ndarray:
+    """The distinct object ids of splits `first` to `last` (contiguous rows, in split order)."""
+    rows = (split_rows(manifest, first)[0], split_rows(manifest, last)[1])
+    return _distinct(RowReader(directory, manifest).read_ranges([rows], ("objects",))["objects"])
 
 
 def twins_trained_on(source_dir: Path, source: dict, target_dir: Path, target: dict) -> str | None:
     """Where both data sets were prepared from one file of object ids (the same SHA-256: a pristine
     set and its noisy copy) and split otherwise (another --seed or --fractions): the target's
-    validation and test objects that the source trains on, as a problem line; None where there are
-    none. Each data set's own check cannot see it: the target's test images had their noise-free
-    twins in the source's training split, and its accuracy was inflated."""
+    validation and test objects that the source trains on, and the source's that the target's
+    training split holds (the adaptation reads them), as a problem line; None where there are none.
+    Each data set's own check cannot see it: the target's test images had their noise-free twins in
+    the source's training split, and its accuracy was inflated."""
     shared = _objects_file(source)
     if shared is None or shared != _objects_file(target):
         return None
     if all(np.array_equal(source["splits"][s], target["splits"][s]) for s in SPLITS):
         return None  # (the same draw)
-    trained = RowReader(source_dir, source).read_ranges([split_rows(source, "train")], ("objects",))["objects"]
-    held = (split_rows(target, "val")[0], split_rows(target, "test")[1])
-    held = _distinct(RowReader(target_dir, target).read_ranges([held], ("objects",))["objects"])
-    both = _distinct_common(_distinct(trained), held)
-    if not both.size:
+    held = _objects_in(target_dir, target, "val", "test")
+    seen = _distinct_common(_objects_in(source_dir, source, "train", "train"), held)
+    source_held = _objects_in(source_dir, source, "val", "test")
+    back = _distinct_common(_objects_in(target_dir, target, "train", "train"), source_held)
+    if not seen.size and not back.size:
         return None
-    return (f"{both.size} of its {held.size} validation and test objects are in the training split of {source_dir} "
-            f"(e.g. object {int(both[0])}): both hold the objects of one file, split with "
-            f"{_split_otherwise(source, target)}; prepare both with one --seed and --fractions")
+    said = []
+    if seen.size:
+        said.append(f"{seen.size} of its {held.size} validation and test objects are in the training split of "
+                    f"{source_dir} (e.g. object {int(seen[0])})")
+    if back.size:  # (its labels unread, its images adapted to: the source's held-out score is no longer held out)
+        said.append(f"{back.size} of the {source_held.size} validation and test objects of {source_dir} are in its "
+                    f"training split (e.g. object {int(back[0])})")
+    return (f"{', and '.join(said)}: both hold the objects of one file, split {_split_otherwise(source, target)}; "
+            f"prepare both with one --seed and --fractions")
 
 
 def twins_note(source: dict, target: dict) -> str | None:
-    """Data sets of as many images, neither with object ids (as DeepMerge's pristine and noisy files,
-    row i of one the twin of row i of the other), split otherwise: how many of the target's
-    validation and test rows are training rows of the source, row for row. A note, not a refusal:
+    """Data sets of as many images, not prepared from one file of object ids (as DeepMerge's pristine
+    and noisy files, row i of one the twin of row i of the other; or one of them grouped by object
+    ids the other lacks), split otherwise: how many of the target's validation and test rows are
+    training rows of the source, row for row, and the other way round. A note, not a refusal:
     unrelated data sets may happen to hold as many images."""
-    if source["count"] != target["count"] or _objects_file(source) or _objects_file(target):
+    shared = _objects_file(source)
+    if source["count"] != target["count"] or (shared is not None and shared == _objects_file(target)):
+        return None  # (one file of ids: twins_trained_on decides)
+
+    def held_in_train(trains: dict, holds: dict) -> tuple[int, int]:
+        trained = np.zeros(trains["count"], dtype=bool)
+        trained[np.asarray(trains["splits"]["train"], np.int64)] = True
+        held = np.concatenate([np.asarray(holds["splits"][s], np.int64) for s in ("val", "test")])
+        return int(np.count_nonzero(trained[held])), held.size
+
+    (count, held), (back, source_held) = held_in_train(source, target), held_in_train(target, source)
+    if not count and not back:
         return None
-    trained = np.zeros(source["count"], dtype=bool)
-    trained[np.asarray(source["splits"]["train"], np.int64)] = True
-    held = np.concatenate([np.asarray(target["splits"][s], np.int64) for s in ("val", "test")])
-    count = int(np.count_nonzero(trained[held]))
-    if not count:
-        return None
-    return (f"data.source and data.target hold as many images ({source['count']}), split with "
+    return (f"data.source and data.target hold as many images ({source['count']}), split "
             f"{_split_otherwise(source, target)}: if row i of one is row i of the other (a pristine set and its "
-            f"noisy copy), {count} of the target's {held.size} validation and test images have their twin in the "
-            f"source's training split; prepare both with one --seed and --fractions")
+            f"noisy copy), {count} of the target's {held} validation and test images have their twin in the "
+            f"source's training split, and {back} of the source's {source_held} in the target's; prepare both "
+            f"with one --seed and --fractions")
 
 
 def check_dataset(where: str, directory: str | os.PathLike, manifest: dict, *, checksums: bool, rank: int = 0,

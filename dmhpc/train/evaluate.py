@@ -11,7 +11,7 @@ import torch
 
 from dmhpc import plots as P
 from dmhpc.data.batches import domain_stats
-from dmhpc.data.check import check_dataset
+from dmhpc.data.check import check_dataset, twins_trained_on
 from dmhpc.data.loaders import eval_batches, eval_rows
 from dmhpc.data.shards import fingerprint, load_manifest, split_rows
 from dmhpc.distributed import bootstrap, broadcast_buffers, gather, on_main, shutdown
@@ -320,6 +320,21 @@ def _check_data(run: RunDir, cfg, dirs: dict, recorded: dict, split: str, dist,
         if manifest["num_classes"] > NUM_CLASSES:  # the metrics failed with an sklearn traceback
             raise DmhpcError(f"{names[role]} {dirs[role]}: {manifest['num_classes']} classes; the models here tell "
                              f"{NUM_CLASSES} apart (merger or not)")
+    # Other data of the run's own objects, split otherwise (its noisy copy prepared with another
+    # seed): the trainer refuses such a target at start, and here it was evaluated, its test images'
+    # twins among those the run trained on. (The run's source moved away: nothing to compare.)
+    for role in DOMAINS:
+        if names[role].startswith("data.") or same_place(dirs[role], cfg.data.source):
+            continue
+        try:
+            trained_on = load_manifest(cfg.data.source)
+        except DmhpcError:
+            break
+        problem = on_main(lambda: twins_trained_on(Path(cfg.data.source), trained_on, Path(dirs[role]),
+                                                   manifests[role]))
+        if problem is not None:
+            raise DmhpcError(f"{names[role]} {dirs[role]}: {problem} (the run trained on data.source "
+                             f"{cfg.data.source})")
     # The shards as the trainer checks them, at the run's data.verify level: a corrupted shard was
     # evaluated from its damaged pixels into a new result file.
     for role in DOMAINS:
