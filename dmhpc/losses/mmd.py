@@ -161,6 +161,10 @@ def _median_sigmas(dss: torch.Tensor, dtt: torch.Tensor, dst: torch.Tensor) -> t
     upper_t = torch.triu_indices(len(dtt), len(dtt), 1, device=dtt.device)
     pairs = torch.cat([dss[upper_s[0], upper_s[1]], dtt[upper_t[0], upper_t[1]], dst.flatten()])
     median = pairs.median()
+    # Half the pairs or more at distance 0 (features partly collapsed: rows of dead ReLUs): the
+    # mean distance instead, as DeepDA's kernels take. A median of 0 made every kernel an equality
+    # test, the loss positive and its gradient exactly 0, when the loss was needed most.
+    median = torch.where(median > 0, median, pairs.mean())
     scales = device_constants(MEDIAN_SCALES, dss.device, dss.dtype)
     # All points identical: keep the kernels finite (every one is then 1 on every pair).
     return (median * scales).clamp_min(torch.finfo(dss.dtype).tiny)
@@ -195,8 +199,8 @@ def _kernel_terms(d: torch.Tensor, coeffs: torch.Tensor):
 
 
 def _kernel_sum(d: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
-    """sum_ij sum_k exp(-c_k d_ij)."""
-    return sum(terms.sum() for terms, _ in _kernel_terms(d, coeffs))
+    """sum_ij sum_k exp(-c_k d_ij), in float64 (see _KernelMMD.forward)."""
+    return sum(terms.sum(dtype=torch.float64) for terms, _ in _kernel_terms(d, coeffs))
 
 
 def _kernel_slope(d: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
@@ -220,14 +224,16 @@ class _KernelMMD(torch.autograd.Function):
         wss, wtt, wst = _block_weights(ys.shape[0], yt.shape[0], unbiased)
         sums, kept = [], []
         for d in (dss, dtt, dst):
+            # Summed in float64: the unbiased value of a few thousand rows (~1e-5) is a difference
+            # of sums near 1, which float32 resolved to ~1e-6: the logged value was 1-3% off.
             if d.numel() * coeffs.numel() <= _CHUNK:
                 terms, _ = next(_kernel_terms(d, coeffs))  # one group holds every kernel
-                sums.append(terms.sum())
+                sums.append(terms.sum(dtype=torch.float64))
                 kept.append(terms)
             else:
                 sums.append(_kernel_sum(d, coeffs))
                 kept.append(None)
-        value = wss * sums[0] + wtt * sums[1] + wst * sums[2]
+        value = (wss * sums[0] + wtt * sums[1] + wst * sums[2]).to(ys.dtype)
         ctx.save_for_backward(ys, yt, dss, dtt, dst, coeffs, *kept)
         ctx.unbiased = unbiased
         return value
