@@ -49,12 +49,13 @@ def _sigmas() -> Check:
     def convert(v):
         if v in ("deepmerge", "median"):
             return v
-        # (mmd.MIN_SIGMA, not imported: this module stays torch-free)
-        if not isinstance(v, list) or not v or not all(is_number(s) and s >= 1e-30 for s in v):
+        # (mmd.MIN_SIGMA and MAX_SIGMA, not imported: this module stays torch-free)
+        if not isinstance(v, list) or not v or not all(is_number(s) and 1e-30 <= s <= 1e30 for s in v):
             raise ValueError
         return tuple(float(s) for s in v)
 
-    return Check('"deepmerge", "median" or a non-empty list of numbers from 1e-30 up (kernel variances)', convert)
+    return Check('"deepmerge", "median" or a non-empty list of numbers from 1e-30 to 1e30 (kernel variances)',
+                 convert)
 
 
 def _betas() -> Check:

@@ -270,8 +270,9 @@ def test_save_quotes_strings_the_loader_would_read_as_numbers(tmp_path):
     ("loss: {transfer: wasserstein}\n", "loss.transfer", 'got "wasserstein"'),
     ("loss: {transfer_weight: -1}\n", "loss.transfer_weight", "a number >= 0"),
     ("loss: {scope: world}\n", "loss.scope", 'got "world"'),
-    ("loss: {mmd: {sigmas: [1, -2]}}\n", "loss.mmd.sigmas", "list of numbers from 1e-30 up"),
-    ("loss: {mmd: {sigmas: [1, 1e-300]}}\n", "loss.mmd.sigmas", "list of numbers from 1e-30 up"),  # (NaN at step 1)
+    ("loss: {mmd: {sigmas: [1, -2]}}\n", "loss.mmd.sigmas", "list of numbers from 1e-30 to 1e30"),
+    ("loss: {mmd: {sigmas: [1, 1e-300]}}\n", "loss.mmd.sigmas", "list of numbers from 1e-30 to 1e30"),  # (NaN at step 1)
+    ("loss: {mmd: {sigmas: [1, 1e50]}}\n", "loss.mmd.sigmas", "list of numbers from 1e-30 to 1e30"),  # (NaN, unbiased)
     ("loss: {mmd: {sigmas: silverman}}\n", "loss.mmd.sigmas", '"median"'),
     ("loss: {mmd: {sigmas: []}}\n", "loss.mmd.sigmas", "non-empty list"),
     ("loss: {mmd: {clamp: -1}}\n", "loss.mmd.clamp", "null or a number >= 0"),
@@ -533,7 +534,7 @@ def test_an_override_value_cut_by_a_yaml_comment_is_refused():
 # ---------------------------------------------------------------- boundaries, inert keys, change reports
 
 @pytest.mark.parametrize("text, key, problem", [
-    ("loss: {transfer: mmd, mmd: {sigmas: [1, 0]}}\n", "loss.mmd.sigmas", "list of numbers from 1e-30 up"),
+    ("loss: {transfer: mmd, mmd: {sigmas: [1, 0]}}\n", "loss.mmd.sigmas", "list of numbers from 1e-30 to 1e30"),
     ("optim: {betas: [0.9, 0.99, 0.5]}\n", "optim.betas", "a list of two numbers in [0, 1)"),
     (f"seed: {2**32}\n", "seed", "expected an integer"),
     ("loss: {fisher: {weight: -1}}\n", "loss.fisher.weight", "a number >= 0"),

@@ -151,7 +151,7 @@ def test_the_narrowest_kernel_taken_is_finite_and_a_narrower_one_refused():
     value = mmd(x, torch.randn(8, 4), sigmas=[MIN_SIGMA])
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(x.grad).all()
-    with pytest.raises(DmhpcError, match=r"mmd: sigmas must be a non-empty list of numbers from 1e-30 up"):
+    with pytest.raises(DmhpcError, match=r"mmd: sigmas must be a non-empty list of numbers from 1e-30 to 1e\+30"):
         mmd(x, x, sigmas=[1e-300])
 
 
@@ -264,7 +264,8 @@ def test_mmd_guards_its_memory_with_a_message_that_says_how_to_fix_it():
     [
         (lambda: mmd(torch.randn(4, 3), torch.randn(4, 2)), "same d"),
         (lambda: mmd(torch.randn(4, 3), torch.randn(4, 3), sigmas="mean"), "median"),
-        (lambda: mmd(torch.randn(4, 3), torch.randn(4, 3), sigmas=[1.0, -1.0]), "numbers from 1e-30 up"),
+        (lambda: mmd(torch.randn(4, 3), torch.randn(4, 3), sigmas=[1.0, -1.0]), r"numbers from 1e-30 to 1e\+30"),
+        (lambda: mmd(torch.randn(4, 3), torch.randn(4, 3), sigmas=[1.0, 1e50]), r"numbers from 1e-30 to 1e\+30"),
         (lambda: mmd(torch.randn(1, 3), torch.randn(4, 3), unbiased=True), "at least 2"),
         (lambda: mmd(torch.randn(4, 3), torch.randn(4, 3), scope="world"), "scope"),
         (lambda: coral(torch.randn(1, 3), torch.randn(4, 3)), "at least 2"),
@@ -742,3 +743,16 @@ def test_the_unbiased_value_of_a_large_batch_is_summed_to_its_float64_value():
               unbiased=True, scope="local")
     v64 = mmd(torch.tensor(xs), torch.tensor(xt), sigmas="median", unbiased=True, scope="local")
     assert v32.dtype == torch.float32 and abs(v32.item() - v64.item()) < 1e-3 * abs(v64.item())
+
+
+def test_coral_of_large_features_is_finite_where_its_scaled_value_is():
+    """The covariance difference was squared before its 1/(4 d^2): features of 1e10 overflowed
+    float32 in the square (inf, and NaN from 1e19), where the loss itself was finite (here ~1e37)."""
+    rng = np.random.default_rng(0)
+    a = torch.tensor(rng.normal(size=(8, 16)) * 3e9, dtype=torch.float32, requires_grad=True)
+    b = torch.tensor(rng.normal(size=(8, 16)) * 3e9, dtype=torch.float32)
+    value = coral(a, b, scope="local")
+    value.backward()
+    reference = coral(a.detach().double(), b.double(), scope="local")
+    assert torch.isfinite(value) and torch.isfinite(a.grad).all()
+    assert abs(value.item() - reference.item()) < 1e-5 * reference.item()

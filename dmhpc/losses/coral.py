@@ -37,7 +37,9 @@ def coral(fs: torch.Tensor, ft: torch.Tensor, scope: str = "global") -> torch.Te
         fs, ft = upcast(fs, ft)
         d = fs.shape[1]
         cs, ct = _covariance(fs, glob), _covariance(ft, glob)
-        return (cs - ct).square().sum() / (4 * d * d)
+        # Scaled before it is squared: features of ~1e10 overflowed float32 in the square (inf, then
+        # NaN), where the scaled loss was finite.
+        return ((cs - ct) / (2 * d)).square().sum()
 
 
 def _covariance(x: torch.Tensor, glob: bool) -> torch.Tensor:

@@ -32,6 +32,8 @@ DEEPMERGE_SIGMAS: tuple[float, ...] = (
 """The original's 19 kernel variances (sigma enters as exp(-d^2 / (2 sigma)))."""
 
 MIN_SIGMA = 1e-30
+# Above it 1 / (2 sigma) rounds to 0 in float32, and the unbiased estimator's +inf diagonal times 0 is NaN.
+MAX_SIGMA = 1e30
 """The narrowest kernel variance taken: 1 / (2 sigma) of one below 1.5e-39 is inf in float32, and a
 self-distance of 0 times it NaN (a loss not finite at the first step, "lower optim.lr" its hint)."""
 
@@ -114,9 +116,9 @@ def _kernel_coeffs(sigmas: Sequence[float] | str) -> tuple[float, ...]:
         values = [float(s) for s in sigmas] if not isinstance(sigmas, str) else []
     except (TypeError, ValueError):
         values = []
-    if not values or not all(v >= MIN_SIGMA for v in values):
-        raise DmhpcError(f"mmd: sigmas must be a non-empty list of numbers from {MIN_SIGMA:g} up, or 'median'; "
-                         f"got {sigmas!r}")
+    if not values or not all(MIN_SIGMA <= v <= MAX_SIGMA for v in values):
+        raise DmhpcError(f"mmd: sigmas must be a non-empty list of numbers from {MIN_SIGMA:g} to {MAX_SIGMA:g}, or "
+                         f"'median'; got {sigmas!r}")
     return tuple(1.0 / (2.0 * v) for v in values)
 
 
