@@ -271,8 +271,9 @@ def test_save_quotes_strings_the_loader_would_read_as_numbers(tmp_path):
     ("loss: {transfer_weight: -1}\n", "loss.transfer_weight", "a number >= 0"),
     ("loss: {scope: world}\n", "loss.scope", 'got "world"'),
     ("loss: {mmd: {sigmas: [1, -2]}}\n", "loss.mmd.sigmas", "list of numbers from 1e-30 to 1e30"),
-    ("loss: {mmd: {sigmas: [1, 1e-300]}}\n", "loss.mmd.sigmas", "list of numbers from 1e-30 to 1e30"),  # (NaN at step 1)
-    ("loss: {mmd: {sigmas: [1, 1e50]}}\n", "loss.mmd.sigmas", "list of numbers from 1e-30 to 1e30"),  # (NaN, unbiased)
+    # (NaN at step 1; NaN in the unbiased estimator)
+    ("loss: {mmd: {sigmas: [1, 1e-300]}}\n", "loss.mmd.sigmas", "list of numbers from 1e-30 to 1e30"),
+    ("loss: {mmd: {sigmas: [1, 1e50]}}\n", "loss.mmd.sigmas", "list of numbers from 1e-30 to 1e30"),
     ("loss: {mmd: {sigmas: silverman}}\n", "loss.mmd.sigmas", '"median"'),
     ("loss: {mmd: {sigmas: []}}\n", "loss.mmd.sigmas", "non-empty list"),
     ("loss: {mmd: {clamp: -1}}\n", "loss.mmd.clamp", "null or a number >= 0"),

@@ -2121,7 +2121,8 @@ def test_a_target_whose_test_objects_the_source_trains_on_is_refused(tmp_path, c
     assert code == 0 and re.search(r"note: data.source and data.target hold as many images \(120\), split with seed "
                                    r"0 and 1: if row i of one is row i of the other \(a pristine set and its noisy "
                                    r"copy\), \d+ of the target's \d+ validation and test images have their twin in the "
-                                   r"source's training split, and \d+ of the source's \d+ in the target's", said.out), said
+                                   r"source's training split, and \d+ of the source's \d+ in the target's",
+                                   said.out), said
     # One grouped by object ids, its twin by rows (prepared without them): as unrelated as two seeds.
     code, said = start("mixed", "noisy", "mixed-run")
     assert code == 0 and re.search(r"note: data.source and data.target hold as many images \(120\), split otherwise "
