@@ -329,36 +329,23 @@ class _Output:
 
 
 def _mpi_world():
-    """MPI.COMM_WORLD where this process is one of several ranks MPI started (mpi4py imported, by
-    the launch), else None."""
-    mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized() or mpi.COMM_WORLD.Get_size() == 1:
-        return None
-    return mpi.COMM_WORLD
-
-
-AGREED_WAIT_S = 5.0  # how long a failing rank waits for the others to fail too before it ends them
+    """MPI.COMM_WORLD where this command's ranks met through MPI (`dmhpc.distributed.mpi_world`),
+    else None; never loads torch for a command that did not."""
+    distributed = sys.modules.get("dmhpc.distributed")
+    return None if distributed is None else distributed.mpi_world()
 
 
 def _end_mpi_world(code: int) -> None:
-    """Under mpiexec, a rank that fails alone ends every rank (MPI_Abort), as srun's
-    --kill-on-bad-exit and torchrun do. It waited at exit in mpi4py's MPI_Finalize for ranks that
-    waited for it (in an NCCL collective until its 30-minute timeout; busy with a part or a step
-    before that), and mpiexec saw no failure. Ranks that all fail (an error they agreed on, each
-    has said it) meet here and end as they would alone, without MPI's abort banner."""
+    """Under mpiexec, a rank that fails ends every rank (MPI_Abort), as srun's --kill-on-bad-exit and
+    torchrun do. It waited at exit in mpi4py's MPI_Finalize for ranks that waited for it (in an NCCL
+    collective until its 30-minute timeout; busy with a part or a step before that), and mpiexec saw
+    no failure. Ranks that agreed on an error have each said it by then. (Waiting for the others to
+    fail too, in a barrier on COMM_WORLD, met a command's own pending barrier there and hung.)"""
     world = _mpi_world()
-    if world is None:
-        return
-    import time
+    if world is not None:
+        from dmhpc.mpi import abort_all
 
-    from dmhpc.mpi import abort_all
-
-    met = world.Ibarrier()
-    deadline = time.monotonic() + AGREED_WAIT_S
-    while not met.Test():
-        if time.monotonic() > deadline:
-            abort_all(world, code)
-        time.sleep(0.05)
+        abort_all(world, code)
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -182,6 +182,8 @@ def _mpi_rendezvous(launch: Launch, env: Mapping[str, str]) -> Launch:
     # Initialises MPI: only on this path. Its world checked: each process rank 0 of its own world
     # otherwise, the trainers met at the run's lock, refused as "in use by another dmhpc trainer".
     MPI = import_mpi(env)
+    global _mpi_world
+    _mpi_world = MPI.COMM_WORLD
 
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -310,6 +312,17 @@ def _bind_device(launch: Launch, env: Mapping[str, str]) -> torch.device:
 
 
 _threads_before: int | None = None  # torch's thread count before bootstrap set its own
+_mpi_world = None  # MPI.COMM_WORLD where the ranks met through MPI (bootstrap under mpiexec)
+
+
+def mpi_world():
+    """MPI.COMM_WORLD where this process's ranks met through MPI (bootstrap under mpiexec) and MPI
+    is still up, else None. (prepare and synth, which use MPI themselves, end their world their way.)"""
+    if _mpi_world is None:
+        return None
+    from mpi4py import MPI
+
+    return _mpi_world if MPI.Is_initialized() and not MPI.Is_finalized() and _mpi_world.Get_size() > 1 else None
 
 
 def _use_cpus(cpus: int, env: Mapping[str, str]) -> None:
@@ -349,8 +362,8 @@ def bootstrap(backend: str | None = None) -> DistInfo:
     cpus = cpus_per_rank("slurm" if srun_task else launch.launcher, local, launch.cpu_sharers,
                          env_int(env, "SLURM_CPUS_PER_TASK") if srun_task and "SLURM_CPUS_PER_TASK" in env else 0,
                          env_int(env, "SLURM_CPUS_ON_NODE") if srun_task and "SLURM_CPUS_ON_NODE" in env else 0)
-    _use_cpus(cpus, env)
     if launch.world_size == 1:
+        _use_cpus(cpus, env)
         return DistInfo(0, launch.local_rank, 1, device, None, launch.launcher, 1, cpus, job_attempt(env))
     _joined = launch.rank
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
@@ -371,6 +384,7 @@ def bootstrap(backend: str | None = None) -> DistInfo:
     import torch.distributed.nn.functional  # noqa: F401
     dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, timeout=COLLECTIVE_TIMEOUT,
                             device_id=device if device.type == "cuda" else None, **rendezvous)
+    _use_cpus(cpus, env)  # (once nothing can fail: shutdown puts them back, and a failed bootstrap has none)
     return DistInfo(launch.rank, launch.local_rank, launch.world_size, device, backend, launch.launcher, local, cpus,
                     job_attempt(env))
 

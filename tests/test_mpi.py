@@ -144,8 +144,7 @@ cli.run(sys.argv[1:])
 @pytest.mark.parametrize("how", ["return", "raise", "both"])
 def test_a_rank_that_fails_alone_under_mpiexec_ends_every_rank(tmp_path, how):
     """The failed rank waited at exit in mpi4py's MPI_Finalize for the others, which went on (in an
-    NCCL collective: until its 30-minute timeout), and mpiexec saw no failure until they ended.
-    Ranks that all fail are not aborted: each has said its error, and MPI's banner adds nothing."""
+    NCCL collective: until its 30-minute timeout), and mpiexec saw no failure until they ended."""
     mpiexec = Path(sys.executable).parent / "mpiexec"
     if not mpiexec.exists():
         pytest.skip(f"mpiexec not found beside {sys.executable}")
@@ -157,5 +156,5 @@ def test_a_rank_that_fails_alone_under_mpiexec_ends_every_rank(tmp_path, how):
     assert "rank 1: failed" in proc.stdout
     if how == "raise":
         assert "RuntimeError: rank 1's defect" in proc.stderr, proc.stderr
-    # Ranks that all fail (an error they agreed on) end as they would alone; one failing alone ends the rest.
-    assert ("MPI_Abort" in proc.stdout + proc.stderr) == (how != "both"), proc.stdout + proc.stderr
+    if how == "both":  # ranks that all fail (an error they agreed on): each said its line first
+        assert "rank 0: failed" in proc.stdout, proc.stdout

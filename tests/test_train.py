@@ -2115,8 +2115,23 @@ def test_a_target_whose_test_objects_the_source_trains_on_is_refused(tmp_path, c
     assert main(["eval", "--run", str(tmp_path / "same-split"), "--target", str(other)]) == 1
     err = capsys.readouterr().err
     assert err.startswith(f"dmhpc eval: error: --target {other}: ") and err.count("\n") == 1, err
-    assert f"validation and test objects are in the training split of {tmp_path / 'ids' / 'pristine'}" in err
+    assert f" test objects are in the training split of {tmp_path / 'ids' / 'pristine'}" in err
     assert not list((tmp_path / "same-split" / "eval").glob("*noisy-other*"))
+    # The target's training split holding the source's held-out objects (same seed, a larger train
+    # fraction: the splits nest): refused where the run adapts to it, not where it never reads it,
+    # nor when it is evaluated (none of its test objects trained on).
+    assert main(["prepare", "--images", str(tmp_path / "noisy.npy"), "--labels", str(tmp_path / "y.npy"),
+                 "--objects", str(tmp_path / "objects.npy"), "--fractions", "0.9,0.05,0.05",
+                 "--out", str(tmp_path / "ids" / "noisy-nested")]) == 0
+    capsys.readouterr()
+    code, said = start("ids", "noisy-nested", "nested")
+    assert code == 1 and re.search(r"\d+ of the \d+ validation and test objects of .* are in its training",
+                                   said.err), said.err
+    noda = ["--config", str(ROOT / "configs" / "deepmerge-noda.yaml"), f"data.source={tmp_path / 'ids' / 'pristine'}",
+            f"data.target={tmp_path / 'ids' / 'noisy-nested'}", f"run.dir={tmp_path / 'noda'}", "train.epochs=1",
+            "train.batch_size=8"]
+    assert main(["train", *noda]) == 0, capsys.readouterr().err
+    assert main(["eval", "--run", str(tmp_path / "same-split"), "--target", str(tmp_path / "ids" / "noisy-nested")]) == 0
     code, said = start("rows", "noisy-other", "rows-run")  # no ids: said, and trained
     assert code == 0 and re.search(r"note: data.source and data.target hold as many images \(120\), split with seed "
                                    r"0 and 1: if row i of one is row i of the other \(a pristine set and its noisy "

@@ -227,28 +227,32 @@ def _objects_in(directory: Path, manifest: dict, first: str, last: str) -> np.nd
     return _distinct(RowReader(directory, manifest).read_ranges([rows], ("objects",))["objects"])
 
 
-def twins_trained_on(source_dir: Path, source: dict, target_dir: Path, target: dict) -> str | None:
+def twins_trained_on(source_dir: Path, source: dict, target_dir: Path, target: dict, *, adapts: bool = True,
+                     held: tuple[str, str] = ("val", "test")) -> str | None:
     """Where both data sets were prepared from one file of object ids (the same SHA-256: a pristine
-    set and its noisy copy) and split otherwise (another --seed or --fractions): the target's
-    validation and test objects that the source trains on, and the source's that the target's
-    training split holds (the adaptation reads them), as a problem line; None where there are none.
-    Each data set's own check cannot see it: the target's test images had their noise-free twins in
-    the source's training split, and its accuracy was inflated."""
+    set and its noisy copy) and split otherwise (another --seed or --fractions): the target's `held`
+    objects (its validation and test splits, from first to last) that the source trains on, and, for
+    a run that `adapts` (reads the target's training split), the source's validation and test
+    objects that split holds, as a problem line; None where there are none. Each data set's own
+    check cannot see it: the target's test images had their noise-free twins in the source's
+    training split, and its accuracy was inflated."""
     shared = _objects_file(source)
     if shared is None or shared != _objects_file(target):
         return None
     if all(np.array_equal(source["splits"][s], target["splits"][s]) for s in SPLITS):
         return None  # (the same draw)
-    held = _objects_in(target_dir, target, "val", "test")
+    held_splits = [{"val": "validation"}.get(split, split) for split in held]
+    held = _objects_in(target_dir, target, *held)
     seen = _distinct_common(_objects_in(source_dir, source, "train", "train"), held)
     source_held = _objects_in(source_dir, source, "val", "test")
-    back = _distinct_common(_objects_in(target_dir, target, "train", "train"), source_held)
+    back = _distinct_common(_objects_in(target_dir, target, "train", "train"), source_held) if adapts else \
+        np.zeros(0, np.int64)
     if not seen.size and not back.size:
         return None
     said = []
     if seen.size:
-        said.append(f"{seen.size} of its {held.size} validation and test objects are in the training split of "
-                    f"{source_dir} (e.g. object {int(seen[0])})")
+        said.append(f"{seen.size} of its {held.size} {' and '.join(dict.fromkeys(held_splits))} objects are in the "
+                    f"training split of {source_dir} (e.g. object {int(seen[0])})")
     if back.size:  # (its labels unread, its images adapted to: the source's held-out score is no longer held out)
         said.append(f"{back.size} of the {source_held.size} validation and test objects of {source_dir} are in its "
                     f"training split (e.g. object {int(back[0])})")

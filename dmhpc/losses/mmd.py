@@ -32,10 +32,11 @@ DEEPMERGE_SIGMAS: tuple[float, ...] = (
 """The original's 19 kernel variances (sigma enters as exp(-d^2 / (2 sigma)))."""
 
 MIN_SIGMA = 1e-30
-# Above it 1 / (2 sigma) rounds to 0 in float32, and the unbiased estimator's +inf diagonal times 0 is NaN.
-MAX_SIGMA = 1e30
 """The narrowest kernel variance taken: 1 / (2 sigma) of one below 1.5e-39 is inf in float32, and a
 self-distance of 0 times it NaN (a loss not finite at the first step, "lower optim.lr" its hint)."""
+MAX_SIGMA = 1e30
+"""The widest: above ~1e38 1 / (2 sigma) rounds to 0 in float32, and the unbiased estimator's +inf
+diagonal times 0 is NaN."""
 
 MEDIAN_SCALES: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
 """With sigmas="median": sigma = scale * (lower median of the pairwise squared distances)."""

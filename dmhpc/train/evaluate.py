@@ -322,16 +322,23 @@ def _check_data(run: RunDir, cfg, dirs: dict, recorded: dict, split: str, dist,
                              f"{NUM_CLASSES} apart (merger or not)")
     # Other data of the run's own objects, split otherwise (its noisy copy prepared with another
     # seed): the trainer refuses such a target at start, and here it was evaluated, its test images'
-    # twins among those the run trained on. (The run's source moved away: nothing to compare.)
+    # twins among those the run trained on. The split evaluated only, against the source as the run
+    # trained on it (moved away, or prepared again since: said, not compared).
     for role in DOMAINS:
-        if names[role].startswith("data.") or same_place(dirs[role], cfg.data.source):
+        if names[role].startswith("data.") or same_place(dirs[role], cfg.data.source) or split == "train":
             continue
         try:
             trained_on = load_manifest(cfg.data.source)
-        except DmhpcError:
-            break
+            was = recorded.get("source", {}).get("fingerprint")
+            if was and fingerprint(trained_on) != was:
+                raise DmhpcError("prepared again since the run trained on it")
+        except DmhpcError as exc:
+            if dist.is_main:
+                print(f"dmhpc eval: note: {names[role]} {dirs[role]}: not checked for the run's own objects in "
+                      f"another split: data.source {cfg.data.source}: {exc}", flush=True)
+            continue
         problem = on_main(lambda: twins_trained_on(Path(cfg.data.source), trained_on, Path(dirs[role]),
-                                                   manifests[role]))
+                                                   manifests[role], adapts=False, held=(split, split)))
         if problem is not None:
             raise DmhpcError(f"{names[role]} {dirs[role]}: {problem} (the run trained on data.source "
                              f"{cfg.data.source})")

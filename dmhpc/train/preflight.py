@@ -104,7 +104,7 @@ def check_data(cfg, manifests: dict, dist) -> None:
                          f"from the source's {manifests['source']['shape']}")
     if not cfg.data.trains_on_target():
         problem = on_main(lambda: twins_trained_on(dirs["source"], manifests["source"], dirs["target"],
-                                                   manifests["target"]))
+                                                   manifests["target"], adapts=cfg.loss.reads_target()))
         if problem is not None:
             raise DmhpcError(f"data.target {dirs['target']}: {problem}")
 
