@@ -2131,7 +2131,8 @@ def test_a_target_whose_test_objects_the_source_trains_on_is_refused(tmp_path, c
             f"data.target={tmp_path / 'ids' / 'noisy-nested'}", f"run.dir={tmp_path / 'noda'}", "train.epochs=1",
             "train.batch_size=8"]
     assert main(["train", *noda]) == 0, capsys.readouterr().err
-    assert main(["eval", "--run", str(tmp_path / "same-split"), "--target", str(tmp_path / "ids" / "noisy-nested")]) == 0
+    nested = tmp_path / "ids" / "noisy-nested"
+    assert main(["eval", "--run", str(tmp_path / "same-split"), "--target", str(nested)]) == 0
     code, said = start("rows", "noisy-other", "rows-run")  # no ids: said, and trained
     assert code == 0 and re.search(r"note: data.source and data.target hold as many images \(120\), split with seed "
                                    r"0 and 1: if row i of one is row i of the other \(a pristine set and its noisy "
