@@ -405,8 +405,13 @@ def _lock_parts(out: Path, parts: Path, overwrite: bool, held: contextlib.ExitSt
     remove_orphans(parts)
 
 
+def _is_part(name: str) -> bool:
+    """Whether `name` is a part's file name (see `_part_path`)."""
+    return bool(re.fullmatch(r"part-\d{6,}\.npz", name))
+
+
 def _part_count(parts: Path) -> int:
-    return sum(1 for entry in parts.iterdir() if re.fullmatch(r"part-\d{6,}\.npz", entry.name))
+    return sum(1 for entry in parts.iterdir() if _is_part(entry.name))
 
 
 def _requeued_attempts(parts: Path, job: str) -> list[dict]:
@@ -496,8 +501,7 @@ def _claim_parts(parts: Path, spec: dict, overwrite: bool) -> None:
 def _ours(entry: Path) -> bool:
     """Whether an entry of a parts folder is a file of a name a prediction writes there."""
     name = entry.name
-    return (bool(re.fullmatch(r"part-\d{6,}\.npz", name)) or name in (SPEC, OWN_STATS, ATTEMPTS)
-            or is_temporary(name)) and not entry.is_dir()
+    return (_is_part(name) or name in (SPEC, OWN_STATS, ATTEMPTS) or is_temporary(name)) and not entry.is_dir()
 
 
 def _remove_parts(parts: Path, keep_folder: bool = False) -> None:

@@ -324,19 +324,22 @@ def _check_data(run: RunDir, cfg, dirs: dict, recorded: dict, split: str, dist,
     # seed): the trainer refuses such a target at start, and here it was evaluated, its test images'
     # twins among those the run trained on. The split evaluated only, against the source as the run
     # trained on it (moved away, or prepared again since: said, not compared).
-    for role in DOMAINS:
-        if names[role].startswith("data.") or same_place(dirs[role], cfg.data.source) or split == "train":
-            continue
+    others = [role for role in DOMAINS if not names[role].startswith("data.") and split != "train"
+              and not same_place(dirs[role], cfg.data.source)]
+    trained_on = None
+    if others:
         try:
             trained_on = load_manifest(cfg.data.source)
             was = recorded.get("source", {}).get("fingerprint")
             if was and fingerprint(trained_on) != was:
                 raise DmhpcError("prepared again since the run trained on it")
         except DmhpcError as exc:
+            trained_on = None
             if dist.is_main:
-                print(f"dmhpc eval: note: {names[role]} {dirs[role]}: not checked for the run's own objects in "
-                      f"another split: data.source {cfg.data.source}: {exc}", flush=True)
-            continue
+                said = ", ".join(f"{names[role]} {dirs[role]}" for role in others)
+                print(f"dmhpc eval: note: {said}: not checked for the run's own objects in another split: "
+                      f"data.source {cfg.data.source}: {exc}", flush=True)
+    for role in others if trained_on is not None else ():
         problem = on_main(lambda: twins_trained_on(Path(cfg.data.source), trained_on, Path(dirs[role]),
                                                    manifests[role], adapts=False, held=(split, split)))
         if problem is not None:
